@@ -1,0 +1,162 @@
+"""Engine bookkeeping: pages, scheduling, sampling, finishing and aborting requests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.kv_cache import PageAllocator
+from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams
+from workers.engine.sampling import filtered_probs, sample
+from workers.engine.scheduler import Scheduler
+from workers.engine.sequence import Sequence
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_page_allocator_all_or_nothing_and_double_free():
+    alloc = PageAllocator(4)
+    pages = alloc.allocate(3)
+    assert sorted(pages) == [0, 1, 2] and alloc.num_free == 1
+    with pytest.raises(MemoryError):
+        alloc.allocate(2)
+    assert alloc.num_free == 1
+    alloc.free(pages)
+    with pytest.raises(RuntimeError, match="freed twice"):
+        alloc.free([pages[0]])
+    assert alloc.num_free == 4
+
+
+def _seq(rid: str, n: int, arrival: int) -> Sequence:
+    return Sequence(rid, list(range(n)), SamplingParams(), arrival)
+
+
+def test_scheduler_budget_chunks_and_running_limit():
+    sched = Scheduler(PageAllocator(100), page_size=4, max_running=2, token_budget=10)
+    for i, n in enumerate((6, 7, 3)):
+        sched.add(_seq(f"r{i}", n, i))
+    batch = sched.schedule()
+    # r0 whole (6), r1 chunk of 4 (budget), r2 waits for the running limit.
+    assert [(s.rid, n) for s, n in batch.prefills] == [("r0", 6), ("r1", 4)]
+    assert [s.rid for s in sched.waiting] == ["r2"]
+    for s, n in batch.prefills:
+        s.num_computed += n
+    sched.running[0].token_ids.append(1)  # r0 sampled a token: now decoding
+    batch = sched.schedule()
+    assert [s.rid for s in batch.decodes] == ["r0"]
+    assert [(s.rid, n) for s, n in batch.prefills] == [("r1", 3)]
+
+
+def test_scheduler_preempts_newest_when_pages_run_out():
+    sched = Scheduler(PageAllocator(4), page_size=2, max_running=8, token_budget=100)
+    old, new = _seq("old", 4, 0), _seq("new", 3, 1)
+    sched.add(old)
+    sched.add(new)
+    batch = sched.schedule()
+    assert len(batch.prefills) == 2 and sched.allocator.num_free == 0
+    for s, n in batch.prefills:
+        s.num_computed += n
+        s.token_ids.append(1)
+    # old needs a third page: new (the newest) is preempted and requeued at the front.
+    batch = sched.schedule()
+    assert [s.rid for s in batch.decodes] == ["old"]
+    assert [s.rid for s in sched.waiting] == ["new"]
+    assert new.num_computed == 0 and new.pages == [] and sched.num_preemptions == 1
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, [greedy], [None]) == [1]
+    top1 = SamplingParams(temperature=1.0, top_k=1)
+    assert sample(logits, [top1], [torch.Generator().manual_seed(0)]) == [1]
+    probs = filtered_probs(logits[0], SamplingParams(temperature=1.0, top_k=2))
+    assert probs[0] == 0 and probs[3] == 0 and math.isclose(float(probs.sum()), 1.0, rel_tol=1e-6)
+    # top_p keeps the smallest prefix reaching the mass: here only the best token.
+    nucleus = filtered_probs(logits[0], SamplingParams(temperature=1.0, top_p=0.5))
+    assert nucleus.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_sampling_follows_distribution_and_seed():
+    logits = torch.log(torch.tensor([[0.7, 0.3]]))
+    p = SamplingParams(temperature=1.0)
+    gen = torch.Generator().manual_seed(123)
+    draws = [sample(logits, [p], [gen])[0] for _ in range(4000)]
+    assert abs(draws.count(0) / 4000 - 0.7) < 0.03
+
+    def seeded(seed: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        return [sample(logits, [p], [g])[0] for _ in range(50)]
+
+    assert seeded(7) == seeded(7) and seeded(7) != seeded(8)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    ckpt = make_checkpoint("v3_noqlora_nonorm", tmp_path_factory.mktemp("engine"))
+    return Engine(ckpt.path, EngineConfig(page_size=4, kv_capacity_tokens=256), progress=False)
+
+
+def _drain(engine: Engine) -> dict[str, tuple[list[int], FinishReason | None]]:
+    out: dict[str, tuple[list[int], FinishReason | None]] = {}
+    while engine.has_work:
+        for d in engine.step():
+            toks, _ = out.get(d.rid, ([], None))
+            out[d.rid] = (toks + d.token_ids, d.finish_reason)
+    return out
+
+
+def test_finish_reasons_and_seeded_requests(engine):
+    greedy = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.add(GenerateRequest("len", [5, 6, 7], greedy))
+    first = _drain(engine)["len"]
+    assert first[1] is FinishReason.LENGTH and len(first[0]) == 5
+    stop_at = first[0][2]
+    stop = SamplingParams(max_new_tokens=5, temperature=0.0, stop_token_ids=(stop_at,))
+    engine.add(GenerateRequest("stop", [5, 6, 7], stop))
+    toks, reason = _drain(engine)["stop"]
+    assert reason is FinishReason.STOP and toks == first[0][: first[0].index(stop_at) + 1]
+
+    seeded = SamplingParams(max_new_tokens=8, temperature=1.0, seed=42, ignore_eos=True)
+    engine.add(GenerateRequest("a", [5, 6, 7], seeded))
+    engine.add(GenerateRequest("noise", [9, 9, 9, 9], SamplingParams(max_new_tokens=3)))
+    a = _drain(engine)["a"][0]
+    engine.add(GenerateRequest("b", [5, 6, 7], seeded))
+    assert _drain(engine)["b"][0] == a  # same seed, different batch company
+    assert engine.kv.allocator.num_free == engine.kv.num_pages
+
+
+def test_abort_frees_pages(engine):
+    engine.add(GenerateRequest("x", list(range(3, 40)), SamplingParams(max_new_tokens=50)))
+    engine.step()
+    assert engine.kv.allocator.num_free < engine.kv.num_pages
+    delta = engine.abort("x")
+    assert delta is not None and delta.finish_reason is FinishReason.ABORT
+    assert engine.abort("x") is None  # idempotent
+    assert engine.kv.allocator.num_free == engine.kv.num_pages and not engine.has_work
+
+
+@pytest.mark.parametrize(
+    ("ids", "sampling", "field"),
+    [
+        ([], SamplingParams(), "input_ids"),
+        ([10**6], SamplingParams(), "input_ids"),
+        ([-1], SamplingParams(), "input_ids"),
+        ([3], SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        ([3], SamplingParams(max_new_tokens=10**6), "max_new_tokens"),
+        ([3] * 250, SamplingParams(max_new_tokens=10), "max_new_tokens"),  # > KV capacity
+        ([3], SamplingParams(temperature=-1), "temperature"),
+        ([3], SamplingParams(top_p=0.0), "top_p"),
+        ([3], SamplingParams(top_p=1.5), "top_p"),
+        ([3], SamplingParams(top_k=-2), "top_k"),
+    ],
+)
+def test_validation_names_the_field(engine, ids, sampling, field):
+    with pytest.raises(ValueError, match=field):
+        engine.add(GenerateRequest("bad", ids, sampling))
+    assert "bad" not in engine.requests

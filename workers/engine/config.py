@@ -1,0 +1,37 @@
+"""`EngineConfig`: how one engine rank runs (KV capacity, batching limits, device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16  # tokens per KV page
+    kv_capacity_tokens: int | None = None  # KV capacity in tokens; wins over the fraction
+    kv_memory_fraction: float = 0.1  # of free device memory (GPU) or total RAM (CPU)
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_context_len: int | None = None  # default: the model's max_position_embeddings
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int | None = None  # torch intra-op threads on CPU; default: Ray's allotment
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < self.page_size:
+            raise ValueError(
+                f"kv_capacity_tokens ({self.kv_capacity_tokens}) must hold at least one page "
+                f"of {self.page_size} tokens"
+            )
+        if not 0.0 < self.kv_memory_fraction <= 0.95:
+            raise ValueError(f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}")
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if self.chunked_prefill_size < 1:
+            raise ValueError("chunked_prefill_size must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")

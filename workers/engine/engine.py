@@ -1,0 +1,257 @@
+"""`Engine`: one rank's model, KV cache and scheduler, advanced one step at a time.
+
+Not thread-safe: the rank's loop thread is its only caller (see `workers.engine.worker`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import psutil
+import torch
+
+from workers.engine.config import EngineConfig
+from workers.engine.kv_cache import KVCache, pages_needed
+from workers.engine.messages import (
+    FinishReason,
+    GenerateRequest,
+    RankInfo,
+    RankStats,
+    TokenDelta,
+)
+from workers.engine.sampling import sample
+from workers.engine.scheduler import ScheduledBatch, Scheduler
+from workers.engine.sequence import Sequence
+from workers.model.batch import AttentionMetadata, PrefillSpan
+from workers.model.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig, progress: bool = True):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        self.model_dir = Path(model_dir)
+        self.model = load_model(model_dir, self.device, self.dtype, progress=progress)
+        self.model_config = cfg = self.model.config
+        self.max_context_len = min(
+            config.max_context_len or cfg.max_position_embeddings, self.model.rope.max_positions
+        )
+        num_pages = self._num_pages()
+        self.kv = KVCache(
+            cfg.num_hidden_layers, num_pages, config.page_size, cfg.kv_cache_dim, self.dtype,
+            self.device,
+        )
+        self.scheduler = Scheduler(
+            self.kv.allocator, config.page_size, config.max_running_requests,
+            config.chunked_prefill_size,
+        )
+        self.requests: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        # Logits of the last step, by request id (kept for parity tests and debugging).
+        self.last_logits: dict[str, torch.Tensor] = {}
+        logger.info(
+            "engine ready: %s on %s (%s), KV %d pages x %d tokens",
+            self.model_dir.name, self.device, config.dtype, num_pages, config.page_size,
+        )
+
+    def _num_pages(self) -> int:
+        cfg, ec = self.model_config, self.config
+        if ec.kv_capacity_tokens is not None:
+            return pages_needed(ec.kv_capacity_tokens, ec.page_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * ec.kv_memory_fraction
+        else:
+            budget = psutil.virtual_memory().total * ec.kv_memory_fraction
+        per_page = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype)
+        return max(1, int(budget // (per_page * ec.page_size)))
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def info(self) -> RankInfo:
+        cfg = self.model_config
+        return RankInfo(
+            model_name=self.model_dir.name,
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            max_context_len=self.max_context_len,
+            eos_token_ids=cfg.eos_token_ids,
+            kv_capacity_tokens=self.kv.capacity_tokens,
+            page_size=self.kv.page_size,
+            num_pages=self.kv.num_pages,
+        )
+
+    def validate(self, req: GenerateRequest) -> None:
+        """Raise ValueError (naming the field) for a request this rank cannot serve."""
+        vocab = self.model_config.vocab_size
+        if not req.input_ids:
+            raise ValueError("input_ids: the prompt is empty")
+        if req.rid in self.requests:
+            raise ValueError(f"rid: request {req.rid!r} is already running")
+        bad = [t for t in req.input_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        req.sampling.validate(vocab)
+        total = len(req.input_ids) + req.sampling.max_new_tokens
+        if total > self.max_context_len:
+            raise ValueError(
+                f"max_new_tokens: prompt ({len(req.input_ids)} tokens) + max_new_tokens "
+                f"({req.sampling.max_new_tokens}) exceeds the context length {self.max_context_len}"
+            )
+        if total > self.kv.capacity_tokens:
+            raise ValueError(
+                f"max_new_tokens: prompt + max_new_tokens ({total}) exceeds the KV cache capacity "
+                f"of {self.kv.capacity_tokens} tokens"
+            )
+
+    def add(self, req: GenerateRequest) -> None:
+        self.validate(req)
+        gen = None
+        if not req.sampling.is_greedy:
+            gen = torch.Generator()
+            seed = req.sampling.seed
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        seq = Sequence(req.rid, req.input_ids, req.sampling, next(self._arrivals), gen)
+        self.requests[req.rid] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, rid: str) -> TokenDelta | None:
+        seq = self.requests.pop(rid, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        return self._delta(seq, [], FinishReason.ABORT)
+
+    def abort_all(self, error: str) -> list[TokenDelta]:
+        out = []
+        for rid in list(self.requests):
+            delta = self.abort(rid)
+            if delta is not None:
+                delta.finish_reason, delta.error = FinishReason.ERROR, error
+                out.append(delta)
+        return out
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> RankStats:
+        return RankStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_pages_total=self.kv.num_pages,
+            num_pages_free=self.kv.allocator.num_free,
+            num_steps=self.num_steps,
+            num_generated_tokens=self.num_generated_tokens,
+        )
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenDelta]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        input_ids, meta, samplers = self._prepare(batch)
+        logits = self.model(input_ids, meta, self.kv.data)
+        for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
+            seq.num_computed += num
+        tokens = sample(
+            logits, [s.sampling for s in samplers], [s.generator for s in samplers]
+        )
+        self.num_steps += 1
+        self.last_logits = {s.rid: logits[i] for i, s in enumerate(samplers)}
+        return [self._append(seq, tok) for seq, tok in zip(samplers, tokens, strict=True)]
+
+    def _prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, AttentionMetadata, list[Sequence]]:
+        page_size = self.kv.page_size
+        ids: list[int] = []
+        positions: list[int] = []
+        out_slots: list[torch.Tensor] = []
+        logits_rows: list[int] = []
+        samplers: list[Sequence] = []
+        ctx_lens: list[int] = []
+        decode_slots: list[torch.Tensor] = []
+        for seq in batch.decodes:
+            pos = seq.num_computed
+            ctx = seq.slots(pos + 1, page_size)
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            out_slots.append(ctx[pos:])
+            decode_slots.append(ctx)
+            ctx_lens.append(pos + 1)
+            logits_rows.append(len(ids) - 1)
+            samplers.append(seq)
+        spans = []
+        for seq, num in batch.prefills:
+            start, end = seq.num_computed, seq.num_computed + num
+            ctx = seq.slots(end, page_size)
+            spans.append(PrefillSpan(len(ids), num, ctx.to(self.device)))
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            out_slots.append(ctx[start:])
+            if end == seq.num_tokens:
+                logits_rows.append(len(ids) - 1)
+                samplers.append(seq)
+
+        dev = self.device
+        if decode_slots:
+            padded = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)
+            lens = torch.tensor(ctx_lens)
+            mask = torch.arange(padded.shape[1])[None, :] < lens[:, None]
+        else:
+            padded = torch.zeros(0, 1, dtype=torch.int64)
+            mask = torch.zeros(0, 1, dtype=torch.bool)
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            out_slots=torch.cat(out_slots).to(dev),
+            num_decode=len(batch.decodes),
+            decode_slots=padded.to(dev),
+            decode_mask=mask.to(dev),
+            prefills=spans,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+        )
+        return torch.tensor(ids, dtype=torch.int64, device=dev), meta, samplers
+
+    def _append(self, seq: Sequence, token: int) -> TokenDelta:
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        sp = seq.sampling
+        finish = None
+        if token in sp.stop_token_ids or (
+            not sp.ignore_eos and token in self.model_config.eos_token_ids
+        ):
+            finish = FinishReason.STOP
+        elif seq.num_output_tokens >= sp.max_new_tokens or seq.num_tokens >= self.max_context_len:
+            finish = FinishReason.LENGTH
+        if finish is not None:
+            self.requests.pop(seq.rid, None)
+            self.scheduler.remove(seq)
+        return self._delta(seq, [token], finish)
+
+    @staticmethod
+    def _delta(seq: Sequence, tokens: list[int], finish: FinishReason | None) -> TokenDelta:
+        return TokenDelta(
+            rid=seq.rid,
+            token_ids=tokens,
+            finish_reason=finish,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )

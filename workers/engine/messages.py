@@ -1,0 +1,97 @@
+"""Messages between the router and an engine rank.
+
+These cross a process boundary (Ray), so they are small dataclasses carrying only what the other
+side needs: the router sends token ids and sampling settings, the rank sends back new token ids.
+Text never crosses: tokenization, detokenization and stop strings live in the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # an EOS / stop token (or, set by the router, a stop string)
+    LENGTH = "length"  # max_new_tokens reached
+    ABORT = "abort"  # aborted by the client or the router
+    ERROR = "error"  # the rank failed the request; `TokenDelta.error` says why
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings, already validated by the router (see `validate`)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 means no limit
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the offending field."""
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1 or self.top_k == 0:
+            raise ValueError(f"top_k must be -1 (no limit) or >= 1, got {self.top_k}")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenDelta:
+    """New output of one request since the last poll. The last delta of a request has
+    `finish_reason` set; after it the rank holds nothing of that request (its pages are free)."""
+
+    rid: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total so far, including `token_ids`
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What a rank tells the router once it is ready."""
+
+    model_name: str
+    model_type: str
+    vocab_size: int
+    max_context_len: int
+    eos_token_ids: tuple[int, ...]
+    kv_capacity_tokens: int
+    page_size: int
+    num_pages: int
+
+
+@dataclass(frozen=True)
+class RankStats:
+    num_running: int
+    num_waiting: int
+    num_pages_total: int
+    num_pages_free: int
+    num_steps: int
+    num_generated_tokens: int
+
+    @property
+    def num_pages_used(self) -> int:
+        return self.num_pages_total - self.num_pages_free

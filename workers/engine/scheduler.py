@@ -1,0 +1,120 @@
+"""Continuous batching with chunked prefill over a paged KV cache.
+
+Each step spends a token budget: every running request that is decoding gets one token, then
+running requests still in prefill get chunks, then waiting requests are admitted in arrival order
+while budget, pages and the running limit allow. When a running request needs a page and none is
+free, the newest running request is preempted: its pages are freed and it goes back to the front
+of the queue to be recomputed later. Requests are never dropped or truncated for lack of memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from workers.engine.kv_cache import PageAllocator, pages_needed
+from workers.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (request, num tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        max_running: int,
+        token_budget: int,
+    ):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_running = max_running
+        self.token_budget = token_budget
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a request out (finished or aborted) and free its pages."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.release_pages())
+        seq.status = SeqStatus.FINISHED
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.token_budget
+        scheduled: set[str] = set()
+        for seq in sorted(self.running, key=lambda s: not s.is_decoding):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted by an earlier request of this loop
+            num = min(seq.num_pending, budget)
+            if not self._reserve(seq, num, scheduled):
+                continue  # it was preempted itself
+            scheduled.add(seq.rid)
+            budget -= num
+            if seq.is_decoding:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, num))
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            num = min(seq.num_pending, budget)
+            need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
+            if not self.allocator.can_allocate(need):
+                break
+            self.waiting.popleft()
+            seq.add_pages(self.allocator.allocate(need))
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.prefills.append((seq, num))
+            budget -= num
+        return batch
+
+    def _reserve(self, seq: Sequence, num: int, scheduled: set[str]) -> bool:
+        """Pages for `num` more tokens of `seq`, preempting the newest request not yet in this
+        step's batch (possibly `seq` itself) until they fit."""
+        need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
+        while not self.allocator.can_allocate(need):
+            candidates = [s for s in self.running if s.rid not in scheduled]
+            victim = max(candidates, key=lambda s: s.arrival)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.add_pages(self.allocator.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.release_pages())
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)

@@ -1,0 +1,73 @@
+"""`Sequence`: one request's tokens, pages and progress inside an engine rank."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from workers.engine.messages import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        arrival: int,
+        generator: torch.Generator | None = None,
+    ):
+        self.rid = rid
+        self.token_ids = list(prompt_ids)  # prompt, then generated tokens
+        self.num_prompt_tokens = len(prompt_ids)
+        self.sampling = sampling
+        self.arrival = arrival  # admission order; the newest is preempted first
+        self.generator = generator
+        self.status = SeqStatus.WAITING
+        self.pages: list[int] = []
+        self.num_computed = 0  # tokens whose latent KV is in the cache
+        self.num_preemptions = 0
+        self._slots: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the cache: the prompt (or its rest) or the last sampled token."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_computed > 0 and self.num_pending == 1
+
+    def add_pages(self, pages: list[int]) -> None:
+        self.pages.extend(pages)
+        self._slots = None
+
+    def release_pages(self) -> list[int]:
+        pages, self.pages, self._slots = self.pages, [], None
+        return pages
+
+    def slots(self, num_tokens: int, page_size: int) -> torch.Tensor:
+        """Cache slots `[num_tokens]` of the first `num_tokens` tokens (int64, CPU)."""
+        if self._slots is None:
+            pages = torch.tensor(self.pages, dtype=torch.int64)
+            self._slots = (pages[:, None] * page_size + torch.arange(page_size)).flatten()
+        return self._slots[:num_tokens]

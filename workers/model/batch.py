@@ -1,0 +1,39 @@
+"""What one forward step needs to know about its tokens besides their ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    """A run of `num_tokens` new tokens of one request, at the end of its `ctx_slots`.
+
+    `ctx_slots: [ctx_len]` are the KV-cache slots of every token of the request up to and
+    including this span (cached prefix first); query `i` of the span sits at position
+    `ctx_len - num_tokens + i` and sees keys `0 ..` that position.
+    """
+
+    start: int  # index of the span's first token in the flattened batch
+    num_tokens: int
+    ctx_slots: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Layout of a flattened mixed batch: `num_decode` single-token decode requests first, then
+    prefill spans. All index tensors live on the model's device."""
+
+    positions: torch.Tensor  # [T] absolute position of each token
+    out_slots: torch.Tensor  # [T] cache slot each token's latent KV is written to
+    num_decode: int
+    decode_slots: torch.Tensor  # [num_decode, max_ctx] cache slots of each decode context, padded
+    decode_mask: torch.Tensor  # [num_decode, max_ctx] True where decode_slots is a real token
+    prefills: list[PrefillSpan]
+    logits_indices: torch.Tensor  # [S] rows whose logits are wanted (a request's last token)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])

@@ -1,0 +1,129 @@
+"""Load a Hugging Face DeepSeek checkpoint dir into `DeepseekForCausalLM`.
+
+Reads single or sharded `*.safetensors` (memory-mapped), dequantizes FP8 block-quantized weights
+(`weight_scale_inv`, any block size, edges not multiples of the block) and stacks per-expert
+weights into the model's `w13` / `w2` tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from workers.model.config import ModelConfig
+from workers.model.model import DeepseekForCausalLM
+
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_SCALE_SUFFIX = "_scale_inv"
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """`weight: [out, in]` float8 times `scale_inv: [ceil(out/b0), ceil(in/b1)]`, per block."""
+    out_dim, in_dim = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return weight.float() * scale[:out_dim, :in_dim]
+
+
+def load_model(
+    model_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_positions: int | None = None,
+    progress: bool = True,
+) -> DeepseekForCausalLM:
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    model = DeepseekForCausalLM(cfg, max_positions)
+    params = dict(model.named_parameters())
+    block = cfg.quant.weight_block_size if cfg.quant else (128, 128)
+    loaded: set[str] = set()
+    files = checkpoint_files(model_dir)
+
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    key_to_handle = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (not a dict)
+    keys = [k for k in key_to_handle if not k.endswith(_SCALE_SUFFIX)]
+    bar = tqdm(
+        keys, desc=f"Loading {model_dir.name}", unit="tensor", disable=not progress, file=sys.stderr
+    )
+    for key in bar:
+        layer = _LAYER_KEY.match(key)
+        if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
+            continue  # multi-token-prediction layers are not served
+        tensor = key_to_handle[key].get_tensor(key)
+        scale_key = key + _SCALE_SUFFIX
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if scale_key not in key_to_handle:
+                raise ValueError(f"{key} is float8 but {scale_key} is missing from the checkpoint")
+            tensor = dequantize_fp8(tensor, key_to_handle[scale_key].get_tensor(scale_key), block)
+        target, index = _target(key)
+        if target not in params:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ValueError(f"unexpected tensor {key} in {model_dir}")
+        param = params[target]
+        with torch.no_grad():
+            if index is None:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                param.data = tensor.to(torch.float32).clone()
+            else:
+                expert, proj = index
+                half = param.shape[1] // 2
+                dest = {"gate": param[expert, :half], "up": param[expert, half:]}.get(
+                    proj, param[expert]
+                )
+                if dest.shape != tensor.shape:
+                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(dest.shape)}")
+                dest.copy_(tensor)
+        loaded.add(key)
+
+    if cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
+        model.lm_head.data = model.model.embed_tokens.weight.data
+        loaded.add("lm_head.weight")
+    missing = _expected_keys(model) - loaded
+    if missing:
+        shown = ", ".join(sorted(missing)[:8])
+        raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {shown}")
+    return model.place(torch.device(device), dtype)
+
+
+def _target(key: str) -> tuple[str, tuple[int, str] | None]:
+    """Model parameter for checkpoint `key`, with (expert, proj) for a stacked expert weight."""
+    m = _EXPERT_KEY.match(key)
+    if m is None:
+        return ("lm_head" if key == "lm_head.weight" else key), None
+    prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+    return f"{prefix}.{'w2' if proj == 'down' else 'w13'}", (expert, proj)
+
+
+def _expected_keys(model: DeepseekForCausalLM) -> set[str]:
+    keys: set[str] = set()
+    for name, p in model.named_parameters():
+        if name.endswith("experts.w13") or name.endswith("experts.w2"):
+            prefix = name.rsplit(".", 1)[0]
+            projs = ("gate", "up") if name.endswith("w13") else ("down",)
+            keys.update(
+                f"{prefix}.{e}.{proj}_proj.weight" for e in range(p.shape[0]) for proj in projs
+            )
+        else:
+            keys.add("lm_head.weight" if name == "lm_head" else name)
+    return keys

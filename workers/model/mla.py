@@ -1,0 +1,118 @@
+"""Multi-head latent attention over a paged latent KV cache.
+
+The cache holds, per token and layer, only `c_kv` (after `kv_a_layernorm`, `kv_lora_rank` wide)
+and the rotated `k_pe` (`qk_rope_head_dim` wide). Prefill spans expand the latent through
+`kv_b_proj` into per-head keys and values; decode uses the absorbed form — `W_UK` folded into the
+query and `W_UV` applied after attention — so it reads the latent cache directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.batch import AttentionMetadata
+from workers.model.config import ModelConfig
+from workers.model.layers import Linear, RMSNorm
+from workers.model.rope import RotaryEmbedding
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        qk_dim = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj: Linear | None = Linear(cfg.hidden_size, self.num_heads * qk_dim)
+        else:
+            self.q_proj = None
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.num_heads * qk_dim)
+        self.kv_a_proj_with_mqa = Linear(
+            cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.attention_bias
+        )
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, cfg.attention_bias)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`W_UK: [heads, nope, kv_lora]` and `W_UV: [heads, v, kv_lora]` views of kv_b_proj."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        meta: AttentionMetadata,
+        rope: RotaryEmbedding,
+        kv_cache: torch.Tensor,  # [num_slots, kv_lora + rope] of this layer
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = rope(q_pe, meta.positions)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = rope(k_pe, meta.positions)
+        kv_cache[meta.out_slots] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
+
+        out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
+        nd = meta.num_decode
+        if nd:
+            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], meta, kv_cache)
+        for span in meta.prefills:
+            rows = slice(span.start, span.start + span.num_tokens)
+            out[rows] = self._prefill(q_nope[rows], q_pe[rows], kv_cache[span.ctx_slots])
+        return self.o_proj(out.view(num_tokens, -1))
+
+    def _decode(
+        self,
+        q_nope: torch.Tensor,  # [B, heads, nope]
+        q_pe: torch.Tensor,  # [B, heads, rope]
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
+        q_full = torch.cat((q_latent, q_pe), dim=-1)  # [B, heads, kv_lora + rope]
+        latent = kv_cache[meta.decode_slots].to(q_full.dtype)  # [B, L, kv_lora + rope]
+        scores = torch.bmm(q_full, latent.transpose(1, 2)) * self.scale  # [B, heads, L]
+        scores = scores.masked_fill(~meta.decode_mask[:, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q_full.dtype)
+        out_latent = torch.bmm(probs, latent[..., : self.kv_lora_rank])  # [B, heads, kv_lora]
+        return torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
+
+    def _prefill(
+        self,
+        q_nope: torch.Tensor,  # [n, heads, nope]
+        q_pe: torch.Tensor,  # [n, heads, rope]
+        ctx: torch.Tensor,  # [L, kv_lora + rope], the span's tokens last
+    ) -> torch.Tensor:
+        ctx = ctx.to(q_nope.dtype)
+        num_q, ctx_len = q_nope.shape[0], ctx.shape[0]
+        c_kv, k_pe = ctx.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(ctx_len, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        # Query i sits at ctx_len - num_q + i and sees keys up to there.
+        mask = torch.ones(num_q, ctx_len, dtype=torch.bool, device=q.device).tril(
+            ctx_len - num_q
+        )
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+            scale=self.scale,
+        )
+        return out.transpose(0, 1)

@@ -1,0 +1,139 @@
+"""DeepSeekMoE: the router (gate), routed experts as stacked weights, and shared experts."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.config import ModelConfig
+from workers.model.layers import MLP, empty_param
+
+
+class Routing(NamedTuple):
+    topk_ids: torch.Tensor  # [T, top_k] int64 logical expert ids
+    topk_weights: torch.Tensor  # [T, top_k] float32, scaling factor applied
+
+
+class Gate(nn.Module):
+    """Scores tokens against experts and picks `num_experts_per_tok` of them.
+
+    V3 (`noaux_tc`): sigmoid scores; choice by score + `e_score_correction_bias`, limited to the
+    `topk_group` groups whose two best biased scores sum highest; weights are the unbiased scores.
+    V2: softmax scores; `greedy` top-k, or `group_limited_greedy` limited to the groups with the
+    highest single score.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_routed_experts
+        self.num_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.topk_method = cfg.topk_method
+        self.scoring_func = cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.is_v3 = cfg.model_type == "deepseek_v3"
+        self.weight = empty_param(self.num_experts, cfg.hidden_size)
+        self.e_score_correction_bias: torch.Tensor | None = None
+        if self.topk_method == "noaux_tc":
+            self.e_score_correction_bias = empty_param(self.num_experts)
+
+    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """Bool `[T, num_experts]`: experts inside each token's `topk_group` best groups."""
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool)
+        group_mask.scatter_(1, group_idx, True)
+        return group_mask.repeat_interleave(self.num_experts // self.n_group, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())
+        num_tokens = logits.shape[0]
+        if self.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+
+        if self.topk_method == "noaux_tc":
+            assert self.e_score_correction_bias is not None
+            choice = scores + self.e_score_correction_bias.float()
+            if self.n_group > 1:
+                grouped = choice.view(num_tokens, self.n_group, -1)
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+                choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
+            topk_ids = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+            topk_weights = scores.gather(1, topk_ids)
+        elif self.topk_method == "group_limited_greedy" and self.n_group > 1:
+            group_scores = scores.view(num_tokens, self.n_group, -1).max(dim=-1).values
+            masked = scores.masked_fill(~self._group_mask(group_scores), 0.0)
+            topk_weights, topk_ids = torch.topk(masked, k=self.top_k, dim=-1, sorted=False)
+        else:
+            topk_weights, topk_ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+
+        if self.is_v3:
+            if self.norm_topk_prob:
+                topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+            topk_weights = topk_weights * self.routed_scaling_factor
+        elif self.top_k > 1 and self.norm_topk_prob:
+            # DeepSeek-V2's own rule: normalized weights are not scaled.
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            topk_weights = topk_weights * self.routed_scaling_factor
+        return Routing(topk_ids, topk_weights)
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts of a layer: `w13: [E, 2 * I, hidden]` (gate; up), `w2: [E, hidden, I]`."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w13 = empty_param(num_experts, 2 * intermediate_size, hidden_size)
+        self.w2 = empty_param(num_experts, hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Sorted-token grouped GEMM: tokens are grouped by expert, each group runs once."""
+        top_k = routing.topk_ids.shape[1]
+        flat_ids = routing.topk_ids.flatten()
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        x_sorted = x[token_of]
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            rows = slice(start, start + count)
+            gate, up = F.linear(x_sorted[rows], self.w13[expert]).chunk(2, dim=-1)
+            out_sorted[rows] = F.linear(F.silu(gate) * up, self.w2[expert])
+            start += count
+        weights = routing.topk_weights.flatten()[order].to(out_sorted.dtype)
+        out = torch.zeros_like(x)
+        out.index_add_(0, token_of, out_sorted * weights[:, None])
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_routed_experts
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(
+            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        )
+        self.shared_experts: MLP | None = None
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(
+                cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, self.gate(x))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
