@@ -31,9 +31,10 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         meta: AttentionMetadata,
         rope: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, rope, kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), meta, rope, cos_sin, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -84,7 +85,8 @@ class DeepseekForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits `[S, vocab]` (float32) for the rows `meta.logits_indices`."""
         x = self.model.embed_tokens(input_ids)
+        cos_sin = self.rope.lookup(meta.positions)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, meta, self.rope, kv_cache[i])
+            x = layer(x, meta, self.rope, cos_sin, kv_cache[i])
         x = self.model.norm(x[meta.logits_indices])
         return F.linear(x, self.lm_head).float()

@@ -63,14 +63,17 @@ class RotaryEmbedding:
         self.sin = self.sin.to(device=device, dtype=dtype)
         return self
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate `x: [T, ..., dim]` at `positions: [T]`.
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cos, sin: [T, dim // 2]` for `positions: [T]`, computed once per forward."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate `x: [T, ..., dim]` by the `lookup` of its positions.
 
         The output is always in "half" layout (first halves of all pairs, then second halves);
         queries and keys share it, so their dot products are unchanged.
         """
-        cos = self.cos[positions].to(x.dtype)
-        sin = self.sin[positions].to(x.dtype)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         while cos.dim() < x.dim():
             cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         if self.interleave:
