@@ -10,6 +10,10 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+_REQUIRED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+)
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,14 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         model_type = hf.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; pdserve serves "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        missing = [k for k in _REQUIRED_KEYS if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
         is_v2 = model_type == "deepseek_v2"
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))

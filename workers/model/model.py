@@ -10,7 +10,7 @@ from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, RMSNorm, empty_param
 from workers.model.mla import MLAttention
-from workers.model.moe import MoE
+from workers.model.moe import MoE, RoutedExperts, grouped_gemm_backends
 from workers.model.rope import RotaryEmbedding
 
 
@@ -75,6 +75,10 @@ class DeepseekForCausalLM(nn.Module):
             if not keep_fp32:
                 p.data = p.data.to(dtype)
         self.rope.to(device, torch.float32)
+        backend = grouped_gemm_backends(device, dtype)[0]
+        for module in self.modules():
+            if isinstance(module, RoutedExperts):
+                module.backend = backend
         return self
 
     def forward(

@@ -86,9 +86,21 @@ class Gate(nn.Module):
         return Routing(topk_ids, topk_weights)
 
 
-def grouped_gemm_backends() -> list[str]:
-    """Grouped-GEMM implementations usable in this process, best first."""
-    return (["grouped_mm"] if hasattr(torch, "_grouped_mm") else []) + ["loop"]
+def grouped_gemm_backends(
+    device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> list[str]:
+    """Grouped-GEMM implementations usable for weights on `device` in `dtype`, best first."""
+    device = device or torch.device("cpu")
+    usable = hasattr(torch, "_grouped_mm") and (
+        device.type == "cpu"
+        # The CUDA kernel wants bf16 and Hopper or newer.
+        or (
+            device.type == "cuda"
+            and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device) >= (9, 0)
+        )
+    )
+    return (["grouped_mm"] if usable else []) + ["loop"]
 
 
 class RoutedExperts(nn.Module):
