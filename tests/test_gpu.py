@@ -24,7 +24,7 @@ def test_cuda_engine_matches_cpu_engine_fp32(tmp_path_factory):
     assert gpu_tokens == cpu_tokens
     for rid, steps in cpu_logits.items():
         for ref, ours in zip(steps, gpu_logits[rid], strict=True):
-            assert _rel_err(ours.cpu(), ref) < 1e-3
+            assert _rel_err(ours, ref) < 1e-3
 
 
 def test_cuda_engine_bf16_close_to_fp32(tmp_path_factory):
@@ -33,7 +33,7 @@ def test_cuda_engine_bf16_close_to_fp32(tmp_path_factory):
     _, _, ref = _run_engine(ckpt.path, prompts, device="cuda")
     _, _, bf16 = _run_engine(ckpt.path, prompts, device="cuda", dtype="bfloat16")
     for rid in ref:  # the prefill logits, before greedy paths may diverge
-        assert _rel_err(bf16[rid][0].cpu(), ref[rid][0].cpu()) < 5e-2
+        assert _rel_err(bf16[rid][0], ref[rid][0]) < 5e-2
 
 
 @pytest.mark.parametrize("backend", grouped_gemm_backends(torch.device("cuda"), torch.bfloat16))

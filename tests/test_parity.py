@@ -33,7 +33,7 @@ def _run_engine(model_dir, prompts, **engine_kwargs):
     while engine.has_work:
         for d in engine.step():
             tokens[d.rid] += d.token_ids
-            logits[d.rid].append(engine.last_logits[d.rid].clone())
+            logits[d.rid].append(engine.last_logits[d.rid].cpu().clone())
     assert engine.kv.allocator.num_free == engine.kv.num_pages
     return engine, tokens, logits
 
