@@ -1,0 +1,235 @@
+"""The built-in tiny model: a DeepSeek-V3-architecture checkpoint written once, no download.
+
+Every architectural feature is on (q LoRA, YaRN, interleaved rope, a dense layer, grouped
+sigmoid routing with a correction bias, shared experts), so serving it exercises the same code as
+a real checkpoint. Weights are random (seeded), so its text is gibberish; the tokenizer is a real
+byte-level BPE, so any UTF-8 text round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+TINY_MODEL_NAME = "pdserve-tiny-deepseek-v3"
+_VERSION = 1  # bump when anything below changes what is written
+_SEED = 20261122
+_VOCAB_SIZE = 1024
+
+BOS, EOS, USER, ASSISTANT = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A serving system turns requests into tokens, and
+tokens into text, as fast as the hardware allows. Attention reads the past; experts transform the
+present. Mixture-of-experts models route every token to a few experts among many, so that a large
+model costs little per token. Latent attention compresses keys and values into a small vector per
+token, and the cache holds only that vector and a rotary key. Prefill reads the whole prompt at
+once; decode writes one token at a time. Batching many requests together keeps the machine busy.
+Hello, world! How are you today? I am fine, thank you. What is the weather like? It is sunny and
+warm, with a light breeze from the west. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14 2.71.
+Code: def main(): print("hello") if x > 0 else None; for i in range(10): total += i.
+Once upon a time there was a small model that dreamed of serving many users at once.
+"""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PDSERVE_CACHE") or Path.home() / ".cache" / "pdserve")
+
+
+def ensure_tiny_checkpoint(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Path of the tiny checkpoint, writing it first if it is not there yet.
+
+    Safe against concurrent callers: each builds in a temporary sibling dir and renames it into
+    place; the first rename wins and the others discard their copy.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / f"tiny-deepseek-v3-v{_VERSION}"
+    if (path / "config.json").is_file():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"pdserve: writing the built-in tiny model to {path}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    try:
+        _write(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def tiny_config(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, Any]:
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 64,
+        "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        "rope_interleave": True,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "initializer_range": 0.05,
+        "torch_dtype": "float32",
+    }
+
+
+def _write(path: Path) -> None:
+    tokenizer = _train_tokenizer()
+    vocab_size = tokenizer.get_vocab_size()
+    bos_id, eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    config = tiny_config(vocab_size, bos_id, eos_id)
+    tokenizer.save(str(path / "tokenizer.json"))
+    _dump(path / "config.json", config)
+    _dump(
+        path / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": EOS,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "model_max_length": config["max_position_embeddings"],
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
+    _dump(path / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS})
+    _dump(
+        path / "generation_config.json",
+        {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False},
+    )
+    save_file(_weights(config), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _dump(path: Path, obj: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def _train_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_SIZE,
+        special_tokens=[BOS, EOS, USER, ASSISTANT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS], trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    return tok
+
+
+def _weights(cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(_SEED)
+    std = cfg["initializer_range"]
+
+    def mat(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=g) * std
+
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    qk_dim = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    experts, moe_inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    w: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": mat(cfg["vocab_size"], hidden),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": mat(cfg["vocab_size"], hidden),
+    }
+
+    def mlp(prefix: str, inter: int) -> None:
+        w[f"{prefix}.gate_proj.weight"] = mat(inter, hidden)
+        w[f"{prefix}.up_proj.weight"] = mat(inter, hidden)
+        w[f"{prefix}.down_proj.weight"] = mat(hidden, inter)
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = torch.ones(hidden)
+        w[f"{p}.post_attention_layernorm.weight"] = torch.ones(hidden)
+        a = f"{p}.self_attn"
+        w[f"{a}.q_a_proj.weight"] = mat(cfg["q_lora_rank"], hidden)
+        w[f"{a}.q_a_layernorm.weight"] = torch.ones(cfg["q_lora_rank"])
+        w[f"{a}.q_b_proj.weight"] = mat(heads * qk_dim, cfg["q_lora_rank"])
+        w[f"{a}.kv_a_proj_with_mqa.weight"] = mat(
+            cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], hidden
+        )
+        w[f"{a}.kv_a_layernorm.weight"] = torch.ones(cfg["kv_lora_rank"])
+        w[f"{a}.kv_b_proj.weight"] = mat(
+            heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), cfg["kv_lora_rank"]
+        )
+        w[f"{a}.o_proj.weight"] = mat(hidden, heads * cfg["v_head_dim"])
+        if i < cfg["first_k_dense_replace"]:
+            mlp(f"{p}.mlp", cfg["intermediate_size"])
+            continue
+        w[f"{p}.mlp.gate.weight"] = mat(experts, hidden)
+        w[f"{p}.mlp.gate.e_score_correction_bias"] = torch.randn(experts, generator=g) * 0.01
+        for e in range(experts):
+            mlp(f"{p}.mlp.experts.{e}", moe_inter)
+        mlp(f"{p}.mlp.shared_experts", moe_inter * cfg["n_shared_experts"])
+    return {k: v.contiguous() for k, v in w.items()}
