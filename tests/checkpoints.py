@@ -105,8 +105,15 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
 
 # Linear weights stored in FP8 in DeepSeek-V3 releases (not embeddings, norms, router, lm_head).
 _FP8_SUFFIXES = (
-    "q_proj.weight", "q_a_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",
-    "kv_b_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+    "q_proj.weight",
+    "q_a_proj.weight",
+    "q_b_proj.weight",
+    "kv_a_proj_with_mqa.weight",
+    "kv_b_proj.weight",
+    "o_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
 )
 
 

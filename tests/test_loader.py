@@ -78,7 +78,10 @@ def test_sharded_checkpoint_loads_the_same(ckpt, tmp_path):
     tensors = load_file(f)
     f.unlink()
     keys = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
     weight_map = {}
     for name, shard_keys in shards.items():
         save_file({k: tensors[k] for k in shard_keys}, model_dir / name)

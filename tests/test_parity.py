@@ -53,8 +53,11 @@ def test_matches_transformers(name, tmp_path_factory):
         rid = f"r{i}"
         with torch.no_grad():
             ref_ids = hf.generate(
-                torch.tensor([prompt]), max_new_tokens=NUM_NEW, do_sample=False,
-                eos_token_id=None, pad_token_id=0,
+                torch.tensor([prompt]),
+                max_new_tokens=NUM_NEW,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )[0, len(prompt) :].tolist()
             full = torch.tensor([prompt + tokens[rid]])
             ref_logits = hf(full).logits[0]

@@ -21,9 +21,7 @@ def test_written_once_and_loadable_by_transformers(tmp_path):
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp dirs left behind
 
-    model, info = transformers.DeepseekV3ForCausalLM.from_pretrained(
-        path, output_loading_info=True
-    )
+    model, info = transformers.DeepseekV3ForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
     tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -50,7 +48,11 @@ def test_written_once_and_loadable_by_transformers(tmp_path):
             ours += d.token_ids
     with torch.no_grad():
         ref = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=tok.eos_token_id,
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tok.eos_token_id,
         )[0, len(ids) :].tolist()
     assert ours == ref

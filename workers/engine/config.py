@@ -26,7 +26,9 @@ class EngineConfig:
                 f"of {self.page_size} tokens"
             )
         if not 0.0 < self.kv_memory_fraction <= 0.95:
-            raise ValueError(f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}")
+            raise ValueError(
+                f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}"
+            )
         if self.max_running_requests < 1:
             raise ValueError("max_running_requests must be >= 1")
         if self.chunked_prefill_size < 1:

@@ -51,11 +51,17 @@ class Engine:
         )
         num_pages = self._num_pages()
         self.kv = KVCache(
-            cfg.num_hidden_layers, num_pages, config.page_size, cfg.kv_cache_dim, self.dtype,
+            cfg.num_hidden_layers,
+            num_pages,
+            config.page_size,
+            cfg.kv_cache_dim,
+            self.dtype,
             self.device,
         )
         self.scheduler = Scheduler(
-            self.kv.allocator, config.page_size, config.max_running_requests,
+            self.kv.allocator,
+            config.page_size,
+            config.max_running_requests,
             config.chunked_prefill_size,
         )
         self.requests: dict[str, Sequence] = {}
@@ -66,7 +72,11 @@ class Engine:
         self.last_logits: dict[str, torch.Tensor] = {}
         logger.info(
             "engine ready: %s on %s (%s), KV %d pages x %d tokens",
-            self.model_dir.name, self.device, config.dtype, num_pages, config.page_size,
+            self.model_dir.name,
+            self.device,
+            config.dtype,
+            num_pages,
+            config.page_size,
         )
 
     def _num_pages(self) -> int:
@@ -171,9 +181,7 @@ class Engine:
         logits = self.model(input_ids, meta, self.kv.data)
         for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
             seq.num_computed += num
-        tokens = sample(
-            logits, [s.sampling for s in samplers], [s.generator for s in samplers]
-        )
+        tokens = sample(logits, [s.sampling for s in samplers], [s.generator for s in samplers])
         self.num_steps += 1
         self.last_logits = {s.rid: logits[i] for i, s in enumerate(samplers)}
         return [self._append(seq, tok) for seq, tok in zip(samplers, tokens, strict=True)]

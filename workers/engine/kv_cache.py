@@ -57,7 +57,9 @@ class KVCache:
     ):
         self.page_size = page_size
         self.num_pages = num_pages
-        self.data = torch.zeros(num_layers, num_pages * page_size, kv_dim, dtype=dtype, device=device)
+        self.data = torch.zeros(
+            num_layers, num_pages * page_size, kv_dim, dtype=dtype, device=device
+        )
         self.allocator = PageAllocator(num_pages)
 
     @property

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from workers.engine.kv_cache import PageAllocator, pages_needed
-from workers.engine.sequence import Sequence, SeqStatus
+from workers.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -11,8 +11,15 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 _REQUIRED_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
 )
 
 
@@ -142,7 +149,9 @@ class ModelConfig:
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: --model must be a Hugging Face checkpoint dir")
+            raise FileNotFoundError(
+                f"{path} not found: --model must be a Hugging Face checkpoint dir"
+            )
         with open(path) as f:
             return cls.from_hf(json.load(f))
 

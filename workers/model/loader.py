@@ -19,7 +19,9 @@ from tqdm import tqdm
 from workers.model.config import ModelConfig
 from workers.model.model import DeepseekForCausalLM
 
-_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_EXPERT_KEY = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
+)
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _SCALE_SUFFIX = "_scale_inv"
 
@@ -36,7 +38,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
     """`weight: [out, in]` float8 times `scale_inv: [ceil(out/b0), ceil(in/b1)]`, per block."""
     out_dim, in_dim = weight.shape
     scale = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)

@@ -116,11 +116,12 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         # Query i sits at ctx_len - num_q + i and sees keys up to there.
-        mask = torch.ones(num_q, ctx_len, dtype=torch.bool, device=q.device).tril(
-            ctx_len - num_q
-        )
+        mask = torch.ones(num_q, ctx_len, dtype=torch.bool, device=q.device).tril(ctx_len - num_q)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
             scale=self.scale,
         )
         return out.transpose(0, 1)

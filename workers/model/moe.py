@@ -53,10 +53,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.float(), self.weight.float())
         num_tokens = logits.shape[0]
-        if self.scoring_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
         if self.topk_method == "noaux_tc":
             assert self.e_score_correction_bias is not None

@@ -1,0 +1,190 @@
+"""Load generator: random-token prompts streamed through `/generate`, latency and throughput.
+
+Each prompt is exactly `input_len` random token ids (sent as `input_ids`) and asks for exactly
+`output_len` tokens (`ignore_eos`), so runs are comparable across models and servers. Use it as a
+library (`asyncio.run(run_bench(BenchConfig(...)))`) or through `pdserve bench`.
+
+TTFT: request sent → first token received. TPOT: (e2e − TTFT) / (output tokens − 1) per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import httpx
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    url: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+    concurrency: int
+    seed: int = 0
+    vocab_size: int | None = None  # default: asked from the server (`GET /v1/stats`)
+    timeout_s: float = 600.0  # per request
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "input_len", "output_len", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    ok: bool
+    num_output_tokens: int = 0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.num_output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.num_output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    num_requests: int
+    num_failed: int
+    duration_s: float
+    input_tokens: int
+    output_tokens: int
+    output_tok_s: float
+    total_tok_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+    e2e_p50_ms: float
+    e2e_p99_ms: float
+    first_error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def table(self) -> str:
+        rows = [
+            ("requests", f"{self.num_requests - self.num_failed} ok, {self.num_failed} failed"),
+            ("duration", f"{self.duration_s:.2f} s"),
+            ("input tokens", str(self.input_tokens)),
+            ("output tokens", str(self.output_tokens)),
+            ("output tok/s", f"{self.output_tok_s:.1f}"),
+            ("total tok/s", f"{self.total_tok_s:.1f}"),
+            ("TTFT p50 / p99", f"{self.ttft_p50_ms:.1f} / {self.ttft_p99_ms:.1f} ms"),
+            ("TPOT p50 / p99", f"{self.tpot_p50_ms:.2f} / {self.tpot_p99_ms:.2f} ms"),
+            ("e2e p50 / p99", f"{self.e2e_p50_ms:.1f} / {self.e2e_p99_ms:.1f} ms"),
+        ]
+        if self.first_error:
+            rows.append(("first error", self.first_error))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks; nan for no values."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+async def server_vocab_size(client: httpx.AsyncClient, url: str) -> int:
+    resp = await client.get(f"{url}/v1/stats")
+    resp.raise_for_status()
+    infos = [r["info"] for r in resp.json()["ranks"] if r.get("info")]
+    if not infos:
+        raise RuntimeError(f"{url} has no ready rank")
+    return min(int(i["vocab_size"]) for i in infos)
+
+
+async def _one(client: httpx.AsyncClient, cfg: BenchConfig, input_ids: list[int]) -> RequestResult:
+    payload = {
+        "input_ids": input_ids,
+        "sampling_params": {
+            "max_new_tokens": cfg.output_len, "temperature": 0.0, "ignore_eos": True,
+        },
+        "stream": True,
+    }  # fmt: skip
+    start = time.perf_counter()
+    ttft = 0.0
+    num_tokens = 0
+    try:
+        async with client.stream("POST", f"{cfg.url}/generate", json=payload) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                return RequestResult(False, error=f"HTTP {resp.status_code}: {body[:200]}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:
+                    return RequestResult(False, error=str(event["error"].get("message")))
+                n = len(event.get("output_ids", ()))
+                if n and not ttft:
+                    ttft = time.perf_counter() - start
+                num_tokens = max(num_tokens, n, event["meta_info"]["completion_tokens"])
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        return RequestResult(False, error=f"{type(e).__name__}: {e}")
+    return RequestResult(True, num_tokens, ttft, time.perf_counter() - start)
+
+
+async def run_bench(cfg: BenchConfig) -> BenchResult:
+    limits = httpx.Limits(
+        max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
+    )
+    timeout = httpx.Timeout(cfg.timeout_s, connect=30.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        vocab = cfg.vocab_size or await server_vocab_size(client, cfg.url)
+        rng = random.Random(cfg.seed)
+        prompts = [
+            [rng.randrange(vocab) for _ in range(cfg.input_len)] for _ in range(cfg.num_prompts)
+        ]
+        gate = asyncio.Semaphore(cfg.concurrency)
+
+        async def gated(ids: list[int]) -> RequestResult:
+            async with gate:
+                return await _one(client, cfg, ids)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(gated(p) for p in prompts))
+        duration = time.perf_counter() - start
+    return summarize(results, cfg.input_len, duration)
+
+
+def summarize(results: Sequence[RequestResult], input_len: int, duration_s: float) -> BenchResult:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.num_output_tokens for r in ok)
+    in_tokens = input_len * len(ok)
+    ms = 1000.0
+    ttft = [r.ttft_s * ms for r in ok]
+    tpot = [r.tpot_s * ms for r in ok if r.tpot_s is not None]
+    e2e = [r.e2e_s * ms for r in ok]
+    errors = [r.error for r in results if not r.ok]
+    return BenchResult(
+        num_requests=len(results),
+        num_failed=len(results) - len(ok),
+        duration_s=duration_s,
+        input_tokens=in_tokens,
+        output_tokens=out_tokens,
+        output_tok_s=out_tokens / duration_s if duration_s > 0 else 0.0,
+        total_tok_s=(in_tokens + out_tokens) / duration_s if duration_s > 0 else 0.0,
+        ttft_p50_ms=percentile(ttft, 50),
+        ttft_p99_ms=percentile(ttft, 99),
+        tpot_p50_ms=percentile(tpot, 50),
+        tpot_p99_ms=percentile(tpot, 99),
+        e2e_p50_ms=percentile(e2e, 50),
+        e2e_p99_ms=percentile(e2e, 99),
+        first_error=errors[0] if errors else None,
+    )

@@ -1,0 +1,302 @@
+"""`pdserve`: serve, generate, bench, status. Each subcommand is one `add_*` + one `cmd_*`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _print(*parts: Any) -> None:
+    print("pdserve:", *parts, flush=True)
+
+
+# ---- serve --------------------------------------------------------------------------------------
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start (or join) a Ray cluster and serve a model over HTTP")
+    p.add_argument("--model", help="Hugging Face checkpoint dir (default: the built-in tiny model)")
+    p.add_argument("--served-model-name", help="name in /v1/models (default: the dir's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--address", help="Ray cluster to join ('auto': the one `ray start` made)")
+    p.add_argument(
+        "--colocated", action="store_true", help="one pool does prefill and decode (the default)"
+    )
+    e = p.add_argument_group("engine")
+    e.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    kv = e.add_mutually_exclusive_group()
+    kv.add_argument("--kv-capacity-tokens", type=int, help="KV cache size in tokens")
+    kv.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        default=0.1,
+        help="KV cache share of free GPU memory (or of RAM on CPU)",
+    )
+    e.add_argument("--max-running-requests", type=int, default=256)
+    e.add_argument("--chunked-prefill-size", type=int, default=2048)
+    e.add_argument("--max-context-len", type=int, help="default: the model's")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--num-threads", type=int, help="torch threads per rank on CPU")
+    r = p.add_argument_group("requests")
+    r.add_argument("--default-max-new-tokens", type=int, default=128)
+    r.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    r.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    from orchestrator.config import ServeConfig
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(
+        page_size=args.page_size,
+        kv_capacity_tokens=args.kv_capacity_tokens,
+        kv_memory_fraction=args.kv_memory_fraction,
+        max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_context_len=args.max_context_len,
+        dtype=args.dtype,
+        device=args.device,
+        num_threads=args.num_threads,
+    )
+    return ServeConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        ray_address=args.address,
+        colocated=args.colocated,
+        engine=engine,
+        max_request_body_bytes=args.max_request_body_bytes,
+        default_max_new_tokens=args.default_max_new_tokens,
+        request_timeout_s=args.request_timeout,
+        log_level=args.log_level,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from orchestrator.launcher import launch, resolve_model_dir
+
+    try:
+        config = serve_config(args)
+    except ValueError as e:
+        _print(f"error: {e}")
+        return 2
+    _print("topology: colocated (one pool serves prefill and decode; the only one so far)")
+    model_dir = resolve_model_dir(config)
+    _print(f"model: {model_dir}")
+    ctx = ray.init(address=config.ray_address, logging_level=logging.WARNING)
+    dashboard = getattr(ctx, "dashboard_url", None)
+    where = f"joined Ray cluster at {config.ray_address}" if config.ray_address else "local Ray"
+    _print(f"{where}" + (f", dashboard http://{dashboard}" if dashboard else ""))
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # while loading, SIGTERM interrupts like Ctrl-C
+    stop = threading.Event()
+    server = None
+    try:
+        _print(f"loading {model_dir.name} on {config.num_ranks} rank(s) ...")
+        server = launch(
+            config,
+            model_dir=model_dir,
+            progress=lambda s: _print(f"  still loading ({s:.0f} s)"),
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        _print(f"serving {server.router.model_name} on {server.url}")
+        while not stop.is_set() and server.http.is_alive():
+            stop.wait(0.5)
+        _print("shutting down")
+        return 0
+    except KeyboardInterrupt:
+        _print("interrupted")
+        return 130
+    except Exception as e:
+        _print(f"error: {type(e).__name__}: {e}")
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+        ray.shutdown()
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream one completion from a running server")
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
+    p.set_defaults(func=cmd_generate)
+
+
+def _sse_events(resp: httpx.Response) -> Any:
+    for line in resp.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[len("data: ") :])
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/")
+    if args.chat:
+        route = "/v1/chat/completions"
+        payload: dict[str, Any] = {
+            "messages": [{"role": "user", "content": args.prompt}],
+            "max_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    else:
+        route = "/generate"
+        payload = {
+            "text": args.prompt,
+            "sampling_params": {
+                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            },
+            "stream": True,
+        }  # fmt: skip
+    start = time.perf_counter()
+    shown, finish, tokens = "", None, 0
+    try:
+        with httpx.stream("POST", url + route, json=payload, timeout=600) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                print(f"HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
+                return 1
+            for event in _sse_events(resp):
+                if "error" in event:
+                    print(f"\nerror: {event['error'].get('message')}", file=sys.stderr)
+                    return 1
+                if args.chat:
+                    for choice in event.get("choices", []):
+                        piece = choice.get("delta", {}).get("content") or ""
+                        print(piece, end="", flush=True)
+                        finish = choice.get("finish_reason") or finish
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+                else:
+                    text = event["text"]
+                    print(text[len(shown) :], end="", flush=True)
+                    shown = text
+                    meta = event["meta_info"]
+                    tokens = meta["completion_tokens"]
+                    finish = (meta.get("finish_reason") or {}).get("type") or finish
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - start
+    print()
+    print(f"[{tokens} tokens, finish: {finish}, {elapsed:.2f} s]", file=sys.stderr)
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------------
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="load-test a running server (random-token prompts)")
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench import BenchConfig, run_bench
+
+    try:
+        cfg = BenchConfig(
+            url=args.url.rstrip("/"),
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            concurrency=args.concurrency,
+            seed=args.seed,
+        )
+        result = asyncio.run(run_bench(cfg))
+    except (ValueError, RuntimeError, httpx.HTTPError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(result.to_json() if args.json else result.table())
+    return 0 if result.num_failed == 0 else 1
+
+
+# ---- status -------------------------------------------------------------------------------------
+
+
+def add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="print the ranks' state of a running server")
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        resp = httpx.get(args.url.rstrip("/") + "/v1/stats", timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    data = resp.json()
+    print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight")
+    for rank in data["ranks"]:
+        st = rank["stats"]
+        if rank["error"] or not st:
+            print(f"  rank {rank['rank']}: {rank['error'] or 'not ready'}")
+            continue
+        print(
+            f"  rank {rank['rank']}: running {st['num_running']}, waiting {st['num_waiting']}, "
+            f"KV pages {st['num_pages_used']}/{st['num_pages_total']} used, "
+            f"{st['num_generated_tokens']} tokens in {st['num_steps']} steps"
+        )
+    return 0
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+SUBCOMMANDS = (add_serve, add_generate, add_bench, add_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

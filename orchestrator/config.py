@@ -1,0 +1,60 @@
+"""`ServeConfig`: everything `pdserve serve` needs, validated once, before anything starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.engine.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None  # Hugging Face checkpoint dir; None serves the built-in tiny model
+    served_model_name: str | None = None  # name in /v1/models; default: the model dir's name
+    host: str = "127.0.0.1"
+    port: int = 30000  # 0 picks a free port
+    ray_address: str | None = None  # None starts a local Ray instance; "auto" joins `ray start`
+    colocated: bool = False  # one pool does prefill and decode (the only topology so far)
+    num_ranks: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    default_max_new_tokens: int = 128  # when a request does not say
+    request_timeout_s: float | None = 600.0  # a request running longer is aborted
+    ready_timeout_s: float = 900.0  # how long `serve` waits for the ranks to load the model
+    poll_timeout_s: float = 0.5  # how long one `poll` of a rank blocks when it has no output
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            path = Path(self.model)
+            if not (path / "config.json").is_file():
+                raise ValueError(
+                    f"--model {self.model!r} is not a Hugging Face checkpoint dir (no config.json); "
+                    "leave --model out to serve the built-in tiny model"
+                )
+        if not self.host:
+            raise ValueError("--host must not be empty (use 0.0.0.0 to listen on all interfaces)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535] (0 picks a free port), got {self.port}")
+        if self.num_ranks < 1:
+            raise ValueError(f"num_ranks must be >= 1, got {self.num_ranks}")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError(
+                f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"
+            )
+        if self.default_max_new_tokens < 1:
+            raise ValueError(
+                f"--default-max-new-tokens must be >= 1, got {self.default_max_new_tokens}"
+            )
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"--request-timeout must be > 0 seconds, got {self.request_timeout_s}")
+        if self.ready_timeout_s <= 0:
+            raise ValueError(f"ready_timeout_s must be > 0, got {self.ready_timeout_s}")
+        if not 0 < self.poll_timeout_s <= 10:
+            raise ValueError(f"poll_timeout_s must be in (0, 10], got {self.poll_timeout_s}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError(
+                f"--log-level must be critical, error, warning, info, debug or trace, "
+                f"got {self.log_level!r}"
+            )

@@ -1,0 +1,184 @@
+"""Bring a server up in-process: engine ranks (Ray actors), router, HTTP app on uvicorn.
+
+For programs (the CLI, tests, benchmark scripts):
+
+    ray.init()
+    server = launch(ServeConfig(port=0))     # blocks until the ranks are ready and it listens
+    ... server.url ...                       # e.g. http://127.0.0.1:41235
+    server.stop()                            # stops HTTP and the router, shuts the ranks down
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import uvicorn
+from fastapi import FastAPI
+
+from orchestrator.config import ServeConfig
+from orchestrator.router import Router
+from orchestrator.server import create_app
+from orchestrator.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_dir(config: ServeConfig) -> Path:
+    """The checkpoint dir to serve: `config.model`, or the built-in tiny model (written once)."""
+    if config.model is not None:
+        return Path(config.model).resolve()
+    from workers.model.tiny import ensure_tiny_checkpoint
+
+    return Path(ensure_tiny_checkpoint())
+
+
+def start_ranks(model_dir: Path, config: ServeConfig) -> list[Any]:
+    """Start `config.num_ranks` engine rank actors (not waiting for them); `ray.init` first."""
+    from workers.engine.worker import start_engine_rank
+
+    engine = config.engine
+    use_gpu = engine.device == "cuda" or (
+        engine.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    )
+    return [
+        start_engine_rank(
+            str(model_dir),
+            engine,
+            num_cpus=engine.num_threads or 1,
+            num_gpus=1 if use_gpu else 0,
+        )
+        for _ in range(config.num_ranks)
+    ]
+
+
+def wait_ranks_ready(
+    ranks: list[Any], timeout_s: float, progress: Callable[[float], None] | None = None
+) -> None:
+    """Block until every rank's model is loaded; `progress(elapsed_s)` is called every ~5 s.
+    Raises TimeoutError, or the rank's own error if it failed to start."""
+    refs = [r.ready.remote() for r in ranks]
+    start = time.monotonic()
+    while True:
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        if not pending:
+            ray.get(ready)  # raises if a rank failed to load
+            return
+        for ref in ready:
+            ray.get(ref)
+        elapsed = time.monotonic() - start
+        if elapsed > timeout_s:
+            raise TimeoutError(f"{len(pending)} rank(s) not ready after {timeout_s:.0f} s")
+        if progress is not None:
+            progress(elapsed)
+
+
+class ServerThread:
+    """uvicorn serving `app` on its own thread and event loop."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, log_level: str = "warning"):
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="on",
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.host = host
+        self.port = port
+        self._thread = threading.Thread(target=self.server.run, name="pdserve-http", daemon=True)
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start serving; return once it listens (`port` is then the bound port)."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the HTTP server failed to start on {self.host}:{self.port}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the HTTP server did not start in time")
+            time.sleep(0.02)
+        servers = getattr(self.server, "servers", [])
+        if servers and servers[0].sockets:
+            self.port = int(servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout_s)
+
+
+@dataclass
+class LocalServer:
+    """A running server; `stop` ends HTTP, the router and (if it started them) the ranks."""
+
+    url: str
+    model_dir: Path
+    router: Router
+    http: ServerThread
+    ranks: list[Any]
+    owns_ranks: bool = True
+
+    def stop(self) -> None:
+        self.http.stop()
+        if self.owns_ranks:
+            shutdown_ranks(self.ranks)
+
+
+def shutdown_ranks(ranks: list[Any], timeout_s: float = 15.0) -> None:
+    """Stop each rank's loop, then kill its actor (freeing its resources in the cluster)."""
+    refs = [r.shutdown.remote() for r in ranks]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for r in ranks:
+        try:
+            ray.kill(r)
+        except Exception as e:  # already gone
+            logger.debug("ray.kill of a rank failed: %s", e)
+
+
+def launch(
+    config: ServeConfig,
+    model_dir: Path | None = None,
+    ranks: list[Any] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> LocalServer:
+    """Start ranks (unless given), wait for them, and serve HTTP on `config.host:config.port`
+    (port 0: a free one) from a background thread. `ray.init` must have run."""
+    model_dir = model_dir or resolve_model_dir(config)
+    owns_ranks = ranks is None
+    ranks = ranks if ranks is not None else start_ranks(model_dir, config)
+    try:
+        wait_ranks_ready(ranks, config.ready_timeout_s, progress)
+        router = Router(
+            ranks,
+            Tokenizer.from_dir(model_dir),
+            model_name=config.served_model_name or model_dir.name,
+            poll_timeout_s=config.poll_timeout_s,
+            request_timeout_s=config.request_timeout_s,
+        )
+        http = ServerThread(create_app(router, config), config.host, config.port, config.log_level)
+        http.start()
+        deadline = time.monotonic() + 30
+        while not router.is_ready and time.monotonic() < deadline:
+            time.sleep(0.01)  # the router's own ready() calls return at once now
+    except BaseException:
+        if owns_ranks:
+            shutdown_ranks(ranks)
+        raise
+    return LocalServer(http.url, model_dir, router, http, ranks, owns_ranks)

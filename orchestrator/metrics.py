@@ -1,0 +1,91 @@
+"""Prometheus metrics of one server (app), in their own registry."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from orchestrator.router import Output
+from workers.engine.messages import RankStats
+
+_LATENCY_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+    7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+_TPOT_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.3, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pdserve_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens", registry=r)
+        self.generation_tokens = Counter(
+            "pdserve_generation_tokens", "Generated tokens", registry=r
+        )
+        self.ttft = Histogram(
+            "pdserve_time_to_first_token_seconds", "Time to first token",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "pdserve_time_per_output_token_seconds", "Time between output tokens (after the first)",
+            buckets=_TPOT_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "pdserve_e2e_request_latency_seconds", "Request latency, arrival to last token",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.running = Gauge(
+            "pdserve_num_running_requests", "Requests in the running batch", registry=r
+        )
+        self.queued = Gauge(
+            "pdserve_num_queued_requests", "Requests waiting for admission", registry=r
+        )
+        self.pages_used = Gauge("pdserve_kv_pages_used", "KV cache pages in use", registry=r)
+        self.pages_free = Gauge("pdserve_kv_pages_free", "KV cache pages free", registry=r)
+        self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
+
+    def set_rank_stats(self, stats: Sequence[RankStats | None]) -> None:
+        live = [s for s in stats if s is not None]
+        self.ranks_ready.set(len(live))
+        self.running.set(sum(s.num_running for s in live))
+        self.queued.set(sum(s.num_waiting for s in live))
+        self.pages_used.set(sum(s.num_pages_used for s in live))
+        self.pages_free.set(sum(s.num_pages_free for s in live))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def track(
+        self, outputs: AsyncGenerator[Output, None], arrival_s: float
+    ) -> AsyncGenerator[Output, None]:
+        """Pass `outputs` through (closing it when closed), recording TTFT, per-token latency,
+        tokens and e2e latency. `arrival_s` is the arrival time on `time.perf_counter`'s clock."""
+        last_s: float | None = None
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                now = time.perf_counter()
+                n = len(out.token_ids)
+                if n and last_s is None:
+                    self.ttft.observe(now - arrival_s)
+                    n -= 1  # tokens that came with the first one arrived with no gap
+                    last_s = now
+                if n and last_s is not None:
+                    per_token = (now - last_s) / n
+                    for _ in range(n):
+                        self.tpot.observe(per_token)
+                    last_s = now
+                if out.finish_reason is not None:
+                    self.e2e.observe(now - arrival_s)
+                    self.prompt_tokens.inc(out.num_prompt_tokens)
+                    self.generation_tokens.inc(out.num_output_tokens)
+                yield out

@@ -1,0 +1,362 @@
+"""Request validation shared by the HTTP routes, and the SGLang-style `/generate` protocol.
+
+Every check raises `RequestError` whose message starts with the offending field's name as the
+client wrote it (`sampling_params.temperature`, `max_tokens`, `messages[1].content`), so a 400
+says exactly what to fix. Types are strict: `true` is not an integer, `1.5` is not a token count,
+`"0.7"` is not a number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from orchestrator.router import Limits, Output
+from workers.engine.messages import SamplingParams
+
+MAX_STOP_STRINGS = 16
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes `{"error": {"message", "type", "param"}}`."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.type = type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param}}
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class Fields:
+    """Typed reads from one JSON object; `prefix` makes error names like `sampling_params.x`."""
+
+    def __init__(self, obj: Any, prefix: str = ""):
+        if not isinstance(obj, Mapping):
+            name = prefix.rstrip(".") or "body"
+            raise RequestError(f"{name}: expected a JSON object, got {_type_name(obj)}", name)
+        self.obj = obj
+        self.prefix = prefix
+
+    def name(self, key: str) -> str:
+        return self.prefix + key
+
+    def has(self, key: str) -> bool:
+        return self.obj.get(key) is not None
+
+    def fail(self, key: str, problem: str) -> RequestError:
+        return RequestError(f"{self.name(key)}: {problem}", self.name(key))
+
+    def get_int(self, key: str, default: int | None = None) -> int | None:
+        value = self.obj.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected an integer, got {_type_name(value)} {value!r}")
+        return value
+
+    def get_float(self, key: str, default: float) -> float:
+        value = self.obj.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"expected a number, got {_type_name(value)} {value!r}")
+        return float(value)
+
+    def get_bool(self, key: str, default: bool = False) -> bool:
+        value = self.obj.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_type_name(value)} {value!r}")
+        return value
+
+    def get_str(self, key: str) -> str | None:
+        value = self.obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {_type_name(value)}")
+        return value
+
+    def stop_strings(self, key: str) -> tuple[str, ...]:
+        value = self.obj.get(key)
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise self.fail(key, "expected a string or a list of strings")
+        if any(not s for s in items):
+            raise self.fail(key, "stop strings must not be empty")
+        if len(items) > MAX_STOP_STRINGS:
+            raise self.fail(key, f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
+        return tuple(items)
+
+    def token_ids(self, key: str) -> list[int] | None:
+        value = self.obj.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value
+        ):
+            raise self.fail(key, "expected a list of integer token ids")
+        return value
+
+    def neutral(self, key: str, *allowed: Any) -> None:
+        """Refuse a feature pdserve does not implement unless it is set to a no-op value."""
+        value = self.obj.get(key)
+        if value is not None and value not in allowed:
+            raise self.fail(key, f"{value!r} is not supported (allowed: {allowed!r})")
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """Sampling settings as a client asked for them, before the prompt is known."""
+
+    max_new_tokens: int | None  # None: the server's default, clipped to fit the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    max_new_tokens_field: str = "max_new_tokens"
+    stop_token_ids_field: str = "stop_token_ids"
+
+
+def read_sampling(f: Fields, max_new_tokens_key: str, top_k_default: int = -1) -> SamplingRequest:
+    """Read and range-check the sampling fields every route shares."""
+    max_new = f.get_int(max_new_tokens_key)
+    if max_new is not None and max_new <= 0:
+        raise f.fail(max_new_tokens_key, f"must be > 0, got {max_new}")
+    temperature = f.get_float("temperature", 1.0)
+    if temperature < 0:
+        raise f.fail("temperature", f"must be >= 0 (0 is greedy), got {temperature:g}")
+    top_p = f.get_float("top_p", 1.0)
+    if not 0.0 < top_p <= 1.0:
+        raise f.fail("top_p", f"must be in (0, 1], got {top_p:g}")
+    top_k = f.get_int("top_k", top_k_default)
+    assert top_k is not None
+    if top_k < -1 or top_k == 0:
+        raise f.fail("top_k", f"must be -1 (no limit) or >= 1, got {top_k}")
+    seed = f.get_int("seed")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise f.fail("seed", f"must be in [0, 2**63 - 1], got {seed}")
+    stop_ids = f.token_ids("stop_token_ids") or []
+    return SamplingRequest(
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=f.stop_strings("stop"),
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=f.get_bool("ignore_eos"),
+        max_new_tokens_field=f.name(max_new_tokens_key),
+        stop_token_ids_field=f.name("stop_token_ids"),
+    )
+
+
+def resolve_sampling(
+    input_ids: list[int],
+    req: SamplingRequest,
+    limits: Limits,
+    default_max_new_tokens: int,
+    prompt_field: str,
+) -> SamplingParams:
+    """Check the prompt against the model and the KV cache; fill in the default length."""
+    if not input_ids:
+        raise RequestError(f"{prompt_field}: the prompt is empty", prompt_field)
+    vocab = limits.vocab_size
+    for i, t in enumerate(input_ids):
+        if not 0 <= t < vocab:
+            raise RequestError(
+                f"{prompt_field}: token id {t} at position {i} is outside the vocabulary "
+                f"[0, {vocab})",
+                prompt_field,
+            )
+    for t in req.stop_token_ids:
+        if not 0 <= t < vocab:
+            name = req.stop_token_ids_field
+            raise RequestError(f"{name}: token id {t} is outside the vocabulary [0, {vocab})", name)
+    room = min(limits.max_context_len, limits.kv_capacity_tokens) - len(input_ids)
+    name = req.max_new_tokens_field
+    if req.max_new_tokens is None:
+        if room < 1:
+            raise _too_long(input_ids, 1, limits, prompt_field)
+        max_new = min(default_max_new_tokens, room)
+    else:
+        max_new = req.max_new_tokens
+        if max_new > room:
+            raise _too_long(input_ids, max_new, limits, name)
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def _too_long(input_ids: list[int], max_new: int, limits: Limits, name: str) -> RequestError:
+    total = len(input_ids) + max_new
+    if total > limits.max_context_len:
+        where = f"the model's context length of {limits.max_context_len} tokens"
+    else:
+        where = f"the KV cache capacity of {limits.kv_capacity_tokens} tokens"
+    return RequestError(
+        f"{name}: prompt ({len(input_ids)} tokens) + max new tokens ({max_new}) = {total} "
+        f"exceeds {where}",
+        name,
+    )
+
+
+# ---- SGLang-style /generate -----------------------------------------------------------------
+
+_SGLANG_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "min_new_tokens": (0,),
+    "repetition_penalty": (1, 1.0),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "no_stop_trim": (False,),
+}
+_SGLANG_KNOWN = {
+    "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "min_p", *_SGLANG_NEUTRAL,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One prompt of a `/generate` request: exactly one of `text` and `input_ids`."""
+
+    text: str | None
+    input_ids: list[int] | None
+    sampling: SamplingRequest
+
+    @property
+    def prompt_field(self) -> str:
+        return "text" if self.text is not None else "input_ids"
+
+
+@dataclass(frozen=True)
+class GenerateBody:
+    calls: list[GenerateCall]
+    is_batch: bool
+    stream: bool
+    rid: str | None
+
+
+def parse_generate(body: Any) -> GenerateBody:
+    f = Fields(body)
+    if f.has("text") and f.has("input_ids"):
+        raise RequestError("text, input_ids: give one of them, not both", "text")
+    sp = Fields(body.get("sampling_params") or {}, "sampling_params.")
+    for key in sp.obj:
+        if key not in _SGLANG_KNOWN:
+            raise sp.fail(key, "unknown sampling parameter")
+    for key, allowed in _SGLANG_NEUTRAL.items():
+        sp.neutral(key, *allowed)
+    sp.neutral("min_p", 0, 0.0)
+    sampling = read_sampling(sp, "max_new_tokens")
+    stream = f.get_bool("stream")
+    rid = f.get_str("rid")
+    text = body.get("text")
+    ids = body.get("input_ids")
+    if text is None and ids is None:
+        raise RequestError("text: a prompt is required (text or input_ids)", "text")
+    calls: list[GenerateCall]
+    is_batch = False
+    if text is not None:
+        if isinstance(text, list):
+            if not text or not all(isinstance(t, str) for t in text):
+                raise RequestError("text: expected a string or a non-empty list of strings", "text")
+            calls, is_batch = [GenerateCall(t, None, sampling) for t in text], True
+        elif isinstance(text, str):
+            calls = [GenerateCall(text, None, sampling)]
+        else:
+            raise RequestError(f"text: expected a string, got {_type_name(text)}", "text")
+        if any(not c.text for c in calls):
+            raise RequestError("text: the prompt is empty", "text")
+    else:
+        if isinstance(ids, list) and ids and all(isinstance(x, list) for x in ids):
+            batch = [Fields({"input_ids": x}).token_ids("input_ids") for x in ids]
+            calls, is_batch = [GenerateCall(None, x, sampling) for x in batch], True
+        else:
+            calls = [GenerateCall(None, f.token_ids("input_ids"), sampling)]
+    if is_batch and stream:
+        raise RequestError(
+            "stream: a batch of prompts cannot stream; send them one by one", "stream"
+        )
+    if is_batch and rid is not None:
+        raise RequestError("rid: a batch of prompts cannot share one rid", "rid")
+    return GenerateBody(calls, is_batch, stream, rid)
+
+
+def finish_reason_json(out: Output) -> dict[str, Any] | None:
+    """SGLang's `meta_info.finish_reason`: `{"type": "stop", "matched": ...}`,
+    `{"type": "length", "length": n}`, `{"type": "abort", "message": ...}`."""
+    if out.finish_reason is None:
+        return None
+    if out.finish_reason == "stop":
+        return {"type": "stop", "matched": out.matched_stop}
+    if out.finish_reason == "length":
+        return {"type": "length", "length": out.num_output_tokens}
+    return {"type": out.finish_reason, "message": out.error}
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """A request's cumulative state, as `/generate` reports it (streamed or at the end)."""
+
+    rid: str
+    text: str
+    output_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish: Output | None
+    e2e_latency_s: float
+
+    def add(self, out: Output, e2e_latency_s: float) -> GenerateResult:
+        return replace(
+            self,
+            text=self.text + out.text,
+            output_ids=self.output_ids + out.token_ids,
+            prompt_tokens=out.num_prompt_tokens or self.prompt_tokens,
+            completion_tokens=max(self.completion_tokens, out.num_output_tokens),
+            finish=out if out.finish_reason is not None else None,
+            e2e_latency_s=e2e_latency_s,
+        )
+
+    def json(self) -> dict[str, Any]:
+        """`text` and `output_ids` are cumulative (as SGLang sends them, streaming too)."""
+        return {
+            "text": self.text,
+            "output_ids": self.output_ids,
+            "meta_info": {
+                "id": self.rid,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "finish_reason": finish_reason_json(self.finish) if self.finish else None,
+                "e2e_latency": round(self.e2e_latency_s, 6),
+            },
+        }

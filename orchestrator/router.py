@@ -1,0 +1,339 @@
+"""`Router`: request state between the HTTP front end and the engine ranks.
+
+One asyncio task per rank long-polls it (`poll`) and hands each `TokenDelta` to the queue of its
+request; `generate` turns a request's deltas into `Output`s (text deltas with stop strings
+applied). A request leaves the router's table when its generator ends, however it ends; when it
+ends before the rank finished it (consumer gone, stop string, timeout), the rank is told to abort
+it, which frees its KV pages. A rank whose poll fails is marked dead and every request on it ends
+with an error.
+
+Everything here runs on one event loop (the server's): call `start` from that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.detokenizer import IncrementalDetokenizer
+from orchestrator.tokenizer import Tokenizer
+from workers.engine.messages import (
+    FinishReason,
+    GenerateRequest,
+    RankInfo,
+    RankStats,
+    SamplingParams,
+    TokenDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RouterNotReady(RuntimeError):
+    """No rank can take the request (still loading, or dead)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a request produced since the previous `Output`.
+
+    `finish_reason` is set on the last one only: "stop" (EOS, a stop token or a stop string —
+    `matched_stop` says which when known), "length", "abort" (timeout; `error` says so) or
+    "error" (the rank failed; `error` says why)."""
+
+    rid: str
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What every rank accepts: the smallest of each value over the ranks."""
+
+    vocab_size: int
+    max_context_len: int
+    kv_capacity_tokens: int
+
+
+@dataclass
+class _Request:
+    rid: str
+    rank: int
+    num_tokens: int  # prompt + max_new_tokens: the load it puts on its rank
+    queue: asyncio.Queue[TokenDelta] = field(default_factory=asyncio.Queue)
+
+
+def pick_rank(loads: Sequence[int], alive: Sequence[bool]) -> int:
+    """Index of the live rank with the least load (token reservations); -1 when none lives."""
+    best = -1
+    for i, (load, ok) in enumerate(zip(loads, alive, strict=True)):
+        if ok and (best < 0 or load < loads[best]):
+            best = i
+    return best
+
+
+class Router:
+    def __init__(
+        self,
+        ranks: Sequence[Any],
+        tokenizer: Tokenizer,
+        model_name: str,
+        poll_timeout_s: float = 0.5,
+        request_timeout_s: float | None = None,
+    ):
+        """`ranks`: `EngineWorker` actor handles; the router polls each (it must be the only
+        poller) and, on `close(shutdown_ranks=True)`, shuts them down."""
+        if not ranks:
+            raise ValueError("a router needs at least one rank")
+        self.ranks = list(ranks)
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.poll_timeout_s = poll_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.infos: list[RankInfo | None] = [None] * len(ranks)
+        self.rank_errors: list[str | None] = [None] * len(ranks)
+        self._requests: dict[str, _Request] = {}
+        self._loads = [0] * len(ranks)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start one task per rank: wait for it to be ready, then poll it until `close`."""
+        self._ready = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._run_rank(i), name=f"router-rank-{i}")
+            for i in range(len(self.ranks))
+        ]
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Return once every rank is ready; raise RouterNotReady if one died, TimeoutError."""
+        if self._ready is None:
+            raise RouterNotReady("the router was not started")
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        if not self.is_ready:
+            raise RouterNotReady(self._dead_message())
+
+    @property
+    def is_ready(self) -> bool:
+        """True when every rank has loaded its model and none has died."""
+        return all(i is not None for i in self.infos) and not any(self.rank_errors)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._requests)
+
+    @property
+    def limits(self) -> Limits:
+        infos = [i for i in self.infos if i is not None]
+        if len(infos) < len(self.ranks):
+            raise RouterNotReady("the model is still loading")
+        return Limits(
+            vocab_size=min(i.vocab_size for i in infos),
+            max_context_len=min(i.max_context_len for i in infos),
+            kv_capacity_tokens=min(i.kv_capacity_tokens for i in infos),
+        )
+
+    async def close(self, shutdown_ranks: bool = False) -> None:
+        """Stop polling, end every in-flight request with an error, optionally shut ranks down."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        self._fail_requests(None, "the server is shutting down")
+        if shutdown_ranks:
+            for handle in self.ranks:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(handle.shutdown.remote(), 15)
+
+    async def _run_rank(self, index: int) -> None:
+        handle = self.ranks[index]
+        try:
+            self.infos[index] = await handle.ready.remote()
+            if all(i is not None for i in self.infos):
+                assert self._ready is not None
+                self._ready.set()
+            while True:
+                deltas: list[TokenDelta] = await handle.poll.remote(self.poll_timeout_s)
+                for delta in deltas:
+                    req = self._requests.get(delta.rid)
+                    if req is not None:
+                        req.queue.put_nowait(delta)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            message = f"engine rank {index} failed: {_short_error(e)}"
+            logger.error("%s", message)
+            self.rank_errors[index] = message
+            self._fail_requests(index, message)
+            assert self._ready is not None
+            self._ready.set()  # wake waiters: readiness is now decided (failed)
+
+    def _fail_requests(self, rank: int | None, message: str) -> None:
+        for req in list(self._requests.values()):
+            if rank is None or req.rank == rank:
+                req.queue.put_nowait(
+                    TokenDelta(req.rid, [], finish_reason=FinishReason.ERROR, error=message)
+                )
+
+    def _dead_message(self) -> str:
+        errors = [e for e in self.rank_errors if e]
+        return "; ".join(errors) if errors else "the model is still loading"
+
+    # ---- requests -------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        input_ids: list[int],
+        sampling: SamplingParams,
+        stop: Sequence[str] = (),
+        rid: str | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncGenerator[Output, None]:
+        """Run one request; yield its `Output`s, the last with `finish_reason` set.
+
+        Raises ValueError (message naming the field) when a rank refuses the request before it
+        starts, RouterNotReady when no rank can take it. Closing the iterator early (client gone)
+        or a stop string or timeout aborts the request on its rank."""
+        alive = [
+            info is not None and err is None
+            for info, err in zip(self.infos, self.rank_errors, strict=True)
+        ]
+        rank = pick_rank(self._loads, alive)
+        if rank < 0:
+            raise RouterNotReady(self._dead_message())
+        rid = rid or uuid.uuid4().hex
+        if rid in self._requests:
+            raise ValueError(f"rid: request {rid!r} is already running")
+        timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
+        handle = self.ranks[rank]
+        req = _Request(rid, rank, len(input_ids) + sampling.max_new_tokens)
+        self._requests[rid] = req
+        self._loads[rank] += req.num_tokens
+        detok = IncrementalDetokenizer(self.tokenizer, input_ids, stop)
+        finished = False
+        add_ref = None
+        timer: asyncio.TimerHandle | None = None
+        try:
+            add_ref = handle.add_request.remote(GenerateRequest(rid, list(input_ids), sampling))
+            try:
+                await add_ref
+            except ValueError as e:
+                finished = True  # refused: nothing runs on the rank
+                raise ValueError(_short_error(e)) from None
+            except Exception as e:
+                finished = True
+                raise RouterNotReady(f"engine rank {rank}: {_short_error(e)}") from None
+            # A timer, not `asyncio.wait_for`: before Python 3.12, wait_for swallows a
+            # cancellation (client gone) that coincides with a delta arriving.
+            timed_out = TokenDelta(rid, [], FinishReason.ABORT, error="timeout")
+            if timeout_s is not None:
+                timer = asyncio.get_running_loop().call_later(
+                    timeout_s, req.queue.put_nowait, timed_out
+                )
+            num_output_tokens = 0
+            while True:
+                delta = await req.queue.get()
+                if delta is timed_out:
+                    yield Output(
+                        rid=rid,
+                        text=detok.flush(),
+                        token_ids=[],
+                        num_prompt_tokens=len(input_ids),
+                        num_output_tokens=num_output_tokens,
+                        finish_reason="abort",
+                        error=f"the request timed out after {timeout_s:g} s",
+                    )
+                    return
+                num_output_tokens = delta.num_output_tokens or num_output_tokens
+                out = self._output(delta, detok)
+                if out.finish_reason is not None and delta.finish_reason is not None:
+                    finished = True
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._requests.pop(rid, None)
+            self._loads[rank] -= req.num_tokens
+            if not finished and add_ref is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self._abort_after(handle, add_ref, rid)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    def _output(self, delta: TokenDelta, detok: IncrementalDetokenizer) -> Output:
+        text = detok.add(delta.token_ids)
+        finish = delta.finish_reason.value if delta.finish_reason is not None else None
+        matched: str | int | None = None
+        if detok.stopped:
+            finish, matched = "stop", detok.matched_stop
+        elif finish is not None:
+            text += detok.flush()
+            if finish == "stop" and delta.token_ids:
+                matched = delta.token_ids[-1]
+        return Output(
+            rid=delta.rid,
+            text=text,
+            token_ids=list(delta.token_ids),
+            num_prompt_tokens=delta.num_prompt_tokens,
+            num_output_tokens=delta.num_output_tokens,
+            finish_reason=finish,
+            matched_stop=matched,
+            error=delta.error,
+        )
+
+    @staticmethod
+    async def _abort_after(handle: Any, add_ref: Any, rid: str) -> None:
+        """Abort `rid` once its `add_request` has reached the rank (calls to a threaded actor
+        may run out of order, so an abort sent earlier could miss the request)."""
+        with contextlib.suppress(Exception):
+            await add_ref
+            await handle.abort.remote(rid)
+
+    async def abort(self, rid: str) -> bool:
+        """Abort a running request; its generator then ends with finish_reason "abort"."""
+        req = self._requests.get(rid)
+        if req is None:
+            return False
+        await self.ranks[req.rank].abort.remote(rid)
+        return True
+
+    async def stats(self) -> list[RankStats | None]:
+        """Each rank's stats; None for a rank that is not ready or does not answer."""
+
+        async def one(i: int) -> RankStats | None:
+            if self.infos[i] is None or self.rank_errors[i] is not None:
+                return None
+            try:
+                stats: RankStats = await asyncio.wait_for(self.ranks[i].stats.remote(), 5)
+                return stats
+            except Exception:
+                return None
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(self.ranks)))))
+
+
+def _short_error(e: BaseException) -> str:
+    """The message of the error a rank raised, without Ray's remote traceback around it."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return str(cause) or type(cause).__name__
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

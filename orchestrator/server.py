@@ -1,0 +1,310 @@
+"""The HTTP front end: `create_app(router)` builds the FastAPI app serving one router.
+
+Routes: `POST /generate` (SGLang style), `POST /v1/completions`, `POST /v1/chat/completions`,
+`GET /v1/models` (OpenAI style), `GET /health`, `GET /metrics` (Prometheus), `GET /v1/stats`
+(rank info and stats as JSON). Bad requests get 400 (413 for a body over the limit) with
+`{"error": {"message", "type", "param"}}`; 503 while no rank can serve. A stream ends with
+`data: [DONE]`; a failure after the stream started is sent as a `data: {"error": ...}` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from orchestrator.config import ServeConfig
+from orchestrator.metrics import Metrics
+from orchestrator.openai_api import (
+    CompletionBody,
+    ResponseBuilder,
+    openai_finish_reason,
+    parse_chat,
+    parse_completion,
+)
+from orchestrator.protocol import (
+    GenerateCall,
+    GenerateResult,
+    RequestError,
+    parse_generate,
+    resolve_sampling,
+)
+from orchestrator.router import Output, Router, RouterNotReady
+from orchestrator.streaming import (
+    SSE_DONE,
+    ClientDisconnected,
+    CountRequests,
+    EventStream,
+    read_json,
+    sse,
+    until_disconnect,
+)
+from orchestrator.tokenizer import ChatTemplateError
+from workers.engine.messages import SamplingParams
+
+ROUTES = {
+    "/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/stats",
+    "/health", "/metrics",
+}  # fmt: skip
+T = TypeVar("T")
+_CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never received
+
+
+def _error_status(out: Output) -> RequestError:
+    """The error a request that ended with "error" or "abort" (timeout) is answered with."""
+    if out.finish_reason == "abort":
+        return RequestError(out.error or "the request was aborted", None, 504, "timeout_error")
+    return RequestError(out.error or "the engine failed", None, 500, "server_error")
+
+
+def _refused(e: ValueError, default_param: str) -> RequestError:
+    """A rank's refusal ("field: problem") as a 400 naming that field."""
+    message = str(e)
+    head = message.split(":", 1)[0]
+    return RequestError(message, head if head.isidentifier() else default_param)
+
+
+def create_app(
+    router: Router, config: ServeConfig | None = None, manage_router: bool = True
+) -> FastAPI:
+    """The app serving `router`. With `manage_router`, the app's lifespan starts the router on
+    the server's event loop and closes it at shutdown (without shutting the ranks down)."""
+    config = config or ServeConfig()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_router:
+            await router.start()
+        try:
+            yield
+        finally:
+            if manage_router:
+                await router.close()
+
+    app = FastAPI(title="pdserve", lifespan=lifespan)
+    app.state.router = router
+    app.state.metrics = metrics
+    app.add_middleware(
+        CountRequests,
+        routes=ROUTES,
+        count=lambda route, status: metrics.requests.labels(route, str(status)).inc(),
+    )
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RouterNotReady)
+    async def _not_ready(request: Request, e: RouterNotReady) -> JSONResponse:
+        return JSONResponse(RequestError(str(e), None, 503, "unavailable").body(), 503)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=_CLIENT_CLOSED)
+
+    def run(
+        ids: list[int],
+        sampling: SamplingParams,
+        stop: tuple[str, ...],
+        rid: str | None = None,
+        arrival_s: float | None = None,
+    ) -> AsyncGenerator[Output, None]:
+        arrival = time.perf_counter() if arrival_s is None else arrival_s
+        return metrics.track(router.generate(ids, sampling, stop, rid=rid), arrival)
+
+    def prepare(call: GenerateCall) -> tuple[list[int], SamplingParams]:
+        ids = (
+            call.input_ids
+            if call.input_ids is not None
+            else router.tokenizer.encode(call.text or "")
+        )
+        limits = router.limits
+        return ids, resolve_sampling(
+            ids, call.sampling, limits, config.default_max_new_tokens, call.prompt_field
+        )
+
+    # ---- SGLang style -----------------------------------------------------------------------
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        arrival = time.perf_counter()
+        body = parse_generate(await read_json(request, config.max_request_body_bytes))
+        prepared = [(prepare(c), c.sampling.stop) for c in body.calls]
+        rids = [body.rid or uuid.uuid4().hex for _ in prepared]
+
+        async def one(i: int) -> GenerateResult:
+            (ids, sampling), stop = prepared[i]
+            result = GenerateResult(rids[i], "", [], len(ids), 0, None, 0.0)
+            async with contextlib.aclosing(run(ids, sampling, stop, rids[i], arrival)) as outs:
+                async for out in outs:
+                    if out.finish_reason in ("error", "abort"):
+                        raise _error_status(out)
+                    result = result.add(out, time.perf_counter() - arrival)
+            return result
+
+        if body.stream:
+            (ids, sampling), stop = prepared[0]
+            outputs = run(ids, sampling, stop, rids[0], arrival)
+            return EventStream(_generate_events(outputs, rids[0], len(ids), arrival))
+        try:
+            results = await until_disconnect(request, _all([one(i) for i in range(len(rids))]))
+        except ValueError as e:
+            raise _refused(e, body.calls[0].prompt_field) from None
+        payload = [r.json() for r in results]
+        return JSONResponse(payload if body.is_batch else payload[0])
+
+    # ---- OpenAI style -------------------------------------------------------------------------
+
+    async def openai(request: Request, chat: bool) -> Response:
+        arrival = time.perf_counter()
+        raw = await read_json(request, config.max_request_body_bytes)
+        req = parse_chat(raw) if chat else parse_completion(raw)
+        if req.messages is not None:
+            try:
+                text = router.tokenizer.apply_chat_template(req.messages)
+            except ChatTemplateError as e:
+                raise RequestError(f"messages: {e}", "messages") from None
+            ids = router.tokenizer.encode(text, add_special_tokens=False)
+        elif req.prompt_ids is not None:
+            ids = req.prompt_ids
+        else:
+            ids = router.tokenizer.encode(req.prompt or "")
+        sampling = resolve_sampling(
+            ids, req.sampling, router.limits, config.default_max_new_tokens, req.prompt_field
+        )
+        builder = ResponseBuilder(chat, req.model or router.model_name)
+        outputs = run(ids, sampling, req.sampling.stop, arrival_s=arrival)
+        if req.stream:
+            return EventStream(_openai_events(outputs, builder, req))
+
+        async def collect() -> tuple[str, Output]:
+            parts: list[str] = []
+            async with contextlib.aclosing(outputs) as outs:
+                async for out in outs:
+                    parts.append(out.text)
+                    if out.finish_reason is not None:
+                        return "".join(parts), out
+            raise RuntimeError("the request ended without a finish reason")
+
+        try:
+            text, last = await until_disconnect(request, collect())
+        except ValueError as e:
+            raise _refused(e, req.prompt_field) from None
+        if openai_finish_reason(last) is None:
+            raise _error_status(last)
+        return JSONResponse(builder.response(text, last))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await openai(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await openai(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card: dict[str, Any] = {
+            "id": router.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
+        }  # fmt: skip
+        if router.is_ready:
+            card["max_model_len"] = router.limits.max_context_len
+        return {"object": "list", "data": [card]}
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if router.is_ready:
+            return JSONResponse({"status": "ok"})
+        errors = [e for e in router.rank_errors if e]
+        status = {"status": "failed", "detail": errors} if errors else {"status": "loading"}
+        return JSONResponse(status, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.set_rank_stats(await router.stats())
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/stats")
+    async def stats() -> dict[str, Any]:
+        rank_stats = await router.stats()
+        ranks = []
+        for i, (info, st) in enumerate(zip(router.infos, rank_stats, strict=True)):
+            entry: dict[str, Any] = {"rank": i, "ready": info is not None and st is not None}
+            entry["error"] = router.rank_errors[i]
+            entry["info"] = asdict(info) if info is not None else None
+            entry["stats"] = {**asdict(st), "num_pages_used": st.num_pages_used} if st else None
+            ranks.append(entry)
+        return {"model": router.model_name, "num_in_flight": router.num_in_flight, "ranks": ranks}
+
+    return app
+
+
+async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run `coros` concurrently; if one fails (or this is cancelled), cancel the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _generate_events(
+    outputs: AsyncGenerator[Output, None], rid: str, num_prompt_tokens: int, arrival: float
+) -> AsyncGenerator[str, None]:
+    """`/generate` stream: every event carries the cumulative `text` and `output_ids`."""
+    result = GenerateResult(rid, "", [], num_prompt_tokens, 0, None, 0.0)
+    async with contextlib.aclosing(outputs) as outs:
+        try:
+            async for out in outs:
+                if out.finish_reason in ("error", "abort"):
+                    yield sse(_error_status(out).body())
+                    break
+                result = result.add(out, time.perf_counter() - arrival)
+                if out.text or out.token_ids or out.finish_reason is not None:
+                    yield sse(result.json())
+        except ValueError as e:
+            yield sse(_refused(e, "input_ids").body())
+        except RouterNotReady as e:
+            yield sse(RequestError(str(e), None, 503, "unavailable").body())
+    yield SSE_DONE
+
+
+async def _openai_events(
+    outputs: AsyncGenerator[Output, None], builder: ResponseBuilder, req: CompletionBody
+) -> AsyncGenerator[str, None]:
+    """OpenAI stream: a role chunk (chat), text-delta chunks, a chunk with `finish_reason`, the
+    usage chunk when `stream_options.include_usage`, then `[DONE]`."""
+    if builder.chat:
+        yield sse(builder.chunk("", role=True))
+    async with contextlib.aclosing(outputs) as outs:
+        try:
+            async for out in outs:
+                if out.finish_reason is None:
+                    if out.text:
+                        yield sse(builder.chunk(out.text))
+                    continue
+                finish = openai_finish_reason(out)
+                if finish is None:
+                    yield sse(_error_status(out).body())
+                    break
+                yield sse(builder.chunk(out.text, finish))
+                if req.include_usage:
+                    usage = builder.usage(out.num_prompt_tokens, out.num_output_tokens)
+                    yield sse(builder.chunk(None, usage=usage))
+        except ValueError as e:
+            yield sse(_refused(e, req.prompt_field).body())
+        except RouterNotReady as e:
+            yield sse(RequestError(str(e), None, 503, "unavailable").body())
+    yield SSE_DONE

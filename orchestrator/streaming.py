@@ -1,0 +1,144 @@
+"""HTTP plumbing that notices a client going away: SSE responses, bounded bodies, request counts.
+
+A request must be aborted as soon as its client disconnects, also while no token is being sent
+(a long prefill, a queue). Starlette notices a disconnect only on the next write under ASGI 2.4,
+so both the stream and the non-streaming wait here listen for `http.disconnect` themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchestrator.protocol import RequestError
+
+T = TypeVar("T")
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> str:
+    """One SSE event. ASCII-escaped: raw U+2028 or U+0085 in generated text would split the
+    line for clients that split lines the way `str.splitlines` does."""
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was ready."""
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class EventStream(StreamingResponse):
+    """`text/event-stream` over an async generator; a disconnect (noticed at once, not at the
+    next write) cancels the stream, and the generator is always closed, so its `finally` runs."""
+
+    body_iterator: AsyncGenerator[str, None]
+
+    def __init__(self, events: AsyncGenerator[str, None]):
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def stream() -> None:
+            with contextlib.suppress(OSError):  # the client went away mid-write
+                await self.stream_response(send)
+
+        streaming = asyncio.create_task(stream())
+        listening = asyncio.create_task(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({streaming, listening}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (streaming, listening):
+                task.cancel()
+            await asyncio.gather(streaming, listening, return_exceptions=True)
+            await self.body_iterator.aclose()
+        error = None if streaming.cancelled() else streaming.exception()
+        if error is not None:
+            raise error
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.create_task(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, listener, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request body as JSON; 413 when it exceeds `max_bytes`, 400 when it is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise _too_large(max_bytes)
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
+    if not body:
+        raise RequestError("body: the request body is empty; send a JSON object", "body")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"body: the request body is not valid JSON ({e})", "body") from None
+
+
+def _too_large(max_bytes: int) -> RequestError:
+    return RequestError(
+        f"body: the request body exceeds the limit of {max_bytes} bytes", "body", status=413
+    )
+
+
+class CountRequests:
+    """ASGI middleware: calls `count(route, status)` once per HTTP request on a known route."""
+
+    def __init__(self, app: ASGIApp, routes: set[str], count: Callable[[str, int], None]):
+        self.app = app
+        self.routes = routes
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in self.routes else "other"
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.count(route, status)

@@ -1,0 +1,144 @@
+"""Incremental detokenization and stop strings, against toy decoders with known pitfalls and
+against the built-in tiny model's real tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from orchestrator.detokenizer import IncrementalDetokenizer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class ByteDecoder:
+    """Token i is the single byte i; decoding is UTF-8 with replacement (as byte-level BPE)."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class PieceDecoder:
+    """SentencePiece-like: '▁' marks a space, and a decode drops the leading space."""
+
+    def __init__(self, pieces: list[str], special: frozenset[int] = frozenset()):
+        self.pieces = pieces
+        self.special = special
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        kept = [i for i in ids if not (skip_special_tokens and i in self.special)]
+        return "".join(self.pieces[i] for i in kept).replace("▁", " ").removeprefix(" ")
+
+
+def stream(detok: IncrementalDetokenizer, ids: Sequence[int], step: int = 1) -> list[str]:
+    out = [detok.add(ids[i : i + step]) for i in range(0, len(ids), step)]
+    out.append(detok.flush())
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_multibyte_characters_split_over_tokens(step):
+    text = "añ日本🙂b"
+    ids = list(text.encode())
+    deltas = stream(IncrementalDetokenizer(ByteDecoder()), ids, step)
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    # The emoji's four bytes produce nothing until the last one arrives.
+    if step == 1:
+        emoji_end = len("añ日本🙂".encode())
+        assert deltas[emoji_end - 4 : emoji_end - 1] == ["", "", ""]
+        assert deltas[emoji_end - 1] == "🙂"
+
+
+def test_invalid_bytes_are_flushed_at_the_end():
+    ids = list(b"ok") + [0xE6, 0x97]  # an unfinished 3-byte character
+    deltas = stream(IncrementalDetokenizer(ByteDecoder()), ids)
+    assert "".join(deltas[:-1]) == "ok"
+    assert deltas[-1] == "\ufffd"
+
+
+def test_leading_spaces_survive_windowed_decoding():
+    pieces = ["<s>", "▁Hello", "▁world", "!", "▁how", "▁are", "▁you"]
+    dec = PieceDecoder(pieces, special=frozenset({0}))
+    prompt = [0, 1]
+    out = [4, 5, 6, 2, 3]
+    deltas = stream(IncrementalDetokenizer(dec, prompt), out)
+    assert "".join(deltas) == " how are you world!"
+    assert deltas[0] == " how"
+
+
+def test_special_tokens_are_skipped():
+    dec = PieceDecoder(["<s>", "</s>", "▁a", "▁b"], special=frozenset({0, 1}))
+    assert "".join(stream(IncrementalDetokenizer(dec, [0]), [2, 3, 1])) == "a b"
+
+
+def test_stop_string_cuts_text_and_later_tokens_are_ignored():
+    detok = IncrementalDetokenizer(ByteDecoder(), stop=["END"])
+    assert detok.add(list(b"abc")) == "abc"
+    assert detok.add(list(b"dEN")) == "d"  # "EN" might start "END": held back
+    assert detok.add(list(b"Dxyz")) == ""
+    assert detok.matched_stop == "END" and detok.stopped
+    assert detok.add(list(b"more")) == "" and detok.flush() == ""
+    assert detok.text == "abcd"
+
+
+def test_stop_string_spanning_deltas_and_the_earliest_match_wins():
+    detok = IncrementalDetokenizer(ByteDecoder(), stop=["world", "lo w"])
+    deltas = [detok.add(list(b"hel")), detok.add(list(b"lo")), detok.add(list(b" wor"))]
+    assert detok.matched_stop == "lo w"
+    assert "".join(deltas) + detok.flush() == "hel"
+
+
+def test_held_back_text_is_released_when_it_stops_matching():
+    detok = IncrementalDetokenizer(ByteDecoder(), stop=["\n\nUser:"])
+    assert detok.add(list(b"one\n")) == "one"
+    assert detok.add(list(b"\nUs")) == ""
+    assert detok.add(list(b"a")) == "\n\nUsa"  # no longer a prefix of the stop string
+    assert detok.add(list(b"\n")) == ""
+    assert detok.flush() == "\n"  # generation ended: nothing is held any more
+    assert detok.matched_stop is None
+
+
+def test_stop_string_with_multibyte_characters():
+    detok = IncrementalDetokenizer(ByteDecoder(), stop=["日本"])
+    ids = list("a日本b".encode())
+    text = "".join(detok.add([t]) for t in ids) + detok.flush()
+    assert text == "a" and detok.matched_stop == "日本"
+
+
+def test_stop_string_at_the_very_start():
+    detok = IncrementalDetokenizer(ByteDecoder(), stop=["ab"])
+    assert detok.add(list(b"ab")) == "" and detok.matched_stop == "ab"
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    tiny = pytest.importorskip("workers.model.tiny")
+    from orchestrator.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tiny.ensure_tiny_checkpoint())
+
+
+@pytest.mark.timeout(300)
+def test_real_tokenizer_streams_exactly_the_full_decode(tiny_tokenizer):
+    text = "Hello wörld! naïve café — 日本語のテキスト 🙂🚀 done.\nNew line\ttab"
+    prompt = tiny_tokenizer.encode("Say:")
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    for step in (1, 2, 5):
+        deltas = stream(IncrementalDetokenizer(tiny_tokenizer, prompt), ids, step)
+        assert "".join(deltas) == tiny_tokenizer.decode(ids)
+        assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.timeout(300)
+def test_real_tokenizer_encode_and_chat_template(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tok.encode("Hello")
+    if tok.add_bos_token:
+        assert ids[0] == tok.bos_token_id
+        assert tok.encode("Hello", add_special_tokens=False) == ids[1:]
+    assert tok.eos_token_ids and all(0 <= i < tok.vocab_size for i in tok.eos_token_ids)
+    assert tok.decode(ids) == "Hello"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    assert "Hi there" in prompt

@@ -1,0 +1,491 @@
+"""The HTTP API end to end: a real server on loopback, a real engine rank (Ray actor), the tiny
+model. SGLang `/generate`, the OpenAI routes through the official client, bad input, client
+disconnects, batching consistency, the CLI, and a rank that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+
+def _client(url: str, timeout: float = 120.0) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=timeout)
+
+
+def _rank(url: str) -> dict[str, Any]:
+    ranks = httpx.get(f"{url}/v1/stats", timeout=30).json()["ranks"]
+    assert len(ranks) == 1
+    return ranks[0]
+
+
+def _wait_idle(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Poll rank stats until no request runs or waits and every KV page is free."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = _rank(url)["stats"]
+        idle = st["num_running"] == 0 and st["num_waiting"] == 0
+        if idle and st["num_pages_free"] == st["num_pages_total"]:
+            return st
+        assert time.monotonic() < deadline, f"the rank did not go idle: {st}"
+        time.sleep(0.05)
+
+
+def _sse(resp: httpx.Response) -> list[Any]:
+    events = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def _greedy(max_new: int, **extra: Any) -> dict[str, Any]:
+    return {"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True, **extra}
+
+
+@pytest.fixture(scope="module")
+def info(tiny_server) -> dict[str, Any]:
+    return _rank(tiny_server)["info"]
+
+
+# ---- basics -------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_health_models_and_metrics(tiny_server, info):
+    with _client(tiny_server) as c:
+        assert c.get("/health").status_code == 200
+        models = c.get("/v1/models").json()
+        assert models["object"] == "list" and models["data"][0]["id"]
+        assert models["data"][0]["max_model_len"] == info["max_context_len"]
+        c.post("/generate", json={"input_ids": [5, 6, 7], "sampling_params": _greedy(4)})
+        text = c.get("/metrics").text
+    for name in (
+        "pdserve_requests_total",
+        "pdserve_prompt_tokens_total",
+        "pdserve_generation_tokens_total",
+        "pdserve_time_to_first_token_seconds_bucket",
+        "pdserve_time_per_output_token_seconds_bucket",
+        "pdserve_e2e_request_latency_seconds_bucket",
+        "pdserve_num_running_requests",
+        "pdserve_num_queued_requests",
+        "pdserve_kv_pages_used",
+        "pdserve_kv_pages_free",
+    ):
+        assert name in text, name
+    assert 'pdserve_requests_total{route="/generate",status="200"}' in text
+
+
+@pytest.mark.timeout(120)
+def test_generate_text_and_input_ids(tiny_server):
+    with _client(tiny_server) as c:
+        r = c.post("/generate", json={"text": "Hello world", "sampling_params": _greedy(8)})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert isinstance(out["text"], str) and len(out["output_ids"]) == 8
+        meta = out["meta_info"]
+        assert meta["prompt_tokens"] > 0 and meta["completion_tokens"] == 8
+        assert meta["finish_reason"] == {"type": "length", "length": 8}
+        assert meta["id"] and meta["e2e_latency"] > 0
+        again = c.post("/generate", json={"text": "Hello world", "sampling_params": _greedy(8)})
+        assert again.json()["output_ids"] == out["output_ids"]  # greedy is deterministic
+        ids = c.post("/generate", json={"input_ids": [3, 4, 5, 6], "sampling_params": _greedy(5)})
+        assert ids.status_code == 200 and ids.json()["meta_info"]["prompt_tokens"] == 4
+        batch = c.post(
+            "/generate", json={"input_ids": [[3, 4, 5, 6], [7, 8]], "sampling_params": _greedy(5)}
+        )
+        assert batch.status_code == 200 and len(batch.json()) == 2
+        assert batch.json()[0]["output_ids"] == ids.json()["output_ids"]
+
+
+@pytest.mark.timeout(120)
+def test_seeded_sampling_is_reproducible(tiny_server):
+    def sample(seed: int) -> list[int]:
+        sp = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": seed}
+        r = httpx.post(f"{tiny_server}/generate", json={"text": "Hi", "sampling_params": sp})
+        assert r.status_code == 200, r.text
+        return r.json()["output_ids"]
+
+    assert sample(7) == sample(7)
+
+
+@pytest.mark.timeout(120)
+def test_generate_stream_is_cumulative_and_matches(tiny_server):
+    body = {"text": "Once upon a time", "sampling_params": _greedy(12)}
+    with _client(tiny_server) as c:
+        full = c.post("/generate", json=body).json()
+        with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = _sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    for prev, cur in zip(chunks, chunks[1:], strict=False):
+        assert cur["text"].startswith(prev["text"])
+        assert cur["output_ids"][: len(prev["output_ids"])] == prev["output_ids"]
+    assert chunks[-1]["text"] == full["text"] and chunks[-1]["output_ids"] == full["output_ids"]
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+
+
+@pytest.mark.timeout(120)
+def test_stop_strings_and_stop_token_ids(tiny_server):
+    with _client(tiny_server) as c:
+        base = c.post("/generate", json={"text": "The quick", "sampling_params": _greedy(24)})
+        text, ids = base.json()["text"], base.json()["output_ids"]
+        # A stop string from the middle of the greedy text (visible, not at the very start).
+        cut = next(
+            i
+            for i in range(2, len(text) - 2)
+            if text[i : i + 2].strip() and "\ufffd" not in text[i : i + 2]
+        )
+        stop = text[cut : cut + 2]
+        expected = text[: text.index(stop)]
+        for stream in (False, True):
+            body = {"text": "The quick", "sampling_params": _greedy(24, stop=[stop])}
+            if stream:
+                with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
+                    out = _sse(r)[-2]
+            else:
+                out = c.post("/generate", json=body).json()
+            assert out["text"] == expected
+            assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+        stop_id = ids[5]
+        first = ids.index(stop_id)
+        body = {"text": "The quick", "sampling_params": _greedy(24, stop_token_ids=[stop_id])}
+        out = c.post("/generate", json=body).json()
+        assert out["output_ids"] == ids[: first + 1]
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
+    _wait_idle(tiny_server)
+
+
+# ---- OpenAI routes through the official client -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oai(tiny_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{tiny_server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.timeout(120)
+def test_openai_completions(oai):
+    model = oai.models.list().data[0].id
+    extra = {"ignore_eos": True}
+    r = oai.completions.create(
+        model=model, prompt="Hello", max_tokens=10, temperature=0, extra_body=extra
+    )
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.created > 0
+    assert r.model == model and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 10 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 10
+    chunks = list(
+        oai.completions.create(
+            model=model, prompt="Hello", max_tokens=10, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body=extra,
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+    default = oai.completions.create(model=model, prompt=[5, 6, 7], extra_body=extra)
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+
+
+@pytest.mark.timeout(120)
+def test_openai_chat_completions(oai):
+    model = oai.models.list().data[0].id
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say hi"},
+    ]
+    extra = {"ignore_eos": True, "top_k": 1}
+    r = oai.chat.completions.create(
+        model=model, messages=messages, max_tokens=12, temperature=0, seed=1, extra_body=extra
+    )
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    stream = oai.chat.completions.create(
+        model=model, messages=messages, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra,
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+
+# ---- batching consistency and page accounting ---------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_concurrent_greedy_requests_match_sequential(tiny_server, info):
+    rng = random.Random(0)
+    prompts = [
+        [rng.randrange(info["vocab_size"]) for _ in range(rng.randint(3, 40))] for _ in range(32)
+    ]
+
+    def body(p: list[int]) -> dict[str, Any]:
+        return {"input_ids": p, "sampling_params": _greedy(16)}
+
+    with _client(tiny_server) as c:
+        sequential = [c.post("/generate", json=body(p)).json()["output_ids"] for p in prompts]
+
+    async def all_at_once() -> list[list[int]]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=tiny_server, timeout=240, limits=limits) as ac:
+            rs = await asyncio.gather(*(ac.post("/generate", json=body(p)) for p in prompts))
+        assert all(r.status_code == 200 for r in rs)
+        return [r.json()["output_ids"] for r in rs]
+
+    concurrent = asyncio.run(all_at_once())
+    assert all(len(o) == 16 for o in sequential)
+    mismatched = [i for i in range(32) if concurrent[i] != sequential[i]]
+    assert not mismatched, f"requests {mismatched} differ when batched"
+    _wait_idle(tiny_server)
+    metrics = httpx.get(f"{tiny_server}/metrics").text
+    assert "pdserve_kv_pages_used 0.0" in metrics
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+G, C, CHAT = "/generate", "/v1/completions", "/v1/chat/completions"
+_USER = [{"role": "user", "content": "hi"}]
+
+
+def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
+    """(route, body, field that the message must name, extra text it must contain)."""
+    vocab, ctx, kv = info["vocab_size"], info["max_context_len"], info["kv_capacity_tokens"]
+    cases: list[tuple[str, Any, str, str]] = [
+        (G, b"{not json", "body", "JSON"),
+        (G, b"[1, 2", "body", "JSON"),
+        (G, {}, "text", "required"),
+        (G, {"text": ""}, "text", "empty"),
+        (G, {"input_ids": []}, "input_ids", "empty"),
+        (G, {"input_ids": [1, vocab]}, "input_ids", "vocabulary"),
+        (G, {"input_ids": [-1]}, "input_ids", "vocabulary"),
+        (G, {"input_ids": [1, "a"]}, "input_ids", ""),
+        (G, {"text": "hi", "input_ids": [1]}, "text", "not both"),
+        (
+            G,
+            {"text": "hi", "sampling_params": {"max_new_tokens": ctx + 1}},
+            "max_new_tokens",
+            "context",
+        ),
+        (G, {"text": "hi", "sampling_params": {"max_new_tokens": 0}}, "max_new_tokens", "> 0"),
+        (G, {"text": "hi", "sampling_params": {"max_new_tokens": -3}}, "max_new_tokens", ""),
+        (
+            G,
+            {"text": "hi", "sampling_params": {"max_new_tokens": 1.5}},
+            "max_new_tokens",
+            "integer",
+        ),
+        (
+            G,
+            {"text": "hi", "sampling_params": {"max_new_tokens": True}},
+            "max_new_tokens",
+            "integer",
+        ),
+        (G, {"text": "hi", "sampling_params": {"temperature": -0.1}}, "temperature", ">= 0"),
+        (G, {"text": "hi", "sampling_params": {"temperature": "hot"}}, "temperature", "number"),
+        (G, {"text": "hi", "sampling_params": {"top_p": 0}}, "top_p", "(0, 1]"),
+        (G, {"text": "hi", "sampling_params": {"top_p": 1.5}}, "top_p", "(0, 1]"),
+        (G, {"text": "hi", "sampling_params": {"top_k": -2}}, "top_k", ""),
+        (G, {"text": "hi", "sampling_params": {"top_k": 0}}, "top_k", ""),
+        (G, {"text": "hi", "sampling_params": {"seed": "x"}}, "seed", "integer"),
+        (G, {"text": "hi", "sampling_params": {"stop": ""}}, "stop", "empty"),
+        (G, {"text": "hi", "sampling_params": {"stop": [1]}}, "stop", ""),
+        (G, {"text": "hi", "sampling_params": {"stop_token_ids": [vocab]}}, "stop_token_ids", ""),
+        (G, {"text": "hi", "sampling_params": {"ignore_eos": "yes"}}, "ignore_eos", ""),
+        (G, {"text": "hi", "sampling_params": {"temprature": 1}}, "temprature", "unknown"),
+        (G, {"text": "hi", "sampling_params": "greedy"}, "sampling_params", "object"),
+        (G, {"text": "hi", "stream": "yes"}, "stream", ""),
+        (G, [1, 2], "body", "object"),
+        (C, {"model": "x"}, "prompt", "required"),
+        (C, {"prompt": ""}, "prompt", "empty"),
+        (C, {"prompt": [vocab + 5]}, "prompt", "vocabulary"),
+        (C, {"prompt": "hi", "max_tokens": 0}, "max_tokens", ""),
+        (C, {"prompt": "hi", "max_tokens": ctx}, "max_tokens", "context"),
+        (C, {"prompt": "hi", "n": 2}, "n", "not supported"),
+        (C, {"prompt": "hi", "temperature": -1}, "temperature", ""),
+        (C, {"prompt": "hi", "top_p": 2}, "top_p", ""),
+        (C, {"prompt": "hi", "stream": 1}, "stream", ""),
+        (CHAT, {"model": "x"}, "messages", ""),
+        (CHAT, {"messages": []}, "messages", ""),
+        (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", ""),
+        (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ""),
+        (CHAT, {"messages": _USER, "max_tokens": 1.5}, "max_tokens", "integer"),
+        (CHAT, {"messages": _USER, "top_k": 0}, "top_k", ""),
+    ]
+    if kv < ctx:
+        room = (ctx + kv) // 2 - 4
+        body = {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": room}}
+        cases.append((G, body, "max_new_tokens", "KV cache"))
+    return cases
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_is_refused_naming_the_field(tiny_server, info):
+    failures = []
+    with _client(tiny_server) as c:
+        for route, body, field, extra in _bad_cases(info):
+            if isinstance(body, bytes):
+                r = c.post(route, content=body, headers={"content-type": "application/json"})
+            else:
+                r = c.post(route, json=body)
+            err = r.json().get("error", {}) if r.status_code == 400 else {}
+            message = err.get("message", "")
+            ok = (
+                r.status_code == 400
+                and err.get("type") == "invalid_request_error"
+                and field in message
+                and extra in message
+                and field in (err.get("param") or "")
+            )
+            if not ok:
+                failures.append((route, body, r.status_code, r.text[:200]))
+        assert not failures, "\n".join(map(str, failures))
+        # Still serving.
+        r = c.post("/generate", json={"text": "still there?", "sampling_params": _greedy(3)})
+        assert r.status_code == 200 and len(r.json()["output_ids"]) == 3
+    _wait_idle(tiny_server)
+
+
+@pytest.mark.timeout(60)
+def test_body_over_the_limit_is_413(tiny_server):
+    big = {"text": "x" * (9 * 1024 * 1024)}
+    r = httpx.post(f"{tiny_server}/generate", json=big, timeout=60)
+    assert r.status_code == 413 and "body" in r.json()["error"]["message"]
+    assert httpx.get(f"{tiny_server}/health").status_code == 200
+
+
+# ---- client disconnects ---------------------------------------------------------------------------
+
+
+def _long_body(info: dict[str, Any], stream: bool) -> tuple[dict[str, Any], int]:
+    max_new = min(info["max_context_len"], info["kv_capacity_tokens"]) - 8
+    body = {"input_ids": [5, 6, 7, 8], "sampling_params": _greedy(max_new), "stream": stream}
+    return body, max_new
+
+
+@pytest.mark.timeout(120)
+def test_stream_disconnect_aborts_and_frees_pages(tiny_server, info):
+    before = _wait_idle(tiny_server)
+    body, max_new = _long_body(info, stream=True)
+    with _client(tiny_server) as c, c.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()
+        got = 0
+        for line in lines:
+            got += line.startswith("data: ")
+            if got == 2:
+                break
+        assert _rank(tiny_server)["stats"]["num_running"] == 1
+    # The connection is closed here, long before all tokens are made.
+    after = _wait_idle(tiny_server)
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < max_new
+
+
+@pytest.mark.timeout(120)
+def test_non_stream_disconnect_aborts_and_frees_pages(tiny_server, info):
+    before = _wait_idle(tiny_server)
+    body, max_new = _long_body(info, stream=False)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{tiny_server}/generate", json=body, timeout=0.3)
+    after = _wait_idle(tiny_server)
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < max_new
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.timeout(180)
+def test_cli_generate(tiny_server):
+    for extra in ([], ["--chat"]):
+        p = _cli(
+            "generate", "--url", tiny_server, "--prompt", "Hello", "--max-new-tokens", "6", *extra
+        )
+        assert p.returncode == 0, p.stderr
+        assert "tokens, finish:" in p.stderr
+    p = _cli("status", "--url", tiny_server)
+    assert p.returncode == 0 and "rank 0" in p.stdout, p.stderr
+
+
+@pytest.mark.timeout(240)
+def test_cli_bench(tiny_server):
+    args = ["--url", tiny_server, "--num-prompts", "8", "--input-len", "16", "--output-len", "8"]
+    p = _cli("bench", *args, "--concurrency", "4", "--json")
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["num_requests"] == 8 and result["num_failed"] == 0
+    assert result["output_tokens"] == 64 and result["input_tokens"] == 128
+    assert result["output_tok_s"] > 0 and 0 < result["ttft_p50_ms"] <= result["e2e_p99_ms"]
+    p = _cli("bench", *args, "--concurrency", "8")
+    assert p.returncode == 0, p.stderr
+    for label in ("requests", "duration", "output tok/s", "total tok/s", "TTFT p50", "TPOT p50"):
+        assert label in p.stdout
+
+
+# ---- timeouts and a rank that dies ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_timeout_and_dead_rank_end_requests_with_errors(launch_tiny):
+    import ray
+
+    server = launch_tiny()
+    try:
+        url = server.url
+        info = _rank(url)["info"]
+        body, _ = _long_body(info, stream=False)
+        server.router.request_timeout_s = 0.05
+        r = httpx.post(f"{url}/generate", json=body, timeout=60)
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        _wait_idle(url)
+        server.router.request_timeout_s = None
+
+        events: list[Any] = []
+        first = threading.Event()
+
+        def consume() -> None:
+            with httpx.stream(
+                "POST", f"{url}/generate", json={**body, "stream": True}, timeout=60
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        data = line[len("data: ") :]
+                        events.append(data if data == "[DONE]" else json.loads(data))
+                        first.set()
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert first.wait(60)
+        ray.kill(server.ranks[0], no_restart=True)
+        reader.join(60)
+        assert not reader.is_alive(), "the stream hung after its rank died"
+        assert events[-1] == "[DONE]"
+        assert "rank" in events[-2]["error"]["message"]
+        assert httpx.get(f"{url}/health").status_code == 503
+        r = httpx.post(f"{url}/generate", json={"text": "hi"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["message"]
+    finally:
+        server.stop()
