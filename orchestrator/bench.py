@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import httpx
+import aiohttp
 
 
 @dataclass(frozen=True)
@@ -100,16 +100,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-async def server_vocab_size(client: httpx.AsyncClient, url: str) -> int:
-    resp = await client.get(f"{url}/v1/stats")
-    resp.raise_for_status()
-    infos = [r["info"] for r in resp.json()["ranks"] if r.get("info")]
+def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """The benchmark's prompts: uniform random token ids, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+
+
+async def server_vocab_size(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.get(f"{url}/v1/stats") as resp:
+        resp.raise_for_status()
+        body = await resp.json()
+    infos = [r["info"] for r in body["ranks"] if r.get("info")]
     if not infos:
         raise RuntimeError(f"{url} has no ready rank")
     return min(int(i["vocab_size"]) for i in infos)
 
 
-async def _one(client: httpx.AsyncClient, cfg: BenchConfig, input_ids: list[int]) -> RequestResult:
+async def _one(
+    session: aiohttp.ClientSession, cfg: BenchConfig, input_ids: list[int]
+) -> RequestResult:
     payload = {
         "input_ids": input_ids,
         "sampling_params": {
@@ -119,43 +128,41 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, input_ids: list[int]
     }  # fmt: skip
     start = time.perf_counter()
     ttft = 0.0
-    num_tokens = 0
+    last = b""
     try:
-        async with client.stream("POST", f"{cfg.url}/generate", json=payload) as resp:
-            if resp.status_code != 200:
-                body = (await resp.aread()).decode(errors="replace")
-                return RequestResult(False, error=f"HTTP {resp.status_code}: {body[:200]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        async with session.post(f"{cfg.url}/generate", json=payload) as resp:
+            if resp.status != 200:
+                body = (await resp.read()).decode(errors="replace")
+                return RequestResult(False, error=f"HTTP {resp.status}: {body[:200]}")
+            # Only the first event (time to first token) and the last one (the totals) are
+            # parsed, so the client spends little CPU beside the server it measures.
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
-                event = json.loads(line[len("data: ") :])
-                if "error" in event:
-                    return RequestResult(False, error=str(event["error"].get("message")))
-                n = len(event.get("output_ids", ()))
-                if n and not ttft:
+                if not ttft:
                     ttft = time.perf_counter() - start
-                num_tokens = max(num_tokens, n, event["meta_info"]["completion_tokens"])
-    except (httpx.HTTPError, ValueError, KeyError) as e:
+                last = line
+        event = json.loads(last[len(b"data: ") :]) if last else {}
+        if "error" in event:
+            return RequestResult(False, error=str(event["error"].get("message")))
+        num_tokens = int(event["meta_info"]["completion_tokens"])
+    except (aiohttp.ClientError, ValueError, KeyError) as e:
         return RequestResult(False, error=f"{type(e).__name__}: {e}")
     return RequestResult(True, num_tokens, ttft, time.perf_counter() - start)
 
 
 async def run_bench(cfg: BenchConfig) -> BenchResult:
-    limits = httpx.Limits(
-        max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
-    )
-    timeout = httpx.Timeout(cfg.timeout_s, connect=30.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        vocab = cfg.vocab_size or await server_vocab_size(client, cfg.url)
-        rng = random.Random(cfg.seed)
-        prompts = [
-            [rng.randrange(vocab) for _ in range(cfg.input_len)] for _ in range(cfg.num_prompts)
-        ]
+    connector = aiohttp.TCPConnector(limit=cfg.concurrency)
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=30.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        vocab = cfg.vocab_size or await server_vocab_size(session, cfg.url)
+        prompts = make_prompts(cfg.num_prompts, cfg.input_len, vocab, cfg.seed)
         gate = asyncio.Semaphore(cfg.concurrency)
 
         async def gated(ids: list[int]) -> RequestResult:
             async with gate:
-                return await _one(client, cfg, ids)
+                return await _one(session, cfg, ids)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(gated(p) for p in prompts))

@@ -73,6 +73,18 @@ class _Request:
     queue: asyncio.Queue[TokenDelta] = field(default_factory=asyncio.Queue)
 
 
+def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
+    """`b` following `a` of the same request, as one delta."""
+    return TokenDelta(
+        rid=b.rid,
+        token_ids=a.token_ids + b.token_ids,
+        finish_reason=b.finish_reason,
+        error=b.error,
+        num_prompt_tokens=b.num_prompt_tokens,
+        num_output_tokens=b.num_output_tokens,
+    )
+
+
 def pick_rank(loads: Sequence[int], alive: Sequence[bool]) -> int:
     """Index of the live rank with the least load (token reservations); -1 when none lives."""
     best = -1
@@ -248,6 +260,14 @@ class Router:
             num_output_tokens = 0
             while True:
                 delta = await req.queue.get()
+                # Coalesce what else arrived meanwhile: a consumer that fell behind catches up
+                # with one event instead of one per engine step.
+                while delta.finish_reason is None and not req.queue.empty():
+                    nxt = req.queue.get_nowait()
+                    if nxt is timed_out:
+                        req.queue.put_nowait(nxt)
+                        break
+                    delta = _merge(delta, nxt)
                 if delta is timed_out:
                     yield Output(
                         rid=rid,

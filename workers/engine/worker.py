@@ -14,6 +14,7 @@ Actor contract:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -93,6 +94,10 @@ class EngineWorker:
     # ---- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # Ray starts workers at niceness 15; the loop thread is the rank's critical path, so it
+        # takes normal priority back where the process may (root or CAP_SYS_NICE).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
         engine = self.engine
         while True:
             with self._lock:
