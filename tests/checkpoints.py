@@ -7,6 +7,7 @@ block-quantized, with a dequantized twin for `transformers` to load as the refer
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
         "first_k_dense_replace": 1,
         "rope_interleave": False,
     },
-    "v2_greedy": {
+    "v2_greedy": {  # V2 in transformers always scores experts with softmax
         "model_type": "deepseek_v2",
         "q_lora_rank": None,
         "topk_method": "greedy",
@@ -88,7 +89,7 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
         "first_k_dense_replace": 2,
         "rope_parameters": _YARN,
     },
-    "v3_fp8": {
+    "v3_fp8": {  # v3_qlora_groups with dims that do not divide the 128x128 FP8 block
         "model_type": "deepseek_v3",
         "hidden_size": 160,
         "intermediate_size": 200,
@@ -100,6 +101,7 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
         "routed_scaling_factor": 2.5,
         "first_k_dense_replace": 2,
         "rope_parameters": _YARN,
+        "rope_interleave": True,
     },
 }
 
@@ -149,6 +151,8 @@ def _build_hf(name: str, seed: int) -> Any:
 
     kwargs = {**_COMMON, **PARITY_CONFIGS[name]}
     model_type = kwargs.pop("model_type")
+    config_cls: Any
+    model_cls: Any
     if model_type == "deepseek_v3":
         config_cls, model_cls = transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM
     else:
@@ -163,7 +167,8 @@ def _build_hf(name: str, seed: int) -> Any:
 
 
 def make_checkpoint(name: str, root: Path, seed: int = 0) -> RefCheckpoint:
-    """Write checkpoint `name` of PARITY_CONFIGS under `root` (once) and describe it."""
+    """Write checkpoint `name` of PARITY_CONFIGS to `root/name` (and the FP8 twin to
+    `root/name-hf`) unless already there, and describe it. Deterministic given `seed`."""
     root = Path(root)
     path = root / name
     if name != "v3_fp8":
@@ -175,9 +180,12 @@ def make_checkpoint(name: str, root: Path, seed: int = 0) -> RefCheckpoint:
     if (path / "config.json").is_file() and (hf_path / "config.json").is_file():
         return RefCheckpoint(path, hf_path, name)
     block = (128, 128)
-    full = root / f"{name}-full"
-    _build_hf(name, seed).save_pretrained(full)
-    tensors = load_file(full / "model.safetensors")
+    # Round-trip through save_pretrained so that key names are exactly what transformers writes.
+    with tempfile.TemporaryDirectory() as tmp:
+        _build_hf(name, seed).save_pretrained(tmp)
+        tensors = load_file(Path(tmp) / "model.safetensors")
+        with open(Path(tmp) / "config.json") as f:
+            config = json.load(f)
     quantized: dict[str, torch.Tensor] = {}
     twin: dict[str, torch.Tensor] = {}
     for key, w in tensors.items():
@@ -187,8 +195,6 @@ def make_checkpoint(name: str, root: Path, seed: int = 0) -> RefCheckpoint:
             twin[key] = _dequantize(q, scale, block)
         else:
             quantized[key] = twin[key] = w
-    with open(full / "config.json") as f:
-        config = json.load(f)
 
     hf_path.mkdir(parents=True, exist_ok=True)
     save_file(twin, hf_path / "model.safetensors", metadata={"format": "pt"})

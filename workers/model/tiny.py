@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 TINY_MODEL_NAME = "pdserve-tiny-deepseek-v3"
-_VERSION = 1  # bump when anything below changes what is written
+_VERSION = 2  # bump when anything below changes what is written
 _SEED = 20261122
 _VOCAB_SIZE = 1024
 
@@ -30,11 +31,19 @@ BOS, EOS, USER, ASSISTANT = (
     "<｜User｜>",
     "<｜Assistant｜>",
 )
+# DeepSeek-V3's layout without its tool-call branches: all system messages joined up front
+# right after BOS, then `<｜User｜>q<｜Assistant｜>a<EOS>` turns.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
+    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}"
+    "{% for m in messages if m['role'] == 'system' %}"
+    "{% if ns.is_first_sp %}{% set ns.system_prompt = m['content'] %}"
+    "{% set ns.is_first_sp = false %}"
+    "{% else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + m['content'] %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
-    "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+    "{% if m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}"
     "{% endif %}"
     "{% endfor %}"
@@ -44,18 +53,52 @@ CHAT_TEMPLATE = (
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A serving system turns requests into tokens, and
 tokens into text, as fast as the hardware allows. Attention reads the past; experts transform the
-present. Mixture-of-experts models route every token to a few experts among many, so that a large
-model costs little per token. Latent attention compresses keys and values into a small vector per
-token, and the cache holds only that vector and a rotary key. Prefill reads the whole prompt at
-once; decode writes one token at a time. Batching many requests together keeps the machine busy.
-Hello, world! How are you today? I am fine, thank you. What is the weather like? It is sunny and
-warm, with a light breeze from the west. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14 2.71.
-Code: def main(): print("hello") if x > 0 else None; for i in range(10): total += i.
-Once upon a time there was a small model that dreamed of serving many users at once.
+present. A mixture-of-experts model routes every token to a few experts among many, so that a
+large model costs little per token. Latent attention compresses keys and values into one small
+vector per token, and the cache keeps only that vector and a rotary key. Prefill reads the whole
+prompt at once; decode writes one token at a time. Batching many requests together keeps the
+machine busy, while a scheduler decides who runs next and how much memory each one may hold.
+
+Hello, world! How are you today? I am fine, thank you, and you? What is the weather like where
+you live? It is sunny and warm this morning, with a light breeze from the west, but the radio says
+that clouds will gather in the afternoon and that it may rain tonight. Please bring an umbrella,
+a sweater and something to read on the train. We will meet at the station near the old bridge.
+
+Once upon a time there was a small model that dreamed of serving many users at once. Every night
+it counted its parameters, checked its weights, and wondered whether anyone would ever ask it a
+question. One day a curious student typed a short message: "Can you write a poem about the sea?"
+The model thought for a moment, then answered slowly, word by word, until the poem was finished.
+The student smiled, saved the answer, and asked another question, and then another, and another.
+
+Numbers and symbols appear everywhere: 0 1 2 3 4 5 6 7 8 9, 10, 42, 100, 256, 1000, 2048, 3.14,
+2.718, -1, +7, 50%, $20, 3/4, (x + y) * z = 12, a <= b, c >= d, e != f, [1, 2, 3], {"key": "value"}.
+Dates such as 2024-05-17 and times like 09:30 or 18:45 are common in logs and messages.
+
+Code: def main(): print("hello") if x > 0 else None; for i in range(10): total += i
+import torch; x = torch.zeros(4, 8); y = x @ w.T + b; return y.softmax(dim=-1)
+class Request: def __init__(self, prompt: str, max_tokens: int = 16) -> None: self.prompt = prompt
+while queue: item = queue.pop(0); results.append(process(item)) # keep going until empty
+
+Science asks simple questions about the world and answers them with careful measurement. Why
+is the sky blue? Sunlight scatters off the molecules of the air, and shorter wavelengths scatter
+more strongly than longer ones. Why do leaves change colour in autumn? As the days grow shorter,
+trees stop making green chlorophyll, and the yellow and orange pigments that were hidden beneath
+become visible. Water boils at a lower temperature on a high mountain because the air pressure
+there is lower. Light travels about three hundred thousand kilometres every second.
+
+A good recipe for bread needs only flour, water, salt and yeast. Mix them in a large bowl, knead
+the dough for ten minutes, cover it, and let it rise in a warm place for about two hours. Shape
+the loaf, let it rest again, then bake it in a hot oven until the crust is golden and the bottom
+sounds hollow when you tap it. Let it cool before slicing, if you can wait that long.
+
+The library opens at nine and closes at six, except on Sundays, when it is closed all day.
+Children can borrow up to five books at a time; adults may borrow ten. Newspapers, maps and old
+journals must stay inside the reading room. Ask the librarian if you cannot find what you need.
 """
 
 
 def default_cache_dir() -> Path:
+    """`$PDSERVE_CACHE`, else `~/.cache/pdserve`."""
     return Path(os.environ.get("PDSERVE_CACHE") or Path.home() / ".cache" / "pdserve")
 
 
@@ -85,6 +128,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike[str] | None = None) -> P
 
 
 def tiny_config(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, Any]:
+    """The tiny model's `config.json`, in the original DeepSeek key style (`rope_scaling`)."""
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -138,6 +182,7 @@ def _write(path: Path) -> None:
     tokenizer = _train_tokenizer()
     vocab_size = tokenizer.get_vocab_size()
     bos_id, eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    assert bos_id is not None and eos_id is not None  # trained in as special tokens
     config = tiny_config(vocab_size, bos_id, eos_id)
     tokenizer.save(str(path / "tokenizer.json"))
     _dump(path / "config.json", config)
@@ -150,6 +195,8 @@ def _write(path: Path) -> None:
             "pad_token": EOS,
             "add_bos_token": True,
             "add_eos_token": False,
+            # transformers' cleanup rewrites " ," to ","; byte-level BPE must decode verbatim.
+            "clean_up_tokenization_spaces": False,
             "model_max_length": config["max_position_embeddings"],
             "chat_template": CHAT_TEMPLATE,
         },
@@ -167,9 +214,7 @@ def _dump(path: Path, obj: dict[str, Any]) -> None:
         json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
-def _train_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
+def _train_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -181,8 +226,9 @@ def _train_tokenizer() -> Any:
     )
     tok.train_from_iterator([_CORPUS], trainer=trainer)
     bos_id = tok.token_to_id(BOS)
+    # BOS before each sequence, as DeepSeek's own tokenizer.json does.
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
     )
     return tok
 
