@@ -23,7 +23,7 @@ from workers.engine.messages import (
 )
 from workers.engine.sampling import sample
 from workers.engine.scheduler import ScheduledBatch, Scheduler
-from workers.engine.sequence import Sequence
+from workers.engine.sequence import SeqStatus, Sequence
 from workers.model.batch import AttentionMetadata, PrefillSpan
 from workers.model.loader import load_model
 
@@ -68,6 +68,9 @@ class Engine:
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self._handoffs: list[Sequence] = []
+        self._reserved: list[Sequence] = []
+        self.idle = True  # the last step found nothing to do
         # Logits of the last step, by request id (kept for parity tests and debugging).
         self.last_logits: dict[str, torch.Tensor] = {}
         logger.info(
@@ -129,16 +132,62 @@ class Engine:
                 f"of {self.kv.capacity_tokens} tokens"
             )
 
-    def add(self, req: GenerateRequest) -> None:
+    def add(self, req: GenerateRequest, mode: str = "full") -> None:
+        """Queue a request. `mode` "full" computes and generates; "prefill" computes the prompt
+        and samples the first token, then hands the request off (`take_handoffs`) with its pages
+        held; "decode" waits for pages (`take_reserved`), then for its prompt's KV to arrive
+        (`admit_received`), then generates."""
+        if mode not in ("full", "prefill", "decode"):
+            raise ValueError(f"mode must be full, prefill or decode, got {mode!r}")
         self.validate(req)
         gen = None
         if not req.sampling.is_greedy:
             gen = torch.Generator()
             seed = req.sampling.seed
             gen.manual_seed(seed if seed is not None else torch.seed())
-        seq = Sequence(req.rid, req.input_ids, req.sampling, next(self._arrivals), gen)
+        seq = Sequence(
+            req.rid, req.input_ids, req.sampling, next(self._arrivals), gen,
+            prefill_only=mode == "prefill",
+        )  # fmt: skip
         self.requests[req.rid] = seq
-        self.scheduler.add(seq)
+        if mode == "decode":
+            self.scheduler.expect_kv(seq)
+        else:
+            self.scheduler.add(seq)
+
+    # ---- disaggregation ---------------------------------------------------------------------
+
+    def take_handoffs(self) -> list[Sequence]:
+        """Prefill-only requests finished since the last call: `pages` hold their KV, the last
+        of `token_ids` is the first sampled token. Free them with `release` once sent."""
+        out, self._handoffs = self._handoffs, []
+        return out
+
+    def take_reserved(self) -> list[Sequence]:
+        """Decode-side requests that got pages since the last call, ready to receive their KV."""
+        out, self._reserved = self._reserved, []
+        return out
+
+    def admit_received(self, rid: str, first_token: int) -> TokenDelta | None:
+        """The prompt's KV of `rid` is in its pages: it joins the batch with its first token."""
+        seq = self.requests.get(rid)
+        if seq is None or seq.status is not SeqStatus.RECEIVING:
+            return None  # aborted meanwhile
+        self.scheduler.admit_received(seq)
+        return self._append(seq, first_token)
+
+    def release(self, rid: str) -> None:
+        """Forget a handed-off request and free its pages (its KV was sent, or failed to be)."""
+        seq = self.requests.pop(rid, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+
+    def fail(self, rid: str, error: str) -> TokenDelta | None:
+        """End `rid` with an error (e.g. its KV transfer failed), freeing its pages."""
+        delta = self.abort(rid)
+        if delta is not None:
+            delta.finish_reason, delta.error = FinishReason.ERROR, error
+        return delta
 
     def abort(self, rid: str) -> TokenDelta | None:
         seq = self.requests.pop(rid, None)
@@ -174,7 +223,10 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[TokenDelta]:
+        reserved = self.scheduler.reserve_kv()
+        self._reserved.extend(reserved)
         batch = self.scheduler.schedule()
+        self.idle = batch.is_empty and not reserved
         if batch.is_empty:
             return []
         input_ids, meta, samplers = self._prepare(batch)
@@ -184,7 +236,8 @@ class Engine:
         tokens = sample(logits, [s.sampling for s in samplers], [s.generator for s in samplers])
         self.num_steps += 1
         self.last_logits = {s.rid: logits[i] for i, s in enumerate(samplers)}
-        return [self._append(seq, tok) for seq, tok in zip(samplers, tokens, strict=True)]
+        deltas = (self._append(seq, tok) for seq, tok in zip(samplers, tokens, strict=True))
+        return [d for d in deltas if d is not None]
 
     def _prepare(
         self, batch: ScheduledBatch
@@ -238,9 +291,13 @@ class Engine:
         )
         return torch.tensor(ids, dtype=torch.int64, device=dev), meta, samplers
 
-    def _append(self, seq: Sequence, token: int) -> TokenDelta:
+    def _append(self, seq: Sequence, token: int) -> TokenDelta | None:
         seq.token_ids.append(token)
         self.num_generated_tokens += 1
+        if seq.prefill_only:
+            self.scheduler.hand_off(seq)
+            self._handoffs.append(seq)
+            return None  # the decode side reports the token
         sp = seq.sampling
         finish = None
         if token in sp.stop_token_ids or (

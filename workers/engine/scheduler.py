@@ -44,24 +44,63 @@ class Scheduler:
         self.token_budget = token_budget
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.awaiting_kv: deque[Sequence] = deque()
         self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether `schedule` or `reserve_kv` can make progress (requests whose KV is in
+        transit wait for the transfer, not for a step)."""
+        return bool(self.waiting or self.running or self.awaiting_kv)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a request out (finished or aborted) and free its pages."""
+        """Take a request out (finished or aborted), whatever its state, and free its pages."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is SeqStatus.AWAITING_KV:
+            self.awaiting_kv.remove(seq)
         self.allocator.free(seq.release_pages())
         seq.status = SeqStatus.FINISHED
+
+    # ---- disaggregation: the prefill side hands pages off, the decode side receives them --------
+
+    def hand_off(self, seq: Sequence) -> None:
+        """A prefill-only request is done computing: it leaves the batch, its pages stay held
+        (status HANDOFF) until `remove` after they were sent."""
+        self.running.remove(seq)
+        seq.status = SeqStatus.HANDOFF
+
+    def expect_kv(self, seq: Sequence) -> None:
+        """Queue a decode-side request for the pages its prompt's KV will be written into."""
+        seq.status = SeqStatus.AWAITING_KV
+        self.awaiting_kv.append(seq)
+
+    def reserve_kv(self) -> list[Sequence]:
+        """Give pages to queued decode-side requests in order, all or nothing each, while they
+        fit; they become RECEIVING."""
+        reserved = []
+        while self.awaiting_kv:
+            seq = self.awaiting_kv[0]
+            need = pages_needed(seq.num_tokens, self.page_size)
+            if not self.allocator.can_allocate(need):
+                break
+            self.awaiting_kv.popleft()
+            seq.add_pages(self.allocator.allocate(need))
+            seq.status = SeqStatus.RECEIVING
+            reserved.append(seq)
+        return reserved
+
+    def admit_received(self, seq: Sequence) -> None:
+        """The prompt's KV arrived: the request joins the running batch, decoding."""
+        seq.num_computed = seq.num_prompt_tokens
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()

@@ -10,8 +10,11 @@ from workers.engine.messages import SamplingParams
 
 
 class SeqStatus(enum.Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"  # queued for (re)computation of its tokens
     RUNNING = "running"
+    AWAITING_KV = "awaiting_kv"  # decode side: queued for pages to receive its prompt's KV into
+    RECEIVING = "receiving"  # decode side: pages reserved, the prefill side is writing them
+    HANDOFF = "handoff"  # prefill side: prefill done, pages held until they are sent
     FINISHED = "finished"
 
 
@@ -23,6 +26,7 @@ class Sequence:
         sampling: SamplingParams,
         arrival: int,
         generator: torch.Generator | None = None,
+        prefill_only: bool = False,
     ):
         self.rid = rid
         self.token_ids = list(prompt_ids)  # prompt, then generated tokens
@@ -30,6 +34,7 @@ class Sequence:
         self.sampling = sampling
         self.arrival = arrival  # admission order; the newest is preempted first
         self.generator = generator
+        self.prefill_only = prefill_only  # prefill side of a disaggregated request
         self.status = SeqStatus.WAITING
         self.pages: list[int] = []
         self.num_computed = 0  # tokens whose latent KV is in the cache

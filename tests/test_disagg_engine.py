@@ -1,0 +1,74 @@
+"""Prefill-only and decode-only engines, with the KV pages copied between them by hand, give
+the same tokens as one engine doing both (the transfer itself is tested in test_transfer.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.checkpoints import make_checkpoint
+from tests.test_parity import _prompts, _run_engine
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _copy_pages(src: Engine, src_pages: list[int], dst: Engine, dst_pages: list[int]) -> None:
+    ps = src.kv.page_size
+    for s, d in zip(src_pages, dst_pages, strict=True):
+        dst.kv.data[:, d * ps : (d + 1) * ps] = src.kv.data[:, s * ps : (s + 1) * ps]
+
+
+@pytest.mark.parametrize("name", ["v3_qlora_groups", "v2_group_limited"])
+def test_disaggregated_engines_match_one_engine(name, tmp_path_factory):
+    ckpt = make_checkpoint(name, tmp_path_factory.mktemp(name))
+    prompts = _prompts(256)
+    _, expected, _ = _run_engine(ckpt.path, prompts)
+
+    prefill = Engine(ckpt.path, EngineConfig(page_size=4, chunked_prefill_size=24), progress=False)
+    # A small decode cache: reservations must queue until earlier requests free their pages.
+    decode = Engine(ckpt.path, EngineConfig(page_size=4, kv_capacity_tokens=160), progress=False)
+    greedy = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        prefill.add(GenerateRequest(f"r{i}", p, greedy), mode="prefill")
+        decode.add(GenerateRequest(f"r{i}", p, greedy), mode="decode")
+
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    handed: dict[str, tuple[list[int], int]] = {}
+    targets: dict[str, list[int]] = {}
+    finished = 0
+    while finished < len(prompts):
+        assert not prefill.step()  # a prefill-only rank reports nothing itself
+        for seq in prefill.take_handoffs():
+            handed[seq.rid] = (seq.pages, seq.token_ids[-1])
+        for d in decode.step():
+            tokens[d.rid] += d.token_ids
+            finished += d.finish_reason is not None
+        for seq in decode.take_reserved():
+            targets[seq.rid] = seq.pages
+        for rid in [r for r in handed if r in targets]:
+            (src_pages, first), dst_pages = handed.pop(rid), targets.pop(rid)
+            _copy_pages(prefill, src_pages, decode, dst_pages)
+            prefill.release(rid)
+            delta = decode.admit_received(rid, first)
+            assert delta is not None
+            tokens[rid] += delta.token_ids
+    assert tokens == expected
+    for engine in (prefill, decode):
+        assert engine.kv.allocator.num_free == engine.kv.num_pages and not engine.requests
+
+
+def test_failed_transfer_and_abort_free_pages(tmp_path_factory):
+    ckpt = make_checkpoint("v3_noqlora_nonorm", tmp_path_factory.mktemp("fail"))
+    decode = Engine(ckpt.path, EngineConfig(page_size=4, kv_capacity_tokens=64), progress=False)
+    sp = SamplingParams(max_new_tokens=4, temperature=0.0)
+    decode.add(GenerateRequest("a", list(range(3, 20)), sp), mode="decode")
+    decode.add(GenerateRequest("b", list(range(3, 20)), sp), mode="decode")
+    decode.step()
+    assert {s.rid for s in decode.take_reserved()} == {"a", "b"}
+    delta = decode.fail("a", "transfer timed out")
+    assert delta is not None and delta.finish_reason is FinishReason.ERROR
+    assert decode.admit_received("a", 5) is None  # too late: it is gone
+    decode.abort("b")
+    assert decode.kv.allocator.num_free == decode.kv.num_pages and not decode.has_work
