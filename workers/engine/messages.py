@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class FinishReason(str, Enum):
@@ -70,6 +71,15 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class TransferReady:
+    """Decode rank → router: `rid` has pages reserved and a receive posted; forward `target`
+    (a `workers.transfer.TransferTarget`) to the request's prefill rank."""
+
+    rid: str
+    target: Any
+
+
+@dataclass(frozen=True)
 class RankInfo:
     """What a rank tells the router once it is ready."""
 
@@ -81,6 +91,7 @@ class RankInfo:
     kv_capacity_tokens: int
     page_size: int
     num_pages: int
+    role: str = "colocated"  # colocated | prefill | decode
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,26 @@ Actor contract:
 - `ready() -> RankInfo`: once the model is loaded.
 - `add_request(req)`: validates and queues; raises ValueError naming the field on bad input.
 - `abort(rid)`: idempotent; an unfinished request then ends with a delta of finish_reason ABORT.
-- `poll(timeout_s) -> list[TokenDelta]`: new output of every request since the last poll (tokens
-  of one request merged in order), waiting up to `timeout_s` when there is none.
+- `poll(timeout_s) -> list[TokenDelta | TransferReady]`: new output of every request since the
+  last poll (tokens of one request merged in order), waiting up to `timeout_s` when there is none.
+  A decode rank also reports `TransferReady` (where a request's KV must be written).
+- `set_transfer_target(rid, target)`: prefill rank; the decode side's `TransferReady.target`.
 - `stats() -> RankStats`; `shutdown()`.
+
+Roles: "colocated" (prefill and decode), "prefill" (prompt and first token, then the KV and token
+go to a decode rank; it reports only failures), "decode" (receives KV, generates). See
+`workers.engine.handoff`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import traceback
+import uuid
 from collections import deque
 from typing import Any
 
@@ -27,27 +35,54 @@ import torch
 
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
+from workers.engine.handoff import KVHandoff
 from workers.engine.messages import (
     FinishReason,
     GenerateRequest,
     RankInfo,
     RankStats,
     TokenDelta,
+    TransferReady,
 )
 
 logger = logging.getLogger(__name__)
 
 
+_MODES = {"colocated": "full", "prefill": "prefill", "decode": "decode"}
+
+
 class EngineWorker:
-    def __init__(self, model_dir: str, config: EngineConfig):
+    def __init__(
+        self,
+        model_dir: str,
+        config: EngineConfig,
+        role: str = "colocated",
+        transfer_backend: str = "nixl",
+        transfer_timeout_s: float = 30.0,
+    ):
+        if role not in _MODES:
+            raise ValueError(f"role must be one of {sorted(_MODES)}, got {role!r}")
         threads = config.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
         self.engine = Engine(model_dir, config)
-        self._info = self.engine.info()
+        self.role = role
+        self.handoff: KVHandoff | None = None
+        if role != "colocated":
+            from workers.transfer import create_transfer_engine
+
+            transfer = create_transfer_engine(
+                transfer_backend,
+                f"pdserve-{role}-{uuid.uuid4().hex[:8]}",
+                self.engine.kv.data,
+                self.engine.kv.page_size,
+            )
+            self.handoff = KVHandoff(role, transfer, transfer_timeout_s)
+        self._info = dataclasses.replace(self.engine.info(), role=role)
         self._lock = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
         self._outbox: dict[str, TokenDelta] = {}
+        self._events: list[TransferReady] = []
         self._stats = self.engine.stats()
         self._stopped = False
         self._error: str | None = None
@@ -74,12 +109,19 @@ class EngineWorker:
             self._inbox.append(("abort", rid))
             self._lock.notify_all()
 
-    def poll(self, timeout_s: float = 1.0) -> list[TokenDelta]:
+    def set_transfer_target(self, rid: str, target: Any) -> None:
+        """Prefill rank: where the KV of `rid` goes (from the decode rank's `TransferReady`)."""
         with self._lock:
-            if not self._outbox and not self._stopped:
+            self._inbox.append(("target", (rid, target)))
+            self._lock.notify_all()
+
+    def poll(self, timeout_s: float = 1.0) -> list[TokenDelta | TransferReady]:
+        with self._lock:
+            if not self._outbox and not self._events and not self._stopped:
                 self._lock.wait(timeout_s)
-            out = list(self._outbox.values())
+            out: list[TokenDelta | TransferReady] = [*self._events, *self._outbox.values()]
             self._outbox.clear()
+            self._events = []
         return out
 
     def stats(self) -> RankStats:
@@ -90,6 +132,8 @@ class EngineWorker:
             self._stopped = True
             self._lock.notify_all()
         self._thread.join(timeout=10)
+        if self.handoff is not None:
+            self.handoff.close()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -98,42 +142,57 @@ class EngineWorker:
         # takes normal priority back where the process may (root or CAP_SYS_NICE).
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
-        engine = self.engine
+        engine, handoff, mode = self.engine, self.handoff, _MODES[self.role]
         while True:
             with self._lock:
-                while not self._inbox and not engine.has_work and not self._stopped:
+                while not self._inbox and not self._stopped:
+                    if engine.has_work and not engine.idle:
+                        break
+                    if handoff is not None and handoff.busy:
+                        self._lock.wait(0.001)  # transfers report by polling
+                        break
                     self._lock.wait()
                 if self._stopped:
                     return
                 inbox, self._inbox = self._inbox, deque()
             deltas: list[TokenDelta] = []
+            events: list[TransferReady] = []
             for kind, payload in inbox:
                 if kind == "add":
                     try:
-                        engine.add(payload)
+                        engine.add(payload, mode)
                     except ValueError as e:
                         deltas.append(_error_delta(payload.rid, str(e)))
+                elif kind == "target":
+                    assert handoff is not None
+                    handoff.set_target(*payload)
                 else:
-                    delta = engine.abort(payload)
+                    delta = handoff.abort(engine, payload) if handoff else engine.abort(payload)
                     if delta is not None:
                         deltas.append(delta)
             try:
                 deltas.extend(engine.step())
+                if handoff is not None:
+                    more, events = handoff.after_step(engine)
+                    deltas.extend(more)
             except Exception as e:  # a failed step must end every request, not hang them
                 logger.error("engine step failed:\n%s", traceback.format_exc())
                 self._error = f"{type(e).__name__}: {e}"
                 deltas.extend(engine.abort_all(f"engine step failed: {self._error}"))
-            self._publish(deltas, engine.stats())
+            self._publish(deltas, events, engine.stats())
 
-    def _publish(self, deltas: list[TokenDelta], stats: RankStats) -> None:
+    def _publish(
+        self, deltas: list[TokenDelta], events: list[TransferReady], stats: RankStats
+    ) -> None:
         with self._lock:
             self._stats = stats
+            self._events.extend(events)
             for d in deltas:
                 prev = self._outbox.get(d.rid)
                 if prev is not None:
                     d.token_ids = prev.token_ids + d.token_ids
                 self._outbox[d.rid] = d
-            if deltas:
+            if deltas or events:
                 self._lock.notify_all()
 
 
@@ -147,8 +206,11 @@ def start_engine_rank(
     name: str | None = None,
     num_cpus: float = 1,
     num_gpus: float = 0,
+    role: str = "colocated",
+    transfer_backend: str = "nixl",
+    transfer_timeout_s: float = 30.0,
 ) -> Any:
-    """Start an `EngineWorker` actor; `ray.init` must have run. Returns its handle."""
+    """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle."""
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
@@ -157,4 +219,6 @@ def start_engine_rank(
     if name:
         options["name"] = name
     actor_cls = ray.remote(EngineWorker)
-    return actor_cls.options(**options).remote(model_dir, config)
+    return actor_cls.options(**options).remote(
+        model_dir, config, role, transfer_backend, transfer_timeout_s
+    )

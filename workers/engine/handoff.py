@@ -1,0 +1,109 @@
+"""`KVHandoff`: a disaggregated rank's side of moving KV between the prefill and decode pools.
+
+Runs inside the rank's loop thread, between engine steps; the transfers themselves run on the
+transfer engine's own thread, so nothing here blocks.
+
+Prefill rank: a request whose prefill is done (`Engine.take_handoffs`) is sent — its pages, all
+layers, plus the first sampled token — to the decode rank's pages named by its `TransferTarget`,
+which the router forwards (`set_target`; it may arrive before or after the prefill finishes). Its
+pages are freed when the transfer reports, success or not.
+
+Decode rank: a request that got pages (`Engine.take_reserved`) posts a receive; its target goes
+to the router as a `TransferReady` event. When the KV and first token arrive the request joins
+the batch; when the transfer fails it ends with an error.
+
+Pages written by a peer are never reused while that peer may still write them: an aborted or
+failed receive keeps its pages for `quarantine_s` before they are freed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from workers.engine.engine import Engine
+from workers.engine.messages import FinishReason, TokenDelta, TransferReady
+
+
+class KVHandoff:
+    def __init__(self, role: str, transfer: Any, timeout_s: float, quarantine_s: float = 2.0):
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        self.role = role
+        self.transfer = transfer  # a workers.transfer KVTransferEngine
+        self.timeout_s = timeout_s
+        self.quarantine_s = quarantine_s
+        self._targets: dict[str, Any] = {}  # prefill: targets that came before the hand-off
+        self._in_flight: set[str] = set()  # transfers started and not yet reported
+        self._aborted: set[str] = set()  # in flight, aborted: report ABORT, not an error
+        self._quarantine: list[tuple[float, str]] = []  # (free after, rid)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the loop must keep polling the transfer engine."""
+        return bool(self._in_flight or self._quarantine)
+
+    def set_target(self, rid: str, target: Any) -> None:
+        if rid in self._in_flight:
+            self.transfer.set_target(rid, target)
+        else:
+            self._targets[rid] = target
+
+    def abort(self, engine: Engine, rid: str) -> TokenDelta | None:
+        """Abort `rid`; a request with a transfer in flight ends when the transfer reports."""
+        self._targets.pop(rid, None)
+        if any(r == rid for _, r in self._quarantine):
+            return None  # already ended; its pages are freed when the quarantine ends
+        if rid in self._in_flight:
+            self._aborted.add(rid)
+            self.transfer.abort(rid, "aborted")
+            return None
+        return engine.abort(rid)
+
+    def after_step(self, engine: Engine) -> tuple[list[TokenDelta], list[TransferReady]]:
+        deltas: list[TokenDelta] = []
+        events: list[TransferReady] = []
+        for seq in engine.take_handoffs():
+            self._in_flight.add(seq.rid)
+            self.transfer.send(
+                seq.rid, seq.pages, seq.token_ids[-1], self.timeout_s,
+                target=self._targets.pop(seq.rid, None),
+            )  # fmt: skip
+        for seq in engine.take_reserved():
+            self._in_flight.add(seq.rid)
+            receiver = self.transfer.expect(seq.rid, seq.pages, self.timeout_s)
+            events.append(TransferReady(seq.rid, receiver.target))
+        for result in self.transfer.poll():
+            rid = result.transfer_id
+            self._in_flight.discard(rid)
+            aborted = rid in self._aborted
+            self._aborted.discard(rid)
+            if self.role == "prefill":
+                engine.release(rid)
+                if not result.ok and not aborted:
+                    deltas.append(
+                        _error(rid, f"KV transfer to the decode rank failed: {result.error}")
+                    )
+            elif result.ok and not aborted:
+                delta = engine.admit_received(rid, result.first_token)
+                if delta is not None:
+                    deltas.append(delta)
+            else:
+                self._quarantine.append((time.monotonic() + self.quarantine_s, rid))
+                if aborted:
+                    deltas.append(TokenDelta(rid, [], FinishReason.ABORT))
+                else:
+                    deltas.append(
+                        _error(rid, f"KV transfer from the prefill rank failed: {result.error}")
+                    )
+        now = time.monotonic()
+        while self._quarantine and self._quarantine[0][0] <= now:
+            engine.abort(self._quarantine.pop(0)[1])
+        return deltas, events
+
+    def close(self) -> None:
+        self.transfer.close()
+
+
+def _error(rid: str, message: str) -> TokenDelta:
+    return TokenDelta(rid=rid, token_ids=[], finish_reason=FinishReason.ERROR, error=message)
