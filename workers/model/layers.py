@@ -38,6 +38,28 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def fuse_linears(*linears: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) stacking `linears`' outputs; each linear's own weight becomes a
+    view into it, so the memory is not doubled and the checkpoint names keep working."""
+    weight = torch.cat([lin.weight.data for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    bias = (
+        torch.cat([lin.bias.data for lin in linears if lin.bias is not None])
+        if all(has_bias)
+        else None
+    )
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse linears where only some have a bias")
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = weight[start : start + rows]
+        if lin.bias is not None and bias is not None:
+            lin.bias.data = bias[start : start + rows]
+        start += rows
+    return weight, bias
+
+
 class MLP(nn.Module):
     """Dense SwiGLU feed-forward (dense layers and shared experts)."""
 
@@ -46,6 +68,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias)
         self.up_proj = Linear(hidden_size, intermediate_size, bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
+        self._gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """Run gate and up as one GEMM from now on (call after the weights are in place)."""
+        self._gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, *self._gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -14,7 +14,7 @@ from torch import nn
 
 from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
-from workers.model.layers import Linear, RMSNorm
+from workers.model.layers import Linear, RMSNorm, fuse_linears
 from workers.model.rope import RotaryEmbedding
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -43,6 +43,13 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, cfg.attention_bias)
+        self._qkv_a: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """Run q_a_proj and kv_a_proj_with_mqa (both read the hidden state) as one GEMM from
+        now on (call after the weights are in place)."""
+        if self.q_proj is None:
+            self._qkv_a = fuse_linears(self.q_a_proj, self.kv_a_proj_with_mqa)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`W_UK: [heads, nope, kv_lora]` and `W_UV: [heads, v, kv_lora]` views of kv_b_proj."""
@@ -60,13 +67,20 @@ class MLAttention(nn.Module):
         num_tokens = x.shape[0]
         if self.q_proj is not None:
             q = self.q_proj(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
+        elif self._qkv_a is not None:
+            q_a, kv_a = F.linear(x, *self._qkv_a).split(
+                [self.q_a_proj.weight.shape[0], self.kv_lora_rank + self.rope_dim], dim=-1
+            )
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            kv_a = self.kv_a_proj_with_mqa(x)
         q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = rope.rotate(q_pe, *cos_sin)
 
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = rope.rotate(k_pe, *cos_sin)
         kv_cache[meta.out_slots] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)

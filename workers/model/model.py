@@ -79,6 +79,8 @@ class DeepseekForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RoutedExperts):
                 module.backend = backend
+            elif isinstance(module, MLAttention | MLP):
+                module.fuse()
         return self
 
     def forward(
