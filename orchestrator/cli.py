@@ -32,9 +32,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--address", help="Ray cluster to join ('auto': the one `ray start` made)")
-    p.add_argument(
-        "--colocated", action="store_true", help="one pool does prefill and decode (the default)"
+    t = p.add_argument_group("topology")
+    t.add_argument(
+        "--colocated",
+        action="store_true",
+        help="one pool does prefill and decode (default: a prefill and a decode pool)",
     )
+    t.add_argument("--dp", type=int, default=1, help="ranks of the colocated pool")
+    t.add_argument("--prefill-dp", type=int, default=1, help="ranks of the prefill pool")
+    t.add_argument("--decode-dp", type=int, default=1, help="ranks of the decode pool")
+    t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
+    t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     e = p.add_argument_group("engine")
     e.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     kv = e.add_mutually_exclusive_group()
@@ -81,6 +89,11 @@ def serve_config(args: argparse.Namespace) -> Any:
         port=args.port,
         ray_address=args.address,
         colocated=args.colocated,
+        num_ranks=args.dp,
+        prefill_dp=args.prefill_dp,
+        decode_dp=args.decode_dp,
+        transfer_backend=args.transfer_backend,
+        transfer_timeout_s=args.transfer_timeout,
         engine=engine,
         max_request_body_bytes=args.max_request_body_bytes,
         default_max_new_tokens=args.default_max_new_tokens,
@@ -99,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         _print(f"error: {e}")
         return 2
-    _print("topology: colocated (one pool serves prefill and decode; the only one so far)")
+    _print(f"topology: {config.topology}")
     model_dir = resolve_model_dir(config)
     _print(f"model: {model_dir}")
     ctx = ray.init(address=config.ray_address, logging_level=logging.WARNING)
@@ -114,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     server = None
     try:
-        _print(f"loading {model_dir.name} on {config.num_ranks} rank(s) ...")
+        _print(f"loading {model_dir.name} ...")
         server = launch(
             config,
             model_dir=model_dir,

@@ -15,8 +15,14 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 30000  # 0 picks a free port
     ray_address: str | None = None  # None starts a local Ray instance; "auto" joins `ray start`
-    colocated: bool = False  # one pool does prefill and decode (the only topology so far)
-    num_ranks: int = 1
+    colocated: bool = (
+        False  # one pool does prefill and decode, instead of two linked by KV transfer
+    )
+    num_ranks: int = 1  # colocated: ranks of the one pool
+    prefill_dp: int = 1  # disaggregated: ranks of the prefill pool
+    decode_dp: int = 1  # disaggregated: ranks of the decode pool
+    transfer_backend: str = "nixl"
+    transfer_timeout_s: float = 30.0  # a KV transfer (or its handshake) that takes longer fails
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_request_body_bytes: int = 8 * 1024 * 1024
     default_max_new_tokens: int = 128  # when a request does not say
@@ -24,6 +30,15 @@ class ServeConfig:
     ready_timeout_s: float = 900.0  # how long `serve` waits for the ranks to load the model
     poll_timeout_s: float = 0.5  # how long one `poll` of a rank blocks when it has no output
     log_level: str = "info"
+
+    @property
+    def topology(self) -> str:
+        if self.colocated:
+            return f"colocated: one pool of {self.num_ranks} rank(s)"
+        return (
+            f"disaggregated: prefill pool of {self.prefill_dp} rank(s), decode pool of "
+            f"{self.decode_dp} rank(s), KV over {self.transfer_backend}"
+        )
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -39,6 +54,16 @@ class ServeConfig:
             raise ValueError(f"--port must be in [0, 65535] (0 picks a free port), got {self.port}")
         if self.num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {self.num_ranks}")
+        for name in ("prefill_dp", "decode_dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.transfer_backend != "nixl":
+            raise ValueError(
+                f"--transfer-backend must be nixl (the local backend works inside one process "
+                f"only), got {self.transfer_backend!r}"
+            )
+        if self.transfer_timeout_s <= 0:
+            raise ValueError("--transfer-timeout must be > 0 seconds")
         if self.max_request_body_bytes < 1024:
             raise ValueError(
                 f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"

@@ -40,21 +40,30 @@ def resolve_model_dir(config: ServeConfig) -> Path:
 
 
 def start_ranks(model_dir: Path, config: ServeConfig) -> list[Any]:
-    """Start `config.num_ranks` engine rank actors (not waiting for them); `ray.init` first."""
+    """Start the topology's engine rank actors (not waiting for them); `ray.init` first.
+    Colocated: `num_ranks` colocated ranks. Disaggregated: `prefill_dp` prefill ranks, then
+    `decode_dp` decode ranks."""
     from workers.engine.worker import start_engine_rank
 
     engine = config.engine
     use_gpu = engine.device == "cuda" or (
         engine.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
     )
+    if config.colocated:
+        roles = ["colocated"] * config.num_ranks
+    else:
+        roles = ["prefill"] * config.prefill_dp + ["decode"] * config.decode_dp
     return [
         start_engine_rank(
             str(model_dir),
             engine,
             num_cpus=engine.num_threads or 1,
             num_gpus=1 if use_gpu else 0,
+            role=role,
+            transfer_backend=config.transfer_backend,
+            transfer_timeout_s=config.transfer_timeout_s,
         )
-        for _ in range(config.num_ranks)
+        for role in roles
     ]
 
 

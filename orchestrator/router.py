@@ -29,6 +29,7 @@ from workers.engine.messages import (
     RankStats,
     SamplingParams,
     TokenDelta,
+    TransferReady,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ class Limits:
 @dataclass
 class _Request:
     rid: str
-    rank: int
+    rank: int  # the rank that generates (colocated or decode)
     num_tokens: int  # prompt + max_new_tokens: the load it puts on its rank
+    prefill_rank: int | None = None  # disaggregated: the rank that computes the prompt
     queue: asyncio.Queue[TokenDelta] = field(default_factory=asyncio.Queue)
 
 
@@ -180,11 +182,22 @@ class Router:
                 assert self._ready is not None
                 self._ready.set()
             while True:
-                deltas: list[TokenDelta] = await handle.poll.remote(self.poll_timeout_s)
-                for delta in deltas:
-                    req = self._requests.get(delta.rid)
-                    if req is not None:
-                        req.queue.put_nowait(delta)
+                items: list[TokenDelta | TransferReady] = await handle.poll.remote(
+                    self.poll_timeout_s
+                )
+                for item in items:
+                    req = self._requests.get(item.rid)
+                    if req is None:
+                        continue
+                    if isinstance(item, TransferReady):
+                        if req.prefill_rank is not None:
+                            target = self.ranks[req.prefill_rank]
+                            self._spawn(target.set_transfer_target.remote(item.rid, item.target))
+                        continue
+                    if index == req.prefill_rank and item.finish_reason is not None:
+                        # The prefill side failed: the decode side waits for KV that won't come.
+                        self._spawn(self.ranks[req.rank].abort.remote(item.rid))
+                    req.queue.put_nowait(item)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -195,9 +208,43 @@ class Router:
             assert self._ready is not None
             self._ready.set()  # wake waiters: readiness is now decided (failed)
 
+    def _spawn(self, awaitable: Any) -> None:
+        """Fire and forget an actor call; failures surface through the polls."""
+
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                await awaitable
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _pick(self) -> tuple[int, int | None]:
+        """(generating rank, prefill rank or None): disaggregated when both pools are up."""
+        live = [
+            info is not None and err is None
+            for info, err in zip(self.infos, self.rank_errors, strict=True)
+        ]
+        roles = [info.role if info is not None else "" for info in self.infos]
+
+        def least_loaded(role: str) -> int:
+            return pick_rank(
+                self._loads, [ok and r == role for ok, r in zip(live, roles, strict=True)]
+            )
+
+        if "prefill" in roles or "decode" in roles:
+            prefill, decode = least_loaded("prefill"), least_loaded("decode")
+            if prefill < 0 or decode < 0:
+                raise RouterNotReady(self._dead_message())
+            return decode, prefill
+        rank = least_loaded("colocated")
+        if rank < 0:
+            raise RouterNotReady(self._dead_message())
+        return rank, None
+
     def _fail_requests(self, rank: int | None, message: str) -> None:
         for req in list(self._requests.values()):
-            if rank is None or req.rank == rank:
+            if rank is None or rank in (req.rank, req.prefill_rank):
                 req.queue.put_nowait(
                     TokenDelta(req.rid, [], finish_reason=FinishReason.ERROR, error=message)
                 )
@@ -221,31 +268,35 @@ class Router:
         Raises ValueError (message naming the field) when a rank refuses the request before it
         starts, RouterNotReady when no rank can take it. Closing the iterator early (client gone)
         or a stop string or timeout aborts the request on its rank."""
-        alive = [
-            info is not None and err is None
-            for info, err in zip(self.infos, self.rank_errors, strict=True)
-        ]
-        rank = pick_rank(self._loads, alive)
-        if rank < 0:
-            raise RouterNotReady(self._dead_message())
+        rank, prefill_rank = self._pick()
         rid = rid or uuid.uuid4().hex
         if rid in self._requests:
             raise ValueError(f"rid: request {rid!r} is already running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
         handle = self.ranks[rank]
-        req = _Request(rid, rank, len(input_ids) + sampling.max_new_tokens)
+        req = _Request(rid, rank, len(input_ids) + sampling.max_new_tokens, prefill_rank)
         self._requests[rid] = req
         self._loads[rank] += req.num_tokens
+        if prefill_rank is not None:
+            self._loads[prefill_rank] += len(input_ids)
         detok = IncrementalDetokenizer(self.tokenizer, input_ids, stop)
         finished = False
-        add_ref = None
+        add_ref = prefill_ref = None
         timer: asyncio.TimerHandle | None = None
         try:
-            add_ref = handle.add_request.remote(GenerateRequest(rid, list(input_ids), sampling))
+            request = GenerateRequest(rid, list(input_ids), sampling)
+            # Decode side first, so that its receive is posted while the prompt computes.
+            add_ref = handle.add_request.remote(request)
+            if prefill_rank is not None:
+                prefill_ref = self.ranks[prefill_rank].add_request.remote(request)
             try:
                 await add_ref
+                if prefill_ref is not None:
+                    await prefill_ref
             except ValueError as e:
-                finished = True  # refused: nothing runs on the rank
+                # Refused: nothing runs. (Disaggregated, the other side may have accepted it:
+                # leave `finished` False so that both sides are told to abort.)
+                finished = prefill_ref is None
                 raise ValueError(_short_error(e)) from None
             except Exception as e:
                 finished = True
@@ -291,12 +342,13 @@ class Router:
                 timer.cancel()
             self._requests.pop(rid, None)
             self._loads[rank] -= req.num_tokens
-            if not finished and add_ref is not None:
-                task = asyncio.get_running_loop().create_task(
-                    self._abort_after(handle, add_ref, rid)
-                )
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            if prefill_rank is not None:
+                self._loads[prefill_rank] -= len(input_ids)
+            if not finished:
+                if add_ref is not None:
+                    self._spawn(self._abort_after(handle, add_ref, rid))
+                if prefill_ref is not None and prefill_rank is not None:
+                    self._spawn(self._abort_after(self.ranks[prefill_rank], prefill_ref, rid))
 
     def _output(self, delta: TokenDelta, detok: IncrementalDetokenizer) -> Output:
         text = detok.add(delta.token_ids)
@@ -333,6 +385,8 @@ class Router:
         if req is None:
             return False
         await self.ranks[req.rank].abort.remote(rid)
+        if req.prefill_rank is not None:
+            await self.ranks[req.prefill_rank].abort.remote(rid)
         return True
 
     async def stats(self) -> list[RankStats | None]:

@@ -21,21 +21,31 @@ def _client(url: str, timeout: float = 120.0) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=timeout)
 
 
+def _ranks(url: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{url}/v1/stats", timeout=30).json()["ranks"])
+
+
 def _rank(url: str) -> dict[str, Any]:
-    ranks = httpx.get(f"{url}/v1/stats", timeout=30).json()["ranks"]
+    """The rank that generates: the decode rank (disaggregated) or the colocated one."""
+    ranks = [r for r in _ranks(url) if r["info"]["role"] in ("decode", "colocated")]
     assert len(ranks) == 1
     return ranks[0]
 
 
 def _wait_idle(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
-    """Poll rank stats until no request runs or waits and every KV page is free."""
+    """Poll until no request runs or waits on any rank and every KV page is free; the
+    generating rank's stats."""
     deadline = time.monotonic() + timeout_s
     while True:
-        st = _rank(url)["stats"]
-        idle = st["num_running"] == 0 and st["num_waiting"] == 0
-        if idle and st["num_pages_free"] == st["num_pages_total"]:
-            return st
-        assert time.monotonic() < deadline, f"the rank did not go idle: {st}"
+        stats = [r["stats"] for r in _ranks(url)]
+        if all(
+            st["num_running"] == 0
+            and st["num_waiting"] == 0
+            and st["num_pages_free"] == st["num_pages_total"]
+            for st in stats
+        ):
+            return _rank(url)["stats"]
+        assert time.monotonic() < deadline, f"the ranks did not go idle: {stats}"
         time.sleep(0.05)
 
 
@@ -479,7 +489,7 @@ def test_timeout_and_dead_rank_end_requests_with_errors(launch_tiny):
         reader = threading.Thread(target=consume)
         reader.start()
         assert first.wait(60)
-        ray.kill(server.ranks[0], no_restart=True)
+        ray.kill(server.ranks[-1], no_restart=True)  # the generating (decode) rank
         reader.join(60)
         assert not reader.is_alive(), "the stream hung after its rank died"
         assert events[-1] == "[DONE]"

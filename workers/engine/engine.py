@@ -150,6 +150,7 @@ class Engine:
             prefill_only=mode == "prefill",
         )  # fmt: skip
         self.requests[req.rid] = seq
+        self.idle = False
         if mode == "decode":
             self.scheduler.expect_kv(seq)
         else:
@@ -174,6 +175,7 @@ class Engine:
         if seq is None or seq.status is not SeqStatus.RECEIVING:
             return None  # aborted meanwhile
         self.scheduler.admit_received(seq)
+        self.idle = False
         return self._append(seq, first_token)
 
     def release(self, rid: str) -> None:
@@ -181,6 +183,7 @@ class Engine:
         seq = self.requests.pop(rid, None)
         if seq is not None:
             self.scheduler.remove(seq)
+            self.idle = False  # freed pages may let waiting requests in
 
     def fail(self, rid: str, error: str) -> TokenDelta | None:
         """End `rid` with an error (e.g. its KV transfer failed), freeing its pages."""
@@ -194,6 +197,7 @@ class Engine:
         if seq is None:
             return None
         self.scheduler.remove(seq)
+        self.idle = False  # freed pages may let waiting requests in
         return self._delta(seq, [], FinishReason.ABORT)
 
     def abort_all(self, error: str) -> list[TokenDelta]:
