@@ -113,7 +113,9 @@ def main() -> None:
     )
     print()
     print(f"{'':34}{'output tok/s':>14}")
-    print(f"{'pdserve (HTTP + Ray, streaming)':34}{result.output_tok_s:>14.1f}")
+    serve_args = [a for s in args.serve_arg for a in s.split()]
+    topology = "colocated" if "--colocated" in serve_args else "disaggregated"
+    print(f"{f'pdserve ({topology}, HTTP + Ray)':34}{result.output_tok_s:>14.1f}")
     hf_label = f"transformers generate (batch {args.hf_batch_size or args.concurrency})"
     print(f"{hf_label:34}{hf_tok_s:>14.1f}")
     print(f"{'ratio':34}{result.output_tok_s / hf_tok_s:>14.2f}x")
