@@ -113,6 +113,7 @@ class Router:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.poll_timeout_s = poll_timeout_s
+        self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
         self.request_timeout_s = request_timeout_s
         self.infos: list[RankInfo | None] = [None] * len(ranks)
         self.rank_errors: list[str | None] = [None] * len(ranks)
@@ -175,38 +176,48 @@ class Router:
                     await asyncio.wait_for(handle.shutdown.remote(), 15)
 
     async def _run_rank(self, index: int) -> None:
+        """Wait for rank `index`, then poll it. When it dies, fail its requests at once, report
+        the pool degraded, and wait for Ray to restart it (`max_restarts`); then go on."""
         handle = self.ranks[index]
-        try:
-            self.infos[index] = await handle.ready.remote()
-            if all(i is not None for i in self.infos):
+        while True:
+            try:
+                self.infos[index] = await handle.ready.remote()
+                if self.rank_errors[index] is not None:
+                    logger.warning("engine rank %d is back", index)
+                self.rank_errors[index] = None
+                if all(i is not None for i in self.infos):
+                    assert self._ready is not None
+                    self._ready.set()
+                await self._poll_rank(index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                message = f"engine rank {index} failed: {_short_error(e)}"
+                if self.rank_errors[index] is None:
+                    logger.error("%s", message)
+                    self._fail_requests(index, message)
+                self.rank_errors[index] = message
                 assert self._ready is not None
-                self._ready.set()
-            while True:
-                items: list[TokenDelta | TransferReady] = await handle.poll.remote(
-                    self.poll_timeout_s
-                )
-                for item in items:
-                    req = self._requests.get(item.rid)
-                    if req is None:
-                        continue
-                    if isinstance(item, TransferReady):
-                        if req.prefill_rank is not None:
-                            target = self.ranks[req.prefill_rank]
-                            self._spawn(target.set_transfer_target.remote(item.rid, item.target))
-                        continue
-                    if index == req.prefill_rank and item.finish_reason is not None:
-                        # The prefill side failed: the decode side waits for KV that won't come.
-                        self._spawn(self.ranks[req.rank].abort.remote(item.rid))
-                    req.queue.put_nowait(item)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            message = f"engine rank {index} failed: {_short_error(e)}"
-            logger.error("%s", message)
-            self.rank_errors[index] = message
-            self._fail_requests(index, message)
-            assert self._ready is not None
-            self._ready.set()  # wake waiters: readiness is now decided (failed)
+                self._ready.set()  # wake waiters: readiness is now decided (failed)
+                await asyncio.sleep(self.restart_poll_s)
+
+    async def _poll_rank(self, index: int) -> None:
+        handle = self.ranks[index]
+        while True:
+            items: list[TokenDelta | TransferReady] = await handle.poll.remote(self.poll_timeout_s)
+            for item in items:
+                req = self._requests.get(item.rid)
+                if req is None:
+                    continue
+                if isinstance(item, TransferReady):
+                    if req.prefill_rank is not None:
+                        target = self.ranks[req.prefill_rank]
+                        self._spawn(target.set_transfer_target.remote(item.rid, item.target))
+                    continue
+                if index == req.prefill_rank and item.finish_reason is not None:
+                    # The prefill side failed: the decode side waits for KV that won't come.
+                    self._spawn(self.ranks[req.rank].abort.remote(item.rid))
+                req.queue.put_nowait(item)
 
     def _spawn(self, awaitable: Any) -> None:
         """Fire and forget an actor call; failures surface through the polls."""
@@ -299,7 +310,7 @@ class Router:
                 finished = prefill_ref is None
                 raise ValueError(_short_error(e)) from None
             except Exception as e:
-                finished = True
+                finished = prefill_ref is None
                 raise RouterNotReady(f"engine rank {rank}: {_short_error(e)}") from None
             # A timer, not `asyncio.wait_for`: before Python 3.12, wait_for swallows a
             # cancellation (client gone) that coincides with a delta arriving.
@@ -332,7 +343,9 @@ class Router:
                     return
                 num_output_tokens = delta.num_output_tokens or num_output_tokens
                 out = self._output(delta, detok)
-                if out.finish_reason is not None and delta.finish_reason is not None:
+                # Finished on the rank (an error may come from the router or the other side of a
+                # disaggregated pair: then the ranks are still told to abort).
+                if delta.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                     finished = True
                 yield out
                 if out.finish_reason is not None:

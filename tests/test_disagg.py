@@ -103,3 +103,57 @@ def test_disaggregated_matches_transformers(name, launch_tiny, tmp_path_factory)
                 max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0,
             )[0, len(p) :].tolist()  # fmt: skip
         assert ours == ref
+
+
+def _health(url: str) -> int:
+    return httpx.get(f"{url}/health", timeout=10).status_code
+
+
+def _wait_healthy(url: str, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _health(url) != 200:
+        assert time.monotonic() < deadline, "the pool did not recover"
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("victim", ["decode", "prefill"])
+def test_dead_rank_fails_its_requests_and_the_pool_recovers(victim, launch_tiny):
+    import ray
+
+    server = launch_tiny()
+    try:
+        roles = [r["info"]["role"] for r in httpx.get(f"{server.url}/v1/stats").json()["ranks"]]
+        handle = server.ranks[roles.index(victim)]
+        rng = random.Random(9)
+        prompts = [[rng.randrange(1024) for _ in range(rng.randint(200, 600))] for _ in range(12)]
+
+        async def run() -> list[dict[str, Any] | BaseException]:
+            async def one(client: httpx.AsyncClient, p: list[int]) -> dict[str, Any]:
+                body = {"input_ids": p, "sampling_params": _greedy(200), "stream": False}
+                r = await client.post(f"{server.url}/generate", json=body)
+                return {"status": r.status_code, "body": r.json()}
+
+            async with httpx.AsyncClient(timeout=60) as client:
+                tasks = [asyncio.ensure_future(one(client, p)) for p in prompts]
+                await asyncio.sleep(1.0)  # requests are prefilling, transferring, decoding
+                started = time.monotonic()
+                ray.kill(handle, no_restart=False)
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                assert time.monotonic() - started < 15, "requests hung after the rank died"
+                return results
+
+        results = asyncio.run(run())
+        assert all(isinstance(r, dict) for r in results), results
+        failed = [r for r in results if isinstance(r, dict) and r["status"] != 200]
+        assert failed, "killing a rank mid-load should fail some requests"
+        assert all("rank" in r["body"]["error"]["message"] for r in failed)
+        _wait_healthy(server.url)
+        r = httpx.post(
+            f"{server.url}/generate",
+            json={"input_ids": prompts[0][:50], "sampling_params": _greedy(8)},
+            timeout=60,
+        )
+        assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
+        _wait_all_pages_free(server.url)
+    finally:
+        server.stop()
