@@ -1,0 +1,106 @@
+"""KV transfer throughput: NIXL between two Ray actor processes vs a plain copy of the same pages.
+
+    .venv/bin/python benchmarks/kv_transfer.py [--device cuda]
+
+For each request size, the sender process writes the request's pages (every layer) into the
+receiver's pool and the receiver waits for the completion notification; the time is measured
+on the receiver from `send` to the notification (`elapsed_s` of the sender's result, the first
+transfer to a peer excluded as warm-up). The reference is `index_copy_` of the same pages
+between two pools inside one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import ray
+import torch
+
+from workers.transfer import create_transfer_engine
+
+
+class Rank:
+    def __init__(self, layers: int, pages: int, page_size: int, dim: int, dtype: str, device: str):
+        self.kv = torch.randn(layers, pages * page_size, dim).to(getattr(torch, dtype)).to(device)
+        self.engine = create_transfer_engine("nixl", f"bench-{time.time_ns()}", self.kv, page_size)
+
+    def expect(self, tid: str, pages: list[int]):
+        return self.engine.expect(tid, pages, 60).target
+
+    def send_and_wait(self, tid: str, pages: list[int], target) -> float:
+        self.engine.send(tid, pages, 1, 60, target)
+        while True:
+            for r in self.engine.poll():
+                if not r.ok:
+                    raise RuntimeError(r.error)
+                return r.elapsed_s
+            time.sleep(0.0002)
+
+    def wait_recv(self) -> bool:
+        while True:
+            for r in self.engine.poll():
+                return r.ok
+            time.sleep(0.0002)
+
+
+def local_copy_s(layers, pages, page_size, dim, dtype, device, num_pages, reps) -> float:
+    src = torch.randn(layers, pages, page_size * dim).to(getattr(torch, dtype)).to(device)
+    dst = torch.zeros_like(src)
+    idx = torch.randperm(pages)[:num_pages].to(device)
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.index_copy_(1, idx, src.index_select(1, idx))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args()
+    gpus = 0.5 if args.device == "cuda" else 0
+    ray.init(num_cpus=4, num_gpus=1 if gpus else 0, include_dashboard=False, log_to_driver=False)
+    layouts = [  # (name, layers, kv_dim, dtype, page_size, tokens per request)
+        ("tiny fp32", 4, 80, "float32", 16, [256, 2048, 16384]),
+        ("V3 bf16", 61, 576, "bfloat16", 64, [1024, 4096, 16384]),
+    ]
+    print(f"device {args.device}; median of {args.reps}; GB/s = request KV bytes / time")
+    print(f"{'layout':<10} {'tokens':>7} {'MB':>8} {'nixl ms':>9} {'nixl GB/s':>10} "
+          f"{'copy ms':>9} {'copy GB/s':>10}")  # fmt: skip
+    for name, layers, dim, dtype, page_size, sizes in layouts:
+        pages = max(sizes) // page_size + 8
+        cls = ray.remote(num_cpus=0.5, num_gpus=gpus)(Rank)
+        src = cls.remote(layers, pages, page_size, dim, dtype, args.device)
+        dst = cls.remote(layers, pages, page_size, dim, dtype, args.device)
+        elem = torch.finfo(getattr(torch, dtype)).bits // 8
+        for i, tokens in enumerate(sizes):
+            n = tokens // page_size
+            times = []
+            for rep in range(args.reps + 1):
+                tid = f"{i}-{rep}"
+                src_pages = torch.randperm(pages)[:n].tolist()
+                target = ray.get(dst.expect.remote(tid, torch.randperm(pages)[:n].tolist()))
+                elapsed = ray.get(src.send_and_wait.remote(tid, src_pages, target))
+                assert ray.get(dst.wait_recv.remote())
+                if rep:
+                    times.append(elapsed)
+            nixl_s = statistics.median(times)
+            copy_s = local_copy_s(layers, pages, page_size, dim, dtype, args.device, n, args.reps)
+            size = n * page_size * layers * dim * elem
+            print(f"{name:<10} {tokens:>7} {size / 1e6:>8.1f} {nixl_s * 1e3:>9.2f} "
+                  f"{size / nixl_s / 1e9:>10.2f} {copy_s * 1e3:>9.2f} {size / copy_s / 1e9:>10.2f}",
+                  flush=True)  # fmt: skip
+        ray.kill(src)
+        ray.kill(dst)
+
+
+if __name__ == "__main__":
+    main()
