@@ -279,16 +279,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     data = resp.json()
     print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight")
+    header = (
+        "pool",
+        "rank",
+        "node",
+        "running",
+        "waiting",
+        "in transfer",
+        "KV pages used",
+        "tokens",
+    )
+    rows: list[tuple[str, ...]] = [header]
     for rank in data["ranks"]:
-        st = rank["stats"]
+        info, st = rank["info"] or {}, rank["stats"]
+        pool = info.get("role", "?")
         if rank["error"] or not st:
-            print(f"  rank {rank['rank']}: {rank['error'] or 'not ready'}")
+            rows.append(
+                (pool, str(rank["rank"]), info.get("node", ""), rank["error"] or "not ready")
+            )
             continue
-        print(
-            f"  rank {rank['rank']}: running {st['num_running']}, waiting {st['num_waiting']}, "
-            f"KV pages {st['num_pages_used']}/{st['num_pages_total']} used, "
-            f"{st['num_generated_tokens']} tokens in {st['num_steps']} steps"
-        )
+        used = f"{st['num_pages_used']}/{st['num_pages_total']}"
+        rows.append((
+            pool, str(rank["rank"]), info.get("node", ""), str(st["num_running"]),
+            str(st["num_waiting"]), str(st.get("num_in_transfer", 0)), used,
+            str(st["num_generated_tokens"]),
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
     return 0
 
 

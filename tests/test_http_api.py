@@ -437,7 +437,11 @@ def test_cli_generate(tiny_server):
         assert p.returncode == 0, p.stderr
         assert "tokens, finish:" in p.stderr
     p = _cli("status", "--url", tiny_server)
-    assert p.returncode == 0 and "rank 0" in p.stdout, p.stderr
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[1].split()[:3] == ["pool", "rank", "node"]
+    pools = sorted(line.split()[0] for line in lines[2:])
+    assert pools in (["colocated"], ["decode", "prefill"]), p.stdout
 
 
 @pytest.mark.timeout(240)

@@ -221,6 +221,9 @@ class Engine:
             num_pages_free=self.kv.allocator.num_free,
             num_steps=self.num_steps,
             num_generated_tokens=self.num_generated_tokens,
+            num_in_transfer=len(self.requests)
+            - len(self.scheduler.running)
+            - len(self.scheduler.waiting),
         )
 
     # ---- one step ---------------------------------------------------------------------------

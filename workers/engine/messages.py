@@ -92,6 +92,7 @@ class RankInfo:
     page_size: int
     num_pages: int
     role: str = "colocated"  # colocated | prefill | decode
+    node: str = ""  # address of the node the rank runs on
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class RankStats:
     num_pages_free: int
     num_steps: int
     num_generated_tokens: int
+    num_in_transfer: int = 0  # disaggregated: waiting for pages, receiving or sending KV
 
     @property
     def num_pages_used(self) -> int:

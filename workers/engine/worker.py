@@ -78,7 +78,9 @@ class EngineWorker:
                 self.engine.kv.page_size,
             )
             self.handoff = KVHandoff(role, transfer, transfer_timeout_s)
-        self._info = dataclasses.replace(self.engine.info(), role=role)
+        self._info = dataclasses.replace(
+            self.engine.info(), role=role, node=ray.util.get_node_ip_address()
+        )
         self._lock = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
         self._outbox: dict[str, TokenDelta] = {}
