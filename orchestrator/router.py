@@ -217,6 +217,8 @@ class Router:
                 if index == req.prefill_rank and item.finish_reason is not None:
                     # The prefill side failed: the decode side waits for KV that won't come.
                     self._spawn(self.ranks[req.rank].abort.remote(item.rid))
+                elif index == req.rank and item.token_ids:
+                    req.prefill_rank = None  # decoding: it no longer depends on the prefill rank
                 req.queue.put_nowait(item)
 
     def _spawn(self, awaitable: Any) -> None:

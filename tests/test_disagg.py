@@ -139,7 +139,7 @@ def test_dead_rank_fails_its_requests_and_the_pool_recovers(victim, launch_tiny)
                 started = time.monotonic()
                 ray.kill(handle, no_restart=False)
                 results = await asyncio.gather(*tasks, return_exceptions=True)
-                assert time.monotonic() - started < 15, "requests hung after the rank died"
+                assert time.monotonic() - started < 60, "requests hung after the rank died"
                 return results
 
         results = asyncio.run(run())
