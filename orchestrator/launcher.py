@@ -46,19 +46,21 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> list[Any]:
     from workers.engine.worker import start_engine_rank
 
     engine = config.engine
-    use_gpu = engine.device == "cuda" or (
-        engine.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-    )
+    num_gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = engine.device == "cuda" or (engine.device == "auto" and num_gpus > 0)
     if config.colocated:
         roles = ["colocated"] * config.num_ranks
     else:
         roles = ["prefill"] * config.prefill_dp + ["decode"] * config.decode_dp
+    # One GPU per rank; with fewer GPUs than ranks (e.g. a prefill and a decode rank on one
+    # GPU) the ranks share them in equal fractions.
+    gpus_per_rank = min(1.0, num_gpus / len(roles)) if use_gpu and num_gpus else 0.0
     return [
         start_engine_rank(
             str(model_dir),
             engine,
             num_cpus=engine.num_threads or 1,
-            num_gpus=1 if use_gpu else 0,
+            num_gpus=gpus_per_rank,
             role=role,
             transfer_backend=config.transfer_backend,
             transfer_timeout_s=config.transfer_timeout_s,
