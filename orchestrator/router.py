@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Sequence
@@ -114,6 +115,7 @@ class Router:
         self.model_name = model_name
         self.poll_timeout_s = poll_timeout_s
         self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
+        self.num_retries = 0  # requests re-run on another pair after a failure
         self.request_timeout_s = request_timeout_s
         self.infos: list[RankInfo | None] = [None] * len(ranks)
         self.rank_errors: list[str | None] = [None] * len(ranks)
@@ -232,11 +234,12 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _pick(self) -> tuple[int, int | None]:
-        """(generating rank, prefill rank or None): disaggregated when both pools are up."""
+    def _pick(self, avoid: frozenset[int] = frozenset()) -> tuple[int, int | None]:
+        """(generating rank, prefill rank or None): disaggregated when both pools are up.
+        Ranks in `avoid` are not picked."""
         live = [
-            info is not None and err is None
-            for info, err in zip(self.infos, self.rank_errors, strict=True)
+            info is not None and err is None and i not in avoid
+            for i, (info, err) in enumerate(zip(self.infos, self.rank_errors, strict=True))
         ]
         roles = [info.role if info is not None else "" for info in self.infos]
 
@@ -280,9 +283,53 @@ class Router:
 
         Raises ValueError (message naming the field) when a rank refuses the request before it
         starts, RouterNotReady when no rank can take it. Closing the iterator early (client gone)
-        or a stop string or timeout aborts the request on its rank."""
-        rank, prefill_rank = self._pick()
+        or a stop string or timeout aborts the request on its rank. A disaggregated request that
+        fails before its first token (a rank died, a transfer failed) is retried once on another
+        prefill/decode pair when there is one."""
         rid = rid or uuid.uuid4().hex
+        used: list[tuple[int, int | None]] = []
+        first = self._attempt(input_ids, sampling, stop, rid, timeout_s, frozenset(), used)
+        streamed = False  # a token reached the consumer: too late to retry
+        async with contextlib.aclosing(first) as outs:
+            async for out in outs:
+                retry = out.finish_reason == "error" and not streamed and not out.token_ids
+                if not (retry and used and used[0][1] is not None):
+                    streamed = streamed or bool(out.token_ids)
+                    yield out
+                    continue
+                # Another prefill rank; a dead decode rank is skipped anyway (not live).
+                avoid = frozenset(r for r in used[0][1:] if r is not None)
+                try:
+                    self._pick(avoid)
+                except RouterNotReady:
+                    yield out  # no other pair: the error stands
+                    return
+                self.num_retries += 1
+                logger.warning("request %s failed before its first token (%s); retrying on "
+                               "another pair", rid, out.error)  # fmt: skip
+                break
+            else:
+                return
+        # A new id on the ranks: the first attempt's abort may not have reached them yet.
+        retry_rid = f"{rid}-retry"
+        second = self._attempt(input_ids, sampling, stop, retry_rid, timeout_s, avoid, used)
+        async with contextlib.aclosing(second) as outs:
+            async for out in outs:
+                yield dataclasses.replace(out, rid=rid)
+
+    async def _attempt(
+        self,
+        input_ids: list[int],
+        sampling: SamplingParams,
+        stop: Sequence[str],
+        rid: str,
+        timeout_s: float | None,
+        avoid: frozenset[int],
+        used: list[tuple[int, int | None]],
+    ) -> AsyncGenerator[Output, None]:
+        """One try of `generate` on the pair `_pick(avoid)`, recorded in `used`."""
+        rank, prefill_rank = self._pick(avoid)
+        used.append((rank, prefill_rank))
         if rid in self._requests:
             raise ValueError(f"rid: request {rid!r} is already running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s

@@ -22,7 +22,7 @@ def ray_session() -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
     yield
     if started:
         ray.shutdown()

@@ -157,3 +157,37 @@ def test_dead_rank_fails_its_requests_and_the_pool_recovers(victim, launch_tiny)
         _wait_all_pages_free(server.url)
     finally:
         server.stop()
+
+
+def test_requests_on_a_dead_prefill_rank_are_retried_on_another_pair(launch_tiny):
+    import ray
+
+    server = launch_tiny(prefill_dp=2)
+    try:
+        ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
+        victim = server.ranks[[r["info"]["role"] for r in ranks].index("prefill")]
+        rng = random.Random(11)
+        prompts = [[rng.randrange(1024) for _ in range(rng.randint(300, 700))] for _ in range(16)]
+
+        async def run() -> list[tuple[int, str]]:
+            async def one(client: httpx.AsyncClient, p: list[int]) -> tuple[int, str]:
+                body = {"input_ids": p, "sampling_params": _greedy(16)}
+                r = await client.post(f"{server.url}/generate", json=body)
+                return r.status_code, r.text
+
+            async with httpx.AsyncClient(timeout=120) as client:
+                tasks = [asyncio.ensure_future(one(client, p)) for p in prompts]
+                await asyncio.sleep(0.3)  # both prefill ranks hold queued prompts now
+                ray.kill(victim, no_restart=False)
+                return list(await asyncio.gather(*tasks))
+
+        results = asyncio.run(run())
+        assert server.router.num_retries > 0, "no request was retried"
+        # Retried requests succeed; one may still fail if its retry hit a second failure, but
+        # only with a clear error naming the rank.
+        failed = [text for status, text in results if status != 200]
+        assert len(failed) <= 1 and all("rank" in t for t in failed), results
+        _wait_healthy(server.url)
+        _wait_all_pages_free(server.url)
+    finally:
+        server.stop()
