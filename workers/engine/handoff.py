@@ -82,7 +82,9 @@ class KVHandoff:
                 engine.release(rid)
                 if not result.ok and not aborted:
                     deltas.append(
-                        _error(rid, f"KV transfer to the decode rank failed: {result.error}")
+                        TokenDelta.failure(
+                            rid, f"KV transfer to the decode rank failed: {result.error}"
+                        )
                     )
             elif result.ok and not aborted:
                 delta = engine.admit_received(rid, result.first_token)
@@ -94,7 +96,9 @@ class KVHandoff:
                     deltas.append(TokenDelta(rid, [], FinishReason.ABORT))
                 else:
                     deltas.append(
-                        _error(rid, f"KV transfer from the prefill rank failed: {result.error}")
+                        TokenDelta.failure(
+                            rid, f"KV transfer from the prefill rank failed: {result.error}"
+                        )
                     )
         now = time.monotonic()
         while self._quarantine and self._quarantine[0][0] <= now:
@@ -103,7 +107,3 @@ class KVHandoff:
 
     def close(self) -> None:
         self.transfer.close()
-
-
-def _error(rid: str, message: str) -> TokenDelta:
-    return TokenDelta(rid=rid, token_ids=[], finish_reason=FinishReason.ERROR, error=message)

@@ -69,6 +69,11 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # total so far, including `token_ids`
 
+    @classmethod
+    def failure(cls, rid: str, message: str) -> TokenDelta:
+        """The last delta of a request the rank could not serve."""
+        return cls(rid=rid, token_ids=[], finish_reason=FinishReason.ERROR, error=message)
+
 
 @dataclass(frozen=True)
 class TransferReady:

@@ -37,7 +37,6 @@ from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.handoff import KVHandoff
 from workers.engine.messages import (
-    FinishReason,
     GenerateRequest,
     RankInfo,
     RankStats,
@@ -164,7 +163,7 @@ class EngineWorker:
                     try:
                         engine.add(payload, mode)
                     except ValueError as e:
-                        deltas.append(_error_delta(payload.rid, str(e)))
+                        deltas.append(TokenDelta.failure(payload.rid, str(e)))
                 elif kind == "target":
                     assert handoff is not None
                     handoff.set_target(*payload)
@@ -196,10 +195,6 @@ class EngineWorker:
                 self._outbox[d.rid] = d
             if deltas or events:
                 self._lock.notify_all()
-
-
-def _error_delta(rid: str, message: str) -> TokenDelta:
-    return TokenDelta(rid=rid, token_ids=[], finish_reason=FinishReason.ERROR, error=message)
 
 
 def start_engine_rank(
