@@ -72,7 +72,7 @@ class Engine:
         self._reserved: list[Sequence] = []
         self.idle = True  # the last step found nothing to do
         # Logits of the last step, by request id (kept for parity tests and debugging).
-        self.last_logits: dict[str, torch.Tensor] = {}
+        self._last_logits: tuple[list[str], torch.Tensor | None] = ([], None)
         logger.info(
             "engine ready: %s on %s (%s), KV %d pages x %d tokens",
             self.model_dir.name,
@@ -210,6 +210,12 @@ class Engine:
         return out
 
     @property
+    def last_logits(self) -> dict[str, torch.Tensor]:
+        """Logits `[vocab]` of the last step by request id (built on access: off the hot path)."""
+        rids, logits = self._last_logits
+        return {} if logits is None else {rid: logits[i] for i, rid in enumerate(rids)}
+
+    @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
@@ -242,7 +248,7 @@ class Engine:
             seq.num_computed += num
         tokens = sample(logits, [s.sampling for s in samplers], [s.generator for s in samplers])
         self.num_steps += 1
-        self.last_logits = {s.rid: logits[i] for i, s in enumerate(samplers)}
+        self._last_logits = ([s.rid for s in samplers], logits)
         deltas = (self._append(seq, tok) for seq, tok in zip(samplers, tokens, strict=True))
         return [d for d in deltas if d is not None]
 
