@@ -1,15 +1,13 @@
-"""KV-cache transfer between a prefill rank and a decode rank (see `base` for the contract)."""
+"""KV-cache transfer between a prefill rank and a decode rank (`base` holds the contract)."""
 
 from __future__ import annotations
 
 import torch
 
-from workers.transfer.base import (
+from workers.transfer.base import KVReceiver, KVSender, KVTransferEngine
+from workers.transfer.messages import (
     AgentInfo,
     KVLayout,
-    KVReceiver,
-    KVSender,
-    KVTransferEngine,
     TransferResult,
     TransferState,
     TransferTarget,
@@ -21,7 +19,10 @@ BACKENDS = ("nixl", "local")
 def create_transfer_engine(
     backend: str, name: str, kv: torch.Tensor, page_size: int
 ) -> KVTransferEngine:
-    """The rank's transfer engine over its KV pool `kv: [layers, slots, dim]`."""
+    """The rank's transfer engine over its KV pool `kv: [num_layers, num_slots, kv_dim]`
+    (contiguous; `num_slots = num_pages * page_size`). `name` must be unique among the ranks
+    that exchange KV. `backend`: "nixl" (ranks in any processes) or "local" (one process, for
+    tests of the state machine)."""
     if backend == "nixl":
         from workers.transfer.nixl import NixlTransferEngine
 

@@ -1,222 +1,136 @@
-"""KV transfer between ranks: messages, handles, and the state machine every backend shares.
-
-One `KVTransferEngine` per rank registers the rank's whole KV pool once and drives all of its
-transfers from one background thread, so the rank's scheduler loop never blocks on the network.
+"""`KVTransferEngine`: one per rank; moves requests' KV pages between ranks from one background
+thread, with the state machine every backend shares.
 
 A transfer moves one request's KV: the same pages in every layer of a pool laid out as
-`[num_layers, num_pages * page_size, kv_dim]`, from the prefill rank's pages (`src_pages`) to
-the decode rank's pages (`dst_pages`), then signals completion with a notification carrying the
-first sampled token. Page ownership: the sender's pages must stay untouched until its
-`TransferResult` is reported; the receiver's pages hold the KV only once its result is ok.
+`[num_layers, num_pages * page_size, kv_dim]`, from the sending (prefill) rank's `src_pages`
+to the receiving (decode) rank's `dst_pages`, then notifies the receiver with the first sampled
+token. The receiving side posts `expect` first and hands `receiver.target` to the sending side,
+which may call `send` before or after it has the target (`set_target`).
 
-    sender:   BOOTSTRAPPING (no target yet) → WAITING (connecting) → TRANSFERRING → SUCCESS | FAILED
-    receiver: WAITING (for the notification) → SUCCESS | FAILED
+    sender:   BOOTSTRAPPING (no target) → WAITING (connecting) → TRANSFERRING → SUCCESS | FAILED
+    receiver: WAITING (no data yet) → TRANSFERRING (the sender started) → SUCCESS | FAILED
 
-Every transfer reports exactly one `TransferResult` per side: on success, timeout, abort, a
-layout mismatch or a dead peer alike.
+Page ownership (the caller allocates and frees pages; the engine never does):
+- sender: `src_pages` must stay untouched until the transfer's `TransferResult` comes out of
+  `poll`, success or not; then the caller frees them.
+- receiver: `dst_pages` hold the request's KV once its result is ok. After a failed receive the
+  peer may still be writing them for a moment (an abort cannot stop a remote write): keep them
+  out of use for a grace period before reuse.
+
+Every transfer reports exactly one `TransferResult` per side — on success, timeout (no target,
+no completion within `timeout_s`), abort, a layout mismatch, a dead peer, or `close` — and no
+call blocks on the network: the API only records intent; the engine's thread does the rest.
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from workers.transfer.handles import KVReceiver, KVSender
+from workers.transfer.messages import (
+    AgentInfo,
+    KVLayout,
+    Notification,
+    TransferResult,
+    TransferState,
+    TransferTarget,
+)
+from workers.transfer.pages import PageRun, check_pages, page_runs
+
 logger = logging.getLogger(__name__)
 
-HANDSHAKE_RETRIES = 3
-
-
-class TransferState(enum.Enum):
-    BOOTSTRAPPING = "bootstrapping"
-    WAITING = "waiting"
-    TRANSFERRING = "transferring"
-    SUCCESS = "success"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    num_layers: int
-    num_slots: int
-    page_size: int
-    kv_dim: int
-    dtype: str
-    device: str
-
-    @property
-    def page_bytes(self) -> int:
-        return self.page_size * self.kv_dim * (torch.finfo(getattr(torch, self.dtype)).bits // 8)
-
-    @property
-    def layer_bytes(self) -> int:
-        return self.num_slots * self.kv_dim * (torch.finfo(getattr(torch, self.dtype)).bits // 8)
-
-    def compatible(self, other: KVLayout) -> bool:
-        """Same page geometry: pages can be copied between the two pools one to one."""
-        return (self.num_layers, self.page_size, self.kv_dim, self.dtype) == (
-            other.num_layers, other.page_size, other.kv_dim, other.dtype,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class AgentInfo:
-    """What a peer needs to write into this rank's pool (picklable)."""
-
-    name: str
-    backend: str
-    layout: KVLayout
-    base_addr: int
-    device_id: int
-    metadata: bytes = b""  # backend-specific (NIXL agent metadata)
-
-
-@dataclass(frozen=True)
-class TransferTarget:
-    """Posted by the receiving rank for one request, handed to the sending rank."""
-
-    transfer_id: str
-    agent: AgentInfo
-    dst_pages: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TransferResult:
-    transfer_id: str
-    role: str  # "send" | "recv"
-    ok: bool
-    error: str | None = None
-    first_token: int | None = None
-    num_bytes: int = 0
-    elapsed_s: float = 0.0
-
-
-@dataclass
-class KVSender:
-    transfer_id: str
-    src_pages: tuple[int, ...]
-    first_token: int
-    deadline: float
-    target: TransferTarget | None = None
-    state: TransferState = TransferState.BOOTSTRAPPING
-    error: str | None = None
-    started: float = field(default_factory=time.monotonic)
-    handle: Any = None
-    attempts: int = 0
-    abort_reason: str | None = None
-
-
-@dataclass
-class KVReceiver:
-    transfer_id: str
-    target: TransferTarget
-    deadline: float
-    state: TransferState = TransferState.WAITING
-    error: str | None = None
-    first_token: int | None = None
-    started: float = field(default_factory=time.monotonic)
-    abort_reason: str | None = None
-
-
-def page_runs(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """(src_page, dst_page, num_pages) runs where both sides are consecutive: one descriptor
-    per run and layer instead of one per page."""
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst, strict=True):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((s, d, 1))
-    return runs
-
-
-def encode_notification(transfer_id: str, first_token: int) -> bytes:
-    return json.dumps({"id": transfer_id, "token": first_token}).encode()
-
-
-def decode_notification(data: bytes) -> tuple[str, int] | None:
-    try:
-        msg = json.loads(data)
-        return str(msg["id"]), int(msg["token"])
-    except (ValueError, KeyError, TypeError):
-        return None
+CONNECT_ATTEMPTS = 3  # connecting to the peer and posting the write, before the sender fails
+CONNECT_BACKOFF_S = 0.05  # doubled after each failed attempt
+CANCEL_GRACE_S = 5.0  # an aborted write that cannot be cancelled is waited for this long
+ACTIVE_POLL_S = 0.0001  # pages in flight
+PENDING_POLL_S = 0.001  # transfers waiting (a receiver must still progress the backend)
+IDLE_POLL_S = 0.02
 
 
 class KVTransferEngine(ABC):
-    """Backend-independent part: handles, deadlines, results and the driving thread.
+    """A rank's transfer engine over its KV pool `kv: [num_layers, num_slots, kv_dim]`
+    (contiguous, CPU or CUDA). The pool is registered once; the engine keeps a reference to it
+    and never frees it. All methods may be called from any thread and return at once."""
 
-    Backends implement connecting to a peer, starting a page write with a notification,
-    checking it, and reading notifications."""
-
-    backend = "abstract"
+    backend: ClassVar[str]
 
     def __init__(self, name: str, kv: torch.Tensor, page_size: int):
-        if kv.dim() != 3 or not kv.is_contiguous():
-            raise ValueError("the KV pool must be one contiguous [layers, slots, dim] tensor")
-        if kv.shape[1] % page_size:
-            raise ValueError(f"{kv.shape[1]} slots do not divide into pages of {page_size}")
         self.name = name
         self.kv = kv
-        self.layout = KVLayout(
-            num_layers=kv.shape[0], num_slots=kv.shape[1], page_size=page_size,
-            kv_dim=kv.shape[2], dtype=str(kv.dtype).removeprefix("torch."), device=str(kv.device),
-        )  # fmt: skip
-        self._lock = threading.Condition()
+        self.layout = KVLayout.of(kv, page_size)
+        self._cv = threading.Condition()
         self._senders: dict[str, KVSender] = {}
         self._receivers: dict[str, KVReceiver] = {}
-        self._early_notifs: dict[str, int] = {}  # notifications that beat their `expect`
         self._results: list[TransferResult] = []
         self._closed = False
         self._thread: threading.Thread | None = None
 
     def _start_thread(self) -> None:
-        self._thread = threading.Thread(target=self._drive, name=f"kv-{self.name}", daemon=True)
+        """Backends call this at the end of their constructor."""
+        self._thread = threading.Thread(target=self._run, name=f"kv-{self.name}", daemon=True)
         self._thread.start()
 
-    # ---- backend hooks ----------------------------------------------------------------------
+    # ---- backend hooks (called on the engine's thread only) ---------------------------------
 
     @abstractmethod
-    def info(self) -> AgentInfo: ...
+    def info(self) -> AgentInfo:
+        """This rank's description for peers (picklable)."""
 
     @abstractmethod
     def _connect(self, peer: AgentInfo) -> None:
-        """Make `peer` writable (idempotent); raise on failure (retried)."""
+        """Make `peer` reachable (idempotent); raise on failure (retried)."""
 
     @abstractmethod
-    def _start_write(self, sender: KVSender, target: TransferTarget) -> Any:
-        """Start writing `sender`'s pages into `target`'s, notifying on completion."""
+    def _start_write(self, peer: AgentInfo, runs: list[PageRun], done: Notification) -> Any:
+        """Post the write of `runs` (every layer) into `peer`'s pool, which notifies `done`
+        once every page has landed; return a handle for `_check` / `_cancel`. Raise on failure
+        (retried)."""
 
     @abstractmethod
-    def _check(self, handle: Any) -> str:
-        """ "DONE", "PROC" or "ERR"."""
+    def _check(self, handle: Any) -> bool:
+        """Whether the write finished; raise if it failed."""
 
     @abstractmethod
-    def _release(self, handle: Any) -> None: ...
+    def _cancel(self, handle: Any) -> bool:
+        """Cancel (if still running) and release the write; False if it could not be."""
+
+    @abstractmethod
+    def _notify(self, peer: AgentInfo, note: Notification) -> None:
+        """Send `note` to a connected peer; raise on failure."""
 
     @abstractmethod
     def _notifications(self) -> list[bytes]:
-        """Completion notifications that arrived since the last call."""
+        """Notifications that arrived since the last call (also drives the backend's progress,
+        which a receiver may need for incoming data)."""
 
-    def _shutdown_backend(self) -> None:  # noqa: B027 (optional hook)
-        pass
+    def _forget(self, peer_name: str) -> None:  # noqa: B027 (optional hook)
+        """Drop the connection to a peer that failed, so that a later transfer reconnects."""
 
-    # ---- API (any thread) -------------------------------------------------------------------
+    def _shutdown(self) -> None:  # noqa: B027 (optional hook)
+        """Release the backend (the driving thread has stopped)."""
+
+    # ---- API ---------------------------------------------------------------------------------
 
     def expect(self, transfer_id: str, dst_pages: list[int], timeout_s: float) -> KVReceiver:
-        """Receiving side: `dst_pages` (reserved by the caller) will take `transfer_id`'s KV.
-        Give `receiver.target` to the sending rank."""
-        target = TransferTarget(transfer_id, self.info(), tuple(dst_pages))
+        """Receiving side: the caller has reserved `dst_pages`; they will take `transfer_id`'s
+        KV. Returns at once; give `receiver.target` to the sending rank. Fails (a result, not an
+        exception) if the completion notification is not here within `timeout_s`. ValueError
+        for bad pages or an id already being received."""
+        pages = check_pages(dst_pages, self.layout, f"receive {transfer_id}")
+        target = TransferTarget(transfer_id, self.info(), pages)
         receiver = KVReceiver(transfer_id, target, time.monotonic() + timeout_s)
-        with self._lock:
+        with self._cv:
+            self._check_open()
+            if transfer_id in self._receivers:
+                raise ValueError(f"transfer {transfer_id!r} is already being received")
             self._receivers[transfer_id] = receiver
-            self._lock.notify_all()
+            self._cv.notify_all()
         return receiver
 
     def send(
@@ -227,162 +141,262 @@ class KVTransferEngine(ABC):
         timeout_s: float,
         target: TransferTarget | None = None,
     ) -> KVSender:
-        """Sending side: write `src_pages` to the target (now, or once `set_target` gives it)."""
-        sender = KVSender(transfer_id, tuple(src_pages), first_token, time.monotonic() + timeout_s)
-        with self._lock:
+        """Sending side: write `src_pages` (every layer) into the target's pages, then notify
+        the receiver with `first_token`. Without `target` the sender waits (BOOTSTRAPPING) for
+        `set_target`. Fails (a result) if not done within `timeout_s`. ValueError for bad pages
+        or an id already being sent."""
+        pages = check_pages(src_pages, self.layout, f"send {transfer_id}")
+        sender = KVSender(transfer_id, pages, int(first_token), time.monotonic() + timeout_s)
+        sender.target = target
+        with self._cv:
+            self._check_open()
+            if transfer_id in self._senders:
+                raise ValueError(f"transfer {transfer_id!r} is already being sent")
             self._senders[transfer_id] = sender
-            if target is not None:
-                sender.target = target
-            self._lock.notify_all()
+            self._cv.notify_all()
         return sender
 
     def set_target(self, transfer_id: str, target: TransferTarget) -> None:
-        with self._lock:
+        """Where a sender posted without a target writes to. Ignored for an unknown or finished
+        transfer, or one that has a target already."""
+        with self._cv:
             sender = self._senders.get(transfer_id)
             if sender is not None and sender.target is None:
                 sender.target = target
-                self._lock.notify_all()
+                self._cv.notify_all()
 
     def abort(self, transfer_id: str, reason: str = "aborted") -> None:
-        """Either side; idempotent. The transfer then reports a failed result."""
-        with self._lock:
+        """Either side; idempotent, and a no-op for an unknown or finished transfer. The
+        transfer then fails (a sender also tells its receiver)."""
+        with self._cv:
             for handle in (self._senders.get(transfer_id), self._receivers.get(transfer_id)):
-                if handle is not None and handle.abort_reason is None:
-                    handle.abort_reason = reason
-            self._lock.notify_all()
+                if handle is not None and handle._abort is None:
+                    handle._abort = reason
+            self._cv.notify_all()
 
     def poll(self) -> list[TransferResult]:
-        with self._lock:
+        """Transfers of either side that finished since the last call."""
+        with self._cv:
             out, self._results = self._results, []
         return out
 
     @property
     def num_in_flight(self) -> int:
-        with self._lock:
+        with self._cv:
             return len(self._senders) + len(self._receivers)
 
     def close(self) -> None:
-        with self._lock:
+        """Fail every transfer still in flight (their results stay pollable), stop the thread
+        and release the backend. Idempotent."""
+        with self._cv:
+            if self._closed:
+                return
             self._closed = True
-            self._lock.notify_all()
+            self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._shutdown_backend()
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                logger.warning("KV transfer engine %s: thread did not stop", self.name)
+                return
+        self._shutdown()
 
-    # ---- the driving thread -----------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"KV transfer engine {self.name} is closed")
 
-    def _drive(self) -> None:
+    # ---- the engine's thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
         while True:
-            with self._lock:
-                if self._closed:
-                    return
-                if not self._senders and not self._receivers and not self._early_notifs:
-                    self._lock.wait(0.5)
-                    continue
             try:
-                self._advance()
-            except Exception:  # keep driving: one broken transfer must not stall the others
-                logger.exception("KV transfer engine %s: unexpected error", self.name)
-            with self._lock:
-                if not self._closed:
-                    self._lock.wait(0.0005)
+                self._tick()
+            except Exception:  # a backend failing outside any one transfer: keep going
+                logger.exception("KV transfer engine %s", self.name)
+            with self._cv:
+                if self._closed:
+                    break
+                self._cv.wait(self._poll_interval())
+        for s in list(self._senders.values()):
+            self._fail_send(s, "the transfer engine was closed", cancel_grace=False)
+        for r in list(self._receivers.values()):
+            self._finish_recv(r, "the transfer engine was closed")
 
-    def _advance(self) -> None:
-        now = time.monotonic()
+    def _poll_interval(self) -> float:
+        handles: list[KVSender | KVReceiver] = [*self._senders.values(), *self._receivers.values()]
+        if any(h.state is TransferState.TRANSFERRING for h in handles):
+            return ACTIVE_POLL_S
+        return PENDING_POLL_S if handles else IDLE_POLL_S
+
+    def _tick(self) -> None:
         for data in self._notifications():
-            parsed = decode_notification(data)
-            if parsed is not None:
-                with self._lock:
-                    self._early_notifs[parsed[0]] = parsed[1]
-        with self._lock:
+            note = Notification.decode(data)
+            if note is not None:
+                self._on_notification(note)
+        now = time.monotonic()
+        with self._cv:
             senders = list(self._senders.values())
             receivers = list(self._receivers.values())
         for s in senders:
-            self._advance_sender(s, now)
-        for r in receivers:
-            with self._lock:
-                token = self._early_notifs.pop(r.transfer_id, None)
-            if r.abort_reason is not None:
-                self._finish_recv(r, f"aborted: {r.abort_reason}")
-            elif token is not None:
-                r.first_token = token
-                self._finish_recv(r, None)
-            elif now > r.deadline:
-                self._finish_recv(r, "timed out waiting for the KV from the prefill rank")
-        with self._lock:  # notifications for receives that were never posted: drop when stale
-            if len(self._early_notifs) > 4096:
-                self._early_notifs.clear()
-
-    def _advance_sender(self, s: KVSender, now: float) -> None:
-        if s.abort_reason is not None:
-            return self._finish_send(s, f"aborted: {s.abort_reason}")
-        if now > s.deadline:
-            where = "waiting for the decode rank's pages" if s.target is None else "sending"
-            return self._finish_send(s, f"timed out {where}")
-        if s.state is TransferState.BOOTSTRAPPING and s.target is not None:
-            s.state = TransferState.WAITING
-        if s.state is TransferState.WAITING:
-            assert s.target is not None
-            error = self._validate(s, s.target)
-            if error:
-                return self._finish_send(s, error)
             try:
-                self._connect(s.target.agent)
-                s.handle = self._start_write(s, s.target)
-                s.state = TransferState.TRANSFERRING
-            except Exception as e:
-                s.attempts += 1
-                if s.attempts >= HANDSHAKE_RETRIES:
-                    return self._finish_send(s, f"cannot reach {s.target.agent.name}: {e}")
-                time.sleep(0.01 * 2**s.attempts)
-                return None
+                self._advance_send(s, now)
+            except Exception as e:  # a bug in one transfer fails that transfer only
+                logger.exception("KV transfer %s (send)", s.transfer_id)
+                self._fail_send(s, f"internal error: {e!r}", cancel_grace=False)
+        for r in receivers:
+            self._advance_recv(r, now)
+
+    def _on_notification(self, note: Notification) -> None:
+        with self._cv:
+            r = self._receivers.get(note.transfer_id)
+        if r is None:  # a receive that already ended (timed out, aborted): nothing to do
+            logger.debug("KV transfer engine %s: stray notification %s", self.name, note)
+        elif note.kind == "start" and r.state is TransferState.WAITING:
+            r.state = TransferState.TRANSFERRING
+        elif note.kind == "done":
+            r.first_token = note.first_token
+            self._finish_recv(r, None)
+        elif note.kind == "fail":
+            r._peer_error = note.error or "unknown error"
+
+    def _advance_recv(self, r: KVReceiver, now: float) -> None:
+        if r._abort is not None:
+            self._finish_recv(r, f"aborted: {r._abort}")
+        elif r._peer_error is not None:
+            self._finish_recv(r, f"the sending rank failed: {r._peer_error}")
+        elif now > r.deadline:
+            what = "the rest of the KV" if r.state is TransferState.TRANSFERRING else "the KV"
+            self._finish_recv(r, f"timed out waiting for {what} from the sending rank")
+
+    def _advance_send(self, s: KVSender, now: float) -> None:
         if s.state is TransferState.TRANSFERRING:
-            status = self._check(s.handle)
-            if status == "DONE":
-                return self._finish_send(s, None)
-            if status == "ERR":
-                return self._finish_send(
-                    s, f"the write to {s.target and s.target.agent.name} failed"
+            return self._advance_write(s, now)
+        if s._abort is not None:
+            return self._fail_send(s, f"aborted: {s._abort}")
+        if now > s.deadline:
+            if s.target is None:
+                return self._fail_send(s, "timed out waiting for the receiving rank's pages")
+            return self._fail_send(s, f"timed out connecting to {s.target.agent.name}")
+        if s.target is None or now < s._retry_at:
+            return None
+        target = s.target
+        if s.state is TransferState.BOOTSTRAPPING:
+            s.state = TransferState.WAITING
+            error = self._refusal(s, target)
+            if error:
+                return self._fail_send(s, error)
+        runs = page_runs(s.src_pages, target.dst_pages)
+        try:
+            self._connect(target.agent)
+            self._notify(target.agent, Notification("start", s.transfer_id))
+            s._handle = self._start_write(
+                target.agent, runs, Notification("done", s.transfer_id, s.first_token)
+            )
+        except Exception as e:
+            s._attempts += 1
+            self._forget_if_unused(target.agent.name, s)
+            if s._attempts >= CONNECT_ATTEMPTS:
+                return self._fail_send(
+                    s, f"cannot reach {target.agent.name} after {s._attempts} attempts: {e}"
                 )
+            s._retry_at = now + CONNECT_BACKOFF_S * 2 ** (s._attempts - 1)
+            return None
+        s.state = TransferState.TRANSFERRING
+        return self._advance_write(s, now)
+
+    def _advance_write(self, s: KVSender, now: float) -> None:
+        assert s.target is not None
+        try:
+            if self._check(s._handle):
+                return self._finish_send(s, None)
+        except Exception as e:
+            self._forget_if_unused(s.target.agent.name, s)
+            return self._fail_send(s, f"the write to {s.target.agent.name} failed: {e}")
+        if s._cancel_failed_at is not None:  # an abort is waiting for the write to stop
+            if self._cancel(s._handle) or now > s._cancel_failed_at + CANCEL_GRACE_S:
+                self._fail_send(s, s.error or "aborted", cancel_grace=False)
+        elif s._abort is not None:
+            self._fail_send(s, f"aborted: {s._abort}")
+        elif now > s.deadline:
+            self._fail_send(s, f"timed out writing to {s.target.agent.name}")
         return None
 
-    def _validate(self, s: KVSender, target: TransferTarget) -> str | None:
-        if not self.layout.compatible(target.agent.layout):
-            return f"KV layouts differ: {self.layout} vs {target.agent.layout}"
+    def _refusal(self, s: KVSender, target: TransferTarget) -> str | None:
+        peer = target.agent
+        if target.transfer_id != s.transfer_id:
+            return f"the target is for transfer {target.transfer_id!r}, not {s.transfer_id!r}"
+        if peer.backend != self.backend:
+            return f"{peer.name} uses the {peer.backend} transfer backend, this rank {self.backend}"
+        mismatch = self.layout.mismatch(peer.layout)
+        if mismatch:
+            return f"{mismatch} (here {self.name}, there {peer.name})"
         if len(target.dst_pages) != len(s.src_pages):
             return f"{len(s.src_pages)} source pages but {len(target.dst_pages)} destination pages"
         return None
 
-    def _finish_send(self, s: KVSender, error: str | None) -> None:
-        if s.handle is not None:
+    def _forget_if_unused(self, peer_name: str, failed: KVSender) -> None:
+        with self._cv:
+            in_use = any(
+                o is not failed and o.target is not None and o.target.agent.name == peer_name
+                and o.state is TransferState.TRANSFERRING
+                for o in self._senders.values()
+            )  # fmt: skip
+        if not in_use:
             try:
-                self._release(s.handle)
+                self._forget(peer_name)
+            except Exception:
+                logger.debug("forgetting %s failed", peer_name, exc_info=True)
+
+    def _fail_send(self, s: KVSender, error: str, cancel_grace: bool = True) -> None:
+        """Fail `s`; a write in flight is cancelled first. One that cannot be cancelled keeps
+        the source pages (no result yet) until it stops or `CANCEL_GRACE_S` passes."""
+        if s._handle is not None:
+            cancelled = False
+            try:
+                cancelled = self._cancel(s._handle)
+            except Exception:
+                logger.debug("cancelling transfer %s failed", s.transfer_id, exc_info=True)
+            if not cancelled and cancel_grace and s._cancel_failed_at is None:
+                s.error, s._cancel_failed_at = error, time.monotonic()
+                return
+            s._handle = None
+        if s.target is not None and s.state is not TransferState.BOOTSTRAPPING:
+            try:  # best effort: the receiver would otherwise wait for its timeout
+                self._connect(s.target.agent)
+                self._notify(s.target.agent, Notification("fail", s.transfer_id, error=error))
+            except Exception:
+                logger.debug("telling %s about %s failed", s.target.agent.name, s.transfer_id)
+        self._finish_send(s, error)
+
+    def _finish_send(self, s: KVSender, error: str | None) -> None:
+        if error is None and s._handle is not None:
+            try:
+                self._cancel(s._handle)  # releases a finished write
             except Exception:
                 logger.debug("releasing transfer %s failed", s.transfer_id, exc_info=True)
-        s.state = TransferState.FAILED if error else TransferState.SUCCESS
-        s.error = error
+        s._handle = None
         num_bytes = len(s.src_pages) * self.layout.num_layers * self.layout.page_bytes
-        self._report(
-            self._senders, s.transfer_id,
-            TransferResult(
-                s.transfer_id, "send", error is None, error, s.first_token,
-                num_bytes if error is None else 0, time.monotonic() - s.started,
-            ),
+        result = TransferResult(
+            s.transfer_id, "send", error is None, error, s.first_token,
+            0 if error else num_bytes, time.monotonic() - s.started,
         )  # fmt: skip
+        with self._cv:
+            if self._senders.pop(s.transfer_id, None) is not s:
+                return
+            s.error = error
+            s.state = TransferState.FAILED if error else TransferState.SUCCESS
+            self._results.append(result)
 
     def _finish_recv(self, r: KVReceiver, error: str | None) -> None:
-        r.state = TransferState.FAILED if error else TransferState.SUCCESS
-        r.error = error
         num_bytes = len(r.target.dst_pages) * self.layout.num_layers * self.layout.page_bytes
-        self._report(
-            self._receivers, r.transfer_id,
-            TransferResult(
-                r.transfer_id, "recv", error is None, error, r.first_token,
-                num_bytes if error is None else 0, time.monotonic() - r.started,
-            ),
-        )  # fmt: skip
-
-    def _report(self, table: dict[str, Any], transfer_id: str, result: TransferResult) -> None:
-        with self._lock:
-            table.pop(transfer_id, None)
-            self._results.append(result)
+        with self._cv:
+            if self._receivers.pop(r.transfer_id, None) is not r:
+                return
+            r.error = error
+            r.state = TransferState.FAILED if error else TransferState.SUCCESS
+            self._results.append(
+                TransferResult(
+                    r.transfer_id, "recv", error is None, error,
+                    None if error else r.first_token, 0 if error else num_bytes,
+                    time.monotonic() - r.started,
+                )
+            )  # fmt: skip

@@ -1,0 +1,46 @@
+"""`KVSender` / `KVReceiver`: the caller's view of one transfer, one per side. The caller reads
+`state`, `error` (and the receiver's `first_token`); only the engine's thread writes them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.transfer.messages import TransferState, TransferTarget
+
+
+@dataclass(eq=False)
+class KVSender:
+    """The sending side of one transfer. The caller reads `state` and `error`; the engine's
+    thread moves them."""
+
+    transfer_id: str
+    src_pages: tuple[int, ...]
+    first_token: int
+    deadline: float
+    target: TransferTarget | None = None
+    state: TransferState = TransferState.BOOTSTRAPPING
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    _abort: str | None = field(default=None, repr=False)
+    _handle: Any = field(default=None, repr=False)
+    _attempts: int = field(default=0, repr=False)
+    _retry_at: float = field(default=0.0, repr=False)
+    _cancel_failed_at: float | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
+class KVReceiver:
+    """The receiving side of one transfer: give `target` to the sending rank. The caller reads
+    `state`, `error` and, once SUCCESS, `first_token`; the engine's thread moves them."""
+
+    transfer_id: str
+    target: TransferTarget
+    deadline: float
+    state: TransferState = TransferState.WAITING
+    error: str | None = None
+    first_token: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    _abort: str | None = field(default=None, repr=False)
+    _peer_error: str | None = field(default=None, repr=False)
