@@ -41,6 +41,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--dp", type=int, default=1, help="ranks of the colocated pool")
     t.add_argument("--prefill-dp", type=int, default=1, help="ranks of the prefill pool")
     t.add_argument("--decode-dp", type=int, default=1, help="ranks of the decode pool")
+    t.add_argument(
+        "--prefill-instances",
+        type=int,
+        default=1,
+        help="independent prefill pools (of --prefill-dp)",
+    )
+    t.add_argument(
+        "--decode-instances", type=int, default=1, help="independent decode pools (of --decode-dp)"
+    )
     t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
     t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     e = p.add_argument_group("engine")
@@ -92,6 +101,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         num_ranks=args.dp,
         prefill_dp=args.prefill_dp,
         decode_dp=args.decode_dp,
+        prefill_instances=args.prefill_instances,
+        decode_instances=args.decode_instances,
         transfer_backend=args.transfer_backend,
         transfer_timeout_s=args.transfer_timeout,
         engine=engine,
@@ -283,6 +294,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "pool",
         "rank",
         "node",
+        "node id",
         "running",
         "waiting",
         "in transfer",
@@ -292,15 +304,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows: list[tuple[str, ...]] = [header]
     for rank in data["ranks"]:
         info, st = rank["info"] or {}, rank["stats"]
-        pool = info.get("role", "?")
+        pool = f"{info.get('role', '?')}-{info.get('instance', 0)}" if info else "?"
+        where = (pool, str(rank["rank"]), info.get("node", ""), info.get("node_id", "")[:12])
         if rank["error"] or not st:
-            rows.append(
-                (pool, str(rank["rank"]), info.get("node", ""), rank["error"] or "not ready")
-            )
+            rows.append((*where, rank["error"] or "not ready"))
             continue
         used = f"{st['num_pages_used']}/{st['num_pages_total']}"
         rows.append((
-            pool, str(rank["rank"]), info.get("node", ""), str(st["num_running"]),
+            *where, str(st["num_running"]),
             str(st["num_waiting"]), str(st.get("num_in_transfer", 0)), used,
             str(st["num_generated_tokens"]),
         ))  # fmt: skip

@@ -21,6 +21,10 @@ class ServeConfig:
     num_ranks: int = 1  # colocated: ranks of the one pool
     prefill_dp: int = 1  # disaggregated: ranks of the prefill pool
     decode_dp: int = 1  # disaggregated: ranks of the decode pool
+    prefill_instances: int = 1  # disaggregated: independent prefill pools of prefill_dp ranks
+    decode_instances: int = 1  # disaggregated: independent decode pools of decode_dp ranks
+    placement_timeout_s: float = 120.0  # how long to wait for the cluster to place the pools
+    allow_fault_injection: bool = False  # tests only: ranks accept `inject_fault`
     transfer_backend: str = "nixl"
     transfer_timeout_s: float = 30.0  # a KV transfer (or its handshake) that takes longer fails
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -35,9 +39,16 @@ class ServeConfig:
     def topology(self) -> str:
         if self.colocated:
             return f"colocated: one pool of {self.num_ranks} rank(s)"
+
+        def pools(n: int, role: str, dp: int) -> str:
+            return (
+                f"{n} {role} pool(s) of {dp} rank(s)" if n > 1 else f"{role} pool of {dp} rank(s)"
+            )
+
         return (
-            f"disaggregated: prefill pool of {self.prefill_dp} rank(s), decode pool of "
-            f"{self.decode_dp} rank(s), KV over {self.transfer_backend}"
+            f"disaggregated: {pools(self.prefill_instances, 'prefill', self.prefill_dp)}, "
+            f"{pools(self.decode_instances, 'decode', self.decode_dp)}, "
+            f"KV over {self.transfer_backend}"
         )
 
     def __post_init__(self) -> None:
@@ -54,7 +65,7 @@ class ServeConfig:
             raise ValueError(f"--port must be in [0, 65535] (0 picks a free port), got {self.port}")
         if self.num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {self.num_ranks}")
-        for name in ("prefill_dp", "decode_dp"):
+        for name in ("prefill_dp", "decode_dp", "prefill_instances", "decode_instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.transfer_backend != "nixl":
@@ -64,6 +75,8 @@ class ServeConfig:
             )
         if self.transfer_timeout_s <= 0:
             raise ValueError("--transfer-timeout must be > 0 seconds")
+        if self.placement_timeout_s <= 0:
+            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.max_request_body_bytes < 1024:
             raise ValueError(
                 f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"

@@ -14,15 +14,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 import uvicorn
 from fastapi import FastAPI
 
 from orchestrator.config import ServeConfig
+from orchestrator.placement import PoolPlacement, PoolSpec, place_pools, remove_placements
 from orchestrator.router import Router
 from orchestrator.server import create_app
 from orchestrator.tokenizer import Tokenizer
@@ -39,34 +40,60 @@ def resolve_model_dir(config: ServeConfig) -> Path:
     return Path(ensure_tiny_checkpoint())
 
 
-def start_ranks(model_dir: Path, config: ServeConfig) -> list[Any]:
-    """Start the topology's engine rank actors (not waiting for them); `ray.init` first.
-    Colocated: `num_ranks` colocated ranks. Disaggregated: `prefill_dp` prefill ranks, then
-    `decode_dp` decode ranks."""
-    from workers.engine.worker import start_engine_rank
+class StartedRanks(NamedTuple):
+    ranks: list[Any]  # actor handles: pool instances in order, ranks of an instance in order
+    placements: list[PoolPlacement]
 
+
+def pool_specs(config: ServeConfig, num_gpus: float) -> list[PoolSpec]:
+    """The topology's pool instances and what each rank needs (CPUs; a GPU, or an equal share
+    of the cluster's GPUs when there are fewer GPUs than ranks, e.g. a prefill and a decode rank
+    on one GPU)."""
     engine = config.engine
-    num_gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = engine.device == "cuda" or (engine.device == "auto" and num_gpus > 0)
     if config.colocated:
-        roles = ["colocated"] * config.num_ranks
+        layout = [("colocated", 0, config.num_ranks)]
     else:
-        roles = ["prefill"] * config.prefill_dp + ["decode"] * config.decode_dp
-    # One GPU per rank; with fewer GPUs than ranks (e.g. a prefill and a decode rank on one
-    # GPU) the ranks share them in equal fractions.
-    gpus_per_rank = min(1.0, num_gpus / len(roles)) if use_gpu and num_gpus else 0.0
-    return [
-        start_engine_rank(
-            str(model_dir),
-            engine,
-            num_cpus=engine.num_threads or 1,
-            num_gpus=gpus_per_rank,
-            role=role,
-            transfer_backend=config.transfer_backend,
-            transfer_timeout_s=config.transfer_timeout_s,
-        )
-        for role in roles
-    ]
+        layout = [("prefill", i, config.prefill_dp) for i in range(config.prefill_instances)]
+        layout += [("decode", i, config.decode_dp) for i in range(config.decode_instances)]
+    total_ranks = sum(n for _, _, n in layout)
+    bundle: dict[str, float] = {"CPU": float(engine.num_threads or 1)}
+    if use_gpu and num_gpus:
+        bundle["GPU"] = min(1.0, num_gpus / total_ranks)
+    return [PoolSpec(role, i, n, bundle) for role, i, n in layout]
+
+
+def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
+    """Place the topology's pool instances and start their engine rank actors (not waiting for
+    the models to load); `ray.init` first."""
+    from workers.engine.worker import start_engine_rank
+
+    specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
+    placements = place_pools(specs, config.placement_timeout_s)
+    ranks = []
+    try:
+        for placement in placements:
+            spec = placement.spec
+            for i in range(spec.num_ranks):
+                ranks.append(
+                    start_engine_rank(
+                        str(model_dir),
+                        config.engine,
+                        num_cpus=spec.bundle["CPU"],
+                        num_gpus=spec.bundle.get("GPU", 0.0),
+                        role=spec.role,
+                        instance=spec.instance,
+                        transfer_backend=config.transfer_backend,
+                        transfer_timeout_s=config.transfer_timeout_s,
+                        allow_fault_injection=config.allow_fault_injection,
+                        scheduling_strategy=placement.strategy(i),
+                    )
+                )
+    except BaseException:
+        shutdown_ranks(ranks)
+        remove_placements(placements)
+        raise
+    return StartedRanks(ranks, placements)
 
 
 def wait_ranks_ready(
@@ -145,11 +172,13 @@ class LocalServer:
     http: ServerThread
     ranks: list[Any]
     owns_ranks: bool = True
+    placements: list[PoolPlacement] = field(default_factory=list)
 
     def stop(self) -> None:
         self.http.stop()
         if self.owns_ranks:
             shutdown_ranks(self.ranks)
+            remove_placements(self.placements)
 
 
 def shutdown_ranks(ranks: list[Any], timeout_s: float = 15.0) -> None:
@@ -173,7 +202,9 @@ def launch(
     (port 0: a free one) from a background thread. `ray.init` must have run."""
     model_dir = model_dir or resolve_model_dir(config)
     owns_ranks = ranks is None
-    ranks = ranks if ranks is not None else start_ranks(model_dir, config)
+    placements: list[PoolPlacement] = []
+    if ranks is None:
+        ranks, placements = start_ranks(model_dir, config)
     try:
         wait_ranks_ready(ranks, config.ready_timeout_s, progress)
         router = Router(
@@ -191,5 +222,6 @@ def launch(
     except BaseException:
         if owns_ranks:
             shutdown_ranks(ranks)
+            remove_placements(placements)
         raise
-    return LocalServer(http.url, model_dir, router, http, ranks, owns_ranks)
+    return LocalServer(http.url, model_dir, router, http, ranks, owns_ranks, placements)

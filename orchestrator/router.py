@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.detokenizer import IncrementalDetokenizer
+from orchestrator.policy import Pick, RankLoad, pick_ranks
 from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
     FinishReason,
@@ -72,6 +73,7 @@ class _Request:
     rid: str
     rank: int  # the rank that generates (colocated or decode)
     num_tokens: int  # prompt + max_new_tokens: the load it puts on its rank
+    num_prompt_tokens: int
     prefill_rank: int | None = None  # disaggregated: the rank that computes the prompt
     queue: asyncio.Queue[TokenDelta] = field(default_factory=asyncio.Queue)
 
@@ -86,15 +88,6 @@ def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
         num_prompt_tokens=b.num_prompt_tokens,
         num_output_tokens=b.num_output_tokens,
     )
-
-
-def pick_rank(loads: Sequence[int], alive: Sequence[bool]) -> int:
-    """Index of the live rank with the least load (token reservations); -1 when none lives."""
-    best = -1
-    for i, (load, ok) in enumerate(zip(loads, alive, strict=True)):
-        if ok and (best < 0 or load < loads[best]):
-            best = i
-    return best
 
 
 class Router:
@@ -120,7 +113,10 @@ class Router:
         self.infos: list[RankInfo | None] = [None] * len(ranks)
         self.rank_errors: list[str | None] = [None] * len(ranks)
         self._requests: dict[str, _Request] = {}
-        self._loads = [0] * len(ranks)
+        # The load this router put on each rank (see `orchestrator.policy`).
+        self._reserved_tokens = [0] * len(ranks)
+        self._queued_prefill_tokens = [0] * len(ranks)
+        self._running = [0] * len(ranks)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
@@ -219,8 +215,11 @@ class Router:
                 if index == req.prefill_rank and item.finish_reason is not None:
                     # The prefill side failed: the decode side waits for KV that won't come.
                     self._spawn(self.ranks[req.rank].abort.remote(item.rid))
-                elif index == req.rank and item.token_ids:
-                    req.prefill_rank = None  # decoding: it no longer depends on the prefill rank
+                elif index == req.rank and item.token_ids and req.prefill_rank is not None:
+                    # Decoding: it no longer depends on (or loads) the prefill rank.
+                    self._queued_prefill_tokens[req.prefill_rank] -= req.num_prompt_tokens
+                    self._running[req.prefill_rank] -= 1
+                    req.prefill_rank = None
                 req.queue.put_nowait(item)
 
     def _spawn(self, awaitable: Any) -> None:
@@ -234,29 +233,27 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _pick(self, avoid: frozenset[int] = frozenset()) -> tuple[int, int | None]:
-        """(generating rank, prefill rank or None): disaggregated when both pools are up.
-        Ranks in `avoid` are not picked."""
-        live = [
-            info is not None and err is None and i not in avoid
+    def loads(self) -> list[RankLoad]:
+        """Each rank's load as the pair-picking policy sees it."""
+        return [
+            RankLoad(
+                role=info.role if info is not None else "",
+                alive=info is not None and err is None,
+                kv_capacity_tokens=info.kv_capacity_tokens if info is not None else 0,
+                num_queued_prefill_tokens=self._queued_prefill_tokens[i],
+                num_reserved_tokens=self._reserved_tokens[i],
+                num_running=self._running[i],
+            )
             for i, (info, err) in enumerate(zip(self.infos, self.rank_errors, strict=True))
         ]
-        roles = [info.role if info is not None else "" for info in self.infos]
 
-        def least_loaded(role: str) -> int:
-            return pick_rank(
-                self._loads, [ok and r == role for ok, r in zip(live, roles, strict=True)]
-            )
-
-        if "prefill" in roles or "decode" in roles:
-            prefill, decode = least_loaded("prefill"), least_loaded("decode")
-            if prefill < 0 or decode < 0:
-                raise RouterNotReady(self._dead_message())
-            return decode, prefill
-        rank = least_loaded("colocated")
-        if rank < 0:
+    def _pick(self, avoid: frozenset[int] = frozenset()) -> Pick:
+        """The ranks for a new request (`orchestrator.policy.pick_ranks`); ranks in `avoid`
+        are not picked. RouterNotReady when no live rank (pair) can take it."""
+        pick = pick_ranks(self.loads(), avoid)
+        if pick is None:
             raise RouterNotReady(self._dead_message())
-        return rank, None
+        return pick
 
     def _fail_requests(self, rank: int | None, message: str) -> None:
         for req in list(self._requests.values()):
@@ -334,11 +331,15 @@ class Router:
             raise ValueError(f"rid: request {rid!r} is already running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
         handle = self.ranks[rank]
-        req = _Request(rid, rank, len(input_ids) + sampling.max_new_tokens, prefill_rank)
+        req = _Request(
+            rid, rank, len(input_ids) + sampling.max_new_tokens, len(input_ids), prefill_rank
+        )
         self._requests[rid] = req
-        self._loads[rank] += req.num_tokens
+        self._reserved_tokens[rank] += req.num_tokens
+        self._running[rank] += 1
         if prefill_rank is not None:
-            self._loads[prefill_rank] += len(input_ids)
+            self._queued_prefill_tokens[prefill_rank] += req.num_prompt_tokens
+            self._running[prefill_rank] += 1
         detok = IncrementalDetokenizer(self.tokenizer, input_ids, stop)
         finished = False
         add_ref = prefill_ref = None
@@ -403,9 +404,11 @@ class Router:
             if timer is not None:
                 timer.cancel()
             self._requests.pop(rid, None)
-            self._loads[rank] -= req.num_tokens
-            if prefill_rank is not None:
-                self._loads[prefill_rank] -= len(input_ids)
+            self._reserved_tokens[rank] -= req.num_tokens
+            self._running[rank] -= 1
+            if req.prefill_rank is not None:  # still on it (no token came from decode yet)
+                self._queued_prefill_tokens[req.prefill_rank] -= req.num_prompt_tokens
+                self._running[req.prefill_rank] -= 1
             if not finished:
                 if add_ref is not None:
                     self._spawn(self._abort_after(handle, add_ref, rid))

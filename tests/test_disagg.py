@@ -191,3 +191,93 @@ def test_requests_on_a_dead_prefill_rank_are_retried_on_another_pair(launch_tiny
         _wait_all_pages_free(server.url)
     finally:
         server.stop()
+
+
+def _generate(url: str, prompt: list[int], n: int, timeout_s: float = 60) -> httpx.Response:
+    body = {"input_ids": prompt, "sampling_params": _greedy(n)}
+    return httpx.post(f"{url}/generate", json=body, timeout=timeout_s)
+
+
+def test_decode_rank_that_never_posts_its_receive_fails_the_request_cleanly(launch_tiny):
+    import ray
+
+    server = launch_tiny(allow_fault_injection=True, transfer_timeout_s=2.0)
+    try:
+        roles = [r["info"]["role"] for r in httpx.get(f"{server.url}/v1/stats").json()["ranks"]]
+        decode = server.ranks[roles.index("decode")]
+        ray.get(decode.inject_fault.remote("withhold_receive", 1))
+        started = time.monotonic()
+        r = _generate(server.url, list(range(5, 60)), 8)
+        assert time.monotonic() - started < 10, "the transfer timeout did not end the request"
+        assert r.status_code >= 500, r.text
+        message = r.json()["error"]["message"]
+        assert "KV transfer" in message and "timed out" in message, message
+        _wait_all_pages_free(server.url)
+        r = _generate(server.url, list(range(5, 60)), 8)
+        assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
+        with pytest.raises(ray.exceptions.RayTaskError, match="unknown fault"):
+            ray.get(decode.inject_fault.remote("no-such-fault", 1))
+    finally:
+        server.stop()
+
+
+def test_client_gone_during_a_transfer_frees_both_sides(launch_tiny):
+    import ray
+
+    server = launch_tiny(allow_fault_injection=True, transfer_timeout_s=60.0)
+    try:
+        ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
+        roles = [r["info"]["role"] for r in ranks]
+        prefill_index = roles.index("prefill")
+        ray.get(server.ranks[roles.index("decode")].inject_fault.remote("withhold_receive", 1))
+
+        def prefill_stats() -> dict[str, Any]:
+            stats = httpx.get(f"{server.url}/v1/stats").json()["ranks"][prefill_index]["stats"]
+            return dict(stats)
+
+        async def run() -> None:
+            body = {"input_ids": list(range(5, 90)), "sampling_params": _greedy(8), "stream": True}
+            url = f"{server.url}/generate"
+            async with (
+                httpx.AsyncClient(timeout=30) as client,
+                client.stream("POST", url, json=body) as resp,
+            ):
+                assert resp.status_code == 200
+                # The prompt is done and its KV waits to be sent: the transfer is in flight.
+                deadline = time.monotonic() + 20
+                while prefill_stats()["num_in_transfer"] == 0:
+                    assert time.monotonic() < deadline, "the transfer never started"
+                    await asyncio.sleep(0.05)
+                assert prefill_stats()["num_pages_used"] > 0
+            # Leaving the block closed the connection: the client is gone.
+
+        asyncio.run(run())
+        _wait_all_pages_free(server.url, timeout_s=15)
+        assert all(r["stats"]["num_in_transfer"] == 0 for r in
+                   httpx.get(f"{server.url}/v1/stats").json()["ranks"])  # fmt: skip
+        r = _generate(server.url, list(range(5, 90)), 8)
+        assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
+    finally:
+        server.stop()
+
+
+def test_pool_instances_run_in_their_own_placement_groups(launch_tiny):
+    from ray.util import placement_group_table
+
+    server = launch_tiny(prefill_instances=2, decode_instances=1)
+    try:
+        groups = [p.group.id.hex() for p in server.placements]
+        assert [p.spec.name for p in server.placements] == ["prefill-0", "prefill-1", "decode-0"]
+        assert all(placement_group_table()[g]["state"] == "CREATED" for g in groups)
+        ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
+        pools = sorted((r["info"]["role"], r["info"]["instance"]) for r in ranks)
+        assert pools == [("decode", 0), ("prefill", 0), ("prefill", 1)]
+        rng = random.Random(5)
+        prompts = [[rng.randrange(1024) for _ in range(rng.randint(20, 200))] for _ in range(8)]
+        asyncio.run(_stream_all(server.url, prompts, 8))
+        ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
+        prefill_steps = [r["stats"]["num_steps"] for r in ranks if r["info"]["role"] == "prefill"]
+        assert all(n > 0 for n in prefill_steps), f"a prefill instance got no work: {ranks}"
+    finally:
+        server.stop()
+    assert all(placement_group_table()[g]["state"] == "REMOVED" for g in groups)

@@ -14,15 +14,25 @@ the batch; when the transfer fails it ends with an error.
 
 Pages written by a peer are never reused while that peer may still write them: an aborted or
 failed receive keeps its pages for `quarantine_s` before they are freed.
+
+`faults` lets fault tests make a decode rank misbehave on purpose (see `FAULTS`); serving never
+arms it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from workers.engine.engine import Engine
 from workers.engine.messages import FinishReason, TokenDelta, TransferReady
+
+FAULTS = {
+    # Decode rank: reserve the request's pages but never post its receive, so that the prefill
+    # side's transfer times out. The request waits until it is aborted.
+    "withhold_receive",
+}
 
 
 class KVHandoff:
@@ -37,11 +47,35 @@ class KVHandoff:
         self._in_flight: set[str] = set()  # transfers started and not yet reported
         self._aborted: set[str] = set()  # in flight, aborted: report ABORT, not an error
         self._quarantine: list[tuple[float, str]] = []  # (free after, rid)
+        self._withheld: set[str] = set()  # decode: receives withheld by an injected fault
+        self.faults: Counter[str] = Counter()  # armed fault -> how many requests it hits
+
+    def inject_fault(self, kind: str, count: int = 1) -> None:
+        """Make the next `count` requests hit fault `kind` (one of `FAULTS`); for tests."""
+        if kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
+        if kind == "withhold_receive" and self.role != "decode":
+            raise ValueError(f"fault {kind!r} applies to a decode rank, not a {self.role} rank")
+        self.faults[kind] += count
+
+    def _take_fault(self, kind: str) -> bool:
+        if self.faults[kind] <= 0:
+            return False
+        self.faults[kind] -= 1
+        return True
 
     @property
     def busy(self) -> bool:
-        """Whether the loop must keep polling the transfer engine."""
+        """Whether transfers are in flight or pages in quarantine."""
         return bool(self._in_flight or self._quarantine)
+
+    def wait_s(self, now: float) -> float | None:
+        """How long the loop may sleep before `after_step` has work without being woken: until
+        the first quarantine ends (None: until woken). Transfer results wake the loop through
+        the transfer engine's `on_result`."""
+        if not self._quarantine:
+            return None
+        return max(0.0, self._quarantine[0][0] - now)
 
     def set_target(self, rid: str, target: Any) -> None:
         if rid in self._in_flight:
@@ -52,6 +86,7 @@ class KVHandoff:
     def abort(self, engine: Engine, rid: str) -> TokenDelta | None:
         """Abort `rid`; a request with a transfer in flight ends when the transfer reports."""
         self._targets.pop(rid, None)
+        self._withheld.discard(rid)
         if any(r == rid for _, r in self._quarantine):
             return None  # already ended; its pages are freed when the quarantine ends
         if rid in self._in_flight:
@@ -70,6 +105,9 @@ class KVHandoff:
                 target=self._targets.pop(seq.rid, None),
             )  # fmt: skip
         for seq in engine.take_reserved():
+            if self._take_fault("withhold_receive"):
+                self._withheld.add(seq.rid)
+                continue
             self._in_flight.add(seq.rid)
             receiver = self.transfer.expect(seq.rid, seq.pages, self.timeout_s)
             events.append(TransferReady(seq.rid, receiver.target))

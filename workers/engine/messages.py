@@ -98,6 +98,8 @@ class RankInfo:
     num_pages: int
     role: str = "colocated"  # colocated | prefill | decode
     node: str = ""  # address of the node the rank runs on
+    node_id: str = ""  # Ray node id
+    instance: int = 0  # which instance of its pool
 
 
 @dataclass(frozen=True)

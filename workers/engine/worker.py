@@ -12,6 +12,8 @@ Actor contract:
   A decode rank also reports `TransferReady` (where a request's KV must be written).
 - `set_transfer_target(rid, target)`: prefill rank; the decode side's `TransferReady.target`.
 - `stats() -> RankStats`; `shutdown()`.
+- `inject_fault(kind, count)`: for fault tests; refused unless the rank was started with
+  `allow_fault_injection` (see `workers.engine.handoff.FAULTS`).
 
 Roles: "colocated" (prefill and decode), "prefill" (prompt and first token, then the KV and token
 go to a decode rank; it reports only failures), "decode" (receives KV, generates). See
@@ -25,6 +27,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 import traceback
 import uuid
 from collections import deque
@@ -35,7 +38,7 @@ import torch
 
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
-from workers.engine.handoff import KVHandoff
+from workers.engine.handoff import FAULTS, KVHandoff
 from workers.engine.messages import (
     GenerateRequest,
     RankInfo,
@@ -58,6 +61,8 @@ class EngineWorker:
         role: str = "colocated",
         transfer_backend: str = "nixl",
         transfer_timeout_s: float = 30.0,
+        allow_fault_injection: bool = False,
+        instance: int = 0,
     ):
         if role not in _MODES:
             raise ValueError(f"role must be one of {sorted(_MODES)}, got {role!r}")
@@ -77,8 +82,14 @@ class EngineWorker:
                 self.engine.kv.page_size,
             )
             self.handoff = KVHandoff(role, transfer, transfer_timeout_s)
+            transfer.on_result = self._wake_for_transfer
+        self.allow_fault_injection = allow_fault_injection
         self._info = dataclasses.replace(
-            self.engine.info(), role=role, node=ray.util.get_node_ip_address()
+            self.engine.info(),
+            role=role,
+            node=ray.util.get_node_ip_address(),
+            node_id=ray.get_runtime_context().get_node_id(),
+            instance=instance,
         )
         self._lock = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
@@ -86,6 +97,7 @@ class EngineWorker:
         self._events: list[TransferReady] = []
         self._stats = self.engine.stats()
         self._stopped = False
+        self._transfer_results = False  # a transfer reported: the loop must collect it
         self._error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
@@ -128,6 +140,17 @@ class EngineWorker:
     def stats(self) -> RankStats:
         return self._stats
 
+    def inject_fault(self, kind: str, count: int = 1) -> None:
+        if not self.allow_fault_injection:
+            raise RuntimeError("fault injection is off on this rank (allow_fault_injection)")
+        if self.handoff is None:
+            raise ValueError("faults apply to disaggregated ranks only")
+        if kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
+        with self._lock:  # armed by the loop, between steps
+            self._inbox.append(("fault", (kind, count)))
+            self._lock.notify_all()
+
     def shutdown(self) -> None:
         with self._lock:
             self._stopped = True
@@ -146,15 +169,18 @@ class EngineWorker:
         engine, handoff, mode = self.engine, self.handoff, _MODES[self.role]
         while True:
             with self._lock:
-                while not self._inbox and not self._stopped:
+                while not self._inbox and not self._stopped and not self._transfer_results:
                     if engine.has_work and not engine.idle:
                         break
-                    if handoff is not None and handoff.busy:
-                        self._lock.wait(0.001)  # transfers report by polling
+                    wait_s = handoff.wait_s(time.monotonic()) if handoff is not None else None
+                    if wait_s is not None and wait_s <= 0:
                         break
-                    self._lock.wait()
+                    self._lock.wait(wait_s)
+                    if wait_s is not None:
+                        break
                 if self._stopped:
                     return
+                self._transfer_results = False
                 inbox, self._inbox = self._inbox, deque()
             deltas: list[TokenDelta] = []
             events: list[TransferReady] = []
@@ -167,6 +193,12 @@ class EngineWorker:
                 elif kind == "target":
                     assert handoff is not None
                     handoff.set_target(*payload)
+                elif kind == "fault":
+                    assert handoff is not None
+                    try:
+                        handoff.inject_fault(*payload)
+                    except ValueError as e:
+                        logger.error("fault injection refused: %s", e)
                 else:
                     delta = handoff.abort(engine, payload) if handoff else engine.abort(payload)
                     if delta is not None:
@@ -181,6 +213,11 @@ class EngineWorker:
                 self._error = f"{type(e).__name__}: {e}"
                 deltas.extend(engine.abort_all(f"engine step failed: {self._error}"))
             self._publish(deltas, events, engine.stats())
+
+    def _wake_for_transfer(self) -> None:
+        with self._lock:
+            self._transfer_results = True
+            self._lock.notify_all()
 
     def _publish(
         self, deltas: list[TokenDelta], events: list[TransferReady], stats: RankStats
@@ -206,8 +243,12 @@ def start_engine_rank(
     role: str = "colocated",
     transfer_backend: str = "nixl",
     transfer_timeout_s: float = 30.0,
+    allow_fault_injection: bool = False,
+    instance: int = 0,
+    scheduling_strategy: Any = None,
 ) -> Any:
-    """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle."""
+    """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle.
+    `scheduling_strategy`: e.g. its pool's placement group bundle."""
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
@@ -218,7 +259,15 @@ def start_engine_rank(
     }
     if name:
         options["name"] = name
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
     actor_cls = ray.remote(EngineWorker)
     return actor_cls.options(**options).remote(
-        model_dir, config, role, transfer_backend, transfer_timeout_s
+        model_dir,
+        config,
+        role,
+        transfer_backend,
+        transfer_timeout_s,
+        allow_fault_injection,
+        instance,
     )

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -70,6 +71,9 @@ class KVTransferEngine(ABC):
         self._results: list[TransferResult] = []
         self._closed = False
         self._thread: threading.Thread | None = None
+        # Called (on the engine's thread) after a result is ready to `poll`, so that the caller
+        # can wait for results instead of polling for them.
+        self.on_result: Callable[[], None] | None = None
 
     def _start_thread(self) -> None:
         """Backends call this at the end of their constructor."""
@@ -385,6 +389,7 @@ class KVTransferEngine(ABC):
             s.error = error
             s.state = TransferState.FAILED if error else TransferState.SUCCESS
             self._results.append(result)
+        self._result_ready()
 
     def _finish_recv(self, r: KVReceiver, error: str | None) -> None:
         num_bytes = len(r.target.dst_pages) * self.layout.num_layers * self.layout.page_bytes
@@ -400,3 +405,11 @@ class KVTransferEngine(ABC):
                     time.monotonic() - r.started,
                 )
             )  # fmt: skip
+        self._result_ready()
+
+    def _result_ready(self) -> None:
+        if self.on_result is not None:
+            try:
+                self.on_result()
+            except Exception:
+                logger.exception("KV transfer engine %s: on_result failed", self.name)

@@ -1,0 +1,180 @@
+"""Where the pools run: one Ray placement group per pool instance, prefill and decode kept on
+different nodes when the cluster has several.
+
+A pool instance is `num_ranks` engine ranks that serve together (with expert parallelism, one
+collective group); each rank is one bundle of its instance's placement group, packed onto as few
+nodes as possible. Which nodes a pool may use (`assign_nodes`, a pure function):
+
+1. Nodes labelled `pdserve.io/pool=prefill` or `=decode` (`ray start --labels ...`, or a
+   `ray up` node type) take that pool only; a pool whose label is on no node uses the unlabelled
+   nodes.
+2. Otherwise, with two or more nodes, the nodes are split between the pools so that each pool's
+   share can hold all of its ranks; a pool never shares a node with the other one then.
+3. Otherwise (one node, or no split fits) both pools may use any node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+POOL_LABEL = "pdserve.io/pool"
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One pool instance: `num_ranks` ranks of `role`, each needing `bundle` (Ray resources)."""
+
+    role: str  # colocated | prefill | decode
+    instance: int
+    num_ranks: int
+    bundle: dict[str, float] = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.instance}"
+
+    def need(self, resource: str) -> float:
+        return self.num_ranks * self.bundle.get(resource, 0.0)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    address: str
+    resources: dict[str, float] = field(hash=False)  # total, e.g. {"CPU": 16, "GPU": 8}
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+def assign_nodes(pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo]) -> dict[str, list[str]]:
+    """The node ids each role may use (see the module doc); a role missing from the result may
+    use any node."""
+    roles = sorted({p.role for p in pools})
+    labelled = {
+        role: [n.node_id for n in nodes if n.labels.get(POOL_LABEL) == role] for role in roles
+    }
+    if any(labelled.values()):
+        unlabelled = [n.node_id for n in nodes if POOL_LABEL not in n.labels]
+        return {role: ids or unlabelled for role, ids in labelled.items()}
+    if len(roles) < 2 or len(nodes) < 2:
+        return {}
+    split = _split_nodes(pools, nodes, roles)
+    return split if split is not None else {}
+
+
+def _split_nodes(
+    pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo], roles: list[str]
+) -> dict[str, list[str]] | None:
+    """Disjoint node sets per role, each holding its role's total need of every resource; the
+    largest nodes first, each to the role with the most unmet need. None if no such split."""
+    resources = sorted({r for p in pools for r in p.bundle if p.bundle[r] > 0})
+    need = {role: {r: sum(p.need(r) for p in pools if p.role == role) for r in resources}
+            for role in roles}  # fmt: skip
+    # The scarcest resource decides (GPUs when any rank wants one).
+    key = "GPU" if "GPU" in resources else "CPU"
+    order = sorted(nodes, key=lambda n: (-n.resources.get(key, 0.0), n.node_id))
+    out: dict[str, list[str]] = {role: [] for role in roles}
+    have = {role: dict.fromkeys(resources, 0.0) for role in roles}
+    for node in order:
+
+        def unmet(role: str) -> float:
+            total = need[role][key] or 1.0
+            return max(0.0, need[role][key] - have[role][key]) / total
+
+        role = max(roles, key=lambda r: (unmet(r), -len(out[r])))
+        out[role].append(node.node_id)
+        for r in resources:
+            have[role][r] += node.resources.get(r, 0.0)
+    if any(have[role][r] < need[role][r] for role in roles for r in resources):
+        return None
+    return out
+
+
+def cluster_nodes() -> list[NodeInfo]:
+    """The live nodes of the Ray cluster (`ray.init` first)."""
+    import ray
+
+    return [
+        NodeInfo(
+            node_id=n["NodeID"],
+            address=n.get("NodeManagerAddress", ""),
+            resources=dict(n.get("Resources", {})),
+            labels=dict(n.get("Labels", {}) or {}),
+        )
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+@dataclass
+class PoolPlacement:
+    """A pool instance's placement group (Ray); `strategy(i)` schedules its rank `i`."""
+
+    spec: PoolSpec
+    group: Any  # ray.util.placement_group.PlacementGroup
+    node_ids: list[str] | None
+
+    def strategy(self, rank: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=rank
+        )
+
+
+def place_pools(pools: Sequence[PoolSpec], timeout_s: float = 60.0) -> list[PoolPlacement]:
+    """Reserve a placement group per pool instance; raise RuntimeError naming the pool and the
+    cluster's resources when one cannot be placed within `timeout_s`."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    nodes = cluster_nodes()
+    allowed = assign_nodes(pools, nodes)
+    if allowed:
+        logger.info(
+            "pools on separate nodes: %s",
+            ", ".join(f"{role}: {len(ids)} node(s)" for role, ids in sorted(allowed.items())),
+        )
+    placements: list[PoolPlacement] = []
+    for spec in pools:
+        ids = allowed.get(spec.role)
+        selector = None
+        if ids:
+            selector = [{NODE_ID_LABEL: f"in({','.join(ids)})"}] * spec.num_ranks
+        group = placement_group(
+            [dict(spec.bundle) for _ in range(spec.num_ranks)],
+            strategy="PACK",
+            name=f"pdserve-{spec.name}-{time.monotonic_ns():x}",
+            bundle_label_selector=selector,
+        )
+        placements.append(PoolPlacement(spec, group, ids))
+    ready = {p.group.ready(): p for p in placements}
+    done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout_s)
+    if pending:
+        stuck = [ready[ref].spec for ref in pending]
+        for p in placements:
+            remove_placement_group(p.group)
+        free = ray.available_resources()
+        raise RuntimeError(
+            "the cluster cannot place "
+            + "; ".join(f"the {s.name} pool ({s.num_ranks} x {s.bundle})" for s in stuck)
+            + f" within {timeout_s:.0f} s; resources free now: "
+            + ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()) if k in ("CPU", "GPU"))
+        )
+    return placements
+
+
+def remove_placements(placements: Sequence[PoolPlacement]) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for p in placements:
+        try:
+            remove_placement_group(p.group)
+        except Exception as e:  # the cluster is gone already
+            logger.debug("removing placement group %s failed: %s", p.spec.name, e)

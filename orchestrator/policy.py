@@ -1,0 +1,60 @@
+"""Which ranks take a new request: a pure function of the router's view of each rank's load.
+
+The router keeps the load it put on each rank itself (exact and current, unlike stats polled
+from the ranks): prompt tokens waiting for prefill, tokens reserved (prompt + max new tokens of
+each request, what the request may come to hold in KV), and running requests.
+
+- Prefill rank: the fewest queued prompt tokens (it finishes the new prompt first); ties go to
+  fewer running requests, then to the lower index.
+- Decode (or colocated) rank: the most free KV tokens after its reservations (so that a rank with
+  a larger KV pool takes more); ties go to fewer running requests, then to the lower index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    role: str  # colocated | prefill | decode
+    alive: bool
+    kv_capacity_tokens: int
+    num_queued_prefill_tokens: int = 0  # prompt tokens sent to it whose prefill is not done
+    num_reserved_tokens: int = 0  # prompt + max_new_tokens of the requests it holds
+    num_running: int = 0  # requests it holds
+
+    @property
+    def free_kv_tokens(self) -> int:
+        return self.kv_capacity_tokens - self.num_reserved_tokens
+
+
+class Pick(NamedTuple):
+    rank: int  # generates: a decode or colocated rank
+    prefill_rank: int | None  # disaggregated: computes the prompt
+
+
+def pick_ranks(loads: Sequence[RankLoad], avoid: frozenset[int] = frozenset()) -> Pick | None:
+    """The ranks for a new request, or None when no live rank (outside `avoid`) can take it.
+    Disaggregated when any rank is a prefill or decode rank: then it needs one live of each."""
+    live = [i for i, load in enumerate(loads) if load.alive and i not in avoid]
+
+    def best(role: str, key: Callable[[int], tuple[int, int, int]]) -> int | None:
+        candidates = [i for i in live if loads[i].role == role]
+        return min(candidates, key=key) if candidates else None
+
+    def prefill_key(i: int) -> tuple[int, int, int]:
+        return (loads[i].num_queued_prefill_tokens, loads[i].num_running, i)
+
+    def decode_key(i: int) -> tuple[int, int, int]:
+        return (-loads[i].free_kv_tokens, loads[i].num_running, i)
+
+    if any(load.role in ("prefill", "decode") for load in loads):
+        prefill, decode = best("prefill", prefill_key), best("decode", decode_key)
+        if prefill is None or decode is None:
+            return None
+        return Pick(decode, prefill)
+    rank = best("colocated", decode_key)
+    return None if rank is None else Pick(rank, None)

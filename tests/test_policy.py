@@ -1,0 +1,86 @@
+"""The router's pair-picking policy and the pools' node assignment: pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.placement import POOL_LABEL, NodeInfo, PoolSpec, assign_nodes
+from orchestrator.policy import Pick, RankLoad, pick_ranks
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def _p(queued: int, running: int = 0, alive: bool = True) -> RankLoad:
+    return RankLoad("prefill", alive, 1000, num_queued_prefill_tokens=queued, num_running=running)
+
+
+def _d(reserved: int, capacity: int = 1000, running: int = 0, alive: bool = True) -> RankLoad:
+    return RankLoad("decode", alive, capacity, num_reserved_tokens=reserved, num_running=running)
+
+
+def test_prefill_with_fewest_queued_tokens_and_decode_with_most_free_kv():
+    loads = [_p(500), _p(100), _p(300), _d(900), _d(200), _d(100, capacity=400)]
+    # decode 4 has 800 free tokens, decode 5 only 300 though it holds less.
+    assert pick_ranks(loads) == Pick(4, 1)
+
+
+def test_ties_go_to_fewer_running_then_lower_index():
+    loads = [_p(100, running=3), _p(100, running=1), _d(0, running=2), _d(0, running=2)]
+    assert pick_ranks(loads) == Pick(2, 1)
+
+
+def test_dead_and_avoided_ranks_are_skipped():
+    loads = [_p(0, alive=False), _p(900), _d(0), _d(500)]
+    assert pick_ranks(loads) == Pick(2, 1)
+    assert pick_ranks(loads, avoid=frozenset({2})) == Pick(3, 1)
+    assert pick_ranks(loads, avoid=frozenset({1})) is None  # no live prefill rank left
+    assert pick_ranks([_p(0), _d(0, alive=False)]) is None
+
+
+def test_colocated_pool_picks_most_free_kv():
+    loads = [RankLoad("colocated", True, 1000, num_reserved_tokens=r) for r in (700, 100, 400)]
+    assert pick_ranks(loads) == Pick(1, None)
+    assert pick_ranks([RankLoad("colocated", False, 1000)]) is None
+
+
+def _node(i: int, cpus: float = 8, gpus: float = 0, **labels: str) -> NodeInfo:
+    res = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    return NodeInfo(f"n{i}", f"10.0.0.{i}", res, labels)
+
+
+def _pools(prefill: int, decode: int, cpu: float = 1, gpu: float = 0) -> list[PoolSpec]:
+    bundle = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
+    return [PoolSpec("prefill", 0, prefill, bundle), PoolSpec("decode", 0, decode, bundle)]
+
+
+def test_one_node_puts_both_pools_anywhere():
+    assert assign_nodes(_pools(1, 1), [_node(0)]) == {}
+
+
+def test_several_nodes_are_split_between_the_pools():
+    nodes = [_node(i, gpus=8) for i in range(4)]
+    out = assign_nodes(_pools(16, 16, gpu=1), nodes)
+    assert sorted(out) == ["decode", "prefill"]
+    assert len(out["prefill"]) == len(out["decode"]) == 2
+    assert not set(out["prefill"]) & set(out["decode"])
+    # Uneven needs: 3 GPUs of prefill, 12 of decode on 8-GPU nodes.
+    out = assign_nodes(_pools(3, 12, gpu=1), [_node(i, gpus=8) for i in range(3)])
+    assert len(out["prefill"]) == 1 and len(out["decode"]) == 2
+
+
+def test_no_split_that_fits_falls_back_to_any_node():
+    # Each pool needs 12 CPUs; two 8-CPU nodes cannot be split so that each pool fits.
+    assert assign_nodes(_pools(12, 12), [_node(0), _node(1)]) == {}
+
+
+def test_node_labels_choose_the_pool():
+    nodes = [
+        _node(0, **{POOL_LABEL: "decode"}),
+        _node(1, **{POOL_LABEL: "prefill"}),
+        _node(2, **{POOL_LABEL: "decode"}),
+        _node(3),
+    ]
+    assert assign_nodes(_pools(1, 1), nodes) == {"prefill": ["n1"], "decode": ["n0", "n2"]}
+    # A pool whose label is on no node uses the unlabelled nodes.
+    only_decode = [nodes[0], nodes[3]]
+    assert assign_nodes(_pools(1, 1), only_decode) == {"prefill": ["n3"], "decode": ["n0"]}
