@@ -84,3 +84,18 @@ def test_node_labels_choose_the_pool():
     # A pool whose label is on no node uses the unlabelled nodes.
     only_decode = [nodes[0], nodes[3]]
     assert assign_nodes(_pools(1, 1), only_decode) == {"prefill": ["n3"], "decode": ["n0"]}
+
+
+def test_pool_specs_share_gpus_when_ranks_outnumber_them():
+    from orchestrator.config import ServeConfig
+    from orchestrator.launcher import pool_specs
+    from workers.engine.config import EngineConfig
+
+    config = ServeConfig(prefill_dp=1, decode_dp=1, decode_instances=2)
+    specs = pool_specs(config, num_gpus=1)
+    assert [s.name for s in specs] == ["prefill-0", "decode-0", "decode-1"]
+    assert all(s.bundle == {"CPU": 1.0, "GPU": 1 / 3} for s in specs)
+    assert all(s.bundle["GPU"] == 1.0 for s in pool_specs(config, num_gpus=8))
+    cpu_only = ServeConfig(colocated=True, num_ranks=2, engine=EngineConfig(device="cpu"))
+    (spec,) = pool_specs(cpu_only, num_gpus=8)
+    assert spec.name == "colocated-0" and spec.num_ranks == 2 and "GPU" not in spec.bundle
