@@ -16,6 +16,13 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int | None = None  # torch intra-op threads on CPU; default: Ray's allotment
+    # Expert parallelism (a pool of several ranks; see workers.ep).
+    num_redundant_experts: int = 0  # physical expert slots beyond one per logical expert
+    moe_a2a_backend: str = "auto"  # auto | torch | deepep
+    deepep_mode: str = "auto"  # auto (prefill pool: normal, decode pool: low_latency) | ...
+    low_latency_capacity: int = 128  # low-latency mode: rows per expert slot per source rank
+    enable_two_batch_overlap: bool = False
+    record_expert_load: bool = True  # count routed tokens per (layer, expert) for EPLB
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -35,5 +42,19 @@ class EngineConfig:
             raise ValueError("chunked_prefill_size must be >= 1")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.num_redundant_experts < 0:
+            raise ValueError(
+                f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}"
+            )
+        if self.moe_a2a_backend not in ("auto", "torch", "deepep"):
+            raise ValueError(
+                f"moe_a2a_backend must be auto, torch or deepep, got {self.moe_a2a_backend!r}"
+            )
+        if self.deepep_mode not in ("auto", "normal", "low_latency"):
+            raise ValueError(
+                f"deepep_mode must be auto, normal or low_latency, got {self.deepep_mode!r}"
+            )
+        if self.low_latency_capacity < 1:
+            raise ValueError(f"low_latency_capacity must be >= 1, got {self.low_latency_capacity}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")

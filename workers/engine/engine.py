@@ -22,10 +22,12 @@ from workers.engine.messages import (
     TokenDelta,
 )
 from workers.engine.sampling import sample
-from workers.engine.scheduler import ScheduledBatch, Scheduler
+from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
+from workers.ep.moe import EPContext
 from workers.model.batch import AttentionMetadata, PrefillSpan
 from workers.model.loader import load_model
+from workers.model.moe import ExpertLoad
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +41,28 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig, progress: bool = True):
+    """With `ep` the engine is one rank of an expert-parallel pool: it holds only its expert
+    slots, and every `step` is a collective over the pool (see `step`)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: EngineConfig,
+        progress: bool = True,
+        ep: EPContext | None = None,
+    ):
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.model_dir = Path(model_dir)
-        self.model = load_model(model_dir, self.device, self.dtype, progress=progress)
+        self.ep = ep
+        self.model = load_model(model_dir, self.device, self.dtype, progress=progress, ep=ep)
         self.model_config = cfg = self.model.config
+        self.expert_load: ExpertLoad | None = None
+        if config.record_expert_load and cfg.n_routed_experts:
+            self.expert_load = ExpertLoad(cfg.num_hidden_layers, cfg.n_routed_experts, self.device)
+            self.model.record_expert_load(self.expert_load)
+        self.two_batch_overlap = config.enable_two_batch_overlap and ep is not None
         self.max_context_len = min(
             config.max_context_len or cfg.max_position_embeddings, self.model.rope.max_positions
         )
@@ -235,15 +252,29 @@ class Engine:
     # ---- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[TokenDelta]:
+    def step(self, run_empty: bool = False) -> list[TokenDelta]:
+        """Schedule and run one batch. `run_empty`: run the model even on an empty batch — a
+        rank of an expert-parallel pool must, whenever another rank of the pool steps, so
+        that the MoE layers' collectives match."""
         reserved = self.scheduler.reserve_kv()
         self._reserved.extend(reserved)
         batch = self.scheduler.schedule()
         self.idle = batch.is_empty and not reserved
+        if batch.is_empty and not run_empty:
+            return []
+        if self.two_batch_overlap:
+            half_a, half_b = split_batch(batch)
+            ids_a, meta_a, samplers_a = self._prepare(half_a)
+            ids_b, meta_b, samplers_b = self._prepare(half_b)
+            logits_a, logits_b = self.model.forward_two(
+                ((ids_a, meta_a), (ids_b, meta_b)), self.kv.data
+            )
+            logits, samplers = torch.cat((logits_a, logits_b)), samplers_a + samplers_b
+        else:
+            input_ids, meta, samplers = self._prepare(batch)
+            logits = self.model(input_ids, meta, self.kv.data)
         if batch.is_empty:
             return []
-        input_ids, meta, samplers = self._prepare(batch)
-        logits = self.model(input_ids, meta, self.kv.data)
         for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
             seq.num_computed += num
         tokens = sample(logits, [s.sampling for s in samplers], [s.generator for s in samplers])
@@ -295,7 +326,9 @@ class Engine:
             mask = torch.zeros(0, 1, dtype=torch.bool)
         meta = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            out_slots=torch.cat(out_slots).to(dev),
+            out_slots=(torch.cat(out_slots) if out_slots else torch.zeros(0, dtype=torch.int64)).to(
+                dev
+            ),
             num_decode=len(batch.decodes),
             decode_slots=padded.to(dev),
             decode_mask=mask.to(dev),
@@ -303,6 +336,10 @@ class Engine:
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
         )
         return torch.tensor(ids, dtype=torch.int64, device=dev), meta, samplers
+
+    def take_expert_load(self) -> torch.Tensor | None:
+        """Tokens routed per (layer, logical expert) since the last call (CPU int64)."""
+        return None if self.expert_load is None else self.expert_load.take()
 
     def _append(self, seq: Sequence, token: int) -> TokenDelta | None:
         seq.token_ids.append(token)

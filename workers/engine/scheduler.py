@@ -157,3 +157,13 @@ class Scheduler:
         self.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+
+
+def split_batch(batch: ScheduledBatch) -> tuple[ScheduledBatch, ScheduledBatch]:
+    """Two micro-batches of about equal tokens (two-batch overlap): the decodes halved, each
+    prefill chunk to the lighter one. Either may be empty."""
+    half = (len(batch.decodes) + 1) // 2
+    a, b = ScheduledBatch(batch.decodes[:half]), ScheduledBatch(batch.decodes[half:])
+    for seq, num in batch.prefills:
+        (a if a.num_tokens <= b.num_tokens else b).prefills.append((seq, num))
+    return a, b

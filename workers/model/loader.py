@@ -16,8 +16,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from workers.ep.moe import EPContext
 from workers.model.config import ModelConfig
 from workers.model.model import DeepseekForCausalLM
+from workers.model.moe import RoutedExperts
 
 _EXPERT_KEY = re.compile(
     r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
@@ -53,11 +55,16 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     max_positions: int | None = None,
     progress: bool = True,
+    ep: EPContext | None = None,
 ) -> DeepseekForCausalLM:
+    """The model of `model_dir` on `device` in `dtype`. With `ep`, each MoE layer loads only
+    the experts of the rank's slots (`RoutedExperts.slot_experts`); other experts' tensors are
+    not read."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    model = DeepseekForCausalLM(cfg, max_positions)
+    model = DeepseekForCausalLM(cfg, max_positions, ep)
     params = dict(model.named_parameters())
+    slots = _expert_slots(model)
     block = cfg.quant.weight_block_size if cfg.quant else (128, 128)
     loaded: set[str] = set()
     files = checkpoint_files(model_dir)
@@ -72,13 +79,16 @@ def load_model(
         layer = _LAYER_KEY.match(key)
         if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
             continue  # multi-token-prediction layers are not served
+        target, index = _target(key)
+        dest_slots = [] if index is None else slots.get(target, {}).get(index[0], [])
+        if index is not None and target in slots and not dest_slots:
+            continue  # an expert this rank does not hold
         tensor = key_to_handle[key].get_tensor(key)
         scale_key = key + _SCALE_SUFFIX
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if scale_key not in key_to_handle:
                 raise ValueError(f"{key} is float8 but {scale_key} is missing from the checkpoint")
             tensor = dequantize_fp8(tensor, key_to_handle[scale_key].get_tensor(scale_key), block)
-        target, index = _target(key)
         if target not in params:
             if key.endswith("rotary_emb.inv_freq"):
                 continue
@@ -90,14 +100,17 @@ def load_model(
                     raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
                 param.data = tensor.to(torch.float32).clone()
             else:
-                expert, proj = index
+                _, proj = index
                 half = param.shape[1] // 2
-                dest = {"gate": param[expert, :half], "up": param[expert, half:]}.get(
-                    proj, param[expert]
-                )
-                if dest.shape != tensor.shape:
-                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(dest.shape)}")
-                dest.copy_(tensor)
+                for slot in dest_slots:
+                    dest = {"gate": param[slot, :half], "up": param[slot, half:]}.get(
+                        proj, param[slot]
+                    )
+                    if dest.shape != tensor.shape:
+                        raise ValueError(
+                            f"{key}: shape {tuple(tensor.shape)} != {tuple(dest.shape)}"
+                        )
+                    dest.copy_(tensor)
         loaded.add(key)
 
     if cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
@@ -119,15 +132,26 @@ def _target(key: str) -> tuple[str, tuple[int, str] | None]:
     return f"{prefix}.{'w2' if proj == 'down' else 'w13'}", (expert, proj)
 
 
+def _expert_slots(model: DeepseekForCausalLM) -> dict[str, dict[int, list[int]]]:
+    """Stacked expert parameter name → logical expert → the slots holding its weights."""
+    out: dict[str, dict[int, list[int]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts):
+            by_expert: dict[int, list[int]] = {}
+            for slot, expert in enumerate(module.slot_experts):
+                by_expert.setdefault(expert, []).append(slot)
+            out[f"{name}.w13"] = out[f"{name}.w2"] = by_expert
+    return out
+
+
 def _expected_keys(model: DeepseekForCausalLM) -> set[str]:
     keys: set[str] = set()
-    for name, p in model.named_parameters():
-        if name.endswith("experts.w13") or name.endswith("experts.w2"):
+    slots = _expert_slots(model)
+    for name, _ in model.named_parameters():
+        if name in slots:
             prefix = name.rsplit(".", 1)[0]
             projs = ("gate", "up") if name.endswith("w13") else ("down",)
-            keys.update(
-                f"{prefix}.{e}.{proj}_proj.weight" for e in range(p.shape[0]) for proj in projs
-            )
+            keys.update(f"{prefix}.{e}.{proj}_proj.weight" for e in slots[name] for proj in projs)
         else:
             keys.add("lm_head.weight" if name == "lm_head" else name)
     return keys

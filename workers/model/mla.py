@@ -94,7 +94,7 @@ class MLAttention(nn.Module):
             out[rows] = self._prefill(
                 q_nope[rows], q_pe[rows], kv_cache.index_select(0, span.ctx_slots)
             )
-        return self.o_proj(out.view(num_tokens, -1))
+        return self.o_proj(out.view(num_tokens, self.num_heads * self.v_dim))
 
     def _decode(
         self,

@@ -6,21 +6,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.ep.moe import EPContext, EPMoE
 from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, RMSNorm, empty_param
 from workers.model.mla import MLAttention
-from workers.model.moe import MoE, RoutedExperts, grouped_gemm_backends
+from workers.model.moe import ExpertLoad, MoE, RoutedExperts, grouped_gemm_backends
 from workers.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ep: EPContext | None = None):
         super().__init__()
         self.self_attn = MLAttention(cfg)
-        self.mlp: MoE | MLP
+        self.mlp: MoE | EPMoE | MLP
         if cfg.is_moe_layer(layer_idx):
-            self.mlp = MoE(cfg)
+            self.mlp = MoE(cfg, layer_idx) if ep is None else EPMoE(cfg, layer_idx, ep)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -34,31 +35,47 @@ class DecoderLayer(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, rope, cos_sin, kv_cache)
+        x = self.attention(x, meta, rope, cos_sin, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        meta: AttentionMetadata,
+        rope: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """The residual stream after the attention block."""
+        return x + self.self_attn(self.input_layernorm(x), meta, rope, cos_sin, kv_cache)
 
 
 class _Body(nn.Module):
     """Holds the `model.*` weights under the checkpoint's names."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ep: EPContext | None):
         super().__init__()
         self.embed_tokens = nn.Embedding(
             cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
         )
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ep) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekForCausalLM(nn.Module):
     """Parameter names match Hugging Face checkpoints except routed experts, which are stacked
-    (`mlp.experts.w13`, `mlp.experts.w2`); see `workers.model.loader`."""
+    (`mlp.experts.w13`, `mlp.experts.w2`); see `workers.model.loader`. With `ep` (a rank of an
+    expert-parallel pool) each MoE layer holds only the rank's expert slots, and every forward
+    is a collective over the pool."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int | None = None, ep: EPContext | None = None
+    ):
         super().__init__()
         self.config = cfg
-        self.model = _Body(cfg)
+        self.ep = ep
+        self.model = _Body(cfg, ep)
         self.lm_head = empty_param(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(
             cfg.rope,
@@ -83,6 +100,14 @@ class DeepseekForCausalLM(nn.Module):
                 module.fuse()
         return self
 
+    def record_expert_load(self, load: ExpertLoad | None) -> None:
+        """Count routed tokens per (layer, logical expert) into `load` (None: stop)."""
+        if self.ep is not None:
+            self.ep.load = load
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.load = load
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -94,5 +119,43 @@ class DeepseekForCausalLM(nn.Module):
         cos_sin = self.rope.lookup(meta.positions)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, meta, self.rope, cos_sin, kv_cache[i])
+        return self._logits(x, meta)
+
+    def forward_two(
+        self,
+        batches: tuple[
+            tuple[torch.Tensor, AttentionMetadata], tuple[torch.Tensor, AttentionMetadata]
+        ],
+        kv_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two-batch overlap: the logits of two micro-batches `(input_ids, meta)`, computed
+        together so that one's expert all-to-all is in flight while the other computes:
+
+            attention A → dispatch A → attention B → dispatch B →
+            experts A → combine A → experts B → combine B → (A, B) += MoE outputs
+
+        Layers without expert parallelism run the micro-batches one after the other."""
+        (ids_a, meta_a), (ids_b, meta_b) = batches
+        xa, xb = self.model.embed_tokens(ids_a), self.model.embed_tokens(ids_b)
+        cs_a, cs_b = self.rope.lookup(meta_a.positions), self.rope.lookup(meta_b.positions)
+        for i, layer in enumerate(self.model.layers):
+            assert isinstance(layer, DecoderLayer)
+            if not isinstance(layer.mlp, EPMoE):
+                xa = layer(xa, meta_a, self.rope, cs_a, kv_cache[i])
+                xb = layer(xb, meta_b, self.rope, cs_b, kv_cache[i])
+                continue
+            moe, norm = layer.mlp, layer.post_attention_layernorm
+            xa = layer.attention(xa, meta_a, self.rope, cs_a, kv_cache[i])
+            stage_a = moe.dispatch(norm(xa))
+            xb = layer.attention(xb, meta_b, self.rope, cs_b, kv_cache[i])
+            stage_b = moe.dispatch(norm(xb))
+            stage_a = moe.run_experts(stage_a)
+            stage_b = moe.run_experts(stage_b)
+            xa = xa + moe.finish(stage_a)
+            xb = xb + moe.finish(stage_b)
+        return self._logits(xa, meta_a), self._logits(xb, meta_b)
+
+    def _logits(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # DP LM head: each rank computes the logits of its own requests' last tokens only.
         x = self.model.norm(x[meta.logits_indices])
         return F.linear(x, self.lm_head).float()

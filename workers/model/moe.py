@@ -59,13 +59,14 @@ class Gate(nn.Module):
             assert self.e_score_correction_bias is not None
             choice = scores + self.e_score_correction_bias.float()
             if self.n_group > 1:
-                grouped = choice.view(num_tokens, self.n_group, -1)
+                grouped = choice.view(num_tokens, self.n_group, self.num_experts // self.n_group)
                 group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
                 choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
             topk_ids = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
             topk_weights = scores.gather(1, topk_ids)
         elif self.topk_method == "group_limited_greedy" and self.n_group > 1:
-            group_scores = scores.view(num_tokens, self.n_group, -1).max(dim=-1).values
+            group_scores = scores.view(num_tokens, self.n_group, self.num_experts // self.n_group)
+            group_scores = group_scores.max(dim=-1).values
             masked = scores.masked_fill(~self._group_mask(group_scores), 0.0)
             topk_weights, topk_ids = torch.topk(masked, k=self.top_k, dim=-1, sorted=False)
         else:
@@ -81,6 +82,26 @@ class Gate(nn.Module):
         else:
             topk_weights = topk_weights * self.routed_scaling_factor
         return Routing(topk_ids, topk_weights)
+
+
+class ExpertLoad:
+    """Tokens routed to each (layer, logical expert) since the last `take` (the EPLB service's
+    input). Counting stays on the device: no host sync per step."""
+
+    def __init__(self, num_layers: int, num_logical: int, device: torch.device):
+        self.counts = torch.zeros(num_layers, num_logical, dtype=torch.int64, device=device)
+        self.num_steps = 0
+
+    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
+        self.counts[layer].index_add_(
+            0, topk_ids.flatten(), torch.ones_like(topk_ids.flatten(), dtype=torch.int64)
+        )
+
+    def take(self) -> torch.Tensor:
+        """`[num_layers, num_logical]` int64 on the CPU; the window starts again."""
+        out = self.counts.to("cpu", copy=True)
+        self.counts.zero_()
+        return out
 
 
 def grouped_gemm_backends(
@@ -114,6 +135,9 @@ class RoutedExperts(nn.Module):
         self.w13 = empty_param(num_experts, 2 * intermediate_size, hidden_size)
         self.w2 = empty_param(num_experts, hidden_size, intermediate_size)
         self.backend = grouped_gemm_backends()[0]
+        # The logical expert whose weights each slot holds (all of them, in order, on a single
+        # rank; a pool rank's own slots under expert parallelism).
+        self.slot_experts: list[int] = list(range(num_experts))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         top_k = routing.topk_ids.shape[1]
@@ -147,9 +171,11 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         assert cfg.n_routed_experts
+        self.layer_idx = layer_idx
+        self.load: ExpertLoad | None = None  # set to record the expert load
         self.gate = Gate(cfg)
         self.experts = RoutedExperts(
             cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -161,7 +187,10 @@ class MoE(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x))
+        routing = self.gate(x)
+        if self.load is not None:
+            self.load.record(self.layer_idx, routing.topk_ids)
+        out = self.experts(x, routing)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
