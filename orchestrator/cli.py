@@ -68,6 +68,28 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--num-threads", type=int, help="torch threads per rank on CPU")
+    x = p.add_argument_group("expert parallelism (pools of several ranks)")
+    x.add_argument(
+        "--num-redundant-experts", type=int, default=0, help="extra expert slots per pool"
+    )
+    x.add_argument("--moe-a2a-backend", default="auto", choices=("auto", "torch", "deepep"))
+    x.add_argument(
+        "--deepep-mode",
+        default="auto",
+        choices=("auto", "normal", "low_latency"),
+        help="auto: normal for prefill pools, low_latency for decode pools",
+    )
+    x.add_argument(
+        "--low-latency-capacity",
+        type=int,
+        default=128,
+        help="low_latency mode: rows per expert slot and source rank in one exchange",
+    )
+    x.add_argument(
+        "--enable-two-batch-overlap",
+        action="store_true",
+        help="split each batch in two and overlap one's all-to-all with the other's compute",
+    )
     r = p.add_argument_group("requests")
     r.add_argument("--default-max-new-tokens", type=int, default=128)
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
@@ -90,6 +112,11 @@ def serve_config(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         device=args.device,
         num_threads=args.num_threads,
+        num_redundant_experts=args.num_redundant_experts,
+        moe_a2a_backend=args.moe_a2a_backend,
+        deepep_mode=args.deepep_mode,
+        low_latency_capacity=args.low_latency_capacity,
+        enable_two_batch_overlap=args.enable_two_batch_overlap,
     )
     return ServeConfig(
         model=args.model,
@@ -292,6 +319,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight")
     header = (
         "pool",
+        "dp",
         "rank",
         "node",
         "node id",
@@ -305,7 +333,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for rank in data["ranks"]:
         info, st = rank["info"] or {}, rank["stats"]
         pool = f"{info.get('role', '?')}-{info.get('instance', 0)}" if info else "?"
-        where = (pool, str(rank["rank"]), info.get("node", ""), info.get("node_id", "")[:12])
+        dp = f"{info.get('pool_rank', 0)}/{info.get('pool_size', 1)}" if info else "?"
+        where = (pool, dp, str(rank["rank"]), info.get("node", ""), info.get("node_id", "")[:12])
         if rank["error"] or not st:
             rows.append((*where, rank["error"] or "not ready"))
             continue

@@ -43,6 +43,7 @@ def resolve_model_dir(config: ServeConfig) -> Path:
 class StartedRanks(NamedTuple):
     ranks: list[Any]  # actor handles: pool instances in order, ranks of an instance in order
     placements: list[PoolPlacement]
+    rendezvous: list[Any]  # one `Rendezvous` actor per pool instance of several ranks
 
 
 def pool_specs(config: ServeConfig, num_gpus: float) -> list[PoolSpec]:
@@ -67,13 +68,19 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
     """Place the topology's pool instances and start their engine rank actors (not waiting for
     the models to load); `ray.init` first."""
     from workers.engine.worker import start_engine_rank
+    from workers.ep.group import PoolMember, Rendezvous
 
     specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
     placements = place_pools(specs, config.placement_timeout_s)
-    ranks = []
+    ranks: list[Any] = []
+    meeting_points: list[Any] = []
     try:
         for placement in placements:
             spec = placement.spec
+            rendezvous = None
+            if spec.num_ranks > 1:
+                rendezvous = ray.remote(Rendezvous).options(num_cpus=0).remote(spec.num_ranks)
+                meeting_points.append(rendezvous)
             for i in range(spec.num_ranks):
                 ranks.append(
                     start_engine_rank(
@@ -87,13 +94,15 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
                         transfer_timeout_s=config.transfer_timeout_s,
                         allow_fault_injection=config.allow_fault_injection,
                         scheduling_strategy=placement.strategy(i),
+                        pool=PoolMember(i, spec.num_ranks, rendezvous) if rendezvous else None,
                     )
                 )
     except BaseException:
         shutdown_ranks(ranks)
+        kill_actors(meeting_points)
         remove_placements(placements)
         raise
-    return StartedRanks(ranks, placements)
+    return StartedRanks(ranks, placements, meeting_points)
 
 
 def wait_ranks_ready(
@@ -173,11 +182,13 @@ class LocalServer:
     ranks: list[Any]
     owns_ranks: bool = True
     placements: list[PoolPlacement] = field(default_factory=list)
+    helpers: list[Any] = field(default_factory=list)  # other actors it started (rendezvous)
 
     def stop(self) -> None:
         self.http.stop()
         if self.owns_ranks:
             shutdown_ranks(self.ranks)
+            kill_actors(self.helpers)
             remove_placements(self.placements)
 
 
@@ -185,11 +196,15 @@ def shutdown_ranks(ranks: list[Any], timeout_s: float = 15.0) -> None:
     """Stop each rank's loop, then kill its actor (freeing its resources in the cluster)."""
     refs = [r.shutdown.remote() for r in ranks]
     ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    for r in ranks:
+    kill_actors(ranks)
+
+
+def kill_actors(actors: list[Any]) -> None:
+    for a in actors:
         try:
-            ray.kill(r)
+            ray.kill(a)
         except Exception as e:  # already gone
-            logger.debug("ray.kill of a rank failed: %s", e)
+            logger.debug("ray.kill of an actor failed: %s", e)
 
 
 def launch(
@@ -203,8 +218,9 @@ def launch(
     model_dir = model_dir or resolve_model_dir(config)
     owns_ranks = ranks is None
     placements: list[PoolPlacement] = []
+    helpers: list[Any] = []
     if ranks is None:
-        ranks, placements = start_ranks(model_dir, config)
+        ranks, placements, helpers = start_ranks(model_dir, config)
     try:
         wait_ranks_ready(ranks, config.ready_timeout_s, progress)
         router = Router(
@@ -222,6 +238,7 @@ def launch(
     except BaseException:
         if owns_ranks:
             shutdown_ranks(ranks)
+            kill_actors(helpers)
             remove_placements(placements)
         raise
-    return LocalServer(http.url, model_dir, router, http, ranks, owns_ranks, placements)
+    return LocalServer(http.url, model_dir, router, http, ranks, owns_ranks, placements, helpers)

@@ -162,7 +162,7 @@ def test_dead_rank_fails_its_requests_and_the_pool_recovers(victim, launch_tiny)
 def test_requests_on_a_dead_prefill_rank_are_retried_on_another_pair(launch_tiny):
     import ray
 
-    server = launch_tiny(prefill_dp=2)
+    server = launch_tiny(prefill_instances=2)
     try:
         ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
         victim = server.ranks[[r["info"]["role"] for r in ranks].index("prefill")]
@@ -281,3 +281,73 @@ def test_pool_instances_run_in_their_own_placement_groups(launch_tiny):
     finally:
         server.stop()
     assert all(placement_group_table()[g]["state"] == "REMOVED" for g in groups)
+
+
+def test_expert_parallel_pools_through_the_server(launch_tiny, tiny_server):
+    """`--prefill-dp 2 --decode-dp 2`: each pool is one expert-parallel group of two ranks
+    (redundant experts, two-batch overlap); the tokens match the single-rank server's."""
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(
+        page_size=16, kv_capacity_tokens=2048, device="cpu",
+        num_redundant_experts=4, enable_two_batch_overlap=True,
+    )  # fmt: skip
+    server = launch_tiny(prefill_dp=2, decode_dp=2, engine=engine)
+    try:
+        ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
+        pools = sorted((r["info"]["role"], r["info"]["pool_rank"], r["info"]["pool_size"])
+                       for r in ranks)  # fmt: skip
+        assert pools == [("decode", 0, 2), ("decode", 1, 2), ("prefill", 0, 2), ("prefill", 1, 2)]
+        rng = random.Random(21)
+        prompts = [[rng.randrange(1024) for _ in range(rng.randint(5, 150))] for _ in range(16)]
+        ours = asyncio.run(_stream_all(server.url, prompts, 12))
+        ref = asyncio.run(_stream_all(tiny_server, prompts, 12))
+        assert ours == ref
+        ranks = _wait_all_pages_free(server.url)
+        # Both ranks of each pool served requests (the router balances across DP ranks).
+        assert all(r["stats"]["num_generated_tokens"] > 0 for r in ranks), ranks
+        loads = [ray_get_load(h) for h in server.ranks]
+        assert all(load is not None and int(load.sum()) > 0 for load in loads)
+    finally:
+        server.stop()
+
+
+def ray_get_load(handle: Any) -> Any:
+    import ray
+
+    return ray.get(handle.expert_load.remote(), timeout=30)
+
+
+def test_expert_parallel_pool_recovers_from_a_dead_rank(launch_tiny):
+    """Killing one rank of a two-rank pool ends the pool's in-flight requests with an error;
+    both ranks restart, meet again and serve."""
+    import ray
+
+    server = launch_tiny(colocated=True, num_ranks=2)
+    try:
+        rng = random.Random(4)
+        prompts = [[rng.randrange(1024) for _ in range(rng.randint(100, 300))] for _ in range(8)]
+
+        async def run() -> list[tuple[int, str]]:
+            async def one(client: httpx.AsyncClient, p: list[int]) -> tuple[int, str]:
+                body = {"input_ids": p, "sampling_params": _greedy(300)}
+                r = await client.post(f"{server.url}/generate", json=body)
+                return r.status_code, r.text
+
+            async with httpx.AsyncClient(timeout=120) as client:
+                tasks = [asyncio.ensure_future(one(client, p)) for p in prompts]
+                await asyncio.sleep(1.0)
+                ray.kill(server.ranks[1], no_restart=False)
+                return list(await asyncio.gather(*tasks))
+
+        started = time.monotonic()
+        results = asyncio.run(run())
+        assert time.monotonic() - started < 60, "requests hung after a pool rank died"
+        failed = [text for status, text in results if status != 200]
+        assert failed and all("rank" in t for t in failed), results
+        _wait_healthy(server.url)
+        r = _generate(server.url, prompts[0][:40], 8)
+        assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
+        _wait_all_pages_free(server.url)
+    finally:
+        server.stop()

@@ -439,7 +439,7 @@ def test_cli_generate(tiny_server):
     p = _cli("status", "--url", tiny_server)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[1].split()[:3] == ["pool", "rank", "node"]
+    assert lines[1].split()[:4] == ["pool", "dp", "rank", "node"]
     pools = sorted(line.split()[0] for line in lines[2:])
     assert pools in (["colocated-0"], ["decode-0", "prefill-0"]), p.stdout
 

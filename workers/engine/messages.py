@@ -100,6 +100,8 @@ class RankInfo:
     node: str = ""  # address of the node the rank runs on
     node_id: str = ""  # Ray node id
     instance: int = 0  # which instance of its pool
+    pool_rank: int = 0  # its rank within the pool instance (expert-parallel group)
+    pool_size: int = 1
 
 
 @dataclass(frozen=True)

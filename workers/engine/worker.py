@@ -31,13 +31,14 @@ import time
 import traceback
 import uuid
 from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 import ray
 import torch
 
 from workers.engine.config import EngineConfig
-from workers.engine.engine import Engine
+from workers.engine.engine import Engine, resolve_device
 from workers.engine.handoff import FAULTS, KVHandoff
 from workers.engine.messages import (
     GenerateRequest,
@@ -46,11 +47,23 @@ from workers.engine.messages import (
     TokenDelta,
     TransferReady,
 )
+from workers.ep.group import PoolGroup, PoolMember, free_port, init_pool_group
+from workers.ep.setup import build_ep_context
+from workers.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
 _MODES = {"colocated": "full", "prefill": "prefill", "decode": "decode"}
+GROUP_POLL_BUSY_S = 0.002  # an idle pool rank joins its pool's agreement this often...
+GROUP_POLL_IDLE_S = 0.02  # ...or this often once the pool has been idle for a second
+
+
+def _join_pool(pool: PoolMember, device: torch.device) -> PoolGroup:
+    host = ray.util.get_node_ip_address()
+    address = (host, free_port()) if pool.rank == 0 else None
+    master_addr, master_port = ray.get(pool.rendezvous.join.remote(pool.rank, address))
+    return init_pool_group(pool.rank, pool.world_size, master_addr, master_port, device)
 
 
 class EngineWorker:
@@ -63,13 +76,23 @@ class EngineWorker:
         transfer_timeout_s: float = 30.0,
         allow_fault_injection: bool = False,
         instance: int = 0,
+        pool: PoolMember | None = None,
     ):
         if role not in _MODES:
             raise ValueError(f"role must be one of {sorted(_MODES)}, got {role!r}")
         threads = config.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        self.engine = Engine(model_dir, config)
+        # A pool of several ranks is one expert-parallel group; its ranks step in lockstep.
+        self.group: PoolGroup | None = None
+        ep = None
+        if pool is not None and pool.world_size > 1:
+            self.group = _join_pool(pool, resolve_device(config.device))
+            ep = build_ep_context(
+                ModelConfig.from_dir(model_dir), config, role, pool.rank, pool.world_size,
+                self.group.data,
+            )  # fmt: skip
+        self.engine = Engine(model_dir, config, ep=ep)
         self.role = role
         self.handoff: KVHandoff | None = None
         if role != "colocated":
@@ -90,6 +113,8 @@ class EngineWorker:
             node=ray.util.get_node_ip_address(),
             node_id=ray.get_runtime_context().get_node_id(),
             instance=instance,
+            pool_rank=pool.rank if pool is not None else 0,
+            pool_size=pool.world_size if pool is not None else 1,
         )
         self._lock = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
@@ -151,6 +176,20 @@ class EngineWorker:
             self._inbox.append(("fault", (kind, count)))
             self._lock.notify_all()
 
+    def expert_load(self) -> Any:
+        """Tokens routed per (layer, logical expert) since the last call: `[layers, experts]`
+        int64 (CPU), or None for a dense model. Taken by the loop between steps."""
+        return self._call_in_loop(self.engine.take_expert_load)
+
+    def _call_in_loop(self, fn: Any, timeout_s: float = 60.0) -> Any:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the rank is shutting down")
+            self._inbox.append(("call", (fn, future)))
+            self._lock.notify_all()
+        return future.result(timeout_s)
+
     def shutdown(self) -> None:
         with self._lock:
             self._stopped = True
@@ -166,19 +205,26 @@ class EngineWorker:
         # takes normal priority back where the process may (root or CAP_SYS_NICE).
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
-        engine, handoff, mode = self.engine, self.handoff, _MODES[self.role]
+        engine, handoff, mode, group = self.engine, self.handoff, _MODES[self.role], self.group
+        last_busy = 0.0
         while True:
             with self._lock:
                 while not self._inbox and not self._stopped and not self._transfer_results:
                     if engine.has_work and not engine.idle:
                         break
                     wait_s = handoff.wait_s(time.monotonic()) if handoff is not None else None
+                    if group is not None:
+                        # The pool's other ranks may step: join the next agreement soon.
+                        recent = time.monotonic() - last_busy < 1.0
+                        idle_s = GROUP_POLL_BUSY_S if recent else GROUP_POLL_IDLE_S
+                        wait_s = idle_s if wait_s is None else min(wait_s, idle_s)
                     if wait_s is not None and wait_s <= 0:
                         break
                     self._lock.wait(wait_s)
                     if wait_s is not None:
                         break
-                if self._stopped:
+                stopping = self._stopped
+                if stopping and group is None:
                     return
                 self._transfer_results = False
                 inbox, self._inbox = self._inbox, deque()
@@ -199,20 +245,49 @@ class EngineWorker:
                         handoff.inject_fault(*payload)
                     except ValueError as e:
                         logger.error("fault injection refused: %s", e)
+                elif kind == "call":
+                    fn, future = payload
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:
+                        future.set_exception(e)
                 else:
                     delta = handoff.abort(engine, payload) if handoff else engine.abort(payload)
                     if delta is not None:
                         deltas.append(delta)
             try:
-                deltas.extend(engine.step())
-                if handoff is not None:
-                    more, events = handoff.after_step(engine)
-                    deltas.extend(more)
-            except Exception as e:  # a failed step must end every request, not hang them
+                if group is None:
+                    deltas.extend(engine.step())
+                else:
+                    agreed = group.agree(engine.has_work and not engine.idle, stopping)
+                    if agreed.any_stopping:
+                        return
+                    if agreed.any_has_work:
+                        last_busy = time.monotonic()
+                        deltas.extend(engine.step(run_empty=True))
+            except Exception as e:
+                if group is not None:
+                    if stopping:
+                        return  # the pool is shutting down: a peer left first
+                    return self._leave_broken_pool(e)
+                # A failed step must end every request, not hang them.
                 logger.error("engine step failed:\n%s", traceback.format_exc())
                 self._error = f"{type(e).__name__}: {e}"
                 deltas.extend(engine.abort_all(f"engine step failed: {self._error}"))
+            if handoff is not None:
+                more, events = handoff.after_step(engine)
+                deltas.extend(more)
             self._publish(deltas, events, engine.stats())
+
+    def _leave_broken_pool(self, error: Exception) -> None:
+        """A collective failed (a rank of the pool died, or a step failed on some rank): end
+        every request here with the error, let the router collect them, then exit so that Ray
+        restarts this rank and the pool forms again (see `workers.ep.group.Rendezvous`)."""
+        logger.error("expert-parallel pool step failed:\n%s", traceback.format_exc())
+        self._error = f"the expert-parallel pool lost a rank ({type(error).__name__}: {error})"
+        self._publish(self.engine.abort_all(self._error), [], self.engine.stats())
+        time.sleep(2.0)  # the router's poll picks the errors up
+        os._exit(1)
 
     def _wake_for_transfer(self) -> None:
         with self._lock:
@@ -246,6 +321,7 @@ def start_engine_rank(
     allow_fault_injection: bool = False,
     instance: int = 0,
     scheduling_strategy: Any = None,
+    pool: PoolMember | None = None,
 ) -> Any:
     """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle.
     `scheduling_strategy`: e.g. its pool's placement group bundle."""
@@ -270,4 +346,5 @@ def start_engine_rank(
         transfer_timeout_s,
         allow_fault_injection,
         instance,
+        pool,
     )

@@ -16,9 +16,24 @@ import asyncio
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+
+
+class Agreement(NamedTuple):
+    any_has_work: bool
+    any_stopping: bool
+
+
+@dataclass(frozen=True)
+class PoolMember:
+    """What a rank needs to join its pool instance's group (picklable)."""
+
+    rank: int
+    world_size: int
+    rendezvous: Any  # a `Rendezvous` actor handle
 
 
 @dataclass(frozen=True)
@@ -31,9 +46,14 @@ class PoolGroup:
     def any_has_work(self, has_work: bool) -> bool:
         """Whether any rank of the instance has work this step (a collective: every rank calls
         it once per loop iteration)."""
-        flag = torch.tensor([int(has_work)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(flag.item())
+        return self.agree(has_work, False).any_has_work
+
+    def agree(self, has_work: bool, stopping: bool) -> Agreement:
+        """What the ranks decide together each loop iteration: step if any rank has work,
+        stop if any rank is stopping (a collective over `control`)."""
+        flags = torch.tensor([int(has_work), int(stopping)], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+        return Agreement(bool(flags[0]), bool(flags[1]))
 
 
 _group: PoolGroup | None = None
@@ -94,24 +114,38 @@ def init_pool_group(
 
 class Rendezvous:
     """Ray actor (async): the ranks of one pool instance meet here to learn rank 0's address.
-    `join(rank, address)` returns rank 0's `(host, port)` once every rank has joined."""
+    `join(rank, address)` returns rank 0's `(host, port)` once every rank has joined this round.
+
+    Rounds: a round ends when all `world_size` ranks have joined; the next join opens a new
+    one. When a rank dies, the pool's other ranks leave too (their collectives fail), Ray
+    restarts them all, and they meet again in the next round with rank 0's new address."""
 
     def __init__(self, world_size: int):
         self.world_size = world_size
+        self.num_rounds = 0
+        self._new_round()
+
+    def _new_round(self) -> None:
         self._joined: set[int] = set()
         self._master: tuple[str, int] | None = None
         self._all_joined = asyncio.Event()
+        self._result: list[tuple[str, int]] = []
 
     async def join(self, rank: int, address: tuple[str, int] | None) -> tuple[str, int]:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside a group of {self.world_size}")
+        if self._all_joined.is_set():
+            self._new_round()
         if rank == 0:
             if address is None:
                 raise ValueError("rank 0 must give its address")
             self._master = address
         self._joined.add(rank)
+        event, result = self._all_joined, self._result
         if len(self._joined) == self.world_size:
-            self._all_joined.set()
-        await self._all_joined.wait()
-        assert self._master is not None
-        return self._master
+            assert self._master is not None, "rank 0 has not joined"
+            result.append(self._master)
+            self.num_rounds += 1
+            event.set()
+        await event.wait()
+        return result[0]
