@@ -22,6 +22,7 @@ class EngineConfig:
     deepep_mode: str = "auto"  # auto (prefill pool: normal, decode pool: low_latency) | ...
     low_latency_capacity: int = 128  # low-latency mode: rows per expert slot per source rank
     enable_two_batch_overlap: bool = False
+    grouped_gemm_backend: str = "auto"  # auto | torch | deep_gemm (FP8, Hopper, EP pools)
     record_expert_load: bool = True  # count routed tokens per (layer, expert) for EPLB
 
     def __post_init__(self) -> None:
@@ -53,6 +54,11 @@ class EngineConfig:
         if self.deepep_mode not in ("auto", "normal", "low_latency"):
             raise ValueError(
                 f"deepep_mode must be auto, normal or low_latency, got {self.deepep_mode!r}"
+            )
+        if self.grouped_gemm_backend not in ("auto", "torch", "deep_gemm"):
+            raise ValueError(
+                f"grouped_gemm_backend must be auto, torch or deep_gemm, "
+                f"got {self.grouped_gemm_backend!r}"
             )
         if self.low_latency_capacity < 1:
             raise ValueError(f"low_latency_capacity must be >= 1, got {self.low_latency_capacity}")

@@ -24,7 +24,8 @@ from workers.engine.messages import (
 from workers.engine.sampling import sample
 from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
-from workers.ep.moe import EPContext
+from workers.ep.deep_gemm_experts import deep_gemm_available
+from workers.ep.moe import EPContext, EPMoE
 from workers.model.batch import AttentionMetadata, PrefillSpan
 from workers.model.loader import load_model
 from workers.model.moe import ExpertLoad
@@ -63,6 +64,7 @@ class Engine:
             self.expert_load = ExpertLoad(cfg.num_hidden_layers, cfg.n_routed_experts, self.device)
             self.model.record_expert_load(self.expert_load)
         self.two_batch_overlap = config.enable_two_batch_overlap and ep is not None
+        self.grouped_gemm = self._select_grouped_gemm()
         self.max_context_len = min(
             config.max_context_len or cfg.max_position_embeddings, self.model.rope.max_positions
         )
@@ -98,6 +100,26 @@ class Engine:
             num_pages,
             config.page_size,
         )
+
+    def _select_grouped_gemm(self) -> str:
+        """`deep_gemm` (FP8 experts) for EP pools on Hopper with bf16 weights, when chosen or
+        `auto` and it imports; `torch` otherwise."""
+        choice = self.config.grouped_gemm_backend
+        usable = (
+            self.ep is not None and self.dtype == torch.bfloat16
+            and deep_gemm_available(self.device if self.device.type == "cuda" else None)
+        )  # fmt: skip
+        if choice == "deep_gemm" and not usable:
+            raise ValueError(
+                "grouped_gemm_backend deep_gemm needs the deep_gemm package, a Hopper GPU, "
+                "dtype bfloat16 and an expert-parallel pool"
+            )
+        if choice == "torch" or not usable:
+            return "torch"
+        for module in self.model.modules():
+            if isinstance(module, EPMoE):
+                module.use_deep_gemm()
+        return "deep_gemm"
 
     def _num_pages(self) -> int:
         cfg, ec = self.model_config, self.config

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.ep.deep_gemm_experts import DeepGemmExperts, Kernels
 from workers.ep.dispatch import Dispatcher, Pending
 from workers.ep.experts import run_local_experts
 from workers.ep.placement import ExpertPlacement
@@ -62,11 +63,17 @@ class EPMoE(nn.Module):
             placement.slots_per_rank, cfg.hidden_size, cfg.moe_intermediate_size
         )
         self.experts.slot_experts = placement.local_experts(layer_idx, ep.rank).tolist()
+        self.fp8_experts: DeepGemmExperts | None = None  # set by `use_deep_gemm`
         self.shared_experts: MLP | None = None
         if cfg.n_shared_experts:
             self.shared_experts = MLP(
                 cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias
             )
+
+    def use_deep_gemm(self, kernels: Kernels | None = None) -> None:
+        """Run the routed experts as FP8 DeepGEMM grouped GEMMs from now on (weights quantized
+        to FP8 with 128x128 block scales once, here). `kernels`: stand-ins for tests."""
+        self.fp8_experts = DeepGemmExperts(self.experts.w13, self.experts.w2, kernels)
 
     def dispatch(self, x: torch.Tensor) -> _Stage:
         routing = self.gate(x)
@@ -80,7 +87,10 @@ class EPMoE(nn.Module):
 
     def run_experts(self, stage: _Stage) -> _Stage:
         result = stage.pending.wait()
-        out = run_local_experts(result, self.experts.w13, self.experts.w2)
+        if self.fp8_experts is not None:
+            out = self.fp8_experts(result)
+        else:
+            out = run_local_experts(result, self.experts.w13, self.experts.w2)
         stage.pending = self.ep.dispatcher.combine_async(out, result.handle)
         # The shared experts run while the combine is in flight.
         if self.shared_experts is not None:
