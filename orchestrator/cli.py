@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -86,6 +87,22 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="low_latency mode: rows per expert slot and source rank in one exchange",
     )
     x.add_argument(
+        "--eplb-interval-s",
+        type=float,
+        help="rebalance experts every this many seconds (default: only on `pdserve rebalance`)",
+    )
+    x.add_argument(
+        "--eplb-min-balancedness",
+        type=float,
+        default=0.95,
+        help="a periodic rebalance is skipped while balancedness is at least this",
+    )
+    x.add_argument(
+        "--init-expert-placement",
+        metavar="FILE",
+        help="start from a saved placement (`pdserve rebalance --dump FILE`)",
+    )
+    x.add_argument(
         "--enable-two-batch-overlap",
         action="store_true",
         help="split each batch in two and overlap one's all-to-all with the other's compute",
@@ -94,6 +111,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--default-max-new-tokens", type=int, default=128)
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     r.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024)
+    r.add_argument(
+        "--admin-token",
+        default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
+        help="enables /admin/* with this bearer token (default: $PDSERVE_ADMIN_TOKEN; unset: off)",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
@@ -129,6 +151,10 @@ def serve_config(args: argparse.Namespace) -> Any:
         prefill_dp=args.prefill_dp,
         decode_dp=args.decode_dp,
         prefill_instances=args.prefill_instances,
+        admin_token=args.admin_token,
+        eplb_interval_s=args.eplb_interval_s,
+        eplb_min_balancedness=args.eplb_min_balancedness,
+        init_expert_placement=args.init_expert_placement,
         decode_instances=args.decode_instances,
         transfer_backend=args.transfer_backend,
         transfer_timeout_s=args.transfer_timeout,
@@ -350,9 +376,84 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- rebalance ----------------------------------------------------------------------------------
+
+
+def add_rebalance(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rebalance", help="rebalance the experts of the expert-parallel pools now (admin)"
+    )
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"), help="admin token")
+    p.add_argument("--pool", action="append", help="only this pool (repeatable), e.g. decode-0")
+    p.add_argument(
+        "--dump", metavar="FILE", help="save the current placement to FILE instead of rebalancing"
+    )
+    p.add_argument("--apply", metavar="FILE", help="move to the placement saved in FILE")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.set_defaults(func=cmd_rebalance)
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    from orchestrator.launcher import PLACEMENT_FORMAT, read_expert_placements
+
+    if not args.token:
+        print("error: --token (or PDSERVE_ADMIN_TOKEN) is required", file=sys.stderr)
+        return 2
+    url = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.token}"}
+    try:
+        if args.dump:
+            resp = httpx.get(f"{url}/admin/experts", headers=headers, timeout=args.timeout)
+            if resp.status_code != 200:
+                return _admin_error(resp)
+            pools = {name: p["phy2log"] for name, p in resp.json()["pools"].items()}
+            with open(args.dump, "w") as f:
+                json.dump({"format": PLACEMENT_FORMAT, "pools": pools}, f)
+            print(f"saved the placement of {len(pools)} pool(s) to {args.dump}")
+            return 0
+        body: dict[str, Any] = {}
+        if args.pool:
+            body["pools"] = args.pool
+        if args.apply:
+            body["placements"] = read_expert_placements(args.apply)
+        resp = httpx.post(
+            f"{url}/admin/rebalance", json=body, headers=headers, timeout=args.timeout
+        )
+    except (httpx.HTTPError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        return _admin_error(resp)
+    failed = 0
+    for r in resp.json()["pools"]:
+        if r["skipped"]:
+            print(f"{r['pool']}: skipped ({r['skipped']})")
+        elif not r["ok"]:
+            failed += 1
+            print(f"{r['pool']}: FAILED, rolled back: {r['error']}")
+        else:
+            print(
+                f"{r['pool']}: balancedness {r['balancedness_before']:.3f} -> "
+                f"{r['balancedness_after']:.3f}, {r['num_experts_moved']} experts "
+                f"({r['num_bytes_moved'] / 1e6:.1f} MB) moved; load {r['load_s'] * 1000:.0f} ms, "
+                f"prepare {r['prepare_s'] * 1000:.0f} ms, pause {r['execute_s'] * 1000:.1f} ms"
+            )
+    return 1 if failed else 0
+
+
+def _admin_error(resp: httpx.Response) -> int:
+    try:
+        message = resp.json()["error"]["message"]
+    except Exception:
+        message = resp.text
+    print(f"error: HTTP {resp.status_code}: {message}", file=sys.stderr)
+    return 1
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
-SUBCOMMANDS = (add_serve, add_generate, add_bench, add_status)
+SUBCOMMANDS = (add_serve, add_generate, add_bench, add_status, add_rebalance)
 
 
 def build_parser() -> argparse.ArgumentParser:

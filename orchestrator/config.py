@@ -25,6 +25,10 @@ class ServeConfig:
     decode_instances: int = 1  # disaggregated: independent decode pools of decode_dp ranks
     placement_timeout_s: float = 120.0  # how long to wait for the cluster to place the pools
     allow_fault_injection: bool = False  # tests only: ranks accept `inject_fault`
+    admin_token: str | None = None  # enables /admin/* (Bearer token); None: admin is off
+    eplb_interval_s: float | None = None  # periodic expert rebalancing; None: on command only
+    eplb_min_balancedness: float = 0.95  # a periodic rebalance is skipped above this
+    init_expert_placement: str | None = None  # JSON file of saved placements (`--dump`)
     transfer_backend: str = "nixl"
     transfer_timeout_s: float = 30.0  # a KV transfer (or its handshake) that takes longer fails
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -75,6 +79,21 @@ class ServeConfig:
             )
         if self.transfer_timeout_s <= 0:
             raise ValueError("--transfer-timeout must be > 0 seconds")
+        if self.admin_token is not None and len(self.admin_token) < 8:
+            raise ValueError("--admin-token must be at least 8 characters")
+        if self.eplb_interval_s is not None and self.eplb_interval_s <= 0:
+            raise ValueError(f"--eplb-interval-s must be > 0, got {self.eplb_interval_s}")
+        if not 0.0 < self.eplb_min_balancedness <= 1.0:
+            raise ValueError(
+                f"--eplb-min-balancedness must be in (0, 1], got {self.eplb_min_balancedness}"
+            )
+        if (
+            self.init_expert_placement is not None
+            and not Path(self.init_expert_placement).is_file()
+        ):
+            raise ValueError(
+                f"--init-expert-placement {self.init_expert_placement!r}: no such file"
+            )
         if self.placement_timeout_s <= 0:
             raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.max_request_body_bytes < 1024:

@@ -10,6 +10,7 @@ For programs (the CLI, tests, benchmark scripts):
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -46,6 +47,48 @@ class StartedRanks(NamedTuple):
     rendezvous: list[Any]  # one `Rendezvous` actor per pool instance of several ranks
 
 
+PLACEMENT_FORMAT = "pdserve-expert-placement/1"
+
+
+def read_expert_placements(path: str | None) -> dict[str, list[list[int]]]:
+    """Saved placements per pool name (`pdserve rebalance --dump`); {} without a file."""
+    if path is None:
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != PLACEMENT_FORMAT:
+        raise ValueError(f"{path} is not a saved expert placement ({PLACEMENT_FORMAT})")
+    pools = data.get("pools")
+    if not isinstance(pools, dict):
+        raise ValueError(f"{path}: 'pools' must map pool names to phy2log lists")
+    return {str(k): v for k, v in pools.items()}
+
+
+def start_eplb(ranks: list[Any], infos: list[Any], model_dir: Path, config: ServeConfig) -> Any:
+    """The EPLB service over the expert-parallel pools (None when there is none)."""
+    from eplb.service import EPLBService, PoolHandle
+    from workers.model.config import ModelConfig
+
+    pools: dict[str, list[tuple[int, Any]]] = {}
+    for handle, info in zip(ranks, infos, strict=True):
+        if info.pool_size > 1:
+            pools.setdefault(f"{info.role}-{info.instance}", []).append((info.pool_rank, handle))
+    if not pools:
+        return None
+    num_groups = ModelConfig.from_dir(model_dir).n_group
+    handles = [
+        PoolHandle(name, [h for _, h in sorted(members, key=lambda m: m[0])], num_groups)
+        for name, members in sorted(pools.items())
+    ]
+    service: Any = (
+        ray.remote(EPLBService)
+        .options(num_cpus=0, max_concurrency=8)
+        .remote(handles, config.eplb_interval_s, config.eplb_min_balancedness)
+    )
+    ray.get(service.start.remote())
+    return service
+
+
 def pool_specs(config: ServeConfig, num_gpus: float) -> list[PoolSpec]:
     """The topology's pool instances and what each rank needs (CPUs; a GPU, or an equal share
     of the cluster's GPUs when there are fewer GPUs than ranks, e.g. a prefill and a decode rank
@@ -71,6 +114,7 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
     from workers.ep.group import PoolMember, Rendezvous
 
     specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
+    saved = read_expert_placements(config.init_expert_placement)
     placements = place_pools(specs, config.placement_timeout_s)
     ranks: list[Any] = []
     meeting_points: list[Any] = []
@@ -95,6 +139,7 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
                         allow_fault_injection=config.allow_fault_injection,
                         scheduling_strategy=placement.strategy(i),
                         pool=PoolMember(i, spec.num_ranks, rendezvous) if rendezvous else None,
+                        initial_phy2log=saved.get(spec.name) if rendezvous else None,
                     )
                 )
     except BaseException:
@@ -223,6 +268,10 @@ def launch(
         ranks, placements, helpers = start_ranks(model_dir, config)
     try:
         wait_ranks_ready(ranks, config.ready_timeout_s, progress)
+        infos = ray.get([r.ready.remote() for r in ranks])
+        eplb = start_eplb(ranks, infos, model_dir, config)
+        if eplb is not None:
+            helpers.append(eplb)
         router = Router(
             ranks,
             Tokenizer.from_dir(model_dir),
@@ -230,7 +279,8 @@ def launch(
             poll_timeout_s=config.poll_timeout_s,
             request_timeout_s=config.request_timeout_s,
         )
-        http = ServerThread(create_app(router, config), config.host, config.port, config.log_level)
+        app = create_app(router, config, eplb=eplb)
+        http = ServerThread(app, config.host, config.port, config.log_level)
         http.start()
         deadline = time.monotonic() + 30
         while not router.is_ready and time.monotonic() < deadline:

@@ -53,6 +53,23 @@ class Metrics:
         self.pages_used = Gauge("pdserve_kv_pages_used", "KV cache pages in use", registry=r)
         self.pages_free = Gauge("pdserve_kv_pages_free", "KV cache pages free", registry=r)
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
+        self.eplb_balancedness = Gauge(
+            "pdserve_eplb_balancedness",
+            "Mean/max per-rank expert load over the recorded window, per pool", ["pool"],
+            registry=r,
+        )  # fmt: skip
+        self.eplb_rebalances = Gauge(
+            "pdserve_eplb_rebalances_total", "Expert rebalances done, per pool", ["pool"],
+            registry=r,
+        )  # fmt: skip
+        self.eplb_experts_moved = Gauge(
+            "pdserve_eplb_experts_moved_total", "Expert slots moved by rebalances, per pool",
+            ["pool"], registry=r,
+        )  # fmt: skip
+        self.eplb_pause = Gauge(
+            "pdserve_eplb_last_pause_seconds", "Pause of the last rebalance's execute phase",
+            ["pool"], registry=r,
+        )  # fmt: skip
 
     def set_rank_stats(self, stats: Sequence[RankStats | None]) -> None:
         live = [s for s in stats if s is not None]
@@ -61,6 +78,13 @@ class Metrics:
         self.queued.set(sum(s.num_waiting for s in live))
         self.pages_used.set(sum(s.num_pages_used for s in live))
         self.pages_free.set(sum(s.num_pages_free for s in live))
+
+    def set_eplb_stats(self, stats: dict[str, dict[str, float]]) -> None:
+        for pool, st in stats.items():
+            self.eplb_balancedness.labels(pool).set(st["balancedness"])
+            self.eplb_rebalances.labels(pool).set(st["rebalances"])
+            self.eplb_experts_moved.labels(pool).set(st["experts_moved"])
+            self.eplb_pause.labels(pool).set(st["last_pause_s"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from orchestrator.admin import ADMIN_ROUTES, add_admin_routes
 from orchestrator.config import ServeConfig
 from orchestrator.metrics import Metrics
 from orchestrator.openai_api import (
@@ -73,10 +74,14 @@ def _refused(e: ValueError, default_param: str) -> RequestError:
 
 
 def create_app(
-    router: Router, config: ServeConfig | None = None, manage_router: bool = True
+    router: Router,
+    config: ServeConfig | None = None,
+    manage_router: bool = True,
+    eplb: Any = None,
 ) -> FastAPI:
     """The app serving `router`. With `manage_router`, the app's lifespan starts the router on
-    the server's event loop and closes it at shutdown (without shutting the ranks down)."""
+    the server's event loop and closes it at shutdown (without shutting the ranks down).
+    `eplb`: the EPLB service actor (admin routes, /metrics)."""
     config = config or ServeConfig()
     metrics = Metrics()
 
@@ -95,7 +100,7 @@ def create_app(
     app.state.metrics = metrics
     app.add_middleware(
         CountRequests,
-        routes=ROUTES,
+        routes=ROUTES | ADMIN_ROUTES,
         count=lambda route, status: metrics.requests.labels(route, str(status)).inc(),
     )
 
@@ -230,9 +235,14 @@ def create_app(
         status = {"status": "failed", "detail": errors} if errors else {"status": "loading"}
         return JSONResponse(status, status_code=503)
 
+    add_admin_routes(app, eplb, config.admin_token)
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.set_rank_stats(await router.stats())
+        if eplb is not None:
+            with contextlib.suppress(Exception):
+                metrics.set_eplb_stats(await asyncio.wait_for(eplb.stats.remote(), 5))
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/stats")

@@ -32,6 +32,11 @@ FAULTS = {
     # Decode rank: reserve the request's pages but never post its receive, so that the prefill
     # side's transfer times out. The request waits until it is aborted.
     "withhold_receive",
+    # Expert rebalance: the rank fails that phase (`workers.engine.worker`).
+    "eplb_load",
+    "eplb_prepare",
+    "eplb_execute",
+    "eplb_stall_load",  # the load phase takes 3 s longer (to test a concurrent rebalance)
 }
 
 
@@ -54,6 +59,8 @@ class KVHandoff:
         """Make the next `count` requests hit fault `kind` (one of `FAULTS`); for tests."""
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
+        if kind.startswith("eplb_"):
+            raise ValueError(f"fault {kind!r} is armed on the rank, not its KV hand-off")
         if kind == "withhold_receive" and self.role != "decode":
             raise ValueError(f"fault {kind!r} applies to a decode rank, not a {self.role} rank")
         self.faults[kind] += count

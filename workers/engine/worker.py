@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from typing import Any
 
@@ -48,6 +48,8 @@ from workers.engine.messages import (
     TransferReady,
 )
 from workers.ep.group import PoolGroup, PoolMember, free_port, init_pool_group
+from workers.ep.placement import ExpertPlacement
+from workers.ep.rebalance import PhaseReport, RankRebalancer
 from workers.ep.setup import build_ep_context
 from workers.model.config import ModelConfig
 
@@ -77,6 +79,7 @@ class EngineWorker:
         allow_fault_injection: bool = False,
         instance: int = 0,
         pool: PoolMember | None = None,
+        initial_phy2log: list[list[int]] | None = None,
     ):
         if role not in _MODES:
             raise ValueError(f"role must be one of {sorted(_MODES)}, got {role!r}")
@@ -88,11 +91,22 @@ class EngineWorker:
         ep = None
         if pool is not None and pool.world_size > 1:
             self.group = _join_pool(pool, resolve_device(config.device))
+            placement = None
+            if initial_phy2log is not None:
+                phy2log = torch.tensor(initial_phy2log, dtype=torch.int64)
+                placement = ExpertPlacement.from_phy2log(
+                    phy2log, pool.world_size, ModelConfig.from_dir(model_dir).n_routed_experts
+                )
             ep = build_ep_context(
                 ModelConfig.from_dir(model_dir), config, role, pool.rank, pool.world_size,
-                self.group.data,
+                self.group.data, placement,
             )  # fmt: skip
         self.engine = Engine(model_dir, config, ep=ep)
+        self.rebalancer = RankRebalancer(self.engine.model, ep, model_dir) if ep else None
+        self._rebalance_lock = threading.Lock()  # load / prepare / arm / abort, one at a time
+        self._swap: Future[Any] | None = None  # an armed execute, done by the loop
+        self._offered: Future[Any] | None = None  # the armed execute offered in an agreement
+        self._faults: Counter[str] = Counter()  # armed eplb_* faults
         self.role = role
         self.handoff: KVHandoff | None = None
         if role != "colocated":
@@ -168,10 +182,14 @@ class EngineWorker:
     def inject_fault(self, kind: str, count: int = 1) -> None:
         if not self.allow_fault_injection:
             raise RuntimeError("fault injection is off on this rank (allow_fault_injection)")
-        if self.handoff is None:
-            raise ValueError("faults apply to disaggregated ranks only")
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
+        if kind.startswith("eplb_"):
+            with self._rebalance_lock:
+                self._faults[kind] += count
+            return
+        if self.handoff is None:
+            raise ValueError(f"fault {kind!r} applies to disaggregated ranks only")
         with self._lock:  # armed by the loop, between steps
             self._inbox.append(("fault", (kind, count)))
             self._lock.notify_all()
@@ -180,6 +198,97 @@ class EngineWorker:
         """Tokens routed per (layer, logical expert) since the last call: `[layers, experts]`
         int64 (CPU), or None for a dense model. Taken by the loop between steps."""
         return self._call_in_loop(self.engine.take_expert_load)
+
+    # ---- expert rebalance (driven by the EPLB service; see workers.ep.rebalance) ----------------
+
+    def expert_placement(self) -> Any:
+        """The pool's current `phy2log: [layers, slots]` (None outside an EP pool)."""
+        return None if self.engine.ep is None else self.engine.ep.placement.phy2log.clone()
+
+    def _rebalancer(self) -> RankRebalancer:
+        if self.rebalancer is None:
+            raise ValueError("this rank is not in an expert-parallel pool")
+        return self.rebalancer
+
+    def _fault(self, phase: str) -> None:
+        if self._faults[f"eplb_stall_{phase}"] > 0:
+            self._faults[f"eplb_stall_{phase}"] -= 1
+            time.sleep(3.0)
+        if self._faults[f"eplb_{phase}"] > 0:
+            self._faults[f"eplb_{phase}"] -= 1
+            raise RuntimeError(f"injected failure in the {phase} phase")
+
+    def eplb_load(self, phy2log: Any) -> PhaseReport:
+        with self._rebalance_lock:
+            self._fault("load")
+            return self._rebalancer().load(phy2log)
+
+    def eplb_prepare(self) -> PhaseReport:
+        with self._rebalance_lock:
+            self._fault("prepare")
+            return self._rebalancer().prepare()
+
+    def eplb_execute(self, timeout_s: float = 60.0) -> PhaseReport:
+        """Arm the prepared rebalance; the loop executes it at the first step boundary where
+        every rank of the pool has armed it. On timeout it is disarmed (nothing changed)."""
+        with self._rebalance_lock:
+            self._fault("execute")
+            if self._rebalancer().stage != "prepared":
+                raise RuntimeError("nothing prepared to execute")
+            future: Future[Any] = Future()
+            self._swap = future
+        with self._lock:
+            self._lock.notify_all()
+        try:
+            return future.result(timeout_s)  # type: ignore[no-any-return]
+        except TimeoutError:
+            self._disarm(future)
+            if future.done() and not future.cancelled():
+                return future.result()  # type: ignore[no-any-return]
+            raise TimeoutError("the pool's other ranks did not arm the rebalance in time") from None
+
+    def _disarm(self, future: Future[Any] | None) -> None:
+        """Withdraw an armed execute — unless an agreement in progress has offered it: then
+        wait for that agreement (all ranks execute it or none)."""
+        while True:
+            with self._rebalance_lock:
+                if self._offered is None or self._offered is not future:
+                    if future is not None and not future.done():
+                        future.cancel()
+                    if self._swap is future:
+                        self._swap = None
+                    return
+            time.sleep(0.001)
+
+    def eplb_abort(self) -> None:
+        """Drop whatever is loaded, staged or armed; the placement stays as it is (unless the
+        pool already executed it)."""
+        self._disarm(self._swap)
+        with self._rebalance_lock:
+            if self.rebalancer is not None:
+                self.rebalancer.abort()
+
+    def _offer_swap(self) -> bool:
+        with self._rebalance_lock:
+            swap = self._swap
+            self._offered = swap if swap is not None and not swap.done() else None
+            return self._offered is not None
+
+    def _execute_swap(self) -> None:
+        """In the loop, when every rank offered its armed rebalance: execute it (the pause)."""
+        with self._rebalance_lock:
+            future = self._offered
+            assert future is not None, "all ranks agreed on a swap this rank did not offer"
+            self._swap = None
+            try:
+                future.set_result(self._rebalancer().execute())
+            except Exception as e:
+                future.set_exception(e)
+                raise
+
+    def _end_offer(self) -> None:
+        with self._rebalance_lock:
+            self._offered = None
 
     def _call_in_loop(self, fn: Any, timeout_s: float = 60.0) -> Any:
         future: Future[Any] = Future()
@@ -259,7 +368,15 @@ class EngineWorker:
                 if group is None:
                     deltas.extend(engine.step())
                 else:
-                    agreed = group.agree(engine.has_work and not engine.idle, stopping)
+                    swap_ready = self._offer_swap()
+                    try:
+                        agreed = group.agree(
+                            engine.has_work and not engine.idle, stopping, swap_ready
+                        )
+                        if agreed.all_swap_ready:
+                            self._execute_swap()
+                    finally:
+                        self._end_offer()
                     if agreed.any_stopping:
                         return
                     if agreed.any_has_work:
@@ -322,6 +439,7 @@ def start_engine_rank(
     instance: int = 0,
     scheduling_strategy: Any = None,
     pool: PoolMember | None = None,
+    initial_phy2log: list[list[int]] | None = None,
 ) -> Any:
     """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle.
     `scheduling_strategy`: e.g. its pool's placement group bundle."""
@@ -347,4 +465,5 @@ def start_engine_rank(
         allow_fault_injection,
         instance,
         pool,
+        initial_phy2log,
     )

@@ -25,6 +25,7 @@ import torch.distributed as dist
 class Agreement(NamedTuple):
     any_has_work: bool
     any_stopping: bool
+    all_swap_ready: bool = False  # every rank has an expert rebalance armed to execute
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,13 @@ class PoolGroup:
         it once per loop iteration)."""
         return self.agree(has_work, False).any_has_work
 
-    def agree(self, has_work: bool, stopping: bool) -> Agreement:
-        """What the ranks decide together each loop iteration: step if any rank has work,
-        stop if any rank is stopping (a collective over `control`)."""
-        flags = torch.tensor([int(has_work), int(stopping)], dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
-        return Agreement(bool(flags[0]), bool(flags[1]))
+    def agree(self, has_work: bool, stopping: bool, swap_ready: bool = False) -> Agreement:
+        """What the ranks decide together each loop iteration (a collective over `control`):
+        step if any rank has work, stop if any rank is stopping, execute an expert rebalance
+        if every rank has one armed."""
+        flags = torch.tensor([int(has_work), int(stopping), int(swap_ready)], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.control)
+        return Agreement(bool(flags[0]), bool(flags[1]), int(flags[2]) == self.world_size)
 
 
 _group: PoolGroup | None = None

@@ -155,3 +155,35 @@ def _expected_keys(model: DeepseekForCausalLM) -> set[str]:
         else:
             keys.add("lm_head.weight" if name == "lm_head" else name)
     return keys
+
+
+class ExpertReader:
+    """Reads single experts' weights from a checkpoint on disk (memory-mapped, FP8
+    dequantized): what a rebalance needs when a rank is to host an expert it does not have."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        cfg = ModelConfig.from_dir(self.model_dir)
+        self.block = cfg.quant.weight_block_size if cfg.quant else (128, 128)
+        self._handles = [
+            safe_open(str(f), framework="pt") for f in checkpoint_files(self.model_dir)
+        ]
+        self._where = {k: h for h in self._handles for k in h.keys()}  # noqa: SIM118
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        handle = self._where.get(key)
+        if handle is None:
+            raise FileNotFoundError(f"{key} is not in the checkpoint {self.model_dir}")
+        tensor = handle.get_tensor(key)
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale = self._tensor(key + _SCALE_SUFFIX)
+            tensor = dequantize_fp8(tensor, scale, self.block)
+        return tensor
+
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(w13 [2 * I, hidden], w2 [hidden, I])` of `expert` in `layer`, float32."""
+        prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+        gate = self._tensor(f"{prefix}.gate_proj.weight")
+        up = self._tensor(f"{prefix}.up_proj.weight")
+        down = self._tensor(f"{prefix}.down_proj.weight")
+        return torch.cat((gate, up)).float(), down.float()

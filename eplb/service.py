@@ -1,0 +1,267 @@
+"""The EPLB service: a Ray actor that keeps the expert load of every expert-parallel pool even.
+
+It gathers each rank's recorded expert load into a window per pool, plans a new placement per
+pool (prefill and decode pools separately; `rebalance_experts_incremental` from the current
+placement, so few experts move), and drives the ranks through the three phases of
+`workers.ep.rebalance` — load (disk → host), prepare (host → device), execute (at a step
+boundary, every rank together). Serving goes on through load and prepare; execute is the pause.
+A failure in any phase (a rank dies, a file is missing, a rank does not arm in time) aborts the
+rebalance on every rank of the pool: the old placement stays.
+
+Triggers: `rebalance()` (the admin command) and, with `interval_s`, a periodic one that is
+skipped while the window's balancedness is at least `min_balancedness`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from eplb.algorithm import balancedness
+from eplb.incremental import num_moves, rebalance_experts_incremental
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolHandle:
+    """One expert-parallel pool instance: its name (e.g. `decode-0`) and rank actors in pool
+    rank order."""
+
+    name: str
+    ranks: list[Any]
+    num_groups: int = 1  # the model's expert groups (n_group)
+    num_nodes: int = 1
+
+
+@dataclass
+class PoolReport:
+    """What one rebalance did to one pool (the admin command's reply, per pool)."""
+
+    pool: str
+    ok: bool
+    error: str | None = None
+    skipped: str | None = None  # why nothing was done (balanced enough, no load yet)
+    balancedness_before: float = 0.0  # mean over MoE layers, on the recorded window
+    balancedness_after: float = 0.0
+    num_experts_moved: int = 0  # slots whose expert changed, over all layers
+    num_bytes_moved: int = 0  # expert weights read from disk and copied
+    load_s: float = 0.0  # each phase: the slowest rank
+    prepare_s: float = 0.0
+    execute_s: float = 0.0  # the pause
+    window_tokens: int = 0  # routed (token, expert) pairs in the window
+
+
+class RebalanceInProgress(RuntimeError):
+    pass
+
+
+@dataclass
+class _PoolState:
+    handle: PoolHandle
+    window: torch.Tensor | None = None  # [layers, experts] int64 since the last rebalance
+    phy2log: torch.Tensor | None = None
+    num_rebalances: int = 0
+    num_experts_moved: int = 0
+    last_pause_s: float = 0.0
+    history: list[PoolReport] = field(default_factory=list)
+
+
+class EPLBService:
+    def __init__(
+        self,
+        pools: list[PoolHandle],
+        interval_s: float | None = None,
+        min_balancedness: float = 0.95,
+        phase_timeout_s: float = 120.0,
+    ):
+        self.pools = {p.name: _PoolState(p) for p in pools}
+        self.interval_s = interval_s
+        self.min_balancedness = min_balancedness
+        self.phase_timeout_s = phase_timeout_s
+        self._busy = False
+        self._periodic: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the periodic trigger (when `interval_s` is set)."""
+        if self.interval_s and self._periodic is None:
+            self._periodic = asyncio.get_running_loop().create_task(self._run_periodic())
+
+    async def _run_periodic(self) -> None:
+        assert self.interval_s
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                reports = await self.rebalance(only_if_unbalanced=True)
+                for r in reports:
+                    if not r["ok"]:
+                        logger.warning("periodic rebalance of %s failed: %s", r["pool"], r["error"])
+            except RebalanceInProgress:
+                continue
+            except Exception:
+                logger.exception("periodic rebalance failed")
+
+    # ---- load -----------------------------------------------------------------------------
+
+    async def collect(self) -> None:
+        """Add every rank's load since its last report to its pool's window."""
+        for state in self.pools.values():
+            loads = await self._gather(state, "expert_load")
+            for load in loads:
+                if load is None:
+                    continue
+                state.window = load.clone() if state.window is None else state.window + load
+            # From the ranks each time: a pool whose ranks restarted is back at its initial one.
+            state.phy2log = await state.handle.ranks[0].expert_placement.remote()
+
+    async def experts(self) -> dict[str, Any]:
+        """Per pool: the placement (`phy2log`), the window's loads and balancedness, counters."""
+        await self.collect()
+        out = {}
+        for name, s in self.pools.items():
+            num_ranks = len(s.handle.ranks)
+            out[name] = {
+                "num_ranks": num_ranks,
+                "phy2log": s.phy2log.tolist() if s.phy2log is not None else None,
+                "load": s.window.tolist() if s.window is not None else None,
+                "balancedness": self._balancedness(s.window, s.phy2log, num_ranks),
+                "num_rebalances": s.num_rebalances,
+                "num_experts_moved": s.num_experts_moved,
+                "last_pause_s": s.last_pause_s,
+            }
+        return out
+
+    @staticmethod
+    def _balancedness(window: Any, phy2log: Any, num_ranks: int) -> float | None:
+        if window is None or phy2log is None:
+            return None
+        moe = window.sum(dim=1) > 0
+        if not bool(moe.any()):
+            return None
+        return float(balancedness(window[moe], phy2log[moe], num_ranks).mean())
+
+    # ---- rebalance ------------------------------------------------------------------------
+
+    async def rebalance(
+        self,
+        pools: list[str] | None = None,
+        only_if_unbalanced: bool = False,
+        placements: dict[str, list[list[int]]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rebalance `pools` (default: all) one after the other; a report per pool.
+        `placements`: move to these `phy2log`s instead of planning (a saved placement).
+        RebalanceInProgress if one is running."""
+        if self._busy:
+            raise RebalanceInProgress("a rebalance is already running")
+        self._busy = True
+        try:
+            await self.collect()
+            names = pools if pools is not None else list(self.pools)
+            unknown = [n for n in names if n not in self.pools]
+            if unknown:
+                raise ValueError(f"unknown pools {unknown}; known: {sorted(self.pools)}")
+            reports = []
+            for name in names:
+                given = placements.get(name) if placements else None
+                report = await self._rebalance_pool(self.pools[name], only_if_unbalanced, given)
+                reports.append(asdict(report))
+            return reports
+        finally:
+            self._busy = False
+
+    async def _rebalance_pool(
+        self, s: _PoolState, only_if_unbalanced: bool, given: list[list[int]] | None
+    ) -> PoolReport:
+        name, ranks = s.handle.name, s.handle.ranks
+        report = PoolReport(name, ok=True)
+        assert s.phy2log is not None
+        window = s.window if s.window is not None else torch.zeros(
+            s.phy2log.shape[0], int(s.phy2log.max()) + 1, dtype=torch.int64
+        )  # fmt: skip
+        report.window_tokens = int(window.sum())
+        before = self._balancedness(window, s.phy2log, len(ranks))
+        report.balancedness_before = before if before is not None else 0.0
+        if given is not None:
+            new = torch.tensor(given, dtype=torch.int64)
+            if new.shape != s.phy2log.shape:
+                raise ValueError(
+                    f"pool {name}: the placement is {tuple(new.shape)}, the pool's "
+                    f"{tuple(s.phy2log.shape)}"
+                )
+        else:
+            if before is None:
+                report.skipped = "no expert load recorded yet"
+                return report
+            if only_if_unbalanced and before >= self.min_balancedness:
+                report.skipped = f"balancedness {before:.3f} >= {self.min_balancedness}"
+                return report
+            new = rebalance_experts_incremental(
+                window, s.phy2log, s.handle.num_groups, s.handle.num_nodes, len(ranks)
+            ).phy2log
+        after = self._balancedness(window, new, len(ranks))
+        report.balancedness_after = after if after is not None else 0.0
+        moe = window.sum(dim=1) > 0
+        if not bool(moe.any()):
+            moe = torch.ones_like(moe)
+        report.num_experts_moved = int(num_moves(s.phy2log[moe], new[moe]))
+        try:
+            loaded = await self._gather(s, "eplb_load", new)
+            report.load_s = max(r.seconds for r in loaded)
+            report.num_bytes_moved = sum(r.num_bytes for r in loaded)
+            prepared = await self._gather(s, "eplb_prepare")
+            report.prepare_s = max(r.seconds for r in prepared)
+            executed = await self._gather(s, "eplb_execute", self.phase_timeout_s)
+            report.execute_s = max(r.seconds for r in executed)
+        except Exception as e:
+            report.ok, report.error = False, _short(e)
+            await self._abort(s)
+            logger.warning("rebalance of %s rolled back: %s", name, report.error)
+            s.history.append(report)
+            return report
+        s.phy2log = new
+        s.window = None  # a new window for the new placement
+        s.num_rebalances += 1
+        s.num_experts_moved += report.num_experts_moved
+        s.last_pause_s = report.execute_s
+        s.history.append(report)
+        logger.info(
+            "rebalanced %s: balancedness %.3f -> %.3f, %d experts moved, pause %.1f ms",
+            name, report.balancedness_before, report.balancedness_after,
+            report.num_experts_moved, report.execute_s * 1000,
+        )  # fmt: skip
+        return report
+
+    async def _gather(self, s: _PoolState, method: str, *args: Any) -> list[Any]:
+        refs = [getattr(r, method).remote(*args) for r in s.handle.ranks]
+        return list(await asyncio.wait_for(asyncio.gather(*refs), self.phase_timeout_s + 10))
+
+    async def _abort(self, s: _PoolState) -> None:
+        for r in s.handle.ranks:
+            try:
+                await asyncio.wait_for(r.eplb_abort.remote(), 30)
+            except Exception as e:  # a dead rank holds nothing any more
+                logger.debug("eplb_abort on a rank of %s failed: %s", s.handle.name, e)
+
+    async def stats(self) -> dict[str, dict[str, float]]:
+        """Counters per pool for /metrics (no new collection)."""
+        return {
+            name: {
+                "balancedness": self._balancedness(s.window, s.phy2log, len(s.handle.ranks)) or 0.0,
+                "rebalances": float(s.num_rebalances),
+                "experts_moved": float(s.num_experts_moved),
+                "last_pause_s": s.last_pause_s,
+            }
+            for name, s in self.pools.items()
+        }
+
+
+def _short(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return str(cause) or type(cause).__name__
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

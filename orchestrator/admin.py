@@ -1,0 +1,98 @@
+"""Admin routes: expert rebalancing through the EPLB service, behind a bearer token.
+
+- `POST /admin/rebalance` — body (optional) `{"pools": [names], "placements": {name: phy2log}}`;
+  replies `{"pools": [report, ...]}` (balancedness before/after on the recorded window, experts
+  and bytes moved, each phase's seconds, the pause). 409 while another rebalance runs.
+- `GET /admin/experts` — per pool: placement (`phy2log`), recorded load, balancedness.
+
+`Authorization: Bearer <token>` is required: missing → 401, wrong → 403. Without a token set
+(`pdserve serve --admin-token` or `PDSERVE_ADMIN_TOKEN`) the routes answer 404: admin is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from orchestrator.protocol import RequestError
+from orchestrator.streaming import read_json
+
+ADMIN_ROUTES = {"/admin/rebalance", "/admin/experts"}
+
+
+def check_token(request: Request, token: str | None) -> None:
+    if token is None:
+        raise RequestError(
+            "admin routes are disabled: start the server with --admin-token (or set "
+            "PDSERVE_ADMIN_TOKEN)", None, 404, "not_found",
+        )  # fmt: skip
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer "):
+        raise RequestError(
+            "missing admin token: send 'Authorization: Bearer <token>'", None, 401,
+            "authentication_error",
+        )  # fmt: skip
+    if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+        raise RequestError("wrong admin token", None, 403, "permission_error")
+
+
+def _no_service() -> RequestError:
+    return RequestError(
+        "no expert-parallel pool to rebalance (pools of one rank hold every expert; start "
+        "with --prefill-dp/--decode-dp/--dp > 1)", None, 409, "conflict",
+    )  # fmt: skip
+
+
+def add_admin_routes(app: FastAPI, eplb: Any, token: str | None) -> None:
+    """`eplb`: the `EPLBService` actor handle, or None when no pool is expert-parallel."""
+
+    @app.post("/admin/rebalance")
+    async def rebalance(request: Request) -> JSONResponse:
+        check_token(request, token)
+        body = await read_json(request, 1 << 26) if await request.body() else {}
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object", None)
+        pools = body.get("pools")
+        placements = body.get("placements")
+        if pools is not None and not (
+            isinstance(pools, list) and all(isinstance(p, str) for p in pools)
+        ):
+            raise RequestError("pools must be a list of pool names", "pools")
+        if placements is not None and not isinstance(placements, dict):
+            raise RequestError("placements must map pool names to phy2log lists", "placements")
+        if eplb is None:
+            raise _no_service()
+        try:
+            reports = await eplb.rebalance.remote(pools, False, placements)
+        except Exception as e:
+            message = _cause(e)
+            if "already running" in message:
+                raise RequestError(message, None, 409, "conflict") from None
+            if isinstance(_root(e), ValueError):
+                raise RequestError(message, "pools") from None
+            raise RequestError(message, None, 500, "server_error") from None
+        return JSONResponse({"pools": reports})
+
+    @app.get("/admin/experts")
+    async def experts(request: Request) -> JSONResponse:
+        check_token(request, token)
+        if eplb is None:
+            raise _no_service()
+        return JSONResponse({"pools": await asyncio.wait_for(eplb.experts.remote(), 60)})
+
+
+def _root(e: BaseException) -> BaseException:
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+def _cause(e: BaseException) -> str:
+    root = _root(e)
+    if root is not e:
+        return str(root) or type(root).__name__
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -1,0 +1,206 @@
+"""The EPLB service through the server: admin auth, rollback on a failure in each phase,
+concurrent rebalances, rebalancing under load with unchanged outputs, and balancedness rising
+on a skewed workload. Real ranks (Ray actors in expert-parallel pools), real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _greedy(n: int) -> dict[str, Any]:
+    return {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+
+
+def _experts(url: str) -> dict[str, Any]:
+    r = httpx.get(f"{url}/admin/experts", headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return dict(r.json()["pools"])
+
+
+def _rebalance(url: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/admin/rebalance", json=body or {}, headers=AUTH, timeout=120)
+
+
+def _generate(url: str, prompt: list[int], n: int = 8) -> list[int]:
+    body = {"input_ids": prompt, "sampling_params": _greedy(n)}
+    r = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return list(r.json()["output_ids"])
+
+
+async def _stream_all(url: str, prompts: list[list[int]], n: int) -> list[list[int] | str]:
+    async def one(client: httpx.AsyncClient, p: list[int]) -> list[int] | str:
+        body = {"input_ids": p, "sampling_params": _greedy(n), "stream": True}
+        last: dict[str, Any] = {}
+        async with client.stream("POST", f"{url}/generate", json=body) as resp:
+            if resp.status_code != 200:
+                return f"HTTP {resp.status_code}"
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    last = json.loads(line[6:])
+        return str(last["error"]) if "error" in last else list(last["output_ids"])
+
+    limits = httpx.Limits(max_connections=len(prompts))
+    async with httpx.AsyncClient(timeout=240, limits=limits) as client:
+        return list(await asyncio.gather(*(one(client, p) for p in prompts)))
+
+
+@pytest.fixture(scope="module")
+def ep_server(launch_tiny):
+    """A colocated expert-parallel pool of two ranks with 4 redundant expert slots."""
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
+                          num_redundant_experts=4)  # fmt: skip
+    server = launch_tiny(colocated=True, num_ranks=2, engine=engine, admin_token=TOKEN,
+                         allow_fault_injection=True)  # fmt: skip
+    yield server
+    server.stop()
+
+
+def test_admin_needs_the_token(ep_server, tiny_server):
+    url = ep_server.url
+    assert httpx.post(f"{url}/admin/rebalance", timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-token"}
+    r = httpx.post(f"{url}/admin/rebalance", headers=wrong, timeout=30)
+    assert r.status_code == 403 and "wrong admin token" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/admin/experts", timeout=30).status_code == 401
+    # Without --admin-token the admin routes are off.
+    r = httpx.post(f"{tiny_server}/admin/rebalance", headers=AUTH, timeout=30)
+    assert r.status_code == 404 and "--admin-token" in r.json()["error"]["message"]
+    r = _rebalance(url, {"pools": ["no-such-pool"]})
+    assert r.status_code == 400 and "unknown pools" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("phase", ["load", "prepare", "execute"])
+def test_a_failure_in_any_phase_rolls_back(ep_server, phase):
+    import ray
+
+    url = ep_server.url
+    prompt = list(range(7, 60))
+    before_tokens = _generate(url, prompt)
+    for p in [list(range(3, 40 + i)) for i in range(4)]:
+        _generate(url, p)  # some recorded load
+    before = _experts(url)["colocated-0"]["phy2log"]
+    ray.get(ep_server.ranks[1].inject_fault.remote(f"eplb_{phase}", 1))
+    r = _rebalance(url, {"placements": {"colocated-0": _rotated(before)}})
+    assert r.status_code == 200, r.text
+    (report,) = r.json()["pools"]
+    assert not report["ok"] and f"{phase} phase" in report["error"], report
+    assert _experts(url)["colocated-0"]["phy2log"] == before  # the old placement stays
+    assert _generate(url, prompt) == before_tokens
+    # And the next rebalance goes through.
+    r = _rebalance(url, {"placements": {"colocated-0": _rotated(before)}})
+    (report,) = r.json()["pools"]
+    assert report["ok"] and report["num_experts_moved"] > 0, report
+    assert _experts(url)["colocated-0"]["phy2log"] == _rotated(before)
+    assert _generate(url, prompt) == before_tokens
+
+
+def _rotated(phy2log: list[list[int]]) -> list[list[int]]:
+    """The same experts, every slot shifted by one: each rank gets other experts."""
+    return [row[1:] + row[:1] for row in phy2log]
+
+
+def test_a_second_rebalance_while_one_runs_gets_409(ep_server):
+    import ray
+
+    url = ep_server.url
+    for p in [list(range(3, 30 + i)) for i in range(3)]:
+        _generate(url, p)
+    ray.get(ep_server.ranks[0].inject_fault.remote("eplb_stall_load", 1))
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
+            first = asyncio.ensure_future(client.post(f"{url}/admin/rebalance", json={}))
+            await asyncio.sleep(1.0)
+            second = await client.post(f"{url}/admin/rebalance", json={})
+            return [await first, second]
+
+    first, second = asyncio.run(both())
+    assert first.status_code == 200, first.text
+    assert second.status_code == 409 and "already running" in second.text
+
+
+def test_rebalances_under_load_keep_outputs_and_raise_balancedness(launch_tiny, tiny_server):
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=4096, device="cpu",
+                          num_redundant_experts=4)  # fmt: skip
+    server = launch_tiny(prefill_dp=2, decode_dp=2, engine=engine, admin_token=TOKEN)
+    try:
+        url = server.url
+        # A skewed workload: one prompt over and over routes to the same few experts.
+        skewed = [[5, 9, 17, 33] * 16 for _ in range(16)]
+        asyncio.run(_stream_all(url, skewed, 16))
+        first = _experts(url)
+        rng = random.Random(8)
+        prompts = [[rng.randrange(1024) for _ in range(rng.randint(5, 120))] for _ in range(32)]
+        reference = asyncio.run(_stream_all(tiny_server, prompts, 24))
+
+        async def load_and_rebalance() -> tuple[list[Any], list[Any]]:
+            loop = asyncio.get_running_loop()
+            streams = asyncio.ensure_future(_stream_all(url, prompts, 24))
+            reports = []
+            for _ in range(5):
+                r = await loop.run_in_executor(None, _rebalance, url, None)
+                assert r.status_code == 200, r.text
+                reports.extend(r.json()["pools"])
+            return await streams, reports
+
+        outputs, reports = asyncio.run(load_and_rebalance())
+        assert outputs == reference  # zero failed requests, the same greedy tokens
+        assert all(r["ok"] for r in reports), reports
+        # The skewed window's balancedness went up with the first rebalance of each pool.
+        for name, pool in first.items():
+            first_report = next(r for r in reports if r["pool"] == name and not r["skipped"])
+            assert first_report["balancedness_before"] == pytest.approx(
+                pool["balancedness"], rel=0.5
+            )
+        asyncio.run(_stream_all(url, skewed, 16))
+        after = _experts(url)
+        for name in first:
+            assert after[name]["balancedness"] > first[name]["balancedness"], (name, after)
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        assert 'pdserve_eplb_rebalances_total{pool="decode-0"}' in metrics
+    finally:
+        server.stop()
+
+
+def test_cli_dump_and_init_placement(ep_server, tmp_path, launch_tiny):
+    path = tmp_path / "placement.json"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "rebalance", "--url", ep_server.url]
+    p = subprocess.run([*cmd, "--token", "wrong-token"], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert p.returncode == 1 and "403" in p.stderr
+    p = subprocess.run([*cmd, "--token", TOKEN], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "colocated-0" in p.stdout, p.stderr
+    p = subprocess.run([*cmd, "--token", TOKEN, "--dump", str(path)], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    saved = json.loads(path.read_text())["pools"]["colocated-0"]
+    assert saved == _experts(ep_server.url)["colocated-0"]["phy2log"]
+    # A new server starts from the saved placement.
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
+                          num_redundant_experts=4)  # fmt: skip
+    server = launch_tiny(colocated=True, num_ranks=2, engine=engine, admin_token=TOKEN,
+                         init_expert_placement=str(path))  # fmt: skip
+    try:
+        assert _experts(server.url)["colocated-0"]["phy2log"] == saved
+    finally:
+        server.stop()
