@@ -204,3 +204,28 @@ def test_cli_dump_and_init_placement(ep_server, tmp_path, launch_tiny):
         assert _experts(server.url)["colocated-0"]["phy2log"] == saved
     finally:
         server.stop()
+
+
+def test_periodic_rebalance_runs_and_skips_when_balanced(launch_tiny):
+    import time
+
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
+                          num_redundant_experts=4)  # fmt: skip
+    for min_balancedness, expect_rebalances in ((1.0, True), (0.01, False)):
+        server = launch_tiny(colocated=True, num_ranks=2, engine=engine, admin_token=TOKEN,
+                             eplb_interval_s=0.5, eplb_min_balancedness=min_balancedness)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            done = 0
+            while time.monotonic() < deadline:
+                _generate(server.url, [5, 9, 17, 33] * 8, 4)
+                done = _experts(server.url)["colocated-0"]["num_rebalances"]
+                if done and expect_rebalances:
+                    break
+                if not expect_rebalances and time.monotonic() > deadline - 16:
+                    break  # several periods have passed
+            assert (done > 0) == expect_rebalances, (min_balancedness, done)
+        finally:
+            server.stop()
