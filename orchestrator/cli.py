@@ -32,6 +32,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="name in /v1/models (default: the dir's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--grpc-port", type=int, help="also serve the gRPC API here (0: a free port)")
     p.add_argument("--address", help="Ray cluster to join ('auto': the one `ray start` made)")
     t = p.add_argument_group("topology")
     t.add_argument(
@@ -145,6 +146,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         served_model_name=args.served_model_name,
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         ray_address=args.address,
         colocated=args.colocated,
         num_ranks=args.dp,
@@ -200,6 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         _print(f"serving {server.router.model_name} on {server.url}")
+        if server.grpc_address:
+            _print(f"gRPC (pdserve.v1) on {server.grpc_address}")
         while not stop.is_set() and server.http.is_alive():
             stop.wait(0.5)
         _print("shutting down")
@@ -226,6 +230,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
     p.set_defaults(func=cmd_generate)
 
 
@@ -235,7 +240,43 @@ def _sse_events(resp: httpx.Response) -> Any:
             yield json.loads(line[len("data: ") :])
 
 
+def cmd_generate_grpc(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto import pdserve_pb2 as pb
+    from proto import pdserve_pb2_grpc as pb_grpc
+
+    if args.chat:
+        print("error: --chat is an HTTP (OpenAI API) feature; drop --grpc", file=sys.stderr)
+        return 2
+    request = pb.GenerateRequest(
+        text=args.prompt,
+        sampling=pb.SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature
+        ),
+    )
+    start = time.perf_counter()
+    try:
+        with grpc.insecure_channel(args.grpc) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            for resp in stub.Generate(request, timeout=600):
+                if resp.HasField("chunk"):
+                    print(resp.chunk.text, end="", flush=True)
+                else:
+                    final = resp.final
+    except grpc.RpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - start
+    print()
+    print(f"[{final.usage.completion_tokens} tokens, finish: {final.finish_reason}, "
+          f"{elapsed:.2f} s]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.grpc:
+        return cmd_generate_grpc(args)
     url = args.url.rstrip("/")
     if args.chat:
         route = "/v1/chat/completions"
@@ -390,6 +431,7 @@ def add_rebalance(sub: argparse._SubParsersAction) -> None:
         "--dump", metavar="FILE", help="save the current placement to FILE instead of rebalancing"
     )
     p.add_argument("--apply", metavar="FILE", help="move to the placement saved in FILE")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds")
     p.set_defaults(func=cmd_rebalance)
 
@@ -400,6 +442,11 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     if not args.token:
         print("error: --token (or PDSERVE_ADMIN_TOKEN) is required", file=sys.stderr)
         return 2
+    if args.grpc:
+        if args.dump or args.apply:
+            print("error: --dump and --apply use HTTP; drop --grpc", file=sys.stderr)
+            return 2
+        return _rebalance_grpc(args)
     url = args.url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.token}"}
     try:
@@ -425,8 +472,38 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         return 1
     if resp.status_code != 200:
         return _admin_error(resp)
+    return _print_reports(resp.json()["pools"])
+
+
+def _rebalance_grpc(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from proto import pdserve_pb2 as pb
+    from proto import pdserve_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(args.grpc) as channel:
+            reply = pb_grpc.GenerationStub(channel).Rebalance(
+                pb.RebalanceRequest(pools=args.pool or []),
+                metadata=[("authorization", f"Bearer {args.token}")],
+                timeout=args.timeout,
+            )
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    reports = [
+        MessageToDict(
+            r, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        for r in reply.pools
+    ]
+    return _print_reports(reports)
+
+
+def _print_reports(reports: list[dict[str, Any]]) -> int:
     failed = 0
-    for r in resp.json()["pools"]:
+    for r in reports:
         if r["skipped"]:
             print(f"{r['pool']}: skipped ({r['skipped']})")
         elif not r["ok"]:
@@ -436,7 +513,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
             print(
                 f"{r['pool']}: balancedness {r['balancedness_before']:.3f} -> "
                 f"{r['balancedness_after']:.3f}, {r['num_experts_moved']} experts "
-                f"({r['num_bytes_moved'] / 1e6:.1f} MB) moved; load {r['load_s'] * 1000:.0f} ms, "
+                f"({float(r['num_bytes_moved']) / 1e6:.1f} MB) moved; load {r['load_s'] * 1000:.0f} ms, "
                 f"prepare {r['prepare_s'] * 1000:.0f} ms, pause {r['execute_s'] * 1000:.1f} ms"
             )
     return 1 if failed else 0

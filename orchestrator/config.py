@@ -25,6 +25,7 @@ class ServeConfig:
     decode_instances: int = 1  # disaggregated: independent decode pools of decode_dp ranks
     placement_timeout_s: float = 120.0  # how long to wait for the cluster to place the pools
     allow_fault_injection: bool = False  # tests only: ranks accept `inject_fault`
+    grpc_port: int | None = None  # the gRPC API's port (0: a free one); None: no gRPC
     admin_token: str | None = None  # enables /admin/* (Bearer token); None: admin is off
     eplb_interval_s: float | None = None  # periodic expert rebalancing; None: on command only
     eplb_min_balancedness: float = 0.95  # a periodic rebalance is skipped above this
@@ -79,6 +80,8 @@ class ServeConfig:
             )
         if self.transfer_timeout_s <= 0:
             raise ValueError("--transfer-timeout must be > 0 seconds")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"--grpc-port must be in [0, 65535], got {self.grpc_port}")
         if self.admin_token is not None and len(self.admin_token) < 8:
             raise ValueError("--admin-token must be at least 8 characters")
         if self.eplb_interval_s is not None and self.eplb_interval_s <= 0:

@@ -228,6 +228,14 @@ class LocalServer:
     owns_ranks: bool = True
     placements: list[PoolPlacement] = field(default_factory=list)
     helpers: list[Any] = field(default_factory=list)  # other actors it started (rendezvous)
+    grpc_port: int | None = None
+
+    @property
+    def grpc_address(self) -> str | None:
+        if self.grpc_port is None:
+            return None
+        host = self.url.split("//", 1)[1].rsplit(":", 1)[0]
+        return f"{host}:{self.grpc_port}"
 
     def stop(self) -> None:
         self.http.stop()
@@ -291,4 +299,7 @@ def launch(
             kill_actors(helpers)
             remove_placements(placements)
         raise
-    return LocalServer(http.url, model_dir, router, http, ranks, owns_ranks, placements, helpers)
+    grpc_port = app.state.grpc_port
+    return LocalServer(
+        http.url, model_dir, router, http, ranks, owns_ranks, placements, helpers, grpc_port
+    )

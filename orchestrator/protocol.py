@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.router import Limits, Output
+from orchestrator.router import Limits, Output, Router
 from workers.engine.messages import SamplingParams
+
+if TYPE_CHECKING:
+    from orchestrator.config import ServeConfig
 
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1
@@ -28,12 +31,14 @@ class RequestError(Exception):
         param: str | None = None,
         status: int = 400,
         type: str = "invalid_request_error",
+        code: str | None = None,
     ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
         self.type = type
+        self.code = code  # finer than `type`, e.g. "context_length_exceeded"
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param}}
@@ -224,6 +229,7 @@ def _too_long(input_ids: list[int], max_new: int, limits: Limits, name: str) -> 
         f"{name}: prompt ({len(input_ids)} tokens) + max new tokens ({max_new}) = {total} "
         f"exceeds {where}",
         name,
+        code="context_length_exceeded",
     )
 
 
@@ -360,3 +366,14 @@ class GenerateResult:
                 "e2e_latency": round(self.e2e_latency_s, 6),
             },
         }
+
+
+def prepare_call(
+    router: Router, config: ServeConfig, call: GenerateCall
+) -> tuple[list[int], SamplingParams]:
+    """A parsed generate call's prompt ids and resolved sampling; RequestError when it does
+    not fit (HTTP and gRPC share this)."""
+    ids = call.input_ids if call.input_ids is not None else router.tokenizer.encode(call.text or "")
+    return ids, resolve_sampling(
+        ids, call.sampling, router.limits, config.default_max_new_tokens, call.prompt_field
+    )

@@ -36,6 +36,7 @@ from orchestrator.protocol import (
     GenerateResult,
     RequestError,
     parse_generate,
+    prepare_call,
     resolve_sampling,
 )
 from orchestrator.router import Output, Router, RouterNotReady
@@ -89,14 +90,24 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage_router:
             await router.start()
+        grpc_server = None
+        if config.grpc_port is not None:
+            from orchestrator.grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(router, config, eplb)
+            await grpc_server.start()
+            app.state.grpc_port = grpc_server.port
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             if manage_router:
                 await router.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router = router
+    app.state.grpc_port = None
     app.state.metrics = metrics
     app.add_middleware(
         CountRequests,
@@ -127,15 +138,7 @@ def create_app(
         return metrics.track(router.generate(ids, sampling, stop, rid=rid), arrival)
 
     def prepare(call: GenerateCall) -> tuple[list[int], SamplingParams]:
-        ids = (
-            call.input_ids
-            if call.input_ids is not None
-            else router.tokenizer.encode(call.text or "")
-        )
-        limits = router.limits
-        return ids, resolve_sampling(
-            ids, call.sampling, limits, config.default_max_new_tokens, call.prompt_field
-        )
+        return prepare_call(router, config, call)
 
     # ---- SGLang style -----------------------------------------------------------------------
 

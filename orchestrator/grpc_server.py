@@ -1,0 +1,262 @@
+"""The gRPC front end (`proto/pdserve.proto`, package `pdserve.v1`) on `grpc.aio`, in the router
+process and on the router's event loop, beside `grpc.health.v1.Health` and server reflection.
+
+Requests go through the same parsing and limits as HTTP `/generate` (`orchestrator.protocol`);
+errors map to status codes (see the .proto). A cancelled `Generate` call closes the router's
+generator, which aborts the request on its ranks and frees its KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator.config import ServeConfig
+from orchestrator.protocol import RequestError, parse_generate, prepare_call
+from orchestrator.router import Router, RouterNotReady
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+SERVICE = "pdserve.v1.Generation"
+
+
+def _status_of(e: RequestError) -> grpc.StatusCode:
+    if e.code == "context_length_exceeded":
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return {
+        400: grpc.StatusCode.INVALID_ARGUMENT,
+        401: grpc.StatusCode.UNAUTHENTICATED,
+        403: grpc.StatusCode.PERMISSION_DENIED,
+        404: grpc.StatusCode.NOT_FOUND,
+        409: grpc.StatusCode.FAILED_PRECONDITION,
+        413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        503: grpc.StatusCode.UNAVAILABLE,
+        504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    }.get(e.status, grpc.StatusCode.INTERNAL)
+
+
+def _body(request: pb.GenerateRequest) -> dict[str, Any]:
+    """The request as an SGLang `/generate` body, so that both APIs validate alike."""
+    body: dict[str, Any] = {}
+    if request.rid:
+        body["rid"] = request.rid
+    prompt = request.WhichOneof("prompt")
+    if prompt == "text":
+        body["text"] = request.text
+    elif prompt == "input_ids":
+        body["input_ids"] = list(request.input_ids.ids)
+    sp = request.sampling
+    params: dict[str, Any] = {}
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+        if sp.HasField(name):
+            params[name] = getattr(sp, name)
+    if sp.stop:
+        params["stop"] = list(sp.stop)
+    if sp.stop_token_ids:
+        params["stop_token_ids"] = list(sp.stop_token_ids)
+    if sp.ignore_eos:
+        params["ignore_eos"] = True
+    body["sampling_params"] = params
+    return body
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, router: Router, config: ServeConfig, eplb: Any = None):
+        self.router = router
+        self.config = config
+        self.eplb = eplb
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            call = parse_generate(_body(request))
+            if call.is_batch or len(call.calls) != 1:
+                raise RequestError("text: one prompt per call", "text")
+            ids, sampling = prepare_call(self.router, self.config, call.calls[0])
+        except RequestError as e:
+            await context.abort(_status_of(e), e.message)
+        rid = call.rid
+        output_ids: list[int] = []
+        outputs = self.router.generate(ids, sampling, call.calls[0].sampling.stop, rid=rid)
+        try:
+            async with contextlib.aclosing(outputs) as outs:
+                async for out in outs:
+                    if out.finish_reason == "abort":
+                        if out.error is None:  # the Abort RPC (or the HTTP side) ended it
+                            await context.abort(grpc.StatusCode.CANCELLED, "aborted")
+                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, out.error)
+                    if out.finish_reason == "error":
+                        await context.abort(
+                            grpc.StatusCode.INTERNAL, out.error or "the request failed"
+                        )
+                    output_ids += out.token_ids
+                    if out.text or out.token_ids:
+                        yield pb.GenerateResponse(
+                            chunk=pb.GenerateChunk(token_ids=out.token_ids, text=out.text)
+                        )
+                    if out.finish_reason is not None:
+                        yield pb.GenerateResponse(
+                            final=pb.GenerateFinal(
+                                rid=out.rid,
+                                finish_reason=out.finish_reason,
+                                matched_stop=""
+                                if out.matched_stop is None
+                                else str(out.matched_stop),
+                                usage=pb.Usage(
+                                    prompt_tokens=out.num_prompt_tokens,
+                                    completion_tokens=out.num_output_tokens,
+                                ),
+                                output_ids=output_ids,
+                            )
+                        )
+                        return
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RouterNotReady as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    async def Abort(  # noqa: N802
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        if not request.rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rid: required")
+        return pb.AbortResponse(found=await self.router.abort(request.rid))
+
+    async def _admin(self, context: grpc.aio.ServicerContext) -> None:
+        token = self.config.admin_token
+        if token is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "admin calls are disabled: start the server with --admin-token",
+            )
+        metadata = dict(context.invocation_metadata() or ())
+        header = str(metadata.get("authorization", ""))
+        if not header.lower().startswith("bearer "):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing admin token: send metadata 'authorization: Bearer <token>'",
+            )
+        assert token is not None
+        if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
+        if self.eplb is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "no expert-parallel pool to rebalance"
+            )
+
+    async def Rebalance(  # noqa: N802
+        self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RebalanceResponse:
+        await self._admin(context)
+        try:
+            reports = await self.eplb.rebalance.remote(list(request.pools) or None)
+        except Exception as e:
+            message = str(getattr(e, "cause", None) or e).strip().splitlines()[0]
+            code = (
+                grpc.StatusCode.FAILED_PRECONDITION
+                if "already running" in message
+                else grpc.StatusCode.INVALID_ARGUMENT
+                if "unknown pools" in message
+                else grpc.StatusCode.INTERNAL
+            )
+            await context.abort(code, message)
+        return pb.RebalanceResponse(
+            pools=[
+                pb.PoolReport(
+                    **{
+                        k: (v if v is not None else type_default(k))
+                        for k, v in r.items()
+                        if k in pb.PoolReport.DESCRIPTOR.fields_by_name
+                    }
+                )  # fmt: skip
+                for r in reports
+            ]
+        )
+
+    async def ExpertStats(  # noqa: N802
+        self, request: pb.ExpertStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExpertStatsResponse:
+        await self._admin(context)
+        pools = await self.eplb.experts.remote()
+        return pb.ExpertStatsResponse(
+            pools=[
+                pb.PoolExperts(
+                    pool=name,
+                    num_ranks=p["num_ranks"],
+                    balancedness=p["balancedness"] or 0.0,
+                    num_rebalances=p["num_rebalances"],
+                    num_experts_moved=p["num_experts_moved"],
+                    phy2log=[pb.Row(values=row) for row in p["phy2log"] or []],
+                    load=[pb.Row(values=row) for row in p["load"] or []],
+                )
+                for name, p in sorted(pools.items())
+            ]
+        )
+
+
+def type_default(field: str) -> Any:
+    return "" if field in ("error", "skipped", "pool") else 0
+
+
+class GrpcServer:
+    """The gRPC server of one router; `start` and `stop` on the router's event loop."""
+
+    def __init__(self, router: Router, config: ServeConfig, eplb: Any = None):
+        self.server = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(
+            GenerationService(router, config, eplb), self.server
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        names = (
+            pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self.server)
+        assert config.grpc_port is not None
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+        if not self.port:
+            raise RuntimeError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
+        self.router = router
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE):
+            await self._health.set(name, status)
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.set_serving(False)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_health())
+
+    async def _watch_health(self) -> None:
+        """Health follows the router: SERVING while every rank is ready."""
+        serving: bool | None = None
+        while True:
+            now = self.router.is_ready
+            if now != serving:
+                await self.set_serving(now)
+                serving = now
+            await asyncio.sleep(0.25)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        self._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch
+        await self._health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)

@@ -1,0 +1,195 @@
+"""The gRPC API (`pdserve.v1`) through a real server on loopback with the stock grpcio client:
+streaming generate, abort, cancellation, health, reflection, admin calls and status codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(180)
+TOKEN = "grpc-admin-token"
+
+
+@pytest.fixture(scope="module")
+def server(launch_tiny):
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
+                          num_redundant_experts=4)  # fmt: skip
+    srv = launch_tiny(colocated=True, num_ranks=2, engine=engine, admin_token=TOKEN, grpc_port=0,
+                      allow_fault_injection=True)  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        yield pb_grpc.GenerationStub(channel)
+
+
+def _request(ids: list[int], n: int, **kw: Any) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+    return pb.GenerateRequest(input_ids=pb.TokenIds(ids=ids), sampling=sampling)
+
+
+def _pages_used(url: str) -> int:
+    ranks = httpx.get(f"{url}/v1/stats", timeout=30).json()["ranks"]
+    return sum(r["stats"]["num_pages_used"] for r in ranks)
+
+
+def _wait_pages_free(url: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _pages_used(url):
+        assert time.monotonic() < deadline, "KV pages still held"
+        time.sleep(0.1)
+
+
+def test_streaming_generate_matches_http(server, stub):
+    prompt = list(range(11, 60))
+    replies = list(stub.Generate(_request(prompt, 12), timeout=60))
+    chunks = [r.chunk for r in replies if r.HasField("chunk")]
+    final = replies[-1].final
+    assert replies[-1].HasField("final") and len(chunks) >= 1
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert list(final.output_ids) == tokens and len(tokens) == 12
+    assert final.finish_reason == "length"
+    assert final.usage.prompt_tokens == len(prompt) and final.usage.completion_tokens == 12
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 12, "temperature": 0,
+                                                      "ignore_eos": True}}  # fmt: skip
+    http = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+    assert http["output_ids"] == tokens
+    assert "".join(c.text for c in chunks) == http["text"]
+    # A text prompt works too.
+    text = list(stub.Generate(pb.GenerateRequest(text="Hello", sampling=pb.SamplingParams(
+        max_new_tokens=3, temperature=0.0)), timeout=60))  # fmt: skip
+    assert text[-1].final.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (pb.GenerateRequest(sampling=pb.SamplingParams(max_new_tokens=3)),
+         grpc.StatusCode.INVALID_ARGUMENT, "text"),
+        (_request([5, 6], 3, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (_request([5, 6], 1_000_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds"),
+        (_request([5, 99_999], 3), grpc.StatusCode.INVALID_ARGUMENT, "input_ids"),
+    ],
+)  # fmt: skip
+def test_errors_map_to_status_codes(stub, request_, code, words):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request_, timeout=30))
+    assert err.value.code() == code, err.value.details()
+    assert words in err.value.details()
+
+
+def test_cancelled_call_and_deadline_free_the_pages(server, stub):
+    call = stub.Generate(_request(list(range(3, 200)), 1500), timeout=60)
+    first = next(call)
+    assert first.HasField("chunk")
+    call.cancel()
+    _wait_pages_free(server.url)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(_request(list(range(3, 200)), 1500), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_pages_free(server.url)
+
+
+def test_abort_rpc_ends_the_stream(server, stub):
+    request = _request(list(range(3, 100)), 1500)
+    request.rid = "grpc-abort-me"
+    call = stub.Generate(request, timeout=60)
+    next(call)
+    assert stub.Abort(pb.AbortRequest(rid="grpc-abort-me"), timeout=30).found
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert not stub.Abort(pb.AbortRequest(rid="no-such-request"), timeout=30).found
+    _wait_pages_free(server.url)
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "pdserve.v1.Generation"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name for r in replies for s in r.list_services_response.service}
+        assert {"pdserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_admin_calls_need_the_token(stub):
+    for metadata, code in (
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer wrong-token"),), grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rebalance(pb.RebalanceRequest(), metadata=metadata, timeout=30)
+        assert err.value.code() == code
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    stats = stub.ExpertStats(pb.ExpertStatsRequest(), metadata=auth, timeout=60)
+    (pool,) = stats.pools
+    assert pool.pool == "colocated-0" and pool.num_ranks == 2 and len(pool.phy2log) > 0
+    reply = stub.Rebalance(pb.RebalanceRequest(), metadata=auth, timeout=120)
+    assert [r.pool for r in reply.pools] == ["colocated-0"] and reply.pools[0].ok
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rebalance(pb.RebalanceRequest(pools=["nope"]), metadata=auth, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_rebalance_is_refused(server, stub):
+    import ray
+
+    list(stub.Generate(_request(list(range(3, 50)), 4), timeout=60))  # some load to plan on
+    ray.get(server.ranks[0].inject_fault.remote("eplb_stall_load", 1))
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    first: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: first.append(
+            stub.Rebalance(pb.RebalanceRequest(), metadata=auth, timeout=120)
+        )
+    )
+    thread.start()
+    time.sleep(1.0)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rebalance(pb.RebalanceRequest(), metadata=auth, timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already running" in err.value.details()
+    thread.join()
+    assert first and first[0].pools[0].pool == "colocated-0"
+
+
+def test_cli_over_grpc(server):
+    base = [sys.executable, "-m", "orchestrator.cli"]
+    p = subprocess.run([*base, "generate", "--grpc", server.grpc_address, "--prompt", "Hello",
+                        "--max-new-tokens", "4"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0 and "finish:" in p.stderr, p.stderr
+    p = subprocess.run([*base, "rebalance", "--grpc", server.grpc_address, "--token", TOKEN],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0 and "colocated-0" in p.stdout, p.stderr
+    p = subprocess.run([*base, "rebalance", "--grpc", server.grpc_address, "--token", "bad-token"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 1 and "PERMISSION_DENIED" in p.stderr
+
+
+def test_stubs_are_generated_from_the_proto():
+    pytest.importorskip("grpc_tools")
+    from proto.generate import stale_files
+
+    assert stale_files() == [], "run python -m proto.generate"
