@@ -33,6 +33,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--grpc-port", type=int, help="also serve the gRPC API here (0: a free port)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="serve config (YAML, e.g. deploy/serve.yaml); flags given here override it",
+    )
     p.add_argument("--address", help="Ray cluster to join ('auto': the one `ray start` made)")
     t = p.add_argument_group("topology")
     t.add_argument(
@@ -112,6 +117,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--default-max-new-tokens", type=int, default=128)
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     r.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024)
+    r.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: none)")
+    r.add_argument(
+        "--max-concurrent-requests-per-client",
+        type=int,
+        help="requests in flight per client address (default: no cap)",
+    )
     r.add_argument(
         "--admin-token",
         default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
@@ -162,6 +173,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         transfer_timeout_s=args.transfer_timeout,
         engine=engine,
         max_request_body_bytes=args.max_request_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_concurrent_requests_per_client=args.max_concurrent_requests_per_client,
         default_max_new_tokens=args.default_max_new_tokens,
         request_timeout_s=args.request_timeout,
         log_level=args.log_level,
@@ -181,6 +194,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _print(f"topology: {config.topology}")
     model_dir = resolve_model_dir(config)
     _print(f"model: {model_dir}")
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        _print("warning: RAY_AUTH_MODE=disabled: anyone who reaches the Ray ports controls the "
+               "cluster; keep Ray's token authentication on outside a test box")  # fmt: skip
     ctx = ray.init(address=config.ray_address, logging_level=logging.WARNING)
     dashboard = getattr(ctx, "dashboard_url", None)
     where = f"joined Ray cluster at {config.ray_address}" if config.ray_address else "local Ray"
@@ -542,7 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.config:
+        from orchestrator.serve_file import merge_serve_args
+
+        try:
+            args = merge_serve_args(args, parser, argv)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     func: Command = args.func
     return func(args)
 

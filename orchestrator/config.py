@@ -34,6 +34,8 @@ class ServeConfig:
     transfer_timeout_s: float = 30.0  # a KV transfer (or its handshake) that takes longer fails
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_request_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's limits
+    max_concurrent_requests_per_client: int | None = None  # per client address; None: no cap
     default_max_new_tokens: int = 128  # when a request does not say
     request_timeout_s: float | None = 600.0  # a request running longer is aborted
     ready_timeout_s: float = 900.0  # how long `serve` waits for the ranks to load the model
@@ -99,6 +101,13 @@ class ServeConfig:
             )
         if self.placement_timeout_s <= 0:
             raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
+        if (
+            self.max_concurrent_requests_per_client is not None
+            and self.max_concurrent_requests_per_client < 1
+        ):
+            raise ValueError("--max-concurrent-requests-per-client must be >= 1")
         if self.max_request_body_bytes < 1024:
             raise ValueError(
                 f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.config import ServeConfig
+from orchestrator.limits import ClientLimiter
 from orchestrator.protocol import RequestError, parse_generate, prepare_call
 from orchestrator.router import Router, RouterNotReady
 from proto import pdserve_pb2 as pb
@@ -39,6 +40,7 @@ def _status_of(e: RequestError) -> grpc.StatusCode:
         404: grpc.StatusCode.NOT_FOUND,
         409: grpc.StatusCode.FAILED_PRECONDITION,
         413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        429: grpc.StatusCode.RESOURCE_EXHAUSTED,
         503: grpc.StatusCode.UNAVAILABLE,
         504: grpc.StatusCode.DEADLINE_EXCEEDED,
     }.get(e.status, grpc.StatusCode.INTERNAL)
@@ -69,11 +71,26 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
     return body
 
 
+def _peer_host(peer: str) -> str:
+    """`ipv4:127.0.0.1:5678` / `ipv6:[::1]:5678` → the address without the port."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, config: ServeConfig, eplb: Any = None):
+    def __init__(
+        self,
+        router: Router,
+        config: ServeConfig,
+        eplb: Any = None,
+        limiter: ClientLimiter | None = None,
+    ):
         self.router = router
         self.config = config
         self.eplb = eplb
+        self.limiter = limiter or ClientLimiter(config.max_concurrent_requests_per_client)
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -83,11 +100,13 @@ class GenerationService(pb_grpc.GenerationServicer):
             if call.is_batch or len(call.calls) != 1:
                 raise RequestError("text: one prompt per call", "text")
             ids, sampling = prepare_call(self.router, self.config, call.calls[0])
+            generated = self.router.generate(
+                ids, sampling, call.calls[0].sampling.stop, rid=call.rid
+            )
+            outputs = self.limiter.wrap(generated, _peer_host(context.peer()))
         except RequestError as e:
             await context.abort(_status_of(e), e.message)
-        rid = call.rid
         output_ids: list[int] = []
-        outputs = self.router.generate(ids, sampling, call.calls[0].sampling.stop, rid=rid)
         try:
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
@@ -211,10 +230,16 @@ def type_default(field: str) -> Any:
 class GrpcServer:
     """The gRPC server of one router; `start` and `stop` on the router's event loop."""
 
-    def __init__(self, router: Router, config: ServeConfig, eplb: Any = None):
+    def __init__(
+        self,
+        router: Router,
+        config: ServeConfig,
+        eplb: Any = None,
+        limiter: ClientLimiter | None = None,
+    ):
         self.server = grpc.aio.server()
         pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(router, config, eplb), self.server
+            GenerationService(router, config, eplb, limiter), self.server
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)

@@ -374,6 +374,17 @@ def prepare_call(
     """A parsed generate call's prompt ids and resolved sampling; RequestError when it does
     not fit (HTTP and gRPC share this)."""
     ids = call.input_ids if call.input_ids is not None else router.tokenizer.encode(call.text or "")
+    check_prompt_len(ids, config, call.prompt_field)
     return ids, resolve_sampling(
         ids, call.sampling, router.limits, config.default_max_new_tokens, call.prompt_field
     )
+
+
+def check_prompt_len(ids: list[int], config: ServeConfig, field: str) -> None:
+    """RequestError when the prompt is longer than `config.max_prompt_tokens`."""
+    limit = config.max_prompt_tokens
+    if limit is not None and len(ids) > limit:
+        raise RequestError(
+            f"{field}: the prompt has {len(ids)} tokens; this server accepts at most {limit} "
+            "(--max-prompt-tokens)", field, code="context_length_exceeded",
+        )  # fmt: skip

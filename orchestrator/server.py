@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator.admin import ADMIN_ROUTES, add_admin_routes
 from orchestrator.config import ServeConfig
+from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.openai_api import (
     CompletionBody,
@@ -35,6 +36,7 @@ from orchestrator.protocol import (
     GenerateCall,
     GenerateResult,
     RequestError,
+    check_prompt_len,
     parse_generate,
     prepare_call,
     resolve_sampling,
@@ -58,6 +60,11 @@ ROUTES = {
 }  # fmt: skip
 T = TypeVar("T")
 _CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never received
+
+
+def client_of(request: Request) -> str:
+    """The client's address, the key of the per-client limits."""
+    return request.client.host if request.client is not None else "unknown"
 
 
 def _error_status(out: Output) -> RequestError:
@@ -94,7 +101,7 @@ def create_app(
         if config.grpc_port is not None:
             from orchestrator.grpc_server import GrpcServer
 
-            grpc_server = GrpcServer(router, config, eplb)
+            grpc_server = GrpcServer(router, config, eplb, app.state.limiter)
             await grpc_server.start()
             app.state.grpc_port = grpc_server.port
         try:
@@ -127,15 +134,21 @@ def create_app(
     async def _gone(request: Request, e: ClientDisconnected) -> Response:
         return Response(status_code=_CLIENT_CLOSED)
 
+    limiter = ClientLimiter(config.max_concurrent_requests_per_client)
+    app.state.limiter = limiter
+
     def run(
         ids: list[int],
         sampling: SamplingParams,
         stop: tuple[str, ...],
+        client: str,
         rid: str | None = None,
         arrival_s: float | None = None,
     ) -> AsyncGenerator[Output, None]:
+        """The request's outputs; takes one of `client`'s slots (429 when none is left)."""
         arrival = time.perf_counter() if arrival_s is None else arrival_s
-        return metrics.track(router.generate(ids, sampling, stop, rid=rid), arrival)
+        outputs = metrics.track(router.generate(ids, sampling, stop, rid=rid), arrival)
+        return limiter.wrap(outputs, client)
 
     def prepare(call: GenerateCall) -> tuple[list[int], SamplingParams]:
         return prepare_call(router, config, call)
@@ -152,7 +165,8 @@ def create_app(
         async def one(i: int) -> GenerateResult:
             (ids, sampling), stop = prepared[i]
             result = GenerateResult(rids[i], "", [], len(ids), 0, None, 0.0)
-            async with contextlib.aclosing(run(ids, sampling, stop, rids[i], arrival)) as outs:
+            outputs = run(ids, sampling, stop, client_of(request), rids[i], arrival)
+            async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
                     if out.finish_reason in ("error", "abort"):
                         raise _error_status(out)
@@ -161,7 +175,7 @@ def create_app(
 
         if body.stream:
             (ids, sampling), stop = prepared[0]
-            outputs = run(ids, sampling, stop, rids[0], arrival)
+            outputs = run(ids, sampling, stop, client_of(request), rids[0], arrival)
             return EventStream(_generate_events(outputs, rids[0], len(ids), arrival))
         try:
             results = await until_disconnect(request, _all([one(i) for i in range(len(rids))]))
@@ -186,11 +200,12 @@ def create_app(
             ids = req.prompt_ids
         else:
             ids = router.tokenizer.encode(req.prompt or "")
+        check_prompt_len(ids, config, req.prompt_field)
         sampling = resolve_sampling(
             ids, req.sampling, router.limits, config.default_max_new_tokens, req.prompt_field
         )
         builder = ResponseBuilder(chat, req.model or router.model_name)
-        outputs = run(ids, sampling, req.sampling.stop, arrival_s=arrival)
+        outputs = run(ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival)
         if req.stream:
             return EventStream(_openai_events(outputs, builder, req))
 

@@ -103,7 +103,10 @@ class EngineWorker:
             )  # fmt: skip
         self.engine = Engine(model_dir, config, ep=ep)
         self.rebalancer = RankRebalancer(self.engine.model, ep, model_dir) if ep else None
-        self._rebalance_lock = threading.Lock()  # load / prepare / arm / abort, one at a time
+        # Rebalance phases (load / prepare / arm / abort) one at a time; the loop never takes
+        # this one, so serving goes on while a rank reads experts from disk.
+        self._phase_lock = threading.Lock()
+        self._swap_lock = threading.Lock()  # `_swap` / `_offered`, held briefly (and by execute)
         self._swap: Future[Any] | None = None  # an armed execute, done by the loop
         self._offered: Future[Any] | None = None  # the armed execute offered in an agreement
         self._faults: Counter[str] = Counter()  # armed eplb_* faults
@@ -185,7 +188,7 @@ class EngineWorker:
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
         if kind.startswith("eplb_"):
-            with self._rebalance_lock:
+            with self._phase_lock:
                 self._faults[kind] += count
             return
         if self.handoff is None:
@@ -219,24 +222,25 @@ class EngineWorker:
             raise RuntimeError(f"injected failure in the {phase} phase")
 
     def eplb_load(self, phy2log: Any) -> PhaseReport:
-        with self._rebalance_lock:
+        with self._phase_lock:
             self._fault("load")
             return self._rebalancer().load(phy2log)
 
     def eplb_prepare(self) -> PhaseReport:
-        with self._rebalance_lock:
+        with self._phase_lock:
             self._fault("prepare")
             return self._rebalancer().prepare()
 
     def eplb_execute(self, timeout_s: float = 60.0) -> PhaseReport:
         """Arm the prepared rebalance; the loop executes it at the first step boundary where
         every rank of the pool has armed it. On timeout it is disarmed (nothing changed)."""
-        with self._rebalance_lock:
+        with self._phase_lock:
             self._fault("execute")
             if self._rebalancer().stage != "prepared":
                 raise RuntimeError("nothing prepared to execute")
             future: Future[Any] = Future()
-            self._swap = future
+            with self._swap_lock:
+                self._swap = future
         with self._lock:
             self._lock.notify_all()
         try:
@@ -251,7 +255,7 @@ class EngineWorker:
         """Withdraw an armed execute — unless an agreement in progress has offered it: then
         wait for that agreement (all ranks execute it or none)."""
         while True:
-            with self._rebalance_lock:
+            with self._swap_lock:
                 if self._offered is None or self._offered is not future:
                     if future is not None and not future.done():
                         future.cancel()
@@ -264,19 +268,19 @@ class EngineWorker:
         """Drop whatever is loaded, staged or armed; the placement stays as it is (unless the
         pool already executed it)."""
         self._disarm(self._swap)
-        with self._rebalance_lock:
+        with self._phase_lock:
             if self.rebalancer is not None:
                 self.rebalancer.abort()
 
     def _offer_swap(self) -> bool:
-        with self._rebalance_lock:
+        with self._swap_lock:
             swap = self._swap
             self._offered = swap if swap is not None and not swap.done() else None
             return self._offered is not None
 
     def _execute_swap(self) -> None:
         """In the loop, when every rank offered its armed rebalance: execute it (the pause)."""
-        with self._rebalance_lock:
+        with self._swap_lock:
             future = self._offered
             assert future is not None, "all ranks agreed on a swap this rank did not offer"
             self._swap = None
@@ -287,7 +291,7 @@ class EngineWorker:
                 raise
 
     def _end_offer(self) -> None:
-        with self._rebalance_lock:
+        with self._swap_lock:
             self._offered = None
 
     def _call_in_loop(self, fn: Any, timeout_s: float = 60.0) -> Any:

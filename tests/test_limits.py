@@ -1,0 +1,85 @@
+"""Request limits: prompt length, concurrent requests per client (HTTP 429 / gRPC
+RESOURCE_EXHAUSTED), and the limiter's bookkeeping (a slot is never leaked)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncGenerator
+
+import grpc
+import httpx
+import pytest
+
+from orchestrator.limits import ClientLimiter
+from orchestrator.protocol import RequestError
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _numbers(n: int) -> AsyncGenerator[int, None]:
+    for i in range(n):
+        yield i
+
+
+def test_limiter_releases_on_end_close_error_and_never_started():
+    limiter = ClientLimiter(2)
+
+    async def run() -> None:
+        done = limiter.wrap(_numbers(3), "a")
+        assert [x async for x in done] == [0, 1, 2]
+        closed = limiter.wrap(_numbers(3), "a")
+        assert await closed.__anext__() == 0
+        opened = limiter.wrap(_numbers(3), "a")  # a second slot while one is held
+        with pytest.raises(RequestError) as err:
+            limiter.wrap(_numbers(3), "a")
+        assert err.value.status == 429 and "at most 2" in err.value.message
+        limiter.wrap(_numbers(1), "b")  # other clients are not affected
+        await closed.aclose()
+        await opened.aclose()
+        assert limiter.in_flight["a"] == 0
+
+    asyncio.run(run())
+    never = limiter.wrap(_numbers(3), "c")
+    del never
+    gc.collect()
+    assert limiter.in_flight["c"] == 0
+    assert ClientLimiter(None).wrap(_numbers(1), "x") is not None
+
+
+def test_server_limits(launch_tiny):
+    server = launch_tiny(colocated=True, max_prompt_tokens=50,
+                         max_concurrent_requests_per_client=2, grpc_port=0)  # fmt: skip
+    try:
+        body = {"input_ids": list(range(5, 65)), "sampling_params": {"max_new_tokens": 2}}
+        r = httpx.post(f"{server.url}/generate", json=body, timeout=30)
+        assert r.status_code == 400 and "--max-prompt-tokens" in r.json()["error"]["message"]
+
+        async def streams() -> list[int]:
+            slow = {"input_ids": list(range(5, 40)), "stream": True,
+                    "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}  # fmt: skip
+            async with httpx.AsyncClient(timeout=60) as client:
+                held = [client.stream("POST", f"{server.url}/generate", json=slow)
+                        for _ in range(2)]  # fmt: skip
+                responses = [await h.__aenter__() for h in held]
+                third = await client.post(f"{server.url}/generate", json=slow)
+                with grpc.insecure_channel(server.grpc_address) as channel:
+                    stub = pb_grpc.GenerationStub(channel)
+                    request = pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                                 sampling=pb.SamplingParams(max_new_tokens=2))  # fmt: skip
+                    with pytest.raises(grpc.RpcError) as err:
+                        list(stub.Generate(request, timeout=30))
+                    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                for h in held:
+                    await h.__aexit__(None, None, None)
+                return [r.status_code for r in responses] + [third.status_code]
+
+        assert asyncio.run(streams()) == [200, 200, 429]
+        # The slots came back when the streams closed.
+        r = httpx.post(f"{server.url}/generate", json={"input_ids": [5, 6, 7],
+                       "sampling_params": {"max_new_tokens": 2}}, timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+    finally:
+        server.stop()
