@@ -333,7 +333,10 @@ def test_nixl_abort_during_a_transfer(nixl_pair):
     if not sent.ok:
         assert sent.error == "aborted: aborted by the test"
     if not received.ok:
-        assert "the sending rank failed: aborted" in (received.error or "")
+        # Told by the sender's "fail" notification, or — that notification is best effort
+        # when the abort races the write — by its own timeout. Either way: one result, no hang.
+        error = received.error or ""
+        assert "the sending rank failed: aborted" in error or "timed out" in error, error
 
     target = ray.get(dst.expect.remote("abort-recv", [1, 2], 10))
     ray.get(dst.expect.remote("other", [3], 10))  # unaffected by the abort below
