@@ -350,28 +350,45 @@ class Router:
             add_ref = handle.add_request.remote(request)
             if prefill_rank is not None:
                 prefill_ref = self.ranks[prefill_rank].add_request.remote(request)
-            try:
-                await add_ref
-                if prefill_ref is not None:
-                    await prefill_ref
-            except ValueError as e:
-                # Refused: nothing runs. (Disaggregated, the other side may have accepted it:
-                # leave `finished` False so that both sides are told to abort.)
-                finished = prefill_ref is None
-                raise ValueError(_short_error(e)) from None
-            except Exception as e:
-                finished = prefill_ref is None
-                raise RouterNotReady(f"engine rank {rank}: {_short_error(e)}") from None
             # A timer, not `asyncio.wait_for`: before Python 3.12, wait_for swallows a
-            # cancellation (client gone) that coincides with a delta arriving.
+            # cancellation (client gone) that coincides with a delta arriving. It runs from the
+            # start: a rank that cannot be reached must not hold the request past its timeout.
             timed_out = TokenDelta(rid, [], FinishReason.ABORT, error="timeout")
             if timeout_s is not None:
                 timer = asyncio.get_running_loop().call_later(
                     timeout_s, req.queue.put_nowait, timed_out
                 )
+            accepted = asyncio.ensure_future(self._accepted(add_ref, prefill_ref))
+            first = asyncio.ensure_future(req.queue.get())
+            try:
+                await asyncio.wait({accepted, first}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                first.cancel()
+                accepted.cancel()
+                raise
+            early: TokenDelta | None = None
+            if first.done():
+                early = first.result()
+            else:
+                first.cancel()
+            if accepted.done():
+                try:
+                    accepted.result()
+                except ValueError as e:
+                    # Refused: nothing runs. (Disaggregated, the other side may have accepted
+                    # it: leave `finished` False so that both sides are told to abort.)
+                    finished = prefill_ref is None
+                    raise ValueError(_short_error(e)) from None
+                except Exception as e:
+                    finished = prefill_ref is None
+                    raise RouterNotReady(f"engine rank {rank}: {_short_error(e)}") from None
+            else:
+                # Output (an error from one side, or the timeout) came before both ranks took
+                # the request — one of them may be unreachable: go on with what came.
+                accepted.add_done_callback(_log_late_refusal)
             num_output_tokens = 0
             while True:
-                delta = await req.queue.get()
+                delta, early = (early, None) if early is not None else (await req.queue.get(), None)
                 # Coalesce what else arrived meanwhile: a consumer that fell behind catches up
                 # with one event instead of one per engine step.
                 while delta.finish_reason is None and not req.queue.empty():
@@ -437,6 +454,13 @@ class Router:
         )
 
     @staticmethod
+    async def _accepted(add_ref: Any, prefill_ref: Any) -> None:
+        """Both sides took the request (raises the first refusal or failure)."""
+        await add_ref
+        if prefill_ref is not None:
+            await prefill_ref
+
+    @staticmethod
     async def _abort_after(handle: Any, add_ref: Any, rid: str) -> None:
         """Abort `rid` once its `add_request` has reached the rank (calls to a threaded actor
         may run out of order, so an abort sent earlier could miss the request)."""
@@ -467,6 +491,12 @@ class Router:
                 return None
 
         return list(await asyncio.gather(*(one(i) for i in range(len(self.ranks)))))
+
+
+def _log_late_refusal(task: asyncio.Future[None]) -> None:
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        logger.info("a rank answered a request late: %s", _short_error(error))
 
 
 def _short_error(e: BaseException) -> str:

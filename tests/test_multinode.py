@@ -14,27 +14,23 @@ What the tests check, in order, on one deployment (module fixture, ~35 s in all)
    dropped, no connection reset), requests sent meanwhile end with an HTTP error that says why
    (the KV transfer timed out) once the link is back, never hang; after the link comes back a
    request succeeds again (same greedy tokens) within seconds and no KV page stays in use.
-3. (xfail, strict) The same requests fail *while the link is still down*, within
-   `--transfer-timeout`: they do not today, see below.
+3. The same requests fail *while the link is still down*, within `--transfer-timeout` (+5 s):
+   the router reads a request's output while it still waits for a rank across the partition to
+   take it, so the reachable rank's transfer-timeout error reaches the client at once.
 
 Observed behaviour (Ray 2.60 defaults, CPU, this test's settings):
 
 - During the partition `/health` stays 200: the router's long poll of the rank across the
   link neither returns nor fails.
-- A request sent during the partition waits until the link is back: the router awaits
-  `add_request` on both ranks (`orchestrator/router.py`, `Router._attempt`) before it reads the
-  request's queue or starts the `--request-timeout` timer, and the call to the rank across the
-  link stays pending until TCP retransmits after the link returns (exponential backoff: from at
-  once to ~4 s later for a 10 s partition, ~12 s later for a 15 s one). Meanwhile the rank on
-  the reachable side has failed the request after `--transfer-timeout` ("timed out waiting for
-  the receiving rank's pages" on a prefill rank, "... for the KV from the sending rank" on a
-  decode rank), and the client gets HTTP 500 with that message 10.3-13.9 s after sending (10 s
-  partition). The wait is not bounded by `--request-timeout` either, only by the link coming
-  back or by Ray declaring B dead (next point); test 3 records this as an expected failure.
+- A request sent during the partition ends with HTTP 500 and the reachable rank's reason
+  ("timed out waiting for the receiving rank's pages" on a prefill rank, "... for the KV from
+  the sending rank" on a decode rank) about `--transfer-timeout` after it was sent. (Before the
+  router read a request's output while a rank had not yet taken it, the error waited for the
+  link to come back: 10.3-13.9 s for a 10 s partition.) `--request-timeout` bounds the wait too.
 - A partition longer than Ray's failure detection (GCS health checks every 3 s with a 10 s
-  timeout, 5 misses: B was declared dead ~62 s after its link went down) does not recover:
-  requests sent meanwhile hang until then (a 60 s client timeout expired first) and get 503
-  "actor unavailable" after it. When the link returns, B's raylet learns that the GCS considers
+  timeout, 5 misses: B was declared dead ~62 s after its link went down) does not recover.
+  (Measured before the router fix above: requests sent meanwhile hung until then and got 503
+  "actor unavailable" after it; not re-measured since.) When the link returns, B's raylet learns that the GCS considers
   it dead and exits ("GCS consider this node to be dead"), so B's Ray node is gone for good, and
   Ray keeps the rank that lived there "restarting" (watched for 100 s: `/health` 503 all along)
   because the pool's placement group bundle is pinned to B's dead node id
@@ -408,12 +404,6 @@ def test_partition_fails_requests_cleanly_then_recovers(
         assert all(r["ready"] and r["error"] is None for r in ranks), ranks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the router awaits add_request on the rank across the partition before it reads the "
-    "request's queue or starts --request-timeout (orchestrator/router.py, Router._attempt), so "
-    "the reachable rank's transfer-timeout error reaches the client only once the link is back",
-)
 def test_partition_fails_requests_while_the_link_is_down(partition: Partition):
     for o in partition.outcomes:
         assert o.status is not None and o.status >= 500, partition
