@@ -81,6 +81,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     x.add_argument("--moe-a2a-backend", default="auto", choices=("auto", "torch", "deepep"))
     x.add_argument(
+        "--grouped-gemm-backend",
+        default="auto",
+        choices=("auto", "torch", "deep_gemm"),
+        help="routed experts' GEMMs in EP pools: deep_gemm = FP8 on Hopper (auto: where it imports)",
+    )
+    x.add_argument(
         "--deepep-mode",
         default="auto",
         choices=("auto", "normal", "low_latency"),
@@ -148,6 +154,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         num_threads=args.num_threads,
         num_redundant_experts=args.num_redundant_experts,
         moe_a2a_backend=args.moe_a2a_backend,
+        grouped_gemm_backend=args.grouped_gemm_backend,
         deepep_mode=args.deepep_mode,
         low_latency_capacity=args.low_latency_capacity,
         enable_two_batch_overlap=args.enable_two_batch_overlap,
