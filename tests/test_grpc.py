@@ -195,3 +195,34 @@ def test_stubs_are_generated_from_the_proto():
     p = subprocess.run([sys.executable, "-m", "proto.generate", "--check"], capture_output=True,
                        text=True, timeout=60)  # fmt: skip
     assert p.returncode == 0, f"stale stubs, run python -m proto.generate:\n{p.stderr}"
+
+
+def test_server_timeout_and_dead_rank_status_codes(launch_tiny):
+    import ray
+
+    server = launch_tiny(colocated=True, grpc_port=0, request_timeout_s=1.0)
+    try:
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(_request(list(range(3, 40)), 1500), timeout=60))
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "timed out after 1 s" in err.value.details()
+            ray.kill(server.ranks[0], no_restart=False)
+            deadline = time.monotonic() + 30
+            while True:  # the router notices the death on its next poll
+                try:
+                    list(stub.Generate(_request([5, 6, 7], 2), timeout=30))
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        assert "rank" in (e.details() or "")
+                        break
+                    # In flight when it died, or timed out before the router noticed.
+                    assert e.code() in (
+                        grpc.StatusCode.INTERNAL,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ), e
+                assert time.monotonic() < deadline, "never UNAVAILABLE while the rank restarts"
+                time.sleep(0.05)
+    finally:
+        server.stop()
