@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from orchestrator.protocol import RequestError
+from orchestrator.router import short_error
 from orchestrator.streaming import read_json
 
 ADMIN_ROUTES = {"/admin/rebalance", "/admin/experts"}
@@ -69,7 +70,7 @@ def add_admin_routes(app: FastAPI, eplb: Any, token: str | None) -> None:
         try:
             reports = await eplb.rebalance.remote(pools, False, placements)
         except Exception as e:
-            message = _cause(e)
+            message = short_error(e)
             if "already running" in message:
                 raise RequestError(message, None, 409, "conflict") from None
             if isinstance(_root(e), ValueError):
@@ -88,11 +89,3 @@ def add_admin_routes(app: FastAPI, eplb: Any, token: str | None) -> None:
 def _root(e: BaseException) -> BaseException:
     cause = getattr(e, "cause", None)
     return cause if isinstance(cause, BaseException) else e
-
-
-def _cause(e: BaseException) -> str:
-    root = _root(e)
-    if root is not e:
-        return str(root) or type(root).__name__
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
 from orchestrator.protocol import RequestError, parse_generate, prepare_call
-from orchestrator.router import Router, RouterNotReady
+from orchestrator.router import Router, RouterNotReady, short_error
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 
@@ -180,7 +180,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             reports = await self.eplb.rebalance.remote(list(request.pools) or None)
         except Exception as e:
-            message = str(getattr(e, "cause", None) or e).strip().splitlines()[0]
+            message = short_error(e)
             code = (
                 grpc.StatusCode.FAILED_PRECONDITION
                 if "already running" in message
@@ -189,15 +189,12 @@ class GenerationService(pb_grpc.GenerationServicer):
                 else grpc.StatusCode.INTERNAL
             )
             await context.abort(code, message)
+        # None (no error, not skipped) is the proto default: leave such fields out, and the
+        # fields the proto does not carry.
+        fields = pb.PoolReport.DESCRIPTOR.fields_by_name
         return pb.RebalanceResponse(
             pools=[
-                pb.PoolReport(
-                    **{
-                        k: (v if v is not None else type_default(k))
-                        for k, v in r.items()
-                        if k in pb.PoolReport.DESCRIPTOR.fields_by_name
-                    }
-                )  # fmt: skip
+                pb.PoolReport(**{k: v for k, v in r.items() if v is not None and k in fields})
                 for r in reports
             ]
         )
@@ -221,10 +218,6 @@ class GenerationService(pb_grpc.GenerationServicer):
                 for name, p in sorted(pools.items())
             ]
         )
-
-
-def type_default(field: str) -> Any:
-    return "" if field in ("error", "skipped", "pool") else 0
 
 
 class GrpcServer:

@@ -190,7 +190,7 @@ class Router:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                message = f"engine rank {index} failed: {_short_error(e)}"
+                message = f"engine rank {index} failed: {short_error(e)}"
                 if self.rank_errors[index] is None:
                     logger.error("%s", message)
                     self._fail_requests(index, message)
@@ -378,10 +378,10 @@ class Router:
                     # Refused: nothing runs. (Disaggregated, the other side may have accepted
                     # it: leave `finished` False so that both sides are told to abort.)
                     finished = prefill_ref is None
-                    raise ValueError(_short_error(e)) from None
+                    raise ValueError(short_error(e)) from None
                 except Exception as e:
                     finished = prefill_ref is None
-                    raise RouterNotReady(f"engine rank {rank}: {_short_error(e)}") from None
+                    raise RouterNotReady(f"engine rank {rank}: {short_error(e)}") from None
             else:
                 # Output (an error from one side, or the timeout) came before both ranks took
                 # the request — one of them may be unreachable: go on with what came.
@@ -496,10 +496,10 @@ class Router:
 def _log_late_refusal(task: asyncio.Future[None]) -> None:
     error = None if task.cancelled() else task.exception()
     if error is not None:
-        logger.info("a rank answered a request late: %s", _short_error(error))
+        logger.info("a rank answered a request late: %s", short_error(error))
 
 
-def _short_error(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     """The message of the error a rank raised, without Ray's remote traceback around it."""
     cause = getattr(e, "cause", None)
     if isinstance(cause, BaseException):

@@ -91,14 +91,15 @@ class EngineWorker:
         ep = None
         if pool is not None and pool.world_size > 1:
             self.group = _join_pool(pool, resolve_device(config.device))
+            model_config = ModelConfig.from_dir(model_dir)
             placement = None
             if initial_phy2log is not None:
                 phy2log = torch.tensor(initial_phy2log, dtype=torch.int64)
                 placement = ExpertPlacement.from_phy2log(
-                    phy2log, pool.world_size, ModelConfig.from_dir(model_dir).n_routed_experts
+                    phy2log, pool.world_size, model_config.n_routed_experts
                 )
             ep = build_ep_context(
-                ModelConfig.from_dir(model_dir), config, role, pool.rank, pool.world_size,
+                model_config, config, role, pool.rank, pool.world_size,
                 self.group.data, placement,
             )  # fmt: skip
         self.engine = Engine(model_dir, config, ep=ep)

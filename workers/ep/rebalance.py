@@ -111,7 +111,6 @@ class RankRebalancer:
         start = time.perf_counter()
         plan = self._require("loaded")
         device = self.device
-        num_bytes = 0
         if device.type == "cuda":
             stream = torch.cuda.Stream(device)
             with torch.cuda.stream(stream):
