@@ -75,6 +75,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--num-threads", type=int, help="torch threads per rank on CPU")
+    e.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=256,
+        help="decode batches up to this size replay CUDA graphs (CUDA, one-rank pools); 0: off",
+    )
     x = p.add_argument_group("expert parallelism (pools of several ranks)")
     x.add_argument(
         "--num-redundant-experts", type=int, default=0, help="extra expert slots per pool"
@@ -152,6 +158,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         device=args.device,
         num_threads=args.num_threads,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
         num_redundant_experts=args.num_redundant_experts,
         moe_a2a_backend=args.moe_a2a_backend,
         grouped_gemm_backend=args.grouped_gemm_backend,

@@ -103,7 +103,19 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
         "rope_parameters": _YARN,
         "rope_interleave": True,
     },
+    "v3_fp8_b16": {  # FP8 with 16x16 blocks that divide every dim: kept in FP8 where possible
+        "model_type": "deepseek_v3",
+        "q_lora_rank": 32,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.0,
+        "first_k_dense_replace": 1,
+        "rope_parameters": _YARN,
+    },
 }
+
+# The block shape of each checkpoint stored in FP8.
+FP8_BLOCKS: dict[str, tuple[int, int]] = {"v3_fp8": (128, 128), "v3_fp8_b16": (16, 16)}
 
 # Linear weights stored in FP8 in DeepSeek-V3 releases (not embeddings, norms, router, lm_head).
 _FP8_SUFFIXES = (
@@ -171,7 +183,7 @@ def make_checkpoint(name: str, root: Path, seed: int = 0) -> RefCheckpoint:
     `root/name-hf`) unless already there, and describe it. Deterministic given `seed`."""
     root = Path(root)
     path = root / name
-    if name != "v3_fp8":
+    if name not in FP8_BLOCKS:
         if not (path / "config.json").is_file():
             _build_hf(name, seed).save_pretrained(path)
         return RefCheckpoint(path, path, name)
@@ -179,7 +191,7 @@ def make_checkpoint(name: str, root: Path, seed: int = 0) -> RefCheckpoint:
     hf_path = root / f"{name}-hf"
     if (path / "config.json").is_file() and (hf_path / "config.json").is_file():
         return RefCheckpoint(path, hf_path, name)
-    block = (128, 128)
+    block = FP8_BLOCKS[name]
     # Round-trip through save_pretrained so that key names are exactly what transformers writes.
     with tempfile.TemporaryDirectory() as tmp:
         _build_hf(name, seed).save_pretrained(tmp)

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels' CPU tests run under the interpreter, which must be chosen before
+    # anything imports triton (or workers.kernels).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -102,3 +102,32 @@ def test_not_a_checkpoint_dir(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
     with pytest.raises(ValueError, match="config.json lacks vocab_size"):
         load_model(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(("name", "kept"), [("v3_fp8_b16", True), ("v3_fp8", False)])
+def test_fp8_experts_kept_with_their_block_scales(name, kept, tmp_path_factory):
+    """Kept FP8 experts times their scales are exactly the dequantized-at-load weights; a
+    checkpoint whose expert size is not a whole number of blocks falls back to dequantizing."""
+    from workers.model.moe import RoutedExperts
+
+    path = make_checkpoint(name, tmp_path_factory.mktemp(name)).path
+    plain = load_model(path, progress=False)
+    fp8 = load_model(path, progress=False, keep_fp8_experts=True)
+    pairs = [
+        (a, b)
+        for a, b in zip(plain.modules(), fp8.modules(), strict=True)
+        if isinstance(a, RoutedExperts) and isinstance(b, RoutedExperts)
+    ]
+    assert pairs
+    for ref, ours in pairs:
+        assert ours.is_fp8 is kept
+        if not kept:
+            assert torch.equal(ours.w13, ref.w13) and ours.w13_scale is None
+            continue
+        assert ours.backend == "triton" and ours.w13_scale is not None
+        assert ours.w2_scale is not None
+        for slot in range(ours.w13.shape[0]):
+            w13 = dequantize_fp8(ours.w13[slot], ours.w13_scale[slot], ours.block_shape)
+            w2 = dequantize_fp8(ours.w2[slot], ours.w2_scale[slot], ours.block_shape)
+            assert torch.equal(w13, ref.w13[slot])
+            assert torch.equal(w2, ref.w2[slot])

@@ -24,6 +24,11 @@ class EngineConfig:
     enable_two_batch_overlap: bool = False
     grouped_gemm_backend: str = "auto"  # auto | torch | deep_gemm (FP8, Hopper, EP pools)
     record_expert_load: bool = True  # count routed tokens per (layer, expert) for EPLB
+    # An FP8 checkpoint's routed experts stay FP8 on GPUs with FP8 support (sm89+, Triton,
+    # single-rank pools); elsewhere, or when False, they are dequantized at load.
+    keep_fp8_experts: bool = True
+    # Decode batches up to this size replay CUDA graphs (CUDA, single-rank pools); 0: off.
+    cuda_graph_max_batch: int = 256
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -59,6 +64,11 @@ class EngineConfig:
             raise ValueError(
                 f"grouped_gemm_backend must be auto, torch or deep_gemm, "
                 f"got {self.grouped_gemm_backend!r}"
+            )
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError(
+                f"cuda_graph_max_batch must be >= 0 (0 turns graphs off), "
+                f"got {self.cuda_graph_max_batch}"
             )
         if self.low_latency_capacity < 1:
             raise ValueError(f"low_latency_capacity must be >= 1, got {self.low_latency_capacity}")

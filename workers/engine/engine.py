@@ -13,6 +13,7 @@ import psutil
 import torch
 
 from workers.engine.config import EngineConfig
+from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.kv_cache import KVCache, pages_needed
 from workers.engine.messages import (
     FinishReason,
@@ -26,8 +27,10 @@ from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
 from workers.ep.deep_gemm_experts import deep_gemm_available
 from workers.ep.moe import EPContext, EPMoE
+from workers.kernels import triton_available
 from workers.model.batch import AttentionMetadata, PrefillSpan
 from workers.model.loader import load_model
+from workers.model.model import DeepseekForCausalLM
 from workers.model.moe import ExpertLoad
 
 logger = logging.getLogger(__name__)
@@ -51,13 +54,23 @@ class Engine:
         config: EngineConfig,
         progress: bool = True,
         ep: EPContext | None = None,
+        model: DeepseekForCausalLM | None = None,
     ):
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.model_dir = Path(model_dir)
         self.ep = ep
-        self.model = load_model(model_dir, self.device, self.dtype, progress=progress, ep=ep)
+        keep_fp8 = (
+            config.keep_fp8_experts and ep is None and self.device.type == "cuda"
+            and triton_available() and torch.cuda.get_device_capability(self.device) >= (8, 9)
+        )  # fmt: skip
+        # `model`: already built and placed (benchmarks' random-weight models); `model_dir`
+        # then only names it.
+        self.model = model or load_model(
+            model_dir, self.device, self.dtype, progress=progress, ep=ep,
+            keep_fp8_experts=keep_fp8,
+        )  # fmt: skip
         self.model_config = cfg = self.model.config
         self.expert_load: ExpertLoad | None = None
         if config.record_expert_load and cfg.n_routed_experts:
@@ -83,6 +96,16 @@ class Engine:
             config.max_running_requests,
             config.chunked_prefill_size,
         )
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch:
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv,
+                min(config.cuda_graph_max_batch, config.max_running_requests),
+                pages_needed(self.max_context_len, config.page_size),
+                self.expert_load,
+            )
+            self.graphs.capture()
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
@@ -131,7 +154,7 @@ class Engine:
         else:
             budget = psutil.virtual_memory().total * ec.kv_memory_fraction
         per_page = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype)
-        return max(1, int(budget // (per_page * ec.page_size)))
+        return max(1, int(budget // (per_page * ec.page_size)) - 1)  # one page is scratch
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -292,6 +315,8 @@ class Engine:
                 ((ids_a, meta_a), (ids_b, meta_b)), self.kv.data
             )
             logits, samplers = torch.cat((logits_a, logits_b)), samplers_a + samplers_b
+        elif self._graph_fits(batch):
+            logits, samplers = self._replay_decode(batch)
         else:
             input_ids, meta, samplers = self._prepare(batch)
             logits = self.model(input_ids, meta, self.kv.data)
@@ -314,16 +339,15 @@ class Engine:
         out_slots: list[torch.Tensor] = []
         logits_rows: list[int] = []
         samplers: list[Sequence] = []
-        ctx_lens: list[int] = []
-        decode_slots: list[torch.Tensor] = []
+        seq_lens: list[int] = []
+        block_rows: list[list[int]] = []
         for seq in batch.decodes:
             pos = seq.num_computed
-            ctx = seq.slots(pos + 1, page_size)
             ids.append(seq.token_ids[pos])
             positions.append(pos)
-            out_slots.append(ctx[pos:])
-            decode_slots.append(ctx)
-            ctx_lens.append(pos + 1)
+            out_slots.append(seq.slots(pos + 1, page_size)[pos:])
+            block_rows.append(seq.pages[: pages_needed(pos + 1, page_size)])
+            seq_lens.append(pos + 1)
             logits_rows.append(len(ids) - 1)
             samplers.append(seq)
         spans = []
@@ -339,25 +363,41 @@ class Engine:
                 samplers.append(seq)
 
         dev = self.device
-        if decode_slots:
-            padded = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)
-            lens = torch.tensor(ctx_lens)
-            mask = torch.arange(padded.shape[1])[None, :] < lens[:, None]
-        else:
-            padded = torch.zeros(0, 1, dtype=torch.int64)
-            mask = torch.zeros(0, 1, dtype=torch.bool)
+        max_pages = max((len(r) for r in block_rows), default=1)
+        block_table = [r + [0] * (max_pages - len(r)) for r in block_rows]
         meta = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             out_slots=(torch.cat(out_slots) if out_slots else torch.zeros(0, dtype=torch.int64)).to(
                 dev
             ),
             num_decode=len(batch.decodes),
-            decode_slots=padded.to(dev),
-            decode_mask=mask.to(dev),
+            block_table=torch.tensor(block_table, dtype=torch.int32).view(-1, max_pages).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            page_size=page_size,
             prefills=spans,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
         )
         return torch.tensor(ids, dtype=torch.int64, device=dev), meta, samplers
+
+    def _graph_fits(self, batch: ScheduledBatch) -> bool:
+        if self.graphs is None or not batch.decodes:
+            return False
+        longest = max(seq.num_computed + 1 for seq in batch.decodes)
+        pages = pages_needed(longest, self.kv.page_size)
+        return self.graphs.can_run(len(batch.decodes), len(batch.prefills), pages)
+
+    def _replay_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        assert self.graphs is not None
+        ps = self.kv.page_size
+        ids, positions, out_slots, block_rows = [], [], [], []
+        for seq in batch.decodes:
+            pos = seq.num_computed
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            out_slots.append(seq.pages[pos // ps] * ps + pos % ps)
+            block_rows.append(seq.pages[: pages_needed(pos + 1, ps)])
+        logits = self.graphs.run(ids, positions, out_slots, block_rows)
+        return logits, list(batch.decodes)
 
     def take_expert_load(self) -> torch.Tensor | None:
         """Tokens routed per (layer, logical expert) since the last call (CPU int64)."""

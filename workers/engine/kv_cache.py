@@ -43,8 +43,11 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
 
 
 class KVCache:
-    """`data: [num_layers, num_pages * page_size, kv_dim]`; slot `p * page_size + i` is token `i`
-    of page `p`. One contiguous region, so a transfer engine can register it once."""
+    """`data: [num_layers, (num_pages + 1) * page_size, kv_dim]`; slot `p * page_size + i` is
+    token `i` of page `p`. One contiguous region, so a transfer engine can register it once.
+
+    The page after the last allocatable one is scratch: padding rows of a captured decode batch
+    write their KV to `scratch_slot`, which no request ever reads."""
 
     def __init__(
         self,
@@ -58,9 +61,10 @@ class KVCache:
         self.page_size = page_size
         self.num_pages = num_pages
         self.data = torch.zeros(
-            num_layers, num_pages * page_size, kv_dim, dtype=dtype, device=device
+            num_layers, (num_pages + 1) * page_size, kv_dim, dtype=dtype, device=device
         )
         self.allocator = PageAllocator(num_pages)
+        self.scratch_slot = num_pages * page_size
 
     @property
     def capacity_tokens(self) -> int:

@@ -102,6 +102,8 @@ class EngineWorker:
                 model_config, config, role, pool.rank, pool.world_size,
                 self.group.data, placement,
             )  # fmt: skip
+        if role == "prefill":  # never runs a decode batch: no graphs to capture
+            config = dataclasses.replace(config, cuda_graph_max_batch=0)
         self.engine = Engine(model_dir, config, ep=ep)
         self.rebalancer = RankRebalancer(self.engine.model, ep, model_dir) if ep else None
         # Rebalance phases (load / prepare / arm / abort) one at a time; the loop never takes

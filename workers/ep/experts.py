@@ -18,9 +18,32 @@ def run_local_experts(
     `[num_local_slots, hidden, I]`, slot `s` holding the weights of its physical slot's
     logical expert. Padding rows of the masked layout come out unspecified.
     """
+    x = result.x
+    if "triton" in grouped_gemm_backends(x.device, x.dtype) and x.numel():
+        return _fused(x, result, w13_local, w2_local)
     if result.layout == "masked":
-        return _masked(result.x, w13_local, w2_local)
-    return _contiguous(result.x, result.num_tokens_per_expert, w13_local, w2_local)
+        return _masked(x, w13_local, w2_local)
+    return _contiguous(x, result.num_tokens_per_expert, w13_local, w2_local)
+
+
+def _fused(
+    x: torch.Tensor, result: DispatchResult, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """The fused MoE kernel (CUDA), the same one a single rank runs: each row is one token
+    of top-k 1 with weight 1, its expert the slot it sits in."""
+    from workers.kernels.fused_moe import fused_moe
+
+    num_slots = w13.shape[0]
+    slots = torch.arange(num_slots, device=x.device)
+    if result.layout == "masked":
+        rows = x.view(-1, x.shape[-1])  # [S * max_rows, hidden]; padding rows skipped (-1)
+        real = torch.arange(x.shape[1], device=x.device) < result.num_tokens_per_expert[:, None]
+        ids = torch.where(real, slots[:, None], -1).flatten()
+    else:
+        rows = x
+        ids = slots.repeat_interleave(result.num_tokens_per_expert, output_size=x.shape[0])
+    ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=x.device)
+    return fused_moe(rows, w13, w2, ids[:, None], ones).view(x.shape[:-1] + (w2.shape[1],))
 
 
 def _masked(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

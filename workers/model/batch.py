@@ -29,8 +29,11 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] absolute position of each token
     out_slots: torch.Tensor  # [T] cache slot each token's latent KV is written to
     num_decode: int
-    decode_slots: torch.Tensor  # [num_decode, max_ctx] cache slots of each decode context, padded
-    decode_mask: torch.Tensor  # [num_decode, max_ctx] True where decode_slots is a real token
+    # Decode contexts, paged: request i's token j sits in slot
+    # `block_table[i, j // page_size] * page_size + j % page_size`, for j < seq_lens[i].
+    block_table: torch.Tensor  # [num_decode, max_pages] int32; entries past a context unspecified
+    seq_lens: torch.Tensor  # [num_decode] int32 context length, the new token included; 0: padding
+    page_size: int
     prefills: list[PrefillSpan]
     logits_indices: torch.Tensor  # [S] rows whose logits are wanted (a request's last token)
 

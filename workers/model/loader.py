@@ -56,16 +56,24 @@ def load_model(
     max_positions: int | None = None,
     progress: bool = True,
     ep: EPContext | None = None,
+    keep_fp8_experts: bool = False,
 ) -> DeepseekForCausalLM:
     """The model of `model_dir` on `device` in `dtype`. With `ep`, each MoE layer loads only
     the experts of the rank's slots (`RoutedExperts.slot_experts`); other experts' tensors are
-    not read."""
+    not read. `keep_fp8_experts`: an FP8 checkpoint's routed experts stay float8 with their
+    block scales (for the fused MoE kernel), where `fp8_experts_keepable` allows it."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     model = DeepseekForCausalLM(cfg, max_positions, ep)
-    params = dict(model.named_parameters())
-    slots = _expert_slots(model)
     block = cfg.quant.weight_block_size if cfg.quant else (128, 128)
+    keep_fp8 = keep_fp8_experts and fp8_experts_keepable(cfg)
+    if keep_fp8:
+        for module in model.modules():
+            if isinstance(module, RoutedExperts):
+                module.hold_fp8(block)
+    params = dict(model.named_parameters())
+    scales = _expert_scales(model) if keep_fp8 else {}
+    slots = _expert_slots(model)
     loaded: set[str] = set()
     files = checkpoint_files(model_dir)
 
@@ -85,10 +93,15 @@ def load_model(
             continue  # an expert this rank does not hold
         tensor = key_to_handle[key].get_tensor(key)
         scale_key = key + _SCALE_SUFFIX
+        scale: torch.Tensor | None = None
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if scale_key not in key_to_handle:
                 raise ValueError(f"{key} is float8 but {scale_key} is missing from the checkpoint")
-            tensor = dequantize_fp8(tensor, key_to_handle[scale_key].get_tensor(scale_key), block)
+            scale = key_to_handle[scale_key].get_tensor(scale_key).float()
+            if target not in scales:
+                tensor, scale = dequantize_fp8(tensor, scale, block), None
+        elif target in scales:
+            raise ValueError(f"{key} is {tensor.dtype}, expected float8 like the other experts")
         if target not in params:
             if key.endswith("rotary_emb.inv_freq"):
                 continue
@@ -111,6 +124,12 @@ def load_model(
                             f"{key}: shape {tuple(tensor.shape)} != {tuple(dest.shape)}"
                         )
                     dest.copy_(tensor)
+                    if scale is not None:
+                        grid = scales[target][slot]  # gate's blocks, then up's (w13)
+                        rows = grid.shape[0] // 2 if proj != "down" else grid.shape[0]
+                        grid[
+                            {"gate": slice(0, rows), "up": slice(rows, None)}.get(proj, slice(None))
+                        ].copy_(scale)
         loaded.add(key)
 
     if cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
@@ -121,6 +140,27 @@ def load_model(
         shown = ", ".join(sorted(missing)[:8])
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {shown}")
     return model.place(torch.device(device), dtype)
+
+
+def fp8_experts_keepable(cfg: ModelConfig) -> bool:
+    """Whether `cfg`'s routed experts can stay in FP8: an FP8 checkpoint whose expert
+    intermediate size is a whole number of scale blocks, so that gate's and up's block rows
+    stack into one `w13` scale grid."""
+    return (
+        cfg.quant is not None
+        and bool(cfg.n_routed_experts)
+        and cfg.moe_intermediate_size % cfg.quant.weight_block_size[0] == 0
+    )
+
+
+def _expert_scales(model: DeepseekForCausalLM) -> dict[str, torch.Tensor]:
+    """Stacked FP8 expert parameter name → its block-scale tensor."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts) and module.w13_scale is not None:
+            assert module.w2_scale is not None
+            out[f"{name}.w13"], out[f"{name}.w2"] = module.w13_scale, module.w2_scale
+    return out
 
 
 def _target(key: str) -> tuple[str, tuple[int, str] | None]:

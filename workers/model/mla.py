@@ -44,6 +44,8 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, cfg.attention_bias)
         self._qkv_a: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # Decode attention: "torch" (any device) or "triton" (workers.kernels.mla_decode).
+        self.decode_backend = "torch"
 
     def fuse(self) -> None:
         """Run q_a_proj and kv_a_proj_with_mqa (both read the hidden state) as one GEMM from
@@ -106,14 +108,13 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
         q_full = torch.cat((q_latent, q_pe), dim=-1)  # [B, heads, kv_lora + rope]
-        slots = meta.decode_slots
-        # index_select on flat slots: several times faster than advanced indexing on CPU.
-        latent = kv_cache.index_select(0, slots.flatten()).view(*slots.shape, -1)
-        latent = latent.to(q_full.dtype)  # [B, L, kv_lora + rope]
-        scores = torch.bmm(q_full, latent.transpose(1, 2)) * self.scale  # [B, heads, L]
-        scores = scores.masked_fill(~meta.decode_mask[:, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q_full.dtype)
-        out_latent = torch.bmm(probs, latent[..., : self.kv_lora_rank])  # [B, heads, kv_lora]
+        decode = paged_decode_torch
+        if self.decode_backend == "triton":
+            from workers.kernels.mla_decode import mla_decode as decode
+        out_latent = decode(  # [B, heads, kv_lora]
+            q_full, kv_cache, meta.block_table, meta.seq_lens, meta.page_size,
+            self.kv_lora_rank, self.scale,
+        )  # fmt: skip
         return torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
 
     def _prefill(
@@ -139,3 +140,30 @@ class MLAttention(nn.Module):
             scale=self.scale,
         )
         return out.transpose(0, 1)
+
+
+def paged_decode_torch(
+    q: torch.Tensor,  # [B, heads, kv_lora + rope] absorbed query
+    kv_cache: torch.Tensor,  # [num_slots, kv_lora + rope]
+    block_table: torch.Tensor,  # [B, max_pages] page ids, valid ids (0) past a context
+    seq_lens: torch.Tensor,  # [B]
+    page_size: int,
+    kv_lora_rank: int,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed-form decode attention in plain torch: every request's pages gathered into one
+    padded `[B, max_pages * page_size, kv_dim]` batch, positions past its length masked.
+    Returns `[B, heads, kv_lora_rank]`; a request of length 0 gets zeros."""
+    num_reqs, max_pages = block_table.shape
+    if not num_reqs:
+        return q.new_zeros(0, q.shape[1], kv_lora_rank)
+    offsets = torch.arange(page_size, device=block_table.device)
+    slots = (block_table.long()[:, :, None] * page_size + offsets).view(num_reqs, -1)
+    # index_select on flat slots: several times faster than advanced indexing on CPU.
+    latent = kv_cache.index_select(0, slots.flatten()).view(num_reqs, slots.shape[1], -1)
+    latent = latent.to(q.dtype)  # [B, L, kv_lora + rope]
+    scores = torch.bmm(q, latent.transpose(1, 2)) * scale  # [B, heads, L]
+    valid = torch.arange(slots.shape[1], device=q.device)[None, :] < seq_lens[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num_(0.0).to(q.dtype)
+    return torch.bmm(probs, latent[..., :kv_lora_rank])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.ep.moe import EPContext, EPMoE
+from workers.kernels import triton_available
 from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, RMSNorm, empty_param
@@ -89,15 +90,18 @@ class DeepseekForCausalLM(nn.Module):
         self.to(device=device)
         for name, p in self.named_parameters():
             keep_fp32 = name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
-            if not keep_fp32:
+            if not keep_fp32 and p.dtype != torch.float8_e4m3fn:
                 p.data = p.data.to(dtype)
         self.rope.to(device, torch.float32)
         backend = grouped_gemm_backends(device, dtype)[0]
+        attention = "triton" if device.type == "cuda" and triton_available() else "torch"
         for module in self.modules():
             if isinstance(module, RoutedExperts):
-                module.backend = backend
+                module.backend = "triton" if module.is_fp8 else backend
             elif isinstance(module, MLAttention | MLP):
                 module.fuse()
+            if isinstance(module, MLAttention):
+                module.decode_backend = attention
         return self
 
     def record_expert_load(self, load: ExpertLoad | None) -> None:

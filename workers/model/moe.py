@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.kernels import triton_available
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, empty_param
 
@@ -91,11 +92,14 @@ class ExpertLoad:
     def __init__(self, num_layers: int, num_logical: int, device: torch.device):
         self.counts = torch.zeros(num_layers, num_logical, dtype=torch.int64, device=device)
         self.num_steps = 0
+        # `[T]` int64 1/0 per token while set: a captured decode step's padding rows count 0.
+        self.valid_rows: torch.Tensor | None = None
 
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        self.counts[layer].index_add_(
-            0, topk_ids.flatten(), torch.ones_like(topk_ids.flatten(), dtype=torch.int64)
-        )
+        weight = torch.ones_like(topk_ids, dtype=torch.int64)
+        if self.valid_rows is not None:
+            weight = weight * self.valid_rows[: topk_ids.shape[0], None]
+        self.counts[layer].index_add_(0, topk_ids.flatten(), weight.flatten())
 
     def take(self) -> torch.Tensor:
         """`[num_layers, num_logical]` int64 on the CPU; the window starts again."""
@@ -107,8 +111,10 @@ class ExpertLoad:
 def grouped_gemm_backends(
     device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> list[str]:
-    """Grouped-GEMM implementations usable for weights on `device` in `dtype`, best first."""
+    """Grouped-GEMM implementations usable for weights on `device` in `dtype`, best first:
+    `triton` (the fused MoE kernel, CUDA), `grouped_mm`, `loop`."""
     device = device or torch.device("cpu")
+    fused = ["triton"] if device.type == "cuda" and triton_available() else []
     usable = hasattr(torch, "_grouped_mm") and (
         device.type == "cpu"
         # The CUDA kernel wants bf16 and Hopper or newer.
@@ -118,15 +124,20 @@ def grouped_gemm_backends(
             and torch.cuda.get_device_capability(device) >= (9, 0)
         )
     )
-    return (["grouped_mm"] if usable else []) + ["loop"]
+    return fused + (["grouped_mm"] if usable else []) + ["loop"]
 
 
 class RoutedExperts(nn.Module):
     """All routed experts of a layer: `w13: [E, 2 * I, hidden]` (gate; up), `w2: [E, hidden, I]`.
 
     Tokens are sorted by expert and each expert's rows run as one GEMM of a grouped GEMM:
-    `grouped_mm` (one `torch._grouped_mm` call for all experts, no host sync) or `loop` (one
-    `linear` per expert with tokens). Both give the same result to float tolerance.
+    `triton` (the fused MoE kernel of `workers.kernels.fused_moe`: sorting, both GEMMs and
+    SiLU-and-mul on the device, no host sync), `grouped_mm` (one `torch._grouped_mm` call for
+    all experts, no host sync) or `loop` (one `linear` per expert with tokens). All give the
+    same result to float tolerance.
+
+    With FP8 weights kept as they are (`keep_fp8`), `w13`/`w2` are float8 and `w13_scale`/
+    `w2_scale` hold the checkpoint's per-block scales; only the `triton` backend takes them.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
@@ -138,8 +149,36 @@ class RoutedExperts(nn.Module):
         # The logical expert whose weights each slot holds (all of them, in order, on a single
         # rank; a pool rank's own slots under expert parallelism).
         self.slot_experts: list[int] = list(range(num_experts))
+        self.w13_scale: torch.Tensor | None  # [E, 2 * I / b0, ceil(hidden / b1)] float32
+        self.w2_scale: torch.Tensor | None  # [E, ceil(hidden / b0), ceil(I / b1)] float32
+        self.register_buffer("w13_scale", None)
+        self.register_buffer("w2_scale", None)
+        self.block_shape: tuple[int, int] = (128, 128)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.w13.dtype == torch.float8_e4m3fn
+
+    def hold_fp8(self, block_shape: tuple[int, int]) -> None:
+        """Hold FP8 weights (`w13`, `w2` float8_e4m3fn) with per-block scales from now on;
+        the loader fills both. Only the `triton` backend computes with them."""
+        num_experts, two_i, hidden = self.w13.shape
+        b0, b1 = block_shape
+        self.block_shape = block_shape
+        fp8 = torch.float8_e4m3fn
+        self.w13 = nn.Parameter(torch.empty(self.w13.shape, dtype=fp8), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.w2.shape, dtype=fp8), requires_grad=False)
+        self.w13_scale = torch.ones(num_experts, -(-two_i // b0), -(-hidden // b1))
+        self.w2_scale = torch.ones(num_experts, -(-hidden // b0), -(-(two_i // 2) // b1))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.backend == "triton":
+            from workers.kernels.fused_moe import fused_moe
+
+            return fused_moe(
+                x, self.w13, self.w2, routing.topk_ids, routing.topk_weights,
+                w13_scale=self.w13_scale, w2_scale=self.w2_scale, block_shape=self.block_shape,
+            )  # fmt: skip
         top_k = routing.topk_ids.shape[1]
         flat_ids = routing.topk_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)

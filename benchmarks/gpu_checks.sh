@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, one step per call (each fits a 10-minute command), on a
+# machine with one CUDA GPU and the image's python3 (torch, triton, transformers, safetensors;
+# ray/nixl are not needed by these steps). Output goes to stdout and, when $OUT is set, to
+# $OUT/<step>.log.
+#
+#   bash benchmarks/gpu_checks.sh tests     # every `gpu`-marked test + the parity suite on CUDA
+#   bash benchmarks/gpu_checks.sh decode    # V2-Lite shapes, batch 1/32/128, 1k context, vs HF
+#   bash benchmarks/gpu_checks.sh fp8       # the same with FP8 routed experts (ours only)
+#   bash benchmarks/gpu_checks.sh prefill   # 8 x 2048-token prompts
+#   bash benchmarks/gpu_checks.sh eplb      # EPLB load/prepare/execute timings on the GPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb}
+log=/dev/null
+if [ -n "${OUT:-}" ]; then log="$OUT/$step.log"; fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+"$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'transformers', transformers.__version__)" | tee -a "$log"
+
+case "$step" in
+  tests)
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_cuda_graph.py \
+      tests/test_fused_moe_kernel.py tests/test_mla_decode_kernel.py tests/test_kernel_engine.py \
+      2>&1 | tee -a "$log"
+    ;;
+  decode)
+    "$PY" benchmarks/offline.py --model v2-lite --device cuda --dtype bfloat16 --batch 1 32 128 \
+      --input-len 1024 --output-len 64 --transformers-output-len 8 2>&1 | tee -a "$log"
+    ;;
+  fp8)
+    "$PY" benchmarks/offline.py --model v2-lite --fp8-experts --device cuda --dtype bfloat16 \
+      --batch 1 32 128 --input-len 1024 --output-len 64 --no-transformers 2>&1 | tee -a "$log"
+    ;;
+  prefill)
+    "$PY" benchmarks/offline.py --model v2-lite --device cuda --dtype bfloat16 --batch 8 \
+      --input-len 2048 --output-len 2 --no-transformers 2>&1 | tee -a "$log"
+    ;;
+  eplb)
+    "$PY" benchmarks/eplb_phases.py --device cuda 2>&1 | tee -a "$log"
+    ;;
+  *)
+    echo "unknown step $step" >&2
+    exit 2
+    ;;
+esac
