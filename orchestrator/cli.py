@@ -66,8 +66,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     kv.add_argument(
         "--kv-memory-fraction",
         type=float,
-        default=0.1,
-        help="KV cache share of free GPU memory (or of RAM on CPU)",
+        help="GPU: share of a rank's GPU memory for weights + KV (default 0.85); "
+        "CPU: share of RAM for the KV cache (default 0.1)",
     )
     e.add_argument("--max-running-requests", type=int, default=256)
     e.add_argument("--chunked-prefill-size", type=int, default=2048)
@@ -141,6 +141,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="enables /admin/* with this bearer token (default: $PDSERVE_ADMIN_TOKEN; unset: off)",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)"
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -192,6 +195,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         default_max_new_tokens=args.default_max_new_tokens,
         request_timeout_s=args.request_timeout,
         log_level=args.log_level,
+        access_log=args.access_log,
     )
 
 

@@ -41,6 +41,7 @@ class ServeConfig:
     ready_timeout_s: float = 900.0  # how long `serve` waits for the ranks to load the model
     poll_timeout_s: float = 0.5  # how long one `poll` of a rank blocks when it has no output
     log_level: str = "info"
+    access_log: bool = False  # uvicorn's line per HTTP request (costly at high request rates)
 
     @property
     def topology(self) -> str:

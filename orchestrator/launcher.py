@@ -10,6 +10,7 @@ For programs (the CLI, tests, benchmark scripts):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -125,11 +126,13 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
             if spec.num_ranks > 1:
                 rendezvous = ray.remote(Rendezvous).options(num_cpus=0).remote(spec.num_ranks)
                 meeting_points.append(rendezvous)
+            share = spec.bundle.get("GPU", 0.0)
+            engine = dataclasses.replace(config.engine, gpu_memory_share=share or 1.0)
             for i in range(spec.num_ranks):
                 ranks.append(
                     start_engine_rank(
                         str(model_dir),
-                        config.engine,
+                        engine,
                         num_cpus=spec.bundle["CPU"],
                         num_gpus=spec.bundle.get("GPU", 0.0),
                         role=spec.role,
@@ -174,12 +177,20 @@ def wait_ranks_ready(
 class ServerThread:
     """uvicorn serving `app` on its own thread and event loop."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, log_level: str = "warning"):
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        log_level: str = "warning",
+        access_log: bool = False,
+    ):
         config = uvicorn.Config(
             app,
             host=host,
             port=port,
             log_level=log_level,
+            access_log=access_log,
             lifespan="on",
             timeout_keep_alive=30,
             timeout_graceful_shutdown=5,
@@ -288,7 +299,7 @@ def launch(
             request_timeout_s=config.request_timeout_s,
         )
         app = create_app(router, config, eplb=eplb)
-        http = ServerThread(app, config.host, config.port, config.log_level)
+        http = ServerThread(app, config.host, config.port, config.log_level, config.access_log)
         http.start()
         deadline = time.monotonic() + 30
         while not router.is_ready and time.monotonic() < deadline:

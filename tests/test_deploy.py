@@ -220,7 +220,7 @@ def test_command_line_flags_override_the_file() -> None:
     assert merged.decode_dp == 16 and merged.transfer_timeout == 60.0  # the file's values
     assert merged.dtype == "bfloat16" and merged.grpc_port == 50051
     assert merged.kv_capacity_tokens == 4096
-    assert merged.kv_memory_fraction == 0.1  # the file's 0.8 loses to the exclusive flag
+    assert merged.kv_memory_fraction is None  # the file's 0.85 loses to the exclusive flag
     assert merged.dp == 1  # in neither: the flag's default
     assert args.decode_dp == 1  # `args` itself is left as parsed
 

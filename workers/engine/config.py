@@ -9,7 +9,11 @@ from dataclasses import dataclass
 class EngineConfig:
     page_size: int = 16  # tokens per KV page
     kv_capacity_tokens: int | None = None  # KV capacity in tokens; wins over the fraction
-    kv_memory_fraction: float = 0.1  # of free device memory (GPU) or total RAM (CPU)
+    # GPU: the share of the rank's device memory that weights + KV cache may take (default
+    # 0.85; the rest is activations and CUDA graphs). CPU: the share of RAM for the KV cache
+    # (default 0.1).
+    kv_memory_fraction: float | None = None
+    gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
     chunked_prefill_size: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_context_len: int | None = None  # default: the model's max_position_embeddings
@@ -38,10 +42,12 @@ class EngineConfig:
                 f"kv_capacity_tokens ({self.kv_capacity_tokens}) must hold at least one page "
                 f"of {self.page_size} tokens"
             )
-        if not 0.0 < self.kv_memory_fraction <= 0.95:
+        if self.kv_memory_fraction is not None and not 0.0 < self.kv_memory_fraction <= 0.95:
             raise ValueError(
                 f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}"
             )
+        if not 0.0 < self.gpu_memory_share <= 1.0:
+            raise ValueError(f"gpu_memory_share must be in (0, 1], got {self.gpu_memory_share}")
         if self.max_running_requests < 1:
             raise ValueError("max_running_requests must be >= 1")
         if self.chunked_prefill_size < 1:

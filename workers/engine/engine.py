@@ -148,13 +148,28 @@ class Engine:
         cfg, ec = self.model_config, self.config
         if ec.kv_capacity_tokens is not None:
             return pages_needed(ec.kv_capacity_tokens, ec.page_size)
+        per_page = ec.page_size * KVCache.bytes_per_token(
+            cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype
+        )
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * ec.kv_memory_fraction
+            # Weights + KV within the fraction of this rank's share of the device (ranks
+            # sharing a GPU each get theirs, whatever order they load in).
+            fraction = ec.kv_memory_fraction or 0.85
+            share = torch.cuda.get_device_properties(self.device).total_memory
+            share *= ec.gpu_memory_share
+            weights = torch.cuda.memory_allocated(self.device)
+            budget = share * fraction - weights
+            if budget < 2 * per_page:
+                gib = 1 << 30
+                raise ValueError(
+                    f"no room for a KV cache: the weights take {weights / gib:.1f} GiB of this "
+                    f"rank's {share / gib:.1f} GiB GPU share x kv_memory_fraction {fraction}; "
+                    "raise --kv-memory-fraction, give each rank more GPU memory, or set "
+                    "--kv-capacity-tokens"
+                )
         else:
-            budget = psutil.virtual_memory().total * ec.kv_memory_fraction
-        per_page = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype)
-        return max(1, int(budget // (per_page * ec.page_size)) - 1)  # one page is scratch
+            budget = psutil.virtual_memory().total * (ec.kv_memory_fraction or 0.1)
+        return max(1, int(budget // per_page) - 1)  # one page is scratch
 
     # ---- requests -------------------------------------------------------------------------
 

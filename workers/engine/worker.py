@@ -83,6 +83,7 @@ class EngineWorker:
     ):
         if role not in _MODES:
             raise ValueError(f"role must be one of {sorted(_MODES)}, got {role!r}")
+        _normal_priority()
         threads = config.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
@@ -317,10 +318,6 @@ class EngineWorker:
     # ---- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        # Ray starts workers at niceness 15; the loop thread is the rank's critical path, so it
-        # takes normal priority back where the process may (root or CAP_SYS_NICE).
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
         engine, handoff, mode, group = self.engine, self.handoff, _MODES[self.role], self.group
         last_busy = 0.0
         while True:
@@ -431,6 +428,19 @@ class EngineWorker:
                 self._outbox[d.rid] = d
             if deltas or events:
                 self._lock.notify_all()
+
+
+def _normal_priority() -> None:
+    """Ray starts workers at niceness 15, below the router and the rest of the machine; a rank
+    is on every request's critical path — its loop, the threads that take the router's calls
+    and the KV transfer thread alike (a starved transfer thread alone added ~100 ms to time to
+    first token under load) — so all its threads take normal priority back, where the process
+    may (root or CAP_SYS_NICE). Niceness is per thread on Linux; threads started later inherit
+    it from their creator."""
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(task), 0)
 
 
 def start_engine_rank(
