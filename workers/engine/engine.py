@@ -155,8 +155,8 @@ class Engine:
             # Weights + KV within the fraction of this rank's share of the device (ranks
             # sharing a GPU each get theirs, whatever order they load in).
             fraction = ec.kv_memory_fraction or 0.85
-            share = torch.cuda.get_device_properties(self.device).total_memory
-            share *= ec.gpu_memory_share
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            share = total * ec.gpu_memory_share
             weights = torch.cuda.memory_allocated(self.device)
             budget = share * fraction - weights
             if budget < 2 * per_page:
