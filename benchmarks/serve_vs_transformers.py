@@ -3,7 +3,9 @@
 Starts `pdserve serve` as its own process (HTTP, router, Ray, engine rank), sends the benchmark
 prompts through `/generate` with `pdserve bench`'s client, stops the server, then runs the same
 prompts through `transformers` `generate` in batches on the same checkpoint, and prints both
-output throughputs and their ratio. Run it on an otherwise idle machine:
+output throughputs and their ratio. Each side runs `--repeat` times (default 3) and the medians
+are compared: single runs on a small shared machine move by ±20%. Run it on an otherwise idle
+machine:
 
     .venv/bin/python benchmarks/serve_vs_transformers.py --num-prompts 128 --input-len 64 \\
         --output-len 64 --concurrency 32
@@ -16,6 +18,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -83,6 +86,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=30555)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra serve flag")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each side; the medians are compared"
+    )
     args = parser.parse_args()
 
     model_dir = args.model or ensure_tiny_checkpoint()
@@ -101,24 +107,33 @@ def main() -> None:
             concurrency=args.concurrency, seed=args.seed, vocab_size=vocab,
         )  # fmt: skip
         asyncio.run(run_bench(BenchConfig(**{**cfg.__dict__, "num_prompts": args.concurrency})))
-        result = asyncio.run(run_bench(cfg))
+        results = []
+        for _ in range(args.repeat):
+            results.append(asyncio.run(run_bench(cfg)))
+            if results[-1].num_failed:
+                sys.exit(f"{results[-1].num_failed} requests failed: {results[-1].first_error}")
     finally:
         stop_server(proc)
+    # The run with the median throughput stands for the server.
+    result = sorted(results, key=lambda r: r.output_tok_s)[len(results) // 2]
     print(result.table())
-    if result.num_failed:
-        sys.exit(f"{result.num_failed} requests failed: {result.first_error}")
 
-    hf_tok_s = bench_transformers(
-        model_dir, prompts, args.output_len, args.hf_batch_size or args.concurrency
-    )
+    hf_runs = [
+        bench_transformers(
+            model_dir, prompts, args.output_len, args.hf_batch_size or args.concurrency
+        )
+        for _ in range(args.repeat)
+    ]
+    hf_tok_s = statistics.median(hf_runs)
     print()
-    print(f"{'':34}{'output tok/s':>14}")
+    print(f"{'':34}{'output tok/s (median)':>22}  runs")
     serve_args = [a for s in args.serve_arg for a in s.split()]
     topology = "colocated" if "--colocated" in serve_args else "disaggregated"
-    print(f"{f'pdserve ({topology}, HTTP + Ray)':34}{result.output_tok_s:>14.1f}")
+    runs = " ".join(f"{r.output_tok_s:.0f}" for r in results)
+    print(f"{f'pdserve ({topology}, HTTP + Ray)':34}{result.output_tok_s:>22.1f}  {runs}")
     hf_label = f"transformers generate (batch {args.hf_batch_size or args.concurrency})"
-    print(f"{hf_label:34}{hf_tok_s:>14.1f}")
-    print(f"{'ratio':34}{result.output_tok_s / hf_tok_s:>14.2f}x")
+    print(f"{hf_label:34}{hf_tok_s:>22.1f}  {' '.join(f'{t:.0f}' for t in hf_runs)}")
+    print(f"{'ratio':34}{result.output_tok_s / hf_tok_s:>21.2f}x")
 
 
 if __name__ == "__main__":

@@ -241,6 +241,13 @@ class Engine:
         out, self._handoffs = self._handoffs, []
         return out
 
+    def reserve_kv(self) -> list[Sequence]:
+        """Decode side: give pages to waiting requests now (also done by every `step`); they
+        are then in `take_reserved`."""
+        reserved = self.scheduler.reserve_kv()
+        self._reserved.extend(reserved)
+        return reserved
+
     def take_reserved(self) -> list[Sequence]:
         """Decode-side requests that got pages since the last call, ready to receive their KV."""
         out, self._reserved = self._reserved, []
@@ -316,8 +323,7 @@ class Engine:
         """Schedule and run one batch. `run_empty`: run the model even on an empty batch — a
         rank of an expert-parallel pool must, whenever another rank of the pool steps, so
         that the MoE layers' collectives match."""
-        reserved = self.scheduler.reserve_kv()
-        self._reserved.extend(reserved)
+        reserved = self.reserve_kv()
         batch = self.scheduler.schedule()
         self.idle = batch.is_empty and not reserved
         if batch.is_empty and not run_empty:

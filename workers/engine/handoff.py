@@ -1,16 +1,20 @@
 """`KVHandoff`: a disaggregated rank's side of moving KV between the prefill and decode pools.
 
-Runs inside the rank's loop thread, between engine steps; the transfers themselves run on the
-transfer engine's own thread, so nothing here blocks.
+Runs inside the rank's loop thread, between engine steps (`set_target` also from the threads
+that take the router's calls); the transfers themselves run on the transfer engine's own thread,
+so nothing here blocks.
 
 Prefill rank: a request whose prefill is done (`Engine.take_handoffs`) is sent — its pages, all
 layers, plus the first sampled token — to the decode rank's pages named by its `TransferTarget`,
-which the router forwards (`set_target`; it may arrive before or after the prefill finishes). Its
-pages are freed when the transfer reports, success or not.
+which the router forwards (`set_target`; it may arrive before or after the prefill finishes, and
+takes effect at once, not after the step in progress). Its pages are freed when the transfer
+reports, success or not.
 
-Decode rank: a request that got pages (`Engine.take_reserved`) posts a receive; its target goes
-to the router as a `TransferReady` event. When the KV and first token arrive the request joins
-the batch; when the transfer fails it ends with an error.
+Decode rank: a request that got pages (`Engine.take_reserved`) posts a receive
+(`post_receives`, before each step as well as after it, so that the target reaches the prefill
+side without waiting for a decode step); its target goes to the router as a `TransferReady`
+event. When the KV and first token arrive the request joins the batch; when the transfer fails
+it ends with an error.
 
 Pages written by a peer are never reused while that peer may still write them: an aborted or
 failed receive keeps its pages for `quarantine_s` before they are freed.
@@ -21,6 +25,7 @@ arms it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -48,7 +53,10 @@ class KVHandoff:
         self.transfer = transfer  # a workers.transfer KVTransferEngine
         self.timeout_s = timeout_s
         self.quarantine_s = quarantine_s
-        self._targets: dict[str, Any] = {}  # prefill: targets that came before the hand-off
+        # Prefill: targets that came before the hand-off, with when they came; `_lock` orders
+        # `set_target` (any thread) against the loop's sends.
+        self._targets: dict[str, tuple[Any, float]] = {}
+        self._lock = threading.Lock()
         self._in_flight: set[str] = set()  # transfers started and not yet reported
         self._aborted: set[str] = set()  # in flight, aborted: report ABORT, not an error
         self._quarantine: list[tuple[float, str]] = []  # (free after, rid)
@@ -85,14 +93,17 @@ class KVHandoff:
         return max(0.0, self._quarantine[0][0] - now)
 
     def set_target(self, rid: str, target: Any) -> None:
-        if rid in self._in_flight:
-            self.transfer.set_target(rid, target)
-        else:
-            self._targets[rid] = target
+        """Prefill rank, any thread: where the KV of `rid` goes."""
+        with self._lock:
+            if rid in self._in_flight:
+                self.transfer.set_target(rid, target)
+            else:
+                self._targets[rid] = (target, time.monotonic())
 
     def abort(self, engine: Engine, rid: str) -> TokenDelta | None:
         """Abort `rid`; a request with a transfer in flight ends when the transfer reports."""
-        self._targets.pop(rid, None)
+        with self._lock:
+            self._targets.pop(rid, None)
         self._withheld.discard(rid)
         if any(r == rid for _, r in self._quarantine):
             return None  # already ended; its pages are freed when the quarantine ends
@@ -106,21 +117,18 @@ class KVHandoff:
         deltas: list[TokenDelta] = []
         events: list[TransferReady] = []
         for seq in engine.take_handoffs():
-            self._in_flight.add(seq.rid)
-            self.transfer.send(
-                seq.rid, seq.pages, seq.token_ids[-1], self.timeout_s,
-                target=self._targets.pop(seq.rid, None),
-            )  # fmt: skip
-        for seq in engine.take_reserved():
-            if self._take_fault("withhold_receive"):
-                self._withheld.add(seq.rid)
-                continue
-            self._in_flight.add(seq.rid)
-            receiver = self.transfer.expect(seq.rid, seq.pages, self.timeout_s)
-            events.append(TransferReady(seq.rid, receiver.target))
+            with self._lock:
+                self._in_flight.add(seq.rid)
+                early = self._targets.pop(seq.rid, None)
+                self.transfer.send(
+                    seq.rid, seq.pages, seq.token_ids[-1], self.timeout_s,
+                    target=early[0] if early is not None else None,
+                )  # fmt: skip
+        events.extend(self.post_receives(engine))
         for result in self.transfer.poll():
             rid = result.transfer_id
-            self._in_flight.discard(rid)
+            with self._lock:
+                self._in_flight.discard(rid)
             aborted = rid in self._aborted
             self._aborted.discard(rid)
             if self.role == "prefill":
@@ -148,7 +156,24 @@ class KVHandoff:
         now = time.monotonic()
         while self._quarantine and self._quarantine[0][0] <= now:
             engine.abort(self._quarantine.pop(0)[1])
+        with self._lock:  # a target for a request that ended before its prefill did
+            stale = [rid for rid, (_, t) in self._targets.items() if now - t > 2 * self.timeout_s]
+            for rid in stale:
+                del self._targets[rid]
         return deltas, events
+
+    def post_receives(self, engine: Engine) -> list[TransferReady]:
+        """Decode rank: post a receive for every request that got pages; their targets, for
+        the router to forward to the prefill side."""
+        events = []
+        for seq in engine.take_reserved():
+            if self._take_fault("withhold_receive"):
+                self._withheld.add(seq.rid)
+                continue
+            self._in_flight.add(seq.rid)
+            receiver = self.transfer.expect(seq.rid, seq.pages, self.timeout_s)
+            events.append(TransferReady(seq.rid, receiver.target))
+        return events
 
     def close(self) -> None:
         self.transfer.close()

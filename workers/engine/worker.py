@@ -169,10 +169,12 @@ class EngineWorker:
             self._lock.notify_all()
 
     def set_transfer_target(self, rid: str, target: Any) -> None:
-        """Prefill rank: where the KV of `rid` goes (from the decode rank's `TransferReady`)."""
-        with self._lock:
-            self._inbox.append(("target", (rid, target)))
-            self._lock.notify_all()
+        """Prefill rank: where the KV of `rid` goes (from the decode rank's `TransferReady`).
+        Takes effect at once: a finished prefill's transfer starts without waiting for the
+        step in progress."""
+        if self.handoff is None:
+            raise RuntimeError("set_transfer_target: this rank is not disaggregated")
+        self.handoff.set_target(rid, target)
 
     def poll(self, timeout_s: float = 1.0) -> list[TokenDelta | TransferReady]:
         with self._lock:
@@ -349,9 +351,6 @@ class EngineWorker:
                         engine.add(payload, mode)
                     except ValueError as e:
                         deltas.append(TokenDelta.failure(payload.rid, str(e)))
-                elif kind == "target":
-                    assert handoff is not None
-                    handoff.set_target(*payload)
                 elif kind == "fault":
                     assert handoff is not None
                     try:
@@ -368,6 +367,12 @@ class EngineWorker:
                     delta = handoff.abort(engine, payload) if handoff else engine.abort(payload)
                     if delta is not None:
                         deltas.append(delta)
+            if handoff is not None and handoff.role == "decode":
+                # Receives first: their targets go out while this step computes.
+                engine.reserve_kv()
+                early = handoff.post_receives(engine)
+                if early:
+                    self._publish([], early, engine.stats())
             try:
                 if group is None:
                     deltas.extend(engine.step())

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.kernels import kernels_usable
 from workers.model.config import ModelConfig
 from workers.model.layers import RMSNorm
 from workers.model.model import DeepseekForCausalLM
@@ -81,12 +82,17 @@ def random_model(
     biases 0), made tensor by tensor on `device` in `dtype`: peak memory is the model's size.
     Router weights stay float32, as `place` keeps them. `fp8_experts`: routed experts held in
     FP8 with 128x128 block scales, as an FP8 checkpoint's are when kept (see `loader`)."""
+    device = torch.device(device)
+    if fp8_experts and not kernels_usable(device):
+        raise ValueError(
+            "FP8 experts run in the Triton fused MoE kernel: they need a CUDA device "
+            "with triton (or TRITON_INTERPRET=1)"
+        )
     cfg = ModelConfig.from_hf(hf_config)
     std = float(hf_config.get("initializer_range", 0.02))
     # Parameters start as untouched float32 host tensors (virtual memory only), each replaced
     # by its device tensor before the next is made.
     model = DeepseekForCausalLM(cfg, max_positions)
-    device = torch.device(device)
     gen = torch.Generator(device).manual_seed(seed)
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
