@@ -9,11 +9,12 @@
 #   bash benchmarks/gpu_checks.sh fp8       # the same with FP8 routed experts (ours only)
 #   bash benchmarks/gpu_checks.sh prefill   # 8 x 2048-token prompts
 #   bash benchmarks/gpu_checks.sh eplb      # EPLB load/prepare/execute timings on the GPU
+#   bash benchmarks/gpu_checks.sh ep        # a one-rank NCCL EP pool, grouped GEMM backends
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb}
+step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb|ep}
 log=/dev/null
 if [ -n "${OUT:-}" ]; then log="$OUT/$step.log"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
@@ -40,6 +41,11 @@ case "$step" in
     ;;
   eplb)
     "$PY" benchmarks/eplb_phases.py --device cuda 2>&1 | tee -a "$log"
+    ;;
+  ep)
+    "$PY" benchmarks/ep_pool.py --device cuda --dtype bfloat16 --model v2-lite --num-layers 8 \
+      --ranks 1 --grouped-gemm-backend torch deep_gemm --batch 64 --input-len 512 \
+      --output-len 64 2>&1 | tee -a "$log"
     ;;
   *)
     echo "unknown step $step" >&2

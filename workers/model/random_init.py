@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.ep.moe import EPContext
 from workers.kernels import kernels_usable
 from workers.model.config import ModelConfig
 from workers.model.layers import RMSNorm
@@ -77,11 +78,13 @@ def random_model(
     seed: int = 0,
     max_positions: int | None = None,
     fp8_experts: bool = False,
+    ep: EPContext | None = None,
 ) -> DeepseekForCausalLM:
     """`DeepseekForCausalLM` of `hf_config` with weights ~ N(0, initializer_range) (norms 1,
     biases 0), made tensor by tensor on `device` in `dtype`: peak memory is the model's size.
     Router weights stay float32, as `place` keeps them. `fp8_experts`: routed experts held in
-    FP8 with 128x128 block scales, as an FP8 checkpoint's are when kept (see `loader`)."""
+    FP8 with 128x128 block scales, as an FP8 checkpoint's are when kept (see `loader`). `ep`:
+    a rank of an expert-parallel pool (its own expert slots only)."""
     device = torch.device(device)
     if fp8_experts and not kernels_usable(device):
         raise ValueError(
@@ -92,7 +95,7 @@ def random_model(
     std = float(hf_config.get("initializer_range", 0.02))
     # Parameters start as untouched float32 host tensors (virtual memory only), each replaced
     # by its device tensor before the next is made.
-    model = DeepseekForCausalLM(cfg, max_positions)
+    model = DeepseekForCausalLM(cfg, max_positions, ep)
     gen = torch.Generator(device).manual_seed(seed)
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
