@@ -73,8 +73,9 @@ class DecodeGraphs:
         self.seq_lens = buf((n,), torch.int32)
         self.valid_rows = buf((n,), torch.int64)
         self.logits_indices = torch.arange(n, device=device)
-        # Host staging, one row per input: ids, positions, out slots, seq lens, valid.
-        self._staged_rows = host((5, n), torch.int64)
+        # Host staging, one column per input: ids, positions, out slots, seq lens, valid (rows
+        # first, so that a batch's rows are one contiguous block for the non-blocking copy).
+        self._staged_rows = host((n, 5), torch.int64)
         self._staged_table = host((n, max_pages), torch.int32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -153,22 +154,24 @@ class DecodeGraphs:
         n = len(input_ids)
         bs = self.bucket(n)
         rows, table = self._staged_rows, self._staged_table
-        rows[0, :n] = torch.tensor(input_ids)
-        rows[1, :n] = torch.tensor(positions)
-        rows[2, :n] = torch.tensor(out_slots)
-        rows[3, :n] = rows[1, :n] + 1
-        rows[4, :n] = 1
-        rows[0:2, n:bs] = 0
-        rows[2, n:bs] = self.kv.scratch_slot
-        rows[3:5, n:bs] = 0
+        rows[:n, 0] = torch.tensor(input_ids)
+        rows[:n, 1] = torch.tensor(positions)
+        rows[:n, 2] = torch.tensor(out_slots)
+        rows[:n, 3] = rows[:n, 1] + 1
+        rows[:n, 4] = 1
+        rows[n:bs, 0:2] = 0
+        rows[n:bs, 2] = self.kv.scratch_slot
+        rows[n:bs, 3:5] = 0
         for i, pages in enumerate(block_rows):
             table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        staged = rows[:, :bs].to(self.device, non_blocking=True)
-        self.input_ids[:bs].copy_(staged[0])
-        self.positions[:bs].copy_(staged[1])
-        self.out_slots[:bs].copy_(staged[2])
-        self.seq_lens[:bs].copy_(staged[3])
-        self.valid_rows[:bs].copy_(staged[4])
+        # The previous step's copies are done (its tokens were read back), so the pinned
+        # buffers are free to refill.
+        staged = rows[:bs].to(self.device, non_blocking=True)
+        self.input_ids[:bs].copy_(staged[:, 0])
+        self.positions[:bs].copy_(staged[:, 1])
+        self.out_slots[:bs].copy_(staged[:, 2])
+        self.seq_lens[:bs].copy_(staged[:, 3])
+        self.valid_rows[:bs].copy_(staged[:, 4])
         self.block_table[:n].copy_(table[:n], non_blocking=True)
         if bs in self.graphs:
             self.graphs[bs].replay()
