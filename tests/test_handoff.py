@@ -1,0 +1,87 @@
+"""`KVHandoff` ordering: a transfer target that comes from the router's thread while the loop
+hands requests off is used exactly once, whichever comes first."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from workers.engine.handoff import KVHandoff
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _Transfer:
+    """Records what the hand-off asks of a transfer engine (the transfer engine itself is
+    tested in test_transfer.py)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.senders: dict[str, Any] = {}  # rid -> target given at send time (or None)
+        self.late: dict[str, list[Any]] = {}  # rid -> targets set after the send
+        self.lost: list[
+            str
+        ] = []  # targets for a transfer not started yet: a real engine drops them
+
+    def send(self, rid: str, pages: list[int], first: int, timeout_s: float, target: Any) -> None:
+        time.sleep(0.0002)  # widen the window between "in flight" and "the engine knows it"
+        with self.lock:
+            assert rid not in self.senders, f"{rid} sent twice"
+            self.senders[rid] = target
+
+    def set_target(self, rid: str, target: Any) -> None:
+        with self.lock:
+            if rid in self.senders:
+                self.late.setdefault(rid, []).append(target)
+            else:
+                self.lost.append(rid)
+
+    def poll(self) -> list[Any]:
+        return []
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.ready: list[Any] = []
+
+    def take_handoffs(self) -> list[Any]:
+        out, self.ready = self.ready, []
+        return out
+
+    def take_reserved(self) -> list[Any]:
+        return []
+
+
+def test_targets_from_another_thread_are_used_exactly_once() -> None:
+    transfer, engine = _Transfer(), _Engine()
+    handoff = KVHandoff("prefill", transfer, timeout_s=5.0)
+    rids = [f"r{i}" for i in range(400)]
+    rng = random.Random(0)
+
+    def router() -> None:
+        for rid in rng.sample(rids, len(rids)):
+            handoff.set_target(rid, f"target-{rid}")
+            if rng.random() < 0.3:
+                time.sleep(0.0002)
+
+    thread = threading.Thread(target=router)
+    thread.start()
+    for i, rid in enumerate(rids):  # the loop: requests finish their prefill in order
+        engine.ready.append(SimpleNamespace(rid=rid, pages=[i], token_ids=[7]))
+        if i % 5 == 0:
+            handoff.after_step(engine)  # type: ignore[arg-type]
+    handoff.after_step(engine)  # type: ignore[arg-type]
+    thread.join()
+
+    assert not transfer.lost
+    for rid in rids:
+        early = transfer.senders[rid]
+        late = transfer.late.get(rid, [])
+        targets = ([early] if early is not None else []) + late
+        assert targets == [f"target-{rid}"], f"{rid}: {targets}"
+    assert not handoff._targets  # nothing left behind
