@@ -198,8 +198,7 @@ def main() -> None:
     kv_per_token = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.kv_cache_dim, dtype)
     bandwidth = copy_bandwidth(device)
     threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
-    graphs = "on" if engine.graphs is not None else "off"
-    print(f"model {name} on {device} ({args.dtype}{threads}), CUDA graphs {graphs}; "
+    print(f"model {name} on {device} ({args.dtype}{threads}); {engine.fast_path()}; "
           f"in {args.input_len}, out {args.output_len}; copy {bandwidth / 1e9:.0f} GB/s")  # fmt: skip
     header = (
         f"{'batch':>5} {'prefill ms':>10} {'prefill tok/s':>13} {'decode ms':>9} "

@@ -30,8 +30,9 @@ from workers.ep.moe import EPContext, EPMoE
 from workers.kernels import triton_available
 from workers.model.batch import AttentionMetadata, PrefillSpan
 from workers.model.loader import load_model
+from workers.model.mla import MLAttention
 from workers.model.model import DeepseekForCausalLM
-from workers.model.moe import ExpertLoad
+from workers.model.moe import ExpertLoad, RoutedExperts
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +117,28 @@ class Engine:
         # Logits of the last step, by request id (kept for parity tests and debugging).
         self._last_logits: tuple[list[str], torch.Tensor | None] = ([], None)
         logger.info(
-            "engine ready: %s on %s (%s), KV %d pages x %d tokens",
+            "engine ready: %s on %s (%s), KV %d pages x %d tokens; %s",
             self.model_dir.name,
             self.device,
             config.dtype,
             num_pages,
             config.page_size,
+            self.fast_path(),
         )
+
+    def fast_path(self) -> str:
+        """Which implementations this rank runs, in words (for logs and benchmarks)."""
+        attention = {m.decode_backend for m in self.model.modules() if isinstance(m, MLAttention)}
+        experts = [m for m in self.model.modules() if isinstance(m, RoutedExperts)]
+        parts = [f"decode attention {'/'.join(sorted(attention)) or 'none'}"]
+        if experts:
+            fp8 = " (FP8 weights)" if experts[0].is_fp8 else ""
+            parts.append(f"experts {experts[0].backend}{fp8}")
+        elif self.ep is not None:
+            parts.append(f"EP experts {self.grouped_gemm}")
+        graphs = self.graphs
+        parts.append(f"CUDA graphs up to batch {graphs.max_batch}" if graphs else "no CUDA graphs")
+        return ", ".join(parts)
 
     def _select_grouped_gemm(self) -> str:
         """`deep_gemm` (FP8 experts) for EP pools on Hopper with bf16 weights, when chosen or
