@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end on a small setting (they are what the GPU sessions
+run first: a broken script there costs device time)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_offline_benchmark_prints_engine_and_transformers_rows() -> None:
+    out = _run(
+        "benchmarks/offline.py", "--batch", "1", "2", "--input-len", "8", "--output-len", "3",
+        "--threads", "1",
+    )  # fmt: skip
+    lines = out.splitlines()
+    assert "decode attention torch" in lines[0] and "copy" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["batch"])
+    rows = [line.split() for line in lines[header + 1 : header + 3]]
+    assert [r[0] for r in rows] == ["1", "2"] and all(len(r) == 7 for r in rows)
+    assert "transformers 3 tokens per run:" in out
+    hf_rows = [line.split() for line in lines if line.split()[:1] in (["1"], ["2"])][2:]
+    assert len(hf_rows) == 2 and all(float(r[-1]) > 0 for r in hf_rows)  # the ratio
+
+
+def test_ep_pool_benchmark_runs_a_pool_of_one() -> None:
+    out = _run(
+        "benchmarks/ep_pool.py", "--ranks", "1", "--batch", "2", "--input-len", "8",
+        "--output-len", "3",
+    )  # fmt: skip
+    assert "EP pool of 1, two-batch overlap off" in out
+    assert "EP pool of 1, two-batch overlap on" in out
+    assert "unavailable" not in out
