@@ -23,6 +23,7 @@ import torch
 
 from eplb.algorithm import balancedness
 from eplb.incremental import num_moves, rebalance_experts_incremental
+from workers.engine.messages import short_error
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class EPLBService:
             executed = await self._gather(s, "eplb_execute", self.phase_timeout_s)
             report.execute_s = max(r.seconds for r in executed)
         except Exception as e:
-            report.ok, report.error = False, _short(e)
+            report.ok, report.error = False, short_error(e)
             await self._abort(s)
             logger.warning("rebalance of %s rolled back: %s", name, report.error)
             s.history.append(report)
@@ -257,11 +258,3 @@ class EPLBService:
             }
             for name, s in self.pools.items()
         }
-
-
-def _short(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        return str(cause) or type(cause).__name__
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

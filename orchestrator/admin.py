@@ -19,8 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from orchestrator.protocol import RequestError
-from orchestrator.router import short_error
 from orchestrator.streaming import read_json
+from workers.engine.messages import short_error
 
 ADMIN_ROUTES = {"/admin/rebalance", "/admin/experts"}
 

@@ -22,9 +22,10 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
 from orchestrator.protocol import RequestError, parse_generate, prepare_call
-from orchestrator.router import Router, RouterNotReady, short_error
+from orchestrator.router import Router, RouterNotReady
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
+from workers.engine.messages import short_error
 
 logger = logging.getLogger(__name__)
 SERVICE = "pdserve.v1.Generation"

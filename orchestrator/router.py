@@ -32,6 +32,7 @@ from workers.engine.messages import (
     SamplingParams,
     TokenDelta,
     TransferReady,
+    short_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -497,12 +498,3 @@ def _log_late_refusal(task: asyncio.Future[None]) -> None:
     error = None if task.cancelled() else task.exception()
     if error is not None:
         logger.info("a rank answered a request late: %s", short_error(error))
-
-
-def short_error(e: BaseException) -> str:
-    """The message of the error a rank raised, without Ray's remote traceback around it."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        return str(cause) or type(cause).__name__
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

@@ -177,7 +177,15 @@ def test_requests_on_a_dead_prefill_rank_are_retried_on_another_pair(launch_tiny
 
             async with httpx.AsyncClient(timeout=120) as client:
                 tasks = [asyncio.ensure_future(one(client, p)) for p in prompts]
-                await asyncio.sleep(0.3)  # both prefill ranks hold queued prompts now
+                # Kill the rank once it has taken prompts and still holds some (its own stats,
+                # published after each step), not after a guessed delay: hand-offs are fast.
+                deadline = time.monotonic() + 30
+                while True:
+                    st = await victim.stats.remote()
+                    if st.num_waiting + st.num_running >= 2:
+                        break
+                    assert time.monotonic() < deadline, "the prefill rank never held prompts"
+                    await asyncio.sleep(0.005)
                 ray.kill(victim, no_restart=False)
                 return list(await asyncio.gather(*tasks))
 

@@ -7,30 +7,26 @@ tokens). The `gpu` tests run realistic DeepSeek-sized shapes and a CUDA-graph ca
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # tests/conftest.py chose the interpreter where there is no GPU
 
-from workers.kernels import INTERPRET  # noqa: E402
+from workers.kernels import kernels_usable  # noqa: E402
 from workers.kernels.fused_moe import (  # noqa: E402
     align_tokens,
-    dequantize_block_fp8,
     fused_moe,
     fused_moe_reference,
     max_aligned_rows,
 )
+from workers.model.fp8 import dequantize_block_fp8  # noqa: E402
 
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 was set, and there is no CUDA device",
-        allow_module_level=True,
-    )
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+if not kernels_usable(DEVICE):  # triton was imported before TRITON_INTERPRET could be set
+    pytest.skip("the Triton kernels cannot run here", allow_module_level=True)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0

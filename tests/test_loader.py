@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.checkpoints import make_checkpoint
 from workers.model.config import ModelConfig
-from workers.model.loader import dequantize_fp8, load_model
+from workers.model.fp8 import dequantize_block_fp8
+from workers.model.loader import load_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,7 +29,7 @@ def test_dequantize_fp8_matches_blockwise_loop(shape, block):
             r = slice(i * block[0], (i + 1) * block[0])
             c = slice(j * block[1], (j + 1) * block[1])
             ref[r, c] = w[r, c].float() * scale[i, j]
-    assert torch.equal(dequantize_fp8(w, scale, block), ref)
+    assert torch.equal(dequantize_block_fp8(w, scale, block), ref)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_fp8_experts_kept_with_their_block_scales(name, kept, tmp_path_factory):
         assert ours.backend == "triton" and ours.w13_scale is not None
         assert ours.w2_scale is not None
         for slot in range(ours.w13.shape[0]):
-            w13 = dequantize_fp8(ours.w13[slot], ours.w13_scale[slot], ours.block_shape)
-            w2 = dequantize_fp8(ours.w2[slot], ours.w2_scale[slot], ours.block_shape)
+            w13 = dequantize_block_fp8(ours.w13[slot], ours.w13_scale[slot], ours.block_shape)
+            w2 = dequantize_block_fp8(ours.w2[slot], ours.w2_scale[slot], ours.block_shape)
             assert torch.equal(w13, ref.w13[slot])
             assert torch.equal(w2, ref.w2[slot])

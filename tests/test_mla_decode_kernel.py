@@ -6,16 +6,10 @@ Without CUDA the kernels run under Triton's interpreter (slow, so the shapes are
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
-import pytest
-
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # tests/conftest.py chose the interpreter where there is no GPU
 
 from workers.kernels import kernels_usable  # noqa: E402
 from workers.kernels.mla_decode import (  # noqa: E402

@@ -9,9 +9,9 @@ from tests.checkpoints import _COMMON
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.messages import GenerateRequest, SamplingParams
-from workers.kernels.fused_moe import dequantize_block_fp8
+from workers.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from workers.model.moe import RoutedExperts
-from workers.model.random_init import PRESETS, preset_config, quantize_block_fp8, random_model
+from workers.model.random_init import PRESETS, preset_config, random_model
 
 pytestmark = pytest.mark.timeout(120)
 

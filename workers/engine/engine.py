@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import torch
@@ -43,6 +44,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class DecodeRows(NamedTuple):
+    input_ids: list[int]
+    positions: list[int]
+    out_slots: list[int]
+    block_rows: list[list[int]]
 
 
 class Engine:
@@ -371,22 +379,12 @@ class Engine:
         self, batch: ScheduledBatch
     ) -> tuple[torch.Tensor, AttentionMetadata, list[Sequence]]:
         page_size = self.kv.page_size
-        ids: list[int] = []
-        positions: list[int] = []
-        out_slots: list[torch.Tensor] = []
-        logits_rows: list[int] = []
-        samplers: list[Sequence] = []
-        seq_lens: list[int] = []
-        block_rows: list[list[int]] = []
-        for seq in batch.decodes:
-            pos = seq.num_computed
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            out_slots.append(seq.slots(pos + 1, page_size)[pos:])
-            block_rows.append(seq.pages[: pages_needed(pos + 1, page_size)])
-            seq_lens.append(pos + 1)
-            logits_rows.append(len(ids) - 1)
-            samplers.append(seq)
+        rows = self._decode_rows(batch)
+        ids = list(rows.input_ids)
+        positions = list(rows.positions)
+        out_slots = [torch.tensor(rows.out_slots, dtype=torch.int64)]
+        logits_rows = list(range(len(batch.decodes)))
+        samplers = list(batch.decodes)
         spans = []
         for seq, num in batch.prefills:
             start, end = seq.num_computed, seq.num_computed + num
@@ -400,16 +398,14 @@ class Engine:
                 samplers.append(seq)
 
         dev = self.device
-        max_pages = max((len(r) for r in block_rows), default=1)
-        block_table = [r + [0] * (max_pages - len(r)) for r in block_rows]
+        max_pages = max((len(r) for r in rows.block_rows), default=1)
+        block_table = [r + [0] * (max_pages - len(r)) for r in rows.block_rows]
         meta = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            out_slots=(torch.cat(out_slots) if out_slots else torch.zeros(0, dtype=torch.int64)).to(
-                dev
-            ),
+            out_slots=torch.cat(out_slots).to(dev),
             num_decode=len(batch.decodes),
             block_table=torch.tensor(block_table, dtype=torch.int32).view(-1, max_pages).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(rows.positions, dtype=torch.int32, device=dev) + 1,
             page_size=page_size,
             prefills=spans,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
@@ -425,16 +421,21 @@ class Engine:
 
     def _replay_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         assert self.graphs is not None
+        logits = self.graphs.run(*self._decode_rows(batch))
+        return logits, list(batch.decodes)
+
+    def _decode_rows(self, batch: ScheduledBatch) -> DecodeRows:
+        """The decoding requests' new token each: id, position, KV slot, and the pages of its
+        context (the new token included)."""
         ps = self.kv.page_size
-        ids, positions, out_slots, block_rows = [], [], [], []
+        rows = DecodeRows([], [], [], [])
         for seq in batch.decodes:
             pos = seq.num_computed
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            out_slots.append(seq.pages[pos // ps] * ps + pos % ps)
-            block_rows.append(seq.pages[: pages_needed(pos + 1, ps)])
-        logits = self.graphs.run(ids, positions, out_slots, block_rows)
-        return logits, list(batch.decodes)
+            rows.input_ids.append(seq.token_ids[pos])
+            rows.positions.append(pos)
+            rows.out_slots.append(seq.pages[pos // ps] * ps + pos % ps)
+            rows.block_rows.append(seq.pages[: pages_needed(pos + 1, ps)])
+        return rows
 
     def take_expert_load(self) -> torch.Tensor | None:
         """Tokens routed per (layer, logical expert) since the last call (CPU int64)."""

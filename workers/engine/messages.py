@@ -117,3 +117,12 @@ class RankStats:
     @property
     def num_pages_used(self) -> int:
         return self.num_pages_total - self.num_pages_free
+
+
+def short_error(e: BaseException) -> str:
+    """The message of the error a rank raised, without Ray's remote traceback around it."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return str(cause) or type(cause).__name__
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from workers.kernels import INTERPRET
+from workers.model.fp8 import dequantize_block_fp8
 
 FP8 = torch.float8_e4m3fn
 
@@ -467,21 +468,6 @@ def fused_moe(
 
 # --------------------------------------------------------------------------------------------
 # Reference
-
-
-def dequantize_block_fp8(
-    w: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int] = (128, 128)
-) -> torch.Tensor:
-    """`w: [..., N, K]` fp8 and `scale: [..., ceil(N/bn), ceil(K/bk)]` → float32 `w * scale`
-    of each element's `(bn, bk)` block."""
-    bn, bk = block_shape
-    n, k = w.shape[-2:]
-    if scale.shape[-2:] != (triton.cdiv(n, bn), triton.cdiv(k, bk)):
-        raise ValueError(
-            f"scale {tuple(scale.shape)} does not tile {tuple(w.shape)} by {block_shape}"
-        )
-    full = scale.float().repeat_interleave(bn, dim=-2).repeat_interleave(bk, dim=-1)
-    return w.float() * full[..., :n, :k]
 
 
 def fused_moe_reference(

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from workers.ep.moe import EPContext
 from workers.model.config import ModelConfig
+from workers.model.fp8 import dequantize_block_fp8
 from workers.model.model import DeepseekForCausalLM
 from workers.model.moe import RoutedExperts
 
@@ -38,15 +39,6 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     return files
-
-
-def dequantize_fp8(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
-) -> torch.Tensor:
-    """`weight: [out, in]` float8 times `scale_inv: [ceil(out/b0), ceil(in/b1)]`, per block."""
-    out_dim, in_dim = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-    return weight.float() * scale[:out_dim, :in_dim]
 
 
 def load_model(
@@ -99,7 +91,7 @@ def load_model(
                 raise ValueError(f"{key} is float8 but {scale_key} is missing from the checkpoint")
             scale = key_to_handle[scale_key].get_tensor(scale_key).float()
             if target not in scales:
-                tensor, scale = dequantize_fp8(tensor, scale, block), None
+                tensor, scale = dequantize_block_fp8(tensor, scale, block), None
         elif target in scales:
             raise ValueError(f"{key} is {tensor.dtype}, expected float8 like the other experts")
         if target not in params:
@@ -217,7 +209,7 @@ class ExpertReader:
         tensor = handle.get_tensor(key)
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale = self._tensor(key + _SCALE_SUFFIX)
-            tensor = dequantize_fp8(tensor, scale, self.block)
+            tensor = dequantize_block_fp8(tensor, scale, self.block)
         return tensor
 
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from torch import nn
 from workers.ep.moe import EPContext
 from workers.kernels import kernels_usable
 from workers.model.config import ModelConfig
+from workers.model.fp8 import quantize_block_fp8
 from workers.model.layers import RMSNorm
 from workers.model.model import DeepseekForCausalLM
 from workers.model.moe import RoutedExperts
@@ -119,20 +120,3 @@ def random_model(
             module.w13.data, module.w13_scale = quantize_block_fp8(w13, (128, 128))
             module.w2.data, module.w2_scale = quantize_block_fp8(w2, (128, 128))
     return model.place(device, dtype)
-
-
-def quantize_block_fp8(
-    w: torch.Tensor, block: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`w: [..., N, K]` → (float8_e4m3fn weight, float32 scales `[..., ceil(N/b0), ceil(K/b1)]`),
-    one scale per block = its amax / 448, so `fp8 * scale` (broadcast per block) ≈ `w`."""
-    *lead, rows, cols = w.shape
-    b0, b1 = block
-    grid = (-(-rows // b0), -(-cols // b1))
-    padded = w.new_zeros(*lead, grid[0] * b0, grid[1] * b1, dtype=torch.float32)
-    padded[..., :rows, :cols] = w
-    blocks = padded.view(*lead, grid[0], b0, grid[1], b1)
-    scale = (blocks.abs().amax(dim=(-3, -1)) / 448.0).clamp(min=1e-12)
-    q = (blocks / scale[..., :, None, :, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    q = q.view(*lead, grid[0] * b0, grid[1] * b1)[..., :rows, :cols].contiguous()
-    return q, scale
