@@ -42,6 +42,15 @@ class RouterNotReady(RuntimeError):
     """No rank can take the request (still loading, or dead)."""
 
 
+class _RankUnreachable(RouterNotReady):
+    """A rank's `add_request` failed without refusing the request (the rank died or is
+    dying): nothing ran, so another rank may take it."""
+
+    def __init__(self, rank: int, error: BaseException):
+        super().__init__(f"engine rank {rank}: {short_error(error)}")
+        self.rank = rank
+
+
 @dataclass(frozen=True)
 class Output:
     """What a request produced since the previous `Output`.
@@ -281,39 +290,49 @@ class Router:
 
         Raises ValueError (message naming the field) when a rank refuses the request before it
         starts, RouterNotReady when no rank can take it. Closing the iterator early (client gone)
-        or a stop string or timeout aborts the request on its rank. A disaggregated request that
-        fails before its first token (a rank died, a transfer failed) is retried once on another
-        prefill/decode pair when there is one."""
+        or a stop string or timeout aborts the request on its rank. A request whose rank died
+        while taking it, and a disaggregated request that fails before its first token (a rank
+        died, a transfer failed), is retried once on another rank (pair) when there is one."""
         rid = rid or uuid.uuid4().hex
         used: list[tuple[int, int | None]] = []
         first = self._attempt(input_ids, sampling, stop, rid, timeout_s, frozenset(), used)
         streamed = False  # a token reached the consumer: too late to retry
-        async with contextlib.aclosing(first) as outs:
-            async for out in outs:
-                retry = out.finish_reason == "error" and not streamed and not out.token_ids
-                if not (retry and used and used[0][1] is not None):
-                    streamed = streamed or bool(out.token_ids)
-                    yield out
-                    continue
-                # Another prefill rank; a dead decode rank is skipped anyway (not live).
-                avoid = frozenset(r for r in used[0][1:] if r is not None)
-                try:
-                    self._pick(avoid)
-                except RouterNotReady:
-                    yield out  # no other pair: the error stands
-                    return
-                self.num_retries += 1
-                logger.warning("request %s failed before its first token (%s); retrying on "
-                               "another pair", rid, out.error)  # fmt: skip
-                break
-            else:
-                return
+        avoid: frozenset[int] | None = None  # set when the request is to be retried
+        reason: str | None = None
+        try:
+            async with contextlib.aclosing(first) as outs:
+                async for out in outs:
+                    retry = out.finish_reason == "error" and not streamed and not out.token_ids
+                    if not (retry and used and used[0][1] is not None):
+                        streamed = streamed or bool(out.token_ids)
+                        yield out
+                        continue
+                    # Another prefill rank; a dead decode rank is skipped anyway (not live).
+                    candidate = frozenset(r for r in used[0][1:] if r is not None)
+                    if not self._can_pick(candidate):
+                        yield out  # no other pair: the error stands
+                        return
+                    avoid, reason = candidate, out.error
+                    break
+        except _RankUnreachable as e:
+            # A rank died while taking the request: nothing ran anywhere yet.
+            if not self._can_pick(frozenset({e.rank})):
+                raise
+            avoid, reason = frozenset({e.rank}), str(e)
+        if avoid is None:
+            return
+        self.num_retries += 1
+        logger.warning("request %s failed before its first token (%s); retrying on another "
+                       "rank", rid, reason)  # fmt: skip
         # A new id on the ranks: the first attempt's abort may not have reached them yet.
         retry_rid = f"{rid}-retry"
         second = self._attempt(input_ids, sampling, stop, retry_rid, timeout_s, avoid, used)
         async with contextlib.aclosing(second) as outs:
             async for out in outs:
                 yield dataclasses.replace(out, rid=rid)
+
+    def _can_pick(self, avoid: frozenset[int]) -> bool:
+        return pick_ranks(self.loads(), avoid) is not None
 
     async def _attempt(
         self,
@@ -359,7 +378,9 @@ class Router:
                 timer = asyncio.get_running_loop().call_later(
                     timeout_s, req.queue.put_nowait, timed_out
                 )
-            accepted = asyncio.ensure_future(self._accepted(add_ref, prefill_ref))
+            accepted = asyncio.ensure_future(
+                self._accepted((add_ref, rank), (prefill_ref, prefill_rank))
+            )
             first = asyncio.ensure_future(req.queue.get())
             try:
                 await asyncio.wait({accepted, first}, return_when=asyncio.FIRST_COMPLETED)
@@ -380,9 +401,9 @@ class Router:
                     # it: leave `finished` False so that both sides are told to abort.)
                     finished = prefill_ref is None
                     raise ValueError(short_error(e)) from None
-                except Exception as e:
+                except _RankUnreachable:
                     finished = prefill_ref is None
-                    raise RouterNotReady(f"engine rank {rank}: {short_error(e)}") from None
+                    raise
             else:
                 # Output (an error from one side, or the timeout) came before both ranks took
                 # the request — one of them may be unreachable: go on with what came.
@@ -455,11 +476,18 @@ class Router:
         )
 
     @staticmethod
-    async def _accepted(add_ref: Any, prefill_ref: Any) -> None:
-        """Both sides took the request (raises the first refusal or failure)."""
-        await add_ref
-        if prefill_ref is not None:
-            await prefill_ref
+    async def _accepted(*sides: tuple[Any, int | None]) -> None:
+        """Every side (`add_request` ref, rank) took the request. Raises the first refusal
+        (ValueError), or `_RankUnreachable` naming the rank whose call failed otherwise."""
+        for ref, rank in sides:
+            if ref is None or rank is None:
+                continue
+            try:
+                await ref
+            except ValueError:
+                raise
+            except Exception as e:
+                raise _RankUnreachable(rank, e) from None
 
     @staticmethod
     async def _abort_after(handle: Any, add_ref: Any, rid: str) -> None:

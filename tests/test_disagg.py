@@ -201,6 +201,36 @@ def test_requests_on_a_dead_prefill_rank_are_retried_on_another_pair(launch_tiny
         server.stop()
 
 
+def test_a_prefill_rank_failing_to_take_a_request_retries_it_elsewhere(launch_tiny):
+    import ray
+
+    server = launch_tiny(prefill_instances=2, allow_fault_injection=True)
+    try:
+        roles = [r["info"]["role"] for r in httpx.get(f"{server.url}/v1/stats").json()["ranks"]]
+        victim = server.ranks[roles.index("prefill")]
+        # The rank's next add_request fails (not a refusal: an internal error, as when its
+        # process is going down). Two requests at once go to the two prefill ranks (fewest
+        # queued prompt tokens), so one of them hits it.
+        ray.get(victim.inject_fault.remote("fail_add", 1))
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                bodies = [
+                    {"input_ids": list(range(5 + i, 60 + i)), "sampling_params": _greedy(8)}
+                    for i in range(2)
+                ]
+                posts = [client.post(f"{server.url}/generate", json=b) for b in bodies]
+                return list(await asyncio.gather(*posts))
+
+        results = asyncio.run(run())
+        assert all(r.status_code == 200 for r in results), [r.text for r in results]
+        assert all(len(r.json()["output_ids"]) == 8 for r in results)
+        assert server.router.num_retries == 1
+        _wait_all_pages_free(server.url)
+    finally:
+        server.stop()
+
+
 def _generate(url: str, prompt: list[int], n: int, timeout_s: float = 60) -> httpx.Response:
     body = {"input_ids": prompt, "sampling_params": _greedy(n)}
     return httpx.post(f"{url}/generate", json=body, timeout=timeout_s)

@@ -503,3 +503,42 @@ def test_timeout_and_dead_rank_end_requests_with_errors(launch_tiny):
         assert r.status_code == 503 and r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_rank_ends_its_requests_and_is_restarted(launch_tiny):
+    import ray
+
+    server = launch_tiny(colocated=True, allow_fault_injection=True)
+    try:
+        url = server.url
+        body = {"input_ids": list(range(5, 40)), "sampling_params": {"max_new_tokens": 8}}
+        rank = server.ranks[0]
+        # add_request fails inside the rank (not a refusal) and there is no other rank: 503.
+        ray.get(rank.inject_fault.remote("fail_add", 1))
+        r = httpx.post(f"{url}/generate", json=body, timeout=60)
+        assert r.status_code == 503, r.text
+        assert "engine rank 0" in r.json()["error"]["message"]
+        assert "fail_add" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        # A step fails: its requests end with the error, the rank exits and Ray restarts it.
+        pid = ray.get(rank.ready.remote()).pid
+        ray.get(rank.inject_fault.remote("fail_step", 1))
+        r = httpx.post(f"{url}/generate", json=body, timeout=60)
+        assert r.status_code >= 500, r.text
+        assert "engine step failed" in r.json()["error"]["message"], r.text
+        deadline = time.monotonic() + 90
+        while True:
+            health = httpx.get(f"{url}/health").status_code
+            if health == 200 and server.router.rank_errors == [None]:
+                info = server.router.infos[0]
+                if info is not None and info.pid != pid:
+                    break
+            assert time.monotonic() < deadline, "the failed rank was not restarted"
+            time.sleep(0.3)
+        r = httpx.post(f"{url}/generate", json=body, timeout=60)
+        assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
+        _wait_idle(url)
+    finally:
+        server.stop()

@@ -43,6 +43,11 @@ FAULTS = {
     "eplb_execute",
     "eplb_stall_load",  # the load phase takes 3 s longer (to test a concurrent rebalance)
 }
+# Faults armed on the rank itself (`workers.engine.worker`), any role: its next `add_request`
+# fails (an internal error, not a refusal of the request); its next engine step fails (the rank
+# ends its requests with the error and exits, and Ray restarts it).
+RANK_FAULTS = {"fail_add", "fail_step"}
+FAULTS |= RANK_FAULTS
 
 
 class KVHandoff:
@@ -67,7 +72,7 @@ class KVHandoff:
         """Make the next `count` requests hit fault `kind` (one of `FAULTS`); for tests."""
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
-        if kind.startswith("eplb_"):
+        if kind.startswith("eplb_") or kind in RANK_FAULTS:
             raise ValueError(f"fault {kind!r} is armed on the rank, not its KV hand-off")
         if kind == "withhold_receive" and self.role != "decode":
             raise ValueError(f"fault {kind!r} applies to a decode rank, not a {self.role} rank")

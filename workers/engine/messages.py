@@ -102,6 +102,7 @@ class RankInfo:
     instance: int = 0  # which instance of its pool
     pool_rank: int = 0  # its rank within the pool instance (expert-parallel group)
     pool_size: int = 1
+    pid: int = 0  # the rank's process (it changes when Ray restarts the rank)
 
 
 @dataclass(frozen=True)

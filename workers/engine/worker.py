@@ -39,7 +39,7 @@ import torch
 
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine, resolve_device
-from workers.engine.handoff import FAULTS, KVHandoff
+from workers.engine.handoff import FAULTS, RANK_FAULTS, KVHandoff
 from workers.engine.messages import (
     GenerateRequest,
     RankInfo,
@@ -113,7 +113,8 @@ class EngineWorker:
         self._swap_lock = threading.Lock()  # `_swap` / `_offered`, held briefly (and by execute)
         self._swap: Future[Any] | None = None  # an armed execute, done by the loop
         self._offered: Future[Any] | None = None  # the armed execute offered in an agreement
-        self._faults: Counter[str] = Counter()  # armed eplb_* faults
+        # Armed faults: eplb_* (under _phase_lock) and RANK_FAULTS (under _lock).
+        self._faults: Counter[str] = Counter()
         self.role = role
         self.handoff: KVHandoff | None = None
         if role != "colocated":
@@ -136,6 +137,7 @@ class EngineWorker:
             instance=instance,
             pool_rank=pool.rank if pool is not None else 0,
             pool_size=pool.world_size if pool is not None else 1,
+            pid=os.getpid(),
         )
         self._lock = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
@@ -157,6 +159,8 @@ class EngineWorker:
         if self._error is not None:
             raise RuntimeError(f"engine rank failed: {self._error}")
         with self._lock:
+            if self._take_fault("fail_add"):
+                raise RuntimeError("injected fault fail_add: the rank could not take the request")
             # Validation reads only immutable engine state; the rid check races harmlessly with
             # the loop (a duplicate rid is refused again when the loop admits it).
             self.engine.validate(req)
@@ -197,11 +201,22 @@ class EngineWorker:
             with self._phase_lock:
                 self._faults[kind] += count
             return
+        if kind in RANK_FAULTS:
+            with self._lock:
+                self._faults[kind] += count
+            return
         if self.handoff is None:
             raise ValueError(f"fault {kind!r} applies to disaggregated ranks only")
         with self._lock:  # armed by the loop, between steps
             self._inbox.append(("fault", (kind, count)))
             self._lock.notify_all()
+
+    def _take_fault(self, kind: str) -> bool:
+        """Consume one armed `kind` fault; the caller holds the lock that guards it."""
+        if self._faults[kind] <= 0:
+            return False
+        self._faults[kind] -= 1
+        return True
 
     def expert_load(self) -> Any:
         """Tokens routed per (layer, logical expert) since the last call: `[layers, experts]`
@@ -343,6 +358,7 @@ class EngineWorker:
                     return
                 self._transfer_results = False
                 inbox, self._inbox = self._inbox, deque()
+                fail_step = self._take_fault("fail_step")
             deltas: list[TokenDelta] = []
             events: list[TransferReady] = []
             for kind, payload in inbox:
@@ -374,6 +390,8 @@ class EngineWorker:
                 if early:
                     self._publish([], early, engine.stats())
             try:
+                if fail_step:
+                    raise RuntimeError("injected fault fail_step")
                 if group is None:
                     deltas.extend(engine.step())
                 else:
@@ -396,10 +414,12 @@ class EngineWorker:
                     if stopping:
                         return  # the pool is shutting down: a peer left first
                     return self._leave_broken_pool(e)
-                # A failed step must end every request, not hang them.
+                # A failed step must end every request, not hang them; the rank then starts
+                # afresh (its state may be broken: a rank that refuses every request forever
+                # would still draw the router's traffic).
                 logger.error("engine step failed:\n%s", traceback.format_exc())
-                self._error = f"{type(e).__name__}: {e}"
-                deltas.extend(engine.abort_all(f"engine step failed: {self._error}"))
+                self._publish(deltas, events, engine.stats())
+                return self._exit_for_restart(f"engine step failed: {type(e).__name__}: {e}")
             if handoff is not None:
                 more, events = handoff.after_step(engine)
                 deltas.extend(more)
@@ -410,9 +430,17 @@ class EngineWorker:
         every request here with the error, let the router collect them, then exit so that Ray
         restarts this rank and the pool forms again (see `workers.ep.group.Rendezvous`)."""
         logger.error("expert-parallel pool step failed:\n%s", traceback.format_exc())
-        self._error = f"the expert-parallel pool lost a rank ({type(error).__name__}: {error})"
-        self._publish(self.engine.abort_all(self._error), [], self.engine.stats())
+        self._exit_for_restart(
+            f"the expert-parallel pool lost a rank ({type(error).__name__}: {error})"
+        )
+
+    def _exit_for_restart(self, message: str) -> None:
+        """End every request here with `message`, let the router collect them, and exit the
+        process; Ray restarts the rank (`max_restarts`), which loads the model afresh."""
+        self._error = message
+        self._publish(self.engine.abort_all(message), [], self.engine.stats())
         time.sleep(2.0)  # the router's poll picks the errors up
+        logger.error("engine rank exits to be restarted: %s", message)
         os._exit(1)
 
     def _wake_for_transfer(self) -> None:
