@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from workers.model.mla import PagedDecodeInputs
 
 
 @dataclass
@@ -36,6 +40,9 @@ class AttentionMetadata:
     page_size: int
     prefills: list[PrefillSpan]
     logits_indices: torch.Tensor  # [S] rows whose logits are wanted (a request's last token)
+    # The torch decode attention's inputs derived from block_table/seq_lens, built by the
+    # step's first layer and reused by the others (`workers.model.mla.PagedDecodeInputs`).
+    paged_decode: PagedDecodeInputs | None = field(default=None, init=False, repr=False)
 
     @property
     def num_tokens(self) -> int:

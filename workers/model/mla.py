@@ -8,6 +8,8 @@ query and `W_UV` applied after attention — so it reads the latent cache direct
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,13 +110,17 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
         q_full = torch.cat((q_latent, q_pe), dim=-1)  # [B, heads, kv_lora + rope]
-        decode = paged_decode_torch
+        args = (meta.block_table, meta.seq_lens, meta.page_size, self.kv_lora_rank, self.scale)
         if self.decode_backend == "triton":
-            from workers.kernels.mla_decode import mla_decode as decode
-        out_latent = decode(  # [B, heads, kv_lora]
-            q_full, kv_cache, meta.block_table, meta.seq_lens, meta.page_size,
-            self.kv_lora_rank, self.scale,
-        )  # fmt: skip
+            from workers.kernels.mla_decode import mla_decode
+
+            out_latent = mla_decode(q_full, kv_cache, *args)  # [B, heads, kv_lora]
+        else:
+            if meta.paged_decode is None:  # the step's first layer
+                meta.paged_decode = paged_decode_inputs(
+                    meta.block_table, meta.seq_lens, meta.page_size, q_full.dtype
+                )
+            out_latent = paged_decode_torch(q_full, kv_cache, *args, inputs=meta.paged_decode)
         return torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
 
     def _prefill(
@@ -146,6 +152,28 @@ class MLAttention(nn.Module):
         return out.transpose(0, 1)
 
 
+class PagedDecodeInputs(NamedTuple):
+    """What the torch decode attention derives from a step's block table and lengths; built
+    once per step (`AttentionMetadata.paged_decode`) and shared by every layer."""
+
+    page_ids: torch.Tensor  # [B * max_pages] int64, the block table flattened
+    bias: torch.Tensor  # [B, 1, max_pages * page_size]: 0 inside a context, -inf past it
+    empty: torch.Tensor  # [B] bool: padding rows (length 0), whose output is zeroed
+
+
+def paged_decode_inputs(
+    block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, dtype: torch.dtype
+) -> PagedDecodeInputs:
+    num_reqs, max_pages = block_table.shape
+    positions = torch.arange(max_pages * page_size, device=block_table.device)
+    valid = positions[None, :] < seq_lens[:, None]
+    empty = seq_lens == 0
+    valid[:, 0] |= empty  # an empty row attends to one junk slot (finite), then is zeroed
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    bias = bias.masked_fill(~valid, float("-inf"))[:, None, :]
+    return PagedDecodeInputs(block_table.flatten().long(), bias, empty)
+
+
 def paged_decode_torch(
     q: torch.Tensor,  # [B, heads, kv_lora + rope] absorbed query
     kv_cache: torch.Tensor,  # [num_slots, kv_lora + rope], num_slots a multiple of page_size
@@ -154,23 +182,25 @@ def paged_decode_torch(
     page_size: int,
     kv_lora_rank: int,
     scale: float,
+    inputs: PagedDecodeInputs | None = None,  # paged_decode_inputs(...) of these, if built
 ) -> torch.Tensor:
     """Absorbed-form decode attention in plain torch: every request's pages gathered whole
     into one padded `[B, max_pages * page_size, kv_dim]` batch (a page is one contiguous row
     of the cache viewed as `[pages, page_size * kv_dim]`: several times faster to gather than
-    token slots), positions past its length masked. Returns `[B, heads, kv_lora_rank]`; a
-    request of length 0 gets zeros."""
+    token slots), positions past its length masked by an additive bias folded into the score
+    GEMM. Slots past a context must hold finite values (the engine's cache starts zeroed and
+    only ever holds computed KV). Returns `[B, heads, kv_lora_rank]`; a request of length 0
+    gets zeros."""
     num_reqs, max_pages = block_table.shape
     if not num_reqs:
         return q.new_zeros(0, q.shape[1], kv_lora_rank)
+    if inputs is None:
+        inputs = paged_decode_inputs(block_table, seq_lens, page_size, q.dtype)
     kv_dim = kv_cache.shape[-1]
-    pages = kv_cache.view(-1, page_size * kv_dim).index_select(0, block_table.flatten().long())
+    pages = kv_cache.view(-1, page_size * kv_dim).index_select(0, inputs.page_ids)
     latent = pages.view(num_reqs, max_pages * page_size, kv_dim).to(q.dtype)
-    scores = torch.bmm(q, latent.transpose(1, 2)) * scale  # [B, heads, L]
-    empty = seq_lens == 0
-    valid = torch.arange(latent.shape[1], device=q.device)[None, :] < seq_lens[:, None]
-    valid[:, 0] |= empty  # an empty row attends to one junk slot (finite), then is zeroed
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    # scores = scale * q @ latent^T + bias, one GEMM: [B, heads, L]
+    scores = torch.baddbmm(inputs.bias, q, latent.transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.bmm(probs, latent[..., :kv_lora_rank])
-    return out.masked_fill(empty[:, None, None], 0.0)
+    return out.masked_fill(inputs.empty[:, None, None], 0.0)
