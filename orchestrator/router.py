@@ -213,14 +213,14 @@ class Router:
         handle = self.ranks[index]
         while True:
             items: list[TokenDelta | TransferReady] = await handle.poll.remote(self.poll_timeout_s)
+            targets: dict[int, list[tuple[str, Any]]] = {}  # prefill rank -> (rid, target)
             for item in items:
                 req = self._requests.get(item.rid)
                 if req is None:
                     continue
                 if isinstance(item, TransferReady):
                     if req.prefill_rank is not None:
-                        target = self.ranks[req.prefill_rank]
-                        self._spawn(target.set_transfer_target.remote(item.rid, item.target))
+                        targets.setdefault(req.prefill_rank, []).append((item.rid, item.target))
                     continue
                 if index == req.prefill_rank and item.finish_reason is not None:
                     # The prefill side failed: the decode side waits for KV that won't come.
@@ -231,6 +231,9 @@ class Router:
                     self._running[req.prefill_rank] -= 1
                     req.prefill_rank = None
                 req.queue.put_nowait(item)
+            # One call per prefill rank for all the targets this poll brought.
+            for prefill_rank, pairs in targets.items():
+                self._spawn(self.ranks[prefill_rank].set_transfer_targets.remote(pairs))
 
     def _spawn(self, awaitable: Any) -> None:
         """Fire and forget an actor call; failures surface through the polls."""

@@ -10,7 +10,8 @@ Actor contract:
 - `poll(timeout_s) -> list[TokenDelta | TransferReady]`: new output of every request since the
   last poll (tokens of one request merged in order), waiting up to `timeout_s` when there is none.
   A decode rank also reports `TransferReady` (where a request's KV must be written).
-- `set_transfer_target(rid, target)`: prefill rank; the decode side's `TransferReady.target`.
+- `set_transfer_targets([(rid, target), ...])`: prefill rank; the decode side's
+  `TransferReady.target` of each request.
 - `stats() -> RankStats`; `shutdown()`.
 - `inject_fault(kind, count)`: for fault tests; refused unless the rank was started with
   `allow_fault_injection` (see `workers.engine.handoff.FAULTS`).
@@ -172,13 +173,14 @@ class EngineWorker:
             self._inbox.append(("abort", rid))
             self._lock.notify_all()
 
-    def set_transfer_target(self, rid: str, target: Any) -> None:
-        """Prefill rank: where the KV of `rid` goes (from the decode rank's `TransferReady`).
-        Takes effect at once: a finished prefill's transfer starts without waiting for the
-        step in progress."""
+    def set_transfer_targets(self, targets: list[tuple[str, Any]]) -> None:
+        """Prefill rank: where the KV of each `(rid, target)` goes (from the decode rank's
+        `TransferReady`). Takes effect at once: a finished prefill's transfer starts without
+        waiting for the step in progress."""
         if self.handoff is None:
-            raise RuntimeError("set_transfer_target: this rank is not disaggregated")
-        self.handoff.set_target(rid, target)
+            raise RuntimeError("set_transfer_targets: this rank is not disaggregated")
+        for rid, target in targets:
+            self.handoff.set_target(rid, target)
 
     def poll(self, timeout_s: float = 1.0) -> list[TokenDelta | TransferReady]:
         with self._lock:
