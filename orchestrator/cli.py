@@ -71,6 +71,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--max-running-requests", type=int, default=256)
     e.add_argument("--chunked-prefill-size", type=int, default=2048)
+    e.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="send a request's tokens every N tokens (the first at once): higher values trade "
+        "streaming smoothness for throughput",
+    )
     e.add_argument("--max-context-len", type=int, help="default: the model's")
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -157,6 +164,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         kv_memory_fraction=args.kv_memory_fraction,
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
+        stream_interval=args.stream_interval,
         max_context_len=args.max_context_len,
         dtype=args.dtype,
         device=args.device,

@@ -389,3 +389,43 @@ def test_expert_parallel_pool_recovers_from_a_dead_rank(launch_tiny):
         _wait_all_pages_free(server.url)
     finally:
         server.stop()
+
+
+def test_stream_interval_sends_fewer_larger_events_with_the_same_tokens(launch_tiny):
+    import json
+
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu", stream_interval=4)
+    server = launch_tiny(engine=engine)
+    try:
+        rng = random.Random(5)
+        prompts = [[rng.randrange(1024) for _ in range(rng.randint(3, 40))] for _ in range(6)]
+        n = 19
+
+        async def stream(client: httpx.AsyncClient, p: list[int]) -> list[list[int]]:
+            body = {"input_ids": p, "sampling_params": _greedy(n), "stream": True}
+            events: list[list[int]] = []
+            async with client.stream("POST", f"{server.url}/generate", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        events.append(json.loads(line[6:])["output_ids"])
+            return events
+
+        async def run() -> list[list[list[int]]]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                return list(await asyncio.gather(*(stream(client, p) for p in prompts)))
+
+        for p, events in zip(prompts, asyncio.run(run()), strict=True):
+            expected = _generate(server.url, p, n).json()["output_ids"]
+            assert events[-1] == expected  # cumulative: the last event has every token
+            sizes = [len(b) - len(a) for a, b in zip([[], *events], events, strict=False)]
+            # The first token is not held for the interval (it may share its event with the
+            # next one when the router polls late); then at least 4 new tokens an event, but
+            # the last.
+            assert sizes[0] < 4, sizes
+            assert all(s >= 4 for s in sizes[1:-1]), sizes
+            assert len(events) <= 2 + (n - 1) // 4, sizes
+    finally:
+        server.stop()

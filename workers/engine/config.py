@@ -33,6 +33,9 @@ class EngineConfig:
     keep_fp8_experts: bool = True
     # Decode batches up to this size replay CUDA graphs (CUDA, single-rank pools); 0: off.
     cuda_graph_max_batch: int = 256
+    # Publish a running request's tokens every this many (its first token and its end at
+    # once): larger values trade streaming smoothness for throughput (`StreamBuffer`).
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -52,6 +55,8 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.chunked_prefill_size < 1:
             raise ValueError("chunked_prefill_size must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.num_redundant_experts < 0:

@@ -75,6 +75,43 @@ class TokenDelta:
         return cls(rid=rid, token_ids=[], finish_reason=FinishReason.ERROR, error=message)
 
 
+class StreamBuffer:
+    """Holds a running request's new tokens on its rank until `interval` of them are ready
+    (`--stream-interval`): fewer, larger deltas mean less work per token for the rank's poll,
+    the router and the HTTP stream. Never held: the first token (time to first token), a
+    finished request's last delta, and the tokens of a request that got no new token in a step
+    (preempted or stalled). With `interval` 1 every delta passes at once."""
+
+    def __init__(self, interval: int = 1):
+        if interval < 1:
+            raise ValueError(f"stream interval must be >= 1, got {interval}")
+        self.interval = interval
+        self._held: dict[str, TokenDelta] = {}
+
+    def take(self, deltas: list[TokenDelta], stepped: bool) -> list[TokenDelta]:
+        """The deltas to publish now, of `deltas` (this loop iteration's) and those held.
+        `stepped`: the iteration ran a model step (only then does a held request that got no
+        token count as stalled)."""
+        if self.interval == 1 and not self._held:
+            return deltas
+        out: list[TokenDelta] = []
+        fresh: set[str] = set()
+        for d in deltas:
+            held = self._held.pop(d.rid, None)
+            if held is not None:
+                d.token_ids = held.token_ids + d.token_ids
+            fresh.add(d.rid)
+            first = d.num_output_tokens == len(d.token_ids)
+            if d.finish_reason is not None or first or len(d.token_ids) >= self.interval:
+                out.append(d)
+            else:
+                self._held[d.rid] = d
+        if stepped:
+            for rid in [rid for rid in self._held if rid not in fresh]:
+                out.append(self._held.pop(rid))
+        return out
+
+
 @dataclass(frozen=True)
 class TransferReady:
     """Decode rank → router: `rid` has pages reserved and a receive posted; forward `target`

@@ -45,6 +45,7 @@ from workers.engine.messages import (
     GenerateRequest,
     RankInfo,
     RankStats,
+    StreamBuffer,
     TokenDelta,
     TransferReady,
 )
@@ -143,6 +144,7 @@ class EngineWorker:
         self._lock = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
         self._outbox: dict[str, TokenDelta] = {}
+        self._stream = StreamBuffer(config.stream_interval)  # used by the loop thread only
         self._events: list[TransferReady] = []
         self._stats = self.engine.stats()
         self._stopped = False
@@ -392,6 +394,7 @@ class EngineWorker:
                 if early:
                     self._publish([], early, engine.stats())
             try:
+                steps_before = engine.num_steps
                 if fail_step:
                     raise RuntimeError("injected fault fail_step")
                 if group is None:
@@ -425,7 +428,7 @@ class EngineWorker:
             if handoff is not None:
                 more, events = handoff.after_step(engine)
                 deltas.extend(more)
-            self._publish(deltas, events, engine.stats())
+            self._publish(deltas, events, engine.stats(), engine.num_steps != steps_before)
 
     def _leave_broken_pool(self, error: Exception) -> None:
         """A collective failed (a rank of the pool died, or a step failed on some rank): end
@@ -451,8 +454,14 @@ class EngineWorker:
             self._lock.notify_all()
 
     def _publish(
-        self, deltas: list[TokenDelta], events: list[TransferReady], stats: RankStats
+        self,
+        deltas: list[TokenDelta],
+        events: list[TransferReady],
+        stats: RankStats,
+        stepped: bool = False,
     ) -> None:
+        """Hand the loop's output to `poll` (loop thread only); `stepped`: a model step ran."""
+        deltas = self._stream.take(deltas, stepped)
         with self._lock:
             self._stats = stats
             self._events.extend(events)

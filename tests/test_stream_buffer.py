@@ -1,0 +1,68 @@
+"""`StreamBuffer` (`--stream-interval`): which deltas a rank publishes at once and which wait."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.engine.messages import FinishReason, StreamBuffer, TokenDelta
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _d(rid: str, tokens: list[int], total: int, finish: FinishReason | None = None) -> TokenDelta:
+    return TokenDelta(rid, tokens, finish, num_prompt_tokens=3, num_output_tokens=total)
+
+
+def _published(buf: StreamBuffer, deltas: list[TokenDelta], stepped: bool = True) -> dict:
+    return {d.rid: (d.token_ids, d.finish_reason) for d in buf.take(deltas, stepped)}
+
+
+def test_interval_one_passes_everything_through():
+    buf = StreamBuffer(1)
+    deltas = [_d("a", [5], 2), _d("b", [6], 7)]
+    assert buf.take(deltas, True) is deltas
+
+
+def test_first_token_at_once_then_every_interval_tokens():
+    buf = StreamBuffer(3)
+    assert _published(buf, [_d("a", [10], 1)]) == {"a": ([10], None)}  # the first token
+    assert _published(buf, [_d("a", [11], 2)]) == {}
+    assert _published(buf, [_d("a", [12], 3)]) == {}
+    assert _published(buf, [_d("a", [13], 4)]) == {"a": ([11, 12, 13], None)}
+    assert _published(buf, [_d("a", [14], 5)]) == {}
+    # The end comes at once, with what was held.
+    assert _published(buf, [_d("a", [15], 6, FinishReason.LENGTH)]) == {
+        "a": ([14, 15], FinishReason.LENGTH)
+    }
+    assert _published(buf, [], stepped=True) == {}  # nothing left behind
+
+
+def test_a_first_delta_carrying_several_tokens_is_not_held():
+    """Disaggregated: the decode rank's first delta has the prefill side's token too."""
+    buf = StreamBuffer(4)
+    assert _published(buf, [_d("a", [1, 2], 2)]) == {"a": ([1, 2], None)}
+
+
+def test_a_request_that_got_no_token_in_a_step_is_released():
+    buf = StreamBuffer(4)
+    _published(buf, [_d("a", [1], 1), _d("b", [2], 1)])
+    assert _published(buf, [_d("a", [3], 2), _d("b", [4], 2)]) == {}
+    # "b" was preempted: the step gave it nothing, so what it holds goes out now.
+    assert _published(buf, [_d("a", [5], 3)]) == {"b": ([4], None)}
+    # An iteration without a model step (an abort, a transfer) does not count as a stall.
+    assert _published(buf, [], stepped=False) == {}
+    assert _published(buf, [_d("a", [6], 4)]) == {}
+    assert _published(buf, [_d("a", [7], 5)]) == {"a": ([3, 5, 6, 7], None)}
+
+
+def test_an_error_or_abort_takes_the_held_tokens_with_it():
+    buf = StreamBuffer(8)
+    _published(buf, [_d("a", [1], 1)])
+    _published(buf, [_d("a", [2], 2)])
+    abort = TokenDelta("a", [], FinishReason.ABORT)
+    assert _published(buf, [abort], stepped=False) == {"a": ([2], FinishReason.ABORT)}
+
+
+def test_interval_must_be_positive():
+    with pytest.raises(ValueError, match="stream interval"):
+        StreamBuffer(0)
