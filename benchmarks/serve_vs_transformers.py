@@ -3,9 +3,10 @@
 Starts `pdserve serve` as its own process (HTTP, router, Ray, engine rank), sends the benchmark
 prompts through `/generate` with `pdserve bench`'s client, stops the server, then runs the same
 prompts through `transformers` `generate` in batches on the same checkpoint, and prints both
-output throughputs and their ratio. Each side runs `--repeat` times (default 3) and the medians
-are compared: single runs on a small shared machine move by ±20%. Run it on an otherwise idle
-machine:
+output throughputs and their ratio. It runs `--repeat` pairs (default 3) — a fresh server
+measured, stopped, then the peer measured at once — and reports the median of the pairs'
+ratios: single runs on a small shared machine move by ±20% and the host's speed drifts over
+minutes, so only runs close in time compare. Run it on an otherwise idle machine:
 
     .venv/bin/python benchmarks/serve_vs_transformers.py --num-prompts 128 --input-len 64 \\
         --output-len 64 --concurrency 32
@@ -99,41 +100,45 @@ def main() -> None:
     print(f"model {model_dir.name}; {args.num_prompts} prompts x {args.input_len} tokens in, "
           f"{args.output_len} out; concurrency {args.concurrency}; {os.cpu_count()} CPUs",
           flush=True)  # fmt: skip
-    proc = start_server(model_dir, args.port, [a for s in args.serve_arg for a in s.split()])
-    try:
-        cfg = BenchConfig(
-            url=f"http://127.0.0.1:{args.port}", num_prompts=args.num_prompts,
-            input_len=args.input_len, output_len=args.output_len,
-            concurrency=args.concurrency, seed=args.seed, vocab_size=vocab,
-        )  # fmt: skip
-        asyncio.run(run_bench(BenchConfig(**{**cfg.__dict__, "num_prompts": args.concurrency})))
-        results = []
-        for _ in range(args.repeat):
-            results.append(asyncio.run(run_bench(cfg)))
-            if results[-1].num_failed:
-                sys.exit(f"{results[-1].num_failed} requests failed: {results[-1].first_error}")
-    finally:
-        stop_server(proc)
-    # The run with the median throughput stands for the server.
-    result = sorted(results, key=lambda r: r.output_tok_s)[len(results) // 2]
-    print(result.table())
-
-    hf_runs = [
-        bench_transformers(
-            model_dir, prompts, args.output_len, args.hf_batch_size or args.concurrency
-        )
-        for _ in range(args.repeat)
-    ]
-    hf_tok_s = statistics.median(hf_runs)
+    serve_args = [a for s in args.serve_arg for a in s.split()]
+    cfg = BenchConfig(
+        url=f"http://127.0.0.1:{args.port}", num_prompts=args.num_prompts,
+        input_len=args.input_len, output_len=args.output_len,
+        concurrency=args.concurrency, seed=args.seed, vocab_size=vocab,
+    )  # fmt: skip
+    hf_batch = args.hf_batch_size or args.concurrency
+    # Paired runs: each pair starts a server, measures it, stops it, then measures the peer at
+    # once, so that both sides of a pair see the same state of a shared host (whose speed
+    # drifts by tens of percent over minutes); the ratio is the median of the pairs' ratios.
+    results, hf_runs = [], []
+    for i in range(args.repeat):
+        proc = start_server(model_dir, args.port, serve_args)
+        try:
+            asyncio.run(run_bench(BenchConfig(**{**cfg.__dict__, "num_prompts": args.concurrency})))
+            result = asyncio.run(run_bench(cfg))
+            if result.num_failed:
+                sys.exit(f"{result.num_failed} requests failed: {result.first_error}")
+        finally:
+            stop_server(proc)
+        results.append(result)
+        hf_runs.append(bench_transformers(model_dir, prompts, args.output_len, hf_batch))
+        print(f"pair {i + 1}: pdserve {result.output_tok_s:.0f} tok/s, transformers "
+              f"{hf_runs[-1]:.0f} tok/s, ratio {result.output_tok_s / hf_runs[-1]:.2f}x",
+              flush=True)  # fmt: skip
+    # The run with the median throughput stands for the server's latencies.
+    print(sorted(results, key=lambda r: r.output_tok_s)[len(results) // 2].table())
+    ratios = [r.output_tok_s / h for r, h in zip(results, hf_runs, strict=True)]
     print()
     print(f"{'':34}{'output tok/s (median)':>22}  runs")
-    serve_args = [a for s in args.serve_arg for a in s.split()]
     topology = "colocated" if "--colocated" in serve_args else "disaggregated"
+    ours = statistics.median(r.output_tok_s for r in results)
     runs = " ".join(f"{r.output_tok_s:.0f}" for r in results)
-    print(f"{f'pdserve ({topology}, HTTP + Ray)':34}{result.output_tok_s:>22.1f}  {runs}")
-    hf_label = f"transformers generate (batch {args.hf_batch_size or args.concurrency})"
-    print(f"{hf_label:34}{hf_tok_s:>22.1f}  {' '.join(f'{t:.0f}' for t in hf_runs)}")
-    print(f"{'ratio':34}{result.output_tok_s / hf_tok_s:>21.2f}x")
+    print(f"{f'pdserve ({topology}, HTTP + Ray)':34}{ours:>22.1f}  {runs}")
+    hf_label = f"transformers generate (batch {hf_batch})"
+    hf_runs_text = " ".join(f"{t:.0f}" for t in hf_runs)
+    print(f"{hf_label:34}{statistics.median(hf_runs):>22.1f}  {hf_runs_text}")
+    ratio_runs = " ".join(f"{r:.2f}" for r in ratios)
+    print(f"{'ratio (median of pairs)':34}{statistics.median(ratios):>21.2f}x  {ratio_runs}")
 
 
 if __name__ == "__main__":
