@@ -135,6 +135,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("requests")
     r.add_argument("--default-max-new-tokens", type=int, default=128)
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    r.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish while new ones are "
+        "refused (0: stop at once; a second signal stops at once)",
+    )
     r.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024)
     r.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: none)")
     r.add_argument(
@@ -202,6 +209,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         max_concurrent_requests_per_client=args.max_concurrent_requests_per_client,
         default_max_new_tokens=args.default_max_new_tokens,
         request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
         access_log=args.access_log,
     )
@@ -241,13 +249,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_dir=model_dir,
             progress=lambda s: _print(f"  still loading ({s:.0f} s)"),
         )
+        stop_now = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            (stop_now if stop.is_set() else stop).set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         _print(f"serving {server.router.model_name} on {server.url}")
         if server.grpc_address:
             _print(f"gRPC (pdserve.v1) on {server.grpc_address}")
         while not stop.is_set() and server.http.is_alive():
             stop.wait(0.5)
+        in_flight = server.router.num_in_flight
+        if in_flight and config.drain_timeout_s > 0 and server.http.is_alive():
+            _print(f"draining {in_flight} request(s) in flight (up to "
+                   f"{config.drain_timeout_s:g} s; interrupt again to stop now)")  # fmt: skip
+            left = server.drain(config.drain_timeout_s, stop_now)
+            if left:
+                _print(f"{left} request(s) still in flight: ending them")
         _print("shutting down")
         return 0
     except KeyboardInterrupt:

@@ -38,6 +38,9 @@ class ServeConfig:
     max_concurrent_requests_per_client: int | None = None  # per client address; None: no cap
     default_max_new_tokens: int = 128  # when a request does not say
     request_timeout_s: float | None = 600.0  # a request running longer is aborted
+    # On SIGTERM/SIGINT: refuse new requests and let those in flight finish for up to this
+    # long before stopping (0: stop at once).
+    drain_timeout_s: float = 30.0
     ready_timeout_s: float = 900.0  # how long `serve` waits for the ranks to load the model
     poll_timeout_s: float = 0.5  # how long one `poll` of a rank blocks when it has no output
     log_level: str = "info"
@@ -119,6 +122,8 @@ class ServeConfig:
             )
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"--request-timeout must be > 0 seconds, got {self.request_timeout_s}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.ready_timeout_s <= 0:
             raise ValueError(f"ready_timeout_s must be > 0, got {self.ready_timeout_s}")
         if not 0 < self.poll_timeout_s <= 10:

@@ -248,6 +248,18 @@ class LocalServer:
         host = self.url.split("//", 1)[1].rsplit(":", 1)[0]
         return f"{host}:{self.grpc_port}"
 
+    def drain(self, timeout_s: float, stop_now: threading.Event | None = None) -> int:
+        """Refuse new requests (503) and wait up to `timeout_s` (or until `stop_now` is set)
+        for the ones in flight to end; returns how many are still in flight."""
+        self.router.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.router.num_in_flight and time.monotonic() < deadline:
+            if stop_now is not None and stop_now.wait(0.1):
+                break
+            if stop_now is None:
+                time.sleep(0.1)
+        return self.router.num_in_flight
+
     def stop(self) -> None:
         self.http.stop()
         if self.owns_ranks:

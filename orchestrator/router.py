@@ -130,6 +130,9 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
+        # Set when the server shuts down gracefully: new requests are refused (503, /health
+        # says "draining") while the ones in flight run to their end.
+        self.draining = False
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -151,8 +154,10 @@ class Router:
 
     @property
     def is_ready(self) -> bool:
-        """True when every rank has loaded its model and none has died."""
-        return all(i is not None for i in self.infos) and not any(self.rank_errors)
+        """True when every rank has loaded its model, none has died, and the server is not
+        draining."""
+        loaded = all(i is not None for i in self.infos) and not any(self.rank_errors)
+        return loaded and not self.draining
 
     @property
     def num_in_flight(self) -> int:
@@ -296,6 +301,8 @@ class Router:
         or a stop string or timeout aborts the request on its rank. A request whose rank died
         while taking it, and a disaggregated request that fails before its first token (a rank
         died, a transfer failed), is retried once on another rank (pair) when there is one."""
+        if self.draining:
+            raise RouterNotReady("the server is shutting down (draining the requests in flight)")
         rid = rid or uuid.uuid4().hex
         used: list[tuple[int, int | None]] = []
         first = self._attempt(input_ids, sampling, stop, rid, timeout_s, frozenset(), used)

@@ -249,6 +249,9 @@ def create_app(
     async def health() -> JSONResponse:
         if router.is_ready:
             return JSONResponse({"status": "ok"})
+        if router.draining:
+            detail = f"shutting down; {router.num_in_flight} request(s) in flight"
+            return JSONResponse({"status": "draining", "detail": detail}, status_code=503)
         errors = [e for e in router.rank_errors if e]
         status = {"status": "failed", "detail": errors} if errors else {"status": "loading"}
         return JSONResponse(status, status_code=503)

@@ -542,3 +542,76 @@ def test_a_failing_rank_ends_its_requests_and_is_restarted(launch_tiny):
         _wait_idle(url)
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_drains_the_requests_in_flight_then_stops(ray_session, tiny_model_dir):
+    """`pdserve serve` as users run it (its own process, joining this session's Ray cluster):
+    SIGTERM refuses new requests and lets the one in flight finish, then exits 0."""
+    import os
+    import signal
+
+    import ray
+
+    cmd = [
+        sys.executable, "-m", "orchestrator.cli", "serve", "--model", str(tiny_model_dir),
+        "--address", ray.get_runtime_context().gcs_address, "--port", "0", "--colocated",
+        "--kv-capacity-tokens", "4096", "--drain-timeout", "60",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    url: list[str] = []
+    serving = threading.Event()
+
+    def read_output() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving" in line and " on http://" in line:
+                url.append(line.rsplit(" on ", 1)[1].strip())
+                serving.set()
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
+    try:
+        assert serving.wait(150), "".join(lines)
+        base = url[0]
+        n = 600
+        body = {
+            "input_ids": list(range(5, 30)), "stream": True,
+            "sampling_params": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True},
+        }  # fmt: skip
+        last: dict[str, Any] = {}
+        first = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{base}/generate", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        last.update(json.loads(line[6:]))
+                        first.set()
+
+        consumer = threading.Thread(target=stream)
+        consumer.start()
+        assert first.wait(60)
+        os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while True:
+            health = httpx.get(f"{base}/health", timeout=10)
+            if health.status_code == 503 and health.json()["status"] == "draining":
+                break
+            assert time.monotonic() < deadline, health.text
+            time.sleep(0.05)
+        refused = httpx.post(f"{base}/generate", json={"text": "hi"}, timeout=30)
+        assert refused.status_code == 503 and "shutting down" in refused.text, refused.text
+        consumer.join(120)
+        assert not consumer.is_alive()
+        assert len(last["output_ids"]) == n, last.get("meta_info")
+        assert last["meta_info"]["finish_reason"]["type"] == "length"
+        assert proc.wait(60) == 0, "".join(lines)
+        reader.join(10)
+        assert any("draining 1 request(s)" in line for line in lines), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
