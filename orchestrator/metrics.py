@@ -53,6 +53,22 @@ class Metrics:
         self.pages_used = Gauge("pdserve_kv_pages_used", "KV cache pages in use", registry=r)
         self.pages_free = Gauge("pdserve_kv_pages_free", "KV cache pages free", registry=r)
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
+        self.finished = Counter(
+            "pdserve_request_finish", "Requests ended, by finish reason (stop, length, abort, "
+            "error; error and abort streams still answer HTTP 200)", ["reason"], registry=r,
+        )  # fmt: skip
+        self.retries = Gauge(
+            "pdserve_request_retries_total",
+            "Requests re-run on another rank (pair) after a failure before their first token",
+            registry=r,
+        )
+        self.rank_failures = Gauge(
+            "pdserve_rank_failures_total", "Times an engine rank was found dead or failed",
+            registry=r,
+        )  # fmt: skip
+        self.draining = Gauge(
+            "pdserve_draining", "1 while the server drains its requests to shut down", registry=r
+        )
         self.eplb_balancedness = Gauge(
             "pdserve_eplb_balancedness",
             "Mean/max per-rank expert load over the recorded window, per pool", ["pool"],
@@ -78,6 +94,11 @@ class Metrics:
         self.queued.set(sum(s.num_waiting for s in live))
         self.pages_used.set(sum(s.num_pages_used for s in live))
         self.pages_free.set(sum(s.num_pages_free for s in live))
+
+    def set_router_stats(self, retries: int, rank_failures: int, draining: bool) -> None:
+        self.retries.set(retries)
+        self.rank_failures.set(rank_failures)
+        self.draining.set(int(draining))
 
     def set_eplb_stats(self, stats: dict[str, dict[str, float]]) -> None:
         for pool, st in stats.items():
@@ -109,6 +130,7 @@ class Metrics:
                         self.tpot.observe(per_token)
                     last_s = now
                 if out.finish_reason is not None:
+                    self.finished.labels(out.finish_reason).inc()
                     self.e2e.observe(now - arrival_s)
                     self.prompt_tokens.inc(out.num_prompt_tokens)
                     self.generation_tokens.inc(out.num_output_tokens)

@@ -119,6 +119,7 @@ class Router:
         self.poll_timeout_s = poll_timeout_s
         self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
         self.num_retries = 0  # requests re-run on another pair after a failure
+        self.num_rank_failures = 0  # times a rank was found dead or failing
         self.request_timeout_s = request_timeout_s
         self.infos: list[RankInfo | None] = [None] * len(ranks)
         self.rank_errors: list[str | None] = [None] * len(ranks)
@@ -207,6 +208,7 @@ class Router:
             except Exception as e:
                 message = f"engine rank {index} failed: {short_error(e)}"
                 if self.rank_errors[index] is None:
+                    self.num_rank_failures += 1
                     logger.error("%s", message)
                     self._fail_requests(index, message)
                 self.rank_errors[index] = message

@@ -261,6 +261,7 @@ def create_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.set_rank_stats(await router.stats())
+        metrics.set_router_stats(router.num_retries, router.num_rank_failures, router.draining)
         if eplb is not None:
             with contextlib.suppress(Exception):
                 metrics.set_eplb_stats(await asyncio.wait_for(eplb.stats.remote(), 5))

@@ -226,6 +226,7 @@ def test_a_prefill_rank_failing_to_take_a_request_retries_it_elsewhere(launch_ti
         assert all(r.status_code == 200 for r in results), [r.text for r in results]
         assert all(len(r.json()["output_ids"]) == 8 for r in results)
         assert server.router.num_retries == 1
+        assert "pdserve_request_retries_total 1.0" in httpx.get(f"{server.url}/metrics").text
         _wait_all_pages_free(server.url)
     finally:
         server.stop()

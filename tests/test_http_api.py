@@ -88,6 +88,10 @@ def test_health_models_and_metrics(tiny_server, info):
         "pdserve_e2e_request_latency_seconds_bucket",
         "pdserve_num_running_requests",
         "pdserve_num_queued_requests",
+        'pdserve_request_finish_total{reason="length"}',
+        "pdserve_request_retries_total",
+        "pdserve_rank_failures_total",
+        "pdserve_draining 0.0",
         "pdserve_kv_pages_used",
         "pdserve_kv_pages_free",
     ):
@@ -540,6 +544,9 @@ def test_a_failing_rank_ends_its_requests_and_is_restarted(launch_tiny):
         r = httpx.post(f"{url}/generate", json=body, timeout=60)
         assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
         _wait_idle(url)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "pdserve_rank_failures_total 1.0" in metrics
+        assert 'pdserve_request_finish_total{reason="error"} 1.0' in metrics
     finally:
         server.stop()
 
