@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, one step per call (each fits a 10-minute command), on a
 # machine with one CUDA GPU and the image's python3 (torch, triton, transformers, safetensors;
-# ray/nixl are not needed by these steps). Output goes to stdout and, when $OUT is set, to
+# ray/nixl are not needed by these steps; benchmarks/gpu_wheels.sh brings them for the serving
+# runs). Output goes to stdout and, when $OUT is set, to
 # $OUT/<step>.log.
 #
 #   bash benchmarks/gpu_checks.sh tests     # every `gpu`-marked test + the parity suite on CUDA
