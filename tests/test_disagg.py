@@ -430,3 +430,75 @@ def test_stream_interval_sends_fewer_larger_events_with_the_same_tokens(launch_t
             assert len(events) <= 2 + (n - 1) // 4, sizes
     finally:
         server.stop()
+
+
+def test_mixed_clients_leave_no_page_or_request_behind(launch_tiny):
+    """Many clients at once doing what clients do — stream to the end, hang up part way,
+    stop on a token or a string, send bad input — against two prefill pairs with a stream
+    interval: every request ends with its expected outcome, and afterwards no KV page is used
+    and nothing is in flight on the router."""
+    import json
+
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=4096, device="cpu", stream_interval=3)
+    server = launch_tiny(engine=engine, prefill_instances=2)
+    try:
+        rng = random.Random(17)
+        url = f"{server.url}/generate"
+
+        async def client(i: int, http: httpx.AsyncClient) -> tuple[str, str]:
+            kind = ["full", "hang_up", "stop_token", "bad", "stop_string"][i % 5]
+            prompt = [rng.randrange(2, 1024) for _ in range(rng.randint(1, 200))]
+            n = rng.randint(1, 40)
+            params: dict[str, Any] = _greedy(n)
+            if kind == "bad":
+                r = await http.post(url, json={"input_ids": [], "sampling_params": params})
+                assert r.status_code == 400, r.text
+                return kind, "refused"
+            if kind == "stop_token":
+                params["stop_token_ids"] = list(range(2, 1024, 2))  # about every other token
+            if kind == "stop_string":
+                # The router finds these in the text and aborts the request on its rank.
+                params["stop"] = ["e", "a", "o"]
+            body = {"input_ids": prompt, "sampling_params": params, "stream": True}
+            got: dict[str, Any] = {}
+            async with http.stream("POST", url, json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    got = json.loads(line[6:])
+                    if kind == "hang_up" and len(got.get("output_ids", [])) >= 2:
+                        return kind, "gone"  # leaving the block closes the connection
+            assert "error" not in got, got
+            finish = got["meta_info"]["finish_reason"]
+            if kind in ("stop_token", "stop_string"):
+                assert finish["type"] in ("stop", "length"), finish
+            else:
+                assert finish == {"type": "length", "length": n}, finish
+                assert len(got["output_ids"]) == n
+            return kind, finish["type"]
+
+        async def run() -> list[tuple[str, str]]:
+            limits = httpx.Limits(max_connections=64)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+                return list(await asyncio.gather(*(client(i, http) for i in range(60))))
+
+        outcomes = asyncio.run(run())
+        kinds = {kind for kind, _ in outcomes}
+        assert sorted(kinds) == ["bad", "full", "hang_up", "stop_string", "stop_token"]
+        for kind in ("stop_string", "stop_token"):  # the stops did happen
+            assert (kind, "stop") in outcomes, outcomes
+        _wait_all_pages_free(server.url)
+        deadline = time.monotonic() + 30
+        while server.router.num_in_flight:
+            assert time.monotonic() < deadline, "requests left in flight on the router"
+            time.sleep(0.1)
+        stats = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
+        assert all(r["stats"]["num_running"] == r["stats"]["num_waiting"] == 0 for r in stats)
+        assert all(r["stats"]["num_in_transfer"] == 0 for r in stats), stats
+        r = _generate(server.url, list(range(3, 50)), 8)
+        assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
+    finally:
+        server.stop()
