@@ -445,7 +445,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     data = resp.json()
-    print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight")
+    state = ", draining (shutting down)" if data.get("draining") else ""
+    print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight{state}; "
+          f"{data.get('num_retries', 0)} retried, {data.get('num_rank_failures', 0)} rank "
+          "failure(s) since start")  # fmt: skip
     header = (
         "pool",
         "dp",

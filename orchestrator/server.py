@@ -277,7 +277,14 @@ def create_app(
             entry["info"] = asdict(info) if info is not None else None
             entry["stats"] = {**asdict(st), "num_pages_used": st.num_pages_used} if st else None
             ranks.append(entry)
-        return {"model": router.model_name, "num_in_flight": router.num_in_flight, "ranks": ranks}
+        return {
+            "model": router.model_name,
+            "num_in_flight": router.num_in_flight,
+            "draining": router.draining,
+            "num_retries": router.num_retries,
+            "num_rank_failures": router.num_rank_failures,
+            "ranks": ranks,
+        }
 
     return app
 

@@ -443,6 +443,7 @@ def test_cli_generate(tiny_server):
     p = _cli("status", "--url", tiny_server)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
+    assert "request(s) in flight" in lines[0] and "rank failure(s)" in lines[0], lines[0]
     assert lines[1].split()[:4] == ["pool", "dp", "rank", "node"]
     pools = sorted(line.split()[0] for line in lines[2:])
     assert pools in (["colocated-0"], ["decode-0", "prefill-0"]), p.stdout
@@ -609,6 +610,7 @@ def test_sigterm_drains_the_requests_in_flight_then_stops(ray_session, tiny_mode
                 break
             assert time.monotonic() < deadline, health.text
             time.sleep(0.05)
+        assert httpx.get(f"{base}/v1/stats", timeout=10).json()["draining"] is True
         refused = httpx.post(f"{base}/generate", json={"text": "hi"}, timeout=30)
         assert refused.status_code == 503 and "shutting down" in refused.text, refused.text
         consumer.join(120)
