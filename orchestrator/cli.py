@@ -619,7 +619,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     func: Command = args.func
-    return func(args)
+    try:
+        return func(args)
+    except BrokenPipeError:
+        # The reader went away (`pdserve status | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

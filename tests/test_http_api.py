@@ -447,6 +447,13 @@ def test_cli_generate(tiny_server):
     assert lines[1].split()[:4] == ["pool", "dp", "rank", "node"]
     pools = sorted(line.split()[0] for line in lines[2:])
     assert pools in (["colocated-0"], ["decode-0", "prefill-0"]), p.stdout
+    # A reader that goes away (`pdserve status | head -0`): no traceback, exit 0.
+    cmd = [sys.executable, "-m", "orchestrator.cli", "status", "--url", tiny_server]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
 
 
 @pytest.mark.timeout(240)
