@@ -120,6 +120,7 @@ class Router:
         self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
         self.num_retries = 0  # requests re-run on another pair after a failure
         self.num_rank_failures = 0  # times a rank was found dead or failing
+        self.num_add_calls = 0  # `add_requests` actor calls (each carries one or more adds)
         self.request_timeout_s = request_timeout_s
         self.infos: list[RankInfo | None] = [None] * len(ranks)
         self.rank_errors: list[str | None] = [None] * len(ranks)
@@ -130,6 +131,8 @@ class Router:
         self._running = [0] * len(ranks)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Adds waiting for this event-loop pass to end, per rank (see `_add`).
+        self._adds: dict[int, list[tuple[GenerateRequest, asyncio.Future[None]]]] = {}
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
         # Set when the server shuts down gracefully: new requests are refused (503, /health
         # says "draining") while the ones in flight run to their end.
@@ -379,9 +382,9 @@ class Router:
         try:
             request = GenerateRequest(rid, list(input_ids), sampling)
             # Decode side first, so that its receive is posted while the prompt computes.
-            add_ref = handle.add_request.remote(request)
+            add_ref = self._add(rank, request)
             if prefill_rank is not None:
-                prefill_ref = self.ranks[prefill_rank].add_request.remote(request)
+                prefill_ref = self._add(prefill_rank, request)
             # A timer, not `asyncio.wait_for`: before Python 3.12, wait_for swallows a
             # cancellation (client gone) that coincides with a delta arriving. It runs from the
             # start: a rank that cannot be reached must not hold the request past its timeout.
@@ -466,6 +469,47 @@ class Router:
                 if prefill_ref is not None and prefill_rank is not None:
                     self._spawn(self._abort_after(self.ranks[prefill_rank], prefill_ref, rid))
 
+    def _add(self, rank: int, request: GenerateRequest) -> asyncio.Future[None]:
+        """`add_request` on `rank`, batched: the adds of one event-loop pass reach a rank in one
+        actor call (`add_requests`; a burst of arrivals costs one round trip, not one each).
+        The future raises what the single call would: ValueError (refused), or the error the
+        call failed with."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        future.add_done_callback(_retrieve)  # nobody may await it (the client left at once)
+        pending = self._adds.setdefault(rank, [])
+        if not pending:
+            loop.call_soon(self._send_adds, rank)
+        pending.append((request, future))
+        return future
+
+    def _send_adds(self, rank: int) -> None:
+        batch = self._adds.pop(rank, [])
+        if not batch:
+            return
+        ref = self.ranks[rank].add_requests.remote([request for request, _ in batch])
+        self.num_add_calls += 1
+
+        async def settle() -> None:
+            try:
+                refusals: list[str | None] = await ref
+            except Exception as e:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                return
+            for (_, future), refusal in zip(batch, refusals, strict=True):
+                if future.done():
+                    continue
+                if refusal is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(ValueError(refusal))
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _output(self, delta: TokenDelta, detok: IncrementalDetokenizer) -> Output:
         text = detok.add(delta.token_ids)
         finish = delta.finish_reason.value if delta.finish_reason is not None else None
@@ -532,6 +576,12 @@ class Router:
                 return None
 
         return list(await asyncio.gather(*(one(i) for i in range(len(self.ranks)))))
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's exception as seen (asyncio logs an unseen one as an error)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_late_refusal(task: asyncio.Future[None]) -> None:

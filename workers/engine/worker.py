@@ -6,6 +6,7 @@ output, so no call ever waits for a model step. Exactly one caller (the router) 
 Actor contract:
 - `ready() -> RankInfo`: once the model is loaded.
 - `add_request(req)`: validates and queues; raises ValueError naming the field on bad input.
+  `add_requests(reqs)`: the same for a batch, returning each request's refusal (or None).
 - `abort(rid)`: idempotent; an unfinished request then ends with a delta of finish_reason ABORT.
 - `poll(timeout_s) -> list[TokenDelta | TransferReady]`: new output of every request since the
   last poll (tokens of one request merged in order), waiting up to `timeout_s` when there is none.
@@ -159,16 +160,31 @@ class EngineWorker:
         return self._info
 
     def add_request(self, req: GenerateRequest) -> None:
+        refusal = self.add_requests([req])[0]
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    def add_requests(self, reqs: list[GenerateRequest]) -> list[str | None]:
+        """Validate and queue each request; per request, None (queued) or why it is refused
+        (a message naming the field). Raises when the rank cannot take any (it failed)."""
         if self._error is not None:
             raise RuntimeError(f"engine rank failed: {self._error}")
+        refusals: list[str | None] = []
         with self._lock:
             if self._take_fault("fail_add"):
                 raise RuntimeError("injected fault fail_add: the rank could not take the request")
-            # Validation reads only immutable engine state; the rid check races harmlessly with
-            # the loop (a duplicate rid is refused again when the loop admits it).
-            self.engine.validate(req)
-            self._inbox.append(("add", req))
+            for req in reqs:
+                # Validation reads only immutable engine state; the rid check races harmlessly
+                # with the loop (a duplicate rid is refused again when the loop admits it).
+                try:
+                    self.engine.validate(req)
+                except ValueError as e:
+                    refusals.append(str(e))
+                    continue
+                self._inbox.append(("add", req))
+                refusals.append(None)
             self._lock.notify_all()
+        return refusals
 
     def abort(self, rid: str) -> None:
         with self._lock:
