@@ -11,11 +11,14 @@
 #   bash benchmarks/gpu_checks.sh prefill   # 8 x 2048-token prompts
 #   bash benchmarks/gpu_checks.sh eplb      # EPLB load/prepare/execute timings on the GPU
 #   bash benchmarks/gpu_checks.sh ep        # a one-rank NCCL EP pool, grouped GEMM backends
+#   bash benchmarks/gpu_checks.sh serve     # pdserve serve + bench: the disaggregated pair
+#                                           # sharing the GPU, then colocated (needs the
+#                                           # packages of benchmarks/gpu_wheels.sh on PYTHONPATH)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb|ep}
+step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb|ep|serve}
 log=/dev/null
 if [ -n "${OUT:-}" ]; then log="$OUT/$step.log"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
@@ -47,6 +50,37 @@ case "$step" in
     "$PY" benchmarks/ep_pool.py --device cuda --dtype bfloat16 --model v2-lite --num-layers 8 \
       --ranks 1 --grouped-gemm-backend torch deep_gemm --batch 64 --input-len 512 \
       --output-len 64 2>&1 | tee -a "$log"
+    ;;
+  serve)
+    # The built-in tiny model measures the serving machinery (HTTP, Ray, NIXL between two
+    # actors sharing the GPU), not the GPU's arithmetic. DEVICE/DTYPE/BENCH_ARGS override.
+    bench_args=${BENCH_ARGS:---num-prompts 512 --input-len 128 --output-len 128 --concurrency 128}
+    for topology in disaggregated colocated; do
+      extra=()
+      if [ "$topology" = colocated ]; then extra=(--colocated); fi
+      serve_log=$(mktemp)
+      "$PY" -m orchestrator.cli serve --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \
+        --port 30000 "${extra[@]}" > "$serve_log" 2>&1 &
+      server=$!
+      for _ in $(seq 300); do
+        grep -q "serving .* on http" "$serve_log" && break
+        kill -0 "$server" 2> /dev/null || break
+        sleep 1
+      done
+      if ! grep -q "serving .* on http" "$serve_log"; then
+        echo "pdserve serve did not come up ($topology):" | tee -a "$log"
+        tail -30 "$serve_log" | tee -a "$log"
+        kill "$server" 2> /dev/null
+        exit 1
+      fi
+      echo "== $topology" | tee -a "$log"
+      # shellcheck disable=SC2086
+      "$PY" -m orchestrator.cli bench --url http://127.0.0.1:30000 $bench_args 2>&1 | tee -a "$log"
+      "$PY" -m orchestrator.cli status --url http://127.0.0.1:30000 2>&1 | tee -a "$log"
+      kill -TERM "$server"
+      wait "$server"
+      rm -f "$serve_log"
+    done
     ;;
   *)
     echo "unknown step $step" >&2
