@@ -252,12 +252,11 @@ class LocalServer:
         """Refuse new requests (503) and wait up to `timeout_s` (or until `stop_now` is set)
         for the ones in flight to end; returns how many are still in flight."""
         self.router.draining = True
+        stop_now = stop_now or threading.Event()
         deadline = time.monotonic() + timeout_s
         while self.router.num_in_flight and time.monotonic() < deadline:
-            if stop_now is not None and stop_now.wait(0.1):
+            if stop_now.wait(0.1):
                 break
-            if stop_now is None:
-                time.sleep(0.1)
         return self.router.num_in_flight
 
     def stop(self) -> None:

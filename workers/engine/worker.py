@@ -439,8 +439,8 @@ class EngineWorker:
                 # afresh (its state may be broken: a rank that refuses every request forever
                 # would still draw the router's traffic).
                 logger.error("engine step failed:\n%s", traceback.format_exc())
-                self._publish(deltas, events, engine.stats())
-                return self._exit_for_restart(f"engine step failed: {type(e).__name__}: {e}")
+                message = f"engine step failed: {type(e).__name__}: {e}"
+                return self._exit_for_restart(message, deltas, events)
             if handoff is not None:
                 more, events = handoff.after_step(engine)
                 deltas.extend(more)
@@ -455,11 +455,18 @@ class EngineWorker:
             f"the expert-parallel pool lost a rank ({type(error).__name__}: {error})"
         )
 
-    def _exit_for_restart(self, message: str) -> None:
-        """End every request here with `message`, let the router collect them, and exit the
-        process; Ray restarts the rank (`max_restarts`), which loads the model afresh."""
+    def _exit_for_restart(
+        self,
+        message: str,
+        deltas: list[TokenDelta] | None = None,
+        events: list[TransferReady] | None = None,
+    ) -> None:
+        """End every request here with `message` (after the loop's unpublished `deltas` and
+        `events`), let the router collect them, and exit the process; Ray restarts the rank
+        (`max_restarts`), which loads the model afresh."""
         self._error = message
-        self._publish(self.engine.abort_all(message), [], self.engine.stats())
+        deltas = [*(deltas or []), *self.engine.abort_all(message)]
+        self._publish(deltas, events or [], self.engine.stats())
         time.sleep(2.0)  # the router's poll picks the errors up
         logger.error("engine rank exits to be restarted: %s", message)
         os._exit(1)
