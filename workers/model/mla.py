@@ -93,11 +93,21 @@ class MLAttention(nn.Module):
         nd = meta.num_decode
         if nd:
             out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], meta, kv_cache)
+        fresh: torch.Tensor | None = None  # kv_b_proj of every prefill row, when needed
         for span in meta.prefills:
             rows = slice(span.start, span.start + span.num_tokens)
-            out[rows] = self._prefill(
-                q_nope[rows], q_pe[rows], kv_cache.index_select(0, span.ctx_slots)
-            )
+            if span.ctx_slots.shape[0] == span.num_tokens and kv_cache.dtype == x.dtype:
+                # No cached prefix: the span's keys are its own rows, just computed (the
+                # cache holds them bit for bit), expanded for every such span in one GEMM.
+                if fresh is None:
+                    fresh = self.kv_b_proj(c_kv[nd:])
+                kv = fresh[span.start - nd : span.start - nd + span.num_tokens]
+                span_k_pe = k_pe[rows]
+            else:
+                ctx = kv_cache.index_select(0, span.ctx_slots).to(x.dtype)
+                ctx_c_kv, span_k_pe = ctx.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+                kv = self.kv_b_proj(ctx_c_kv)
+            out[rows] = self._prefill(q_nope[rows], q_pe[rows], kv, span_k_pe)
         return self.o_proj(out.view(num_tokens, self.num_heads * self.v_dim))
 
     def _decode(
@@ -127,29 +137,44 @@ class MLAttention(nn.Module):
         self,
         q_nope: torch.Tensor,  # [n, heads, nope]
         q_pe: torch.Tensor,  # [n, heads, rope]
-        ctx: torch.Tensor,  # [L, kv_lora + rope], the span's tokens last
+        kv: torch.Tensor,  # [L, heads * (nope + v)]: kv_b_proj of the context, span last
+        k_pe: torch.Tensor,  # [L, rope]
     ) -> torch.Tensor:
-        ctx = ctx.to(q_nope.dtype)
-        num_q, ctx_len = q_nope.shape[0], ctx.shape[0]
-        c_kv, k_pe = ctx.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(c_kv).view(ctx_len, self.num_heads, self.nope_dim + self.v_dim)
+        num_q, ctx_len = q_nope.shape[0], kv.shape[0]
+        kv = kv.view(ctx_len, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
+        if q.device.type == "cpu":
+            # With v narrower than q/k, CPU SDPA falls back to its unfused math path, ~3x the
+            # time of one baddbmm + softmax + bmm at these sizes.
+            return causal_attention(q, k, v, self.scale).transpose(0, 1)
         mask = None
         if num_q != ctx_len:  # a cached prefix: query i sits at ctx_len - num_q + i
             mask = torch.ones(num_q, ctx_len, dtype=torch.bool, device=q.device)
             mask = mask.tril(ctx_len - num_q)
         # Without a prefix plain causal attention, which lets SDPA pick its fused kernels.
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=self.scale,
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
         )
         return out.transpose(0, 1)
+
+
+def causal_attention(
+    q: torch.Tensor,  # [heads, n, d]
+    k: torch.Tensor,  # [heads, L, d], the n queries' own keys last
+    v: torch.Tensor,  # [heads, L, dv]
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the last `n` of `L` positions to every position up to their own: query i
+    sits at `L - n + i`. Softmax in float32. Returns `[heads, n, dv]`."""
+    num_q, ctx_len = q.shape[1], k.shape[1]
+    bias = torch.full((num_q, ctx_len), float("-inf"), dtype=q.dtype, device=q.device)
+    bias = bias.triu(ctx_len - num_q + 1)
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.bmm(probs, v)
 
 
 class PagedDecodeInputs(NamedTuple):

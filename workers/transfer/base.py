@@ -49,8 +49,12 @@ logger = logging.getLogger(__name__)
 CONNECT_ATTEMPTS = 3  # connecting to the peer and posting the write, before the sender fails
 CONNECT_BACKOFF_S = 0.05  # doubled after each failed attempt
 CANCEL_GRACE_S = 5.0  # an aborted write that cannot be cancelled is waited for this long
-ACTIVE_POLL_S = 0.0001  # pages in flight
-PENDING_POLL_S = 0.001  # transfers waiting (a receiver must still progress the backend)
+# How often the engine's thread drives the backend: right after something moved, then backing
+# off (doubling per quiet poll) to the cap, so that many transfers waiting for a long prefill
+# do not keep a core busy (nor take the GIL from the rank's loop) with empty polls.
+ACTIVE_POLL_S, ACTIVE_POLL_MAX_S = 0.0001, 0.001  # pages in flight
+# Transfers waiting (a receiver must still progress the backend to see its notifications).
+PENDING_POLL_S, PENDING_POLL_MAX_S = 0.001, 0.002
 IDLE_POLL_S = 0.02
 
 
@@ -69,6 +73,7 @@ class KVTransferEngine(ABC):
         self._senders: dict[str, KVSender] = {}
         self._receivers: dict[str, KVReceiver] = {}
         self._results: list[TransferResult] = []
+        self._moves = 0  # progress seen by the engine's thread (notes, writes posted, ends)
         self._closed = False
         self._thread: threading.Thread | None = None
         # Called (on the engine's thread) after a result is ready to `poll`, so that the caller
@@ -211,25 +216,30 @@ class KVTransferEngine(ABC):
     # ---- the engine's thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        quiet = 0  # polls in a row in which nothing moved
         while True:
+            moves = self._moves
             try:
                 self._tick()
             except Exception:  # a backend failing outside any one transfer: keep going
                 logger.exception("KV transfer engine %s", self.name)
+            quiet = 0 if self._moves != moves else quiet + 1
             with self._cv:
                 if self._closed:
                     break
-                self._cv.wait(self._poll_interval())
+                if self._cv.wait(self._poll_interval(quiet)):
+                    quiet = 0  # an API call (a new transfer, a target, an abort)
         for s in list(self._senders.values()):
             self._fail_send(s, "the transfer engine was closed", cancel_grace=False)
         for r in list(self._receivers.values()):
             self._finish_recv(r, "the transfer engine was closed")
 
-    def _poll_interval(self) -> float:
+    def _poll_interval(self, quiet: int) -> float:
         handles: list[KVSender | KVReceiver] = [*self._senders.values(), *self._receivers.values()]
+        backoff = 2 ** min(quiet, 16)
         if any(h.state is TransferState.TRANSFERRING for h in handles):
-            return ACTIVE_POLL_S
-        return PENDING_POLL_S if handles else IDLE_POLL_S
+            return min(ACTIVE_POLL_S * backoff, ACTIVE_POLL_MAX_S)
+        return min(PENDING_POLL_S * backoff, PENDING_POLL_MAX_S) if handles else IDLE_POLL_S
 
     def _tick(self) -> None:
         for data in self._notifications():
@@ -250,6 +260,7 @@ class KVTransferEngine(ABC):
             self._advance_recv(r, now)
 
     def _on_notification(self, note: Notification) -> None:
+        self._moves += 1
         with self._cv:
             r = self._receivers.get(note.transfer_id)
         if r is None:  # a receive that already ended (timed out, aborted): nothing to do
@@ -305,6 +316,7 @@ class KVTransferEngine(ABC):
             s._retry_at = now + CONNECT_BACKOFF_S * 2 ** (s._attempts - 1)
             return None
         s.state = TransferState.TRANSFERRING
+        self._moves += 1
         return self._advance_write(s, now)
 
     def _advance_write(self, s: KVSender, now: float) -> None:
@@ -408,6 +420,7 @@ class KVTransferEngine(ABC):
         self._result_ready()
 
     def _result_ready(self) -> None:
+        self._moves += 1
         if self.on_result is not None:
             try:
                 self.on_result()
