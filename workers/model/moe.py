@@ -185,18 +185,23 @@ class RoutedExperts(nn.Module):
         token_of = order // top_k
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         x_sorted = x.index_select(0, token_of)
+        # Each row's routing weight scales its expert's activation, before the down
+        # projection (linear: the same product, on the narrower tensor).
+        weights = routing.topk_weights.flatten().index_select(0, order).to(x.dtype)[:, None]
         if self.backend == "grouped_mm":
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             gate, up = torch._grouped_mm(x_sorted, self.w13.transpose(1, 2), offs=offs).chunk(2, -1)
-            out_sorted = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)
+            act = F.silu(gate).mul_(up).mul_(weights)
+            out_sorted = torch._grouped_mm(act, self.w2.transpose(1, 2), offs=offs)
         else:
-            out_sorted = self._loop(x_sorted, counts.tolist())
-        weights = routing.topk_weights.flatten()[order].to(out_sorted.dtype)
+            out_sorted = self._loop(x_sorted, counts.tolist(), weights)
         out = torch.zeros_like(x)
-        out.index_add_(0, token_of, out_sorted * weights[:, None])
+        out.index_add_(0, token_of, out_sorted)
         return out
 
-    def _loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _loop(
+        self, x_sorted: torch.Tensor, counts: list[int], weights: torch.Tensor
+    ) -> torch.Tensor:
         out_sorted = torch.empty_like(x_sorted)
         start = 0
         for expert, count in enumerate(counts):
@@ -204,7 +209,8 @@ class RoutedExperts(nn.Module):
                 continue
             rows = slice(start, start + count)
             gate, up = F.linear(x_sorted[rows], self.w13[expert]).chunk(2, dim=-1)
-            out_sorted[rows] = F.linear(F.silu(gate) * up, self.w2[expert])
+            act = F.silu(gate).mul_(up).mul_(weights[rows])
+            out_sorted[rows] = F.linear(act, self.w2[expert])
             start += count
         return out_sorted
 
