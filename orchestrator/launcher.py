@@ -116,7 +116,9 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
 
     specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
     saved = read_expert_placements(config.init_expert_placement)
-    placements = place_pools(specs, config.placement_timeout_s)
+    placements = place_pools(
+        specs, config.placement_timeout_s, fixed_cluster=config.ray_address is None
+    )
     ranks: list[Any] = []
     meeting_points: list[Any] = []
     try:

@@ -11,6 +11,12 @@ nodes as possible. Which nodes a pool may use (`assign_nodes`, a pure function):
 2. Otherwise, with two or more nodes, the nodes are split between the pools so that each pool's
    share can hold all of its ranks; a pool never shares a node with the other one then.
 3. Otherwise (one node, or no split fits) both pools may use any node.
+
+The bundles carry that choice as label selectors (`pool_selectors`) that a node joining later
+also matches — a labelled pool selects its label, a split pool excludes the *other* pools'
+nodes rather than naming its own — so when a pool's node dies for good, Ray re-places its
+bundles (and restarts its ranks there) on a node that replaces it: one the autoscaler adds, or
+the same host re-joined with `ray start` (a new node id).
 """
 
 from __future__ import annotations
@@ -66,6 +72,27 @@ def assign_nodes(pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo]) -> dict[s
         return {}
     split = _split_nodes(pools, nodes, roles)
     return split if split is not None else {}
+
+
+def pool_selectors(
+    pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo]
+) -> dict[str, dict[str, str]]:
+    """The Ray label selector each role's bundles carry (a role missing may use any node): the
+    nodes `assign_nodes` chose today, written so that tomorrow's nodes match too (see the
+    module doc)."""
+    allowed = assign_nodes(pools, nodes)
+    labelled = sorted({n.labels[POOL_LABEL] for n in nodes if POOL_LABEL in n.labels})
+    out: dict[str, dict[str, str]] = {}
+    for role in sorted(allowed):
+        if not allowed[role]:  # no node for it (a label on no node, no unlabelled node): any
+            continue
+        if labelled:
+            value = role if role in labelled else f"!in({','.join(labelled)})"
+            out[role] = {POOL_LABEL: value}
+        else:
+            others = sorted(i for r, ids in allowed.items() if r != role for i in ids)
+            out[role] = {NODE_ID_LABEL: f"!in({','.join(others)})"}
+    return out
 
 
 def _split_nodes(
@@ -128,14 +155,42 @@ class PoolPlacement:
         )
 
 
-def place_pools(pools: Sequence[PoolSpec], timeout_s: float = 60.0) -> list[PoolPlacement]:
+def shortfall(pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo]) -> str | None:
+    """Why `nodes` can never hold `pools` (a rank larger than every node, or more of a resource
+    than the nodes have in all), or None when they might."""
+    resources = sorted({r for p in pools for r, v in p.bundle.items() if v > 0})
+    for r in resources:
+        want = sum(p.need(r) for p in pools)
+        have = sum(n.resources.get(r, 0.0) for n in nodes)
+        if want > have:
+            return f"the pools need {want:g} {r} in all, the cluster has {have:g}"
+        biggest = max((n.resources.get(r, 0.0) for n in nodes), default=0.0)
+        rank = max(p.bundle.get(r, 0.0) for p in pools)
+        if rank > biggest:
+            return f"a rank needs {rank:g} {r}, the largest node has {biggest:g}"
+    return None
+
+
+def place_pools(
+    pools: Sequence[PoolSpec], timeout_s: float = 60.0, fixed_cluster: bool = False
+) -> list[PoolPlacement]:
     """Reserve a placement group per pool instance; raise RuntimeError naming the pool and the
-    cluster's resources when one cannot be placed within `timeout_s`."""
+    cluster's resources when one cannot be placed within `timeout_s` — at once, when
+    `fixed_cluster` (a local Ray: no node will join) and the nodes can never hold the pools."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     nodes = cluster_nodes()
+    missing = shortfall(pools, nodes)
+    if missing and fixed_cluster:
+        raise RuntimeError(
+            f"cannot place the pools: {missing} (a rank takes --num-threads CPUs; use fewer "
+            "ranks or threads, or join a larger cluster with --address)"
+        )
+    if missing:
+        logger.warning("%s: waiting up to %.0f s for nodes to join", missing, timeout_s)
     allowed = assign_nodes(pools, nodes)
+    selectors = pool_selectors(pools, nodes)
     if allowed:
         logger.info(
             "pools on separate nodes: %s",
@@ -143,17 +198,14 @@ def place_pools(pools: Sequence[PoolSpec], timeout_s: float = 60.0) -> list[Pool
         )
     placements: list[PoolPlacement] = []
     for spec in pools:
-        ids = allowed.get(spec.role)
-        selector = None
-        if ids:
-            selector = [{NODE_ID_LABEL: f"in({','.join(ids)})"}] * spec.num_ranks
+        selector = selectors.get(spec.role)
         group = placement_group(
             [dict(spec.bundle) for _ in range(spec.num_ranks)],
             strategy="PACK",
             name=f"pdserve-{spec.name}-{time.monotonic_ns():x}",
-            bundle_label_selector=selector,
+            bundle_label_selector=[selector] * spec.num_ranks if selector else None,
         )
-        placements.append(PoolPlacement(spec, group, ids))
+        placements.append(PoolPlacement(spec, group, allowed.get(spec.role)))
     ready = {p.group.ready(): p for p in placements}
     done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout_s)
     if pending:

@@ -4,7 +4,7 @@ node in host B, and `pdserve serve` (the CLI, as an operator runs it) in host A.
 decode pools land on different hosts, so every request's KV crosses the virtual link over
 NIXL/UCX.
 
-What the tests check, in order, on one deployment (module fixture, ~35 s in all):
+What the tests check, in order, on one deployment (module fixture, ~45 s in all):
 
 1. Placement and parity: the prefill rank and the decode rank report different Ray node ids and
    the addresses of A and B; greedy `/generate` outputs equal a local in-process `Engine`'s;
@@ -17,6 +17,11 @@ What the tests check, in order, on one deployment (module fixture, ~35 s in all)
 3. The same requests fail *while the link is still down*, within `--transfer-timeout` (+5 s):
    the router reads a request's output while it still waits for a rank across the partition to
    take it, so the reachable rank's transfer-timeout error reaches the client at once.
+4. B's Ray node stops for good, then B re-joins as a new Ray node (a new node id): the pool that
+   lived on B comes back there (Ray re-places its bundle: the selectors exclude the other
+   pool's nodes rather than naming B's old id, `orchestrator/placement.py`) with its rank
+   restarted; requests get 503 meanwhile and the same tokens after, and `pdserve serve` is not
+   restarted. (When the bundles named the node ids, that rank stayed "restarting" for good.)
 
 Observed behaviour (Ray 2.60 defaults, CPU, this test's settings):
 
@@ -28,15 +33,12 @@ Observed behaviour (Ray 2.60 defaults, CPU, this test's settings):
   router read a request's output while a rank had not yet taken it, the error waited for the
   link to come back: 10.3-13.9 s for a 10 s partition.) `--request-timeout` bounds the wait too.
 - A partition longer than Ray's failure detection (GCS health checks every 3 s with a 10 s
-  timeout, 5 misses: B was declared dead ~62 s after its link went down) does not recover.
+  timeout, 5 misses: B was declared dead ~62 s after its link went down) does not recover by
+  itself.
   (Measured before the router fix above: requests sent meanwhile hung until then and got 503
   "actor unavailable" after it; not re-measured since.) When the link returns, B's raylet learns that the GCS considers
-  it dead and exits ("GCS consider this node to be dead"), so B's Ray node is gone for good, and
-  Ray keeps the rank that lived there "restarting" (watched for 100 s: `/health` 503 all along)
-  because the pool's placement group bundle is pinned to B's dead node id
-  (`ray.io/node-id in (...)`, `orchestrator/placement.py`). Only restarting `pdserve serve`
-  helps (from the code, not exercised: B re-joined with `ray start` gets a new node id, which
-  the pinned bundle cannot use). That case takes > 1 min and is not run here.
+  it dead and exits ("GCS consider this node to be dead"): B's Ray node is gone for good. That
+  takes > 1 min and is not run here; test 4 starts from its end state.
 
 Setup notes: Ray's token authentication is on (2.60's default) with a fresh token handed to
 every Ray process and the driver through `RAY_AUTH_TOKEN` (with `RAY_AUTH_MODE=token`); nothing
@@ -62,7 +64,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,10 @@ class Deployment:
     net: VirtualNetwork
     url: str
     serve_log: Path
+    serve: subprocess.Popen[Any]
+    worker: subprocess.Popen[Any]  # host B's Ray node (`ray start --block`)
+    start_worker: Callable[[str], subprocess.Popen[Any]]  # B joins (again): a new Ray node
+    wait_nodes: Callable[[int], None]  # until that many nodes are alive
     reference: dict[int, list[int]] = field(default_factory=dict)  # prompt index -> tokens
 
     def log_tail(self, n: int = 4000) -> str:
@@ -204,20 +210,27 @@ def deployment() -> Iterator[Deployment]:
              "--include-dashboard=false", f"--temp-dir={tmp}/a", *common],
             env=env, cwd=ROOT, stdout=logs["head"], stderr=subprocess.STDOUT,
         )  # fmt: skip
-        worker = net.popen(
-            "b",
-            [ray, "start", f"--address={a}:{RAY_PORT}", f"--node-ip-address={b}",
-             f"--temp-dir={tmp}/b", *common],
-            env=env, cwd=ROOT, stdout=logs["worker"], stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        wait = net.run(
-            "a",
-            [sys.executable, "-c", WAIT_NODES, f"{a}:{RAY_PORT}", "2", "90"],
-            env=env, cwd=ROOT, timeout=120,
-        )  # fmt: skip
-        if wait.returncode != 0:
-            tails = {n: (tmp / f"{n}.log").read_text(errors="replace")[-2000:] for n in logs}
-            raise RuntimeError(f"Ray cluster not up: {wait.stderr[-2000:]}\n{tails}")
+
+        def start_worker(tag: str) -> subprocess.Popen[Any]:
+            return net.popen(
+                "b",
+                [ray, "start", f"--address={a}:{RAY_PORT}", f"--node-ip-address={b}",
+                 f"--temp-dir={tmp}/b{tag}", *common],
+                env=env, cwd=ROOT, stdout=logs["worker"], stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+        def wait_nodes(count: int) -> None:
+            wait = net.run(
+                "a",
+                [sys.executable, "-c", WAIT_NODES, f"{a}:{RAY_PORT}", str(count), "90"],
+                env=env, cwd=ROOT, timeout=120,
+            )  # fmt: skip
+            if wait.returncode != 0:
+                tails = {n: (tmp / f"{n}.log").read_text(errors="replace")[-2000:] for n in logs}
+                raise RuntimeError(f"Ray cluster not up: {wait.stderr[-2000:]}\n{tails}")
+
+        worker = start_worker("")
+        wait_nodes(2)
         assert head.poll() is None and worker.poll() is None
         url = f"http://{a}:{HTTP_PORT}"
         serve = net.popen(
@@ -230,7 +243,7 @@ def deployment() -> Iterator[Deployment]:
              "--request-timeout", str(REQUEST_TIMEOUT_S), "--log-level", "warning"],
             env=env, cwd=ROOT, stdout=logs["serve"], stderr=subprocess.STDOUT,
         )  # fmt: skip
-        dep = Deployment(net=net, url=url, serve_log=tmp / "serve.log")
+        dep = Deployment(net, url, tmp / "serve.log", serve, worker, start_worker, wait_nodes)
         # The local reference engine loads while the ranks do.
         dep.reference = _local_reference()
         with _client() as client:
@@ -408,3 +421,39 @@ def test_partition_fails_requests_while_the_link_is_down(partition: Partition):
     for o in partition.outcomes:
         assert o.status is not None and o.status >= 500, partition
         assert o.elapsed_s < TRANSFER_TIMEOUT_S + 5 < partition.down_s, partition
+
+
+def test_a_pool_whose_node_dies_for_good_comes_back_on_the_node_that_replaces_it(
+    deployment: Deployment,
+):
+    """Host B's Ray node stops for good (its raylet and the rank on it are gone), then B joins
+    again as a new Ray node (a new node id, as after a reboot or an autoscaler replacing it).
+    The pool that lived on B is re-placed there by Ray and its rank restarted: `/health` is 200
+    again and requests succeed with the same tokens, without restarting `pdserve serve`. (With
+    bundles pinned to node ids, the rank stayed "restarting" forever.) Runs last: it replaces
+    the deployment's node B."""
+    dep, net = deployment, deployment.net
+    with _client() as client:
+        before = {r["info"]["role"]: r["info"] for r in _ranks(client, dep.url)}
+        role_b = next(role for role, info in before.items() if info["node"] == net.ips["b"])
+        net.stop(dep.worker, grace_s=15)
+        deadline = time.monotonic() + 60
+        while client.get(f"{dep.url}/health", timeout=10).status_code == 200:
+            assert time.monotonic() < deadline, "the router never noticed B's rank was gone"
+            time.sleep(0.5)
+        r = _generate(client, dep.url, PROMPTS[0], timeout=30)
+        assert r.status_code == 503, (r.status_code, r.text)  # refused, not hung
+
+        dep.worker = dep.start_worker("2")
+        dep.wait_nodes(2)
+        try:
+            _wait_health(client, dep.url, 150, dep.serve)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n--- serve log ---\n{dep.log_tail()}") from None
+        after = {r["info"]["role"]: r["info"] for r in _ranks(client, dep.url)}
+        assert after[role_b]["node"] == net.ips["b"], after
+        assert after[role_b]["node_id"] != before[role_b]["node_id"], after
+        for i, ids in enumerate(PROMPTS[:2]):
+            r = _generate(client, dep.url, ids)
+            assert r.status_code == 200, (r.status_code, r.text, dep.log_tail())
+            assert r.json()["output_ids"] == dep.reference[i]

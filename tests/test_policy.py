@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.placement import POOL_LABEL, NodeInfo, PoolSpec, assign_nodes
+from orchestrator.placement import (
+    NODE_ID_LABEL,
+    POOL_LABEL,
+    NodeInfo,
+    PoolSpec,
+    assign_nodes,
+    pool_selectors,
+)
 from orchestrator.policy import Pick, RankLoad, pick_ranks
 
 pytestmark = pytest.mark.timeout(10)
@@ -86,6 +93,57 @@ def test_node_labels_choose_the_pool():
     assert assign_nodes(_pools(1, 1), only_decode) == {"prefill": ["n3"], "decode": ["n0"]}
 
 
+def _matches(selector: dict[str, str], node: NodeInfo) -> bool:
+    """Ray's label selector semantics (`value`, `in(a,b)`, `!in(a,b)`; `!in` also matches a
+    node without the key), with the node id as the `ray.io/node-id` label."""
+    labels = {**node.labels, NODE_ID_LABEL: node.node_id}
+    for key, rule in selector.items():
+        have = labels.get(key)
+        if rule.startswith(("in(", "!in(")):
+            values = set(rule[rule.index("(") + 1 : -1].split(","))
+            if (have in values) == rule.startswith("!"):
+                return False
+        elif have != rule:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_selectors_keep_todays_split_and_admit_a_replacement_node(labelled: bool):
+    """The bundles' selectors match exactly the nodes `assign_nodes` chose, and a node that
+    joins later (a re-joined host has a new id) can take a pool whose node died."""
+    if labelled:
+        nodes = [_node(0, **{POOL_LABEL: "prefill"}), _node(1, **{POOL_LABEL: "decode"})]
+        newcomers = {
+            "prefill": _node(7, **{POOL_LABEL: "prefill"}),
+            "decode": _node(8, **{POOL_LABEL: "decode"}),
+        }
+    else:
+        nodes = [_node(i, gpus=8) for i in range(4)]
+        newcomers = {"prefill": _node(9, gpus=8), "decode": _node(9, gpus=8)}
+    pools = _pools(8, 8, gpu=1) if not labelled else _pools(1, 1)
+    allowed = assign_nodes(pools, nodes)
+    selectors = pool_selectors(pools, nodes)
+    assert sorted(selectors) == sorted(allowed) == ["decode", "prefill"]
+    for role, selector in selectors.items():
+        assert [n.node_id for n in nodes if _matches(selector, n)] == allowed[role]
+        assert _matches(selector, newcomers[role])
+    if labelled:  # a labelled newcomer goes to its own pool only
+        assert not _matches(selectors["prefill"], newcomers["decode"])
+    if labelled:  # prefill's node only: decode has no node of its own, so it may use any
+        assert pool_selectors(pools, nodes[:1]) == {"prefill": {POOL_LABEL: "prefill"}}
+    else:  # one node: no selectors (any node)
+        assert pool_selectors(pools, nodes[:1]) == {}
+
+
+def test_a_pool_without_labelled_nodes_selects_the_unlabelled_ones():
+    nodes = [_node(0, **{POOL_LABEL: "decode"}), _node(1), _node(2, **{POOL_LABEL: "other"})]
+    selectors = pool_selectors(_pools(1, 1), nodes)
+    assert [n.node_id for n in nodes if _matches(selectors["decode"], n)] == ["n0"]
+    assert [n.node_id for n in nodes if _matches(selectors["prefill"], n)] == ["n1"]
+    assert _matches(selectors["prefill"], _node(5))  # a new unlabelled node
+
+
 def test_pool_specs_share_gpus_when_ranks_outnumber_them():
     from orchestrator.config import ServeConfig
     from orchestrator.launcher import pool_specs
@@ -99,3 +157,15 @@ def test_pool_specs_share_gpus_when_ranks_outnumber_them():
     cpu_only = ServeConfig(colocated=True, num_ranks=2, engine=EngineConfig(device="cpu"))
     (spec,) = pool_specs(cpu_only, num_gpus=8)
     assert spec.name == "colocated-0" and spec.num_ranks == 2 and "GPU" not in spec.bundle
+
+
+def test_shortfall_names_what_the_cluster_lacks():
+    from orchestrator.placement import shortfall
+
+    nodes = [_node(0, cpus=2), _node(1, cpus=2, gpus=1)]
+    assert shortfall(_pools(1, 1, cpu=2), nodes) is None
+    assert shortfall(_pools(2, 2, cpu=1, gpu=0.25), nodes) is None  # a GPU shared by 4 ranks
+    assert shortfall(_pools(2, 1, cpu=2), nodes) == "the pools need 6 CPU in all, the cluster has 4"
+    three = [*nodes, _node(2, cpus=2)]  # 6 CPUs in all, but no node holds a 3-CPU rank
+    assert shortfall(_pools(1, 1, cpu=3), three) == "a rank needs 3 CPU, the largest node has 2"
+    assert shortfall(_pools(1, 1, gpu=1), nodes) == "the pools need 2 GPU in all, the cluster has 1"
