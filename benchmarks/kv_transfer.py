@@ -6,19 +6,26 @@ For each request size, the sender process writes the request's pages (every laye
 receiver's pool and the receiver waits for the completion notification; the time is measured
 on the receiver from `send` to the notification (`elapsed_s` of the sender's result, the first
 transfer to a peer excluded as warm-up). The reference is `index_copy_` of the same pages
-between two pools inside one process.
+between two pools inside one process. Each size runs twice: pages scattered at random on both
+sides (one descriptor per page and layer: the worst case) and consecutive (one run per side:
+one descriptor per layer, what the engine's allocator hands out while a free run is long
+enough). First, the runs per request that the allocator gives under a churn of requests, beside
+a plain free-page stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
 import ray
 import torch
 
+from workers.engine.kv_cache import PageAllocator
 from workers.transfer import create_transfer_engine
+from workers.transfer.pages import page_runs
 
 
 class Rank:
@@ -61,6 +68,43 @@ def local_copy_s(layers, pages, page_size, dim, dtype, device, num_pages, reps) 
     return statistics.median(times)
 
 
+class _StackAllocator:
+    """A free-page stack (last freed, first reused): the comparison for `PageAllocator`."""
+
+    def __init__(self, num_pages: int):
+        self.free_pages = list(range(num_pages - 1, -1, -1))
+
+    def allocate(self, n: int) -> list[int]:
+        return [self.free_pages.pop() for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        self.free_pages.extend(pages)
+
+
+def churn_runs(allocator, num_pages: int, seed: int = 0) -> tuple[float, float]:
+    """(mean, p90) runs of consecutive pages per prompt allocation over 5000 requests arriving
+    and leaving at random (prompts of 1-64 pages, at most 90% of the pool in use), as a decode
+    rank's reservations see them; a request also grows by single pages while it lives."""
+    rng = random.Random(seed)
+    live: list[list[int]] = []
+    used, runs = 0, []
+    for _ in range(5000):
+        while live and (used > 0.9 * num_pages - 64 or rng.random() < 0.5):
+            pages = live.pop(rng.randrange(len(live)))
+            allocator.free(pages)
+            used -= len(pages)
+        n = rng.randint(1, 64)
+        pages = allocator.allocate(n)
+        runs.append(len(page_runs(tuple(pages), tuple(range(n)))))
+        used += n
+        if live and rng.random() < 0.5:  # a running request takes a page for its next tokens
+            live[rng.randrange(len(live))] += allocator.allocate(1)
+            used += 1
+        live.append(pages)
+    runs.sort()
+    return statistics.mean(runs), runs[int(0.9 * len(runs))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -72,9 +116,15 @@ def main() -> None:
         ("tiny fp32", 4, 80, "float32", 16, [256, 2048, 16384]),
         ("V3 bf16", 61, 576, "bfloat16", 64, [1024, 4096, 16384]),
     ]
+    num_pages = 4096
+    for label, allocator in (("PageAllocator", PageAllocator(num_pages)),
+                             ("free-page stack", _StackAllocator(num_pages))):  # fmt: skip
+        mean, p90 = churn_runs(allocator, num_pages)
+        print(f"runs per request under churn ({num_pages} pages), {label}: "
+              f"mean {mean:.2f}, p90 {p90}")  # fmt: skip
     print(f"device {args.device}; median of {args.reps}; GB/s = request KV bytes / time")
-    print(f"{'layout':<10} {'tokens':>7} {'MB':>8} {'nixl ms':>9} {'nixl GB/s':>10} "
-          f"{'copy ms':>9} {'copy GB/s':>10}")  # fmt: skip
+    print(f"{'layout':<10} {'tokens':>7} {'pages':>11} {'MB':>8} {'nixl ms':>9} "
+          f"{'nixl GB/s':>10} {'copy ms':>9} {'copy GB/s':>10}")  # fmt: skip
     for name, layers, dim, dtype, page_size, sizes in layouts:
         pages = max(sizes) // page_size + 8
         cls = ray.remote(num_cpus=0.5, num_gpus=gpus)(Rank)
@@ -83,21 +133,26 @@ def main() -> None:
         elem = torch.finfo(getattr(torch, dtype)).bits // 8
         for i, tokens in enumerate(sizes):
             n = tokens // page_size
-            times = []
-            for rep in range(args.reps + 1):
-                tid = f"{i}-{rep}"
-                src_pages = torch.randperm(pages)[:n].tolist()
-                target = ray.get(dst.expect.remote(tid, torch.randperm(pages)[:n].tolist()))
-                elapsed = ray.get(src.send_and_wait.remote(tid, src_pages, target))
-                assert ray.get(dst.wait_recv.remote())
-                if rep:
-                    times.append(elapsed)
-            nixl_s = statistics.median(times)
             copy_s = local_copy_s(layers, pages, page_size, dim, dtype, args.device, n, args.reps)
             size = n * page_size * layers * dim * elem
-            print(f"{name:<10} {tokens:>7} {size / 1e6:>8.1f} {nixl_s * 1e3:>9.2f} "
-                  f"{size / nixl_s / 1e9:>10.2f} {copy_s * 1e3:>9.2f} {size / copy_s / 1e9:>10.2f}",
-                  flush=True)  # fmt: skip
+            for mode in ("scattered", "consecutive"):
+                times = []
+                for rep in range(args.reps + 1):
+                    tid = f"{i}-{mode}-{rep}"
+                    if mode == "scattered":
+                        src_pages = torch.randperm(pages)[:n].tolist()
+                        dst_pages = torch.randperm(pages)[:n].tolist()
+                    else:
+                        src_pages, dst_pages = list(range(n)), list(range(4, 4 + n))
+                    target = ray.get(dst.expect.remote(tid, dst_pages))
+                    elapsed = ray.get(src.send_and_wait.remote(tid, src_pages, target))
+                    assert ray.get(dst.wait_recv.remote())
+                    if rep:
+                        times.append(elapsed)
+                nixl_s = statistics.median(times)
+                print(f"{name:<10} {tokens:>7} {mode:>11} {size / 1e6:>8.1f} "
+                      f"{nixl_s * 1e3:>9.2f} {size / nixl_s / 1e9:>10.2f} {copy_s * 1e3:>9.2f} "
+                      f"{size / copy_s / 1e9:>10.2f}", flush=True)  # fmt: skip
         ray.kill(src)
         ray.kill(dst)
 

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from orchestrator.bench import BenchConfig, make_prompts, run_bench
@@ -111,11 +112,16 @@ def main() -> None:
     # once, so that both sides of a pair see the same state of a shared host (whose speed
     # drifts by tens of percent over minutes); the ratio is the median of the pairs' ratios.
     results, hf_runs = [], []
+    cpu_runs: list[dict[str, float]] = []
     for i in range(args.repeat):
         proc = start_server(model_dir, args.port, serve_args)
         try:
             asyncio.run(run_bench(BenchConfig(**{**cfg.__dict__, "num_prompts": args.concurrency})))
+            processes = server_processes(proc.pid, cfg.url)
+            before = cpu_seconds(processes)
             result = asyncio.run(run_bench(cfg))
+            used = cpu_seconds(processes)
+            cpu_runs.append({k: (used[k] - before[k]) for k in used})
             if result.num_failed:
                 sys.exit(f"{result.num_failed} requests failed: {result.first_error}")
         finally:
@@ -139,6 +145,37 @@ def main() -> None:
     print(f"{hf_label:34}{statistics.median(hf_runs):>22.1f}  {hf_runs_text}")
     ratio_runs = " ".join(f"{r:.2f}" for r in ratios)
     print(f"{'ratio (median of pairs)':34}{statistics.median(ratios):>21.2f}x  {ratio_runs}")
+    # Where the server's CPU goes: seconds of CPU per 1000 output tokens, per process (less
+    # sensitive than tokens/s to the host's drift; the same work on fewer cores is faster).
+    per_k = {
+        name: statistics.median(run[name] / (r.output_tokens / 1000) for run, r in
+                                zip(cpu_runs, results, strict=True))
+        for name in cpu_runs[0]
+    }  # fmt: skip
+    shown = ", ".join(f"{name} {sec:.3f}" for name, sec in per_k.items())
+    print(f"CPU s per 1k output tokens (median): {shown}; all {sum(per_k.values()):.3f}")
+
+
+def server_processes(server_pid: int, url: str) -> dict[str, psutil.Process]:
+    """The router (the `pdserve serve` process) and each engine rank, by role."""
+    import httpx
+
+    out = {"router": psutil.Process(server_pid)}
+    ranks = httpx.get(f"{url}/v1/stats", timeout=10, trust_env=False).json()["ranks"]
+    for r in ranks:
+        info = r["info"]
+        name = f"{info['role']} rank" + (f" {r['rank']}" if len(ranks) > 2 else "")
+        out[name] = psutil.Process(info["pid"])
+    return out
+
+
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU seconds of each process (its threads included) so far."""
+    out = {}
+    for name, p in processes.items():
+        t = p.cpu_times()
+        out[name] = t.user + t.system
+    return out
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -30,6 +31,50 @@ def test_page_allocator_all_or_nothing_and_double_free():
     with pytest.raises(RuntimeError, match="freed twice"):
         alloc.free([pages[0]])
     assert alloc.num_free == 4
+
+
+def _longest_free_run(free: set[int]) -> int:
+    best = run = 0
+    for p in range(max(free, default=-1) + 2):
+        run = run + 1 if p in free else 0
+        best = max(best, run)
+    return best
+
+
+def test_page_allocator_keeps_requests_on_consecutive_pages_through_churn():
+    """Random allocations and frees against a plain set of free pages: pages are never handed
+    out twice, the counts agree, an allocation is one run of consecutive pages whenever some
+    free run can hold it, and freeing everything merges the free space back into one run."""
+    rng = random.Random(0)
+    num_pages = 200
+    alloc = PageAllocator(num_pages)
+    free = set(range(num_pages))
+    held: list[list[int]] = []
+    consecutive = fits = 0
+    for _ in range(3000):
+        if held and (rng.random() < 0.45 or alloc.num_free < 20):
+            pages = held.pop(rng.randrange(len(held)))
+            alloc.free(pages)
+            free |= set(pages)
+        else:
+            n = rng.choice([1, 1, 2, 3, 5, 8, 13])
+            if not alloc.can_allocate(n):
+                continue
+            could_fit = _longest_free_run(free) >= n
+            pages = alloc.allocate(n)
+            assert len(pages) == n and set(pages) <= free
+            free -= set(pages)
+            is_run = pages == list(range(pages[0], pages[0] + n))
+            assert is_run or not could_fit, (pages, sorted(free))
+            fits += could_fit
+            consecutive += is_run
+            held.append(pages)
+        assert alloc.num_free == len(free)
+    assert fits > 500 and consecutive >= fits
+    for pages in held:
+        alloc.free(pages)
+    assert alloc.num_free == num_pages and alloc.num_free_runs == 1
+    assert alloc.allocate(num_pages) == list(range(num_pages))
 
 
 def _seq(rid: str, n: int, arrival: int) -> Sequence:

@@ -2,32 +2,57 @@
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 
 class PageAllocator:
-    """Hands out fixed-size pages by index; all-or-nothing allocation, loud on double free."""
+    """Hands out fixed-size pages by index; all-or-nothing allocation, loud on double free.
+
+    The free pages are kept as sorted runs of consecutive pages (merged on free), and an
+    allocation takes the first run that holds it whole: a request's pages are consecutive
+    whenever the free space allows, so its KV moves between ranks as one block per layer (one
+    transfer descriptor per run and layer, not per page and layer). Only when no run is long
+    enough does it take the lowest free pages, run by run.
+    """
 
     def __init__(self, num_pages: int):
         if num_pages < 1:
             raise ValueError(f"the KV cache needs at least one page, got {num_pages}")
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low indices first
+        self._starts: list[int] = [0]  # first page of each free run, ascending
+        self._lengths: dict[int, int] = {0: num_pages}  # run start -> pages in it
+        self._num_free = num_pages
         self._is_free = [True] * num_pages
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
+
+    @property
+    def num_free_runs(self) -> int:
+        return len(self._starts)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self._num_free
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"asked for {n} KV pages, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
+        if n > self._num_free:
+            raise MemoryError(f"asked for {n} KV pages, {self._num_free} free")
+        if n <= 0:
+            return []
+        lengths = self._lengths
+        fit = next((i for i, start in enumerate(self._starts) if lengths[start] >= n), None)
+        if fit is not None:
+            pages = self._take(fit, n)
+        else:  # fragmented: the lowest free pages
+            pages = []
+            while len(pages) < n:
+                pages += self._take(0, min(n - len(pages), lengths[self._starts[0]]))
         for p in pages:
             self._is_free[p] = False
+        self._num_free -= n
         return pages
 
     def free(self, pages: list[int]) -> None:
@@ -35,7 +60,43 @@ class PageAllocator:
             if self._is_free[p]:
                 raise RuntimeError(f"KV page {p} freed twice")
             self._is_free[p] = True
-            self._free.append(p)
+        self._num_free += len(pages)
+        run_start = run_end = -1
+        for p in sorted(pages):
+            if p == run_end:
+                run_end += 1
+                continue
+            if run_end > run_start:
+                self._add_run(run_start, run_end - run_start)
+            run_start, run_end = p, p + 1
+        if run_end > run_start:
+            self._add_run(run_start, run_end - run_start)
+
+    def _take(self, index: int, n: int) -> list[int]:
+        """The first `n` pages of free run `index` (which holds at least `n`)."""
+        start = self._starts[index]
+        length = self._lengths.pop(start)
+        if length > n:
+            self._starts[index] = start + n
+            self._lengths[start + n] = length - n
+        else:
+            del self._starts[index]
+        return list(range(start, start + n))
+
+    def _add_run(self, start: int, length: int) -> None:
+        """Insert a run of free pages, merging it with the free runs it touches."""
+        starts, lengths = self._starts, self._lengths
+        i = bisect.bisect_left(starts, start)
+        if i > 0 and starts[i - 1] + lengths[starts[i - 1]] == start:  # extends the previous
+            i -= 1
+            start = starts[i]
+            length += lengths.pop(start)
+            del starts[i]
+        if i < len(starts) and start + length == starts[i]:  # reaches the next
+            length += lengths.pop(starts[i])
+            del starts[i]
+        starts.insert(i, start)
+        lengths[start] = length
 
 
 def pages_needed(num_tokens: int, page_size: int) -> int:
