@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_checks.sh prefill   # 8 x 2048-token prompts
 #   bash benchmarks/gpu_checks.sh eplb      # EPLB load/prepare/execute timings on the GPU
 #   bash benchmarks/gpu_checks.sh ep        # a one-rank NCCL EP pool, grouped GEMM backends
+#   bash benchmarks/gpu_checks.sh kv        # NIXL KV transfer GPU->GPU between two actors,
+#                                           # scattered vs consecutive pages (gpu_wheels.sh)
 #   bash benchmarks/gpu_checks.sh serve     # pdserve serve + bench: the disaggregated pair
 #                                           # sharing the GPU, then colocated (needs the
 #                                           # packages of benchmarks/gpu_wheels.sh on PYTHONPATH)
@@ -18,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb|ep|serve}
+step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb|ep|kv|serve}
 log=/dev/null
 if [ -n "${OUT:-}" ]; then log="$OUT/$step.log"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
@@ -50,6 +52,9 @@ case "$step" in
     "$PY" benchmarks/ep_pool.py --device cuda --dtype bfloat16 --model v2-lite --num-layers 8 \
       --ranks 1 --grouped-gemm-backend torch deep_gemm --batch 64 --input-len 512 \
       --output-len 64 2>&1 | tee -a "$log"
+    ;;
+  kv)
+    "$PY" benchmarks/kv_transfer.py --device cuda --reps 10 2>&1 | tee -a "$log"
     ;;
   serve)
     # The built-in tiny model measures the serving machinery (HTTP, Ray, NIXL between two
