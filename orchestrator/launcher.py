@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -116,9 +117,10 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
 
     specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
     saved = read_expert_placements(config.init_expert_placement)
-    placements = place_pools(
-        specs, config.placement_timeout_s, fixed_cluster=config.ray_address is None
-    )
+    # A Ray this process started itself gets no new nodes (`RAY_ADDRESS` may point `ray.init`
+    # at an existing cluster even without --address).
+    local = config.ray_address is None and not os.environ.get("RAY_ADDRESS")
+    placements = place_pools(specs, config.placement_timeout_s, fixed_cluster=local)
     ranks: list[Any] = []
     meeting_points: list[Any] = []
     try:
