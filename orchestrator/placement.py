@@ -75,12 +75,11 @@ def assign_nodes(pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo]) -> dict[s
 
 
 def pool_selectors(
-    pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo]
+    allowed: dict[str, list[str]], nodes: Sequence[NodeInfo]
 ) -> dict[str, dict[str, str]]:
     """The Ray label selector each role's bundles carry (a role missing may use any node): the
-    nodes `assign_nodes` chose today, written so that tomorrow's nodes match too (see the
-    module doc)."""
-    allowed = assign_nodes(pools, nodes)
+    nodes `allowed` (`assign_nodes` of `nodes`) names today, written so that tomorrow's nodes
+    match too (see the module doc)."""
     labelled = sorted({n.labels[POOL_LABEL] for n in nodes if POOL_LABEL in n.labels})
     out: dict[str, dict[str, str]] = {}
     for role in sorted(allowed):
@@ -190,7 +189,7 @@ def place_pools(
     if missing:
         logger.warning("%s: waiting up to %.0f s for nodes to join", missing, timeout_s)
     allowed = assign_nodes(pools, nodes)
-    selectors = pool_selectors(pools, nodes)
+    selectors = pool_selectors(allowed, nodes)
     if allowed:
         logger.info(
             "pools on separate nodes: %s",

@@ -123,7 +123,7 @@ def test_selectors_keep_todays_split_and_admit_a_replacement_node(labelled: bool
         newcomers = {"prefill": _node(9, gpus=8), "decode": _node(9, gpus=8)}
     pools = _pools(8, 8, gpu=1) if not labelled else _pools(1, 1)
     allowed = assign_nodes(pools, nodes)
-    selectors = pool_selectors(pools, nodes)
+    selectors = pool_selectors(allowed, nodes)
     assert sorted(selectors) == sorted(allowed) == ["decode", "prefill"]
     for role, selector in selectors.items():
         assert [n.node_id for n in nodes if _matches(selector, n)] == allowed[role]
@@ -131,14 +131,16 @@ def test_selectors_keep_todays_split_and_admit_a_replacement_node(labelled: bool
     if labelled:  # a labelled newcomer goes to its own pool only
         assert not _matches(selectors["prefill"], newcomers["decode"])
     if labelled:  # prefill's node only: decode has no node of its own, so it may use any
-        assert pool_selectors(pools, nodes[:1]) == {"prefill": {POOL_LABEL: "prefill"}}
+        assert pool_selectors(assign_nodes(pools, nodes[:1]), nodes[:1]) == {
+            "prefill": {POOL_LABEL: "prefill"}
+        }
     else:  # one node: no selectors (any node)
-        assert pool_selectors(pools, nodes[:1]) == {}
+        assert pool_selectors(assign_nodes(pools, nodes[:1]), nodes[:1]) == {}
 
 
 def test_a_pool_without_labelled_nodes_selects_the_unlabelled_ones():
     nodes = [_node(0, **{POOL_LABEL: "decode"}), _node(1), _node(2, **{POOL_LABEL: "other"})]
-    selectors = pool_selectors(_pools(1, 1), nodes)
+    selectors = pool_selectors(assign_nodes(_pools(1, 1), nodes), nodes)
     assert [n.node_id for n in nodes if _matches(selectors["decode"], n)] == ["n0"]
     assert [n.node_id for n in nodes if _matches(selectors["prefill"], n)] == ["n1"]
     assert _matches(selectors["prefill"], _node(5))  # a new unlabelled node
