@@ -89,6 +89,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra serve flag")
     parser.add_argument(
+        "--no-stream", dest="stream", action="store_false",
+        help="plain JSON calls to pdserve (transformers' generate does not stream either)",
+    )  # fmt: skip
+    parser.add_argument(
         "--repeat", type=int, default=3, help="runs of each side; the medians are compared"
     )
     args = parser.parse_args()
@@ -99,13 +103,13 @@ def main() -> None:
     prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
 
     print(f"model {model_dir.name}; {args.num_prompts} prompts x {args.input_len} tokens in, "
-          f"{args.output_len} out; concurrency {args.concurrency}; {os.cpu_count()} CPUs",
-          flush=True)  # fmt: skip
+          f"{args.output_len} out; concurrency {args.concurrency}; {os.cpu_count()} CPUs; "
+          f"{'streamed' if args.stream else 'not streamed'}", flush=True)  # fmt: skip
     serve_args = [a for s in args.serve_arg for a in s.split()]
     cfg = BenchConfig(
         url=f"http://127.0.0.1:{args.port}", num_prompts=args.num_prompts,
         input_len=args.input_len, output_len=args.output_len,
-        concurrency=args.concurrency, seed=args.seed, vocab_size=vocab,
+        concurrency=args.concurrency, seed=args.seed, vocab_size=vocab, stream=args.stream,
     )  # fmt: skip
     hf_batch = args.hf_batch_size or args.concurrency
     # Paired runs: each pair starts a server, measures it, stops it, then measures the peer at

@@ -5,6 +5,8 @@ Each prompt is exactly `input_len` random token ids (sent as `input_ids`) and as
 library (`asyncio.run(run_bench(BenchConfig(...)))`) or through `pdserve bench`.
 
 TTFT: request sent → first token received. TPOT: (e2e − TTFT) / (output tokens − 1) per request.
+With `stream=False` (`--no-stream`) each request is one plain JSON call, as an offline batch
+client would send it: there is no first token to time, so only e2e latency and throughput.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class BenchConfig:
     seed: int = 0
     vocab_size: int | None = None  # default: asked from the server (`GET /v1/stats`)
     timeout_s: float = 600.0  # per request
+    stream: bool = True  # False: plain JSON calls (no TTFT / TPOT)
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
@@ -41,13 +44,13 @@ class BenchConfig:
 class RequestResult:
     ok: bool
     num_output_tokens: int = 0
-    ttft_s: float = 0.0
+    ttft_s: float | None = 0.0  # None: not streamed
     e2e_s: float = 0.0
     error: str | None = None
 
     @property
     def tpot_s(self) -> float | None:
-        if self.num_output_tokens < 2:
+        if self.num_output_tokens < 2 or self.ttft_s is None:
             return None
         return (self.e2e_s - self.ttft_s) / (self.num_output_tokens - 1)
 
@@ -70,9 +73,19 @@ class BenchResult:
     first_error: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """One JSON object; latencies that were not measured (not streamed) are null."""
+        fields = asdict(self)
+        for k, v in fields.items():
+            if isinstance(v, float) and math.isnan(v):
+                fields[k] = None
+        return json.dumps(fields)
 
     def table(self) -> str:
+        def pair(p50: float, p99: float, digits: int) -> str:
+            if math.isnan(p50):
+                return "n/a (not streamed)"
+            return f"{p50:.{digits}f} / {p99:.{digits}f} ms"
+
         rows = [
             ("requests", f"{self.num_requests - self.num_failed} ok, {self.num_failed} failed"),
             ("duration", f"{self.duration_s:.2f} s"),
@@ -80,8 +93,8 @@ class BenchResult:
             ("output tokens", str(self.output_tokens)),
             ("output tok/s", f"{self.output_tok_s:.1f}"),
             ("total tok/s", f"{self.total_tok_s:.1f}"),
-            ("TTFT p50 / p99", f"{self.ttft_p50_ms:.1f} / {self.ttft_p99_ms:.1f} ms"),
-            ("TPOT p50 / p99", f"{self.tpot_p50_ms:.2f} / {self.tpot_p99_ms:.2f} ms"),
+            ("TTFT p50 / p99", pair(self.ttft_p50_ms, self.ttft_p99_ms, 1)),
+            ("TPOT p50 / p99", pair(self.tpot_p50_ms, self.tpot_p99_ms, 2)),
             ("e2e p50 / p99", f"{self.e2e_p50_ms:.1f} / {self.e2e_p99_ms:.1f} ms"),
         ]
         if self.first_error:
@@ -124,8 +137,10 @@ async def _one(
         "sampling_params": {
             "max_new_tokens": cfg.output_len, "temperature": 0.0, "ignore_eos": True,
         },
-        "stream": True,
+        "stream": cfg.stream,
     }  # fmt: skip
+    if not cfg.stream:
+        return await _one_whole(session, cfg, payload)
     start = time.perf_counter()
     ttft = 0.0
     last = b""
@@ -152,6 +167,22 @@ async def _one(
     return RequestResult(True, num_tokens, ttft, time.perf_counter() - start)
 
 
+async def _one_whole(
+    session: aiohttp.ClientSession, cfg: BenchConfig, payload: dict[str, object]
+) -> RequestResult:
+    start = time.perf_counter()
+    try:
+        async with session.post(f"{cfg.url}/generate", json=payload) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                text = body.decode(errors="replace")
+                return RequestResult(False, error=f"HTTP {resp.status}: {text[:200]}")
+        num_tokens = int(json.loads(body)["meta_info"]["completion_tokens"])
+    except (aiohttp.ClientError, ValueError, KeyError) as e:
+        return RequestResult(False, error=f"{type(e).__name__}: {e}")
+    return RequestResult(True, num_tokens, None, time.perf_counter() - start)
+
+
 async def run_bench(cfg: BenchConfig) -> BenchResult:
     connector = aiohttp.TCPConnector(limit=cfg.concurrency)
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=30.0)
@@ -175,7 +206,7 @@ def summarize(results: Sequence[RequestResult], input_len: int, duration_s: floa
     out_tokens = sum(r.num_output_tokens for r in ok)
     in_tokens = input_len * len(ok)
     ms = 1000.0
-    ttft = [r.ttft_s * ms for r in ok]
+    ttft = [r.ttft_s * ms for r in ok if r.ttft_s is not None]
     tpot = [r.tpot_s * ms for r in ok if r.tpot_s is not None]
     e2e = [r.e2e_s * ms for r in ok]
     errors = [r.error for r in results if not r.ok]

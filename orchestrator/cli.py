@@ -404,6 +404,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-stream", dest="stream", action="store_false",
+        help="plain JSON calls, as an offline batch client sends them (no TTFT / TPOT)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -419,6 +423,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             output_len=args.output_len,
             concurrency=args.concurrency,
             seed=args.seed,
+            stream=args.stream,
         )
         result = asyncio.run(run_bench(cfg))
     except (ValueError, RuntimeError, httpx.HTTPError) as e:

@@ -121,6 +121,7 @@ class Router:
         self.num_retries = 0  # requests re-run on another pair after a failure
         self.num_rank_failures = 0  # times a rank was found dead or failing
         self.num_add_calls = 0  # `add_requests` actor calls (each carries one or more adds)
+        self.num_deltas = 0  # token deltas handed to requests (at most one per request a poll)
         self.request_timeout_s = request_timeout_s
         self.infos: list[RankInfo | None] = [None] * len(ranks)
         self.rank_errors: list[str | None] = [None] * len(ranks)
@@ -240,6 +241,7 @@ class Router:
                     self._queued_prefill_tokens[req.prefill_rank] -= req.num_prompt_tokens
                     self._running[req.prefill_rank] -= 1
                     req.prefill_rank = None
+                self.num_deltas += 1
                 req.queue.put_nowait(item)
             # One call per prefill rank for all the targets this poll brought.
             for prefill_rank, pairs in targets.items():
@@ -298,8 +300,13 @@ class Router:
         stop: Sequence[str] = (),
         rid: str | None = None,
         timeout_s: float | None = None,
+        stream: bool = True,
     ) -> AsyncGenerator[Output, None]:
         """Run one request; yield its `Output`s, the last with `finish_reason` set.
+
+        `stream=False`: the caller wants the output whole. Unless there are stop strings to
+        match as the text grows, the rank then sends the first token and the rest at the end
+        (one output instead of one per engine step: far less work for rank, router and HTTP).
 
         Raises ValueError (message naming the field) when a rank refuses the request before it
         starts, RouterNotReady when no rank can take it. Closing the iterator early (client gone)
@@ -310,7 +317,8 @@ class Router:
             raise RouterNotReady("the server is shutting down (draining the requests in flight)")
         rid = rid or uuid.uuid4().hex
         used: list[tuple[int, int | None]] = []
-        first = self._attempt(input_ids, sampling, stop, rid, timeout_s, frozenset(), used)
+        whole = not stream and not stop
+        first = self._attempt(input_ids, sampling, stop, rid, timeout_s, frozenset(), used, whole)
         streamed = False  # a token reached the consumer: too late to retry
         avoid: frozenset[int] | None = None  # set when the request is to be retried
         reason: str | None = None
@@ -341,7 +349,7 @@ class Router:
                        "rank", rid, reason)  # fmt: skip
         # A new id on the ranks: the first attempt's abort may not have reached them yet.
         retry_rid = f"{rid}-retry"
-        second = self._attempt(input_ids, sampling, stop, retry_rid, timeout_s, avoid, used)
+        second = self._attempt(input_ids, sampling, stop, retry_rid, timeout_s, avoid, used, whole)
         async with contextlib.aclosing(second) as outs:
             async for out in outs:
                 yield dataclasses.replace(out, rid=rid)
@@ -358,8 +366,10 @@ class Router:
         timeout_s: float | None,
         avoid: frozenset[int],
         used: list[tuple[int, int | None]],
+        whole: bool = False,
     ) -> AsyncGenerator[Output, None]:
-        """One try of `generate` on the pair `_pick(avoid)`, recorded in `used`."""
+        """One try of `generate` on the pair `_pick(avoid)`, recorded in `used`; `whole`: the
+        ranks may hold the output after the first token until the end."""
         rank, prefill_rank = self._pick(avoid)
         used.append((rank, prefill_rank))
         if rid in self._requests:
@@ -380,7 +390,7 @@ class Router:
         add_ref = prefill_ref = None
         timer: asyncio.TimerHandle | None = None
         try:
-            request = GenerateRequest(rid, list(input_ids), sampling)
+            request = GenerateRequest(rid, list(input_ids), sampling, stream=not whole)
             # Decode side first, so that its receive is posted while the prompt computes.
             add_ref = self._add(rank, request)
             if prefill_rank is not None:

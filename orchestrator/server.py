@@ -144,10 +144,13 @@ def create_app(
         client: str,
         rid: str | None = None,
         arrival_s: float | None = None,
+        stream: bool = True,
     ) -> AsyncGenerator[Output, None]:
-        """The request's outputs; takes one of `client`'s slots (429 when none is left)."""
+        """The request's outputs; takes one of `client`'s slots (429 when none is left).
+        `stream=False`: the caller uses only the whole output (see `Router.generate`)."""
         arrival = time.perf_counter() if arrival_s is None else arrival_s
-        outputs = metrics.track(router.generate(ids, sampling, stop, rid=rid), arrival)
+        generated = router.generate(ids, sampling, stop, rid=rid, stream=stream)
+        outputs = metrics.track(generated, arrival)
         return limiter.wrap(outputs, client)
 
     def prepare(call: GenerateCall) -> tuple[list[int], SamplingParams]:
@@ -165,7 +168,7 @@ def create_app(
         async def one(i: int) -> GenerateResult:
             (ids, sampling), stop = prepared[i]
             result = GenerateResult(rids[i], "", [], len(ids), 0, None, 0.0)
-            outputs = run(ids, sampling, stop, client_of(request), rids[i], arrival)
+            outputs = run(ids, sampling, stop, client_of(request), rids[i], arrival, stream=False)
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
                     if out.finish_reason in ("error", "abort"):
@@ -205,7 +208,10 @@ def create_app(
             ids, req.sampling, router.limits, config.default_max_new_tokens, req.prompt_field
         )
         builder = ResponseBuilder(chat, req.model or router.model_name)
-        outputs = run(ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival)
+        outputs = run(
+            ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival,
+            stream=req.stream,
+        )  # fmt: skip
         if req.stream:
             return EventStream(_openai_events(outputs, builder, req))
 

@@ -44,6 +44,24 @@ async def _stream_all(url: str, prompts: list[list[int]], n: int) -> list[list[i
         return list(await asyncio.gather(*(one(client, p) for p in prompts)))
 
 
+async def _whole_all(
+    url: str, prompts: list[list[int]], n: int, stop: list[str] | None = None
+) -> list[list[int]]:
+    """Every prompt at once as a plain (not streamed) call; each request's `output_ids`."""
+
+    async def one(client: httpx.AsyncClient, p: list[int]) -> list[int]:
+        sampling = {**_greedy(n), **({"stop": stop} if stop else {})}
+        resp = await client.post(
+            f"{url}/generate", json={"input_ids": p, "sampling_params": sampling}
+        )
+        assert resp.status_code == 200, resp.text
+        return list(resp.json()["output_ids"])
+
+    limits = httpx.Limits(max_connections=len(prompts))
+    async with httpx.AsyncClient(timeout=240, limits=limits) as client:
+        return list(await asyncio.gather(*(one(client, p) for p in prompts)))
+
+
 def _wait_all_pages_free(url: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -66,6 +84,18 @@ def test_disaggregated_matches_colocated_with_64_concurrent_streams(launch_tiny,
         _wait_all_pages_free(disagg.url)
         # The 64 arrive at once: their adds reach each rank in a few batched calls, not 2 x 64.
         assert disagg.router.num_add_calls < 64, disagg.router.num_add_calls
+        # Not streamed and no stop string: the same tokens, but the decode rank sends each
+        # request's first token and then the rest at its end, not a delta per step.
+        before = disagg.router.num_deltas
+        whole = asyncio.run(_whole_all(disagg.url, prompts[:16], 24))
+        assert whole == got[:16]
+        assert disagg.router.num_deltas - before <= 2 * 16, disagg.router.num_deltas - before
+        # A stop string needs the text as it grows: those still come step by step.
+        before = disagg.router.num_deltas
+        stopped = asyncio.run(_whole_all(disagg.url, prompts[:1], 24, stop=["\x00never"]))
+        assert stopped == got[:1]
+        assert disagg.router.num_deltas - before > 2, disagg.router.num_deltas - before
+        _wait_all_pages_free(disagg.url)
     finally:
         disagg.stop()
     colocated = launch_tiny(colocated=True)

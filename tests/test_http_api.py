@@ -469,6 +469,13 @@ def test_cli_bench(tiny_server):
     assert p.returncode == 0, p.stderr
     for label in ("requests", "duration", "output tok/s", "total tok/s", "TTFT p50", "TPOT p50"):
         assert label in p.stdout
+    # Plain JSON calls: the same tokens counted, no first token to time.
+    p = _cli("bench", *args, "--concurrency", "4", "--no-stream", "--json")
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["num_failed"] == 0 and result["output_tokens"] == 64
+    assert result["ttft_p50_ms"] is None and result["tpot_p50_ms"] is None
+    assert 0 < result["e2e_p50_ms"] <= result["e2e_p99_ms"]
 
 
 # ---- timeouts and a rank that dies ----------------------------------------------------------------

@@ -9,8 +9,14 @@ from workers.engine.messages import FinishReason, StreamBuffer, TokenDelta
 pytestmark = pytest.mark.timeout(30)
 
 
-def _d(rid: str, tokens: list[int], total: int, finish: FinishReason | None = None) -> TokenDelta:
-    return TokenDelta(rid, tokens, finish, num_prompt_tokens=3, num_output_tokens=total)
+def _d(
+    rid: str,
+    tokens: list[int],
+    total: int,
+    finish: FinishReason | None = None,
+    hold: bool = False,
+) -> TokenDelta:
+    return TokenDelta(rid, tokens, finish, num_prompt_tokens=3, num_output_tokens=total, hold=hold)
 
 
 def _published(buf: StreamBuffer, deltas: list[TokenDelta], stepped: bool = True) -> dict:
@@ -61,6 +67,31 @@ def test_an_error_or_abort_takes_the_held_tokens_with_it():
     _published(buf, [_d("a", [2], 2)])
     abort = TokenDelta("a", [], FinishReason.ABORT)
     assert _published(buf, [abort], stepped=False) == {"a": ([2], FinishReason.ABORT)}
+
+
+def test_a_request_not_streamed_is_held_after_its_first_token_until_it_ends():
+    buf = StreamBuffer(1)  # held whatever the interval
+    assert _published(buf, [_d("w", [1], 1, hold=True), _d("s", [9], 1)]) == {
+        "w": ([1], None),  # the first token: time to first token
+        "s": ([9], None),
+    }
+    for n in range(2, 40):
+        assert _published(buf, [_d("w", [n], n, hold=True), _d("s", [9], n)]) == {"s": ([9], None)}
+    # A step that gives it nothing (preempted) does not release it either.
+    assert _published(buf, [_d("s", [9], 40)]) == {"s": ([9], None)}
+    end = _d("w", [40], 40, FinishReason.LENGTH, hold=True)
+    assert _published(buf, [end]) == {"w": (list(range(2, 41)), FinishReason.LENGTH)}
+    assert _published(buf, [], stepped=True) == {}
+
+
+def test_a_held_request_that_is_aborted_takes_its_tokens_with_it():
+    buf = StreamBuffer(1)
+    _published(buf, [_d("w", [1], 1, hold=True)])
+    _published(buf, [_d("w", [2], 2, hold=True)])
+    _published(buf, [_d("w", [3], 3, hold=True)])
+    abort = TokenDelta("w", [], FinishReason.ABORT)
+    assert _published(buf, [abort], stepped=False) == {"w": ([2, 3], FinishReason.ABORT)}
+    assert _published(buf, [], stepped=True) == {}
 
 
 def test_interval_must_be_positive():

@@ -248,7 +248,7 @@ class Engine:
             gen.manual_seed(seed if seed is not None else torch.seed())
         seq = Sequence(
             req.rid, req.input_ids, req.sampling, next(self._arrivals), gen,
-            prefill_only=mode == "prefill",
+            prefill_only=mode == "prefill", stream=req.stream,
         )  # fmt: skip
         self.requests[req.rid] = seq
         self.idle = False
@@ -469,4 +469,5 @@ class Engine:
             finish_reason=finish,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
+            hold=not seq.stream,
         )

@@ -55,6 +55,10 @@ class GenerateRequest:
     rid: str
     input_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # False: the client takes the output whole (a non-streaming call with no stop string for
+    # the router to match), so the rank sends the first token (time to first token) and then
+    # holds the rest until the request ends: one delta instead of one per step.
+    stream: bool = True
 
 
 @dataclass
@@ -68,6 +72,7 @@ class TokenDelta:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # total so far, including `token_ids`
+    hold: bool = False  # the request's tokens may be held until it ends (not streamed)
 
     @classmethod
     def failure(cls, rid: str, message: str) -> TokenDelta:
@@ -80,7 +85,9 @@ class StreamBuffer:
     (`--stream-interval`): fewer, larger deltas mean less work per token for the rank's poll,
     the router and the HTTP stream. Never held: the first token (time to first token), a
     finished request's last delta, and the tokens of a request that got no new token in a step
-    (preempted or stalled). With `interval` 1 every delta passes at once."""
+    (preempted or stalled). With `interval` 1 every delta passes at once. A delta marked
+    `hold` (a request that is not streamed) is held, after its first token, until the request
+    ends, whatever the interval."""
 
     def __init__(self, interval: int = 1):
         if interval < 1:
@@ -92,22 +99,25 @@ class StreamBuffer:
         """The deltas to publish now, of `deltas` (this loop iteration's) and those held.
         `stepped`: the iteration ran a model step (only then does a held request that got no
         token count as stalled)."""
-        if self.interval == 1 and not self._held:
+        if self.interval == 1 and not self._held and not any(d.hold for d in deltas):
             return deltas
         out: list[TokenDelta] = []
         fresh: set[str] = set()
         for d in deltas:
             held = self._held.pop(d.rid, None)
             if held is not None:
-                d.token_ids = held.token_ids + d.token_ids
+                held.token_ids.extend(d.token_ids)  # in place: a long output stays linear
+                d.token_ids = held.token_ids
             fresh.add(d.rid)
             first = d.num_output_tokens == len(d.token_ids)
-            if d.finish_reason is not None or first or len(d.token_ids) >= self.interval:
+            full = not d.hold and len(d.token_ids) >= self.interval
+            if d.finish_reason is not None or first or full:
                 out.append(d)
             else:
                 self._held[d.rid] = d
         if stepped:
-            for rid in [rid for rid in self._held if rid not in fresh]:
+            stalled = [rid for rid, d in self._held.items() if rid not in fresh and not d.hold]
+            for rid in stalled:
                 out.append(self._held.pop(rid))
         return out
 

@@ -27,6 +27,7 @@ class Sequence:
         arrival: int,
         generator: torch.Generator | None = None,
         prefill_only: bool = False,
+        stream: bool = True,
     ):
         self.rid = rid
         self.token_ids = list(prompt_ids)  # prompt, then generated tokens
@@ -35,6 +36,7 @@ class Sequence:
         self.arrival = arrival  # admission order; the newest is preempted first
         self.generator = generator
         self.prefill_only = prefill_only  # prefill side of a disaggregated request
+        self.stream = stream  # False: its deltas may be held until it ends (StreamBuffer)
         self.status = SeqStatus.WAITING
         self.pages: list[int] = []
         self.num_computed = 0  # tokens whose latent KV is in the cache
