@@ -110,13 +110,16 @@ CASES = {
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_torch_decode_path_matches_reference(case: str, dtype: torch.dtype):
+@pytest.mark.parametrize("padded", [True, False])
+def test_torch_decode_path_matches_reference(case: str, dtype: torch.dtype, padded: bool):
     """`paged_decode_torch` (the engine's decode attention without Triton), its step inputs
     built inside or passed in (as every layer after a step's first gets them). Slots past a
-    context hold stale finite values, as in the engine's cache (zeroed at start)."""
+    context hold stale finite values, as in the engine's cache (zeroed at start). `padded`:
+    with a zero-length row (a padding row, zeroed), or with none (the zeroing is skipped)."""
     lens, heads, kv_lora, rope, page_size = CASES[case]
+    lens = [*lens, 0] if padded else [n for n in lens if n]
     q, cache, block_table, seq_lens, scale = _make_case(
-        [*lens, 0], heads, kv_lora, rope, page_size, dtype=dtype, poison=False
+        lens, heads, kv_lora, rope, page_size, dtype=dtype, poison=False
     )
     cache[cache == 0] = 7.0  # stale values in the padding, not zeros that would hide a leak
     ref = mla_decode_reference(q, cache, block_table, seq_lens, page_size, kv_lora, scale)
@@ -126,7 +129,9 @@ def test_torch_decode_path_matches_reference(case: str, dtype: torch.dtype):
             q, cache, block_table, seq_lens, page_size, kv_lora, scale, inputs=given
         )
         assert out.shape == ref.shape and out.dtype == dtype
-        assert (out[-1] == 0).all()  # the zero-length row
+        assert (inputs.empty is None) == (not padded)
+        if padded:
+            assert (out[-1] == 0).all()  # the zero-length row
         assert _rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 

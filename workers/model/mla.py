@@ -119,7 +119,8 @@ class MLAttention(nn.Module):
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         w_uk, w_uv = self.absorbed_weights()
-        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
+        # Heads-first batched GEMMs on views (what einsum would do, less its own overhead).
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, heads, kv_lora]
         q_full = torch.cat((q_latent, q_pe), dim=-1)  # [B, heads, kv_lora + rope]
         args = (meta.block_table, meta.seq_lens, meta.page_size, self.kv_lora_rank, self.scale)
         if self.decode_backend == "triton":
@@ -132,7 +133,7 @@ class MLAttention(nn.Module):
                     meta.block_table, meta.seq_lens, meta.page_size, q_full.dtype
                 )
             out_latent = paged_decode_torch(q_full, kv_cache, *args, inputs=meta.paged_decode)
-        return torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
+        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
     def _prefill(
         self,
@@ -184,7 +185,9 @@ class PagedDecodeInputs(NamedTuple):
 
     page_ids: torch.Tensor  # [B * max_pages] int64, the block table flattened
     bias: torch.Tensor  # [B, 1, max_pages * page_size]: 0 inside a context, -inf past it
-    empty: torch.Tensor  # [B] bool: padding rows (length 0), whose output is zeroed
+    # [B] bool: padding rows (length 0), whose output is zeroed; None when there is none
+    # (known on the host for CPU tensors; a device tensor is not asked, to avoid a sync).
+    empty: torch.Tensor | None
 
 
 def paged_decode_inputs(
@@ -197,7 +200,8 @@ def paged_decode_inputs(
     valid[:, 0] |= empty  # an empty row attends to one junk slot (finite), then is zeroed
     bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
     bias = bias.masked_fill(~valid, float("-inf"))[:, None, :]
-    return PagedDecodeInputs(block_table.flatten().long(), bias, empty)
+    empty_rows = None if empty.device.type == "cpu" and not bool(empty.any()) else empty
+    return PagedDecodeInputs(block_table.flatten().long(), bias, empty_rows)
 
 
 def paged_decode_torch(
@@ -229,4 +233,6 @@ def paged_decode_torch(
     scores = torch.baddbmm(inputs.bias, q, latent.transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.bmm(probs, latent[..., :kv_lora_rank])
+    if inputs.empty is None:
+        return out
     return out.masked_fill(inputs.empty[:, None, None], 0.0)
