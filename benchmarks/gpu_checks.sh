@@ -16,11 +16,31 @@
 #   bash benchmarks/gpu_checks.sh serve     # pdserve serve + bench: the disaggregated pair
 #                                           # sharing the GPU, then colocated (needs the
 #                                           # packages of benchmarks/gpu_wheels.sh on PYTHONPATH)
+#   bash benchmarks/gpu_checks.sh all [S]   # tests, decode, prefill, eplb, ep, fp8 in that order
+#                                           # within S seconds in all (default 540): each step
+#                                           # gets what is left, a step that cannot start with
+#                                           # 30 s left is skipped and says so (one device call
+#                                           # when the device time is short)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb|ep|kv|serve}
+step=${1:?usage: gpu_checks.sh tests|decode|fp8|prefill|eplb|ep|kv|serve|all [seconds]}
+if [ "$step" = all ]; then
+  deadline=$((SECONDS + ${2:-540}))
+  status=0
+  for s in tests decode prefill eplb ep fp8; do
+    left=$((deadline - SECONDS))
+    if [ "$left" -lt 30 ]; then
+      echo "== $s: skipped (${left} s left)"
+      status=1
+      continue
+    fi
+    echo "== $s (${left} s left)"
+    timeout -k 5 "$left" bash "$0" "$s" || { echo "== $s: exit $?"; status=1; }
+  done
+  exit "$status"
+fi
 log=/dev/null
 if [ -n "${OUT:-}" ]; then log="$OUT/$step.log"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
