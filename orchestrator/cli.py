@@ -143,6 +143,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "refused (0: stop at once; a second signal stops at once)",
     )
     r.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024)
+    r.add_argument(
+        "--incremental-streaming-output",
+        action="store_true",
+        help="/generate streams: each event carries only its new text and output_ids "
+        "(default: everything so far, as SGLang sends them)",
+    )
     r.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: none)")
     r.add_argument(
         "--max-concurrent-requests-per-client",
@@ -205,6 +211,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         transfer_timeout_s=args.transfer_timeout,
         engine=engine,
         max_request_body_bytes=args.max_request_body_bytes,
+        incremental_streaming_output=args.incremental_streaming_output,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests_per_client=args.max_concurrent_requests_per_client,
         default_max_new_tokens=args.default_max_new_tokens,

@@ -34,6 +34,9 @@ class ServeConfig:
     transfer_timeout_s: float = 30.0  # a KV transfer (or its handshake) that takes longer fails
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_request_body_bytes: int = 8 * 1024 * 1024
+    # `/generate` streams: an event carries only its new text and output_ids (default: all so
+    # far, SGLang's default, whose bytes grow with the square of the output's length).
+    incremental_streaming_output: bool = False
     max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's limits
     max_concurrent_requests_per_client: int | None = None  # per client address; None: no cap
     default_max_new_tokens: int = 128  # when a request does not say

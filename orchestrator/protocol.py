@@ -355,8 +355,22 @@ class GenerateResult:
             e2e_latency_s,
         )
 
+    def step(self, out: Output, e2e_latency_s: float) -> GenerateResult:
+        """The state after `out`, with `text` and `output_ids` only what `out` adds (an
+        incremental stream's event; the counts stay cumulative)."""
+        return GenerateResult(
+            self.rid,
+            out.text,
+            list(out.token_ids),
+            out.num_prompt_tokens or self.prompt_tokens,
+            max(self.completion_tokens, out.num_output_tokens),
+            out if out.finish_reason is not None else None,
+            e2e_latency_s,
+        )
+
     def json(self) -> dict[str, Any]:
-        """`text` and `output_ids` are cumulative (as SGLang sends them, streaming too)."""
+        """`text` and `output_ids` as held: cumulative from `add` (as SGLang sends them,
+        streaming too), the new part only from `step`."""
         return {
             "text": self.text,
             "output_ids": self.output_ids,

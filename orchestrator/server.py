@@ -179,7 +179,9 @@ def create_app(
         if body.stream:
             (ids, sampling), stop = prepared[0]
             outputs = run(ids, sampling, stop, client_of(request), rids[0], arrival)
-            return EventStream(_generate_events(outputs, rids[0], len(ids), arrival))
+            incremental = config.incremental_streaming_output
+            events = _generate_events(outputs, rids[0], len(ids), arrival, incremental)
+            return EventStream(events)
         try:
             results = await until_disconnect(request, _all([one(i) for i in range(len(rids))]))
         except ValueError as e:
@@ -306,9 +308,14 @@ async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
 
 
 async def _generate_events(
-    outputs: AsyncGenerator[Output, None], rid: str, num_prompt_tokens: int, arrival: float
+    outputs: AsyncGenerator[Output, None],
+    rid: str,
+    num_prompt_tokens: int,
+    arrival: float,
+    incremental: bool = False,
 ) -> AsyncGenerator[str, None]:
-    """`/generate` stream: every event carries the cumulative `text` and `output_ids`."""
+    """`/generate` stream: every event carries the cumulative `text` and `output_ids`, or with
+    `incremental` only what is new since the previous event (`meta_info` counts stay totals)."""
     result = GenerateResult(rid, "", [], num_prompt_tokens, 0, None, 0.0)
     async with contextlib.aclosing(outputs) as outs:
         try:
@@ -316,7 +323,8 @@ async def _generate_events(
                 if out.finish_reason in ("error", "abort"):
                     yield sse(_error_status(out).body())
                     break
-                result = result.add(out, time.perf_counter() - arrival)
+                latency = time.perf_counter() - arrival
+                result = result.step(out, latency) if incremental else result.add(out, latency)
                 if out.text or out.token_ids or out.finish_reason is not None:
                     yield sse(result.json())
         except ValueError as e:

@@ -151,6 +151,29 @@ def test_generate_stream_is_cumulative_and_matches(tiny_server):
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
 
 
+@pytest.mark.timeout(180)
+def test_incremental_streaming_output_sends_only_what_is_new(launch_tiny):
+    server = launch_tiny(colocated=True, incremental_streaming_output=True)
+    try:
+        body = {"text": "Once upon a time", "sampling_params": _greedy(24)}
+        with _client(server.url) as c:
+            full = c.post("/generate", json=body).json()  # not streamed: whole, as before
+            with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                events = _sse(r)
+    finally:
+        server.stop()
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len(chunks) > 2
+    assert "".join(c["text"] for c in chunks) == full["text"]
+    assert [t for c in chunks for t in c["output_ids"]] == full["output_ids"]
+    assert all(len(c["output_ids"]) < len(full["output_ids"]) for c in chunks)
+    counts = [c["meta_info"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 24  # totals, not per event
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+
+
 @pytest.mark.timeout(120)
 def test_stop_strings_and_stop_token_ids(tiny_server):
     with _client(tiny_server) as c:
