@@ -102,12 +102,14 @@ class GenerationService(pb_grpc.GenerationServicer):
                 raise RequestError("text: one prompt per call", "text")
             ids, sampling = prepare_call(self.router, self.config, call.calls[0])
             generated = self.router.generate(
-                ids, sampling, call.calls[0].sampling.stop, rid=call.rid
-            )
+                ids, sampling, call.calls[0].sampling.stop, rid=call.rid,
+                stream=not request.final_only,
+            )  # fmt: skip
             outputs = self.limiter.wrap(generated, _peer_host(context.peer()))
         except RequestError as e:
             await context.abort(_status_of(e), e.message)
         output_ids: list[int] = []
+        texts: list[str] = []
         try:
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
@@ -120,7 +122,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                             grpc.StatusCode.INTERNAL, out.error or "the request failed"
                         )
                     output_ids += out.token_ids
-                    if out.text or out.token_ids:
+                    texts.append(out.text)
+                    if (out.text or out.token_ids) and not request.final_only:
                         yield pb.GenerateResponse(
                             chunk=pb.GenerateChunk(token_ids=out.token_ids, text=out.text)
                         )
@@ -137,6 +140,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     completion_tokens=out.num_output_tokens,
                                 ),
                                 output_ids=output_ids,
+                                text="".join(texts),
                             )
                         )
                         return

@@ -60,8 +60,8 @@ class GenerationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the output: chunks of token ids and text, then one final message.
-        Cancelling the call aborts the request and frees its KV pages.
+        """Streams the output: chunks of token ids and text, then one final message (only the final
+        message with `final_only`). Cancelling the call aborts the request and frees its KV pages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

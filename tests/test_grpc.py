@@ -40,9 +40,11 @@ def stub(server):
         yield pb_grpc.GenerationStub(channel)
 
 
-def _request(ids: list[int], n: int, **kw: Any) -> pb.GenerateRequest:
+def _request(ids: list[int], n: int, final_only: bool = False, **kw: Any) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, **kw)
-    return pb.GenerateRequest(input_ids=pb.TokenIds(ids=ids), sampling=sampling)
+    return pb.GenerateRequest(
+        input_ids=pb.TokenIds(ids=ids), sampling=sampling, final_only=final_only
+    )
 
 
 def _pages_used(url: str) -> int:
@@ -71,7 +73,12 @@ def test_streaming_generate_matches_http(server, stub):
                                                       "ignore_eos": True}}  # fmt: skip
     http = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
     assert http["output_ids"] == tokens
-    assert "".join(c.text for c in chunks) == http["text"]
+    assert "".join(c.text for c in chunks) == http["text"] == final.text
+    # `final_only`: one message, the same tokens and text.
+    whole = list(stub.Generate(_request(prompt, 12, final_only=True), timeout=60))
+    assert len(whole) == 1 and whole[0].HasField("final")
+    assert list(whole[0].final.output_ids) == tokens and whole[0].final.text == http["text"]
+    assert whole[0].final.usage.completion_tokens == 12
     # A text prompt works too.
     text = list(stub.Generate(pb.GenerateRequest(text="Hello", sampling=pb.SamplingParams(
         max_new_tokens=3, temperature=0.0)), timeout=60))  # fmt: skip
