@@ -532,14 +532,24 @@ def test_timeout_and_dead_rank_end_requests_with_errors(launch_tiny):
                         events.append(data if data == "[DONE]" else json.loads(data))
                         first.set()
 
+        whole: list[httpx.Response] = []  # a call not streamed: its tokens wait on the rank
+
+        def call() -> None:
+            whole.append(httpx.post(f"{url}/generate", json=body, timeout=60))
+
         reader = threading.Thread(target=consume)
+        caller = threading.Thread(target=call)
         reader.start()
+        caller.start()
         assert first.wait(60)
         ray.kill(server.ranks[-1], no_restart=True)  # the generating (decode) rank
         reader.join(60)
+        caller.join(60)
         assert not reader.is_alive(), "the stream hung after its rank died"
+        assert not caller.is_alive(), "the call hung after its rank died"
         assert events[-1] == "[DONE]"
         assert "rank" in events[-2]["error"]["message"]
+        assert whole[0].status_code >= 500 and "rank" in whole[0].json()["error"]["message"]
         assert httpx.get(f"{url}/health").status_code == 503
         r = httpx.post(f"{url}/generate", json={"text": "hi"}, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["message"]
