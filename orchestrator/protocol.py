@@ -343,25 +343,24 @@ class GenerateResult:
     e2e_latency_s: float
 
     def add(self, out: Output, e2e_latency_s: float) -> GenerateResult:
-        # The constructor, not `dataclasses.replace` (which inspects the fields each call):
-        # a stream adds once per token.
-        return GenerateResult(
-            self.rid,
-            self.text + out.text,
-            self.output_ids + out.token_ids,
-            out.num_prompt_tokens or self.prompt_tokens,
-            max(self.completion_tokens, out.num_output_tokens),
-            out if out.finish_reason is not None else None,
-            e2e_latency_s,
-        )
+        """The state after `out`, `text` and `output_ids` cumulative."""
+        ids = self.output_ids + out.token_ids
+        return self._after(out, e2e_latency_s, self.text + out.text, ids)
 
     def step(self, out: Output, e2e_latency_s: float) -> GenerateResult:
         """The state after `out`, with `text` and `output_ids` only what `out` adds (an
         incremental stream's event; the counts stay cumulative)."""
+        return self._after(out, e2e_latency_s, out.text, list(out.token_ids))
+
+    def _after(
+        self, out: Output, e2e_latency_s: float, text: str, output_ids: list[int]
+    ) -> GenerateResult:
+        # The constructor, not `dataclasses.replace` (which inspects the fields each call):
+        # a stream adds once per token.
         return GenerateResult(
             self.rid,
-            out.text,
-            list(out.token_ids),
+            text,
+            output_ids,
             out.num_prompt_tokens or self.prompt_tokens,
             max(self.completion_tokens, out.num_output_tokens),
             out if out.finish_reason is not None else None,
