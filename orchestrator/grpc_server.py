@@ -25,7 +25,7 @@ from orchestrator.protocol import RequestError, parse_generate, prepare_call
 from orchestrator.router import Router, RouterNotReady
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from workers.engine.messages import short_error
+from workers.engine.messages import TokenLogprob, short_error
 
 logger = logging.getLogger(__name__)
 SERVICE = "pdserve.v1.Generation"
@@ -59,7 +59,10 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
         body["input_ids"] = list(request.input_ids.ids)
     sp = request.sampling
     params: dict[str, Any] = {}
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+    for name in (
+        "max_new_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "min_new_tokens",
+        "frequency_penalty", "presence_penalty", "repetition_penalty",
+    ):  # fmt: skip
         if sp.HasField(name):
             params[name] = getattr(sp, name)
     if sp.stop:
@@ -69,7 +72,21 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
     if sp.ignore_eos:
         params["ignore_eos"] = True
     body["sampling_params"] = params
+    if request.return_logprob:
+        body["return_logprob"] = True
+        body["top_logprobs_num"] = request.top_logprobs_num
+    elif request.top_logprobs_num:
+        body["top_logprobs_num"] = request.top_logprobs_num  # refused: needs return_logprob
     return body
+
+
+def _logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            logprob=lp.logprob, top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top]
+        )
+        for lp in logprobs or ()
+    ]
 
 
 def _peer_host(peer: str) -> str:
@@ -110,6 +127,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(_status_of(e), e.message)
         output_ids: list[int] = []
         texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         try:
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
@@ -123,9 +141,14 @@ class GenerationService(pb_grpc.GenerationServicer):
                         )
                     output_ids += out.token_ids
                     texts.append(out.text)
+                    logprobs += out.logprobs or ()
                     if (out.text or out.token_ids) and not request.final_only:
                         yield pb.GenerateResponse(
-                            chunk=pb.GenerateChunk(token_ids=out.token_ids, text=out.text)
+                            chunk=pb.GenerateChunk(
+                                token_ids=out.token_ids,
+                                text=out.text,
+                                logprobs=_logprobs(out.logprobs),
+                            )
                         )
                     if out.finish_reason is not None:
                         yield pb.GenerateResponse(
@@ -141,6 +164,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                                 ),
                                 output_ids=output_ids,
                                 text="".join(texts),
+                                logprobs=_logprobs(logprobs),
                             )
                         )
                         return

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from orchestrator.protocol import Fields, RequestError, SamplingRequest, read_sampling
+from orchestrator.protocol import (
+    Fields,
+    RequestError,
+    SamplingRequest,
+    finite,
+    read_sampling,
+    read_top_logprobs,
+)
 from orchestrator.router import Output
+from workers.engine.messages import TokenLogprob
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -19,10 +27,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
     "echo": (False,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
     "suffix": ("",),
     "parallel_tool_calls": (True, False),
 }
@@ -52,7 +56,7 @@ def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool
         f.neutral(key, *allowed)
     if f.has("logit_bias") and f.obj["logit_bias"] != {}:
         raise f.fail("logit_bias", "is not supported")
-    sampling = read_sampling(f, max_tokens_key)
+    sampling = read_sampling(f, max_tokens_key, "min_tokens")  # min_tokens: vLLM's name
     stream = f.get_bool("stream")
     include_usage = False
     if f.has("stream_options"):
@@ -66,6 +70,8 @@ def parse_completion(body: Any) -> CompletionBody:
     sampling, stream, include_usage = _common(f, "max_tokens")
     if sampling.max_new_tokens is None:  # OpenAI's documented default for completions
         sampling = replace(sampling, max_new_tokens=16)
+    if f.has("logprobs"):  # completions: the number of top logprobs per token (0: none)
+        sampling = replace(sampling, logprobs=True, top_logprobs=read_top_logprobs(f, "logprobs"))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
@@ -90,6 +96,11 @@ def parse_chat(body: Any) -> CompletionBody:
     f = Fields(body)
     max_key = "max_completion_tokens" if f.has("max_completion_tokens") else "max_tokens"
     sampling, stream, include_usage = _common(f, max_key)
+    top = read_top_logprobs(f, "top_logprobs")
+    if f.get_bool("logprobs"):
+        sampling = replace(sampling, logprobs=True, top_logprobs=top)
+    elif top:
+        raise f.fail("top_logprobs", "needs logprobs: true")
     if f.has("tools") and f.obj["tools"] != []:
         raise f.fail("tools", "function calling is not supported")
     fmt = body.get("response_format")
@@ -139,11 +150,48 @@ def openai_finish_reason(out: Output) -> str | None:
 class ResponseBuilder:
     """Builds the response object (or the stream chunks) of one OpenAI request."""
 
-    def __init__(self, chat: bool, model: str):
+    def __init__(self, chat: bool, model: str, token_text: Callable[[int], str] | None = None):
         self.chat = chat
         self.model = model
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        # Set when the request asked for logprobs: a token id's text, as they show it.
+        self.token_text = token_text
+        self._text_offset = 0  # completions' `text_offset` across a stream's chunks
+
+    def logprobs(
+        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob] | None
+    ) -> dict[str, Any] | None:
+        """The `logprobs` of a choice (or of a chunk's choice) covering `token_ids`: chat's
+        `{"content": [{token, logprob, bytes, top_logprobs}]}` or completions' `{tokens,
+        token_logprobs, top_logprobs, text_offset}`; None when not asked for."""
+        if self.token_text is None or logprobs is None:
+            return None
+        text = self.token_text
+        pairs = list(zip(token_ids, logprobs, strict=False))
+        if self.chat:
+
+            def item(token: int, logprob: float) -> dict[str, Any]:
+                s = text(token)
+                return {"token": s, "logprob": finite(logprob), "bytes": list(s.encode())}
+
+            content = [
+                {**item(t, lp.logprob), "top_logprobs": [item(i, v) for i, v in lp.top]}
+                for t, lp in pairs
+            ]
+            return {"content": content, "refusal": None}
+        tokens = [text(t) for t, _ in pairs]
+        offsets = []
+        for s in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(s)
+        top = [{text(i): finite(v) for i, v in lp.top} for _, lp in pairs]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [finite(lp.logprob) for _, lp in pairs],
+            "top_logprobs": top if any(lp.top for _, lp in pairs) else None,
+            "text_offset": offsets,
+        }
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -156,13 +204,20 @@ class ResponseBuilder:
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    def response(self, text: str, finish: Output) -> dict[str, Any]:
+    def response(
+        self,
+        text: str,
+        finish: Output,
+        token_ids: Sequence[int] = (),
+        logprobs: Sequence[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
+        """The whole response; `token_ids` and `logprobs`: all the output's."""
         choice: dict[str, Any] = {"index": 0, "finish_reason": openai_finish_reason(finish)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        choice["logprobs"] = None
+        choice["logprobs"] = self.logprobs(token_ids, logprobs)
         return {
             **self._envelope("chat.completion" if self.chat else "text_completion"),
             "choices": [choice],
@@ -175,9 +230,12 @@ class ResponseBuilder:
         finish_reason: str | None = None,
         role: bool = False,
         usage: Mapping[str, int] | None = None,
+        out: Output | None = None,
     ) -> dict[str, Any]:
-        """One stream chunk; with `text=None`, a chunk without choices (the usage chunk)."""
+        """One stream chunk; with `text=None`, a chunk without choices (the usage chunk).
+        `out`: the output the chunk carries, for its logprobs."""
         obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
+        logprobs = None if out is None else self.logprobs(out.token_ids, out.logprobs)
         if text is None:
             obj["choices"] = []
         elif self.chat:
@@ -185,11 +243,11 @@ class ResponseBuilder:
             if text or role:
                 delta["content"] = text
             obj["choices"] = [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             ]
         else:
             obj["choices"] = [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
             ]
         obj["usage"] = dict(usage) if usage is not None else None
         return obj

@@ -8,12 +8,13 @@ says exactly what to fix. Types are strict: `true` is not an integer, `1.5` is n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.router import Limits, Output, Router
-from workers.engine.messages import SamplingParams
+from workers.engine.messages import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from orchestrator.config import ServeConfig
@@ -139,12 +140,23 @@ class SamplingRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    min_new_tokens: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
     max_new_tokens_field: str = "max_new_tokens"
     stop_token_ids_field: str = "stop_token_ids"
+    min_new_tokens_field: str = "min_new_tokens"
 
 
-def read_sampling(f: Fields, max_new_tokens_key: str, top_k_default: int = -1) -> SamplingRequest:
-    """Read and range-check the sampling fields every route shares."""
+def read_sampling(
+    f: Fields, max_new_tokens_key: str, min_new_tokens_key: str = "min_new_tokens"
+) -> SamplingRequest:
+    """Read and range-check the sampling fields every route shares (logprobs are asked for
+    differently by each route: its parser sets them)."""
     max_new = f.get_int(max_new_tokens_key)
     if max_new is not None and max_new <= 0:
         raise f.fail(max_new_tokens_key, f"must be > 0, got {max_new}")
@@ -154,7 +166,7 @@ def read_sampling(f: Fields, max_new_tokens_key: str, top_k_default: int = -1) -
     top_p = f.get_float("top_p", 1.0)
     if not 0.0 < top_p <= 1.0:
         raise f.fail("top_p", f"must be in (0, 1], got {top_p:g}")
-    top_k = f.get_int("top_k", top_k_default)
+    top_k = f.get_int("top_k", -1)
     assert top_k is not None
     if top_k < -1 or top_k == 0:
         raise f.fail("top_k", f"must be -1 (no limit) or >= 1, got {top_k}")
@@ -162,6 +174,28 @@ def read_sampling(f: Fields, max_new_tokens_key: str, top_k_default: int = -1) -
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise f.fail("seed", f"must be in [0, 2**63 - 1], got {seed}")
     stop_ids = f.token_ids("stop_token_ids") or []
+    min_p = f.get_float("min_p", 0.0)
+    if not 0.0 <= min_p <= 1.0:
+        raise f.fail("min_p", f"must be in [0, 1], got {min_p:g}")
+    min_new = f.get_int(min_new_tokens_key, 0)
+    assert min_new is not None
+    if min_new < 0:
+        raise f.fail(min_new_tokens_key, f"must be >= 0, got {min_new}")
+    if max_new is not None and min_new > max_new:
+        raise f.fail(
+            min_new_tokens_key,
+            f"must be <= {f.name(max_new_tokens_key)} ({max_new}), got {min_new}",
+        )
+    frequency, presence = (
+        f.get_float("frequency_penalty", 0.0),
+        f.get_float("presence_penalty", 0.0),
+    )
+    for key, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
+        if not -2.0 <= value <= 2.0:
+            raise f.fail(key, f"must be in [-2, 2], got {value:g}")
+    repetition = f.get_float("repetition_penalty", 1.0)
+    if not 0.0 < repetition <= 2.0:
+        raise f.fail("repetition_penalty", f"must be in (0, 2], got {repetition:g}")
     return SamplingRequest(
         max_new_tokens=max_new,
         temperature=temperature,
@@ -171,9 +205,24 @@ def read_sampling(f: Fields, max_new_tokens_key: str, top_k_default: int = -1) -
         stop=f.stop_strings("stop"),
         stop_token_ids=tuple(stop_ids),
         ignore_eos=f.get_bool("ignore_eos"),
+        min_p=min_p,
+        min_new_tokens=min_new,
+        frequency_penalty=frequency,
+        presence_penalty=presence,
+        repetition_penalty=repetition,
         max_new_tokens_field=f.name(max_new_tokens_key),
         stop_token_ids_field=f.name("stop_token_ids"),
+        min_new_tokens_field=f.name(min_new_tokens_key),
     )
+
+
+def read_top_logprobs(f: Fields, key: str) -> int:
+    """A count of top logprobs per token, range-checked."""
+    num = f.get_int(key, 0)
+    assert num is not None
+    if not 0 <= num <= MAX_TOP_LOGPROBS:
+        raise f.fail(key, f"must be in [0, {MAX_TOP_LOGPROBS}], got {num}")
+    return num
 
 
 def resolve_sampling(
@@ -208,6 +257,12 @@ def resolve_sampling(
         max_new = req.max_new_tokens
         if max_new > room:
             raise _too_long(input_ids, max_new, limits, name)
+    if req.min_new_tokens > max_new:
+        name = req.min_new_tokens_field
+        raise RequestError(
+            f"{name}: {req.min_new_tokens} is more than the {max_new} tokens this request may "
+            "generate", name,
+        )  # fmt: skip
     return SamplingParams(
         max_new_tokens=max_new,
         temperature=req.temperature,
@@ -216,6 +271,13 @@ def resolve_sampling(
         seed=req.seed,
         stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos,
+        min_p=req.min_p,
+        min_new_tokens=req.min_new_tokens,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs,
     )
 
 
@@ -237,17 +299,14 @@ def _too_long(input_ids: list[int], max_new: int, limits: Limits, name: str) -> 
 
 _SGLANG_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
-    "min_new_tokens": (0,),
-    "repetition_penalty": (1, 1.0),
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
     "no_stop_trim": (False,),
 }
 _SGLANG_KNOWN = {
     "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "min_p", *_SGLANG_NEUTRAL,
+    "ignore_eos", "min_p", "min_new_tokens", "frequency_penalty", "presence_penalty",
+    "repetition_penalty", *_SGLANG_NEUTRAL,
 }  # fmt: skip
 
 
@@ -270,6 +329,7 @@ class GenerateBody:
     is_batch: bool
     stream: bool
     rid: str | None
+    logprob_text: bool = False  # `return_text_in_logprobs`: each logprob entry has its text
 
 
 def parse_generate(body: Any) -> GenerateBody:
@@ -282,8 +342,16 @@ def parse_generate(body: Any) -> GenerateBody:
             raise sp.fail(key, "unknown sampling parameter")
     for key, allowed in _SGLANG_NEUTRAL.items():
         sp.neutral(key, *allowed)
-    sp.neutral("min_p", 0, 0.0)
     sampling = read_sampling(sp, "max_new_tokens")
+    if f.get_bool("return_logprob"):
+        start = f.get_int("logprob_start_len", -1)
+        if start != -1:
+            raise f.fail("logprob_start_len", "prompt logprobs are not supported; use -1")
+        sampling = replace(
+            sampling, logprobs=True, top_logprobs=read_top_logprobs(f, "top_logprobs_num")
+        )
+    elif read_top_logprobs(f, "top_logprobs_num"):
+        raise f.fail("top_logprobs_num", "needs return_logprob: true")
     stream = f.get_bool("stream")
     rid = f.get_str("rid")
     text = body.get("text")
@@ -315,7 +383,7 @@ def parse_generate(body: Any) -> GenerateBody:
         )
     if is_batch and rid is not None:
         raise RequestError("rid: a batch of prompts cannot share one rid", "rid")
-    return GenerateBody(calls, is_batch, stream, rid)
+    return GenerateBody(calls, is_batch, stream, rid, f.get_bool("return_text_in_logprobs"))
 
 
 def finish_reason_json(out: Output) -> dict[str, Any] | None:
@@ -341,19 +409,29 @@ class GenerateResult:
     completion_tokens: int
     finish: Output | None
     e2e_latency_s: float
+    logprobs: list[TokenLogprob] | None = None  # one per output id, when asked for
 
     def add(self, out: Output, e2e_latency_s: float) -> GenerateResult:
         """The state after `out`, `text` and `output_ids` cumulative."""
         ids = self.output_ids + out.token_ids
-        return self._after(out, e2e_latency_s, self.text + out.text, ids)
+        logprobs = self.logprobs
+        if out.logprobs is not None:
+            logprobs = (logprobs or []) + out.logprobs
+        return self._after(out, e2e_latency_s, self.text + out.text, ids, logprobs)
 
     def step(self, out: Output, e2e_latency_s: float) -> GenerateResult:
         """The state after `out`, with `text` and `output_ids` only what `out` adds (an
         incremental stream's event; the counts stay cumulative)."""
-        return self._after(out, e2e_latency_s, out.text, list(out.token_ids))
+        logprobs = None if out.logprobs is None else list(out.logprobs)
+        return self._after(out, e2e_latency_s, out.text, list(out.token_ids), logprobs)
 
     def _after(
-        self, out: Output, e2e_latency_s: float, text: str, output_ids: list[int]
+        self,
+        out: Output,
+        e2e_latency_s: float,
+        text: str,
+        output_ids: list[int],
+        logprobs: list[TokenLogprob] | None,
     ) -> GenerateResult:
         # The constructor, not `dataclasses.replace` (which inspects the fields each call):
         # a stream adds once per token.
@@ -365,22 +443,37 @@ class GenerateResult:
             max(self.completion_tokens, out.num_output_tokens),
             out if out.finish_reason is not None else None,
             e2e_latency_s,
+            logprobs,
         )
 
-    def json(self) -> dict[str, Any]:
+    def json(self, token_text: Callable[[int], str] | None = None) -> dict[str, Any]:
         """`text` and `output_ids` as held: cumulative from `add` (as SGLang sends them,
-        streaming too), the new part only from `step`."""
-        return {
-            "text": self.text,
-            "output_ids": self.output_ids,
-            "meta_info": {
-                "id": self.rid,
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "finish_reason": finish_reason_json(self.finish) if self.finish else None,
-                "e2e_latency": round(self.e2e_latency_s, 6),
-            },
+        streaming too), the new part only from `step`. With logprobs, `meta_info` has SGLang's
+        `output_token_logprobs` (`[logprob, id, text]` per output id) and
+        `output_top_logprobs` (a list of those per output id); `text` is None unless
+        `token_text` gives it."""
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": finish_reason_json(self.finish) if self.finish else None,
+            "e2e_latency": round(self.e2e_latency_s, 6),
         }
+        if self.logprobs is not None:
+
+            def entry(logprob: float, token: int) -> list[Any]:
+                return [finite(logprob), token, token_text(token) if token_text else None]
+
+            meta["output_token_logprobs"] = [
+                entry(lp.logprob, t) for lp, t in zip(self.logprobs, self.output_ids, strict=False)
+            ]
+            meta["output_top_logprobs"] = [[entry(v, t) for t, v in lp.top] for lp in self.logprobs]
+        return {"text": self.text, "output_ids": self.output_ids, "meta_info": meta}
+
+
+def finite(x: float) -> float | None:
+    """`x`, or None for NaN and infinities (JSON has no such numbers)."""
+    return x if math.isfinite(x) else None
 
 
 def prepare_call(

@@ -31,6 +31,7 @@ from workers.engine.messages import (
     RankStats,
     SamplingParams,
     TokenDelta,
+    TokenLogprob,
     TransferReady,
     short_error,
 )
@@ -67,6 +68,7 @@ class Output:
     finish_reason: str | None = None
     matched_stop: str | int | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when asked
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ class _Request:
 
 def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
     """`b` following `a` of the same request, as one delta."""
+    logprobs = None
+    if a.logprobs is not None or b.logprobs is not None:
+        logprobs = (a.logprobs or []) + (b.logprobs or [])
     return TokenDelta(
         rid=b.rid,
         token_ids=a.token_ids + b.token_ids,
@@ -97,6 +102,7 @@ def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
         error=b.error,
         num_prompt_tokens=b.num_prompt_tokens,
         num_output_tokens=b.num_output_tokens,
+        logprobs=logprobs,
     )
 
 
@@ -539,6 +545,7 @@ class Router:
             finish_reason=finish,
             matched_stop=matched,
             error=delta.error,
+            logprobs=None if delta.logprobs is None else list(delta.logprobs),
         )
 
     @staticmethod

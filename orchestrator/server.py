@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import asdict
 from typing import Any, TypeVar
 
@@ -52,7 +52,7 @@ from orchestrator.streaming import (
     until_disconnect,
 )
 from orchestrator.tokenizer import ChatTemplateError
-from workers.engine.messages import SamplingParams
+from workers.engine.messages import SamplingParams, TokenLogprob
 
 ROUTES = {
     "/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/stats",
@@ -164,6 +164,7 @@ def create_app(
         body = parse_generate(await read_json(request, config.max_request_body_bytes))
         prepared = [(prepare(c), c.sampling.stop) for c in body.calls]
         rids = [body.rid or uuid.uuid4().hex for _ in prepared]
+        token_text = router.tokenizer.token_text if body.logprob_text else None
 
         async def one(i: int) -> GenerateResult:
             (ids, sampling), stop = prepared[i]
@@ -180,13 +181,13 @@ def create_app(
             (ids, sampling), stop = prepared[0]
             outputs = run(ids, sampling, stop, client_of(request), rids[0], arrival)
             incremental = config.incremental_streaming_output
-            events = _generate_events(outputs, rids[0], len(ids), arrival, incremental)
+            events = _generate_events(outputs, rids[0], len(ids), arrival, incremental, token_text)
             return EventStream(events)
         try:
             results = await until_disconnect(request, _all([one(i) for i in range(len(rids))]))
         except ValueError as e:
             raise _refused(e, body.calls[0].prompt_field) from None
-        payload = [r.json() for r in results]
+        payload = [r.json(token_text) for r in results]
         return JSONResponse(payload if body.is_batch else payload[0])
 
     # ---- OpenAI style -------------------------------------------------------------------------
@@ -209,7 +210,8 @@ def create_app(
         sampling = resolve_sampling(
             ids, req.sampling, router.limits, config.default_max_new_tokens, req.prompt_field
         )
-        builder = ResponseBuilder(chat, req.model or router.model_name)
+        token_text = router.tokenizer.token_text if sampling.logprobs else None
+        builder = ResponseBuilder(chat, req.model or router.model_name, token_text)
         outputs = run(
             ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival,
             stream=req.stream,
@@ -217,22 +219,26 @@ def create_app(
         if req.stream:
             return EventStream(_openai_events(outputs, builder, req))
 
-        async def collect() -> tuple[str, Output]:
+        async def collect() -> tuple[str, Output, list[int], list[TokenLogprob]]:
             parts: list[str] = []
+            token_ids: list[int] = []
+            logprobs: list[TokenLogprob] = []
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
                     parts.append(out.text)
+                    token_ids += out.token_ids
+                    logprobs += out.logprobs or ()
                     if out.finish_reason is not None:
-                        return "".join(parts), out
+                        return "".join(parts), out, token_ids, logprobs
             raise RuntimeError("the request ended without a finish reason")
 
         try:
-            text, last = await until_disconnect(request, collect())
+            text, last, token_ids, logprobs = await until_disconnect(request, collect())
         except ValueError as e:
             raise _refused(e, req.prompt_field) from None
         if openai_finish_reason(last) is None:
             raise _error_status(last)
-        return JSONResponse(builder.response(text, last))
+        return JSONResponse(builder.response(text, last, token_ids, logprobs))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -313,6 +319,7 @@ async def _generate_events(
     num_prompt_tokens: int,
     arrival: float,
     incremental: bool = False,
+    token_text: Callable[[int], str] | None = None,
 ) -> AsyncGenerator[str, None]:
     """`/generate` stream: every event carries the cumulative `text` and `output_ids`, or with
     `incremental` only what is new since the previous event (`meta_info` counts stay totals)."""
@@ -326,7 +333,7 @@ async def _generate_events(
                 latency = time.perf_counter() - arrival
                 result = result.step(out, latency) if incremental else result.add(out, latency)
                 if out.text or out.token_ids or out.finish_reason is not None:
-                    yield sse(result.json())
+                    yield sse(result.json(token_text))
         except ValueError as e:
             yield sse(_refused(e, "input_ids").body())
         except RouterNotReady as e:
@@ -345,14 +352,14 @@ async def _openai_events(
         try:
             async for out in outs:
                 if out.finish_reason is None:
-                    if out.text:
-                        yield sse(builder.chunk(out.text))
+                    if out.text or (out.logprobs and builder.token_text is not None):
+                        yield sse(builder.chunk(out.text, out=out))
                     continue
                 finish = openai_finish_reason(out)
                 if finish is None:
                     yield sse(_error_status(out).body())
                     break
-                yield sse(builder.chunk(out.text, finish))
+                yield sse(builder.chunk(out.text, finish, out=out))
                 if req.include_usage:
                     usage = builder.usage(out.num_prompt_tokens, out.num_output_tokens)
                     yield sse(builder.chunk(None, usage=usage))

@@ -112,6 +112,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text as logprobs show it: special tokens kept; a token holding part
+        of a UTF-8 character shows U+FFFD for the missing bytes."""
+        return str(self._tok.decode([token_id], skip_special_tokens=False))
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],

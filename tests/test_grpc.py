@@ -85,6 +85,37 @@ def test_streaming_generate_matches_http(server, stub):
     assert text[-1].final.usage.completion_tokens >= 1
 
 
+def test_logprobs_and_penalties_over_grpc(server, stub):
+    prompt = [9, 9, 9, 4, 4, 4, 9, 9]
+    penalties = {"frequency_penalty": 1.2, "presence_penalty": 0.4, "repetition_penalty": 1.3}
+    request = _request(prompt, 10, **penalties)
+    request.return_logprob, request.top_logprobs_num = True, 2
+    replies = list(stub.Generate(request, timeout=60))
+    chunks = [r.chunk for r in replies if r.HasField("chunk")]
+    final = replies[-1].final
+    assert [len(c.logprobs) for c in chunks] == [len(c.token_ids) for c in chunks]
+    assert len(final.logprobs) == len(final.output_ids) == 10
+    streamed = [lp.logprob for c in chunks for lp in c.logprobs]
+    assert streamed == [lp.logprob for lp in final.logprobs]
+    for lp in final.logprobs:  # the model's own ranking, before the penalties
+        assert len(lp.top) == 2 and lp.top[0].logprob >= max(lp.top[1].logprob, lp.logprob)
+    body = {
+        "input_ids": prompt, "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True,
+                            **penalties},
+    }  # fmt: skip
+    http = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+    assert http["output_ids"] == list(final.output_ids)
+    got = [e[0] for e in http["meta_info"]["output_token_logprobs"]]
+    assert got == pytest.approx([lp.logprob for lp in final.logprobs], abs=1e-5)
+    bad = _request(prompt, 3)
+    bad.top_logprobs_num = 3
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(bad, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "return_logprob" in (err.value.details() or "")
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "words"),
     [

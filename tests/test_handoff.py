@@ -28,7 +28,15 @@ class _Transfer:
             str
         ] = []  # targets for a transfer not started yet: a real engine drops them
 
-    def send(self, rid: str, pages: list[int], first: int, timeout_s: float, target: Any) -> None:
+    def send(
+        self,
+        rid: str,
+        pages: list[int],
+        first: int,
+        timeout_s: float,
+        target: Any,
+        first_logprob: Any = None,
+    ) -> None:
         time.sleep(0.0002)  # widen the window between "in flight" and "the engine knows it"
         with self.lock:
             assert rid not in self.senders, f"{rid} sent twice"
@@ -72,7 +80,7 @@ def test_targets_from_another_thread_are_used_exactly_once() -> None:
     thread = threading.Thread(target=router)
     thread.start()
     for i, rid in enumerate(rids):  # the loop: requests finish their prefill in order
-        engine.ready.append(SimpleNamespace(rid=rid, pages=[i], token_ids=[7]))
+        engine.ready.append(SimpleNamespace(rid=rid, pages=[i], token_ids=[7], first_logprob=None))
         if i % 5 == 0:
             handoff.after_step(engine)  # type: ignore[arg-type]
     handoff.after_step(engine)  # type: ignore[arg-type]

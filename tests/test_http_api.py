@@ -263,6 +263,97 @@ def test_openai_chat_completions(oai):
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens
 
 
+# ---- penalties and logprobs ---------------------------------------------------------------------
+
+_PENALIZED = {
+    "frequency_penalty": 1.0, "presence_penalty": 0.5, "repetition_penalty": 1.3,
+}  # fmt: skip
+
+
+def _reference(model_dir, prompt: list[int], num_new: int, **sampling: Any):
+    """Output ids and logprobs of `prompt` from an engine in this process (colocated, no
+    Ray, no transfer): what the disaggregated server must reproduce."""
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+    from workers.engine.messages import GenerateRequest, SamplingParams
+
+    engine = Engine(model_dir, EngineConfig(device="cpu", page_size=16), progress=False)
+    params = SamplingParams(max_new_tokens=num_new, temperature=0.0, ignore_eos=True, **sampling)
+    engine.add(GenerateRequest("ref", prompt, params))
+    ids: list[int] = []
+    logprobs: list[Any] = []
+    while engine.has_work:
+        for d in engine.step():
+            ids += d.token_ids
+            logprobs += d.logprobs or []
+    return ids, logprobs
+
+
+@pytest.mark.timeout(180)
+def test_penalties_and_logprobs_through_the_disaggregated_server(tiny_server, tiny_model_dir):
+    """The prefill rank samples the first token, the decode rank the rest: both must apply
+    the penalties alike, and the first token's logprob crosses with the KV."""
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6, 7, 8]
+    want_ids, want_lps = _reference(
+        tiny_model_dir, prompt, 14, logprobs=True, top_logprobs=3, **_PENALIZED
+    )
+    plain_ids, _ = _reference(tiny_model_dir, prompt, 14)
+    assert want_ids != plain_ids  # the penalties change this output
+    body = {
+        "input_ids": prompt, "sampling_params": _greedy(14, **_PENALIZED),
+        "return_logprob": True, "top_logprobs_num": 3,
+    }  # fmt: skip
+    with _client(tiny_server) as c:
+        whole = c.post("/generate", json=body).json()
+        assert whole["output_ids"] == want_ids, whole
+        entries = whole["meta_info"]["output_token_logprobs"]
+        assert [e[1] for e in entries] == want_ids and all(e[2] is None for e in entries)
+        assert [e[0] for e in entries] == pytest.approx([lp.logprob for lp in want_lps], abs=1e-4)
+        tops = whole["meta_info"]["output_top_logprobs"]
+        assert [[e[1] for e in top] for top in tops] == [[t for t, _ in lp.top] for lp in want_lps]
+
+        with c.stream(
+            "POST", "/generate", json={**body, "stream": True, "return_text_in_logprobs": True}
+        ) as r:
+            events = [e for e in _sse(r) if e != "[DONE]"]
+        final = events[-1]
+        assert final["output_ids"] == want_ids
+        streamed = final["meta_info"]["output_token_logprobs"]
+        assert [e[0] for e in streamed] == pytest.approx([e[0] for e in entries], abs=1e-6)
+        assert all(isinstance(e[2], str) for e in streamed)
+
+        completion = c.post("/v1/completions", json={
+            "prompt": prompt, "max_tokens": 14, "temperature": 0, "ignore_eos": True,
+            "logprobs": 2, **_PENALIZED,
+        }).json()  # fmt: skip
+        lp = completion["choices"][0]["logprobs"]
+        assert lp["token_logprobs"] == pytest.approx([x.logprob for x in want_lps], abs=1e-4)
+        assert len(lp["tokens"]) == 14 and all(len(top) <= 2 for top in lp["top_logprobs"])
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+        with c.stream("POST", "/v1/completions", json={
+            "prompt": prompt, "max_tokens": 14, "temperature": 0, "ignore_eos": True,
+            "logprobs": 0, "stream": True, **_PENALIZED,
+        }) as r:  # fmt: skip
+            chunks = [e for e in _sse(r) if e != "[DONE]"]
+        streamed_lps = [v for ch in chunks for v in ch["choices"][0]["logprobs"]["token_logprobs"]]
+        assert streamed_lps == pytest.approx(lp["token_logprobs"], abs=1e-6)
+        assert all(ch["choices"][0]["logprobs"]["top_logprobs"] is None for ch in chunks)
+
+        chat = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+            "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 2,
+            "min_tokens": 6,
+        }).json()  # fmt: skip
+        content = chat["choices"][0]["logprobs"]["content"]
+        assert len(content) == chat["usage"]["completion_tokens"] == 6
+        for item in content:
+            assert item["bytes"] == list(item["token"].encode())
+            assert len(item["top_logprobs"]) == 2
+            assert item["top_logprobs"][0]["logprob"] >= item["logprob"] - 1e-6  # greedy
+    _wait_idle(tiny_server)
+
+
 # ---- batching consistency and page accounting ---------------------------------------------------
 
 
@@ -355,6 +446,28 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         (C, {"prompt": "hi", "max_tokens": 0}, "max_tokens", ""),
         (C, {"prompt": "hi", "max_tokens": ctx}, "max_tokens", "context"),
         (C, {"prompt": "hi", "n": 2}, "n", "not supported"),
+        (C, {"prompt": "hi", "logprobs": 21}, "logprobs", "[0, 20]"),
+        (C, {"prompt": "hi", "frequency_penalty": 3}, "frequency_penalty", "[-2, 2]"),
+        (C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens", "max_tokens"),
+        (G, {"text": "hi", "sampling_params": {"presence_penalty": -2.5}}, "presence_penalty", ""),
+        (G, {"text": "hi", "sampling_params": {"repetition_penalty": 0}}, "repetition_penalty", ""),
+        (G, {"text": "hi", "sampling_params": {"min_p": 2}}, "min_p", "[0, 1]"),
+        (G, {"text": "hi", "sampling_params": {"min_new_tokens": -1}}, "min_new_tokens", ">= 0"),
+        (
+            G,
+            {"text": "hi", "return_logprob": True, "logprob_start_len": 0},
+            "logprob_start_len",
+            "prompt logprobs",
+        ),
+        (G, {"text": "hi", "top_logprobs_num": 2}, "top_logprobs_num", "return_logprob"),
+        (G, {"text": "hi", "return_logprob": True, "top_logprobs_num": 50}, "top_logprobs_num", ""),
+        (
+            G,
+            {"input_ids": [1, 2], "sampling_params": {"min_new_tokens": ctx}},
+            "min_new_tokens",
+            "",
+        ),
+        (CHAT, {"messages": _USER, "top_logprobs": 3}, "top_logprobs", "needs logprobs"),
         (C, {"prompt": "hi", "temperature": -1}, "temperature", ""),
         (C, {"prompt": "hi", "top_p": 2}, "top_p", ""),
         (C, {"prompt": "hi", "stream": 1}, "stream", ""),

@@ -81,3 +81,74 @@ def test_chunking_paging_and_preemption_do_not_change_tokens(tmp_path_factory):
     )
     assert tight == roomy
     assert engine.scheduler.num_preemptions > 0  # the small cache really forced recomputation
+
+
+def _engine_outputs(engine: Engine, prompts: list[list[int]], sampling: SamplingParams):
+    """Every prompt's output ids and logprobs (when asked), all run as one batch."""
+    for i, p in enumerate(prompts):
+        engine.add(GenerateRequest(f"q{i}", p, sampling))
+    tokens: dict[str, list[int]] = {f"q{i}": [] for i in range(len(prompts))}
+    logprobs: dict[str, list] = {f"q{i}": [] for i in range(len(prompts))}
+    while engine.has_work:
+        for d in engine.step():
+            tokens[d.rid] += d.token_ids
+            logprobs[d.rid] += d.logprobs or []
+    return [tokens[f"q{i}"] for i in range(len(prompts))], [
+        logprobs[f"q{i}"] for i in range(len(prompts))
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_penalties_min_new_tokens_and_logprobs_match_transformers(tmp_path_factory):
+    """Greedy with a repetition penalty, and with a minimum length that keeps a likely stop
+    token out, against `generate`'s own logits processors; logprobs against the log-softmax
+    of transformers' logits over the whole sequence."""
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("penalties"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt.hf_path, dtype=torch.float32)
+    hf.eval()
+    prompts = [p + p for p in _prompts(hf.config.vocab_size)]  # repeats for the penalty
+    engine = Engine(ckpt.path, EngineConfig(page_size=4, chunked_prefill_size=24), progress=False)
+
+    def hf_generate(prompt: list[int], **kwargs) -> list[int]:
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]), do_sample=False, pad_token_id=0,
+                max_new_tokens=NUM_NEW, **kwargs,
+            )  # fmt: skip
+        return out[0, len(prompt) :].tolist()
+
+    plain = [hf_generate(p, eos_token_id=None) for p in prompts]
+    penalized = [hf_generate(p, eos_token_id=None, repetition_penalty=1.8) for p in prompts]
+    assert penalized != plain  # the penalty really changes the output
+    rep = SamplingParams(
+        max_new_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, repetition_penalty=1.8,
+        logprobs=True, top_logprobs=4,
+    )  # fmt: skip
+    got, logprobs = _engine_outputs(engine, prompts, rep)
+    assert got == penalized
+
+    # Logprobs are the model's, before the penalty: transformers' raw logits.
+    for prompt, out, lps in zip(prompts, got, logprobs, strict=True):
+        assert len(lps) == len(out)
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt + out])).logits[0].double(), -1)
+        for step, (token, lp) in enumerate(zip(out, lps, strict=True)):
+            row = ref[len(prompt) - 1 + step]
+            assert lp.logprob == pytest.approx(float(row[token]), abs=1e-3)
+            want_top = torch.topk(row, 4)
+            assert [t for t, _ in lp.top] == want_top.indices.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(want_top.values.tolist(), abs=1e-3)
+
+    # A stop token the plain greedy output hits early; with min_new_tokens it cannot end
+    # the output before that many tokens.
+    for prompt, ref_plain in zip(prompts, plain, strict=True):
+        stop = ref_plain[1]
+        want = hf_generate(prompt, eos_token_id=stop, min_new_tokens=6)
+        assert len(want) > 2  # the ban moved the end
+        minimum = SamplingParams(
+            max_new_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, stop_token_ids=(stop,),
+            min_new_tokens=6,
+        )  # fmt: skip
+        (ours,), _ = _engine_outputs(engine, [prompt], minimum)
+        assert ours == want
+    assert engine.kv.allocator.num_free == engine.kv.num_pages

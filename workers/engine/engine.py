@@ -22,8 +22,9 @@ from workers.engine.messages import (
     RankInfo,
     RankStats,
     TokenDelta,
+    TokenLogprob,
 )
-from workers.engine.sampling import sample
+from workers.engine.sampling import History, adjust_logits, sample, token_logprobs
 from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
 from workers.ep.deep_gemm_experts import deep_gemm_available
@@ -277,14 +278,17 @@ class Engine:
         out, self._reserved = self._reserved, []
         return out
 
-    def admit_received(self, rid: str, first_token: int) -> TokenDelta | None:
-        """The prompt's KV of `rid` is in its pages: it joins the batch with its first token."""
+    def admit_received(
+        self, rid: str, first_token: int, first_logprob: TokenLogprob | None = None
+    ) -> TokenDelta | None:
+        """The prompt's KV of `rid` is in its pages: it joins the batch with its first token
+        (and that token's logprob, computed by the prefill rank, when the request asks)."""
         seq = self.requests.get(rid)
         if seq is None or seq.status is not SeqStatus.RECEIVING:
             return None  # aborted meanwhile
         self.scheduler.admit_received(seq)
         self.idle = False
-        return self._append(seq, first_token)
+        return self._append(seq, first_token, first_logprob)
 
     def release(self, rid: str) -> None:
         """Forget a handed-off request and free its pages (its KV was sent, or failed to be)."""
@@ -369,10 +373,19 @@ class Engine:
             return []
         for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
             seq.num_computed += num
-        tokens = sample(logits, [s.sampling for s in samplers], [s.generator for s in samplers])
+        params = [s.sampling for s in samplers]
+        adjusted = logits
+        if any(p.adjusts_logits for p in params):
+            histories = [History(s.token_ids, s.num_prompt_tokens) for s in samplers]
+            adjusted = adjust_logits(logits, params, histories, self.model_config.eos_token_ids)
+        tokens = sample(adjusted, params, [s.generator for s in samplers])
+        logprobs = token_logprobs(logits, tokens, params)
         self.num_steps += 1
         self._last_logits = ([s.rid for s in samplers], logits)
-        deltas = (self._append(seq, tok) for seq, tok in zip(samplers, tokens, strict=True))
+        deltas = (
+            self._append(seq, tok, lp)
+            for seq, tok, lp in zip(samplers, tokens, logprobs, strict=True)
+        )
         return [d for d in deltas if d is not None]
 
     def _prepare(
@@ -441,10 +454,13 @@ class Engine:
         """Tokens routed per (layer, logical expert) since the last call (CPU int64)."""
         return None if self.expert_load is None else self.expert_load.take()
 
-    def _append(self, seq: Sequence, token: int) -> TokenDelta | None:
+    def _append(
+        self, seq: Sequence, token: int, logprob: TokenLogprob | None = None
+    ) -> TokenDelta | None:
         seq.token_ids.append(token)
         self.num_generated_tokens += 1
         if seq.prefill_only:
+            seq.first_logprob = logprob
             self.scheduler.hand_off(seq)
             self._handoffs.append(seq)
             return None  # the decode side reports the token
@@ -459,10 +475,20 @@ class Engine:
         if finish is not None:
             self.requests.pop(seq.rid, None)
             self.scheduler.remove(seq)
-        return self._delta(seq, [token], finish)
+        return self._delta(seq, [token], finish, logprob)
 
     @staticmethod
-    def _delta(seq: Sequence, tokens: list[int], finish: FinishReason | None) -> TokenDelta:
+    def _delta(
+        seq: Sequence,
+        tokens: list[int],
+        finish: FinishReason | None,
+        logprob: TokenLogprob | None = None,
+    ) -> TokenDelta:
+        logprobs = None
+        if seq.sampling.logprobs:
+            # A token that crossed from a prefill rank without its logprob (an older peer)
+            # still gets an entry: NaN, so that the list stays one per token.
+            logprobs = [logprob or TokenLogprob(float("nan"))] if tokens else []
         return TokenDelta(
             rid=seq.rid,
             token_ids=tokens,
@@ -470,4 +496,5 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             hold=not seq.stream,
+            logprobs=logprobs,
         )

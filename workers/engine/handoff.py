@@ -31,7 +31,7 @@ from collections import Counter
 from typing import Any
 
 from workers.engine.engine import Engine
-from workers.engine.messages import FinishReason, TokenDelta, TransferReady
+from workers.engine.messages import FinishReason, TokenDelta, TokenLogprob, TransferReady
 
 FAULTS = {
     # Decode rank: reserve the request's pages but never post its receive, so that the prefill
@@ -128,6 +128,7 @@ class KVHandoff:
                 self.transfer.send(
                     seq.rid, seq.pages, seq.token_ids[-1], self.timeout_s,
                     target=early[0] if early is not None else None,
+                    first_logprob=seq.first_logprob,
                 )  # fmt: skip
         events.extend(self.post_receives(engine))
         for result in self.transfer.poll():
@@ -145,7 +146,11 @@ class KVHandoff:
                         )
                     )
             elif result.ok and not aborted:
-                delta = engine.admit_received(rid, result.first_token)
+                first_logprob = result.first_logprob
+                delta = engine.admit_received(
+                    rid, result.first_token,
+                    None if first_logprob is None else TokenLogprob(*first_logprob),
+                )  # fmt: skip
                 if delta is not None:
                     deltas.append(delta)
             else:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
+
+MAX_TOP_LOGPROBS = 20
 
 
 class FinishReason(str, Enum):
@@ -30,10 +32,31 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens below min_p x the most likely one's probability
+    min_new_tokens: int = 0  # EOS and stop tokens are banned until this many are out
+    # OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), counting
+    # the output tokens so far.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # Hugging Face's / SGLang's, over prompt and output tokens: a positive logit is divided by
+    # it, a negative one multiplied.
+    repetition_penalty: float = 1.0
+    logprobs: bool = False  # report each output token's log-probability
+    top_logprobs: int = 0  # ... and the `top_logprobs` most likely tokens' (needs logprobs)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits change before sampling (penalties, a minimum length)."""
+        return bool(
+            self.min_new_tokens
+            or self.frequency_penalty
+            or self.presence_penalty
+            or self.repetition_penalty != 1.0
+        )
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the offending field."""
@@ -45,6 +68,24 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1 or self.top_k == 0:
             raise ValueError(f"top_k must be -1 (no limit) or >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
@@ -61,6 +102,14 @@ class GenerateRequest:
     stream: bool = True
 
 
+class TokenLogprob(NamedTuple):
+    """An output token's log-probability under the model (log-softmax of its logits, before
+    temperature, penalties and filtering) and the `top_logprobs` most likely `(id, logprob)`."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class TokenDelta:
     """New output of one request since the last poll. The last delta of a request has
@@ -73,6 +122,18 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # total so far, including `token_ids`
     hold: bool = False  # the request's tokens may be held until it ends (not streamed)
+    # One per token of `token_ids`, for a request that asked for logprobs; else None.
+    logprobs: list[TokenLogprob] | None = None
+
+    def prepend(self, earlier: TokenDelta) -> None:
+        """Make this delta also carry `earlier`'s tokens (the same request's, before it),
+        growing `earlier`'s lists in place: a long held output stays linear."""
+        earlier.token_ids.extend(self.token_ids)
+        self.token_ids = earlier.token_ids
+        if self.logprobs is not None or earlier.logprobs is not None:
+            logprobs = earlier.logprobs if earlier.logprobs is not None else []
+            logprobs.extend(self.logprobs or ())
+            self.logprobs = logprobs
 
     @classmethod
     def failure(cls, rid: str, message: str) -> TokenDelta:
@@ -106,8 +167,7 @@ class StreamBuffer:
         for d in deltas:
             held = self._held.pop(d.rid, None)
             if held is not None:
-                held.token_ids.extend(d.token_ids)  # in place: a long output stays linear
-                d.token_ids = held.token_ids
+                d.prepend(held)
             fresh.add(d.rid)
             first = d.num_output_tokens == len(d.token_ids)
             full = not d.hold and len(d.token_ids) >= self.interval

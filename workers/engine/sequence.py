@@ -6,7 +6,7 @@ import enum
 
 import torch
 
-from workers.engine.messages import SamplingParams
+from workers.engine.messages import SamplingParams, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -41,6 +41,8 @@ class Sequence:
         self.pages: list[int] = []
         self.num_computed = 0  # tokens whose latent KV is in the cache
         self.num_preemptions = 0
+        # Prefill side: the first token's logprob (when asked), sent along with the KV.
+        self.first_logprob: TokenLogprob | None = None
         self._slots: torch.Tensor | None = None
 
     @property

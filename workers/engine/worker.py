@@ -491,8 +491,7 @@ class EngineWorker:
             for d in deltas:
                 prev = self._outbox.get(d.rid)
                 if prev is not None:
-                    prev.token_ids.extend(d.token_ids)
-                    d.token_ids = prev.token_ids
+                    d.prepend(prev)
                 self._outbox[d.rid] = d
             if deltas or events:
                 self._lock.notify_all()

@@ -36,6 +36,7 @@ import torch
 from workers.transfer.handles import KVReceiver, KVSender
 from workers.transfer.messages import (
     AgentInfo,
+    FirstLogprob,
     KVLayout,
     Notification,
     TransferResult,
@@ -149,14 +150,16 @@ class KVTransferEngine(ABC):
         first_token: int,
         timeout_s: float,
         target: TransferTarget | None = None,
+        first_logprob: FirstLogprob | None = None,
     ) -> KVSender:
         """Sending side: write `src_pages` (every layer) into the target's pages, then notify
-        the receiver with `first_token`. Without `target` the sender waits (BOOTSTRAPPING) for
+        the receiver with `first_token` (and `first_logprob`). Without `target` the sender waits (BOOTSTRAPPING) for
         `set_target`. Fails (a result) if not done within `timeout_s`. ValueError for bad pages
         or an id already being sent."""
         pages = check_pages(src_pages, self.layout, f"send {transfer_id}")
         sender = KVSender(transfer_id, pages, int(first_token), time.monotonic() + timeout_s)
         sender.target = target
+        sender.first_logprob = first_logprob
         with self._cv:
             self._check_open()
             if transfer_id in self._senders:
@@ -268,7 +271,7 @@ class KVTransferEngine(ABC):
         elif note.kind == "start" and r.state is TransferState.WAITING:
             r.state = TransferState.TRANSFERRING
         elif note.kind == "done":
-            r.first_token = note.first_token
+            r.first_token, r.first_logprob = note.first_token, note.first_logprob
             self._finish_recv(r, None)
         elif note.kind == "fail":
             r._peer_error = note.error or "unknown error"
@@ -304,7 +307,9 @@ class KVTransferEngine(ABC):
             self._connect(target.agent)
             self._notify(target.agent, Notification("start", s.transfer_id))
             s._handle = self._start_write(
-                target.agent, runs, Notification("done", s.transfer_id, s.first_token)
+                target.agent,
+                runs,
+                Notification("done", s.transfer_id, s.first_token, first_logprob=s.first_logprob),
             )
         except Exception as e:
             s._attempts += 1
@@ -414,7 +419,7 @@ class KVTransferEngine(ABC):
                 TransferResult(
                     r.transfer_id, "recv", error is None, error,
                     None if error else r.first_token, 0 if error else num_bytes,
-                    time.monotonic() - r.started,
+                    time.monotonic() - r.started, None if error else r.first_logprob,
                 )
             )  # fmt: skip
         self._result_ready()

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.transfer.messages import TransferState, TransferTarget
+from workers.transfer.messages import FirstLogprob, TransferState, TransferTarget
 
 
 @dataclass(eq=False)
@@ -20,6 +20,7 @@ class KVSender:
     first_token: int
     deadline: float
     target: TransferTarget | None = None
+    first_logprob: FirstLogprob | None = None
     state: TransferState = TransferState.BOOTSTRAPPING
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
@@ -41,6 +42,7 @@ class KVReceiver:
     state: TransferState = TransferState.WAITING
     error: str | None = None
     first_token: int | None = None
+    first_logprob: FirstLogprob | None = None
     started: float = field(default_factory=time.monotonic)
     _abort: str | None = field(default=None, repr=False)
     _peer_error: str | None = field(default=None, repr=False)

@@ -112,13 +112,19 @@ class TransferTarget:
     dst_pages: tuple[int, ...]
 
 
+# The first token's log-probability and top `(id, logprob)` pairs
+# (`workers.engine.messages.TokenLogprob` is one).
+FirstLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
+
 @dataclass(frozen=True)
 class TransferResult:
     """A finished transfer on one side, reported exactly once by `KVTransferEngine.poll`.
 
     `first_token`: on the receiving side the token the completion notification carried (None
-    unless ok); on the sending side the token it sent. `num_bytes`: KV bytes moved (0 unless
-    ok). `elapsed_s`: from `send` / `expect` to the end."""
+    unless ok); on the sending side the token it sent; `first_logprob` likewise, when the
+    request asked for logprobs. `num_bytes`: KV bytes moved (0 unless ok). `elapsed_s`: from
+    `send` / `expect` to the end."""
 
     transfer_id: str
     role: Literal["send", "recv"]
@@ -127,6 +133,7 @@ class TransferResult:
     first_token: int | None = None
     num_bytes: int = 0
     elapsed_s: float = 0.0
+    first_logprob: FirstLogprob | None = None
 
 
 NotificationKind = Literal["start", "done", "fail"]
@@ -135,17 +142,21 @@ NotificationKind = Literal["start", "done", "fail"]
 @dataclass(frozen=True)
 class Notification:
     """Sender → receiver, keyed by transfer id: `start` (pages are about to flow), `done` (every
-    page landed; carries the first sampled token), `fail` (the sender gave up; carries why)."""
+    page landed; carries the first sampled token, and its logprob when asked), `fail` (the
+    sender gave up; carries why)."""
 
     kind: NotificationKind
     transfer_id: str
     first_token: int | None = None
     error: str | None = None
+    first_logprob: FirstLogprob | None = None
 
     def encode(self) -> bytes:
         msg: dict[str, object] = {"pdkv": 1, "kind": self.kind, "id": self.transfer_id}
         if self.first_token is not None:
             msg["token"] = self.first_token
+        if self.first_logprob is not None:
+            msg["lp"] = [self.first_logprob[0], [list(pair) for pair in self.first_logprob[1]]]
         if self.error is not None:
             msg["error"] = self.error[:500]
         return json.dumps(msg, separators=(",", ":")).encode()
@@ -158,8 +169,13 @@ class Notification:
             if msg.get("pdkv") != 1 or msg["kind"] not in ("start", "done", "fail"):
                 return None
             token = msg.get("token")
+            lp = msg.get("lp")
+            first_logprob = None
+            if lp is not None:
+                first_logprob = (float(lp[0]), tuple((int(i), float(v)) for i, v in lp[1]))
             return cls(
-                msg["kind"], str(msg["id"]), None if token is None else int(token), msg.get("error")
-            )
+                msg["kind"], str(msg["id"]), None if token is None else int(token),
+                msg.get("error"), first_logprob,
+            )  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

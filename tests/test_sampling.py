@@ -1,0 +1,185 @@
+"""Logits adjustments (penalties, a minimum length), min-p and logprobs against plain
+references written token by token; the logprob payload's trips through deltas and the
+transfer notification."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from workers.engine.messages import (
+    SamplingParams,
+    StreamBuffer,
+    TokenDelta,
+    TokenLogprob,
+)
+from workers.engine.sampling import History, adjust_logits, filtered_probs, token_logprobs
+from workers.transfer.messages import Notification
+
+pytestmark = pytest.mark.timeout(60)
+
+VOCAB = 50
+EOS = (1,)
+
+
+def _reference(logits: list[float], p: SamplingParams, ids: list[int], num_prompt: int):
+    """One row's adjusted logits, token by token, straight from each definition."""
+    out = list(logits)
+    output = ids[num_prompt:]
+    if len(output) < p.min_new_tokens:
+        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(EOS)):
+            out[t] = -math.inf
+    for t in set(ids):  # Hugging Face's RepetitionPenaltyLogitsProcessor
+        v = out[t]
+        out[t] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+    for t in set(output):  # OpenAI's definition
+        out[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return out
+
+
+def _random_params(rng: random.Random) -> SamplingParams:
+    pick = rng.random
+    return SamplingParams(
+        max_new_tokens=20,
+        min_new_tokens=rng.choice([0, 0, 3, 10]),
+        stop_token_ids=tuple(rng.sample(range(VOCAB), rng.randint(0, 2))),
+        ignore_eos=rng.random() < 0.3,
+        frequency_penalty=rng.choice([0.0, round(4 * pick() - 2, 2)]),
+        presence_penalty=rng.choice([0.0, round(4 * pick() - 2, 2)]),
+        repetition_penalty=rng.choice([1.0, round(0.2 + 1.8 * pick(), 2)]),
+    )
+
+
+def test_adjust_logits_matches_the_definitions_row_by_row():
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        rows = rng.randint(1, 6)
+        logits = torch.randn(rows, VOCAB, generator=g) * 3
+        before = logits.clone()
+        params = [_random_params(rng) for _ in range(rows)]
+        histories = []
+        for _ in range(rows):
+            num_prompt = rng.randint(1, 8)
+            # Few distinct ids, so that tokens repeat within and across prompt and output.
+            ids = [rng.randrange(12) for _ in range(num_prompt + rng.randint(0, 12))]
+            histories.append(History(ids, num_prompt))
+        got = adjust_logits(logits, params, histories, EOS)
+        assert torch.equal(logits, before), "the input logits must not change"
+        for i in range(rows):
+            want = torch.tensor(_reference(before[i].tolist(), params[i], *histories[i]))
+            torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-5)
+
+
+def test_rows_without_adjustments_are_left_alone_at_no_cost():
+    logits = torch.randn(3, VOCAB)
+    plain = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(min_p=0.5)]
+    histories = [History([2, 3, 3], 1)] * 3
+    assert adjust_logits(logits, plain, histories, EOS) is logits
+
+
+def test_min_new_tokens_bans_eos_and_stop_tokens_until_reached():
+    p = SamplingParams(max_new_tokens=8, min_new_tokens=2, stop_token_ids=(7,))
+    logits = torch.zeros(1, VOCAB)
+    for num_out, banned in [(0, True), (1, True), (2, False)]:
+        ids = [3, 4] + [5] * num_out
+        row = adjust_logits(logits, [p], [History(ids, 2)], EOS)[0]
+        assert bool(row[1] == -math.inf) is banned and bool(row[7] == -math.inf) is banned
+        assert torch.isfinite(row[[0, 2, 3, 5]]).all()
+    keep_eos = SamplingParams(max_new_tokens=8, min_new_tokens=2, ignore_eos=True)
+    row = adjust_logits(logits, [keep_eos], [History([3], 1)], EOS)[0]
+    assert torch.isfinite(row).all()  # EOS does not stop this request anyway
+
+
+def test_min_p_keeps_tokens_within_the_fraction_of_the_best():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04]))
+    probs = filtered_probs(logits, SamplingParams(min_p=0.25))  # keeps p >= 0.125
+    want = torch.tensor([0.5, 0.3, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(probs, want / want.sum())
+    assert torch.equal(filtered_probs(logits, SamplingParams(min_p=0.0)) > 0, logits > -1e9)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("min_p", 1.5, "min_p"),
+        ("min_new_tokens", 9, "min_new_tokens"),
+        ("frequency_penalty", 2.5, "frequency_penalty"),
+        ("presence_penalty", -3.0, "presence_penalty"),
+        ("repetition_penalty", 0.0, "repetition_penalty"),
+        ("top_logprobs", 21, "top_logprobs"),
+    ],
+)
+def test_sampling_params_validation_names_the_field(field, value, message):
+    extra = {"logprobs": True} if field == "top_logprobs" else {}
+    p = SamplingParams(max_new_tokens=8, **{field: value}, **extra)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        p.validate(VOCAB)
+    with pytest.raises(ValueError, match="needs logprobs"):
+        SamplingParams(top_logprobs=2).validate(VOCAB)
+
+
+def test_token_logprobs_match_log_softmax_of_the_raw_logits():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, VOCAB, generator=g) * 4
+    tokens = [3, 9, 0, 41]
+    params = [
+        SamplingParams(logprobs=True, top_logprobs=5),
+        SamplingParams(),
+        SamplingParams(logprobs=True),
+        SamplingParams(logprobs=True, top_logprobs=2),
+    ]
+    got = token_logprobs(logits, tokens, params)
+    assert got[1] is None
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    for i in (0, 2, 3):
+        lp = got[i]
+        assert lp is not None
+        assert lp.logprob == pytest.approx(float(ref[i, tokens[i]]), abs=1e-5)
+        order = torch.argsort(ref[i], descending=True)[: params[i].top_logprobs].tolist()
+        assert [t for t, _ in lp.top] == order
+        for t, v in lp.top:
+            assert v == pytest.approx(float(ref[i, t]), abs=1e-5)
+    assert token_logprobs(logits, tokens, [SamplingParams()] * 4) == [None] * 4
+
+
+def test_held_deltas_keep_one_logprob_per_token():
+    buf = StreamBuffer(interval=1)
+    lp = [TokenLogprob(-0.1 * i, ((i, -0.1 * i),)) for i in range(5)]
+
+    def delta(i: int, finish: bool = False) -> TokenDelta:
+        from workers.engine.messages import FinishReason
+
+        return TokenDelta(
+            "r", [i], FinishReason.LENGTH if finish else None, num_output_tokens=i + 1,
+            hold=True, logprobs=[lp[i]],
+        )  # fmt: skip
+
+    assert [d.token_ids for d in buf.take([delta(0)], stepped=True)] == [[0]]
+    for i in (1, 2, 3):
+        assert buf.take([delta(i)], stepped=True) == []
+    (last,) = buf.take([delta(4, finish=True)], stepped=True)
+    assert last.token_ids == [1, 2, 3, 4] and last.logprobs == lp[1:]
+    # An abort after held tokens (no token of its own) still carries theirs.
+    buf.take([delta(0)], stepped=True)
+    buf.take([delta(1)], stepped=True)
+    from workers.engine.messages import FinishReason
+
+    (end,) = buf.take(
+        [TokenDelta("r", [], FinishReason.ABORT, num_output_tokens=2, hold=True)], stepped=True
+    )
+    assert end.token_ids == [1] and end.logprobs == [lp[1]]
+
+
+def test_notification_carries_the_first_tokens_logprob():
+    first = (-0.25, ((5, -0.25), (9, -1.5)))
+    note = Notification("done", "r1", 5, first_logprob=first)
+    back = Notification.decode(note.encode())
+    assert back == note
+    assert TokenLogprob(*first) == TokenLogprob(-0.25, ((5, -0.25), (9, -1.5)))
+    assert Notification.decode(Notification("done", "r2", 3).encode()) == Notification(
+        "done", "r2", 3
+    )
