@@ -14,6 +14,7 @@ from orchestrator.protocol import (
     RequestError,
     SamplingRequest,
     finite,
+    read_n,
     read_sampling,
     read_top_logprobs,
 )
@@ -24,7 +25,6 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Features pdserve does not implement are refused unless set to their no-op value.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
@@ -45,13 +45,14 @@ class CompletionBody:
     sampling: SamplingRequest
     stream: bool
     include_usage: bool
+    n: int = 1  # choices: each one a request of its own
 
     @property
     def prompt_field(self) -> str:
         return "messages" if self.messages is not None else "prompt"
 
 
-def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool]:
+def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool, int]:
     for key, allowed in _NEUTRAL.items():
         f.neutral(key, *allowed)
     if f.has("logit_bias") and f.obj["logit_bias"] != {}:
@@ -62,12 +63,12 @@ def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool
     if f.has("stream_options"):
         opts = Fields(f.obj["stream_options"], "stream_options.")
         include_usage = opts.get_bool("include_usage")
-    return sampling, stream, include_usage
+    return sampling, stream, include_usage, read_n(f)
 
 
 def parse_completion(body: Any) -> CompletionBody:
     f = Fields(body)
-    sampling, stream, include_usage = _common(f, "max_tokens")
+    sampling, stream, include_usage, n = _common(f, "max_tokens")
     if sampling.max_new_tokens is None:  # OpenAI's documented default for completions
         sampling = replace(sampling, max_new_tokens=16)
     if f.has("logprobs"):  # completions: the number of top logprobs per token (0: none)
@@ -89,13 +90,13 @@ def parse_completion(body: Any) -> CompletionBody:
         ids = Fields({"prompt": prompt}).token_ids("prompt")
         if not ids:
             raise RequestError("prompt: the prompt is empty", "prompt")
-    return CompletionBody(f.get_str("model"), text, ids, None, sampling, stream, include_usage)
+    return CompletionBody(f.get_str("model"), text, ids, None, sampling, stream, include_usage, n)
 
 
 def parse_chat(body: Any) -> CompletionBody:
     f = Fields(body)
     max_key = "max_completion_tokens" if f.has("max_completion_tokens") else "max_tokens"
-    sampling, stream, include_usage = _common(f, max_key)
+    sampling, stream, include_usage, n = _common(f, max_key)
     top = read_top_logprobs(f, "top_logprobs")
     if f.get_bool("logprobs"):
         sampling = replace(sampling, logprobs=True, top_logprobs=top)
@@ -110,7 +111,8 @@ def parse_chat(body: Any) -> CompletionBody:
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages: expected a non-empty list of messages", "messages")
     messages = [_message(m, i) for i, m in enumerate(raw)]
-    return CompletionBody(f.get_str("model"), None, None, messages, sampling, stream, include_usage)
+    model = f.get_str("model")
+    return CompletionBody(model, None, None, messages, sampling, stream, include_usage, n)
 
 
 def _message(raw: Any, index: int) -> dict[str, str]:
@@ -147,6 +149,16 @@ def openai_finish_reason(out: Output) -> str | None:
     return out.finish_reason if out.finish_reason in ("stop", "length") else None
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One finished completion of a non-streamed call."""
+
+    text: str
+    finish: Output  # the last output (finish reason, counts)
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+
+
 class ResponseBuilder:
     """Builds the response object (or the stream chunks) of one OpenAI request."""
 
@@ -157,10 +169,10 @@ class ResponseBuilder:
         self.created = int(time.time())
         # Set when the request asked for logprobs: a token id's text, as they show it.
         self.token_text = token_text
-        self._text_offset = 0  # completions' `text_offset` across a stream's chunks
+        self._text_offsets: dict[int, int] = {}  # completions' `text_offset`, per choice
 
     def logprobs(
-        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob] | None
+        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob] | None, index: int = 0
     ) -> dict[str, Any] | None:
         """The `logprobs` of a choice (or of a chunk's choice) covering `token_ids`: chat's
         `{"content": [{token, logprob, bytes, top_logprobs}]}` or completions' `{tokens,
@@ -182,9 +194,11 @@ class ResponseBuilder:
             return {"content": content, "refusal": None}
         tokens = [text(t) for t, _ in pairs]
         offsets = []
+        offset = self._text_offsets.get(index, 0)
         for s in tokens:
-            offsets.append(self._text_offset)
-            self._text_offset += len(s)
+            offsets.append(offset)
+            offset += len(s)
+        self._text_offsets[index] = offset
         top = [{text(i): finite(v) for i, v in lp.top} for _, lp in pairs]
         return {
             "tokens": tokens,
@@ -204,24 +218,26 @@ class ResponseBuilder:
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    def response(
-        self,
-        text: str,
-        finish: Output,
-        token_ids: Sequence[int] = (),
-        logprobs: Sequence[TokenLogprob] | None = None,
-    ) -> dict[str, Any]:
-        """The whole response; `token_ids` and `logprobs`: all the output's."""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": openai_finish_reason(finish)}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choice["logprobs"] = self.logprobs(token_ids, logprobs)
+    def response(self, choices: Sequence[Choice]) -> dict[str, Any]:
+        """The whole response: one choice per completion of the prompt."""
+        out = []
+        for index, c in enumerate(choices):
+            choice: dict[str, Any] = {
+                "index": index, "finish_reason": openai_finish_reason(c.finish)
+            }  # fmt: skip
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+            else:
+                choice["text"] = c.text
+            choice["logprobs"] = self.logprobs(c.token_ids, c.logprobs, index)
+            out.append(choice)
         return {
             **self._envelope("chat.completion" if self.chat else "text_completion"),
-            "choices": [choice],
-            "usage": self.usage(finish.num_prompt_tokens, finish.num_output_tokens),
+            "choices": out,
+            "usage": self.usage(
+                choices[0].finish.num_prompt_tokens,
+                sum(c.finish.num_output_tokens for c in choices),
+            ),
         }
 
     def chunk(
@@ -231,11 +247,12 @@ class ResponseBuilder:
         role: bool = False,
         usage: Mapping[str, int] | None = None,
         out: Output | None = None,
+        index: int = 0,
     ) -> dict[str, Any]:
-        """One stream chunk; with `text=None`, a chunk without choices (the usage chunk).
-        `out`: the output the chunk carries, for its logprobs."""
+        """One stream chunk of choice `index`; with `text=None`, a chunk without choices (the
+        usage chunk). `out`: the output the chunk carries, for its logprobs."""
         obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
-        logprobs = None if out is None else self.logprobs(out.token_ids, out.logprobs)
+        logprobs = None if out is None else self.logprobs(out.token_ids, out.logprobs, index)
         if text is None:
             obj["choices"] = []
         elif self.chat:
@@ -243,11 +260,21 @@ class ResponseBuilder:
             if text or role:
                 delta["content"] = text
             obj["choices"] = [
-                {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }  # fmt: skip
             ]
         else:
             obj["choices"] = [
-                {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }  # fmt: skip
             ]
         obj["usage"] = dict(usage) if usage is not None else None
         return obj

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1
+MAX_CHOICES = 16  # `n`: completions of one prompt per call
 
 
 class RequestError(Exception):
@@ -216,6 +217,23 @@ def read_sampling(
     )
 
 
+def read_n(f: Fields, key: str = "n") -> int:
+    """How many completions of the prompt the call wants (each one is a request)."""
+    n = f.get_int(key, 1)
+    assert n is not None
+    if not 1 <= n <= MAX_CHOICES:
+        raise f.fail(key, f"must be in [1, {MAX_CHOICES}], got {n}")
+    return n
+
+
+def choice_params(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The sampling of completion `index` of a call with `n` > 1: a seeded call's choices
+    draw with seeds `seed`, `seed + 1`, ... (the same seed would give `n` copies)."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + index) % (MAX_SEED + 1))
+
+
 def read_top_logprobs(f: Fields, key: str) -> int:
     """A count of top logprobs per token, range-checked."""
     num = f.get_int(key, 0)
@@ -298,7 +316,6 @@ def _too_long(input_ids: list[int], max_new: int, limits: Limits, name: str) -> 
 # ---- SGLang-style /generate -----------------------------------------------------------------
 
 _SGLANG_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
     "no_stop_trim": (False,),
@@ -306,7 +323,7 @@ _SGLANG_NEUTRAL: dict[str, tuple[Any, ...]] = {
 _SGLANG_KNOWN = {
     "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_p", "min_new_tokens", "frequency_penalty", "presence_penalty",
-    "repetition_penalty", *_SGLANG_NEUTRAL,
+    "repetition_penalty", "n", *_SGLANG_NEUTRAL,
 }  # fmt: skip
 
 
@@ -330,6 +347,7 @@ class GenerateBody:
     stream: bool
     rid: str | None
     logprob_text: bool = False  # `return_text_in_logprobs`: each logprob entry has its text
+    n: int = 1  # completions per prompt (`sampling_params.n`)
 
 
 def parse_generate(body: Any) -> GenerateBody:
@@ -343,6 +361,7 @@ def parse_generate(body: Any) -> GenerateBody:
     for key, allowed in _SGLANG_NEUTRAL.items():
         sp.neutral(key, *allowed)
     sampling = read_sampling(sp, "max_new_tokens")
+    n = read_n(sp)
     if f.get_bool("return_logprob"):
         start = f.get_int("logprob_start_len", -1)
         if start != -1:
@@ -383,7 +402,9 @@ def parse_generate(body: Any) -> GenerateBody:
         )
     if is_batch and rid is not None:
         raise RequestError("rid: a batch of prompts cannot share one rid", "rid")
-    return GenerateBody(calls, is_batch, stream, rid, f.get_bool("return_text_in_logprobs"))
+    if n > 1 and rid is not None:
+        raise RequestError("rid: n > 1 makes n requests, which cannot share one rid", "rid")
+    return GenerateBody(calls, is_batch, stream, rid, f.get_bool("return_text_in_logprobs"), n)
 
 
 def finish_reason_json(out: Output) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.openai_api import (
+    Choice,
     CompletionBody,
     ResponseBuilder,
     openai_finish_reason,
@@ -37,6 +38,7 @@ from orchestrator.protocol import (
     GenerateResult,
     RequestError,
     check_prompt_len,
+    choice_params,
     parse_generate,
     prepare_call,
     resolve_sampling,
@@ -47,6 +49,7 @@ from orchestrator.streaming import (
     ClientDisconnected,
     CountRequests,
     EventStream,
+    interleave,
     read_json,
     sse,
     until_disconnect,
@@ -162,12 +165,18 @@ def create_app(
     async def generate(request: Request) -> Response:
         arrival = time.perf_counter()
         body = parse_generate(await read_json(request, config.max_request_body_bytes))
-        prepared = [(prepare(c), c.sampling.stop) for c in body.calls]
-        rids = [body.rid or uuid.uuid4().hex for _ in prepared]
+        # One request per prompt and choice, prompt-major (as SGLang lists them).
+        jobs = [
+            (ids, choice_params(sampling, j), c.sampling.stop)
+            for c in body.calls
+            for ids, sampling in [prepare(c)]
+            for j in range(body.n)
+        ]
+        rids = [body.rid or uuid.uuid4().hex for _ in jobs]
         token_text = router.tokenizer.token_text if body.logprob_text else None
 
         async def one(i: int) -> GenerateResult:
-            (ids, sampling), stop = prepared[i]
+            ids, sampling, stop = jobs[i]
             result = GenerateResult(rids[i], "", [], len(ids), 0, None, 0.0)
             outputs = run(ids, sampling, stop, client_of(request), rids[i], arrival, stream=False)
             async with contextlib.aclosing(outputs) as outs:
@@ -177,18 +186,22 @@ def create_app(
                     result = result.add(out, time.perf_counter() - arrival)
             return result
 
-        if body.stream:
-            (ids, sampling), stop = prepared[0]
-            outputs = run(ids, sampling, stop, client_of(request), rids[0], arrival)
-            incremental = config.incremental_streaming_output
-            events = _generate_events(outputs, rids[0], len(ids), arrival, incremental, token_text)
+        if body.stream:  # one prompt, `n` choices
+            streams = [
+                run(ids, sampling, stop, client_of(request), rid, arrival)
+                for (ids, sampling, stop), rid in zip(jobs, rids, strict=True)
+            ]
+            events = _generate_events(
+                streams, rids, len(jobs[0][0]), arrival, config.incremental_streaming_output,
+                token_text,
+            )  # fmt: skip
             return EventStream(events)
         try:
             results = await until_disconnect(request, _all([one(i) for i in range(len(rids))]))
         except ValueError as e:
             raise _refused(e, body.calls[0].prompt_field) from None
         payload = [r.json(token_text) for r in results]
-        return JSONResponse(payload if body.is_batch else payload[0])
+        return JSONResponse(payload if body.is_batch or body.n > 1 else payload[0])
 
     # ---- OpenAI style -------------------------------------------------------------------------
 
@@ -212,14 +225,17 @@ def create_app(
         )
         token_text = router.tokenizer.token_text if sampling.logprobs else None
         builder = ResponseBuilder(chat, req.model or router.model_name, token_text)
-        outputs = run(
-            ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival,
-            stream=req.stream,
-        )  # fmt: skip
+        streams = [
+            run(
+                ids, choice_params(sampling, i), req.sampling.stop, client_of(request),
+                arrival_s=arrival, stream=req.stream,
+            )
+            for i in range(req.n)
+        ]  # fmt: skip
         if req.stream:
-            return EventStream(_openai_events(outputs, builder, req))
+            return EventStream(_openai_events(streams, builder, req))
 
-        async def collect() -> tuple[str, Output, list[int], list[TokenLogprob]]:
+        async def collect(outputs: AsyncGenerator[Output, None]) -> Choice:
             parts: list[str] = []
             token_ids: list[int] = []
             logprobs: list[TokenLogprob] = []
@@ -229,16 +245,16 @@ def create_app(
                     token_ids += out.token_ids
                     logprobs += out.logprobs or ()
                     if out.finish_reason is not None:
-                        return "".join(parts), out, token_ids, logprobs
+                        if openai_finish_reason(out) is None:
+                            raise _error_status(out)
+                        return Choice("".join(parts), out, token_ids, logprobs)
             raise RuntimeError("the request ended without a finish reason")
 
         try:
-            text, last, token_ids, logprobs = await until_disconnect(request, collect())
+            choices = await until_disconnect(request, _all([collect(s) for s in streams]))
         except ValueError as e:
             raise _refused(e, req.prompt_field) from None
-        if openai_finish_reason(last) is None:
-            raise _error_status(last)
-        return JSONResponse(builder.response(text, last, token_ids, logprobs))
+        return JSONResponse(builder.response(choices))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -314,26 +330,32 @@ async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
 
 
 async def _generate_events(
-    outputs: AsyncGenerator[Output, None],
-    rid: str,
+    streams: list[AsyncGenerator[Output, None]],
+    rids: list[str],
     num_prompt_tokens: int,
     arrival: float,
     incremental: bool = False,
     token_text: Callable[[int], str] | None = None,
 ) -> AsyncGenerator[str, None]:
     """`/generate` stream: every event carries the cumulative `text` and `output_ids`, or with
-    `incremental` only what is new since the previous event (`meta_info` counts stay totals)."""
-    result = GenerateResult(rid, "", [], num_prompt_tokens, 0, None, 0.0)
-    async with contextlib.aclosing(outputs) as outs:
+    `incremental` only what is new since the previous event (`meta_info` counts stay totals).
+    With several streams (`n` > 1) their events interleave, each with its `index`."""
+    results = [GenerateResult(rid, "", [], num_prompt_tokens, 0, None, 0.0) for rid in rids]
+    async with contextlib.aclosing(interleave(streams)) as outs:
         try:
-            async for out in outs:
+            async for index, out in outs:
                 if out.finish_reason in ("error", "abort"):
                     yield sse(_error_status(out).body())
                     break
                 latency = time.perf_counter() - arrival
+                result = results[index]
                 result = result.step(out, latency) if incremental else result.add(out, latency)
+                results[index] = result
                 if out.text or out.token_ids or out.finish_reason is not None:
-                    yield sse(result.json(token_text))
+                    event = result.json(token_text)
+                    if len(streams) > 1:
+                        event["index"] = index
+                    yield sse(event)
         except ValueError as e:
             yield sse(_refused(e, "input_ids").body())
         except RouterNotReady as e:
@@ -342,26 +364,34 @@ async def _generate_events(
 
 
 async def _openai_events(
-    outputs: AsyncGenerator[Output, None], builder: ResponseBuilder, req: CompletionBody
+    streams: list[AsyncGenerator[Output, None]], builder: ResponseBuilder, req: CompletionBody
 ) -> AsyncGenerator[str, None]:
-    """OpenAI stream: a role chunk (chat), text-delta chunks, a chunk with `finish_reason`, the
-    usage chunk when `stream_options.include_usage`, then `[DONE]`."""
+    """OpenAI stream: a role chunk per choice (chat), text-delta chunks, a chunk with
+    `finish_reason` per choice (the choices of `n` > 1 interleave, each chunk with its
+    `index`), the usage chunk when `stream_options.include_usage`, then `[DONE]`."""
     if builder.chat:
-        yield sse(builder.chunk("", role=True))
-    async with contextlib.aclosing(outputs) as outs:
+        for index in range(len(streams)):
+            yield sse(builder.chunk("", role=True, index=index))
+    prompt_tokens, completion_tokens = 0, [0] * len(streams)
+    async with contextlib.aclosing(interleave(streams)) as outs:
         try:
-            async for out in outs:
+            async for index, out in outs:
                 if out.finish_reason is None:
                     if out.text or (out.logprobs and builder.token_text is not None):
-                        yield sse(builder.chunk(out.text, out=out))
+                        yield sse(builder.chunk(out.text, out=out, index=index))
                     continue
                 finish = openai_finish_reason(out)
                 if finish is None:
                     yield sse(_error_status(out).body())
                     break
-                yield sse(builder.chunk(out.text, finish, out=out))
+                yield sse(builder.chunk(out.text, finish, out=out, index=index))
+                prompt_tokens, completion_tokens[index] = (
+                    out.num_prompt_tokens,
+                    out.num_output_tokens,
+                )
+            else:
                 if req.include_usage:
-                    usage = builder.usage(out.num_prompt_tokens, out.num_output_tokens)
+                    usage = builder.usage(prompt_tokens, sum(completion_tokens))
                     yield sse(builder.chunk(None, usage=usage))
         except ValueError as e:
             yield sse(_refused(e, req.prompt_field).body())

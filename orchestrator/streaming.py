@@ -44,6 +44,47 @@ def sse(obj: Any) -> str:
     return f"data: {body}\n\n"
 
 
+async def interleave(
+    streams: list[AsyncGenerator[T, None]],
+) -> AsyncGenerator[tuple[int, T], None]:
+    """`(index, item)` from every stream as items come (a call with `n` > 1 streams its
+    choices at once). The first error of any stream is raised; on any exit every stream is
+    closed, so their `finally` blocks (aborting requests) run."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for first in only:
+                yield 0, first
+        return
+    queue: asyncio.Queue[tuple[int, T | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[T, None]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item, None))
+        except Exception as e:
+            await queue.put((index, None, e))
+            return
+        await queue.put((index, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is None:
+                running -= 1
+                continue
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
 class ClientDisconnected(Exception):
     """The client went away before the response was ready."""
 

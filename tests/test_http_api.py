@@ -354,6 +354,61 @@ def test_penalties_and_logprobs_through_the_disaggregated_server(tiny_server, ti
     _wait_idle(tiny_server)
 
 
+@pytest.mark.timeout(180)
+def test_n_choices_on_every_route(tiny_server):
+    """`n` completions of one prompt: seeded choices differ from each other and repeat from
+    call to call; streams interleave them by `index` and end with the same outputs."""
+    sampling = {"max_new_tokens": 8, "temperature": 1.0, "seed": 11, "ignore_eos": True, "n": 3}
+    with _client(tiny_server) as c:
+        first = c.post("/generate", json={"text": "abc", "sampling_params": sampling}).json()
+        again = c.post("/generate", json={"text": "abc", "sampling_params": sampling}).json()
+        assert isinstance(first, list) and len(first) == 3
+        outs = [r["output_ids"] for r in first]
+        assert outs == [r["output_ids"] for r in again]
+        assert len({tuple(o) for o in outs}) > 1  # seeds seed, seed + 1, seed + 2
+        assert len({r["meta_info"]["id"] for r in first}) == 3
+        batch = c.post(
+            "/generate", json={"text": ["abc", "xyz"], "sampling_params": sampling}
+        ).json()
+        assert [r["output_ids"] for r in batch[:3]] == outs and len(batch) == 6
+
+        with c.stream(
+            "POST", "/generate", json={"text": "abc", "sampling_params": sampling, "stream": True}
+        ) as r:
+            events = [e for e in _sse(r) if e != "[DONE]"]
+        assert {e["index"] for e in events} == {0, 1, 2}
+        last = {e["index"]: e["output_ids"] for e in events}
+        assert [last[i] for i in range(3)] == outs
+
+        body = {"prompt": "abc", "max_tokens": 8, "temperature": 1.0, "seed": 11,
+                "ignore_eos": True, "n": 2, "logprobs": 1}  # fmt: skip
+        whole = c.post("/v1/completions", json=body).json()
+        assert [ch["index"] for ch in whole["choices"]] == [0, 1]
+        assert whole["usage"]["completion_tokens"] == 16
+        assert all(len(ch["logprobs"]["tokens"]) == 8 for ch in whole["choices"])
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        ) as r:
+            chunks = [e for e in _sse(r) if e != "[DONE]"]
+        texts = ["", ""]
+        for ch in chunks[:-1]:
+            texts[ch["choices"][0]["index"]] += ch["choices"][0]["text"]
+        assert texts == [ch["text"] for ch in whole["choices"]]
+        assert chunks[-1]["usage"]["completion_tokens"] == 16
+
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2,
+                "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+        with c.stream("POST", "/v1/chat/completions", json=chat) as r:
+            chunks = [e for e in _sse(r) if e != "[DONE]"]
+        roles = [ch["choices"][0]["index"] for ch in chunks if "role" in ch["choices"][0]["delta"]]
+        assert roles == [0, 1]
+        finishes = [ch["choices"][0]["index"] for ch in chunks if ch["choices"][0]["finish_reason"]]
+        assert sorted(finishes) == [0, 1]
+    _wait_idle(tiny_server)
+
+
 # ---- batching consistency and page accounting ---------------------------------------------------
 
 
@@ -445,7 +500,10 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         (C, {"prompt": [vocab + 5]}, "prompt", "vocabulary"),
         (C, {"prompt": "hi", "max_tokens": 0}, "max_tokens", ""),
         (C, {"prompt": "hi", "max_tokens": ctx}, "max_tokens", "context"),
-        (C, {"prompt": "hi", "n": 2}, "n", "not supported"),
+        (C, {"prompt": "hi", "n": 0}, "n", "[1, 16]"),
+        (C, {"prompt": "hi", "n": 17}, "n", "[1, 16]"),
+        (G, {"text": "hi", "rid": "a", "sampling_params": {"n": 2}}, "rid", "n > 1"),
+        (C, {"prompt": "hi", "best_of": 2}, "best_of", "not supported"),
         (C, {"prompt": "hi", "logprobs": 21}, "logprobs", "[0, 20]"),
         (C, {"prompt": "hi", "frequency_penalty": 3}, "frequency_penalty", "[-2, 2]"),
         (C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens", "max_tokens"),
