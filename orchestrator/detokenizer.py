@@ -31,7 +31,10 @@ class IncrementalDetokenizer:
         prompt_ids: Sequence[int] = (),
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
+        min_new_tokens: int = 0,
     ):
+        """`min_new_tokens`: stop strings count only from that many output tokens on (a match
+        that ends earlier is ignored, as in vLLM and SGLang)."""
         self._tok = tokenizer
         self._skip_special = skip_special_tokens
         self._ids = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
@@ -42,6 +45,8 @@ class IncrementalDetokenizer:
         self.text = ""  # the output text so far (cut before a matched stop string)
         self._num_sent = 0  # characters of `text` already returned
         self.matched_stop: str | None = None
+        self._min_new_tokens = min_new_tokens
+        self._num_output_tokens = 0
 
     @property
     def stopped(self) -> bool:
@@ -55,6 +60,7 @@ class IncrementalDetokenizer:
         if self.stopped or not token_ids:
             return ""
         self._ids.extend(token_ids)
+        self._num_output_tokens += len(token_ids)
         window = self._ids[self._prefix_offset :]
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(window)
@@ -80,6 +86,8 @@ class IncrementalDetokenizer:
     def _append(self, new_text: str) -> None:
         search_from = max(0, len(self.text) - self._max_stop_len + 1)
         self.text += new_text
+        if self._num_output_tokens < self._min_new_tokens:
+            return
         best: tuple[int, str] | None = None
         for s in self._stop:
             at = self.text.find(s, search_from)

@@ -391,7 +391,9 @@ class Router:
         if prefill_rank is not None:
             self._queued_prefill_tokens[prefill_rank] += req.num_prompt_tokens
             self._running[prefill_rank] += 1
-        detok = IncrementalDetokenizer(self.tokenizer, input_ids, stop)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, input_ids, stop, min_new_tokens=sampling.min_new_tokens
+        )
         finished = False
         add_ref = prefill_ref = None
         timer: asyncio.TimerHandle | None = None

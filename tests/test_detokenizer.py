@@ -83,6 +83,15 @@ def test_stop_string_cuts_text_and_later_tokens_are_ignored():
     assert detok.text == "abcd"
 
 
+def test_stop_strings_count_only_from_min_new_tokens_on():
+    ids = list(b"abcabdab")  # "ab" ends at tokens 2, 5 and 8
+    for min_new, want in [(0, ""), (2, ""), (3, "abc"), (5, "abc"), (6, "abcabd")]:
+        detok = IncrementalDetokenizer(ByteDecoder(), stop=["ab"], min_new_tokens=min_new)
+        assert "".join(stream(detok, ids)) == want and detok.matched_stop == "ab", min_new
+    detok = IncrementalDetokenizer(ByteDecoder(), stop=["ab"], min_new_tokens=10)
+    assert "".join(stream(detok, list(b"abcabdab"))) == "abcabdab" and not detok.stopped
+
+
 def test_stop_string_spanning_deltas_and_the_earliest_match_wins():
     detok = IncrementalDetokenizer(ByteDecoder(), stop=["world", "lo w"])
     deltas = [detok.add(list(b"hel")), detok.add(list(b"lo")), detok.add(list(b" wor"))]
