@@ -79,6 +79,9 @@ def test_rows_without_adjustments_are_left_alone_at_no_cost():
     plain = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(min_p=0.5)]
     histories = [History([2, 3, 3], 1)] * 3
     assert adjust_logits(logits, plain, histories, EOS) is logits
+    reached = SamplingParams(max_new_tokens=8, min_new_tokens=2)  # 2 output tokens already
+    row = logits[:1]
+    assert adjust_logits(row, [reached], [History([2, 3, 3], 1)], EOS) is row
 
 
 def test_min_new_tokens_bans_eos_and_stop_tokens_until_reached():

@@ -19,6 +19,13 @@ class History(NamedTuple):
     num_prompt_tokens: int
 
 
+def _adjusts_now(p: SamplingParams, history: History) -> bool:
+    if not p.adjusts_logits:
+        return False
+    penalized = p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0
+    return bool(penalized) or len(history.token_ids) - history.num_prompt_tokens < p.min_new_tokens
+
+
 def adjust_logits(
     logits: torch.Tensor,  # [S, vocab] float32
     params: Sequence[SamplingParams],
@@ -29,7 +36,7 @@ def adjust_logits(
     tokens banned while the output is shorter than `min_new_tokens`; the repetition penalty
     over prompt and output tokens; the frequency and presence penalties over output tokens.
     Rows that ask for none of these cost nothing."""
-    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    rows = [i for i, p in enumerate(params) if _adjusts_now(p, histories[i])]
     if not rows:
         return logits
     logits = logits.clone()
