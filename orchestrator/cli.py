@@ -70,6 +70,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "CPU: share of RAM for the KV cache (default 0.1)",
     )
     e.add_argument("--max-running-requests", type=int, default=256)
+    e.add_argument(
+        "--disable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt whole (by default requests share the KV of common prefixes)",
+    )
     e.add_argument("--chunked-prefill-size", type=int, default=2048)
     e.add_argument(
         "--stream-interval",
@@ -176,6 +182,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         kv_capacity_tokens=args.kv_capacity_tokens,
         kv_memory_fraction=args.kv_memory_fraction,
         max_running_requests=args.max_running_requests,
+        enable_prefix_caching=args.enable_prefix_caching,
         chunked_prefill_size=args.chunked_prefill_size,
         stream_interval=args.stream_interval,
         max_context_len=args.max_context_len,

@@ -52,6 +52,18 @@ class Metrics:
         )
         self.pages_used = Gauge("pdserve_kv_pages_used", "KV cache pages in use", registry=r)
         self.pages_free = Gauge("pdserve_kv_pages_free", "KV cache pages free", registry=r)
+        self.pages_cached = Gauge(
+            "pdserve_kv_pages_cached", "Free KV pages that still hold a cached prefix", registry=r
+        )
+        self.prefix_queried = Gauge(
+            "pdserve_prefix_cache_queried_tokens_total",
+            "Prompt tokens looked up in the prefix caches of the live ranks", registry=r,
+        )  # fmt: skip
+        self.prefix_hits = Gauge(
+            "pdserve_prefix_cache_hit_tokens_total",
+            "Prompt tokens found in the prefix caches of the live ranks (not computed again)",
+            registry=r,
+        )
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
         self.finished = Counter(
             "pdserve_request_finish", "Requests ended, by finish reason (stop, length, abort, "
@@ -94,6 +106,9 @@ class Metrics:
         self.queued.set(sum(s.num_waiting for s in live))
         self.pages_used.set(sum(s.num_pages_used for s in live))
         self.pages_free.set(sum(s.num_pages_free for s in live))
+        self.pages_cached.set(sum(s.num_pages_cached for s in live))
+        self.prefix_queried.set(sum(s.num_prefix_queried_tokens for s in live))
+        self.prefix_hits.set(sum(s.num_prefix_hit_tokens for s in live))
 
     def set_router_stats(self, retries: int, rank_failures: int, draining: bool) -> None:
         self.retries.set(retries)

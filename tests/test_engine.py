@@ -13,6 +13,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.kv_cache import PageAllocator
 from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams
+from workers.engine.prefix_cache import CachingAllocator
 from workers.engine.sampling import filtered_probs, greedy_tokens, sample
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence
@@ -82,7 +83,9 @@ def _seq(rid: str, n: int, arrival: int) -> Sequence:
 
 
 def test_scheduler_budget_chunks_and_running_limit():
-    sched = Scheduler(PageAllocator(100), page_size=4, max_running=2, token_budget=10)
+    sched = Scheduler(
+        CachingAllocator(PageAllocator(100), 4), page_size=4, max_running=2, token_budget=10
+    )
     for i, n in enumerate((6, 7, 3)):
         sched.add(_seq(f"r{i}", n, i))
     batch = sched.schedule()
@@ -98,7 +101,9 @@ def test_scheduler_budget_chunks_and_running_limit():
 
 
 def test_scheduler_preempts_newest_when_pages_run_out():
-    sched = Scheduler(PageAllocator(4), page_size=2, max_running=8, token_budget=100)
+    sched = Scheduler(
+        CachingAllocator(PageAllocator(4), 2), page_size=2, max_running=8, token_budget=100
+    )
     old, new = _seq("old", 4, 0), _seq("new", 3, 1)
     sched.add(old)
     sched.add(new)

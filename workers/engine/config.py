@@ -15,6 +15,8 @@ class EngineConfig:
     kv_memory_fraction: float | None = None
     gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
+    # Share the KV of full pages between requests whose tokens begin alike.
+    enable_prefix_caching: bool = True
     chunked_prefill_size: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_context_len: int | None = None  # default: the model's max_position_embeddings
     dtype: str = "float32"  # float32 | bfloat16 | float16

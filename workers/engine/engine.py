@@ -99,6 +99,7 @@ class Engine:
             cfg.kv_cache_dim,
             self.dtype,
             self.device,
+            prefix_caching=config.enable_prefix_caching,
         )
         self.scheduler = Scheduler(
             self.kv.allocator,
@@ -342,6 +343,9 @@ class Engine:
             num_in_transfer=len(self.requests)
             - len(self.scheduler.running)
             - len(self.scheduler.waiting),
+            num_pages_cached=self.kv.allocator.num_idle,
+            num_prefix_queried_tokens=self.kv.allocator.num_queried_tokens,
+            num_prefix_hit_tokens=self.kv.allocator.num_hit_tokens,
         )
 
     # ---- one step ---------------------------------------------------------------------------
@@ -371,8 +375,11 @@ class Engine:
             logits = self.model(input_ids, meta, self.kv.data)
         if batch.is_empty:
             return []
+        publish = self.kv.allocator.enabled
         for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
             seq.num_computed += num
+            if publish:
+                self.scheduler.publish(seq)
         params = [s.sampling for s in samplers]
         adjusted = logits
         if any(p.adjusts_logits for p in params):

@@ -6,6 +6,8 @@ import bisect
 
 import torch
 
+from workers.engine.prefix_cache import CachingAllocator
+
 
 class PageAllocator:
     """Hands out fixed-size pages by index; all-or-nothing allocation, loud on double free.
@@ -118,13 +120,14 @@ class KVCache:
         kv_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        prefix_caching: bool = False,
     ):
         self.page_size = page_size
         self.num_pages = num_pages
         self.data = torch.zeros(
             num_layers, (num_pages + 1) * page_size, kv_dim, dtype=dtype, device=device
         )
-        self.allocator = PageAllocator(num_pages)
+        self.allocator = CachingAllocator(PageAllocator(num_pages), page_size, prefix_caching)
         self.scratch_slot = num_pages * page_size
 
     @property

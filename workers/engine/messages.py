@@ -221,6 +221,9 @@ class RankStats:
     num_steps: int
     num_generated_tokens: int
     num_in_transfer: int = 0  # disaggregated: waiting for pages, receiving or sending KV
+    num_pages_cached: int = 0  # of the free pages, those holding a published prefix
+    num_prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache so far
+    num_prefix_hit_tokens: int = 0  # of those, found computed (not computed again)
 
     @property
     def num_pages_used(self) -> int:

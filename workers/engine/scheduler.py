@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from workers.engine.kv_cache import PageAllocator, pages_needed
+from workers.engine.kv_cache import pages_needed
+from workers.engine.prefix_cache import CachingAllocator
 from workers.engine.sequence import SeqStatus, Sequence
 
 
@@ -33,7 +34,7 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(
         self,
-        allocator: PageAllocator,
+        allocator: CachingAllocator,
         page_size: int,
         max_running: int,
         token_budget: int,
@@ -123,9 +124,13 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
+            cached = not seq.pages and self._take_cached_prefix(seq)
             num = min(seq.num_pending, budget)
             need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
             if not self.allocator.can_allocate(need):
+                if cached:  # not admitted after all: let go of the cached pages again
+                    self.allocator.free(seq.release_pages())
+                    seq.num_computed = seq.num_cached_tokens = 0
                 break
             self.waiting.popleft()
             seq.add_pages(self.allocator.allocate(need))
@@ -134,6 +139,25 @@ class Scheduler:
             batch.prefills.append((seq, num))
             budget -= num
         return batch
+
+    def _take_cached_prefix(self, seq: Sequence) -> bool:
+        """Start a request being admitted after the published pages that match its tokens
+        (all but the last token at most: that one is computed for its logits)."""
+        seq.num_cached_tokens = 0
+        prefix = self.allocator.match(seq.token_ids, seq.num_tokens - 1)
+        if not prefix.pages:
+            return False
+        seq.add_pages(prefix.pages)
+        seq.num_published, seq.last_key = len(prefix.pages), prefix.last_key
+        seq.num_computed = seq.num_cached_tokens = len(prefix.pages) * self.page_size
+        return True
+
+    def publish(self, seq: Sequence) -> None:
+        """Publish the pages `seq` has filled with computed KV (call after a step)."""
+        if (seq.num_published + 1) * self.page_size <= seq.num_computed:
+            seq.num_published, seq.last_key = self.allocator.publish(
+                seq.token_ids, seq.pages, seq.num_published, seq.last_key, seq.num_computed
+            )
 
     def _reserve(self, seq: Sequence, num: int, scheduled: set[str]) -> bool:
         """Pages for `num` more tokens of `seq`, preempting the newest request not yet in this

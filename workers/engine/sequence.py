@@ -41,6 +41,11 @@ class Sequence:
         self.pages: list[int] = []
         self.num_computed = 0  # tokens whose latent KV is in the cache
         self.num_preemptions = 0
+        # Prefix caching: leading pages published (or found) in the cache, the key of the last
+        # one, and the prompt tokens the cache spared this request's latest admission.
+        self.num_published = 0
+        self.last_key = b""
+        self.num_cached_tokens = 0
         # Prefill side: the first token's logprob (when asked), sent along with the KV.
         self.first_logprob: TokenLogprob | None = None
         self._slots: torch.Tensor | None = None
@@ -72,6 +77,7 @@ class Sequence:
 
     def release_pages(self) -> list[int]:
         pages, self.pages, self._slots = self.pages, [], None
+        self.num_published, self.last_key = 0, b""
         return pages
 
     def slots(self, num_tokens: int, page_size: int) -> torch.Tensor:

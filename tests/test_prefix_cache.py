@@ -1,0 +1,169 @@
+"""Prefix caching: the page bookkeeping against a plain model of it under random churn, and
+engines that share prefixes giving the tokens of engines that do not (and of transformers)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.kv_cache import PageAllocator
+from workers.engine.messages import GenerateRequest, SamplingParams
+from workers.engine.prefix_cache import CachingAllocator
+
+pytestmark = pytest.mark.timeout(300)
+
+PS = 4
+
+
+def test_pages_under_churn_match_a_plain_model():
+    """Requests come and go with prompts over a tiny alphabet (so prefixes repeat), publish
+    their full pages, and match earlier ones. Checked after every operation: a page is held,
+    idle or free, never two of them; a matched page holds exactly the tokens asked for; held
+    pages are never reclaimed."""
+    rng = random.Random(0)
+    num_pages = 40
+    pages = CachingAllocator(PageAllocator(num_pages), PS)
+    content: dict[int, tuple[int, ...]] = {}  # published page -> the whole prefix it ends
+    live: dict[int, tuple[list[int], list[int], int, bytes]] = {}  # id -> tokens, pages, ...
+    held: dict[int, int] = {}
+    hits = 0
+    for step in range(4000):
+        if live and (rng.random() < 0.45 or pages.num_free < 8):
+            rid = rng.choice(list(live))
+            tokens, owned, num_published, _ = live.pop(rid)
+            pages.free(owned)
+            for p in owned:
+                held[p] -= 1
+        else:
+            tokens = [rng.randrange(2) for _ in range(rng.randint(1, 6 * PS))]
+            prefix = pages.match(tokens, len(tokens) - 1)
+            for i, p in enumerate(prefix.pages):
+                assert content[p] == tuple(tokens[: (i + 1) * PS]), f"step {step}: wrong page"
+            hits += len(prefix.pages)
+            need = -(-len(tokens) // PS) - len(prefix.pages)
+            if not pages.can_allocate(need):
+                pages.free(prefix.pages)
+                continue
+            before = {p for p, n in held.items() if n}
+            fresh = pages.allocate(need)
+            assert not before & set(fresh), "a held page was handed out again"
+            for p in fresh:  # reclaimed if it was published: its old content is gone
+                assert p not in pages._key_of
+                content.pop(p, None)
+            owned = prefix.pages + fresh
+            for p in owned:
+                held[p] = held.get(p, 0) + 1
+            # Computed: everything (a finished prefill); publish the full pages.
+            num_published, last = pages.publish(
+                tokens, owned, len(prefix.pages), prefix.last_key, len(tokens)
+            )
+            for i in range(len(prefix.pages), num_published):
+                if owned[i] in pages._key_of and owned[i] not in content:
+                    content[owned[i]] = tuple(tokens[: (i + 1) * PS])  # newly published
+            live[step] = (tokens, owned, num_published, last)
+        # A reclaimed page is no longer published: forget its content.
+        for p in [p for p in content if p not in pages._key_of]:
+            del content[p]
+        num_held = sum(1 for n in held.values() if n)
+        assert num_held + pages.num_free == num_pages
+        assert pages.num_idle == sum(1 for p in content if not held.get(p))
+        assert pages.allocator.num_free + pages.num_idle == pages.num_free
+    assert hits > 200  # the churn really shared pages
+    for _, owned, _, _ in live.values():
+        pages.free(owned)
+    assert pages.num_free == num_pages and pages.allocator.num_free + pages.num_idle == num_pages
+    with pytest.raises(RuntimeError, match="freed twice"):
+        pages.free([0])
+
+
+def test_reclaiming_takes_a_prefix_from_its_end():
+    pages = CachingAllocator(PageAllocator(3), PS)
+    tokens = list(range(3 * PS + 1))
+    owned = pages.allocate(3)
+    pages.publish(tokens, owned, 0, b"", 3 * PS)
+    pages.free(owned)
+    assert pages.num_idle == 3 and pages.allocator.num_free == 0
+    (taken,) = pages.allocate(1)  # nothing free: one idle page is reclaimed
+    assert taken == owned[2]
+    assert pages.match(tokens, len(tokens) - 1).pages == owned[:2]  # the rest still matches
+
+
+def _run(engine: Engine, prompts: list[list[int]], num_new: int, waves: int = 1):
+    """Greedy outputs of every prompt; `waves` > 1 sends the prompts again after each wave
+    has finished, so that later waves can find the earlier ones' pages."""
+    outs: list[list[list[int]]] = []
+    greedy = SamplingParams(max_new_tokens=num_new, temperature=0.0, ignore_eos=True)
+    for w in range(waves):
+        tokens: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            engine.add(GenerateRequest(f"w{w}-{i}", p, greedy))
+            tokens[f"w{w}-{i}"] = []
+        while engine.has_work:
+            for d in engine.step():
+                tokens[d.rid] += d.token_ids
+        outs.append([tokens[f"w{w}-{i}"] for i in range(len(prompts))])
+        assert engine.kv.allocator.num_free == engine.kv.num_pages  # held by nobody
+    return outs
+
+
+def test_shared_prefixes_give_the_tokens_of_transformers(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("prefix"))
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(3, 256, (37,), generator=g).tolist()
+    prompts = [system + torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 6, 19)]
+    prompts.append(list(system))  # the whole prompt cached but its last token
+    cfg = EngineConfig(page_size=PS, chunked_prefill_size=16)
+    cached = Engine(ckpt.path, cfg, progress=False)
+    plain = Engine(ckpt.path, EngineConfig(page_size=PS, chunked_prefill_size=16,
+                                           enable_prefix_caching=False), progress=False)  # fmt: skip
+    first, second, third = _run(cached, prompts, 12, waves=3)
+    (ref,) = _run(plain, prompts, 12)
+    assert first == second == third == ref
+    alloc = cached.kv.allocator
+    # Waves 2 and 3 found every full page of every prompt but the last token's.
+    full = sum((len(p) - 1) // PS * PS for p in prompts)
+    assert alloc.num_hit_tokens >= 2 * full and alloc.num_idle > 0
+    assert plain.kv.allocator.num_hit_tokens == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt.hf_path, dtype=torch.float32)
+    for p, ours in zip(prompts, third, strict=True):
+        with torch.no_grad():
+            want = hf.eval().generate(
+                torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(p) :].tolist()  # fmt: skip
+        assert ours == want
+
+
+def test_generated_tokens_are_cached_too_and_a_small_cache_reclaims_idle_pages(
+    tmp_path_factory,
+):
+    """A chat's next turn starts with the previous answer: its pages are found. With too few
+    pages for everything, idle cached pages are reclaimed (oldest first) and the tokens stay
+    those of an engine without caching."""
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("prefix2"))
+    g = torch.Generator().manual_seed(4)
+    turn1 = torch.randint(3, 256, (10,), generator=g).tolist()
+    cached = Engine(ckpt.path, EngineConfig(page_size=PS), progress=False)
+    ((answer,),) = _run(cached, [turn1], 16)
+    before = cached.kv.allocator.num_hit_tokens
+    turn2 = turn1 + answer + [7, 8, 9]
+    _run(cached, [turn2], 4)
+    # The prompt and all but the answer's last token (never computed: sampled last) hit.
+    assert cached.kv.allocator.num_hit_tokens - before == (len(turn1) + 15) // PS * PS
+
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (9, 30, 17, 23, 5)]
+    tight = EngineConfig(page_size=PS, kv_capacity_tokens=48, chunked_prefill_size=16)
+    small = Engine(ckpt.path, tight, progress=False)
+    plain = Engine(ckpt.path, EngineConfig(page_size=PS, kv_capacity_tokens=48,
+                                           chunked_prefill_size=16,
+                                           enable_prefix_caching=False), progress=False)  # fmt: skip
+    outs = _run(small, prompts, 8, waves=2)
+    (ref,) = _run(plain, prompts, 8)
+    assert outs[0] == outs[1] == ref
+    assert small.kv.allocator.num_idle <= small.kv.num_pages
