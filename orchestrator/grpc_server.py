@@ -161,6 +161,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                                 usage=pb.Usage(
                                     prompt_tokens=out.num_prompt_tokens,
                                     completion_tokens=out.num_output_tokens,
+                                    cached_tokens=out.num_cached_tokens,
                                 ),
                                 output_ids=output_ids,
                                 text="".join(texts),

@@ -211,11 +211,12 @@ class ResponseBuilder:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
         }
 
     def response(self, choices: Sequence[Choice]) -> dict[str, Any]:
@@ -237,6 +238,7 @@ class ResponseBuilder:
             "usage": self.usage(
                 choices[0].finish.num_prompt_tokens,
                 sum(c.finish.num_output_tokens for c in choices),
+                choices[0].finish.num_cached_tokens,
             ),
         }
 
@@ -245,7 +247,7 @@ class ResponseBuilder:
         text: str | None,
         finish_reason: str | None = None,
         role: bool = False,
-        usage: Mapping[str, int] | None = None,
+        usage: Mapping[str, Any] | None = None,
         out: Output | None = None,
         index: int = 0,
     ) -> dict[str, Any]:

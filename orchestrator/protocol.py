@@ -477,6 +477,7 @@ class GenerateResult:
             "id": self.rid,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.finish.num_cached_tokens if self.finish else 0,
             "finish_reason": finish_reason_json(self.finish) if self.finish else None,
             "e2e_latency": round(self.e2e_latency_s, 6),
         }

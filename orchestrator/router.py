@@ -69,6 +69,7 @@ class Output:
     matched_stop: str | int | None = None
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when asked
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held (not computed)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
         num_prompt_tokens=b.num_prompt_tokens,
         num_output_tokens=b.num_output_tokens,
         logprobs=logprobs,
+        num_cached_tokens=b.num_cached_tokens,
     )
 
 
@@ -548,6 +550,7 @@ class Router:
             matched_stop=matched,
             error=delta.error,
             logprobs=None if delta.logprobs is None else list(delta.logprobs),
+            num_cached_tokens=delta.num_cached_tokens,
         )
 
     @staticmethod

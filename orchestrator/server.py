@@ -372,7 +372,7 @@ async def _openai_events(
     if builder.chat:
         for index in range(len(streams)):
             yield sse(builder.chunk("", role=True, index=index))
-    prompt_tokens, completion_tokens = 0, [0] * len(streams)
+    prompt_tokens, cached_tokens, completion_tokens = 0, 0, [0] * len(streams)
     async with contextlib.aclosing(interleave(streams)) as outs:
         try:
             async for index, out in outs:
@@ -385,13 +385,11 @@ async def _openai_events(
                     yield sse(_error_status(out).body())
                     break
                 yield sse(builder.chunk(out.text, finish, out=out, index=index))
-                prompt_tokens, completion_tokens[index] = (
-                    out.num_prompt_tokens,
-                    out.num_output_tokens,
-                )
+                prompt_tokens, cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
+                completion_tokens[index] = out.num_output_tokens
             else:
                 if req.include_usage:
-                    usage = builder.usage(prompt_tokens, sum(completion_tokens))
+                    usage = builder.usage(prompt_tokens, sum(completion_tokens), cached_tokens)
                     yield sse(builder.chunk(None, usage=usage))
         except ValueError as e:
             yield sse(_refused(e, req.prompt_field).body())

@@ -36,6 +36,7 @@ class _Transfer:
         timeout_s: float,
         target: Any,
         first_logprob: Any = None,
+        num_cached_tokens: int = 0,
     ) -> None:
         time.sleep(0.0002)  # widen the window between "in flight" and "the engine knows it"
         with self.lock:
@@ -80,7 +81,11 @@ def test_targets_from_another_thread_are_used_exactly_once() -> None:
     thread = threading.Thread(target=router)
     thread.start()
     for i, rid in enumerate(rids):  # the loop: requests finish their prefill in order
-        engine.ready.append(SimpleNamespace(rid=rid, pages=[i], token_ids=[7], first_logprob=None))
+        engine.ready.append(
+            SimpleNamespace(
+                rid=rid, pages=[i], token_ids=[7], first_logprob=None, num_cached_tokens=0
+            )
+        )
         if i % 5 == 0:
             handoff.after_step(engine)  # type: ignore[arg-type]
     handoff.after_step(engine)  # type: ignore[arg-type]

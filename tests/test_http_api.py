@@ -409,6 +409,30 @@ def test_n_choices_on_every_route(tiny_server):
     _wait_idle(tiny_server)
 
 
+@pytest.mark.timeout(120)
+def test_a_repeated_prefix_is_found_in_the_prefill_ranks_cache(tiny_server):
+    rng = random.Random(7)
+    system = [rng.randrange(3, 1000) for _ in range(40)]  # 2 full pages of 16, and 8 tokens
+    first = {"input_ids": system + [5], "sampling_params": _greedy(6)}
+    with _client(tiny_server) as c:
+        one = c.post("/generate", json=first).json()
+        two = c.post("/generate", json=first).json()
+        assert one["meta_info"]["cached_tokens"] == 0
+        assert two["meta_info"]["cached_tokens"] == 32 and two["output_ids"] == one["output_ids"]
+        # Another request sharing only the system prompt finds its full pages too.
+        other = c.post("/v1/completions", json={
+            "prompt": system + [9, 9], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+        }).json()  # fmt: skip
+        assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+        metrics = c.get("/metrics").text
+        prefill = [r for r in _ranks(tiny_server) if r["info"]["role"] == "prefill"]
+    assert prefill and sum(r["stats"]["num_prefix_hit_tokens"] for r in prefill) >= 64
+    hits = [line for line in metrics.splitlines()
+            if line.startswith("pdserve_prefix_cache_hit_tokens_total")]  # fmt: skip
+    assert hits and float(hits[0].split()[-1]) >= 64
+    _wait_idle(tiny_server)
+
+
 # ---- batching consistency and page accounting ---------------------------------------------------
 
 

@@ -280,13 +280,19 @@ class Engine:
         return out
 
     def admit_received(
-        self, rid: str, first_token: int, first_logprob: TokenLogprob | None = None
+        self,
+        rid: str,
+        first_token: int,
+        first_logprob: TokenLogprob | None = None,
+        num_cached_tokens: int = 0,
     ) -> TokenDelta | None:
         """The prompt's KV of `rid` is in its pages: it joins the batch with its first token
-        (and that token's logprob, computed by the prefill rank, when the request asks)."""
+        (and that token's logprob, computed by the prefill rank, when the request asks;
+        `num_cached_tokens`: prompt tokens the prefill rank's prefix cache held)."""
         seq = self.requests.get(rid)
         if seq is None or seq.status is not SeqStatus.RECEIVING:
             return None  # aborted meanwhile
+        seq.num_cached_tokens = num_cached_tokens
         self.scheduler.admit_received(seq)
         self.idle = False
         return self._append(seq, first_token, first_logprob)
@@ -504,4 +510,5 @@ class Engine:
             num_output_tokens=seq.num_output_tokens,
             hold=not seq.stream,
             logprobs=logprobs,
+            num_cached_tokens=seq.num_cached_tokens,
         )

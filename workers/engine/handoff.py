@@ -128,7 +128,7 @@ class KVHandoff:
                 self.transfer.send(
                     seq.rid, seq.pages, seq.token_ids[-1], self.timeout_s,
                     target=early[0] if early is not None else None,
-                    first_logprob=seq.first_logprob,
+                    first_logprob=seq.first_logprob, num_cached_tokens=seq.num_cached_tokens,
                 )  # fmt: skip
         events.extend(self.post_receives(engine))
         for result in self.transfer.poll():
@@ -150,6 +150,7 @@ class KVHandoff:
                 delta = engine.admit_received(
                     rid, result.first_token,
                     None if first_logprob is None else TokenLogprob(*first_logprob),
+                    result.num_cached_tokens,
                 )  # fmt: skip
                 if delta is not None:
                     deltas.append(delta)

@@ -124,6 +124,7 @@ class TokenDelta:
     hold: bool = False  # the request's tokens may be held until it ends (not streamed)
     # One per token of `token_ids`, for a request that asked for logprobs; else None.
     logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
 
     def prepend(self, earlier: TokenDelta) -> None:
         """Make this delta also carry `earlier`'s tokens (the same request's, before it),

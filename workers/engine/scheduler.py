@@ -124,14 +124,16 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            cached = not seq.pages and self._take_cached_prefix(seq)
+            cached = self._take_cached_prefix(seq) if not seq.pages else 0
             num = min(seq.num_pending, budget)
             need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
             if not self.allocator.can_allocate(need):
                 if cached:  # not admitted after all: let go of the cached pages again
                     self.allocator.free(seq.release_pages())
-                    seq.num_computed = seq.num_cached_tokens = 0
+                    seq.num_computed = 0
                 break
+            if seq.num_preemptions == 0:  # what the client is told: its prompt's first run
+                seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
             self.waiting.popleft()
             seq.add_pages(self.allocator.allocate(need))
             seq.status = SeqStatus.RUNNING
@@ -140,17 +142,16 @@ class Scheduler:
             budget -= num
         return batch
 
-    def _take_cached_prefix(self, seq: Sequence) -> bool:
+    def _take_cached_prefix(self, seq: Sequence) -> int:
         """Start a request being admitted after the published pages that match its tokens
-        (all but the last token at most: that one is computed for its logits)."""
-        seq.num_cached_tokens = 0
+        (all but the last token at most: that one is computed for its logits); the tokens
+        they hold."""
         prefix = self.allocator.match(seq.token_ids, seq.num_tokens - 1)
-        if not prefix.pages:
-            return False
-        seq.add_pages(prefix.pages)
-        seq.num_published, seq.last_key = len(prefix.pages), prefix.last_key
-        seq.num_computed = seq.num_cached_tokens = len(prefix.pages) * self.page_size
-        return True
+        if prefix.pages:
+            seq.add_pages(prefix.pages)
+            seq.num_published, seq.last_key = len(prefix.pages), prefix.last_key
+            seq.num_computed = len(prefix.pages) * self.page_size
+        return seq.num_computed
 
     def publish(self, seq: Sequence) -> None:
         """Publish the pages `seq` has filled with computed KV (call after a step)."""

@@ -42,7 +42,7 @@ class Sequence:
         self.num_computed = 0  # tokens whose latent KV is in the cache
         self.num_preemptions = 0
         # Prefix caching: leading pages published (or found) in the cache, the key of the last
-        # one, and the prompt tokens the cache spared this request's latest admission.
+        # one, and the prompt tokens the cache spared the request's first admission.
         self.num_published = 0
         self.last_key = b""
         self.num_cached_tokens = 0

@@ -151,15 +151,17 @@ class KVTransferEngine(ABC):
         timeout_s: float,
         target: TransferTarget | None = None,
         first_logprob: FirstLogprob | None = None,
+        num_cached_tokens: int = 0,
     ) -> KVSender:
         """Sending side: write `src_pages` (every layer) into the target's pages, then notify
-        the receiver with `first_token` (and `first_logprob`). Without `target` the sender waits (BOOTSTRAPPING) for
+        the receiver with `first_token` (and `first_logprob`, `num_cached_tokens`). Without `target` the sender waits (BOOTSTRAPPING) for
         `set_target`. Fails (a result) if not done within `timeout_s`. ValueError for bad pages
         or an id already being sent."""
         pages = check_pages(src_pages, self.layout, f"send {transfer_id}")
         sender = KVSender(transfer_id, pages, int(first_token), time.monotonic() + timeout_s)
         sender.target = target
         sender.first_logprob = first_logprob
+        sender.num_cached_tokens = num_cached_tokens
         with self._cv:
             self._check_open()
             if transfer_id in self._senders:
@@ -272,6 +274,7 @@ class KVTransferEngine(ABC):
             r.state = TransferState.TRANSFERRING
         elif note.kind == "done":
             r.first_token, r.first_logprob = note.first_token, note.first_logprob
+            r.num_cached_tokens = note.num_cached_tokens
             self._finish_recv(r, None)
         elif note.kind == "fail":
             r._peer_error = note.error or "unknown error"
@@ -309,7 +312,13 @@ class KVTransferEngine(ABC):
             s._handle = self._start_write(
                 target.agent,
                 runs,
-                Notification("done", s.transfer_id, s.first_token, first_logprob=s.first_logprob),
+                Notification(
+                    "done",
+                    s.transfer_id,
+                    s.first_token,
+                    first_logprob=s.first_logprob,
+                    num_cached_tokens=s.num_cached_tokens,
+                ),  # fmt: skip
             )
         except Exception as e:
             s._attempts += 1
@@ -420,6 +429,7 @@ class KVTransferEngine(ABC):
                     r.transfer_id, "recv", error is None, error,
                     None if error else r.first_token, 0 if error else num_bytes,
                     time.monotonic() - r.started, None if error else r.first_logprob,
+                    0 if error else r.num_cached_tokens,
                 )
             )  # fmt: skip
         self._result_ready()

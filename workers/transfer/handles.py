@@ -21,6 +21,7 @@ class KVSender:
     deadline: float
     target: TransferTarget | None = None
     first_logprob: FirstLogprob | None = None
+    num_cached_tokens: int = 0
     state: TransferState = TransferState.BOOTSTRAPPING
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
@@ -43,6 +44,7 @@ class KVReceiver:
     error: str | None = None
     first_token: int | None = None
     first_logprob: FirstLogprob | None = None
+    num_cached_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     _abort: str | None = field(default=None, repr=False)
     _peer_error: str | None = field(default=None, repr=False)

@@ -123,7 +123,8 @@ class TransferResult:
 
     `first_token`: on the receiving side the token the completion notification carried (None
     unless ok); on the sending side the token it sent; `first_logprob` likewise, when the
-    request asked for logprobs. `num_bytes`: KV bytes moved (0 unless ok). `elapsed_s`: from
+    request asked for logprobs, and `num_cached_tokens` (prompt tokens the sender's prefix
+    cache held). `num_bytes`: KV bytes moved (0 unless ok). `elapsed_s`: from
     `send` / `expect` to the end."""
 
     transfer_id: str
@@ -134,6 +135,7 @@ class TransferResult:
     num_bytes: int = 0
     elapsed_s: float = 0.0
     first_logprob: FirstLogprob | None = None
+    num_cached_tokens: int = 0
 
 
 NotificationKind = Literal["start", "done", "fail"]
@@ -142,14 +144,15 @@ NotificationKind = Literal["start", "done", "fail"]
 @dataclass(frozen=True)
 class Notification:
     """Sender → receiver, keyed by transfer id: `start` (pages are about to flow), `done` (every
-    page landed; carries the first sampled token, and its logprob when asked), `fail` (the
-    sender gave up; carries why)."""
+    page landed; carries the first sampled token, its logprob when asked, and how many prompt
+    tokens the sender's prefix cache held), `fail` (the sender gave up; carries why)."""
 
     kind: NotificationKind
     transfer_id: str
     first_token: int | None = None
     error: str | None = None
     first_logprob: FirstLogprob | None = None
+    num_cached_tokens: int = 0
 
     def encode(self) -> bytes:
         msg: dict[str, object] = {"pdkv": 1, "kind": self.kind, "id": self.transfer_id}
@@ -157,6 +160,8 @@ class Notification:
             msg["token"] = self.first_token
         if self.first_logprob is not None:
             msg["lp"] = [self.first_logprob[0], [list(pair) for pair in self.first_logprob[1]]]
+        if self.num_cached_tokens:
+            msg["cached"] = self.num_cached_tokens
         if self.error is not None:
             msg["error"] = self.error[:500]
         return json.dumps(msg, separators=(",", ":")).encode()
@@ -175,7 +180,7 @@ class Notification:
                 first_logprob = (float(lp[0]), tuple((int(i), float(v)) for i, v in lp[1]))
             return cls(
                 msg["kind"], str(msg["id"]), None if token is None else int(token),
-                msg.get("error"), first_logprob,
+                msg.get("error"), first_logprob, int(msg.get("cached", 0)),
             )  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
