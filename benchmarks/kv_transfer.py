@@ -24,6 +24,7 @@ import ray
 import torch
 
 from workers.engine.kv_cache import PageAllocator
+from workers.engine.prefix_cache import CachingAllocator
 from workers.transfer import create_transfer_engine
 from workers.transfer.pages import page_runs
 
@@ -81,6 +82,26 @@ class _StackAllocator:
         self.free_pages.extend(pages)
 
 
+class _Publishing:
+    """The engine's allocator with prefix caching where every request publishes all its
+    pages before it ends and none is ever reused: freed pages go idle and must be reclaimed."""
+
+    def __init__(self, num_pages: int, page_size: int = 16):
+        self.pages = CachingAllocator(PageAllocator(num_pages), page_size)
+        self.page_size = page_size
+        self.next_token = 0
+
+    def allocate(self, n: int) -> list[int]:
+        return self.pages.allocate(n)
+
+    def free(self, pages: list[int]) -> None:
+        num = len(pages) * self.page_size
+        tokens = range(self.next_token, self.next_token + num)  # distinct: never matched
+        self.next_token += num
+        self.pages.publish(tokens, pages, 0, b"", num)
+        self.pages.free(pages)
+
+
 def churn_runs(allocator, num_pages: int, seed: int = 0) -> tuple[float, float]:
     """(mean, p90) runs of consecutive pages per prompt allocation over 5000 requests arriving
     and leaving at random (prompts of 1-64 pages, at most 90% of the pool in use), as a decode
@@ -118,6 +139,7 @@ def main() -> None:
     ]
     num_pages = 4096
     for label, allocator in (("PageAllocator", PageAllocator(num_pages)),
+                             ("prefix caching, no reuse", _Publishing(num_pages)),
                              ("free-page stack", _StackAllocator(num_pages))):  # fmt: skip
         mean, p90 = churn_runs(allocator, num_pages)
         print(f"runs per request under churn ({num_pages} pages), {label}: "

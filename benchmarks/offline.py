@@ -180,6 +180,7 @@ def main() -> None:
         max_context_len=ctx + 16,
         chunked_prefill_size=max(2048, max_batch * args.input_len),
         cuda_graph_max_batch=0 if args.no_cuda_graphs else max_batch,
+        enable_prefix_caching=False,  # measure the computation, whatever the prompts
     )
     source: Path | dict[str, Any]
     if args.model in PRESETS:

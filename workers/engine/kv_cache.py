@@ -36,6 +36,10 @@ class PageAllocator:
     def num_free_runs(self) -> int:
         return len(self._starts)
 
+    def has_run(self, n: int) -> bool:
+        """Whether `n` consecutive pages are free."""
+        return any(length >= n for length in self._lengths.values())
+
     def can_allocate(self, n: int) -> bool:
         return n <= self._num_free
 

@@ -77,19 +77,33 @@ class CachingAllocator:
 
     def allocate(self, n: int) -> list[int]:
         """`n` pages held once each, reclaiming the least recently used idle pages when the
-        free ones are too few. All or nothing (MemoryError)."""
+        free ones are too few. All or nothing (MemoryError).
+
+        Reclaiming goes on past the shortfall, up to `4 n` more pages, until `n` consecutive
+        pages are free: a request's pages went idle together and lie side by side, so this
+        keeps a new request's pages consecutive (one transfer descriptor per layer) instead
+        of gathering single pages from all over the pool."""
         if n > self.num_free:
             raise MemoryError(f"asked for {n} KV pages, {self.num_free} free")
         short = n - self.allocator.num_free
-        if short > 0:
-            evicted = [self._idle.popitem(last=False)[0] for _ in range(short)]
-            for page in evicted:
-                del self._page_of[self._key_of.pop(page)]
-            self.allocator.free(evicted)
+        if short > 0 or (self._idle and not self.allocator.has_run(n)):
+            self._reclaim(max(short, 0))
+            extra = 4 * n
+            while extra > 0 and self._idle and not self.allocator.has_run(n):
+                self._reclaim(min(extra, n))
+                extra -= n
         pages = self.allocator.allocate(n)
         for page in pages:
             self._refs[page] = 1
         return pages
+
+    def _reclaim(self, num: int) -> None:
+        """Unpublish the `num` least recently used idle pages and free them."""
+        evicted = [self._idle.popitem(last=False)[0] for _ in range(min(num, len(self._idle)))]
+        for page in evicted:
+            del self._page_of[self._key_of.pop(page)]
+        if evicted:
+            self.allocator.free(evicted)
 
     def free(self, pages: list[int]) -> None:
         """Drop one hold on each page: a page nobody holds goes idle if published, else back
