@@ -224,8 +224,9 @@ class ResponseBuilder:
         out = []
         for index, c in enumerate(choices):
             choice: dict[str, Any] = {
-                "index": index, "finish_reason": openai_finish_reason(c.finish)
-            }  # fmt: skip
+                "index": index,
+                "finish_reason": openai_finish_reason(c.finish),
+            }
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
@@ -267,7 +268,7 @@ class ResponseBuilder:
                     "delta": delta,
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
-                }  # fmt: skip
+                }
             ]
         else:
             obj["choices"] = [
@@ -276,7 +277,7 @@ class ResponseBuilder:
                     "text": text,
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
-                }  # fmt: skip
+                }
             ]
         obj["usage"] = dict(usage) if usage is not None else None
         return obj

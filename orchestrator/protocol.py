@@ -187,10 +187,8 @@ def read_sampling(
             min_new_tokens_key,
             f"must be <= {f.name(max_new_tokens_key)} ({max_new}), got {min_new}",
         )
-    frequency, presence = (
-        f.get_float("frequency_penalty", 0.0),
-        f.get_float("presence_penalty", 0.0),
-    )
+    frequency = f.get_float("frequency_penalty", 0.0)
+    presence = f.get_float("presence_penalty", 0.0)
     for key, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
         if not -2.0 <= value <= 2.0:
             raise f.fail(key, f"must be in [-2, 2], got {value:g}")
