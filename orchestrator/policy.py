@@ -8,6 +8,10 @@ each request, what the request may come to hold in KV), and running requests.
   fewer running requests, then to the lower index.
 - Decode (or colocated) rank: the most free KV tokens after its reservations (so that a rank with
   a larger KV pool takes more); ties go to fewer running requests, then to the lower index.
+- Prefix affinity: the rank that computed the last prompt beginning like this one (its prefix
+  cache likely holds that beginning) computes this one too, while it is within `slack_tokens`
+  of the best choice above (queued prompt tokens for a prefill rank, free KV tokens for a
+  colocated one); otherwise the best choice.
 """
 
 from __future__ import annotations
@@ -31,19 +35,41 @@ class RankLoad:
         return self.kv_capacity_tokens - self.num_reserved_tokens
 
 
+class Affinity(NamedTuple):
+    """Prefer `rank` to compute the prompt while its load is within `slack_tokens` of the
+    best rank's."""
+
+    rank: int
+    slack_tokens: int
+
+
 class Pick(NamedTuple):
     rank: int  # generates: a decode or colocated rank
     prefill_rank: int | None  # disaggregated: computes the prompt
 
 
-def pick_ranks(loads: Sequence[RankLoad], avoid: frozenset[int] = frozenset()) -> Pick | None:
+def pick_ranks(
+    loads: Sequence[RankLoad], avoid: frozenset[int] = frozenset(), affinity: Affinity | None = None
+) -> Pick | None:
     """The ranks for a new request, or None when no live rank (outside `avoid`) can take it.
-    Disaggregated when any rank is a prefill or decode rank: then it needs one live of each."""
+    Disaggregated when any rank is a prefill or decode rank: then it needs one live of each.
+    `affinity` may pick the rank that computes the prompt (prefill or colocated)."""
     live = [i for i, load in enumerate(loads) if load.alive and i not in avoid]
 
-    def best(role: str, key: Callable[[int], tuple[int, int, int]]) -> int | None:
+    def best(
+        role: str, key: Callable[[int], tuple[int, int, int]], computes: bool = False
+    ) -> int | None:
         candidates = [i for i in live if loads[i].role == role]
-        return min(candidates, key=key) if candidates else None
+        if not candidates:
+            return None
+        top = min(candidates, key=key)
+        near = (
+            computes
+            and affinity is not None
+            and affinity.rank in candidates
+            and key(affinity.rank)[0] <= key(top)[0] + affinity.slack_tokens
+        )
+        return affinity.rank if near and affinity is not None else top
 
     def prefill_key(i: int) -> tuple[int, int, int]:
         return (loads[i].num_queued_prefill_tokens, loads[i].num_running, i)
@@ -52,9 +78,10 @@ def pick_ranks(loads: Sequence[RankLoad], avoid: frozenset[int] = frozenset()) -
         return (-loads[i].free_kv_tokens, loads[i].num_running, i)
 
     if any(load.role in ("prefill", "decode") for load in loads):
-        prefill, decode = best("prefill", prefill_key), best("decode", decode_key)
+        prefill = best("prefill", prefill_key, computes=True)
+        decode = best("decode", decode_key)
         if prefill is None or decode is None:
             return None
         return Pick(decode, prefill)
-    rank = best("colocated", decode_key)
+    rank = best("colocated", decode_key, computes=True)
     return None if rank is None else Pick(rank, None)

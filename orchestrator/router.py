@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.detokenizer import IncrementalDetokenizer
-from orchestrator.policy import Pick, RankLoad, pick_ranks
+from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks
 from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
     FinishReason,
@@ -50,6 +52,19 @@ class _RankUnreachable(RouterNotReady):
     def __init__(self, rank: int, error: BaseException):
         super().__init__(f"engine rank {rank}: {short_error(error)}")
         self.rank = rank
+
+
+AFFINITY_TOKENS = 64  # prompts that begin with the same this many tokens go to the same rank
+MAX_AFFINITY_KEYS = 65536
+
+
+def prefix_key(input_ids: Sequence[int]) -> bytes | None:
+    """The affinity key of a prompt: its first `AFFINITY_TOKENS` tokens (None for a prompt no
+    longer than that, whose cache hits would be small)."""
+    if len(input_ids) <= AFFINITY_TOKENS:
+        return None
+    head = b"".join(t.to_bytes(4, "little") for t in input_ids[:AFFINITY_TOKENS])
+    return hashlib.blake2b(head, digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,9 @@ class Router:
         # The load this router put on each rank (see `orchestrator.policy`).
         self._reserved_tokens = [0] * len(ranks)
         self._queued_prefill_tokens = [0] * len(ranks)
+        # Prefix affinity: the key of a prompt's first AFFINITY_TOKENS -> the rank that last
+        # computed such a prompt (whose prefix cache likely holds them), oldest first.
+        self._affinity: OrderedDict[bytes, int] = OrderedDict()
         self._running = [0] * len(ranks)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -280,12 +298,22 @@ class Router:
             for i, (info, err) in enumerate(zip(self.infos, self.rank_errors, strict=True))
         ]
 
-    def _pick(self, avoid: frozenset[int] = frozenset()) -> Pick:
-        """The ranks for a new request (`orchestrator.policy.pick_ranks`); ranks in `avoid`
-        are not picked. RouterNotReady when no live rank (pair) can take it."""
-        pick = pick_ranks(self.loads(), avoid)
+    def _pick(self, avoid: frozenset[int] = frozenset(), input_ids: Sequence[int] = ()) -> Pick:
+        """The ranks for a new request (`orchestrator.policy.pick_ranks`), with prefix
+        affinity for `input_ids`; ranks in `avoid` are not picked. RouterNotReady when no live
+        rank (pair) can take it."""
+        key = prefix_key(input_ids)
+        affinity = None
+        if key is not None and key in self._affinity:
+            affinity = Affinity(self._affinity[key], slack_tokens=len(input_ids))
+        pick = pick_ranks(self.loads(), avoid, affinity)
         if pick is None:
             raise RouterNotReady(self._dead_message())
+        if key is not None:
+            self._affinity[key] = pick.rank if pick.prefill_rank is None else pick.prefill_rank
+            self._affinity.move_to_end(key)
+            if len(self._affinity) > MAX_AFFINITY_KEYS:
+                self._affinity.popitem(last=False)
         return pick
 
     def _fail_requests(self, rank: int | None, message: str) -> None:
@@ -378,7 +406,7 @@ class Router:
     ) -> AsyncGenerator[Output, None]:
         """One try of `generate` on the pair `_pick(avoid)`, recorded in `used`; `whole`: the
         ranks may hold the output after the first token until the end."""
-        rank, prefill_rank = self._pick(avoid)
+        rank, prefill_rank = self._pick(avoid, input_ids)
         used.append((rank, prefill_rank))
         if rid in self._requests:
             raise ValueError(f"rid: request {rid!r} is already running")

@@ -12,7 +12,7 @@ from orchestrator.placement import (
     assign_nodes,
     pool_selectors,
 )
-from orchestrator.policy import Pick, RankLoad, pick_ranks
+from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -42,6 +42,51 @@ def test_dead_and_avoided_ranks_are_skipped():
     assert pick_ranks(loads, avoid=frozenset({2})) == Pick(3, 1)
     assert pick_ranks(loads, avoid=frozenset({1})) is None  # no live prefill rank left
     assert pick_ranks([_p(0), _d(0, alive=False)]) is None
+
+
+def test_prefix_affinity_wins_while_within_its_slack():
+    loads = [_p(300), _p(100), _d(0)]
+    assert pick_ranks(loads) == Pick(2, 1)
+    assert pick_ranks(loads, affinity=Affinity(0, slack_tokens=200)) == Pick(2, 0)
+    assert pick_ranks(loads, affinity=Affinity(0, slack_tokens=199)) == Pick(2, 1)
+    # Never a dead or avoided rank, nor a rank of the wrong role (a decode rank).
+    dead = [_p(0, alive=False), _p(100), _d(0)]
+    assert pick_ranks(dead, affinity=Affinity(0, 10**6)) == Pick(2, 1)
+    assert pick_ranks(loads, frozenset({0}), Affinity(0, 10**6)) == Pick(2, 1)
+    assert pick_ranks(loads, affinity=Affinity(2, 10**6)) == Pick(2, 1)
+    # Colocated: within `slack_tokens` of the most free KV.
+    colocated = [RankLoad("colocated", True, 1000, num_reserved_tokens=r) for r in (500, 100)]
+    assert pick_ranks(colocated, affinity=Affinity(0, 400)) == Pick(0, None)
+    assert pick_ranks(colocated, affinity=Affinity(0, 399)) == Pick(1, None)
+
+
+def test_router_sends_prompts_that_begin_alike_to_the_same_prefill_rank():
+    from orchestrator.router import AFFINITY_TOKENS, Router
+    from workers.engine.messages import RankInfo
+
+    def info(role: str) -> RankInfo:
+        return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role)
+
+    router = Router([object()] * 3, tokenizer=None, model_name="m")  # type: ignore[arg-type]
+    router.infos = [info("prefill"), info("prefill"), info("decode")]
+    system_a = list(range(AFFINITY_TOKENS))
+    system_b = list(range(1, AFFINITY_TOKENS + 1))
+    router._queued_prefill_tokens = [0, 0, 0]
+    assert router._pick(input_ids=system_a + [7]).prefill_rank == 0  # a tie: the lower index
+    router._queued_prefill_tokens = [70, 0, 0]
+    assert router._pick(input_ids=system_b + [7]).prefill_rank == 1  # the idle one
+    # Equal loads now, so without affinity both would go to rank 0.
+    router._queued_prefill_tokens = [0, 0, 0]
+    assert router._pick(input_ids=system_b + [8, 9]).prefill_rank == 1
+    assert router._pick(input_ids=system_a + [8, 9]).prefill_rank == 0
+    # Beyond one prompt's worth of queued tokens the affinity gives way (and moves).
+    router._queued_prefill_tokens = [0, 200, 0]
+    assert router._pick(input_ids=system_b + [5]).prefill_rank == 0
+    router._queued_prefill_tokens = [0, 0, 0]
+    assert router._pick(input_ids=system_b + [6]).prefill_rank == 0
+    # Short prompts carry no affinity.
+    router._queued_prefill_tokens = [10, 0, 0]
+    assert router._pick(input_ids=system_a[:-1]).prefill_rank == 1
 
 
 def test_colocated_pool_picks_most_free_kv():
