@@ -4,6 +4,8 @@
   replies `{"pools": [report, ...]}` (balancedness before/after on the recorded window, experts
   and bytes moved, each phase's seconds, the pause). 409 while another rebalance runs.
 - `GET /admin/experts` — per pool: placement (`phy2log`), recorded load, balancedness.
+- `POST /admin/flush_cache` — every rank forgets its prefix cache (requests in flight keep
+  their pages); replies `{"num_pages_freed": n}`.
 
 `Authorization: Bearer <token>` is required: missing → 401, wrong → 403. Without a token set
 (`pdserve serve --admin-token` or `PDSERVE_ADMIN_TOKEN`) the routes answer 404: admin is off.
@@ -22,7 +24,7 @@ from orchestrator.protocol import RequestError
 from orchestrator.streaming import read_json
 from workers.engine.messages import short_error
 
-ADMIN_ROUTES = {"/admin/rebalance", "/admin/experts"}
+ADMIN_ROUTES = {"/admin/rebalance", "/admin/experts", "/admin/flush_cache"}
 
 
 def check_token(request: Request, token: str | None) -> None:
@@ -48,8 +50,16 @@ def _no_service() -> RequestError:
     )  # fmt: skip
 
 
-def add_admin_routes(app: FastAPI, eplb: Any, token: str | None) -> None:
-    """`eplb`: the `EPLBService` actor handle, or None when no pool is expert-parallel."""
+def add_admin_routes(app: FastAPI, eplb: Any, token: str | None, router: Any = None) -> None:
+    """`eplb`: the `EPLBService` actor handle, or None when no pool is expert-parallel;
+    `router`: the `Router` (for the cache flush)."""
+
+    @app.post("/admin/flush_cache")
+    async def flush_cache(request: Request) -> JSONResponse:
+        check_token(request, token)
+        if router is None:
+            raise RequestError("no router to flush through", None, 409, "conflict")
+        return JSONResponse({"num_pages_freed": await router.flush_prefix_cache()})
 
     @app.post("/admin/rebalance")
     async def rebalance(request: Request) -> JSONResponse:

@@ -613,6 +613,12 @@ class Router:
             await self.ranks[req.prefill_rank].abort.remote(rid)
         return True
 
+    async def flush_prefix_cache(self) -> int:
+        """Forget the prefix cache of every live rank; the cached pages freed in all."""
+        live = [h for h, info, err in zip(self.ranks, self.infos, self.rank_errors, strict=True)
+                if info is not None and err is None]  # fmt: skip
+        return sum(await asyncio.gather(*(h.flush_prefix_cache.remote() for h in live)))
+
     async def stats(self) -> list[RankStats | None]:
         """Each rank's stats; None for a rank that is not ready or does not answer."""
 

@@ -34,6 +34,7 @@ from orchestrator.openai_api import (
     parse_completion,
 )
 from orchestrator.protocol import (
+    Fields,
     GenerateCall,
     GenerateResult,
     RequestError,
@@ -59,7 +60,7 @@ from workers.engine.messages import SamplingParams, TokenLogprob
 
 ROUTES = {
     "/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/stats",
-    "/health", "/metrics",
+    "/health", "/metrics", "/abort_request", "/tokenize", "/detokenize",
 }  # fmt: skip
 T = TypeVar("T")
 _CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never received
@@ -286,7 +287,7 @@ def create_app(
         status = {"status": "failed", "detail": errors} if errors else {"status": "loading"}
         return JSONResponse(status, status_code=503)
 
-    add_admin_routes(app, eplb, config.admin_token)
+    add_admin_routes(app, eplb, config.admin_token, router)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -296,6 +297,55 @@ def create_app(
             with contextlib.suppress(Exception):
                 metrics.set_eplb_stats(await asyncio.wait_for(eplb.stats.remote(), 5))
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- utilities ---------------------------------------------------------------------------
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> JSONResponse:
+        """SGLang's: abort a request in flight by `rid`; `found` says whether there was one."""
+        f = Fields(await read_json(request, config.max_request_body_bytes))
+        rid = f.get_str("rid")
+        if not rid:
+            raise RequestError("rid: required", "rid")
+        return JSONResponse({"rid": rid, "found": await router.abort(rid)})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        """vLLM's: `prompt` (text) or `messages` (through the chat template) → token ids."""
+        body = await read_json(request, config.max_request_body_bytes)
+        f = Fields(body)
+        if f.has("messages"):
+            messages = parse_chat({"messages": body["messages"]}).messages
+            assert messages is not None
+            try:
+                text = router.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=f.get_bool("add_generation_prompt", True)
+                )
+            except ChatTemplateError as e:
+                raise RequestError(f"messages: {e}", "messages") from None
+            ids = router.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            prompt = f.get_str("prompt")
+            if prompt is None:
+                raise RequestError("prompt: a prompt (or messages) is required", "prompt")
+            ids = router.tokenizer.encode(prompt, f.get_bool("add_special_tokens", True))
+        limits = router.limits
+        return JSONResponse(
+            {"tokens": ids, "count": len(ids), "max_model_len": limits.max_context_len}
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        """vLLM's: `tokens` (ids) → `prompt` (text, special tokens kept)."""
+        f = Fields(await read_json(request, config.max_request_body_bytes))
+        ids = f.token_ids("tokens")
+        if ids is None:
+            raise RequestError("tokens: a list of token ids is required", "tokens")
+        vocab = router.limits.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"tokens: {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+        return JSONResponse({"prompt": router.tokenizer.decode(ids, skip_special_tokens=False)})
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:

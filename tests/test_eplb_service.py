@@ -85,6 +85,26 @@ def test_admin_needs_the_token(ep_server, tiny_server):
     assert r.status_code == 400 and "unknown pools" in r.json()["error"]["message"]
 
 
+def test_flushing_the_prefix_cache_keeps_outputs_and_frees_its_pages(ep_server):
+    url = ep_server.url
+    prompt = list(range(100, 150))  # 3 full pages of 16, then 2 tokens
+
+    def generate() -> dict[str, Any]:
+        body = {"input_ids": prompt, "sampling_params": _greedy(6)}
+        return dict(httpx.post(f"{url}/generate", json=body, timeout=120).json())
+
+    first, second = generate(), generate()
+    assert second["meta_info"]["cached_tokens"] == 48
+    assert httpx.post(f"{url}/admin/flush_cache", timeout=30).status_code == 401
+    r = httpx.post(f"{url}/admin/flush_cache", headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["num_pages_freed"] >= 3, r.text
+    stats = httpx.get(f"{url}/v1/stats", timeout=30).json()["ranks"]
+    assert all(rank["stats"]["num_pages_cached"] == 0 for rank in stats)
+    third = generate()
+    assert third["meta_info"]["cached_tokens"] == 0
+    assert first["output_ids"] == second["output_ids"] == third["output_ids"]
+
+
 @pytest.mark.parametrize("phase", ["load", "prepare", "execute"])
 def test_a_failure_in_any_phase_rolls_back(ep_server, phase):
     import ray

@@ -433,6 +433,37 @@ def test_a_repeated_prefix_is_found_in_the_prefill_ranks_cache(tiny_server):
     _wait_idle(tiny_server)
 
 
+@pytest.mark.timeout(120)
+def test_tokenize_detokenize_and_abort_request(tiny_server):
+    with _client(tiny_server) as c:
+        r = c.post("/tokenize", json={"prompt": "Hello there"}).json()
+        assert r["count"] == len(r["tokens"]) > 1 and r["max_model_len"] > 0
+        back = c.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"]
+        assert back.endswith("Hello there")
+        chat = c.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+        assert chat["count"] > 2
+        gen = c.post("/generate", json={"input_ids": chat["tokens"],
+                                        "sampling_params": _greedy(1)}).json()  # fmt: skip
+        assert gen["meta_info"]["prompt_tokens"] == chat["count"]
+        assert c.post("/tokenize", json={"text": "x"}).status_code == 400
+        bad = c.post("/detokenize", json={"tokens": [10**9]})
+        assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+
+        assert c.post("/abort_request", json={"rid": "no-such-request"}).json()["found"] is False
+        assert c.post("/abort_request", json={}).status_code == 400
+        body = {"input_ids": [5] * 8, "rid": "to-abort", "stream": True,
+                "sampling_params": _greedy(2000)}  # fmt: skip
+        with c.stream("POST", "/generate", json=body) as resp:
+            lines = resp.iter_lines()
+            first = next(line for line in lines if line.startswith("data: {"))
+            assert "output_ids" in first
+            found = c.post("/abort_request", json={"rid": "to-abort"}).json()["found"]
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert found is True
+        assert any("abort" in line for line in rest) and rest[-1] == "data: [DONE]"
+    _wait_idle(tiny_server)
+
+
 # ---- batching consistency and page accounting ---------------------------------------------------
 
 

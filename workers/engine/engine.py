@@ -334,6 +334,13 @@ class Engine:
         rids, logits = self._last_logits
         return {} if logits is None else {rid: logits[i] for i, rid in enumerate(rids)}
 
+    def flush_prefix_cache(self) -> int:
+        """Forget the prefix cache (requests in flight keep their pages, and the pages they
+        fill from now on are cached again); the idle pages freed."""
+        for seq in self.requests.values():
+            seq.cacheable = False  # until its pages are recomputed from the first
+        return self.kv.allocator.flush()
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work

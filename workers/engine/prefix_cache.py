@@ -97,6 +97,17 @@ class CachingAllocator:
             self._refs[page] = 1
         return pages
 
+    def flush(self) -> int:
+        """Forget every published page: idle ones are freed, held ones stay their holders'
+        (and are freed as usual). Returns the pages freed."""
+        idle = list(self._idle)
+        self._idle.clear()
+        self._page_of.clear()
+        self._key_of.clear()
+        if idle:
+            self.allocator.free(idle)
+        return len(idle)
+
     def _reclaim(self, num: int) -> None:
         """Unpublish the `num` least recently used idle pages and free them."""
         evicted = [self._idle.popitem(last=False)[0] for _ in range(min(num, len(self._idle)))]

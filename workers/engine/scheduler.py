@@ -155,7 +155,7 @@ class Scheduler:
 
     def publish(self, seq: Sequence) -> None:
         """Publish the pages `seq` has filled with computed KV (call after a step)."""
-        if (seq.num_published + 1) * self.page_size <= seq.num_computed:
+        if seq.cacheable and (seq.num_published + 1) * self.page_size <= seq.num_computed:
             seq.num_published, seq.last_key = self.allocator.publish(
                 seq.token_ids, seq.pages, seq.num_published, seq.last_key, seq.num_computed
             )

@@ -46,6 +46,7 @@ class Sequence:
         self.num_published = 0
         self.last_key = b""
         self.num_cached_tokens = 0
+        self.cacheable = True  # False after a cache flush, for the pages it holds then
         # Prefill side: the first token's logprob (when asked), sent along with the KV.
         self.first_logprob: TokenLogprob | None = None
         self._slots: torch.Tensor | None = None
@@ -77,7 +78,7 @@ class Sequence:
 
     def release_pages(self) -> list[int]:
         pages, self.pages, self._slots = self.pages, [], None
-        self.num_published, self.last_key = 0, b""
+        self.num_published, self.last_key, self.cacheable = 0, b"", True
         return pages
 
     def slots(self, num_tokens: int, page_size: int) -> torch.Tensor:

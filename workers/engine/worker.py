@@ -212,6 +212,10 @@ class EngineWorker:
     def stats(self) -> RankStats:
         return self._stats
 
+    def flush_prefix_cache(self) -> int:
+        """Forget this rank's prefix cache (between steps); the cached pages freed."""
+        return int(self._call_in_loop(self.engine.flush_prefix_cache))
+
     def inject_fault(self, kind: str, count: int = 1) -> None:
         if not self.allow_fault_injection:
             raise RuntimeError("fault injection is off on this rank (allow_fault_injection)")
