@@ -26,7 +26,6 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Features pdserve does not implement are refused unless set to their no-op value.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
-    "echo": (False,),
     "suffix": ("",),
     "parallel_tool_calls": (True, False),
 }
@@ -46,6 +45,7 @@ class CompletionBody:
     stream: bool
     include_usage: bool
     n: int = 1  # choices: each one a request of its own
+    echo: bool = False  # completions: the prompt comes back before the completion
 
     @property
     def prompt_field(self) -> str:
@@ -71,8 +71,10 @@ def parse_completion(body: Any) -> CompletionBody:
     sampling, stream, include_usage, n = _common(f, "max_tokens")
     if sampling.max_new_tokens is None:  # OpenAI's documented default for completions
         sampling = replace(sampling, max_new_tokens=16)
+    echo = f.get_bool("echo")
     if f.has("logprobs"):  # completions: the number of top logprobs per token (0: none)
-        sampling = replace(sampling, logprobs=True, top_logprobs=read_top_logprobs(f, "logprobs"))
+        top = read_top_logprobs(f, "logprobs")
+        sampling = replace(sampling, logprobs=True, top_logprobs=top, prompt_logprobs=echo)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
@@ -90,13 +92,15 @@ def parse_completion(body: Any) -> CompletionBody:
         ids = Fields({"prompt": prompt}).token_ids("prompt")
         if not ids:
             raise RequestError("prompt: the prompt is empty", "prompt")
-    return CompletionBody(f.get_str("model"), text, ids, None, sampling, stream, include_usage, n)
+    model = f.get_str("model")
+    return CompletionBody(model, text, ids, None, sampling, stream, include_usage, n, echo)
 
 
 def parse_chat(body: Any) -> CompletionBody:
     f = Fields(body)
     max_key = "max_completion_tokens" if f.has("max_completion_tokens") else "max_tokens"
     sampling, stream, include_usage, n = _common(f, max_key)
+    f.neutral("echo", False)
     top = read_top_logprobs(f, "top_logprobs")
     if f.get_bool("logprobs"):
         sampling = replace(sampling, logprobs=True, top_logprobs=top)
@@ -151,12 +155,12 @@ def openai_finish_reason(out: Output) -> str | None:
 
 @dataclass(frozen=True)
 class Choice:
-    """One finished completion of a non-streamed call."""
+    """One finished completion of a non-streamed call (an echo's prompt included)."""
 
     text: str
     finish: Output  # the last output (finish reason, counts)
     token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
+    logprobs: list[TokenLogprob | None] | None
 
 
 class ResponseBuilder:
@@ -172,11 +176,15 @@ class ResponseBuilder:
         self._text_offsets: dict[int, int] = {}  # completions' `text_offset`, per choice
 
     def logprobs(
-        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob] | None, index: int = 0
+        self,
+        token_ids: Sequence[int],
+        logprobs: Sequence[TokenLogprob | None] | None,
+        index: int = 0,
     ) -> dict[str, Any] | None:
         """The `logprobs` of a choice (or of a chunk's choice) covering `token_ids`: chat's
         `{"content": [{token, logprob, bytes, top_logprobs}]}` or completions' `{tokens,
-        token_logprobs, top_logprobs, text_offset}`; None when not asked for."""
+        token_logprobs, top_logprobs, text_offset}`; None when not asked for. A None entry
+        (an echoed prompt's first token) has no logprob."""
         if self.token_text is None or logprobs is None:
             return None
         text = self.token_text
@@ -190,6 +198,7 @@ class ResponseBuilder:
             content = [
                 {**item(t, lp.logprob), "top_logprobs": [item(i, v) for i, v in lp.top]}
                 for t, lp in pairs
+                if lp is not None
             ]
             return {"content": content, "refusal": None}
         tokens = [text(t) for t, _ in pairs]
@@ -199,11 +208,11 @@ class ResponseBuilder:
             offsets.append(offset)
             offset += len(s)
         self._text_offsets[index] = offset
-        top = [{text(i): finite(v) for i, v in lp.top} for _, lp in pairs]
+        top = [None if lp is None else {text(i): finite(v) for i, v in lp.top} for _, lp in pairs]
         return {
             "tokens": tokens,
-            "token_logprobs": [finite(lp.logprob) for _, lp in pairs],
-            "top_logprobs": top if any(lp.top for _, lp in pairs) else None,
+            "token_logprobs": [None if lp is None else finite(lp.logprob) for _, lp in pairs],
+            "top_logprobs": top if any(lp is not None and lp.top for _, lp in pairs) else None,
             "text_offset": offsets,
         }
 
@@ -249,13 +258,15 @@ class ResponseBuilder:
         finish_reason: str | None = None,
         role: bool = False,
         usage: Mapping[str, Any] | None = None,
-        out: Output | None = None,
         index: int = 0,
+        token_ids: Sequence[int] = (),
+        token_logprobs: Sequence[TokenLogprob | None] | None = None,
     ) -> dict[str, Any]:
         """One stream chunk of choice `index`; with `text=None`, a chunk without choices (the
-        usage chunk). `out`: the output the chunk carries, for its logprobs."""
+        usage chunk). `token_ids` / `token_logprobs`: the tokens the chunk carries, for its
+        logprobs."""
         obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
-        logprobs = None if out is None else self.logprobs(out.token_ids, out.logprobs, index)
+        logprobs = self.logprobs(token_ids, token_logprobs, index) if token_ids else None
         if text is None:
             obj["choices"] = []
         elif self.chat:

@@ -9,7 +9,7 @@ says exactly what to fix. Types are strict: `true` is not an integer, `1.5` is n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +148,7 @@ class SamplingRequest:
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: bool = False
     max_new_tokens_field: str = "max_new_tokens"
     stop_token_ids_field: str = "stop_token_ids"
     min_new_tokens_field: str = "min_new_tokens"
@@ -294,6 +295,7 @@ def resolve_sampling(
         repetition_penalty=req.repetition_penalty,
         logprobs=req.logprobs,
         top_logprobs=req.top_logprobs,
+        prompt_logprobs=req.prompt_logprobs,
     )
 
 
@@ -346,6 +348,7 @@ class GenerateBody:
     rid: str | None
     logprob_text: bool = False  # `return_text_in_logprobs`: each logprob entry has its text
     n: int = 1  # completions per prompt (`sampling_params.n`)
+    logprob_start_len: int = -1  # prompt logprobs from this position on (-1: none)
 
 
 def parse_generate(body: Any) -> GenerateBody:
@@ -360,13 +363,17 @@ def parse_generate(body: Any) -> GenerateBody:
         sp.neutral(key, *allowed)
     sampling = read_sampling(sp, "max_new_tokens")
     n = read_n(sp)
+    start = -1
     if f.get_bool("return_logprob"):
-        start = f.get_int("logprob_start_len", -1)
-        if start != -1:
-            raise f.fail("logprob_start_len", "prompt logprobs are not supported; use -1")
+        start = f.get_int("logprob_start_len", -1) or 0
+        if start < -1:
+            raise f.fail(
+                "logprob_start_len", f"must be -1 (no prompt logprobs) or >= 0, got {start}"
+            )
         sampling = replace(
-            sampling, logprobs=True, top_logprobs=read_top_logprobs(f, "top_logprobs_num")
-        )
+            sampling, logprobs=True, top_logprobs=read_top_logprobs(f, "top_logprobs_num"),
+            prompt_logprobs=start >= 0,
+        )  # fmt: skip
     elif read_top_logprobs(f, "top_logprobs_num"):
         raise f.fail("top_logprobs_num", "needs return_logprob: true")
     stream = f.get_bool("stream")
@@ -402,7 +409,9 @@ def parse_generate(body: Any) -> GenerateBody:
         raise RequestError("rid: a batch of prompts cannot share one rid", "rid")
     if n > 1 and rid is not None:
         raise RequestError("rid: n > 1 makes n requests, which cannot share one rid", "rid")
-    return GenerateBody(calls, is_batch, stream, rid, f.get_bool("return_text_in_logprobs"), n)
+    return GenerateBody(
+        calls, is_batch, stream, rid, f.get_bool("return_text_in_logprobs"), n, start
+    )
 
 
 def finish_reason_json(out: Output) -> dict[str, Any] | None:
@@ -429,6 +438,7 @@ class GenerateResult:
     finish: Output | None
     e2e_latency_s: float
     logprobs: list[TokenLogprob] | None = None  # one per output id, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt id, when asked
 
     def add(self, out: Output, e2e_latency_s: float) -> GenerateResult:
         """The state after `out`, `text` and `output_ids` cumulative."""
@@ -463,14 +473,20 @@ class GenerateResult:
             out if out.finish_reason is not None else None,
             e2e_latency_s,
             logprobs,
+            out.prompt_logprobs if out.prompt_logprobs is not None else self.prompt_logprobs,
         )
 
-    def json(self, token_text: Callable[[int], str] | None = None) -> dict[str, Any]:
+    def json(
+        self,
+        token_text: Callable[[int], str] | None = None,
+        prompt: tuple[Sequence[int], int] | None = None,
+    ) -> dict[str, Any]:
         """`text` and `output_ids` as held: cumulative from `add` (as SGLang sends them,
         streaming too), the new part only from `step`. With logprobs, `meta_info` has SGLang's
         `output_token_logprobs` (`[logprob, id, text]` per output id) and
         `output_top_logprobs` (a list of those per output id); `text` is None unless
-        `token_text` gives it."""
+        `token_text` gives it. `prompt`: the prompt ids and the position from which their
+        logprobs are wanted (`input_token_logprobs`, `input_top_logprobs`)."""
         meta: dict[str, Any] = {
             "id": self.rid,
             "prompt_tokens": self.prompt_tokens,
@@ -488,6 +504,18 @@ class GenerateResult:
                 entry(lp.logprob, t) for lp, t in zip(self.logprobs, self.output_ids, strict=False)
             ]
             meta["output_top_logprobs"] = [[entry(v, t) for t, v in lp.top] for lp in self.logprobs]
+            if prompt is not None and self.prompt_logprobs is not None:
+                ids, start = prompt
+                scored = list(zip(ids, self.prompt_logprobs, strict=False))[start:]
+                meta["input_token_logprobs"] = [
+                    [None, t, token_text(t) if token_text else None]
+                    if lp is None
+                    else entry(lp.logprob, t)
+                    for t, lp in scored
+                ]
+                meta["input_top_logprobs"] = [
+                    None if lp is None else [entry(v, i) for i, v in lp.top] for _, lp in scored
+                ]
         return {"text": self.text, "output_ids": self.output_ids, "meta_info": meta}
 
 

@@ -85,6 +85,8 @@ class Output:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when asked
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held (not computed)
+    # With the first token, when asked: one per prompt token (None for the first).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
         num_output_tokens=b.num_output_tokens,
         logprobs=logprobs,
         num_cached_tokens=b.num_cached_tokens,
+        prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs,
     )
 
 
@@ -407,6 +410,10 @@ class Router:
         """One try of `generate` on the pair `_pick(avoid)`, recorded in `used`; `whole`: the
         ranks may hold the output after the first token until the end."""
         rank, prefill_rank = self._pick(avoid, input_ids)
+        here = sampling.prompt_logprobs and prefill_rank is not None
+        if here:  # scoring a prompt: its prefill rank, which has the logits, does it all
+            assert prefill_rank is not None
+            rank, prefill_rank = prefill_rank, None
         used.append((rank, prefill_rank))
         if rid in self._requests:
             raise ValueError(f"rid: request {rid!r} is already running")
@@ -428,7 +435,9 @@ class Router:
         add_ref = prefill_ref = None
         timer: asyncio.TimerHandle | None = None
         try:
-            request = GenerateRequest(rid, list(input_ids), sampling, stream=not whole)
+            request = GenerateRequest(
+                rid, list(input_ids), sampling, stream=not whole, generate_here=here
+            )
             # Decode side first, so that its receive is posted while the prompt computes.
             add_ref = self._add(rank, request)
             if prefill_rank is not None:
@@ -579,6 +588,7 @@ class Router:
             error=delta.error,
             logprobs=None if delta.logprobs is None else list(delta.logprobs),
             num_cached_tokens=delta.num_cached_tokens,
+            prompt_logprobs=delta.prompt_logprobs,
         )
 
     @staticmethod

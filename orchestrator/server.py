@@ -192,16 +192,21 @@ def create_app(
                 run(ids, sampling, stop, client_of(request), rid, arrival)
                 for (ids, sampling, stop), rid in zip(jobs, rids, strict=True)
             ]
+            prompt = (jobs[0][0], body.logprob_start_len) if body.logprob_start_len >= 0 else None
             events = _generate_events(
                 streams, rids, len(jobs[0][0]), arrival, config.incremental_streaming_output,
-                token_text,
+                token_text, prompt,
             )  # fmt: skip
             return EventStream(events)
         try:
             results = await until_disconnect(request, _all([one(i) for i in range(len(rids))]))
         except ValueError as e:
             raise _refused(e, body.calls[0].prompt_field) from None
-        payload = [r.json(token_text) for r in results]
+        start = body.logprob_start_len
+        payload = [
+            r.json(token_text, (job[0], start) if start >= 0 else None)
+            for r, job in zip(results, jobs, strict=True)
+        ]
         return JSONResponse(payload if body.is_batch or body.n > 1 else payload[0])
 
     # ---- OpenAI style -------------------------------------------------------------------------
@@ -233,15 +238,20 @@ def create_app(
             )
             for i in range(req.n)
         ]  # fmt: skip
+        echo = None
+        if req.echo:
+            echo = (ids, req.prompt if req.prompt is not None else router.tokenizer.decode(ids))
         if req.stream:
-            return EventStream(_openai_events(streams, builder, req))
+            return EventStream(_openai_events(streams, builder, req, echo))
 
         async def collect(outputs: AsyncGenerator[Output, None]) -> Choice:
-            parts: list[str] = []
-            token_ids: list[int] = []
-            logprobs: list[TokenLogprob] = []
+            parts: list[str] = [echo[1]] if echo is not None else []
+            token_ids: list[int] = list(echo[0]) if echo is not None else []
+            logprobs: list[TokenLogprob | None] = []
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
+                    if out.prompt_logprobs is not None and echo is not None:
+                        logprobs[:0] = out.prompt_logprobs
                     parts.append(out.text)
                     token_ids += out.token_ids
                     logprobs += out.logprobs or ()
@@ -386,6 +396,7 @@ async def _generate_events(
     arrival: float,
     incremental: bool = False,
     token_text: Callable[[int], str] | None = None,
+    prompt: tuple[list[int], int] | None = None,
 ) -> AsyncGenerator[str, None]:
     """`/generate` stream: every event carries the cumulative `text` and `output_ids`, or with
     `incremental` only what is new since the previous event (`meta_info` counts stay totals).
@@ -402,7 +413,7 @@ async def _generate_events(
                 result = result.step(out, latency) if incremental else result.add(out, latency)
                 results[index] = result
                 if out.text or out.token_ids or out.finish_reason is not None:
-                    event = result.json(token_text)
+                    event = result.json(token_text, prompt)
                     if len(streams) > 1:
                         event["index"] = index
                     yield sse(event)
@@ -414,11 +425,16 @@ async def _generate_events(
 
 
 async def _openai_events(
-    streams: list[AsyncGenerator[Output, None]], builder: ResponseBuilder, req: CompletionBody
+    streams: list[AsyncGenerator[Output, None]],
+    builder: ResponseBuilder,
+    req: CompletionBody,
+    echo: tuple[list[int], str] | None = None,
 ) -> AsyncGenerator[str, None]:
     """OpenAI stream: a role chunk per choice (chat), text-delta chunks, a chunk with
     `finish_reason` per choice (the choices of `n` > 1 interleave, each chunk with its
-    `index`), the usage chunk when `stream_options.include_usage`, then `[DONE]`."""
+    `index`), the usage chunk when `stream_options.include_usage`, then `[DONE]`. `echo`
+    (the prompt's ids and text): each choice's first chunk is the prompt."""
+    echoed: set[int] = set()
     if builder.chat:
         for index in range(len(streams)):
             yield sse(builder.chunk("", role=True, index=index))
@@ -426,15 +442,23 @@ async def _openai_events(
     async with contextlib.aclosing(interleave(streams)) as outs:
         try:
             async for index, out in outs:
+                if echo is not None and index not in echoed and out.finish_reason != "error":
+                    echoed.add(index)  # the prompt first, with its logprobs when asked
+                    ids, text = echo
+                    yield sse(builder.chunk(text, index=index, token_ids=ids,
+                                            token_logprobs=out.prompt_logprobs))  # fmt: skip
+                lps = out.token_ids, out.logprobs
                 if out.finish_reason is None:
                     if out.text or (out.logprobs and builder.token_text is not None):
-                        yield sse(builder.chunk(out.text, out=out, index=index))
+                        yield sse(builder.chunk(out.text, index=index, token_ids=lps[0],
+                                                token_logprobs=lps[1]))  # fmt: skip
                     continue
                 finish = openai_finish_reason(out)
                 if finish is None:
                     yield sse(_error_status(out).body())
                     break
-                yield sse(builder.chunk(out.text, finish, out=out, index=index))
+                yield sse(builder.chunk(out.text, finish, index=index, token_ids=lps[0],
+                                        token_logprobs=lps[1]))  # fmt: skip
                 prompt_tokens, cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
                 completion_tokens[index] = out.num_output_tokens
             else:

@@ -355,6 +355,66 @@ def test_penalties_and_logprobs_through_the_disaggregated_server(tiny_server, ti
 
 
 @pytest.mark.timeout(180)
+def test_prompt_logprobs_and_echo(tiny_server, tiny_model_dir):
+    """Scoring a prompt on the disaggregated server (its prefill rank does the whole request):
+    SGLang's `input_token_logprobs` and OpenAI's `echo` with `logprobs` give the logprobs of
+    an engine in this process, the first prompt token none."""
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import Engine
+    from workers.engine.messages import GenerateRequest, SamplingParams
+
+    engine = Engine(tiny_model_dir, EngineConfig(device="cpu", page_size=16), progress=False)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True,
+                            top_logprobs=2, prompt_logprobs=True)  # fmt: skip
+    engine.add(GenerateRequest("ref", prompt, params))
+    want_ids: list[int] = []
+    want_prompt: list[Any] = []
+    while engine.has_work:
+        for d in engine.step():
+            want_ids += d.token_ids
+            want_prompt = d.prompt_logprobs or want_prompt
+    assert len(want_prompt) == len(prompt) and want_prompt[0] is None
+
+    body = {"input_ids": prompt, "sampling_params": _greedy(3), "return_logprob": True,
+            "logprob_start_len": 5, "top_logprobs_num": 2}  # fmt: skip
+    with _client(tiny_server) as c:
+        r = c.post("/generate", json=body).json()
+        assert r["output_ids"] == want_ids
+        inputs = r["meta_info"]["input_token_logprobs"]
+        assert [e[1] for e in inputs] == prompt[5:]
+        assert [e[0] for e in inputs] == pytest.approx(
+            [lp.logprob for lp in want_prompt[5:]], abs=1e-4
+        )
+        assert len(r["meta_info"]["input_top_logprobs"][0]) == 2
+        zero = c.post("/generate", json={**body, "logprob_start_len": 0}).json()
+        assert zero["meta_info"]["input_token_logprobs"][0][0] is None
+        assert zero["meta_info"]["input_top_logprobs"][0] is None
+
+        completion = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                      "echo": True, "logprobs": 1}  # fmt: skip
+        whole = c.post("/v1/completions", json=completion).json()["choices"][0]
+        lp = whole["logprobs"]
+        assert len(lp["tokens"]) == len(prompt) + 3 and lp["token_logprobs"][0] is None
+        assert lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1 : len(prompt)] == pytest.approx(
+            [x.logprob for x in want_prompt[1:]], abs=1e-4
+        )
+        echoed = c.post("/detokenize", json={"tokens": prompt}).json()["prompt"]
+        assert whole["text"].startswith(echoed)
+        with c.stream("POST", "/v1/completions", json={**completion, "stream": True}) as resp:
+            chunks = [e for e in _sse(resp) if e != "[DONE]"]
+        assert chunks[0]["choices"][0]["text"] == echoed
+        assert "".join(ch["choices"][0]["text"] for ch in chunks) == whole["text"]
+        streamed = [v for ch in chunks for v in ch["choices"][0]["logprobs"]["token_logprobs"]]
+        assert streamed == lp["token_logprobs"]
+        text_only = c.post("/v1/completions", json={**completion, "logprobs": None}).json()
+        assert text_only["choices"][0]["text"] == whole["text"]
+        assert text_only["choices"][0]["logprobs"] is None
+    _wait_idle(tiny_server)
+
+
+@pytest.mark.timeout(180)
 def test_n_choices_on_every_route(tiny_server):
     """`n` completions of one prompt: seeded choices differ from each other and repeat from
     call to call; streams interleave them by `index` and end with the same outputs."""
@@ -568,10 +628,11 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         (G, {"text": "hi", "sampling_params": {"min_new_tokens": -1}}, "min_new_tokens", ">= 0"),
         (
             G,
-            {"text": "hi", "return_logprob": True, "logprob_start_len": 0},
+            {"text": "hi", "return_logprob": True, "logprob_start_len": -2},
             "logprob_start_len",
-            "prompt logprobs",
+            ">= 0",
         ),
+        (CHAT, {"messages": _USER, "echo": True}, "echo", "not supported"),
         (G, {"text": "hi", "top_logprobs_num": 2}, "top_logprobs_num", "return_logprob"),
         (G, {"text": "hi", "return_logprob": True, "top_logprobs_num": 50}, "top_logprobs_num", ""),
         (

@@ -152,3 +152,39 @@ def test_penalties_min_new_tokens_and_logprobs_match_transformers(tmp_path_facto
         (ours,), _ = _engine_outputs(engine, [prompt], minimum)
         assert ours == want
     assert engine.kv.allocator.num_free == engine.kv.num_pages
+
+
+@pytest.mark.timeout(300)
+def test_prompt_logprobs_match_transformers_across_chunks(tmp_path_factory):
+    """A prompt scored in several prefill chunks, beside others: each prompt token's logprob
+    is transformers' log-softmax at the position before it."""
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("prompt_logprobs"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt.hf_path, dtype=torch.float32)
+    hf.eval()
+    prompts = _prompts(hf.config.vocab_size)
+    engine = Engine(ckpt.path, EngineConfig(page_size=4, chunked_prefill_size=24), progress=False)
+    scoring = SamplingParams(
+        max_new_tokens=2, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3,
+        prompt_logprobs=True,
+    )  # fmt: skip
+    plain = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add(GenerateRequest(f"s{i}", p, scoring))
+        engine.add(GenerateRequest(f"p{i}", p, plain))  # same prompt: no cache for s{i}
+    got: dict[str, list] = {}
+    while engine.has_work:
+        for d in engine.step():
+            if d.prompt_logprobs is not None:
+                assert d.rid not in got, "prompt logprobs come once, with the first token"
+                got[d.rid] = d.prompt_logprobs
+    assert sorted(got) == [f"s{i}" for i in range(len(prompts))]
+    for i, p in enumerate(prompts):
+        scored = got[f"s{i}"]
+        assert len(scored) == len(p) and scored[0] is None
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([p])).logits[0].double(), -1)
+        for pos in range(1, len(p)):
+            lp, row = scored[pos], ref[pos - 1]
+            assert lp.logprob == pytest.approx(float(row[p[pos]]), abs=1e-3), (i, pos)
+            assert [t for t, _ in lp.top] == torch.topk(row, 3).indices.tolist()
+    assert engine.kv.allocator.num_free == engine.kv.num_pages

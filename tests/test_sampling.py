@@ -121,7 +121,7 @@ def test_sampling_params_validation_names_the_field(field, value, message):
     p = SamplingParams(max_new_tokens=8, **{field: value}, **extra)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
         p.validate(VOCAB)
-    with pytest.raises(ValueError, match="needs logprobs"):
+    with pytest.raises(ValueError, match="need logprobs"):
         SamplingParams(top_logprobs=2).validate(VOCAB)
 
 

@@ -381,11 +381,14 @@ class Engine:
                 ((ids_a, meta_a), (ids_b, meta_b)), self.kv.data
             )
             logits, samplers = torch.cat((logits_a, logits_b)), samplers_a + samplers_b
+            self._take_scores(half_a, meta_a)
+            self._take_scores(half_b, meta_b)
         elif self._graph_fits(batch):
             logits, samplers = self._replay_decode(batch)
         else:
             input_ids, meta, samplers = self._prepare(batch)
             logits = self.model(input_ids, meta, self.kv.data)
+            self._take_scores(batch, meta)
         if batch.is_empty:
             return []
         publish = self.kv.allocator.enabled
@@ -419,6 +422,9 @@ class Engine:
         logits_rows = list(range(len(batch.decodes)))
         samplers = list(batch.decodes)
         spans = []
+        score_rows: list[int] = []
+        score_targets: list[int] = []
+        score_top = 0
         for seq, num in batch.prefills:
             start, end = seq.num_computed, seq.num_computed + num
             ctx = seq.slots(end, page_size)
@@ -426,6 +432,15 @@ class Engine:
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             out_slots.append(ctx[start:])
+            if seq.sampling.prompt_logprobs:
+                if start == 0:
+                    seq.prompt_logprobs = [None]  # the first token follows nothing
+                # Row of position p is scored against prompt token p + 1.
+                first_row = len(ids) - num
+                for p in range(start, min(end, seq.num_prompt_tokens - 1)):
+                    score_rows.append(first_row + p - start)
+                    score_targets.append(seq.token_ids[p + 1])
+                score_top = max(score_top, seq.sampling.top_logprobs)
             if end == seq.num_tokens:
                 logits_rows.append(len(ids) - 1)
                 samplers.append(seq)
@@ -443,7 +458,29 @@ class Engine:
             prefills=spans,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
         )
+        if score_rows:
+            meta.score_rows = torch.tensor(score_rows, dtype=torch.int64, device=dev)
+            meta.score_targets = torch.tensor(score_targets, dtype=torch.int64, device=dev)
+            meta.score_top = score_top
         return torch.tensor(ids, dtype=torch.int64, device=dev), meta, samplers
+
+    def _take_scores(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
+        """Append the prompt logprobs the forward scored to their requests (in `_prepare`'s
+        order: span by span, position by position)."""
+        if meta.scores is None:
+            return
+        chosen = meta.scores.target_logprobs.tolist()
+        top_vals, top_ids = meta.scores.top_logprobs.tolist(), meta.scores.top_ids.tolist()
+        row = 0
+        for seq, num in batch.prefills:
+            if not seq.sampling.prompt_logprobs:
+                continue
+            start = seq.num_computed  # not advanced yet
+            k = seq.sampling.top_logprobs
+            for _ in range(max(0, min(start + num, seq.num_prompt_tokens - 1) - start)):
+                pairs = tuple(zip(top_ids[row][:k], top_vals[row][:k], strict=True))
+                seq.prompt_logprobs.append(TokenLogprob(chosen[row], pairs))
+                row += 1
 
     def _graph_fits(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or not batch.decodes:
@@ -509,6 +546,7 @@ class Engine:
             # A token that crossed from a prefill rank without its logprob (an older peer)
             # still gets an entry: NaN, so that the list stays one per token.
             logprobs = [logprob or TokenLogprob(float("nan"))] if tokens else []
+        first = seq.sampling.prompt_logprobs and tokens and seq.num_output_tokens == 1
         return TokenDelta(
             rid=seq.rid,
             token_ids=tokens,
@@ -518,4 +556,5 @@ class Engine:
             hold=not seq.stream,
             logprobs=logprobs,
             num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=list(seq.prompt_logprobs) if first else None,
         )

@@ -43,6 +43,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: bool = False  # report each output token's log-probability
     top_logprobs: int = 0  # ... and the `top_logprobs` most likely tokens' (needs logprobs)
+    # Report each prompt token's log-probability too (after the tokens before it; None for
+    # the first), with the same `top_logprobs`. The prompt is then computed whole, never
+    # taken from the prefix cache.
+    prompt_logprobs: bool = False
 
     @property
     def is_greedy(self) -> bool:
@@ -84,8 +88,8 @@ class SamplingParams:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
             )
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs")
+        if (self.top_logprobs or self.prompt_logprobs) and not self.logprobs:
+            raise ValueError("top_logprobs and prompt_logprobs need logprobs")
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
@@ -100,6 +104,9 @@ class GenerateRequest:
     # the router to match), so the rank sends the first token (time to first token) and then
     # holds the rest until the request ends: one delta instead of one per step.
     stream: bool = True
+    # A prefill rank of a disaggregated pair computes the whole request itself (its prompt
+    # logprobs come from the logits it has; the decode rank is not involved).
+    generate_here: bool = False
 
 
 class TokenLogprob(NamedTuple):
@@ -125,12 +132,17 @@ class TokenDelta:
     # One per token of `token_ids`, for a request that asked for logprobs; else None.
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
+    # With the request's first token, when it asked for prompt logprobs: one per prompt
+    # token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def prepend(self, earlier: TokenDelta) -> None:
         """Make this delta also carry `earlier`'s tokens (the same request's, before it),
         growing `earlier`'s lists in place: a long held output stays linear."""
         earlier.token_ids.extend(self.token_ids)
         self.token_ids = earlier.token_ids
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = earlier.prompt_logprobs
         if self.logprobs is not None or earlier.logprobs is not None:
             logprobs = earlier.logprobs if earlier.logprobs is not None else []
             logprobs.extend(self.logprobs or ())

@@ -146,6 +146,8 @@ class Scheduler:
         """Start a request being admitted after the published pages that match its tokens
         (all but the last token at most: that one is computed for its logits); the tokens
         they hold."""
+        if seq.sampling.prompt_logprobs:
+            return 0  # every prompt token is scored: all of them are computed
         prefix = self.allocator.match(seq.token_ids, seq.num_tokens - 1)
         if prefix.pages:
             seq.add_pages(prefix.pages)

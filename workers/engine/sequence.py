@@ -47,6 +47,8 @@ class Sequence:
         self.last_key = b""
         self.num_cached_tokens = 0
         self.cacheable = True  # False after a cache flush, for the pages it holds then
+        # Asked for prompt logprobs: one per prompt token scored so far (None for the first).
+        self.prompt_logprobs: list[TokenLogprob | None] = []
         # Prefill side: the first token's logprob (when asked), sent along with the KV.
         self.first_logprob: TokenLogprob | None = None
         self._slots: torch.Tensor | None = None

@@ -388,7 +388,7 @@ class EngineWorker:
             for kind, payload in inbox:
                 if kind == "add":
                     try:
-                        engine.add(payload, mode)
+                        engine.add(payload, "full" if payload.generate_here else mode)
                     except ValueError as e:
                         deltas.append(TokenDelta.failure(payload.rid, str(e)))
                 elif kind == "fault":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -25,6 +25,15 @@ class PrefillSpan:
     ctx_slots: torch.Tensor
 
 
+class PromptScores(NamedTuple):
+    """Log-probabilities of `AttentionMetadata.score_targets` (`[R]` float32) and the
+    `score_top` most likely tokens per row (`[R, k]` float32 values and int64 ids)."""
+
+    target_logprobs: torch.Tensor
+    top_logprobs: torch.Tensor
+    top_ids: torch.Tensor
+
+
 @dataclass
 class AttentionMetadata:
     """Layout of a flattened mixed batch: `num_decode` single-token decode requests first, then
@@ -40,6 +49,12 @@ class AttentionMetadata:
     page_size: int
     prefills: list[PrefillSpan]
     logits_indices: torch.Tensor  # [S] rows whose logits are wanted (a request's last token)
+    # Prompt scoring (prompt logprobs): rows whose next token is known, and that token.
+    score_rows: torch.Tensor | None = None  # [R] int64 rows of the batch
+    score_targets: torch.Tensor | None = None  # [R] int64: the token that follows each row
+    score_top: int = 0  # how many of the most likely tokens to report per row
+    # Set by the forward when `score_rows` is: the targets' log-probabilities and the top.
+    scores: PromptScores | None = field(default=None, init=False, repr=False)
     # The torch decode attention's inputs derived from block_table/seq_lens, built by the
     # step's first layer and reused by the others (`workers.model.mla.PagedDecodeInputs`).
     paged_decode: PagedDecodeInputs | None = field(default=None, init=False, repr=False)

@@ -8,12 +8,14 @@ from torch import nn
 
 from workers.ep.moe import EPContext, EPMoE
 from workers.kernels import triton_available
-from workers.model.batch import AttentionMetadata
+from workers.model.batch import AttentionMetadata, PromptScores
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, RMSNorm, empty_param
 from workers.model.mla import MLAttention
 from workers.model.moe import ExpertLoad, MoE, RoutedExperts, grouped_gemm_backends
 from workers.model.rope import RotaryEmbedding
+
+SCORE_CHUNK = 256  # rows per LM-head call when scoring a prompt
 
 
 class DecoderLayer(nn.Module):
@@ -160,6 +162,23 @@ class DeepseekForCausalLM(nn.Module):
         return self._logits(xa, meta_a), self._logits(xb, meta_b)
 
     def _logits(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.score_rows is not None:
+            meta.scores = self._score(x, meta)
         # DP LM head: each rank computes the logits of its own requests' last tokens only.
         x = self.model.norm(x[meta.logits_indices])
         return F.linear(x, self.lm_head).float()
+
+    def _score(self, x: torch.Tensor, meta: AttentionMetadata) -> PromptScores:
+        """Prompt scoring: the log-probability of each `score_targets` token after its row,
+        and the top `score_top`; the LM head runs over `SCORE_CHUNK` rows at a time, so that
+        a long prompt never holds all its logits at once."""
+        assert meta.score_rows is not None and meta.score_targets is not None
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, meta.score_rows.shape[0], SCORE_CHUNK):
+            rows = meta.score_rows[start : start + SCORE_CHUNK]
+            logits = F.linear(self.model.norm(x[rows]), self.lm_head).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            targets = meta.score_targets[start : start + SCORE_CHUNK, None]
+            top = torch.topk(logp, meta.score_top, dim=-1)
+            parts.append((logp.gather(1, targets)[:, 0], top.values, top.indices))
+        return PromptScores(*(torch.cat(p) for p in zip(*parts, strict=True)))
