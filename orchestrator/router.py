@@ -106,6 +106,9 @@ class _Request:
     num_prompt_tokens: int
     prefill_rank: int | None = None  # disaggregated: the rank that computes the prompt
     queue: asyncio.Queue[TokenDelta] = field(default_factory=asyncio.Queue)
+    # A prompt being scored on a prefill rank that does the whole request: its prompt tokens
+    # count as queued there until its first token (so scoring requests spread by load too).
+    queued_here: bool = False
 
 
 def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
@@ -265,6 +268,9 @@ class Router:
                 if index == req.prefill_rank and item.finish_reason is not None:
                     # The prefill side failed: the decode side waits for KV that won't come.
                     self._spawn(self.ranks[req.rank].abort.remote(item.rid))
+                elif index == req.rank and item.token_ids and req.queued_here:
+                    self._queued_prefill_tokens[index] -= req.num_prompt_tokens
+                    req.queued_here = False
                 elif index == req.rank and item.token_ids and req.prefill_rank is not None:
                     # Decoding: it no longer depends on (or loads) the prefill rank.
                     self._queued_prefill_tokens[req.prefill_rank] -= req.num_prompt_tokens
@@ -425,6 +431,9 @@ class Router:
         self._requests[rid] = req
         self._reserved_tokens[rank] += req.num_tokens
         self._running[rank] += 1
+        if here:
+            req.queued_here = True
+            self._queued_prefill_tokens[rank] += req.num_prompt_tokens
         if prefill_rank is not None:
             self._queued_prefill_tokens[prefill_rank] += req.num_prompt_tokens
             self._running[prefill_rank] += 1
@@ -520,6 +529,8 @@ class Router:
             if req.prefill_rank is not None:  # still on it (no token came from decode yet)
                 self._queued_prefill_tokens[req.prefill_rank] -= req.num_prompt_tokens
                 self._running[req.prefill_rank] -= 1
+            if req.queued_here:
+                self._queued_prefill_tokens[rank] -= req.num_prompt_tokens
             if not finished:
                 if add_ref is not None:
                     self._spawn(self._abort_after(handle, add_ref, rid))

@@ -216,3 +216,53 @@ def test_shortfall_names_what_the_cluster_lacks():
     three = [*nodes, _node(2, cpus=2)]  # 6 CPUs in all, but no node holds a 3-CPU rank
     assert shortfall(_pools(1, 1, cpu=3), three) == "a rank needs 3 CPU, the largest node has 2"
     assert shortfall(_pools(1, 1, gpu=1), nodes) == "the pools need 2 GPU in all, the cluster has 1"
+
+
+def test_scoring_requests_count_as_queued_on_the_prefill_rank_that_runs_them():
+    """A prompt-logprobs request runs whole on a prefill rank; its prompt tokens count as
+    queued there until its first token, so the next one goes to the other prefill rank."""
+    import asyncio
+
+    from orchestrator.router import Router
+    from workers.engine.messages import RankInfo, SamplingParams
+
+    sent: list[tuple[int, object]] = []
+
+    class Rank:
+        def __init__(self, index: int):
+            self.index = index
+            self.add_requests = self
+            self.abort = self
+
+        def remote(self, arg: object) -> asyncio.Future[object]:
+            sent.append((self.index, arg))
+            future = asyncio.get_running_loop().create_future()
+            future.set_result([None] * len(arg) if isinstance(arg, list) else None)
+            return future
+
+    def info(role: str) -> RankInfo:
+        return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role)
+
+    class Tok:
+        def decode(self, ids: object, skip_special_tokens: bool = True) -> str:
+            return ""
+
+    async def run() -> None:
+        router = Router([Rank(i) for i in range(3)], tokenizer=Tok(), model_name="m")  # type: ignore[arg-type]
+        router.infos = [info("prefill"), info("prefill"), info("decode")]
+        scoring = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True,
+                                 prompt_logprobs=True)  # fmt: skip
+        gens = [router.generate(list(range(2, 40)), scoring) for _ in range(2)]
+        tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
+        await asyncio.sleep(0.05)
+        ranks = [index for index, arg in sent if isinstance(arg, list)]
+        assert ranks == [0, 1], sent  # both on prefill ranks, one each; none on the decode rank
+        assert all(arg[0].generate_here for _, arg in sent if isinstance(arg, list))
+        assert router._queued_prefill_tokens == [38, 38, 0]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each request's cleanup ran
+        await asyncio.sleep(0.01)  # and the aborts it sent
+        assert router._queued_prefill_tokens == [0, 0, 0] and router._running == [0, 0, 0]
+
+    asyncio.run(run())
