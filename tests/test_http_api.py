@@ -282,11 +282,13 @@ def _reference(model_dir, prompt: list[int], num_new: int, **sampling: Any):
     engine.add(GenerateRequest("ref", prompt, params))
     ids: list[int] = []
     logprobs: list[Any] = []
+    prompt_logprobs: list[Any] = []
     while engine.has_work:
         for d in engine.step():
             ids += d.token_ids
             logprobs += d.logprobs or []
-    return ids, logprobs
+            prompt_logprobs = d.prompt_logprobs or prompt_logprobs
+    return ids, logprobs, prompt_logprobs
 
 
 @pytest.mark.timeout(180)
@@ -294,10 +296,10 @@ def test_penalties_and_logprobs_through_the_disaggregated_server(tiny_server, ti
     """The prefill rank samples the first token, the decode rank the rest: both must apply
     the penalties alike, and the first token's logprob crosses with the KV."""
     prompt = [5, 6, 7, 5, 6, 7, 5, 6, 7, 8]
-    want_ids, want_lps = _reference(
+    want_ids, want_lps, _ = _reference(
         tiny_model_dir, prompt, 14, logprobs=True, top_logprobs=3, **_PENALIZED
     )
-    plain_ids, _ = _reference(tiny_model_dir, prompt, 14)
+    plain_ids, _, _ = _reference(tiny_model_dir, prompt, 14)
     assert want_ids != plain_ids  # the penalties change this output
     body = {
         "input_ids": prompt, "sampling_params": _greedy(14, **_PENALIZED),
@@ -359,21 +361,10 @@ def test_prompt_logprobs_and_echo(tiny_server, tiny_model_dir):
     """Scoring a prompt on the disaggregated server (its prefill rank does the whole request):
     SGLang's `input_token_logprobs` and OpenAI's `echo` with `logprobs` give the logprobs of
     an engine in this process, the first prompt token none."""
-    prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
-    from workers.engine.config import EngineConfig
-    from workers.engine.engine import Engine
-    from workers.engine.messages import GenerateRequest, SamplingParams
-
-    engine = Engine(tiny_model_dir, EngineConfig(device="cpu", page_size=16), progress=False)
-    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True,
-                            top_logprobs=2, prompt_logprobs=True)  # fmt: skip
-    engine.add(GenerateRequest("ref", prompt, params))
-    want_ids: list[int] = []
-    want_prompt: list[Any] = []
-    while engine.has_work:
-        for d in engine.step():
-            want_ids += d.token_ids
-            want_prompt = d.prompt_logprobs or want_prompt
+    prompt = list(range(11, 31))
+    want_ids, _, want_prompt = _reference(
+        tiny_model_dir, prompt, 3, logprobs=True, top_logprobs=2, prompt_logprobs=True
+    )
     assert len(want_prompt) == len(prompt) and want_prompt[0] is None
 
     body = {"input_ids": prompt, "sampling_params": _greedy(3), "return_logprob": True,
