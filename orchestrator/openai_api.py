@@ -24,6 +24,8 @@ from workers.engine.messages import TokenLogprob
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Features pdserve does not implement are refused unless set to their no-op value.
+MAX_BATCH_REQUESTS = 256  # prompts x n of one completions call
+
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
     "suffix": ("",),
@@ -35,11 +37,11 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 class CompletionBody:
     """A `/v1/completions` or `/v1/chat/completions` request.
 
-    Completions give `prompt` (text) or `prompt_ids`; chat gives `messages` (role, text)."""
+    Completions give `prompts` (each text or token ids; several: a batch); chat gives
+    `messages` (role, text)."""
 
     model: str | None
-    prompt: str | None
-    prompt_ids: list[int] | None
+    prompts: list[str | list[int]]
     messages: list[dict[str, str]] | None
     sampling: SamplingRequest
     stream: bool
@@ -76,24 +78,29 @@ def parse_completion(body: Any) -> CompletionBody:
         top = read_top_logprobs(f, "logprobs")
         sampling = replace(sampling, logprobs=True, top_logprobs=top, prompt_logprobs=echo)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    text: str | None = None
-    ids: list[int] | None = None
     if prompt is None:
         raise RequestError("prompt: a prompt is required", "prompt")
-    if isinstance(prompt, str):
-        if not prompt:
-            raise RequestError("prompt: the prompt is empty", "prompt")
-        text = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
-        raise RequestError("prompt: batches of prompts are not supported; send one", "prompt")
-    else:
-        ids = Fields({"prompt": prompt}).token_ids("prompt")
-        if not ids:
-            raise RequestError("prompt: the prompt is empty", "prompt")
+    batch = (
+        isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str | list) for p in prompt)
+    )
+    items = prompt if batch else [prompt]
+    if len(items) * n > MAX_BATCH_REQUESTS:
+        raise RequestError(
+            f"prompt: {len(items)} prompts x n={n} make more than {MAX_BATCH_REQUESTS} requests",
+            "prompt",
+        )
+    prompts: list[str | list[int]] = []
+    for i, item in enumerate(items):
+        name = f"prompt[{i}]" if batch else "prompt"
+        if isinstance(item, str):
+            prompts.append(item)
+        else:
+            ids = Fields({name: item}).token_ids(name)
+            prompts.append(ids or [])
+        if not prompts[-1]:
+            raise RequestError(f"{name}: the prompt is empty", name)
     model = f.get_str("model")
-    return CompletionBody(model, text, ids, None, sampling, stream, include_usage, n, echo)
+    return CompletionBody(model, prompts, None, sampling, stream, include_usage, n, echo)
 
 
 def parse_chat(body: Any) -> CompletionBody:
@@ -116,7 +123,7 @@ def parse_chat(body: Any) -> CompletionBody:
         raise RequestError("messages: expected a non-empty list of messages", "messages")
     messages = [_message(m, i) for i, m in enumerate(raw)]
     model = f.get_str("model")
-    return CompletionBody(model, None, None, messages, sampling, stream, include_usage, n)
+    return CompletionBody(model, [], messages, sampling, stream, include_usage, n)
 
 
 def _message(raw: Any, index: int) -> dict[str, str]:
@@ -228,8 +235,8 @@ class ResponseBuilder:
             "prompt_tokens_details": {"cached_tokens": cached_tokens},
         }
 
-    def response(self, choices: Sequence[Choice]) -> dict[str, Any]:
-        """The whole response: one choice per completion of the prompt."""
+    def response(self, choices: Sequence[Choice], n: int = 1) -> dict[str, Any]:
+        """The whole response: `n` choices per prompt, prompt-major."""
         out = []
         for index, c in enumerate(choices):
             choice: dict[str, Any] = {
@@ -246,9 +253,9 @@ class ResponseBuilder:
             **self._envelope("chat.completion" if self.chat else "text_completion"),
             "choices": out,
             "usage": self.usage(
-                choices[0].finish.num_prompt_tokens,
+                sum(c.finish.num_prompt_tokens for c in choices[::n]),
                 sum(c.finish.num_output_tokens for c in choices),
-                choices[0].finish.num_cached_tokens,
+                sum(c.finish.num_cached_tokens for c in choices[::n]),
             ),
         }
 

@@ -215,36 +215,43 @@ def create_app(
         arrival = time.perf_counter()
         raw = await read_json(request, config.max_request_body_bytes)
         req = parse_chat(raw) if chat else parse_completion(raw)
+        # (ids, text) of each prompt; text only for an echo.
+        prompts: list[tuple[list[int], str]] = []
         if req.messages is not None:
             try:
                 text = router.tokenizer.apply_chat_template(req.messages)
             except ChatTemplateError as e:
                 raise RequestError(f"messages: {e}", "messages") from None
-            ids = router.tokenizer.encode(text, add_special_tokens=False)
-        elif req.prompt_ids is not None:
-            ids = req.prompt_ids
-        else:
-            ids = router.tokenizer.encode(req.prompt or "")
-        check_prompt_len(ids, config, req.prompt_field)
-        sampling = resolve_sampling(
-            ids, req.sampling, router.limits, config.default_max_new_tokens, req.prompt_field
-        )
-        token_text = router.tokenizer.token_text if sampling.logprobs else None
+            prompts.append((router.tokenizer.encode(text, add_special_tokens=False), text))
+        for p in req.prompts:
+            if isinstance(p, str):
+                prompts.append((router.tokenizer.encode(p), p))
+            else:
+                prompts.append((p, router.tokenizer.decode(p) if req.echo else ""))
+        jobs = []  # (ids, sampling, echo) per choice, prompt-major
+        for ids, text in prompts:
+            check_prompt_len(ids, config, req.prompt_field)
+            sampling = resolve_sampling(
+                ids, req.sampling, router.limits, config.default_max_new_tokens, req.prompt_field
+            )
+            echo = (ids, text) if req.echo else None
+            jobs += [(ids, choice_params(sampling, i), echo) for i in range(req.n)]
+        token_text = router.tokenizer.token_text if jobs[0][1].logprobs else None
         builder = ResponseBuilder(chat, req.model or router.model_name, token_text)
         streams = [
             run(
-                ids, choice_params(sampling, i), req.sampling.stop, client_of(request),
-                arrival_s=arrival, stream=req.stream,
+                ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival,
+                stream=req.stream,
             )
-            for i in range(req.n)
+            for ids, sampling, _ in jobs
         ]  # fmt: skip
-        echo = None
-        if req.echo:
-            echo = (ids, req.prompt if req.prompt is not None else router.tokenizer.decode(ids))
+        echoes = [echo for _, _, echo in jobs]
         if req.stream:
-            return EventStream(_openai_events(streams, builder, req, echo))
+            return EventStream(_openai_events(streams, builder, req, echoes))
 
-        async def collect(outputs: AsyncGenerator[Output, None]) -> Choice:
+        async def collect(
+            outputs: AsyncGenerator[Output, None], echo: tuple[list[int], str] | None
+        ) -> Choice:
             parts: list[str] = [echo[1]] if echo is not None else []
             token_ids: list[int] = list(echo[0]) if echo is not None else []
             logprobs: list[TokenLogprob | None] = []
@@ -262,10 +269,12 @@ def create_app(
             raise RuntimeError("the request ended without a finish reason")
 
         try:
-            choices = await until_disconnect(request, _all([collect(s) for s in streams]))
+            choices = await until_disconnect(
+                request, _all([collect(s, e) for s, e in zip(streams, echoes, strict=True)])
+            )
         except ValueError as e:
             raise _refused(e, req.prompt_field) from None
-        return JSONResponse(builder.response(choices))
+        return JSONResponse(builder.response(choices, req.n))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -428,20 +437,25 @@ async def _openai_events(
     streams: list[AsyncGenerator[Output, None]],
     builder: ResponseBuilder,
     req: CompletionBody,
-    echo: tuple[list[int], str] | None = None,
+    echoes: list[tuple[list[int], str] | None] | None = None,
 ) -> AsyncGenerator[str, None]:
     """OpenAI stream: a role chunk per choice (chat), text-delta chunks, a chunk with
-    `finish_reason` per choice (the choices of `n` > 1 interleave, each chunk with its
-    `index`), the usage chunk when `stream_options.include_usage`, then `[DONE]`. `echo`
-    (the prompt's ids and text): each choice's first chunk is the prompt."""
+    `finish_reason` per choice (the choices of `n` > 1 and of a batch of prompts interleave,
+    each chunk with its `index`), the usage chunk when `stream_options.include_usage`, then
+    `[DONE]`. `echoes` (per choice, its prompt's ids and text): each choice's first chunk is
+    its prompt."""
     echoed: set[int] = set()
     if builder.chat:
         for index in range(len(streams)):
             yield sse(builder.chunk("", role=True, index=index))
-    prompt_tokens, cached_tokens, completion_tokens = 0, 0, [0] * len(streams)
+    n = req.n
+    completion_tokens = [0] * len(streams)
+    prompt_tokens = [0] * (len(streams) // n)  # per prompt (its choices are n in a row)
+    cached_tokens = [0] * (len(streams) // n)
     async with contextlib.aclosing(interleave(streams)) as outs:
         try:
             async for index, out in outs:
+                echo = echoes[index] if echoes else None
                 if echo is not None and index not in echoed and out.finish_reason != "error":
                     echoed.add(index)  # the prompt first, with its logprobs when asked
                     ids, text = echo
@@ -459,11 +473,14 @@ async def _openai_events(
                     break
                 yield sse(builder.chunk(out.text, finish, index=index, token_ids=lps[0],
                                         token_logprobs=lps[1]))  # fmt: skip
-                prompt_tokens, cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
+                prompt_tokens[index // n] = out.num_prompt_tokens
+                cached_tokens[index // n] = max(cached_tokens[index // n], out.num_cached_tokens)
                 completion_tokens[index] = out.num_output_tokens
             else:
                 if req.include_usage:
-                    usage = builder.usage(prompt_tokens, sum(completion_tokens), cached_tokens)
+                    usage = builder.usage(
+                        sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens)
+                    )
                     yield sse(builder.chunk(None, usage=usage))
         except ValueError as e:
             yield sse(_refused(e, req.prompt_field).body())

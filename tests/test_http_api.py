@@ -406,6 +406,43 @@ def test_prompt_logprobs_and_echo(tiny_server, tiny_model_dir):
 
 
 @pytest.mark.timeout(180)
+def test_a_batch_of_prompts_on_v1_completions(tiny_server):
+    """A list of prompts (text or ids) is one request each: choices `i * n + j`, usage
+    summed, the same outputs as one call per prompt; scoring a batch with echo works too."""
+    prompts: list[Any] = ["Hello", [5, 6, 7, 8], "The quick brown fox"]
+    base = {"max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    with _client(tiny_server) as c:
+        single = [c.post("/v1/completions", json={**base, "prompt": p}).json() for p in prompts]
+        batch = c.post("/v1/completions", json={**base, "prompt": prompts, "n": 2}).json()
+        assert [ch["index"] for ch in batch["choices"]] == list(range(6))
+        assert [ch["text"] for ch in batch["choices"]] == [
+            s["choices"][0]["text"] for s in single for _ in range(2)
+        ]
+        usage = batch["usage"]
+        assert usage["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in single)
+        assert usage["completion_tokens"] == 30
+        with c.stream("POST", "/v1/completions", json={**base, "prompt": prompts,
+                                                      "stream": True}) as r:  # fmt: skip
+            chunks = [e for e in _sse(r) if e != "[DONE]"]
+        texts = ["", "", ""]
+        for ch in chunks:
+            texts[ch["choices"][0]["index"]] += ch["choices"][0]["text"]
+        assert texts == [s["choices"][0]["text"] for s in single]
+        scored = c.post("/v1/completions", json={
+            **base, "max_tokens": 1, "prompt": prompts, "echo": True, "logprobs": 0,
+        }).json()  # fmt: skip
+        for ch, s in zip(scored["choices"], single, strict=True):
+            lp = ch["logprobs"]
+            assert len(lp["tokens"]) == s["usage"]["prompt_tokens"] + 1
+            assert lp["token_logprobs"][0] is None and None not in lp["token_logprobs"][1:]
+        bad = c.post("/v1/completions", json={**base, "prompt": ["ok", ""]})
+        assert bad.status_code == 400 and "prompt[1]" in bad.json()["error"]["message"]
+        big = c.post("/v1/completions", json={**base, "prompt": ["x"] * 200, "n": 2})
+        assert big.status_code == 400 and "256" in big.json()["error"]["message"]
+    _wait_idle(tiny_server)
+
+
+@pytest.mark.timeout(180)
 def test_n_choices_on_every_route(tiny_server):
     """`n` completions of one prompt: seeded choices differ from each other and repeat from
     call to call; streams interleave them by `index` and end with the same outputs."""
