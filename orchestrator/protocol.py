@@ -446,13 +446,16 @@ class GenerateResult:
         logprobs = self.logprobs
         if out.logprobs is not None:
             logprobs = (logprobs or []) + out.logprobs
-        return self._after(out, e2e_latency_s, self.text + out.text, ids, logprobs)
+        prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
+        return self._after(out, e2e_latency_s, self.text + out.text, ids, logprobs, prompt_logprobs)
 
     def step(self, out: Output, e2e_latency_s: float) -> GenerateResult:
-        """The state after `out`, with `text` and `output_ids` only what `out` adds (an
-        incremental stream's event; the counts stay cumulative)."""
+        """The state after `out`, with `text`, `output_ids` and logprobs only what `out` adds
+        (an incremental stream's event; the counts stay cumulative)."""
         logprobs = None if out.logprobs is None else list(out.logprobs)
-        return self._after(out, e2e_latency_s, out.text, list(out.token_ids), logprobs)
+        return self._after(
+            out, e2e_latency_s, out.text, list(out.token_ids), logprobs, out.prompt_logprobs
+        )
 
     def _after(
         self,
@@ -461,6 +464,7 @@ class GenerateResult:
         text: str,
         output_ids: list[int],
         logprobs: list[TokenLogprob] | None,
+        prompt_logprobs: list[TokenLogprob | None] | None,
     ) -> GenerateResult:
         # The constructor, not `dataclasses.replace` (which inspects the fields each call):
         # a stream adds once per token.
@@ -473,7 +477,7 @@ class GenerateResult:
             out if out.finish_reason is not None else None,
             e2e_latency_s,
             logprobs,
-            out.prompt_logprobs if out.prompt_logprobs is not None else self.prompt_logprobs,
+            prompt_logprobs,
         )
 
     def json(

@@ -161,8 +161,15 @@ def test_incremental_streaming_output_sends_only_what_is_new(launch_tiny):
             with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
                 assert r.status_code == 200
                 events = _sse(r)
+            scoring = {**body, "stream": True, "return_logprob": True, "logprob_start_len": 0}
+            with c.stream("POST", "/generate", json=scoring) as r:
+                scored = [e for e in _sse(r) if e != "[DONE]"]
     finally:
         server.stop()
+    # Logprobs are incremental too: the prompt's come once, each output token's once.
+    with_prompt = [e for e in scored if "input_token_logprobs" in e["meta_info"]]
+    assert len(with_prompt) == 1 and with_prompt[0] is scored[0]
+    assert sum(len(e["meta_info"]["output_token_logprobs"]) for e in scored) == 24
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert len(chunks) > 2
