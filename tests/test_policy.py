@@ -248,7 +248,8 @@ def test_scoring_requests_count_as_queued_on_the_prefill_rank_that_runs_them():
             return ""
 
     async def run() -> None:
-        router = Router([Rank(i) for i in range(3)], tokenizer=Tok(), model_name="m")  # type: ignore[arg-type]
+        ranks = [Rank(i) for i in range(3)]
+        router = Router(ranks, tokenizer=Tok(), model_name="m")  # type: ignore[arg-type]
         router.infos = [info("prefill"), info("prefill"), info("decode")]
         scoring = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True,
                                  prompt_logprobs=True)  # fmt: skip

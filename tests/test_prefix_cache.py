@@ -3,6 +3,7 @@ engines that share prefixes giving the tokens of engines that do not (and of tra
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -120,8 +121,8 @@ def test_shared_prefixes_give_the_tokens_of_transformers(tmp_path_factory):
     prompts.append(list(system))  # the whole prompt cached but its last token
     cfg = EngineConfig(page_size=PS, chunked_prefill_size=16)
     cached = Engine(ckpt.path, cfg, progress=False)
-    plain = Engine(ckpt.path, EngineConfig(page_size=PS, chunked_prefill_size=16,
-                                           enable_prefix_caching=False), progress=False)  # fmt: skip
+    uncached = EngineConfig(page_size=PS, chunked_prefill_size=16, enable_prefix_caching=False)
+    plain = Engine(ckpt.path, uncached, progress=False)
     first, second, third = _run(cached, prompts, 12, waves=3)
     (ref,) = _run(plain, prompts, 12)
     assert first == second == third == ref
@@ -160,9 +161,8 @@ def test_generated_tokens_are_cached_too_and_a_small_cache_reclaims_idle_pages(
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (9, 30, 17, 23, 5)]
     tight = EngineConfig(page_size=PS, kv_capacity_tokens=48, chunked_prefill_size=16)
     small = Engine(ckpt.path, tight, progress=False)
-    plain = Engine(ckpt.path, EngineConfig(page_size=PS, kv_capacity_tokens=48,
-                                           chunked_prefill_size=16,
-                                           enable_prefix_caching=False), progress=False)  # fmt: skip
+    uncached = dataclasses.replace(tight, enable_prefix_caching=False)
+    plain = Engine(ckpt.path, uncached, progress=False)
     outs = _run(small, prompts, 8, waves=2)
     (ref,) = _run(plain, prompts, 8)
     assert outs[0] == outs[1] == ref

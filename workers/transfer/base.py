@@ -154,9 +154,9 @@ class KVTransferEngine(ABC):
         num_cached_tokens: int = 0,
     ) -> KVSender:
         """Sending side: write `src_pages` (every layer) into the target's pages, then notify
-        the receiver with `first_token` (and `first_logprob`, `num_cached_tokens`). Without `target` the sender waits (BOOTSTRAPPING) for
-        `set_target`. Fails (a result) if not done within `timeout_s`. ValueError for bad pages
-        or an id already being sent."""
+        the receiver with `first_token` (and `first_logprob`, `num_cached_tokens`). Without
+        `target` the sender waits (BOOTSTRAPPING) for `set_target`. Fails (a result) if not
+        done within `timeout_s`. ValueError for bad pages or an id already being sent."""
         pages = check_pages(src_pages, self.layout, f"send {transfer_id}")
         sender = KVSender(transfer_id, pages, int(first_token), time.monotonic() + timeout_s)
         sender.target = target
@@ -318,7 +318,7 @@ class KVTransferEngine(ABC):
                     s.first_token,
                     first_logprob=s.first_logprob,
                     num_cached_tokens=s.num_cached_tokens,
-                ),  # fmt: skip
+                ),
             )
         except Exception as e:
             s._attempts += 1
