@@ -7,6 +7,8 @@ library (`asyncio.run(run_bench(BenchConfig(...)))`) or through `pdserve bench`.
 TTFT: request sent → first token received. TPOT: (e2e − TTFT) / (output tokens − 1) per request.
 With `stream=False` (`--no-stream`) each request is one plain JSON call, as an offline batch
 client would send it: there is no first token to time, so only e2e latency and throughput.
+With `shared_prefix_len` (`--shared-prefix-len`) every prompt begins with the same that many
+random tokens (a system prompt) before its own `input_len`: what prefix caching serves.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ class BenchConfig:
     vocab_size: int | None = None  # default: asked from the server (`GET /v1/stats`)
     timeout_s: float = 600.0  # per request
     stream: bool = True  # False: plain JSON calls (no TTFT / TPOT)
+    shared_prefix_len: int = 0  # tokens every prompt begins with, before its own input_len
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.shared_prefix_len < 0:
+            raise ValueError("--shared-prefix-len must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -113,10 +118,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """The benchmark's prompts: uniform random token ids, reproducible from `seed`."""
+def make_prompts(
+    num_prompts: int, input_len: int, vocab_size: int, seed: int, shared_prefix_len: int = 0
+) -> list[list[int]]:
+    """The benchmark's prompts: uniform random token ids, reproducible from `seed`; each after
+    the same `shared_prefix_len` ones."""
     rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+    shared = [rng.randrange(vocab_size) for _ in range(shared_prefix_len)]
+    return [
+        shared + [rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)
+    ]
 
 
 async def server_vocab_size(session: aiohttp.ClientSession, url: str) -> int:
@@ -188,7 +199,9 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=30.0)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         vocab = cfg.vocab_size or await server_vocab_size(session, cfg.url)
-        prompts = make_prompts(cfg.num_prompts, cfg.input_len, vocab, cfg.seed)
+        prompts = make_prompts(
+            cfg.num_prompts, cfg.input_len, vocab, cfg.seed, cfg.shared_prefix_len
+        )
         gate = asyncio.Semaphore(cfg.concurrency)
 
         async def gated(ids: list[int]) -> RequestResult:
@@ -198,7 +211,7 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
         start = time.perf_counter()
         results = await asyncio.gather(*(gated(p) for p in prompts))
         duration = time.perf_counter() - start
-    return summarize(results, cfg.input_len, duration)
+    return summarize(results, cfg.input_len + cfg.shared_prefix_len, duration)
 
 
 def summarize(results: Sequence[RequestResult], input_len: int, duration_s: float) -> BenchResult:

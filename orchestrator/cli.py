@@ -419,6 +419,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--shared-prefix-len", type=int, default=0,
+        help="every prompt begins with the same this many random tokens (a system prompt)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-stream", dest="stream", action="store_false",
         help="plain JSON calls, as an offline batch client sends them (no TTFT / TPOT)",
     )  # fmt: skip
@@ -438,6 +442,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             seed=args.seed,
             stream=args.stream,
+            shared_prefix_len=args.shared_prefix_len,
         )
         result = asyncio.run(run_bench(cfg))
     except (ValueError, RuntimeError, httpx.HTTPError) as e:

@@ -822,6 +822,18 @@ def test_cli_bench(tiny_server):
     assert result["ttft_p50_ms"] is None and result["tpot_p50_ms"] is None
     assert 0 < result["e2e_p50_ms"] <= result["e2e_p99_ms"]
 
+    # A shared system prompt of 48 tokens: counted in, and found in the prefill rank's cache.
+    def hits() -> int:
+        return sum(r["stats"]["num_prefix_hit_tokens"] for r in _ranks(tiny_server))
+
+    before = hits()
+    shared = [*args, "--concurrency", "1", "--shared-prefix-len", "48", "--seed", "5", "--json"]
+    p = _cli("bench", *shared)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["num_failed"] == 0 and result["input_tokens"] == 8 * (48 + 16)
+    assert hits() - before >= 7 * 48  # one at a time: every prompt after the first hits
+
 
 # ---- timeouts and a rank that dies ----------------------------------------------------------------
 
