@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -37,6 +36,7 @@ from workers.engine.messages import (
     TransferReady,
     short_error,
 )
+from workers.engine.prefix_cache import page_key
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def prefix_key(input_ids: Sequence[int]) -> bytes | None:
     longer than that, whose cache hits would be small)."""
     if len(input_ids) <= AFFINITY_TOKENS:
         return None
-    head = b"".join(t.to_bytes(4, "little") for t in input_ids[:AFFINITY_TOKENS])
-    return hashlib.blake2b(head, digest_size=16).digest()
+    return page_key(b"", input_ids[:AFFINITY_TOKENS])
 
 
 @dataclass(frozen=True)
@@ -109,24 +108,6 @@ class _Request:
     # A prompt being scored on a prefill rank that does the whole request: its prompt tokens
     # count as queued there until its first token (so scoring requests spread by load too).
     queued_here: bool = False
-
-
-def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
-    """`b` following `a` of the same request, as one delta."""
-    logprobs = None
-    if a.logprobs is not None or b.logprobs is not None:
-        logprobs = (a.logprobs or []) + (b.logprobs or [])
-    return TokenDelta(
-        rid=b.rid,
-        token_ids=a.token_ids + b.token_ids,
-        finish_reason=b.finish_reason,
-        error=b.error,
-        num_prompt_tokens=b.num_prompt_tokens,
-        num_output_tokens=b.num_output_tokens,
-        logprobs=logprobs,
-        num_cached_tokens=b.num_cached_tokens,
-        prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs,
-    )
 
 
 class Router:
@@ -499,7 +480,8 @@ class Router:
                     if nxt is timed_out:
                         req.queue.put_nowait(nxt)
                         break
-                    delta = _merge(delta, nxt)
+                    nxt.prepend(delta)  # one delta: both's tokens, the later one's state
+                    delta = nxt
                 if delta is timed_out:
                     yield Output(
                         rid=rid,

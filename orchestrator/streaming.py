@@ -50,7 +50,7 @@ async def interleave(
     """`(index, item)` from every stream as items come (a call with `n` > 1 streams its
     choices at once). The first error of any stream is raised; on any exit every stream is
     closed, so their `finally` blocks (aborting requests) run."""
-    if len(streams) == 1:
+    if len(streams) == 1:  # every n = 1 stream: passed through, no task per item
         async with contextlib.aclosing(streams[0]) as only:
             async for first in only:
                 yield 0, first

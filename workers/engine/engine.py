@@ -437,7 +437,7 @@ class Engine:
                     seq.prompt_logprobs = [None]  # the first token follows nothing
                 # Row of position p is scored against prompt token p + 1.
                 first_row = len(ids) - num
-                for p in range(start, min(end, seq.num_prompt_tokens - 1)):
+                for p in _scored_positions(seq, start, num):
                     score_rows.append(first_row + p - start)
                     score_targets.append(seq.token_ids[p + 1])
                 score_top = max(score_top, seq.sampling.top_logprobs)
@@ -475,9 +475,8 @@ class Engine:
         for seq, num in batch.prefills:
             if not seq.sampling.prompt_logprobs:
                 continue
-            start = seq.num_computed  # not advanced yet
             k = seq.sampling.top_logprobs
-            for _ in range(max(0, min(start + num, seq.num_prompt_tokens - 1) - start)):
+            for _ in _scored_positions(seq, seq.num_computed, num):  # not advanced yet
                 pairs = tuple(zip(top_ids[row][:k], top_vals[row][:k], strict=True))
                 seq.prompt_logprobs.append(TokenLogprob(chosen[row], pairs))
                 row += 1
@@ -543,8 +542,8 @@ class Engine:
     ) -> TokenDelta:
         logprobs = None
         if seq.sampling.logprobs:
-            # A token that crossed from a prefill rank without its logprob (an older peer)
-            # still gets an entry: NaN, so that the list stays one per token.
+            # One entry per token whatever happens: a token whose logprob did not come with it
+            # (none is expected to: the prefill rank sends it with the KV) gets NaN, sent as null.
             logprobs = [logprob or TokenLogprob(float("nan"))] if tokens else []
         first = seq.sampling.prompt_logprobs and tokens and seq.num_output_tokens == 1
         return TokenDelta(
@@ -558,3 +557,9 @@ class Engine:
             num_cached_tokens=seq.num_cached_tokens,
             prompt_logprobs=list(seq.prompt_logprobs) if first else None,
         )
+
+
+def _scored_positions(seq: Sequence, start: int, num: int) -> range:
+    """Positions of a prefill chunk (`num` tokens from `start`) whose rows are scored for
+    prompt logprobs: those followed by another prompt token."""
+    return range(start, max(start, min(start + num, seq.num_prompt_tokens - 1)))

@@ -53,14 +53,16 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
-    def adjusts_logits(self) -> bool:
-        """Whether the logits change before sampling (penalties, a minimum length)."""
+    def penalizes(self) -> bool:
+        """Whether any penalty (frequency, presence, repetition) is on."""
         return bool(
-            self.min_new_tokens
-            or self.frequency_penalty
-            or self.presence_penalty
-            or self.repetition_penalty != 1.0
+            self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
         )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits may change before sampling (penalties, a minimum length)."""
+        return self.penalizes or self.min_new_tokens > 0
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the offending field."""

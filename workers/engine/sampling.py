@@ -20,10 +20,8 @@ class History(NamedTuple):
 
 
 def _adjusts_now(p: SamplingParams, history: History) -> bool:
-    if not p.adjusts_logits:
-        return False
-    penalized = p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0
-    return bool(penalized) or len(history.token_ids) - history.num_prompt_tokens < p.min_new_tokens
+    num_out = len(history.token_ids) - history.num_prompt_tokens
+    return p.penalizes or num_out < p.min_new_tokens
 
 
 def adjust_logits(
