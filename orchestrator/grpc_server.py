@@ -71,6 +71,11 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
         params["stop_token_ids"] = list(sp.stop_token_ids)
     if sp.ignore_eos:
         params["ignore_eos"] = True
+    constraint = sp.WhichOneof("constraint")
+    if constraint == "json_object":
+        params["json_schema"] = '{"type": "object"}'  # the same grammar
+    elif constraint is not None:
+        params[constraint] = getattr(sp, constraint)
     body["sampling_params"] = params
     if request.return_logprob:
         body["return_logprob"] = True

@@ -3,6 +3,7 @@ response objects and stream chunks out. Validation follows `orchestrator.protoco
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -13,13 +14,14 @@ from orchestrator.protocol import (
     Fields,
     RequestError,
     SamplingRequest,
+    check_output_constraint,
     finite,
     read_n,
     read_sampling,
     read_top_logprobs,
 )
 from orchestrator.router import Output
-from workers.engine.messages import TokenLogprob
+from workers.engine.messages import OutputConstraint, TokenLogprob
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -60,12 +62,41 @@ def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool
     if f.has("logit_bias") and f.obj["logit_bias"] != {}:
         raise f.fail("logit_bias", "is not supported")
     sampling = read_sampling(f, max_tokens_key, "min_tokens")  # min_tokens: vLLM's name
+    fmt = read_response_format(f)
+    if fmt is not None:
+        if sampling.constraint is not None:
+            key = sampling.constraint.kind
+            raise f.fail(key, "give response_format or json_schema / regex / ebnf, not both")
+        sampling = replace(sampling, constraint=fmt)
     stream = f.get_bool("stream")
     include_usage = False
     if f.has("stream_options"):
         opts = Fields(f.obj["stream_options"], "stream_options.")
         include_usage = opts.get_bool("include_usage")
     return sampling, stream, include_usage, read_n(f)
+
+
+def read_response_format(f: Fields) -> OutputConstraint | None:
+    """OpenAI's `response_format`: `{"type": "text"}` (free text), `{"type": "json_object"}`
+    (any JSON object), `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...},
+    "strict": ...}}`."""
+    if not f.has("response_format"):
+        return None
+    fmt = Fields(f.obj["response_format"], "response_format.")
+    kind = fmt.get_str("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return OutputConstraint("json_object")
+    if kind != "json_schema":
+        raise fmt.fail("type", f"expected text, json_object or json_schema, got {kind!r}")
+    spec = Fields(fmt.obj.get("json_schema"), "response_format.json_schema.")
+    schema = spec.obj.get("schema")
+    if not isinstance(schema, dict):
+        raise spec.fail("schema", "expected a JSON schema object")
+    return check_output_constraint(
+        spec, "schema", OutputConstraint("json_schema", json.dumps(schema))
+    )
 
 
 def parse_completion(body: Any) -> CompletionBody:
@@ -115,9 +146,6 @@ def parse_chat(body: Any) -> CompletionBody:
         raise f.fail("top_logprobs", "needs logprobs: true")
     if f.has("tools") and f.obj["tools"] != []:
         raise f.fail("tools", "function calling is not supported")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise f.fail("response_format", "only {'type': 'text'} is supported")
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages: expected a non-empty list of messages", "messages")

@@ -8,13 +8,20 @@ says exactly what to fix. Types are strict: `true` is not an integer, `1.5` is n
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.router import Limits, Output, Router
-from workers.engine.messages import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
+from workers.engine.grammar import check_constraint
+from workers.engine.messages import (
+    MAX_TOP_LOGPROBS,
+    OutputConstraint,
+    SamplingParams,
+    TokenLogprob,
+)
 
 if TYPE_CHECKING:
     from orchestrator.config import ServeConfig
@@ -149,6 +156,7 @@ class SamplingRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    constraint: OutputConstraint | None = None  # structured output
     max_new_tokens_field: str = "max_new_tokens"
     stop_token_ids_field: str = "stop_token_ids"
     min_new_tokens_field: str = "min_new_tokens"
@@ -210,10 +218,41 @@ def read_sampling(
         frequency_penalty=frequency,
         presence_penalty=presence,
         repetition_penalty=repetition,
+        constraint=read_constraint(f),
         max_new_tokens_field=f.name(max_new_tokens_key),
         stop_token_ids_field=f.name("stop_token_ids"),
         min_new_tokens_field=f.name(min_new_tokens_key),
     )
+
+
+CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")
+
+
+def read_constraint(f: Fields) -> OutputConstraint | None:
+    """Structured output as SGLang asks for it: one of `json_schema` (a schema, as a JSON
+    string or an object), `regex`, `ebnf`; checked here, so that a bad one is a 400."""
+    given = [key for key in CONSTRAINT_FIELDS if f.obj.get(key) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise f.fail(given[1], f"give one of {', '.join(map(f.name, given))}, not several")
+    key = given[0]
+    value = f.obj[key]
+    if key == "json_schema" and isinstance(value, dict):
+        value = json.dumps(value)
+    if not isinstance(value, str) or not value:
+        raise f.fail(key, f"expected a non-empty string, got {_type_name(value)}")
+    return check_output_constraint(f, key, OutputConstraint(key, value))
+
+
+def check_output_constraint(f: Fields, key: str, constraint: OutputConstraint) -> OutputConstraint:
+    """`constraint` when it is valid; a 400 naming `key` otherwise."""
+    try:
+        check_constraint(constraint)
+    except ValueError as e:
+        message = str(e).removeprefix(f"{constraint.kind}: ")
+        raise f.fail(key, f"invalid {constraint.kind.replace('_', ' ')}: {message}") from None
+    return constraint
 
 
 def read_n(f: Fields, key: str = "n") -> int:
@@ -296,6 +335,7 @@ def resolve_sampling(
         logprobs=req.logprobs,
         top_logprobs=req.top_logprobs,
         prompt_logprobs=req.prompt_logprobs,
+        constraint=req.constraint,
     )
 
 
@@ -323,7 +363,7 @@ _SGLANG_NEUTRAL: dict[str, tuple[Any, ...]] = {
 _SGLANG_KNOWN = {
     "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_p", "min_new_tokens", "frequency_penalty", "presence_penalty",
-    "repetition_penalty", "n", *_SGLANG_NEUTRAL,
+    "repetition_penalty", "n", *CONSTRAINT_FIELDS, *_SGLANG_NEUTRAL,
 }  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
@@ -56,6 +57,7 @@ from orchestrator.streaming import (
     until_disconnect,
 )
 from orchestrator.tokenizer import ChatTemplateError
+from workers.engine.grammar import xgrammar_available
 from workers.engine.messages import SamplingParams, TokenLogprob
 
 ROUTES = {
@@ -101,6 +103,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage_router:
             await router.start()
+        # Structured output checks each constraint with xgrammar, whose import (torch,
+        # transformers) takes seconds: done now, off the event loop, not on the first request.
+        threading.Thread(target=xgrammar_available, name="import-xgrammar", daemon=True).start()
         grpc_server = None
         if config.grpc_port is not None:
             from orchestrator.grpc_server import GrpcServer

@@ -116,6 +116,27 @@ def test_logprobs_and_penalties_over_grpc(server, stub):
     assert "return_logprob" in (err.value.details() or "")
 
 
+def test_structured_output_over_grpc(server, stub):
+    """The `constraint` oneof: the same tokens as HTTP's field of that name, on an
+    expert-parallel pool; a bad one is INVALID_ARGUMENT naming it."""
+    import regex
+
+    prompt = [21, 22, 23]
+    pattern = r"(yes|no), [a-z]{2,6}\."
+    final = list(stub.Generate(_request(prompt, 30, regex=pattern), timeout=60))[-1].final
+    assert final.finish_reason == "stop" and regex.fullmatch(pattern, final.text)
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 30, "temperature": 0,
+                                                      "ignore_eos": True, "regex": pattern}}  # fmt: skip
+    http = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+    assert http["output_ids"] == list(final.output_ids)
+    obj = list(stub.Generate(_request(prompt, 40, json_object=True), timeout=60))[-1].final
+    assert obj.text.startswith("{")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(_request(prompt, 3, json_schema='{"type": 5}'), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "json_schema" in (err.value.details() or "")
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "words"),
     [

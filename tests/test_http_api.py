@@ -686,6 +686,35 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ""),
         (CHAT, {"messages": _USER, "max_tokens": 1.5}, "max_tokens", "integer"),
         (CHAT, {"messages": _USER, "top_k": 0}, "top_k", ""),
+        (G, {"text": "hi", "sampling_params": {"regex": "(ab"}}, "regex", "invalid regex"),
+        (G, {"text": "hi", "sampling_params": {"regex": 5}}, "regex", "string"),
+        (G, {"text": "hi", "sampling_params": {"ebnf": "root ::= x"}}, "ebnf", "invalid ebnf"),
+        (
+            G,
+            {"text": "hi", "sampling_params": {"regex": "a", "ebnf": 'root ::= "a"'}},
+            "ebnf",
+            "not several",
+        ),
+        (G, {"text": "hi", "sampling_params": {"json_schema": "{"}}, "json_schema", "invalid"),
+        (CHAT, {"messages": _USER, "response_format": {"type": "xml"}}, "response_format.type", ""),
+        (
+            CHAT,
+            {"messages": _USER, "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+            "object",
+        ),
+        (
+            C,
+            {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {}}},
+            "response_format.json_schema.schema",
+            "schema",
+        ),
+        (
+            CHAT,
+            {"messages": _USER, "regex": "a", "response_format": {"type": "json_object"}},
+            "regex",
+            "not both",
+        ),
     ]
     if kv < ctx:
         room = (ctx + kv) // 2 - 4

@@ -15,6 +15,7 @@ import torch
 
 from workers.engine.config import EngineConfig
 from workers.engine.cuda_graph import DecodeGraphs
+from workers.engine.grammar import GrammarBackend
 from workers.engine.kv_cache import KVCache, pages_needed
 from workers.engine.messages import (
     FinishReason,
@@ -82,6 +83,7 @@ class Engine:
             keep_fp8_experts=keep_fp8,
         )  # fmt: skip
         self.model_config = cfg = self.model.config
+        self.grammars = GrammarBackend(self.model_dir, cfg.vocab_size, cfg.eos_token_ids)
         self.expert_load: ExpertLoad | None = None
         if config.record_expert_load and cfg.n_routed_experts:
             self.expert_load = ExpertLoad(cfg.num_hidden_layers, cfg.n_routed_experts, self.device)
@@ -223,6 +225,9 @@ class Engine:
         if bad:
             raise ValueError(f"input_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         req.sampling.validate(vocab)
+        if req.sampling.constraint is not None:
+            # Compiled here (cached): the actor thread that validates pays, not the loop.
+            self.grammars.compile(req.sampling.constraint)
         total = len(req.input_ids) + req.sampling.max_new_tokens
         if total > self.max_context_len:
             raise ValueError(
@@ -252,6 +257,9 @@ class Engine:
             req.rid, req.input_ids, req.sampling, next(self._arrivals), gen,
             prefill_only=mode == "prefill", stream=req.stream,
         )  # fmt: skip
+        sp = req.sampling
+        if sp.constraint is not None:
+            seq.matcher = self.grammars.matcher(sp.constraint, sp.stop_token_ids, sp.ignore_eos)
         self.requests[req.rid] = seq
         self.idle = False
         if mode == "decode":
@@ -401,6 +409,11 @@ class Engine:
         if any(p.adjusts_logits for p in params):
             histories = [History(s.token_ids, s.num_prompt_tokens) for s in samplers]
             adjusted = adjust_logits(logits, params, histories, self.model_config.eos_token_ids)
+        constrained = [(i, s.matcher) for i, s in enumerate(samplers) if s.matcher is not None]
+        if constrained:
+            if adjusted is logits:
+                adjusted = logits.clone()
+            self.grammars.mask(adjusted, constrained, fallback=logits)
         tokens = sample(adjusted, params, [s.generator for s in samplers])
         logprobs = token_logprobs(logits, tokens, params)
         self.num_steps += 1
@@ -522,8 +535,19 @@ class Engine:
             return None  # the decode side reports the token
         sp = seq.sampling
         finish = None
-        if token in sp.stop_token_ids or (
-            not sp.ignore_eos and token in self.model_config.eos_token_ids
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            # Only a token the constraint allowed is drawn; one that is not (the prefill
+            # rank's, built from other settings) ends the request rather than break it.
+            self.requests.pop(seq.rid, None)
+            self.scheduler.remove(seq)
+            delta = self._delta(seq, [token], FinishReason.ERROR, logprob)
+            kind = sp.constraint.kind if sp.constraint is not None else "constraint"
+            delta.error = f"token {token} does not match the request's {kind}"
+            return delta
+        if (
+            token in sp.stop_token_ids
+            or (not sp.ignore_eos and token in self.model_config.eos_token_ids)
+            or (seq.matcher is not None and seq.matcher.terminated)
         ):
             finish = FinishReason.STOP
         elif seq.num_output_tokens >= sp.max_new_tokens or seq.num_tokens >= self.max_context_len:

@@ -12,6 +12,17 @@ from enum import Enum
 from typing import Any, NamedTuple
 
 MAX_TOP_LOGPROBS = 20
+# Kinds of structured output (see `workers.engine.grammar`): any JSON object, a JSON schema,
+# a regular expression, an EBNF grammar (GBNF style, `root ::= ...`).
+CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "ebnf")
+
+
+class OutputConstraint(NamedTuple):
+    """What a request's output must match: `kind` one of `CONSTRAINT_KINDS`, `spec` its text
+    (a JSON schema serialized, a regex, a grammar; empty for `json_object`)."""
+
+    kind: str
+    spec: str = ""
 
 
 class FinishReason(str, Enum):
@@ -47,6 +58,8 @@ class SamplingParams:
     # the first), with the same `top_logprobs`. The prompt is then computed whole, never
     # taken from the prefix cache.
     prompt_logprobs: bool = False
+    # Structured output: the output must match this; None: free text.
+    constraint: OutputConstraint | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -90,6 +103,14 @@ class SamplingParams:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
             )
+        if self.constraint is not None:
+            if self.constraint.kind not in CONSTRAINT_KINDS:
+                raise ValueError(
+                    f"constraint: kind must be one of {', '.join(CONSTRAINT_KINDS)}, "
+                    f"got {self.constraint.kind!r}"
+                )
+            if self.constraint.kind != "json_object" and not self.constraint.spec:
+                raise ValueError(f"{self.constraint.kind}: must not be empty")
         if (self.top_logprobs or self.prompt_logprobs) and not self.logprobs:
             raise ValueError("top_logprobs and prompt_logprobs need logprobs")
         for t in self.stop_token_ids:

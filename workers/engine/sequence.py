@@ -6,6 +6,7 @@ import enum
 
 import torch
 
+from workers.engine.grammar import Matcher
 from workers.engine.messages import SamplingParams, TokenLogprob
 
 
@@ -51,6 +52,8 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] = []
         # Prefill side: the first token's logprob (when asked), sent along with the KV.
         self.first_logprob: TokenLogprob | None = None
+        # Structured output: where the output stands in its constraint (None: free text).
+        self.matcher: Matcher | None = None
         self._slots: torch.Tensor | None = None
 
     @property

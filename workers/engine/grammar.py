@@ -1,0 +1,199 @@
+"""Structured output: a request's output held to a JSON schema, any JSON object, a regular
+expression or an EBNF grammar, with xgrammar.
+
+A rank compiles each constraint once against its vocabulary (`GrammarBackend.compile`: cached,
+so the actor thread that validates a request pays for it and the loop thread finds it ready);
+each constrained request gets its own matcher (`Matcher`), which says before every step which
+tokens may come next (a bitmask over the vocabulary, applied to the logits: every other token
+gets -inf) and takes the token drawn. When the constraint is complete and nothing more may
+follow, the matcher is terminated and the request stops. On a disaggregated pair both ranks
+build a matcher: the prefill rank's draws the first token, the decode rank's takes that token
+when it arrives with the KV and goes on from there.
+
+xgrammar (and with it torch and transformers) is imported on first use only, so the router
+starts fast; without it a constrained request is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workers.engine.messages import OutputConstraint
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# A JSON value is written compactly (no whitespace between tokens beyond the separators
+# below): a model cannot wander off into whitespace without end, and the output is the same
+# JSON. xgrammar's default would allow any amount of whitespace.
+_JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (", ", ": ")}
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+
+
+def xgrammar_available() -> bool:
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise ValueError(
+            "structured output (json_schema, regex, ebnf, response_format) needs the xgrammar "
+            "package, which is not installed on this rank"
+        ) from e
+    return xgrammar
+
+
+def _message(error: Exception) -> str:
+    """xgrammar's error without its C++ source location."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return _CPP_PREFIX.sub("", first)
+
+
+def check_constraint(constraint: OutputConstraint) -> None:
+    """Parse the constraint without a vocabulary (fast: the router checks every request with
+    it); raise ValueError naming its kind when it is not valid."""
+    xgr = _xgrammar()
+    try:
+        _grammar(xgr, constraint)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"{constraint.kind}: {_message(e)}") from e
+
+
+def _grammar(xgr: Any, constraint: OutputConstraint) -> Any:
+    kind, spec = constraint
+    if kind == "json_object":
+        return xgr.Grammar.from_json_schema('{"type": "object"}', **_JSON_OPTIONS)
+    if kind == "json_schema":
+        return xgr.Grammar.from_json_schema(spec, **_JSON_OPTIONS)
+    if kind == "regex":
+        return xgr.Grammar.from_regex(spec)
+    if kind == "ebnf":
+        return xgr.Grammar.from_ebnf(spec)
+    raise ValueError(f"unknown constraint kind {kind!r}")
+
+
+class Matcher:
+    """One request's place in its constraint."""
+
+    def __init__(self, matcher: Any):
+        self._matcher = matcher
+
+    def accept(self, token: int) -> bool:
+        """Take the token drawn (False: the constraint does not allow it)."""
+        return bool(self._matcher.accept_token(token))
+
+    @property
+    def terminated(self) -> bool:
+        """The constraint is complete and allows nothing more: the request is done."""
+        return bool(self._matcher.is_terminated())
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+
+class GrammarBackend:
+    """A rank's compiler for constraints over its model's vocabulary (built on first use:
+    the tokenizer of `model_dir`, `vocab_size` logits wide)."""
+
+    def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_ids: Sequence[int]):
+        self.model_dir = Path(model_dir)
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    def _get_compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                start = time.monotonic()
+                xgr = _xgrammar()
+                from transformers import AutoTokenizer
+
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+                except (OSError, ValueError) as e:
+                    raise ValueError(
+                        f"structured output needs the model's tokenizer, which could not be "
+                        f"loaded from {self.model_dir}: {e}"
+                    ) from e
+                info = xgr.TokenizerInfo.from_huggingface(
+                    tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
+                )
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+                logger.info(
+                    "structured output ready (%d tokens) in %.1f s",
+                    info.vocab_size, time.monotonic() - start,
+                )  # fmt: skip
+            return self._compiler
+
+    def compile(self, constraint: OutputConstraint) -> Any:
+        """The compiled constraint (xgrammar caches it: the same one again costs nothing).
+        Raises ValueError naming the constraint's kind when it is not valid."""
+        compiler = self._get_compiler()
+        kind, spec = constraint
+        try:
+            if kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', **_JSON_OPTIONS)
+            if kind == "json_schema":
+                return compiler.compile_json_schema(spec, **_JSON_OPTIONS)
+            if kind == "regex":
+                return compiler.compile_regex(spec)
+            return compiler.compile_grammar(spec)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"{kind}: {_message(e)}") from e
+
+    def matcher(
+        self, constraint: OutputConstraint, stop_token_ids: Sequence[int], ignore_eos: bool
+    ) -> Matcher:
+        """A fresh matcher for one request. It may end the output with the request's stop
+        tokens and (unless `ignore_eos`) EOS once the constraint is complete; with none of
+        them it ends the request as soon as the constraint is complete."""
+        xgr = _xgrammar()
+        stop = {*stop_token_ids, *(() if ignore_eos else self.eos_token_ids)}
+        matcher = xgr.GrammarMatcher(
+            self.compile(constraint),
+            override_stop_tokens=sorted(stop) if stop else None,
+            terminate_without_stop_token=not stop,
+        )
+        return Matcher(matcher)
+
+    def mask(
+        self,
+        logits: torch.Tensor,  # [S, vocab] float32, written in place
+        matchers: Sequence[tuple[int, Matcher]],  # (row, its matcher)
+        fallback: torch.Tensor | None = None,  # [S, vocab]: unadjusted logits, see below
+    ) -> None:
+        """Give every token a row's constraint does not allow next -inf. A row left with no
+        token at all (its other adjustments, such as a minimum length banning EOS, forbade
+        what the constraint allows) takes the masked `fallback` row instead: the constraint
+        wins."""
+        import torch
+
+        xgr = _xgrammar()
+        rows = [row for row, _ in matchers]
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for i, (_, matcher) in enumerate(matchers):
+            matcher.fill(bitmask, i)
+        picked = logits[rows]
+        xgr.apply_token_bitmask_inplace(picked, bitmask.to(logits.device))
+        if fallback is not None:
+            empty = torch.isneginf(picked).all(dim=-1)
+            if bool(empty.any()):
+                redo = fallback[rows][empty]
+                xgr.apply_token_bitmask_inplace(redo, bitmask[empty.cpu()].to(logits.device))
+                picked[empty] = redo
+        logits[rows] = picked
