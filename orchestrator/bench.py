@@ -9,6 +9,8 @@ With `stream=False` (`--no-stream`) each request is one plain JSON call, as an o
 client would send it: there is no first token to time, so only e2e latency and throughput.
 With `shared_prefix_len` (`--shared-prefix-len`) every prompt begins with the same that many
 random tokens (a system prompt) before its own `input_len`: what prefix caching serves.
+With `constraint` (`--regex`, `--json-schema`) every output is held to it: what structured
+output costs (throughput counts the tokens actually generated).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class BenchConfig:
     timeout_s: float = 600.0  # per request
     stream: bool = True  # False: plain JSON calls (no TTFT / TPOT)
     shared_prefix_len: int = 0  # tokens every prompt begins with, before its own input_len
+    # Structured output for every request: (`regex` | `json_schema` | `ebnf`, its text). With
+    # `ignore_eos` an output ends early only where the constraint allows nothing more.
+    constraint: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
@@ -150,6 +155,9 @@ async def _one(
         },
         "stream": cfg.stream,
     }  # fmt: skip
+    if cfg.constraint is not None:
+        kind, spec = cfg.constraint
+        payload["sampling_params"][kind] = spec  # type: ignore[index]
     if not cfg.stream:
         return await _one_whole(session, cfg, payload)
     start = time.perf_counter()

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -426,6 +427,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "--no-stream", dest="stream", action="store_false",
         help="plain JSON calls, as an offline batch client sends them (no TTFT / TPOT)",
     )  # fmt: skip
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--regex", help="hold every output to this regular expression")
+    held.add_argument(
+        "--json-schema", help="hold every output to this JSON schema (JSON text, or @FILE)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -433,6 +439,18 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from orchestrator.bench import BenchConfig, run_bench
 
+    constraint = None
+    if args.regex:
+        constraint = ("regex", args.regex)
+    elif args.json_schema:
+        schema = args.json_schema
+        if schema.startswith("@"):
+            try:
+                schema = Path(schema[1:]).read_text()
+            except OSError as e:
+                print(f"error: --json-schema: {e}", file=sys.stderr)
+                return 1
+        constraint = ("json_schema", schema)
     try:
         cfg = BenchConfig(
             url=args.url.rstrip("/"),
@@ -443,6 +461,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seed=args.seed,
             stream=args.stream,
             shared_prefix_len=args.shared_prefix_len,
+            constraint=constraint,
         )
         result = asyncio.run(run_bench(cfg))
     except (ValueError, RuntimeError, httpx.HTTPError) as e:

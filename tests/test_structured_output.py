@@ -199,8 +199,12 @@ def test_grammar_completion_ends_the_request_whatever_the_length_settings(tiny_m
         _engine(tiny_model_dir),
         {
             "plain": ([3, 4, 5], params()),
-            # No stop token at all: the request ends as soon as the grammar is complete.
+            # EOS ignored: it comes only when the grammar allows nothing else.
             "ignore_eos": ([3, 4, 5], params(ignore_eos=True)),
+            "open_ended": (
+                [3, 4, 5],
+                params(ignore_eos=True, constraint=OutputConstraint("regex", "[a-z]+")),
+            ),
             # A minimum length that would ban EOS past the grammar's end: the grammar wins.
             "min_tokens": ([3, 4, 5], params(min_new_tokens=25)),
             # Too short for the grammar: cut at the length, a prefix of a match.
@@ -208,13 +212,13 @@ def test_grammar_completion_ends_the_request_whatever_the_length_settings(tiny_m
         },
     )
     full = regex.compile(r"id-[0-9]{2}[!?]")
-    for rid in ("plain", "min_tokens"):
+    for rid in ("plain", "min_tokens", "ignore_eos"):
         ids, last = results[rid]
         assert last.finish_reason is FinishReason.STOP and last.error is None, rid
         assert ids[-1] == eos and full.fullmatch(_text(token_bytes, ids[:-1])), rid
-    ids, last = results["ignore_eos"]
-    assert last.finish_reason is FinishReason.STOP and eos not in ids
-    assert full.fullmatch(_text(token_bytes, ids))
+    ids, last = results["open_ended"]  # may always go on: runs to its length
+    assert last.finish_reason is FinishReason.LENGTH and len(ids) == 30 and eos not in ids
+    assert regex.fullmatch("[a-z]+", _text(token_bytes, ids))
     ids, last = results["short"]
     assert last.finish_reason is FinishReason.LENGTH and len(ids) == 2
     assert full.fullmatch(_text(token_bytes, ids), partial=True)

@@ -411,9 +411,10 @@ class Engine:
             adjusted = adjust_logits(logits, params, histories, self.model_config.eos_token_ids)
         constrained = [(i, s.matcher) for i, s in enumerate(samplers) if s.matcher is not None]
         if constrained:
-            if adjusted is logits:
-                adjusted = logits.clone()
-            self.grammars.mask(adjusted, constrained, fallback=logits)
+            # Adjusted logits may ban what the constraint allows: the model's are its fallback.
+            fallback = logits if adjusted is not logits else None
+            adjusted = adjusted.clone() if fallback is None else adjusted
+            self.grammars.mask(adjusted, constrained, fallback=fallback)
         tokens = sample(adjusted, params, [s.generator for s in samplers])
         logprobs = token_logprobs(logits, tokens, params)
         self.num_steps += 1

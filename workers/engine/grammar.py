@@ -87,10 +87,12 @@ def _grammar(xgr: Any, constraint: OutputConstraint) -> Any:
 
 
 class Matcher:
-    """One request's place in its constraint."""
+    """One request's place in its constraint. `held_back`: end tokens (EOS of a request that
+    ignores it) drawn only when the constraint allows nothing else."""
 
-    def __init__(self, matcher: Any):
+    def __init__(self, matcher: Any, held_back: Sequence[int] = ()):
         self._matcher = matcher
+        self.held_back = list(held_back)
 
     def accept(self, token: int) -> bool:
         """Take the token drawn (False: the constraint does not allow it)."""
@@ -159,17 +161,14 @@ class GrammarBackend:
     def matcher(
         self, constraint: OutputConstraint, stop_token_ids: Sequence[int], ignore_eos: bool
     ) -> Matcher:
-        """A fresh matcher for one request. It may end the output with the request's stop
-        tokens and (unless `ignore_eos`) EOS once the constraint is complete; with none of
-        them it ends the request as soon as the constraint is complete."""
+        """A fresh matcher for one request. Once the constraint is complete the output may
+        end with the request's stop tokens or EOS; with `ignore_eos` EOS comes only when the
+        constraint allows nothing more (the output goes on as long as it may)."""
         xgr = _xgrammar()
-        stop = {*stop_token_ids, *(() if ignore_eos else self.eos_token_ids)}
-        matcher = xgr.GrammarMatcher(
-            self.compile(constraint),
-            override_stop_tokens=sorted(stop) if stop else None,
-            terminate_without_stop_token=not stop,
-        )
-        return Matcher(matcher)
+        stop = sorted({*stop_token_ids, *self.eos_token_ids})
+        matcher = xgr.GrammarMatcher(self.compile(constraint), override_stop_tokens=stop)
+        held_back = [t for t in self.eos_token_ids if t not in stop_token_ids] if ignore_eos else []
+        return Matcher(matcher, held_back)
 
     def mask(
         self,
@@ -180,20 +179,33 @@ class GrammarBackend:
         """Give every token a row's constraint does not allow next -inf. A row left with no
         token at all (its other adjustments, such as a minimum length banning EOS, forbade
         what the constraint allows) takes the masked `fallback` row instead: the constraint
-        wins."""
+        wins. A matcher's `held_back` tokens stay only where nothing else is left."""
         import torch
 
         xgr = _xgrammar()
+        bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)  # all allowed
+        for row, matcher in matchers:
+            matcher.fill(bitmask, row)
         rows = [row for row, _ in matchers]
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for i, (_, matcher) in enumerate(matchers):
-            matcher.fill(bitmask, i)
-        picked = logits[rows]
-        xgr.apply_token_bitmask_inplace(picked, bitmask.to(logits.device))
+        device_mask = bitmask.to(logits.device)
+        xgr.apply_token_bitmask_inplace(logits, device_mask, indices=rows)
         if fallback is not None:
-            empty = torch.isneginf(picked).all(dim=-1)
-            if bool(empty.any()):
-                redo = fallback[rows][empty]
-                xgr.apply_token_bitmask_inplace(redo, bitmask[empty.cpu()].to(logits.device))
-                picked[empty] = redo
-        logits[rows] = picked
+            index = torch.tensor(rows, device=logits.device)
+            empty = torch.isneginf(logits.index_select(0, index)).all(dim=-1).tolist()
+            redo = [row for row, is_empty in zip(rows, empty, strict=True) if is_empty]
+            if redo:
+                logits[redo] = fallback[redo]
+                xgr.apply_token_bitmask_inplace(logits, device_mask, indices=redo)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, matcher in matchers:
+            if matcher.held_back:
+                groups.setdefault(tuple(matcher.held_back), []).append(row)
+        for held, held_rows in groups.items():
+            index = torch.tensor(held_rows, device=logits.device)
+            cols = torch.tensor(held, device=logits.device)
+            block = logits.index_select(0, index)
+            kept = block[:, cols]
+            block[:, cols] = float("-inf")
+            nothing_else = torch.isneginf(block).all(dim=-1, keepdim=True)
+            block[:, cols] = torch.where(nothing_else, kept, block[:, cols])
+            logits[index] = block
