@@ -64,6 +64,11 @@ class Metrics:
             "Prompt tokens found in the prefix caches of the live ranks (not computed again)",
             registry=r,
         )
+        self.transfer_skipped = Gauge(
+            "pdserve_kv_transfer_skipped_tokens_total",
+            "Prompt tokens whose KV the decode ranks' prefix caches held (not transferred)",
+            registry=r,
+        )
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
         self.finished = Counter(
             "pdserve_request_finish", "Requests ended, by finish reason (stop, length, abort, "
@@ -109,6 +114,7 @@ class Metrics:
         self.pages_cached.set(sum(s.num_pages_cached for s in live))
         self.prefix_queried.set(sum(s.num_prefix_queried_tokens for s in live))
         self.prefix_hits.set(sum(s.num_prefix_hit_tokens for s in live))
+        self.transfer_skipped.set(sum(s.num_transfer_skipped_tokens for s in live))
 
     def set_router_stats(self, retries: int, rank_failures: int, draining: bool) -> None:
         self.retries.set(retries)

@@ -59,6 +59,56 @@ def test_disaggregated_engines_match_one_engine(name, tmp_path_factory):
         assert engine.kv.allocator.num_free == engine.kv.num_pages and not engine.requests
 
 
+def test_the_decode_rank_reuses_its_cached_pages_and_receives_only_the_rest(tmp_path_factory):
+    """Multi-turn: the second prompt is the first one, its output and a new message. The
+    decode rank holds those pages (it received the prompt and computed the output), so only
+    the pages after them are copied from the prefill rank: the tokens still equal one
+    engine's that computed everything."""
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("reuse"))
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(page_size=4, kv_capacity_tokens=512)
+    single = Engine(ckpt.path, config, progress=False)
+    prefill = Engine(ckpt.path, config, progress=False)
+    decode = Engine(ckpt.path, config, progress=False)
+
+    def run_single(rid: str, prompt: list[int]) -> list[int]:
+        single.add(GenerateRequest(rid, prompt, greedy))
+        out: list[int] = []
+        while single.has_work:
+            out += [t for d in single.step() for t in d.token_ids]
+        return out
+
+    def run_pair(rid: str, prompt: list[int]) -> tuple[list[int], int]:
+        prefill.add(GenerateRequest(rid, prompt, greedy), mode="prefill")
+        decode.add(GenerateRequest(rid, prompt, greedy), mode="decode")
+        while not (handed := prefill.take_handoffs()):
+            prefill.step()
+        decode.step()  # reserves the pages
+        (seq,) = decode.take_reserved()
+        reused = seq.num_reused_pages
+        src = handed[0]
+        _copy_pages(prefill, src.pages[reused:], decode, seq.pages[reused:])
+        prefill.release(rid)
+        delta = decode.admit_received(rid, src.token_ids[-1])
+        assert delta is not None
+        out = list(delta.token_ids)
+        while decode.has_work:
+            out += [t for d in decode.step() for t in d.token_ids]
+        return out, reused
+
+    first = list(range(3, 40))  # 37 tokens
+    out1, reused1 = run_pair("t1", first)
+    assert reused1 == 0 and out1 == run_single("s1", first)
+    second = first + out1 + [7, 8, 9, 10, 11]
+    out2, reused2 = run_pair("t2", second)
+    # 37 prompt + 11 computed output tokens = 12 full pages of 4 held by the decode rank.
+    assert reused2 == 12 and decode.stats().num_transfer_skipped_tokens == 48
+    assert out2 == run_single("s2", second)
+    assert prefill.stats().num_prefix_hit_tokens == 36  # the prefill rank's own hit: 9 pages
+    for engine in (prefill, decode):
+        assert engine.kv.allocator.num_free == engine.kv.num_pages and not engine.requests
+
+
 def test_failed_transfer_and_abort_free_pages(tmp_path_factory):
     ckpt = make_checkpoint("v3_noqlora_nonorm", tmp_path_factory.mktemp("fail"))
     decode = Engine(ckpt.path, EngineConfig(page_size=4, kv_capacity_tokens=64), progress=False)

@@ -522,6 +522,13 @@ def test_a_repeated_prefix_is_found_in_the_prefill_ranks_cache(tiny_server):
         metrics = c.get("/metrics").text
         prefill = [r for r in _ranks(tiny_server) if r["info"]["role"] == "prefill"]
     assert prefill and sum(r["stats"]["num_prefix_hit_tokens"] for r in prefill) >= 64
+    # The decode rank held those pages too (it received them the first time): the prefill
+    # rank sent only the page with the prompt's last token.
+    decode = [r for r in _ranks(tiny_server) if r["info"]["role"] == "decode"]
+    assert decode and sum(r["stats"]["num_transfer_skipped_tokens"] for r in decode) >= 64
+    skipped = [line for line in metrics.splitlines()
+               if line.startswith("pdserve_kv_transfer_skipped_tokens_total")]  # fmt: skip
+    assert skipped and float(skipped[0].split()[-1]) >= 64
     hits = [line for line in metrics.splitlines()
             if line.startswith("pdserve_prefix_cache_hit_tokens_total")]  # fmt: skip
     assert hits and float(hits[0].split()[-1]) >= 64

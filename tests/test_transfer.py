@@ -105,6 +105,30 @@ def test_local_moves_scattered_pages_and_the_first_token():
 
 
 @pytest.mark.timeout(10)
+def test_local_skips_the_pages_the_receiver_holds(engines):
+    """A receiver that holds the request's first pages already (its prefix cache) posts
+    only the rest: the sender writes its pages from `skip_pages` on, nothing else."""
+    src, dst = engines(1), engines()
+    before = dst.kv.clone()
+    receiver = dst.expect("skip", [9, 12], timeout_s=5, skip_pages=2)
+    assert receiver.target.skip_pages == 2
+    src.send("skip", SRC, first_token=3, timeout_s=5, target=receiver.target)
+    res = {r.role: r for r in _drain(src, dst, n=2)}
+    assert res["send"].ok and res["recv"].ok and res["recv"].first_token == 3
+    assert res["send"].num_bytes == res["recv"].num_bytes == 2 * 3 * PAGE * 8 * 4
+    assert torch.equal(_pages(dst.kv, [9, 12]), _pages(src.kv, SRC[2:]))
+    others = [p for p in range(16) if p not in (9, 12)]
+    assert torch.equal(_pages(dst.kv, others), _pages(before, others))
+    # Pages that do not add up are refused on both sides at once.
+    bad = dst.expect("bad", [1], timeout_s=5, skip_pages=1)
+    src.send("bad", SRC, first_token=3, timeout_s=5, target=bad.target)
+    (r, _) = sorted(_drain(src, dst, n=2), key=lambda r: r.role)
+    assert "4 source pages but 1 destination pages (1 of them held" in (r.error or "")
+    with pytest.raises(ValueError, match="skip_pages"):
+        dst.expect("neg", [2], timeout_s=5, skip_pages=-1)
+
+
+@pytest.mark.timeout(10)
 def test_local_target_posted_after_send(engines):
     src, dst = engines(1), engines()
     sender = src.send("late", [0, 1, 2], first_token=7, timeout_s=5)

@@ -367,6 +367,7 @@ class Engine:
             num_pages_cached=self.kv.allocator.num_idle,
             num_prefix_queried_tokens=self.kv.allocator.num_queried_tokens,
             num_prefix_hit_tokens=self.kv.allocator.num_hit_tokens,
+            num_transfer_skipped_tokens=self.scheduler.num_reused_tokens,
         )
 
     # ---- one step ---------------------------------------------------------------------------

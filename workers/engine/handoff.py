@@ -182,7 +182,10 @@ class KVHandoff:
                 self._withheld.add(seq.rid)
                 continue
             self._in_flight.add(seq.rid)
-            receiver = self.transfer.expect(seq.rid, seq.pages, self.timeout_s)
+            reused = seq.num_reused_pages  # held here already: not sent again
+            receiver = self.transfer.expect(
+                seq.rid, seq.pages[reused:], self.timeout_s, skip_pages=reused
+            )
             events.append(TransferReady(seq.rid, receiver.target))
         return events
 

@@ -260,6 +260,8 @@ class RankStats:
     num_pages_cached: int = 0  # of the free pages, those holding a published prefix
     num_prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache so far
     num_prefix_hit_tokens: int = 0  # of those, found computed (not computed again)
+    # Decode side: prompt tokens whose KV was already here (its prefix cache), not transferred.
+    num_transfer_skipped_tokens: int = 0
 
     @property
     def num_pages_used(self) -> int:

@@ -136,12 +136,14 @@ class CachingAllocator:
         if freed:
             self.allocator.free(freed)
 
-    def match(self, token_ids: Sequence[int], max_tokens: int) -> CachedPrefix:
+    def match(self, token_ids: Sequence[int], max_tokens: int, record: bool = True) -> CachedPrefix:
         """The published pages that hold the first tokens of `token_ids`, at most `max_tokens`
         of them (a prompt's last token is always computed again, for its logits); each page
-        is now held for the caller (drop it with `free`)."""
+        is now held for the caller (drop it with `free`). `record`: count the lookup in the
+        hit statistics (prompt tokens spared computation)."""
         ps = self.page_size
-        self.num_queried_tokens += len(token_ids)
+        if record:
+            self.num_queried_tokens += len(token_ids)
         if not self.enabled:
             return CachedPrefix([], _ROOT)
         pages: list[int] = []
@@ -157,7 +159,8 @@ class CachingAllocator:
             if self._refs[page] == 0:
                 del self._idle[page]
             self._refs[page] += 1
-        self.num_hit_tokens += len(pages) * ps
+        if record:
+            self.num_hit_tokens += len(pages) * ps
         return CachedPrefix(pages, key)
 
     def publish(

@@ -47,6 +47,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_reused_tokens = 0  # decode side: prompt tokens whose pages were not sent
 
     @property
     def has_work(self) -> bool:
@@ -84,15 +85,22 @@ class Scheduler:
 
     def reserve_kv(self) -> list[Sequence]:
         """Give pages to queued decode-side requests in order, all or nothing each, while they
-        fit; they become RECEIVING."""
+        fit; they become RECEIVING. A request starts with the published pages that hold the
+        beginning of its prompt (`num_reused_pages`: the prefill rank need not send those;
+        the page with the prompt's last token always comes from it)."""
         reserved = []
         while self.awaiting_kv:
             seq = self.awaiting_kv[0]
-            need = pages_needed(seq.num_tokens, self.page_size)
+            prefix = self.allocator.match(seq.token_ids, seq.num_tokens - 1, record=False)
+            need = pages_needed(seq.num_tokens, self.page_size) - len(prefix.pages)
             if not self.allocator.can_allocate(need):
+                self.allocator.free(prefix.pages)
                 break
             self.awaiting_kv.popleft()
-            seq.add_pages(self.allocator.allocate(need))
+            seq.add_pages(prefix.pages + self.allocator.allocate(need))
+            seq.num_reused_pages = seq.num_published = len(prefix.pages)
+            seq.last_key = prefix.last_key
+            self.num_reused_tokens += len(prefix.pages) * self.page_size
             seq.status = SeqStatus.RECEIVING
             reserved.append(seq)
         return reserved

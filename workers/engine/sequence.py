@@ -47,6 +47,9 @@ class Sequence:
         self.num_published = 0
         self.last_key = b""
         self.num_cached_tokens = 0
+        # Decode side: leading prompt pages this rank's prefix cache held when the request got
+        # pages; the prefill rank sends only the pages after them.
+        self.num_reused_pages = 0
         self.cacheable = True  # False after a cache flush, for the pages it holds then
         # Asked for prompt logprobs: one per prompt token scored so far (None for the first).
         self.prompt_logprobs: list[TokenLogprob | None] = []

@@ -127,13 +127,18 @@ class KVTransferEngine(ABC):
 
     # ---- API ---------------------------------------------------------------------------------
 
-    def expect(self, transfer_id: str, dst_pages: list[int], timeout_s: float) -> KVReceiver:
+    def expect(
+        self, transfer_id: str, dst_pages: list[int], timeout_s: float, skip_pages: int = 0
+    ) -> KVReceiver:
         """Receiving side: the caller has reserved `dst_pages`; they will take `transfer_id`'s
-        KV. Returns at once; give `receiver.target` to the sending rank. Fails (a result, not an
+        KV, from the sender's page `skip_pages` on (the caller holds the ones before). Returns
+        at once; give `receiver.target` to the sending rank. Fails (a result, not an
         exception) if the completion notification is not here within `timeout_s`. ValueError
         for bad pages or an id already being received."""
         pages = check_pages(dst_pages, self.layout, f"receive {transfer_id}")
-        target = TransferTarget(transfer_id, self.info(), pages)
+        if skip_pages < 0:
+            raise ValueError(f"receive {transfer_id}: skip_pages must be >= 0, got {skip_pages}")
+        target = TransferTarget(transfer_id, self.info(), pages, skip_pages)
         receiver = KVReceiver(transfer_id, target, time.monotonic() + timeout_s)
         with self._cv:
             self._check_open()
@@ -305,7 +310,7 @@ class KVTransferEngine(ABC):
             error = self._refusal(s, target)
             if error:
                 return self._fail_send(s, error)
-        runs = page_runs(s.src_pages, target.dst_pages)
+        runs = page_runs(s.src_pages[target.skip_pages :], target.dst_pages)
         try:
             self._connect(target.agent)
             self._notify(target.agent, Notification("start", s.transfer_id))
@@ -359,8 +364,15 @@ class KVTransferEngine(ABC):
         mismatch = self.layout.mismatch(peer.layout)
         if mismatch:
             return f"{mismatch} (here {self.name}, there {peer.name})"
-        if len(target.dst_pages) != len(s.src_pages):
-            return f"{len(s.src_pages)} source pages but {len(target.dst_pages)} destination pages"
+        sent = len(s.src_pages) - target.skip_pages
+        if not 0 <= target.skip_pages < len(s.src_pages) or len(target.dst_pages) != sent:
+            held = (
+                f" ({target.skip_pages} of them held by the receiver)" if target.skip_pages else ""
+            )
+            return (
+                f"{len(s.src_pages)} source pages but {len(target.dst_pages)} destination "
+                f"pages{held}"
+            )
         return None
 
     def _forget_if_unused(self, peer_name: str, failed: KVSender) -> None:
@@ -404,7 +416,8 @@ class KVTransferEngine(ABC):
             except Exception:
                 logger.debug("releasing transfer %s failed", s.transfer_id, exc_info=True)
         s._handle = None
-        num_bytes = len(s.src_pages) * self.layout.num_layers * self.layout.page_bytes
+        sent = len(s.src_pages) - (s.target.skip_pages if s.target is not None else 0)
+        num_bytes = sent * self.layout.num_layers * self.layout.page_bytes
         result = TransferResult(
             s.transfer_id, "send", error is None, error, s.first_token,
             0 if error else num_bytes, time.monotonic() - s.started,

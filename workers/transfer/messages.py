@@ -105,11 +105,14 @@ class AgentInfo:
 @dataclass(frozen=True)
 class TransferTarget:
     """Posted by the receiving (decode) rank for one transfer and handed to the sending
-    (prefill) rank: write the request's KV into `dst_pages` of `agent`'s pool."""
+    (prefill) rank: write the request's KV into `dst_pages` of `agent`'s pool. The receiver
+    holds the request's first `skip_pages` pages already (its prefix cache found them): the
+    sender writes its pages from that one on, `dst_pages` one for one."""
 
     transfer_id: str
     agent: AgentInfo
     dst_pages: tuple[int, ...]
+    skip_pages: int = 0
 
 
 # The first token's log-probability and top `(id, logprob)` pairs
