@@ -11,11 +11,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.protocol import (
+    CONSTRAINT_FIELDS,
+    VLLM_CONSTRAINTS,
     Fields,
     RequestError,
     SamplingRequest,
     check_output_constraint,
     finite,
+    read_constraint,
     read_n,
     read_sampling,
     read_top_logprobs,
@@ -62,12 +65,12 @@ def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool
     if f.has("logit_bias") and f.obj["logit_bias"] != {}:
         raise f.fail("logit_bias", "is not supported")
     sampling = read_sampling(f, max_tokens_key, "min_tokens")  # min_tokens: vLLM's name
-    fmt = read_response_format(f)
-    if fmt is not None:
-        if sampling.constraint is not None:
-            key = sampling.constraint.kind
-            raise f.fail(key, "give response_format or json_schema / regex / ebnf, not both")
-        sampling = replace(sampling, constraint=fmt)
+    given = [c for c in (read_response_format(f), read_constraint(f, VLLM_CONSTRAINTS)) if c]
+    if (given and sampling.constraint is not None) or len(given) > 1:
+        keys = [k for k in ("response_format", *CONSTRAINT_FIELDS, *VLLM_CONSTRAINTS) if f.has(k)]
+        raise f.fail(keys[1], f"give one of {', '.join(keys)}, not several")
+    if given:
+        sampling = replace(sampling, constraint=given[0])
     stream = f.get_bool("stream")
     include_usage = False
     if f.has("stream_options"):

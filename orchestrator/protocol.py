@@ -226,23 +226,56 @@ def read_sampling(
 
 
 CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")
+# Structured output fields by name, as SGLang's `/generate` takes them, and the constraint kind
+# each makes; the OpenAI routes take vLLM's `guided_*` names too (`guided_choice`: one of a
+# list of strings, made into a grammar).
+SGLANG_CONSTRAINTS = {key: key for key in CONSTRAINT_FIELDS}
+VLLM_CONSTRAINTS = {
+    "guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "ebnf",
+    "guided_choice": "choice",
+}  # fmt: skip
 
 
-def read_constraint(f: Fields) -> OutputConstraint | None:
-    """Structured output as SGLang asks for it: one of `json_schema` (a schema, as a JSON
-    string or an object), `regex`, `ebnf`; checked here, so that a bad one is a 400."""
-    given = [key for key in CONSTRAINT_FIELDS if f.obj.get(key) is not None]
+def read_constraint(
+    f: Fields, fields: Mapping[str, str] = SGLANG_CONSTRAINTS
+) -> OutputConstraint | None:
+    """Structured output: one of `fields` (name → kind): a JSON schema (as JSON text or an
+    object), a regex, an EBNF grammar, a list of choices; checked here, so that a bad one is a
+    400 naming it."""
+    given = [key for key in fields if f.obj.get(key) is not None]
     if not given:
         return None
     if len(given) > 1:
         raise f.fail(given[1], f"give one of {', '.join(map(f.name, given))}, not several")
     key = given[0]
-    value = f.obj[key]
-    if key == "json_schema" and isinstance(value, dict):
+    kind, value = fields[key], f.obj[key]
+    if kind == "choice":
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(c, str) and c for c in value)
+        ):
+            raise f.fail(key, "expected a non-empty list of non-empty strings")
+        kind, value = "ebnf", "root ::= " + " | ".join(map(ebnf_literal, value))
+    if kind == "json_schema" and isinstance(value, dict):
         value = json.dumps(value)
     if not isinstance(value, str) or not value:
         raise f.fail(key, f"expected a non-empty string, got {_type_name(value)}")
-    return check_output_constraint(f, key, OutputConstraint(key, value))
+    return check_output_constraint(f, key, OutputConstraint(kind, value))
+
+
+def ebnf_literal(text: str) -> str:
+    """`text` as a double-quoted EBNF string that matches exactly it."""
+    escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    out = []
+    for ch in text:
+        if ch in escapes:
+            out.append(escapes[ch])
+        elif ord(ch) < 0x20:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def check_output_constraint(f: Fields, key: str, constraint: OutputConstraint) -> OutputConstraint:

@@ -720,8 +720,11 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
             CHAT,
             {"messages": _USER, "regex": "a", "response_format": {"type": "json_object"}},
             "regex",
-            "not both",
+            "not several",
         ),
+        (CHAT, {"messages": _USER, "guided_choice": []}, "guided_choice", "non-empty list"),
+        (C, {"prompt": "hi", "guided_regex": "b", "regex": "a"}, "guided_regex", "not several"),
+        (C, {"prompt": "hi", "guided_json": {"type": 7}}, "guided_json", "invalid json schema"),
     ]
     if kv < ctx:
         room = (ctx + kv) // 2 - 4

@@ -296,5 +296,20 @@ def test_structured_output_through_the_disaggregated_server(tiny_server, tiny_mo
     )  # fmt: skip
     content = obj["choices"][0]["message"]["content"]
     assert content.startswith("{")
+    # vLLM's names: a choice among strings (quotes, backslashes, newlines kept exact), a regex.
+    choices = ["yes", "no", 'maybe "so"', "a\\b", "two\nlines", "ünï"]
+    for seed in range(4):
+        picked = _post(
+            tiny_server, "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "pick"}], "max_tokens": 24,
+             "temperature": 1.0, "seed": seed, "guided_choice": choices},
+        )  # fmt: skip
+        assert picked["choices"][0]["message"]["content"] in choices
+        assert picked["choices"][0]["finish_reason"] == "stop"
+    guided = _post(
+        tiny_server, "/v1/completions",
+        {"prompt": prompt, "max_tokens": 64, "temperature": 0, "guided_regex": ANSWER},
+    )  # fmt: skip
+    assert guided["choices"][0]["text"] == _text(token_bytes, expected["regex"][0][:-1])
     if obj["choices"][0]["finish_reason"] == "stop":
         assert isinstance(json.loads(content), dict)
