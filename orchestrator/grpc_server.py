@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
-from orchestrator.protocol import RequestError, parse_generate, prepare_call
+from orchestrator.protocol import RequestError, choice_params, parse_generate, prepare_call
 from orchestrator.router import Router, RouterNotReady
+from orchestrator.streaming import interleave
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from workers.engine.messages import TokenLogprob, short_error
@@ -61,7 +62,7 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name in (
         "max_new_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "min_new_tokens",
-        "frequency_penalty", "presence_penalty", "repetition_penalty",
+        "frequency_penalty", "presence_penalty", "repetition_penalty", "n",
     ):  # fmt: skip
         if sp.HasField(name):
             params[name] = getattr(sp, name)
@@ -80,8 +81,13 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
     if request.return_logprob:
         body["return_logprob"] = True
         body["top_logprobs_num"] = request.top_logprobs_num
+        body["logprob_start_len"] = (
+            request.logprob_start_len if request.HasField("logprob_start_len") else -1
+        )
     elif request.top_logprobs_num:
         body["top_logprobs_num"] = request.top_logprobs_num  # refused: needs return_logprob
+    elif request.HasField("logprob_start_len"):
+        raise RequestError("logprob_start_len: needs return_logprob", "logprob_start_len")
     return body
 
 
@@ -123,19 +129,28 @@ class GenerationService(pb_grpc.GenerationServicer):
             if call.is_batch or len(call.calls) != 1:
                 raise RequestError("text: one prompt per call", "text")
             ids, sampling = prepare_call(self.router, self.config, call.calls[0])
-            generated = self.router.generate(
-                ids, sampling, call.calls[0].sampling.stop, rid=call.rid,
-                stream=not request.final_only,
-            )  # fmt: skip
-            outputs = self.limiter.wrap(generated, _peer_host(context.peer()))
+            peer = _peer_host(context.peer())
+            streams = [
+                self.limiter.wrap(
+                    self.router.generate(
+                        ids, choice_params(sampling, i), call.calls[0].sampling.stop,
+                        rid=call.rid, stream=not request.final_only,
+                    ),
+                    peer,
+                )
+                for i in range(call.n)
+            ]  # fmt: skip
         except RequestError as e:
             await context.abort(_status_of(e), e.message)
-        output_ids: list[int] = []
-        texts: list[str] = []
-        logprobs: list[TokenLogprob] = []
+        output_ids: list[list[int]] = [[] for _ in streams]
+        texts: list[list[str]] = [[] for _ in streams]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in streams]
+        prompt_logprobs: list[list[TokenLogprob | None]] = [[] for _ in streams]
+        start = call.logprob_start_len
+        finished = 0
         try:
-            async with contextlib.aclosing(outputs) as outs:
-                async for out in outs:
+            async with contextlib.aclosing(interleave(streams)) as outs:
+                async for index, out in outs:
                     if out.finish_reason == "abort":
                         if out.error is None:  # the Abort RPC (or the HTTP side) ended it
                             await context.abort(grpc.StatusCode.CANCELLED, "aborted")
@@ -144,18 +159,22 @@ class GenerationService(pb_grpc.GenerationServicer):
                         await context.abort(
                             grpc.StatusCode.INTERNAL, out.error or "the request failed"
                         )
-                    output_ids += out.token_ids
-                    texts.append(out.text)
-                    logprobs += out.logprobs or ()
+                    output_ids[index] += out.token_ids
+                    texts[index].append(out.text)
+                    logprobs[index] += out.logprobs or ()
+                    prompt_logprobs[index] = out.prompt_logprobs or prompt_logprobs[index]
                     if (out.text or out.token_ids) and not request.final_only:
                         yield pb.GenerateResponse(
                             chunk=pb.GenerateChunk(
                                 token_ids=out.token_ids,
                                 text=out.text,
                                 logprobs=_logprobs(out.logprobs),
+                                index=index,
                             )
                         )
                     if out.finish_reason is not None:
+                        scored = prompt_logprobs[index][start:] if start >= 0 else []
+                        nan = TokenLogprob(float("nan"))
                         yield pb.GenerateResponse(
                             final=pb.GenerateFinal(
                                 rid=out.rid,
@@ -168,12 +187,16 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     completion_tokens=out.num_output_tokens,
                                     cached_tokens=out.num_cached_tokens,
                                 ),
-                                output_ids=output_ids,
-                                text="".join(texts),
-                                logprobs=_logprobs(logprobs),
+                                output_ids=output_ids[index],
+                                text="".join(texts[index]),
+                                logprobs=_logprobs(logprobs[index]),
+                                index=index,
+                                prompt_logprobs=_logprobs([lp or nan for lp in scored]),
                             )
                         )
-                        return
+                        finished += 1
+                        if finished == len(streams):
+                            return
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RouterNotReady as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -45,7 +45,7 @@ def sse(obj: Any) -> str:
 
 
 async def interleave(
-    streams: list[AsyncGenerator[T, None]],
+    streams: Sequence[AsyncGenerator[T, None]],
 ) -> AsyncGenerator[tuple[int, T], None]:
     """`(index, item)` from every stream as items come (a call with `n` > 1 streams its
     choices at once). The first error of any stream is raised; on any exit every stream is

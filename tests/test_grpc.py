@@ -116,6 +116,51 @@ def test_logprobs_and_penalties_over_grpc(server, stub):
     assert "return_logprob" in (err.value.details() or "")
 
 
+def test_n_choices_and_prompt_logprobs_over_grpc(server, stub):
+    """`n`: each chunk and final carries its index, the choices equal HTTP's `n` (seeds
+    seed, seed + 1, ...); `logprob_start_len`: the final's prompt logprobs equal HTTP's."""
+    import math
+
+    prompt = [31, 32, 33, 34, 35, 36]
+    request = _request(prompt, 8, seed=11)
+    request.sampling.n, request.sampling.temperature = 3, 1.0
+    request.return_logprob, request.logprob_start_len = True, 2
+    replies = list(stub.Generate(request, timeout=60))
+    finals = {r.final.index: r.final for r in replies if r.HasField("final")}
+    assert sorted(finals) == [0, 1, 2] and replies[-1].HasField("final")
+    for i, final in finals.items():
+        chunks = [r.chunk for r in replies if r.HasField("chunk") and r.chunk.index == i]
+        assert [t for c in chunks for t in c.token_ids] == list(final.output_ids)
+        assert len(final.prompt_logprobs) == len(prompt) - 2  # from position 2 on
+    body = {
+        "input_ids": prompt, "return_logprob": True, "logprob_start_len": 2,
+        "sampling_params": {"max_new_tokens": 8, "temperature": 1.0, "seed": 11, "n": 3,
+                            "ignore_eos": True},
+    }  # fmt: skip
+    http = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+    assert [h["output_ids"] for h in http] == [list(finals[i].output_ids) for i in range(3)]
+    assert len({tuple(f.output_ids) for f in finals.values()}) > 1  # the seeds differ
+    expected = [e[0] for e in http[0]["meta_info"]["input_token_logprobs"]]
+    assert [lp.logprob for lp in finals[0].prompt_logprobs] == pytest.approx(expected, abs=1e-5)
+    whole = _request(prompt, 4)
+    whole.return_logprob, whole.logprob_start_len = True, 0
+    final = list(stub.Generate(whole, timeout=60))[-1].final
+    assert math.isnan(final.prompt_logprobs[0].logprob) and len(final.prompt_logprobs) == 6
+    bad = _request(prompt, 3)
+    bad.logprob_start_len = 1
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(bad, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "logprob_start_len" in (err.value.details() or "")
+    many = _request(prompt, 3)
+    many.sampling.n = 17
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(many, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n" in (
+        err.value.details() or ""
+    )
+
+
 def test_structured_output_over_grpc(server, stub):
     """The `constraint` oneof: the same tokens as HTTP's field of that name, on an
     expert-parallel pool; a bad one is INVALID_ARGUMENT naming it."""
