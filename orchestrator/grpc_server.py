@@ -72,6 +72,8 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
         params["stop_token_ids"] = list(sp.stop_token_ids)
     if sp.ignore_eos:
         params["ignore_eos"] = True
+    if sp.logit_bias:
+        params["logit_bias"] = {str(t): bias for t, bias in sp.logit_bias.items()}
     constraint = sp.WhichOneof("constraint")
     if constraint == "json_object":
         params["json_schema"] = '{"type": "object"}'  # the same grammar

@@ -62,8 +62,6 @@ class CompletionBody:
 def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool, int]:
     for key, allowed in _NEUTRAL.items():
         f.neutral(key, *allowed)
-    if f.has("logit_bias") and f.obj["logit_bias"] != {}:
-        raise f.fail("logit_bias", "is not supported")
     sampling = read_sampling(f, max_tokens_key, "min_tokens")  # min_tokens: vLLM's name
     given = [c for c in (read_response_format(f), read_constraint(f, VLLM_CONSTRAINTS)) if c]
     if (given and sampling.constraint is not None) or len(given) > 1:

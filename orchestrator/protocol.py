@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.router import Limits, Output, Router
 from workers.engine.grammar import check_constraint
 from workers.engine.messages import (
+    MAX_LOGIT_BIAS,
     MAX_TOP_LOGPROBS,
     OutputConstraint,
     SamplingParams,
@@ -157,6 +158,8 @@ class SamplingRequest:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     constraint: OutputConstraint | None = None  # structured output
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logit_bias_field: str = "logit_bias"
     max_new_tokens_field: str = "max_new_tokens"
     stop_token_ids_field: str = "stop_token_ids"
     min_new_tokens_field: str = "min_new_tokens"
@@ -219,10 +222,36 @@ def read_sampling(
         presence_penalty=presence,
         repetition_penalty=repetition,
         constraint=read_constraint(f),
+        logit_bias=read_logit_bias(f),
+        logit_bias_field=f.name("logit_bias"),
         max_new_tokens_field=f.name(max_new_tokens_key),
         stop_token_ids_field=f.name("stop_token_ids"),
         min_new_tokens_field=f.name(min_new_tokens_key),
     )
+
+
+def read_logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: `{"token id": bias}`, each bias in [-100, 100], at most
+    `MAX_LOGIT_BIAS` entries (token ids are checked against the vocabulary later)."""
+    raw = f.obj.get("logit_bias")
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise f.fail("logit_bias", f"expected an object of token id: bias, got {_type_name(raw)}")
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise f.fail("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens, got {len(raw)}")
+    out = []
+    for key, bias in raw.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise f.fail("logit_bias", f"{key!r} is not a token id") from None
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+            raise f.fail("logit_bias", f"the bias of {key} must be a number, got {bias!r}")
+        if not -100 <= bias <= 100:
+            raise f.fail("logit_bias", f"the bias of {key} must be in [-100, 100], got {bias:g}")
+        out.append((token, float(bias)))
+    return tuple(sorted(out))
 
 
 CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")
@@ -336,6 +365,10 @@ def resolve_sampling(
         if not 0 <= t < vocab:
             name = req.stop_token_ids_field
             raise RequestError(f"{name}: token id {t} is outside the vocabulary [0, {vocab})", name)
+    for t, _ in req.logit_bias:
+        if not 0 <= t < vocab:
+            name = req.logit_bias_field
+            raise RequestError(f"{name}: token id {t} is outside the vocabulary [0, {vocab})", name)
     room = min(limits.max_context_len, limits.kv_capacity_tokens) - len(input_ids)
     name = req.max_new_tokens_field
     if req.max_new_tokens is None:
@@ -369,6 +402,7 @@ def resolve_sampling(
         top_logprobs=req.top_logprobs,
         prompt_logprobs=req.prompt_logprobs,
         constraint=req.constraint,
+        logit_bias=req.logit_bias,
     )
 
 
@@ -396,7 +430,7 @@ _SGLANG_NEUTRAL: dict[str, tuple[Any, ...]] = {
 _SGLANG_KNOWN = {
     "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_p", "min_new_tokens", "frequency_penalty", "presence_penalty",
-    "repetition_penalty", "n", *CONSTRAINT_FIELDS, *_SGLANG_NEUTRAL,
+    "repetition_penalty", "n", "logit_bias", *CONSTRAINT_FIELDS, *_SGLANG_NEUTRAL,
 }  # fmt: skip
 
 

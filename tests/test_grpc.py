@@ -180,6 +180,13 @@ def test_structured_output_over_grpc(server, stub):
         list(stub.Generate(_request(prompt, 3, json_schema='{"type": 5}'), timeout=30))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "json_schema" in (err.value.details() or "")
+    biased = _request(prompt, 4)
+    biased.sampling.logit_bias[321] = 100.0
+    assert list(list(stub.Generate(biased, timeout=60))[-1].final.output_ids) == [321] * 4
+    biased.sampling.logit_bias[321] = 101.0
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(biased, timeout=30))
+    assert "logit_bias" in (err.value.details() or "")
 
 
 @pytest.mark.parametrize(

@@ -363,6 +363,39 @@ def test_penalties_and_logprobs_through_the_disaggregated_server(tiny_server, ti
     _wait_idle(tiny_server)
 
 
+@pytest.mark.timeout(120)
+def test_logit_bias_on_every_route(tiny_server):
+    """-100 on the greedy choice makes the runner-up (by the unbiased call's own top
+    logprobs) come first; +100 on a token makes every token that one."""
+    prompt = [17, 18, 19, 20]
+    with _client(tiny_server) as c:
+        plain = c.post("/generate", json={
+            "input_ids": prompt, "return_logprob": True, "top_logprobs_num": 2,
+            "sampling_params": _greedy(3),
+        }).json()  # fmt: skip
+        top = plain["meta_info"]["output_top_logprobs"][0]  # [logprob, token id, text]
+        best, second = top[0][1], top[1][1]
+        sp = _greedy(3, logit_bias={str(best): -100})
+        banned = c.post("/generate", json={"input_ids": prompt, "sampling_params": sp}).json()
+        assert plain["output_ids"][0] == best and banned["output_ids"][0] == second
+        forced = c.post("/v1/completions", json={
+            "prompt": prompt, "max_tokens": 5, "temperature": 0.8, "seed": 1,
+            "ignore_eos": True, "logit_bias": {"321": 100},
+        }).json()  # fmt: skip
+        chat = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0, "logit_bias": {"321": 100}, "logprobs": True,
+        }).json()  # fmt: skip
+    assert forced["choices"][0]["text"] == "".join([_token_text(tiny_server, 321)] * 5)
+    tokens = [e["token"] for e in chat["choices"][0]["logprobs"]["content"]]
+    assert tokens == [_token_text(tiny_server, 321)] * 4
+
+
+def _token_text(url: str, token: int) -> str:
+    with _client(url) as c:
+        return str(c.post("/detokenize", json={"tokens": [token]}).json()["prompt"])
+
+
 @pytest.mark.timeout(180)
 def test_prompt_logprobs_and_echo(tiny_server, tiny_model_dir):
     """Scoring a prompt on the disaggregated server (its prefill rank does the whole request):
@@ -723,6 +756,17 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
             "not several",
         ),
         (CHAT, {"messages": _USER, "guided_choice": []}, "guided_choice", "non-empty list"),
+        (C, {"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias", "not a token id"),
+        (C, {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+        (C, {"prompt": "hi", "logit_bias": {"5": "1"}}, "logit_bias", "number"),
+        (C, {"prompt": "hi", "logit_bias": [5]}, "logit_bias", "object"),
+        (C, {"prompt": "hi", "logit_bias": {str(vocab): 1}}, "logit_bias", "vocabulary"),
+        (
+            G,
+            {"text": "hi", "sampling_params": {"logit_bias": {"-1": 2}}},
+            "sampling_params.logit_bias",
+            "vocabulary",
+        ),
         (C, {"prompt": "hi", "guided_regex": "b", "regex": "a"}, "guided_regex", "not several"),
         (C, {"prompt": "hi", "guided_json": {"type": 7}}, "guided_json", "invalid json schema"),
     ]

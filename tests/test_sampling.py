@@ -29,6 +29,8 @@ def _reference(logits: list[float], p: SamplingParams, ids: list[int], num_promp
     """One row's adjusted logits, token by token, straight from each definition."""
     out = list(logits)
     output = ids[num_prompt:]
+    for t, bias in p.logit_bias:  # OpenAI's: added to the logit, before everything else
+        out[t] += bias
     if len(output) < p.min_new_tokens:
         for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(EOS)):
             out[t] = -math.inf
@@ -50,6 +52,11 @@ def _random_params(rng: random.Random) -> SamplingParams:
         frequency_penalty=rng.choice([0.0, round(4 * pick() - 2, 2)]),
         presence_penalty=rng.choice([0.0, round(4 * pick() - 2, 2)]),
         repetition_penalty=rng.choice([1.0, round(0.2 + 1.8 * pick(), 2)]),
+        logit_bias=tuple(
+            (t, round(200 * pick() - 100, 1)) for t in sorted(rng.sample(range(VOCAB), 3))
+        )
+        if pick() < 0.4
+        else (),
     )
 
 
@@ -114,6 +121,8 @@ def test_min_p_keeps_tokens_within_the_fraction_of_the_best():
         ("presence_penalty", -3.0, "presence_penalty"),
         ("repetition_penalty", 0.0, "repetition_penalty"),
         ("top_logprobs", 21, "top_logprobs"),
+        ("logit_bias", ((3, 101.0),), "logit_bias"),
+        ("logit_bias", ((VOCAB, 1.0),), "logit_bias"),
     ],
 )
 def test_sampling_params_validation_names_the_field(field, value, message):

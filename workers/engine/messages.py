@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any, NamedTuple
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries of `logit_bias` (OpenAI's limit)
 # Kinds of structured output (see `workers.engine.grammar`): any JSON object, a JSON schema,
 # a regular expression, an EBNF grammar (GBNF style, `root ::= ...`).
 CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "ebnf")
@@ -60,6 +61,9 @@ class SamplingParams:
     prompt_logprobs: bool = False
     # Structured output: the output must match this; None: free text.
     constraint: OutputConstraint | None = None
+    # OpenAI's: `(token id, bias)` pairs, each bias in [-100, 100] added to that token's logit
+    # (before penalties; -100 in effect bans it, 100 all but forces it).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def is_greedy(self) -> bool:
@@ -74,8 +78,9 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether the logits may change before sampling (penalties, a minimum length)."""
-        return self.penalizes or self.min_new_tokens > 0
+        """Whether the logits may change before sampling (penalties, a minimum length, a
+        logit bias)."""
+        return self.penalizes or self.min_new_tokens > 0 or bool(self.logit_bias)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the offending field."""
@@ -103,6 +108,19 @@ class SamplingParams:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
             )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}"
+            )
+        for t, bias in self.logit_bias:
+            if not 0 <= t < vocab_size:
+                raise ValueError(
+                    f"logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})"
+                )
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(
+                    f"logit_bias: the bias of token {t} must be in [-100, 100], got {bias}"
+                )
         if self.constraint is not None:
             if self.constraint.kind not in CONSTRAINT_KINDS:
                 raise ValueError(

@@ -21,7 +21,7 @@ class History(NamedTuple):
 
 def _adjusts_now(p: SamplingParams, history: History) -> bool:
     num_out = len(history.token_ids) - history.num_prompt_tokens
-    return p.penalizes or num_out < p.min_new_tokens
+    return p.penalizes or bool(p.logit_bias) or num_out < p.min_new_tokens
 
 
 def adjust_logits(
@@ -30,10 +30,10 @@ def adjust_logits(
     histories: Sequence[History],
     eos_token_ids: Sequence[int],
 ) -> torch.Tensor:
-    """`logits`, or a copy with each asking row's adjustments, in this order: EOS and stop
-    tokens banned while the output is shorter than `min_new_tokens`; the repetition penalty
-    over prompt and output tokens; the frequency and presence penalties over output tokens.
-    Rows that ask for none of these cost nothing."""
+    """`logits`, or a copy with each asking row's adjustments, in this order: the logit bias;
+    EOS and stop tokens banned while the output is shorter than `min_new_tokens`; the
+    repetition penalty over prompt and output tokens; the frequency and presence penalties
+    over output tokens. Rows that ask for none of these cost nothing."""
     rows = [i for i, p in enumerate(params) if _adjusts_now(p, histories[i])]
     if not rows:
         return logits
@@ -42,6 +42,9 @@ def adjust_logits(
         p, (ids, num_prompt) = params[i], histories[i]
         row = logits[i]  # a view: written in place
         num_out = len(ids) - num_prompt
+        if p.logit_bias:
+            tokens, biases = zip(*p.logit_bias, strict=True)
+            row[list(tokens)] += torch.tensor(biases, dtype=row.dtype, device=row.device)
         if num_out < p.min_new_tokens:
             banned = {*p.stop_token_ids, *(() if p.ignore_eos else eos_token_ids)}
             if banned:
