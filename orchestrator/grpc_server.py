@@ -53,6 +53,8 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if request.rid:
         body["rid"] = request.rid
+    if request.priority:
+        body["priority"] = request.priority
     prompt = request.WhichOneof("prompt")
     if prompt == "text":
         body["text"] = request.text

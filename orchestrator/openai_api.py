@@ -20,6 +20,7 @@ from orchestrator.protocol import (
     finite,
     read_constraint,
     read_n,
+    read_priority,
     read_sampling,
     read_top_logprobs,
 )
@@ -63,6 +64,7 @@ def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool
     for key, allowed in _NEUTRAL.items():
         f.neutral(key, *allowed)
     sampling = read_sampling(f, max_tokens_key, "min_tokens")  # min_tokens: vLLM's name
+    sampling = replace(sampling, priority=read_priority(f))
     given = [c for c in (read_response_format(f), read_constraint(f, VLLM_CONSTRAINTS)) if c]
     if (given and sampling.constraint is not None) or len(given) > 1:
         keys = [k for k in ("response_format", *CONSTRAINT_FIELDS, *VLLM_CONSTRAINTS) if f.has(k)]

@@ -159,6 +159,7 @@ class SamplingRequest:
     prompt_logprobs: bool = False
     constraint: OutputConstraint | None = None  # structured output
     logit_bias: tuple[tuple[int, float], ...] = ()
+    priority: int = 0
     logit_bias_field: str = "logit_bias"
     max_new_tokens_field: str = "max_new_tokens"
     stop_token_ids_field: str = "stop_token_ids"
@@ -228,6 +229,15 @@ def read_sampling(
         stop_token_ids_field=f.name("stop_token_ids"),
         min_new_tokens_field=f.name(min_new_tokens_key),
     )
+
+
+def read_priority(f: Fields) -> int:
+    """Scheduling priority (top level of every route): lower runs first, default 0."""
+    priority = f.get_int("priority", 0)
+    assert priority is not None
+    if not -(2**31) <= priority < 2**31:
+        raise f.fail("priority", f"must be a 32-bit integer, got {priority}")
+    return priority
 
 
 def read_logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
@@ -403,6 +413,7 @@ def resolve_sampling(
         prompt_logprobs=req.prompt_logprobs,
         constraint=req.constraint,
         logit_bias=req.logit_bias,
+        priority=req.priority,
     )
 
 
@@ -468,7 +479,7 @@ def parse_generate(body: Any) -> GenerateBody:
             raise sp.fail(key, "unknown sampling parameter")
     for key, allowed in _SGLANG_NEUTRAL.items():
         sp.neutral(key, *allowed)
-    sampling = read_sampling(sp, "max_new_tokens")
+    sampling = replace(read_sampling(sp, "max_new_tokens"), priority=read_priority(f))
     n = read_n(sp)
     start = -1
     if f.get_bool("return_logprob"):

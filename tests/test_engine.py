@@ -78,8 +78,8 @@ def test_page_allocator_keeps_requests_on_consecutive_pages_through_churn():
     assert alloc.allocate(num_pages) == list(range(num_pages))
 
 
-def _seq(rid: str, n: int, arrival: int) -> Sequence:
-    return Sequence(rid, list(range(n)), SamplingParams(), arrival)
+def _seq(rid: str, n: int, arrival: int, priority: int = 0) -> Sequence:
+    return Sequence(rid, list(range(n)), SamplingParams(priority=priority), arrival)
 
 
 def test_scheduler_budget_chunks_and_running_limit():
@@ -117,6 +117,44 @@ def test_scheduler_preempts_newest_when_pages_run_out():
     assert [s.rid for s in batch.decodes] == ["old"]
     assert [s.rid for s in sched.waiting] == ["new"]
     assert new.num_computed == 0 and new.pages == [] and sched.num_preemptions == 1
+
+
+def test_scheduler_orders_by_priority_then_arrival():
+    sched = Scheduler(
+        CachingAllocator(PageAllocator(100), 4), page_size=4, max_running=1, token_budget=100
+    )
+    sched.add(_seq("first", 4, 0))
+    assert [s.rid for s, _ in sched.schedule().prefills] == ["first"]
+    for i, (rid, priority) in enumerate([("b", 5), ("c", 0), ("d", -3), ("e", 0), ("f", 5)]):
+        sched.add(_seq(rid, 4, i + 1, priority))
+    assert [s.rid for s in sched.waiting] == ["d", "c", "e", "b", "f"]
+    # Decode side: pages are reserved in the same order.
+    for i, (rid, priority) in enumerate([("x", 2), ("y", -1), ("z", 2)]):
+        sched.expect_kv(_seq(rid, 4, 10 + i, priority))
+    assert [s.rid for s in sched.reserve_kv()] == ["y", "x", "z"]
+
+
+def test_scheduler_preempts_the_least_important_first():
+    sched = Scheduler(
+        CachingAllocator(PageAllocator(4), 2), page_size=2, max_running=8, token_budget=100
+    )
+    old, new = _seq("old", 4, 0, priority=5), _seq("new", 3, 1, priority=0)
+    sched.add(old)
+    sched.add(new)
+    batch = sched.schedule()
+    assert [s.rid for s, _ in batch.prefills] == ["new", "old"]  # admitted by priority
+    for s, n in batch.prefills:
+        s.num_computed += n
+        s.token_ids.append(1)
+    # old needs a third page: old itself (priority 5) goes, though new is the newer one.
+    batch = sched.schedule()
+    assert [s.rid for s in batch.decodes] == ["new"]
+    assert [s.rid for s in sched.waiting] == ["old"] and old.num_preemptions == 1
+    # Requeued before later requests of its priority, after more important ones.
+    sched.add(_seq("later", 2, 2, priority=5))
+    sched.add(_seq("urgent", 2, 3, priority=-1))
+    sched._preempt(new)
+    assert [s.rid for s in sched.waiting] == ["urgent", "new", "old", "later"]
 
 
 def test_sampling_filters():
@@ -194,6 +232,26 @@ def test_finish_reasons_and_seeded_requests(engine):
     engine.add(GenerateRequest("b", [5, 6, 7], seeded))
     assert _drain(engine)["b"][0] == a  # same seed, different batch company
     assert engine.kv.allocator.num_free == engine.kv.num_pages
+
+
+def test_higher_priority_requests_run_first(tiny_model_dir_engine):
+    engine = tiny_model_dir_engine
+    sp = dict(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add(GenerateRequest("a", [5, 6, 7], SamplingParams(**sp)))
+    engine.step()  # a is running: the one slot is taken
+    for rid, priority in [("b", 5), ("c", 0), ("d", -3)]:
+        engine.add(GenerateRequest(rid, [5, 6, 7], SamplingParams(priority=priority, **sp)))
+    order = []
+    while engine.has_work:
+        order += [d.rid for d in engine.step() if d.finish_reason is not None]
+    assert order == ["a", "d", "c", "b"]
+
+
+@pytest.fixture
+def tiny_model_dir_engine(tmp_path_factory):
+    ckpt = make_checkpoint("v3_noqlora_nonorm", tmp_path_factory.mktemp("prio"))
+    config = EngineConfig(page_size=4, kv_capacity_tokens=256, max_running_requests=1)
+    return Engine(ckpt.path, config, progress=False)
 
 
 def test_abort_frees_pages(engine):

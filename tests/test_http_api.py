@@ -757,6 +757,8 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         ),
         (CHAT, {"messages": _USER, "guided_choice": []}, "guided_choice", "non-empty list"),
         (C, {"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias", "not a token id"),
+        (C, {"prompt": "hi", "priority": 2**31}, "priority", "32-bit"),
+        (G, {"text": "hi", "priority": "high"}, "priority", "integer"),
         (C, {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
         (C, {"prompt": "hi", "logit_bias": {"5": "1"}}, "logit_bias", "number"),
         (C, {"prompt": "hi", "logit_bias": [5]}, "logit_bias", "object"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from workers.engine.messages import (
+    OutputConstraint,
     SamplingParams,
     StreamBuffer,
     TokenDelta,
@@ -195,3 +196,30 @@ def test_notification_carries_the_first_tokens_logprob():
     assert Notification.decode(Notification("done", "r2", 3).encode()) == Notification(
         "done", "r2", 3
     )
+
+
+def test_priority_logit_bias_and_constraints_reach_the_ranks_settings():
+    """Every route's parser carries these into the `SamplingParams` a rank gets."""
+    from orchestrator.grpc_server import _body
+    from orchestrator.openai_api import parse_chat, parse_completion
+    from orchestrator.protocol import parse_generate, resolve_sampling
+    from orchestrator.router import Limits
+    from proto import pdserve_pb2 as pb
+
+    limits = Limits(vocab_size=VOCAB, max_context_len=64, kv_capacity_tokens=64)
+    sp = pb.SamplingParams(max_new_tokens=4, regex="a+")
+    sp.logit_bias[3] = -2.5
+    grpc_body = _body(pb.GenerateRequest(input_ids=pb.TokenIds(ids=[1]), sampling=sp, priority=-4))
+    user = [{"role": "user", "content": "x"}]
+    extra = {"priority": -4, "logit_bias": {"3": -2.5}}
+    requests = [
+        parse_generate({"input_ids": [1], "priority": -4, "sampling_params": {
+            "max_new_tokens": 4, "regex": "a+", "logit_bias": {"3": -2.5}}}).calls[0].sampling,
+        parse_generate(grpc_body).calls[0].sampling,
+        parse_completion({"prompt": [1], "max_tokens": 4, "guided_regex": "a+", **extra}).sampling,
+        parse_chat({"messages": user, "max_tokens": 4, "regex": "a+", **extra}).sampling,
+    ]  # fmt: skip
+    for req in requests:
+        params = resolve_sampling([1], req, limits, 16, "prompt")
+        assert params.priority == -4 and params.logit_bias == ((3, -2.5),)
+        assert params.constraint == OutputConstraint("regex", "a+")

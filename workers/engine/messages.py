@@ -64,6 +64,9 @@ class SamplingParams:
     # OpenAI's: `(token id, bias)` pairs, each bias in [-100, 100] added to that token's logit
     # (before penalties; -100 in effect bans it, 100 all but forces it).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Scheduling, carried with the rest of the request's settings: a lower value is admitted
+    # first and preempted last (vLLM's convention); equal priorities go in arrival order.
+    priority: int = 0
 
     @property
     def is_greedy(self) -> bool:
@@ -108,6 +111,8 @@ class SamplingParams:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
             )
+        if not -(2**31) <= self.priority < 2**31:
+            raise ValueError(f"priority must be a 32-bit integer, got {self.priority}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise ValueError(
                 f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}"

@@ -1,10 +1,15 @@
 """Continuous batching with chunked prefill over a paged KV cache.
 
 Each step spends a token budget: every running request that is decoding gets one token, then
-running requests still in prefill get chunks, then waiting requests are admitted in arrival order
-while budget, pages and the running limit allow. When a running request needs a page and none is
-free, the newest running request is preempted: its pages are freed and it goes back to the front
-of the queue to be recomputed later. Requests are never dropped or truncated for lack of memory.
+running requests still in prefill get chunks, then waiting requests are admitted in order while
+budget, pages and the running limit allow. When a running request needs a page and none is free,
+the least important running request is preempted: its pages are freed and it goes back to the
+front of its place in the queue to be recomputed later. Requests are never dropped or truncated
+for lack of memory.
+
+Order: by `SamplingParams.priority` (lower first), then arrival; "least important" is the
+highest priority value, the newest of those. With every priority equal (the default) that is
+first come, first served, and the newest is preempted.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        _enqueue(self.waiting, seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a request out (finished or aborted), whatever its state, and free its pages."""
@@ -81,7 +86,7 @@ class Scheduler:
     def expect_kv(self, seq: Sequence) -> None:
         """Queue a decode-side request for the pages its prompt's KV will be written into."""
         seq.status = SeqStatus.AWAITING_KV
-        self.awaiting_kv.append(seq)
+        _enqueue(self.awaiting_kv, seq)
 
     def reserve_kv(self) -> list[Sequence]:
         """Give pages to queued decode-side requests in order, all or nothing each, while they
@@ -115,7 +120,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.token_budget
         scheduled: set[str] = set()
-        for seq in sorted(self.running, key=lambda s: not s.is_decoding):
+        for seq in sorted(self.running, key=lambda s: (not s.is_decoding, s.sampling.priority)):
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
@@ -176,7 +181,7 @@ class Scheduler:
         need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
         while not self.allocator.can_allocate(need):
             candidates = [s for s in self.running if s.rid not in scheduled]
-            victim = max(candidates, key=lambda s: s.arrival)
+            victim = max(candidates, key=lambda s: (s.sampling.priority, s.arrival))
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -191,7 +196,21 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        _enqueue(self.waiting, seq, first=True)
+
+
+def _enqueue(queue: deque[Sequence], seq: Sequence, first: bool = False) -> None:
+    """Put `seq` in `queue` (kept in priority order) after every request of its priority, or
+    with `first` before them (a preempted request resumes before those that came later)."""
+    priority = seq.sampling.priority
+    if not first and (not queue or queue[-1].sampling.priority <= priority):
+        queue.append(seq)  # the common case: every priority the same
+        return
+    for i, other in enumerate(queue):
+        if other.sampling.priority > priority or (first and other.sampling.priority == priority):
+            queue.insert(i, seq)
+            return
+    queue.append(seq)
 
 
 def split_batch(batch: ScheduledBatch) -> tuple[ScheduledBatch, ScheduledBatch]:
