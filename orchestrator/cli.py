@@ -79,6 +79,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--chunked-prefill-size", type=int, default=2048)
     e.add_argument(
+        "--lazy-structured-output",
+        dest="preload_structured_output",
+        action="store_false",
+        help="build each rank's structured-output compiler on the first constrained request "
+        "instead of at start (saves ~2 s of CPU and ~100 MB per rank that never gets one)",
+    )
+    e.add_argument(
         "--stream-interval",
         type=int,
         default=1,
@@ -184,6 +191,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         kv_memory_fraction=args.kv_memory_fraction,
         max_running_requests=args.max_running_requests,
         enable_prefix_caching=args.enable_prefix_caching,
+        preload_structured_output=args.preload_structured_output,
         chunked_prefill_size=args.chunked_prefill_size,
         stream_interval=args.stream_interval,
         max_context_len=args.max_context_len,

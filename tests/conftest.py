@@ -55,7 +55,11 @@ def tiny_serve_config(model_dir: Path, **overrides: object):  # -> ServeConfig
     )
     page_size = 16
     kv_tokens = max(page_size * 8, min(4096, max_ctx // 2) // page_size * page_size)
-    engine = EngineConfig(page_size=page_size, kv_capacity_tokens=kv_tokens, device="cpu")
+    # Structured output compiles on first use: most test servers never see a constraint.
+    engine = EngineConfig(
+        page_size=page_size, kv_capacity_tokens=kv_tokens, device="cpu",
+        preload_structured_output=False,
+    )  # fmt: skip
     fields: dict[str, object] = {
         "port": 0,
         "engine": engine,

@@ -313,3 +313,21 @@ def test_structured_output_through_the_disaggregated_server(tiny_server, tiny_mo
     assert guided["choices"][0]["text"] == _text(token_bytes, expected["regex"][0][:-1])
     if obj["choices"][0]["finish_reason"] == "stop":
         assert isinstance(json.loads(content), dict)
+
+
+@pytest.mark.timeout(60)
+def test_the_compiler_is_built_ahead_or_refuses_saying_why(tiny_model_dir, tmp_path):
+    from workers.engine.grammar import GrammarBackend
+
+    backend = GrammarBackend(tiny_model_dir, 1024, [_engine_eos(tiny_model_dir)])
+    assert not backend.ready
+    backend.preload()  # what a rank's start-up thread runs
+    assert backend.ready
+    backend.compile(OutputConstraint("regex", "a+"))
+    # A checkpoint without a tokenizer: nothing to preload, and a constrained request is
+    # refused with the reason.
+    bare = GrammarBackend(tmp_path, 1024, [1])
+    bare.preload()
+    assert not bare.ready
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        bare.compile(OutputConstraint("regex", "a+"))

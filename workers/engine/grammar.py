@@ -118,6 +118,19 @@ class GrammarBackend:
         self._compiler: Any = None
         self._lock = threading.Lock()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the compiler is built (constraints compile without a wait for it)."""
+        return self._compiler is not None
+
+    def preload(self) -> None:
+        """Build the compiler now (call from a background thread at start). Without xgrammar
+        or a tokenizer nothing happens: a constrained request is then refused saying why."""
+        try:
+            self._get_compiler()
+        except ValueError as e:
+            logger.info("structured output unavailable: %s", e)
+
     def _get_compiler(self) -> Any:
         with self._lock:
             if self._compiler is None:

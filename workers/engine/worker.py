@@ -153,6 +153,9 @@ class EngineWorker:
         self._error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
+        if config.preload_structured_output:
+            preload = self.engine.grammars.preload
+            threading.Thread(target=preload, name="preload-grammar", daemon=True).start()
 
     # ---- actor methods ----------------------------------------------------------------------
 
