@@ -83,7 +83,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         dest="preload_structured_output",
         action="store_false",
         help="build each rank's structured-output compiler on the first constrained request "
-        "instead of at start (saves ~2 s of CPU and ~100 MB per rank that never gets one)",
+        "instead of at start (saves ~2 s of start-up and ~100 MB per rank)",
     )
     e.add_argument(
         "--stream-interval",

@@ -38,9 +38,9 @@ class EngineConfig:
     # Publish a running request's tokens every this many (its first token and its end at
     # once): larger values trade streaming smoothness for throughput (`StreamBuffer`).
     stream_interval: int = 1
-    # Build the structured-output compiler (xgrammar over the model's vocabulary) in the
-    # background as the rank starts (~2 s of CPU: it imports transformers), so that the
-    # first constrained request does not wait for it; False: on that first request.
+    # Build the structured-output compiler (xgrammar over the model's vocabulary) as the rank
+    # starts, before it reports ready (~2 s: it imports transformers), so that the first
+    # constrained request does not wait for it; False: on that first request.
     preload_structured_output: bool = True
 
     def __post_init__(self) -> None:

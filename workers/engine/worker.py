@@ -151,11 +151,12 @@ class EngineWorker:
         self._stopped = False
         self._transfer_results = False  # a transfer reported: the loop must collect it
         self._error: str | None = None
+        if config.preload_structured_output:
+            # Before the rank reports ready: done in the background it overlapped the first
+            # requests and took ~2 s of CPU from them.
+            self.engine.grammars.preload()
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
-        if config.preload_structured_output:
-            preload = self.engine.grammars.preload
-            threading.Thread(target=preload, name="preload-grammar", daemon=True).start()
 
     # ---- actor methods ----------------------------------------------------------------------
 
