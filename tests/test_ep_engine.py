@@ -87,7 +87,9 @@ def _rank_main(rank: int, world: int, store_path: str, model_dirs: list[str], qu
                 _collect(engine, out, engine.step(run_empty=True))
                 num_steps += 1
             assert engine.kv.allocator.num_free == engine.kv.num_pages
-            load = engine.take_expert_load()
+            # Plain lists: a tensor would cross as a file descriptor that the parent fetches
+            # from this process, which may have exited by then.
+            load = engine.take_expert_load().tolist()
             queue.put((rank, model_dir, (mode, redundant, tbo), out, num_steps, load))
         queue.put((rank, None, None, None, None, None))
     except BaseException:
@@ -152,7 +154,7 @@ def test_ep_pool_matches_single_rank_and_transformers(world, references, tmp_pat
             key = (model_dir, config)
             results.setdefault(key, {}).update(out)
             steps.setdefault(key, set()).add(num_steps)
-            loads[key] = loads.get(key, 0) + load
+            loads[key] = loads.get(key, 0) + torch.tensor(load)
     finally:
         for p in procs:
             p.join(timeout=30)
