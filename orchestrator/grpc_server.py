@@ -26,6 +26,7 @@ from orchestrator.router import Router, RouterNotReady
 from orchestrator.streaming import interleave
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
+from workers.engine.grammar import JSON_OBJECT_SCHEMA
 from workers.engine.messages import TokenLogprob, short_error
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
         params["logit_bias"] = {str(t): bias for t, bias in sp.logit_bias.items()}
     constraint = sp.WhichOneof("constraint")
     if constraint == "json_object":
-        params["json_schema"] = '{"type": "object"}'  # the same grammar
+        params["json_schema"] = JSON_OBJECT_SCHEMA  # the same grammar
     elif constraint is not None:
         params[constraint] = getattr(sp, constraint)
     body["sampling_params"] = params

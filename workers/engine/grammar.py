@@ -35,6 +35,15 @@ logger = logging.getLogger(__name__)
 # below): a model cannot wander off into whitespace without end, and the output is the same
 # JSON. xgrammar's default would allow any amount of whitespace.
 _JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (", ", ": ")}
+JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what `json_object` is: any JSON object
+# Per kind (`json_object` taken as its schema): xgrammar's parser (no vocabulary) and its
+# compiler method (against the vocabulary), and their options.
+_PARSE = {"json_schema": "from_json_schema", "regex": "from_regex", "ebnf": "from_ebnf"}
+_COMPILE = {
+    "json_schema": "compile_json_schema",
+    "regex": "compile_regex",
+    "ebnf": "compile_grammar",
+}
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 
 
@@ -66,24 +75,22 @@ def _message(error: Exception) -> str:
 def check_constraint(constraint: OutputConstraint) -> None:
     """Parse the constraint without a vocabulary (fast: the router checks every request with
     it); raise ValueError naming its kind when it is not valid."""
-    xgr = _xgrammar()
-    try:
-        _grammar(xgr, constraint)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise ValueError(f"{constraint.kind}: {_message(e)}") from e
+    _build(_xgrammar().Grammar, _PARSE, constraint)
 
 
-def _grammar(xgr: Any, constraint: OutputConstraint) -> Any:
+def _build(maker: Any, methods: dict[str, str], constraint: OutputConstraint) -> Any:
+    """`constraint` made by `maker`'s method for its kind; ValueError naming the kind when
+    xgrammar refuses it."""
     kind, spec = constraint
     if kind == "json_object":
-        return xgr.Grammar.from_json_schema('{"type": "object"}', **_JSON_OPTIONS)
-    if kind == "json_schema":
-        return xgr.Grammar.from_json_schema(spec, **_JSON_OPTIONS)
-    if kind == "regex":
-        return xgr.Grammar.from_regex(spec)
-    if kind == "ebnf":
-        return xgr.Grammar.from_ebnf(spec)
-    raise ValueError(f"unknown constraint kind {kind!r}")
+        kind, spec = "json_schema", JSON_OBJECT_SCHEMA
+    if kind not in methods:
+        raise ValueError(f"unknown constraint kind {kind!r}")
+    options = _JSON_OPTIONS if kind == "json_schema" else {}
+    try:
+        return getattr(maker, methods[kind])(spec, **options)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"{constraint.kind}: {_message(e)}") from e
 
 
 class Matcher:
@@ -124,8 +131,8 @@ class GrammarBackend:
         return self._compiler is not None
 
     def preload(self) -> None:
-        """Build the compiler now (call from a background thread at start). Without xgrammar
-        or a tokenizer nothing happens: a constrained request is then refused saying why."""
+        """Build the compiler now (a rank does, before it reports ready). Without xgrammar or
+        a tokenizer nothing happens: a constrained request is then refused saying why."""
         try:
             self._get_compiler()
         except ValueError as e:
@@ -158,18 +165,7 @@ class GrammarBackend:
     def compile(self, constraint: OutputConstraint) -> Any:
         """The compiled constraint (xgrammar caches it: the same one again costs nothing).
         Raises ValueError naming the constraint's kind when it is not valid."""
-        compiler = self._get_compiler()
-        kind, spec = constraint
-        try:
-            if kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', **_JSON_OPTIONS)
-            if kind == "json_schema":
-                return compiler.compile_json_schema(spec, **_JSON_OPTIONS)
-            if kind == "regex":
-                return compiler.compile_regex(spec)
-            return compiler.compile_grammar(spec)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"{kind}: {_message(e)}") from e
+        return _build(self._get_compiler(), _COMPILE, constraint)
 
     def matcher(
         self, constraint: OutputConstraint, stop_token_ids: Sequence[int], ignore_eos: bool
