@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from orchestrator.tool_parser import FORMATS as TOOL_CALL_FORMATS
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -163,6 +165,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="/generate streams: each event carries only its new text and output_ids "
         "(default: everything so far, as SGLang sends them)",
     )
+    r.add_argument(
+        "--tool-call-parser",
+        choices=("auto", *TOOL_CALL_FORMATS),
+        default="auto",
+        help="how the model writes tool calls (default auto: as its chat template does)",
+    )
     r.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: none)")
     r.add_argument(
         "--max-concurrent-requests-per-client",
@@ -228,6 +236,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         engine=engine,
         max_request_body_bytes=args.max_request_body_bytes,
         incremental_streaming_output=args.incremental_streaming_output,
+        tool_call_parser=args.tool_call_parser,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests_per_client=args.max_concurrent_requests_per_client,
         default_max_new_tokens=args.default_max_new_tokens,

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.tool_parser import FORMATS
 from workers.engine.config import EngineConfig
+
+TOOL_CALL_PARSERS = ("auto", *FORMATS)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class ServeConfig:
     # `/generate` streams: an event carries only its new text and output_ids (default: all so
     # far, SGLang's default, whose bytes grow with the square of the output's length).
     incremental_streaming_output: bool = False
+    # How the model writes tool calls (`orchestrator.tool_parser.FORMATS`); "auto": as its
+    # chat template writes them.
+    tool_call_parser: str = "auto"
     max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's limits
     max_concurrent_requests_per_client: int | None = None  # per client address; None: no cap
     default_max_new_tokens: int = 128  # when a request does not say
@@ -131,6 +137,11 @@ class ServeConfig:
             raise ValueError(f"ready_timeout_s must be > 0, got {self.ready_timeout_s}")
         if not 0 < self.poll_timeout_s <= 10:
             raise ValueError(f"poll_timeout_s must be in (0, 10], got {self.poll_timeout_s}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                f"got {self.tool_call_parser!r}"
+            )
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ValueError(
                 f"--log-level must be critical, error, warning, info, debug or trace, "

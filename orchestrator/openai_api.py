@@ -23,8 +23,11 @@ from orchestrator.protocol import (
     read_priority,
     read_sampling,
     read_top_logprobs,
+    structural_tag,
 )
 from orchestrator.router import Output
+from orchestrator.tool_parser import FORMATS, ToolCall, ToolCallFormat
+from orchestrator.tools import ToolRequest, read_tools, tool_constraint
 from workers.engine.messages import OutputConstraint, TokenLogprob
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -35,7 +38,6 @@ MAX_BATCH_REQUESTS = 256  # prompts x n of one completions call
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
     "suffix": ("",),
-    "parallel_tool_calls": (True, False),
 }
 
 
@@ -44,16 +46,23 @@ class CompletionBody:
     """A `/v1/completions` or `/v1/chat/completions` request.
 
     Completions give `prompts` (each text or token ids; several: a batch); chat gives
-    `messages` (role, text)."""
+    `messages` (role, content; an assistant's `tool_calls`, a tool's `tool_call_id`) and
+    maybe `tools`."""
 
     model: str | None
     prompts: list[str | list[int]]
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     sampling: SamplingRequest
     stream: bool
     include_usage: bool
     n: int = 1  # choices: each one a request of its own
     echo: bool = False  # completions: the prompt comes back before the completion
+    tools: ToolRequest | None = None  # chat: the tools the model may call
+
+    @property
+    def calls_tools(self) -> bool:
+        """The output is parsed for tool calls."""
+        return self.tools is not None and self.tools.active
 
     @property
     def prompt_field(self) -> str:
@@ -82,7 +91,8 @@ def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool
 def read_response_format(f: Fields) -> OutputConstraint | None:
     """OpenAI's `response_format`: `{"type": "text"}` (free text), `{"type": "json_object"}`
     (any JSON object), `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...},
-    "strict": ...}}`."""
+    "strict": ...}}`; vLLM's `{"type": "structural_tag", "format": {...}}` (or its older
+    `structures` + `triggers`)."""
     if not f.has("response_format"):
         return None
     fmt = Fields(f.obj["response_format"], "response_format.")
@@ -91,8 +101,16 @@ def read_response_format(f: Fields) -> OutputConstraint | None:
         return None
     if kind == "json_object":
         return OutputConstraint("json_object")
+    if kind == "structural_tag":  # the object itself is the tag (vLLM's form)
+        tag = {k: v for k, v in fmt.obj.items() if k != "type"}
+        text = structural_tag(f, "response_format", {"type": "structural_tag", **tag})
+        return check_output_constraint(
+            f, "response_format", OutputConstraint("structural_tag", text)
+        )
     if kind != "json_schema":
-        raise fmt.fail("type", f"expected text, json_object or json_schema, got {kind!r}")
+        raise fmt.fail(
+            "type", f"expected text, json_object, json_schema or structural_tag, got {kind!r}"
+        )
     spec = Fields(fmt.obj.get("json_schema"), "response_format.json_schema.")
     schema = spec.obj.get("schema")
     if not isinstance(schema, dict):
@@ -137,7 +155,13 @@ def parse_completion(body: Any) -> CompletionBody:
     return CompletionBody(model, prompts, None, sampling, stream, include_usage, n, echo)
 
 
-def parse_chat(body: Any) -> CompletionBody:
+def parse_chat(
+    body: Any,
+    tool_format: ToolCallFormat = FORMATS["deepseek_v3"],
+    marker_ids: Mapping[str, int] | None = None,
+) -> CompletionBody:
+    """`tool_format`: how the served model writes tool calls, `marker_ids` its markers that
+    are tokens (a required or named tool choice holds the output to them)."""
     f = Fields(body)
     max_key = "max_completion_tokens" if f.has("max_completion_tokens") else "max_tokens"
     sampling, stream, include_usage, n = _common(f, max_key)
@@ -147,17 +171,24 @@ def parse_chat(body: Any) -> CompletionBody:
         sampling = replace(sampling, logprobs=True, top_logprobs=top)
     elif top:
         raise f.fail("top_logprobs", "needs logprobs: true")
-    if f.has("tools") and f.obj["tools"] != []:
-        raise f.fail("tools", "function calling is not supported")
+    tools = read_tools(f)
+    constraint = tool_constraint(tools, tool_format, marker_ids) if tools is not None else None
+    if constraint is not None:
+        if sampling.constraint is not None:
+            raise f.fail(
+                "tool_choice", "a required or named tool choice cannot go with response_format "
+                "or another output constraint",
+            )  # fmt: skip
+        sampling = replace(sampling, constraint=constraint)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages: expected a non-empty list of messages", "messages")
     messages = [_message(m, i) for i, m in enumerate(raw)]
     model = f.get_str("model")
-    return CompletionBody(model, [], messages, sampling, stream, include_usage, n)
+    return CompletionBody(model, [], messages, sampling, stream, include_usage, n, tools=tools)
 
 
-def _message(raw: Any, index: int) -> dict[str, str]:
+def _message(raw: Any, index: int) -> dict[str, Any]:
     f = Fields(raw, f"messages[{index}].")
     role = f.get_str("role")
     if role not in CHAT_ROLES:
@@ -179,15 +210,52 @@ def _message(raw: Any, index: int) -> dict[str, str]:
         raise f.fail(
             "content", f"expected a string or a list of text parts, got {type(content).__name__}"
         )
-    message = {"role": role, "content": content}
+    message: dict[str, Any] = {"role": role, "content": content}
     name = f.get_str("name")
     if name is not None:
         message["name"] = name
+    if role == "assistant" and raw.get("tool_calls"):
+        message["tool_calls"] = _past_calls(f, raw["tool_calls"])
+        if raw.get("content") is None:
+            message["content"] = None  # DeepSeek's templates tell calls from text by this
+    if role == "tool":
+        call_id = f.get_str("tool_call_id")
+        if call_id is None:
+            raise f.fail("tool_call_id", "a tool message needs the id of the call it answers")
+        message["tool_call_id"] = call_id
     return message
 
 
-def openai_finish_reason(out: Output) -> str | None:
-    """OpenAI knows "stop" and "length"; aborts and errors end the stream with an error."""
+def _past_calls(f: Fields, raw: Any) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls`, each `{id, type, function: {name, arguments}}`
+    with `arguments` as JSON text (an object given is serialized)."""
+    if not isinstance(raw, list):
+        raise f.fail("tool_calls", "expected a list of tool calls")
+    calls = []
+    for i, item in enumerate(raw):
+        c = Fields(item, f"{f.prefix}tool_calls[{i}].")
+        fn = Fields(item.get("function"), f"{c.prefix}function.")
+        name = fn.get_str("name")
+        if not name:
+            raise fn.fail("name", "a tool call needs its function's name")
+        args = fn.obj.get("arguments")
+        if isinstance(args, dict):
+            args = json.dumps(args, ensure_ascii=False)
+        elif args is None:
+            args = "{}"
+        elif not isinstance(args, str):
+            raise fn.fail("arguments", "expected a JSON string")
+        call_id = c.get_str("id") or ""
+        function = {"name": name, "arguments": args}
+        calls.append({"id": call_id, "type": "function", "function": function})
+    return calls
+
+
+def openai_finish_reason(out: Output, called: bool = False) -> str | None:
+    """OpenAI knows "stop", "length" and "tool_calls" (`called`: the output made calls, and
+    ended by itself); aborts and errors end the stream with an error."""
+    if out.finish_reason == "stop" and called:
+        return "tool_calls"
     return out.finish_reason if out.finish_reason in ("stop", "length") else None
 
 
@@ -199,6 +267,7 @@ class Choice:
     finish: Output  # the last output (finish reason, counts)
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None
+    tool_calls: list[ToolCall] | None = None  # chat with tools: the calls parsed from `text`
 
 
 class ResponseBuilder:
@@ -272,10 +341,13 @@ class ResponseBuilder:
         for index, c in enumerate(choices):
             choice: dict[str, Any] = {
                 "index": index,
-                "finish_reason": openai_finish_reason(c.finish),
+                "finish_reason": openai_finish_reason(c.finish, bool(c.tool_calls)),
             }
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
+                if c.tool_calls:
+                    choice["message"]["content"] = c.text or None
+                    choice["message"]["tool_calls"] = [call.openai() for call in c.tool_calls]
             else:
                 choice["text"] = c.text
             choice["logprobs"] = self.logprobs(c.token_ids, c.logprobs, index)
@@ -299,10 +371,11 @@ class ResponseBuilder:
         index: int = 0,
         token_ids: Sequence[int] = (),
         token_logprobs: Sequence[TokenLogprob | None] | None = None,
+        tool_calls: Sequence[Mapping[str, Any]] = (),
     ) -> dict[str, Any]:
         """One stream chunk of choice `index`; with `text=None`, a chunk without choices (the
         usage chunk). `token_ids` / `token_logprobs`: the tokens the chunk carries, for its
-        logprobs."""
+        logprobs. `tool_calls`: chat's tool-call deltas (`ToolCallParser`)."""
         obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
         logprobs = self.logprobs(token_ids, token_logprobs, index) if token_ids else None
         if text is None:
@@ -311,6 +384,8 @@ class ResponseBuilder:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text or role:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = list(tool_calls)
             obj["choices"] = [
                 {
                     "index": index,

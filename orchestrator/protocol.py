@@ -264,7 +264,7 @@ def read_logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
-CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")
+CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 # Structured output fields by name, as SGLang's `/generate` takes them, and the constraint kind
 # each makes; the OpenAI routes take vLLM's `guided_*` names too (`guided_choice`: one of a
 # list of strings, made into a grammar).
@@ -296,11 +296,56 @@ def read_constraint(
         ):
             raise f.fail(key, "expected a non-empty list of non-empty strings")
         kind, value = "ebnf", "root ::= " + " | ".join(map(ebnf_literal, value))
+    if kind == "structural_tag":
+        value = structural_tag(f, key, value)
     if kind == "json_schema" and isinstance(value, dict):
         value = json.dumps(value)
     if not isinstance(value, str) or not value:
         raise f.fail(key, f"expected a non-empty string, got {_type_name(value)}")
     return check_output_constraint(f, key, OutputConstraint(kind, value))
+
+
+def structural_tag(f: Fields, key: str, value: Any) -> str:
+    """A structural tag (an object, or its JSON text) serialized in xgrammar's format; the
+    older form that SGLang and vLLM take, `{"structures": [{"begin", "schema", "end"}],
+    "triggers": [...]}` (free text until a trigger, then a tag whose content fits its schema),
+    is converted (its JSON with one blank at most between tokens, so that whitespace cannot
+    run on)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise f.fail(key, f"invalid structural tag: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise f.fail(key, f"expected a structural tag object, got {_type_name(value)}")
+    if "structures" in value:
+        tags = Fields(value, f.name(key) + ".")
+        structures, triggers = value["structures"], value.get("triggers")
+        if not isinstance(structures, list) or not all(isinstance(s, dict) for s in structures):
+            raise tags.fail("structures", "expected a list of {begin, schema, end} objects")
+        if not isinstance(triggers, list) or not all(isinstance(t, str) and t for t in triggers):
+            raise tags.fail("triggers", "expected a list of non-empty strings")
+        value = {
+            "type": "structural_tag",
+            "format": {
+                "type": "triggered_tags",
+                "triggers": triggers,
+                "tags": [
+                    {
+                        "type": "tag",
+                        "begin": s.get("begin"),
+                        "content": {
+                            "type": "json_schema",
+                            "json_schema": s.get("schema", {}),
+                            "max_whitespace_cnt": 1,
+                        },
+                        "end": s.get("end"),
+                    }
+                    for s in structures
+                ],
+            },
+        }
+    return json.dumps(value, ensure_ascii=False)
 
 
 def ebnf_literal(text: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 import uuid
@@ -57,6 +58,15 @@ from orchestrator.streaming import (
     until_disconnect,
 )
 from orchestrator.tokenizer import ChatTemplateError
+from orchestrator.tool_parser import (
+    FORMATS,
+    MARKERS,
+    ToolCallFormat,
+    ToolCallParser,
+    detect_format,
+    parse_tool_calls,
+)
+from orchestrator.tools import chat_prompt
 from workers.engine.grammar import xgrammar_available
 from workers.engine.messages import SamplingParams, TokenLogprob
 
@@ -98,6 +108,16 @@ def create_app(
     `eplb`: the EPLB service actor (admin routes, /metrics)."""
     config = config or ServeConfig()
     metrics = Metrics()
+
+    @functools.cache
+    def tool_format() -> ToolCallFormat:
+        if config.tool_call_parser != "auto":
+            return FORMATS[config.tool_call_parser]
+        return detect_format(router.tokenizer.chat_template)
+
+    @functools.cache
+    def marker_ids() -> dict[str, int]:
+        return router.tokenizer.marker_ids(MARKERS)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -219,12 +239,12 @@ def create_app(
     async def openai(request: Request, chat: bool) -> Response:
         arrival = time.perf_counter()
         raw = await read_json(request, config.max_request_body_bytes)
-        req = parse_chat(raw) if chat else parse_completion(raw)
+        req = parse_chat(raw, tool_format(), marker_ids()) if chat else parse_completion(raw)
         # (ids, text) of each prompt; text only for an echo.
         prompts: list[tuple[list[int], str]] = []
         if req.messages is not None:
             try:
-                text = router.tokenizer.apply_chat_template(req.messages)
+                text = chat_prompt(router.tokenizer, req.messages, req.tools, tool_format())
             except ChatTemplateError as e:
                 raise RequestError(f"messages: {e}", "messages") from None
             prompts.append((router.tokenizer.encode(text, add_special_tokens=False), text))
@@ -252,7 +272,7 @@ def create_app(
         ]  # fmt: skip
         echoes = [echo for _, _, echo in jobs]
         if req.stream:
-            return EventStream(_openai_events(streams, builder, req, echoes))
+            return EventStream(_openai_events(streams, builder, req, echoes, tool_format()))
 
         async def collect(
             outputs: AsyncGenerator[Output, None], echo: tuple[list[int], str] | None
@@ -270,7 +290,12 @@ def create_app(
                     if out.finish_reason is not None:
                         if openai_finish_reason(out) is None:
                             raise _error_status(out)
-                        return Choice("".join(parts), out, token_ids, logprobs)
+                        text = "".join(parts)
+                        if not req.calls_tools:
+                            return Choice(text, out, token_ids, logprobs)
+                        assert req.tools is not None
+                        content, calls = parse_tool_calls(tool_format(), text, req.tools.parallel)
+                        return Choice(content, out, token_ids, logprobs, calls)
             raise RuntimeError("the request ended without a finish reason")
 
         try:
@@ -339,12 +364,13 @@ def create_app(
         body = await read_json(request, config.max_request_body_bytes)
         f = Fields(body)
         if f.has("messages"):
-            messages = parse_chat({"messages": body["messages"]}).messages
-            assert messages is not None
+            chat = parse_chat({"messages": body["messages"], "tools": body.get("tools")})
+            assert chat.messages is not None
             try:
-                text = router.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=f.get_bool("add_generation_prompt", True)
-                )
+                text = chat_prompt(
+                    router.tokenizer, chat.messages, chat.tools, tool_format(),
+                    f.get_bool("add_generation_prompt", True),
+                )  # fmt: skip
             except ChatTemplateError as e:
                 raise RequestError(f"messages: {e}", "messages") from None
             ids = router.tokenizer.encode(text, add_special_tokens=False)
@@ -443,13 +469,19 @@ async def _openai_events(
     builder: ResponseBuilder,
     req: CompletionBody,
     echoes: list[tuple[list[int], str] | None] | None = None,
+    tool_format: ToolCallFormat | None = None,
 ) -> AsyncGenerator[str, None]:
     """OpenAI stream: a role chunk per choice (chat), text-delta chunks, a chunk with
     `finish_reason` per choice (the choices of `n` > 1 and of a batch of prompts interleave,
     each chunk with its `index`), the usage chunk when `stream_options.include_usage`, then
     `[DONE]`. `echoes` (per choice, its prompt's ids and text): each choice's first chunk is
-    its prompt."""
+    its prompt. A chat with tools: each choice's text goes through a `ToolCallParser`, its
+    chunks carry content and `tool_calls` deltas."""
     echoed: set[int] = set()
+    parsers: list[ToolCallParser] | None = None
+    if req.calls_tools:
+        assert req.tools is not None and tool_format is not None
+        parsers = [ToolCallParser(tool_format, req.tools.parallel) for _ in streams]
     if builder.chat:
         for index in range(len(streams)):
             yield sse(builder.chunk("", role=True, index=index))
@@ -467,17 +499,28 @@ async def _openai_events(
                     yield sse(builder.chunk(text, index=index, token_ids=ids,
                                             token_logprobs=out.prompt_logprobs))  # fmt: skip
                 lps = out.token_ids, out.logprobs
+                text, calls = out.text, list[dict[str, Any]]()
+                if parsers is not None:
+                    parsed = parsers[index].feed(out.text)
+                    if out.finish_reason is not None:
+                        end = parsers[index].finish()
+                        parsed = parsed._replace(
+                            content=parsed.content + end.content,
+                            tool_calls=parsed.tool_calls + end.tool_calls,
+                        )
+                    text, calls = parsed
                 if out.finish_reason is None:
-                    if out.text or (out.logprobs and builder.token_text is not None):
-                        yield sse(builder.chunk(out.text, index=index, token_ids=lps[0],
-                                                token_logprobs=lps[1]))  # fmt: skip
+                    if text or calls or (out.logprobs and builder.token_text is not None):
+                        yield sse(builder.chunk(text, index=index, token_ids=lps[0],
+                                                token_logprobs=lps[1], tool_calls=calls))  # fmt: skip
                     continue
-                finish = openai_finish_reason(out)
+                called = parsers is not None and bool(parsers[index].tool_calls)
+                finish = openai_finish_reason(out, called)
                 if finish is None:
                     yield sse(_error_status(out).body())
                     break
-                yield sse(builder.chunk(out.text, finish, index=index, token_ids=lps[0],
-                                        token_logprobs=lps[1]))  # fmt: skip
+                yield sse(builder.chunk(text, finish, index=index, token_ids=lps[0],
+                                        token_logprobs=lps[1], tool_calls=calls))  # fmt: skip
                 prompt_tokens[index // n] = out.num_prompt_tokens
                 cached_tokens[index // n] = max(cached_tokens[index // n], out.num_cached_tokens)
                 completion_tokens[index] = out.num_output_tokens

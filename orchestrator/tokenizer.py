@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from orchestrator.tool_parser import MARKERS
 
 
 class ChatTemplateError(ValueError):
@@ -34,7 +37,8 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(message)
 
 
-def _compile_template(source: str) -> jinja2.Template:
+def _compile_template(source: str) -> tuple[jinja2.Template, bool]:
+    """The template, and whether it reads `tools` (shows the request's tools itself)."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
@@ -43,7 +47,8 @@ def _compile_template(source: str) -> jinja2.Template:
     )
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    reads = jinja2.meta.find_undeclared_variables(env.parse(source))
+    return env.from_string(source), "tools" in reads
 
 
 class Tokenizer:
@@ -64,7 +69,17 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = () if eos_id is None else (eos_id,)
         self.add_bos_token = add_bos_token and self.bos_token_id is not None
         self.chat_template = chat_template
-        self._template = _compile_template(chat_template) if chat_template else None
+        self._template: jinja2.Template | None = None
+        self.renders_tools = False
+        if chat_template:
+            self._template, self.renders_tools = _compile_template(chat_template)
+        # Tool-call markers stay in the output text even where the tokenizer counts them as
+        # special (the tool-call parser reads them): decoding then skips the other special
+        # tokens by id.
+        added = tokenizer.get_added_tokens_decoder()
+        special = {i for i, t in added.items() if t.special}
+        markers = {i for i, t in added.items() if t.content in MARKERS}
+        self._skipped_ids = frozenset(special - markers) if special & markers else None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -110,7 +125,15 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens and self._skipped_ids is not None:
+            kept = [i for i in ids if i not in self._skipped_ids]
+            return str(self._tok.decode(kept, skip_special_tokens=False))
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def marker_ids(self, markers: Sequence[str]) -> dict[str, int]:
+        """Those of `markers` that are single tokens of the vocabulary, with their ids."""
+        found = {m: self._tok.token_to_id(m) for m in markers}
+        return {m: i for m, i in found.items() if i is not None}
 
     def token_text(self, token_id: int) -> str:
         """One token's text as logprobs show it: special tokens kept; a token holding part
@@ -123,8 +146,8 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         **extra: Any,
     ) -> str:
-        """The prompt text for `messages`; encode it with `add_special_tokens=False` (the
-        template writes BOS itself). Raises ChatTemplateError when the model has no template
+        """The prompt text for `messages` (and `extra`, such as `tools`); encode it with
+        `add_special_tokens=False` (the template writes BOS itself). Raises ChatTemplateError when the model has no template
         or the template rejects the messages."""
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")

@@ -256,13 +256,13 @@ def test_structured_output_through_the_disaggregated_server(tiny_server, tiny_mo
         "ebnf": OutputConstraint("ebnf", 'root ::= "v" [0-9]+ "."'),
     }
     params = {
-        k: SamplingParams(max_new_tokens=64, temperature=0.0, constraint=c)
+        k: SamplingParams(max_new_tokens=96, temperature=0.0, constraint=c)
         for k, c in kinds.items()
     }
     expected = _run(_engine(tiny_model_dir), {k: (prompt, p) for k, p in params.items()})
     eos = _engine_eos(tiny_model_dir)
     for kind, constraint in kinds.items():
-        sp = {"max_new_tokens": 64, "temperature": 0.0, kind: constraint.spec}
+        sp = {"max_new_tokens": 96, "temperature": 0.0, kind: constraint.spec}
         out = _post(tiny_server, "/generate", {"input_ids": prompt, "sampling_params": sp})
         assert out["output_ids"] == expected[kind][0], kind
         assert out["meta_info"]["finish_reason"]["type"] == "stop"
@@ -279,12 +279,12 @@ def test_structured_output_through_the_disaggregated_server(tiny_server, tiny_mo
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
     comp = _post(
         tiny_server, "/v1/completions",
-        {"prompt": prompt, "max_tokens": 64, "temperature": 0, "response_format": fmt},
+        {"prompt": prompt, "max_tokens": 96, "temperature": 0, "response_format": fmt},
     )  # fmt: skip
     assert comp["choices"][0]["text"] == text and comp["choices"][0]["finish_reason"] == "stop"
     chat = _post(
         tiny_server, "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "a thing, as JSON"}], "max_tokens": 64,
+        {"messages": [{"role": "user", "content": "a thing, as JSON"}], "max_tokens": 96,
          "temperature": 0.7, "seed": 3, "n": 2, "response_format": fmt},
     )  # fmt: skip
     for choice in chat["choices"]:

@@ -1,5 +1,6 @@
 """Structured output: a request's output held to a JSON schema, any JSON object, a regular
-expression or an EBNF grammar, with xgrammar.
+expression, an EBNF grammar or a structural tag (xgrammar's format of tagged segments, which
+tool calling uses), with xgrammar.
 
 A rank compiles each constraint once against its vocabulary (`GrammarBackend.compile`: cached,
 so the actor thread that validates a request pays for it and the loop thread finds it ready);
@@ -38,11 +39,17 @@ _JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (", ", "
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what `json_object` is: any JSON object
 # Per kind (`json_object` taken as its schema): xgrammar's parser (no vocabulary) and its
 # compiler method (against the vocabulary), and their options.
-_PARSE = {"json_schema": "from_json_schema", "regex": "from_regex", "ebnf": "from_ebnf"}
+_PARSE = {
+    "json_schema": "from_json_schema",
+    "regex": "from_regex",
+    "ebnf": "from_ebnf",
+    "structural_tag": "from_structural_tag",
+}
 _COMPILE = {
     "json_schema": "compile_json_schema",
     "regex": "compile_regex",
     "ebnf": "compile_grammar",
+    "structural_tag": "compile_structural_tag",
 }
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 
@@ -76,6 +83,12 @@ def check_constraint(constraint: OutputConstraint) -> None:
     """Parse the constraint without a vocabulary (fast: the router checks every request with
     it); raise ValueError naming its kind when it is not valid."""
     _build(_xgrammar().Grammar, _PARSE, constraint)
+
+
+def json_schema_ebnf(schema: str) -> str:
+    """The grammar of JSON that fits `schema` (written compactly, as for `json_schema`) in
+    EBNF, for embedding in a structural tag; ValueError when xgrammar refuses the schema."""
+    return str(_build(_xgrammar().Grammar, _PARSE, OutputConstraint("json_schema", schema)))
 
 
 def _build(maker: Any, methods: dict[str, str], constraint: OutputConstraint) -> Any:

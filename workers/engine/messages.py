@@ -14,13 +14,15 @@ from typing import Any, NamedTuple
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries of `logit_bias` (OpenAI's limit)
 # Kinds of structured output (see `workers.engine.grammar`): any JSON object, a JSON schema,
-# a regular expression, an EBNF grammar (GBNF style, `root ::= ...`).
-CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "ebnf")
+# a regular expression, an EBNF grammar (GBNF style, `root ::= ...`), an xgrammar structural
+# tag (JSON: `{"type": "structural_tag", "format": {...}}`).
+CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "ebnf", "structural_tag")
 
 
 class OutputConstraint(NamedTuple):
     """What a request's output must match: `kind` one of `CONSTRAINT_KINDS`, `spec` its text
-    (a JSON schema serialized, a regex, a grammar; empty for `json_object`)."""
+    (a JSON schema serialized, a regex, a grammar, a structural tag serialized; empty for
+    `json_object`)."""
 
     kind: str
     spec: str = ""

@@ -18,10 +18,20 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+from orchestrator import tool_parser as tp
 
 TINY_MODEL_NAME = "pdserve-tiny-deepseek-v3"
-_VERSION = 2  # bump when anything below changes what is written
+_VERSION = 3  # bump when anything below changes what is written
 _SEED = 20261122
 _VOCAB_SIZE = 1024
 
@@ -31,22 +41,55 @@ BOS, EOS, USER, ASSISTANT = (
     "<｜User｜>",
     "<｜Assistant｜>",
 )
-# DeepSeek-V3's layout without its tool-call branches: all system messages joined up front
-# right after BOS, then `<｜User｜>q<｜Assistant｜>a<EOS>` turns.
+# DeepSeek-V3's layout: all system messages joined up front right after BOS (the request's
+# tools after them), then `<｜User｜>q<｜Assistant｜>a<EOS>` turns; an assistant's tool calls in
+# V3's fenced-JSON format, tool results in `<｜tool▁outputs▁begin｜>` brackets.
 CHAT_TEMPLATE = (
-    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}"
+    "{% set ns = namespace(system_prompt='', is_first_sp=true, is_tool=false) %}"
     "{% for m in messages if m['role'] == 'system' %}"
     "{% if ns.is_first_sp %}{% set ns.system_prompt = m['content'] %}"
     "{% set ns.is_first_sp = false %}"
     "{% else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + m['content'] %}"
     "{% endif %}"
     "{% endfor %}"
+    "{% if tools %}"
+    "{% if ns.system_prompt %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' %}{% endif %}"
+    "{% set ns.system_prompt = ns.system_prompt + '## Tools\\nTo call functions, answer '"
+    " + '" + tp.FORMATS["deepseek_v3"].render([("NAME", "ARGUMENTS")]).replace("\n", "\\n") + "' %}"
+    "{% for t in tools %}"
+    "{% set ns.system_prompt = ns.system_prompt + '\\n\\n### ' + t['function']['name'] + "
+    "'\\n' + (t['function']['description'] or '') + '\\nParameters: ' "
+    "+ (t['function']['parameters'] or {}) | tojson %}"
+    "{% endfor %}"
+    "{% endif %}"
     "{{ bos_token }}{{ ns.system_prompt }}"
     "{% for m in messages %}"
+    "{% if m['role'] in ('user', 'assistant') and ns.is_tool %}"
+    + tp.OUTPUTS_END
+    + "{% set ns.is_tool = false %}{% endif %}"
     "{% if m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}"
-    "{% endif %}"
+    "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] or '' }}"
+    "{% if m['tool_calls'] %}" + tp.CALLS_BEGIN + "{% for c in m['tool_calls'] %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    + tp.CALL_BEGIN
+    + "{{ c['type'] }}"
+    + tp.SEP
+    + "{{ c['function']['name'] }}{{ '\\n```json\\n' }}"
+    "{{ c['function']['arguments'] }}{{ '\\n```' }}"
+    + tp.CALL_END
+    + "{% endfor %}"
+    + tp.CALLS_END
+    + "{% endif %}{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}"
+    "{% if ns.is_tool %}{{ '\\n' }}{% else %}"
+    + tp.OUTPUTS_BEGIN
+    + "{% set ns.is_tool = true %}{% endif %}"
+    + tp.OUTPUT_BEGIN
+    + "{{ m['content'] }}"
+    + tp.OUTPUT_END
+    + "{% endif %}"
     "{% endfor %}"
+    "{% if ns.is_tool %}" + tp.OUTPUTS_END + "{% endif %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
 )
 
@@ -225,6 +268,9 @@ def _train_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS], trainer=trainer)
+    # The tool-call markers are single tokens, as in DeepSeek's vocabulary (not special: they
+    # are part of the text a parser reads).
+    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in tp.MARKERS])
     bos_id = tok.token_to_id(BOS)
     # BOS before each sequence, as DeepSeek's own tokenizer.json does.
     tok.post_processor = processors.TemplateProcessing(
