@@ -171,6 +171,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="how the model writes tool calls (default auto: as its chat template does)",
     )
+    r.add_argument(
+        "--reasoning-parser",
+        choices=("auto", "none", "deepseek_r1"),
+        default="auto",
+        help="split chat answers' <think> blocks off as reasoning_content: deepseek_r1 "
+        "always, none never (default auto: when the chat template has thinking blocks)",
+    )
     r.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: none)")
     r.add_argument(
         "--max-concurrent-requests-per-client",
@@ -237,6 +244,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         max_request_body_bytes=args.max_request_body_bytes,
         incremental_streaming_output=args.incremental_streaming_output,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests_per_client=args.max_concurrent_requests_per_client,
         default_max_new_tokens=args.default_max_new_tokens,

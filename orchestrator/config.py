@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.reasoning import REASONING_PARSERS
 from orchestrator.tool_parser import FORMATS
 from workers.engine.config import EngineConfig
 
@@ -43,6 +44,9 @@ class ServeConfig:
     # How the model writes tool calls (`orchestrator.tool_parser.FORMATS`); "auto": as its
     # chat template writes them.
     tool_call_parser: str = "auto"
+    # Whether chat answers' `<think>` blocks come apart as `reasoning_content`: "deepseek_r1"
+    # always, "none" never, "auto" when the chat template knows thinking blocks.
+    reasoning_parser: str = "auto"
     max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's limits
     max_concurrent_requests_per_client: int | None = None  # per client address; None: no cap
     default_max_new_tokens: int = 128  # when a request does not say
@@ -141,6 +145,11 @@ class ServeConfig:
             raise ValueError(
                 f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
                 f"got {self.tool_call_parser!r}"
+            )
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}, "
+                f"got {self.reasoning_parser!r}"
             )
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ValueError(

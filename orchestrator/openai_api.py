@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.protocol import (
@@ -58,6 +58,11 @@ class CompletionBody:
     n: int = 1  # choices: each one a request of its own
     echo: bool = False  # completions: the prompt comes back before the completion
     tools: ToolRequest | None = None  # chat: the tools the model may call
+    # Chat: extra variables for the chat template (vLLM's and SGLang's `chat_template_kwargs`,
+    # e.g. `{"thinking": true}` for DeepSeek-V3.1), and whether a thinking block comes apart
+    # as `reasoning_content` (SGLang's `separate_reasoning`).
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    separate_reasoning: bool = True
 
     @property
     def calls_tools(self) -> bool:
@@ -185,7 +190,28 @@ def parse_chat(
         raise RequestError("messages: expected a non-empty list of messages", "messages")
     messages = [_message(m, i) for i, m in enumerate(raw)]
     model = f.get_str("model")
-    return CompletionBody(model, [], messages, sampling, stream, include_usage, n, tools=tools)
+    return CompletionBody(
+        model, [], messages, sampling, stream, include_usage, n, tools=tools,
+        template_kwargs=read_template_kwargs(f),
+        separate_reasoning=f.get_bool("separate_reasoning", True),
+    )  # fmt: skip
+
+
+_TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def read_template_kwargs(f: Fields) -> dict[str, Any]:
+    """`chat_template_kwargs`: an object of variables for the chat template (not those the
+    server sets itself)."""
+    raw = f.obj.get("chat_template_kwargs")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise f.fail("chat_template_kwargs", "expected an object of template variables")
+    for key in raw:
+        if key in _TEMPLATE_OWN:
+            raise f.fail("chat_template_kwargs", f"{key!r} is set by the server, not the request")
+    return dict(raw)
 
 
 def _message(raw: Any, index: int) -> dict[str, Any]:
@@ -268,6 +294,7 @@ class Choice:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None
     tool_calls: list[ToolCall] | None = None  # chat with tools: the calls parsed from `text`
+    reasoning: str | None = None  # chat, reasoning split off: the thinking block's text
 
 
 class ResponseBuilder:
@@ -345,6 +372,8 @@ class ResponseBuilder:
             }
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
+                if c.reasoning is not None:
+                    choice["message"]["reasoning_content"] = c.reasoning or None
                 if c.tool_calls:
                     choice["message"]["content"] = c.text or None
                     choice["message"]["tool_calls"] = [call.openai() for call in c.tool_calls]
@@ -372,16 +401,20 @@ class ResponseBuilder:
         token_ids: Sequence[int] = (),
         token_logprobs: Sequence[TokenLogprob | None] | None = None,
         tool_calls: Sequence[Mapping[str, Any]] = (),
+        reasoning: str = "",
     ) -> dict[str, Any]:
         """One stream chunk of choice `index`; with `text=None`, a chunk without choices (the
         usage chunk). `token_ids` / `token_logprobs`: the tokens the chunk carries, for its
-        logprobs. `tool_calls`: chat's tool-call deltas (`ToolCallParser`)."""
+        logprobs. `tool_calls`, `reasoning`: chat's tool-call deltas and reasoning text
+        (`ChatOutputParser`)."""
         obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
         logprobs = self.logprobs(token_ids, token_logprobs, index) if token_ids else None
         if text is None:
             obj["choices"] = []
         elif self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
             if text or role:
                 delta["content"] = text
             if tool_calls:

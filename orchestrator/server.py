@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -24,6 +24,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator.admin import ADMIN_ROUTES, add_admin_routes
+from orchestrator.chat_output import (
+    ChatDelta,
+    ChatOutputParser,
+    ChatOutputSpec,
+    read_chat_output,
+)
 from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
@@ -46,6 +52,7 @@ from orchestrator.protocol import (
     prepare_call,
     resolve_sampling,
 )
+from orchestrator.reasoning import after_reasoning, opens_reasoning, template_reasons
 from orchestrator.router import Output, Router, RouterNotReady
 from orchestrator.streaming import (
     SSE_DONE,
@@ -58,14 +65,7 @@ from orchestrator.streaming import (
     until_disconnect,
 )
 from orchestrator.tokenizer import ChatTemplateError
-from orchestrator.tool_parser import (
-    FORMATS,
-    MARKERS,
-    ToolCallFormat,
-    ToolCallParser,
-    detect_format,
-    parse_tool_calls,
-)
+from orchestrator.tool_parser import FORMATS, MARKERS, ToolCallFormat, detect_format
 from orchestrator.tools import chat_prompt
 from workers.engine.grammar import xgrammar_available
 from workers.engine.messages import SamplingParams, TokenLogprob
@@ -114,6 +114,12 @@ def create_app(
         if config.tool_call_parser != "auto":
             return FORMATS[config.tool_call_parser]
         return detect_format(router.tokenizer.chat_template)
+
+    @functools.cache
+    def splits_reasoning() -> bool:
+        if config.reasoning_parser == "auto":
+            return template_reasons(router.tokenizer.chat_template)
+        return config.reasoning_parser == "deepseek_r1"
 
     @functools.cache
     def marker_ids() -> dict[str, int]:
@@ -242,11 +248,27 @@ def create_app(
         req = parse_chat(raw, tool_format(), marker_ids()) if chat else parse_completion(raw)
         # (ids, text) of each prompt; text only for an echo.
         prompts: list[tuple[list[int], str]] = []
+        spec = ChatOutputSpec()  # how a chat's answer is read (completions: as it is)
         if req.messages is not None:
             try:
-                text = chat_prompt(router.tokenizer, req.messages, req.tools, tool_format())
+                text = chat_prompt(
+                    router.tokenizer, req.messages, req.tools, tool_format(),
+                    extra=req.template_kwargs,
+                )  # fmt: skip
             except ChatTemplateError as e:
                 raise RequestError(f"messages: {e}", "messages") from None
+            opened = opens_reasoning(text)
+            reasoning = splits_reasoning() and req.separate_reasoning
+            spec = ChatOutputSpec(
+                tool_format() if req.calls_tools else None,
+                req.tools.parallel if req.tools is not None else True,
+                reasoning, reasoning and opened,
+            )  # fmt: skip
+            constraint = req.sampling.constraint
+            if opened and constraint is not None:  # the model thinks first, free
+                req = replace(
+                    req, sampling=replace(req.sampling, constraint=after_reasoning(constraint))
+                )
             prompts.append((router.tokenizer.encode(text, add_special_tokens=False), text))
         for p in req.prompts:
             if isinstance(p, str):
@@ -272,7 +294,7 @@ def create_app(
         ]  # fmt: skip
         echoes = [echo for _, _, echo in jobs]
         if req.stream:
-            return EventStream(_openai_events(streams, builder, req, echoes, tool_format()))
+            return EventStream(_openai_events(streams, builder, req, echoes, spec))
 
         async def collect(
             outputs: AsyncGenerator[Output, None], echo: tuple[list[int], str] | None
@@ -291,11 +313,10 @@ def create_app(
                         if openai_finish_reason(out) is None:
                             raise _error_status(out)
                         text = "".join(parts)
-                        if not req.calls_tools:
+                        if spec.plain:
                             return Choice(text, out, token_ids, logprobs)
-                        assert req.tools is not None
-                        content, calls = parse_tool_calls(tool_format(), text, req.tools.parallel)
-                        return Choice(content, out, token_ids, logprobs, calls)
+                        thought, content, calls = read_chat_output(spec, text)
+                        return Choice(content, out, token_ids, logprobs, calls, thought)
             raise RuntimeError("the request ended without a finish reason")
 
         try:
@@ -360,16 +381,18 @@ def create_app(
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
-        """vLLM's: `prompt` (text) or `messages` (through the chat template) → token ids."""
+        """vLLM's: `prompt` (text) or `messages` (through the chat template, with `tools` and
+        `chat_template_kwargs`) → token ids."""
         body = await read_json(request, config.max_request_body_bytes)
         f = Fields(body)
         if f.has("messages"):
-            chat = parse_chat({"messages": body["messages"], "tools": body.get("tools")})
+            keys = ("messages", "tools", "chat_template_kwargs")
+            chat = parse_chat({k: body.get(k) for k in keys})
             assert chat.messages is not None
             try:
                 text = chat_prompt(
                     router.tokenizer, chat.messages, chat.tools, tool_format(),
-                    f.get_bool("add_generation_prompt", True),
+                    f.get_bool("add_generation_prompt", True), chat.template_kwargs,
                 )  # fmt: skip
             except ChatTemplateError as e:
                 raise RequestError(f"messages: {e}", "messages") from None
@@ -469,19 +492,19 @@ async def _openai_events(
     builder: ResponseBuilder,
     req: CompletionBody,
     echoes: list[tuple[list[int], str] | None] | None = None,
-    tool_format: ToolCallFormat | None = None,
+    spec: ChatOutputSpec | None = None,
 ) -> AsyncGenerator[str, None]:
     """OpenAI stream: a role chunk per choice (chat), text-delta chunks, a chunk with
     `finish_reason` per choice (the choices of `n` > 1 and of a batch of prompts interleave,
     each chunk with its `index`), the usage chunk when `stream_options.include_usage`, then
     `[DONE]`. `echoes` (per choice, its prompt's ids and text): each choice's first chunk is
-    its prompt. A chat with tools: each choice's text goes through a `ToolCallParser`, its
-    chunks carry content and `tool_calls` deltas."""
+    its prompt. A chat with tools or reasoning (`spec`): each choice's text goes through a
+    `ChatOutputParser`, its chunks carry `reasoning_content`, content and `tool_calls`
+    deltas."""
     echoed: set[int] = set()
-    parsers: list[ToolCallParser] | None = None
-    if req.calls_tools:
-        assert req.tools is not None and tool_format is not None
-        parsers = [ToolCallParser(tool_format, req.tools.parallel) for _ in streams]
+    parsers: list[ChatOutputParser] | None = None
+    if spec is not None and not spec.plain:
+        parsers = [ChatOutputParser(spec) for _ in streams]
     if builder.chat:
         for index in range(len(streams)):
             yield sse(builder.chunk("", role=True, index=index))
@@ -499,28 +522,24 @@ async def _openai_events(
                     yield sse(builder.chunk(text, index=index, token_ids=ids,
                                             token_logprobs=out.prompt_logprobs))  # fmt: skip
                 lps = out.token_ids, out.logprobs
-                text, calls = out.text, list[dict[str, Any]]()
+                parts = ChatDelta("", out.text, [])
                 if parsers is not None:
-                    parsed = parsers[index].feed(out.text)
-                    if out.finish_reason is not None:
-                        end = parsers[index].finish()
-                        parsed = parsed._replace(
-                            content=parsed.content + end.content,
-                            tool_calls=parsed.tool_calls + end.tool_calls,
-                        )
-                    text, calls = parsed
+                    parts = parsers[index].feed(out.text, final=out.finish_reason is not None)
+                thought, text, calls = parts
                 if out.finish_reason is None:
-                    if text or calls or (out.logprobs and builder.token_text is not None):
+                    if any(parts) or (out.logprobs and builder.token_text is not None):
                         yield sse(builder.chunk(text, index=index, token_ids=lps[0],
-                                                token_logprobs=lps[1], tool_calls=calls))  # fmt: skip
+                                                token_logprobs=lps[1], tool_calls=calls,
+                                                reasoning=thought))  # fmt: skip
                     continue
-                called = parsers is not None and bool(parsers[index].tool_calls)
+                called = parsers is not None and parsers[index].called
                 finish = openai_finish_reason(out, called)
                 if finish is None:
                     yield sse(_error_status(out).body())
                     break
                 yield sse(builder.chunk(text, finish, index=index, token_ids=lps[0],
-                                        token_logprobs=lps[1], tool_calls=calls))  # fmt: skip
+                                        token_logprobs=lps[1], tool_calls=calls,
+                                        reasoning=thought))  # fmt: skip
                 prompt_tokens[index // n] = out.num_prompt_tokens
                 cached_tokens[index // n] = max(cached_tokens[index // n], out.num_cached_tokens)
                 completion_tokens[index] = out.num_output_tokens

@@ -154,7 +154,7 @@ class ToolCallParser:
     def _text(self, final: bool, content: list[str], deltas: list[dict[str, Any]]) -> bool:
         at = _find_any(self._buf, (CALLS_BEGIN, CALL_BEGIN))
         if at is None:
-            keep = 0 if final else _held(self._buf, (CALLS_BEGIN, CALL_BEGIN))
+            keep = 0 if final else held_back(self._buf, (CALLS_BEGIN, CALL_BEGIN))
             content.append(self._buf[: len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep :]
             return False
@@ -264,7 +264,7 @@ def _find_any(text: str, markers: tuple[str, ...]) -> tuple[int, str] | None:
     return min(found) if found else None
 
 
-def _held(text: str, markers: tuple[str, ...]) -> int:
+def held_back(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that begins one of `markers`."""
     for k in range(min(len(text), max(map(len, markers)) - 1), 0, -1):
         if any(m.startswith(text[-k:]) for m in markers):
@@ -275,7 +275,7 @@ def _held(text: str, markers: tuple[str, ...]) -> int:
 def _held_args(text: str) -> int:
     """Length of the end of a call's arguments that may belong to its closing (whitespace, a
     fence's backticks, the start of CALL_END)."""
-    keep = _held(text, (CALL_END,))
+    keep = held_back(text, (CALL_END,))
     while keep < len(text) and text[len(text) - keep - 1] in " \t\r\n`":
         keep += 1
     return keep

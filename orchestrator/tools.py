@@ -209,10 +209,12 @@ def chat_prompt(
     tools: ToolRequest | None,
     fmt: ToolCallFormat,
     add_generation_prompt: bool = True,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
-    """The prompt text of a chat: its messages through the chat template, the tools shown by
-    the template when it reads them, else in a system message. Raises ChatTemplateError."""
-    extra: dict[str, Any] = {}
+    """The prompt text of a chat: its messages through the chat template (with the variables
+    `extra`), the tools shown by the template when it reads them, else in a system message.
+    Raises ChatTemplateError."""
+    extra = dict(extra or {})
     if tools is not None and tools.active:
         if tokenizer.renders_tools:
             extra["tools"] = [t.openai() for t in tools.tools]

@@ -85,10 +85,15 @@ def check_constraint(constraint: OutputConstraint) -> None:
     _build(_xgrammar().Grammar, _PARSE, constraint)
 
 
+def constraint_ebnf(constraint: OutputConstraint) -> str:
+    """The constraint's grammar in EBNF (JSON written compactly, as for `json_schema`), for
+    embedding in a structural tag; ValueError when xgrammar refuses it."""
+    return str(_build(_xgrammar().Grammar, _PARSE, constraint))
+
+
 def json_schema_ebnf(schema: str) -> str:
-    """The grammar of JSON that fits `schema` (written compactly, as for `json_schema`) in
-    EBNF, for embedding in a structural tag; ValueError when xgrammar refuses the schema."""
-    return str(_build(_xgrammar().Grammar, _PARSE, OutputConstraint("json_schema", schema)))
+    """The grammar of JSON that fits `schema`, in EBNF (see `constraint_ebnf`)."""
+    return constraint_ebnf(OutputConstraint("json_schema", schema))
 
 
 def _build(maker: Any, methods: dict[str, str], constraint: OutputConstraint) -> Any:

@@ -31,7 +31,7 @@ from tokenizers import (
 from orchestrator import tool_parser as tp
 
 TINY_MODEL_NAME = "pdserve-tiny-deepseek-v3"
-_VERSION = 3  # bump when anything below changes what is written
+_VERSION = 4  # bump when anything below changes what is written
 _SEED = 20261122
 _VOCAB_SIZE = 1024
 
@@ -41,9 +41,11 @@ BOS, EOS, USER, ASSISTANT = (
     "<｜User｜>",
     "<｜Assistant｜>",
 )
+THINK_BEGIN, THINK_END = "<think>", "</think>"  # R1's thinking block, single tokens too
 # DeepSeek-V3's layout: all system messages joined up front right after BOS (the request's
 # tools after them), then `<｜User｜>q<｜Assistant｜>a<EOS>` turns; an assistant's tool calls in
-# V3's fenced-JSON format, tool results in `<｜tool▁outputs▁begin｜>` brackets.
+# V3's fenced-JSON format, tool results in `<｜tool▁outputs▁begin｜>` brackets; with
+# `thinking` (`chat_template_kwargs`) the answer starts in an open `<think>` block, as V3.1's.
 CHAT_TEMPLATE = (
     "{% set ns = namespace(system_prompt='', is_first_sp=true, is_tool=false) %}"
     "{% for m in messages if m['role'] == 'system' %}"
@@ -90,7 +92,11 @@ CHAT_TEMPLATE = (
     + "{% endif %}"
     "{% endfor %}"
     "{% if ns.is_tool %}" + tp.OUTPUTS_END + "{% endif %}"
-    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+    "{% if add_generation_prompt %}"
+    + ASSISTANT
+    + "{% if thinking %}"
+    + THINK_BEGIN
+    + "{% endif %}{% endif %}"
 )
 
 _CORPUS = """\
@@ -268,9 +274,10 @@ def _train_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS], trainer=trainer)
-    # The tool-call markers are single tokens, as in DeepSeek's vocabulary (not special: they
-    # are part of the text a parser reads).
-    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in tp.MARKERS])
+    # The tool-call markers and thinking tags are single tokens, as in DeepSeek's vocabulary
+    # (not special: they are part of the text a parser reads).
+    added = [*tp.MARKERS, THINK_BEGIN, THINK_END]
+    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in added])
     bos_id = tok.token_to_id(BOS)
     # BOS before each sequence, as DeepSeek's own tokenizer.json does.
     tok.post_processor = processors.TemplateProcessing(
