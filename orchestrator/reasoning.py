@@ -69,10 +69,6 @@ class ReasoningParser:
         if self.open:
             self._state = "reasoning"
 
-    @property
-    def in_reasoning(self) -> bool:
-        return self._state == "reasoning"
-
     def feed(self, text: str) -> Split:
         self._buf += text
         return self._run(final=False)

@@ -23,6 +23,7 @@ from orchestrator.reasoning import (
     template_reasons,
 )
 from orchestrator.tool_parser import FORMATS
+from tests.text_pieces import random_pieces
 from workers.engine.messages import OutputConstraint
 from workers.model.tiny import CHAT_TEMPLATE
 
@@ -36,12 +37,7 @@ def _random_text(rng: random.Random) -> str:
 
 
 def _feed(parser: ReasoningParser, text: str, rng: random.Random) -> tuple[str, str]:
-    out = []
-    i = 0
-    while i < len(text):
-        k = rng.randint(1, 6)
-        out.append(parser.feed(text[i : i + k]))
-        i += k
+    out = [parser.feed(piece) for piece in random_pieces(text, rng, 6)]
     out.append(parser.finish())
     return "".join(s.reasoning for s in out), "".join(s.content for s in out)
 

@@ -27,6 +27,7 @@ from orchestrator.tool_parser import (
     parse_tool_calls,
 )
 from orchestrator.tools import chat_prompt, read_tools
+from tests.text_pieces import random_pieces
 from workers.model.tiny import CHAT_TEMPLATE
 
 pytestmark = pytest.mark.timeout(300)
@@ -73,12 +74,7 @@ def _random_calls(rng: random.Random) -> list[tuple[str, str]]:
 def _stream(fmt_name: str, text: str, rng: random.Random, parallel: bool = True):
     """`text` fed in random pieces: (content, {index: (id, name, arguments)})."""
     parser = ToolCallParser(FORMATS[fmt_name], parallel)
-    deltas = []
-    i = 0
-    while i < len(text):
-        k = rng.randint(1, 7)
-        deltas.append(parser.feed(text[i : i + k]))
-        i += k
+    deltas = [parser.feed(piece) for piece in random_pieces(text, rng, 7)]
     deltas.append(parser.finish())
     calls: dict[int, list[str]] = {}
     for d in deltas:

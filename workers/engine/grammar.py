@@ -17,6 +17,7 @@ starts fast; without it a constrained request is refused with a message saying s
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -85,9 +86,11 @@ def check_constraint(constraint: OutputConstraint) -> None:
     _build(_xgrammar().Grammar, _PARSE, constraint)
 
 
+@functools.lru_cache(maxsize=256)
 def constraint_ebnf(constraint: OutputConstraint) -> str:
     """The constraint's grammar in EBNF (JSON written compactly, as for `json_schema`), for
-    embedding in a structural tag; ValueError when xgrammar refuses it."""
+    embedding in a structural tag; ValueError when xgrammar refuses it. Cached: a client
+    sends the same tools with every request."""
     return str(_build(_xgrammar().Grammar, _PARSE, constraint))
 
 
