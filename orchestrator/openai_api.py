@@ -36,7 +36,6 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_BATCH_REQUESTS = 256  # prompts x n of one completions call
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,),
     "suffix": ("",),
 }
 
@@ -63,6 +62,14 @@ class CompletionBody:
     # as `reasoning_content` (SGLang's `separate_reasoning`).
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     separate_reasoning: bool = True
+    # Completions: candidates drawn per prompt, of which the `n` with the highest mean
+    # logprob per output token come back (OpenAI's `best_of`; `n` when not given).
+    best_of: int = 1
+
+    @property
+    def candidates(self) -> int:
+        """Requests run per prompt."""
+        return max(self.n, self.best_of)
 
     @property
     def calls_tools(self) -> bool:
@@ -141,9 +148,12 @@ def parse_completion(body: Any) -> CompletionBody:
         isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str | list) for p in prompt)
     )
     items = prompt if batch else [prompt]
-    if len(items) * n > MAX_BATCH_REQUESTS:
+    best_of = read_best_of(f, n, stream)
+    runs = max(n, best_of)
+    if len(items) * runs > MAX_BATCH_REQUESTS:
+        name = f"n={n}" if best_of <= n else f"best_of={best_of}"
         raise RequestError(
-            f"prompt: {len(items)} prompts x n={n} make more than {MAX_BATCH_REQUESTS} requests",
+            f"prompt: {len(items)} prompts x {name} make more than {MAX_BATCH_REQUESTS} requests",
             "prompt",
         )
     prompts: list[str | list[int]] = []
@@ -157,7 +167,34 @@ def parse_completion(body: Any) -> CompletionBody:
         if not prompts[-1]:
             raise RequestError(f"{name}: the prompt is empty", name)
     model = f.get_str("model")
-    return CompletionBody(model, prompts, None, sampling, stream, include_usage, n, echo)
+    return CompletionBody(
+        model, prompts, None, sampling, stream, include_usage, n, echo, best_of=best_of
+    )
+
+
+def read_best_of(f: Fields, n: int, stream: bool) -> int:
+    """OpenAI's `best_of` (completions): at least `n`, at most as many as `n` may be; the
+    choice is made once every candidate has ended, so it cannot be streamed."""
+    if not f.has("best_of") or f.obj["best_of"] is None:
+        return n
+    best_of = read_n(f, "best_of")
+    if best_of < n:
+        raise f.fail("best_of", f"must be at least n ({n}), got {best_of}")
+    if stream and best_of > n:
+        raise f.fail("best_of", "cannot be streamed (the best are known only at the end)")
+    return best_of
+
+
+def best_choices(choices: Sequence[Choice], candidates: int, n: int) -> list[Choice]:
+    """Of each prompt's `candidates` choices (prompt-major), the `n` with the highest mean
+    logprob per output token, best first (a tie keeps the earlier one)."""
+    if candidates == n:
+        return list(choices)
+    best: list[Choice] = []
+    for start in range(0, len(choices), candidates):
+        group = choices[start : start + candidates]
+        best += sorted(group, key=lambda c: -c.score)[:n]
+    return best
 
 
 def parse_chat(
@@ -168,6 +205,7 @@ def parse_chat(
     """`tool_format`: how the served model writes tool calls, `marker_ids` its markers that
     are tokens (a required or named tool choice holds the output to them)."""
     f = Fields(body)
+    f.neutral("best_of", 1)  # completions only, as OpenAI has it
     max_key = "max_completion_tokens" if f.has("max_completion_tokens") else "max_tokens"
     sampling, stream, include_usage, n = _common(f, max_key)
     f.neutral("echo", False)
@@ -295,6 +333,7 @@ class Choice:
     logprobs: list[TokenLogprob | None] | None
     tool_calls: list[ToolCall] | None = None  # chat with tools: the calls parsed from `text`
     reasoning: str | None = None  # chat, reasoning split off: the thinking block's text
+    score: float = 0.0  # mean logprob per output token, when logprobs were kept (`best_of`)
 
 
 class ResponseBuilder:
@@ -362,8 +401,11 @@ class ResponseBuilder:
             "prompt_tokens_details": {"cached_tokens": cached_tokens},
         }
 
-    def response(self, choices: Sequence[Choice], n: int = 1) -> dict[str, Any]:
-        """The whole response: `n` choices per prompt, prompt-major."""
+    def response(
+        self, choices: Sequence[Choice], n: int = 1, completion_tokens: int | None = None
+    ) -> dict[str, Any]:
+        """The whole response: `n` choices per prompt, prompt-major. `completion_tokens`: the
+        tokens generated in all, where more were made than come back (`best_of`)."""
         out = []
         for index, c in enumerate(choices):
             choice: dict[str, Any] = {
@@ -386,7 +428,9 @@ class ResponseBuilder:
             "choices": out,
             "usage": self.usage(
                 sum(c.finish.num_prompt_tokens for c in choices[::n]),
-                sum(c.finish.num_output_tokens for c in choices),
+                completion_tokens
+                if completion_tokens is not None
+                else sum(c.finish.num_output_tokens for c in choices),
                 sum(c.finish.num_cached_tokens for c in choices[::n]),
             ),
         }

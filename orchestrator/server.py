@@ -37,6 +37,7 @@ from orchestrator.openai_api import (
     Choice,
     CompletionBody,
     ResponseBuilder,
+    best_choices,
     openai_finish_reason,
     parse_chat,
     parse_completion,
@@ -282,8 +283,10 @@ def create_app(
                 ids, req.sampling, router.limits, config.default_max_new_tokens, req.prompt_field
             )
             echo = (ids, text) if req.echo else None
-            jobs += [(ids, choice_params(sampling, i), echo) for i in range(req.n)]
-        token_text = router.tokenizer.token_text if jobs[0][1].logprobs else None
+            if req.candidates > req.n:  # the best are picked by their logprobs
+                sampling = replace(sampling, logprobs=True)
+            jobs += [(ids, choice_params(sampling, i), echo) for i in range(req.candidates)]
+        token_text = router.tokenizer.token_text if req.sampling.logprobs else None
         builder = ResponseBuilder(chat, req.model or router.model_name, token_text)
         streams = [
             run(
@@ -302,6 +305,7 @@ def create_app(
             parts: list[str] = [echo[1]] if echo is not None else []
             token_ids: list[int] = list(echo[0]) if echo is not None else []
             logprobs: list[TokenLogprob | None] = []
+            total = 0.0  # the output tokens' logprobs
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
                     if out.prompt_logprobs is not None and echo is not None:
@@ -309,14 +313,16 @@ def create_app(
                     parts.append(out.text)
                     token_ids += out.token_ids
                     logprobs += out.logprobs or ()
+                    total += sum(lp.logprob for lp in out.logprobs or ())
                     if out.finish_reason is not None:
                         if openai_finish_reason(out) is None:
                             raise _error_status(out)
                         text = "".join(parts)
+                        score = total / max(1, out.num_output_tokens)
                         if spec.plain:
-                            return Choice(text, out, token_ids, logprobs)
+                            return Choice(text, out, token_ids, logprobs, score=score)
                         thought, content, calls = read_chat_output(spec, text)
-                        return Choice(content, out, token_ids, logprobs, calls, thought)
+                        return Choice(content, out, token_ids, logprobs, calls, thought, score)
             raise RuntimeError("the request ended without a finish reason")
 
         try:
@@ -325,7 +331,9 @@ def create_app(
             )
         except ValueError as e:
             raise _refused(e, req.prompt_field) from None
-        return JSONResponse(builder.response(choices, req.n))
+        generated = sum(c.finish.num_output_tokens for c in choices)
+        choices = best_choices(choices, req.candidates, req.n)
+        return JSONResponse(builder.response(choices, req.n, generated))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -537,6 +537,38 @@ def test_n_choices_on_every_route(tiny_server):
     _wait_idle(tiny_server)
 
 
+@pytest.mark.timeout(180)
+def test_best_of_picks_highest_mean_logprob(tiny_server):
+    """`best_of` = k draws k candidates (seeds seed .. seed + k - 1, as `n` = k does) and
+    returns the `n` with the highest mean logprob per output token, best first; usage counts
+    every candidate's tokens, and logprobs come back only when asked for."""
+    body = {"prompt": ["abc", "hello"], "max_tokens": 12, "temperature": 1.0, "seed": 5}
+    with _client(tiny_server) as c:
+        every = c.post("/v1/completions", json={**body, "n": 4, "logprobs": 0}).json()
+        best = c.post("/v1/completions", json={**body, "n": 2, "best_of": 4}).json()
+        with_lp = c.post(
+            "/v1/completions", json={**body, "n": 2, "best_of": 4, "logprobs": 0}
+        ).json()
+        streamed_ok = c.post("/v1/completions", json={**body, "best_of": 1, "stream": True})
+    assert streamed_ok.status_code == 200
+    expected = []
+    for p in range(2):
+        group = every["choices"][4 * p : 4 * p + 4]
+        means = [sum(ch["logprobs"]["token_logprobs"]) / len(ch["logprobs"]["tokens"])
+                 for ch in group]  # fmt: skip
+        assert len(set(means)) == 4  # distinct candidates, so the order is one
+        order = sorted(range(4), key=lambda i: -means[i])[:2]
+        expected += [group[i]["text"] for i in order]
+    assert [ch["text"] for ch in best["choices"]] == expected
+    assert [ch["index"] for ch in best["choices"]] == [0, 1, 2, 3]
+    assert all(ch["logprobs"] is None for ch in best["choices"])
+    assert best["usage"]["completion_tokens"] == every["usage"]["completion_tokens"]
+    assert best["usage"]["prompt_tokens"] == every["usage"]["prompt_tokens"]
+    assert [ch["text"] for ch in with_lp["choices"]] == expected
+    assert all(ch["logprobs"]["tokens"] for ch in with_lp["choices"])
+    _wait_idle(tiny_server)
+
+
 @pytest.mark.timeout(120)
 def test_a_repeated_prefix_is_found_in_the_prefill_ranks_cache(tiny_server):
     rng = random.Random(7)
@@ -693,7 +725,11 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         (C, {"prompt": "hi", "n": 0}, "n", "[1, 16]"),
         (C, {"prompt": "hi", "n": 17}, "n", "[1, 16]"),
         (G, {"text": "hi", "rid": "a", "sampling_params": {"n": 2}}, "rid", "n > 1"),
-        (C, {"prompt": "hi", "best_of": 2}, "best_of", "not supported"),
+        (C, {"prompt": "hi", "n": 3, "best_of": 2}, "best_of", "at least n"),
+        (C, {"prompt": "hi", "best_of": 17}, "best_of", "[1, 16]"),
+        (C, {"prompt": "hi", "best_of": 2, "stream": True}, "best_of", "streamed"),
+        (C, {"prompt": ["a"] * 20, "best_of": 16}, "prompt", "best_of=16"),
+        (CHAT, {"messages": _USER, "best_of": 2}, "best_of", "not supported"),
         (C, {"prompt": "hi", "logprobs": 21}, "logprobs", "[0, 20]"),
         (C, {"prompt": "hi", "frequency_penalty": 3}, "frequency_penalty", "[-2, 2]"),
         (C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens", "max_tokens"),
