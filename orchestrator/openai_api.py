@@ -148,9 +148,8 @@ def parse_completion(body: Any) -> CompletionBody:
         isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str | list) for p in prompt)
     )
     items = prompt if batch else [prompt]
-    best_of = read_best_of(f, n, stream)
-    runs = max(n, best_of)
-    if len(items) * runs > MAX_BATCH_REQUESTS:
+    best_of = read_best_of(f, n, stream)  # n when not given
+    if len(items) * best_of > MAX_BATCH_REQUESTS:
         name = f"n={n}" if best_of <= n else f"best_of={best_of}"
         raise RequestError(
             f"prompt: {len(items)} prompts x {name} make more than {MAX_BATCH_REQUESTS} requests",
@@ -401,11 +400,9 @@ class ResponseBuilder:
             "prompt_tokens_details": {"cached_tokens": cached_tokens},
         }
 
-    def response(
-        self, choices: Sequence[Choice], n: int = 1, completion_tokens: int | None = None
-    ) -> dict[str, Any]:
+    def response(self, choices: Sequence[Choice], n: int, completion_tokens: int) -> dict[str, Any]:
         """The whole response: `n` choices per prompt, prompt-major. `completion_tokens`: the
-        tokens generated in all, where more were made than come back (`best_of`)."""
+        tokens generated in all (more than the choices hold with `best_of`)."""
         out = []
         for index, c in enumerate(choices):
             choice: dict[str, Any] = {
@@ -428,9 +425,7 @@ class ResponseBuilder:
             "choices": out,
             "usage": self.usage(
                 sum(c.finish.num_prompt_tokens for c in choices[::n]),
-                completion_tokens
-                if completion_tokens is not None
-                else sum(c.finish.num_output_tokens for c in choices),
+                completion_tokens,
                 sum(c.finish.num_cached_tokens for c in choices[::n]),
             ),
         }
