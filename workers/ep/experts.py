@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.ep.dispatch import DispatchResult
+from workers.kernels import cpu as cpu_kernels
 from workers.model.moe import grouped_gemm_backends
 
 
@@ -58,7 +59,16 @@ def _contiguous(
     # x: [num_rows, hidden], sorted by slot.
     if not x.shape[0]:
         return x.new_empty(0, w2.shape[1])
-    if grouped_gemm_backends(x.device, x.dtype)[0] == "grouped_mm":
+    backends = grouped_gemm_backends(x.device, x.dtype)
+    w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
+    if backends[0] == "cpu" and w13t.is_contiguous() and w2t.is_contiguous():
+        # The single rank's C kernel, each row one token of top-k 1 with weight 1.
+        slots = torch.arange(w13.shape[0]).repeat_interleave(
+            num_tokens_per_expert.cpu(), output_size=x.shape[0]
+        )
+        ones = torch.ones(x.shape[0], 1)
+        return cpu_kernels.moe_experts(x, slots[:, None], ones, w13t, w2t)
+    if "grouped_mm" in backends:
         offs = torch.cumsum(num_tokens_per_expert, 0, dtype=torch.int32)
         gate, up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)

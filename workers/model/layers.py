@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.kernels import cpu as cpu_kernels
+
 
 def empty_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
@@ -28,8 +30,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = empty_param(dim)
         self.eps = eps
+        self.backend = "torch"  # or "cpu": workers.kernels.cpu (float32 CPU tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "cpu":
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         dtype = x.dtype

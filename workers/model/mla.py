@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.kernels import cpu as cpu_kernels
 from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.layers import Linear, RMSNorm, fuse_linears
@@ -46,7 +47,8 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, cfg.attention_bias)
         self._qkv_a: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        # Decode attention: "torch" (any device) or "triton" (workers.kernels.mla_decode).
+        # Decode attention: "torch" (any device), "triton" (workers.kernels.mla_decode) or
+        # "cpu" (workers.kernels.cpu, float32 CPU tensors).
         self.decode_backend = "torch"
 
     def fuse(self) -> None:
@@ -127,6 +129,8 @@ class MLAttention(nn.Module):
             from workers.kernels.mla_decode import mla_decode
 
             out_latent = mla_decode(q_full, kv_cache, *args)  # [B, heads, kv_lora]
+        elif self.decode_backend == "cpu" and kv_cache.dtype == torch.float32:
+            out_latent = cpu_kernels.mla_decode(q_full, kv_cache, *args)
         else:
             if meta.paged_decode is None:  # the step's first layer
                 meta.paged_decode = paged_decode_inputs(

@@ -7,12 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.ep.moe import EPContext, EPMoE
+from workers.kernels import cpu as cpu_kernels
 from workers.kernels import triton_available
 from workers.model.batch import AttentionMetadata, PromptScores
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, RMSNorm, empty_param
 from workers.model.mla import MLAttention
-from workers.model.moe import ExpertLoad, MoE, RoutedExperts, grouped_gemm_backends
+from workers.model.moe import ExpertLoad, Gate, MoE, RoutedExperts, grouped_gemm_backends
 from workers.model.rope import RotaryEmbedding
 
 SCORE_CHUNK = 256  # rows per LM-head call when scoring a prompt
@@ -96,14 +97,21 @@ class DeepseekForCausalLM(nn.Module):
                 p.data = p.data.to(dtype)
         self.rope.to(device, torch.float32)
         backend = grouped_gemm_backends(device, dtype)[0]
+        # float32 on a CPU: the C kernels of workers.kernels.cpu where they build here.
+        use_c = device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available()
         attention = "triton" if device.type == "cuda" and triton_available() else "torch"
+        attention = "cpu" if use_c else attention
         for module in self.modules():
             if isinstance(module, RoutedExperts):
                 module.backend = "triton" if module.is_fp8 else backend
+                if use_c and not module.is_fp8:
+                    module.transpose_storage()
             elif isinstance(module, MLAttention | MLP):
                 module.fuse()
             if isinstance(module, MLAttention):
                 module.decode_backend = attention
+            elif isinstance(module, RMSNorm | Gate):
+                module.backend = "cpu" if use_c else "torch"
         return self
 
     def record_expert_load(self, load: ExpertLoad | None) -> None:

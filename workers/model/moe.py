@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.kernels import cpu as cpu_kernels
 from workers.kernels import triton_available
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, empty_param
@@ -43,6 +44,12 @@ class Gate(nn.Module):
         self.e_score_correction_bias: torch.Tensor | None = None
         if self.topk_method == "noaux_tc":
             self.e_score_correction_bias = empty_param(self.num_experts)
+        # "torch", or "cpu": V3's routing after the GEMM in one call of workers.kernels.cpu.
+        self.backend = "torch"
+
+    @property
+    def has_cpu_kernel(self) -> bool:
+        return self.is_v3 and self.topk_method == "noaux_tc" and self.scoring_func == "sigmoid"
 
     def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
         """Bool `[T, num_experts]`: experts inside each token's `topk_group` best groups."""
@@ -53,6 +60,12 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.float(), self.weight.float())
+        if self.backend == "cpu" and self.has_cpu_kernel and logits.device.type == "cpu":
+            assert self.e_score_correction_bias is not None
+            return Routing(*cpu_kernels.route_noaux_tc(
+                logits, self.e_score_correction_bias.float(), self.n_group, self.topk_group,
+                self.top_k, self.norm_topk_prob, self.routed_scaling_factor,
+            ))  # fmt: skip
         num_tokens = logits.shape[0]
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
@@ -112,9 +125,12 @@ def grouped_gemm_backends(
     device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> list[str]:
     """Grouped-GEMM implementations usable for weights on `device` in `dtype`, best first:
-    `triton` (the fused MoE kernel, CUDA), `grouped_mm`, `loop`."""
+    `triton` (the fused MoE kernel, CUDA), `cpu` (the C kernel, float32 on a CPU),
+    `grouped_mm`, `loop`."""
     device = device or torch.device("cpu")
     fused = ["triton"] if device.type == "cuda" and triton_available() else []
+    if device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available():
+        fused = ["cpu"]
     usable = hasattr(torch, "_grouped_mm") and (
         device.type == "cpu"
         # The CUDA kernel wants bf16 and Hopper or newer.
@@ -132,7 +148,8 @@ class RoutedExperts(nn.Module):
 
     Tokens are sorted by expert and each expert's rows run as one GEMM of a grouped GEMM:
     `triton` (the fused MoE kernel of `workers.kernels.fused_moe`: sorting, both GEMMs and
-    SiLU-and-mul on the device, no host sync), `grouped_mm` (one `torch._grouped_mm` call for
+    SiLU-and-mul on the device, no host sync), `cpu` (the C kernel of `workers.kernels.cpu`,
+    the same in one call on the host, float32), `grouped_mm` (one `torch._grouped_mm` call for
     all experts, no host sync) or `loop` (one `linear` per expert with tokens). All give the
     same result to float tolerance.
 
@@ -171,7 +188,19 @@ class RoutedExperts(nn.Module):
         self.w13_scale = torch.ones(num_experts, -(-two_i // b0), -(-hidden // b1))
         self.w2_scale = torch.ones(num_experts, -(-hidden // b0), -(-(two_i // 2) // b1))
 
+    def transpose_storage(self) -> None:
+        """Keep `w13` and `w2` in memory as their transposes (`[E, hidden, 2 * I]`, `[E, I,
+        hidden]`, what the `cpu` kernel reads); the parameters keep their shapes as strided
+        views, so loading, EPLB's slot copies and the torch backends work on them as before."""
+        for p in (self.w13, self.w2):
+            if not p.data.transpose(1, 2).is_contiguous():
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.backend == "cpu":
+            self.transpose_storage()  # no-op unless the weights were replaced since
+            w13t, w2t = self.w13.transpose(1, 2), self.w2.transpose(1, 2)
+            return cpu_kernels.moe_experts(x, routing.topk_ids, routing.topk_weights, w13t, w2t)
         if self.backend == "triton":
             from workers.kernels.fused_moe import fused_moe
 

@@ -1,0 +1,69 @@
+/* 16-float vectors for the CPU kernels, as GCC/Clang vector extensions.
+ *
+ * One source for every x86-64 and ARM host: the compiler lowers a v16 to one AVX-512 register,
+ * two AVX2 ones or four NEON ones, whatever `-march=native` offers. Loads and stores go through
+ * a 4-byte-aligned, may-alias type, so any float pointer can be read or written as a vector.
+ */
+#ifndef PDS_VEC_H
+#define PDS_VEC_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), __may_alias__));
+
+#define PDS_BAD_INDEX 1
+#define PDS_NO_MEMORY 2
+
+static inline v16 ld(const float *p) { return *(const v16u *)p; }
+static inline void st(float *p, v16 v) { *(v16u *)p = v; }
+static inline v16 splat(float x) { return (v16){0} + x; }
+
+/* Lane-wise a where keep is set (all ones), else b. */
+static inline v16 vselect(v16i keep, v16 a, v16 b) {
+  return (v16)(((v16i)a & keep) | ((v16i)b & ~keep));
+}
+static inline v16 vmax(v16 a, v16 b) { return vselect(a > b, a, b); }
+static inline v16 vmin(v16 a, v16 b) { return vselect(a < b, a, b); }
+
+static inline float hsum(v16 v) {
+#if defined(__clang__)
+  v16 a = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  a += __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  a += __builtin_shufflevector(a, a, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  a += __builtin_shufflevector(a, a, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+#else
+  v16 a = v + __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  a += __builtin_shuffle(a, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+  a += __builtin_shuffle(a, (v16i){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+  a += __builtin_shuffle(a, (v16i){1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+#endif
+  return a[0];
+}
+
+/* exp on 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+ * (relative error under 2e-7 over the range), 2^n put into the exponent bits. Inputs are
+ * clamped to [-87, 88] (so -inf gives ~1.6e-38, not 0: callers keep finite inputs or mask). */
+static inline v16 exp16(v16 x) {
+  x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
+  v16 t = x * splat(1.44269504f) + splat(0.5f);
+  v16i n = __builtin_convertvector(t, v16i);
+  n -= (v16i)(__builtin_convertvector(n, v16) > t) & 1; /* floor, for negative t too */
+  v16 fn = __builtin_convertvector(n, v16);
+  v16 r = x - fn * splat(0.693145752f) - fn * splat(1.42860677e-06f);
+  v16 p = splat(1.0f / 720);
+  p = p * r + splat(1.0f / 120);
+  p = p * r + splat(1.0f / 24);
+  p = p * r + splat(1.0f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  v16i bits = (n + 127) << 23;
+  v16 scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+#endif
