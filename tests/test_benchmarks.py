@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from workers.kernels import cpu as cpu_kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,7 +31,8 @@ def test_offline_benchmark_prints_engine_and_transformers_rows() -> None:
         "--threads", "1",
     )  # fmt: skip
     lines = out.splitlines()
-    assert "decode attention torch" in lines[0] and "copy" in lines[0]
+    attention = "cpu" if cpu_kernels.available() else "torch"
+    assert f"decode attention {attention}" in lines[0] and "copy" in lines[0]
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["batch"])
     rows = [line.split() for line in lines[header + 1 : header + 3]]
     assert [r[0] for r in rows] == ["1", "2"] and all(len(r) == 7 for r in rows)

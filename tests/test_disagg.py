@@ -165,9 +165,19 @@ def test_dead_rank_fails_its_requests_and_the_pool_recovers(victim, launch_tiny)
                 r = await client.post(f"{server.url}/generate", json=body)
                 return {"status": r.status_code, "body": r.json()}
 
+            async def victim_busy(client: httpx.AsyncClient) -> bool:
+                stats = (await client.get(f"{server.url}/v1/stats")).json()["ranks"]
+                st = stats[roles.index(victim)]["stats"]
+                return st is not None and st["num_running"] + st["num_waiting"] > 0
+
             async with httpx.AsyncClient(timeout=60) as client:
                 tasks = [asyncio.ensure_future(one(client, p)) for p in prompts]
-                await asyncio.sleep(1.0)  # requests are prefilling, transferring, decoding
+                # Killed while it holds requests (a fixed delay raced the prefill rank, which
+                # can be done with all twelve prompts in a fraction of a second).
+                deadline = time.monotonic() + 30
+                while not await victim_busy(client):
+                    assert time.monotonic() < deadline, f"the {victim} rank never got work"
+                    await asyncio.sleep(0.01)
                 started = time.monotonic()
                 ray.kill(handle, no_restart=False)
                 results = await asyncio.gather(*tasks, return_exceptions=True)
