@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.ep.moe import EPContext, EPMoE
-from workers.kernels import cpu as cpu_kernels
 from workers.kernels import triton_available
 from workers.model.batch import AttentionMetadata, PromptScores
 from workers.model.config import ModelConfig
@@ -97,8 +96,8 @@ class DeepseekForCausalLM(nn.Module):
                 p.data = p.data.to(dtype)
         self.rope.to(device, torch.float32)
         backend = grouped_gemm_backends(device, dtype)[0]
-        # float32 on a CPU: the C kernels of workers.kernels.cpu where they build here.
-        use_c = device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available()
+        # float32 on a CPU where workers.kernels.cpu builds: its C kernels for all four parts.
+        use_c = backend == "cpu"
         attention = "triton" if device.type == "cuda" and triton_available() else "torch"
         attention = "cpu" if use_c else attention
         for module in self.modules():

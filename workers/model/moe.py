@@ -62,10 +62,10 @@ class Gate(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         if self.backend == "cpu" and self.has_cpu_kernel and logits.device.type == "cpu":
             assert self.e_score_correction_bias is not None
-            return Routing(*cpu_kernels.route_noaux_tc(
+            return cpu_kernels.route_noaux_tc(
                 logits, self.e_score_correction_bias.float(), self.n_group, self.topk_group,
                 self.top_k, self.norm_topk_prob, self.routed_scaling_factor,
-            ))  # fmt: skip
+            )  # fmt: skip
         num_tokens = logits.shape[0]
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
@@ -128,8 +128,10 @@ def grouped_gemm_backends(
     `triton` (the fused MoE kernel, CUDA), `cpu` (the C kernel, float32 on a CPU),
     `grouped_mm`, `loop`."""
     device = device or torch.device("cpu")
-    fused = ["triton"] if device.type == "cuda" and triton_available() else []
-    if device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available():
+    fused = []  # one call for sorting, both GEMMs and the activation
+    if device.type == "cuda" and triton_available():
+        fused = ["triton"]
+    elif device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available():
         fused = ["cpu"]
     usable = hasattr(torch, "_grouped_mm") and (
         device.type == "cpu"

@@ -5,7 +5,7 @@ fused loop over the KV cache replaces several torch ops and a gather, it is writ
 and compiled at first use with the system's C compiler (`$CC`, else `cc`) for the host's own
 instruction set (`-march=native`). The library goes to a cache folder
 (`$PDSERVE_KERNEL_CACHE`, default `~/.cache/pdserve/kernels`) under a name made from the
-source, the flags and the CPU, so each node of a cluster builds its own once (~0.3 s) and
+sources, the flags and the CPU, so each node of a cluster builds its own once (~1 s) and
 ranks starting together do not race (each writes a temporary file and renames it).
 
 No compiler, a failed build, or `PDSERVE_CPU_KERNELS=0`: `library()` is None and callers use
@@ -25,15 +25,18 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from workers.model.moe import Routing
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("mla_decode.c", "moe.c", "norm.c", "route.c")
 HEADERS = ("vec.h",)
-CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno")
+CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
 BAD_INDEX, NO_MEMORY = 1, 2
 
 
@@ -205,11 +208,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-class Routing(NamedTuple):
-    topk_ids: torch.Tensor  # [T, top_k] int64
-    topk_weights: torch.Tensor  # [T, top_k] float32
-
-
 def route_noaux_tc(
     logits: torch.Tensor,  # [T, E] float32 router logits
     bias: torch.Tensor,  # [E] float32 e_score_correction_bias
@@ -221,6 +219,8 @@ def route_noaux_tc(
 ) -> Routing:
     """DeepSeek-V3's `noaux_tc` routing from the router's logits (see `route.c`); the
     experts of a token come in descending order of their biased score."""
+    from workers.model.moe import Routing  # that module imports this one
+
     lib = _lib()
     _check_f32_cpu(logits=logits, bias=bias)
     num_tokens, num_experts = logits.shape
