@@ -24,6 +24,17 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def store_transposed(self) -> None:
+        """Keep the weight in memory as its transpose (see `transposed_storage`)."""
+        self.weight.data = transposed_storage(self.weight.data)
+
+
+def transposed_storage(w: torch.Tensor) -> torch.Tensor:
+    """`w` (2-D) with the same shape and values, as a view of a contiguous `w.T`: what the CPU
+    kernels read (`w.t()` is then contiguous, `[in, out]`). torch's GEMMs take either layout
+    at the same speed, so the torch paths are unchanged."""
+    return w if w.t().is_contiguous() else w.t().contiguous().t()
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -43,10 +54,15 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def fuse_linears(*linears: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fuse_linears(
+    *linears: Linear, transposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) stacking `linears`' outputs; each linear's own weight becomes a
-    view into it, so the memory is not doubled and the checkpoint names keep working."""
+    view into it, so the memory is not doubled and the checkpoint names keep working.
+    `transposed`: the fused weight is kept as `transposed_storage`."""
     weight = torch.cat([lin.weight.data for lin in linears])
+    if transposed:
+        weight = transposed_storage(weight)
     has_bias = [lin.bias is not None for lin in linears]
     bias = (
         torch.cat([lin.bias.data for lin in linears if lin.bias is not None])
@@ -74,12 +90,26 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self._gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # (w13t, w2t) once `use_cpu_kernel` ran: the C kernel's transposed weights.
+        self.cpu_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def fuse(self) -> None:
+    def fuse(self, transposed: bool = False) -> None:
         """Run gate and up as one GEMM from now on (call after the weights are in place)."""
-        self._gate_up = fuse_linears(self.gate_proj, self.up_proj)
+        self._gate_up = fuse_linears(self.gate_proj, self.up_proj, transposed=transposed)
+
+    def use_cpu_kernel(self) -> None:
+        """Run as `workers.kernels.cpu.mlp` (float32 CPU weights without biases): the weights
+        are kept transposed, the module's parameters stay views of them."""
+        if self.down_proj.bias is not None or self.gate_proj.bias is not None:
+            return
+        self.fuse(transposed=True)
+        self.down_proj.store_transposed()
+        assert self._gate_up is not None
+        self.cpu_weights = (self._gate_up[0].t(), self.down_proj.weight.t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_weights is not None and x.dtype == torch.float32:
+            return cpu_kernels.mlp(x, *self.cpu_weights)
         if self._gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate, up = F.linear(x, *self._gate_up).chunk(2, dim=-1)

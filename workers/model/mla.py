@@ -50,12 +50,38 @@ class MLAttention(nn.Module):
         # Decode attention: "torch" (any device), "triton" (workers.kernels.mla_decode) or
         # "cpu" (workers.kernels.cpu, float32 CPU tensors).
         self.decode_backend = "torch"
+        # A decode-only batch's whole block in one C call (`use_cpu_block`), else None.
+        self.cpu_block: cpu_kernels.MLABlock | None = None
 
-    def fuse(self) -> None:
-        """Run q_a_proj and kv_a_proj_with_mqa (both read the hidden state) as one GEMM from
-        now on (call after the weights are in place)."""
+    def fuse(self, transposed: bool = False) -> None:
+        """Run q_a_proj (or q_proj) and kv_a_proj_with_mqa, which both read the hidden state,
+        as one GEMM from now on (call after the weights are in place)."""
+        first = self.q_a_proj if self.q_proj is None else self.q_proj
+        self._qkv_a = fuse_linears(first, self.kv_a_proj_with_mqa, transposed=transposed)
+
+    def use_cpu_block(self, rope: RotaryEmbedding) -> None:
+        """Run decode-only batches as one `workers.kernels.cpu.MLABlock` call (float32 CPU
+        weights, no biases); the projections' weights are kept transposed for it, their
+        parameters stay views. Batches with a prefill keep the torch path."""
+        linears = [self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj]
+        linears += [self.q_proj] if self.q_proj is not None else [self.q_a_proj, self.q_b_proj]
+        if any(lin.bias is not None for lin in linears if lin is not None):
+            return
+        self.fuse(transposed=True)
+        assert self._qkv_a is not None
+        self.o_proj.store_transposed()
+        q_norm = w_qb_t = None
         if self.q_proj is None:
-            self._qkv_a = fuse_linears(self.q_a_proj, self.kv_a_proj_with_mqa)
+            self.q_b_proj.store_transposed()
+            q_norm, w_qb_t = self.q_a_layernorm.weight.data, self.q_b_proj.weight.t()
+        self.cpu_block = cpu_kernels.MLABlock(
+            heads=self.num_heads, nope=self.nope_dim, rope=self.rope_dim, v=self.v_dim,
+            kv_lora=self.kv_lora_rank, w_a_t=self._qkv_a[0].t(), q_norm=q_norm, w_qb_t=w_qb_t,
+            kv_norm=self.kv_a_layernorm.weight.data, w_kvb=self.kv_b_proj.weight.data,
+            w_o_t=self.o_proj.weight.t(), cos=rope.cos, sin=rope.sin,
+            q_norm_eps=self.q_a_layernorm.eps if self.q_proj is None else 0.0,
+            kv_norm_eps=self.kv_a_layernorm.eps, scale=self.scale, interleave=rope.interleave,
+        )  # fmt: skip
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`W_UK: [heads, nope, kv_lora]` and `W_UV: [heads, v, kv_lora]` views of kv_b_proj."""
@@ -71,14 +97,20 @@ class MLAttention(nn.Module):
         kv_cache: torch.Tensor,  # [num_slots, kv_lora + rope] of this layer
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        if self.q_proj is not None:
+        if self.cpu_block is not None and not meta.prefills and kv_cache.dtype == x.dtype:
+            return self.cpu_block(
+                x, meta.positions, meta.out_slots, kv_cache, meta.block_table, meta.seq_lens,
+                meta.page_size,
+            )  # fmt: skip
+        if self._qkv_a is not None:
+            first = self.q_a_proj if self.q_proj is None else self.q_proj
+            q_a, kv_a = F.linear(x, *self._qkv_a).split(
+                [first.weight.shape[0], self.kv_lora_rank + self.rope_dim], dim=-1
+            )
+            q = q_a if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(q_a))
+        elif self.q_proj is not None:
             q = self.q_proj(x)
             kv_a = self.kv_a_proj_with_mqa(x)
-        elif self._qkv_a is not None:
-            q_a, kv_a = F.linear(x, *self._qkv_a).split(
-                [self.q_a_proj.weight.shape[0], self.kv_lora_rank + self.rope_dim], dim=-1
-            )
-            q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
             kv_a = self.kv_a_proj_with_mqa(x)

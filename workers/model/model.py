@@ -111,6 +111,14 @@ class DeepseekForCausalLM(nn.Module):
                 module.decode_backend = attention
             elif isinstance(module, RMSNorm | Gate):
                 module.backend = "cpu" if use_c else "torch"
+        if use_c:  # whole blocks as one C call each (decode-only batches for attention)
+            for module in self.modules():
+                if isinstance(module, MLAttention):
+                    module.use_cpu_block(self.rope)
+                elif isinstance(module, MoE):
+                    module.use_cpu_kernel()
+                elif isinstance(module, DecoderLayer) and isinstance(module.mlp, MLP):
+                    module.mlp.use_cpu_kernel()
         return self
 
     def record_expert_load(self, load: ExpertLoad | None) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from workers.kernels import cpu as cpu_kernels
 from workers.kernels import triton_available
 from workers.model.config import ModelConfig
-from workers.model.layers import MLP, empty_param
+from workers.model.layers import MLP, empty_param, transposed_storage
 
 
 class Routing(NamedTuple):
@@ -261,8 +261,27 @@ class MoE(nn.Module):
             self.shared_experts = MLP(
                 cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias
             )
+        self.cpu_kernel = False  # the whole layer as one workers.kernels.cpu.moe_block call
+
+    def use_cpu_kernel(self) -> None:
+        """Run the whole layer as one `workers.kernels.cpu.moe_block` call where it applies:
+        V3 routing (`Gate.has_cpu_kernel`), float32 routed experts on the `cpu` backend, shared
+        experts without biases. The router weight is kept transposed (its parameter a view)."""
+        shared = self.shared_experts
+        if shared is not None:
+            shared.use_cpu_kernel()
+        self.cpu_kernel = (
+            self.gate.has_cpu_kernel
+            and self.experts.backend == "cpu"
+            and self.experts.w13.dtype == torch.float32
+            and (shared is None or shared.cpu_weights is not None)
+        )
+        if self.cpu_kernel:
+            self.gate.weight.data = transposed_storage(self.gate.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel and x.dtype == torch.float32:
+            return self._forward_cpu(x)
         routing = self.gate(x)
         if self.load is not None:
             self.load.record(self.layer_idx, routing.topk_ids)
@@ -270,3 +289,15 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        gate, experts = self.gate, self.experts
+        assert gate.e_score_correction_bias is not None
+        experts.transpose_storage()  # no-op unless the weights were replaced since
+        shared = None if self.shared_experts is None else self.shared_experts.cpu_weights
+        load = None if self.load is None else self.load.counts[self.layer_idx]
+        return cpu_kernels.moe_block(
+            x, gate.weight.t(), gate.e_score_correction_bias.data, gate.n_group,
+            gate.topk_group, gate.top_k, gate.norm_topk_prob, gate.routed_scaling_factor,
+            experts.w13.transpose(1, 2), experts.w2.transpose(1, 2), shared, load,
+        )  # fmt: skip

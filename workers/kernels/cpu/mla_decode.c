@@ -18,32 +18,8 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "vec.h"
-
-static float dot(const float *a, const float *b, int64_t n) {
-  v16 acc = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc += ld(a + i) * ld(b + i);
-  float s = hsum(acc);
-  for (; i < n; i++) s += a[i] * b[i];
-  return s;
-}
-
-/* out[h] = a[h] . b for four rows a[h] = a + h * lda: b is loaded once for all four. */
-static void dot4(const float *a, int64_t lda, const float *b, int64_t n, float *out) {
-  v16 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v16 x = ld(b + i);
-    acc0 += ld(a + i) * x;
-    acc1 += ld(a + lda + i) * x;
-    acc2 += ld(a + 2 * lda + i) * x;
-    acc3 += ld(a + 3 * lda + i) * x;
-  }
-  out[0] = hsum(acc0), out[1] = hsum(acc1), out[2] = hsum(acc2), out[3] = hsum(acc3);
-  for (; i < n; i++)
-    for (int h = 0; h < 4; h++) out[h] += a[h * lda + i] * b[i];
-}
 
 static void axpy(float *y, float alpha, const float *x, int64_t n) {
   int64_t i = 0;
@@ -79,6 +55,50 @@ static float exp_shifted(float *s, int64_t n, float max) {
   return total;
 }
 
+/* One request: out[h] for its H query rows `q: [H, dim]` over its `len` cached rows, whose
+ * pages are `pages[0 .. ceil(len / page_size))`. scores: scratch [H * (len + 1)]. */
+int pds_mla_attend_f32(const float *q, const float *cache, int64_t num_slots,
+                       const int32_t *pages, int64_t len, int64_t num_heads, int64_t dim,
+                       int64_t kv_lora_rank, int64_t page_size, float scale, float *scores,
+                       float *out) {
+  memset(out, 0, sizeof(float) * (size_t)(num_heads * kv_lora_rank));
+  if (len <= 0) return 0;
+  const int64_t num_pages = num_slots / page_size;
+  const int64_t used_pages = (len + page_size - 1) / page_size;
+  for (int64_t p = 0; p < used_pages; p++)
+    if (pages[p] < 0 || pages[p] >= num_pages) return PDS_BAD_INDEX;
+  float *inv_sums = scores + num_heads * len;
+
+  /* Scores of every head against each row: [H, len]. */
+  for (int64_t j = 0; j < len; j++) {
+    const float *row = cache + ((int64_t)pages[j / page_size] * page_size + j % page_size) * dim;
+    int64_t h = 0;
+    for (; h + 4 <= num_heads; h += 4) {
+      float s4[4];
+      dot4(q + h * dim, dim, row, dim, s4);
+      for (int i = 0; i < 4; i++) scores[(h + i) * len + j] = scale * s4[i];
+    }
+    for (; h < num_heads; h++) scores[h * len + j] = scale * dot(q + h * dim, row, dim);
+  }
+  /* Softmax per head: unnormalized weights in place, 1 / sum kept for the end. */
+  for (int64_t h = 0; h < num_heads; h++) {
+    float *s = scores + h * len;
+    inv_sums[h] = 1.0f / exp_shifted(s, len, max_of(s, len));
+  }
+  /* Values: out[h] += w[h, j] * row[:kv_lora_rank], row-major so each row is read once. */
+  for (int64_t j = 0; j < len; j++) {
+    const float *row = cache + ((int64_t)pages[j / page_size] * page_size + j % page_size) * dim;
+    for (int64_t h = 0; h < num_heads; h++)
+      axpy(out + h * kv_lora_rank, scores[h * len + j], row, kv_lora_rank);
+  }
+  for (int64_t h = 0; h < num_heads; h++) {
+    float *o = out + h * kv_lora_rank;
+    const float inv = inv_sums[h];
+    for (int64_t r = 0; r < kv_lora_rank; r++) o[r] *= inv;
+  }
+  return 0;
+}
+
 int pds_mla_decode_f32(const float *q,              /* [B, H, D] */
                        const float *cache,          /* [num_slots, D] */
                        int64_t num_slots,
@@ -90,57 +110,14 @@ int pds_mla_decode_f32(const float *q,              /* [B, H, D] */
                        float *out)                  /* [B, H, kv_lora_rank] */
 {
   const int64_t max_len = max_pages * page_size;
-  /* [H, max_len] scores, then [H] inverse sums. */
   float *scores = malloc(sizeof(float) * (size_t)(num_heads * (max_len + 1)));
   if (!scores) return PDS_NO_MEMORY;
-  float *inv_sums = scores + num_heads * max_len;
-  const int64_t num_pages = num_slots / page_size;
   int status = 0;
-
   for (int64_t b = 0; b < num_reqs && !status; b++) {
-    const float *qb = q + b * num_heads * dim;
-    float *ob = out + b * num_heads * kv_lora_rank;
-    memset(ob, 0, sizeof(float) * (size_t)(num_heads * kv_lora_rank));
-    int64_t len = seq_lens[b];
-    if (len <= 0) continue;
-    if (len > max_len) len = max_len;
-    const int32_t *pages = block_table + b * max_pages;
-    const int64_t used_pages = (len + page_size - 1) / page_size;
-    for (int64_t p = 0; p < used_pages; p++) {
-      if (pages[p] < 0 || pages[p] >= num_pages) {
-        status = PDS_BAD_INDEX;
-        break;
-      }
-    }
-    if (status) break;
-
-    /* Scores of every head against each row: [H, len]. */
-    for (int64_t j = 0; j < len; j++) {
-      const float *row = cache + ((int64_t)pages[j / page_size] * page_size + j % page_size) * dim;
-      int64_t h = 0;
-      for (; h + 4 <= num_heads; h += 4) {
-        float s4[4];
-        dot4(qb + h * dim, dim, row, dim, s4);
-        for (int i = 0; i < 4; i++) scores[(h + i) * len + j] = scale * s4[i];
-      }
-      for (; h < num_heads; h++) scores[h * len + j] = scale * dot(qb + h * dim, row, dim);
-    }
-    /* Softmax per head: unnormalized weights in place, 1 / sum kept for the end. */
-    for (int64_t h = 0; h < num_heads; h++) {
-      float *s = scores + h * len;
-      inv_sums[h] = 1.0f / exp_shifted(s, len, max_of(s, len));
-    }
-    /* Values: out[h] += w[h, j] * row[:kv_lora_rank], row-major so each row is read once. */
-    for (int64_t j = 0; j < len; j++) {
-      const float *row = cache + ((int64_t)pages[j / page_size] * page_size + j % page_size) * dim;
-      for (int64_t h = 0; h < num_heads; h++)
-        axpy(ob + h * kv_lora_rank, scores[h * len + j], row, kv_lora_rank);
-    }
-    for (int64_t h = 0; h < num_heads; h++) {
-      float *o = ob + h * kv_lora_rank;
-      const float inv = inv_sums[h];
-      for (int64_t r = 0; r < kv_lora_rank; r++) o[r] *= inv;
-    }
+    int64_t len = seq_lens[b] < max_len ? seq_lens[b] : max_len;
+    status = pds_mla_attend_f32(q + b * num_heads * dim, cache, num_slots,
+                                block_table + b * max_pages, len, num_heads, dim, kv_lora_rank,
+                                page_size, scale, scores, out + b * num_heads * kv_lora_rank);
   }
   free(scores);
   return status;

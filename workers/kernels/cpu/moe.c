@@ -12,56 +12,9 @@
  * Returns 0, PDS_BAD_INDEX when an id is outside [0, E) (out is then unspecified), or
  * PDS_NO_MEMORY.
  */
-#include <math.h>
 #include <stdlib.h>
 
-#include "vec.h"
-
-#define TILE_ROWS 4
-
-/* c[r, :n] = sum_k a[r][k] * b[k, :n] for r < rows <= TILE_ROWS, n <= 64 (b's rows ldb apart).
- * Missing rows read row 0 and are not stored. */
-static void tile(int rows, const float *const *a, int64_t K, const float *b, int64_t ldb,
-                 int64_t n, float *c, int64_t ldc) {
-  const float *a0 = a[0], *a1 = a[rows > 1], *a2 = a[rows > 2 ? 2 : 0], *a3 = a[rows > 3 ? 3 : 0];
-  if (n == 64) {
-    v16 c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0}, c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
-    v16 c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0}, c30 = {0}, c31 = {0}, c32 = {0}, c33 = {0};
-    for (int64_t k = 0; k < K; k++) {
-      const float *bk = b + k * ldb;
-      v16 b0 = ld(bk), b1 = ld(bk + 16), b2 = ld(bk + 32), b3 = ld(bk + 48);
-      v16 x = splat(a0[k]);
-      c00 += x * b0, c01 += x * b1, c02 += x * b2, c03 += x * b3;
-      x = splat(a1[k]);
-      c10 += x * b0, c11 += x * b1, c12 += x * b2, c13 += x * b3;
-      x = splat(a2[k]);
-      c20 += x * b0, c21 += x * b1, c22 += x * b2, c23 += x * b3;
-      x = splat(a3[k]);
-      c30 += x * b0, c31 += x * b1, c32 += x * b2, c33 += x * b3;
-    }
-    v16 acc[TILE_ROWS][4] = {
-        {c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
-    for (int r = 0; r < rows; r++)
-      for (int i = 0; i < 4; i++) st(c + r * ldc + 16 * i, acc[r][i]);
-    return;
-  }
-  for (int r = 0; r < rows; r++) {
-    const float *ar = a[r];
-    float *cr = c + r * ldc;
-    memset(cr, 0, sizeof(float) * (size_t)n);
-    for (int64_t k = 0; k < K; k++) {
-      const float *bk = b + k * ldb;
-      for (int64_t j = 0; j < n; j++) cr[j] += ar[k] * bk[j];
-    }
-  }
-}
-
-/* c[r, :N] = a[r] @ b, b: [K, N] row-major, in column blocks of 64. */
-static void gemm_rows(int rows, const float *const *a, int64_t K, const float *b, int64_t N,
-                      float *c, int64_t ldc) {
-  for (int64_t n = 0; n < N; n += 64)
-    tile(rows, a, K, b + n, N, N - n < 64 ? N - n : 64, c + n, ldc);
-}
+#include "gemm.h"
 
 int pds_moe_experts_f32(const float *x,        /* [T, hidden] */
                         int64_t num_tokens, int64_t hidden,
@@ -96,29 +49,15 @@ int pds_moe_experts_f32(const float *x,        /* [T, hidden] */
     const float *w2 = w2t + e * inter * hidden;
     for (int64_t i = starts[e]; i < starts[e + 1]; i += TILE_ROWS) {
       int rows = starts[e + 1] - i < TILE_ROWS ? (int)(starts[e + 1] - i) : TILE_ROWS;
-      const float *xr[TILE_ROWS], *act[TILE_ROWS];
-      for (int r = 0; r < rows; r++) xr[r] = x + (order[i + r] / top_k) * hidden;
-      gemm_rows(rows, xr, hidden, w13, 2 * inter, gate_up, 2 * inter);
-      /* act = silu(gate) * up * weight, written over the gate half. */
+      const float *xr[TILE_ROWS];
+      float scale[TILE_ROWS];
       for (int r = 0; r < rows; r++) {
-        float *g = gate_up + r * 2 * inter, *u = g + inter;
-        const float w = weights[order[i + r]];
-        int64_t j = 0;
-        for (; j + 16 <= inter; j += 16) {
-          v16 gv = ld(g + j);
-          st(g + j, gv / (splat(1.0f) + exp16(-gv)) * ld(u + j) * splat(w));
-        }
-        for (; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j] * w;
-        act[r] = g;
+        xr[r] = x + (order[i + r] / top_k) * hidden;
+        scale[r] = weights[order[i + r]];
       }
-      gemm_rows(rows, act, inter, w2, hidden, down, hidden);
-      for (int r = 0; r < rows; r++) {
-        float *o = out + (order[i + r] / top_k) * hidden;
-        const float *d = down + r * hidden;
-        int64_t j = 0;
-        for (; j + 16 <= hidden; j += 16) st(o + j, ld(o + j) + ld(d + j));
-        for (; j < hidden; j++) o[j] += d[j];
-      }
+      swiglu_rows(rows, xr, hidden, w13, w2, inter, scale, gate_up, down);
+      for (int r = 0; r < rows; r++)
+        add_to(out + (order[i + r] / top_k) * hidden, down + r * hidden, hidden);
     }
   }
   free(starts);

@@ -43,6 +43,31 @@ static inline float hsum(v16 v) {
   return a[0];
 }
 
+static inline float dot(const float *a, const float *b, int64_t n) {
+  v16 acc = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc += ld(a + i) * ld(b + i);
+  float s = hsum(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* out[h] = a[h] . b for four rows a[h] = a + h * lda: b is loaded once for all four. */
+static inline void dot4(const float *a, int64_t lda, const float *b, int64_t n, float *out) {
+  v16 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v16 x = ld(b + i);
+    acc0 += ld(a + i) * x;
+    acc1 += ld(a + lda + i) * x;
+    acc2 += ld(a + 2 * lda + i) * x;
+    acc3 += ld(a + 3 * lda + i) * x;
+  }
+  out[0] = hsum(acc0), out[1] = hsum(acc1), out[2] = hsum(acc2), out[3] = hsum(acc3);
+  for (; i < n; i++)
+    for (int h = 0; h < 4; h++) out[h] += a[h * lda + i] * b[i];
+}
+
 /* exp on 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
  * (relative error under 2e-7 over the range), 2^n put into the exponent bits. Inputs are
  * clamped to [-87, 88] (so -inf gives ~1.6e-38, not 0: callers keep finite inputs or mask). */

@@ -1,0 +1,188 @@
+/* Whole blocks of a decoder layer for a decode batch, float32, for CPUs: the attention block
+ * (MLA, absorbed form) and the feed-forward blocks (dense SwiGLU; V3 MoE with its router,
+ * routed and shared experts), each in one call.
+ *
+ * Why: on a CPU a decode step of a small model is bound by per-op overhead. The torch path
+ * runs some fifty ops per layer (views, splits, cats, rope, small GEMMs), each paying Python
+ * and dispatcher costs of a few microseconds; here a layer is four calls. The GEMMs are the
+ * register-tiled ones of gemm.h over weights stored transposed (`[in, out]`).
+ */
+#include <stdlib.h>
+
+#include "gemm.h"
+#include "kernels.h"
+
+/* The attention weights and shapes of one layer, fixed once the model is placed. */
+struct pds_mla_weights {
+  int64_t hidden, q_lora, heads, nope, rope, v, kv_lora; /* q_lora 0: no q compression */
+  int64_t max_positions;
+  const float *w_a_t;   /* [hidden, qa + kv_lora + rope]: q_a (or q) and kv_a, fused */
+  const float *q_norm;  /* [q_lora], or NULL */
+  const float *w_qb_t;  /* [q_lora, heads * (nope + rope)], or NULL */
+  const float *kv_norm; /* [kv_lora] */
+  const float *w_kvb;   /* [heads, nope + v, kv_lora]: W_UK rows, then W_UV rows */
+  const float *w_o_t;   /* [heads * v, hidden] */
+  const float *cos;     /* [max_positions, rope / 2], attention factor applied */
+  const float *sin;
+  float q_norm_eps, kv_norm_eps, scale;
+  int32_t interleave; /* rope pairs (2i, 2i+1) rather than (i, i + rope/2) */
+};
+
+/* Rotate x[:rope] at one position into out in "half" layout (the torch path's). */
+static void rotate(const struct pds_mla_weights *w, const float *x, int64_t pos, float *out) {
+  const int64_t half = w->rope / 2;
+  const float *c = w->cos + pos * half, *s = w->sin + pos * half;
+  for (int64_t i = 0; i < half; i++) {
+    const float x1 = w->interleave ? x[2 * i] : x[i];
+    const float x2 = w->interleave ? x[2 * i + 1] : x[half + i];
+    out[i] = x1 * c[i] - x2 * s[i];
+    out[half + i] = x2 * c[i] + x1 * s[i];
+  }
+}
+
+/* out[b] = o_proj(attention of token b) for a batch of decode tokens, one per request:
+ *
+ *   a = x @ w_a; q = q_b(norm(a[:q_lora])) (or a[:qa]); c_kv = norm(a[qa:qa + kv_lora])
+ *   cache[slot] = [c_kv, rope(k_pe)]; q_full[h] = [q_nope[h] @ W_UK[h], rope(q_pe[h])]
+ *   latent[h] = softmax(scale * q_full[h] . cache[ctx]) @ cache[ctx, :kv_lora]
+ *   out = concat_h(W_UV[h] @ latent[h]) @ w_o
+ *
+ * Every token's cache row is written before any attention reads (a token sees itself).
+ * Returns 0, PDS_BAD_INDEX (a slot, page or position outside its table; the cache may then be
+ * partly written) or PDS_NO_MEMORY. */
+int pds_mla_block_f32(const struct pds_mla_weights *w,
+                      const float *x, int64_t num_tokens, /* [B, hidden], normed */
+                      const int64_t *positions, const int64_t *out_slots, /* [B] */
+                      float *cache, int64_t num_slots,    /* [num_slots, kv_lora + rope] */
+                      const int32_t *block_table, int64_t max_pages, /* [B, max_pages] */
+                      const int32_t *seq_lens, int64_t page_size,    /* [B] */
+                      float *out)                                     /* [B, hidden] */
+{
+  const int64_t H = w->heads, qk = w->nope + w->rope, dim = w->kv_lora + w->rope;
+  const int64_t qa = w->q_lora ? w->q_lora : H * qk, na = qa + w->kv_lora + w->rope;
+  const int64_t max_len = max_pages * page_size;
+  float *q_full = malloc(sizeof(float) * (size_t)(num_tokens * H * dim + TILE_ROWS * na +
+                                                  TILE_ROWS * H * qk + H * (max_len + 1) +
+                                                  H * w->kv_lora + TILE_ROWS * H * w->v));
+  if (!q_full) return PDS_NO_MEMORY;
+  float *a = q_full + num_tokens * H * dim, *q = a + TILE_ROWS * na, *scores = q + TILE_ROWS * H * qk;
+  float *latent = scores + H * (max_len + 1), *o = latent + H * w->kv_lora;
+  int status = 0;
+
+  for (int64_t b0 = 0; b0 < num_tokens && !status; b0 += TILE_ROWS) {
+    const int rows = num_tokens - b0 < TILE_ROWS ? (int)(num_tokens - b0) : TILE_ROWS;
+    const float *xr[TILE_ROWS], *qr[TILE_ROWS];
+    for (int r = 0; r < rows; r++) xr[r] = x + (b0 + r) * w->hidden;
+    gemm_rows(rows, xr, w->hidden, w->w_a_t, na, a, na);
+    if (w->q_lora) {
+      for (int r = 0; r < rows; r++) {
+        pds_rms_norm_f32(a + r * na, na, w->q_norm, 1, w->q_lora, w->q_norm_eps, a + r * na);
+        xr[r] = a + r * na;
+      }
+      gemm_rows(rows, xr, w->q_lora, w->w_qb_t, H * qk, q, H * qk);
+      for (int r = 0; r < rows; r++) qr[r] = q + r * H * qk;
+    } else {
+      for (int r = 0; r < rows; r++) qr[r] = a + r * na;
+    }
+    for (int r = 0; r < rows; r++) {
+      const int64_t b = b0 + r, pos = positions[b], slot = out_slots[b];
+      if (pos < 0 || pos >= w->max_positions || slot < 0 || slot >= num_slots) {
+        status = PDS_BAD_INDEX;
+        break;
+      }
+      const float *ar = a + r * na;
+      float *row = cache + slot * dim;
+      pds_rms_norm_f32(ar + qa, na, w->kv_norm, 1, w->kv_lora, w->kv_norm_eps, row);
+      rotate(w, ar + qa + w->kv_lora, pos, row + w->kv_lora);
+      for (int64_t h = 0; h < H; h++) {
+        const float *qn = qr[r] + h * qk;
+        const float *w_uk = w->w_kvb + h * (w->nope + w->v) * w->kv_lora;
+        float *qf = q_full + (b * H + h) * dim;
+        memset(qf, 0, sizeof(float) * (size_t)w->kv_lora);
+        for (int64_t i = 0; i < w->nope; i++) {
+          const v16 s = splat(qn[i]);
+          const float *wr = w_uk + i * w->kv_lora;
+          int64_t j = 0;
+          for (; j + 16 <= w->kv_lora; j += 16) st(qf + j, ld(qf + j) + s * ld(wr + j));
+          for (; j < w->kv_lora; j++) qf[j] += qn[i] * wr[j];
+        }
+        rotate(w, qn + w->nope, pos, qf + w->kv_lora);
+      }
+    }
+  }
+  for (int64_t b0 = 0; b0 < num_tokens && !status; b0 += TILE_ROWS) {
+    const int rows = num_tokens - b0 < TILE_ROWS ? (int)(num_tokens - b0) : TILE_ROWS;
+    const float *orows[TILE_ROWS];
+    for (int r = 0; r < rows && !status; r++) {
+      const int64_t b = b0 + r, len = seq_lens[b] < max_len ? seq_lens[b] : max_len;
+      status = pds_mla_attend_f32(q_full + b * H * dim, cache, num_slots,
+                                  block_table + b * max_pages, len, H, dim, w->kv_lora,
+                                  page_size, w->scale, scores, latent);
+      float *orow = o + r * H * w->v;
+      for (int64_t h = 0; h < H; h++) {
+        const float *w_uv = w->w_kvb + (h * (w->nope + w->v) + w->nope) * w->kv_lora;
+        const float *lat = latent + h * w->kv_lora;
+        int64_t j = 0;
+        for (; j + 4 <= w->v; j += 4) dot4(w_uv + j * w->kv_lora, w->kv_lora, lat, w->kv_lora, orow + h * w->v + j);
+        for (; j < w->v; j++) orow[h * w->v + j] = dot(w_uv + j * w->kv_lora, lat, w->kv_lora);
+      }
+      orows[r] = orow;
+    }
+    if (!status) gemm_rows(rows, orows, H * w->v, w->w_o_t, w->hidden, out + b0 * w->hidden, w->hidden);
+  }
+  free(q_full);
+  return status;
+}
+
+/* Dense SwiGLU over rows of x (ldx apart): out[t] (+)= down(silu(gate(x_t)) * up(x_t)),
+ * w13t: [hidden, 2 * inter], w2t: [inter, hidden]; `accumulate` adds into out. */
+int pds_mlp_f32(const float *x, int64_t ldx, int64_t num_tokens, int64_t hidden,
+                const float *w13t, const float *w2t, int64_t inter, int accumulate, float *out) {
+  float *buf = malloc(sizeof(float) * (size_t)(TILE_ROWS * (2 * inter + hidden)));
+  if (!buf) return PDS_NO_MEMORY;
+  float *down = buf + TILE_ROWS * 2 * inter;
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += TILE_ROWS) {
+    const int rows = num_tokens - t0 < TILE_ROWS ? (int)(num_tokens - t0) : TILE_ROWS;
+    const float *xr[TILE_ROWS];
+    for (int r = 0; r < rows; r++) xr[r] = x + (t0 + r) * ldx;
+    swiglu_rows(rows, xr, hidden, w13t, w2t, inter, NULL, buf, accumulate ? down : out + t0 * hidden);
+    if (accumulate)
+      for (int r = 0; r < rows; r++) add_to(out + (t0 + r) * hidden, down + r * hidden, hidden);
+  }
+  free(buf);
+  return 0;
+}
+
+/* A V3 MoE layer (noaux_tc routing) for rows of x: the router GEMM (gate_t: [hidden, E]),
+ * routing, the routed experts and the shared experts (shared_inter 0: none), summed into
+ * out [T, hidden]. load ([E] int64, or NULL) counts each routed pick. */
+int pds_moe_block_f32(const float *x, int64_t num_tokens, int64_t hidden,
+                      const float *gate_t, const float *bias, int64_t num_experts,
+                      int64_t num_groups, int64_t topk_group, int64_t top_k, int norm,
+                      float scaling, const float *w13t, const float *w2t, int64_t inter,
+                      const float *shared13t, const float *shared2t, int64_t shared_inter,
+                      int64_t *load, float *out) {
+  float *logits = malloc(sizeof(float) * (size_t)(num_tokens * (num_experts + top_k) + 1));
+  int64_t *ids = malloc(sizeof(int64_t) * (size_t)(num_tokens * top_k + 1));
+  int status = (logits && ids) ? 0 : PDS_NO_MEMORY;
+  float *weights = logits + num_tokens * num_experts;
+  for (int64_t t0 = 0; t0 < num_tokens && !status; t0 += TILE_ROWS) {
+    const int rows = num_tokens - t0 < TILE_ROWS ? (int)(num_tokens - t0) : TILE_ROWS;
+    const float *xr[TILE_ROWS];
+    for (int r = 0; r < rows; r++) xr[r] = x + (t0 + r) * hidden;
+    gemm_rows(rows, xr, hidden, gate_t, num_experts, logits + t0 * num_experts, num_experts);
+  }
+  if (!status)
+    status = pds_route_noaux_tc_f32(logits, bias, num_tokens, num_experts, num_groups,
+                                    topk_group, top_k, norm, scaling, ids, weights);
+  if (!status && load)
+    for (int64_t p = 0; p < num_tokens * top_k; p++) load[ids[p]]++;
+  if (!status)
+    status = pds_moe_experts_f32(x, num_tokens, hidden, ids, weights, top_k, w13t, w2t,
+                                 num_experts, inter, out);
+  if (!status && shared_inter)
+    status = pds_mlp_f32(x, hidden, num_tokens, hidden, shared13t, shared2t, shared_inter, 1, out);
+  free(logits);
+  free(ids);
+  return status;
+}
