@@ -140,7 +140,8 @@ class Engine:
 
     def fast_path(self) -> str:
         """Which implementations this rank runs, in words (for logs and benchmarks)."""
-        attention = {m.decode_backend for m in self.model.modules() if isinstance(m, MLAttention)}
+        attn = [m for m in self.model.modules() if isinstance(m, MLAttention)]
+        attention = {m.decode_backend for m in attn}
         experts = [m for m in self.model.modules() if isinstance(m, RoutedExperts)]
         parts = [f"decode attention {'/'.join(sorted(attention)) or 'none'}"]
         if experts:
@@ -148,6 +149,8 @@ class Engine:
             parts.append(f"experts {experts[0].backend}{fp8}")
         elif self.ep is not None:
             parts.append(f"EP experts {self.grouped_gemm}")
+        if any(m.cpu_block is not None for m in attn):
+            parts.append("decode blocks in C")
         graphs = self.graphs
         parts.append(f"CUDA graphs up to batch {graphs.max_batch}" if graphs else "no CUDA graphs")
         return ", ".join(parts)
