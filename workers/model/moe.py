@@ -280,7 +280,9 @@ class MoE(nn.Module):
             self.gate.weight.data = transposed_storage(self.gate.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel and x.dtype == torch.float32:
+        # Padded static batches (`valid_rows`) count only their real rows: the per-op path.
+        counting_all = self.load is None or self.load.valid_rows is None
+        if self.cpu_kernel and x.dtype == torch.float32 and counting_all:
             return self._forward_cpu(x)
         routing = self.gate(x)
         if self.load is not None:
