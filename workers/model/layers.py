@@ -98,13 +98,15 @@ class MLP(nn.Module):
         self._gate_up = fuse_linears(self.gate_proj, self.up_proj, transposed=transposed)
 
     def use_cpu_kernel(self) -> None:
-        """Run as `workers.kernels.cpu.mlp` (float32 CPU weights without biases): the weights
-        are kept transposed, the module's parameters stay views of them."""
+        """Run as `workers.kernels.cpu.mlp` (float32 CPU weights without biases), after
+        `fuse(transposed=True)`: the weights are kept transposed, the module's parameters stay
+        views of them."""
         if self.down_proj.bias is not None or self.gate_proj.bias is not None:
             return
-        self.fuse(transposed=True)
+        assert self._gate_up is not None and self._gate_up[0].t().is_contiguous(), (
+            "fuse(transposed=True) first"
+        )
         self.down_proj.store_transposed()
-        assert self._gate_up is not None
         self.cpu_weights = (self._gate_up[0].t(), self.down_proj.weight.t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,14 +61,16 @@ class MLAttention(nn.Module):
 
     def use_cpu_block(self, rope: RotaryEmbedding) -> None:
         """Run decode-only batches as one `workers.kernels.cpu.MLABlock` call (float32 CPU
-        weights, no biases); the projections' weights are kept transposed for it, their
-        parameters stay views. Batches with a prefill keep the torch path."""
+        weights, no biases), after `fuse(transposed=True)`; the projections' weights are kept
+        transposed for it, their parameters stay views. Batches with a prefill keep the torch
+        path."""
         linears = [self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj]
         linears += [self.q_proj] if self.q_proj is not None else [self.q_a_proj, self.q_b_proj]
         if any(lin.bias is not None for lin in linears if lin is not None):
             return
-        self.fuse(transposed=True)
-        assert self._qkv_a is not None
+        assert self._qkv_a is not None and self._qkv_a[0].t().is_contiguous(), (
+            "fuse(transposed=True) first"
+        )
         self.o_proj.store_transposed()
         q_norm = w_qb_t = None
         if self.q_proj is None:

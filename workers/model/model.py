@@ -106,7 +106,7 @@ class DeepseekForCausalLM(nn.Module):
                 if use_c and not module.is_fp8:
                     module.transpose_storage()
             elif isinstance(module, MLAttention | MLP):
-                module.fuse()
+                module.fuse(transposed=use_c)  # the C blocks read the fused weights transposed
             if isinstance(module, MLAttention):
                 module.decode_backend = attention
             elif isinstance(module, RMSNorm | Gate):
