@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -251,10 +252,17 @@ class EPLBService:
         """Counters per pool for /metrics (no new collection)."""
         return {
             name: {
-                "balancedness": self._balancedness(s.window, s.phy2log, len(s.handle.ranks)) or 0.0,
+                # NaN while the window holds no load: no data, not a balancedness of 0
+                "balancedness": _or_nan(
+                    self._balancedness(s.window, s.phy2log, len(s.handle.ranks))
+                ),
                 "rebalances": float(s.num_rebalances),
                 "experts_moved": float(s.num_experts_moved),
                 "last_pause_s": s.last_pause_s,
             }
             for name, s in self.pools.items()
         }
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value

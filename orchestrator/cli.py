@@ -258,7 +258,7 @@ def serve_config(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
-    from orchestrator.launcher import launch, resolve_model_dir
+    from orchestrator.launcher import launch, local_ray_cpus, resolve_model_dir, starts_local_ray
 
     try:
         config = serve_config(args)
@@ -271,7 +271,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         _print("warning: RAY_AUTH_MODE=disabled: anyone who reaches the Ray ports controls the "
                "cluster; keep Ray's token authentication on outside a test box")  # fmt: skip
-    ctx = ray.init(address=config.ray_address, logging_level=logging.WARNING)
+    num_cpus = None
+    if starts_local_ray(config):
+        cores = os.cpu_count() or 1
+        num_cpus = local_ray_cpus(config, cores)
+        if num_cpus is not None:
+            _print(f"warning: the ranks take {num_cpus} CPUs and this machine has {cores} cores: "
+                   f"the local Ray declares {num_cpus}, so ranks share cores (fine for trying the "
+                   "topology out; measure with a core per rank)")  # fmt: skip
+    ctx = ray.init(address=config.ray_address, num_cpus=num_cpus, logging_level=logging.WARNING)
     dashboard = getattr(ctx, "dashboard_url", None)
     where = f"joined Ray cluster at {config.ray_address}" if config.ray_address else "local Ray"
     _print(f"{where}" + (f", dashboard http://{dashboard}" if dashboard else ""))

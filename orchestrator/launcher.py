@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -109,6 +110,21 @@ def pool_specs(config: ServeConfig, num_gpus: float) -> list[PoolSpec]:
     return [PoolSpec(role, i, n, bundle) for role, i, n in layout]
 
 
+def starts_local_ray(config: ServeConfig) -> bool:
+    """`ray.init` will start a Ray of its own: no --address and no `RAY_ADDRESS` (a Ray this
+    process starts gets no new nodes)."""
+    return config.ray_address is None and not os.environ.get("RAY_ADDRESS")
+
+
+def local_ray_cpus(config: ServeConfig, num_cores: int) -> int | None:
+    """The CPUs a Ray this process starts itself should declare: None (Ray counts the cores)
+    when they hold the topology's ranks, else what the ranks need, so that a small machine
+    still runs any topology — its ranks then share cores: right for trying a topology out,
+    not for measuring it."""
+    needed = sum(spec.num_ranks * spec.bundle["CPU"] for spec in pool_specs(config, 0))
+    return math.ceil(needed) if needed > num_cores else None
+
+
 def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
     """Place the topology's pool instances and start their engine rank actors (not waiting for
     the models to load); `ray.init` first."""
@@ -117,10 +133,9 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
 
     specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
     saved = read_expert_placements(config.init_expert_placement)
-    # A Ray this process started itself gets no new nodes (`RAY_ADDRESS` may point `ray.init`
-    # at an existing cluster even without --address).
-    local = config.ray_address is None and not os.environ.get("RAY_ADDRESS")
-    placements = place_pools(specs, config.placement_timeout_s, fixed_cluster=local)
+    placements = place_pools(
+        specs, config.placement_timeout_s, fixed_cluster=starts_local_ray(config)
+    )
     ranks: list[Any] = []
     meeting_points: list[Any] = []
     try:

@@ -88,7 +88,8 @@ class Metrics:
         )
         self.eplb_balancedness = Gauge(
             "pdserve_eplb_balancedness",
-            "Mean/max per-rank expert load over the recorded window, per pool", ["pool"],
+            "Mean/max per-rank expert load over the recorded window, per pool (NaN: no load yet)",
+            ["pool"],
             registry=r,
         )  # fmt: skip
         self.eplb_rebalances = Gauge(

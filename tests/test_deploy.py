@@ -248,3 +248,29 @@ def test_merged_args_build_a_valid_serve_config(tmp_path: Path) -> None:
     assert config.transfer_timeout_s == 60.0 and config.eplb_interval_s == 600.0
     assert config.engine.dtype == "bfloat16" and config.engine.num_redundant_experts == 32
     assert config.engine.enable_two_batch_overlap is True
+
+
+@pytest.mark.timeout(10)
+def test_a_local_ray_declares_the_cpus_its_ranks_take_on_a_small_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`pdserve serve` without a cluster starts a Ray of its own: on a machine with fewer cores
+    than the topology's ranks take, that Ray declares what they take (ranks share cores)
+    instead of refusing the topology; a cluster joined is never resized."""
+    from orchestrator.launcher import local_ray_cpus, starts_local_ray
+
+    parser = build_parser()
+
+    def config(*argv: str) -> Any:
+        return serve_config(parser.parse_args(["serve", *argv]))
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    two_by_two = config("--prefill-dp", "2", "--decode-dp", "2")
+    assert starts_local_ray(two_by_two)
+    assert local_ray_cpus(two_by_two, num_cores=2) == 4
+    assert local_ray_cpus(two_by_two, num_cores=4) is None  # the cores hold them: Ray counts
+    assert local_ray_cpus(config("--colocated", "--dp", "3", "--num-threads", "2"), 4) == 6
+    assert local_ray_cpus(config("--decode-instances", "2"), 2) == 3
+    assert not starts_local_ray(config("--address", "auto"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not starts_local_ray(two_by_two)
