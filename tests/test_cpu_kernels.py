@@ -70,6 +70,7 @@ def _mla_reference(q, cache, table, lens, page_size, kv_lora, scale) -> torch.Te
         ([1, 17, 40, 0, 64], 4, 64, 16, 16),  # the tiny model's shapes, a padding row
         ([5, 33, 100], 16, 512, 64, 64),  # DeepSeek-V2-Lite / V3's latent and rope widths
         ([3, 9, 31], 3, 40, 8, 4),  # widths that are no multiple of 16: the scalar tails
+        ([20, 50], 6, 80, 16, 16),  # register tiles of 4 heads x 64 columns, and their tails
         ([200], 1, 16, 0, 7),
     ],
 )

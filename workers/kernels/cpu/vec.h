@@ -68,6 +68,64 @@ static inline void dot4(const float *a, int64_t lda, const float *b, int64_t n, 
     for (int h = 0; h < 4; h++) out[h] += a[h * lda + i] * b[i];
 }
 
+/* The partial-sum vector of a . b (hsum of it is the dot product; the tail rides in lane 0). */
+static inline v16 dot_part(const float *a, const float *b, int64_t n) {
+  v16 acc = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc += ld(a + i) * ld(b + i);
+  for (; i < n; i++) acc[0] += a[i] * b[i];
+  return acc;
+}
+
+/* dot_part of four rows a[h] = a + h * lda against b, b loaded once. */
+static inline void dot4_parts(const float *a, int64_t lda, const float *b, int64_t n, v16 *p0,
+                              v16 *p1, v16 *p2, v16 *p3) {
+  v16 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v16 x = ld(b + i);
+    acc0 += ld(a + i) * x;
+    acc1 += ld(a + lda + i) * x;
+    acc2 += ld(a + 2 * lda + i) * x;
+    acc3 += ld(a + 3 * lda + i) * x;
+  }
+  for (; i < n; i++) {
+    acc0[0] += a[i] * b[i], acc1[0] += a[lda + i] * b[i];
+    acc2[0] += a[2 * lda + i] * b[i], acc3[0] += a[3 * lda + i] * b[i];
+  }
+  *p0 = acc0, *p1 = acc1, *p2 = acc2, *p3 = acc3;
+}
+
+#if defined(__clang__)
+#define PDS_SHUF2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define PDS_SHUF2(a, b, ...) __builtin_shuffle(a, b, (v16i){__VA_ARGS__})
+#endif
+
+/* Lane r of the result = hsum(v[r]), for 16 vectors at once: each stage halves the lanes
+ * that hold one vector's partial sums and doubles the vectors one register holds (15 adds and
+ * 30 two-register shuffles, against 16 x (4 shuffles + 4 adds) for 16 hsums). */
+static inline v16 hsum16(const v16 *v) {
+  v16 s8[8], s4[4], s2[2];
+  for (int i = 0; i < 8; i++)
+    s8[i] = PDS_SHUF2(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                      22, 23) +
+            PDS_SHUF2(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                      29, 30, 31);
+  for (int i = 0; i < 4; i++)
+    s4[i] = PDS_SHUF2(s8[2 * i], s8[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24,
+                      25, 26, 27) +
+            PDS_SHUF2(s8[2 * i], s8[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
+                      29, 30, 31);
+  for (int i = 0; i < 2; i++)
+    s2[i] = PDS_SHUF2(s4[2 * i], s4[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24,
+                      25, 28, 29) +
+            PDS_SHUF2(s4[2 * i], s4[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26,
+                      27, 30, 31);
+  return PDS_SHUF2(s2[0], s2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         PDS_SHUF2(s2[0], s2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 /* exp on 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
  * (relative error under 2e-7 over the range), 2^n put into the exponent bits. Inputs are
  * clamped to [-87, 88] (so -inf gives ~1.6e-38, not 0: callers keep finite inputs or mask). */
