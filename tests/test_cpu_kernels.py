@@ -315,6 +315,59 @@ def test_feed_forward_blocks_match_the_torch_path(name):
     assert int(counts["ours"][1].sum()) == 11 * moe.gate.top_k
 
 
+@pytest.mark.parametrize("name", sorted(BLOCK_CONFIGS))
+def test_decode_layers_in_one_call_match_the_blocks_one_by_one(name):
+    """`DecodeLayers` (the model's decode-only path) makes the blocks' own C calls: logits,
+    every cache row and the expert-load counts equal those of the layers run one by one."""
+    model = random_model(BLOCK_CONFIGS[name], "cpu", torch.float32, seed=7)
+    assert model.cpu_layers is not None
+    cfg, attn = model.config, model.model.layers[0].self_attn
+    lens = [1, 17, 40, 64, 3, 9, 100]
+    meta, g = _decode_meta(lens, page_size=16, num_slots=16 * 40, seed=11)
+    cache = torch.randn(
+        cfg.num_hidden_layers, 16 * 40, attn.kv_lora_rank + attn.rope_dim, generator=g
+    )
+    ids = torch.randint(0, cfg.vocab_size, (len(lens),), generator=g)
+    runs = {}
+    for path in ("one call", "one by one"):
+        layers = model.cpu_layers
+        if path == "one by one":
+            model.cpu_layers = None
+        load = ExpertLoad(cfg.num_hidden_layers, cfg.n_routed_experts, torch.device("cpu"))
+        model.record_expert_load(load)
+        kv = cache.clone()
+        runs[path] = (model(ids, meta, kv), kv, load.take())
+        model.cpu_layers = layers
+    for ours, ref in zip(runs["one call"], runs["one by one"], strict=True):
+        assert torch.equal(ours, ref)
+    assert int(runs["one call"][2].sum()) == len(lens) * cfg.num_experts_per_tok
+
+
+def test_decode_layers_follow_replaced_expert_weights_and_refuse_bad_input():
+    model = random_model(BLOCK_CONFIGS["tiny"], "cpu", torch.float32, seed=8)
+    cfg = model.config
+    meta, g = _decode_meta([5, 20], page_size=16, num_slots=64, seed=0)
+    cache = torch.randn(cfg.num_hidden_layers, 64, 80, generator=g)
+    ids = torch.tensor([3, 4])
+    before = model(ids, meta, cache.clone())
+    experts = model.model.layers[1].mlp.experts
+    experts.w13.data = experts.w13.data.contiguous() * 2  # replaced, not in the kernels' layout
+    after = model(ids, meta, cache.clone())  # the one-call path, rebuilt for the new weights
+    layers, model.cpu_layers = model.cpu_layers, None
+    assert layers is not None and not torch.equal(after, before)
+    assert torch.equal(after, model(ids, meta, cache.clone()))
+    x = torch.randn(2, cfg.hidden_size, generator=g)
+    args = [meta.positions, meta.out_slots, cache, meta.block_table, meta.seq_lens, 16]
+    bad_slot = meta.out_slots.clone()
+    bad_slot[1] = 64
+    with pytest.raises(ValueError, match="outside its table"):
+        layers(x, args[0], bad_slot, *args[2:])
+    with pytest.raises(ValueError, match="kv_cache must be contiguous float32"):
+        layers(x, *args[:2], cache[:1], *args[3:])
+    with pytest.raises(ValueError, match="load must be"):
+        layers(x, *args, torch.zeros(2, 3, dtype=torch.int64))
+
+
 # --- build and fallback --------------------------------------------------------------------
 
 
@@ -354,5 +407,5 @@ def test_without_the_kernels_the_model_runs_plain_torch():
         assert done.returncode == 0, done.stderr
         runs[flag] = done.stdout.splitlines()[-2:]
     assert runs["0"][0].startswith("decode attention torch, experts grouped_mm")
-    assert runs["1"][0].startswith("decode attention cpu, experts cpu, decode blocks in C")
+    assert runs["1"][0].startswith("decode attention cpu, experts cpu, decode layers in one C")
     assert runs["0"][1] == runs["1"][1]

@@ -149,7 +149,9 @@ class Engine:
             parts.append(f"experts {experts[0].backend}{fp8}")
         elif self.ep is not None:
             parts.append(f"EP experts {self.grouped_gemm}")
-        if any(m.cpu_block is not None for m in attn):
+        if self.model.cpu_layers is not None:
+            parts.append("decode layers in one C call")
+        elif any(m.cpu_block is not None for m in attn):
             parts.append("decode blocks in C")
         graphs = self.graphs
         parts.append(f"CUDA graphs up to batch {graphs.max_batch}" if graphs else "no CUDA graphs")

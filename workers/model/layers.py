@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.kernels import cpu as cpu_kernels
+from workers.kernels.cpu import blocks as cpu_blocks
 
 
 def empty_param(*shape: int) -> nn.Parameter:
@@ -111,7 +112,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_weights is not None and x.dtype == torch.float32:
-            return cpu_kernels.mlp(x, *self.cpu_weights)
+            return cpu_blocks.mlp(x, *self.cpu_weights)
         if self._gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate, up = F.linear(x, *self._gate_up).chunk(2, dim=-1)

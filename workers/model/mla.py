@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.kernels import cpu as cpu_kernels
+from workers.kernels.cpu import blocks as cpu_blocks
 from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.layers import Linear, RMSNorm, fuse_linears
@@ -51,7 +52,7 @@ class MLAttention(nn.Module):
         # "cpu" (workers.kernels.cpu, float32 CPU tensors).
         self.decode_backend = "torch"
         # A decode-only batch's whole block in one C call (`use_cpu_block`), else None.
-        self.cpu_block: cpu_kernels.MLABlock | None = None
+        self.cpu_block: cpu_blocks.MLABlock | None = None
 
     def fuse(self, transposed: bool = False) -> None:
         """Run q_a_proj (or q_proj) and kv_a_proj_with_mqa, which both read the hidden state,
@@ -76,7 +77,7 @@ class MLAttention(nn.Module):
         if self.q_proj is None:
             self.q_b_proj.store_transposed()
             q_norm, w_qb_t = self.q_a_layernorm.weight.data, self.q_b_proj.weight.t()
-        self.cpu_block = cpu_kernels.MLABlock(
+        self.cpu_block = cpu_blocks.MLABlock(
             heads=self.num_heads, nope=self.nope_dim, rope=self.rope_dim, v=self.v_dim,
             kv_lora=self.kv_lora_rank, w_a_t=self._qkv_a[0].t(), q_norm=q_norm, w_qb_t=w_qb_t,
             kv_norm=self.kv_a_layernorm.weight.data, w_kvb=self.kv_b_proj.weight.data,

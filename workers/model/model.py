@@ -8,6 +8,7 @@ from torch import nn
 
 from workers.ep.moe import EPContext, EPMoE
 from workers.kernels import triton_available
+from workers.kernels.cpu import blocks as cpu_blocks
 from workers.model.batch import AttentionMetadata, PromptScores
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, RMSNorm, empty_param
@@ -86,6 +87,11 @@ class DeepseekForCausalLM(nn.Module):
             max_positions or cfg.max_position_embeddings,
             cfg.rope_interleave,
         )
+        # Decode-only batches through every layer in one C call (`use_cpu_layers`), built for
+        # the expert weights whose data pointers are `_cpu_layers_key`.
+        self.cpu_layers: cpu_blocks.DecodeLayers | None = None
+        self._cpu_layers_key: tuple[int, ...] = ()
+        self._load: ExpertLoad | None = None
 
     def place(self, device: torch.device, dtype: torch.dtype) -> DeepseekForCausalLM:
         """Move weights to `device`/`dtype`; router weights and biases stay float32."""
@@ -111,6 +117,7 @@ class DeepseekForCausalLM(nn.Module):
                 module.decode_backend = attention
             elif isinstance(module, RMSNorm | Gate):
                 module.backend = "cpu" if use_c else "torch"
+        self.cpu_layers = None
         if use_c:  # whole blocks as one C call each (decode-only batches for attention)
             for module in self.modules():
                 if isinstance(module, MLAttention):
@@ -119,10 +126,60 @@ class DeepseekForCausalLM(nn.Module):
                     module.use_cpu_kernel()
                 elif isinstance(module, DecoderLayer) and isinstance(module.mlp, MLP):
                     module.mlp.use_cpu_kernel()
+            self.use_cpu_layers()
         return self
+
+    def use_cpu_layers(self) -> None:
+        """Run decode-only batches through all the layers as one `DecodeLayers` call when
+        every block of every layer runs in C (after `place`'s `use_cpu_*` calls)."""
+        self.cpu_layers = None
+        layers = []
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            ffn: cpu_blocks.DenseFFN | cpu_blocks.MoEFFN
+            if isinstance(layer.mlp, MoE) and layer.mlp.cpu_kernel:
+                ffn = layer.mlp.cpu_ffn()
+            elif isinstance(layer.mlp, MLP) and layer.mlp.cpu_weights is not None:
+                ffn = cpu_blocks.DenseFFN(*layer.mlp.cpu_weights)
+            else:
+                return
+            attn, norm1, norm2 = (
+                layer.self_attn,
+                layer.input_layernorm,
+                layer.post_attention_layernorm,
+            )
+            if attn.cpu_block is None:
+                return
+            layers.append(cpu_blocks.DecoderLayerBlocks(
+                attn.cpu_block, norm1.weight.data, norm1.eps, norm2.weight.data, norm2.eps, ffn,
+            ))  # fmt: skip
+        self.cpu_layers = cpu_blocks.DecodeLayers(layers)
+        self._cpu_layers_key = self._expert_pointers()
+
+    def _expert_pointers(self) -> tuple[int, ...]:
+        return tuple(
+            p.data_ptr()
+            for m in self.modules()
+            if isinstance(m, RoutedExperts)
+            for p in (m.w13, m.w2)
+        )
+
+    def _decode_layers(
+        self, meta: AttentionMetadata, kv_cache: torch.Tensor
+    ) -> cpu_blocks.DecodeLayers | None:
+        """`cpu_layers` where this batch can take it: decode only, a float32 cache, expert
+        load counted over every row; rebuilt when the expert weights were replaced."""
+        if self.cpu_layers is None or meta.prefills or kv_cache.dtype != torch.float32:
+            return None
+        if self._load is not None and self._load.valid_rows is not None:
+            return None  # a padded static batch: the per-op path counts only its real rows
+        if self._expert_pointers() != self._cpu_layers_key:
+            self.use_cpu_layers()
+        return self.cpu_layers
 
     def record_expert_load(self, load: ExpertLoad | None) -> None:
         """Count routed tokens per (layer, logical expert) into `load` (None: stop)."""
+        self._load = load
         if self.ep is not None:
             self.ep.load = load
         for module in self.modules():
@@ -137,6 +194,14 @@ class DeepseekForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits `[S, vocab]` (float32) for the rows `meta.logits_indices`."""
         x = self.model.embed_tokens(input_ids)
+        layers = self._decode_layers(meta, kv_cache)
+        if layers is not None:
+            load = None if self._load is None else self._load.counts
+            x = layers(
+                x, meta.positions, meta.out_slots, kv_cache, meta.block_table, meta.seq_lens,
+                meta.page_size, load,
+            )  # fmt: skip
+            return self._logits(x, meta)
         cos_sin = self.rope.lookup(meta.positions)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, meta, self.rope, cos_sin, kv_cache[i])

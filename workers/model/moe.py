@@ -10,6 +10,7 @@ from torch import nn
 
 from workers.kernels import cpu as cpu_kernels
 from workers.kernels import triton_available
+from workers.kernels.cpu import blocks as cpu_blocks
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, empty_param, transposed_storage
 
@@ -293,13 +294,17 @@ class MoE(nn.Module):
         return out
 
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        load = None if self.load is None else self.load.counts[self.layer_idx]
+        return cpu_blocks.moe_block(x, self.cpu_ffn(), load)
+
+    def cpu_ffn(self) -> cpu_blocks.MoEFFN:
+        """The layer as the C MoE block reads it (after `use_cpu_kernel`)."""
         gate, experts = self.gate, self.experts
-        assert gate.e_score_correction_bias is not None
+        assert self.cpu_kernel and gate.e_score_correction_bias is not None
         experts.transpose_storage()  # no-op unless the weights were replaced since
         shared = None if self.shared_experts is None else self.shared_experts.cpu_weights
-        load = None if self.load is None else self.load.counts[self.layer_idx]
-        return cpu_kernels.moe_block(
-            x, gate.weight.t(), gate.e_score_correction_bias.data, gate.n_group,
-            gate.topk_group, gate.top_k, gate.norm_topk_prob, gate.routed_scaling_factor,
-            experts.w13.transpose(1, 2), experts.w2.transpose(1, 2), shared, load,
+        return cpu_blocks.MoEFFN(
+            gate.weight.t(), gate.e_score_correction_bias.data, gate.n_group, gate.topk_group,
+            gate.top_k, gate.norm_topk_prob, gate.routed_scaling_factor,
+            experts.w13.transpose(1, 2), experts.w2.transpose(1, 2), shared,
         )  # fmt: skip

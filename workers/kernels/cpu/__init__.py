@@ -85,19 +85,6 @@ def build(compiler: str | None = None, out_dir: Path | None = None) -> Path:
     return target
 
 
-class _MLAWeights(ctypes.Structure):
-    """`struct pds_mla_weights` of layer.c."""
-
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in
-          ("hidden", "q_lora", "heads", "nope", "rope", "v", "kv_lora", "max_positions")),
-        *((name, ctypes.c_void_p) for name in
-          ("w_a_t", "q_norm", "w_qb_t", "kv_norm", "w_kvb", "w_o_t", "cos", "sin")),
-        ("q_norm_eps", ctypes.c_float), ("kv_norm_eps", ctypes.c_float),
-        ("scale", ctypes.c_float), ("interleave", ctypes.c_int32),
-    ]  # fmt: skip
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None where they cannot be used here (see the module doc)."""
@@ -117,8 +104,10 @@ def library() -> ctypes.CDLL | None:
         "pds_rms_norm_f32": ([ptr, i64, ptr, i64, i64, f32, ptr], None),
         "pds_route_noaux_tc_f32": ([ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int, f32, ptr,
                                     ptr], ctypes.c_int),
-        "pds_mla_block_f32": ([ctypes.POINTER(_MLAWeights), ptr, i64, ptr, ptr, ptr, i64, ptr,
-                               i64, ptr, i64, ptr], ctypes.c_int),
+        "pds_mla_block_f32": ([ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64, ptr],
+                              ctypes.c_int),
+        "pds_decode_layers_f32": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64,
+                                   ptr], ctypes.c_int),
         "pds_mlp_f32": ([ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr], ctypes.c_int),
         "pds_moe_block_f32": ([ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, f32,
                                ptr, ptr, i64, ptr, ptr, i64, ptr, ptr], ctypes.c_int),
@@ -256,181 +245,6 @@ def route_noaux_tc(
     )  # fmt: skip
     _raise_for(status, "route_noaux_tc", "")
     return Routing(ids, weights)
-
-
-def _dense_f32(**tensors: torch.Tensor) -> None:
-    _check_f32_cpu(**tensors)
-    for name, t in tensors.items():
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-
-
-class MLABlock:
-    """One layer's attention block for a decode batch as one call of `pds_mla_block_f32`
-    (layer.c): from the normed hidden states to `o_proj`'s output, writing each token's latent
-    KV to the cache on the way. Built once per layer when the model is placed; it holds the
-    weight tensors it points to. Weights are float32, contiguous, in the kernel's layout:
-
-    - `w_a_t: [hidden, qa + kv_lora + rope]`: the transposed q_a (or q) and kv_a projections,
-      fused (qa = q_lora, or heads * (nope + rope) without q compression);
-    - `q_norm: [q_lora]`, `w_qb_t: [q_lora, heads * (nope + rope)]`: None without q_lora;
-    - `kv_norm: [kv_lora]`; `w_kvb: [heads * (nope + v), kv_lora]` (kv_b_proj as it is);
-    - `w_o_t: [heads * v, hidden]`; `cos`, `sin`: the rope tables `[max_positions, rope / 2]`.
-    """
-
-    def __init__(
-        self, *, heads: int, nope: int, rope: int, v: int, kv_lora: int,
-        w_a_t: torch.Tensor, q_norm: torch.Tensor | None, w_qb_t: torch.Tensor | None,
-        kv_norm: torch.Tensor, w_kvb: torch.Tensor, w_o_t: torch.Tensor,
-        cos: torch.Tensor, sin: torch.Tensor, q_norm_eps: float, kv_norm_eps: float,
-        scale: float, interleave: bool,
-    ):  # fmt: skip
-        _lib()
-        hidden = w_o_t.shape[1]
-        q_lora = 0 if w_qb_t is None else w_qb_t.shape[0]
-        qa = q_lora or heads * (nope + rope)
-        tensors = {"w_a_t": w_a_t, "kv_norm": kv_norm, "w_kvb": w_kvb, "w_o_t": w_o_t,
-                   "cos": cos, "sin": sin}  # fmt: skip
-        if (q_norm is None) != (w_qb_t is None):
-            raise ValueError("q_norm and w_qb_t come together (q compression) or not at all")
-        if q_norm is not None and w_qb_t is not None:
-            tensors.update(q_norm=q_norm, w_qb_t=w_qb_t)
-        _dense_f32(**tensors)
-        expected = {
-            "w_a_t": (hidden, qa + kv_lora + rope), "kv_norm": (kv_lora,),
-            "w_kvb": (heads * (nope + v), kv_lora), "w_o_t": (heads * v, hidden),
-            "cos": (cos.shape[0], rope // 2), "sin": (cos.shape[0], rope // 2),
-        }  # fmt: skip
-        if q_lora:
-            expected.update(q_norm=(q_lora,), w_qb_t=(q_lora, heads * (nope + rope)))
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"{name} is {tuple(tensors[name].shape)}, expected {shape}")
-        self.hidden, self.dim = hidden, kv_lora + rope
-        self._tensors = tensors  # what the struct points to stays alive with it
-        ptr = {name: t.data_ptr() for name, t in tensors.items()}
-        self._weights = _MLAWeights(
-            hidden, q_lora, heads, nope, rope, v, kv_lora, cos.shape[0],
-            ptr["w_a_t"], ptr.get("q_norm"), ptr.get("w_qb_t"), ptr["kv_norm"], ptr["w_kvb"],
-            ptr["w_o_t"], ptr["cos"], ptr["sin"], q_norm_eps, kv_norm_eps, scale, int(interleave),
-        )  # fmt: skip
-
-    def __call__(
-        self,
-        x: torch.Tensor,  # [B, hidden] float32, normed
-        positions: torch.Tensor,  # [B] int64
-        out_slots: torch.Tensor,  # [B] int64 cache slot of each token's KV
-        kv_cache: torch.Tensor,  # [num_slots, kv_lora + rope] float32, one layer, contiguous
-        block_table: torch.Tensor,  # [B, max_pages] int32
-        seq_lens: torch.Tensor,  # [B] int32, the new token included
-        page_size: int,
-    ) -> torch.Tensor:
-        """`[B, hidden]`. Raises `ValueError` on a slot, page or position outside its table."""
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.hidden:
-            raise ValueError(f"x must be float32 [B, {self.hidden}], got {x.dtype} {x.shape}")
-        if kv_cache.dtype != torch.float32 or kv_cache.shape[-1] != self.dim:
-            raise ValueError(f"kv_cache must be float32 [slots, {self.dim}]")
-        if not kv_cache.is_contiguous():
-            raise ValueError("kv_cache must be contiguous (it is written in place)")
-        x = x.contiguous()
-        positions = positions.to(torch.int64).contiguous()
-        out_slots = out_slots.to(torch.int64).contiguous()
-        block_table = block_table.to(torch.int32).contiguous()
-        seq_lens = seq_lens.to(torch.int32).contiguous()
-        num_tokens = x.shape[0]
-        if not (positions.shape == out_slots.shape == seq_lens.shape == (num_tokens,)) or (
-            block_table.shape[0] != num_tokens
-        ):
-            raise ValueError("positions, out_slots, seq_lens and block_table must have B rows")
-        out = torch.empty_like(x)
-        status = _lib().pds_mla_block_f32(
-            ctypes.byref(self._weights), x.data_ptr(), num_tokens, positions.data_ptr(),
-            out_slots.data_ptr(), kv_cache.data_ptr(), kv_cache.shape[0],
-            block_table.data_ptr(), block_table.shape[1], seq_lens.data_ptr(), page_size,
-            out.data_ptr(),
-        )  # fmt: skip
-        _raise_for(status, "mla_block", "a slot, page or position is outside its table")
-        return out
-
-
-def mlp(
-    x: torch.Tensor,  # [T, hidden] float32 (rows may be strided)
-    w13t: torch.Tensor,  # [hidden, 2 * inter] float32, contiguous (gate columns, then up)
-    w2t: torch.Tensor,  # [inter, hidden] float32, contiguous
-) -> torch.Tensor:
-    """Dense SwiGLU `down(silu(gate(x)) * up(x))` over transposed weights: `[T, hidden]`."""
-    lib = _lib()
-    _check_f32_cpu(x=x)
-    _dense_f32(w13t=w13t, w2t=w2t)
-    hidden, two_inter = w13t.shape
-    if x.dim() != 2 or x.shape[1] != hidden or w2t.shape != (two_inter // 2, hidden):
-        raise ValueError(f"shapes do not match: x {x.shape}, w13t {w13t.shape}, w2t {w2t.shape}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    out = torch.empty(x.shape, dtype=torch.float32)
-    status = lib.pds_mlp_f32(
-        x.data_ptr(), x.stride(0), x.shape[0], hidden, w13t.data_ptr(), w2t.data_ptr(),
-        two_inter // 2, 0, out.data_ptr(),
-    )  # fmt: skip
-    _raise_for(status, "mlp", "")
-    return out
-
-
-def moe_block(
-    x: torch.Tensor,  # [T, hidden] float32
-    gate_t: torch.Tensor,  # [hidden, E] float32 router weight, transposed, contiguous
-    bias: torch.Tensor,  # [E] float32 e_score_correction_bias
-    num_groups: int,
-    topk_group: int,
-    top_k: int,
-    norm_topk_prob: bool,
-    scaling: float,
-    w13t: torch.Tensor,  # [E, hidden, 2 * inter] routed experts, as `moe_experts` takes them
-    w2t: torch.Tensor,  # [E, inter, hidden]
-    shared: tuple[torch.Tensor, torch.Tensor] | None,  # (w13t, w2t) of the shared experts
-    load: torch.Tensor | None,  # [E] int64 CPU, contiguous: += routed picks per expert
-) -> torch.Tensor:
-    """A DeepSeek-V3 MoE layer in one call (layer.c): router GEMM, `noaux_tc` routing (as
-    `route_noaux_tc`), routed experts (as `moe_experts`) plus the shared experts: `[T, hidden]`."""
-    lib = _lib()
-    _check_f32_cpu(x=x)
-    _dense_f32(gate_t=gate_t, bias=bias, w13t=w13t, w2t=w2t)
-    hidden, num_experts = gate_t.shape
-    two_inter = w13t.shape[2]
-    if (
-        x.dim() != 2 or x.shape[1] != hidden or bias.shape != (num_experts,)
-        or w13t.shape != (num_experts, hidden, two_inter)
-        or w2t.shape != (num_experts, two_inter // 2, hidden)
-        or num_experts % num_groups or not 0 < top_k <= num_experts
-    ):  # fmt: skip
-        raise ValueError(
-            f"bad MoE shapes: x {tuple(x.shape)}, gate_t {tuple(gate_t.shape)}, "
-            f"w13t {tuple(w13t.shape)}, w2t {tuple(w2t.shape)}, {num_groups} groups, top-{top_k}"
-        )
-    shared_ptrs: tuple[int | None, int | None] = (None, None)
-    shared_inter = 0
-    if shared is not None:
-        s13, s2 = shared
-        _dense_f32(shared_w13t=s13, shared_w2t=s2)
-        shared_inter = s13.shape[1] // 2
-        if s13.shape[0] != hidden or s2.shape != (shared_inter, hidden):
-            raise ValueError(f"bad shared expert shapes: {tuple(s13.shape)}, {tuple(s2.shape)}")
-        shared_ptrs = (s13.data_ptr(), s2.data_ptr())
-    if load is not None and (
-        load.dtype != torch.int64 or load.shape != (num_experts,) or not load.is_contiguous()
-        or load.device.type != "cpu"
-    ):  # fmt: skip
-        raise ValueError(f"load must be a contiguous int64 CPU tensor of {num_experts}")
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    status = lib.pds_moe_block_f32(
-        x.data_ptr(), x.shape[0], hidden, gate_t.data_ptr(), bias.data_ptr(), num_experts,
-        num_groups, topk_group, top_k, int(norm_topk_prob), scaling, w13t.data_ptr(),
-        w2t.data_ptr(), two_inter // 2, *shared_ptrs, shared_inter,
-        None if load is None else load.data_ptr(), out.data_ptr(),
-    )  # fmt: skip
-    _raise_for(status, "moe_block", "")
-    return out
 
 
 def _raise_for(status: int, kernel: str, bad_index: str) -> None:

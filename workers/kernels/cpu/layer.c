@@ -186,3 +186,64 @@ int pds_moe_block_f32(const float *x, int64_t num_tokens, int64_t hidden,
   free(ids);
   return status;
 }
+
+/* One decoder layer for pds_decode_layers_f32: its two norms, its attention, and its
+ * feed-forward block — a V3 MoE when gate_t is set, else a dense SwiGLU (w13t, w2t, inter). */
+struct pds_layer {
+  const struct pds_mla_weights *attn;
+  const float *attn_norm, *ffn_norm; /* input_layernorm, post_attention_layernorm: [hidden] */
+  float attn_eps, ffn_eps;
+  const float *gate_t, *bias; /* router [hidden, E] and e_score_correction_bias [E], or NULL */
+  int64_t num_experts, num_groups, topk_group, top_k;
+  int32_t norm_topk;
+  float scaling;
+  const float *w13t, *w2t; /* MoE: [E, hidden, 2 * inter], [E, inter, hidden]; dense: one */
+  int64_t inter;
+  const float *shared13t, *shared2t; /* the MoE's shared experts, or NULL */
+  int64_t shared_inter;
+};
+
+/* A decode batch through every decoder layer: for each layer l,
+ *
+ *   x += attention_l(rms_norm(x)); x += feed_forward_l(rms_norm(x))
+ *
+ * with the calls the blocks above make one by one, so the result is the same to the bit.
+ * x: [B, hidden], the residual stream, updated in place; cache: [num_layers, num_slots,
+ * kv_lora + rope]; load: [num_layers, E] int64 (a MoE layer counts its routed picks into its
+ * row), or NULL. Returns what the blocks return. */
+int pds_decode_layers_f32(const struct pds_layer *layers, int64_t num_layers,
+                          float *x, int64_t num_tokens,
+                          const int64_t *positions, const int64_t *out_slots,
+                          float *cache, int64_t num_slots,
+                          const int32_t *block_table, int64_t max_pages,
+                          const int32_t *seq_lens, int64_t page_size, int64_t *load) {
+  if (num_layers <= 0 || num_tokens <= 0) return 0;
+  const int64_t hidden = layers[0].attn->hidden, n = num_tokens * hidden;
+  float *h = malloc(sizeof(float) * (size_t)(2 * n));
+  if (!h) return PDS_NO_MEMORY;
+  float *f = h + n;
+  int status = 0;
+  for (int64_t l = 0; l < num_layers && !status; l++) {
+    const struct pds_layer *L = layers + l;
+    const int64_t dim = L->attn->kv_lora + L->attn->rope;
+    pds_rms_norm_f32(x, hidden, L->attn_norm, num_tokens, hidden, L->attn_eps, h);
+    status = pds_mla_block_f32(L->attn, h, num_tokens, positions, out_slots,
+                               cache + l * num_slots * dim, num_slots, block_table, max_pages,
+                               seq_lens, page_size, f);
+    if (status) break;
+    add_to(x, f, n);
+    pds_rms_norm_f32(x, hidden, L->ffn_norm, num_tokens, hidden, L->ffn_eps, h);
+    if (L->gate_t) {
+      status = pds_moe_block_f32(h, num_tokens, hidden, L->gate_t, L->bias, L->num_experts,
+                                 L->num_groups, L->topk_group, L->top_k, L->norm_topk,
+                                 L->scaling, L->w13t, L->w2t, L->inter, L->shared13t,
+                                 L->shared2t, L->shared_inter,
+                                 load ? load + l * L->num_experts : NULL, f);
+      if (!status) add_to(x, f, n);
+    } else {
+      status = pds_mlp_f32(h, hidden, num_tokens, hidden, L->w13t, L->w2t, L->inter, 1, x);
+    }
+  }
+  free(h);
+  return status;
+}
