@@ -37,6 +37,25 @@ def _dense_f32(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be contiguous")
 
 
+def _decode_indices(
+    num_tokens: int,
+    positions: torch.Tensor,
+    out_slots: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode batch's indices in the kernels' dtypes, contiguous, one row per token."""
+    positions = positions.to(torch.int64).contiguous()
+    out_slots = out_slots.to(torch.int64).contiguous()
+    block_table = block_table.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    if not (positions.shape == out_slots.shape == seq_lens.shape == (num_tokens,)) or (
+        block_table.shape[0] != num_tokens
+    ):
+        raise ValueError("positions, out_slots, seq_lens and block_table must have B rows")
+    return positions, out_slots, block_table, seq_lens
+
+
 class MLABlock:
     """One layer's attention block for a decode batch as one call of `pds_mla_block_f32`
     (layer.c): from the normed hidden states to `o_proj`'s output, writing each token's latent
@@ -105,15 +124,10 @@ class MLABlock:
         if not kv_cache.is_contiguous():
             raise ValueError("kv_cache must be contiguous (it is written in place)")
         x = x.contiguous()
-        positions = positions.to(torch.int64).contiguous()
-        out_slots = out_slots.to(torch.int64).contiguous()
-        block_table = block_table.to(torch.int32).contiguous()
-        seq_lens = seq_lens.to(torch.int32).contiguous()
         num_tokens = x.shape[0]
-        if not (positions.shape == out_slots.shape == seq_lens.shape == (num_tokens,)) or (
-            block_table.shape[0] != num_tokens
-        ):
-            raise ValueError("positions, out_slots, seq_lens and block_table must have B rows")
+        positions, out_slots, block_table, seq_lens = _decode_indices(
+            num_tokens, positions, out_slots, block_table, seq_lens
+        )
         out = torch.empty_like(x)
         status = _lib().pds_mla_block_f32(
             ctypes.addressof(self._weights), x.data_ptr(), num_tokens, positions.data_ptr(),
@@ -341,15 +355,10 @@ class DecodeLayers:
                 f"load must be contiguous int64 [{self.num_layers}, {self.num_experts}]"
             )
         out = x.contiguous().clone()
-        positions = positions.to(torch.int64).contiguous()
-        out_slots = out_slots.to(torch.int64).contiguous()
-        block_table = block_table.to(torch.int32).contiguous()
-        seq_lens = seq_lens.to(torch.int32).contiguous()
         num_tokens = x.shape[0]
-        if not (positions.shape == out_slots.shape == seq_lens.shape == (num_tokens,)) or (
-            block_table.shape[0] != num_tokens
-        ):
-            raise ValueError("positions, out_slots, seq_lens and block_table must have B rows")
+        positions, out_slots, block_table, seq_lens = _decode_indices(
+            num_tokens, positions, out_slots, block_table, seq_lens
+        )
         status = _lib().pds_decode_layers_f32(
             self._array, self.num_layers, out.data_ptr(), num_tokens, positions.data_ptr(),
             out_slots.data_ptr(), kv_cache.data_ptr(), kv_cache.shape[1],

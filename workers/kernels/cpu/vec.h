@@ -43,31 +43,6 @@ static inline float hsum(v16 v) {
   return a[0];
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-  v16 acc = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc += ld(a + i) * ld(b + i);
-  float s = hsum(acc);
-  for (; i < n; i++) s += a[i] * b[i];
-  return s;
-}
-
-/* out[h] = a[h] . b for four rows a[h] = a + h * lda: b is loaded once for all four. */
-static inline void dot4(const float *a, int64_t lda, const float *b, int64_t n, float *out) {
-  v16 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v16 x = ld(b + i);
-    acc0 += ld(a + i) * x;
-    acc1 += ld(a + lda + i) * x;
-    acc2 += ld(a + 2 * lda + i) * x;
-    acc3 += ld(a + 3 * lda + i) * x;
-  }
-  out[0] = hsum(acc0), out[1] = hsum(acc1), out[2] = hsum(acc2), out[3] = hsum(acc3);
-  for (; i < n; i++)
-    for (int h = 0; h < 4; h++) out[h] += a[h * lda + i] * b[i];
-}
-
 /* The partial-sum vector of a . b (hsum of it is the dot product; the tail rides in lane 0). */
 static inline v16 dot_part(const float *a, const float *b, int64_t n) {
   v16 acc = {0};
@@ -94,6 +69,17 @@ static inline void dot4_parts(const float *a, int64_t lda, const float *b, int64
     acc2[0] += a[2 * lda + i] * b[i], acc3[0] += a[3 * lda + i] * b[i];
   }
   *p0 = acc0, *p1 = acc1, *p2 = acc2, *p3 = acc3;
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+  return hsum(dot_part(a, b, n));
+}
+
+/* out[h] = a[h] . b for four rows a[h] = a + h * lda: b is loaded once for all four. */
+static inline void dot4(const float *a, int64_t lda, const float *b, int64_t n, float *out) {
+  v16 p0, p1, p2, p3;
+  dot4_parts(a, lda, b, n, &p0, &p1, &p2, &p3);
+  out[0] = hsum(p0), out[1] = hsum(p1), out[2] = hsum(p2), out[3] = hsum(p3);
 }
 
 #if defined(__clang__)
