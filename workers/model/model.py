@@ -91,6 +91,7 @@ class DeepseekForCausalLM(nn.Module):
         # the expert weights whose data pointers are `_cpu_layers_key`.
         self.cpu_layers: cpu_blocks.DecodeLayers | None = None
         self._cpu_layers_key: tuple[int, ...] = ()
+        self._experts: list[RoutedExperts] | None = None
         self._load: ExpertLoad | None = None
 
     def place(self, device: torch.device, dtype: torch.dtype) -> DeepseekForCausalLM:
@@ -157,12 +158,9 @@ class DeepseekForCausalLM(nn.Module):
         self._cpu_layers_key = self._expert_pointers()
 
     def _expert_pointers(self) -> tuple[int, ...]:
-        return tuple(
-            p.data_ptr()
-            for m in self.modules()
-            if isinstance(m, RoutedExperts)
-            for p in (m.w13, m.w2)
-        )
+        if self._experts is None:  # found once: a step must not walk every module
+            self._experts = [m for m in self.modules() if isinstance(m, RoutedExperts)]
+        return tuple(p.data_ptr() for m in self._experts for p in (m.w13, m.w2))
 
     def _decode_layers(
         self, meta: AttentionMetadata, kv_cache: torch.Tensor
