@@ -144,15 +144,12 @@ class DeepseekForCausalLM(nn.Module):
                 ffn = cpu_blocks.DenseFFN(*layer.mlp.cpu_weights)
             else:
                 return
-            attn, norm1, norm2 = (
-                layer.self_attn,
-                layer.input_layernorm,
-                layer.post_attention_layernorm,
-            )
-            if attn.cpu_block is None:
+            attn = layer.self_attn.cpu_block
+            if attn is None:
                 return
+            norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
             layers.append(cpu_blocks.DecoderLayerBlocks(
-                attn.cpu_block, norm1.weight.data, norm1.eps, norm2.weight.data, norm2.eps, ffn,
+                attn, norm1.weight.data, norm1.eps, norm2.weight.data, norm2.eps, ffn,
             ))  # fmt: skip
         self.cpu_layers = cpu_blocks.DecodeLayers(layers)
         self._cpu_layers_key = self._expert_pointers()

@@ -313,11 +313,8 @@ class DecodeLayers:
                 if self.num_experts not in (0, num_experts):
                     raise ValueError("the MoE layers differ in their number of experts")
                 self.num_experts = num_experts
-                s.gate_t, s.bias, s.num_experts = (
-                    ffn.gate_t.data_ptr(),
-                    ffn.bias.data_ptr(),
-                    num_experts,
-                )
+                s.gate_t, s.bias = ffn.gate_t.data_ptr(), ffn.bias.data_ptr()
+                s.num_experts = num_experts
                 s.num_groups, s.topk_group, s.top_k = ffn.num_groups, ffn.topk_group, ffn.top_k
                 s.norm_topk, s.scaling = int(ffn.norm_topk_prob), ffn.scaling
                 if ffn.shared is not None:
