@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from orchestrator.protocol import RequestError
+from orchestrator.request_fields import RequestError
 from orchestrator.streaming import read_json
 from workers.engine.messages import short_error
 

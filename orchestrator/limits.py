@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
-from orchestrator.protocol import RequestError
+from orchestrator.request_fields import RequestError
 
 T = TypeVar("T")
 

@@ -10,14 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from orchestrator.protocol import (
+from orchestrator.protocol import finite
+from orchestrator.request_fields import Fields, RequestError
+from orchestrator.router import Output
+from orchestrator.sampling_request import (
     CONSTRAINT_FIELDS,
     VLLM_CONSTRAINTS,
-    Fields,
-    RequestError,
     SamplingRequest,
     check_output_constraint,
-    finite,
     read_constraint,
     read_n,
     read_priority,
@@ -25,7 +25,6 @@ from orchestrator.protocol import (
     read_top_logprobs,
     structural_tag,
 )
-from orchestrator.router import Output
 from orchestrator.tool_parser import FORMATS, ToolCall, ToolCallFormat
 from orchestrator.tools import ToolRequest, read_tools, tool_constraint
 from workers.engine.messages import OutputConstraint, TokenLogprob

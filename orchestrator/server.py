@@ -43,18 +43,16 @@ from orchestrator.openai_api import (
     parse_completion,
 )
 from orchestrator.protocol import (
-    Fields,
     GenerateCall,
     GenerateResult,
-    RequestError,
     check_prompt_len,
-    choice_params,
     parse_generate,
     prepare_call,
-    resolve_sampling,
 )
 from orchestrator.reasoning import after_reasoning, opens_reasoning, template_reasons
+from orchestrator.request_fields import Fields, RequestError
 from orchestrator.router import Output, Router, RouterNotReady
+from orchestrator.sampling_request import choice_params, resolve_sampling
 from orchestrator.streaming import (
     SSE_DONE,
     ClientDisconnected,

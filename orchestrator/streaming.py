@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.protocol import RequestError
+from orchestrator.request_fields import RequestError
 
 T = TypeVar("T")
 

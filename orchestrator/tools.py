@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.protocol import Fields, RequestError, check_output_constraint
+from orchestrator.request_fields import Fields, RequestError
+from orchestrator.sampling_request import check_output_constraint
 from orchestrator.tokenizer import Tokenizer
 from orchestrator.tool_parser import CALLS_BEGIN, CALLS_END, MARKERS, ToolCallFormat
 from workers.engine.grammar import json_schema_ebnf

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from orchestrator.limits import ClientLimiter
-from orchestrator.protocol import RequestError
+from orchestrator.request_fields import RequestError
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 

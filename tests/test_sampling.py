@@ -202,8 +202,9 @@ def test_priority_logit_bias_and_constraints_reach_the_ranks_settings():
     """Every route's parser carries these into the `SamplingParams` a rank gets."""
     from orchestrator.grpc_server import _body
     from orchestrator.openai_api import parse_chat, parse_completion
-    from orchestrator.protocol import parse_generate, resolve_sampling
+    from orchestrator.protocol import parse_generate
     from orchestrator.router import Limits
+    from orchestrator.sampling_request import resolve_sampling
     from proto import pdserve_pb2 as pb
 
     limits = Limits(vocab_size=VOCAB, max_context_len=64, kv_capacity_tokens=64)

@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import tokenizers
 
-from orchestrator.protocol import Fields, RequestError
+from orchestrator.request_fields import Fields, RequestError
 from orchestrator.tokenizer import Tokenizer
 from orchestrator.tool_parser import (
     CALL_BEGIN,
@@ -355,7 +355,7 @@ def test_structural_tags_on_the_openai_and_sglang_routes(tiny_server):
 
 
 def test_the_older_structural_tag_form_is_converted():
-    from orchestrator.protocol import read_constraint
+    from orchestrator.sampling_request import read_constraint
     from workers.engine.grammar import check_constraint
 
     legacy = {"structures": [{"begin": "<f>", "schema": WEATHER, "end": "</f>"}],

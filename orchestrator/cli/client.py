@@ -1,0 +1,244 @@
+"""The commands that talk to a running server: `pdserve generate`, `bench` and `status`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+# ---- generate -----------------------------------------------------------------------------------
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream one completion from a running server")
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
+    p.set_defaults(func=cmd_generate)
+
+
+def _sse_events(resp: httpx.Response) -> Any:
+    for line in resp.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[len("data: ") :])
+
+
+def cmd_generate_grpc(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto import pdserve_pb2 as pb
+    from proto import pdserve_pb2_grpc as pb_grpc
+
+    if args.chat:
+        print("error: --chat is an HTTP (OpenAI API) feature; drop --grpc", file=sys.stderr)
+        return 2
+    request = pb.GenerateRequest(
+        text=args.prompt,
+        sampling=pb.SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature
+        ),
+    )
+    start = time.perf_counter()
+    try:
+        with grpc.insecure_channel(args.grpc) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            for resp in stub.Generate(request, timeout=600):
+                if resp.HasField("chunk"):
+                    print(resp.chunk.text, end="", flush=True)
+                else:
+                    final = resp.final
+    except grpc.RpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - start
+    print()
+    print(f"[{final.usage.completion_tokens} tokens, finish: {final.finish_reason}, "
+          f"{elapsed:.2f} s]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.grpc:
+        return cmd_generate_grpc(args)
+    url = args.url.rstrip("/")
+    if args.chat:
+        route = "/v1/chat/completions"
+        payload: dict[str, Any] = {
+            "messages": [{"role": "user", "content": args.prompt}],
+            "max_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    else:
+        route = "/generate"
+        payload = {
+            "text": args.prompt,
+            "sampling_params": {
+                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            },
+            "stream": True,
+        }  # fmt: skip
+    start = time.perf_counter()
+    shown, finish, tokens = "", None, 0
+    try:
+        with httpx.stream("POST", url + route, json=payload, timeout=600) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                print(f"HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
+                return 1
+            for event in _sse_events(resp):
+                if "error" in event:
+                    print(f"\nerror: {event['error'].get('message')}", file=sys.stderr)
+                    return 1
+                if args.chat:
+                    for choice in event.get("choices", []):
+                        piece = choice.get("delta", {}).get("content") or ""
+                        print(piece, end="", flush=True)
+                        finish = choice.get("finish_reason") or finish
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+                else:
+                    text = event["text"]
+                    print(text[len(shown) :], end="", flush=True)
+                    shown = text
+                    meta = event["meta_info"]
+                    tokens = meta["completion_tokens"]
+                    finish = (meta.get("finish_reason") or {}).get("type") or finish
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - start
+    print()
+    print(f"[{tokens} tokens, finish: {finish}, {elapsed:.2f} s]", file=sys.stderr)
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------------
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="load-test a running server (random-token prompts)")
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shared-prefix-len", type=int, default=0,
+        help="every prompt begins with the same this many random tokens (a system prompt)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-stream", dest="stream", action="store_false",
+        help="plain JSON calls, as an offline batch client sends them (no TTFT / TPOT)",
+    )  # fmt: skip
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--regex", help="hold every output to this regular expression")
+    held.add_argument(
+        "--json-schema", help="hold every output to this JSON schema (JSON text, or @FILE)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench import BenchConfig, run_bench
+
+    constraint = None
+    if args.regex:
+        constraint = ("regex", args.regex)
+    elif args.json_schema:
+        schema = args.json_schema
+        if schema.startswith("@"):
+            try:
+                schema = Path(schema[1:]).read_text()
+            except OSError as e:
+                print(f"error: --json-schema: {e}", file=sys.stderr)
+                return 1
+        constraint = ("json_schema", schema)
+    try:
+        cfg = BenchConfig(
+            url=args.url.rstrip("/"),
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            concurrency=args.concurrency,
+            seed=args.seed,
+            stream=args.stream,
+            shared_prefix_len=args.shared_prefix_len,
+            constraint=constraint,
+        )
+        result = asyncio.run(run_bench(cfg))
+    except (ValueError, RuntimeError, httpx.HTTPError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(result.to_json() if args.json else result.table())
+    return 0 if result.num_failed == 0 else 1
+
+
+# ---- status -------------------------------------------------------------------------------------
+
+
+def add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="print the ranks' state of a running server")
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        resp = httpx.get(args.url.rstrip("/") + "/v1/stats", timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPStatusError as e:
+        print(f"error: {args.url} answered {e.response.status_code}: {e.response.text[:200]}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 1
+    data = resp.json()
+    state = ", draining (shutting down)" if data.get("draining") else ""
+    print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight{state}; "
+          f"{data.get('num_retries', 0)} retried, {data.get('num_rank_failures', 0)} rank "
+          "failure(s) since start")  # fmt: skip
+    header = (
+        "pool",
+        "dp",
+        "rank",
+        "node",
+        "node id",
+        "running",
+        "waiting",
+        "in transfer",
+        "KV pages used",
+        "tokens",
+    )
+    rows: list[tuple[str, ...]] = [header]
+    for rank in data["ranks"]:
+        info, st = rank["info"] or {}, rank["stats"]
+        pool = f"{info.get('role', '?')}-{info.get('instance', 0)}" if info else "?"
+        dp = f"{info.get('pool_rank', 0)}/{info.get('pool_size', 1)}" if info else "?"
+        where = (pool, dp, str(rank["rank"]), info.get("node", ""), info.get("node_id", "")[:12])
+        if rank["error"] or not st:
+            rows.append((*where, rank["error"] or "not ready"))
+            continue
+        used = f"{st['num_pages_used']}/{st['num_pages_total']}"
+        rows.append((
+            *where, str(st["num_running"]),
+            str(st["num_waiting"]), str(st.get("num_in_transfer", 0)), used,
+            str(st["num_generated_tokens"]),
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
+    return 0

@@ -1,0 +1,120 @@
+"""`pdserve rebalance`: an expert rebalance on a running server (HTTP or gRPC admin call), or a
+dump of its expert placement."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+
+def add_rebalance(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rebalance", help="rebalance the experts of the expert-parallel pools now (admin)"
+    )
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"), help="admin token")
+    p.add_argument("--pool", action="append", help="only this pool (repeatable), e.g. decode-0")
+    p.add_argument(
+        "--dump", metavar="FILE", help="save the current placement to FILE instead of rebalancing"
+    )
+    p.add_argument("--apply", metavar="FILE", help="move to the placement saved in FILE")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.set_defaults(func=cmd_rebalance)
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    from orchestrator.launcher import PLACEMENT_FORMAT, read_expert_placements
+
+    if not args.token:
+        print("error: --token (or PDSERVE_ADMIN_TOKEN) is required", file=sys.stderr)
+        return 2
+    if args.grpc:
+        if args.dump or args.apply:
+            print("error: --dump and --apply use HTTP; drop --grpc", file=sys.stderr)
+            return 2
+        return _rebalance_grpc(args)
+    url = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.token}"}
+    try:
+        if args.dump:
+            resp = httpx.get(f"{url}/admin/experts", headers=headers, timeout=args.timeout)
+            if resp.status_code != 200:
+                return _admin_error(resp)
+            pools = {name: p["phy2log"] for name, p in resp.json()["pools"].items()}
+            with open(args.dump, "w") as f:
+                json.dump({"format": PLACEMENT_FORMAT, "pools": pools}, f)
+            print(f"saved the placement of {len(pools)} pool(s) to {args.dump}")
+            return 0
+        body: dict[str, Any] = {}
+        if args.pool:
+            body["pools"] = args.pool
+        if args.apply:
+            body["placements"] = read_expert_placements(args.apply)
+        resp = httpx.post(
+            f"{url}/admin/rebalance", json=body, headers=headers, timeout=args.timeout
+        )
+    except (httpx.HTTPError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        return _admin_error(resp)
+    return _print_reports(resp.json()["pools"])
+
+
+def _rebalance_grpc(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from proto import pdserve_pb2 as pb
+    from proto import pdserve_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(args.grpc) as channel:
+            reply = pb_grpc.GenerationStub(channel).Rebalance(
+                pb.RebalanceRequest(pools=args.pool or []),
+                metadata=[("authorization", f"Bearer {args.token}")],
+                timeout=args.timeout,
+            )
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    reports = [
+        MessageToDict(
+            r, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        for r in reply.pools
+    ]
+    return _print_reports(reports)
+
+
+def _print_reports(reports: list[dict[str, Any]]) -> int:
+    failed = 0
+    for r in reports:
+        if r["skipped"]:
+            print(f"{r['pool']}: skipped ({r['skipped']})")
+        elif not r["ok"]:
+            failed += 1
+            print(f"{r['pool']}: FAILED, rolled back: {r['error']}")
+        else:
+            print(
+                f"{r['pool']}: balancedness {r['balancedness_before']:.3f} -> "
+                f"{r['balancedness_after']:.3f}, {r['num_experts_moved']} experts "
+                f"({float(r['num_bytes_moved']) / 1e6:.1f} MB) moved; load {r['load_s'] * 1000:.0f} ms, "
+                f"prepare {r['prepare_s'] * 1000:.0f} ms, pause {r['execute_s'] * 1000:.1f} ms"
+            )
+    return 1 if failed else 0
+
+
+def _admin_error(resp: httpx.Response) -> int:
+    try:
+        message = resp.json()["error"]["message"]
+    except Exception:
+        message = resp.text
+    print(f"error: HTTP {resp.status_code}: {message}", file=sys.stderr)
+    return 1

@@ -1,0 +1,315 @@
+"""`pdserve serve`: its flags, the serve config they make, and the command that starts (or joins) a
+Ray cluster and serves until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from orchestrator.cli.common import say
+from orchestrator.tool_parser import FORMATS as TOOL_CALL_FORMATS
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start (or join) a Ray cluster and serve a model over HTTP")
+    p.add_argument("--model", help="Hugging Face checkpoint dir (default: the built-in tiny model)")
+    p.add_argument("--served-model-name", help="name in /v1/models (default: the dir's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--grpc-port", type=int, help="also serve the gRPC API here (0: a free port)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="serve config (YAML, e.g. deploy/serve.yaml); flags given here override it",
+    )
+    p.add_argument("--address", help="Ray cluster to join ('auto': the one `ray start` made)")
+    t = p.add_argument_group("topology")
+    t.add_argument(
+        "--colocated",
+        action="store_true",
+        help="one pool does prefill and decode (default: a prefill and a decode pool)",
+    )
+    t.add_argument("--dp", type=int, default=1, help="ranks of the colocated pool")
+    t.add_argument("--prefill-dp", type=int, default=1, help="ranks of the prefill pool")
+    t.add_argument("--decode-dp", type=int, default=1, help="ranks of the decode pool")
+    t.add_argument(
+        "--prefill-instances",
+        type=int,
+        default=1,
+        help="independent prefill pools (of --prefill-dp)",
+    )
+    t.add_argument(
+        "--decode-instances", type=int, default=1, help="independent decode pools (of --decode-dp)"
+    )
+    t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
+    t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
+    e = p.add_argument_group("engine")
+    e.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    kv = e.add_mutually_exclusive_group()
+    kv.add_argument("--kv-capacity-tokens", type=int, help="KV cache size in tokens")
+    kv.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        help="GPU: share of a rank's GPU memory for weights + KV (default 0.85); "
+        "CPU: share of RAM for the KV cache (default 0.1)",
+    )
+    e.add_argument("--max-running-requests", type=int, default=256)
+    e.add_argument(
+        "--disable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt whole (by default requests share the KV of common prefixes)",
+    )
+    e.add_argument("--chunked-prefill-size", type=int, default=2048)
+    e.add_argument(
+        "--lazy-structured-output",
+        dest="preload_structured_output",
+        action="store_false",
+        help="build each rank's structured-output compiler on the first constrained request "
+        "instead of at start (saves ~2 s of start-up and ~100 MB per rank)",
+    )
+    e.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="send a request's tokens every N tokens (the first at once): higher values trade "
+        "streaming smoothness for throughput",
+    )
+    e.add_argument("--max-context-len", type=int, help="default: the model's")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--num-threads", type=int, help="torch threads per rank on CPU")
+    e.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=256,
+        help="decode batches up to this size replay CUDA graphs (CUDA, one-rank pools); 0: off",
+    )
+    x = p.add_argument_group("expert parallelism (pools of several ranks)")
+    x.add_argument(
+        "--num-redundant-experts", type=int, default=0, help="extra expert slots per pool"
+    )
+    x.add_argument("--moe-a2a-backend", default="auto", choices=("auto", "torch", "deepep"))
+    x.add_argument(
+        "--grouped-gemm-backend",
+        default="auto",
+        choices=("auto", "torch", "deep_gemm"),
+        help="routed experts' GEMMs in EP pools: deep_gemm = FP8 on Hopper (auto: where it imports)",
+    )
+    x.add_argument(
+        "--deepep-mode",
+        default="auto",
+        choices=("auto", "normal", "low_latency"),
+        help="auto: normal for prefill pools, low_latency for decode pools",
+    )
+    x.add_argument(
+        "--low-latency-capacity",
+        type=int,
+        default=128,
+        help="low_latency mode: rows per expert slot and source rank in one exchange",
+    )
+    x.add_argument(
+        "--eplb-interval-s",
+        type=float,
+        help="rebalance experts every this many seconds (default: only on `pdserve rebalance`)",
+    )
+    x.add_argument(
+        "--eplb-min-balancedness",
+        type=float,
+        default=0.95,
+        help="a periodic rebalance is skipped while balancedness is at least this",
+    )
+    x.add_argument(
+        "--init-expert-placement",
+        metavar="FILE",
+        help="start from a saved placement (`pdserve rebalance --dump FILE`)",
+    )
+    x.add_argument(
+        "--enable-two-batch-overlap",
+        action="store_true",
+        help="split each batch in two and overlap one's all-to-all with the other's compute",
+    )
+    r = p.add_argument_group("requests")
+    r.add_argument("--default-max-new-tokens", type=int, default=128)
+    r.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    r.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish while new ones are "
+        "refused (0: stop at once; a second signal stops at once)",
+    )
+    r.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024)
+    r.add_argument(
+        "--incremental-streaming-output",
+        action="store_true",
+        help="/generate streams: each event carries only its new text and output_ids "
+        "(default: everything so far, as SGLang sends them)",
+    )
+    r.add_argument(
+        "--tool-call-parser",
+        choices=("auto", *TOOL_CALL_FORMATS),
+        default="auto",
+        help="how the model writes tool calls (default auto: as its chat template does)",
+    )
+    r.add_argument(
+        "--reasoning-parser",
+        choices=("auto", "none", "deepseek_r1"),
+        default="auto",
+        help="split chat answers' <think> blocks off as reasoning_content: deepseek_r1 "
+        "always, none never (default auto: when the chat template has thinking blocks)",
+    )
+    r.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: none)")
+    r.add_argument(
+        "--max-concurrent-requests-per-client",
+        type=int,
+        help="requests in flight per client address (default: no cap)",
+    )
+    r.add_argument(
+        "--admin-token",
+        default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
+        help="enables /admin/* with this bearer token (default: $PDSERVE_ADMIN_TOKEN; unset: off)",
+    )
+    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    from orchestrator.config import ServeConfig
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(
+        page_size=args.page_size,
+        kv_capacity_tokens=args.kv_capacity_tokens,
+        kv_memory_fraction=args.kv_memory_fraction,
+        max_running_requests=args.max_running_requests,
+        enable_prefix_caching=args.enable_prefix_caching,
+        preload_structured_output=args.preload_structured_output,
+        chunked_prefill_size=args.chunked_prefill_size,
+        stream_interval=args.stream_interval,
+        max_context_len=args.max_context_len,
+        dtype=args.dtype,
+        device=args.device,
+        num_threads=args.num_threads,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
+        num_redundant_experts=args.num_redundant_experts,
+        moe_a2a_backend=args.moe_a2a_backend,
+        grouped_gemm_backend=args.grouped_gemm_backend,
+        deepep_mode=args.deepep_mode,
+        low_latency_capacity=args.low_latency_capacity,
+        enable_two_batch_overlap=args.enable_two_batch_overlap,
+    )
+    return ServeConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        ray_address=args.address,
+        colocated=args.colocated,
+        num_ranks=args.dp,
+        prefill_dp=args.prefill_dp,
+        decode_dp=args.decode_dp,
+        prefill_instances=args.prefill_instances,
+        admin_token=args.admin_token,
+        eplb_interval_s=args.eplb_interval_s,
+        eplb_min_balancedness=args.eplb_min_balancedness,
+        init_expert_placement=args.init_expert_placement,
+        decode_instances=args.decode_instances,
+        transfer_backend=args.transfer_backend,
+        transfer_timeout_s=args.transfer_timeout,
+        engine=engine,
+        max_request_body_bytes=args.max_request_body_bytes,
+        incremental_streaming_output=args.incremental_streaming_output,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_concurrent_requests_per_client=args.max_concurrent_requests_per_client,
+        default_max_new_tokens=args.default_max_new_tokens,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from orchestrator.launcher import launch, local_ray_cpus, resolve_model_dir, starts_local_ray
+
+    try:
+        config = serve_config(args)
+    except ValueError as e:
+        say(f"error: {e}")
+        return 2
+    say(f"topology: {config.topology}")
+    model_dir = resolve_model_dir(config)
+    say(f"model: {model_dir}")
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        say("warning: RAY_AUTH_MODE=disabled: anyone who reaches the Ray ports controls the "
+               "cluster; keep Ray's token authentication on outside a test box")  # fmt: skip
+    num_cpus = None
+    if starts_local_ray(config):
+        cores = os.cpu_count() or 1
+        num_cpus = local_ray_cpus(config, cores)
+        if num_cpus is not None:
+            say(f"warning: the ranks take {num_cpus} CPUs and this machine has {cores} cores: "
+                   f"the local Ray declares {num_cpus}, so ranks share cores (fine for trying the "
+                   "topology out; measure with a core per rank)")  # fmt: skip
+    ctx = ray.init(address=config.ray_address, num_cpus=num_cpus, logging_level=logging.WARNING)
+    dashboard = getattr(ctx, "dashboard_url", None)
+    where = f"joined Ray cluster at {config.ray_address}" if config.ray_address else "local Ray"
+    say(f"{where}" + (f", dashboard http://{dashboard}" if dashboard else ""))
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # while loading, SIGTERM interrupts like Ctrl-C
+    stop = threading.Event()
+    server = None
+    try:
+        say(f"loading {model_dir.name} ...")
+        server = launch(
+            config,
+            model_dir=model_dir,
+            progress=lambda s: say(f"  still loading ({s:.0f} s)"),
+        )
+        stop_now = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            (stop_now if stop.is_set() else stop).set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        say(f"serving {server.router.model_name} on {server.url}")
+        if server.grpc_address:
+            say(f"gRPC (pdserve.v1) on {server.grpc_address}")
+        while not stop.is_set() and server.http.is_alive():
+            stop.wait(0.5)
+        in_flight = server.router.num_in_flight
+        if in_flight and config.drain_timeout_s > 0 and server.http.is_alive():
+            say(f"draining {in_flight} request(s) in flight (up to "
+                   f"{config.drain_timeout_s:g} s; interrupt again to stop now)")  # fmt: skip
+            left = server.drain(config.drain_timeout_s, stop_now)
+            if left:
+                say(f"{left} request(s) still in flight: ending them")
+        say("shutting down")
+        return 0
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except Exception as e:
+        say(f"error: {type(e).__name__}: {e}")
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+        ray.shutdown()
