@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import aiohttp
 
@@ -162,28 +163,45 @@ async def _one(
         return await _one_whole(session, cfg, payload)
     start = time.perf_counter()
     ttft = 0.0
-    last = b""
+    tail = b""  # the stream's end: its last two events at most
     try:
         async with session.post(f"{cfg.url}/generate", json=payload) as resp:
             if resp.status != 200:
                 body = (await resp.read()).decode(errors="replace")
                 return RequestResult(False, error=f"HTTP {resp.status}: {body[:200]}")
-            # Only the first event (time to first token) and the last one (the totals) are
-            # parsed, so the client spends little CPU beside the server it measures.
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                if not ttft:
+            # The client must spend little CPU beside the server it measures: it reads what
+            # arrived in chunks (not line by line), notes when the first event came, and keeps
+            # only the stream's tail, whose last event before [DONE] has the totals.
+            async for chunk in resp.content.iter_any():
+                if not ttft and b"data: " in chunk:
                     ttft = time.perf_counter() - start
-                last = line
-        event = json.loads(last[len(b"data: ") :]) if last else {}
+                tail = _last_events(tail + chunk)
+        event = _final_event(tail)
         if "error" in event:
             return RequestResult(False, error=str(event["error"].get("message")))
         num_tokens = int(event["meta_info"]["completion_tokens"])
     except (aiohttp.ClientError, ValueError, KeyError) as e:
         return RequestResult(False, error=f"{type(e).__name__}: {e}")
     return RequestResult(True, num_tokens, ttft, time.perf_counter() - start)
+
+
+def _last_events(buf: bytes, keep: int = 2) -> bytes:
+    """`buf` from the start of its `keep`-th last event (events begin a line with `data: `)."""
+    cut = len(buf)
+    for _ in range(keep):
+        cut = buf.rfind(b"\ndata: ", 0, cut)
+        if cut < 0:
+            return buf
+    return buf[cut + 1 :]
+
+
+def _final_event(tail: bytes) -> dict[str, Any]:
+    """The last JSON event of an SSE stream's tail ({} when there is none)."""
+    for line in reversed(tail.split(b"\n")):
+        line = line.strip()
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            return dict(json.loads(line[len(b"data: ") :]))
+    return {}
 
 
 async def _one_whole(

@@ -1,4 +1,5 @@
-"""SSE event encoding (`orchestrator.streaming.sse`)."""
+"""SSE event encoding (`orchestrator.streaming.sse`), and the bench client's reading of a
+stream's tail (`orchestrator.bench`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import pytest
 
+from orchestrator.bench import _final_event, _last_events
 from orchestrator.streaming import sse
 
 
@@ -26,3 +28,19 @@ def test_an_event_is_one_line_that_round_trips(obj):
     payload = event[len("data: ") : -2]
     assert len(payload.splitlines()) == 1  # no raw U+2028 / U+0085 / newline splits it
     assert json.loads(payload) == json.loads(json.dumps(obj))  # what `json` would send
+
+
+@pytest.mark.timeout(30)
+def test_the_bench_client_finds_the_totals_in_a_streams_tail_however_it_is_chunked():
+    events = [{"text": "ab" * i, "meta_info": {"completion_tokens": i}} for i in range(1, 7)]
+    stream = "".join(sse(e) for e in events).encode() + b"data: [DONE]\n\n"
+    for size in (1, 2, 5, 13, 64, len(stream)):
+        tail = b""
+        for i in range(0, len(stream), size):
+            tail = _last_events(tail + stream[i : i + size])
+        assert _final_event(tail) == events[-1]
+        assert len(tail) <= len(sse(events[-1])) + len(b"data: [DONE]\n\n") + size
+    error = sse({"error": {"message": "boom"}}).encode() + b"data: [DONE]\n\n"
+    two = "".join(sse(e) for e in events[:2]).encode()
+    assert _final_event(_last_events(two + error)) == {"error": {"message": "boom"}}
+    assert _final_event(b"") == {} and _final_event(b"data: [DONE]\n\n") == {}
