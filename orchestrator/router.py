@@ -55,6 +55,10 @@ class _RankUnreachable(RouterNotReady):
 
 
 AFFINITY_TOKENS = 64  # prompts that begin with the same this many tokens go to the same rank
+# An expert-parallel pool that got no request for this long may be asleep (its idle ranks
+# join its lockstep agreement only every few hundred ms): its other ranks are woken with the
+# first request after it (`EngineWorker.wake`).
+POOL_QUIET_S = 1.0
 MAX_AFFINITY_KEYS = 65536
 
 
@@ -131,6 +135,8 @@ class Router:
         self.num_retries = 0  # requests re-run on another pair after a failure
         self.num_rank_failures = 0  # times a rank was found dead or failing
         self.num_add_calls = 0  # `add_requests` actor calls (each carries one or more adds)
+        self.num_pool_wakes = 0  # `wake` calls to the other ranks of a quiet pool
+        self._pool_last_add: dict[tuple[str, int], float] = {}  # (role, instance) -> time
         self.num_deltas = 0  # token deltas handed to requests (at most one per request a poll)
         self.request_timeout_s = request_timeout_s
         self.infos: list[RankInfo | None] = [None] * len(ranks)
@@ -539,6 +545,7 @@ class Router:
             return
         ref = self.ranks[rank].add_requests.remote([request for request, _ in batch])
         self.num_add_calls += 1
+        self._wake_pool_of(rank)
 
         async def settle() -> None:
             try:
@@ -559,6 +566,27 @@ class Router:
         task = asyncio.get_running_loop().create_task(settle())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _wake_pool_of(self, rank: int) -> None:
+        """Wake the other ranks of `rank`'s expert-parallel pool when it has been quiet (see
+        `POOL_QUIET_S`), so that the work just sent does not wait for them to join a step."""
+        info = self.infos[rank]
+        if info is None or info.pool_size < 2:
+            return
+        pool = (info.role, info.instance)
+        now = asyncio.get_running_loop().time()
+        last = self._pool_last_add.get(pool)
+        self._pool_last_add[pool] = now
+        if last is not None and now - last < POOL_QUIET_S:
+            return
+        for peer, peer_info in enumerate(self.infos):
+            if (
+                peer != rank
+                and peer_info is not None
+                and (peer_info.role, peer_info.instance) == pool
+            ):
+                self.num_pool_wakes += 1
+                self._spawn(self.ranks[peer].wake.remote())
 
     def _output(self, delta: TokenDelta, detok: IncrementalDetokenizer) -> Output:
         text = detok.add(delta.token_ids)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from orchestrator.router import POOL_QUIET_S
 from tests.checkpoints import make_checkpoint
 
 pytest.importorskip("workers.transfer")
@@ -384,6 +385,14 @@ def test_expert_parallel_pools_through_the_server(launch_tiny, tiny_server):
         ours = asyncio.run(_stream_all(server.url, prompts, 12))
         ref = asyncio.run(_stream_all(tiny_server, prompts, 12))
         assert ours == ref
+        # The first requests into each pool after its quiet start woke the pool's other rank
+        # (an asleep pool rank would join a step only every GROUP_POLL_ASLEEP_S); so does the
+        # first request after another quiet spell.
+        woken = server.router.num_pool_wakes
+        assert woken >= 2
+        time.sleep(POOL_QUIET_S + 0.2)
+        assert asyncio.run(_stream_all(server.url, prompts[:1], 12)) == ref[:1]
+        assert server.router.num_pool_wakes >= woken + 2
         ranks = _wait_all_pages_free(server.url)
         # Both ranks of each pool served requests (the router balances across DP ranks).
         assert all(r["stats"]["num_generated_tokens"] > 0 for r in ranks), ranks

@@ -60,8 +60,16 @@ logger = logging.getLogger(__name__)
 
 
 _MODES = {"colocated": "full", "prefill": "prefill", "decode": "decode"}
-GROUP_POLL_BUSY_S = 0.002  # an idle pool rank joins its pool's agreement this often...
-GROUP_POLL_IDLE_S = 0.02  # ...or this often once the pool has been idle for a second
+# How often an idle rank of an expert-parallel pool joins the pool's agreement: every 2 ms
+# while the pool stepped within the last second, every 20 ms within the last 5 s, then every
+# 250 ms (an idle pool then costs its ranks almost nothing). Work that reaches one rank of a
+# sleeping pool is not held for that long: the router calls `wake` on the pool's other ranks
+# with the first request after a quiet spell.
+GROUP_POLL_BUSY_S = 0.002
+GROUP_POLL_IDLE_S = 0.02
+GROUP_POLL_ASLEEP_S = 0.25
+GROUP_IDLE_AFTER_S = 1.0
+GROUP_ASLEEP_AFTER_S = 5.0
 
 
 def _join_pool(pool: PoolMember, device: torch.device) -> PoolGroup:
@@ -150,6 +158,7 @@ class EngineWorker:
         self._stats = self.engine.stats()
         self._stopped = False
         self._transfer_results = False  # a transfer reported: the loop must collect it
+        self._woken = False  # `wake` came: join the pool's next agreement without waiting
         self._error: str | None = None
         if config.preload_structured_output:
             # Before the rank reports ready: done in the background it overlapped the first
@@ -193,6 +202,13 @@ class EngineWorker:
     def abort(self, rid: str) -> None:
         with self._lock:
             self._inbox.append(("abort", rid))
+            self._lock.notify_all()
+
+    def wake(self) -> None:
+        """Join the pool's next agreement at once (another rank of the pool has work): a rank
+        of a pool that has been idle a while otherwise joins only every `GROUP_POLL_ASLEEP_S`."""
+        with self._lock:
+            self._woken = True  # a flag, not only a notify: the loop may not be waiting yet
             self._lock.notify_all()
 
     def set_transfer_targets(self, targets: list[tuple[str, Any]]) -> None:
@@ -368,13 +384,12 @@ class EngineWorker:
         while True:
             with self._lock:
                 while not self._inbox and not self._stopped and not self._transfer_results:
-                    if engine.has_work and not engine.idle:
+                    if (engine.has_work and not engine.idle) or self._woken:
                         break
                     wait_s = handoff.wait_s(time.monotonic()) if handoff is not None else None
                     if group is not None:
                         # The pool's other ranks may step: join the next agreement soon.
-                        recent = time.monotonic() - last_busy < 1.0
-                        idle_s = GROUP_POLL_BUSY_S if recent else GROUP_POLL_IDLE_S
+                        idle_s = _group_poll_s(time.monotonic() - last_busy)
                         wait_s = idle_s if wait_s is None else min(wait_s, idle_s)
                     if wait_s is not None and wait_s <= 0:
                         break
@@ -384,7 +399,7 @@ class EngineWorker:
                 stopping = self._stopped
                 if stopping and group is None:
                     return
-                self._transfer_results = False
+                self._transfer_results = self._woken = False
                 inbox, self._inbox = self._inbox, deque()
                 fail_step = self._take_fault("fail_step")
             deltas: list[TokenDelta] = []
@@ -426,17 +441,19 @@ class EngineWorker:
                 else:
                     swap_ready = self._offer_swap()
                     try:
-                        agreed = group.agree(
-                            engine.has_work and not engine.idle, stopping, swap_ready
-                        )
+                        # Pending: requests held but not runnable (their KV in transit).
+                        runnable = engine.has_work and not engine.idle
+                        pending = bool(engine.requests) and not runnable
+                        agreed = group.agree(runnable, stopping, swap_ready, pending)
                         if agreed.all_swap_ready:
                             self._execute_swap()
                     finally:
                         self._end_offer()
                     if agreed.any_stopping:
                         return
+                    if agreed.any_has_work or agreed.any_pending:
+                        last_busy = time.monotonic()  # work now or soon: keep polling fast
                     if agreed.any_has_work:
-                        last_busy = time.monotonic()
                         deltas.extend(engine.step(run_empty=True))
             except Exception as e:
                 if group is not None:
@@ -503,6 +520,14 @@ class EngineWorker:
                 self._outbox[d.rid] = d
             if deltas or events:
                 self._lock.notify_all()
+
+
+def _group_poll_s(idle_s: float) -> float:
+    """How long an idle pool rank waits before joining the next agreement, after `idle_s`
+    seconds since the pool last stepped."""
+    if idle_s < GROUP_IDLE_AFTER_S:
+        return GROUP_POLL_BUSY_S
+    return GROUP_POLL_IDLE_S if idle_s < GROUP_ASLEEP_AFTER_S else GROUP_POLL_ASLEEP_S
 
 
 def _normal_priority() -> None:

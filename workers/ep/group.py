@@ -26,6 +26,7 @@ class Agreement(NamedTuple):
     any_has_work: bool
     any_stopping: bool
     all_swap_ready: bool = False  # every rank has an expert rebalance armed to execute
+    any_pending: bool = False  # a rank holds requests not runnable yet (their KV in transit)
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,19 @@ class PoolGroup:
         it once per loop iteration)."""
         return self.agree(has_work, False).any_has_work
 
-    def agree(self, has_work: bool, stopping: bool, swap_ready: bool = False) -> Agreement:
+    def agree(
+        self, has_work: bool, stopping: bool, swap_ready: bool = False, pending: bool = False
+    ) -> Agreement:
         """What the ranks decide together each loop iteration (a collective over `control`):
         step if any rank has work, stop if any rank is stopping, execute an expert rebalance
-        if every rank has one armed."""
-        flags = torch.tensor([int(has_work), int(stopping), int(swap_ready)], dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.control)
-        return Agreement(bool(flags[0]), bool(flags[1]), int(flags[2]) == self.world_size)
+        if every rank has one armed; `pending` (requests waiting for their KV) tells the others
+        that work is coming."""
+        flags = [int(has_work), int(stopping), int(swap_ready), int(pending)]
+        summed = torch.tensor(flags, dtype=torch.int32)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.control)
+        return Agreement(
+            bool(summed[0]), bool(summed[1]), int(summed[2]) == self.world_size, bool(summed[3])
+        )
 
 
 _group: PoolGroup | None = None
