@@ -306,8 +306,7 @@ class EngineWorker:
             future: Future[Any] = Future()
             with self._swap_lock:
                 self._swap = future
-        with self._lock:
-            self._lock.notify_all()
+        self.wake()  # offer it at the pool's next agreement, however idle the pool is
         try:
             return future.result(timeout_s)  # type: ignore[no-any-return]
         except TimeoutError:
