@@ -221,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "waiting",
         "in transfer",
         "KV pages used",
-        "tokens",
+        "tokens out",
     )
     rows: list[tuple[str, ...]] = [header]
     for rank in data["ranks"]:
