@@ -99,7 +99,7 @@ class MLP(nn.Module):
         self._gate_up = fuse_linears(self.gate_proj, self.up_proj, transposed=transposed)
 
     def use_cpu_kernel(self) -> None:
-        """Run as `workers.kernels.cpu.mlp` (float32 CPU weights without biases), after
+        """Run as `workers.kernels.cpu.blocks.mlp` (float32 CPU weights without biases), after
         `fuse(transposed=True)`: the weights are kept transposed, the module's parameters stay
         views of them."""
         if self.down_proj.bias is not None or self.gate_proj.bias is not None:

@@ -61,7 +61,7 @@ class MLAttention(nn.Module):
         self._qkv_a = fuse_linears(first, self.kv_a_proj_with_mqa, transposed=transposed)
 
     def use_cpu_block(self, rope: RotaryEmbedding) -> None:
-        """Run decode-only batches as one `workers.kernels.cpu.MLABlock` call (float32 CPU
+        """Run decode-only batches as one `workers.kernels.cpu.blocks.MLABlock` call (float32 CPU
         weights, no biases), after `fuse(transposed=True)`; the projections' weights are kept
         transposed for it, their parameters stay views. Batches with a prefill keep the torch
         path."""

@@ -262,10 +262,10 @@ class MoE(nn.Module):
             self.shared_experts = MLP(
                 cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias
             )
-        self.cpu_kernel = False  # the whole layer as one workers.kernels.cpu.moe_block call
+        self.cpu_kernel = False  # the whole layer as one workers.kernels.cpu.blocks.moe_block call
 
     def use_cpu_kernel(self) -> None:
-        """Run the whole layer as one `workers.kernels.cpu.moe_block` call where it applies:
+        """Run the whole layer as one `workers.kernels.cpu.blocks.moe_block` call where it applies:
         V3 routing (`Gate.has_cpu_kernel`), float32 routed experts on the `cpu` backend, shared
         experts without biases. The router weight is kept transposed (its parameter a view)."""
         shared = self.shared_experts

@@ -75,10 +75,6 @@ static inline void swiglu_rows(int rows, const float *const *x, int64_t hidden,
   gemm_rows(rows, act, inter, w2t, hidden, down, hidden);
 }
 
-static inline void add_to(float *y, const float *x, int64_t n) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) st(y + j, ld(y + j) + ld(x + j));
-  for (; j < n; j++) y[j] += x[j];
-}
+static inline void add_to(float *y, const float *x, int64_t n) { axpy(y, 1.0f, x, n); }
 
 #endif

@@ -99,13 +99,7 @@ int pds_mla_block_f32(const struct pds_mla_weights *w,
         const float *w_uk = w->w_kvb + h * (w->nope + w->v) * w->kv_lora;
         float *qf = q_full + (b * H + h) * dim;
         memset(qf, 0, sizeof(float) * (size_t)w->kv_lora);
-        for (int64_t i = 0; i < w->nope; i++) {
-          const v16 s = splat(qn[i]);
-          const float *wr = w_uk + i * w->kv_lora;
-          int64_t j = 0;
-          for (; j + 16 <= w->kv_lora; j += 16) st(qf + j, ld(qf + j) + s * ld(wr + j));
-          for (; j < w->kv_lora; j++) qf[j] += qn[i] * wr[j];
-        }
+        for (int64_t i = 0; i < w->nope; i++) axpy(qf, qn[i], w_uk + i * w->kv_lora, w->kv_lora);
         rotate(w, qn + w->nope, pos, qf + w->kv_lora);
       }
     }

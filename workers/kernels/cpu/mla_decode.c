@@ -23,13 +23,6 @@
 #include "kernels.h"
 #include "vec.h"
 
-static void axpy(float *y, float alpha, const float *x, int64_t n) {
-  int64_t i = 0;
-  v16 a = splat(alpha);
-  for (; i + 16 <= n; i += 16) st(y + i, ld(y + i) + a * ld(x + i));
-  for (; i < n; i++) y[i] += alpha * x[i];
-}
-
 static float max_of(const float *s, int64_t n) {
   v16 m = splat(-INFINITY);
   int64_t j = 0;

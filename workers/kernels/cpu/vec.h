@@ -43,6 +43,14 @@ static inline float hsum(v16 v) {
   return a[0];
 }
 
+/* y[:n] += alpha * x[:n]. */
+static inline void axpy(float *y, float alpha, const float *x, int64_t n) {
+  int64_t i = 0;
+  v16 a = splat(alpha);
+  for (; i + 16 <= n; i += 16) st(y + i, ld(y + i) + a * ld(x + i));
+  for (; i < n; i++) y[i] += alpha * x[i];
+}
+
 /* The partial-sum vector of a . b (hsum of it is the dot product; the tail rides in lane 0). */
 static inline v16 dot_part(const float *a, const float *b, int64_t n) {
   v16 acc = {0};
