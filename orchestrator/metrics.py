@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from orchestrator.router import Output
+from orchestrator.outputs import Output
 from workers.engine.messages import RankStats
 
 _LATENCY_BUCKETS_S = (

@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.outputs import Output
 from orchestrator.request_fields import Fields, RequestError, type_name
-from orchestrator.router import Output, Router
+from orchestrator.router import Router
 from orchestrator.sampling_request import (
     CONSTRAINT_FIELDS,
     SamplingRequest,

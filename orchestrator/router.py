@@ -17,13 +17,19 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.detokenizer import IncrementalDetokenizer
-from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks
+from orchestrator.outputs import Output, to_output
+from orchestrator.ranks import (
+    Limits,
+    RankTable,
+    RankUnreachable,
+    RoutedRequest,
+    RouterNotReady,
+    accepted_or_first,
+)
 from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
     FinishReason,
@@ -32,86 +38,11 @@ from workers.engine.messages import (
     RankStats,
     SamplingParams,
     TokenDelta,
-    TokenLogprob,
     TransferReady,
     short_error,
 )
-from workers.engine.prefix_cache import page_key
 
 logger = logging.getLogger(__name__)
-
-
-class RouterNotReady(RuntimeError):
-    """No rank can take the request (still loading, or dead)."""
-
-
-class _RankUnreachable(RouterNotReady):
-    """A rank's `add_request` failed without refusing the request (the rank died or is
-    dying): nothing ran, so another rank may take it."""
-
-    def __init__(self, rank: int, error: BaseException):
-        super().__init__(f"engine rank {rank}: {short_error(error)}")
-        self.rank = rank
-
-
-AFFINITY_TOKENS = 64  # prompts that begin with the same this many tokens go to the same rank
-# An expert-parallel pool that got no request for this long may be asleep (its idle ranks
-# join its lockstep agreement only every few hundred ms): its other ranks are woken with the
-# first request after it (`EngineWorker.wake`).
-POOL_QUIET_S = 1.0
-MAX_AFFINITY_KEYS = 65536
-
-
-def prefix_key(input_ids: Sequence[int]) -> bytes | None:
-    """The affinity key of a prompt: its first `AFFINITY_TOKENS` tokens (None for a prompt no
-    longer than that, whose cache hits would be small)."""
-    if len(input_ids) <= AFFINITY_TOKENS:
-        return None
-    return page_key(b"", input_ids[:AFFINITY_TOKENS])
-
-
-@dataclass(frozen=True)
-class Output:
-    """What a request produced since the previous `Output`.
-
-    `finish_reason` is set on the last one only: "stop" (EOS, a stop token or a stop string —
-    `matched_stop` says which when known), "length", "abort" (timeout; `error` says so) or
-    "error" (the rank failed; `error` says why)."""
-
-    rid: str
-    text: str
-    token_ids: list[int]
-    num_prompt_tokens: int
-    num_output_tokens: int
-    finish_reason: str | None = None
-    matched_stop: str | int | None = None
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when asked
-    num_cached_tokens: int = 0  # prompt tokens the prefix cache held (not computed)
-    # With the first token, when asked: one per prompt token (None for the first).
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What every rank accepts: the smallest of each value over the ranks."""
-
-    vocab_size: int
-    max_context_len: int
-    kv_capacity_tokens: int
-
-
-@dataclass
-class _Request:
-    rid: str
-    rank: int  # the rank that generates (colocated or decode)
-    num_tokens: int  # prompt + max_new_tokens: the load it puts on its rank
-    num_prompt_tokens: int
-    prefill_rank: int | None = None  # disaggregated: the rank that computes the prompt
-    queue: asyncio.Queue[TokenDelta] = field(default_factory=asyncio.Queue)
-    # A prompt being scored on a prefill rank that does the whole request: its prompt tokens
-    # count as queued there until its first token (so scoring requests spread by load too).
-    queued_here: bool = False
 
 
 class Router:
@@ -127,32 +58,17 @@ class Router:
         poller) and, on `close(shutdown_ranks=True)`, shuts them down."""
         if not ranks:
             raise ValueError("a router needs at least one rank")
-        self.ranks = list(ranks)
+        self.ranks = RankTable(ranks)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.poll_timeout_s = poll_timeout_s
         self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
         self.num_retries = 0  # requests re-run on another pair after a failure
         self.num_rank_failures = 0  # times a rank was found dead or failing
-        self.num_add_calls = 0  # `add_requests` actor calls (each carries one or more adds)
-        self.num_pool_wakes = 0  # `wake` calls to the other ranks of a quiet pool
-        self._pool_last_add: dict[tuple[str, int], float] = {}  # (role, instance) -> time
         self.num_deltas = 0  # token deltas handed to requests (at most one per request a poll)
         self.request_timeout_s = request_timeout_s
-        self.infos: list[RankInfo | None] = [None] * len(ranks)
-        self.rank_errors: list[str | None] = [None] * len(ranks)
-        self._requests: dict[str, _Request] = {}
-        # The load this router put on each rank (see `orchestrator.policy`).
-        self._reserved_tokens = [0] * len(ranks)
-        self._queued_prefill_tokens = [0] * len(ranks)
-        # Prefix affinity: the key of a prompt's first AFFINITY_TOKENS -> the rank that last
-        # computed such a prompt (whose prefix cache likely holds them), oldest first.
-        self._affinity: OrderedDict[bytes, int] = OrderedDict()
-        self._running = [0] * len(ranks)
+        self._requests: dict[str, RoutedRequest] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
-        # Adds waiting for this event-loop pass to end, per rank (see `_add`).
-        self._adds: dict[int, list[tuple[GenerateRequest, asyncio.Future[None]]]] = {}
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
         # Set when the server shuts down gracefully: new requests are refused (503, /health
         # says "draining") while the ones in flight run to their end.
@@ -174,14 +90,13 @@ class Router:
             raise RouterNotReady("the router was not started")
         await asyncio.wait_for(self._ready.wait(), timeout_s)
         if not self.is_ready:
-            raise RouterNotReady(self._dead_message())
+            raise RouterNotReady(self.ranks.dead_message())
 
     @property
     def is_ready(self) -> bool:
         """True when every rank has loaded its model, none has died, and the server is not
         draining."""
-        loaded = all(i is not None for i in self.infos) and not any(self.rank_errors)
-        return loaded and not self.draining
+        return self.ranks.all_loaded and not any(self.ranks.errors) and not self.draining
 
     @property
     def num_in_flight(self) -> int:
@@ -189,14 +104,17 @@ class Router:
 
     @property
     def limits(self) -> Limits:
-        infos = [i for i in self.infos if i is not None]
-        if len(infos) < len(self.ranks):
-            raise RouterNotReady("the model is still loading")
-        return Limits(
-            vocab_size=min(i.vocab_size for i in infos),
-            max_context_len=min(i.max_context_len for i in infos),
-            kv_capacity_tokens=min(i.kv_capacity_tokens for i in infos),
-        )
+        return self.ranks.limits
+
+    @property
+    def infos(self) -> list[RankInfo | None]:
+        """Each rank's `RankInfo` (None until it is ready)."""
+        return self.ranks.infos
+
+    @property
+    def rank_errors(self) -> list[str | None]:
+        """Why each rank is down (None while it is up)."""
+        return self.ranks.errors
 
     async def close(self, shutdown_ranks: bool = False) -> None:
         """Stop polling, end every in-flight request with an error, optionally shut ranks down."""
@@ -208,21 +126,21 @@ class Router:
         self._tasks = []
         self._fail_requests(None, "the server is shutting down")
         if shutdown_ranks:
-            for handle in self.ranks:
+            for handle in self.ranks.handles:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(handle.shutdown.remote(), 15)
 
     async def _run_rank(self, index: int) -> None:
         """Wait for rank `index`, then poll it. When it dies, fail its requests at once, report
         the pool degraded, and wait for Ray to restart it (`max_restarts`); then go on."""
-        handle = self.ranks[index]
+        handle, ranks = self.ranks.handles[index], self.ranks
         while True:
             try:
-                self.infos[index] = await handle.ready.remote()
-                if self.rank_errors[index] is not None:
+                ranks.infos[index] = await handle.ready.remote()
+                if ranks.errors[index] is not None:
                     logger.warning("engine rank %d is back", index)
-                self.rank_errors[index] = None
-                if all(i is not None for i in self.infos):
+                ranks.errors[index] = None
+                if ranks.all_loaded:
                     assert self._ready is not None
                     self._ready.set()
                 await self._poll_rank(index)
@@ -230,17 +148,17 @@ class Router:
                 raise
             except Exception as e:
                 message = f"engine rank {index} failed: {short_error(e)}"
-                if self.rank_errors[index] is None:
+                if ranks.errors[index] is None:
                     self.num_rank_failures += 1
                     logger.error("%s", message)
                     self._fail_requests(index, message)
-                self.rank_errors[index] = message
+                ranks.errors[index] = message
                 assert self._ready is not None
                 self._ready.set()  # wake waiters: readiness is now decided (failed)
                 await asyncio.sleep(self.restart_poll_s)
 
     async def _poll_rank(self, index: int) -> None:
-        handle = self.ranks[index]
+        handle, ranks = self.ranks.handles[index], self.ranks
         while True:
             items: list[TokenDelta | TransferReady] = await handle.poll.remote(self.poll_timeout_s)
             targets: dict[int, list[tuple[str, Any]]] = {}  # prefill rank -> (rid, target)
@@ -254,63 +172,15 @@ class Router:
                     continue
                 if index == req.prefill_rank and item.finish_reason is not None:
                     # The prefill side failed: the decode side waits for KV that won't come.
-                    self._spawn(self.ranks[req.rank].abort.remote(item.rid))
-                elif index == req.rank and item.token_ids and req.queued_here:
-                    self._queued_prefill_tokens[index] -= req.num_prompt_tokens
-                    req.queued_here = False
-                elif index == req.rank and item.token_ids and req.prefill_rank is not None:
+                    ranks.spawn(ranks.handles[req.rank].abort.remote(item.rid))
+                elif index == req.rank and item.token_ids:
                     # Decoding: it no longer depends on (or loads) the prefill rank.
-                    self._queued_prefill_tokens[req.prefill_rank] -= req.num_prompt_tokens
-                    self._running[req.prefill_rank] -= 1
-                    req.prefill_rank = None
+                    ranks.prompt_done(req)
                 self.num_deltas += 1
                 req.queue.put_nowait(item)
             # One call per prefill rank for all the targets this poll brought.
             for prefill_rank, pairs in targets.items():
-                self._spawn(self.ranks[prefill_rank].set_transfer_targets.remote(pairs))
-
-    def _spawn(self, awaitable: Any) -> None:
-        """Fire and forget an actor call; failures surface through the polls."""
-
-        async def run() -> None:
-            with contextlib.suppress(Exception):
-                await awaitable
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def loads(self) -> list[RankLoad]:
-        """Each rank's load as the pair-picking policy sees it."""
-        return [
-            RankLoad(
-                role=info.role if info is not None else "",
-                alive=info is not None and err is None,
-                kv_capacity_tokens=info.kv_capacity_tokens if info is not None else 0,
-                num_queued_prefill_tokens=self._queued_prefill_tokens[i],
-                num_reserved_tokens=self._reserved_tokens[i],
-                num_running=self._running[i],
-            )
-            for i, (info, err) in enumerate(zip(self.infos, self.rank_errors, strict=True))
-        ]
-
-    def _pick(self, avoid: frozenset[int] = frozenset(), input_ids: Sequence[int] = ()) -> Pick:
-        """The ranks for a new request (`orchestrator.policy.pick_ranks`), with prefix
-        affinity for `input_ids`; ranks in `avoid` are not picked. RouterNotReady when no live
-        rank (pair) can take it."""
-        key = prefix_key(input_ids)
-        affinity = None
-        if key is not None and key in self._affinity:
-            affinity = Affinity(self._affinity[key], slack_tokens=len(input_ids))
-        pick = pick_ranks(self.loads(), avoid, affinity)
-        if pick is None:
-            raise RouterNotReady(self._dead_message())
-        if key is not None:
-            self._affinity[key] = pick.rank if pick.prefill_rank is None else pick.prefill_rank
-            self._affinity.move_to_end(key)
-            if len(self._affinity) > MAX_AFFINITY_KEYS:
-                self._affinity.popitem(last=False)
-        return pick
+                ranks.spawn(ranks.handles[prefill_rank].set_transfer_targets.remote(pairs))
 
     def _fail_requests(self, rank: int | None, message: str) -> None:
         for req in list(self._requests.values()):
@@ -318,10 +188,6 @@ class Router:
                 req.queue.put_nowait(
                     TokenDelta(req.rid, [], finish_reason=FinishReason.ERROR, error=message)
                 )
-
-    def _dead_message(self) -> str:
-        errors = [e for e in self.rank_errors if e]
-        return "; ".join(errors) if errors else "the model is still loading"
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -364,14 +230,14 @@ class Router:
                         continue
                     # Another prefill rank; a dead decode rank is skipped anyway (not live).
                     candidate = frozenset(r for r in used[0][1:] if r is not None)
-                    if not self._can_pick(candidate):
+                    if not self.ranks.can_pick(candidate):
                         yield out  # no other pair: the error stands
                         return
                     avoid, reason = candidate, out.error
                     break
-        except _RankUnreachable as e:
+        except RankUnreachable as e:
             # A rank died while taking the request: nothing ran anywhere yet.
-            if not self._can_pick(frozenset({e.rank})):
+            if not self.ranks.can_pick(frozenset({e.rank})):
                 raise
             avoid, reason = frozenset({e.rank}), str(e)
         if avoid is None:
@@ -386,9 +252,6 @@ class Router:
             async for out in outs:
                 yield dataclasses.replace(out, rid=rid)
 
-    def _can_pick(self, avoid: frozenset[int]) -> bool:
-        return pick_ranks(self.loads(), avoid) is not None
-
     async def _attempt(
         self,
         input_ids: list[int],
@@ -400,9 +263,9 @@ class Router:
         used: list[tuple[int, int | None]],
         whole: bool = False,
     ) -> AsyncGenerator[Output, None]:
-        """One try of `generate` on the pair `_pick(avoid)`, recorded in `used`; `whole`: the
-        ranks may hold the output after the first token until the end."""
-        rank, prefill_rank = self._pick(avoid, input_ids)
+        """One try of `generate` on the pair `RankTable.pick(avoid)`, recorded in `used`;
+        `whole`: the ranks may hold the output after the first token until the end."""
+        rank, prefill_rank = self.ranks.pick(avoid, input_ids)
         here = sampling.prompt_logprobs and prefill_rank is not None
         if here:  # scoring a prompt: its prefill rank, which has the logits, does it all
             assert prefill_rank is not None
@@ -411,19 +274,17 @@ class Router:
         if rid in self._requests:
             raise ValueError(f"rid: request {rid!r} is already running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
-        handle = self.ranks[rank]
-        req = _Request(
-            rid, rank, len(input_ids) + sampling.max_new_tokens, len(input_ids), prefill_rank
+        handle = self.ranks.handles[rank]
+        req = RoutedRequest(
+            rid,
+            rank,
+            len(input_ids) + sampling.max_new_tokens,
+            len(input_ids),
+            prefill_rank,
+            queued_here=bool(here),
         )
         self._requests[rid] = req
-        self._reserved_tokens[rank] += req.num_tokens
-        self._running[rank] += 1
-        if here:
-            req.queued_here = True
-            self._queued_prefill_tokens[rank] += req.num_prompt_tokens
-        if prefill_rank is not None:
-            self._queued_prefill_tokens[prefill_rank] += req.num_prompt_tokens
-            self._running[prefill_rank] += 1
+        self.ranks.admit(req)
         detok = IncrementalDetokenizer(
             self.tokenizer, input_ids, stop, min_new_tokens=sampling.min_new_tokens
         )
@@ -435,9 +296,9 @@ class Router:
                 rid, list(input_ids), sampling, stream=not whole, generate_here=here
             )
             # Decode side first, so that its receive is posted while the prompt computes.
-            add_ref = self._add(rank, request)
+            add_ref = self.ranks.add(rank, request)
             if prefill_rank is not None:
-                prefill_ref = self._add(prefill_rank, request)
+                prefill_ref = self.ranks.add(prefill_rank, request)
             # A timer, not `asyncio.wait_for`: before Python 3.12, wait_for swallows a
             # cancellation (client gone) that coincides with a delta arriving. It runs from the
             # start: a rank that cannot be reached must not hold the request past its timeout.
@@ -446,36 +307,14 @@ class Router:
                 timer = asyncio.get_running_loop().call_later(
                     timeout_s, req.queue.put_nowait, timed_out
                 )
-            accepted = asyncio.ensure_future(
-                self._accepted((add_ref, rank), (prefill_ref, prefill_rank))
-            )
-            first = asyncio.ensure_future(req.queue.get())
             try:
-                await asyncio.wait({accepted, first}, return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:
-                first.cancel()
-                accepted.cancel()
+                sides = ((add_ref, rank), (prefill_ref, prefill_rank))
+                early = await accepted_or_first(sides, req.queue)
+            except (ValueError, RankUnreachable):
+                # Nothing runs. (Disaggregated, the other side may have accepted it: leave
+                # `finished` False so that both sides are told to abort.)
+                finished = prefill_ref is None
                 raise
-            early: TokenDelta | None = None
-            if first.done():
-                early = first.result()
-            else:
-                first.cancel()
-            if accepted.done():
-                try:
-                    accepted.result()
-                except ValueError as e:
-                    # Refused: nothing runs. (Disaggregated, the other side may have accepted
-                    # it: leave `finished` False so that both sides are told to abort.)
-                    finished = prefill_ref is None
-                    raise ValueError(short_error(e)) from None
-                except _RankUnreachable:
-                    finished = prefill_ref is None
-                    raise
-            else:
-                # Output (an error from one side, or the timeout) came before both ranks took
-                # the request — one of them may be unreachable: go on with what came.
-                accepted.add_done_callback(_log_late_refusal)
             num_output_tokens = 0
             while True:
                 delta, early = (early, None) if early is not None else (await req.queue.get(), None)
@@ -500,7 +339,7 @@ class Router:
                     )
                     return
                 num_output_tokens = delta.num_output_tokens or num_output_tokens
-                out = self._output(delta, detok)
+                out = to_output(delta, detok)
                 # Finished on the rank (an error may come from the router or the other side of a
                 # disaggregated pair: then the ranks are still told to abort).
                 if delta.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
@@ -512,119 +351,13 @@ class Router:
             if timer is not None:
                 timer.cancel()
             self._requests.pop(rid, None)
-            self._reserved_tokens[rank] -= req.num_tokens
-            self._running[rank] -= 1
-            if req.prefill_rank is not None:  # still on it (no token came from decode yet)
-                self._queued_prefill_tokens[req.prefill_rank] -= req.num_prompt_tokens
-                self._running[req.prefill_rank] -= 1
-            if req.queued_here:
-                self._queued_prefill_tokens[rank] -= req.num_prompt_tokens
+            self.ranks.release(req)
             if not finished:
                 if add_ref is not None:
-                    self._spawn(self._abort_after(handle, add_ref, rid))
+                    self.ranks.spawn(self._abort_after(handle, add_ref, rid))
                 if prefill_ref is not None and prefill_rank is not None:
-                    self._spawn(self._abort_after(self.ranks[prefill_rank], prefill_ref, rid))
-
-    def _add(self, rank: int, request: GenerateRequest) -> asyncio.Future[None]:
-        """`add_request` on `rank`, batched: the adds of one event-loop pass reach a rank in one
-        actor call (`add_requests`; a burst of arrivals costs one round trip, not one each).
-        The future raises what the single call would: ValueError (refused), or the error the
-        call failed with."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        future.add_done_callback(_retrieve)  # nobody may await it (the client left at once)
-        pending = self._adds.setdefault(rank, [])
-        if not pending:
-            loop.call_soon(self._send_adds, rank)
-        pending.append((request, future))
-        return future
-
-    def _send_adds(self, rank: int) -> None:
-        batch = self._adds.pop(rank, [])
-        if not batch:
-            return
-        ref = self.ranks[rank].add_requests.remote([request for request, _ in batch])
-        self.num_add_calls += 1
-        self._wake_pool_of(rank)
-
-        async def settle() -> None:
-            try:
-                refusals: list[str | None] = await ref
-            except Exception as e:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                return
-            for (_, future), refusal in zip(batch, refusals, strict=True):
-                if future.done():
-                    continue
-                if refusal is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(ValueError(refusal))
-
-        task = asyncio.get_running_loop().create_task(settle())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _wake_pool_of(self, rank: int) -> None:
-        """Wake the other ranks of `rank`'s expert-parallel pool when it has been quiet (see
-        `POOL_QUIET_S`), so that the work just sent does not wait for them to join a step."""
-        info = self.infos[rank]
-        if info is None or info.pool_size < 2:
-            return
-        pool = (info.role, info.instance)
-        now = asyncio.get_running_loop().time()
-        last = self._pool_last_add.get(pool)
-        self._pool_last_add[pool] = now
-        if last is not None and now - last < POOL_QUIET_S:
-            return
-        for peer, peer_info in enumerate(self.infos):
-            if (
-                peer != rank
-                and peer_info is not None
-                and (peer_info.role, peer_info.instance) == pool
-            ):
-                self.num_pool_wakes += 1
-                self._spawn(self.ranks[peer].wake.remote())
-
-    def _output(self, delta: TokenDelta, detok: IncrementalDetokenizer) -> Output:
-        text = detok.add(delta.token_ids)
-        finish = delta.finish_reason.value if delta.finish_reason is not None else None
-        matched: str | int | None = None
-        if detok.stopped:
-            finish, matched = "stop", detok.matched_stop
-        elif finish is not None:
-            text += detok.flush()
-            if finish == "stop" and delta.token_ids:
-                matched = delta.token_ids[-1]
-        return Output(
-            rid=delta.rid,
-            text=text,
-            token_ids=list(delta.token_ids),
-            num_prompt_tokens=delta.num_prompt_tokens,
-            num_output_tokens=delta.num_output_tokens,
-            finish_reason=finish,
-            matched_stop=matched,
-            error=delta.error,
-            logprobs=None if delta.logprobs is None else list(delta.logprobs),
-            num_cached_tokens=delta.num_cached_tokens,
-            prompt_logprobs=delta.prompt_logprobs,
-        )
-
-    @staticmethod
-    async def _accepted(*sides: tuple[Any, int | None]) -> None:
-        """Every side (`add_request` ref, rank) took the request. Raises the first refusal
-        (ValueError), or `_RankUnreachable` naming the rank whose call failed otherwise."""
-        for ref, rank in sides:
-            if ref is None or rank is None:
-                continue
-            try:
-                await ref
-            except ValueError:
-                raise
-            except Exception as e:
-                raise _RankUnreachable(rank, e) from None
+                    prefill_handle = self.ranks.handles[prefill_rank]
+                    self.ranks.spawn(self._abort_after(prefill_handle, prefill_ref, rid))
 
     @staticmethod
     async def _abort_after(handle: Any, add_ref: Any, rid: str) -> None:
@@ -639,39 +372,15 @@ class Router:
         req = self._requests.get(rid)
         if req is None:
             return False
-        await self.ranks[req.rank].abort.remote(rid)
+        await self.ranks.handles[req.rank].abort.remote(rid)
         if req.prefill_rank is not None:
-            await self.ranks[req.prefill_rank].abort.remote(rid)
+            await self.ranks.handles[req.prefill_rank].abort.remote(rid)
         return True
 
     async def flush_prefix_cache(self) -> int:
         """Forget the prefix cache of every live rank; the cached pages freed in all."""
-        live = [h for h, info, err in zip(self.ranks, self.infos, self.rank_errors, strict=True)
-                if info is not None and err is None]  # fmt: skip
-        return sum(await asyncio.gather(*(h.flush_prefix_cache.remote() for h in live)))
+        return await self.ranks.flush_prefix_cache()
 
     async def stats(self) -> list[RankStats | None]:
         """Each rank's stats; None for a rank that is not ready or does not answer."""
-
-        async def one(i: int) -> RankStats | None:
-            if self.infos[i] is None or self.rank_errors[i] is not None:
-                return None
-            try:
-                stats: RankStats = await asyncio.wait_for(self.ranks[i].stats.remote(), 5)
-                return stats
-            except Exception:
-                return None
-
-        return list(await asyncio.gather(*(one(i) for i in range(len(self.ranks)))))
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    """Mark a future's exception as seen (asyncio logs an unseen one as an error)."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _log_late_refusal(task: asyncio.Future[None]) -> None:
-    error = None if task.cancelled() else task.exception()
-    if error is not None:
-        logger.info("a rank answered a request late: %s", short_error(error))
+        return await self.ranks.stats()

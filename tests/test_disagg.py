@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from orchestrator.router import POOL_QUIET_S
+from orchestrator.ranks import POOL_QUIET_S
 from tests.checkpoints import make_checkpoint
 
 pytest.importorskip("workers.transfer")
@@ -84,7 +84,7 @@ def test_disaggregated_matches_colocated_with_64_concurrent_streams(launch_tiny,
         got = asyncio.run(_stream_all(disagg.url, prompts, 24))
         _wait_all_pages_free(disagg.url)
         # The 64 arrive at once: their adds reach each rank in a few batched calls, not 2 x 64.
-        assert disagg.router.num_add_calls < 64, disagg.router.num_add_calls
+        assert disagg.router.ranks.num_add_calls < 64, disagg.router.ranks.num_add_calls
         # Not streamed and no stop string: the same tokens, but the decode rank sends each
         # request's first token and then the rest at its end, not a delta per step.
         before = disagg.router.num_deltas
@@ -388,11 +388,11 @@ def test_expert_parallel_pools_through_the_server(launch_tiny, tiny_server):
         # The first requests into each pool after its quiet start woke the pool's other rank
         # (an asleep pool rank would join a step only every GROUP_POLL_ASLEEP_S); so does the
         # first request after another quiet spell.
-        woken = server.router.num_pool_wakes
+        woken = server.router.ranks.num_pool_wakes
         assert woken >= 2
         time.sleep(POOL_QUIET_S + 0.2)
         assert asyncio.run(_stream_all(server.url, prompts[:1], 12)) == ref[:1]
-        assert server.router.num_pool_wakes >= woken + 2
+        assert server.router.ranks.num_pool_wakes >= woken + 2
         ranks = _wait_all_pages_free(server.url)
         # Both ranks of each pool served requests (the router balances across DP ranks).
         assert all(r["stats"]["num_generated_tokens"] > 0 for r in ranks), ranks

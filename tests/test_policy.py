@@ -61,32 +61,32 @@ def test_prefix_affinity_wins_while_within_its_slack():
 
 
 def test_router_sends_prompts_that_begin_alike_to_the_same_prefill_rank():
-    from orchestrator.router import AFFINITY_TOKENS, Router
+    from orchestrator.ranks import AFFINITY_TOKENS, RankTable
     from workers.engine.messages import RankInfo
 
     def info(role: str) -> RankInfo:
         return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role)
 
-    router = Router([object()] * 3, tokenizer=None, model_name="m")  # type: ignore[arg-type]
-    router.infos = [info("prefill"), info("prefill"), info("decode")]
+    ranks = RankTable([object()] * 3)
+    ranks.infos = [info("prefill"), info("prefill"), info("decode")]
     system_a = list(range(AFFINITY_TOKENS))
     system_b = list(range(1, AFFINITY_TOKENS + 1))
-    router._queued_prefill_tokens = [0, 0, 0]
-    assert router._pick(input_ids=system_a + [7]).prefill_rank == 0  # a tie: the lower index
-    router._queued_prefill_tokens = [70, 0, 0]
-    assert router._pick(input_ids=system_b + [7]).prefill_rank == 1  # the idle one
+    ranks.queued_prefill_tokens = [0, 0, 0]
+    assert ranks.pick(input_ids=system_a + [7]).prefill_rank == 0  # a tie: the lower index
+    ranks.queued_prefill_tokens = [70, 0, 0]
+    assert ranks.pick(input_ids=system_b + [7]).prefill_rank == 1  # the idle one
     # Equal loads now, so without affinity both would go to rank 0.
-    router._queued_prefill_tokens = [0, 0, 0]
-    assert router._pick(input_ids=system_b + [8, 9]).prefill_rank == 1
-    assert router._pick(input_ids=system_a + [8, 9]).prefill_rank == 0
+    ranks.queued_prefill_tokens = [0, 0, 0]
+    assert ranks.pick(input_ids=system_b + [8, 9]).prefill_rank == 1
+    assert ranks.pick(input_ids=system_a + [8, 9]).prefill_rank == 0
     # Beyond one prompt's worth of queued tokens the affinity gives way (and moves).
-    router._queued_prefill_tokens = [0, 200, 0]
-    assert router._pick(input_ids=system_b + [5]).prefill_rank == 0
-    router._queued_prefill_tokens = [0, 0, 0]
-    assert router._pick(input_ids=system_b + [6]).prefill_rank == 0
+    ranks.queued_prefill_tokens = [0, 200, 0]
+    assert ranks.pick(input_ids=system_b + [5]).prefill_rank == 0
+    ranks.queued_prefill_tokens = [0, 0, 0]
+    assert ranks.pick(input_ids=system_b + [6]).prefill_rank == 0
     # Short prompts carry no affinity.
-    router._queued_prefill_tokens = [10, 0, 0]
-    assert router._pick(input_ids=system_a[:-1]).prefill_rank == 1
+    ranks.queued_prefill_tokens = [10, 0, 0]
+    assert ranks.pick(input_ids=system_a[:-1]).prefill_rank == 1
 
 
 def test_colocated_pool_picks_most_free_kv():
@@ -250,7 +250,7 @@ def test_scoring_requests_count_as_queued_on_the_prefill_rank_that_runs_them():
     async def run() -> None:
         ranks = [Rank(i) for i in range(3)]
         router = Router(ranks, tokenizer=Tok(), model_name="m")  # type: ignore[arg-type]
-        router.infos = [info("prefill"), info("prefill"), info("decode")]
+        router.ranks.infos = [info("prefill"), info("prefill"), info("decode")]
         scoring = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True,
                                  prompt_logprobs=True)  # fmt: skip
         gens = [router.generate(list(range(2, 40)), scoring) for _ in range(2)]
@@ -259,11 +259,11 @@ def test_scoring_requests_count_as_queued_on_the_prefill_rank_that_runs_them():
         ranks = [index for index, arg in sent if isinstance(arg, list)]
         assert ranks == [0, 1], sent  # both on prefill ranks, one each; none on the decode rank
         assert all(arg[0].generate_here for _, arg in sent if isinstance(arg, list))
-        assert router._queued_prefill_tokens == [38, 38, 0]
+        assert router.ranks.queued_prefill_tokens == [38, 38, 0]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # each request's cleanup ran
         await asyncio.sleep(0.01)  # and the aborts it sent
-        assert router._queued_prefill_tokens == [0, 0, 0] and router._running == [0, 0, 0]
+        assert router.ranks.queued_prefill_tokens == [0, 0, 0] and router.ranks.running == [0, 0, 0]
 
     asyncio.run(run())

@@ -201,9 +201,9 @@ def test_notification_carries_the_first_tokens_logprob():
 def test_priority_logit_bias_and_constraints_reach_the_ranks_settings():
     """Every route's parser carries these into the `SamplingParams` a rank gets."""
     from orchestrator.grpc_server import _body
-    from orchestrator.openai_api import parse_chat, parse_completion
+    from orchestrator.openai_request import parse_chat, parse_completion
     from orchestrator.protocol import parse_generate
-    from orchestrator.router import Limits
+    from orchestrator.ranks import Limits
     from orchestrator.sampling_request import resolve_sampling
     from proto import pdserve_pb2 as pb
 

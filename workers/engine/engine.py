@@ -8,15 +8,13 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import NamedTuple
 
-import psutil
 import torch
 
 from workers.engine.config import EngineConfig
 from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.grammar import GrammarBackend
-from workers.engine.kv_cache import KVCache, pages_needed
+from workers.engine.kv_cache import KVCache, num_kv_pages, pages_needed
 from workers.engine.messages import (
     FinishReason,
     GenerateRequest,
@@ -25,13 +23,12 @@ from workers.engine.messages import (
     TokenDelta,
     TokenLogprob,
 )
+from workers.engine.model_inputs import decode_rows, prepare_inputs, take_prompt_scores
 from workers.engine.sampling import History, adjust_logits, sample, token_logprobs
 from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
-from workers.ep.deep_gemm_experts import deep_gemm_available
-from workers.ep.moe import EPContext, EPMoE
+from workers.ep.moe import EPContext, select_grouped_gemm
 from workers.kernels import triton_available
-from workers.model.batch import AttentionMetadata, PrefillSpan
 from workers.model.loader import load_model
 from workers.model.mla import MLAttention
 from workers.model.model import DeepseekForCausalLM
@@ -46,13 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-class DecodeRows(NamedTuple):
-    input_ids: list[int]
-    positions: list[int]
-    out_slots: list[int]
-    block_rows: list[list[int]]
 
 
 class Engine:
@@ -89,11 +79,14 @@ class Engine:
             self.expert_load = ExpertLoad(cfg.num_hidden_layers, cfg.n_routed_experts, self.device)
             self.model.record_expert_load(self.expert_load)
         self.two_batch_overlap = config.enable_two_batch_overlap and ep is not None
-        self.grouped_gemm = self._select_grouped_gemm()
+        self.grouped_gemm = select_grouped_gemm(
+            self.model, config.grouped_gemm_backend, ep is not None, self.dtype, self.device
+        )
         self.max_context_len = min(
             config.max_context_len or cfg.max_position_embeddings, self.model.rope.max_positions
         )
-        num_pages = self._num_pages()
+        num_pages = num_kv_pages(config, cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype,
+                                 self.device)  # fmt: skip
         self.kv = KVCache(
             cfg.num_hidden_layers,
             num_pages,
@@ -156,53 +149,6 @@ class Engine:
         graphs = self.graphs
         parts.append(f"CUDA graphs up to batch {graphs.max_batch}" if graphs else "no CUDA graphs")
         return ", ".join(parts)
-
-    def _select_grouped_gemm(self) -> str:
-        """`deep_gemm` (FP8 experts) for EP pools on Hopper with bf16 weights, when chosen or
-        `auto` and it imports; `torch` otherwise."""
-        choice = self.config.grouped_gemm_backend
-        usable = (
-            self.ep is not None and self.dtype == torch.bfloat16
-            and deep_gemm_available(self.device if self.device.type == "cuda" else None)
-        )  # fmt: skip
-        if choice == "deep_gemm" and not usable:
-            raise ValueError(
-                "grouped_gemm_backend deep_gemm needs the deep_gemm package, a Hopper GPU, "
-                "dtype bfloat16 and an expert-parallel pool"
-            )
-        if choice == "torch" or not usable:
-            return "torch"
-        for module in self.model.modules():
-            if isinstance(module, EPMoE):
-                module.use_deep_gemm()
-        return "deep_gemm"
-
-    def _num_pages(self) -> int:
-        cfg, ec = self.model_config, self.config
-        if ec.kv_capacity_tokens is not None:
-            return pages_needed(ec.kv_capacity_tokens, ec.page_size)
-        per_page = ec.page_size * KVCache.bytes_per_token(
-            cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype
-        )
-        if self.device.type == "cuda":
-            # Weights + KV within the fraction of this rank's share of the device (ranks
-            # sharing a GPU each get theirs, whatever order they load in).
-            fraction = ec.kv_memory_fraction or 0.85
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            share = total * ec.gpu_memory_share
-            weights = torch.cuda.memory_allocated(self.device)
-            budget = share * fraction - weights
-            if budget < 2 * per_page:
-                gib = 1 << 30
-                raise ValueError(
-                    f"no room for a KV cache: the weights take {weights / gib:.1f} GiB of this "
-                    f"rank's {share / gib:.1f} GiB GPU share x kv_memory_fraction {fraction}; "
-                    "raise --kv-memory-fraction, give each rank more GPU memory, or set "
-                    "--kv-capacity-tokens"
-                )
-        else:
-            budget = psutil.virtual_memory().total * (ec.kv_memory_fraction or 0.1)
-        return max(1, int(budget // per_page) - 1)  # one page is scratch
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -389,20 +335,20 @@ class Engine:
             return []
         if self.two_batch_overlap:
             half_a, half_b = split_batch(batch)
-            ids_a, meta_a, samplers_a = self._prepare(half_a)
-            ids_b, meta_b, samplers_b = self._prepare(half_b)
+            ids_a, meta_a, samplers_a = prepare_inputs(half_a, self.kv.page_size, self.device)
+            ids_b, meta_b, samplers_b = prepare_inputs(half_b, self.kv.page_size, self.device)
             logits_a, logits_b = self.model.forward_two(
                 ((ids_a, meta_a), (ids_b, meta_b)), self.kv.data
             )
             logits, samplers = torch.cat((logits_a, logits_b)), samplers_a + samplers_b
-            self._take_scores(half_a, meta_a)
-            self._take_scores(half_b, meta_b)
+            take_prompt_scores(half_a, meta_a)
+            take_prompt_scores(half_b, meta_b)
         elif self._graph_fits(batch):
             logits, samplers = self._replay_decode(batch)
         else:
-            input_ids, meta, samplers = self._prepare(batch)
+            input_ids, meta, samplers = prepare_inputs(batch, self.kv.page_size, self.device)
             logits = self.model(input_ids, meta, self.kv.data)
-            self._take_scores(batch, meta)
+            take_prompt_scores(batch, meta)
         if batch.is_empty:
             return []
         publish = self.kv.allocator.enabled
@@ -431,76 +377,6 @@ class Engine:
         )
         return [d for d in deltas if d is not None]
 
-    def _prepare(
-        self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, AttentionMetadata, list[Sequence]]:
-        page_size = self.kv.page_size
-        rows = self._decode_rows(batch)
-        ids = list(rows.input_ids)
-        positions = list(rows.positions)
-        out_slots = [torch.tensor(rows.out_slots, dtype=torch.int64)]
-        logits_rows = list(range(len(batch.decodes)))
-        samplers = list(batch.decodes)
-        spans = []
-        score_rows: list[int] = []
-        score_targets: list[int] = []
-        score_top = 0
-        for seq, num in batch.prefills:
-            start, end = seq.num_computed, seq.num_computed + num
-            ctx = seq.slots(end, page_size)
-            spans.append(PrefillSpan(len(ids), num, ctx.to(self.device)))
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            out_slots.append(ctx[start:])
-            if seq.sampling.prompt_logprobs:
-                if start == 0:
-                    seq.prompt_logprobs = [None]  # the first token follows nothing
-                # Row of position p is scored against prompt token p + 1.
-                first_row = len(ids) - num
-                for p in _scored_positions(seq, start, num):
-                    score_rows.append(first_row + p - start)
-                    score_targets.append(seq.token_ids[p + 1])
-                score_top = max(score_top, seq.sampling.top_logprobs)
-            if end == seq.num_tokens:
-                logits_rows.append(len(ids) - 1)
-                samplers.append(seq)
-
-        dev = self.device
-        max_pages = max((len(r) for r in rows.block_rows), default=1)
-        block_table = [r + [0] * (max_pages - len(r)) for r in rows.block_rows]
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            out_slots=torch.cat(out_slots).to(dev),
-            num_decode=len(batch.decodes),
-            block_table=torch.tensor(block_table, dtype=torch.int32).view(-1, max_pages).to(dev),
-            seq_lens=torch.tensor(rows.positions, dtype=torch.int32, device=dev) + 1,
-            page_size=page_size,
-            prefills=spans,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
-        )
-        if score_rows:
-            meta.score_rows = torch.tensor(score_rows, dtype=torch.int64, device=dev)
-            meta.score_targets = torch.tensor(score_targets, dtype=torch.int64, device=dev)
-            meta.score_top = score_top
-        return torch.tensor(ids, dtype=torch.int64, device=dev), meta, samplers
-
-    def _take_scores(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
-        """Append the prompt logprobs the forward scored to their requests (in `_prepare`'s
-        order: span by span, position by position)."""
-        if meta.scores is None:
-            return
-        chosen = meta.scores.target_logprobs.tolist()
-        top_vals, top_ids = meta.scores.top_logprobs.tolist(), meta.scores.top_ids.tolist()
-        row = 0
-        for seq, num in batch.prefills:
-            if not seq.sampling.prompt_logprobs:
-                continue
-            k = seq.sampling.top_logprobs
-            for _ in _scored_positions(seq, seq.num_computed, num):  # not advanced yet
-                pairs = tuple(zip(top_ids[row][:k], top_vals[row][:k], strict=True))
-                seq.prompt_logprobs.append(TokenLogprob(chosen[row], pairs))
-                row += 1
-
     def _graph_fits(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or not batch.decodes:
             return False
@@ -510,21 +386,8 @@ class Engine:
 
     def _replay_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         assert self.graphs is not None
-        logits = self.graphs.run(*self._decode_rows(batch))
+        logits = self.graphs.run(*decode_rows(batch.decodes, self.kv.page_size))
         return logits, list(batch.decodes)
-
-    def _decode_rows(self, batch: ScheduledBatch) -> DecodeRows:
-        """The decoding requests' new token each: id, position, KV slot, and the pages of its
-        context (the new token included)."""
-        ps = self.kv.page_size
-        rows = DecodeRows([], [], [], [])
-        for seq in batch.decodes:
-            pos = seq.num_computed
-            rows.input_ids.append(seq.token_ids[pos])
-            rows.positions.append(pos)
-            rows.out_slots.append(seq.pages[pos // ps] * ps + pos % ps)
-            rows.block_rows.append(seq.pages[: pages_needed(pos + 1, ps)])
-        return rows
 
     def take_expert_load(self) -> torch.Tensor | None:
         """Tokens routed per (layer, logical expert) since the last call (CPU int64)."""
@@ -588,9 +451,3 @@ class Engine:
             num_cached_tokens=seq.num_cached_tokens,
             prompt_logprobs=list(seq.prompt_logprobs) if first else None,
         )
-
-
-def _scored_positions(seq: Sequence, start: int, num: int) -> range:
-    """Positions of a prefill chunk (`num` tokens from `start`) whose rows are scored for
-    prompt logprobs: those followed by another prompt token."""
-    return range(start, max(start, min(start + num, seq.num_prompt_tokens - 1)))

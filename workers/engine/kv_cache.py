@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import bisect
 
+import psutil
 import torch
 
+from workers.engine.config import EngineConfig
 from workers.engine.prefix_cache import CachingAllocator
 
 
@@ -141,3 +143,35 @@ class KVCache:
     @staticmethod
     def bytes_per_token(num_layers: int, kv_dim: int, dtype: torch.dtype) -> int:
         return num_layers * kv_dim * torch.finfo(dtype).bits // 8
+
+
+def num_kv_pages(
+    config: EngineConfig, num_layers: int, kv_cache_dim: int, dtype: torch.dtype,
+    device: torch.device,
+) -> int:  # fmt: skip
+    """How many KV pages a rank gets: `kv_capacity_tokens` when set; else, on CUDA, what fits in
+    `kv_memory_fraction` (default 0.85) of the rank's share of its GPU beside the weights
+    already loaded there (ValueError, with what to change, when not two pages fit); on CPU,
+    `kv_memory_fraction` (default 0.1) of the host memory. One page more is kept as scratch."""
+    if config.kv_capacity_tokens is not None:
+        return pages_needed(config.kv_capacity_tokens, config.page_size)
+    per_page = config.page_size * KVCache.bytes_per_token(num_layers, kv_cache_dim, dtype)
+    if device.type == "cuda":
+        # Weights + KV within the fraction of this rank's share of the device (ranks sharing a
+        # GPU each get theirs, whatever order they load in).
+        fraction = config.kv_memory_fraction or 0.85
+        total = torch.cuda.get_device_properties(device).total_memory
+        share = total * config.gpu_memory_share
+        weights = torch.cuda.memory_allocated(device)
+        budget = share * fraction - weights
+        if budget < 2 * per_page:
+            gib = 1 << 30
+            raise ValueError(
+                f"no room for a KV cache: the weights take {weights / gib:.1f} GiB of this "
+                f"rank's {share / gib:.1f} GiB GPU share x kv_memory_fraction {fraction}; "
+                "raise --kv-memory-fraction, give each rank more GPU memory, or set "
+                "--kv-capacity-tokens"
+            )
+    else:
+        budget = psutil.virtual_memory().total * (config.kv_memory_fraction or 0.1)
+    return max(1, int(budget // per_page) - 1)  # one page is scratch

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.ep.deep_gemm_experts import DeepGemmExperts, Kernels
+from workers.ep.deep_gemm_experts import DeepGemmExperts, Kernels, deep_gemm_available
 from workers.ep.dispatch import Dispatcher, Pending
 from workers.ep.experts import run_local_experts
 from workers.ep.placement import ExpertPlacement
@@ -103,3 +103,27 @@ class EPMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.run_experts(self.dispatch(x)))
+
+
+def select_grouped_gemm(
+    model: nn.Module, choice: str, expert_parallel: bool, dtype: torch.dtype, device: torch.device
+) -> str:
+    """The grouped-GEMM backend of an expert-parallel pool's `EPMoE` layers in `model`, set on
+    them: `deep_gemm` (FP8 experts) on Hopper with bf16 weights, when `choice` is `deep_gemm`
+    or `auto` and it imports (ValueError when `deep_gemm` is chosen and cannot run); `torch`
+    otherwise."""
+    usable = (
+        expert_parallel and dtype == torch.bfloat16
+        and deep_gemm_available(device if device.type == "cuda" else None)
+    )  # fmt: skip
+    if choice == "deep_gemm" and not usable:
+        raise ValueError(
+            "grouped_gemm_backend deep_gemm needs the deep_gemm package, a Hopper GPU, "
+            "dtype bfloat16 and an expert-parallel pool"
+        )
+    if choice == "torch" or not usable:
+        return "torch"
+    for module in model.modules():
+        if isinstance(module, EPMoE):
+            module.use_deep_gemm()
+    return "deep_gemm"

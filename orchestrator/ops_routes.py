@@ -1,0 +1,117 @@
+"""The operations routes: `GET /health`, `GET /metrics` (Prometheus), `GET /v1/stats` (rank info
+and stats as JSON), and the utilities `POST /abort_request` (SGLang's), `POST /tokenize` and
+`POST /detokenize` (vLLM's)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from orchestrator.http_context import HttpContext
+from orchestrator.openai_request import parse_chat
+from orchestrator.request_fields import Fields, RequestError
+from orchestrator.streaming import read_json
+from orchestrator.tokenizer import ChatTemplateError
+from orchestrator.tools import chat_prompt
+
+OPS_ROUTES = {"/health", "/metrics", "/v1/stats", "/abort_request", "/tokenize", "/detokenize"}
+
+
+def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None) -> None:
+    """`eplb`: the EPLB service actor, whose stats `/metrics` adds when there is one."""
+    router, config, metrics = ctx.router, ctx.config, ctx.metrics
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if router.is_ready:
+            return JSONResponse({"status": "ok"})
+        if router.draining:
+            detail = f"shutting down; {router.num_in_flight} request(s) in flight"
+            return JSONResponse({"status": "draining", "detail": detail}, status_code=503)
+        errors = [e for e in router.rank_errors if e]
+        status = {"status": "failed", "detail": errors} if errors else {"status": "loading"}
+        return JSONResponse(status, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.set_rank_stats(await router.stats())
+        metrics.set_router_stats(router.num_retries, router.num_rank_failures, router.draining)
+        if eplb is not None:
+            with contextlib.suppress(Exception):
+                metrics.set_eplb_stats(await asyncio.wait_for(eplb.stats.remote(), 5))
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/stats")
+    async def stats() -> dict[str, Any]:
+        rank_stats = await router.stats()
+        ranks = []
+        for i, (info, st) in enumerate(zip(router.infos, rank_stats, strict=True)):
+            entry: dict[str, Any] = {"rank": i, "ready": info is not None and st is not None}
+            entry["error"] = router.rank_errors[i]
+            entry["info"] = asdict(info) if info is not None else None
+            entry["stats"] = {**asdict(st), "num_pages_used": st.num_pages_used} if st else None
+            ranks.append(entry)
+        return {
+            "model": router.model_name,
+            "num_in_flight": router.num_in_flight,
+            "draining": router.draining,
+            "num_retries": router.num_retries,
+            "num_rank_failures": router.num_rank_failures,
+            "ranks": ranks,
+        }
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> JSONResponse:
+        """SGLang's: abort a request in flight by `rid`; `found` says whether there was one."""
+        f = Fields(await read_json(request, config.max_request_body_bytes))
+        rid = f.get_str("rid")
+        if not rid:
+            raise RequestError("rid: required", "rid")
+        return JSONResponse({"rid": rid, "found": await router.abort(rid)})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        """vLLM's: `prompt` (text) or `messages` (through the chat template, with `tools` and
+        `chat_template_kwargs`) → token ids."""
+        body = await read_json(request, config.max_request_body_bytes)
+        f = Fields(body)
+        if f.has("messages"):
+            keys = ("messages", "tools", "chat_template_kwargs")
+            chat = parse_chat({k: body.get(k) for k in keys})
+            assert chat.messages is not None
+            try:
+                text = chat_prompt(
+                    router.tokenizer, chat.messages, chat.tools, ctx.tool_format,
+                    f.get_bool("add_generation_prompt", True), chat.template_kwargs,
+                )  # fmt: skip
+            except ChatTemplateError as e:
+                raise RequestError(f"messages: {e}", "messages") from None
+            ids = router.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            prompt = f.get_str("prompt")
+            if prompt is None:
+                raise RequestError("prompt: a prompt (or messages) is required", "prompt")
+            ids = router.tokenizer.encode(prompt, f.get_bool("add_special_tokens", True))
+        limits = router.limits
+        return JSONResponse(
+            {"tokens": ids, "count": len(ids), "max_model_len": limits.max_context_len}
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        """vLLM's: `tokens` (ids) → `prompt` (text, special tokens kept)."""
+        f = Fields(await read_json(request, config.max_request_body_bytes))
+        ids = f.token_ids("tokens")
+        if ids is None:
+            raise RequestError("tokens: a list of token ids is required", "tokens")
+        vocab = router.limits.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"tokens: {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+        return JSONResponse({"prompt": router.tokenizer.decode(ids, skip_special_tokens=False)})

@@ -1,0 +1,340 @@
+"""`RankTable`: the router's view of the engine ranks — who is up, how loaded each is, which
+one (pair) takes the next request — and the calls that go to them in bulk or in the
+background; `accepted_or_first`: a new request's wait for its ranks to take it.
+
+The load counters are the router's own bookkeeping of what it sent (`RoutedRequest`s move
+through `admit` → `prompt_done` → `release`); `orchestrator.policy.pick_ranks` decides from
+them. Everything here runs on the router's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks
+from workers.engine.messages import GenerateRequest, RankInfo, RankStats, TokenDelta, short_error
+from workers.engine.prefix_cache import page_key
+
+logger = logging.getLogger(__name__)
+
+AFFINITY_TOKENS = 64  # prompts that begin with the same this many tokens go to the same rank
+MAX_AFFINITY_KEYS = 65536
+# An expert-parallel pool that got no request for this long may be asleep (its idle ranks
+# join its lockstep agreement only every few hundred ms): its other ranks are woken with the
+# first request after it (`EngineWorker.wake`).
+POOL_QUIET_S = 1.0
+
+
+class RouterNotReady(RuntimeError):
+    """No rank can take the request (still loading, or dead)."""
+
+
+class RankUnreachable(RouterNotReady):
+    """A rank's `add_request` failed without refusing the request (the rank died or is
+    dying): nothing ran, so another rank may take it."""
+
+    def __init__(self, rank: int, error: BaseException):
+        super().__init__(f"engine rank {rank}: {short_error(error)}")
+        self.rank = rank
+
+
+def prefix_key(input_ids: Sequence[int]) -> bytes | None:
+    """The affinity key of a prompt: its first `AFFINITY_TOKENS` tokens (None for a prompt no
+    longer than that, whose cache hits would be small)."""
+    if len(input_ids) <= AFFINITY_TOKENS:
+        return None
+    return page_key(b"", input_ids[:AFFINITY_TOKENS])
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What every rank accepts: the smallest of each value over the ranks."""
+
+    vocab_size: int
+    max_context_len: int
+    kv_capacity_tokens: int
+
+
+@dataclass
+class RoutedRequest:
+    """A request in flight, as the router accounts for it."""
+
+    rid: str
+    rank: int  # the rank that generates (colocated or decode)
+    num_tokens: int  # prompt + max_new_tokens: the load it puts on its rank
+    num_prompt_tokens: int
+    prefill_rank: int | None = None  # disaggregated: the rank that computes the prompt
+    queue: asyncio.Queue[TokenDelta] = field(default_factory=asyncio.Queue)
+    # A prompt being scored on a prefill rank that does the whole request: its prompt tokens
+    # count as queued there until its first token (so scoring requests spread by load too).
+    queued_here: bool = False
+
+
+class RankTable:
+    def __init__(self, handles: Sequence[Any]):
+        """`handles`: `EngineWorker` actor handles, indexed by rank."""
+        self.handles = list(handles)
+        self.infos: list[RankInfo | None] = [None] * len(handles)  # set once a rank is ready
+        self.errors: list[str | None] = [None] * len(handles)  # set while a rank is dead
+        # The load this router put on each rank (see `orchestrator.policy`).
+        self.reserved_tokens = [0] * len(handles)
+        self.queued_prefill_tokens = [0] * len(handles)
+        self.running = [0] * len(handles)
+        self.num_add_calls = 0  # `add_requests` actor calls (each carries one or more adds)
+        self.num_pool_wakes = 0  # `wake` calls to the other ranks of a quiet pool
+        # Prefix affinity: the key of a prompt's first AFFINITY_TOKENS -> the rank that last
+        # computed such a prompt (whose prefix cache likely holds them), oldest first.
+        self._affinity: OrderedDict[bytes, int] = OrderedDict()
+        self._pool_last_add: dict[tuple[str, int], float] = {}  # (role, instance) -> time
+        # Adds waiting for this event-loop pass to end, per rank (see `add`).
+        self._adds: dict[int, list[tuple[GenerateRequest, asyncio.Future[None]]]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    # ---- state ----------------------------------------------------------------------------
+
+    @property
+    def all_loaded(self) -> bool:
+        return all(i is not None for i in self.infos)
+
+    def is_live(self, rank: int) -> bool:
+        return self.infos[rank] is not None and self.errors[rank] is None
+
+    @property
+    def limits(self) -> Limits:
+        infos = [i for i in self.infos if i is not None]
+        if len(infos) < len(self.handles):
+            raise RouterNotReady("the model is still loading")
+        return Limits(
+            vocab_size=min(i.vocab_size for i in infos),
+            max_context_len=min(i.max_context_len for i in infos),
+            kv_capacity_tokens=min(i.kv_capacity_tokens for i in infos),
+        )
+
+    def dead_message(self) -> str:
+        errors = [e for e in self.errors if e]
+        return "; ".join(errors) if errors else "the model is still loading"
+
+    # ---- picking and load accounting ------------------------------------------------------
+
+    def loads(self) -> list[RankLoad]:
+        """Each rank's load as the pair-picking policy sees it."""
+        return [
+            RankLoad(
+                role=info.role if info is not None else "",
+                alive=self.is_live(i),
+                kv_capacity_tokens=info.kv_capacity_tokens if info is not None else 0,
+                num_queued_prefill_tokens=self.queued_prefill_tokens[i],
+                num_reserved_tokens=self.reserved_tokens[i],
+                num_running=self.running[i],
+            )
+            for i, info in enumerate(self.infos)
+        ]
+
+    def pick(self, avoid: frozenset[int] = frozenset(), input_ids: Sequence[int] = ()) -> Pick:
+        """The ranks for a new request (`orchestrator.policy.pick_ranks`), with prefix
+        affinity for `input_ids`; ranks in `avoid` are not picked. RouterNotReady when no live
+        rank (pair) can take it."""
+        key = prefix_key(input_ids)
+        affinity = None
+        if key is not None and key in self._affinity:
+            affinity = Affinity(self._affinity[key], slack_tokens=len(input_ids))
+        pick = pick_ranks(self.loads(), avoid, affinity)
+        if pick is None:
+            raise RouterNotReady(self.dead_message())
+        if key is not None:
+            self._affinity[key] = pick.rank if pick.prefill_rank is None else pick.prefill_rank
+            self._affinity.move_to_end(key)
+            if len(self._affinity) > MAX_AFFINITY_KEYS:
+                self._affinity.popitem(last=False)
+        return pick
+
+    def can_pick(self, avoid: frozenset[int]) -> bool:
+        return pick_ranks(self.loads(), avoid) is not None
+
+    def admit(self, req: RoutedRequest) -> None:
+        """Count `req`'s load on its rank(s)."""
+        self.reserved_tokens[req.rank] += req.num_tokens
+        self.running[req.rank] += 1
+        if req.queued_here:
+            self.queued_prefill_tokens[req.rank] += req.num_prompt_tokens
+        if req.prefill_rank is not None:
+            self.queued_prefill_tokens[req.prefill_rank] += req.num_prompt_tokens
+            self.running[req.prefill_rank] += 1
+
+    def prompt_done(self, req: RoutedRequest) -> None:
+        """`req`'s first token came from its generating rank: its prompt no longer loads its
+        prefill rank (or its own queue, when scored in place)."""
+        if req.queued_here:
+            self.queued_prefill_tokens[req.rank] -= req.num_prompt_tokens
+            req.queued_here = False
+        elif req.prefill_rank is not None:
+            self.queued_prefill_tokens[req.prefill_rank] -= req.num_prompt_tokens
+            self.running[req.prefill_rank] -= 1
+            req.prefill_rank = None
+
+    def release(self, req: RoutedRequest) -> None:
+        """`req` ended: uncount what is still counted of it."""
+        self.prompt_done(req)
+        self.reserved_tokens[req.rank] -= req.num_tokens
+        self.running[req.rank] -= 1
+
+    # ---- calls ----------------------------------------------------------------------------
+
+    def add(self, rank: int, request: GenerateRequest) -> asyncio.Future[None]:
+        """`add_request` on `rank`, batched: the adds of one event-loop pass reach a rank in one
+        actor call (`add_requests`; a burst of arrivals costs one round trip, not one each).
+        The future raises what the single call would: ValueError (refused), or the error the
+        call failed with."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        future.add_done_callback(_retrieve)  # nobody may await it (the client left at once)
+        pending = self._adds.setdefault(rank, [])
+        if not pending:
+            loop.call_soon(self._send_adds, rank)
+        pending.append((request, future))
+        return future
+
+    def _send_adds(self, rank: int) -> None:
+        batch = self._adds.pop(rank, [])
+        if not batch:
+            return
+        ref = self.handles[rank].add_requests.remote([request for request, _ in batch])
+        self.num_add_calls += 1
+        self._wake_pool_of(rank)
+
+        async def settle() -> None:
+            try:
+                refusals: list[str | None] = await ref
+            except Exception as e:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                return
+            for (_, future), refusal in zip(batch, refusals, strict=True):
+                if future.done():
+                    continue
+                if refusal is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(ValueError(refusal))
+
+        self._keep(asyncio.get_running_loop().create_task(settle()))
+
+    def _wake_pool_of(self, rank: int) -> None:
+        """Wake the other ranks of `rank`'s expert-parallel pool when it has been quiet (see
+        `POOL_QUIET_S`), so that the work just sent does not wait for them to join a step."""
+        info = self.infos[rank]
+        if info is None or info.pool_size < 2:
+            return
+        pool = (info.role, info.instance)
+        now = asyncio.get_running_loop().time()
+        last = self._pool_last_add.get(pool)
+        self._pool_last_add[pool] = now
+        if last is not None and now - last < POOL_QUIET_S:
+            return
+        for peer, peer_info in enumerate(self.infos):
+            if (
+                peer != rank
+                and peer_info is not None
+                and (peer_info.role, peer_info.instance) == pool
+            ):
+                self.num_pool_wakes += 1
+                self.spawn(self.handles[peer].wake.remote())
+
+    def spawn(self, awaitable: Awaitable[Any]) -> None:
+        """Fire and forget an actor call; failures surface through the polls."""
+
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                await awaitable
+
+        self._keep(asyncio.get_running_loop().create_task(run()))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)  # a task nobody awaits needs a strong reference
+        task.add_done_callback(self._background.discard)
+
+    async def flush_prefix_cache(self) -> int:
+        """Forget the prefix cache of every live rank; the cached pages freed in all."""
+        live = [h for i, h in enumerate(self.handles) if self.is_live(i)]
+        return sum(await asyncio.gather(*(h.flush_prefix_cache.remote() for h in live)))
+
+    async def stats(self) -> list[RankStats | None]:
+        """Each rank's stats; None for a rank that is not ready or does not answer."""
+
+        async def one(i: int) -> RankStats | None:
+            if not self.is_live(i):
+                return None
+            try:
+                stats: RankStats = await asyncio.wait_for(self.handles[i].stats.remote(), 5)
+                return stats
+            except Exception:
+                return None
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(self.handles)))))
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's exception as seen (asyncio logs an unseen one as an error)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _accepted(*sides: tuple[Any, int | None]) -> None:
+    """Every side (`add_request` ref, rank) took the request. Raises the first refusal
+    (ValueError), or `RankUnreachable` naming the rank whose call failed otherwise."""
+    for ref, rank in sides:
+        if ref is None or rank is None:
+            continue
+        try:
+            await ref
+        except ValueError:
+            raise
+        except Exception as e:
+            raise RankUnreachable(rank, e) from None
+
+
+async def accepted_or_first(
+    sides: tuple[tuple[Any, int | None], ...], queue: asyncio.Queue[TokenDelta]
+) -> TokenDelta | None:
+    """Wait until every side (`add_request` ref, rank) took the request or its first delta
+    came on `queue`, whichever is first; return the delta when one came. A refusal raises
+    ValueError, a side whose call failed otherwise `RankUnreachable`."""
+    accepted = asyncio.ensure_future(_accepted(*sides))
+    first = asyncio.ensure_future(queue.get())
+    try:
+        await asyncio.wait({accepted, first}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        first.cancel()
+        accepted.cancel()
+        raise
+    early: TokenDelta | None = None
+    if first.done():
+        early = first.result()
+    else:
+        first.cancel()
+    if not accepted.done():
+        # Output (an error from one side, or the timeout) came before both ranks took the
+        # request — one of them may be unreachable: go on with what came.
+        accepted.add_done_callback(_log_late_refusal)
+        return early
+    try:
+        accepted.result()
+    except ValueError as e:
+        raise ValueError(short_error(e)) from None
+    return early
+
+
+def _log_late_refusal(task: asyncio.Future[None]) -> None:
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        logger.info("a rank answered a request late: %s", short_error(error))

@@ -1,0 +1,144 @@
+"""A scheduled batch as the model takes it: token ids, `AttentionMetadata`, and which requests
+sample from which logits row; and the prompt logprobs a forward scored, back to their requests.
+
+Decode rows come first, one per decoding request, then each prefill chunk's tokens. The index
+tensors are built from `array`s (`torch.frombuffer`): several times cheaper per element than
+`torch.tensor` on a list, which a decode step of a large batch would otherwise pay each step.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+
+from workers.engine.kv_cache import pages_needed
+from workers.engine.messages import TokenLogprob
+from workers.engine.scheduler import ScheduledBatch
+from workers.engine.sequence import Sequence
+from workers.model.batch import AttentionMetadata, PrefillSpan
+
+
+class DecodeRows(NamedTuple):
+    """The decoding requests' new token each: id, position, KV slot, and the pages of its
+    context (the new token included)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    out_slots: list[int]
+    block_rows: list[list[int]]
+
+
+class ModelInputs(NamedTuple):
+    input_ids: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    samplers: list[Sequence]  # the request of each row of the logits, in order
+
+
+def decode_rows(decodes: Iterable[Sequence], page_size: int) -> DecodeRows:
+    rows = DecodeRows([], [], [], [])
+    for seq in decodes:
+        pos = seq.num_computed
+        rows.input_ids.append(seq.token_ids[pos])
+        rows.positions.append(pos)
+        rows.out_slots.append(seq.pages[pos // page_size] * page_size + pos % page_size)
+        rows.block_rows.append(seq.pages[: pages_needed(pos + 1, page_size)])
+    return rows
+
+
+def prepare_inputs(batch: ScheduledBatch, page_size: int, device: torch.device) -> ModelInputs:
+    rows = decode_rows(batch.decodes, page_size)
+    ids = array("q", rows.input_ids)
+    positions = array("q", rows.positions)
+    out_slots = [_ints(rows.out_slots, "q")]
+    logits_rows = array("q", range(len(batch.decodes)))
+    samplers = list(batch.decodes)
+    spans = []
+    score_rows = array("q")
+    score_targets = array("q")
+    score_top = 0
+    for seq, num in batch.prefills:
+        start, end = seq.num_computed, seq.num_computed + num
+        ctx = seq.slots(end, page_size)
+        spans.append(PrefillSpan(len(ids), num, ctx.to(device)))
+        ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        out_slots.append(ctx[start:])
+        if seq.sampling.prompt_logprobs:
+            if start == 0:
+                seq.prompt_logprobs = [None]  # the first token follows nothing
+            # Row of position p is scored against prompt token p + 1.
+            first_row = len(ids) - num
+            for p in scored_positions(seq, start, num):
+                score_rows.append(first_row + p - start)
+                score_targets.append(seq.token_ids[p + 1])
+            score_top = max(score_top, seq.sampling.top_logprobs)
+        if end == seq.num_tokens:
+            logits_rows.append(len(ids) - 1)
+            samplers.append(seq)
+
+    max_pages = max((len(r) for r in rows.block_rows), default=1)
+    block_table = array("i")
+    for r in rows.block_rows:
+        block_table.extend(r)
+        block_table.extend(_zeros(max_pages - len(r)))  # past a context: unspecified
+    meta = AttentionMetadata(
+        positions=_ints(positions).to(device),
+        out_slots=(out_slots[0] if len(out_slots) == 1 else torch.cat(out_slots)).to(device),
+        num_decode=len(batch.decodes),
+        block_table=_ints(block_table, "i").view(-1, max_pages).to(device),
+        seq_lens=_ints([p + 1 for p in rows.positions], "i").to(device),
+        page_size=page_size,
+        prefills=spans,
+        logits_indices=_ints(logits_rows).to(device),
+    )
+    if score_rows:
+        meta.score_rows = _ints(score_rows).to(device)
+        meta.score_targets = _ints(score_targets).to(device)
+        meta.score_top = score_top
+    return ModelInputs(_ints(ids).to(device), meta, samplers)
+
+
+def take_prompt_scores(batch: ScheduledBatch, meta: AttentionMetadata) -> None:
+    """Append the prompt logprobs the forward scored to their requests (in `prepare_inputs`'
+    order: span by span, position by position). Call before the batch's `num_computed`
+    advance."""
+    if meta.scores is None:
+        return
+    chosen = meta.scores.target_logprobs.tolist()
+    top_vals, top_ids = meta.scores.top_logprobs.tolist(), meta.scores.top_ids.tolist()
+    row = 0
+    for seq, num in batch.prefills:
+        if not seq.sampling.prompt_logprobs:
+            continue
+        k = seq.sampling.top_logprobs
+        for _ in scored_positions(seq, seq.num_computed, num):
+            pairs = tuple(zip(top_ids[row][:k], top_vals[row][:k], strict=True))
+            seq.prompt_logprobs.append(TokenLogprob(chosen[row], pairs))
+            row += 1
+
+
+def scored_positions(seq: Sequence, start: int, num: int) -> range:
+    """Positions of a prefill chunk (`num` tokens from `start`) whose rows are scored for
+    prompt logprobs: those followed by another prompt token."""
+    return range(start, max(start, min(start + num, seq.num_prompt_tokens - 1)))
+
+
+_DTYPES = {"q": torch.int64, "i": torch.int32}
+
+
+def _ints(values: array[int] | list[int], typecode: str = "q") -> torch.Tensor:
+    """A CPU tensor (int64 for "q", int32 for "i") over `values`' memory when it is an array of
+    that type, else over a copy."""
+    data = values if isinstance(values, array) and values.typecode == typecode else None
+    if data is None:
+        data = array(typecode, values)
+    if not data:
+        return torch.empty(0, dtype=_DTYPES[typecode])
+    return torch.frombuffer(data, dtype=_DTYPES[typecode])
+
+
+def _zeros(n: int) -> array[int]:
+    return array("i", bytes(4 * n))
