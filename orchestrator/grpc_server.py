@@ -22,8 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
 from orchestrator.protocol import parse_generate, prepare_call
+from orchestrator.ranks import RouterNotReady
 from orchestrator.request_fields import RequestError
-from orchestrator.router import Router, RouterNotReady
+from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
 from orchestrator.streaming import interleave
 from proto import pdserve_pb2 as pb

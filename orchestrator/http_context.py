@@ -15,9 +15,10 @@ from fastapi import Request
 from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
+from orchestrator.outputs import Output
 from orchestrator.reasoning import template_reasons
 from orchestrator.request_fields import RequestError
-from orchestrator.router import Output, Router
+from orchestrator.router import Router
 from orchestrator.tool_parser import FORMATS, MARKERS, ToolCallFormat, detect_format
 from workers.engine.messages import SamplingParams
 

@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.outputs import Output
 from orchestrator.protocol import finite
-from orchestrator.router import Output
 from orchestrator.tool_parser import ToolCall
 from workers.engine.messages import TokenLogprob
 

@@ -27,10 +27,11 @@ from orchestrator.openai_response import (
     best_choices,
     openai_finish_reason,
 )
+from orchestrator.outputs import Output
 from orchestrator.protocol import check_prompt_len
+from orchestrator.ranks import RouterNotReady
 from orchestrator.reasoning import after_reasoning, opens_reasoning
 from orchestrator.request_fields import RequestError
-from orchestrator.router import Output, RouterNotReady
 from orchestrator.sampling_request import choice_params, resolve_sampling
 from orchestrator.streaming import (
     SSE_DONE,

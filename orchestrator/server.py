@@ -28,14 +28,16 @@ from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.openai_routes import OPENAI_ROUTES, add_openai_routes
 from orchestrator.ops_routes import OPS_ROUTES, add_ops_routes
+from orchestrator.outputs import Output
 from orchestrator.protocol import (
     GenerateCall,
     GenerateResult,
     parse_generate,
     prepare_call,
 )
+from orchestrator.ranks import RouterNotReady
 from orchestrator.request_fields import RequestError
-from orchestrator.router import Output, Router, RouterNotReady
+from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
 from orchestrator.streaming import (
     SSE_DONE,
