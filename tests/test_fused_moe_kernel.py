@@ -15,12 +15,8 @@ import torch
 pytest.importorskip("triton")  # tests/conftest.py chose the interpreter where there is no GPU
 
 from workers.kernels import kernels_usable  # noqa: E402
-from workers.kernels.fused_moe import (  # noqa: E402
-    align_tokens,
-    fused_moe,
-    fused_moe_reference,
-    max_aligned_rows,
-)
+from workers.kernels.fused_moe import fused_moe, fused_moe_reference  # noqa: E402
+from workers.kernels.moe_align import align_tokens, max_aligned_rows  # noqa: E402
 from workers.model.fp8 import dequantize_block_fp8  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,10 +1,12 @@
-"""KV-cache transfer between a prefill rank and a decode rank (`base` holds the contract)."""
+"""KV-cache transfer between a prefill rank and a decode rank (`base` holds the contract;
+`state_machine` the hooks a backend implements)."""
 
 from __future__ import annotations
 
 import torch
 
-from workers.transfer.base import KVReceiver, KVSender, KVTransferEngine
+from workers.transfer.base import KVTransferEngine
+from workers.transfer.handles import KVReceiver, KVSender
 from workers.transfer.messages import (
     AgentInfo,
     KVLayout,
