@@ -128,7 +128,7 @@ def local_ray_cpus(config: ServeConfig, num_cores: int) -> int | None:
 def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
     """Place the topology's pool instances and start their engine rank actors (not waiting for
     the models to load); `ray.init` first."""
-    from workers.engine.worker import start_engine_rank
+    from workers.engine.launch import start_engine_rank
     from workers.ep.group import PoolMember, Rendezvous
 
     specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))

@@ -1,5 +1,5 @@
 """The per-step agreement of an expert-parallel pool's ranks (`PoolGroup.agree`), over a real
-gloo group of three processes, and how often an idle rank joins it (`_group_poll_s`)."""
+gloo group of three processes, and how often an idle rank joins it (`group_poll_s`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from workers.engine import worker
+from workers.engine.rank_setup import (
+    GROUP_ASLEEP_AFTER_S,
+    GROUP_IDLE_AFTER_S,
+    GROUP_POLL_ASLEEP_S,
+    GROUP_POLL_BUSY_S,
+    GROUP_POLL_IDLE_S,
+    group_poll_s,
+)
 from workers.ep.group import PoolGroup
 
 # Per case, each rank's (has_work, stopping, swap_ready, pending).
@@ -51,13 +58,9 @@ def test_every_rank_reaches_the_same_agreement(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(10)
 def test_an_idle_rank_joins_less_often_the_longer_its_pool_is_idle() -> None:
-    busy, idle, asleep = (
-        worker.GROUP_POLL_BUSY_S,
-        worker.GROUP_POLL_IDLE_S,
-        worker.GROUP_POLL_ASLEEP_S,
-    )
+    busy, idle, asleep = GROUP_POLL_BUSY_S, GROUP_POLL_IDLE_S, GROUP_POLL_ASLEEP_S
     assert busy < idle < asleep
-    assert worker._group_poll_s(0.0) == worker._group_poll_s(0.99) == busy
-    assert worker._group_poll_s(worker.GROUP_IDLE_AFTER_S) == idle
-    assert worker._group_poll_s(worker.GROUP_ASLEEP_AFTER_S - 0.01) == idle
-    assert worker._group_poll_s(worker.GROUP_ASLEEP_AFTER_S) == worker._group_poll_s(3600) == asleep
+    assert group_poll_s(0.0) == group_poll_s(0.99) == busy
+    assert group_poll_s(GROUP_IDLE_AFTER_S) == idle
+    assert group_poll_s(GROUP_ASLEEP_AFTER_S - 0.01) == idle
+    assert group_poll_s(GROUP_ASLEEP_AFTER_S) == group_poll_s(3600) == asleep

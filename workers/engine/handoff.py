@@ -37,7 +37,7 @@ FAULTS = {
     # Decode rank: reserve the request's pages but never post its receive, so that the prefill
     # side's transfer times out. The request waits until it is aborted.
     "withhold_receive",
-    # Expert rebalance: the rank fails that phase (`workers.engine.worker`).
+    # Expert rebalance: the rank fails that phase (`workers.engine.rank_eplb`).
     "eplb_load",
     "eplb_prepare",
     "eplb_execute",

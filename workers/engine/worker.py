@@ -16,6 +16,8 @@ Actor contract:
 - `stats() -> RankStats`; `shutdown()`.
 - `inject_fault(kind, count)`: for fault tests; refused unless the rank was started with
   `allow_fault_injection` (see `workers.engine.handoff.FAULTS`).
+- `expert_load()`, `expert_placement()`, `eplb_load/prepare/execute/abort`: expert rebalance,
+  driven by the EPLB service (see `workers.engine.rank_eplb`).
 
 Roles: "colocated" (prefill and decode), "prefill" (prompt and first token, then the KV and token
 go to a decode rank; it reports only failures), "decode" (receives KV, generates). See
@@ -24,20 +26,15 @@ go to a decode rank; it reports only failures), "decode" (receives KV, generates
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import time
 import traceback
-import uuid
 from collections import Counter, deque
 from concurrent.futures import Future
 from typing import Any
-
-import ray
-import torch
 
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine, resolve_device
@@ -50,33 +47,21 @@ from workers.engine.messages import (
     TokenDelta,
     TransferReady,
 )
-from workers.ep.group import PoolGroup, PoolMember, free_port, init_pool_group
-from workers.ep.placement import ExpertPlacement
-from workers.ep.rebalance import PhaseReport, RankRebalancer
-from workers.ep.setup import build_ep_context
-from workers.model.config import ModelConfig
+from workers.engine.rank_eplb import RankEplb
+from workers.engine.rank_setup import (
+    group_poll_s,
+    join_pool,
+    open_handoff,
+    rank_info,
+    setup_process,
+)
+from workers.ep.group import PoolGroup, PoolMember
+from workers.ep.rebalance import PhaseReport
 
 logger = logging.getLogger(__name__)
 
 
 _MODES = {"colocated": "full", "prefill": "prefill", "decode": "decode"}
-# How often an idle rank of an expert-parallel pool joins the pool's agreement: every 2 ms
-# while the pool stepped within the last second, every 20 ms within the last 5 s, then every
-# 250 ms (an idle pool then costs its ranks almost nothing). Work that reaches one rank of a
-# sleeping pool is not held for that long: the router calls `wake` on the pool's other ranks
-# with the first request after a quiet spell.
-GROUP_POLL_BUSY_S = 0.002
-GROUP_POLL_IDLE_S = 0.02
-GROUP_POLL_ASLEEP_S = 0.25
-GROUP_IDLE_AFTER_S = 1.0
-GROUP_ASLEEP_AFTER_S = 5.0
-
-
-def _join_pool(pool: PoolMember, device: torch.device) -> PoolGroup:
-    host = ray.util.get_node_ip_address()
-    address = (host, free_port()) if pool.rank == 0 else None
-    master_addr, master_port = ray.get(pool.rendezvous.join.remote(pool.rank, address))
-    return init_pool_group(pool.rank, pool.world_size, master_addr, master_port, device)
 
 
 class EngineWorker:
@@ -94,62 +79,26 @@ class EngineWorker:
     ):
         if role not in _MODES:
             raise ValueError(f"role must be one of {sorted(_MODES)}, got {role!r}")
-        _normal_priority()
-        threads = config.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
+        setup_process(config)
         # A pool of several ranks is one expert-parallel group; its ranks step in lockstep.
         self.group: PoolGroup | None = None
         ep = None
         if pool is not None and pool.world_size > 1:
-            self.group = _join_pool(pool, resolve_device(config.device))
-            model_config = ModelConfig.from_dir(model_dir)
-            placement = None
-            if initial_phy2log is not None:
-                phy2log = torch.tensor(initial_phy2log, dtype=torch.int64)
-                placement = ExpertPlacement.from_phy2log(
-                    phy2log, pool.world_size, model_config.n_routed_experts
-                )
-            ep = build_ep_context(
-                model_config, config, role, pool.rank, pool.world_size,
-                self.group.data, placement,
-            )  # fmt: skip
+            device = resolve_device(config.device)
+            self.group, ep = join_pool(model_dir, config, role, pool, device, initial_phy2log)
         if role == "prefill":  # never runs a decode batch: no graphs to capture
             config = dataclasses.replace(config, cuda_graph_max_batch=0)
         self.engine = Engine(model_dir, config, ep=ep)
-        self.rebalancer = RankRebalancer(self.engine.model, ep, model_dir) if ep else None
-        # Rebalance phases (load / prepare / arm / abort) one at a time; the loop never takes
-        # this one, so serving goes on while a rank reads experts from disk.
-        self._phase_lock = threading.Lock()
-        self._swap_lock = threading.Lock()  # `_swap` / `_offered`, held briefly (and by execute)
-        self._swap: Future[Any] | None = None  # an armed execute, done by the loop
-        self._offered: Future[Any] | None = None  # the armed execute offered in an agreement
-        # Armed faults: eplb_* (under _phase_lock) and RANK_FAULTS (under _lock).
-        self._faults: Counter[str] = Counter()
+        # Expert rebalance phases, driven by the EPLB service (the loop executes the swap).
+        self.eplb = RankEplb(self.engine, model_dir, self.wake)
+        self._faults: Counter[str] = Counter()  # armed RANK_FAULTS (under _lock)
         self.role = role
         self.handoff: KVHandoff | None = None
         if role != "colocated":
-            from workers.transfer import create_transfer_engine
-
-            transfer = create_transfer_engine(
-                transfer_backend,
-                f"pdserve-{role}-{uuid.uuid4().hex[:8]}",
-                self.engine.kv.data,
-                self.engine.kv.page_size,
-            )
-            self.handoff = KVHandoff(role, transfer, transfer_timeout_s)
-            transfer.on_result = self._wake_for_transfer
+            self.handoff = open_handoff(role, self.engine, transfer_backend, transfer_timeout_s)
+            self.handoff.transfer.on_result = self._wake_for_transfer
         self.allow_fault_injection = allow_fault_injection
-        self._info = dataclasses.replace(
-            self.engine.info(),
-            role=role,
-            node=ray.util.get_node_ip_address(),
-            node_id=ray.get_runtime_context().get_node_id(),
-            instance=instance,
-            pool_rank=pool.rank if pool is not None else 0,
-            pool_size=pool.world_size if pool is not None else 1,
-            pid=os.getpid(),
-        )
+        self._info = rank_info(self.engine, role, instance, pool)
         self._lock = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
         self._outbox: dict[str, TokenDelta] = {}
@@ -242,8 +191,7 @@ class EngineWorker:
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
         if kind.startswith("eplb_"):
-            with self._phase_lock:
-                self._faults[kind] += count
+            self.eplb.arm_fault(kind, count)
             return
         if kind in RANK_FAULTS:
             with self._lock:
@@ -267,96 +215,27 @@ class EngineWorker:
         int64 (CPU), or None for a dense model. Taken by the loop between steps."""
         return self._call_in_loop(self.engine.take_expert_load)
 
-    # ---- expert rebalance (driven by the EPLB service; see workers.ep.rebalance) ----------------
+    # ---- expert rebalance (driven by the EPLB service; see workers.engine.rank_eplb) ---------
 
     def expert_placement(self) -> Any:
         """The pool's current `phy2log: [layers, slots]` (None outside an EP pool)."""
-        return None if self.engine.ep is None else self.engine.ep.placement.phy2log.clone()
-
-    def _rebalancer(self) -> RankRebalancer:
-        if self.rebalancer is None:
-            raise ValueError("this rank is not in an expert-parallel pool")
-        return self.rebalancer
-
-    def _fault(self, phase: str) -> None:
-        if self._faults[f"eplb_stall_{phase}"] > 0:
-            self._faults[f"eplb_stall_{phase}"] -= 1
-            time.sleep(3.0)
-        if self._faults[f"eplb_{phase}"] > 0:
-            self._faults[f"eplb_{phase}"] -= 1
-            raise RuntimeError(f"injected failure in the {phase} phase")
+        return self.eplb.expert_placement()
 
     def eplb_load(self, phy2log: Any) -> PhaseReport:
-        with self._phase_lock:
-            self._fault("load")
-            return self._rebalancer().load(phy2log)
+        return self.eplb.load(phy2log)
 
     def eplb_prepare(self) -> PhaseReport:
-        with self._phase_lock:
-            self._fault("prepare")
-            return self._rebalancer().prepare()
+        return self.eplb.prepare()
 
     def eplb_execute(self, timeout_s: float = 60.0) -> PhaseReport:
         """Arm the prepared rebalance; the loop executes it at the first step boundary where
         every rank of the pool has armed it. On timeout it is disarmed (nothing changed)."""
-        with self._phase_lock:
-            self._fault("execute")
-            if self._rebalancer().stage != "prepared":
-                raise RuntimeError("nothing prepared to execute")
-            future: Future[Any] = Future()
-            with self._swap_lock:
-                self._swap = future
-        self.wake()  # offer it at the pool's next agreement, however idle the pool is
-        try:
-            return future.result(timeout_s)  # type: ignore[no-any-return]
-        except TimeoutError:
-            self._disarm(future)
-            if future.done() and not future.cancelled():
-                return future.result()  # type: ignore[no-any-return]
-            raise TimeoutError("the pool's other ranks did not arm the rebalance in time") from None
-
-    def _disarm(self, future: Future[Any] | None) -> None:
-        """Withdraw an armed execute — unless an agreement in progress has offered it: then
-        wait for that agreement (all ranks execute it or none)."""
-        while True:
-            with self._swap_lock:
-                if self._offered is None or self._offered is not future:
-                    if future is not None and not future.done():
-                        future.cancel()
-                    if self._swap is future:
-                        self._swap = None
-                    return
-            time.sleep(0.001)
+        return self.eplb.execute(timeout_s)
 
     def eplb_abort(self) -> None:
         """Drop whatever is loaded, staged or armed; the placement stays as it is (unless the
         pool already executed it)."""
-        self._disarm(self._swap)
-        with self._phase_lock:
-            if self.rebalancer is not None:
-                self.rebalancer.abort()
-
-    def _offer_swap(self) -> bool:
-        with self._swap_lock:
-            swap = self._swap
-            self._offered = swap if swap is not None and not swap.done() else None
-            return self._offered is not None
-
-    def _execute_swap(self) -> None:
-        """In the loop, when every rank offered its armed rebalance: execute it (the pause)."""
-        with self._swap_lock:
-            future = self._offered
-            assert future is not None, "all ranks agreed on a swap this rank did not offer"
-            self._swap = None
-            try:
-                future.set_result(self._rebalancer().execute())
-            except Exception as e:
-                future.set_exception(e)
-                raise
-
-    def _end_offer(self) -> None:
-        with self._swap_lock:
-            self._offered = None
+        self.eplb.abort()
 
     def _call_in_loop(self, fn: Any, timeout_s: float = 60.0) -> Any:
         future: Future[Any] = Future()
@@ -388,7 +267,7 @@ class EngineWorker:
                     wait_s = handoff.wait_s(time.monotonic()) if handoff is not None else None
                     if group is not None:
                         # The pool's other ranks may step: join the next agreement soon.
-                        idle_s = _group_poll_s(time.monotonic() - last_busy)
+                        idle_s = group_poll_s(time.monotonic() - last_busy)
                         wait_s = idle_s if wait_s is None else min(wait_s, idle_s)
                     if wait_s is not None and wait_s <= 0:
                         break
@@ -438,16 +317,16 @@ class EngineWorker:
                 if group is None:
                     deltas.extend(engine.step())
                 else:
-                    swap_ready = self._offer_swap()
+                    swap_ready = self.eplb.offer_swap()
                     try:
                         # Pending: requests held but not runnable (their KV in transit).
                         runnable = engine.has_work and not engine.idle
                         pending = bool(engine.requests) and not runnable
                         agreed = group.agree(runnable, stopping, swap_ready, pending)
                         if agreed.all_swap_ready:
-                            self._execute_swap()
+                            self.eplb.execute_swap()
                     finally:
-                        self._end_offer()
+                        self.eplb.end_offer()
                     if agreed.any_stopping:
                         return
                     if agreed.any_has_work or agreed.any_pending:
@@ -519,67 +398,3 @@ class EngineWorker:
                 self._outbox[d.rid] = d
             if deltas or events:
                 self._lock.notify_all()
-
-
-def _group_poll_s(idle_s: float) -> float:
-    """How long an idle pool rank waits before joining the next agreement, after `idle_s`
-    seconds since the pool last stepped."""
-    if idle_s < GROUP_IDLE_AFTER_S:
-        return GROUP_POLL_BUSY_S
-    return GROUP_POLL_IDLE_S if idle_s < GROUP_ASLEEP_AFTER_S else GROUP_POLL_ASLEEP_S
-
-
-def _normal_priority() -> None:
-    """Ray starts workers at niceness 15, below the router and the rest of the machine; a rank
-    is on every request's critical path — its loop, the threads that take the router's calls
-    and the KV transfer thread alike (a starved transfer thread alone added ~100 ms to time to
-    first token under load) — so all its threads take normal priority back, where the process
-    may (root or CAP_SYS_NICE). Niceness is per thread on Linux; threads started later inherit
-    it from their creator."""
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, int(task), 0)
-
-
-def start_engine_rank(
-    model_dir: str,
-    config: EngineConfig,
-    name: str | None = None,
-    num_cpus: float = 1,
-    num_gpus: float = 0,
-    role: str = "colocated",
-    transfer_backend: str = "nixl",
-    transfer_timeout_s: float = 30.0,
-    allow_fault_injection: bool = False,
-    instance: int = 0,
-    scheduling_strategy: Any = None,
-    pool: PoolMember | None = None,
-    initial_phy2log: list[list[int]] | None = None,
-) -> Any:
-    """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle.
-    `scheduling_strategy`: e.g. its pool's placement group bundle."""
-    options: dict[str, Any] = {
-        "num_cpus": num_cpus,
-        "num_gpus": num_gpus,
-        "max_concurrency": 16,  # poll blocks one thread; requests and aborts use the others
-        # A rank that dies is started again by Ray (same handle); the router fails its
-        # in-flight requests at once and sends new ones once the new rank is ready.
-        "max_restarts": -1,
-    }
-    if name:
-        options["name"] = name
-    if scheduling_strategy is not None:
-        options["scheduling_strategy"] = scheduling_strategy
-    actor_cls = ray.remote(EngineWorker)
-    return actor_cls.options(**options).remote(
-        model_dir,
-        config,
-        role,
-        transfer_backend,
-        transfer_timeout_s,
-        allow_fault_injection,
-        instance,
-        pool,
-        initial_phy2log,
-    )
