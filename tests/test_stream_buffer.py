@@ -97,3 +97,21 @@ def test_a_held_request_that_is_aborted_takes_its_tokens_with_it():
 def test_interval_must_be_positive():
     with pytest.raises(ValueError, match="stream interval"):
         StreamBuffer(0)
+
+
+def test_token_delta_pickles_every_field():
+    import dataclasses
+    import pickle
+
+    from workers.engine.messages import TokenLogprob
+
+    # Every field set to a value other than its default, so a field left out of (or misplaced
+    # in) TokenDelta.__reduce__ shows.
+    delta = TokenDelta(
+        "r", [5, 6], FinishReason.LENGTH, "why", num_prompt_tokens=3, num_output_tokens=9,
+        hold=True, logprobs=[TokenLogprob(-0.5), TokenLogprob(-1.5, ((6, -1.5),))],
+        num_cached_tokens=2, prompt_logprobs=[None, TokenLogprob(-2.0)],
+    )  # fmt: skip
+    values = dataclasses.astuple(delta)
+    assert len(set(map(repr, values))) == len(dataclasses.fields(TokenDelta))
+    assert pickle.loads(pickle.dumps(delta, protocol=5)) == delta

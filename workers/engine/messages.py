@@ -184,6 +184,15 @@ class TokenDelta:
     # token, None for the first.
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
+    def __reduce__(self) -> tuple[type[TokenDelta], tuple[Any, ...]]:
+        # Positional fields: unpickling a poll's deltas (one per request per step) takes
+        # about a third of the time a dataclass's default state dict does.
+        return TokenDelta, (
+            self.rid, self.token_ids, self.finish_reason, self.error, self.num_prompt_tokens,
+            self.num_output_tokens, self.hold, self.logprobs, self.num_cached_tokens,
+            self.prompt_logprobs,
+        )  # fmt: skip
+
     def prepend(self, earlier: TokenDelta) -> None:
         """Make this delta also carry `earlier`'s tokens (the same request's, before it),
         growing `earlier`'s lists in place: a long held output stays linear."""
