@@ -1,4 +1,5 @@
-"""Session fixtures: one Ray instance, and one server on the tiny model, shared by all tests.
+"""Session fixtures: one Ray instance, and one server on the tiny model, shared by all tests;
+and, per module, that server's generating rank's `info`.
 
 `PDSERVE_TEST_MODEL=/path/to/checkpoint` runs the server tests on another checkpoint dir.
 """
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from tests.http_calls import _rank
 
 if not torch.cuda.is_available():
     # The Triton kernels' CPU tests run under the interpreter, which must be chosen before
@@ -91,3 +94,10 @@ def tiny_server(launch_tiny) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def info(tiny_server) -> dict[str, Any]:
+    """The tiny server's generating rank's `info` (`role`, `vocab_size`, `max_context_len`,
+    `kv_capacity_tokens`, ...)."""
+    return _rank(tiny_server)["info"]
