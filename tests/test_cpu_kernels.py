@@ -343,6 +343,45 @@ def test_decode_layers_in_one_call_match_the_blocks_one_by_one(name):
     assert int(runs["one call"][2].sum()) == len(lens) * cfg.num_experts_per_tok
 
 
+@pytest.mark.parametrize("name", sorted(BLOCK_CONFIGS))
+def test_results_do_not_depend_on_the_thread_count(name):
+    """The kernels follow torch's thread count; every thread count gives the same bits (each
+    parallel iteration writes its own rows, the MoE sums a token's experts in one order):
+    decode layers (attention, MoE and dense blocks), the paged attention and routed experts."""
+    model = random_model(BLOCK_CONFIGS[name], "cpu", torch.float32, seed=3)
+    cfg, attn = model.config, model.model.layers[0].self_attn
+    lens = [1, 17, 40, 64, 3, 9, 100, 5, 33]  # 9 requests: tiles of 4 and a tail of 1
+    meta, g = _decode_meta(lens, page_size=16, num_slots=16 * 40, seed=5)
+    cache = torch.randn(
+        cfg.num_hidden_layers, 16 * 40, attn.kv_lora_rank + attn.rope_dim, generator=g
+    )
+    ids = torch.randint(0, cfg.vocab_size, (len(lens),), generator=g)
+    q, pages, table, seq_lens = _paged_case([1, 17, 40, 0, 64, 5, 9], 4, 64, 16, 16, seed=2)
+    x = torch.randn(13, 48, generator=g)
+    w13t, w2t = torch.randn(8, 48, 80, generator=g), torch.randn(8, 40, 48, generator=g)
+    picks = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(13)])
+    weights = torch.rand(13, 3, generator=g)
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert cpu.num_threads() in (1, threads)  # 1: built without OpenMP
+            load = ExpertLoad(cfg.num_hidden_layers, cfg.n_routed_experts, torch.device("cpu"))
+            model.record_expert_load(load)
+            kv = cache.clone()
+            runs[threads] = (
+                model(ids, meta, kv), kv, load.take(),
+                cpu.mla_decode(q, pages, table, seq_lens, 16, 64, 0.1),
+                cpu.moe_experts(x, picks, weights, w13t, w2t),
+            )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3):
+        for ours, ref in zip(runs[threads], runs[1], strict=True):
+            assert torch.equal(ours, ref)
+
+
 def test_decode_layers_follow_replaced_expert_weights_and_refuse_bad_input():
     model = random_model(BLOCK_CONFIGS["tiny"], "cpu", torch.float32, seed=8)
     cfg = model.config
@@ -380,6 +419,27 @@ def test_failed_build_says_why(tmp_path):
     with pytest.raises(RuntimeError, match="broken compiler"):
         cpu.build(compiler=str(fake), out_dir=tmp_path)
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+
+
+def test_a_compiler_without_openmp_builds_serial_kernels(tmp_path):
+    """The kernels' OpenMP loops are optional: a compiler that refuses -fopenmp still builds
+    them, and they then run on one thread whatever they are told."""
+    import ctypes
+    import shutil
+
+    real = shutil.which(os.environ.get("CC") or "cc")
+    assert real is not None
+    no_omp = tmp_path / "cc-no-openmp"
+    no_omp.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && '
+        f"{{ echo 'no OpenMP here' >&2; exit 1; }}; done\nexec {real} \"$@\"\n"
+    )
+    no_omp.chmod(0o755)
+    lib = ctypes.CDLL(str(cpu.build(compiler=str(no_omp), out_dir=tmp_path)))
+    lib.pds_set_num_threads.argtypes, lib.pds_set_num_threads.restype = [ctypes.c_int], ctypes.c_int
+    assert lib.pds_set_num_threads(4) == 1
+    if cpu._openmp_flags(real):
+        assert cpu.num_threads() == torch.get_num_threads()  # the real build is parallel
 
 
 def test_without_the_kernels_the_model_runs_plain_torch():

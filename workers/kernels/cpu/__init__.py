@@ -10,7 +10,8 @@ ranks starting together do not race (each writes a temporary file and renames it
 
 No compiler, a failed build, or `PDSERVE_CPU_KERNELS=0`: `library()` is None and callers use
 their plain-torch path (one warning says why). The library is called through `ctypes`, which
-releases the GIL for the call.
+releases the GIL for the call. Its parallel loops (OpenMP, when the compiler has it) run on
+torch's thread count (`torch.set_num_threads`), with the same results whatever the count.
 """
 
 from __future__ import annotations
@@ -55,17 +56,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PDSERVE_KERNEL_CACHE", default))
 
 
+@functools.cache
+def _openmp_flags(compiler: str) -> tuple[str, ...]:
+    """("-fopenmp",) when `compiler` builds and links an OpenMP program, else () (the kernels'
+    parallel loops then run serially)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "omp.c"
+        src.write_text("#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n")
+        cmd = [compiler, "-fopenmp", "-fPIC", "-shared", str(src), "-o", str(Path(tmp) / "o.so")]
+        try:
+            done = subprocess.run(cmd, capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return ()
+        return ("-fopenmp",) if done.returncode == 0 else ()
+
+
 def build(compiler: str | None = None, out_dir: Path | None = None) -> Path:
     """Compile the kernels into a shared library (or find the one already built) and return
     its path. Raises `RuntimeError` with the compiler's message when the build fails."""
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH")
+    flags = (*CFLAGS, *_openmp_flags(compiler))
     here = Path(__file__).parent
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update((here / name).read_bytes())
-    digest.update(" ".join((compiler, *CFLAGS, _cpu_identity())).encode())
+    digest.update(" ".join((compiler, *flags, _cpu_identity())).encode())
     out_dir = out_dir or cache_dir()
     target = out_dir / f"pdserve_cpu_{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -73,7 +90,7 @@ def build(compiler: str | None = None, out_dir: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [compiler, *CFLAGS, *(str(here / n) for n in SOURCES), "-o", tmp, "-lm"]
+    cmd = [compiler, *flags, *(str(here / n) for n in SOURCES), "-o", tmp, "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode:
@@ -111,6 +128,7 @@ def library() -> ctypes.CDLL | None:
         "pds_mlp_f32": ([ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr], ctypes.c_int),
         "pds_moe_block_f32": ([ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, f32,
                                ptr, ptr, i64, ptr, ptr, i64, ptr, ptr], ctypes.c_int),
+        "pds_set_num_threads": ([ctypes.c_int], ctypes.c_int),
     }  # fmt: skip
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -122,11 +140,26 @@ def available() -> bool:
     return library() is not None
 
 
+_num_threads = [1]  # what the library was last told (pds_set_num_threads)
+
+
 def _lib() -> ctypes.CDLL:
+    """The library, its thread count set to torch's (`torch.set_num_threads`, a rank's
+    `--num-threads`): a kernel call uses the threads a torch op would."""
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU kernels are not available on this machine")
+    threads = torch.get_num_threads()
+    if threads != _num_threads[0]:
+        lib.pds_set_num_threads(threads)
+        _num_threads[0] = threads
     return lib
+
+
+def num_threads() -> int:
+    """The threads the kernels' parallel loops run on (1 when built without OpenMP)."""
+    lib = _lib()
+    return int(lib.pds_set_num_threads(_num_threads[0]))
 
 
 def _check_f32_cpu(**tensors: torch.Tensor) -> None:

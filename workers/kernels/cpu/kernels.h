@@ -4,6 +4,23 @@
 
 #include <stdint.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Threads of the kernels' parallel loops (`pds_set_num_threads`; 1, the default, runs them
+ * serially). A loop's iterations write disjoint outputs and use scratch of their thread's own
+ * (`pds_thread`), so the results are the same to the bit whatever the count. */
+extern int pds_num_threads;
+
+static inline int pds_thread(void) {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 int pds_mla_attend_f32(const float *q, const float *cache, int64_t num_slots,
                        const int32_t *pages, int64_t len, int64_t num_heads, int64_t dim,
                        int64_t kv_lora_rank, int64_t page_size, float scale, float *scores,

@@ -40,6 +40,89 @@ static void rotate(const struct pds_mla_weights *w, const float *x, int64_t pos,
   }
 }
 
+/* Threads of the parallel loops below and in the other kernel files (see kernels.h). */
+int pds_num_threads = 1;
+
+/* Set the kernels' thread count; returns the count in effect (1 without OpenMP). */
+int pds_set_num_threads(int n) {
+#ifdef _OPENMP
+  pds_num_threads = n > 1 ? n : 1;
+#else
+  (void)n;
+  pds_num_threads = 1;
+#endif
+  return pds_num_threads;
+}
+
+/* Rows [b0, b0 + rows) of the attention block's first half: project, write each token's
+ * cache row and its absorbed query q_full[b] = [q_nope[h] @ W_UK[h], rope(q_pe[h])] per head.
+ * a: scratch [TILE_ROWS, na], q: [TILE_ROWS, heads * qk]. */
+static int project_rows(const struct pds_mla_weights *w, const float *x, int64_t b0, int rows,
+                        const int64_t *positions, const int64_t *out_slots, float *cache,
+                        int64_t num_slots, float *a, float *q, float *q_full) {
+  const int64_t H = w->heads, qk = w->nope + w->rope, dim = w->kv_lora + w->rope;
+  const int64_t qa = w->q_lora ? w->q_lora : H * qk, na = qa + w->kv_lora + w->rope;
+  const float *xr[TILE_ROWS], *qr[TILE_ROWS];
+  for (int r = 0; r < rows; r++) xr[r] = x + (b0 + r) * w->hidden;
+  gemm_rows(rows, xr, w->hidden, w->w_a_t, na, a, na);
+  if (w->q_lora) {
+    for (int r = 0; r < rows; r++) {
+      pds_rms_norm_f32(a + r * na, na, w->q_norm, 1, w->q_lora, w->q_norm_eps, a + r * na);
+      xr[r] = a + r * na;
+    }
+    gemm_rows(rows, xr, w->q_lora, w->w_qb_t, H * qk, q, H * qk);
+    for (int r = 0; r < rows; r++) qr[r] = q + r * H * qk;
+  } else {
+    for (int r = 0; r < rows; r++) qr[r] = a + r * na;
+  }
+  for (int r = 0; r < rows; r++) {
+    const int64_t b = b0 + r, pos = positions[b], slot = out_slots[b];
+    if (pos < 0 || pos >= w->max_positions || slot < 0 || slot >= num_slots) return PDS_BAD_INDEX;
+    const float *ar = a + r * na;
+    float *row = cache + slot * dim;
+    pds_rms_norm_f32(ar + qa, na, w->kv_norm, 1, w->kv_lora, w->kv_norm_eps, row);
+    rotate(w, ar + qa + w->kv_lora, pos, row + w->kv_lora);
+    for (int64_t h = 0; h < H; h++) {
+      const float *qn = qr[r] + h * qk;
+      const float *w_uk = w->w_kvb + h * (w->nope + w->v) * w->kv_lora;
+      float *qf = q_full + (b * H + h) * dim;
+      memset(qf, 0, sizeof(float) * (size_t)w->kv_lora);
+      for (int64_t i = 0; i < w->nope; i++) axpy(qf, qn[i], w_uk + i * w->kv_lora, w->kv_lora);
+      rotate(w, qn + w->nope, pos, qf + w->kv_lora);
+    }
+  }
+  return 0;
+}
+
+/* Rows [b0, b0 + rows) of the second half: attention over each token's context, W_UV, then
+ * o_proj into out. Scratch: scores [heads, max_len + 1], latent [heads, kv_lora],
+ * o [TILE_ROWS, heads * v]. */
+static int attend_rows(const struct pds_mla_weights *w, const float *q_full, int64_t b0,
+                       int rows, const float *cache, int64_t num_slots,
+                       const int32_t *block_table, int64_t max_pages, const int32_t *seq_lens,
+                       int64_t page_size, float *scores, float *latent, float *o, float *out) {
+  const int64_t H = w->heads, dim = w->kv_lora + w->rope, max_len = max_pages * page_size;
+  const float *orows[TILE_ROWS];
+  for (int r = 0; r < rows; r++) {
+    const int64_t b = b0 + r, len = seq_lens[b] < max_len ? seq_lens[b] : max_len;
+    int status = pds_mla_attend_f32(q_full + b * H * dim, cache, num_slots,
+                                    block_table + b * max_pages, len, H, dim, w->kv_lora,
+                                    page_size, w->scale, scores, latent);
+    if (status) return status;
+    float *orow = o + r * H * w->v;
+    for (int64_t h = 0; h < H; h++) {
+      const float *w_uv = w->w_kvb + (h * (w->nope + w->v) + w->nope) * w->kv_lora;
+      const float *lat = latent + h * w->kv_lora;
+      int64_t j = 0;
+      for (; j + 4 <= w->v; j += 4) dot4(w_uv + j * w->kv_lora, w->kv_lora, lat, w->kv_lora, orow + h * w->v + j);
+      for (; j < w->v; j++) orow[h * w->v + j] = dot(w_uv + j * w->kv_lora, lat, w->kv_lora);
+    }
+    orows[r] = orow;
+  }
+  gemm_rows(rows, orows, H * w->v, w->w_o_t, w->hidden, out + b0 * w->hidden, w->hidden);
+  return 0;
+}
+
 /* out[b] = o_proj(attention of token b) for a batch of decode tokens, one per request:
  *
  *   a = x @ w_a; q = q_b(norm(a[:q_lora])) (or a[:qa]); c_kv = norm(a[qa:qa + kv_lora])
@@ -47,9 +130,9 @@ static void rotate(const struct pds_mla_weights *w, const float *x, int64_t pos,
  *   latent[h] = softmax(scale * q_full[h] . cache[ctx]) @ cache[ctx, :kv_lora]
  *   out = concat_h(W_UV[h] @ latent[h]) @ w_o
  *
- * Every token's cache row is written before any attention reads (a token sees itself).
- * Returns 0, PDS_BAD_INDEX (a slot, page or position outside its table; the cache may then be
- * partly written) or PDS_NO_MEMORY. */
+ * Every token's cache row is written before any attention reads (a token sees itself). Both
+ * halves run tiles of TILE_ROWS tokens in parallel. Returns 0, PDS_BAD_INDEX (a slot, page or
+ * position outside its table; the cache may then be partly written) or PDS_NO_MEMORY. */
 int pds_mla_block_f32(const struct pds_mla_weights *w,
                       const float *x, int64_t num_tokens, /* [B, hidden], normed */
                       const int64_t *positions, const int64_t *out_slots, /* [B] */
@@ -61,68 +144,44 @@ int pds_mla_block_f32(const struct pds_mla_weights *w,
   const int64_t H = w->heads, qk = w->nope + w->rope, dim = w->kv_lora + w->rope;
   const int64_t qa = w->q_lora ? w->q_lora : H * qk, na = qa + w->kv_lora + w->rope;
   const int64_t max_len = max_pages * page_size;
-  float *q_full = malloc(sizeof(float) * (size_t)(num_tokens * H * dim + TILE_ROWS * na +
-                                                  TILE_ROWS * H * qk + H * (max_len + 1) +
-                                                  H * w->kv_lora + TILE_ROWS * H * w->v));
+  const int threads = pds_num_threads;
+  /* Per thread: a, q (first half); scores, latent, o (second half). */
+  const int64_t n_a = TILE_ROWS * na, n_q = TILE_ROWS * H * qk, n_s = H * (max_len + 1);
+  const int64_t per_thread = n_a + n_q + n_s + H * w->kv_lora + TILE_ROWS * H * w->v;
+  float *q_full = malloc(sizeof(float) * (size_t)(num_tokens * H * dim + threads * per_thread));
   if (!q_full) return PDS_NO_MEMORY;
-  float *a = q_full + num_tokens * H * dim, *q = a + TILE_ROWS * na, *scores = q + TILE_ROWS * H * qk;
-  float *latent = scores + H * (max_len + 1), *o = latent + H * w->kv_lora;
+  float *scratch = q_full + num_tokens * H * dim;
+  const int64_t num_tiles = (num_tokens + TILE_ROWS - 1) / TILE_ROWS;
   int status = 0;
 
-  for (int64_t b0 = 0; b0 < num_tokens && !status; b0 += TILE_ROWS) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < num_tiles; t++) {
+    const int64_t b0 = t * TILE_ROWS;
     const int rows = num_tokens - b0 < TILE_ROWS ? (int)(num_tokens - b0) : TILE_ROWS;
-    const float *xr[TILE_ROWS], *qr[TILE_ROWS];
-    for (int r = 0; r < rows; r++) xr[r] = x + (b0 + r) * w->hidden;
-    gemm_rows(rows, xr, w->hidden, w->w_a_t, na, a, na);
-    if (w->q_lora) {
-      for (int r = 0; r < rows; r++) {
-        pds_rms_norm_f32(a + r * na, na, w->q_norm, 1, w->q_lora, w->q_norm_eps, a + r * na);
-        xr[r] = a + r * na;
-      }
-      gemm_rows(rows, xr, w->q_lora, w->w_qb_t, H * qk, q, H * qk);
-      for (int r = 0; r < rows; r++) qr[r] = q + r * H * qk;
-    } else {
-      for (int r = 0; r < rows; r++) qr[r] = a + r * na;
-    }
-    for (int r = 0; r < rows; r++) {
-      const int64_t b = b0 + r, pos = positions[b], slot = out_slots[b];
-      if (pos < 0 || pos >= w->max_positions || slot < 0 || slot >= num_slots) {
-        status = PDS_BAD_INDEX;
-        break;
-      }
-      const float *ar = a + r * na;
-      float *row = cache + slot * dim;
-      pds_rms_norm_f32(ar + qa, na, w->kv_norm, 1, w->kv_lora, w->kv_norm_eps, row);
-      rotate(w, ar + qa + w->kv_lora, pos, row + w->kv_lora);
-      for (int64_t h = 0; h < H; h++) {
-        const float *qn = qr[r] + h * qk;
-        const float *w_uk = w->w_kvb + h * (w->nope + w->v) * w->kv_lora;
-        float *qf = q_full + (b * H + h) * dim;
-        memset(qf, 0, sizeof(float) * (size_t)w->kv_lora);
-        for (int64_t i = 0; i < w->nope; i++) axpy(qf, qn[i], w_uk + i * w->kv_lora, w->kv_lora);
-        rotate(w, qn + w->nope, pos, qf + w->kv_lora);
-      }
+    float *a = scratch + pds_thread() * per_thread;
+    int s = project_rows(w, x, b0, rows, positions, out_slots, cache, num_slots, a, a + n_a,
+                         q_full);
+    if (s) {
+#pragma omp atomic write
+      status = s;
     }
   }
-  for (int64_t b0 = 0; b0 < num_tokens && !status; b0 += TILE_ROWS) {
+  if (status) {
+    free(q_full);
+    return status;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < num_tiles; t++) {
+    const int64_t b0 = t * TILE_ROWS;
     const int rows = num_tokens - b0 < TILE_ROWS ? (int)(num_tokens - b0) : TILE_ROWS;
-    const float *orows[TILE_ROWS];
-    for (int r = 0; r < rows && !status; r++) {
-      const int64_t b = b0 + r, len = seq_lens[b] < max_len ? seq_lens[b] : max_len;
-      status = pds_mla_attend_f32(q_full + b * H * dim, cache, num_slots,
-                                  block_table + b * max_pages, len, H, dim, w->kv_lora,
-                                  page_size, w->scale, scores, latent);
-      float *orow = o + r * H * w->v;
-      for (int64_t h = 0; h < H; h++) {
-        const float *w_uv = w->w_kvb + (h * (w->nope + w->v) + w->nope) * w->kv_lora;
-        const float *lat = latent + h * w->kv_lora;
-        int64_t j = 0;
-        for (; j + 4 <= w->v; j += 4) dot4(w_uv + j * w->kv_lora, w->kv_lora, lat, w->kv_lora, orow + h * w->v + j);
-        for (; j < w->v; j++) orow[h * w->v + j] = dot(w_uv + j * w->kv_lora, lat, w->kv_lora);
-      }
-      orows[r] = orow;
+    float *scores = scratch + pds_thread() * per_thread + n_a + n_q;
+    float *latent = scores + n_s, *o = latent + H * w->kv_lora;
+    int s = attend_rows(w, q_full, b0, rows, cache, num_slots, block_table, max_pages,
+                        seq_lens, page_size, scores, latent, o, out);
+    if (s) {
+#pragma omp atomic write
+      status = s;
     }
-    if (!status) gemm_rows(rows, orows, H * w->v, w->w_o_t, w->hidden, out + b0 * w->hidden, w->hidden);
   }
   free(q_full);
   return status;
@@ -132,14 +191,20 @@ int pds_mla_block_f32(const struct pds_mla_weights *w,
  * w13t: [hidden, 2 * inter], w2t: [inter, hidden]; `accumulate` adds into out. */
 int pds_mlp_f32(const float *x, int64_t ldx, int64_t num_tokens, int64_t hidden,
                 const float *w13t, const float *w2t, int64_t inter, int accumulate, float *out) {
-  float *buf = malloc(sizeof(float) * (size_t)(TILE_ROWS * (2 * inter + hidden)));
+  const int threads = pds_num_threads;
+  const int64_t per_thread = TILE_ROWS * (2 * inter + hidden);
+  float *buf = malloc(sizeof(float) * (size_t)(threads * per_thread));
   if (!buf) return PDS_NO_MEMORY;
-  float *down = buf + TILE_ROWS * 2 * inter;
-  for (int64_t t0 = 0; t0 < num_tokens; t0 += TILE_ROWS) {
+  const int64_t num_tiles = (num_tokens + TILE_ROWS - 1) / TILE_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < num_tiles; t++) {
+    const int64_t t0 = t * TILE_ROWS;
     const int rows = num_tokens - t0 < TILE_ROWS ? (int)(num_tokens - t0) : TILE_ROWS;
+    float *gate_up = buf + pds_thread() * per_thread, *down = gate_up + TILE_ROWS * 2 * inter;
     const float *xr[TILE_ROWS];
     for (int r = 0; r < rows; r++) xr[r] = x + (t0 + r) * ldx;
-    swiglu_rows(rows, xr, hidden, w13t, w2t, inter, NULL, buf, accumulate ? down : out + t0 * hidden);
+    swiglu_rows(rows, xr, hidden, w13t, w2t, inter, NULL, gate_up,
+                accumulate ? down : out + t0 * hidden);
     if (accumulate)
       for (int r = 0; r < rows; r++) add_to(out + (t0 + r) * hidden, down + r * hidden, hidden);
   }
@@ -160,7 +225,12 @@ int pds_moe_block_f32(const float *x, int64_t num_tokens, int64_t hidden,
   int64_t *ids = malloc(sizeof(int64_t) * (size_t)(num_tokens * top_k + 1));
   int status = (logits && ids) ? 0 : PDS_NO_MEMORY;
   float *weights = logits + num_tokens * num_experts;
-  for (int64_t t0 = 0; t0 < num_tokens && !status; t0 += TILE_ROWS) {
+  const int threads = pds_num_threads;
+  (void)threads; /* read by the pragma only (none without OpenMP) */
+  const int64_t num_tiles = status ? 0 : (num_tokens + TILE_ROWS - 1) / TILE_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < num_tiles; t++) {
+    const int64_t t0 = t * TILE_ROWS;
     const int rows = num_tokens - t0 < TILE_ROWS ? (int)(num_tokens - t0) : TILE_ROWS;
     const float *xr[TILE_ROWS];
     for (int r = 0; r < rows; r++) xr[r] = x + (t0 + r) * hidden;

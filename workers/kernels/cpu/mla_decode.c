@@ -179,15 +179,22 @@ int pds_mla_decode_f32(const float *q,              /* [B, H, D] */
                        float scale,
                        float *out)                  /* [B, H, kv_lora_rank] */
 {
-  const int64_t max_len = max_pages * page_size;
-  float *scores = malloc(sizeof(float) * (size_t)(num_heads * (max_len + 1)));
+  const int64_t max_len = max_pages * page_size, per_thread = num_heads * (max_len + 1);
+  const int threads = pds_num_threads;
+  float *scores = malloc(sizeof(float) * (size_t)(threads * per_thread));
   if (!scores) return PDS_NO_MEMORY;
   int status = 0;
-  for (int64_t b = 0; b < num_reqs && !status; b++) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < num_reqs; b++) {
     int64_t len = seq_lens[b] < max_len ? seq_lens[b] : max_len;
-    status = pds_mla_attend_f32(q + b * num_heads * dim, cache, num_slots,
-                                block_table + b * max_pages, len, num_heads, dim, kv_lora_rank,
-                                page_size, scale, scores, out + b * num_heads * kv_lora_rank);
+    int s = pds_mla_attend_f32(q + b * num_heads * dim, cache, num_slots,
+                               block_table + b * max_pages, len, num_heads, dim, kv_lora_rank,
+                               page_size, scale, scores + pds_thread() * per_thread,
+                               out + b * num_heads * kv_lora_rank);
+    if (s) {
+#pragma omp atomic write
+      status = s;
+    }
   }
   free(scores);
   return status;

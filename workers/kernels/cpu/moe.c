@@ -9,12 +9,17 @@
  * every weight row read serves the four tokens (the torch path instead runs one small GEMM
  * per expert, each paying a call's overhead, plus a sort, gathers and a scatter around them).
  *
+ * Experts run in parallel (each pick's result goes to its own row), then tokens: each sums its
+ * picks in ascending expert order, the order a serial pass over the experts adds them in, so
+ * the result does not depend on the thread count.
+ *
  * Returns 0, PDS_BAD_INDEX when an id is outside [0, E) (out is then unspecified), or
  * PDS_NO_MEMORY.
  */
 #include <stdlib.h>
 
 #include "gemm.h"
+#include "kernels.h"
 
 int pds_moe_experts_f32(const float *x,        /* [T, hidden] */
                         int64_t num_tokens, int64_t hidden,
@@ -27,11 +32,13 @@ int pds_moe_experts_f32(const float *x,        /* [T, hidden] */
                         float *out)            /* [T, hidden], overwritten */
 {
   const int64_t num_picks = num_tokens * top_k;
-  memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden));
+  const int threads = pds_num_threads;
   int64_t *starts = calloc((size_t)(num_experts + 1), sizeof(int64_t));
-  int64_t *order = malloc(sizeof(int64_t) * (size_t)(num_picks ? num_picks : 1));
-  float *gate_up = malloc(sizeof(float) * (size_t)(TILE_ROWS * (2 * inter + hidden)));
-  int status = (starts && order && gate_up) ? 0 : PDS_NO_MEMORY;
+  /* order[i]: the pick at sorted position i; at[p]: the sorted position of pick p. */
+  int64_t *order = malloc(sizeof(int64_t) * (size_t)(2 * num_picks + 1)), *at = order + num_picks;
+  float *gate_up = malloc(sizeof(float) * (size_t)(threads * TILE_ROWS * 2 * inter));
+  float *down = malloc(sizeof(float) * (size_t)(num_picks * hidden + 1)); /* by position */
+  int status = (starts && order && gate_up && down) ? 0 : PDS_NO_MEMORY;
   for (int64_t p = 0; p < num_picks && !status; p++) {
     if (ids[p] < 0 || ids[p] >= num_experts) status = PDS_BAD_INDEX;
     else starts[ids[p] + 1]++;
@@ -42,11 +49,14 @@ int pds_moe_experts_f32(const float *x,        /* [T, hidden] */
     for (int64_t p = 0; p < num_picks; p++) order[starts[ids[p]]++] = p;
     for (int64_t e = num_experts; e > 0; e--) starts[e] = starts[e - 1];
     starts[0] = 0;
+    for (int64_t i = 0; i < num_picks; i++) at[order[i]] = i;
   }
-  float *down = gate_up + TILE_ROWS * 2 * inter;
-  for (int64_t e = 0; e < num_experts && !status; e++) {
+  const int64_t num_experts_run = status ? 0 : num_experts;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t e = 0; e < num_experts_run; e++) {
     const float *w13 = w13t + e * hidden * 2 * inter;
     const float *w2 = w2t + e * inter * hidden;
+    float *scratch = gate_up + pds_thread() * TILE_ROWS * 2 * inter;
     for (int64_t i = starts[e]; i < starts[e + 1]; i += TILE_ROWS) {
       int rows = starts[e + 1] - i < TILE_ROWS ? (int)(starts[e + 1] - i) : TILE_ROWS;
       const float *xr[TILE_ROWS];
@@ -55,13 +65,29 @@ int pds_moe_experts_f32(const float *x,        /* [T, hidden] */
         xr[r] = x + (order[i + r] / top_k) * hidden;
         scale[r] = weights[order[i + r]];
       }
-      swiglu_rows(rows, xr, hidden, w13, w2, inter, scale, gate_up, down);
-      for (int r = 0; r < rows; r++)
-        add_to(out + (order[i + r] / top_k) * hidden, down + r * hidden, hidden);
+      swiglu_rows(rows, xr, hidden, w13, w2, inter, scale, scratch, down + i * hidden);
+    }
+  }
+  const int64_t num_tokens_run = status ? 0 : num_tokens;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < num_tokens_run; t++) {
+    float *o = out + t * hidden;
+    memset(o, 0, sizeof(float) * (size_t)hidden);
+    /* Sorted positions grow with the expert id: add the picks smallest position first. */
+    int64_t last = -1;
+    for (int64_t n = 0; n < top_k; n++) {
+      int64_t next = -1;
+      for (int64_t k = 0; k < top_k; k++) {
+        const int64_t i = at[t * top_k + k];
+        if (i > last && (next < 0 || i < next)) next = i;
+      }
+      add_to(o, down + next * hidden, hidden);
+      last = next;
     }
   }
   free(starts);
   free(order);
   free(gate_up);
+  free(down);
   return status;
 }
