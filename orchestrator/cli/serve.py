@@ -82,7 +82,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-context-len", type=int, help="default: the model's")
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    e.add_argument("--num-threads", type=int, help="torch threads per rank on CPU")
+    e.add_argument(
+        "--num-threads", type=int,
+        help="threads per rank on CPU, for torch ops and the C kernels (default: 1); each rank "
+        "reserves that many CPUs",
+    )  # fmt: skip
     e.add_argument(
         "--cuda-graph-max-batch",
         type=int,

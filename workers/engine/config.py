@@ -21,7 +21,7 @@ class EngineConfig:
     max_context_len: int | None = None  # default: the model's max_position_embeddings
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    num_threads: int | None = None  # torch intra-op threads on CPU; default: Ray's allotment
+    num_threads: int | None = None  # threads on CPU (torch, C kernels); default: Ray's allotment
     # Expert parallelism (a pool of several ranks; see workers.ep).
     num_redundant_experts: int = 0  # physical expert slots beyond one per logical expert
     moe_a2a_backend: str = "auto"  # auto | torch | deepep
@@ -44,6 +44,8 @@ class EngineConfig:
     preload_structured_output: bool = True
 
     def __post_init__(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < self.page_size:
