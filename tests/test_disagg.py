@@ -473,10 +473,10 @@ def test_stream_interval_sends_fewer_larger_events_with_the_same_tokens(launch_t
             expected = _generate(server.url, p, n).json()["output_ids"]
             assert events[-1] == expected  # cumulative: the last event has every token
             sizes = [len(b) - len(a) for a, b in zip([[], *events], events, strict=False)]
-            # The first token is not held for the interval (it may share its event with the
-            # next one when the router polls late); then at least 4 new tokens an event, but
-            # the last.
-            assert sizes[0] < 4, sizes
+            # The first token is not held for the interval: its event has 1 token, or 1 + 4k
+            # when the router polled late and the next publishes merged into it (held, it
+            # would have 4); then at least 4 new tokens an event, but the last.
+            assert sizes[0] % 4 == 1 or len(sizes) == 1, sizes
             assert all(s >= 4 for s in sizes[1:-1]), sizes
             assert len(events) <= 2 + (n - 1) // 4, sizes
     finally:
