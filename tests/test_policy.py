@@ -267,3 +267,43 @@ def test_scoring_requests_count_as_queued_on_the_prefill_rank_that_runs_them():
         assert router.ranks.queued_prefill_tokens == [0, 0, 0] and router.ranks.running == [0, 0, 0]
 
     asyncio.run(run())
+
+
+def test_rank_table_accounts_each_kind_of_request_back_to_zero():
+    """`RankTable` counts a request's load on its ranks from `admit` to `release`; the first
+    decode token moves its prompt off the prefill rank (`prompt_done`), once."""
+    from orchestrator.ranks import RankTable, RoutedRequest
+
+    ranks = RankTable([object()] * 3)  # 0: prefill, 1: decode, 2: colocated
+
+    def counters() -> tuple[list[int], list[int], list[int]]:
+        return ranks.reserved_tokens, ranks.queued_prefill_tokens, ranks.running
+
+    disagg = RoutedRequest("d", rank=1, num_tokens=30, num_prompt_tokens=20, prefill_rank=0)
+    ranks.admit(disagg)
+    assert counters() == ([0, 30, 0], [20, 0, 0], [1, 1, 0])
+    ranks.prompt_done(disagg)
+    ranks.prompt_done(disagg)  # a second token changes nothing
+    assert counters() == ([0, 30, 0], [0, 0, 0], [0, 1, 0]) and disagg.prefill_rank is None
+    ranks.release(disagg)
+    assert counters() == ([0, 0, 0], [0, 0, 0], [0, 0, 0])
+
+    # Ended before its first token: release takes the prompt off the prefill rank too.
+    early = RoutedRequest("e", rank=1, num_tokens=30, num_prompt_tokens=20, prefill_rank=0)
+    ranks.admit(early)
+    ranks.release(early)
+    assert counters() == ([0, 0, 0], [0, 0, 0], [0, 0, 0])
+
+    # Scored in place on a prefill rank: its prompt is queued there until the first token.
+    scored = RoutedRequest("s", rank=0, num_tokens=21, num_prompt_tokens=20, queued_here=True)
+    ranks.admit(scored)
+    assert counters() == ([21, 0, 0], [20, 0, 0], [1, 0, 0])
+    ranks.prompt_done(scored)
+    assert counters() == ([21, 0, 0], [0, 0, 0], [1, 0, 0])
+    ranks.release(scored)
+
+    colocated = RoutedRequest("c", rank=2, num_tokens=50, num_prompt_tokens=40)
+    ranks.admit(colocated)
+    assert counters() == ([0, 0, 50], [0, 0, 0], [0, 0, 1])
+    ranks.release(colocated)
+    assert counters() == ([0, 0, 0], [0, 0, 0], [0, 0, 0])
