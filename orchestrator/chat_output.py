@@ -68,15 +68,22 @@ class ChatOutputParser:
         return ChatDelta(reasoning, content, calls)
 
 
-def read_chat_output(spec: ChatOutputSpec, text: str) -> tuple[str | None, str, list[ToolCall]]:
-    """A whole answer: its reasoning (None when not split), content (a tool call that never
-    ended kept there as written) and tool calls."""
+class ChatOutput(NamedTuple):
+    """A whole answer, read."""
+
+    reasoning: str | None  # None when not split off
+    content: str  # a tool call that never ended is kept here as written
+    tool_calls: list[ToolCall]
+
+
+def read_chat_output(spec: ChatOutputSpec, text: str) -> ChatOutput:
+    """A whole answer's reasoning, content and tool calls, as `spec` says to read them."""
     reasoning: str | None = None
     if spec.reasoning:
         parser = ReasoningParser(spec.reasoning_open)
         first, end = parser.feed(text), parser.finish()
         reasoning, text = first.reasoning + end.reasoning, first.content + end.content
     if spec.tool_format is None:
-        return reasoning, text, []
+        return ChatOutput(reasoning, text, [])
     content, calls = parse_tool_calls(spec.tool_format, text, spec.parallel_tool_calls)
-    return reasoning, content, calls
+    return ChatOutput(reasoning, content, calls)

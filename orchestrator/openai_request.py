@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from orchestrator.request_fields import Fields, RequestError
 from orchestrator.sampling_request import (
@@ -77,7 +77,16 @@ class CompletionBody:
         return "messages" if self.messages is not None else "prompt"
 
 
-def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool, int]:
+class _Common(NamedTuple):
+    """What completions and chat read alike."""
+
+    sampling: SamplingRequest
+    stream: bool
+    include_usage: bool  # stream_options.include_usage
+    n: int
+
+
+def _common(f: Fields, max_tokens_key: str) -> _Common:
     for key, allowed in _NEUTRAL.items():
         f.neutral(key, *allowed)
     sampling = read_sampling(f, max_tokens_key, "min_tokens")  # min_tokens: vLLM's name
@@ -93,7 +102,7 @@ def _common(f: Fields, max_tokens_key: str) -> tuple[SamplingRequest, bool, bool
     if f.has("stream_options"):
         opts = Fields(f.obj["stream_options"], "stream_options.")
         include_usage = opts.get_bool("include_usage")
-    return sampling, stream, include_usage, read_n(f)
+    return _Common(sampling, stream, include_usage, read_n(f))
 
 
 def read_response_format(f: Fields) -> OutputConstraint | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -37,13 +38,20 @@ def _dense_f32(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be contiguous")
 
 
+class _DecodeIndices(NamedTuple):
+    positions: torch.Tensor  # [B] int64
+    out_slots: torch.Tensor  # [B] int64
+    block_table: torch.Tensor  # [B, max_pages] int32
+    seq_lens: torch.Tensor  # [B] int32
+
+
 def _decode_indices(
     num_tokens: int,
     positions: torch.Tensor,
     out_slots: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> _DecodeIndices:
     """A decode batch's indices in the kernels' dtypes, contiguous, one row per token."""
     positions = positions.to(torch.int64).contiguous()
     out_slots = out_slots.to(torch.int64).contiguous()
@@ -53,7 +61,7 @@ def _decode_indices(
         block_table.shape[0] != num_tokens
     ):
         raise ValueError("positions, out_slots, seq_lens and block_table must have B rows")
-    return positions, out_slots, block_table, seq_lens
+    return _DecodeIndices(positions, out_slots, block_table, seq_lens)
 
 
 class MLABlock:
