@@ -154,7 +154,7 @@ int pds_mla_block_f32(const struct pds_mla_weights *w,
   const int64_t num_tiles = (num_tokens + TILE_ROWS - 1) / TILE_ROWS;
   int status = 0;
 
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && num_tiles > 1)
   for (int64_t t = 0; t < num_tiles; t++) {
     const int64_t b0 = t * TILE_ROWS;
     const int rows = num_tokens - b0 < TILE_ROWS ? (int)(num_tokens - b0) : TILE_ROWS;
@@ -170,7 +170,7 @@ int pds_mla_block_f32(const struct pds_mla_weights *w,
     free(q_full);
     return status;
   }
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && num_tiles > 1)
   for (int64_t t = 0; t < num_tiles; t++) {
     const int64_t b0 = t * TILE_ROWS;
     const int rows = num_tokens - b0 < TILE_ROWS ? (int)(num_tokens - b0) : TILE_ROWS;
@@ -196,7 +196,7 @@ int pds_mlp_f32(const float *x, int64_t ldx, int64_t num_tokens, int64_t hidden,
   float *buf = malloc(sizeof(float) * (size_t)(threads * per_thread));
   if (!buf) return PDS_NO_MEMORY;
   const int64_t num_tiles = (num_tokens + TILE_ROWS - 1) / TILE_ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && num_tiles > 1)
   for (int64_t t = 0; t < num_tiles; t++) {
     const int64_t t0 = t * TILE_ROWS;
     const int rows = num_tokens - t0 < TILE_ROWS ? (int)(num_tokens - t0) : TILE_ROWS;
@@ -228,7 +228,7 @@ int pds_moe_block_f32(const float *x, int64_t num_tokens, int64_t hidden,
   const int threads = pds_num_threads;
   (void)threads; /* read by the pragma only (none without OpenMP) */
   const int64_t num_tiles = status ? 0 : (num_tokens + TILE_ROWS - 1) / TILE_ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && num_tiles > 1)
   for (int64_t t = 0; t < num_tiles; t++) {
     const int64_t t0 = t * TILE_ROWS;
     const int rows = num_tokens - t0 < TILE_ROWS ? (int)(num_tokens - t0) : TILE_ROWS;

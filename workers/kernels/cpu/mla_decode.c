@@ -184,7 +184,7 @@ int pds_mla_decode_f32(const float *q,              /* [B, H, D] */
   float *scores = malloc(sizeof(float) * (size_t)(threads * per_thread));
   if (!scores) return PDS_NO_MEMORY;
   int status = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && num_reqs > 1)
   for (int64_t b = 0; b < num_reqs; b++) {
     int64_t len = seq_lens[b] < max_len ? seq_lens[b] : max_len;
     int s = pds_mla_attend_f32(q + b * num_heads * dim, cache, num_slots,

@@ -52,7 +52,7 @@ int pds_moe_experts_f32(const float *x,        /* [T, hidden] */
     for (int64_t i = 0; i < num_picks; i++) at[order[i]] = i;
   }
   const int64_t num_experts_run = status ? 0 : num_experts;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && num_experts_run > 1)
   for (int64_t e = 0; e < num_experts_run; e++) {
     const float *w13 = w13t + e * hidden * 2 * inter;
     const float *w2 = w2t + e * inter * hidden;
@@ -69,7 +69,7 @@ int pds_moe_experts_f32(const float *x,        /* [T, hidden] */
     }
   }
   const int64_t num_tokens_run = status ? 0 : num_tokens;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && num_tokens_run > 1)
   for (int64_t t = 0; t < num_tokens_run; t++) {
     float *o = out + t * hidden;
     memset(o, 0, sizeof(float) * (size_t)hidden);
