@@ -8,6 +8,7 @@ from pathlib import Path
 from orchestrator.reasoning import REASONING_PARSERS
 from orchestrator.tool_parser import FORMATS
 from workers.engine.config import EngineConfig
+from workers.engine.delta_stream import HEARTBEAT_S
 
 TOOL_CALL_PARSERS = ("auto", *FORMATS)
 
@@ -55,7 +56,8 @@ class ServeConfig:
     # long before stopping (0: stop at once).
     drain_timeout_s: float = 30.0
     ready_timeout_s: float = 900.0  # how long `serve` waits for the ranks to load the model
-    poll_timeout_s: float = 0.5  # how long one `poll` of a rank blocks when it has no output
+    # A rank whose output stream sends nothing (no output, no heartbeat) this long is failed.
+    stream_silence_s: float = 30.0
     log_level: str = "info"
     access_log: bool = False  # uvicorn's line per HTTP request (costly at high request rates)
 
@@ -139,8 +141,11 @@ class ServeConfig:
             raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.ready_timeout_s <= 0:
             raise ValueError(f"ready_timeout_s must be > 0, got {self.ready_timeout_s}")
-        if not 0 < self.poll_timeout_s <= 10:
-            raise ValueError(f"poll_timeout_s must be in (0, 10], got {self.poll_timeout_s}")
+        if self.stream_silence_s < 2 * HEARTBEAT_S:
+            raise ValueError(
+                f"stream_silence_s must be >= {2 * HEARTBEAT_S:g} (twice the ranks' heartbeat), "
+                f"got {self.stream_silence_s}"
+            )
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(
                 f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "

@@ -325,7 +325,7 @@ def launch(
             ranks,
             Tokenizer.from_dir(model_dir),
             model_name=config.served_model_name or model_dir.name,
-            poll_timeout_s=config.poll_timeout_s,
+            stream_silence_s=config.stream_silence_s,
             request_timeout_s=config.request_timeout_s,
         )
         app = create_app(router, config, eplb=eplb)

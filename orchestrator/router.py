@@ -1,11 +1,12 @@
 """`Router`: request state between the HTTP front end and the engine ranks.
 
-One asyncio task per rank long-polls it (`poll`) and hands each `TokenDelta` to the queue of its
+One asyncio task per rank reads its output stream (`workers.engine.delta_stream`: frames of
+every request's new tokens, one per engine step) and hands each `TokenDelta` to the queue of its
 request; `generate` turns a request's deltas into `Output`s (text deltas with stop strings
 applied). A request leaves the router's table when its generator ends, however it ends; when it
 ends before the rank finished it (consumer gone, stop string, timeout), the rank is told to abort
-it, which frees its KV pages. A rank whose poll fails is marked dead and every request on it ends
-with an error.
+it, which frees its KV pages. A rank whose stream breaks or goes silent is marked dead and every
+request on it ends with an error.
 
 Everything here runs on one event loop (the server's): call `start` from that loop.
 """
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import pickle
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -31,6 +33,7 @@ from orchestrator.ranks import (
     accepted_or_first,
 )
 from orchestrator.tokenizer import Tokenizer
+from workers.engine.delta_stream import FRAME_HEADER, StreamAddress
 from workers.engine.messages import (
     FinishReason,
     GenerateRequest,
@@ -51,17 +54,18 @@ class Router:
         ranks: Sequence[Any],
         tokenizer: Tokenizer,
         model_name: str,
-        poll_timeout_s: float = 0.5,
+        stream_silence_s: float = 30.0,
         request_timeout_s: float | None = None,
     ):
-        """`ranks`: `EngineWorker` actor handles; the router polls each (it must be the only
-        poller) and, on `close(shutdown_ranks=True)`, shuts them down."""
+        """`ranks`: `EngineWorker` actor handles; the router reads each one's output stream (it
+        must be its only reader) and, on `close(shutdown_ranks=True)`, shuts them down."""
         if not ranks:
             raise ValueError("a router needs at least one rank")
         self.ranks = RankTable(ranks)
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.poll_timeout_s = poll_timeout_s
+        # A rank's stream silent this long (no output, no heartbeat) counts as a failed rank.
+        self.stream_silence_s = stream_silence_s
         self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
         self.num_retries = 0  # requests re-run on another pair after a failure
         self.num_rank_failures = 0  # times a rank was found dead or failing
@@ -158,29 +162,49 @@ class Router:
                 await asyncio.sleep(self.restart_poll_s)
 
     async def _poll_rank(self, index: int) -> None:
-        handle, ranks = self.ranks.handles[index], self.ranks
-        while True:
-            items: list[TokenDelta | TransferReady] = await handle.poll.remote(self.poll_timeout_s)
-            targets: dict[int, list[tuple[str, Any]]] = {}  # prefill rank -> (rid, target)
-            for item in items:
-                req = self._requests.get(item.rid)
-                if req is None:
-                    continue
-                if isinstance(item, TransferReady):
-                    if req.prefill_rank is not None:
-                        targets.setdefault(req.prefill_rank, []).append((item.rid, item.target))
-                    continue
-                if index == req.prefill_rank and item.finish_reason is not None:
-                    # The prefill side failed: the decode side waits for KV that won't come.
-                    ranks.spawn(ranks.handles[req.rank].abort.remote(item.rid))
-                elif index == req.rank and item.token_ids:
-                    # Decoding: it no longer depends on (or loads) the prefill rank.
-                    ranks.prompt_done(req)
-                self.num_deltas += 1
-                req.queue.put_nowait(item)
-            # One call per prefill rank for all the targets this poll brought.
-            for prefill_rank, pairs in targets.items():
-                ranks.spawn(ranks.handles[prefill_rank].set_transfer_targets.remote(pairs))
+        """Receive rank `index`'s output until its stream breaks or goes silent (raised)."""
+        handle = self.ranks.handles[index]
+        address: StreamAddress = await handle.stream_address.remote()
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        try:
+            writer.write(address.token.encode() + b"\n")
+            while True:
+                # The rank sends at least a heartbeat every HEARTBEAT_S.
+                async with asyncio.timeout(self.stream_silence_s):
+                    header = await reader.readexactly(FRAME_HEADER.size)
+                    (size,) = FRAME_HEADER.unpack(header)
+                    frame = await reader.readexactly(size)
+                self._dispatch(index, pickle.loads(frame))
+        except TimeoutError:
+            raise TimeoutError(f"no output or heartbeat for {self.stream_silence_s:g} s") from None
+        except asyncio.IncompleteReadError:
+            raise ConnectionError("its output stream ended") from None
+        finally:
+            writer.close()
+
+    def _dispatch(self, index: int, items: list[TokenDelta | TransferReady]) -> None:
+        """Hand one frame of rank `index`'s output to the requests it belongs to."""
+        ranks = self.ranks
+        targets: dict[int, list[tuple[str, Any]]] = {}  # prefill rank -> (rid, target)
+        for item in items:
+            req = self._requests.get(item.rid)
+            if req is None:
+                continue
+            if isinstance(item, TransferReady):
+                if req.prefill_rank is not None:
+                    targets.setdefault(req.prefill_rank, []).append((item.rid, item.target))
+                continue
+            if index == req.prefill_rank and item.finish_reason is not None:
+                # The prefill side failed: the decode side waits for KV that won't come.
+                ranks.spawn(ranks.handles[req.rank].abort.remote(item.rid))
+            elif index == req.rank and item.token_ids:
+                # Decoding: it no longer depends on (or loads) the prefill rank.
+                ranks.prompt_done(req)
+            self.num_deltas += 1
+            req.queue.put_nowait(item)
+        # One call per prefill rank for all the targets this frame brought.
+        for prefill_rank, pairs in targets.items():
+            ranks.spawn(ranks.handles[prefill_rank].set_transfer_targets.remote(pairs))
 
     def _fail_requests(self, rank: int | None, message: str) -> None:
         for req in list(self._requests.values()):

@@ -1,16 +1,18 @@
 """`EngineWorker`: one engine rank as a Ray actor.
 
-The engine runs in its own loop thread; actor methods only hand requests to it and collect its
-output, so no call ever waits for a model step. Exactly one caller (the router) polls a rank.
+The engine runs in its own loop thread; actor methods only hand requests to it, so no call ever
+waits for a model step. Its output goes to the router over a connection of their own
+(`workers.engine.delta_stream`), not through actor calls.
 
 Actor contract:
 - `ready() -> RankInfo`: once the model is loaded.
 - `add_request(req)`: validates and queues; raises ValueError naming the field on bad input.
   `add_requests(reqs)`: the same for a batch, returning each request's refusal (or None).
 - `abort(rid)`: idempotent; an unfinished request then ends with a delta of finish_reason ABORT.
-- `poll(timeout_s) -> list[TokenDelta | TransferReady]`: new output of every request since the
-  last poll (tokens of one request merged in order), waiting up to `timeout_s` when there is none.
-  A decode rank also reports `TransferReady` (where a request's KV must be written).
+- `stream_address() -> StreamAddress`: where the router connects to receive the rank's output:
+  frames of `TokenDelta | TransferReady`, each the new output of every request since the last
+  frame (tokens of one request merged in order). A decode rank also reports `TransferReady`
+  (where a request's KV must be written). One router at a time.
 - `set_transfer_targets([(rid, target), ...])`: prefill rank; the decode side's
   `TransferReady.target` of each request.
 - `stats() -> RankStats`; `shutdown()`.
@@ -37,6 +39,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from workers.engine.config import EngineConfig
+from workers.engine.delta_stream import DeltaStream, StreamAddress
 from workers.engine.engine import Engine, resolve_device
 from workers.engine.handoff import FAULTS, RANK_FAULTS, KVHandoff
 from workers.engine.messages import (
@@ -106,6 +109,7 @@ class EngineWorker:
         self._events: list[TransferReady] = []
         self._stats = self.engine.stats()
         self._stopped = False
+        self._delta_stream: DeltaStream | None = None  # started by the first `stream_address`
         self._transfer_results = False  # a transfer reported: the loop must collect it
         self._woken = False  # `wake` came: join the pool's next agreement without waiting
         self._error: str | None = None
@@ -169,7 +173,18 @@ class EngineWorker:
         for rid, target in targets:
             self.handoff.set_target(rid, target)
 
-    def poll(self, timeout_s: float = 1.0) -> list[TokenDelta | TransferReady]:
+    def stream_address(self) -> StreamAddress:
+        """Where the router connects for this rank's output (see `workers.engine.delta_stream`);
+        the stream starts with the first call, later calls return the same address."""
+        with self._lock:
+            if self._delta_stream is None:
+                host = self._info.node or "127.0.0.1"
+                self._delta_stream = DeltaStream(self._take_output, host)
+            return self._delta_stream.address
+
+    def _take_output(self, timeout_s: float) -> list[TokenDelta | TransferReady]:
+        """The output since the last call, waiting up to `timeout_s` for some (the delta
+        stream's thread is its only caller)."""
         with self._lock:
             if not self._outbox and not self._events and not self._stopped:
                 self._lock.wait(timeout_s)
@@ -247,6 +262,8 @@ class EngineWorker:
         return future.result(timeout_s)
 
     def shutdown(self) -> None:
+        if self._delta_stream is not None:
+            self._delta_stream.close()
         with self._lock:
             self._stopped = True
             self._lock.notify_all()

@@ -1,0 +1,102 @@
+"""A rank's output stream (`workers.engine.delta_stream`) over loopback: frames in order, the
+heartbeat, the token check, a second connection after the first broke, and `close`."""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import socket
+import time
+
+import pytest
+
+from workers.engine.delta_stream import FRAME_HEADER, HEARTBEAT_S, DeltaStream
+from workers.engine.messages import FinishReason, TokenDelta
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Output:
+    """What a rank's `_take_output` does: wait up to `timeout_s` for what was put."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue[list[TokenDelta]] = queue.Queue()
+
+    def take(self, timeout_s: float) -> list[TokenDelta]:
+        try:
+            return self.items.get(timeout=timeout_s)
+        except queue.Empty:
+            return []
+
+
+def _connect(stream: DeltaStream, token: str | None = None) -> socket.socket:
+    conn = socket.create_connection((stream.address.host, stream.address.port), timeout=10)
+    conn.sendall((token if token is not None else stream.address.token).encode() + b"\n")
+    return conn
+
+
+def _read_frame(conn: socket.socket) -> list[TokenDelta]:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise EOFError("the stream ended")
+            data += chunk
+        return data
+
+    (size,) = FRAME_HEADER.unpack(exactly(FRAME_HEADER.size))
+    items: list[TokenDelta] = pickle.loads(exactly(size))
+    return items
+
+
+def test_frames_arrive_in_order_with_heartbeats_between():
+    out = Output()
+    stream = DeltaStream(out.take, "127.0.0.1")
+    try:
+        conn = _connect(stream)
+        first = [TokenDelta("a", [1, 2]), TokenDelta("b", [3], FinishReason.STOP)]
+        out.items.put(first)
+        out.items.put([TokenDelta("a", [4])])
+        assert _read_frame(conn) == first
+        assert _read_frame(conn) == [TokenDelta("a", [4])]
+        start = time.monotonic()
+        assert _read_frame(conn) == []  # nothing to send: a heartbeat
+        assert HEARTBEAT_S * 0.5 < time.monotonic() - start < HEARTBEAT_S * 3
+        conn.close()
+    finally:
+        stream.close()
+
+
+def test_a_wrong_token_is_refused_and_the_next_router_is_served():
+    out = Output()
+    stream = DeltaStream(out.take, "127.0.0.1")
+    try:
+        intruder = _connect(stream, token="0" * 32)
+        with pytest.raises((EOFError, ConnectionResetError)):
+            _read_frame(intruder)  # closed without a frame
+        router = _connect(stream)
+        out.items.put([TokenDelta("a", [7])])
+        assert _read_frame(router) == [TokenDelta("a", [7])]
+        router.close()  # the router went away; the stream waits for the next one
+        out.items.put([TokenDelta("a", [8])])  # taken for the closed connection: kept
+        again = _connect(stream)
+        out.items.put([TokenDelta("a", [9])])
+        received = [d for _ in range(2) for d in _read_frame(again)]
+        assert received == [TokenDelta("a", [8]), TokenDelta("a", [9])]
+    finally:
+        stream.close()
+
+
+def test_close_ends_the_router_connection():
+    out = Output()
+    stream = DeltaStream(out.take, "127.0.0.1")
+    conn = _connect(stream)
+    out.items.put([TokenDelta("a", [1])])
+    assert _read_frame(conn) == [TokenDelta("a", [1])]
+    stream.close()
+    with pytest.raises((EOFError, ConnectionResetError)):
+        for _ in range(5):
+            _read_frame(conn)
+    with pytest.raises(OSError):
+        _connect(stream)  # nobody listens any more
