@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import queue
 import socket
+import threading
 import time
 
 import pytest
@@ -21,8 +22,11 @@ class Output:
 
     def __init__(self) -> None:
         self.items: queue.Queue[list[TokenDelta]] = queue.Queue()
+        self.stuck = threading.Event()  # set: `take` never returns (a rank that hangs)
 
     def take(self, timeout_s: float) -> list[TokenDelta]:
+        if self.stuck.is_set():
+            time.sleep(3600)
         try:
             return self.items.get(timeout=timeout_s)
         except queue.Empty:
@@ -100,3 +104,52 @@ def test_close_ends_the_router_connection():
             _read_frame(conn)
     with pytest.raises(OSError):
         _connect(stream)  # nobody listens any more
+
+
+def test_the_router_fails_a_rank_whose_stream_goes_silent():
+    """The router reads a rank's stream (a real `DeltaStream` here, behind a fake actor
+    handle): its tokens reach the request; a stream that stops sending, heartbeats too (a hung
+    rank, a lost node), fails the rank and its requests after `stream_silence_s`."""
+    import asyncio
+
+    from orchestrator.router import Router
+    from workers.engine.messages import RankInfo, SamplingParams
+
+    out = Output()
+    stream = DeltaStream(out.take, "127.0.0.1")
+
+    class Call:
+        def __init__(self, fn):
+            self.remote = lambda *args: asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    class Handle:
+        ready = Call(lambda: RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256))
+        stream_address = Call(lambda: stream.address)
+        add_requests = Call(lambda reqs: [None] * len(reqs))
+        abort = Call(lambda rid: None)
+
+    class Tok:
+        def decode(self, ids: object, skip_special_tokens: bool = True) -> str:
+            return "".join(f"<{i}>" for i in ids)
+
+    async def run() -> None:
+        router = Router([Handle()], tokenizer=Tok(), model_name="m", stream_silence_s=2.5)  # type: ignore[arg-type]
+        router.restart_poll_s = 60  # keep a failed rank failed for the test
+        await router.start()
+        await router.wait_ready(10)
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=2), rid="r")
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.3)
+        out.items.put([TokenDelta("r", [5], num_prompt_tokens=3, num_output_tokens=1)])
+        assert (await asyncio.wait_for(first, 10)).token_ids == [5]
+        out.stuck.set()  # the stream's thread hangs: no frame, no heartbeat
+        following = await asyncio.wait_for(gen.__anext__(), 10)
+        assert following.finish_reason == "error"
+        assert "no output or heartbeat for 2.5 s" in (following.error or "")
+        assert router.rank_errors[0] is not None and not router.is_ready
+        await router.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        stream.close()
