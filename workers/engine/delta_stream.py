@@ -58,7 +58,8 @@ class DeltaStream:
         none (the rank's only consumer of it while the stream runs). Starts listening on
         `host` at once; a daemon thread serves one router connection at a time."""
         self._take = take
-        self._server = socket.create_server((host, 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._server = socket.create_server((host, 0), family=family)
         self._server.settimeout(HEARTBEAT_S)  # so that `close` is noticed while idle
         self.address = StreamAddress(host, self._server.getsockname()[1], secrets.token_hex(16))
         self._closed = threading.Event()
