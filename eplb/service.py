@@ -216,7 +216,7 @@ class EPLBService:
             report.num_bytes_moved = sum(r.num_bytes for r in loaded)
             prepared = await self._gather(s, "eplb_prepare")
             report.prepare_s = max(r.seconds for r in prepared)
-            executed = await self._gather(s, "eplb_execute", self.phase_timeout_s)
+            executed = await self._gather(s, "eplb_execute", self.phase_timeout_s, settle=False)
             report.execute_s = max(r.seconds for r in executed)
         except Exception as e:
             report.ok, report.error = False, short_error(e)
@@ -237,9 +237,23 @@ class EPLBService:
         )  # fmt: skip
         return report
 
-    async def _gather(self, s: _PoolState, method: str, *args: Any) -> list[Any]:
+    async def _gather(
+        self, s: _PoolState, method: str, *args: Any, settle: bool = True
+    ) -> list[Any]:
+        """`method` on every rank of the pool; raises the first failure. With `settle`, only
+        once every rank's call has ended: an abort sent while another rank's call has not even
+        started (a threaded actor may run calls out of order) would leave that rank's phase
+        done. Not for execute, where the others wait for the failed rank until the abort
+        disarms them."""
         refs = [getattr(r, method).remote(*args) for r in s.handle.ranks]
-        return list(await asyncio.wait_for(asyncio.gather(*refs), self.phase_timeout_s + 10))
+        if not settle:
+            return list(await asyncio.wait_for(asyncio.gather(*refs), self.phase_timeout_s + 10))
+        every = asyncio.gather(*refs, return_exceptions=True)
+        results = list(await asyncio.wait_for(every, self.phase_timeout_s + 10))
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     async def _abort(self, s: _PoolState) -> None:
         for r in s.handle.ranks:
