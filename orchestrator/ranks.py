@@ -251,7 +251,7 @@ class RankTable:
                 self.spawn(self.handles[peer].wake.remote())
 
     def spawn(self, awaitable: Awaitable[Any]) -> None:
-        """Fire and forget an actor call; failures surface through the polls."""
+        """Fire and forget an actor call; failures surface through the output streams."""
 
         async def run() -> None:
             with contextlib.suppress(Exception):

@@ -69,7 +69,7 @@ class Router:
         self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
         self.num_retries = 0  # requests re-run on another pair after a failure
         self.num_rank_failures = 0  # times a rank was found dead or failing
-        self.num_deltas = 0  # token deltas handed to requests (at most one per request a poll)
+        self.num_deltas = 0  # token deltas handed to requests (at most one per request a frame)
         self.request_timeout_s = request_timeout_s
         self._requests: dict[str, RoutedRequest] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,7 +81,7 @@ class Router:
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start one task per rank: wait for it to be ready, then poll it until `close`."""
+        """Start one task per rank: wait for it to be ready, then read its output until `close`."""
         self._ready = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._run_rank(i), name=f"router-rank-{i}")
@@ -121,7 +121,8 @@ class Router:
         return self.ranks.errors
 
     async def close(self, shutdown_ranks: bool = False) -> None:
-        """Stop polling, end every in-flight request with an error, optionally shut ranks down."""
+        """Stop reading the ranks, end every in-flight request with an error, optionally shut ranks
+        down."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -135,8 +136,9 @@ class Router:
                     await asyncio.wait_for(handle.shutdown.remote(), 15)
 
     async def _run_rank(self, index: int) -> None:
-        """Wait for rank `index`, then poll it. When it dies, fail its requests at once, report
-        the pool degraded, and wait for Ray to restart it (`max_restarts`); then go on."""
+        """Wait for rank `index`, then read its output stream. When it dies, fail its requests
+        at once, report the pool degraded, and wait for Ray to restart it (`max_restarts`);
+        then go on."""
         handle, ranks = self.ranks.handles[index], self.ranks
         while True:
             try:

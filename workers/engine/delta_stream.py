@@ -11,8 +11,9 @@ Protocol (both ends in this repository; nothing else speaks it):
   token, handed to the router through the `stream_address` actor call); the router connects
   and sends the token and a newline. A connection without the right token is closed.
 - The rank then sends frames: an 8-byte little-endian length, then a pickled list of
-  `TokenDelta | TransferReady` (what `poll` returned). An empty list every `HEARTBEAT_S` while
-  there is nothing to send, so the router can tell a silent rank from a dead one.
+  `TokenDelta | TransferReady`, the rank's output since the previous frame. An empty list
+  every `HEARTBEAT_S` while there is nothing to send, so the router can tell a silent rank
+  from a dead one.
 - One router at a time. When its connection breaks the rank waits for the next (the router
   treats a broken stream as a failed rank, as it did a failed poll, and asks for the address
   again once the rank answers `ready`); what it had taken for the broken one goes first to

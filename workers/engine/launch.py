@@ -32,7 +32,7 @@ def start_engine_rank(
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
-        "max_concurrency": 16,  # poll blocks one thread; requests and aborts use the others
+        "max_concurrency": 16,  # requests, aborts, stats and EPLB phases at once
         # A rank that dies is started again by Ray (same handle); the router fails its
         # in-flight requests at once and sends new ones once the new rank is ready.
         "max_restarts": -1,

@@ -167,8 +167,9 @@ class TokenLogprob(NamedTuple):
 
 @dataclass
 class TokenDelta:
-    """New output of one request since the last poll. The last delta of a request has
-    `finish_reason` set; after it the rank holds nothing of that request (its pages are free)."""
+    """New output of one request since the last frame of its rank's output stream. The last
+    delta of a request has `finish_reason` set; after it the rank holds nothing of that
+    request (its pages are free)."""
 
     rid: str
     token_ids: list[int]
@@ -185,7 +186,7 @@ class TokenDelta:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def __reduce__(self) -> tuple[type[TokenDelta], tuple[Any, ...]]:
-        # Positional fields: unpickling a poll's deltas (one per request per step) takes
+        # Positional fields: unpickling a frame's deltas (one per request per step) takes
         # about a third of the time a dataclass's default state dict does.
         return TokenDelta, (
             self.rid, self.token_ids, self.finish_reason, self.error, self.num_prompt_tokens,
@@ -213,8 +214,8 @@ class TokenDelta:
 
 class StreamBuffer:
     """Holds a running request's new tokens on its rank until `interval` of them are ready
-    (`--stream-interval`): fewer, larger deltas mean less work per token for the rank's poll,
-    the router and the HTTP stream. Never held: the first token (time to first token), a
+    (`--stream-interval`): fewer, larger deltas mean less work per token for the rank's output
+    stream, the router and the HTTP stream. Never held: the first token (time to first token), a
     finished request's last delta, and the tokens of a request that got no new token in a step
     (preempted or stalled). With `interval` 1 every delta passes at once. A delta marked
     `hold` (a request that is not streamed) is held, after its first token, until the request

@@ -387,7 +387,7 @@ class EngineWorker:
         self._error = message
         deltas = [*(deltas or []), *self.engine.abort_all(message)]
         self._publish(deltas, events or [], self.engine.stats())
-        time.sleep(2.0)  # the router's poll picks the errors up
+        time.sleep(2.0)  # the router's stream reader picks the errors up
         logger.error("engine rank exits to be restarted: %s", message)
         os._exit(1)
 
@@ -403,7 +403,8 @@ class EngineWorker:
         stats: RankStats,
         stepped: bool = False,
     ) -> None:
-        """Hand the loop's output to `poll` (loop thread only); `stepped`: a model step ran."""
+        """Hand the loop's output to the output stream (loop thread only); `stepped`: a model
+        step ran."""
         deltas = self._stream.take(deltas, stepped)
         with self._lock:
             self._stats = stats
