@@ -149,7 +149,7 @@ class Router:
                 if ranks.all_loaded:
                     assert self._ready is not None
                     self._ready.set()
-                await self._poll_rank(index)
+                await self._read_stream(index)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -163,7 +163,7 @@ class Router:
                 self._ready.set()  # wake waiters: readiness is now decided (failed)
                 await asyncio.sleep(self.restart_poll_s)
 
-    async def _poll_rank(self, index: int) -> None:
+    async def _read_stream(self, index: int) -> None:
         """Receive rank `index`'s output until its stream breaks or goes silent (raised)."""
         handle = self.ranks.handles[index]
         address: StreamAddress = await handle.stream_address.remote()
