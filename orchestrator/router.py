@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import pickle
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -33,7 +32,7 @@ from orchestrator.ranks import (
     accepted_or_first,
 )
 from orchestrator.tokenizer import Tokenizer
-from workers.engine.delta_stream import FRAME_HEADER, StreamAddress
+from workers.engine.delta_stream import StreamAddress, read_frame
 from workers.engine.messages import (
     FinishReason,
     GenerateRequest,
@@ -173,10 +172,8 @@ class Router:
             while True:
                 # The rank sends at least a heartbeat every HEARTBEAT_S.
                 async with asyncio.timeout(self.stream_silence_s):
-                    header = await reader.readexactly(FRAME_HEADER.size)
-                    (size,) = FRAME_HEADER.unpack(header)
-                    frame = await reader.readexactly(size)
-                self._dispatch(index, pickle.loads(frame))
+                    items = await read_frame(reader)
+                self._dispatch(index, items)
         except TimeoutError:
             raise TimeoutError(f"no output or heartbeat for {self.stream_silence_s:g} s") from None
         except asyncio.IncompleteReadError:

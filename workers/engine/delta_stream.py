@@ -24,6 +24,7 @@ The rank never unpickles anything from the socket: it only checks the token.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import pickle
@@ -53,6 +54,13 @@ def encode_frame(items: list[Any]) -> bytes:
     return FRAME_HEADER.pack(len(body)) + body
 
 
+async def read_frame(reader: asyncio.StreamReader) -> list[Any]:
+    """The next frame's items (the router's side); IncompleteReadError when the stream ends."""
+    (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+    items: list[Any] = pickle.loads(await reader.readexactly(size))
+    return items
+
+
 class DeltaStream:
     def __init__(self, take: Callable[[float], list[Any]], host: str):
         """`take(timeout_s)`: the rank's new output, waiting up to `timeout_s` when there is
@@ -65,7 +73,6 @@ class DeltaStream:
         self.address = StreamAddress(host, self._server.getsockname()[1], secrets.token_hex(16))
         self._closed = threading.Event()
         self._pending: list[Any] = []  # taken, not delivered: the next connection's first frame
-        self.num_frames = 0
         self._thread = threading.Thread(target=self._serve, name="delta-stream", daemon=True)
         self._thread.start()
 
@@ -124,7 +131,6 @@ class DeltaStream:
                 # Kept for the next router (which ignores what it no longer waits for).
                 self._pending = items
                 return
-            self.num_frames += 1
             last_sent = now
 
 

@@ -16,6 +16,7 @@ torch's thread count (`torch.set_num_threads`), with the same results whatever t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -57,18 +58,36 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def _openmp_flags(compiler: str) -> tuple[str, ...]:
+def _openmp_flags(compiler: str, out_dir: Path | None = None) -> tuple[str, ...]:
     """("-fopenmp",) when `compiler` builds and links an OpenMP program, else () (the kernels'
-    parallel loops then run serially)."""
+    parallel loops then run serially). The answer is kept in the kernel cache per compiler
+    binary (in `out_dir`, default `cache_dir()`), so a process starting against an
+    already-built library compiles nothing."""
+    path = shutil.which(compiler)
+    if path is None:
+        return ()
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)} {st.st_size} {st.st_mtime_ns}".encode())
+    marker = (out_dir or cache_dir()) / f"openmp-{key.hexdigest()[:16]}"
+    with contextlib.suppress(OSError):
+        known = marker.read_text()
+        if known in ("yes", "no"):
+            return ("-fopenmp",) if known == "yes" else ()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "omp.c"
         src.write_text("#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n")
         cmd = [compiler, "-fopenmp", "-fPIC", "-shared", str(src), "-o", str(Path(tmp) / "o.so")]
         try:
-            done = subprocess.run(cmd, capture_output=True, timeout=60)
+            works = subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
-            return ()
-        return ("-fopenmp",) if done.returncode == 0 else ()
+            return ()  # not remembered: may work next time
+    with contextlib.suppress(OSError):  # written whole or not at all: ranks start together
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_marker = tempfile.mkstemp(dir=marker.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write("yes" if works else "no")
+        os.replace(tmp_marker, marker)
+    return ("-fopenmp",) if works else ()
 
 
 def build(compiler: str | None = None, out_dir: Path | None = None) -> Path:
@@ -77,13 +96,13 @@ def build(compiler: str | None = None, out_dir: Path | None = None) -> Path:
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH")
-    flags = (*CFLAGS, *_openmp_flags(compiler))
+    out_dir = out_dir or cache_dir()
+    flags = (*CFLAGS, *_openmp_flags(compiler, out_dir))
     here = Path(__file__).parent
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update((here / name).read_bytes())
     digest.update(" ".join((compiler, *flags, _cpu_identity())).encode())
-    out_dir = out_dir or cache_dir()
     target = out_dir / f"pdserve_cpu_{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
