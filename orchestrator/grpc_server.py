@@ -159,9 +159,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             async with contextlib.aclosing(interleave(streams)) as outs:
                 async for index, out in outs:
-                    if out.finish_reason == "abort":
-                        if out.error is None:  # the Abort RPC (or the HTTP side) ended it
-                            await context.abort(grpc.StatusCode.CANCELLED, "aborted")
+                    if out.finish_reason == "abort":  # the Abort RPC (or the HTTP side)
+                        await context.abort(grpc.StatusCode.CANCELLED, "aborted")
+                    if out.finish_reason == "timeout":
                         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, out.error)
                     if out.finish_reason == "error":
                         await context.abort(

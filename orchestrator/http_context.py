@@ -80,9 +80,9 @@ def client_of(request: Request) -> str:
 
 
 def error_status(out: Output) -> RequestError:
-    """The error a request that ended with "error" or "abort" (timeout) is answered with."""
-    if out.finish_reason == "abort":
-        return RequestError(out.error or "the request was aborted", None, 504, "timeout_error")
+    """The error a request that ended with "error" or "timeout" is answered with."""
+    if out.finish_reason == "timeout":
+        return RequestError(out.error or "the request timed out", None, 504, "timeout_error")
     return RequestError(out.error or "the engine failed", None, 500, "server_error")
 
 

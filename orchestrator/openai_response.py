@@ -16,11 +16,12 @@ from workers.engine.messages import TokenLogprob
 
 
 def openai_finish_reason(out: Output, called: bool = False) -> str | None:
-    """OpenAI knows "stop", "length" and "tool_calls" (`called`: the output made calls, and
-    ended by itself); aborts and errors end the stream with an error."""
+    """OpenAI's "stop", "length" and "tool_calls" (`called`: the output made calls, and
+    ended by itself), and "abort" (vLLM's: an abort call ended it, what came before kept);
+    None for a timeout or an error, which end the stream with an error."""
     if out.finish_reason == "stop" and called:
         return "tool_calls"
-    return out.finish_reason if out.finish_reason in ("stop", "length") else None
+    return out.finish_reason if out.finish_reason in ("stop", "length", "abort") else None
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ class Output:
     """What a request produced since the previous `Output`.
 
     `finish_reason` is set on the last one only: "stop" (EOS, a stop token or a stop string —
-    `matched_stop` says which when known), "length", "abort" (timeout; `error` says so) or
-    "error" (the rank failed; `error` says why)."""
+    `matched_stop` says which when known), "length", "abort" (an abort call ended it:
+    `/abort_request`, gRPC `Abort`), "timeout" (past its timeout; `error` says so) or "error"
+    (the rank failed; `error` says why)."""
 
     rid: str
     text: str

@@ -133,6 +133,8 @@ def finish_reason_json(out: Output) -> dict[str, Any] | None:
         return {"type": "stop", "matched": out.matched_stop}
     if out.finish_reason == "length":
         return {"type": "length", "length": out.num_output_tokens}
+    if out.finish_reason == "abort":
+        return {"type": "abort", "message": out.error or "aborted by an abort call"}
     return {"type": out.finish_reason, "message": out.error}
 
 

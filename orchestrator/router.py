@@ -357,7 +357,7 @@ class Router:
                         token_ids=[],
                         num_prompt_tokens=len(input_ids),
                         num_output_tokens=num_output_tokens,
-                        finish_reason="abort",
+                        finish_reason="timeout",
                         error=f"the request timed out after {timeout_s:g} s",
                     )
                     return
@@ -391,7 +391,8 @@ class Router:
             await handle.abort.remote(rid)
 
     async def abort(self, rid: str) -> bool:
-        """Abort a running request; its generator then ends with finish_reason "abort"."""
+        """Abort a running request; its generator then ends with finish_reason "abort" (what
+        it produced until then kept)."""
         req = self._requests.get(rid)
         if req is None:
             return False

@@ -143,7 +143,7 @@ def create_app(
             )
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
-                    if out.finish_reason in ("error", "abort"):
+                    if out.finish_reason in ("error", "timeout"):
                         raise error_status(out)
                     result = result.add(out, time.perf_counter() - arrival)
             return result
@@ -194,7 +194,7 @@ async def _generate_events(
     async with contextlib.aclosing(interleave(streams)) as outs:
         try:
             async for index, out in outs:
-                if out.finish_reason in ("error", "abort"):
+                if out.finish_reason in ("error", "timeout"):
                     yield sse(error_status(out).body())
                     break
                 latency = time.perf_counter() - arrival

@@ -49,3 +49,14 @@ def test_ep_pool_benchmark_runs_a_pool_of_one() -> None:
     assert "EP pool of 1, two-batch overlap off" in out
     assert "EP pool of 1, two-batch overlap on" in out
     assert "unavailable" not in out
+
+
+def test_soak_mixed_traffic_leaves_nothing_held(tiny_server) -> None:
+    """`benchmarks/soak.py` against the shared server: streamed and whole calls, hang-ups,
+    aborts, bad calls, long prompts on a small KV cache, every answer checked, then every rank
+    idle with no page held (the script exits 1 otherwise)."""
+    out = _run(
+        "benchmarks/soak.py", "--url", tiny_server, "--duration", "12", "--concurrency", "6",
+    )  # fmt: skip
+    assert "0 unexpected answer(s), 0 leak(s)" in out, out
+    assert "abort (found: True, ended: abort)" in out and "hang-up" in out, out

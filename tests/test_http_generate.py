@@ -7,13 +7,16 @@ that must come out as they do one at a time."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import random
+import time
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.http_calls import _client, _greedy, _ranks, _sse, _wait_idle
+from tests.http_calls import _client, _greedy, _rank, _ranks, _sse, _wait_idle
 
 
 @pytest.mark.timeout(120)
@@ -186,8 +189,25 @@ def test_tokenize_detokenize_and_abort_request(tiny_server):
             assert "output_ids" in first
             found = c.post("/abort_request", json={"rid": "to-abort"}).json()["found"]
             rest = [line for line in lines if line.startswith("data: ")]
-        assert found is True
-        assert any("abort" in line for line in rest) and rest[-1] == "data: [DONE]"
+        assert found is True and rest[-1] == "data: [DONE]"
+        last = json.loads(rest[-2][len("data: ") :])  # SGLang's: the output so far, "abort"
+        assert last["meta_info"]["finish_reason"]["type"] == "abort"
+        assert 0 < len(last["output_ids"]) == last["meta_info"]["completion_tokens"] < 2000
+
+        # Not streamed: the same answer, whole (the rank held the tokens; it sends them now).
+        whole = {"input_ids": [5] * 8, "rid": "to-abort-whole", "sampling_params": _greedy(2000)}
+        generated = _wait_idle(tiny_server)["num_generated_tokens"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(c.post, "/generate", json=whole)
+            while _rank(tiny_server)["stats"]["num_generated_tokens"] < generated + 8:
+                assert not call.done(), call.result().text
+                time.sleep(0.01)
+            assert c.post("/abort_request", json={"rid": "to-abort-whole"}).json()["found"]
+            r = call.result()
+        assert r.status_code == 200, r.text
+        meta = r.json()["meta_info"]
+        assert meta["finish_reason"]["type"] == "abort"
+        assert 0 < len(r.json()["output_ids"]) == meta["completion_tokens"] < 2000
     _wait_idle(tiny_server)
 
 
