@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from orchestrator.outputs import Output
+from workers import gc_pauses
 from workers.engine.messages import RankStats
 
 _LATENCY_BUCKETS_S = (
@@ -100,6 +101,16 @@ class Metrics:
             "pdserve_eplb_experts_moved_total", "Expert slots moved by rebalances, per pool",
             ["pool"], registry=r,
         )  # fmt: skip
+        self.gc_seconds = Gauge(
+            "pdserve_gc_seconds_total",
+            "Seconds spent in Python's garbage collector, per process (router, rank-N)",
+            ["process"], registry=r,
+        )  # fmt: skip
+        self.gc_longest = Gauge(
+            "pdserve_gc_longest_pause_seconds",
+            "The longest garbage collection pause so far, per process (router, rank-N)",
+            ["process"], registry=r,
+        )  # fmt: skip
         self.eplb_pause = Gauge(
             "pdserve_eplb_last_pause_seconds", "Pause of the last rebalance's execute phase",
             ["pool"], registry=r,
@@ -116,6 +127,15 @@ class Metrics:
         self.prefix_queried.set(sum(s.num_prefix_queried_tokens for s in live))
         self.prefix_hits.set(sum(s.num_prefix_hit_tokens for s in live))
         self.transfer_skipped.set(sum(s.num_transfer_skipped_tokens for s in live))
+        router = gc_pauses.PROCESS
+        gc_by_process = [("router", router.seconds, router.longest_s)] + [
+            (f"rank-{i}", s.gc_seconds, s.gc_longest_pause_s)
+            for i, s in enumerate(stats)
+            if s is not None
+        ]
+        for process, seconds, longest in gc_by_process:
+            self.gc_seconds.labels(process).set(seconds)
+            self.gc_longest.labels(process).set(longest)
 
     def set_router_stats(self, retries: int, rank_failures: int, draining: bool) -> None:
         self.retries.set(retries)

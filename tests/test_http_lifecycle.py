@@ -42,6 +42,9 @@ def test_health_models_and_metrics(tiny_server, info):
         "pdserve_draining 0.0",
         "pdserve_kv_pages_used",
         "pdserve_kv_pages_free",
+        'pdserve_gc_seconds_total{process="router"}',
+        'pdserve_gc_seconds_total{process="rank-0"}',
+        'pdserve_gc_longest_pause_seconds{process="rank-0"}',
     ):
         assert name in text, name
     assert 'pdserve_requests_total{route="/generate",status="200"}' in text

@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestrator.cli.common import say
 from orchestrator.tool_parser import FORMATS as TOOL_CALL_FORMATS
+from workers import gc_pauses
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -286,6 +287,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_dir=model_dir,
             progress=lambda s: say(f"  still loading ({s:.0f} s)"),
         )
+        gc_pauses.freeze_startup_objects("router")  # this process serves from now on
+        gc_pauses.PROCESS.install()
         stop_now = threading.Event()
 
         def on_signal(signum: int, frame: Any) -> None:

@@ -38,6 +38,7 @@ from collections import Counter, deque
 from concurrent.futures import Future
 from typing import Any
 
+from workers import gc_pauses
 from workers.engine.config import EngineConfig
 from workers.engine.delta_stream import DeltaStream, StreamAddress
 from workers.engine.engine import Engine, resolve_device
@@ -117,6 +118,8 @@ class EngineWorker:
             # Before the rank reports ready: done in the background it overlapped the first
             # requests and took ~2 s of CPU from them.
             self.engine.grammars.preload()
+        gc_pauses.freeze_startup_objects(f"{role} rank")
+        gc_pauses.PROCESS.install()
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -194,7 +197,10 @@ class EngineWorker:
         return out
 
     def stats(self) -> RankStats:
-        return self._stats
+        gc = gc_pauses.PROCESS
+        return dataclasses.replace(
+            self._stats, gc_seconds=gc.seconds, gc_longest_pause_s=gc.longest_s
+        )
 
     def flush_prefix_cache(self) -> int:
         """Forget this rank's prefix cache (between steps); the cached pages freed."""
