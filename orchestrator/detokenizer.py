@@ -6,6 +6,10 @@ the start of a decode would glue words together. So each step decodes a short wi
 a few tokens back (`prefix_offset`) and emits only what the new tokens add to it, holding back
 text that still ends in an incomplete character.
 
+A tokenizer that offers an incremental decoder (`decode_stream`: `tokenizers`' `DecodeStream`,
+which does the same in one native call per step, ~5x cheaper) is stepped instead; the window
+decode then serves only `flush`, for a last character left incomplete.
+
 Stop strings are searched in the text, not the tokens: a match may span deltas, the text is cut
 before it, and while streaming, a tail that could be the start of a stop string is held back until
 it is known not to be one.
@@ -22,6 +26,10 @@ _PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded before the output, for corre
 
 class Decoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class TokenStream(Protocol):
+    def step(self, ids: Sequence[int]) -> str: ...
 
 
 class IncrementalDetokenizer:
@@ -47,6 +55,10 @@ class IncrementalDetokenizer:
         self.matched_stop: str | None = None
         self._min_new_tokens = min_new_tokens
         self._num_output_tokens = 0
+        make_stream = getattr(tokenizer, "decode_stream", None)
+        self._stream: TokenStream | None = (
+            make_stream(self._ids, skip_special_tokens) if make_stream is not None else None
+        )
 
     @property
     def stopped(self) -> bool:
@@ -61,6 +73,14 @@ class IncrementalDetokenizer:
             return ""
         self._ids.extend(token_ids)
         self._num_output_tokens += len(token_ids)
+        if self._stream is not None:
+            piece = self._stream.step(token_ids)
+            if not piece:
+                return ""  # an incomplete character: `flush` decodes it if nothing follows
+            self._prefix_offset = max(0, len(self._ids) - _PROMPT_CONTEXT_TOKENS)
+            self._read_offset = len(self._ids)
+            self._append(piece)
+            return self._take(final=False)
         window = self._ids[self._prefix_offset :]
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(window)

@@ -130,6 +130,20 @@ class Tokenizer:
             return str(self._tok.decode(kept, skip_special_tokens=False))
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
+    def decode_stream(
+        self, context: Sequence[int], skip_special_tokens: bool = True
+    ) -> TokenStream | None:
+        """An incremental decoder of the tokens that follow `context` (`tokenizers`'
+        `DecodeStream`: one call per step instead of two window decodes); None where the
+        installed `tokenizers` has none, or where `context` ends inside a character (which
+        `DecodeStream` would then show again)."""
+        if self.decode(context, skip_special_tokens).endswith("\ufffd"):
+            return None
+        try:
+            return TokenStream(self._tok, context, skip_special_tokens, self._skipped_ids)
+        except (AttributeError, TypeError):  # tokenizers < 0.22: no DecodeStream(ids=...)
+            return None
+
     def marker_ids(self, markers: Sequence[str]) -> dict[str, int]:
         """Those of `markers` that are single tokens of the vocabulary, with their ids."""
         found = {m: self._tok.token_to_id(m) for m in markers}
@@ -163,3 +177,32 @@ class Tokenizer:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template failed: {e}") from e
+
+
+class TokenStream:
+    """`tokenizers.decoders.DecodeStream` over one output, with `Tokenizer.decode`'s rule for
+    special tokens (by id, when the tool-call markers are special tokens to keep)."""
+
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        context: Sequence[int],
+        skip_special_tokens: bool,
+        skipped_ids: frozenset[int] | None,
+    ):
+        self._tok = tokenizer
+        self._skipped = skipped_ids if skip_special_tokens else None
+        skip = skip_special_tokens and skipped_ids is None
+        self._stream = tokenizers.decoders.DecodeStream(
+            ids=self._kept(context), skip_special_tokens=skip
+        )
+
+    def _kept(self, ids: Sequence[int]) -> list[int]:
+        if self._skipped is None:
+            return list(ids)
+        return [i for i in ids if i not in self._skipped]
+
+    def step(self, ids: Sequence[int]) -> str:
+        """The text `ids` complete ('' while a character's bytes are still incomplete)."""
+        kept = self._kept(ids)
+        return (self._stream.step(self._tok, kept) or "") if kept else ""

@@ -151,3 +151,44 @@ def test_real_tokenizer_encode_and_chat_template(tiny_tokenizer):
     assert tok.decode(ids) == "Hello"
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi there"}])
     assert "Hi there" in prompt
+
+
+class WindowOnly:
+    """A tokenizer seen through `decode` only: the detokenizer's window-decoding path."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", range(4))
+def test_stream_decoder_gives_what_window_decoding_gives(tiny_tokenizer, seed):
+    """The native incremental decoder (`Tokenizer.decode_stream`) against the window decode
+    on random ids — special tokens, bytes of split characters and all — random step sizes
+    and stop strings: the same text, cut at the same place."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = tiny_tokenizer.vocab_size
+    assert tiny_tokenizer.decode_stream(tiny_tokenizer.encode("Say:")) is not None
+    streamed = 0
+    for _ in range(30):
+        if rng.random() < 0.5:  # may end inside a character: then the window decode serves
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+        else:
+            prompt = tiny_tokenizer.encode(rng.choice(["Say:", "über 日本", "", "a b\n"]))
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 60))]
+        stop = rng.choice([(), ("e",), ("th", " a"), ("\ufffd",)])
+        skip = rng.random() < 0.8
+        fast = IncrementalDetokenizer(tiny_tokenizer, prompt, stop, skip)
+        slow = IncrementalDetokenizer(WindowOnly(tiny_tokenizer), prompt, stop, skip)
+        assert slow._stream is None
+        streamed += fast._stream is not None
+        step = rng.randint(1, 3)
+        got, want = stream(fast, ids, step), stream(slow, ids, step)
+        assert "".join(got) == "".join(want), (prompt, ids, stop)
+        assert fast.matched_stop == slow.matched_stop
+    assert streamed >= 10
