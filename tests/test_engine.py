@@ -163,10 +163,10 @@ def test_sampling_filters():
     assert sample(logits, [greedy], [None]) == [1]
     top1 = SamplingParams(temperature=1.0, top_k=1)
     assert sample(logits, [top1], [torch.Generator().manual_seed(0)]) == [1]
-    probs = filtered_probs(logits[0], SamplingParams(temperature=1.0, top_k=2))
+    probs = filtered_probs(logits, [SamplingParams(temperature=1.0, top_k=2)])[0]
     assert probs[0] == 0 and probs[3] == 0 and math.isclose(float(probs.sum()), 1.0, rel_tol=1e-6)
     # top_p keeps the smallest prefix reaching the mass: here only the best token.
-    nucleus = filtered_probs(logits[0], SamplingParams(temperature=1.0, top_p=0.5))
+    nucleus = filtered_probs(logits, [SamplingParams(temperature=1.0, top_p=0.5)])[0]
     assert nucleus.tolist() == [0.0, 1.0, 0.0, 0.0]
 
 

@@ -17,7 +17,13 @@ from workers.engine.messages import (
     TokenDelta,
     TokenLogprob,
 )
-from workers.engine.sampling import History, adjust_logits, filtered_probs, token_logprobs
+from workers.engine.sampling import (
+    History,
+    adjust_logits,
+    filtered_probs,
+    sample,
+    token_logprobs,
+)
 from workers.transfer.messages import Notification
 
 pytestmark = pytest.mark.timeout(60)
@@ -107,10 +113,12 @@ def test_min_new_tokens_bans_eos_and_stop_tokens_until_reached():
 
 def test_min_p_keeps_tokens_within_the_fraction_of_the_best():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04]))
-    probs = filtered_probs(logits, SamplingParams(min_p=0.25))  # keeps p >= 0.125
+    probs = filtered_probs(logits[None], [SamplingParams(min_p=0.25)])[0]  # keeps p >= 0.125
     want = torch.tensor([0.5, 0.3, 0.0, 0.0, 0.0])
     torch.testing.assert_close(probs, want / want.sum())
-    assert torch.equal(filtered_probs(logits, SamplingParams(min_p=0.0)) > 0, logits > -1e9)
+    assert torch.equal(
+        filtered_probs(logits[None], [SamplingParams(min_p=0.0)])[0] > 0, logits > -1e9
+    )
 
 
 @pytest.mark.parametrize(
@@ -224,3 +232,75 @@ def test_priority_logit_bias_and_constraints_reach_the_ranks_settings():
         params = resolve_sampling([1], req, limits, 16, "prompt")
         assert params.priority == -4 and params.logit_bias == ((3, -2.5),)
         assert params.constraint == OutputConstraint("regex", "a+")
+
+
+def _filtered_row(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The filters one row at a time, written out plainly: the reference for the batch."""
+    logits = logits.double() / p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
+    if p.top_p < 1.0:  # the most likely tokens until their mass reaches top_p, and ties
+        mass, last = 0.0, 1.0
+        for value in sorted(probs.tolist(), reverse=True):
+            if mass >= p.top_p:
+                break
+            mass, last = mass + value, value
+        probs = probs.masked_fill(probs < last, 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+def test_batched_filters_match_the_row_by_row_reference():
+    rng = random.Random(3)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        rows = rng.randint(1, 9)
+        logits = torch.randn(rows, VOCAB, generator=g) * rng.choice([0.5, 3.0])
+        params = [
+            SamplingParams(
+                temperature=rng.choice([0.3, 1.0, 1.7]),
+                top_k=rng.choice([0, 0, 1, 5, VOCAB - 1, VOCAB + 3]),
+                top_p=rng.choice([1.0, 1.0, 0.9, 0.3]),
+                min_p=rng.choice([0.0, 0.0, 0.05, 0.5]),
+            )
+            for _ in range(rows)
+        ]
+        got = filtered_probs(logits, params)
+        for i, p in enumerate(params):
+            want = _filtered_row(logits[i], p).float()
+            torch.testing.assert_close(got[i], want, atol=1e-6, rtol=1e-4)
+
+
+def test_batched_draws_follow_each_rows_distribution_and_seed():
+    """Rows of different filters drawn together: each row's frequencies match its own
+    filtered distribution; a seeded row repeats whatever else is in the batch."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 6, generator=g) * 2
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=3),
+        SamplingParams(temperature=1.3, top_p=0.6),
+        SamplingParams(temperature=0.0),  # greedy, in the same batch
+    ]
+    n = 6000
+    counts = torch.zeros(4, 6)
+    for _ in range(n):
+        for row, token in enumerate(sample(logits, params, [None] * 4)):
+            counts[row, token] += 1
+    want = filtered_probs(logits[:3], params[:3])
+    torch.testing.assert_close(counts[:3] / n, want, atol=0.025, rtol=0)
+    assert (counts[:3][want == 0] == 0).all()  # a filtered-out token is never drawn
+    assert counts[3, int(logits[3].argmax())] == n
+
+    def seeded(others: int) -> list[int]:
+        gen = torch.Generator().manual_seed(11)
+        batch = [SamplingParams(temperature=1.0)] * others + [params[2]]
+        gens = [None] * others + [gen]
+        return [sample(logits[[0] * others + [2]], batch, gens)[-1] for _ in range(40)]
+
+    assert seeded(0) == seeded(3) == seeded(7)

@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import torch
 
-from workers.engine.kv_cache import pages_needed
 from workers.engine.messages import TokenLogprob
 from workers.engine.scheduler import ScheduledBatch
 from workers.engine.sequence import Sequence
@@ -38,13 +37,18 @@ class ModelInputs(NamedTuple):
 
 
 def decode_rows(decodes: Iterable[Sequence], page_size: int) -> DecodeRows:
+    """The rows of one step (read at once: `block_rows` may be the requests' own page lists)."""
     rows = DecodeRows([], [], [], [])
+    input_ids, positions, out_slots, block_rows = rows
     for seq in decodes:
         pos = seq.num_computed
-        rows.input_ids.append(seq.token_ids[pos])
-        rows.positions.append(pos)
-        rows.out_slots.append(seq.pages[pos // page_size] * page_size + pos % page_size)
-        rows.block_rows.append(seq.pages[: pages_needed(pos + 1, page_size)])
+        pages = seq.pages
+        input_ids.append(seq.token_ids[pos])
+        positions.append(pos)
+        page, offset = divmod(pos, page_size)
+        out_slots.append(pages[page] * page_size + offset)
+        # The pages of its context: usually all it holds (a copy only when it holds more).
+        block_rows.append(pages if len(pages) == page + 1 else pages[: page + 1])
     return rows
 
 
@@ -81,9 +85,11 @@ def prepare_inputs(batch: ScheduledBatch, page_size: int, device: torch.device) 
 
     max_pages = max((len(r) for r in rows.block_rows), default=1)
     block_table = array("i")
+    padding = _zeros(max_pages)  # past a context: unspecified
     for r in rows.block_rows:
         block_table.extend(r)
-        block_table.extend(_zeros(max_pages - len(r)))  # past a context: unspecified
+        if len(r) < max_pages:
+            block_table.extend(padding[len(r) :])
     meta = AttentionMetadata(
         positions=_ints(positions).to(device),
         out_slots=(out_slots[0] if len(out_slots) == 1 else torch.cat(out_slots)).to(device),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from workers.engine.messages import SamplingParams, TokenLogprob
@@ -67,15 +68,37 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    """One token per row. Greedy rows take the argmax; the others draw from the filtered
-    distribution with their own generator, so a seeded request repeats whatever its batch."""
+    """One token per row. Greedy rows take the argmax; the others draw together from their
+    filtered distributions (`filtered_probs`) by inverse transform: one uniform number per
+    row — from the request's own generator when it has one, so a seeded request repeats
+    whatever its batch — against the row's cumulative probabilities. One pass over the
+    sampled rows, whatever their number (a row at a time cost ~80 us each on a CPU, and a
+    GPU a sync per row)."""
     out = greedy_tokens(logits)
-    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.is_greedy:
-            continue
-        probs = filtered_probs(logits[row], p)
-        out[row] = int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
+    rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not rows:
+        return out
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    probs = filtered_probs(logits.index_select(0, index), [params[i] for i in rows])
+    cdf = probs.cumsum_(-1)
+    # u in (0, 1]: the first token whose cumulative probability reaches u times the total is
+    # one of positive probability (the sum rises there), and u = 1 still finds the last one.
+    u = (1.0 - _uniforms([generators[i] for i in rows])).to(torch.float32)
+    u = u.to(logits.device, non_blocking=True)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0]
+    for row, token in zip(rows, drawn.clamp_(max=cdf.shape[-1] - 1).tolist(), strict=True):
+        out[row] = token
     return out
+
+
+def _uniforms(generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """A number in [0, 1) per row (float64 CPU): from the row's generator, else from torch's
+    default one."""
+    u = torch.rand(len(generators), dtype=torch.float64)
+    for i, gen in enumerate(generators):
+        if gen is not None:
+            u[i] = torch.rand((), dtype=torch.float64, generator=gen)
+    return u
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
@@ -88,24 +111,46 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
-def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Probabilities `[vocab]` after temperature, top-k, min-p and top-p (nucleus) filtering."""
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        probs = probs / probs.sum()
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        probs = probs / probs.sum()
-    return probs
+def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Per row of `logits` `[R, vocab]`, its request's probabilities after temperature, then
+    top-k, min-p and top-p, renormalized: `[R, vocab]` float32. Each filter keeps the tokens
+    at or above a probability floor — the k-th largest; `min_p` times the largest; the
+    smallest of the most likely tokens whose mass (after the first two filters) reaches
+    `top_p` — so a tie with the last token kept is kept too. The floors come from one sort
+    of the probabilities, only for the rows that ask for top-k or top-p (on a CPU by numpy,
+    ~25x faster than torch's sort there)."""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    probs = torch.softmax(logits.float() / temps[:, None], dim=-1)
+    vocab = probs.shape[-1]
+    floor = torch.zeros(len(params), 1, device=device)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+        floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    ranked = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    if ranked:
+        index = torch.tensor(ranked, dtype=torch.int64, device=device)
+        desc = _sorted_descending(probs.index_select(0, index))
+        k = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in ranked]
+        kth = desc.gather(1, torch.tensor(k, device=device)[:, None] - 1)
+        row_floor = torch.maximum(floor.index_select(0, index), kth)
+        # Top-p over what the floor keeps (a prefix of `desc`): the tokens whose mass before
+        # them, as a share of the kept mass, is still below top_p; at least the first.
+        kept = desc * (desc >= row_floor)  # (`masked_fill` is ~2x slower on a CPU)
+        cum = kept.cumsum(-1)
+        top_p = torch.tensor([params[i].top_p for i in ranked], device=device)[:, None]
+        num = ((cum - kept) < top_p * cum[:, -1:]).sum(-1, keepdim=True).clamp_(min=1)
+        row_floor = torch.maximum(row_floor, desc.gather(1, num - 1))
+        floor = floor.index_copy(0, index, row_floor)
+    probs = probs * (probs >= floor)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        ascending = np.sort(x.numpy(), axis=-1)
+        return torch.from_numpy(np.ascontiguousarray(ascending[:, ::-1]))
+    return torch.sort(x, dim=-1, descending=True).values
 
 
 def token_logprobs(

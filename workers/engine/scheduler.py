@@ -120,17 +120,18 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.token_budget
         scheduled: set[str] = set()
-        for seq in sorted(self.running, key=lambda s: (not s.is_decoding, s.sampling.priority)):
+        for seq in sorted(self.running, key=_decodes_first):
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted by an earlier request of this loop
-            num = min(seq.num_pending, budget)
+            pending = len(seq.token_ids) - seq.num_computed
+            num = pending if pending < budget else budget
             if not self._reserve(seq, num, scheduled):
                 continue  # it was preempted itself
             scheduled.add(seq.rid)
             budget -= num
-            if seq.is_decoding:
+            if pending == 1 and seq.num_computed > 0:  # `is_decoding`, inlined: per request
                 batch.decodes.append(seq)
             else:
                 batch.prefills.append((seq, num))
@@ -179,14 +180,15 @@ class Scheduler:
         """Pages for `num` more tokens of `seq`, preempting the newest request not yet in this
         step's batch (possibly `seq` itself) until they fit."""
         need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
+        if need <= 0:  # the common decode step: the token fits the last page
+            return True
         while not self.allocator.can_allocate(need):
             candidates = [s for s in self.running if s.rid not in scheduled]
             victim = max(candidates, key=lambda s: (s.sampling.priority, s.arrival))
             self._preempt(victim)
             if victim is seq:
                 return False
-        if need > 0:
-            seq.add_pages(self.allocator.allocate(need))
+        seq.add_pages(self.allocator.allocate(need))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -197,6 +199,12 @@ class Scheduler:
         self.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         _enqueue(self.waiting, seq, first=True)
+
+
+def _decodes_first(seq: Sequence) -> tuple[bool, int]:
+    """Sort key of the running batch: decoding requests first, then by priority."""
+    decoding = seq.num_computed > 0 and len(seq.token_ids) - seq.num_computed == 1
+    return not decoding, seq.sampling.priority
 
 
 def _enqueue(queue: deque[Sequence], seq: Sequence, first: bool = False) -> None:
