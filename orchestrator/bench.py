@@ -42,6 +42,10 @@ class BenchConfig:
     # Structured output for every request: (`regex` | `json_schema` | `ebnf`, its text). With
     # `ignore_eos` an output ends early only where the constraint allows nothing more.
     constraint: tuple[str, str] | None = None
+    # Sampling of every request: greedy by default; a temperature (and top-p) measures what
+    # drawing tokens costs (each request seeded from `seed`, so runs repeat).
+    temperature: float = 0.0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
@@ -49,6 +53,10 @@ class BenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.shared_prefix_len < 0:
             raise ValueError("--shared-prefix-len must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("--temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("--top-p must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -147,15 +155,14 @@ async def server_vocab_size(session: aiohttp.ClientSession, url: str) -> int:
 
 
 async def _one(
-    session: aiohttp.ClientSession, cfg: BenchConfig, input_ids: list[int]
+    session: aiohttp.ClientSession, cfg: BenchConfig, input_ids: list[int], index: int = 0
 ) -> RequestResult:
-    payload = {
-        "input_ids": input_ids,
-        "sampling_params": {
-            "max_new_tokens": cfg.output_len, "temperature": 0.0, "ignore_eos": True,
-        },
-        "stream": cfg.stream,
+    sampling: dict[str, Any] = {
+        "max_new_tokens": cfg.output_len, "temperature": cfg.temperature, "ignore_eos": True,
     }  # fmt: skip
+    if cfg.temperature > 0:
+        sampling.update(top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + index)
+    payload = {"input_ids": input_ids, "sampling_params": sampling, "stream": cfg.stream}
     if cfg.constraint is not None:
         kind, spec = cfg.constraint
         payload["sampling_params"][kind] = spec  # type: ignore[index]
@@ -230,12 +237,12 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
         )
         gate = asyncio.Semaphore(cfg.concurrency)
 
-        async def gated(ids: list[int]) -> RequestResult:
+        async def gated(ids: list[int], index: int) -> RequestResult:
             async with gate:
-                return await _one(session, cfg, ids)
+                return await _one(session, cfg, ids, index)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(gated(p) for p in prompts))
+        results = await asyncio.gather(*(gated(p, i) for i, p in enumerate(prompts)))
         duration = time.perf_counter() - start
     return summarize(results, cfg.input_len + cfg.shared_prefix_len, duration)
 

@@ -66,6 +66,13 @@ def test_cli_bench(tiny_server):
     assert result["num_failed"] == 0 and result["output_tokens"] == 64
     assert result["ttft_p50_ms"] is None and result["tpot_p50_ms"] is None
     assert 0 < result["e2e_p50_ms"] <= result["e2e_p99_ms"]
+    # Sampled: the same counts; a bad setting is a CLI error.
+    sampled = [*args, "--concurrency", "4", "--temperature", "0.8", "--top-p", "0.9", "--json"]
+    p = _cli("bench", *sampled)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["output_tokens"] == 64
+    p = _cli("bench", *args, "--top-p", "0")
+    assert p.returncode == 1 and "--top-p" in p.stderr
 
     # A shared system prompt of 48 tokens: counted in, and found in the prefill rank's cache.
     def hits() -> int:

@@ -139,6 +139,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="every prompt begins with the same this many random tokens (a system prompt)",
     )  # fmt: skip
     p.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="sample every request at this temperature (default 0: greedy); seeded per "
+        "request from --seed",
+    )  # fmt: skip
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus")
+    p.add_argument(
         "--no-stream", dest="stream", action="store_false",
         help="plain JSON calls, as an offline batch client sends them (no TTFT / TPOT)",
     )  # fmt: skip
@@ -177,6 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             stream=args.stream,
             shared_prefix_len=args.shared_prefix_len,
             constraint=constraint,
+            temperature=args.temperature,
+            top_p=args.top_p,
         )
         result = asyncio.run(run_bench(cfg))
     except (ValueError, RuntimeError, httpx.HTTPError) as e:
