@@ -56,12 +56,21 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 
 def bench_transformers(
-    model_dir: Path, prompts: list[list[int]], output_len: int, batch_size: int
+    model_dir: Path,
+    prompts: list[list[int]],
+    output_len: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> float:
-    """Output tokens per second of batched greedy `generate` (prompts share one length)."""
+    """Output tokens per second of batched `generate` (prompts share one length), greedy or
+    sampled as pdserve's requests are."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sampling: dict[str, object] = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     warm = torch.tensor(prompts[:1])
     with torch.no_grad():
         model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2)
@@ -70,7 +79,7 @@ def bench_transformers(
             ids = torch.tensor(prompts[i : i + batch_size])
             out = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                min_new_tokens=output_len, do_sample=False, pad_token_id=0,
+                min_new_tokens=output_len, pad_token_id=0, **sampling,
             )  # fmt: skip
             assert out.shape[1] == ids.shape[1] + output_len
         duration = time.perf_counter() - start
@@ -93,6 +102,11 @@ def main() -> None:
         help="plain JSON calls to pdserve (transformers' generate does not stream either)",
     )  # fmt: skip
     parser.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="sample on both sides at this temperature (default 0: greedy)",
+    )  # fmt: skip
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature")
+    parser.add_argument(
         "--repeat", type=int, default=3, help="runs of each side; the medians are compared"
     )
     args = parser.parse_args()
@@ -104,12 +118,15 @@ def main() -> None:
 
     print(f"model {model_dir.name}; {args.num_prompts} prompts x {args.input_len} tokens in, "
           f"{args.output_len} out; concurrency {args.concurrency}; {os.cpu_count()} CPUs; "
-          f"{'streamed' if args.stream else 'not streamed'}", flush=True)  # fmt: skip
+          f"{'streamed' if args.stream else 'not streamed'}; "
+          f"{f'temperature {args.temperature:g}, top_p {args.top_p:g}' if args.temperature else 'greedy'}",
+          flush=True)  # fmt: skip
     serve_args = [a for s in args.serve_arg for a in s.split()]
     cfg = BenchConfig(
         url=f"http://127.0.0.1:{args.port}", num_prompts=args.num_prompts,
         input_len=args.input_len, output_len=args.output_len,
         concurrency=args.concurrency, seed=args.seed, vocab_size=vocab, stream=args.stream,
+        temperature=args.temperature, top_p=args.top_p,
     )  # fmt: skip
     hf_batch = args.hf_batch_size or args.concurrency
     # Paired runs: each pair starts a server, measures it, stops it, then measures the peer at
@@ -131,7 +148,11 @@ def main() -> None:
         finally:
             stop_server(proc)
         results.append(result)
-        hf_runs.append(bench_transformers(model_dir, prompts, args.output_len, hf_batch))
+        hf_runs.append(
+            bench_transformers(
+                model_dir, prompts, args.output_len, hf_batch, args.temperature, args.top_p
+            )
+        )
         print(f"pair {i + 1}: pdserve {result.output_tok_s:.0f} tok/s, transformers "
               f"{hf_runs[-1]:.0f} tok/s, ratio {result.output_tok_s / hf_runs[-1]:.2f}x",
               flush=True)  # fmt: skip

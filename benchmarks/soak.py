@@ -78,8 +78,17 @@ def _sampling(rng: random.Random, max_new: int) -> dict[str, Any]:
     else:
         params.update(
             temperature=rng.uniform(0.3, 1.5),
-            top_p=rng.uniform(0.5, 1.0),
+            top_p=rng.choice([1.0, rng.uniform(0.5, 1.0)]),
+            top_k=rng.choice([0, 0, 5, 50]),
+            min_p=rng.choice([0.0, 0.0, 0.1]),
             seed=rng.randrange(1 << 30),
+        )
+    if rng.random() < 0.3:  # penalties and a bias, greedy or not
+        params.update(
+            repetition_penalty=rng.choice([1.0, 1.2]),
+            frequency_penalty=rng.choice([0.0, 0.5]),
+            presence_penalty=rng.choice([0.0, -0.5]),
+            logit_bias={str(rng.randrange(2, 100)): rng.uniform(-5, 5)},
         )
     if rng.random() < 0.2:
         params["stop"] = ["e", " the"]

@@ -26,6 +26,10 @@ from typing import Any
 
 import aiohttp
 
+from orchestrator.bench_openai import one_openai, prompt_texts
+
+APIS = ("generate", "completions", "chat")
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -46,6 +50,10 @@ class BenchConfig:
     # drawing tokens costs (each request seeded from `seed`, so runs repeat).
     temperature: float = 0.0
     top_p: float = 1.0
+    # The route: `generate` (SGLang's, the default), or the OpenAI routes `completions` (the
+    # same token ids as the prompt) and `chat` (each prompt's text as one user message: its
+    # token count is then what the chat template and tokenizer make of it, as reported).
+    api: str = "generate"
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
@@ -57,6 +65,10 @@ class BenchConfig:
             raise ValueError("--temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("--top-p must be in (0, 1]")
+        if self.api not in APIS:
+            raise ValueError(f"--api must be one of {', '.join(APIS)}, got {self.api!r}")
+        if self.api != "generate" and self.constraint is not None:
+            raise ValueError("--regex / --json-schema go with --api generate")
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ class RequestResult:
     ttft_s: float | None = 0.0  # None: not streamed
     e2e_s: float = 0.0
     error: str | None = None
+    num_prompt_tokens: int | None = None  # as the server counted them (None: as sent)
 
     @property
     def tpot_s(self) -> float | None:
@@ -237,9 +250,14 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
         )
         gate = asyncio.Semaphore(cfg.concurrency)
 
+        texts = await prompt_texts(session, cfg.url, prompts) if cfg.api == "chat" else None
+
         async def gated(ids: list[int], index: int) -> RequestResult:
             async with gate:
-                return await _one(session, cfg, ids, index)
+                if cfg.api == "generate":
+                    return await _one(session, cfg, ids, index)
+                text = texts[index] if texts is not None else None
+                return await one_openai(session, cfg, ids, index, text)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(gated(p, i) for i, p in enumerate(prompts)))
@@ -250,7 +268,7 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
 def summarize(results: Sequence[RequestResult], input_len: int, duration_s: float) -> BenchResult:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.num_output_tokens for r in ok)
-    in_tokens = input_len * len(ok)
+    in_tokens = sum(input_len if r.num_prompt_tokens is None else r.num_prompt_tokens for r in ok)
     ms = 1000.0
     ttft = [r.ttft_s * ms for r in ok if r.ttft_s is not None]
     tpot = [r.tpot_s * ms for r in ok if r.tpot_s is not None]

@@ -43,7 +43,8 @@ def test_freezing_exempts_live_objects_and_can_be_turned_off(unfrozen, monkeypat
     monkeypatch.delenv("PDSERVE_GC_FREEZE")
     kept = [[i] for i in range(10_000)]
     frozen = freeze_startup_objects("test")
-    assert frozen == gc.get_freeze_count() >= len(kept)
+    # (Other threads of the test process may free frozen objects meanwhile.)
+    assert frozen >= len(kept) and gc.get_freeze_count() >= len(kept)
     collected = {id(o) for o in gc.get_objects()}  # the three generations, not the frozen
     assert not any(id(x) in collected for x in kept)
     gc.unfreeze()

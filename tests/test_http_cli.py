@@ -73,6 +73,16 @@ def test_cli_bench(tiny_server):
     assert json.loads(p.stdout)["output_tokens"] == 64
     p = _cli("bench", *args, "--top-p", "0")
     assert p.returncode == 1 and "--top-p" in p.stderr
+    # Through the OpenAI routes, streamed and not: the same output counted.
+    for api in ("completions", "chat"):
+        for stream in ([], ["--no-stream"]):
+            p = _cli("bench", *args, "--concurrency", "4", "--api", api, *stream, "--json")
+            assert p.returncode == 0, p.stderr
+            result = json.loads(p.stdout)
+            assert result["num_failed"] == 0 and result["output_tokens"] == 64, result
+            assert (result["ttft_p50_ms"] is None) == bool(stream)
+            if api == "completions":
+                assert result["input_tokens"] == 128
 
     # A shared system prompt of 48 tokens: counted in, and found in the prefill rank's cache.
     def hits() -> int:

@@ -145,6 +145,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus")
     p.add_argument(
+        "--api", choices=["generate", "completions", "chat"], default="generate",
+        help="the route: /generate (default), /v1/completions (the same token ids), "
+        "/v1/chat/completions (each prompt's text as a user message)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-stream", dest="stream", action="store_false",
         help="plain JSON calls, as an offline batch client sends them (no TTFT / TPOT)",
     )  # fmt: skip
@@ -185,6 +190,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             constraint=constraint,
             temperature=args.temperature,
             top_p=args.top_p,
+            api=args.api,
         )
         result = asyncio.run(run_bench(cfg))
     except (ValueError, RuntimeError, httpx.HTTPError) as e:
