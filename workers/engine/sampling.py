@@ -123,11 +123,10 @@ def sample(
     row — from the request's own generator when it has one, so a seeded request repeats
     whatever its batch — against the row's cumulative probabilities. One pass over the
     sampled rows, whatever their number (a row at a time cost ~80 us each on a CPU, and a
-    GPU a sync per row)."""
-    out = greedy_tokens(logits)
+    GPU a sync per row); on a GPU the greedy and the drawn tokens come back in one copy."""
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if not rows:
-        return out
+        return greedy_tokens(logits)
     index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
     probs = filtered_probs(logits.index_select(0, index), [params[i] for i in rows])
     cdf = probs.cumsum_(-1)
@@ -136,7 +135,12 @@ def sample(
     u = (1.0 - _uniforms([generators[i] for i in rows])).to(torch.float32)
     u = u.to(logits.device, non_blocking=True)
     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0]
-    for row, token in zip(rows, drawn.clamp_(max=cdf.shape[-1] - 1).tolist(), strict=True):
+    drawn.clamp_(max=cdf.shape[-1] - 1)
+    if logits.device.type != "cpu":
+        tokens: list[int] = logits.argmax(dim=-1).index_copy_(0, index, drawn).tolist()
+        return tokens
+    out = greedy_tokens(logits) if len(rows) < len(params) else [0] * len(params)
+    for row, token in zip(rows, drawn.tolist(), strict=True):
         out[row] = token
     return out
 
