@@ -1,5 +1,9 @@
 """`Engine`: one rank's model, KV cache and scheduler, advanced one step at a time.
 
+What a request becomes on the way in is `workers.engine.admission`; what a step makes of its
+logits (tokens, finish rules, deltas) is `workers.engine.step_output`. The engine keeps the
+bookkeeping: which requests are live, whose pages are freed, which are handed off.
+
 Not thread-safe: the rank's loop thread is its only caller (see `workers.engine.worker`).
 """
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from workers.engine.admission import check_request, new_sequence
 from workers.engine.config import EngineConfig
 from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.grammar import GrammarBackend
@@ -24,9 +29,9 @@ from workers.engine.messages import (
     TokenLogprob,
 )
 from workers.engine.model_inputs import decode_rows, prepare_inputs, take_prompt_scores
-from workers.engine.sampling import History, adjust_logits, sample, token_logprobs
 from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
+from workers.engine.step_output import constraint_error, draw_tokens, finish_reason, token_delta
 from workers.ep.moe import EPContext, select_grouped_gemm
 from workers.kernels import triton_available
 from workers.model.loader import load_model
@@ -167,29 +172,7 @@ class Engine:
 
     def validate(self, req: GenerateRequest) -> None:
         """Raise ValueError (naming the field) for a request this rank cannot serve."""
-        vocab = self.model_config.vocab_size
-        if not req.input_ids:
-            raise ValueError("input_ids: the prompt is empty")
-        if req.rid in self.requests:
-            raise ValueError(f"rid: request {req.rid!r} is already running")
-        bad = [t for t in req.input_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"input_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        req.sampling.validate(vocab)
-        if req.sampling.constraint is not None:
-            # Compiled here (cached): the actor thread that validates pays, not the loop.
-            self.grammars.compile(req.sampling.constraint)
-        total = len(req.input_ids) + req.sampling.max_new_tokens
-        if total > self.max_context_len:
-            raise ValueError(
-                f"max_new_tokens: prompt ({len(req.input_ids)} tokens) + max_new_tokens "
-                f"({req.sampling.max_new_tokens}) exceeds the context length {self.max_context_len}"
-            )
-        if total > self.kv.capacity_tokens:
-            raise ValueError(
-                f"max_new_tokens: prompt + max_new_tokens ({total}) exceeds the KV cache capacity "
-                f"of {self.kv.capacity_tokens} tokens"
-            )
+        check_request(req, self.info(), self.requests, self.grammars)
 
     def add(self, req: GenerateRequest, mode: str = "full") -> None:
         """Queue a request. `mode` "full" computes and generates; "prefill" computes the prompt
@@ -199,18 +182,7 @@ class Engine:
         if mode not in ("full", "prefill", "decode"):
             raise ValueError(f"mode must be full, prefill or decode, got {mode!r}")
         self.validate(req)
-        gen = None
-        if not req.sampling.is_greedy:
-            gen = torch.Generator()
-            seed = req.sampling.seed
-            gen.manual_seed(seed if seed is not None else torch.seed())
-        seq = Sequence(
-            req.rid, req.input_ids, req.sampling, next(self._arrivals), gen,
-            prefill_only=mode == "prefill", stream=req.stream,
-        )  # fmt: skip
-        sp = req.sampling
-        if sp.constraint is not None:
-            seq.matcher = self.grammars.matcher(sp.constraint, sp.stop_token_ids, sp.ignore_eos)
+        seq = new_sequence(req, next(self._arrivals), mode == "prefill", self.grammars)
         self.requests[req.rid] = seq
         self.idle = False
         if mode == "decode":
@@ -276,7 +248,7 @@ class Engine:
             return None
         self.scheduler.remove(seq)
         self.idle = False  # freed pages may let waiting requests in
-        return self._delta(seq, [], FinishReason.ABORT)
+        return token_delta(seq, [], FinishReason.ABORT)
 
     def abort_all(self, error: str) -> list[TokenDelta]:
         out = []
@@ -356,19 +328,9 @@ class Engine:
             seq.num_computed += num
             if publish:
                 self.scheduler.publish(seq)
-        params = [s.sampling for s in samplers]
-        adjusted = logits
-        if any(p.adjusts_logits for p in params):
-            histories = [History(s.token_ids, s.num_prompt_tokens) for s in samplers]
-            adjusted = adjust_logits(logits, params, histories, self.model_config.eos_token_ids)
-        constrained = [(i, s.matcher) for i, s in enumerate(samplers) if s.matcher is not None]
-        if constrained:
-            # Adjusted logits may ban what the constraint allows: the model's are its fallback.
-            fallback = logits if adjusted is not logits else None
-            adjusted = adjusted.clone() if fallback is None else adjusted
-            self.grammars.mask(adjusted, constrained, fallback=fallback)
-        tokens = sample(adjusted, params, [s.generator for s in samplers])
-        logprobs = token_logprobs(logits, tokens, params)
+        tokens, logprobs = draw_tokens(
+            logits, samplers, self.grammars, self.model_config.eos_token_ids
+        )
         self.num_steps += 1
         self._last_logits = ([s.rid for s in samplers], logits)
         deltas = (
@@ -403,51 +365,14 @@ class Engine:
             self.scheduler.hand_off(seq)
             self._handoffs.append(seq)
             return None  # the decode side reports the token
-        sp = seq.sampling
-        finish = None
         if seq.matcher is not None and not seq.matcher.accept(token):
             # Only a token the constraint allowed is drawn; one that is not (the prefill
             # rank's, built from other settings) ends the request rather than break it.
             self.requests.pop(seq.rid, None)
             self.scheduler.remove(seq)
-            delta = self._delta(seq, [token], FinishReason.ERROR, logprob)
-            kind = sp.constraint.kind if sp.constraint is not None else "constraint"
-            delta.error = f"token {token} does not match the request's {kind}"
-            return delta
-        if (
-            token in sp.stop_token_ids
-            or (not sp.ignore_eos and token in self.model_config.eos_token_ids)
-            or (seq.matcher is not None and seq.matcher.terminated)
-        ):
-            finish = FinishReason.STOP
-        elif seq.num_output_tokens >= sp.max_new_tokens or seq.num_tokens >= self.max_context_len:
-            finish = FinishReason.LENGTH
+            return constraint_error(seq, token, logprob)
+        finish = finish_reason(seq, token, self.model_config.eos_token_ids, self.max_context_len)
         if finish is not None:
             self.requests.pop(seq.rid, None)
             self.scheduler.remove(seq)
-        return self._delta(seq, [token], finish, logprob)
-
-    @staticmethod
-    def _delta(
-        seq: Sequence,
-        tokens: list[int],
-        finish: FinishReason | None,
-        logprob: TokenLogprob | None = None,
-    ) -> TokenDelta:
-        logprobs = None
-        if seq.sampling.logprobs:
-            # One entry per token whatever happens: a token whose logprob did not come with it
-            # (none is expected to: the prefill rank sends it with the KV) gets NaN, sent as null.
-            logprobs = [logprob or TokenLogprob(float("nan"))] if tokens else []
-        first = seq.sampling.prompt_logprobs and tokens and seq.num_output_tokens == 1
-        return TokenDelta(
-            rid=seq.rid,
-            token_ids=tokens,
-            finish_reason=finish,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            hold=not seq.stream,
-            logprobs=logprobs,
-            num_cached_tokens=seq.num_cached_tokens,
-            prompt_logprobs=list(seq.prompt_logprobs) if first else None,
-        )
+        return token_delta(seq, [token], finish, logprob)
