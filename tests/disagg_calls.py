@@ -1,0 +1,29 @@
+"""Calls on a disaggregated test server, shared by `test_disagg` and `test_disagg_faults`:
+greedy sampling params, one plain `/generate` call, and waiting until every rank's KV pages
+are free."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+
+def _greedy(n: int) -> dict[str, Any]:
+    return {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+
+
+def _wait_all_pages_free(url: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ranks = httpx.get(f"{url}/v1/stats").json()["ranks"]
+        if all(r["stats"]["num_pages_used"] == 0 for r in ranks):
+            return ranks
+        assert time.monotonic() < deadline, f"KV pages still held: {ranks}"
+        time.sleep(0.2)
+
+
+def _generate(url: str, prompt: list[int], n: int, timeout_s: float = 60) -> httpx.Response:
+    body = {"input_ids": prompt, "sampling_params": _greedy(n)}
+    return httpx.post(f"{url}/generate", json=body, timeout=timeout_s)
