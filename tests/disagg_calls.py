@@ -1,6 +1,6 @@
 """Calls on a disaggregated test server, shared by `test_disagg` and `test_disagg_faults`:
-greedy sampling params, one plain `/generate` call, and waiting until every rank's KV pages
-are free."""
+greedy sampling params, one plain `/generate` call (blocking or async), and waiting until
+every rank's KV pages are free."""
 
 from __future__ import annotations
 
@@ -27,3 +27,12 @@ def _wait_all_pages_free(url: str, timeout_s: float = 30.0) -> list[dict[str, An
 def _generate(url: str, prompt: list[int], n: int, timeout_s: float = 60) -> httpx.Response:
     body = {"input_ids": prompt, "sampling_params": _greedy(n)}
     return httpx.post(f"{url}/generate", json=body, timeout=timeout_s)
+
+
+async def _generate_async(
+    client: httpx.AsyncClient, url: str, prompt: list[int], n: int
+) -> tuple[int, str]:
+    """A greedy `/generate` call of `n` tokens: its status and body."""
+    body = {"input_ids": prompt, "sampling_params": _greedy(n)}
+    r = await client.post(f"{url}/generate", json=body)
+    return r.status_code, r.text

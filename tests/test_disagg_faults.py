@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.disagg_calls import _generate, _greedy, _wait_all_pages_free
+from tests.disagg_calls import _generate, _generate_async, _greedy, _wait_all_pages_free
 
 pytest.importorskip("workers.transfer")
 pytestmark = pytest.mark.timeout(300)
@@ -95,13 +95,9 @@ def test_requests_on_a_dead_prefill_rank_are_retried_on_another_pair(launch_tiny
         prompts = [[rng.randrange(1024) for _ in range(rng.randint(300, 700))] for _ in range(16)]
 
         async def run() -> list[tuple[int, str]]:
-            async def one(client: httpx.AsyncClient, p: list[int]) -> tuple[int, str]:
-                body = {"input_ids": p, "sampling_params": _greedy(16)}
-                r = await client.post(f"{server.url}/generate", json=body)
-                return r.status_code, r.text
-
             async with httpx.AsyncClient(timeout=120) as client:
-                tasks = [asyncio.ensure_future(one(client, p)) for p in prompts]
+                calls = (_generate_async(client, server.url, p, 16) for p in prompts)
+                tasks = [asyncio.ensure_future(c) for c in calls]
                 # Kill the rank once it has taken prompts and still holds some (its own stats,
                 # published after each step), not after a guessed delay: hand-offs are fast.
                 deadline = time.monotonic() + 30
@@ -231,13 +227,9 @@ def test_expert_parallel_pool_recovers_from_a_dead_rank(launch_tiny):
         prompts = [[rng.randrange(1024) for _ in range(rng.randint(100, 300))] for _ in range(8)]
 
         async def run() -> list[tuple[int, str]]:
-            async def one(client: httpx.AsyncClient, p: list[int]) -> tuple[int, str]:
-                body = {"input_ids": p, "sampling_params": _greedy(300)}
-                r = await client.post(f"{server.url}/generate", json=body)
-                return r.status_code, r.text
-
             async with httpx.AsyncClient(timeout=120) as client:
-                tasks = [asyncio.ensure_future(one(client, p)) for p in prompts]
+                calls = (_generate_async(client, server.url, p, 300) for p in prompts)
+                tasks = [asyncio.ensure_future(c) for c in calls]
                 await asyncio.sleep(1.0)
                 ray.kill(server.ranks[1], no_restart=False)
                 return list(await asyncio.gather(*tasks))
