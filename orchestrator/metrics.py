@@ -72,8 +72,9 @@ class Metrics:
         )
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
         self.finished = Counter(
-            "pdserve_request_finish", "Requests ended, by finish reason (stop, length, abort, "
-            "timeout, error; error and timeout streams still answer HTTP 200)", ["reason"], registry=r,
+            "pdserve_request_finish",
+            "Requests ended, by finish reason (stop, length, abort, timeout, error)",
+            ["reason"], registry=r,
         )  # fmt: skip
         self.retries = Gauge(
             "pdserve_request_retries_total",
