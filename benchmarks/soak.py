@@ -79,7 +79,7 @@ def _sampling(rng: random.Random, max_new: int) -> dict[str, Any]:
         params.update(
             temperature=rng.uniform(0.3, 1.5),
             top_p=rng.choice([1.0, rng.uniform(0.5, 1.0)]),
-            top_k=rng.choice([0, 0, 5, 50]),
+            top_k=rng.choice([-1, -1, 5, 50]),  # -1: no limit (SGLang's)
             min_p=rng.choice([0.0, 0.0, 0.1]),
             seed=rng.randrange(1 << 30),
         )
