@@ -7,7 +7,10 @@ hang up mid-stream, `/abort_request` of calls in flight, and malformed calls. Ev
 checked against what its call asked for (a finish reason, no more tokens than allowed, a 400
 for bad input). Then the server must go idle — no request running or waiting on any rank, no KV
 page held, no transfer in flight — and still answer. Exit status 1 on any unexpected answer or
-leak. Give it a server with a small KV cache (`--kv-capacity-tokens`) so that requests queue:
+leak. With `--grpc HOST:PORT` a quarter of the clients call the gRPC API instead
+(`benchmarks/soak_grpc.py`: streamed and final-only `Generate`, calls cancelled mid-stream,
+the `Abort` RPC, malformed calls). Give it a server with a small KV cache
+(`--kv-capacity-tokens`) so that requests queue:
 
     .venv/bin/pdserve serve --port 30001 --kv-capacity-tokens 16384 &
     .venv/bin/python benchmarks/soak.py --url http://127.0.0.1:30001 --duration 60
@@ -256,6 +259,30 @@ async def _client(
             failures.append(f"{check.__name__}: {type(e).__name__}: {e}")
 
 
+async def _grpc_client(
+    address: str,
+    vocab: int,
+    rng: random.Random,
+    until: float,
+    seen: collections.Counter[str],
+    failures: list[str],
+) -> None:
+    import grpc
+    from soak_grpc import GRPC_MIX, GrpcSoak, GrpcUnexpected  # beside this script
+
+    s = GrpcSoak(address, vocab)
+    checks, weights = zip(*GRPC_MIX, strict=True)
+    try:
+        while time.monotonic() < until:
+            check = rng.choices(checks, weights)[0]
+            try:
+                seen[await check(s, rng)] += 1
+            except (GrpcUnexpected, grpc.aio.AioRpcError) as e:
+                failures.append(f"{check.__name__}: {type(e).__name__}: {e}")
+    finally:
+        await s.close()
+
+
 async def _admin(
     soak: Soak,
     token: str,
@@ -311,6 +338,7 @@ async def soak(
     seed: int,
     admin_token: str | None = None,
     admin_every_s: float = 5.0,
+    grpc_address: str | None = None,
 ) -> int:
     timeout = aiohttp.ClientTimeout(total=300, sock_connect=30)
     async with aiohttp.ClientSession(
@@ -322,10 +350,20 @@ async def soak(
         seen: collections.Counter[str] = collections.Counter()
         failures: list[str] = []
         start = time.monotonic()
+        end = start + duration_s
+        # With gRPC a quarter of the clients (at least one) call the gRPC API.
+        num_grpc = max(1, concurrency // 4) if grpc_address else 0
         clients = [
-            _client(s, random.Random(seed * 1000 + i), start + duration_s, seen, failures)
-            for i in range(concurrency)
+            _client(s, random.Random(seed * 1000 + i), end, seen, failures)
+            for i in range(concurrency - num_grpc)
         ]
+        if grpc_address:
+            clients += [
+                _grpc_client(
+                    grpc_address, s.vocab, random.Random(-seed * 1000 - i - 1), end, seen, failures
+                )  # fmt: skip
+                for i in range(num_grpc)
+            ]
         if admin_token:
             clients.append(
                 _admin(s, admin_token, admin_every_s, start + duration_s, seen, failures)
@@ -361,6 +399,8 @@ def main() -> None:
                    help="also rebalance the experts and flush the prefix caches, in turn, "
                    "every --admin-every seconds (default: $PDSERVE_ADMIN_TOKEN)")  # fmt: skip
     p.add_argument("--admin-every", type=float, default=5.0)
+    p.add_argument("--grpc", help="HOST:PORT of the server's gRPC API: a quarter of the "
+                   "clients call it (Generate, cancelled calls, Abort, bad calls)")  # fmt: skip
     args = p.parse_args()
     code = asyncio.run(
         soak(
@@ -370,6 +410,7 @@ def main() -> None:
             args.seed,
             args.admin_token,
             args.admin_every,
+            args.grpc,
         )
     )
     sys.exit(code)

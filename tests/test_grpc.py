@@ -3,10 +3,12 @@ streaming generate, abort, cancellation, health, reflection, admin calls and sta
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -290,6 +292,23 @@ def test_cli_over_grpc(server):
     p = subprocess.run([*base, "rebalance", "--grpc", server.grpc_address, "--token", "bad-token"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert p.returncode == 1 and "PERMISSION_DENIED" in p.stderr
+
+
+@pytest.mark.timeout(240)
+def test_soak_over_grpc_and_http_leaves_nothing_held(server):
+    """`benchmarks/soak.py --grpc`: gRPC calls (streamed, final-only, cancelled, aborted, bad)
+    beside HTTP ones and admin rebalances on the expert-parallel pool, every answer checked,
+    then every rank idle with no KV page held (the script exits 1 otherwise)."""
+    root = Path(__file__).resolve().parents[1]
+    args = ["--url", server.url, "--grpc", server.grpc_address, "--duration", "10",
+            "--concurrency", "4", "--admin-token", TOKEN, "--admin-every", "3"]  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "benchmarks/soak.py", *args], cwd=root, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)}, timeout=200,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "0 unexpected answer(s), 0 leak(s)" in p.stdout
+    assert "grpc-generate" in p.stdout and "/admin/rebalance" in p.stdout, p.stdout
 
 
 def test_stubs_are_generated_from_the_proto():
