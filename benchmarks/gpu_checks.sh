@@ -108,6 +108,10 @@ case "$step" in
       echo "== $topology" | tee -a "$log"
       # shellcheck disable=SC2086
       "$PY" -m orchestrator.cli bench --url http://127.0.0.1:30000 $bench_args 2>&1 | tee -a "$log"
+      echo "== $topology, sampled (temperature 0.8, top_p 0.95)" | tee -a "$log"
+      # shellcheck disable=SC2086
+      "$PY" -m orchestrator.cli bench --url http://127.0.0.1:30000 $bench_args \
+        --temperature 0.8 --top-p 0.95 2>&1 | tee -a "$log"
       "$PY" -m orchestrator.cli status --url http://127.0.0.1:30000 2>&1 | tee -a "$log"
       kill -TERM "$server"
       wait "$server"
