@@ -23,7 +23,11 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("num_q", "ctx_len"), [(1, 1), (7, 7), (64, 64), (5, 23), (1, 40)])
+@pytest.mark.parametrize(
+    ("num_q", "ctx_len"),
+    # Past CAUSAL_BLOCK (64) queries go in blocks: a partial last block, a cached prefix.
+    [(1, 1), (7, 7), (64, 64), (5, 23), (1, 40), (65, 65), (200, 200), (150, 330)],
+)
 def test_causal_attention_matches_per_query_reference(num_q, ctx_len, dtype):
     g = torch.Generator().manual_seed(num_q * 100 + ctx_len)
     heads, dim, v_dim = 3, 24, 16  # v narrower than q/k, as in MLA

@@ -202,6 +202,9 @@ class MLAttention(nn.Module):
         return out.transpose(0, 1)
 
 
+CAUSAL_BLOCK = 64  # queries per block of `causal_attention`
+
+
 def causal_attention(
     q: torch.Tensor,  # [heads, n, d]
     k: torch.Tensor,  # [heads, L, d], the n queries' own keys last
@@ -209,8 +212,24 @@ def causal_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention of the last `n` of `L` positions to every position up to their own: query i
-    sits at `L - n + i`. Softmax in float32. Returns `[heads, n, dv]`."""
+    sits at `L - n + i`. Softmax in float32. Returns `[heads, n, dv]`.
+
+    More than `CAUSAL_BLOCK` queries go a block at a time, each against the keys up to its
+    last query only: a long prompt's scores are then a staircase, not the whole square of
+    which the causal mask throws half away (1024 queries: 53% of the work, and a block of
+    scores at a time in memory; a prefill of 8 x 1024 tokens of the tiny model on one CPU
+    thread went from 820 to 330 ms, blocks of 64 and 128 alike, 256 and 512 slower)."""
     num_q, ctx_len = q.shape[1], k.shape[1]
+    if num_q > CAUSAL_BLOCK:
+        out = q.new_empty(q.shape[0], num_q, v.shape[-1])
+        before = ctx_len - num_q  # keys before the first query's own
+        for start in range(0, num_q, CAUSAL_BLOCK):
+            end = min(start + CAUSAL_BLOCK, num_q)
+            visible = before + end
+            out[:, start:end] = causal_attention(
+                q[:, start:end], k[:, :visible], v[:, :visible], scale
+            )
+        return out
     bias = torch.full((num_q, ctx_len), float("-inf"), dtype=q.dtype, device=q.device)
     bias = bias.triu(ctx_len - num_q + 1)
     scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
