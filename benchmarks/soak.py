@@ -40,13 +40,21 @@ class Unexpected(Exception):
 
 
 class Soak:
-    def __init__(self, session: aiohttp.ClientSession, url: str, info: dict[str, Any]):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        info: dict[str, Any],
+        long_share: float = 1.0,
+    ):
         self.session, self.url, self.info = session, url, info
         self.vocab = int(info["vocab_size"])
         self.max_context = min(int(info["max_context_len"]), int(info["kv_capacity_tokens"]))
+        # Long prompts: up to this share of the context (or of a smaller KV cache).
+        self.long_top = max(2, min(3000, int(self.max_context * long_share) - 64))
 
     def prompt(self, rng: random.Random, long: bool = False) -> list[int]:
-        top = min(3000, self.max_context - 64)  # long: most of a small KV cache
+        top = self.long_top
         n = rng.randint(top // 2, top) if long else rng.randint(1, 200)
         return [rng.randrange(2, self.vocab) for _ in range(n)]
 
@@ -339,6 +347,7 @@ async def soak(
     admin_token: str | None = None,
     admin_every_s: float = 5.0,
     grpc_address: str | None = None,
+    long_share: float = 1.0,
 ) -> int:
     timeout = aiohttp.ClientTimeout(total=300, sock_connect=30)
     async with aiohttp.ClientSession(
@@ -346,7 +355,7 @@ async def soak(
     ) as session:
         async with session.get(url + "/v1/stats") as resp:
             info = next(r["info"] for r in (await resp.json())["ranks"] if r.get("info"))
-        s = Soak(session, url, info)
+        s = Soak(session, url, info, long_share)
         seen: collections.Counter[str] = collections.Counter()
         failures: list[str] = []
         start = time.monotonic()
@@ -401,6 +410,9 @@ def main() -> None:
     p.add_argument("--admin-every", type=float, default=5.0)
     p.add_argument("--grpc", help="HOST:PORT of the server's gRPC API: a quarter of the "
                    "clients call it (Generate, cancelled calls, Abort, bad calls)")  # fmt: skip
+    p.add_argument("--long-share", type=float, default=1.0,
+                   help="long prompts take up to this share of the context or KV cache "
+                   "(default 1: most of it)")  # fmt: skip
     args = p.parse_args()
     code = asyncio.run(
         soak(
@@ -411,6 +423,7 @@ def main() -> None:
             args.admin_token,
             args.admin_every,
             args.grpc,
+            args.long_share,
         )
     )
     sys.exit(code)
