@@ -27,7 +27,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -251,19 +251,26 @@ MIX: list[tuple[Check, int]] = [
 ]  # fmt: skip
 
 
-async def _client(
-    soak: Soak,
+HTTP_ERRORS = (Unexpected, aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError)
+
+
+async def _calls(
+    target: Any,
+    mix: Sequence[tuple[Callable[[Any, random.Random], Awaitable[str]], int]],
+    errors: tuple[type[BaseException], ...],
     rng: random.Random,
     until: float,
     seen: collections.Counter[str],
     failures: list[str],
 ) -> None:
-    checks, weights = zip(*MIX, strict=True)
+    """One client: calls drawn from `mix` by weight until `until`; what each answered in
+    `seen`, the `errors` it raised in `failures`."""
+    checks, weights = zip(*mix, strict=True)
     while time.monotonic() < until:
         check = rng.choices(checks, weights)[0]
         try:
-            seen[await check(soak, rng)] += 1
-        except (Unexpected, aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as e:
+            seen[await check(target, rng)] += 1
+        except errors as e:
             failures.append(f"{check.__name__}: {type(e).__name__}: {e}")
 
 
@@ -279,14 +286,9 @@ async def _grpc_client(
     from soak_grpc import GRPC_MIX, GrpcSoak, GrpcUnexpected  # beside this script
 
     s = GrpcSoak(address, vocab)
-    checks, weights = zip(*GRPC_MIX, strict=True)
+    errors = (GrpcUnexpected, grpc.aio.AioRpcError)
     try:
-        while time.monotonic() < until:
-            check = rng.choices(checks, weights)[0]
-            try:
-                seen[await check(s, rng)] += 1
-            except (GrpcUnexpected, grpc.aio.AioRpcError) as e:
-                failures.append(f"{check.__name__}: {type(e).__name__}: {e}")
+        await _calls(s, GRPC_MIX, errors, rng, until, seen, failures)
     finally:
         await s.close()
 
@@ -363,7 +365,7 @@ async def soak(
         # With gRPC a quarter of the clients (at least one) call the gRPC API.
         num_grpc = max(1, concurrency // 4) if grpc_address else 0
         clients = [
-            _client(s, random.Random(seed * 1000 + i), end, seen, failures)
+            _calls(s, MIX, HTTP_ERRORS, random.Random(seed * 1000 + i), end, seen, failures)
             for i in range(concurrency - num_grpc)
         ]
         if grpc_address:
