@@ -70,6 +70,12 @@ class Metrics:
             "Prompt tokens whose KV the decode ranks' prefix caches held (not transferred)",
             registry=r,
         )
+        self.kv_parked = Gauge(
+            "pdserve_kv_parked_total",
+            "Computed prompts whose pages a prefill rank took back for a prompt with decode pages "
+            "reserved (computed again once their own decode pages are)",
+            registry=r,
+        )
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
         self.finished = Counter(
             "pdserve_request_finish",
@@ -128,6 +134,7 @@ class Metrics:
         self.prefix_queried.set(sum(s.num_prefix_queried_tokens for s in live))
         self.prefix_hits.set(sum(s.num_prefix_hit_tokens for s in live))
         self.transfer_skipped.set(sum(s.num_transfer_skipped_tokens for s in live))
+        self.kv_parked.set(sum(s.num_parked for s in live))
         router = gc_pauses.PROCESS
         gc_by_process = [("router", router.seconds, router.longest_s)] + [
             (f"rank-{i}", s.gc_seconds, s.gc_longest_pause_s)

@@ -74,6 +74,9 @@ class RoutedRequest:
     # A prompt being scored on a prefill rank that does the whole request: its prompt tokens
     # count as queued there until its first token (so scoring requests spread by load too).
     queued_here: bool = False
+    # Each side's `add_request` (rank, future): an abort is sent once its add reached the rank.
+    adds: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
+    aborted: bool = False  # the client asked (`Router.abort`): a failure then is the abort's
 
 
 class RankTable:

@@ -73,6 +73,7 @@ class Router:
         self._requests: dict[str, RoutedRequest] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         # Set when the server shuts down gracefully: new requests are refused (503, /health
         # says "draining") while the ones in flight run to their end.
         self.draining = False
@@ -81,6 +82,7 @@ class Router:
 
     async def start(self) -> None:
         """Start one task per rank: wait for it to be ready, then read its output until `close`."""
+        self.loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._run_rank(i), name=f"router-rank-{i}")
@@ -320,8 +322,10 @@ class Router:
             )
             # Decode side first, so that its receive is posted while the prompt computes.
             add_ref = self.ranks.add(rank, request)
+            req.adds.append((rank, add_ref))
             if prefill_rank is not None:
                 prefill_ref = self.ranks.add(prefill_rank, request)
+                req.adds.append((prefill_rank, prefill_ref))
             # A timer, not `asyncio.wait_for`: before Python 3.12, wait_for swallows a
             # cancellation (client gone) that coincides with a delta arriving. It runs from the
             # start: a rank that cannot be reached must not hold the request past its timeout.
@@ -361,6 +365,9 @@ class Router:
                         error=f"the request timed out after {timeout_s:g} s",
                     )
                     return
+                if req.aborted and delta.finish_reason is FinishReason.ERROR:
+                    # Aborted by the client: one side's abort failed the other's transfer.
+                    delta.finish_reason, delta.error = FinishReason.ABORT, None
                 num_output_tokens = delta.num_output_tokens or num_output_tokens
                 out = to_output(delta, detok)
                 # Finished on the rank (an error may come from the router or the other side of a
@@ -396,9 +403,13 @@ class Router:
         req = self._requests.get(rid)
         if req is None:
             return False
-        await self.ranks.handles[req.rank].abort.remote(rid)
-        if req.prefill_rank is not None:
-            await self.ranks.handles[req.prefill_rank].abort.remote(rid)
+        req.aborted = True
+        # After each side's add: an abort that overtook its add would miss the request there
+        # (adds leave in batches; a threaded actor may run calls out of order), leaving that
+        # side to wait for its transfer to time out — and the request to be retried.
+        await asyncio.gather(
+            *(self._abort_after(self.ranks.handles[r], ref, rid) for r, ref in req.adds)
+        )
         return True
 
     async def flush_prefix_cache(self) -> int:

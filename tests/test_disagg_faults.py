@@ -1,7 +1,8 @@
 """Disaggregated serving when something fails: a prefill or decode rank killed mid-load
 (its requests fail with an error naming the rank, or are retried on another pair, and the
 pool recovers), a rank refusing a request by fault injection, a decode rank that never posts
-its receive (the transfer times out), a client gone during a transfer (both sides freed),
+its receive (the transfer times out), a client gone during a transfer (both sides freed), an
+abort sent in the same instant as its request,
 and a rank of a two-rank expert-parallel pool killed (both restart and serve)."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from tests.disagg_calls import _generate, _generate_async, _greedy, _wait_all_pages_free
+from workers.engine.messages import SamplingParams
 
 pytest.importorskip("workers.transfer")
 pytestmark = pytest.mark.timeout(300)
@@ -176,7 +178,7 @@ def test_decode_rank_that_never_posts_its_receive_fails_the_request_cleanly(laun
         server.stop()
 
 
-def test_client_gone_during_a_transfer_frees_both_sides(launch_tiny):
+def test_client_gone_during_a_transfer_or_an_abort_at_once_frees_both_sides(launch_tiny):
     import ray
 
     server = launch_tiny(allow_fault_injection=True, transfer_timeout_s=60.0)
@@ -212,8 +214,38 @@ def test_client_gone_during_a_transfer_frees_both_sides(launch_tiny):
                    httpx.get(f"{server.url}/v1/stats").json()["ranks"])  # fmt: skip
         r = _generate(server.url, list(range(5, 90)), 8)
         assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
+
+        # An abort in the same event-loop pass as the request (its adds have not left yet)
+        # reaches both ranks after them: the request ends as aborted, at once, not retried.
+        # (An abort that overtook its add was a no-op on that rank: a lost decode-side abort
+        # left the request running; a prefill side aborted alone failed the decode side's
+        # receive, and the router retried what the client had aborted.)
+        router = server.router
+        assert router.loop is not None
+        sampling = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
+
+        async def abort_at_once(rid: str) -> tuple[bool, list[Any]]:
+            outs = router.generate(list(range(5, 90)), sampling, rid=rid)
+            task = asyncio.ensure_future(_collect(outs))
+            await asyncio.sleep(0)  # the request registered, its adds scheduled
+            assert rid in router._requests
+            found = await router.abort(rid)
+            return found, await asyncio.wait_for(task, 20)
+
+        retries = router.num_retries
+        for i in range(3):
+            call = abort_at_once(f"abort-at-once-{i}")
+            found, outs = asyncio.run_coroutine_threadsafe(call, router.loop).result(60)
+            assert found and outs[-1].finish_reason == "abort", outs[-1]
+            assert sum(len(o.token_ids) for o in outs) < 100
+        assert router.num_retries == retries
+        _wait_all_pages_free(server.url, timeout_s=15)
     finally:
         server.stop()
+
+
+async def _collect(outs: Any) -> list[Any]:
+    return [out async for out in outs]
 
 
 def test_expert_parallel_pool_recovers_from_a_dead_rank(launch_tiny):

@@ -291,6 +291,7 @@ class Engine:
             num_prefix_queried_tokens=self.kv.allocator.num_queried_tokens,
             num_prefix_hit_tokens=self.kv.allocator.num_hit_tokens,
             num_transfer_skipped_tokens=self.scheduler.num_reused_tokens,
+            num_parked=self.scheduler.num_parked,
         )
 
     # ---- one step ---------------------------------------------------------------------------
@@ -361,6 +362,9 @@ class Engine:
         seq.token_ids.append(token)
         self.num_generated_tokens += 1
         if seq.prefill_only:
+            if seq.kept_first is not None:  # computed again after being parked
+                (token, logprob), seq.kept_first = seq.kept_first, None
+                seq.token_ids[-1] = token
             seq.first_logprob = logprob
             self.scheduler.hand_off(seq)
             self._handoffs.append(seq)

@@ -8,7 +8,10 @@ Prefill rank: a request whose prefill is done (`Engine.take_handoffs`) is sent â
 layers, plus the first sampled token â€” to the decode rank's pages named by its `TransferTarget`,
 which the router forwards (`set_target`; it may arrive before or after the prefill finishes, and
 takes effect at once, not after the step in progress). Its pages are freed when the transfer
-reports, success or not.
+reports, success or not. A request still without a target may have its transfer withdrawn and
+its pages taken back for a request whose target came (`withdraw`, called by the scheduler; see
+`workers.engine.scheduler`): it is parked until its own target comes, and fails as its transfer
+would have if that is not within the transfer timeout of its hand-off.
 
 Decode rank: a request that got pages (`Engine.take_reserved`) posts a receive
 (`post_receives`, before each step as well as after it, so that the target reaches the prefill
@@ -66,7 +69,29 @@ class KVHandoff:
         self._aborted: set[str] = set()  # in flight, aborted: report ABORT, not an error
         self._quarantine: list[tuple[float, str]] = []  # (free after, rid)
         self._withheld: set[str] = set()  # decode: receives withheld by an injected fault
+        # Prefill: requests parked (withdrawn), each with when it fails unless a target came.
+        self._parked: dict[str, float] = {}
         self.faults: Counter[str] = Counter()  # armed fault -> how many requests it hits
+
+    def bind(self, engine: Engine) -> None:
+        """Let `engine`'s scheduler see which requests have targets and take back the pages
+        of those that do not (prefill rank)."""
+        if self.role == "prefill":
+            engine.scheduler.targeted = self._targets
+            engine.scheduler.withdraw = self.withdraw
+
+    def withdraw(self, rid: str) -> bool:
+        """Prefill rank, loop thread: take back the transfer of handed-off `rid` if it has no
+        target yet (then the caller parks it and may reuse its pages at once)."""
+        with self._lock:
+            if rid not in self._in_flight:
+                return False
+            sender = self.transfer.withdraw(rid)
+            if sender is None:
+                return False
+            self._in_flight.discard(rid)
+            self._parked[rid] = sender.deadline
+            return True
 
     def inject_fault(self, kind: str, count: int = 1) -> None:
         """Make the next `count` requests hit fault `kind` (one of `FAULTS`); for tests."""
@@ -110,6 +135,7 @@ class KVHandoff:
         with self._lock:
             self._targets.pop(rid, None)
         self._withheld.discard(rid)
+        self._parked.pop(rid, None)
         if any(r == rid for _, r in self._quarantine):
             return None  # already ended; its pages are freed when the quarantine ends
         if rid in self._in_flight:
@@ -165,6 +191,8 @@ class KVHandoff:
                         )
                     )
         now = time.monotonic()
+        if self._parked:
+            deltas.extend(self._expire_parked(engine, now))
         while self._quarantine and self._quarantine[0][0] <= now:
             engine.abort(self._quarantine.pop(0)[1])
         with self._lock:  # a target for a request that ended before its prefill did
@@ -172,6 +200,24 @@ class KVHandoff:
             for rid in stale:
                 del self._targets[rid]
         return deltas, events
+
+    def _expire_parked(self, engine: Engine, now: float) -> list[TokenDelta]:
+        """Parked requests: those whose target came compute again (the scheduler admits
+        them); those past their transfer's deadline without one fail as that transfer would."""
+        deltas = []
+        for rid, deadline in list(self._parked.items()):
+            if rid in self._targets or rid not in engine.requests:
+                del self._parked[rid]
+            elif now > deadline:
+                del self._parked[rid]
+                delta = engine.fail(
+                    rid,
+                    "KV transfer to the decode rank failed: "
+                    "timed out waiting for the receiving rank's pages",
+                )
+                if delta is not None:
+                    deltas.append(delta)
+        return deltas
 
     def post_receives(self, engine: Engine) -> list[TransferReady]:
         """Decode rank: post a receive for every request that got pages; their targets, for

@@ -297,6 +297,9 @@ class RankStats:
     num_prefix_hit_tokens: int = 0  # of those, found computed (not computed again)
     # Decode side: prompt tokens whose KV was already here (its prefix cache), not transferred.
     num_transfer_skipped_tokens: int = 0
+    # Prefill side: computed prompts whose pages were taken back for a prompt whose decode
+    # pages were reserved (`Scheduler.park`).
+    num_parked: int = 0
     # The process's garbage collector since the rank started (`workers.gc_pauses`).
     gc_seconds: float = 0.0
     gc_longest_pause_s: float = 0.0

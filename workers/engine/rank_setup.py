@@ -90,7 +90,9 @@ def open_handoff(role: str, engine: Engine, backend: str, timeout_s: float) -> K
     transfer = create_transfer_engine(
         backend, f"pdserve-{role}-{uuid.uuid4().hex[:8]}", engine.kv.data, engine.kv.page_size
     )
-    return KVHandoff(role, transfer, timeout_s)
+    handoff = KVHandoff(role, transfer, timeout_s)
+    handoff.bind(engine)
+    return handoff
 
 
 def rank_info(engine: Engine, role: str, instance: int, pool: PoolMember | None) -> RankInfo:

@@ -10,11 +10,21 @@ for lack of memory.
 Order: by `SamplingParams.priority` (lower first), then arrival; "least important" is the
 highest priority value, the newest of those. With every priority equal (the default) that is
 first come, first served, and the newest is preempted.
+
+A prefill rank of a disaggregated pair also knows which requests have decode pages waiting for
+their KV (`targeted`: the decode rank reserved them and the router forwarded the target). Those
+are admitted first within their priority, and one that lacks pages takes them back from requests
+already computed whose decode pages are not reserved yet (`withdraw` says which it may take):
+such a request is *parked* — pages freed, first token kept — and computed again only once its
+target comes. Without this a prefill rank full of computed prompts waiting for decode pages,
+and a decode rank full of pages reserved for prompts the prefill rank cannot fit, would wait on
+each other until the transfer timeout.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from workers.engine.kv_cache import pages_needed
@@ -53,6 +63,13 @@ class Scheduler:
         self.awaiting_kv: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.num_reused_tokens = 0  # decode side: prompt tokens whose pages were not sent
+        # Prefill side (see the module's doc): handed-off requests holding pages, oldest first;
+        # the rids whose decode pages are reserved; whether a handed-off request's pages may be
+        # taken back (its transfer has no target yet, and is withdrawn).
+        self.handed_off: dict[str, Sequence] = {}
+        self.targeted: Container[str] = frozenset()
+        self.withdraw: Callable[[str], bool] | None = None
+        self.num_parked = 0
 
     @property
     def has_work(self) -> bool:
@@ -72,6 +89,8 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.AWAITING_KV:
             self.awaiting_kv.remove(seq)
+        elif seq.status is SeqStatus.HANDOFF:
+            del self.handed_off[seq.rid]
         self.allocator.free(seq.release_pages())
         seq.status = SeqStatus.FINISHED
 
@@ -82,6 +101,31 @@ class Scheduler:
         (status HANDOFF) until `remove` after they were sent."""
         self.running.remove(seq)
         seq.status = SeqStatus.HANDOFF
+        self.handed_off[seq.rid] = seq
+
+    def park(self, seq: Sequence) -> None:
+        """Take a handed-off request's pages back (its transfer was withdrawn): it waits, its
+        first token kept, until its target comes, then its prompt is computed again (mostly
+        from the prefix cache when the pages were not reused meanwhile)."""
+        del self.handed_off[seq.rid]
+        self.allocator.free(seq.release_pages())
+        seq.kept_first = (seq.token_ids.pop(), seq.first_logprob)
+        seq.num_computed = 0
+        seq.num_preemptions += 1  # the client is told its first run's cached tokens
+        self.num_parked += 1
+        seq.status = SeqStatus.WAITING
+        _enqueue(self.waiting, seq, first=True)
+
+    def _reclaim(self, need: int) -> bool:
+        """Park handed-off requests without a target, newest first, until `need` pages are
+        free; whether they are."""
+        if self.withdraw is not None:
+            for seq in reversed(list(self.handed_off.values())):
+                if self.allocator.can_allocate(need):
+                    break
+                if self.withdraw(seq.rid):
+                    self.park(seq)
+        return self.allocator.can_allocate(need)
 
     def expect_kv(self, seq: Sequence) -> None:
         """Queue a decode-side request for the pages its prompt's KV will be written into."""
@@ -137,24 +181,48 @@ class Scheduler:
                 batch.prefills.append((seq, num))
 
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            seq = self.waiting[0]
+            admit = self._next_admission()
+            if admit is None:
+                break  # only parked requests wait
+            seq = admit
             cached = self._take_cached_prefix(seq) if not seq.pages else 0
             num = min(seq.num_pending, budget)
             need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
-            if not self.allocator.can_allocate(need):
+            if not self.allocator.can_allocate(need) and not (
+                seq.rid in self.targeted and self._reclaim(need)
+            ):
                 if cached:  # not admitted after all: let go of the cached pages again
                     self.allocator.free(seq.release_pages())
                     seq.num_computed = 0
                 break
             if seq.num_preemptions == 0:  # what the client is told: its prompt's first run
                 seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
-            self.waiting.popleft()
+            if seq is self.waiting[0]:
+                self.waiting.popleft()
+            else:
+                self.waiting.remove(seq)
             seq.add_pages(self.allocator.allocate(need))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.prefills.append((seq, num))
             budget -= num
         return batch
+
+    def _next_admission(self) -> Sequence | None:
+        """The waiting request to admit next: the first of the best priority, or the first of
+        those with decode pages reserved (`targeted`) when any is; never a parked one without
+        its target."""
+        if not self.targeted and self.waiting[0].kept_first is None:
+            return self.waiting[0]  # the common case: queue order
+        first = None
+        for seq in self.waiting:
+            if first is not None and seq.sampling.priority != first.sampling.priority:
+                break
+            if seq.rid in self.targeted:
+                return seq
+            if first is None and seq.kept_first is None:
+                first = seq
+        return first
 
     def _take_cached_prefix(self, seq: Sequence) -> int:
         """Start a request being admitted after the published pages that match its tokens
@@ -182,6 +250,8 @@ class Scheduler:
         need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
         if need <= 0:  # the common decode step: the token fits the last page
             return True
+        if seq.rid in self.targeted:
+            self._reclaim(need)  # the pages of requests without a target go first
         while not self.allocator.can_allocate(need):
             candidates = [s for s in self.running if s.rid not in scheduled]
             victim = max(candidates, key=lambda s: (s.sampling.priority, s.arrival))

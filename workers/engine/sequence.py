@@ -55,6 +55,9 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] = []
         # Prefill side: the first token's logprob (when asked), sent along with the KV.
         self.first_logprob: TokenLogprob | None = None
+        # Prefill side, parked (`Scheduler.park`): the first token and its logprob, sampled
+        # before its pages were taken back; its next prefill sends them instead of a new draw.
+        self.kept_first: tuple[int, TokenLogprob | None] | None = None
         # Structured output: where the output stands in its constraint (None: free text).
         self.matcher: Matcher | None = None
         self._slots: torch.Tensor | None = None

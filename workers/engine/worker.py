@@ -175,6 +175,9 @@ class EngineWorker:
             raise RuntimeError("set_transfer_targets: this rank is not disaggregated")
         for rid, target in targets:
             self.handoff.set_target(rid, target)
+        with self._lock:  # a waiting request with a target may now go first (or take pages)
+            self._woken = True
+            self._lock.notify_all()
 
     def stream_address(self) -> StreamAddress:
         """Where the router connects for this rank's output (see `workers.engine.delta_stream`);

@@ -18,7 +18,8 @@ Page ownership (the caller allocates and frees pages; the engine never does):
   out of use for a grace period before reuse.
 
 Every transfer reports exactly one `TransferResult` per side — on success, timeout (no target,
-no completion within `timeout_s`), abort, a layout mismatch, a dead peer, or `close` — and no
+no completion within `timeout_s`), abort, a layout mismatch, a dead peer, or `close` — except a
+sender taken back by `withdraw` before it had a target, which reports nothing; and no
 call blocks on the network: the API only records intent; the engine's thread does the rest.
 """
 
@@ -28,7 +29,7 @@ import logging
 import time
 
 from workers.transfer.handles import KVReceiver, KVSender
-from workers.transfer.messages import FirstLogprob, TransferResult, TransferTarget
+from workers.transfer.messages import FirstLogprob, TransferResult, TransferState, TransferTarget
 from workers.transfer.pages import check_pages
 from workers.transfer.state_machine import TransferStateMachine
 
@@ -98,6 +99,20 @@ class KVTransferEngine(TransferStateMachine):
             if sender is not None and sender.target is None:
                 sender.target = target
                 self._cv.notify_all()
+
+    def withdraw(self, transfer_id: str) -> KVSender | None:
+        """Sending side: take back a sender that has no target yet, as if it had never been
+        sent — no result, its pages the caller's again at once (nothing was written). The
+        withdrawn sender, or None when there is none without a target (it has one: it may be
+        writing already; or it ended)."""
+        with self._cv:
+            sender = self._senders.get(transfer_id)
+            if sender is None or sender.target is not None or sender._abort is not None:
+                return None
+            del self._senders[transfer_id]
+            sender.state, sender.error = TransferState.FAILED, "withdrawn"
+            self._cv.notify_all()
+        return sender
 
     def abort(self, transfer_id: str, reason: str = "aborted") -> None:
         """Either side; idempotent, and a no-op for an unknown or finished transfer. The

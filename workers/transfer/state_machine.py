@@ -306,8 +306,9 @@ class TransferStateMachine(ABC):
             0 if error else num_bytes, time.monotonic() - s.started,
         )  # fmt: skip
         with self._cv:
-            if self._senders.pop(s.transfer_id, None) is not s:
-                return
+            if self._senders.get(s.transfer_id) is not s:
+                return  # ended, or withdrawn (and maybe sent anew under the same id)
+            del self._senders[s.transfer_id]
             s.error = error
             s.state = TransferState.FAILED if error else TransferState.SUCCESS
             self._results.append(result)
