@@ -56,14 +56,11 @@ def test_soak_mixed_traffic_leaves_nothing_held(tiny_server) -> None:
     aborts, bad calls, long prompts on a small KV cache, every answer checked, then every rank
     idle with no page held (the script exits 1 otherwise).
 
-    Long prompts stay within a quarter of the KV cache here: prompts that each fill most of
-    a 2048-token cache on both ranks of a disaggregated pair can hold each other up until
-    `--transfer-timeout` (the decode rank's pages reserved for a prompt the prefill rank
-    cannot fit while its own pages wait for decode pages), which a slow CI machine reached
-    once. The full-size run stays the script's default (see docs/architecture.md)."""
+    Long prompts fill most of the 2048-token caches of both ranks of the disaggregated pair:
+    before prefill ranks took pages back from prompts without decode pages (`Scheduler.park`),
+    the two ranks could hold each other up until `--transfer-timeout`."""
     out = _run(
         "benchmarks/soak.py", "--url", tiny_server, "--duration", "12", "--concurrency", "6",
-        "--long-share", "0.25",
     )  # fmt: skip
     assert "0 unexpected answer(s), 0 leak(s)" in out, out
     assert "abort (found: True, ended: abort)" in out and "hang-up" in out, out
