@@ -122,13 +122,15 @@ class KVHandoff:
             return None
         return max(0.0, self._quarantine[0][0] - now)
 
-    def set_target(self, rid: str, target: Any) -> None:
-        """Prefill rank, any thread: where the KV of `rid` goes."""
+    def set_target(self, rid: str, target: Any) -> bool:
+        """Prefill rank, any thread: where the KV of `rid` goes. Whether `rid` is still to
+        be computed (or parked): then the target waits for its hand-off."""
         with self._lock:
             if rid in self._in_flight:
                 self.transfer.set_target(rid, target)
-            else:
-                self._targets[rid] = (target, time.monotonic())
+                return False
+            self._targets[rid] = (target, time.monotonic())
+            return True
 
     def abort(self, engine: Engine, rid: str) -> TokenDelta | None:
         """Abort `rid`; a request with a transfer in flight ends when the transfer reports."""

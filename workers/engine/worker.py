@@ -113,6 +113,9 @@ class EngineWorker:
         self._delta_stream: DeltaStream | None = None  # started by the first `stream_address`
         self._transfer_results = False  # a transfer reported: the loop must collect it
         self._woken = False  # `wake` came: join the pool's next agreement without waiting
+        # Targets that came for requests still to compute; the loop steps again when one came
+        # since its last step began (that step's schedule may not have seen it).
+        self._num_early_targets = 0
         self._error: str | None = None
         if config.preload_structured_output:
             # Before the rank reports ready: done in the background it overlapped the first
@@ -173,11 +176,11 @@ class EngineWorker:
         waiting for the step in progress."""
         if self.handoff is None:
             raise RuntimeError("set_transfer_targets: this rank is not disaggregated")
-        for rid, target in targets:
-            self.handoff.set_target(rid, target)
-        with self._lock:  # a waiting request with a target may now go first (or take pages)
-            self._woken = True
-            self._lock.notify_all()
+        waiting = [self.handoff.set_target(rid, target) for rid, target in targets]
+        if any(waiting):  # a request still to compute has a target: it may now take pages
+            with self._lock:
+                self._num_early_targets += 1
+                self._lock.notify_all()
 
     def stream_address(self) -> StreamAddress:
         """Where the router connects for this rank's output (see `workers.engine.delta_stream`);
@@ -285,10 +288,13 @@ class EngineWorker:
     def _loop(self) -> None:
         engine, handoff, mode, group = self.engine, self.handoff, _MODES[self.role], self.group
         last_busy = 0.0
+        early_targets = 0
         while True:
             with self._lock:
                 while not self._inbox and not self._stopped and not self._transfer_results:
                     if (engine.has_work and not engine.idle) or self._woken:
+                        break
+                    if self._num_early_targets != early_targets:
                         break
                     wait_s = handoff.wait_s(time.monotonic()) if handoff is not None else None
                     if group is not None:
@@ -304,6 +310,7 @@ class EngineWorker:
                 if stopping and group is None:
                     return
                 self._transfer_results = self._woken = False
+                early_targets = self._num_early_targets
                 inbox, self._inbox = self._inbox, deque()
                 fail_step = self._take_fault("fail_step")
             deltas: list[TokenDelta] = []
