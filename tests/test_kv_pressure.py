@@ -182,6 +182,35 @@ def test_a_parked_request_without_a_target_fails_at_its_transfer_timeout(ckpt):
         decode.close()
 
 
+def test_a_prompt_waiting_its_turn_longer_than_the_transfer_timeout_still_completes(ckpt):
+    """The decode rank reserved x's pages and its target reached the prefill rank, which does
+    not get to x for over three transfer timeouts (busy: its engine is not stepped here, its
+    hand-off is): the prefill rank keeps x's receive waiting, and x completes."""
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = {"x": _prompt(random.Random(2), 40)}
+    expected = _expected(ckpt.path, prompts, greedy)
+    prefill = _Rank(ckpt.path, "prefill", 64, timeout_s=0.6)
+    decode = _Rank(ckpt.path, "decode", 64, timeout_s=0.6)
+    router = _Router(prefill_of={"x": prefill})
+    try:
+        decode.add("x", prompts["x"], greedy)
+        prefill.add("x", prompts["x"], greedy)
+        _, events = decode.step()
+        (ready,) = events
+        prefill.handoff.set_target(ready.rid, ready.target)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            deltas, more = prefill.handoff.after_step(prefill.engine)
+            deltas += decode.step()[0]
+            assert not deltas and not more, [d.error for d in deltas]
+            time.sleep(0.01)
+        router.run([prefill, decode], {"x"})
+        assert not router.errors and router.tokens == expected
+    finally:
+        prefill.close()
+        decode.close()
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])  # 40 more seeds pass as well
 def test_crossed_pairs_under_kv_pressure_all_complete(ckpt, seed):
     """Two prefill and two decode ranks with caches of about two prompts, requests on random

@@ -166,6 +166,30 @@ def test_local_timeouts_on_both_sides(engines):
 
 
 @pytest.mark.timeout(10)
+def test_local_keep_alive_holds_a_receive_past_its_timeout(engines):
+    """A sender still computing the request says so (`keep_alive`): the receive waits a
+    timeout from each word, then completes once the pages come; with no word it times out
+    a timeout after the last one."""
+    src, dst = engines(1), engines()
+    receiver = dst.expect("kept", [2], timeout_s=0.3)
+    quiet = dst.expect("quiet", [3], timeout_s=0.3)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.9:  # three timeouts
+        src.keep_alive([receiver.target, quiet.target] if time.monotonic() - t0 < 0.4 else
+                       [receiver.target])  # fmt: skip
+        time.sleep(0.1)
+    # `quiet`, told until about 0.4 s, timed out a timeout after its last word; `kept` waits.
+    (ended,) = dst.poll()
+    assert ended.transfer_id == "quiet" and "timed out waiting for the KV" in (ended.error or "")
+    assert ended.elapsed_s > 0.35  # past its own timeout: the words moved its deadline
+    assert receiver.state is TransferState.WAITING
+    src.send("kept", [5], 7, timeout_s=5, target=receiver.target)
+    res = {r.role: r for r in _drain(src, dst, n=2)}
+    assert res["recv"].ok and res["recv"].first_token == 7 and res["send"].ok
+    assert torch.equal(_pages(dst.kv, [2]), _pages(src.kv, [5]))
+
+
+@pytest.mark.timeout(10)
 def test_local_abort_from_either_side(engines):
     src, dst = engines(1, latency_s=30), engines()
     receiver = dst.expect("r", [1], timeout_s=5)

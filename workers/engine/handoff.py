@@ -71,6 +71,8 @@ class KVHandoff:
         self._withheld: set[str] = set()  # decode: receives withheld by an injected fault
         # Prefill: requests parked (withdrawn), each with when it fails unless a target came.
         self._parked: dict[str, float] = {}
+        # Prefill: when the receivers of requests still to compute are next told to wait on.
+        self._next_keep_alive = 0.0
         self.faults: Counter[str] = Counter()  # armed fault -> how many requests it hits
 
     def bind(self, engine: Engine) -> None:
@@ -116,11 +118,12 @@ class KVHandoff:
 
     def wait_s(self, now: float) -> float | None:
         """How long the loop may sleep before `after_step` has work without being woken: until
-        the first quarantine ends (None: until woken). Transfer results wake the loop through
-        the transfer engine's `on_result`."""
-        if not self._quarantine:
-            return None
-        return max(0.0, self._quarantine[0][0] - now)
+        the first quarantine ends or the next keep-alive is due (None: until woken). Transfer
+        results wake the loop through the transfer engine's `on_result`."""
+        due = [self._quarantine[0][0]] if self._quarantine else []
+        if self._targets:
+            due.append(self._next_keep_alive)
+        return max(0.0, min(due) - now) if due else None
 
     def set_target(self, rid: str, target: Any) -> bool:
         """Prefill rank, any thread: where the KV of `rid` goes. Whether `rid` is still to
@@ -195,13 +198,32 @@ class KVHandoff:
         now = time.monotonic()
         if self._parked:
             deltas.extend(self._expire_parked(engine, now))
+        if self._targets and now >= self._next_keep_alive:
+            self._keep_receivers_waiting(engine, now)
         while self._quarantine and self._quarantine[0][0] <= now:
             engine.abort(self._quarantine.pop(0)[1])
-        with self._lock:  # a target for a request that ended before its prefill did
-            stale = [rid for rid, (_, t) in self._targets.items() if now - t > 2 * self.timeout_s]
+        with self._lock:  # a target for a request that ended (or never came) here
+            stale = [
+                rid for rid, (_, t) in self._targets.items()
+                if now - t > 2 * self.timeout_s and rid not in engine.requests
+            ]  # fmt: skip
             for rid in stale:
                 del self._targets[rid]
         return deltas, events
+
+    def _keep_receivers_waiting(self, engine: Engine, now: float) -> None:
+        """Prefill rank: tell the decode ranks waiting for requests still queued or computing
+        here (for a third of the timeout or longer) that their KV is still to come, so that
+        a receive times out only when this rank is gone or cut off, not while its prompt
+        waits its turn behind others."""
+        self._next_keep_alive = now + self.timeout_s / 6
+        with self._lock:
+            waiting = [
+                target for rid, (target, since) in self._targets.items()
+                if now - since >= self.timeout_s / 3 and rid in engine.requests
+            ]  # fmt: skip
+        if waiting:
+            self.transfer.keep_alive(waiting)
 
     def _expire_parked(self, engine: Engine, now: float) -> list[TokenDelta]:
         """Parked requests: those whose target came compute again (the scheduler admits

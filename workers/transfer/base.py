@@ -49,13 +49,14 @@ class KVTransferEngine(TransferStateMachine):
         """Receiving side: the caller has reserved `dst_pages`; they will take `transfer_id`'s
         KV, from the sender's page `skip_pages` on (the caller holds the ones before). Returns
         at once; give `receiver.target` to the sending rank. Fails (a result, not an
-        exception) if the completion notification is not here within `timeout_s`. ValueError
+        exception) if the completion notification is not here within `timeout_s` — of the
+        post, or of the sender's last word (`keep_alive`, or the write's start). ValueError
         for bad pages or an id already being received."""
         pages = check_pages(dst_pages, self.layout, f"receive {transfer_id}")
         if skip_pages < 0:
             raise ValueError(f"receive {transfer_id}: skip_pages must be >= 0, got {skip_pages}")
         target = TransferTarget(transfer_id, self.info(), pages, skip_pages)
-        receiver = KVReceiver(transfer_id, target, time.monotonic() + timeout_s)
+        receiver = KVReceiver(transfer_id, target, time.monotonic() + timeout_s, timeout_s)
         with self._cv:
             self._check_open()
             if transfer_id in self._receivers:
@@ -99,6 +100,16 @@ class KVTransferEngine(TransferStateMachine):
             if sender is not None and sender.target is None:
                 sender.target = target
                 self._cv.notify_all()
+
+    def keep_alive(self, targets: list[TransferTarget]) -> None:
+        """Sending side, before `send`: tell each target's receiver that its KV is still to
+        come (the request is queued or computing here), so that its receive waits another
+        timeout from now. Best effort: a receiver that cannot be reached is not told (and
+        times out as it would have)."""
+        with self._cv:
+            self._check_open()
+            self._keep_alives.extend(targets)
+            self._cv.notify_all()
 
     def withdraw(self, transfer_id: str) -> KVSender | None:
         """Sending side: take back a sender that has no target yet, as if it had never been

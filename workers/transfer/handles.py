@@ -40,6 +40,7 @@ class KVReceiver:
     transfer_id: str
     target: TransferTarget
     deadline: float
+    timeout_s: float = 0.0  # how far a `wait` or `start` from the sender moves `deadline`
     state: TransferState = TransferState.WAITING
     error: str | None = None
     first_token: int | None = None

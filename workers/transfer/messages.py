@@ -141,14 +141,15 @@ class TransferResult:
     num_cached_tokens: int = 0
 
 
-NotificationKind = Literal["start", "done", "fail"]
+NotificationKind = Literal["start", "done", "fail", "wait"]
 
 
 @dataclass(frozen=True)
 class Notification:
     """Sender → receiver, keyed by transfer id: `start` (pages are about to flow), `done` (every
     page landed; carries the first sampled token, its logprob when asked, and how many prompt
-    tokens the sender's prefix cache held), `fail` (the sender gave up; carries why)."""
+    tokens the sender's prefix cache held), `fail` (the sender gave up; carries why), `wait`
+    (the request is still queued or computing on the sending rank: the receive waits on)."""
 
     kind: NotificationKind
     transfer_id: str
@@ -174,7 +175,7 @@ class Notification:
         """None for anything that is not one of ours (other users of the agent may notify)."""
         try:
             msg = json.loads(data)
-            if msg.get("pdkv") != 1 or msg["kind"] not in ("start", "done", "fail"):
+            if msg.get("pdkv") != 1 or msg["kind"] not in ("start", "done", "fail", "wait"):
                 return None
             token = msg.get("token")
             lp = msg.get("lp")

@@ -55,6 +55,7 @@ class TransferStateMachine(ABC):
         self._senders: dict[str, KVSender] = {}
         self._receivers: dict[str, KVReceiver] = {}
         self._results: list[TransferResult] = []
+        self._keep_alives: list[TransferTarget] = []  # receivers to tell `wait` (keep_alive)
         self._moves = 0  # progress seen by the engine's thread (notes, writes posted, ends)
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -143,6 +144,13 @@ class TransferStateMachine(ABC):
         with self._cv:
             senders = list(self._senders.values())
             receivers = list(self._receivers.values())
+            keep_alives, self._keep_alives = self._keep_alives, []
+        for target in keep_alives:
+            try:
+                self._connect(target.agent)
+                self._notify(target.agent, Notification("wait", target.transfer_id))
+            except Exception:
+                logger.debug("keep-alive to %s failed", target.agent.name, exc_info=True)
         for s in senders:
             try:
                 self._advance_send(s, now)
@@ -158,8 +166,10 @@ class TransferStateMachine(ABC):
             r = self._receivers.get(note.transfer_id)
         if r is None:  # a receive that already ended (timed out, aborted): nothing to do
             logger.debug("KV transfer engine %s: stray notification %s", self.name, note)
-        elif note.kind == "start" and r.state is TransferState.WAITING:
-            r.state = TransferState.TRANSFERRING
+        elif note.kind in ("start", "wait"):  # the sender is alive: a full timeout from now
+            r.deadline = max(r.deadline, time.monotonic() + r.timeout_s)
+            if note.kind == "start" and r.state is TransferState.WAITING:
+                r.state = TransferState.TRANSFERRING
         elif note.kind == "done":
             r.first_token, r.first_logprob = note.first_token, note.first_logprob
             r.num_cached_tokens = note.num_cached_tokens
