@@ -8,6 +8,7 @@ and a rank of a two-rank expert-parallel pool killed (both restart and serve).""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from typing import Any
@@ -240,6 +241,42 @@ def test_client_gone_during_a_transfer_or_an_abort_at_once_frees_both_sides(laun
             assert sum(len(o.token_ids) for o in outs) < 100
         assert router.num_retries == retries
         _wait_all_pages_free(server.url, timeout_s=15)
+    finally:
+        server.stop()
+
+
+def test_a_burst_the_prefill_rank_needs_longer_than_the_transfer_timeout_for(launch_tiny):
+    """A decode rank with a large cache reserves pages for a burst of long prompts at once;
+    the prefill rank computes them for longer than `--transfer-timeout`. It keeps the decode
+    rank's receives waiting (NIXL `wait` notifications): every request completes. (Before,
+    each receive timed out two seconds after its pages were reserved: 17 of these 32
+    failed.)"""
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(
+        page_size=16, kv_capacity_tokens=40000, device="cpu", preload_structured_output=False
+    )
+    server = launch_tiny(engine=engine, transfer_timeout_s=2.0)
+    try:
+        rng = random.Random(4)
+        prompts = [[rng.randrange(5, 1000) for _ in range(1900)] for _ in range(32)]
+
+        async def burst() -> list[tuple[int, str]]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(
+                    *(_generate_async(client, server.url, p, 8) for p in prompts)
+                )
+
+        started = time.monotonic()
+        answers = asyncio.run(burst())
+        elapsed = time.monotonic() - started
+        failed = [text for status, text in answers if status != 200]
+        assert not failed, f"{len(failed)} failed: {failed[0]}"
+        assert all(len(json.loads(text)["output_ids"]) == 8 for _, text in answers)
+        assert elapsed > 2.0, f"the burst took {elapsed:.1f} s: not longer than the timeout"
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "pdserve_request_retries_total 0.0" in metrics
+        _wait_all_pages_free(server.url)
     finally:
         server.stop()
 
