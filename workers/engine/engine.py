@@ -362,9 +362,10 @@ class Engine:
         seq.token_ids.append(token)
         self.num_generated_tokens += 1
         if seq.prefill_only:
-            if seq.kept_first is not None:  # computed again after being parked
+            if seq.kept_first is not None:  # computed again after being parked: drawn before
                 (token, logprob), seq.kept_first = seq.kept_first, None
                 seq.token_ids[-1] = token
+                self.num_generated_tokens -= 1
             seq.first_logprob = logprob
             self.scheduler.hand_off(seq)
             self._handoffs.append(seq)

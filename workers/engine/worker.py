@@ -43,6 +43,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.delta_stream import DeltaStream, StreamAddress
 from workers.engine.engine import Engine, resolve_device
 from workers.engine.handoff import FAULTS, RANK_FAULTS, KVHandoff
+from workers.engine.inbox import Message, apply_inbox
 from workers.engine.messages import (
     GenerateRequest,
     RankInfo,
@@ -104,7 +105,7 @@ class EngineWorker:
         self.allow_fault_injection = allow_fault_injection
         self._info = rank_info(self.engine, role, instance, pool)
         self._lock = threading.Condition()
-        self._inbox: deque[tuple[str, Any]] = deque()
+        self._inbox: deque[Message] = deque()  # see `workers.engine.inbox`
         self._outbox: dict[str, TokenDelta] = {}
         self._stream = StreamBuffer(config.stream_interval)  # used by the loop thread only
         self._events: list[TransferReady] = []
@@ -313,30 +314,8 @@ class EngineWorker:
                 early_targets = self._num_early_targets
                 inbox, self._inbox = self._inbox, deque()
                 fail_step = self._take_fault("fail_step")
-            deltas: list[TokenDelta] = []
+            deltas = apply_inbox(inbox, engine, handoff, mode)
             events: list[TransferReady] = []
-            for kind, payload in inbox:
-                if kind == "add":
-                    try:
-                        engine.add(payload, "full" if payload.generate_here else mode)
-                    except ValueError as e:
-                        deltas.append(TokenDelta.failure(payload.rid, str(e)))
-                elif kind == "fault":
-                    assert handoff is not None
-                    try:
-                        handoff.inject_fault(*payload)
-                    except ValueError as e:
-                        logger.error("fault injection refused: %s", e)
-                elif kind == "call":
-                    fn, future = payload
-                    try:
-                        future.set_result(fn())
-                    except Exception as e:
-                        future.set_exception(e)
-                else:
-                    delta = handoff.abort(engine, payload) if handoff else engine.abort(payload)
-                    if delta is not None:
-                        deltas.append(delta)
             if handoff is not None and handoff.role == "decode":
                 # Receives first: their targets go out while this step computes.
                 engine.reserve_kv()
