@@ -24,7 +24,7 @@ each other until the transfer timeout.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 
 from workers.engine.kv_cache import pages_needed
@@ -180,11 +180,10 @@ class Scheduler:
             else:
                 batch.prefills.append((seq, num))
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            admit = self._next_admission()
-            if admit is None:
-                break  # only parked requests wait
-            seq = admit
+        room = budget > 0 and len(self.running) < self.max_running
+        for seq in self._admission_order() if self.waiting and room else ():
+            if budget == 0 or len(self.running) >= self.max_running:
+                break
             cached = self._take_cached_prefix(seq) if not seq.pages else 0
             num = min(seq.num_pending, budget)
             need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
@@ -208,21 +207,25 @@ class Scheduler:
             budget -= num
         return batch
 
-    def _next_admission(self) -> Sequence | None:
-        """The waiting request to admit next: the first of the best priority, or the first of
-        those with decode pages reserved (`targeted`) when any is; never a parked one without
-        its target."""
-        if not self.targeted and self.waiting[0].kept_first is None:
-            return self.waiting[0]  # the common case: queue order
-        first = None
-        for seq in self.waiting:
-            if first is not None and seq.sampling.priority != first.sampling.priority:
-                break
-            if seq.rid in self.targeted:
-                return seq
-            if first is None and seq.kept_first is None:
-                first = seq
-        return first
+    def _admission_order(self) -> Iterator[Sequence]:
+        """Waiting requests in the order they are admitted: by priority, and within one
+        priority those with decode pages reserved (`targeted`) first, then the others in
+        queue order; a parked request only once its target came."""
+        queue = list(self.waiting)  # the caller takes admitted requests out of the deque
+        if not self.targeted:
+            yield from (seq for seq in queue if seq.kept_first is None)
+            return
+        start = 0
+        while start < len(queue):
+            end, priority = start + 1, queue[start].sampling.priority
+            while end < len(queue) and queue[end].sampling.priority == priority:
+                end += 1
+            group = queue[start:end]
+            yield from (seq for seq in group if seq.rid in self.targeted)
+            yield from (
+                seq for seq in group if seq.rid not in self.targeted and seq.kept_first is None
+            )
+            start = end
 
     def _take_cached_prefix(self, seq: Sequence) -> int:
         """Start a request being admitted after the published pages that match its tokens
