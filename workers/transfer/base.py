@@ -105,9 +105,10 @@ class KVTransferEngine(TransferStateMachine):
         """Sending side, before `send`: tell each target's receiver that its KV is still to
         come (the request is queued or computing here), so that its receive waits another
         timeout from now. Best effort: a receiver that cannot be reached is not told (and
-        times out as it would have)."""
+        times out as it would have); nothing is sent once the engine is closed."""
         with self._cv:
-            self._check_open()
+            if self._closed:
+                return
             self._keep_alives.extend(targets)
             self._cv.notify_all()
 
