@@ -337,6 +337,15 @@ async def accepted_or_first(
     return early
 
 
+async def abort_after(handle: Any, add_ref: Any, rid: str) -> None:
+    """Abort `rid` on the rank behind `handle` once its `add_request` (`add_ref`) reached it:
+    adds leave in batches and calls to a threaded actor may run out of order, so an abort sent
+    earlier could miss the request there. Errors are ignored (a dead rank holds nothing)."""
+    with contextlib.suppress(Exception):
+        await add_ref
+        await handle.abort.remote(rid)
+
+
 def _log_late_refusal(task: asyncio.Future[None]) -> None:
     error = None if task.cancelled() else task.exception()
     if error is not None:

@@ -1,6 +1,6 @@
 """`Router`: request state between the HTTP front end and the engine ranks.
 
-One asyncio task per rank reads its output stream (`workers.engine.delta_stream`: frames of
+One asyncio task per rank reads its output stream (`orchestrator.rank_output`: frames of
 every request's new tokens, one per engine step) and hands each `TokenDelta` to the queue of its
 request; `generate` turns a request's deltas into `Output`s (text deltas with stop strings
 applied). A request leaves the router's table when its generator ends, however it ends; when it
@@ -19,20 +19,22 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from functools import partial
 from typing import Any
 
 from orchestrator.detokenizer import IncrementalDetokenizer
 from orchestrator.outputs import Output, to_output
+from orchestrator.rank_output import dispatch, read_output
 from orchestrator.ranks import (
     Limits,
     RankTable,
     RankUnreachable,
     RoutedRequest,
     RouterNotReady,
+    abort_after,
     accepted_or_first,
 )
 from orchestrator.tokenizer import Tokenizer
-from workers.engine.delta_stream import StreamAddress, read_frame
 from workers.engine.messages import (
     FinishReason,
     GenerateRequest,
@@ -150,7 +152,7 @@ class Router:
                 if ranks.all_loaded:
                     assert self._ready is not None
                     self._ready.set()
-                await self._read_stream(index)
+                await read_output(handle, self.stream_silence_s, partial(self._dispatch, index))
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -164,48 +166,8 @@ class Router:
                 self._ready.set()  # wake waiters: readiness is now decided (failed)
                 await asyncio.sleep(self.restart_poll_s)
 
-    async def _read_stream(self, index: int) -> None:
-        """Receive rank `index`'s output until its stream breaks or goes silent (raised)."""
-        handle = self.ranks.handles[index]
-        address: StreamAddress = await handle.stream_address.remote()
-        reader, writer = await asyncio.open_connection(address.host, address.port)
-        try:
-            writer.write(address.token.encode() + b"\n")
-            while True:
-                # The rank sends at least a heartbeat every HEARTBEAT_S.
-                async with asyncio.timeout(self.stream_silence_s):
-                    items = await read_frame(reader)
-                self._dispatch(index, items)
-        except TimeoutError:
-            raise TimeoutError(f"no output or heartbeat for {self.stream_silence_s:g} s") from None
-        except asyncio.IncompleteReadError:
-            raise ConnectionError("its output stream ended") from None
-        finally:
-            writer.close()
-
     def _dispatch(self, index: int, items: list[TokenDelta | TransferReady]) -> None:
-        """Hand one frame of rank `index`'s output to the requests it belongs to."""
-        ranks = self.ranks
-        targets: dict[int, list[tuple[str, Any]]] = {}  # prefill rank -> (rid, target)
-        for item in items:
-            req = self._requests.get(item.rid)
-            if req is None:
-                continue
-            if isinstance(item, TransferReady):
-                if req.prefill_rank is not None:
-                    targets.setdefault(req.prefill_rank, []).append((item.rid, item.target))
-                continue
-            if index == req.prefill_rank and item.finish_reason is not None:
-                # The prefill side failed: the decode side waits for KV that won't come.
-                ranks.spawn(ranks.handles[req.rank].abort.remote(item.rid))
-            elif index == req.rank and item.token_ids:
-                # Decoding: it no longer depends on (or loads) the prefill rank.
-                ranks.prompt_done(req)
-            self.num_deltas += 1
-            req.queue.put_nowait(item)
-        # One call per prefill rank for all the targets this frame brought.
-        for prefill_rank, pairs in targets.items():
-            ranks.spawn(ranks.handles[prefill_rank].set_transfer_targets.remote(pairs))
+        self.num_deltas += dispatch(self.ranks, self._requests, index, items)
 
     def _fail_requests(self, rank: int | None, message: str) -> None:
         for req in list(self._requests.values()):
@@ -299,7 +261,6 @@ class Router:
         if rid in self._requests:
             raise ValueError(f"rid: request {rid!r} is already running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
-        handle = self.ranks.handles[rank]
         req = RoutedRequest(
             rid,
             rank,
@@ -383,19 +344,8 @@ class Router:
             self._requests.pop(rid, None)
             self.ranks.release(req)
             if not finished:
-                if add_ref is not None:
-                    self.ranks.spawn(self._abort_after(handle, add_ref, rid))
-                if prefill_ref is not None and prefill_rank is not None:
-                    prefill_handle = self.ranks.handles[prefill_rank]
-                    self.ranks.spawn(self._abort_after(prefill_handle, prefill_ref, rid))
-
-    @staticmethod
-    async def _abort_after(handle: Any, add_ref: Any, rid: str) -> None:
-        """Abort `rid` once its `add_request` has reached the rank (calls to a threaded actor
-        may run out of order, so an abort sent earlier could miss the request)."""
-        with contextlib.suppress(Exception):
-            await add_ref
-            await handle.abort.remote(rid)
+                for side, ref in req.adds:
+                    self.ranks.spawn(abort_after(self.ranks.handles[side], ref, rid))
 
     async def abort(self, rid: str) -> bool:
         """Abort a running request; its generator then ends with finish_reason "abort" (what
@@ -407,9 +357,7 @@ class Router:
         # After each side's add: an abort that overtook its add would miss the request there
         # (adds leave in batches; a threaded actor may run calls out of order), leaving that
         # side to wait for its transfer to time out — and the request to be retried.
-        await asyncio.gather(
-            *(self._abort_after(self.ranks.handles[r], ref, rid) for r, ref in req.adds)
-        )
+        await asyncio.gather(*(abort_after(self.ranks.handles[r], ref, rid) for r, ref in req.adds))
         return True
 
     async def flush_prefix_cache(self) -> int:

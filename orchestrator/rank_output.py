@@ -1,0 +1,72 @@
+"""A rank's output reaching the router: its stream read frame by frame (`read_output`), each
+frame's items handed to the requests they belong to (`dispatch`).
+
+The stream is the rank's own TCP connection (`workers.engine.delta_stream`); a frame holds the
+`TokenDelta`s of its requests since the last one (at most one per request) and the
+`TransferReady` events of a decode rank, whose targets go on to the requests' prefill ranks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from orchestrator.ranks import RankTable, RoutedRequest, abort_after
+from workers.engine.delta_stream import StreamAddress, read_frame
+from workers.engine.messages import TokenDelta, TransferReady
+
+Item = TokenDelta | TransferReady
+
+
+async def read_output(
+    handle: Any, silence_s: float, on_frame: Callable[[list[Item]], None]
+) -> None:
+    """Receive the output of the rank behind actor `handle`, one `on_frame` call per frame,
+    until its stream breaks or stays silent for `silence_s` (raised: the rank is gone)."""
+    address: StreamAddress = await handle.stream_address.remote()
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        writer.write(address.token.encode() + b"\n")
+        while True:
+            # The rank sends at least a heartbeat every HEARTBEAT_S.
+            async with asyncio.timeout(silence_s):
+                items = await read_frame(reader)
+            on_frame(items)
+    except TimeoutError:
+        raise TimeoutError(f"no output or heartbeat for {silence_s:g} s") from None
+    except asyncio.IncompleteReadError:
+        raise ConnectionError("its output stream ended") from None
+    finally:
+        writer.close()
+
+
+def dispatch(
+    ranks: RankTable, requests: Mapping[str, RoutedRequest], index: int, items: list[Item]
+) -> int:
+    """Hand one frame of rank `index`'s output to the requests it belongs to (items of
+    requests that ended are dropped); the number of deltas handed over."""
+    num_deltas = 0
+    targets: dict[int, list[tuple[str, Any]]] = {}  # prefill rank -> (rid, target)
+    for item in items:
+        req = requests.get(item.rid)
+        if req is None:
+            continue
+        if isinstance(item, TransferReady):
+            if req.prefill_rank is not None:
+                targets.setdefault(req.prefill_rank, []).append((item.rid, item.target))
+            continue
+        if index == req.prefill_rank and item.finish_reason is not None:
+            # The prefill side failed: the decode side waits for KV that won't come.
+            for rank, add_ref in req.adds:
+                if rank == req.rank:
+                    ranks.spawn(abort_after(ranks.handles[rank], add_ref, item.rid))
+        elif index == req.rank and item.token_ids:
+            # Decoding: it no longer depends on (or loads) the prefill rank.
+            ranks.prompt_done(req)
+        num_deltas += 1
+        req.queue.put_nowait(item)
+    # One call per prefill rank for all the targets this frame brought.
+    for prefill_rank, pairs in targets.items():
+        ranks.spawn(ranks.handles[prefill_rank].set_transfer_targets.remote(pairs))
+    return num_deltas
