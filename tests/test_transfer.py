@@ -21,6 +21,7 @@ from workers.transfer import (
 from workers.transfer.local import LocalTransferEngine
 from workers.transfer.nixl import nixl_available
 from workers.transfer.pages import PageRun, page_runs
+from workers.transfer.wake import Waker
 
 PAGE = 4  # tokens per page in every pool here
 SRC, DST = [3, 5, 6, 7], [10, 2, 11, 4]
@@ -187,6 +188,40 @@ def test_local_keep_alive_holds_a_receive_past_its_timeout(engines):
     res = {r.role: r for r in _drain(src, dst, n=2)}
     assert res["recv"].ok and res["recv"].first_token == 7 and res["send"].ok
     assert torch.equal(_pages(dst.kv, [2]), _pages(src.kv, [5]))
+
+
+@pytest.mark.timeout(10)
+def test_a_poke_wakes_a_waiting_engine_thread_and_transfers_still_complete():
+    """`Waker`: a datagram to its address ends its wait at once; without one it sleeps the
+    timeout. Engines with poke addresses (the sender pokes the receiver when its write
+    starts) move pages as any do."""
+    sleeper, poker = Waker("127.0.0.1"), Waker()
+    try:
+        assert sleeper.address is not None and poker.address is None
+        t0 = time.monotonic()
+        assert not sleeper.wait(0.1) and time.monotonic() - t0 >= 0.09
+        poker.poke(sleeper.address)
+        t0 = time.monotonic()
+        assert sleeper.wait(5.0) and time.monotonic() - t0 < 1.0
+        sleeper.wake()
+        assert sleeper.wait(5.0) and not sleeper.wait(0.0)  # drained: one wake, one return
+    finally:
+        sleeper.close()
+        poker.close()
+
+    src = LocalTransferEngine(f"local-{next(_ids)}", _pool(1), PAGE, poke_host="127.0.0.1")
+    dst = LocalTransferEngine(f"local-{next(_ids)}", _pool(None), PAGE, poke_host="127.0.0.1")
+    try:
+        assert dst.info().poke is not None
+        receiver = dst.expect("poked", DST, timeout_s=5)
+        time.sleep(0.1)  # the receiver's thread backs off towards its longest sleep
+        src.send("poked", SRC, 7, timeout_s=5, target=receiver.target)
+        res = {r.role: r for r in _drain(src, dst, n=2)}
+        assert res["recv"].ok and res["recv"].first_token == 7 and res["send"].ok
+        assert torch.equal(_pages(dst.kv, DST), _pages(src.kv, SRC))
+    finally:
+        src.close()
+        dst.close()
 
 
 @pytest.mark.timeout(10)

@@ -88,8 +88,9 @@ def open_handoff(role: str, engine: Engine, backend: str, timeout_s: float) -> K
     from workers.transfer import create_transfer_engine
 
     transfer = create_transfer_engine(
-        backend, f"pdserve-{role}-{uuid.uuid4().hex[:8]}", engine.kv.data, engine.kv.page_size
-    )
+        backend, f"pdserve-{role}-{uuid.uuid4().hex[:8]}", engine.kv.data, engine.kv.page_size,
+        poke_host=ray.util.get_node_ip_address(),
+    )  # fmt: skip
     handoff = KVHandoff(role, transfer, timeout_s)
     handoff.bind(engine)
     return handoff

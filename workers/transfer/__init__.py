@@ -19,20 +19,22 @@ BACKENDS = ("nixl", "local")
 
 
 def create_transfer_engine(
-    backend: str, name: str, kv: torch.Tensor, page_size: int
+    backend: str, name: str, kv: torch.Tensor, page_size: int, poke_host: str | None = None
 ) -> KVTransferEngine:
     """The rank's transfer engine over its KV pool `kv: [num_layers, num_slots, kv_dim]`
     (contiguous; `num_slots = num_pages * page_size`). `name` must be unique among the ranks
     that exchange KV. `backend`: "nixl" (ranks in any processes) or "local" (one process, for
-    tests of the state machine)."""
+    tests of the state machine). `poke_host`: the address peers reach this rank at, for the
+    datagram that wakes its thread when a write into it starts (`workers.transfer.wake`;
+    None: it polls)."""
     if backend == "nixl":
         from workers.transfer.nixl import NixlTransferEngine
 
-        return NixlTransferEngine(name, kv, page_size)
+        return NixlTransferEngine(name, kv, page_size, poke_host=poke_host)
     if backend == "local":
         from workers.transfer.local import LocalTransferEngine
 
-        return LocalTransferEngine(name, kv, page_size)
+        return LocalTransferEngine(name, kv, page_size, poke_host=poke_host)
     raise ValueError(f"transfer backend must be one of {BACKENDS}, got {backend!r}")
 
 

@@ -62,7 +62,7 @@ class KVTransferEngine(TransferStateMachine):
             if transfer_id in self._receivers:
                 raise ValueError(f"transfer {transfer_id!r} is already being received")
             self._receivers[transfer_id] = receiver
-            self._cv.notify_all()
+            self._waker.wake()
         return receiver
 
     def send(
@@ -89,7 +89,7 @@ class KVTransferEngine(TransferStateMachine):
             if transfer_id in self._senders:
                 raise ValueError(f"transfer {transfer_id!r} is already being sent")
             self._senders[transfer_id] = sender
-            self._cv.notify_all()
+            self._waker.wake()
         return sender
 
     def set_target(self, transfer_id: str, target: TransferTarget) -> None:
@@ -99,7 +99,7 @@ class KVTransferEngine(TransferStateMachine):
             sender = self._senders.get(transfer_id)
             if sender is not None and sender.target is None:
                 sender.target = target
-                self._cv.notify_all()
+                self._waker.wake()
 
     def keep_alive(self, targets: list[TransferTarget]) -> None:
         """Sending side, before `send`: tell each target's receiver that its KV is still to
@@ -110,7 +110,7 @@ class KVTransferEngine(TransferStateMachine):
             if self._closed:
                 return
             self._keep_alives.extend(targets)
-            self._cv.notify_all()
+            self._waker.wake()
 
     def withdraw(self, transfer_id: str) -> KVSender | None:
         """Sending side: take back a sender that has no target yet, as if it had never been
@@ -123,7 +123,7 @@ class KVTransferEngine(TransferStateMachine):
                 return None
             del self._senders[transfer_id]
             sender.state, sender.error = TransferState.FAILED, "withdrawn"
-            self._cv.notify_all()
+            self._waker.wake()
         return sender
 
     def abort(self, transfer_id: str, reason: str = "aborted") -> None:
@@ -133,7 +133,7 @@ class KVTransferEngine(TransferStateMachine):
             for handle in (self._senders.get(transfer_id), self._receivers.get(transfer_id)):
                 if handle is not None and handle._abort is None:
                     handle._abort = reason
-            self._cv.notify_all()
+            self._waker.wake()
 
     def poll(self) -> list[TransferResult]:
         """Transfers of either side that finished since the last call."""
@@ -153,13 +153,14 @@ class KVTransferEngine(TransferStateMachine):
             if self._closed:
                 return
             self._closed = True
-            self._cv.notify_all()
+            self._waker.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
             if self._thread.is_alive():
                 logger.warning("KV transfer engine %s: thread did not stop", self.name)
                 return
         self._shutdown()
+        self._waker.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -34,8 +34,15 @@ class LocalTransferEngine(KVTransferEngine):
 
     backend: ClassVar[str] = "local"
 
-    def __init__(self, name: str, kv: torch.Tensor, page_size: int, write_latency_s: float = 0.0):
-        super().__init__(name, kv, page_size)
+    def __init__(
+        self,
+        name: str,
+        kv: torch.Tensor,
+        page_size: int,
+        write_latency_s: float = 0.0,
+        poke_host: str | None = None,
+    ):
+        super().__init__(name, kv, page_size, poke_host)
         self.write_latency_s = write_latency_s
         self._inbox: list[bytes] = []
         self._inbox_lock = threading.Lock()
@@ -46,7 +53,9 @@ class LocalTransferEngine(KVTransferEngine):
         self._start_thread()
 
     def info(self) -> AgentInfo:
-        return AgentInfo(self.name, self.backend, self.layout, self.kv.data_ptr(), 0)
+        return AgentInfo(
+            self.name, self.backend, self.layout, self.kv.data_ptr(), 0, poke=self._waker.address
+        )
 
     def _peer(self, peer: AgentInfo) -> LocalTransferEngine:
         with _REGISTRY_LOCK:

@@ -100,6 +100,7 @@ class AgentInfo:
     base_addr: int
     device_id: int
     metadata: bytes = b""
+    poke: tuple[str, int] | None = None  # UDP address that wakes its engine's thread
 
 
 @dataclass(frozen=True)

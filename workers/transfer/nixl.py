@@ -60,8 +60,15 @@ class NixlTransferEngine(KVTransferEngine):
 
     backend: ClassVar[str] = "nixl"
 
-    def __init__(self, name: str, kv: torch.Tensor, page_size: int, progress_thread: bool = False):
-        super().__init__(name, kv, page_size)
+    def __init__(
+        self,
+        name: str,
+        kv: torch.Tensor,
+        page_size: int,
+        progress_thread: bool = False,
+        poke_host: str | None = None,
+    ):
+        super().__init__(name, kv, page_size, poke_host)
         api = import_nixl()
         config = api.nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"])
         self._agent = api.nixl_agent(name, config)
@@ -78,6 +85,7 @@ class NixlTransferEngine(KVTransferEngine):
         return AgentInfo(
             name=self.name, backend=self.backend, layout=self.layout,
             base_addr=self.kv.data_ptr(), device_id=self._device_id, metadata=self._metadata,
+            poke=self._waker.address,
         )  # fmt: skip
 
     def _connect(self, peer: AgentInfo) -> None:

@@ -26,6 +26,7 @@ from workers.transfer.messages import (
     TransferTarget,
 )
 from workers.transfer.pages import PageRun, page_runs
+from workers.transfer.wake import Waker
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ CANCEL_GRACE_S = 5.0  # an aborted write that cannot be cancelled is waited for 
 ACTIVE_POLL_S, ACTIVE_POLL_MAX_S = 0.0001, 0.001  # pages in flight
 # Transfers waiting (a receiver must still progress the backend to see its notifications).
 PENDING_POLL_S, PENDING_POLL_MAX_S = 0.001, 0.002
+# ... on an engine that senders poke when they start writing into it (`workers.transfer.wake`).
+POKED_POLL_MAX_S = 0.02
 IDLE_POLL_S = 0.02
 
 
@@ -47,11 +50,13 @@ class TransferStateMachine(ABC):
 
     backend: ClassVar[str]
 
-    def __init__(self, name: str, kv: torch.Tensor, page_size: int):
+    def __init__(self, name: str, kv: torch.Tensor, page_size: int, poke_host: str | None = None):
         self.name = name
         self.kv = kv
         self.layout = KVLayout.of(kv, page_size)
-        self._cv = threading.Condition()
+        self._cv = threading.Condition()  # guards the tables below (the thread sleeps in _waker)
+        # Wakes the thread: API calls, and (at `poke_host`) peers that start a write here.
+        self._waker = Waker(poke_host)
         self._senders: dict[str, KVSender] = {}
         self._receivers: dict[str, KVReceiver] = {}
         self._results: list[TransferResult] = []
@@ -121,8 +126,9 @@ class TransferStateMachine(ABC):
             with self._cv:
                 if self._closed:
                     break
-                if self._cv.wait(self._poll_interval(quiet)):
-                    quiet = 0  # an API call (a new transfer, a target, an abort)
+                interval = self._poll_interval(quiet)
+            if self._waker.wait(interval):
+                quiet = 0  # an API call (a new transfer, a target, an abort) or a poke
         for s in list(self._senders.values()):
             self._fail_send(s, "the transfer engine was closed", cancel_grace=False)
         for r in list(self._receivers.values()):
@@ -133,7 +139,10 @@ class TransferStateMachine(ABC):
         backoff = 2 ** min(quiet, 16)
         if any(h.state is TransferState.TRANSFERRING for h in handles):
             return min(ACTIVE_POLL_S * backoff, ACTIVE_POLL_MAX_S)
-        return min(PENDING_POLL_S * backoff, PENDING_POLL_MAX_S) if handles else IDLE_POLL_S
+        if not handles:
+            return IDLE_POLL_S
+        most = POKED_POLL_MAX_S if self._waker.address is not None else PENDING_POLL_MAX_S
+        return min(PENDING_POLL_S * backoff, most)
 
     def _tick(self) -> None:
         for data in self._notifications():
@@ -229,6 +238,7 @@ class TransferStateMachine(ABC):
             return None
         s.state = TransferState.TRANSFERRING
         self._moves += 1
+        self._waker.poke(target.agent.poke)  # the receiver polls now, not at its next turn
         return self._advance_write(s, now)
 
     def _advance_write(self, s: KVSender, now: float) -> None:

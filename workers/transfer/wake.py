@@ -1,0 +1,73 @@
+"""`Waker`: how a transfer engine's thread sleeps between polls and is woken early — by its own
+API calls (a local socket pair), and by a peer that has just posted a write into its pool (a
+UDP datagram to its `address`, the *poke*).
+
+Why: a receiver learns of incoming KV only by polling its backend (NIXL has no callback), and
+polling often enough for a short request's first token (every 1–2 ms) took CPU from the rank's
+own loop on a small machine. With a poke the receiver can wait up to `POKED_POLL_MAX_S`
+between polls and still see a write at once. A lost datagram (it is UDP) costs at most that
+long. The datagram carries nothing: whatever arrives only wakes the thread, which then polls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+
+logger = logging.getLogger(__name__)
+
+
+class Waker:
+    """`poke_host`: the address peers reach this rank at (None: no poke; peers are not told)."""
+
+    def __init__(self, poke_host: str | None = None):
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._udp: socket.socket | None = None
+        self.address: tuple[str, int] | None = None  # where peers poke (AgentInfo.poke)
+        if poke_host is not None:
+            try:
+                udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                udp.bind((poke_host, 0))
+                udp.setblocking(False)
+            except OSError as e:
+                logger.warning("KV transfer: no poke address on %s (%s); polling", poke_host, e)
+            else:
+                self._udp = udp
+                self.address = (poke_host, int(udp.getsockname()[1]))
+        self._out: socket.socket | None = None  # sends pokes to peers
+
+    def wake(self) -> None:
+        """Wake the thread (from any thread; a wake-up already pending is enough)."""
+        with contextlib.suppress(OSError):  # BlockingIOError: the pair is full of wake-ups
+            self._w.send(b"\0")
+
+    def poke(self, address: tuple[str, int] | None) -> None:
+        """Wake a peer's thread at `address` (its `AgentInfo.poke`; None: it has none)."""
+        if address is None:
+            return
+        if self._out is None:
+            self._out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._out.setblocking(False)
+        try:
+            self._out.sendto(b"\0", address)
+        except OSError as e:  # best effort: the peer polls anyway
+            logger.debug("poke to %s failed: %s", address, e)
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to `timeout_s`; whether a wake-up or a poke came."""
+        sockets = [self._r] if self._udp is None else [self._r, self._udp]
+        ready, _, _ = select.select(sockets, [], [], timeout_s)
+        for sock in ready:
+            with contextlib.suppress(OSError):
+                while sock.recv(4096):
+                    pass
+        return bool(ready)
+
+    def close(self) -> None:
+        for sock in (self._r, self._w, self._udp, self._out):
+            if sock is not None:
+                sock.close()
