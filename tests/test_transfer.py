@@ -3,6 +3,7 @@ actor processes moving pages across every layer (CPU pools; CUDA pools under `-m
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import time
@@ -21,6 +22,7 @@ from workers.transfer import (
 from workers.transfer.local import LocalTransferEngine
 from workers.transfer.nixl import nixl_available
 from workers.transfer.pages import PageRun, page_runs
+from workers.transfer.state_machine import POKE_MISSES
 from workers.transfer.wake import Waker
 
 PAGE = 4  # tokens per page in every pool here
@@ -219,6 +221,28 @@ def test_a_poke_wakes_a_waiting_engine_thread_and_transfers_still_complete():
         res = {r.role: r for r in _drain(src, dst, n=2)}
         assert res["recv"].ok and res["recv"].first_token == 7 and res["send"].ok
         assert torch.equal(_pages(dst.kv, DST), _pages(src.kv, SRC))
+        assert dst._poked and dst._pokes_missed == 0  # the poke came before the write
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.timeout(20)
+def test_an_engine_whose_pokes_do_not_arrive_goes_back_to_polling_often():
+    """Pokes sent where they never arrive (a firewall, here a dead port): after
+    `POKE_MISSES` writes without one the receiver polls often again; every write lands."""
+    src = LocalTransferEngine(f"local-{next(_ids)}", _pool(1), PAGE)
+    dst = LocalTransferEngine(f"local-{next(_ids)}", _pool(None), PAGE, poke_host="127.0.0.1")
+    try:
+        assert dst._poked
+        for i in range(POKE_MISSES):
+            receiver = dst.expect(f"t{i}", [i % 8], timeout_s=5)
+            agent = dataclasses.replace(receiver.target.agent, poke=("127.0.0.1", 9))
+            target = dataclasses.replace(receiver.target, agent=agent)
+            src.send(f"t{i}", [i % 8], 7, timeout_s=5, target=target)
+            res = _drain(src, dst, n=2)
+            assert all(r.ok for r in res), res
+        assert not dst._poked
     finally:
         src.close()
         dst.close()

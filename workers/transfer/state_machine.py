@@ -41,6 +41,7 @@ ACTIVE_POLL_S, ACTIVE_POLL_MAX_S = 0.0001, 0.001  # pages in flight
 PENDING_POLL_S, PENDING_POLL_MAX_S = 0.001, 0.002
 # ... on an engine that senders poke when they start writing into it (`workers.transfer.wake`).
 POKED_POLL_MAX_S = 0.02
+POKE_MISSES = 16  # writes started in a row without a poke: pokes do not get through
 IDLE_POLL_S = 0.02
 
 
@@ -57,6 +58,8 @@ class TransferStateMachine(ABC):
         self._cv = threading.Condition()  # guards the tables below (the thread sleeps in _waker)
         # Wakes the thread: API calls, and (at `poke_host`) peers that start a write here.
         self._waker = Waker(poke_host)
+        self._pokes_missed = 0  # writes that started here in a row without a poke seen
+        self._poked = self._waker.address is not None  # poll slowly: peers poke
         self._senders: dict[str, KVSender] = {}
         self._receivers: dict[str, KVReceiver] = {}
         self._results: list[TransferResult] = []
@@ -141,7 +144,7 @@ class TransferStateMachine(ABC):
             return min(ACTIVE_POLL_S * backoff, ACTIVE_POLL_MAX_S)
         if not handles:
             return IDLE_POLL_S
-        most = POKED_POLL_MAX_S if self._waker.address is not None else PENDING_POLL_MAX_S
+        most = POKED_POLL_MAX_S if self._poked else PENDING_POLL_MAX_S
         return min(PENDING_POLL_S * backoff, most)
 
     def _tick(self) -> None:
@@ -179,12 +182,31 @@ class TransferStateMachine(ABC):
             r.deadline = max(r.deadline, time.monotonic() + r.timeout_s)
             if note.kind == "start" and r.state is TransferState.WAITING:
                 r.state = TransferState.TRANSFERRING
+                self._note_poke(r)
         elif note.kind == "done":
             r.first_token, r.first_logprob = note.first_token, note.first_logprob
             r.num_cached_tokens = note.num_cached_tokens
             self._finish_recv(r, None)
         elif note.kind == "fail":
             r._peer_error = note.error or "unknown error"
+
+    def _note_poke(self, r: KVReceiver) -> None:
+        """A write into `r` started: whether a poke came since `r` was posted. After
+        `POKE_MISSES` writes in a row without one, pokes do not get here (a firewall): poll
+        often again."""
+        if not self._poked:
+            return
+        if self._waker.last_poke >= r.started:
+            self._pokes_missed = 0
+            return
+        self._pokes_missed += 1
+        if self._pokes_missed >= POKE_MISSES:
+            self._poked = False
+            logger.warning(
+                "KV transfer engine %s: %d writes started without a poke (UDP to %s blocked?); "
+                "polling every %g ms while receives wait",
+                self.name, POKE_MISSES, self._waker.address, PENDING_POLL_MAX_S * 1000,
+            )  # fmt: skip
 
     def _advance_recv(self, r: KVReceiver, now: float) -> None:
         if r._abort is not None:

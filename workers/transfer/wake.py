@@ -7,6 +7,8 @@ polling often enough for a short request's first token (every 1–2 ms) took CPU
 own loop on a small machine. With a poke the receiver can wait up to `POKED_POLL_MAX_S`
 between polls and still see a write at once. A lost datagram (it is UDP) costs at most that
 long. The datagram carries nothing: whatever arrives only wakes the thread, which then polls.
+Where datagrams do not get through (a firewall), the engine notices writes starting without
+pokes and goes back to polling often (`TransferStateMachine._note_poke`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import logging
 import select
 import socket
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class Waker:
                 self._udp = udp
                 self.address = (poke_host, int(udp.getsockname()[1]))
         self._out: socket.socket | None = None  # sends pokes to peers
+        self.last_poke = float("-inf")  # time.monotonic() of the last poke that came
 
     def wake(self) -> None:
         """Wake the thread (from any thread; a wake-up already pending is enough)."""
@@ -61,6 +65,8 @@ class Waker:
         """Sleep up to `timeout_s`; whether a wake-up or a poke came."""
         sockets = [self._r] if self._udp is None else [self._r, self._udp]
         ready, _, _ = select.select(sockets, [], [], timeout_s)
+        if self._udp is not None and self._udp in ready:
+            self.last_poke = time.monotonic()
         for sock in ready:
             with contextlib.suppress(OSError):
                 while sock.recv(4096):
