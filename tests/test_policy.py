@@ -307,3 +307,48 @@ def test_rank_table_accounts_each_kind_of_request_back_to_zero():
     assert counters() == ([0, 0, 50], [0, 0, 0], [0, 0, 1])
     ranks.release(colocated)
     assert counters() == ([0, 0, 0], [0, 0, 0], [0, 0, 0])
+
+
+def test_adds_of_one_event_loop_pass_reach_each_rank_in_one_call():
+    """`RankTable.add` batches per rank: the adds made in one event-loop pass go out as one
+    `add_requests` call per rank, each future settles with its own refusal, and a failed call
+    fails every future of its batch; an add made in a later pass is a new call."""
+    import asyncio
+
+    from orchestrator.ranks import RankTable
+
+    calls: list[tuple[int, list[str]]] = []
+
+    class Rank:
+        def __init__(self, index: int):
+            self.index = index
+            self.add_requests = self
+
+        def remote(self, batch: list[str]) -> asyncio.Future[list[str | None]]:
+            calls.append((self.index, list(batch)))
+            future = asyncio.get_running_loop().create_future()
+            if self.index == 2:
+                future.set_exception(RuntimeError("rank 2 died"))
+            else:  # refuses the requests named "bad"
+                future.set_result([("no: " + r) if r.startswith("bad") else None for r in batch])
+            return future
+
+    async def run() -> None:
+        ranks = RankTable([Rank(i) for i in range(3)])
+        names = [(i % 3, f"bad{i}" if i % 5 == 0 else f"ok{i}") for i in range(30)]
+        futures = [ranks.add(rank, name) for rank, name in names]  # type: ignore[arg-type]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert ranks.num_add_calls == 3 and sorted(rank for rank, _ in calls) == [0, 1, 2]
+        for (rank, name), result in zip(names, results, strict=True):
+            if rank == 2:
+                assert isinstance(result, RuntimeError) and "rank 2 died" in str(result)
+            elif name.startswith("bad"):
+                assert isinstance(result, ValueError) and str(result) == "no: " + name
+            else:
+                assert result is None, (name, result)
+        for rank, batch in calls:  # each in arrival order, only its own rank's
+            assert batch == [name for r, name in names if r == rank]
+        await ranks.add(0, "ok-later")  # type: ignore[arg-type]
+        assert ranks.num_add_calls == 4 and calls[-1] == (0, ["ok-later"])
+
+    asyncio.run(run())
