@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from orchestrator.auth import bearer, same_secret
 from orchestrator.request_fields import RequestError
 from orchestrator.streaming import read_json
 from workers.engine.messages import short_error
@@ -33,13 +33,13 @@ def check_token(request: Request, token: str | None) -> None:
             "admin routes are disabled: start the server with --admin-token (or set "
             "PDSERVE_ADMIN_TOKEN)", None, 404, "not_found",
         )  # fmt: skip
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("bearer "):
+    given = bearer(request.headers.get("authorization"))
+    if given is None:
         raise RequestError(
             "missing admin token: send 'Authorization: Bearer <token>'", None, 401,
             "authentication_error",
         )  # fmt: skip
-    if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+    if not same_secret(given, token):
         raise RequestError("wrong admin token", None, 403, "permission_error")
 
 

@@ -54,6 +54,7 @@ class BenchConfig:
     # same token ids as the prompt) and `chat` (each prompt's text as one user message: its
     # token count is then what the chat template and tokenizer make of it, as reported).
     api: str = "generate"
+    api_key: str | None = None  # the server's --api-key, sent as `Authorization: Bearer`
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
@@ -159,7 +160,10 @@ def make_prompts(
 
 async def server_vocab_size(session: aiohttp.ClientSession, url: str) -> int:
     async with session.get(f"{url}/v1/stats") as resp:
-        resp.raise_for_status()
+        if resp.status != 200:
+            raise RuntimeError(
+                f"{url}/v1/stats answered {resp.status}: {(await resp.text())[:300]}"
+            )
         body = await resp.json()
     infos = [r["info"] for r in body["ranks"] if r.get("info")]
     if not infos:
@@ -243,7 +247,10 @@ async def _one_whole(
 async def run_bench(cfg: BenchConfig) -> BenchResult:
     connector = aiohttp.TCPConnector(limit=cfg.concurrency)
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=30.0)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers
+    ) as session:
         vocab = cfg.vocab_size or await server_vocab_size(session, cfg.url)
         prompts = make_prompts(
             cfg.num_prompts, cfg.input_len, vocab, cfg.seed, cfg.shared_prefix_len

@@ -32,6 +32,7 @@ class ServeConfig:
     allow_fault_injection: bool = False  # tests only: ranks accept `inject_fault`
     grpc_port: int | None = None  # the gRPC API's port (0: a free one); None: no gRPC
     admin_token: str | None = None  # enables /admin/* (Bearer token); None: admin is off
+    api_key: str | None = None  # required (Bearer) by the inference routes; None: open
     eplb_interval_s: float | None = None  # periodic expert rebalancing; None: on command only
     eplb_min_balancedness: float = 0.95  # a periodic rebalance is skipped above this
     init_expert_placement: str | None = None  # JSON file of saved placements (`--dump`)
@@ -105,6 +106,12 @@ class ServeConfig:
             raise ValueError(f"--grpc-port must be in [0, 65535], got {self.grpc_port}")
         if self.admin_token is not None and len(self.admin_token) < 8:
             raise ValueError("--admin-token must be at least 8 characters")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ValueError("--api-key must be at least 8 characters")
+        if self.api_key is not None and self.api_key == self.admin_token:
+            raise ValueError(
+                "--api-key and --admin-token must differ (every API client would be an admin)"
+            )
         if self.eplb_interval_s is not None and self.eplb_interval_s <= 0:
             raise ValueError(f"--eplb-interval-s must be > 0, got {self.eplb_interval_s}")
         if not 0.0 < self.eplb_min_balancedness <= 1.0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from orchestrator.auth import api_key_refusal, bearer, same_secret
 from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
 from orchestrator.protocol import parse_generate, prepare_call
@@ -108,6 +108,14 @@ def _logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
     ]
 
 
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's `authorization` metadata."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
 def _peer_host(peer: str) -> str:
     """`ipv4:127.0.0.1:5678` / `ipv6:[::1]:5678` → the address without the port."""
     kind, _, rest = peer.partition(":")
@@ -132,6 +140,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        await self._check_api_key(context)
         try:
             call = parse_generate(_body(request))
             if call.is_batch or len(call.calls) != 1:
@@ -210,9 +219,18 @@ class GenerationService(pb_grpc.GenerationServicer):
         except RouterNotReady as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
+    async def _check_api_key(self, context: grpc.aio.ServicerContext) -> None:
+        """With `--api-key`: the call's `authorization` metadata must carry it."""
+        if self.config.api_key is None:
+            return
+        refusal = api_key_refusal(_authorization(context), self.config.api_key)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+
     async def Abort(  # noqa: N802
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
+        await self._check_api_key(context)
         if not request.rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rid: required")
         return pb.AbortResponse(found=await self.router.abort(request.rid))
@@ -224,15 +242,14 @@ class GenerationService(pb_grpc.GenerationServicer):
                 grpc.StatusCode.UNIMPLEMENTED,
                 "admin calls are disabled: start the server with --admin-token",
             )
-        metadata = dict(context.invocation_metadata() or ())
-        header = str(metadata.get("authorization", ""))
-        if not header.lower().startswith("bearer "):
+        given = bearer(_authorization(context))
+        if given is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing admin token: send metadata 'authorization: Bearer <token>'",
             )
-        assert token is not None
-        if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+        assert token is not None and given is not None
+        if not same_secret(given, token):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
         if self.eplb is None:
             await context.abort(
@@ -296,7 +313,9 @@ class GrpcServer:
         eplb: Any = None,
         limiter: ClientLimiter | None = None,
     ):
-        self.server = grpc.aio.server()
+        # No SO_REUSEPORT (gRPC's default on Linux): with it a second server bound to a port in
+        # use starts without error and the two split the connections between them.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(
             GenerationService(router, config, eplb, limiter), self.server
         )
@@ -309,9 +328,8 @@ class GrpcServer:
         )
         reflection.enable_server_reflection(names, self.server)
         assert config.grpc_port is not None
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.grpc_port}")
-        if not self.port:
-            raise RuntimeError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
+        self.where = f"{config.host}:{config.grpc_port}"
+        self.port = 0  # bound by `start`
         self.router = router
 
     async def set_serving(self, serving: bool) -> None:
@@ -324,6 +342,14 @@ class GrpcServer:
             await self._health.set(name, status)
 
     async def start(self) -> None:
+        """Bind and serve; RuntimeError naming the address when it cannot be bound."""
+        try:
+            self.port = self.server.add_insecure_port(self.where)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            await self.server.stop(None)  # a server never started still holds gRPC's threads
+            raise RuntimeError(f"cannot bind gRPC to {self.where} (is the port in use?)")
         await self.server.start()
         await self.set_serving(False)
         self._watch = asyncio.get_running_loop().create_task(self._watch_health())

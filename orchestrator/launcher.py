@@ -10,6 +10,7 @@ For programs (the CLI, tests, benchmark scripts):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -215,9 +216,14 @@ class ServerThread:
             timeout_graceful_shutdown=5,
         )
         self.server = uvicorn.Server(config)
+        self.app = app
         self.host = host
         self.port = port
-        self._thread = threading.Thread(target=self.server.run, name="pdserve-http", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="pdserve-http", daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits so when it cannot start: see start
+            self.server.run()
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start serving; return once it listens (`port` is then the bound port)."""
@@ -225,7 +231,13 @@ class ServerThread:
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self._thread.is_alive():
-                raise RuntimeError(f"the HTTP server failed to start on {self.host}:{self.port}")
+                error = getattr(self.app.state, "startup_error", None)
+                if error is not None:
+                    raise RuntimeError(f"the server failed to start: {error}") from error
+                raise RuntimeError(
+                    f"the HTTP server failed to start on {self.host}:{self.port} (is the port "
+                    "in use? uvicorn's error is above)"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError("the HTTP server did not start in time")
             time.sleep(0.02)

@@ -7,6 +7,7 @@ Its other routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/
 admin routes (`orchestrator.admin`). Bad requests get 400 (413 for a body over the limit) with
 `{"error": {"message", "type", "param"}}`; 503 while no rank can serve. A stream ends with
 `data: [DONE]`; a failure after the stream started is sent as a `data: {"error": ...}` event.
+With `--api-key`, `orchestrator.auth.RequireApiKey` answers 401 to a call without it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from orchestrator.admin import ADMIN_ROUTES, add_admin_routes
+from orchestrator.auth import OPEN_ROUTES, RequireApiKey
 from orchestrator.config import ServeConfig
 from orchestrator.http_context import HttpContext, client_of, error_status, gather_all, refused
 from orchestrator.limits import ClientLimiter
@@ -70,30 +72,40 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await _start(app)
+        except Exception as e:  # uvicorn logs it and exits; the launcher reports it
+            app.state.startup_error = e
+            raise
+        try:
+            yield
+        finally:
+            if app.state.grpc_server is not None:
+                await app.state.grpc_server.stop()
+            if manage_router:
+                await router.close()
+
+    async def _start(app: FastAPI) -> None:
         if manage_router:
             await router.start()
         # Structured output checks each constraint with xgrammar, whose import (torch,
         # transformers) takes seconds: done now, off the event loop, not on the first request.
         threading.Thread(target=xgrammar_available, name="import-xgrammar", daemon=True).start()
-        grpc_server = None
         if config.grpc_port is not None:
             from orchestrator.grpc_server import GrpcServer
 
-            grpc_server = GrpcServer(router, config, eplb, app.state.limiter)
-            await grpc_server.start()
-            app.state.grpc_port = grpc_server.port
-        try:
-            yield
-        finally:
-            if grpc_server is not None:
-                await grpc_server.stop()
-            if manage_router:
-                await router.close()
+            app.state.grpc_server = GrpcServer(router, config, eplb, app.state.limiter)
+            await app.state.grpc_server.start()
+            app.state.grpc_port = app.state.grpc_server.port
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router = router
     app.state.grpc_port = None
+    app.state.grpc_server = None
+    app.state.startup_error = None
     app.state.metrics = metrics
+    if config.api_key is not None:  # inside CountRequests: refusals are counted too
+        app.add_middleware(RequireApiKey, api_key=config.api_key, exempt=OPEN_ROUTES | ADMIN_ROUTES)
     app.add_middleware(
         CountRequests,
         routes=ROUTES | ADMIN_ROUTES,

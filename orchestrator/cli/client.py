@@ -5,12 +5,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+
+def add_api_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+        help="the server's --api-key (default: $PDSERVE_API_KEY)",
+    )  # fmt: skip
+
+
+def auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
 
 # ---- generate -----------------------------------------------------------------------------------
 
@@ -23,6 +36,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
     p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
+    add_api_key(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -51,7 +65,8 @@ def cmd_generate_grpc(args: argparse.Namespace) -> int:
     try:
         with grpc.insecure_channel(args.grpc) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            for resp in stub.Generate(request, timeout=600):
+            metadata = [(k.lower(), v) for k, v in auth_headers(args).items()]
+            for resp in stub.Generate(request, timeout=600, metadata=metadata):
                 if resp.HasField("chunk"):
                     print(resp.chunk.text, end="", flush=True)
                 else:
@@ -91,7 +106,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     shown, finish, tokens = "", None, 0
     try:
-        with httpx.stream("POST", url + route, json=payload, timeout=600) as resp:
+        with httpx.stream(
+            "POST", url + route, json=payload, headers=auth_headers(args), timeout=600
+        ) as resp:
             if resp.status_code != 200:
                 resp.read()
                 print(f"HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
@@ -159,6 +176,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "--json-schema", help="hold every output to this JSON schema (JSON text, or @FILE)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_api_key(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -191,6 +209,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             api=args.api,
+            api_key=args.api_key,
         )
         result = asyncio.run(run_bench(cfg))
     except (ValueError, RuntimeError, httpx.HTTPError) as e:
@@ -206,12 +225,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="print the ranks' state of a running server")
     p.add_argument("--url", default="http://127.0.0.1:30000")
+    add_api_key(p)
     p.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        resp = httpx.get(args.url.rstrip("/") + "/v1/stats", timeout=10)
+        resp = httpx.get(args.url.rstrip("/") + "/v1/stats", headers=auth_headers(args), timeout=10)
         resp.raise_for_status()
     except httpx.HTTPStatusError as e:
         print(f"error: {args.url} answered {e.response.status_code}: {e.response.text[:200]}",

@@ -4,6 +4,7 @@ Ray cluster and serves until interrupted."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -175,6 +176,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="requests in flight per client address (default: no cap)",
     )
     r.add_argument(
+        "--api-key",
+        default=os.environ.get("PDSERVE_API_KEY"),
+        help="the inference routes (HTTP but /health and /metrics; gRPC Generate and Abort) "
+        "require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY; unset: open)",
+    )
+    r.add_argument(
         "--admin-token",
         default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
         help="enables /admin/* with this bearer token (default: $PDSERVE_ADMIN_TOKEN; unset: off)",
@@ -224,6 +231,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         decode_dp=args.decode_dp,
         prefill_instances=args.prefill_instances,
         admin_token=args.admin_token,
+        api_key=args.api_key,
         eplb_interval_s=args.eplb_interval_s,
         eplb_min_balancedness=args.eplb_min_balancedness,
         init_expert_placement=args.init_expert_placement,
@@ -245,6 +253,13 @@ def serve_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
@@ -258,6 +273,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     say(f"topology: {config.topology}")
     model_dir = resolve_model_dir(config)
     say(f"model: {model_dir}")
+    if config.api_key is None and not _is_loopback(config.host):
+        say(f"warning: listening on {config.host} without --api-key: anyone who reaches the "
+               "port can generate (set --api-key or PDSERVE_API_KEY)")  # fmt: skip
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         say("warning: RAY_AUTH_MODE=disabled: anyone who reaches the Ray ports controls the "
                "cluster; keep Ray's token authentication on outside a test box")  # fmt: skip

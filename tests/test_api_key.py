@@ -1,0 +1,203 @@
+"""`--api-key`: the inference routes (HTTP and gRPC) need `Authorization: Bearer <key>`; health,
+metrics and the admin routes (their own token) do not; the CLI clients send the key."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+KEY = "sk-test-api-key-1"
+ADMIN = "admin-token-1"
+
+
+@pytest.fixture(scope="module")
+def server(launch_tiny):
+    srv = launch_tiny(colocated=True, api_key=KEY, admin_token=ADMIN, grpc_port=0)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def test_inference_routes_refuse_a_missing_or_wrong_key_and_serve_the_right_one(server):
+    import httpx
+
+    gen = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+    calls = [
+        ("POST", "/generate", gen),
+        ("POST", "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}),
+        ("POST", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+        ("POST", "/tokenize", {"prompt": "hello"}),
+        ("POST", "/detokenize", {"tokens": [5, 6]}),
+        ("POST", "/abort_request", {"rid": "nobody"}),
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/stats", None),
+    ]  # fmt: skip
+    refused = [
+        ({}, "missing API key"),
+        ({"Authorization": f"Basic {KEY}"}, "missing API key"),
+        (_bearer("sk-wrong-key-00"), "wrong API key"),
+        (_bearer(ADMIN), "wrong API key"),  # the admin token is not an API key
+    ]
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for method, route, body in calls:
+            for headers, why in refused:
+                resp = client.request(method, route, json=body, headers=headers)
+                assert resp.status_code == 401, (route, headers, resp.text)
+                assert resp.headers["www-authenticate"] == "Bearer"
+                error = resp.json()["error"]
+                assert error["type"] == "authentication_error" and why in error["message"]
+            resp = client.request(method, route, json=body, headers=_bearer(KEY))
+            assert resp.status_code == 200, (route, resp.text)
+        out = client.post("/generate", json=gen, headers=_bearer(KEY)).json()
+        assert len(out["output_ids"]) == 3
+        # Health and metrics stay open (load balancers, Prometheus); refusals are counted.
+        assert client.get("/health").status_code == 200
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'pdserve_requests_total{route="/generate",status="401"} 4.0' in metrics.text
+        # The admin routes take the admin token, not the API key.
+        assert client.post("/admin/flush_cache", headers=_bearer(ADMIN)).status_code == 200
+        assert client.post("/admin/flush_cache", headers=_bearer(KEY)).status_code == 403
+        # Unknown routes do not tell whether they exist without the key.
+        assert client.get("/nowhere").status_code == 401
+        assert client.get("/nowhere", headers=_bearer(KEY)).status_code == 404
+
+
+def test_grpc_calls_need_the_key_and_health_does_not(server):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from proto import pdserve_pb2 as pb
+    from proto import pdserve_pb2_grpc as pb_grpc
+
+    request = pb.GenerateRequest(
+        input_ids=pb.TokenIds(ids=[5, 6, 7]),
+        sampling=pb.SamplingParams(max_new_tokens=3, temperature=0.0),
+    )
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        for metadata in ([], [("authorization", "Bearer sk-wrong-key-00")]):
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(request, timeout=30, metadata=metadata))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value.details()
+            assert "API key" in (e.value.details() or "")
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Abort(pb.AbortRequest(rid="x"), timeout=30, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = [("authorization", f"Bearer {KEY}")]
+        responses = list(stub.Generate(request, timeout=60, metadata=ok))
+        assert responses[-1].final.usage.completion_tokens == 3
+        assert not stub.Abort(pb.AbortRequest(rid="x"), timeout=30, metadata=ok).found
+        # Open without the key. (It follows the router's readiness within 0.25 s: ask as a
+        # probe would, until it says SERVING.)
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 10
+        while True:
+            health = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            if health.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
+
+
+def test_cli_clients_send_the_key(server, capsys):
+    from orchestrator.cli import main
+
+    prompt = ["--prompt", "hello", "--max-new-tokens", "3"]
+    assert main(["generate", "--url", server.url, *prompt]) == 1
+    assert "HTTP 401" in capsys.readouterr().err
+    assert main(["generate", "--url", server.url, "--api-key", KEY, *prompt]) == 0
+    assert "[3 tokens" in capsys.readouterr().err
+    assert main(["generate", "--grpc", server.grpc_address, *prompt]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["generate", "--grpc", server.grpc_address, "--api-key", KEY, *prompt]) == 0
+    assert main(["status", "--url", server.url]) == 1
+    assert "answered 401" in capsys.readouterr().err
+    assert main(["status", "--url", server.url, "--api-key", KEY]) == 0
+    bench = ["bench", "--url", server.url, "--num-prompts", "2", "--input-len", "4",
+             "--output-len", "2", "--concurrency", "2"]  # fmt: skip
+    assert main(bench) == 1
+    assert "answered 401" in capsys.readouterr().err
+    assert main([*bench, "--api-key", KEY]) == 0
+
+
+def test_api_key_settings_are_checked(tmp_path, monkeypatch):
+    from orchestrator.cli.serve import _is_loopback
+    from orchestrator.config import ServeConfig
+    from orchestrator.serve_file import load_serve_file
+
+    with pytest.raises(ValueError, match="--api-key must be at least 8 characters"):
+        ServeConfig(api_key="short")
+    with pytest.raises(ValueError, match="must differ"):
+        ServeConfig(api_key="same-secret", admin_token="same-secret")
+    path = tmp_path / "serve.yaml"
+    path.write_text("api_key_env: MY_PDSERVE_KEY\n")
+    monkeypatch.setenv("MY_PDSERVE_KEY", "from-the-environment")
+    assert load_serve_file(path)["api_key"] == "from-the-environment"
+    monkeypatch.delenv("MY_PDSERVE_KEY")
+    assert load_serve_file(path)["api_key"] is None
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
+
+
+def test_a_grpc_port_in_use_is_refused_not_shared():
+    """gRPC turns SO_REUSEPORT on by default: a second server on a port in use would start and
+    take half of the connections. Ours refuses the port, naming it."""
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+
+    from orchestrator.config import ServeConfig
+    from orchestrator.grpc_server import GrpcServer
+
+    router = SimpleNamespace(is_ready=True)
+
+    async def run() -> None:  # a gRPC aio server runs on an event loop (as the app's does)
+        taken = GrpcServer(router, ServeConfig(grpc_port=0))  # type: ignore[arg-type]
+        await taken.start()
+        try:
+            second = GrpcServer(router, ServeConfig(grpc_port=taken.port))  # type: ignore[arg-type]
+            with pytest.raises(RuntimeError, match=f"cannot bind gRPC to 127.0.0.1:{taken.port}"):
+                await second.start()
+        finally:
+            await taken.stop()
+        with socket.socket() as plain:  # a port some other program holds
+            plain.bind(("127.0.0.1", 0))
+            plain.listen()
+            port = plain.getsockname()[1]
+            with pytest.raises(RuntimeError, match="is the port in use"):
+                await GrpcServer(router, ServeConfig(grpc_port=port)).start()  # type: ignore[arg-type]
+
+    asyncio.run(run())
+
+
+def test_the_server_reports_why_it_did_not_start():
+    """A front end that fails at startup (here: the gRPC port is taken) is reported with its
+    cause, not as an HTTP server that failed to start."""
+    import socket
+
+    from orchestrator.config import ServeConfig
+    from orchestrator.launcher import ServerThread
+    from orchestrator.server import create_app
+
+    with socket.socket() as plain:
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        port = plain.getsockname()[1]
+        config = ServeConfig(grpc_port=port)
+        app = create_app(object(), config, manage_router=False)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match=f"failed to start: cannot bind gRPC .*:{port}"):
+            ServerThread(app, "127.0.0.1", 0, log_level="critical").start()
+        # The HTTP port itself taken: uvicorn exits; the message says where.
+        app = create_app(object(), ServeConfig(), manage_router=False)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port} \\(is the port in use"):
+            ServerThread(app, "127.0.0.1", port, log_level="critical").start()
