@@ -21,6 +21,12 @@ _TPOT_BUCKETS_S = (
     0.3, 0.5, 0.75, 1.0, 2.5,
 )  # fmt: skip
 
+# `TransferTotals` fields per side: ok, failed, bytes, seconds.
+_TRANSFER_FIELDS = (
+    ("send", ("sent", "send_failed", "sent_bytes", "send_seconds")),
+    ("receive", ("received", "receive_failed", "received_bytes", "receive_seconds")),
+)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -76,6 +82,27 @@ class Metrics:
             "reserved (computed again once their own decode pages are)",
             registry=r,
         )
+        self.preemptions = Gauge(
+            "pdserve_preemptions_total",
+            "Running requests put back in the queue for lack of KV pages (recomputed later)",
+            registry=r,
+        )
+        self.kv_transfers = Gauge(
+            "pdserve_kv_transfers_total",
+            "KV transfers ended on the live ranks, by side (send: prefill ranks, receive: "
+            "decode ranks) and outcome (ok, failed)",
+            ["side", "outcome"], registry=r,
+        )  # fmt: skip
+        self.kv_transfer_bytes = Gauge(
+            "pdserve_kv_transfer_bytes_total", "KV bytes moved by the successful transfers, by side",
+            ["side"], registry=r,
+        )  # fmt: skip
+        self.kv_transfer_seconds = Gauge(
+            "pdserve_kv_transfer_seconds_total",
+            "Seconds of the successful transfers from start to end, by side (a receive's include "
+            "the wait for its prompt; divide by the ok count for the mean)",
+            ["side"], registry=r,
+        )  # fmt: skip
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
         self.finished = Counter(
             "pdserve_request_finish",
@@ -135,6 +162,13 @@ class Metrics:
         self.prefix_hits.set(sum(s.num_prefix_hit_tokens for s in live))
         self.transfer_skipped.set(sum(s.num_transfer_skipped_tokens for s in live))
         self.kv_parked.set(sum(s.num_parked for s in live))
+        self.preemptions.set(sum(s.num_preemptions for s in live))
+        for side, fields in _TRANSFER_FIELDS:
+            ok, failed, moved, took = (sum(getattr(s.transfers, f) for s in live) for f in fields)
+            self.kv_transfers.labels(side, "ok").set(ok)
+            self.kv_transfers.labels(side, "failed").set(failed)
+            self.kv_transfer_bytes.labels(side).set(moved)
+            self.kv_transfer_seconds.labels(side).set(took)
         router = gc_pauses.PROCESS
         gc_by_process = [("router", router.seconds, router.longest_s)] + [
             (f"rank-{i}", s.gc_seconds, s.gc_longest_pause_s)

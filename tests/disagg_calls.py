@@ -36,3 +36,18 @@ async def _generate_async(
     body = {"input_ids": prompt, "sampling_params": _greedy(n)}
     r = await client.post(f"{url}/generate", json=body)
     return r.status_code, r.text
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    """One sample of the server's `/metrics` (the sum over the samples matching `labels`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert values, f"no sample {name} {labels} in /metrics"
+    return sum(values)

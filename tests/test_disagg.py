@@ -19,7 +19,7 @@ import torch
 
 from orchestrator.ranks import POOL_QUIET_S
 from tests.checkpoints import make_checkpoint
-from tests.disagg_calls import _generate, _greedy, _wait_all_pages_free
+from tests.disagg_calls import _generate, _greedy, _metric, _wait_all_pages_free
 
 pytest.importorskip("workers.transfer")
 pytestmark = pytest.mark.timeout(300)
@@ -89,6 +89,16 @@ def test_disaggregated_matches_colocated_with_64_concurrent_streams(launch_tiny,
         assert stopped == got[:1]
         assert disagg.router.num_deltas - before > 2, disagg.router.num_deltas - before
         _wait_all_pages_free(disagg.url)
+        # Every request's KV crossed once: as many sends as receives, all ok, the same bytes.
+        url, num = disagg.url, len(prompts) + 16 + 1
+        for side in ("send", "receive"):
+            assert _metric(url, "pdserve_kv_transfers_total", side=side, outcome="ok") == num
+            assert _metric(url, "pdserve_kv_transfers_total", side=side, outcome="failed") == 0
+            assert _metric(url, "pdserve_kv_transfer_seconds_total", side=side) > 0
+        moved = _metric(url, "pdserve_kv_transfer_bytes_total", side="send")
+        assert moved > 0 and moved == _metric(
+            url, "pdserve_kv_transfer_bytes_total", side="receive"
+        )
     finally:
         disagg.stop()
     colocated = launch_tiny(colocated=True)

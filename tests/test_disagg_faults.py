@@ -16,7 +16,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.disagg_calls import _generate, _generate_async, _greedy, _wait_all_pages_free
+from tests.disagg_calls import (
+    _generate,
+    _generate_async,
+    _greedy,
+    _metric,
+    _wait_all_pages_free,
+)
 from workers.engine.messages import SamplingParams
 
 pytest.importorskip("workers.transfer")
@@ -171,6 +177,8 @@ def test_decode_rank_that_never_posts_its_receive_fails_the_request_cleanly(laun
         message = r.json()["error"]["message"]
         assert "KV transfer" in message and "timed out" in message, message
         _wait_all_pages_free(server.url)
+        send_failed = {"side": "send", "outcome": "failed"}
+        assert _metric(server.url, "pdserve_kv_transfers_total", **send_failed) == 1
         r = _generate(server.url, list(range(5, 60)), 8)
         assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
         with pytest.raises(ray.exceptions.RayTaskError, match="unknown fault"):

@@ -98,3 +98,45 @@ def test_targets_from_another_thread_are_used_exactly_once() -> None:
         targets = ([early] if early is not None else []) + late
         assert targets == [f"target-{rid}"], f"{rid}: {targets}"
     assert not handoff._targets  # nothing left behind
+
+
+def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from orchestrator.metrics import Metrics
+    from workers.engine.messages import RankStats, TransferTotals
+
+    sender = TransferTotals().add("send", True, 1000, 0.5).add("send", False, 0, 9.0)
+    sender = sender.add("send", True, 24, 0.25)
+    assert (sender.sent, sender.send_failed, sender.sent_bytes, sender.send_seconds) == (
+        2, 1, 1024, 0.75,
+    )  # fmt: skip
+    assert sender.received == sender.receive_failed == sender.received_bytes == 0
+    receiver = TransferTotals().add("recv", True, 1024, 2.0).add("recv", False, 0, 1.0)
+
+    def stats(transfers: TransferTotals, preemptions: int) -> RankStats:
+        return RankStats(1, 0, 64, 60, 10, 100, num_preemptions=preemptions, transfers=transfers)
+
+    metrics = Metrics()
+    metrics.set_rank_stats([stats(sender, 1), None, stats(receiver, 2), stats(sender, 0)])
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
+    assert samples[("pdserve_preemptions_total", ())] == 3
+    t, b, sec = (
+        "pdserve_kv_transfers_total",
+        "pdserve_kv_transfer_bytes_total",
+        "pdserve_kv_transfer_seconds_total",
+    )
+    assert samples[(t, (("outcome", "ok"), ("side", "send")))] == 4
+    assert samples[(t, (("outcome", "failed"), ("side", "send")))] == 2
+    assert samples[(t, (("outcome", "ok"), ("side", "receive")))] == 1
+    assert samples[(t, (("outcome", "failed"), ("side", "receive")))] == 1
+    assert (
+        samples[(b, (("side", "send"),))] == 2048 and samples[(b, (("side", "receive"),))] == 1024
+    )
+    assert (
+        samples[(sec, (("side", "send"),))] == 1.5 and samples[(sec, (("side", "receive"),))] == 2.0
+    )

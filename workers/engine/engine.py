@@ -292,6 +292,7 @@ class Engine:
             num_prefix_hit_tokens=self.kv.allocator.num_hit_tokens,
             num_transfer_skipped_tokens=self.scheduler.num_reused_tokens,
             num_parked=self.scheduler.num_parked,
+            num_preemptions=self.scheduler.num_preemptions,
         )
 
     # ---- one step ---------------------------------------------------------------------------

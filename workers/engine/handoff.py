@@ -34,7 +34,13 @@ from collections import Counter
 from typing import Any
 
 from workers.engine.engine import Engine
-from workers.engine.messages import FinishReason, TokenDelta, TokenLogprob, TransferReady
+from workers.engine.messages import (
+    FinishReason,
+    TokenDelta,
+    TokenLogprob,
+    TransferReady,
+    TransferTotals,
+)
 
 FAULTS = {
     # Decode rank: reserve the request's pages but never post its receive, so that the prefill
@@ -74,6 +80,7 @@ class KVHandoff:
         # Prefill: when the receivers of requests still to compute are next told to wait on.
         self._next_keep_alive = 0.0
         self.faults: Counter[str] = Counter()  # armed fault -> how many requests it hits
+        self.totals = TransferTotals()  # replaced (not changed) by the loop: any thread reads it
 
     def bind(self, engine: Engine) -> None:
         """Let `engine`'s scheduler see which requests have targets and take back the pages
@@ -164,6 +171,9 @@ class KVHandoff:
         events.extend(self.post_receives(engine))
         for result in self.transfer.poll():
             rid = result.transfer_id
+            self.totals = self.totals.add(
+                result.role, result.ok, result.num_bytes, result.elapsed_s
+            )
             with self._lock:
                 self._in_flight.discard(rid)
             aborted = rid in self._aborted

@@ -7,7 +7,7 @@ Text never crosses: tokenization, detokenization and stop strings live in the ro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -284,6 +284,39 @@ class RankInfo:
 
 
 @dataclass(frozen=True)
+class TransferTotals:
+    """A disaggregated rank's KV transfers since it started, by side (a prefill rank sends, a
+    decode rank receives): ended ones by outcome, the bytes the successful ones moved and
+    their seconds from `send` / `expect` to the end (a sender's include the wait for its
+    target, a receiver's the wait for the prompt to be computed)."""
+
+    sent: int = 0
+    send_failed: int = 0
+    sent_bytes: int = 0
+    send_seconds: float = 0.0
+    received: int = 0
+    receive_failed: int = 0
+    received_bytes: int = 0
+    receive_seconds: float = 0.0
+
+    def add(self, role: str, ok: bool, num_bytes: int, elapsed_s: float) -> TransferTotals:
+        """These totals with one more ended transfer."""
+        if role == "send":
+            if not ok:
+                return replace(self, send_failed=self.send_failed + 1)
+            return replace(
+                self, sent=self.sent + 1, sent_bytes=self.sent_bytes + num_bytes,
+                send_seconds=self.send_seconds + elapsed_s,
+            )  # fmt: skip
+        if not ok:
+            return replace(self, receive_failed=self.receive_failed + 1)
+        return replace(
+            self, received=self.received + 1, received_bytes=self.received_bytes + num_bytes,
+            receive_seconds=self.receive_seconds + elapsed_s,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class RankStats:
     num_running: int
     num_waiting: int
@@ -300,6 +333,8 @@ class RankStats:
     # Prefill side: computed prompts whose pages were taken back for a prompt whose decode
     # pages were reserved (`Scheduler.park`).
     num_parked: int = 0
+    num_preemptions: int = 0  # running requests put back in the queue for lack of pages
+    transfers: TransferTotals = TransferTotals()
     # The process's garbage collector since the rank started (`workers.gc_pauses`).
     gc_seconds: float = 0.0
     gc_longest_pause_s: float = 0.0

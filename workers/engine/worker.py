@@ -51,6 +51,7 @@ from workers.engine.messages import (
     StreamBuffer,
     TokenDelta,
     TransferReady,
+    TransferTotals,
 )
 from workers.engine.rank_eplb import RankEplb
 from workers.engine.rank_setup import (
@@ -205,9 +206,11 @@ class EngineWorker:
 
     def stats(self) -> RankStats:
         gc = gc_pauses.PROCESS
+        transfers = self.handoff.totals if self.handoff is not None else TransferTotals()
         return dataclasses.replace(
-            self._stats, gc_seconds=gc.seconds, gc_longest_pause_s=gc.longest_s
-        )
+            self._stats, gc_seconds=gc.seconds, gc_longest_pause_s=gc.longest_s,
+            transfers=transfers,
+        )  # fmt: skip
 
     def flush_prefix_cache(self) -> int:
         """Forget this rank's prefix cache (between steps); the cached pages freed."""
