@@ -60,6 +60,7 @@ class ServeConfig:
     # A rank whose output stream sends nothing (no output, no heartbeat) this long is failed.
     stream_silence_s: float = 30.0
     log_level: str = "info"
+    log_requests: bool = False  # a JSON line per ended request (`orchestrator.request_log`)
     access_log: bool = False  # uvicorn's line per HTTP request (costly at high request rates)
 
     @property

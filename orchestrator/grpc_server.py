@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.auth import api_key_refusal, bearer, same_secret
 from orchestrator.config import ServeConfig
 from orchestrator.limits import ClientLimiter
+from orchestrator.metrics import Metrics
 from orchestrator.protocol import parse_generate, prepare_call
 from orchestrator.ranks import RouterNotReady
 from orchestrator.request_fields import RequestError
@@ -131,16 +133,19 @@ class GenerationService(pb_grpc.GenerationServicer):
         config: ServeConfig,
         eplb: Any = None,
         limiter: ClientLimiter | None = None,
+        metrics: Metrics | None = None,
     ):
         self.router = router
         self.config = config
         self.eplb = eplb
         self.limiter = limiter or ClientLimiter(config.max_concurrent_requests_per_client)
+        self.metrics = metrics or Metrics()  # the HTTP app's, so /metrics counts gRPC too
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         await self._check_api_key(context)
+        arrival = time.perf_counter()
         try:
             call = parse_generate(_body(request))
             if call.is_batch or len(call.calls) != 1:
@@ -149,9 +154,12 @@ class GenerationService(pb_grpc.GenerationServicer):
             peer = _peer_host(context.peer())
             streams = [
                 self.limiter.wrap(
-                    self.router.generate(
-                        ids, choice_params(sampling, i), call.calls[0].sampling.stop,
-                        rid=call.rid, stream=not request.final_only,
+                    self.metrics.track(
+                        self.router.generate(
+                            ids, choice_params(sampling, i), call.calls[0].sampling.stop,
+                            rid=call.rid, stream=not request.final_only,
+                        ),
+                        arrival, "grpc", peer,
                     ),
                     peer,
                 )
@@ -312,12 +320,13 @@ class GrpcServer:
         config: ServeConfig,
         eplb: Any = None,
         limiter: ClientLimiter | None = None,
+        metrics: Metrics | None = None,
     ):
         # No SO_REUSEPORT (gRPC's default on Linux): with it a second server bound to a port in
         # use starts without error and the two split the connections between them.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(router, config, eplb, limiter), self.server
+            GenerationService(router, config, eplb, limiter, metrics), self.server
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)

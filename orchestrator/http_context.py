@@ -65,12 +65,14 @@ class HttpContext:
         rid: str | None = None,
         arrival_s: float | None = None,
         stream: bool = True,
+        api: str = "/generate",
     ) -> AsyncGenerator[Output, None]:
         """The request's outputs; takes one of `client`'s slots (429 when none is left).
-        `stream=False`: the caller uses only the whole output (see `Router.generate`)."""
+        `stream=False`: the caller uses only the whole output (see `Router.generate`); `api`:
+        the route, for the request log."""
         arrival = time.perf_counter() if arrival_s is None else arrival_s
         generated = self.router.generate(ids, sampling, stop, rid=rid, stream=stream)
-        outputs = self.metrics.track(generated, arrival)
+        outputs = self.metrics.track(generated, arrival, api, client)
         return self.limiter.wrap(outputs, client)
 
 

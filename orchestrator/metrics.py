@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from orchestrator.outputs import Output
+from orchestrator.request_log import log_request
 from workers import gc_pauses
 from workers.engine.messages import RankStats
 
@@ -29,7 +30,8 @@ _TRANSFER_FIELDS = (
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, log_requests: bool = False) -> None:
+        self.log_requests = log_requests  # a line per ended request (`orchestrator.request_log`)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -195,27 +197,49 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def track(
-        self, outputs: AsyncGenerator[Output, None], arrival_s: float
+        self,
+        outputs: AsyncGenerator[Output, None],
+        arrival_s: float,
+        api: str = "",
+        client: str = "",
     ) -> AsyncGenerator[Output, None]:
         """Pass `outputs` through (closing it when closed), recording TTFT, per-token latency,
-        tokens and e2e latency. `arrival_s` is the arrival time on `time.perf_counter`'s clock."""
+        tokens and e2e latency, and with `log_requests` a log line at the end (`api`: the
+        route or `grpc`; `client`: its address). `arrival_s` is the arrival time on
+        `time.perf_counter`'s clock."""
         last_s: float | None = None
-        async with contextlib.aclosing(outputs):
-            async for out in outputs:
-                now = time.perf_counter()
-                n = len(out.token_ids)
-                if n and last_s is None:
-                    self.ttft.observe(now - arrival_s)
-                    n -= 1  # tokens that came with the first one arrived with no gap
-                    last_s = now
-                if n and last_s is not None:
-                    per_token = (now - last_s) / n
-                    for _ in range(n):
-                        self.tpot.observe(per_token)
-                    last_s = now
-                if out.finish_reason is not None:
-                    self.finished.labels(out.finish_reason).inc()
-                    self.e2e.observe(now - arrival_s)
-                    self.prompt_tokens.inc(out.num_prompt_tokens)
-                    self.generation_tokens.inc(out.num_output_tokens)
-                yield out
+        first_s: float | None = None
+        rid, ended = "", False
+        try:
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    now = time.perf_counter()
+                    rid = out.rid
+                    n = len(out.token_ids)
+                    if n and last_s is None:
+                        self.ttft.observe(now - arrival_s)
+                        n -= 1  # tokens that came with the first one arrived with no gap
+                        first_s = last_s = now
+                    if n and last_s is not None:
+                        per_token = (now - last_s) / n
+                        for _ in range(n):
+                            self.tpot.observe(per_token)
+                        last_s = now
+                    if out.finish_reason is not None:
+                        ended = True
+                        self.finished.labels(out.finish_reason).inc()
+                        self.e2e.observe(now - arrival_s)
+                        self.prompt_tokens.inc(out.num_prompt_tokens)
+                        self.generation_tokens.inc(out.num_output_tokens)
+                        if self.log_requests:
+                            log_request(
+                                out.rid, api, client, out.finish_reason,
+                                None if first_s is None else first_s - arrival_s,
+                                now - arrival_s, out.num_prompt_tokens, out.num_cached_tokens,
+                                out.num_output_tokens, out.error,
+                            )  # fmt: skip
+                    yield out
+        finally:
+            if self.log_requests and not ended:  # the client left (or a refusal: no rid yet)
+                ttft = None if first_s is None else first_s - arrival_s
+                log_request(rid, api, client, "gone", ttft, time.perf_counter() - arrival_s)

@@ -118,7 +118,7 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
     streams = [
         ctx.run(
             ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival,
-            stream=req.stream,
+            stream=req.stream, api=request.url.path,
         )
         for ids, sampling, _ in jobs
     ]  # fmt: skip

@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from orchestrator import request_log
 from orchestrator.admin import ADMIN_ROUTES, add_admin_routes
 from orchestrator.auth import OPEN_ROUTES, RequireApiKey
 from orchestrator.config import ServeConfig
@@ -68,7 +69,9 @@ def create_app(
     the server's event loop and closes it at shutdown (without shutting the ranks down).
     `eplb`: the EPLB service actor (admin routes, /metrics)."""
     config = config or ServeConfig()
-    metrics = Metrics()
+    metrics = Metrics(log_requests=config.log_requests)
+    if config.log_requests:
+        request_log.enable()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,7 +97,7 @@ def create_app(
         if config.grpc_port is not None:
             from orchestrator.grpc_server import GrpcServer
 
-            app.state.grpc_server = GrpcServer(router, config, eplb, app.state.limiter)
+            app.state.grpc_server = GrpcServer(router, config, eplb, app.state.limiter, metrics)
             await app.state.grpc_server.start()
             app.state.grpc_port = app.state.grpc_server.port
 

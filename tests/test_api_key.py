@@ -3,9 +3,16 @@ metrics and the admin routes (their own token) do not; the CLI clients send the 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+
+from tests.disagg_calls import _metric
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -15,11 +22,31 @@ ADMIN = "admin-token-1"
 
 @pytest.fixture(scope="module")
 def server(launch_tiny):
-    srv = launch_tiny(colocated=True, api_key=KEY, admin_token=ADMIN, grpc_port=0)
+    srv = launch_tiny(
+        colocated=True, api_key=KEY, admin_token=ADMIN, grpc_port=0, log_requests=True
+    )
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@contextlib.contextmanager
+def _request_log() -> Iterator[list[dict[str, Any]]]:
+    """The request-log records made inside the block, parsed."""
+    records: list[dict[str, Any]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(json.loads(record.getMessage()))
+
+    handler = Keep()
+    logger = logging.getLogger("pdserve.requests")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def _bearer(secret: str) -> dict[str, str]:
@@ -57,8 +84,16 @@ def test_inference_routes_refuse_a_missing_or_wrong_key_and_serve_the_right_one(
                 assert error["type"] == "authentication_error" and why in error["message"]
             resp = client.request(method, route, json=body, headers=_bearer(KEY))
             assert resp.status_code == 200, (route, resp.text)
-        out = client.post("/generate", json=gen, headers=_bearer(KEY)).json()
+        with _request_log() as lines:
+            out = client.post("/generate", json=gen, headers=_bearer(KEY)).json()
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            client.post("/v1/chat/completions", json=chat, headers=_bearer(KEY))
         assert len(out["output_ids"]) == 3
+        assert [(r["api"], r["output_tokens"], r["client"]) for r in lines] == [
+            ("/generate", 3, "127.0.0.1"),
+            ("/v1/chat/completions", 2, "127.0.0.1"),
+        ]
+        assert lines[0]["rid"] == out["meta_info"]["id"] and lines[0]["prompt_tokens"] == 3
         # Health and metrics stay open (load balancers, Prometheus); refusals are counted.
         assert client.get("/health").status_code == 200
         metrics = client.get("/metrics")
@@ -94,8 +129,16 @@ def test_grpc_calls_need_the_key_and_health_does_not(server):
                 stub.Abort(pb.AbortRequest(rid="x"), timeout=30, metadata=metadata)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ok = [("authorization", f"Bearer {KEY}")]
-        responses = list(stub.Generate(request, timeout=60, metadata=ok))
-        assert responses[-1].final.usage.completion_tokens == 3
+        with _request_log() as lines:
+            responses = list(stub.Generate(request, timeout=60, metadata=ok))
+        final = responses[-1].final
+        assert final.usage.completion_tokens == 3
+        # gRPC requests count in /metrics and the request log like HTTP ones.
+        assert [(r["rid"], r["api"], r["finish"], r["output_tokens"]) for r in lines] == [
+            (final.rid, "grpc", "length", 3)
+        ]
+        assert _metric(server.url, "pdserve_request_finish_total", reason="length") >= 1
+        assert _metric(server.url, "pdserve_generation_tokens_total") >= 3
         assert not stub.Abort(pb.AbortRequest(rid="x"), timeout=30, metadata=ok).found
         # Open without the key. (It follows the router's readiness within 0.25 s: ask as a
         # probe would, until it says SERVING.)

@@ -190,6 +190,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)"
     )
+    p.add_argument(
+        "--log-requests", action="store_true",
+        help="log a JSON line per ended generate request (id, route, client, token counts, "
+        "finish, TTFT, latency; never the prompt or output)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
 
@@ -250,6 +255,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
         access_log=args.access_log,
+        log_requests=args.log_requests,
     )
 
 
