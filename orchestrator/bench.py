@@ -19,6 +19,7 @@ import asyncio
 import json
 import math
 import random
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -55,6 +56,7 @@ class BenchConfig:
     # token count is then what the chat template and tokenizer make of it, as reported).
     api: str = "generate"
     api_key: str | None = None  # the server's --api-key, sent as `Authorization: Bearer`
+    ca_cert: str | None = None  # for an https:// URL: trust this CA (default: the system's)
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
@@ -245,7 +247,8 @@ async def _one_whole(
 
 
 async def run_bench(cfg: BenchConfig) -> BenchResult:
-    connector = aiohttp.TCPConnector(limit=cfg.concurrency)
+    tls = ssl.create_default_context(cafile=cfg.ca_cert) if cfg.ca_cert else True
+    connector = aiohttp.TCPConnector(limit=cfg.concurrency, ssl=tls)
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=30.0)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
     async with aiohttp.ClientSession(

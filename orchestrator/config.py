@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class ServeConfig:
     grpc_port: int | None = None  # the gRPC API's port (0: a free one); None: no gRPC
     admin_token: str | None = None  # enables /admin/* (Bearer token); None: admin is off
     api_key: str | None = None  # required (Bearer) by the inference routes; None: open
+    # TLS for HTTP and gRPC (PEM files); None: plain text (TLS ends at a proxy, or loopback).
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     eplb_interval_s: float | None = None  # periodic expert rebalancing; None: on command only
     eplb_min_balancedness: float = 0.95  # a periodic rebalance is skipped above this
     init_expert_placement: str | None = None  # JSON file of saved placements (`--dump`)
@@ -78,6 +82,13 @@ class ServeConfig:
             f"{pools(self.decode_instances, 'decode', self.decode_dp)}, "
             f"KV over {self.transfer_backend}"
         )
+
+    @property
+    def tls(self) -> tuple[str, str] | None:
+        """(certificate chain, private key) when serving TLS."""
+        if self.ssl_certfile is None or self.ssl_keyfile is None:
+            return None
+        return self.ssl_certfile, self.ssl_keyfile
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -164,8 +175,26 @@ class ServeConfig:
                 f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}, "
                 f"got {self.reasoning_parser!r}"
             )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+            check_tls_files(self.ssl_certfile, self.ssl_keyfile)
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ValueError(
                 f"--log-level must be critical, error, warning, info, debug or trace, "
                 f"got {self.log_level!r}"
             )
+
+
+def check_tls_files(certfile: str, keyfile: str) -> None:
+    """ValueError unless the certificate chain and key load and belong together."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as e:
+        raise ValueError(f"--ssl-certfile / --ssl-keyfile: {e.filename}: no such file") from e
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(
+            f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: cannot load them as a PEM "
+            f"certificate chain and its private key ({e})"
+        ) from e

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -338,6 +339,7 @@ class GrpcServer:
         reflection.enable_server_reflection(names, self.server)
         assert config.grpc_port is not None
         self.where = f"{config.host}:{config.grpc_port}"
+        self.tls = config.tls
         self.port = 0  # bound by `start`
         self.router = router
 
@@ -353,7 +355,12 @@ class GrpcServer:
     async def start(self) -> None:
         """Bind and serve; RuntimeError naming the address when it cannot be bound."""
         try:
-            self.port = self.server.add_insecure_port(self.where)
+            if self.tls is None:
+                self.port = self.server.add_insecure_port(self.where)
+            else:
+                chain, key = (Path(f).read_bytes() for f in self.tls)
+                credentials = grpc.ssl_server_credentials([(key, chain)])
+                self.port = self.server.add_secure_port(self.where, credentials)
         except RuntimeError:
             self.port = 0
         if not self.port:

@@ -204,7 +204,9 @@ class ServerThread:
         port: int,
         log_level: str = "warning",
         access_log: bool = False,
+        tls: tuple[str, str] | None = None,
     ):
+        """`tls`: (certificate chain, private key) PEM files to serve HTTPS."""
         config = uvicorn.Config(
             app,
             host=host,
@@ -214,7 +216,10 @@ class ServerThread:
             lifespan="on",
             timeout_keep_alive=30,
             timeout_graceful_shutdown=5,
+            ssl_certfile=tls[0] if tls else None,
+            ssl_keyfile=tls[1] if tls else None,
         )
+        self.scheme = "https" if tls else "http"
         self.server = uvicorn.Server(config)
         self.app = app
         self.host = host
@@ -248,7 +253,7 @@ class ServerThread:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -341,7 +346,9 @@ def launch(
             request_timeout_s=config.request_timeout_s,
         )
         app = create_app(router, config, eplb=eplb)
-        http = ServerThread(app, config.host, config.port, config.log_level, config.access_log)
+        http = ServerThread(
+            app, config.host, config.port, config.log_level, config.access_log, config.tls
+        )
         http.start()
         deadline = time.monotonic() + 30
         while not router.is_ready and time.monotonic() < deadline:

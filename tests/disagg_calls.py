@@ -38,11 +38,12 @@ async def _generate_async(
     return r.status_code, r.text
 
 
-def _metric(url: str, name: str, **labels: str) -> float:
-    """One sample of the server's `/metrics` (the sum over the samples matching `labels`)."""
+def _metric(url: str, name: str, verify: Any = True, **labels: str) -> float:
+    """One sample of the server's `/metrics` (the sum over the samples matching `labels`);
+    `verify`: httpx's (an SSL context trusting an https server's certificate)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = httpx.get(f"{url}/metrics", timeout=30, verify=verify).text
     values = [
         sample.value
         for family in text_string_to_metric_families(text)

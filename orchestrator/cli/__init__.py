@@ -42,6 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if getattr(args, "ca_cert", None):
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=args.ca_cert)
+        except (OSError, ssl.SSLError) as e:
+            print(
+                f"error: --ca-cert {args.ca_cert}: not a readable PEM file ({e})", file=sys.stderr
+            )
+            return 2
     func: Command = args.func
     try:
         return func(args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,17 +12,7 @@ from typing import Any
 
 import httpx
 
-
-def add_api_key(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--api-key", default=os.environ.get("PDSERVE_API_KEY"),
-        help="the server's --api-key (default: $PDSERVE_API_KEY)",
-    )  # fmt: skip
-
-
-def auth_headers(args: argparse.Namespace) -> dict[str, str]:
-    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-
+from orchestrator.cli.common import add_connection_args, auth_headers, grpc_channel, tls_context
 
 # ---- generate -----------------------------------------------------------------------------------
 
@@ -36,7 +25,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
     p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
-    add_api_key(p)
+    add_connection_args(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -63,7 +52,7 @@ def cmd_generate_grpc(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     try:
-        with grpc.insecure_channel(args.grpc) as channel:
+        with grpc_channel(args, args.grpc) as channel:
             stub = pb_grpc.GenerationStub(channel)
             metadata = [(k.lower(), v) for k, v in auth_headers(args).items()]
             for resp in stub.Generate(request, timeout=600, metadata=metadata):
@@ -107,7 +96,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     shown, finish, tokens = "", None, 0
     try:
         with httpx.stream(
-            "POST", url + route, json=payload, headers=auth_headers(args), timeout=600
+            "POST",
+            url + route,
+            json=payload,
+            headers=auth_headers(args),
+            timeout=600,
+            verify=tls_context(args),
         ) as resp:
             if resp.status_code != 200:
                 resp.read()
@@ -176,11 +170,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "--json-schema", help="hold every output to this JSON schema (JSON text, or @FILE)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_api_key(p)
+    add_connection_args(p)
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import aiohttp
+
     from orchestrator.bench import BenchConfig, run_bench
 
     constraint = None
@@ -210,9 +206,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             api=args.api,
             api_key=args.api_key,
+            ca_cert=args.ca_cert,
         )
         result = asyncio.run(run_bench(cfg))
-    except (ValueError, RuntimeError, httpx.HTTPError) as e:
+    except (ValueError, RuntimeError, OSError, httpx.HTTPError, aiohttp.ClientError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result.to_json() if args.json else result.table())
@@ -225,13 +222,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="print the ranks' state of a running server")
     p.add_argument("--url", default="http://127.0.0.1:30000")
-    add_api_key(p)
+    add_connection_args(p)
     p.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        resp = httpx.get(args.url.rstrip("/") + "/v1/stats", headers=auth_headers(args), timeout=10)
+        resp = httpx.get(
+            args.url.rstrip("/") + "/v1/stats", headers=auth_headers(args), timeout=10,
+            verify=tls_context(args),
+        )  # fmt: skip
         resp.raise_for_status()
     except httpx.HTTPStatusError as e:
         print(f"error: {args.url} answered {e.response.status_code}: {e.response.text[:200]}",

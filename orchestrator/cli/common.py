@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -12,3 +14,43 @@ Command = Callable[[argparse.Namespace], int]
 def say(*parts: Any) -> None:
     """A line of the command's own output, marked as pdserve's."""
     print("pdserve:", *parts, flush=True)
+
+
+# ---- talking to a server -------------------------------------------------------------------
+
+
+def add_connection_args(p: argparse.ArgumentParser, api_key: bool = True) -> None:
+    """`--ca-cert` (and `--api-key`) for the commands that call a server."""
+    if api_key:
+        p.add_argument(
+            "--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+            help="the server's --api-key (default: $PDSERVE_API_KEY)",
+        )  # fmt: skip
+    p.add_argument(
+        "--ca-cert", metavar="PEM",
+        help="trust this CA (or the server's own self-signed certificate) for an https:// URL "
+        "and for --grpc, which then uses TLS (default: the system's CAs; plain gRPC)",
+    )  # fmt: skip
+
+
+def auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    key = getattr(args, "api_key", None)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    """What httpx's `verify` takes: the system's CAs, or those of `--ca-cert`."""
+    if not args.ca_cert:
+        return True
+    return ssl.create_default_context(cafile=args.ca_cert)
+
+
+def grpc_channel(args: argparse.Namespace, address: str) -> Any:
+    """A gRPC channel to `address`: TLS trusting `--ca-cert` when given, else plain."""
+    import grpc
+
+    if not args.ca_cert:
+        return grpc.insecure_channel(address)
+    with open(args.ca_cert, "rb") as f:
+        roots = f.read()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))

@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from orchestrator.cli.common import add_connection_args, grpc_channel, tls_context
+
 
 def add_rebalance(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,6 +27,7 @@ def add_rebalance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--apply", metavar="FILE", help="move to the placement saved in FILE")
     p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    add_connection_args(p, api_key=False)
     p.set_defaults(func=cmd_rebalance)
 
 
@@ -42,8 +45,11 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.token}"}
     try:
+        verify = tls_context(args)
         if args.dump:
-            resp = httpx.get(f"{url}/admin/experts", headers=headers, timeout=args.timeout)
+            resp = httpx.get(
+                f"{url}/admin/experts", headers=headers, timeout=args.timeout, verify=verify
+            )
             if resp.status_code != 200:
                 return _admin_error(resp)
             pools = {name: p["phy2log"] for name, p in resp.json()["pools"].items()}
@@ -57,8 +63,9 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         if args.apply:
             body["placements"] = read_expert_placements(args.apply)
         resp = httpx.post(
-            f"{url}/admin/rebalance", json=body, headers=headers, timeout=args.timeout
-        )
+            f"{url}/admin/rebalance", json=body, headers=headers, timeout=args.timeout,
+            verify=verify,
+        )  # fmt: skip
     except (httpx.HTTPError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -75,7 +82,7 @@ def _rebalance_grpc(args: argparse.Namespace) -> int:
     from proto import pdserve_pb2_grpc as pb_grpc
 
     try:
-        with grpc.insecure_channel(args.grpc) as channel:
+        with grpc_channel(args, args.grpc) as channel:
             reply = pb_grpc.GenerationStub(channel).Rebalance(
                 pb.RebalanceRequest(pools=args.pool or []),
                 metadata=[("authorization", f"Bearer {args.token}")],

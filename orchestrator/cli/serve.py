@@ -182,6 +182,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY; unset: open)",
     )
     r.add_argument(
+        "--ssl-certfile", metavar="PEM",
+        help="serve HTTPS and gRPC over TLS with this certificate chain (with --ssl-keyfile)",
+    )  # fmt: skip
+    r.add_argument("--ssl-keyfile", metavar="PEM", help="the private key of --ssl-certfile")
+    r.add_argument(
         "--admin-token",
         default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
         help="enables /admin/* with this bearer token (default: $PDSERVE_ADMIN_TOKEN; unset: off)",
@@ -237,6 +242,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         prefill_instances=args.prefill_instances,
         admin_token=args.admin_token,
         api_key=args.api_key,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
         eplb_interval_s=args.eplb_interval_s,
         eplb_min_balancedness=args.eplb_min_balancedness,
         init_expert_placement=args.init_expert_placement,
@@ -282,6 +289,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.api_key is None and not _is_loopback(config.host):
         say(f"warning: listening on {config.host} without --api-key: anyone who reaches the "
                "port can generate (set --api-key or PDSERVE_API_KEY)")  # fmt: skip
+    elif config.api_key is not None and config.tls is None and not _is_loopback(config.host):
+        say(f"warning: listening on {config.host} without TLS: the API key crosses the network "
+               "in clear unless a TLS proxy sits in front (--ssl-certfile / --ssl-keyfile)")  # fmt: skip
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         say("warning: RAY_AUTH_MODE=disabled: anyone who reaches the Ray ports controls the "
                "cluster; keep Ray's token authentication on outside a test box")  # fmt: skip

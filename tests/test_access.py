@@ -1,13 +1,19 @@
-"""`--api-key`: the inference routes (HTTP and gRPC) need `Authorization: Bearer <key>`; health,
-metrics and the admin routes (their own token) do not; the CLI clients send the key."""
+"""Who may call a server, and how: with `--api-key` the inference routes (HTTP and gRPC) need
+`Authorization: Bearer <key>` while health, metrics and the admin routes (their own token) do
+not; with `--ssl-certfile` / `--ssl-keyfile` HTTP and gRPC are served over TLS. The CLI clients
+send the key and trust `--ca-cert`. The server here does both, with a self-signed certificate
+for 127.0.0.1 made by the test."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
+import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,15 +26,74 @@ KEY = "sk-test-api-key-1"
 ADMIN = "admin-token-1"
 
 
-@pytest.fixture(scope="module")
-def server(launch_tiny):
-    srv = launch_tiny(
-        colocated=True, api_key=KEY, admin_token=ADMIN, grpc_port=0, log_requests=True
+def make_self_signed(directory: Path, name: str = "server") -> tuple[str, str]:
+    """A certificate for 127.0.0.1 / localhost and its key, as PEM files: (cert, key)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pdserve test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
     )
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory) -> tuple[str, str]:
+    return make_self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def server(launch_tiny, cert):
+    srv = launch_tiny(
+        colocated=True, api_key=KEY, admin_token=ADMIN, grpc_port=0, log_requests=True,
+        ssl_certfile=cert[0], ssl_keyfile=cert[1],
+    )  # fmt: skip
     try:
         yield srv
     finally:
         srv.stop()
+
+
+def _trust(cert: tuple[str, str]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cert[0])
+
+
+def _channel(server: Any, cert: tuple[str, str]) -> Any:
+    import grpc
+
+    roots = Path(cert[0]).read_bytes()
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    return grpc.secure_channel(server.grpc_address, credentials)
 
 
 @contextlib.contextmanager
@@ -53,7 +118,7 @@ def _bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-def test_inference_routes_refuse_a_missing_or_wrong_key_and_serve_the_right_one(server):
+def test_inference_routes_refuse_a_missing_or_wrong_key_and_serve_the_right_one(server, cert):
     import httpx
 
     gen = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
@@ -74,7 +139,10 @@ def test_inference_routes_refuse_a_missing_or_wrong_key_and_serve_the_right_one(
         (_bearer("sk-wrong-key-00"), "wrong API key"),
         (_bearer(ADMIN), "wrong API key"),  # the admin token is not an API key
     ]
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    assert server.url.startswith("https://")
+    with pytest.raises(httpx.HTTPError):  # TLS only: plain HTTP gets nowhere
+        httpx.get(server.url.replace("https://", "http://") + "/health", timeout=10)
+    with httpx.Client(base_url=server.url, timeout=60, verify=_trust(cert)) as client:
         for method, route, body in calls:
             for headers, why in refused:
                 resp = client.request(method, route, json=body, headers=headers)
@@ -107,7 +175,7 @@ def test_inference_routes_refuse_a_missing_or_wrong_key_and_serve_the_right_one(
         assert client.get("/nowhere", headers=_bearer(KEY)).status_code == 404
 
 
-def test_grpc_calls_need_the_key_and_health_does_not(server):
+def test_grpc_calls_need_the_key_and_health_does_not(server, cert):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -118,7 +186,7 @@ def test_grpc_calls_need_the_key_and_health_does_not(server):
         input_ids=pb.TokenIds(ids=[5, 6, 7]),
         sampling=pb.SamplingParams(max_new_tokens=3, temperature=0.0),
     )
-    with grpc.insecure_channel(server.grpc_address) as channel:
+    with _channel(server, cert) as channel:
         stub = pb_grpc.GenerationStub(channel)
         for metadata in ([], [("authorization", "Bearer sk-wrong-key-00")]):
             with pytest.raises(grpc.RpcError) as e:
@@ -137,11 +205,16 @@ def test_grpc_calls_need_the_key_and_health_does_not(server):
         assert [(r["rid"], r["api"], r["finish"], r["output_tokens"]) for r in lines] == [
             (final.rid, "grpc", "length", 3)
         ]
-        assert _metric(server.url, "pdserve_request_finish_total", reason="length") >= 1
-        assert _metric(server.url, "pdserve_generation_tokens_total") >= 3
+        tls = _trust(cert)
+        assert _metric(server.url, "pdserve_request_finish_total", tls, reason="length") >= 1
+        assert _metric(server.url, "pdserve_generation_tokens_total", tls) >= 3
         assert not stub.Abort(pb.AbortRequest(rid="x"), timeout=30, metadata=ok).found
         # Open without the key. (It follows the router's readiness within 0.25 s: ask as a
         # probe would, until it says SERVING.)
+        with grpc.insecure_channel(server.grpc_address) as plain:  # TLS only
+            with pytest.raises(grpc.RpcError) as e:
+                health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         health_stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 10
         while True:
@@ -152,25 +225,34 @@ def test_grpc_calls_need_the_key_and_health_does_not(server):
             time.sleep(0.05)
 
 
-def test_cli_clients_send_the_key(server, capsys):
+def test_cli_clients_send_the_key_and_trust_the_ca_cert(server, cert, capsys):
     from orchestrator.cli import main
 
     prompt = ["--prompt", "hello", "--max-new-tokens", "3"]
-    assert main(["generate", "--url", server.url, *prompt]) == 1
+    trust = ["--ca-cert", cert[0]]
+    assert main(["generate", "--url", server.url, *trust, *prompt]) == 1
     assert "HTTP 401" in capsys.readouterr().err
-    assert main(["generate", "--url", server.url, "--api-key", KEY, *prompt]) == 0
+    assert main(["generate", "--url", server.url, "--api-key", KEY, *trust, *prompt]) == 0
     assert "[3 tokens" in capsys.readouterr().err
-    assert main(["generate", "--grpc", server.grpc_address, *prompt]) == 1
+    # Without --ca-cert the self-signed certificate is not trusted: a clear error.
+    assert main(["generate", "--url", server.url, "--api-key", KEY, *prompt]) == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+    grpc_at = ["--grpc", server.grpc_address]
+    assert main(["generate", *grpc_at, *trust, *prompt]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
-    assert main(["generate", "--grpc", server.grpc_address, "--api-key", KEY, *prompt]) == 0
-    assert main(["status", "--url", server.url]) == 1
+    assert main(["generate", *grpc_at, "--api-key", KEY, *trust, *prompt]) == 0
+    assert main(["status", "--url", server.url, *trust]) == 1
     assert "answered 401" in capsys.readouterr().err
-    assert main(["status", "--url", server.url, "--api-key", KEY]) == 0
+    assert main(["status", "--url", server.url, "--api-key", KEY, *trust]) == 0
     bench = ["bench", "--url", server.url, "--num-prompts", "2", "--input-len", "4",
-             "--output-len", "2", "--concurrency", "2"]  # fmt: skip
+             "--output-len", "2", "--concurrency", "2", *trust]  # fmt: skip
     assert main(bench) == 1
     assert "answered 401" in capsys.readouterr().err
     assert main([*bench, "--api-key", KEY]) == 0
+    assert main([*bench[:-2], "--api-key", KEY]) == 1  # untrusted certificate
+    assert "certificate" in capsys.readouterr().err.lower()
+    assert main(["status", "--url", server.url, "--ca-cert", "/nonexistent.pem"]) == 2
+    assert "--ca-cert /nonexistent.pem" in capsys.readouterr().err
 
 
 def test_api_key_settings_are_checked(tmp_path, monkeypatch):
@@ -188,6 +270,15 @@ def test_api_key_settings_are_checked(tmp_path, monkeypatch):
     assert load_serve_file(path)["api_key"] == "from-the-environment"
     monkeypatch.delenv("MY_PDSERVE_KEY")
     assert load_serve_file(path)["api_key"] is None
+    cert, key = make_self_signed(tmp_path, "a")
+    other_cert, _ = make_self_signed(tmp_path, "b")
+    assert ServeConfig(ssl_certfile=cert, ssl_keyfile=key).tls == (cert, key)
+    with pytest.raises(ValueError, match="go together"):
+        ServeConfig(ssl_certfile=cert)
+    with pytest.raises(ValueError, match="no such file"):
+        ServeConfig(ssl_certfile=cert, ssl_keyfile=str(tmp_path / "missing.key"))
+    with pytest.raises(ValueError, match="cannot load them"):  # a key of another certificate
+        ServeConfig(ssl_certfile=other_cert, ssl_keyfile=key)
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
 
