@@ -5,6 +5,7 @@ shared prefix that the prefill rank's cache must find)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,10 @@ def test_cli_generate(tiny_server):
     assert lines[1].split()[:4] == ["pool", "dp", "rank", "node"]
     pools = sorted(line.split()[0] for line in lines[2:])
     assert pools in (["colocated-0"], ["decode-0", "prefill-0"]), p.stdout
+    if pools != ["colocated-0"]:  # the generates above crossed: sends on one, receives on the other
+        by_pool = {line.split()[0]: line for line in lines[2:]}
+        assert re.search(r"\b[1-9]\d* / 0 \(0\), [\d.]+ MB$", by_pool["prefill-0"]), p.stdout
+        assert re.search(r"\b0 / [1-9]\d* \(0\), [\d.]+ MB$", by_pool["decode-0"]), p.stdout
     # A reader that goes away (`pdserve status | head -0`): no traceback, exit 0.
     cmd = [sys.executable, "-m", "orchestrator.cli", "status", "--url", tiny_server]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -256,6 +256,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "in transfer",
         "KV pages used",
         "tokens out",
+        "preempted",
+        "KV sent / received (failed)",
     )
     rows: list[tuple[str, ...]] = [header]
     for rank in data["ranks"]:
@@ -270,9 +272,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append((
             *where, str(st["num_running"]),
             str(st["num_waiting"]), str(st.get("num_in_transfer", 0)), used,
-            str(st["num_generated_tokens"]),
+            str(st["num_generated_tokens"]), str(st.get("num_preemptions", 0)),
+            _transfers(st.get("transfers") or {}),
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(header))]
     for r in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
     return 0
+
+
+def _transfers(t: dict[str, Any]) -> str:
+    """A rank's KV transfers for the status table: `-` when it has made none."""
+    sent, received = t.get("sent", 0), t.get("received", 0)
+    failed = t.get("send_failed", 0) + t.get("receive_failed", 0)
+    if not (sent or received or failed):
+        return "-"
+    moved = (t.get("sent_bytes", 0) + t.get("received_bytes", 0)) / 1e6
+    return f"{sent} / {received} ({failed}), {moved:.1f} MB"
