@@ -299,7 +299,9 @@ async def _accepted(*sides: tuple[Any, int | None]) -> None:
         if ref is None or rank is None:
             continue
         try:
-            await ref
+            # Shielded: cancelling this wait (the client left) must not cancel the add's
+            # future, which the request's aborts wait on (`abort_after`).
+            await asyncio.shield(ref)
         except ValueError:
             raise
         except Exception as e:
@@ -341,8 +343,8 @@ async def abort_after(handle: Any, add_ref: Any, rid: str) -> None:
     """Abort `rid` on the rank behind `handle` once its `add_request` (`add_ref`) reached it:
     adds leave in batches and calls to a threaded actor may run out of order, so an abort sent
     earlier could miss the request there. Errors are ignored (a dead rank holds nothing)."""
+    await asyncio.wait([add_ref])  # settled either way (a refused add: the abort is a no-op)
     with contextlib.suppress(Exception):
-        await add_ref
         await handle.abort.remote(rid)
 
 

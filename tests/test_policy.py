@@ -352,3 +352,64 @@ def test_adds_of_one_event_loop_pass_reach_each_rank_in_one_call():
         assert ranks.num_add_calls == 4 and calls[-1] == (0, ["ok-later"])
 
     asyncio.run(run())
+
+
+def test_a_client_gone_while_the_adds_are_in_flight_still_aborts_both_sides():
+    """The client leaves while the request's adds have not answered yet: the wait for them is
+    cancelled, but not the adds' futures, so the aborts still go out once each add reached its
+    rank. (Cancelling those futures lost both aborts: the prefill and decode sides then held
+    their pages until the transfer timed out, 30 s later.)"""
+    import asyncio
+
+    from orchestrator.router import Router
+    from workers.engine.messages import RankInfo, SamplingParams
+
+    aborted: list[tuple[int, str]] = []
+    pending: list[asyncio.Future[object]] = []
+
+    class Call:
+        def __init__(self, fn):
+            self.remote = fn
+
+    class Rank:
+        def __init__(self, index: int):
+            self.add_requests = Call(self.add)
+            self.abort = Call(lambda rid: self.record(index, rid))
+
+        def add(self, reqs: list[object]) -> asyncio.Future[object]:
+            future = asyncio.get_running_loop().create_future()
+            pending.append(future)  # answered later, by the test
+            future.reqs = reqs  # type: ignore[attr-defined]
+            return future
+
+        def record(self, index: int, rid: str) -> asyncio.Future[object]:
+            aborted.append((index, rid))
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+            return future
+
+    def info(role: str) -> RankInfo:
+        return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role)
+
+    class Tok:
+        def decode(self, ids: object, skip_special_tokens: bool = True) -> str:
+            return ""
+
+    async def run() -> None:
+        router = Router([Rank(0), Rank(1)], tokenizer=Tok(), model_name="m")  # type: ignore[arg-type]
+        router.ranks.infos = [info("prefill"), info("decode")]
+        sampling = SamplingParams(max_new_tokens=8, temperature=0.0)
+        gen = router.generate(list(range(2, 12)), sampling, rid="r1")
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.01)
+        assert len(pending) == 2 and not aborted  # both adds sent, neither answered
+        task.cancel()  # the client leaves
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        assert not aborted  # an abort may not overtake its add
+        for future in pending:
+            future.set_result([None] * len(future.reqs))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.01)
+        assert sorted(aborted) == [(0, "r1"), (1, "r1")]
+
+    asyncio.run(run())
