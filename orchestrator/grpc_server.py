@@ -85,7 +85,8 @@ def _body(request: pb.GenerateRequest) -> dict[str, Any]:
         params["logit_bias"] = {str(t): bias for t, bias in sp.logit_bias.items()}
     constraint = sp.WhichOneof("constraint")
     if constraint == "json_object":
-        params["json_schema"] = JSON_OBJECT_SCHEMA  # the same grammar
+        if sp.json_object:  # set to false: no constraint (proto3 still marks the oneof)
+            params["json_schema"] = JSON_OBJECT_SCHEMA  # the same grammar
     elif constraint is not None:
         params[constraint] = getattr(sp, constraint)
     body["sampling_params"] = params

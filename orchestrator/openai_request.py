@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from orchestrator.request_fields import Fields, RequestError
 from orchestrator.sampling_request import (
     CONSTRAINT_FIELDS,
+    MAX_BATCH_REQUESTS,
     VLLM_CONSTRAINTS,
     SamplingRequest,
     check_output_constraint,
@@ -22,6 +23,7 @@ from orchestrator.sampling_request import (
     read_top_logprobs,
     structural_tag,
 )
+from orchestrator.tokenizer import TEMPLATE_RESERVED
 from orchestrator.tool_parser import FORMATS, ToolCallFormat
 from orchestrator.tools import ToolRequest, read_tools, tool_constraint
 from workers.engine.messages import OutputConstraint
@@ -29,7 +31,6 @@ from workers.engine.messages import OutputConstraint
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Features pdserve does not implement are refused unless set to their no-op value.
-MAX_BATCH_REQUESTS = 256  # prompts x n of one completions call
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
@@ -241,6 +242,8 @@ def read_template_kwargs(f: Fields) -> dict[str, Any]:
     for key in raw:
         if key in _TEMPLATE_OWN:
             raise f.fail("chat_template_kwargs", f"{key!r} is set by the server, not the request")
+        if key in TEMPLATE_RESERVED:
+            raise f.fail("chat_template_kwargs", f"{key!r} is a name of the template language")
     return dict(raw)
 
 

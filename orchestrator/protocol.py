@@ -13,6 +13,7 @@ from orchestrator.request_fields import Fields, RequestError, type_name
 from orchestrator.router import Router
 from orchestrator.sampling_request import (
     CONSTRAINT_FIELDS,
+    MAX_BATCH_REQUESTS,
     SamplingRequest,
     read_n,
     read_priority,
@@ -114,6 +115,12 @@ def parse_generate(body: Any) -> GenerateBody:
     if is_batch and stream:
         raise RequestError(
             "stream: a batch of prompts cannot stream; send them one by one", "stream"
+        )
+    if len(calls) * n > MAX_BATCH_REQUESTS:
+        raise RequestError(
+            f"{'text' if text is not None else 'input_ids'}: {len(calls)} prompts x n={n} make "
+            f"more than {MAX_BATCH_REQUESTS} requests; send fewer per call",
+            "text" if text is not None else "input_ids",
         )
     if is_batch and rid is not None:
         raise RequestError("rid: a batch of prompts cannot share one rid", "rid")

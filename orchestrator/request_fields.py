@@ -8,6 +8,7 @@ says exactly what to fix. Types are strict: `true` is not an integer, `1.5` is n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,6 +74,8 @@ class Fields:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, f"expected a number, got {type_name(value)} {value!r}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number, got {value!r}")
         return float(value)
 
     def get_bool(self, key: str, default: bool = False) -> bool:

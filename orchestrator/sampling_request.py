@@ -52,6 +52,12 @@ class SamplingRequest:
     min_new_tokens_field: str = "min_new_tokens"
 
 
+MAX_BATCH_REQUESTS = 256  # prompts x n (x best_of) of one call
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (as vLLM's do)
+# Logits are divided by a repetition penalty below 1: much smaller ones overflow float32.
+MIN_REPETITION_PENALTY = 0.01
+
+
 def read_sampling(
     f: Fields, max_new_tokens_key: str, min_new_tokens_key: str = "min_new_tokens"
 ) -> SamplingRequest:
@@ -63,6 +69,8 @@ def read_sampling(
     temperature = f.get_float("temperature", 1.0)
     if temperature < 0:
         raise f.fail("temperature", f"must be >= 0 (0 is greedy), got {temperature:g}")
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0  # logits / 1e-40 overflow: as good as greedy, so greedy
     top_p = f.get_float("top_p", 1.0)
     if not 0.0 < top_p <= 1.0:
         raise f.fail("top_p", f"must be in (0, 1], got {top_p:g}")
@@ -92,8 +100,10 @@ def read_sampling(
         if not -2.0 <= value <= 2.0:
             raise f.fail(key, f"must be in [-2, 2], got {value:g}")
     repetition = f.get_float("repetition_penalty", 1.0)
-    if not 0.0 < repetition <= 2.0:
-        raise f.fail("repetition_penalty", f"must be in (0, 2], got {repetition:g}")
+    if not MIN_REPETITION_PENALTY <= repetition <= 2.0:
+        raise f.fail(
+            "repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, 2], got {repetition:g}"
+        )
     return SamplingRequest(
         max_new_tokens=max_new,
         temperature=temperature,

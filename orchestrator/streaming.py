@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -160,9 +161,46 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not body:
         raise RequestError("body: the request body is empty; send a JSON object", "body")
     try:
-        return json.loads(body)
+        obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"body: the request body is not valid JSON ({e})", "body") from None
+    if _SURROGATE_ESCAPE.search(body):  # rare: look for one that is not half of a pair
+        where = _lone_surrogate(obj, "")
+        if where is not None:
+            raise RequestError(
+                f"{where or 'body'}: holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape "
+                "that is not half of a pair), which is not text", where or "body",
+            )  # fmt: skip
+    return obj
+
+
+# A JSON escape of a UTF-16 surrogate; JSON decodes a pair of them into one character, a lone
+# one into a string that cannot be encoded (tokenizers and the JSON answer fail on it).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first key or string in `value` holding a lone surrogate; None if none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            where = _lone_surrogate(key, inner)
+            if where is None:
+                where = _lone_surrogate(item, inner)
+            if where is not None:
+                return where
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            where = _lone_surrogate(item, f"{path}[{i}]")
+            if where is not None:
+                return where
+    return None
 
 
 def _too_large(max_bytes: int) -> RequestError:

@@ -37,6 +37,13 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+# Names a chat template's own code refers to (jinja2's globals, ours, a for loop's `loop`): a
+# request's `chat_template_kwargs` may not rebind them.
+TEMPLATE_RESERVED = frozenset(
+    {*ImmutableSandboxedEnvironment().globals, "raise_exception", "strftime_now", "loop"}
+)
+
+
 def _compile_template(source: str) -> tuple[jinja2.Template, bool]:
     """The template, and whether it reads `tools` (shows the request's tools itself)."""
     env = ImmutableSandboxedEnvironment(
@@ -177,6 +184,8 @@ class Tokenizer:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template failed: {e}") from e
+        except Exception as e:  # the template's code on values it did not expect (a request's)
+            raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from e
 
 
 class TokenStream:

@@ -177,6 +177,11 @@ def test_structured_output_over_grpc(server, stub):
     obj = list(stub.Generate(_request(prompt, 40, json_object=True), timeout=60))[-1].final
     assert obj.text.startswith("{")
     _refused(stub, _request(prompt, 3, json_schema='{"type": 5}'), "json_schema")
+    _refused(stub, _request(prompt, 3, regex="[^\\s\\S]"), "no output can match")
+    # `json_object: false` is no constraint (proto3 still marks the oneof as set).
+    free = list(stub.Generate(_request(prompt, 6), timeout=60))[-1].final
+    unset = list(stub.Generate(_request(prompt, 6, json_object=False), timeout=60))[-1].final
+    assert list(unset.output_ids) == list(free.output_ids)
     biased = _request(prompt, 4)
     biased.sampling.logit_bias[321] = 100.0
     assert list(list(stub.Generate(biased, timeout=60))[-1].final.output_ids) == [321] * 4

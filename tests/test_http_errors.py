@@ -153,12 +153,41 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         ),
         (C, {"prompt": "hi", "guided_regex": "b", "regex": "a"}, "guided_regex", "not several"),
         (C, {"prompt": "hi", "guided_json": {"type": 7}}, "guided_json", "invalid json schema"),
-    ]
+        # A lone UTF-16 surrogate is not text (a pair is: see the test below).
+        (G, b'{"text": "\\ud800"}', "text", "surrogate"),
+        (G, b'{"text": "hi", "rid": "\\ud800"}', "rid", "surrogate"),
+        (C, b'{"prompt": "hi", "model": "m\\udc00"}', "model", "surrogate"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800"}]}',
+         "messages[0].content", "surrogate"),
+        (G, b'{"text": "hi", "sampling_params": {"temperature": NaN}}', "temperature", "finite"),
+        (G, b'{"text": "hi", "sampling_params": {"top_p": Infinity}}', "top_p", "finite"),
+        (G, {"text": "hi", "sampling_params": {"repetition_penalty": 1e-300}},
+         "repetition_penalty", "[0.01, 2]"),
+        # Names the template's own code uses.
+        (CHAT, {"messages": _USER, "chat_template_kwargs": {"namespace": 1}},
+         "chat_template_kwargs", "template language"),
+        (CHAT, {"messages": _USER, "chat_template_kwargs": {"loop": 1}},
+         "chat_template_kwargs", "template language"),
+        # Constraints no output can match fail here, not at the first token.
+        (G, {"text": "hi", "sampling_params": {"ebnf": "root ::= root"}}, "ebnf", "no output"),
+        (G, {"text": "hi", "sampling_params": {"regex": "[^\\s\\S]"}}, "regex", "no output"),
+        (CHAT, {"messages": _USER, "guided_grammar": 'root ::= a\na ::= a "x"'},
+         "guided_grammar", "no output"),
+        # A /generate batch is capped as a completions one is.
+        (G, {"text": ["a"] * 257, "sampling_params": {"max_new_tokens": 1}}, "text", "256"),
+        (G, {"text": ["a"] * 20, "sampling_params": {"n": 16}}, "text", "256"),
+        (G, {"input_ids": [[1, 2]] * 257}, "input_ids", "256"),
+    ]  # fmt: skip
     if kv < ctx:
         room = (ctx + kv) // 2 - 4
         body = {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": room}}
         cases.append((G, body, "max_new_tokens", "KV cache"))
     return cases
+
+
+def _greedy_ids(c: httpx.Client) -> list[int]:
+    body = {"text": "still there?", "sampling_params": _greedy(3)}
+    return list(c.post("/generate", json=body).json()["output_ids"])
 
 
 @pytest.mark.timeout(120)
@@ -185,6 +214,12 @@ def test_bad_input_is_refused_naming_the_field(tiny_server, info):
         # Still serving.
         r = c.post("/generate", json={"text": "still there?", "sampling_params": _greedy(3)})
         assert r.status_code == 200 and len(r.json()["output_ids"]) == 3
+        # A surrogate pair is a character; a temperature too small to divide by is greedy.
+        pair = b'{"text": "\\ud83d\\ude00", "sampling_params": {"max_new_tokens": 2}}'
+        r = c.post("/generate", content=pair, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        tiny = {"text": "still there?", "sampling_params": {**_greedy(3), "temperature": 1e-40}}
+        assert c.post("/generate", json=tiny).json()["output_ids"] == _greedy_ids(c)
     _wait_idle(tiny_server)
 
 

@@ -81,9 +81,40 @@ def _message(error: Exception) -> str:
 
 
 def check_constraint(constraint: OutputConstraint) -> None:
-    """Parse the constraint without a vocabulary (fast: the router checks every request with
-    it); raise ValueError naming its kind when it is not valid."""
-    _build(_xgrammar().Grammar, _PARSE, constraint)
+    """Parse the constraint without the model's vocabulary (fast: the router checks every
+    request with it); raise ValueError naming its kind when it is not valid, or when no
+    output can match it (`root ::= root`, the regex `[^\\s\\S]`): such a request would only
+    fail at its first token."""
+    grammar = _build(_xgrammar().Grammar, _PARSE, constraint)
+    if not _can_start(grammar):
+        raise ValueError(f"{constraint.kind}: no output can match it (its language is empty)")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_compiler() -> Any:
+    """A compiler over a vocabulary of the 256 bytes and an end token: every text is a string
+    of it, so a grammar that allows none of its tokens first allows no text at all."""
+    xgr = _xgrammar()
+    vocab = [bytes([b]) for b in range(256)] + [b"<end>"]
+    info = xgr.TokenizerInfo(
+        vocab, vocab_type=xgr.VocabType.RAW, vocab_size=len(vocab), stop_token_ids=[256]
+    )
+    return xgr.GrammarCompiler(info, max_threads=1)
+
+
+def _can_start(grammar: Any) -> bool:
+    """Whether some output (the empty one included) matches `grammar` (~0.1-1 ms). A grammar
+    that names the model's own tokens (tool-call markers) does not compile over bytes: it is
+    given the benefit of the doubt."""
+    xgr = _xgrammar()
+    try:
+        compiled = _byte_compiler().compile_grammar(grammar)
+    except Exception:
+        return True
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, 257)
+    matcher.fill_next_token_bitmask(bitmask)
+    return bool(bitmask.any())
 
 
 @functools.lru_cache(maxsize=256)
