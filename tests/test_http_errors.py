@@ -173,6 +173,9 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         (G, {"text": "hi", "sampling_params": {"regex": "[^\\s\\S]"}}, "regex", "no output"),
         (CHAT, {"messages": _USER, "guided_grammar": 'root ::= a\na ::= a "x"'},
          "guided_grammar", "no output"),
+        (G, {"text": "hi", "sampling_params": {"json_schema": {"allOf": [{"type": "string"},
+                                                                         {"type": "integer"}]}}},
+         "json_schema", "allOf"),
         # A /generate batch is capped as a completions one is.
         (G, {"text": ["a"] * 257, "sampling_params": {"max_new_tokens": 1}}, "text", "256"),
         (G, {"text": ["a"] * 20, "sampling_params": {"n": 16}}, "text", "256"),

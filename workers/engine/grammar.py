@@ -18,6 +18,7 @@ starts fast; without it a constrained request is refused with a message saying s
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import threading
@@ -86,8 +87,25 @@ def check_constraint(constraint: OutputConstraint) -> None:
     output can match it (`root ::= root`, the regex `[^\\s\\S]`): such a request would only
     fail at its first token."""
     grammar = _build(_xgrammar().Grammar, _PARSE, constraint)
+    if constraint.kind == "json_schema" and _has_all_of(json.loads(constraint.spec)):
+        raise ValueError(
+            "json_schema: 'allOf' with several schemas is not supported (the output would not "
+            "be held to all of them); merge them into one schema"
+        )
     if not _can_start(grammar):
         raise ValueError(f"{constraint.kind}: no output can match it (its language is empty)")
+
+
+def _has_all_of(schema: Any) -> bool:
+    """Whether `schema` (parsed JSON) has an `allOf` of more than one schema anywhere."""
+    if isinstance(schema, dict):
+        all_of = schema.get("allOf")
+        if isinstance(all_of, list) and len(all_of) > 1:
+            return True
+        return any(_has_all_of(v) for v in schema.values())
+    if isinstance(schema, list):
+        return any(_has_all_of(v) for v in schema)
+    return False
 
 
 @functools.lru_cache(maxsize=1)
