@@ -13,8 +13,20 @@ from orchestrator.placement import (
     pool_selectors,
 )
 from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks
+from workers.engine.messages import RankInfo
 
 pytestmark = pytest.mark.timeout(10)
+
+
+def _info(role: str) -> RankInfo:
+    return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role)
+
+
+class _Tok:
+    """A tokenizer for a router whose outputs nobody reads."""
+
+    def decode(self, ids: object, skip_special_tokens: bool = True) -> str:
+        return ""
 
 
 def _p(queued: int, running: int = 0, alive: bool = True) -> RankLoad:
@@ -62,13 +74,9 @@ def test_prefix_affinity_wins_while_within_its_slack():
 
 def test_router_sends_prompts_that_begin_alike_to_the_same_prefill_rank():
     from orchestrator.ranks import AFFINITY_TOKENS, RankTable
-    from workers.engine.messages import RankInfo
-
-    def info(role: str) -> RankInfo:
-        return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role)
 
     ranks = RankTable([object()] * 3)
-    ranks.infos = [info("prefill"), info("prefill"), info("decode")]
+    ranks.infos = [_info("prefill"), _info("prefill"), _info("decode")]
     system_a = list(range(AFFINITY_TOKENS))
     system_b = list(range(1, AFFINITY_TOKENS + 1))
     ranks.queued_prefill_tokens = [0, 0, 0]
@@ -224,7 +232,7 @@ def test_scoring_requests_count_as_queued_on_the_prefill_rank_that_runs_them():
     import asyncio
 
     from orchestrator.router import Router
-    from workers.engine.messages import RankInfo, SamplingParams
+    from workers.engine.messages import SamplingParams
 
     sent: list[tuple[int, object]] = []
 
@@ -240,17 +248,10 @@ def test_scoring_requests_count_as_queued_on_the_prefill_rank_that_runs_them():
             future.set_result([None] * len(arg) if isinstance(arg, list) else None)
             return future
 
-    def info(role: str) -> RankInfo:
-        return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role)
-
-    class Tok:
-        def decode(self, ids: object, skip_special_tokens: bool = True) -> str:
-            return ""
-
     async def run() -> None:
         ranks = [Rank(i) for i in range(3)]
-        router = Router(ranks, tokenizer=Tok(), model_name="m")  # type: ignore[arg-type]
-        router.ranks.infos = [info("prefill"), info("prefill"), info("decode")]
+        router = Router(ranks, tokenizer=_Tok(), model_name="m")  # type: ignore[arg-type]
+        router.ranks.infos = [_info("prefill"), _info("prefill"), _info("decode")]
         scoring = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True,
                                  prompt_logprobs=True)  # fmt: skip
         gens = [router.generate(list(range(2, 40)), scoring) for _ in range(2)]
@@ -362,7 +363,7 @@ def test_a_client_gone_while_the_adds_are_in_flight_still_aborts_both_sides():
     import asyncio
 
     from orchestrator.router import Router
-    from workers.engine.messages import RankInfo, SamplingParams
+    from workers.engine.messages import SamplingParams
 
     aborted: list[tuple[int, str]] = []
     pending: list[asyncio.Future[object]] = []
@@ -388,16 +389,9 @@ def test_a_client_gone_while_the_adds_are_in_flight_still_aborts_both_sides():
             future.set_result(None)
             return future
 
-    def info(role: str) -> RankInfo:
-        return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role)
-
-    class Tok:
-        def decode(self, ids: object, skip_special_tokens: bool = True) -> str:
-            return ""
-
     async def run() -> None:
-        router = Router([Rank(0), Rank(1)], tokenizer=Tok(), model_name="m")  # type: ignore[arg-type]
-        router.ranks.infos = [info("prefill"), info("decode")]
+        router = Router([Rank(0), Rank(1)], tokenizer=_Tok(), model_name="m")  # type: ignore[arg-type]
+        router.ranks.infos = [_info("prefill"), _info("decode")]
         sampling = SamplingParams(max_new_tokens=8, temperature=0.0)
         gen = router.generate(list(range(2, 12)), sampling, rid="r1")
         task = asyncio.ensure_future(gen.__anext__())
