@@ -342,9 +342,11 @@ class GrpcServer:
         self.where = f"{config.host}:{config.grpc_port}"
         self.tls = config.tls
         self.port = 0  # bound by `start`
+        self.serving = False  # what the health service says
         self.router = router
 
     async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving

@@ -351,8 +351,12 @@ def launch(
         )
         http.start()
         deadline = time.monotonic() + 30
-        while not router.is_ready and time.monotonic() < deadline:
-            time.sleep(0.01)  # the router's own ready() calls return at once now
+        grpc = app.state.grpc_server
+        while time.monotonic() < deadline and not (
+            router.is_ready and (grpc is None or grpc.serving)
+        ):
+            time.sleep(0.01)  # the router's own ready() calls return at once now (and the
+            # gRPC health service follows it within 0.25 s)
     except BaseException:
         if owns_ranks:
             shutdown_ranks(ranks)
