@@ -32,7 +32,11 @@ class Output:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-def to_output(delta: TokenDelta, detok: IncrementalDetokenizer) -> Output:
+def to_output(
+    delta: TokenDelta, detok: IncrementalDetokenizer, rid: str, num_prompt_tokens: int
+) -> Output:
+    """The client's view of `delta`: its request's id `rid` (the ranks know it by another),
+    the text so far; `num_prompt_tokens` where the delta has none (an error from the router)."""
     text = detok.add(delta.token_ids)
     finish = delta.finish_reason.value if delta.finish_reason is not None else None
     matched: str | int | None = None
@@ -43,10 +47,10 @@ def to_output(delta: TokenDelta, detok: IncrementalDetokenizer) -> Output:
         if finish == "stop" and delta.token_ids:
             matched = delta.token_ids[-1]
     return Output(
-        rid=delta.rid,
+        rid=rid,
         text=text,
         token_ids=list(delta.token_ids),
-        num_prompt_tokens=delta.num_prompt_tokens,
+        num_prompt_tokens=delta.num_prompt_tokens or num_prompt_tokens,
         num_output_tokens=delta.num_output_tokens,
         finish_reason=finish,
         matched_stop=matched,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Sequence
@@ -72,7 +71,13 @@ class Router:
         self.num_rank_failures = 0  # times a rank was found dead or failing
         self.num_deltas = 0  # token deltas handed to requests (at most one per request a frame)
         self.request_timeout_s = request_timeout_s
+        # Requests in flight by their id on the ranks, and each client id's current one: every
+        # attempt gets an id of its own there, so a client may reuse an id as soon as its
+        # request ended here, whatever the ranks still hold of the old one (a receive in
+        # quarantine, a late target).
         self._requests: dict[str, RoutedRequest] = {}
+        self._rank_rids: dict[str, str] = {}
+        self._num_attempts = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
@@ -201,6 +206,8 @@ class Router:
         if self.draining:
             raise RouterNotReady("the server is shutting down (draining the requests in flight)")
         rid = rid or uuid.uuid4().hex
+        if rid in self._rank_rids:
+            raise ValueError(f"rid: request {rid!r} is already running")
         used: list[tuple[int, int | None]] = []
         whole = not stream and not stop
         first = self._attempt(input_ids, sampling, stop, rid, timeout_s, frozenset(), used, whole)
@@ -232,12 +239,10 @@ class Router:
         self.num_retries += 1
         logger.warning("request %s failed before its first token (%s); retrying on another "
                        "rank", rid, reason)  # fmt: skip
-        # A new id on the ranks: the first attempt's abort may not have reached them yet.
-        retry_rid = f"{rid}-retry"
-        second = self._attempt(input_ids, sampling, stop, retry_rid, timeout_s, avoid, used, whole)
+        second = self._attempt(input_ids, sampling, stop, rid, timeout_s, avoid, used, whole)
         async with contextlib.aclosing(second) as outs:
             async for out in outs:
-                yield dataclasses.replace(out, rid=rid)
+                yield out
 
     async def _attempt(
         self,
@@ -251,15 +256,18 @@ class Router:
         whole: bool = False,
     ) -> AsyncGenerator[Output, None]:
         """One try of `generate` on the pair `RankTable.pick(avoid)`, recorded in `used`;
-        `whole`: the ranks may hold the output after the first token until the end."""
+        `whole`: the ranks may hold the output after the first token until the end. `rid` is
+        the client's; the ranks know the attempt by an id of its own."""
         rank, prefill_rank = self.ranks.pick(avoid, input_ids)
         here = sampling.prompt_logprobs and prefill_rank is not None
         if here:  # scoring a prompt: its prefill rank, which has the logits, does it all
             assert prefill_rank is not None
             rank, prefill_rank = prefill_rank, None
         used.append((rank, prefill_rank))
-        if rid in self._requests:
+        if rid in self._rank_rids:
             raise ValueError(f"rid: request {rid!r} is already running")
+        self._num_attempts += 1
+        client_rid, rid = rid, f"{rid}#{self._num_attempts}"
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
         req = RoutedRequest(
             rid,
@@ -270,6 +278,7 @@ class Router:
             queued_here=bool(here),
         )
         self._requests[rid] = req
+        self._rank_rids[client_rid] = rid
         self.ranks.admit(req)
         detok = IncrementalDetokenizer(
             self.tokenizer, input_ids, stop, min_new_tokens=sampling.min_new_tokens
@@ -317,7 +326,7 @@ class Router:
                     delta = nxt
                 if delta is timed_out:
                     yield Output(
-                        rid=rid,
+                        rid=client_rid,
                         text=detok.flush(),
                         token_ids=[],
                         num_prompt_tokens=len(input_ids),
@@ -330,7 +339,7 @@ class Router:
                     # Aborted by the client: one side's abort failed the other's transfer.
                     delta.finish_reason, delta.error = FinishReason.ABORT, None
                 num_output_tokens = delta.num_output_tokens or num_output_tokens
-                out = to_output(delta, detok)
+                out = to_output(delta, detok, client_rid, len(input_ids))
                 # Finished on the rank (an error may come from the router or the other side of a
                 # disaggregated pair: then the ranks are still told to abort).
                 if delta.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
@@ -342,17 +351,19 @@ class Router:
             if timer is not None:
                 timer.cancel()
             self._requests.pop(rid, None)
+            self._rank_rids.pop(client_rid, None)
             self.ranks.release(req)
             if not finished:
                 for side, ref in req.adds:
                     self.ranks.spawn(abort_after(self.ranks.handles[side], ref, rid))
 
     async def abort(self, rid: str) -> bool:
-        """Abort a running request; its generator then ends with finish_reason "abort" (what
-        it produced until then kept)."""
-        req = self._requests.get(rid)
+        """Abort a running request (the client's `rid`); its generator then ends with
+        finish_reason "abort" (what it produced until then kept)."""
+        req = self._requests.get(self._rank_rids.get(rid, ""))
         if req is None:
             return False
+        rid = req.rid
         req.aborted = True
         # After each side's add: an abort that overtook its add would miss the request there
         # (adds leave in batches; a threaded actor may run calls out of order), leaving that

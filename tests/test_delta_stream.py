@@ -8,6 +8,7 @@ import queue
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -117,6 +118,7 @@ def test_the_router_fails_a_rank_whose_stream_goes_silent():
 
     out = Output()
     stream = DeltaStream(out.take, "127.0.0.1")
+    added: list[Any] = []  # the requests the fake rank took (their ids are the router's own)
 
     class Call:
         def __init__(self, fn):
@@ -125,7 +127,7 @@ def test_the_router_fails_a_rank_whose_stream_goes_silent():
     class Handle:
         ready = Call(lambda: RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256))
         stream_address = Call(lambda: stream.address)
-        add_requests = Call(lambda reqs: [None] * len(reqs))
+        add_requests = Call(lambda reqs: added.extend(reqs) or [None] * len(reqs))
         abort = Call(lambda rid: None)
 
     class Tok:
@@ -140,7 +142,8 @@ def test_the_router_fails_a_rank_whose_stream_goes_silent():
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=2), rid="r")
         first = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0.3)
-        out.items.put([TokenDelta("r", [5], num_prompt_tokens=3, num_output_tokens=1)])
+        rank_rid = added[0].rid
+        out.items.put([TokenDelta(rank_rid, [5], num_prompt_tokens=3, num_output_tokens=1)])
         assert (await asyncio.wait_for(first, 10)).token_ids == [5]
         out.stuck.set()  # the stream's thread hangs: no frame, no heartbeat
         following = await asyncio.wait_for(gen.__anext__(), 10)

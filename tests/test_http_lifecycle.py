@@ -220,3 +220,40 @@ def test_sigterm_drains_the_requests_in_flight_then_stops(ray_session, tiny_mode
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+@pytest.mark.timeout(180)
+def test_a_rid_is_free_again_as_soon_as_its_request_ended(tiny_server):
+    """A client that aborts a request may send its `rid` again at once: the ranks know each
+    attempt by an id of its own, so what they still hold of the old one (a receive in
+    quarantine, a late target) cannot meet the new one. (It could: the new request was
+    refused as already running for ~2 s, or waited 30 s for KV that never came.)"""
+    import asyncio
+    import random
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 1000) for _ in range(rng.randint(200, 600))] for _ in range(24)]
+
+    async def abort_then_reuse(client: httpx.AsyncClient, i: int) -> tuple[int, str, float]:
+        rid = f"reused-{i}"
+        body = {"input_ids": prompts[i], "rid": rid,
+                "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}  # fmt: skip
+        first = asyncio.ensure_future(client.post("/generate", json=body))
+        await asyncio.sleep(0.002 + 0.004 * (i % 8))  # mostly before the first token
+        await client.post("/abort_request", json={"rid": rid})
+        await first  # ended (aborted, or done): the rid is the client's again
+        started = time.monotonic()
+        again = {"input_ids": prompts[i][:20], "rid": rid, "sampling_params": _greedy(2)}
+        r = await client.post("/generate", json=again)
+        return r.status_code, r.text, time.monotonic() - started
+
+    async def run() -> list[tuple[int, str, float]]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=tiny_server, timeout=120, limits=limits) as c:
+            return list(await asyncio.gather(*(abort_then_reuse(c, i) for i in range(24))))
+
+    results = asyncio.run(run())
+    failed = [(status, text) for status, text, _ in results if status != 200]
+    assert not failed, failed
+    assert max(took for *_, took in results) < 10, results
+    _wait_idle(tiny_server)
