@@ -14,30 +14,35 @@ from typing import Any
 
 from orchestrator.ranks import RankTable, RoutedRequest, abort_after
 from workers.engine.delta_stream import StreamAddress, read_frame
-from workers.engine.messages import TokenDelta, TransferReady
+from workers.engine.messages import AddsTaken, TokenDelta, TransferReady
 
-Item = TokenDelta | TransferReady
+Item = TokenDelta | TransferReady | AddsTaken
 
 
 async def read_output(
-    handle: Any, silence_s: float, on_frame: Callable[[list[Item]], None]
+    ranks: RankTable, index: int, silence_s: float, on_frame: Callable[[list[Item]], None]
 ) -> None:
-    """Receive the output of the rank behind actor `handle`, one `on_frame` call per frame,
-    until its stream breaks or stays silent for `silence_s` (raised: the rank is gone)."""
-    address: StreamAddress = await handle.stream_address.remote()
+    """Receive the output of rank `index`, one `on_frame` call per frame, until its stream
+    breaks or stays silent for `silence_s` (raised: the rank is gone). While connected, the
+    router's commands to the rank go on the same connection (`RankTable.send_command`)."""
+    address: StreamAddress = await ranks.handles[index].stream_address.remote()
     reader, writer = await asyncio.open_connection(address.host, address.port)
+    error: BaseException = ConnectionError("its output stream ended")
     try:
         writer.write(address.token.encode() + b"\n")
+        ranks.attach_stream(index, writer)
         while True:
             # The rank sends at least a heartbeat every HEARTBEAT_S.
             async with asyncio.timeout(silence_s):
                 items = await read_frame(reader)
             on_frame(items)
     except TimeoutError:
-        raise TimeoutError(f"no output or heartbeat for {silence_s:g} s") from None
+        error = TimeoutError(f"no output or heartbeat for {silence_s:g} s")
+        raise error from None
     except asyncio.IncompleteReadError:
-        raise ConnectionError("its output stream ended") from None
+        raise error from None
     finally:
+        ranks.detach_stream(index, error)
         writer.close()
 
 
@@ -49,6 +54,9 @@ def dispatch(
     num_deltas = 0
     targets: dict[int, list[tuple[str, Any]]] = {}  # prefill rank -> (rid, target)
     for item in items:
+        if isinstance(item, AddsTaken):
+            ranks.adds_taken(index, item)
+            continue
         req = requests.get(item.rid)
         if req is None:
             continue
@@ -60,7 +68,7 @@ def dispatch(
             # The prefill side failed: the decode side waits for KV that won't come.
             for rank, add_ref in req.adds:
                 if rank == req.rank:
-                    ranks.spawn(abort_after(ranks.handles[rank], add_ref, item.rid))
+                    ranks.spawn(abort_after(ranks, rank, add_ref, item.rid))
         elif index == req.rank and item.token_ids:
             # Decoding: it no longer depends on (or loads) the prefill rank.
             ranks.prompt_done(req)
@@ -68,5 +76,5 @@ def dispatch(
         req.queue.put_nowait(item)
     # One call per prefill rank for all the targets this frame brought.
     for prefill_rank, pairs in targets.items():
-        ranks.spawn(ranks.handles[prefill_rank].set_transfer_targets.remote(pairs))
+        ranks.send_command(prefill_rank, ("targets", pairs))
     return num_deltas

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks
-from workers.engine.messages import GenerateRequest, RankInfo, RankStats, TokenDelta, short_error
+from workers.engine.delta_stream import encode_frame
+from workers.engine.messages import (
+    AddsTaken,
+    GenerateRequest,
+    RankInfo,
+    RankStats,
+    TokenDelta,
+    short_error,
+)
 from workers.engine.prefix_cache import page_key
 
 logger = logging.getLogger(__name__)
@@ -89,7 +97,12 @@ class RankTable:
         self.reserved_tokens = [0] * len(handles)
         self.queued_prefill_tokens = [0] * len(handles)
         self.running = [0] * len(handles)
-        self.num_add_calls = 0  # `add_requests` actor calls (each carries one or more adds)
+        self.num_add_calls = 0  # add frames or calls (each carries one or more adds)
+        # Each rank's output stream, once connected: commands go on it (`send_command`).
+        self.streams: list[asyncio.StreamWriter | None] = [None] * len(handles)
+        self._add_seq = 0
+        # Add frames sent on a stream and not answered yet: rank -> seq -> their futures.
+        self._unanswered: dict[int, dict[int, list[asyncio.Future[None]]]] = {}
         self.num_pool_wakes = 0  # `wake` calls to the other ranks of a quiet pool
         # Prefix affinity: the key of a prompt's first AFFINITY_TOKENS -> the rank that last
         # computed such a prompt (whose prefix cache likely holds them), oldest first.
@@ -210,8 +223,15 @@ class RankTable:
         batch = self._adds.pop(rank, [])
         if not batch:
             return
-        ref = self.handles[rank].add_requests.remote([request for request, _ in batch])
+        requests = [request for request, _ in batch]
         self.num_add_calls += 1
+        if self.streams[rank] is not None:
+            self._add_seq += 1
+            self._unanswered.setdefault(rank, {})[self._add_seq] = [f for _, f in batch]
+            self.send_command(rank, ("add", self._add_seq, requests))
+            self._wake_pool_of(rank)
+            return
+        ref = self.handles[rank].add_requests.remote(requests)
         self._wake_pool_of(rank)
 
         async def settle() -> None:
@@ -232,6 +252,57 @@ class RankTable:
 
         self._keep(asyncio.get_running_loop().create_task(settle()))
 
+    # ---- commands on the ranks' streams ------------------------------------------------------
+
+    def attach_stream(self, rank: int, writer: asyncio.StreamWriter) -> None:
+        """`rank`'s output stream is connected: commands go on it from now on."""
+        self.streams[rank] = writer
+
+    def detach_stream(self, rank: int, error: BaseException) -> None:
+        """`rank`'s stream ended: its unanswered adds fail with `error` (the rank went away
+        with them, or took them and will fail them itself); commands go by actor call."""
+        self.streams[rank] = None
+        for futures in self._unanswered.pop(rank, {}).values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(ConnectionError(short_error(error)))
+
+    def send_command(self, rank: int, command: tuple[Any, ...]) -> None:
+        """Write `command` on `rank`'s stream (see `workers.engine.delta_stream`), or make
+        the actor call of the same name when it has none. Commands on a stream reach the rank
+        in the order they were sent; adds of this event-loop pass not sent yet go first, so an
+        abort cannot overtake its add."""
+        writer = self.streams[rank]
+        if writer is None:
+            handle, kind = self.handles[rank], command[0]
+            if kind == "abort":
+                self.spawn(handle.abort.remote(command[1]))
+            elif kind == "targets":
+                self.spawn(handle.set_transfer_targets.remote(command[1]))
+            elif kind == "wake":
+                self.spawn(handle.wake.remote())
+            else:
+                raise ValueError(f"no actor call for command {kind!r}")
+            return
+        if command[0] != "add" and self._adds.get(rank):
+            self._send_adds(rank)
+        writer.write(encode_frame([command]))
+
+    def adds_taken(self, rank: int, answer: AddsTaken) -> None:
+        """A rank's answer to an add frame: settle each request's future."""
+        futures = self._unanswered.get(rank, {}).pop(answer.seq, None)
+        if futures is None:
+            return  # answered to an earlier connection
+        for i, future in enumerate(futures):
+            if future.done():
+                continue
+            if answer.error is not None:
+                future.set_exception(RuntimeError(answer.error))
+            elif answer.refusals[i] is None:
+                future.set_result(None)
+            else:
+                future.set_exception(ValueError(answer.refusals[i]))
+
     def _wake_pool_of(self, rank: int) -> None:
         """Wake the other ranks of `rank`'s expert-parallel pool when it has been quiet (see
         `POOL_QUIET_S`), so that the work just sent does not wait for them to join a step."""
@@ -251,7 +322,7 @@ class RankTable:
                 and (peer_info.role, peer_info.instance) == pool
             ):
                 self.num_pool_wakes += 1
-                self.spawn(self.handles[peer].wake.remote())
+                self.send_command(peer, ("wake",))
 
     def spawn(self, awaitable: Awaitable[Any]) -> None:
         """Fire and forget an actor call; failures surface through the output streams."""
@@ -339,13 +410,14 @@ async def accepted_or_first(
     return early
 
 
-async def abort_after(handle: Any, add_ref: Any, rid: str) -> None:
-    """Abort `rid` on the rank behind `handle` once its `add_request` (`add_ref`) reached it:
-    adds leave in batches and calls to a threaded actor may run out of order, so an abort sent
-    earlier could miss the request there. Errors are ignored (a dead rank holds nothing)."""
+async def abort_after(ranks: RankTable, rank: int, add_ref: Any, rid: str) -> None:
+    """Abort `rid` on `rank` once its add (`add_ref`) reached it: sent by actor call, adds
+    leave in batches and calls to a threaded actor may run out of order, so an abort sent
+    earlier could miss the request there (on the rank's stream the order holds anyway).
+    Errors are ignored (a dead rank holds nothing)."""
     await asyncio.wait([add_ref])  # settled either way (a refused add: the abort is a no-op)
     with contextlib.suppress(Exception):
-        await handle.abort.remote(rid)
+        ranks.send_command(rank, ("abort", rid))
 
 
 def _log_late_refusal(task: asyncio.Future[None]) -> None:

@@ -35,6 +35,7 @@ from orchestrator.ranks import (
 )
 from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
+    AddsTaken,
     FinishReason,
     GenerateRequest,
     RankInfo,
@@ -157,7 +158,9 @@ class Router:
                 if ranks.all_loaded:
                     assert self._ready is not None
                     self._ready.set()
-                await read_output(handle, self.stream_silence_s, partial(self._dispatch, index))
+                await read_output(
+                    ranks, index, self.stream_silence_s, partial(self._dispatch, index)
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -171,7 +174,7 @@ class Router:
                 self._ready.set()  # wake waiters: readiness is now decided (failed)
                 await asyncio.sleep(self.restart_poll_s)
 
-    def _dispatch(self, index: int, items: list[TokenDelta | TransferReady]) -> None:
+    def _dispatch(self, index: int, items: list[TokenDelta | TransferReady | AddsTaken]) -> None:
         self.num_deltas += dispatch(self.ranks, self._requests, index, items)
 
     def _fail_requests(self, rank: int | None, message: str) -> None:
@@ -355,7 +358,7 @@ class Router:
             self.ranks.release(req)
             if not finished:
                 for side, ref in req.adds:
-                    self.ranks.spawn(abort_after(self.ranks.handles[side], ref, rid))
+                    self.ranks.spawn(abort_after(self.ranks, side, ref, rid))
 
     async def abort(self, rid: str) -> bool:
         """Abort a running request (the client's `rid`); its generator then ends with
@@ -368,7 +371,7 @@ class Router:
         # After each side's add: an abort that overtook its add would miss the request there
         # (adds leave in batches; a threaded actor may run calls out of order), leaving that
         # side to wait for its transfer to time out — and the request to be retried.
-        await asyncio.gather(*(abort_after(self.ranks.handles[r], ref, rid) for r, ref in req.adds))
+        await asyncio.gather(*(abort_after(self.ranks, r, ref, rid) for r, ref in req.adds))
         return True
 
     async def flush_prefix_cache(self) -> int:

@@ -156,3 +156,121 @@ def test_the_router_fails_a_rank_whose_stream_goes_silent():
         asyncio.run(run())
     finally:
         stream.close()
+
+
+def _send_frame(conn: socket.socket, body: bytes) -> None:
+    conn.sendall(FRAME_HEADER.pack(len(body)) + body)
+
+
+class _Exploit:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, ("touch /tmp/pdserve-delta-stream-exploit",))
+
+
+def test_commands_reach_the_rank_in_order_and_nothing_else_is_built(tmp_path):
+    """The router's commands come in order on the stream's reading thread; a frame that would
+    build anything but messages and plain containers is refused (the connection dropped,
+    nothing run), and the next router is served."""
+    import os
+
+    from workers.engine.messages import GenerateRequest, SamplingParams
+
+    received: queue.Queue[list[object]] = queue.Queue()
+    out = Output()
+    stream = DeltaStream(out.take, "127.0.0.1", received.put)
+    marker = "/tmp/pdserve-delta-stream-exploit"
+    if os.path.exists(marker):
+        os.remove(marker)
+    try:
+        conn = _connect(stream)
+        req = GenerateRequest("r1", [1, 2, 3], SamplingParams(max_new_tokens=4))
+        _send_frame(conn, pickle.dumps([("add", 7, [req]), ("abort", "r1")]))
+        _send_frame(conn, pickle.dumps([("targets", [("r1", None)]), ("wake",)]))
+        assert received.get(timeout=10) == [("add", 7, [req]), ("abort", "r1")]
+        assert received.get(timeout=10) == [("targets", [("r1", None)]), ("wake",)]
+        for bad in (pickle.dumps([_Exploit()]), pickle.dumps([("rm", "-rf")]), b"junk"):
+            _send_frame(conn, bad)
+            with pytest.raises((EOFError, ConnectionResetError)):
+                for _ in range(5):  # heartbeats, then the end
+                    _read_frame(conn)
+            assert not os.path.exists(marker) and received.empty()
+            conn = _connect(stream)  # the next router is served
+        _send_frame(conn, pickle.dumps([("abort", "r2")]))
+        assert received.get(timeout=10) == [("abort", "r2")]
+    finally:
+        stream.close()
+
+
+def test_the_router_sends_its_commands_on_the_stream():
+    """With a rank's stream connected, the router's adds, aborts and targets go on it, not by
+    actor call: an add is answered on the stream (`AddsTaken`), and an abort made in the same
+    event-loop pass as its add still reaches the rank after it."""
+    import asyncio
+
+    from orchestrator.router import Router
+    from workers.engine.messages import AddsTaken, RankInfo, SamplingParams
+
+    commands: list[tuple[object, ...]] = []
+    out = Output()
+
+    def on_commands(frame: list[tuple[object, ...]]) -> None:
+        for command in frame:
+            commands.append(command)
+            if command[0] == "add":
+                refusals = [None if r.input_ids else "empty" for r in command[2]]  # type: ignore[attr-defined]
+                out.items.put([AddsTaken(command[1], refusals)])  # type: ignore[list-item]
+
+    stream = DeltaStream(out.take, "127.0.0.1", on_commands)
+    calls: list[str] = []
+
+    class Call:
+        def __init__(self, name, fn):
+            def remote(*args):
+                calls.append(name)
+                return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+            self.remote = remote
+
+    class Handle:
+        ready = Call("ready", lambda: RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256))
+        stream_address = Call("stream_address", lambda: stream.address)
+        add_requests = Call("add_requests", lambda reqs: [None] * len(reqs))
+        abort = Call("abort", lambda rid: None)
+
+    class Tok:
+        def decode(self, ids: object, skip_special_tokens: bool = True) -> str:
+            return ""
+
+    async def run() -> None:
+        router = Router([Handle()], tokenizer=Tok(), model_name="m")  # type: ignore[arg-type]
+        await router.start()
+        await router.wait_ready(10)
+        while router.ranks.streams[0] is None:
+            await asyncio.sleep(0.01)
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=2), rid="r")
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.2)
+        out.items.put([TokenDelta("r", [5], num_prompt_tokens=3, num_output_tokens=1)])
+        assert (await asyncio.wait_for(first, 10)).token_ids == [5]
+        await gen.aclose()  # the client leaves: the rank is told to abort
+        # A request aborted at once: its add and its abort leave in the same pass.
+        gen2 = router.generate([4, 5], SamplingParams(max_new_tokens=2), rid="s")
+        task = asyncio.ensure_future(gen2.__anext__())
+        await asyncio.sleep(0)
+        assert await router.abort("s")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.3)
+        await router.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        stream.close()
+    kinds = [(c[0], c[1] if c[0] == "abort" else c[2][0].rid) for c in commands]  # type: ignore[union-attr,index]
+    for rid in ("r", "s"):  # each added once, then aborted (idempotent: maybe twice)
+        mine = [kind for kind, of in kinds if of == rid]
+        assert mine[0] == "add" and mine.count("add") == 1 and "abort" in mine[1:], kinds
+    assert "add_requests" not in calls and "abort" not in calls, calls

@@ -1,31 +1,38 @@
-"""A rank's output to the router over one TCP connection of their own.
+"""A rank's output to the router, and the router's commands to the rank, over one TCP
+connection of their own.
 
-Why not a Ray call per batch of output (the long `poll` the router used to make): a decode rank
-has output after every step, and a Ray actor call cost the router's process ~1 ms of CPU
-(submission, the reply's object, the threads behind them) and the rank about as much; a frame on
-a socket costs tens of microseconds. On a small machine that decided throughput.
+Why not Ray actor calls: a decode rank has output after every step, and a Ray actor call cost
+the router's process ~1 ms of CPU (submission, the reply's object, the threads behind them) and
+the rank about as much; a frame on a socket costs tens of microseconds. On a small machine that
+decided throughput. The other way, a request's `add` took ~1.5 ms to reach its rank by actor
+call, on the way to its first token; a command frame takes ~0.1 ms.
 
 Protocol (both ends in this repository; nothing else speaks it):
 
 - The rank listens on its node's address (`DeltaStream.address`: host, port and a random
   token, handed to the router through the `stream_address` actor call); the router connects
   and sends the token and a newline. A connection without the right token is closed.
-- The rank then sends frames: an 8-byte little-endian length, then a pickled list of
-  `TokenDelta | TransferReady`, the rank's output since the previous frame. An empty list
-  every `HEARTBEAT_S` while there is nothing to send, so the router can tell a silent rank
-  from a dead one.
+- Both ends then send frames: an 8-byte little-endian length, then a pickled list.
+  - Rank → router: `TokenDelta | TransferReady | AddsTaken` items, the rank's output since the
+    previous frame; an empty list every `HEARTBEAT_S` while there is nothing to send, so the
+    router can tell a silent rank from a dead one.
+  - Router → rank: commands, in order (`COMMANDS`): `("add", seq, [GenerateRequest])`
+    (answered by an `AddsTaken(seq, ...)` item), `("abort", rid)`, `("targets", [(rid,
+    TransferTarget)])`, `("wake",)`. One connection carries them in the order they were sent:
+    an abort sent after its add cannot overtake it. The rank unpickles them with an
+    unpickler that builds only the message classes and plain containers (`_CommandUnpickler`):
+    even a peer that has the token cannot make it run anything.
 - One router at a time. When its connection breaks the rank waits for the next (the router
   treats a broken stream as a failed rank, as it did a failed poll, and asks for the address
   again once the rank answers `ready`); what it had taken for the broken one goes first to
   the next.
-
-The rank never unpickles anything from the socket: it only checks the token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import pickle
 import secrets
@@ -49,6 +56,10 @@ class StreamAddress(NamedTuple):
     token: str
 
 
+COMMANDS = ("add", "abort", "targets", "wake")
+MAX_COMMAND_FRAME = 256 * 1024 * 1024  # bytes: a batch of adds with long prompts fits
+
+
 def encode_frame(items: list[Any]) -> bytes:
     body = pickle.dumps(items, protocol=5)
     return FRAME_HEADER.pack(len(body)) + body
@@ -61,12 +72,67 @@ async def read_frame(reader: asyncio.StreamReader) -> list[Any]:
     return items
 
 
+class _CommandUnpickler(pickle.Unpickler):
+    """Builds only what commands are made of: the message classes of the engine and of the KV
+    transfer, and plain containers."""
+
+    _MODULES = ("workers.engine.messages", "workers.transfer.messages")
+    _BUILTINS = frozenset(
+        {"tuple", "list", "dict", "set", "frozenset", "str", "bytes", "bytearray", "int",
+         "float", "bool", "complex", "object", "NoneType"}
+    )  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._MODULES and not name.startswith("_"):
+            cls = super().find_class(module, name)
+            if isinstance(cls, type):
+                return cls
+        elif (
+            module == "builtins"
+            and name in self._BUILTINS
+            or module == "copyreg"
+            and name in ("_reconstructor", "__newobj__")
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a command may not hold {module}.{name}")
+
+
+def decode_commands(body: bytes) -> list[Any]:
+    """A router frame's commands; UnpicklingError (or ValueError) when it is not one."""
+    items = _CommandUnpickler(io.BytesIO(body)).load()
+    if not isinstance(items, list) or not all(
+        isinstance(c, tuple) and c and c[0] in COMMANDS for c in items
+    ):
+        raise ValueError("a command frame holds a list of commands")
+    return items
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    """`size` bytes from `conn`; ConnectionError when it ends first."""
+    chunks, left = [], size
+    while left:
+        chunk = conn.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the router closed the stream")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 class DeltaStream:
-    def __init__(self, take: Callable[[float], list[Any]], host: str):
+    def __init__(
+        self,
+        take: Callable[[float], list[Any]],
+        host: str,
+        on_commands: Callable[[list[Any]], None] | None = None,
+    ):
         """`take(timeout_s)`: the rank's new output, waiting up to `timeout_s` when there is
-        none (the rank's only consumer of it while the stream runs). Starts listening on
-        `host` at once; a daemon thread serves one router connection at a time."""
+        none (the rank's only consumer of it while the stream runs). `on_commands`: called
+        with each command frame the router sends, in order, on the stream's reading thread.
+        Starts listening on `host` at once; a daemon thread serves one router connection at
+        a time."""
         self._take = take
+        self._on_commands = on_commands
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._server = socket.create_server((host, 0), family=family)
         self._server.settimeout(HEARTBEAT_S)  # so that `close` is noticed while idle
@@ -94,7 +160,16 @@ class DeltaStream:
                 return  # closed
             with conn:
                 if self._handshake(conn):
-                    self._send_until_broken(conn)
+                    broken = threading.Event()
+                    reader = threading.Thread(
+                        target=self._read_commands, args=(conn, broken),
+                        name="delta-stream-commands", daemon=True,
+                    )  # fmt: skip
+                    reader.start()
+                    self._send_until_broken(conn, broken)
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)  # ends the reader's recv
+                    reader.join(timeout=2 * HEARTBEAT_S)
 
     def _handshake(self, conn: socket.socket) -> bool:
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
@@ -115,16 +190,36 @@ class DeltaStream:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return True
 
-    def _send_until_broken(self, conn: socket.socket) -> None:
+    def _read_commands(self, conn: socket.socket, broken: threading.Event) -> None:
+        """Hand each command frame to `on_commands` until the connection ends (then `broken`
+        is set) or a frame is not one (then the connection is dropped)."""
+        try:
+            while True:
+                (size,) = FRAME_HEADER.unpack(_recv_exactly(conn, FRAME_HEADER.size))
+                if size > MAX_COMMAND_FRAME:
+                    raise ValueError(f"a command frame of {size} bytes")
+                commands = decode_commands(_recv_exactly(conn, size))
+                if self._on_commands is not None:
+                    self._on_commands(commands)
+        except (OSError, ConnectionError):
+            pass
+        except (pickle.UnpicklingError, ValueError, EOFError) as e:
+            logger.warning("output stream: the router sent a frame that is not a command: %s", e)
+        except Exception:
+            logger.exception("output stream: handling the router's commands failed")
+        finally:
+            broken.set()
+
+    def _send_until_broken(self, conn: socket.socket, broken: threading.Event) -> None:
         last_sent = time.monotonic()
         while not self._closed.is_set():
             items = self._pending + self._take(HEARTBEAT_S)
             self._pending = []
             now = time.monotonic()
-            if not items and now - last_sent < HEARTBEAT_S:
+            if not items and now - last_sent < HEARTBEAT_S and not broken.is_set():
                 continue  # woken for something else: nothing to send yet
             try:
-                if _peer_closed(conn):
+                if broken.is_set() or _peer_closed(conn):
                     raise ConnectionResetError("the router closed the stream")
                 conn.sendall(encode_frame(items))
             except OSError:
@@ -135,8 +230,11 @@ class DeltaStream:
 
 
 def _peer_closed(conn: socket.socket) -> bool:
-    """The router sends nothing after its token: anything readable is its end of the stream."""
+    """Whether the router closed its end (checked before each frame, as the reading thread may
+    not have seen it yet: what is taken for a closed connection is kept for the next)."""
     try:
         return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False
+    except OSError:
+        return True

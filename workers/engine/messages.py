@@ -263,6 +263,18 @@ class TransferReady:
 
 
 @dataclass(frozen=True)
+class AddsTaken:
+    """Rank → router, on the output stream: the answer to the router's `add` command `seq`
+    (see `workers.engine.delta_stream`), per request None (queued) or why it was refused; or,
+    when the rank could take none of them, `error`."""
+
+    seq: int
+    refusals: list[str | None]
+    error: str | None = None
+    rid: str = ""  # the output stream routes items by request: this one is the router's own
+
+
+@dataclass(frozen=True)
 class RankInfo:
     """What a rank tells the router once it is ready."""
 

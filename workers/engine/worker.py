@@ -10,9 +10,11 @@ Actor contract:
   `add_requests(reqs)`: the same for a batch, returning each request's refusal (or None).
 - `abort(rid)`: idempotent; an unfinished request then ends with a delta of finish_reason ABORT.
 - `stream_address() -> StreamAddress`: where the router connects to receive the rank's output:
-  frames of `TokenDelta | TransferReady`, each the new output of every request since the last
-  frame (tokens of one request merged in order). A decode rank also reports `TransferReady`
-  (where a request's KV must be written). One router at a time.
+  frames of `TokenDelta | TransferReady | AddsTaken`, each the new output of every request
+  since the last frame (tokens of one request merged in order). A decode rank also reports
+  `TransferReady` (where a request's KV must be written). One router at a time. The router
+  sends its `add`, `abort`, `targets` and `wake` commands on the same connection (the calls
+  below, without an actor call's cost); the actor calls remain for when it has none.
 - `set_transfer_targets([(rid, target), ...])`: prefill rank; the decode side's
   `TransferReady.target` of each request.
 - `stats() -> RankStats`; `shutdown()`.
@@ -45,6 +47,7 @@ from workers.engine.engine import Engine, resolve_device
 from workers.engine.handoff import FAULTS, RANK_FAULTS, KVHandoff
 from workers.engine.inbox import Message, apply_inbox
 from workers.engine.messages import (
+    AddsTaken,
     GenerateRequest,
     RankInfo,
     RankStats,
@@ -109,7 +112,7 @@ class EngineWorker:
         self._inbox: deque[Message] = deque()  # see `workers.engine.inbox`
         self._outbox: dict[str, TokenDelta] = {}
         self._stream = StreamBuffer(config.stream_interval)  # used by the loop thread only
-        self._events: list[TransferReady] = []
+        self._events: list[TransferReady | AddsTaken] = []
         self._stats = self.engine.stats()
         self._stopped = False
         self._delta_stream: DeltaStream | None = None  # started by the first `stream_address`
@@ -190,16 +193,40 @@ class EngineWorker:
         with self._lock:
             if self._delta_stream is None:
                 host = self._info.node or "127.0.0.1"
-                self._delta_stream = DeltaStream(self._take_output, host)
+                self._delta_stream = DeltaStream(self._take_output, host, self._on_commands)
             return self._delta_stream.address
 
-    def _take_output(self, timeout_s: float) -> list[TokenDelta | TransferReady]:
+    def _on_commands(self, commands: list[Any]) -> None:
+        """The router's commands from the output stream (its reading thread), in order: each
+        the actor call of the same name; an `add`'s answer goes out on the stream."""
+        for command in commands:
+            kind = command[0]
+            if kind == "add":
+                _, seq, reqs = command
+                try:
+                    answer = AddsTaken(seq, self.add_requests(reqs))
+                except Exception as e:
+                    answer = AddsTaken(seq, [], error=f"{type(e).__name__}: {e}")
+                with self._lock:
+                    self._events.append(answer)
+                    self._lock.notify_all()
+            elif kind == "abort":
+                self.abort(command[1])
+            elif kind == "targets":
+                self.set_transfer_targets(command[1])
+            elif kind == "wake":
+                self.wake()
+
+    def _take_output(self, timeout_s: float) -> list[TokenDelta | TransferReady | AddsTaken]:
         """The output since the last call, waiting up to `timeout_s` for some (the delta
         stream's thread is its only caller)."""
         with self._lock:
             if not self._outbox and not self._events and not self._stopped:
                 self._lock.wait(timeout_s)
-            out: list[TokenDelta | TransferReady] = [*self._events, *self._outbox.values()]
+            out: list[TokenDelta | TransferReady | AddsTaken] = [
+                *self._events,
+                *self._outbox.values(),
+            ]
             self._outbox.clear()
             self._events = []
         return out
