@@ -252,7 +252,8 @@ def test_the_router_sends_its_commands_on_the_stream():
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=2), rid="r")
         first = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0.2)
-        out.items.put([TokenDelta("r", [5], num_prompt_tokens=3, num_output_tokens=1)])
+        rank_rid = commands[0][2][0].rid  # type: ignore[index]
+        out.items.put([TokenDelta(rank_rid, [5], num_prompt_tokens=3, num_output_tokens=1)])
         assert (await asyncio.wait_for(first, 10)).token_ids == [5]
         await gen.aclose()  # the client leaves: the rank is told to abort
         # A request aborted at once: its add and its abort leave in the same pass.
@@ -269,7 +270,10 @@ def test_the_router_sends_its_commands_on_the_stream():
         asyncio.run(run())
     finally:
         stream.close()
-    kinds = [(c[0], c[1] if c[0] == "abort" else c[2][0].rid) for c in commands]  # type: ignore[union-attr,index]
+    kinds = [  # (the ranks know a request by the router's id of it, "rid#n")
+        (c[0], str(c[1] if c[0] == "abort" else c[2][0].rid).split("#")[0])  # type: ignore[index]
+        for c in commands
+    ]
     for rid in ("r", "s"):  # each added once, then aborted (idempotent: maybe twice)
         mine = [kind for kind, of in kinds if of == rid]
         assert mine[0] == "add" and mine.count("add") == 1 and "abort" in mine[1:], kinds
