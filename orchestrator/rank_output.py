@@ -12,7 +12,8 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.ranks import RankTable, RoutedRequest, abort_after
+from orchestrator.ranks import RankTable, RoutedRequest
+from orchestrator.request_sides import abort_after
 from workers.engine.delta_stream import StreamAddress, read_frame
 from workers.engine.messages import AddsTaken, TokenDelta, TransferReady
 

@@ -30,9 +30,8 @@ from orchestrator.ranks import (
     RankUnreachable,
     RoutedRequest,
     RouterNotReady,
-    abort_after,
-    accepted_or_first,
 )
+from orchestrator.request_sides import abort_after, accepted_or_first
 from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
     AddsTaken,
