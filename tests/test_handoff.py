@@ -140,3 +140,36 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
     assert (
         samples[(sec, (("side", "send"),))] == 1.5 and samples[(sec, (("side", "receive"),))] == 2.0
     )
+
+
+def test_aborted_transfers_are_not_counted_as_failed():
+    """The totals behind `pdserve_kv_transfers_total`: an abort — this side's, or the peer's
+    that failed the transfer here — is no transfer failure; a timeout is."""
+    from workers.transfer.messages import TransferResult
+
+    results = [
+        TransferResult("ok", "send", True, None, 5, 4096, 0.01),
+        TransferResult("mine", "send", False, "aborted: aborted"),  # aborted on this rank
+        TransferResult("theirs", "send", False, "the receiving rank failed: aborted: aborted"),
+        TransferResult("late", "send", False, "timed out waiting for the receiving rank's pages"),
+    ]
+
+    class Transfer(_Transfer):
+        def poll(self) -> list[Any]:
+            out, results[:] = list(results), []
+            return out
+
+        def abort(self, rid: str, reason: str = "aborted") -> None:
+            pass
+
+    class Engine(_Engine):
+        def release(self, rid: str) -> None:
+            pass
+
+    handoff = KVHandoff("prefill", Transfer(), timeout_s=5.0)
+    handoff._in_flight.update({"ok", "mine", "theirs", "late"})
+    handoff.abort(Engine(), "mine")  # type: ignore[arg-type]
+    deltas, _ = handoff.after_step(Engine())  # type: ignore[arg-type]
+    totals = handoff.totals
+    assert (totals.sent, totals.sent_bytes, totals.send_failed) == (1, 4096, 1)
+    assert [d.rid for d in deltas] == ["theirs", "late"]  # failures reach their requests

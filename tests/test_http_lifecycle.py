@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.disagg_calls import _metric
 from tests.http_calls import _client, _greedy, _long_body, _rank, _wait_idle
 
 
@@ -252,8 +253,13 @@ def test_a_rid_is_free_again_as_soon_as_its_request_ended(tiny_server):
         async with httpx.AsyncClient(base_url=tiny_server, timeout=120, limits=limits) as c:
             return list(await asyncio.gather(*(abort_then_reuse(c, i) for i in range(24))))
 
+    def failed_transfers() -> float:
+        return _metric(tiny_server, "pdserve_kv_transfers_total", outcome="failed")
+
+    failed_before = failed_transfers()
     results = asyncio.run(run())
     failed = [(status, text) for status, text, _ in results if status != 200]
     assert not failed, failed
     assert max(took for *_, took in results) < 10, results
     _wait_idle(tiny_server)
+    assert failed_transfers() == failed_before  # an aborted transfer is no failure

@@ -171,13 +171,15 @@ class KVHandoff:
         events.extend(self.post_receives(engine))
         for result in self.transfer.poll():
             rid = result.transfer_id
-            self.totals = self.totals.add(
-                result.role, result.ok, result.num_bytes, result.elapsed_s
-            )
             with self._lock:
                 self._in_flight.discard(rid)
             aborted = rid in self._aborted
             self._aborted.discard(rid)
+            # An abort (this side's, or the peer's that failed it) is no transfer failure.
+            if not (aborted or "aborted:" in (result.error or "")):
+                self.totals = self.totals.add(
+                    result.role, result.ok, result.num_bytes, result.elapsed_s
+                )
             if self.role == "prefill":
                 engine.release(rid)
                 if not result.ok and not aborted:
