@@ -210,12 +210,16 @@ class EngineWorker(RankOperations):
                 with self._lock:
                     self._events.append(answer)
                     self._lock.notify_all()
-            elif kind == "abort":
-                self.abort(command[1])
-            elif kind == "targets":
-                self.set_transfer_targets(command[1])
-            elif kind == "wake":
-                self.wake()
+                continue
+            try:  # a command that fails is logged; the stream (and the rank) go on
+                if kind == "abort":
+                    self.abort(command[1])
+                elif kind == "targets":
+                    self.set_transfer_targets(command[1])
+                elif kind == "wake":
+                    self.wake()
+            except Exception:
+                logger.exception("the router's %s command failed", kind)
 
     def _take_output(self, timeout_s: float) -> list[TokenDelta | TransferReady | AddsTaken]:
         """The output since the last call, waiting up to `timeout_s` for some (the delta
