@@ -27,6 +27,7 @@ from eplb.incremental import num_moves, rebalance_experts_incremental
 from workers.engine.messages import short_error
 
 logger = logging.getLogger(__name__)
+_MISSING = object()  # a pool a saved placement file has no entry for
 
 
 @dataclass(frozen=True)
@@ -162,21 +163,69 @@ class EPLBService:
         self._busy = True
         try:
             await self.collect()
-            names = pools if pools is not None else list(self.pools)
+            names = list(dict.fromkeys(pools if pools is not None else self.pools))
             unknown = [n for n in names if n not in self.pools]
             if unknown:
                 raise ValueError(f"unknown pools {unknown}; known: {sorted(self.pools)}")
+            # Every saved placement is checked before any pool moves: a file that is wrong
+            # for one pool moves none.
+            targets: dict[str, torch.Tensor] = {}
+            if placements is not None:
+                if not placements:
+                    raise ValueError("placements: no pool in it")
+                if pools is None:
+                    names = list(placements)
+                targets = {
+                    name: self._checked_placement(name, placements.get(name, _MISSING))
+                    for name in {*names, *placements}
+                }
             reports = []
             for name in names:
-                given = placements.get(name) if placements else None
+                given = targets.get(name)
                 report = await self._rebalance_pool(self.pools[name], only_if_unbalanced, given)
                 reports.append(asdict(report))
             return reports
         finally:
             self._busy = False
 
+    def _checked_placement(self, name: str, given: Any) -> torch.Tensor:
+        """Pool `name`'s saved `phy2log` as a tensor; ValueError (starting "placements")
+        unless it is that pool's shape of whole numbers naming its logical experts."""
+        if name not in self.pools:
+            raise ValueError(f"placements: unknown pool {name!r}; known: {sorted(self.pools)}")
+        if given is _MISSING:
+            raise ValueError(f"placements: no placement for pool {name!r}")
+        current = self.pools[name].phy2log
+        assert current is not None
+        layers, slots = current.shape
+        num_logical = int(current.max()) + 1
+        if not (
+            isinstance(given, list)
+            and len(given) == layers
+            and all(isinstance(row, list) and len(row) == slots for row in given)
+        ):
+            raise ValueError(
+                f"placements: pool {name!r} needs {layers} layers of {slots} expert ids "
+                "(a list of lists)"
+            )
+        for row in given:
+            for value in row:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"placements: pool {name!r}: {value!r} is not an expert id")
+                if not 0 <= value < num_logical:
+                    raise ValueError(
+                        f"placements: pool {name!r}: expert {value} is not in [0, {num_logical})"
+                    )
+        for layer, row in enumerate(given):
+            if len(set(row)) < num_logical:
+                missing = sorted(set(range(num_logical)) - set(row))[:5]
+                raise ValueError(
+                    f"placements: pool {name!r}, layer {layer}: no slot for experts {missing}"
+                )
+        return torch.tensor(given, dtype=torch.int64)
+
     async def _rebalance_pool(
-        self, s: _PoolState, only_if_unbalanced: bool, given: list[list[int]] | None
+        self, s: _PoolState, only_if_unbalanced: bool, given: torch.Tensor | None
     ) -> PoolReport:
         name, ranks = s.handle.name, s.handle.ranks
         report = PoolReport(name, ok=True)
@@ -188,12 +237,7 @@ class EPLBService:
         before = self._balancedness(window, s.phy2log, len(ranks))
         report.balancedness_before = before if before is not None else 0.0
         if given is not None:
-            new = torch.tensor(given, dtype=torch.int64)
-            if new.shape != s.phy2log.shape:
-                raise ValueError(
-                    f"pool {name}: the placement is {tuple(new.shape)}, the pool's "
-                    f"{tuple(s.phy2log.shape)}"
-                )
+            new = given  # checked by `_checked_placement`
         else:
             if before is None:
                 report.skipped = "no expert load recorded yet"

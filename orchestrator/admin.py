@@ -84,7 +84,8 @@ def add_admin_routes(app: FastAPI, eplb: Any, token: str | None, router: Any = N
             if "already running" in message:
                 raise RequestError(message, None, 409, "conflict") from None
             if isinstance(_root(e), ValueError):
-                raise RequestError(message, "pools") from None
+                field = "placements" if "placements:" in message else "pools"
+                raise RequestError(message, field) from None
             raise RequestError(message, None, 500, "server_error") from None
         return JSONResponse({"pools": reports})
 

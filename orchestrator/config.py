@@ -192,7 +192,10 @@ def check_tls_files(certfile: str, keyfile: str) -> None:
     try:
         context.load_cert_chain(certfile, keyfile)
     except FileNotFoundError as e:
-        raise ValueError(f"--ssl-certfile / --ssl-keyfile: {e.filename}: no such file") from e
+        missing = [f for f in (certfile, keyfile) if not Path(f).is_file()]
+        raise ValueError(
+            f"--ssl-certfile / --ssl-keyfile: no such file: {', '.join(missing) or e}"
+        ) from e
     except (ssl.SSLError, OSError) as e:
         raise ValueError(
             f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: cannot load them as a PEM "

@@ -59,7 +59,10 @@ def read_expert_placements(path: str | None) -> dict[str, list[list[int]]]:
     if path is None:
         return {}
     with open(path) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != PLACEMENT_FORMAT:
         raise ValueError(f"{path} is not a saved expert placement ({PLACEMENT_FORMAT})")
     pools = data.get("pools")

@@ -255,3 +255,43 @@ def test_periodic_rebalance_runs_and_skips_when_balanced(launch_tiny):
             assert (done > 0) == expect_rebalances, (min_balancedness, done)
         finally:
             server.stop()
+
+
+def test_a_bad_saved_placement_is_refused_before_any_pool_moves(ep_server):
+    """`placements` is checked whole before anything moves: a wrong shape, a value that is not
+    an expert id, an expert left without a slot, or a pool name the server does not have is a
+    400 naming `placements`, and the placement stays as it was."""
+    url = ep_server.url
+    before = _experts(url)["colocated-0"]
+    phy2log = before["phy2log"]
+    num_logical = max(max(row) for row in phy2log) + 1
+    first = phy2log[0]
+    bad_rows = {
+        "a string": "abc",
+        "an object": {},
+        "null": None,
+        "a short row": [first[:-1], *phy2log[1:]],
+        "a missing layer": phy2log[:-1],
+        "a fraction": [[1.5, *first[1:]], *phy2log[1:]],
+        "a boolean": [[True, *first[1:]], *phy2log[1:]],
+        "an expert out of range": [[num_logical, *first[1:]], *phy2log[1:]],
+        "an expert without a slot": [[first[1]] * len(first), *phy2log[1:]],
+    }
+    bodies: dict[str, Any] = {
+        what: {"placements": {"colocated-0": rows}} for what, rows in bad_rows.items()
+    }
+    bodies["an unknown pool"] = {
+        "placements": {"colocated-0": _rotated(phy2log), "decode-7": _rotated(phy2log)}
+    }
+    bodies["no pool"] = {"placements": {}}
+    for what, body in bodies.items():
+        r = _rebalance(url, body)
+        assert r.status_code == 400, (what, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["param"] == "placements" and "placements" in error["message"], (what, error)
+    huge = b'{"placements": {"colocated-0": [[1e400]]}}'  # JSON allows it; Python reads inf
+    r = httpx.post(f"{url}/admin/rebalance", content=huge, headers=AUTH, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "placements", r.text
+    after = _experts(url)["colocated-0"]
+    assert after["phy2log"] == phy2log
+    assert after["num_rebalances"] == before["num_rebalances"]

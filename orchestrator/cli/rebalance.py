@@ -37,6 +37,10 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     if not args.token:
         print("error: --token (or PDSERVE_ADMIN_TOKEN) is required", file=sys.stderr)
         return 2
+    if args.dump and args.apply:
+        print("error: --dump saves the placement, --apply moves to one: give one of them",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.grpc:
         if args.dump or args.apply:
             print("error: --dump and --apply use HTTP; drop --grpc", file=sys.stderr)
