@@ -253,6 +253,12 @@ def test_cli_clients_send_the_key_and_trust_the_ca_cert(server, cert, capsys):
     assert "certificate" in capsys.readouterr().err.lower()
     assert main(["status", "--url", server.url, "--ca-cert", "/nonexistent.pem"]) == 2
     assert "--ca-cert /nonexistent.pem" in capsys.readouterr().err
+    # Plain HTTP or gRPC against the TLS server: the error says what to try.
+    plain = server.url.replace("https://", "http://")
+    assert main(["status", "--url", plain, "--api-key", KEY]) == 1
+    assert "use https:// and --ca-cert" in capsys.readouterr().err
+    assert main(["generate", *grpc_at, "--api-key", KEY, *prompt]) == 1
+    assert "add --ca-cert" in capsys.readouterr().err
 
 
 def test_api_key_settings_are_checked(tmp_path, monkeypatch):

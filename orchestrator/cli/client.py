@@ -12,7 +12,14 @@ from typing import Any
 
 import httpx
 
-from orchestrator.cli.common import add_connection_args, auth_headers, grpc_channel, tls_context
+from orchestrator.cli.common import (
+    add_connection_args,
+    auth_headers,
+    grpc_channel,
+    grpc_error,
+    tls_context,
+    tls_hint,
+)
 
 # ---- generate -----------------------------------------------------------------------------------
 
@@ -61,7 +68,7 @@ def cmd_generate_grpc(args: argparse.Namespace) -> int:
                 else:
                     final = resp.final
     except grpc.RpcError as e:
-        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        print("\n" + grpc_error(args, e), file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
     print()
@@ -126,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     tokens = meta["completion_tokens"]
                     finish = (meta.get("finish_reason") or {}).get("type") or finish
     except httpx.HTTPError as e:
-        print(f"error: cannot reach {url}: {e}", file=sys.stderr)
+        print(f"error: cannot reach {url}: {e}{tls_hint(url, e)}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
     print()
@@ -210,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         result = asyncio.run(run_bench(cfg))
     except (ValueError, RuntimeError, OSError, httpx.HTTPError, aiohttp.ClientError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{tls_hint(args.url, e)}", file=sys.stderr)
         return 1
     print(result.to_json() if args.json else result.table())
     return 0 if result.num_failed == 0 else 1
@@ -238,7 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     except httpx.HTTPError as e:
-        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+        print(f"error: cannot reach {args.url}: {e}{tls_hint(args.url, e)}", file=sys.stderr)
         return 1
     data = resp.json()
     state = ", draining (shutting down)" if data.get("draining") else ""

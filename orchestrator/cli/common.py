@@ -54,3 +54,20 @@ def grpc_channel(args: argparse.Namespace, address: str) -> Any:
     with open(args.ca_cert, "rb") as f:
         roots = f.read()
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))
+
+
+def tls_hint(url: str, error: BaseException) -> str:
+    """A hint to add to `error` when an http:// URL met a server that closed at once (one
+    that speaks HTTPS does); "" otherwise."""
+    if url.startswith("http://") and "disconnected" in str(error).lower():
+        return " (if the server has TLS on, use https:// and --ca-cert)"
+    return ""
+
+
+def grpc_error(args: argparse.Namespace, error: Any) -> str:
+    """The error line for a failed gRPC call (`grpc.RpcError`), with a hint when a plain
+    channel found the port closing on it (a TLS server does that)."""
+    line = f"error: {error.code().name}: {error.details()}"
+    if error.code().name == "UNAVAILABLE" and not args.ca_cert:
+        line += " (if the server has TLS on, add --ca-cert)"
+    return line

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.cli.common import add_connection_args, grpc_channel, tls_context
+from orchestrator.cli.common import add_connection_args, grpc_channel, grpc_error, tls_context
 
 
 def add_rebalance(sub: argparse._SubParsersAction) -> None:
@@ -93,7 +93,7 @@ def _rebalance_grpc(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
             )
     except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(grpc_error(args, e), file=sys.stderr)
         return 1
     reports = [
         MessageToDict(
