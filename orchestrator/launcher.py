@@ -366,7 +366,7 @@ def launch(
             kill_actors(helpers)
             remove_placements(placements)
         raise
-    grpc_port = app.state.grpc_port
+    grpc_port = app.state.grpc_server.port if app.state.grpc_server is not None else None
     return LocalServer(
         http.url, model_dir, router, http, ranks, owns_ranks, placements, helpers, grpc_port
     )

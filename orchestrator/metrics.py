@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from orchestrator.outputs import Output
 from orchestrator.request_log import log_request
 from workers import gc_pauses
-from workers.engine.messages import RankStats
+from workers.engine.messages import TRANSFER_FIELDS, RankStats
 
 _LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -21,12 +21,6 @@ _TPOT_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
     0.3, 0.5, 0.75, 1.0, 2.5,
 )  # fmt: skip
-
-# `TransferTotals` fields per side: ok, failed, bytes, seconds.
-_TRANSFER_FIELDS = (
-    ("send", ("sent", "send_failed", "sent_bytes", "send_seconds")),
-    ("receive", ("received", "receive_failed", "received_bytes", "receive_seconds")),
-)
 
 
 class Metrics:
@@ -165,7 +159,7 @@ class Metrics:
         self.transfer_skipped.set(sum(s.num_transfer_skipped_tokens for s in live))
         self.kv_parked.set(sum(s.num_parked for s in live))
         self.preemptions.set(sum(s.num_preemptions for s in live))
-        for side, fields in _TRANSFER_FIELDS:
+        for side, fields in TRANSFER_FIELDS.items():
             ok, failed, moved, took = (sum(getattr(s.transfers, f) for s in live) for f in fields)
             self.kv_transfers.labels(side, "ok").set(ok)
             self.kv_transfers.labels(side, "failed").set(failed)

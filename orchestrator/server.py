@@ -99,11 +99,9 @@ def create_app(
 
             app.state.grpc_server = GrpcServer(router, config, eplb, app.state.limiter, metrics)
             await app.state.grpc_server.start()
-            app.state.grpc_port = app.state.grpc_server.port
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router = router
-    app.state.grpc_port = None
     app.state.grpc_server = None
     app.state.startup_error = None
     app.state.metrics = metrics

@@ -81,6 +81,7 @@ def _message(error: Exception) -> str:
     return _CPP_PREFIX.sub("", first)
 
 
+@functools.lru_cache(maxsize=256)  # a client sends the same schema with every request
 def check_constraint(constraint: OutputConstraint) -> None:
     """Parse the constraint without the model's vocabulary (fast: the router checks every
     request with it); raise ValueError naming its kind when it is not valid, or when no

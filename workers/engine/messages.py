@@ -312,20 +312,25 @@ class TransferTotals:
     receive_seconds: float = 0.0
 
     def add(self, role: str, ok: bool, num_bytes: int, elapsed_s: float) -> TransferTotals:
-        """These totals with one more ended transfer."""
-        if role == "send":
-            if not ok:
-                return replace(self, send_failed=self.send_failed + 1)
-            return replace(
-                self, sent=self.sent + 1, sent_bytes=self.sent_bytes + num_bytes,
-                send_seconds=self.send_seconds + elapsed_s,
-            )  # fmt: skip
+        """These totals with one more ended transfer (`role`: "send" or "recv")."""
+        done, failed, moved, took = TRANSFER_FIELDS["send" if role == "send" else "receive"]
         if not ok:
-            return replace(self, receive_failed=self.receive_failed + 1)
+            return replace(self, **{failed: getattr(self, failed) + 1})
         return replace(
-            self, received=self.received + 1, received_bytes=self.received_bytes + num_bytes,
-            receive_seconds=self.receive_seconds + elapsed_s,
-        )  # fmt: skip
+            self,
+            **{
+                done: getattr(self, done) + 1,
+                moved: getattr(self, moved) + num_bytes,
+                took: getattr(self, took) + elapsed_s,
+            },
+        )
+
+
+# `TransferTotals`' fields per side: (ended ok, failed, bytes moved, seconds).
+TRANSFER_FIELDS = {
+    "send": ("sent", "send_failed", "sent_bytes", "send_seconds"),
+    "receive": ("received", "receive_failed", "received_bytes", "receive_seconds"),
+}
 
 
 @dataclass(frozen=True)
