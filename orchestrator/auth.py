@@ -5,12 +5,15 @@ With an API key set, every HTTP route but `/health`, `/metrics` (load balancers 
 scrapers carry no key) and the admin routes (their own token) needs `Authorization: Bearer
 <key>`, and so do the gRPC `Generate` and `Abort` calls (metadata `authorization`); the health
 and reflection services stay open. Without one, nothing is checked. Keys are compared in
-constant time."""
+constant time.
+
+`client_tls` is the other side of TLS: the context the `pdserve` clients connect with."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import ssl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -80,3 +83,29 @@ class RequireApiKey:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def client_tls(
+    ca_cert: str | None, client_cert: str | None = None, client_key: str | None = None
+) -> ssl.SSLContext | None:
+    """The TLS context a client connects with: trusting `ca_cert` (default: the system's CAs)
+    and, for a server that wants client certificates (`--ssl-ca-certs`), presenting
+    `client_cert` (and `client_key`, when the key is not in the same PEM file). None when
+    neither file is given: the system's defaults. ValueError naming the flag of a file that
+    does not load."""
+    if ca_cert is None and client_cert is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=ca_cert)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--ca-cert {ca_cert}: not a readable PEM file ({e})") from None
+    if client_cert is not None:
+        try:
+            context.load_cert_chain(client_cert, client_key)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(
+                f"--client-cert {client_cert}"
+                + (f" / --client-key {client_key}" if client_key else "")
+                + f": cannot load a PEM certificate and its private key ({e})"
+            ) from None
+    return context

@@ -19,7 +19,6 @@ import asyncio
 import json
 import math
 import random
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from orchestrator.auth import client_tls
 from orchestrator.bench_openai import one_openai, prompt_texts
 
 APIS = ("generate", "completions", "chat")
@@ -57,6 +57,8 @@ class BenchConfig:
     api: str = "generate"
     api_key: str | None = None  # the server's --api-key, sent as `Authorization: Bearer`
     ca_cert: str | None = None  # for an https:// URL: trust this CA (default: the system's)
+    client_cert: str | None = None  # presented to a server that wants one (mutual TLS)
+    client_key: str | None = None  # its key, when not in the client_cert file
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
@@ -247,7 +249,7 @@ async def _one_whole(
 
 
 async def run_bench(cfg: BenchConfig) -> BenchResult:
-    tls = ssl.create_default_context(cafile=cfg.ca_cert) if cfg.ca_cert else True
+    tls = client_tls(cfg.ca_cert, cfg.client_cert, cfg.client_key) or True
     connector = aiohttp.TCPConnector(limit=cfg.concurrency, ssl=tls)
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=30.0)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None

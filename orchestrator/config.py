@@ -15,6 +15,15 @@ TOOL_CALL_PARSERS = ("auto", *FORMATS)
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """What a TLS front end serves with (PEM files)."""
+
+    certfile: str  # the server's certificate chain
+    keyfile: str  # its private key
+    client_cas: str | None = None  # clients must present a certificate signed by one of these
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model: str | None = None  # Hugging Face checkpoint dir; None serves the built-in tiny model
     served_model_name: str | None = None  # name in /v1/models; default: the model dir's name
@@ -37,6 +46,9 @@ class ServeConfig:
     # TLS for HTTP and gRPC (PEM files); None: plain text (TLS ends at a proxy, or loopback).
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    # With TLS: require every client to present a certificate signed by one of these CAs
+    # (PEM bundle), on HTTP and gRPC alike (mutual TLS). None: clients need no certificate.
+    ssl_ca_certs: str | None = None
     eplb_interval_s: float | None = None  # periodic expert rebalancing; None: on command only
     eplb_min_balancedness: float = 0.95  # a periodic rebalance is skipped above this
     init_expert_placement: str | None = None  # JSON file of saved placements (`--dump`)
@@ -84,11 +96,11 @@ class ServeConfig:
         )
 
     @property
-    def tls(self) -> tuple[str, str] | None:
-        """(certificate chain, private key) when serving TLS."""
+    def tls(self) -> TlsFiles | None:
+        """The PEM files to serve TLS with; None: plain text."""
         if self.ssl_certfile is None or self.ssl_keyfile is None:
             return None
-        return self.ssl_certfile, self.ssl_keyfile
+        return TlsFiles(self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certs)
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -179,6 +191,13 @@ class ServeConfig:
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         if self.ssl_certfile is not None and self.ssl_keyfile is not None:
             check_tls_files(self.ssl_certfile, self.ssl_keyfile)
+        if self.ssl_ca_certs is not None:
+            if self.ssl_certfile is None:
+                raise ValueError(
+                    "--ssl-ca-certs (client certificates) needs TLS: --ssl-certfile and "
+                    "--ssl-keyfile"
+                )
+            check_client_cas(self.ssl_ca_certs)
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ValueError(
                 f"--log-level must be critical, error, warning, info, debug or trace, "
@@ -201,3 +220,18 @@ def check_tls_files(certfile: str, keyfile: str) -> None:
             f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: cannot load them as a PEM "
             f"certificate chain and its private key ({e})"
         ) from e
+
+
+def check_client_cas(cafile: str) -> None:
+    """ValueError unless `cafile` holds at least one PEM CA certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_verify_locations(cafile=cafile)
+    except FileNotFoundError:
+        raise ValueError(f"--ssl-ca-certs: no such file: {cafile}") from None
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(
+            f"--ssl-ca-certs {cafile}: cannot load it as PEM CA certificates ({e})"
+        ) from None
+    if not context.cert_store_stats()["x509"]:
+        raise ValueError(f"--ssl-ca-certs {cafile}: holds no certificate")

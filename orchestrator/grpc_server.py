@@ -361,8 +361,16 @@ class GrpcServer:
             if self.tls is None:
                 self.port = self.server.add_insecure_port(self.where)
             else:
-                chain, key = (Path(f).read_bytes() for f in self.tls)
-                credentials = grpc.ssl_server_credentials([(key, chain)])
+                chain, key = (
+                    Path(self.tls.certfile).read_bytes(),
+                    Path(self.tls.keyfile).read_bytes(),
+                )
+                client_cas = self.tls.client_cas
+                credentials = grpc.ssl_server_credentials(
+                    [(key, chain)],
+                    root_certificates=Path(client_cas).read_bytes() if client_cas else None,
+                    require_client_auth=client_cas is not None,
+                )
                 self.port = self.server.add_secure_port(self.where, credentials)
         except RuntimeError:
             self.port = 0

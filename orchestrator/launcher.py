@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import ray
 import uvicorn
 from fastapi import FastAPI
 
-from orchestrator.config import ServeConfig
+from orchestrator.config import ServeConfig, TlsFiles
 from orchestrator.placement import PoolPlacement, PoolSpec, place_pools, remove_placements
 from orchestrator.router import Router
 from orchestrator.server import create_app
@@ -207,9 +208,9 @@ class ServerThread:
         port: int,
         log_level: str = "warning",
         access_log: bool = False,
-        tls: tuple[str, str] | None = None,
+        tls: TlsFiles | None = None,
     ):
-        """`tls`: (certificate chain, private key) PEM files to serve HTTPS."""
+        """`tls`: the PEM files to serve HTTPS with (and to check clients' certificates)."""
         config = uvicorn.Config(
             app,
             host=host,
@@ -219,8 +220,10 @@ class ServerThread:
             lifespan="on",
             timeout_keep_alive=30,
             timeout_graceful_shutdown=5,
-            ssl_certfile=tls[0] if tls else None,
-            ssl_keyfile=tls[1] if tls else None,
+            ssl_certfile=tls.certfile if tls else None,
+            ssl_keyfile=tls.keyfile if tls else None,
+            ssl_ca_certs=tls.client_cas if tls else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_cas else ssl.CERT_NONE,
         )
         self.scheme = "https" if tls else "http"
         self.server = uvicorn.Server(config)

@@ -263,7 +263,7 @@ def test_cli_clients_send_the_key_and_trust_the_ca_cert(server, cert, capsys):
 
 def test_api_key_settings_are_checked(tmp_path, monkeypatch):
     from orchestrator.cli.serve import _is_loopback
-    from orchestrator.config import ServeConfig
+    from orchestrator.config import ServeConfig, TlsFiles
     from orchestrator.serve_file import load_serve_file
 
     with pytest.raises(ValueError, match="--api-key must be at least 8 characters"):
@@ -278,13 +278,23 @@ def test_api_key_settings_are_checked(tmp_path, monkeypatch):
     assert load_serve_file(path)["api_key"] is None
     cert, key = make_self_signed(tmp_path, "a")
     other_cert, _ = make_self_signed(tmp_path, "b")
-    assert ServeConfig(ssl_certfile=cert, ssl_keyfile=key).tls == (cert, key)
+    assert ServeConfig(ssl_certfile=cert, ssl_keyfile=key).tls == TlsFiles(cert, key)
     with pytest.raises(ValueError, match="go together"):
         ServeConfig(ssl_certfile=cert)
     with pytest.raises(ValueError, match="no such file"):
         ServeConfig(ssl_certfile=cert, ssl_keyfile=str(tmp_path / "missing.key"))
     with pytest.raises(ValueError, match="cannot load them"):  # a key of another certificate
         ServeConfig(ssl_certfile=other_cert, ssl_keyfile=key)
+    mutual = ServeConfig(ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs=other_cert)
+    assert mutual.tls == TlsFiles(cert, key, other_cert)
+    with pytest.raises(ValueError, match="needs TLS"):
+        ServeConfig(ssl_ca_certs=other_cert)
+    with pytest.raises(ValueError, match="--ssl-ca-certs: no such file"):
+        ServeConfig(ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs=str(tmp_path / "no.pem"))
+    with pytest.raises(ValueError, match="--ssl-ca-certs .*(cannot load|holds no)"):
+        ServeConfig(ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs=key)  # a key, no cert
+    path.write_text(f"ssl_certfile: {cert}\nssl_keyfile: {key}\nssl_ca_certs: {other_cert}\n")
+    assert load_serve_file(path)["ssl_ca_certs"] == other_cert
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
 
@@ -341,3 +351,82 @@ def test_the_server_reports_why_it_did_not_start():
         app = create_app(object(), ServeConfig(), manage_router=False)  # type: ignore[arg-type]
         with pytest.raises(RuntimeError, match=f"127.0.0.1:{port} \\(is the port in use"):
             ServerThread(app, "127.0.0.1", port, log_level="critical").start()
+
+
+@pytest.fixture(scope="module")
+def mutual(launch_tiny, cert, tmp_path_factory):
+    """A server that wants client certificates (`--ssl-ca-certs`), and the client certificate
+    it trusts and one it does not: (server, trusted (cert, key), stranger (cert, key))."""
+    directory = tmp_path_factory.mktemp("mtls")
+    client, stranger = make_self_signed(directory, "client"), make_self_signed(directory, "x")
+    srv = launch_tiny(
+        colocated=True, grpc_port=0, ssl_certfile=cert[0], ssl_keyfile=cert[1],
+        ssl_ca_certs=client[0],
+    )  # fmt: skip
+    try:
+        yield srv, client, stranger
+    finally:
+        srv.stop()
+
+
+def test_mutual_tls_serves_only_clients_with_a_trusted_certificate(mutual, cert, capsys):
+    import grpc
+    import httpx
+
+    from orchestrator.auth import client_tls
+    from orchestrator.cli import main
+    from proto import pdserve_pb2 as pb
+    from proto import pdserve_pb2_grpc as pb_grpc
+
+    server, client, stranger = mutual
+    gen = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+    # HTTP: no certificate, or one the server does not trust, gets no answer at all (not even
+    # /health: the handshake fails before any route).
+    for who in (None, stranger):
+        tls = client_tls(cert[0], *(who or (None, None)))
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(server.url + "/generate", json=gen, verify=tls, timeout=30)
+    tls = client_tls(cert[0], *client)
+    out = httpx.post(server.url + "/generate", json=gen, verify=tls, timeout=60).json()
+    assert len(out["output_ids"]) == 3
+    # gRPC, the same.
+    request = pb.GenerateRequest(
+        input_ids=pb.TokenIds(ids=[5, 6, 7]),
+        sampling=pb.SamplingParams(max_new_tokens=3, temperature=0.0),
+    )
+    roots = Path(cert[0]).read_bytes()
+    for who in (None, stranger):
+        keys = {}
+        if who is not None:
+            keys = {"private_key": Path(who[1]).read_bytes(),
+                    "certificate_chain": Path(who[0]).read_bytes()}  # fmt: skip
+        credentials = grpc.ssl_channel_credentials(roots, **keys)
+        with grpc.secure_channel(server.grpc_address, credentials) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                list(pb_grpc.GenerationStub(channel).Generate(request, timeout=30))
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    credentials = grpc.ssl_channel_credentials(
+        roots, Path(client[1]).read_bytes(), Path(client[0]).read_bytes()
+    )
+    with grpc.secure_channel(server.grpc_address, credentials) as channel:
+        responses = list(pb_grpc.GenerationStub(channel).Generate(request, timeout=60))
+    assert list(responses[-1].final.output_ids) == out["output_ids"]
+    # The CLI clients present --client-cert (its key in --client-key, or in the same file).
+    trust = ["--ca-cert", cert[0]]
+    mine = ["--client-cert", client[0], "--client-key", client[1]]
+    prompt = ["--prompt", "hello", "--max-new-tokens", "3"]
+    assert main(["generate", "--url", server.url, *trust, *prompt]) == 1
+    capsys.readouterr()
+    assert main(["generate", "--url", server.url, *trust, *mine, *prompt]) == 0
+    assert main(["generate", "--grpc", server.grpc_address, *trust, *mine, *prompt]) == 0
+    combined = Path(client[0]).parent / "client-both.pem"
+    combined.write_text(Path(client[0]).read_text() + Path(client[1]).read_text())
+    assert main(["status", "--url", server.url, *trust, "--client-cert", str(combined)]) == 0
+    bench = ["bench", "--url", server.url, "--num-prompts", "2", "--input-len", "4",
+             "--output-len", "2", "--concurrency", "2", *trust, *mine]  # fmt: skip
+    assert main(bench) == 0
+    capsys.readouterr()
+    assert main(["status", "--url", server.url, *trust, "--client-key", client[1]]) == 2
+    assert "--client-key goes with --client-cert" in capsys.readouterr().err
+    assert main(["status", "--url", server.url, *trust, "--client-cert", cert[1]]) == 2
+    assert "--client-cert" in capsys.readouterr().err  # a key file is no certificate

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from orchestrator.auth import client_tls
 from orchestrator.cli.client import add_bench, add_generate, add_status
 from orchestrator.cli.common import Command
 from orchestrator.cli.rebalance import add_rebalance
@@ -42,15 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    if getattr(args, "ca_cert", None):
-        import ssl
-
+    if hasattr(args, "ca_cert"):
+        if args.client_key and not args.client_cert:
+            print("error: --client-key goes with --client-cert", file=sys.stderr)
+            return 2
         try:
-            ssl.create_default_context(cafile=args.ca_cert)
-        except (OSError, ssl.SSLError) as e:
-            print(
-                f"error: --ca-cert {args.ca_cert}: not a readable PEM file ({e})", file=sys.stderr
-            )
+            client_tls(args.ca_cert, args.client_cert, args.client_key)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
     func: Command = args.func
     try:

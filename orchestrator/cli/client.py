@@ -214,6 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             api=args.api,
             api_key=args.api_key,
             ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
         )
         result = asyncio.run(run_bench(cfg))
     except (ValueError, RuntimeError, OSError, httpx.HTTPError, aiohttp.ClientError) as e:

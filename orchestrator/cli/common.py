@@ -6,7 +6,10 @@ import argparse
 import os
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from orchestrator.auth import client_tls
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -31,6 +34,15 @@ def add_connection_args(p: argparse.ArgumentParser, api_key: bool = True) -> Non
         help="trust this CA (or the server's own self-signed certificate) for an https:// URL "
         "and for --grpc, which then uses TLS (default: the system's CAs; plain gRPC)",
     )  # fmt: skip
+    p.add_argument(
+        "--client-cert", metavar="PEM",
+        help="present this certificate to a server that asks for one (its --ssl-ca-certs); "
+        "turns TLS on for --grpc too",
+    )  # fmt: skip
+    p.add_argument(
+        "--client-key", metavar="PEM",
+        help="the private key of --client-cert (default: in the --client-cert file)",
+    )  # fmt: skip
 
 
 def auth_headers(args: argparse.Namespace) -> dict[str, str]:
@@ -39,21 +51,33 @@ def auth_headers(args: argparse.Namespace) -> dict[str, str]:
 
 
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | bool:
-    """What httpx's `verify` takes: the system's CAs, or those of `--ca-cert`."""
-    if not args.ca_cert:
-        return True
-    return ssl.create_default_context(cafile=args.ca_cert)
+    """What httpx's `verify` takes: the system's CAs, or those of `--ca-cert`, and the
+    client certificate of `--client-cert`."""
+    return client_tls(args.ca_cert, args.client_cert, args.client_key) or True
+
+
+def uses_tls(args: argparse.Namespace) -> bool:
+    """Whether `--grpc` goes over TLS: with `--ca-cert` or `--client-cert`."""
+    return bool(args.ca_cert or args.client_cert)
 
 
 def grpc_channel(args: argparse.Namespace, address: str) -> Any:
-    """A gRPC channel to `address`: TLS trusting `--ca-cert` when given, else plain."""
+    """A gRPC channel to `address`: TLS trusting `--ca-cert` (else the system's CAs) and
+    presenting `--client-cert` when either is given, else plain."""
     import grpc
 
-    if not args.ca_cert:
+    if not uses_tls(args):
         return grpc.insecure_channel(address)
-    with open(args.ca_cert, "rb") as f:
-        roots = f.read()
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(args.ca_cert),
+        private_key=read(args.client_key or args.client_cert),
+        certificate_chain=read(args.client_cert),
+    )
+    return grpc.secure_channel(address, credentials)
 
 
 def tls_hint(url: str, error: BaseException) -> str:
@@ -68,6 +92,6 @@ def grpc_error(args: argparse.Namespace, error: Any) -> str:
     """The error line for a failed gRPC call (`grpc.RpcError`), with a hint when a plain
     channel found the port closing on it (a TLS server does that)."""
     line = f"error: {error.code().name}: {error.details()}"
-    if error.code().name == "UNAVAILABLE" and not args.ca_cert:
+    if error.code().name == "UNAVAILABLE" and not uses_tls(args):
         line += " (if the server has TLS on, add --ca-cert)"
     return line

@@ -187,6 +187,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     r.add_argument("--ssl-keyfile", metavar="PEM", help="the private key of --ssl-certfile")
     r.add_argument(
+        "--ssl-ca-certs", metavar="PEM",
+        help="mutual TLS: every client (HTTP and gRPC, probes included) must present a "
+        "certificate signed by one of these CAs",
+    )  # fmt: skip
+    r.add_argument(
         "--admin-token",
         default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
         help="enables /admin/* with this bearer token (default: $PDSERVE_ADMIN_TOKEN; unset: off)",
@@ -244,6 +249,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         api_key=args.api_key,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
+        ssl_ca_certs=args.ssl_ca_certs,
         eplb_interval_s=args.eplb_interval_s,
         eplb_min_balancedness=args.eplb_min_balancedness,
         init_expert_placement=args.init_expert_placement,
@@ -286,9 +292,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     say(f"topology: {config.topology}")
     model_dir = resolve_model_dir(config)
     say(f"model: {model_dir}")
-    if config.api_key is None and not _is_loopback(config.host):
+    mutual_tls = config.tls is not None and config.tls.client_cas is not None
+    if config.api_key is None and not mutual_tls and not _is_loopback(config.host):
         say(f"warning: listening on {config.host} without --api-key: anyone who reaches the "
-               "port can generate (set --api-key or PDSERVE_API_KEY)")  # fmt: skip
+               "port can generate (set --api-key or PDSERVE_API_KEY, or --ssl-ca-certs)")  # fmt: skip
     elif config.api_key is not None and config.tls is None and not _is_loopback(config.host):
         say(f"warning: listening on {config.host} without TLS: the API key crosses the network "
                "in clear unless a TLS proxy sits in front (--ssl-certfile / --ssl-keyfile)")  # fmt: skip
