@@ -10,6 +10,7 @@ from orchestrator.reasoning import REASONING_PARSERS
 from orchestrator.tool_parser import FORMATS
 from workers.engine.config import EngineConfig
 from workers.engine.delta_stream import HEARTBEAT_S
+from workers.model.hub import CheckpointSource, check_model_arg
 
 TOOL_CALL_PARSERS = ("auto", *FORMATS)
 
@@ -25,8 +26,12 @@ class TlsFiles:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str | None = None  # Hugging Face checkpoint dir; None serves the built-in tiny model
-    served_model_name: str | None = None  # name in /v1/models; default: the model dir's name
+    # A Hugging Face checkpoint dir or Hub repository id; None serves the built-in tiny model.
+    model: str | None = None
+    revision: str | None = None  # of a Hub repository (default: its main branch)
+    download_dir: str | None = None  # where Hub checkpoints are fetched to (default: HF's cache)
+    # Name in /v1/models; default: the repository id, or the checkpoint dir's name.
+    served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 30000  # 0 picks a free port
     ray_address: str | None = None  # None starts a local Ray instance; "auto" joins `ray start`
@@ -96,6 +101,24 @@ class ServeConfig:
         )
 
     @property
+    def checkpoint(self) -> CheckpointSource | None:
+        """Where `--model` comes from; None: the built-in tiny model."""
+        if self.model is None:
+            return None
+        return CheckpointSource(self.model, self.revision, self.download_dir)
+
+    def model_name(self, model_dir: Path) -> str:
+        """The name the API serves the model as."""
+        if self.served_model_name:
+            return self.served_model_name
+        checkpoint = self.checkpoint
+        return (
+            checkpoint.model
+            if checkpoint is not None and checkpoint.is_hub_repo
+            else model_dir.name
+        )
+
+    @property
     def tls(self) -> TlsFiles | None:
         """The PEM files to serve TLS with; None: plain text."""
         if self.ssl_certfile is None or self.ssl_keyfile is None:
@@ -103,13 +126,10 @@ class ServeConfig:
         return TlsFiles(self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certs)
 
     def __post_init__(self) -> None:
-        if self.model is not None:
-            path = Path(self.model)
-            if not (path / "config.json").is_file():
-                raise ValueError(
-                    f"--model {self.model!r} is not a Hugging Face checkpoint dir (no config.json); "
-                    "leave --model out to serve the built-in tiny model"
-                )
+        if self.checkpoint is not None:
+            check_model_arg(self.checkpoint)
+        elif self.revision is not None or self.download_dir is not None:
+            raise ValueError("--revision and --download-dir go with --model")
         if not self.host:
             raise ValueError("--host must not be empty (use 0.0.0.0 to listen on all interfaces)")
         if not 0 <= self.port <= 65535:

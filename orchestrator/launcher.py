@@ -33,14 +33,16 @@ from orchestrator.placement import PoolPlacement, PoolSpec, place_pools, remove_
 from orchestrator.router import Router
 from orchestrator.server import create_app
 from orchestrator.tokenizer import Tokenizer
+from workers.model.hub import checkpoint_dir
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_model_dir(config: ServeConfig) -> Path:
-    """The checkpoint dir to serve: `config.model`, or the built-in tiny model (written once)."""
-    if config.model is not None:
-        return Path(config.model).resolve()
+    """The checkpoint dir to serve: `config.model` (a Hub repository fetched first), or the
+    built-in tiny model (written once)."""
+    if config.checkpoint is not None:
+        return checkpoint_dir(config.checkpoint)
     from workers.model.tiny import ensure_tiny_checkpoint
 
     return Path(ensure_tiny_checkpoint())
@@ -167,6 +169,7 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
                         scheduling_strategy=placement.strategy(i),
                         pool=PoolMember(i, spec.num_ranks, rendezvous) if rendezvous else None,
                         initial_phy2log=saved.get(spec.name) if rendezvous else None,
+                        checkpoint=config.checkpoint,
                     )
                 )
     except BaseException:
@@ -347,7 +350,7 @@ def launch(
         router = Router(
             ranks,
             Tokenizer.from_dir(model_dir),
-            model_name=config.served_model_name or model_dir.name,
+            model_name=config.model_name(model_dir),
             stream_silence_s=config.stream_silence_s,
             request_timeout_s=config.request_timeout_s,
         )

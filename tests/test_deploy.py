@@ -167,7 +167,10 @@ def test_schema_matches_the_serve_parser() -> None:
             "topology:\n  prefill_dpp: 2\n",
             "topology.prefill_dpp: unknown key; known: colocated, dp",
         ),
-        ("pot: 30000\n", "pot: unknown key; known: model, served_model_name, address, host, port"),
+        (
+            "pot: 30000\n",
+            "pot: unknown key; known: model, revision, download_dir, served_model_name, address",
+        ),
         ("port: '30000'\n", 'port: expected an integer, got "30000" (a string)'),
         ("engine:\n  page_size: 1.5\n", "engine.page_size: expected an integer, got 1.5"),
         ("engine:\n  dtype: fp8\n", "engine.dtype: must be one of float32, bfloat16, float16"),

@@ -18,8 +18,21 @@ from workers import gc_pauses
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start (or join) a Ray cluster and serve a model over HTTP")
-    p.add_argument("--model", help="Hugging Face checkpoint dir (default: the built-in tiny model)")
-    p.add_argument("--served-model-name", help="name in /v1/models (default: the dir's name)")
+    p.add_argument(
+        "--model",
+        help="Hugging Face checkpoint dir, or Hub repository id (ORG/NAME: fetched once into "
+        "the Hub cache on each machine) (default: the built-in tiny model)",
+    )
+    p.add_argument("--revision", help="branch, tag or commit of a Hub --model (default: main)")
+    p.add_argument(
+        "--download-dir", metavar="DIR",
+        help="fetch Hub checkpoints into this cache dir (default: huggingface_hub's, "
+        "$HF_HUB_CACHE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--served-model-name",
+        help="name in /v1/models (default: the repository id, or the dir's name)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--grpc-port", type=int, help="also serve the gRPC API here (0: a free port)")
@@ -235,6 +248,8 @@ def serve_config(args: argparse.Namespace) -> Any:
     )
     return ServeConfig(
         model=args.model,
+        revision=args.revision,
+        download_dir=args.download_dir,
         served_model_name=args.served_model_name,
         host=args.host,
         port=args.port,
@@ -290,7 +305,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say(f"error: {e}")
         return 2
     say(f"topology: {config.topology}")
-    model_dir = resolve_model_dir(config)
+    if config.checkpoint is not None and config.checkpoint.is_hub_repo:
+        say(f"model: {config.model} from the Hugging Face Hub (or its cache)")
+    try:
+        model_dir = resolve_model_dir(config)
+    except ValueError as e:
+        say(f"error: {e}")
+        return 2
     say(f"model: {model_dir}")
     mutual_tls = config.tls is not None and config.tls.client_cas is not None
     if config.api_key is None and not mutual_tls and not _is_loopback(config.host):
@@ -322,7 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     server = None
     try:
-        say(f"loading {model_dir.name} ...")
+        say(f"loading {config.model_name(model_dir)} ...")
         server = launch(
             config,
             model_dir=model_dir,

@@ -10,6 +10,7 @@ import ray
 from workers.engine.config import EngineConfig
 from workers.engine.worker import EngineWorker
 from workers.ep.group import PoolMember
+from workers.model.hub import CheckpointSource
 
 
 def start_engine_rank(
@@ -26,9 +27,12 @@ def start_engine_rank(
     scheduling_strategy: Any = None,
     pool: PoolMember | None = None,
     initial_phy2log: list[list[int]] | None = None,
+    checkpoint: CheckpointSource | None = None,
 ) -> Any:
     """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle.
-    `scheduling_strategy`: e.g. its pool's placement group bundle."""
+    `scheduling_strategy`: e.g. its pool's placement group bundle. `checkpoint`: where
+    `model_dir` came from, for a rank on a machine that lacks that dir (it fetches a Hub
+    repository itself)."""
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
@@ -52,4 +56,5 @@ def start_engine_rank(
         instance,
         pool,
         initial_phy2log,
+        checkpoint,
     )

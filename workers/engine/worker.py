@@ -66,6 +66,7 @@ from workers.engine.rank_setup import (
     setup_process,
 )
 from workers.ep.group import PoolGroup, PoolMember
+from workers.model.hub import CheckpointSource, checkpoint_dir
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,13 @@ class EngineWorker(RankOperations):
         instance: int = 0,
         pool: PoolMember | None = None,
         initial_phy2log: list[list[int]] | None = None,
+        checkpoint: CheckpointSource | None = None,
     ):
         if role not in _MODES:
             raise ValueError(f"role must be one of {sorted(_MODES)}, got {role!r}")
         setup_process(config)
+        if checkpoint is not None:  # `model_dir` is where the router found it
+            model_dir = str(checkpoint_dir(checkpoint, model_dir))
         # A pool of several ranks is one expert-parallel group; its ranks step in lockstep.
         self.group: PoolGroup | None = None
         ep = None
