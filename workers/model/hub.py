@@ -83,7 +83,7 @@ def _fetch(source: CheckpointSource) -> Path:
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
-    except ImportError as e:  # pragma: no cover - transformers and xgrammar bring it
+    except ImportError as e:  # pragma: no cover - a dependency of pdserve
         raise RuntimeError(
             f"--model {source.model}: fetching from the Hugging Face Hub needs huggingface_hub "
             f"({e}); or give a local checkpoint dir"
