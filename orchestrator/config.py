@@ -72,6 +72,9 @@ class ServeConfig:
     reasoning_parser: str = "auto"
     max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's limits
     max_concurrent_requests_per_client: int | None = None  # per client address; None: no cap
+    # Load shedding: while this many requests wait for their first token, new ones get 503
+    # (Retry-After: 1) instead of queueing; None: no cap.
+    max_queued_requests: int | None = None
     default_max_new_tokens: int = 128  # when a request does not say
     request_timeout_s: float | None = 600.0  # a request running longer is aborted
     # On SIGTERM/SIGINT: refuse new requests and let those in flight finish for up to this
@@ -178,6 +181,8 @@ class ServeConfig:
             and self.max_concurrent_requests_per_client < 1
         ):
             raise ValueError("--max-concurrent-requests-per-client must be >= 1")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ValueError(f"--max-queued-requests must be >= 1, got {self.max_queued_requests}")
         if self.max_request_body_bytes < 1024:
             raise ValueError(
                 f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"

@@ -67,9 +67,11 @@ class HttpContext:
         stream: bool = True,
         api: str = "/generate",
     ) -> AsyncGenerator[Output, None]:
-        """The request's outputs; takes one of `client`'s slots (429 when none is left).
+        """The request's outputs; takes one of `client`'s slots (429 when none is left);
+        RouterNotReady (503) while draining or overloaded (`Router.check_admission`).
         `stream=False`: the caller uses only the whole output (see `Router.generate`); `api`:
         the route, for the request log."""
+        self.router.check_admission()  # a stream refused now gets a status (503), not an event
         arrival = time.perf_counter() if arrival_s is None else arrival_s
         generated = self.router.generate(ids, sampling, stop, rid=rid, stream=stream)
         outputs = self.metrics.track(generated, arrival, api, client)

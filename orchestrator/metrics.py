@@ -117,6 +117,16 @@ class Metrics:
         self.draining = Gauge(
             "pdserve_draining", "1 while the server drains its requests to shut down", registry=r
         )
+        self.waiting_first_token = Gauge(
+            "pdserve_requests_waiting_first_token",
+            "Requests in flight without their first token yet (queued on a rank, or in prefill)",
+            registry=r,
+        )
+        self.shed = Gauge(
+            "pdserve_requests_shed_total",
+            "Requests refused with 503 because --max-queued-requests were waiting",
+            registry=r,
+        )
         self.eplb_balancedness = Gauge(
             "pdserve_eplb_balancedness",
             "Mean/max per-rank expert load over the recorded window, per pool (NaN: no load yet)",
@@ -175,10 +185,14 @@ class Metrics:
             self.gc_seconds.labels(process).set(seconds)
             self.gc_longest.labels(process).set(longest)
 
-    def set_router_stats(self, retries: int, rank_failures: int, draining: bool) -> None:
+    def set_router_stats(
+        self, retries: int, rank_failures: int, draining: bool, queued: int, shed: int
+    ) -> None:
         self.retries.set(retries)
         self.rank_failures.set(rank_failures)
         self.draining.set(int(draining))
+        self.waiting_first_token.set(queued)
+        self.shed.set(shed)
 
     def set_eplb_stats(self, stats: dict[str, dict[str, float]]) -> None:
         for pool, st in stats.items():

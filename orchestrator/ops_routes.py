@@ -41,7 +41,10 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None) -> None:
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.set_rank_stats(await router.stats())
-        metrics.set_router_stats(router.num_retries, router.num_rank_failures, router.draining)
+        metrics.set_router_stats(
+            router.num_retries, router.num_rank_failures, router.draining, router.num_queued,
+            router.num_shed,
+        )  # fmt: skip
         if eplb is not None:
             with contextlib.suppress(Exception):
                 metrics.set_eplb_stats(await asyncio.wait_for(eplb.stats.remote(), 5))
@@ -63,6 +66,8 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None) -> None:
             "draining": router.draining,
             "num_retries": router.num_retries,
             "num_rank_failures": router.num_rank_failures,
+            "num_waiting_first_token": router.num_queued,
+            "num_shed": router.num_shed,
             "ranks": ranks,
         }
 

@@ -44,6 +44,11 @@ class RouterNotReady(RuntimeError):
     """No rank can take the request (still loading, or dead)."""
 
 
+class Overloaded(RouterNotReady):
+    """Too many requests wait for their first token (`Router.max_queued_requests`): the
+    client should retry later."""
+
+
 class RankUnreachable(RouterNotReady):
     """A rank's `add_request` failed without refusing the request (the rank died or is
     dying): nothing ran, so another rank may take it."""

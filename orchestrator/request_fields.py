@@ -34,7 +34,10 @@ class RequestError(Exception):
         self.code = code  # finer than `type`, e.g. "context_length_exceeded"
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param}}
+        error = {"message": self.message, "type": self.type, "param": self.param}
+        if self.code is not None:
+            error["code"] = self.code
+        return {"error": error}
 
 
 def type_name(value: Any) -> str:

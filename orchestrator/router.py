@@ -26,6 +26,7 @@ from orchestrator.outputs import Output, to_output
 from orchestrator.rank_output import dispatch, read_output
 from orchestrator.ranks import (
     Limits,
+    Overloaded,
     RankTable,
     RankUnreachable,
     RoutedRequest,
@@ -56,6 +57,7 @@ class Router:
         model_name: str,
         stream_silence_s: float = 30.0,
         request_timeout_s: float | None = None,
+        max_queued_requests: int | None = None,
     ):
         """`ranks`: `EngineWorker` actor handles; the router reads each one's output stream (it
         must be its only reader) and, on `close(shutdown_ranks=True)`, shuts them down."""
@@ -71,6 +73,11 @@ class Router:
         self.num_rank_failures = 0  # times a rank was found dead or failing
         self.num_deltas = 0  # token deltas handed to requests (at most one per request a frame)
         self.request_timeout_s = request_timeout_s
+        # Load shedding: while this many requests wait for their first token (queued on a
+        # rank, or in prefill), new ones are refused (`Overloaded`); None: no cap.
+        self.max_queued_requests = max_queued_requests
+        self.num_queued = 0  # requests in flight without their first token yet
+        self.num_shed = 0  # requests refused by that cap
         # Requests in flight by their id on the ranks, and each client id's current one: every
         # attempt gets an id of its own there, so a client may reuse an id as soon as its
         # request ended here, whatever the ranks still hold of the old one (a receive in
@@ -205,8 +212,7 @@ class Router:
         or a stop string or timeout aborts the request on its rank. A request whose rank died
         while taking it, and a disaggregated request that fails before its first token (a rank
         died, a transfer failed), is retried once on another rank (pair) when there is one."""
-        if self.draining:
-            raise RouterNotReady("the server is shutting down (draining the requests in flight)")
+        self.check_admission()
         rid = rid or uuid.uuid4().hex
         if rid in self._rank_rids:
             raise ValueError(f"rid: request {rid!r} is already running")
@@ -216,35 +222,67 @@ class Router:
         streamed = False  # a token reached the consumer: too late to retry
         avoid: frozenset[int] | None = None  # set when the request is to be retried
         reason: str | None = None
+        self.num_queued += 1
+        queued = True  # counted in num_queued until its first token (or its end)
         try:
-            async with contextlib.aclosing(first) as outs:
+            try:
+                async with contextlib.aclosing(first) as outs:
+                    async for out in outs:
+                        retry = out.finish_reason == "error" and not streamed and not out.token_ids
+                        if not (retry and used and used[0][1] is not None):
+                            streamed = streamed or bool(out.token_ids)
+                            if queued:
+                                queued = self._still_queued(out)
+                            yield out
+                            continue
+                        # Another prefill rank; a dead decode rank is skipped anyway (not live).
+                        candidate = frozenset(r for r in used[0][1:] if r is not None)
+                        if not self.ranks.can_pick(candidate):
+                            yield out  # no other pair: the error stands
+                            return
+                        avoid, reason = candidate, out.error
+                        break
+            except RankUnreachable as e:
+                # A rank died while taking the request: nothing ran anywhere yet.
+                if not self.ranks.can_pick(frozenset({e.rank})):
+                    raise
+                avoid, reason = frozenset({e.rank}), str(e)
+            if avoid is None:
+                return
+            self.num_retries += 1
+            logger.warning("request %s failed before its first token (%s); retrying on "
+                           "another rank", rid, reason)  # fmt: skip
+            second = self._attempt(input_ids, sampling, stop, rid, timeout_s, avoid, used, whole)
+            async with contextlib.aclosing(second) as outs:
                 async for out in outs:
-                    retry = out.finish_reason == "error" and not streamed and not out.token_ids
-                    if not (retry and used and used[0][1] is not None):
-                        streamed = streamed or bool(out.token_ids)
-                        yield out
-                        continue
-                    # Another prefill rank; a dead decode rank is skipped anyway (not live).
-                    candidate = frozenset(r for r in used[0][1:] if r is not None)
-                    if not self.ranks.can_pick(candidate):
-                        yield out  # no other pair: the error stands
-                        return
-                    avoid, reason = candidate, out.error
-                    break
-        except RankUnreachable as e:
-            # A rank died while taking the request: nothing ran anywhere yet.
-            if not self.ranks.can_pick(frozenset({e.rank})):
-                raise
-            avoid, reason = frozenset({e.rank}), str(e)
-        if avoid is None:
-            return
-        self.num_retries += 1
-        logger.warning("request %s failed before its first token (%s); retrying on another "
-                       "rank", rid, reason)  # fmt: skip
-        second = self._attempt(input_ids, sampling, stop, rid, timeout_s, avoid, used, whole)
-        async with contextlib.aclosing(second) as outs:
-            async for out in outs:
-                yield out
+                    if queued:
+                        queued = self._still_queued(out)
+                    yield out
+        finally:
+            if queued:
+                self.num_queued -= 1
+
+    def check_admission(self) -> None:
+        """RouterNotReady while draining, `Overloaded` while `max_queued_requests` wait for
+        their first token. `generate` checks it; front ends call it first as well, so that a
+        stream is refused with a status rather than an error event."""
+        if self.draining:
+            raise RouterNotReady("the server is shutting down (draining the requests in flight)")
+        cap = self.max_queued_requests
+        if cap is not None and self.num_queued >= cap:
+            self.num_shed += 1
+            raise Overloaded(
+                f"overloaded: {self.num_queued} requests are waiting for their first token "
+                f"(--max-queued-requests {cap}); retry later"
+            )
+
+    def _still_queued(self, out: Output) -> bool:
+        """Whether a request still waits for its first token after `out`; when it no longer
+        does, it leaves `num_queued`."""
+        if out.token_ids or out.finish_reason is not None:
+            self.num_queued -= 1
+            return False
+        return True
 
     async def _attempt(
         self,

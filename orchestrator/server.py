@@ -38,7 +38,7 @@ from orchestrator.protocol import (
     parse_generate,
     prepare_call,
 )
-from orchestrator.ranks import RouterNotReady
+from orchestrator.ranks import Overloaded, RouterNotReady
 from orchestrator.request_fields import RequestError
 from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
@@ -119,6 +119,9 @@ def create_app(
 
     @app.exception_handler(RouterNotReady)
     async def _not_ready(request: Request, e: RouterNotReady) -> JSONResponse:
+        if isinstance(e, Overloaded):
+            error = RequestError(str(e), None, 503, "unavailable", code="overloaded")
+            return JSONResponse(error.body(), 503, headers={"Retry-After": "1"})
         return JSONResponse(RequestError(str(e), None, 503, "unavailable").body(), 503)
 
     @app.exception_handler(ClientDisconnected)

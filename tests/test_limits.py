@@ -4,6 +4,7 @@ RESOURCE_EXHAUSTED), and the limiter's bookkeeping (a slot is never leaked)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncGenerator
 
@@ -80,6 +81,77 @@ def test_server_limits(launch_tiny):
         # The slots came back when the streams closed.
         r = httpx.post(f"{server.url}/generate", json={"input_ids": [5, 6, 7],
                        "sampling_params": {"max_new_tokens": 2}}, timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+
+
+def test_server_sheds_load_past_max_queued_requests(launch_tiny):
+    """With `--max-queued-requests 2`, two requests waiting for their first token (their KV
+    transfer held back by fault injection: a disaggregated request's first token comes with
+    it) make the next ones 503 `overloaded` with Retry-After, on every route and on gRPC;
+    once they are gone, requests are served again."""
+    import ray
+
+    server = launch_tiny(
+        max_queued_requests=2, grpc_port=0, allow_fault_injection=True, transfer_timeout_s=120.0
+    )
+    try:
+        ranks = httpx.get(f"{server.url}/v1/stats", timeout=30).json()["ranks"]
+        decode = server.ranks[[r["info"]["role"] for r in ranks].index("decode")]
+        ray.get(decode.inject_fault.remote("withhold_receive", 2))
+        body = {"input_ids": list(range(5, 40)), "stream": True,
+                "sampling_params": {"max_new_tokens": 8}}  # fmt: skip
+
+        async def shed() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                held = [client.stream("POST", "/generate", json=body) for _ in range(2)]
+                waiting = [asyncio.ensure_future(h.__aenter__()) for h in held]
+                for _ in range(1000):
+                    if server.router.num_queued == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                assert server.router.num_queued == 2
+                chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                for route, call in [
+                    ("/generate", {**body, "stream": False}),
+                    ("/generate", body),
+                    ("/v1/chat/completions", chat),
+                    ("/v1/chat/completions", {**chat, "stream": True}),
+                ]:
+                    r = await client.post(route, json=call)
+                    assert r.status_code == 503, (route, r.text)
+                    assert r.headers["retry-after"] == "1"
+                    error = r.json()["error"]
+                    assert error["code"] == "overloaded", error
+                    assert "--max-queued-requests 2" in error["message"]
+                with grpc.insecure_channel(server.grpc_address) as channel:
+                    request = pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                                 sampling=pb.SamplingParams(max_new_tokens=2))  # fmt: skip
+                    with pytest.raises(grpc.RpcError) as err:
+                        list(pb_grpc.GenerationStub(channel).Generate(request, timeout=30))
+                    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "overloaded" in (err.value.details() or "")
+                stats = (await client.get("/v1/stats")).json()
+                assert stats["num_waiting_first_token"] == 2 and stats["num_shed"] == 5
+                metrics = (await client.get("/metrics")).text
+                assert "pdserve_requests_shed_total 5.0" in metrics
+                assert "pdserve_requests_waiting_first_token 2.0" in metrics
+                # The waiting ones leave (their clients go): room again.
+                for w, h in zip(waiting, held, strict=True):
+                    w.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await w
+                    await h.__aexit__(None, None, None)
+                for _ in range(1000):
+                    if server.router.num_queued == 0 and server.router.num_in_flight == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                assert server.router.num_queued == 0 and server.router.num_in_flight == 0
+
+        asyncio.run(shed())
+        call = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2}}
+        r = httpx.post(f"{server.url}/generate", json=call, timeout=30)
         assert r.status_code == 200, r.text
     finally:
         server.stop()

@@ -189,6 +189,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="requests in flight per client address (default: no cap)",
     )
     r.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="load shedding: while this many requests wait for their first token, new ones "
+        "get 503 with Retry-After: 1 instead of queueing (default: no cap)",
+    )
+    r.add_argument(
         "--api-key",
         default=os.environ.get("PDSERVE_API_KEY"),
         help="the inference routes (HTTP but /health and /metrics; gRPC Generate and Abort) "
@@ -278,6 +284,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         reasoning_parser=args.reasoning_parser,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests_per_client=args.max_concurrent_requests_per_client,
+        max_queued_requests=args.max_queued_requests,
         default_max_new_tokens=args.default_max_new_tokens,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
