@@ -251,9 +251,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     data = resp.json()
     state = ", draining (shutting down)" if data.get("draining") else ""
-    print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight{state}; "
-          f"{data.get('num_retries', 0)} retried, {data.get('num_rank_failures', 0)} rank "
-          "failure(s) since start")  # fmt: skip
+    print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight "
+          f"({data.get('num_waiting_first_token', 0)} before their first token){state}; "
+          f"{data.get('num_retries', 0)} retried, {data.get('num_shed', 0)} shed "
+          f"(--max-queued-requests), {data.get('num_rank_failures', 0)} rank failure(s) "
+          "since start")  # fmt: skip
     header = (
         "pool",
         "dp",
