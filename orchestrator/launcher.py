@@ -150,7 +150,11 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
             spec = placement.spec
             rendezvous = None
             if spec.num_ranks > 1:
-                rendezvous = ray.remote(Rendezvous).options(num_cpus=0).remote(spec.num_ranks)
+                rendezvous = (
+                    ray.remote(Rendezvous)
+                    .options(num_cpus=0, max_restarts=-1)
+                    .remote(spec.num_ranks)
+                )
                 meeting_points.append(rendezvous)
             share = spec.bundle.get("GPU", 0.0)
             engine = dataclasses.replace(config.engine, gpu_memory_share=share or 1.0)

@@ -20,6 +20,11 @@ from workers.engine.messages import AddsTaken, TokenDelta, TransferReady
 Item = TokenDelta | TransferReady | AddsTaken
 
 
+class RankSilent(TimeoutError):
+    """A rank's stream sent nothing, not even a heartbeat, for the silence limit: the process
+    is alive but stuck (stopped, or wedged in a collective)."""
+
+
 async def read_output(
     ranks: RankTable, index: int, silence_s: float, on_frame: Callable[[list[Item]], None]
 ) -> None:
@@ -38,7 +43,7 @@ async def read_output(
                 items = await read_frame(reader)
             on_frame(items)
     except TimeoutError:
-        error = TimeoutError(f"no output or heartbeat for {silence_s:g} s")
+        error = RankSilent(f"no output or heartbeat for {silence_s:g} s")
         raise error from None
     except asyncio.IncompleteReadError:
         raise error from None

@@ -21,9 +21,11 @@ from collections.abc import AsyncGenerator, Sequence
 from functools import partial
 from typing import Any
 
+import ray
+
 from orchestrator.detokenizer import IncrementalDetokenizer
 from orchestrator.outputs import Output, to_output
-from orchestrator.rank_output import dispatch, read_output
+from orchestrator.rank_output import RankSilent, dispatch, read_output
 from orchestrator.ranks import (
     Limits,
     Overloaded,
@@ -175,6 +177,13 @@ class Router:
                     self.num_rank_failures += 1
                     logger.error("%s", message)
                     self._fail_requests(index, message)
+                if isinstance(e, RankSilent):
+                    # Alive but stuck: it would hold its expert-parallel peers in their
+                    # collectives until those time out, and never come back by itself. Ray
+                    # starts it afresh (and its peers, whose collectives then fail at once).
+                    logger.error("engine rank %d is stuck; killing it to be restarted", index)
+                    with contextlib.suppress(Exception):
+                        ray.kill(handle, no_restart=False)
                 ranks.errors[index] = message
                 assert self._ready is not None
                 self._ready.set()  # wake waiters: readiness is now decided (failed)

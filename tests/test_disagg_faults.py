@@ -323,3 +323,57 @@ def test_expert_parallel_pool_recovers_from_a_dead_rank(launch_tiny):
         _wait_all_pages_free(server.url)
     finally:
         server.stop()
+
+
+def test_expert_parallel_pool_re_forms_after_its_rendezvous_and_a_rank_die(
+    launch_tiny, tiny_model_dir
+):
+    """The pool's meeting point (a Ray actor) dies and Ray restarts it empty; then a rank dies
+    while a dead rank 0 holds the new round's address (it joined and died: its store is not
+    there). The ranks that meet it give up after the formation timeout, exit and are
+    restarted, and the pool forms again and serves the same greedy tokens."""
+    import dataclasses
+    import socket
+
+    import ray
+
+    from tests.conftest import tiny_serve_config
+
+    engine = dataclasses.replace(
+        tiny_serve_config(tiny_model_dir).engine, pool_formation_timeout_s=5.0
+    )
+    server = launch_tiny(colocated=True, num_ranks=2, engine=engine)
+    try:
+        prompt = list(range(5, 45))
+        before = _generate(server.url, prompt, 8)
+        assert before.status_code == 200, before.text
+        (rendezvous,) = [h for h in server.helpers if "Rendezvous" in repr(h)]
+        ray.kill(rendezvous, no_restart=False)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = ("127.0.0.1", s.getsockname()[1])
+        deadline = time.monotonic() + 60
+        while True:  # the restarted meeting point takes joins again
+            try:
+                ghost = rendezvous.join.remote(0, dead)
+                ray.get(ghost, timeout=0.5)
+            except ray.exceptions.GetTimeoutError:
+                break  # waiting in a new round, as a rank 0 that died after joining would
+            except ray.exceptions.RayActorError:
+                assert time.monotonic() < deadline, "the rendezvous was not restarted"
+                time.sleep(0.2)
+        pids = [r["info"]["pid"] for r in httpx.get(f"{server.url}/v1/stats").json()["ranks"]]
+        ray.kill(server.ranks[1], no_restart=False)
+        deadline = time.monotonic() + 120
+        while _health(server.url) == 200:  # the router saw the rank go
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        _wait_healthy(server.url, timeout_s=120)
+        ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
+        assert all(r["info"]["pid"] not in pids for r in ranks), (pids, ranks)
+        after = _generate(server.url, prompt, 8)
+        assert after.status_code == 200, after.text
+        assert after.json()["output_ids"] == before.json()["output_ids"]
+        _wait_all_pages_free(server.url)
+    finally:
+        server.stop()

@@ -64,3 +64,43 @@ def test_an_idle_rank_joins_less_often_the_longer_its_pool_is_idle() -> None:
     assert group_poll_s(GROUP_IDLE_AFTER_S) == idle
     assert group_poll_s(GROUP_ASLEEP_AFTER_S - 0.01) == idle
     assert group_poll_s(GROUP_ASLEEP_AFTER_S) == group_poll_s(3600) == asleep
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_cannot_meet_its_pool_says_so_within_the_formation_timeout(ray_session):
+    """A round that never completes (the other rank died before joining), and a round whose
+    rank 0 died after joining (its store is not there): the rank gives up with
+    `PoolFormationError` after `pool_formation_timeout_s` instead of waiting forever; the
+    worker then exits to be restarted. A rank joining again in an open round replaces its
+    earlier join."""
+    import socket
+    import time
+
+    import ray
+    import torch
+
+    from workers.engine.config import EngineConfig
+    from workers.engine.rank_setup import PoolFormationError, join_pool
+    from workers.ep.group import PoolMember, Rendezvous
+
+    config = EngineConfig(device="cpu", pool_formation_timeout_s=2.0)
+    cpu = torch.device("cpu")
+    alone = ray.remote(Rendezvous).options(num_cpus=0).remote(2)
+    started = time.monotonic()
+    with pytest.raises(PoolFormationError, match="rank 1 of 2 could not form"):
+        join_pool("unused", config, "colocated", PoolMember(1, 2, alone), cpu)
+    assert time.monotonic() - started < 30
+    with socket.socket() as s:  # a port nobody listens on: rank 0's store, gone with it
+        s.bind(("127.0.0.1", 0))
+        dead = ("127.0.0.1", s.getsockname()[1])
+    # `alone` still has rank 1's join open: rank 0 (dead) completes that round; a new round
+    # starts with the next join, which a dead rank 0 joined first and then once more.
+    assert ray.get(alone.join.remote(0, dead)) == dead
+    orphan = alone.join.remote(0, ("127.0.0.1", 1))  # a rank 0 that died while it waited
+    replaced = alone.join.remote(0, dead)  # its restart joins the same, still open round
+    started = time.monotonic()
+    with pytest.raises(PoolFormationError, match="could not form"):
+        join_pool("unused", config, "colocated", PoolMember(1, 2, alone), cpu)
+    assert time.monotonic() - started < 60
+    assert ray.get([orphan, replaced]) == [dead, dead]  # the round's address is the last join's
+    ray.kill(alone)

@@ -28,6 +28,11 @@ class EngineConfig:
     deepep_mode: str = "auto"  # auto (prefill pool: normal, decode pool: low_latency) | ...
     low_latency_capacity: int = 128  # low-latency mode: rows per expert slot per source rank
     enable_two_batch_overlap: bool = False
+    # How long a rank waits for its pool's other ranks to meet (and to reach rank 0's store)
+    # before it gives up and is restarted. A pool forms before the ranks load their models, so
+    # they meet within seconds; a longer wait means a rank died while meeting (see
+    # `workers.ep.group.Rendezvous`).
+    pool_formation_timeout_s: float = 60.0
     grouped_gemm_backend: str = "auto"  # auto | torch | deep_gemm (FP8, Hopper, EP pools)
     record_expert_load: bool = True  # count routed tokens per (layer, expert) for EPLB
     # An FP8 checkpoint's routed experts stay FP8 on GPUs with FP8 support (sm89+, Triton,
@@ -88,6 +93,10 @@ class EngineConfig:
             raise ValueError(
                 f"cuda_graph_max_batch must be >= 0 (0 turns graphs off), "
                 f"got {self.cuda_graph_max_batch}"
+            )
+        if self.pool_formation_timeout_s <= 0:
+            raise ValueError(
+                f"pool_formation_timeout_s must be > 0, got {self.pool_formation_timeout_s}"
             )
         if self.low_latency_capacity < 1:
             raise ValueError(f"low_latency_capacity must be >= 1, got {self.low_latency_capacity}")

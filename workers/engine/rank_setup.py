@@ -49,6 +49,11 @@ def normal_priority() -> None:
                 os.setpriority(os.PRIO_PROCESS, int(task), 0)
 
 
+class PoolFormationError(RuntimeError):
+    """The pool's ranks did not all meet (one died while meeting): worth a restart, unlike
+    an error of the model or of the configuration."""
+
+
 class PoolJoin(NamedTuple):
     group: PoolGroup  # the pool's process groups (this process's, set once)
     ep: EPContext  # for the rank's engine
@@ -67,8 +72,18 @@ def join_pool(
     `initial_phy2log` (`[layers, slots]`) if given, else the default one."""
     host = ray.util.get_node_ip_address()
     address = (host, free_port()) if pool.rank == 0 else None
-    master_addr, master_port = ray.get(pool.rendezvous.join.remote(pool.rank, address))
-    group = init_pool_group(pool.rank, pool.world_size, master_addr, master_port, device)
+    try:
+        join = pool.rendezvous.join.remote(pool.rank, address)
+        master_addr, master_port = ray.get(join, timeout=config.pool_formation_timeout_s)
+        group = init_pool_group(
+            pool.rank, pool.world_size, master_addr, master_port, device,
+            store_timeout_s=config.pool_formation_timeout_s,
+        )  # fmt: skip
+    except Exception as e:
+        raise PoolFormationError(
+            f"rank {pool.rank} of {pool.world_size} could not form its expert-parallel pool: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     model_config = ModelConfig.from_dir(model_dir)
     placement = None
     if initial_phy2log is not None:

@@ -59,6 +59,7 @@ from workers.engine.messages import (
 from workers.engine.rank_eplb import RankEplb
 from workers.engine.rank_operations import RankOperations
 from workers.engine.rank_setup import (
+    PoolFormationError,
     group_poll_s,
     join_pool,
     open_handoff,
@@ -98,7 +99,13 @@ class EngineWorker(RankOperations):
         ep = None
         if pool is not None and pool.world_size > 1:
             device = resolve_device(config.device)
-            self.group, ep = join_pool(model_dir, config, role, pool, device, initial_phy2log)
+            try:
+                self.group, ep = join_pool(model_dir, config, role, pool, device, initial_phy2log)
+            except PoolFormationError as e:
+                # An actor whose constructor raises is not restarted: exit instead, and Ray
+                # starts this rank again to meet its pool in the next round.
+                logger.error("engine rank exits to be restarted: %s", e)
+                os._exit(1)
         if role == "prefill":  # never runs a decode batch: no graphs to capture
             config = dataclasses.replace(config, cuda_graph_max_batch=0)
         self.engine = Engine(model_dir, config, ep=ep)

@@ -91,8 +91,10 @@ def init_pool_group(
     master_port: int,
     device: torch.device,
     timeout_s: float = 120.0,
+    store_timeout_s: float | None = None,
 ) -> PoolGroup:
-    """Join this process to its pool instance's group (once per process)."""
+    """Join this process to its pool instance's group (once per process). `timeout_s`: of
+    the collectives; `store_timeout_s` (default the same): of meeting at rank 0's store."""
     global _group
     if _group is not None:
         raise RuntimeError("the pool group is already initialized in this process")
@@ -103,7 +105,7 @@ def init_pool_group(
         master_port,
         world_size,
         is_master=rank == 0,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timedelta(seconds=store_timeout_s or timeout_s),
     )
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
@@ -127,7 +129,12 @@ class Rendezvous:
 
     Rounds: a round ends when all `world_size` ranks have joined; the next join opens a new
     one. When a rank dies, the pool's other ranks leave too (their collectives fail), Ray
-    restarts them all, and they meet again in the next round with rank 0's new address."""
+    restarts them all, and they meet again in the next round with rank 0's new address. A
+    rank that joins again in an open round (it died and was restarted while the round waited)
+    replaces its earlier join. One that dies after its round ended leaves its peers unable to
+    reach it: they give up after `EngineConfig.pool_formation_timeout_s` and are
+    restarted too, and the next round forms the pool. The actor itself is restarted by Ray
+    when it dies; the ranks waiting in it then fail their join and are restarted alike."""
 
     def __init__(self, world_size: int):
         self.world_size = world_size
