@@ -198,31 +198,7 @@ class EPLBService:
         current = self.pools[name].phy2log
         assert current is not None
         layers, slots = current.shape
-        num_logical = int(current.max()) + 1
-        if not (
-            isinstance(given, list)
-            and len(given) == layers
-            and all(isinstance(row, list) and len(row) == slots for row in given)
-        ):
-            raise ValueError(
-                f"placements: pool {name!r} needs {layers} layers of {slots} expert ids "
-                "(a list of lists)"
-            )
-        for row in given:
-            for value in row:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"placements: pool {name!r}: {value!r} is not an expert id")
-                if not 0 <= value < num_logical:
-                    raise ValueError(
-                        f"placements: pool {name!r}: expert {value} is not in [0, {num_logical})"
-                    )
-        for layer, row in enumerate(given):
-            if len(set(row)) < num_logical:
-                missing = sorted(set(range(num_logical)) - set(row))[:5]
-                raise ValueError(
-                    f"placements: pool {name!r}, layer {layer}: no slot for experts {missing}"
-                )
-        return torch.tensor(given, dtype=torch.int64)
+        return checked_phy2log(name, given, layers, slots, int(current.max()) + 1)
 
     async def _rebalance_pool(
         self, s: _PoolState, only_if_unbalanced: bool, given: torch.Tensor | None
@@ -324,3 +300,34 @@ class EPLBService:
 
 def _or_nan(value: float | None) -> float:
     return math.nan if value is None else value
+
+
+def checked_phy2log(
+    name: str, given: Any, layers: int, slots: int, num_logical: int
+) -> torch.Tensor:
+    """A saved `phy2log` of pool `name` as a tensor; ValueError (starting "placements")
+    unless it is `layers` rows of `slots` whole numbers naming all `num_logical` experts."""
+    if not (
+        isinstance(given, list)
+        and len(given) == layers
+        and all(isinstance(row, list) and len(row) == slots for row in given)
+    ):
+        raise ValueError(
+            f"placements: pool {name!r} needs {layers} layers of {slots} expert ids "
+            "(a list of lists)"
+        )
+    for row in given:
+        for value in row:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"placements: pool {name!r}: {value!r} is not an expert id")
+            if not 0 <= value < num_logical:
+                raise ValueError(
+                    f"placements: pool {name!r}: expert {value} is not in [0, {num_logical})"
+                )
+    for layer, row in enumerate(given):
+        if len(set(row)) < num_logical:
+            missing = sorted(set(range(num_logical)) - set(row))[:5]
+            raise ValueError(
+                f"placements: pool {name!r}, layer {layer}: no slot for experts {missing}"
+            )
+    return torch.tensor(given, dtype=torch.int64)

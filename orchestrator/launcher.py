@@ -184,6 +184,25 @@ def start_ranks(model_dir: Path, config: ServeConfig) -> StartedRanks:
     return StartedRanks(ranks, placements, meeting_points)
 
 
+class RankStartError(RuntimeError):
+    """A rank raised while it started (loading the model, joining its pool)."""
+
+
+def start_error(e: BaseException) -> str:
+    """What went wrong in a rank that failed to start, without the Ray traceback around it:
+    the last `SomeError: message` line of the remote traceback, else the first line."""
+    text = str(e).strip()
+    for line in reversed(text.splitlines()):
+        name, sep, message = line.partition(": ")
+        name = name.rpartition(".")[2]  # safetensors_rust.SafetensorError: ...
+        if sep and name.isidentifier() and name[:1].isupper() and name.endswith(_ERROR_ENDINGS):
+            return f"{name}: {message}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_ERROR_ENDINGS = ("Error", "Exception", "Exit", "Interrupt")
+
+
 def wait_ranks_ready(
     ranks: list[Any], timeout_s: float, progress: Callable[[float], None] | None = None
 ) -> None:
@@ -193,11 +212,15 @@ def wait_ranks_ready(
     start = time.monotonic()
     while True:
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=5.0)
-        if not pending:
-            ray.get(ready)  # raises if a rank failed to load
-            return
         for ref in ready:
-            ray.get(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise RankStartError(
+                    f"engine rank {refs.index(ref)} failed to start: {start_error(e)}"
+                ) from e
+        if not pending:
+            return
         elapsed = time.monotonic() - start
         if elapsed > timeout_s:
             raise TimeoutError(f"{len(pending)} rank(s) not ready after {timeout_s:.0f} s")

@@ -58,6 +58,17 @@ def _compile_template(source: str) -> tuple[jinja2.Template, bool]:
     return env.from_string(source), "tools" in reads
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; ValueError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -98,24 +109,33 @@ class Tokenizer:
             raise FileNotFoundError(f"{path} not found: the model dir needs a fast tokenizer file")
         cfg: dict[str, Any] = {}
         if (model_dir / "tokenizer_config.json").is_file():
-            cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+            cfg = _json_object(model_dir / "tokenizer_config.json")
         template = cfg.get("chat_template")
+        where = model_dir / "tokenizer_config.json"
         if isinstance(template, list):  # named templates: use the default one
-            named = {t.get("name"): t.get("template") for t in template}
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
         if template is None and (model_dir / "chat_template.jinja").is_file():
-            template = (model_dir / "chat_template.jinja").read_text()
+            where = model_dir / "chat_template.jinja"
+            template = where.read_text()
         if template is None and (model_dir / "chat_template.json").is_file():
-            template = json.loads((model_dir / "chat_template.json").read_text()).get(
-                "chat_template"
+            where = model_dir / "chat_template.json"
+            template = _json_object(where).get("chat_template")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises its own untyped errors
+            raise ValueError(f"{path}: not a tokenizer file ({e})") from None
+        try:
+            return cls(
+                tok,
+                bos_token=_token_content(cfg.get("bos_token")),
+                eos_token=_token_content(cfg.get("eos_token")),
+                add_bos_token=bool(cfg.get("add_bos_token", False)),
+                chat_template=template if isinstance(template, str) else None,
             )
-        return cls(
-            tokenizers.Tokenizer.from_file(str(path)),
-            bos_token=_token_content(cfg.get("bos_token")),
-            eos_token=_token_content(cfg.get("eos_token")),
-            add_bos_token=bool(cfg.get("add_bos_token", False)),
-            chat_template=template if isinstance(template, str) else None,
-        )
+        except jinja2.TemplateError as e:
+            line = f", line {e.lineno}" if isinstance(e, jinja2.TemplateSyntaxError) else ""
+            raise ValueError(f"{where}: the chat template does not compile{line}: {e}") from None
 
     @property
     def vocab_size(self) -> int:

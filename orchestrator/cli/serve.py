@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -301,10 +302,46 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def join_ray(config: Any, num_cpus: int | None) -> Any:
+    """`ray.init`: a Ray of its own, or the cluster `--address` names. ConnectionError (or
+    ValueError) naming the address when there is none to join, rather than Ray's retries."""
+    import ray
+
+    address = config.ray_address
+    if address and address != "auto" and "://" not in address:
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+                pass
+        except ValueError:
+            raise ValueError(
+                f"--address {address}: expected HOST:PORT, 'auto' or ray://..."
+            ) from None
+        except OSError as e:
+            raise ConnectionError(
+                f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start "
+                "one with `ray start --head` (or `ray up`), or leave --address out"
+            ) from None
+    try:
+        return ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise ConnectionError(
+            f"--address {address}: {e} (start one with `ray start --head` or `ray up`, or "
+            "leave --address out to start a Ray of this process's own)"
+        ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
-    from orchestrator.launcher import launch, local_ray_cpus, resolve_model_dir, starts_local_ray
+    from orchestrator.launcher import (
+        RankStartError,
+        launch,
+        local_ray_cpus,
+        resolve_model_dir,
+        starts_local_ray,
+    )
+    from orchestrator.preflight import preflight
 
     try:
         config = serve_config(args)
@@ -314,12 +351,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     say(f"topology: {config.topology}")
     if config.checkpoint is not None and config.checkpoint.is_hub_repo:
         say(f"model: {config.model} from the Hugging Face Hub (or its cache)")
+    local = starts_local_ray(config)
     try:
         model_dir = resolve_model_dir(config)
-    except ValueError as e:
+        warnings = preflight(config, model_dir, local)
+    except (ValueError, OSError) as e:
         say(f"error: {e}")
         return 2
     say(f"model: {model_dir}")
+    for line in warnings:
+        say(f"warning: {line}")
     mutual_tls = config.tls is not None and config.tls.client_cas is not None
     if config.api_key is None and not mutual_tls and not _is_loopback(config.host):
         say(f"warning: listening on {config.host} without --api-key: anyone who reaches the "
@@ -331,25 +372,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say("warning: RAY_AUTH_MODE=disabled: anyone who reaches the Ray ports controls the "
                "cluster; keep Ray's token authentication on outside a test box")  # fmt: skip
     num_cpus = None
-    if starts_local_ray(config):
+    if local:
         cores = os.cpu_count() or 1
         num_cpus = local_ray_cpus(config, cores)
         if num_cpus is not None:
             say(f"warning: the ranks take {num_cpus} CPUs and this machine has {cores} cores: "
                    f"the local Ray declares {num_cpus}, so ranks share cores (fine for trying the "
                    "topology out; measure with a core per rank)")  # fmt: skip
-    ctx = ray.init(address=config.ray_address, num_cpus=num_cpus, logging_level=logging.WARNING)
-    dashboard = getattr(ctx, "dashboard_url", None)
-    where = f"joined Ray cluster at {config.ray_address}" if config.ray_address else "local Ray"
-    say(f"{where}" + (f", dashboard http://{dashboard}" if dashboard else ""))
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)  # while loading, SIGTERM interrupts like Ctrl-C
+    signal.signal(signal.SIGTERM, interrupt)  # while starting, SIGTERM interrupts like Ctrl-C
+    try:
+        ctx = join_ray(config, num_cpus)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except (ValueError, ConnectionError) as e:
+        say(f"error: {e}")
+        return 2
+    dashboard = getattr(ctx, "dashboard_url", None)
+    where = f"joined Ray cluster at {config.ray_address}" if config.ray_address else "local Ray"
+    say(f"{where}" + (f", dashboard http://{dashboard}" if dashboard else ""))
     stop = threading.Event()
     server = None
     try:
+        if config.engine.device == "cuda" and not ray.cluster_resources().get("GPU"):
+            say("error: --device cuda: the Ray cluster has no GPUs")
+            return 2
         say(f"loading {config.model_name(model_dir)} ...")
         server = launch(
             config,
@@ -382,6 +433,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    except RankStartError as e:
+        say(f"error: {e}")
+        say("(the rank's whole log: /tmp/ray/session_latest/logs/worker-*.err on its node)")
+        return 1
     except Exception as e:
         say(f"error: {type(e).__name__}: {e}")
         return 1
