@@ -179,6 +179,13 @@ class RankTable:
                 self._affinity.popitem(last=False)
         return pick
 
+    def with_pool_peers(self, ranks: frozenset[int]) -> frozenset[int]:
+        """`ranks` and the other ranks of their pool instances."""
+        pools = {(i.role, i.instance) for r in ranks if (i := self.infos[r]) is not None}
+        return ranks | {
+            r for r, i in enumerate(self.infos) if i is not None and (i.role, i.instance) in pools
+        }
+
     def can_pick(self, avoid: frozenset[int]) -> bool:
         return pick_ranks(self.loads(), avoid) is not None
 

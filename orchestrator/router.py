@@ -245,7 +245,12 @@ class Router:
                             yield out
                             continue
                         # Another prefill rank; a dead decode rank is skipped anyway (not live).
-                        candidate = frozenset(r for r in used[0][1:] if r is not None)
+                        # Better one of another pool: when a rank of an expert-parallel pool
+                        # fails, its peers leave the pool too.
+                        failed = frozenset(r for r in used[0][1:] if r is not None)
+                        candidate = self.ranks.with_pool_peers(failed)
+                        if not self.ranks.can_pick(candidate):
+                            candidate = failed
                         if not self.ranks.can_pick(candidate):
                             yield out  # no other pair: the error stands
                             return
@@ -272,11 +277,14 @@ class Router:
                 self.num_queued -= 1
 
     def check_admission(self) -> None:
-        """RouterNotReady while draining, `Overloaded` while `max_queued_requests` wait for
-        their first token. `generate` checks it; front ends call it first as well, so that a
-        stream is refused with a status rather than an error event."""
+        """RouterNotReady while draining or while no rank (pair) can take a request (a pool is
+        down), `Overloaded` while `max_queued_requests` wait for their first token. `generate`
+        checks it; front ends call it first as well, so that a stream is refused with a
+        status rather than an error event."""
         if self.draining:
             raise RouterNotReady("the server is shutting down (draining the requests in flight)")
+        if not self.ranks.can_pick(frozenset()):
+            raise RouterNotReady(self.ranks.dead_message())
         cap = self.max_queued_requests
         if cap is not None and self.num_queued >= cap:
             self.num_shed += 1

@@ -377,3 +377,31 @@ def test_expert_parallel_pool_re_forms_after_its_rendezvous_and_a_rank_die(
         _wait_all_pages_free(server.url)
     finally:
         server.stop()
+
+
+def test_with_no_rank_to_take_it_a_stream_is_refused_with_503(launch_tiny):
+    """A pool that is down (here: its rank killed for good) refuses streamed requests with a
+    503 status, as whole ones, not with a 200 whose stream carries the error: load balancers
+    and clients retry on the status."""
+    import ray
+
+    server = launch_tiny(colocated=True)
+    try:
+        ray.kill(server.ranks[0], no_restart=True)
+        deadline = time.monotonic() + 60
+        while _health(server.url) == 200:
+            assert time.monotonic() < deadline, "the router did not see the rank go"
+            time.sleep(0.1)
+        generate = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2}}
+        completion = {"prompt": [5, 6, 7], "max_tokens": 2}
+        for route, body in [
+            ("/generate", generate),
+            ("/generate", {**generate, "stream": True}),
+            ("/v1/completions", completion),
+            ("/v1/completions", {**completion, "stream": True}),
+        ]:
+            r = httpx.post(f"{server.url}{route}", json=body, timeout=30)
+            assert r.status_code == 503, (route, body, r.text)
+            assert "engine rank 0" in r.json()["error"]["message"], r.text
+    finally:
+        server.stop()

@@ -408,3 +408,25 @@ def test_a_client_gone_while_the_adds_are_in_flight_still_aborts_both_sides():
         assert sorted((rank, rid.split("#")[0]) for rank, rid in aborted) == [(0, "r1"), (1, "r1")]
 
     asyncio.run(run())
+
+
+def test_a_retry_avoids_the_failed_ranks_whole_expert_parallel_pool():
+    """When a prefill rank of a two-rank pool fails a request, its peer is about to leave the
+    pool too: the retry goes to another pool instance when there is one (and to the peer
+    only when there is not)."""
+    import dataclasses
+
+    from orchestrator.ranks import RankTable
+
+    ranks = RankTable([object()] * 5)
+    ranks.infos = [
+        dataclasses.replace(_info("prefill"), instance=0, pool_rank=0, pool_size=2),
+        dataclasses.replace(_info("prefill"), instance=0, pool_rank=1, pool_size=2),
+        dataclasses.replace(_info("prefill"), instance=1),
+        _info("decode"),
+        None,  # not ready yet
+    ]
+    assert ranks.with_pool_peers(frozenset({0})) == {0, 1}
+    assert ranks.with_pool_peers(frozenset({2})) == {2}
+    assert ranks.with_pool_peers(frozenset()) == frozenset()
+    assert ranks.pick(avoid=ranks.with_pool_peers(frozenset({1}))).prefill_rank == 2
