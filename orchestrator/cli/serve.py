@@ -322,8 +322,15 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
                 f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start "
                 "one with `ray start --head` (or `ray up`), or leave --address out"
             ) from None
+    # A Ray of this process's own dies with it: when a signal to the whole process group
+    # (systemd, `timeout`, Ctrl-C in some shells) ends its GCS too, waiting a minute for the
+    # GCS to come back (Ray's default) only delays the exit.
+    system = {"gcs_rpc_server_reconnect_timeout_s": 5} if address is None else None
     try:
-        return ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING)
+        return ray.init(
+            address=address, num_cpus=num_cpus, logging_level=logging.WARNING,
+            _system_config=system,
+        )  # fmt: skip
     except ConnectionError as e:
         raise ConnectionError(
             f"--address {address}: {e} (start one with `ray start --head` or `ray up`, or "
