@@ -28,6 +28,7 @@ import aiohttp
 
 from orchestrator.auth import client_tls
 from orchestrator.bench_openai import one_openai, prompt_texts
+from orchestrator.cli.common import answer_error, cannot_reach
 
 APIS = ("generate", "completions", "chat")
 
@@ -163,16 +164,39 @@ def make_prompts(
 
 
 async def server_vocab_size(session: aiohttp.ClientSession, url: str) -> int:
+    """The smallest vocabulary of the server's ready ranks (`GET /v1/stats`); a RuntimeError
+    whose message is one line for any answer that is not pdserve's."""
     async with session.get(f"{url}/v1/stats") as resp:
-        if resp.status != 200:
-            raise RuntimeError(
-                f"{url}/v1/stats answered {resp.status}: {(await resp.text())[:300]}"
-            )
-        body = await resp.json()
-    infos = [r["info"] for r in body["ranks"] if r.get("info")]
-    if not infos:
+        body = await resp.read()
+        vocab_sizes = _vocab_sizes(body) if resp.status == 200 else None
+        if vocab_sizes is None:
+            raise RuntimeError(refused(url, resp, body))
+    if not vocab_sizes:
         raise RuntimeError(f"{url} has no ready rank")
-    return min(int(i["vocab_size"]) for i in infos)
+    return min(vocab_sizes)
+
+
+def _vocab_sizes(stats: bytes) -> list[int] | None:
+    """The vocabulary sizes of the ready ranks in a `/v1/stats` body; None for a body that is
+    not pdserve's."""
+    try:
+        return [int(r["info"]["vocab_size"]) for r in json.loads(stats)["ranks"] if r.get("info")]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def refused(url: str, resp: aiohttp.ClientResponse, body: bytes) -> str:
+    """One line for an answer that is not the one wanted (an HTML page is not quoted)."""
+    status = f"{resp.status} {resp.reason or ''}".rstrip()
+    return answer_error(url, status, resp.headers.get("Content-Type", ""), body)
+
+
+def request_error(url: str, error: Exception) -> str:
+    """One line for a request that failed on the way: a server that cannot be reached named by
+    its URL (not by aiohttp's connection key, "ssl:default")."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return cannot_reach(url, error)
+    return f"{type(error).__name__}: {error}"
 
 
 async def _one(
@@ -195,8 +219,7 @@ async def _one(
     try:
         async with session.post(f"{cfg.url}/generate", json=payload) as resp:
             if resp.status != 200:
-                body = (await resp.read()).decode(errors="replace")
-                return RequestResult(False, error=f"HTTP {resp.status}: {body[:200]}")
+                return RequestResult(False, error=refused(cfg.url, resp, await resp.read()))
             # The client must spend little CPU beside the server it measures: it reads what
             # arrived in chunks (not line by line), notes when the first event came, and keeps
             # only the stream's tail, whose last event before [DONE] has the totals.
@@ -209,7 +232,7 @@ async def _one(
             return RequestResult(False, error=str(event["error"].get("message")))
         num_tokens = int(event["meta_info"]["completion_tokens"])
     except (aiohttp.ClientError, ValueError, KeyError) as e:
-        return RequestResult(False, error=f"{type(e).__name__}: {e}")
+        return RequestResult(False, error=request_error(cfg.url, e))
     return RequestResult(True, num_tokens, ttft, time.perf_counter() - start)
 
 
@@ -240,11 +263,10 @@ async def _one_whole(
         async with session.post(f"{cfg.url}/generate", json=payload) as resp:
             body = await resp.read()
             if resp.status != 200:
-                text = body.decode(errors="replace")
-                return RequestResult(False, error=f"HTTP {resp.status}: {text[:200]}")
+                return RequestResult(False, error=refused(cfg.url, resp, body))
         num_tokens = int(json.loads(body)["meta_info"]["completion_tokens"])
     except (aiohttp.ClientError, ValueError, KeyError) as e:
-        return RequestResult(False, error=f"{type(e).__name__}: {e}")
+        return RequestResult(False, error=request_error(cfg.url, e))
     return RequestResult(True, num_tokens, None, time.perf_counter() - start)
 
 

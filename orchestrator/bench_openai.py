@@ -19,11 +19,19 @@ async def prompt_texts(
     session: aiohttp.ClientSession, url: str, prompts: list[list[int]]
 ) -> list[str]:
     """Each prompt's text (`/detokenize`), for chat messages; asked before the clock starts."""
+    from orchestrator.bench import refused
+
     texts = []
     for ids in prompts:
         async with session.post(f"{url}/detokenize", json={"tokens": ids}) as resp:
-            resp.raise_for_status()
-            texts.append(str((await resp.json())["prompt"]))
+            body = await resp.read()
+            try:
+                text = json.loads(body)["prompt"] if resp.status == 200 else None
+            except (ValueError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                raise RuntimeError(refused(url, resp, body))
+            texts.append(text)
     return texts
 
 
@@ -52,7 +60,7 @@ async def one_openai(
     index: int,
     text: str | None,
 ) -> RequestResult:
-    from orchestrator.bench import RequestResult
+    from orchestrator.bench import RequestResult, refused, request_error
 
     route = "/v1/chat/completions" if cfg.api == "chat" else "/v1/completions"
     body = openai_body(cfg, input_ids, index, text)
@@ -62,8 +70,7 @@ async def one_openai(
     try:
         async with session.post(f"{cfg.url}{route}", json=body) as resp:
             if resp.status != 200:
-                error = (await resp.read()).decode(errors="replace")
-                return RequestResult(False, error=f"HTTP {resp.status}: {error[:200]}")
+                return RequestResult(False, error=refused(cfg.url, resp, await resp.read()))
             if not cfg.stream:
                 usage = (await resp.json())["usage"]
             else:
@@ -79,7 +86,7 @@ async def one_openai(
         num_tokens = int(usage["completion_tokens"])
         num_prompt = int(usage["prompt_tokens"])
     except (aiohttp.ClientError, ValueError, KeyError) as e:
-        return RequestResult(False, error=f"{type(e).__name__}: {e}")
+        return RequestResult(False, error=request_error(cfg.url, e))
     e2e = time.perf_counter() - start
     if cfg.stream and ttft is None:
         return RequestResult(False, error="the stream carried no output")

@@ -14,11 +14,15 @@ import httpx
 
 from orchestrator.cli.common import (
     add_connection_args,
+    answer_error,
     auth_headers,
+    cannot_reach,
+    grpc_address_problem,
     grpc_channel,
     grpc_error,
+    quiet_grpc,
     tls_context,
-    tls_hint,
+    url_problem,
 )
 
 # ---- generate -----------------------------------------------------------------------------------
@@ -43,6 +47,7 @@ def _sse_events(resp: httpx.Response) -> Any:
 
 
 def cmd_generate_grpc(args: argparse.Namespace) -> int:
+    quiet_grpc()
     import grpc
 
     from proto import pdserve_pb2 as pb
@@ -51,6 +56,10 @@ def cmd_generate_grpc(args: argparse.Namespace) -> int:
     if args.chat:
         print("error: --chat is an HTTP (OpenAI API) feature; drop --grpc", file=sys.stderr)
         return 2
+    problem = grpc_address_problem(args.grpc)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     request = pb.GenerateRequest(
         text=args.prompt,
         sampling=pb.SamplingParams(
@@ -58,6 +67,7 @@ def cmd_generate_grpc(args: argparse.Namespace) -> int:
         ),
     )
     start = time.perf_counter()
+    final, shown = None, False
     try:
         with grpc_channel(args, args.grpc) as channel:
             stub = pb_grpc.GenerationStub(channel)
@@ -65,10 +75,15 @@ def cmd_generate_grpc(args: argparse.Namespace) -> int:
             for resp in stub.Generate(request, timeout=600, metadata=metadata):
                 if resp.HasField("chunk"):
                     print(resp.chunk.text, end="", flush=True)
+                    shown = True
                 else:
                     final = resp.final
     except grpc.RpcError as e:
-        print("\n" + grpc_error(args, e), file=sys.stderr)
+        print("\n" * shown + grpc_error(args, e), file=sys.stderr)
+        return 1
+    if final is None:
+        print("\n" * shown + f"error: {args.grpc} ended the stream without its final message",
+              file=sys.stderr)  # fmt: skip
         return 1
     elapsed = time.perf_counter() - start
     print()
@@ -80,6 +95,10 @@ def cmd_generate_grpc(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.grpc:
         return cmd_generate_grpc(args)
+    problem = url_problem(args.url)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     url = args.url.rstrip("/")
     if args.chat:
         route = "/v1/chat/completions"
@@ -100,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "stream": True,
         }  # fmt: skip
     start = time.perf_counter()
-    shown, finish, tokens = "", None, 0
+    shown, finish, tokens, streaming = "", None, 0, False
     try:
         with httpx.stream(
             "POST",
@@ -110,10 +129,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             timeout=600,
             verify=tls_context(args),
         ) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                print(f"HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
+            content_type = resp.headers.get("content-type", "")
+            if resp.status_code != 200 or not content_type.startswith("text/event-stream"):
+                # "HTTP 401": what this command has always said (tests/test_access.py)
+                status = f"HTTP {resp.status_code} {resp.reason_phrase}"
+                print(f"error: {answer_error(url, status, content_type, resp.read())}",
+                      file=sys.stderr)  # fmt: skip
                 return 1
+            streaming = True
             for event in _sse_events(resp):
                 if "error" in event:
                     print(f"\nerror: {event['error'].get('message')}", file=sys.stderr)
@@ -133,7 +156,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     tokens = meta["completion_tokens"]
                     finish = (meta.get("finish_reason") or {}).get("type") or finish
     except httpx.HTTPError as e:
-        print(f"error: cannot reach {url}: {e}{tls_hint(url, e)}", file=sys.stderr)
+        if streaming:
+            print(f"\nerror: {url} broke off the stream: {e}", file=sys.stderr)
+        else:
+            print(f"error: {cannot_reach(url, e)}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"\nerror: {url} sent an event that is not pdserve's ({type(e).__name__}: {e})",
+              file=sys.stderr)  # fmt: skip
         return 1
     elapsed = time.perf_counter() - start
     print()
@@ -186,6 +216,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from orchestrator.bench import BenchConfig, run_bench
 
+    problem = url_problem(args.url)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    url = args.url.rstrip("/")
     constraint = None
     if args.regex:
         constraint = ("regex", args.regex)
@@ -200,7 +235,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         constraint = ("json_schema", schema)
     try:
         cfg = BenchConfig(
-            url=args.url.rstrip("/"),
+            url=url,
             num_prompts=args.num_prompts,
             input_len=args.input_len,
             output_len=args.output_len,
@@ -218,8 +253,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             client_key=args.client_key,
         )
         result = asyncio.run(run_bench(cfg))
-    except (ValueError, RuntimeError, OSError, httpx.HTTPError, aiohttp.ClientError) as e:
-        print(f"error: {e}{tls_hint(args.url, e)}", file=sys.stderr)
+    except (aiohttp.ClientConnectionError, TimeoutError) as e:  # OSErrors: caught first
+        print(f"error: {cannot_reach(url, e)}", file=sys.stderr)
+        return 1
+    except aiohttp.ClientError as e:
+        print(f"error: {url}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(result.to_json() if args.json else result.table())
     return 0 if result.num_failed == 0 else 1
@@ -236,20 +277,24 @@ def add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    problem = url_problem(args.url)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    url = args.url.rstrip("/")
     try:
         resp = httpx.get(
-            args.url.rstrip("/") + "/v1/stats", headers=auth_headers(args), timeout=10,
-            verify=tls_context(args),
-        )  # fmt: skip
-        resp.raise_for_status()
-    except httpx.HTTPStatusError as e:
-        print(f"error: {args.url} answered {e.response.status_code}: {e.response.text[:200]}",
-              file=sys.stderr)  # fmt: skip
-        return 1
+            url + "/v1/stats", headers=auth_headers(args), timeout=10, verify=tls_context(args)
+        )
     except httpx.HTTPError as e:
-        print(f"error: cannot reach {args.url}: {e}{tls_hint(args.url, e)}", file=sys.stderr)
+        print(f"error: {cannot_reach(url, e)}", file=sys.stderr)
         return 1
-    data = resp.json()
+    data = _stats(resp)
+    if data is None:
+        status = f"{resp.status_code} {resp.reason_phrase}"
+        content_type = resp.headers.get("content-type", "")
+        print(f"error: {answer_error(url, status, content_type, resp.content)}", file=sys.stderr)
+        return 1
     state = ", draining (shutting down)" if data.get("draining") else ""
     print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight "
           f"({data.get('num_waiting_first_token', 0)} before their first token){state}; "
@@ -290,6 +335,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
     return 0
+
+
+def _stats(resp: httpx.Response) -> dict[str, Any] | None:
+    """The body of a pdserve `/v1/stats` answer; None for any other answer."""
+    if resp.status_code != 200:
+        return None
+    try:
+        data = resp.json()
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not {"model", "num_in_flight", "ranks"} <= data.keys():
+        return None
+    return data
 
 
 def _transfers(t: dict[str, Any]) -> str:

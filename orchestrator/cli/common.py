@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +63,12 @@ def uses_tls(args: argparse.Namespace) -> bool:
     return bool(args.ca_cert or args.client_cert)
 
 
+def quiet_grpc() -> None:
+    """Hold gRPC's own logging to errors (it would log a failed TLS handshake on top of our
+    error line); read when grpc is first imported, so call it before."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 def grpc_channel(args: argparse.Namespace, address: str) -> Any:
     """A gRPC channel to `address`: TLS trusting `--ca-cert` (else the system's CAs) and
     presenting `--client-cert` when either is given, else plain."""
@@ -83,15 +91,114 @@ def grpc_channel(args: argparse.Namespace, address: str) -> Any:
 def tls_hint(url: str, error: BaseException) -> str:
     """A hint to add to `error` when an http:// URL met a server that closed at once (one
     that speaks HTTPS does); "" otherwise."""
-    if url.startswith("http://") and "disconnected" in str(error).lower():
+    said = f"{error} {_cause(error)}".lower()
+    if url.startswith("http://") and ("disconnected" in said or "connection reset" in said):
         return " (if the server has TLS on, use https:// and --ca-cert)"
     return ""
 
 
+# ---- what went wrong, in one line ---------------------------------------------------------------
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` (a `--url`) cannot be a server's address; None when it can."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return f"--url {url} has no scheme: use http://{url} (https:// for a server with TLS)"
+    if scheme not in ("http", "https") or not rest:
+        return f"--url {url}: use http://HOST:PORT (https:// for a server with TLS)"
+    return None
+
+
+def grpc_address_problem(address: str) -> str | None:
+    """Why `address` (a `--grpc`) cannot be a gRPC target; None when it can."""
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme in ("http", "https"):
+        return f"--grpc takes HOST:PORT, not a URL: use --grpc {rest.rstrip('/')}"
+    return None
+
+
+def cannot_reach(url: str, error: BaseException) -> str:
+    """The line for a server that could not be reached: the URL and the cause in a few words
+    ("connection refused"), not the client library's wrapping of it."""
+    return f"cannot reach {url}: {_cause(error)}{tls_hint(url, error)}"
+
+
+def _cause(error: BaseException) -> str:
+    """What a failed connection came down to, found along the chain of causes."""
+    cause: BaseException | None = error
+    for _ in range(8):  # the chain of causes is short; stop on a cycle all the same
+        if cause is None:
+            break
+        inner = getattr(cause, "os_error", None)  # what aiohttp's connector errors wrap
+        if isinstance(inner, BaseException) and inner is not cause:
+            cause = inner
+            continue
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"{cause} (trust its CA with --ca-cert)"
+        if isinstance(cause, ssl.SSLError):
+            return str(cause)
+        if isinstance(cause, ConnectionError) and cause.errno:
+            return os.strerror(cause.errno).lower()  # not asyncio's "Connect call failed (...)"
+        if isinstance(cause, socket.gaierror) and cause.strerror:
+            return cause.strerror.lower()
+        if isinstance(cause, TimeoutError):
+            return "timed out"
+        cause = cause.__cause__ or cause.__context__
+    return str(error) or type(error).__name__
+
+
+def answer_error(url: str, status: str, content_type: str, body: bytes) -> str:
+    """The line for an answer that is not the one wanted: `url` answered `status` ("404 Not
+    Found"), with pdserve's own message when the body is its JSON error, else what kind of body
+    it was (an HTML error page is not printed)."""
+    message = _error_message(body)
+    if message is not None:
+        return f"{url} answered {status}: {message}"
+    kind = content_type.split(";")[0].strip() or "untyped"
+    what = f"{kind} body" if body else "empty body"
+    return f"{url} answered {status} (not a pdserve server? {what})"
+
+
+def _error_message(body: bytes) -> str | None:
+    """The message of a JSON error body: pdserve's `{"error": {"message"}}`, or FastAPI's
+    `{"detail"}` (a route this server does not have); None for any other body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    message = error.get("message") if isinstance(error, dict) else data.get("detail")
+    return " ".join(message.split()) if isinstance(message, str) and message else None
+
+
 def grpc_error(args: argparse.Namespace, error: Any) -> str:
-    """The error line for a failed gRPC call (`grpc.RpcError`), with a hint when a plain
-    channel found the port closing on it (a TLS server does that)."""
-    line = f"error: {error.code().name}: {error.details()}"
-    if error.code().name == "UNAVAILABLE" and not uses_tls(args):
+    """The error line for a failed gRPC call (`grpc.RpcError`) to `args.grpc`: a closed port and
+    a port that speaks HTTP/1 said plainly; else the status, with a hint when a plain channel
+    found the port closing on it (a TLS server does that)."""
+    code, details = error.code().name, " ".join((error.details() or "").split())
+    if code == "UNAVAILABLE" and "Connection refused" in details:
+        return f"error: cannot reach {args.grpc}: connection refused"
+    if code == "UNAVAILABLE" and _http1_reply(details):
+        return (
+            f"error: {args.grpc} does not speak gRPC (an HTTP port? give it as "
+            f"--url http://{args.grpc})"
+        )
+    if code == "UNAVAILABLE" and "WRONG_VERSION_NUMBER" in details:
+        return f"error: {args.grpc} does not speak TLS (drop --ca-cert and --client-cert)"
+    line = f"error: {code}: {details}"
+    if code == "UNAVAILABLE" and not uses_tls(args):
         line += " (if the server has TLS on, add --ca-cert)"
     return line
+
+
+def _http1_reply(details: str) -> bool:
+    """Whether gRPC's error says the server answered in text (HTTP/1) where HTTP/2 frames were
+    due: the "frame type" it read is then a byte of that text ('P' of "HTTP/1.1 400")."""
+    _, found, rest = details.partition(
+        "Expected SETTINGS frame as the first frame, got frame type "
+    )
+    digits = rest[: len(rest) - len(rest.lstrip("0123456789"))]
+    return bool(found and digits) and int(digits) >= 0x20

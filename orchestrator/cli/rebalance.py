@@ -11,7 +11,17 @@ from typing import Any
 
 import httpx
 
-from orchestrator.cli.common import add_connection_args, grpc_channel, grpc_error, tls_context
+from orchestrator.cli.common import (
+    add_connection_args,
+    answer_error,
+    cannot_reach,
+    grpc_address_problem,
+    grpc_channel,
+    grpc_error,
+    quiet_grpc,
+    tls_context,
+    url_problem,
+)
 
 
 def add_rebalance(sub: argparse._SubParsersAction) -> None:
@@ -45,40 +55,77 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         if args.dump or args.apply:
             print("error: --dump and --apply use HTTP; drop --grpc", file=sys.stderr)
             return 2
+        problem = grpc_address_problem(args.grpc)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         return _rebalance_grpc(args)
+    problem = url_problem(args.url)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     url = args.url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.token}"}
+    body: dict[str, Any] = {}
+    if args.pool:
+        body["pools"] = args.pool
     try:
-        verify = tls_context(args)
-        if args.dump:
-            resp = httpx.get(
-                f"{url}/admin/experts", headers=headers, timeout=args.timeout, verify=verify
-            )
-            if resp.status_code != 200:
-                return _admin_error(resp)
-            pools = {name: p["phy2log"] for name, p in resp.json()["pools"].items()}
-            with open(args.dump, "w") as f:
-                json.dump({"format": PLACEMENT_FORMAT, "pools": pools}, f)
-            print(f"saved the placement of {len(pools)} pool(s) to {args.dump}")
-            return 0
-        body: dict[str, Any] = {}
-        if args.pool:
-            body["pools"] = args.pool
         if args.apply:
             body["placements"] = read_expert_placements(args.apply)
-        resp = httpx.post(
-            f"{url}/admin/rebalance", json=body, headers=headers, timeout=args.timeout,
-            verify=verify,
-        )  # fmt: skip
-    except (httpx.HTTPError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"error: --apply: {e}", file=sys.stderr)
         return 1
+    headers = {"Authorization": f"Bearer {args.token}"}
+    try:
+        if args.dump:
+            resp = httpx.get(
+                f"{url}/admin/experts", headers=headers, timeout=args.timeout,
+                verify=tls_context(args),
+            )  # fmt: skip
+        else:
+            resp = httpx.post(
+                f"{url}/admin/rebalance", json=body, headers=headers, timeout=args.timeout,
+                verify=tls_context(args),
+            )  # fmt: skip
+    except httpx.HTTPError as e:
+        print(f"error: {cannot_reach(url, e)}", file=sys.stderr)
+        return 1
+    pools = _pools(resp)
+    if pools is None:
+        status = f"{resp.status_code} {resp.reason_phrase}"
+        content_type = resp.headers.get("content-type", "")
+        print(f"error: {answer_error(url, status, content_type, resp.content)}", file=sys.stderr)
+        return 1
+    if not args.dump:
+        return _print_reports(pools)
+    placements = {name: p["phy2log"] for name, p in pools.items()}
+    try:
+        with open(args.dump, "w") as f:
+            json.dump({"format": PLACEMENT_FORMAT, "pools": placements}, f)
+    except OSError as e:
+        print(f"error: --dump: {e}", file=sys.stderr)
+        return 1
+    print(f"saved the placement of {len(placements)} pool(s) to {args.dump}")
+    return 0
+
+
+def _pools(resp: httpx.Response) -> Any:
+    """The `pools` of a pdserve admin answer (a list of reports from `/admin/rebalance`, a map of
+    placements from `/admin/experts`); None for any other answer."""
     if resp.status_code != 200:
-        return _admin_error(resp)
-    return _print_reports(resp.json()["pools"])
+        return None
+    try:
+        pools = resp.json()["pools"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(pools, dict):
+        return (
+            pools if all(isinstance(p, dict) and "phy2log" in p for p in pools.values()) else None
+        )
+    return pools if isinstance(pools, list) and all(isinstance(r, dict) for r in pools) else None
 
 
 def _rebalance_grpc(args: argparse.Namespace) -> int:
+    quiet_grpc()
     import grpc
     from google.protobuf.json_format import MessageToDict
 
@@ -120,12 +167,3 @@ def _print_reports(reports: list[dict[str, Any]]) -> int:
                 f"prepare {r['prepare_s'] * 1000:.0f} ms, pause {r['execute_s'] * 1000:.1f} ms"
             )
     return 1 if failed else 0
-
-
-def _admin_error(resp: httpx.Response) -> int:
-    try:
-        message = resp.json()["error"]["message"]
-    except Exception:
-        message = resp.text
-    print(f"error: HTTP {resp.status_code}: {message}", file=sys.stderr)
-    return 1
