@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,17 +139,18 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535] (0 picks a free port), got {self.port}")
         if self.num_ranks < 1:
-            raise ValueError(f"num_ranks must be >= 1, got {self.num_ranks}")
+            raise ValueError(f"--dp must be >= 1, got {self.num_ranks}")
         for name in ("prefill_dp", "decode_dp", "prefill_instances", "decode_instances"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         if self.transfer_backend != "nixl":
             raise ValueError(
                 f"--transfer-backend must be nixl (the local backend works inside one process "
                 f"only), got {self.transfer_backend!r}"
             )
-        if self.transfer_timeout_s <= 0:
-            raise ValueError("--transfer-timeout must be > 0 seconds")
+        _check_seconds("--transfer-timeout", self.transfer_timeout_s)
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"--grpc-port must be in [0, 65535], got {self.grpc_port}")
         if self.admin_token is not None and len(self.admin_token) < 8:
@@ -159,8 +161,8 @@ class ServeConfig:
             raise ValueError(
                 "--api-key and --admin-token must differ (every API client would be an admin)"
             )
-        if self.eplb_interval_s is not None and self.eplb_interval_s <= 0:
-            raise ValueError(f"--eplb-interval-s must be > 0, got {self.eplb_interval_s}")
+        if self.eplb_interval_s is not None:
+            _check_seconds("--eplb-interval-s", self.eplb_interval_s)
         if not 0.0 < self.eplb_min_balancedness <= 1.0:
             raise ValueError(
                 f"--eplb-min-balancedness must be in (0, 1], got {self.eplb_min_balancedness}"
@@ -172,8 +174,7 @@ class ServeConfig:
             raise ValueError(
                 f"--init-expert-placement {self.init_expert_placement!r}: no such file"
             )
-        if self.placement_timeout_s <= 0:
-            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
+        _check_seconds("placement_timeout_s", self.placement_timeout_s)
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
         if (
@@ -185,22 +186,24 @@ class ServeConfig:
             raise ValueError(f"--max-queued-requests must be >= 1, got {self.max_queued_requests}")
         if self.max_request_body_bytes < 1024:
             raise ValueError(
-                f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"
+                f"--max-request-body-bytes must be >= 1024, got {self.max_request_body_bytes}"
             )
         if self.default_max_new_tokens < 1:
             raise ValueError(
                 f"--default-max-new-tokens must be >= 1, got {self.default_max_new_tokens}"
             )
-        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
-            raise ValueError(f"--request-timeout must be > 0 seconds, got {self.request_timeout_s}")
-        if self.drain_timeout_s < 0:
-            raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
-        if self.ready_timeout_s <= 0:
-            raise ValueError(f"ready_timeout_s must be > 0, got {self.ready_timeout_s}")
-        if self.stream_silence_s < 2 * HEARTBEAT_S:
+        if self.request_timeout_s is not None:
+            _check_seconds("--request-timeout", self.request_timeout_s)
+        if not 0 <= self.drain_timeout_s < math.inf:
             raise ValueError(
-                f"stream_silence_s must be >= {2 * HEARTBEAT_S:g} (twice the ranks' heartbeat), "
-                f"got {self.stream_silence_s}"
+                f"--drain-timeout must be a number of seconds >= 0 (0: stop at once), "
+                f"got {self.drain_timeout_s}"
+            )
+        _check_seconds("ready_timeout_s", self.ready_timeout_s)
+        if not 2 * HEARTBEAT_S <= self.stream_silence_s < math.inf:
+            raise ValueError(
+                f"stream_silence_s must be a number of seconds >= {2 * HEARTBEAT_S:g} (twice the "
+                f"ranks' heartbeat), got {self.stream_silence_s}"
             )
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(
@@ -228,6 +231,13 @@ class ServeConfig:
                 f"--log-level must be critical, error, warning, info, debug or trace, "
                 f"got {self.log_level!r}"
             )
+
+
+def _check_seconds(flag: str, value: float) -> None:
+    """ValueError naming `flag` unless `value` is a positive, finite number of seconds (NaN
+    passes `value <= 0`, and an infinite wait overflows the timers it reaches)."""
+    if not 0 < value < math.inf:
+        raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
 
 
 def check_tls_files(certfile: str, keyfile: str) -> None:

@@ -11,7 +11,8 @@ is unset or empty), so that the token itself never sits in the file. Keys marked
 leading `~` expanded; relative paths stay relative to the working directory, as with the flags.
 
 - `load_serve_file(path)` parses and validates the file and returns `{dest: value}`, values typed
-  as argparse would give them (a `number` key's 2 becomes 2.0). A wrong key, type or value is a
+  as argparse would give them (a `number` key's 2 becomes 2.0, an `integer` key's 2.0 becomes 2;
+  2.5 there is refused). A file that is not UTF-8 YAML, or a wrong key, type or value, is a
   `ValueError` naming the file, the key's path and what is allowed.
 - `merge_serve_args(args, parser, argv)` applies the file named by `args.config` to the parsed
   `args`: an option given on the command line keeps its value, every other option the file sets
@@ -57,10 +58,12 @@ def serve_schema() -> dict[str, Any]:
 def load_serve_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The settings of a serve file as `{argparse dest of the `serve` flag: value}`."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if data is None:
@@ -156,6 +159,8 @@ def _convert(value: Any, prop: dict[str, Any]) -> Any:
         return os.path.expanduser(value)
     if "number" in _types(prop) and isinstance(value, int):
         return float(value)
+    if "integer" in _types(prop) and isinstance(value, float):
+        return int(value)  # 16.0: JSON Schema counts it an integer, but range(16.0) fails
     return value
 
 

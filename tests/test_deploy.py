@@ -254,6 +254,71 @@ def test_merged_args_build_a_valid_serve_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(10)
+def test_integral_floats_of_integer_keys_become_ints(tmp_path: Path) -> None:
+    """YAML `32014.0` passes the schema (JSON Schema counts 1.0 an integer) but `range(1.0)`
+    fails deep inside a rank: integer keys are loaded as int, and serve with them."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("port: 32014.0\ntopology:\n  prefill_dp: 2.0\nengine:\n  page_size: 16.0\n")
+    values = load_serve_file(path)
+    assert values == {"port": 32014, "prefill_dp": 2, "page_size": 16}
+    assert all(type(v) is int for v in values.values())
+    parser, _ = serve_parsers()
+    args, argv = parse_serve([], path)
+    config = serve_config(merge_serve_args(args, parser, argv))
+    assert (config.port, config.prefill_dp, config.engine.page_size) == (32014, 2, 16)
+    assert list(range(config.prefill_dp)) == [0, 1]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("port: 32014.5\n", "port: expected an integer, got 32014.5 (a number) (HTTP port"),
+        ("topology:\n  prefill_dp: 1.5\n", "topology.prefill_dp: expected an integer, got 1.5"),
+    ],
+)
+def test_fractional_floats_of_integer_keys_are_refused(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_serve_file(path)
+    assert str(info.value).startswith(f"{path}: {expected}"), str(info.value)
+
+
+@pytest.mark.timeout(10)
+def test_a_serve_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_bytes(b"port: 30000\nhost: \xff\xfe\n")
+    with pytest.raises(ValueError) as info:
+        load_serve_file(path)
+    assert str(info.value).startswith(f"{path}: not UTF-8 text ("), str(info.value)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("text", "flag"),
+    [
+        ("requests:\n  request_timeout: .nan\n", "--request-timeout"),
+        ("requests:\n  drain_timeout: .nan\n", "--drain-timeout"),
+        ("transfer:\n  timeout: .inf\n", "--transfer-timeout"),
+        ("eplb:\n  interval_s: .nan\n", "--eplb-interval-s"),
+    ],
+)
+def test_nan_and_infinity_in_the_file_are_refused_naming_the_flag(
+    tmp_path: Path, text: str, flag: str
+) -> None:
+    """The schema's bounds let NaN through (NaN <= 0 is false); `ServeConfig` refuses it."""
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    parser, _ = serve_parsers()
+    args, argv = parse_serve([], path)
+    with pytest.raises(ValueError, match=f"^{flag} must be .*, got (nan|inf)$"):
+        serve_config(merge_serve_args(args, parser, argv))
+
+
+@pytest.mark.timeout(10)
 def test_a_local_ray_declares_the_cpus_its_ranks_take_on_a_small_machine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

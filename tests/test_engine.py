@@ -288,11 +288,11 @@ def test_validation_names_the_field(engine, ids, sampling, field):
 @pytest.mark.parametrize(
     ("settings", "field"),
     [
-        ({"num_threads": 0}, "num_threads"),
-        ({"page_size": 0}, "page_size"),
-        ({"kv_capacity_tokens": 4, "page_size": 16}, "kv_capacity_tokens"),
-        ({"kv_memory_fraction": 0.99}, "kv_memory_fraction"),
-        ({"gpu_memory_share": 0.0}, "gpu_memory_share"),
+        ({"num_threads": 0}, "--num-threads"),
+        ({"page_size": 0}, "--page-size"),
+        ({"kv_capacity_tokens": 4, "page_size": 16}, "--kv-capacity-tokens"),
+        ({"kv_memory_fraction": 0.99}, "--kv-memory-fraction"),
+        ({"gpu_memory_share": 0.0}, "gpu_memory_share"),  # set by the launcher: no flag
     ],
 )
 def test_engine_config_refuses_bad_settings_naming_them(settings, field):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -101,7 +102,7 @@ def test_not_a_checkpoint_dir(tmp_path):
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
         load_model(tmp_path, progress=False)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
-    with pytest.raises(ValueError, match="config.json lacks vocab_size"):
+    with pytest.raises(ValueError, match="config.json: lacks vocab_size"):
         load_model(tmp_path, progress=False)
 
 
@@ -132,3 +133,76 @@ def test_fp8_experts_kept_with_their_block_scales(name, kept, tmp_path_factory):
             w2 = dequantize_block_fp8(ours.w2[slot], ours.w2_scale[slot], ours.block_shape)
             assert torch.equal(w13, ref.w13[slot])
             assert torch.equal(w2, ref.w2[slot])
+
+
+@pytest.fixture
+def tiny_copy(tiny_model_dir, tmp_path):
+    """A copy of the tiny checkpoint to damage, and its tensors."""
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    return model_dir, load_file(_single_file(model_dir))
+
+
+@pytest.mark.parametrize(
+    ("key", "dtype"),
+    [
+        ("model.embed_tokens.weight", torch.int32),
+        ("model.layers.0.input_layernorm.weight", torch.bool),
+        ("model.layers.1.mlp.experts.3.up_proj.weight", torch.int8),
+    ],
+)
+def test_a_tensor_of_a_non_floating_dtype_is_refused(tiny_copy, key, dtype):
+    model_dir, tensors = tiny_copy
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, _single_file(model_dir))
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)} is {dtype}: .* floating point"):
+        load_model(model_dir, progress=False)
+
+
+def test_an_fp8_scale_of_a_non_floating_dtype_is_refused(tmp_path_factory):
+    path = make_checkpoint("v3_fp8", tmp_path_factory.mktemp("v3_fp8")).path
+    load_model(path, progress=False)  # FP8 weights with float scales load
+    model_dir = _copy(path, tmp_path_factory.mktemp("damaged"))
+    key = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    f = next(f for f in model_dir.glob("*.safetensors") if key in load_file(f))
+    tensors = load_file(f)
+    assert tensors[key.removesuffix("_scale_inv")].dtype == torch.float8_e4m3fn
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, f)
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)} is torch.int32"):
+        load_model(model_dir, progress=False)
+
+
+def test_an_expert_beyond_n_routed_experts_is_refused(tiny_copy):
+    model_dir, tensors = tiny_copy
+    n = ModelConfig.from_dir(model_dir).n_routed_experts
+    assert n == 16
+    key = f"model.layers.2.mlp.experts.{n}.gate_proj.weight"
+    tensors[key] = tensors["model.layers.2.mlp.experts.0.gate_proj.weight"].clone()
+    save_file(tensors, _single_file(model_dir))
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}: expert 16 is beyond the 16 routed"):
+        load_model(model_dir, progress=False)
+
+
+def test_skipped_tensors_stay_skipped(tiny_copy):
+    """An MTP layer past num_hidden_layers (DeepSeek-V3's `model.layers.61.*`, experts and
+    all), and the experts an EP rank does not hold, are skipped without complaint."""
+    from workers.ep.moe import EPContext
+    from workers.ep.placement import ExpertPlacement
+
+    model_dir, tensors = tiny_copy
+    cfg = ModelConfig.from_dir(model_dir)
+    mtp = f"model.layers.{cfg.num_hidden_layers}"
+    expert = tensors["model.layers.1.mlp.experts.0.gate_proj.weight"]
+    tensors[f"{mtp}.mlp.experts.0.gate_proj.weight"] = expert.clone()
+    tensors[f"{mtp}.mlp.experts.{cfg.n_routed_experts}.gate_proj.weight"] = expert.clone()
+    tensors[f"{mtp}.eh_proj.weight"] = torch.zeros(2, 2)
+    tensors[f"{mtp}.enorm.weight"] = torch.zeros(2, dtype=torch.int32)  # never read
+    save_file(tensors, _single_file(model_dir))
+    whole = load_model(model_dir, progress=False)
+    placement = ExpertPlacement.default(cfg.num_hidden_layers, 16, 0, num_ranks=2)
+    ep = EPContext(rank=1, world_size=2, placement=placement, dispatcher=None)  # type: ignore[arg-type]
+    half = load_model(model_dir, progress=False, ep=ep)
+    experts = next(m for n, m in half.named_modules() if n.endswith("layers.1.mlp.experts"))
+    assert experts.slot_experts == list(range(8, 16))
+    ref = dict(whole.named_parameters())["model.layers.1.mlp.experts.w13"]
+    assert torch.equal(experts.w13, ref[8:16])

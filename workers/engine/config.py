@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -49,56 +50,74 @@ class EngineConfig:
     preload_structured_output: bool = True
 
     def __post_init__(self) -> None:
+        # Messages name the `pdserve serve` flag where there is one (gpu_memory_share and
+        # pool_formation_timeout_s have none).
         if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+            raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")
         if self.page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+            raise ValueError(f"--page-size must be >= 1, got {self.page_size}")
         if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < self.page_size:
             raise ValueError(
-                f"kv_capacity_tokens ({self.kv_capacity_tokens}) must hold at least one page "
-                f"of {self.page_size} tokens"
+                f"--kv-capacity-tokens ({self.kv_capacity_tokens}) must hold at least one page "
+                f"of {self.page_size} tokens (--page-size)"
             )
         if self.kv_memory_fraction is not None and not 0.0 < self.kv_memory_fraction <= 0.95:
             raise ValueError(
-                f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}"
+                f"--kv-memory-fraction must be in (0, 0.95], got {self.kv_memory_fraction}"
             )
         if not 0.0 < self.gpu_memory_share <= 1.0:
             raise ValueError(f"gpu_memory_share must be in (0, 1], got {self.gpu_memory_share}")
         if self.max_running_requests < 1:
-            raise ValueError("max_running_requests must be >= 1")
+            raise ValueError(
+                f"--max-running-requests must be >= 1, got {self.max_running_requests}"
+            )
         if self.chunked_prefill_size < 1:
-            raise ValueError("chunked_prefill_size must be >= 1")
+            raise ValueError(
+                f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}"
+            )
         if self.stream_interval < 1:
-            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+            raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
+        # engine.py clamps a context longer than the model's to the model's; 0 or less would
+        # refuse every request (or, as 0 is falsy, silently mean the model's).
+        if self.max_context_len is not None and self.max_context_len < 1:
+            raise ValueError(
+                f"--max-context-len must be >= 1 tokens (leave it out for the model's), "
+                f"got {self.max_context_len}"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.num_redundant_experts < 0:
             raise ValueError(
-                f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}"
+                f"--num-redundant-experts must be >= 0, got {self.num_redundant_experts}"
             )
         if self.moe_a2a_backend not in ("auto", "torch", "deepep"):
             raise ValueError(
-                f"moe_a2a_backend must be auto, torch or deepep, got {self.moe_a2a_backend!r}"
+                f"--moe-a2a-backend must be auto, torch or deepep, got {self.moe_a2a_backend!r}"
             )
         if self.deepep_mode not in ("auto", "normal", "low_latency"):
             raise ValueError(
-                f"deepep_mode must be auto, normal or low_latency, got {self.deepep_mode!r}"
+                f"--deepep-mode must be auto, normal or low_latency, got {self.deepep_mode!r}"
             )
         if self.grouped_gemm_backend not in ("auto", "torch", "deep_gemm"):
             raise ValueError(
-                f"grouped_gemm_backend must be auto, torch or deep_gemm, "
+                f"--grouped-gemm-backend must be auto, torch or deep_gemm, "
                 f"got {self.grouped_gemm_backend!r}"
             )
         if self.cuda_graph_max_batch < 0:
             raise ValueError(
-                f"cuda_graph_max_batch must be >= 0 (0 turns graphs off), "
+                f"--cuda-graph-max-batch must be >= 0 (0 turns graphs off), "
                 f"got {self.cuda_graph_max_batch}"
             )
-        if self.pool_formation_timeout_s <= 0:
+        # `not 0 < x < inf` also refuses NaN (which passes `x <= 0`); an infinite wait
+        # overflows the store's timedelta.
+        if not 0 < self.pool_formation_timeout_s < math.inf:
             raise ValueError(
-                f"pool_formation_timeout_s must be > 0, got {self.pool_formation_timeout_s}"
+                f"pool_formation_timeout_s must be a positive number of seconds, "
+                f"got {self.pool_formation_timeout_s}"
             )
         if self.low_latency_capacity < 1:
-            raise ValueError(f"low_latency_capacity must be >= 1, got {self.low_latency_capacity}")
+            raise ValueError(
+                f"--low-latency-capacity must be >= 1, got {self.low_latency_capacity}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")

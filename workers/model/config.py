@@ -147,16 +147,37 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        """The model of checkpoint dir `model_dir`; a `config.json` that is not a JSON object
+        describing a supported model is a ValueError naming the file and the key."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: --model must be a Hugging Face checkpoint dir"
             )
-        with open(path) as f:
-            return cls.from_hf(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, source=str(path))
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """The model `hf` (a parsed `config.json`) describes; a key of the wrong type or range,
+        or a model pdserve does not serve, is a ValueError beginning with `source`."""
+        try:
+            return cls._from_hf(hf)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        if not isinstance(hf, dict):
+            raise ValueError(f"expected a JSON object of keys, got {type(hf).__name__}")
         model_type = hf.get("model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -165,82 +186,167 @@ class ModelConfig:
             )
         missing = [k for k in _REQUIRED_KEYS if k not in hf]
         if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}")
+            raise ValueError(f"lacks {', '.join(missing)}")
         is_v2 = model_type == "deepseek_v2"
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        quant = None
-        qc = hf.get("quantization_config")
-        if qc:
-            if qc.get("quant_method") != "fp8":
-                raise ValueError(
-                    f"quantization method {qc.get('quant_method')!r} is not supported (only fp8)"
-                )
-            block = qc.get("weight_block_size") or [128, 128]
-            quant = QuantConfig(method="fp8", weight_block_size=(int(block[0]), int(block[1])))
-        n_routed = hf.get("n_routed_experts")
+        eos = _given(hf, "eos_token_id", [])
+        eos_ids = tuple(
+            _int(f"eos_token_id[{i}]", e, minimum=0)
+            for i, e in enumerate(eos if isinstance(eos, list) else [eos])
+        )
+        bos = hf.get("bos_token_id")
+        n_routed = _int("n_routed_experts", _given(hf, "n_routed_experts", 0), minimum=0) or None
+        num_experts_per_tok = _int("num_experts_per_tok", _given(hf, "num_experts_per_tok", 1))
+        if n_routed and num_experts_per_tok > n_routed:
+            raise ValueError(
+                f"num_experts_per_tok ({num_experts_per_tok}) must be <= n_routed_experts "
+                f"({n_routed})"
+            )
+        q_lora_rank = hf.get("q_lora_rank")
         return cls(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            kv_lora_rank=hf["kv_lora_rank"],
-            q_lora_rank=hf.get("q_lora_rank"),
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"],
-            v_head_dim=hf["v_head_dim"],
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            vocab_size=_int("vocab_size", hf["vocab_size"]),
+            hidden_size=_int("hidden_size", hf["hidden_size"]),
+            intermediate_size=_int("intermediate_size", hf["intermediate_size"]),
+            num_hidden_layers=_int("num_hidden_layers", hf["num_hidden_layers"]),
+            num_attention_heads=_int("num_attention_heads", hf["num_attention_heads"]),
+            kv_lora_rank=_int("kv_lora_rank", hf["kv_lora_rank"]),
+            q_lora_rank=None if q_lora_rank is None else _int("q_lora_rank", q_lora_rank),
+            qk_nope_head_dim=_int("qk_nope_head_dim", hf["qk_nope_head_dim"]),
+            qk_rope_head_dim=_int("qk_rope_head_dim", hf["qk_rope_head_dim"]),
+            v_head_dim=_int("v_head_dim", hf["v_head_dim"]),
+            max_position_embeddings=_max_positions(hf),
+            rms_norm_eps=_number("rms_norm_eps", _given(hf, "rms_norm_eps", 1e-6)),
             hidden_act=hf.get("hidden_act", "silu"),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            attention_bias=_bool("attention_bias", _given(hf, "attention_bias", False)),
+            mlp_bias=_bool("mlp_bias", _given(hf, "mlp_bias", False)),
             rope=_rope_from_hf(hf),
             # V2 checkpoints rotate interleaved pairs (complex multiplication); so does V3 by default.
-            rope_interleave=True if is_v2 else bool(hf.get("rope_interleave", True)),
+            rope_interleave=is_v2 or _bool("rope_interleave", _given(hf, "rope_interleave", True)),
             n_routed_experts=n_routed,
-            num_experts_per_tok=hf.get("num_experts_per_tok") or 1,
-            moe_intermediate_size=hf.get("moe_intermediate_size") or 0,
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
-            moe_layer_freq=hf.get("moe_layer_freq", 1),
-            n_group=hf.get("n_group") or 1,
-            topk_group=hf.get("topk_group") or 1,
+            num_experts_per_tok=num_experts_per_tok,
+            moe_intermediate_size=_int(
+                "moe_intermediate_size",
+                _given(hf, "moe_intermediate_size", 0),
+                minimum=1 if n_routed else 0,
+            ),
+            n_shared_experts=_int("n_shared_experts", _given(hf, "n_shared_experts", 0), minimum=0),
+            first_k_dense_replace=_int(
+                "first_k_dense_replace", _given(hf, "first_k_dense_replace", 0), minimum=0
+            ),
+            moe_layer_freq=_int("moe_layer_freq", _given(hf, "moe_layer_freq", 1)),
+            n_group=_int("n_group", _given(hf, "n_group", 1)),
+            topk_group=_int("topk_group", _given(hf, "topk_group", 1)),
             topk_method=hf.get("topk_method") or ("greedy" if is_v2 else "noaux_tc"),
             scoring_func=hf.get("scoring_func") or ("softmax" if is_v2 else "sigmoid"),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", not is_v2)),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
+            norm_topk_prob=_bool("norm_topk_prob", _given(hf, "norm_topk_prob", not is_v2)),
+            routed_scaling_factor=_number(
+                "routed_scaling_factor", _given(hf, "routed_scaling_factor", 1.0)
+            ),
+            tie_word_embeddings=_bool(
+                "tie_word_embeddings", _given(hf, "tie_word_embeddings", False)
+            ),
+            bos_token_id=None if bos is None else _int("bos_token_id", bos, minimum=0),
             eos_token_ids=eos_ids,
-            quant=quant,
+            quant=_quant_from_hf(hf),
         )
+
+
+def _quant_from_hf(hf: dict[str, Any]) -> QuantConfig | None:
+    qc = hf.get("quantization_config")
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        raise ValueError(f"quantization_config must be a JSON object, got {qc!r}")
+    if qc.get("quant_method") != "fp8":
+        raise ValueError(
+            f"quantization method {qc.get('quant_method')!r} is not supported (only fp8)"
+        )
+    block = _given(qc, "weight_block_size", [128, 128])
+    if not (
+        isinstance(block, list)
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise ValueError(
+            f"quantization_config.weight_block_size must be a pair of positive integers "
+            f"[rows, columns], got {block!r}"
+        )
+    return QuantConfig(method="fp8", weight_block_size=(block[0], block[1]))
+
+
+def _max_positions(hf: dict[str, Any]) -> int:
+    return _int("max_position_embeddings", _given(hf, "max_position_embeddings", 4096))
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     # Original DeepSeek configs say `rope_theta` + `rope_scaling`; transformers 5 writes
     # `rope_parameters` holding both.
-    params = dict(hf.get("rope_scaling") or {})
-    params.update(hf.get("rope_parameters") or {})
+    params: dict[str, Any] = {}
+    where: dict[str, str] = {}  # key of params -> the section that gave it, for messages
+    for section in ("rope_scaling", "rope_parameters"):
+        given = _given(hf, section, {})
+        if not isinstance(given, dict):
+            raise ValueError(f"{section} must be a JSON object or null, got {given!r}")
+        params.update(given)
+        where.update(dict.fromkeys(given, section))
+
+    def name(key: str) -> str:
+        return f"{where[key]}.{key}" if key in where else key
+
+    def number(key: str, default: float) -> float:
+        return _number(name(key), _given(params, key, default))
+
+    def optional_number(key: str) -> float | None:
+        value = params.get(key)
+        return None if value is None else _number(name(key), value, zero_ok=True)
+
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    theta = number("rope_theta", _given(hf, "rope_theta", 10000.0))
     if rope_type == "default":
         return RopeConfig(theta=theta)
-    max_pos = hf.get("max_position_embeddings", 4096)
-    factor = params.get("factor")
-    orig = params.get("original_max_position_embeddings") or max_pos
-    if factor is None:
-        factor = max_pos / orig
+    max_pos = _max_positions(hf)
+    key = "original_max_position_embeddings"
+    orig = _int(name(key), _given(params, key, max_pos))
     return RopeConfig(
         rope_type=rope_type,
         theta=theta,
-        factor=float(factor),
-        original_max_position_embeddings=int(orig),
-        beta_fast=float(params.get("beta_fast") or 32),
-        beta_slow=float(params.get("beta_slow") or 1),
-        mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"),
-        attention_factor=params.get("attention_factor"),
-        truncate=bool(params.get("truncate", True)),
+        factor=number("factor", max_pos / orig),
+        original_max_position_embeddings=orig,
+        beta_fast=number("beta_fast", 32.0),
+        beta_slow=number("beta_slow", 1.0),
+        mscale=optional_number("mscale"),
+        mscale_all_dim=optional_number("mscale_all_dim"),
+        attention_factor=optional_number("attention_factor"),
+        truncate=_bool(name("truncate"), _given(params, "truncate", True)),
     )
+
+
+# ---- config.json values, checked (the messages name the key) ------------------------------------
+
+
+def _given(hf: dict[str, Any], key: str, default: Any) -> Any:
+    """`hf[key]`, or `default` where the key is absent or null."""
+    value = hf.get(key)
+    return default if value is None else value
+
+
+def _int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def _number(name: str, value: Any, zero_ok: bool = False) -> float:
+    """A finite number > 0 (>= 0 with `zero_ok`); JSON's NaN and Infinity are refused."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and (value > 0 or (zero_ok and value == 0))):
+        what = "a finite number >= 0" if zero_ok else "a positive number"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value

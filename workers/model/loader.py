@@ -27,6 +27,7 @@ _EXPERT_KEY = re.compile(
 )
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _SCALE_SUFFIX = "_scale_inv"
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -82,14 +83,19 @@ def load_model(
         target, index = _target(key)
         dest_slots = [] if index is None else slots.get(target, {}).get(index[0], [])
         if index is not None and target in slots and not dest_slots:
+            if index[0] >= (cfg.n_routed_experts or 0):
+                raise ValueError(
+                    f"{key}: expert {index[0]} is beyond the {cfg.n_routed_experts} routed "
+                    f"experts of config.json (n_routed_experts) in {model_dir}"
+                )
             continue  # an expert this rank does not hold
-        tensor = key_to_handle[key].get_tensor(key)
+        tensor = _floating(key, key_to_handle[key].get_tensor(key))
         scale_key = key + _SCALE_SUFFIX
         scale: torch.Tensor | None = None
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if tensor.dtype in _FP8_DTYPES:
             if scale_key not in key_to_handle:
                 raise ValueError(f"{key} is float8 but {scale_key} is missing from the checkpoint")
-            scale = key_to_handle[scale_key].get_tensor(scale_key).float()
+            scale = _floating(scale_key, key_to_handle[scale_key].get_tensor(scale_key)).float()
             if target not in scales:
                 tensor, scale = dequantize_block_fp8(tensor, scale, block), None
         elif target in scales:
@@ -132,6 +138,16 @@ def load_model(
         shown = ", ".join(sorted(missing)[:8])
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {shown}")
     return model.place(torch.device(device), dtype)
+
+
+def _floating(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, unless its dtype is not floating point (float8 weights are): weights of an
+    integer or bool dtype are a broken or foreign checkpoint, not something to cast."""
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(
+            f"{key} is {tensor.dtype}: checkpoint weights (and FP8 scales) must be floating point"
+        )
+    return tensor
 
 
 def fp8_experts_keepable(cfg: ModelConfig) -> bool:
@@ -206,8 +222,8 @@ class ExpertReader:
         handle = self._where.get(key)
         if handle is None:
             raise FileNotFoundError(f"{key} is not in the checkpoint {self.model_dir}")
-        tensor = handle.get_tensor(key)
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tensor = _floating(key, handle.get_tensor(key))
+        if tensor.dtype in _FP8_DTYPES:
             scale = self._tensor(key + _SCALE_SUFFIX)
             tensor = dequantize_block_fp8(tensor, scale, self.block)
         return tensor
