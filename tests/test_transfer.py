@@ -108,6 +108,33 @@ def test_local_moves_scattered_pages_and_the_first_token():
 
 
 @pytest.mark.timeout(10)
+def test_a_sender_forgets_peers_it_no_longer_writes_to(engines, monkeypatch):
+    """A decode rank that Ray restarted comes back as a new agent; the prefill rank's engine
+    forgets the old one (and its connections) once it has been unused for
+    `PEER_IDLE_FORGET_S`, when a new peer appears, and never one a transfer still uses."""
+    from workers.transfer import state_machine
+
+    src, old, new = engines(1), engines(None), engines(None)
+    forgotten: list[str] = []
+    monkeypatch.setattr(src, "_forget", forgotten.append)
+
+    def transfer(dst: LocalTransferEngine, tid: str) -> None:
+        receiver = dst.expect(tid, DST, timeout_s=5)
+        src.send(tid, SRC, first_token=1, timeout_s=5, target=receiver.target)
+        assert all(r.ok for r in _drain(src, dst, n=2))
+
+    transfer(old, "a")
+    transfer(old, "b")  # a peer in use is not forgotten by its own use
+    monkeypatch.setattr(state_machine, "PEER_IDLE_FORGET_S", 0.0)
+    transfer(new, "c")
+    assert forgotten == [old.name]
+    transfer(new, "d")  # a known peer: no sweep
+    assert forgotten == [old.name]
+    transfer(old, "e")  # a forgotten peer is reached again on its next use
+    assert forgotten == [old.name, new.name]
+
+
+@pytest.mark.timeout(10)
 def test_local_skips_the_pages_the_receiver_holds(engines):
     """A receiver that holds the request's first pages already (its prefix cache) posts
     only the rest: the sender writes its pages from `skip_pages` on, nothing else."""

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 CONNECT_ATTEMPTS = 3  # connecting to the peer and posting the write, before the sender fails
 CONNECT_BACKOFF_S = 0.05  # doubled after each failed attempt
+# A peer not written to for this long is forgotten when a new one appears (`_reach`).
+PEER_IDLE_FORGET_S = 600.0
 CANCEL_GRACE_S = 5.0  # an aborted write that cannot be cancelled is waited for this long
 # How often the engine's thread drives the backend: right after something moved, then backing
 # off (doubling per quiet poll) to the cap, so that many transfers waiting for a long prefill
@@ -64,6 +66,9 @@ class TransferStateMachine(ABC):
         self._receivers: dict[str, KVReceiver] = {}
         self._results: list[TransferResult] = []
         self._keep_alives: list[TransferTarget] = []  # receivers to tell `wait` (keep_alive)
+        # When each peer (agent name) was last written to or told something (the engine's
+        # thread only): peers unused for PEER_IDLE_FORGET_S are forgotten (`_reach`).
+        self._peer_used: dict[str, float] = {}
         self._moves = 0  # progress seen by the engine's thread (notes, writes posted, ends)
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -159,7 +164,7 @@ class TransferStateMachine(ABC):
             keep_alives, self._keep_alives = self._keep_alives, []
         for target in keep_alives:
             try:
-                self._connect(target.agent)
+                self._reach(target.agent)
                 self._notify(target.agent, Notification("wait", target.transfer_id))
             except Exception:
                 logger.debug("keep-alive to %s failed", target.agent.name, exc_info=True)
@@ -236,7 +241,7 @@ class TransferStateMachine(ABC):
                 return self._fail_send(s, error)
         runs = page_runs(s.src_pages[target.skip_pages :], target.dst_pages)
         try:
-            self._connect(target.agent)
+            self._reach(target.agent)
             self._notify(target.agent, Notification("start", s.transfer_id))
             s._handle = self._start_write(
                 target.agent,
@@ -300,6 +305,29 @@ class TransferStateMachine(ABC):
             )
         return None
 
+    def _reach(self, peer: AgentInfo) -> None:
+        """`_connect` to `peer`, noting the use. A peer not seen before first makes the engine
+        forget the peers unused for `PEER_IDLE_FORGET_S`: a decode rank that Ray restarted
+        comes back as a new agent, and its old one would otherwise stay loaded (with its
+        sockets) for good. A peer forgotten while merely idle is connected again on its next
+        use (every target carries its metadata)."""
+        now = time.monotonic()
+        if peer.name not in self._peer_used:
+            self._forget_idle_peers(now)
+        self._connect(peer)
+        self._peer_used[peer.name] = now
+
+    def _forget_idle_peers(self, now: float) -> None:
+        with self._cv:
+            in_use = {s.target.agent.name for s in self._senders.values() if s.target is not None}
+        for name, used in list(self._peer_used.items()):
+            if now - used > PEER_IDLE_FORGET_S and name not in in_use:
+                del self._peer_used[name]
+                try:
+                    self._forget(name)
+                except Exception:
+                    logger.debug("forgetting %s failed", name, exc_info=True)
+
     def _forget_if_unused(self, peer_name: str, failed: KVSender) -> None:
         with self._cv:
             in_use = any(
@@ -308,6 +336,7 @@ class TransferStateMachine(ABC):
                 for o in self._senders.values()
             )  # fmt: skip
         if not in_use:
+            self._peer_used.pop(peer_name, None)
             try:
                 self._forget(peer_name)
             except Exception:
@@ -328,7 +357,7 @@ class TransferStateMachine(ABC):
             s._handle = None
         if s.target is not None and s.state is not TransferState.BOOTSTRAPPING:
             try:  # best effort: the receiver would otherwise wait for its timeout
-                self._connect(s.target.agent)
+                self._reach(s.target.agent)
                 self._notify(s.target.agent, Notification("fail", s.transfer_id, error=error))
             except Exception:
                 logger.debug("telling %s about %s failed", s.target.agent.name, s.transfer_id)
