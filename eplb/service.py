@@ -72,6 +72,7 @@ class _PoolState:
     num_experts_moved: int = 0
     last_pause_s: float = 0.0
     history: list[PoolReport] = field(default_factory=list)
+    down: str | None = None  # why the last collection failed (a rank dead or restarting)
 
 
 class EPLBService:
@@ -111,15 +112,24 @@ class EPLBService:
     # ---- load -----------------------------------------------------------------------------
 
     async def collect(self) -> None:
-        """Add every rank's load since its last report to its pool's window."""
+        """Add every rank's load since its last report to its pool's window. A pool whose
+        ranks do not answer (one died or is restarting) is marked `down` until they do; the
+        other pools are not held up by it."""
         for state in self.pools.values():
-            loads = await self._gather(state, "expert_load")
+            try:
+                loads = await self._gather(state, "expert_load")
+                # From the ranks each time: a pool whose ranks restarted is back at its
+                # initial placement.
+                phy2log = await state.handle.ranks[0].expert_placement.remote()
+            except Exception as e:
+                state.down = short_error(e)
+                continue
+            state.down = None
             for load in loads:
                 if load is None:
                     continue
                 state.window = load.clone() if state.window is None else state.window + load
-            # From the ranks each time: a pool whose ranks restarted is back at its initial one.
-            state.phy2log = await state.handle.ranks[0].expert_placement.remote()
+            state.phy2log = phy2log
 
     async def experts(self) -> dict[str, Any]:
         """Per pool: the placement (`phy2log`), the window's loads and balancedness, counters."""
@@ -135,6 +145,7 @@ class EPLBService:
                 "num_rebalances": s.num_rebalances,
                 "num_experts_moved": s.num_experts_moved,
                 "last_pause_s": s.last_pause_s,
+                "down": s.down,
             }
         return out
 
@@ -195,8 +206,10 @@ class EPLBService:
             raise ValueError(f"placements: unknown pool {name!r}; known: {sorted(self.pools)}")
         if given is _MISSING:
             raise ValueError(f"placements: no placement for pool {name!r}")
-        current = self.pools[name].phy2log
-        assert current is not None
+        state = self.pools[name]
+        current = state.phy2log
+        if state.down is not None or current is None:
+            raise RuntimeError(f"pool {name!r} is down ({state.down}); try again once it is back")
         layers, slots = current.shape
         return checked_phy2log(name, given, layers, slots, int(current.max()) + 1)
 
@@ -204,8 +217,9 @@ class EPLBService:
         self, s: _PoolState, only_if_unbalanced: bool, given: torch.Tensor | None
     ) -> PoolReport:
         name, ranks = s.handle.name, s.handle.ranks
+        if s.down is not None or s.phy2log is None:
+            return PoolReport(name, ok=False, error=f"the pool is down: {s.down}")
         report = PoolReport(name, ok=True)
-        assert s.phy2log is not None
         window = s.window if s.window is not None else torch.zeros(
             s.phy2log.shape[0], int(s.phy2log.max()) + 1, dtype=torch.int64
         )  # fmt: skip

@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -295,3 +296,33 @@ def test_a_bad_saved_placement_is_refused_before_any_pool_moves(ep_server):
     after = _experts(url)["colocated-0"]
     assert after["phy2log"] == phy2log
     assert after["num_rebalances"] == before["num_rebalances"]
+
+
+def test_a_pool_that_is_down_does_not_hold_up_the_others(launch_tiny):
+    """One pool's rank is dead (for good, here): a rebalance reports that pool down and
+    rebalances the other; `/admin/experts` says which pool is down and why."""
+    import ray
+
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
+                          num_redundant_experts=4)  # fmt: skip
+    server = launch_tiny(prefill_dp=2, decode_dp=2, engine=engine, admin_token=TOKEN)
+    try:
+        prompt = list(range(5, 69))
+        _generate(server.url, prompt)  # some expert load in both pools
+        roles = [r["info"]["role"] for r in httpx.get(f"{server.url}/v1/stats").json()["ranks"]]
+        ray.kill(server.ranks[roles.index("prefill")], no_restart=True)
+        reports = {}
+        deadline = time.monotonic() + 60
+        while "prefill-0" not in reports or reports["prefill-0"]["ok"]:
+            assert time.monotonic() < deadline, reports
+            r = _rebalance(server.url)
+            assert r.status_code == 200, r.text
+            reports = {p["pool"]: p for p in r.json()["pools"]}
+        assert "the pool is down" in reports["prefill-0"]["error"], reports
+        assert reports["decode-0"]["ok"], reports
+        experts = httpx.get(f"{server.url}/admin/experts", headers=AUTH, timeout=60).json()
+        assert experts["pools"]["prefill-0"]["down"] and not experts["pools"]["decode-0"]["down"]
+    finally:
+        server.stop()

@@ -131,8 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ) as resp:
             content_type = resp.headers.get("content-type", "")
             if resp.status_code != 200 or not content_type.startswith("text/event-stream"):
-                # "HTTP 401": what this command has always said (tests/test_access.py)
-                status = f"HTTP {resp.status_code} {resp.reason_phrase}"
+                status = f"{resp.status_code} {resp.reason_phrase}"
                 print(f"error: {answer_error(url, status, content_type, resp.read())}",
                       file=sys.stderr)  # fmt: skip
                 return 1
