@@ -14,13 +14,13 @@ import httpx
 
 from orchestrator.cli.common import (
     add_connection_args,
-    answer_error,
     auth_headers,
     cannot_reach,
     grpc_address_problem,
     grpc_channel,
     grpc_error,
     quiet_grpc,
+    response_error,
     tls_context,
     url_problem,
 )
@@ -131,9 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ) as resp:
             content_type = resp.headers.get("content-type", "")
             if resp.status_code != 200 or not content_type.startswith("text/event-stream"):
-                status = f"{resp.status_code} {resp.reason_phrase}"
-                print(f"error: {answer_error(url, status, content_type, resp.read())}",
-                      file=sys.stderr)  # fmt: skip
+                print(f"error: {response_error(url, resp)}", file=sys.stderr)
                 return 1
             streaming = True
             for event in _sse_events(resp):
@@ -290,9 +288,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     data = _stats(resp)
     if data is None:
-        status = f"{resp.status_code} {resp.reason_phrase}"
-        content_type = resp.headers.get("content-type", "")
-        print(f"error: {answer_error(url, status, content_type, resp.content)}", file=sys.stderr)
+        print(f"error: {response_error(url, resp)}", file=sys.stderr)
         return 1
     state = ", draining (shutting down)" if data.get("draining") else ""
     print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight "

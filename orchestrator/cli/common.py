@@ -160,6 +160,12 @@ def answer_error(url: str, status: str, content_type: str, body: bytes) -> str:
     return f"{url} answered {status} (not a pdserve server? {what})"
 
 
+def response_error(url: str, resp: Any) -> str:
+    """`answer_error` for an httpx response (read already, or read here)."""
+    status = f"{resp.status_code} {resp.reason_phrase}"
+    return answer_error(url, status, resp.headers.get("content-type", ""), resp.read())
+
+
 def _error_message(body: bytes) -> str | None:
     """The message of a JSON error body: pdserve's `{"error": {"message"}}`, or FastAPI's
     `{"detail"}` (a route this server does not have); None for any other body."""

@@ -13,12 +13,12 @@ import httpx
 
 from orchestrator.cli.common import (
     add_connection_args,
-    answer_error,
     cannot_reach,
     grpc_address_problem,
     grpc_channel,
     grpc_error,
     quiet_grpc,
+    response_error,
     tls_context,
     url_problem,
 )
@@ -91,9 +91,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         return 1
     pools = _pools(resp)
     if pools is None:
-        status = f"{resp.status_code} {resp.reason_phrase}"
-        content_type = resp.headers.get("content-type", "")
-        print(f"error: {answer_error(url, status, content_type, resp.content)}", file=sys.stderr)
+        print(f"error: {response_error(url, resp)}", file=sys.stderr)
         return 1
     if not args.dump:
         return _print_reports(pools)
