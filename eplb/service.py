@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import ray
 import torch
 
 from eplb.algorithm import balancedness
@@ -71,7 +72,6 @@ class _PoolState:
     num_rebalances: int = 0
     num_experts_moved: int = 0
     last_pause_s: float = 0.0
-    history: list[PoolReport] = field(default_factory=list)
     down: str | None = None  # why the last collection failed (a rank dead or restarting)
 
 
@@ -256,14 +256,12 @@ class EPLBService:
             report.ok, report.error = False, short_error(e)
             await self._abort(s)
             logger.warning("rebalance of %s rolled back: %s", name, report.error)
-            s.history.append(report)
             return report
         s.phy2log = new
         s.window = None  # a new window for the new placement
         s.num_rebalances += 1
         s.num_experts_moved += report.num_experts_moved
         s.last_pause_s = report.execute_s
-        s.history.append(report)
         logger.info(
             "rebalanced %s: balancedness %.3f -> %.3f, %d experts moved, pause %.1f ms",
             name, report.balancedness_before, report.balancedness_after,
@@ -296,6 +294,7 @@ class EPLBService:
             except Exception as e:  # a dead rank holds nothing any more
                 logger.debug("eplb_abort on a rank of %s failed: %s", s.handle.name, e)
 
+    @ray.method(enable_task_events=False)  # polled by every /metrics call
     async def stats(self) -> dict[str, dict[str, float]]:
         """Counters per pool for /metrics (no new collection)."""
         return {

@@ -8,6 +8,8 @@ import threading
 from collections import Counter, deque
 from typing import Any
 
+import ray
+
 from workers.engine.engine import Engine
 from workers.engine.handoff import FAULTS, RANK_FAULTS, KVHandoff
 from workers.engine.inbox import Message
@@ -55,6 +57,7 @@ class RankOperations:
         self._faults[kind] -= 1
         return True
 
+    @ray.method(enable_task_events=False)  # polled by the EPLB service (see `stats`)
     def expert_load(self) -> Any:
         """Tokens routed per (layer, logical expert) since the last call: `[layers, experts]`
         int64 (CPU), or None for a dense model. Taken by the loop between steps."""
@@ -62,6 +65,7 @@ class RankOperations:
 
     # ---- expert rebalance (driven by the EPLB service; see workers.engine.rank_eplb) ---------
 
+    @ray.method(enable_task_events=False)  # polled by the EPLB service (see `stats`)
     def expert_placement(self) -> Any:
         """The pool's current `phy2log: [layers, slots]` (None outside an EP pool)."""
         return self.eplb.expert_placement()

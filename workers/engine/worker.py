@@ -40,6 +40,8 @@ from collections import Counter, deque
 from concurrent.futures import Future
 from typing import Any
 
+import ray
+
 from workers import gc_pauses
 from workers.engine.config import EngineConfig
 from workers.engine.delta_stream import DeltaStream, StreamAddress
@@ -246,6 +248,9 @@ class EngineWorker(RankOperations):
             self._events = []
         return out
 
+    # Polled by every /metrics and /v1/stats call: without task events, Ray's GCS keeps no
+    # record of each call (~10 KB a call, growing with the scrape rate).
+    @ray.method(enable_task_events=False)
     def stats(self) -> RankStats:
         gc = gc_pauses.PROCESS
         transfers = self.handoff.totals if self.handoff is not None else TransferTotals()
