@@ -154,21 +154,24 @@ class GenerationService(pb_grpc.GenerationServicer):
                 raise RequestError("text: one prompt per call", "text")
             ids, sampling = prepare_call(self.router, self.config, call.calls[0])
             peer = _peer_host(context.peer())
+            slots = self.router.admit(call.n)
             streams = [
                 self.limiter.wrap(
                     self.metrics.track(
                         self.router.generate(
                             ids, choice_params(sampling, i), call.calls[0].sampling.stop,
-                            rid=call.rid, stream=not request.final_only,
+                            rid=call.rid, stream=not request.final_only, slot=slot,
                         ),
                         arrival, "grpc", peer,
                     ),
                     peer,
                 )
-                for i in range(call.n)
+                for i, slot in enumerate(slots)
             ]  # fmt: skip
         except RequestError as e:
             await context.abort(_status_of(e), e.message)
+        except RouterNotReady as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         output_ids: list[list[int]] = [[] for _ in streams]
         texts: list[list[str]] = [[] for _ in streams]
         logprobs: list[list[TokenLogprob]] = [[] for _ in streams]

@@ -18,7 +18,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.outputs import Output
 from orchestrator.reasoning import template_reasons
 from orchestrator.request_fields import RequestError
-from orchestrator.router import Router
+from orchestrator.router import QueueSlot, Router
 from orchestrator.tool_parser import FORMATS, MARKERS, ToolCallFormat, detect_format
 from workers.engine.messages import SamplingParams
 
@@ -66,14 +66,15 @@ class HttpContext:
         arrival_s: float | None = None,
         stream: bool = True,
         api: str = "/generate",
+        slot: QueueSlot | None = None,
     ) -> AsyncGenerator[Output, None]:
-        """The request's outputs; takes one of `client`'s slots (429 when none is left);
-        RouterNotReady (503) while draining or overloaded (`Router.check_admission`).
+        """The request's outputs; takes one of `client`'s slots (429 when none is left).
+        `slot`: its place from `Router.admit`, which a route takes for all its outputs before
+        a stream starts (so that a refusal is a 503 status, not an error event).
         `stream=False`: the caller uses only the whole output (see `Router.generate`); `api`:
         the route, for the request log."""
-        self.router.check_admission()  # a stream refused now gets a status (503), not an event
         arrival = time.perf_counter() if arrival_s is None else arrival_s
-        generated = self.router.generate(ids, sampling, stop, rid=rid, stream=stream)
+        generated = self.router.generate(ids, sampling, stop, rid=rid, stream=stream, slot=slot)
         outputs = self.metrics.track(generated, arrival, api, client)
         return self.limiter.wrap(outputs, client)
 

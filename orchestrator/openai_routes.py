@@ -115,12 +115,13 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
         jobs += [(ids, choice_params(sampling, i), echo) for i in range(req.candidates)]
     token_text = router.tokenizer.token_text if req.sampling.logprobs else None
     builder = ResponseBuilder(chat, req.model or router.model_name, token_text)
+    slots = router.admit(len(jobs))
     streams = [
         ctx.run(
             ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival,
-            stream=req.stream, api=request.url.path,
+            stream=req.stream, api=request.url.path, slot=slot,
         )
-        for ids, sampling, _ in jobs
+        for (ids, sampling, _), slot in zip(jobs, slots, strict=True)
     ]  # fmt: skip
     echoes = [echo for _, _, echo in jobs]
     if req.stream:

@@ -51,6 +51,24 @@ from workers.engine.messages import (
 logger = logging.getLogger(__name__)
 
 
+class QueueSlot:
+    """A request's place in `Router.num_queued` (requests without their first token yet):
+    taken at admission, given back at the request's first token or end — or, for a request
+    whose outputs were never read, when the slot is dropped."""
+
+    def __init__(self, router: Router):
+        router.num_queued += 1
+        self._router: Router | None = router
+
+    def release(self) -> None:
+        if self._router is not None:
+            self._router.num_queued -= 1
+            self._router = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
 class Router:
     def __init__(
         self,
@@ -209,8 +227,10 @@ class Router:
         rid: str | None = None,
         timeout_s: float | None = None,
         stream: bool = True,
+        slot: QueueSlot | None = None,
     ) -> AsyncGenerator[Output, None]:
-        """Run one request; yield its `Output`s, the last with `finish_reason` set.
+        """Run one request; yield its `Output`s, the last with `finish_reason` set. `slot`: its
+        place from `admit` (taken here when not given).
 
         `stream=False`: the caller wants the output whole. Unless there are stop strings to
         match as the text grows, the rank then sends the first token and the rest at the end
@@ -221,9 +241,11 @@ class Router:
         or a stop string or timeout aborts the request on its rank. A request whose rank died
         while taking it, and a disaggregated request that fails before its first token (a rank
         died, a transfer failed), is retried once on another rank (pair) when there is one."""
-        self.check_admission()
+        if slot is None:
+            (slot,) = self.admit()
         rid = rid or uuid.uuid4().hex
         if rid in self._rank_rids:
+            slot.release()
             raise ValueError(f"rid: request {rid!r} is already running")
         used: list[tuple[int, int | None]] = []
         whole = not stream and not stop
@@ -231,8 +253,6 @@ class Router:
         streamed = False  # a token reached the consumer: too late to retry
         avoid: frozenset[int] | None = None  # set when the request is to be retried
         reason: str | None = None
-        self.num_queued += 1
-        queued = True  # counted in num_queued until its first token (or its end)
         try:
             try:
                 async with contextlib.aclosing(first) as outs:
@@ -240,8 +260,8 @@ class Router:
                         retry = out.finish_reason == "error" and not streamed and not out.token_ids
                         if not (retry and used and used[0][1] is not None):
                             streamed = streamed or bool(out.token_ids)
-                            if queued:
-                                queued = self._still_queued(out)
+                            if out.token_ids or out.finish_reason is not None:
+                                slot.release()  # no longer waits for its first token
                             yield out
                             continue
                         # Another prefill rank; a dead decode rank is skipped anyway (not live).
@@ -269,18 +289,20 @@ class Router:
             second = self._attempt(input_ids, sampling, stop, rid, timeout_s, avoid, used, whole)
             async with contextlib.aclosing(second) as outs:
                 async for out in outs:
-                    if queued:
-                        queued = self._still_queued(out)
+                    if out.token_ids or out.finish_reason is not None:
+                        slot.release()
                     yield out
         finally:
-            if queued:
-                self.num_queued -= 1
+            slot.release()
 
-    def check_admission(self) -> None:
-        """RouterNotReady while draining or while no rank (pair) can take a request (a pool is
-        down), `Overloaded` while `max_queued_requests` wait for their first token. `generate`
-        checks it; front ends call it first as well, so that a stream is refused with a
-        status rather than an error event."""
+    def admit(self, count: int = 1) -> list[QueueSlot]:
+        """Places for a request of `count` outputs (choices, prompts of a batch) among those
+        waiting for their first token. RouterNotReady while draining or while no rank (pair)
+        can take a request (a pool is down); `Overloaded` while `max_queued_requests` wait
+        already — checked once for the whole request, so that one of more outputs than the
+        cap is still served when there is room. Front ends admit a request before its stream
+        starts, so that a refusal is a status (503), not an error event; `generate` admits
+        the requests given it without a place."""
         if self.draining:
             raise RouterNotReady("the server is shutting down (draining the requests in flight)")
         if not self.ranks.can_pick(frozenset()):
@@ -292,14 +314,7 @@ class Router:
                 f"overloaded: {self.num_queued} requests are waiting for their first token "
                 f"(--max-queued-requests {cap}); retry later"
             )
-
-    def _still_queued(self, out: Output) -> bool:
-        """Whether a request still waits for its first token after `out`; when it no longer
-        does, it leaves `num_queued`."""
-        if out.token_ids or out.finish_reason is not None:
-            self.num_queued -= 1
-            return False
-        return True
+        return [QueueSlot(self) for _ in range(count)]
 
     async def _attempt(
         self,

@@ -150,13 +150,15 @@ def create_app(
         ]
         rids = [body.rid or uuid.uuid4().hex for _ in jobs]
         token_text = router.tokenizer.token_text if body.logprob_text else None
+        slots = router.admit(len(jobs))
 
         async def one(i: int) -> GenerateResult:
             ids, sampling, stop = jobs[i]
             result = GenerateResult(rids[i], "", [], len(ids), 0, None, 0.0)
             outputs = ctx.run(
-                ids, sampling, stop, client_of(request), rids[i], arrival, stream=False
-            )
+                ids, sampling, stop, client_of(request), rids[i], arrival, stream=False,
+                slot=slots[i],
+            )  # fmt: skip
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
                     if out.finish_reason in ("error", "timeout"):
@@ -166,8 +168,8 @@ def create_app(
 
         if body.stream:  # one prompt, `n` choices
             streams = [
-                ctx.run(ids, sampling, stop, client_of(request), rid, arrival)
-                for (ids, sampling, stop), rid in zip(jobs, rids, strict=True)
+                ctx.run(ids, sampling, stop, client_of(request), rid, arrival, slot=slot)
+                for (ids, sampling, stop), rid, slot in zip(jobs, rids, slots, strict=True)
             ]
             prompt = (jobs[0][0], body.logprob_start_len) if body.logprob_start_len >= 0 else None
             events = _generate_events(

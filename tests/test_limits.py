@@ -4,7 +4,6 @@ RESOURCE_EXHAUSTED), and the limiter's bookkeeping (a slot is never leaked)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 from collections.abc import AsyncGenerator
 
@@ -105,12 +104,16 @@ def test_server_sheds_load_past_max_queued_requests(launch_tiny):
 
         async def shed() -> None:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                held = [client.stream("POST", "/generate", json=body) for _ in range(2)]
-                waiting = [asyncio.ensure_future(h.__aenter__()) for h in held]
-                for _ in range(1000):
-                    if server.router.num_queued == 2:
-                        break
-                    await asyncio.sleep(0.01)
+                # A burst of six streams at once: two are admitted, four refused with the
+                # status (not a 200 whose stream carries the refusal).
+                burst = [client.stream("POST", "/generate", json=body) for _ in range(6)]
+                answers = await asyncio.gather(*(b.__aenter__() for b in burst))
+                assert sorted(a.status_code for a in answers) == [200, 200, 503, 503, 503, 503]
+                held = [b for b, a in zip(burst, answers, strict=True) if a.status_code == 200]
+                for b, a in zip(burst, answers, strict=True):
+                    if a.status_code == 503:
+                        assert a.headers["retry-after"] == "1"
+                        await b.__aexit__(None, None, None)
                 assert server.router.num_queued == 2
                 chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
                 for route, call in [
@@ -133,15 +136,12 @@ def test_server_sheds_load_past_max_queued_requests(launch_tiny):
                     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
                     assert "overloaded" in (err.value.details() or "")
                 stats = (await client.get("/v1/stats")).json()
-                assert stats["num_waiting_first_token"] == 2 and stats["num_shed"] == 5
+                assert stats["num_waiting_first_token"] == 2 and stats["num_shed"] == 9
                 metrics = (await client.get("/metrics")).text
-                assert "pdserve_requests_shed_total 5.0" in metrics
+                assert "pdserve_requests_shed_total 9.0" in metrics
                 assert "pdserve_requests_waiting_first_token 2.0" in metrics
                 # The waiting ones leave (their clients go): room again.
-                for w, h in zip(waiting, held, strict=True):
-                    w.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await w
+                for h in held:
                     await h.__aexit__(None, None, None)
                 for _ in range(1000):
                     if server.router.num_queued == 0 and server.router.num_in_flight == 0:
@@ -150,8 +150,10 @@ def test_server_sheds_load_past_max_queued_requests(launch_tiny):
                 assert server.router.num_queued == 0 and server.router.num_in_flight == 0
 
         asyncio.run(shed())
-        call = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2}}
+        # A request of more outputs than the cap is admitted as a whole when there is room.
+        call = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2, "n": 3}}
         r = httpx.post(f"{server.url}/generate", json=call, timeout=30)
-        assert r.status_code == 200, r.text
+        assert r.status_code == 200 and len(r.json()) == 3, r.text
+        assert server.router.num_queued == 0
     finally:
         server.stop()
