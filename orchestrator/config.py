@@ -259,6 +259,8 @@ def check_tls_files(certfile: str, keyfile: str) -> None:
 
 def check_client_cas(cafile: str) -> None:
     """ValueError unless `cafile` holds at least one PEM CA certificate."""
+    if not cafile:
+        raise ValueError("--ssl-ca-certs: empty; give the PEM file of the clients' CAs")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_verify_locations(cafile=cafile)
@@ -270,3 +272,8 @@ def check_client_cas(cafile: str) -> None:
         ) from None
     if not context.cert_store_stats()["x509"]:
         raise ValueError(f"--ssl-ca-certs {cafile}: holds no certificate")
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 address in brackets (`[::1]:30000`), as URLs and gRPC want it."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.auth import api_key_refusal, bearer, same_secret
-from orchestrator.config import ServeConfig
+from orchestrator.config import ServeConfig, host_port
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.protocol import parse_generate, prepare_call
@@ -342,7 +342,7 @@ class GrpcServer:
         )
         reflection.enable_server_reflection(names, self.server)
         assert config.grpc_port is not None
-        self.where = f"{config.host}:{config.grpc_port}"
+        self.where = host_port(config.host, config.grpc_port)
         self.tls = config.tls
         self.port = 0  # bound by `start`
         self.serving = False  # what the health service says

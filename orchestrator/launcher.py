@@ -28,7 +28,7 @@ import ray
 import uvicorn
 from fastapi import FastAPI
 
-from orchestrator.config import ServeConfig, TlsFiles
+from orchestrator.config import ServeConfig, TlsFiles, host_port
 from orchestrator.placement import PoolPlacement, PoolSpec, place_pools, remove_placements
 from orchestrator.router import Router
 from orchestrator.server import create_app
@@ -289,7 +289,7 @@ class ServerThread:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{self.scheme}://{host_port(host, self.port)}"
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

@@ -24,11 +24,18 @@ from workers.model.config import ModelConfig
 
 def preflight(config: ServeConfig, model_dir: Path, local: bool) -> list[str]:
     model = ModelConfig.from_dir(model_dir)
+    if not any(model_dir.glob("*.safetensors")):
+        raise ValueError(
+            f"{model_dir}: no *.safetensors files (an interrupted download? pdserve reads "
+            "safetensors checkpoints only)"
+        )
     tokenizer = Tokenizer.from_dir(model_dir)
     warnings = check_pools(config, model, local)
     check_placements(config, model)
     check_listen(config.host, config.port, "--port")
     if config.grpc_port:
+        if config.grpc_port == config.port:
+            raise ValueError(f"--grpc-port {config.grpc_port}: the same port as --port")
         check_listen(config.host, config.grpc_port, "--grpc-port")
     if local and config.engine.device == "cuda":
         import torch

@@ -289,6 +289,8 @@ def test_api_key_settings_are_checked(tmp_path, monkeypatch):
     assert mutual.tls == TlsFiles(cert, key, other_cert)
     with pytest.raises(ValueError, match="needs TLS"):
         ServeConfig(ssl_ca_certs=other_cert)
+    with pytest.raises(ValueError, match="--ssl-ca-certs: empty"):
+        ServeConfig(ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs="")
     with pytest.raises(ValueError, match="--ssl-ca-certs: no such file"):
         ServeConfig(ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs=str(tmp_path / "no.pem"))
     with pytest.raises(ValueError, match="--ssl-ca-certs .*(cannot load|holds no)"):

@@ -60,6 +60,10 @@ def test_a_repository_id_resolves_to_its_snapshot_and_errors_say_what_is_wrong(
         ServeConfig(model=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no such dir"):
         ServeConfig(model="a/b/c")  # neither a path nor ORG/NAME
+    with pytest.raises(ValueError, match="no such dir"):
+        ServeConfig(model="myorg/t\u00efny")  # repository ids are ASCII
+    with pytest.raises(ValueError, match="--model myorg/..: not a valid repository id"):
+        checkpoint_dir(CheckpointSource("myorg/..", download_dir=str(hub_cache)))
     with pytest.raises(ValueError, match="no config.json"):
         ServeConfig(model=str(tmp_path))
     with pytest.raises(ValueError, match="--revision is for Hub repositories"):

@@ -79,6 +79,17 @@ def test_listen_addresses_are_checked(tiny_model_dir):
     with pytest.raises(ValueError, match="--host no-such-host.invalid: cannot resolve it"):
         check_listen("no-such-host.invalid", 30000, "--port")
     check_listen("127.0.0.1", 0, "--port")
+    with pytest.raises(ValueError, match="--grpc-port 31234: the same port as --port"):
+        preflight(ServeConfig(port=31234, grpc_port=31234), tiny_model_dir, local=True)
+
+
+def test_ipv6_addresses_are_bracketed_for_urls_and_grpc():
+    from orchestrator.config import host_port
+
+    assert host_port("::1", 30000) == "[::1]:30000"
+    assert host_port("127.0.0.1", 30000) == "127.0.0.1:30000"
+    assert host_port("localhost", 1) == "localhost:1"
+    assert host_port("[::1]", 2) == "[::1]:2"
 
 
 def test_tokenizer_problems_name_the_file(tiny_model_dir, tmp_path):
@@ -95,6 +106,10 @@ def test_tokenizer_problems_name_the_file(tiny_model_dir, tmp_path):
     config_path.write_text(json.dumps(config))
     (model / "tokenizer.json").write_text("[]")
     with pytest.raises(ValueError, match=r"tokenizer.json: not a tokenizer file"):
+        preflight(_config(), model, local=True)
+    for weights in model.glob("*.safetensors"):  # an interrupted download
+        weights.unlink()
+    with pytest.raises(ValueError, match=r"no \*.safetensors files"):
         preflight(_config(), model, local=True)
 
 

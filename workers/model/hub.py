@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 # What serving needs of a checkpoint repository (DeepSeek's also hold code, papers, figures).
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ def _fetch(source: CheckpointSource) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             GatedRepoError,
+            HFValidationError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
@@ -97,6 +98,8 @@ def _fetch(source: CheckpointSource) -> Path:
             cache_dir=source.download_dir,
             allow_patterns=CHECKPOINT_FILES,
         )
+    except HFValidationError as e:
+        raise ValueError(f"--model {where}: not a valid repository id ({e})") from None
     except LocalEntryNotFoundError:
         raise ValueError(
             f"--model {where}: not in the Hub cache"
