@@ -417,8 +417,9 @@ def test_mutual_tls_serves_only_clients_with_a_trusted_certificate(mutual, cert,
     trust = ["--ca-cert", cert[0]]
     mine = ["--client-cert", client[0], "--client-key", client[1]]
     prompt = ["--prompt", "hello", "--max-new-tokens", "3"]
-    assert main(["generate", "--url", server.url, *trust, *prompt]) == 1
-    capsys.readouterr()
+    for where in (["--url", server.url], ["--grpc", server.grpc_address]):
+        assert main(["generate", *where, *trust, *prompt]) == 1  # no certificate: a hint
+        assert "give yours: --client-cert" in capsys.readouterr().err
     assert main(["generate", "--url", server.url, *trust, *mine, *prompt]) == 0
     assert main(["generate", "--grpc", server.grpc_address, *trust, *mine, *prompt]) == 0
     combined = Path(client[0]).parent / "client-both.pem"

@@ -89,12 +89,17 @@ def grpc_channel(args: argparse.Namespace, address: str) -> Any:
 
 
 def tls_hint(url: str, error: BaseException) -> str:
-    """A hint to add to `error` when an http:// URL met a server that closed at once (one
-    that speaks HTTPS does); "" otherwise."""
+    """A hint to add to `error` when the server closed the connection at once: over http://,
+    one that speaks HTTPS does; over https://, one that wants a client certificate; ""
+    otherwise."""
     said = f"{error} {_cause(error)}".lower()
-    if url.startswith("http://") and ("disconnected" in said or "connection reset" in said):
+    if "disconnected" not in said and "connection reset" not in said:
+        return ""
+    if url.startswith("http://"):
         return " (if the server has TLS on, use https:// and --ca-cert)"
-    return ""
+    # A server with --ssl-ca-certs ends the handshake of a client without a certificate (or
+    # with one its CAs did not sign) this way.
+    return " (if the server wants client certificates, give yours: --client-cert)"
 
 
 # ---- what went wrong, in one line ---------------------------------------------------------------
@@ -197,6 +202,8 @@ def grpc_error(args: argparse.Namespace, error: Any) -> str:
     line = f"error: {code}: {details}"
     if code == "UNAVAILABLE" and not uses_tls(args):
         line += " (if the server has TLS on, add --ca-cert)"
+    elif code == "UNAVAILABLE" and "Socket closed" in details:
+        line += " (if the server wants client certificates, give yours: --client-cert)"
     return line
 
 
