@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -31,15 +32,30 @@ def generate(out_dir: Path) -> None:
         raise RuntimeError("protoc failed on proto/pdserve.proto")
 
 
+# The versions of protoc and grpcio-tools that generated a stub, stamped into it: a newer
+# patch release of the tools changes them and nothing else, so they do not make a stub stale.
+_VERSION_STAMPS = (
+    re.compile(r"^(GRPC_GENERATED_VERSION = ).*$", re.M),
+    re.compile(r"^(# Protobuf Python Version: ).*$", re.M),
+    re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)[\s\d,]*"),
+)
+
+
+def _unstamped(text: str) -> str:
+    for stamp in _VERSION_STAMPS:
+        text = stamp.sub(r"\1<version>", text)
+    return text
+
+
 def stale_files() -> list[str]:
-    """Stubs that differ from what the .proto generates now."""
+    """Stubs that differ from what the .proto generates now (beyond the tools' versions)."""
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         stale = []
         for name in OUTPUTS:
             fresh = (Path(tmp) / "proto" / name).read_text()
             committed = HERE / name
-            if not committed.is_file() or committed.read_text() != fresh:
+            if not committed.is_file() or _unstamped(committed.read_text()) != _unstamped(fresh):
                 stale.append(name)
                 if committed.is_file():
                     diff = difflib.unified_diff(
