@@ -121,9 +121,10 @@ def test_serve_stops_at_the_first_mistake_without_starting_ray(capsys):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{closed.getsockname()[1]}"
-    assert main(["serve", "--port", "0", "--address", address]) == 2
-    out = capsys.readouterr().out
-    assert f"error: --address {address}: no Ray cluster answers there" in out
+    for where in (address, f"[::1]:{address.rsplit(':', 1)[1]}"):  # IPv6 in brackets
+        assert main(["serve", "--port", "0", "--address", where]) == 2
+        out = capsys.readouterr().out
+        assert f"error: --address {where}: no Ray cluster answers there" in out
 
 
 def test_a_rank_that_fails_to_start_is_reported_by_its_error_line():

@@ -307,11 +307,13 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
     ValueError) naming the address when there is none to join, rather than Ray's retries."""
     import ray
 
+    from orchestrator.launcher import starts_local_ray
+
     address = config.ray_address
     if address and address != "auto" and "://" not in address:
         host, _, port = address.rpartition(":")
         try:
-            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 5):
                 pass
         except ValueError:
             raise ValueError(
@@ -325,7 +327,7 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
     # A Ray of this process's own dies with it: when a signal to the whole process group
     # (systemd, `timeout`, Ctrl-C in some shells) ends its GCS too, waiting a minute for the
     # GCS to come back (Ray's default) only delays the exit.
-    system = {"gcs_rpc_server_reconnect_timeout_s": 5} if address is None else None
+    system = {"gcs_rpc_server_reconnect_timeout_s": 5} if starts_local_ray(config) else None
     try:
         return ray.init(
             address=address, num_cpus=num_cpus, logging_level=logging.WARNING,
