@@ -18,6 +18,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from orchestrator.tool_parser import MARKERS
+from workers.model.config import read_json
 
 
 class ChatTemplateError(ValueError):
@@ -60,10 +61,7 @@ def _compile_template(source: str) -> tuple[jinja2.Template, bool]:
 
 def _json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object; ValueError naming the file otherwise."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

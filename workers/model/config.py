@@ -154,16 +154,7 @@ class ModelConfig:
             raise FileNotFoundError(
                 f"{path} not found: --model must be a Hugging Face checkpoint dir"
             )
-        try:
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf(hf, source=str(path))
+        return cls.from_hf(read_json(path), source=str(path))
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -319,6 +310,19 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         attention_factor=optional_number("attention_factor"),
         truncate=_bool(name("truncate"), _given(params, "truncate", True)),
     )
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; ValueError naming the file when it cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 # ---- config.json values, checked (the messages name the key) ------------------------------------
