@@ -90,6 +90,15 @@ class EPLBService:
         self._busy = False
         self._periodic: asyncio.Task[None] | None = None
 
+    async def add_pool(self, pool: PoolHandle) -> None:
+        """Take on a pool instance started while serving (scaled up)."""
+        self.pools[pool.name] = _PoolState(pool)
+
+    async def remove_pool(self, name: str) -> None:
+        """Forget a pool instance that is going (scaled down); a rebalance running on it
+        fails there, the others go on."""
+        self.pools.pop(name, None)
+
     async def start(self) -> None:
         """Start the periodic trigger (when `interval_s` is set)."""
         if self.interval_s and self._periodic is None:
@@ -115,7 +124,7 @@ class EPLBService:
         """Add every rank's load since its last report to its pool's window. A pool whose
         ranks do not answer (one died or is restarting) is marked `down` until they do; the
         other pools are not held up by it."""
-        for state in self.pools.values():
+        for state in list(self.pools.values()):  # pools may come and go meanwhile (scaling)
             try:
                 loads = await self._gather(state, "expert_load")
                 # From the ranks each time: a pool whose ranks restarted is back at its
@@ -192,8 +201,11 @@ class EPLBService:
                 }
             reports = []
             for name in names:
-                given = targets.get(name)
-                report = await self._rebalance_pool(self.pools[name], only_if_unbalanced, given)
+                state = self.pools.get(name)
+                if state is None:  # scaled down meanwhile
+                    reports.append(asdict(PoolReport(name, ok=True, skipped="removed")))
+                    continue
+                report = await self._rebalance_pool(state, only_if_unbalanced, targets.get(name))
                 reports.append(asdict(report))
             return reports
         finally:

@@ -6,6 +6,13 @@
 - `GET /admin/experts` — per pool: placement (`phy2log`), recorded load, balancedness.
 - `POST /admin/flush_cache` — every rank forgets its prefix cache (requests in flight keep
   their pages); replies `{"num_pages_freed": n}`.
+- `GET /admin/pools` — the pool instances: name, role, state (starting, serving, draining),
+  ranks, requests on them; and whether a scale runs.
+- `POST /admin/scale` — body `{"prefill": n, "decode": m}` (a colocated server: `"colocated"`),
+  `"remove": [names]`, `"drain_timeout_s"` (default `--drain-timeout`): start and drain pool
+  instances (`orchestrator.pools`); replies when done with what started, what was removed,
+  what failed (`ok` false then), the requests a drain timeout ended, the seconds, and the
+  pools. 409 while another scale runs.
 
 `Authorization: Bearer <token>` is required: missing → 401, wrong → 403. Without a token set
 (`pdserve serve --admin-token` or `PDSERVE_ADMIN_TOKEN`) the routes answer 404: admin is off.
@@ -14,17 +21,21 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from orchestrator.auth import bearer, same_secret
+from orchestrator.pools import PoolSet, ScaleError, ScaleInProgress, drain_seconds
 from orchestrator.request_fields import RequestError
 from orchestrator.streaming import read_json
 from workers.engine.messages import short_error
 
-ADMIN_ROUTES = {"/admin/rebalance", "/admin/experts", "/admin/flush_cache"}
+ADMIN_ROUTES = {
+    "/admin/rebalance", "/admin/experts", "/admin/flush_cache", "/admin/pools", "/admin/scale"
+}  # fmt: skip
 
 
 def check_token(request: Request, token: str | None) -> None:
@@ -50,9 +61,61 @@ def _no_service() -> RequestError:
     )  # fmt: skip
 
 
-def add_admin_routes(app: FastAPI, eplb: Any, token: str | None, router: Any = None) -> None:
+def add_admin_routes(
+    app: FastAPI,
+    eplb: Any,
+    token: str | None,
+    router: Any = None,
+    pools: PoolSet | None = None,
+    drain_timeout_s: float = 30.0,
+) -> None:
     """`eplb`: the `EPLBService` actor handle, or None when no pool is expert-parallel;
-    `router`: the `Router` (for the cache flush)."""
+    `router`: the `Router` (cache flush, scaling); `pools`: the pool instances the server
+    started (None: it was given its ranks, and cannot scale them)."""
+
+    def _pools() -> PoolSet:
+        if pools is None or router is None:
+            raise RequestError(
+                "this server was given its ranks and does not start or stop pool instances",
+                None, 409, "conflict",
+            )  # fmt: skip
+        return pools
+
+    @app.get("/admin/pools")
+    async def list_pools(request: Request) -> JSONResponse:
+        check_token(request, token)
+        own = _pools()
+        return JSONResponse({"pools": own.describe(router.requests_on), "scaling": own.scaling})
+
+    @app.post("/admin/scale")
+    async def scale(request: Request) -> JSONResponse:
+        check_token(request, token)
+        own = _pools()
+        body = await read_json(request, 1 << 20) if await request.body() else {}
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object", None)
+        unknown = sorted(set(body) - {*own.counts(), "remove", "drain_timeout_s"})
+        if unknown:
+            allowed = ", ".join([*sorted(own.counts()), "remove", "drain_timeout_s"])
+            raise RequestError(f"{unknown[0]}: unknown field (this server takes {allowed})",
+                               unknown[0])  # fmt: skip
+        remove = body.get("remove", [])
+        if not (isinstance(remove, list) and all(isinstance(n, str) for n in remove)):
+            raise RequestError("remove must be a list of pool instance names", "remove")
+        counts = {k: v for k, v in body.items() if k not in ("remove", "drain_timeout_s")}
+        try:
+            drain_s = drain_seconds(body.get("drain_timeout_s"), drain_timeout_s)
+            # Shielded: a client that hangs up does not stop a scale halfway.
+            task = asyncio.ensure_future(own.scale(router, eplb, counts, remove, drain_s))
+            report = await asyncio.shield(task)
+        except ScaleError as e:
+            raise RequestError(str(e), e.field) from None
+        except ScaleInProgress as e:
+            status = 503 if router.draining or own.stopped else 409
+            raise RequestError(str(e), None, status, "conflict") from None
+        return JSONResponse(
+            {**asdict(report), "ok": report.ok, "pools": own.describe(router.requests_on)}
+        )
 
     @app.post("/admin/flush_cache")
     async def flush_cache(request: Request) -> JSONResponse:

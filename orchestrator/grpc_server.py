@@ -24,6 +24,7 @@ from orchestrator.auth import api_key_refusal, bearer, same_secret
 from orchestrator.config import ServeConfig, host_port
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
+from orchestrator.pools import PoolSet, ScaleError, ScaleInProgress, drain_seconds
 from orchestrator.protocol import parse_generate, prepare_call
 from orchestrator.ranks import RouterNotReady
 from orchestrator.request_fields import RequestError
@@ -136,10 +137,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         eplb: Any = None,
         limiter: ClientLimiter | None = None,
         metrics: Metrics | None = None,
+        pools: PoolSet | None = None,
     ):
         self.router = router
         self.config = config
         self.eplb = eplb
+        self.pools = pools  # the server's pool instances (None: it was given its ranks)
         self.limiter = limiter or ClientLimiter(config.max_concurrent_requests_per_client)
         self.metrics = metrics or Metrics()  # the HTTP app's, so /metrics counts gRPC too
 
@@ -248,7 +251,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rid: required")
         return pb.AbortResponse(found=await self.router.abort(request.rid))
 
-    async def _admin(self, context: grpc.aio.ServicerContext) -> None:
+    async def _admin(self, context: grpc.aio.ServicerContext, experts: bool = True) -> None:
+        """Abort unless the call carries the admin token (and, with `experts`, unless there
+        is an expert-parallel pool)."""
         token = self.config.admin_token
         if token is None:
             await context.abort(
@@ -264,10 +269,56 @@ class GenerationService(pb_grpc.GenerationServicer):
         assert token is not None and given is not None
         if not same_secret(given, token):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
-        if self.eplb is None:
+        if experts and self.eplb is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "no expert-parallel pool to rebalance"
             )
+
+    async def _pool_set(self, context: grpc.aio.ServicerContext) -> PoolSet:
+        await self._admin(context, experts=False)
+        if self.pools is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server was given its ranks and does not start or stop pool instances",
+            )
+        assert self.pools is not None
+        return self.pools
+
+    def _instances(self) -> list[pb.PoolInstance]:
+        assert self.pools is not None
+        return [pb.PoolInstance(**p) for p in self.pools.describe(self.router.requests_on)]
+
+    async def Pools(  # noqa: N802
+        self, request: pb.PoolsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PoolsResponse:
+        pools = await self._pool_set(context)
+        return pb.PoolsResponse(pools=self._instances(), scaling=pools.scaling)
+
+    async def Scale(  # noqa: N802
+        self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScaleResponse:
+        pools = await self._pool_set(context)
+        try:
+            drain_s = drain_seconds(
+                request.drain_timeout_s if request.HasField("drain_timeout_s") else None,
+                self.config.drain_timeout_s,
+            )
+            counts = dict(request.instances)
+            # Shielded: a cancelled call does not stop a scale halfway.
+            task = asyncio.ensure_future(
+                pools.scale(self.router, self.eplb, counts, list(request.remove), drain_s)
+            )
+            report = await asyncio.shield(task)
+        except ScaleError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ScaleInProgress as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.ScaleResponse(
+            ok=report.ok, started=report.started, removed=report.removed,
+            failed=[pb.ScaleFailure(**f) for f in report.failed],
+            requests_ended=report.requests_ended, seconds=report.seconds,
+            pools=self._instances(),
+        )  # fmt: skip
 
     async def Rebalance(  # noqa: N802
         self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext
@@ -326,12 +377,13 @@ class GrpcServer:
         eplb: Any = None,
         limiter: ClientLimiter | None = None,
         metrics: Metrics | None = None,
+        pools: PoolSet | None = None,
     ):
         # No SO_REUSEPORT (gRPC's default on Linux): with it a second server bound to a port in
         # use starts without error and the two split the connections between them.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(router, config, eplb, limiter, metrics), self.server
+            GenerationService(router, config, eplb, limiter, metrics, pools), self.server
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)

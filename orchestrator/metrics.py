@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from orchestrator.outputs import Output
 from orchestrator.request_log import log_request
@@ -23,9 +26,56 @@ _TPOT_BUCKETS_S = (
 )  # fmt: skip
 
 
+POOL_STATES = ("starting", "serving", "draining")
+
+
+class Totals(Collector):
+    """A Prometheus counter whose values are read from counts kept elsewhere — each rank's
+    stats, the router's, the EPLB service's — by `source` (a process that counts since it
+    started: a rank, the router). The total stays monotonic as a counter must: when a source's
+    count goes down it started again (a rank restarted), and its earlier count is kept; a
+    source that is not heard from any more (a rank whose instance was scaled down) keeps its
+    last count in the total."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        registry: CollectorRegistry | None = None,
+    ):
+        self.name = name.removesuffix("_total")
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self._ended: dict[tuple[str, ...], float] = {}  # labels -> counts of ended sources
+        self._last: dict[tuple[tuple[str, ...], str], float] = {}  # (labels, source) -> count
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, source: str, value: float, *labels: str) -> None:
+        """`source`'s count now (for these label values)."""
+        key = (labels, source)
+        last = self._last.get(key, 0.0)
+        if value < last:  # the source started counting again
+            self._ended[labels] = self._ended.get(labels, 0.0) + last
+        self._last[key] = value
+
+    def value(self, *labels: str) -> float:
+        return self._ended.get(labels, 0.0) + sum(
+            v for (lab, _), v in self._last.items() if lab == labels
+        )
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels in sorted({lab for lab, _ in self._last} | set(self._ended)):
+            family.add_metric(list(labels), self.value(*labels))
+        return [family]
+
+
 class Metrics:
     def __init__(self, log_requests: bool = False) -> None:
         self.log_requests = log_requests  # a line per ended request (`orchestrator.request_log`)
+        self._eplb_pools: set[str] = set()  # the pools of the last EPLB reading
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -58,59 +108,64 @@ class Metrics:
         self.pages_cached = Gauge(
             "pdserve_kv_pages_cached", "Free KV pages that still hold a cached prefix", registry=r
         )
-        self.prefix_queried = Gauge(
+        self.prefix_queried = Totals(
             "pdserve_prefix_cache_queried_tokens_total",
-            "Prompt tokens looked up in the prefix caches of the live ranks", registry=r,
+            "Prompt tokens looked up in the ranks' prefix caches", registry=r,
         )  # fmt: skip
-        self.prefix_hits = Gauge(
+        self.prefix_hits = Totals(
             "pdserve_prefix_cache_hit_tokens_total",
-            "Prompt tokens found in the prefix caches of the live ranks (not computed again)",
+            "Prompt tokens found in the ranks' prefix caches (not computed again)",
             registry=r,
         )
-        self.transfer_skipped = Gauge(
+        self.transfer_skipped = Totals(
             "pdserve_kv_transfer_skipped_tokens_total",
             "Prompt tokens whose KV the decode ranks' prefix caches held (not transferred)",
             registry=r,
         )
-        self.kv_parked = Gauge(
+        self.kv_parked = Totals(
             "pdserve_kv_parked_total",
             "Computed prompts whose pages a prefill rank took back for a prompt with decode pages "
             "reserved (computed again once their own decode pages are)",
             registry=r,
         )
-        self.preemptions = Gauge(
+        self.preemptions = Totals(
             "pdserve_preemptions_total",
             "Running requests put back in the queue for lack of KV pages (recomputed later)",
             registry=r,
         )
-        self.kv_transfers = Gauge(
+        self.kv_transfers = Totals(
             "pdserve_kv_transfers_total",
-            "KV transfers ended on the live ranks, by side (send: prefill ranks, receive: "
+            "KV transfers ended on the ranks, by side (send: prefill ranks, receive: "
             "decode ranks) and outcome (ok, failed)",
             ["side", "outcome"], registry=r,
         )  # fmt: skip
-        self.kv_transfer_bytes = Gauge(
+        self.kv_transfer_bytes = Totals(
             "pdserve_kv_transfer_bytes_total", "KV bytes moved by the successful transfers, by side",
             ["side"], registry=r,
         )  # fmt: skip
-        self.kv_transfer_seconds = Gauge(
+        self.kv_transfer_seconds = Totals(
             "pdserve_kv_transfer_seconds_total",
             "Seconds of the successful transfers from start to end, by side (a receive's include "
             "the wait for its prompt; divide by the ok count for the mean)",
             ["side"], registry=r,
         )  # fmt: skip
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
+        self.pool_instances = Gauge(
+            "pdserve_pool_instances",
+            "Pool instances by role and state (starting, serving, draining: see pdserve scale)",
+            ["role", "state"], registry=r,
+        )  # fmt: skip
         self.finished = Counter(
             "pdserve_request_finish",
             "Requests ended, by finish reason (stop, length, abort, timeout, error)",
             ["reason"], registry=r,
         )  # fmt: skip
-        self.retries = Gauge(
+        self.retries = Totals(
             "pdserve_request_retries_total",
             "Requests re-run on another rank (pair) after a failure before their first token",
             registry=r,
         )
-        self.rank_failures = Gauge(
+        self.rank_failures = Totals(
             "pdserve_rank_failures_total", "Times an engine rank was found dead or failed",
             registry=r,
         )  # fmt: skip
@@ -122,7 +177,7 @@ class Metrics:
             "Requests in flight without their first token yet (queued on a rank, or in prefill)",
             registry=r,
         )
-        self.shed = Gauge(
+        self.shed = Totals(
             "pdserve_requests_shed_total",
             "Requests refused with 503 because --max-queued-requests were waiting",
             registry=r,
@@ -133,15 +188,15 @@ class Metrics:
             ["pool"],
             registry=r,
         )  # fmt: skip
-        self.eplb_rebalances = Gauge(
+        self.eplb_rebalances = Totals(
             "pdserve_eplb_rebalances_total", "Expert rebalances done, per pool", ["pool"],
             registry=r,
         )  # fmt: skip
-        self.eplb_experts_moved = Gauge(
+        self.eplb_experts_moved = Totals(
             "pdserve_eplb_experts_moved_total", "Expert slots moved by rebalances, per pool",
             ["pool"], registry=r,
         )  # fmt: skip
-        self.gc_seconds = Gauge(
+        self.gc_seconds = Totals(
             "pdserve_gc_seconds_total",
             "Seconds spent in Python's garbage collector, per process (router, rank-N)",
             ["process"], registry=r,
@@ -157,6 +212,7 @@ class Metrics:
         )  # fmt: skip
 
     def set_rank_stats(self, stats: Sequence[RankStats | None]) -> None:
+        """Each rank's stats by index (None: not ready, not answering, or removed)."""
         live = [s for s in stats if s is not None]
         self.ranks_ready.set(len(live))
         self.running.set(sum(s.num_running for s in live))
@@ -164,42 +220,55 @@ class Metrics:
         self.pages_used.set(sum(s.num_pages_used for s in live))
         self.pages_free.set(sum(s.num_pages_free for s in live))
         self.pages_cached.set(sum(s.num_pages_cached for s in live))
-        self.prefix_queried.set(sum(s.num_prefix_queried_tokens for s in live))
-        self.prefix_hits.set(sum(s.num_prefix_hit_tokens for s in live))
-        self.transfer_skipped.set(sum(s.num_transfer_skipped_tokens for s in live))
-        self.kv_parked.set(sum(s.num_parked for s in live))
-        self.preemptions.set(sum(s.num_preemptions for s in live))
-        for side, fields in TRANSFER_FIELDS.items():
-            ok, failed, moved, took = (sum(getattr(s.transfers, f) for s in live) for f in fields)
-            self.kv_transfers.labels(side, "ok").set(ok)
-            self.kv_transfers.labels(side, "failed").set(failed)
-            self.kv_transfer_bytes.labels(side).set(moved)
-            self.kv_transfer_seconds.labels(side).set(took)
         router = gc_pauses.PROCESS
-        gc_by_process = [("router", router.seconds, router.longest_s)] + [
-            (f"rank-{i}", s.gc_seconds, s.gc_longest_pause_s)
-            for i, s in enumerate(stats)
-            if s is not None
-        ]
-        for process, seconds, longest in gc_by_process:
-            self.gc_seconds.labels(process).set(seconds)
-            self.gc_longest.labels(process).set(longest)
+        self.gc_seconds.observe("router", router.seconds, "router")
+        self.gc_longest.labels("router").set(router.longest_s)
+        for i, s in enumerate(stats):
+            if s is None:
+                continue
+            rank = f"rank-{i}"
+            self.prefix_queried.observe(rank, s.num_prefix_queried_tokens)
+            self.prefix_hits.observe(rank, s.num_prefix_hit_tokens)
+            self.transfer_skipped.observe(rank, s.num_transfer_skipped_tokens)
+            self.kv_parked.observe(rank, s.num_parked)
+            self.preemptions.observe(rank, s.num_preemptions)
+            for side, fields in TRANSFER_FIELDS.items():
+                ok, failed, moved, took = (getattr(s.transfers, f) for f in fields)
+                self.kv_transfers.observe(rank, ok, side, "ok")
+                self.kv_transfers.observe(rank, failed, side, "failed")
+                self.kv_transfer_bytes.observe(rank, moved, side)
+                self.kv_transfer_seconds.observe(rank, took, side)
+            self.gc_seconds.observe(rank, s.gc_seconds, rank)
+            self.gc_longest.labels(rank).set(s.gc_longest_pause_s)
+
+    def set_pools(self, pools: Sequence[dict[str, Any]]) -> None:
+        """The pool instances (`PoolSet.describe`)."""
+        counts: dict[tuple[str, str], int] = {}
+        for p in pools:
+            counts[p["role"], p["state"]] = counts.get((p["role"], p["state"]), 0) + 1
+        for role in {p["role"] for p in pools}:
+            for state in POOL_STATES:
+                self.pool_instances.labels(role, state).set(counts.get((role, state), 0))
 
     def set_router_stats(
         self, retries: int, rank_failures: int, draining: bool, queued: int, shed: int
     ) -> None:
-        self.retries.set(retries)
-        self.rank_failures.set(rank_failures)
+        self.retries.observe("router", retries)
+        self.rank_failures.observe("router", rank_failures)
         self.draining.set(int(draining))
         self.waiting_first_token.set(queued)
-        self.shed.set(shed)
+        self.shed.observe("router", shed)
 
     def set_eplb_stats(self, stats: dict[str, dict[str, float]]) -> None:
         for pool, st in stats.items():
             self.eplb_balancedness.labels(pool).set(st["balancedness"])
-            self.eplb_rebalances.labels(pool).set(st["rebalances"])
-            self.eplb_experts_moved.labels(pool).set(st["experts_moved"])
+            self.eplb_rebalances.observe("eplb", st["rebalances"], pool)
+            self.eplb_experts_moved.observe("eplb", st["experts_moved"], pool)
             self.eplb_pause.labels(pool).set(st["last_pause_s"])
+        for pool in self._eplb_pools - set(stats):  # scaled down: no reading any more
+            self.eplb_balancedness.remove(pool)
+            self.eplb_pause.remove(pool)
+        self._eplb_pools = set(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

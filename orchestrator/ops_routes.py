@@ -23,8 +23,9 @@ from orchestrator.tools import chat_prompt
 OPS_ROUTES = {"/health", "/metrics", "/v1/stats", "/abort_request", "/tokenize", "/detokenize"}
 
 
-def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None) -> None:
-    """`eplb`: the EPLB service actor, whose stats `/metrics` adds when there is one."""
+def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any = None) -> None:
+    """`eplb`: the EPLB service actor, whose stats `/metrics` adds when there is one; `pools`:
+    the `PoolSet` of the server's pool instances (None: it was given its ranks)."""
     router, config, metrics = ctx.router, ctx.config, ctx.metrics
 
     @app.get("/health")
@@ -41,6 +42,8 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None) -> None:
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.set_rank_stats(await router.stats())
+        if pools is not None:
+            metrics.set_pools(pools.describe())
         metrics.set_router_stats(
             router.num_retries, router.num_rank_failures, router.draining, router.num_queued,
             router.num_shed,
@@ -55,8 +58,11 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None) -> None:
         rank_stats = await router.stats()
         ranks = []
         for i, (info, st) in enumerate(zip(router.infos, rank_stats, strict=True)):
+            if i in router.ranks.removed:  # its pool instance was scaled down
+                continue
             entry: dict[str, Any] = {"rank": i, "ready": info is not None and st is not None}
             entry["error"] = router.rank_errors[i]
+            entry["draining"] = i in router.ranks.closed  # its pool instance is scaled down
             entry["info"] = asdict(info) if info is not None else None
             entry["stats"] = {**asdict(st), "num_pages_used": st.num_pages_used} if st else None
             ranks.append(entry)
@@ -69,6 +75,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None) -> None:
             "num_waiting_first_token": router.num_queued,
             "num_shed": router.num_shed,
             "ranks": ranks,
+            "pools": pools.describe(router.requests_on) if pools is not None else None,
         }
 
     @app.post("/abort_request")

@@ -144,7 +144,7 @@ class PoolPlacement:
 
     spec: PoolSpec
     group: Any  # ray.util.placement_group.PlacementGroup
-    node_ids: list[str] | None
+    selector: dict[str, str] | None  # the label selector its bundles carry (None: any node)
 
     def strategy(self, rank: int) -> Any:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -172,13 +172,12 @@ def shortfall(pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo]) -> str | Non
 
 def place_pools(
     pools: Sequence[PoolSpec], timeout_s: float = 60.0, fixed_cluster: bool = False
-) -> list[PoolPlacement]:
+) -> tuple[list[PoolPlacement], dict[str, dict[str, str]]]:
     """Reserve a placement group per pool instance; raise RuntimeError naming the pool and the
     cluster's resources when one cannot be placed within `timeout_s` — at once, when
-    `fixed_cluster` (a local Ray: no node will join) and the nodes can never hold the pools."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
+    `fixed_cluster` (a local Ray: no node will join) and the nodes can never hold the pools.
+    Also returns each role's label selector (`pool_selectors`), for instances placed later
+    (`reserve_groups`)."""
     nodes = cluster_nodes()
     missing = shortfall(pools, nodes)
     if missing and fixed_cluster:
@@ -195,6 +194,18 @@ def place_pools(
             "pools on separate nodes: %s",
             ", ".join(f"{role}: {len(ids)} node(s)" for role, ids in sorted(allowed.items())),
         )
+    return reserve_groups(pools, selectors, timeout_s), selectors
+
+
+def reserve_groups(
+    pools: Sequence[PoolSpec], selectors: dict[str, dict[str, str]], timeout_s: float
+) -> list[PoolPlacement]:
+    """A placement group per pool instance, its bundles carrying their role's selector; all
+    placed within `timeout_s`, else none (RuntimeError naming the pools that did not fit and
+    the resources free)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     placements: list[PoolPlacement] = []
     for spec in pools:
         selector = selectors.get(spec.role)
@@ -204,7 +215,7 @@ def place_pools(
             name=f"pdserve-{spec.name}-{time.monotonic_ns():x}",
             bundle_label_selector=[selector] * spec.num_ranks if selector else None,
         )
-        placements.append(PoolPlacement(spec, group, allowed.get(spec.role)))
+        placements.append(PoolPlacement(spec, group, selector))
     ready = {p.group.ready(): p for p in placements}
     done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout_s)
     if pending:

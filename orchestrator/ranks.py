@@ -106,6 +106,10 @@ class RankTable:
         self.num_add_calls = 0  # add frames or calls (each carries one or more adds)
         # Each rank's output stream, once connected: commands go on it (`send_command`).
         self.streams: list[asyncio.StreamWriter | None] = [None] * len(handles)
+        # Pool instances scaled down (`orchestrator.pools`): their ranks are not picked while
+        # they drain (`closed`), then forgotten (`removed`); indices are never reused.
+        self.closed: set[int] = set()
+        self.removed: set[int] = set()
         self._add_seq = 0
         # Add frames sent on a stream and not answered yet: rank -> seq -> their futures.
         self._unanswered: dict[int, dict[int, list[asyncio.Future[None]]]] = {}
@@ -121,11 +125,36 @@ class RankTable:
     def __len__(self) -> int:
         return len(self.handles)
 
+    def add_ranks(self, handles: Sequence[Any], infos: Sequence[RankInfo]) -> list[int]:
+        """Take on ready ranks (a pool instance scaled up); their indices."""
+        start = len(self.handles)
+        self.handles += handles
+        self.infos += infos
+        for column in (self.reserved_tokens, self.queued_prefill_tokens, self.running):
+            column += [0] * len(handles)
+        self.errors += [None] * len(handles)
+        self.streams += [None] * len(handles)
+        return list(range(start, len(self.handles)))
+
+    def remove(self, ranks: Sequence[int]) -> None:
+        """Forget `ranks` (their pool instance was scaled down): never picked, reported or
+        waited for again."""
+        for rank in ranks:
+            self.closed.add(rank)
+            self.removed.add(rank)
+            self.infos[rank] = None
+            self.errors[rank] = None
+
+    @property
+    def present(self) -> list[int]:
+        """The ranks not removed."""
+        return [i for i in range(len(self.handles)) if i not in self.removed]
+
     # ---- state ----------------------------------------------------------------------------
 
     @property
     def all_loaded(self) -> bool:
-        return all(i is not None for i in self.infos)
+        return all(self.infos[i] is not None for i in self.present)
 
     def is_live(self, rank: int) -> bool:
         return self.infos[rank] is not None and self.errors[rank] is None
@@ -133,7 +162,7 @@ class RankTable:
     @property
     def limits(self) -> Limits:
         infos = [i for i in self.infos if i is not None]
-        if len(infos) < len(self.handles):
+        if not self.all_loaded:
             raise RouterNotReady("the model is still loading")
         return Limits(
             vocab_size=min(i.vocab_size for i in infos),
@@ -152,7 +181,7 @@ class RankTable:
         return [
             RankLoad(
                 role=info.role if info is not None else "",
-                alive=self.is_live(i),
+                alive=self.is_live(i) and i not in self.closed,
                 kv_capacity_tokens=info.kv_capacity_tokens if info is not None else 0,
                 num_queued_prefill_tokens=self.queued_prefill_tokens[i],
                 num_reserved_tokens=self.reserved_tokens[i],
@@ -352,7 +381,7 @@ class RankTable:
 
     async def flush_prefix_cache(self) -> int:
         """Forget the prefix cache of every live rank; the cached pages freed in all."""
-        live = [h for i, h in enumerate(self.handles) if self.is_live(i)]
+        live = [h for i, h in enumerate(self.handles) if self.is_live(i)]  # not removed
         return sum(await asyncio.gather(*(h.flush_prefix_cache.remote() for h in live)))
 
     async def stats(self) -> list[RankStats | None]:

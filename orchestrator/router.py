@@ -105,7 +105,7 @@ class Router:
         self._requests: dict[str, RoutedRequest] = {}
         self._rank_rids: dict[str, str] = {}
         self._num_attempts = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # each rank's reader, by index
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         # Set when the server shuts down gracefully: new requests are refused (503, /health
@@ -118,10 +118,11 @@ class Router:
         """Start one task per rank: wait for it to be ready, then read its output until `close`."""
         self.loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        self._tasks = [
-            asyncio.create_task(self._run_rank(i), name=f"router-rank-{i}")
-            for i in range(len(self.ranks))
-        ]
+        for i in range(len(self.ranks)):
+            self._read(i)
+
+    def _read(self, index: int) -> None:
+        self._tasks[index] = asyncio.create_task(self._run_rank(index), name=f"router-rank-{index}")
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Return once every rank is ready; raise RouterNotReady if one died, TimeoutError."""
@@ -158,17 +159,51 @@ class Router:
     async def close(self, shutdown_ranks: bool = False) -> None:
         """Stop reading the ranks, end every in-flight request with an error, optionally shut ranks
         down."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+        await self._stop_reading(list(self._tasks))
         self._fail_requests(None, "the server is shutting down")
         if shutdown_ranks:
-            for handle in self.ranks.handles:
+            for i in self.ranks.present:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(handle.shutdown.remote(), 15)
+                    await asyncio.wait_for(self.ranks.handles[i].shutdown.remote(), 15)
+
+    async def _stop_reading(self, ranks: Sequence[int]) -> None:
+        tasks = [task for i in ranks if (task := self._tasks.pop(i, None)) is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ---- scaling (`orchestrator.pools`) ------------------------------------------------------
+
+    async def add_ranks(self, handles: Sequence[Any]) -> list[int]:
+        """Take on the ranks of a new pool instance (ready: their models are loaded); they
+        are picked for new requests from now on. Their indices."""
+        infos = await asyncio.gather(*(h.ready.remote() for h in handles))
+        indices = self.ranks.add_ranks(handles, infos)
+        for i in indices:
+            self._read(i)
+        return indices
+
+    def close_ranks(self, ranks: Sequence[int]) -> None:
+        """Pick `ranks` for no new request (their pool instance drains)."""
+        self.ranks.closed.update(ranks)
+
+    def requests_on(self, ranks: Sequence[int]) -> int:
+        """Requests in flight that still need one of `ranks` (to generate, or to compute
+        their prompt)."""
+        on = set(ranks)
+        return sum(1 for r in self._requests.values() if r.rank in on or r.prefill_rank in on)
+
+    async def remove_ranks(self, ranks: Sequence[int], message: str) -> None:
+        """Forget `ranks` (their pool instance goes): stop reading them, and end the requests
+        still on them with `message` — a request that had no token yet is retried on another
+        rank (pair) when it can be."""
+        self.close_ranks(ranks)
+        await self._stop_reading(ranks)
+        for rank in ranks:
+            self._fail_requests(rank, message)
+        self.ranks.remove(ranks)
 
     async def _run_rank(self, index: int) -> None:
         """Wait for rank `index`, then read its output stream. When it dies, fail its requests

@@ -64,10 +64,12 @@ def create_app(
     config: ServeConfig | None = None,
     manage_router: bool = True,
     eplb: Any = None,
+    pools: Any = None,
 ) -> FastAPI:
     """The app serving `router`. With `manage_router`, the app's lifespan starts the router on
     the server's event loop and closes it at shutdown (without shutting the ranks down).
-    `eplb`: the EPLB service actor (admin routes, /metrics)."""
+    `eplb`: the EPLB service actor (admin routes, /metrics); `pools`: the `PoolSet` of the
+    pool instances the server started (admin scaling)."""
     config = config or ServeConfig()
     metrics = Metrics(log_requests=config.log_requests)
     if config.log_requests:
@@ -97,7 +99,9 @@ def create_app(
         if config.grpc_port is not None:
             from orchestrator.grpc_server import GrpcServer
 
-            app.state.grpc_server = GrpcServer(router, config, eplb, app.state.limiter, metrics)
+            app.state.grpc_server = GrpcServer(
+                router, config, eplb, app.state.limiter, metrics, pools
+            )
             await app.state.grpc_server.start()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
@@ -191,8 +195,8 @@ def create_app(
         return JSONResponse(payload if body.is_batch or body.n > 1 else payload[0])
 
     add_openai_routes(app, ctx)
-    add_ops_routes(app, ctx, eplb)
-    add_admin_routes(app, eplb, config.admin_token, router)
+    add_ops_routes(app, ctx, eplb, pools)
+    add_admin_routes(app, eplb, config.admin_token, router, pools, config.drain_timeout_s)
     return app
 
 

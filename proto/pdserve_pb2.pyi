@@ -236,3 +236,74 @@ class ExpertStatsResponse(_message.Message):
     POOLS_FIELD_NUMBER: _ClassVar[int]
     pools: _containers.RepeatedCompositeFieldContainer[PoolExperts]
     def __init__(self, pools: _Optional[_Iterable[_Union[PoolExperts, _Mapping]]] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("instances", "remove", "drain_timeout_s")
+    class InstancesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.ScalarMap[str, int]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    drain_timeout_s: float
+    def __init__(self, instances: _Optional[_Mapping[str, int]] = ..., remove: _Optional[_Iterable[str]] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class PoolInstance(_message.Message):
+    __slots__ = ("name", "role", "state", "num_ranks", "ranks", "num_requests")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_RANKS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    state: str
+    num_ranks: int
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    num_requests: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., num_ranks: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., num_requests: _Optional[int] = ...) -> None: ...
+
+class ScaleFailure(_message.Message):
+    __slots__ = ("pool", "error")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    error: str
+    def __init__(self, pool: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ScaleResponse(_message.Message):
+    __slots__ = ("ok", "started", "removed", "failed", "requests_ended", "seconds", "pools")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    started: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    failed: _containers.RepeatedCompositeFieldContainer[ScaleFailure]
+    requests_ended: int
+    seconds: float
+    pools: _containers.RepeatedCompositeFieldContainer[PoolInstance]
+    def __init__(self, ok: _Optional[bool] = ..., started: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[_Union[ScaleFailure, _Mapping]]] = ..., requests_ended: _Optional[int] = ..., seconds: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolInstance, _Mapping]]] = ...) -> None: ...
+
+class PoolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PoolsResponse(_message.Message):
+    __slots__ = ("pools", "scaling")
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[PoolInstance]
+    scaling: bool
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolInstance, _Mapping]]] = ..., scaling: _Optional[bool] = ...) -> None: ...

@@ -54,6 +54,16 @@ class GenerationStub:
                 request_serializer=proto_dot_pdserve__pb2.ExpertStatsRequest.SerializeToString,
                 response_deserializer=proto_dot_pdserve__pb2.ExpertStatsResponse.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/pdserve.v1.Generation/Scale',
+                request_serializer=proto_dot_pdserve__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=proto_dot_pdserve__pb2.ScaleResponse.FromString,
+                _registered_method=True)
+        self.Pools = channel.unary_unary(
+                '/pdserve.v1.Generation/Pools',
+                request_serializer=proto_dot_pdserve__pb2.PoolsRequest.SerializeToString,
+                response_deserializer=proto_dot_pdserve__pb2.PoolsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -87,6 +97,20 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scale(self, request, context):
+        """Admin: start or drain pool instances (as POST /admin/scale); answers once done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pools(self, request, context):
+        """Admin: the pool instances.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +133,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ExpertStats,
                     request_deserializer=proto_dot_pdserve__pb2.ExpertStatsRequest.FromString,
                     response_serializer=proto_dot_pdserve__pb2.ExpertStatsResponse.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=proto_dot_pdserve__pb2.ScaleRequest.FromString,
+                    response_serializer=proto_dot_pdserve__pb2.ScaleResponse.SerializeToString,
+            ),
+            'Pools': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pools,
+                    request_deserializer=proto_dot_pdserve__pb2.PoolsRequest.FromString,
+                    response_serializer=proto_dot_pdserve__pb2.PoolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +253,60 @@ class Generation:
             '/pdserve.v1.Generation/ExpertStats',
             proto_dot_pdserve__pb2.ExpertStatsRequest.SerializeToString,
             proto_dot_pdserve__pb2.ExpertStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Generation/Scale',
+            proto_dot_pdserve__pb2.ScaleRequest.SerializeToString,
+            proto_dot_pdserve__pb2.ScaleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Generation/Pools',
+            proto_dot_pdserve__pb2.PoolsRequest.SerializeToString,
+            proto_dot_pdserve__pb2.PoolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

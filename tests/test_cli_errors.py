@@ -27,6 +27,8 @@ HTTP_COMMANDS = {
     "bench": ["--num-prompts", "2", "--input-len", "4", "--output-len", "2"],
     "rebalance": ["--token", "t"],
     "rebalance --dump": ["--token", "t", "--dump", "/nonexistent/placement.json"],
+    "scale": ["--token", "t"],
+    "scale --decode": ["--token", "t", "--decode", "2"],
 }
 
 

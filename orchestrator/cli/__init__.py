@@ -1,4 +1,4 @@
-"""`pdserve`: serve, generate, bench, status, rebalance. Each subcommand is one `add_*` (its
+"""`pdserve`: serve, generate, bench, status, rebalance, scale. Each subcommand is one `add_*` (its
 flags) and one `cmd_*` (what it does), in the module of its kind."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from orchestrator.auth import client_tls
 from orchestrator.cli.client import add_bench, add_generate, add_status
 from orchestrator.cli.common import Command
 from orchestrator.cli.rebalance import add_rebalance
+from orchestrator.cli.scale import add_scale
 from orchestrator.cli.serve import add_serve, serve_config
 
 __all__ = ["build_parser", "main", "serve_config"]
 
-SUBCOMMANDS = (add_serve, add_generate, add_bench, add_status, add_rebalance)
+SUBCOMMANDS = (add_serve, add_generate, add_bench, add_status, add_rebalance, add_scale)
 
 
 def build_parser() -> argparse.ArgumentParser:

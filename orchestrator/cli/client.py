@@ -314,6 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for rank in data["ranks"]:
         info, st = rank["info"] or {}, rank["stats"]
         pool = f"{info.get('role', '?')}-{info.get('instance', 0)}" if info else "?"
+        pool += " (draining)" if rank.get("draining") else ""
         dp = f"{info.get('pool_rank', 0)}/{info.get('pool_size', 1)}" if info else "?"
         where = (pool, dp, str(rank["rank"]), info.get("node", ""), info.get("node_id", "")[:12])
         if rank["error"] or not st:

@@ -42,7 +42,7 @@ def add_rebalance(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_rebalance(args: argparse.Namespace) -> int:
-    from orchestrator.launcher import PLACEMENT_FORMAT, read_expert_placements
+    from orchestrator.pools import PLACEMENT_FORMAT, read_expert_placements
 
     if not args.token:
         print("error: --token (or PDSERVE_ADMIN_TOKEN) is required", file=sys.stderr)

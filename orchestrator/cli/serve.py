@@ -61,6 +61,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--decode-instances", type=int, default=1, help="independent decode pools (of --decode-dp)"
     )
+    t.add_argument(
+        "--placement-timeout", type=float, default=120.0, metavar="S",
+        help="seconds to wait for the cluster to place a pool instance, at start and when "
+        "scaling (on a cluster that grows: time for the autoscaler to add a node)",
+    )  # fmt: skip
     t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
     t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     e = p.add_argument_group("engine")
@@ -276,6 +281,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         eplb_min_balancedness=args.eplb_min_balancedness,
         init_expert_placement=args.init_expert_placement,
         decode_instances=args.decode_instances,
+        placement_timeout_s=args.placement_timeout,
         transfer_backend=args.transfer_backend,
         transfer_timeout_s=args.transfer_timeout,
         engine=engine,
@@ -307,7 +313,7 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
     ValueError) naming the address when there is none to join, rather than Ray's retries."""
     import ray
 
-    from orchestrator.launcher import starts_local_ray
+    from orchestrator.pools import starts_local_ray
 
     address = config.ray_address
     if address and address != "auto" and "://" not in address:
@@ -343,13 +349,8 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
-    from orchestrator.launcher import (
-        RankStartError,
-        launch,
-        local_ray_cpus,
-        resolve_model_dir,
-        starts_local_ray,
-    )
+    from orchestrator.launcher import launch, local_ray_cpus, resolve_model_dir
+    from orchestrator.pools import RankStartError, starts_local_ray
     from orchestrator.preflight import preflight
 
     try:

@@ -1,0 +1,543 @@
+"""The pool instances of a server: starting them, and changing how many serve while it runs.
+
+A pool instance is `--prefill-dp` / `--decode-dp` / `--dp` engine ranks in a placement group of
+their own (`orchestrator.placement`), with a `Rendezvous` actor when they are several (expert
+parallel). `PoolSet` owns every instance a server started, and scales them (`POST /admin/scale`,
+`pdserve scale`):
+
+- **Up.** A new instance takes the next number of its role (names are not reused while the
+  server runs, so a name in metrics and logs means one instance), is placed with its role's
+  node selector and started off the event loop, and joins the router once every rank of it is
+  ready: only then is it picked for new requests. An expert-parallel one joins the EPLB service.
+  An instance that cannot be placed (a local Ray with no room: at once; a cluster: after
+  `placement_timeout_s`, time for an autoscaler to add a node) or whose rank fails to start is
+  cleaned up and reported; the other changes go on.
+- **Down.** The instances named go, then the newest of a role above its count. Instances are
+  started before any is drained, so that a replacement (`remove` one, same count) never leaves
+  the role without a serving instance. A draining instance is picked for no new request; its
+  requests run to their end for up to the drain timeout, and those still running then end with
+  an error (one with no token yet is retried on another pair). Then the router forgets its
+  ranks, it leaves the EPLB service, and its actors, rendezvous and placement group go.
+
+One scale runs at a time; every role keeps at least one instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from orchestrator.config import ServeConfig
+from orchestrator.placement import (
+    PoolPlacement,
+    PoolSpec,
+    place_pools,
+    remove_placements,
+    reserve_groups,
+)
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_FORMAT = "pdserve-expert-placement/1"
+
+
+def read_expert_placements(path: str | None) -> dict[str, list[list[int]]]:
+    """Saved placements per pool name (`pdserve rebalance --dump`); {} without a file."""
+    if path is None:
+        return {}
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != PLACEMENT_FORMAT:
+        raise ValueError(f"{path} is not a saved expert placement ({PLACEMENT_FORMAT})")
+    pools = data.get("pools")
+    if not isinstance(pools, dict):
+        raise ValueError(f"{path}: 'pools' must map pool names to phy2log lists")
+    return {str(k): v for k, v in pools.items()}
+
+
+def pool_specs(config: ServeConfig, num_gpus: float) -> list[PoolSpec]:
+    """The topology's pool instances and what each rank needs (CPUs; a GPU, or an equal share
+    of the cluster's GPUs when there are fewer GPUs than ranks, e.g. a prefill and a decode rank
+    on one GPU)."""
+    engine = config.engine
+    use_gpu = engine.device == "cuda" or (engine.device == "auto" and num_gpus > 0)
+    if config.colocated:
+        layout = [("colocated", 0, config.num_ranks)]
+    else:
+        layout = [("prefill", i, config.prefill_dp) for i in range(config.prefill_instances)]
+        layout += [("decode", i, config.decode_dp) for i in range(config.decode_instances)]
+    total_ranks = sum(n for _, _, n in layout)
+    bundle: dict[str, float] = {"CPU": float(engine.num_threads or 1)}
+    if use_gpu and num_gpus:
+        bundle["GPU"] = min(1.0, num_gpus / total_ranks)
+    return [PoolSpec(role, i, n, bundle) for role, i, n in layout]
+
+
+def starts_local_ray(config: ServeConfig) -> bool:
+    """`ray.init` will start a Ray of its own: no --address and no `RAY_ADDRESS` (a Ray this
+    process starts gets no new nodes)."""
+    return config.ray_address is None and not os.environ.get("RAY_ADDRESS")
+
+
+# ---- ranks -----------------------------------------------------------------------------------
+
+
+class RankStartError(RuntimeError):
+    """A rank raised while it started (loading the model, joining its pool)."""
+
+
+def start_error(e: BaseException) -> str:
+    """What went wrong in a rank that failed to start, without the Ray traceback around it:
+    the last `SomeError: message` line of the remote traceback, else the first line."""
+    text = str(e).strip()
+    for line in reversed(text.splitlines()):
+        name, sep, message = line.partition(": ")
+        name = name.rpartition(".")[2]  # safetensors_rust.SafetensorError: ...
+        if sep and name.isidentifier() and name[:1].isupper() and name.endswith(_ERROR_ENDINGS):
+            return f"{name}: {message}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_ERROR_ENDINGS = ("Error", "Exception", "Exit", "Interrupt")
+
+
+def wait_ranks_ready(
+    ranks: list[Any], timeout_s: float, progress: Callable[[float], None] | None = None
+) -> None:
+    """Block until every rank's model is loaded; `progress(elapsed_s)` is called every ~5 s.
+    Raises TimeoutError, or the rank's own error if it failed to start."""
+    refs = [r.ready.remote() for r in ranks]
+    start = time.monotonic()
+    while True:
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise RankStartError(
+                    f"engine rank {refs.index(ref)} failed to start: {start_error(e)}"
+                ) from e
+        if not pending:
+            return
+        elapsed = time.monotonic() - start
+        if elapsed > timeout_s:
+            raise TimeoutError(f"{len(pending)} rank(s) not ready after {timeout_s:.0f} s")
+        if progress is not None:
+            progress(elapsed)
+
+
+def shutdown_ranks(ranks: list[Any], timeout_s: float = 15.0) -> None:
+    """Stop each rank's loop, then kill its actor (freeing its resources in the cluster)."""
+    refs = [r.shutdown.remote() for r in ranks]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    kill_actors(ranks)
+
+
+def kill_actors(actors: list[Any]) -> None:
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception as e:  # already gone
+            logger.debug("ray.kill of an actor failed: %s", e)
+
+
+# ---- instances -------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolInstance:
+    """One pool instance and what it holds in the cluster."""
+
+    spec: PoolSpec
+    placement: PoolPlacement
+    ranks: list[Any] = field(default_factory=list)  # actor handles in pool rank order
+    rendezvous: Any = None  # its pool group's meeting point, when it has several ranks
+    indices: list[int] = field(default_factory=list)  # the router's indices of its ranks
+    state: str = "starting"  # starting | serving | draining
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def release(self) -> None:
+        """Shut its ranks down and give back what it holds in the cluster (blocking)."""
+        shutdown_ranks(self.ranks)
+        kill_actors([self.rendezvous] if self.rendezvous is not None else [])
+        remove_placements([self.placement])
+
+
+class ScaleError(ValueError):
+    """A scale request that cannot be done as asked (the message names the field)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class ScaleInProgress(RuntimeError):
+    pass
+
+
+@dataclass
+class ScaleReport:
+    """What a scale did: instances started and removed (by name), failures, requests ended by
+    a removal's drain timeout, and how long it took."""
+
+    started: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)  # {"pool", "error"}
+    requests_ended: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class PoolSet:
+    """The pool instances a server started (see the module doc). `start` places and starts
+    the topology's instances; `scale` changes them while the server serves."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        config: ServeConfig,
+        instances: list[PoolInstance],
+        selectors: dict[str, dict[str, str]],
+    ):
+        self.model_dir = model_dir
+        self.config = config
+        self.instances = instances
+        self.selectors = selectors  # each role's node selector, for instances placed later
+        self.fixed_cluster = starts_local_ray(config)
+        self.scaling = False  # a scale is running (one at a time)
+        self.stopped = False
+        # Each role's rank shape (ranks and bundle), the next instance number.
+        self._shape = {i.spec.role: (i.spec.num_ranks, i.spec.bundle) for i in instances}
+        self._next = {role: 1 + max(i.spec.instance for i in instances if i.spec.role == role)
+                      for role in self._shape}  # fmt: skip
+        self._saved = read_expert_placements(config.init_expert_placement)
+        self._lock = threading.Lock()  # `instances`, changed on the loop and in start threads
+
+    @classmethod
+    def start(cls, model_dir: Path, config: ServeConfig) -> PoolSet:
+        """Place the topology's pool instances and start their rank actors, not waiting for
+        the models to load; `ray.init` first."""
+        specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
+        placements, selectors = place_pools(
+            specs, config.placement_timeout_s, fixed_cluster=starts_local_ray(config)
+        )
+        pools = cls(model_dir, config, [PoolInstance(p.spec, p) for p in placements], selectors)
+        try:
+            offset = 0
+            for instance in pools.instances:
+                pools._start_ranks(instance)
+                instance.indices = list(range(offset, offset + len(instance.ranks)))
+                instance.state = "serving"
+                offset += len(instance.ranks)
+        except BaseException:
+            pools.shutdown()
+            raise
+        return pools
+
+    @property
+    def ranks(self) -> list[Any]:
+        """Every rank's actor handle, instance by instance (at start: the router's order)."""
+        return [r for i in self.instances for r in i.ranks]
+
+    @property
+    def placements(self) -> list[PoolPlacement]:
+        return [i.placement for i in self.instances]
+
+    @property
+    def helpers(self) -> list[Any]:
+        """The other actors the instances hold (rendezvous)."""
+        return [i.rendezvous for i in self.instances if i.rendezvous is not None]
+
+    def counts(self) -> dict[str, int]:
+        """Instances per role, not counting those draining."""
+        out = dict.fromkeys(self._shape, 0)
+        for i in self.instances:
+            if i.state != "draining":
+                out[i.spec.role] += 1
+        return out
+
+    def describe(self, requests_on: Callable[[Sequence[int]], int] | None = None) -> list[dict]:
+        """Each instance: name, role, state, ranks (the router's indices), and with
+        `requests_on` (`Router.requests_on`) the requests in flight on it."""
+        with self._lock:
+            instances = list(self.instances)
+        out = []
+        for i in sorted(instances, key=lambda i: (i.spec.role, i.spec.instance)):
+            entry: dict[str, Any] = {
+                "name": i.name, "role": i.spec.role, "state": i.state,
+                "num_ranks": i.spec.num_ranks, "ranks": list(i.indices),
+            }  # fmt: skip
+            if requests_on is not None:
+                entry["num_requests"] = requests_on(i.indices) if i.indices else 0
+            out.append(entry)
+        return out
+
+    def shutdown(self) -> None:
+        """Release every instance (blocking); instances started later are released by their
+        start."""
+        with self._lock:
+            self.stopped = True
+            instances, self.instances = self.instances, []
+        for instance in instances:
+            instance.release()
+
+    # ---- starting --------------------------------------------------------------------------
+
+    def _start_ranks(self, instance: PoolInstance) -> None:
+        """Start the rank actors (and rendezvous) of a placed instance, not waiting for them."""
+        from workers.engine.launch import start_engine_rank
+        from workers.ep.group import PoolMember, Rendezvous
+
+        spec, config = instance.spec, self.config
+        if spec.num_ranks > 1:
+            instance.rendezvous = (
+                ray.remote(Rendezvous).options(num_cpus=0, max_restarts=-1).remote(spec.num_ranks)
+            )
+        share = spec.bundle.get("GPU", 0.0)
+        engine = dataclasses.replace(config.engine, gpu_memory_share=share or 1.0)
+        for i in range(spec.num_ranks):
+            member = (
+                PoolMember(i, spec.num_ranks, instance.rendezvous) if spec.num_ranks > 1 else None
+            )
+            instance.ranks.append(
+                start_engine_rank(
+                    str(self.model_dir),
+                    engine,
+                    num_cpus=spec.bundle["CPU"],
+                    num_gpus=spec.bundle.get("GPU", 0.0),
+                    role=spec.role,
+                    instance=spec.instance,
+                    transfer_backend=config.transfer_backend,
+                    transfer_timeout_s=config.transfer_timeout_s,
+                    allow_fault_injection=config.allow_fault_injection,
+                    scheduling_strategy=instance.placement.strategy(i),
+                    pool=member,
+                    initial_phy2log=self._saved.get(spec.name) if member else None,
+                    checkpoint=config.checkpoint,
+                )
+            )
+
+    def _room(self, specs: Sequence[PoolSpec]) -> str | None:
+        """On a local Ray (no node will join): why `specs` do not fit in what is free now."""
+        if not self.fixed_cluster or not specs:
+            return None
+        free, total = ray.available_resources(), ray.cluster_resources()
+        for resource in sorted({r for s in specs for r in s.bundle}):
+            want = sum(s.need(resource) for s in specs)
+            if want > free.get(resource, 0.0) + 1e-9:
+                return (
+                    f"the new instances need {want:g} {resource}, {free.get(resource, 0.0):g} "
+                    f"of {total.get(resource, 0.0):g} are free (a local Ray gets no new nodes: "
+                    "serve with --address on a cluster to grow it)"
+                )
+        return None
+
+    def _start_instance(self, spec: PoolSpec) -> PoolInstance:
+        """Place and start a new instance and wait for its ranks (blocking; in a thread)."""
+        (placement,) = reserve_groups([spec], self.selectors, self.config.placement_timeout_s)
+        instance = PoolInstance(spec, placement)
+        with self._lock:
+            if self.stopped:
+                remove_placements([placement])
+                raise RuntimeError("the server is shutting down")
+            self.instances.append(instance)
+        try:
+            self._start_ranks(instance)
+            wait_ranks_ready(instance.ranks, self.config.ready_timeout_s)
+        except BaseException:
+            self._forget(instance)
+            instance.release()
+            raise
+        return instance
+
+    def _forget(self, instance: PoolInstance) -> None:
+        with self._lock:
+            if instance in self.instances:
+                self.instances.remove(instance)
+
+    # ---- scaling ---------------------------------------------------------------------------
+
+    def plan(
+        self, counts: Mapping[str, int], remove: Sequence[str]
+    ) -> tuple[list[PoolSpec], list[PoolInstance]]:
+        """The instances to start and to remove for `counts` (instances per role) after
+        removing the instances named in `remove`. ScaleError when it cannot be done."""
+        for role, n in counts.items():
+            if role not in self._shape:
+                roles = ", ".join(sorted(self._shape))
+                raise ScaleError(f"{role}: this server's pools are {roles}", role)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ScaleError(f"{role}: the number of instances must be an integer >= 1", role)
+            if n > MAX_INSTANCES:
+                raise ScaleError(f"{role}: at most {MAX_INSTANCES} instances", role)
+        by_name = {i.name: i for i in self.instances}
+        leaving: list[PoolInstance] = []
+        for name in remove:
+            instance = by_name.get(name)
+            if instance is None:
+                raise ScaleError(f"remove: no pool instance {name!r}; there are {sorted(by_name)}",
+                                 "remove")  # fmt: skip
+            if instance.state != "serving":
+                raise ScaleError(f"remove: {name} is {instance.state}", "remove")
+            if instance not in leaving:
+                leaving.append(instance)
+        start: list[PoolSpec] = []
+        for role, (num_ranks, bundle) in sorted(self._shape.items()):
+            staying = [i for i in self.instances
+                       if i.spec.role == role and i.state == "serving" and i not in leaving]  # fmt: skip
+            want = counts.get(role, len(staying) if staying else 1)
+            newest_first = sorted(staying, key=lambda i: -i.spec.instance)
+            leaving += newest_first[: max(0, len(staying) - want)]
+            first = self._next[role]
+            start += [PoolSpec(role, first + k, num_ranks, bundle)
+                      for k in range(max(0, want - len(staying)))]  # fmt: skip
+        return start, leaving
+
+    async def scale(
+        self,
+        router: Any,
+        eplb: Any,
+        counts: Mapping[str, int],
+        remove: Sequence[str] = (),
+        drain_timeout_s: float = 30.0,
+    ) -> ScaleReport:
+        """Start and drain instances so that each role of `counts` has that many, after the
+        instances named in `remove` go (see the module doc); runs on the router's loop.
+        ScaleError for a request that cannot be done, ScaleInProgress while another runs."""
+        if self.scaling:
+            raise ScaleInProgress("a scale is already running")
+        if self.stopped or router.draining:
+            raise ScaleInProgress("the server is shutting down")
+        self.scaling = True  # before any await: a second scale is refused from here on
+        began = time.monotonic()
+        report = ScaleReport()
+        try:
+            start, leaving = self.plan(counts, remove)
+            problem = await asyncio.to_thread(self._room, start)
+            if problem:
+                raise ScaleError(f"cannot scale up: {problem}", start[0].role)
+            for spec in start:  # taken: not reused, whether it starts or not
+                self._next[spec.role] = max(self._next[spec.role], spec.instance + 1)
+            if start:
+                logger.info("scaling: starting %s", ", ".join(s.name for s in start))
+            results = await asyncio.gather(
+                *(self._bring_up(router, eplb, spec) for spec in start), return_exceptions=True
+            )
+            for spec, result in zip(start, results, strict=True):
+                if isinstance(result, BaseException):
+                    logger.error("scaling: %s did not start: %s", spec.name, result)
+                    report.failed.append({"pool": spec.name, "error": str(result)})
+                else:
+                    report.started.append(spec.name)
+            leaving = self._keep_one_per_role(leaving, report)
+            ended = await asyncio.gather(
+                *(self._take_down(router, eplb, i, drain_timeout_s) for i in leaving)
+            )
+            report.removed = [i.name for i in leaving]
+            report.requests_ended = sum(ended)
+        finally:
+            self.scaling = False
+            report.seconds = time.monotonic() - began
+        logger.info(
+            "scaling done in %.1f s: started %s, removed %s%s", report.seconds,
+            report.started or "none", report.removed or "none",
+            f", failed {report.failed}" if report.failed else "",
+        )  # fmt: skip
+        return report
+
+    def _keep_one_per_role(
+        self, leaving: list[PoolInstance], report: ScaleReport
+    ) -> list[PoolInstance]:
+        """`leaving`, less what would leave a role with no serving instance (its replacement
+        did not start): those stay, reported as failed."""
+        out = []
+        for instance in leaving:
+            role = instance.spec.role
+            if any(i.spec.role == role and i.state == "serving" and i not in leaving
+                   for i in self.instances):  # fmt: skip
+                out.append(instance)
+            else:
+                report.failed.append(
+                    {"pool": instance.name, "error": "kept: its replacement did not start"}
+                )
+        return out
+
+    async def _bring_up(self, router: Any, eplb: Any, spec: PoolSpec) -> None:
+        instance = await asyncio.to_thread(self._start_instance, spec)
+        try:
+            instance.indices = await router.add_ranks(instance.ranks)
+            if eplb is not None and spec.num_ranks > 1:
+                await eplb.add_pool.remote(self._eplb_handle(instance))
+        except BaseException:
+            if instance.indices:
+                await router.remove_ranks(instance.indices, f"{spec.name} failed to start")
+            self._forget(instance)
+            await asyncio.to_thread(instance.release)
+            raise
+        instance.state = "serving"
+
+    def _eplb_handle(self, instance: PoolInstance) -> Any:
+        from eplb.service import PoolHandle
+        from workers.model.config import ModelConfig
+
+        num_groups = ModelConfig.from_dir(self.model_dir).n_group
+        return PoolHandle(instance.name, list(instance.ranks), num_groups)
+
+    async def _take_down(
+        self, router: Any, eplb: Any, instance: PoolInstance, drain_timeout_s: float
+    ) -> int:
+        """Drain `instance` and release it; the requests its drain timeout ended."""
+        instance.state = "draining"
+        logger.info("scaling: draining %s", instance.name)
+        router.close_ranks(instance.indices)
+        deadline = time.monotonic() + drain_timeout_s
+        while router.requests_on(instance.indices) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = router.requests_on(instance.indices)
+        if left:
+            logger.warning("scaling: %d request(s) still on %s after %.0f s end with an error",
+                           left, instance.name, drain_timeout_s)  # fmt: skip
+        if eplb is not None and instance.spec.num_ranks > 1:
+            try:
+                await eplb.remove_pool.remote(instance.name)
+            except Exception as e:
+                logger.warning("scaling: the EPLB service kept %s: %s", instance.name, e)
+        await router.remove_ranks(
+            instance.indices, f"pool instance {instance.name} was removed (scaled down)"
+        )
+        self._forget(instance)
+        await asyncio.to_thread(instance.release)
+        return left
+
+
+MAX_INSTANCES = 256  # per role: a typo's guard (each instance is a placement group and ranks)
+
+
+def drain_seconds(value: Any, default: float) -> float:
+    """A scale request's `drain_timeout_s`: finite, >= 0."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value < math.inf):
+        raise ScaleError("drain_timeout_s: seconds, a finite number >= 0", "drain_timeout_s")
+    return float(value)

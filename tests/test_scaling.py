@@ -1,0 +1,336 @@
+"""Scaling pool instances while serving (`POST /admin/scale`, `pdserve scale`), on real servers:
+instances started join the router and serve the same greedy tokens; instances removed drain
+their requests first (or end them at the drain timeout), and leave nothing behind — no rank
+actor, placement group, KV page or EPLB pool; refusals are 4xx naming the field; a replacement
+that fails to start leaves the old instance serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from orchestrator.cli import main
+from tests.disagg_calls import _greedy, _metric, _wait_all_pages_free
+from tests.test_disagg import _stream_all
+
+TOKEN = "admin-token-for-scaling"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _scale(url: str, body: dict[str, Any], timeout_s: float = 240) -> httpx.Response:
+    return httpx.post(f"{url}/admin/scale", json=body, headers=AUTH, timeout=timeout_s)
+
+
+def _pools(url: str) -> dict[str, dict[str, Any]]:
+    answer = httpx.get(f"{url}/admin/pools", headers=AUTH, timeout=30).json()
+    return {p["name"]: p for p in answer["pools"]}
+
+
+def _by_instance(url: str) -> dict[str, dict[str, Any]]:
+    """Each instance's rank stats (one-rank instances), by name."""
+    ranks = httpx.get(f"{url}/v1/stats", timeout=30).json()["ranks"]
+    return {f"{r['info']['role']}-{r['info']['instance']}": r["stats"] for r in ranks}
+
+
+def _pg_states(names: list[str]) -> dict[str, str]:
+    """The state of the placement groups of these pool instances (their latest group each)."""
+    from ray.util import placement_group_table
+
+    out: dict[str, str] = {}
+    for group in placement_group_table().values():
+        for name in names:
+            if group["name"].startswith(f"pdserve-{name}-"):
+                out[name] = group["state"]
+    return out
+
+
+def _stream(url: str, prompt: list[int], n: int, out: list[Any]) -> None:
+    """One streamed greedy request; appends its last event (output_ids, or an error)."""
+    body = {"input_ids": prompt, "sampling_params": _greedy(n), "stream": True}
+    last: Any = None
+    with httpx.stream("POST", f"{url}/generate", json=body, timeout=240) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                last = json.loads(line[6:])
+    out.append(last)
+
+
+def _wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+PROMPTS = [[(7 * i + 3 * k) % 1000 + 3 for k in range(12 + 9 * i)] for i in range(8)]
+
+
+def test_scale_up_then_down_serves_the_same_tokens_and_leaves_nothing(launch_tiny):
+    server = launch_tiny(admin_token=TOKEN)
+    url = server.url
+    try:
+        want = asyncio.run(_stream_all(url, PROMPTS, 12))
+        resp = _scale(url, {"prefill": 2, "decode": 2})
+        assert resp.status_code == 200, resp.text
+        report = resp.json()
+        assert report["ok"] and sorted(report["started"]) == ["decode-1", "prefill-1"]
+        assert report["removed"] == [] and report["failed"] == []
+        pools = _pools(url)
+        assert sorted(pools) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
+        assert all(p["state"] == "serving" for p in pools.values())
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+        # Every instance takes work, and the tokens are the same as on one pair.
+        got = asyncio.run(_stream_all(url, PROMPTS, 12))
+        assert got == want
+        stats = _by_instance(url)
+        assert stats["decode-1"]["num_generated_tokens"] > 0, stats
+        assert stats["prefill-1"]["num_steps"] > 0, stats
+        received = _metric(url, "pdserve_kv_transfers_total", side="receive", outcome="ok")
+        assert received >= 2 * len(PROMPTS)
+        assert _metric(url, "pdserve_pool_instances", role="decode", state="serving") == 2
+
+        # Down to one pair while long requests run: they finish (the drain waits for them),
+        # and what arrives meanwhile goes to the instances that stay.
+        long: list[Any] = []
+        threads = [threading.Thread(target=_stream, args=(url, p, 600, long)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: server.router.num_in_flight == len(PROMPTS))
+        result: list[httpx.Response] = []
+        scaler = threading.Thread(
+            target=lambda: result.append(_scale(url, {"prefill": 1, "decode": 1}))
+        )
+        scaler.start()
+        _wait_for(lambda: any(p["state"] == "draining" for p in _pools(url).values()))
+        during = asyncio.run(_stream_all(url, PROMPTS[:2], 12))
+        assert during == want[:2]
+        scaler.join(240)
+        for t in threads:
+            t.join(240)
+        report = result[0].json()
+        assert result[0].status_code == 200 and report["ok"], report
+        assert sorted(report["removed"]) == ["decode-1", "prefill-1"]
+        assert report["requests_ended"] == 0
+        assert all("error" not in e and len(e["output_ids"]) == 600 for e in long), long
+        assert sorted(_pools(url)) == ["decode-0", "prefill-0"]
+        ranks = _wait_all_pages_free(url)
+        assert sorted(f"{r['info']['role']}-{r['info']['instance']}" for r in ranks) == [
+            "decode-0", "prefill-0"
+        ]  # fmt: skip
+        states = _pg_states(["decode-1", "prefill-1"])
+        assert states == {"decode-1": "REMOVED", "prefill-1": "REMOVED"}, states
+        removed = [server.ranks[i] for i in sorted(server.router.ranks.removed)]
+        assert len(removed) == 2
+        for handle in removed:
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(handle.ready.remote(), timeout=30)
+        # Counters keep what the removed instances counted: beyond what the ranks left hold.
+        assert _metric(url, "pdserve_pool_instances", role="decode", state="serving") == 1
+        after = _metric(url, "pdserve_kv_transfers_total", side="receive", outcome="ok")
+        left = sum(r["stats"]["transfers"]["received"] for r in ranks)
+        assert after > left and after >= received, (after, left, received)
+        assert asyncio.run(_stream_all(url, PROMPTS, 12)) == want
+        # Names are not reused: the next decode instance is decode-2.
+        resp = _scale(url, {"decode": 2})
+        assert resp.json()["started"] == ["decode-2"], resp.text
+    finally:
+        server.stop()
+
+
+def test_a_drain_timeout_ends_the_requests_left_and_frees_their_pages(launch_tiny):
+    server = launch_tiny(admin_token=TOKEN, decode_instances=2)
+    url = server.url
+    try:
+        out: list[Any] = []
+        t = threading.Thread(target=_stream, args=(url, PROMPTS[3], 1500, out))
+        t.start()
+        _wait_for(lambda: any(p["num_requests"] for p in _pools(url).values()
+                              if p["role"] == "decode"))  # fmt: skip
+        (busy,) = [n for n, p in _pools(url).items() if p["role"] == "decode" and p["num_requests"]]
+        resp = _scale(url, {"remove": [busy], "drain_timeout_s": 0})
+        t.join(60)
+        report = resp.json()
+        assert resp.status_code == 200 and report["ok"], report
+        assert report["removed"] == [busy] and report["started"] == []
+        assert report["requests_ended"] == 1
+        (last,) = out
+        assert "error" in last and "removed" in json.dumps(last["error"]), last
+        assert busy not in _pools(url)
+        _wait_all_pages_free(url)
+        assert asyncio.run(_stream_all(url, PROMPTS[:2], 8))  # the instance left serves
+    finally:
+        server.stop()
+
+
+def test_a_replacement_that_fails_to_start_leaves_the_old_instance(launch_tiny, tmp_path):
+    from workers.model.tiny import ensure_tiny_checkpoint
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny_checkpoint(), model)
+    from orchestrator.launcher import launch
+    from tests.conftest import tiny_serve_config
+
+    server = launch(tiny_serve_config(model, admin_token=TOKEN), model_dir=model)
+    url = server.url
+    try:
+        for f in model.glob("*.safetensors"):  # new ranks cannot load the model any more
+            f.unlink()
+        resp = _scale(url, {"remove": ["decode-0"]})  # its role's last: replaced, started first
+        report = resp.json()
+        assert resp.status_code == 200 and not report["ok"], report
+        failed = {f["pool"]: f["error"] for f in report["failed"]}
+        assert "failed to start" in failed["decode-1"], failed
+        assert "replacement did not start" in failed["decode-0"], failed
+        assert report["removed"] == [] and report["started"] == []
+        assert sorted(_pools(url)) == ["decode-0", "prefill-0"]
+        assert _pg_states(["decode-1"]) == {"decode-1": "REMOVED"}
+        assert asyncio.run(_stream_all(url, PROMPTS[:2], 8))
+    finally:
+        server.stop()
+
+
+def test_scale_refusals_name_the_field(launch_tiny):
+    server = launch_tiny(admin_token=TOKEN)
+    url = server.url
+    try:
+        cases = [
+            ({"decode": 0}, "decode"),
+            ({"decode": -1}, "decode"),
+            ({"decode": 1.5}, "decode"),
+            ({"decode": True}, "decode"),
+            ({"decode": "2"}, "decode"),
+            ({"colocated": 2}, "colocated"),
+            ({"remove": ["decode-7"]}, "remove"),
+            ({"remove": "decode-0"}, "remove"),
+            ({"decode": 2, "drain_timeout_s": -1}, "drain_timeout_s"),
+            ({"decode": 400}, "decode"),
+            ({"decode": 40}, "decode"),  # more CPUs than the local Ray has free
+        ]
+        for body, field in cases:
+            resp = _scale(url, body)
+            assert resp.status_code == 400, (body, resp.text)
+            assert resp.json()["error"]["param"] == field, (body, resp.text)
+        no_room = _scale(url, {"decode": 40}).json()["error"]["message"]
+        assert "free" in no_room and "--address" in no_room
+        assert httpx.post(f"{url}/admin/scale", json={"decode": 2}).status_code == 401
+        wrong = {"Authorization": "Bearer wrong-token-x"}
+        assert httpx.get(f"{url}/admin/pools", headers=wrong).status_code == 403
+        assert httpx.post(f"{url}/admin/scale", content=b"[1]", headers=AUTH).status_code == 400
+        # Nothing changed, and nothing was started.
+        assert sorted(_pools(url)) == ["decode-0", "prefill-0"]
+        # One scale at a time.
+        first: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: first.append(_scale(url, {"decode": 2})))
+        t.start()
+        _wait_for(lambda: server.pools.scaling)
+        second = _scale(url, {"prefill": 2})
+        assert second.status_code == 409 and "already" in second.text
+        t.join(240)
+        assert first[0].json()["started"] == ["decode-1"]
+    finally:
+        server.stop()
+
+
+def test_pdserve_scale_command(launch_tiny, capsys):
+    server = launch_tiny(admin_token=TOKEN)
+    url = server.url
+    try:
+        common = ["--url", url, "--token", TOKEN]
+        assert main(["scale", *common, "--decode", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "started decode-1" in out and re.search(r"decode-1 +serving", out), out
+        assert main(["scale", *common]) == 0  # lists
+        out = capsys.readouterr().out
+        assert "decode-0" in out and "decode-1" in out and "prefill-0" in out, out
+        assert main(["scale", *common, "--remove", "decode-0"]) == 0
+        out = capsys.readouterr().out
+        assert "removed decode-0" in out, out
+        assert main(["scale", *common, "--decode", "0"]) == 2
+        assert main(["scale", *common, "--colocated", "2"]) == 1
+        err = capsys.readouterr().err
+        assert "colocated: unknown field" in err, err
+        assert main(["scale", "--url", url, "--token", "wrong-token-x"]) == 1
+        assert "wrong admin token" in capsys.readouterr().err
+    finally:
+        server.stop()
+
+
+def test_expert_parallel_instances_join_and_leave_the_eplb_service(launch_tiny):
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
+                          num_redundant_experts=2, preload_structured_output=False)  # fmt: skip
+    server = launch_tiny(admin_token=TOKEN, prefill_dp=2, engine=engine)
+    url = server.url
+    try:
+        want = asyncio.run(_stream_all(url, PROMPTS[:4], 8))
+        resp = _scale(url, {"prefill": 2})
+        assert resp.status_code == 200 and resp.json()["started"] == ["prefill-1"], resp.text
+        experts = httpx.get(f"{url}/admin/experts", headers=AUTH, timeout=60).json()["pools"]
+        assert sorted(experts) == ["prefill-0", "prefill-1"]
+        assert asyncio.run(_stream_all(url, PROMPTS[:4] * 2, 8)) == want * 2
+        rebalance = httpx.post(f"{url}/admin/rebalance", headers=AUTH, timeout=120).json()
+        assert sorted(r["pool"] for r in rebalance["pools"]) == ["prefill-0", "prefill-1"]
+        assert all(r["ok"] for r in rebalance["pools"]), rebalance
+        resp = _scale(url, {"remove": ["prefill-0"]})
+        assert resp.json()["removed"] == ["prefill-0"], resp.text
+        experts = httpx.get(f"{url}/admin/experts", headers=AUTH, timeout=60).json()["pools"]
+        assert sorted(experts) == ["prefill-1"]
+        assert asyncio.run(_stream_all(url, PROMPTS[:4], 8)) == want
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()
+
+
+def test_scale_over_grpc(launch_tiny, capsys):
+    import grpc
+
+    from proto import pdserve_pb2 as pb
+    from proto import pdserve_pb2_grpc as pb_grpc
+
+    server = launch_tiny(admin_token=TOKEN, grpc_port=0)
+    address = server.grpc_address
+    try:
+        assert main(["scale", "--grpc", address, "--token", TOKEN, "--decode", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "started decode-1" in out and re.search(r"decode-1 +serving", out), out
+        metadata = [("authorization", f"Bearer {TOKEN}")]
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            pools = stub.Pools(pb.PoolsRequest(), metadata=metadata, timeout=30)
+            assert sorted(p.name for p in pools.pools) == ["decode-0", "decode-1", "prefill-0"]
+            assert not pools.scaling
+            refusals = [
+                (pb.ScaleRequest(instances={"colocated": 2}), grpc.StatusCode.INVALID_ARGUMENT),
+                (pb.ScaleRequest(instances={"decode": 0}), grpc.StatusCode.INVALID_ARGUMENT),
+                (pb.ScaleRequest(remove=["decode-9"]), grpc.StatusCode.INVALID_ARGUMENT),
+                (pb.ScaleRequest(instances={"decode": 1}, drain_timeout_s=-1),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+            ]  # fmt: skip
+            for request, code in refusals:
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Scale(request, metadata=metadata, timeout=30)
+                assert e.value.code() == code, (request, e.value.details())
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Scale(pb.ScaleRequest(instances={"decode": 1}), timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = stub.Scale(
+                pb.ScaleRequest(remove=["decode-0"], drain_timeout_s=5), metadata=metadata,
+                timeout=120,
+            )  # fmt: skip
+            assert reply.ok and list(reply.removed) == ["decode-0"], reply
+            assert sorted(p.name for p in reply.pools) == ["decode-1", "prefill-0"]
+        assert asyncio.run(_stream_all(server.url, PROMPTS[:2], 8))
+    finally:
+        server.stop()
