@@ -85,7 +85,11 @@ def add_admin_routes(
     async def list_pools(request: Request) -> JSONResponse:
         check_token(request, token)
         own = _pools()
-        return JSONResponse({"pools": own.describe(router.requests_on), "scaling": own.scaling})
+        autoscaler = request.app.state.autoscaler
+        return JSONResponse({
+            "pools": own.describe(router.requests_on), "scaling": own.scaling,
+            "autoscale": autoscaler.describe() if autoscaler is not None else None,
+        })  # fmt: skip
 
     @app.post("/admin/scale")
     async def scale(request: Request) -> JSONResponse:

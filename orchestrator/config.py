@@ -45,6 +45,14 @@ class ServeConfig:
     prefill_instances: int = 1  # disaggregated: independent prefill pools of prefill_dp ranks
     decode_instances: int = 1  # disaggregated: independent decode pools of decode_dp ranks
     placement_timeout_s: float = 120.0  # how long to wait for the cluster to place the pools
+    # Autoscaling (`orchestrator.autoscale`): up to this many instances of a role, by load; the
+    # starting count is the minimum. None: that role is not autoscaled.
+    max_prefill_instances: int | None = None
+    max_decode_instances: int | None = None
+    max_instances: int | None = None  # colocated
+    autoscale_target: float = 0.8  # utilization that adds an instance
+    autoscale_up_after_s: float = 30.0  # ... held on average this long
+    autoscale_down_after_s: float = 300.0  # below target × 0.4 this long: one fewer
     allow_fault_injection: bool = False  # tests only: ranks accept `inject_fault`
     grpc_port: int | None = None  # the gRPC API's port (0: a free one); None: no gRPC
     admin_token: str | None = None  # enables /admin/* (Bearer token); None: admin is off
@@ -87,6 +95,39 @@ class ServeConfig:
     log_level: str = "info"
     log_requests: bool = False  # a JSON line per ended request (`orchestrator.request_log`)
     access_log: bool = False  # uvicorn's line per HTTP request (costly at high request rates)
+
+    def autoscale_bounds(self) -> dict[str, int]:
+        """The roles autoscaled: their maximum instances."""
+        if self.colocated:
+            pairs = [("colocated", self.max_instances)]
+        else:
+            pairs = [("prefill", self.max_prefill_instances),
+                     ("decode", self.max_decode_instances)]  # fmt: skip
+        return {role: n for role, n in pairs if n is not None}
+
+    def _check_autoscale(self) -> None:
+        start = {"colocated": 1, "prefill": self.prefill_instances,
+                 "decode": self.decode_instances}  # fmt: skip
+        flags = {"colocated": "--max-instances", "prefill": "--max-prefill-instances",
+                 "decode": "--max-decode-instances"}  # fmt: skip
+        other = (
+            ("prefill", self.max_prefill_instances), ("decode", self.max_decode_instances)
+        ) if self.colocated else (("colocated", self.max_instances),)  # fmt: skip
+        for role, n in other:
+            if n is not None:
+                kind = "colocated" if self.colocated else "disaggregated"
+                raise ValueError(f"{flags[role]} does not apply to a {kind} server")
+        for role, n in self.autoscale_bounds().items():
+            if not 1 <= n <= 256:
+                raise ValueError(f"{flags[role]} must be in [1, 256], got {n}")
+            if n < start[role]:
+                raise ValueError(
+                    f"{flags[role]} {n} is below the instances it starts with ({start[role]})"
+                )
+        if not 0 < self.autoscale_target <= 4:
+            raise ValueError(f"--autoscale-target must be in (0, 4], got {self.autoscale_target}")
+        _check_seconds("--autoscale-up-after", self.autoscale_up_after_s)
+        _check_seconds("--autoscale-down-after", self.autoscale_down_after_s)
 
     @property
     def topology(self) -> str:
@@ -174,7 +215,8 @@ class ServeConfig:
             raise ValueError(
                 f"--init-expert-placement {self.init_expert_placement!r}: no such file"
             )
-        _check_seconds("placement_timeout_s", self.placement_timeout_s)
+        _check_seconds("--placement-timeout", self.placement_timeout_s)
+        self._check_autoscale()
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
         if (

@@ -150,6 +150,12 @@ class Metrics:
             ["side"], registry=r,
         )  # fmt: skip
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
+        self.pool_utilization = Gauge(
+            "pdserve_pool_utilization",
+            "Load of a role's serving ranks as the autoscaler sees it: decode/colocated, KV "
+            "tokens reserved over capacity; prefill, queued prompt tokens over two steps' worth",
+            ["role"], registry=r,
+        )  # fmt: skip
         self.pool_instances = Gauge(
             "pdserve_pool_instances",
             "Pool instances by role and state (starting, serving, draining: see pdserve scale)",
@@ -240,6 +246,11 @@ class Metrics:
                 self.kv_transfer_seconds.observe(rank, took, side)
             self.gc_seconds.observe(rank, s.gc_seconds, rank)
             self.gc_longest.labels(rank).set(s.gc_longest_pause_s)
+
+    def set_utilization(self, by_role: dict[str, float | None]) -> None:
+        for role, u in by_role.items():
+            if u is not None:
+                self.pool_utilization.labels(role).set(u)
 
     def set_pools(self, pools: Sequence[dict[str, Any]]) -> None:
         """The pool instances (`PoolSet.describe`)."""

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from orchestrator.autoscale import utilization
 from orchestrator.http_context import HttpContext
 from orchestrator.openai_request import parse_chat
 from orchestrator.request_fields import Fields, RequestError
@@ -42,6 +43,9 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.set_rank_stats(await router.stats())
+        loads, step = router.ranks.loads(), config.engine.chunked_prefill_size
+        roles = {load.role for load in loads if load.role}
+        metrics.set_utilization({role: utilization(loads, role, step) for role in roles})
         if pools is not None:
             metrics.set_pools(pools.describe())
         metrics.set_router_stats(

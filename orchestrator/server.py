@@ -85,6 +85,8 @@ def create_app(
         try:
             yield
         finally:
+            if app.state.autoscaler is not None:
+                await app.state.autoscaler.stop()
             if app.state.grpc_server is not None:
                 await app.state.grpc_server.stop()
             if manage_router:
@@ -96,6 +98,18 @@ def create_app(
         # Structured output checks each constraint with xgrammar, whose import (torch,
         # transformers) takes seconds: done now, off the event loop, not on the first request.
         threading.Thread(target=xgrammar_available, name="import-xgrammar", daemon=True).start()
+        if pools is not None and config.autoscale_bounds():
+            from orchestrator.autoscale import AutoscaleConfig, Autoscaler
+
+            app.state.autoscaler = Autoscaler(
+                pools, router, eplb,
+                AutoscaleConfig(
+                    config.autoscale_bounds(), config.autoscale_target,
+                    config.autoscale_up_after_s, config.autoscale_down_after_s,
+                ),
+                config.engine.chunked_prefill_size, config.drain_timeout_s,
+            )  # fmt: skip
+            app.state.autoscaler.start()
         if config.grpc_port is not None:
             from orchestrator.grpc_server import GrpcServer
 
@@ -107,6 +121,7 @@ def create_app(
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router = router
     app.state.grpc_server = None
+    app.state.autoscaler = None
     app.state.startup_error = None
     app.state.metrics = metrics
     if config.api_key is not None:  # inside CountRequests: refusals are counted too

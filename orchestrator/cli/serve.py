@@ -62,6 +62,33 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--decode-instances", type=int, default=1, help="independent decode pools (of --decode-dp)"
     )
     t.add_argument(
+        "--max-prefill-instances", type=int, metavar="N",
+        help="autoscale: add prefill instances by load, up to N (the starting count is the "
+        "minimum); see --autoscale-target",
+    )  # fmt: skip
+    t.add_argument(
+        "--max-decode-instances", type=int, metavar="N",
+        help="autoscale: add decode instances by load, up to N",
+    )  # fmt: skip
+    t.add_argument(
+        "--max-instances", type=int, metavar="N",
+        help="autoscale a colocated server's instances (of --dp ranks) up to N",
+    )  # fmt: skip
+    t.add_argument(
+        "--autoscale-target", type=float, default=0.8, metavar="U",
+        help="utilization that adds an instance: decode/colocated, KV tokens reserved over "
+        "capacity; prefill, queued prompt tokens over two steps' worth (default 0.8); below "
+        "0.4 x U for --autoscale-down-after, one goes",
+    )  # fmt: skip
+    t.add_argument(
+        "--autoscale-up-after", type=float, default=30.0, metavar="S",
+        help="seconds the mean utilization must hold the target before adding an instance",
+    )  # fmt: skip
+    t.add_argument(
+        "--autoscale-down-after", type=float, default=300.0, metavar="S",
+        help="seconds of low utilization before removing the newest instance",
+    )  # fmt: skip
+    t.add_argument(
         "--placement-timeout", type=float, default=120.0, metavar="S",
         help="seconds to wait for the cluster to place a pool instance, at start and when "
         "scaling (on a cluster that grows: time for the autoscaler to add a node)",
@@ -282,6 +309,12 @@ def serve_config(args: argparse.Namespace) -> Any:
         init_expert_placement=args.init_expert_placement,
         decode_instances=args.decode_instances,
         placement_timeout_s=args.placement_timeout,
+        max_prefill_instances=args.max_prefill_instances,
+        max_decode_instances=args.max_decode_instances,
+        max_instances=args.max_instances,
+        autoscale_target=args.autoscale_target,
+        autoscale_up_after_s=args.autoscale_up_after,
+        autoscale_down_after_s=args.autoscale_down_after,
         transfer_backend=args.transfer_backend,
         transfer_timeout_s=args.transfer_timeout,
         engine=engine,

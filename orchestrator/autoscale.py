@@ -1,0 +1,193 @@
+"""Autoscaling: the router adds and removes pool instances by their load (`--max-*-instances`).
+
+Each role whose maximum is above its starting count is watched; the starting count is its
+minimum. Every `SAMPLE_S` the router samples each role's utilization from its own accounting
+(exact and current: what it sent each rank, not stats polled from the ranks), over the ranks
+of its serving instances:
+
+- decode and colocated: the KV tokens reserved (prompt + `max_new_tokens` of every request the
+  ranks hold or queue) over the ranks' KV capacity — above 1 when requests wait for room;
+- prefill: the prompt tokens queued per rank over two engine steps' worth
+  (2 × `--chunked-prefill-size`) — prompts waiting longer than about two steps.
+
+A role whose mean utilization over the last `up_after_s` is at or above `target` (0.8) gets one
+more instance; one whose utilization stayed below `target × DOWN_FRACTION` for the whole of the
+last `down_after_s` loses its newest instance (drained first, as `pdserve scale` does), never
+below its minimum. A role's samples start again after it scaled, so each decision sees only the
+capacity it then has; a scale that fails (no room in the cluster within
+`--placement-timeout`) is tried again after `RETRY_S`. A manual scale meanwhile is left alone
+(the autoscaler waits for it); its counts then count as the current ones, within the bounds.
+
+`decide` is the policy, a pure function; `Autoscaler` runs it on the router's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.pools import PoolSet, ScaleInProgress
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_S = 1.0
+DOWN_FRACTION = 0.4  # scale down below target × this: well clear of scaling up again
+RETRY_S = 60.0  # after a scale that failed
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    max_instances: Mapping[str, int]  # per role (a role missing, or at its minimum: not scaled)
+    target: float = 0.8
+    up_after_s: float = 30.0
+    down_after_s: float = 300.0
+
+
+@dataclass
+class RoleWindow:
+    """One role's recent utilization samples (time, utilization), oldest first."""
+
+    samples: deque[tuple[float, float]] = field(default_factory=deque)
+    retry_at: float = 0.0  # no scale before this (after a failed one)
+
+    def add(self, now: float, utilization: float, keep_s: float) -> None:
+        self.samples.append((now, utilization))
+        while self.samples and self.samples[0][0] < now - keep_s:
+            self.samples.popleft()
+
+    def since(self, now: float, seconds: float) -> list[float] | None:
+        """The samples of the last `seconds`; None unless the window covers that long."""
+        if not self.samples or self.samples[0][0] > now - seconds + SAMPLE_S:
+            return None
+        return [u for t, u in self.samples if t >= now - seconds]
+
+
+def decide(
+    window: RoleWindow, now: float, count: int, minimum: int, maximum: int, cfg: AutoscaleConfig
+) -> int:
+    """+1 (one more instance), -1 (one fewer) or 0, for a role of `count` instances."""
+    if now < window.retry_at:
+        return 0
+    recent = window.since(now, cfg.up_after_s)
+    if count < maximum and recent and sum(recent) / len(recent) >= cfg.target:
+        return 1
+    longer = window.since(now, cfg.down_after_s)
+    if count > minimum and longer and max(longer) < cfg.target * DOWN_FRACTION:
+        return -1
+    return 0
+
+
+def utilization(loads: Sequence[Any], role: str, prefill_step_tokens: int) -> float | None:
+    """A role's utilization (see the module doc) from `RankTable.loads()` of its serving
+    ranks; None when it has no live rank."""
+    mine = [load for load in loads if load.role == role and load.alive]
+    if not mine:
+        return None
+    if role == "prefill":
+        queued = sum(load.num_queued_prefill_tokens for load in mine)
+        return queued / (len(mine) * 2 * prefill_step_tokens)
+    capacity = sum(load.kv_capacity_tokens for load in mine)
+    return sum(load.num_reserved_tokens for load in mine) / max(1, capacity)
+
+
+class Autoscaler:
+    """Runs `decide` per role every `SAMPLE_S` and scales through `PoolSet.scale`."""
+
+    def __init__(
+        self,
+        pools: PoolSet,
+        router: Any,
+        eplb: Any,
+        cfg: AutoscaleConfig,
+        prefill_step_tokens: int,
+        drain_timeout_s: float,
+    ):
+        counts = pools.counts()
+        self.pools, self.router, self.eplb, self.cfg = pools, router, eplb, cfg
+        self.minimum = dict(counts)
+        self.maximum = {role: max(counts[role], cfg.max_instances.get(role, 0)) for role in counts}
+        self.prefill_step_tokens = prefill_step_tokens
+        self.drain_timeout_s = drain_timeout_s
+        self.windows = {role: RoleWindow() for role in counts}
+        self.last: dict[str, float | None] = dict.fromkeys(counts)  # the latest utilization
+        self.num_up = 0
+        self.num_down = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def roles(self) -> list[str]:
+        """The roles it may scale."""
+        return [r for r in self.minimum if self.maximum[r] > self.minimum[r]]
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="autoscaler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def describe(self) -> dict[str, Any]:
+        """Per role scaled: bounds, instances, the latest utilization (for `/admin/pools`)."""
+        counts = self.pools.counts()
+        return {
+            role: {"min": self.minimum[role], "max": self.maximum[role],
+                   "instances": counts.get(role, 0), "utilization": self.last[role]}
+            for role in self.roles
+        }  # fmt: skip
+
+    async def _run(self) -> None:
+        keep_s = max(self.cfg.up_after_s, self.cfg.down_after_s) + SAMPLE_S
+        while True:
+            await asyncio.sleep(SAMPLE_S)
+            if self.router.draining or self.pools.stopped:
+                return
+            loads = self.router.ranks.loads()
+            now = time.monotonic()
+            for role in self.minimum:
+                self.last[role] = utilization(loads, role, self.prefill_step_tokens)
+            if self.pools.scaling:  # a scale (ours or an admin's) runs: its load will change
+                continue
+            for role in self.roles:
+                u = self.last[role]
+                if u is None:
+                    continue
+                window = self.windows[role]
+                window.add(now, u, keep_s)
+                count = self.pools.counts()[role]
+                step = decide(window, now, count, self.minimum[role], self.maximum[role],
+                              self.cfg)  # fmt: skip
+                if step:
+                    await self._scale(role, count + step, u)
+                    break  # one change at a time; the others' samples still count
+
+    async def _scale(self, role: str, count: int, u: float) -> None:
+        window = self.windows[role]
+        logger.info("autoscaling %s to %d instance(s) (utilization %.2f)", role, count, u)
+        try:
+            report = await self.pools.scale(
+                self.router, self.eplb, {role: count}, drain_timeout_s=self.drain_timeout_s
+            )
+        except ScaleInProgress:
+            return
+        except Exception as e:
+            logger.error("autoscaling %s failed: %s", role, e)
+            window.retry_at = time.monotonic() + RETRY_S
+            return
+        if report.failed:
+            logger.error("autoscaling %s: %s", role, report.failed)
+            window.retry_at = time.monotonic() + RETRY_S
+        if report.started:
+            self.num_up += 1
+        if report.removed:
+            self.num_down += 1
+        for w in self.windows.values():
+            w.samples.clear()  # the capacity changed: judge it afresh

@@ -1,0 +1,162 @@
+"""Autoscaling (`orchestrator.autoscale`): the policy as a pure function, the utilization it
+reads, the flags' checks, and a real server that adds a decode instance under a load that
+fills its KV cache and removes it once the load is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from orchestrator.autoscale import (
+    DOWN_FRACTION,
+    SAMPLE_S,
+    AutoscaleConfig,
+    RoleWindow,
+    decide,
+    utilization,
+)
+from orchestrator.config import ServeConfig
+from orchestrator.policy import RankLoad
+from tests.disagg_calls import _greedy, _metric, _wait_all_pages_free
+from tests.test_disagg import _stream_all
+
+CFG = AutoscaleConfig({"decode": 4}, target=0.8, up_after_s=10.0, down_after_s=60.0)
+
+
+def _window(values: list[float], start: float = 0.0) -> RoleWindow:
+    w = RoleWindow()
+    for i, u in enumerate(values):
+        w.add(start + i * SAMPLE_S, u, keep_s=1000)
+    return w
+
+
+def test_scales_up_once_the_mean_holds_the_target_for_the_window():
+    high = _window([0.9] * 12)
+    assert decide(high, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 1
+    assert decide(high, now=11.0, count=4, minimum=1, maximum=4, cfg=CFG) == 0  # at the max
+    short = _window([0.9] * 5)  # not yet up_after_s of samples
+    assert decide(short, now=4.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0
+    spiky = _window([0.0] * 8 + [3.0])  # one burst: the mean over the window is what counts
+    assert decide(spiky, now=8.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0
+    mean_over = _window([0.5, 1.1] * 6)
+    assert decide(mean_over, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 1
+
+
+def test_scales_down_only_when_the_whole_window_stays_low_and_above_the_minimum():
+    low = CFG.target * DOWN_FRACTION * 0.9
+    quiet = _window([low] * 61)
+    assert decide(quiet, now=60.0, count=2, minimum=1, maximum=4, cfg=CFG) == -1
+    assert decide(quiet, now=60.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0
+    one_busy_second = _window([low] * 30 + [CFG.target * DOWN_FRACTION] + [low] * 30)
+    assert decide(one_busy_second, now=60.0, count=2, minimum=1, maximum=4, cfg=CFG) == 0
+    young = _window([0.0] * 30)
+    assert decide(young, now=29.0, count=2, minimum=1, maximum=4, cfg=CFG) == 0
+
+
+def test_no_decision_while_a_failed_scale_backs_off():
+    w = _window([2.0] * 12)
+    w.retry_at = 50.0
+    assert decide(w, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0
+    assert decide(w, now=50.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0  # window too old
+    w.add(50.0, 2.0, keep_s=1000)
+    assert decide(w, now=50.0, count=1, minimum=1, maximum=4, cfg=CFG) == 1
+
+
+def test_utilization_of_each_role_from_the_router_accounting():
+    loads = [
+        RankLoad("prefill", True, 1000, num_queued_prefill_tokens=3000),
+        RankLoad("prefill", True, 1000, num_queued_prefill_tokens=1000),
+        RankLoad("prefill", False, 1000, num_queued_prefill_tokens=9999),  # dead or draining
+        RankLoad("decode", True, 1000, num_reserved_tokens=900),
+        RankLoad("decode", True, 3000, num_reserved_tokens=100),
+    ]
+    assert utilization(loads, "prefill", prefill_step_tokens=1000) == pytest.approx(1.0)
+    assert utilization(loads, "decode", prefill_step_tokens=1000) == pytest.approx(0.25)
+    assert utilization(loads, "colocated", prefill_step_tokens=1000) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_decode_instances": 0}, "--max-decode-instances must be in [1, 256]"),
+        ({"decode_instances": 3, "max_decode_instances": 2}, "below the instances it starts"),
+        ({"max_instances": 2}, "--max-instances does not apply to a disaggregated"),
+        ({"colocated": True, "max_prefill_instances": 2}, "does not apply to a colocated"),
+        ({"autoscale_target": 0.0}, "--autoscale-target"),
+        ({"autoscale_target": float("nan")}, "--autoscale-target"),
+        ({"autoscale_up_after_s": -1.0}, "--autoscale-up-after"),
+        ({"autoscale_down_after_s": float("inf")}, "--autoscale-down-after"),
+    ],
+)
+def test_autoscale_settings_are_checked(fields: dict[str, Any], message: str):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ServeConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_a_server_adds_a_decode_instance_under_load_and_drops_it_when_idle(launch_tiny):
+    from workers.engine.config import EngineConfig
+
+    token = "admin-token-autoscale"
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=1024, device="cpu",
+                          preload_structured_output=False)  # fmt: skip
+    server = launch_tiny(
+        engine=engine, admin_token=token, max_decode_instances=2, autoscale_up_after_s=1.0,
+        autoscale_down_after_s=2.0,
+    )  # fmt: skip
+    url, auth = server.url, {"Authorization": f"Bearer {token}"}
+
+    def pools() -> dict[str, Any]:
+        return httpx.get(f"{url}/admin/pools", headers=auth, timeout=30).json()
+
+    try:
+        answer = pools()
+        assert answer["autoscale"] == {
+            "decode": {"min": 1, "max": 2, "instances": 1, "utilization": answer["autoscale"]
+                       ["decode"]["utilization"]}
+        }  # fmt: skip
+        prompts = [[(5 * i + k) % 900 + 3 for k in range(40)] for i in range(6)]
+        want = asyncio.run(_stream_all(url, prompts[:2], 8))
+        # Each request reserves 40 + 400 tokens: six of them want 2.6x the decode KV cache.
+        stop = threading.Event()
+        errors: list[str] = []
+
+        def load() -> None:
+            body = lambda p: {"input_ids": p, "sampling_params": _greedy(400)}  # noqa: E731
+            with httpx.Client(timeout=240) as client:
+                for p in itertools.cycle(prompts):
+                    if stop.is_set():
+                        return
+                    r = client.post(f"{url}/generate", json=body(p))
+                    if r.status_code != 200:
+                        errors.append(r.text)
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 90
+        while "decode-1" not in {p["name"] for p in pools()["pools"] if p["state"] == "serving"}:
+            assert time.monotonic() < deadline, pools()
+            time.sleep(0.2)
+        assert _metric(url, "pdserve_pool_utilization", role="decode") > 0
+        time.sleep(2.0)  # both instances serve under the load
+        stop.set()
+        for t in threads:
+            t.join(240)
+        assert not errors, errors[:3]
+        autoscaler = server.http.app.state.autoscaler
+        deadline = time.monotonic() + 90
+        while autoscaler.num_down < 1:
+            assert time.monotonic() < deadline, pools()
+            time.sleep(0.2)
+        assert {p["name"] for p in pools()["pools"]} == {"prefill-0", "decode-0"}
+        assert (autoscaler.num_up, autoscaler.num_down) == (1, 1)
+        assert asyncio.run(_stream_all(url, prompts[:2], 8)) == want
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()
