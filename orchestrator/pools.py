@@ -317,6 +317,8 @@ class PoolSet:
         share = spec.bundle.get("GPU", 0.0)
         engine = dataclasses.replace(config.engine, gpu_memory_share=share or 1.0)
         for i in range(spec.num_ranks):
+            if self.stopped:  # the server stopped while this instance started: it went too
+                raise RuntimeError("the server is shutting down")
             member = (
                 PoolMember(i, spec.num_ranks, instance.rendezvous) if spec.num_ranks > 1 else None
             )

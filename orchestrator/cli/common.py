@@ -47,6 +47,23 @@ def add_connection_args(p: argparse.ArgumentParser, api_key: bool = True) -> Non
     )  # fmt: skip
 
 
+def add_admin_args(p: argparse.ArgumentParser, timeout_s: float) -> None:
+    """What the admin commands (`rebalance`, `scale`) share: where the server is, its admin
+    token, and how long to wait."""
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"), help="admin token")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
+    p.add_argument("--timeout", type=float, default=timeout_s, help="seconds to wait")
+    add_connection_args(p, api_key=False)
+
+
+def admin_problem(args: argparse.Namespace) -> str | None:
+    """Why an admin command cannot call the server (no token, a bad --url or --grpc)."""
+    if not args.token:
+        return "--token (or PDSERVE_ADMIN_TOKEN) is required"
+    return grpc_address_problem(args.grpc) if args.grpc else url_problem(args.url)
+
+
 def auth_headers(args: argparse.Namespace) -> dict[str, str]:
     key = getattr(args, "api_key", None)
     return {"Authorization": f"Bearer {key}"} if key else {}

@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 import httpx
 
 from orchestrator.cli.common import (
-    add_connection_args,
+    add_admin_args,
+    admin_problem,
     cannot_reach,
-    grpc_address_problem,
     grpc_channel,
     grpc_error,
     quiet_grpc,
     response_error,
     tls_context,
-    url_problem,
 )
 
 
@@ -28,24 +26,21 @@ def add_rebalance(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "rebalance", help="rebalance the experts of the expert-parallel pools now (admin)"
     )
-    p.add_argument("--url", default="http://127.0.0.1:30000")
-    p.add_argument("--token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"), help="admin token")
     p.add_argument("--pool", action="append", help="only this pool (repeatable), e.g. decode-0")
     p.add_argument(
         "--dump", metavar="FILE", help="save the current placement to FILE instead of rebalancing"
     )
     p.add_argument("--apply", metavar="FILE", help="move to the placement saved in FILE")
-    p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
-    add_connection_args(p, api_key=False)
+    add_admin_args(p, timeout_s=600.0)
     p.set_defaults(func=cmd_rebalance)
 
 
 def cmd_rebalance(args: argparse.Namespace) -> int:
     from orchestrator.pools import PLACEMENT_FORMAT, read_expert_placements
 
-    if not args.token:
-        print("error: --token (or PDSERVE_ADMIN_TOKEN) is required", file=sys.stderr)
+    problem = admin_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.dump and args.apply:
         print("error: --dump saves the placement, --apply moves to one: give one of them",
@@ -55,15 +50,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         if args.dump or args.apply:
             print("error: --dump and --apply use HTTP; drop --grpc", file=sys.stderr)
             return 2
-        problem = grpc_address_problem(args.grpc)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
         return _rebalance_grpc(args)
-    problem = url_problem(args.url)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
     url = args.url.rstrip("/")
     body: dict[str, Any] = {}
     if args.pool:

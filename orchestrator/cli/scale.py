@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -12,15 +11,14 @@ from typing import Any
 import httpx
 
 from orchestrator.cli.common import (
-    add_connection_args,
+    add_admin_args,
+    admin_problem,
     cannot_reach,
-    grpc_address_problem,
     grpc_channel,
     grpc_error,
     quiet_grpc,
     response_error,
     tls_context,
-    url_problem,
 )
 
 ROLES = ("prefill", "decode", "colocated")
@@ -32,8 +30,6 @@ def add_scale(sub: argparse._SubParsersAction) -> None:
         help="start or drain pool instances of a running server (admin); without counts or "
         "--remove, list them",
     )
-    p.add_argument("--url", default="http://127.0.0.1:30000")
-    p.add_argument("--token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"), help="admin token")
     for role in ROLES:
         p.add_argument(f"--{role}", type=int, metavar="N", help=f"{role} pool instances wanted")
     p.add_argument(
@@ -46,17 +42,12 @@ def add_scale(sub: argparse._SubParsersAction) -> None:
         help="how long a removed instance's requests may run on (default: the server's "
         "--drain-timeout); those still running then end with an error",
     )  # fmt: skip
-    p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the scale")
-    add_connection_args(p, api_key=False)
+    add_admin_args(p, timeout_s=3600.0)
     p.set_defaults(func=cmd_scale)
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    if not args.token:
-        print("error: --token (or PDSERVE_ADMIN_TOKEN) is required", file=sys.stderr)
-        return 2
-    problem = grpc_address_problem(args.grpc) if args.grpc else url_problem(args.url)
+    problem = admin_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
