@@ -74,10 +74,19 @@ def test_aws_cluster_config_passes_ray_validation() -> None:
     assert pools == {None, "prefill", "decode"}  # an unlabelled head, one type per pool
     head = types[config["head_node_type"]]
     assert POOL_LABEL not in head.get("labels", {})
+    serve = load_serve_file(DEPLOY / "serve.yaml")
     for name, node_type in types.items():
-        if name != config["head_node_type"]:
-            assert node_type["resources"]["GPU"] == 8
-            assert node_type["min_workers"] == node_type["max_workers"]  # no autoscaling
+        if name == config["head_node_type"]:
+            continue
+        assert node_type["resources"]["GPU"] == 8
+        # Nodes for the instances it starts, and for those it may add by load (one GPU a rank).
+        start, most = serve[f"{name}_instances"], serve.get(f"max_{name}_instances")
+        nodes = serve[f"{name}_dp"] // 8
+        assert node_type["min_workers"] == start * nodes
+        assert node_type["max_workers"] == (most or start) * nodes
+    assert config["max_workers"] == sum(
+        t["max_workers"] for n, t in types.items() if n != config["head_node_type"]
+    )
     assert any("ray start --head" in c for c in config["head_start_ray_commands"])
     assert any("--address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
 
