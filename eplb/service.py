@@ -84,6 +84,7 @@ class EPLBService:
         phase_timeout_s: float = 120.0,
     ):
         self.pools = {p.name: _PoolState(p) for p in pools}
+        self._removed: dict[str, _PoolState] = {}  # pools scaled down, for their counters
         self.interval_s = interval_s
         self.min_balancedness = min_balancedness
         self.phase_timeout_s = phase_timeout_s
@@ -96,8 +97,10 @@ class EPLBService:
 
     async def remove_pool(self, name: str) -> None:
         """Forget a pool instance that is going (scaled down); a rebalance running on it
-        fails there, the others go on."""
-        self.pools.pop(name, None)
+        ends there (reported skipped), the others go on. Its counters stay in `stats`."""
+        state = self.pools.pop(name, None)
+        if state is not None:
+            self._removed[name] = state
 
     async def start(self) -> None:
         """Start the periodic trigger (when `interval_s` is set)."""
@@ -206,6 +209,8 @@ class EPLBService:
                     reports.append(asdict(PoolReport(name, ok=True, skipped="removed")))
                     continue
                 report = await self._rebalance_pool(state, only_if_unbalanced, targets.get(name))
+                if not report.ok and name not in self.pools:  # scaled down meanwhile
+                    report = PoolReport(name, ok=True, skipped="removed")
                 reports.append(asdict(report))
             return reports
         finally:
@@ -308,8 +313,14 @@ class EPLBService:
 
     @ray.method(enable_task_events=False)  # polled by every /metrics call
     async def stats(self) -> dict[str, dict[str, float]]:
-        """Counters per pool for /metrics (no new collection)."""
-        return {
+        """Counters per pool for /metrics (no new collection); pools scaled down keep theirs
+        (`removed`: 1.0, no balancedness)."""
+        gone = {
+            name: {"removed": 1.0, "rebalances": float(s.num_rebalances),
+                   "experts_moved": float(s.num_experts_moved)}
+            for name, s in self._removed.items()
+        }  # fmt: skip
+        return gone | {
             name: {
                 # NaN while the window holds no load: no data, not a balancedness of 0
                 "balancedness": _or_nan(

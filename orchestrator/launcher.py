@@ -189,16 +189,19 @@ class LocalServer:
 
     def drain(self, timeout_s: float, stop_now: threading.Event | None = None) -> int:
         """Refuse new requests (503) and wait up to `timeout_s` (or until `stop_now` is set)
-        for the ones in flight to end; returns how many are still in flight."""
+        for the ones in flight to end, and for a scale that runs to wind up (it stops waiting
+        for new instances and drains: the server's own drain is this one); returns how many
+        requests are still in flight."""
         self.router.draining = True
         stop_now = stop_now or threading.Event()
         deadline = time.monotonic() + timeout_s
-        while self.router.num_in_flight and time.monotonic() < deadline:
-            if stop_now.wait(0.1):
+        while self.router.num_in_flight or (self.pools is not None and self.pools.scaling):
+            if time.monotonic() > deadline or stop_now.wait(0.1):
                 break
         return self.router.num_in_flight
 
     def stop(self) -> None:
+        self.router.draining = True  # a scale that runs stops waiting for new instances
         self.http.stop()
         if self.pools is not None:
             self.pools.shutdown()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -217,8 +217,11 @@ class Metrics:
             ["pool"], registry=r,
         )  # fmt: skip
 
-    def set_rank_stats(self, stats: Sequence[RankStats | None]) -> None:
-        """Each rank's stats by index (None: not ready, not answering, or removed)."""
+    def set_rank_stats(
+        self, stats: Sequence[RankStats | None], final: Mapping[int, RankStats] | None = None
+    ) -> None:
+        """Each rank's stats by index (None: not ready, not answering, or removed); `final`:
+        the removed ranks' last stats, whose counts stay in the totals."""
         live = [s for s in stats if s is not None]
         self.ranks_ready.set(len(live))
         self.running.set(sum(s.num_running for s in live))
@@ -229,7 +232,7 @@ class Metrics:
         router = gc_pauses.PROCESS
         self.gc_seconds.observe("router", router.seconds, "router")
         self.gc_longest.labels("router").set(router.longest_s)
-        for i, s in enumerate(stats):
+        for i, s in [*enumerate(stats), *(final or {}).items()]:
             if s is None:
                 continue
             rank = f"rank-{i}"
@@ -271,15 +274,19 @@ class Metrics:
         self.shed.observe("router", shed)
 
     def set_eplb_stats(self, stats: dict[str, dict[str, float]]) -> None:
+        """The EPLB service's counters per pool; a pool scaled down (`removed`) keeps its
+        counters and loses its gauges."""
+        serving = {pool for pool, st in stats.items() if not st.get("removed")}
         for pool, st in stats.items():
-            self.eplb_balancedness.labels(pool).set(st["balancedness"])
             self.eplb_rebalances.observe("eplb", st["rebalances"], pool)
             self.eplb_experts_moved.observe("eplb", st["experts_moved"], pool)
-            self.eplb_pause.labels(pool).set(st["last_pause_s"])
-        for pool in self._eplb_pools - set(stats):  # scaled down: no reading any more
+            if pool in serving:
+                self.eplb_balancedness.labels(pool).set(st["balancedness"])
+                self.eplb_pause.labels(pool).set(st["last_pause_s"])
+        for pool in self._eplb_pools - serving:  # scaled down: no reading any more
             self.eplb_balancedness.remove(pool)
             self.eplb_pause.remove(pool)
-        self._eplb_pools = set(stats)
+        self._eplb_pools = serving
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -42,7 +42,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.set_rank_stats(await router.stats())
+        metrics.set_rank_stats(await router.stats(), router.ranks.final_stats)
         loads, step = router.ranks.loads(), config.engine.chunked_prefill_size
         roles = {load.role for load in loads if load.role}
         metrics.set_utilization({role: utilization(loads, role, step) for role in roles})

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,11 +198,14 @@ def place_pools(
 
 
 def reserve_groups(
-    pools: Sequence[PoolSpec], selectors: dict[str, dict[str, str]], timeout_s: float
+    pools: Sequence[PoolSpec],
+    selectors: dict[str, dict[str, str]],
+    timeout_s: float,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[PoolPlacement]:
     """A placement group per pool instance, its bundles carrying their role's selector; all
     placed within `timeout_s`, else none (RuntimeError naming the pools that did not fit and
-    the resources free)."""
+    the resources free). `cancelled()` turning true stops the wait (RuntimeError)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -217,17 +220,27 @@ def reserve_groups(
         )
         placements.append(PoolPlacement(spec, group, selector))
     ready = {p.group.ready(): p for p in placements}
-    done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    pending = list(ready)
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0 or (cancelled is not None and cancelled()):
+            break
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 1.0))
     if pending:
         stuck = [ready[ref].spec for ref in pending]
         for p in placements:
             remove_placement_group(p.group)
-        free = ray.available_resources()
+        if cancelled is not None and cancelled():
+            raise RuntimeError("cancelled: the server is shutting down")
+        free, total = ray.available_resources(), ray.cluster_resources()
+        have = ", ".join(
+            f"{free.get(k, 0.0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if k in total
+        )
         raise RuntimeError(
             "the cluster cannot place "
             + "; ".join(f"the {s.name} pool ({s.num_ranks} x {s.bundle})" for s in stuck)
-            + f" within {timeout_s:.0f} s; resources free now: "
-            + ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()) if k in ("CPU", "GPU"))
+            + f" within {timeout_s:.0f} s; free now: {have or 'nothing'}"
         )
     return placements
 

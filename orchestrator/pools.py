@@ -33,6 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ from orchestrator.placement import (
 )
 
 logger = logging.getLogger(__name__)
+
+MAX_INSTANCES = 256  # per role: a typo's guard (each instance is a placement group and ranks)
+# On a local Ray, how long a scale-up waits for what an instance just removed held to show as
+# free before it is refused for want of room.
+ROOM_SETTLE_S = 5.0
 
 PLACEMENT_FORMAT = "pdserve-expert-placement/1"
 
@@ -117,14 +123,21 @@ _ERROR_ENDINGS = ("Error", "Exception", "Exit", "Interrupt")
 
 
 def wait_ranks_ready(
-    ranks: list[Any], timeout_s: float, progress: Callable[[float], None] | None = None
+    ranks: list[Any],
+    timeout_s: float,
+    progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> None:
     """Block until every rank's model is loaded; `progress(elapsed_s)` is called every ~5 s.
-    Raises TimeoutError, or the rank's own error if it failed to start."""
+    Raises TimeoutError, or the rank's own error if it failed to start; RuntimeError once
+    `cancelled()` turns true."""
     refs = [r.ready.remote() for r in ranks]
     start = time.monotonic()
     while True:
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        wait_s = 5.0 if cancelled is None else 1.0
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        if pending and cancelled is not None and cancelled():
+            raise RuntimeError("cancelled: the server is shutting down")
         for ref in ready:
             try:
                 ray.get(ref)
@@ -195,13 +208,14 @@ class ScaleInProgress(RuntimeError):
 
 @dataclass
 class ScaleReport:
-    """What a scale did: instances started and removed (by name), failures, requests ended by
-    a removal's drain timeout, and how long it took."""
+    """What a scale did: instances started and removed (by name), failures, the requests a
+    removal's drain timeout ended or moved, and how long it took."""
 
     started: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)  # {"pool", "error"}
-    requests_ended: int = 0
+    requests_ended: int = 0  # had output when their instance went: ended with an error
+    requests_retried: int = 0  # had none yet: run again on another instance where one can
     seconds: float = 0.0
 
     @property
@@ -233,6 +247,7 @@ class PoolSet:
                       for role in self._shape}  # fmt: skip
         self._saved = read_expert_placements(config.init_expert_placement)
         self._lock = threading.Lock()  # `instances`, changed on the loop and in start threads
+        self._released_at = -math.inf  # when an instance was last scaled down
 
     @classmethod
     def start(cls, model_dir: Path, config: ServeConfig) -> PoolSet:
@@ -341,9 +356,20 @@ class PoolSet:
             )
 
     def _room(self, specs: Sequence[PoolSpec]) -> str | None:
-        """On a local Ray (no node will join): why `specs` do not fit in what is free now."""
+        """On a local Ray (no node will join): why `specs` do not fit in what is free — asked
+        again for a few seconds after an instance was released (what it held shows as free
+        only a moment later)."""
         if not self.fixed_cluster or not specs:
             return None
+        deadline = self._released_at + ROOM_SETTLE_S
+        while True:
+            problem = self._room_now(specs)
+            if problem is None or time.monotonic() > deadline:
+                return problem
+            time.sleep(0.25)
+
+    @staticmethod
+    def _room_now(specs: Sequence[PoolSpec]) -> str | None:
         free, total = ray.available_resources(), ray.cluster_resources()
         for resource in sorted({r for s in specs for r in s.bundle}):
             want = sum(s.need(resource) for s in specs)
@@ -355,9 +381,12 @@ class PoolSet:
                 )
         return None
 
-    def _start_instance(self, spec: PoolSpec) -> PoolInstance:
-        """Place and start a new instance and wait for its ranks (blocking; in a thread)."""
-        (placement,) = reserve_groups([spec], self.selectors, self.config.placement_timeout_s)
+    def _start_instance(self, spec: PoolSpec, cancelled: Callable[[], bool]) -> PoolInstance:
+        """Place and start a new instance and wait for its ranks (blocking; in a thread);
+        `cancelled()` turning true (the server stops) ends the wait."""
+        (placement,) = reserve_groups(
+            [spec], self.selectors, self.config.placement_timeout_s, cancelled
+        )
         instance = PoolInstance(spec, placement)
         with self._lock:
             if self.stopped:
@@ -366,7 +395,7 @@ class PoolSet:
             self.instances.append(instance)
         try:
             self._start_ranks(instance)
-            wait_ranks_ready(instance.ranks, self.config.ready_timeout_s)
+            wait_ranks_ready(instance.ranks, self.config.ready_timeout_s, cancelled=cancelled)
         except BaseException:
             self._forget(instance)
             instance.release()
@@ -443,9 +472,12 @@ class PoolSet:
                 self._next[spec.role] = max(self._next[spec.role], spec.instance + 1)
             if start:
                 logger.info("scaling: starting %s", ", ".join(s.name for s in start))
-            results = await asyncio.gather(
-                *(self._bring_up(router, eplb, spec) for spec in start), return_exceptions=True
-            )
+            # A thread each: placements that wait for the cluster wait side by side.
+            with ThreadPoolExecutor(max(1, len(start)), "pdserve-scale") as threads:
+                results = await asyncio.gather(
+                    *(self._bring_up(router, eplb, spec, threads) for spec in start),
+                    return_exceptions=True,
+                )
             for spec, result in zip(start, results, strict=True):
                 if isinstance(result, BaseException):
                     logger.error("scaling: %s did not start: %s", spec.name, result)
@@ -457,7 +489,8 @@ class PoolSet:
                 *(self._take_down(router, eplb, i, drain_timeout_s) for i in leaving)
             )
             report.removed = [i.name for i in leaving]
-            report.requests_ended = sum(ended)
+            report.requests_ended = sum(n for n, _ in ended)
+            report.requests_retried = sum(n for _, n in ended)
         finally:
             self.scaling = False
             report.seconds = time.monotonic() - began
@@ -485,8 +518,14 @@ class PoolSet:
                 )
         return out
 
-    async def _bring_up(self, router: Any, eplb: Any, spec: PoolSpec) -> None:
-        instance = await asyncio.to_thread(self._start_instance, spec)
+    async def _bring_up(
+        self, router: Any, eplb: Any, spec: PoolSpec, threads: ThreadPoolExecutor
+    ) -> None:
+        def cancelled() -> bool:
+            return self.stopped or router.draining
+
+        loop = asyncio.get_running_loop()
+        instance = await loop.run_in_executor(threads, self._start_instance, spec, cancelled)
         try:
             instance.indices = await router.add_ranks(instance.ranks)
             if eplb is not None and spec.num_ranks > 1:
@@ -508,32 +547,36 @@ class PoolSet:
 
     async def _take_down(
         self, router: Any, eplb: Any, instance: PoolInstance, drain_timeout_s: float
-    ) -> int:
-        """Drain `instance` and release it; the requests its drain timeout ended."""
+    ) -> tuple[int, int]:
+        """Drain `instance` and release it; the requests its drain timeout ended (they had
+        output) and moved (they had none yet)."""
         instance.state = "draining"
         logger.info("scaling: draining %s", instance.name)
         router.close_ranks(instance.indices)
-        deadline = time.monotonic() + drain_timeout_s
-        while router.requests_on(instance.indices) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        left = router.requests_on(instance.indices)
-        if left:
-            logger.warning("scaling: %d request(s) still on %s after %.0f s end with an error",
-                           left, instance.name, drain_timeout_s)  # fmt: skip
         if eplb is not None and instance.spec.num_ranks > 1:
-            try:
+            try:  # first: no rebalance starts on it while it drains
                 await eplb.remove_pool.remote(instance.name)
             except Exception as e:
                 logger.warning("scaling: the EPLB service kept %s: %s", instance.name, e)
+        deadline = time.monotonic() + drain_timeout_s
+        while router.requests_on(instance.indices) and time.monotonic() < deadline:
+            if self.stopped or router.draining:  # the server stops: its own drain has them
+                break
+            await asyncio.sleep(0.05)
+        ended = router.requests_on(instance.indices, with_output=True)
+        moved = router.requests_on(instance.indices, with_output=False)
+        if ended or moved:
+            logger.warning(
+                "scaling: after %.0f s on %s, %d request(s) with output end with an error, %d "
+                "without are retried elsewhere", drain_timeout_s, instance.name, ended, moved,
+            )  # fmt: skip
         await router.remove_ranks(
             instance.indices, f"pool instance {instance.name} was removed (scaled down)"
         )
         self._forget(instance)
         await asyncio.to_thread(instance.release)
-        return left
-
-
-MAX_INSTANCES = 256  # per role: a typo's guard (each instance is a placement group and ranks)
+        self._released_at = time.monotonic()
+        return ended, moved
 
 
 def drain_seconds(value: Any, default: float) -> float:

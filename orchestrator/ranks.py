@@ -91,6 +91,7 @@ class RoutedRequest:
     # Each side's `add_request` (rank, future): an abort is sent once its add reached the rank.
     adds: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
     aborted: bool = False  # the client asked (`Router.abort`): a failure then is the abort's
+    num_output_tokens: int = 0  # handed to the consumer so far
 
 
 class RankTable:
@@ -110,6 +111,8 @@ class RankTable:
         # they drain (`closed`), then forgotten (`removed`); indices are never reused.
         self.closed: set[int] = set()
         self.removed: set[int] = set()
+        # A removed rank's stats as it went: what it counted stays in the totals of /metrics.
+        self.final_stats: dict[int, RankStats] = {}
         self._add_seq = 0
         # Add frames sent on a stream and not answered yet: rank -> seq -> their futures.
         self._unanswered: dict[int, dict[int, list[asyncio.Future[None]]]] = {}
@@ -386,6 +389,10 @@ class RankTable:
 
     async def stats(self) -> list[RankStats | None]:
         """Each rank's stats; None for a rank that is not ready or does not answer."""
+        return await self.stats_of(range(len(self.handles)))
+
+    async def stats_of(self, ranks: Sequence[int]) -> list[RankStats | None]:
+        """The stats of `ranks`; None for one that is not ready or does not answer."""
 
         async def one(i: int) -> RankStats | None:
             if not self.is_live(i):
@@ -396,7 +403,7 @@ class RankTable:
             except Exception:
                 return None
 
-        return list(await asyncio.gather(*(one(i) for i in range(len(self.handles)))))
+        return list(await asyncio.gather(*(one(i) for i in ranks)))
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -189,17 +189,24 @@ class Router:
         """Pick `ranks` for no new request (their pool instance drains)."""
         self.ranks.closed.update(ranks)
 
-    def requests_on(self, ranks: Sequence[int]) -> int:
+    def requests_on(self, ranks: Sequence[int], with_output: bool | None = None) -> int:
         """Requests in flight that still need one of `ranks` (to generate, or to compute
-        their prompt)."""
+        their prompt); with `with_output`, only those that have (or have not) had a token."""
         on = set(ranks)
-        return sum(1 for r in self._requests.values() if r.rank in on or r.prefill_rank in on)
+        return sum(
+            1
+            for r in self._requests.values()
+            if (r.rank in on or r.prefill_rank in on)
+            and (with_output is None or (r.num_output_tokens > 0) == with_output)
+        )
 
     async def remove_ranks(self, ranks: Sequence[int], message: str) -> None:
         """Forget `ranks` (their pool instance goes): stop reading them, and end the requests
         still on them with `message` — a request that had no token yet is retried on another
         rank (pair) when it can be."""
         self.close_ranks(ranks)
+        final = await self.ranks.stats_of(ranks)
+        self.ranks.final_stats.update({i: st for i, st in zip(ranks, final, strict=True) if st})
         await self._stop_reading(ranks)
         for rank in ranks:
             self._fail_requests(rank, message)
@@ -293,7 +300,10 @@ class Router:
                 async with contextlib.aclosing(first) as outs:
                     async for out in outs:
                         retry = out.finish_reason == "error" and not streamed and not out.token_ids
-                        if not (retry and used and used[0][1] is not None):
+                        # A rank of its pair was taken out (scaled down): any topology retries.
+                        moved = frozenset(r for r in (used[0] if used else ())
+                                          if r is not None and r in self.ranks.closed)  # fmt: skip
+                        if not (retry and used and (used[0][1] is not None or moved)):
                             streamed = streamed or bool(out.token_ids)
                             if out.token_ids or out.finish_reason is not None:
                                 slot.release()  # no longer waits for its first token
@@ -302,7 +312,7 @@ class Router:
                         # Another prefill rank; a dead decode rank is skipped anyway (not live).
                         # Better one of another pool: when a rank of an expert-parallel pool
                         # fails, its peers leave the pool too.
-                        failed = frozenset(r for r in used[0][1:] if r is not None)
+                        failed = frozenset(r for r in used[0][1:] if r is not None) | moved
                         candidate = self.ranks.with_pool_peers(failed)
                         if not self.ranks.can_pick(candidate):
                             candidate = failed
@@ -446,6 +456,7 @@ class Router:
                     # Aborted by the client: one side's abort failed the other's transfer.
                     delta.finish_reason, delta.error = FinishReason.ABORT, None
                 num_output_tokens = delta.num_output_tokens or num_output_tokens
+                req.num_output_tokens += len(delta.token_ids)
                 out = to_output(delta, detok, client_rid, len(input_ids))
                 # Finished on the rank (an error may come from the router or the other side of a
                 # disaggregated pair: then the ranks are still told to abort).

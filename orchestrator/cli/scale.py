@@ -105,6 +105,9 @@ def _print_report(answer: dict[str, Any]) -> int:
     if answer.get("requests_ended"):
         print(f"{answer['requests_ended']} request(s) still running on removed instances at "
               "the drain timeout ended with an error")  # fmt: skip
+    if answer.get("requests_retried"):
+        print(f"{answer['requests_retried']} request(s) without output yet on removed "
+              "instances at the drain timeout were run again on another")  # fmt: skip
     for failure in answer.get("failed") or []:
         print(f"{failure.get('pool')}: FAILED: {failure.get('error')}")
     _print_pools(answer["pools"])
@@ -126,7 +129,7 @@ def _answer(resp: httpx.Response) -> dict[str, Any] | None:
 
 
 def _print_pools(pools: list[dict[str, Any]]) -> None:
-    rows = [("pool", "state", "ranks", "requests")]
+    rows = [("pool", "state", "rank ids", "requests")]
     for p in pools:
         ranks = ",".join(str(r) for r in p.get("ranks", []))
         rows.append((p["name"], str(p.get("state", "")), ranks, str(p.get("num_requests", ""))))

@@ -465,9 +465,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while not stop.is_set() and server.http.is_alive():
             stop.wait(0.5)
         in_flight = server.router.num_in_flight
-        if in_flight and config.drain_timeout_s > 0 and server.http.is_alive():
-            say(f"draining {in_flight} request(s) in flight (up to "
-                   f"{config.drain_timeout_s:g} s; interrupt again to stop now)")  # fmt: skip
+        scaling = server.pools is not None and server.pools.scaling
+        if (in_flight or scaling) and config.drain_timeout_s > 0 and server.http.is_alive():
+            also = " and winding up the scale that runs" if scaling else ""
+            say(f"draining {in_flight} request(s) in flight{also} (up to "
+                f"{config.drain_timeout_s:g} s; interrupt again to stop now)")  # fmt: skip
             left = server.drain(config.drain_timeout_s, stop_now)
             if left:
                 say(f"{left} request(s) still in flight: ending them")
