@@ -11,7 +11,8 @@ of its serving instances:
   (2 × `--chunked-prefill-size`) — prompts waiting longer than about two steps.
 
 A role whose mean utilization over the last `up_after_s` is at or above `target` (0.8) gets one
-more instance; one whose utilization stayed below `target × DOWN_FRACTION` for the whole of the
+more instance (prefill only while decode is below the target: prompts also back up on the
+prefill ranks while the decode side has no room for them, and more prefill would not help); one whose utilization stayed below `target × DOWN_FRACTION` for the whole of the
 last `down_after_s` loses its newest instance (drained first, as `pdserve scale` does), never
 below its minimum. A role's samples start again after it scaled, so each decision sees only the
 capacity it then has; a scale that fails (no room in the cluster within
@@ -69,13 +70,20 @@ class RoleWindow:
 
 
 def decide(
-    window: RoleWindow, now: float, count: int, minimum: int, maximum: int, cfg: AutoscaleConfig
+    window: RoleWindow,
+    now: float,
+    count: int,
+    minimum: int,
+    maximum: int,
+    cfg: AutoscaleConfig,
+    may_grow: bool = True,
 ) -> int:
-    """+1 (one more instance), -1 (one fewer) or 0, for a role of `count` instances."""
+    """+1 (one more instance), -1 (one fewer) or 0, for a role of `count` instances;
+    `may_grow` false holds it from growing (prefill while decode is saturated)."""
     if now < window.retry_at:
         return 0
     recent = window.since(now, cfg.up_after_s)
-    if count < maximum and recent and sum(recent) / len(recent) >= cfg.target:
+    if may_grow and count < maximum and recent and sum(recent) / len(recent) >= cfg.target:
         return 1
     longer = window.since(now, cfg.down_after_s)
     if count > minimum and longer and max(longer) < cfg.target * DOWN_FRACTION:
@@ -163,8 +171,12 @@ class Autoscaler:
                 window = self.windows[role]
                 window.add(now, u, keep_s)
                 count = self.pools.counts()[role]
+                # Prompts back up on the prefill ranks while the decode side has no room for
+                # them: more prefill would not help then.
+                decode = self.last.get("decode")
+                may_grow = role != "prefill" or decode is None or decode < self.cfg.target
                 step = decide(window, now, count, self.minimum[role], self.maximum[role],
-                              self.cfg)  # fmt: skip
+                              self.cfg, may_grow)  # fmt: skip
                 if step:
                     await self._scale(role, count + step, u)
                     break  # one change at a time; the others' samples still count

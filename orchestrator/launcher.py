@@ -73,10 +73,14 @@ def start_eplb(ranks: list[Any], infos: list[Any], model_dir: Path, config: Serv
 
 def local_ray_cpus(config: ServeConfig, num_cores: int) -> int | None:
     """The CPUs a Ray this process starts itself should declare: None (Ray counts the cores)
-    when they hold the topology's ranks, else what the ranks need, so that a small machine
-    still runs any topology — its ranks then share cores: right for trying a topology out,
-    not for measuring it."""
-    needed = sum(spec.num_ranks * spec.bundle["CPU"] for spec in pool_specs(config, 0))
+    when they hold the topology's ranks (with the instances autoscaling may add), else what
+    the ranks need, so that a small machine still runs any topology — its ranks then share
+    cores: right for trying a topology out, not for measuring it."""
+    specs = pool_specs(config, 0)
+    for role, most in config.autoscale_bounds().items():  # room for what it may add by load
+        mine = [s for s in specs if s.role == role]
+        specs += mine[:1] * (most - len(mine))
+    needed = sum(spec.num_ranks * spec.bundle["CPU"] for spec in specs)
     return math.ceil(needed) if needed > num_cores else None
 
 

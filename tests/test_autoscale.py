@@ -160,3 +160,10 @@ def test_a_server_adds_a_decode_instance_under_load_and_drops_it_when_idle(launc
         _wait_all_pages_free(url)
     finally:
         server.stop()
+
+
+def test_prefill_does_not_grow_while_decode_is_saturated():
+    cfg = AutoscaleConfig({"prefill": 4}, target=0.8, up_after_s=10.0)
+    busy = _window([2.0] * 12)
+    assert decide(busy, 11.0, 1, 1, 4, cfg, may_grow=False) == 0
+    assert decide(busy, 11.0, 1, 1, 4, cfg, may_grow=True) == 1

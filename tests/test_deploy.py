@@ -334,6 +334,10 @@ def test_a_local_ray_declares_the_cpus_its_ranks_take_on_a_small_machine(
     assert local_ray_cpus(two_by_two, num_cores=4) is None  # the cores hold them: Ray counts
     assert local_ray_cpus(config("--colocated", "--dp", "3", "--num-threads", "2"), 4) == 6
     assert local_ray_cpus(config("--decode-instances", "2"), 2) == 3
+    # Room for the instances autoscaling may add: 1 prefill + up to 3 decode ranks of 2 threads.
+    most = config("--max-decode-instances", "3", "--num-threads", "2")
+    assert local_ray_cpus(most, 4) == 8
+    assert local_ray_cpus(config("--colocated", "--dp", "2", "--max-instances", "2"), 2) == 4
     assert not starts_local_ray(config("--address", "auto"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert not starts_local_ray(two_by_two)
