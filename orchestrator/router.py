@@ -301,8 +301,7 @@ class Router:
                     async for out in outs:
                         retry = out.finish_reason == "error" and not streamed and not out.token_ids
                         # A rank of its pair was taken out (scaled down): any topology retries.
-                        moved = frozenset(r for r in (used[0] if used else ())
-                                          if r is not None and r in self.ranks.closed)  # fmt: skip
+                        moved = self._taken_out(used[0]) if retry and used else frozenset()
                         if not (retry and used and (used[0][1] is not None or moved)):
                             streamed = streamed or bool(out.token_ids)
                             if out.token_ids or out.finish_reason is not None:
@@ -339,6 +338,10 @@ class Router:
                     yield out
         finally:
             slot.release()
+
+    def _taken_out(self, pair: tuple[int, int | None]) -> frozenset[int]:
+        """The ranks of `pair` whose pool instance is scaled down."""
+        return frozenset(r for r in pair if r is not None and r in self.ranks.closed)
 
     def admit(self, count: int = 1) -> list[QueueSlot]:
         """Places for a request of `count` outputs (choices, prompts of a batch) among those
