@@ -144,11 +144,12 @@ class Autoscaler:
             self._task = None
 
     def describe(self) -> dict[str, Any]:
-        """Per role scaled: bounds, instances, the latest utilization (for `/admin/pools`)."""
-        counts = self.pools.counts()
+        """Per role scaled: bounds, instances, utilization now (for `/admin/pools`)."""
+        counts, loads = self.pools.counts(), self.router.ranks.loads()
         return {
             role: {"min": self.minimum[role], "max": self.maximum[role],
-                   "instances": counts.get(role, 0), "utilization": self.last[role]}
+                   "instances": counts.get(role, 0),
+                   "utilization": utilization(loads, role, self.prefill_step_tokens)}
             for role in self.roles
         }  # fmt: skip
 

@@ -138,11 +138,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         limiter: ClientLimiter | None = None,
         metrics: Metrics | None = None,
         pools: PoolSet | None = None,
+        autoscaler: Any = None,
     ):
         self.router = router
         self.config = config
         self.eplb = eplb
         self.pools = pools  # the server's pool instances (None: it was given its ranks)
+        self.autoscaler = autoscaler  # `orchestrator.autoscale.Autoscaler`, when one runs
         self.limiter = limiter or ClientLimiter(config.max_concurrent_requests_per_client)
         self.metrics = metrics or Metrics()  # the HTTP app's, so /metrics counts gRPC too
 
@@ -292,7 +294,17 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.PoolsRequest, context: grpc.aio.ServicerContext
     ) -> pb.PoolsResponse:
         pools = await self._pool_set(context)
-        return pb.PoolsResponse(pools=self._instances(), scaling=pools.scaling)
+        scaled = self.autoscaler.describe() if self.autoscaler is not None else {}
+        return pb.PoolsResponse(
+            pools=self._instances(), scaling=pools.scaling,
+            autoscale=[
+                pb.AutoscaledRole(
+                    role=role, min_instances=a["min"], max_instances=a["max"],
+                    instances=a["instances"], utilization=a["utilization"],
+                )
+                for role, a in scaled.items()
+            ],
+        )  # fmt: skip
 
     async def Scale(  # noqa: N802
         self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext
@@ -379,12 +391,14 @@ class GrpcServer:
         limiter: ClientLimiter | None = None,
         metrics: Metrics | None = None,
         pools: PoolSet | None = None,
+        autoscaler: Any = None,
     ):
         # No SO_REUSEPORT (gRPC's default on Linux): with it a second server bound to a port in
         # use starts without error and the two split the connections between them.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(router, config, eplb, limiter, metrics, pools), self.server
+            GenerationService(router, config, eplb, limiter, metrics, pools, autoscaler),
+            self.server,
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)

@@ -114,7 +114,7 @@ def create_app(
             from orchestrator.grpc_server import GrpcServer
 
             app.state.grpc_server = GrpcServer(
-                router, config, eplb, app.state.limiter, metrics, pools
+                router, config, eplb, app.state.limiter, metrics, pools, app.state.autoscaler
             )
             await app.state.grpc_server.start()
 

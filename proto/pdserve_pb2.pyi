@@ -302,10 +302,26 @@ class PoolsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class AutoscaledRole(_message.Message):
+    __slots__ = ("role", "min_instances", "max_instances", "instances", "utilization")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MIN_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    min_instances: int
+    max_instances: int
+    instances: int
+    utilization: float
+    def __init__(self, role: _Optional[str] = ..., min_instances: _Optional[int] = ..., max_instances: _Optional[int] = ..., instances: _Optional[int] = ..., utilization: _Optional[float] = ...) -> None: ...
+
 class PoolsResponse(_message.Message):
-    __slots__ = ("pools", "scaling")
+    __slots__ = ("pools", "scaling", "autoscale")
     POOLS_FIELD_NUMBER: _ClassVar[int]
     SCALING_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
     pools: _containers.RepeatedCompositeFieldContainer[PoolInstance]
     scaling: bool
-    def __init__(self, pools: _Optional[_Iterable[_Union[PoolInstance, _Mapping]]] = ..., scaling: _Optional[bool] = ...) -> None: ...
+    autoscale: _containers.RepeatedCompositeFieldContainer[AutoscaledRole]
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolInstance, _Mapping]]] = ..., scaling: _Optional[bool] = ..., autoscale: _Optional[_Iterable[_Union[AutoscaledRole, _Mapping]]] = ...) -> None: ...

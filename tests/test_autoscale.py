@@ -167,3 +167,33 @@ def test_prefill_does_not_grow_while_decode_is_saturated():
     busy = _window([2.0] * 12)
     assert decide(busy, 11.0, 1, 1, 4, cfg, may_grow=False) == 0
     assert decide(busy, 11.0, 1, 1, 4, cfg, may_grow=True) == 1
+
+
+def test_the_autoscaled_roles_are_listed_over_http_and_grpc(launch_tiny, capsys):
+    import grpc
+
+    from orchestrator.cli import main
+    from proto import pdserve_pb2 as pb
+    from proto import pdserve_pb2_grpc as pb_grpc
+
+    token = "admin-token-autoscale"
+    server = launch_tiny(admin_token=token, grpc_port=0, max_decode_instances=3,
+                         autoscale_up_after_s=600.0)  # fmt: skip
+    try:
+        assert main(["scale", "--url", server.url, "--token", token]) == 0
+        out = capsys.readouterr().out
+        assert "decode: autoscaled between 1 and 3 instances; utilization 0.00" in out, out
+        assert "prefill: autoscaled" not in out
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            reply = pb_grpc.GenerationStub(channel).Pools(
+                pb.PoolsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=30
+            )
+        (role,) = reply.autoscale
+        assert (role.role, role.min_instances, role.max_instances, role.instances) == (
+            "decode", 1, 3, 1
+        )  # fmt: skip
+        assert role.HasField("utilization") and role.utilization == 0.0
+        assert main(["scale", "--grpc", server.grpc_address, "--token", token]) == 0
+        assert "decode: autoscaled between 1 and 3" in capsys.readouterr().out
+    finally:
+        server.stop()

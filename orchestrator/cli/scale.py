@@ -76,6 +76,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
             print(f"error: {response_error(url, resp)}", file=sys.stderr)
             return 1
         _print_pools(answer["pools"])
+        _print_autoscale(answer.get("autoscale") or {})
         return 0
     done = threading.Event()
     watcher = threading.Thread(
@@ -138,6 +139,14 @@ def _print_pools(pools: list[dict[str, Any]]) -> None:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
 
 
+def _print_autoscale(roles: dict[str, Any]) -> None:
+    """A line per autoscaled role: its bounds and latest utilization."""
+    for role, a in sorted(roles.items()):
+        u = a.get("utilization")
+        load = f"utilization {u:.2f}" if isinstance(u, int | float) else "no live rank"
+        print(f"{role}: autoscaled between {a['min']} and {a['max']} instances; {load}")
+
+
 def _watch(url: str, headers: dict[str, str], verify: Any, done: threading.Event) -> None:
     """While the scale runs: a line each time an instance changes state (every ~5 s)."""
     seen: dict[str, str] = {}
@@ -190,5 +199,8 @@ def _scale_grpc(args: argparse.Namespace, body: dict[str, Any]) -> int:
     )
     if not body:
         _print_pools(answer["pools"])
+        roles = {a["role"]: {"min": a["min_instances"], "max": a["max_instances"],
+                             "utilization": a.get("utilization")} for a in answer["autoscale"]}  # fmt: skip
+        _print_autoscale(roles)
         return 0
     return _print_report(answer)
