@@ -9,7 +9,7 @@
 - `GET /admin/pools` — the pool instances: name, role, state (starting, serving, draining),
   ranks, requests on them; and whether a scale runs.
 - `POST /admin/scale` — body `{"prefill": n, "decode": m}` (a colocated server: `"colocated"`),
-  `"remove": [names]`, `"drain_timeout_s"` (default `--drain-timeout`): start and drain pool
+  `"remove": [names]`, `"drain_timeout_s"` (default `--request-timeout`): start and drain pool
   instances (`orchestrator.pools`); replies when done with what started, what was removed,
   what failed (`ok` false then), the requests a drain timeout ended, the seconds, and the
   pools. 409 while another scale runs.
@@ -67,7 +67,7 @@ def add_admin_routes(
     token: str | None,
     router: Any = None,
     pools: PoolSet | None = None,
-    drain_timeout_s: float = 30.0,
+    drain_timeout_s: float = 600.0,
 ) -> None:
     """`eplb`: the `EPLBService` actor handle, or None when no pool is expert-parallel;
     `router`: the `Router` (cache flush, scaling); `pools`: the pool instances the server

@@ -10,8 +10,9 @@ of its serving instances:
 - prefill: the prompt tokens queued per rank over two engine steps' worth
   (2 × `--chunked-prefill-size`) — prompts waiting longer than about two steps.
 
-A role whose mean utilization over the last `up_after_s` is at or above `target` (0.8) gets one
-more instance (prefill only while decode is below the target: prompts also back up on the
+A role whose median utilization over the last `up_after_s` is at or above `target` (0.8) —
+the load held for at least half of that time, so that a short burst (whose samples may run far
+above 1) does not start an instance that would be ready only after it — gets one more instance (prefill only while decode is below the target: prompts also back up on the
 prefill ranks while the decode side has no room for them, and more prefill would not help); one whose utilization stayed below `target × DOWN_FRACTION` for the whole of the
 last `down_after_s` loses its newest instance (drained first, as `pdserve scale` does), never
 below its minimum. A role's samples start again after it scaled, so each decision sees only the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -83,7 +85,7 @@ def decide(
     if now < window.retry_at:
         return 0
     recent = window.since(now, cfg.up_after_s)
-    if may_grow and count < maximum and recent and sum(recent) / len(recent) >= cfg.target:
+    if may_grow and count < maximum and recent and statistics.median(recent) >= cfg.target:
         return 1
     longer = window.since(now, cfg.down_after_s)
     if count > minimum and longer and max(longer) < cfg.target * DOWN_FRACTION:
@@ -126,7 +128,12 @@ class Autoscaler:
         self.last: dict[str, float | None] = dict.fromkeys(counts)  # the latest utilization
         self.num_up = 0
         self.num_down = 0
+        self.num_up_by = dict.fromkeys(counts, 0)  # the instances it added, by role
+        self.num_down_by = dict.fromkeys(counts, 0)
         self._task: asyncio.Task[None] | None = None
+        self._scaling: asyncio.Task[None] | None = None  # its scale that runs
+        # Manual scales keep within the bounds too.
+        pools.bounds.update({r: (self.minimum[r], self.maximum[r]) for r in self.roles})
 
     @property
     def roles(self) -> list[str]:
@@ -137,11 +144,12 @@ class Autoscaler:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="autoscaler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._scaling):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._scaling = None
 
     def describe(self) -> dict[str, Any]:
         """Per role scaled: bounds, instances, utilization now (for `/admin/pools`)."""
@@ -149,7 +157,8 @@ class Autoscaler:
         return {
             role: {"min": self.minimum[role], "max": self.maximum[role],
                    "instances": counts.get(role, 0),
-                   "utilization": utilization(loads, role, self.prefill_step_tokens)}
+                   "utilization": utilization(loads, role, self.prefill_step_tokens),
+                   "scaled_up": self.num_up_by[role], "scaled_down": self.num_down_by[role]}
             for role in self.roles
         }  # fmt: skip
 
@@ -163,8 +172,8 @@ class Autoscaler:
             now = time.monotonic()
             for role in self.minimum:
                 self.last[role] = utilization(loads, role, self.prefill_step_tokens)
-            if self.pools.scaling:  # a scale (ours or an admin's) runs: its load will change
-                continue
+            if self.pools.scaling or (self._scaling and not self._scaling.done()):
+                continue  # a scale (its own or an admin's) runs: the load will change
             for role in self.roles:
                 u = self.last[role]
                 if u is None:
@@ -178,8 +187,10 @@ class Autoscaler:
                 may_grow = role != "prefill" or decode is None or decode < self.cfg.target
                 step = decide(window, now, count, self.minimum[role], self.maximum[role],
                               self.cfg, may_grow)  # fmt: skip
-                if step:
-                    await self._scale(role, count + step, u)
+                if step:  # in a task of its own: the samples go on meanwhile
+                    self._scaling = asyncio.get_running_loop().create_task(
+                        self._scale(role, count + step, u), name=f"autoscale-{role}"
+                    )
                     break  # one change at a time; the others' samples still count
 
     async def _scale(self, role: str, count: int, u: float) -> None:
@@ -195,12 +206,17 @@ class Autoscaler:
             logger.error("autoscaling %s failed: %s", role, e)
             window.retry_at = time.monotonic() + RETRY_S
             return
+        if self.router.draining or self.pools.stopping:
+            return  # the server stops: what did not start was cancelled
         if report.failed:
-            logger.error("autoscaling %s: %s", role, report.failed)
+            logger.error("autoscaling %s: %s (trying again in %.0f s)", role, report.failed,
+                         RETRY_S)  # fmt: skip
             window.retry_at = time.monotonic() + RETRY_S
         if report.started:
             self.num_up += 1
+            self.num_up_by[role] += 1
         if report.removed:
             self.num_down += 1
+            self.num_down_by[role] += 1
         for w in self.windows.values():
             w.samples.clear()  # the capacity changed: judge it afresh

@@ -130,6 +130,12 @@ class ServeConfig:
         _check_seconds("--autoscale-down-after", self.autoscale_down_after_s)
 
     @property
+    def scale_drain_s(self) -> float:
+        """How long a pool instance scaled down lets its requests run on, unless the scale
+        says: as long as a request may run (`--request-timeout`), so that none is cut short."""
+        return self.request_timeout_s if self.request_timeout_s is not None else 3600.0
+
+    @property
     def topology(self) -> str:
         if self.colocated:
             return f"colocated: one pool of {self.num_ranks} rank(s)"

@@ -313,7 +313,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             drain_s = drain_seconds(
                 request.drain_timeout_s if request.HasField("drain_timeout_s") else None,
-                self.config.drain_timeout_s,
+                self.config.scale_drain_s,
             )
             counts = dict(request.instances)
             # Shielded: a cancelled call does not stop a scale halfway.

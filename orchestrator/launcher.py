@@ -205,7 +205,12 @@ class LocalServer:
         return self.router.num_in_flight
 
     def stop(self) -> None:
-        self.router.draining = True  # a scale that runs stops waiting for new instances
+        self.router.draining = True  # a scale that runs stops waiting for new instances ...
+        if self.pools is not None:  # ... and for its drains, and answers before HTTP stops
+            self.pools.stopping = True
+            deadline = time.monotonic() + 10
+            while self.pools.scaling and time.monotonic() < deadline:
+                time.sleep(0.05)
         self.http.stop()
         if self.pools is not None:
             self.pools.shutdown()

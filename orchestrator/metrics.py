@@ -156,6 +156,15 @@ class Metrics:
             "tokens reserved over capacity; prefill, queued prompt tokens over two steps' worth",
             ["role"], registry=r,
         )  # fmt: skip
+        self.pool_started = Totals(
+            "pdserve_pool_instances_started_total",
+            "Pool instances started while serving (pdserve scale, the autoscaler), by role",
+            ["role"], registry=r,
+        )  # fmt: skip
+        self.pool_removed = Totals(
+            "pdserve_pool_instances_removed_total",
+            "Pool instances drained and removed while serving, by role", ["role"], registry=r,
+        )  # fmt: skip
         self.pool_instances = Gauge(
             "pdserve_pool_instances",
             "Pool instances by role and state (starting, serving, draining: see pdserve scale)",
@@ -254,6 +263,12 @@ class Metrics:
         for role, u in by_role.items():
             if u is not None:
                 self.pool_utilization.labels(role).set(u)
+
+    def set_scale_counts(self, started: Mapping[str, int], removed: Mapping[str, int]) -> None:
+        for role, n in started.items():
+            self.pool_started.observe("router", n, role)
+        for role, n in removed.items():
+            self.pool_removed.observe("router", n, role)
 
     def set_pools(self, pools: Sequence[dict[str, Any]]) -> None:
         """The pool instances (`PoolSet.describe`)."""

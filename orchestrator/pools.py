@@ -240,7 +240,12 @@ class PoolSet:
         self.selectors = selectors  # each role's node selector, for instances placed later
         self.fixed_cluster = starts_local_ray(config)
         self.scaling = False  # a scale is running (one at a time)
+        self.stopping = False  # the server is about to stop: a running scale ends now
         self.stopped = False
+        # Autoscaled roles' bounds (`orchestrator.autoscale`): manual scales keep within them.
+        self.bounds: dict[str, tuple[int, int]] = {}
+        self.num_started = dict.fromkeys((i.spec.role for i in instances), 0)  # by scaling
+        self.num_removed = dict.fromkeys((i.spec.role for i in instances), 0)
         # Each role's rank shape (ranks and bundle), the next instance number.
         self._shape = {i.spec.role: (i.spec.num_ranks, i.spec.bundle) for i in instances}
         self._next = {role: 1 + max(i.spec.instance for i in instances if i.spec.role == role)
@@ -368,16 +373,25 @@ class PoolSet:
                 return problem
             time.sleep(0.25)
 
-    @staticmethod
-    def _room_now(specs: Sequence[PoolSpec]) -> str | None:
+    def _room_now(self, specs: Sequence[PoolSpec]) -> str | None:
         free, total = ray.available_resources(), ray.cluster_resources()
+        # What the autoscaler may still add to the other roles stays theirs.
+        counts, roles = self.counts(), {s.role for s in specs}
+        headroom = [
+            PoolSpec(role, -1, *self._shape[role])
+            for role, (_, high) in self.bounds.items()
+            if role not in roles
+            for _ in range(max(0, high - counts.get(role, 0)))
+        ]
         for resource in sorted({r for s in specs for r in s.bundle}):
             want = sum(s.need(resource) for s in specs)
-            if want > free.get(resource, 0.0) + 1e-9:
+            kept = sum(s.need(resource) for s in headroom)
+            if want > free.get(resource, 0.0) - kept + 1e-9:
+                held = f", {kept:g} kept for autoscaling" if kept else ""
                 return (
                     f"the new instances need {want:g} {resource}, {free.get(resource, 0.0):g} "
-                    f"of {total.get(resource, 0.0):g} are free (a local Ray gets no new nodes: "
-                    "serve with --address on a cluster to grow it)"
+                    f"of {total.get(resource, 0.0):g} are free{held} (a local Ray gets no new "
+                    "nodes: serve with --address on a cluster to grow it)"
                 )
         return None
 
@@ -422,6 +436,12 @@ class PoolSet:
                 raise ScaleError(f"{role}: the number of instances must be an integer >= 1", role)
             if n > MAX_INSTANCES:
                 raise ScaleError(f"{role}: at most {MAX_INSTANCES} instances", role)
+            low, high = self.bounds.get(role, (1, MAX_INSTANCES))
+            if not low <= n <= high:
+                raise ScaleError(
+                    f"{role}: the autoscaler keeps it between {low} and {high} instances (the "
+                    "count it started with and --max-*-instances): ask within that", role,
+                )  # fmt: skip
         by_name = {i.name: i for i in self.instances}
         leaving: list[PoolInstance] = []
         for name in remove:
@@ -437,7 +457,8 @@ class PoolSet:
         for role, (num_ranks, bundle) in sorted(self._shape.items()):
             staying = [i for i in self.instances
                        if i.spec.role == role and i.state == "serving" and i not in leaving]  # fmt: skip
-            want = counts.get(role, len(staying) if staying else 1)
+            low = self.bounds.get(role, (1, 0))[0]  # an autoscaled role keeps its minimum
+            want = counts.get(role, max(len(staying), low, 1))
             newest_first = sorted(staying, key=lambda i: -i.spec.instance)
             leaving += newest_first[: max(0, len(staying) - want)]
             first = self._next[role]
@@ -521,8 +542,8 @@ class PoolSet:
     async def _bring_up(
         self, router: Any, eplb: Any, spec: PoolSpec, threads: ThreadPoolExecutor
     ) -> None:
-        def cancelled() -> bool:
-            return self.stopped or router.draining
+        def cancelled() -> bool:  # the server drains to stop: a new instance would not serve
+            return self.stopped or self.stopping or router.draining
 
         loop = asyncio.get_running_loop()
         instance = await loop.run_in_executor(threads, self._start_instance, spec, cancelled)
@@ -537,6 +558,7 @@ class PoolSet:
             await asyncio.to_thread(instance.release)
             raise
         instance.state = "serving"
+        self.num_started[spec.role] += 1
 
     def _eplb_handle(self, instance: PoolInstance) -> Any:
         from eplb.service import PoolHandle
@@ -558,17 +580,20 @@ class PoolSet:
                 await eplb.remove_pool.remote(instance.name)
             except Exception as e:
                 logger.warning("scaling: the EPLB service kept %s: %s", instance.name, e)
-        deadline = time.monotonic() + drain_timeout_s
-        while router.requests_on(instance.indices) and time.monotonic() < deadline:
-            if self.stopped or router.draining:  # the server stops: its own drain has them
+        began = time.monotonic()
+        # Its requests run on while the server drains to stop too (that drain bounds them);
+        # only the stop itself (`stopping`) ends the wait early.
+        while router.requests_on(instance.indices) and not (self.stopping or self.stopped):
+            if time.monotonic() - began >= drain_timeout_s:
                 break
             await asyncio.sleep(0.05)
         ended = router.requests_on(instance.indices, with_output=True)
         moved = router.requests_on(instance.indices, with_output=False)
         if ended or moved:
             logger.warning(
-                "scaling: after %.0f s on %s, %d request(s) with output end with an error, %d "
-                "without are retried elsewhere", drain_timeout_s, instance.name, ended, moved,
+                "scaling: after %.1f s of draining %s, %d request(s) that had output end with "
+                "an error, %d without any are retried elsewhere",
+                time.monotonic() - began, instance.name, ended, moved,
             )  # fmt: skip
         await router.remove_ranks(
             instance.indices, f"pool instance {instance.name} was removed (scaled down)"
@@ -576,6 +601,7 @@ class PoolSet:
         self._forget(instance)
         await asyncio.to_thread(instance.release)
         self._released_at = time.monotonic()
+        self.num_removed[instance.spec.role] += 1
         return ended, moved
 
 

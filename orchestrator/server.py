@@ -107,7 +107,7 @@ def create_app(
                     config.autoscale_bounds(), config.autoscale_target,
                     config.autoscale_up_after_s, config.autoscale_down_after_s,
                 ),
-                config.engine.chunked_prefill_size, config.drain_timeout_s,
+                config.engine.chunked_prefill_size, config.scale_drain_s,
             )  # fmt: skip
             app.state.autoscaler.start()
         if config.grpc_port is not None:
@@ -211,7 +211,7 @@ def create_app(
 
     add_openai_routes(app, ctx)
     add_ops_routes(app, ctx, eplb, pools)
-    add_admin_routes(app, eplb, config.admin_token, router, pools, config.drain_timeout_s)
+    add_admin_routes(app, eplb, config.admin_token, router, pools, config.scale_drain_s)
     return app
 
 

@@ -36,13 +36,13 @@ def _window(values: list[float], start: float = 0.0) -> RoleWindow:
     return w
 
 
-def test_scales_up_once_the_mean_holds_the_target_for_the_window():
+def test_scales_up_once_the_target_holds_for_most_of_the_window():
     high = _window([0.9] * 12)
     assert decide(high, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 1
     assert decide(high, now=11.0, count=4, minimum=1, maximum=4, cfg=CFG) == 0  # at the max
     short = _window([0.9] * 5)  # not yet up_after_s of samples
     assert decide(short, now=4.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0
-    spiky = _window([0.0] * 8 + [3.0])  # one burst: the mean over the window is what counts
+    spiky = _window([0.0] * 8 + [3.0])  # one burst: most of the window is what counts
     assert decide(spiky, now=8.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0
     mean_over = _window([0.5, 1.1] * 6)
     assert decide(mean_over, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 1
@@ -117,8 +117,8 @@ def test_a_server_adds_a_decode_instance_under_load_and_drops_it_when_idle(launc
     try:
         answer = pools()
         assert answer["autoscale"] == {
-            "decode": {"min": 1, "max": 2, "instances": 1, "utilization": answer["autoscale"]
-                       ["decode"]["utilization"]}
+            "decode": {"min": 1, "max": 2, "instances": 1, "utilization": 0.0,
+                       "scaled_up": 0, "scaled_down": 0}
         }  # fmt: skip
         prompts = [[(5 * i + k) % 900 + 3 for k in range(40)] for i in range(6)]
         want = asyncio.run(_stream_all(url, prompts[:2], 8))
@@ -156,6 +156,10 @@ def test_a_server_adds_a_decode_instance_under_load_and_drops_it_when_idle(launc
             time.sleep(0.2)
         assert {p["name"] for p in pools()["pools"]} == {"prefill-0", "decode-0"}
         assert (autoscaler.num_up, autoscaler.num_down) == (1, 1)
+        scaled = pools()["autoscale"]["decode"]
+        assert (scaled["scaled_up"], scaled["scaled_down"]) == (1, 1)
+        assert _metric(url, "pdserve_pool_instances_started_total", role="decode") == 1
+        assert _metric(url, "pdserve_pool_instances_removed_total", role="decode") == 1
         assert asyncio.run(_stream_all(url, prompts[:2], 8)) == want
         _wait_all_pages_free(url)
     finally:
@@ -195,5 +199,17 @@ def test_the_autoscaled_roles_are_listed_over_http_and_grpc(launch_tiny, capsys)
         assert role.HasField("utilization") and role.utilization == 0.0
         assert main(["scale", "--grpc", server.grpc_address, "--token", token]) == 0
         assert "decode: autoscaled between 1 and 3" in capsys.readouterr().out
+        # A manual scale keeps within the autoscaler's bounds.
+        auth = {"Authorization": f"Bearer {token}"}
+        resp = httpx.post(f"{server.url}/admin/scale", json={"decode": 4}, headers=auth)
+        assert resp.status_code == 400 and "between 1 and 3" in resp.text, resp.text
+        assert resp.json()["error"]["param"] == "decode"
     finally:
         server.stop()
+
+
+def test_a_burst_shorter_than_half_the_window_does_not_scale_up():
+    burst = _window([0.0] * 8 + [50.0] * 4)  # requests queued far past capacity, briefly
+    assert decide(burst, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0
+    held = _window([0.0] * 5 + [0.9] * 7)  # over half the window at the target
+    assert decide(held, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 1

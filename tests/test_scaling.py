@@ -406,3 +406,35 @@ def test_placements_that_wait_wait_together_and_a_stop_ends_the_wait(launch_tiny
         assert failed and all("shutting down" in f["error"] for f in failed), failed
     finally:
         server.stop()
+
+
+def test_a_server_draining_to_stop_lets_a_scaled_down_instance_finish_its_requests(launch_tiny):
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
+                          max_running_requests=1, preload_structured_output=False)  # fmt: skip
+    server = launch_tiny(colocated=True, engine=engine, admin_token=TOKEN)
+    url = server.url
+    try:
+        assert _scale(url, {"colocated": 2}).json()["started"] == ["colocated-1"]
+        results: list[Any] = []
+        prompts = [[(13 * i + k) % 900 + 3 for k in range(20)] for i in range(4)]
+        threads = [threading.Thread(target=_stream, args=(url, p, 300, results)) for p in prompts]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: _pools(url)["colocated-1"]["num_requests"] >= 2)
+        answer: list[httpx.Response] = []
+        scaler = threading.Thread(target=lambda: answer.append(
+            _scale(url, {"remove": ["colocated-1"], "drain_timeout_s": 120})))  # fmt: skip
+        scaler.start()
+        _wait_for(lambda: server.pools.scaling)
+        # SIGTERM's drain: the scale's drain goes on within it, and nothing is cut short.
+        assert server.drain(120) == 0
+        scaler.join(60)
+        for t in threads:
+            t.join(60)
+        report = answer[0].json()
+        assert report["removed"] == ["colocated-1"] and report["requests_ended"] == 0, report
+        assert all("error" not in r and len(r["output_ids"]) == 300 for r in results), results
+    finally:
+        server.stop()

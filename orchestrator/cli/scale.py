@@ -40,7 +40,8 @@ def add_scale(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drain-timeout", type=float, metavar="S",
         help="how long a removed instance's requests may run on (default: the server's "
-        "--drain-timeout); those still running then end with an error",
+        "--request-timeout, as long as any may run); those still running then end with an "
+        "error, those without output yet are run again on another instance",
     )  # fmt: skip
     add_admin_args(p, timeout_s=3600.0)
     p.set_defaults(func=cmd_scale)
@@ -104,11 +105,11 @@ def _print_report(answer: dict[str, Any]) -> int:
     removed = ", ".join(answer.get("removed") or []) or "none"
     print(f"scaled in {answer.get('seconds', 0.0):.1f} s: started {started}; removed {removed}")
     if answer.get("requests_ended"):
-        print(f"{answer['requests_ended']} request(s) still running on removed instances at "
+        print(f"{answer['requests_ended']} request(s) that had output on removed instances at "
               "the drain timeout ended with an error")  # fmt: skip
     if answer.get("requests_retried"):
         print(f"{answer['requests_retried']} request(s) without output yet on removed "
-              "instances at the drain timeout were run again on another")  # fmt: skip
+              "instances at the drain timeout were run again on another instance")  # fmt: skip
     for failure in answer.get("failed") or []:
         print(f"{failure.get('pool')}: FAILED: {failure.get('error')}")
     _print_pools(answer["pools"])

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -341,6 +342,19 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def log_to_stderr(level: str) -> None:
+    """pdserve's own log lines (scaling, rank failures, rebalances: the `orchestrator` and
+    `eplb` loggers) on standard error from `level` (`--log-level`) up, with their time."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    value = logging.getLevelName(level.upper())
+    for name in ("orchestrator", "eplb"):
+        log = logging.getLogger(name)
+        log.handlers = [handler]
+        log.setLevel(value if isinstance(value, int) else logging.INFO)
+        log.propagate = False
+
+
 def join_ray(config: Any, num_cpus: int | None) -> Any:
     """`ray.init`: a Ray of its own, or the cluster `--address` names. ConnectionError (or
     ValueError) naming the address when there is none to join, rather than Ray's retries."""
@@ -391,7 +405,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         say(f"error: {e}")
         return 2
+    log_to_stderr(config.log_level)
     say(f"topology: {config.topology}")
+    for role, most in config.autoscale_bounds().items():
+        start = {"prefill": config.prefill_instances, "decode": config.decode_instances}
+        if most == start.get(role, 1):
+            say(f"warning: {role} starts with its maximum of {most} instance(s): the "
+                "autoscaler has nothing to add")  # fmt: skip
+        else:
+            say(f"autoscaling {role} instances between {start.get(role, 1)} and {most}")
     if config.checkpoint is not None and config.checkpoint.is_hub_repo:
         say(f"model: {config.model} from the Hugging Face Hub (or its cache)")
     local = starts_local_ray(config)
