@@ -73,6 +73,15 @@ def _wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def _one_at_a_time(launch_tiny: Any) -> Any:
+    """A colocated server whose instances run one request at a time (the rest queue there)."""
+    from workers.engine.config import EngineConfig
+
+    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
+                          max_running_requests=1, preload_structured_output=False)  # fmt: skip
+    return launch_tiny(colocated=True, engine=engine, admin_token=TOKEN)
+
+
 PROMPTS = [[(7 * i + 3 * k) % 1000 + 3 for k in range(12 + 9 * i)] for i in range(8)]
 
 
@@ -340,11 +349,7 @@ def test_scale_over_grpc(launch_tiny, capsys):
 
 
 def test_a_colocated_request_with_no_output_yet_moves_to_the_instance_that_stays(launch_tiny):
-    from workers.engine.config import EngineConfig
-
-    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
-                          max_running_requests=1, preload_structured_output=False)  # fmt: skip
-    server = launch_tiny(colocated=True, engine=engine, admin_token=TOKEN)
+    server = _one_at_a_time(launch_tiny)
     url = server.url
     try:
         prompts = [[(11 * i + k) % 900 + 3 for k in range(30)] for i in range(10)]
@@ -409,11 +414,7 @@ def test_placements_that_wait_wait_together_and_a_stop_ends_the_wait(launch_tiny
 
 
 def test_a_server_draining_to_stop_lets_a_scaled_down_instance_finish_its_requests(launch_tiny):
-    from workers.engine.config import EngineConfig
-
-    engine = EngineConfig(page_size=16, kv_capacity_tokens=2048, device="cpu",
-                          max_running_requests=1, preload_structured_output=False)  # fmt: skip
-    server = launch_tiny(colocated=True, engine=engine, admin_token=TOKEN)
+    server = _one_at_a_time(launch_tiny)
     url = server.url
     try:
         assert _scale(url, {"colocated": 2}).json()["started"] == ["colocated-1"]
