@@ -14,12 +14,14 @@ parallel). `PoolSet` owns every instance a server started, and scales them (`POS
   cleaned up and reported; the other changes go on.
 - **Down.** The instances named go, then the newest of a role above its count. Instances are
   started before any is drained, so that a replacement (`remove` one, same count) never leaves
-  the role without a serving instance. A draining instance is picked for no new request; its
-  requests run to their end for up to the drain timeout, and those still running then end with
-  an error (one with no token yet is retried on another pair). Then the router forgets its
-  ranks, it leaves the EPLB service, and its actors, rendezvous and placement group go.
+  the role without a serving instance. A draining instance is picked for no new request and
+  leaves the EPLB service; its requests run to their end for up to the drain timeout (by
+  default as long as a request may run), and those still running then end with an error (one
+  with no token yet is retried on another rank or pair). Then the router takes its ranks' last
+  stats and forgets them, and its actors, rendezvous and placement group go.
 
-One scale runs at a time; every role keeps at least one instance.
+One scale runs at a time; every role keeps at least one instance, an autoscaled one stays
+within its bounds (`bounds`).
 """
 
 from __future__ import annotations
