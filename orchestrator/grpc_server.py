@@ -323,8 +323,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             report = await asyncio.shield(task)
         except ScaleError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ScaleInProgress as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except ScaleInProgress as e:  # another scale runs, or the server is stopping
+            stopping = self.router.draining or pools.stopped
+            code = grpc.StatusCode.UNAVAILABLE if stopping else grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, str(e))
         return pb.ScaleResponse(
             ok=report.ok, started=report.started, removed=report.removed,
             failed=[pb.ScaleFailure(**f) for f in report.failed],

@@ -179,7 +179,7 @@ class PoolInstance:
     """One pool instance and what it holds in the cluster."""
 
     spec: PoolSpec
-    placement: PoolPlacement
+    placement: PoolPlacement | None  # None while a scale-up waits for the cluster to place it
     ranks: list[Any] = field(default_factory=list)  # actor handles in pool rank order
     rendezvous: Any = None  # its pool group's meeting point, when it has several ranks
     indices: list[int] = field(default_factory=list)  # the router's indices of its ranks
@@ -193,7 +193,7 @@ class PoolInstance:
         """Shut its ranks down and give back what it holds in the cluster (blocking)."""
         shutdown_ranks(self.ranks)
         kill_actors([self.rendezvous] if self.rendezvous is not None else [])
-        remove_placements([self.placement])
+        remove_placements([self.placement] if self.placement is not None else [])
 
 
 class ScaleError(ValueError):
@@ -284,7 +284,7 @@ class PoolSet:
 
     @property
     def placements(self) -> list[PoolPlacement]:
-        return [i.placement for i in self.instances]
+        return [i.placement for i in self.instances if i.placement is not None]
 
     @property
     def helpers(self) -> list[Any]:
@@ -331,7 +331,8 @@ class PoolSet:
         from workers.engine.launch import start_engine_rank
         from workers.ep.group import PoolMember, Rendezvous
 
-        spec, config = instance.spec, self.config
+        spec, config, placement = instance.spec, self.config, instance.placement
+        assert placement is not None
         if spec.num_ranks > 1:
             instance.rendezvous = (
                 ray.remote(Rendezvous).options(num_cpus=0, max_restarts=-1).remote(spec.num_ranks)
@@ -355,7 +356,7 @@ class PoolSet:
                     transfer_backend=config.transfer_backend,
                     transfer_timeout_s=config.transfer_timeout_s,
                     allow_fault_injection=config.allow_fault_injection,
-                    scheduling_strategy=instance.placement.strategy(i),
+                    scheduling_strategy=placement.strategy(i),
                     pool=member,
                     initial_phy2log=self._saved.get(spec.name) if member else None,
                     checkpoint=config.checkpoint,
@@ -400,16 +401,17 @@ class PoolSet:
     def _start_instance(self, spec: PoolSpec, cancelled: Callable[[], bool]) -> PoolInstance:
         """Place and start a new instance and wait for its ranks (blocking; in a thread);
         `cancelled()` turning true (the server stops) ends the wait."""
-        (placement,) = reserve_groups(
-            [spec], self.selectors, self.config.placement_timeout_s, cancelled
-        )
-        instance = PoolInstance(spec, placement)
+        instance = PoolInstance(spec, None)  # listed as starting while it waits for a place
         with self._lock:
             if self.stopped:
-                remove_placements([placement])
                 raise RuntimeError("the server is shutting down")
             self.instances.append(instance)
         try:
+            (instance.placement,) = reserve_groups(
+                [spec], self.selectors, self.config.placement_timeout_s, cancelled
+            )
+            if self.stopped:  # the server's shutdown did not see the placement
+                raise RuntimeError("the server is shutting down")
             self._start_ranks(instance)
             wait_ranks_ready(instance.ranks, self.config.ready_timeout_s, cancelled=cancelled)
         except BaseException:

@@ -382,7 +382,7 @@ def test_a_colocated_request_with_no_output_yet_moves_to_the_instance_that_stays
         server.stop()
 
 
-def test_placements_that_wait_wait_together_and_a_stop_ends_the_wait(launch_tiny):
+def test_placements_that_wait_wait_together_and_a_stop_ends_the_wait(launch_tiny, capsys):
     server = launch_tiny(admin_token=TOKEN, placement_timeout_s=4.0)
     url = server.url
     server.pools.fixed_cluster = False  # as on a cluster that may grow: placements wait
@@ -402,6 +402,8 @@ def test_placements_that_wait_wait_together_and_a_stop_ends_the_wait(launch_tiny
         t.start()
         _wait_for(lambda: server.pools.scaling)
         time.sleep(0.5)
+        assert main(["status", "--url", url]) == 0
+        assert "starting (pdserve scale): decode-" in capsys.readouterr().out
         stopping = time.monotonic()
         server.stop()
         t.join(30)
