@@ -28,7 +28,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from orchestrator.auth import bearer, same_secret
-from orchestrator.pools import PoolSet, ScaleError, ScaleInProgress, drain_seconds
+from orchestrator.pools import (
+    PoolSet,
+    ScaleError,
+    ScaleInProgress,
+    ServerStopping,
+    drain_seconds,
+)
 from orchestrator.request_fields import RequestError
 from orchestrator.streaming import read_json
 from workers.engine.messages import short_error
@@ -109,13 +115,11 @@ def add_admin_routes(
         counts = {k: v for k, v in body.items() if k not in ("remove", "drain_timeout_s")}
         try:
             drain_s = drain_seconds(body.get("drain_timeout_s"), drain_timeout_s)
-            # Shielded: a client that hangs up does not stop a scale halfway.
-            task = asyncio.ensure_future(own.scale(router, eplb, counts, remove, drain_s))
-            report = await asyncio.shield(task)
+            report = await own.scale(router, eplb, counts, remove, drain_s)
         except ScaleError as e:
             raise RequestError(str(e), e.field) from None
         except ScaleInProgress as e:
-            status = 503 if router.draining or own.stopped else 409
+            status = 503 if isinstance(e, ServerStopping) else 409
             raise RequestError(str(e), None, status, "conflict") from None
         return JSONResponse(
             {**asdict(report), "ok": report.ok, "pools": own.describe(router.requests_on)}

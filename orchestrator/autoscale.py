@@ -126,14 +126,20 @@ class Autoscaler:
         self.drain_timeout_s = drain_timeout_s
         self.windows = {role: RoleWindow() for role in counts}
         self.last: dict[str, float | None] = dict.fromkeys(counts)  # the latest utilization
-        self.num_up = 0
-        self.num_down = 0
         self.num_up_by = dict.fromkeys(counts, 0)  # the instances it added, by role
         self.num_down_by = dict.fromkeys(counts, 0)
         self._task: asyncio.Task[None] | None = None
         self._scaling: asyncio.Task[None] | None = None  # its scale that runs
         # Manual scales keep within the bounds too.
         pools.bounds.update({r: (self.minimum[r], self.maximum[r]) for r in self.roles})
+
+    @property
+    def num_up(self) -> int:
+        return sum(self.num_up_by.values())
+
+    @property
+    def num_down(self) -> int:
+        return sum(self.num_down_by.values())
 
     @property
     def roles(self) -> list[str]:
@@ -198,7 +204,7 @@ class Autoscaler:
         logger.info("autoscaling %s to %d instance(s) (utilization %.2f)", role, count, u)
         try:
             report = await self.pools.scale(
-                self.router, self.eplb, {role: count}, drain_timeout_s=self.drain_timeout_s
+                self.router, self.eplb, {role: count}, (), self.drain_timeout_s
             )
         except ScaleInProgress:
             return
@@ -212,11 +218,7 @@ class Autoscaler:
             logger.error("autoscaling %s: %s (trying again in %.0f s)", role, report.failed,
                          RETRY_S)  # fmt: skip
             window.retry_at = time.monotonic() + RETRY_S
-        if report.started:
-            self.num_up += 1
-            self.num_up_by[role] += 1
-        if report.removed:
-            self.num_down += 1
-            self.num_down_by[role] += 1
+        self.num_up_by[role] += len(report.started)
+        self.num_down_by[role] += len(report.removed)
         for w in self.windows.values():
             w.samples.clear()  # the capacity changed: judge it afresh

@@ -24,7 +24,13 @@ from orchestrator.auth import api_key_refusal, bearer, same_secret
 from orchestrator.config import ServeConfig, host_port
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
-from orchestrator.pools import PoolSet, ScaleError, ScaleInProgress, drain_seconds
+from orchestrator.pools import (
+    PoolSet,
+    ScaleError,
+    ScaleInProgress,
+    ServerStopping,
+    drain_seconds,
+)
 from orchestrator.protocol import parse_generate, prepare_call
 from orchestrator.ranks import RouterNotReady
 from orchestrator.request_fields import RequestError
@@ -315,16 +321,13 @@ class GenerationService(pb_grpc.GenerationServicer):
                 request.drain_timeout_s if request.HasField("drain_timeout_s") else None,
                 self.config.scale_drain_s,
             )
-            counts = dict(request.instances)
-            # Shielded: a cancelled call does not stop a scale halfway.
-            task = asyncio.ensure_future(
-                pools.scale(self.router, self.eplb, counts, list(request.remove), drain_s)
+            report = await pools.scale(
+                self.router, self.eplb, dict(request.instances), list(request.remove), drain_s
             )
-            report = await asyncio.shield(task)
         except ScaleError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ScaleInProgress as e:  # another scale runs, or the server is stopping
-            stopping = self.router.draining or pools.stopped
+        except ScaleInProgress as e:
+            stopping = isinstance(e, ServerStopping)
             code = grpc.StatusCode.UNAVAILABLE if stopping else grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, str(e))
         return pb.ScaleResponse(

@@ -205,7 +205,11 @@ class ScaleError(ValueError):
 
 
 class ScaleInProgress(RuntimeError):
-    pass
+    """Another scale runs (one at a time)."""
+
+
+class ServerStopping(ScaleInProgress):
+    """The server drains to stop: it scales no more."""
 
 
 @dataclass
@@ -461,8 +465,8 @@ class PoolSet:
         for role, (num_ranks, bundle) in sorted(self._shape.items()):
             staying = [i for i in self.instances
                        if i.spec.role == role and i.state == "serving" and i not in leaving]  # fmt: skip
-            low = self.bounds.get(role, (1, 0))[0]  # an autoscaled role keeps its minimum
-            want = counts.get(role, max(len(staying), low, 1))
+            low = self.bounds.get(role, (1, MAX_INSTANCES))[0]  # autoscaled: its minimum
+            want = counts.get(role, max(len(staying), low))
             newest_first = sorted(staying, key=lambda i: -i.spec.instance)
             leaving += newest_first[: max(0, len(staying) - want)]
             first = self._next[role]
@@ -475,16 +479,29 @@ class PoolSet:
         router: Any,
         eplb: Any,
         counts: Mapping[str, int],
-        remove: Sequence[str] = (),
-        drain_timeout_s: float = 30.0,
+        remove: Sequence[str],
+        drain_timeout_s: float,
     ) -> ScaleReport:
         """Start and drain instances so that each role of `counts` has that many, after the
-        instances named in `remove` go (see the module doc); runs on the router's loop.
-        ScaleError for a request that cannot be done, ScaleInProgress while another runs."""
+        instances named in `remove` go (see the module doc); runs on the router's loop, as a
+        task of its own that its caller's cancellation (a client that hangs up) does not stop
+        halfway. ScaleError for a request that cannot be done, ScaleInProgress while another
+        runs, ServerStopping once the server drains to stop."""
+        task = asyncio.ensure_future(self._scale(router, eplb, counts, remove, drain_timeout_s))
+        return await asyncio.shield(task)
+
+    async def _scale(
+        self,
+        router: Any,
+        eplb: Any,
+        counts: Mapping[str, int],
+        remove: Sequence[str],
+        drain_timeout_s: float,
+    ) -> ScaleReport:
+        if self.stopped or router.draining:
+            raise ServerStopping("the server is shutting down")
         if self.scaling:
             raise ScaleInProgress("a scale is already running")
-        if self.stopped or router.draining:
-            raise ScaleInProgress("the server is shutting down")
         self.scaling = True  # before any await: a second scale is refused from here on
         began = time.monotonic()
         report = ScaleReport()

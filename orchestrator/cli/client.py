@@ -19,6 +19,8 @@ from orchestrator.cli.common import (
     grpc_address_problem,
     grpc_channel,
     grpc_error,
+    ok_json,
+    print_table,
     quiet_grpc,
     response_error,
     tls_context,
@@ -330,20 +332,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             str(st["num_generated_tokens"]), str(st.get("num_preemptions", 0)),
             _transfers(st.get("transfers") or {}),
         ))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
+    print_table(rows)
     return 0
 
 
 def _stats(resp: httpx.Response) -> dict[str, Any] | None:
     """The body of a pdserve `/v1/stats` answer; None for any other answer."""
-    if resp.status_code != 200:
-        return None
-    try:
-        data = resp.json()
-    except ValueError:
-        return None
+    data = ok_json(resp)
     if not isinstance(data, dict) or not {"model", "num_in_flight", "ranks"} <= data.keys():
         return None
     return data

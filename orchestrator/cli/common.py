@@ -64,6 +64,24 @@ def admin_problem(args: argparse.Namespace) -> str | None:
     return grpc_address_problem(args.grpc) if args.grpc else url_problem(args.url)
 
 
+def ok_json(resp: Any) -> Any:
+    """The JSON body of a 200 answer (an `httpx.Response`); None for any other answer, or a
+    body that is not JSON (the callers then check its shape)."""
+    if resp.status_code != 200:
+        return None
+    try:
+        return resp.json()
+    except ValueError:
+        return None
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows of cells in left-aligned columns (the first row: the header; a row may be short)."""
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
+
+
 def auth_headers(args: argparse.Namespace) -> dict[str, str]:
     key = getattr(args, "api_key", None)
     return {"Authorization": f"Bearer {key}"} if key else {}

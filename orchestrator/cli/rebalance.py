@@ -16,6 +16,7 @@ from orchestrator.cli.common import (
     cannot_reach,
     grpc_channel,
     grpc_error,
+    ok_json,
     quiet_grpc,
     response_error,
     tls_context,
@@ -96,12 +97,8 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
 def _pools(resp: httpx.Response) -> Any:
     """The `pools` of a pdserve admin answer (a list of reports from `/admin/rebalance`, a map of
     placements from `/admin/experts`); None for any other answer."""
-    if resp.status_code != 200:
-        return None
-    try:
-        pools = resp.json()["pools"]
-    except (ValueError, KeyError, TypeError):
-        return None
+    body = ok_json(resp)
+    pools = body.get("pools") if isinstance(body, dict) else None
     if isinstance(pools, dict):
         return (
             pools if all(isinstance(p, dict) and "phy2log" in p for p in pools.values()) else None

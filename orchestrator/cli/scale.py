@@ -16,6 +16,8 @@ from orchestrator.cli.common import (
     cannot_reach,
     grpc_channel,
     grpc_error,
+    ok_json,
+    print_table,
     quiet_grpc,
     response_error,
     tls_context,
@@ -118,12 +120,7 @@ def _print_report(answer: dict[str, Any]) -> int:
 
 def _answer(resp: httpx.Response) -> dict[str, Any] | None:
     """The body of a pdserve `/admin/pools` or `/admin/scale` answer; None for any other."""
-    if resp.status_code != 200:
-        return None
-    try:
-        body = resp.json()
-    except ValueError:
-        return None
+    body = ok_json(resp)
     pools = body.get("pools") if isinstance(body, dict) else None
     if not isinstance(pools, list) or not all(isinstance(p, dict) and "name" in p for p in pools):
         return None
@@ -131,13 +128,11 @@ def _answer(resp: httpx.Response) -> dict[str, Any] | None:
 
 
 def _print_pools(pools: list[dict[str, Any]]) -> None:
-    rows = [("pool", "state", "rank ids", "requests")]
+    rows: list[tuple[str, ...]] = [("pool", "state", "rank ids", "requests")]
     for p in pools:
         ranks = ",".join(str(r) for r in p.get("ranks", []))
         rows.append((p["name"], str(p.get("state", "")), ranks, str(p.get("num_requests", ""))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
+    print_table(rows)
 
 
 def _print_autoscale(roles: dict[str, Any]) -> None:
