@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from workers.engine.admission import check_request, new_sequence
+from workers.engine.admission import check_request, new_sequence, skip_draws
 from workers.engine.config import EngineConfig
 from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.grammar import GrammarBackend
@@ -224,6 +224,7 @@ class Engine:
         if seq is None or seq.status is not SeqStatus.RECEIVING:
             return None  # aborted meanwhile
         seq.num_cached_tokens = num_cached_tokens
+        skip_draws(seq.generator, 1)  # the prefill rank drew the first token: draw on from there
         self.scheduler.admit_received(seq)
         self.idle = False
         return self._append(seq, first_token, first_logprob)

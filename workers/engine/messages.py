@@ -155,6 +155,11 @@ class GenerateRequest:
     # A prefill rank of a disaggregated pair computes the whole request itself (its prompt
     # logprobs come from the logits it has; the decode rank is not involved).
     generate_here: bool = False
+    # Resuming a request whose rank was lost (`orchestrator.router`): the tokens it had
+    # generated there. They follow the prompt and count as output (`max_new_tokens`, penalties,
+    # a constraint, a seed's draws): the rank computes their KV with the prompt's and goes on
+    # from the last, as if it had generated them itself.
+    output_ids: list[int] = field(default_factory=list)
 
 
 class TokenLogprob(NamedTuple):

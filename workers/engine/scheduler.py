@@ -155,8 +155,9 @@ class Scheduler:
         return reserved
 
     def admit_received(self, seq: Sequence) -> None:
-        """The prompt's KV arrived: the request joins the running batch, decoding."""
-        seq.num_computed = seq.num_prompt_tokens
+        """The prompt's KV arrived (and a resumed request's output's): the request joins the
+        running batch, decoding."""
+        seq.num_computed = seq.num_tokens
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
