@@ -333,7 +333,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.ScaleResponse(
             ok=report.ok, started=report.started, removed=report.removed,
             failed=[pb.ScaleFailure(**f) for f in report.failed],
-            requests_ended=report.requests_ended, requests_retried=report.requests_retried,
+            requests_resumed=report.requests_resumed, requests_retried=report.requests_retried,
             seconds=report.seconds,
             pools=self._instances(),
         )  # fmt: skip

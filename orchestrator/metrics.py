@@ -180,6 +180,12 @@ class Metrics:
             "Requests re-run on another rank (pair) after a failure before their first token",
             registry=r,
         )
+        self.resumed = Totals(
+            "pdserve_requests_resumed_total",
+            "Requests that went on on another rank (pair) from the output they had, after "
+            "their rank failed or was scaled down",
+            registry=r,
+        )
         self.rank_failures = Totals(
             "pdserve_rank_failures_total", "Times an engine rank was found dead or failed",
             registry=r,
@@ -280,9 +286,16 @@ class Metrics:
                 self.pool_instances.labels(role, state).set(counts.get((role, state), 0))
 
     def set_router_stats(
-        self, retries: int, rank_failures: int, draining: bool, queued: int, shed: int
+        self,
+        retries: int,
+        resumed: int,
+        rank_failures: int,
+        draining: bool,
+        queued: int,
+        shed: int,
     ) -> None:
         self.retries.observe("router", retries)
+        self.resumed.observe("router", resumed)
         self.rank_failures.observe("router", rank_failures)
         self.draining.set(int(draining))
         self.waiting_first_token.set(queued)

@@ -50,8 +50,8 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             metrics.set_pools(pools.describe())
             metrics.set_scale_counts(pools.num_started, pools.num_removed)
         metrics.set_router_stats(
-            router.num_retries, router.num_rank_failures, router.draining, router.num_queued,
-            router.num_shed,
+            router.num_retries, router.num_resumed, router.num_rank_failures, router.draining,
+            router.num_queued, router.num_shed,
         )  # fmt: skip
         if eplb is not None:
             with contextlib.suppress(Exception):
@@ -76,6 +76,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             "num_in_flight": router.num_in_flight,
             "draining": router.draining,
             "num_retries": router.num_retries,
+            "num_resumed": router.num_resumed,
             "num_rank_failures": router.num_rank_failures,
             "num_waiting_first_token": router.num_queued,
             "num_shed": router.num_shed,

@@ -215,13 +215,13 @@ class ServerStopping(ScaleInProgress):
 @dataclass
 class ScaleReport:
     """What a scale did: instances started and removed (by name), failures, the requests a
-    removal's drain timeout ended or moved, and how long it took."""
+    removal's drain timeout moved to another instance, and how long it took."""
 
     started: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)  # {"pool", "error"}
-    requests_ended: int = 0  # had output when their instance went: ended with an error
-    requests_retried: int = 0  # had none yet: run again on another instance where one can
+    requests_resumed: int = 0  # had output when their instance went: go on elsewhere from it
+    requests_retried: int = 0  # had none yet: run again on another instance
     seconds: float = 0.0
 
     @property
@@ -527,12 +527,12 @@ class PoolSet:
                 else:
                     report.started.append(spec.name)
             leaving = self._keep_one_per_role(leaving, report)
-            ended = await asyncio.gather(
+            moved = await asyncio.gather(
                 *(self._take_down(router, eplb, i, drain_timeout_s) for i in leaving)
             )
             report.removed = [i.name for i in leaving]
-            report.requests_ended = sum(n for n, _ in ended)
-            report.requests_retried = sum(n for _, n in ended)
+            report.requests_resumed = sum(n for n, _ in moved)
+            report.requests_retried = sum(n for _, n in moved)
         finally:
             self.scaling = False
             report.seconds = time.monotonic() - began
@@ -591,8 +591,8 @@ class PoolSet:
     async def _take_down(
         self, router: Any, eplb: Any, instance: PoolInstance, drain_timeout_s: float
     ) -> tuple[int, int]:
-        """Drain `instance` and release it; the requests its drain timeout ended (they had
-        output) and moved (they had none yet)."""
+        """Drain `instance` and release it; the requests its drain timeout moved to another
+        instance: those that had output (they resume from it) and those that had none."""
         instance.state = "draining"
         logger.info("scaling: draining %s", instance.name)
         router.close_ranks(instance.indices)
@@ -608,13 +608,13 @@ class PoolSet:
             if time.monotonic() - began >= drain_timeout_s:
                 break
             await asyncio.sleep(0.05)
-        ended = router.requests_on(instance.indices, with_output=True)
-        moved = router.requests_on(instance.indices, with_output=False)
-        if ended or moved:
+        resumed = router.requests_on(instance.indices, with_output=True)
+        retried = router.requests_on(instance.indices, with_output=False)
+        if resumed or retried:
             logger.warning(
-                "scaling: after %.1f s of draining %s, %d request(s) that had output end with "
-                "an error, %d without any are retried elsewhere",
-                time.monotonic() - began, instance.name, ended, moved,
+                "scaling: after %.1f s of draining %s, %d request(s) resume elsewhere from "
+                "the output they had, %d without output yet start again elsewhere",
+                time.monotonic() - began, instance.name, resumed, retried,
             )  # fmt: skip
         await router.remove_ranks(
             instance.indices, f"pool instance {instance.name} was removed (scaled down)"
@@ -623,7 +623,7 @@ class PoolSet:
         await asyncio.to_thread(instance.release)
         self._released_at = time.monotonic()
         self.num_removed[instance.spec.role] += 1
-        return ended, moved
+        return resumed, retried
 
 
 def drain_seconds(value: Any, default: float) -> float:

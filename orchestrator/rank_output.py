@@ -70,6 +70,8 @@ def dispatch(
             if req.prefill_rank is not None:
                 targets.setdefault(req.prefill_rank, []).append((item.rid, item.target))
             continue
+        if item.resumable and req.lost is None:
+            req.lost = (index, item.error or f"engine rank {index} failed")
         if index == req.prefill_rank and item.finish_reason is not None:
             # The prefill side failed: the decode side waits for KV that won't come.
             for rank, add_ref in req.adds:

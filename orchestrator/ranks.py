@@ -92,6 +92,16 @@ class RoutedRequest:
     adds: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
     aborted: bool = False  # the client asked (`Router.abort`): a failure then is the abort's
     num_output_tokens: int = 0  # handed to the consumer so far
+    # Set when a failure of a rank (its own, an expert-parallel peer's, its instance scaled
+    # down), not of the request, ended it: that rank and why. The router may then resume the
+    # request elsewhere (`Router.generate`).
+    lost: tuple[int, str] | None = None
+    # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the
+    # prompt is done.
+    pair: tuple[int, int | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pair = (self.rank, self.prefill_rank)
 
 
 class RankTable:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -49,6 +50,24 @@ from workers.engine.messages import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+MAX_MOVES = 2  # times one request goes on on another rank (pair) after a failure
+
+
+@dataclass
+class _Job:
+    """One client request across its attempts (`Router.generate`)."""
+
+    rid: str  # the client's
+    input_ids: list[int]
+    sampling: SamplingParams
+    stop: Sequence[str]
+    whole: bool  # the ranks may hold the output after the first token until the end
+    timeout_s: float | None
+    deadline: float | None  # on the loop's clock
+    detok: IncrementalDetokenizer  # one for all attempts: the text goes on where it stood
+    output_ids: list[int] = field(default_factory=list)  # handed to the consumer so far
 
 
 class QueueSlot:
@@ -89,7 +108,8 @@ class Router:
         # A rank's stream silent this long (no output, no heartbeat) counts as a failed rank.
         self.stream_silence_s = stream_silence_s
         self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
-        self.num_retries = 0  # requests re-run on another pair after a failure
+        self.num_retries = 0  # requests re-run on another pair after a failure, before output
+        self.num_resumed = 0  # requests that went on on another pair from the output they had
         self.num_rank_failures = 0  # times a rank was found dead or failing
         self.num_deltas = 0  # token deltas handed to requests (at most one per request a frame)
         self.request_timeout_s = request_timeout_s
@@ -253,10 +273,16 @@ class Router:
         self.num_deltas += dispatch(self.ranks, self._requests, index, items)
 
     def _fail_requests(self, rank: int | None, message: str) -> None:
+        """End the requests on `rank` (all with None: the server stops) with `message`; those
+        of a rank may go on elsewhere (`generate`)."""
         for req in list(self._requests.values()):
             if rank is None or rank in (req.rank, req.prefill_rank):
+                if rank is not None and req.lost is None:
+                    req.lost = (rank, message)
                 req.queue.put_nowait(
-                    TokenDelta(req.rid, [], finish_reason=FinishReason.ERROR, error=message)
+                    TokenDelta(
+                        req.rid, [], FinishReason.ERROR, error=message, resumable=rank is not None
+                    )
                 )
 
     # ---- requests -------------------------------------------------------------------------
@@ -280,68 +306,102 @@ class Router:
 
         Raises ValueError (message naming the field) when a rank refuses the request before it
         starts, RouterNotReady when no rank can take it. Closing the iterator early (client gone)
-        or a stop string or timeout aborts the request on its rank. A request whose rank died
-        while taking it, and a disaggregated request that fails before its first token (a rank
-        died, a transfer failed), is retried once on another rank (pair) when there is one."""
+        or a stop string or timeout aborts the request on its rank.
+
+        A request goes on on another rank (pair), up to `MAX_MOVES` times, when a rank fails
+        under it — dies, goes silent, is scaled down, or loses an expert-parallel peer — and
+        when, disaggregated, it fails before its first token (a transfer failed). One that
+        had output resumes from it (`GenerateRequest.output_ids`): the consumer sees one
+        stream, the same tokens as without the move for a greedy or seeded request."""
         if slot is None:
             (slot,) = self.admit()
         rid = rid or uuid.uuid4().hex
         if rid in self._rank_rids:
             slot.release()
             raise ValueError(f"rid: request {rid!r} is already running")
-        used: list[tuple[int, int | None]] = []
-        whole = not stream and not stop
-        first = self._attempt(input_ids, sampling, stop, rid, timeout_s, frozenset(), used, whole)
-        streamed = False  # a token reached the consumer: too late to retry
-        avoid: frozenset[int] | None = None  # set when the request is to be retried
-        reason: str | None = None
+        timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
+        now = asyncio.get_running_loop().time()
+        job = _Job(
+            rid, list(input_ids), sampling, stop, not stream and not stop, timeout_s,
+            None if timeout_s is None else now + timeout_s,
+            IncrementalDetokenizer(
+                self.tokenizer, input_ids, stop, min_new_tokens=sampling.min_new_tokens
+            ),
+        )  # fmt: skip
+        used: list[RoutedRequest] = []
+        avoid: frozenset[int] = frozenset()
         try:
-            try:
-                async with contextlib.aclosing(first) as outs:
-                    async for out in outs:
-                        retry = out.finish_reason == "error" and not streamed and not out.token_ids
-                        # A rank of its pair was taken out (scaled down): any topology retries.
-                        moved = self._taken_out(used[0]) if retry and used else frozenset()
-                        if not (retry and used and (used[0][1] is not None or moved)):
-                            streamed = streamed or bool(out.token_ids)
+            for moves in range(MAX_MOVES + 1):
+                failure: str | None = None
+                unreachable: RankUnreachable | None = None
+                try:
+                    async with contextlib.aclosing(self._attempt(job, avoid, used)) as outs:
+                        async for out in outs:
+                            if (out.finish_reason == "error" and not out.token_ids
+                                    and not job.output_ids and self._retryable(used[-1])):  # fmt: skip
+                                failure = out.error or "failed"
+                                break
+                            job.output_ids += out.token_ids
                             if out.token_ids or out.finish_reason is not None:
                                 slot.release()  # no longer waits for its first token
                             yield out
-                            continue
-                        # Another prefill rank; a dead decode rank is skipped anyway (not live).
-                        # Better one of another pool: when a rank of an expert-parallel pool
-                        # fails, its peers leave the pool too.
-                        failed = frozenset(r for r in used[0][1:] if r is not None) | moved
-                        candidate = self.ranks.with_pool_peers(failed)
-                        if not self.ranks.can_pick(candidate):
-                            candidate = failed
-                        if not self.ranks.can_pick(candidate):
-                            yield out  # no other pair: the error stands
-                            return
-                        avoid, reason = candidate, out.error
-                        break
-            except RankUnreachable as e:
-                # A rank died while taking the request: nothing ran anywhere yet.
-                if not self.ranks.can_pick(frozenset({e.rank})):
-                    raise
-                avoid, reason = frozenset({e.rank}), str(e)
-            if avoid is None:
-                return
-            self.num_retries += 1
-            logger.warning("request %s failed before its first token (%s); retrying on "
-                           "another rank", rid, reason)  # fmt: skip
-            second = self._attempt(input_ids, sampling, stop, rid, timeout_s, avoid, used, whole)
-            async with contextlib.aclosing(second) as outs:
-                async for out in outs:
-                    if out.token_ids or out.finish_reason is not None:
-                        slot.release()
-                    yield out
+                    if failure is None and used[-1].lost is not None:  # ended without a word
+                        failure = used[-1].lost[1]
+                except RankUnreachable as e:
+                    # A rank died while taking the request: nothing ran there.
+                    failure, unreachable = str(e), e
+                if failure is None:
+                    return
+                if moves == MAX_MOVES:
+                    break
+                next_avoid = self._avoid(used[-1], unreachable)
+                if next_avoid is None:
+                    break
+                avoid = next_avoid
+                if job.output_ids:
+                    self.num_resumed += 1
+                    logger.warning("request %s lost its rank after %d token(s) (%s); resuming "
+                                   "it on another rank", rid, len(job.output_ids), failure)  # fmt: skip
+                else:
+                    self.num_retries += 1
+                    logger.warning("request %s failed before its first token (%s); retrying on "
+                                   "another rank", rid, failure)  # fmt: skip
+            if unreachable is not None and not job.output_ids:
+                raise unreachable  # nothing ran, nothing was said: the caller answers 503
+            yield Output(
+                rid=rid, text=job.detok.flush(), token_ids=[], num_prompt_tokens=len(input_ids),
+                num_output_tokens=len(job.output_ids), finish_reason="error", error=failure,
+            )  # fmt: skip
         finally:
             slot.release()
 
-    def _taken_out(self, pair: tuple[int, int | None]) -> frozenset[int]:
-        """The ranks of `pair` whose pool instance is scaled down."""
-        return frozenset(r for r in pair if r is not None and r in self.ranks.closed)
+    def _retryable(self, req: RoutedRequest) -> bool:
+        """Whether an error before the first token is worth another pair: disaggregated (the
+        transfer or the prefill failed), or a rank of its pair was taken out (scaled down)."""
+        return req.pair[1] is not None or bool(self._taken_out(req))
+
+    def _avoid(
+        self, req: RoutedRequest, unreachable: RankUnreachable | None
+    ) -> frozenset[int] | None:
+        """The ranks a request that failed on `req`'s pair avoids next: the rank that failed
+        (the prefill rank of a failed hand-off; a dead decode rank is not live anyway) and any
+        scaled down, with their expert-parallel peers when another pool can take it (when a
+        rank of a pool fails, its peers leave the pool too). None: no pair is left."""
+        if unreachable is not None:
+            failed = {unreachable.rank}
+        elif req.lost is not None:
+            failed = {req.lost[0]}
+        else:
+            failed = {r for r in req.pair[1:] if r is not None}
+        failed |= self._taken_out(req)
+        for candidate in (self.ranks.with_pool_peers(frozenset(failed)), frozenset(failed)):
+            if self.ranks.can_pick(candidate):
+                return candidate
+        return None
+
+    def _taken_out(self, req: RoutedRequest) -> frozenset[int]:
+        """The ranks of `req`'s pair whose pool instance is scaled down."""
+        return frozenset(r for r in req.pair if r is not None and r in self.ranks.closed)
 
     def admit(self, count: int = 1) -> list[QueueSlot]:
         """Places for a request of `count` outputs (choices, prompts of a batch) among those
@@ -365,51 +425,48 @@ class Router:
         return [QueueSlot(self) for _ in range(count)]
 
     async def _attempt(
-        self,
-        input_ids: list[int],
-        sampling: SamplingParams,
-        stop: Sequence[str],
-        rid: str,
-        timeout_s: float | None,
-        avoid: frozenset[int],
-        used: list[tuple[int, int | None]],
-        whole: bool = False,
+        self, job: _Job, avoid: frozenset[int], used: list[RoutedRequest]
     ) -> AsyncGenerator[Output, None]:
-        """One try of `generate` on the pair `RankTable.pick(avoid)`, recorded in `used`;
-        `whole`: the ranks may hold the output after the first token until the end. `rid` is
-        the client's; the ranks know the attempt by an id of its own."""
+        """One try of `job` on the pair `RankTable.pick(avoid)`, recorded in `used`; from the
+        output `job` has (a resumed request). The ranks know the attempt by an id of its own.
+        A failure of a rank, not of the request, ends it without a final output: `req.lost`
+        says so (its last tokens come first)."""
+        input_ids, resumed = job.input_ids, list(job.output_ids)
+        sampling = job.sampling
+        if resumed and sampling.prompt_logprobs:  # they came with the first token
+            sampling = replace(sampling, prompt_logprobs=False)
         rank, prefill_rank = self.ranks.pick(avoid, input_ids)
         here = sampling.prompt_logprobs and prefill_rank is not None
         if here:  # scoring a prompt: its prefill rank, which has the logits, does it all
             assert prefill_rank is not None
             rank, prefill_rank = prefill_rank, None
-        used.append((rank, prefill_rank))
-        if rid in self._rank_rids:
-            raise ValueError(f"rid: request {rid!r} is already running")
+        client_rid = job.rid
+        if client_rid in self._rank_rids:
+            raise ValueError(f"rid: request {client_rid!r} is already running")
         self._num_attempts += 1
-        client_rid, rid = rid, f"{rid}#{self._num_attempts}"
-        timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
+        rid = f"{client_rid}#{self._num_attempts}"
         req = RoutedRequest(
             rid,
             rank,
             len(input_ids) + sampling.max_new_tokens,
-            len(input_ids),
+            len(input_ids) + len(resumed),
             prefill_rank,
             queued_here=bool(here),
+            num_output_tokens=len(resumed),
         )
+        used.append(req)
         self._requests[rid] = req
         self._rank_rids[client_rid] = rid
         self.ranks.admit(req)
-        detok = IncrementalDetokenizer(
-            self.tokenizer, input_ids, stop, min_new_tokens=sampling.min_new_tokens
-        )
+        detok = job.detok
         finished = False
         add_ref = prefill_ref = None
         timer: asyncio.TimerHandle | None = None
         try:
             request = GenerateRequest(
-                rid, list(input_ids), sampling, stream=not whole, generate_here=here
-            )
+                rid, list(input_ids), sampling, stream=not job.whole, generate_here=here,
+                output_ids=resumed,
+            )  # fmt: skip
             # Decode side first, so that its receive is posted while the prompt computes.
             add_ref = self.ranks.add(rank, request)
             req.adds.append((rank, add_ref))
@@ -420,9 +477,10 @@ class Router:
             # cancellation (client gone) that coincides with a delta arriving. It runs from the
             # start: a rank that cannot be reached must not hold the request past its timeout.
             timed_out = TokenDelta(rid, [], FinishReason.ABORT, error="timeout")
-            if timeout_s is not None:
-                timer = asyncio.get_running_loop().call_later(
-                    timeout_s, req.queue.put_nowait, timed_out
+            if job.deadline is not None:
+                loop = asyncio.get_running_loop()
+                timer = loop.call_later(
+                    max(0.0, job.deadline - loop.time()), req.queue.put_nowait, timed_out
                 )
             try:
                 sides = ((add_ref, rank), (prefill_ref, prefill_rank))
@@ -432,7 +490,7 @@ class Router:
                 # `finished` False so that both sides are told to abort.)
                 finished = prefill_ref is None
                 raise
-            num_output_tokens = 0
+            num_output_tokens = len(resumed)
             while True:
                 delta, early = (early, None) if early is not None else (await req.queue.get(), None)
                 # Coalesce what else arrived meanwhile: a consumer that fell behind catches up
@@ -452,12 +510,20 @@ class Router:
                         num_prompt_tokens=len(input_ids),
                         num_output_tokens=num_output_tokens,
                         finish_reason="timeout",
-                        error=f"the request timed out after {timeout_s:g} s",
+                        error=f"the request timed out after {job.timeout_s:g} s",
                     )
                     return
                 if req.aborted and delta.finish_reason is FinishReason.ERROR:
                     # Aborted by the client: one side's abort failed the other's transfer.
                     delta.finish_reason, delta.error = FinishReason.ABORT, None
+                elif delta.resumable and delta.finish_reason is FinishReason.ERROR:
+                    if req.lost is None:
+                        req.lost = (rank, delta.error or f"engine rank {rank} failed")
+                    delta.finish_reason, delta.error = None, None
+                    if delta.token_ids:  # made before the rank failed: they stand
+                        req.num_output_tokens += len(delta.token_ids)
+                        yield to_output(delta, detok, client_rid, len(input_ids))
+                    return
                 num_output_tokens = delta.num_output_tokens or num_output_tokens
                 req.num_output_tokens += len(delta.token_ids)
                 out = to_output(delta, detok, client_rid, len(input_ids))

@@ -279,12 +279,12 @@ class ScaleFailure(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ScaleResponse(_message.Message):
-    __slots__ = ("ok", "started", "removed", "failed", "requests_ended", "seconds", "pools", "requests_retried")
+    __slots__ = ("ok", "started", "removed", "failed", "requests_resumed", "seconds", "pools", "requests_retried")
     OK_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
-    REQUESTS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RESUMED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RETRIED_FIELD_NUMBER: _ClassVar[int]
@@ -292,11 +292,11 @@ class ScaleResponse(_message.Message):
     started: _containers.RepeatedScalarFieldContainer[str]
     removed: _containers.RepeatedScalarFieldContainer[str]
     failed: _containers.RepeatedCompositeFieldContainer[ScaleFailure]
-    requests_ended: int
+    requests_resumed: int
     seconds: float
     pools: _containers.RepeatedCompositeFieldContainer[PoolInstance]
     requests_retried: int
-    def __init__(self, ok: _Optional[bool] = ..., started: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[_Union[ScaleFailure, _Mapping]]] = ..., requests_ended: _Optional[int] = ..., seconds: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolInstance, _Mapping]]] = ..., requests_retried: _Optional[int] = ...) -> None: ...
+    def __init__(self, ok: _Optional[bool] = ..., started: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[_Union[ScaleFailure, _Mapping]]] = ..., requests_resumed: _Optional[int] = ..., seconds: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolInstance, _Mapping]]] = ..., requests_retried: _Optional[int] = ...) -> None: ...
 
 class PoolsRequest(_message.Message):
     __slots__ = ()

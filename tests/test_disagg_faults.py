@@ -3,7 +3,8 @@
 pool recovers), a rank refusing a request by fault injection, a decode rank that never posts
 its receive (the transfer times out), a client gone during a transfer (both sides freed), an
 abort sent in the same instant as its request,
-and a rank of a two-rank expert-parallel pool killed (both restart and serve)."""
+and a rank of a two-rank expert-parallel pool killed (both restart and serve; with another
+instance to go to, the requests it held resume there from their output)."""
 
 from __future__ import annotations
 
@@ -403,5 +404,49 @@ def test_with_no_rank_to_take_it_a_stream_is_refused_with_503(launch_tiny):
             r = httpx.post(f"{server.url}{route}", json=body, timeout=30)
             assert r.status_code == 503, (route, body, r.text)
             assert "engine rank 0" in r.json()["error"]["message"], r.text
+    finally:
+        server.stop()
+
+
+def test_requests_on_a_pool_that_loses_a_rank_resume_on_another_instance(launch_tiny):
+    """A rank of a two-rank decode pool dies under load: the requests of both its ranks (the
+    dead one's, failed by the router, and its peer's, which leaves the broken pool) go on
+    from their output on the other decode instance, with the same greedy tokens as without
+    the failure; the pool restarts and nothing is left behind."""
+    import ray
+
+    server = launch_tiny(decode_dp=2, decode_instances=2)
+    try:
+        rng = random.Random(12)
+        prompts = [[rng.randrange(1024) for _ in range(rng.randint(20, 120))] for _ in range(8)]
+        want = [_generate(server.url, p, 400).json()["output_ids"] for p in prompts]
+        ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
+        pool = [r["rank"] for r in ranks
+                if r["info"]["role"] == "decode" and r["info"]["instance"] == 0]  # fmt: skip
+        assert len(pool) == 2, ranks
+
+        async def run() -> list[tuple[int, str]]:
+            async with httpx.AsyncClient(timeout=240) as client:
+                calls = (_generate_async(client, server.url, p, 400) for p in prompts)
+                tasks = [asyncio.ensure_future(c) for c in calls]
+                # Killed once both ranks of the pool generate (a decode rank's running
+                # requests have output), so that both ways of losing a rank are taken.
+                deadline = time.monotonic() + 60
+                while True:
+                    stats = await asyncio.gather(*(server.ranks[i].stats.remote() for i in pool))
+                    if all(st.num_running > 0 for st in stats):
+                        break
+                    assert time.monotonic() < deadline, "the pool never generated"
+                    await asyncio.sleep(0.01)
+                ray.kill(server.ranks[pool[1]], no_restart=False)
+                return list(await asyncio.gather(*tasks))
+
+        resumed_before = server.router.num_resumed
+        results = asyncio.run(run())
+        assert [status for status, _ in results] == [200] * len(prompts), results
+        assert [json.loads(text)["output_ids"] for _, text in results] == want
+        assert server.router.num_resumed - resumed_before >= 2, server.router.num_resumed
+        _wait_healthy(server.url, timeout_s=120)
+        _wait_all_pages_free(server.url)
     finally:
         server.stop()

@@ -52,8 +52,12 @@ SAMPLINGS = {
     ),
     # Penalties count the output so far: the resumed tokens must count.
     "penalties": SamplingParams(
-        max_new_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, frequency_penalty=1.5,
-        presence_penalty=0.5, repetition_penalty=1.3,
+        max_new_tokens=NUM_NEW,
+        temperature=0.0,
+        ignore_eos=True,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+        repetition_penalty=1.3,
     ),  # fmt: skip
     # A stop token and a minimum length: both count the resumed tokens as output.
     "min_tokens": SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0, min_new_tokens=20),

@@ -1,6 +1,7 @@
 """Scaling pool instances while serving (`POST /admin/scale`, `pdserve scale`), on real servers:
 instances started join the router and serve the same greedy tokens; instances removed drain
-their requests first (or end them at the drain timeout), and leave nothing behind — no rank
+their requests first (or, at the drain timeout, move them to another instance, resuming them
+from their output), and leave nothing behind — no rank
 actor, placement group, KV page or EPLB pool; refusals are 4xx naming the field; a replacement
 that fails to start leaves the old instance serving."""
 
@@ -131,7 +132,7 @@ def test_scale_up_then_down_serves_the_same_tokens_and_leaves_nothing(launch_tin
         report = result[0].json()
         assert result[0].status_code == 200 and report["ok"], report
         assert sorted(report["removed"]) == ["decode-1", "prefill-1"]
-        assert report["requests_ended"] == 0
+        assert report["requests_resumed"] == 0
         assert all("error" not in e and len(e["output_ids"]) == 600 for e in long), long
         assert sorted(_pools(url)) == ["decode-0", "prefill-0"]
         ranks = _wait_all_pages_free(url)
@@ -160,27 +161,56 @@ def test_scale_up_then_down_serves_the_same_tokens_and_leaves_nothing(launch_tin
         server.stop()
 
 
-def test_a_drain_timeout_ends_the_requests_left_and_frees_their_pages(launch_tiny):
+def _stream_events(url: str, body: dict[str, Any], out: list[Any], first: threading.Event) -> None:
+    """One streamed request: appends each event to `out`, sets `first` at the first."""
+    with httpx.stream("POST", f"{url}/generate", json={**body, "stream": True}, timeout=240) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                out.append(json.loads(line[6:]))
+                first.set()
+
+
+def test_a_drain_timeout_resumes_a_stream_on_the_instance_that_stays(launch_tiny):
+    """Removed under a stream (drain timeout 0), the decode instance's request goes on from
+    its output on the instance left: one stream, the same tokens and text as without the
+    move — greedy or seeded — and no page left behind."""
     server = launch_tiny(admin_token=TOKEN, decode_instances=2)
     url = server.url
+    samplings = {
+        "greedy": _greedy(1200),
+        "seeded": {"max_new_tokens": 1200, "temperature": 0.9, "seed": 5, "ignore_eos": True},
+    }
     try:
-        out: list[Any] = []
-        t = threading.Thread(target=_stream, args=(url, PROMPTS[3], 1500, out))
-        t.start()
-        _wait_for(lambda: any(p["num_requests"] for p in _pools(url).values()
-                              if p["role"] == "decode"))  # fmt: skip
-        (busy,) = [n for n, p in _pools(url).items() if p["role"] == "decode" and p["num_requests"]]
-        resp = _scale(url, {"remove": [busy], "drain_timeout_s": 0})
-        t.join(60)
-        report = resp.json()
-        assert resp.status_code == 200 and report["ok"], report
-        assert report["removed"] == [busy] and report["started"] == []
-        assert report["requests_ended"] == 1
-        (last,) = out
-        assert "error" in last and "removed" in json.dumps(last["error"]), last
-        assert busy not in _pools(url)
-        _wait_all_pages_free(url)
-        assert asyncio.run(_stream_all(url, PROMPTS[:2], 8))  # the instance left serves
+        for n, (kind, sampling) in enumerate(samplings.items(), start=1):
+            body = {"input_ids": PROMPTS[3], "sampling_params": sampling}
+            want = httpx.post(f"{url}/generate", json=body, timeout=240).json()
+            events: list[Any] = []
+            first = threading.Event()
+            t = threading.Thread(target=_stream_events, args=(url, body, events, first))
+            t.start()
+            assert first.wait(60), kind
+            (busy,) = [name for name, p in _pools(url).items()
+                       if p["role"] == "decode" and p["num_requests"]]  # fmt: skip
+            resp = _scale(url, {"remove": [busy], "drain_timeout_s": 0})
+            t.join(120)
+            report = resp.json()
+            assert resp.status_code == 200 and report["ok"], report
+            assert report["removed"] == [busy] and report["requests_resumed"] == 1, report
+            last = events[-1]
+            assert "error" not in last, last
+            assert last["meta_info"]["finish_reason"]["type"] == "length", last
+            assert last["output_ids"] == want["output_ids"], kind
+            assert last["text"] == want["text"], kind
+            assert last["meta_info"]["completion_tokens"] == 1200
+            for a, b in zip(events, events[1:], strict=False):  # cumulative: never a step back
+                assert b["output_ids"][: len(a["output_ids"])] == a["output_ids"]
+            assert busy not in _pools(url)
+            assert server.router.num_resumed == n
+            assert _metric(url, "pdserve_requests_resumed_total") == n
+            _wait_all_pages_free(url)
+            if n < len(samplings):
+                assert _scale(url, {"decode": 2}).json()["ok"]
     finally:
         server.stop()
 
@@ -348,7 +378,7 @@ def test_scale_over_grpc(launch_tiny, capsys):
         server.stop()
 
 
-def test_a_colocated_request_with_no_output_yet_moves_to_the_instance_that_stays(launch_tiny):
+def test_colocated_requests_move_to_the_instance_that_stays(launch_tiny):
     server = _one_at_a_time(launch_tiny)
     url = server.url
     try:
@@ -370,13 +400,11 @@ def test_a_colocated_request_with_no_output_yet_moves_to_the_instance_that_stays
         for t in threads:
             t.join(240)
         assert report["ok"] and report["removed"] == ["colocated-1"], report
-        assert report["requests_retried"] >= 2, report
-        failed = [r for r in results if r.status_code != 200 or r.json()["meta_info"]
-                  ["finish_reason"]["type"] != "length"]  # fmt: skip
-        assert len(failed) == report["requests_ended"] <= 1, [r.text for r in failed]
-        for i, r in enumerate(results):
-            if r not in failed:
-                assert r.json()["output_ids"] == want[i]
+        assert report["requests_retried"] >= 2 and report["requests_resumed"] <= 1, report
+        for i, r in enumerate(results):  # the one running there resumed, the rest started over
+            assert r.status_code == 200, r.text
+            assert r.json()["meta_info"]["finish_reason"]["type"] == "length", r.text
+            assert r.json()["output_ids"] == want[i]
         _wait_all_pages_free(url)
     finally:
         server.stop()
@@ -437,7 +465,7 @@ def test_a_server_draining_to_stop_lets_a_scaled_down_instance_finish_its_reques
         for t in threads:
             t.join(60)
         report = answer[0].json()
-        assert report["removed"] == ["colocated-1"] and report["requests_ended"] == 0, report
+        assert report["removed"] == ["colocated-1"] and report["requests_resumed"] == 0, report
         assert all("error" not in r and len(r["output_ids"]) == 300 for r in results), results
     finally:
         server.stop()

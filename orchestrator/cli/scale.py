@@ -106,9 +106,9 @@ def _print_report(answer: dict[str, Any]) -> int:
     started = ", ".join(answer.get("started") or []) or "none"
     removed = ", ".join(answer.get("removed") or []) or "none"
     print(f"scaled in {answer.get('seconds', 0.0):.1f} s: started {started}; removed {removed}")
-    if answer.get("requests_ended"):
-        print(f"{answer['requests_ended']} request(s) that had output on removed instances at "
-              "the drain timeout ended with an error")  # fmt: skip
+    if answer.get("requests_resumed"):
+        print(f"{answer['requests_resumed']} request(s) on removed instances at the drain "
+              "timeout resumed on another instance from the output they had")  # fmt: skip
     if answer.get("requests_retried"):
         print(f"{answer['requests_retried']} request(s) without output yet on removed "
               "instances at the drain timeout were run again on another instance")  # fmt: skip

@@ -189,6 +189,9 @@ class TokenDelta:
     # With the request's first token, when it asked for prompt logprobs: one per prompt
     # token, None for the first.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # An error of the rank, not of the request (an expert-parallel peer failed, the rank died
+    # or was scaled down): the router may resume the request on another rank.
+    resumable: bool = False
 
     def __reduce__(self) -> tuple[type[TokenDelta], tuple[Any, ...]]:
         # Positional fields: unpickling a frame's deltas (one per request per step) takes
@@ -196,7 +199,7 @@ class TokenDelta:
         return TokenDelta, (
             self.rid, self.token_ids, self.finish_reason, self.error, self.num_prompt_tokens,
             self.num_output_tokens, self.hold, self.logprobs, self.num_cached_tokens,
-            self.prompt_logprobs,
+            self.prompt_logprobs, self.resumable,
         )  # fmt: skip
 
     def prepend(self, earlier: TokenDelta) -> None:

@@ -365,7 +365,8 @@ class EngineWorker(RankOperations):
         restarts this rank and the pool forms again (see `workers.ep.group.Rendezvous`)."""
         logger.error("expert-parallel pool step failed:\n%s", traceback.format_exc())
         self._exit_for_restart(
-            f"the expert-parallel pool lost a rank ({type(error).__name__}: {error})"
+            f"the expert-parallel pool lost a rank ({type(error).__name__}: {error})",
+            resumable=True,
         )
 
     def _exit_for_restart(
@@ -373,12 +374,17 @@ class EngineWorker(RankOperations):
         message: str,
         deltas: list[TokenDelta] | None = None,
         events: list[TransferReady] | None = None,
+        resumable: bool = False,
     ) -> None:
         """End every request here with `message` (after the loop's unpublished `deltas` and
         `events`), let the router collect them, and exit the process; Ray restarts the rank
-        (`max_restarts`), which loads the model afresh."""
+        (`max_restarts`), which loads the model afresh. `resumable`: the requests did not
+        cause the failure (a peer's), so the router may resume them elsewhere."""
         self._error = message
-        deltas = [*(deltas or []), *self.engine.abort_all(message)]
+        ended = self.engine.abort_all(message)
+        for delta in ended:
+            delta.resumable = resumable
+        deltas = [*(deltas or []), *ended]
         self._publish(deltas, events or [], self.engine.stats())
         time.sleep(2.0)  # the router's stream reader picks the errors up
         logger.error("engine rank exits to be restarted: %s", message)
