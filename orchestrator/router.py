@@ -350,6 +350,11 @@ class Router:
                 except RankUnreachable as e:
                     # A rank died while taking the request: nothing ran there.
                     failure, unreachable = str(e), e
+                except ValueError as e:
+                    if not job.output_ids:
+                        raise  # refused before anything was said: the caller answers 400
+                    failure = f"the rank it was to resume on refused it: {e}"
+                    break
                 if failure is None:
                     return
                 if moves == MAX_MOVES:

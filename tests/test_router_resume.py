@@ -1,0 +1,163 @@
+"""How the router moves a request whose rank fails under it (`Router.generate`), driven by hand
+with fake ranks: the request resumes on another rank from the output it had (the rank is sent
+`output_ids`), the text goes on where it stood — a stop string across the move included — a
+request moves at most `MAX_MOVES` times, and a refusal where it was to resume ends it with an
+error (the front end has sent its first tokens already)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from orchestrator.router import MAX_MOVES, Router
+from workers.engine.messages import (
+    FinishReason,
+    GenerateRequest,
+    RankInfo,
+    SamplingParams,
+    TokenDelta,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _Tok:
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+class _Rank:
+    """A rank whose adds are recorded in `added` and answered at once: refused (with
+    `refuse`) when they resume a request."""
+
+    def __init__(self, index: int, added: list[tuple[int, GenerateRequest]], refuse: str = ""):
+        self.index, self.added, self.refuse = index, added, refuse
+        self.add_requests = self._call(self._add)
+        self.abort = self._call(lambda rid: None)
+
+    @staticmethod
+    def _call(fn: Any) -> Any:
+        class Call:
+            def remote(self, *args: Any) -> asyncio.Future[Any]:
+                future = asyncio.get_running_loop().create_future()
+                future.set_result(fn(*args))
+                return future
+
+        return Call()
+
+    def _add(self, reqs: list[GenerateRequest]) -> list[str | None]:
+        self.added.extend((self.index, r) for r in reqs)
+        return [self.refuse if self.refuse and r.output_ids else None for r in reqs]
+
+
+def _router(num_ranks: int, refuse: str = "") -> tuple[Router, list[tuple[int, GenerateRequest]]]:
+    added: list[tuple[int, GenerateRequest]] = []
+    ranks = [_Rank(i, added, refuse if i > 0 else "") for i in range(num_ranks)]
+    router = Router(ranks, tokenizer=_Tok(), model_name="m")  # type: ignore[arg-type]
+    info = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="colocated")
+    router.ranks.infos = [info] * num_ranks
+    return router, added
+
+
+async def _next(gen: Any, added: list[Any], sent: int) -> tuple[asyncio.Future[Any], Any]:
+    """Ask `gen` for its next output; once the attempt it starts reached a rank (the adds
+    grew past `sent`), that rank and request."""
+    pending = asyncio.ensure_future(gen.__anext__())
+    for _ in range(100):
+        if len(added) > sent:
+            break
+        await asyncio.sleep(0.005)
+    return pending, added[-1]
+
+
+def test_a_request_resumes_from_its_output_and_its_text_goes_on():
+    async def run() -> None:
+        router, added = _router(2)
+        sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
+        gen = router.generate([1, 2, 3], sampling, stop=["<7><8>"], rid="r")
+        first, (rank_a, req_a) = await _next(gen, added, 0)
+        router._dispatch(rank_a, [TokenDelta(req_a.rid, [5, 7], None, None, 3, 2)])
+        out = await first
+        assert out.token_ids == [5, 7] and out.text == "<5>"  # "<7>" may start the stop string
+        router._fail_requests(rank_a, f"engine rank {rank_a} failed: the actor died")
+        second, (rank_b, req_b) = await _next(gen, added, 1)
+        assert rank_b != rank_a and req_b.output_ids == [5, 7] and req_b.input_ids == [1, 2, 3]
+        assert req_b.rid != req_a.rid and req_b.sampling == sampling
+        router._dispatch(rank_b, [TokenDelta(req_b.rid, [8, 9], None, None, 3, 4)])
+        out = await second
+        assert out.finish_reason == "stop" and out.matched_stop == "<7><8>" and out.text == ""
+        assert router.num_resumed == 1 and router.num_retries == 0
+        await gen.aclose()
+        assert not router.num_in_flight and router.ranks.running == [0, 0]
+
+    asyncio.run(run())
+
+
+def test_a_request_moves_at_most_max_moves_times():
+    async def run() -> None:
+        router, added = _router(MAX_MOVES + 2)
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=50, temperature=0.0))
+        tokens: list[int] = []
+        for move in range(MAX_MOVES + 1):
+            pending, (rank, req) = await _next(gen, added, move)
+            assert req.output_ids == tokens
+            router._dispatch(rank, [TokenDelta(req.rid, [10 + move], None, None, 3, move + 1)])
+            tokens += (await pending).token_ids
+            router._fail_requests(rank, f"engine rank {rank} failed")
+        last = await gen.__anext__()
+        assert last.finish_reason == "error" and last.error == f"engine rank {rank} failed"
+        assert last.num_output_tokens == MAX_MOVES + 1
+        assert tokens == [10 + move for move in range(MAX_MOVES + 1)]
+        assert router.num_resumed == MAX_MOVES and len(added) == MAX_MOVES + 1
+        with pytest.raises(StopAsyncIteration):
+            await gen.__anext__()
+
+    asyncio.run(run())
+
+
+def test_a_resume_refused_where_it_was_to_go_ends_the_request_with_an_error():
+    async def run() -> None:
+        router, added = _router(2, refuse="output_ids: not here")
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
+        first, (rank, req) = await _next(gen, added, 0)
+        assert rank == 0
+        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        assert (await first).token_ids == [4]
+        router._fail_requests(rank, "engine rank 0 failed")
+        last = await gen.__anext__()
+        assert last.finish_reason == "error"
+        assert "refused it: output_ids: not here" in (last.error or ""), last
+        assert not router.num_in_flight
+
+    asyncio.run(run())
+
+
+def test_a_request_that_failed_itself_is_not_moved():
+    """An error of the request on its rank (not marked resumable: a failed step, a constraint)
+    ends it; so does a rank failure with no other rank to go to."""
+
+    async def run() -> None:
+        router, added = _router(2)
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
+        first, (rank, req) = await _next(gen, added, 0)
+        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        await first
+        failed = TokenDelta(req.rid, [], FinishReason.ERROR, "engine step failed: boom", 3, 1)
+        router._dispatch(rank, [failed])
+        last = await gen.__anext__()
+        assert last.finish_reason == "error" and last.error == "engine step failed: boom"
+        assert len(added) == 1 and router.num_resumed == 0
+
+        alone, added = _router(1)
+        gen = alone.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
+        first, (rank, req) = await _next(gen, added, 0)
+        alone._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        await first
+        alone._fail_requests(rank, "engine rank 0 failed")
+        last = await gen.__anext__()
+        assert last.finish_reason == "error" and last.error == "engine rank 0 failed"
+        assert len(added) == 1 and alone.num_resumed == 0
+
+    asyncio.run(run())
