@@ -14,6 +14,10 @@ the `Abort` RPC, malformed calls). Give it a server with a small KV cache
 
     .venv/bin/pdserve serve --port 30001 --kv-capacity-tokens 16384 &
     .venv/bin/python benchmarks/soak.py --url http://127.0.0.1:30001 --duration 60
+
+With `--admin-token` it also rebalances and flushes the prefix caches as it goes, and with
+`--churn decode` replaces a decode instance at once every third admin turn, so that requests
+move (resume from their output) mid-flight: serve with `--decode-instances 2` for that.
 """
 
 from __future__ import annotations
@@ -300,24 +304,43 @@ async def _admin(
     until: float,
     seen: collections.Counter[str],
     failures: list[str],
+    churn: str | None = None,
 ) -> None:
     """Every `every_s`: rebalance the experts (when there is an expert-parallel pool) or flush
-    the prefix caches, in turn, while the traffic runs."""
+    the prefix caches, in turn, while the traffic runs; with `churn` (a role), every third
+    turn replaces that role's oldest instance at once (`/admin/scale`, drain timeout 0), so
+    that its requests move to the others mid-flight (they must still end well)."""
     headers = {"Authorization": f"Bearer {token}"}
     routes = ["/admin/rebalance", "/admin/flush_cache"]
+    if churn:
+        routes.append("/admin/scale")
     turn = 0
     while time.monotonic() + every_s < until:
         await asyncio.sleep(every_s)
-        route = routes[turn % 2]
+        route = routes[turn % len(routes)]
         turn += 1
-        async with soak.session.post(soak.url + route, json={}, headers=headers) as resp:
-            body = await resp.text()
-        if resp.status == 409 and "no expert-parallel pool" in body:
-            routes = ["/admin/flush_cache"] * 2
-        elif resp.status != 200:
-            failures.append(f"{route}: HTTP {resp.status}: {body[:200]}")
+        body: dict[str, Any] = {}
+        if route == "/admin/scale":
+            async with soak.session.get(soak.url + "/admin/pools", headers=headers) as resp:
+                pools = (await resp.json())["pools"]
+            names = [p["name"] for p in pools if p["role"] == churn and p["state"] == "serving"]
+            if not names:
+                failures.append(f"/admin/pools: no serving {churn} instance: {pools}")
+                continue
+            oldest = min(names, key=lambda name: int(name.rsplit("-", 1)[1]))
+            body = {"remove": [oldest], "drain_timeout_s": 0}
+        async with soak.session.post(soak.url + route, json=body, headers=headers) as resp:
+            text = await resp.text()
+        if resp.status == 409 and "no expert-parallel pool" in text:
+            routes = [r if r != "/admin/rebalance" else "/admin/flush_cache" for r in routes]
+        elif resp.status != 200 or (route == "/admin/scale" and not json.loads(text)["ok"]):
+            failures.append(f"{route}: HTTP {resp.status}: {text[:300]}")
         else:
             seen[route] += 1
+            if route == "/admin/scale":
+                report = json.loads(text)
+                seen["requests moved by a scale: resumed"] += report["requests_resumed"]
+                seen["requests moved by a scale: retried"] += report["requests_retried"]
 
 
 async def _idle(soak: Soak, timeout_s: float) -> list[str]:
@@ -350,6 +373,7 @@ async def soak(
     admin_every_s: float = 5.0,
     grpc_address: str | None = None,
     long_share: float = 1.0,
+    churn: str | None = None,
 ) -> int:
     timeout = aiohttp.ClientTimeout(total=300, sock_connect=30)
     async with aiohttp.ClientSession(
@@ -377,7 +401,7 @@ async def soak(
             ]
         if admin_token:
             clients.append(
-                _admin(s, admin_token, admin_every_s, start + duration_s, seen, failures)
+                _admin(s, admin_token, admin_every_s, start + duration_s, seen, failures, churn)
             )
         await asyncio.gather(*clients)
         print(f"{sum(seen.values())} calls in {time.monotonic() - start:.1f} s:")
@@ -415,7 +439,13 @@ def main() -> None:
     p.add_argument("--long-share", type=float, default=1.0,
                    help="long prompts take up to this share of the context or KV cache "
                    "(default 1: most of it)")  # fmt: skip
+    p.add_argument("--churn", choices=["prefill", "decode", "colocated"],
+                   help="with --admin-token: every third admin turn replaces this role's "
+                   "oldest instance at once (drain timeout 0): its requests move to the "
+                   "others mid-flight, resuming from their output")  # fmt: skip
     args = p.parse_args()
+    if args.churn and not args.admin_token:
+        p.error("--churn needs --admin-token")
     code = asyncio.run(
         soak(
             args.url.rstrip("/"),
@@ -426,6 +456,7 @@ def main() -> None:
             args.admin_every,
             args.grpc,
             args.long_share,
+            args.churn,
         )
     )
     sys.exit(code)
