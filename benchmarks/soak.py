@@ -16,8 +16,9 @@ the `Abort` RPC, malformed calls). Give it a server with a small KV cache
     .venv/bin/python benchmarks/soak.py --url http://127.0.0.1:30001 --duration 60
 
 With `--admin-token` it also rebalances and flushes the prefix caches as it goes, and with
-`--churn decode` replaces a decode instance at once every third admin turn, so that requests
-move (resume from their output) mid-flight: serve with `--decode-instances 2` for that.
+`--churn decode` takes a decode instance out at once every third admin turn (the last one is
+replaced), so that requests move (resume from their output) mid-flight: serve with
+`--decode-instances 2` for that.
 """
 
 from __future__ import annotations
@@ -308,8 +309,9 @@ async def _admin(
 ) -> None:
     """Every `every_s`: rebalance the experts (when there is an expert-parallel pool) or flush
     the prefix caches, in turn, while the traffic runs; with `churn` (a role), every third
-    turn replaces that role's oldest instance at once (`/admin/scale`, drain timeout 0), so
-    that its requests move to the others mid-flight (they must still end well)."""
+    turn takes that role's oldest instance out at once (`/admin/scale`, drain timeout 0; the
+    role's last is replaced), so that its requests move mid-flight (they must still end
+    well)."""
     headers = {"Authorization": f"Bearer {token}"}
     routes = ["/admin/rebalance", "/admin/flush_cache"]
     if churn:
@@ -440,9 +442,9 @@ def main() -> None:
                    help="long prompts take up to this share of the context or KV cache "
                    "(default 1: most of it)")  # fmt: skip
     p.add_argument("--churn", choices=["prefill", "decode", "colocated"],
-                   help="with --admin-token: every third admin turn replaces this role's "
-                   "oldest instance at once (drain timeout 0): its requests move to the "
-                   "others mid-flight, resuming from their output")  # fmt: skip
+                   help="with --admin-token: every third admin turn takes this role's "
+                   "oldest instance out at once (drain timeout 0; the role's last is "
+                   "replaced): its requests move mid-flight, resuming from their output")  # fmt: skip
     args = p.parse_args()
     if args.churn and not args.admin_token:
         p.error("--churn needs --admin-token")
