@@ -457,10 +457,11 @@ class GrpcServer:
         self._watch = asyncio.get_running_loop().create_task(self._watch_health())
 
     async def _watch_health(self) -> None:
-        """Health follows the router: SERVING while every rank is ready."""
+        """Health follows the router: SERVING while it takes requests (every rank ready, or
+        degraded: a rank down and others serving)."""
         serving: bool | None = None
         while True:
-            now = self.router.is_ready
+            now = self.router.is_serving
             if now != serving:
                 await self.set_serving(now)
                 serving = now

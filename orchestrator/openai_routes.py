@@ -64,7 +64,7 @@ def add_openai_routes(app: FastAPI, ctx: HttpContext) -> None:
         card: dict[str, Any] = {
             "id": router.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
         }  # fmt: skip
-        if router.is_ready:
+        if router.ranks.all_loaded:
             card["max_model_len"] = router.limits.max_context_len
         return {"object": "list", "data": [card]}
 

@@ -37,6 +37,8 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             detail = f"shutting down; {router.num_in_flight} request(s) in flight"
             return JSONResponse({"status": "draining", "detail": detail}, status_code=503)
         errors = [e for e in router.rank_errors if e]
+        if router.is_serving:  # a rank is down, the others serve: stay in the load balancer
+            return JSONResponse({"status": "degraded", "detail": errors})
         status = {"status": "failed", "detail": errors} if errors else {"status": "loading"}
         return JSONResponse(status, status_code=503)
 

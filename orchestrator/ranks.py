@@ -190,11 +190,21 @@ class RankTable:
     # ---- picking and load accounting ------------------------------------------------------
 
     def loads(self) -> list[RankLoad]:
-        """Each rank's load as the pair-picking policy sees it."""
+        """Each rank's load as the pair-picking policy sees it. A rank of an expert-parallel
+        pool with a rank down counts as down too: it is about to leave the broken pool."""
+        broken = {
+            (info.role, info.instance)
+            for i, (info, error) in enumerate(zip(self.infos, self.errors, strict=True))
+            if info is not None and error is not None and info.pool_size > 1
+            and i not in self.removed
+        }  # fmt: skip
         return [
             RankLoad(
                 role=info.role if info is not None else "",
-                alive=self.is_live(i) and i not in self.closed,
+                alive=info is not None
+                and self.is_live(i)
+                and i not in self.closed
+                and (info.role, info.instance) not in broken,
                 kv_capacity_tokens=info.kv_capacity_tokens if info is not None else 0,
                 num_queued_prefill_tokens=self.queued_prefill_tokens[i],
                 num_reserved_tokens=self.reserved_tokens[i],

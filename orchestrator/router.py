@@ -159,6 +159,13 @@ class Router:
         return self.ranks.all_loaded and not any(self.ranks.errors) and not self.draining
 
     @property
+    def is_serving(self) -> bool:
+        """True while requests are taken: every rank loaded once, the server not draining, and
+        a rank (pair) up to take one. A rank down with others still serving makes the server
+        degraded, not down (`/health` 200 "degraded"; gRPC health SERVING)."""
+        return self.ranks.all_loaded and not self.draining and self.ranks.can_pick(frozenset())
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._requests)
 

@@ -35,8 +35,9 @@ def _health(url: str) -> int:
 
 
 def _wait_healthy(url: str, timeout_s: float = 90.0) -> None:
+    """Until every rank is up (`/health` "ok", not "degraded")."""
     deadline = time.monotonic() + timeout_s
-    while _health(url) != 200:
+    while httpx.get(f"{url}/health", timeout=10).json().get("status") != "ok":
         assert time.monotonic() < deadline, "the pool did not recover"
         time.sleep(0.3)
 
@@ -408,11 +409,22 @@ def test_with_no_rank_to_take_it_a_stream_is_refused_with_503(launch_tiny):
         server.stop()
 
 
+async def _watch_health(client: httpx.AsyncClient, url: str, statuses: list[str]) -> None:
+    """Append each new `/health` status (a 503's too) until cancelled."""
+    while True:
+        r = await client.get(f"{url}/health")
+        status = r.json().get("status") if r.status_code in (200, 503) else str(r.status_code)
+        if not statuses or statuses[-1] != status:
+            statuses.append(status)
+        await asyncio.sleep(0.02)
+
+
 def test_requests_on_a_pool_that_loses_a_rank_resume_on_another_instance(launch_tiny):
     """A rank of a two-rank decode pool dies under load: the requests of both its ranks (the
     dead one's, failed by the router, and its peer's, which leaves the broken pool) go on
     from their output on the other decode instance, with the same greedy tokens as without
-    the failure; the pool restarts and nothing is left behind."""
+    the failure; meanwhile the server stays in service (`/health` 200 "degraded", never
+    503); the pool restarts and nothing is left behind."""
     import ray
 
     server = launch_tiny(decode_dp=2, decode_instances=2)
@@ -439,10 +451,17 @@ def test_requests_on_a_pool_that_loses_a_rank_resume_on_another_instance(launch_
                     assert time.monotonic() < deadline, "the pool never generated"
                     await asyncio.sleep(0.01)
                 ray.kill(server.ranks[pool[1]], no_restart=False)
-                return list(await asyncio.gather(*tasks))
+                health = asyncio.ensure_future(_watch_health(client, server.url, statuses))
+                results = list(await asyncio.gather(*tasks))
+                while "degraded" not in statuses and time.monotonic() < deadline + 60:
+                    await asyncio.sleep(0.05)  # the router may see the rank go after the calls
+                health.cancel()
+                return results
 
+        statuses: list[str] = []
         resumed_before = server.router.num_resumed
         results = asyncio.run(run())
+        assert "degraded" in statuses and "failed" not in statuses, statuses
         assert [status for status, _ in results] == [200] * len(prompts), results
         assert [json.loads(text)["output_ids"] for _, text in results] == want
         assert server.router.num_resumed - resumed_before >= 2, server.router.num_resumed

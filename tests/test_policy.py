@@ -430,3 +430,27 @@ def test_a_retry_avoids_the_failed_ranks_whole_expert_parallel_pool():
     assert ranks.with_pool_peers(frozenset({2})) == {2}
     assert ranks.with_pool_peers(frozenset()) == frozenset()
     assert ranks.pick(avoid=ranks.with_pool_peers(frozenset({1}))).prefill_rank == 2
+
+
+def test_a_pool_with_a_rank_down_takes_no_request_until_it_is_whole():
+    """The live peer of a dead rank is about to leave its broken pool: no request goes to it
+    (the other instance takes them); with nowhere else to go, nothing can be picked."""
+    import dataclasses
+
+    from orchestrator.ranks import RankTable
+
+    ranks = RankTable([object()] * 4)
+    ranks.infos = [
+        dataclasses.replace(_info("decode"), instance=0, pool_rank=0, pool_size=2),
+        dataclasses.replace(_info("decode"), instance=0, pool_rank=1, pool_size=2),
+        dataclasses.replace(_info("decode"), instance=1),
+        _info("prefill"),
+    ]
+    ranks.running = [0, 0, 9, 0]  # the other instance is the busier one
+    assert ranks.pick(avoid=frozenset()).rank in (0, 1)
+    ranks.errors[0] = "engine rank 0 failed"
+    assert [load.alive for load in ranks.loads()] == [False, False, True, True]
+    assert ranks.pick(avoid=frozenset()).rank == 2
+    assert not ranks.can_pick(frozenset({2}))
+    ranks.errors[0] = None  # restarted: the pool is whole again
+    assert ranks.pick(avoid=frozenset()).rank in (0, 1)
