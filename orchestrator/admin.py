@@ -9,9 +9,9 @@
 - `GET /admin/pools` — the pool instances: name, role, state (starting, serving, draining),
   ranks, requests on them; and whether a scale runs.
 - `POST /admin/scale` — body `{"prefill": n, "decode": m}` (a colocated server: `"colocated"`),
-  `"remove": [names]`, `"drain_timeout_s"` (default `--request-timeout`): start and drain pool
-  instances (`orchestrator.pools`); replies when done with what started, what was removed,
-  what failed (`ok` false then), the requests a drain timeout ended, the seconds, and the
+  `"remove": [names]`, `"drain_timeout_s"` (default `--scale-drain-timeout`): start and drain
+  pool instances (`orchestrator.pools`); replies when done with what started, what was removed,
+  what failed (`ok` false then), the requests a drain timeout moved, the seconds, and the
   pools. 409 while another scale runs.
 
 `Authorization: Bearer <token>` is required: missing → 401, wrong → 403. Without a token set

@@ -45,6 +45,9 @@ class ServeConfig:
     prefill_instances: int = 1  # disaggregated: independent prefill pools of prefill_dp ranks
     decode_instances: int = 1  # disaggregated: independent decode pools of decode_dp ranks
     placement_timeout_s: float = 120.0  # how long to wait for the cluster to place the pools
+    # How long an instance scaled down lets its requests run before the rest move to other
+    # instances (resuming from their output), unless the scale says (`drain_timeout_s`).
+    scale_drain_timeout_s: float = 60.0
     # Autoscaling (`orchestrator.autoscale`): up to this many instances of a role, by load; the
     # starting count is the minimum. None: that role is not autoscaled.
     max_prefill_instances: int | None = None
@@ -132,8 +135,8 @@ class ServeConfig:
     @property
     def scale_drain_s(self) -> float:
         """How long a pool instance scaled down lets its requests run on, unless the scale
-        says: as long as a request may run (`--request-timeout`), so that none is cut short."""
-        return self.request_timeout_s if self.request_timeout_s is not None else 3600.0
+        says (`--scale-drain-timeout`); what still runs then moves, resuming elsewhere."""
+        return self.scale_drain_timeout_s
 
     @property
     def topology(self) -> str:
@@ -222,6 +225,11 @@ class ServeConfig:
                 f"--init-expert-placement {self.init_expert_placement!r}: no such file"
             )
         _check_seconds("--placement-timeout", self.placement_timeout_s)
+        if not 0 <= self.scale_drain_timeout_s < math.inf:
+            raise ValueError(
+                "--scale-drain-timeout must be a number of seconds >= 0 (0: move the requests "
+                f"at once), got {self.scale_drain_timeout_s}"
+            )
         self._check_autoscale()
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")

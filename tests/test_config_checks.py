@@ -77,6 +77,7 @@ def test_max_context_len_given_is_kept_and_absent_is_the_models() -> None:
         "request_timeout_s",
         "transfer_timeout_s",
         "drain_timeout_s",
+        "scale_drain_timeout_s",
         "eplb_interval_s",
         "eplb_min_balancedness",
     ],
@@ -97,8 +98,12 @@ def test_every_engine_float_setting_refuses_nan_and_infinity(field: str, value: 
 
 
 def test_good_float_settings_still_pass() -> None:
-    config = serve("--request-timeout", "0.5", "--drain-timeout", "0", "--transfer-timeout", "1e3")
+    config = serve("--request-timeout", "0.5", "--drain-timeout", "0", "--transfer-timeout", "1e3",
+                   "--scale-drain-timeout", "0")  # fmt: skip
     assert (config.request_timeout_s, config.drain_timeout_s) == (0.5, 0.0)
+    assert config.scale_drain_timeout_s == config.scale_drain_s == 0.0
+    with pytest.raises(ValueError, match="^--scale-drain-timeout must be"):
+        serve("--scale-drain-timeout", "-1")
     assert config.transfer_timeout_s == 1000.0
     assert EngineConfig(pool_formation_timeout_s=0.1, kv_memory_fraction=0.95).kv_memory_fraction
 

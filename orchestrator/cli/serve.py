@@ -94,6 +94,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="seconds to wait for the cluster to place a pool instance, at start and when "
         "scaling (on a cluster that grows: time for the autoscaler to add a node)",
     )  # fmt: skip
+    t.add_argument(
+        "--scale-drain-timeout", type=float, default=60.0, metavar="S",
+        help="seconds an instance scaled down (by pdserve scale without --drain-timeout, or "
+        "by the autoscaler) lets its requests run; then the rest move to other instances, "
+        "resuming from their output (0: at once)",
+    )  # fmt: skip
     t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
     t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     e = p.add_argument_group("engine")
@@ -310,6 +316,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         init_expert_placement=args.init_expert_placement,
         decode_instances=args.decode_instances,
         placement_timeout_s=args.placement_timeout,
+        scale_drain_timeout_s=args.scale_drain_timeout,
         max_prefill_instances=args.max_prefill_instances,
         max_decode_instances=args.max_decode_instances,
         max_instances=args.max_instances,
