@@ -80,6 +80,7 @@ def dispatch(
         elif index == req.rank and item.token_ids:
             # Decoding: it no longer depends on (or loads) the prefill rank.
             ranks.prompt_done(req)
+            req.num_output_tokens += len(item.token_ids)
         num_deltas += 1
         req.queue.put_nowait(item)
     # One call per prefill rank for all the targets this frame brought.

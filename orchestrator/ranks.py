@@ -91,7 +91,7 @@ class RoutedRequest:
     # Each side's `add_request` (rank, future): an abort is sent once its add reached the rank.
     adds: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
     aborted: bool = False  # the client asked (`Router.abort`): a failure then is the abort's
-    num_output_tokens: int = 0  # handed to the consumer so far
+    num_output_tokens: int = 0  # received from its rank so far (a resumed one's included)
     # Set when a failure of a rank (its own, an expert-parallel peer's, its instance scaled
     # down), not of the request, ended it: that rank and why. The router may then resume the
     # request elsewhere (`Router.generate`).

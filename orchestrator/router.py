@@ -352,8 +352,13 @@ class Router:
                             if out.token_ids or out.finish_reason is not None:
                                 slot.release()  # no longer waits for its first token
                             yield out
-                    if failure is None and used[-1].lost is not None:  # ended without a word
+                            if out.finish_reason is not None:
+                                return  # ended (a rank failing under it now changes nothing)
+                    if used[-1].lost is not None:  # ended without a word: its rank was lost
                         failure = used[-1].lost[1]
+                        if used[-1].aborted:  # by the client, while its last tokens went out
+                            yield self._ended(job, "abort", None)
+                            return
                 except RankUnreachable as e:
                     # A rank died while taking the request: nothing ran there.
                     failure, unreachable = str(e), e
@@ -380,12 +385,18 @@ class Router:
                                    "another rank", rid, failure)  # fmt: skip
             if unreachable is not None and not job.output_ids:
                 raise unreachable  # nothing ran, nothing was said: the caller answers 503
-            yield Output(
-                rid=rid, text=job.detok.flush(), token_ids=[], num_prompt_tokens=len(input_ids),
-                num_output_tokens=len(job.output_ids), finish_reason="error", error=failure,
-            )  # fmt: skip
+            yield self._ended(job, "error", failure)
         finally:
             slot.release()
+
+    @staticmethod
+    def _ended(job: _Job, finish_reason: str, error: str | None) -> Output:
+        """The last output of `job`, ended by the router between attempts."""
+        return Output(
+            rid=job.rid, text=job.detok.flush(), token_ids=[],
+            num_prompt_tokens=len(job.input_ids), num_output_tokens=len(job.output_ids),
+            finish_reason=finish_reason, error=error,
+        )  # fmt: skip
 
     def _retryable(self, req: RoutedRequest) -> bool:
         """Whether an error before the first token is worth another pair: disaggregated (the
@@ -533,11 +544,10 @@ class Router:
                         req.lost = (rank, delta.error or f"engine rank {rank} failed")
                     delta.finish_reason, delta.error = None, None
                     if delta.token_ids:  # made before the rank failed: they stand
-                        req.num_output_tokens += len(delta.token_ids)
-                        yield to_output(delta, detok, client_rid, len(input_ids))
+                        out = to_output(delta, detok, client_rid, len(input_ids))
+                        yield out  # (a stop string among them ends the request here)
                     return
                 num_output_tokens = delta.num_output_tokens or num_output_tokens
-                req.num_output_tokens += len(delta.token_ids)
                 out = to_output(delta, detok, client_rid, len(input_ids))
                 # Finished on the rank (an error may come from the router or the other side of a
                 # disaggregated pair: then the ranks are still told to abort).

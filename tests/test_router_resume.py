@@ -161,3 +161,47 @@ def test_a_request_that_failed_itself_is_not_moved():
         assert len(added) == 1 and alone.num_resumed == 0
 
     asyncio.run(run())
+
+
+def test_an_abort_or_an_end_around_a_rank_failure_is_final():
+    """A request that ended — aborted by its client, finished on its rank — before its rank's
+    failure came through is not moved: one final output each. (Found by an audit: an abort
+    while a rank died was resumed, and the stream got two finish events.)"""
+
+    async def run() -> None:
+        router, added = _router(3)
+        sampling = SamplingParams(max_new_tokens=8, temperature=0.0)
+
+        # Aborted, then its rank's failure (queued after the abort's own result).
+        gen = router.generate([1, 2, 3], sampling, rid="a")
+        first, (rank, req) = await _next(gen, added, 0)
+        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        await first
+        assert await router.abort("a")
+        router._fail_requests(rank, f"engine rank {rank} failed")
+        outs = [out async for out in gen]
+        assert [o.finish_reason for o in outs] == ["abort"], outs
+
+        # Finished on its rank, then the rank's failure.
+        gen = router.generate([1, 2, 3], sampling, rid="b")
+        first, (rank, req) = await _next(gen, added, 1)
+        router._dispatch(rank, [TokenDelta(req.rid, [4], FinishReason.LENGTH, None, 3, 8)])
+        router._fail_requests(rank, f"engine rank {rank} failed")
+        assert (await first).finish_reason == "length"
+        assert [out async for out in gen] == []
+
+        # Aborted while the failed attempt's last tokens were being handed on.
+        gen = router.generate([1, 2, 3], sampling, rid="c")
+        first, (rank, req) = await _next(gen, added, 2)
+        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        await first
+        lost = TokenDelta(req.rid, [5], FinishReason.ERROR, "peer lost", 3, 2, resumable=True)
+        router._dispatch(rank, [lost])
+        last_tokens = await gen.__anext__()
+        assert last_tokens.token_ids == [5] and last_tokens.finish_reason is None
+        assert await router.abort("c")
+        outs = [out async for out in gen]
+        assert [o.finish_reason for o in outs] == ["abort"], outs
+        assert len(added) == 3 and router.num_resumed == 0 and not router.num_in_flight
+
+    asyncio.run(run())
