@@ -101,14 +101,31 @@ class _Router:
 
 def _expected(path, prompts: dict[str, list[int]], sampling: SamplingParams) -> dict:
     """Each prompt's tokens from one colocated engine with room for all of them."""
+    return _reference(path, prompts, sampling)[0]
+
+
+# A greedy step whose two best logits are closer than this is decided by rounding: another
+# batch (another GEMM blocking) may pick the other token.
+NEAR_TIE = 1e-5
+
+
+def _reference(
+    path, prompts: dict[str, list[int]], sampling: SamplingParams
+) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """`_expected`'s tokens, and per request how many lead tokens are decided by more than
+    rounding (up to and including its first near tie, whose token is either of the two)."""
     engine = Engine(path, EngineConfig(page_size=PAGE, kv_capacity_tokens=4096), progress=False)
     for rid, prompt in prompts.items():
         engine.add(GenerateRequest(rid, prompt, sampling))
     out: dict[str, list[int]] = {rid: [] for rid in prompts}
+    decided: dict[str, int] = {}
     while engine.has_work:
         for d in engine.step():
             out[d.rid] += d.token_ids
-    return out
+            top = torch.topk(engine.last_logits[d.rid].float(), 2).values
+            if d.rid not in decided and float(top[0] - top[1]) < NEAR_TIE:
+                decided[d.rid] = len(out[d.rid]) - 1
+    return out, {rid: decided.get(rid, len(out[rid])) for rid in prompts}
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +232,13 @@ def test_a_prompt_waiting_its_turn_longer_than_the_transfer_timeout_still_comple
 def test_crossed_pairs_under_kv_pressure_all_complete(ckpt, seed):
     """Two prefill and two decode ranks with caches of about two prompts, requests on random
     pairs reaching each rank in a shuffled order, a few aborted midway: every other request
-    completes with one engine's tokens (greedy, and seeded sampling), and no page stays in
-    use."""
+    completes with one engine's tokens, up to a step whose two best logits are tied to
+    rounding (seed 0's r22, 2e-7 apart, went either way on an AVX-512 host), and no page
+    stays in use."""
     rng = random.Random(seed)
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     prompts = {f"r{i}": _prompt(rng, rng.randrange(8, 48)) for i in range(24)}
-    expected = _expected(ckpt.path, prompts, greedy)
+    expected, decided = _reference(ckpt.path, prompts, greedy)
     prefills = [_Rank(ckpt.path, "prefill", 96, 60.0, budget=32) for _ in range(2)]
     decodes = [_Rank(ckpt.path, "decode", 96, 60.0) for _ in range(2)]
     ranks = prefills + decodes
@@ -250,8 +268,11 @@ def test_crossed_pairs_under_kv_pressure_all_complete(ckpt, seed):
             router.done.add(rid)
         router.run(ranks, set(prompts))
         assert not set(router.errors) - aborted, router.errors
-        for rid in set(prompts) - aborted:
-            assert router.tokens[rid] == expected[rid], rid
+        for rid in set(prompts) - aborted:  # the same tokens, up to a near tie
+            n = decided[rid]
+            assert router.tokens[rid][:n] == expected[rid][:n], rid
+            assert len(router.tokens[rid]) == len(expected[rid]), rid
+        assert sum(decided.values()) >= 0.8 * sum(map(len, expected.values())), decided
         deadline = time.monotonic() + 5.0
         while any(r.pages_in_use() for r in ranks):
             for rank in ranks:
