@@ -16,9 +16,10 @@ parallel). `PoolSet` owns every instance a server started, and scales them (`POS
   started before any is drained, so that a replacement (`remove` one, same count) never leaves
   the role without a serving instance. A draining instance is picked for no new request and
   leaves the EPLB service; its requests run to their end for up to the drain timeout (by
-  default as long as a request may run), and those still running then end with an error (one
-  with no token yet is retried on another rank or pair). Then the router takes its ranks' last
-  stats and forgets them, and its actors, rendezvous and placement group go.
+  default `--scale-drain-timeout`), and those still running then move to another instance:
+  they resume there from their output (one with no token yet starts again; see
+  `Router.generate`). Then the router takes its ranks' last stats and forgets them, and its
+  actors, rendezvous and placement group go.
 
 One scale runs at a time; every role keeps at least one instance, an autoscaled one stays
 within its bounds (`bounds`).
