@@ -62,11 +62,11 @@ class _Job:
     rid: str  # the client's
     input_ids: list[int]
     sampling: SamplingParams
-    stop: Sequence[str]
     whole: bool  # the ranks may hold the output after the first token until the end
     timeout_s: float | None
     deadline: float | None  # on the loop's clock
-    detok: IncrementalDetokenizer  # one for all attempts: the text goes on where it stood
+    # One for all attempts (it holds the stop strings): the text goes on where it stood.
+    detok: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)  # handed to the consumer so far
 
 
@@ -329,7 +329,7 @@ class Router:
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
         now = asyncio.get_running_loop().time()
         job = _Job(
-            rid, list(input_ids), sampling, stop, not stream and not stop, timeout_s,
+            rid, list(input_ids), sampling, not stream and not stop, timeout_s,
             None if timeout_s is None else now + timeout_s,
             IncrementalDetokenizer(
                 self.tokenizer, input_ids, stop, min_new_tokens=sampling.min_new_tokens
@@ -540,8 +540,7 @@ class Router:
                     # Aborted by the client: one side's abort failed the other's transfer.
                     delta.finish_reason, delta.error = FinishReason.ABORT, None
                 elif delta.resumable and delta.finish_reason is FinishReason.ERROR:
-                    if req.lost is None:
-                        req.lost = (rank, delta.error or f"engine rank {rank} failed")
+                    # `req.lost` names the rank (`dispatch`, `_fail_requests` set it).
                     delta.finish_reason, delta.error = None, None
                     if delta.token_ids:  # made before the rank failed: they stand
                         out = to_output(delta, detok, client_rid, len(input_ids))
