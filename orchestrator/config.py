@@ -89,6 +89,9 @@ class ServeConfig:
     max_queued_requests: int | None = None
     default_max_new_tokens: int = 128  # when a request does not say
     request_timeout_s: float | None = 600.0  # a request running longer is aborted
+    # A request whose rank fails under it, with no other rank (pair) to go on on, waits this
+    # long for a rank to come back (Ray restarts it) and resumes there; 0: it ends at once.
+    rank_restart_wait_s: float = 120.0
     # On SIGTERM/SIGINT: refuse new requests and let those in flight finish for up to this
     # long before stopping (0: stop at once).
     drain_timeout_s: float = 30.0
@@ -250,6 +253,11 @@ class ServeConfig:
             )
         if self.request_timeout_s is not None:
             _check_seconds("--request-timeout", self.request_timeout_s)
+        if not 0 <= self.rank_restart_wait_s < math.inf:
+            raise ValueError(
+                "--rank-restart-wait must be a number of seconds >= 0 (0: a request whose rank "
+                f"fails ends when no other can take it), got {self.rank_restart_wait_s}"
+            )
         if not 0 <= self.drain_timeout_s < math.inf:
             raise ValueError(
                 f"--drain-timeout must be a number of seconds >= 0 (0: stop at once), "

@@ -242,6 +242,7 @@ def launch(
             model_name=config.model_name(model_dir),
             stream_silence_s=config.stream_silence_s,
             request_timeout_s=config.request_timeout_s,
+            restart_wait_s=config.rank_restart_wait_s,
             max_queued_requests=config.max_queued_requests,
         )
         app = create_app(router, config, eplb=eplb, pools=pools)

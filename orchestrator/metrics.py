@@ -198,6 +198,12 @@ class Metrics:
             "Requests in flight without their first token yet (queued on a rank, or in prefill)",
             registry=r,
         )
+        self.waiting_for_rank = Gauge(
+            "pdserve_requests_waiting_for_rank",
+            "Requests whose rank failed, with no other to go on on, waiting for a rank to come "
+            "back (--rank-restart-wait)",
+            registry=r,
+        )
         self.shed = Totals(
             "pdserve_requests_shed_total",
             "Requests refused with 503 because --max-queued-requests were waiting",
@@ -293,6 +299,7 @@ class Metrics:
         draining: bool,
         queued: int,
         shed: int,
+        waiting_for_rank: int = 0,
     ) -> None:
         self.retries.observe("router", retries)
         self.resumed.observe("router", resumed)
@@ -300,6 +307,7 @@ class Metrics:
         self.draining.set(int(draining))
         self.waiting_first_token.set(queued)
         self.shed.observe("router", shed)
+        self.waiting_for_rank.set(waiting_for_rank)
 
     def set_eplb_stats(self, stats: dict[str, dict[str, float]]) -> None:
         """The EPLB service's counters per pool; a pool scaled down (`removed`) keeps its

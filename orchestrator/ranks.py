@@ -58,6 +58,21 @@ class RankUnreachable(RouterNotReady):
         self.rank = rank
 
 
+def actor_is_dead(handle: Any) -> bool:
+    """Whether the Ray actor behind `handle` is dead for good (GCS says DEAD: Ray will not
+    restart it). Blocking (a GCS call); False when that cannot be told."""
+    actor_id = getattr(handle, "_actor_id", None)
+    if actor_id is None:
+        return False
+    try:
+        from ray._private import state  # no public call reads one actor's state without
+        # the dashboard, which a cluster may run without
+
+        return bool(state.actors(actor_id=actor_id.hex()).get("State") == "DEAD")
+    except Exception:
+        return False
+
+
 def prefix_key(input_ids: Sequence[int]) -> bytes | None:
     """The affinity key of a prompt: its first `AFFINITY_TOKENS` tokens (None for a prompt no
     longer than that, whose cache hits would be small)."""
@@ -96,6 +111,8 @@ class RoutedRequest:
     # down), not of the request, ended it: that rank and why. The router may then resume the
     # request elsewhere (`Router.generate`).
     lost: tuple[int, str] | None = None
+    # `RankTable.num_downs` of its ranks when it was sent: whether a rank went down since.
+    downs_at_start: dict[int, int] = field(default_factory=dict)
     # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the
     # prompt is done.
     pair: tuple[int, int | None] = field(init=False)
@@ -110,6 +127,10 @@ class RankTable:
         self.handles = list(handles)
         self.infos: list[RankInfo | None] = [None] * len(handles)  # set once a rank is ready
         self.errors: list[str | None] = [None] * len(handles)  # set while a rank is dead
+        # Times each rank was found failing; the ranks whose actors are dead for good (Ray
+        # will not restart them: killed for good, or their constructor failed).
+        self.num_downs = [0] * len(handles)
+        self.gone: set[int] = set()
         # The load this router put on each rank (see `orchestrator.policy`).
         self.reserved_tokens = [0] * len(handles)
         self.queued_prefill_tokens = [0] * len(handles)
@@ -143,7 +164,9 @@ class RankTable:
         start = len(self.handles)
         self.handles += handles
         self.infos += infos
-        for column in (self.reserved_tokens, self.queued_prefill_tokens, self.running):
+        for column in (
+            self.reserved_tokens, self.queued_prefill_tokens, self.running, self.num_downs
+        ):  # fmt: skip
             column += [0] * len(handles)
         self.errors += [None] * len(handles)
         self.streams += [None] * len(handles)
@@ -182,6 +205,11 @@ class RankTable:
             max_context_len=min(i.max_context_len for i in infos),
             kv_capacity_tokens=min(i.kv_capacity_tokens for i in infos),
         )
+
+    def may_come_back(self, rank: int) -> bool:
+        """Whether `rank`, down now, may serve again: Ray restarts it (it is not dead for
+        good, and its pool instance is not scaled down)."""
+        return not self.is_live(rank) and rank not in self.gone and rank not in self.closed
 
     def dead_message(self) -> str:
         errors = [e for e in self.errors if e]

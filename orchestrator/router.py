@@ -34,6 +34,7 @@ from orchestrator.ranks import (
     RankUnreachable,
     RoutedRequest,
     RouterNotReady,
+    actor_is_dead,
 )
 from orchestrator.request_sides import abort_after, accepted_or_first
 from orchestrator.tokenizer import Tokenizer
@@ -68,6 +69,7 @@ class _Job:
     # One for all attempts (it holds the stop strings): the text goes on where it stood.
     detok: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)  # handed to the consumer so far
+    aborted: bool = False  # by the client while it waited for a rank (`Router.abort`)
 
 
 class QueueSlot:
@@ -97,6 +99,7 @@ class Router:
         stream_silence_s: float = 30.0,
         request_timeout_s: float | None = None,
         max_queued_requests: int | None = None,
+        restart_wait_s: float = 0.0,
     ):
         """`ranks`: `EngineWorker` actor handles; the router reads each one's output stream (it
         must be its only reader) and, on `close(shutdown_ranks=True)`, shuts them down."""
@@ -108,6 +111,14 @@ class Router:
         # A rank's stream silent this long (no output, no heartbeat) counts as a failed rank.
         self.stream_silence_s = stream_silence_s
         self.restart_poll_s = 1.0  # how often a dead rank is checked for its restart
+        # How long a request whose rank failed under it, with no other rank (pair) to go on
+        # on, waits for a rank to come back (Ray restarts it) and resumes there; 0: it ends.
+        self.restart_wait_s = restart_wait_s
+        self.num_waited = 0  # requests that waited for a rank to come back
+        # The requests waiting for a rank now, by the client's id: their job, and the event
+        # that wakes them (a rank's state changed, the client aborted, the server stops).
+        self._waiting: dict[str, tuple[_Job, asyncio.Event]] = {}
+        self._closing = False
         self.num_retries = 0  # requests re-run on another pair after a failure, before output
         self.num_resumed = 0  # requests that went on on another pair from the output they had
         self.num_rank_failures = 0  # times a rank was found dead or failing
@@ -167,7 +178,12 @@ class Router:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._requests)
+        return len(self._requests) + len(self._waiting)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for a rank to come back (`restart_wait_s`)."""
+        return len(self._waiting)
 
     @property
     def limits(self) -> Limits:
@@ -187,6 +203,8 @@ class Router:
         """Stop reading the ranks, end every in-flight request with an error, optionally shut ranks
         down."""
         await self._stop_reading(list(self._tasks))
+        self._closing = True
+        self._wake_waiting()
         self._fail_requests(None, "the server is shutting down")
         if shutdown_ranks:
             for i in self.ranks.present:
@@ -250,6 +268,7 @@ class Router:
                 if ranks.errors[index] is not None:
                     logger.warning("engine rank %d is back", index)
                 ranks.errors[index] = None
+                self._wake_waiting()
                 if ranks.all_loaded:
                     assert self._ready is not None
                     self._ready.set()
@@ -261,6 +280,7 @@ class Router:
             except Exception as e:
                 message = f"engine rank {index} failed: {short_error(e)}"
                 if ranks.errors[index] is None:
+                    ranks.num_downs[index] += 1
                     self.num_rank_failures += 1
                     logger.error("%s", message)
                     self._fail_requests(index, message)
@@ -274,6 +294,14 @@ class Router:
                 ranks.errors[index] = message
                 assert self._ready is not None
                 self._ready.set()  # wake waiters: readiness is now decided (failed)
+                if await asyncio.to_thread(actor_is_dead, handle):
+                    ranks.gone.add(index)
+                    ranks.errors[index] = f"{message} (dead for good: Ray does not restart it)"
+                    logger.error("engine rank %d is dead for good (Ray does not restart it)",
+                                 index)  # fmt: skip
+                    self._wake_waiting()
+                    return
+                self._wake_waiting()
                 await asyncio.sleep(self.restart_poll_s)
 
     def _dispatch(self, index: int, items: list[TokenDelta | TransferReady | AddsTaken]) -> None:
@@ -323,7 +351,7 @@ class Router:
         if slot is None:
             (slot,) = self.admit()
         rid = rid or uuid.uuid4().hex
-        if rid in self._rank_rids:
+        if rid in self._rank_rids or rid in self._waiting:
             slot.release()
             raise ValueError(f"rid: request {rid!r} is already running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
@@ -373,12 +401,22 @@ class Router:
                     break
                 next_avoid = self._avoid(used[-1], unreachable)
                 if next_avoid is None:
-                    break
+                    lost = self._lost_rank(used[-1], unreachable)
+                    if lost is None or self.restart_wait_s <= 0:
+                        break
+                    waited = await self._wait_for_a_rank(job, used[-1], lost)
+                    if isinstance(waited, Output):
+                        yield waited
+                        return
+                    if isinstance(waited, str):
+                        failure = f"{failure}; {waited}"
+                        break
+                    next_avoid = waited
                 avoid = next_avoid
                 if job.output_ids:
                     self.num_resumed += 1
                     logger.warning("request %s lost its rank after %d token(s) (%s); resuming "
-                                   "it on another rank", rid, len(job.output_ids), failure)  # fmt: skip
+                                   "it", rid, len(job.output_ids), failure)  # fmt: skip
                 else:
                     self.num_retries += 1
                     logger.warning("request %s failed before its first token (%s); retrying on "
@@ -388,6 +426,77 @@ class Router:
             yield self._ended(job, "error", failure)
         finally:
             slot.release()
+
+    def _lost_rank(self, req: RoutedRequest, unreachable: RankUnreachable | None) -> int | None:
+        """The rank whose failure ended `req`'s attempt, when it is one that may come back
+        (`_wait_for_a_rank`): a rank lost under it, or one it could not reach that the router
+        has seen go down. None otherwise (a failed transfer, a rank that refused it or is
+        scaled down)."""
+        if unreachable is not None:
+            rank = unreachable.rank
+            if self.ranks.num_downs[rank] == req.downs_at_start.get(rank):
+                return None  # up as far as the router knows: nothing to wait for
+        elif req.lost is not None:
+            rank = req.lost[0]
+        else:
+            return None
+        return None if rank in self.ranks.closed else rank
+
+    async def _wait_for_a_rank(
+        self, job: _Job, req: RoutedRequest, lost: int
+    ) -> frozenset[int] | Output | str:
+        """Wait until a rank (pair) can take `job` on, after rank `lost` failed under its
+        attempt `req` and no other could: until a rank comes back — Ray restarts a failed one
+        — for up to `restart_wait_s` and the job's deadline. `lost` counts only once the
+        router has seen it go down (a rank that leaves a broken pool reports its requests lost
+        just before it goes). Returns the ranks to avoid then; or the output that ends `job`
+        (its timeout, its abort); or why it gives up."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.restart_wait_s
+        if job.deadline is not None:
+            until = min(until, job.deadline)
+        wake = asyncio.Event()
+        self._waiting[job.rid] = (job, wake)
+        self.num_waited += 1
+        logger.warning("request %s lost engine rank %d and no other can take it; it waits up "
+                       "to %.0f s for a rank to come back", job.rid, lost,
+                       until - loop.time())  # fmt: skip
+        try:
+            while True:
+                avoid = self._taken_out(req)
+                if self.ranks.num_downs[lost] == req.downs_at_start.get(lost):
+                    avoid |= {lost}  # not seen going down yet
+                if self.ranks.can_pick(avoid):
+                    return avoid
+                if job.aborted:
+                    return self._ended(job, "abort", None)
+                if self._closing:
+                    return "the server is shutting down"
+                left = until - loop.time()
+                if left <= 0:
+                    if job.deadline is not None and until >= job.deadline:
+                        return self._ended(
+                            job, "timeout", f"the request timed out after {job.timeout_s:g} s"
+                        )
+                    return (f"no engine rank came back within {self.restart_wait_s:g} s "
+                            "(--rank-restart-wait)")  # fmt: skip
+                if lost not in avoid and not any(map(self.ranks.may_come_back,
+                                                     self.ranks.present)):  # fmt: skip
+                    return "no engine rank that could take it will come back"
+                wake.clear()
+                timer = loop.call_later(left, wake.set)
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
+        finally:
+            del self._waiting[job.rid]
+
+    def _wake_waiting(self) -> None:
+        """A rank's state changed (or the server stops): the requests waiting for a rank look
+        again."""
+        for _, wake in self._waiting.values():
+            wake.set()
 
     @staticmethod
     def _ended(job: _Job, finish_reason: str, error: str | None) -> Output:
@@ -477,6 +586,7 @@ class Router:
             queued_here=bool(here),
             num_output_tokens=len(resumed),
         )
+        req.downs_at_start = {r: self.ranks.num_downs[r] for r in req.pair if r is not None}
         used.append(req)
         self._requests[rid] = req
         self._rank_rids[client_rid] = rid
@@ -568,6 +678,11 @@ class Router:
     async def abort(self, rid: str) -> bool:
         """Abort a running request (the client's `rid`); its generator then ends with
         finish_reason "abort" (what it produced until then kept)."""
+        if rid in self._waiting:  # for a rank to come back: it ends now
+            job, wake = self._waiting[rid]
+            job.aborted = True
+            wake.set()
+            return True
         req = self._requests.get(self._rank_rids.get(rid, ""))
         if req is None:
             return False

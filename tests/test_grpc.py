@@ -329,7 +329,8 @@ def test_server_timeout_and_dead_rank_status_codes(launch_tiny):
     import ray
 
     # 1500 tokens take the tiny model over 0.5 s even on a fast host (~0.4 ms a step alone).
-    server = launch_tiny(colocated=True, grpc_port=0, request_timeout_s=0.25)
+    server = launch_tiny(colocated=True, grpc_port=0, request_timeout_s=0.25,
+                         rank_restart_wait_s=0)  # fmt: skip
     try:
         with grpc.insecure_channel(server.grpc_address) as channel:
             stub = pb_grpc.GenerationStub(channel)

@@ -205,3 +205,124 @@ def test_an_abort_or_an_end_around_a_rank_failure_is_final():
         assert len(added) == 3 and router.num_resumed == 0 and not router.num_in_flight
 
     asyncio.run(run())
+
+
+def _rank_down(router: Router, rank: int, message: str) -> None:
+    """What the router does when it finds `rank` failed (`Router._run_rank`)."""
+    router.ranks.num_downs[rank] += 1
+    router._fail_requests(rank, message)
+    router.ranks.errors[rank] = message
+    router._wake_waiting()
+
+
+def _rank_back(router: Router, rank: int) -> None:
+    router.ranks.errors[rank] = None
+    router._wake_waiting()
+
+
+def test_with_no_other_rank_a_request_waits_for_its_rank_to_come_back_and_resumes():
+    async def run() -> None:
+        router, added = _router(1)
+        router.restart_wait_s = 30.0
+        sampling = SamplingParams(max_new_tokens=8, temperature=0.0)
+        gen = router.generate([1, 2, 3], sampling, rid="r")
+        first, (rank, req) = await _next(gen, added, 0)
+        router._dispatch(rank, [TokenDelta(req.rid, [4, 5], None, None, 3, 2)])
+        assert (await first).token_ids == [4, 5]
+        _rank_down(router, 0, "engine rank 0 failed: the actor died")
+        second = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.05)
+        assert not second.done() and len(added) == 1
+        assert router.num_waiting == 1 and router.num_in_flight == 1
+        _rank_back(router, 0)
+        for _ in range(100):
+            if len(added) > 1:
+                break
+            await asyncio.sleep(0.005)
+        rank, req = added[-1]
+        assert rank == 0 and req.output_ids == [4, 5] and router.num_waiting == 0
+        router._dispatch(rank, [TokenDelta(req.rid, [6], FinishReason.LENGTH, None, 3, 8)])
+        out = await second
+        assert out.token_ids == [6] and out.finish_reason == "length"
+        assert router.num_resumed == 1 and router.num_waited == 1
+        await gen.aclose()
+        assert not router.num_in_flight
+
+    asyncio.run(run())
+
+
+def test_a_rank_reporting_its_requests_lost_is_not_taken_again_before_it_went_down():
+    """A rank leaving a broken expert-parallel pool reports its requests lost while the router
+    still sees it up: the request waits for it to go down and come back, not for its add to
+    fail there."""
+
+    async def run() -> None:
+        router, added = _router(1)
+        router.restart_wait_s = 30.0
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
+        first, (rank, req) = await _next(gen, added, 0)
+        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        await first
+        lost = TokenDelta(req.rid, [], FinishReason.ERROR, "peer lost", 3, 1, resumable=True)
+        router._dispatch(rank, [lost])
+        second = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.05)
+        assert not second.done() and len(added) == 1, "resumed on the rank on its way out"
+        _rank_down(router, 0, "engine rank 0 failed: it left its pool")
+        await asyncio.sleep(0.05)
+        assert len(added) == 1
+        _rank_back(router, 0)
+        for _ in range(100):
+            if len(added) > 1:
+                break
+            await asyncio.sleep(0.005)
+        rank, req = added[-1]
+        assert req.output_ids == [4]
+        router._dispatch(rank, [TokenDelta(req.rid, [5], FinishReason.LENGTH, None, 3, 8)])
+        assert (await second).finish_reason == "length"
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("how", ["gone", "wait", "timeout", "abort", "close"])
+def test_a_wait_for_a_rank_ends(how: str):
+    """A request waiting for its rank ends: with an error when the rank is dead for good or
+    does not come back in `restart_wait_s`; "timeout" at the request's own deadline; "abort"
+    when its client aborts it; with an error when the server stops."""
+
+    async def run() -> None:
+        router, added = _router(1)
+        router.restart_wait_s = 0.3 if how == "wait" else 30.0
+        timeout_s = 0.3 if how == "timeout" else None
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0),
+                              rid="r", timeout_s=timeout_s)  # fmt: skip
+        first, (rank, req) = await _next(gen, added, 0)
+        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        await first
+        _rank_down(router, 0, "engine rank 0 failed: the actor died")
+        last = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.05)
+        assert not last.done() and router.num_waiting == 1
+        if how == "gone":
+            router.ranks.gone.add(0)
+            router._wake_waiting()
+        elif how == "abort":
+            assert await router.abort("r")
+        elif how == "close":
+            await router.close()
+        out = await asyncio.wait_for(last, 5)
+        expected = {"gone": "error", "wait": "error", "timeout": "timeout", "abort": "abort",
+                    "close": "error"}  # fmt: skip
+        assert out.finish_reason == expected[how], out
+        assert out.num_output_tokens == 1 and out.token_ids == []
+        if how == "gone":
+            assert "engine rank 0 failed" in (out.error or "") and "come back" in (out.error or "")
+        if how == "wait":
+            assert "within 0.3 s (--rank-restart-wait)" in (out.error or ""), out
+        if how == "close":
+            assert "shutting down" in (out.error or ""), out
+        assert len(added) == 1 and router.num_waiting == 0 and not router.num_in_flight
+        with pytest.raises(StopAsyncIteration):
+            await gen.__anext__()
+
+    asyncio.run(run())

@@ -294,7 +294,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     state = ", draining (shutting down)" if data.get("draining") else ""
     print(f"model {data['model']}, {data['num_in_flight']} request(s) in flight "
-          f"({data.get('num_waiting_first_token', 0)} before their first token){state}; "
+          f"({data.get('num_waiting_first_token', 0)} before their first token, "
+          f"{data.get('num_waiting_for_rank', 0)} waiting for a rank to come back){state}; "
           f"{data.get('num_retries', 0)} retried, {data.get('num_resumed', 0)} resumed, "
           f"{data.get('num_shed', 0)} shed "
           f"(--max-queued-requests), {data.get('num_rank_failures', 0)} rank failure(s) "

@@ -196,6 +196,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--default-max-new-tokens", type=int, default=128)
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     r.add_argument(
+        "--rank-restart-wait",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="a request whose engine rank fails, with no other rank to go on on, waits up to S "
+        "seconds for a rank to come back (Ray restarts it) and resumes there from its output "
+        "(0: it ends with an error at once; default 120)",
+    )
+    r.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -335,6 +344,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         max_queued_requests=args.max_queued_requests,
         default_max_new_tokens=args.default_max_new_tokens,
         request_timeout_s=args.request_timeout,
+        rank_restart_wait_s=args.rank_restart_wait,
         drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
         access_log=args.access_log,
