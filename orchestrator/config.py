@@ -76,6 +76,9 @@ class ServeConfig:
     # `/generate` streams: an event carries only its new text and output_ids (default: all so
     # far, SGLang's default, whose bytes grow with the square of the output's length).
     incremental_streaming_output: bool = False
+    # A stream silent this long gets an SSE comment (": keep-alive"), which clients skip, so
+    # that proxies do not close it; 0: never.
+    sse_keepalive_s: float = 15.0
     # How the model writes tool calls (`orchestrator.tool_parser.FORMATS`); "auto": as its
     # chat template writes them.
     tool_call_parser: str = "auto"
@@ -253,6 +256,11 @@ class ServeConfig:
             )
         if self.request_timeout_s is not None:
             _check_seconds("--request-timeout", self.request_timeout_s)
+        if not 0 <= self.sse_keepalive_s < math.inf:
+            raise ValueError(
+                f"--sse-keepalive must be a number of seconds >= 0 (0: off), got "
+                f"{self.sse_keepalive_s}"
+            )
         if not 0 <= self.rank_restart_wait_s < math.inf:
             raise ValueError(
                 "--rank-restart-wait must be a number of seconds >= 0 (0: a request whose rank "

@@ -125,7 +125,8 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
     ]  # fmt: skip
     echoes = [echo for _, _, echo in jobs]
     if req.stream:
-        return EventStream(_openai_events(streams, builder, req, echoes, spec))
+        events = _openai_events(streams, builder, req, echoes, spec)
+        return EventStream(events, config.sse_keepalive_s)
     try:
         choices = await until_disconnect(
             request,

@@ -195,7 +195,7 @@ def create_app(
                 streams, rids, len(jobs[0][0]), arrival, config.incremental_streaming_output,
                 token_text, prompt,
             )  # fmt: skip
-            return EventStream(events)
+            return EventStream(events, config.sse_keepalive_s)
         try:
             results = await until_disconnect(
                 request, gather_all([one(i) for i in range(len(rids))])

@@ -24,6 +24,11 @@ from orchestrator.request_fields import RequestError
 T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
+# An SSE comment, which clients skip: sent on a stream that has said nothing for
+# `EventStream.keepalive_s`, so that proxies and load balancers (nginx, cloud ones: 60 s by
+# default) do not take a long queue, a long prompt or a wait for a restarting rank for a dead
+# connection.
+SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
 # Characters that `str.splitlines` splits at and JSON leaves raw (the ones below U+0020 are
@@ -99,30 +104,62 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 class EventStream(StreamingResponse):
     """`text/event-stream` over an async generator; a disconnect (noticed at once, not at the
-    next write) cancels the stream, and the generator is always closed, so its `finally` runs."""
+    next write) cancels the stream, and the generator is always closed, so its `finally` runs.
+    A stream silent for `keepalive_s` gets an SSE comment (`SSE_KEEPALIVE`) every
+    `keepalive_s` until it speaks again."""
 
     body_iterator: AsyncGenerator[str, None]
 
-    def __init__(self, events: AsyncGenerator[str, None]):
+    def __init__(self, events: AsyncGenerator[str, None], keepalive_s: float = 15.0):
         super().__init__(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        self.keepalive_s = keepalive_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        last_write = loop.time()
+        open_body = False  # the response started and its body has not ended
+        writing = asyncio.Lock()  # one write at a time: a keep-alive never after the end
+
+        async def write(message: Message) -> None:
+            nonlocal last_write, open_body
+            async with writing:
+                last_write = loop.time()
+                if message["type"] == "http.response.start":
+                    open_body = True
+                elif not message.get("more_body", False):
+                    open_body = False
+                await send(message)
+
         async def stream() -> None:
             with contextlib.suppress(OSError):  # the client went away mid-write
-                await self.stream_response(send)
+                await self.stream_response(write)
+
+        async def keep_alive() -> None:
+            nonlocal last_write
+            while True:
+                await asyncio.sleep(max(0.0, last_write + self.keepalive_s - loop.time()))
+                async with writing:
+                    if open_body and loop.time() - last_write >= self.keepalive_s:
+                        last_write = loop.time()
+                        with contextlib.suppress(OSError):
+                            await send({"type": "http.response.body", "body": SSE_KEEPALIVE,
+                                        "more_body": True})  # fmt: skip
 
         streaming = asyncio.create_task(stream())
         listening = asyncio.create_task(_wait_disconnect(receive))
+        tasks = [streaming, listening]
+        if self.keepalive_s > 0:
+            tasks.append(asyncio.create_task(keep_alive()))
         try:
             await asyncio.wait({streaming, listening}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (streaming, listening):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(streaming, listening, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.body_iterator.aclose()
         error = None if streaming.cancelled() else streaming.exception()
         if error is not None:

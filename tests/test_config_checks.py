@@ -76,6 +76,7 @@ def test_max_context_len_given_is_kept_and_absent_is_the_models() -> None:
         "stream_silence_s",
         "request_timeout_s",
         "rank_restart_wait_s",
+        "sse_keepalive_s",
         "transfer_timeout_s",
         "drain_timeout_s",
         "scale_drain_timeout_s",

@@ -42,9 +42,7 @@ def _wait_healthy(url: str, timeout_s: float = 90.0) -> None:
         time.sleep(0.3)
 
 
-@pytest.mark.parametrize(
-    "victim,wait", [("decode", True), ("prefill", True), ("decode", False)]
-)
+@pytest.mark.parametrize("victim,wait", [("decode", True), ("prefill", True), ("decode", False)])
 def test_a_dead_rank_s_requests_wait_for_its_restart_or_fail(victim, wait, launch_tiny):
     """A rank of the only prefill/decode pair is killed under load. By default
     (`--rank-restart-wait`) its requests wait for Ray to restart it and resume there from

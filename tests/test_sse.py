@@ -44,3 +44,44 @@ def test_the_bench_client_finds_the_totals_in_a_streams_tail_however_it_is_chunk
     two = "".join(sse(e) for e in events[:2]).encode()
     assert _final_event(_last_events(two + error)) == {"error": {"message": "boom"}}
     assert _final_event(b"") == {} and _final_event(b"data: [DONE]\n\n") == {}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("keepalive_s", [0.1, 0.0])
+def test_a_silent_stream_gets_keep_alive_comments_between_its_events_only(keepalive_s):
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from orchestrator.streaming import SSE_KEEPALIVE, EventStream
+
+    async def events():
+        yield sse({"n": 1})
+        await asyncio.sleep(0.45)
+        yield sse({"n": 2})
+
+    async def route(request):
+        return EventStream(events(), keepalive_s)
+
+    app = Starlette(routes=[Route("/s", route)])
+
+    async def run() -> bytes:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            r = await client.get("/s")
+            assert r.status_code == 200 and r.headers["content-type"].startswith(
+                "text/event-stream"
+            )
+            return r.content
+
+    body = asyncio.run(run())
+    first, second = sse({"n": 1}).encode(), sse({"n": 2}).encode()
+    assert body.startswith(first) and body.endswith(second), body
+    middle = body[len(first) : -len(second)]
+    if keepalive_s:
+        assert middle == SSE_KEEPALIVE * (len(middle) // len(SSE_KEEPALIVE)), body
+        assert 2 <= middle.count(SSE_KEEPALIVE) <= 5, body
+    else:
+        assert middle == b"", body

@@ -219,6 +219,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "(default: everything so far, as SGLang sends them)",
     )
     r.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="a stream silent for S seconds (a long queue or prompt, a wait for a restarting "
+        "rank) gets an SSE comment line, which clients skip, so that proxies keep it open "
+        "(0: never; default 15)",
+    )
+    r.add_argument(
         "--tool-call-parser",
         choices=("auto", *TOOL_CALL_FORMATS),
         default="auto",
@@ -345,6 +354,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         default_max_new_tokens=args.default_max_new_tokens,
         request_timeout_s=args.request_timeout,
         rank_restart_wait_s=args.rank_restart_wait,
+        sse_keepalive_s=args.sse_keepalive,
         drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
         access_log=args.access_log,

@@ -1,0 +1,89 @@
+"""A server of one rank whose rank dies under streamed requests (`--rank-restart-wait`): the
+streams stay open — kept alive by SSE comments while they wait, which clients, the `openai`
+one included, skip — and go on once Ray has restarted the rank, with the same greedy tokens
+as without the failure; `/health`, `/v1/stats` and `/metrics` show the wait."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.disagg_calls import _greedy, _metric, _wait_all_pages_free
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_streams_wait_for_their_restarted_rank_kept_alive_and_resume(launch_tiny):
+    import openai
+    import ray
+
+    server = launch_tiny(colocated=True, sse_keepalive_s=0.5)
+    try:
+        url = server.url
+        prompt = list(range(7, 90))
+        body = {"input_ids": prompt, "sampling_params": _greedy(600), "stream": True}
+        want = httpx.post(url + "/generate", json={**body, "stream": False}, timeout=120).json()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        completion = {"model": client.models.list().data[0].id, "prompt": prompt[:40],
+                      "max_tokens": 600, "temperature": 0.0}  # fmt: skip
+        want_text = client.completions.create(**completion, extra_body={"ignore_eos": True})
+        want_text = want_text.choices[0].text
+
+        lines: list[str] = []
+        started = threading.Event()
+        chunks: list[Any] = []
+
+        def stream_generate() -> None:
+            with httpx.stream("POST", url + "/generate", json=body, timeout=120) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if not line:
+                        continue  # the blank line after each event
+                    lines.append(line)
+                    if line.startswith("data: {"):
+                        started.set()
+
+        def stream_openai() -> None:
+            for chunk in client.completions.create(
+                **completion, stream=True, extra_body={"ignore_eos": True}
+            ):
+                chunks.append(chunk)
+
+        threads = [threading.Thread(target=stream_generate), threading.Thread(target=stream_openai)]
+        for t in threads:
+            t.start()
+        assert started.wait(60)
+        waited_before = server.router.num_waited
+        ray.kill(server.ranks[0], no_restart=False)
+        # While the rank restarts: nothing can take a request, and the two wait.
+        saw_wait = False
+        deadline = time.monotonic() + 60
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            stats = httpx.get(url + "/v1/stats", timeout=10).json()
+            if stats["num_waiting_for_rank"] > 0:
+                saw_wait = True
+                assert httpx.get(url + "/health", timeout=10).status_code in (200, 503)
+                assert _metric(url, "pdserve_requests_waiting_for_rank") >= 1
+            time.sleep(0.1)
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive(), "a stream hung after its rank died"
+        assert saw_wait and server.router.num_waited >= waited_before + 1
+
+        events = [json.loads(line[len("data: ") :]) for line in lines
+                  if line.startswith("data: {")]  # fmt: skip
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        assert events[-1]["output_ids"] == want["output_ids"], "other tokens after the wait"
+        assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
+        assert ": keep-alive" in lines, "no keep-alive while the stream waited"
+        text = "".join(c.choices[0].text for c in chunks)
+        assert text == want_text and chunks[-1].choices[0].finish_reason == "length"
+        _wait_all_pages_free(url)
+        assert server.router.num_waiting == 0 and server.router.num_in_flight == 0
+    finally:
+        server.stop()
