@@ -48,6 +48,8 @@ class ServeConfig:
     # How long an instance scaled down lets its requests run before the rest move to other
     # instances (resuming from their output), unless the scale says (`drain_timeout_s`).
     scale_drain_timeout_s: float = 60.0
+    # Replace a pool instance one of whose ranks is dead for good (Ray does not restart it).
+    replace_dead_instances: bool = True
     # Autoscaling (`orchestrator.autoscale`): up to this many instances of a role, by load; the
     # starting count is the minimum. None: that role is not autoscaled.
     max_prefill_instances: int | None = None

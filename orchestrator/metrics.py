@@ -165,6 +165,11 @@ class Metrics:
             "pdserve_pool_instances_removed_total",
             "Pool instances drained and removed while serving, by role", ["role"], registry=r,
         )  # fmt: skip
+        self.pool_replaced = Totals(
+            "pdserve_pool_instances_replaced_total",
+            "Pool instances replaced because a rank of theirs was dead for good, by role",
+            ["role"], registry=r,
+        )  # fmt: skip
         self.pool_instances = Gauge(
             "pdserve_pool_instances",
             "Pool instances by role and state (starting, serving, draining: see pdserve scale)",
@@ -276,11 +281,18 @@ class Metrics:
             if u is not None:
                 self.pool_utilization.labels(role).set(u)
 
-    def set_scale_counts(self, started: Mapping[str, int], removed: Mapping[str, int]) -> None:
+    def set_scale_counts(
+        self,
+        started: Mapping[str, int],
+        removed: Mapping[str, int],
+        replaced: Mapping[str, int] | None = None,
+    ) -> None:
         for role, n in started.items():
             self.pool_started.observe("router", n, role)
         for role, n in removed.items():
             self.pool_removed.observe("router", n, role)
+        for role, n in (replaced or {}).items():
+            self.pool_replaced.observe("router", n, role)
 
     def set_pools(self, pools: Sequence[dict[str, Any]]) -> None:
         """The pool instances (`PoolSet.describe`)."""

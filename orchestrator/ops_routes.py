@@ -50,7 +50,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
         metrics.set_utilization({role: utilization(loads, role, step) for role in roles})
         if pools is not None:
             metrics.set_pools(pools.describe())
-            metrics.set_scale_counts(pools.num_started, pools.num_removed)
+            metrics.set_scale_counts(pools.num_started, pools.num_removed, pools.num_replaced)
         metrics.set_router_stats(
             router.num_retries, router.num_resumed, router.num_rank_failures, router.draining,
             router.num_queued, router.num_shed, router.num_waiting,

@@ -23,6 +23,16 @@ parallel). `PoolSet` owns every instance a server started, and scales them (`POS
 
 One scale runs at a time; every role keeps at least one instance, an autoscaled one stays
 within its bounds (`bounds`).
+
+- **Replacing a dead instance.** A rank that dies is restarted by Ray; one whose actor is dead
+  for good (its constructor failed — the model did not load, a GPU fault — or it was killed
+  for good) would leave its instance down for good. With `watch_dead_ranks` (the default;
+  `--disable-instance-replacement` turns it off) the router reports such a rank and the
+  instance is replaced: taken down at once (nothing runs on it; its placement group goes
+  first, so that a full cluster has room for the new one), then a new instance of its role
+  is started, retried with a growing delay (`REPLACE_RETRY_S`, up to `REPLACE_RETRY_MAX_S`)
+  while it fails to start, until the role is back to its count. Requests that waited for
+  a rank of it (`--rank-restart-wait`) resume on the new one.
 """
 
 from __future__ import annotations
@@ -60,6 +70,11 @@ MAX_INSTANCES = 256  # per role: a typo's guard (each instance is a placement gr
 ROOM_SETTLE_S = 5.0
 
 PLACEMENT_FORMAT = "pdserve-expert-placement/1"
+
+# A replacement of a dead instance that fails to start is tried again after this long, doubled
+# each time up to the maximum.
+REPLACE_RETRY_S = 10.0
+REPLACE_RETRY_MAX_S = 300.0
 
 
 def read_expert_placements(path: str | None) -> dict[str, list[list[int]]]:
@@ -260,6 +275,8 @@ class PoolSet:
         self._saved = read_expert_placements(config.init_expert_placement)
         self._lock = threading.Lock()  # `instances`, changed on the loop and in start threads
         self._released_at = -math.inf  # when an instance was last scaled down
+        self.num_replaced = dict.fromkeys((i.spec.role for i in instances), 0)  # dead ones
+        self._replacing: dict[str, asyncio.Task[None]] = {}  # by the dead instance's name
 
     @classmethod
     def start(cls, model_dir: Path, config: ServeConfig) -> PoolSet:
@@ -581,6 +598,68 @@ class PoolSet:
             raise
         instance.state = "serving"
         self.num_started[spec.role] += 1
+
+    # ---- replacing dead instances ------------------------------------------------------------
+
+    def watch_dead_ranks(self, router: Any, eplb: Any) -> None:
+        """Replace the instance of any rank the router finds dead for good (see the module
+        doc); call on the router's loop."""
+
+        def gone(index: int) -> None:
+            instance = next((i for i in self.instances
+                             if index in i.indices and i.state == "serving"), None)  # fmt: skip
+            if instance is None or instance.name in self._replacing or self.stopped:
+                return
+            router.num_replacing += 1  # now: requests waiting for a rank wait for this one
+            task = asyncio.ensure_future(self._replace(router, eplb, instance))
+            self._replacing[instance.name] = task
+
+        router.on_rank_gone = gone
+
+    async def _replace(self, router: Any, eplb: Any, dead: PoolInstance) -> None:
+        """Take `dead` down and start instances of its role until it has its count again."""
+        role = dead.spec.role
+        try:
+            while self.scaling:  # one change at a time (a scale, the autoscaler, another)
+                if self.stopped or self.stopping or router.draining:
+                    return
+                await asyncio.sleep(0.2)
+            want = self.counts()[role]
+            logger.error("pool instance %s has a rank that is dead for good; replacing it",
+                         dead.name)  # fmt: skip
+            self.scaling = True
+            try:
+                await self._take_down(router, eplb, dead, 0.0)
+            finally:
+                self.scaling = False
+            delay = REPLACE_RETRY_S
+            while self.counts()[role] < want:
+                if self.stopped or self.stopping or router.draining:
+                    return
+                if self.scaling:
+                    await asyncio.sleep(0.2)
+                    continue
+                spec = PoolSpec(role, self._next[role], *self._shape[role])
+                self._next[role] += 1
+                self.scaling = True
+                try:
+                    with ThreadPoolExecutor(1, "pdserve-replace") as threads:
+                        await self._bring_up(router, eplb, spec, threads)
+                except Exception as e:
+                    logger.error("replacing %s: %s did not start (%s); trying again in %.0f s",
+                                 dead.name, spec.name, e, delay)  # fmt: skip
+                else:
+                    self.num_replaced[role] += 1
+                    logger.warning("replaced pool instance %s by %s", dead.name, spec.name)
+                    continue
+                finally:
+                    self.scaling = False
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, REPLACE_RETRY_MAX_S)
+        finally:
+            self._replacing.pop(dead.name, None)
+            router.num_replacing -= 1
+            router.wake_waiting()
 
     def _eplb_handle(self, instance: PoolInstance) -> Any:
         from eplb.service import PoolHandle

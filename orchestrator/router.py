@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -119,6 +119,11 @@ class Router:
         # that wakes them (a rank's state changed, the client aborted, the server stops).
         self._waiting: dict[str, tuple[_Job, asyncio.Event]] = {}
         self._closing = False
+        # Called with a rank's index when its actor is found dead for good (the pool set
+        # replaces its instance); `num_replacing` counts the instances being replaced, whose
+        # ranks requests waiting for a rank may also wait for.
+        self.on_rank_gone: Callable[[int], None] | None = None
+        self.num_replacing = 0
         self.num_retries = 0  # requests re-run on another pair after a failure, before output
         self.num_resumed = 0  # requests that went on on another pair from the output they had
         self.num_rank_failures = 0  # times a rank was found dead or failing
@@ -204,7 +209,7 @@ class Router:
         down."""
         await self._stop_reading(list(self._tasks))
         self._closing = True
-        self._wake_waiting()
+        self.wake_waiting()
         self._fail_requests(None, "the server is shutting down")
         if shutdown_ranks:
             for i in self.ranks.present:
@@ -268,7 +273,7 @@ class Router:
                 if ranks.errors[index] is not None:
                     logger.warning("engine rank %d is back", index)
                 ranks.errors[index] = None
-                self._wake_waiting()
+                self.wake_waiting()
                 if ranks.all_loaded:
                     assert self._ready is not None
                     self._ready.set()
@@ -299,9 +304,11 @@ class Router:
                     ranks.errors[index] = f"{message} (dead for good: Ray does not restart it)"
                     logger.error("engine rank %d is dead for good (Ray does not restart it)",
                                  index)  # fmt: skip
-                    self._wake_waiting()
+                    if self.on_rank_gone is not None:
+                        self.on_rank_gone(index)
+                    self.wake_waiting()
                     return
-                self._wake_waiting()
+                self.wake_waiting()
                 await asyncio.sleep(self.restart_poll_s)
 
     def _dispatch(self, index: int, items: list[TokenDelta | TransferReady | AddsTaken]) -> None:
@@ -464,8 +471,9 @@ class Router:
         try:
             while True:
                 avoid = self._taken_out(req)
-                if self.ranks.num_downs[lost] == req.downs_at_start.get(lost):
-                    avoid |= {lost}  # not seen going down yet
+                seen_down = self.ranks.num_downs[lost] != req.downs_at_start.get(lost)
+                if not seen_down:
+                    avoid |= {lost}  # on its way out
                 if self.ranks.can_pick(avoid):
                     return avoid
                 if job.aborted:
@@ -480,8 +488,11 @@ class Router:
                         )
                     return (f"no engine rank came back within {self.restart_wait_s:g} s "
                             "(--rank-restart-wait)")  # fmt: skip
-                if lost not in avoid and not any(map(self.ranks.may_come_back,
-                                                     self.ranks.present)):  # fmt: skip
+                if (
+                    seen_down
+                    and not self.num_replacing
+                    and not any(map(self.ranks.may_come_back, self.ranks.present))
+                ):
                     return "no engine rank that could take it will come back"
                 wake.clear()
                 timer = loop.call_later(left, wake.set)
@@ -492,7 +503,7 @@ class Router:
         finally:
             del self._waiting[job.rid]
 
-    def _wake_waiting(self) -> None:
+    def wake_waiting(self) -> None:
         """A rank's state changed (or the server stops): the requests waiting for a rank look
         again."""
         for _, wake in self._waiting.values():

@@ -98,6 +98,8 @@ def create_app(
         # Structured output checks each constraint with xgrammar, whose import (torch,
         # transformers) takes seconds: done now, off the event loop, not on the first request.
         threading.Thread(target=xgrammar_available, name="import-xgrammar", daemon=True).start()
+        if pools is not None and config.replace_dead_instances:
+            pools.watch_dead_ranks(router, eplb)
         if pools is not None and config.autoscale_bounds():
             from orchestrator.autoscale import AutoscaleConfig, Autoscaler
 

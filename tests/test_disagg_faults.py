@@ -404,7 +404,7 @@ def test_with_no_rank_to_take_it_a_stream_is_refused_with_503(launch_tiny):
     and clients retry on the status."""
     import ray
 
-    server = launch_tiny(colocated=True)
+    server = launch_tiny(colocated=True, replace_dead_instances=False)
     try:
         ray.kill(server.ranks[0], no_restart=True)
         deadline = time.monotonic() + 60

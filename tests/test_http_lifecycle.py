@@ -56,9 +56,12 @@ def test_health_models_and_metrics(tiny_server, info):
 
 @pytest.mark.timeout(300)
 def test_timeout_and_dead_rank_end_requests_with_errors(launch_tiny):
+    """A request past its timeout; requests on a rank killed for good, whose instance is not
+    replaced (`--disable-instance-replacement`): they end with an error at once, not after
+    `--rank-restart-wait`."""
     import ray
 
-    server = launch_tiny()
+    server = launch_tiny(replace_dead_instances=False)
     try:
         url = server.url
         info = _rank(url)["info"]

@@ -87,3 +87,64 @@ def test_streams_wait_for_their_restarted_rank_kept_alive_and_resume(launch_tiny
         assert server.router.num_waiting == 0 and server.router.num_in_flight == 0
     finally:
         server.stop()
+
+
+def test_an_instance_with_a_rank_dead_for_good_is_replaced_and_its_requests_resume_there(
+    launch_tiny, monkeypatch
+):
+    """The decode rank of the only pair is killed for good (Ray will not restart it): its
+    instance is taken down and a new one started — its first start fails here, and is tried
+    again — and the requests that ran on it resume there with the same greedy tokens."""
+    import asyncio
+
+    import ray
+
+    from orchestrator import pools as pools_module
+    from tests.disagg_calls import _generate, _generate_async
+
+    server = launch_tiny()
+    try:
+        url = server.url
+        prompts = [list(range(3 + i, 60 + 7 * i)) for i in range(4)]
+        want = [_generate(url, p, 300).json()["output_ids"] for p in prompts]
+        monkeypatch.setattr(pools_module, "REPLACE_RETRY_S", 0.5)
+        assert server.pools is not None
+        real_start = server.pools._start_instance
+        fails = [1]
+
+        def start_instance(spec: Any, cancelled: Any) -> Any:
+            if fails[0]:
+                fails[0] -= 1
+                raise RuntimeError("injected: the first replacement does not start")
+            return real_start(spec, cancelled)
+
+        monkeypatch.setattr(server.pools, "_start_instance", start_instance)
+        roles = [r["info"]["role"] for r in httpx.get(url + "/v1/stats").json()["ranks"]]
+        decode = server.ranks[roles.index("decode")]
+
+        async def run() -> list[tuple[int, str]]:
+            async with httpx.AsyncClient(timeout=180) as client:
+                tasks = [asyncio.ensure_future(_generate_async(client, url, p, 300))
+                         for p in prompts]  # fmt: skip
+                deadline = time.monotonic() + 60
+                while (await decode.stats.remote()).num_running < 2:
+                    assert time.monotonic() < deadline, "the decode rank never ran them"
+                    await asyncio.sleep(0.01)
+                ray.kill(decode, no_restart=True)
+                return list(await asyncio.gather(*tasks))
+
+        results = asyncio.run(run())
+        assert [status for status, _ in results] == [200] * len(prompts), results
+        assert [json.loads(text)["output_ids"] for _, text in results] == want
+        assert fails == [0], "the failing first start was not tried"
+        pools = {p["name"]: p["state"] for p in httpx.get(url + "/v1/stats").json()["pools"]}
+        assert pools == {"prefill-0": "serving", "decode-2": "serving"}, pools
+        assert _metric(url, "pdserve_pool_instances_replaced_total", role="decode") == 1
+        assert server.router.num_replacing == 0
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health", timeout=10).json()["status"] != "ok":
+            assert time.monotonic() < deadline, "not healthy after the replacement"
+            time.sleep(0.2)
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()

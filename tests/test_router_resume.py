@@ -212,12 +212,12 @@ def _rank_down(router: Router, rank: int, message: str) -> None:
     router.ranks.num_downs[rank] += 1
     router._fail_requests(rank, message)
     router.ranks.errors[rank] = message
-    router._wake_waiting()
+    router.wake_waiting()
 
 
 def _rank_back(router: Router, rank: int) -> None:
     router.ranks.errors[rank] = None
-    router._wake_waiting()
+    router.wake_waiting()
 
 
 def test_with_no_other_rank_a_request_waits_for_its_rank_to_come_back_and_resumes():
@@ -305,7 +305,7 @@ def test_a_wait_for_a_rank_ends(how: str):
         assert not last.done() and router.num_waiting == 1
         if how == "gone":
             router.ranks.gone.add(0)
-            router._wake_waiting()
+            router.wake_waiting()
         elif how == "abort":
             assert await router.abort("r")
         elif how == "close":

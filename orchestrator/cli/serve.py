@@ -100,6 +100,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "by the autoscaler) lets its requests run; then the rest move to other instances, "
         "resuming from their output (0: at once)",
     )  # fmt: skip
+    t.add_argument(
+        "--disable-instance-replacement",
+        dest="replace_dead_instances",
+        action="store_false",
+        help="leave a pool instance down when one of its ranks is dead for good (Ray does not "
+        "restart it: its model failed to load, or it was killed for good); by default the "
+        "instance is taken down and a new one of its role started",
+    )
     t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
     t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     e = p.add_argument_group("engine")
@@ -354,6 +362,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         default_max_new_tokens=args.default_max_new_tokens,
         request_timeout_s=args.request_timeout,
         rank_restart_wait_s=args.rank_restart_wait,
+        replace_dead_instances=args.replace_dead_instances,
         sse_keepalive_s=args.sse_keepalive,
         drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
