@@ -438,7 +438,7 @@ class Router:
         """The rank whose failure ended `req`'s attempt, when it is one that may come back
         (`_wait_for_a_rank`): a rank lost under it, or one it could not reach that the router
         has seen go down. None otherwise (a failed transfer, a rank that refused it or is
-        scaled down)."""
+        scaled down — unless its instance is being replaced)."""
         if unreachable is not None:
             rank = unreachable.rank
             if self.ranks.num_downs[rank] == req.downs_at_start.get(rank):
@@ -447,14 +447,15 @@ class Router:
             rank = req.lost[0]
         else:
             return None
-        return None if rank in self.ranks.closed else rank
+        return None if rank in self.ranks.closed and not self.num_replacing else rank
 
     async def _wait_for_a_rank(
         self, job: _Job, req: RoutedRequest, lost: int
     ) -> frozenset[int] | Output | str:
         """Wait until a rank (pair) can take `job` on, after rank `lost` failed under its
-        attempt `req` and no other could: until a rank comes back — Ray restarts a failed one
-        — for up to `restart_wait_s` and the job's deadline. `lost` counts only once the
+        attempt `req` and no other could: until a rank comes back — Ray restarts a failed one,
+        the pool set replaces the instance of one dead for good — for up to `restart_wait_s`
+        and the job's deadline. `lost` counts only once the
         router has seen it go down (a rank that leaves a broken pool reports its requests lost
         just before it goes). Returns the ranks to avoid then; or the output that ends `job`
         (its timeout, its abort); or why it gives up."""
