@@ -1,7 +1,10 @@
-"""A server of one rank whose rank dies under streamed requests (`--rank-restart-wait`): the
-streams stay open — kept alive by SSE comments while they wait, which clients, the `openai`
-one included, skip — and go on once Ray has restarted the rank, with the same greedy tokens
-as without the failure; `/health`, `/v1/stats` and `/metrics` show the wait."""
+"""Requests whose only rank (pair) fails wait for it (`--rank-restart-wait`). A rank that dies
+under streamed requests: the streams stay open — kept alive by SSE comments while they wait,
+which clients, the `openai` one included, skip — and go on once Ray has restarted the rank,
+with the same greedy tokens as without the failure; `/v1/stats` and `/metrics` show the wait.
+A rank dead for good (Ray will not restart it), alone or in an expert-parallel pool: its
+instance is replaced, a failed start of the replacement retried, and the requests resume on
+the new instance."""
 
 from __future__ import annotations
 
@@ -145,6 +148,46 @@ def test_an_instance_with_a_rank_dead_for_good_is_replaced_and_its_requests_resu
         while httpx.get(url + "/health", timeout=10).json()["status"] != "ok":
             assert time.monotonic() < deadline, "not healthy after the replacement"
             time.sleep(0.2)
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()
+
+
+def test_an_expert_parallel_instance_with_a_rank_dead_for_good_is_replaced(launch_tiny):
+    """One rank of the only (two-rank, colocated) pool is killed for good while it and its
+    peer run requests: the peer leaves the broken pool, the instance is replaced by one of two
+    new ranks, and every request resumes there with the same greedy tokens."""
+    import asyncio
+
+    import ray
+
+    from tests.disagg_calls import _generate, _generate_async
+
+    server = launch_tiny(colocated=True, num_ranks=2)
+    try:
+        url = server.url
+        prompts = [list(range(5 + i, 50 + 9 * i)) for i in range(6)]
+        want = [_generate(url, p, 300).json()["output_ids"] for p in prompts]
+
+        async def run() -> list[tuple[int, str]]:
+            async with httpx.AsyncClient(timeout=180) as client:
+                tasks = [asyncio.ensure_future(_generate_async(client, url, p, 300))
+                         for p in prompts]  # fmt: skip
+                deadline = time.monotonic() + 60
+                while True:
+                    stats = await asyncio.gather(*(r.stats.remote() for r in server.ranks[:2]))
+                    if all(st.num_running > 0 for st in stats):
+                        break
+                    assert time.monotonic() < deadline, "the pool never ran them"
+                    await asyncio.sleep(0.01)
+                ray.kill(server.ranks[1], no_restart=True)
+                return list(await asyncio.gather(*tasks))
+
+        results = asyncio.run(run())
+        assert [status for status, _ in results] == [200] * len(prompts), results
+        assert [json.loads(text)["output_ids"] for _, text in results] == want
+        pools = {p["name"]: p for p in httpx.get(url + "/v1/stats").json()["pools"]}
+        assert list(pools) == ["colocated-1"] and pools["colocated-1"]["ranks"] == [2, 3], pools
         _wait_all_pages_free(url)
     finally:
         server.stop()
