@@ -105,6 +105,9 @@ class ServeConfig:
     stream_silence_s: float = 30.0
     log_level: str = "info"
     log_requests: bool = False  # a JSON line per ended request (`orchestrator.request_log`)
+    # A span per request to this OTLP/HTTP traces URL (`orchestrator.tracing`); None: off.
+    otlp_traces_endpoint: str | None = None
+    otel_service_name: str = "pdserve"  # the spans' `service.name`
     access_log: bool = False  # uvicorn's line per HTTP request (costly at high request rates)
 
     def autoscale_bounds(self) -> dict[str, int]:
@@ -258,6 +261,13 @@ class ServeConfig:
             )
         if self.request_timeout_s is not None:
             _check_seconds("--request-timeout", self.request_timeout_s)
+        if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(
+                "--otlp-traces-endpoint must be an http:// or https:// URL (OTLP over HTTP, "
+                f"e.g. http://collector:4318/v1/traces), got {self.otlp_traces_endpoint!r}"
+            )
         if not 0 <= self.sse_keepalive_s < math.inf:
             raise ValueError(
                 f"--sse-keepalive must be a number of seconds >= 0 (0: off), got "

@@ -37,6 +37,7 @@ from orchestrator.request_fields import RequestError
 from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
 from orchestrator.streaming import interleave
+from orchestrator.tracing import trace_headers
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from workers.engine.grammar import JSON_OBJECT_SCHEMA
@@ -166,6 +167,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             ids, sampling = prepare_call(self.router, self.config, call.calls[0])
             peer = _peer_host(context.peer())
             slots = self.router.admit(call.n)
+            trace = trace_headers(dict(context.invocation_metadata() or ()))
             streams = [
                 self.limiter.wrap(
                     self.metrics.track(
@@ -173,7 +175,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                             ids, choice_params(sampling, i), call.calls[0].sampling.stop,
                             rid=call.rid, stream=not request.final_only, slot=slot,
                         ),
-                        arrival, "grpc", peer,
+                        arrival, "grpc", peer, sampling, trace,
                     ),
                     peer,
                 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -67,15 +67,17 @@ class HttpContext:
         stream: bool = True,
         api: str = "/generate",
         slot: QueueSlot | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> AsyncGenerator[Output, None]:
         """The request's outputs; takes one of `client`'s slots (429 when none is left).
         `slot`: its place from `Router.admit`, which a route takes for all its outputs before
         a stream starts (so that a refusal is a 503 status, not an error event).
         `stream=False`: the caller uses only the whole output (see `Router.generate`); `api`:
-        the route, for the request log."""
+        the route, for the request log; `trace`: the caller's trace context (its span's
+        parent, `orchestrator.tracing`)."""
         arrival = time.perf_counter() if arrival_s is None else arrival_s
         generated = self.router.generate(ids, sampling, stop, rid=rid, stream=stream, slot=slot)
-        outputs = self.metrics.track(generated, arrival, api, client)
+        outputs = self.metrics.track(generated, arrival, api, client, sampling, trace)
         return self.limiter.wrap(outputs, client)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
@@ -13,8 +14,11 @@ from prometheus_client.registry import Collector
 
 from orchestrator.outputs import Output
 from orchestrator.request_log import log_request
+from orchestrator.tracing import EndedRequest, RequestTracer
 from workers import gc_pauses
-from workers.engine.messages import TRANSFER_FIELDS, RankStats
+from workers.engine.messages import TRANSFER_FIELDS, RankStats, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -75,6 +79,7 @@ class Totals(Collector):
 class Metrics:
     def __init__(self, log_requests: bool = False) -> None:
         self.log_requests = log_requests  # a line per ended request (`orchestrator.request_log`)
+        self.tracer: RequestTracer | None = None  # a span per ended request, when set
         self._eplb_pools: set[str] = set()  # the pools of the last EPLB reading
         self.registry = CollectorRegistry()
         r = self.registry
@@ -345,14 +350,36 @@ class Metrics:
         arrival_s: float,
         api: str = "",
         client: str = "",
+        sampling: SamplingParams | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> AsyncGenerator[Output, None]:
         """Pass `outputs` through (closing it when closed), recording TTFT, per-token latency,
-        tokens and e2e latency, and with `log_requests` a log line at the end (`api`: the
-        route or `grpc`; `client`: its address). `arrival_s` is the arrival time on
-        `time.perf_counter`'s clock."""
+        tokens and e2e latency, and at the end a log line with `log_requests` and a span with
+        a `tracer` (`api`: the route or `grpc`; `client`: its address; `sampling`: its
+        parameters, for the span; `trace`: the caller's trace context). `arrival_s` is the
+        arrival time on `time.perf_counter`'s clock."""
         last_s: float | None = None
         first_s: float | None = None
         rid, ended = "", False
+
+        def record(finish: str, out: Output | None = None) -> None:
+            if self.tracer is None:
+                return
+            ended_request = EndedRequest(
+                rid, api, client, finish, arrival_s, time.perf_counter(), first_s,
+                num_prompt_tokens=out.num_prompt_tokens if out else None,
+                num_cached_tokens=out.num_cached_tokens if out else None,
+                num_output_tokens=out.num_output_tokens if out else None,
+                error=out.error if out else None,
+                max_new_tokens=sampling.max_new_tokens if sampling else None,
+                temperature=sampling.temperature if sampling else None,
+                top_p=sampling.top_p if sampling else None,
+            )  # fmt: skip
+            try:
+                self.tracer.record(ended_request, trace)
+            except Exception as e:  # a span must never fail a request
+                logger.warning("tracing: no span for request %s: %s", rid, e)
+
         try:
             async with contextlib.aclosing(outputs):
                 async for out in outputs:
@@ -381,8 +408,11 @@ class Metrics:
                                 now - arrival_s, out.num_prompt_tokens, out.num_cached_tokens,
                                 out.num_output_tokens, out.error,
                             )  # fmt: skip
+                        record(out.finish_reason, out)
                     yield out
         finally:
-            if self.log_requests and not ended:  # the client left (or a refusal: no rid yet)
-                ttft = None if first_s is None else first_s - arrival_s
-                log_request(rid, api, client, "gone", ttft, time.perf_counter() - arrival_s)
+            if not ended:  # the client left (or a refusal: no rid yet)
+                if self.log_requests:
+                    ttft = None if first_s is None else first_s - arrival_s
+                    log_request(rid, api, client, "gone", ttft, time.perf_counter() - arrival_s)
+                record("gone")

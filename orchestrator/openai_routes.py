@@ -43,6 +43,7 @@ from orchestrator.streaming import (
 )
 from orchestrator.tokenizer import ChatTemplateError
 from orchestrator.tools import chat_prompt
+from orchestrator.tracing import trace_headers
 from workers.engine.messages import TokenLogprob
 
 OPENAI_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models"}
@@ -116,10 +117,11 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
     token_text = router.tokenizer.token_text if req.sampling.logprobs else None
     builder = ResponseBuilder(chat, req.model or router.model_name, token_text)
     slots = router.admit(len(jobs))
+    trace = trace_headers(request.headers)
     streams = [
         ctx.run(
             ids, sampling, req.sampling.stop, client_of(request), arrival_s=arrival,
-            stream=req.stream, api=request.url.path, slot=slot,
+            stream=req.stream, api=request.url.path, slot=slot, trace=trace,
         )
         for (ids, sampling, _), slot in zip(jobs, slots, strict=True)
     ]  # fmt: skip

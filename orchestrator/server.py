@@ -12,6 +12,7 @@ With `--api-key`, `orchestrator.auth.RequireApiKey` answers 401 to a call withou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -52,6 +53,7 @@ from orchestrator.streaming import (
     sse,
     until_disconnect,
 )
+from orchestrator.tracing import RequestTracer, trace_headers
 from workers.engine.grammar import xgrammar_available
 from workers.engine.messages import SamplingParams
 
@@ -74,6 +76,10 @@ def create_app(
     metrics = Metrics(log_requests=config.log_requests)
     if config.log_requests:
         request_log.enable()
+    if config.otlp_traces_endpoint:
+        metrics.tracer = RequestTracer(
+            config.otlp_traces_endpoint, config.otel_service_name, router.model_name
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,6 +97,8 @@ def create_app(
                 await app.state.grpc_server.stop()
             if manage_router:
                 await router.close()
+            if metrics.tracer is not None:
+                await asyncio.to_thread(metrics.tracer.shutdown)
 
     async def _start(app: FastAPI) -> None:
         if manage_router:
@@ -172,13 +180,14 @@ def create_app(
         rids = [body.rid or uuid.uuid4().hex for _ in jobs]
         token_text = router.tokenizer.token_text if body.logprob_text else None
         slots = router.admit(len(jobs))
+        trace = trace_headers(request.headers)
 
         async def one(i: int) -> GenerateResult:
             ids, sampling, stop = jobs[i]
             result = GenerateResult(rids[i], "", [], len(ids), 0, None, 0.0)
             outputs = ctx.run(
                 ids, sampling, stop, client_of(request), rids[i], arrival, stream=False,
-                slot=slots[i],
+                slot=slots[i], trace=trace,
             )  # fmt: skip
             async with contextlib.aclosing(outputs) as outs:
                 async for out in outs:
@@ -189,7 +198,9 @@ def create_app(
 
         if body.stream:  # one prompt, `n` choices
             streams = [
-                ctx.run(ids, sampling, stop, client_of(request), rid, arrival, slot=slot)
+                ctx.run(
+                    ids, sampling, stop, client_of(request), rid, arrival, slot=slot, trace=trace
+                )  # fmt: skip
                 for (ids, sampling, stop), rid, slot in zip(jobs, rids, slots, strict=True)
             ]
             prompt = (jobs[0][0], body.logprob_start_len) if body.logprob_start_len >= 0 else None

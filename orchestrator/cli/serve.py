@@ -290,6 +290,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="log a JSON line per ended generate request (id, route, client, token counts, "
         "finish, TTFT, latency; never the prompt or output)",
     )  # fmt: skip
+    p.add_argument(
+        "--otlp-traces-endpoint", metavar="URL",
+        default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None,
+        help="export a span per request (OpenTelemetry, OTLP over HTTP) to this URL, e.g. "
+        "http://collector:4318/v1/traces; a request's traceparent header makes it a child of "
+        "the caller's span (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; unset: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--otel-service-name", default=os.environ.get("OTEL_SERVICE_NAME") or "pdserve",
+        help="the spans' service.name (default: $OTEL_SERVICE_NAME, else pdserve)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
 
@@ -368,6 +379,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         log_level=args.log_level,
         access_log=args.access_log,
         log_requests=args.log_requests,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
+        otel_service_name=args.otel_service_name,
     )
 
 

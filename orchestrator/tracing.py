@@ -1,0 +1,140 @@
+"""`pdserve serve --otlp-traces-endpoint URL`: a span per request, exported over OTLP/HTTP.
+
+Each request that ends (or whose client leaves) becomes one span, made when it ends with the
+times it had: from its arrival to its end, an event at its first token. A request that comes
+with a W3C `traceparent` header (HTTP) or metadata key (gRPC) joins that trace as a child of
+the caller's span, so a client's own trace shows the time spent here. The attributes follow
+OpenTelemetry's generative-AI conventions (`gen_ai.*`: operation, model, response id, finish
+reason, input and output tokens, max tokens, temperature, top-p) plus pdserve's own
+(`pdserve.*`: the route, the client address, prompt tokens served from the prefix cache, time
+to first token, and the error of a failed request). A request ended by an error or a timeout
+has the span status ERROR. Prompts and outputs are never recorded.
+
+Spans leave from a batching thread of the OpenTelemetry SDK (`BatchSpanProcessor`), never
+from the event loop; a collector that is down loses spans (the SDK logs it), not requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Headers (HTTP) and metadata keys (gRPC) that carry a caller's trace context.
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+@dataclass
+class EndedRequest:
+    """What a request's span says: one request (choice) as it ended. Times on
+    `time.perf_counter`'s clock."""
+
+    rid: str
+    api: str  # the HTTP route, or "grpc"
+    client: str
+    finish: str  # stop, length, abort, timeout, error, or gone (the client left)
+    arrival_s: float
+    end_s: float
+    first_token_s: float | None = None
+    num_prompt_tokens: int | None = None
+    num_cached_tokens: int | None = None
+    num_output_tokens: int | None = None
+    error: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+def trace_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The trace-context entries of a request's headers or metadata (None without any)."""
+    found = {k: v for k in TRACE_HEADERS if (v := headers.get(k))}
+    return found or None
+
+
+class RequestTracer:
+    """Makes and exports the request spans (see the module doc)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        service_name: str = "pdserve",
+        model: str = "",
+        schedule_delay_s: float = 1.0,
+        exporter: Any = None,
+    ):
+        """`exporter`: the span exporter (default: OTLP over HTTP to `endpoint`)."""
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=10)
+        self.endpoint = endpoint
+        self.model = model
+        # A provider of its own, not the process's global one: tests start several servers.
+        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        self.provider.add_span_processor(
+            BatchSpanProcessor(exporter, schedule_delay_millis=schedule_delay_s * 1000)
+        )
+        self.tracer = self.provider.get_tracer("pdserve")
+        self.propagator = TraceContextTextMapPropagator()
+        self.num_spans = 0
+
+    def record(self, req: EndedRequest, headers: Mapping[str, str] | None = None) -> None:
+        """Make `req`'s span (a child of the trace in `headers` when there is one)."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        # perf_counter times to the wall clock the span needs, through one reading of each.
+        wall_ns, perf_s = time.time_ns(), time.perf_counter()
+
+        def at(perf: float) -> int:
+            return wall_ns - int((perf_s - perf) * 1e9)
+
+        parent = self.propagator.extract(dict(headers)) if headers else None
+        operation = "chat" if req.api.endswith("chat/completions") else "text_completion"
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.system": "pdserve",
+            "gen_ai.request.model": self.model,
+            "gen_ai.response.id": req.rid,
+            "gen_ai.response.finish_reasons": [req.finish],
+            "pdserve.api": req.api,
+            "pdserve.client": req.client,
+        }
+        optional = {
+            "gen_ai.usage.input_tokens": req.num_prompt_tokens,
+            "gen_ai.usage.output_tokens": req.num_output_tokens,
+            "gen_ai.request.max_tokens": req.max_new_tokens,
+            "gen_ai.request.temperature": req.temperature,
+            "gen_ai.request.top_p": req.top_p,
+            "pdserve.cached_tokens": req.num_cached_tokens,
+            "pdserve.ttft_s": None if req.first_token_s is None
+            else req.first_token_s - req.arrival_s,
+            "pdserve.error": req.error,
+        }  # fmt: skip
+        attributes.update({k: v for k, v in optional.items() if v is not None})
+        span = self.tracer.start_span(
+            f"{operation} {self.model}".strip(), context=parent, kind=SpanKind.SERVER,
+            attributes=attributes, start_time=at(req.arrival_s),
+        )  # fmt: skip
+        if req.first_token_s is not None:
+            span.add_event("first_token", timestamp=at(req.first_token_s))
+        if req.finish in ("error", "timeout"):
+            span.set_status(Status(StatusCode.ERROR, req.error or req.finish))
+        span.end(end_time=at(req.end_s))
+        self.num_spans += 1
+
+    def shutdown(self) -> None:
+        """Export what is left (a few seconds at most) and stop."""
+        try:
+            self.provider.force_flush(5000)
+            self.provider.shutdown()
+        except Exception as e:  # a collector that is gone must not hold up the stop
+            logger.warning("tracing: the last spans were not exported: %s", e)
