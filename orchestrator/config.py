@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ class ServeConfig:
     scale_drain_timeout_s: float = 60.0
     # Replace a pool instance one of whose ranks is dead for good (Ray does not restart it).
     replace_dead_instances: bool = True
+    # Pools that outlive this process (`orchestrator.deployment`): detached, named after it,
+    # taken over by the next `serve` of the same name; None: they go with the process.
+    deployment: str | None = None
+    keep_pools: bool = False  # a graceful stop leaves the deployment's pools running
     # Autoscaling (`orchestrator.autoscale`): up to this many instances of a role, by load; the
     # starting count is the minimum. None: that role is not autoscaled.
     max_prefill_instances: int | None = None
@@ -268,6 +273,18 @@ class ServeConfig:
                 "--otlp-traces-endpoint must be an http:// or https:// URL (OTLP over HTTP, "
                 f"e.g. http://collector:4318/v1/traces), got {self.otlp_traces_endpoint!r}"
             )
+        if self.deployment is not None:
+            from orchestrator.deployment import check_name
+
+            check_name(self.deployment)
+            if self.ray_address is None and not os.environ.get("RAY_ADDRESS"):
+                raise ValueError(
+                    "--deployment needs --address: a Ray that this process starts ends with it, "
+                    "and its pools with it (start one with `ray start --head` or `ray up`)"
+                )
+        if self.keep_pools and self.deployment is None:
+            raise ValueError("--keep-pools needs --deployment (pools of no name cannot be found "
+                             "again)")  # fmt: skip
         if not 0 <= self.sse_keepalive_s < math.inf:
             raise ValueError(
                 f"--sse-keepalive must be a number of seconds >= 0 (0: off), got "

@@ -25,6 +25,7 @@ import ray
 import uvicorn
 from fastapi import FastAPI
 
+from orchestrator import deployment as dep
 from orchestrator.config import ServeConfig, TlsFiles, host_port
 from orchestrator.placement import PoolPlacement
 from orchestrator.pools import PoolSet, kill_actors, pool_specs, wait_ranks_ready
@@ -218,6 +219,41 @@ class LocalServer:
             kill_actors([self.eplb])
 
 
+def start_pools(model_dir: Path, config: ServeConfig) -> tuple[PoolSet, bool]:
+    """The server's pool instances, started — or with `--deployment`, taken over when the
+    cluster holds that deployment already (`orchestrator.deployment`): then also True. Raises
+    DeploymentError when another router serves it, or its ranks run other settings or code."""
+    if config.deployment is None:
+        return PoolSet.start(model_dir, config), False
+    name = config.deployment
+    lease = dep.Lease(name)
+    lease.acquire()
+    try:
+        record = dep.load(name)
+        if record is None:
+            pools, taken_over = PoolSet.start(model_dir, config), False
+        else:
+            remove = f"`pdserve down --address ... --deployment {name}`"
+            if record.code != dep.code_fingerprint():
+                raise dep.DeploymentError(
+                    f"deployment {name!r} runs other pdserve code than this installation (its "
+                    f"ranks started from {record.code}, this is {dep.code_fingerprint()}): "
+                    f"remove it with {remove} and serve again"
+                )
+            diff = dep.differences(record.settings, dep.settings_of(config, model_dir))
+            if diff:
+                raise dep.DeploymentError(
+                    f"deployment {name!r} runs with other settings ({'; '.join(diff)}): serve "
+                    f"it with the flags it was started with, or remove it with {remove}"
+                )
+            pools, taken_over = PoolSet.take_over(model_dir, config, record), True
+    except BaseException:
+        lease.release()
+        raise
+    pools.lease = lease
+    return pools, taken_over
+
+
 def launch(
     config: ServeConfig,
     model_dir: Path | None = None,
@@ -228,13 +264,20 @@ def launch(
     `config.host:config.port` (port 0: a free one) from a background thread. `ray.init` must
     have run."""
     model_dir = model_dir or resolve_model_dir(config)
-    pools = PoolSet.start(model_dir, config) if ranks is None else None
+    pools, taken_over = start_pools(model_dir, config) if ranks is None else (None, False)
     given = list(ranks) if ranks is not None else []
     eplb = None
     try:
         ranks = pools.ranks if pools is not None else given
         wait_ranks_ready(ranks, config.ready_timeout_s, progress)
         infos = ray.get([r.ready.remote() for r in ranks])
+        if taken_over:  # what the ranks hold is the old router's: its clients are gone
+            left = sum(ray.get([r.abort_all.remote() for r in ranks], timeout=120))
+            assert pools is not None
+            logger.warning("deployment %s: took over %d pool instance(s) (%s); aborted %d "
+                           "request(s) of the previous router", config.deployment,
+                           len(pools.instances), ", ".join(i.name for i in pools.instances),
+                           left)  # fmt: skip
         eplb = start_eplb(ranks, infos, model_dir, config)
         router = Router(
             ranks,
@@ -259,6 +302,8 @@ def launch(
             # gRPC health service follows it within 0.25 s)
     except BaseException:
         if pools is not None:
+            if taken_over:  # a router that failed to start does not take the deployment down
+                pools.keep_on_exit = True
             pools.shutdown()
         if eplb is not None:
             kill_actors([eplb])

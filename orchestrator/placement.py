@@ -171,7 +171,10 @@ def shortfall(pools: Sequence[PoolSpec], nodes: Sequence[NodeInfo]) -> str | Non
 
 
 def place_pools(
-    pools: Sequence[PoolSpec], timeout_s: float = 60.0, fixed_cluster: bool = False
+    pools: Sequence[PoolSpec],
+    timeout_s: float = 60.0,
+    fixed_cluster: bool = False,
+    deployment: str | None = None,
 ) -> tuple[list[PoolPlacement], dict[str, dict[str, str]]]:
     """Reserve a placement group per pool instance; raise RuntimeError naming the pool and the
     cluster's resources when one cannot be placed within `timeout_s` — at once, when
@@ -194,7 +197,7 @@ def place_pools(
             "pools on separate nodes: %s",
             ", ".join(f"{role}: {len(ids)} node(s)" for role, ids in sorted(allowed.items())),
         )
-    return reserve_groups(pools, selectors, timeout_s), selectors
+    return reserve_groups(pools, selectors, timeout_s, deployment=deployment), selectors
 
 
 def reserve_groups(
@@ -202,10 +205,12 @@ def reserve_groups(
     selectors: dict[str, dict[str, str]],
     timeout_s: float,
     cancelled: Callable[[], bool] | None = None,
+    deployment: str | None = None,
 ) -> list[PoolPlacement]:
     """A placement group per pool instance, its bundles carrying their role's selector; all
     placed within `timeout_s`, else none (RuntimeError naming the pools that did not fit and
-    the resources free). `cancelled()` turning true stops the wait (RuntimeError)."""
+    the resources free). `cancelled()` turning true stops the wait (RuntimeError). With a
+    `deployment` (`orchestrator.deployment`), the groups are detached, named after it."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -215,9 +220,11 @@ def reserve_groups(
         group = placement_group(
             [dict(spec.bundle) for _ in range(spec.num_ranks)],
             strategy="PACK",
-            name=f"pdserve-{spec.name}-{time.monotonic_ns():x}",
+            name=group_name(deployment, spec) if deployment
+            else f"pdserve-{spec.name}-{time.monotonic_ns():x}",
+            lifetime="detached" if deployment else None,
             bundle_label_selector=[selector] * spec.num_ranks if selector else None,
-        )
+        )  # fmt: skip
         placements.append(PoolPlacement(spec, group, selector))
     ready = {p.group.ready(): p for p in placements}
     deadline = time.monotonic() + timeout_s
@@ -243,6 +250,11 @@ def reserve_groups(
             + f" within {timeout_s:.0f} s; free now: {have or 'nothing'}"
         )
     return placements
+
+
+def group_name(deployment: str, spec: PoolSpec) -> str:
+    """The detached placement group of `deployment`'s instance `spec`."""
+    return f"pdserve/{deployment}/{spec.name}"
 
 
 def remove_placements(placements: Sequence[PoolPlacement]) -> None:

@@ -53,10 +53,12 @@ from typing import Any
 
 import ray
 
+from orchestrator import deployment as dep
 from orchestrator.config import ServeConfig
 from orchestrator.placement import (
     PoolPlacement,
     PoolSpec,
+    group_name,
     place_pools,
     remove_placements,
     reserve_groups,
@@ -277,6 +279,34 @@ class PoolSet:
         self._released_at = -math.inf  # when an instance was last scaled down
         self.num_replaced = dict.fromkeys((i.spec.role for i in instances), 0)  # dead ones
         self._replacing: dict[str, asyncio.Task[None]] = {}  # by the dead instance's name
+        # `--deployment`: its name (the instances are detached and recorded in the GCS, see
+        # `orchestrator.deployment`), whether a stop leaves them running, and the lease of
+        # this router.
+        self.deployment = config.deployment
+        self.keep_on_exit = config.keep_pools
+        self.lease: Any = None
+
+    def _record(self) -> None:
+        """Write the deployment's record (with `--deployment`) after its instances changed:
+        a router that dies now leaves nothing the next one does not know of."""
+        if self.deployment is None:
+            return
+        with self._lock:
+            instances = [
+                dep.InstanceRecord(i.spec.role, i.spec.instance, i.spec.num_ranks,
+                                   dict(i.spec.bundle),
+                                   i.placement.selector if i.placement is not None else None)
+                for i in self.instances if i.placement is not None
+            ]  # fmt: skip
+        record = dep.DeploymentRecord(
+            self.deployment, dep.code_fingerprint(),
+            dep.settings_of(self.config, self.model_dir), instances, dict(self._next),
+            dict(self.selectors),
+        )  # fmt: skip
+        try:
+            dep.save(record)
+        except Exception as e:  # the GCS is unreachable: serving goes on
+            logger.error("deployment %s: its record was not saved: %s", self.deployment, e)
 
     @classmethod
     def start(cls, model_dir: Path, config: ServeConfig) -> PoolSet:
@@ -284,9 +314,11 @@ class PoolSet:
         the models to load; `ray.init` first."""
         specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
         placements, selectors = place_pools(
-            specs, config.placement_timeout_s, fixed_cluster=starts_local_ray(config)
-        )
+            specs, config.placement_timeout_s, fixed_cluster=starts_local_ray(config),
+            deployment=config.deployment,
+        )  # fmt: skip
         pools = cls(model_dir, config, [PoolInstance(p.spec, p) for p in placements], selectors)
+        pools._record()  # before the ranks: a router that dies while they start leaks none
         try:
             offset = 0
             for instance in pools.instances:
@@ -297,6 +329,61 @@ class PoolSet:
         except BaseException:
             pools.shutdown()
             raise
+        return pools
+
+    @classmethod
+    def take_over(cls, model_dir: Path, config: ServeConfig, record: Any) -> PoolSet:
+        """The instances of the deployment in `record` (`orchestrator.deployment`), found by
+        name; one whose actors or placement group are gone is released and a new instance of
+        its role started in its place (not waiting for its model)."""
+        from ray.util.placement_group import get_placement_group
+
+        found: list[PoolInstance] = []
+        broken: list[PoolInstance] = []
+        for inst in record.instances:
+            spec = PoolSpec(inst.role, inst.instance, inst.num_ranks, dict(inst.bundle))
+            instance = PoolInstance(spec, None, state="serving")
+            try:
+                group = get_placement_group(group_name(record.name, spec))
+                instance.placement = PoolPlacement(spec, group, inst.selector)
+                for i in range(spec.num_ranks):
+                    name = dep.rank_name(record.name, spec.name, i)
+                    instance.ranks.append(ray.get_actor(name, namespace=dep.NAMESPACE))
+                if spec.num_ranks > 1:
+                    name = dep.rendezvous_name(record.name, spec.name)
+                    instance.rendezvous = ray.get_actor(name, namespace=dep.NAMESPACE)
+            except ValueError as e:
+                logger.warning("deployment %s: %s is incomplete (%s); starting another in its "
+                               "place", record.name, spec.name, e)  # fmt: skip
+                broken.append(instance)
+                continue
+            found.append(instance)
+        if not found and not broken:
+            raise dep.DeploymentError(
+                f"deployment {record.name!r} holds no pool instance: remove it with `pdserve "
+                f"down --deployment {record.name}` and serve again"
+            )
+        pools = cls(model_dir, config, found + broken, dict(record.selectors))
+        for role, n in record.next.items():
+            pools._next[role] = max(pools._next.get(role, 0), n)
+        for instance in broken:
+            pools._forget(instance)
+            dep.remove_instance(record.name, instance.spec)
+            spec = PoolSpec(instance.spec.role, pools._next[instance.spec.role],
+                            instance.spec.num_ranks, dict(instance.spec.bundle))  # fmt: skip
+            pools._next[spec.role] += 1
+            (placement,) = reserve_groups([spec], pools.selectors, config.placement_timeout_s,
+                                          deployment=record.name)  # fmt: skip
+            fresh = PoolInstance(spec, placement, state="serving")
+            with pools._lock:
+                pools.instances.append(fresh)
+            pools._record()
+            pools._start_ranks(fresh)
+        offset = 0
+        for instance in pools.instances:
+            instance.indices = list(range(offset, offset + len(instance.ranks)))
+            offset += len(instance.ranks)
+        pools._record()
         return pools
 
     @property
@@ -339,12 +426,28 @@ class PoolSet:
 
     def shutdown(self) -> None:
         """Release every instance (blocking); instances started later are released by their
-        start."""
+        start. A deployment kept on exit (`--keep-pools`) is left running for the next router,
+        its record up to date."""
         with self._lock:
             self.stopped = True
-            instances, self.instances = self.instances, []
+            keep = self.deployment is not None and self.keep_on_exit
+            instances = [] if keep else self.instances
+            if not keep:
+                self.instances = []
+        if keep:
+            self._record()
+            logger.warning("deployment %s: its pools keep running for the next `pdserve serve "
+                           "--deployment %s` (`pdserve down` removes them)", self.deployment,
+                           self.deployment)  # fmt: skip
         for instance in instances:
             instance.release()
+        if self.deployment is not None and not keep:
+            try:
+                dep.delete(self.deployment)
+            except Exception as e:
+                logger.warning("deployment %s: its record stays: %s", self.deployment, e)
+        if self.lease is not None:
+            self.lease.release()
 
     # ---- starting --------------------------------------------------------------------------
 
@@ -355,9 +458,17 @@ class PoolSet:
 
         spec, config, placement = instance.spec, self.config, instance.placement
         assert placement is not None
+        named: dict[str, Any] = {}
+        if self.deployment is not None:
+            named = {"namespace": dep.NAMESPACE, "lifetime": "detached"}
         if spec.num_ranks > 1:
+            options = dict(named)
+            if self.deployment is not None:
+                options["name"] = dep.rendezvous_name(self.deployment, spec.name)
             instance.rendezvous = (
-                ray.remote(Rendezvous).options(num_cpus=0, max_restarts=-1).remote(spec.num_ranks)
+                ray.remote(Rendezvous)
+                .options(num_cpus=0, max_restarts=-1, **options)
+                .remote(spec.num_ranks)
             )
         share = spec.bundle.get("GPU", 0.0)
         engine = dataclasses.replace(config.engine, gpu_memory_share=share or 1.0)
@@ -382,6 +493,11 @@ class PoolSet:
                     pool=member,
                     initial_phy2log=self._saved.get(spec.name) if member else None,
                     checkpoint=config.checkpoint,
+                    name=dep.rank_name(self.deployment, spec.name, i)
+                    if self.deployment is not None
+                    else None,
+                    namespace=named.get("namespace"),
+                    detached=bool(named),
                 )
             )
 
@@ -430,8 +546,10 @@ class PoolSet:
             self.instances.append(instance)
         try:
             (instance.placement,) = reserve_groups(
-                [spec], self.selectors, self.config.placement_timeout_s, cancelled
-            )
+                [spec], self.selectors, self.config.placement_timeout_s, cancelled,
+                deployment=self.deployment,
+            )  # fmt: skip
+            self._record()
             if self.stopped:  # the server's shutdown did not see the placement
                 raise RuntimeError("the server is shutting down")
             self._start_ranks(instance)
@@ -446,6 +564,7 @@ class PoolSet:
         with self._lock:
             if instance in self.instances:
                 self.instances.remove(instance)
+        self._record()
 
     # ---- scaling ---------------------------------------------------------------------------
 

@@ -11,13 +11,16 @@ from collections.abc import Sequence
 from orchestrator.auth import client_tls
 from orchestrator.cli.client import add_bench, add_generate, add_status
 from orchestrator.cli.common import Command
+from orchestrator.cli.down import add_down
 from orchestrator.cli.rebalance import add_rebalance
 from orchestrator.cli.scale import add_scale
 from orchestrator.cli.serve import add_serve, serve_config
 
 __all__ = ["build_parser", "main", "serve_config"]
 
-SUBCOMMANDS = (add_serve, add_generate, add_bench, add_status, add_rebalance, add_scale)
+SUBCOMMANDS = (
+    add_serve, add_generate, add_bench, add_status, add_rebalance, add_scale, add_down
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,6 +101,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "resuming from their output (0: at once)",
     )  # fmt: skip
     t.add_argument(
+        "--deployment", metavar="NAME",
+        help="with --address: the pools are detached Ray actors named NAME that outlive this "
+        "process; if it dies, the next `pdserve serve --deployment NAME` (same settings) takes "
+        "them over in seconds instead of loading the model again. A graceful stop removes them "
+        "unless --keep-pools; `pdserve down --deployment NAME` removes them",
+    )  # fmt: skip
+    t.add_argument(
+        "--keep-pools", action="store_true",
+        help="with --deployment: a graceful stop (SIGTERM, Ctrl-C) leaves the pools running "
+        "for the next `pdserve serve --deployment NAME` (a router upgrade without reloading "
+        "the model)",
+    )  # fmt: skip
+    t.add_argument(
         "--disable-instance-replacement",
         dest="replace_dead_instances",
         action="store_false",
@@ -374,6 +387,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         request_timeout_s=args.request_timeout,
         rank_restart_wait_s=args.rank_restart_wait,
         replace_dead_instances=args.replace_dead_instances,
+        deployment=args.deployment,
+        keep_pools=args.keep_pools,
         sse_keepalive_s=args.sse_keepalive,
         drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
@@ -430,10 +445,14 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
     # (systemd, `timeout`, Ctrl-C in some shells) ends its GCS too, waiting a minute for the
     # GCS to come back (Ray's default) only delays the exit.
     system = {"gcs_rpc_server_reconnect_timeout_s": 5} if starts_local_ray(config) else None
+    # A deployment's detached placement groups are found by name within a namespace.
+    from orchestrator.deployment import NAMESPACE
+
+    namespace = NAMESPACE if config.deployment is not None else None
     try:
         return ray.init(
             address=address, num_cpus=num_cpus, logging_level=logging.WARNING,
-            _system_config=system,
+            _system_config=system, namespace=namespace,
         )  # fmt: skip
     except ConnectionError as e:
         raise ConnectionError(

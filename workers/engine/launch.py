@@ -28,11 +28,14 @@ def start_engine_rank(
     pool: PoolMember | None = None,
     initial_phy2log: list[list[int]] | None = None,
     checkpoint: CheckpointSource | None = None,
+    namespace: str | None = None,
+    detached: bool = False,
 ) -> Any:
     """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle.
     `scheduling_strategy`: e.g. its pool's placement group bundle. `checkpoint`: where
     `model_dir` came from, for a rank on a machine that lacks that dir (it fetches a Hub
-    repository itself)."""
+    repository itself). `namespace`, `detached`: a named actor that outlives the process that
+    started it (a deployment, `orchestrator.deployment`)."""
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
@@ -43,6 +46,10 @@ def start_engine_rank(
     }
     if name:
         options["name"] = name
+    if namespace:
+        options["namespace"] = namespace
+    if detached:
+        options["lifetime"] = "detached"
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
     actor_cls = ray.remote(EngineWorker)

@@ -259,6 +259,14 @@ class EngineWorker(RankOperations):
             transfers=transfers,
         )  # fmt: skip
 
+    def abort_all(self) -> int:
+        """Abort every request this rank holds (a new router took the deployment over: the
+        old one's clients are gone); how many."""
+        rids = self._call_in_loop(lambda: list(self.engine.requests))
+        for rid in rids:
+            self.abort(rid)
+        return len(rids)
+
     def flush_prefix_cache(self) -> int:
         """Forget this rank's prefix cache (between steps); the cached pages freed."""
         return int(self._call_in_loop(self.engine.flush_prefix_cache))
