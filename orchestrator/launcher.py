@@ -205,6 +205,20 @@ class LocalServer:
                 break
         return self.router.num_in_flight
 
+    def end_requests(self, message: str, timeout_s: float = 5.0) -> None:
+        """End the requests still in flight with `message` — each client gets its final
+        error (an SSE error event and `[DONE]`, a JSON error) — and wait up to `timeout_s`
+        for their handlers to send it: HTTP's own stop would cut them off mid-response."""
+        loop = self.router.loop
+        if loop is None or not self.router.num_in_flight or not self.http.is_alive():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+            loop.call_soon_threadsafe(self.router.end_all, message)
+        deadline = time.monotonic() + timeout_s
+        while self.router.num_in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # their last bytes leave before the connections close
+
     def stop(self) -> None:
         self.router.draining = True  # a scale that runs stops waiting for new instances ...
         if self.pools is not None:  # ... and for its drains, and answers before HTTP stops
@@ -212,6 +226,7 @@ class LocalServer:
             deadline = time.monotonic() + 10
             while self.pools.scaling and time.monotonic() < deadline:
                 time.sleep(0.05)
+        self.end_requests("the server is shutting down")
         self.http.stop()
         if self.pools is not None:
             self.pools.shutdown()

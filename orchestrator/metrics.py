@@ -214,6 +214,12 @@ class Metrics:
             "back (--rank-restart-wait)",
             registry=r,
         )
+        self.waited_for_rank = Totals(
+            "pdserve_requests_waited_for_rank_total",
+            "Requests that waited for a rank to come back (its restart, or the replacement of "
+            "its instance) because no other could take them on",
+            registry=r,
+        )
         self.shed = Totals(
             "pdserve_requests_shed_total",
             "Requests refused with 503 because --max-queued-requests were waiting",
@@ -317,6 +323,7 @@ class Metrics:
         queued: int,
         shed: int,
         waiting_for_rank: int = 0,
+        waited_for_rank: int = 0,
     ) -> None:
         self.retries.observe("router", retries)
         self.resumed.observe("router", resumed)
@@ -325,6 +332,7 @@ class Metrics:
         self.waiting_first_token.set(queued)
         self.shed.observe("router", shed)
         self.waiting_for_rank.set(waiting_for_rank)
+        self.waited_for_rank.observe("router", waited_for_rank)
 
     def set_eplb_stats(self, stats: dict[str, dict[str, float]]) -> None:
         """The EPLB service's counters per pool; a pool scaled down (`removed`) keeps its

@@ -53,7 +53,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             metrics.set_scale_counts(pools.num_started, pools.num_removed, pools.num_replaced)
         metrics.set_router_stats(
             router.num_retries, router.num_resumed, router.num_rank_failures, router.draining,
-            router.num_queued, router.num_shed, router.num_waiting,
+            router.num_queued, router.num_shed, router.num_waiting, router.num_waited,
         )  # fmt: skip
         if eplb is not None:
             with contextlib.suppress(Exception):
@@ -82,6 +82,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             "num_rank_failures": router.num_rank_failures,
             "num_waiting_first_token": router.num_queued,
             "num_waiting_for_rank": router.num_waiting,
+            "num_waited_for_rank": router.num_waited,
             "num_shed": router.num_shed,
             "ranks": ranks,
             "pools": pools.describe(router.requests_on) if pools is not None else None,

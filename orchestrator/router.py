@@ -208,13 +208,18 @@ class Router:
         """Stop reading the ranks, end every in-flight request with an error, optionally shut ranks
         down."""
         await self._stop_reading(list(self._tasks))
-        self._closing = True
-        self.wake_waiting()
-        self._fail_requests(None, "the server is shutting down")
+        self.end_all("the server is shutting down")
         if shutdown_ranks:
             for i in self.ranks.present:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.ranks.handles[i].shutdown.remote(), 15)
+
+    def end_all(self, message: str) -> None:
+        """End every request in flight with `message` (an error), those waiting for a rank
+        too; none waits for a rank from now on. On the router's loop."""
+        self._closing = True
+        self.wake_waiting()
+        self._fail_requests(None, message)
 
     async def _stop_reading(self, ranks: Sequence[int]) -> None:
         tasks = [task for i in ranks if (task := self._tasks.pop(i, None)) is not None]
@@ -343,8 +348,9 @@ class Router:
         place from `admit` (taken here when not given).
 
         `stream=False`: the caller wants the output whole. Unless there are stop strings to
-        match as the text grows, the rank then sends the first token and the rest at the end
-        (one output instead of one per engine step: far less work for rank, router and HTTP).
+        match as the text grows, the rank then sends the first token and the rest at the end,
+        and every `HELD_CHECKPOINT` tokens (what a move resumes from): a few outputs instead
+        of one per engine step, far less work for rank, router and HTTP.
 
         Raises ValueError (message naming the field) when a rank refuses the request before it
         starts, RouterNotReady when no rank can take it. Closing the iterator early (client gone)
@@ -376,13 +382,15 @@ class Router:
             for moves in range(MAX_MOVES + 1):
                 failure: str | None = None
                 unreachable: RankUnreachable | None = None
+                new_tokens = 0  # from this attempt
                 try:
                     async with contextlib.aclosing(self._attempt(job, avoid, used)) as outs:
                         async for out in outs:
                             if (out.finish_reason == "error" and not out.token_ids
-                                    and not job.output_ids and self._retryable(used[-1])):  # fmt: skip
+                                    and not new_tokens and self._retryable(used[-1])):  # fmt: skip
                                 failure = out.error or "failed"
                                 break
+                            new_tokens += len(out.token_ids)
                             job.output_ids += out.token_ids
                             if out.token_ids or out.finish_reason is not None:
                                 slot.release()  # no longer waits for its first token
@@ -405,11 +413,19 @@ class Router:
                 if failure is None:
                     return
                 if moves == MAX_MOVES:
+                    failure += (f" (after {MAX_MOVES} moves to other ranks or restarted ones, the "
+                                "most a request makes)")  # fmt: skip
                     break
                 next_avoid = self._avoid(used[-1], unreachable)
                 if next_avoid is None:
+                    if self.restart_wait_s <= 0:
+                        break
                     lost = self._lost_rank(used[-1], unreachable)
-                    if lost is None or self.restart_wait_s <= 0:
+                    if lost is None and used[-1].lost is None and unreachable is None:
+                        # A failed transfer, maybe because a rank of the pair just died: the
+                        # router sees that on the rank's stream a moment later.
+                        lost = await self._went_down(used[-1])
+                    if lost is None:
                         break
                     waited = await self._wait_for_a_rank(job, used[-1], lost)
                     if isinstance(waited, Output):
@@ -449,6 +465,18 @@ class Router:
             return None
         return None if rank in self.ranks.closed and not self.num_replacing else rank
 
+    async def _went_down(self, req: RoutedRequest, grace_s: float = 2.0) -> int | None:
+        """A rank of `req`'s pair that the router sees go down (since the attempt began)
+        within `grace_s`; None if none does."""
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while True:
+            for rank in req.pair:
+                if rank is not None and self.ranks.num_downs[rank] != req.downs_at_start.get(rank):
+                    return None if rank in self.ranks.closed else rank
+            if asyncio.get_running_loop().time() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
+
     async def _wait_for_a_rank(
         self, job: _Job, req: RoutedRequest, lost: int
     ) -> frozenset[int] | Output | str:
@@ -475,10 +503,10 @@ class Router:
                 seen_down = self.ranks.num_downs[lost] != req.downs_at_start.get(lost)
                 if not seen_down:
                     avoid |= {lost}  # on its way out
+                if job.aborted:  # first: an abort that came with the rank's return is kept
+                    return self._ended(job, "abort", None)
                 if self.ranks.can_pick(avoid):
                     return avoid
-                if job.aborted:
-                    return self._ended(job, "abort", None)
                 if self._closing:
                     return "the server is shutting down"
                 left = until - loop.time()

@@ -266,3 +266,48 @@ def test_a_rid_is_free_again_as_soon_as_its_request_ended(tiny_server):
     assert max(took for *_, took in results) < 10, results
     _wait_idle(tiny_server)
     assert failed_transfers() == failed_before  # an aborted transfer is no failure
+
+
+@pytest.mark.timeout(180)
+def test_a_stop_ends_the_requests_in_flight_with_an_error_not_a_cut(launch_tiny):
+    """A server that stops with requests still running (its drain timed out, or none was
+    asked for) ends each with its final error — a stream's error event and `[DONE]`, a JSON
+    error — instead of cutting the responses off (found by an audit: streams ended mid-body,
+    whole calls got an empty 500)."""
+    server = launch_tiny(colocated=True)
+    url = server.url
+    body = {"input_ids": list(range(5, 40)),
+            "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True}}  # fmt: skip
+    lines: list[str] = []
+    whole: list[httpx.Response] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/generate", json={**body, "stream": True},
+                          timeout=60) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+
+    def call() -> None:
+        whole.append(httpx.post(f"{url}/generate", json=body, timeout=60))
+
+    threads = [threading.Thread(target=stream), threading.Thread(target=call)]
+    try:
+        for t in threads:
+            t.start()
+        assert first.wait(60)
+        deadline = time.monotonic() + 30
+        while server.router.num_in_flight < 2:
+            assert time.monotonic() < deadline and not whole, whole and whole[0].text
+            time.sleep(0.01)
+    finally:
+        server.stop()
+    for t in threads:
+        t.join(60)
+    assert lines[-1] == "data: [DONE]", lines[-2:]
+    last = json.loads(lines[-2][len("data: ") :])
+    assert "shutting down" in last["error"]["message"], last
+    assert whole[0].status_code == 500, whole[0].text
+    assert "shutting down" in whole[0].json()["error"]["message"]

@@ -107,7 +107,11 @@ def test_a_request_moves_at_most_max_moves_times():
             tokens += (await pending).token_ids
             router._fail_requests(rank, f"engine rank {rank} failed")
         last = await gen.__anext__()
-        assert last.finish_reason == "error" and last.error == f"engine rank {rank} failed"
+        assert last.finish_reason == "error"
+        assert last.error == (
+            f"engine rank {rank} failed (after {MAX_MOVES} moves to other ranks or restarted "
+            "ones, the most a request makes)"
+        )
         assert last.num_output_tokens == MAX_MOVES + 1
         assert tokens == [10 + move for move in range(MAX_MOVES + 1)]
         assert router.num_resumed == MAX_MOVES and len(added) == MAX_MOVES + 1
@@ -324,5 +328,76 @@ def test_a_wait_for_a_rank_ends(how: str):
         assert len(added) == 1 and router.num_waiting == 0 and not router.num_in_flight
         with pytest.raises(StopAsyncIteration):
             await gen.__anext__()
+
+    asyncio.run(run())
+
+
+def test_a_resumed_request_whose_transfer_fails_as_its_rank_dies_again_waits_again():
+    """Disaggregated, one pair: the decode rank dies, comes back, and dies again while the
+    resumed request's KV goes to it — the prefill side's transfer error comes before the
+    router sees the second death. The request waits again and resumes, rather than ending
+    with the transfer's error (found by an audit: 4 to 32 of 32 requests failed)."""
+
+    async def run() -> None:
+        router, added = _router(2)
+        router.restart_wait_s = 30.0
+        decode = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="decode")
+        prefill = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="prefill")
+        router.ranks.infos = [decode, prefill]
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
+        first, _ = await _next(gen, added, 0)
+        req = next(r for rank, r in added if rank == 0)  # the decode side
+        router._dispatch(0, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        assert (await first).token_ids == [4]
+        _rank_down(router, 0, "engine rank 0 failed: the actor died")
+        pending = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.05)
+        _rank_back(router, 0)
+        for _ in range(100):
+            if len(added) >= 4:  # decode and prefill sides of the resumed attempt
+                break
+            await asyncio.sleep(0.005)
+        req = added[-1][1]
+        assert req.output_ids == [4]
+        failed = TokenDelta(req.rid, [], FinishReason.ERROR, "KV transfer to the decode rank "
+                            "failed: NIXL_ERR_REMOTE_DISCONNECT", 3, 1)  # fmt: skip
+        router._dispatch(1, [failed])
+        await asyncio.sleep(0.2)
+        assert not pending.done(), "it ended with the transfer's error"
+        _rank_down(router, 0, "engine rank 0 failed: the actor died again")
+        await asyncio.sleep(0.1)
+        assert router.num_waiting == 1
+        _rank_back(router, 0)
+        for _ in range(100):
+            if len(added) >= 6:
+                break
+            await asyncio.sleep(0.005)
+        req = added[-1][1]
+        assert req.output_ids == [4]
+        router._dispatch(0, [TokenDelta(req.rid, [5], FinishReason.LENGTH, None, 3, 8)])
+        out = await pending
+        assert out.token_ids == [5] and out.finish_reason == "length", out
+        assert router.num_waited == 2
+        await gen.aclose()
+
+    asyncio.run(run())
+
+
+def test_an_abort_that_comes_with_the_rank_s_return_is_kept():
+    async def run() -> None:
+        router, added = _router(1)
+        router.restart_wait_s = 30.0
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0),
+                              rid="r")  # fmt: skip
+        first, (rank, req) = await _next(gen, added, 0)
+        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        await first
+        _rank_down(router, 0, "engine rank 0 failed")
+        last = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.05)
+        assert await router.abort("r")
+        _rank_back(router, 0)  # in the same loop pass
+        out = await last
+        assert out.finish_reason == "abort" and len(added) == 1, out
 
     asyncio.run(run())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engine.messages import FinishReason, StreamBuffer, TokenDelta
+from workers.engine.messages import HELD_CHECKPOINT, FinishReason, StreamBuffer, TokenDelta
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -82,6 +82,20 @@ def test_a_request_not_streamed_is_held_after_its_first_token_until_it_ends():
     end = _d("w", [40], 40, FinishReason.LENGTH, hold=True)
     assert _published(buf, [end]) == {"w": (list(range(2, 41)), FinishReason.LENGTH)}
     assert _published(buf, [], stepped=True) == {}
+
+
+def test_a_request_not_streamed_sends_what_it_holds_every_checkpoint():
+    """What the router has of a request is what it resumes from after a rank failure: a long
+    request sent whole goes out every `HELD_CHECKPOINT` tokens."""
+    buf = StreamBuffer(4)
+    assert _published(buf, [_d("w", [0], 1, hold=True)]) == {"w": ([0], None)}
+    sent = []
+    for n in range(1, 2 * HELD_CHECKPOINT + 10):
+        out = _published(buf, [_d("w", [n], n + 1, hold=True)])
+        if out:
+            sent.append(out["w"][0])
+    assert sent == [list(range(1, HELD_CHECKPOINT + 1)),
+                    list(range(HELD_CHECKPOINT + 1, 2 * HELD_CHECKPOINT + 1))]  # fmt: skip
 
 
 def test_a_held_request_that_is_aborted_takes_its_tokens_with_it():

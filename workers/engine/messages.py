@@ -150,7 +150,8 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # False: the client takes the output whole (a non-streaming call with no stop string for
     # the router to match), so the rank sends the first token (time to first token) and then
-    # holds the rest until the request ends: one delta instead of one per step.
+    # holds the rest until the request ends (or `HELD_CHECKPOINT` tokens wait): one delta
+    # instead of one per step.
     stream: bool = True
     # A prefill rank of a disaggregated pair computes the whole request itself (its prompt
     # logprobs come from the logits it has; the decode rank is not involved).
@@ -220,6 +221,9 @@ class TokenDelta:
         return cls(rid=rid, token_ids=[], finish_reason=FinishReason.ERROR, error=message)
 
 
+HELD_CHECKPOINT = 256  # tokens a request sent whole has its rank hold at most (`StreamBuffer`)
+
+
 class StreamBuffer:
     """Holds a running request's new tokens on its rank until `interval` of them are ready
     (`--stream-interval`): fewer, larger deltas mean less work per token for the rank's output
@@ -227,7 +231,9 @@ class StreamBuffer:
     finished request's last delta, and the tokens of a request that got no new token in a step
     (preempted or stalled). With `interval` 1 every delta passes at once. A delta marked
     `hold` (a request that is not streamed) is held, after its first token, until the request
-    ends, whatever the interval."""
+    ends, whatever the interval — or until `HELD_CHECKPOINT` tokens wait: what the router has
+    of a request is what it resumes from when its rank fails, so a long one sent whole would
+    start again from its first token."""
 
     def __init__(self, interval: int = 1):
         if interval < 1:
@@ -249,7 +255,7 @@ class StreamBuffer:
                 d.prepend(held)
             fresh.add(d.rid)
             first = d.num_output_tokens == len(d.token_ids)
-            full = not d.hold and len(d.token_ids) >= self.interval
+            full = len(d.token_ids) >= (HELD_CHECKPOINT if d.hold else self.interval)
             if d.finish_reason is not None or first or full:
                 out.append(d)
             else:
