@@ -86,6 +86,8 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             "num_shed": router.num_shed,
             "ranks": ranks,
             "pools": pools.describe(router.requests_on) if pools is not None else None,
+            # `--deployment`: the name its pools run under (they outlive this router)
+            "deployment": pools.deployment if pools is not None else None,
         }
 
     @app.post("/abort_request")

@@ -140,6 +140,7 @@ def test_a_deployment_outlives_its_router_and_is_taken_over(ray_session, tiny_mo
         assert took is not None and 1 <= int(took.group(1)) <= 6, second.log
         assert _pids(url) == pids, "the ranks were started again"
         assert _greedy(url) == want
+        assert httpx.get(f"{url}/v1/stats", timeout=10).json()["deployment"] == name
         deadline = time.monotonic() + 30
         while True:  # the old router's request is gone: its pages are free
             st = httpx.get(f"{url}/v1/stats", timeout=10).json()["ranks"][0]["stats"]

@@ -300,6 +300,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{data.get('num_shed', 0)} shed "
           f"(--max-queued-requests), {data.get('num_rank_failures', 0)} rank failure(s) "
           "since start")  # fmt: skip
+    if data.get("deployment"):
+        print(f"deployment {data['deployment']} (its pools outlive this router)")
     starting = [p["name"] for p in data.get("pools") or [] if p.get("state") == "starting"]
     if starting:
         print(f"starting (pdserve scale): {', '.join(starting)}")
