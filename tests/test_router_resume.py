@@ -224,6 +224,19 @@ def _rank_back(router: Router, rank: int) -> None:
     router.wake_waiting()
 
 
+async def _back_and_sent(
+    router: Router, rank: int, added: list[tuple[int, GenerateRequest]], count: int
+) -> tuple[int, GenerateRequest]:
+    """`rank` comes back; once the adds reach `count` (the waiting request went out again),
+    the last one."""
+    _rank_back(router, rank)
+    for _ in range(100):
+        if len(added) >= count:
+            break
+        await asyncio.sleep(0.005)
+    return added[-1]
+
+
 def test_with_no_other_rank_a_request_waits_for_its_rank_to_come_back_and_resumes():
     async def run() -> None:
         router, added = _router(1)
@@ -238,12 +251,7 @@ def test_with_no_other_rank_a_request_waits_for_its_rank_to_come_back_and_resume
         await asyncio.sleep(0.05)
         assert not second.done() and len(added) == 1
         assert router.num_waiting == 1 and router.num_in_flight == 1
-        _rank_back(router, 0)
-        for _ in range(100):
-            if len(added) > 1:
-                break
-            await asyncio.sleep(0.005)
-        rank, req = added[-1]
+        rank, req = await _back_and_sent(router, 0, added, 2)
         assert rank == 0 and req.output_ids == [4, 5] and router.num_waiting == 0
         router._dispatch(rank, [TokenDelta(req.rid, [6], FinishReason.LENGTH, None, 3, 8)])
         out = await second
@@ -275,12 +283,7 @@ def test_a_rank_reporting_its_requests_lost_is_not_taken_again_before_it_went_do
         _rank_down(router, 0, "engine rank 0 failed: it left its pool")
         await asyncio.sleep(0.05)
         assert len(added) == 1
-        _rank_back(router, 0)
-        for _ in range(100):
-            if len(added) > 1:
-                break
-            await asyncio.sleep(0.005)
-        rank, req = added[-1]
+        rank, req = await _back_and_sent(router, 0, added, 2)
         assert req.output_ids == [4]
         router._dispatch(rank, [TokenDelta(req.rid, [5], FinishReason.LENGTH, None, 3, 8)])
         assert (await second).finish_reason == "length"
@@ -352,12 +355,7 @@ def test_a_resumed_request_whose_transfer_fails_as_its_rank_dies_again_waits_aga
         _rank_down(router, 0, "engine rank 0 failed: the actor died")
         pending = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0.05)
-        _rank_back(router, 0)
-        for _ in range(100):
-            if len(added) >= 4:  # decode and prefill sides of the resumed attempt
-                break
-            await asyncio.sleep(0.005)
-        req = added[-1][1]
+        _, req = await _back_and_sent(router, 0, added, 4)  # both sides of the attempt
         assert req.output_ids == [4]
         failed = TokenDelta(req.rid, [], FinishReason.ERROR, "KV transfer to the decode rank "
                             "failed: NIXL_ERR_REMOTE_DISCONNECT", 3, 1)  # fmt: skip
@@ -367,12 +365,7 @@ def test_a_resumed_request_whose_transfer_fails_as_its_rank_dies_again_waits_aga
         _rank_down(router, 0, "engine rank 0 failed: the actor died again")
         await asyncio.sleep(0.1)
         assert router.num_waiting == 1
-        _rank_back(router, 0)
-        for _ in range(100):
-            if len(added) >= 6:
-                break
-            await asyncio.sleep(0.005)
-        req = added[-1][1]
+        _, req = await _back_and_sent(router, 0, added, 6)
         assert req.output_ids == [4]
         router._dispatch(0, [TokenDelta(req.rid, [5], FinishReason.LENGTH, None, 3, 8)])
         out = await pending
