@@ -27,6 +27,7 @@ model); `pdserve down` removes one that nothing serves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -67,6 +68,7 @@ def rendezvous_name(deployment: str, pool: str) -> str:
     return f"{deployment}/{pool}/rendezvous"
 
 
+@functools.cache
 def code_fingerprint() -> str:
     """A hash of the rank-side code of this installation (`workers/`): a router takes over only
     ranks that run what it would start."""
