@@ -483,10 +483,10 @@ class Router:
         """Wait until a rank (pair) can take `job` on, after rank `lost` failed under its
         attempt `req` and no other could: until a rank comes back — Ray restarts a failed one,
         the pool set replaces the instance of one dead for good — for up to `restart_wait_s`
-        and the job's deadline. `lost` counts only once the
-        router has seen it go down (a rank that leaves a broken pool reports its requests lost
-        just before it goes). Returns the ranks to avoid then; or the output that ends `job`
-        (its timeout, its abort); or why it gives up."""
+        and the job's deadline. `lost` counts only once the router has seen it go down (a
+        rank that leaves a broken pool reports its requests lost just before it goes).
+        Returns the ranks to avoid then; or the output that ends `job` (its timeout, its
+        abort); or why it gives up."""
         loop = asyncio.get_running_loop()
         until = loop.time() + self.restart_wait_s
         if job.deadline is not None:
