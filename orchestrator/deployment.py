@@ -121,7 +121,10 @@ def settings_of(config: Any, model_dir: Path) -> dict[str, Any]:
         "transfer_backend": config.transfer_backend,
         "transfer_timeout_s": config.transfer_timeout_s,
         "allow_fault_injection": config.allow_fault_injection,
-        "topology": config.topology,
+        # The shape of an instance, not how many: a router that takes over after a scale
+        # need not repeat the instance counts the first one started with.
+        "topology": {"colocated": config.colocated, "num_ranks": config.num_ranks,
+                     "prefill_dp": config.prefill_dp, "decode_dp": config.decode_dp},
     }, default=str))  # fmt: skip
 
 

@@ -369,6 +369,7 @@ class Metrics:
         last_s: float | None = None
         first_s: float | None = None
         rid, ended = "", False
+        last_out: Output | None = None  # its token counts, for a span of a client gone
 
         def record(finish: str, out: Output | None = None) -> None:
             if self.tracer is None:
@@ -392,7 +393,7 @@ class Metrics:
             async with contextlib.aclosing(outputs):
                 async for out in outputs:
                     now = time.perf_counter()
-                    rid = out.rid
+                    rid, last_out = out.rid, out
                     n = len(out.token_ids)
                     if n and last_s is None:
                         self.ttft.observe(now - arrival_s)
@@ -423,4 +424,4 @@ class Metrics:
                 if self.log_requests:
                     ttft = None if first_s is None else first_s - arrival_s
                     log_request(rid, api, client, "gone", ttft, time.perf_counter() - arrival_s)
-                record("gone")
+                record("gone", last_out)

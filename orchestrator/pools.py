@@ -285,40 +285,73 @@ class PoolSet:
         self.deployment = config.deployment
         self.keep_on_exit = config.keep_pools
         self.lease: Any = None
+        self._record_lock = threading.Lock()
+        self._recorded = False  # written once: a record gone since was removed on purpose
+        self._removed_logged = False
 
     def _record(self) -> None:
         """Write the deployment's record (with `--deployment`) after its instances changed:
         a router that dies now leaves nothing the next one does not know of."""
         if self.deployment is None:
             return
-        with self._lock:
-            instances = [
-                dep.InstanceRecord(i.spec.role, i.spec.instance, i.spec.num_ranks,
-                                   dict(i.spec.bundle),
-                                   i.placement.selector if i.placement is not None else None)
-                for i in self.instances if i.placement is not None
-            ]  # fmt: skip
-        record = dep.DeploymentRecord(
-            self.deployment, dep.code_fingerprint(),
-            dep.settings_of(self.config, self.model_dir), instances, dict(self._next),
-            dict(self.selectors),
-        )  # fmt: skip
+        with self._record_lock:  # one writer at a time: the last write has the last state
+            if self._recorded and self.deployment_removed():
+                return
+            with self._lock:
+                instances = [
+                    dep.InstanceRecord(
+                        i.spec.role, i.spec.instance, i.spec.num_ranks, dict(i.spec.bundle),
+                        i.placement.selector if i.placement is not None
+                        else self.selectors.get(i.spec.role),
+                    )
+                    for i in self.instances  # those still waiting for a place too: their
+                ]  # placement group exists, named, from the moment it is asked for  # fmt: skip
+            record = dep.DeploymentRecord(
+                self.deployment, dep.code_fingerprint(),
+                dep.settings_of(self.config, self.model_dir), instances, dict(self._next),
+                dict(self.selectors),
+            )  # fmt: skip
+            try:
+                dep.save(record)
+                self._recorded = True
+            except Exception as e:  # the GCS is unreachable: serving goes on
+                logger.error("deployment %s: its record was not saved: %s", self.deployment, e)
+
+    def deployment_removed(self) -> bool:
+        """Whether the deployment's record is gone (`pdserve down --force` while this router
+        serves): it then neither rewrites it nor replaces instances."""
+        if self.deployment is None:
+            return False
         try:
-            dep.save(record)
-        except Exception as e:  # the GCS is unreachable: serving goes on
-            logger.error("deployment %s: its record was not saved: %s", self.deployment, e)
+            gone = dep.load(self.deployment) is None
+        except Exception:
+            return False
+        if gone and not self._removed_logged:
+            self._removed_logged = True
+            logger.error("deployment %s was removed (pdserve down) while this router serves it: "
+                         "it no longer records or replaces instances", self.deployment)  # fmt: skip
+        return gone
 
     @classmethod
     def start(cls, model_dir: Path, config: ServeConfig) -> PoolSet:
         """Place the topology's pool instances and start their rank actors, not waiting for
         the models to load; `ray.init` first."""
         specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
-        placements, selectors = place_pools(
-            specs, config.placement_timeout_s, fixed_cluster=starts_local_ray(config),
-            deployment=config.deployment,
-        )  # fmt: skip
-        pools = cls(model_dir, config, [PoolInstance(p.spec, p) for p in placements], selectors)
-        pools._record()  # before the ranks: a router that dies while they start leaks none
+        pools = cls(model_dir, config, [PoolInstance(spec, None) for spec in specs], {})
+        # Recorded before anything is placed: a router that dies while the placement groups
+        # wait or the ranks start leaves nothing the next one (or `pdserve down`) misses.
+        pools._record()
+        try:
+            placements, pools.selectors = place_pools(
+                specs, config.placement_timeout_s, fixed_cluster=starts_local_ray(config),
+                deployment=config.deployment,
+            )  # fmt: skip
+        except BaseException:
+            pools.shutdown()
+            raise
+        for instance, placement in zip(pools.instances, placements, strict=True):
+            instance.placement = placement
+        pools._record()
         try:
             offset = 0
             for instance in pools.instances:
@@ -367,8 +400,8 @@ class PoolSet:
         for role, n in record.next.items():
             pools._next[role] = max(pools._next.get(role, 0), n)
         for instance in broken:
-            pools._forget(instance)
             dep.remove_instance(record.name, instance.spec)
+            pools._forget(instance)  # after: the record names what may still hold resources
             spec = PoolSpec(instance.spec.role, pools._next[instance.spec.role],
                             instance.spec.num_ranks, dict(instance.spec.bundle))  # fmt: skip
             pools._next[spec.role] += 1
@@ -544,6 +577,7 @@ class PoolSet:
             if self.stopped:
                 raise RuntimeError("the server is shutting down")
             self.instances.append(instance)
+        self._record()  # before its placement group exists (named, detached: it must be found)
         try:
             (instance.placement,) = reserve_groups(
                 [spec], self.selectors, self.config.placement_timeout_s, cancelled,
@@ -555,8 +589,8 @@ class PoolSet:
             self._start_ranks(instance)
             wait_ranks_ready(instance.ranks, self.config.ready_timeout_s, cancelled=cancelled)
         except BaseException:
-            self._forget(instance)
             instance.release()
+            self._forget(instance)  # after: the record names what may still hold resources
             raise
         return instance
 
@@ -712,8 +746,8 @@ class PoolSet:
         except BaseException:
             if instance.indices:
                 await router.remove_ranks(instance.indices, f"{spec.name} failed to start")
-            self._forget(instance)
             await asyncio.to_thread(instance.release)
+            self._forget(instance)
             raise
         instance.state = "serving"
         self.num_started[spec.role] += 1
@@ -728,6 +762,8 @@ class PoolSet:
             instance = next((i for i in self.instances
                              if index in i.indices and i.state == "serving"), None)  # fmt: skip
             if instance is None or instance.name in self._replacing or self.stopped:
+                return
+            if self.deployment_removed():
                 return
             router.num_replacing += 1  # now: requests waiting for a rank wait for this one
             task = asyncio.ensure_future(self._replace(router, eplb, instance))
@@ -818,8 +854,8 @@ class PoolSet:
         await router.remove_ranks(
             instance.indices, f"pool instance {instance.name} was removed (scaled down)"
         )
-        self._forget(instance)
         await asyncio.to_thread(instance.release)
+        self._forget(instance)  # after: a router that dies meanwhile leaves it recorded
         self._released_at = time.monotonic()
         self.num_removed[instance.spec.role] += 1
         return resumed, retried

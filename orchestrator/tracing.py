@@ -17,6 +17,7 @@ from the event loop; a collector that is down loses spans (the SDK logs it), not
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class RequestTracer:
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=10)
+            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=5)
         self.endpoint = endpoint
         self.model = model
         # A provider of its own, not the process's global one: tests start several servers.
@@ -131,10 +132,20 @@ class RequestTracer:
         span.end(end_time=at(req.end_s))
         self.num_spans += 1
 
-    def shutdown(self) -> None:
-        """Export what is left (a few seconds at most) and stop."""
-        try:
-            self.provider.force_flush(5000)
-            self.provider.shutdown()
-        except Exception as e:  # a collector that is gone must not hold up the stop
-            logger.warning("tracing: the last spans were not exported: %s", e)
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Export what is left and stop — for `timeout_s` at most: a collector that is down
+        or slow must not hold up the server's stop (the exporter's own timeout and retries
+        are longer)."""
+        done = threading.Event()
+
+        def stop() -> None:
+            try:
+                self.provider.shutdown()
+            except Exception as e:
+                logger.warning("tracing: the last spans were not exported: %s", e)
+            done.set()
+
+        threading.Thread(target=stop, name="tracing-shutdown", daemon=True).start()
+        if not done.wait(timeout_s):
+            logger.warning("tracing: the collector did not take the last spans within %g s; "
+                           "stopping without them", timeout_s)  # fmt: skip
