@@ -149,6 +149,12 @@ class ServeConfig:
         _check_seconds("--autoscale-down-after", self.autoscale_down_after_s)
 
     @property
+    def starts_local_ray(self) -> bool:
+        """`ray.init` will start a Ray of its own: no --address and no `RAY_ADDRESS` (a Ray this
+        process starts gets no new nodes, and ends with it)."""
+        return self.ray_address is None and not os.environ.get("RAY_ADDRESS")
+
+    @property
     def scale_drain_s(self) -> float:
         """How long a pool instance scaled down lets its requests run on, unless the scale
         says (`--scale-drain-timeout`); what still runs then moves, resuming elsewhere."""
@@ -277,7 +283,7 @@ class ServeConfig:
             from orchestrator.deployment import check_name
 
             check_name(self.deployment)
-            if self.ray_address is None and not os.environ.get("RAY_ADDRESS"):
+            if self.starts_local_ray:
                 raise ValueError(
                     "--deployment needs --address: a Ray that this process starts ends with it, "
                     "and its pools with it (start one with `ray start --head` or `ray up`)"

@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,6 @@ class Lease:
                 f"deployment {self.name!r} is served by {who}: stop that one first (SIGTERM), "
                 "or serve another --deployment"
             )
-        import time
-
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -13,8 +13,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.outputs import Output
-from orchestrator.request_log import log_request
-from orchestrator.tracing import EndedRequest, RequestTracer
+from orchestrator.request_log import EndedRequest, log_request
+from orchestrator.tracing import RequestTracer
 from workers import gc_pauses
 from workers.engine.messages import TRANSFER_FIELDS, RankStats, SamplingParams
 
@@ -371,11 +371,9 @@ class Metrics:
         rid, ended = "", False
         last_out: Output | None = None  # its token counts, for a span of a client gone
 
-        def record(finish: str, out: Output | None = None) -> None:
-            if self.tracer is None:
-                return
-            ended_request = EndedRequest(
-                rid, api, client, finish, arrival_s, time.perf_counter(), first_s,
+        def ended_request(finish: str, end_s: float, out: Output | None) -> EndedRequest:
+            return EndedRequest(
+                rid, api, client, finish, arrival_s, end_s, first_s,
                 num_prompt_tokens=out.num_prompt_tokens if out else None,
                 num_cached_tokens=out.num_cached_tokens if out else None,
                 num_output_tokens=out.num_output_tokens if out else None,
@@ -384,10 +382,6 @@ class Metrics:
                 temperature=sampling.temperature if sampling else None,
                 top_p=sampling.top_p if sampling else None,
             )  # fmt: skip
-            try:
-                self.tracer.record(ended_request, trace)
-            except Exception as e:  # a span must never fail a request
-                logger.warning("tracing: no span for request %s: %s", rid, e)
 
         try:
             async with contextlib.aclosing(outputs):
@@ -410,18 +404,25 @@ class Metrics:
                         self.e2e.observe(now - arrival_s)
                         self.prompt_tokens.inc(out.num_prompt_tokens)
                         self.generation_tokens.inc(out.num_output_tokens)
-                        if self.log_requests:
-                            log_request(
-                                out.rid, api, client, out.finish_reason,
-                                None if first_s is None else first_s - arrival_s,
-                                now - arrival_s, out.num_prompt_tokens, out.num_cached_tokens,
-                                out.num_output_tokens, out.error,
-                            )  # fmt: skip
-                        record(out.finish_reason, out)
+                        if self.log_requests or self.tracer is not None:
+                            req = ended_request(out.finish_reason, now, out)
+                            if self.log_requests:
+                                log_request(req)
+                            self._trace(req, trace)
                     yield out
         finally:
             if not ended:  # the client left (or a refusal: no rid yet)
-                if self.log_requests:
-                    ttft = None if first_s is None else first_s - arrival_s
-                    log_request(rid, api, client, "gone", ttft, time.perf_counter() - arrival_s)
-                record("gone", last_out)
+                now = time.perf_counter()
+                if self.log_requests:  # (the log line of one gone has no token counts)
+                    log_request(EndedRequest(rid, api, client, "gone", arrival_s, now, first_s))
+                if self.tracer is not None:
+                    self._trace(ended_request("gone", now, last_out), trace)
+
+    def _trace(self, req: EndedRequest, trace: Mapping[str, str] | None) -> None:
+        """`req`'s span, with a tracer (`--otlp-traces-endpoint`)."""
+        if self.tracer is None:
+            return
+        try:
+            self.tracer.record(req, trace)
+        except Exception as e:  # a span must never fail a request
+            logger.warning("tracing: no span for request %s: %s", req.rid, e)

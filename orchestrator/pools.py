@@ -42,7 +42,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -115,9 +114,8 @@ def pool_specs(config: ServeConfig, num_gpus: float) -> list[PoolSpec]:
 
 
 def starts_local_ray(config: ServeConfig) -> bool:
-    """`ray.init` will start a Ray of its own: no --address and no `RAY_ADDRESS` (a Ray this
-    process starts gets no new nodes)."""
-    return config.ray_address is None and not os.environ.get("RAY_ADDRESS")
+    """`ray.init` will start a Ray of its own (`ServeConfig.starts_local_ray`)."""
+    return config.starts_local_ray
 
 
 # ---- ranks -----------------------------------------------------------------------------------
@@ -286,6 +284,7 @@ class PoolSet:
         self.keep_on_exit = config.keep_pools
         self.lease: Any = None
         self._record_lock = threading.Lock()
+        self._settings = dep.settings_of(config, model_dir) if self.deployment else {}
         self._recorded = False  # written once: a record gone since was removed on purpose
         self._removed_logged = False
 
@@ -307,9 +306,8 @@ class PoolSet:
                     for i in self.instances  # those still waiting for a place too: their
                 ]  # placement group exists, named, from the moment it is asked for  # fmt: skip
             record = dep.DeploymentRecord(
-                self.deployment, dep.code_fingerprint(),
-                dep.settings_of(self.config, self.model_dir), instances, dict(self._next),
-                dict(self.selectors),
+                self.deployment, dep.code_fingerprint(), self._settings, instances,
+                dict(self._next), dict(self.selectors),
             )  # fmt: skip
             try:
                 dep.save(record)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger("pdserve.requests")
@@ -28,29 +29,43 @@ def enable() -> None:
     logger.propagate = False
 
 
-def log_request(
-    rid: str,
-    api: str,
-    client: str,
-    finish: str,
-    ttft_s: float | None,
-    e2e_s: float,
-    num_prompt_tokens: int | None = None,
-    num_cached_tokens: int | None = None,
-    num_output_tokens: int | None = None,
-    error: str | None = None,
-) -> None:
+@dataclass
+class EndedRequest:
+    """One request (choice) as it ended, what its log line and its span say. Times on
+    `time.perf_counter`'s clock."""
+
+    rid: str
+    api: str  # the HTTP route, or "grpc"
+    client: str
+    finish: str  # stop, length, abort, timeout, error, or gone (the client left)
+    arrival_s: float
+    end_s: float
+    first_token_s: float | None = None
+    num_prompt_tokens: int | None = None
+    num_cached_tokens: int | None = None
+    num_output_tokens: int | None = None
+    error: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+
+def log_request(req: EndedRequest) -> None:
     record: dict[str, Any] = {
-        "rid": rid,
-        "api": api,
-        "client": client,
-        "prompt_tokens": num_prompt_tokens,
-        "cached_tokens": num_cached_tokens,
-        "output_tokens": num_output_tokens,
-        "finish": finish,
-        "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 2),
-        "e2e_ms": round(e2e_s * 1000, 2),
+        "rid": req.rid,
+        "api": req.api,
+        "client": req.client,
+        "prompt_tokens": req.num_prompt_tokens,
+        "cached_tokens": req.num_cached_tokens,
+        "output_tokens": req.num_output_tokens,
+        "finish": req.finish,
+        "ttft_ms": None if req.ttft_s is None else round(req.ttft_s * 1000, 2),
+        "e2e_ms": round((req.end_s - req.arrival_s) * 1000, 2),
     }
-    if error:
-        record["error"] = error
+    if req.error:
+        record["error"] = req.error
     logger.info(json.dumps(record, separators=(",", ":"), ensure_ascii=False))

@@ -20,34 +20,16 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from orchestrator.request_log import EndedRequest
 
 logger = logging.getLogger(__name__)
 
 # Headers (HTTP) and metadata keys (gRPC) that carry a caller's trace context.
 TRACE_HEADERS = ("traceparent", "tracestate")
-
-
-@dataclass
-class EndedRequest:
-    """What a request's span says: one request (choice) as it ended. Times on
-    `time.perf_counter`'s clock."""
-
-    rid: str
-    api: str  # the HTTP route, or "grpc"
-    client: str
-    finish: str  # stop, length, abort, timeout, error, or gone (the client left)
-    arrival_s: float
-    end_s: float
-    first_token_s: float | None = None
-    num_prompt_tokens: int | None = None
-    num_cached_tokens: int | None = None
-    num_output_tokens: int | None = None
-    error: str | None = None
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
 
 
 def trace_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
@@ -77,7 +59,6 @@ class RequestTracer:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             exporter = OTLPSpanExporter(endpoint=endpoint, timeout=5)
-        self.endpoint = endpoint
         self.model = model
         # A provider of its own, not the process's global one: tests start several servers.
         self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
@@ -86,12 +67,9 @@ class RequestTracer:
         )
         self.tracer = self.provider.get_tracer("pdserve")
         self.propagator = TraceContextTextMapPropagator()
-        self.num_spans = 0
 
     def record(self, req: EndedRequest, headers: Mapping[str, str] | None = None) -> None:
         """Make `req`'s span (a child of the trace in `headers` when there is one)."""
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
         # perf_counter times to the wall clock the span needs, through one reading of each.
         wall_ns, perf_s = time.time_ns(), time.perf_counter()
 
@@ -116,8 +94,7 @@ class RequestTracer:
             "gen_ai.request.temperature": req.temperature,
             "gen_ai.request.top_p": req.top_p,
             "pdserve.cached_tokens": req.num_cached_tokens,
-            "pdserve.ttft_s": None if req.first_token_s is None
-            else req.first_token_s - req.arrival_s,
+            "pdserve.ttft_s": req.ttft_s,
             "pdserve.error": req.error,
         }  # fmt: skip
         attributes.update({k: v for k, v in optional.items() if v is not None})
@@ -130,7 +107,6 @@ class RequestTracer:
         if req.finish in ("error", "timeout"):
             span.set_status(Status(StatusCode.ERROR, req.error or req.finish))
         span.end(end_time=at(req.end_s))
-        self.num_spans += 1
 
     def shutdown(self, timeout_s: float = 3.0) -> None:
         """Export what is left and stop — for `timeout_s` at most: a collector that is down
