@@ -49,6 +49,10 @@ class ServeConfig:
     # How long an instance scaled down lets its requests run before the rest move to other
     # instances (resuming from their output), unless the scale says (`drain_timeout_s`).
     scale_drain_timeout_s: float = 60.0
+    # A decode instance scaled down hands its decoding requests to other decode instances with
+    # their KV at the drain timeout (nothing computed again); False: they resume from their
+    # output there, computing prompt and output again.
+    kv_migration: bool = True
     # Replace a pool instance one of whose ranks is dead for good (Ray does not restart it).
     replace_dead_instances: bool = True
     # Pools that outlive this process (`orchestrator.deployment`): detached, named after it,

@@ -336,6 +336,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             ok=report.ok, started=report.started, removed=report.removed,
             failed=[pb.ScaleFailure(**f) for f in report.failed],
             requests_resumed=report.requests_resumed, requests_retried=report.requests_retried,
+            requests_migrated=report.requests_migrated,
             seconds=report.seconds,
             pools=self._instances(),
         )  # fmt: skip

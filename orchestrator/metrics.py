@@ -196,6 +196,12 @@ class Metrics:
             "their rank failed or was scaled down",
             registry=r,
         )
+        self.migrated = Totals(
+            "pdserve_requests_migrated_total",
+            "Requests that moved to another decode rank with their KV (their decode instance "
+            "was scaled down), nothing computed again",
+            registry=r,
+        )
         self.rank_failures = Totals(
             "pdserve_rank_failures_total", "Times an engine rank was found dead or failed",
             registry=r,
@@ -324,8 +330,10 @@ class Metrics:
         shed: int,
         waiting_for_rank: int = 0,
         waited_for_rank: int = 0,
+        migrated: int = 0,
     ) -> None:
         self.retries.observe("router", retries)
+        self.migrated.observe("router", migrated)
         self.resumed.observe("router", resumed)
         self.rank_failures.observe("router", rank_failures)
         self.draining.set(int(draining))

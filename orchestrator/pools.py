@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 
@@ -76,6 +76,9 @@ PLACEMENT_FORMAT = "pdserve-expert-placement/1"
 # each time up to the maximum.
 REPLACE_RETRY_S = 10.0
 REPLACE_RETRY_MAX_S = 300.0
+# A scaled-down decode instance waits for its requests' KV migrations up to the transfer
+# timeout and this much more (a request leaves its rank at that rank's next step).
+MIGRATION_SLACK_S = 5.0
 
 
 def read_expert_placements(path: str | None) -> dict[str, list[list[int]]]:
@@ -224,6 +227,14 @@ class ScaleInProgress(RuntimeError):
     """Another scale runs (one at a time)."""
 
 
+class Moved(NamedTuple):
+    """The requests a removed instance's drain timeout moved to other instances."""
+
+    migrated: int  # with their KV (decode instances)
+    resumed: int  # from their output, computed again
+    retried: int  # no output yet: run again
+
+
 class ServerStopping(ScaleInProgress):
     """The server drains to stop: it scales no more."""
 
@@ -236,6 +247,8 @@ class ScaleReport:
     started: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)  # {"pool", "error"}
+    # Decoding on a decode instance when it went: moved to another with their KV.
+    requests_migrated: int = 0
     requests_resumed: int = 0  # had output when their instance went: go on elsewhere from it
     requests_retried: int = 0  # had none yet: run again on another instance
     seconds: float = 0.0
@@ -700,8 +713,9 @@ class PoolSet:
                 *(self._take_down(router, eplb, i, drain_timeout_s) for i in leaving)
             )
             report.removed = [i.name for i in leaving]
-            report.requests_resumed = sum(n for n, _ in moved)
-            report.requests_retried = sum(n for _, n in moved)
+            report.requests_migrated = sum(m.migrated for m in moved)
+            report.requests_resumed = sum(m.resumed for m in moved)
+            report.requests_retried = sum(m.retried for m in moved)
         finally:
             self.scaling = False
             report.seconds = time.monotonic() - began
@@ -782,7 +796,7 @@ class PoolSet:
                          dead.name)  # fmt: skip
             self.scaling = True
             try:
-                await self._take_down(router, eplb, dead, 0.0)
+                await self._take_down(router, eplb, dead, 0.0, migrate=False)
             finally:
                 self.scaling = False
             delay = REPLACE_RETRY_S
@@ -822,10 +836,16 @@ class PoolSet:
         return PoolHandle(instance.name, list(instance.ranks), num_groups)
 
     async def _take_down(
-        self, router: Any, eplb: Any, instance: PoolInstance, drain_timeout_s: float
-    ) -> tuple[int, int]:
+        self,
+        router: Any,
+        eplb: Any,
+        instance: PoolInstance,
+        drain_timeout_s: float,
+        migrate: bool = True,
+    ) -> Moved:
         """Drain `instance` and release it; the requests its drain timeout moved to another
-        instance: those that had output (they resume from it) and those that had none."""
+        instance: with their KV (`Router.migrate_from`), resuming from their output, or
+        starting again (no output yet)."""
         instance.state = "draining"
         logger.info("scaling: draining %s", instance.name)
         router.close_ranks(instance.indices)
@@ -841,6 +861,19 @@ class PoolSet:
             if time.monotonic() - began >= drain_timeout_s:
                 break
             await asyncio.sleep(0.05)
+        migrated = 0
+        if migrate and self.config.kv_migration and instance.spec.role == "decode":
+            migrated = router.migrate_from(instance.indices)
+        if migrated:
+            # Each leaves at its rank's next step; its KV then moves as from a prefill rank,
+            # bounded by the transfer timeout (a failure resumes it from its output).
+            logger.info("scaling: %d request(s) of %s move to other decode instances with "
+                        "their KV", migrated, instance.name)  # fmt: skip
+            until = time.monotonic() + self.config.transfer_timeout_s + MIGRATION_SLACK_S
+            while router.migrations_on(instance.indices) and not (self.stopping or self.stopped):
+                if time.monotonic() >= until:
+                    break
+                await asyncio.sleep(0.02)
         resumed = router.requests_on(instance.indices, with_output=True)
         retried = router.requests_on(instance.indices, with_output=False)
         if resumed or retried:
@@ -856,7 +889,7 @@ class PoolSet:
         self._forget(instance)  # after: a router that dies meanwhile leaves it recorded
         self._released_at = time.monotonic()
         self.num_removed[instance.spec.role] += 1
-        return resumed, retried
+        return Moved(migrated, resumed, retried)
 
 
 def drain_seconds(value: Any, default: float) -> float:

@@ -72,6 +72,8 @@ def dispatch(
             continue
         if item.resumable and req.lost is None:
             req.lost = (index, item.error or f"engine rank {index} failed")
+            if item.moved_to and index == req.rank:  # handed off: its KV waits there
+                req.moved_to = item.moved_to
         if index == req.prefill_rank and item.finish_reason is not None:
             # The prefill side failed: the decode side waits for KV that won't come.
             for rank, add_ref in req.adds:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks
+from orchestrator.policy import Affinity, Pick, RankLoad, pick_decode_rank, pick_ranks
 from workers.engine.delta_stream import encode_frame
 from workers.engine.messages import (
     AddsTaken,
@@ -113,6 +113,13 @@ class RoutedRequest:
     lost: tuple[int, str] | None = None
     # `RankTable.num_downs` of its ranks when it was sent: whether a rank went down since.
     downs_at_start: dict[int, int] = field(default_factory=dict)
+    # Migration between decode ranks (`Router.migrate_from`): its rank was asked to hand it
+    # off with its KV; the transfer id its KV then waits under there (its rank's last delta
+    # says). A migrated attempt's `prefill_rank` is the decode rank its KV comes from.
+    migrating: bool = False
+    moved_to: str = ""
+    migrated: bool = False  # this attempt receives the KV from the decode rank it left
+    client_rid: str = ""  # the client's id for the request
     # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the
     # prompt is done.
     pair: tuple[int, int | None] = field(init=False)
@@ -261,6 +268,10 @@ class RankTable:
                 self._affinity.popitem(last=False)
         return pick
 
+    def pick_decode(self, avoid: frozenset[int] = frozenset()) -> int | None:
+        """The decode rank a request migrating with its KV goes to; None when none is left."""
+        return pick_decode_rank(self.loads(), avoid)
+
     def with_pool_peers(self, ranks: frozenset[int]) -> frozenset[int]:
         """`ranks` and the other ranks of their pool instances."""
         pools = {(i.role, i.instance) for r in ranks if (i := self.infos[r]) is not None}
@@ -376,6 +387,8 @@ class RankTable:
                 self.spawn(handle.set_transfer_targets.remote(command[1]))
             elif kind == "wake":
                 self.spawn(handle.wake.remote())
+            elif kind == "migrate":
+                self.spawn(handle.migrate.remote(command[1]))
             else:
                 raise ValueError(f"no actor call for command {kind!r}")
             return

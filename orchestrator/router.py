@@ -126,6 +126,7 @@ class Router:
         self.num_replacing = 0
         self.num_retries = 0  # requests re-run on another pair after a failure, before output
         self.num_resumed = 0  # requests that went on on another pair from the output they had
+        self.num_migrated = 0  # requests that moved to another decode rank with their KV
         self.num_rank_failures = 0  # times a rank was found dead or failing
         self.num_deltas = 0  # token deltas handed to requests (at most one per request a frame)
         self.request_timeout_s = request_timeout_s
@@ -378,13 +379,19 @@ class Router:
         )  # fmt: skip
         used: list[RoutedRequest] = []
         avoid: frozenset[int] = frozenset()
+        # A migration (`migrate_from`): the decode rank it left and the id its KV waits under
+        # there, for the next attempt to take (or, when none does, to be aborted there).
+        moved: tuple[int, str] | None = None
+        moves = 0  # after failures (a migration is no failure: it does not count)
         try:
-            for moves in range(MAX_MOVES + 1):
+            while True:
                 failure: str | None = None
                 unreachable: RankUnreachable | None = None
                 new_tokens = 0  # from this attempt
+                moved_from, moved = moved, None
                 try:
-                    async with contextlib.aclosing(self._attempt(job, avoid, used)) as outs:
+                    attempt = self._attempt(job, avoid, used, moved_from)
+                    async with contextlib.aclosing(attempt) as outs:
                         async for out in outs:
                             if (out.finish_reason == "error" and not out.token_ids
                                     and not new_tokens and self._retryable(used[-1])):  # fmt: skip
@@ -399,6 +406,8 @@ class Router:
                                 return  # ended (a rank failing under it now changes nothing)
                     if used[-1].lost is not None:  # ended without a word: its rank was lost
                         failure = used[-1].lost[1]
+                        if used[-1].moved_to:  # ... or it handed the request off with its KV
+                            moved = (used[-1].rank, used[-1].moved_to)
                         if used[-1].aborted:  # by the client, while its last tokens went out
                             yield self._ended(job, "abort", None)
                             return
@@ -412,10 +421,20 @@ class Router:
                     break
                 if failure is None:
                     return
+                if moved is not None:
+                    if self.ranks.pick_decode(frozenset({moved[0]})) is not None:
+                        avoid = frozenset({moved[0]})
+                        self.num_migrated += 1
+                        logger.info("request %s moves to another decode rank with its KV after "
+                                    "%d token(s)", rid, len(job.output_ids))  # fmt: skip
+                        continue
+                    self._forget_moved(moved)  # no decode rank left: resumed as after a failure
+                    moved = None
                 if moves == MAX_MOVES:
                     failure += (f" (after {MAX_MOVES} moves to other ranks or restarted ones, the "
                                 "most a request makes)")  # fmt: skip
                     break
+                moves += 1
                 next_avoid = self._avoid(used[-1], unreachable)
                 if next_avoid is None:
                     if self.restart_wait_s <= 0:
@@ -449,6 +468,54 @@ class Router:
             yield self._ended(job, "error", failure)
         finally:
             slot.release()
+            if moved is not None:
+                self._forget_moved(moved)
+
+    def _forget_moved(self, moved: tuple[int, str]) -> None:
+        """Abort the transfer of a migrated request's KV that no attempt takes (the request
+        ended meanwhile, or no decode rank is left): its rank frees the pages."""
+        with contextlib.suppress(Exception):
+            self.ranks.send_command(moved[0], ("abort", moved[1]))
+
+    def migrations_on(self, ranks: Sequence[int]) -> int:
+        """Requests `migrate_from` asked of `ranks` that have not reached their next decode
+        rank yet: not handed off, or their KV on its way."""
+        on = set(ranks)
+        return sum(
+            1
+            for r in self._requests.values()
+            if (r.migrating and r.rank in on) or (r.prefill_rank in on and r.migrated)
+        )
+
+    def migrate_from(self, ranks: Sequence[int]) -> int:
+        """Ask the decode ranks among `ranks` (their instance is scaled down) to hand the
+        requests decoding on them off with their KV; how many were asked. At its rank's next
+        step boundary each leaves the batch, and its next attempt goes to the decode rank
+        `RankTable.pick_decode` gives it, which receives the KV of its tokens and decodes on:
+        nothing is computed again, the tokens are those it would have made. One not decoding
+        there then (preempted) goes once it decodes again. Nothing is asked when no other
+        decode rank is up."""
+        on = frozenset(ranks)
+        if self.ranks.pick_decode(on) is None:
+            return 0
+        asked: dict[int, list[tuple[str, str]]] = {}
+        for req in self._requests.values():
+            info = self.ranks.infos[req.rank] if req.rank in on else None
+            if (
+                info is None or info.role != "decode" or not self.ranks.is_live(req.rank)
+                or req.prefill_rank is not None or req.migrating or req.lost is not None
+                or req.aborted
+            ):  # fmt: skip
+                continue
+            self._num_attempts += 1
+            req.migrating = True
+            asked.setdefault(req.rank, []).append(
+                (req.rid, f"{req.client_rid}#{self._num_attempts}")
+            )
+        for rank, pairs in asked.items():
+            with contextlib.suppress(Exception):
+                self.ranks.send_command(rank, ("migrate", pairs))
+        return sum(map(len, asked.values()))
 
     def _lost_rank(self, req: RoutedRequest, unreachable: RankUnreachable | None) -> int | None:
         """The rank whose failure ended `req`'s attempt, when it is one that may come back
@@ -597,26 +664,42 @@ class Router:
         return [QueueSlot(self) for _ in range(count)]
 
     async def _attempt(
-        self, job: _Job, avoid: frozenset[int], used: list[RoutedRequest]
+        self,
+        job: _Job,
+        avoid: frozenset[int],
+        used: list[RoutedRequest],
+        moved_from: tuple[int, str] | None = None,
     ) -> AsyncGenerator[Output, None]:
         """One try of `job` on the pair `RankTable.pick(avoid)`, recorded in `used`; from the
         output `job` has (a resumed request). The ranks know the attempt by an id of its own.
         A failure of a rank, not of the request, ends it without a final output: `req.lost`
-        says so (its last tokens come first)."""
+        says so (its last tokens come first). `moved_from`: the decode rank the request left
+        with its KV and the id its KV waits under there (`migrate_from`): this attempt, of
+        that id, has a decode rank (`RankTable.pick_decode(avoid)`) receive it from there."""
         input_ids, resumed = job.input_ids, list(job.output_ids)
         sampling = job.sampling
         if resumed and sampling.prompt_logprobs:  # they came with the first token
             sampling = replace(sampling, prompt_logprobs=False)
-        rank, prefill_rank = self.ranks.pick(avoid, input_ids)
-        here = sampling.prompt_logprobs and prefill_rank is not None
-        if here:  # scoring a prompt: its prefill rank, which has the logits, does it all
-            assert prefill_rank is not None
-            rank, prefill_rank = prefill_rank, None
         client_rid = job.rid
-        if client_rid in self._rank_rids:
-            raise ValueError(f"rid: request {client_rid!r} is already running")
-        self._num_attempts += 1
-        rid = f"{client_rid}#{self._num_attempts}"
+        here = False
+        prefill_rank: int | None
+        if moved_from is not None:
+            prefill_rank, rid = moved_from  # the KV comes from that rank, as from a prefill's
+            picked = self.ranks.pick_decode(avoid)
+            if picked is None:
+                self._forget_moved(moved_from)
+                raise RouterNotReady("no decode rank is left to take the request on")
+            rank = picked
+        else:
+            rank, prefill_rank = self.ranks.pick(avoid, input_ids)
+            here = sampling.prompt_logprobs and prefill_rank is not None
+            if here:  # scoring a prompt: its prefill rank, which has the logits, does it all
+                assert prefill_rank is not None
+                rank, prefill_rank = prefill_rank, None
+            if client_rid in self._rank_rids:
+                raise ValueError(f"rid: request {client_rid!r} is already running")
+            self._num_attempts += 1
+            rid = f"{client_rid}#{self._num_attempts}"
         req = RoutedRequest(
             rid,
             rank,
@@ -625,6 +708,8 @@ class Router:
             prefill_rank,
             queued_here=bool(here),
             num_output_tokens=len(resumed),
+            client_rid=client_rid,
+            migrated=moved_from is not None,
         )
         req.downs_at_start = {r: self.ranks.num_downs[r] for r in req.pair if r is not None}
         used.append(req)
@@ -638,12 +723,17 @@ class Router:
         try:
             request = GenerateRequest(
                 rid, list(input_ids), sampling, stream=not job.whole, generate_here=here,
-                output_ids=resumed,
+                output_ids=resumed, migrated=moved_from is not None,
             )  # fmt: skip
             # Decode side first, so that its receive is posted while the prompt computes.
             add_ref = self.ranks.add(rank, request)
             req.adds.append((rank, add_ref))
-            if prefill_rank is not None:
+            if moved_from is not None:  # the rank it left holds it already: no add there
+                assert prefill_rank is not None
+                held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                held.set_result(None)
+                req.adds.append((prefill_rank, held))
+            elif prefill_rank is not None:
                 prefill_ref = self.ranks.add(prefill_rank, request)
                 req.adds.append((prefill_rank, prefill_ref))
             # A timer, not `asyncio.wait_for`: before Python 3.12, wait_for swallows a

@@ -279,7 +279,7 @@ class ScaleFailure(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ScaleResponse(_message.Message):
-    __slots__ = ("ok", "started", "removed", "failed", "requests_resumed", "seconds", "pools", "requests_retried")
+    __slots__ = ("ok", "started", "removed", "failed", "requests_resumed", "seconds", "pools", "requests_retried", "requests_migrated")
     OK_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +288,7 @@ class ScaleResponse(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RETRIED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_MIGRATED_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     started: _containers.RepeatedScalarFieldContainer[str]
     removed: _containers.RepeatedScalarFieldContainer[str]
@@ -296,7 +297,8 @@ class ScaleResponse(_message.Message):
     seconds: float
     pools: _containers.RepeatedCompositeFieldContainer[PoolInstance]
     requests_retried: int
-    def __init__(self, ok: _Optional[bool] = ..., started: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[_Union[ScaleFailure, _Mapping]]] = ..., requests_resumed: _Optional[int] = ..., seconds: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolInstance, _Mapping]]] = ..., requests_retried: _Optional[int] = ...) -> None: ...
+    requests_migrated: int
+    def __init__(self, ok: _Optional[bool] = ..., started: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[_Union[ScaleFailure, _Mapping]]] = ..., requests_resumed: _Optional[int] = ..., seconds: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolInstance, _Mapping]]] = ..., requests_retried: _Optional[int] = ..., requests_migrated: _Optional[int] = ...) -> None: ...
 
 class PoolsRequest(_message.Message):
     __slots__ = ()

@@ -122,3 +122,107 @@ def test_failed_transfer_and_abort_free_pages(tmp_path_factory):
     assert decode.admit_received("a", 5) is None  # too late: it is gone
     decode.abort("b")
     assert decode.kv.allocator.num_free == decode.kv.num_pages and not decode.has_work
+
+
+def _decode_until(engine: Engine, rid: str, num_tokens: int, out: list[int]) -> None:
+    """Step `engine` until `rid` has `num_tokens` output tokens (others run along)."""
+    while len(out) < num_tokens:
+        for d in engine.step():
+            if d.rid == rid:
+                out += d.token_ids
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_request_migrated_between_decode_engines_goes_on_with_the_same_tokens(
+    seeded, tmp_path_factory
+):
+    """A request decoding on one decode engine moves to another with its KV — at every
+    offset within a page, the last page full or not, the receiver holding part of the
+    prompt in its prefix cache — and goes on there: the same tokens as one engine that did
+    it all (greedy, or seeded: its draws go on where they stood), nothing computed again,
+    every page free at the end."""
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("migrate"))
+    sampling = (
+        SamplingParams(max_new_tokens=20, temperature=0.8, seed=11, ignore_eos=True)
+        if seeded
+        else SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True)
+    )
+    config = EngineConfig(page_size=4, kv_capacity_tokens=512)
+    single, prefill, old, new = (Engine(ckpt.path, config, progress=False) for _ in range(4))
+    prompt = list(range(5, 22))  # 17 tokens
+    single.add(GenerateRequest("s", prompt, sampling))
+    want: list[int] = []
+    while single.has_work:
+        want += [t for d in single.step() for t in d.token_ids]
+    # The new decode engine holds the prompt's first pages (an earlier turn went there).
+    new.add(GenerateRequest("warm", prompt, SamplingParams(max_new_tokens=1, temperature=0.0)))
+    while new.has_work:
+        new.step()
+    for moved_at in range(1, 9):  # output tokens when it moves: 8 offsets over 2 pages
+        rid = f"r{moved_at}"
+        prefill.add(GenerateRequest(rid, prompt, sampling), mode="prefill")
+        old.add(GenerateRequest(rid, prompt, sampling), mode="decode")
+        while not (handed := prefill.take_handoffs()):
+            prefill.step()
+        old.reserve_kv()
+        (seq,) = old.take_reserved()
+        _copy_pages(prefill, handed[0].pages, old, seq.pages)
+        prefill.release(rid)
+        first = old.admit_received(rid, handed[0].token_ids[-1])
+        assert first is not None
+        out = list(first.token_ids)
+        _decode_until(old, rid, moved_at, out)
+        assert old.migrate_out("nope", "x") is None  # not there: nothing happens
+
+        moved = old.migrate_out(rid, f"{rid}#2")
+        assert moved is not None
+        src, last = moved
+        assert last.finish_reason is FinishReason.ERROR and last.resumable
+        assert last.moved_to == f"{rid}#2" and last.token_ids == []
+        assert not old.step()  # it left the batch: the engine has nothing to run
+        new.add(
+            GenerateRequest(f"{rid}#2", prompt, sampling, output_ids=out, migrated=True),
+            mode="decode",
+        )
+        new.reserve_kv()
+        (dst,) = new.take_reserved()
+        reused = dst.num_reused_pages
+        sent = (len(prompt) + len(out) - 1 + 3) // 4
+        # The first time: the prompt's 4 full pages; later, those of earlier moves' tokens
+        # too. The page with the last token sent always comes from the sender.
+        assert reused == 4 if moved_at == 1 else 4 <= reused < sent
+        _copy_pages(old, src.pages[reused:sent], new, dst.pages[reused:sent])
+        old.release(f"{rid}#2")
+        assert new.admit_received(f"{rid}#2", src.token_ids[-1]) is None  # no new token
+        made_before = new.num_generated_tokens
+        rest: list[int] = []
+        _decode_until(new, f"{rid}#2", 20 - moved_at, rest)
+        assert out + rest == want, moved_at
+        assert new.num_generated_tokens - made_before == 20 - moved_at  # none made twice
+    for engine in (prefill, old, new):
+        assert not engine.requests
+        assert engine.kv.allocator.num_free == engine.kv.num_pages
+
+
+def test_only_a_decoding_request_migrates(tmp_path_factory):
+    """A request whose KV is still arriving, or one queued, stays where it is; a migrated
+    request needs output and a decode engine; KV of other tokens fails it."""
+    ckpt = make_checkpoint("v3_noqlora_nonorm", tmp_path_factory.mktemp("nomigrate"))
+    config = EngineConfig(page_size=4, kv_capacity_tokens=64)
+    decode = Engine(ckpt.path, config, progress=False)
+    sp = SamplingParams(max_new_tokens=4, temperature=0.0)
+    decode.add(GenerateRequest("a", list(range(3, 20)), sp), mode="decode")
+    assert decode.migrate_out("a", "a#2") is None  # awaiting pages
+    decode.reserve_kv()
+    assert decode.migrate_out("a", "a#2") is None  # receiving
+    with pytest.raises(ValueError, match="migrated: a request moves"):
+        decode.add(GenerateRequest("b", [3, 4], sp, migrated=True), mode="decode")
+    with pytest.raises(ValueError, match="migrated: only a decode rank"):
+        decode.add(GenerateRequest("b", [3, 4], sp, output_ids=[5], migrated=True))
+    decode.add(GenerateRequest("c", [3, 4, 5], sp, output_ids=[6], migrated=True), mode="decode")
+    decode.reserve_kv()
+    failed = decode.admit_received("c", 7)  # not its last token
+    assert failed is not None and failed.finish_reason is FinishReason.ERROR
+    assert "other tokens" in (failed.error or "")
+    decode.abort("a")
+    assert decode.kv.allocator.num_free == decode.kv.num_pages and not decode.requests

@@ -171,11 +171,13 @@ def _stream_events(url: str, body: dict[str, Any], out: list[Any], first: thread
                 first.set()
 
 
-def test_a_drain_timeout_resumes_a_stream_on_the_instance_that_stays(launch_tiny):
-    """Removed under a stream (drain timeout 0), the decode instance's request goes on from
-    its output on the instance left: one stream, the same tokens and text as without the
-    move — greedy or seeded — and no page left behind."""
-    server = launch_tiny(admin_token=TOKEN, decode_instances=2)
+@pytest.mark.parametrize("migration", [True, False], ids=["kv-migration", "recompute"])
+def test_a_drain_timeout_moves_a_stream_to_the_instance_that_stays(launch_tiny, migration):
+    """Removed under a stream (drain timeout 0), the decode instance's request goes on on the
+    instance left — with its KV (the default: nothing computed again), or from its output
+    (`--disable-kv-migration`: prompt and output computed again): one stream, the same tokens
+    and text as without the move — greedy or seeded — and no page left behind."""
+    server = launch_tiny(admin_token=TOKEN, decode_instances=2, kv_migration=migration)
     url = server.url
     samplings = {
         "greedy": _greedy(1200),
@@ -196,7 +198,9 @@ def test_a_drain_timeout_resumes_a_stream_on_the_instance_that_stays(launch_tiny
             t.join(120)
             report = resp.json()
             assert resp.status_code == 200 and report["ok"], report
-            assert report["removed"] == [busy] and report["requests_resumed"] == 1, report
+            assert report["removed"] == [busy], report
+            moved = {"requests_migrated": int(migration), "requests_resumed": int(not migration)}
+            assert {k: report[k] for k in moved} == moved, report
             last = events[-1]
             assert "error" not in last, last
             assert last["meta_info"]["finish_reason"]["type"] == "length", last
@@ -206,8 +210,14 @@ def test_a_drain_timeout_resumes_a_stream_on_the_instance_that_stays(launch_tiny
             for a, b in zip(events, events[1:], strict=False):  # cumulative: never a step back
                 assert b["output_ids"][: len(a["output_ids"])] == a["output_ids"]
             assert busy not in _pools(url)
-            assert server.router.num_resumed == n
-            assert _metric(url, "pdserve_requests_resumed_total") == n
+            assert server.router.num_resumed == (0 if migration else n)
+            assert server.router.num_migrated == (n if migration else 0)
+            assert _metric(url, "pdserve_requests_resumed_total") == (0 if migration else n)
+            assert _metric(url, "pdserve_requests_migrated_total") == (n if migration else 0)
+            # Per round the prefill rank computed the whole call's prompt and the stream's; the
+            # stream's move took its KV from the decode rank it left, or computed it there again.
+            sent = _by_instance(url)["prefill-0"]["transfers"]["sent"]
+            assert sent == (2 if migration else 3) * n
             _wait_all_pages_free(url)
             if n < len(samplings):
                 assert _scale(url, {"decode": 2}).json()["ok"]

@@ -121,6 +121,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "restart it: its model failed to load, or it was killed for good); by default the "
         "instance is taken down and a new one of its role started",
     )
+    t.add_argument(
+        "--disable-kv-migration",
+        dest="kv_migration",
+        action="store_false",
+        help="at a scaled-down decode instance's drain timeout, resume its requests elsewhere "
+        "by computing their prompt and output again; by default their KV moves to another "
+        "decode instance (NIXL, as from a prefill rank) and they decode on there",
+    )
     t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
     t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     e = p.add_argument_group("engine")
@@ -387,6 +395,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         request_timeout_s=args.request_timeout,
         rank_restart_wait_s=args.rank_restart_wait,
         replace_dead_instances=args.replace_dead_instances,
+        kv_migration=args.kv_migration,
         deployment=args.deployment,
         keep_pools=args.keep_pools,
         sse_keepalive_s=args.sse_keepalive,

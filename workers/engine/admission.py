@@ -31,6 +31,8 @@ def check_request(
     if bad:
         raise ValueError(f"output_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
     req.sampling.validate(vocab)
+    if req.migrated and not req.output_ids:
+        raise ValueError("migrated: a request moves between decode ranks once it has output")
     if len(req.output_ids) >= req.sampling.max_new_tokens:
         raise ValueError(
             f"output_ids: {len(req.output_ids)} tokens generated already, max_new_tokens is "
@@ -69,6 +71,7 @@ def new_sequence(
         req.rid, req.input_ids, sp, arrival, gen, prefill_only=prefill_only, stream=req.stream
     )
     seq.token_ids.extend(req.output_ids)
+    seq.migrated = req.migrated
     if sp.constraint is not None:
         seq.matcher = grammars.matcher(sp.constraint, sp.stop_token_ids, sp.ignore_eos)
         for i, token in enumerate(req.output_ids):

@@ -18,7 +18,7 @@ Protocol (both ends in this repository; nothing else speaks it):
     router can tell a silent rank from a dead one.
   - Router → rank: commands, in order (`COMMANDS`): `("add", seq, [GenerateRequest])`
     (answered by an `AddsTaken(seq, ...)` item), `("abort", rid)`, `("targets", [(rid,
-    TransferTarget)])`, `("wake",)`. One connection carries them in the order they were sent:
+    TransferTarget)])`, `("migrate", [(rid, new_rid)])`, `("wake",)`. One connection carries them in the order they were sent:
     an abort sent after its add cannot overtake it. The rank unpickles them with an
     unpickler that builds only the message classes and plain containers (`_CommandUnpickler`):
     even a peer that has the token cannot make it run anything.
@@ -56,7 +56,7 @@ class StreamAddress(NamedTuple):
     token: str
 
 
-COMMANDS = ("add", "abort", "targets", "wake")
+COMMANDS = ("add", "abort", "targets", "migrate", "wake")
 MAX_COMMAND_FRAME = 256 * 1024 * 1024  # bytes: a batch of adds with long prompts fits
 
 

@@ -182,6 +182,8 @@ class Engine:
         if mode not in ("full", "prefill", "decode"):
             raise ValueError(f"mode must be full, prefill or decode, got {mode!r}")
         self.validate(req)
+        if req.migrated and mode != "decode":
+            raise ValueError("migrated: only a decode rank takes a request with its KV")
         seq = new_sequence(req, next(self._arrivals), mode == "prefill", self.grammars)
         self.requests[req.rid] = seq
         self.idle = False
@@ -224,10 +226,40 @@ class Engine:
         if seq is None or seq.status is not SeqStatus.RECEIVING:
             return None  # aborted meanwhile
         seq.num_cached_tokens = num_cached_tokens
+        if seq.migrated:  # its tokens came with it: the sender's last one is ours
+            if first_token != seq.token_ids[-1]:
+                return self.fail(
+                    rid, f"the KV that arrived is of other tokens (last token {first_token}, "
+                    f"expected {seq.token_ids[-1]})",
+                )  # fmt: skip
+            self.scheduler.admit_received(seq)
+            self.idle = False
+            return None
         skip_draws(seq.generator, 1)  # the prefill rank drew the first token: draw on from there
         self.scheduler.admit_received(seq)
         self.idle = False
         return self._append(seq, first_token, first_logprob)
+
+    def migrate_out(self, rid: str, new_rid: str) -> tuple[Sequence, TokenDelta] | None:
+        """Decode side: hand request `rid`, decoding here, off to another decode rank with its
+        KV. It leaves the batch and is held under `new_rid` (its pages kept until `release`),
+        ready to send the KV of its tokens but the last; returned with the last delta of `rid`
+        (resumable, `moved_to` set). None when `rid` is not decoding here now (finished,
+        queued, preempted, its own KV still arriving): it stays."""
+        seq = self.requests.get(rid)
+        if (
+            seq is None or seq.status is not SeqStatus.RUNNING or not seq.is_decoding
+            or new_rid in self.requests
+        ):  # fmt: skip
+            return None
+        delta = token_delta(seq, [], FinishReason.ERROR)
+        delta.error = "moved to another decode rank with its KV"
+        delta.resumable, delta.moved_to = True, new_rid
+        del self.requests[rid]
+        seq.rid = new_rid
+        self.requests[new_rid] = seq
+        self.scheduler.hand_off(seq)
+        return seq, delta
 
     def release(self, rid: str) -> None:
         """Forget a handed-off request and free its pages (its KV was sent, or failed to be)."""

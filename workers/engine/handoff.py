@@ -34,6 +34,7 @@ from collections import Counter
 from typing import Any
 
 from workers.engine.engine import Engine
+from workers.engine.kv_cache import pages_needed
 from workers.engine.messages import (
     FinishReason,
     TokenDelta,
@@ -75,6 +76,9 @@ class KVHandoff:
         self._aborted: set[str] = set()  # in flight, aborted: report ABORT, not an error
         self._quarantine: list[tuple[float, str]] = []  # (free after, rid)
         self._withheld: set[str] = set()  # decode: receives withheld by an injected fault
+        # Decode: requests asked to migrate while not decoding (rid -> new rid): they go once
+        # they decode again.
+        self._to_migrate: dict[str, str] = {}
         # Prefill: requests parked (withdrawn), each with when it fails unless a target came.
         self._parked: dict[str, float] = {}
         # Prefill: when the receivers of requests still to compute are next told to wait on.
@@ -148,6 +152,7 @@ class KVHandoff:
             self._targets.pop(rid, None)
         self._withheld.discard(rid)
         self._parked.pop(rid, None)
+        self._to_migrate.pop(rid, None)
         if any(r == rid for _, r in self._quarantine):
             return None  # already ended; its pages are freed when the quarantine ends
         if rid in self._in_flight:
@@ -155,6 +160,32 @@ class KVHandoff:
             self.transfer.abort(rid, "aborted")
             return None
         return engine.abort(rid)
+
+    def migrate_out(self, engine: Engine, rid: str, new_rid: str) -> TokenDelta | None:
+        """Decode rank: send request `rid`, decoding here, to another decode rank with its KV
+        (`Engine.migrate_out`): its transfer, under `new_rid`, waits for the target the router
+        forwards from that rank, as a prefill rank's does. The last delta of `rid` (it tells
+        the router where its KV waits); None when it is not decoding here now: one held here
+        (queued, preempted, its KV still arriving) goes once it decodes (`after_step`)."""
+        if self.role != "decode":
+            raise ValueError(f"only a decode rank hands requests off, not a {self.role} rank")
+        moved = engine.migrate_out(rid, new_rid)
+        if moved is None:
+            if rid in engine.requests:
+                self._to_migrate[rid] = new_rid
+            return None
+        self._to_migrate.pop(rid, None)
+        seq, delta = moved
+        pages = seq.pages[: pages_needed(seq.num_computed, engine.kv.page_size)]
+        with self._lock:
+            self._in_flight.add(new_rid)
+            early = self._targets.pop(new_rid, None)
+            self.transfer.send(
+                new_rid, pages, seq.token_ids[-1], self.timeout_s,
+                target=early[0] if early is not None else None,
+                num_cached_tokens=seq.num_cached_tokens,
+            )  # fmt: skip
+        return delta
 
     def after_step(self, engine: Engine) -> tuple[list[TokenDelta], list[TransferReady]]:
         deltas: list[TokenDelta] = []
@@ -169,6 +200,11 @@ class KVHandoff:
                     first_logprob=seq.first_logprob, num_cached_tokens=seq.num_cached_tokens,
                 )  # fmt: skip
         events.extend(self.post_receives(engine))
+        for rid, new_rid in list(self._to_migrate.items()):
+            if rid not in engine.requests:  # ended meanwhile
+                del self._to_migrate[rid]
+            elif (delta := self.migrate_out(engine, rid, new_rid)) is not None:
+                deltas.append(delta)
         for result in self.transfer.poll():
             rid = result.transfer_id
             with self._lock:
@@ -180,7 +216,7 @@ class KVHandoff:
                 self.totals = self.totals.add(
                     result.role, result.ok, result.num_bytes, result.elapsed_s
                 )
-            if self.role == "prefill":
+            if result.role == "send":  # a prefill rank's, or a decode rank's migration
                 engine.release(rid)
                 if not result.ok and not aborted:
                     deltas.append(
@@ -202,11 +238,14 @@ class KVHandoff:
                 if aborted:
                     deltas.append(TokenDelta(rid, [], FinishReason.ABORT))
                 else:
-                    deltas.append(
-                        TokenDelta.failure(
-                            rid, f"KV transfer from the prefill rank failed: {result.error}"
-                        )
+                    moving = engine.requests.get(rid)
+                    sender = (
+                        "decode rank it moved from"
+                        if moving and moving.migrated
+                        else ("prefill rank")
                     )
+                    error = f"KV transfer from the {sender} failed: {result.error}"
+                    deltas.append(TokenDelta.failure(rid, error))
         now = time.monotonic()
         if self._parked:
             deltas.extend(self._expire_parked(engine, now))
@@ -265,8 +304,9 @@ class KVHandoff:
                 continue
             self._in_flight.add(seq.rid)
             reused = seq.num_reused_pages  # held here already: not sent again
+            sent = pages_needed(seq.num_sent_tokens, engine.kv.page_size)
             receiver = self.transfer.expect(
-                seq.rid, seq.pages[reused:], self.timeout_s, skip_pages=reused
+                seq.rid, seq.pages[reused:sent], self.timeout_s, skip_pages=reused
             )
             events.append(TransferReady(seq.rid, receiver.target))
         return events

@@ -3,6 +3,7 @@ worker's lock, applied by the loop between engine steps, in the order they came.
 
     ("add", GenerateRequest)       queue a request (refused: an error delta for it)
     ("abort", rid)                 end a request (its transfer first, when one is in flight)
+    ("migrate", [(rid, new_rid)])  decode rank: hand decoding requests off with their KV
     ("fault", (kind, count))       arm a fault on the KV hand-off (fault tests only)
     ("call", (fn, Future))         run `fn` on the loop thread, its result into the future
 """
@@ -46,6 +47,14 @@ def apply_inbox(
                 future.set_result(fn())
             except Exception as e:
                 future.set_exception(e)
+        elif kind == "migrate":
+            if handoff is None or handoff.role != "decode":
+                logger.error("migrate: this rank is not a decode rank; ignored")
+                continue
+            for rid, new_rid in payload:
+                delta = handoff.migrate_out(engine, rid, new_rid)
+                if delta is not None:
+                    deltas.append(delta)
         elif kind == "abort":
             delta = handoff.abort(engine, payload) if handoff else engine.abort(payload)
             if delta is not None:

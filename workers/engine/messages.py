@@ -161,6 +161,10 @@ class GenerateRequest:
     # a constraint, a seed's draws): the rank computes their KV with the prompt's and goes on
     # from the last, as if it had generated them itself.
     output_ids: list[int] = field(default_factory=list)
+    # Moving here from another decode rank with its KV (`Router.migrate_from`): the KV of its
+    # tokens but the last (the next step's input) arrives from that rank, with no new token;
+    # it goes on decoding from there. Decode ranks only.
+    migrated: bool = False
 
 
 class TokenLogprob(NamedTuple):
@@ -193,6 +197,10 @@ class TokenDelta:
     # An error of the rank, not of the request (an expert-parallel peer failed, the rank died
     # or was scaled down): the router may resume the request on another rank.
     resumable: bool = False
+    # A decode rank handed the request (its KV and tokens) off to another decode rank
+    # (`Router.migrate_from`): the transfer id its KV waits under there (the request's next
+    # attempt's id). Set on a last delta that is also `resumable`.
+    moved_to: str = ""
 
     def __reduce__(self) -> tuple[type[TokenDelta], tuple[Any, ...]]:
         # Positional fields: unpickling a frame's deltas (one per request per step) takes
@@ -200,7 +208,7 @@ class TokenDelta:
         return TokenDelta, (
             self.rid, self.token_ids, self.finish_reason, self.error, self.num_prompt_tokens,
             self.num_output_tokens, self.hold, self.logprobs, self.num_cached_tokens,
-            self.prompt_logprobs, self.resumable,
+            self.prompt_logprobs, self.resumable, self.moved_to,
         )  # fmt: skip
 
     def prepend(self, earlier: TokenDelta) -> None:

@@ -140,7 +140,8 @@ class Scheduler:
         reserved = []
         while self.awaiting_kv:
             seq = self.awaiting_kv[0]
-            prefix = self.allocator.match(seq.token_ids, seq.num_tokens - 1, record=False)
+            # The page with the last token sent always comes from the sender.
+            prefix = self.allocator.match(seq.token_ids, seq.num_sent_tokens - 1, record=False)
             need = pages_needed(seq.num_tokens, self.page_size) - len(prefix.pages)
             if not self.allocator.can_allocate(need):
                 self.allocator.free(prefix.pages)
@@ -156,8 +157,8 @@ class Scheduler:
 
     def admit_received(self, seq: Sequence) -> None:
         """The prompt's KV arrived (and a resumed request's output's): the request joins the
-        running batch, decoding."""
-        seq.num_computed = seq.num_tokens
+        running batch, decoding (a migrated request's last token still to compute)."""
+        seq.num_computed = seq.num_sent_tokens
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 

@@ -50,6 +50,9 @@ class Sequence:
         # Decode side: leading prompt pages this rank's prefix cache held when the request got
         # pages; the prefill rank sends only the pages after them.
         self.num_reused_pages = 0
+        # Decode side: it moves here from another decode rank, whose KV of all its tokens but
+        # the last arrives (`num_sent_tokens`); no token comes with it.
+        self.migrated = False
         self.cacheable = True  # False after a cache flush, for the pages it holds then
         # Asked for prompt logprobs: one per prompt token scored so far (None for the first).
         self.prompt_logprobs: list[TokenLogprob | None] = []
@@ -78,6 +81,13 @@ class Sequence:
     def num_pending(self) -> int:
         """Tokens not yet in the cache: the prompt (or its rest) or the last sampled token."""
         return self.num_tokens - self.num_computed
+
+    @property
+    def num_sent_tokens(self) -> int:
+        """Decode side, before its KV arrives: the tokens whose KV the sending rank writes —
+        the prompt (and a resumed request's output), or a migrated request's tokens but its
+        last, which the next step computes."""
+        return self.num_tokens - 1 if self.migrated else self.num_tokens
 
     @property
     def is_decoding(self) -> bool:

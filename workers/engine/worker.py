@@ -13,10 +13,13 @@ Actor contract:
   frames of `TokenDelta | TransferReady | AddsTaken`, each the new output of every request
   since the last frame (tokens of one request merged in order). A decode rank also reports
   `TransferReady` (where a request's KV must be written). One router at a time. The router
-  sends its `add`, `abort`, `targets` and `wake` commands on the same connection (the calls
-  below, without an actor call's cost); the actor calls remain for when it has none.
-- `set_transfer_targets([(rid, target), ...])`: prefill rank; the decode side's
-  `TransferReady.target` of each request.
+  sends its `add`, `abort`, `targets`, `migrate` and `wake` commands on the same connection
+  (the calls below, without an actor call's cost); the actor calls remain for when it has
+  none.
+- `set_transfer_targets([(rid, target), ...])`: prefill rank (or a decode rank migrating a
+  request); the receiving decode side's `TransferReady.target` of each request.
+- `migrate([(rid, new_rid), ...])`: decode rank; hand these requests off to other decode
+  ranks with their KV (see `KVHandoff.migrate_out`).
 - `stats() -> RankStats`; `shutdown()`.
 - `inject_fault(kind, count)`: for fault tests; refused unless the rank was started with
   `allow_fault_injection` (see `workers.engine.handoff.FAULTS`).
@@ -200,6 +203,14 @@ class EngineWorker(RankOperations):
                 self._num_early_targets += 1
                 self._lock.notify_all()
 
+    def migrate(self, moves: list[tuple[str, str]]) -> None:
+        """Decode rank: hand each `(rid, new_rid)` decoding here off to another decode rank
+        with its KV, at the next step boundary (`KVHandoff.migrate_out`): its last delta
+        says where the KV waits; one not decoding here then stays."""
+        with self._lock:
+            self._inbox.append(("migrate", list(moves)))
+            self._lock.notify_all()
+
     def stream_address(self) -> StreamAddress:
         """Where the router connects for this rank's output (see `workers.engine.delta_stream`);
         the stream starts with the first call, later calls return the same address."""
@@ -229,6 +240,8 @@ class EngineWorker(RankOperations):
                     self.abort(command[1])
                 elif kind == "targets":
                     self.set_transfer_targets(command[1])
+                elif kind == "migrate":
+                    self.migrate(command[1])
                 elif kind == "wake":
                     self.wake()
             except Exception:
