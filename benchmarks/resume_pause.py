@@ -3,8 +3,9 @@
 Against a running disaggregated server with two or more decode instances and an admin token:
 first `--streams` greedy requests run undisturbed (the reference tokens); then the same
 requests again, streamed, and once they all have output the decode instance holding the most
-of them is taken out at once (`/admin/scale`, drain timeout 0). Its requests resume on the
-others from their output (a prefill of prompt + output there). Printed: how many moved, each
+of them is taken out at once (`/admin/scale`, drain timeout 0). Its requests move to the
+others with their KV (the default), or — on a server run with `--disable-kv-migration` —
+resume there from their output (a prefill of prompt + output there). Printed: how many moved, each
 stream's longest gap between two events from the scale on (p50, max) — the moved streams'
 pause next to the slowest step of those that stayed — the scale's own time, and whether every
 stream ended with the reference tokens (exit status 1 if not).
@@ -143,12 +144,14 @@ def _report(
         after.append(max(gaps, default=0.0))
         wrong += ids != expected or bool(last and "error" in last)
     after.sort(reverse=True)
-    num_moved = report["requests_resumed"]
+    migrated = report.get("requests_migrated", 0)
+    num_moved = report["requests_resumed"] + migrated
     moved, stayed = after[:num_moved], after[num_moved:]
     print(f"{streams} streams of {prompt_len} + {output_len} tokens; {what} "
-          f"({seconds * 1000:.0f} ms: {report['requests_resumed']} resumed, "
+          f"({seconds * 1000:.0f} ms: {migrated} migrated with their KV, "
+          f"{report['requests_resumed']} resumed from their output, "
           f"{report['requests_retried']} retried)")  # fmt: skip
-    for name, gaps in (("resumed", moved), ("others", stayed)):
+    for name, gaps in (("moved", moved), ("others", stayed)):
         if gaps:
             ms = sorted(g * 1000 for g in gaps)
             print(f"  longest gap between events since then, {name:8s}: p50 {statistics.median(ms):7.1f} ms"

@@ -17,8 +17,9 @@ parallel). `PoolSet` owns every instance a server started, and scales them (`POS
   the role without a serving instance. A draining instance is picked for no new request and
   leaves the EPLB service; its requests run to their end for up to the drain timeout (by
   default `--scale-drain-timeout`), and those still running then move to another instance:
-  they resume there from their output (one with no token yet starts again; see
-  `Router.generate`). Then the router takes its ranks' last stats and forgets them, and its
+  those decoding on a decode instance with their KV (`Router.migrate_from`, unless
+  `--disable-kv-migration`), the others resuming there from their output (one with no token
+  yet starts again; see `Router.generate`). Then the router takes its ranks' last stats and forgets them, and its
   actors, rendezvous and placement group go.
 
 One scale runs at a time; every role keeps at least one instance, an autoscaled one stays

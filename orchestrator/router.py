@@ -361,7 +361,9 @@ class Router:
         under it — dies, goes silent, is scaled down, or loses an expert-parallel peer — and
         when, disaggregated, it fails before its first token (a transfer failed). One that
         had output resumes from it (`GenerateRequest.output_ids`): the consumer sees one
-        stream, the same tokens as without the move for a greedy or seeded request."""
+        stream, the same tokens as without the move for a greedy or seeded request. One its
+        decode rank handed off with its KV (`migrate_from`) goes on on another decode rank
+        from that KV; that is no failure and does not count as a move."""
         if slot is None:
             (slot,) = self.admit()
         rid = rid or uuid.uuid4().hex

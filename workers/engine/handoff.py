@@ -19,6 +19,11 @@ side without waiting for a decode step); its target goes to the router as a `Tra
 event. When the KV and first token arrive the request joins the batch; when the transfer fails
 it ends with an error.
 
+Decode rank, migration (`migrate_out`, its instance scaled down): a request decoding here is
+sent to another decode rank as a prefill rank sends one — its pages (the KV of its tokens but
+the last) under the id of its next attempt, to the target the router forwards — and the
+receiving rank admits it without a new token (`GenerateRequest.migrated`).
+
 Pages written by a peer are never reused while that peer may still write them: an aborted or
 failed receive keeps its pages for `quarantine_s` before they are freed.
 

@@ -1,0 +1,169 @@
+"""KV migration between decode instances, on real servers: a decode instance scaled down
+hands the requests decoding on it to the decode instance that stays, with their KV (NIXL,
+as from a prefill rank), and they decode on there — streamed and whole calls alike, the same
+tokens as without the move, nothing computed again, no page left behind. A migration whose
+transfer fails resumes the request from its output instead."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from tests.disagg_calls import _greedy, _metric, _wait_all_pages_free
+from tests.test_scaling import TOKEN, _by_instance, _pools, _scale
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = [[(11 * i + 5 * k) % 900 + 3 for k in range(20 + 7 * i)] for i in range(10)]
+NEW_TOKENS = 300
+
+
+async def _run_all(url: str, started: threading.Event) -> list[dict[str, Any]]:
+    """Every prompt at once, even ones streamed and odd ones whole; each one's last event
+    (or whole answer). `started` is set once every stream has its first token."""
+    firsts = 0
+
+    async def one(client: httpx.AsyncClient, i: int) -> dict[str, Any]:
+        nonlocal firsts
+        body = {"input_ids": PROMPTS[i], "sampling_params": _greedy(NEW_TOKENS)}
+        if i % 2:
+            resp = await client.post(f"{url}/generate", json=body)
+            assert resp.status_code == 200, resp.text
+            return dict(resp.json())
+        last: dict[str, Any] = {}
+        async with client.stream("POST", f"{url}/generate", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    if not last:
+                        firsts += 1
+                        if firsts == (len(PROMPTS) + 1) // 2:
+                            started.set()
+                    last = json.loads(line[6:])
+        return last
+
+    limits = httpx.Limits(max_connections=len(PROMPTS))
+    async with httpx.AsyncClient(timeout=240, limits=limits) as client:
+        return list(await asyncio.gather(*(one(client, i) for i in range(len(PROMPTS)))))
+
+
+def _busiest_decode(url: str) -> tuple[str, int]:
+    decode = {n: p["num_requests"] for n, p in _pools(url).items() if p["role"] == "decode"}
+    name = max(decode, key=lambda n: decode[n])
+    return name, decode[name]
+
+
+@pytest.mark.parametrize("decode_dp", [1, 2], ids=["one-rank", "expert-parallel"])
+def test_requests_move_with_their_kv_when_their_decode_instance_is_scaled_down(
+    launch_tiny, decode_dp
+):
+    """Streams and whole calls decoding on a decode instance scaled down (drain timeout 0)
+    move to the one that stays with their KV: the same tokens and text as without the move,
+    no prompt or output computed again, every page free after. With expert-parallel decode
+    instances the requests leave one rank of a lockstep pool and join another's."""
+    server = launch_tiny(admin_token=TOKEN, decode_instances=2, decode_dp=decode_dp)
+    url = server.url
+    try:
+        want = asyncio.run(_run_all(url, threading.Event()))
+        assert all(w["meta_info"]["completion_tokens"] == NEW_TOKENS for w in want)
+        started = threading.Event()
+        results: list[Any] = []
+        runner = threading.Thread(
+            target=lambda: results.extend(asyncio.run(_run_all(url, started)))
+        )
+        runner.start()
+        assert started.wait(120)
+        busy, num_busy = _busiest_decode(url)
+        assert num_busy >= 2
+        resp = _scale(url, {"remove": [busy], "drain_timeout_s": 0})
+        runner.join(240)
+        report = resp.json()
+        assert resp.status_code == 200 and report["ok"], report
+        # Every request there moved with its KV; none was computed again.
+        assert report["requests_migrated"] >= 2 and report["requests_resumed"] == 0, report
+        assert report["requests_retried"] == 0, report
+        assert len(results) == len(PROMPTS)
+        for got, expected in zip(results, want, strict=True):
+            assert "error" not in got, got
+            assert got["output_ids"] == expected["output_ids"]
+            assert got["text"] == expected["text"]
+            assert got["meta_info"]["finish_reason"]["type"] == "length"
+        assert server.router.num_migrated == report["requests_migrated"]
+        assert server.router.num_resumed == 0
+        assert _metric(url, "pdserve_requests_migrated_total") == report["requests_migrated"]
+        # The prefill rank computed each prompt once per run: the moves took no prefill.
+        assert _by_instance(url)["prefill-0"]["transfers"]["sent"] == 2 * len(PROMPTS)
+        status = httpx.get(f"{url}/v1/stats", timeout=30).json()
+        assert status["num_migrated"] == report["requests_migrated"]
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()
+
+
+def test_a_migration_whose_transfer_fails_resumes_the_request_from_its_output(launch_tiny):
+    """The decode instance that stays never posts the moving request's receive: the
+    migration's transfer times out on the rank it left, and the request resumes from its
+    output instead (computed again) — the same tokens, no page left behind."""
+    server = launch_tiny(
+        admin_token=TOKEN, decode_instances=2, allow_fault_injection=True,
+        transfer_timeout_s=2.0,
+    )  # fmt: skip
+    url = server.url
+    try:
+        body = {"input_ids": PROMPTS[4], "sampling_params": _greedy(600)}
+        want = httpx.post(f"{url}/generate", json=body, timeout=120).json()
+        events: list[Any] = []
+        first = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream(
+                "POST", f"{url}/generate", json={**body, "stream": True}, timeout=240
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        events.append(json.loads(line[6:]))
+                        first.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert first.wait(60)
+        busy, _ = _busiest_decode(url)
+        stays = [n for n, p in _pools(url).items() if p["role"] == "decode" and n != busy]
+        (rank,) = _pools(url)[stays[0]]["ranks"]
+        ray.get(server.router.ranks.handles[rank].inject_fault.remote("withhold_receive", 1))
+        began = time.monotonic()
+        resp = _scale(url, {"remove": [busy], "drain_timeout_s": 0})
+        t.join(120)
+        report = resp.json()
+        assert resp.status_code == 200 and report["ok"], report
+        assert report["requests_migrated"] == 1, report
+        assert time.monotonic() - began >= 2.0  # the migration's transfer timed out first
+        last = events[-1]
+        assert "error" not in last, last
+        assert last["output_ids"] == want["output_ids"]
+        assert server.router.num_migrated == 1 and server.router.num_resumed == 1
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()
+
+
+def test_no_migration_without_another_decode_instance(launch_tiny):
+    """`migrate_from` asks nothing when no other decode rank is up."""
+    server = launch_tiny(admin_token=TOKEN)
+    try:
+        decode = [i for i, info in enumerate(server.router.infos) if info.role == "decode"]
+
+        async def ask() -> int:
+            return int(server.router.migrate_from(decode))
+
+        future = asyncio.run_coroutine_threadsafe(ask(), server.router.loop)
+        assert future.result(10) == 0
+    finally:
+        server.stop()
