@@ -715,6 +715,10 @@ class PoolSet:
             )
             report.removed = [i.name for i in leaving]
             report.requests_migrated = sum(m.migrated for m in moved)
+            if self.config.kv_migration and any(
+                spec.role == "decode" and spec.name in report.started for spec in start
+            ):  # new decode ranks take running requests with their KV, not only new ones
+                report.requests_migrated += router.balance_decode()
             report.requests_resumed = sum(m.resumed for m in moved)
             report.requests_retried = sum(m.retried for m in moved)
         finally:

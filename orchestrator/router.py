@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 
 MAX_MOVES = 2  # times one request goes on on another rank (pair) after a failure
+# `Router.balance_decode` moves requests off a decode rank whose reserved KV is over the decode
+# ranks' overall share of capacity by more than this fraction of its own capacity.
+BALANCE_SLACK = 0.1
 
 
 @dataclass
@@ -489,6 +492,60 @@ class Router:
             if (r.migrating and r.rank in on) or (r.prefill_rank in on and r.migrated)
         )
 
+    def balance_decode(self) -> int:
+        """Even out the decode ranks' load by moving requests with their KV (`migrate_from`'s
+        hand-off), from ranks whose reserved KV tokens (prompt + `max_new_tokens` of each
+        request) are over the decode ranks' overall share of their capacity by more than
+        `BALANCE_SLACK` of it, down to that share; the decode rank with the most free KV takes
+        each. Called once new decode ranks joined (a scale-up): they take running requests
+        at once instead of only new ones. How many were asked to move."""
+        loads = self.ranks.loads()
+        decode = [i for i, load in enumerate(loads) if load.alive and load.role == "decode"]
+        capacity = sum(loads[i].kv_capacity_tokens for i in decode)
+        if len(decode) < 2 or capacity <= 0:
+            return 0
+        share = sum(loads[i].num_reserved_tokens for i in decode) / capacity
+        asked: dict[int, list[RoutedRequest]] = {}
+        for i in decode:
+            cap = loads[i].kv_capacity_tokens
+            excess = loads[i].num_reserved_tokens - share * cap
+            if excess <= BALANCE_SLACK * cap:
+                continue
+            # The requests with the most tokens still to make first: they gain the most.
+            movable = sorted(
+                (r for r in self._requests.values() if r.rank == i and self._movable(r)),
+                key=lambda r: r.num_tokens - r.num_prompt_tokens,
+                reverse=True,
+            )
+            for req in movable:
+                if excess <= 0:
+                    break
+                asked.setdefault(i, []).append(req)
+                excess -= req.num_tokens
+        return self._hand_off(asked)
+
+    def _movable(self, req: RoutedRequest) -> bool:
+        """Whether `req` may be handed off with its KV: decoding on a live decode rank (its
+        first token came from there), not handed off already, not ending."""
+        info = self.ranks.infos[req.rank]
+        return (
+            info is not None and info.role == "decode" and self.ranks.is_live(req.rank)
+            and req.prefill_rank is None and not req.migrating and req.lost is None
+            and not req.aborted
+        )  # fmt: skip
+
+    def _hand_off(self, asked: dict[int, list[RoutedRequest]]) -> int:
+        """Send each rank of `asked` its `migrate` command for those requests; how many."""
+        for rank, reqs in asked.items():
+            moves = []
+            for req in reqs:
+                self._num_attempts += 1
+                req.migrating = True
+                moves.append((req.rid, f"{req.client_rid}#{self._num_attempts}"))
+            with contextlib.suppress(Exception):
+                self.ranks.send_command(rank, ("migrate", moves))
+        return sum(map(len, asked.values()))
+
     def migrate_from(self, ranks: Sequence[int]) -> int:
         """Ask the decode ranks among `ranks` (their instance is scaled down) to hand the
         requests decoding on them off with their KV; how many were asked. At its rank's next
@@ -500,24 +557,11 @@ class Router:
         on = frozenset(ranks)
         if self.ranks.pick_decode(on) is None:
             return 0
-        asked: dict[int, list[tuple[str, str]]] = {}
+        asked: dict[int, list[RoutedRequest]] = {}
         for req in self._requests.values():
-            info = self.ranks.infos[req.rank] if req.rank in on else None
-            if (
-                info is None or info.role != "decode" or not self.ranks.is_live(req.rank)
-                or req.prefill_rank is not None or req.migrating or req.lost is not None
-                or req.aborted
-            ):  # fmt: skip
-                continue
-            self._num_attempts += 1
-            req.migrating = True
-            asked.setdefault(req.rank, []).append(
-                (req.rid, f"{req.client_rid}#{self._num_attempts}")
-            )
-        for rank, pairs in asked.items():
-            with contextlib.suppress(Exception):
-                self.ranks.send_command(rank, ("migrate", pairs))
-        return sum(map(len, asked.values()))
+            if req.rank in on and self._movable(req):
+                asked.setdefault(req.rank, []).append(req)
+        return self._hand_off(asked)
 
     def _lost_rank(self, req: RoutedRequest, unreachable: RankUnreachable | None) -> int | None:
         """The rank whose failure ended `req`'s attempt, when it is one that may come back

@@ -167,3 +167,91 @@ def test_no_migration_without_another_decode_instance(launch_tiny):
         assert future.result(10) == 0
     finally:
         server.stop()
+
+
+def _long_streams(url: str, n: int, started: threading.Event) -> list[dict[str, Any]]:
+    """`n` greedy streams of `LONG` tokens at once; each one's last event. `started` is set
+    once every one has its first token."""
+    firsts = 0
+
+    async def one(client: httpx.AsyncClient, i: int) -> dict[str, Any]:
+        nonlocal firsts
+        body = {"input_ids": PROMPTS[i], "sampling_params": _greedy(LONG), "stream": True}
+        last: dict[str, Any] = {}
+        async with client.stream("POST", f"{url}/generate", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    if not last:
+                        firsts += 1
+                        if firsts == n:
+                            started.set()
+                    last = json.loads(line[6:])
+        return last
+
+    async def run() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=240) as client:
+            return list(await asyncio.gather(*(one(client, i) for i in range(n))))
+
+    return asyncio.run(run())
+
+
+LONG = 3800  # four such requests reserve 15.3k of the 16k tokens of `_big_kv`'s decode rank
+
+
+def _big_kv() -> Any:
+    from workers.engine.config import EngineConfig
+
+    return EngineConfig(page_size=16, kv_capacity_tokens=16384, device="cpu",
+                        preload_structured_output=False)  # fmt: skip
+
+
+def test_a_new_decode_instance_takes_running_requests_with_their_kv(launch_tiny):
+    """Scaled up under load, the new decode instance does not wait for new requests: the
+    requests decoding on the busy one move there with their KV until both hold about the
+    same share of their KV capacity — the same tokens, nothing computed again."""
+    server = launch_tiny(admin_token=TOKEN, engine=_big_kv())
+    url = server.url
+    try:
+        want = _long_streams(url, 4, threading.Event())
+        started = threading.Event()
+        results: list[Any] = []
+        runner = threading.Thread(target=lambda: results.extend(_long_streams(url, 4, started)))
+        runner.start()
+        assert started.wait(120)
+        resp = _scale(url, {"decode": 2})
+        report = resp.json()
+        assert resp.status_code == 200 and report["ok"] and report["started"] == ["decode-1"]
+        # The old instance held 94% of its KV capacity in reservations, the new one none: two
+        # of the four requests move (then each holds about half).
+        assert report["requests_migrated"] == 2, json.dumps(report)
+        runner.join(240)
+        for got, expected in zip(results, want, strict=True):
+            assert "error" not in got, got
+            assert got["output_ids"] == expected["output_ids"]
+        assert server.router.num_migrated == 2 and server.router.num_resumed == 0
+        stats = _by_instance(url)
+        assert stats["decode-1"]["transfers"]["received"] == 2
+        assert stats["prefill-0"]["transfers"]["sent"] == 8
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()
+
+
+def test_without_kv_migration_a_new_decode_instance_takes_only_new_requests(launch_tiny):
+    server = launch_tiny(admin_token=TOKEN, kv_migration=False, engine=_big_kv())
+    url = server.url
+    try:
+        started = threading.Event()
+        results: list[Any] = []
+        runner = threading.Thread(target=lambda: results.extend(_long_streams(url, 4, started)))
+        runner.start()
+        assert started.wait(120)
+        report = _scale(url, {"decode": 2}).json()
+        assert report["ok"] and report["requests_migrated"] == 0, report
+        pools = {p["name"]: p["num_requests"] for p in report["pools"]}
+        assert pools["decode-0"] == 4 and pools["decode-1"] == 0, pools  # still running
+        runner.join(240)
+        assert all("error" not in r for r in results)
+        assert _by_instance(url)["decode-1"]["transfers"]["received"] == 0
+    finally:
+        server.stop()
