@@ -121,6 +121,9 @@ class Router:
         # The requests waiting for a rank now, by the client's id: their job, and the event
         # that wakes them (a rank's state changed, the client aborted, the server stops).
         self._waiting: dict[str, tuple[_Job, asyncio.Event]] = {}
+        # Requests between two attempts for a moment (`_went_down`'s grace), by client id:
+        # still in flight, their ids taken, an abort ends them.
+        self._between: dict[str, _Job] = {}
         self._closing = False
         # Called with a rank's index when its actor is found dead for good (the pool set
         # replaces its instance); `num_replacing` counts the instances being replaced, whose
@@ -187,7 +190,7 @@ class Router:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._requests) + len(self._waiting)
+        return len(self._requests) + len(self._waiting) + len(self._between)
 
     @property
     def num_waiting(self) -> int:
@@ -370,7 +373,7 @@ class Router:
         if slot is None:
             (slot,) = self.admit()
         rid = rid or uuid.uuid4().hex
-        if rid in self._rank_rids or rid in self._waiting:
+        if rid in self._rank_rids or rid in self._waiting or rid in self._between:
             slot.release()
             raise ValueError(f"rid: request {rid!r} is already running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
@@ -448,7 +451,14 @@ class Router:
                     if lost is None and used[-1].lost is None and unreachable is None:
                         # A failed transfer, maybe because a rank of the pair just died: the
                         # router sees that on the rank's stream a moment later.
-                        lost = await self._went_down(used[-1])
+                        self._between[job.rid] = job
+                        try:
+                            lost = await self._went_down(used[-1])
+                        finally:
+                            del self._between[job.rid]
+                        if job.aborted:
+                            yield self._ended(job, "abort", None)
+                            return
                     if lost is None:
                         break
                     waited = await self._wait_for_a_rank(job, used[-1], lost)
@@ -858,6 +868,9 @@ class Router:
             job, wake = self._waiting[rid]
             job.aborted = True
             wake.set()
+            return True
+        if rid in self._between:  # it ends once the grace is over
+            self._between[rid].aborted = True
             return True
         req = self._requests.get(self._rank_rids.get(rid, ""))
         if req is None:

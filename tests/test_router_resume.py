@@ -405,3 +405,36 @@ def test_with_every_rank_removed_the_router_is_not_ready_rather_than_failing():
     router.ranks.remove([0])
     with pytest.raises(RouterNotReady, match="being replaced"):
         router.limits  # noqa: B018 (the property raises)
+
+
+def test_a_request_in_the_grace_after_a_failed_transfer_is_in_flight_and_can_be_aborted():
+    """Disaggregated, one pair: the transfer fails before the first token and the router
+    gives the pair a moment to be seen going down (`_went_down`). Meanwhile the request
+    still counts as in flight (a graceful drain waits for it), its id is taken, and an abort
+    ends it."""
+
+    async def run() -> None:
+        router, added = _router(2)
+        router.restart_wait_s = 30.0
+        decode = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="decode")
+        prefill = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="prefill")
+        router.ranks.infos = [decode, prefill]
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0),
+                              rid="r")  # fmt: skip
+        pending, _ = await _next(gen, added, 0)
+        await asyncio.sleep(0.05)
+        req = next(r for rank, r in added if rank == 1)  # the prefill side
+        failed = TokenDelta(req.rid, [], FinishReason.ERROR, "KV transfer to the decode rank "
+                            "failed: timed out", 3, 0)  # fmt: skip
+        router._dispatch(1, [failed])
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        assert router.num_in_flight == 1
+        with pytest.raises(ValueError, match="already running"):
+            await router.generate([1], SamplingParams(max_new_tokens=1), rid="r").__anext__()
+        assert await router.abort("r")
+        out = await asyncio.wait_for(pending, 5)
+        assert out.finish_reason == "abort", out
+        assert router.num_in_flight == 0
+
+    asyncio.run(run())
