@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.outputs import Output
+from orchestrator.ranks import RouterNotReady
 from orchestrator.request_log import EndedRequest, log_request
 from orchestrator.tracing import RequestTracer
 from workers import gc_pauses
@@ -378,6 +379,7 @@ class Metrics:
         first_s: float | None = None
         rid, ended = "", False
         last_out: Output | None = None  # its token counts, for a span of a client gone
+        refusal: tuple[str, str] | None = None  # (finish, error) of a request not taken
 
         def ended_request(finish: str, end_s: float, out: Output | None) -> EndedRequest:
             return EndedRequest(
@@ -418,13 +420,24 @@ class Metrics:
                                 log_request(req)
                             self._trace(req, trace)
                     yield out
+        except RouterNotReady as e:  # no rank could take it (a 503)
+            refusal = ("unavailable", str(e))
+            raise
+        except ValueError as e:  # a rank refused it (a 400)
+            refusal = ("refused", str(e))
+            raise
         finally:
-            if not ended:  # the client left (or a refusal: no rid yet)
+            if not ended:  # the client left, or the request was not taken (no rid yet)
                 now = time.perf_counter()
+                finish, error = refusal if refusal is not None else ("gone", None)
                 if self.log_requests:  # (the log line of one gone has no token counts)
-                    log_request(EndedRequest(rid, api, client, "gone", arrival_s, now, first_s))
+                    log_request(
+                        EndedRequest(rid, api, client, finish, arrival_s, now, first_s, error=error)
+                    )
                 if self.tracer is not None:
-                    self._trace(ended_request("gone", now, last_out), trace)
+                    span = ended_request(finish, now, last_out)
+                    span.error = error or span.error
+                    self._trace(span, trace)
 
     def _trace(self, req: EndedRequest, trace: Mapping[str, str] | None) -> None:
         """`req`'s span, with a tracer (`--otlp-traces-endpoint`)."""

@@ -3,7 +3,8 @@ finding a slow or failed request after the fact (`rid` is the id the client got 
 
 A line holds the request's id, front end (`api`: the HTTP route, or `grpc`), client address,
 token counts (prompt, of which cached, output), how it ended (`finish`: stop, length, abort,
-timeout, error, or `gone` when the client left before the end), the error if any, and its
+timeout, error, `gone` when the client left before the end, `refused` or `unavailable` for one
+not taken: a rank refused it, or none could take it), the error if any, and its
 time to first token and end-to-end latency in milliseconds. Prompts and outputs are never
 logged."""
 
@@ -37,7 +38,9 @@ class EndedRequest:
     rid: str
     api: str  # the HTTP route, or "grpc"
     client: str
-    finish: str  # stop, length, abort, timeout, error, or gone (the client left)
+    # stop, length, abort, timeout, error; gone (the client left); refused (a rank refused it:
+    # a 400) or unavailable (no rank could take it: a 503), both before it started.
+    finish: str
     arrival_s: float
     end_s: float
     first_token_s: float | None = None

@@ -104,7 +104,7 @@ class RequestTracer:
         )  # fmt: skip
         if req.first_token_s is not None:
             span.add_event("first_token", timestamp=at(req.first_token_s))
-        if req.finish in ("error", "timeout"):
+        if req.finish in ("error", "timeout", "refused", "unavailable"):
             span.set_status(Status(StatusCode.ERROR, req.error or req.finish))
         span.end(end_time=at(req.end_s))
 

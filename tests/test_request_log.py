@@ -58,3 +58,41 @@ def test_track_logs_each_ended_request_once_and_a_left_one_as_gone():
     assert "error" not in done
     assert left["rid"] == "left" and left["finish"] == "gone" and left["api"] == "grpc"
     assert left["output_tokens"] is None and left["ttft_ms"] is not None
+
+
+def test_a_request_not_taken_is_logged_as_refused_or_unavailable_with_its_error():
+    """A rank's refusal (the route answers 400) and no rank to take it (503) are not a
+    client gone: their lines say so, with the message the client got."""
+    from orchestrator.ranks import RouterNotReady
+
+    records: list[dict[str, object]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(json.loads(record.getMessage()))
+
+    async def refused(error: Exception) -> AsyncGenerator[Output, None]:
+        raise error
+        yield  # (a generator)
+
+    async def run(metrics: Metrics) -> None:
+        for error in (ValueError("max_new_tokens: too many"), RouterNotReady("loading")):
+            try:
+                async for _ in metrics.track(refused(error), time.perf_counter(), "/generate"):
+                    pass
+            except (ValueError, RouterNotReady) as e:
+                assert e is error
+            else:
+                raise AssertionError("the refusal was swallowed")
+
+    logger = logging.getLogger("pdserve.requests")
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        asyncio.run(run(Metrics(log_requests=True)))
+    finally:
+        logger.removeHandler(handler)
+    bad, down = records
+    assert bad["finish"] == "refused" and bad["error"] == "max_new_tokens: too many"
+    assert down["finish"] == "unavailable" and down["error"] == "loading"
