@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -90,6 +91,24 @@ class EPLBService:
         self.phase_timeout_s = phase_timeout_s
         self._busy = False
         self._periodic: asyncio.Task[None] | None = None
+        # New each time Ray starts this actor (`orchestrator.eplb_watch` resyncs a new one).
+        self._incarnation = uuid.uuid4().hex
+
+    @ray.method(enable_task_events=False)  # polled every few seconds
+    async def incarnation(self) -> str:
+        return self._incarnation
+
+    async def sync_pools(self, pools: list[PoolHandle]) -> None:
+        """Serve exactly `pools` (after a restart: the pools of now, not the constructor's),
+        and drop whatever a rebalance driven by an earlier incarnation left loaded, staged or
+        armed on their ranks."""
+        names = {p.name for p in pools}
+        for name in [n for n in self.pools if n not in names]:
+            self._removed[name] = self.pools.pop(name)
+        for pool in pools:
+            if pool.name not in self.pools:
+                self.pools[pool.name] = _PoolState(pool)
+        await asyncio.gather(*(self._abort(s) for s in self.pools.values()))
 
     async def add_pool(self, pool: PoolHandle) -> None:
         """Take on a pool instance started while serving (scaled up)."""

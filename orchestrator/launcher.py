@@ -32,6 +32,7 @@ from orchestrator.pools import PoolSet, kill_actors, pool_specs, wait_ranks_read
 from orchestrator.router import Router
 from orchestrator.server import create_app
 from orchestrator.tokenizer import Tokenizer
+from workers.model.config import ModelConfig
 from workers.model.hub import checkpoint_dir
 
 logger = logging.getLogger(__name__)
@@ -49,23 +50,20 @@ def resolve_model_dir(config: ServeConfig) -> Path:
 
 def start_eplb(ranks: list[Any], infos: list[Any], model_dir: Path, config: ServeConfig) -> Any:
     """The EPLB service over the expert-parallel pools (None when there is none)."""
-    from eplb.service import EPLBService, PoolHandle
-    from workers.model.config import ModelConfig
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    pools: dict[str, list[tuple[int, Any]]] = {}
-    for handle, info in zip(ranks, infos, strict=True):
-        if info.pool_size > 1:
-            pools.setdefault(f"{info.role}-{info.instance}", []).append((info.pool_rank, handle))
-    if not pools:
+    from eplb.service import EPLBService
+    from orchestrator.eplb_watch import expert_pools
+
+    handles = expert_pools(ranks, infos, ModelConfig.from_dir(model_dir).n_group)
+    if not handles:
         return None
-    num_groups = ModelConfig.from_dir(model_dir).n_group
-    handles = [
-        PoolHandle(name, [h for _, h in sorted(members, key=lambda m: m[0])], num_groups)
-        for name, members in sorted(pools.items())
-    ]
+    # On the router's node: it fails with the router, not with a pool's node. Ray restarts it
+    # when its process dies; `EplbWatch` then hands it the pools of that moment.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     service: Any = (
         ray.remote(EPLBService)
-        .options(num_cpus=0, max_concurrency=8)
+        .options(num_cpus=0, max_concurrency=8, max_restarts=-1, scheduling_strategy=here)
         .remote(handles, config.eplb_interval_s, config.eplb_min_balancedness)
     )
     ray.get(service.start.remote())
@@ -303,7 +301,8 @@ def launch(
             restart_wait_s=config.rank_restart_wait_s,
             max_queued_requests=config.max_queued_requests,
         )
-        app = create_app(router, config, eplb=eplb, pools=pools)
+        groups = ModelConfig.from_dir(model_dir).n_group if eplb is not None else 1
+        app = create_app(router, config, eplb=eplb, pools=pools, expert_groups=groups)
         http = ServerThread(
             app, config.host, config.port, config.log_level, config.access_log, config.tls
         )

@@ -27,6 +27,7 @@ from orchestrator import request_log
 from orchestrator.admin import ADMIN_ROUTES, add_admin_routes
 from orchestrator.auth import OPEN_ROUTES, RequireApiKey
 from orchestrator.config import ServeConfig
+from orchestrator.eplb_watch import EplbWatch
 from orchestrator.http_context import HttpContext, client_of, error_status, gather_all, refused
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
@@ -67,11 +68,13 @@ def create_app(
     manage_router: bool = True,
     eplb: Any = None,
     pools: Any = None,
+    expert_groups: int = 1,
 ) -> FastAPI:
     """The app serving `router`. With `manage_router`, the app's lifespan starts the router on
     the server's event loop and closes it at shutdown (without shutting the ranks down).
-    `eplb`: the EPLB service actor (admin routes, /metrics); `pools`: the `PoolSet` of the
-    pool instances the server started (admin scaling)."""
+    `eplb`: the EPLB service actor (admin routes, /metrics; resynced after a restart by an
+    `EplbWatch`, `expert_groups` being the model's expert groups); `pools`: the `PoolSet` of
+    the pool instances the server started (admin scaling)."""
     config = config or ServeConfig()
     metrics = Metrics(log_requests=config.log_requests)
     if config.log_requests:
@@ -93,6 +96,8 @@ def create_app(
         finally:
             if app.state.autoscaler is not None:
                 await app.state.autoscaler.stop()
+            if app.state.eplb_watch is not None:
+                await app.state.eplb_watch.stop()
             if app.state.grpc_server is not None:
                 await app.state.grpc_server.stop()
             if manage_router:
@@ -108,6 +113,9 @@ def create_app(
         threading.Thread(target=xgrammar_available, name="import-xgrammar", daemon=True).start()
         if pools is not None and config.replace_dead_instances:
             pools.watch_dead_ranks(router, eplb)
+        if eplb is not None:
+            app.state.eplb_watch = EplbWatch(eplb, router, expert_groups)
+            app.state.eplb_watch.start()
         if pools is not None and config.autoscale_bounds():
             from orchestrator.autoscale import AutoscaleConfig, Autoscaler
 
@@ -132,6 +140,7 @@ def create_app(
     app.state.router = router
     app.state.grpc_server = None
     app.state.autoscaler = None
+    app.state.eplb_watch = None
     app.state.startup_error = None
     app.state.metrics = metrics
     if config.api_key is not None:  # inside CountRequests: refusals are counted too

@@ -327,3 +327,90 @@ def test_a_pool_that_is_down_does_not_hold_up_the_others(launch_tiny):
         assert experts["pools"]["prefill-0"]["down"] and not experts["pools"]["decode-0"]["down"]
     finally:
         server.stop()
+
+
+def test_a_restarted_eplb_service_serves_the_pools_again(ep_server):
+    """The service's process dies: Ray starts it again, the server's watch hands it the
+    pools and rebalancing works as before (a log line says so)."""
+    import ray
+
+    url = ep_server.url
+    watch = ep_server.http.app.state.eplb_watch
+    watch.interval_s = 0.2
+    before = _experts(url)
+    old = ray.get(ep_server.eplb.incarnation.remote())
+    ray.kill(ep_server.eplb, no_restart=False)
+    deadline = time.monotonic() + 60
+    while watch.num_restarts == 0:
+        assert time.monotonic() < deadline, "the watch did not see the restart"
+        time.sleep(0.1)
+    assert ray.get(ep_server.eplb.incarnation.remote()) != old
+    assert sorted(_experts(url)) == sorted(before)
+    for p in [list(range(3, 30 + i)) for i in range(3)]:
+        _generate(url, p)
+    r = _rebalance(url)
+    assert r.status_code == 200, r.text
+    assert [p["pool"] for p in r.json()["pools"]] == sorted(before)
+
+
+def test_the_watch_resyncs_a_new_incarnation_with_the_pools_of_now():
+    """Unit: a new incarnation gets the router's current expert-parallel pools (not the
+    draining ones, not one-rank pools) and its periodic trigger started again; the same
+    incarnation is left alone; a service that does not answer is looked at again."""
+    from orchestrator.eplb_watch import EplbWatch
+    from workers.engine.messages import RankInfo
+
+    def info(role: str, instance: int, pool_rank: int, size: int) -> RankInfo:
+        return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role,
+                        instance=instance, pool_rank=pool_rank, pool_size=size)  # fmt: skip
+
+    class Ranks:
+        handles = ["p0", "d0b", "d0a", "d1a", "d1b", "x"]
+        infos = [info("prefill", 0, 0, 1), info("decode", 0, 1, 2), info("decode", 0, 0, 2),
+                 info("decode", 1, 0, 2), info("decode", 1, 1, 2), None]  # fmt: skip
+        closed = {3, 4}  # decode-1 drains
+
+    class Router:
+        ranks = Ranks()
+
+    calls: list[Any] = []
+    answers = iter(["a", "a", RuntimeError("restarting"), "b", "b"])
+
+    def remote(name: str) -> Any:
+        class Call:
+            def remote(self, *args: Any) -> Any:
+                async def done() -> Any:
+                    if name == "incarnation":
+                        answer = next(answers)
+                        if isinstance(answer, Exception):
+                            raise answer
+                        return answer
+                    calls.append((name, args))
+                    return None
+
+                return done()
+
+        return Call()
+
+    class Service:
+        incarnation, sync_pools, start = (
+            remote("incarnation"),
+            remote("sync_pools"),
+            remote("start"),
+        )
+
+    async def run() -> None:
+        watch = EplbWatch(Service(), Router(), num_groups=4, interval_s=0.01)
+        watch.start()
+        for _ in range(200):
+            if watch.num_restarts:
+                break
+            await asyncio.sleep(0.01)
+        await watch.stop()
+        assert watch.num_restarts == 1
+        (sync, args), (start, _) = calls
+        assert (sync, start) == ("sync_pools", "start")
+        (pool,) = args[0]
+        assert pool.name == "decode-0" and pool.ranks == ["d0a", "d0b"] and pool.num_groups == 4
+
+    asyncio.run(run())
