@@ -867,18 +867,23 @@ class PoolSet:
                 break
             await asyncio.sleep(0.05)
         migrated = 0
-        if migrate and self.config.kv_migration and instance.spec.role == "decode":
-            migrated = router.migrate_from(instance.indices)
-        if migrated:
-            # Each leaves at its rank's next step; its KV then moves as from a prefill rank,
-            # bounded by the transfer timeout (a failure resumes it from its output).
-            logger.info("scaling: %d request(s) of %s move to other decode instances with "
-                        "their KV", migrated, instance.name)  # fmt: skip
+        if (
+            migrate and self.config.kv_migration and instance.spec.role == "decode"
+            and router.can_migrate_from(instance.indices)
+        ):  # fmt: skip
+            # Each request leaves at its rank's next step and its KV moves as from a prefill
+            # rank; one still in prefill (or its KV on its way here) is asked once its first
+            # token came from here. Bounded by the transfer timeout: what is left then resumes
+            # from its output (a failed move too).
             until = time.monotonic() + self.config.transfer_timeout_s + MIGRATION_SLACK_S
-            while router.migrations_on(instance.indices) and not (self.stopping or self.stopped):
+            while router.requests_on(instance.indices) and not (self.stopping or self.stopped):
+                migrated += router.migrate_from(instance.indices)
                 if time.monotonic() >= until:
                     break
                 await asyncio.sleep(0.02)
+            if migrated:
+                logger.info("scaling: %d request(s) of %s moved to other decode instances with "
+                            "their KV", migrated, instance.name)  # fmt: skip
         resumed = router.requests_on(instance.indices, with_output=True)
         retried = router.requests_on(instance.indices, with_output=False)
         if resumed or retried:

@@ -118,7 +118,6 @@ class RoutedRequest:
     # says). A migrated attempt's `prefill_rank` is the decode rank its KV comes from.
     migrating: bool = False
     moved_to: str = ""
-    migrated: bool = False  # this attempt receives the KV from the decode rank it left
     client_rid: str = ""  # the client's id for the request
     # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the
     # prompt is done.

@@ -492,15 +492,11 @@ class Router:
         with contextlib.suppress(Exception):
             self.ranks.send_command(moved[0], ("abort", moved[1]))
 
-    def migrations_on(self, ranks: Sequence[int]) -> int:
-        """Requests `migrate_from` asked of `ranks` that have not reached their next decode
-        rank yet: not handed off, or their KV on its way."""
-        on = set(ranks)
-        return sum(
-            1
-            for r in self._requests.values()
-            if (r.migrating and r.rank in on) or (r.prefill_rank in on and r.migrated)
-        )
+    def can_migrate_from(self, ranks: Sequence[int]) -> bool:
+        """Whether requests decoding on `ranks` could move with their KV: they are decode
+        ranks, and another decode rank is up to take them."""
+        roles = {info.role for i in ranks if (info := self.ranks.infos[i]) is not None}
+        return roles == {"decode"} and self.ranks.pick_decode(frozenset(ranks)) is not None
 
     def balance_decode(self) -> int:
         """Even out the decode ranks' load by moving requests with their KV (`migrate_from`'s
@@ -765,7 +761,6 @@ class Router:
             queued_here=bool(here),
             num_output_tokens=len(resumed),
             client_rid=client_rid,
-            migrated=moved_from is not None,
         )
         req.downs_at_start = {r: self.ranks.num_downs[r] for r in req.pair if r is not None}
         used.append(req)

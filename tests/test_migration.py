@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from tests.disagg_calls import _greedy, _metric, _wait_all_pages_free
-from tests.test_scaling import TOKEN, _by_instance, _pools, _scale
+from tests.test_scaling import AUTH, TOKEN, _by_instance, _pools, _scale
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -253,5 +253,53 @@ def test_without_kv_migration_a_new_decode_instance_takes_only_new_requests(laun
         runner.join(240)
         assert all("error" not in r for r in results)
         assert _by_instance(url)["decode-1"]["transfers"]["received"] == 0
+    finally:
+        server.stop()
+
+
+def test_requests_still_in_prefill_move_with_their_kv_once_they_decode(launch_tiny):
+    """Scaled down while its requests' prompts still compute on the prefill rank: each goes
+    to the leaving instance first (its KV was headed there), then moves with it — none is
+    computed again or started over."""
+    server = launch_tiny(admin_token=TOKEN, decode_instances=2, engine=_big_kv())
+    url = server.url
+    prompts = [[(13 * i + 7 * k) % 900 + 3 for k in range(1500 + 40 * i)] for i in range(8)]
+
+    async def run_all(scale: bool) -> tuple[list[list[int]], dict[str, Any] | None]:
+        async def one(client: httpx.AsyncClient, p: list[int]) -> list[int]:
+            body = {"input_ids": p, "sampling_params": _greedy(64)}
+            resp = await client.post(f"{url}/generate", json=body)
+            assert resp.status_code == 200, resp.text
+            return list(resp.json()["output_ids"])
+
+        async with httpx.AsyncClient(timeout=240) as client:
+            tasks = [asyncio.ensure_future(one(client, p)) for p in prompts]
+            report = None
+            if scale:
+                while True:  # every request routed, half of them to each decode instance
+                    pools = (await client.get(f"{url}/admin/pools", headers=AUTH)).json()
+                    counts = {p["name"]: p["num_requests"] for p in pools["pools"]}
+                    if counts["decode-0"] + counts["decode-1"] == len(prompts):
+                        break
+                    await asyncio.sleep(0.01)
+                assert counts["decode-0"] > 0, counts
+                resp = await client.post(
+                    f"{url}/admin/scale", headers=AUTH,
+                    json={"remove": ["decode-0"], "drain_timeout_s": 0},
+                )  # fmt: skip
+                report = resp.json()
+                report["on_it"] = counts["decode-0"]
+            return list(await asyncio.gather(*tasks)), report
+
+    try:
+        want, _ = asyncio.run(run_all(False))
+        got, report = asyncio.run(run_all(True))
+        assert got == want
+        assert report is not None and report["ok"], report
+        assert report["requests_migrated"] == report["on_it"], report
+        assert report["requests_resumed"] == 0 and report["requests_retried"] == 0, report
+        assert server.router.num_resumed == 0 and server.router.num_retries == 0
+        assert _by_instance(url)["prefill-0"]["transfers"]["sent"] == 2 * len(prompts)
+        _wait_all_pages_free(url)
     finally:
         server.stop()
