@@ -159,6 +159,16 @@ class ServeConfig:
         return self.ray_address is None and not os.environ.get("RAY_ADDRESS")
 
     @property
+    def colocated_migration(self) -> bool:
+        """Whether colocated ranks open a transfer engine, to move requests between
+        instances with their KV: with `kv_migration`, when the instances may change (admin
+        scaling, autoscaling)."""
+        return (
+            self.colocated and self.kv_migration
+            and (self.admin_token is not None or self.max_instances is not None)
+        )  # fmt: skip
+
+    @property
     def scale_drain_s(self) -> float:
         """How long a pool instance scaled down lets its requests run on, unless the scale
         says (`--scale-drain-timeout`); what still runs then moves, resuming elsewhere."""

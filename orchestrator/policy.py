@@ -8,8 +8,9 @@ each request, what the request may come to hold in KV), and running requests.
   fewer running requests, then to the lower index.
 - Decode (or colocated) rank: the most free KV tokens after its reservations (so that a rank with
   a larger KV pool takes more); ties go to fewer running requests, then to the lower index.
-- A request migrating between decode ranks (its instance is scaled down) goes to the decode
-  rank with the most free KV tokens, as a new one would (`pick_decode_rank`).
+- A request moving with its KV (its decode or colocated instance is scaled down, or another
+  joined) goes to the rank of that role with the most free KV tokens, as a new one would
+  (`pick_receiver`).
 - Prefix affinity: the rank that computed the last prompt beginning like this one (its prefix
   cache likely holds that beginning) computes this one too, while it is within `slack_tokens`
   of the best choice above (queued prompt tokens for a prefill rank, free KV tokens for a
@@ -89,11 +90,13 @@ def pick_ranks(
     return None if rank is None else Pick(rank, None)
 
 
-def pick_decode_rank(loads: Sequence[RankLoad], avoid: frozenset[int] = frozenset()) -> int | None:
-    """The decode rank a request moving with its KV goes to (no prefill rank is involved),
-    or None when no live one outside `avoid` is left."""
+def pick_receiver(
+    loads: Sequence[RankLoad], avoid: frozenset[int] = frozenset(), role: str = "decode"
+) -> int | None:
+    """The rank of `role` a request moving with its KV goes to (no prefill rank is
+    involved), or None when no live one outside `avoid` is left."""
     live = [i for i, load in enumerate(loads) if load.alive and i not in avoid]
-    candidates = [i for i in live if loads[i].role == "decode"]
+    candidates = [i for i in live if loads[i].role == role]
     if not candidates:
         return None
     return min(candidates, key=lambda i: (-loads[i].free_kv_tokens, loads[i].num_running, i))

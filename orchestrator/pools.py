@@ -543,6 +543,7 @@ class PoolSet:
                     else None,
                     namespace=named.get("namespace"),
                     detached=bool(named),
+                    migration=config.colocated_migration,
                 )
             )
 
@@ -716,8 +717,8 @@ class PoolSet:
             report.removed = [i.name for i in leaving]
             report.requests_migrated = sum(m.migrated for m in moved)
             if self.config.kv_migration and any(
-                spec.role == "decode" and spec.name in report.started for spec in start
-            ):  # new decode ranks take running requests with their KV, not only new ones
+                spec.role != "prefill" and spec.name in report.started for spec in start
+            ):  # new instances take running requests with their KV, not only new ones
                 report.requests_migrated += router.balance_decode()
             report.requests_resumed = sum(m.resumed for m in moved)
             report.requests_retried = sum(m.retried for m in moved)
@@ -868,17 +869,17 @@ class PoolSet:
             await asyncio.sleep(0.05)
         migrated = 0
         if (
-            migrate and self.config.kv_migration and instance.spec.role == "decode"
-            and router.can_migrate_from(instance.indices)
+            migrate and self.config.kv_migration and router.can_migrate_from(instance.indices)
         ):  # fmt: skip
             # Each request leaves at its rank's next step and its KV moves as from a prefill
-            # rank; one still in prefill (or its KV on its way here) is asked once its first
-            # token came from here. Bounded by the transfer timeout: what is left then resumes
-            # from its output (a failed move too).
+            # rank; one whose prompt a prefill rank computes for this instance is asked once
+            # its first token came from here. Bounded by the transfer timeout: what is left
+            # then resumes from its output (a failed move too), or starts again elsewhere (one
+            # queued here).
             until = time.monotonic() + self.config.transfer_timeout_s + MIGRATION_SLACK_S
-            while router.requests_on(instance.indices) and not (self.stopping or self.stopped):
+            while not (self.stopping or self.stopped):
                 migrated += router.migrate_from(instance.indices)
-                if time.monotonic() >= until:
+                if not router.moves_pending(instance.indices) or time.monotonic() >= until:
                     break
                 await asyncio.sleep(0.02)
             if migrated:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.policy import Affinity, Pick, RankLoad, pick_decode_rank, pick_ranks
+from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks, pick_receiver
 from workers.engine.delta_stream import encode_frame
 from workers.engine.messages import (
     AddsTaken,
@@ -267,9 +267,13 @@ class RankTable:
                 self._affinity.popitem(last=False)
         return pick
 
-    def pick_decode(self, avoid: frozenset[int] = frozenset()) -> int | None:
-        """The decode rank a request migrating with its KV goes to; None when none is left."""
-        return pick_decode_rank(self.loads(), avoid)
+    def pick_receiver(
+        self, avoid: frozenset[int] = frozenset(), role: str = "decode"
+    ) -> int | None:
+        """The rank of `role` a request moving with its KV goes to (one that takes such
+        requests: `RankInfo.migrates`); None when none is left."""
+        unable = frozenset(i for i, info in enumerate(self.infos) if not (info and info.migrates))
+        return pick_receiver(self.loads(), avoid | unable, role)
 
     def with_pool_peers(self, ranks: frozenset[int]) -> frozenset[int]:
         """`ranks` and the other ranks of their pool instances."""

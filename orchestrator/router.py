@@ -430,7 +430,7 @@ class Router:
                 if failure is None:
                     return
                 if moved is not None:
-                    if self.ranks.pick_decode(frozenset({moved[0]})) is not None:
+                    if self._receiver(moved[0], frozenset({moved[0]})) is not None:
                         avoid = frozenset({moved[0]})
                         self.num_migrated += 1
                         logger.info("request %s moves to another decode rank with its KV after "
@@ -492,27 +492,53 @@ class Router:
         with contextlib.suppress(Exception):
             self.ranks.send_command(moved[0], ("abort", moved[1]))
 
+    def _receiver(self, source: int, avoid: frozenset[int]) -> int | None:
+        """The rank that takes a request moving off `source` with its KV: of its role, the
+        most free KV outside `avoid` (`RankTable.pick_receiver`); None when none can."""
+        info = self.ranks.infos[source]
+        return None if info is None else self.ranks.pick_receiver(avoid, info.role)
+
     def can_migrate_from(self, ranks: Sequence[int]) -> bool:
-        """Whether requests decoding on `ranks` could move with their KV: they are decode
-        ranks, and another decode rank is up to take them."""
-        roles = {info.role for i in ranks if (info := self.ranks.infos[i]) is not None}
-        return roles == {"decode"} and self.ranks.pick_decode(frozenset(ranks)) is not None
+        """Whether requests on `ranks` (one pool instance) could move with their KV: the ranks
+        hand requests off (`RankInfo.migrates`), and another rank of their role takes them."""
+        infos = [self.ranks.infos[i] for i in ranks]
+        if not ranks or not all(info is not None and info.migrates for info in infos):
+            return False
+        return self._receiver(ranks[0], frozenset(ranks)) is not None
+
+    def moves_pending(self, ranks: Sequence[int]) -> int:
+        """Requests a scale-down of `ranks` waits for before it removes them: asked to move
+        with their KV and not yet taken on by their next rank, and those whose prompt a
+        prefill rank computes for `ranks` (they move once they decode there)."""
+        on = set(ranks)
+        return sum(
+            1
+            for r in self._requests.values()
+            if r.prefill_rank in on  # its KV comes from there (a move under way)
+            or (r.rank in on and (r.migrating or r.prefill_rank is not None))
+        )
 
     def balance_decode(self) -> int:
-        """Even out the decode ranks' load by moving requests with their KV (`migrate_from`'s
-        hand-off), from ranks whose reserved KV tokens (prompt + `max_new_tokens` of each
-        request) are over the decode ranks' overall share of their capacity by more than
-        `BALANCE_SLACK` of it, down to that share; the decode rank with the most free KV takes
-        each. Called once new decode ranks joined (a scale-up): they take running requests
-        at once instead of only new ones. How many were asked to move."""
+        """Even out the generating ranks' load (decode ranks; colocated ones when there are
+        none) by moving requests with their KV (`migrate_from`'s hand-off), from ranks whose
+        reserved KV tokens (prompt + `max_new_tokens` of each request) are over those ranks'
+        overall share of their capacity by more than `BALANCE_SLACK` of it, down to that
+        share; the rank with the most free KV takes each. Called once new instances joined
+        (a scale-up): they take running requests at once instead of only new ones. How many
+        were asked to move."""
         loads = self.ranks.loads()
-        decode = [i for i, load in enumerate(loads) if load.alive and load.role == "decode"]
-        capacity = sum(loads[i].kv_capacity_tokens for i in decode)
-        if len(decode) < 2 or capacity <= 0:
+        role = "decode" if any(load.role == "decode" for load in loads) else "colocated"
+        ranks = [
+            i for i, load in enumerate(loads)
+            if load.alive and load.role == role and (info := self.ranks.infos[i]) is not None
+            and info.migrates
+        ]  # fmt: skip
+        capacity = sum(loads[i].kv_capacity_tokens for i in ranks)
+        if len(ranks) < 2 or capacity <= 0:
             return 0
-        share = sum(loads[i].num_reserved_tokens for i in decode) / capacity
+        share = sum(loads[i].num_reserved_tokens for i in ranks) / capacity
         asked: dict[int, list[RoutedRequest]] = {}
-        for i in decode:
+        for i in ranks:
             cap = loads[i].kv_capacity_tokens
             excess = loads[i].num_reserved_tokens - share * cap
             if excess <= BALANCE_SLACK * cap:
@@ -524,18 +550,18 @@ class Router:
                 reverse=True,
             )
             for req in movable:
-                if excess <= 0:
-                    break
+                if 2 * excess < req.num_tokens:  # it would leave the rank further from it
+                    continue
                 asked.setdefault(i, []).append(req)
                 excess -= req.num_tokens
         return self._hand_off(asked)
 
     def _movable(self, req: RoutedRequest) -> bool:
-        """Whether `req` may be handed off with its KV: decoding on a live decode rank (its
-        first token came from there), not handed off already, not ending."""
+        """Whether `req` may be handed off with its KV: decoding on a live rank that hands
+        requests off (its first token came from there), not handed off already, not ending."""
         info = self.ranks.infos[req.rank]
         return (
-            info is not None and info.role == "decode" and self.ranks.is_live(req.rank)
+            info is not None and info.migrates and self.ranks.is_live(req.rank)
             and req.prefill_rank is None and not req.migrating and req.lost is None
             and not req.aborted
         )  # fmt: skip
@@ -553,15 +579,15 @@ class Router:
         return sum(map(len, asked.values()))
 
     def migrate_from(self, ranks: Sequence[int]) -> int:
-        """Ask the decode ranks among `ranks` (their instance is scaled down) to hand the
-        requests decoding on them off with their KV; how many were asked. At its rank's next
-        step boundary each leaves the batch, and its next attempt goes to the decode rank
-        `RankTable.pick_decode` gives it, which receives the KV of its tokens and decodes on:
-        nothing is computed again, the tokens are those it would have made. One not decoding
-        there then (preempted) goes once it decodes again. Nothing is asked when no other
-        decode rank is up."""
+        """Ask `ranks` (a decode or colocated pool instance scaled down) to hand the requests
+        decoding on them off with their KV; how many were asked. At its rank's next step
+        boundary each leaves the batch, and its next attempt goes to the rank of that role
+        `_receiver` gives it, which receives the KV of its tokens and decodes on: nothing is
+        computed again, the tokens are those it would have made. One not decoding there then
+        (preempted) goes once it decodes again. Nothing is asked when no rank can take them
+        (`can_migrate_from`)."""
         on = frozenset(ranks)
-        if self.ranks.pick_decode(on) is None:
+        if not self.can_migrate_from(ranks):
             return 0
         asked: dict[int, list[RoutedRequest]] = {}
         for req in self._requests.values():
@@ -727,7 +753,7 @@ class Router:
         A failure of a rank, not of the request, ends it without a final output: `req.lost`
         says so (its last tokens come first). `moved_from`: the decode rank the request left
         with its KV and the id its KV waits under there (`migrate_from`): this attempt, of
-        that id, has a decode rank (`RankTable.pick_decode(avoid)`) receive it from there."""
+        that id, has the rank `_receiver` gives (outside `avoid`) receive it from there."""
         input_ids, resumed = job.input_ids, list(job.output_ids)
         sampling = job.sampling
         if resumed and sampling.prompt_logprobs:  # they came with the first token
@@ -737,10 +763,10 @@ class Router:
         prefill_rank: int | None
         if moved_from is not None:
             prefill_rank, rid = moved_from  # the KV comes from that rank, as from a prefill's
-            picked = self.ranks.pick_decode(avoid)
+            picked = self._receiver(prefill_rank, avoid)
             if picked is None:
                 self._forget_moved(moved_from)
-                raise RouterNotReady("no decode rank is left to take the request on")
+                raise RouterNotReady("no rank is left to take the request on")
             rank = picked
         else:
             rank, prefill_rank = self.ranks.pick(avoid, input_ids)

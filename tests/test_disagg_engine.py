@@ -217,7 +217,7 @@ def test_only_a_decoding_request_migrates(tmp_path_factory):
     assert decode.migrate_out("a", "a#2") is None  # receiving
     with pytest.raises(ValueError, match="migrated: a request moves"):
         decode.add(GenerateRequest("b", [3, 4], sp, migrated=True), mode="decode")
-    with pytest.raises(ValueError, match="migrated: only a decode rank"):
+    with pytest.raises(ValueError, match="migrated: a request moving with its KV"):
         decode.add(GenerateRequest("b", [3, 4], sp, output_ids=[5], migrated=True))
     decode.add(GenerateRequest("c", [3, 4, 5], sp, output_ids=[6], migrated=True), mode="decode")
     decode.reserve_kv()

@@ -303,3 +303,41 @@ def test_requests_still_in_prefill_move_with_their_kv_once_they_decode(launch_ti
         _wait_all_pages_free(url)
     finally:
         server.stop()
+
+
+def test_colocated_instances_move_requests_with_their_kv_both_ways(launch_tiny):
+    """Colocated instances (a server that may scale opens a transfer engine on each rank): a
+    new instance takes half the running requests with their KV, and when the old one is
+    removed (drain timeout 0) the rest follow it there — the same tokens, nothing computed
+    again, no page left."""
+    server = launch_tiny(admin_token=TOKEN, colocated=True, engine=_big_kv())
+    url = server.url
+    try:
+        assert all(info.migrates for info in server.router.infos)
+        want = _long_streams(url, 4, threading.Event())
+        started = threading.Event()
+        results: list[Any] = []
+        runner = threading.Thread(target=lambda: results.extend(_long_streams(url, 4, started)))
+        runner.start()
+        assert started.wait(120)
+        up = _scale(url, {"colocated": 2}).json()
+        assert up["ok"] and up["requests_migrated"] == 2, json.dumps(up)
+        down = _scale(url, {"remove": ["colocated-0"], "drain_timeout_s": 0}).json()
+        assert down["ok"] and down["requests_migrated"] == 2, json.dumps(down)
+        assert down["requests_resumed"] == 0 and down["requests_retried"] == 0, down
+        runner.join(240)
+        for got, expected in zip(results, want, strict=True):
+            assert "error" not in got, got
+            assert got["output_ids"] == expected["output_ids"]
+        assert server.router.num_migrated == 4 and server.router.num_resumed == 0
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()
+
+
+def test_a_colocated_server_that_cannot_scale_opens_no_transfer_engine(launch_tiny):
+    server = launch_tiny(colocated=True)
+    try:
+        assert not any(info.migrates for info in server.router.infos)
+    finally:
+        server.stop()

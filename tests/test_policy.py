@@ -12,7 +12,7 @@ from orchestrator.placement import (
     assign_nodes,
     pool_selectors,
 )
-from orchestrator.policy import Affinity, Pick, RankLoad, pick_decode_rank, pick_ranks
+from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks, pick_receiver
 from workers.engine.messages import RankInfo
 
 pytestmark = pytest.mark.timeout(10)
@@ -456,7 +456,7 @@ def test_a_pool_with_a_rank_down_takes_no_request_until_it_is_whole():
     assert ranks.pick(avoid=frozenset()).rank in (0, 1)
 
 
-def test_a_migrating_request_goes_to_the_live_decode_rank_with_the_most_free_kv():
+def test_a_migrating_request_goes_to_the_live_rank_of_its_role_with_the_most_free_kv():
     loads = [
         RankLoad("prefill", True, 1000),
         RankLoad("decode", True, 1000, num_reserved_tokens=600),
@@ -465,8 +465,9 @@ def test_a_migrating_request_goes_to_the_live_decode_rank_with_the_most_free_kv(
         RankLoad("decode", True, 1000, num_reserved_tokens=300),
         RankLoad("colocated", True, 9000),  # takes no KV from a decode rank
     ]
-    assert pick_decode_rank(loads, frozenset({2})) == 4
-    assert pick_decode_rank(loads) == 2
-    assert pick_decode_rank(loads, frozenset({1, 2, 4})) is None
+    assert pick_receiver(loads, frozenset({2})) == 4
+    assert pick_receiver(loads) == 2
+    assert pick_receiver(loads, frozenset({1, 2, 4})) is None
     # No prefill rank is needed: the KV comes from the decode rank it leaves.
-    assert pick_decode_rank([RankLoad("prefill", False, 1), *loads[1:2]]) == 1
+    assert pick_receiver([RankLoad("prefill", False, 1), *loads[1:2]]) == 1
+    assert pick_receiver(loads, role="colocated") == 5  # one of the source's role

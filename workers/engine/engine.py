@@ -183,7 +183,7 @@ class Engine:
             raise ValueError(f"mode must be full, prefill or decode, got {mode!r}")
         self.validate(req)
         if req.migrated and mode != "decode":
-            raise ValueError("migrated: only a decode rank takes a request with its KV")
+            raise ValueError("migrated: a request moving with its KV is added to wait for it")
         seq = new_sequence(req, next(self._arrivals), mode == "prefill", self.grammars)
         self.requests[req.rid] = seq
         self.idle = False

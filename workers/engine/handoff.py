@@ -67,8 +67,8 @@ FAULTS |= RANK_FAULTS
 
 class KVHandoff:
     def __init__(self, role: str, transfer: Any, timeout_s: float, quarantine_s: float = 2.0):
-        if role not in ("prefill", "decode"):
-            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        if role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"role must be prefill, decode or colocated, got {role!r}")
         self.role = role
         self.transfer = transfer  # a workers.transfer KVTransferEngine
         self.timeout_s = timeout_s
@@ -117,8 +117,8 @@ class KVHandoff:
             raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
         if kind.startswith("eplb_") or kind in RANK_FAULTS:
             raise ValueError(f"fault {kind!r} is armed on the rank, not its KV hand-off")
-        if kind == "withhold_receive" and self.role != "decode":
-            raise ValueError(f"fault {kind!r} applies to a decode rank, not a {self.role} rank")
+        if kind == "withhold_receive" and self.role == "prefill":
+            raise ValueError(f"fault {kind!r} applies to a receiving rank, not a prefill rank")
         self.faults[kind] += count
 
     def _take_fault(self, kind: str) -> bool:
@@ -172,8 +172,8 @@ class KVHandoff:
         forwards from that rank, as a prefill rank's does. The last delta of `rid` (it tells
         the router where its KV waits); None when it is not decoding here now: one held here
         (queued, preempted, its KV still arriving) goes once it decodes (`after_step`)."""
-        if self.role != "decode":
-            raise ValueError(f"only a decode rank hands requests off, not a {self.role} rank")
+        if self.role == "prefill":
+            raise ValueError("a prefill rank hands requests off after their prefill only")
         moved = engine.migrate_out(rid, new_rid)
         if moved is None:
             if rid in engine.requests:

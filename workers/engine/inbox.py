@@ -32,7 +32,9 @@ def apply_inbox(
     for kind, payload in messages:
         if kind == "add":
             try:
-                engine.add(payload, "full" if payload.generate_here else mode)
+                # A request moving here with its KV waits for it, whatever the rank's role.
+                add_mode = "decode" if payload.migrated else mode
+                engine.add(payload, "full" if payload.generate_here else add_mode)
             except ValueError as e:
                 deltas.append(TokenDelta.failure(payload.rid, str(e)))
         elif kind == "fault":
@@ -48,8 +50,8 @@ def apply_inbox(
             except Exception as e:
                 future.set_exception(e)
         elif kind == "migrate":
-            if handoff is None or handoff.role != "decode":
-                logger.error("migrate: this rank is not a decode rank; ignored")
+            if handoff is None or handoff.role == "prefill":
+                logger.error("migrate: this rank hands no request off (no transfer engine)")
                 continue
             for rid, new_rid in payload:
                 delta = handoff.migrate_out(engine, rid, new_rid)

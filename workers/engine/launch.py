@@ -30,12 +30,15 @@ def start_engine_rank(
     checkpoint: CheckpointSource | None = None,
     namespace: str | None = None,
     detached: bool = False,
+    migration: bool = False,
 ) -> Any:
     """Start an `EngineWorker` actor of `role`; `ray.init` must have run. Returns its handle.
     `scheduling_strategy`: e.g. its pool's placement group bundle. `checkpoint`: where
     `model_dir` came from, for a rank on a machine that lacks that dir (it fetches a Hub
     repository itself). `namespace`, `detached`: a named actor that outlives the process that
-    started it (a deployment, `orchestrator.deployment`)."""
+    started it (a deployment, `orchestrator.deployment`). `migration`: a colocated rank opens
+    a transfer engine too, to hand requests to another instance with their KV (decode ranks
+    always have one)."""
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
@@ -64,4 +67,5 @@ def start_engine_rank(
         pool,
         initial_phy2log,
         checkpoint,
+        migration,
     )

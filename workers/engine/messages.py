@@ -315,6 +315,9 @@ class RankInfo:
     pool_rank: int = 0  # its rank within the pool instance (expert-parallel group)
     pool_size: int = 1
     pid: int = 0  # the rank's process (it changes when Ray restarts the rank)
+    # It hands requests off to another rank of its role with their KV and takes them
+    # (`Router.migrate_from`): decode ranks, and colocated ones started with a transfer engine.
+    migrates: bool = False
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def join_pool(
 
 
 def open_handoff(role: str, engine: Engine, backend: str, timeout_s: float) -> KVHandoff:
-    """A prefill or decode rank's KV handoff, over a new transfer engine of `backend` (e.g.
+    """A prefill, decode (or migrating colocated) rank's KV handoff, over a new transfer engine of `backend` (e.g.
     "nixl") that registers the engine's KV pages; `timeout_s`: per transfer."""
     from workers.transfer import create_transfer_engine
 
@@ -111,8 +111,11 @@ def open_handoff(role: str, engine: Engine, backend: str, timeout_s: float) -> K
     return handoff
 
 
-def rank_info(engine: Engine, role: str, instance: int, pool: PoolMember | None) -> RankInfo:
-    """What the rank reports once ready: the engine's info, placed (node, pool, process)."""
+def rank_info(
+    engine: Engine, role: str, instance: int, pool: PoolMember | None, migrates: bool = False
+) -> RankInfo:
+    """What the rank reports once ready: the engine's info, placed (node, pool, process);
+    `migrates`: it hands requests off and takes them with their KV (a transfer engine)."""
     return dataclasses.replace(
         engine.info(),
         role=role,
@@ -122,6 +125,7 @@ def rank_info(engine: Engine, role: str, instance: int, pool: PoolMember | None)
         pool_rank=pool.rank if pool is not None else 0,
         pool_size=pool.world_size if pool is not None else 1,
         pid=os.getpid(),
+        migrates=migrates and role != "prefill",
     )
 
 

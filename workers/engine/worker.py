@@ -93,7 +93,10 @@ class EngineWorker(RankOperations):
         pool: PoolMember | None = None,
         initial_phy2log: list[list[int]] | None = None,
         checkpoint: CheckpointSource | None = None,
+        migration: bool = False,
     ):
+        """`migration`: a colocated rank opens a transfer engine, to hand requests off to
+        another instance with their KV and to take them (see `KVHandoff.migrate_out`)."""
         if role not in _MODES:
             raise ValueError(f"role must be one of {sorted(_MODES)}, got {role!r}")
         setup_process(config)
@@ -119,11 +122,13 @@ class EngineWorker(RankOperations):
         self._faults: Counter[str] = Counter()  # armed RANK_FAULTS (under _lock)
         self.role = role
         self.handoff: KVHandoff | None = None
-        if role != "colocated":
+        if role != "colocated" or migration:
             self.handoff = open_handoff(role, self.engine, transfer_backend, transfer_timeout_s)
             self.handoff.transfer.on_result = self._wake_for_transfer
         self.allow_fault_injection = allow_fault_injection
-        self._info = rank_info(self.engine, role, instance, pool)
+        self._info = rank_info(
+            self.engine, role, instance, pool, migrates=role == "decode" or self.handoff is not None
+        )
         self._lock = threading.Condition()
         self._inbox: deque[Message] = deque()  # see `workers.engine.inbox`
         self._outbox: dict[str, TokenDelta] = {}
@@ -335,7 +340,7 @@ class EngineWorker(RankOperations):
                 fail_step = self._take_fault("fail_step")
             deltas = apply_inbox(inbox, engine, handoff, mode)
             events: list[TransferReady] = []
-            if handoff is not None and handoff.role == "decode":
+            if handoff is not None and handoff.role != "prefill":
                 # Receives first: their targets go out while this step computes.
                 engine.reserve_kv()
                 early = handoff.post_receives(engine)
