@@ -716,11 +716,13 @@ class PoolSet:
             )
             report.removed = [i.name for i in leaving]
             report.requests_migrated = sum(m.migrated for m in moved)
+            report.requests_resumed = sum(m.resumed for m in moved)
             if self.config.kv_migration and any(
                 spec.role != "prefill" and spec.name in report.started for spec in start
             ):  # new instances take running requests with their KV, not only new ones
-                report.requests_migrated += router.balance_decode()
-            report.requests_resumed = sum(m.resumed for m in moved)
+                balanced = await self._balance(router)
+                report.requests_migrated += balanced.migrated
+                report.requests_resumed += balanced.resumed
             report.requests_retried = sum(m.retried for m in moved)
         finally:
             self.scaling = False
@@ -731,6 +733,19 @@ class PoolSet:
             f", failed {report.failed}" if report.failed else "",
         )  # fmt: skip
         return report
+
+    async def _balance(self, router: Any) -> Moved:
+        """Even out the generating ranks' load with KV moves (`Router.balance_decode`) and wait
+        for them, up to the transfer timeout and `MIGRATION_SLACK_S`; the requests moved, and
+        those whose move failed (they resumed from their output)."""
+        everyone = router.ranks.present
+        before = router.moves_off(everyone)
+        if router.balance_decode():
+            until = time.monotonic() + self.config.transfer_timeout_s + MIGRATION_SLACK_S
+            while router.moving() and time.monotonic() < until and not self.stopped:
+                await asyncio.sleep(0.02)
+        after = router.moves_off(everyone)
+        return Moved(after[0] - before[0], after[1] - before[1], 0)
 
     def _keep_one_per_role(
         self, leaving: list[PoolInstance], report: ScaleReport
@@ -867,7 +882,7 @@ class PoolSet:
             if time.monotonic() - began >= drain_timeout_s:
                 break
             await asyncio.sleep(0.05)
-        migrated = 0
+        moved_before = router.moves_off(instance.indices)
         if (
             migrate and self.config.kv_migration and router.can_migrate_from(instance.indices)
         ):  # fmt: skip
@@ -877,15 +892,20 @@ class PoolSet:
             # then resumes from its output (a failed move too), or starts again elsewhere (one
             # queued here).
             until = time.monotonic() + self.config.transfer_timeout_s + MIGRATION_SLACK_S
+            candidates = router.move_candidates(instance.indices)
             while not (self.stopping or self.stopped):
-                migrated += router.migrate_from(instance.indices)
+                router.migrate_from(instance.indices, candidates)
                 if not router.moves_pending(instance.indices) or time.monotonic() >= until:
                     break
                 await asyncio.sleep(0.02)
-            if migrated:
-                logger.info("scaling: %d request(s) of %s moved to other decode instances with "
-                            "their KV", migrated, instance.name)  # fmt: skip
-        resumed = router.requests_on(instance.indices, with_output=True)
+        moved_after = router.moves_off(instance.indices)
+        # Moved with their KV (it arrived); those whose move failed resumed from their output.
+        migrated = moved_after[0] - moved_before[0]
+        failed = moved_after[1] - moved_before[1]
+        if migrated:
+            logger.info("scaling: %d request(s) of %s moved to other instances with their KV",
+                        migrated, instance.name)  # fmt: skip
+        resumed = router.requests_on(instance.indices, with_output=True) + failed
         retried = router.requests_on(instance.indices, with_output=False)
         if resumed or retried:
             logger.warning(

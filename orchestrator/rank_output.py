@@ -80,6 +80,8 @@ def dispatch(
                 if rank == req.rank:
                     ranks.spawn(abort_after(ranks, rank, add_ref, item.rid))
         elif index == req.rank and item.token_ids:
+            if req.moved_from is not None and req.prefill_rank is not None:  # its KV arrived
+                ranks.moved_off[req.moved_from] += 1
             # Decoding: it no longer depends on (or loads) the prefill rank.
             ranks.prompt_done(req)
             req.num_output_tokens += len(item.token_ids)

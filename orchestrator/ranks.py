@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +118,7 @@ class RoutedRequest:
     # says). A migrated attempt's `prefill_rank` is the decode rank its KV comes from.
     migrating: bool = False
     moved_to: str = ""
+    moved_from: int | None = None  # a migrated attempt: the rank its KV comes from
     client_rid: str = ""  # the client's id for the request
     # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the
     # prompt is done.
@@ -137,6 +138,9 @@ class RankTable:
         # will not restart them: killed for good, or their constructor failed).
         self.num_downs = [0] * len(handles)
         self.gone: set[int] = set()
+        # Requests whose KV moved off each rank to another and arrived there (their first
+        # token came from the new rank: `rank_output.dispatch`).
+        self.moved_off: Counter[int] = Counter()
         # The load this router put on each rank (see `orchestrator.policy`).
         self.reserved_tokens = [0] * len(handles)
         self.queued_prefill_tokens = [0] * len(handles)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -132,7 +133,9 @@ class Router:
         self.num_replacing = 0
         self.num_retries = 0  # requests re-run on another pair after a failure, before output
         self.num_resumed = 0  # requests that went on on another pair from the output they had
-        self.num_migrated = 0  # requests that moved to another decode rank with their KV
+        # Requests whose move with their KV off a rank failed (they resumed from their output
+        # instead), by that rank; those that moved are `RankTable.moved_off`.
+        self.failed_moves: Counter[int] = Counter()
         self.num_rank_failures = 0  # times a rank was found dead or failing
         self.num_deltas = 0  # token deltas handed to requests (at most one per request a frame)
         self.request_timeout_s = request_timeout_s
@@ -191,6 +194,11 @@ class Router:
     @property
     def num_in_flight(self) -> int:
         return len(self._requests) + len(self._waiting) + len(self._between)
+
+    @property
+    def num_migrated(self) -> int:
+        """Requests that moved to another rank with their KV (it arrived there)."""
+        return sum(self.ranks.moved_off.values())
 
     @property
     def num_waiting(self) -> int:
@@ -399,23 +407,31 @@ class Router:
                 moved_from, moved = moved, None
                 try:
                     attempt = self._attempt(job, avoid, used, moved_from)
-                    async with contextlib.aclosing(attempt) as outs:
-                        async for out in outs:
-                            if (out.finish_reason == "error" and not out.token_ids
-                                    and not new_tokens and self._retryable(used[-1])):  # fmt: skip
-                                failure = out.error or "failed"
-                                break
-                            new_tokens += len(out.token_ids)
-                            job.output_ids += out.token_ids
-                            if out.token_ids or out.finish_reason is not None:
-                                slot.release()  # no longer waits for its first token
-                            yield out
-                            if out.finish_reason is not None:
-                                return  # ended (a rank failing under it now changes nothing)
+                    try:
+                        async with contextlib.aclosing(attempt) as outs:
+                            async for out in outs:
+                                if (out.finish_reason == "error" and not out.token_ids
+                                        and not new_tokens
+                                        and self._retryable(used[-1])):  # fmt: skip
+                                    failure = out.error or "failed"
+                                    break
+                                new_tokens += len(out.token_ids)
+                                job.output_ids += out.token_ids
+                                if out.token_ids or out.finish_reason is not None:
+                                    slot.release()  # no longer waits for its first token
+                                yield out
+                                if out.finish_reason is not None:
+                                    return  # ended (a rank failing under it changes nothing)
+                    finally:  # however it ended: its rank may have handed it off with its KV
+                        last = used[-1] if used else None
+                        if (
+                            last is not None
+                            and last.moved_to
+                            and (moved_from is None or last.moved_to != moved_from[1])
+                        ):  # (not the move the attempt took: that attempt ends it itself)
+                            moved = (last.rank, last.moved_to)
                     if used[-1].lost is not None:  # ended without a word: its rank was lost
                         failure = used[-1].lost[1]
-                        if used[-1].moved_to:  # ... or it handed the request off with its KV
-                            moved = (used[-1].rank, used[-1].moved_to)
                         if used[-1].aborted:  # by the client, while its last tokens went out
                             yield self._ended(job, "abort", None)
                             return
@@ -425,18 +441,20 @@ class Router:
                 except ValueError as e:
                     if not job.output_ids:
                         raise  # refused before anything was said: the caller answers 400
-                    failure = f"the rank it was to resume on refused it: {e}"
-                    break
+                    if moved_from is None:
+                        failure = f"the rank it was to resume on refused it: {e}"
+                        break
+                    # Refused where its KV was to go: it resumes from its output instead.
+                    failure = f"the rank it was to move to with its KV refused it: {e}"
                 if failure is None:
                     return
                 if moved is not None:
                     if self._receiver(moved[0], frozenset({moved[0]})) is not None:
                         avoid = frozenset({moved[0]})
-                        self.num_migrated += 1
-                        logger.info("request %s moves to another decode rank with its KV after "
-                                    "%d token(s)", rid, len(job.output_ids))  # fmt: skip
+                        logger.info("request %s moves to another rank with its KV after %d "
+                                    "token(s)", rid, len(job.output_ids))  # fmt: skip
                         continue
-                    self._forget_moved(moved)  # no decode rank left: resumed as after a failure
+                    self._forget_moved(moved)  # no rank left to take it: resumed as after a failure
                     moved = None
                 if moves == MAX_MOVES:
                     failure += (f" (after {MAX_MOVES} moves to other ranks or restarted ones, the "
@@ -472,6 +490,8 @@ class Router:
                 avoid = next_avoid
                 if job.output_ids:
                     self.num_resumed += 1
+                    if used[-1].moved_from is not None:  # its move with its KV failed
+                        self.failed_moves[used[-1].moved_from] += 1
                     logger.warning("request %s lost its rank after %d token(s) (%s); resuming "
                                    "it", rid, len(job.output_ids), failure)  # fmt: skip
                 else:
@@ -505,6 +525,14 @@ class Router:
         if not ranks or not all(info is not None and info.migrates for info in infos):
             return False
         return self._receiver(ranks[0], frozenset(ranks)) is not None
+
+    def moving(self) -> int:
+        """Requests asked to move with their KV that have not reached their next rank yet."""
+        return sum(
+            1
+            for r in self._requests.values()
+            if r.migrating or (r.moved_from is not None and r.prefill_rank is not None)
+        )
 
     def moves_pending(self, ranks: Sequence[int]) -> int:
         """Requests a scale-down of `ranks` waits for before it removes them: asked to move
@@ -578,20 +606,39 @@ class Router:
                 self.ranks.send_command(rank, ("migrate", moves))
         return sum(map(len, asked.values()))
 
-    def migrate_from(self, ranks: Sequence[int]) -> int:
+    def moves_off(self, ranks: Sequence[int]) -> tuple[int, int]:
+        """Requests that moved off `ranks` with their KV so far, and those whose move failed
+        (they resumed from their output)."""
+        return (
+            sum(self.ranks.moved_off[i] for i in ranks),
+            sum(self.failed_moves[i] for i in ranks),
+        )
+
+    def move_candidates(self, ranks: Sequence[int]) -> set[str]:
+        """The requests (attempt ids) a scale-down of `ranks` moves with their KV: those that
+        decode there, or whose prompt a prefill rank computes for them — not those queued
+        there without output (they start again elsewhere at once)."""
+        on = set(ranks)
+        return {
+            r.rid for r in self._requests.values()
+            if r.rank in on and (r.num_output_tokens > 0 or r.prefill_rank is not None)
+        }  # fmt: skip
+
+    def migrate_from(self, ranks: Sequence[int], only: set[str] | None = None) -> int:
         """Ask `ranks` (a decode or colocated pool instance scaled down) to hand the requests
-        decoding on them off with their KV; how many were asked. At its rank's next step
-        boundary each leaves the batch, and its next attempt goes to the rank of that role
-        `_receiver` gives it, which receives the KV of its tokens and decodes on: nothing is
-        computed again, the tokens are those it would have made. One not decoding there then
-        (preempted) goes once it decodes again. Nothing is asked when no rank can take them
-        (`can_migrate_from`)."""
+        decoding on them (of `only`, when given) off with their KV; how many were asked. At
+        its rank's next step boundary each leaves the batch, and its next attempt goes to the
+        rank of that role `_receiver` gives it, which receives the KV of its tokens and
+        decodes on: nothing is computed again, the tokens are those it would have made. One
+        not decoding there then (preempted) goes once it decodes again; one whose new rank has
+        no free pages for its KV is refused there at once and resumes from its output instead.
+        Nothing is asked when no rank can take them (`can_migrate_from`)."""
         on = frozenset(ranks)
         if not self.can_migrate_from(ranks):
             return 0
         asked: dict[int, list[RoutedRequest]] = {}
         for req in self._requests.values():
-            if req.rank in on and self._movable(req):
+            if req.rank in on and self._movable(req) and (only is None or req.rid in only):
                 asked.setdefault(req.rank, []).append(req)
         return self._hand_off(asked)
 
@@ -787,6 +834,7 @@ class Router:
             queued_here=bool(here),
             num_output_tokens=len(resumed),
             client_rid=client_rid,
+            moved_from=None if moved_from is None else moved_from[0],
         )
         req.downs_at_start = {r: self.ranks.num_downs[r] for r in req.pair if r is not None}
         used.append(req)
@@ -826,9 +874,10 @@ class Router:
                 sides = ((add_ref, rank), (prefill_ref, prefill_rank))
                 early = await accepted_or_first(sides, req.queue)
             except (ValueError, RankUnreachable):
-                # Nothing runs. (Disaggregated, the other side may have accepted it: leave
-                # `finished` False so that both sides are told to abort.)
-                finished = prefill_ref is None
+                # Nothing runs. (Disaggregated, the other side may have accepted it, and a
+                # moved request's KV waits on the rank it left: leave `finished` False so that
+                # both sides are told to abort.)
+                finished = prefill_ref is None and moved_from is None
                 raise
             num_output_tokens = len(resumed)
             while True:

@@ -226,3 +226,25 @@ def test_only_a_decoding_request_migrates(tmp_path_factory):
     assert "other tokens" in (failed.error or "")
     decode.abort("a")
     assert decode.kv.allocator.num_free == decode.kv.num_pages and not decode.requests
+
+
+def test_a_migrated_request_without_room_is_refused_at_once_not_queued(tmp_path_factory):
+    """A decode engine with no free pages for a request moving in with its KV fails it at
+    once (its sender would otherwise time out waiting), and the requests queued behind it
+    still get pages when there are some."""
+    ckpt = make_checkpoint("v3_noqlora_nonorm", tmp_path_factory.mktemp("unplaced"))
+    decode = Engine(ckpt.path, EngineConfig(page_size=4, kv_capacity_tokens=48), progress=False)
+    sp = SamplingParams(max_new_tokens=4, temperature=0.0)
+    decode.add(GenerateRequest("big", list(range(3, 40)), sp), mode="decode")  # 10 of 12 pages
+    decode.add(GenerateRequest("moving", list(range(3, 20)), sp, output_ids=[5],
+                               migrated=True), mode="decode")  # fmt: skip
+    decode.add(GenerateRequest("small", [3, 4, 5], sp), mode="decode")  # 1 page: fits
+    decode.reserve_kv()
+    assert {s.rid for s in decode.take_reserved()} == {"big", "small"}
+    (refused,) = decode.take_unplaced()
+    assert refused.rid == "moving" and refused.finish_reason is FinishReason.ERROR
+    assert "no free KV pages" in (refused.error or "")
+    assert "moving" not in decode.requests and not decode.take_unplaced()
+    decode.abort("big")
+    decode.abort("small")
+    assert decode.kv.allocator.num_free == decode.kv.num_pages

@@ -42,8 +42,8 @@ def add_scale(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drain-timeout", type=float, metavar="S",
         help="how long a removed instance's requests may run on (default: the server's "
-        "--scale-drain-timeout, 60 s); those still running then move to another instance, "
-        "resuming from their output (0: at once)",
+        "--scale-drain-timeout, 60 s); those still running then move to another instance "
+        "with their KV (those decoding), else resuming from their output (0: at once)",
     )  # fmt: skip
     add_admin_args(p, timeout_s=3600.0)
     p.set_defaults(func=cmd_scale)

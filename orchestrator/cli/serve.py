@@ -97,8 +97,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--scale-drain-timeout", type=float, default=60.0, metavar="S",
         help="seconds an instance scaled down (by pdserve scale without --drain-timeout, or "
-        "by the autoscaler) lets its requests run; then the rest move to other instances, "
-        "resuming from their output (0: at once)",
+        "by the autoscaler) lets its requests run; then the rest move to other instances — "
+        "with their KV (decoding on a decode instance, or a colocated one that may scale), "
+        "else resuming from their output (0: at once)",
     )  # fmt: skip
     t.add_argument(
         "--deployment", metavar="NAME",

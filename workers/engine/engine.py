@@ -207,6 +207,18 @@ class Engine:
         self._reserved.extend(reserved)
         return reserved
 
+    def take_unplaced(self) -> list[TokenDelta]:
+        """Decode side: the last deltas of requests that were to move here with their KV but
+        found no free pages (`Scheduler.reserve_kv`): they fail, and the router resumes them
+        elsewhere from their output."""
+        out = []
+        for seq in self.scheduler.unplaced:
+            delta = self.fail(seq.rid, "no free KV pages on the rank it was to move to")
+            if delta is not None:
+                out.append(delta)
+        self.scheduler.unplaced.clear()
+        return out
+
     def take_reserved(self) -> list[Sequence]:
         """Decode-side requests that got pages since the last call, ready to receive their KV."""
         out, self._reserved = self._reserved, []

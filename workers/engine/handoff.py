@@ -205,6 +205,7 @@ class KVHandoff:
                     first_logprob=seq.first_logprob, num_cached_tokens=seq.num_cached_tokens,
                 )  # fmt: skip
         events.extend(self.post_receives(engine))
+        deltas.extend(engine.take_unplaced())
         for rid, new_rid in list(self._to_migrate.items()):
             if rid not in engine.requests:  # ended meanwhile
                 del self._to_migrate[rid]

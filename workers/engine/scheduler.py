@@ -63,6 +63,9 @@ class Scheduler:
         self.awaiting_kv: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.num_reused_tokens = 0  # decode side: prompt tokens whose pages were not sent
+        # Decode side: requests moving here with their KV that found no free pages (the
+        # engine fails them: `Engine.take_unplaced`).
+        self.unplaced: list[Sequence] = []
         # Prefill side (see the module's doc): handed-off requests holding pages, oldest first;
         # the rids whose decode pages are reserved; whether a handed-off request's pages may be
         # taken back (its transfer has no target yet, and is withdrawn).
@@ -145,7 +148,14 @@ class Scheduler:
             need = pages_needed(seq.num_tokens, self.page_size) - len(prefix.pages)
             if not self.allocator.can_allocate(need):
                 self.allocator.free(prefix.pages)
-                break
+                if not seq.migrated:
+                    break
+                # A request moving here with its KV does not wait for pages (its sender would
+                # time out meanwhile): refused now, it resumes elsewhere from its output.
+                self.awaiting_kv.popleft()
+                seq.status = SeqStatus.FINISHED  # in no queue now: `remove` has nothing to do
+                self.unplaced.append(seq)
+                continue
             self.awaiting_kv.popleft()
             seq.add_pages(prefix.pages + self.allocator.allocate(need))
             seq.num_reused_pages = seq.num_published = len(prefix.pages)

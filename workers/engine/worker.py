@@ -344,8 +344,9 @@ class EngineWorker(RankOperations):
                 # Receives first: their targets go out while this step computes.
                 engine.reserve_kv()
                 early = handoff.post_receives(engine)
-                if early:
-                    self._publish([], early, engine.stats())
+                unplaced = engine.take_unplaced()
+                if early or unplaced:
+                    self._publish(unplaced, early, engine.stats())
             try:
                 steps_before = engine.num_steps
                 if fail_step:
