@@ -17,7 +17,7 @@ parallel). `PoolSet` owns every instance a server started, and scales them (`POS
   the role without a serving instance. A draining instance is picked for no new request and
   leaves the EPLB service; its requests run to their end for up to the drain timeout (by
   default `--scale-drain-timeout`), and those still running then move to another instance:
-  those decoding on a decode instance with their KV (`Router.migrate_from`, unless
+  those decoding on a decode instance with their KV (`orchestrator.kv_moves`, unless
   `--disable-kv-migration`), the others resuming there from their output (one with no token
   yet starts again; see `Router.generate`). Then the router takes its ranks' last stats and forgets them, and its
   actors, rendezvous and placement group go.
@@ -735,16 +735,16 @@ class PoolSet:
         return report
 
     async def _balance(self, router: Any) -> Moved:
-        """Even out the generating ranks' load with KV moves (`Router.balance_decode`) and wait
+        """Even out the generating ranks' load with KV moves (`KVMoves.balance`) and wait
         for them, up to the transfer timeout and `MIGRATION_SLACK_S`; the requests moved, and
         those whose move failed (they resumed from their output)."""
         everyone = router.ranks.present
-        before = router.moves_off(everyone)
-        if router.balance_decode():
+        before = router.moves.moved_off(everyone)
+        if router.moves.balance():
             until = time.monotonic() + self.config.transfer_timeout_s + MIGRATION_SLACK_S
-            while router.moving() and time.monotonic() < until and not self.stopped:
+            while router.moves.under_way() and time.monotonic() < until and not self.stopped:
                 await asyncio.sleep(0.02)
-        after = router.moves_off(everyone)
+        after = router.moves.moved_off(everyone)
         return Moved(after[0] - before[0], after[1] - before[1], 0)
 
     def _keep_one_per_role(
@@ -865,7 +865,7 @@ class PoolSet:
         migrate: bool = True,
     ) -> Moved:
         """Drain `instance` and release it; the requests its drain timeout moved to another
-        instance: with their KV (`Router.migrate_from`), resuming from their output, or
+        instance: with their KV (`KVMoves.move_from`), resuming from their output, or
         starting again (no output yet)."""
         instance.state = "draining"
         logger.info("scaling: draining %s", instance.name)
@@ -882,9 +882,9 @@ class PoolSet:
             if time.monotonic() - began >= drain_timeout_s:
                 break
             await asyncio.sleep(0.05)
-        moved_before = router.moves_off(instance.indices)
+        moved_before = router.moves.moved_off(instance.indices)
         if (
-            migrate and self.config.kv_migration and router.can_migrate_from(instance.indices)
+            migrate and self.config.kv_migration and router.moves.can_move_from(instance.indices)
         ):  # fmt: skip
             # Each request leaves at its rank's next step and its KV moves as from a prefill
             # rank; one whose prompt a prefill rank computes for this instance is asked once
@@ -892,13 +892,13 @@ class PoolSet:
             # then resumes from its output (a failed move too), or starts again elsewhere (one
             # queued here).
             until = time.monotonic() + self.config.transfer_timeout_s + MIGRATION_SLACK_S
-            candidates = router.move_candidates(instance.indices)
+            candidates = router.moves.candidates(instance.indices)
             while not (self.stopping or self.stopped):
-                router.migrate_from(instance.indices, candidates)
-                if not router.moves_pending(instance.indices) or time.monotonic() >= until:
+                router.moves.move_from(instance.indices, candidates)
+                if not router.moves.pending(instance.indices) or time.monotonic() >= until:
                     break
                 await asyncio.sleep(0.02)
-        moved_after = router.moves_off(instance.indices)
+        moved_after = router.moves.moved_off(instance.indices)
         # Moved with their KV (it arrived); those whose move failed resumed from their output.
         migrated = moved_after[0] - moved_before[0]
         failed = moved_after[1] - moved_before[1]

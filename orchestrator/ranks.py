@@ -113,7 +113,7 @@ class RoutedRequest:
     lost: tuple[int, str] | None = None
     # `RankTable.num_downs` of its ranks when it was sent: whether a rank went down since.
     downs_at_start: dict[int, int] = field(default_factory=dict)
-    # Migration between decode ranks (`Router.migrate_from`): its rank was asked to hand it
+    # Migration between decode ranks (`KVMoves.move_from`): its rank was asked to hand it
     # off with its KV; the transfer id its KV then waits under there (its rank's last delta
     # says). A migrated attempt's `prefill_rank` is the decode rank its KV comes from.
     migrating: bool = False

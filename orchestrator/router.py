@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -26,6 +25,7 @@ from typing import Any
 import ray
 
 from orchestrator.detokenizer import IncrementalDetokenizer
+from orchestrator.kv_moves import KVMoves
 from orchestrator.outputs import Output, to_output
 from orchestrator.rank_output import RankSilent, dispatch, read_output
 from orchestrator.ranks import (
@@ -55,9 +55,6 @@ logger = logging.getLogger(__name__)
 
 
 MAX_MOVES = 2  # times one request goes on on another rank (pair) after a failure
-# `Router.balance_decode` moves requests off a decode rank whose reserved KV is over the decode
-# ranks' overall share of capacity by more than this fraction of its own capacity.
-BALANCE_SLACK = 0.1
 
 
 @dataclass
@@ -133,9 +130,6 @@ class Router:
         self.num_replacing = 0
         self.num_retries = 0  # requests re-run on another pair after a failure, before output
         self.num_resumed = 0  # requests that went on on another pair from the output they had
-        # Requests whose move with their KV off a rank failed (they resumed from their output
-        # instead), by that rank; those that moved are `RankTable.moved_off`.
-        self.failed_moves: Counter[int] = Counter()
         self.num_rank_failures = 0  # times a rank was found dead or failing
         self.num_deltas = 0  # token deltas handed to requests (at most one per request a frame)
         self.request_timeout_s = request_timeout_s
@@ -151,6 +145,8 @@ class Router:
         self._requests: dict[str, RoutedRequest] = {}
         self._rank_rids: dict[str, str] = {}
         self._num_attempts = 0
+        # Requests moving to another rank with their KV (scale-downs, scale-ups).
+        self.moves = KVMoves(self.ranks, self._requests, self._next_rid)
         self._tasks: dict[int, asyncio.Task[None]] = {}  # each rank's reader, by index
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
@@ -198,7 +194,7 @@ class Router:
     @property
     def num_migrated(self) -> int:
         """Requests that moved to another rank with their KV (it arrived there)."""
-        return sum(self.ranks.moved_off.values())
+        return self.moves.num_moved
 
     @property
     def num_waiting(self) -> int:
@@ -376,8 +372,8 @@ class Router:
         when, disaggregated, it fails before its first token (a transfer failed). One that
         had output resumes from it (`GenerateRequest.output_ids`): the consumer sees one
         stream, the same tokens as without the move for a greedy or seeded request. One its
-        decode rank handed off with its KV (`migrate_from`) goes on on another decode rank
-        from that KV; that is no failure and does not count as a move."""
+        rank handed off with its KV (`orchestrator.kv_moves`) goes on on another rank from
+        that KV; that is no failure and does not count as a move."""
         if slot is None:
             (slot,) = self.admit()
         rid = rid or uuid.uuid4().hex
@@ -395,8 +391,8 @@ class Router:
         )  # fmt: skip
         used: list[RoutedRequest] = []
         avoid: frozenset[int] = frozenset()
-        # A migration (`migrate_from`): the decode rank it left and the id its KV waits under
-        # there, for the next attempt to take (or, when none does, to be aborted there).
+        # A move with its KV (`orchestrator.kv_moves`): the rank it left and the id its KV
+        # waits under there, for the next attempt to take (or, none doing so, to abort).
         moved: tuple[int, str] | None = None
         moves = 0  # after failures (a migration is no failure: it does not count)
         try:
@@ -449,12 +445,12 @@ class Router:
                 if failure is None:
                     return
                 if moved is not None:
-                    if self._receiver(moved[0], frozenset({moved[0]})) is not None:
+                    if self.moves.receiver(moved[0], frozenset({moved[0]})) is not None:
                         avoid = frozenset({moved[0]})
                         logger.info("request %s moves to another rank with its KV after %d "
                                     "token(s)", rid, len(job.output_ids))  # fmt: skip
                         continue
-                    self._forget_moved(moved)  # no rank left to take it: resumed as after a failure
+                    self.moves.forget(moved)  # no rank left to take it: resumed after a failure
                     moved = None
                 if moves == MAX_MOVES:
                     failure += (f" (after {MAX_MOVES} moves to other ranks or restarted ones, the "
@@ -491,7 +487,7 @@ class Router:
                 if job.output_ids:
                     self.num_resumed += 1
                     if used[-1].moved_from is not None:  # its move with its KV failed
-                        self.failed_moves[used[-1].moved_from] += 1
+                        self.moves.failed[used[-1].moved_from] += 1
                     logger.warning("request %s lost its rank after %d token(s) (%s); resuming "
                                    "it", rid, len(job.output_ids), failure)  # fmt: skip
                 else:
@@ -504,143 +500,12 @@ class Router:
         finally:
             slot.release()
             if moved is not None:
-                self._forget_moved(moved)
+                self.moves.forget(moved)
 
-    def _forget_moved(self, moved: tuple[int, str]) -> None:
-        """Abort the transfer of a migrated request's KV that no attempt takes (the request
-        ended meanwhile, or no decode rank is left): its rank frees the pages."""
-        with contextlib.suppress(Exception):
-            self.ranks.send_command(moved[0], ("abort", moved[1]))
-
-    def _receiver(self, source: int, avoid: frozenset[int]) -> int | None:
-        """The rank that takes a request moving off `source` with its KV: of its role, the
-        most free KV outside `avoid` (`RankTable.pick_receiver`); None when none can."""
-        info = self.ranks.infos[source]
-        return None if info is None else self.ranks.pick_receiver(avoid, info.role)
-
-    def can_migrate_from(self, ranks: Sequence[int]) -> bool:
-        """Whether requests on `ranks` (one pool instance) could move with their KV: the ranks
-        hand requests off (`RankInfo.migrates`), and another rank of their role takes them."""
-        infos = [self.ranks.infos[i] for i in ranks]
-        if not ranks or not all(info is not None and info.migrates for info in infos):
-            return False
-        return self._receiver(ranks[0], frozenset(ranks)) is not None
-
-    def moving(self) -> int:
-        """Requests asked to move with their KV that have not reached their next rank yet."""
-        return sum(
-            1
-            for r in self._requests.values()
-            if r.migrating or (r.moved_from is not None and r.prefill_rank is not None)
-        )
-
-    def moves_pending(self, ranks: Sequence[int]) -> int:
-        """Requests a scale-down of `ranks` waits for before it removes them: asked to move
-        with their KV and not yet taken on by their next rank, and those whose prompt a
-        prefill rank computes for `ranks` (they move once they decode there)."""
-        on = set(ranks)
-        return sum(
-            1
-            for r in self._requests.values()
-            if r.prefill_rank in on  # its KV comes from there (a move under way)
-            or (r.rank in on and (r.migrating or r.prefill_rank is not None))
-        )
-
-    def balance_decode(self) -> int:
-        """Even out the generating ranks' load (decode ranks; colocated ones when there are
-        none) by moving requests with their KV (`migrate_from`'s hand-off), from ranks whose
-        reserved KV tokens (prompt + `max_new_tokens` of each request) are over those ranks'
-        overall share of their capacity by more than `BALANCE_SLACK` of it, down to that
-        share; the rank with the most free KV takes each. Called once new instances joined
-        (a scale-up): they take running requests at once instead of only new ones. How many
-        were asked to move."""
-        loads = self.ranks.loads()
-        role = "decode" if any(load.role == "decode" for load in loads) else "colocated"
-        ranks = [
-            i for i, load in enumerate(loads)
-            if load.alive and load.role == role and (info := self.ranks.infos[i]) is not None
-            and info.migrates
-        ]  # fmt: skip
-        capacity = sum(loads[i].kv_capacity_tokens for i in ranks)
-        if len(ranks) < 2 or capacity <= 0:
-            return 0
-        share = sum(loads[i].num_reserved_tokens for i in ranks) / capacity
-        asked: dict[int, list[RoutedRequest]] = {}
-        for i in ranks:
-            cap = loads[i].kv_capacity_tokens
-            excess = loads[i].num_reserved_tokens - share * cap
-            if excess <= BALANCE_SLACK * cap:
-                continue
-            # The requests with the most tokens still to make first: they gain the most.
-            movable = sorted(
-                (r for r in self._requests.values() if r.rank == i and self._movable(r)),
-                key=lambda r: r.num_tokens - r.num_prompt_tokens,
-                reverse=True,
-            )
-            for req in movable:
-                if 2 * excess < req.num_tokens:  # it would leave the rank further from it
-                    continue
-                asked.setdefault(i, []).append(req)
-                excess -= req.num_tokens
-        return self._hand_off(asked)
-
-    def _movable(self, req: RoutedRequest) -> bool:
-        """Whether `req` may be handed off with its KV: decoding on a live rank that hands
-        requests off (its first token came from there), not handed off already, not ending."""
-        info = self.ranks.infos[req.rank]
-        return (
-            info is not None and info.migrates and self.ranks.is_live(req.rank)
-            and req.prefill_rank is None and not req.migrating and req.lost is None
-            and not req.aborted
-        )  # fmt: skip
-
-    def _hand_off(self, asked: dict[int, list[RoutedRequest]]) -> int:
-        """Send each rank of `asked` its `migrate` command for those requests; how many."""
-        for rank, reqs in asked.items():
-            moves = []
-            for req in reqs:
-                self._num_attempts += 1
-                req.migrating = True
-                moves.append((req.rid, f"{req.client_rid}#{self._num_attempts}"))
-            with contextlib.suppress(Exception):
-                self.ranks.send_command(rank, ("migrate", moves))
-        return sum(map(len, asked.values()))
-
-    def moves_off(self, ranks: Sequence[int]) -> tuple[int, int]:
-        """Requests that moved off `ranks` with their KV so far, and those whose move failed
-        (they resumed from their output)."""
-        return (
-            sum(self.ranks.moved_off[i] for i in ranks),
-            sum(self.failed_moves[i] for i in ranks),
-        )
-
-    def move_candidates(self, ranks: Sequence[int]) -> set[str]:
-        """The requests (attempt ids) a scale-down of `ranks` moves with their KV: those that
-        decode there, or whose prompt a prefill rank computes for them — not those queued
-        there without output (they start again elsewhere at once)."""
-        on = set(ranks)
-        return {
-            r.rid for r in self._requests.values()
-            if r.rank in on and (r.num_output_tokens > 0 or r.prefill_rank is not None)
-        }  # fmt: skip
-
-    def migrate_from(self, ranks: Sequence[int], only: set[str] | None = None) -> int:
-        """Ask `ranks` (a decode or colocated pool instance scaled down) to hand the requests
-        decoding on them (of `only`, when given) off with their KV; how many were asked. At
-        its rank's next step boundary each leaves the batch, and its next attempt goes to the
-        rank of that role `_receiver` gives it, which receives the KV of its tokens and
-        decodes on: nothing is computed again, the tokens are those it would have made. One
-        not decoding there then (preempted) goes once it decodes again; one whose new rank has
-        no free pages for its KV is refused there at once and resumes from its output instead.
-        Nothing is asked when no rank can take them (`can_migrate_from`)."""
-        on = frozenset(ranks)
-        if not self.can_migrate_from(ranks):
-            return 0
-        asked: dict[int, list[RoutedRequest]] = {}
-        for req in self._requests.values():
-            if req.rank in on and self._movable(req) and (only is None or req.rid in only):
-                asked.setdefault(req.rank, []).append(req)
-        return self._hand_off(asked)
+    def _next_rid(self, client_rid: str) -> str:
+        """A new attempt id for the client's request `client_rid`."""
+        self._num_attempts += 1
+        return f"{client_rid}#{self._num_attempts}"
 
     def _lost_rank(self, req: RoutedRequest, unreachable: RankUnreachable | None) -> int | None:
         """The rank whose failure ended `req`'s attempt, when it is one that may come back
@@ -798,9 +663,9 @@ class Router:
         """One try of `job` on the pair `RankTable.pick(avoid)`, recorded in `used`; from the
         output `job` has (a resumed request). The ranks know the attempt by an id of its own.
         A failure of a rank, not of the request, ends it without a final output: `req.lost`
-        says so (its last tokens come first). `moved_from`: the decode rank the request left
-        with its KV and the id its KV waits under there (`migrate_from`): this attempt, of
-        that id, has the rank `_receiver` gives (outside `avoid`) receive it from there."""
+        says so (its last tokens come first). `moved_from`: the rank the request left with
+        its KV and the id its KV waits under there (`orchestrator.kv_moves`): this attempt, of
+        that id, has the rank `KVMoves.receiver` gives (outside `avoid`) receive it there."""
         input_ids, resumed = job.input_ids, list(job.output_ids)
         sampling = job.sampling
         if resumed and sampling.prompt_logprobs:  # they came with the first token
@@ -810,10 +675,10 @@ class Router:
         prefill_rank: int | None
         if moved_from is not None:
             prefill_rank, rid = moved_from  # the KV comes from that rank, as from a prefill's
-            picked = self._receiver(prefill_rank, avoid)
-            if picked is None:
-                self._forget_moved(moved_from)
-                raise RouterNotReady("no rank is left to take the request on")
+            picked = self.moves.receiver(prefill_rank, avoid)
+            if picked is None:  # gone meanwhile: it resumes from its output instead
+                self.moves.forget(moved_from)
+                raise RankUnreachable(prefill_rank, RuntimeError("no rank left to move it to"))
             rank = picked
         else:
             rank, prefill_rank = self.ranks.pick(avoid, input_ids)
@@ -823,8 +688,7 @@ class Router:
                 rank, prefill_rank = prefill_rank, None
             if client_rid in self._rank_rids:
                 raise ValueError(f"rid: request {client_rid!r} is already running")
-            self._num_attempts += 1
-            rid = f"{client_rid}#{self._num_attempts}"
+            rid = self._next_rid(client_rid)
         req = RoutedRequest(
             rid,
             rank,

@@ -54,6 +54,16 @@ async def _run_all(url: str, started: threading.Event) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(one(client, i) for i in range(len(PROMPTS)))))
 
 
+def _same_outputs(results: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """Each request's last event (or whole answer) as its reference's: tokens, text, end."""
+    assert len(results) == len(want)
+    for got, expected in zip(results, want, strict=True):
+        assert "error" not in got, got
+        assert got["output_ids"] == expected["output_ids"]
+        assert got["text"] == expected["text"]
+        assert got["meta_info"]["finish_reason"]["type"] == "length"
+
+
 def _busiest_decode(url: str) -> tuple[str, int]:
     decode = {n: p["num_requests"] for n, p in _pools(url).items() if p["role"] == "decode"}
     name = max(decode, key=lambda n: decode[n])
@@ -89,12 +99,7 @@ def test_requests_move_with_their_kv_when_their_decode_instance_is_scaled_down(
         # Every request there moved with its KV; none was computed again.
         assert report["requests_migrated"] >= 2 and report["requests_resumed"] == 0, report
         assert report["requests_retried"] == 0, report
-        assert len(results) == len(PROMPTS)
-        for got, expected in zip(results, want, strict=True):
-            assert "error" not in got, got
-            assert got["output_ids"] == expected["output_ids"]
-            assert got["text"] == expected["text"]
-            assert got["meta_info"]["finish_reason"]["type"] == "length"
+        _same_outputs(results, want)
         assert server.router.num_migrated == report["requests_migrated"]
         assert server.router.num_resumed == 0
         assert _metric(url, "pdserve_requests_migrated_total") == report["requests_migrated"]
@@ -156,13 +161,13 @@ def test_a_migration_whose_transfer_fails_resumes_the_request_from_its_output(la
 
 
 def test_no_migration_without_another_decode_instance(launch_tiny):
-    """`migrate_from` asks nothing when no other decode rank is up."""
+    """`KVMoves.move_from` asks nothing when no other decode rank is up."""
     server = launch_tiny(admin_token=TOKEN)
     try:
         decode = [i for i, info in enumerate(server.router.infos) if info.role == "decode"]
 
         async def ask() -> int:
-            return int(server.router.migrate_from(decode))
+            return int(server.router.moves.move_from(decode))
 
         future = asyncio.run_coroutine_threadsafe(ask(), server.router.loop)
         assert future.result(10) == 0
@@ -226,9 +231,7 @@ def test_a_new_decode_instance_takes_running_requests_with_their_kv(launch_tiny)
         # of the four requests move (then each holds about half).
         assert report["requests_migrated"] == 2, json.dumps(report)
         runner.join(240)
-        for got, expected in zip(results, want, strict=True):
-            assert "error" not in got, got
-            assert got["output_ids"] == expected["output_ids"]
+        _same_outputs(results, want)
         assert server.router.num_migrated == 2 and server.router.num_resumed == 0
         stats = _by_instance(url)
         assert stats["decode-1"]["transfers"]["received"] == 2
@@ -327,9 +330,7 @@ def test_colocated_instances_move_requests_with_their_kv_both_ways(launch_tiny):
         assert down["ok"] and down["requests_migrated"] == 2, json.dumps(down)
         assert down["requests_resumed"] == 0 and down["requests_retried"] == 0, down
         runner.join(240)
-        for got, expected in zip(results, want, strict=True):
-            assert "error" not in got, got
-            assert got["output_ids"] == expected["output_ids"]
+        _same_outputs(results, want)
         assert server.router.num_migrated == 4 and server.router.num_resumed == 0
         _wait_all_pages_free(url)
     finally:

@@ -161,7 +161,7 @@ class GenerateRequest:
     # a constraint, a seed's draws): the rank computes their KV with the prompt's and goes on
     # from the last, as if it had generated them itself.
     output_ids: list[int] = field(default_factory=list)
-    # Moving here from another decode rank with its KV (`Router.migrate_from`): the KV of its
+    # Moving here from another decode rank with its KV (`KVMoves.move_from`): the KV of its
     # tokens but the last (the next step's input) arrives from that rank, with no new token;
     # it goes on decoding from there. Decode ranks only.
     migrated: bool = False
@@ -198,7 +198,7 @@ class TokenDelta:
     # or was scaled down): the router may resume the request on another rank.
     resumable: bool = False
     # A decode rank handed the request (its KV and tokens) off to another decode rank
-    # (`Router.migrate_from`): the transfer id its KV waits under there (the request's next
+    # (`KVMoves.move_from`): the transfer id its KV waits under there (the request's next
     # attempt's id). Set on a last delta that is also `resumable`.
     moved_to: str = ""
 
@@ -316,7 +316,7 @@ class RankInfo:
     pool_size: int = 1
     pid: int = 0  # the rank's process (it changes when Ray restarts the rank)
     # It hands requests off to another rank of its role with their KV and takes them
-    # (`Router.migrate_from`): decode ranks, and colocated ones started with a transfer engine.
+    # (`KVMoves.move_from`): decode ranks, and colocated ones started with a transfer engine.
     migrates: bool = False
 
 
