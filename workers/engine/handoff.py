@@ -19,10 +19,11 @@ side without waiting for a decode step); its target goes to the router as a `Tra
 event. When the KV and first token arrive the request joins the batch; when the transfer fails
 it ends with an error.
 
-Decode rank, migration (`migrate_out`, its instance scaled down): a request decoding here is
-sent to another decode rank as a prefill rank sends one — its pages (the KV of its tokens but
-the last) under the id of its next attempt, to the target the router forwards — and the
-receiving rank admits it without a new token (`GenerateRequest.migrated`).
+Decode (or colocated) rank, migration (`migrate_out`: its instance scaled down, or another
+joined): a request decoding here is sent to another rank of its role as a prefill rank sends
+one — its pages (the KV of its tokens but the last) under the id of its next attempt, to the
+target the router forwards — and the receiving rank admits it without a new token
+(`GenerateRequest.migrated`); one with no free pages for it refuses it at once.
 
 Pages written by a peer are never reused while that peer may still write them: an aborted or
 failed receive keeps its pages for `quarantine_s` before they are freed.
@@ -81,8 +82,8 @@ class KVHandoff:
         self._aborted: set[str] = set()  # in flight, aborted: report ABORT, not an error
         self._quarantine: list[tuple[float, str]] = []  # (free after, rid)
         self._withheld: set[str] = set()  # decode: receives withheld by an injected fault
-        # Decode: requests asked to migrate while not decoding (rid -> new rid): they go once
-        # they decode again.
+        # Requests asked to migrate while not decoding (rid -> new rid): they go once they
+        # decode again.
         self._to_migrate: dict[str, str] = {}
         # Prefill: requests parked (withdrawn), each with when it fails unless a target came.
         self._parked: dict[str, float] = {}
@@ -167,7 +168,8 @@ class KVHandoff:
         return engine.abort(rid)
 
     def migrate_out(self, engine: Engine, rid: str, new_rid: str) -> TokenDelta | None:
-        """Decode rank: send request `rid`, decoding here, to another decode rank with its KV
+        """Decode (or colocated) rank: send request `rid`, decoding here, to another rank with
+        its KV
         (`Engine.migrate_out`): its transfer, under `new_rid`, waits for the target the router
         forwards from that rank, as a prefill rank's does. The last delta of `rid` (it tells
         the router where its KV waits); None when it is not decoding here now: one held here
@@ -245,11 +247,7 @@ class KVHandoff:
                     deltas.append(TokenDelta(rid, [], FinishReason.ABORT))
                 else:
                     moving = engine.requests.get(rid)
-                    sender = (
-                        "decode rank it moved from"
-                        if moving and moving.migrated
-                        else ("prefill rank")
-                    )
+                    sender = "rank it moved from" if moving and moving.migrated else "prefill rank"
                     error = f"KV transfer from the {sender} failed: {result.error}"
                     deltas.append(TokenDelta.failure(rid, error))
         now = time.monotonic()

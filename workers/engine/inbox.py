@@ -3,7 +3,7 @@ worker's lock, applied by the loop between engine steps, in the order they came.
 
     ("add", GenerateRequest)       queue a request (refused: an error delta for it)
     ("abort", rid)                 end a request (its transfer first, when one is in flight)
-    ("migrate", [(rid, new_rid)])  decode rank: hand decoding requests off with their KV
+    ("migrate", [(rid, new_rid)])  hand decoding requests off with their KV (decode, colocated)
     ("fault", (kind, count))       arm a fault on the KV hand-off (fault tests only)
     ("call", (fn, Future))         run `fn` on the loop thread, its result into the future
 """

@@ -125,7 +125,7 @@ def rank_info(
         pool_rank=pool.rank if pool is not None else 0,
         pool_size=pool.world_size if pool is not None else 1,
         pid=os.getpid(),
-        migrates=migrates and role != "prefill",
+        migrates=migrates,
     )
 
 

@@ -16,10 +16,11 @@ Actor contract:
   sends its `add`, `abort`, `targets`, `migrate` and `wake` commands on the same connection
   (the calls below, without an actor call's cost); the actor calls remain for when it has
   none.
-- `set_transfer_targets([(rid, target), ...])`: prefill rank (or a decode rank migrating a
-  request); the receiving decode side's `TransferReady.target` of each request.
-- `migrate([(rid, new_rid), ...])`: decode rank; hand these requests off to other decode
-  ranks with their KV (see `KVHandoff.migrate_out`).
+- `set_transfer_targets([(rid, target), ...])`: prefill rank (or a rank migrating a
+  request); the receiving side's `TransferReady.target` of each request.
+- `migrate([(rid, new_rid), ...])`: decode rank (or colocated, started with `migration`);
+  hand these requests off to other ranks of its role with their KV (see
+  `KVHandoff.migrate_out`).
 - `stats() -> RankStats`; `shutdown()`.
 - `inject_fault(kind, count)`: for fault tests; refused unless the rank was started with
   `allow_fault_injection` (see `workers.engine.handoff.FAULTS`).
@@ -126,9 +127,8 @@ class EngineWorker(RankOperations):
             self.handoff = open_handoff(role, self.engine, transfer_backend, transfer_timeout_s)
             self.handoff.transfer.on_result = self._wake_for_transfer
         self.allow_fault_injection = allow_fault_injection
-        self._info = rank_info(
-            self.engine, role, instance, pool, migrates=role == "decode" or self.handoff is not None
-        )
+        migrates = role != "prefill" and self.handoff is not None
+        self._info = rank_info(self.engine, role, instance, pool, migrates)
         self._lock = threading.Condition()
         self._inbox: deque[Message] = deque()  # see `workers.engine.inbox`
         self._outbox: dict[str, TokenDelta] = {}
@@ -209,9 +209,9 @@ class EngineWorker(RankOperations):
                 self._lock.notify_all()
 
     def migrate(self, moves: list[tuple[str, str]]) -> None:
-        """Decode rank: hand each `(rid, new_rid)` decoding here off to another decode rank
-        with its KV, at the next step boundary (`KVHandoff.migrate_out`): its last delta
-        says where the KV waits; one not decoding here then stays."""
+        """Hand each `(rid, new_rid)` decoding here off to another rank of this role with its
+        KV, at the next step boundary (`KVHandoff.migrate_out`): its last delta says where
+        the KV waits; one not decoding here then goes once it decodes again."""
         with self._lock:
             self._inbox.append(("migrate", list(moves)))
             self._lock.notify_all()
