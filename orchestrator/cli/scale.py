@@ -107,8 +107,8 @@ def _print_report(answer: dict[str, Any]) -> int:
     removed = ", ".join(answer.get("removed") or []) or "none"
     print(f"scaled in {answer.get('seconds', 0.0):.1f} s: started {started}; removed {removed}")
     if answer.get("requests_migrated"):
-        print(f"{answer['requests_migrated']} request(s) decoding on removed decode instances "
-              "at the drain timeout moved to another with their KV")  # fmt: skip
+        print(f"{answer['requests_migrated']} request(s) moved to another instance with their "
+              "KV (nothing computed again)")  # fmt: skip
     if answer.get("requests_resumed"):
         print(f"{answer['requests_resumed']} request(s) on removed instances at the drain "
               "timeout resumed on another instance from the output they had")  # fmt: skip
