@@ -151,6 +151,8 @@ def add_admin_routes(
         try:
             reports = await eplb.rebalance.remote(pools, False, placements)
         except Exception as e:
+            if _restarting(e):
+                raise _service_restarting() from None
             message = short_error(e)
             if "already running" in message:
                 raise RequestError(message, None, 409, "conflict") from None
@@ -165,7 +167,27 @@ def add_admin_routes(
         check_token(request, token)
         if eplb is None:
             raise _no_service()
-        return JSONResponse({"pools": await asyncio.wait_for(eplb.experts.remote(), 60)})
+        try:
+            pools = await asyncio.wait_for(eplb.experts.remote(), 60)
+        except Exception as e:
+            if _restarting(e):
+                raise _service_restarting() from None
+            raise
+        return JSONResponse({"pools": pools})
+
+
+def _restarting(e: BaseException) -> bool:
+    """Whether `e` says the EPLB service's actor is down (Ray restarts it)."""
+    import ray.exceptions
+
+    return isinstance(e, ray.exceptions.ActorUnavailableError | ray.exceptions.ActorDiedError)
+
+
+def _service_restarting() -> RequestError:
+    return RequestError(
+        "the EPLB service is restarting (its process died); retry in a few seconds",
+        None, 503, "unavailable",
+    )  # fmt: skip
 
 
 def _root(e: BaseException) -> BaseException:

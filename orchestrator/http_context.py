@@ -77,7 +77,7 @@ class HttpContext:
         parent, `orchestrator.tracing`)."""
         arrival = time.perf_counter() if arrival_s is None else arrival_s
         generated = self.router.generate(ids, sampling, stop, rid=rid, stream=stream, slot=slot)
-        outputs = self.metrics.track(generated, arrival, api, client, sampling, trace)
+        outputs = self.metrics.track(generated, arrival, api, client, sampling, trace, rid or "")
         return self.limiter.wrap(outputs, client)
 
 

@@ -23,6 +23,13 @@ from orchestrator.ranks import RankTable, RoutedRequest
 # `KVMoves.balance` moves requests off a rank whose reserved KV is over its role's overall
 # share of capacity by more than this fraction of its own capacity.
 BALANCE_SLACK = 0.1
+# ... and the requests it moves hold at most this share of their receivers' free KV pages.
+ROOM_USE = 0.8
+
+
+def _held(req: RoutedRequest) -> int:
+    """The tokens `req` holds in KV now: its prompt and the output so far."""
+    return req.num_input_tokens + req.num_output_tokens
 
 
 class KVMoves:
@@ -96,13 +103,17 @@ class KVMoves:
                 asked.setdefault(req.rank, []).append(req)
         return self._hand_off(asked)
 
-    def balance(self) -> int:
+    def balance(self, free_tokens: Mapping[int, int] | None = None) -> int:
         """Even out the generating ranks' load (decode ranks; colocated ones when there are
         none) by moving requests with their KV, from ranks whose reserved KV tokens (prompt +
         `max_new_tokens` of each request, the policy's measure) are over those ranks' overall
         share of their capacity by more than `BALANCE_SLACK` of it, towards that share; the
         rank with the most free KV takes each. For a scale-up: the new instances take running
-        requests at once instead of only new ones. How many were asked to move."""
+        requests at once instead of only new ones. `free_tokens`: each rank's free KV pages
+        now, in tokens (its stats): the requests moved hold (their tokens so far) at most
+        `ROOM_USE` of the free tokens of the ranks under the share — an over-committed rank
+        gives up no more than its receivers can hold, rather than having them refuse the
+        rest (which then compute their KV again). How many were asked to move."""
         loads = self.ranks.loads()
         role = "decode" if any(load.role == "decode" for load in loads) else "colocated"
         ranks = [
@@ -114,6 +125,14 @@ class KVMoves:
         if len(ranks) < 2 or capacity <= 0:
             return 0
         share = sum(loads[i].num_reserved_tokens for i in ranks) / capacity
+        room = float("inf")
+        if free_tokens is not None:
+            under = [
+                i
+                for i in ranks
+                if loads[i].num_reserved_tokens < share * loads[i].kv_capacity_tokens
+            ]
+            room = ROOM_USE * sum(free_tokens.get(i, 0) for i in under)
         asked: dict[int, list[RoutedRequest]] = {}
         for i in ranks:
             cap = loads[i].kv_capacity_tokens
@@ -123,14 +142,17 @@ class KVMoves:
             # The requests with the most tokens still to make first: they gain the most.
             movable = sorted(
                 (r for r in self.requests.values() if r.rank == i and self.movable(r)),
-                key=lambda r: r.num_tokens - r.num_prompt_tokens,
+                key=lambda r: r.num_tokens - _held(r),
                 reverse=True,
             )
             for req in movable:
                 if 2 * excess < req.num_tokens:  # it would leave the rank further from it
                     continue
+                if _held(req) > room:
+                    break
                 asked.setdefault(i, []).append(req)
                 excess -= req.num_tokens
+                room -= _held(req)
         return self._hand_off(asked)
 
     def _hand_off(self, asked: dict[int, list[RoutedRequest]]) -> int:

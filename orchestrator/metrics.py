@@ -369,15 +369,16 @@ class Metrics:
         client: str = "",
         sampling: SamplingParams | None = None,
         trace: Mapping[str, str] | None = None,
+        rid: str = "",
     ) -> AsyncGenerator[Output, None]:
         """Pass `outputs` through (closing it when closed), recording TTFT, per-token latency,
         tokens and e2e latency, and at the end a log line with `log_requests` and a span with
         a `tracer` (`api`: the route or `grpc`; `client`: its address; `sampling`: its
-        parameters, for the span; `trace`: the caller's trace context). `arrival_s` is the
-        arrival time on `time.perf_counter`'s clock."""
+        parameters, for the span; `trace`: the caller's trace context; `rid`: the client's id,
+        if it gave one). `arrival_s` is the arrival time on `time.perf_counter`'s clock."""
         last_s: float | None = None
         first_s: float | None = None
-        rid, ended = "", False
+        ended = False
         last_out: Output | None = None  # its token counts, for a span of a client gone
         refusal: tuple[str, str] | None = None  # (finish, error) of a request not taken
 
@@ -422,6 +423,7 @@ class Metrics:
                     yield out
         except RouterNotReady as e:  # no rank could take it (a 503)
             refusal = ("unavailable", str(e))
+            e.logged = True  # type: ignore[attr-defined]  # (the 503's handler logs the others)
             raise
         except ValueError as e:  # a rank refused it (a 400)
             refusal = ("refused", str(e))
@@ -438,6 +440,18 @@ class Metrics:
                     span = ended_request(finish, now, last_out)
                     span.error = error or span.error
                     self._trace(span, trace)
+
+    def not_taken(self, api: str, client: str, error: str) -> None:
+        """A request no rank could take, refused before it started (a 503: none up, the
+        server draining, `--max-queued-requests`): its log line and span, finish
+        `unavailable`."""
+        if not self.log_requests and self.tracer is None:
+            return
+        now = time.perf_counter()
+        req = EndedRequest("", api, client, "unavailable", now, now, error=error)
+        if self.log_requests:
+            log_request(req)
+        self._trace(req, None)
 
     def _trace(self, req: EndedRequest, trace: Mapping[str, str] | None) -> None:
         """`req`'s span, with a tracer (`--otlp-traces-endpoint`)."""

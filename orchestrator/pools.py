@@ -740,7 +740,13 @@ class PoolSet:
         those whose move failed (they resumed from their output)."""
         everyone = router.ranks.present
         before = router.moves.moved_off(everyone)
-        if router.moves.balance():
+        stats, infos = await router.stats(), router.infos
+        free = {
+            i: st.num_pages_free * info.page_size
+            for i, (st, info) in enumerate(zip(stats, infos, strict=True))
+            if st is not None and info is not None
+        }
+        if router.moves.balance(free):
             until = time.monotonic() + self.config.transfer_timeout_s + MIGRATION_SLACK_S
             while router.moves.under_way() and time.monotonic() < until and not self.stopped:
                 await asyncio.sleep(0.02)

@@ -79,11 +79,13 @@ def dispatch(
             for rank, add_ref in req.adds:
                 if rank == req.rank:
                     ranks.spawn(abort_after(ranks, rank, add_ref, item.rid))
-        elif index == req.rank and item.token_ids:
+        elif index == req.rank and (item.token_ids or item.kv_arrived):
             if req.moved_from is not None and req.prefill_rank is not None:  # its KV arrived
                 ranks.moved_off[req.moved_from] += 1
             # Decoding: it no longer depends on (or loads) the prefill rank.
             ranks.prompt_done(req)
+            if not item.token_ids and item.finish_reason is None:
+                continue  # nothing for its consumer
             req.num_output_tokens += len(item.token_ids)
         num_deltas += 1
         req.queue.put_nowait(item)

@@ -699,6 +699,7 @@ class Router:
             num_output_tokens=len(resumed),
             client_rid=client_rid,
             moved_from=None if moved_from is None else moved_from[0],
+            num_input_tokens=len(input_ids),
         )
         req.downs_at_start = {r: self.ranks.num_downs[r] for r in req.pair if r is not None}
         used.append(req)

@@ -157,6 +157,8 @@ def create_app(
 
     @app.exception_handler(RouterNotReady)
     async def _not_ready(request: Request, e: RouterNotReady) -> JSONResponse:
+        if not getattr(e, "logged", False):  # (one that got as far as a rank was logged)
+            metrics.not_taken(request.url.path, client_of(request), str(e))
         if isinstance(e, Overloaded):
             error = RequestError(str(e), None, 503, "unavailable", code="overloaded")
             return JSONResponse(error.body(), 503, headers={"Retry-After": "1"})

@@ -193,7 +193,8 @@ def test_a_request_migrated_between_decode_engines_goes_on_with_the_same_tokens(
         assert reused == 4 if moved_at == 1 else 4 <= reused < sent
         _copy_pages(old, src.pages[reused:sent], new, dst.pages[reused:sent])
         old.release(f"{rid}#2")
-        assert new.admit_received(f"{rid}#2", src.token_ids[-1]) is None  # no new token
+        arrived = new.admit_received(f"{rid}#2", src.token_ids[-1])
+        assert arrived is not None and arrived.kv_arrived and arrived.token_ids == []  # no token
         made_before = new.num_generated_tokens
         rest: list[int] = []
         _decode_until(new, f"{rid}#2", 20 - moved_at, rest)

@@ -340,6 +340,9 @@ def test_a_restarted_eplb_service_serves_the_pools_again(ep_server):
     before = _experts(url)
     old = ray.get(ep_server.eplb.incarnation.remote())
     ray.kill(ep_server.eplb, no_restart=False)
+    # Meanwhile the admin routes answer 503 (restarting) or already work, never a 500.
+    during = httpx.get(f"{url}/admin/experts", headers=AUTH, timeout=60)
+    assert during.status_code in (200, 503), during.text
     deadline = time.monotonic() + 60
     while watch.num_restarts == 0:
         assert time.monotonic() < deadline, "the watch did not see the restart"

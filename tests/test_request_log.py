@@ -78,7 +78,8 @@ def test_a_request_not_taken_is_logged_as_refused_or_unavailable_with_its_error(
     async def run(metrics: Metrics) -> None:
         for error in (ValueError("max_new_tokens: too many"), RouterNotReady("loading")):
             try:
-                async for _ in metrics.track(refused(error), time.perf_counter(), "/generate"):
+                outputs = refused(error)
+                async for _ in metrics.track(outputs, time.perf_counter(), "/generate", rid="c1"):
                     pass
             except (ValueError, RouterNotReady) as e:
                 assert e is error
@@ -90,9 +91,17 @@ def test_a_request_not_taken_is_logged_as_refused_or_unavailable_with_its_error(
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        asyncio.run(run(Metrics(log_requests=True)))
+        metrics = Metrics(log_requests=True)
+        asyncio.run(run(metrics))
+        metrics.not_taken("/v1/completions", "10.0.0.3", "no rank is up")  # a 503 at admission
     finally:
         logger.removeHandler(handler)
-    bad, down = records
+    bad, down, shed = records
     assert bad["finish"] == "refused" and bad["error"] == "max_new_tokens: too many"
+    assert bad["rid"] == "c1"  # the client's id, though no rank took it
     assert down["finish"] == "unavailable" and down["error"] == "loading"
+    assert (shed["finish"], shed["api"], shed["error"]) == (
+        "unavailable",
+        "/v1/completions",
+        "no rank is up",
+    )

@@ -119,13 +119,19 @@ def test_token_delta_pickles_every_field():
 
     from workers.engine.messages import TokenLogprob
 
-    # Every field set to a value other than its default, so a field left out of (or misplaced
-    # in) TokenDelta.__reduce__ shows.
-    delta = TokenDelta(
-        "r", [5, 6], FinishReason.LENGTH, "why", num_prompt_tokens=3, num_output_tokens=9,
-        hold=True, logprobs=[TokenLogprob(-0.5), TokenLogprob(-1.5, ((6, -1.5),))],
-        num_cached_tokens=2, prompt_logprobs=[None, TokenLogprob(-2.0)],
-    )  # fmt: skip
-    values = dataclasses.astuple(delta)
-    assert len(set(map(repr, values))) == len(dataclasses.fields(TokenDelta))
-    assert pickle.loads(pickle.dumps(delta, protocol=5)) == delta
+    # Each field in turn set to a value other than its default, so a field left out of (or
+    # misplaced in) TokenDelta.__reduce__ shows.
+    changes = {
+        "finish_reason": FinishReason.LENGTH, "error": "why", "num_prompt_tokens": 3,
+        "num_output_tokens": 9, "hold": True,
+        "logprobs": [TokenLogprob(-0.5), TokenLogprob(-1.5, ((6, -1.5),))],
+        "num_cached_tokens": 2, "prompt_logprobs": [None, TokenLogprob(-2.0)],
+        "resumable": True, "moved_to": "r#2", "kv_arrived": True,
+    }  # fmt: skip
+    assert {"rid", "token_ids", *changes} == {f.name for f in dataclasses.fields(TokenDelta)}
+    base = TokenDelta("r", [5, 6])
+    for name, value in changes.items():
+        delta = dataclasses.replace(base, **{name: value})
+        assert pickle.loads(pickle.dumps(delta, protocol=5)) == delta, name
+    every = dataclasses.replace(base, **changes)
+    assert pickle.loads(pickle.dumps(every, protocol=5)) == every

@@ -246,7 +246,9 @@ class Engine:
                 )  # fmt: skip
             self.scheduler.admit_received(seq)
             self.idle = False
-            return None
+            arrived = token_delta(seq, [], None)
+            arrived.kv_arrived = True  # the router needs the rank it left no more
+            return arrived
         skip_draws(seq.generator, 1)  # the prefill rank drew the first token: draw on from there
         self.scheduler.admit_received(seq)
         self.idle = False

@@ -201,6 +201,9 @@ class TokenDelta:
     # (`KVMoves.move_from`): the transfer id its KV waits under there (the request's next
     # attempt's id). Set on a last delta that is also `resumable`.
     moved_to: str = ""
+    # A request that moved here with its KV: the KV arrived (the rank it left is no longer
+    # needed); set on the first delta after it, which may carry no token.
+    kv_arrived: bool = False
 
     def __reduce__(self) -> tuple[type[TokenDelta], tuple[Any, ...]]:
         # Positional fields: unpickling a frame's deltas (one per request per step) takes
@@ -208,7 +211,7 @@ class TokenDelta:
         return TokenDelta, (
             self.rid, self.token_ids, self.finish_reason, self.error, self.num_prompt_tokens,
             self.num_output_tokens, self.hold, self.logprobs, self.num_cached_tokens,
-            self.prompt_logprobs, self.resumable, self.moved_to,
+            self.prompt_logprobs, self.resumable, self.moved_to, self.kv_arrived,
         )  # fmt: skip
 
     def prepend(self, earlier: TokenDelta) -> None:
@@ -216,6 +219,7 @@ class TokenDelta:
         growing `earlier`'s lists in place: a long held output stays linear."""
         earlier.token_ids.extend(self.token_ids)
         self.token_ids = earlier.token_ids
+        self.kv_arrived = self.kv_arrived or earlier.kv_arrived
         if self.prompt_logprobs is None:
             self.prompt_logprobs = earlier.prompt_logprobs
         if self.logprobs is not None or earlier.logprobs is not None:
@@ -264,7 +268,7 @@ class StreamBuffer:
             fresh.add(d.rid)
             first = d.num_output_tokens == len(d.token_ids)
             full = len(d.token_ids) >= (HELD_CHECKPOINT if d.hold else self.interval)
-            if d.finish_reason is not None or first or full:
+            if d.finish_reason is not None or first or full or d.kv_arrived:
                 out.append(d)
             else:
                 self._held[d.rid] = d
