@@ -65,6 +65,9 @@ class _Engine:
     def take_reserved(self) -> list[Any]:
         return []
 
+    def take_unplaced(self) -> list[Any]:
+        return []
+
 
 def test_targets_from_another_thread_are_used_exactly_once() -> None:
     transfer, engine = _Transfer(), _Engine()
