@@ -54,6 +54,18 @@ async def _run_all(url: str, started: threading.Event) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(one(client, i) for i in range(len(PROMPTS)))))
 
 
+def _in_background(run: Any) -> tuple[threading.Thread, list[Any]]:
+    """Start `run(started)` (a load whose requests all set `started` once they have their
+    first token) on a thread; once `started` is set, the thread and the list its results
+    go into."""
+    started = threading.Event()
+    results: list[Any] = []
+    runner = threading.Thread(target=lambda: results.extend(run(started)))
+    runner.start()
+    assert started.wait(120)
+    return runner, results
+
+
 def _same_outputs(results: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
     """Each request's last event (or whole answer) as its reference's: tokens, text, end."""
     assert len(results) == len(want)
@@ -83,13 +95,7 @@ def test_requests_move_with_their_kv_when_their_decode_instance_is_scaled_down(
     try:
         want = asyncio.run(_run_all(url, threading.Event()))
         assert all(w["meta_info"]["completion_tokens"] == NEW_TOKENS for w in want)
-        started = threading.Event()
-        results: list[Any] = []
-        runner = threading.Thread(
-            target=lambda: results.extend(asyncio.run(_run_all(url, started)))
-        )
-        runner.start()
-        assert started.wait(120)
+        runner, results = _in_background(lambda started: asyncio.run(_run_all(url, started)))
         busy, num_busy = _busiest_decode(url)
         assert num_busy >= 2
         resp = _scale(url, {"remove": [busy], "drain_timeout_s": 0})
@@ -219,11 +225,7 @@ def test_a_new_decode_instance_takes_running_requests_with_their_kv(launch_tiny)
     url = server.url
     try:
         want = _long_streams(url, 4, threading.Event())
-        started = threading.Event()
-        results: list[Any] = []
-        runner = threading.Thread(target=lambda: results.extend(_long_streams(url, 4, started)))
-        runner.start()
-        assert started.wait(120)
+        runner, results = _in_background(lambda started: _long_streams(url, 4, started))
         resp = _scale(url, {"decode": 2})
         report = resp.json()
         assert resp.status_code == 200 and report["ok"] and report["started"] == ["decode-1"]
@@ -245,11 +247,7 @@ def test_without_kv_migration_a_new_decode_instance_takes_only_new_requests(laun
     server = launch_tiny(admin_token=TOKEN, kv_migration=False, engine=_big_kv())
     url = server.url
     try:
-        started = threading.Event()
-        results: list[Any] = []
-        runner = threading.Thread(target=lambda: results.extend(_long_streams(url, 4, started)))
-        runner.start()
-        assert started.wait(120)
+        runner, results = _in_background(lambda started: _long_streams(url, 4, started))
         report = _scale(url, {"decode": 2}).json()
         assert report["ok"] and report["requests_migrated"] == 0, report
         pools = {p["name"]: p["num_requests"] for p in report["pools"]}
@@ -319,11 +317,7 @@ def test_colocated_instances_move_requests_with_their_kv_both_ways(launch_tiny):
     try:
         assert all(info.migrates for info in server.router.infos)
         want = _long_streams(url, 4, threading.Event())
-        started = threading.Event()
-        results: list[Any] = []
-        runner = threading.Thread(target=lambda: results.extend(_long_streams(url, 4, started)))
-        runner.start()
-        assert started.wait(120)
+        runner, results = _in_background(lambda started: _long_streams(url, 4, started))
         up = _scale(url, {"colocated": 2}).json()
         assert up["ok"] and up["requests_migrated"] == 2, json.dumps(up)
         down = _scale(url, {"remove": ["colocated-0"], "drain_timeout_s": 0}).json()

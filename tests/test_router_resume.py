@@ -61,6 +61,17 @@ def _router(num_ranks: int, refuse: str = "") -> tuple[Router, list[tuple[int, G
     return router, added
 
 
+def _one_pair() -> tuple[Router, list[tuple[int, GenerateRequest]]]:
+    """A disaggregated router of one pair (rank 0 decodes, rank 1 computes prompts) whose
+    requests wait 30 s for a rank to come back."""
+    router, added = _router(2)
+    router.restart_wait_s = 30.0
+    decode = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="decode")
+    prefill = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="prefill")
+    router.ranks.infos = [decode, prefill]
+    return router, added
+
+
 async def _next(gen: Any, added: list[Any], sent: int) -> tuple[asyncio.Future[Any], Any]:
     """Ask `gen` for its next output; once the attempt it starts reached a rank (the adds
     grew past `sent`), that rank and request."""
@@ -342,11 +353,7 @@ def test_a_resumed_request_whose_transfer_fails_as_its_rank_dies_again_waits_aga
     with the transfer's error (found by an audit: 4 to 32 of 32 requests failed)."""
 
     async def run() -> None:
-        router, added = _router(2)
-        router.restart_wait_s = 30.0
-        decode = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="decode")
-        prefill = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="prefill")
-        router.ranks.infos = [decode, prefill]
+        router, added = _one_pair()
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
         first, _ = await _next(gen, added, 0)
         req = next(r for rank, r in added if rank == 0)  # the decode side
@@ -414,11 +421,7 @@ def test_a_request_in_the_grace_after_a_failed_transfer_is_in_flight_and_can_be_
     ends it."""
 
     async def run() -> None:
-        router, added = _router(2)
-        router.restart_wait_s = 30.0
-        decode = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="decode")
-        prefill = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="prefill")
-        router.ranks.infos = [decode, prefill]
+        router, added = _one_pair()
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0),
                               rid="r")  # fmt: skip
         pending, _ = await _next(gen, added, 0)
