@@ -53,6 +53,10 @@ class ServeConfig:
     # their KV at the drain timeout (nothing computed again); False: they resume from their
     # output there, computing prompt and output again.
     kv_migration: bool = True
+    # With `kv_migration`: every this many seconds, a generating rank whose KV runs out hands
+    # requests, with their KV, to ranks of its role with room (`orchestrator.kv_relief`)
+    # instead of preempting them; 0: never.
+    kv_pressure_interval_s: float = 2.0
     # Replace a pool instance one of whose ranks is dead for good (Ray does not restart it).
     replace_dead_instances: bool = True
     # Pools that outlive this process (`orchestrator.deployment`): detached, named after it,
@@ -265,6 +269,11 @@ class ServeConfig:
             raise ValueError(
                 "--scale-drain-timeout must be a number of seconds >= 0 (0: move the requests "
                 f"at once), got {self.scale_drain_timeout_s}"
+            )
+        if not 0 <= self.kv_pressure_interval_s < math.inf:
+            raise ValueError(
+                "--kv-pressure-interval must be a number of seconds >= 0 (0: off), got "
+                f"{self.kv_pressure_interval_s}"
             )
         self._check_autoscale()
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

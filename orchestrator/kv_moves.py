@@ -5,7 +5,8 @@ server that may scale) takes a request out of its batch at a step boundary and s
 a prefill rank sends a prompt's (`workers.engine.handoff.KVHandoff.migrate_out`); the request's
 next attempt (`Router._attempt(moved_from=...)`) has a rank of the same role receive it and
 decode on. This module decides which requests are asked and to where — off a pool instance
-scaled down (`move_from`), or onto one that joined (`balance`) — and keeps the counts: a move
+scaled down (`move_from`), onto one that joined (`balance`), or off a rank whose KV runs out
+(`relieve`, planned by `orchestrator.kv_relief`) — and keeps the counts: a move
 counts once its KV arrived (`RankTable.moved_off`, the new rank's first token), a move that
 failed as a resume (`failed`). See docs/architecture.md, "Migrating a request with its KV".
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from orchestrator.kv_relief import Movable, Move
 from orchestrator.ranks import RankTable, RoutedRequest
 
 # `KVMoves.balance` moves requests off a rank whose reserved KV is over its role's overall
@@ -46,14 +48,33 @@ class KVMoves:
         self.next_rid = next_rid
         # Requests whose move off a rank failed (they resumed from their output), by that rank.
         self.failed: Counter[int] = Counter()
+        self.num_relieved = 0  # requests asked to move off a rank whose KV ran out
 
     # ---- where a moving request goes ----------------------------------------------------------
 
-    def receiver(self, source: int, avoid: frozenset[int]) -> int | None:
-        """The rank that takes a request moving off `source` with its KV: of its role, the
-        most free KV outside `avoid` (`RankTable.pick_receiver`); None when none can."""
+    def receiver(
+        self, source: int, avoid: frozenset[int], planned: int | None = None
+    ) -> int | None:
+        """The rank that takes a request moving off `source` with its KV: `planned` (the rank
+        its move was planned to, `RoutedRequest.move_to`) while that one can, else of its role
+        the most free KV outside `avoid` (`RankTable.pick_receiver`); None when none can."""
         info = self.ranks.infos[source]
-        return None if info is None else self.ranks.pick_receiver(avoid, info.role)
+        if info is None:
+            return None
+        if planned is not None and planned not in avoid and planned in self.generating_ranks():
+            return planned
+        return self.ranks.pick_receiver(avoid, info.role)
+
+    def generating_ranks(self) -> list[int]:
+        """The live ranks that generate and take moved requests: decode ranks, or colocated
+        ones when there are none."""
+        loads = self.ranks.loads()
+        role = "decode" if any(load.role == "decode" for load in loads) else "colocated"
+        return [
+            i for i, load in enumerate(loads)
+            if load.alive and load.role == role and (info := self.ranks.infos[i]) is not None
+            and info.migrates
+        ]  # fmt: skip
 
     def can_move_from(self, ranks: Sequence[int]) -> bool:
         """Whether requests on `ranks` (one pool instance) could move with their KV: the ranks
@@ -115,12 +136,7 @@ class KVMoves:
         gives up no more than its receivers can hold, rather than having them refuse the
         rest (which then compute their KV again). How many were asked to move."""
         loads = self.ranks.loads()
-        role = "decode" if any(load.role == "decode" for load in loads) else "colocated"
-        ranks = [
-            i for i, load in enumerate(loads)
-            if load.alive and load.role == role and (info := self.ranks.infos[i]) is not None
-            and info.migrates
-        ]  # fmt: skip
+        ranks = self.generating_ranks()
         capacity = sum(loads[i].kv_capacity_tokens for i in ranks)
         if len(ranks) < 2 or capacity <= 0:
             return 0
@@ -154,6 +170,30 @@ class KVMoves:
                 excess -= req.num_tokens
                 room -= _held(req)
         return self._hand_off(asked)
+
+    def movable_requests(self, ranks: Iterable[int]) -> list[Movable]:
+        """The requests on `ranks` that may move with their KV (`movable`)."""
+        on = set(ranks)
+        return [
+            Movable(r.rid, r.rank, _held(r), r.num_tokens - _held(r))
+            for r in self.requests.values()
+            if r.rank in on and self.movable(r)
+        ]
+
+    def relieve(self, plan: Mapping[int, Sequence[Move]]) -> int:
+        """Ask for the moves `orchestrator.kv_relief.plan_relief` planned off ranks whose KV
+        runs out, each to the rank it planned while that one can take it; how many were
+        asked."""
+        asked: dict[int, list[RoutedRequest]] = {}
+        for rank, moves in plan.items():
+            for move in moves:
+                req = self.requests.get(move.rid)
+                if req is not None and req.rank == rank and self.movable(req):
+                    req.move_to = move.to
+                    asked.setdefault(rank, []).append(req)
+        num = self._hand_off(asked)
+        self.num_relieved += num
+        return num
 
     def _hand_off(self, asked: dict[int, list[RoutedRequest]]) -> int:
         """Send each rank of `asked` its `migrate` command for those requests; how many."""

@@ -199,8 +199,14 @@ class Metrics:
         )
         self.migrated = Totals(
             "pdserve_requests_migrated_total",
-            "Requests that moved to another decode rank with their KV (their decode instance "
-            "was scaled down), nothing computed again",
+            "Requests that moved to another rank with their KV (their instance was scaled "
+            "down, one joined, or their rank's KV ran out), nothing computed again",
+            registry=r,
+        )
+        self.kv_pressure_moves = Totals(
+            "pdserve_kv_pressure_moves_total",
+            "Requests asked to move to another rank with their KV because their rank's KV ran "
+            "out (--kv-pressure-interval)",
             registry=r,
         )
         self.rank_failures = Totals(
@@ -332,9 +338,11 @@ class Metrics:
         waiting_for_rank: int = 0,
         waited_for_rank: int = 0,
         migrated: int = 0,
+        kv_pressure_moves: int = 0,
     ) -> None:
         self.retries.observe("router", retries)
         self.migrated.observe("router", migrated)
+        self.kv_pressure_moves.observe("router", kv_pressure_moves)
         self.resumed.observe("router", resumed)
         self.rank_failures.observe("router", rank_failures)
         self.draining.set(int(draining))

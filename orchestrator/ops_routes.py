@@ -54,7 +54,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
         metrics.set_router_stats(
             router.num_retries, router.num_resumed, router.num_rank_failures, router.draining,
             router.num_queued, router.num_shed, router.num_waiting, router.num_waited,
-            router.num_migrated,
+            router.num_migrated, router.moves.num_relieved,
         )  # fmt: skip
         if eplb is not None:
             with contextlib.suppress(Exception):
@@ -81,6 +81,8 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             "num_retries": router.num_retries,
             "num_resumed": router.num_resumed,
             "num_migrated": router.num_migrated,
+            # of the requests asked to move, those asked because their rank's KV ran out
+            "num_kv_pressure_moves": router.moves.num_relieved,
             "num_rank_failures": router.num_rank_failures,
             "num_waiting_first_token": router.num_queued,
             "num_waiting_for_rank": router.num_waiting,

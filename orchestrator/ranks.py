@@ -119,6 +119,7 @@ class RoutedRequest:
     migrating: bool = False
     moved_to: str = ""
     moved_from: int | None = None  # a migrated attempt: the rank its KV comes from
+    move_to: int | None = None  # the rank a move off a pressed rank was planned to
     num_input_tokens: int = 0  # the client's prompt (without output it resumes from)
     client_rid: str = ""  # the client's id for the request
     # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the

@@ -675,7 +675,8 @@ class Router:
         prefill_rank: int | None
         if moved_from is not None:
             prefill_rank, rid = moved_from  # the KV comes from that rank, as from a prefill's
-            picked = self.moves.receiver(prefill_rank, avoid)
+            planned = used[-1].move_to if used else None
+            picked = self.moves.receiver(prefill_rank, avoid, planned)
             if picked is None:  # gone meanwhile: it resumes from its output instead
                 self.moves.forget(moved_from)
                 raise RankUnreachable(prefill_rank, RuntimeError("no rank left to move it to"))

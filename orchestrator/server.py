@@ -29,6 +29,7 @@ from orchestrator.auth import OPEN_ROUTES, RequireApiKey
 from orchestrator.config import ServeConfig
 from orchestrator.eplb_watch import EplbWatch
 from orchestrator.http_context import HttpContext, client_of, error_status, gather_all, refused
+from orchestrator.kv_relief import KVReliefWatch
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.openai_routes import OPENAI_ROUTES, add_openai_routes
@@ -98,6 +99,8 @@ def create_app(
                 await app.state.autoscaler.stop()
             if app.state.eplb_watch is not None:
                 await app.state.eplb_watch.stop()
+            if app.state.kv_relief is not None:
+                await app.state.kv_relief.stop()
             if app.state.grpc_server is not None:
                 await app.state.grpc_server.stop()
             if manage_router:
@@ -116,6 +119,12 @@ def create_app(
         if eplb is not None:
             app.state.eplb_watch = EplbWatch(eplb, router, expert_groups)
             app.state.eplb_watch.start()
+        if config.kv_migration and config.kv_pressure_interval_s > 0:
+            app.state.kv_relief = KVReliefWatch(
+                router, config.kv_pressure_interval_s,
+                busy=lambda: pools is not None and bool(pools.scaling),
+            )  # fmt: skip
+            app.state.kv_relief.start()
         if pools is not None and config.autoscale_bounds():
             from orchestrator.autoscale import AutoscaleConfig, Autoscaler
 
@@ -141,6 +150,7 @@ def create_app(
     app.state.grpc_server = None
     app.state.autoscaler = None
     app.state.eplb_watch = None
+    app.state.kv_relief = None
     app.state.startup_error = None
     app.state.metrics = metrics
     if config.api_key is not None:  # inside CountRequests: refusals are counted too

@@ -337,3 +337,84 @@ def test_a_colocated_server_that_cannot_scale_opens_no_transfer_engine(launch_ti
         assert not any(info.migrates for info in server.router.infos)
     finally:
         server.stop()
+
+
+RELIEF_NEW = 480  # two such requests outgrow the 1024 tokens of `_small_kv`'s decode ranks
+
+
+def _small_kv() -> Any:
+    from workers.engine.config import EngineConfig
+
+    return EngineConfig(page_size=16, kv_capacity_tokens=1024, device="cpu",
+                        preload_structured_output=False)  # fmt: skip
+
+
+def _placed(server: Any, rids: list[str]) -> dict[str, int]:
+    """The decode rank each client request (by rid) runs on now."""
+    while True:
+        try:
+            reqs = list(server.router.moves.requests.values())  # (its loop changes it)
+            break
+        except RuntimeError:
+            continue
+    return {r.client_rid: r.rank for r in reqs if r.client_rid in rids}
+
+
+@pytest.mark.parametrize("interval_s", [0.1, 0.0], ids=["relief", "no-relief"])
+def test_a_decode_rank_whose_kv_runs_out_hands_requests_to_one_with_room(launch_tiny, interval_s):
+    """Two requests each on two decode instances, more than a rank's KV holds in
+    the end; those on one rank are aborted, and the two on the other outgrow its KV. With
+    `--kv-pressure-interval` one of them moves there with its KV before the pages run out
+    (nothing preempted, nothing computed again); without, the rank preempts one, which
+    computes its prompt and output again there. The same tokens either way."""
+    server = launch_tiny(decode_instances=2, engine=_small_kv(), kv_pressure_interval_s=interval_s)
+    url = server.url
+    rids = [f"pressed-{k}" for k in range(4)]
+    prompts = [PROMPTS[k][:40] for k in range(4)]
+    try:
+        started = threading.Event()
+        done: dict[str, dict[str, Any]] = {}
+
+        async def one(client: httpx.AsyncClient, k: int) -> None:
+            body = {"input_ids": prompts[k], "rid": rids[k], "stream": True,
+                    "sampling_params": _greedy(RELIEF_NEW)}  # fmt: skip
+            async with client.stream("POST", f"{url}/generate", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        done[rids[k]] = json.loads(line[6:])
+                        if len(done) == len(rids):
+                            started.set()
+
+        async def run() -> None:
+            async with httpx.AsyncClient(timeout=240) as client:
+                await asyncio.gather(*(one(client, k) for k in range(len(rids))))
+
+        runner = threading.Thread(target=lambda: asyncio.run(run()))
+        runner.start()
+        assert started.wait(120)
+        placed = _placed(server, rids)
+        assert sorted(placed.values()).count(placed[rids[0]]) == 2, placed  # two on each
+        pressed = placed[rids[0]]
+        for rid, rank in placed.items():
+            if rank != pressed:
+                httpx.post(f"{url}/abort_request", json={"rid": rid}, timeout=30)
+        runner.join(240)
+        kept = [k for k in range(4) if placed[rids[k]] == pressed]
+        for k in kept:
+            assert done[rids[k]]["meta_info"]["finish_reason"]["type"] == "length", done
+        stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
+        preempted = stats["ranks"][pressed]["stats"]["num_preemptions"]
+        if interval_s:
+            assert stats["num_kv_pressure_moves"] >= 1 and stats["num_migrated"] >= 1, stats
+            assert preempted == 0 and stats["num_resumed"] == 0, stats
+            assert _metric(url, "pdserve_kv_pressure_moves_total") >= 1
+        else:
+            assert stats["num_kv_pressure_moves"] == 0 and stats["num_migrated"] == 0, stats
+            assert preempted >= 1, stats
+        # The same tokens as both at once, one on each rank (room enough).
+        body = {"input_ids": [prompts[k] for k in kept], "sampling_params": _greedy(RELIEF_NEW)}
+        want = httpx.post(f"{url}/generate", json=body, timeout=120).json()
+        assert [done[rids[k]]["output_ids"] for k in kept] == [w["output_ids"] for w in want]
+        _wait_all_pages_free(url)
+    finally:
+        server.stop()

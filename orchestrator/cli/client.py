@@ -297,7 +297,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"({data.get('num_waiting_first_token', 0)} before their first token, "
           f"{data.get('num_waiting_for_rank', 0)} waiting for a rank to come back){state}; "
           f"{data.get('num_retries', 0)} retried, {data.get('num_resumed', 0)} resumed, "
-          f"{data.get('num_migrated', 0)} migrated with their KV, "
+          f"{data.get('num_migrated', 0)} migrated with their KV "
+          f"({data.get('num_kv_pressure_moves', 0)} asked off a rank short of KV), "
           f"{data.get('num_shed', 0)} shed "
           f"(--max-queued-requests), {data.get('num_rank_failures', 0)} rank failure(s) "
           "since start")  # fmt: skip

@@ -130,6 +130,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "by computing their prompt and output again; by default their KV moves to another "
         "decode instance (NIXL, as from a prefill rank) and they decode on there",
     )
+    t.add_argument(
+        "--kv-pressure-interval", type=float, default=2.0, metavar="S",
+        help="every S seconds, a decode rank (or colocated one that may scale) whose KV runs "
+        "out hands requests to ranks of its role with room, with their KV, instead of "
+        "preempting them (computed again later); 0: off (also off with "
+        "--disable-kv-migration)",
+    )  # fmt: skip
     t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
     t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     e = p.add_argument_group("engine")
@@ -397,6 +404,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         rank_restart_wait_s=args.rank_restart_wait,
         replace_dead_instances=args.replace_dead_instances,
         kv_migration=args.kv_migration,
+        kv_pressure_interval_s=args.kv_pressure_interval,
         deployment=args.deployment,
         keep_pools=args.keep_pools,
         sse_keepalive_s=args.sse_keepalive,

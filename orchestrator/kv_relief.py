@@ -1,0 +1,186 @@
+"""Relieving a generating rank whose KV runs out: some of its requests move, with their KV, to
+ranks of its role that have room.
+
+The router places requests by their reservations (prompt + `max_new_tokens`), and a busy server
+over-commits them (most requests end well before their limit), so a decode rank's pages can run
+out while another rank of its role has plenty. The rank then preempts its newest request, whose
+prompt and output are computed again there once pages free up. `KVReliefWatch` looks at the
+generating ranks' stats every `--kv-pressure-interval` seconds, and `plan_relief` picks moves:
+
+- a rank's *floor* is what its requests add to its KV over the next `HORIZON` looks (as fast as
+  over the last one), at least `PRESSED_FREE` of its capacity and at most `MOST_FLOOR` of it;
+  it *wants* its floor and `RELIEVED_FREE` of its capacity free. A rank is *pressed* when less
+  than its floor is free, or less than it wants when it preempted a request since the last
+  look;
+- a pressed rank hands off the requests with the most tokens still to make (those that would
+  grow its KV the most; one with fewer than `MIN_GAIN_TOKENS` to go ends there) until what it
+  wants is free;
+- each goes to the rank of its role with the most free KV that is not pressed and still has
+  what it wants free after taking it, so that it is not pressed by it (no request moves back
+  and forth); when no rank has that room, the request stays.
+
+A move is that of a scale (`orchestrator.kv_moves`, docs/architecture.md, "Migrating a request
+with its KV"): at a step boundary the request leaves its rank's batch, its KV goes by NIXL, and
+it decodes on at the other rank — the same tokens, nothing computed again. A receiver that has
+no pages for it after all refuses it at once, and it resumes from its output there instead.
+
+`plan_relief` is a pure function; the watch runs on the router's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+from workers.engine.messages import short_error
+
+logger = logging.getLogger(__name__)
+
+HORIZON = 2  # looks ahead a rank's floor covers
+PRESSED_FREE = 0.05  # of a rank's KV capacity: the least its floor is
+MOST_FLOOR = 0.5  # ... and the most
+RELIEVED_FREE = 0.2  # ... what it wants free over its floor (a pressed one after its moves, a
+# receiver after taking one)
+MIN_GAIN_TOKENS = 16  # a request with fewer tokens to go ends where it is
+DEFAULT_INTERVAL_S = 2.0
+
+
+class RankRoom(NamedTuple):
+    """A generating rank's KV, as its stats give it."""
+
+    capacity_tokens: int
+    free_tokens: int  # free pages × page size (pages holding a cached prefix count: reclaimable)
+    growth_tokens: int = 0  # the tokens it generated since the last look
+    preempted: bool = False  # it preempted a request since the last look
+
+    @property
+    def floor_tokens(self) -> float:
+        floor = max(PRESSED_FREE * self.capacity_tokens, HORIZON * self.growth_tokens)
+        return min(floor, MOST_FLOOR * self.capacity_tokens)
+
+    @property
+    def wanted_tokens(self) -> float:
+        return self.floor_tokens + RELIEVED_FREE * self.capacity_tokens
+
+    @property
+    def is_pressed(self) -> bool:
+        free = self.free_tokens
+        return free < self.floor_tokens or (self.preempted and free < self.wanted_tokens)
+
+
+class Movable(NamedTuple):
+    """A request that may move with its KV (`KVMoves.movable`)."""
+
+    rid: str
+    rank: int
+    held_tokens: int  # its KV now: prompt and output so far
+    remaining_tokens: int  # the tokens it may still make
+
+
+class Move(NamedTuple):
+    rid: str
+    to: int
+
+
+def plan_relief(rooms: Mapping[int, RankRoom], movable: Iterable[Movable]) -> dict[int, list[Move]]:
+    """The moves that relieve the pressed ranks of `rooms` (module doc), by the rank they
+    leave; `rooms` holds every rank of one role that takes moved requests."""
+    free = {i: room.free_tokens for i, room in rooms.items()}
+    pressed = {i for i, room in rooms.items() if room.is_pressed}
+    if not pressed or len(pressed) == len(rooms):
+        return {}
+
+    def wanted(i: int) -> float:
+        return rooms[i].wanted_tokens
+
+    on: dict[int, list[Movable]] = {}
+    for m in movable:
+        if m.rank in pressed and m.remaining_tokens >= MIN_GAIN_TOKENS:
+            on.setdefault(m.rank, []).append(m)
+    plan: dict[int, list[Move]] = {}
+    for i in sorted(pressed, key=lambda i: (free[i] / max(1, rooms[i].capacity_tokens), i)):
+        for m in sorted(on.get(i, ()), key=lambda m: (-m.remaining_tokens, m.rid)):
+            if free[i] >= wanted(i):
+                break
+            takers = [r for r in rooms if r not in pressed and free[r] - m.held_tokens >= wanted(r)]
+            if not takers:
+                continue  # a smaller request may still fit somewhere
+            to = max(takers, key=lambda r: (free[r], -r))
+            free[to] -= m.held_tokens
+            free[i] += m.held_tokens
+            plan.setdefault(i, []).append(Move(m.rid, to))
+    return plan
+
+
+class KVReliefWatch:
+    """Looks at the generating ranks' KV every `interval_s` and moves requests off pressed
+    ranks (module doc); not while `busy()` (a scale runs: it moves requests itself) or moves
+    are under way."""
+
+    def __init__(self, router: Any, interval_s: float, busy: Callable[[], bool] = lambda: False):
+        self.router = router
+        self.interval_s = interval_s
+        self.busy = busy
+        self.num_looks = 0
+        self._seen: dict[int, tuple[int, int]] = {}  # each rank's (generated, preempted) so far
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-relief")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def look(self) -> int:
+        """One look: the requests asked to move."""
+        router = self.router
+        moves = router.moves
+        ranks = moves.generating_ranks()
+        if len(ranks) < 2 or router.draining or self.busy() or moves.under_way():
+            return 0
+        stats = await router.ranks.stats_of(ranks)
+        self.num_looks += 1
+        rooms: dict[int, RankRoom] = {}
+        for i, st in zip(ranks, stats, strict=True):
+            info = router.infos[i]
+            if st is None or info is None:
+                continue
+            now = (st.num_generated_tokens, st.num_preemptions)
+            before = self._seen.get(i, now)
+            self._seen[i] = now
+            rooms[i] = RankRoom(
+                info.kv_capacity_tokens, st.num_pages_free * info.page_size,
+                max(0, now[0] - before[0]), now[1] > before[1],
+            )  # fmt: skip
+        if self.busy() or moves.under_way():  # (it began while the stats came)
+            return 0
+        plan = plan_relief(rooms, moves.movable_requests(rooms))
+        for i, planned in plan.items():
+            room = rooms[i]
+            logger.info(
+                "KV pressure on rank %d (%.0f%% of its KV free%s): %d request(s) move to "
+                "rank(s) %s with their KV", i, 100 * room.free_tokens / room.capacity_tokens,
+                ", it preempted requests" if room.preempted else "", len(planned),
+                ",".join(str(r) for r in sorted({m.to for m in planned})),
+            )  # fmt: skip
+        return moves.relieve(plan)
+
+    async def _run(self) -> None:
+        failing = False  # the last look failed (logged once, until one works again)
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.look()
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a rank going down meanwhile: look again later
+                if not failing:
+                    logger.warning("KV pressure look failed: %s", short_error(e), exc_info=True)
+                failing = True
