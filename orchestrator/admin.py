@@ -10,7 +10,7 @@
   ranks, requests on them; and whether a scale runs.
 - `POST /admin/scale` — body `{"prefill": n, "decode": m}` (a colocated server: `"colocated"`),
   `"remove": [names]`, `"drain_timeout_s"` (default `--scale-drain-timeout`): start and drain
-  pool instances (`orchestrator.pools`); replies when done with what started, what was removed,
+  pool instances (`orchestrator.scaling`); replies when done with what started, what was removed,
   what failed (`ok` false then), the requests a drain timeout moved, the seconds, and the
   pools. 409 while another scale runs.
 
@@ -28,14 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from orchestrator.auth import bearer, same_secret
-from orchestrator.pools import (
-    PoolSet,
-    ScaleError,
-    ScaleInProgress,
-    ServerStopping,
-    drain_seconds,
-)
+from orchestrator.pools import PoolSet
 from orchestrator.request_fields import RequestError
+from orchestrator.scaling import ScaleError, ScaleInProgress, ServerStopping, drain_seconds
 from orchestrator.streaming import read_json
 from workers.engine.messages import short_error
 

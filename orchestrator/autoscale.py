@@ -35,7 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.pools import PoolSet, ScaleInProgress
+from orchestrator.pools import PoolSet
+from orchestrator.scaling import ScaleInProgress
 
 logger = logging.getLogger(__name__)
 

@@ -24,18 +24,13 @@ from orchestrator.auth import api_key_refusal, bearer, same_secret
 from orchestrator.config import ServeConfig, host_port
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
-from orchestrator.pools import (
-    PoolSet,
-    ScaleError,
-    ScaleInProgress,
-    ServerStopping,
-    drain_seconds,
-)
+from orchestrator.pools import PoolSet
 from orchestrator.protocol import parse_generate, prepare_call
 from orchestrator.ranks import RouterNotReady
 from orchestrator.request_fields import RequestError
 from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
+from orchestrator.scaling import ScaleError, ScaleInProgress, ServerStopping, drain_seconds
 from orchestrator.streaming import interleave
 from orchestrator.tracing import trace_headers
 from proto import pdserve_pb2 as pb

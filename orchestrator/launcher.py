@@ -28,7 +28,8 @@ from fastapi import FastAPI
 from orchestrator import deployment as dep
 from orchestrator.config import ServeConfig, TlsFiles, host_port
 from orchestrator.placement import PoolPlacement
-from orchestrator.pools import PoolSet, kill_actors, pool_specs, wait_ranks_ready
+from orchestrator.pool_instance import kill_actors, pool_specs, wait_ranks_ready
+from orchestrator.pools import PoolSet
 from orchestrator.router import Router
 from orchestrator.server import create_app
 from orchestrator.tokenizer import Tokenizer

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 
 from orchestrator.config import ServeConfig
-from orchestrator.pools import pool_specs, read_expert_placements
+from orchestrator.pool_instance import pool_specs, read_expert_placements
 from orchestrator.tokenizer import Tokenizer
 from workers.model.config import ModelConfig
 

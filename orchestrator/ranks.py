@@ -150,7 +150,7 @@ class RankTable:
         self.num_add_calls = 0  # add frames or calls (each carries one or more adds)
         # Each rank's output stream, once connected: commands go on it (`send_command`).
         self.streams: list[asyncio.StreamWriter | None] = [None] * len(handles)
-        # Pool instances scaled down (`orchestrator.pools`): their ranks are not picked while
+        # Pool instances scaled down (`orchestrator.scaling`): their ranks are not picked while
         # they drain (`closed`), then forgotten (`removed`); indices are never reused.
         self.closed: set[int] = set()
         self.removed: set[int] = set()

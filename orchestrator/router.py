@@ -145,7 +145,7 @@ class Router:
         self._requests: dict[str, RoutedRequest] = {}
         self._rank_rids: dict[str, str] = {}
         self._num_attempts = 0
-        # Requests moving to another rank with their KV (scale-downs, scale-ups).
+        # Requests moving to another rank with their KV (scale-downs, scale-ups, KV pressure).
         self.moves = KVMoves(self.ranks, self._requests, self._next_rid)
         self._tasks: dict[int, asyncio.Task[None]] = {}  # each rank's reader, by index
         self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
@@ -240,7 +240,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    # ---- scaling (`orchestrator.pools`) ------------------------------------------------------
+    # ---- scaling (`orchestrator.scaling`) ----------------------------------------------------
 
     async def add_ranks(self, handles: Sequence[Any]) -> list[int]:
         """Take on the ranks of a new pool instance (ready: their models are loaded); they

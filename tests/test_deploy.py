@@ -320,7 +320,7 @@ def test_a_local_ray_declares_the_cpus_its_ranks_take_on_a_small_machine(
     than the topology's ranks take, that Ray declares what they take (ranks share cores)
     instead of refusing the topology; a cluster joined is never resized."""
     from orchestrator.launcher import local_ray_cpus
-    from orchestrator.pools import starts_local_ray
+    from orchestrator.pool_instance import starts_local_ray
 
     parser = build_parser()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from orchestrator.kv_relief import MIN_GAIN_TOKENS, Movable, Move, RankRoom, plan_relief
@@ -89,3 +92,65 @@ def test_a_rank_that_preempted_is_relieved_up_to_what_it_wants():
     reqs = [Movable("a", 0, 100, 500), Movable("b", 0, 100, 400)]
     # 150 free (over its floor), but it preempted: one move makes the 250 it wants.
     assert plan_relief({0: _room(150, preempted=True), 1: _room(900)}, reqs) == {0: [Move("a", 1)]}
+
+
+class _Handle:
+    """An engine rank's actor handle as the router calls it without a stream: `migrate`."""
+
+    def __init__(self, calls: list[Any]):
+        self.migrate = self
+        self.calls = calls
+
+    def remote(self, moves: Any) -> Any:
+        self.calls.append(moves)
+        return asyncio.sleep(0)
+
+
+def _table(calls: list[Any], num: int = 3) -> Any:
+    from orchestrator.ranks import RankTable
+    from workers.engine.messages import RankInfo
+
+    table = RankTable([_Handle(calls) for _ in range(num)])
+    for i in range(num):
+        table.infos[i] = RankInfo("m", "deepseek_v3", 1000, 4096, (0,), CAP, 16, CAP // 16,
+                                  role="decode", instance=i, migrates=True)  # fmt: skip
+    return table
+
+
+def test_relieve_asks_the_planned_moves_and_the_next_attempt_takes_the_planned_rank():
+    from orchestrator.kv_moves import KVMoves
+    from orchestrator.ranks import RoutedRequest
+
+    async def run() -> None:
+        calls: list[Any] = []
+        table = _table(calls)
+        reqs = {
+            "a#1": RoutedRequest("a#1", 0, 600, 40, num_output_tokens=100, client_rid="a",
+                                 num_input_tokens=40),
+            "b#1": RoutedRequest("b#1", 0, 600, 40, num_output_tokens=100, client_rid="b",
+                                 num_input_tokens=40),
+            "ended#1": RoutedRequest("ended#1", 0, 600, 40, client_rid="ended", aborted=True),
+        }  # fmt: skip
+        for req in reqs.values():
+            table.admit(req)
+        moves = KVMoves(table, reqs, lambda client: f"{client}#2")
+        movable = moves.movable_requests([0])
+        assert sorted(m.rid for m in movable) == ["a#1", "b#1"]  # not the aborted one
+        assert movable[0].held_tokens == 140 and movable[0].remaining_tokens == 460
+        plan = {0: [Move("a#1", 2), Move("gone#1", 1)], 1: [Move("b#1", 1)]}
+        # Only requests still on the rank the plan moves them off are asked.
+        assert moves.relieve(plan) == 1 and moves.num_relieved == 1
+        await asyncio.sleep(0)
+        assert calls == [[("a#1", "a#2")]]
+        assert reqs["a#1"].migrating and reqs["a#1"].move_to == 2
+        assert not reqs["b#1"].migrating
+        # The next attempt goes where the move was planned, unless that rank cannot take it:
+        # then the usual pick (the most free KV outside `avoid`).
+        assert moves.receiver(0, frozenset({0}), planned=2) == 2
+        table.reserved_tokens[2] = 500
+        assert moves.receiver(0, frozenset({0, 2}), planned=2) == 1
+        table.closed.add(2)  # scaled down meanwhile
+        assert moves.receiver(0, frozenset({0}), planned=2) == 1
+        assert moves.receiver(0, frozenset({0}), planned=None) == 1
+
+    asyncio.run(run())

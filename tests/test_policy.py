@@ -201,7 +201,7 @@ def test_a_pool_without_labelled_nodes_selects_the_unlabelled_ones():
 
 def test_pool_specs_share_gpus_when_ranks_outnumber_them():
     from orchestrator.config import ServeConfig
-    from orchestrator.pools import pool_specs
+    from orchestrator.pool_instance import pool_specs
     from workers.engine.config import EngineConfig
 
     config = ServeConfig(prefill_dp=1, decode_dp=1, decode_instances=2)

@@ -128,7 +128,7 @@ def test_serve_stops_at_the_first_mistake_without_starting_ray(capsys):
 
 
 def test_a_rank_that_fails_to_start_is_reported_by_its_error_line():
-    from orchestrator.pools import start_error
+    from orchestrator.pool_instance import start_error
 
     remote = (
         "The actor died because of an error raised in its creation task, ray::EngineWorker."

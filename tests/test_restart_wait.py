@@ -100,7 +100,7 @@ def test_an_instance_with_a_rank_dead_for_good_is_replaced_and_its_requests_resu
 
     import ray
 
-    from orchestrator import pools as pools_module
+    from orchestrator import scaling
     from tests.disagg_calls import _generate, _generate_async
 
     server = launch_tiny()
@@ -108,9 +108,9 @@ def test_an_instance_with_a_rank_dead_for_good_is_replaced_and_its_requests_resu
         url = server.url
         prompts = [list(range(3 + i, 60 + 7 * i)) for i in range(4)]
         want = [_generate(url, p, 300).json()["output_ids"] for p in prompts]
-        monkeypatch.setattr(pools_module, "REPLACE_RETRY_S", 0.5)
+        monkeypatch.setattr(scaling, "REPLACE_RETRY_S", 0.5)
         assert server.pools is not None
-        real_start = server.pools._start_instance
+        real_start = server.pools.start_instance
         fails = [1]
 
         def start_instance(spec: Any, cancelled: Any) -> Any:
@@ -119,7 +119,7 @@ def test_an_instance_with_a_rank_dead_for_good_is_replaced_and_its_requests_resu
                 raise RuntimeError("injected: the first replacement does not start")
             return real_start(spec, cancelled)
 
-        monkeypatch.setattr(server.pools, "_start_instance", start_instance)
+        monkeypatch.setattr(server.pools, "start_instance", start_instance)
         roles = [r["info"]["role"] for r in httpx.get(url + "/v1/stats").json()["ranks"]]
         decode = server.ranks[roles.index("decode")]
 

@@ -37,7 +37,7 @@ def add_rebalance(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_rebalance(args: argparse.Namespace) -> int:
-    from orchestrator.pools import PLACEMENT_FORMAT, read_expert_placements
+    from orchestrator.pool_instance import PLACEMENT_FORMAT, read_expert_placements
 
     problem = admin_problem(args)
     if problem:

@@ -442,7 +442,7 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
     ValueError) naming the address when there is none to join, rather than Ray's retries."""
     import ray
 
-    from orchestrator.pools import starts_local_ray
+    from orchestrator.pool_instance import starts_local_ray
 
     address = config.ray_address
     if address and address != "auto" and "://" not in address:
@@ -483,7 +483,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
     from orchestrator.launcher import launch, local_ray_cpus, resolve_model_dir
-    from orchestrator.pools import RankStartError, starts_local_ray
+    from orchestrator.pool_instance import RankStartError, starts_local_ray
     from orchestrator.preflight import preflight
 
     try:
