@@ -2,8 +2,8 @@
 
 A busy server over-commits its decode ranks' KV on purpose: the router places requests by
 `max_new_tokens`, and most requests end well before it. This load does that: every request asks
-for `--max-new-tokens`, and its client ends it after a length drawn between `--min-len` and that
-(it closes the stream, as a client that got its answer or an EOS would end it), `--concurrency`
+for `--max-new-tokens`, and its client ends it early (it closes the stream, as a client that got its answer or an EOS would end it): most after a
+few dozen tokens, `--long-share` of them not before the limit; `--concurrency`
 at once. Run against two or more servers (`--url`, repeated) that differ in
 `--kv-pressure-interval` (the default 2 s, and 0: off), one after another, the same load on each
 (same prompts and lengths); printed side by side: output tokens/s, preemptions (each one
@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--min-len", type=int, default=16, help="the shortest a client lets one run")
+    p.add_argument(
+        "--long-share", type=float, default=0.2,
+        help="the share of requests that run to --max-new-tokens; the others end after "
+        "between --min-len and 4x that many tokens",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
@@ -112,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0.0,
                                     "ignore_eos": True}}  # fmt: skip
         # Most end early, a few run long: the over-commitment a real load has.
-        length = min(
-            args.max_new_tokens, args.min_len + int(rng.expovariate(4 / args.max_new_tokens))
-        )
+        if rng.random() < args.long_share:
+            length = args.max_new_tokens
+        else:
+            length = rng.randint(args.min_len, 4 * args.min_len)
         load.append((body, length))
     print(f"{args.num_requests} requests of {args.input_len} prompt tokens asking "
           f"{args.max_new_tokens} new ones, ended by their clients after "

@@ -7,17 +7,22 @@ out while another rank of its role has plenty. The rank then preempts its newest
 prompt and output are computed again there once pages free up. `KVReliefWatch` looks at the
 generating ranks' stats every `--kv-pressure-interval` seconds, and `plan_relief` picks moves:
 
-- a rank's *floor* is what its requests add to its KV over the next `HORIZON` looks (as fast as
-  over the last one), at least `PRESSED_FREE` of its capacity and at most `MOST_FLOOR` of it;
-  it *wants* its floor and `RELIEVED_FREE` of its capacity free. A rank is *pressed* when less
+- a rank's *floor* is what its KV in use grows by over the next `HORIZON` looks (as fast as
+  over the last one: new requests and longer outputs, less those that ended; KV that moved
+  in is no growth, so the look after moves measures anew), at least `PRESSED_FREE` of its
+  capacity and at most `MOST_FLOOR` of it; it *wants* its floor and `RELIEVED_FREE` of its
+  capacity free. A rank is *pressed* when less
   than its floor is free, or less than it wants when it preempted a request since the last
   look;
 - a pressed rank hands off the requests with the most tokens still to make (those that would
   grow its KV the most; one with fewer than `MIN_GAIN_TOKENS` to go ends there) until what it
   wants is free;
-- each goes to the rank of its role with the most free KV that is not pressed and still has
-  what it wants free after taking it, so that it is not pressed by it (no request moves back
-  and forth); when no rank has that room, the request stays.
+- each goes to the rank of its role that is not pressed and would have the most KV free once it
+  had taken the request and the request had run to its end — still what that rank wants, else
+  the request stays: a move never presses its receiver, so nothing moves back and forth;
+- nothing moves while the role is short of KV as a whole (its ranks' free KV less than what
+  they want together): moves would only pass the pressure from rank to rank, and the ranks
+  preempt as they would without them (more ranks help then, not moves).
 
 A move is that of a scale (`orchestrator.kv_moves`, docs/architecture.md, "Migrating a request
 with its KV"): at a step boundary the request leaves its rank's batch, its KV goes by NIXL, and
@@ -53,7 +58,7 @@ class RankRoom(NamedTuple):
 
     capacity_tokens: int
     free_tokens: int  # free pages × page size (pages holding a cached prefix count: reclaimable)
-    growth_tokens: int = 0  # the tokens it generated since the last look
+    growth_tokens: int = 0  # how much more of its KV is in use than at the last look (>= 0)
     preempted: bool = False  # it preempted a request since the last look
 
     @property
@@ -88,14 +93,14 @@ class Move(NamedTuple):
 def plan_relief(rooms: Mapping[int, RankRoom], movable: Iterable[Movable]) -> dict[int, list[Move]]:
     """The moves that relieve the pressed ranks of `rooms` (module doc), by the rank they
     leave; `rooms` holds every rank of one role that takes moved requests."""
-    free = {i: room.free_tokens for i, room in rooms.items()}
     pressed = {i for i, room in rooms.items() if room.is_pressed}
     if not pressed or len(pressed) == len(rooms):
         return {}
-
-    def wanted(i: int) -> float:
-        return rooms[i].wanted_tokens
-
+    if sum(r.free_tokens for r in rooms.values()) < sum(r.wanted_tokens for r in rooms.values()):
+        return {}  # short of KV as a whole: moves would only pass the pressure around
+    free = {i: float(room.free_tokens) for i, room in rooms.items()}
+    # What each receiver keeps free once the requests it takes have run to their end.
+    room_left = dict(free)
     on: dict[int, list[Movable]] = {}
     for m in movable:
         if m.rank in pressed and m.remaining_tokens >= MIN_GAIN_TOKENS:
@@ -103,13 +108,17 @@ def plan_relief(rooms: Mapping[int, RankRoom], movable: Iterable[Movable]) -> di
     plan: dict[int, list[Move]] = {}
     for i in sorted(pressed, key=lambda i: (free[i] / max(1, rooms[i].capacity_tokens), i)):
         for m in sorted(on.get(i, ()), key=lambda m: (-m.remaining_tokens, m.rid)):
-            if free[i] >= wanted(i):
+            if free[i] >= rooms[i].wanted_tokens:
                 break
-            takers = [r for r in rooms if r not in pressed and free[r] - m.held_tokens >= wanted(r)]
+            need = m.held_tokens + m.remaining_tokens
+            takers = [
+                r for r in rooms
+                if r not in pressed and room_left[r] - need >= rooms[r].wanted_tokens
+            ]  # fmt: skip
             if not takers:
                 continue  # a smaller request may still fit somewhere
-            to = max(takers, key=lambda r: (free[r], -r))
-            free[to] -= m.held_tokens
+            to = max(takers, key=lambda r: (room_left[r], -r))
+            room_left[to] -= need
             free[i] += m.held_tokens
             plan.setdefault(i, []).append(Move(m.rid, to))
     return plan
@@ -125,7 +134,10 @@ class KVReliefWatch:
         self.interval_s = interval_s
         self.busy = busy
         self.num_looks = 0
-        self._seen: dict[int, tuple[int, int]] = {}  # each rank's (generated, preempted) so far
+        # Each rank's KV in use at the last look, unless requests moved since (their KV is not
+        # growth), and its preemptions so far.
+        self._used: dict[int, int] = {}
+        self._preemptions: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -143,6 +155,7 @@ class KVReliefWatch:
         moves = router.moves
         ranks = moves.generating_ranks()
         if len(ranks) < 2 or router.draining or self.busy() or moves.under_way():
+            self._used.clear()
             return 0
         stats = await router.ranks.stats_of(ranks)
         self.num_looks += 1
@@ -151,14 +164,14 @@ class KVReliefWatch:
             info = router.infos[i]
             if st is None or info is None:
                 continue
-            now = (st.num_generated_tokens, st.num_preemptions)
-            before = self._seen.get(i, now)
-            self._seen[i] = now
-            rooms[i] = RankRoom(
-                info.kv_capacity_tokens, st.num_pages_free * info.page_size,
-                max(0, now[0] - before[0]), now[1] > before[1],
-            )  # fmt: skip
+            free = st.num_pages_free * info.page_size
+            used = info.kv_capacity_tokens - free
+            growth = max(0, used - self._used.get(i, used))
+            preempted = st.num_preemptions > self._preemptions.get(i, st.num_preemptions)
+            self._used[i], self._preemptions[i] = used, st.num_preemptions
+            rooms[i] = RankRoom(info.kv_capacity_tokens, free, growth, preempted)
         if self.busy() or moves.under_way():  # (it began while the stats came)
+            self._used.clear()
             return 0
         plan = plan_relief(rooms, moves.movable_requests(rooms))
         for i, planned in plan.items():
@@ -169,7 +182,10 @@ class KVReliefWatch:
                 ", it preempted requests" if room.preempted else "", len(planned),
                 ",".join(str(r) for r in sorted({m.to for m in planned})),
             )  # fmt: skip
-        return moves.relieve(plan)
+        num = moves.relieve(plan)
+        if num:
+            self._used.clear()
+        return num
 
     async def _run(self) -> None:
         failing = False  # the last look failed (logged once, until one works again)

@@ -38,6 +38,13 @@ def test_nothing_moves_without_a_pressed_rank_or_when_every_rank_is_pressed():
     assert plan_relief({0: _room(10), 1: _room(20)}, reqs) == {}
 
 
+def test_nothing_moves_while_the_role_is_short_of_kv_as_a_whole():
+    reqs = [Movable("a", 0, 100, 100)]
+    # Rank 1 is not pressed, but the two want 250 + 400 free and have 400.
+    assert plan_relief({0: _room(0), 1: _room(400, growth=100)}, reqs) == {}
+    assert plan_relief({0: _room(0), 1: _room(700, growth=100)}, reqs) == {0: [Move("a", 1)]}
+
+
 def test_the_requests_with_most_to_make_leave_until_what_it_wants_is_free():
     reqs = [
         Movable("short", 0, 120, 20),
@@ -45,12 +52,11 @@ def test_the_requests_with_most_to_make_leave_until_what_it_wants_is_free():
         Movable("mid", 0, 120, 300),
         Movable("other", 1, 120, 900),  # on a rank that is not pressed
     ]
+    big = _room(4000, cap=4000)
     # 30 free: 220 more wanted, two requests of 120 tokens each.
-    assert plan_relief({0: _room(30), 1: _room(800)}, reqs) == {
-        0: [Move("long", 1), Move("mid", 1)]
-    }
+    assert plan_relief({0: _room(30), 1: big}, reqs) == {0: [Move("long", 1), Move("mid", 1)]}
     # Growing 100 tokens a look, it wants 400 free: the third one goes too.
-    assert plan_relief({0: _room(30, growth=100), 1: _room(800)}, reqs) == {
+    assert plan_relief({0: _room(30, growth=100), 1: big}, reqs) == {
         0: [Move("long", 1), Move("mid", 1), Move("short", 1)]
     }
 
@@ -62,28 +68,29 @@ def test_a_request_about_to_end_stays():
     assert plan_relief({0: _room(0), 1: _room(900)}, reqs) == {0: [Move("going", 1)]}
 
 
-def test_each_goes_to_the_rank_with_most_free_kv_that_keeps_what_it_wants_free():
-    reqs = [Movable(f"r{k}", 0, 150, 500 - k) for k in range(4)]
-    rooms = {0: _room(0), 1: _room(500), 2: _room(400), 3: _room(300)}
-    # Rank 1 takes the first (500 -> 350), rank 2 the second (400 -> 250): 300 free on rank 0.
+def test_each_goes_where_most_is_left_once_it_ran_to_its_end_if_that_is_what_the_rank_wants():
+    reqs = [Movable(f"r{k}", 0, 150, 100 - k) for k in range(4)]  # about 250 tokens each
+    rooms = {0: _room(0), 1: _room(700), 2: _room(600), 3: _room(500)}
+    # Rank 1 takes the first (450 left), rank 2 the second (about 350): 300 free on rank 0.
     assert plan_relief(rooms, reqs) == {0: [Move("r0", 1), Move("r1", 2)]}
-    # Rank 3 could take one only by going under what it wants itself: the rest stay.
-    assert plan_relief({0: _room(0), 3: _room(340)}, reqs) == {}
+    # Rank 3 would keep under what it wants (250) once a request ran to its end: they stay.
+    long_reqs = [Movable("long", 0, 150, 250)]
+    assert plan_relief({0: _room(0), 3: _room(600)}, long_reqs) == {}
     # A receiver growing fast wants more free: rank 1 (two looks of 150) takes none.
-    rooms = {0: _room(0), 1: _room(500, growth=150), 2: _room(400)}
+    rooms = {0: _room(0), 1: _room(700, growth=150), 2: _room(600)}
     assert plan_relief(rooms, reqs) == {0: [Move("r0", 2)]}
 
 
 def test_receivers_by_their_own_capacity_and_a_smaller_request_may_still_fit():
     reqs = [Movable("big", 0, 600, 900), Movable("small", 0, 100, 100)]
     # The big one fits nowhere; the small one does (rank 1 keeps 25% of its 2000).
-    rooms = {0: _room(10), 1: _room(650, cap=2000)}
+    rooms = {0: _room(10), 1: _room(800, cap=2000)}
     assert plan_relief(rooms, reqs) == {0: [Move("small", 1)]}
 
 
 def test_the_most_pressed_rank_is_relieved_first():
     reqs = [Movable("a", 0, 300, 500), Movable("b", 1, 300, 500)]
-    rooms = {0: _room(40), 1: _room(0), 2: _room(550)}
+    rooms = {0: _room(40), 1: _room(0), 2: _room(1100)}
     # Room for one move only: rank 1 (nothing free) gets it.
     assert plan_relief(rooms, reqs) == {1: [Move("b", 2)]}
 

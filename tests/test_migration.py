@@ -360,7 +360,7 @@ def _placed(server: Any, rids: list[str]) -> dict[str, int]:
     return {r.client_rid: r.rank for r in reqs if r.client_rid in rids}
 
 
-@pytest.mark.parametrize("interval_s", [0.1, 0.0], ids=["relief", "no-relief"])
+@pytest.mark.parametrize("interval_s", [0.05, 0.0], ids=["relief", "no-relief"])
 def test_a_decode_rank_whose_kv_runs_out_hands_requests_to_one_with_room(launch_tiny, interval_s):
     """Two requests each on two decode instances, more than a rank's KV holds in
     the end; those on one rank are aborted, and the two on the other outgrow its KV. With
