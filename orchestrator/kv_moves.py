@@ -3,7 +3,7 @@
 A rank that hands requests off (`RankInfo.migrates`: decode ranks, and colocated ranks of a
 server that may scale) takes a request out of its batch at a step boundary and sends its KV as
 a prefill rank sends a prompt's (`workers.engine.handoff.KVHandoff.migrate_out`); the request's
-next attempt (`Router._attempt(moved_from=...)`) has a rank of the same role receive it and
+next attempt (`attempt.run_attempt(moved_from=...)`) has a rank of the same role receive it and
 decode on. This module decides which requests are asked and to where — off a pool instance
 scaled down (`move_from`), onto one that joined (`balance`), or off a rank whose KV runs out
 (`relieve`, planned by `orchestrator.kv_relief`) — and keeps the counts: a move

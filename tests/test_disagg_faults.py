@@ -253,7 +253,7 @@ def test_client_gone_during_a_transfer_or_an_abort_at_once_frees_both_sides(laun
             outs = router.generate(list(range(5, 90)), sampling, rid=rid)
             task = asyncio.ensure_future(_collect(outs))
             await asyncio.sleep(0)  # the request registered, its adds scheduled
-            assert rid in router._rank_rids
+            assert rid in router.attempt_of
             found = await router.abort(rid)
             return found, await asyncio.wait_for(task, 20)
 
