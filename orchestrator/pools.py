@@ -425,8 +425,12 @@ class PoolSet:
         drain_timeout_s: float,
     ) -> ScaleReport:
         """Start and drain instances so that each role of `counts` has that many, after the
-        instances named in `remove` go (`orchestrator.scaling.scale`)."""
-        return await scaling.scale(self, router, eplb, counts, remove, drain_timeout_s)
+        instances named in `remove` go (`orchestrator.scaling.scale`), as a task of its own
+        that its caller's cancellation (a client that hangs up) does not stop halfway."""
+        task = asyncio.ensure_future(
+            scaling.scale(self, router, eplb, counts, remove, drain_timeout_s)
+        )
+        return await asyncio.shield(task)
 
     def watch_dead_ranks(self, router: Any, eplb: Any) -> None:
         """Replace the instance of any rank the router finds dead for good

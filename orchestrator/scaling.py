@@ -159,22 +159,9 @@ async def scale(
     drain_timeout_s: float,
 ) -> ScaleReport:
     """Start and drain instances so that each role of `counts` has that many, after the
-    instances named in `remove` go (see the module doc); runs on the router's loop, as a
-    task of its own that its caller's cancellation (a client that hangs up) does not stop
-    halfway. ScaleError for a request that cannot be done, ScaleInProgress while another
-    runs, ServerStopping once the server drains to stop."""
-    task = asyncio.ensure_future(_scale(pools, router, eplb, counts, remove, drain_timeout_s))
-    return await asyncio.shield(task)
-
-
-async def _scale(
-    pools: PoolSet,
-    router: Any,
-    eplb: Any,
-    counts: Mapping[str, int],
-    remove: Sequence[str],
-    drain_timeout_s: float,
-) -> ScaleReport:
+    instances named in `remove` go (see the module doc); on the router's loop. ScaleError for
+    a request that cannot be done, ScaleInProgress while another runs, ServerStopping once
+    the server drains to stop."""
     if pools.stopped or router.draining:
         raise ServerStopping("the server is shutting down")
     if pools.scaling:
