@@ -50,7 +50,6 @@ MOST_FLOOR = 0.5  # ... and the most
 RELIEVED_FREE = 0.2  # ... what it wants free over its floor (a pressed one after its moves, a
 # receiver after taking one)
 MIN_GAIN_TOKENS = 16  # a request with fewer tokens to go ends where it is
-DEFAULT_INTERVAL_S = 2.0
 
 
 class RankRoom(NamedTuple):
