@@ -172,12 +172,13 @@ class KVMoves:
         return self._hand_off(asked)
 
     def movable_requests(self, ranks: Iterable[int]) -> list[Movable]:
-        """The requests on `ranks` that may move with their KV (`movable`)."""
+        """The requests on `ranks` that may move with their KV (`movable`) to relieve their
+        rank: not those that came there by a move (no request goes back and forth)."""
         on = set(ranks)
         return [
             Movable(r.rid, r.rank, _held(r), r.num_tokens - _held(r))
             for r in self.requests.values()
-            if r.rank in on and self.movable(r)
+            if r.rank in on and self.movable(r) and r.moved_from is None
         ]
 
     def relieve(self, plan: Mapping[int, Sequence[Move]]) -> int:

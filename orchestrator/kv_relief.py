@@ -14,12 +14,15 @@ generating ranks' stats every `--kv-pressure-interval` seconds, and `plan_relief
   capacity free. A rank is *pressed* when less
   than its floor is free, or less than it wants when it preempted a request since the last
   look;
-- a pressed rank hands off the requests with the most tokens still to make (those that would
-  grow its KV the most; one with fewer than `MIN_GAIN_TOKENS` to go ends there) until what it
-  wants is free;
+- a pressed rank hands off the requests holding the most KV first (each move frees the most;
+  the newest, which a rank preempts first and which then hold nothing, come last; one with
+  fewer than `MIN_GAIN_TOKENS` to go ends there, and one that already moved stays) until what
+  it wants is free;
 - each goes to the rank of its role that is not pressed and would have the most KV free once it
   had taken the request and the request had run to its end — still what that rank wants, else
-  the request stays: a move never presses its receiver, so nothing moves back and forth;
+  the request stays: a move should not press its receiver, and a rank that took moved
+  requests in the last `COOLDOWN_LOOKS` looks hands none off (its growth then is partly theirs),
+  so that nothing moves back and forth;
 - nothing moves while the role is short of KV as a whole (its ranks' free KV less than what
   they want together): moves would only pass the pressure from rank to rank, and the ranks
   preempt as they would without them (more ranks help then, not moves).
@@ -50,6 +53,7 @@ MOST_FLOOR = 0.5  # ... and the most
 RELIEVED_FREE = 0.2  # ... what it wants free over its floor (a pressed one after its moves, a
 # receiver after taking one)
 MIN_GAIN_TOKENS = 16  # a request with fewer tokens to go ends where it is
+COOLDOWN_LOOKS = 2 * HORIZON  # a rank that took moved requests hands none off for this long
 
 
 class RankRoom(NamedTuple):
@@ -59,6 +63,7 @@ class RankRoom(NamedTuple):
     free_tokens: int  # free pages × page size (pages holding a cached prefix count: reclaimable)
     growth_tokens: int = 0  # how much more of its KV is in use than at the last look (>= 0)
     preempted: bool = False  # it preempted a request since the last look
+    took_moves: bool = False  # it took moved requests in the last `COOLDOWN_LOOKS` looks
 
     @property
     def floor_tokens(self) -> float:
@@ -72,6 +77,8 @@ class RankRoom(NamedTuple):
     @property
     def is_pressed(self) -> bool:
         free = self.free_tokens
+        if self.took_moves:
+            return False
         return free < self.floor_tokens or (self.preempted and free < self.wanted_tokens)
 
 
@@ -106,7 +113,7 @@ def plan_relief(rooms: Mapping[int, RankRoom], movable: Iterable[Movable]) -> di
             on.setdefault(m.rank, []).append(m)
     plan: dict[int, list[Move]] = {}
     for i in sorted(pressed, key=lambda i: (free[i] / max(1, rooms[i].capacity_tokens), i)):
-        for m in sorted(on.get(i, ()), key=lambda m: (-m.remaining_tokens, m.rid)):
+        for m in sorted(on.get(i, ()), key=lambda m: (-m.held_tokens, m.rid)):
             if free[i] >= rooms[i].wanted_tokens:
                 break
             need = m.held_tokens + m.remaining_tokens
@@ -137,6 +144,7 @@ class KVReliefWatch:
         # growth), and its preemptions so far.
         self._used: dict[int, int] = {}
         self._preemptions: dict[int, int] = {}
+        self._took_at: dict[int, int] = {}  # the look at which each rank last took moves
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -168,7 +176,8 @@ class KVReliefWatch:
             growth = max(0, used - self._used.get(i, used))
             preempted = st.num_preemptions > self._preemptions.get(i, st.num_preemptions)
             self._used[i], self._preemptions[i] = used, st.num_preemptions
-            rooms[i] = RankRoom(info.kv_capacity_tokens, free, growth, preempted)
+            took = self.num_looks - self._took_at.get(i, -COOLDOWN_LOOKS) < COOLDOWN_LOOKS
+            rooms[i] = RankRoom(info.kv_capacity_tokens, free, growth, preempted, took)
         if self.busy() or moves.under_way():  # (it began while the stats came)
             self._used.clear()
             return 0
@@ -184,6 +193,8 @@ class KVReliefWatch:
         num = moves.relieve(plan)
         if num:
             self._used.clear()
+            for planned in plan.values():
+                self._took_at.update((m.to, self.num_looks) for m in planned)
         return num
 
     async def _run(self) -> None:

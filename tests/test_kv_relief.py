@@ -45,20 +45,29 @@ def test_nothing_moves_while_the_role_is_short_of_kv_as_a_whole():
     assert plan_relief({0: _room(0), 1: _room(700, growth=100)}, reqs) == {0: [Move("a", 1)]}
 
 
-def test_the_requests_with_most_to_make_leave_until_what_it_wants_is_free():
+def test_the_requests_holding_most_kv_leave_first_until_what_it_wants_is_free():
     reqs = [
-        Movable("short", 0, 120, 20),
-        Movable("long", 0, 120, 700),
-        Movable("mid", 0, 120, 300),
+        Movable("small", 0, 60, 700),  # the newest: a rank preempts it first
+        Movable("big", 0, 200, 300),
+        Movable("mid", 0, 120, 400),
+        Movable("ending", 0, 300, MIN_GAIN_TOKENS - 1),  # about to free its pages anyway
         Movable("other", 1, 120, 900),  # on a rank that is not pressed
     ]
     big = _room(4000, cap=4000)
-    # 30 free: 220 more wanted, two requests of 120 tokens each.
-    assert plan_relief({0: _room(30), 1: big}, reqs) == {0: [Move("long", 1), Move("mid", 1)]}
-    # Growing 100 tokens a look, it wants 400 free: the third one goes too.
+    # 30 free: 220 more wanted; the big one frees 200, the mid one 120.
+    assert plan_relief({0: _room(30), 1: big}, reqs) == {0: [Move("big", 1), Move("mid", 1)]}
+    # Growing 100 tokens a look, it wants 400 free: the small one goes too.
     assert plan_relief({0: _room(30, growth=100), 1: big}, reqs) == {
-        0: [Move("long", 1), Move("mid", 1), Move("short", 1)]
+        0: [Move("big", 1), Move("mid", 1), Move("small", 1)]
     }
+
+
+def test_a_rank_that_just_took_moved_requests_hands_none_off():
+    reqs = [Movable("a", 0, 100, 100)]
+    assert plan_relief({0: _room(0), 1: _room(900)}, reqs) == {0: [Move("a", 1)]}
+    took = RankRoom(CAP, 0, 0, preempted=True, took_moves=True)
+    assert not took.is_pressed
+    assert plan_relief({0: took, 1: _room(900)}, reqs) == {}
 
 
 def test_a_request_about_to_end_stays():
@@ -137,12 +146,15 @@ def test_relieve_asks_the_planned_moves_and_the_next_attempt_takes_the_planned_r
             "b#1": RoutedRequest("b#1", 0, 600, 40, num_output_tokens=100, client_rid="b",
                                  num_input_tokens=40),
             "ended#1": RoutedRequest("ended#1", 0, 600, 40, client_rid="ended", aborted=True),
+            # It came to rank 0 by a move: it does not move again to relieve it.
+            "moved#3": RoutedRequest("moved#3", 0, 600, 40, num_output_tokens=100,
+                                     client_rid="moved", moved_from=1, num_input_tokens=40),
         }  # fmt: skip
         for req in reqs.values():
             table.admit(req)
         moves = KVMoves(table, reqs, lambda client: f"{client}#2")
         movable = moves.movable_requests([0])
-        assert sorted(m.rid for m in movable) == ["a#1", "b#1"]  # not the aborted one
+        assert sorted(m.rid for m in movable) == ["a#1", "b#1"]  # not the aborted, moved ones
         assert movable[0].held_tokens == 140 and movable[0].remaining_tokens == 460
         plan = {0: [Move("a#1", 2), Move("gone#1", 1)], 1: [Move("b#1", 1)]}
         # Only requests still on the rank the plan moves them off are asked.
