@@ -11,9 +11,8 @@ generating ranks' stats every `--kv-pressure-interval` seconds, and `plan_relief
   over the last one: new requests and longer outputs, less those that ended; KV that moved
   in is no growth, so the look after moves measures anew), at least `PRESSED_FREE` of its
   capacity and at most `MOST_FLOOR` of it; it *wants* its floor and `RELIEVED_FREE` of its
-  capacity free. A rank is *pressed* when less
-  than its floor is free, or less than it wants when it preempted a request since the last
-  look;
+  capacity free. A rank is *pressed* when less than its floor is free, or less than it wants
+  when it preempted a request since the last look;
 - a pressed rank hands off the requests holding the most KV first (each move frees the most;
   the newest, which a rank preempts first and which then hold nothing, come last; one with
   fewer than `MIN_GAIN_TOKENS` to go ends there, and one that already moved stays) until what
@@ -76,9 +75,9 @@ class RankRoom(NamedTuple):
 
     @property
     def is_pressed(self) -> bool:
-        free = self.free_tokens
         if self.took_moves:
             return False
+        free = self.free_tokens
         return free < self.floor_tokens or (self.preempted and free < self.wanted_tokens)
 
 
