@@ -55,6 +55,7 @@ class IncrementalDetokenizer:
         self.matched_stop: str | None = None
         self._min_new_tokens = min_new_tokens
         self._num_output_tokens = 0
+        self.num_taken = 0  # of the last `add`'s tokens, those the output keeps
         make_stream = getattr(tokenizer, "decode_stream", None)
         self._stream: TokenStream | None = (
             make_stream(self._ids, skip_special_tokens) if make_stream is not None else None
@@ -68,28 +69,42 @@ class IncrementalDetokenizer:
         """Append output tokens; return the text that is now safe to show.
 
         Once a stop string is found, `matched_stop` is set, the returned text ends right before
-        it, and later calls return ''."""
+        it, and later calls return ''. `num_taken` then says how many of these tokens the output
+        keeps: those up to the one that completed the stop string (all of them otherwise)."""
+        self.num_taken = 0
         if self.stopped or not token_ids:
             return ""
+        if self._stop and len(token_ids) > 1:
+            # One at a time: the output ends at the token that completes a stop string, the
+            # same token however the rank's deltas happen to group them.
+            for token in token_ids:
+                self._add_tokens((token,))
+                self.num_taken += 1
+                if self.stopped:
+                    break
+        else:
+            self._add_tokens(token_ids)
+            self.num_taken = len(token_ids)
+        return self._take(final=False)
+
+    def _add_tokens(self, token_ids: Sequence[int]) -> None:
         self._ids.extend(token_ids)
         self._num_output_tokens += len(token_ids)
         if self._stream is not None:
             piece = self._stream.step(token_ids)
-            if not piece:
-                return ""  # an incomplete character: `flush` decodes it if nothing follows
-            self._prefix_offset = max(0, len(self._ids) - _PROMPT_CONTEXT_TOKENS)
-            self._read_offset = len(self._ids)
-            self._append(piece)
-            return self._take(final=False)
+            if piece:  # else an incomplete character: `flush` decodes it if nothing follows
+                self._prefix_offset = max(0, len(self._ids) - _PROMPT_CONTEXT_TOKENS)
+                self._read_offset = len(self._ids)
+                self._append(piece)
+            return
         window = self._ids[self._prefix_offset :]
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(window)
         if full_text.endswith(_REPLACEMENT) or len(full_text) <= len(prefix_text):
-            return ""  # an incomplete character (or nothing visible yet): wait for more tokens
+            return  # an incomplete character (or nothing visible yet): wait for more tokens
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         self._append(full_text[len(prefix_text) :])
-        return self._take(final=False)
 
     def flush(self) -> str:
         """Generation ended: return everything still held back (an incomplete character too)."""

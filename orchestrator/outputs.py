@@ -38,10 +38,20 @@ def to_output(
     """The client's view of `delta`: its request's id `rid` (the ranks know it by another),
     the text so far; `num_prompt_tokens` where the delta has none (an error from the router)."""
     text = detok.add(delta.token_ids)
+    token_ids = list(delta.token_ids)
+    logprobs = None if delta.logprobs is None else list(delta.logprobs)
+    num_output_tokens = delta.num_output_tokens
     finish = delta.finish_reason.value if delta.finish_reason is not None else None
     matched: str | int | None = None
     if detok.stopped:
         finish, matched = "stop", detok.matched_stop
+        # Tokens the rank made past the one that completed the stop string are not output.
+        num_past = len(token_ids) - detok.num_taken
+        if num_past > 0:
+            del token_ids[detok.num_taken :]
+            if logprobs is not None:
+                del logprobs[detok.num_taken :]
+            num_output_tokens = max(0, num_output_tokens - num_past)
     elif finish is not None:
         text += detok.flush()
         if finish == "stop" and delta.token_ids:
@@ -49,13 +59,13 @@ def to_output(
     return Output(
         rid=rid,
         text=text,
-        token_ids=list(delta.token_ids),
+        token_ids=token_ids,
         num_prompt_tokens=delta.num_prompt_tokens or num_prompt_tokens,
-        num_output_tokens=delta.num_output_tokens,
+        num_output_tokens=num_output_tokens,
         finish_reason=finish,
         matched_stop=matched,
         error=delta.error,
-        logprobs=None if delta.logprobs is None else list(delta.logprobs),
+        logprobs=logprobs,
         num_cached_tokens=delta.num_cached_tokens,
         prompt_logprobs=delta.prompt_logprobs,
     )

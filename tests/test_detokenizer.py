@@ -121,6 +121,53 @@ def test_stop_string_at_the_very_start():
     assert detok.add(list(b"ab")) == "" and detok.matched_stop == "ab"
 
 
+@pytest.mark.parametrize("min_new", [0, 8])
+def test_the_output_ends_at_the_token_that_completes_a_stop_string_however_deltas_group(min_new):
+    """A rank sends tokens in deltas of any size (its stream interval, the router's merging):
+    the text, the matched stop string and the tokens kept — up to the one that completed the
+    match — do not depend on the grouping."""
+    import random
+
+    ids = list(b"xEND abENDcdEN-END tail")  # "END" ends at tokens 4, 10 and 18
+    want_taken = 4 if min_new == 0 else 10
+    rng = random.Random(min_new)
+    for _ in range(40):
+        detok = IncrementalDetokenizer(ByteDecoder(), stop=["END"], min_new_tokens=min_new)
+        taken, text, at = 0, "", 0
+        while at < len(ids) and not detok.stopped:
+            size = rng.randint(1, 9)
+            text += detok.add(ids[at : at + size])
+            taken += detok.num_taken
+            at += size
+        assert detok.matched_stop == "END"
+        assert taken == want_taken, taken
+        assert text == bytes(ids[: want_taken - 3]).decode()
+
+
+def test_to_output_drops_the_tokens_past_a_stop_string():
+    from orchestrator.outputs import to_output
+    from workers.engine.messages import FinishReason, TokenDelta, TokenLogprob
+
+    detok = IncrementalDetokenizer(ByteDecoder(), stop=["EN"])
+    first = TokenDelta("r", list(b"ab"), num_prompt_tokens=3, num_output_tokens=2)
+    out = to_output(first, detok, "client", 3)
+    assert (out.text, out.token_ids, out.num_output_tokens, out.finish_reason) == (
+        "ab", list(b"ab"), 2, None,
+    )  # fmt: skip
+    ids = list(b"cENDxy")
+    logprobs = [TokenLogprob(-0.1 * t) for t in ids]
+    last = TokenDelta("r", ids, None, num_output_tokens=8, logprobs=logprobs)
+    out = to_output(last, detok, "client", 3)
+    assert out.finish_reason == "stop" and out.matched_stop == "EN"
+    assert out.text == "c" and out.token_ids == list(b"cEN") and out.num_output_tokens == 5
+    assert out.logprobs == logprobs[:3]
+    # A delta the rank ended itself (EOS) keeps every token.
+    detok = IncrementalDetokenizer(ByteDecoder(), stop=["EN"])
+    eos = TokenDelta("r", list(b"xyz"), FinishReason.STOP, num_output_tokens=3)
+    out = to_output(eos, detok, "client", 3)
+    assert out.token_ids == list(b"xyz") and out.num_output_tokens == 3 and out.matched_stop == 122
+
+
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
     tiny = pytest.importorskip("workers.model.tiny")

@@ -123,6 +123,15 @@ def test_stop_strings_and_stop_token_ids(tiny_server):
                 out = c.post("/generate", json=body).json()
             assert out["text"] == expected
             assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+            # The tokens end with the one that completed the stop string, whatever the rank
+            # made after it; the count says the same.
+            kept = out["output_ids"]
+            assert kept == ids[: len(kept)] and out["meta_info"]["completion_tokens"] == len(kept)
+            shown = [
+                c.post("/detokenize", json={"tokens": t}).json()["prompt"]
+                for t in (kept, kept[:-1])
+            ]
+            assert shown[0].startswith(expected + stop) and stop not in shown[1], shown
         stop_id = ids[5]
         first = ids.index(stop_id)
         body = {"text": "The quick", "sampling_params": _greedy(24, stop_token_ids=[stop_id])}
