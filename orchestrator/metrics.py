@@ -136,7 +136,19 @@ class Metrics:
         )
         self.preemptions = Totals(
             "pdserve_preemptions_total",
-            "Running requests put back in the queue for lack of KV pages (recomputed later)",
+            "Running requests put back in the queue for lack of KV pages (their KV swapped to "
+            "host memory, or recomputed later)",
+            registry=r,
+        )
+        self.kv_swapped_out = Totals(
+            "pdserve_kv_swapped_out_total",
+            "Of the preempted requests, those whose KV went to host memory (--kv-swap-space): "
+            "they resume without computing their tokens again",
+            registry=r,
+        )
+        self.kv_swapped_tokens = Gauge(
+            "pdserve_kv_swapped_tokens",
+            "Tokens of preempted requests' KV held in host memory now",
             registry=r,
         )
         self.kv_transfers = Totals(
@@ -279,6 +291,7 @@ class Metrics:
         self.pages_used.set(sum(s.num_pages_used for s in live))
         self.pages_free.set(sum(s.num_pages_free for s in live))
         self.pages_cached.set(sum(s.num_pages_cached for s in live))
+        self.kv_swapped_tokens.set(sum(s.num_swapped_tokens for s in live))
         router = gc_pauses.PROCESS
         self.gc_seconds.observe("router", router.seconds, "router")
         self.gc_longest.labels("router").set(router.longest_s)
@@ -291,6 +304,7 @@ class Metrics:
             self.transfer_skipped.observe(rank, s.num_transfer_skipped_tokens)
             self.kv_parked.observe(rank, s.num_parked)
             self.preemptions.observe(rank, s.num_preemptions)
+            self.kv_swapped_out.observe(rank, s.num_swapped_out)
             for side, fields in TRANSFER_FIELDS.items():
                 ok, failed, moved, took = (getattr(s.transfers, f) for f in fields)
                 self.kv_transfers.observe(rank, ok, side, "ok")

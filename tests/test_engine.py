@@ -11,7 +11,8 @@ import torch
 from tests.checkpoints import make_checkpoint
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
-from workers.engine.kv_cache import PageAllocator
+from workers.engine.kv_cache import KVCache, PageAllocator
+from workers.engine.kv_swap import KVSwap
 from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams
 from workers.engine.prefix_cache import CachingAllocator
 from workers.engine.sampling import filtered_probs, greedy_tokens, sample
@@ -117,6 +118,55 @@ def test_scheduler_preempts_newest_when_pages_run_out():
     assert [s.rid for s in batch.decodes] == ["old"]
     assert [s.rid for s in sched.waiting] == ["new"]
     assert new.num_computed == 0 and new.pages == [] and sched.num_preemptions == 1
+
+
+def _swapping_scheduler(swap_tokens: int) -> tuple[Scheduler, KVCache, Sequence, Sequence]:
+    """Two running requests on 4 pages of 2 tokens, both past their prefill ("new": 3 prompt
+    tokens computed, its first output token drawn); `swap_tokens` of host swap."""
+    cache = KVCache(2, 4, 2, 3, torch.float32, torch.device("cpu"))
+    sched = Scheduler(cache.allocator, page_size=2, max_running=8, token_budget=100)
+    sched.swap = KVSwap(cache, swap_tokens)
+    old, new = _seq("old", 4, 0), _seq("new", 3, 1)
+    sched.add(old)
+    sched.add(new)
+    for s, n in sched.schedule().prefills:
+        s.num_computed += n
+        s.token_ids.append(1)
+    return sched, cache, old, new
+
+
+def test_a_preempted_request_swaps_its_kv_out_and_resumes_decoding_from_it():
+    sched, cache, old, new = _swapping_scheduler(swap_tokens=64)
+    kv = torch.randn(2, 3, 3)
+    cache.data[:, new.slots(3, 2)] = kv
+    batch = sched.schedule()  # old needs a third page: new is preempted, its KV kept
+    assert [s.rid for s in batch.decodes] == ["old"] and sched.num_preemptions == 1
+    assert new.pages == [] and new.num_computed == 3 and sched.swap is not None
+    assert sched.swap.holds(new) and sched.swap.num_tokens == 3
+    cache.data.zero_()  # whatever runs meanwhile writes over its old pages
+    sched.remove(old)
+    batch = sched.schedule()
+    # Admitted back as a decode of its drawn token, over its own KV in new pages.
+    assert [s.rid for s in batch.decodes] == ["new"] and not batch.prefills
+    assert torch.equal(cache.data[:, new.slots(3, 2)], kv)
+    assert sched.swap.num_tokens == 0 and not sched.swap.holds(new)
+    assert sched.swap.num_swapped_out == 1
+
+
+def test_a_request_the_swap_cannot_hold_is_recomputed_and_one_that_ends_is_dropped():
+    sched, cache, old, new = _swapping_scheduler(swap_tokens=2)  # new has 3 tokens of KV
+    sched.schedule()
+    assert new.num_computed == 0 and sched.swap is not None and sched.swap.num_tokens == 0
+    sched.remove(old)
+    batch = sched.schedule()
+    assert [(s.rid, n) for s, n in batch.prefills] == [("new", 4)]  # prompt and output again
+    sched, cache, old, new = _swapping_scheduler(swap_tokens=64)
+    sched.schedule()
+    assert sched.swap is not None and sched.swap.num_tokens == 3
+    sched.remove(new)  # aborted while it waited
+    assert sched.swap.num_tokens == 0 and not sched.swap.holds(new)
+    sched.remove(old)
+    assert cache.allocator.num_free == 4
 
 
 def test_scheduler_orders_by_priority_then_arrival():

@@ -118,7 +118,10 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
     receiver = TransferTotals().add("recv", True, 1024, 2.0).add("recv", False, 0, 1.0)
 
     def stats(transfers: TransferTotals, preemptions: int) -> RankStats:
-        return RankStats(1, 0, 64, 60, 10, 100, num_preemptions=preemptions, transfers=transfers)
+        return RankStats(
+            1, 0, 64, 60, 10, 100, num_preemptions=preemptions, transfers=transfers,
+            num_swapped_out=preemptions // 2, num_swapped_tokens=10 * preemptions,
+        )  # fmt: skip
 
     metrics = Metrics()
     metrics.set_rank_stats([stats(sender, 1), None, stats(receiver, 2), stats(sender, 0)])
@@ -128,6 +131,8 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
         for s in family.samples
     }
     assert samples[("pdserve_preemptions_total", ())] == 3
+    assert samples[("pdserve_kv_swapped_out_total", ())] == 1
+    assert samples[("pdserve_kv_swapped_tokens", ())] == 30
     t, b, sec = (
         "pdserve_kv_transfers_total",
         "pdserve_kv_transfer_bytes_total",

@@ -342,11 +342,11 @@ def test_a_colocated_server_that_cannot_scale_opens_no_transfer_engine(launch_ti
 RELIEF_NEW = 600  # two such requests outgrow the 1024 tokens of `_small_kv`'s decode ranks (by 256)
 
 
-def _small_kv() -> Any:
+def _small_kv(swap_gib: float = 4.0) -> Any:
     from workers.engine.config import EngineConfig
 
     return EngineConfig(page_size=16, kv_capacity_tokens=1024, device="cpu",
-                        preload_structured_output=False)  # fmt: skip
+                        preload_structured_output=False, kv_swap_space=swap_gib)  # fmt: skip
 
 
 def _placed(server: Any, rids: list[str]) -> dict[str, int]:
@@ -360,14 +360,22 @@ def _placed(server: Any, rids: list[str]) -> dict[str, int]:
     return {r.client_rid: r.rank for r in reqs if r.client_rid in rids}
 
 
-@pytest.mark.parametrize("interval_s", [0.05, 0.0], ids=["relief", "no-relief"])
-def test_a_decode_rank_whose_kv_runs_out_hands_requests_to_one_with_room(launch_tiny, interval_s):
+@pytest.mark.parametrize(
+    ("interval_s", "swap_gib"), [(0.05, 4.0), (0.0, 4.0), (0.0, 0.0)],
+    ids=["relief", "no-relief-swap", "no-relief-recompute"],
+)  # fmt: skip
+def test_a_decode_rank_whose_kv_runs_out_hands_requests_to_one_with_room(
+    launch_tiny, interval_s, swap_gib
+):
     """Two requests each on two decode instances, more than a rank's KV holds in
     the end; those on one rank are aborted, and the two on the other outgrow its KV. With
     `--kv-pressure-interval` one of them moves there with its KV before the pages run out
-    (nothing preempted, nothing computed again); without, the rank preempts one, which
-    computes its prompt and output again there. The same tokens either way."""
-    server = launch_tiny(decode_instances=2, engine=_small_kv(), kv_pressure_interval_s=interval_s)
+    (nothing preempted, nothing computed again); without, the rank preempts one, whose KV
+    waits in host memory (`--kv-swap-space`) or which computes its prompt and output again
+    there. The same tokens every way."""
+    server = launch_tiny(
+        decode_instances=2, engine=_small_kv(swap_gib), kv_pressure_interval_s=interval_s
+    )
     url = server.url
     rids = [f"pressed-{k}" for k in range(4)]
     prompts = [PROMPTS[k][:40] for k in range(4)]
@@ -411,6 +419,9 @@ def test_a_decode_rank_whose_kv_runs_out_hands_requests_to_one_with_room(launch_
         else:
             assert stats["num_kv_pressure_moves"] == 0 and stats["num_migrated"] == 0, stats
             assert preempted >= 1, stats
+            swapped = stats["ranks"][pressed]["stats"]["num_swapped_out"]
+            assert swapped == (preempted if swap_gib else 0), stats
+            assert stats["ranks"][pressed]["stats"]["num_swapped_tokens"] == 0, stats
         # The same tokens as both at once, one on each rank (room enough).
         body = {"input_ids": [prompts[k] for k in kept], "sampling_params": _greedy(RELIEF_NEW)}
         want = httpx.post(f"{url}/generate", json=body, timeout=120).json()

@@ -70,17 +70,23 @@ def test_matches_transformers(name, tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-def test_chunking_paging_and_preemption_do_not_change_tokens(tmp_path_factory):
+@pytest.mark.parametrize("swap", [4.0, 0.0], ids=["swap", "recompute"])
+def test_chunking_paging_and_preemption_do_not_change_tokens(tmp_path_factory, swap):
     """Tiny pages, tiny chunks and a KV cache too small for all requests at once (forcing
-    queueing and preemption) give the same greedy tokens as a roomy configuration."""
+    queueing and preemption) give the same greedy tokens as a roomy configuration, whether a
+    preempted request's KV waits in host memory (`--kv-swap-space`) or is computed again."""
     ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("chunk"))
     prompts = _prompts(256)
     _, roomy, _ = _run_engine(ckpt.path, prompts, page_size=16, chunked_prefill_size=4096)
     engine, tight, _ = _run_engine(
-        ckpt.path, prompts, page_size=2, chunked_prefill_size=7, kv_capacity_tokens=80
-    )
+        ckpt.path, prompts, page_size=2, chunked_prefill_size=7, kv_capacity_tokens=80,
+        kv_swap_space=swap,
+    )  # fmt: skip
     assert tight == roomy
-    assert engine.scheduler.num_preemptions > 0  # the small cache really forced recomputation
+    assert engine.scheduler.num_preemptions > 0  # the small cache really forced preemption
+    swapped = engine.stats().num_swapped_out
+    assert swapped == (engine.scheduler.num_preemptions if swap else 0)
+    assert engine.stats().num_swapped_tokens == 0  # nothing left behind in host memory
 
 
 def _engine_outputs(engine: Engine, prompts: list[list[int]], sampling: SamplingParams):

@@ -318,7 +318,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "in transfer",
         "KV pages used",
         "tokens out",
-        "preempted",
+        "preempted (swapped)",
         "KV sent / received (failed)",
     )
     rows: list[tuple[str, ...]] = [header]
@@ -335,7 +335,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append((
             *where, str(st["num_running"]),
             str(st["num_waiting"]), str(st.get("num_in_transfer", 0)), used,
-            str(st["num_generated_tokens"]), str(st.get("num_preemptions", 0)),
+            str(st["num_generated_tokens"]),
+            f"{st.get('num_preemptions', 0)} ({st.get('num_swapped_out', 0)})",
             _transfers(st.get("transfers") or {}),
         ))  # fmt: skip
     print_table(rows)

@@ -134,7 +134,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--kv-pressure-interval", type=float, default=2.0, metavar="S",
         help="every S seconds, a decode rank (or colocated one that may scale) whose KV runs "
         "out hands requests to ranks of its role with room, with their KV, instead of "
-        "preempting them (computed again later); 0: off (also off with "
+        "preempting them (they would wait, swapped out or to be recomputed); 0: off (also off with "
         "--disable-kv-migration)",
     )  # fmt: skip
     t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
@@ -149,6 +149,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="GPU: share of a rank's GPU memory for weights + KV (default 0.85); "
         "CPU: share of RAM for the KV cache (default 0.1)",
     )
+    e.add_argument(
+        "--kv-swap-space", type=float, default=4.0, metavar="GIB",
+        help="host memory per rank for the KV of requests preempted when the KV cache runs "
+        "out: they resume where they were instead of computing their tokens again; used only "
+        "as needed; 0: always recompute (default 4)",
+    )  # fmt: skip
     e.add_argument("--max-running-requests", type=int, default=256)
     e.add_argument(
         "--disable-prefix-caching",
@@ -341,6 +347,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         page_size=args.page_size,
         kv_capacity_tokens=args.kv_capacity_tokens,
         kv_memory_fraction=args.kv_memory_fraction,
+        kv_swap_space=args.kv_swap_space,
         max_running_requests=args.max_running_requests,
         enable_prefix_caching=args.enable_prefix_caching,
         preload_structured_output=args.preload_structured_output,

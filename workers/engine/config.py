@@ -14,6 +14,10 @@ class EngineConfig:
     # 0.85; the rest is activations and CUDA graphs). CPU: the share of RAM for the KV cache
     # (default 0.1).
     kv_memory_fraction: float | None = None
+    # Host memory (GiB) for the KV of preempted requests, which then resume where they were
+    # instead of computing their tokens again (`KVSwap`); 0: always recompute. Used only when
+    # a rank runs out of KV pages, and only as much as it needs.
+    kv_swap_space: float = 4.0
     gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
     # Share the KV of full pages between requests whose tokens begin alike.
@@ -56,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")
         if self.page_size < 1:
             raise ValueError(f"--page-size must be >= 1, got {self.page_size}")
+        if not (math.isfinite(self.kv_swap_space) and self.kv_swap_space >= 0):
+            raise ValueError(f"--kv-swap-space must be >= 0 (GiB), got {self.kv_swap_space}")
         if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < self.page_size:
             raise ValueError(
                 f"--kv-capacity-tokens ({self.kv_capacity_tokens}) must hold at least one page "

@@ -20,6 +20,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.grammar import GrammarBackend
 from workers.engine.kv_cache import KVCache, num_kv_pages, pages_needed
+from workers.engine.kv_swap import KVSwap
 from workers.engine.messages import (
     FinishReason,
     GenerateRequest,
@@ -107,6 +108,10 @@ class Engine:
             config.max_running_requests,
             config.chunked_prefill_size,
         )
+        if config.kv_swap_space > 0:
+            per_token = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype)
+            swap_tokens = int(config.kv_swap_space * (1 << 30)) // per_token
+            self.scheduler.swap = KVSwap(self.kv, swap_tokens)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch:
             self.graphs = DecodeGraphs(
@@ -324,6 +329,7 @@ class Engine:
         return self.scheduler.has_work
 
     def stats(self) -> RankStats:
+        swap = self.scheduler.swap
         return RankStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -340,6 +346,8 @@ class Engine:
             num_transfer_skipped_tokens=self.scheduler.num_reused_tokens,
             num_parked=self.scheduler.num_parked,
             num_preemptions=self.scheduler.num_preemptions,
+            num_swapped_out=swap.num_swapped_out if swap is not None else 0,
+            num_swapped_tokens=swap.num_tokens if swap is not None else 0,
         )
 
     # ---- one step ---------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Each step spends a token budget: every running request that is decoding gets one
 running requests still in prefill get chunks, then waiting requests are admitted in order while
 budget, pages and the running limit allow. When a running request needs a page and none is free,
 the least important running request is preempted: its pages are freed and it goes back to the
-front of its place in the queue to be recomputed later. Requests are never dropped or truncated
-for lack of memory.
+front of its place in the queue. With a `KVSwap` its computed KV goes to host memory first and
+comes back when it is admitted again (it decodes on as if it had not stopped); without one, or
+when the swap is full, it is recomputed. Requests are never dropped or truncated for lack of
+memory.
 
 Order: by `SamplingParams.priority` (lower first), then arrival; "least important" is the
 highest priority value, the newest of those. With every priority equal (the default) that is
@@ -28,6 +30,7 @@ from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 
 from workers.engine.kv_cache import pages_needed
+from workers.engine.kv_swap import KVSwap
 from workers.engine.prefix_cache import CachingAllocator
 from workers.engine.sequence import SeqStatus, Sequence
 
@@ -62,6 +65,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.swap: KVSwap | None = None  # where preempted requests' KV waits (None: recompute)
         self.num_reused_tokens = 0  # decode side: prompt tokens whose pages were not sent
         # Decode side: requests moving here with their KV that found no free pages (the
         # engine fails them: `Engine.take_unplaced`).
@@ -90,6 +94,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+            if self.swap is not None:
+                self.swap.drop(seq)
         elif seq.status is SeqStatus.AWAITING_KV:
             self.awaiting_kv.remove(seq)
         elif seq.status is SeqStatus.HANDOFF:
@@ -196,7 +202,8 @@ class Scheduler:
         for seq in self._admission_order() if self.waiting and room else ():
             if budget == 0 or len(self.running) >= self.max_running:
                 break
-            cached = self._take_cached_prefix(seq) if not seq.pages else 0
+            swapped = self.swap is not None and self.swap.holds(seq)
+            cached = self._take_cached_prefix(seq) if not seq.pages and not swapped else 0
             num = min(seq.num_pending, budget)
             need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
             if not self.allocator.can_allocate(need) and not (
@@ -215,8 +222,14 @@ class Scheduler:
             seq.add_pages(self.allocator.allocate(need))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            batch.prefills.append((seq, num))
             budget -= num
+            if swapped:
+                assert self.swap is not None
+                self.swap.swap_in(seq)
+                if num == 1 and seq.num_pending == 1:  # its next token, as a decode again
+                    batch.decodes.append(seq)
+                    continue
+            batch.prefills.append((seq, num))
         return batch
 
     def _admission_order(self) -> Iterator[Sequence]:
@@ -278,8 +291,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        if self.swap is None or not self.swap.swap_out(seq):
+            seq.num_computed = 0  # computed again when admitted back
         self.allocator.free(seq.release_pages())
-        seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SeqStatus.WAITING
