@@ -123,6 +123,17 @@ class Metrics:
             "Prompt tokens found in the ranks' prefix caches (not computed again)",
             registry=r,
         )
+        self.prefix_host_hits = Totals(
+            "pdserve_prefix_cache_host_hit_tokens_total",
+            "Of the prompt tokens found in the prefix caches, those found in the host tier "
+            "(--prefix-cache-host-space) and copied back",
+            registry=r,
+        )
+        self.prefix_host_pages = Gauge(
+            "pdserve_prefix_cache_host_pages",
+            "KV pages in the prefix caches' host tier now",
+            registry=r,
+        )
         self.transfer_skipped = Totals(
             "pdserve_kv_transfer_skipped_tokens_total",
             "Prompt tokens whose KV the decode ranks' prefix caches held (not transferred)",
@@ -292,6 +303,7 @@ class Metrics:
         self.pages_free.set(sum(s.num_pages_free for s in live))
         self.pages_cached.set(sum(s.num_pages_cached for s in live))
         self.kv_swapped_tokens.set(sum(s.num_swapped_tokens for s in live))
+        self.prefix_host_pages.set(sum(s.num_host_cached_pages for s in live))
         router = gc_pauses.PROCESS
         self.gc_seconds.observe("router", router.seconds, "router")
         self.gc_longest.labels("router").set(router.longest_s)
@@ -301,6 +313,7 @@ class Metrics:
             rank = f"rank-{i}"
             self.prefix_queried.observe(rank, s.num_prefix_queried_tokens)
             self.prefix_hits.observe(rank, s.num_prefix_hit_tokens)
+            self.prefix_host_hits.observe(rank, s.num_prefix_host_hit_tokens)
             self.transfer_skipped.observe(rank, s.num_transfer_skipped_tokens)
             self.kv_parked.observe(rank, s.num_parked)
             self.preemptions.observe(rank, s.num_preemptions)

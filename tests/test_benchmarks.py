@@ -64,3 +64,16 @@ def test_soak_mixed_traffic_leaves_nothing_held(tiny_server) -> None:
     )  # fmt: skip
     assert "0 unexpected answer(s), 0 leak(s)" in out, out
     assert "abort (found: True, ended: abort)" in out and "hang-up" in out, out
+
+
+def test_prefix_tiers_benchmark_reports_what_the_cache_found(tiny_server) -> None:
+    """`benchmarks/prefix_tiers.py` on a load the shared server's KV cache holds whole: the
+    second round finds every full page of each context cached."""
+    out = _run(
+        "benchmarks/prefix_tiers.py", "--url", tiny_server, "--num-contexts", "3",
+        "--context-len", "48", "--question-len", "4", "--output-len", "2", "--rounds", "2",
+        "--seed", "7",
+    )  # fmt: skip
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(tiny_server)]
+    assert [r[1] for r in rows] == ["1", "2"], out
+    assert float(rows[1][2]) >= 0.8, out  # 48 of 52 tokens a prompt: 3 of its 16-token pages

@@ -45,6 +45,9 @@ def serve(*flags: str) -> ServeConfig:
         (("--kv-memory-fraction", "nan"), "--kv-memory-fraction must be in (0, 0.95], got nan"),
         (("--kv-swap-space", "-1"), "--kv-swap-space must be >= 0 (GiB), got -1.0"),
         (("--kv-swap-space", "inf"), "--kv-swap-space must be >= 0 (GiB), got inf"),
+        (("--prefix-cache-host-space", "-2"), "--prefix-cache-host-space must be >= 0 (GiB)"),
+        (("--prefix-cache-host-space", "1", "--disable-prefix-caching"),
+         "--prefix-cache-host-space is the prefix cache's second tier: it needs prefix caching"),
         (("--max-context-len", "-5"), "--max-context-len must be >= 1 tokens"),
         (("--max-context-len", "0"), "--max-context-len must be >= 1 tokens"),
         (("--dp", "0"), "--dp must be >= 1, got 0"),
@@ -96,7 +99,14 @@ def test_every_float_setting_refuses_nan_and_infinity(field: str, value: float) 
 
 
 @pytest.mark.parametrize(
-    "field", ["kv_memory_fraction", "kv_swap_space", "gpu_memory_share", "pool_formation_timeout_s"]
+    "field",
+    [
+        "kv_memory_fraction",
+        "kv_swap_space",
+        "prefix_cache_host_space",
+        "gpu_memory_share",
+        "pool_formation_timeout_s",
+    ],
 )
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_every_engine_float_setting_refuses_nan_and_infinity(field: str, value: float) -> None:

@@ -121,6 +121,7 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
         return RankStats(
             1, 0, 64, 60, 10, 100, num_preemptions=preemptions, transfers=transfers,
             num_swapped_out=preemptions // 2, num_swapped_tokens=10 * preemptions,
+            num_prefix_host_hit_tokens=16 * preemptions, num_host_cached_pages=preemptions,
         )  # fmt: skip
 
     metrics = Metrics()
@@ -133,6 +134,8 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
     assert samples[("pdserve_preemptions_total", ())] == 3
     assert samples[("pdserve_kv_swapped_out_total", ())] == 1
     assert samples[("pdserve_kv_swapped_tokens", ())] == 30
+    assert samples[("pdserve_prefix_cache_host_hit_tokens_total", ())] == 48
+    assert samples[("pdserve_prefix_cache_host_pages", ())] == 3
     t, b, sec = (
         "pdserve_kv_transfers_total",
         "pdserve_kv_transfer_bytes_total",

@@ -12,7 +12,7 @@ import torch
 from tests.checkpoints import make_checkpoint
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
-from workers.engine.kv_cache import PageAllocator
+from workers.engine.kv_cache import KVCache, PageAllocator
 from workers.engine.messages import GenerateRequest, SamplingParams
 from workers.engine.prefix_cache import CachingAllocator
 
@@ -167,3 +167,75 @@ def test_generated_tokens_are_cached_too_and_a_small_cache_reclaims_idle_pages(
     (ref,) = _run(plain, prompts, 8)
     assert outs[0] == outs[1] == ref
     assert small.kv.allocator.num_idle <= small.kv.num_pages
+
+
+def test_host_tier_keeps_reclaimed_pages_and_gives_them_back():
+    """Pages the device reclaims go to the host tier with their KV; a later match follows the
+    prefix on into it, copying each page into a new device page, bit for bit; a full tier keeps
+    the most recently let go."""
+    cache = KVCache(2, 6, PS, 3, torch.float32, torch.device("cpu"), True, host_pages=8)
+    pages = cache.allocator
+    assert pages.host is not None
+    tokens = list(range(100, 113))  # 3 full pages and one token
+    owned = pages.allocate(4)
+    kv = torch.randn(2, 13, 3)
+    slots = torch.cat([torch.arange(p * PS, (p + 1) * PS) for p in owned])[:13]
+    cache.data[:, slots] = kv
+    assert pages.publish(tokens, owned, 0, b"", 13)[0] == 3
+    pages.free(owned)
+    everything = pages.allocate(6)  # the 3 idle pages are reclaimed: to the host
+    assert pages.host.num_pages == 3 and pages.num_idle == 0
+    cache.data.zero_()
+    pages.free(everything)
+    found = pages.match(tokens, 12)
+    assert len(found.pages) == 3 and pages.num_host_hit_tokens == 12
+    found_slots = torch.cat([torch.arange(p * PS, (p + 1) * PS) for p in found.pages])
+    assert torch.equal(cache.data[:, found_slots], kv[:, :12])
+    pages.free(found.pages)
+    again = pages.match(tokens, 12)  # published on the device again: no copy
+    assert again.pages == found.pages and pages.host.num_loaded == 3
+    pages.free(again.pages)
+    # A prefix half on the device, half in the host tier, is found whole.
+    held = pages.allocate(4)  # reclaims what it must (deepest pages first)
+    assert 0 < pages.num_idle < 3
+    pages.free(held[:2])  # room for the pages to come back into
+    held = held[2:]
+    deep = pages.match(tokens, 12)
+    assert len(deep.pages) == 3
+    deep_slots = torch.cat([torch.arange(p * PS, (p + 1) * PS) for p in deep.pages])
+    assert torch.equal(cache.data[:, deep_slots], kv[:, :12])
+    pages.free(deep.pages + held)
+    # A tier of 2 pages keeps the 2 let go last: the first two (the deepest goes first).
+    small = KVCache(2, 4, PS, 3, torch.float32, torch.device("cpu"), True, host_pages=2)
+    owned = small.allocator.allocate(4)
+    small.allocator.publish(tokens, owned, 0, b"", 13)
+    small.allocator.free(owned)
+    small.allocator.free(small.allocator.allocate(4))
+    assert len(small.allocator.match(tokens, 12).pages) == 2
+    assert small.allocator.flush() == 2 and small.allocator.host is not None
+    assert small.allocator.host.num_pages == 0
+
+
+def test_a_host_tier_outlives_the_device_cache_with_the_same_tokens(tmp_path_factory):
+    """Prompts sharing long prefixes, more than the device's KV holds: the second wave finds
+    what the device let go in the host tier; tokens are those of an engine without caching."""
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("hostcache"))
+    g = torch.Generator().manual_seed(5)
+    systems = [torch.randint(3, 256, (33,), generator=g).tolist() for _ in range(4)]
+    prompts = [
+        s + torch.randint(3, 256, (n,), generator=g).tolist() for s in systems for n in (2, 7)
+    ]
+    tight = EngineConfig(page_size=PS, kv_capacity_tokens=96, chunked_prefill_size=32)
+    hosted = Engine(ckpt.path, dataclasses.replace(tight, prefix_cache_host_space=0.01),
+                    progress=False)  # fmt: skip
+    device_only = Engine(ckpt.path, tight, progress=False)
+    plain = Engine(ckpt.path, dataclasses.replace(tight, enable_prefix_caching=False),
+                   progress=False)  # fmt: skip
+    (ref,) = _run(plain, prompts, 6)
+    assert _run(hosted, prompts, 6, waves=2) == [ref, ref]
+    assert _run(device_only, prompts, 6, waves=2) == [ref, ref]
+    host_hits = hosted.kv.allocator.num_host_hit_tokens
+    assert host_hits > 0 and hosted.stats().num_prefix_host_hit_tokens == host_hits
+    assert hosted.stats().num_host_cached_pages > 0
+    assert hosted.kv.allocator.num_hit_tokens > device_only.kv.allocator.num_hit_tokens
+    assert device_only.kv.allocator.host is None

@@ -162,6 +162,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="compute every prompt whole (by default requests share the KV of common prefixes)",
     )
+    e.add_argument(
+        "--prefix-cache-host-space", type=float, default=0.0, metavar="GIB",
+        help="host memory per rank for a second tier of the prefix cache: full pages the KV "
+        "cache lets go are kept there and copied back for requests that begin with them "
+        "(long shared prompts, multi-turn chats beyond the KV cache); 0: off (default)",
+    )  # fmt: skip
     e.add_argument("--chunked-prefill-size", type=int, default=2048)
     e.add_argument(
         "--lazy-structured-output",
@@ -348,6 +354,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         kv_capacity_tokens=args.kv_capacity_tokens,
         kv_memory_fraction=args.kv_memory_fraction,
         kv_swap_space=args.kv_swap_space,
+        prefix_cache_host_space=args.prefix_cache_host_space,
         max_running_requests=args.max_running_requests,
         enable_prefix_caching=args.enable_prefix_caching,
         preload_structured_output=args.preload_structured_output,

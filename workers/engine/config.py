@@ -18,6 +18,9 @@ class EngineConfig:
     # instead of computing their tokens again (`KVSwap`); 0: always recompute. Used only when
     # a rank runs out of KV pages, and only as much as it needs.
     kv_swap_space: float = 4.0
+    # Host memory (GiB) for the prefix cache's second tier: full pages the device lets go are
+    # kept there and copied back for a request that starts with them (`HostPageCache`); 0: off.
+    prefix_cache_host_space: float = 0.0
     gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
     # Share the KV of full pages between requests whose tokens begin alike.
@@ -62,6 +65,14 @@ class EngineConfig:
             raise ValueError(f"--page-size must be >= 1, got {self.page_size}")
         if not (math.isfinite(self.kv_swap_space) and self.kv_swap_space >= 0):
             raise ValueError(f"--kv-swap-space must be >= 0 (GiB), got {self.kv_swap_space}")
+        host = self.prefix_cache_host_space
+        if not (math.isfinite(host) and host >= 0):
+            raise ValueError(f"--prefix-cache-host-space must be >= 0 (GiB), got {host}")
+        if host > 0 and not self.enable_prefix_caching:
+            raise ValueError(
+                "--prefix-cache-host-space is the prefix cache's second tier: it needs prefix "
+                "caching (drop --disable-prefix-caching, or set it to 0)"
+            )
         if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < self.page_size:
             raise ValueError(
                 f"--kv-capacity-tokens ({self.kv_capacity_tokens}) must hold at least one page "

@@ -93,6 +93,10 @@ class Engine:
         )
         num_pages = num_kv_pages(config, cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype,
                                  self.device)  # fmt: skip
+        per_token = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype)
+        host_pages = int(config.prefix_cache_host_space * (1 << 30)) // (
+            per_token * config.page_size
+        )
         self.kv = KVCache(
             cfg.num_hidden_layers,
             num_pages,
@@ -101,6 +105,7 @@ class Engine:
             self.dtype,
             self.device,
             prefix_caching=config.enable_prefix_caching,
+            host_pages=host_pages,
         )
         self.scheduler = Scheduler(
             self.kv.allocator,
@@ -109,7 +114,6 @@ class Engine:
             config.chunked_prefill_size,
         )
         if config.kv_swap_space > 0:
-            per_token = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype)
             swap_tokens = int(config.kv_swap_space * (1 << 30)) // per_token
             self.scheduler.swap = KVSwap(self.kv, swap_tokens)
         self.graphs: DecodeGraphs | None = None
@@ -132,12 +136,13 @@ class Engine:
         # Logits of the last step, by request id (kept for parity tests and debugging).
         self._last_logits: tuple[list[str], torch.Tensor | None] = ([], None)
         logger.info(
-            "engine ready: %s on %s (%s), KV %d pages x %d tokens; %s",
+            "engine ready: %s on %s (%s), KV %d pages x %d tokens (host tier: %d pages); %s",
             self.model_dir.name,
             self.device,
             config.dtype,
             num_pages,
             config.page_size,
+            host_pages,
             self.fast_path(),
         )
 
@@ -329,7 +334,7 @@ class Engine:
         return self.scheduler.has_work
 
     def stats(self) -> RankStats:
-        swap = self.scheduler.swap
+        swap, host = self.scheduler.swap, self.kv.allocator.host
         return RankStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -343,6 +348,8 @@ class Engine:
             num_pages_cached=self.kv.allocator.num_idle,
             num_prefix_queried_tokens=self.kv.allocator.num_queried_tokens,
             num_prefix_hit_tokens=self.kv.allocator.num_hit_tokens,
+            num_prefix_host_hit_tokens=self.kv.allocator.num_host_hit_tokens,
+            num_host_cached_pages=host.num_pages if host is not None else 0,
             num_transfer_skipped_tokens=self.scheduler.num_reused_tokens,
             num_parked=self.scheduler.num_parked,
             num_preemptions=self.scheduler.num_preemptions,

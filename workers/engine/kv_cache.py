@@ -8,6 +8,7 @@ import psutil
 import torch
 
 from workers.engine.config import EngineConfig
+from workers.engine.host_cache import HostPageCache
 from workers.engine.prefix_cache import CachingAllocator
 
 
@@ -127,13 +128,16 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         prefix_caching: bool = False,
+        host_pages: int = 0,
     ):
+        """`host_pages`: pages of the prefix cache's host tier (0: none)."""
         self.page_size = page_size
         self.num_pages = num_pages
         self.data = torch.zeros(
             num_layers, (num_pages + 1) * page_size, kv_dim, dtype=dtype, device=device
         )
-        self.allocator = CachingAllocator(PageAllocator(num_pages), page_size, prefix_caching)
+        host = HostPageCache(self.data, page_size, host_pages) if host_pages > 0 else None
+        self.allocator = CachingAllocator(PageAllocator(num_pages), page_size, prefix_caching, host)
         self.scratch_slot = num_pages * page_size
 
     @property

@@ -374,6 +374,8 @@ class RankStats:
     num_pages_cached: int = 0  # of the free pages, those holding a published prefix
     num_prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache so far
     num_prefix_hit_tokens: int = 0  # of those, found computed (not computed again)
+    num_prefix_host_hit_tokens: int = 0  # of those, found in the host tier (copied back)
+    num_host_cached_pages: int = 0  # pages in the prefix cache's host tier now
     # Decode side: prompt tokens whose KV was already here (its prefix cache), not transferred.
     num_transfer_skipped_tokens: int = 0
     # Prefill side: computed prompts whose pages were taken back for a prompt whose decode

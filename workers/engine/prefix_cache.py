@@ -12,6 +12,10 @@ request needs a page and none is free) or free (in the `PageAllocator`). Idle pa
 free to everyone outside (`num_free`), so the scheduler, the stats and the router's view of
 capacity do not change. A published page is never written again: only full pages are published,
 and a request writes only past its computed tokens.
+
+With a host tier (`HostPageCache`) a reclaimed page's KV is kept in host memory under its key,
+and `match` follows a prefix on from the device's pages into the host's, copying each page it
+finds there into a newly allocated device page (published again).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from workers.engine.host_cache import HostPageCache
     from workers.engine.kv_cache import PageAllocator
 
 _ROOT = b""  # the key before a request's first page
@@ -45,12 +50,17 @@ def page_key(parent: bytes, tokens: Sequence[int]) -> bytes:
 class CachingAllocator:
     """The pages of one KV cache with prefix caching on top of a `PageAllocator`: the same
     `num_free` / `can_allocate` / `allocate` / `free` calls (where `free` drops the caller's
-    hold), plus `match` and `publish`. With `enabled=False` it is the plain allocator."""
+    hold), plus `match` and `publish`. With `enabled=False` it is the plain allocator; `host`:
+    the host tier reclaimed pages go to (and `match` takes them back from)."""
 
-    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool = True):
+    def __init__(
+        self, allocator: PageAllocator, page_size: int, enabled: bool = True,
+        host: HostPageCache | None = None,
+    ):  # fmt: skip
         self.allocator = allocator
         self.page_size = page_size
         self.enabled = enabled
+        self.host = host if enabled else None
         self.num_pages = allocator.num_pages
         self._refs = [0] * allocator.num_pages
         self._page_of: dict[bytes, int] = {}  # key -> published page
@@ -58,6 +68,7 @@ class CachingAllocator:
         self._idle: OrderedDict[int, None] = OrderedDict()  # published, unheld; oldest first
         self.num_queried_tokens = 0  # prompt tokens looked up
         self.num_hit_tokens = 0  # of those, found computed
+        self.num_host_hit_tokens = 0  # of those, found in the host tier (copied back)
 
     @property
     def num_free(self) -> int:
@@ -106,14 +117,17 @@ class CachingAllocator:
         self._key_of.clear()
         if idle:
             self.allocator.free(idle)
-        return len(idle)
+        return len(idle) + (self.host.clear() if self.host is not None else 0)
 
     def _reclaim(self, num: int) -> None:
         """Unpublish the `num` least recently used idle pages and free them."""
         evicted = [self._idle.popitem(last=False)[0] for _ in range(min(num, len(self._idle)))]
-        for page in evicted:
-            del self._page_of[self._key_of.pop(page)]
+        keys = [self._key_of.pop(page) for page in evicted]
+        for key in keys:
+            del self._page_of[key]
         if evicted:
+            if self.host is not None:
+                self.host.save(keys, evicted)
             self.allocator.free(evicted)
 
     def free(self, pages: list[int]) -> None:
@@ -139,8 +153,9 @@ class CachingAllocator:
     def match(self, token_ids: Sequence[int], max_tokens: int, record: bool = True) -> CachedPrefix:
         """The published pages that hold the first tokens of `token_ids`, at most `max_tokens`
         of them (a prompt's last token is always computed again, for its logits); each page
-        is now held for the caller (drop it with `free`). `record`: count the lookup in the
-        hit statistics (prompt tokens spared computation)."""
+        is now held for the caller (drop it with `free`). Past the device's pages the prefix
+        goes on in the host tier while pages can be allocated for it. `record`: count the
+        lookup in the hit statistics (prompt tokens spared computation)."""
         ps = self.page_size
         if record:
             self.num_queried_tokens += len(token_ids)
@@ -148,19 +163,26 @@ class CachingAllocator:
             return CachedPrefix([], _ROOT)
         pages: list[int] = []
         key = _ROOT
+        num_loaded = 0
         for start in range(0, max_tokens - ps + 1, ps):
             nxt = page_key(key, token_ids[start : start + ps])
             page = self._page_of.get(nxt)
-            if page is None:
+            if page is not None:  # held now, so that loading the next ones cannot reclaim it
+                if self._refs[page] == 0:
+                    del self._idle[page]
+                self._refs[page] += 1
+            elif self.host is not None and nxt in self.host and self.can_allocate(1):
+                page = self.allocate(1)[0]
+                self.host.load(nxt, page)
+                self._page_of[nxt], self._key_of[page] = page, nxt
+                num_loaded += 1
+            else:
                 break
             pages.append(page)
             key = nxt
-        for page in pages:
-            if self._refs[page] == 0:
-                del self._idle[page]
-            self._refs[page] += 1
         if record:
             self.num_hit_tokens += len(pages) * ps
+            self.num_host_hit_tokens += num_loaded * ps
         return CachedPrefix(pages, key)
 
     def publish(
