@@ -56,3 +56,39 @@ def test_cuda_grouped_gemm_bf16(backend):
     experts.backend = backend
     out = experts(x, routing).float()
     assert float((out - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("swap", [4.0, 0.0], ids=["swap", "recompute"])
+def test_cuda_preemption_swaps_kv_through_pinned_host_memory(tmp_path_factory, swap):
+    """A KV cache too small for the batch on CUDA: preempted requests' KV goes to pinned host
+    memory and back (or is recomputed); the tokens are those of a roomy run."""
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("gpu_swap"))
+    prompts = _prompts(256)
+    _, roomy, _ = _run_engine(ckpt.path, prompts, device="cuda")
+    engine, tight, _ = _run_engine(
+        ckpt.path, prompts, device="cuda", page_size=2, chunked_prefill_size=7,
+        kv_capacity_tokens=80, kv_swap_space=swap, cuda_graph_max_batch=0,
+    )  # fmt: skip
+    assert tight == roomy and engine.scheduler.num_preemptions > 0
+    assert engine.stats().num_swapped_out == (engine.scheduler.num_preemptions if swap else 0)
+
+
+def test_cuda_prefix_cache_host_tier_round_trip(tmp_path_factory):
+    """Pages the CUDA KV cache lets go come back from the host tier bit for bit."""
+    from workers.engine.kv_cache import KVCache
+
+    cache = KVCache(3, 4, 4, 8, torch.bfloat16, torch.device("cuda"), True, host_pages=4)
+    pages = cache.allocator
+    tokens = list(range(50, 63))
+    owned = pages.allocate(4)
+    cache.data.normal_()
+    want = cache.data[:, : 4 * 4].clone()
+    pages.publish(tokens, owned, 0, b"", 13)
+    pages.free(owned)
+    pages.free(pages.allocate(4))  # all reclaimed: to the host tier
+    cache.data.zero_()
+    found = pages.match(tokens, 12)
+    assert len(found.pages) == 3 and pages.num_host_hit_tokens == 12
+    for i, page in enumerate(found.pages):
+        got = cache.data[:, page * 4 : (page + 1) * 4]
+        assert torch.equal(got, want[:, owned[i] * 4 : (owned[i] + 1) * 4])
