@@ -21,6 +21,12 @@ class EngineConfig:
     # Host memory (GiB) for the prefix cache's second tier: full pages the device lets go are
     # kept there and copied back for a request that starts with them (`HostPageCache`); 0: off.
     prefix_cache_host_space: float = 0.0
+    # Speculative decoding by n-gram lookup (`workers.engine.speculative`): guess up to this
+    # many tokens a step for greedy requests from where their newest `speculative_ngram_max`
+    # down to `speculative_ngram_min` tokens occurred before; 0: off.
+    speculative_ngram: int = 0
+    speculative_ngram_min: int = 2
+    speculative_ngram_max: int = 4
     gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
     # Share the KV of full pages between requests whose tokens begin alike.
@@ -68,6 +74,13 @@ class EngineConfig:
         host = self.prefix_cache_host_space
         if not (math.isfinite(host) and host >= 0):
             raise ValueError(f"--prefix-cache-host-space must be >= 0 (GiB), got {host}")
+        if self.speculative_ngram < 0:
+            raise ValueError(f"--speculative-ngram must be >= 0, got {self.speculative_ngram}")
+        if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
+            raise ValueError(
+                "--speculative-ngram-min and --speculative-ngram-max must satisfy 1 <= min <= "
+                f"max, got {self.speculative_ngram_min} and {self.speculative_ngram_max}"
+            )
         if host > 0 and not self.enable_prefix_caching:
             raise ValueError(
                 "--prefix-cache-host-space is the prefix cache's second tier: it needs prefix "

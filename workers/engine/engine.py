@@ -29,9 +29,15 @@ from workers.engine.messages import (
     TokenDelta,
     TokenLogprob,
 )
-from workers.engine.model_inputs import decode_rows, prepare_inputs, take_prompt_scores
+from workers.engine.model_inputs import (
+    decode_rows,
+    prepare_inputs,
+    row_samplers,
+    take_prompt_scores,
+)
 from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
+from workers.engine.speculative import NgramIndex, can_speculate, num_accepted
 from workers.engine.step_output import constraint_error, draw_tokens, finish_reason, token_delta
 from workers.ep.moe import EPContext, select_grouped_gemm
 from workers.kernels import triton_available
@@ -116,6 +122,10 @@ class Engine:
         if config.kv_swap_space > 0:
             swap_tokens = int(config.kv_swap_space * (1 << 30)) // per_token
             self.scheduler.swap = KVSwap(self.kv, swap_tokens)
+        if config.speculative_ngram > 0:
+            self.scheduler.speculate = self._guess
+        self.num_guessed_tokens = 0  # speculative decoding: tokens guessed ...
+        self.num_accepted_tokens = 0  # ... and of those, the ones the model's choices kept
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch:
             self.graphs = DecodeGraphs(
@@ -355,6 +365,8 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_swapped_out=swap.num_swapped_out if swap is not None else 0,
             num_swapped_tokens=swap.num_tokens if swap is not None else 0,
+            num_spec_draft_tokens=self.num_guessed_tokens,
+            num_spec_accepted_tokens=self.num_accepted_tokens,
         )
 
     # ---- one step ---------------------------------------------------------------------------
@@ -397,6 +409,8 @@ class Engine:
         )
         self.num_steps += 1
         self._last_logits = ([s.rid for s in samplers], logits)
+        if self.scheduler.speculate is not None and any(s.draft for s in batch.decodes):
+            return self._take_guesses(samplers, tokens, logprobs)
         deltas = (
             self._append(seq, tok, lp)
             for seq, tok, lp in zip(samplers, tokens, logprobs, strict=True)
@@ -406,14 +420,81 @@ class Engine:
     def _graph_fits(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or not batch.decodes:
             return False
-        longest = max(seq.num_computed + 1 for seq in batch.decodes)
+        longest = max(seq.num_computed + 1 + len(seq.draft) for seq in batch.decodes)
         pages = pages_needed(longest, self.kv.page_size)
-        return self.graphs.can_run(len(batch.decodes), len(batch.prefills), pages)
+        num_rows = len(batch.decodes) + sum(len(seq.draft) for seq in batch.decodes)
+        return self.graphs.can_run(num_rows, len(batch.prefills), pages)
 
     def _replay_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         assert self.graphs is not None
         logits = self.graphs.run(*decode_rows(batch.decodes, self.kv.page_size))
-        return logits, list(batch.decodes)
+        return logits, row_samplers(batch.decodes)
+
+    # ---- speculative decoding (`workers.engine.speculative`) ---------------------------------
+
+    def _guess(self, seq: Sequence, limit: int) -> list[int]:
+        """`Scheduler.speculate`: tokens guessed to follow `seq`'s pending one, at most
+        `limit`, none past its `max_new_tokens` or the context length."""
+        if not can_speculate(seq):
+            return []
+        cfg = self.config
+        limit = min(
+            limit, cfg.speculative_ngram,
+            seq.sampling.max_new_tokens - seq.num_output_tokens - 1,
+            self.max_context_len - seq.num_tokens - 1,
+        )  # fmt: skip
+        if limit <= 0:
+            return []
+        if seq.ngrams is None:
+            seq.ngrams = NgramIndex(cfg.speculative_ngram_min, cfg.speculative_ngram_max)
+        return seq.ngrams.propose(seq.token_ids, limit)
+
+    def _take_guesses(
+        self, samplers: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]
+    ) -> list[TokenDelta]:
+        """`step`'s deltas when some requests' rows read guessed tokens (`Sequence.draft`):
+        such a request keeps the guesses its rows' choices confirm, and the choice after the
+        last of them, in one delta."""
+        deltas: list[TokenDelta] = []
+        i = 0
+        while i < len(samplers):
+            seq = samplers[i]
+            draft = seq.draft
+            if not draft:
+                delta = self._append(seq, tokens[i], logprobs[i])
+                i += 1
+            else:
+                chosen = tokens[i : i + len(draft) + 1]
+                i += len(draft) + 1
+                seq.draft = []
+                kept = num_accepted(draft, chosen)
+                self.num_guessed_tokens += len(draft)
+                self.num_accepted_tokens += kept
+                delta = self._append_run(seq, chosen[: kept + 1])
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+    def _append_run(self, seq: Sequence, run: list[int]) -> TokenDelta:
+        """Append the tokens `run` (its guesses confirmed, then the model's next choice) to a
+        decoding request, up to the first that ends it."""
+        finish = None
+        for n, token in enumerate(run, 1):
+            seq.token_ids.append(token)
+            self.num_generated_tokens += 1
+            finish = finish_reason(seq, token, self.model_config.eos_token_ids,
+                                   self.max_context_len)  # fmt: skip
+            if finish is not None:
+                run = run[:n]
+                break
+        if finish is not None:
+            self.requests.pop(seq.rid, None)
+            self.scheduler.remove(seq)
+        else:
+            seq.num_computed += len(run) - 1  # the confirmed guesses' KV is in the cache
+            if self.kv.allocator.enabled:
+                self.scheduler.publish(seq)
+        return token_delta(seq, run, finish)
 
     def take_expert_load(self) -> torch.Tensor | None:
         """Tokens routed per (layer, logical expert) since the last call (CPU int64)."""

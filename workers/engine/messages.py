@@ -384,6 +384,9 @@ class RankStats:
     num_preemptions: int = 0  # running requests put back in the queue for lack of pages
     num_swapped_out: int = 0  # of those, the ones whose KV went to host memory (`KVSwap`)
     num_swapped_tokens: int = 0  # tokens of KV held in host memory now
+    # Speculative decoding: tokens guessed so far, and of those the ones the model confirmed.
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
     transfers: TransferTotals = TransferTotals()
     # The process's garbage collector since the rank started (`workers.gc_pauses`).
     gc_seconds: float = 0.0

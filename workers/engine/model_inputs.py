@@ -21,8 +21,9 @@ from workers.model.batch import AttentionMetadata, PrefillSpan
 
 
 class DecodeRows(NamedTuple):
-    """The decoding requests' new token each: id, position, KV slot, and the pages of its
-    context (the new token included)."""
+    """The decoding requests' new token each — and, for a request with guessed tokens
+    (`Sequence.draft`), a row for each of those after it — : id, position, KV slot, and the
+    pages of its context (the row's token included)."""
 
     input_ids: list[int]
     positions: list[int]
@@ -49,7 +50,19 @@ def decode_rows(decodes: Iterable[Sequence], page_size: int) -> DecodeRows:
         out_slots.append(pages[page] * page_size + offset)
         # The pages of its context: usually all it holds (a copy only when it holds more).
         block_rows.append(pages if len(pages) == page + 1 else pages[: page + 1])
+        for token in seq.draft:
+            pos += 1
+            page, offset = divmod(pos, page_size)
+            input_ids.append(token)
+            positions.append(pos)
+            out_slots.append(pages[page] * page_size + offset)
+            block_rows.append(pages if len(pages) == page + 1 else pages[: page + 1])
     return rows
+
+
+def row_samplers(decodes: Iterable[Sequence]) -> list[Sequence]:
+    """The request of each decode row, in `decode_rows`' order."""
+    return [seq for seq in decodes for _ in range(1 + len(seq.draft))]
 
 
 def prepare_inputs(batch: ScheduledBatch, page_size: int, device: torch.device) -> ModelInputs:
@@ -57,8 +70,9 @@ def prepare_inputs(batch: ScheduledBatch, page_size: int, device: torch.device) 
     ids = array("q", rows.input_ids)
     positions = array("q", rows.positions)
     out_slots = [_ints(rows.out_slots, "q")]
-    logits_rows = array("q", range(len(batch.decodes)))
-    samplers = list(batch.decodes)
+    num_rows = len(rows.input_ids)
+    logits_rows = array("q", range(num_rows))
+    samplers = row_samplers(batch.decodes) if num_rows > len(batch.decodes) else list(batch.decodes)
     spans = []
     score_rows = array("q")
     score_targets = array("q")
@@ -93,7 +107,7 @@ def prepare_inputs(batch: ScheduledBatch, page_size: int, device: torch.device) 
     meta = AttentionMetadata(
         positions=_ints(positions).to(device),
         out_slots=(out_slots[0] if len(out_slots) == 1 else torch.cat(out_slots)).to(device),
-        num_decode=len(batch.decodes),
+        num_decode=num_rows,
         block_table=_ints(block_table, "i").view(-1, max_pages).to(device),
         seq_lens=_ints([p + 1 for p in rows.positions], "i").to(device),
         page_size=page_size,

@@ -66,6 +66,9 @@ class Scheduler:
         self.awaiting_kv: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.swap: KVSwap | None = None  # where preempted requests' KV waits (None: recompute)
+        # Speculative decoding: up to how many tokens (at most the given number) are guessed
+        # to follow a decoding request's pending one (`workers.engine.speculative`); None: off.
+        self.speculate: Callable[[Sequence, int], list[int]] | None = None
         self.num_reused_tokens = 0  # decode side: prompt tokens whose pages were not sent
         # Decode side: requests moving here with their KV that found no free pages (the
         # engine fails them: `Engine.take_unplaced`).
@@ -189,11 +192,15 @@ class Scheduler:
                 continue  # preempted by an earlier request of this loop
             pending = len(seq.token_ids) - seq.num_computed
             num = pending if pending < budget else budget
+            decoding = pending == 1 and seq.num_computed > 0  # `is_decoding`, inlined
+            if decoding and self.speculate is not None and budget > 1:
+                seq.draft = self._guess(seq, budget - 1)
+                num += len(seq.draft)
             if not self._reserve(seq, num, scheduled):
                 continue  # it was preempted itself
             scheduled.add(seq.rid)
             budget -= num
-            if pending == 1 and seq.num_computed > 0:  # `is_decoding`, inlined: per request
+            if decoding:
                 batch.decodes.append(seq)
             else:
                 batch.prefills.append((seq, num))
@@ -289,8 +296,23 @@ class Scheduler:
         seq.add_pages(self.allocator.allocate(need))
         return True
 
+    def _guess(self, seq: Sequence, limit: int) -> list[int]:
+        """The tokens guessed to follow `seq`'s pending one, at most `limit`, cut to what fits
+        its pages when more pages are not free (a guess never preempts anyone)."""
+        assert self.speculate is not None
+        draft = self.speculate(seq, limit)
+        if draft:
+            own = pages_needed(seq.num_computed + 1, self.page_size)
+            need = pages_needed(seq.num_computed + 1 + len(draft), self.page_size)
+            extra = need - max(own, len(seq.pages))
+            if extra > 0 and not self.allocator.can_allocate(need - len(seq.pages)):
+                room = max(own, len(seq.pages)) * self.page_size - seq.num_computed - 1
+                draft = draft[: max(room, 0)]
+        return draft
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft = []
         if self.swap is None or not self.swap.swap_out(seq):
             seq.num_computed = 0  # computed again when admitted back
         self.allocator.free(seq.release_pages())

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from workers.engine.grammar import Matcher
 from workers.engine.messages import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from workers.engine.speculative import NgramIndex
 
 
 class SeqStatus(enum.Enum):
@@ -63,6 +67,11 @@ class Sequence:
         self.kept_first: tuple[int, TokenLogprob | None] | None = None
         # Structured output: where the output stands in its constraint (None: free text).
         self.matcher: Matcher | None = None
+        # Speculative decoding (`workers.engine.speculative`): the tokens guessed to follow the
+        # pending one, read in this step's decode rows ([] when none), and the n-gram index
+        # the guesses come from (built at the first guess).
+        self.draft: list[int] = []
+        self.ngrams: NgramIndex | None = None
         self._slots: torch.Tensor | None = None
 
     @property

@@ -1,0 +1,200 @@
+"""Speculative decoding by n-gram lookup: the index against a brute-force search, and engines
+that guess (from n-grams, from an oracle that knows the answer, from one that is always wrong)
+giving exactly the tokens of an engine that does not, stop rules and all."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams
+from workers.engine.model_inputs import decode_rows, row_samplers
+from workers.engine.sequence import Sequence
+from workers.engine.speculative import NgramIndex, num_accepted
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _brute_force(tokens: list[int], limit: int, min_n: int, max_n: int) -> list[int]:
+    for n in range(max_n, min_n - 1, -1):
+        if len(tokens) <= n:
+            continue
+        tail = tokens[-n:]
+        for end in range(len(tokens) - 2, n - 2, -1):  # the most recent earlier occurrence
+            if tokens[end + 1 - n : end + 1] == tail:
+                return tokens[end + 1 : end + 1 + limit]
+    return []
+
+
+def test_ngram_index_proposes_what_a_brute_force_search_finds():
+    rng = random.Random(0)
+    for trial in range(300):
+        min_n = rng.randint(1, 3)
+        max_n = rng.randint(min_n, 5)
+        index = NgramIndex(min_n, max_n)
+        tokens = [rng.randrange(4) for _ in range(rng.randint(0, 5))]
+        for _ in range(rng.randint(1, 30)):  # tokens come a few at a time, as steps add them
+            tokens += [rng.randrange(4) for _ in range(rng.randint(1, 3))]
+            limit = rng.randint(1, 6)
+            want = _brute_force(tokens, limit, min_n, max_n)
+            assert index.propose(tokens, limit) == want, (trial, tokens, min_n, max_n)
+    index = NgramIndex(1, 2)
+    assert index.propose([1, 2, 3, 1, 2], 3) == [3, 1, 2]
+    assert index.propose([7, 8], 3) == []  # the tokens were cut back: indexed afresh
+
+
+def test_num_accepted_counts_the_guesses_each_choice_confirms():
+    assert num_accepted([5, 6, 7], [5, 6, 7, 9]) == 3
+    assert num_accepted([5, 6, 7], [5, 4, 7, 9]) == 1
+    assert num_accepted([5], [1, 5]) == 0
+    assert num_accepted([], [3]) == 0
+
+
+def test_decode_rows_read_the_guesses_at_the_following_positions():
+    seq = Sequence("s", list(range(10, 16)), SamplingParams(), 0)
+    seq.add_pages([7, 3, 8])
+    seq.num_computed = 5  # token 15 (position 5) is pending
+    seq.draft = [40, 41, 42]
+    other = Sequence("o", [1, 2, 3], SamplingParams(), 1)
+    other.add_pages([9])
+    other.num_computed = 2
+    rows = decode_rows([seq, other], 4)
+    assert rows.input_ids == [15, 40, 41, 42, 3]
+    assert rows.positions == [5, 6, 7, 8, 2]
+    assert rows.out_slots == [3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3, 8 * 4 + 0, 9 * 4 + 2]
+    assert rows.block_rows == [[7, 3]] * 3 + [[7, 3, 8], [9]]
+    assert [s.rid for s in row_samplers([seq, other])] == ["s"] * 4 + ["o"]
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory) -> Path:
+    return make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("spec")).path
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 9, 17, 40)]
+    return base + [p * 3 for p in base]  # repeats: the index finds guesses in the prompt
+
+
+def _run(engine: Engine, reqs: dict[str, tuple[list[int], SamplingParams]]):
+    for rid, (prompt, sp) in reqs.items():
+        engine.add(GenerateRequest(rid, prompt, sp))
+    out: dict[str, list[int]] = {rid: [] for rid in reqs}
+    finish: dict[str, FinishReason | None] = {}
+    steps = 0
+    while engine.has_work:
+        for d in engine.step():
+            out[d.rid] += d.token_ids
+            if d.finish_reason is not None:
+                finish[d.rid] = d.finish_reason
+        steps += 1
+    assert engine.kv.allocator.num_free == engine.kv.num_pages  # every page back
+    return out, finish, steps
+
+
+def _engine(path: Path, **kw) -> Engine:
+    cfg = {"page_size": 4, "chunked_prefill_size": 64, **kw}
+    return Engine(path, EngineConfig(**cfg), progress=False)
+
+
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+def test_ngram_guesses_give_the_tokens_of_plain_greedy_decoding(ckpt_path):
+    """Greedy requests guess and are verified; sampled (seeded), penalized and logprob
+    requests in the same batches do not guess and come out as they do alone."""
+    reqs = {f"g{i}": (p, GREEDY) for i, p in enumerate(_prompts())}
+    seeded = SamplingParams(max_new_tokens=24, temperature=0.8, seed=3, ignore_eos=True)
+    reqs["seeded"] = (_prompts()[5], seeded)
+    penalized = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.3,
+                               ignore_eos=True)  # fmt: skip
+    reqs["penalized"] = (_prompts()[6], penalized)
+    scored = SamplingParams(max_new_tokens=24, temperature=0.0, logprobs=True, ignore_eos=True)
+    reqs["scored"] = (_prompts()[7], scored)
+    plain, _, plain_steps = _run(_engine(ckpt_path), reqs)
+    guessing = _engine(ckpt_path, speculative_ngram=4)
+    spec, _, spec_steps = _run(guessing, reqs)
+    assert spec == plain
+    stats = guessing.stats()
+    assert 0 < stats.num_spec_accepted_tokens < stats.num_spec_draft_tokens, stats
+    assert spec_steps <= plain_steps
+
+
+def _oracle(engine: Engine, answers: dict[str, list[int]], wrong: bool = False):
+    """A `Scheduler.speculate` that guesses a request's true next tokens (or always misses)."""
+
+    def guess(seq: Sequence, limit: int) -> list[int]:
+        limit = min(limit, 5, seq.sampling.max_new_tokens - seq.num_output_tokens - 1)
+        done = seq.num_output_tokens
+        nxt = answers[seq.rid][done : done + max(limit, 0)]
+        return [t - 1 if t > 0 else 1 for t in nxt] if wrong else nxt
+
+    engine.scheduler.speculate = guess
+
+
+def test_right_and_wrong_guesses_give_the_same_tokens_and_stop_where_they_should(ckpt_path):
+    """An oracle's guesses (all confirmed: up to 6 tokens a step) and guesses that always
+    miss: the tokens of plain decoding; a stop token, EOS or the length limit inside a run
+    of confirmed guesses ends the request right there."""
+    prompts = _prompts()
+    reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts)}
+    plain, _, plain_steps = _run(_engine(ckpt_path), reqs)
+    # Stop rules that fire in the middle of runs: a stop token first seen at output 13, a
+    # shorter max_new_tokens, and EOS honoured (the checkpoint's EOS made a stop token).
+    tails = {}
+    for i, (rid, out) in enumerate(sorted(plain.items())):
+        stop_at = next(k for k in range(13, len(out)) if out[k] not in out[:k])
+        sp = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True,
+                            stop_token_ids=(out[stop_at],))  # fmt: skip
+        tails[f"stop-{i}"] = (reqs[rid][0], sp, out[: stop_at + 1], FinishReason.STOP)
+        short = SamplingParams(max_new_tokens=17, temperature=0.0, ignore_eos=True)
+        tails[f"short-{i}"] = (reqs[rid][0], short, out[:17], FinishReason.LENGTH)
+    answers = {**plain, **{rid: want for rid, (_, _, want, _) in tails.items()}}
+    for wrong in (False, True):
+        engine = _engine(ckpt_path, speculative_ngram=5)
+        _oracle(engine, answers, wrong)
+        got, _, steps = _run(engine, reqs)
+        assert got == plain, wrong
+        stats = engine.stats()
+        if wrong:
+            assert stats.num_spec_accepted_tokens == 0 < stats.num_spec_draft_tokens
+        else:
+            assert stats.num_spec_accepted_tokens == stats.num_spec_draft_tokens > 0
+            assert steps * 2 < plain_steps  # up to 6 tokens a step (43 steps vs 14 seen)
+        engine = _engine(ckpt_path, speculative_ngram=5)
+        _oracle(engine, answers, wrong)
+        got, finish, _ = _run(engine, {rid: (p, sp) for rid, (p, sp, _, _) in tails.items()})
+        for rid, (_, _, want, reason) in tails.items():
+            assert got[rid] == want and finish[rid] is reason, (rid, wrong)
+
+
+def test_guessing_on_a_tight_kv_cache_preempts_and_swaps_with_the_same_tokens(ckpt_path):
+    """Guesses never take pages another request needs: on a cache too small for the batch
+    (queueing, preemption, KV swapped out and back) the tokens stay those of a roomy engine."""
+    reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(_prompts())}
+    roomy, _, _ = _run(_engine(ckpt_path), reqs)
+    tight = _engine(ckpt_path, kv_capacity_tokens=192, chunked_prefill_size=24,
+                    speculative_ngram=4)  # fmt: skip
+    got, _, _ = _run(tight, reqs)
+    assert got == roomy
+    assert tight.scheduler.num_preemptions > 0 and tight.stats().num_spec_accepted_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"speculative_ngram": -1}, "--speculative-ngram must be >= 0"),
+        ({"speculative_ngram_min": 0}, "--speculative-ngram-min and --speculative-ngram-max"),
+        ({"speculative_ngram_min": 5, "speculative_ngram_max": 3}, "1 <= min <= max, got 5 and 3"),
+    ],
+)
+def test_speculative_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**settings)
