@@ -134,6 +134,16 @@ class Metrics:
             "KV pages in the prefix caches' host tier now",
             registry=r,
         )
+        self.spec_drafted = Totals(
+            "pdserve_spec_draft_tokens_total",
+            "Speculative decoding (--speculative-ngram): tokens guessed", registry=r,
+        )  # fmt: skip
+        self.spec_accepted = Totals(
+            "pdserve_spec_accepted_tokens_total",
+            "Of the tokens guessed, those the model's own choices confirmed (output without a "
+            "step of their own)",
+            registry=r,
+        )
         self.transfer_skipped = Totals(
             "pdserve_kv_transfer_skipped_tokens_total",
             "Prompt tokens whose KV the decode ranks' prefix caches held (not transferred)",
@@ -314,6 +324,8 @@ class Metrics:
             self.prefix_queried.observe(rank, s.num_prefix_queried_tokens)
             self.prefix_hits.observe(rank, s.num_prefix_hit_tokens)
             self.prefix_host_hits.observe(rank, s.num_prefix_host_hit_tokens)
+            self.spec_drafted.observe(rank, s.num_spec_draft_tokens)
+            self.spec_accepted.observe(rank, s.num_spec_accepted_tokens)
             self.transfer_skipped.observe(rank, s.num_transfer_skipped_tokens)
             self.kv_parked.observe(rank, s.num_parked)
             self.preemptions.observe(rank, s.num_preemptions)

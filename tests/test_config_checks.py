@@ -45,6 +45,8 @@ def serve(*flags: str) -> ServeConfig:
         (("--kv-memory-fraction", "nan"), "--kv-memory-fraction must be in (0, 0.95], got nan"),
         (("--kv-swap-space", "-1"), "--kv-swap-space must be >= 0 (GiB), got -1.0"),
         (("--kv-swap-space", "inf"), "--kv-swap-space must be >= 0 (GiB), got inf"),
+        (("--speculative-ngram", "-1"), "--speculative-ngram must be >= 0, got -1"),
+        (("--speculative-ngram-min", "5"), "--speculative-ngram-min and --speculative-ngram-max must satisfy"),
         (("--prefix-cache-host-space", "-2"), "--prefix-cache-host-space must be >= 0 (GiB)"),
         (("--prefix-cache-host-space", "1", "--disable-prefix-caching"),
          "--prefix-cache-host-space is the prefix cache's second tier: it needs prefix caching"),

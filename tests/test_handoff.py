@@ -122,6 +122,7 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
             1, 0, 64, 60, 10, 100, num_preemptions=preemptions, transfers=transfers,
             num_swapped_out=preemptions // 2, num_swapped_tokens=10 * preemptions,
             num_prefix_host_hit_tokens=16 * preemptions, num_host_cached_pages=preemptions,
+            num_spec_draft_tokens=4 * preemptions, num_spec_accepted_tokens=preemptions,
         )  # fmt: skip
 
     metrics = Metrics()
@@ -136,6 +137,8 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
     assert samples[("pdserve_kv_swapped_tokens", ())] == 30
     assert samples[("pdserve_prefix_cache_host_hit_tokens_total", ())] == 48
     assert samples[("pdserve_prefix_cache_host_pages", ())] == 3
+    assert samples[("pdserve_spec_draft_tokens_total", ())] == 12
+    assert samples[("pdserve_spec_accepted_tokens_total", ())] == 3
     t, b, sec = (
         "pdserve_kv_transfers_total",
         "pdserve_kv_transfer_bytes_total",

@@ -198,3 +198,47 @@ def test_guessing_on_a_tight_kv_cache_preempts_and_swaps_with_the_same_tokens(ck
 def test_speculative_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**settings)
+
+
+def test_a_server_that_guesses_answers_as_one_that_does_not(
+    launch_tiny, tiny_server, tiny_model_dir
+):
+    """`--speculative-ngram 4` through HTTP on the disaggregated tiny server (the decode rank
+    guesses): batched, streamed and stop-string requests give the shared server's tokens and
+    text; the counts reach /v1/stats and /metrics."""
+    import dataclasses
+
+    import httpx
+
+    from tests.conftest import tiny_serve_config
+    from tests.http_calls import _greedy, _sse
+
+    rng = random.Random(3)
+    prompts = []
+    for n in (5, 12, 30):
+        base = [rng.randrange(3, 900) for _ in range(n)]
+        prompts += [base, base * 4]
+    engine = dataclasses.replace(tiny_serve_config(tiny_model_dir).engine, speculative_ngram=4)
+    server = launch_tiny(engine=engine)
+    try:
+        body = {"input_ids": prompts, "sampling_params": _greedy(48)}
+        want = httpx.post(f"{tiny_server}/generate", json=body, timeout=120).json()
+        got = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()
+        assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
+        assert [g["text"] for g in got] == [w["text"] for w in want]
+        one = {"input_ids": prompts[3], "stream": True, "sampling_params": _greedy(48)}
+        with httpx.stream("POST", f"{server.url}/generate", json=one, timeout=120) as r:
+            last = [e for e in _sse(r) if e != "[DONE]"][-1]
+        assert last["output_ids"] == want[3]["output_ids"]
+        text = want[3]["text"]
+        stop = next(text[i : i + 3] for i in range(8, len(text) - 3) if text[i : i + 3].strip())
+        cut = {"input_ids": prompts[3], "sampling_params": _greedy(48, stop=[stop])}
+        out = httpx.post(f"{server.url}/generate", json=cut, timeout=120).json()
+        assert out["text"] == text[: text.index(stop)]
+        stats = httpx.get(f"{server.url}/v1/stats", timeout=30).json()
+        ranks = [r["stats"] for r in stats["ranks"] if r["stats"]]
+        assert sum(s["num_spec_accepted_tokens"] for s in ranks) > 0, ranks
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        assert "pdserve_spec_accepted_tokens_total" in metrics
+    finally:
+        server.stop()
