@@ -37,16 +37,26 @@ def test_ngram_index_proposes_what_a_brute_force_search_finds():
     for trial in range(300):
         min_n = rng.randint(1, 3)
         max_n = rng.randint(min_n, 5)
-        index = NgramIndex(min_n, max_n)
+        index = NgramIndex(min_n, max_n, max_guess=6)
         tokens = [rng.randrange(4) for _ in range(rng.randint(0, 5))]
         for _ in range(rng.randint(1, 30)):  # tokens come a few at a time, as steps add them
             tokens += [rng.randrange(4) for _ in range(rng.randint(1, 3))]
             limit = rng.randint(1, 6)
             want = _brute_force(tokens, limit, min_n, max_n)
             assert index.propose(tokens, limit) == want, (trial, tokens, min_n, max_n)
-    index = NgramIndex(1, 2)
+    index = NgramIndex(1, 2, max_guess=3)
     assert index.propose([1, 2, 3, 1, 2], 3) == [3, 1, 2]
     assert index.propose([7, 8], 3) == []  # the tokens were cut back: indexed afresh
+    # The guesses' length follows how they fared: one more than were kept, up to max_guess.
+    tokens = [1, 2, 3, 4, 5, 1, 2]
+    index = NgramIndex(1, 2, max_guess=3)
+    index.update(num_guessed=3, num_kept=0)
+    assert index.propose(tokens, 3) == [3]
+    index.update(num_guessed=1, num_kept=1)
+    assert index.propose(tokens, 3) == [3, 4]
+    index.update(num_guessed=2, num_kept=2)
+    index.update(num_guessed=3, num_kept=3)
+    assert index.propose(tokens, 5) == [3, 4, 5]
 
 
 def test_num_accepted_counts_the_guesses_each_choice_confirms():

@@ -446,7 +446,9 @@ class Engine:
         if limit <= 0:
             return []
         if seq.ngrams is None:
-            seq.ngrams = NgramIndex(cfg.speculative_ngram_min, cfg.speculative_ngram_max)
+            seq.ngrams = NgramIndex(
+                cfg.speculative_ngram_min, cfg.speculative_ngram_max, cfg.speculative_ngram
+            )
         return seq.ngrams.propose(seq.token_ids, limit)
 
     def _take_guesses(
@@ -468,6 +470,8 @@ class Engine:
                 i += len(draft) + 1
                 seq.draft = []
                 kept = num_accepted(draft, chosen)
+                if seq.ngrams is not None:
+                    seq.ngrams.update(len(draft), kept)
                 self.num_guessed_tokens += len(draft)
                 self.num_accepted_tokens += kept
                 delta = self._append_run(seq, chosen[: kept + 1])

@@ -11,6 +11,10 @@ token after the last of them. A step thus yields 1 to `k + 1` tokens, exactly th
 decoding would have yielded one step at a time, and rows that missed cost only their share of
 the step (their KV, past the request's computed tokens, is written over later).
 
+How many tokens a request guesses adapts to how its guesses fare: after a step it guesses one
+more than its guesses kept (all of `k` while every guess holds, one after a miss), so a request
+whose output does not repeat costs at most one extra row a step.
+
 Only requests whose next token is the argmax of the model's plain logits take part: greedy,
 without penalties, logit bias, a minimum length, logprobs or a constraint (each of those makes
 a row's choice depend on the tokens before it in ways the rows would have to replay).
@@ -36,8 +40,10 @@ class NgramIndex:
     """Where each n-gram (`min_n <= n <= max_n`) of one request's tokens last ended, kept up to
     date as tokens are appended; `propose` looks the newest tokens up."""
 
-    def __init__(self, min_n: int, max_n: int):
+    def __init__(self, min_n: int, max_n: int, max_guess: int):
         self.min_n, self.max_n = min_n, max_n
+        self.max_guess = max_guess
+        self.guess_len = max_guess  # how many to guess next (`update`)
         self._last_end: dict[tuple[int, ...], int] = {}
         # For each n, where the n tokens ending the sequence last occurred before (or -1).
         self._earlier = [-1] * (max_n + 1)
@@ -56,8 +62,9 @@ class NgramIndex:
         self._num_indexed = len(tokens)
 
     def propose(self, tokens: list[int], limit: int) -> list[int]:
-        """Up to `limit` tokens that followed the longest earlier occurrence of the newest
-        n-gram (the most recent such occurrence); [] when none occurred."""
+        """Up to `limit` (and `guess_len`) tokens that followed the longest earlier occurrence
+        of the newest n-gram (the most recent such occurrence); [] when none occurred."""
+        limit = min(limit, self.guess_len)
         if len(tokens) < self._num_indexed:  # the tokens were cut back: start over
             self._last_end.clear()
             self._num_indexed = 0
@@ -67,6 +74,11 @@ class NgramIndex:
             if end >= 0:
                 return tokens[end + 1 : end + 1 + limit]
         return []
+
+    def update(self, num_guessed: int, num_kept: int) -> None:
+        """A step verified `num_guessed` guesses and kept `num_kept`: guess one more than
+        that next time, up to `max_guess`."""
+        self.guess_len = min(self.max_guess, num_kept + 1)
 
 
 def num_accepted(draft: list[int], predicted: list[int]) -> int:
