@@ -252,3 +252,37 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
         assert "pdserve_spec_accepted_tokens_total" in metrics
     finally:
         server.stop()
+
+
+def test_guess_rows_go_through_the_static_decode_buffers(ckpt_path):
+    """Decode steps with guess rows through `DecodeGraphs`' static buffers (eagerly on CPU,
+    as CUDA replays them): the tokens of an eager engine that does not guess."""
+    from workers.engine.cuda_graph import DecodeGraphs
+    from workers.engine.kv_cache import pages_needed
+
+    reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(_prompts())}
+    plain, _, _ = _run(_engine(ckpt_path), reqs)
+    engine = _engine(ckpt_path, speculative_ngram=4)
+    graphs = DecodeGraphs(
+        engine.model, engine.kv, 32, pages_needed(engine.max_context_len, engine.kv.page_size),
+        engine.expert_load, capture=False,
+    )  # fmt: skip
+    engine.graphs = graphs
+    rows: list[int] = []
+    real_run = graphs.run
+    graphs.run = lambda *a: rows.append(len(a[0])) or real_run(*a)  # type: ignore[method-assign]
+    got, _, _ = _run(engine, reqs)
+    assert got == plain
+    assert rows and max(rows) > len(reqs)  # some steps read more rows than requests
+    assert engine.stats().num_spec_accepted_tokens > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_guessing_on_cuda_with_captured_graphs(ckpt_path):
+    reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(_prompts())}
+    plain, _, _ = _run(_engine(ckpt_path, device="cuda", cuda_graph_max_batch=0), reqs)
+    engine = _engine(ckpt_path, device="cuda", cuda_graph_max_batch=48, speculative_ngram=4)
+    assert engine.graphs is not None
+    got, _, _ = _run(engine, reqs)
+    assert got == plain and engine.stats().num_spec_accepted_tokens > 0
