@@ -1,6 +1,7 @@
 """Expert-parallel pools of 1, 2 and 4 ranks (real processes, gloo): greedy tokens identical to
 the single-rank engine and to `transformers`, prefill logits within tolerance, for both
-dispatch modes, with and without redundant experts, with and without two-batch overlap.
+dispatch modes, with and without redundant experts, with and without two-batch overlap, and
+with speculative decoding (n-gram guesses read as extra decode rows) in two of those settings.
 
 Every rank owns its own requests (DP attention: prompt `i` goes to rank `i % world_size`) and
 the ranks step in lockstep, a rank without work running an empty batch."""
@@ -26,8 +27,12 @@ from workers.engine.messages import GenerateRequest, SamplingParams
 CHECKPOINTS = ("v3_fp8", "v2_group_limited")
 PROMPT_LENS = (3, 9, 17, 40, 5, 26, 11)
 NUM_NEW = 12
-# (dispatch mode, redundant experts, two-batch overlap)
-CONFIGS = list(itertools.product(("normal", "low_latency"), (0, 4), (False, True)))
+# (dispatch mode, redundant experts, two-batch overlap, tokens guessed a step)
+CONFIGS = [
+    *((*c, 0) for c in itertools.product(("normal", "low_latency"), (0, 4), (False, True))),
+    ("normal", 0, False, 4),
+    ("low_latency", 4, True, 4),
+]
 
 
 def _prompts() -> list[list[int]]:
@@ -36,7 +41,10 @@ def _prompts() -> list[list[int]]:
 
 
 def _engine_config(**kw: Any) -> EngineConfig:
-    base: dict[str, Any] = {"page_size": 4, "chunked_prefill_size": 24, "device": "cpu"}
+    # A KV cache of what the prompts need, not 10% of RAM per engine: four rank processes,
+    # each briefly holding two engines, would otherwise take most of a 24 GiB machine.
+    base: dict[str, Any] = {"page_size": 4, "chunked_prefill_size": 24, "device": "cpu",
+                            "kv_capacity_tokens": 4096}  # fmt: skip
     return EngineConfig(**{**base, **kw})
 
 
@@ -70,10 +78,11 @@ def _rank_main(rank: int, world: int, store_path: str, model_dirs: list[str], qu
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
         group = PoolGroup(rank, world, dist.group.WORLD, dist.group.WORLD)  # type: ignore[arg-type]
         sp = SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
-        for model_dir, (mode, redundant, tbo) in itertools.product(model_dirs, CONFIGS):
+        for model_dir, (mode, redundant, tbo, guess) in itertools.product(model_dirs, CONFIGS):
             config = _engine_config(
-                deepep_mode=mode, num_redundant_experts=redundant, enable_two_batch_overlap=tbo
-            )
+                deepep_mode=mode, num_redundant_experts=redundant, enable_two_batch_overlap=tbo,
+                speculative_ngram=guess, speculative_ngram_min=1,
+            )  # fmt: skip
             ctx = build_ep_context(
                 ModelConfig.from_dir(Path(model_dir)), config, "colocated", rank, world, None
             )
@@ -90,10 +99,11 @@ def _rank_main(rank: int, world: int, store_path: str, model_dirs: list[str], qu
             # Plain lists: a tensor would cross as a file descriptor that the parent fetches
             # from this process, which may have exited by then.
             load = engine.take_expert_load().tolist()
-            queue.put((rank, model_dir, (mode, redundant, tbo), out, num_steps, load))
-        queue.put((rank, None, None, None, None, None))
+            key = (mode, redundant, tbo, guess)
+            queue.put((rank, model_dir, key, out, num_steps, load, engine.num_guessed_tokens))
+        queue.put((rank, None, None, None, None, None, 0))
     except BaseException:
-        queue.put((rank, "error", traceback.format_exc(), None, None, None))
+        queue.put((rank, "error", traceback.format_exc(), None, None, None, 0))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -142,10 +152,11 @@ def test_ep_pool_matches_single_rank_and_transformers(world, references, tmp_pat
     results: dict[tuple[str, tuple[Any, ...]], dict[str, Any]] = {}
     loads: dict[tuple[str, tuple[Any, ...]], torch.Tensor] = {}
     steps: dict[tuple[str, tuple[Any, ...]], set[int]] = {}
+    num_guessed: dict[tuple[str, tuple[Any, ...]], int] = {}
     done = 0
     try:
         while done < world:
-            rank, model_dir, config, out, num_steps, load = queue.get(timeout=500)
+            rank, model_dir, config, out, num_steps, load, guessed = queue.get(timeout=500)
             if model_dir == "error":
                 pytest.fail(f"rank {rank} failed:\n{config}")
             if model_dir is None:
@@ -155,6 +166,7 @@ def test_ep_pool_matches_single_rank_and_transformers(world, references, tmp_pat
             results.setdefault(key, {}).update(out)
             steps.setdefault(key, set()).add(num_steps)
             loads[key] = loads.get(key, 0) + torch.tensor(load)
+            num_guessed[key] = num_guessed.get(key, 0) + guessed
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -178,4 +190,8 @@ def test_ep_pool_matches_single_rank_and_transformers(world, references, tmp_pat
         moe_layers = load.sum(dim=1) > 0
         assert bool(moe_layers.any())
         top_k = 2
+        if config[3]:  # guessing: rows whose guesses missed were routed too
+            assert num_guessed[(model_dir, config)] > 0, "no guess was read: nothing checked"
+            assert min(load.sum(dim=1)[moe_layers].tolist()) >= num_tokens * top_k
+            continue
         assert set(load.sum(dim=1)[moe_layers].tolist()) == {num_tokens * top_k}
