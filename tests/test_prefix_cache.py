@@ -15,6 +15,7 @@ from workers.engine.engine import Engine
 from workers.engine.kv_cache import KVCache, PageAllocator
 from workers.engine.messages import GenerateRequest, SamplingParams
 from workers.engine.prefix_cache import CachingAllocator
+from workers.engine.sequence import Sequence
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -239,3 +240,25 @@ def test_a_host_tier_outlives_the_device_cache_with_the_same_tokens(tmp_path_fac
     assert hosted.stats().num_host_cached_pages > 0
     assert hosted.kv.allocator.num_hit_tokens > device_only.kv.allocator.num_hit_tokens
     assert device_only.kv.allocator.host is None
+
+
+def test_a_request_waiting_for_pages_is_counted_in_the_hit_statistics_once():
+    """A request at the head of the queue that does not fit is looked up at every step; only
+    the lookup that admits it counts (an audit saw 4.57M tokens 'queried' for ~8k sent)."""
+    from workers.engine.scheduler import Scheduler
+
+    pages = CachingAllocator(PageAllocator(4), PS)
+    sched = Scheduler(pages, page_size=PS, max_running=8, token_budget=100)
+    first = Sequence("first", list(range(11)), SamplingParams(), 0)
+    sched.add(first)
+    sched.schedule()  # 3 of the 4 pages
+    first.num_computed = 11
+    first.token_ids.append(5)  # decoding now, within its pages
+    waiting = Sequence("waiting", list(range(10)), SamplingParams(), 1)  # 3 pages: no room
+    sched.add(waiting)
+    for _ in range(5):
+        assert not sched.schedule().prefills
+    assert pages.num_queried_tokens == 11
+    sched.remove(first)
+    assert [s.rid for s, _ in sched.schedule().prefills] == ["waiting"]
+    assert pages.num_queried_tokens == 21

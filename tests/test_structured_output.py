@@ -331,3 +331,36 @@ def test_the_compiler_is_built_ahead_or_refuses_saying_why(tiny_model_dir, tmp_p
     assert not bare.ready
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         bare.compile(OutputConstraint("regex", "a+"))
+
+
+def test_length_bounded_json_strings_allow_no_raw_control_characters():
+    """A JSON string with `maxLength` / `minLength` (xgrammar writes it as a run of one
+    character class) takes printable characters but no raw control character, as its
+    unbounded strings do: every output parses with `json.loads` (an audit drew a raw U+001F
+    into a `maxLength` string before the grammar was rewritten)."""
+    import xgrammar as xgr
+
+    from workers.engine.grammar import _COMPILE, _build, _byte_compiler
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "tag": {"type": "string", "minLength": 2},
+            "free": {"type": "string"},
+        },
+        "required": ["name", "tag", "free"],
+    }
+    compiled = _build(
+        _byte_compiler(), _COMPILE, OutputConstraint("json_schema", json.dumps(schema))
+    )
+    for prefix in (
+        b'{"name": "a',
+        b'{"name": "ab", "tag": "x',
+        b'{"name": "", "tag": "xy", "free": "q',
+    ):
+        matcher = xgr.GrammarMatcher(compiled)
+        assert all(matcher.accept_token(b) for b in prefix), prefix
+        for control in (0x00, 0x1F, ord("\n"), ord("\t")):
+            assert not matcher.accept_token(control), (prefix, control)
+        assert matcher.accept_token(ord("z")) and matcher.accept_token(ord('"'))

@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 # JSON. xgrammar's default would allow any amount of whitespace.
 _JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (", ", ": ")}
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what `json_object` is: any JSON object
+# xgrammar (0.2.x) writes a string with a length bound (`maxLength`, `minLength`) as a run of
+# this character class, which lets raw control characters (U+0000-U+001F but CR and LF)
+# through: the output would not be JSON (`json.loads` refuses it). Its own unbounded strings
+# exclude them; a JSON schema's grammar is rewritten with the same class before it compiles.
+_BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
 # Per kind (`json_object` taken as its schema): xgrammar's parser (no vocabulary) and its
 # compiler method (against the vocabulary), and their options.
 _PARSE = {
@@ -157,9 +163,14 @@ def _build(maker: Any, methods: dict[str, str], constraint: OutputConstraint) ->
         kind, spec = "json_schema", JSON_OBJECT_SCHEMA
     if kind not in methods:
         raise ValueError(f"unknown constraint kind {kind!r}")
-    options = _JSON_OPTIONS if kind == "json_schema" else {}
     try:
-        return getattr(maker, methods[kind])(spec, **options)
+        if kind == "json_schema":
+            xgr = _xgrammar()
+            grammar = xgr.Grammar.from_json_schema(spec, **_JSON_OPTIONS)
+            text = str(grammar).replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+            grammar = xgr.Grammar.from_ebnf(text)
+            return grammar if maker is xgr.Grammar else maker.compile_grammar(grammar)
+        return getattr(maker, methods[kind])(spec)
     except (RuntimeError, ValueError, TypeError) as e:
         raise ValueError(f"{constraint.kind}: {_message(e)}") from e
 

@@ -38,6 +38,7 @@ class CachedPrefix(NamedTuple):
 
     pages: list[int]
     last_key: bytes
+    num_loaded: int = 0  # of `pages`, those copied back from the host tier
 
 
 def page_key(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -157,9 +158,9 @@ class CachingAllocator:
         goes on in the host tier while pages can be allocated for it. `record`: count the
         lookup in the hit statistics (prompt tokens spared computation)."""
         ps = self.page_size
-        if record:
-            self.num_queried_tokens += len(token_ids)
         if not self.enabled:
+            if record:
+                self.num_queried_tokens += len(token_ids)
             return CachedPrefix([], _ROOT)
         pages: list[int] = []
         key = _ROOT
@@ -180,10 +181,18 @@ class CachingAllocator:
                 break
             pages.append(page)
             key = nxt
+        found = CachedPrefix(pages, key, num_loaded)
         if record:
-            self.num_hit_tokens += len(pages) * ps
-            self.num_host_hit_tokens += num_loaded * ps
-        return CachedPrefix(pages, key)
+            self.count_lookup(len(token_ids), found)
+        return found
+
+    def count_lookup(self, num_tokens: int, found: CachedPrefix) -> None:
+        """Count a lookup of `num_tokens` prompt tokens that found `found` in the hit
+        statistics (`match(record=False)` leaves it to the caller: a request that is not
+        admitted after all is looked up again at its next try)."""
+        self.num_queried_tokens += num_tokens
+        self.num_hit_tokens += len(found.pages) * self.page_size
+        self.num_host_hit_tokens += found.num_loaded * self.page_size
 
     def publish(
         self, token_ids: Sequence[int], pages: Sequence[int], num_published: int, last_key: bytes,

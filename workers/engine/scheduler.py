@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from workers.engine.kv_cache import pages_needed
 from workers.engine.kv_swap import KVSwap
-from workers.engine.prefix_cache import CachingAllocator
+from workers.engine.prefix_cache import CachedPrefix, CachingAllocator
 from workers.engine.sequence import SeqStatus, Sequence
 
 
@@ -210,7 +210,8 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.max_running:
                 break
             swapped = self.swap is not None and self.swap.holds(seq)
-            cached = self._take_cached_prefix(seq) if not seq.pages and not swapped else 0
+            found = self._take_cached_prefix(seq) if not seq.pages and not swapped else None
+            cached = seq.num_computed if found is not None else 0
             num = min(seq.num_pending, budget)
             need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
             if not self.allocator.can_allocate(need) and not (
@@ -220,6 +221,8 @@ class Scheduler:
                     self.allocator.free(seq.release_pages())
                     seq.num_computed = 0
                 break
+            if found is not None:  # counted once it is admitted, not at every try
+                self.allocator.count_lookup(len(seq.token_ids), found)
             if seq.num_preemptions == 0:  # what the client is told: its prompt's first run
                 seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
             if seq is self.waiting[0]:
@@ -259,18 +262,18 @@ class Scheduler:
             )
             start = end
 
-    def _take_cached_prefix(self, seq: Sequence) -> int:
+    def _take_cached_prefix(self, seq: Sequence) -> CachedPrefix | None:
         """Start a request being admitted after the published pages that match its tokens
-        (all but the last token at most: that one is computed for its logits); the tokens
-        they hold."""
+        (all but the last token at most: that one is computed for its logits); what was
+        found (None: not looked up)."""
         if seq.sampling.prompt_logprobs:
-            return 0  # every prompt token is scored: all of them are computed
-        prefix = self.allocator.match(seq.token_ids, seq.num_tokens - 1)
+            return None  # every prompt token is scored: all of them are computed
+        prefix = self.allocator.match(seq.token_ids, seq.num_tokens - 1, record=False)
         if prefix.pages:
             seq.add_pages(prefix.pages)
             seq.num_published, seq.last_key = len(prefix.pages), prefix.last_key
             seq.num_computed = len(prefix.pages) * self.page_size
-        return seq.num_computed
+        return prefix
 
     def publish(self, seq: Sequence) -> None:
         """Publish the pages `seq` has filled with computed KV (call after a step)."""
