@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -29,6 +28,8 @@ import time
 from typing import Any
 
 import aiohttp
+
+from orchestrator.bench import generate_events
 
 
 async def _stats(session: aiohttp.ClientSession, url: str) -> Any:
@@ -46,21 +47,14 @@ async def _one(
     """Stream `body` until `length` tokens came (then hang up) or it ends: the tokens, and
     the seconds per token after the first."""
     tokens, first, last = 0, 0.0, 0.0
-    async with session.post(url + "/generate", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"/generate: HTTP {resp.status}: {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(f"/generate: {event['error']}")
-            tokens = len(event["output_ids"])
-            last = time.monotonic()
-            first = first or last
-            if tokens >= length or event["meta_info"].get("finish_reason"):
-                break
+    events = generate_events(session, url, body)
+    async for event in events:
+        tokens = len(event["output_ids"])
+        last = time.monotonic()
+        first = first or last
+        if tokens >= length or event["meta_info"].get("finish_reason"):
+            break
+    await events.aclose()  # hang up now
     return tokens, (last - first) / max(1, tokens - 1)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -30,6 +29,8 @@ from typing import Any
 
 import aiohttp
 
+from orchestrator.bench import generate_events, percentile
+
 
 async def _ask(session: aiohttp.ClientSession, url: str, ids: list[int], out_len: int) -> Any:
     """Stream one greedy request: (seconds to its first token, cached prompt tokens)."""
@@ -37,19 +38,10 @@ async def _ask(session: aiohttp.ClientSession, url: str, ids: list[int], out_len
             "sampling_params": {"max_new_tokens": out_len, "temperature": 0.0,
                                 "ignore_eos": True}}  # fmt: skip
     start, first, cached = time.monotonic(), None, 0
-    async with session.post(url + "/generate", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"/generate: HTTP {resp.status}: {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(f"/generate: {event['error']}")
-            if first is None:
-                first = time.monotonic() - start
-            cached = event["meta_info"].get("cached_tokens", cached)
+    async for event in generate_events(session, url, body):
+        if first is None:
+            first = time.monotonic() - start
+        cached = event["meta_info"].get("cached_tokens", cached)
     return first or 0.0, cached
 
 
@@ -68,11 +60,6 @@ async def _round(
         results = await asyncio.gather(*(one(p) for p in prompts))
         wall = time.monotonic() - start
     return [r[0] for r in results], sum(r[1] for r in results), wall
-
-
-def _p(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def main() -> int:
@@ -104,7 +91,7 @@ def main() -> int:
                 _round(url, prompts, args.output_len, args.concurrency)
             )
             print(f"{url} | {k + 1} | {cached / total:.2f} | "
-                  f"{1000 * statistics.median(ttfts):.0f} / {1000 * _p(ttfts, 0.99):.0f} | "
+                  f"{1000 * statistics.median(ttfts):.0f} / {1000 * percentile(ttfts, 99):.0f} | "
                   f"{wall:.1f}", flush=True)  # fmt: skip
     return 0
 

@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -139,6 +139,24 @@ class BenchResult:
             rows.append(("first error", self.first_error))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+async def generate_events(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """The events of a streamed `POST /generate` of `body` to the server at `url` (RuntimeError
+    for an HTTP error or an error event); the stream closes when the caller stops early."""
+    async with session.post(url + "/generate", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"/generate: HTTP {resp.status}: {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"/generate: {event['error']}")
+            yield event
 
 
 def percentile(values: Sequence[float], q: float) -> float:
