@@ -262,3 +262,30 @@ def test_a_request_waiting_for_pages_is_counted_in_the_hit_statistics_once():
     sched.remove(first)
     assert [s.rid for s, _ in sched.schedule().prefills] == ["waiting"]
     assert pages.num_queried_tokens == 21
+
+
+def test_a_page_loaded_from_a_full_host_tier_is_not_evicted_by_its_own_allocation():
+    """Loading a page back allocates a device page, which may reclaim an idle page into the
+    full host tier and evict the tier's oldest entry: the very page being loaded (an audit
+    crashed a rank so: KeyError). It is taken out first, and comes back whole."""
+    cache = KVCache(2, 2, PS, 3, torch.float32, torch.device("cpu"), True, host_pages=2)
+    pages = cache.allocator
+
+    def fill(tokens: list[int]) -> list[int]:
+        owned = pages.allocate(len(tokens) // PS)
+        cache.data[:, owned[0] * PS : (owned[-1] + 1) * PS] = float(tokens[0])
+        pages.publish(tokens, owned, 0, b"", len(tokens))
+        pages.free(owned)
+        return owned
+
+    fill([1, 2, 3, 4])
+    fill([5, 6, 7, 8])  # the device: two idle pages
+    fill([9, 10, 11, 12, 13, 14, 15, 16])  # both to the host tier, oldest first: [1..4]
+    assert pages.host is not None and pages.host.num_pages == 2 and pages.allocator.num_free == 0
+    found = pages.match([1, 2, 3, 4, 99], 5)  # [1..4] is the tier's oldest
+    assert len(found.pages) == 1 and found.num_loaded == 1
+    page = found.pages[0]
+    assert torch.equal(cache.data[:, page * PS : (page + 1) * PS], torch.full((2, PS, 3), 1.0))
+    assert pages.host.num_pages == 2  # still bounded
+    pages.free(found.pages)
+    assert pages.num_free == 2

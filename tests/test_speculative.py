@@ -286,3 +286,25 @@ def test_guessing_on_cuda_with_captured_graphs(ckpt_path):
     assert engine.graphs is not None
     got, _, _ = _run(engine, reqs)
     assert got == plain and engine.stats().num_spec_accepted_tokens > 0
+
+
+@pytest.mark.parametrize(("num_pages", "want"), [(6, []), (7, [5, 6])])
+def test_guesses_take_a_new_page_only_while_one_per_running_request_stays_free(num_pages, want):
+    """Two decoding requests on 2 pages each; "a" guesses 2 tokens, which need a third page:
+    with 2 pages free (one per running request) the guess is cut to its pages, with 3 it
+    gets the page."""
+    from workers.engine.kv_cache import PageAllocator
+    from workers.engine.prefix_cache import CachingAllocator
+    from workers.engine.scheduler import Scheduler
+
+    sched = Scheduler(CachingAllocator(PageAllocator(num_pages), 4), page_size=4, max_running=8,
+                      token_budget=100)  # fmt: skip
+    for rid in ("a", "b"):
+        sched.add(Sequence(rid, list(range(3, 10)), SamplingParams(temperature=0.0), 0))
+    for seq, num in sched.schedule().prefills:
+        seq.num_computed += num
+        seq.token_ids.append(1)  # position 7: the last slot of its second page
+    sched.speculate = lambda seq, limit: [5, 6] if seq.rid == "a" else []
+    batch = sched.schedule()
+    assert [(s.rid, s.draft) for s in batch.decodes] == [("a", want), ("b", [])]
+    assert sched.num_preemptions == 0

@@ -10,7 +10,9 @@ outlive the device's KV capacity.
 
 Pages are kept whole, one tensor `[layers, page_size, kv_dim]` each, least recently used first
 out when the tier is full; a page loaded back stays here too (written once, read many times), so
-letting it go from the device again costs no copy. Copies are synchronous: a batch of evicted
+letting it go from the device again costs no copy. A page being loaded is taken out of the tier
+while its device page is allocated (that allocation may reclaim device pages into the tier and
+evict its oldest entry). Copies are synchronous: a batch of evicted
 pages goes out in one gather, a loaded page comes back in one copy.
 """
 
@@ -60,11 +62,19 @@ class HostPageCache:
             self._pages[key] = gathered[:, i * ps : (i + 1) * ps].clone()
         self.num_saved += len(new)
 
-    def load(self, key: bytes, page: int) -> None:
-        """Copy the KV kept under `key` into device `page`."""
-        self._pages.move_to_end(key)
+    def take(self, key: bytes) -> torch.Tensor:
+        """Take the KV kept under `key` out (before a device page is allocated for it: that
+        allocation may reclaim pages into this tier, which would evict the oldest entry)."""
+        return self._pages.pop(key)
+
+    def load(self, key: bytes, kv: torch.Tensor, page: int) -> None:
+        """Copy `kv` (from `take`) into device `page` and keep it here again, as the most
+        recently used."""
         ps = self.page_size
-        self.data[:, page * ps : (page + 1) * ps].copy_(self._pages[key])
+        self.data[:, page * ps : (page + 1) * ps].copy_(kv)
+        while len(self._pages) >= self.capacity_pages:
+            self._pages.popitem(last=False)
+        self._pages[key] = kv
         self.num_loaded += 1
 
     def clear(self) -> int:

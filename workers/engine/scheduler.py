@@ -300,17 +300,20 @@ class Scheduler:
         return True
 
     def _guess(self, seq: Sequence, limit: int) -> list[int]:
-        """The tokens guessed to follow `seq`'s pending one, at most `limit`, cut to what fits
-        its pages when more pages are not free (a guess never preempts anyone)."""
+        """The tokens guessed to follow `seq`'s pending one, at most `limit`. Guesses take new
+        pages only while a page per running request stays free (so that no request's next
+        token has to preempt anyone for them); else they are cut to the pages it has."""
         assert self.speculate is not None
         draft = self.speculate(seq, limit)
         if draft:
-            own = pages_needed(seq.num_computed + 1, self.page_size)
-            need = pages_needed(seq.num_computed + 1 + len(draft), self.page_size)
-            extra = need - max(own, len(seq.pages))
-            if extra > 0 and not self.allocator.can_allocate(need - len(seq.pages)):
-                room = max(own, len(seq.pages)) * self.page_size - seq.num_computed - 1
-                draft = draft[: max(room, 0)]
+            ps = self.page_size
+            held = max(pages_needed(seq.num_computed + 1, ps), len(seq.pages))
+            extra = pages_needed(seq.num_computed + 1 + len(draft), ps) - held
+            reserve = len(self.running)
+            if extra > 0 and not self.allocator.can_allocate(
+                held - len(seq.pages) + extra + reserve
+            ):
+                draft = draft[: held * ps - seq.num_computed - 1]
         return draft
 
     def _preempt(self, seq: Sequence) -> None:
