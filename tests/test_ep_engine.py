@@ -99,6 +99,7 @@ def _rank_main(rank: int, world: int, store_path: str, model_dirs: list[str], qu
             # Plain lists: a tensor would cross as a file descriptor that the parent fetches
             # from this process, which may have exited by then.
             load = engine.take_expert_load().tolist()
+            out = {rid: (tokens, logits.tolist()) for rid, (tokens, logits) in out.items()}
             key = (mode, redundant, tbo, guess)
             queue.put((rank, model_dir, key, out, num_steps, load, engine.num_guessed_tokens))
         queue.put((rank, None, None, None, None, None, 0))
@@ -182,7 +183,7 @@ def test_ep_pool_matches_single_rank_and_transformers(world, references, tmp_pat
             assert tokens == single[rid][0], (name, config, rid, "differs from one rank")
             assert tokens == hf[rid], (name, config, rid, "differs from transformers")
             ref = single[rid][1]
-            err = float((first_logits - ref).abs().max() / ref.abs().max())
+            err = float((torch.tensor(first_logits) - ref).abs().max() / ref.abs().max())
             assert err < 1e-4, (name, config, rid, err)
         # The recorded load counts every routed (token, k) pair of every MoE layer once.
         load = loads[(model_dir, config)]
