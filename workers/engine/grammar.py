@@ -45,16 +45,14 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what `json_object` is: any JSON obj
 # exclude them; a JSON schema's grammar is rewritten with the same class before it compiles.
 _BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
 _JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
-# Per kind (`json_object` taken as its schema): xgrammar's parser (no vocabulary) and its
-# compiler method (against the vocabulary), and their options.
+# Per kind but `json_schema` (`_json_schema_grammar`; `json_object` is one): xgrammar's parser
+# (no vocabulary) and its compiler method (against the vocabulary).
 _PARSE = {
-    "json_schema": "from_json_schema",
     "regex": "from_regex",
     "ebnf": "from_ebnf",
     "structural_tag": "from_structural_tag",
 }
 _COMPILE = {
-    "json_schema": "compile_json_schema",
     "regex": "compile_regex",
     "ebnf": "compile_grammar",
     "structural_tag": "compile_structural_tag",
@@ -161,18 +159,23 @@ def _build(maker: Any, methods: dict[str, str], constraint: OutputConstraint) ->
     kind, spec = constraint
     if kind == "json_object":
         kind, spec = "json_schema", JSON_OBJECT_SCHEMA
-    if kind not in methods:
+    if kind != "json_schema" and kind not in methods:
         raise ValueError(f"unknown constraint kind {kind!r}")
     try:
         if kind == "json_schema":
-            xgr = _xgrammar()
-            grammar = xgr.Grammar.from_json_schema(spec, **_JSON_OPTIONS)
-            text = str(grammar).replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
-            grammar = xgr.Grammar.from_ebnf(text)
-            return grammar if maker is xgr.Grammar else maker.compile_grammar(grammar)
+            grammar = _json_schema_grammar(spec)
+            return grammar if methods is _PARSE else maker.compile_grammar(grammar)
         return getattr(maker, methods[kind])(spec)
     except (RuntimeError, ValueError, TypeError) as e:
         raise ValueError(f"{constraint.kind}: {_message(e)}") from e
+
+
+def _json_schema_grammar(schema: str) -> Any:
+    """The grammar of compact JSON that fits `schema`, its length-bounded strings rewritten to
+    refuse raw control characters (`_BOUNDED_STRING_CHAR`)."""
+    xgr = _xgrammar()
+    text = str(xgr.Grammar.from_json_schema(schema, **_JSON_OPTIONS))
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 class Matcher:

@@ -50,7 +50,7 @@ class HostPageCache:
                 self._pages.move_to_end(key)
             elif self.capacity_pages > 0:
                 new.append((key, page))
-        new = new[-self.capacity_pages :] if new else new
+        new = new[-self.capacity_pages :]  # (empty when the capacity is 0)
         if not new:
             return
         ps = self.page_size
