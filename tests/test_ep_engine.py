@@ -101,7 +101,9 @@ def _rank_main(rank: int, world: int, store_path: str, model_dirs: list[str], qu
             load = engine.take_expert_load().tolist()
             out = {rid: (tokens, logits.tolist()) for rid, (tokens, logits) in out.items()}
             key = (mode, redundant, tbo, guess)
-            queue.put((rank, model_dir, key, out, num_steps, load, engine.num_guessed_tokens))
+            queue.put(
+                (rank, model_dir, key, out, num_steps, load, engine.stats().num_spec_draft_tokens)
+            )
         queue.put((rank, None, None, None, None, None, 0))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc(), None, None, None, 0))

@@ -13,10 +13,10 @@ import torch
 from tests.checkpoints import make_checkpoint
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
-from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams
+from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
 from workers.engine.model_inputs import decode_rows, row_samplers
 from workers.engine.sequence import Sequence
-from workers.engine.speculative import NgramIndex, num_accepted
+from workers.engine.speculative import NgramIndex, can_speculate, num_accepted
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -93,7 +93,11 @@ def _prompts() -> list[list[int]]:
     return base + [p * 3 for p in base]  # repeats: the index finds guesses in the prompt
 
 
-def _run(engine: Engine, reqs: dict[str, tuple[list[int], SamplingParams]]):
+def _run(
+    engine: Engine,
+    reqs: dict[str, tuple[list[int], SamplingParams]],
+    logprobs: dict[str, list[TokenLogprob]] | None = None,
+):
     for rid, (prompt, sp) in reqs.items():
         engine.add(GenerateRequest(rid, prompt, sp))
     out: dict[str, list[int]] = {rid: [] for rid in reqs}
@@ -102,6 +106,9 @@ def _run(engine: Engine, reqs: dict[str, tuple[list[int], SamplingParams]]):
     while engine.has_work:
         for d in engine.step():
             out[d.rid] += d.token_ids
+            if logprobs is not None and d.logprobs is not None:
+                assert len(d.logprobs) == len(d.token_ids)
+                logprobs.setdefault(d.rid, []).extend(d.logprobs)
             if d.finish_reason is not None:
                 finish[d.rid] = d.finish_reason
         steps += 1
@@ -117,21 +124,74 @@ def _engine(path: Path, **kw) -> Engine:
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
 
 
-def test_ngram_guesses_give_the_tokens_of_plain_greedy_decoding(ckpt_path):
-    """Greedy requests guess and are verified; sampled (seeded), penalized and logprob
-    requests in the same batches do not guess and come out as they do alone."""
-    reqs = {f"g{i}": (p, GREEDY) for i, p in enumerate(_prompts())}
-    seeded = SamplingParams(max_new_tokens=24, temperature=0.8, seed=3, ignore_eos=True)
-    reqs["seeded"] = (_prompts()[5], seeded)
-    penalized = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.3,
-                               ignore_eos=True)  # fmt: skip
-    reqs["penalized"] = (_prompts()[6], penalized)
-    scored = SamplingParams(max_new_tokens=24, temperature=0.0, logprobs=True, ignore_eos=True)
-    reqs["scored"] = (_prompts()[7], scored)
-    plain, _, plain_steps = _run(_engine(ckpt_path), reqs)
+def _record_guessers(engine: Engine) -> set[str]:
+    """The requests `engine` gives guesses to, filled in as it runs."""
+    guessers: set[str] = set()
+    guess = engine.scheduler.speculate
+    assert guess is not None
+
+    def recording(seq: Sequence, limit: int) -> list[int]:
+        draft = guess(seq, limit)
+        if draft:
+            guessers.add(seq.rid)
+        return draft
+
+    engine.scheduler.speculate = recording
+    return guessers
+
+
+def _sampled(**kw) -> SamplingParams:
+    return SamplingParams(**{"max_new_tokens": 40, "ignore_eos": True, **kw})
+
+
+# Greedy and seeded sampled requests of every kind guess: each row draws with the draw plain
+# decoding would make there, and its penalties and minimum length count the guesses before
+# it, so they give plain decoding's tokens (and logprobs) exactly.
+GUESSING = {
+    "temp": _sampled(temperature=0.7, seed=1),
+    "top-p-k": _sampled(temperature=1.1, top_p=0.8, top_k=20, seed=2),
+    "min-p": _sampled(temperature=0.5, min_p=0.1, seed=3),
+    "bias": _sampled(temperature=0.6, logit_bias=((7, 2.0), (9, -1.0)), seed=4),
+    "scored": _sampled(temperature=0.0, logprobs=True, top_logprobs=3),
+    "scored-sampled": _sampled(temperature=0.8, logprobs=True, top_logprobs=2, seed=5),
+    # Token 7 made all but certain and a stop token: banned for 23 tokens, then the end.
+    "min-length": _sampled(
+        temperature=0.0, min_new_tokens=23, stop_token_ids=(7,), logit_bias=((7, 50.0),)
+    ),  # fmt: skip
+    "penalized": _sampled(temperature=0.0, repetition_penalty=1.3),
+    "penalized-sampled": _sampled(
+        temperature=0.9, frequency_penalty=0.5, presence_penalty=0.3, seed=6
+    ),  # fmt: skip
+}
+
+
+def _mixed_requests() -> dict[str, tuple[list[int], SamplingParams]]:
+    prompts = _prompts()
+    reqs = {f"g{i}": (p, GREEDY) for i, p in enumerate(prompts)}
+    for i, (name, sp) in enumerate(GUESSING.items()):
+        reqs[name] = (prompts[4 + i % 4], sp)
+    return reqs
+
+
+def test_ngram_guesses_give_the_tokens_of_plain_decoding(ckpt_path):
+    """Greedy and seeded sampled requests (temperature, top-p/k, min-p, logit bias, logprobs,
+    a minimum length, penalties) guess and are verified in the same batches, giving plain
+    decoding's tokens and logprobs."""
+    reqs = _mixed_requests()
+    plain_lp: dict[str, list[TokenLogprob]] = {}
+    plain, _, plain_steps = _run(_engine(ckpt_path), reqs, plain_lp)
     guessing = _engine(ckpt_path, speculative_ngram=4)
-    spec, _, spec_steps = _run(guessing, reqs)
+    guessers = _record_guessers(guessing)
+    spec_lp: dict[str, list[TokenLogprob]] = {}
+    spec, _, spec_steps = _run(guessing, reqs, spec_lp)
     assert spec == plain
+    assert len(plain["min-length"]) == 24 and plain["min-length"][-1] == 7
+    assert guessers >= {rid for rid in reqs if rid.startswith("g")} | {"scored", "top-p-k"}
+    assert set(spec_lp) == set(plain_lp) == {"scored", "scored-sampled"}
+    for rid, lps in plain_lp.items():
+        for a, b in zip(spec_lp[rid], lps, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
     stats = guessing.stats()
     assert 0 < stats.num_spec_accepted_tokens < stats.num_spec_draft_tokens, stats
     assert spec_steps <= plain_steps
@@ -141,6 +201,8 @@ def _oracle(engine: Engine, answers: dict[str, list[int]], wrong: bool = False):
     """A `Scheduler.speculate` that guesses a request's true next tokens (or always misses)."""
 
     def guess(seq: Sequence, limit: int) -> list[int]:
+        if not can_speculate(seq):
+            return []
         limit = min(limit, 5, seq.sampling.max_new_tokens - seq.num_output_tokens - 1)
         done = seq.num_output_tokens
         nxt = answers[seq.rid][done : done + max(limit, 0)]
@@ -151,15 +213,18 @@ def _oracle(engine: Engine, answers: dict[str, list[int]], wrong: bool = False):
 
 def test_right_and_wrong_guesses_give_the_same_tokens_and_stop_where_they_should(ckpt_path):
     """An oracle's guesses (all confirmed: up to 6 tokens a step) and guesses that always
-    miss: the tokens of plain decoding; a stop token, EOS or the length limit inside a run
-    of confirmed guesses ends the request right there."""
+    miss: the tokens of plain decoding, greedy and seeded sampled alike (a sampled request's
+    generator stands where plain decoding's would after each step, or its next draws would
+    differ); a stop token, EOS or the length limit inside a run of confirmed guesses ends the
+    request right there."""
     prompts = _prompts()
     reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts)}
+    reqs |= {name: (prompts[i % 8], sp) for i, (name, sp) in enumerate(GUESSING.items())}
     plain, _, plain_steps = _run(_engine(ckpt_path), reqs)
     # Stop rules that fire in the middle of runs: a stop token first seen at output 13, a
     # shorter max_new_tokens, and EOS honoured (the checkpoint's EOS made a stop token).
     tails = {}
-    for i, (rid, out) in enumerate(sorted(plain.items())):
+    for i, (rid, out) in enumerate(sorted(o for o in plain.items() if o[0].startswith("r"))):
         stop_at = next(k for k in range(13, len(out)) if out[k] not in out[:k])
         sp = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True,
                             stop_token_ids=(out[stop_at],))  # fmt: skip
@@ -236,6 +301,16 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
         got = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()
         assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
         assert [g["text"] for g in got] == [w["text"] for w in want]
+        # Seeded sampled requests, with logprobs: the same tokens, guessing or not.
+        sampled = _greedy(48, temperature=0.5, top_p=0.9, seed=11)
+        body = {"input_ids": prompts, "sampling_params": sampled, "return_logprob": True}
+        want_s = httpx.post(f"{tiny_server}/generate", json=body, timeout=120).json()
+        got_s = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()
+        assert [g["output_ids"] for g in got_s] == [w["output_ids"] for w in want_s]
+        for g, w in zip(got_s, want_s, strict=True):
+            lp_got = [lp for lp, *_ in g["meta_info"]["output_token_logprobs"]]
+            lp_want = [lp for lp, *_ in w["meta_info"]["output_token_logprobs"]]
+            assert lp_got == pytest.approx(lp_want, abs=1e-4)
         one = {"input_ids": prompts[3], "stream": True, "sampling_params": _greedy(48)}
         with httpx.stream("POST", f"{server.url}/generate", json=one, timeout=120) as r:
             last = [e for e in _sse(r) if e != "[DONE]"][-1]

@@ -37,7 +37,7 @@ from workers.engine.model_inputs import (
 )
 from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
-from workers.engine.speculative import NgramIndex, can_speculate, num_accepted
+from workers.engine.speculative import Speculator
 from workers.engine.step_output import constraint_error, draw_tokens, finish_reason, token_delta
 from workers.ep.moe import EPContext, select_grouped_gemm
 from workers.kernels import triton_available
@@ -122,10 +122,10 @@ class Engine:
         if config.kv_swap_space > 0:
             swap_tokens = int(config.kv_swap_space * (1 << 30)) // per_token
             self.scheduler.swap = KVSwap(self.kv, swap_tokens)
+        self.speculator: Speculator | None = None
         if config.speculative_ngram > 0:
-            self.scheduler.speculate = self._guess
-        self.num_guessed_tokens = 0  # speculative decoding: tokens guessed ...
-        self.num_accepted_tokens = 0  # ... and of those, the ones the model's choices kept
+            self.speculator = Speculator(config, self.max_context_len)
+            self.scheduler.speculate = self.speculator.guess
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch:
             self.graphs = DecodeGraphs(
@@ -344,7 +344,7 @@ class Engine:
         return self.scheduler.has_work
 
     def stats(self) -> RankStats:
-        swap, host = self.scheduler.swap, self.kv.allocator.host
+        swap, host, spec = self.scheduler.swap, self.kv.allocator.host, self.speculator
         return RankStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -365,8 +365,8 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_swapped_out=swap.num_swapped_out if swap is not None else 0,
             num_swapped_tokens=swap.num_tokens if swap is not None else 0,
-            num_spec_draft_tokens=self.num_guessed_tokens,
-            num_spec_accepted_tokens=self.num_accepted_tokens,
+            num_spec_draft_tokens=spec.num_guessed_tokens if spec is not None else 0,
+            num_spec_accepted_tokens=spec.num_accepted_tokens if spec is not None else 0,
         )
 
     # ---- one step ---------------------------------------------------------------------------
@@ -404,13 +404,15 @@ class Engine:
             seq.num_computed += num
             if publish:
                 self.scheduler.publish(seq)
+        spec = self.speculator
+        states = spec.generator_states(batch.decodes) if spec is not None else None
         tokens, logprobs = draw_tokens(
             logits, samplers, self.grammars, self.model_config.eos_token_ids
         )
         self.num_steps += 1
         self._last_logits = ([s.rid for s in samplers], logits)
-        if self.scheduler.speculate is not None and any(s.draft for s in batch.decodes):
-            return self._take_guesses(samplers, tokens, logprobs)
+        if states is not None:
+            return self._take_guesses(samplers, tokens, logprobs, states)
         deltas = (
             self._append(seq, tok, lp)
             for seq, tok, lp in zip(samplers, tokens, logprobs, strict=True)
@@ -430,58 +432,38 @@ class Engine:
         logits = self.graphs.run(*decode_rows(batch.decodes, self.kv.page_size))
         return logits, row_samplers(batch.decodes)
 
-    # ---- speculative decoding (`workers.engine.speculative`) ---------------------------------
-
-    def _guess(self, seq: Sequence, limit: int) -> list[int]:
-        """`Scheduler.speculate`: tokens guessed to follow `seq`'s pending one, at most
-        `limit`, none past its `max_new_tokens` or the context length."""
-        if not can_speculate(seq):
-            return []
-        cfg = self.config
-        limit = min(
-            limit, cfg.speculative_ngram,
-            seq.sampling.max_new_tokens - seq.num_output_tokens - 1,
-            self.max_context_len - seq.num_tokens - 1,
-        )  # fmt: skip
-        if limit <= 0:
-            return []
-        if seq.ngrams is None:
-            seq.ngrams = NgramIndex(
-                cfg.speculative_ngram_min, cfg.speculative_ngram_max, cfg.speculative_ngram
-            )
-        return seq.ngrams.propose(seq.token_ids, limit)
-
     def _take_guesses(
-        self, samplers: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]
+        self,
+        samplers: list[Sequence],
+        tokens: list[int],
+        logprobs: list[TokenLogprob | None],
+        states: dict[str, torch.Tensor],
     ) -> list[TokenDelta]:
         """`step`'s deltas when some requests' rows read guessed tokens (`Sequence.draft`):
         such a request keeps the guesses its rows' choices confirm, and the choice after the
-        last of them, in one delta."""
+        last of them, in one delta (`Speculator.verify`)."""
+        assert self.speculator is not None
         deltas: list[TokenDelta] = []
         i = 0
         while i < len(samplers):
             seq = samplers[i]
-            draft = seq.draft
-            if not draft:
+            if not seq.draft:
                 delta = self._append(seq, tokens[i], logprobs[i])
                 i += 1
             else:
-                chosen = tokens[i : i + len(draft) + 1]
-                i += len(draft) + 1
-                seq.draft = []
-                kept = num_accepted(draft, chosen)
-                if seq.ngrams is not None:
-                    seq.ngrams.update(len(draft), kept)
-                self.num_guessed_tokens += len(draft)
-                self.num_accepted_tokens += kept
-                delta = self._append_run(seq, chosen[: kept + 1])
+                rows = slice(i, i + len(seq.draft) + 1)
+                i = rows.stop
+                run = self.speculator.verify(seq, tokens[rows], states.get(seq.rid))
+                delta = self._append_run(seq, run, logprobs[rows])
             if delta is not None:
                 deltas.append(delta)
         return deltas
 
-    def _append_run(self, seq: Sequence, run: list[int]) -> TokenDelta:
-        """Append the tokens `run` (its guesses confirmed, then the model's next choice) to a
-        decoding request, up to the first that ends it."""
+    def _append_run(
+        self, seq: Sequence, run: list[int], logprobs: list[TokenLogprob | None]
+    ) -> TokenDelta:
+        """Append the tokens `run` (its guesses confirmed, then the model's next choice, with
+        their rows' logprobs) to a decoding request, up to the first that ends it."""
         finish = None
         for n, token in enumerate(run, 1):
             seq.token_ids.append(token)
@@ -498,7 +480,7 @@ class Engine:
             seq.num_computed += len(run) - 1  # the confirmed guesses' KV is in the cache
             if self.kv.allocator.enabled:
                 self.scheduler.publish(seq)
-        return token_delta(seq, run, finish)
+        return token_delta(seq, run, finish, logprobs[: len(run)])
 
     def take_expert_load(self) -> torch.Tensor | None:
         """Tokens routed per (layer, logical expert) since the last call (CPU int64)."""
@@ -528,4 +510,4 @@ class Engine:
         if finish is not None:
             self.requests.pop(seq.rid, None)
             self.scheduler.remove(seq)
-        return token_delta(seq, [token], finish, logprob)
+        return token_delta(seq, [token], finish, [logprob])

@@ -5,9 +5,9 @@ or quoted, a list that follows a pattern, a model stuck in a loop. When the last
 a request (prompt and output) occurred earlier, the tokens that followed them then are a cheap
 guess at what follows now. The decode step then reads the request's pending token and up to
 `k` guessed ones as `k + 1` decode rows at consecutive positions (each row writes its KV before
-any row attends, so each sees the ones before it), and the model's own greedy choice at each
+any row attends, so each sees the ones before it), and the model's own choice at each
 row says how far the guess holds: the guessed tokens that match are kept, plus the model's
-token after the last of them. A step thus yields 1 to `k + 1` tokens, exactly those greedy
+token after the last of them. A step thus yields 1 to `k + 1` tokens, exactly those plain
 decoding would have yielded one step at a time, and rows that missed cost only their share of
 the step (their KV, past the request's computed tokens, is written over later).
 
@@ -15,25 +15,30 @@ How many tokens a request guesses adapts to how its guesses fare: after a step i
 more than its guesses kept (all of `k` while every guess holds, one after a miss), so a request
 whose output does not repeat costs at most one extra row a step.
 
-Only requests whose next token is the argmax of the model's plain logits take part: greedy,
-without penalties, logit bias, a minimum length, logprobs or a constraint (each of those makes
-a row's choice depend on the tokens before it in ways the rows would have to replay).
+Sampled requests guess too. Each row draws its token from its own distribution with the
+next uniform number of the request's generator, so a row whose guessed tokens before it all
+held draws exactly what plain decoding would have drawn at that position; after the step the
+generator is set back to have made one draw per token kept (`Speculator.verify`). A seeded
+request thus gives the same tokens with guessing as without, and an unseeded one tokens of the
+same distribution. Logprobs are per row, so requests that ask for them guess as well; so do
+penalized ones and those short of a minimum length: each row's penalties and EOS ban look at
+the request's tokens and the guesses before the row, as if they had been drawn.
+
+Left out are requests with a constraint (its matcher would have to walk the guesses and back)
+and the prefill side of a disaggregated request.
 """
 
 from __future__ import annotations
 
+import torch
+
+from workers.engine.admission import skip_draws
+from workers.engine.config import EngineConfig
 from workers.engine.sequence import Sequence
 
 
 def can_speculate(seq: Sequence) -> bool:
-    sp = seq.sampling
-    return (
-        sp.is_greedy
-        and not sp.adjusts_logits
-        and not sp.logprobs
-        and seq.matcher is None
-        and not seq.prefill_only
-    )
+    return seq.matcher is None and not seq.prefill_only
 
 
 class NgramIndex:
@@ -89,3 +94,57 @@ def num_accepted(draft: list[int], predicted: list[int]) -> int:
     while n < len(draft) and draft[n] == predicted[n]:
         n += 1
     return n
+
+
+class Speculator:
+    """A rank's speculative decoding: the guesses `Scheduler.speculate` asks for, and what a
+    step's rows make of them, counted."""
+
+    def __init__(self, config: EngineConfig, max_context_len: int):
+        self.max_guess = config.speculative_ngram
+        self.min_n, self.max_n = config.speculative_ngram_min, config.speculative_ngram_max
+        self.max_context_len = max_context_len
+        self.num_guessed_tokens = 0  # tokens guessed ...
+        self.num_accepted_tokens = 0  # ... and of those, the ones the model's choices kept
+
+    def guess(self, seq: Sequence, limit: int) -> list[int]:
+        """Tokens guessed to follow `seq`'s pending one, at most `limit`, none past its
+        `max_new_tokens` or the context length."""
+        if not can_speculate(seq):
+            return []
+        limit = min(
+            limit, self.max_guess,
+            seq.sampling.max_new_tokens - seq.num_output_tokens - 1,
+            self.max_context_len - seq.num_tokens - 1,
+        )  # fmt: skip
+        if limit <= 0:
+            return []
+        if seq.ngrams is None:
+            seq.ngrams = NgramIndex(self.min_n, self.max_n, self.max_guess)
+        return seq.ngrams.propose(seq.token_ids, limit)
+
+    @staticmethod
+    def generator_states(decodes: list[Sequence]) -> dict[str, torch.Tensor] | None:
+        """Before a step draws: the generator state of each sampled request whose rows read
+        guesses ({} when only greedy ones guess), or None when no request guesses."""
+        guessed = [seq for seq in decodes if seq.draft]
+        if not guessed:
+            return None
+        return {s.rid: s.generator.get_state() for s in guessed if s.generator is not None}
+
+    def verify(self, seq: Sequence, chosen: list[int], state: torch.Tensor | None) -> list[int]:
+        """The tokens `seq` keeps of a step whose rows read its guesses and drew `chosen`: the
+        guesses confirmed, then the choice after the last of them. A sampled request's
+        generator goes back to `state` (before the step) and on by one draw per token kept,
+        as if it had drawn them one step at a time."""
+        draft, seq.draft = seq.draft, []
+        kept = num_accepted(draft, chosen)
+        if seq.ngrams is not None:
+            seq.ngrams.update(len(draft), kept)
+        if seq.generator is not None:
+            assert state is not None
+            seq.generator.set_state(state)
+            skip_draws(seq.generator, kept + 1)
+        self.num_guessed_tokens += len(draft)
+        self.num_accepted_tokens += kept
+        return chosen[: kept + 1]

@@ -34,8 +34,7 @@ def draw_tokens(
     params = [s.sampling for s in samplers]
     adjusted = logits
     if any(p.adjusts_logits for p in params):
-        histories = [History(s.token_ids, s.num_prompt_tokens) for s in samplers]
-        adjusted = adjust_logits(logits, params, histories, eos_token_ids)
+        adjusted = adjust_logits(logits, params, _histories(samplers), eos_token_ids)
     constrained = [(i, s.matcher) for i, s in enumerate(samplers) if s.matcher is not None]
     if constrained:
         # Adjusted logits may ban what the constraint allows: the model's are its fallback.
@@ -44,6 +43,20 @@ def draw_tokens(
         grammars.mask(adjusted, constrained, fallback=fallback)
     tokens = sample(adjusted, params, [s.generator for s in samplers])
     return Drawn(tokens, token_logprobs(logits, tokens, params))
+
+
+def _histories(samplers: list[Sequence]) -> list[History]:
+    """What each row's penalties look at: its request's tokens, and for the rows that read
+    guessed tokens (`Sequence.draft`: a request's rows are consecutive), the guesses before
+    the row, as if they had been drawn."""
+    out = []
+    prev, num_guessed = None, 0
+    for seq in samplers:
+        num_guessed = num_guessed + 1 if seq is prev else 0
+        prev = seq
+        ids = seq.token_ids + seq.draft[:num_guessed] if num_guessed else seq.token_ids
+        out.append(History(ids, seq.num_prompt_tokens))
+    return out
 
 
 def finish_reason(
@@ -66,7 +79,7 @@ def finish_reason(
 
 def constraint_error(seq: Sequence, token: int, logprob: TokenLogprob | None) -> TokenDelta:
     """The delta that ends `seq` because its matcher refused `token`."""
-    delta = token_delta(seq, [token], FinishReason.ERROR, logprob)
+    delta = token_delta(seq, [token], FinishReason.ERROR, [logprob])
     kind = seq.sampling.constraint.kind if seq.sampling.constraint is not None else "constraint"
     delta.error = f"token {token} does not match the request's {kind}"
     return delta
@@ -76,15 +89,17 @@ def token_delta(
     seq: Sequence,
     tokens: list[int],
     finish: FinishReason | None,
-    logprob: TokenLogprob | None = None,
+    logprobs: list[TokenLogprob | None] | None = None,
 ) -> TokenDelta:
-    """`seq`'s report of `tokens` (its newest, or none when it ends without one). Its prompt
-    logprobs ride on its first output token's delta."""
-    logprobs = None
+    """`seq`'s report of `tokens` (its newest, or none when it ends without one), with their
+    logprobs when it asked for them. Its prompt logprobs ride on its first output token's
+    delta."""
+    reported = None
     if seq.sampling.logprobs:
         # One entry per token whatever happens: a token whose logprob did not come with it
         # (none is expected to: the prefill rank sends it with the KV) gets NaN, sent as null.
-        logprobs = [logprob or TokenLogprob(float("nan"))] if tokens else []
+        given = logprobs or [None] * len(tokens)
+        reported = [lp or TokenLogprob(float("nan")) for lp in given[: len(tokens)]]
     first = seq.sampling.prompt_logprobs and tokens and seq.num_output_tokens == 1
     return TokenDelta(
         rid=seq.rid,
@@ -93,7 +108,7 @@ def token_delta(
         num_prompt_tokens=seq.num_prompt_tokens,
         num_output_tokens=seq.num_output_tokens,
         hold=not seq.stream,
-        logprobs=logprobs,
+        logprobs=reported,
         num_cached_tokens=seq.num_cached_tokens,
         prompt_logprobs=list(seq.prompt_logprobs) if first else None,
     )
