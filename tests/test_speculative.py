@@ -197,6 +197,46 @@ def test_ngram_guesses_give_the_tokens_of_plain_decoding(ckpt_path):
     assert spec_steps <= plain_steps
 
 
+def test_constrained_requests_guess_what_their_constraint_forces(tiny_model_dir):
+    """JSON-schema, JSON-object, regex and EBNF requests, greedy and seeded sampled, guess the
+    text their constraint forces (and n-grams), each row masked by what the constraint allows
+    after the guesses before it: the tokens of an engine that does not guess, stop and all."""
+    import json
+
+    from tests.test_structured_output import ANSWER, SCHEMA
+    from workers.engine.messages import OutputConstraint
+
+    schema = OutputConstraint("json_schema", json.dumps(SCHEMA))
+    items = {"type": "array", "items": SCHEMA, "minItems": 2, "maxItems": 2}
+    listed = OutputConstraint("json_schema", json.dumps(items))
+    reqs: dict[str, tuple[list[int], SamplingParams]] = {}
+    for i in range(3):
+        reqs[f"schema-{i}"] = ([10 + i, 20, 30], _sampled(temperature=0.9, seed=i,
+                                                          constraint=schema, max_new_tokens=150))  # fmt: skip
+    reqs["schema"] = ([10, 20, 30], _sampled(temperature=0.0, constraint=schema,
+                                              max_new_tokens=150))  # fmt: skip
+    reqs["list"] = ([11, 21], _sampled(temperature=0.7, seed=9, constraint=listed,
+                                        max_new_tokens=250, ignore_eos=False))  # fmt: skip
+    reqs["object"] = ([44, 45], _sampled(temperature=0.0, max_new_tokens=120,
+                                          constraint=OutputConstraint("json_object")))  # fmt: skip
+    reqs["regex"] = ([7, 8, 9], _sampled(temperature=0.0, constraint=OutputConstraint(
+        "regex", ANSWER), ignore_eos=False))  # fmt: skip
+    ebnf = 'root ::= "id-" [0-9] [0-9] ("!" | "?") " done, id-" [0-9] [0-9] "."'
+    reqs["ebnf"] = ([5, 6], _sampled(temperature=1.0, seed=4, constraint=OutputConstraint(
+        "ebnf", ebnf), ignore_eos=False))  # fmt: skip
+    cfg = {"page_size": 4, "kv_capacity_tokens": 4096}
+    plain, plain_finish, plain_steps = _run(Engine(tiny_model_dir, EngineConfig(**cfg),
+                                                   progress=False), reqs)  # fmt: skip
+    guessing = Engine(tiny_model_dir, EngineConfig(**cfg, speculative_ngram=6), progress=False)
+    guessers = _record_guessers(guessing)
+    got, finish, steps = _run(guessing, reqs)
+    assert got == plain and finish == plain_finish
+    assert guessers == set(reqs)
+    stats = guessing.stats()
+    assert 0 < stats.num_spec_accepted_tokens < stats.num_spec_draft_tokens, stats
+    assert steps < plain_steps
+
+
 def _oracle(engine: Engine, answers: dict[str, list[int]], wrong: bool = False):
     """A `Scheduler.speculate` that guesses a request's true next tokens (or always misses)."""
 

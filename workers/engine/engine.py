@@ -468,6 +468,10 @@ class Engine:
         for n, token in enumerate(run, 1):
             seq.token_ids.append(token)
             self.num_generated_tokens += 1
+            if seq.matcher is not None and not seq.matcher.accept(token):  # masked: not seen
+                self.requests.pop(seq.rid, None)
+                self.scheduler.remove(seq)
+                return constraint_error(seq, run[:n], logprobs[:n])
             finish = finish_reason(seq, token, self.model_config.eos_token_ids,
                                    self.max_context_len)  # fmt: skip
             if finish is not None:
@@ -505,7 +509,7 @@ class Engine:
             # rank's, built from other settings) ends the request rather than break it.
             self.requests.pop(seq.rid, None)
             self.scheduler.remove(seq)
-            return constraint_error(seq, token, logprob)
+            return constraint_error(seq, [token], [logprob])
         finish = finish_reason(seq, token, self.model_config.eos_token_ids, self.max_context_len)
         if finish is not None:
             self.requests.pop(seq.rid, None)

@@ -195,8 +195,28 @@ class Matcher:
         """The constraint is complete and allows nothing more: the request is done."""
         return bool(self._matcher.is_terminated())
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int, guesses: Sequence[int] = ()) -> None:
+        """Mark in `bitmask` what may come next at `row`, and at each following row what may
+        come after the guessed tokens before it (speculative decoding), walking the guesses
+        and back. Rows past a guess the constraint refuses stay unmarked (all allowed): the
+        row before it cannot choose that guess, so no later row's choice is kept."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        walked = 0
+        for token in guesses:
+            if self._matcher.is_terminated() or not self._matcher.accept_token(token):
+                break
+            walked += 1
+            if self._matcher.is_terminated():
+                break
+            self._matcher.fill_next_token_bitmask(bitmask, row + walked)
+        if walked:
+            self._matcher.rollback(walked)
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens spelling the text the constraint forces next (the keys and punctuation of a
+        JSON schema, a regex's literal), [] where it leaves a choice: guesses for speculative
+        decoding, which the model's own constrained choices then confirm or not."""
+        return list(self._matcher.find_jump_forward_tokens())
 
 
 class GrammarBackend:
@@ -267,19 +287,21 @@ class GrammarBackend:
     def mask(
         self,
         logits: torch.Tensor,  # [S, vocab] float32, written in place
-        matchers: Sequence[tuple[int, Matcher]],  # (row, its matcher)
+        runs: Sequence[tuple[int, Matcher, Sequence[int]]],  # (first row, matcher, guesses)
         fallback: torch.Tensor | None = None,  # [S, vocab]: unadjusted logits, see below
     ) -> None:
-        """Give every token a row's constraint does not allow next -inf. A row left with no
-        token at all (its other adjustments, such as a minimum length banning EOS, forbade
+        """Give every token a row's constraint does not allow next -inf. A request's rows
+        are its first row and one more per guessed token (`Matcher.fill`). A row left with
+        no token at all (its other adjustments, such as a minimum length banning EOS, forbade
         what the constraint allows) takes the masked `fallback` row instead: the constraint
         wins. A matcher's `held_back` tokens stay only where nothing else is left."""
         import torch
 
         xgr = _xgrammar()
         bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)  # all allowed
-        for row, matcher in matchers:
-            matcher.fill(bitmask, row)
+        for first, matcher, guesses in runs:
+            matcher.fill(bitmask, first, guesses)
+        matchers = [(first + i, m) for first, m, guesses in runs for i in range(len(guesses) + 1)]
         rows = [row for row, _ in matchers]
         device_mask = bitmask.to(logits.device)
         xgr.apply_token_bitmask_inplace(logits, device_mask, indices=rows)

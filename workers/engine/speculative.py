@@ -24,8 +24,11 @@ same distribution. Logprobs are per row, so requests that ask for them guess as 
 penalized ones and those short of a minimum length: each row's penalties and EOS ban look at
 the request's tokens and the guesses before the row, as if they had been drawn.
 
-Left out are requests with a constraint (its matcher would have to walk the guesses and back)
-and the prefill side of a disaggregated request.
+A request with a constraint (structured output) guesses the text its constraint forces next
+when there is such (a JSON schema's keys and punctuation: `Matcher.forced_tokens`), else from
+n-grams; each row is masked by what the constraint allows after the guesses before it (the
+matcher walks them and back, `Matcher.fill`), and kept tokens are taken by the matcher as
+they are appended. Only the prefill side of a disaggregated request never guesses.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from workers.engine.sequence import Sequence
 
 
 def can_speculate(seq: Sequence) -> bool:
-    return seq.matcher is None and not seq.prefill_only
+    return not seq.prefill_only
 
 
 class NgramIndex:
@@ -109,7 +112,8 @@ class Speculator:
 
     def guess(self, seq: Sequence, limit: int) -> list[int]:
         """Tokens guessed to follow `seq`'s pending one, at most `limit`, none past its
-        `max_new_tokens` or the context length."""
+        `max_new_tokens` or the context length: what its constraint forces, else the
+        n-gram index's guess."""
         if not can_speculate(seq):
             return []
         limit = min(
@@ -119,6 +123,10 @@ class Speculator:
         )  # fmt: skip
         if limit <= 0:
             return []
+        if seq.matcher is not None:
+            forced = seq.matcher.forced_tokens()
+            if forced:
+                return forced[:limit]
         if seq.ngrams is None:
             seq.ngrams = NgramIndex(self.min_n, self.max_n, self.max_guess)
         return seq.ngrams.propose(seq.token_ids, limit)

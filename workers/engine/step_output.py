@@ -35,7 +35,11 @@ def draw_tokens(
     adjusted = logits
     if any(p.adjusts_logits for p in params):
         adjusted = adjust_logits(logits, params, _histories(samplers), eos_token_ids)
-    constrained = [(i, s.matcher) for i, s in enumerate(samplers) if s.matcher is not None]
+    constrained = [
+        (first, seq.matcher, seq.draft[: num - 1])
+        for first, seq, num in _row_runs(samplers)
+        if seq.matcher is not None
+    ]
     if constrained:
         # Adjusted logits may ban what the constraint allows: the model's are its fallback.
         fallback = logits if adjusted is not logits else None
@@ -45,18 +49,26 @@ def draw_tokens(
     return Drawn(tokens, token_logprobs(logits, tokens, params))
 
 
+def _row_runs(samplers: list[Sequence]) -> list[tuple[int, Sequence, int]]:
+    """Each request's rows: its first row, the request and how many (1, or 1 + its guesses
+    when its rows read guessed tokens, `Sequence.draft`: a request's rows are consecutive)."""
+    runs: list[tuple[int, Sequence, int]] = []
+    for row, seq in enumerate(samplers):
+        if runs and runs[-1][1] is seq:
+            runs[-1] = (runs[-1][0], seq, runs[-1][2] + 1)
+        else:
+            runs.append((row, seq, 1))
+    return runs
+
+
 def _histories(samplers: list[Sequence]) -> list[History]:
-    """What each row's penalties look at: its request's tokens, and for the rows that read
-    guessed tokens (`Sequence.draft`: a request's rows are consecutive), the guesses before
-    the row, as if they had been drawn."""
-    out = []
-    prev, num_guessed = None, 0
-    for seq in samplers:
-        num_guessed = num_guessed + 1 if seq is prev else 0
-        prev = seq
-        ids = seq.token_ids + seq.draft[:num_guessed] if num_guessed else seq.token_ids
-        out.append(History(ids, seq.num_prompt_tokens))
-    return out
+    """What each row's penalties look at: its request's tokens and the guesses before the
+    row, as if they had been drawn."""
+    return [
+        History(seq.token_ids + seq.draft[:i] if i else seq.token_ids, seq.num_prompt_tokens)
+        for _, seq, num in _row_runs(samplers)
+        for i in range(num)
+    ]
 
 
 def finish_reason(
@@ -77,11 +89,13 @@ def finish_reason(
     return None
 
 
-def constraint_error(seq: Sequence, token: int, logprob: TokenLogprob | None) -> TokenDelta:
-    """The delta that ends `seq` because its matcher refused `token`."""
-    delta = token_delta(seq, [token], FinishReason.ERROR, [logprob])
+def constraint_error(
+    seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]
+) -> TokenDelta:
+    """The delta that ends `seq` because its matcher refused the last of `tokens`."""
+    delta = token_delta(seq, tokens, FinishReason.ERROR, logprobs)
     kind = seq.sampling.constraint.kind if seq.sampling.constraint is not None else "constraint"
-    delta.error = f"token {token} does not match the request's {kind}"
+    delta.error = f"token {tokens[-1]} does not match the request's {kind}"
     return delta
 
 
