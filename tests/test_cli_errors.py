@@ -164,3 +164,13 @@ def test_grpc_against_a_closed_port_and_an_http_port(command, closed_port, answe
     assert f"{address} does not speak gRPC" in line and f"--url http://{address}" in line, line
     assert main([*GRPC_COMMANDS[command], "--grpc", f"http://{address}"]) == 2
     assert f"use --grpc {address}" in _one_line(capsys)
+
+
+def test_status_cells_for_the_prefix_cache_and_guesses():
+    from orchestrator.cli.client import _guesses, _prefix_hits
+
+    assert _prefix_hits({}) == "-" and _guesses({"num_spec_draft_tokens": 0}) == "-"
+    stats = {"num_prefix_queried_tokens": 200, "num_prefix_hit_tokens": 150,
+             "num_prefix_host_hit_tokens": 50}  # fmt: skip
+    assert _prefix_hits(stats) == "75% (25%)"
+    assert _guesses({"num_spec_draft_tokens": 40, "num_spec_accepted_tokens": 10}) == "10/40 (25%)"

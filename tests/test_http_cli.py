@@ -38,6 +38,8 @@ def test_cli_generate(tiny_server):
     assert lines[1].split()[:4] == ["pool", "dp", "rank", "node"]
     pools = sorted(line.split()[0] for line in lines[2:])
     assert pools in (["colocated-0"], ["decode-0", "prefill-0"]), p.stdout
+    prompt_rank = next(line for line in lines[2:] if line.split()[0] != "decode-0")
+    assert re.search(r" \d+% \(\d+%\) +- ", prompt_rank), p.stdout  # prefix hits, no guesses
     if pools != ["colocated-0"]:  # the generates above crossed: sends on one, receives on the other
         by_pool = {line.split()[0]: line for line in lines[2:]}
         assert re.search(r"\b[1-9]\d* / 0 \(\d+\), [\d.]+ MB$", by_pool["prefill-0"]), p.stdout

@@ -319,6 +319,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "KV pages used",
         "tokens out",
         "preempted (swapped)",
+        "prefix hit (host)",
+        "guesses kept",
         "KV sent / received (failed)",
     )
     rows: list[tuple[str, ...]] = [header]
@@ -337,7 +339,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             str(st["num_waiting"]), str(st.get("num_in_transfer", 0)), used,
             str(st["num_generated_tokens"]),
             f"{st.get('num_preemptions', 0)} ({st.get('num_swapped_out', 0)})",
-            _transfers(st.get("transfers") or {}),
+            _prefix_hits(st), _guesses(st), _transfers(st.get("transfers") or {}),
         ))  # fmt: skip
     print_table(rows)
     return 0
@@ -349,6 +351,25 @@ def _stats(resp: httpx.Response) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not {"model", "num_in_flight", "ranks"} <= data.keys():
         return None
     return data
+
+
+def _prefix_hits(st: dict[str, Any]) -> str:
+    """The share of prompt tokens the prefix cache spared, and of those the host tier's;
+    `-` before any lookup."""
+    queried, hits = st.get("num_prefix_queried_tokens", 0), st.get("num_prefix_hit_tokens", 0)
+    if not queried:
+        return "-"
+    host = st.get("num_prefix_host_hit_tokens", 0)
+    return f"{hits / queried:.0%} ({host / queried:.0%})"
+
+
+def _guesses(st: dict[str, Any]) -> str:
+    """Speculative decoding: guessed tokens kept of those guessed; `-` when none."""
+    guessed = st.get("num_spec_draft_tokens", 0)
+    if not guessed:
+        return "-"
+    kept = st.get("num_spec_accepted_tokens", 0)
+    return f"{kept}/{guessed} ({kept / guessed:.0%})"
 
 
 def _transfers(t: dict[str, Any]) -> str:
