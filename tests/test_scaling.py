@@ -465,11 +465,11 @@ def test_a_server_draining_to_stop_lets_a_scaled_down_instance_finish_its_reques
     try:
         assert _scale(url, {"colocated": 2}).json()["started"] == ["colocated-1"]
         results: list[Any] = []
-        prompts = [[(13 * i + k) % 900 + 3 for k in range(20)] for i in range(4)]
+        prompts = [[(13 * i + k) % 900 + 3 for k in range(20)] for i in range(6)]
         threads = [threading.Thread(target=_stream, args=(url, p, 300, results)) for p in prompts]
         for t in threads:
             t.start()
-        _wait_for(lambda: _pools(url)["colocated-1"]["num_requests"] >= 2)
+        _wait_for(lambda: _pools(url)["colocated-1"]["num_requests"] >= 2, timeout_s=60)
         answer: list[httpx.Response] = []
         scaler = threading.Thread(target=lambda: answer.append(
             _scale(url, {"remove": ["colocated-1"], "drain_timeout_s": 120})))  # fmt: skip

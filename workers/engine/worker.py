@@ -337,7 +337,9 @@ class EngineWorker(RankOperations):
                 self._transfer_results = self._woken = False
                 early_targets = self._num_early_targets
                 inbox, self._inbox = self._inbox, deque()
-                fail_step = self._take_fault("fail_step")
+                # The next step with requests fails (not a wake-up with nothing to do).
+                adds = any(kind == "add" for kind, _ in inbox)
+                fail_step = (adds or engine.has_work) and self._take_fault("fail_step")
             deltas = apply_inbox(inbox, engine, handoff, mode)
             events: list[TransferReady] = []
             if handoff is not None and handoff.role != "prefill":
