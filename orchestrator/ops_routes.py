@@ -44,21 +44,23 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.set_rank_stats(await router.stats(), router.ranks.final_stats)
+        metrics.cluster.set_rank_stats(await router.stats(), router.ranks.final_stats)
         loads, step = router.ranks.loads(), config.engine.chunked_prefill_size
         roles = {load.role for load in loads if load.role}
-        metrics.set_utilization({role: utilization(loads, role, step) for role in roles})
+        metrics.cluster.set_utilization({role: utilization(loads, role, step) for role in roles})
         if pools is not None:
-            metrics.set_pools(pools.describe())
-            metrics.set_scale_counts(pools.num_started, pools.num_removed, pools.num_replaced)
-        metrics.set_router_stats(
+            metrics.cluster.set_pools(pools.describe())
+            metrics.cluster.set_scale_counts(
+                pools.num_started, pools.num_removed, pools.num_replaced
+            )
+        metrics.cluster.set_router_stats(
             router.num_retries, router.num_resumed, router.num_rank_failures, router.draining,
             router.num_queued, router.num_shed, router.num_waiting, router.num_waited,
             router.num_migrated, router.moves.num_relieved,
         )  # fmt: skip
         if eplb is not None:
             with contextlib.suppress(Exception):
-                metrics.set_eplb_stats(await asyncio.wait_for(eplb.stats.remote(), 5))
+                metrics.cluster.set_eplb_stats(await asyncio.wait_for(eplb.stats.remote(), 5))
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/stats")

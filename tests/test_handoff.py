@@ -126,7 +126,7 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
         )  # fmt: skip
 
     metrics = Metrics()
-    metrics.set_rank_stats([stats(sender, 1), None, stats(receiver, 2), stats(sender, 0)])
+    metrics.cluster.set_rank_stats([stats(sender, 1), None, stats(receiver, 2), stats(sender, 0)])
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(metrics.render().decode())

@@ -1,13 +1,14 @@
-"""`orchestrator.metrics.Totals`: counters read from per-rank counts stay monotonic when a rank
-restarts (its counts begin again at 0) or goes away (scaled down), and render as Prometheus
-counters."""
+"""`orchestrator.cluster_metrics.Totals`: counters read from per-rank counts stay monotonic
+when a rank restarts (its counts begin again at 0) or goes away (scaled down), and render as
+Prometheus counters."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.metrics import Metrics, Totals
+from orchestrator.cluster_metrics import Totals
+from orchestrator.metrics import Metrics
 
 
 def test_a_restarted_source_keeps_its_earlier_count():
@@ -45,13 +46,13 @@ def test_totals_render_as_counters_with_their_names():
 def test_pool_gauges_of_pools_gone_are_dropped():
     m = Metrics()
     stats = {"balancedness": 0.9, "rebalances": 2.0, "experts_moved": 5.0, "last_pause_s": 0.1}
-    m.set_eplb_stats({"decode-0": stats, "decode-1": stats})
-    m.set_eplb_stats({"decode-1": {**stats, "rebalances": 3.0}})
+    m.cluster.set_eplb_stats({"decode-0": stats, "decode-1": stats})
+    m.cluster.set_eplb_stats({"decode-1": {**stats, "rebalances": 3.0}})
     text = m.render().decode()
     assert 'pdserve_eplb_balancedness{pool="decode-0"}' not in text
     assert 'pdserve_eplb_rebalances_total{pool="decode-0"} 2.0' in text  # a counter stays
     assert 'pdserve_eplb_rebalances_total{pool="decode-1"} 3.0' in text
-    m.set_pools([
+    m.cluster.set_pools([
         {"role": "decode", "state": "serving"}, {"role": "decode", "state": "draining"},
         {"role": "prefill", "state": "serving"},
     ])  # fmt: skip
