@@ -237,6 +237,28 @@ def test_constrained_requests_guess_what_their_constraint_forces(tiny_model_dir)
     assert steps < plain_steps
 
 
+def test_no_guesses_while_more_requests_run_than_the_cap(ckpt_path):
+    """`speculative_max_running=2`: while more than 2 requests run nobody guesses; once the
+    batch thins out (shorter requests end) the rest do; the tokens are plain decoding's."""
+    reqs = {f"r{i}": (p, _sampled(temperature=0.0, max_new_tokens=8 + 6 * i))
+            for i, p in enumerate(_prompts())}  # fmt: skip
+    plain, _, _ = _run(_engine(ckpt_path), reqs)
+    engine = _engine(ckpt_path, speculative_ngram=4, speculative_max_running=2)
+    guess = engine.scheduler.speculate
+    assert guess is not None
+    running_at_guess: list[int] = []
+
+    def counting(seq: Sequence, limit: int) -> list[int]:
+        running_at_guess.append(len(engine.scheduler.running))
+        return guess(seq, limit)
+
+    engine.scheduler.speculate = counting
+    got, _, _ = _run(engine, reqs)
+    assert got == plain
+    assert running_at_guess and max(running_at_guess) <= 2
+    assert engine.stats().num_spec_accepted_tokens > 0
+
+
 def _oracle(engine: Engine, answers: dict[str, list[int]], wrong: bool = False):
     """A `Scheduler.speculate` that guesses a request's true next tokens (or always misses)."""
 
@@ -308,6 +330,7 @@ def test_guessing_on_a_tight_kv_cache_preempts_and_swaps_with_the_same_tokens(ck
         ({"speculative_ngram": -1}, "--speculative-ngram must be >= 0"),
         ({"speculative_ngram_min": 0}, "--speculative-ngram-min and --speculative-ngram-max"),
         ({"speculative_ngram_min": 5, "speculative_ngram_max": 3}, "1 <= min <= max, got 5 and 3"),
+        ({"speculative_max_running": -2}, "--speculative-max-running must be >= 0, got -2"),
     ],
 )
 def test_speculative_settings_are_checked(settings, message):

@@ -171,14 +171,20 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--chunked-prefill-size", type=int, default=2048)
     e.add_argument(
         "--speculative-ngram", type=int, default=0, metavar="K",
-        help="speculative decoding by n-gram lookup: greedy requests guess up to K tokens a "
-        "step from where their newest tokens occurred before (prompt or output), verified in "
-        "the same step: the same tokens, fewer steps when outputs repeat their context; 0: off",
+        help="speculative decoding by n-gram lookup: each request guesses up to K tokens a "
+        "step from where its newest tokens occurred before (prompt or output; a structured "
+        "request first the text its constraint forces), verified in the same step: the same "
+        "tokens, fewer steps when outputs repeat their context; 0: off",
     )  # fmt: skip
     e.add_argument("--speculative-ngram-min", type=int, default=2, metavar="N",
                    help="the shortest run of newest tokens looked up (default 2)")  # fmt: skip
     e.add_argument("--speculative-ngram-max", type=int, default=4, metavar="N",
                    help="the longest, tried first (default 4)")  # fmt: skip
+    e.add_argument(
+        "--speculative-max-running", type=int, default=0, metavar="N",
+        help="no guesses while more than N requests run on a rank, where a step is bound by "
+        "compute rather than memory and extra rows cost their share (0: however many)",
+    )  # fmt: skip
     e.add_argument(
         "--lazy-structured-output",
         dest="preload_structured_output",
@@ -368,6 +374,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         speculative_ngram=args.speculative_ngram,
         speculative_ngram_min=args.speculative_ngram_min,
         speculative_ngram_max=args.speculative_ngram_max,
+        speculative_max_running=args.speculative_max_running,
         max_running_requests=args.max_running_requests,
         enable_prefix_caching=args.enable_prefix_caching,
         preload_structured_output=args.preload_structured_output,

@@ -126,6 +126,7 @@ class Engine:
         if config.speculative_ngram > 0:
             self.speculator = Speculator(config, self.max_context_len)
             self.scheduler.speculate = self.speculator.guess
+            self.scheduler.speculate_max_running = config.speculative_max_running
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch:
             self.graphs = DecodeGraphs(

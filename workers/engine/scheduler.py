@@ -69,6 +69,7 @@ class Scheduler:
         # Speculative decoding: up to how many tokens (at most the given number) are guessed
         # to follow a decoding request's pending one (`workers.engine.speculative`); None: off.
         self.speculate: Callable[[Sequence, int], list[int]] | None = None
+        self.speculate_max_running = 0  # no guesses while more run (0: however many)
         self.num_reused_tokens = 0  # decode side: prompt tokens whose pages were not sent
         # Decode side: requests moving here with their KV that found no free pages (the
         # engine fails them: `Engine.take_unplaced`).
@@ -185,6 +186,8 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.token_budget
         scheduled: set[str] = set()
+        cap = self.speculate_max_running
+        guessing = self.speculate is not None and not (cap and len(self.running) > cap)
         for seq in sorted(self.running, key=_decodes_first):
             if budget == 0:
                 break
@@ -193,7 +196,7 @@ class Scheduler:
             pending = len(seq.token_ids) - seq.num_computed
             num = pending if pending < budget else budget
             decoding = pending == 1 and seq.num_computed > 0  # `is_decoding`, inlined
-            if decoding and self.speculate is not None and budget > 1:
+            if decoding and guessing and budget > 1:
                 seq.draft = self._guess(seq, budget - 1)
                 num += len(seq.draft)
             if not self._reserve(seq, num, scheduled):
