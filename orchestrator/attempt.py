@@ -138,7 +138,7 @@ async def run_attempt(
                 # Aborted by the client: one side's abort failed the other's transfer.
                 delta.finish_reason, delta.error = FinishReason.ABORT, None
             elif delta.resumable and delta.finish_reason is FinishReason.ERROR:
-                # `req.lost` names the rank (`dispatch`, `_fail_requests` set it).
+                # `req.lost` names the rank (`dispatch`, `fail_requests` set it).
                 delta.finish_reason, delta.error = None, None
                 if delta.token_ids:  # made before the rank failed: they stand
                     out = to_output(delta, detok, client_rid, len(input_ids))

@@ -1,8 +1,8 @@
 """`Router`: request state between the HTTP front end and the engine ranks.
 
-One asyncio task per rank reads its output stream (`orchestrator.rank_output`: frames of
-every request's new tokens, one per engine step) and hands each `TokenDelta` to the queue of its
-request; `generate` turns a request's deltas into `Output`s (text deltas with stop strings
+One asyncio task per rank (`orchestrator.rank_watch`) reads its output stream
+(`orchestrator.rank_output`: frames of every request's new tokens, one per engine step) and
+hands each `TokenDelta` to the queue of its request; `generate` turns a request's deltas into `Output`s (text deltas with stop strings
 applied). A request leaves the router's table when its generator ends, however it ends; when it
 ends before the rank finished it (consumer gone, stop string, timeout), the rank is told to abort
 it, which frees its KV pages. A rank whose stream breaks or goes silent is marked dead and every
@@ -18,10 +18,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
-from functools import partial
 from typing import Any
-
-import ray
 
 from orchestrator import failover
 from orchestrator.attempt import run_attempt
@@ -29,7 +26,8 @@ from orchestrator.detokenizer import IncrementalDetokenizer
 from orchestrator.jobs import Job, QueueSlot, ended
 from orchestrator.kv_moves import KVMoves
 from orchestrator.outputs import Output
-from orchestrator.rank_output import RankSilent, dispatch, read_output
+from orchestrator.rank_output import dispatch
+from orchestrator.rank_watch import watch_rank
 from orchestrator.ranks import (
     Limits,
     Overloaded,
@@ -37,7 +35,6 @@ from orchestrator.ranks import (
     RankUnreachable,
     RoutedRequest,
     RouterNotReady,
-    actor_is_dead,
 )
 from orchestrator.request_sides import abort_after
 from orchestrator.tokenizer import Tokenizer
@@ -49,7 +46,6 @@ from workers.engine.messages import (
     SamplingParams,
     TokenDelta,
     TransferReady,
-    short_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,7 +111,9 @@ class Router:
         # Requests moving to another rank with their KV (scale-downs, scale-ups, KV pressure).
         self.moves = KVMoves(self.ranks, self.attempts, self.next_attempt_id)
         self._tasks: dict[int, asyncio.Task[None]] = {}  # each rank's reader, by index
-        self._ready: asyncio.Event | None = None  # created in start(), on the serving loop
+        # Set once every rank is ready or one failed (`wait_ready`); created in start(), on
+        # the serving loop.
+        self.ready_decided: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         # Set when the server shuts down gracefully: new requests are refused (503, /health
         # says "draining") while the ones in flight run to their end.
@@ -126,18 +124,20 @@ class Router:
     async def start(self) -> None:
         """Start one task per rank: wait for it to be ready, then read its output until `close`."""
         self.loop = asyncio.get_running_loop()
-        self._ready = asyncio.Event()
+        self.ready_decided = asyncio.Event()
         for i in range(len(self.ranks)):
             self._read(i)
 
     def _read(self, index: int) -> None:
-        self._tasks[index] = asyncio.create_task(self._run_rank(index), name=f"router-rank-{index}")
+        self._tasks[index] = asyncio.create_task(
+            watch_rank(self, index), name=f"router-rank-{index}"
+        )
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Return once every rank is ready; raise RouterNotReady if one died, TimeoutError."""
-        if self._ready is None:
+        if self.ready_decided is None:
             raise RouterNotReady("the router was not started")
-        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        await asyncio.wait_for(self.ready_decided.wait(), timeout_s)
         if not self.is_ready:
             raise RouterNotReady(self.ranks.dead_message())
 
@@ -197,7 +197,7 @@ class Router:
         too; none waits for a rank from now on. On the router's loop."""
         self.closing = True
         self.wake_waiting()
-        self._fail_requests(None, message)
+        self.fail_requests(None, message)
 
     async def _stop_reading(self, ranks: Sequence[int]) -> None:
         tasks = [task for i in ranks if (task := self._tasks.pop(i, None)) is not None]
@@ -242,62 +242,13 @@ class Router:
         self.ranks.final_stats.update({i: st for i, st in zip(ranks, final, strict=True) if st})
         await self._stop_reading(ranks)
         for rank in ranks:
-            self._fail_requests(rank, message)
+            self.fail_requests(rank, message)
         self.ranks.remove(ranks)
 
-    async def _run_rank(self, index: int) -> None:
-        """Wait for rank `index`, then read its output stream. When it dies, fail its requests
-        at once, report the pool degraded, and wait for Ray to restart it (`max_restarts`);
-        then go on."""
-        handle, ranks = self.ranks.handles[index], self.ranks
-        while True:
-            try:
-                ranks.infos[index] = await handle.ready.remote()
-                if ranks.errors[index] is not None:
-                    logger.warning("engine rank %d is back", index)
-                ranks.errors[index] = None
-                self.wake_waiting()
-                if ranks.all_loaded:
-                    assert self._ready is not None
-                    self._ready.set()
-                await read_output(
-                    ranks, index, self.stream_silence_s, partial(self._dispatch, index)
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                message = f"engine rank {index} failed: {short_error(e)}"
-                if ranks.errors[index] is None:
-                    ranks.num_downs[index] += 1
-                    self.num_rank_failures += 1
-                    logger.error("%s", message)
-                    self._fail_requests(index, message)
-                if isinstance(e, RankSilent):
-                    # Alive but stuck: it would hold its expert-parallel peers in their
-                    # collectives until those time out, and never come back by itself. Ray
-                    # starts it afresh (and its peers, whose collectives then fail at once).
-                    logger.error("engine rank %d is stuck; killing it to be restarted", index)
-                    with contextlib.suppress(Exception):
-                        ray.kill(handle, no_restart=False)
-                ranks.errors[index] = message
-                assert self._ready is not None
-                self._ready.set()  # wake waiters: readiness is now decided (failed)
-                if await asyncio.to_thread(actor_is_dead, handle):
-                    ranks.gone.add(index)
-                    ranks.errors[index] = f"{message} (dead for good: Ray does not restart it)"
-                    logger.error("engine rank %d is dead for good (Ray does not restart it)",
-                                 index)  # fmt: skip
-                    if self.on_rank_gone is not None:
-                        self.on_rank_gone(index)
-                    self.wake_waiting()
-                    return
-                self.wake_waiting()
-                await asyncio.sleep(self.restart_poll_s)
-
-    def _dispatch(self, index: int, items: list[TokenDelta | TransferReady | AddsTaken]) -> None:
+    def take_frame(self, index: int, items: list[TokenDelta | TransferReady | AddsTaken]) -> None:
         self.num_deltas += dispatch(self.ranks, self.attempts, index, items)
 
-    def _fail_requests(self, rank: int | None, message: str) -> None:
+    def fail_requests(self, rank: int | None, message: str) -> None:
         """End the requests on `rank` (all with None: the server stops) with `message`; those
         of a rank may go on elsewhere (`generate`)."""
         for req in list(self.attempts.values()):

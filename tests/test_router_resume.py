@@ -89,14 +89,14 @@ def test_a_request_resumes_from_its_output_and_its_text_goes_on():
         sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
         gen = router.generate([1, 2, 3], sampling, stop=["<7><8>"], rid="r")
         first, (rank_a, req_a) = await _next(gen, added, 0)
-        router._dispatch(rank_a, [TokenDelta(req_a.rid, [5, 7], None, None, 3, 2)])
+        router.take_frame(rank_a, [TokenDelta(req_a.rid, [5, 7], None, None, 3, 2)])
         out = await first
         assert out.token_ids == [5, 7] and out.text == "<5>"  # "<7>" may start the stop string
-        router._fail_requests(rank_a, f"engine rank {rank_a} failed: the actor died")
+        router.fail_requests(rank_a, f"engine rank {rank_a} failed: the actor died")
         second, (rank_b, req_b) = await _next(gen, added, 1)
         assert rank_b != rank_a and req_b.output_ids == [5, 7] and req_b.input_ids == [1, 2, 3]
         assert req_b.rid != req_a.rid and req_b.sampling == sampling
-        router._dispatch(rank_b, [TokenDelta(req_b.rid, [8, 9], None, None, 3, 4)])
+        router.take_frame(rank_b, [TokenDelta(req_b.rid, [8, 9], None, None, 3, 4)])
         out = await second
         assert out.finish_reason == "stop" and out.matched_stop == "<7><8>" and out.text == ""
         assert router.num_resumed == 1 and router.num_retries == 0
@@ -114,9 +114,9 @@ def test_a_request_moves_at_most_max_moves_times():
         for move in range(MAX_MOVES + 1):
             pending, (rank, req) = await _next(gen, added, move)
             assert req.output_ids == tokens
-            router._dispatch(rank, [TokenDelta(req.rid, [10 + move], None, None, 3, move + 1)])
+            router.take_frame(rank, [TokenDelta(req.rid, [10 + move], None, None, 3, move + 1)])
             tokens += (await pending).token_ids
-            router._fail_requests(rank, f"engine rank {rank} failed")
+            router.fail_requests(rank, f"engine rank {rank} failed")
         last = await gen.__anext__()
         assert last.finish_reason == "error"
         assert last.error == (
@@ -138,9 +138,9 @@ def test_a_resume_refused_where_it_was_to_go_ends_the_request_with_an_error():
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
         first, (rank, req) = await _next(gen, added, 0)
         assert rank == 0
-        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        router.take_frame(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         assert (await first).token_ids == [4]
-        router._fail_requests(rank, "engine rank 0 failed")
+        router.fail_requests(rank, "engine rank 0 failed")
         last = await gen.__anext__()
         assert last.finish_reason == "error"
         assert "refused it: output_ids: not here" in (last.error or ""), last
@@ -157,10 +157,10 @@ def test_a_request_that_failed_itself_is_not_moved():
         router, added = _router(2)
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
         first, (rank, req) = await _next(gen, added, 0)
-        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        router.take_frame(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         await first
         failed = TokenDelta(req.rid, [], FinishReason.ERROR, "engine step failed: boom", 3, 1)
-        router._dispatch(rank, [failed])
+        router.take_frame(rank, [failed])
         last = await gen.__anext__()
         assert last.finish_reason == "error" and last.error == "engine step failed: boom"
         assert len(added) == 1 and router.num_resumed == 0
@@ -168,9 +168,9 @@ def test_a_request_that_failed_itself_is_not_moved():
         alone, added = _router(1)
         gen = alone.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
         first, (rank, req) = await _next(gen, added, 0)
-        alone._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        alone.take_frame(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         await first
-        alone._fail_requests(rank, "engine rank 0 failed")
+        alone.fail_requests(rank, "engine rank 0 failed")
         last = await gen.__anext__()
         assert last.finish_reason == "error" and last.error == "engine rank 0 failed"
         assert len(added) == 1 and alone.num_resumed == 0
@@ -190,28 +190,28 @@ def test_an_abort_or_an_end_around_a_rank_failure_is_final():
         # Aborted, then its rank's failure (queued after the abort's own result).
         gen = router.generate([1, 2, 3], sampling, rid="a")
         first, (rank, req) = await _next(gen, added, 0)
-        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        router.take_frame(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         await first
         assert await router.abort("a")
-        router._fail_requests(rank, f"engine rank {rank} failed")
+        router.fail_requests(rank, f"engine rank {rank} failed")
         outs = [out async for out in gen]
         assert [o.finish_reason for o in outs] == ["abort"], outs
 
         # Finished on its rank, then the rank's failure.
         gen = router.generate([1, 2, 3], sampling, rid="b")
         first, (rank, req) = await _next(gen, added, 1)
-        router._dispatch(rank, [TokenDelta(req.rid, [4], FinishReason.LENGTH, None, 3, 8)])
-        router._fail_requests(rank, f"engine rank {rank} failed")
+        router.take_frame(rank, [TokenDelta(req.rid, [4], FinishReason.LENGTH, None, 3, 8)])
+        router.fail_requests(rank, f"engine rank {rank} failed")
         assert (await first).finish_reason == "length"
         assert [out async for out in gen] == []
 
         # Aborted while the failed attempt's last tokens were being handed on.
         gen = router.generate([1, 2, 3], sampling, rid="c")
         first, (rank, req) = await _next(gen, added, 2)
-        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        router.take_frame(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         await first
         lost = TokenDelta(req.rid, [5], FinishReason.ERROR, "peer lost", 3, 2, resumable=True)
-        router._dispatch(rank, [lost])
+        router.take_frame(rank, [lost])
         last_tokens = await gen.__anext__()
         assert last_tokens.token_ids == [5] and last_tokens.finish_reason is None
         assert await router.abort("c")
@@ -223,9 +223,9 @@ def test_an_abort_or_an_end_around_a_rank_failure_is_final():
 
 
 def _rank_down(router: Router, rank: int, message: str) -> None:
-    """What the router does when it finds `rank` failed (`Router._run_rank`)."""
+    """What the router does when it finds `rank` failed (`orchestrator.rank_watch.watch_rank`)."""
     router.ranks.num_downs[rank] += 1
-    router._fail_requests(rank, message)
+    router.fail_requests(rank, message)
     router.ranks.errors[rank] = message
     router.wake_waiting()
 
@@ -255,7 +255,7 @@ def test_with_no_other_rank_a_request_waits_for_its_rank_to_come_back_and_resume
         sampling = SamplingParams(max_new_tokens=8, temperature=0.0)
         gen = router.generate([1, 2, 3], sampling, rid="r")
         first, (rank, req) = await _next(gen, added, 0)
-        router._dispatch(rank, [TokenDelta(req.rid, [4, 5], None, None, 3, 2)])
+        router.take_frame(rank, [TokenDelta(req.rid, [4, 5], None, None, 3, 2)])
         assert (await first).token_ids == [4, 5]
         _rank_down(router, 0, "engine rank 0 failed: the actor died")
         second = asyncio.ensure_future(gen.__anext__())
@@ -264,7 +264,7 @@ def test_with_no_other_rank_a_request_waits_for_its_rank_to_come_back_and_resume
         assert router.num_waiting == 1 and router.num_in_flight == 1
         rank, req = await _back_and_sent(router, 0, added, 2)
         assert rank == 0 and req.output_ids == [4, 5] and router.num_waiting == 0
-        router._dispatch(rank, [TokenDelta(req.rid, [6], FinishReason.LENGTH, None, 3, 8)])
+        router.take_frame(rank, [TokenDelta(req.rid, [6], FinishReason.LENGTH, None, 3, 8)])
         out = await second
         assert out.token_ids == [6] and out.finish_reason == "length"
         assert router.num_resumed == 1 and router.num_waited == 1
@@ -284,10 +284,10 @@ def test_a_rank_reporting_its_requests_lost_is_not_taken_again_before_it_went_do
         router.restart_wait_s = 30.0
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
         first, (rank, req) = await _next(gen, added, 0)
-        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        router.take_frame(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         await first
         lost = TokenDelta(req.rid, [], FinishReason.ERROR, "peer lost", 3, 1, resumable=True)
-        router._dispatch(rank, [lost])
+        router.take_frame(rank, [lost])
         second = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0.05)
         assert not second.done() and len(added) == 1, "resumed on the rank on its way out"
@@ -296,7 +296,7 @@ def test_a_rank_reporting_its_requests_lost_is_not_taken_again_before_it_went_do
         assert len(added) == 1
         rank, req = await _back_and_sent(router, 0, added, 2)
         assert req.output_ids == [4]
-        router._dispatch(rank, [TokenDelta(req.rid, [5], FinishReason.LENGTH, None, 3, 8)])
+        router.take_frame(rank, [TokenDelta(req.rid, [5], FinishReason.LENGTH, None, 3, 8)])
         assert (await second).finish_reason == "length"
 
     asyncio.run(run())
@@ -315,7 +315,7 @@ def test_a_wait_for_a_rank_ends(how: str):
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0),
                               rid="r", timeout_s=timeout_s)  # fmt: skip
         first, (rank, req) = await _next(gen, added, 0)
-        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        router.take_frame(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         await first
         _rank_down(router, 0, "engine rank 0 failed: the actor died")
         last = asyncio.ensure_future(gen.__anext__())
@@ -357,7 +357,7 @@ def test_a_resumed_request_whose_transfer_fails_as_its_rank_dies_again_waits_aga
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0))
         first, _ = await _next(gen, added, 0)
         req = next(r for rank, r in added if rank == 0)  # the decode side
-        router._dispatch(0, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        router.take_frame(0, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         assert (await first).token_ids == [4]
         _rank_down(router, 0, "engine rank 0 failed: the actor died")
         pending = asyncio.ensure_future(gen.__anext__())
@@ -366,7 +366,7 @@ def test_a_resumed_request_whose_transfer_fails_as_its_rank_dies_again_waits_aga
         assert req.output_ids == [4]
         failed = TokenDelta(req.rid, [], FinishReason.ERROR, "KV transfer to the decode rank "
                             "failed: NIXL_ERR_REMOTE_DISCONNECT", 3, 1)  # fmt: skip
-        router._dispatch(1, [failed])
+        router.take_frame(1, [failed])
         await asyncio.sleep(0.2)
         assert not pending.done(), "it ended with the transfer's error"
         _rank_down(router, 0, "engine rank 0 failed: the actor died again")
@@ -374,7 +374,7 @@ def test_a_resumed_request_whose_transfer_fails_as_its_rank_dies_again_waits_aga
         assert router.num_waiting == 1
         _, req = await _back_and_sent(router, 0, added, 6)
         assert req.output_ids == [4]
-        router._dispatch(0, [TokenDelta(req.rid, [5], FinishReason.LENGTH, None, 3, 8)])
+        router.take_frame(0, [TokenDelta(req.rid, [5], FinishReason.LENGTH, None, 3, 8)])
         out = await pending
         assert out.token_ids == [5] and out.finish_reason == "length", out
         assert router.num_waited == 2
@@ -390,7 +390,7 @@ def test_an_abort_that_comes_with_the_rank_s_return_is_kept():
         gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.0),
                               rid="r")  # fmt: skip
         first, (rank, req) = await _next(gen, added, 0)
-        router._dispatch(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
+        router.take_frame(rank, [TokenDelta(req.rid, [4], None, None, 3, 1)])
         await first
         _rank_down(router, 0, "engine rank 0 failed")
         last = asyncio.ensure_future(gen.__anext__())
@@ -429,7 +429,7 @@ def test_a_request_in_the_grace_after_a_failed_transfer_is_in_flight_and_can_be_
         req = next(r for rank, r in added if rank == 1)  # the prefill side
         failed = TokenDelta(req.rid, [], FinishReason.ERROR, "KV transfer to the decode rank "
                             "failed: timed out", 3, 0)  # fmt: skip
-        router._dispatch(1, [failed])
+        router.take_frame(1, [failed])
         await asyncio.sleep(0.2)
         assert not pending.done()
         assert router.num_in_flight == 1
