@@ -264,11 +264,13 @@ def test_a_request_waiting_for_pages_is_counted_in_the_hit_statistics_once():
     assert pages.num_queried_tokens == 21
 
 
-def test_a_page_loaded_from_a_full_host_tier_is_not_evicted_by_its_own_allocation():
+@pytest.mark.parametrize("host_pages", [1, 2])
+def test_a_page_loaded_from_a_full_host_tier_is_not_evicted_by_its_own_allocation(host_pages):
     """Loading a page back allocates a device page, which may reclaim an idle page into the
     full host tier and evict the tier's oldest entry: the very page being loaded (an audit
-    crashed a rank so: KeyError). It is taken out first, and comes back whole."""
-    cache = KVCache(2, 2, PS, 3, torch.float32, torch.device("cpu"), True, host_pages=2)
+    crashed a rank so: KeyError). It is taken out first, and comes back whole; a tier of one
+    page, its slot reserved for the page being loaded, lets the reclaimed page go."""
+    cache = KVCache(2, 2, PS, 3, torch.float32, torch.device("cpu"), True, host_pages=host_pages)
     pages = cache.allocator
 
     def fill(tokens: list[int]) -> list[int]:
@@ -281,11 +283,14 @@ def test_a_page_loaded_from_a_full_host_tier_is_not_evicted_by_its_own_allocatio
     fill([1, 2, 3, 4])
     fill([5, 6, 7, 8])  # the device: two idle pages
     fill([9, 10, 11, 12, 13, 14, 15, 16])  # both to the host tier, oldest first: [1..4]
-    assert pages.host is not None and pages.host.num_pages == 2 and pages.allocator.num_free == 0
-    found = pages.match([1, 2, 3, 4, 99], 5)  # [1..4] is the tier's oldest
+    assert pages.host is not None and pages.allocator.num_free == 0
+    assert pages.host.num_pages == host_pages
+    first = [1, 2, 3, 4] if host_pages == 2 else [5, 6, 7, 8]  # the tier's oldest
+    found = pages.match([*first, 99], 5)
     assert len(found.pages) == 1 and found.num_loaded == 1
     page = found.pages[0]
-    assert torch.equal(cache.data[:, page * PS : (page + 1) * PS], torch.full((2, PS, 3), 1.0))
-    assert pages.host.num_pages == 2  # still bounded
+    want = torch.full((2, PS, 3), float(first[0]))
+    assert torch.equal(cache.data[:, page * PS : (page + 1) * PS], want)
+    assert pages.host.num_pages == host_pages  # still bounded
     pages.free(found.pages)
     assert pages.num_free == 2

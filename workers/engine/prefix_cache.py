@@ -173,9 +173,9 @@ class CachingAllocator:
                     del self._idle[page]
                 self._refs[page] += 1
             elif self.host is not None and nxt in self.host and self.can_allocate(1):
-                kv = self.host.take(nxt)  # out first: the allocation may fill the tier
+                slot = self.host.take(nxt)  # out first: the allocation may fill the tier
                 page = self.allocate(1)[0]
-                self.host.load(nxt, kv, page)
+                self.host.load(nxt, slot, page)
                 self._page_of[nxt], self._key_of[page] = page, nxt
                 num_loaded += 1
             else:
