@@ -59,6 +59,22 @@ def test_ngram_index_proposes_what_a_brute_force_search_finds():
     assert index.propose(tokens, 5) == [3, 4, 5]
 
 
+def test_a_long_prompt_indexed_in_bulk_proposes_what_a_brute_force_search_finds():
+    """Past 64 new tokens (a prompt) the index is built with numpy, keyed as one token at a
+    time keys it: the same guesses as a brute-force search, before and after tokens follow."""
+    rng = random.Random(5)
+    for trial in range(40):
+        min_n = rng.randint(1, 3)
+        max_n = rng.randint(min_n, 6)
+        vocab = rng.choice([3, 8, 50, 129280])
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(65, 400))]
+        index = NgramIndex(min_n, max_n, max_guess=8)
+        for _ in range(6):
+            want = _brute_force(tokens, 8, min_n, max_n)
+            assert index.propose(tokens, 8) == want, (trial, min_n, max_n, vocab)
+            tokens += [rng.randrange(vocab) for _ in range(rng.choice([1, 2, 70]))]
+
+
 def test_num_accepted_counts_the_guesses_each_choice_confirms():
     assert num_accepted([5, 6, 7], [5, 6, 7, 9]) == 3
     assert num_accepted([5, 6, 7], [5, 4, 7, 9]) == 1

@@ -33,6 +33,9 @@ they are appended. Only the prefill side of a disaggregated request never guesse
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 from workers.engine.admission import skip_draws
@@ -44,29 +47,64 @@ def can_speculate(seq: Sequence) -> bool:
     return not seq.prefill_only
 
 
+_MASK = (1 << 64) - 1
+_BULK = 64  # tokens indexed at once with numpy past this many (a prompt), one by one below
+
+
+def _multipliers(count: int) -> list[int]:
+    """A fixed odd 64-bit multiplier per place in an n-gram: its key is the sum of its tokens
+    times these, modulo 2**64. Two n-grams sharing a key only make a worse guess, which the
+    model's choices then turn down: the output does not depend on the keys."""
+    rng = random.Random(0x5EED)
+    return [rng.getrandbits(64) | 1 for _ in range(count)]
+
+
 class NgramIndex:
     """Where each n-gram (`min_n <= n <= max_n`) of one request's tokens last ended, kept up to
-    date as tokens are appended; `propose` looks the newest tokens up."""
+    date as tokens are appended; `propose` looks the newest tokens up. A prompt is indexed in
+    bulk (numpy: ~25 ms for 128k tokens, where a Python loop took ~230 ms of one engine
+    step), each generated token on its own."""
 
     def __init__(self, min_n: int, max_n: int, max_guess: int):
         self.min_n, self.max_n = min_n, max_n
         self.max_guess = max_guess
         self.guess_len = max_guess  # how many to guess next (`update`)
-        self._last_end: dict[tuple[int, ...], int] = {}
+        self._mult = _multipliers(max_n)
+        self._last_end: list[dict[int, int]] = [{} for _ in range(max_n + 1)]  # by n: key -> end
         # For each n, where the n tokens ending the sequence last occurred before (or -1).
         self._earlier = [-1] * (max_n + 1)
         self._num_indexed = 0
 
+    def _key(self, tokens: list[int], end: int, n: int) -> int:
+        m, start = self._mult, end + 1 - n
+        return sum(tokens[start + i] * m[i] for i in range(n)) & _MASK
+
+    def _bulk(self, tokens: list[int], start: int, stop: int) -> None:
+        """Index the n-grams ending at `start` .. `stop - 1` (later ones win, as one by one)."""
+        for n in range(self.min_n, self.max_n + 1):
+            first = max(start, n - 1)
+            if first >= stop:
+                continue
+            count = stop - first
+            window = np.asarray(tokens[first + 1 - n : stop], dtype=np.uint64)
+            keys = np.zeros(count, dtype=np.uint64)
+            for i in range(n):  # wraps modulo 2**64, as `_key` masks
+                keys += window[i : i + count] * np.uint64(self._mult[i])
+            self._last_end[n].update(zip(keys.tolist(), range(first, stop), strict=True))
+
     def _catch_up(self, tokens: list[int]) -> None:
-        last_end, earlier = self._last_end, self._earlier
+        if len(tokens) - self._num_indexed > _BULK:  # all but the newest: only its lookup counts
+            self._bulk(tokens, self._num_indexed, len(tokens) - 1)
+            self._num_indexed = len(tokens) - 1
+        earlier = self._earlier
         for end in range(self._num_indexed, len(tokens)):
             for n in range(self.min_n, self.max_n + 1):
                 if end + 1 < n:
                     earlier[n] = -1
                     continue
-                gram = tuple(tokens[end + 1 - n : end + 1])
-                earlier[n] = last_end.get(gram, -1)
-                last_end[gram] = end
+                key, last_end = self._key(tokens, end, n), self._last_end[n]
+                earlier[n] = last_end.get(key, -1)
+                last_end[key] = end
         self._num_indexed = len(tokens)
 
     def propose(self, tokens: list[int], limit: int) -> list[int]:
@@ -74,7 +112,8 @@ class NgramIndex:
         of the newest n-gram (the most recent such occurrence); [] when none occurred."""
         limit = min(limit, self.guess_len)
         if len(tokens) < self._num_indexed:  # the tokens were cut back: start over
-            self._last_end.clear()
+            for last_end in self._last_end:
+                last_end.clear()
             self._num_indexed = 0
         self._catch_up(tokens)
         for n in range(self.max_n, self.min_n - 1, -1):
