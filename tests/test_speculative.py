@@ -16,7 +16,7 @@ from workers.engine.engine import Engine
 from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
 from workers.engine.model_inputs import decode_rows, row_samplers
 from workers.engine.sequence import Sequence
-from workers.engine.speculative import NgramIndex, can_speculate, num_accepted
+from workers.engine.speculative import NgramIndex, SharedNgrams, can_speculate, num_accepted
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,6 +73,20 @@ def test_a_long_prompt_indexed_in_bulk_proposes_what_a_brute_force_search_finds(
             want = _brute_force(tokens, 8, min_n, max_n)
             assert index.propose(tokens, 8) == want, (trial, min_n, max_n, vocab)
             tokens += [rng.randrange(vocab) for _ in range(rng.choice([1, 2, 70]))]
+
+
+def test_the_shared_index_guesses_what_followed_in_earlier_requests():
+    shared = SharedNgrams(2, 3, capacity=64)
+    shared.add([1, 2, 3, 4, 5, 6])
+    shared.add([9, 2, 3, 7, 8])
+    assert shared.find([50, 2, 3], 4) == [7, 8]  # the latest occurrence; not past its end
+    assert shared.find([1, 2, 3], 2) == [4, 5]  # the longest n-gram first (1 2 3)
+    assert shared.find([5, 6], 4) == []  # nothing followed there (the next request did)
+    assert shared.find([7, 7], 4) == []
+    for i in range(40):  # past the capacity: the newer half stays, bounded
+        shared.add([100 + i, 200 + i, 300 + i])
+        assert len(shared.corpus) <= 64
+    assert shared.find([139, 239], 3) == [339] and shared.find([1, 2, 3], 2) == []
 
 
 def test_num_accepted_counts_the_guesses_each_choice_confirms():
@@ -275,6 +289,22 @@ def test_no_guesses_while_more_requests_run_than_the_cap(ckpt_path):
     assert engine.stats().num_spec_accepted_tokens > 0
 
 
+def test_a_request_asked_again_guesses_the_earlier_answer_from_the_shared_index(ckpt_path):
+    """`speculative_ngram_shared`: prompts asked a second time guess the first answers from
+    the rank's shared index — far fewer steps than guessing from their own tokens only, the
+    same tokens as plain decoding."""
+    prompts = {f"r{i}": (p, _sampled(temperature=0.0, max_new_tokens=40))
+               for i, p in enumerate(_prompts()[:4])}  # fmt: skip
+    plain, _, _ = _run(_engine(ckpt_path), prompts)
+    steps = {}
+    for shared in (0, 4096):
+        engine = _engine(ckpt_path, speculative_ngram=6, speculative_ngram_shared=shared)
+        first, _, _ = _run(engine, prompts)
+        again, _, steps[shared] = _run(engine, {f"{rid}-again": r for rid, r in prompts.items()})
+        assert first == plain and again == {f"{rid}-again": o for rid, o in plain.items()}
+    assert steps[4096] * 2 < steps[0], steps
+
+
 def _oracle(engine: Engine, answers: dict[str, list[int]], wrong: bool = False):
     """A `Scheduler.speculate` that guesses a request's true next tokens (or always misses)."""
 
@@ -347,6 +377,7 @@ def test_guessing_on_a_tight_kv_cache_preempts_and_swaps_with_the_same_tokens(ck
         ({"speculative_ngram_min": 0}, "--speculative-ngram-min and --speculative-ngram-max"),
         ({"speculative_ngram_min": 5, "speculative_ngram_max": 3}, "1 <= min <= max, got 5 and 3"),
         ({"speculative_max_running": -2}, "--speculative-max-running must be >= 0, got -2"),
+        ({"speculative_ngram_shared": -1}, "--speculative-ngram-shared must be >= 0, got -1"),
     ],
 )
 def test_speculative_settings_are_checked(settings, message):

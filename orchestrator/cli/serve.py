@@ -181,6 +181,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--speculative-ngram-max", type=int, default=4, metavar="N",
                    help="the longest, tried first (default 4)")  # fmt: skip
     e.add_argument(
+        "--speculative-ngram-shared", type=int, default=0, metavar="TOKENS",
+        help="also guess from the outputs of a rank's finished requests, the latest TOKENS "
+        "of them (the same question again, templates, an agent's repeated calls); 0: off",
+    )  # fmt: skip
+    e.add_argument(
         "--speculative-max-running", type=int, default=0, metavar="N",
         help="no guesses while more than N requests run on a rank, where a step is bound by "
         "compute rather than memory and extra rows cost their share (0: however many)",
@@ -375,6 +380,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         speculative_ngram_min=args.speculative_ngram_min,
         speculative_ngram_max=args.speculative_ngram_max,
         speculative_max_running=args.speculative_max_running,
+        speculative_ngram_shared=args.speculative_ngram_shared,
         max_running_requests=args.max_running_requests,
         enable_prefix_caching=args.enable_prefix_caching,
         preload_structured_output=args.preload_structured_output,

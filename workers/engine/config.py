@@ -24,11 +24,13 @@ class EngineConfig:
     # Speculative decoding by n-gram lookup (`workers.engine.speculative`): guess up to this
     # many tokens a step for each request from where its newest `speculative_ngram_max`
     # down to `speculative_ngram_min` tokens occurred before; 0: off. No guesses while more
-    # than `speculative_max_running` requests run on the rank (0: however many).
+    # than `speculative_max_running` requests run on the rank (0: however many). With
+    # `speculative_ngram_shared` tokens, finished requests' outputs are looked up too.
     speculative_ngram: int = 0
     speculative_ngram_min: int = 2
     speculative_ngram_max: int = 4
     speculative_max_running: int = 0
+    speculative_ngram_shared: int = 0
     gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
     # Share the KV of full pages between requests whose tokens begin alike.
@@ -78,6 +80,10 @@ class EngineConfig:
             raise ValueError(f"--prefix-cache-host-space must be >= 0 (GiB), got {host}")
         if self.speculative_ngram < 0:
             raise ValueError(f"--speculative-ngram must be >= 0, got {self.speculative_ngram}")
+        if self.speculative_ngram_shared < 0:
+            raise ValueError(
+                f"--speculative-ngram-shared must be >= 0, got {self.speculative_ngram_shared}"
+            )
         if self.speculative_max_running < 0:
             raise ValueError(
                 f"--speculative-max-running must be >= 0, got {self.speculative_max_running}"

@@ -481,6 +481,8 @@ class Engine:
         if finish is not None:
             self.requests.pop(seq.rid, None)
             self.scheduler.remove(seq)
+            if self.speculator is not None:
+                self.speculator.finished(seq)
         else:
             seq.num_computed += len(run) - 1  # the confirmed guesses' KV is in the cache
             if self.kv.allocator.enabled:
@@ -515,4 +517,6 @@ class Engine:
         if finish is not None:
             self.requests.pop(seq.rid, None)
             self.scheduler.remove(seq)
+            if self.speculator is not None:
+                self.speculator.finished(seq)
         return token_delta(seq, [token], finish, [logprob])

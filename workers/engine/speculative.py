@@ -127,6 +127,46 @@ class NgramIndex:
         that next time, up to `max_guess`."""
         self.guess_len = min(self.max_guess, num_kept + 1)
 
+    def find(self, corpus: list[int], tokens: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens that followed, in `corpus` (what this index has indexed), the
+        last occurrence of the longest n-gram that ends `tokens` (another token list)."""
+        for n in range(self.max_n, self.min_n - 1, -1):
+            if len(tokens) < n:
+                continue
+            end = self._last_end[n].get(self._key(tokens, len(tokens) - 1, n))
+            if end is not None and end + 1 < len(corpus):
+                return corpus[end + 1 : end + 1 + limit]
+        return []
+
+
+class SharedNgrams:
+    """The outputs of a rank's finished requests (each after the last prompt tokens that led
+    to it), indexed like a request's own tokens: where a request's newest tokens occurred in
+    an earlier request — the same question again, a template, an agent's repeated calls —
+    what followed there is its guess. Holds at most `capacity` tokens: past that the newer
+    half is kept and indexed afresh."""
+
+    # Between two requests' tokens: no real token id, so no n-gram spans two requests.
+    SEPARATOR = 1 << 40
+
+    def __init__(self, min_n: int, max_n: int, capacity: int):
+        self.min_n, self.max_n, self.capacity = min_n, max_n, capacity
+        self.corpus: list[int] = []
+        self.index = NgramIndex(min_n, max_n, 0)
+
+    def add(self, tokens: list[int]) -> None:
+        self.corpus += [self.SEPARATOR, *tokens[-self.capacity :]]
+        if len(self.corpus) > self.capacity:
+            self.corpus = self.corpus[-(self.capacity // 2) :]
+            self.index = NgramIndex(self.min_n, self.max_n, 0)
+        self.index.propose(self.corpus, 0)  # indexes what came
+
+    def find(self, tokens: list[int], limit: int) -> list[int]:
+        guess = self.index.find(self.corpus, tokens, limit)
+        if self.SEPARATOR in guess:
+            guess = guess[: guess.index(self.SEPARATOR)]
+        return guess
+
 
 def num_accepted(draft: list[int], predicted: list[int]) -> int:
     """How many guessed tokens hold: `predicted[i]` is the model's choice after the row that
@@ -146,13 +186,16 @@ class Speculator:
         self.max_guess = config.speculative_ngram
         self.min_n, self.max_n = config.speculative_ngram_min, config.speculative_ngram_max
         self.max_context_len = max_context_len
+        self.shared: SharedNgrams | None = None
+        if config.speculative_ngram_shared > 0:
+            self.shared = SharedNgrams(self.min_n, self.max_n, config.speculative_ngram_shared)
         self.num_guessed_tokens = 0  # tokens guessed ...
         self.num_accepted_tokens = 0  # ... and of those, the ones the model's choices kept
 
     def guess(self, seq: Sequence, limit: int) -> list[int]:
         """Tokens guessed to follow `seq`'s pending one, at most `limit`, none past its
-        `max_new_tokens` or the context length: what its constraint forces, else the
-        n-gram index's guess."""
+        `max_new_tokens` or the context length: what its constraint forces, else its own
+        n-gram index's guess, else the shared index's (earlier requests')."""
         if not can_speculate(seq):
             return []
         limit = min(
@@ -168,7 +211,15 @@ class Speculator:
                 return forced[:limit]
         if seq.ngrams is None:
             seq.ngrams = NgramIndex(self.min_n, self.max_n, self.max_guess)
-        return seq.ngrams.propose(seq.token_ids, limit)
+        guess = seq.ngrams.propose(seq.token_ids, limit)
+        if not guess and self.shared is not None:
+            guess = self.shared.find(seq.token_ids, min(limit, seq.ngrams.guess_len))
+        return guess
+
+    def finished(self, seq: Sequence) -> None:
+        """`seq` ended: its output (after its last prompt tokens) joins the shared index."""
+        if self.shared is not None and seq.num_output_tokens > 0:
+            self.shared.add(seq.token_ids[max(0, seq.num_prompt_tokens - self.max_n) :])
 
     @staticmethod
     def generator_states(decodes: list[Sequence]) -> dict[str, torch.Tensor] | None:
