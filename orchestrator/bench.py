@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -109,6 +109,13 @@ class BenchResult:
     e2e_p50_ms: float
     e2e_p99_ms: float
     first_error: str | None = None
+    # The server's ranks during the run (`/v1/stats` before and after, whatever traffic
+    # it served): prompt tokens looked up in and found in the prefix caches, tokens guessed
+    # and kept by speculative decoding. None when the stats could not be read.
+    prefix_queried_tokens: int | None = None
+    prefix_hit_tokens: int | None = None
+    spec_draft_tokens: int | None = None
+    spec_accepted_tokens: int | None = None
 
     def to_json(self) -> str:
         """One JSON object; latencies that were not measured (not streamed) are null."""
@@ -135,6 +142,12 @@ class BenchResult:
             ("TPOT p50 / p99", pair(self.tpot_p50_ms, self.tpot_p99_ms, 2)),
             ("e2e p50 / p99", f"{self.e2e_p50_ms:.1f} / {self.e2e_p99_ms:.1f} ms"),
         ]
+        if self.prefix_queried_tokens:
+            hits = (self.prefix_hit_tokens or 0) / self.prefix_queried_tokens
+            rows.append(("prefix cache hits", f"{hits:.1%} of prompt tokens looked up"))
+        if self.spec_draft_tokens:
+            kept, guessed = self.spec_accepted_tokens or 0, self.spec_draft_tokens
+            rows.append(("guesses kept", f"{kept} of {guessed} ({kept / guessed:.1%})"))
         if self.first_error:
             rows.append(("first error", self.first_error))
         width = max(len(k) for k, _ in rows)
@@ -192,6 +205,26 @@ async def server_vocab_size(session: aiohttp.ClientSession, url: str) -> int:
     if not vocab_sizes:
         raise RuntimeError(f"{url} has no ready rank")
     return min(vocab_sizes)
+
+
+# `BenchResult` field: the `RankStats` count summed over the ranks.
+SERVER_COUNTS = {
+    "prefix_queried_tokens": "num_prefix_queried_tokens",
+    "prefix_hit_tokens": "num_prefix_hit_tokens",
+    "spec_draft_tokens": "num_spec_draft_tokens",
+    "spec_accepted_tokens": "num_spec_accepted_tokens",
+}
+
+
+async def server_counts(session: aiohttp.ClientSession, url: str) -> dict[str, int] | None:
+    """`SERVER_COUNTS` summed over the server's ranks now; None when `/v1/stats` does not
+    answer with them (the run goes on without)."""
+    try:
+        async with session.get(f"{url}/v1/stats") as resp:
+            ranks = [r["stats"] for r in (await resp.json())["ranks"] if r.get("stats")]
+        return {k: sum(int(st.get(f, 0)) for st in ranks) for k, f in SERVER_COUNTS.items()}
+    except (aiohttp.ClientError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _vocab_sizes(stats: bytes) -> list[int] | None:
@@ -311,10 +344,23 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
                 text = texts[index] if texts is not None else None
                 return await one_openai(session, cfg, ids, index, text)
 
+        before = await server_counts(session, cfg.url)
         start = time.perf_counter()
         results = await asyncio.gather(*(gated(p, i) for i, p in enumerate(prompts)))
         duration = time.perf_counter() - start
-    return summarize(results, cfg.input_len + cfg.shared_prefix_len, duration)
+        after = await server_counts(session, cfg.url) if before is not None else None
+    result = summarize(results, cfg.input_len + cfg.shared_prefix_len, duration)
+    if before is None or after is None:
+        return result
+    # (A rank restarted or removed during the run takes its counts along: never below 0.)
+    ran = {k: max(0, after[k] - before[k]) for k in SERVER_COUNTS}
+    return replace(
+        result,
+        prefix_queried_tokens=ran["prefix_queried_tokens"],
+        prefix_hit_tokens=ran["prefix_hit_tokens"],
+        spec_draft_tokens=ran["spec_draft_tokens"],
+        spec_accepted_tokens=ran["spec_accepted_tokens"],
+    )
 
 
 def summarize(results: Sequence[RequestResult], input_len: int, duration_s: float) -> BenchResult:

@@ -62,9 +62,15 @@ def test_cli_bench(tiny_server):
     assert result["num_requests"] == 8 and result["num_failed"] == 0
     assert result["output_tokens"] == 64 and result["input_tokens"] == 128
     assert result["output_tok_s"] > 0 and 0 < result["ttft_p50_ms"] <= result["e2e_p99_ms"]
+    # The server's counts over the run: every prompt token looked up in a prefix cache (the
+    # prefill rank's; the decode rank looks up what it need not be sent), no guesses.
+    assert result["prefix_queried_tokens"] >= 128 and result["spec_draft_tokens"] == 0
+    assert 0 <= result["prefix_hit_tokens"] <= result["prefix_queried_tokens"]
     p = _cli("bench", *args, "--concurrency", "8")
     assert p.returncode == 0, p.stderr
-    for label in ("requests", "duration", "output tok/s", "total tok/s", "TTFT p50", "TPOT p50"):
+    labels = ("requests", "duration", "output tok/s", "total tok/s", "TTFT p50", "TPOT p50",
+              "prefix cache hits")  # fmt: skip
+    for label in labels:
         assert label in p.stdout
     # Plain JSON calls: the same tokens counted, no first token to time.
     p = _cli("bench", *args, "--concurrency", "4", "--no-stream", "--json")

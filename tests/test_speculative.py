@@ -391,10 +391,12 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
     """`--speculative-ngram 4` through HTTP on the disaggregated tiny server (the decode rank
     guesses): batched, streamed and stop-string requests give the shared server's tokens and
     text; the counts reach /v1/stats and /metrics."""
+    import asyncio
     import dataclasses
 
     import httpx
 
+    from orchestrator.bench import BenchConfig, run_bench
     from tests.conftest import tiny_serve_config
     from tests.http_calls import _greedy, _sse
 
@@ -435,6 +437,11 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
         assert sum(s["num_spec_accepted_tokens"] for s in ranks) > 0, ranks
         metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
         assert "pdserve_spec_accepted_tokens_total" in metrics
+        # `pdserve bench` reports the guesses of its run.
+        bench = asyncio.run(run_bench(BenchConfig(server.url, 8, 16, 96, 4)))
+        assert bench.num_failed == 0 and bench.spec_draft_tokens
+        assert 0 < (bench.spec_accepted_tokens or 0) <= bench.spec_draft_tokens
+        assert "guesses kept" in bench.table()
     finally:
         server.stop()
 
