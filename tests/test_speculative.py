@@ -376,8 +376,16 @@ def test_guessing_on_a_tight_kv_cache_preempts_and_swaps_with_the_same_tokens(ck
         ({"speculative_ngram": -1}, "--speculative-ngram must be >= 0"),
         ({"speculative_ngram_min": 0}, "--speculative-ngram-min and --speculative-ngram-max"),
         ({"speculative_ngram_min": 5, "speculative_ngram_max": 3}, "1 <= min <= max, got 5 and 3"),
-        ({"speculative_max_running": -2}, "--speculative-max-running must be >= 0, got -2"),
-        ({"speculative_ngram_shared": -1}, "--speculative-ngram-shared must be >= 0, got -1"),
+        (
+            {"speculative_ngram": 4, "speculative_max_running": -2},
+            "--speculative-max-running must be >= 0, got -2",
+        ),
+        (
+            {"speculative_ngram": 4, "speculative_ngram_shared": -1},
+            "--speculative-ngram-shared must be >= 0, got -1",
+        ),
+        ({"speculative_ngram_shared": 4096}, "go with --speculative-ngram K"),
+        ({"speculative_max_running": 8}, "go with --speculative-ngram K"),
     ],
 )
 def test_speculative_settings_are_checked(settings, message):

@@ -88,6 +88,13 @@ class EngineConfig:
             raise ValueError(
                 f"--speculative-max-running must be >= 0, got {self.speculative_max_running}"
             )
+        if self.speculative_ngram == 0 and (
+            self.speculative_ngram_shared or self.speculative_max_running
+        ):
+            raise ValueError(
+                "--speculative-ngram-shared and --speculative-max-running go with "
+                "--speculative-ngram K (speculative decoding is off)"
+            )
         if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
             raise ValueError(
                 "--speculative-ngram-min and --speculative-ngram-max must satisfy 1 <= min <= "
