@@ -112,8 +112,9 @@ def token_delta(
     if seq.sampling.logprobs:
         # One entry per token whatever happens: a token whose logprob did not come with it
         # (none is expected to: the prefill rank sends it with the KV) gets NaN, sent as null.
-        given = logprobs or [None] * len(tokens)
-        reported = [lp or TokenLogprob(float("nan")) for lp in given[: len(tokens)]]
+        given = list(logprobs or ())[: len(tokens)]
+        given += [None] * (len(tokens) - len(given))
+        reported = [lp or TokenLogprob(float("nan")) for lp in given]
     first = seq.sampling.prompt_logprobs and tokens and seq.num_output_tokens == 1
     return TokenDelta(
         rid=seq.rid,
