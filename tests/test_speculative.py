@@ -4,6 +4,7 @@ giving exactly the tokens of an engine that does not, stop rules and all."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -239,24 +240,27 @@ def test_constrained_requests_guess_what_their_constraint_forces(tiny_model_dir)
     schema = OutputConstraint("json_schema", json.dumps(SCHEMA))
     items = {"type": "array", "items": SCHEMA, "minItems": 2, "maxItems": 2}
     listed = OutputConstraint("json_schema", json.dumps(items))
-    reqs: dict[str, tuple[list[int], SamplingParams]] = {}
-    for i in range(3):
-        reqs[f"schema-{i}"] = ([10 + i, 20, 30], _sampled(temperature=0.9, seed=i,
-                                                          constraint=schema, max_new_tokens=150))  # fmt: skip
-    reqs["schema"] = ([10, 20, 30], _sampled(temperature=0.0, constraint=schema,
-                                              max_new_tokens=150))  # fmt: skip
-    reqs["list"] = ([11, 21], _sampled(temperature=0.7, seed=9, constraint=listed,
-                                        max_new_tokens=250, ignore_eos=False))  # fmt: skip
-    reqs["object"] = ([44, 45], _sampled(temperature=0.0, max_new_tokens=120,
-                                          constraint=OutputConstraint("json_object")))  # fmt: skip
-    reqs["regex"] = ([7, 8, 9], _sampled(temperature=0.0, constraint=OutputConstraint(
-        "regex", ANSWER), ignore_eos=False))  # fmt: skip
-    ebnf = 'root ::= "id-" [0-9] [0-9] ("!" | "?") " done, id-" [0-9] [0-9] "."'
-    reqs["ebnf"] = ([5, 6], _sampled(temperature=1.0, seed=4, constraint=OutputConstraint(
-        "ebnf", ebnf), ignore_eos=False))  # fmt: skip
+    regex = OutputConstraint("regex", ANSWER)
+    ebnf = OutputConstraint(
+        "ebnf", 'root ::= "id-" [0-9] [0-9] ("!" | "?") " done, id-" [0-9] [0-9] "."'
+    )
+    reqs: dict[str, tuple[list[int], SamplingParams]] = {
+        f"schema-{i}": ([10 + i, 20, 30], _sampled(temperature=0.9, seed=i, constraint=schema))
+        for i in range(3)
+    }
+    reqs["schema"] = ([10, 20, 30], _sampled(temperature=0.0, constraint=schema))
+    reqs["list"] = ([11, 21], _sampled(temperature=0.7, seed=9, constraint=listed))
+    reqs["object"] = (
+        [44, 45],
+        _sampled(temperature=0.0, constraint=OutputConstraint("json_object")),
+    )
+    reqs["regex"] = ([7, 8, 9], _sampled(temperature=0.0, constraint=regex))
+    reqs["ebnf"] = ([5, 6], _sampled(temperature=1.0, seed=4, constraint=ebnf))
+    for rid, (prompt, sp) in reqs.items():  # long enough to end by the constraint (or not)
+        reqs[rid] = (prompt, dataclasses.replace(sp, max_new_tokens=250, ignore_eos=False))
     cfg = {"page_size": 4, "kv_capacity_tokens": 4096}
-    plain, plain_finish, plain_steps = _run(Engine(tiny_model_dir, EngineConfig(**cfg),
-                                                   progress=False), reqs)  # fmt: skip
+    plain_engine = Engine(tiny_model_dir, EngineConfig(**cfg), progress=False)
+    plain, plain_finish, plain_steps = _run(plain_engine, reqs)
     guessing = Engine(tiny_model_dir, EngineConfig(**cfg, speculative_ngram=6), progress=False)
     guessers = _record_guessers(guessing)
     got, finish, steps = _run(guessing, reqs)
@@ -400,7 +404,6 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
     guesses): batched, streamed and stop-string requests give the shared server's tokens and
     text; the counts reach /v1/stats and /metrics."""
     import asyncio
-    import dataclasses
 
     import httpx
 
