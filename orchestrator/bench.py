@@ -110,8 +110,10 @@ class BenchResult:
     e2e_p99_ms: float
     first_error: str | None = None
     # The server's ranks during the run (`/v1/stats` before and after, whatever traffic
-    # it served): prompt tokens looked up in and found in the prefix caches, tokens guessed
-    # and kept by speculative decoding. None when the stats could not be read.
+    # it served; a rank that restarted counts from its restart, one removed not at all):
+    # prompt tokens looked up in and found in the prefix caches (a request resumed after a
+    # failure is looked up again), tokens guessed and kept by speculative decoding. None
+    # when the stats could not be read.
     prefix_queried_tokens: int | None = None
     prefix_hit_tokens: int | None = None
     spec_draft_tokens: int | None = None
@@ -216,15 +218,36 @@ SERVER_COUNTS = {
 }
 
 
-async def server_counts(session: aiohttp.ClientSession, url: str) -> dict[str, int] | None:
-    """`SERVER_COUNTS` summed over the server's ranks now; None when `/v1/stats` does not
-    answer with them (the run goes on without)."""
+async def server_counts(
+    session: aiohttp.ClientSession, url: str
+) -> dict[tuple[int, int], dict[str, int]] | None:
+    """`SERVER_COUNTS` of each of the server's ranks now, by (rank, process id): a rank
+    restarted since is a new process whose counts began at 0. None when `/v1/stats` does
+    not answer with them (the run goes on without)."""
     try:
         async with session.get(f"{url}/v1/stats") as resp:
-            ranks = [r["stats"] for r in (await resp.json())["ranks"] if r.get("stats")]
-        return {k: sum(int(st.get(f, 0)) for st in ranks) for k, f in SERVER_COUNTS.items()}
+            ranks = (await resp.json())["ranks"]
+        return {
+            (int(r["rank"]), int(r["info"]["pid"])): {
+                k: int(r["stats"].get(f, 0)) for k, f in SERVER_COUNTS.items()
+            }
+            for r in ranks
+            if r.get("stats") and r.get("info")
+        }
     except (aiohttp.ClientError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def counts_during(
+    before: dict[tuple[int, int], dict[str, int]], after: dict[tuple[int, int], dict[str, int]]
+) -> dict[str, int]:
+    """What the ranks counted between two `server_counts`, summed: each rank process's growth
+    (a process new since `before` — restarted, or added — from 0)."""
+    zeros = dict.fromkeys(SERVER_COUNTS, 0)
+    return {
+        k: sum(max(0, now[k] - before.get(rank, zeros)[k]) for rank, now in after.items())
+        for k in SERVER_COUNTS
+    }
 
 
 def _vocab_sizes(stats: bytes) -> list[int] | None:
@@ -352,8 +375,7 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
     result = summarize(results, cfg.input_len + cfg.shared_prefix_len, duration)
     if before is None or after is None:
         return result
-    # (A rank restarted or removed during the run takes its counts along: never below 0.)
-    ran = {k: max(0, after[k] - before[k]) for k in SERVER_COUNTS}
+    ran = counts_during(before, after)
     return replace(
         result,
         prefix_queried_tokens=ran["prefix_queried_tokens"],

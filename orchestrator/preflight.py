@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import os
 import socket
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def preflight(config: ServeConfig, model_dir: Path, local: bool) -> list[str]:
         )
     tokenizer = Tokenizer.from_dir(model_dir)
     warnings = check_pools(config, model, local)
+    if local:
+        check_host_memory(config, _host_memory_bytes())
     check_placements(config, model)
     check_listen(config.host, config.port, "--port")
     if config.grpc_port:
@@ -92,6 +95,31 @@ def check_pools(config: ServeConfig, model: ModelConfig, local: bool) -> list[st
                 "DeepEP or use --moe-a2a-backend auto (torch.distributed all-to-all)"
             )
     return warnings
+
+
+def _host_memory_bytes() -> int | None:
+    """This machine's memory (None where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host_memory(config: ServeConfig, memory_bytes: int | None) -> None:
+    """Every local rank's prefix-cache host tier is reserved at start: refused when together
+    they pass this machine's memory (they would fail in the ranks, after Ray and the model)."""
+    engine = config.engine
+    if not memory_bytes or not engine.prefix_cache_host_space:
+        return
+    num_ranks = sum(spec.num_ranks for spec in pool_specs(config, 0))
+    memory_gib = memory_bytes / (1 << 30)
+    host_tier = engine.prefix_cache_host_space * num_ranks
+    if host_tier > memory_gib:
+        raise ValueError(
+            f"--prefix-cache-host-space {engine.prefix_cache_host_space:g}: {num_ranks} "
+            f"rank(s) would reserve {host_tier:g} GiB of host memory, and this machine has "
+            f"{memory_gib:.0f} GiB"
+        )
 
 
 def check_placements(config: ServeConfig, model: ModelConfig) -> None:

@@ -174,3 +174,18 @@ def test_status_cells_for_the_prefix_cache_and_guesses():
              "num_prefix_host_hit_tokens": 50}  # fmt: skip
     assert _prefix_hits(stats) == "75% (25%)"
     assert _guesses({"num_spec_draft_tokens": 40, "num_spec_accepted_tokens": 10}) == "10/40 (25%)"
+
+
+def test_bench_counts_each_rank_process_from_where_it_stood():
+    """`pdserve bench`'s server counts over a run: each rank's growth; a rank restarted
+    during the run (a new process id) from 0, not its drop against the old process."""
+    from orchestrator.bench import counts_during
+
+    def counts(guessed: int, kept: int) -> dict[str, int]:
+        return {"prefix_queried_tokens": 0, "prefix_hit_tokens": 0,
+                "spec_draft_tokens": guessed, "spec_accepted_tokens": kept}  # fmt: skip
+
+    before = {(0, 100): counts(50, 20), (1, 200): counts(900, 400)}
+    after = {(0, 100): counts(80, 30), (1, 201): counts(120, 60), (2, 300): counts(5, 1)}
+    ran = counts_during(before, after)
+    assert ran["spec_draft_tokens"] == 30 + 120 + 5 and ran["spec_accepted_tokens"] == 10 + 60 + 1

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from orchestrator.config import ServeConfig
-from orchestrator.preflight import check_listen, preflight
+from orchestrator.preflight import check_host_memory, check_listen, preflight
 from workers.engine.config import EngineConfig
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,6 +44,23 @@ def test_expert_parallel_settings_are_checked_against_the_model(tiny_model_dir):
             preflight(_config(engine=EngineConfig(device="cuda")), tiny_model_dir, local=True)
         # The ranks of a cluster joined may have GPUs this machine lacks.
         preflight(_config(engine=EngineConfig(device="cuda")), tiny_model_dir, local=False)
+
+
+def test_the_host_tiers_of_the_local_ranks_must_fit_in_the_machine(tiny_model_dir):
+    gib = 1 << 30
+    engine = EngineConfig(prefix_cache_host_space=5)
+    check_host_memory(_config(engine=engine), 16 * gib)  # 2 ranks x 5 GiB fit in 16
+    with pytest.raises(
+        ValueError,
+        match=r"--prefix-cache-host-space 5: 4 rank\(s\) would "
+        r"reserve 20 GiB of host memory, and this machine has 16 GiB",
+    ):
+        check_host_memory(_config(engine=engine, decode_dp=2, prefill_dp=2), 16 * gib)
+    check_host_memory(_config(engine=engine, decode_dp=2, prefill_dp=2), None)  # unknown: on
+    huge = EngineConfig(prefix_cache_host_space=1e6)
+    with pytest.raises(ValueError, match="--prefix-cache-host-space 1e\\+06: 2 rank"):
+        preflight(_config(engine=huge), tiny_model_dir, local=True)
+    preflight(_config(engine=huge), tiny_model_dir, local=False)  # a cluster's nodes: unknown
 
 
 def test_a_saved_placement_is_checked_before_start(tiny_model_dir, tmp_path):

@@ -88,6 +88,10 @@ def test_the_shared_index_guesses_what_followed_in_earlier_requests():
         shared.add([100 + i, 200 + i, 300 + i])
         assert len(shared.corpus) <= 64
     assert shared.find([139, 239], 3) == [339] and shared.find([1, 2, 3], 2) == []
+    tiny = SharedNgrams(2, 3, capacity=1)  # (a half of 1 is no tokens: one is kept)
+    for _ in range(50):
+        tiny.add(list(range(10)))
+        assert len(tiny.corpus) <= 1
 
 
 def test_num_accepted_counts_the_guesses_each_choice_confirms():

@@ -354,8 +354,9 @@ def _stats(resp: httpx.Response) -> dict[str, Any] | None:
 
 
 def _prefix_hits(st: dict[str, Any]) -> str:
-    """The share of prompt tokens the prefix cache spared, and of those the host tier's;
-    `-` before any lookup."""
+    """The share of the prompt tokens looked up that the prefix cache held, and in brackets
+    the part of that share the host tier held (both of the tokens looked up: `74% (74%)` is
+    every hit from the host tier); `-` before any lookup."""
     queried, hits = st.get("num_prefix_queried_tokens", 0), st.get("num_prefix_hit_tokens", 0)
     if not queried:
         return "-"

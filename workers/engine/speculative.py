@@ -157,7 +157,7 @@ class SharedNgrams:
     def add(self, tokens: list[int]) -> None:
         self.corpus += [self.SEPARATOR, *tokens[-self.capacity :]]
         if len(self.corpus) > self.capacity:
-            self.corpus = self.corpus[-(self.capacity // 2) :]
+            self.corpus = self.corpus[-max(self.capacity // 2, 1) :]
             self.index = NgramIndex(self.min_n, self.max_n, 0)
         self.index.propose(self.corpus, 0)  # indexes what came
 
