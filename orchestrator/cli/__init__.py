@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args = merge_serve_args(args, parser, argv)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"pdserve: error: {e}", file=sys.stderr)  # as serve's flag errors read
             return 2
     if hasattr(args, "ca_cert"):
         if args.client_key and not args.client_cert:
