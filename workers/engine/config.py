@@ -78,16 +78,10 @@ class EngineConfig:
         host = self.prefix_cache_host_space
         if not (math.isfinite(host) and host >= 0):
             raise ValueError(f"--prefix-cache-host-space must be >= 0 (GiB), got {host}")
-        if self.speculative_ngram < 0:
-            raise ValueError(f"--speculative-ngram must be >= 0, got {self.speculative_ngram}")
-        if self.speculative_ngram_shared < 0:
-            raise ValueError(
-                f"--speculative-ngram-shared must be >= 0, got {self.speculative_ngram_shared}"
-            )
-        if self.speculative_max_running < 0:
-            raise ValueError(
-                f"--speculative-max-running must be >= 0, got {self.speculative_max_running}"
-            )
+        for name in ("speculative_ngram", "speculative_ngram_shared", "speculative_max_running"):
+            if getattr(self, name) < 0:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 0, got {getattr(self, name)}")
         if self.speculative_ngram == 0 and (
             self.speculative_ngram_shared or self.speculative_max_running
         ):
