@@ -28,6 +28,7 @@ class Output:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when asked
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held (not computed)
+    num_verify_steps: int = 0  # speculative decoding: decode steps on its (last) rank
     # With the first token, when asked: one per prompt token (None for the first).
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
@@ -67,5 +68,6 @@ def to_output(
         error=delta.error,
         logprobs=logprobs,
         num_cached_tokens=delta.num_cached_tokens,
+        num_verify_steps=delta.num_verify_steps,
         prompt_logprobs=delta.prompt_logprobs,
     )

@@ -218,6 +218,10 @@ class GenerateResult:
             "finish_reason": finish_reason_json(self.finish) if self.finish else None,
             "e2e_latency": round(self.e2e_latency_s, 6),
         }
+        if self.finish is not None and self.finish.num_verify_steps:
+            # SGLang's: with speculative decoding, the decode steps the request took
+            # (completion_tokens / spec_verify_ct: tokens a step gave it).
+            meta["spec_verify_ct"] = self.finish.num_verify_steps
         if self.logprobs is not None:
 
             def entry(logprob: float, token: int) -> list[Any]:

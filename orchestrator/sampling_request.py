@@ -196,8 +196,10 @@ def read_constraint(
         value = structural_tag(f, key, value)
     if kind == "json_schema" and isinstance(value, dict):
         value = json.dumps(value)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
         raise f.fail(key, f"expected a non-empty string, got {type_name(value)}")
+    if not value:
+        raise f.fail(key, "must not be empty")
     return check_output_constraint(f, key, OutputConstraint(kind, value))
 
 

@@ -234,6 +234,23 @@ def test_priority_logit_bias_and_constraints_reach_the_ranks_settings():
         assert params.constraint == OutputConstraint("regex", "a+")
 
 
+@pytest.mark.parametrize(
+    ("constraint", "message"),
+    [
+        ({"regex": ""}, "sampling_params.regex: must not be empty"),
+        ({"ebnf": ""}, "sampling_params.ebnf: must not be empty"),
+        ({"regex": 5}, "sampling_params.regex: expected a non-empty string, got int"),
+    ],
+)
+def test_an_empty_or_mistyped_constraint_is_refused_naming_it(constraint, message):
+    from orchestrator.protocol import parse_generate
+    from orchestrator.request_fields import RequestError
+
+    body = {"input_ids": [1], "sampling_params": {"max_new_tokens": 4, **constraint}}
+    with pytest.raises(RequestError, match=message):
+        parse_generate(body)
+
+
 def _filtered_row(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The filters one row at a time, written out plainly: the reference for the batch."""
     logits = logits.double() / p.temperature

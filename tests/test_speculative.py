@@ -428,6 +428,17 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
         got = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()
         assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
         assert [g["text"] for g in got] == [w["text"] for w in want]
+        # SGLang's `spec_verify_ct`: the decode steps each took (after its first token, which
+        # the prefill rank drew); fewer than its tokens where guesses held. None without.
+        steps = [g["meta_info"]["spec_verify_ct"] for g in got]
+        assert all(
+            0 < n <= g["meta_info"]["completion_tokens"] - 1
+            for n, g in zip(steps, got, strict=True)
+        )
+        assert any(
+            n < g["meta_info"]["completion_tokens"] - 1 for n, g in zip(steps, got, strict=True)
+        )
+        assert not any("spec_verify_ct" in w["meta_info"] for w in want)
         # Seeded sampled requests, with logprobs: the same tokens, guessing or not.
         sampled = _greedy(48, temperature=0.5, top_p=0.9, seed=11)
         body = {"input_ids": prompts, "sampling_params": sampled, "return_logprob": True}

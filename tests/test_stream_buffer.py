@@ -125,7 +125,7 @@ def test_token_delta_pickles_every_field():
         "finish_reason": FinishReason.LENGTH, "error": "why", "num_prompt_tokens": 3,
         "num_output_tokens": 9, "hold": True,
         "logprobs": [TokenLogprob(-0.5), TokenLogprob(-1.5, ((6, -1.5),))],
-        "num_cached_tokens": 2, "prompt_logprobs": [None, TokenLogprob(-2.0)],
+        "num_cached_tokens": 2, "num_verify_steps": 4, "prompt_logprobs": [None, TokenLogprob(-2.0)],
         "resumable": True, "moved_to": "r#2", "kv_arrived": True,
     }  # fmt: skip
     assert {"rid", "token_ids", *changes} == {f.name for f in dataclasses.fields(TokenDelta)}

@@ -406,7 +406,11 @@ class Engine:
             if publish:
                 self.scheduler.publish(seq)
         spec = self.speculator
-        states = spec.generator_states(batch.decodes) if spec is not None else None
+        states = None
+        if spec is not None:
+            for seq in batch.decodes:
+                seq.num_verify_steps += 1
+            states = spec.generator_states(batch.decodes)
         tokens, logprobs = draw_tokens(
             logits, samplers, self.grammars, self.model_config.eos_token_ids
         )

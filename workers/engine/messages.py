@@ -191,6 +191,7 @@ class TokenDelta:
     # One per token of `token_ids`, for a request that asked for logprobs; else None.
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
+    num_verify_steps: int = 0  # speculative decoding: the decode steps it took here so far
     # With the request's first token, when it asked for prompt logprobs: one per prompt
     # token, None for the first.
     prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -211,7 +212,8 @@ class TokenDelta:
         return TokenDelta, (
             self.rid, self.token_ids, self.finish_reason, self.error, self.num_prompt_tokens,
             self.num_output_tokens, self.hold, self.logprobs, self.num_cached_tokens,
-            self.prompt_logprobs, self.resumable, self.moved_to, self.kv_arrived,
+            self.num_verify_steps, self.prompt_logprobs, self.resumable, self.moved_to,
+            self.kv_arrived,
         )  # fmt: skip
 
     def prepend(self, earlier: TokenDelta) -> None:

@@ -125,5 +125,6 @@ def token_delta(
         hold=not seq.stream,
         logprobs=reported,
         num_cached_tokens=seq.num_cached_tokens,
+        num_verify_steps=seq.num_verify_steps,
         prompt_logprobs=list(seq.prompt_logprobs) if first else None,
     )
