@@ -406,11 +406,7 @@ class Engine:
             if publish:
                 self.scheduler.publish(seq)
         spec = self.speculator
-        states = None
-        if spec is not None:
-            for seq in batch.decodes:
-                seq.num_verify_steps += 1
-            states = spec.generator_states(batch.decodes)
+        states = spec.before_draw(batch.decodes) if spec is not None else None
         tokens, logprobs = draw_tokens(
             logits, samplers, self.grammars, self.model_config.eos_token_ids
         )

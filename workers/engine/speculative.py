@@ -222,9 +222,12 @@ class Speculator:
             self.shared.add(seq.token_ids[max(0, seq.num_prompt_tokens - self.max_n) :])
 
     @staticmethod
-    def generator_states(decodes: list[Sequence]) -> dict[str, torch.Tensor] | None:
-        """Before a step draws: the generator state of each sampled request whose rows read
-        guesses ({} when only greedy ones guess), or None when no request guesses."""
+    def before_draw(decodes: list[Sequence]) -> dict[str, torch.Tensor] | None:
+        """Before a step draws: each decoding request's step counted (`num_verify_steps`);
+        the generator state of each sampled request whose rows read guesses ({} when only
+        greedy ones guess), or None when no request guesses."""
+        for seq in decodes:
+            seq.num_verify_steps += 1
         guessed = [seq for seq in decodes if seq.draft]
         if not guessed:
             return None
