@@ -224,6 +224,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     prompt_tokens=out.num_prompt_tokens,
                                     completion_tokens=out.num_output_tokens,
                                     cached_tokens=out.num_cached_tokens,
+                                    spec_verify_ct=out.num_verify_steps,
                                 ),
                                 output_ids=output_ids[index],
                                 text="".join(texts[index]),

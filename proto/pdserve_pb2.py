@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/pdserve.proto\x12\npdserve.v1\"\xea\x05\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\n \x01(\rH\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\n\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0e \x01(\tH\x00\x12\x0f\n\x05regex\x18\x0f \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x10 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x11 \x01(\x08H\x00\x12\x18\n\x0estructural_tag\x18\x14 \x01(\tH\x00\x12\x0e\n\x01n\x18\x12 \x01(\rH\x0b\x88\x01\x01\x12=\n\nlogit_bias\x18\x13 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nconstraintB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x11\n\x0f_min_new_tokensB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x15\n\x13_repetition_penaltyB\x04\n\x02_n\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9f\x02\n\x0fGenerateRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\tinput_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nfinal_only\x18\x05 \x01(\x08\x12\x16\n\x0ereturn_logprob\x18\x06 \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x07 \x01(\r\x12\x1e\n\x11logprob_start_len\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x08priority\x18\t \x01(\x05\x42\x08\n\x06promptB\x14\n\x12_logprob_start_len\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"D\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"k\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\r\n\x05index\x18\x04 \x01(\r\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xfb\x01\n\rGenerateFinal\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x14\n\x0cmatched_stop\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x12\n\noutput_ids\x18\x05 \x03(\r\x12\x0c\n\x04text\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"r\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.pdserve.v1.GenerateChunkH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.pdserve.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"\x1b\n\x0c\x41\x62ortRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"!\n\x10RebalanceRequest\x12\r\n\x05pools\x18\x01 \x03(\t\"\xe9\x01\n\nPoolReport\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07skipped\x18\x04 \x01(\t\x12\x1b\n\x13\x62\x61lancedness_before\x18\x05 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x06 \x01(\x01\x12\x19\n\x11num_experts_moved\x18\x07 \x01(\r\x12\x17\n\x0fnum_bytes_moved\x18\x08 \x01(\x04\x12\x0e\n\x06load_s\x18\t \x01(\x01\x12\x11\n\tprepare_s\x18\n \x01(\x01\x12\x11\n\texecute_s\x18\x0b \x01(\x01\":\n\x11RebalanceResponse\x12%\n\x05pools\x18\x01 \x03(\x0b\x32\x16.pdserve.v1.PoolReport\"\x14\n\x12\x45xpertStatsRequest\"\x15\n\x03Row\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\xb8\x01\n\x0bPoolExperts\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x11\n\tnum_ranks\x18\x02 \x01(\r\x12\x14\n\x0c\x62\x61lancedness\x18\x03 \x01(\x01\x12\x16\n\x0enum_rebalances\x18\x04 \x01(\r\x12\x19\n\x11num_experts_moved\x18\x05 \x01(\r\x12 \n\x07phy2log\x18\x06 \x03(\x0b\x32\x0f.pdserve.v1.Row\x12\x1d\n\x04load\x18\x07 \x03(\x0b\x32\x0f.pdserve.v1.Row\"=\n\x13\x45xpertStatsResponse\x12&\n\x05pools\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.PoolExperts\"\xbe\x01\n\x0cScaleRequest\x12:\n\tinstances\x18\x01 \x03(\x0b\x32\'.pdserve.v1.ScaleRequest.InstancesEntry\x12\x0e\n\x06remove\x18\x02 \x03(\t\x12\x1c\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x1a\x30\n\x0eInstancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x42\x12\n\x10_drain_timeout_s\"q\n\x0cPoolInstance\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\tnum_ranks\x18\x04 \x01(\r\x12\r\n\x05ranks\x18\x05 \x03(\r\x12\x14\n\x0cnum_requests\x18\x06 \x01(\r\"+\n\x0cScaleFailure\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xf0\x01\n\rScaleResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07started\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12(\n\x06\x66\x61iled\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.ScaleFailure\x12\x18\n\x10requests_resumed\x18\x05 \x01(\r\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\'\n\x05pools\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.PoolInstance\x12\x18\n\x10requests_retried\x18\x08 \x01(\r\x12\x19\n\x11requests_migrated\x18\t \x01(\r\"\x0e\n\x0cPoolsRequest\"\x89\x01\n\x0e\x41utoscaledRole\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x15\n\rmin_instances\x18\x02 \x01(\r\x12\x15\n\rmax_instances\x18\x03 \x01(\r\x12\x11\n\tinstances\x18\x04 \x01(\r\x12\x18\n\x0butilization\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_utilization\"x\n\rPoolsResponse\x12\'\n\x05pools\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.PoolInstance\x12\x0f\n\x07scaling\x18\x02 \x01(\x08\x12-\n\tautoscale\x18\x03 \x03(\x0b\x32\x1a.pdserve.v1.AutoscaledRole2\xa9\x03\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12H\n\tRebalance\x12\x1c.pdserve.v1.RebalanceRequest\x1a\x1d.pdserve.v1.RebalanceResponse\x12N\n\x0b\x45xpertStats\x12\x1e.pdserve.v1.ExpertStatsRequest\x1a\x1f.pdserve.v1.ExpertStatsResponse\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponse\x12<\n\x05Pools\x12\x18.pdserve.v1.PoolsRequest\x1a\x19.pdserve.v1.PoolsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/pdserve.proto\x12\npdserve.v1\"\xea\x05\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\n \x01(\rH\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\n\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0e \x01(\tH\x00\x12\x0f\n\x05regex\x18\x0f \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x10 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x11 \x01(\x08H\x00\x12\x18\n\x0estructural_tag\x18\x14 \x01(\tH\x00\x12\x0e\n\x01n\x18\x12 \x01(\rH\x0b\x88\x01\x01\x12=\n\nlogit_bias\x18\x13 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nconstraintB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x11\n\x0f_min_new_tokensB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x15\n\x13_repetition_penaltyB\x04\n\x02_n\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9f\x02\n\x0fGenerateRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\tinput_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nfinal_only\x18\x05 \x01(\x08\x12\x16\n\x0ereturn_logprob\x18\x06 \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x07 \x01(\r\x12\x1e\n\x11logprob_start_len\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x08priority\x18\t \x01(\x05\x42\x08\n\x06promptB\x14\n\x12_logprob_start_len\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"D\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"k\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\r\n\x05index\x18\x04 \x01(\r\"h\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x16\n\x0espec_verify_ct\x18\x04 \x01(\r\"\xfb\x01\n\rGenerateFinal\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x14\n\x0cmatched_stop\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x12\n\noutput_ids\x18\x05 \x03(\r\x12\x0c\n\x04text\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"r\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.pdserve.v1.GenerateChunkH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.pdserve.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"\x1b\n\x0c\x41\x62ortRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"!\n\x10RebalanceRequest\x12\r\n\x05pools\x18\x01 \x03(\t\"\xe9\x01\n\nPoolReport\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07skipped\x18\x04 \x01(\t\x12\x1b\n\x13\x62\x61lancedness_before\x18\x05 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x06 \x01(\x01\x12\x19\n\x11num_experts_moved\x18\x07 \x01(\r\x12\x17\n\x0fnum_bytes_moved\x18\x08 \x01(\x04\x12\x0e\n\x06load_s\x18\t \x01(\x01\x12\x11\n\tprepare_s\x18\n \x01(\x01\x12\x11\n\texecute_s\x18\x0b \x01(\x01\":\n\x11RebalanceResponse\x12%\n\x05pools\x18\x01 \x03(\x0b\x32\x16.pdserve.v1.PoolReport\"\x14\n\x12\x45xpertStatsRequest\"\x15\n\x03Row\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\xb8\x01\n\x0bPoolExperts\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x11\n\tnum_ranks\x18\x02 \x01(\r\x12\x14\n\x0c\x62\x61lancedness\x18\x03 \x01(\x01\x12\x16\n\x0enum_rebalances\x18\x04 \x01(\r\x12\x19\n\x11num_experts_moved\x18\x05 \x01(\r\x12 \n\x07phy2log\x18\x06 \x03(\x0b\x32\x0f.pdserve.v1.Row\x12\x1d\n\x04load\x18\x07 \x03(\x0b\x32\x0f.pdserve.v1.Row\"=\n\x13\x45xpertStatsResponse\x12&\n\x05pools\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.PoolExperts\"\xbe\x01\n\x0cScaleRequest\x12:\n\tinstances\x18\x01 \x03(\x0b\x32\'.pdserve.v1.ScaleRequest.InstancesEntry\x12\x0e\n\x06remove\x18\x02 \x03(\t\x12\x1c\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x1a\x30\n\x0eInstancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x42\x12\n\x10_drain_timeout_s\"q\n\x0cPoolInstance\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\tnum_ranks\x18\x04 \x01(\r\x12\r\n\x05ranks\x18\x05 \x03(\r\x12\x14\n\x0cnum_requests\x18\x06 \x01(\r\"+\n\x0cScaleFailure\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xf0\x01\n\rScaleResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07started\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12(\n\x06\x66\x61iled\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.ScaleFailure\x12\x18\n\x10requests_resumed\x18\x05 \x01(\r\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\'\n\x05pools\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.PoolInstance\x12\x18\n\x10requests_retried\x18\x08 \x01(\r\x12\x19\n\x11requests_migrated\x18\t \x01(\r\"\x0e\n\x0cPoolsRequest\"\x89\x01\n\x0e\x41utoscaledRole\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x15\n\rmin_instances\x18\x02 \x01(\r\x12\x15\n\rmax_instances\x18\x03 \x01(\r\x12\x11\n\tinstances\x18\x04 \x01(\r\x12\x18\n\x0butilization\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_utilization\"x\n\rPoolsResponse\x12\'\n\x05pools\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.PoolInstance\x12\x0f\n\x07scaling\x18\x02 \x01(\x08\x12-\n\tautoscale\x18\x03 \x03(\x0b\x32\x1a.pdserve.v1.AutoscaledRole2\xa9\x03\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12H\n\tRebalance\x12\x1c.pdserve.v1.RebalanceRequest\x1a\x1d.pdserve.v1.RebalanceResponse\x12N\n\x0b\x45xpertStats\x12\x1e.pdserve.v1.ExpertStatsRequest\x1a\x1f.pdserve.v1.ExpertStatsResponse\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponse\x12<\n\x05Pools\x12\x18.pdserve.v1.PoolsRequest\x1a\x19.pdserve.v1.PoolsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,45 +50,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATECHUNK']._serialized_start=1218
   _globals['_GENERATECHUNK']._serialized_end=1325
   _globals['_USAGE']._serialized_start=1327
-  _globals['_USAGE']._serialized_end=1407
-  _globals['_GENERATEFINAL']._serialized_start=1410
-  _globals['_GENERATEFINAL']._serialized_end=1661
-  _globals['_GENERATERESPONSE']._serialized_start=1663
-  _globals['_GENERATERESPONSE']._serialized_end=1777
-  _globals['_ABORTREQUEST']._serialized_start=1779
-  _globals['_ABORTREQUEST']._serialized_end=1806
-  _globals['_ABORTRESPONSE']._serialized_start=1808
-  _globals['_ABORTRESPONSE']._serialized_end=1838
-  _globals['_REBALANCEREQUEST']._serialized_start=1840
-  _globals['_REBALANCEREQUEST']._serialized_end=1873
-  _globals['_POOLREPORT']._serialized_start=1876
-  _globals['_POOLREPORT']._serialized_end=2109
-  _globals['_REBALANCERESPONSE']._serialized_start=2111
-  _globals['_REBALANCERESPONSE']._serialized_end=2169
-  _globals['_EXPERTSTATSREQUEST']._serialized_start=2171
-  _globals['_EXPERTSTATSREQUEST']._serialized_end=2191
-  _globals['_ROW']._serialized_start=2193
-  _globals['_ROW']._serialized_end=2214
-  _globals['_POOLEXPERTS']._serialized_start=2217
-  _globals['_POOLEXPERTS']._serialized_end=2401
-  _globals['_EXPERTSTATSRESPONSE']._serialized_start=2403
-  _globals['_EXPERTSTATSRESPONSE']._serialized_end=2464
-  _globals['_SCALEREQUEST']._serialized_start=2467
-  _globals['_SCALEREQUEST']._serialized_end=2657
-  _globals['_SCALEREQUEST_INSTANCESENTRY']._serialized_start=2589
-  _globals['_SCALEREQUEST_INSTANCESENTRY']._serialized_end=2637
-  _globals['_POOLINSTANCE']._serialized_start=2659
-  _globals['_POOLINSTANCE']._serialized_end=2772
-  _globals['_SCALEFAILURE']._serialized_start=2774
-  _globals['_SCALEFAILURE']._serialized_end=2817
-  _globals['_SCALERESPONSE']._serialized_start=2820
-  _globals['_SCALERESPONSE']._serialized_end=3060
-  _globals['_POOLSREQUEST']._serialized_start=3062
-  _globals['_POOLSREQUEST']._serialized_end=3076
-  _globals['_AUTOSCALEDROLE']._serialized_start=3079
-  _globals['_AUTOSCALEDROLE']._serialized_end=3216
-  _globals['_POOLSRESPONSE']._serialized_start=3218
-  _globals['_POOLSRESPONSE']._serialized_end=3338
-  _globals['_GENERATION']._serialized_start=3341
-  _globals['_GENERATION']._serialized_end=3766
+  _globals['_USAGE']._serialized_end=1431
+  _globals['_GENERATEFINAL']._serialized_start=1434
+  _globals['_GENERATEFINAL']._serialized_end=1685
+  _globals['_GENERATERESPONSE']._serialized_start=1687
+  _globals['_GENERATERESPONSE']._serialized_end=1801
+  _globals['_ABORTREQUEST']._serialized_start=1803
+  _globals['_ABORTREQUEST']._serialized_end=1830
+  _globals['_ABORTRESPONSE']._serialized_start=1832
+  _globals['_ABORTRESPONSE']._serialized_end=1862
+  _globals['_REBALANCEREQUEST']._serialized_start=1864
+  _globals['_REBALANCEREQUEST']._serialized_end=1897
+  _globals['_POOLREPORT']._serialized_start=1900
+  _globals['_POOLREPORT']._serialized_end=2133
+  _globals['_REBALANCERESPONSE']._serialized_start=2135
+  _globals['_REBALANCERESPONSE']._serialized_end=2193
+  _globals['_EXPERTSTATSREQUEST']._serialized_start=2195
+  _globals['_EXPERTSTATSREQUEST']._serialized_end=2215
+  _globals['_ROW']._serialized_start=2217
+  _globals['_ROW']._serialized_end=2238
+  _globals['_POOLEXPERTS']._serialized_start=2241
+  _globals['_POOLEXPERTS']._serialized_end=2425
+  _globals['_EXPERTSTATSRESPONSE']._serialized_start=2427
+  _globals['_EXPERTSTATSRESPONSE']._serialized_end=2488
+  _globals['_SCALEREQUEST']._serialized_start=2491
+  _globals['_SCALEREQUEST']._serialized_end=2681
+  _globals['_SCALEREQUEST_INSTANCESENTRY']._serialized_start=2613
+  _globals['_SCALEREQUEST_INSTANCESENTRY']._serialized_end=2661
+  _globals['_POOLINSTANCE']._serialized_start=2683
+  _globals['_POOLINSTANCE']._serialized_end=2796
+  _globals['_SCALEFAILURE']._serialized_start=2798
+  _globals['_SCALEFAILURE']._serialized_end=2841
+  _globals['_SCALERESPONSE']._serialized_start=2844
+  _globals['_SCALERESPONSE']._serialized_end=3084
+  _globals['_POOLSREQUEST']._serialized_start=3086
+  _globals['_POOLSREQUEST']._serialized_end=3100
+  _globals['_AUTOSCALEDROLE']._serialized_start=3103
+  _globals['_AUTOSCALEDROLE']._serialized_end=3240
+  _globals['_POOLSRESPONSE']._serialized_start=3242
+  _globals['_POOLSRESPONSE']._serialized_end=3362
+  _globals['_GENERATION']._serialized_start=3365
+  _globals['_GENERATION']._serialized_end=3790
 # @@protoc_insertion_point(module_scope)

@@ -421,7 +421,7 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
         base = [rng.randrange(3, 900) for _ in range(n)]
         prompts += [base, base * 4]
     engine = dataclasses.replace(tiny_serve_config(tiny_model_dir).engine, speculative_ngram=4)
-    server = launch_tiny(engine=engine)
+    server = launch_tiny(engine=engine, grpc_port=0)
     try:
         body = {"input_ids": prompts, "sampling_params": _greedy(48)}
         want = httpx.post(f"{tiny_server}/generate", json=body, timeout=120).json()
@@ -439,6 +439,18 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
             n < g["meta_info"]["completion_tokens"] - 1 for n, g in zip(steps, got, strict=True)
         )
         assert not any("spec_verify_ct" in w["meta_info"] for w in want)
+        # gRPC: the same tokens, and the steps in `Usage.spec_verify_ct`.
+        import grpc
+
+        from proto import pdserve_pb2 as pb
+        from proto import pdserve_pb2_grpc as pb_grpc
+
+        sampling = pb.SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True)
+        call = pb.GenerateRequest(input_ids=pb.TokenIds(ids=prompts[3]), sampling=sampling)
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            final = list(pb_grpc.GenerationStub(channel).Generate(call, timeout=60))[-1].final
+        assert list(final.output_ids) == got[3]["output_ids"]
+        assert 0 < final.usage.spec_verify_ct < len(final.output_ids) - 1  # its guesses held
         # Seeded sampled requests, with logprobs: the same tokens, guessing or not.
         sampled = _greedy(48, temperature=0.5, top_p=0.9, seed=11)
         body = {"input_ids": prompts, "sampling_params": sampled, "return_logprob": True}
