@@ -470,8 +470,7 @@ class Engine:
             seq.token_ids.append(token)
             self.num_generated_tokens += 1
             if seq.matcher is not None and not seq.matcher.accept(token):  # masked: not seen
-                self.requests.pop(seq.rid, None)
-                self.scheduler.remove(seq)
+                self._end(seq)
                 return constraint_error(seq, run[:n], logprobs[:n])
             finish = finish_reason(seq, token, self.model_config.eos_token_ids,
                                    self.max_context_len)  # fmt: skip
@@ -479,10 +478,7 @@ class Engine:
                 run = run[:n]
                 break
         if finish is not None:
-            self.requests.pop(seq.rid, None)
-            self.scheduler.remove(seq)
-            if self.speculator is not None:
-                self.speculator.finished(seq)
+            self._end(seq, finished=True)
         else:
             seq.num_computed += len(run) - 1  # the confirmed guesses' KV is in the cache
             if self.kv.allocator.enabled:
@@ -510,13 +506,17 @@ class Engine:
         if seq.matcher is not None and not seq.matcher.accept(token):
             # Only a token the constraint allowed is drawn; one that is not (the prefill
             # rank's, built from other settings) ends the request rather than break it.
-            self.requests.pop(seq.rid, None)
-            self.scheduler.remove(seq)
+            self._end(seq)
             return constraint_error(seq, [token], [logprob])
         finish = finish_reason(seq, token, self.model_config.eos_token_ids, self.max_context_len)
         if finish is not None:
-            self.requests.pop(seq.rid, None)
-            self.scheduler.remove(seq)
-            if self.speculator is not None:
-                self.speculator.finished(seq)
+            self._end(seq, finished=True)
         return token_delta(seq, [token], finish, [logprob])
+
+    def _end(self, seq: Sequence, finished: bool = False) -> None:
+        """`seq` ends with the token just appended (`finished`: by the finish rules, its
+        output then joins the shared n-gram index); its pages are freed."""
+        self.requests.pop(seq.rid, None)
+        self.scheduler.remove(seq)
+        if finished and self.speculator is not None:
+            self.speculator.finished(seq)

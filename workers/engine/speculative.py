@@ -92,7 +92,8 @@ class NgramIndex:
                 keys += window[i : i + count] * np.uint64(self._mult[i])
             self._last_end[n].update(zip(keys.tolist(), range(first, stop), strict=True))
 
-    def _catch_up(self, tokens: list[int]) -> None:
+    def catch_up(self, tokens: list[int]) -> None:
+        """Index the n-grams of `tokens` (the same list, grown) not indexed yet."""
         if len(tokens) - self._num_indexed > _BULK:  # all but the newest: only its lookup counts
             self._bulk(tokens, self._num_indexed, len(tokens) - 1)
             self._num_indexed = len(tokens) - 1
@@ -115,7 +116,7 @@ class NgramIndex:
             for last_end in self._last_end:
                 last_end.clear()
             self._num_indexed = 0
-        self._catch_up(tokens)
+        self.catch_up(tokens)
         for n in range(self.max_n, self.min_n - 1, -1):
             end = self._earlier[n]
             if end >= 0:
@@ -159,7 +160,7 @@ class SharedNgrams:
         if len(self.corpus) > self.capacity:
             self.corpus = self.corpus[-max(self.capacity // 2, 1) :]
             self.index = NgramIndex(self.min_n, self.max_n, 0)
-        self.index.propose(self.corpus, 0)  # indexes what came
+        self.index.catch_up(self.corpus)
 
     def find(self, tokens: list[int], limit: int) -> list[int]:
         guess = self.index.find(self.corpus, tokens, limit)

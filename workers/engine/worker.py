@@ -338,8 +338,11 @@ class EngineWorker(RankOperations):
                 early_targets = self._num_early_targets
                 inbox, self._inbox = self._inbox, deque()
                 # The next step with requests fails (not a wake-up with nothing to do).
-                adds = any(kind == "add" for kind, _ in inbox)
-                fail_step = (adds or engine.has_work) and self._take_fault("fail_step")
+                fail_step = (
+                    self._faults["fail_step"] > 0  # (armed only by tests: no scan otherwise)
+                    and (engine.has_work or any(kind == "add" for kind, _ in inbox))
+                    and self._take_fault("fail_step")
+                )
             deltas = apply_inbox(inbox, engine, handoff, mode)
             events: list[TransferReady] = []
             if handoff is not None and handoff.role != "prefill":
