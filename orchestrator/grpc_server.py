@@ -159,7 +159,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             call = parse_generate(_body(request))
             if call.is_batch or len(call.calls) != 1:
                 raise RequestError("text: one prompt per call", "text")
-            ids, sampling = prepare_call(self.router, self.config, call.calls[0])
+            ids, sampling = prepare_call(
+                self.router, self.config, call.calls[0], call.logprob_start_len
+            )
             peer = _peer_host(context.peer())
             slots = self.router.admit(call.n)
             trace = trace_headers(dict(context.invocation_metadata() or ()))

@@ -252,12 +252,17 @@ def finite(x: float) -> float | None:
 
 
 def prepare_call(
-    router: Router, config: ServeConfig, call: GenerateCall
+    router: Router, config: ServeConfig, call: GenerateCall, logprob_start_len: int = -1
 ) -> tuple[list[int], SamplingParams]:
     """A parsed generate call's prompt ids and resolved sampling; RequestError when it does
     not fit (HTTP and gRPC share this)."""
     ids = call.input_ids if call.input_ids is not None else router.tokenizer.encode(call.text or "")
     check_prompt_len(ids, config, call.prompt_field)
+    if logprob_start_len >= len(ids):
+        raise RequestError(
+            f"logprob_start_len: {logprob_start_len} is past the prompt's last position "
+            f"({len(ids) - 1}); use -1 for no prompt logprobs", "logprob_start_len",
+        )  # fmt: skip
     return ids, resolve_sampling(
         ids, call.sampling, router.limits, config.default_max_new_tokens, call.prompt_field
     )

@@ -182,8 +182,8 @@ def create_app(
     app.state.limiter = limiter
     ctx = HttpContext(router, config, metrics, limiter)
 
-    def prepare(call: GenerateCall) -> tuple[list[int], SamplingParams]:
-        return prepare_call(router, config, call)
+    def prepare(call: GenerateCall, logprob_start_len: int) -> tuple[list[int], SamplingParams]:
+        return prepare_call(router, config, call, logprob_start_len)
 
     # ---- SGLang style -----------------------------------------------------------------------
 
@@ -195,7 +195,7 @@ def create_app(
         jobs = [
             (ids, choice_params(sampling, j), c.sampling.stop)
             for c in body.calls
-            for ids, sampling in [prepare(c)]
+            for ids, sampling in [prepare(c, body.logprob_start_len)]
             for j in range(body.n)
         ]
         rids = [body.rid or uuid.uuid4().hex for _ in jobs]

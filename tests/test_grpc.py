@@ -156,6 +156,9 @@ def test_n_choices_and_prompt_logprobs_over_grpc(server, stub):
     bad = _request(prompt, 3)
     bad.logprob_start_len = 1
     _refused(stub, bad, "logprob_start_len")
+    past = _request(prompt, 3)
+    past.return_logprob, past.logprob_start_len = True, len(prompt)
+    _refused(stub, past, "logprob_start_len")
     many = _request(prompt, 3)
     many.sampling.n = 17
     _refused(stub, many, "n")

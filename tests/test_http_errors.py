@@ -89,6 +89,12 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
             "logprob_start_len",
             ">= 0",
         ),
+        (
+            G,
+            {"input_ids": [1, 2, 3], "return_logprob": True, "logprob_start_len": 3},
+            "logprob_start_len",
+            "past the prompt",
+        ),
         (CHAT, {"messages": _USER, "echo": True}, "echo", "not supported"),
         (G, {"text": "hi", "top_logprobs_num": 2}, "top_logprobs_num", "return_logprob"),
         (G, {"text": "hi", "return_logprob": True, "top_logprobs_num": 50}, "top_logprobs_num", ""),
