@@ -234,3 +234,44 @@ def make_checkpoint(name: str, root: Path, seed: int = 0) -> RefCheckpoint:
     with open(path / "config.json", "w") as f:
         json.dump(config, f, indent=2)
     return RefCheckpoint(path, hf_path, name)
+
+
+def agreeing_mtp_checkpoint(tiny_dir: Path, root: Path) -> Path:
+    """A one-layer model, made from the built-in tiny checkpoint at `tiny_dir`, whose MTP
+    module's guesses are its own next choices: where the MTP path's cost and gain show.
+
+    Its layer's attention output is zeroed, so each choice depends on the current token
+    only; its embedding rows have RMS 1, so the MTP module's `enorm` leaves them as they are;
+    its `eh_proj` passes the embedding through (the hidden-state half is zero), and its
+    decoder layer is a copy of the main one. For the row of token `i` the module thus
+    computes exactly what the main model computes for token `i + 1`: the token after it."""
+    path = Path(root) / "agreeing-mtp"
+    if (path / "config.json").is_file():
+        return path
+    path.mkdir(parents=True)
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config.update(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=1)
+    tiny = load_file(tiny_dir / "model.safetensors")
+    moe_layer = "model.layers.1."  # the tiny model's first MoE layer
+    layer = {k[len(moe_layer) :]: v for k, v in tiny.items() if k.startswith(moe_layer)}
+    layer["self_attn.o_proj.weight"] = torch.zeros_like(layer["self_attn.o_proj.weight"])
+    embed = tiny["model.embed_tokens.weight"]
+    embed = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True))
+    hidden = embed.shape[1]
+    weights = {"model.embed_tokens.weight": embed, "lm_head.weight": tiny["lm_head.weight"]}
+    weights["model.norm.weight"] = tiny["model.norm.weight"]
+    for index in (0, 1):
+        weights.update({f"model.layers.{index}.{k}": v.clone() for k, v in layer.items()})
+    mtp = "model.layers.1."
+    weights[mtp + "enorm.weight"] = torch.ones(hidden)
+    weights[mtp + "hnorm.weight"] = torch.ones(hidden)
+    weights[mtp + "eh_proj.weight"] = torch.cat((torch.eye(hidden), torch.zeros(hidden, hidden)), 1)
+    weights[mtp + "shared_head.norm.weight"] = torch.ones(hidden)
+    weights[mtp + "embed_tokens.weight"] = embed.clone()
+    weights[mtp + "shared_head.head.weight"] = tiny["lm_head.weight"].clone()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):  # fmt: skip
+        (path / name).write_bytes((tiny_dir / name).read_bytes())
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path

@@ -186,6 +186,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "of them (the same question again, templates, an agent's repeated calls); 0: off",
     )  # fmt: skip
     e.add_argument(
+        "--speculative-mtp", action="store_true",
+        help="speculative decoding with the model's multi-token-prediction module (DeepSeek-V3/"
+        "R1 checkpoints hold one) as the draft model: each request guesses the token after "
+        "its next one, verified in the same step; one rank a pool for now",
+    )  # fmt: skip
+    e.add_argument(
         "--speculative-max-running", type=int, default=0, metavar="N",
         help="no guesses while more than N requests run on a rank, where a step is bound by "
         "compute rather than memory and extra rows cost their share (0: however many)",
@@ -381,6 +387,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         speculative_ngram_max=args.speculative_ngram_max,
         speculative_max_running=args.speculative_max_running,
         speculative_ngram_shared=args.speculative_ngram_shared,
+        speculative_mtp=args.speculative_mtp,
         max_running_requests=args.max_running_requests,
         enable_prefix_caching=args.enable_prefix_caching,
         preload_structured_output=args.preload_structured_output,

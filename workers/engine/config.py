@@ -31,6 +31,9 @@ class EngineConfig:
     speculative_ngram_max: int = 4
     speculative_max_running: int = 0
     speculative_ngram_shared: int = 0
+    # Speculative decoding with the model's multi-token-prediction module as the draft model
+    # (`workers.model.mtp`): one guessed token a step per request.
+    speculative_mtp: bool = False
     gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
     # Share the KV of full pages between requests whose tokens begin alike.
@@ -82,12 +85,16 @@ class EngineConfig:
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 0, got {getattr(self, name)}")
-        if self.speculative_ngram == 0 and (
-            self.speculative_ngram_shared or self.speculative_max_running
-        ):
+        if self.speculative_ngram and self.speculative_mtp:
             raise ValueError(
-                "--speculative-ngram-shared and --speculative-max-running go with "
-                "--speculative-ngram K (speculative decoding is off)"
+                "--speculative-ngram and --speculative-mtp: choose one source of guesses"
+            )
+        if self.speculative_ngram == 0 and self.speculative_ngram_shared:
+            raise ValueError("--speculative-ngram-shared goes with --speculative-ngram K")
+        if not (self.speculative_ngram or self.speculative_mtp) and self.speculative_max_running:
+            raise ValueError(
+                "--speculative-max-running goes with --speculative-ngram K or --speculative-mtp "
+                "(speculative decoding is off)"
             )
         if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
             raise ValueError(

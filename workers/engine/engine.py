@@ -35,12 +35,14 @@ from workers.engine.model_inputs import (
     row_samplers,
     take_prompt_scores,
 )
+from workers.engine.mtp_draft import draft_after_step
 from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
 from workers.engine.speculative import Speculator
 from workers.engine.step_output import constraint_error, draw_tokens, finish_reason, token_delta
 from workers.ep.moe import EPContext, select_grouped_gemm
 from workers.kernels import triton_available
+from workers.model.batch import AttentionMetadata
 from workers.model.loader import load_model
 from workers.model.mla import MLAttention
 from workers.model.model import DeepseekForCausalLM
@@ -80,10 +82,17 @@ class Engine:
         )  # fmt: skip
         # `model`: already built and placed (benchmarks' random-weight models); `model_dir`
         # then only names it.
+        if config.speculative_mtp and ep is not None:
+            raise ValueError(
+                "--speculative-mtp is not supported on expert-parallel pools yet (more than "
+                "one rank a pool); use it with one rank a pool, or --speculative-ngram"
+            )
         self.model = model or load_model(
             model_dir, self.device, self.dtype, progress=progress, ep=ep,
-            keep_fp8_experts=keep_fp8,
+            keep_fp8_experts=keep_fp8, mtp=config.speculative_mtp,
         )  # fmt: skip
+        if config.speculative_mtp and self.model.mtp is None:
+            raise ValueError("--speculative-mtp: the model was built without its MTP module")
         self.model_config = cfg = self.model.config
         self.grammars = GrammarBackend(self.model_dir, cfg.vocab_size, cfg.eos_token_ids)
         self.expert_load: ExpertLoad | None = None
@@ -97,14 +106,15 @@ class Engine:
         self.max_context_len = min(
             config.max_context_len or cfg.max_position_embeddings, self.model.rope.max_positions
         )
-        num_pages = num_kv_pages(config, cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype,
-                                 self.device)  # fmt: skip
-        per_token = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.kv_cache_dim, self.dtype)
+        # The MTP module's KV is one more layer of the cache, moved and cached with the rest.
+        num_layers = cfg.num_hidden_layers + (1 if self.model.mtp is not None else 0)
+        num_pages = num_kv_pages(config, num_layers, cfg.kv_cache_dim, self.dtype, self.device)
+        per_token = KVCache.bytes_per_token(num_layers, cfg.kv_cache_dim, self.dtype)
         host_pages = int(config.prefix_cache_host_space * (1 << 30)) // (
             per_token * config.page_size
         )
         self.kv = KVCache(
-            cfg.num_hidden_layers,
+            num_layers,
             num_pages,
             config.page_size,
             cfg.kv_cache_dim,
@@ -123,12 +133,16 @@ class Engine:
             swap_tokens = int(config.kv_swap_space * (1 << 30)) // per_token
             self.scheduler.swap = KVSwap(self.kv, swap_tokens)
         self.speculator: Speculator | None = None
-        if config.speculative_ngram > 0:
+        if config.speculative_ngram > 0 or config.speculative_mtp:
             self.speculator = Speculator(config, self.max_context_len)
             self.scheduler.speculate = self.speculator.guess
             self.scheduler.speculate_max_running = config.speculative_max_running
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch:
+        # (The MTP module's pass reads the forward's hidden states: no graphs with it yet.)
+        if (
+            self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch
+            and self.model.mtp is None
+        ):  # fmt: skip
             self.graphs = DecodeGraphs(
                 self.model,
                 self.kv,
@@ -379,6 +393,7 @@ class Engine:
         that the MoE layers' collectives match."""
         reserved = self.reserve_kv()
         batch = self.scheduler.schedule()
+        mtp_inputs: tuple[torch.Tensor, AttentionMetadata] | None = None
         self.idle = batch.is_empty and not reserved
         if batch.is_empty and not run_empty:
             return []
@@ -398,6 +413,7 @@ class Engine:
             input_ids, meta, samplers = prepare_inputs(batch, self.kv.page_size, self.device)
             logits = self.model(input_ids, meta, self.kv.data)
             take_prompt_scores(batch, meta)
+            mtp_inputs = (input_ids, meta)
         if batch.is_empty:
             return []
         publish = self.kv.allocator.enabled
@@ -410,6 +426,8 @@ class Engine:
         tokens, logprobs = draw_tokens(
             logits, samplers, self.grammars, self.model_config.eos_token_ids
         )
+        if self.model.mtp is not None and mtp_inputs is not None:
+            draft_after_step(self.model, self.kv.data, batch, *mtp_inputs, samplers, tokens)
         self.num_steps += 1
         self._last_logits = ([s.rid for s in samplers], logits)
         if states is not None:

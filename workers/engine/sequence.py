@@ -72,6 +72,9 @@ class Sequence:
         # the guesses come from (built at the first guess).
         self.draft: list[int] = []
         self.ngrams: NgramIndex | None = None
+        # With the MTP draft model: its guess at the token after the pending one, from the
+        # step that appended the pending one (`workers.engine.mtp_draft`).
+        self.mtp_draft: list[int] = []
         self.num_verify_steps = 0  # decode steps it took on a rank that guesses (SGLang's
         # `spec_verify_ct`: output tokens / this is how many tokens a step gave it)
         self._slots: torch.Tensor | None = None

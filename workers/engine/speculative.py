@@ -184,7 +184,8 @@ class Speculator:
     step's rows make of them, counted."""
 
     def __init__(self, config: EngineConfig, max_context_len: int):
-        self.max_guess = config.speculative_ngram
+        self.mtp = config.speculative_mtp  # guesses from the MTP module (else n-grams)
+        self.max_guess = 1 if self.mtp else config.speculative_ngram
         self.min_n, self.max_n = config.speculative_ngram_min, config.speculative_ngram_max
         self.max_context_len = max_context_len
         self.shared: SharedNgrams | None = None
@@ -196,7 +197,8 @@ class Speculator:
     def guess(self, seq: Sequence, limit: int) -> list[int]:
         """Tokens guessed to follow `seq`'s pending one, at most `limit`, none past its
         `max_new_tokens` or the context length: what its constraint forces, else its own
-        n-gram index's guess, else the shared index's (earlier requests')."""
+        n-gram index's guess, else the shared index's (earlier requests'); with the MTP
+        module, its guess (`Sequence.mtp_draft`) instead of n-grams."""
         if not can_speculate(seq):
             return []
         limit = min(
@@ -210,6 +212,8 @@ class Speculator:
             forced = seq.matcher.forced_tokens()
             if forced:
                 return forced[:limit]
+        if self.mtp:
+            return seq.mtp_draft[:limit]
         if seq.ngrams is None:
             seq.ngrams = NgramIndex(self.min_n, self.max_n, self.max_guess)
         guess = seq.ngrams.propose(seq.token_ids, limit)

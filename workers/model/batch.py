@@ -55,6 +55,8 @@ class AttentionMetadata:
     score_top: int = 0  # how many of the most likely tokens to report per row
     # Set by the forward when `score_rows` is: the targets' log-probabilities and the top.
     scores: PromptScores | None = field(default=None, init=False, repr=False)
+    # Set by a model with an MTP module: every row's final hidden state `[T, hidden]`.
+    hidden: torch.Tensor | None = field(default=None, init=False, repr=False)
     # The torch decode attention's inputs derived from block_table/seq_lens, built by the
     # step's first layer and reused by the others (`workers.model.mla.PagedDecodeInputs`).
     paged_decode: PagedDecodeInputs | None = field(default=None, init=False, repr=False)

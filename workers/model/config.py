@@ -98,6 +98,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     quant: QuantConfig | None = None
+    # Multi-token-prediction modules after the main layers (DeepSeek-V3: 1, checkpoint layer
+    # `num_hidden_layers`), loaded only for speculative decoding (`workers.model.mtp`).
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -239,6 +242,9 @@ class ModelConfig:
             bos_token_id=None if bos is None else _int("bos_token_id", bos, minimum=0),
             eos_token_ids=eos_ids,
             quant=_quant_from_hf(hf),
+            num_nextn_predict_layers=_int(
+                "num_nextn_predict_layers", _given(hf, "num_nextn_predict_layers", 0), minimum=0
+            ),
         )
 
 

@@ -22,9 +22,11 @@ from workers.model.fp8 import dequantize_block_fp8
 from workers.model.model import DeepseekForCausalLM
 from workers.model.moe import RoutedExperts
 
-_EXPERT_KEY = re.compile(
-    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
-)
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+# The MTP module's own parts (`workers.model.mtp.MTPLayer`); the rest of its layer is a
+# decoder layer (`block`); its embedding and head are the main model's, not loaded.
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+_MTP_SHARED = ("embed_tokens.", "shared_head.head.")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _SCALE_SUFFIX = "_scale_inv"
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -50,14 +52,21 @@ def load_model(
     progress: bool = True,
     ep: EPContext | None = None,
     keep_fp8_experts: bool = False,
+    mtp: bool = False,
 ) -> DeepseekForCausalLM:
     """The model of `model_dir` on `device` in `dtype`. With `ep`, each MoE layer loads only
     the experts of the rank's slots (`RoutedExperts.slot_experts`); other experts' tensors are
     not read. `keep_fp8_experts`: an FP8 checkpoint's routed experts stay float8 with their
-    block scales (for the fused MoE kernel), where `fp8_experts_keepable` allows it."""
+    block scales (for the fused MoE kernel), where `fp8_experts_keepable` allows it. `mtp`:
+    load the multi-token-prediction module too (a draft model for speculative decoding)."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    model = DeepseekForCausalLM(cfg, max_positions, ep)
+    if mtp and cfg.num_nextn_predict_layers < 1:
+        raise ValueError(
+            f"{model_dir} has no multi-token-prediction module (num_nextn_predict_layers is "
+            "0 in its config.json): speculative decoding with MTP needs one (DeepSeek-V3/R1)"
+        )
+    model = DeepseekForCausalLM(cfg, max_positions, ep, mtp)
     block = cfg.quant.weight_block_size if cfg.quant else (128, 128)
     keep_fp8 = keep_fp8_experts and fp8_experts_keepable(cfg)
     if keep_fp8:
@@ -77,10 +86,10 @@ def load_model(
         keys, desc=f"Loading {model_dir.name}", unit="tensor", disable=not progress, file=sys.stderr
     )
     for key in bar:
-        layer = _LAYER_KEY.match(key)
-        if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
-            continue  # multi-token-prediction layers are not served
-        target, index = _target(key)
+        name = _model_key(key, cfg.num_hidden_layers, mtp)
+        if name is None:
+            continue  # an MTP module not served, or its copy of the main model's weights
+        target, index = _target(name)
         dest_slots = [] if index is None else slots.get(target, {}).get(index[0], [])
         if index is not None and target in slots and not dest_slots:
             if index[0] >= (cfg.n_routed_experts or 0):
@@ -128,14 +137,21 @@ def load_model(
                         grid[
                             {"gate": slice(0, rows), "up": slice(rows, None)}.get(proj, slice(None))
                         ].copy_(scale)
-        loaded.add(key)
+        loaded.add(name)
 
     if cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
         model.lm_head.data = model.model.embed_tokens.weight.data
         loaded.add("lm_head.weight")
     missing = _expected_keys(model) - loaded
+    if mtp and missing and all(k.startswith("mtp.") for k in missing):
+        raise ValueError(
+            f"{model_dir} has no multi-token-prediction module: its config.json says "
+            f"num_nextn_predict_layers {cfg.num_nextn_predict_layers}, but no tensor of layer "
+            f"{cfg.num_hidden_layers} (model.layers.{cfg.num_hidden_layers}.*) is in its "
+            "checkpoint"
+        )
     if missing:
-        shown = ", ".join(sorted(missing)[:8])
+        shown = ", ".join(sorted(_checkpoint_key(k, cfg.num_hidden_layers) for k in missing)[:8])
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {shown}")
     return model.place(torch.device(device), dtype)
 
@@ -169,6 +185,28 @@ def _expert_scales(model: DeepseekForCausalLM) -> dict[str, torch.Tensor]:
             assert module.w2_scale is not None
             out[f"{name}.w13"], out[f"{name}.w2"] = module.w13_scale, module.w2_scale
     return out
+
+
+def _model_key(key: str, num_layers: int, mtp: bool) -> str | None:
+    """Checkpoint `key` as the model names it: the MTP module's layer (`num_layers`, the one
+    after the main layers) under `mtp.` when `mtp`; None for a tensor not loaded (an MTP
+    layer not served, the MTP layer's copies of the embedding and head)."""
+    layer = _LAYER_KEY.match(key)
+    if layer is None or int(layer.group(1)) < num_layers:
+        return key
+    if not mtp or int(layer.group(1)) != num_layers:
+        return None
+    rest = key[layer.end() :]
+    if rest.startswith(_MTP_SHARED):
+        return None
+    return f"mtp.{rest}" if rest.startswith(_MTP_OWN) else f"mtp.block.{rest}"
+
+
+def _checkpoint_key(name: str, num_layers: int) -> str:
+    """The checkpoint's name of model key `name` (`_model_key`'s inverse)."""
+    if not name.startswith("mtp."):
+        return name
+    return f"model.layers.{num_layers}.{name.removeprefix('mtp.').removeprefix('block.')}"
 
 
 def _target(key: str) -> tuple[str, tuple[int, str] | None]:

@@ -11,47 +11,14 @@ from workers.kernels import triton_available
 from workers.kernels.cpu import blocks as cpu_blocks
 from workers.model.batch import AttentionMetadata, PromptScores
 from workers.model.config import ModelConfig
+from workers.model.decoder_layer import DecoderLayer
 from workers.model.layers import MLP, RMSNorm, empty_param
 from workers.model.mla import MLAttention
 from workers.model.moe import ExpertLoad, Gate, MoE, RoutedExperts, grouped_gemm_backends
+from workers.model.mtp import MTPLayer
 from workers.model.rope import RotaryEmbedding
 
 SCORE_CHUNK = 256  # rows per LM-head call when scoring a prompt
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, ep: EPContext | None = None):
-        super().__init__()
-        self.self_attn = MLAttention(cfg)
-        self.mlp: MoE | EPMoE | MLP
-        if cfg.is_moe_layer(layer_idx):
-            self.mlp = MoE(cfg, layer_idx) if ep is None else EPMoE(cfg, layer_idx, ep)
-        else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        meta: AttentionMetadata,
-        rope: RotaryEmbedding,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        x = self.attention(x, meta, rope, cos_sin, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def attention(
-        self,
-        x: torch.Tensor,
-        meta: AttentionMetadata,
-        rope: RotaryEmbedding,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """The residual stream after the attention block."""
-        return x + self.self_attn(self.input_layernorm(x), meta, rope, cos_sin, kv_cache)
 
 
 class _Body(nn.Module):
@@ -74,13 +41,20 @@ class DeepseekForCausalLM(nn.Module):
     is a collective over the pool."""
 
     def __init__(
-        self, cfg: ModelConfig, max_positions: int | None = None, ep: EPContext | None = None
+        self,
+        cfg: ModelConfig,
+        max_positions: int | None = None,
+        ep: EPContext | None = None,
+        mtp: bool = False,
     ):
         super().__init__()
         self.config = cfg
         self.ep = ep
         self.model = _Body(cfg, ep)
         self.lm_head = empty_param(cfg.vocab_size, cfg.hidden_size)
+        # The multi-token-prediction module, a draft model for speculative decoding (`mtp`:
+        # load it; a checkpoint with `num_nextn_predict_layers` >= 1 holds it).
+        self.mtp = MTPLayer(cfg) if mtp else None
         self.rope = RotaryEmbedding(
             cfg.rope,
             cfg.qk_rope_head_dim,
@@ -177,7 +151,7 @@ class DeepseekForCausalLM(nn.Module):
         self._load = load
         if self.ep is not None:
             self.ep.load = load
-        for module in self.modules():
+        for module in self.model.modules():  # (not the MTP module's: no layer of the count)
             if isinstance(module, MoE):
                 module.load = load
 
@@ -192,8 +166,9 @@ class DeepseekForCausalLM(nn.Module):
         layers = self._decode_layers(meta, kv_cache)
         if layers is not None:
             load = None if self._load is None else self._load.counts
+            main_kv = kv_cache[: len(self.model.layers)]  # (without the MTP module's layer)
             x = layers(
-                x, meta.positions, meta.out_slots, kv_cache, meta.block_table, meta.seq_lens,
+                x, meta.positions, meta.out_slots, main_kv, meta.block_table, meta.seq_lens,
                 meta.page_size, load,
             )  # fmt: skip
             return self._logits(x, meta)
@@ -239,9 +214,24 @@ class DeepseekForCausalLM(nn.Module):
     def _logits(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if meta.score_rows is not None:
             meta.scores = self._score(x, meta)
-        # DP LM head: each rank computes the logits of its own requests' last tokens only.
-        x = self.model.norm(x[meta.logits_indices])
+        if self.mtp is not None:  # every row's final hidden state: what the MTP module reads
+            meta.hidden = self.model.norm(x)
+            x = meta.hidden[meta.logits_indices]
+        else:  # DP LM head: each rank computes the logits of its own requests' last tokens only
+            x = self.model.norm(x[meta.logits_indices])
         return F.linear(x, self.lm_head).float()
+
+    def draft_logits(
+        self, next_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """After a forward over `meta`'s batch: the MTP module's logits `[S, vocab]` of the
+        token after next at `meta.logits_indices`, `next_ids: [T]` being each row's next
+        token. Writes the module's KV (the cache's last layer) at the batch's slots."""
+        assert self.mtp is not None and meta.hidden is not None, "a forward with mtp first"
+        return self.mtp(
+            next_ids, meta.hidden, meta, self.model.embed_tokens, self.lm_head, self.rope,
+            kv_cache[self.mtp.layer_idx],
+        )  # fmt: skip
 
     def _score(self, x: torch.Tensor, meta: AttentionMetadata) -> PromptScores:
         """Prompt scoring: the log-probability of each `score_targets` token after its row,

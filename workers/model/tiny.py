@@ -31,7 +31,7 @@ from tokenizers import (
 from orchestrator import tool_parser as tp
 
 TINY_MODEL_NAME = "pdserve-tiny-deepseek-v3"
-_VERSION = 4  # bump when anything below changes what is written
+_VERSION = 5  # bump when anything below changes what is written
 _SEED = 20261122
 _VOCAB_SIZE = 1024
 
@@ -224,6 +224,7 @@ def tiny_config(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, Any]:
         "eos_token_id": eos_id,
         "initializer_range": 0.05,
         "torch_dtype": "float32",
+        "num_nextn_predict_layers": 1,
     }
 
 
@@ -307,7 +308,7 @@ def _weights(cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         w[f"{prefix}.up_proj.weight"] = mat(inter, hidden)
         w[f"{prefix}.down_proj.weight"] = mat(hidden, inter)
 
-    for i in range(cfg["num_hidden_layers"]):
+    def layer(i: int) -> None:
         p = f"model.layers.{i}"
         w[f"{p}.input_layernorm.weight"] = torch.ones(hidden)
         w[f"{p}.post_attention_layernorm.weight"] = torch.ones(hidden)
@@ -325,10 +326,24 @@ def _weights(cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         w[f"{a}.o_proj.weight"] = mat(hidden, heads * cfg["v_head_dim"])
         if i < cfg["first_k_dense_replace"]:
             mlp(f"{p}.mlp", cfg["intermediate_size"])
-            continue
+            return
         w[f"{p}.mlp.gate.weight"] = mat(experts, hidden)
         w[f"{p}.mlp.gate.e_score_correction_bias"] = torch.randn(experts, generator=g) * 0.01
         for e in range(experts):
             mlp(f"{p}.mlp.experts.{e}", moe_inter)
         mlp(f"{p}.mlp.shared_experts", moe_inter * cfg["n_shared_experts"])
+
+    for i in range(cfg["num_hidden_layers"]):
+        layer(i)
+    # The multi-token-prediction module (drawn last: the main weights do not depend on it),
+    # with copies of the embedding and head as DeepSeek-V3's checkpoint has them.
+    mtp = cfg["num_hidden_layers"]
+    layer(mtp)
+    p = f"model.layers.{mtp}"
+    w[f"{p}.enorm.weight"] = torch.ones(hidden)
+    w[f"{p}.hnorm.weight"] = torch.ones(hidden)
+    w[f"{p}.eh_proj.weight"] = mat(hidden, 2 * hidden)
+    w[f"{p}.shared_head.norm.weight"] = torch.ones(hidden)
+    w[f"{p}.embed_tokens.weight"] = w["model.embed_tokens.weight"].clone()
+    w[f"{p}.shared_head.head.weight"] = w["lm_head.weight"].clone()
     return {k: v.contiguous() for k, v in w.items()}

@@ -1,0 +1,262 @@
+"""Speculative decoding with the MTP module as the draft model (`--speculative-mtp`).
+
+The module's guesses are checked against a reference built on `transformers`: the main
+model's hidden states from its DeepSeek-V3 model, the module's decoder layer run as one more
+`DeepseekV3DecoderLayer` over the whole token history, the module's own parts in plain torch.
+An engine's guess after each step — chunked prompts, pages, one engine or a prefill and a
+decode engine with the KV copied between them — must be the reference's choice at that
+position. Then: guesses never change the tokens (a random module, and one that agrees with
+its model: nearly every guess kept), the settings are checked, and a disaggregated server
+guesses with it over HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.checkpoints import agreeing_mtp_checkpoint, make_checkpoint
+from tests.test_disagg_engine import _copy_pages
+from tests.test_speculative import GUESSING, _run
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.messages import GenerateRequest, SamplingParams
+
+pytestmark = pytest.mark.timeout(300)
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def _engine(path: Path, **kw: Any) -> Engine:
+    config = {"page_size": 4, "chunked_prefill_size": 8, "speculative_mtp": True, **kw}
+    return Engine(path, EngineConfig(**config), progress=False)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 900, (n,), generator=g).tolist() for n in (5, 13, 30)]
+
+
+class MTPReference:
+    """The MTP module's logits over a whole token history, from `transformers`."""
+
+    def __init__(self, model_dir: Path, tmp: Path):
+        import transformers
+        from safetensors.torch import load_file
+
+        config = json.loads((model_dir / "config.json").read_text())
+        self.num_layers = n = config["num_hidden_layers"]
+        # The module's decoder layer is layer `n` of a model of n + 1 layers.
+        ref = tmp / "mtp-reference"
+        ref.mkdir()
+        for f in model_dir.iterdir():
+            if f.name != "config.json":
+                (ref / f.name).symlink_to(f)
+        (ref / "config.json").write_text(json.dumps({**config, "num_hidden_layers": n + 1}))
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(
+            ref, dtype=torch.float32, attn_implementation="eager"
+        )
+        prefix = f"model.layers.{n}."
+        weights = load_file(model_dir / "model.safetensors")
+        self.own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        self.eps = self.hf.config.rms_norm_eps
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.own[name] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    @torch.no_grad()
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """`[len(tokens) - 1, vocab]`: row `i` reads the hidden state of token `i` and token
+        `i + 1`, and scores token `i + 2`."""
+        model = self.hf.model
+        ids = torch.tensor([tokens])
+        out = model(input_ids=ids, output_hidden_states=True)
+        hidden = model.norm(out.hidden_states[self.num_layers])[0]  # after the main layers
+        embed = model.embed_tokens(ids)[0]
+        x = torch.cat(
+            (self._norm(embed[1:], "enorm.weight"), self._norm(hidden[:-1], "hnorm.weight")), -1
+        )
+        x = x @ self.own["eh_proj.weight"].T
+        n = x.shape[0]
+        positions = torch.arange(n)[None]
+        causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        y = model.layers[self.num_layers](
+            x[None], attention_mask=causal, position_ids=positions,
+            position_embeddings=model.rotary_emb(x[None], positions),
+        )  # fmt: skip
+        y = (y[0] if isinstance(y, tuple) else y)[0]
+        return self._norm(y, "shared_head.norm.weight") @ self.own["shared_head.head.weight"].T
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory) -> MTPReference:
+    return MTPReference(tiny_model_dir, tmp_path_factory.mktemp("mtp"))
+
+
+def _record_guesses(engine: Engine, guesses: dict[str, dict[int, int]]) -> None:
+    """Each live request's guess after the step just run, by its number of tokens."""
+    for rid, seq in engine.requests.items():
+        if seq.mtp_draft:
+            guesses.setdefault(rid, {})[seq.num_tokens] = seq.mtp_draft[0]
+
+
+def _check_guesses(
+    reference: MTPReference, tokens: dict[str, list[int]], guesses: dict[str, dict[int, int]]
+) -> None:
+    """Every guess is the reference's choice (within float noise of its best score)."""
+    assert set(guesses) == set(tokens)
+    for rid, by_len in guesses.items():
+        logits = reference.logits(tokens[rid])
+        assert len(by_len) >= GREEDY.max_new_tokens // 2, (rid, by_len)
+        for num_tokens, guess in by_len.items():
+            row = logits[num_tokens - 2]  # the row of the token before the pending one
+            assert row[guess] >= row.max() - 1e-3, (rid, num_tokens, guess, int(row.argmax()))
+
+
+def test_the_guesses_are_the_mtp_module_s_choices(tiny_model_dir, reference):
+    """One engine, prompts in chunks of 8 over pages of 4, greedy requests decoding in one
+    batch: after each step each request's guess is the reference module's choice."""
+    engine = _engine(tiny_model_dir)
+    prompts = _prompts()
+    for i, prompt in enumerate(prompts):
+        engine.add(GenerateRequest(f"r{i}", prompt, GREEDY))
+    guesses: dict[str, dict[int, int]] = {}
+    tokens: dict[str, list[int]] = {}
+    while engine.has_work:
+        engine.step()
+        _record_guesses(engine, guesses)
+        tokens.update({rid: list(seq.token_ids) for rid, seq in engine.requests.items()})
+    assert engine.kv.allocator.num_free == engine.kv.num_pages
+    _check_guesses(reference, tokens, guesses)
+
+
+def test_a_decode_engine_guesses_from_the_module_kv_the_prefill_engine_computed(
+    tiny_model_dir, reference
+):
+    """Disaggregated: the prefill engine runs the module over the prompt (its last row reads
+    the first sampled token) and the pages carry the module's KV as one more layer; the
+    decode engine's guesses are then the reference's from its first step on."""
+    prefill, decode = _engine(tiny_model_dir), _engine(tiny_model_dir)
+    assert prefill.kv.data.shape[0] == prefill.model_config.num_hidden_layers + 1
+    prompts = _prompts()
+    for i, prompt in enumerate(prompts):
+        prefill.add(GenerateRequest(f"r{i}", prompt, GREEDY), mode="prefill")
+        decode.add(GenerateRequest(f"r{i}", prompt, GREEDY), mode="decode")
+    handed: dict[str, tuple[list[int], int]] = {}
+    targets: dict[str, list[int]] = {}
+    guesses: dict[str, dict[int, int]] = {}
+    tokens: dict[str, list[int]] = {}
+    finished = 0
+    while finished < len(prompts):
+        prefill.step()
+        for seq in prefill.take_handoffs():
+            handed[seq.rid] = (seq.pages, seq.token_ids[-1])
+        finished += sum(d.finish_reason is not None for d in decode.step())
+        _record_guesses(decode, guesses)
+        tokens.update({rid: list(seq.token_ids) for rid, seq in decode.requests.items()})
+        for seq in decode.take_reserved():
+            targets[seq.rid] = seq.pages
+        for rid in [r for r in handed if r in targets]:
+            (pages, first), dst_pages = handed.pop(rid), targets.pop(rid)
+            _copy_pages(prefill, pages, decode, dst_pages)
+            prefill.release(rid)
+            assert decode.admit_received(rid, first) is not None
+    _check_guesses(reference, tokens, guesses)
+    for engine in (prefill, decode):
+        assert engine.kv.allocator.num_free == engine.kv.num_pages and not engine.requests
+
+
+@pytest.fixture(scope="module")
+def agreeing(tiny_model_dir, tmp_path_factory) -> Path:
+    return agreeing_mtp_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("agreeing"))
+
+
+def _requests() -> dict[str, tuple[list[int], SamplingParams]]:
+    prompts = _prompts()
+    reqs = {f"g{i}": (p, GREEDY) for i, p in enumerate(prompts)}
+    for i, (name, sp) in enumerate(GUESSING.items()):
+        reqs[name] = (prompts[i % 3], sp)
+    return reqs
+
+
+@pytest.mark.parametrize("model", ["tiny", "agreeing"])
+def test_mtp_guesses_give_the_tokens_of_plain_decoding(model, tiny_model_dir, agreeing):
+    """Greedy and seeded sampled requests of every kind (penalties, logprobs, a minimum
+    length, ...) in one batch give plain decoding's tokens, with the tiny model's random
+    module (its guesses fail) and with one that agrees with its model (its guesses hold for
+    greedy requests: about half the decode steps)."""
+    path = tiny_model_dir if model == "tiny" else agreeing
+    reqs = _requests()
+    plain, _, _ = _run(_engine(path, speculative_mtp=False), reqs)
+    engine = _engine(path)
+    spec, _, _ = _run(engine, reqs)
+    assert spec == plain
+    stats = engine.stats()
+    assert stats.num_spec_draft_tokens > 0
+    greedy = {k: v for k, v in reqs.items() if k.startswith("g")}
+    engine = _engine(path)
+    plain_steps = _run(_engine(path, speculative_mtp=False), greedy)[2]
+    _, _, steps = _run(engine, greedy)
+    stats = engine.stats()
+    if model == "agreeing":
+        assert stats.num_spec_accepted_tokens == stats.num_spec_draft_tokens > 0
+        # (23 decode steps a request without guesses; the prompts' chunks ride along)
+        assert plain_steps - steps >= 8, (steps, plain_steps)
+    else:
+        assert stats.num_spec_accepted_tokens < stats.num_spec_draft_tokens / 4
+
+
+def test_mtp_settings_are_checked(tmp_path_factory, tiny_model_dir):
+    from orchestrator.config import ServeConfig
+    from tests.conftest import tiny_serve_config
+    from workers.model.loader import load_model
+
+    with pytest.raises(ValueError, match="choose one source of guesses"):
+        EngineConfig(speculative_ngram=4, speculative_mtp=True)
+    # A transformers-made checkpoint: num_nextn_predict_layers 1 in config.json, no weights.
+    ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("no-mtp"))
+    with pytest.raises(ValueError, match="no multi-token-prediction module.*model.layers.4"):
+        load_model(ckpt.path, progress=False, mtp=True)
+    config = json.loads((ckpt.path / "config.json").read_text())
+    (ckpt.path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ValueError, match="no multi-token-prediction module.*is 0"):
+        load_model(ckpt.path, progress=False, mtp=True)
+    engine = dataclasses.replace(tiny_serve_config(tiny_model_dir).engine, speculative_mtp=True)
+    with pytest.raises(ValueError, match="one rank a pool"):
+        ServeConfig(engine=engine, decode_dp=2)
+    with pytest.raises(ValueError, match="one rank a pool"):
+        ServeConfig(engine=engine, colocated=True, num_ranks=2)
+    # Without --speculative-mtp the module is not loaded: the model is as before.
+    assert load_model(tiny_model_dir, progress=False).mtp is None
+
+
+def test_a_disaggregated_server_guesses_with_the_mtp_module(
+    launch_tiny, tiny_server, tiny_model_dir
+):
+    """`--speculative-mtp` on the disaggregated tiny server (its prefill rank computes the
+    module's KV of the prompt, NIXL moves it with the rest): the tokens of plain decoding,
+    guesses counted in /v1/stats and `spec_verify_ct`."""
+    import httpx
+
+    from tests.conftest import tiny_serve_config
+    from tests.http_calls import _greedy
+
+    prompts = _prompts()
+    body = {"input_ids": prompts, "sampling_params": _greedy(16)}
+    want = httpx.post(f"{tiny_server}/generate", json=body, timeout=120).json()
+    engine = dataclasses.replace(tiny_serve_config(tiny_model_dir).engine, speculative_mtp=True)
+    server = launch_tiny(engine=engine)
+    try:
+        got = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()
+        assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
+        assert all(0 < g["meta_info"]["spec_verify_ct"] <= 15 for g in got)
+        stats = httpx.get(f"{server.url}/v1/stats", timeout=30).json()
+        ranks = [r["stats"] for r in stats["ranks"] if r["stats"]]
+        assert sum(s["num_spec_draft_tokens"] for s in ranks) > 0, ranks
+    finally:
+        server.stop()

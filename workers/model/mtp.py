@@ -1,0 +1,67 @@
+"""DeepSeek-V3's multi-token-prediction (MTP) module, served as a draft model.
+
+Trained next to the main model, the module predicts the token after next: for the row at
+position `i` it reads the main model's final hidden state `h_i` and the embedding of token
+`i + 1`, and through one decoder layer of its own (with its own latent KV cache) gives logits
+for token `i + 2`:
+
+    x = eh_proj([enorm(embed(t[i+1])), hnorm(h[i])])
+    logits = lm_head(shared_head.norm(decoder_layer(x)))
+
+The embedding and the output head are the main model's (DeepSeek-V3 shares them; the
+checkpoint's copies under the module's layer are not loaded). The module reads the same
+batch layout as the main forward it follows — same positions, KV slots and block tables,
+its KV in one more layer of the cache — with each row's token replaced by the token after it
+(`workers.engine.mtp_draft`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.batch import AttentionMetadata
+from workers.model.config import ModelConfig
+from workers.model.decoder_layer import DecoderLayer
+from workers.model.layers import Linear, RMSNorm
+from workers.model.rope import RotaryEmbedding
+
+
+class SharedHead(nn.Module):
+    """The module's final norm (its head is the main model's `lm_head`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(nn.Module):
+    """Checkpoint layer `num_hidden_layers` (`model.layers.61` in DeepSeek-V3), its parameter
+    names those of the checkpoint after the layer prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layer_idx = cfg.num_hidden_layers
+        self.block = DecoderLayer(cfg, self.layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(
+        self,
+        next_ids: torch.Tensor,  # [T] the token after each row's
+        hidden: torch.Tensor,  # [T, hidden] the main model's final (normed) hidden states
+        meta: AttentionMetadata,  # the main forward's
+        embed: nn.Embedding,
+        lm_head: torch.Tensor,  # [vocab, hidden]
+        rope: RotaryEmbedding,
+        kv_cache: torch.Tensor,  # [num_slots, kv_lora + rope] the module's layer of the cache
+    ) -> torch.Tensor:
+        """Logits `[S, vocab]` (float32) of the token after next, for `meta.logits_indices`."""
+        x = torch.cat((self.enorm(embed(next_ids)), self.hnorm(hidden)), dim=-1)
+        x = self.eh_proj(x)
+        x = self.block(x, meta, rope, rope.lookup(meta.positions), kv_cache)
+        x = self.shared_head.norm(x[meta.logits_indices])
+        return F.linear(x, lm_head).float()
