@@ -94,8 +94,28 @@ class MTPReference:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, tmp_path_factory) -> MTPReference:
-    return MTPReference(tiny_model_dir, tmp_path_factory.mktemp("mtp"))
+def mtp_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with random weights in the norms the MTP path reads (the final norm,
+    `enorm`, `hnorm`, the module's head norm), which the tiny model has at 1."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("mtp-model")
+    for f in tiny_model_dir.iterdir():
+        if f.name != "model.safetensors":
+            (path / f.name).symlink_to(f)
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    g = torch.Generator().manual_seed(7)
+    num_layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    own = ("enorm.weight", "hnorm.weight", "shared_head.norm.weight")
+    for name in ("model.norm.weight", *(f"model.layers.{num_layers}.{n}" for n in own)):
+        weights[name] = 1 + 0.5 * torch.randn(weights[name].shape, generator=g)
+    save_file(weights, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(mtp_model, tmp_path_factory) -> MTPReference:
+    return MTPReference(mtp_model, tmp_path_factory.mktemp("mtp"))
 
 
 def _record_guesses(engine: Engine, guesses: dict[str, dict[int, int]]) -> None:
@@ -118,10 +138,10 @@ def _check_guesses(
             assert row[guess] >= row.max() - 1e-3, (rid, num_tokens, guess, int(row.argmax()))
 
 
-def test_the_guesses_are_the_mtp_module_s_choices(tiny_model_dir, reference):
+def test_the_guesses_are_the_mtp_module_s_choices(mtp_model, reference):
     """One engine, prompts in chunks of 8 over pages of 4, greedy requests decoding in one
     batch: after each step each request's guess is the reference module's choice."""
-    engine = _engine(tiny_model_dir)
+    engine = _engine(mtp_model)
     prompts = _prompts()
     for i, prompt in enumerate(prompts):
         engine.add(GenerateRequest(f"r{i}", prompt, GREEDY))
@@ -136,12 +156,12 @@ def test_the_guesses_are_the_mtp_module_s_choices(tiny_model_dir, reference):
 
 
 def test_a_decode_engine_guesses_from_the_module_kv_the_prefill_engine_computed(
-    tiny_model_dir, reference
+    mtp_model, reference
 ):
     """Disaggregated: the prefill engine runs the module over the prompt (its last row reads
     the first sampled token) and the pages carry the module's KV as one more layer; the
     decode engine's guesses are then the reference's from its first step on."""
-    prefill, decode = _engine(tiny_model_dir), _engine(tiny_model_dir)
+    prefill, decode = _engine(mtp_model), _engine(mtp_model)
     assert prefill.kv.data.shape[0] == prefill.model_config.num_hidden_layers + 1
     prompts = _prompts()
     for i, prompt in enumerate(prompts):
