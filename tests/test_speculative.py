@@ -392,8 +392,8 @@ def test_guessing_on_a_tight_kv_cache_preempts_and_swaps_with_the_same_tokens(ck
             {"speculative_ngram": 4, "speculative_ngram_shared": -1},
             "--speculative-ngram-shared must be >= 0, got -1",
         ),
-        ({"speculative_ngram_shared": 4096}, "go with --speculative-ngram K"),
-        ({"speculative_max_running": 8}, "go with --speculative-ngram K"),
+        ({"speculative_ngram_shared": 4096}, "goes with --speculative-ngram"),
+        ({"speculative_max_running": 8}, "goes with --speculative-ngram"),
     ],
 )
 def test_speculative_settings_are_checked(settings, message):

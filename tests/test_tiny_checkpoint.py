@@ -49,7 +49,11 @@ def test_loads_in_transformers_with_every_feature_on(tiny):
     assert config.num_key_value_heads == config.num_attention_heads
     assert config.first_k_dense_replace == 1 and config.n_shared_experts == 1
     model, info = transformers.DeepseekV3ForCausalLM.from_pretrained(tiny, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not any(info[k] for k in ("missing_keys", "mismatched_keys"))
+    # The MTP module (layer 4), as DeepSeek-V3's layer 61: transformers does not serve it.
+    assert info["unexpected_keys"] and all(
+        k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in info["unexpected_keys"]
+    )
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias
     assert bias.abs().min() > 0
 

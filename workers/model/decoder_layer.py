@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from workers.ep.moe import EPContext, EPMoE
+from workers.kernels.cpu import blocks as cpu_blocks
 from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.layers import MLP, RMSNorm
@@ -48,3 +49,21 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """The residual stream after the attention block."""
         return x + self.self_attn(self.input_layernorm(x), meta, rope, cos_sin, kv_cache)
+
+    def cpu_blocks(self) -> cpu_blocks.DecoderLayerBlocks | None:
+        """The layer as C blocks (for `DecodeLayers`), when each of its parts runs in C
+        (after `DeepseekForCausalLM.place`'s `use_cpu_*` calls); else None."""
+        ffn: cpu_blocks.DenseFFN | cpu_blocks.MoEFFN
+        if isinstance(self.mlp, MoE) and self.mlp.cpu_kernel:
+            ffn = self.mlp.cpu_ffn()
+        elif isinstance(self.mlp, MLP) and self.mlp.cpu_weights is not None:
+            ffn = cpu_blocks.DenseFFN(*self.mlp.cpu_weights)
+        else:
+            return None
+        attn = self.self_attn.cpu_block
+        if attn is None:
+            return None
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        return cpu_blocks.DecoderLayerBlocks(
+            attn, norm1.weight.data, norm1.eps, norm2.weight.data, norm2.eps, ffn
+        )

@@ -102,6 +102,8 @@ class DeepseekForCausalLM(nn.Module):
                 elif isinstance(module, DecoderLayer) and isinstance(module.mlp, MLP):
                     module.mlp.use_cpu_kernel()
             self.use_cpu_layers()
+            if self.mtp is not None:
+                self.mtp.use_cpu_layer()
         return self
 
     def use_cpu_layers(self) -> None:
@@ -111,20 +113,10 @@ class DeepseekForCausalLM(nn.Module):
         layers = []
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
-            ffn: cpu_blocks.DenseFFN | cpu_blocks.MoEFFN
-            if isinstance(layer.mlp, MoE) and layer.mlp.cpu_kernel:
-                ffn = layer.mlp.cpu_ffn()
-            elif isinstance(layer.mlp, MLP) and layer.mlp.cpu_weights is not None:
-                ffn = cpu_blocks.DenseFFN(*layer.mlp.cpu_weights)
-            else:
+            blocks = layer.cpu_blocks()
+            if blocks is None:
                 return
-            attn = layer.self_attn.cpu_block
-            if attn is None:
-                return
-            norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-            layers.append(cpu_blocks.DecoderLayerBlocks(
-                attn, norm1.weight.data, norm1.eps, norm2.weight.data, norm2.eps, ffn,
-            ))  # fmt: skip
+            layers.append(blocks)
         self.cpu_layers = cpu_blocks.DecodeLayers(layers)
         self._cpu_layers_key = self._expert_pointers()
 
@@ -144,6 +136,8 @@ class DeepseekForCausalLM(nn.Module):
             return None  # a padded static batch: the per-op path counts only its real rows
         if self._expert_pointers() != self._cpu_layers_key:
             self.use_cpu_layers()
+            if self.mtp is not None:
+                self.mtp.use_cpu_layer()
         return self.cpu_layers
 
     def record_expert_load(self, load: ExpertLoad | None) -> None:
@@ -230,7 +224,7 @@ class DeepseekForCausalLM(nn.Module):
         assert self.mtp is not None and meta.hidden is not None, "a forward with mtp first"
         return self.mtp(
             next_ids, meta.hidden, meta, self.model.embed_tokens, self.lm_head, self.rope,
-            kv_cache[self.mtp.layer_idx],
+            kv_cache[self.mtp.layer_idx : self.mtp.layer_idx + 1],
         )  # fmt: skip
 
     def _score(self, x: torch.Tensor, meta: AttentionMetadata) -> PromptScores:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.kernels.cpu import blocks as cpu_blocks
 from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.decoder_layer import DecoderLayer
@@ -48,6 +49,12 @@ class MTPLayer(nn.Module):
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = SharedHead(cfg)
+        # Decode-only batches through the decoder layer as one C call (`use_cpu_layer`).
+        self.cpu_layer: cpu_blocks.DecodeLayers | None = None
+
+    def use_cpu_layer(self) -> None:
+        blocks = self.block.cpu_blocks()
+        self.cpu_layer = None if blocks is None else cpu_blocks.DecodeLayers([blocks])
 
     def forward(
         self,
@@ -57,11 +64,17 @@ class MTPLayer(nn.Module):
         embed: nn.Embedding,
         lm_head: torch.Tensor,  # [vocab, hidden]
         rope: RotaryEmbedding,
-        kv_cache: torch.Tensor,  # [num_slots, kv_lora + rope] the module's layer of the cache
+        kv_cache: torch.Tensor,  # [1, num_slots, kv_lora + rope] the module's layer of the cache
     ) -> torch.Tensor:
         """Logits `[S, vocab]` (float32) of the token after next, for `meta.logits_indices`."""
         x = torch.cat((self.enorm(embed(next_ids)), self.hnorm(hidden)), dim=-1)
         x = self.eh_proj(x)
-        x = self.block(x, meta, rope, rope.lookup(meta.positions), kv_cache)
+        if self.cpu_layer is not None and not meta.prefills and kv_cache.dtype == torch.float32:
+            x = self.cpu_layer(
+                x, meta.positions, meta.out_slots, kv_cache, meta.block_table, meta.seq_lens,
+                meta.page_size, None,
+            )  # fmt: skip
+        else:
+            x = self.block(x, meta, rope, rope.lookup(meta.positions), kv_cache[0])
         x = self.shared_head.norm(x[meta.logits_indices])
         return F.linear(x, lm_head).float()
