@@ -191,6 +191,60 @@ def test_a_decode_engine_guesses_from_the_module_kv_the_prefill_engine_computed(
         assert engine.kv.allocator.num_free == engine.kv.num_pages and not engine.requests
 
 
+def test_guesses_hold_through_preemption_swap_and_recompute(mtp_model, reference):
+    """On a cache too small for the batch — requests preempted, their KV swapped to host
+    memory and back or recomputed — the tokens are a roomy engine's, and the guesses still
+    the reference module's: its KV layer moves and is recomputed with the rest."""
+    reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(_prompts() * 2)}
+    reqs = {rid: (p + [i], sp) for i, (rid, (p, sp)) in enumerate(reqs.items())}
+    roomy, _, _ = _run(_engine(mtp_model, speculative_mtp=False), reqs)
+    for swap in (0.0, 0.001):
+        tight = _engine(mtp_model, kv_capacity_tokens=128, kv_swap_space=swap)
+        guesses: dict[str, dict[int, int]] = {}
+        tokens: dict[str, list[int]] = {}
+        for rid, (prompt, sp) in reqs.items():
+            tight.add(GenerateRequest(rid, prompt, sp))
+        got: dict[str, list[int]] = {rid: [] for rid in reqs}
+        while tight.has_work:
+            for d in tight.step():
+                got[d.rid] += d.token_ids
+            _record_guesses(tight, guesses)
+            tokens.update({rid: list(seq.token_ids) for rid, seq in tight.requests.items()})
+        assert got == roomy
+        assert tight.scheduler.num_preemptions > 0
+        if swap:
+            assert tight.stats().num_swapped_out > 0
+        assert tight.kv.allocator.num_free == tight.kv.num_pages
+        _check_guesses(reference, tokens, guesses)
+
+
+def test_constrained_requests_guess_with_the_mtp_module(tiny_model_dir):
+    """JSON-schema and regex requests, greedy and sampled: the text their constraint forces
+    is the guess where there is one, else the module's; the tokens are plain decoding's."""
+    from tests.test_structured_output import ANSWER, SCHEMA
+    from workers.engine.messages import OutputConstraint
+
+    schema = OutputConstraint("json_schema", json.dumps(SCHEMA))
+    reqs = {
+        "schema": ([10, 20, 30], schema, 0.0, None),
+        "schema-sampled": ([11, 20, 30], schema, 0.8, 3),
+        "regex": ([7, 8, 9], OutputConstraint("regex", ANSWER), 0.0, None),
+    }
+    requests = {
+        rid: (
+            prompt,
+            SamplingParams(max_new_tokens=200, temperature=t, seed=seed, constraint=c),
+        )  # fmt: skip
+        for rid, (prompt, c, t, seed) in reqs.items()
+    }
+    plain, plain_finish, _ = _run(_engine(tiny_model_dir, speculative_mtp=False), requests)
+    engine = _engine(tiny_model_dir)
+    got, finish, _ = _run(engine, requests)
+    assert got == plain and finish == plain_finish
+    stats = engine.stats()
+    assert stats.num_spec_accepted_tokens > 0  # the forced text
+
+
 @pytest.fixture(scope="module")
 def agreeing(tiny_model_dir, tmp_path_factory) -> Path:
     return agreeing_mtp_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("agreeing"))
