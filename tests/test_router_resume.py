@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.router import MAX_MOVES, Router
+from orchestrator.request_run import MAX_MOVES
+from orchestrator.router import Router
 from workers.engine.messages import (
     FinishReason,
     GenerateRequest,
