@@ -26,8 +26,8 @@ from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.pools import PoolSet
 from orchestrator.protocol import parse_generate, prepare_call
-from orchestrator.ranks import RouterNotReady
 from orchestrator.request_fields import RequestError
+from orchestrator.routed import RouterNotReady
 from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
 from orchestrator.scaling import ScaleError, ScaleInProgress, ServerStopping, drain_seconds

@@ -19,7 +19,7 @@ from orchestrator.attempt import run_attempt
 from orchestrator.detokenizer import IncrementalDetokenizer
 from orchestrator.jobs import Job, QueueSlot, ended
 from orchestrator.outputs import Output
-from orchestrator.ranks import RankUnreachable, RoutedRequest
+from orchestrator.routed import RankUnreachable, RoutedRequest
 from workers.engine.messages import SamplingParams
 
 if TYPE_CHECKING:

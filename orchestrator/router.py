@@ -24,15 +24,10 @@ from orchestrator.kv_moves import KVMoves
 from orchestrator.outputs import Output
 from orchestrator.rank_output import dispatch
 from orchestrator.rank_watch import watch_rank
-from orchestrator.ranks import (
-    Limits,
-    Overloaded,
-    RankTable,
-    RoutedRequest,
-    RouterNotReady,
-)
+from orchestrator.ranks import RankTable
 from orchestrator.request_run import run_request
 from orchestrator.request_sides import abort_after
+from orchestrator.routed import Limits, Overloaded, RoutedRequest, RouterNotReady
 from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
     AddsTaken,

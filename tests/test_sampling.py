@@ -211,7 +211,7 @@ def test_priority_logit_bias_and_constraints_reach_the_ranks_settings():
     from orchestrator.grpc_server import _body
     from orchestrator.openai_request import parse_chat, parse_completion
     from orchestrator.protocol import parse_generate
-    from orchestrator.ranks import Limits
+    from orchestrator.routed import Limits
     from orchestrator.sampling_request import resolve_sampling
     from proto import pdserve_pb2 as pb
 
