@@ -27,7 +27,7 @@ from typing import Any
 import ray
 
 from orchestrator import deployment as dep
-from orchestrator import scaling
+from orchestrator import replacement, scaling
 from orchestrator.config import ServeConfig
 from orchestrator.placement import (
     PoolPlacement,
@@ -386,5 +386,5 @@ class PoolSet:
 
     def watch_dead_ranks(self, router: Any, eplb: Any) -> None:
         """Replace the instance of any rank the router finds dead for good
-        (`orchestrator.scaling.watch_dead_ranks`); call on the router's loop."""
-        scaling.watch_dead_ranks(self, router, eplb)
+        (`orchestrator.replacement.watch_dead_ranks`); call on the router's loop."""
+        replacement.watch_dead_ranks(self, router, eplb)
