@@ -29,7 +29,8 @@ from typing import Any
 
 import aiohttp
 
-from orchestrator.bench import generate_events, percentile
+from orchestrator.bench import generate_events
+from orchestrator.bench_results import percentile
 
 
 async def _ask(session: aiohttp.ClientSession, url: str, ids: list[int], out_len: int) -> Any:

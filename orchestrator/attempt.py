@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from orchestrator.jobs import Job
 from orchestrator.outputs import Output, to_output
-from orchestrator.ranks import RankUnreachable, RoutedRequest
 from orchestrator.request_sides import abort_after, accepted_or_first
+from orchestrator.routed import RankUnreachable, RoutedRequest
 from workers.engine.messages import FinishReason, GenerateRequest, TokenDelta
 
 if TYPE_CHECKING:

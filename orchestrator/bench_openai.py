@@ -1,7 +1,8 @@
 """`pdserve bench --api completions|chat`: the load generator's calls through the OpenAI routes
-(`bench.py` has the rest). Every call asks for exactly `output_len` tokens (`ignore_eos`, as
-vLLM's extension), streamed with `stream_options.include_usage` so that the last chunk counts
-them. TTFT is the first chunk that carries output (a chat's first chunk, its role, does not)."""
+(`bench.py` has the rest, `bench_results.py` what it measured). Every call asks for exactly
+`output_len` tokens (`ignore_eos`, as vLLM's extension), streamed with
+`stream_options.include_usage` so that the last chunk counts them. TTFT is the first chunk that
+carries output (a chat's first chunk, its role, does not)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from orchestrator.bench_results import RequestResult
+
 if TYPE_CHECKING:
-    from orchestrator.bench import BenchConfig, RequestResult
+    from orchestrator.bench import BenchConfig
 
 
 async def prompt_texts(
@@ -60,7 +63,7 @@ async def one_openai(
     index: int,
     text: str | None,
 ) -> RequestResult:
-    from orchestrator.bench import RequestResult, refused, request_error
+    from orchestrator.bench import refused, request_error
 
     route = "/v1/chat/completions" if cfg.api == "chat" else "/v1/completions"
     body = openai_body(cfg, input_ids, index, text)

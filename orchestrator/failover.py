@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.jobs import Job, ended
 from orchestrator.outputs import Output
-from orchestrator.ranks import RankUnreachable, RoutedRequest
+from orchestrator.routed import RankUnreachable, RoutedRequest
 
 if TYPE_CHECKING:
     from orchestrator.router import Router

@@ -2,8 +2,9 @@
 process and on the router's event loop, beside `grpc.health.v1.Health` and server reflection.
 
 Requests go through the same parsing and limits as HTTP `/generate` (`orchestrator.protocol`);
-errors map to status codes (see the .proto). A cancelled `Generate` call closes the router's
-generator, which aborts the request on its ranks and frees its KV pages.
+errors map to status codes (see the .proto; `orchestrator.grpc_messages` translates). A
+cancelled `Generate` call closes the router's generator, which aborts the request on its ranks
+and frees its KV pages.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator.auth import api_key_refusal, bearer, same_secret
 from orchestrator.config import ServeConfig, host_port
+from orchestrator.grpc_messages import (
+    call_authorization,
+    generate_body,
+    pb_logprobs,
+    peer_host,
+    status_of,
+)
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.pools import PoolSet
 from orchestrator.protocol import parse_generate, prepare_call
-from orchestrator.ranks import RouterNotReady
 from orchestrator.request_fields import RequestError
+from orchestrator.routed import RouterNotReady
 from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
 from orchestrator.scaling import ScaleError, ScaleInProgress, ServerStopping, drain_seconds
@@ -35,100 +43,10 @@ from orchestrator.streaming import interleave
 from orchestrator.tracing import trace_headers
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from workers.engine.grammar import JSON_OBJECT_SCHEMA
 from workers.engine.messages import TokenLogprob, short_error
 
 logger = logging.getLogger(__name__)
 SERVICE = "pdserve.v1.Generation"
-
-
-def _status_of(e: RequestError) -> grpc.StatusCode:
-    if e.code == "context_length_exceeded":
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return {
-        400: grpc.StatusCode.INVALID_ARGUMENT,
-        401: grpc.StatusCode.UNAUTHENTICATED,
-        403: grpc.StatusCode.PERMISSION_DENIED,
-        404: grpc.StatusCode.NOT_FOUND,
-        409: grpc.StatusCode.FAILED_PRECONDITION,
-        413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-        429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-        503: grpc.StatusCode.UNAVAILABLE,
-        504: grpc.StatusCode.DEADLINE_EXCEEDED,
-    }.get(e.status, grpc.StatusCode.INTERNAL)
-
-
-def _body(request: pb.GenerateRequest) -> dict[str, Any]:
-    """The request as an SGLang `/generate` body, so that both APIs validate alike."""
-    body: dict[str, Any] = {}
-    if request.rid:
-        body["rid"] = request.rid
-    if request.priority:
-        body["priority"] = request.priority
-    prompt = request.WhichOneof("prompt")
-    if prompt == "text":
-        body["text"] = request.text
-    elif prompt == "input_ids":
-        body["input_ids"] = list(request.input_ids.ids)
-    sp = request.sampling
-    params: dict[str, Any] = {}
-    for name in (
-        "max_new_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "min_new_tokens",
-        "frequency_penalty", "presence_penalty", "repetition_penalty", "n",
-    ):  # fmt: skip
-        if sp.HasField(name):
-            params[name] = getattr(sp, name)
-    if sp.stop:
-        params["stop"] = list(sp.stop)
-    if sp.stop_token_ids:
-        params["stop_token_ids"] = list(sp.stop_token_ids)
-    if sp.ignore_eos:
-        params["ignore_eos"] = True
-    if sp.logit_bias:
-        params["logit_bias"] = {str(t): bias for t, bias in sp.logit_bias.items()}
-    constraint = sp.WhichOneof("constraint")
-    if constraint == "json_object":
-        if sp.json_object:  # set to false: no constraint (proto3 still marks the oneof)
-            params["json_schema"] = JSON_OBJECT_SCHEMA  # the same grammar
-    elif constraint is not None:
-        params[constraint] = getattr(sp, constraint)
-    body["sampling_params"] = params
-    if request.return_logprob:
-        body["return_logprob"] = True
-        body["top_logprobs_num"] = request.top_logprobs_num
-        body["logprob_start_len"] = (
-            request.logprob_start_len if request.HasField("logprob_start_len") else -1
-        )
-    elif request.top_logprobs_num:
-        body["top_logprobs_num"] = request.top_logprobs_num  # refused: needs return_logprob
-    elif request.HasField("logprob_start_len"):
-        raise RequestError("logprob_start_len: needs return_logprob", "logprob_start_len")
-    return body
-
-
-def _logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
-    return [
-        pb.TokenLogprob(
-            logprob=lp.logprob, top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top]
-        )
-        for lp in logprobs or ()
-    ]
-
-
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    """The call's `authorization` metadata."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value if isinstance(value, str) else value.decode("latin-1")
-    return None
-
-
-def _peer_host(peer: str) -> str:
-    """`ipv4:127.0.0.1:5678` / `ipv6:[::1]:5678` → the address without the port."""
-    kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return rest.rsplit(":", 1)[0].strip("[]")
-    return peer
 
 
 class GenerationService(pb_grpc.GenerationServicer):
@@ -156,13 +74,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         await self._check_api_key(context)
         arrival = time.perf_counter()
         try:
-            call = parse_generate(_body(request))
+            call = parse_generate(generate_body(request))
             if call.is_batch or len(call.calls) != 1:
                 raise RequestError("text: one prompt per call", "text")
             ids, sampling = prepare_call(
                 self.router, self.config, call.calls[0], call.logprob_start_len
             )
-            peer = _peer_host(context.peer())
+            peer = peer_host(context.peer())
             slots = self.router.admit(call.n)
             trace = trace_headers(dict(context.invocation_metadata() or ()))
             streams = [
@@ -179,7 +97,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 for i, slot in enumerate(slots)
             ]  # fmt: skip
         except RequestError as e:
-            await context.abort(_status_of(e), e.message)
+            await context.abort(status_of(e), e.message)
         except RouterNotReady as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         output_ids: list[list[int]] = [[] for _ in streams]
@@ -208,7 +126,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                             chunk=pb.GenerateChunk(
                                 token_ids=out.token_ids,
                                 text=out.text,
-                                logprobs=_logprobs(out.logprobs),
+                                logprobs=pb_logprobs(out.logprobs),
                                 index=index,
                             )
                         )
@@ -230,9 +148,9 @@ class GenerationService(pb_grpc.GenerationServicer):
                                 ),
                                 output_ids=output_ids[index],
                                 text="".join(texts[index]),
-                                logprobs=_logprobs(logprobs[index]),
+                                logprobs=pb_logprobs(logprobs[index]),
                                 index=index,
-                                prompt_logprobs=_logprobs([lp or nan for lp in scored]),
+                                prompt_logprobs=pb_logprobs([lp or nan for lp in scored]),
                             )
                         )
                         finished += 1
@@ -247,7 +165,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         """With `--api-key`: the call's `authorization` metadata must carry it."""
         if self.config.api_key is None:
             return
-        refusal = api_key_refusal(_authorization(context), self.config.api_key)
+        refusal = api_key_refusal(call_authorization(context), self.config.api_key)
         if refusal is not None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
 
@@ -268,7 +186,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 grpc.StatusCode.UNIMPLEMENTED,
                 "admin calls are disabled: start the server with --admin-token",
             )
-        given = bearer(_authorization(context))
+        given = bearer(call_authorization(context))
         if given is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,

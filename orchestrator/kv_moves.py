@@ -20,7 +20,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from orchestrator.kv_relief import Movable, Move
-from orchestrator.ranks import RankTable, RoutedRequest
+from orchestrator.ranks import RankTable
+from orchestrator.routed import RoutedRequest
 
 # `KVMoves.balance` moves requests off a rank whose reserved KV is over its role's overall
 # share of capacity by more than this fraction of its own capacity.

@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from orchestrator.cluster_metrics import ClusterMetrics
 from orchestrator.outputs import Output
-from orchestrator.ranks import RouterNotReady
 from orchestrator.request_log import EndedRequest, log_request
+from orchestrator.routed import RouterNotReady
 from orchestrator.tracing import RequestTracer
 from workers.engine.messages import SamplingParams
 

@@ -29,9 +29,9 @@ from orchestrator.openai_response import (
 )
 from orchestrator.outputs import Output
 from orchestrator.protocol import check_prompt_len
-from orchestrator.ranks import RouterNotReady
 from orchestrator.reasoning import after_reasoning, opens_reasoning
 from orchestrator.request_fields import RequestError
+from orchestrator.routed import RouterNotReady
 from orchestrator.sampling_request import choice_params, resolve_sampling
 from orchestrator.streaming import (
     SSE_DONE,

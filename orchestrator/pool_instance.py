@@ -8,15 +8,18 @@ parallel); `orchestrator.pools.PoolSet` owns them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
 
+from orchestrator import deployment as dep
 from orchestrator.config import ServeConfig
 from orchestrator.placement import PoolPlacement, PoolSpec, remove_placements
 
@@ -157,3 +160,61 @@ class PoolInstance:
         shutdown_ranks(self.ranks)
         kill_actors([self.rendezvous] if self.rendezvous is not None else [])
         remove_placements([self.placement] if self.placement is not None else [])
+
+
+def start_ranks(
+    instance: PoolInstance,
+    model_dir: Path,
+    config: ServeConfig,
+    saved_placements: dict[str, list[list[int]]],
+    stopped: Callable[[], bool],
+) -> None:
+    """Start the rank actors (and rendezvous) of a placed instance, not waiting for them;
+    with `--deployment`, named and detached (`orchestrator.deployment`). `saved_placements`:
+    `read_expert_placements`; RuntimeError once `stopped()` (the server stops meanwhile)."""
+    from workers.engine.launch import start_engine_rank
+    from workers.ep.group import PoolMember, Rendezvous
+
+    spec, placement = instance.spec, instance.placement
+    assert placement is not None
+    named: dict[str, Any] = {}
+    if config.deployment is not None:
+        named = {"namespace": dep.NAMESPACE, "lifetime": "detached"}
+    if spec.num_ranks > 1:
+        options = dict(named)
+        if config.deployment is not None:
+            options["name"] = dep.rendezvous_name(config.deployment, spec.name)
+        instance.rendezvous = (
+            ray.remote(Rendezvous)
+            .options(num_cpus=0, max_restarts=-1, **options)
+            .remote(spec.num_ranks)
+        )
+    share = spec.bundle.get("GPU", 0.0)
+    engine = dataclasses.replace(config.engine, gpu_memory_share=share or 1.0)
+    for i in range(spec.num_ranks):
+        if stopped():  # the server stopped while this instance started: it went too
+            raise RuntimeError("the server is shutting down")
+        member = PoolMember(i, spec.num_ranks, instance.rendezvous) if spec.num_ranks > 1 else None
+        instance.ranks.append(
+            start_engine_rank(
+                str(model_dir),
+                engine,
+                num_cpus=spec.bundle["CPU"],
+                num_gpus=spec.bundle.get("GPU", 0.0),
+                role=spec.role,
+                instance=spec.instance,
+                transfer_backend=config.transfer_backend,
+                transfer_timeout_s=config.transfer_timeout_s,
+                allow_fault_injection=config.allow_fault_injection,
+                scheduling_strategy=placement.strategy(i),
+                pool=member,
+                initial_phy2log=saved_placements.get(spec.name) if member else None,
+                checkpoint=config.checkpoint,
+                name=dep.rank_name(config.deployment, spec.name, i)
+                if config.deployment is not None
+                else None,
+                namespace=named.get("namespace"),
+                detached=bool(named),
+                migration=config.colocated_migration,
+            )
+        )

@@ -16,7 +16,6 @@ parallel). `PoolSet` owns every instance a server started, and scales them (`POS
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 import ray
 
 from orchestrator import deployment as dep
-from orchestrator import scaling
+from orchestrator import replacement, scaling
 from orchestrator.config import ServeConfig
 from orchestrator.placement import (
     PoolPlacement,
@@ -41,6 +40,7 @@ from orchestrator.pool_instance import (
     PoolInstance,
     pool_specs,
     read_expert_placements,
+    start_ranks,
     starts_local_ray,
     wait_ranks_ready,
 )
@@ -292,55 +292,7 @@ class PoolSet:
     # ---- starting --------------------------------------------------------------------------
 
     def _start_ranks(self, instance: PoolInstance) -> None:
-        """Start the rank actors (and rendezvous) of a placed instance, not waiting for them."""
-        from workers.engine.launch import start_engine_rank
-        from workers.ep.group import PoolMember, Rendezvous
-
-        spec, config, placement = instance.spec, self.config, instance.placement
-        assert placement is not None
-        named: dict[str, Any] = {}
-        if self.deployment is not None:
-            named = {"namespace": dep.NAMESPACE, "lifetime": "detached"}
-        if spec.num_ranks > 1:
-            options = dict(named)
-            if self.deployment is not None:
-                options["name"] = dep.rendezvous_name(self.deployment, spec.name)
-            instance.rendezvous = (
-                ray.remote(Rendezvous)
-                .options(num_cpus=0, max_restarts=-1, **options)
-                .remote(spec.num_ranks)
-            )
-        share = spec.bundle.get("GPU", 0.0)
-        engine = dataclasses.replace(config.engine, gpu_memory_share=share or 1.0)
-        for i in range(spec.num_ranks):
-            if self.stopped:  # the server stopped while this instance started: it went too
-                raise RuntimeError("the server is shutting down")
-            member = (
-                PoolMember(i, spec.num_ranks, instance.rendezvous) if spec.num_ranks > 1 else None
-            )
-            instance.ranks.append(
-                start_engine_rank(
-                    str(self.model_dir),
-                    engine,
-                    num_cpus=spec.bundle["CPU"],
-                    num_gpus=spec.bundle.get("GPU", 0.0),
-                    role=spec.role,
-                    instance=spec.instance,
-                    transfer_backend=config.transfer_backend,
-                    transfer_timeout_s=config.transfer_timeout_s,
-                    allow_fault_injection=config.allow_fault_injection,
-                    scheduling_strategy=placement.strategy(i),
-                    pool=member,
-                    initial_phy2log=self._saved.get(spec.name) if member else None,
-                    checkpoint=config.checkpoint,
-                    name=dep.rank_name(self.deployment, spec.name, i)
-                    if self.deployment is not None
-                    else None,
-                    namespace=named.get("namespace"),
-                    detached=bool(named),
-                    migration=config.colocated_migration,
-                )
-            )
+        start_ranks(instance, self.model_dir, self.config, self._saved, lambda: self.stopped)
 
     def room_for(self, specs: Sequence[PoolSpec]) -> str | None:
         """On a local Ray (no node will join): why `specs` do not fit in what is free — asked
@@ -434,5 +386,5 @@ class PoolSet:
 
     def watch_dead_ranks(self, router: Any, eplb: Any) -> None:
         """Replace the instance of any rank the router finds dead for good
-        (`orchestrator.scaling.watch_dead_ranks`); call on the router's loop."""
-        scaling.watch_dead_ranks(self, router, eplb)
+        (`orchestrator.replacement.watch_dead_ranks`); call on the router's loop."""
+        replacement.watch_dead_ranks(self, router, eplb)

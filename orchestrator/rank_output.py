@@ -12,8 +12,9 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.ranks import RankTable, RoutedRequest
+from orchestrator.ranks import RankTable
 from orchestrator.request_sides import abort_after
+from orchestrator.routed import RoutedRequest
 from workers.engine.delta_stream import StreamAddress, read_frame
 from workers.engine.messages import AddsTaken, TokenDelta, TransferReady
 

@@ -1,6 +1,7 @@
 """Watching a rank from the router: wait for it to be ready, read its output stream
 (`orchestrator.rank_output`), and when it fails, end or move its requests, report the pool
-degraded and wait for Ray to restart it."""
+degraded and wait for Ray to restart it — unless its actor is dead for good (`actor_is_dead`):
+then it is reported (`Router.on_rank_gone`) and no longer waited for."""
 
 from __future__ import annotations
 
@@ -8,18 +9,32 @@ import asyncio
 import contextlib
 import logging
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from orchestrator.rank_output import RankSilent, read_output
-from orchestrator.ranks import actor_is_dead
 from workers.engine.messages import short_error
 
 if TYPE_CHECKING:
     from orchestrator.router import Router
 
 logger = logging.getLogger(__name__)
+
+
+def actor_is_dead(handle: Any) -> bool:
+    """Whether the Ray actor behind `handle` is dead for good (GCS says DEAD: Ray will not
+    restart it). Blocking (a GCS call); False when that cannot be told."""
+    actor_id = getattr(handle, "_actor_id", None)
+    if actor_id is None:
+        return False
+    try:
+        from ray._private import state  # no public call reads one actor's state without
+        # the dashboard, which a cluster may run without
+
+        return bool(state.actors(actor_id=actor_id.hex()).get("State") == "DEAD")
+    except Exception:
+        return False
 
 
 async def watch_rank(router: Router, index: int) -> None:

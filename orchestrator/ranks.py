@@ -3,9 +3,10 @@ one (pair) takes the next request — and the commands that go to them: on each 
 once it is connected, by actor call before (a new request's wait for its ranks to take it:
 `orchestrator.request_sides`).
 
-The load counters are the router's own bookkeeping of what it sent (`RoutedRequest`s move
-through `admit` → `prompt_done` → `release`); `orchestrator.policy.pick_ranks` decides from
-them. Everything here runs on the router's event loop.
+The load counters are the router's own bookkeeping of what it sent
+(`orchestrator.routed.RoutedRequest`s move through `admit` → `prompt_done` → `release`);
+`orchestrator.policy.pick_ranks` decides from them. Everything here runs on the router's event
+loop.
 """
 
 from __future__ import annotations
@@ -15,19 +16,12 @@ import contextlib
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks, pick_receiver
+from orchestrator.routed import Limits, RoutedRequest, RouterNotReady
 from workers.engine.delta_stream import encode_frame
-from workers.engine.messages import (
-    AddsTaken,
-    GenerateRequest,
-    RankInfo,
-    RankStats,
-    TokenDelta,
-    short_error,
-)
+from workers.engine.messages import AddsTaken, GenerateRequest, RankInfo, RankStats, short_error
 from workers.engine.prefix_cache import page_key
 
 logger = logging.getLogger(__name__)
@@ -40,94 +34,12 @@ MAX_AFFINITY_KEYS = 65536
 POOL_QUIET_S = 1.0
 
 
-class RouterNotReady(RuntimeError):
-    """No rank can take the request (still loading, or dead)."""
-
-
-class Overloaded(RouterNotReady):
-    """Too many requests wait for their first token (`Router.max_queued_requests`): the
-    client should retry later."""
-
-
-class RankUnreachable(RouterNotReady):
-    """A rank's `add_request` failed without refusing the request (the rank died or is
-    dying): nothing ran, so another rank may take it."""
-
-    def __init__(self, rank: int, error: BaseException):
-        super().__init__(f"engine rank {rank}: {short_error(error)}")
-        self.rank = rank
-
-
-def actor_is_dead(handle: Any) -> bool:
-    """Whether the Ray actor behind `handle` is dead for good (GCS says DEAD: Ray will not
-    restart it). Blocking (a GCS call); False when that cannot be told."""
-    actor_id = getattr(handle, "_actor_id", None)
-    if actor_id is None:
-        return False
-    try:
-        from ray._private import state  # no public call reads one actor's state without
-        # the dashboard, which a cluster may run without
-
-        return bool(state.actors(actor_id=actor_id.hex()).get("State") == "DEAD")
-    except Exception:
-        return False
-
-
 def prefix_key(input_ids: Sequence[int]) -> bytes | None:
     """The affinity key of a prompt: its first `AFFINITY_TOKENS` tokens (None for a prompt no
     longer than that, whose cache hits would be small)."""
     if len(input_ids) <= AFFINITY_TOKENS:
         return None
     return page_key(b"", input_ids[:AFFINITY_TOKENS])
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What every rank accepts: the smallest of each value over the ranks."""
-
-    vocab_size: int
-    max_context_len: int
-    kv_capacity_tokens: int
-
-
-@dataclass
-class RoutedRequest:
-    """A request in flight, as the router accounts for it."""
-
-    rid: str
-    rank: int  # the rank that generates (colocated or decode)
-    num_tokens: int  # prompt + max_new_tokens: the load it puts on its rank
-    num_prompt_tokens: int
-    prefill_rank: int | None = None  # disaggregated: the rank that computes the prompt
-    queue: asyncio.Queue[TokenDelta] = field(default_factory=asyncio.Queue)
-    # A prompt being scored on a prefill rank that does the whole request: its prompt tokens
-    # count as queued there until its first token (so scoring requests spread by load too).
-    queued_here: bool = False
-    # Each side's `add_request` (rank, future): an abort is sent once its add reached the rank.
-    adds: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
-    aborted: bool = False  # the client asked (`Router.abort`): a failure then is the abort's
-    num_output_tokens: int = 0  # received from its rank so far (a resumed one's included)
-    # Set when a failure of a rank (its own, an expert-parallel peer's, its instance scaled
-    # down), not of the request, ended it: that rank and why. The router may then resume the
-    # request elsewhere (`Router.generate`).
-    lost: tuple[int, str] | None = None
-    # `RankTable.num_downs` of its ranks when it was sent: whether a rank went down since.
-    downs_at_start: dict[int, int] = field(default_factory=dict)
-    # Migration between decode ranks (`KVMoves.move_from`): its rank was asked to hand it
-    # off with its KV; the transfer id its KV then waits under there (its rank's last delta
-    # says). A migrated attempt's `prefill_rank` is the decode rank its KV comes from.
-    migrating: bool = False
-    moved_to: str = ""
-    moved_from: int | None = None  # a migrated attempt: the rank its KV comes from
-    move_to: int | None = None  # the rank a move off a pressed rank was planned to
-    num_input_tokens: int = 0  # the client's prompt (without output it resumes from)
-    client_rid: str = ""  # the client's id for the request
-    # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the
-    # prompt is done.
-    pair: tuple[int, int | None] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.pair = (self.rank, self.prefill_rank)
 
 
 class RankTable:

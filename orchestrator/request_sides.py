@@ -9,7 +9,8 @@ import contextlib
 import logging
 from typing import Any
 
-from orchestrator.ranks import RankTable, RankUnreachable
+from orchestrator.ranks import RankTable
+from orchestrator.routed import RankUnreachable
 from workers.engine.messages import TokenDelta, short_error
 
 logger = logging.getLogger(__name__)

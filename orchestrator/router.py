@@ -2,11 +2,12 @@
 
 One asyncio task per rank (`orchestrator.rank_watch`) reads its output stream
 (`orchestrator.rank_output`: frames of every request's new tokens, one per engine step) and
-hands each `TokenDelta` to the queue of its request; `generate` turns a request's deltas into `Output`s (text deltas with stop strings
-applied). A request leaves the router's table when its generator ends, however it ends; when it
-ends before the rank finished it (consumer gone, stop string, timeout), the rank is told to abort
-it, which frees its KV pages. A rank whose stream breaks or goes silent is marked dead and every
-request on it ends with an error.
+hands each `TokenDelta` to the queue of its request; `generate` (`orchestrator.request_run`)
+turns a request's deltas into `Output`s (text deltas with stop strings applied). A request
+leaves the router's table when its generator ends, however it ends; when it ends before the rank
+finished it (consumer gone, stop string, timeout), the rank is told to abort it, which frees its
+KV pages. A rank whose stream breaks or goes silent is marked dead and every request on it ends
+with an error.
 
 Everything here runs on one event loop (the server's): call `start` from that loop.
 """
@@ -15,28 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
-from orchestrator import failover
-from orchestrator.attempt import run_attempt
-from orchestrator.detokenizer import IncrementalDetokenizer
-from orchestrator.jobs import Job, QueueSlot, ended
+from orchestrator.jobs import Job, QueueSlot
 from orchestrator.kv_moves import KVMoves
 from orchestrator.outputs import Output
 from orchestrator.rank_output import dispatch
 from orchestrator.rank_watch import watch_rank
-from orchestrator.ranks import (
-    Limits,
-    Overloaded,
-    RankTable,
-    RankUnreachable,
-    RoutedRequest,
-    RouterNotReady,
-)
+from orchestrator.ranks import RankTable
+from orchestrator.request_run import run_request
 from orchestrator.request_sides import abort_after
+from orchestrator.routed import Limits, Overloaded, RoutedRequest, RouterNotReady
 from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
     AddsTaken,
@@ -47,11 +38,6 @@ from workers.engine.messages import (
     TokenDelta,
     TransferReady,
 )
-
-logger = logging.getLogger(__name__)
-
-
-MAX_MOVES = 2  # times one request goes on on another rank (pair) after a failure
 
 
 class Router:
@@ -263,7 +249,7 @@ class Router:
 
     # ---- requests -------------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self,
         input_ids: list[int],
         sampling: SamplingParams,
@@ -285,140 +271,14 @@ class Router:
         starts, RouterNotReady when no rank can take it. Closing the iterator early (client gone)
         or a stop string or timeout aborts the request on its rank.
 
-        A request goes on on another rank (pair), up to `MAX_MOVES` times, when a rank fails
+        A request goes on on another rank (pair), up to `request_run.MAX_MOVES` times, when a rank fails
         under it — dies, goes silent, is scaled down, or loses an expert-parallel peer — and
         when, disaggregated, it fails before its first token (a transfer failed). One that
         had output resumes from it (`GenerateRequest.output_ids`): the consumer sees one
         stream, the same tokens as without the move for a greedy or seeded request. One its
         rank handed off with its KV (`orchestrator.kv_moves`) goes on on another rank from
         that KV; that is no failure and does not count as a move."""
-        if slot is None:
-            (slot,) = self.admit()
-        rid = rid or uuid.uuid4().hex
-        if rid in self.attempt_of or rid in self.waiting or rid in self.between:
-            slot.release()
-            raise ValueError(f"rid: request {rid!r} is already running")
-        timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
-        now = asyncio.get_running_loop().time()
-        job = Job(
-            rid, list(input_ids), sampling, not stream and not stop, timeout_s,
-            None if timeout_s is None else now + timeout_s,
-            IncrementalDetokenizer(
-                self.tokenizer, input_ids, stop, min_new_tokens=sampling.min_new_tokens
-            ),
-        )  # fmt: skip
-        used: list[RoutedRequest] = []
-        avoid: frozenset[int] = frozenset()
-        # A move with its KV (`orchestrator.kv_moves`): the rank it left and the id its KV
-        # waits under there, for the next attempt to take (or, none doing so, to abort).
-        moved: tuple[int, str] | None = None
-        moves = 0  # after failures (a migration is no failure: it does not count)
-        try:
-            while True:
-                failure: str | None = None
-                unreachable: RankUnreachable | None = None
-                new_tokens = 0  # from this attempt
-                moved_from, moved = moved, None
-                try:
-                    attempt = run_attempt(self, job, avoid, used, moved_from)
-                    try:
-                        async with contextlib.aclosing(attempt) as outs:
-                            async for out in outs:
-                                if (out.finish_reason == "error" and not out.token_ids
-                                        and not new_tokens
-                                        and failover.retryable(self, used[-1])):  # fmt: skip
-                                    failure = out.error or "failed"
-                                    break
-                                new_tokens += len(out.token_ids)
-                                job.output_ids += out.token_ids
-                                if out.token_ids or out.finish_reason is not None:
-                                    slot.release()  # no longer waits for its first token
-                                yield out
-                                if out.finish_reason is not None:
-                                    return  # ended (a rank failing under it changes nothing)
-                    finally:  # however it ended: its rank may have handed it off with its KV
-                        last = used[-1] if used else None
-                        if (
-                            last is not None
-                            and last.moved_to
-                            and (moved_from is None or last.moved_to != moved_from[1])
-                        ):  # (not the move the attempt took: that attempt ends it itself)
-                            moved = (last.rank, last.moved_to)
-                    if used[-1].lost is not None:  # ended without a word: its rank was lost
-                        failure = used[-1].lost[1]
-                        if used[-1].aborted:  # by the client, while its last tokens went out
-                            yield ended(job, "abort", None)
-                            return
-                except RankUnreachable as e:
-                    # A rank died while taking the request: nothing ran there.
-                    failure, unreachable = str(e), e
-                except ValueError as e:
-                    if not job.output_ids:
-                        raise  # refused before anything was said: the caller answers 400
-                    if moved_from is None:
-                        failure = f"the rank it was to resume on refused it: {e}"
-                        break
-                    # Refused where its KV was to go: it resumes from its output instead.
-                    failure = f"the rank it was to move to with its KV refused it: {e}"
-                if failure is None:
-                    return
-                if moved is not None:
-                    if self.moves.receiver(moved[0], frozenset({moved[0]})) is not None:
-                        avoid = frozenset({moved[0]})
-                        logger.info("request %s moves to another rank with its KV after %d "
-                                    "token(s)", rid, len(job.output_ids))  # fmt: skip
-                        continue
-                    self.moves.forget(moved)  # no rank left to take it: resumed after a failure
-                    moved = None
-                if moves == MAX_MOVES:
-                    failure += (f" (after {MAX_MOVES} moves to other ranks or restarted ones, the "
-                                "most a request makes)")  # fmt: skip
-                    break
-                moves += 1
-                next_avoid = failover.avoid_after(self, used[-1], unreachable)
-                if next_avoid is None:
-                    if self.restart_wait_s <= 0:
-                        break
-                    lost = failover.lost_rank(self, used[-1], unreachable)
-                    if lost is None and used[-1].lost is None and unreachable is None:
-                        # A failed transfer, maybe because a rank of the pair just died: the
-                        # router sees that on the rank's stream a moment later.
-                        self.between[job.rid] = job
-                        try:
-                            lost = await failover.went_down(self, used[-1])
-                        finally:
-                            del self.between[job.rid]
-                        if job.aborted:
-                            yield ended(job, "abort", None)
-                            return
-                    if lost is None:
-                        break
-                    waited = await failover.wait_for_a_rank(self, job, used[-1], lost)
-                    if isinstance(waited, Output):
-                        yield waited
-                        return
-                    if isinstance(waited, str):
-                        failure = f"{failure}; {waited}"
-                        break
-                    next_avoid = waited
-                avoid = next_avoid
-                if job.output_ids:
-                    self.num_resumed += 1
-                    if used[-1].moved_from is not None:  # its move with its KV failed
-                        self.moves.failed[used[-1].moved_from] += 1
-                    logger.warning("request %s lost its rank after %d token(s) (%s); resuming "
-                                   "it", rid, len(job.output_ids), failure)  # fmt: skip
-                else:
-                    self.num_retries += 1
-                    logger.warning("request %s failed before its first token (%s); retrying on "
-                                   "another rank", rid, failure)  # fmt: skip
-            if unreachable is not None and not job.output_ids:
-                raise unreachable  # nothing ran, nothing was said: the caller answers 503
-            yield ended(job, "error", failure)
-        finally:
-            slot.release()
-            if moved is not None:
-                self.moves.forget(moved)
+        return run_request(self, input_ids, sampling, stop, rid, timeout_s, stream, slot)
 
     def next_attempt_id(self, client_rid: str) -> str:
         """A new attempt id for the client's request `client_rid`."""

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from orchestrator.ranks import Limits
 from orchestrator.request_fields import Fields, RequestError, type_name
+from orchestrator.routed import Limits
 from workers.engine.grammar import check_constraint
 from workers.engine.messages import (
     MAX_LOGIT_BIAS,

@@ -1,4 +1,5 @@
-"""Changing how many pool instances serve while the server runs, and replacing dead ones.
+"""Changing how many pool instances serve while the server runs (replacing dead ones:
+`orchestrator.replacement`).
 
 `orchestrator.pools.PoolSet` owns the instances; it scales them with these functions
 (`POST /admin/scale`, `pdserve scale`, the autoscaler):
@@ -20,15 +21,6 @@
   yet starts again; see `Router.generate`). Then the router takes its ranks' last stats and
   forgets them, and its actors, rendezvous and placement group go. After a scale-up, requests
   decoding on the busy instances move to the new ones with their KV (`KVMoves.balance`).
-- **Replacing a dead instance.** A rank that dies is restarted by Ray; one whose actor is dead
-  for good (its constructor failed — the model did not load, a GPU fault — or it was killed
-  for good) would leave its instance down for good. With `watch_dead_ranks` (the default;
-  `--disable-instance-replacement` turns it off) the router reports such a rank and the
-  instance is replaced: taken down at once (nothing runs on it; its placement group goes
-  first, so that a full cluster has room for the new one), then a new instance of its role
-  is started, retried with a growing delay (`REPLACE_RETRY_S`, up to `REPLACE_RETRY_MAX_S`)
-  while it fails to start, until the role is back to its count. Requests that waited for
-  a rank of it (`--rank-restart-wait`) resume on the new one.
 
 One scale runs at a time (`PoolSet.scaling`, a replacement included); every role keeps at least
 one instance, an autoscaled one stays within its bounds (`PoolSet.bounds`).
@@ -54,10 +46,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_INSTANCES = 256  # per role: a typo's guard (each instance is a placement group and ranks)
-# A replacement of a dead instance that fails to start is tried again after this long, doubled
-# each time up to the maximum.
-REPLACE_RETRY_S = 10.0
-REPLACE_RETRY_MAX_S = 300.0
 # A scaled-down decode instance waits for its requests' KV migrations up to the transfer
 # timeout and this much more (a request leaves its rank at that rank's next step).
 MIGRATION_SLACK_S = 5.0
@@ -273,73 +261,6 @@ async def bring_up(
         raise
     instance.state = "serving"
     pools.num_started[spec.role] += 1
-
-
-# ---- replacing dead instances ------------------------------------------------------------
-
-
-def watch_dead_ranks(pools: PoolSet, router: Any, eplb: Any) -> None:
-    """Replace the instance of any rank the router finds dead for good (see the module
-    doc); call on the router's loop."""
-
-    def gone(index: int) -> None:
-        instance = next((i for i in pools.instances
-                         if index in i.indices and i.state == "serving"), None)  # fmt: skip
-        if instance is None or instance.name in pools.replacing or pools.stopped:
-            return
-        if pools.deployment_removed():
-            return
-        router.num_replacing += 1  # now: requests waiting for a rank wait for this one
-        task = asyncio.ensure_future(_replace(pools, router, eplb, instance))
-        pools.replacing[instance.name] = task
-
-    router.on_rank_gone = gone
-
-
-async def _replace(pools: PoolSet, router: Any, eplb: Any, dead: PoolInstance) -> None:
-    """Take `dead` down and start instances of its role until it has its count again."""
-    role = dead.spec.role
-    try:
-        while pools.scaling:  # one change at a time (a scale, the autoscaler, another)
-            if pools.stopped or pools.stopping or router.draining:
-                return
-            await asyncio.sleep(0.2)
-        want = pools.counts()[role]
-        logger.error("pool instance %s has a rank that is dead for good; replacing it",
-                     dead.name)  # fmt: skip
-        pools.scaling = True
-        try:
-            await take_down(pools, router, eplb, dead, 0.0, migrate=False)
-        finally:
-            pools.scaling = False
-        delay = REPLACE_RETRY_S
-        while pools.counts()[role] < want:
-            if pools.stopped or pools.stopping or router.draining:
-                return
-            if pools.scaling:
-                await asyncio.sleep(0.2)
-                continue
-            spec = PoolSpec(role, pools.next_number[role], *pools.shapes[role])
-            pools.next_number[role] += 1
-            pools.scaling = True
-            try:
-                with ThreadPoolExecutor(1, "pdserve-replace") as threads:
-                    await bring_up(pools, router, eplb, spec, threads)
-            except Exception as e:
-                logger.error("replacing %s: %s did not start (%s); trying again in %.0f s",
-                             dead.name, spec.name, e, delay)  # fmt: skip
-            else:
-                pools.num_replaced[role] += 1
-                logger.warning("replaced pool instance %s by %s", dead.name, spec.name)
-                continue
-            finally:
-                pools.scaling = False
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, REPLACE_RETRY_MAX_S)
-    finally:
-        pools.replacing.pop(dead.name, None)
-        router.num_replacing -= 1
-        router.wake_waiting()
 
 
 def _eplb_handle(pools: PoolSet, instance: PoolInstance) -> Any:

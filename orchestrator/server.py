@@ -41,8 +41,8 @@ from orchestrator.protocol import (
     parse_generate,
     prepare_call,
 )
-from orchestrator.ranks import Overloaded, RouterNotReady
 from orchestrator.request_fields import RequestError
+from orchestrator.routed import Overloaded, RouterNotReady
 from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
 from orchestrator.streaming import (

@@ -135,7 +135,7 @@ def _table(calls: list[Any], num: int = 3) -> Any:
 
 def test_relieve_asks_the_planned_moves_and_the_next_attempt_takes_the_planned_rank():
     from orchestrator.kv_moves import KVMoves
-    from orchestrator.ranks import RoutedRequest
+    from orchestrator.routed import RoutedRequest
 
     async def run() -> None:
         calls: list[Any] = []

@@ -273,7 +273,8 @@ def test_scoring_requests_count_as_queued_on_the_prefill_rank_that_runs_them():
 def test_rank_table_accounts_each_kind_of_request_back_to_zero():
     """`RankTable` counts a request's load on its ranks from `admit` to `release`; the first
     decode token moves its prompt off the prefill rank (`prompt_done`), once."""
-    from orchestrator.ranks import RankTable, RoutedRequest
+    from orchestrator.ranks import RankTable
+    from orchestrator.routed import RoutedRequest
 
     ranks = RankTable([object()] * 3)  # 0: prefill, 1: decode, 2: colocated
 

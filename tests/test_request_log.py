@@ -63,7 +63,7 @@ def test_track_logs_each_ended_request_once_and_a_left_one_as_gone():
 def test_a_request_not_taken_is_logged_as_refused_or_unavailable_with_its_error():
     """A rank's refusal (the route answers 400) and no rank to take it (503) are not a
     client gone: their lines say so, with the message the client got."""
-    from orchestrator.ranks import RouterNotReady
+    from orchestrator.routed import RouterNotReady
 
     records: list[dict[str, object]] = []
 

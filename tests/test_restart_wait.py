@@ -100,7 +100,7 @@ def test_an_instance_with_a_rank_dead_for_good_is_replaced_and_its_requests_resu
 
     import ray
 
-    from orchestrator import scaling
+    from orchestrator import replacement
     from tests.disagg_calls import _generate, _generate_async
 
     server = launch_tiny()
@@ -108,7 +108,7 @@ def test_an_instance_with_a_rank_dead_for_good_is_replaced_and_its_requests_resu
         url = server.url
         prompts = [list(range(3 + i, 60 + 7 * i)) for i in range(4)]
         want = [_generate(url, p, 300).json()["output_ids"] for p in prompts]
-        monkeypatch.setattr(scaling, "REPLACE_RETRY_S", 0.5)
+        monkeypatch.setattr(replacement, "REPLACE_RETRY_S", 0.5)
         assert server.pools is not None
         real_start = server.pools.start_instance
         fails = [1]

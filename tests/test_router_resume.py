@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.router import MAX_MOVES, Router
+from orchestrator.request_run import MAX_MOVES
+from orchestrator.router import Router
 from workers.engine.messages import (
     FinishReason,
     GenerateRequest,
@@ -406,7 +407,7 @@ def test_an_abort_that_comes_with_the_rank_s_return_is_kept():
 def test_with_every_rank_removed_the_router_is_not_ready_rather_than_failing():
     """The only instance is being replaced (its ranks removed, the new ones not up): a new
     request is refused as not ready (503), not with an internal error (found by an audit)."""
-    from orchestrator.ranks import RouterNotReady
+    from orchestrator.routed import RouterNotReady
 
     router, _ = _router(1)
     router.ranks.remove([0])

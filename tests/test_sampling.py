@@ -208,17 +208,19 @@ def test_notification_carries_the_first_tokens_logprob():
 
 def test_priority_logit_bias_and_constraints_reach_the_ranks_settings():
     """Every route's parser carries these into the `SamplingParams` a rank gets."""
-    from orchestrator.grpc_server import _body
+    from orchestrator.grpc_messages import generate_body
     from orchestrator.openai_request import parse_chat, parse_completion
     from orchestrator.protocol import parse_generate
-    from orchestrator.ranks import Limits
+    from orchestrator.routed import Limits
     from orchestrator.sampling_request import resolve_sampling
     from proto import pdserve_pb2 as pb
 
     limits = Limits(vocab_size=VOCAB, max_context_len=64, kv_capacity_tokens=64)
     sp = pb.SamplingParams(max_new_tokens=4, regex="a+")
     sp.logit_bias[3] = -2.5
-    grpc_body = _body(pb.GenerateRequest(input_ids=pb.TokenIds(ids=[1]), sampling=sp, priority=-4))
+    grpc_body = generate_body(
+        pb.GenerateRequest(input_ids=pb.TokenIds(ids=[1]), sampling=sp, priority=-4)
+    )
     user = [{"role": "user", "content": "x"}]
     extra = {"priority": -4, "logit_bias": {"3": -2.5}}
     requests = [

@@ -26,7 +26,7 @@ from workers.transfer.messages import (
     TransferTarget,
 )
 from workers.transfer.pages import PageRun, page_runs
-from workers.transfer.wake import Waker
+from workers.transfer.wake import PENDING_POLL_MAX_S, Waker, poll_interval
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,7 @@ CONNECT_BACKOFF_S = 0.05  # doubled after each failed attempt
 # A peer not written to for this long is forgotten when a new one appears (`_reach`).
 PEER_IDLE_FORGET_S = 600.0
 CANCEL_GRACE_S = 5.0  # an aborted write that cannot be cancelled is waited for this long
-# How often the engine's thread drives the backend: right after something moved, then backing
-# off (doubling per quiet poll) to the cap, so that many transfers waiting for a long prefill
-# do not keep a core busy (nor take the GIL from the rank's loop) with empty polls.
-ACTIVE_POLL_S, ACTIVE_POLL_MAX_S = 0.0001, 0.001  # pages in flight
-# Transfers waiting (a receiver must still progress the backend to see its notifications).
-PENDING_POLL_S, PENDING_POLL_MAX_S = 0.001, 0.002
-# ... on an engine that senders poke when they start writing into it (`workers.transfer.wake`).
-POKED_POLL_MAX_S = 0.02
 POKE_MISSES = 16  # writes started in a row without a poke: pokes do not get through
-IDLE_POLL_S = 0.02
 
 
 class TransferStateMachine(ABC):
@@ -144,13 +135,8 @@ class TransferStateMachine(ABC):
 
     def _poll_interval(self, quiet: int) -> float:
         handles: list[KVSender | KVReceiver] = [*self._senders.values(), *self._receivers.values()]
-        backoff = 2 ** min(quiet, 16)
-        if any(h.state is TransferState.TRANSFERRING for h in handles):
-            return min(ACTIVE_POLL_S * backoff, ACTIVE_POLL_MAX_S)
-        if not handles:
-            return IDLE_POLL_S
-        most = POKED_POLL_MAX_S if self._poked else PENDING_POLL_MAX_S
-        return min(PENDING_POLL_S * backoff, most)
+        transferring = any(h.state is TransferState.TRANSFERRING for h in handles)
+        return poll_interval(len(handles), transferring, quiet, self._poked)
 
     def _tick(self) -> None:
         for data in self._notifications():

@@ -1,6 +1,6 @@
 """`Waker`: how a transfer engine's thread sleeps between polls and is woken early — by its own
 API calls (a local socket pair), and by a peer that has just posted a write into its pool (a
-UDP datagram to its `address`, the *poke*).
+UDP datagram to its `address`, the *poke*); `poll_interval`: how long it sleeps.
 
 Why: a receiver learns of incoming KV only by polling its backend (NIXL has no callback), and
 polling often enough for a short request's first token (every 1–2 ms) took CPU from the rank's
@@ -20,6 +20,29 @@ import socket
 import time
 
 logger = logging.getLogger(__name__)
+
+# How often the engine's thread drives the backend: right after something moved, then backing
+# off (doubling per quiet poll) to the cap, so that many transfers waiting for a long prefill
+# do not keep a core busy (nor take the GIL from the rank's loop) with empty polls.
+ACTIVE_POLL_S, ACTIVE_POLL_MAX_S = 0.0001, 0.001  # pages in flight
+# Transfers waiting (a receiver must still progress the backend to see its notifications).
+PENDING_POLL_S, PENDING_POLL_MAX_S = 0.001, 0.002
+# ... on an engine that senders poke when they start writing into it.
+POKED_POLL_MAX_S = 0.02
+IDLE_POLL_S = 0.02
+
+
+def poll_interval(num_transfers: int, transferring: bool, quiet: int, poked: bool) -> float:
+    """How long the engine's thread sleeps before its next poll: `num_transfers` in flight,
+    `transferring` when pages of one of them are, after `quiet` polls in a row in which nothing
+    moved; `poked`: peers poke this engine when they start writing into it."""
+    backoff = 2 ** min(quiet, 16)
+    if transferring:
+        return min(ACTIVE_POLL_S * backoff, ACTIVE_POLL_MAX_S)
+    if not num_transfers:
+        return IDLE_POLL_S
+    most = POKED_POLL_MAX_S if poked else PENDING_POLL_MAX_S
+    return min(PENDING_POLL_S * backoff, most)
 
 
 class Waker:
