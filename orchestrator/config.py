@@ -276,13 +276,6 @@ class ServeConfig:
                 f"{self.kv_pressure_interval_s}"
             )
         self._check_autoscale()
-        pool_ranks = self.num_ranks if self.colocated else max(self.prefill_dp, self.decode_dp)
-        if self.engine.speculative_mtp and pool_ranks > 1:
-            raise ValueError(
-                "--speculative-mtp works with one rank a pool for now (the MTP module is not "
-                f"expert-parallel yet), got pools of {pool_ranks} ranks; use --speculative-ngram "
-                "on expert-parallel pools"
-            )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
         if (

@@ -35,14 +35,13 @@ from workers.engine.model_inputs import (
     row_samplers,
     take_prompt_scores,
 )
-from workers.engine.mtp_draft import draft_after_step
+from workers.engine.mtp_draft import ForwardPass, draft_after_step
 from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
 from workers.engine.sequence import SeqStatus, Sequence
 from workers.engine.speculative import Speculator
 from workers.engine.step_output import constraint_error, draw_tokens, finish_reason, token_delta
 from workers.ep.moe import EPContext, select_grouped_gemm
 from workers.kernels import triton_available
-from workers.model.batch import AttentionMetadata
 from workers.model.loader import load_model
 from workers.model.mla import MLAttention
 from workers.model.model import DeepseekForCausalLM
@@ -82,11 +81,6 @@ class Engine:
         )  # fmt: skip
         # `model`: already built and placed (benchmarks' random-weight models); `model_dir`
         # then only names it.
-        if config.speculative_mtp and ep is not None:
-            raise ValueError(
-                "--speculative-mtp is not supported on expert-parallel pools yet (more than "
-                "one rank a pool); use it with one rank a pool, or --speculative-ngram"
-            )
         self.model = model or load_model(
             model_dir, self.device, self.dtype, progress=progress, ep=ep,
             keep_fp8_experts=keep_fp8, mtp=config.speculative_mtp,
@@ -393,7 +387,7 @@ class Engine:
         that the MoE layers' collectives match."""
         reserved = self.reserve_kv()
         batch = self.scheduler.schedule()
-        mtp_inputs: tuple[torch.Tensor, AttentionMetadata] | None = None
+        passes: list[ForwardPass] = []  # what the MTP module reads again
         self.idle = batch.is_empty and not reserved
         if batch.is_empty and not run_empty:
             return []
@@ -405,6 +399,8 @@ class Engine:
                 ((ids_a, meta_a), (ids_b, meta_b)), self.kv.data
             )
             logits, samplers = torch.cat((logits_a, logits_b)), samplers_a + samplers_b
+            passes = [ForwardPass(half_a, ids_a, meta_a, len(samplers_a)),
+                      ForwardPass(half_b, ids_b, meta_b, len(samplers_b))]  # fmt: skip
             take_prompt_scores(half_a, meta_a)
             take_prompt_scores(half_b, meta_b)
         elif self._graph_fits(batch):
@@ -413,8 +409,10 @@ class Engine:
             input_ids, meta, samplers = prepare_inputs(batch, self.kv.page_size, self.device)
             logits = self.model(input_ids, meta, self.kv.data)
             take_prompt_scores(batch, meta)
-            mtp_inputs = (input_ids, meta)
+            passes = [ForwardPass(batch, input_ids, meta, len(samplers))]
         if batch.is_empty:
+            if self.model.mtp is not None and self.ep is not None:  # its collectives too
+                draft_after_step(self.model, self.kv.data, passes, [], [])
             return []
         publish = self.kv.allocator.enabled
         for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
@@ -426,8 +424,8 @@ class Engine:
         tokens, logprobs = draw_tokens(
             logits, samplers, self.grammars, self.model_config.eos_token_ids
         )
-        if self.model.mtp is not None and mtp_inputs is not None:
-            draft_after_step(self.model, self.kv.data, batch, *mtp_inputs, samplers, tokens)
+        if self.model.mtp is not None:
+            draft_after_step(self.model, self.kv.data, passes, samplers, tokens)
         self.num_steps += 1
         self._last_logits = ([s.rid for s in samplers], logits)
         if states is not None:

@@ -13,6 +13,8 @@ as the main model's own rejected rows do.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from workers.engine.scheduler import ScheduledBatch
@@ -48,8 +50,36 @@ def next_token_ids(
     return nxt
 
 
+class ForwardPass(NamedTuple):
+    """One forward of a step (two with two-batch overlap): its batch, token ids, layout, and
+    how many of the step's logits rows (`samplers`, in order) are its."""
+
+    batch: ScheduledBatch
+    input_ids: torch.Tensor
+    meta: AttentionMetadata
+    num_samplers: int
+
+
 @torch.inference_mode()
 def draft_after_step(
+    model: DeepseekForCausalLM,
+    kv_cache: torch.Tensor,
+    passes: list[ForwardPass],
+    samplers: list[Sequence],
+    tokens: list[int],
+) -> None:
+    """Run the MTP module over each of the step's forwards and set each sampled request's
+    `mtp_draft` to its guess after the tokens it keeps. Call before the step's guesses are
+    verified (`Sequence.draft` still set); on an expert-parallel rank, for an empty batch too
+    (with no samplers): the module's MoE is a collective."""
+    first = 0
+    for batch, input_ids, meta, num in passes:
+        rows = slice(first, first + num)
+        _draft(model, kv_cache, batch, input_ids, meta, samplers[rows], tokens[rows])
+        first += num
+
+
+def _draft(
     model: DeepseekForCausalLM,
     kv_cache: torch.Tensor,
     batch: ScheduledBatch,
@@ -58,9 +88,6 @@ def draft_after_step(
     samplers: list[Sequence],
     tokens: list[int],
 ) -> None:
-    """Run the MTP module over the step's rows and set each sampled request's `mtp_draft`
-    to its guess after the tokens it keeps. Call before the step's guesses are verified
-    (`Sequence.draft` still set)."""
     logits = model.draft_logits(next_token_ids(batch, input_ids, meta, tokens), meta, kv_cache)
     guesses = logits.argmax(dim=-1).tolist()
     i = 0

@@ -62,8 +62,8 @@ class RankRebalancer:
         self._plan: _Plan | None = None
         self._stage = "idle"  # idle | loaded | prepared
         self._layers = {
-            m.layer_idx: m for m in model.modules() if isinstance(m, EPMoE)
-        }  # layer index -> its MoE module
+            m.layer_idx: m for m in model.model.modules() if isinstance(m, EPMoE)
+        }  # layer index -> its MoE module (the MTP module's is not rebalanced)
 
     @property
     def stage(self) -> str:

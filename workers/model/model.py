@@ -54,7 +54,7 @@ class DeepseekForCausalLM(nn.Module):
         self.lm_head = empty_param(cfg.vocab_size, cfg.hidden_size)
         # The multi-token-prediction module, a draft model for speculative decoding (`mtp`:
         # load it; a checkpoint with `num_nextn_predict_layers` >= 1 holds it).
-        self.mtp = MTPLayer(cfg) if mtp else None
+        self.mtp = MTPLayer(cfg, ep) if mtp else None
         self.rope = RotaryEmbedding(
             cfg.rope,
             cfg.qk_rope_head_dim,

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.ep.moe import EPContext
+from workers.ep.placement import ExpertPlacement
 from workers.kernels.cpu import blocks as cpu_blocks
 from workers.model.batch import AttentionMetadata
 from workers.model.config import ModelConfig
@@ -39,12 +41,15 @@ class SharedHead(nn.Module):
 
 class MTPLayer(nn.Module):
     """Checkpoint layer `num_hidden_layers` (`model.layers.61` in DeepSeek-V3), its parameter
-    names those of the checkpoint after the layer prefix."""
+    names those of the checkpoint after the layer prefix (its decoder layer's under `block.`).
+    With `ep` its MoE is expert-parallel like the main layers' (`mtp_ep_context`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ep: EPContext | None = None):
         super().__init__()
         self.layer_idx = cfg.num_hidden_layers
-        self.block = DecoderLayer(cfg, self.layer_idx)
+        self.block = DecoderLayer(
+            cfg, self.layer_idx, None if ep is None else mtp_ep_context(cfg, ep)
+        )
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
@@ -78,3 +83,16 @@ class MTPLayer(nn.Module):
             x = self.block(x, meta, rope, rope.lookup(meta.positions), kv_cache[0])
         x = self.shared_head.norm(x[meta.logits_indices])
         return F.linear(x, lm_head).float()
+
+
+def mtp_ep_context(cfg: ModelConfig, ep: EPContext) -> EPContext:
+    """The MTP module's share of an expert-parallel pool: the main layers' dispatcher (its
+    all-to-all is one more collective of every step, in lockstep like theirs) and a placement
+    of its own — the default one, with as many slots a rank as the main layers have — that no
+    rebalance moves and no load count records (EPLB balances the main layers)."""
+    main = ep.placement
+    placement = ExpertPlacement.default(
+        cfg.num_hidden_layers + 1, main.num_logical, main.num_physical - main.num_logical,
+        main.num_ranks,
+    )  # fmt: skip
+    return EPContext(ep.rank, ep.world_size, placement, ep.dispatcher)
