@@ -189,7 +189,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--speculative-mtp", action="store_true",
         help="speculative decoding with the model's multi-token-prediction module (DeepSeek-V3/"
         "R1 checkpoints hold one) as the draft model: each request guesses the token after "
-        "its next one, verified in the same step; one rank a pool for now",
+        "its next one, verified in the same step",
     )  # fmt: skip
     e.add_argument(
         "--speculative-max-running", type=int, default=0, metavar="N",
