@@ -33,7 +33,7 @@ GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 def _engine(path: Path, **kw: Any) -> Engine:
-    config = {"page_size": 4, "chunked_prefill_size": 8, "speculative_mtp": True, **kw}
+    config = {"page_size": 4, "chunked_prefill_size": 8, "speculative_mtp": 1, **kw}
     return Engine(path, EngineConfig(**config), progress=False)
 
 
@@ -69,28 +69,44 @@ class MTPReference:
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.own[name] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
-    @torch.no_grad()
-    def logits(self, tokens: list[int]) -> torch.Tensor:
-        """`[len(tokens) - 1, vocab]`: row `i` reads the hidden state of token `i` and token
-        `i + 1`, and scores token `i + 2`."""
-        model = self.hf.model
-        ids = torch.tensor([tokens])
-        out = model(input_ids=ids, output_hidden_states=True)
-        hidden = model.norm(out.hidden_states[self.num_layers])[0]  # after the main layers
-        embed = model.embed_tokens(ids)[0]
-        x = torch.cat(
-            (self._norm(embed[1:], "enorm.weight"), self._norm(hidden[:-1], "hnorm.weight")), -1
-        )
-        x = x @ self.own["eh_proj.weight"].T
-        n = x.shape[0]
+    def _inputs(self, token: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder layer's input for rows reading `token` and `hidden`."""
+        embed = self.hf.model.embed_tokens(token)
+        x = torch.cat((self._norm(embed, "enorm.weight"), self._norm(hidden, "hnorm.weight")), -1)
+        return x @ self.own["eh_proj.weight"].T
+
+    def _layer(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's decoder layer over rows at positions 0 .., causal."""
+        model, n = self.hf.model, x.shape[0]
         positions = torch.arange(n)[None]
         causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
         y = model.layers[self.num_layers](
             x[None], attention_mask=causal, position_ids=positions,
             position_embeddings=model.rotary_emb(x[None], positions),
         )  # fmt: skip
-        y = (y[0] if isinstance(y, tuple) else y)[0]
-        return self._norm(y, "shared_head.norm.weight") @ self.own["shared_head.head.weight"].T
+        return (y[0] if isinstance(y, tuple) else y)[0]
+
+    @torch.no_grad()
+    def rows(self, tokens: list[int]) -> torch.Tensor:
+        """The layer's inputs over a whole history: row `i` reads the main model's final
+        hidden state of token `i` and token `i + 1`."""
+        model = self.hf.model
+        out = model(input_ids=torch.tensor([tokens]), output_hidden_states=True)
+        hidden = model.norm(out.hidden_states[self.num_layers])[0]  # after the main layers
+        return self._inputs(torch.tensor(tokens[1:]), hidden[:-1])
+
+    @torch.no_grad()
+    def guess_logits(self, rows: torch.Tensor, guesses: list[int]) -> list[torch.Tensor]:
+        """The module's logits for each of `guesses` after the history whose layer inputs
+        are `rows`: the first from the last row, each next one from a row that reads the
+        guess before it and the module's own (normed) hidden state of the row before."""
+        out = []
+        for guess in guesses:
+            y = self._layer(rows)
+            last = self._norm(y[-1], "shared_head.norm.weight")
+            out.append(last @ self.own["shared_head.head.weight"].T)
+            rows = torch.cat((rows, self._inputs(torch.tensor([guess]), last[None])))
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -118,41 +134,51 @@ def reference(mtp_model, tmp_path_factory) -> MTPReference:
     return MTPReference(mtp_model, tmp_path_factory.mktemp("mtp"))
 
 
-def _record_guesses(engine: Engine, guesses: dict[str, dict[int, int]]) -> None:
-    """Each live request's guess after the step just run, by its number of tokens."""
+def _record_guesses(engine: Engine, guesses: dict[str, dict[int, list[int]]]) -> None:
+    """Each live request's guesses after the step just run, by its number of tokens."""
     for rid, seq in engine.requests.items():
         if seq.mtp_draft:
-            guesses.setdefault(rid, {})[seq.num_tokens] = seq.mtp_draft[0]
+            guesses.setdefault(rid, {})[seq.num_tokens] = list(seq.mtp_draft)
 
 
 def _check_guesses(
-    reference: MTPReference, tokens: dict[str, list[int]], guesses: dict[str, dict[int, int]]
+    reference: MTPReference,
+    tokens: dict[str, list[int]],
+    guesses: dict[str, dict[int, list[int]]],
+    num_guesses: int = 1,
 ) -> None:
-    """Every guess is the reference's choice (within float noise of its best score)."""
+    """Every guess is the reference's choice (within float noise of its best score), each
+    request guessing `num_guesses` tokens most steps (fewer where its pages end)."""
     assert set(guesses) == set(tokens)
     for rid, by_len in guesses.items():
-        logits = reference.logits(tokens[rid])
-        assert len(by_len) >= GREEDY.max_new_tokens // 2, (rid, by_len)
+        rows = reference.rows(tokens[rid])
+        assert len(by_len) >= GREEDY.max_new_tokens // (2 * num_guesses), (rid, by_len)
+        lengths = [len(g) for g in by_len.values()]
+        assert max(lengths) == num_guesses and sum(lengths) > 0.6 * num_guesses * len(lengths)
         for num_tokens, guess in by_len.items():
-            row = logits[num_tokens - 2]  # the row of the token before the pending one
-            assert row[guess] >= row.max() - 1e-3, (rid, num_tokens, guess, int(row.argmax()))
+            # From the row of the token before the pending one.
+            logits = reference.guess_logits(rows[: num_tokens - 1], guess)
+            for i, (row, token) in enumerate(zip(logits, guess, strict=True)):
+                assert row[token] >= row.max() - 1e-3, (rid, num_tokens, i, guess)
 
 
-def test_the_guesses_are_the_mtp_module_s_choices(mtp_model, reference):
+@pytest.mark.parametrize("num_guesses", [1, 3])
+def test_the_guesses_are_the_mtp_module_s_choices(num_guesses, mtp_model, reference):
     """One engine, prompts in chunks of 8 over pages of 4, greedy requests decoding in one
-    batch: after each step each request's guess is the reference module's choice."""
-    engine = _engine(mtp_model)
+    batch: after each step each request's guesses are the reference module's choices — the
+    first over the request's history, each next one over that and the guesses before it."""
+    engine = _engine(mtp_model, speculative_mtp=num_guesses)
     prompts = _prompts()
     for i, prompt in enumerate(prompts):
         engine.add(GenerateRequest(f"r{i}", prompt, GREEDY))
-    guesses: dict[str, dict[int, int]] = {}
+    guesses: dict[str, dict[int, list[int]]] = {}
     tokens: dict[str, list[int]] = {}
     while engine.has_work:
         engine.step()
         _record_guesses(engine, guesses)
         tokens.update({rid: list(seq.token_ids) for rid, seq in engine.requests.items()})
     assert engine.kv.allocator.num_free == engine.kv.num_pages
-    _check_guesses(reference, tokens, guesses)
+    _check_guesses(reference, tokens, guesses, num_guesses)
 
 
 def test_a_decode_engine_guesses_from_the_module_kv_the_prefill_engine_computed(
@@ -169,7 +195,7 @@ def test_a_decode_engine_guesses_from_the_module_kv_the_prefill_engine_computed(
         decode.add(GenerateRequest(f"r{i}", prompt, GREEDY), mode="decode")
     handed: dict[str, tuple[list[int], int]] = {}
     targets: dict[str, list[int]] = {}
-    guesses: dict[str, dict[int, int]] = {}
+    guesses: dict[str, dict[int, list[int]]] = {}
     tokens: dict[str, list[int]] = {}
     finished = 0
     while finished < len(prompts):
@@ -197,10 +223,10 @@ def test_guesses_hold_through_preemption_swap_and_recompute(mtp_model, reference
     the reference module's: its KV layer moves and is recomputed with the rest."""
     reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(_prompts() * 2)}
     reqs = {rid: (p + [i], sp) for i, (rid, (p, sp)) in enumerate(reqs.items())}
-    roomy, _, _ = _run(_engine(mtp_model, speculative_mtp=False), reqs)
+    roomy, _, _ = _run(_engine(mtp_model, speculative_mtp=0), reqs)
     for swap in (0.0, 0.001):
         tight = _engine(mtp_model, kv_capacity_tokens=128, kv_swap_space=swap)
-        guesses: dict[str, dict[int, int]] = {}
+        guesses: dict[str, dict[int, list[int]]] = {}
         tokens: dict[str, list[int]] = {}
         for rid, (prompt, sp) in reqs.items():
             tight.add(GenerateRequest(rid, prompt, sp))
@@ -237,7 +263,7 @@ def test_constrained_requests_guess_with_the_mtp_module(tiny_model_dir):
         )  # fmt: skip
         for rid, (prompt, c, t, seed) in reqs.items()
     }
-    plain, plain_finish, _ = _run(_engine(tiny_model_dir, speculative_mtp=False), requests)
+    plain, plain_finish, _ = _run(_engine(tiny_model_dir, speculative_mtp=0), requests)
     engine = _engine(tiny_model_dir)
     got, finish, _ = _run(engine, requests)
     assert got == plain and finish == plain_finish
@@ -266,7 +292,7 @@ def test_mtp_guesses_give_the_tokens_of_plain_decoding(model, tiny_model_dir, ag
     greedy requests: about half the decode steps)."""
     path = tiny_model_dir if model == "tiny" else agreeing
     reqs = _requests()
-    plain, _, _ = _run(_engine(path, speculative_mtp=False), reqs)
+    plain, _, _ = _run(_engine(path, speculative_mtp=0), reqs)
     engine = _engine(path)
     spec, _, _ = _run(engine, reqs)
     assert spec == plain
@@ -274,7 +300,7 @@ def test_mtp_guesses_give_the_tokens_of_plain_decoding(model, tiny_model_dir, ag
     assert stats.num_spec_draft_tokens > 0
     greedy = {k: v for k, v in reqs.items() if k.startswith("g")}
     engine = _engine(path)
-    plain_steps = _run(_engine(path, speculative_mtp=False), greedy)[2]
+    plain_steps = _run(_engine(path, speculative_mtp=0), greedy)[2]
     _, _, steps = _run(engine, greedy)
     stats = engine.stats()
     if model == "agreeing":
@@ -289,7 +315,7 @@ def test_mtp_settings_are_checked(tmp_path_factory, tiny_model_dir):
     from workers.model.loader import load_model
 
     with pytest.raises(ValueError, match="choose one source of guesses"):
-        EngineConfig(speculative_ngram=4, speculative_mtp=True)
+        EngineConfig(speculative_ngram=4, speculative_mtp=1)
     # A transformers-made checkpoint: num_nextn_predict_layers 1 in config.json, no weights.
     ckpt = make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("no-mtp"))
     with pytest.raises(ValueError, match="no multi-token-prediction module.*model.layers.4"):
@@ -316,7 +342,7 @@ def test_a_disaggregated_server_guesses_with_the_mtp_module(
     prompts = _prompts()
     body = {"input_ids": prompts, "sampling_params": _greedy(16)}
     want = httpx.post(f"{tiny_server}/generate", json=body, timeout=120).json()
-    engine = dataclasses.replace(tiny_serve_config(tiny_model_dir).engine, speculative_mtp=True)
+    engine = dataclasses.replace(tiny_serve_config(tiny_model_dir).engine, speculative_mtp=1)
     server = launch_tiny(engine=engine)
     try:
         got = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()

@@ -186,10 +186,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "of them (the same question again, templates, an agent's repeated calls); 0: off",
     )  # fmt: skip
     e.add_argument(
-        "--speculative-mtp", action="store_true",
+        "--speculative-mtp", type=int, default=0, metavar="K",
         help="speculative decoding with the model's multi-token-prediction module (DeepSeek-V3/"
-        "R1 checkpoints hold one) as the draft model: each request guesses the token after "
-        "its next one, verified in the same step",
+        "R1 checkpoints hold one) as the draft model: each request guesses K tokens a step "
+        "(the module's guess, then its guesses on its own), verified in the same step; 0: off",
     )  # fmt: skip
     e.add_argument(
         "--speculative-max-running", type=int, default=0, metavar="N",

@@ -32,8 +32,9 @@ class EngineConfig:
     speculative_max_running: int = 0
     speculative_ngram_shared: int = 0
     # Speculative decoding with the model's multi-token-prediction module as the draft model
-    # (`workers.model.mtp`): one guessed token a step per request.
-    speculative_mtp: bool = False
+    # (`workers.model.mtp`): this many guessed tokens a step per request (the module's guess,
+    # then its guesses on its own guesses); 0: off.
+    speculative_mtp: int = 0
     gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
     # Share the KV of full pages between requests whose tokens begin alike.
@@ -81,7 +82,10 @@ class EngineConfig:
         host = self.prefix_cache_host_space
         if not (math.isfinite(host) and host >= 0):
             raise ValueError(f"--prefix-cache-host-space must be >= 0 (GiB), got {host}")
-        for name in ("speculative_ngram", "speculative_ngram_shared", "speculative_max_running"):
+        for name in (
+            "speculative_ngram", "speculative_ngram_shared", "speculative_max_running",
+            "speculative_mtp",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 0, got {getattr(self, name)}")

@@ -83,9 +83,9 @@ class Engine:
         # then only names it.
         self.model = model or load_model(
             model_dir, self.device, self.dtype, progress=progress, ep=ep,
-            keep_fp8_experts=keep_fp8, mtp=config.speculative_mtp,
+            keep_fp8_experts=keep_fp8, mtp=config.speculative_mtp > 0,
         )  # fmt: skip
-        if config.speculative_mtp and self.model.mtp is None:
+        if config.speculative_mtp > 0 and self.model.mtp is None:
             raise ValueError("--speculative-mtp: the model was built without its MTP module")
         self.model_config = cfg = self.model.config
         self.grammars = GrammarBackend(self.model_dir, cfg.vocab_size, cfg.eos_token_ids)
@@ -127,7 +127,7 @@ class Engine:
             swap_tokens = int(config.kv_swap_space * (1 << 30)) // per_token
             self.scheduler.swap = KVSwap(self.kv, swap_tokens)
         self.speculator: Speculator | None = None
-        if config.speculative_ngram > 0 or config.speculative_mtp:
+        if config.speculative_ngram > 0 or config.speculative_mtp > 0:
             self.speculator = Speculator(config, self.max_context_len)
             self.scheduler.speculate = self.speculator.guess
             self.scheduler.speculate_max_running = config.speculative_max_running
@@ -412,7 +412,9 @@ class Engine:
             passes = [ForwardPass(batch, input_ids, meta, len(samplers))]
         if batch.is_empty:
             if self.model.mtp is not None and self.ep is not None:  # its collectives too
-                draft_after_step(self.model, self.kv.data, passes, [], [])
+                draft_after_step(
+                    self.model, self.kv.data, passes, [], [], self.config.speculative_mtp, True
+                )
             return []
         publish = self.kv.allocator.enabled
         for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
@@ -425,7 +427,10 @@ class Engine:
             logits, samplers, self.grammars, self.model_config.eos_token_ids
         )
         if self.model.mtp is not None:
-            draft_after_step(self.model, self.kv.data, passes, samplers, tokens)
+            draft_after_step(
+                self.model, self.kv.data, passes, samplers, tokens, self.config.speculative_mtp,
+                collective=self.ep is not None,
+            )  # fmt: skip
         self.num_steps += 1
         self._last_logits = ([s.rid for s in samplers], logits)
         if states is not None:

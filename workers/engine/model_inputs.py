@@ -97,18 +97,11 @@ def prepare_inputs(batch: ScheduledBatch, page_size: int, device: torch.device) 
             logits_rows.append(len(ids) - 1)
             samplers.append(seq)
 
-    max_pages = max((len(r) for r in rows.block_rows), default=1)
-    block_table = array("i")
-    padding = _zeros(max_pages)  # past a context: unspecified
-    for r in rows.block_rows:
-        block_table.extend(r)
-        if len(r) < max_pages:
-            block_table.extend(padding[len(r) :])
     meta = AttentionMetadata(
         positions=_ints(positions).to(device),
         out_slots=(out_slots[0] if len(out_slots) == 1 else torch.cat(out_slots)).to(device),
         num_decode=num_rows,
-        block_table=_ints(block_table, "i").view(-1, max_pages).to(device),
+        block_table=_block_table(rows.block_rows).to(device),
         seq_lens=_ints([p + 1 for p in rows.positions], "i").to(device),
         page_size=page_size,
         prefills=spans,
@@ -119,6 +112,35 @@ def prepare_inputs(batch: ScheduledBatch, page_size: int, device: torch.device) 
         meta.score_targets = _ints(score_targets).to(device)
         meta.score_top = score_top
     return ModelInputs(_ints(ids).to(device), meta, samplers)
+
+
+def decode_inputs(rows: DecodeRows, page_size: int, device: torch.device) -> ModelInputs:
+    """Decode rows alone as the model takes them, every row's logits wanted (`samplers`
+    left empty: the caller knows whose rows they are)."""
+    num_rows = len(rows.input_ids)
+    meta = AttentionMetadata(
+        positions=_ints(rows.positions).to(device),
+        out_slots=_ints(rows.out_slots).to(device),
+        num_decode=num_rows,
+        block_table=_block_table(rows.block_rows).to(device),
+        seq_lens=_ints([p + 1 for p in rows.positions], "i").to(device),
+        page_size=page_size,
+        prefills=[],
+        logits_indices=_ints(list(range(num_rows))).to(device),
+    )
+    return ModelInputs(_ints(rows.input_ids).to(device), meta, [])
+
+
+def _block_table(block_rows: list[list[int]]) -> torch.Tensor:
+    """`[rows, max_pages]` int32: each row's pages, padded (past a context: unspecified)."""
+    max_pages = max((len(r) for r in block_rows), default=1)
+    table = array("i")
+    padding = _zeros(max_pages)
+    for r in block_rows:
+        table.extend(r)
+        if len(r) < max_pages:
+            table.extend(padding[len(r) :])
+    return _ints(table, "i").view(-1, max_pages)
 
 
 def take_prompt_scores(batch: ScheduledBatch, meta: AttentionMetadata) -> None:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from workers.engine.model_inputs import DecodeRows, decode_inputs
 from workers.engine.scheduler import ScheduledBatch
 from workers.engine.sequence import Sequence
 from workers.engine.speculative import num_accepted
@@ -67,19 +68,41 @@ def draft_after_step(
     passes: list[ForwardPass],
     samplers: list[Sequence],
     tokens: list[int],
+    num_guesses: int,
+    collective: bool = False,
 ) -> None:
     """Run the MTP module over each of the step's forwards and set each sampled request's
-    `mtp_draft` to its guess after the tokens it keeps. Call before the step's guesses are
-    verified (`Sequence.draft` still set); on an expert-parallel rank, for an empty batch too
-    (with no samplers): the module's MoE is a collective."""
+    `mtp_draft` to its guess after the tokens it keeps, then `num_guesses - 1` times more
+    the module over its own last guesses (`_guess_on`). Call before the step's guesses are
+    verified (`Sequence.draft` still set). `collective` (an expert-parallel rank: the
+    module's MoE is a collective): every pass runs, with no rows where there are none —
+    for an empty batch too."""
+    heads: list[Head] = []
+    hidden: list[torch.Tensor] = []
     first = 0
     for batch, input_ids, meta, num in passes:
         rows = slice(first, first + num)
-        _draft(model, kv_cache, batch, input_ids, meta, samplers[rows], tokens[rows])
+        more, h = _guess(model, kv_cache, batch, input_ids, meta, samplers[rows], tokens[rows])
+        heads += more
+        hidden.append(h)
         first += num
+    state, page_size = torch.cat(hidden), passes[0].meta.page_size
+    for _ in range(num_guesses - 1):
+        if not heads and not collective:
+            return
+        heads, state = _guess_on(model, kv_cache, heads, state, page_size)
 
 
-def _draft(
+class Head(NamedTuple):
+    """A request whose guesses go on: the position of the row that made its last guess, and
+    that row's index in the hidden states the module returned."""
+
+    seq: Sequence
+    position: int
+    row: int
+
+
+def _guess(
     model: DeepseekForCausalLM,
     kv_cache: torch.Tensor,
     batch: ScheduledBatch,
@@ -87,13 +110,53 @@ def _draft(
     meta: AttentionMetadata,
     samplers: list[Sequence],
     tokens: list[int],
-) -> None:
-    logits = model.draft_logits(next_token_ids(batch, input_ids, meta, tokens), meta, kv_cache)
+) -> tuple[list[Head], torch.Tensor]:
+    """The first guesses (over one forward's rows), and where each request goes on from."""
+    assert meta.hidden is not None, "a forward of the model with its MTP module"
+    next_ids = next_token_ids(batch, input_ids, meta, tokens)
+    logits, hidden = model.draft(next_ids, meta.hidden, meta, kv_cache)
     guesses = logits.argmax(dim=-1).tolist()
+    positions = meta.positions[meta.logits_indices].tolist()
+    heads = []
     i = 0
     while i < len(samplers):
         seq = samplers[i]
         num_rows = 1 + len(seq.draft) if i < meta.num_decode else 1
         kept = num_accepted(seq.draft, tokens[i : i + num_rows]) if num_rows > 1 else 0
         seq.mtp_draft = [guesses[i + kept]]
+        if not seq.prefill_only:
+            heads.append(Head(seq, positions[i + kept], i + kept))
         i += num_rows
+    return heads, hidden
+
+
+def _guess_on(
+    model: DeepseekForCausalLM,
+    kv_cache: torch.Tensor,
+    heads: list[Head],
+    hidden: torch.Tensor,
+    page_size: int,
+) -> tuple[list[Head], torch.Tensor]:
+    """One more guess for each request of `heads`: the module reads its last guess (at the
+    position after that guess's row) and the hidden state it had there. Only within the
+    pages a request holds: its KV is written at that position (and over later, once the
+    position's token is known)."""
+    rows = DecodeRows([], [], [], [])
+    going: list[Head] = []
+    for head in heads:
+        seq, position = head.seq, head.position + 1
+        page, offset = divmod(position, page_size)
+        if page >= len(seq.pages):
+            continue
+        rows.input_ids.append(seq.mtp_draft[-1])
+        rows.positions.append(position)
+        rows.out_slots.append(seq.pages[page] * page_size + offset)
+        rows.block_rows.append(seq.pages[: page + 1])
+        going.append(head)
+    ids, meta, _ = decode_inputs(rows, page_size, kv_cache.device)
+    index = torch.tensor([h.row for h in going], dtype=torch.int64, device=hidden.device)
+    logits, out = model.draft(ids, hidden[index], meta, kv_cache)
+    for i, (head, guess) in enumerate(zip(going, logits.argmax(dim=-1).tolist(), strict=True)):
+        head.seq.mtp_draft.append(guess)
+        going[i] = Head(head.seq, head.position + 1, i)
+    return going, out

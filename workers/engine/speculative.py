@@ -184,8 +184,8 @@ class Speculator:
     step's rows make of them, counted."""
 
     def __init__(self, config: EngineConfig, max_context_len: int):
-        self.mtp = config.speculative_mtp  # guesses from the MTP module (else n-grams)
-        self.max_guess = 1 if self.mtp else config.speculative_ngram
+        self.mtp = config.speculative_mtp > 0  # guesses from the MTP module (else n-grams)
+        self.max_guess = config.speculative_mtp if self.mtp else config.speculative_ngram
         self.min_n, self.max_n = config.speculative_ngram_min, config.speculative_ngram_max
         self.max_context_len = max_context_len
         self.shared: SharedNgrams | None = None

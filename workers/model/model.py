@@ -215,15 +215,21 @@ class DeepseekForCausalLM(nn.Module):
             x = self.model.norm(x[meta.logits_indices])
         return F.linear(x, self.lm_head).float()
 
-    def draft_logits(
-        self, next_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
-    ) -> torch.Tensor:
-        """After a forward over `meta`'s batch: the MTP module's logits `[S, vocab]` of the
-        token after next at `meta.logits_indices`, `next_ids: [T]` being each row's next
-        token. Writes the module's KV (the cache's last layer) at the batch's slots."""
-        assert self.mtp is not None and meta.hidden is not None, "a forward with mtp first"
+    def draft(
+        self,
+        next_ids: torch.Tensor,  # [T]
+        hidden: torch.Tensor,  # [T, hidden]
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP module over `meta`'s rows, `next_ids` being each row's next token and
+        `hidden` its final hidden state (after a forward over the batch: `meta.hidden`; after
+        the module: its own): logits `[S, vocab]` of the token after next and the module's
+        hidden states at `meta.logits_indices`. Writes the module's KV (the cache's last
+        layer) at the rows' slots."""
+        assert self.mtp is not None, "a model built with its MTP module"
         return self.mtp(
-            next_ids, meta.hidden, meta, self.model.embed_tokens, self.lm_head, self.rope,
+            next_ids, hidden, meta, self.model.embed_tokens, self.lm_head, self.rope,
             kv_cache[self.mtp.layer_idx : self.mtp.layer_idx + 1],
         )  # fmt: skip
 

@@ -70,8 +70,10 @@ class MTPLayer(nn.Module):
         lm_head: torch.Tensor,  # [vocab, hidden]
         rope: RotaryEmbedding,
         kv_cache: torch.Tensor,  # [1, num_slots, kv_lora + rope] the module's layer of the cache
-    ) -> torch.Tensor:
-        """Logits `[S, vocab]` (float32) of the token after next, for `meta.logits_indices`."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[S, vocab]` (float32) of the token after next, for `meta.logits_indices`,
+        and those rows' final (normed) hidden states `[S, hidden]`: what the module reads
+        as `hidden` to guess on from its own guess."""
         x = torch.cat((self.enorm(embed(next_ids)), self.hnorm(hidden)), dim=-1)
         x = self.eh_proj(x)
         if self.cpu_layer is not None and not meta.prefills and kv_cache.dtype == torch.float32:
@@ -82,7 +84,7 @@ class MTPLayer(nn.Module):
         else:
             x = self.block(x, meta, rope, rope.lookup(meta.positions), kv_cache[0])
         x = self.shared_head.norm(x[meta.logits_indices])
-        return F.linear(x, lm_head).float()
+        return F.linear(x, lm_head).float(), x
 
 
 def mtp_ep_context(cfg: ModelConfig, ep: EPContext) -> EPContext:
