@@ -1,7 +1,8 @@
 """The MTP module in an expert-parallel pool (2 real processes, gloo): its MoE is one more
 collective of every step, run by a rank with nothing to do as well. The tokens are the
 single-rank engine's without guesses, and every guess the single-rank engine's with the
-module, in both dispatch modes, with redundant experts and two-batch overlap."""
+module (one a step, or two: the module's pass, then one more over its own guesses), in both
+dispatch modes, with redundant experts and two-batch overlap."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from workers.engine.messages import GenerateRequest, SamplingParams
 PROMPT_LENS = (3, 9, 17, 40, 5)
 NUM_NEW = 12
 WORLD = 2
-# (dispatch mode, redundant experts, two-batch overlap)
-CONFIGS = [("normal", 0, False), ("low_latency", 4, True)]
+# (dispatch mode, redundant experts, two-batch overlap, tokens guessed a step)
+CONFIGS = [("normal", 0, False, 1), ("low_latency", 4, True, 2)]
 GREEDY = SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
 
 
@@ -51,11 +52,11 @@ def _run(engine: Engine, group: Any = None) -> tuple[dict[str, Any], dict[str, A
             tokens.setdefault(d.rid, []).extend(d.token_ids)
         for rid, seq in engine.requests.items():
             if seq.mtp_draft:
-                guesses.setdefault(rid, {})[seq.num_tokens] = seq.mtp_draft[0]
+                guesses.setdefault(rid, {})[seq.num_tokens] = list(seq.mtp_draft)
     return tokens, guesses, num_steps
 
 
-def _single(model_dir: Path, mtp: bool) -> tuple[dict[str, Any], dict[str, Any], int]:
+def _single(model_dir: Path, mtp: int) -> tuple[dict[str, Any], dict[str, Any], int]:
     engine = Engine(model_dir, _config(speculative_mtp=mtp), progress=False)
     for i, p in enumerate(_prompts()):
         engine.add(GenerateRequest(f"r{i}", p, GREEDY))
@@ -72,10 +73,10 @@ def _rank_main(rank: int, store_path: str, model_dir: str, queue: Any) -> None:
         store = dist.FileStore(store_path, WORLD)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
         group = PoolGroup(rank, WORLD, dist.group.WORLD, dist.group.WORLD)  # type: ignore[arg-type]
-        for mode, redundant, tbo in CONFIGS:
+        for mode, redundant, tbo, num_guesses in CONFIGS:
             config = _config(
                 deepep_mode=mode, num_redundant_experts=redundant, enable_two_batch_overlap=tbo,
-                speculative_mtp=True,
+                speculative_mtp=num_guesses,
             )  # fmt: skip
             ctx = build_ep_context(
                 ModelConfig.from_dir(Path(model_dir)), config, "colocated", rank, WORLD, None
@@ -87,7 +88,8 @@ def _rank_main(rank: int, store_path: str, model_dir: str, queue: Any) -> None:
             tokens, guesses, num_steps = _run(engine, group)
             assert engine.kv.allocator.num_free == engine.kv.num_pages
             drafted = engine.stats().num_spec_draft_tokens
-            queue.put((rank, (mode, redundant, tbo), tokens, guesses, num_steps, drafted))
+            key = (mode, redundant, tbo, num_guesses)
+            queue.put((rank, key, tokens, guesses, num_steps, drafted))
         queue.put((rank, None, None, None, None, None))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc(), None, None, None))
@@ -98,8 +100,8 @@ def _rank_main(rank: int, store_path: str, model_dir: str, queue: Any) -> None:
 
 @pytest.mark.timeout(600)
 def test_an_expert_parallel_pool_guesses_with_the_mtp_module(tiny_model_dir, tmp_path):
-    plain, _, _ = _single(tiny_model_dir, mtp=False)
-    _, single_guesses, _ = _single(tiny_model_dir, mtp=True)
+    plain, _, _ = _single(tiny_model_dir, mtp=0)
+    single_guesses = {k: _single(tiny_model_dir, mtp=k)[1] for k in {c[3] for c in CONFIGS}}
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     store = str(tmp_path / "store")
@@ -142,7 +144,8 @@ def test_an_expert_parallel_pool_guesses_with_the_mtp_module(tiny_model_dir, tmp
         assert tokens[key] == plain, key
         assert len(steps[key]) == 1, f"{key}: the ranks did not step in lockstep"
         assert drafted[key] > 0, key
-        assert set(guesses[key]) == set(single_guesses)
+        single = single_guesses[key[3]]
+        assert set(guesses[key]) == set(single)
         for rid, by_len in guesses[key].items():
             # (a step that keeps a guess skips a length; both engines keep the same ones)
-            assert by_len == single_guesses[rid], (key, rid)
+            assert by_len == single[rid], (key, rid)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -284,29 +285,34 @@ def _requests() -> dict[str, tuple[list[int], SamplingParams]]:
     return reqs
 
 
-@pytest.mark.parametrize("model", ["tiny", "agreeing"])
-def test_mtp_guesses_give_the_tokens_of_plain_decoding(model, tiny_model_dir, agreeing):
+@pytest.mark.parametrize(("model", "num_guesses"), [("tiny", 1), ("agreeing", 1), ("agreeing", 3)])
+def test_mtp_guesses_give_the_tokens_of_plain_decoding(
+    model, num_guesses, tiny_model_dir, agreeing
+):
     """Greedy and seeded sampled requests of every kind (penalties, logprobs, a minimum
     length, ...) in one batch give plain decoding's tokens, with the tiny model's random
     module (its guesses fail) and with one that agrees with its model (its guesses hold for
-    greedy requests: about half the decode steps)."""
+    greedy requests: half the decode steps with one guess a step, a quarter with 3)."""
     path = tiny_model_dir if model == "tiny" else agreeing
     reqs = _requests()
     plain, _, _ = _run(_engine(path, speculative_mtp=0), reqs)
-    engine = _engine(path)
+    engine = _engine(path, speculative_mtp=num_guesses)
     spec, _, _ = _run(engine, reqs)
     assert spec == plain
     stats = engine.stats()
     assert stats.num_spec_draft_tokens > 0
     greedy = {k: v for k, v in reqs.items() if k.startswith("g")}
-    engine = _engine(path)
-    plain_steps = _run(_engine(path, speculative_mtp=0), greedy)[2]
+    engine = _engine(path, speculative_mtp=num_guesses, chunked_prefill_size=64)
+    plain_steps = _run(_engine(path, speculative_mtp=0, chunked_prefill_size=64), greedy)[2]
     _, _, steps = _run(engine, greedy)
     stats = engine.stats()
     if model == "agreeing":
         assert stats.num_spec_accepted_tokens == stats.num_spec_draft_tokens > 0
-        # (23 decode steps a request without guesses; the prompts' chunks ride along)
-        assert plain_steps - steps >= 8, (steps, plain_steps)
+        # One prefill step, then 23 decode steps without guesses; 1 + num_guesses tokens a
+        # step with (a step whose guesses would need a page past the free reserve guesses
+        # fewer).
+        assert plain_steps == 24
+        assert steps <= 2 + math.ceil(23 / (1 + num_guesses)), steps
     else:
         assert stats.num_spec_accepted_tokens < stats.num_spec_draft_tokens / 4
 
@@ -342,7 +348,7 @@ def test_a_disaggregated_server_guesses_with_the_mtp_module(
     prompts = _prompts()
     body = {"input_ids": prompts, "sampling_params": _greedy(16)}
     want = httpx.post(f"{tiny_server}/generate", json=body, timeout=120).json()
-    engine = dataclasses.replace(tiny_serve_config(tiny_model_dir).engine, speculative_mtp=1)
+    engine = dataclasses.replace(tiny_serve_config(tiny_model_dir).engine, speculative_mtp=2)
     server = launch_tiny(engine=engine)
     try:
         got = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()

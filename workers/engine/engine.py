@@ -413,8 +413,9 @@ class Engine:
         if batch.is_empty:
             if self.model.mtp is not None and self.ep is not None:  # its collectives too
                 draft_after_step(
-                    self.model, self.kv.data, passes, [], [], self.config.speculative_mtp, True
-                )
+                    self.model, self.kv.data, passes, [], [], self.config.speculative_mtp,
+                    self.scheduler.hold_ahead, collective=True,
+                )  # fmt: skip
             return []
         publish = self.kv.allocator.enabled
         for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
@@ -429,7 +430,7 @@ class Engine:
         if self.model.mtp is not None:
             draft_after_step(
                 self.model, self.kv.data, passes, samplers, tokens, self.config.speculative_mtp,
-                collective=self.ep is not None,
+                self.scheduler.hold_ahead, collective=self.ep is not None,
             )  # fmt: skip
         self.num_steps += 1
         self._last_logits = ([s.rid for s in samplers], logits)

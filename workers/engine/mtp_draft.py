@@ -13,6 +13,7 @@ as the main model's own rejected rows do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -69,12 +70,15 @@ def draft_after_step(
     samplers: list[Sequence],
     tokens: list[int],
     num_guesses: int,
+    hold_ahead: Callable[[Sequence, int], int],
     collective: bool = False,
 ) -> None:
     """Run the MTP module over each of the step's forwards and set each sampled request's
     `mtp_draft` to its guess after the tokens it keeps, then `num_guesses - 1` times more
     the module over its own last guesses (`_guess_on`). Call before the step's guesses are
-    verified (`Sequence.draft` still set). `collective` (an expert-parallel rank: the
+    verified (`Sequence.draft` still set). `hold_ahead(seq, n)`: pages for `seq`'s positions
+    below `n`, where it can have them (`Scheduler.hold_ahead`), returning how many positions
+    its pages cover. `collective` (an expert-parallel rank: the
     module's MoE is a collective): every pass runs, with no rows where there are none —
     for an empty batch too."""
     heads: list[Head] = []
@@ -83,14 +87,15 @@ def draft_after_step(
     for batch, input_ids, meta, num in passes:
         rows = slice(first, first + num)
         more, h = _guess(model, kv_cache, batch, input_ids, meta, samplers[rows], tokens[rows])
-        heads += more
+        offset = sum(len(x) for x in hidden)  # (the rows of the hidden states of all passes)
+        heads += [head._replace(row=head.row + offset) for head in more]
         hidden.append(h)
         first += num
     state, page_size = torch.cat(hidden), passes[0].meta.page_size
     for _ in range(num_guesses - 1):
         if not heads and not collective:
             return
-        heads, state = _guess_on(model, kv_cache, heads, state, page_size)
+        heads, state = _guess_on(model, kv_cache, heads, state, page_size, hold_ahead)
 
 
 class Head(NamedTuple):
@@ -136,18 +141,19 @@ def _guess_on(
     heads: list[Head],
     hidden: torch.Tensor,
     page_size: int,
+    hold_ahead: Callable[[Sequence, int], int],
 ) -> tuple[list[Head], torch.Tensor]:
     """One more guess for each request of `heads`: the module reads its last guess (at the
-    position after that guess's row) and the hidden state it had there. Only within the
-    pages a request holds: its KV is written at that position (and over later, once the
-    position's token is known)."""
+    position after that guess's row) and the hidden state it had there. Its KV is written
+    at that position (and over later, once the position's token is known): a request goes
+    on only where it holds or can take the page (`hold_ahead`)."""
     rows = DecodeRows([], [], [], [])
     going: list[Head] = []
     for head in heads:
         seq, position = head.seq, head.position + 1
-        page, offset = divmod(position, page_size)
-        if page >= len(seq.pages):
+        if position >= hold_ahead(seq, position + 1):
             continue
+        page, offset = divmod(position, page_size)
         rows.input_ids.append(seq.mtp_draft[-1])
         rows.positions.append(position)
         rows.out_slots.append(seq.pages[page] * page_size + offset)

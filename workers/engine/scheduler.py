@@ -285,6 +285,15 @@ class Scheduler:
                 seq.token_ids, seq.pages, seq.num_published, seq.last_key, seq.num_computed
             )
 
+    def hold_ahead(self, seq: Sequence, num_positions: int) -> int:
+        """Pages for `seq`'s positions below `num_positions`, taken as guesses take them
+        (only while a page per running request stays free): how many positions its pages
+        then cover. (The MTP module writes its KV ahead when it guesses on its guesses.)"""
+        need = pages_needed(num_positions, self.page_size) - len(seq.pages)
+        if need > 0 and self.allocator.can_allocate(need + len(self.running)):
+            seq.add_pages(self.allocator.allocate(need))
+        return len(seq.pages) * self.page_size
+
     def _reserve(self, seq: Sequence, num: int, scheduled: set[str]) -> bool:
         """Pages for `num` more tokens of `seq`, preempting the newest request not yet in this
         step's batch (possibly `seq` itself) until they fit."""
