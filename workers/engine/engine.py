@@ -22,14 +22,8 @@ from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.grammar import GrammarBackend
 from workers.engine.kv_cache import KVCache, num_kv_pages, pages_needed
 from workers.engine.kv_swap import KVSwap
-from workers.engine.messages import (
-    FinishReason,
-    GenerateRequest,
-    RankInfo,
-    RankStats,
-    TokenDelta,
-    TokenLogprob,
-)
+from workers.engine.messages import FinishReason, GenerateRequest, TokenDelta, TokenLogprob
+from workers.engine.rank_reports import RankInfo, RankStats
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import SeqStatus, Sequence
 from workers.engine.speculative import Speculator

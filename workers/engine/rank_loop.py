@@ -19,7 +19,8 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from workers.engine.inbox import apply_inbox
-from workers.engine.messages import RankStats, TokenDelta, TransferReady
+from workers.engine.messages import TokenDelta, TransferReady
+from workers.engine.rank_reports import RankStats
 from workers.engine.rank_setup import group_poll_s
 
 if TYPE_CHECKING:

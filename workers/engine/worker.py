@@ -53,16 +53,14 @@ from workers.engine.inbox import Message
 from workers.engine.messages import (
     AddsTaken,
     GenerateRequest,
-    RankInfo,
-    RankStats,
     StreamBuffer,
     TokenDelta,
     TransferReady,
-    TransferTotals,
 )
 from workers.engine.rank_eplb import RankEplb
 from workers.engine.rank_loop import run_loop
 from workers.engine.rank_operations import RankOperations
+from workers.engine.rank_reports import RankInfo, RankStats, TransferTotals
 from workers.engine.rank_setup import (
     PoolFormationError,
     join_pool,
