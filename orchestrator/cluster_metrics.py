@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from workers import gc_pauses
-from workers.engine.messages import TRANSFER_FIELDS, RankStats
+from workers.engine.rank_reports import TRANSFER_FIELDS, RankStats
 
 POOL_STATES = ("starting", "serving", "draining")
 

@@ -19,7 +19,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from workers.engine.messages import RankInfo, short_error
+from workers.engine.messages import short_error
+from workers.engine.rank_reports import RankInfo
 
 logger = logging.getLogger(__name__)
 

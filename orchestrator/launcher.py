@@ -26,12 +26,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from orchestrator import deployment as dep
-from orchestrator.config import ServeConfig, TlsFiles, host_port
+from orchestrator.config import ServeConfig, host_port
 from orchestrator.placement import PoolPlacement
 from orchestrator.pool_instance import kill_actors, pool_specs, wait_ranks_ready
 from orchestrator.pools import PoolSet
 from orchestrator.router import Router
 from orchestrator.server import create_app
+from orchestrator.tls import TlsFiles
 from orchestrator.tokenizer import Tokenizer
 from workers.model.config import ModelConfig
 from workers.model.hub import checkpoint_dir

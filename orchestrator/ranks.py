@@ -21,8 +21,9 @@ from typing import Any
 from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks, pick_receiver
 from orchestrator.routed import Limits, RoutedRequest, RouterNotReady
 from workers.engine.delta_stream import encode_frame
-from workers.engine.messages import AddsTaken, GenerateRequest, RankInfo, RankStats, short_error
+from workers.engine.messages import AddsTaken, GenerateRequest, short_error
 from workers.engine.prefix_cache import page_key
+from workers.engine.rank_reports import RankInfo, RankStats
 
 logger = logging.getLogger(__name__)
 

@@ -32,12 +32,11 @@ from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
     AddsTaken,
     FinishReason,
-    RankInfo,
-    RankStats,
     SamplingParams,
     TokenDelta,
     TransferReady,
 )
+from workers.engine.rank_reports import RankInfo, RankStats
 
 
 class Router:

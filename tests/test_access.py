@@ -263,8 +263,9 @@ def test_cli_clients_send_the_key_and_trust_the_ca_cert(server, cert, capsys):
 
 def test_api_key_settings_are_checked(tmp_path, monkeypatch):
     from orchestrator.cli.serve import _is_loopback
-    from orchestrator.config import ServeConfig, TlsFiles
+    from orchestrator.config import ServeConfig
     from orchestrator.serve_file import load_serve_file
+    from orchestrator.tls import TlsFiles
 
     with pytest.raises(ValueError, match="--api-key must be at least 8 characters"):
         ServeConfig(api_key="short")

@@ -114,7 +114,8 @@ def test_the_router_fails_a_rank_whose_stream_goes_silent():
     import asyncio
 
     from orchestrator.router import Router
-    from workers.engine.messages import RankInfo, SamplingParams
+    from workers.engine.messages import SamplingParams
+    from workers.engine.rank_reports import RankInfo
 
     out = Output()
     stream = DeltaStream(out.take, "127.0.0.1")
@@ -210,7 +211,8 @@ def test_the_router_sends_its_commands_on_the_stream():
     import asyncio
 
     from orchestrator.router import Router
-    from workers.engine.messages import AddsTaken, RankInfo, SamplingParams
+    from workers.engine.messages import AddsTaken, SamplingParams
+    from workers.engine.rank_reports import RankInfo
 
     commands: list[tuple[object, ...]] = []
     out = Output()

@@ -361,7 +361,7 @@ def test_the_watch_resyncs_a_new_incarnation_with_the_pools_of_now():
     draining ones, not one-rank pools) and its periodic trigger started again; the same
     incarnation is left alone; a service that does not answer is looked at again."""
     from orchestrator.eplb_watch import EplbWatch
-    from workers.engine.messages import RankInfo
+    from workers.engine.rank_reports import RankInfo
 
     def info(role: str, instance: int, pool_rank: int, size: int) -> RankInfo:
         return RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role,

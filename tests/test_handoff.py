@@ -107,7 +107,7 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
     from prometheus_client.parser import text_string_to_metric_families
 
     from orchestrator.metrics import Metrics
-    from workers.engine.messages import RankStats, TransferTotals
+    from workers.engine.rank_reports import RankStats, TransferTotals
 
     sender = TransferTotals().add("send", True, 1000, 0.5).add("send", False, 0, 9.0)
     sender = sender.add("send", True, 24, 0.25)

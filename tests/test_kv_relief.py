@@ -124,7 +124,7 @@ class _Handle:
 
 def _table(calls: list[Any], num: int = 3) -> Any:
     from orchestrator.ranks import RankTable
-    from workers.engine.messages import RankInfo
+    from workers.engine.rank_reports import RankInfo
 
     table = RankTable([_Handle(calls) for _ in range(num)])
     for i in range(num):

@@ -13,7 +13,7 @@ from orchestrator.placement import (
     pool_selectors,
 )
 from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks, pick_receiver
-from workers.engine.messages import RankInfo
+from workers.engine.rank_reports import RankInfo
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -13,13 +13,8 @@ import pytest
 
 from orchestrator.request_run import MAX_MOVES
 from orchestrator.router import Router
-from workers.engine.messages import (
-    FinishReason,
-    GenerateRequest,
-    RankInfo,
-    SamplingParams,
-    TokenDelta,
-)
+from workers.engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
+from workers.engine.rank_reports import RankInfo
 
 pytestmark = pytest.mark.timeout(60)
 

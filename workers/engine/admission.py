@@ -9,7 +9,8 @@ from collections.abc import Container
 import torch
 
 from workers.engine.grammar import GrammarBackend
-from workers.engine.messages import GenerateRequest, RankInfo
+from workers.engine.messages import GenerateRequest
+from workers.engine.rank_reports import RankInfo
 from workers.engine.sequence import Sequence
 
 

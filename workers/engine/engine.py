@@ -1,8 +1,9 @@
 """`Engine`: one rank's model, KV cache and scheduler, advanced one step at a time.
 
-What a request becomes on the way in is `workers.engine.admission`; what a step makes of its
-logits (tokens, finish rules, deltas) is `workers.engine.step_output`. The engine keeps the
-bookkeeping: which requests are live, whose pages are freed, which are handed off.
+What a request becomes on the way in is `workers.engine.admission`; what one step does is
+`workers.engine.step`, and what it makes of its logits (tokens, finish rules, deltas)
+`workers.engine.step_output`. The engine keeps the rank's parts and its requests' bookkeeping:
+which are live, which are handed off, received, moved or aborted, and what the rank reports.
 
 Not thread-safe: the rank's loop thread is its only caller (see `workers.engine.worker`).
 """
@@ -21,25 +22,13 @@ from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.grammar import GrammarBackend
 from workers.engine.kv_cache import KVCache, num_kv_pages, pages_needed
 from workers.engine.kv_swap import KVSwap
-from workers.engine.messages import (
-    FinishReason,
-    GenerateRequest,
-    RankInfo,
-    RankStats,
-    TokenDelta,
-    TokenLogprob,
-)
-from workers.engine.model_inputs import (
-    decode_rows,
-    prepare_inputs,
-    row_samplers,
-    take_prompt_scores,
-)
-from workers.engine.mtp_draft import ForwardPass, draft_after_step
-from workers.engine.scheduler import ScheduledBatch, Scheduler, split_batch
+from workers.engine.messages import FinishReason, GenerateRequest, TokenDelta, TokenLogprob
+from workers.engine.rank_reports import RankInfo, RankStats
+from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import SeqStatus, Sequence
 from workers.engine.speculative import Speculator
-from workers.engine.step_output import constraint_error, draw_tokens, finish_reason, token_delta
+from workers.engine.step import append_token, run_step
+from workers.engine.step_output import token_delta
 from workers.ep.moe import EPContext, select_grouped_gemm
 from workers.kernels import triton_available
 from workers.model.loader import load_model
@@ -149,11 +138,11 @@ class Engine:
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.num_generated_tokens = 0
-        self._handoffs: list[Sequence] = []
+        self.handoffs: list[Sequence] = []
         self._reserved: list[Sequence] = []
         self.idle = True  # the last step found nothing to do
         # Logits of the last step, by request id (kept for parity tests and debugging).
-        self._last_logits: tuple[list[str], torch.Tensor | None] = ([], None)
+        self.step_logits: tuple[list[str], torch.Tensor | None] = ([], None)
         logger.info(
             "engine ready: %s on %s (%s), KV %d pages x %d tokens (host tier: %d pages); %s",
             self.model_dir.name,
@@ -226,7 +215,7 @@ class Engine:
     def take_handoffs(self) -> list[Sequence]:
         """Prefill-only requests finished since the last call: `pages` hold their KV, the last
         of `token_ids` is the first sampled token. Free them with `release` once sent."""
-        out, self._handoffs = self._handoffs, []
+        out, self.handoffs = self.handoffs, []
         return out
 
     def reserve_kv(self) -> list[Sequence]:
@@ -281,7 +270,7 @@ class Engine:
         skip_draws(seq.generator, 1)  # the prefill rank drew the first token: draw on from there
         self.scheduler.admit_received(seq)
         self.idle = False
-        return self._append(seq, first_token, first_logprob)
+        return append_token(self, seq, first_token, first_logprob)
 
     def migrate_out(self, rid: str, new_rid: str) -> tuple[Sequence, TokenDelta] | None:
         """Decode side: hand request `rid`, decoding here, off to another decode rank with its
@@ -338,7 +327,7 @@ class Engine:
     @property
     def last_logits(self) -> dict[str, torch.Tensor]:
         """Logits `[vocab]` of the last step by request id (built on access: off the hot path)."""
-        rids, logits = self._last_logits
+        rids, logits = self.step_logits
         return {} if logits is None else {rid: logits[i] for i, rid in enumerate(rids)}
 
     def flush_prefix_cache(self) -> int:
@@ -378,167 +367,15 @@ class Engine:
             num_spec_accepted_tokens=spec.num_accepted_tokens if spec is not None else 0,
         )
 
-    # ---- one step ---------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def step(self, run_empty: bool = False) -> list[TokenDelta]:
-        """Schedule and run one batch. `run_empty`: run the model even on an empty batch — a
-        rank of an expert-parallel pool must, whenever another rank of the pool steps, so
-        that the MoE layers' collectives match."""
-        reserved = self.reserve_kv()
-        batch = self.scheduler.schedule()
-        passes: list[ForwardPass] = []  # what the MTP module reads again
-        self.idle = batch.is_empty and not reserved
-        if batch.is_empty and not run_empty:
-            return []
-        if self.two_batch_overlap:
-            half_a, half_b = split_batch(batch)
-            ids_a, meta_a, samplers_a = prepare_inputs(half_a, self.kv.page_size, self.device)
-            ids_b, meta_b, samplers_b = prepare_inputs(half_b, self.kv.page_size, self.device)
-            logits_a, logits_b = self.model.forward_two(
-                ((ids_a, meta_a), (ids_b, meta_b)), self.kv.data
-            )
-            logits, samplers = torch.cat((logits_a, logits_b)), samplers_a + samplers_b
-            passes = [ForwardPass(half_a, ids_a, meta_a, len(samplers_a)),
-                      ForwardPass(half_b, ids_b, meta_b, len(samplers_b))]  # fmt: skip
-            take_prompt_scores(half_a, meta_a)
-            take_prompt_scores(half_b, meta_b)
-        elif self._graph_fits(batch):
-            logits, samplers = self._replay_decode(batch)
-        else:
-            input_ids, meta, samplers = prepare_inputs(batch, self.kv.page_size, self.device)
-            logits = self.model(input_ids, meta, self.kv.data)
-            take_prompt_scores(batch, meta)
-            passes = [ForwardPass(batch, input_ids, meta, len(samplers))]
-        if batch.is_empty:
-            if self.model.mtp is not None and self.ep is not None:  # its collectives too
-                draft_after_step(
-                    self.model, self.kv.data, passes, [], [], self.config.speculative_mtp,
-                    self.scheduler.hold_ahead, collective=True,
-                )  # fmt: skip
-            return []
-        publish = self.kv.allocator.enabled
-        for seq, num in [(s, 1) for s in batch.decodes] + batch.prefills:
-            seq.num_computed += num
-            if publish:
-                self.scheduler.publish(seq)
-        spec = self.speculator
-        states = spec.before_draw(batch.decodes) if spec is not None else None
-        tokens, logprobs = draw_tokens(
-            logits, samplers, self.grammars, self.model_config.eos_token_ids
-        )
-        if self.model.mtp is not None:
-            draft_after_step(
-                self.model, self.kv.data, passes, samplers, tokens, self.config.speculative_mtp,
-                self.scheduler.hold_ahead, collective=self.ep is not None,
-            )  # fmt: skip
-        self.num_steps += 1
-        self._last_logits = ([s.rid for s in samplers], logits)
-        if states is not None:
-            return self._take_guesses(samplers, tokens, logprobs, states)
-        deltas = (
-            self._append(seq, tok, lp)
-            for seq, tok, lp in zip(samplers, tokens, logprobs, strict=True)
-        )
-        return [d for d in deltas if d is not None]
-
-    def _graph_fits(self, batch: ScheduledBatch) -> bool:
-        if self.graphs is None or not batch.decodes:
-            return False
-        longest = max(seq.num_computed + 1 + len(seq.draft) for seq in batch.decodes)
-        pages = pages_needed(longest, self.kv.page_size)
-        num_rows = len(batch.decodes) + sum(len(seq.draft) for seq in batch.decodes)
-        return self.graphs.can_run(num_rows, len(batch.prefills), pages)
-
-    def _replay_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        assert self.graphs is not None
-        logits = self.graphs.run(*decode_rows(batch.decodes, self.kv.page_size))
-        return logits, row_samplers(batch.decodes)
-
-    def _take_guesses(
-        self,
-        samplers: list[Sequence],
-        tokens: list[int],
-        logprobs: list[TokenLogprob | None],
-        states: dict[str, torch.Tensor],
-    ) -> list[TokenDelta]:
-        """`step`'s deltas when some requests' rows read guessed tokens (`Sequence.draft`):
-        such a request keeps the guesses its rows' choices confirm, and the choice after the
-        last of them, in one delta (`Speculator.verify`)."""
-        assert self.speculator is not None
-        deltas: list[TokenDelta] = []
-        i = 0
-        while i < len(samplers):
-            seq = samplers[i]
-            if not seq.draft:
-                delta = self._append(seq, tokens[i], logprobs[i])
-                i += 1
-            else:
-                rows = slice(i, i + len(seq.draft) + 1)
-                i = rows.stop
-                run = self.speculator.verify(seq, tokens[rows], states.get(seq.rid))
-                delta = self._append_run(seq, run, logprobs[rows])
-            if delta is not None:
-                deltas.append(delta)
-        return deltas
-
-    def _append_run(
-        self, seq: Sequence, run: list[int], logprobs: list[TokenLogprob | None]
-    ) -> TokenDelta:
-        """Append the tokens `run` (its guesses confirmed, then the model's next choice, with
-        their rows' logprobs) to a decoding request, up to the first that ends it."""
-        finish = None
-        for n, token in enumerate(run, 1):
-            seq.token_ids.append(token)
-            self.num_generated_tokens += 1
-            if seq.matcher is not None and not seq.matcher.accept(token):  # masked: not seen
-                self._end(seq)
-                return constraint_error(seq, run[:n], logprobs[:n])
-            finish = finish_reason(seq, token, self.model_config.eos_token_ids,
-                                   self.max_context_len)  # fmt: skip
-            if finish is not None:
-                run = run[:n]
-                break
-        if finish is not None:
-            self._end(seq, finished=True)
-        else:
-            seq.num_computed += len(run) - 1  # the confirmed guesses' KV is in the cache
-            if self.kv.allocator.enabled:
-                self.scheduler.publish(seq)
-        return token_delta(seq, run, finish, logprobs[: len(run)])
-
     def take_expert_load(self) -> torch.Tensor | None:
         """Tokens routed per (layer, logical expert) since the last call (CPU int64)."""
         return None if self.expert_load is None else self.expert_load.take()
 
-    def _append(
-        self, seq: Sequence, token: int, logprob: TokenLogprob | None = None
-    ) -> TokenDelta | None:
-        seq.token_ids.append(token)
-        self.num_generated_tokens += 1
-        if seq.prefill_only:
-            if seq.kept_first is not None:  # computed again after being parked: drawn before
-                (token, logprob), seq.kept_first = seq.kept_first, None
-                seq.token_ids[-1] = token
-                self.num_generated_tokens -= 1
-            seq.first_logprob = logprob
-            self.scheduler.hand_off(seq)
-            self._handoffs.append(seq)
-            return None  # the decode side reports the token
-        if seq.matcher is not None and not seq.matcher.accept(token):
-            # Only a token the constraint allowed is drawn; one that is not (the prefill
-            # rank's, built from other settings) ends the request rather than break it.
-            self._end(seq)
-            return constraint_error(seq, [token], [logprob])
-        finish = finish_reason(seq, token, self.model_config.eos_token_ids, self.max_context_len)
-        if finish is not None:
-            self._end(seq, finished=True)
-        return token_delta(seq, [token], finish, [logprob])
+    # ---- one step ---------------------------------------------------------------------------
 
-    def _end(self, seq: Sequence, finished: bool = False) -> None:
-        """`seq` ends with the token just appended (`finished`: by the finish rules, its
-        output then joins the shared n-gram index); its pages are freed."""
-        self.requests.pop(seq.rid, None)
-        self.scheduler.remove(seq)
-        if finished and self.speculator is not None:
-            self.speculator.finished(seq)
+    @torch.inference_mode()
+    def step(self, run_empty: bool = False) -> list[TokenDelta]:
+        """Schedule and run one batch (`workers.engine.step`). `run_empty`: run the model even
+        on an empty batch — a rank of an expert-parallel pool must, whenever another rank of
+        the pool steps, so that the MoE layers' collectives match."""
+        return run_step(self, run_empty)

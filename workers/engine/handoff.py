@@ -41,13 +41,8 @@ from typing import Any
 
 from workers.engine.engine import Engine
 from workers.engine.kv_cache import pages_needed
-from workers.engine.messages import (
-    FinishReason,
-    TokenDelta,
-    TokenLogprob,
-    TransferReady,
-    TransferTotals,
-)
+from workers.engine.messages import FinishReason, TokenDelta, TokenLogprob, TransferReady
+from workers.engine.rank_reports import TransferTotals
 
 FAULTS = {
     # Decode rank: reserve the request's pages but never post its receive, so that the prefill

@@ -19,7 +19,7 @@ import torch
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.handoff import KVHandoff
-from workers.engine.messages import RankInfo
+from workers.engine.rank_reports import RankInfo
 from workers.ep.group import PoolGroup, PoolMember, free_port, init_pool_group
 from workers.ep.moe import EPContext
 from workers.ep.placement import ExpertPlacement

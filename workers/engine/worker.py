@@ -1,8 +1,8 @@
 """`EngineWorker`: one engine rank as a Ray actor.
 
-The engine runs in its own loop thread; actor methods only hand requests to it, so no call ever
-waits for a model step. Its output goes to the router over a connection of their own
-(`workers.engine.delta_stream`), not through actor calls.
+The engine runs in its own loop thread (`workers.engine.rank_loop`); actor methods only hand
+requests to it, so no call ever waits for a model step. Its output goes to the router over a
+connection of their own (`workers.engine.delta_stream`), not through actor calls.
 
 Actor contract:
 - `ready() -> RankInfo`: once the model is loaded.
@@ -38,8 +38,6 @@ import dataclasses
 import logging
 import os
 import threading
-import time
-import traceback
 from collections import Counter, deque
 from concurrent.futures import Future
 from typing import Any
@@ -51,22 +49,20 @@ from workers.engine.config import EngineConfig
 from workers.engine.delta_stream import DeltaStream, StreamAddress
 from workers.engine.engine import Engine, resolve_device
 from workers.engine.handoff import KVHandoff
-from workers.engine.inbox import Message, apply_inbox
+from workers.engine.inbox import Message
 from workers.engine.messages import (
     AddsTaken,
     GenerateRequest,
-    RankInfo,
-    RankStats,
     StreamBuffer,
     TokenDelta,
     TransferReady,
-    TransferTotals,
 )
 from workers.engine.rank_eplb import RankEplb
+from workers.engine.rank_loop import run_loop
 from workers.engine.rank_operations import RankOperations
+from workers.engine.rank_reports import RankInfo, RankStats, TransferTotals
 from workers.engine.rank_setup import (
     PoolFormationError,
-    group_poll_s,
     join_pool,
     open_handoff,
     rank_info,
@@ -149,7 +145,9 @@ class EngineWorker(RankOperations):
             self.engine.grammars.preload()
         gc_pauses.freeze_startup_objects(f"{role} rank")
         gc_pauses.PROCESS.install()
-        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=run_loop, args=(self, _MODES[role]), name="engine-loop", daemon=True
+        )
         self._thread.start()
 
     # ---- actor methods ----------------------------------------------------------------------
@@ -308,142 +306,7 @@ class EngineWorker(RankOperations):
         if self.handoff is not None:
             self.handoff.close()
 
-    # ---- the loop ---------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        engine, handoff, mode, group = self.engine, self.handoff, _MODES[self.role], self.group
-        last_busy = 0.0
-        early_targets = 0
-        while True:
-            with self._lock:
-                while not self._inbox and not self._stopped and not self._transfer_results:
-                    if (engine.has_work and not engine.idle) or self._woken:
-                        break
-                    if self._num_early_targets != early_targets:
-                        break
-                    wait_s = handoff.wait_s(time.monotonic()) if handoff is not None else None
-                    if group is not None:
-                        # The pool's other ranks may step: join the next agreement soon.
-                        idle_s = group_poll_s(time.monotonic() - last_busy)
-                        wait_s = idle_s if wait_s is None else min(wait_s, idle_s)
-                    if wait_s is not None and wait_s <= 0:
-                        break
-                    self._lock.wait(wait_s)
-                    if wait_s is not None:
-                        break
-                stopping = self._stopped
-                if stopping and group is None:
-                    return
-                self._transfer_results = self._woken = False
-                early_targets = self._num_early_targets
-                inbox, self._inbox = self._inbox, deque()
-                # The next step with requests fails (not a wake-up with nothing to do).
-                fail_step = (
-                    self._faults["fail_step"] > 0  # (armed only by tests: no scan otherwise)
-                    and (engine.has_work or any(kind == "add" for kind, _ in inbox))
-                    and self._take_fault("fail_step")
-                )
-            deltas = apply_inbox(inbox, engine, handoff, mode)
-            events: list[TransferReady] = []
-            if handoff is not None and handoff.role != "prefill":
-                # Receives first: their targets go out while this step computes.
-                engine.reserve_kv()
-                early = handoff.post_receives(engine)
-                unplaced = engine.take_unplaced()
-                if early or unplaced:
-                    self._publish(unplaced, early, engine.stats())
-            try:
-                steps_before = engine.num_steps
-                if fail_step:
-                    raise RuntimeError("injected fault fail_step")
-                if group is None:
-                    deltas.extend(engine.step())
-                else:
-                    swap_ready = self.eplb.offer_swap()
-                    try:
-                        # Pending: requests held but not runnable (their KV in transit).
-                        runnable = engine.has_work and not engine.idle
-                        pending = bool(engine.requests) and not runnable
-                        agreed = group.agree(runnable, stopping, swap_ready, pending)
-                        if agreed.all_swap_ready:
-                            self.eplb.execute_swap()
-                    finally:
-                        self.eplb.end_offer()
-                    if agreed.any_stopping:
-                        return
-                    if agreed.any_has_work or agreed.any_pending:
-                        last_busy = time.monotonic()  # work now or soon: keep polling fast
-                    if agreed.any_has_work:
-                        deltas.extend(engine.step(run_empty=True))
-            except Exception as e:
-                if group is not None:
-                    if stopping:
-                        return  # the pool is shutting down: a peer left first
-                    return self._leave_broken_pool(e)
-                # A failed step must end every request, not hang them; the rank then starts
-                # afresh (its state may be broken: a rank that refuses every request forever
-                # would still draw the router's traffic).
-                logger.error("engine step failed:\n%s", traceback.format_exc())
-                message = f"engine step failed: {type(e).__name__}: {e}"
-                return self._exit_for_restart(message, deltas, events)
-            if handoff is not None:
-                more, events = handoff.after_step(engine)
-                deltas.extend(more)
-            self._publish(deltas, events, engine.stats(), engine.num_steps != steps_before)
-
-    def _leave_broken_pool(self, error: Exception) -> None:
-        """A collective failed (a rank of the pool died, or a step failed on some rank): end
-        every request here with the error, let the router collect them, then exit so that Ray
-        restarts this rank and the pool forms again (see `workers.ep.group.Rendezvous`)."""
-        logger.error("expert-parallel pool step failed:\n%s", traceback.format_exc())
-        self._exit_for_restart(
-            f"the expert-parallel pool lost a rank ({type(error).__name__}: {error})",
-            resumable=True,
-        )
-
-    def _exit_for_restart(
-        self,
-        message: str,
-        deltas: list[TokenDelta] | None = None,
-        events: list[TransferReady] | None = None,
-        resumable: bool = False,
-    ) -> None:
-        """End every request here with `message` (after the loop's unpublished `deltas` and
-        `events`), let the router collect them, and exit the process; Ray restarts the rank
-        (`max_restarts`), which loads the model afresh. `resumable`: the requests did not
-        cause the failure (a peer's), so the router may resume them elsewhere."""
-        self._error = message
-        ended = self.engine.abort_all(message)
-        for delta in ended:
-            delta.resumable = resumable
-        deltas = [*(deltas or []), *ended]
-        self._publish(deltas, events or [], self.engine.stats())
-        time.sleep(2.0)  # the router's stream reader picks the errors up
-        logger.error("engine rank exits to be restarted: %s", message)
-        os._exit(1)
-
     def _wake_for_transfer(self) -> None:
         with self._lock:
             self._transfer_results = True
             self._lock.notify_all()
-
-    def _publish(
-        self,
-        deltas: list[TokenDelta],
-        events: list[TransferReady],
-        stats: RankStats,
-        stepped: bool = False,
-    ) -> None:
-        """Hand the loop's output to the output stream (loop thread only); `stepped`: a model
-        step ran."""
-        deltas = self._stream.take(deltas, stepped)
-        with self._lock:
-            self._stats = stats
-            self._events.extend(events)
-            for d in deltas:
-                prev = self._outbox.get(d.rid)
-                if prev is not None:
-                    d.prepend(prev)
-                self._outbox[d.rid] = d
-            if deltas or events:
-                self._lock.notify_all()

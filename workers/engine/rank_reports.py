@@ -1,0 +1,108 @@
+"""What an engine rank reports about itself rather than about a request: `RankInfo` once it is
+ready (the `ready` actor call: its model, limits and KV capacity, its role and place), and
+`RankStats` when polled (`stats`: its queue, pages, prefix cache, preemptions, guesses and
+garbage collector so far, with `TransferTotals`, a disaggregated rank's KV transfers). Small
+frozen dataclasses returned by actor calls; the router's metrics read them
+(`orchestrator.cluster_metrics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What a rank tells the router once it is ready."""
+
+    model_name: str
+    model_type: str
+    vocab_size: int
+    max_context_len: int
+    eos_token_ids: tuple[int, ...]
+    kv_capacity_tokens: int
+    page_size: int
+    num_pages: int
+    role: str = "colocated"  # colocated | prefill | decode
+    node: str = ""  # address of the node the rank runs on
+    node_id: str = ""  # Ray node id
+    instance: int = 0  # which instance of its pool
+    pool_rank: int = 0  # its rank within the pool instance (expert-parallel group)
+    pool_size: int = 1
+    pid: int = 0  # the rank's process (it changes when Ray restarts the rank)
+    # It hands requests off to another rank of its role with their KV and takes them
+    # (`KVMoves.move_from`): decode ranks, and colocated ones started with a transfer engine.
+    migrates: bool = False
+
+
+@dataclass(frozen=True)
+class TransferTotals:
+    """A disaggregated rank's KV transfers since it started, by side (a prefill rank sends, a
+    decode rank receives): ended ones by outcome, the bytes the successful ones moved and
+    their seconds from `send` / `expect` to the end (a sender's include the wait for its
+    target, a receiver's the wait for the prompt to be computed)."""
+
+    sent: int = 0
+    send_failed: int = 0
+    sent_bytes: int = 0
+    send_seconds: float = 0.0
+    received: int = 0
+    receive_failed: int = 0
+    received_bytes: int = 0
+    receive_seconds: float = 0.0
+
+    def add(self, role: str, ok: bool, num_bytes: int, elapsed_s: float) -> TransferTotals:
+        """These totals with one more ended transfer (`role`: "send" or "recv")."""
+        done, failed, moved, took = TRANSFER_FIELDS["send" if role == "send" else "receive"]
+        if not ok:
+            return replace(self, **{failed: getattr(self, failed) + 1})
+        return replace(
+            self,
+            **{
+                done: getattr(self, done) + 1,
+                moved: getattr(self, moved) + num_bytes,
+                took: getattr(self, took) + elapsed_s,
+            },
+        )
+
+
+# `TransferTotals`' fields per side: (ended ok, failed, bytes moved, seconds).
+TRANSFER_FIELDS = {
+    "send": ("sent", "send_failed", "sent_bytes", "send_seconds"),
+    "receive": ("received", "receive_failed", "received_bytes", "receive_seconds"),
+}
+
+
+@dataclass(frozen=True)
+class RankStats:
+    num_running: int
+    num_waiting: int
+    num_pages_total: int
+    num_pages_free: int
+    num_steps: int
+    num_generated_tokens: int
+    num_in_transfer: int = 0  # disaggregated: waiting for pages, receiving or sending KV
+    num_pages_cached: int = 0  # of the free pages, those holding a published prefix
+    num_prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache so far
+    num_prefix_hit_tokens: int = 0  # of those, found computed (not computed again)
+    num_prefix_host_hit_tokens: int = 0  # of those, found in the host tier (copied back)
+    num_host_cached_pages: int = 0  # pages in the prefix cache's host tier now
+    # Decode side: prompt tokens whose KV was already here (its prefix cache), not transferred.
+    num_transfer_skipped_tokens: int = 0
+    # Prefill side: computed prompts whose pages were taken back for a prompt whose decode
+    # pages were reserved (`Scheduler.park`).
+    num_parked: int = 0
+    num_preemptions: int = 0  # running requests put back in the queue for lack of pages
+    num_swapped_out: int = 0  # of those, the ones whose KV went to host memory (`KVSwap`)
+    num_swapped_tokens: int = 0  # tokens of KV held in host memory now
+    # Speculative decoding: tokens guessed so far, and of those the ones the model confirmed.
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
+    transfers: TransferTotals = TransferTotals()
+    # The process's garbage collector since the rank started (`workers.gc_pauses`).
+    gc_seconds: float = 0.0
+    gc_longest_pause_s: float = 0.0
+
+    @property
+    def num_pages_used(self) -> int:
+        return self.num_pages_total - self.num_pages_free
