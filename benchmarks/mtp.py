@@ -1,7 +1,7 @@
 """Speculative decoding with the MTP module (`--speculative-mtp`) against plain decoding, offline
 (one engine, no HTTP), in one run:
 
-    .venv/bin/python benchmarks/mtp.py --batch 1 8 32 --input-len 64 --output-len 64
+    .venv/bin/python benchmarks/mtp.py --batch 1 8 32 --input-len 64 --output-len 64 [--guesses 3]
 
 Two models: the built-in tiny model, whose MTP module is random (its guesses almost never
 hold: what the module's pass costs), and a one-layer model made from it whose module agrees
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--guesses", type=int, default=1, help="--speculative-mtp K")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tiny = ensure_tiny_checkpoint()
@@ -63,7 +64,9 @@ def main() -> None:
     for name, path in models.items():
         engines = {
             mtp: Engine(
-                path, EngineConfig(speculative_mtp=mtp, kv_capacity_tokens=65536), progress=False
+                path,
+                EngineConfig(speculative_mtp=args.guesses if mtp else 0, kv_capacity_tokens=65536),
+                progress=False,
             )  # fmt: skip
             for mtp in (False, True)
         }
