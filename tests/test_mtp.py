@@ -317,6 +317,21 @@ def test_mtp_guesses_give_the_tokens_of_plain_decoding(
         assert stats.num_spec_accepted_tokens < stats.num_spec_draft_tokens / 4
 
 
+def test_guesses_stop_at_the_context_and_the_length_limit(agreeing):
+    """Guesses on guesses never go past a request's `max_new_tokens` or the context length
+    (their rows would sit past the rotary table): requests that end there, with guesses that
+    hold, end as plain decoding's do."""
+    reqs = {
+        f"r{n}": ([5 + n] * 20, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))
+        for n in (1, 2, 3, 5, 16)  # 16: to the end of the context
+    }
+    plain, plain_finish, _ = _run(_engine(agreeing, speculative_mtp=0, max_context_len=36), reqs)
+    engine = _engine(agreeing, speculative_mtp=4, max_context_len=36)
+    got, finish, _ = _run(engine, reqs)
+    assert got == plain and finish == plain_finish
+    assert len(got["r16"]) == 36 - 20 and engine.stats().num_spec_accepted_tokens > 0
+
+
 def test_mtp_settings_are_checked(tmp_path_factory, tiny_model_dir):
     from workers.model.loader import load_model
 

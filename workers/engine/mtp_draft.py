@@ -70,12 +70,14 @@ def draft_after_step(
     samplers: list[Sequence],
     tokens: list[int],
     num_guesses: int,
+    max_context_len: int,
     hold_ahead: Callable[[Sequence, int], int],
     collective: bool = False,
 ) -> None:
     """Run the MTP module over each of the step's forwards and set each sampled request's
     `mtp_draft` to its guess after the tokens it keeps, then `num_guesses - 1` times more
-    the module over its own last guesses (`_guess_on`). Call before the step's guesses are
+    the module over its own last guesses (`_guess_on`; none past a request's
+    `max_new_tokens` or `max_context_len`: what `Speculator.guess` would cut). Call before the step's guesses are
     verified (`Sequence.draft` still set). `hold_ahead(seq, n)`: pages for `seq`'s positions
     below `n`, where it can have them (`Scheduler.hold_ahead`), returning how many positions
     its pages cover. `collective` (an expert-parallel rank: the
@@ -86,7 +88,10 @@ def draft_after_step(
     first = 0
     for batch, input_ids, meta, num in passes:
         rows = slice(first, first + num)
-        more, h = _guess(model, kv_cache, batch, input_ids, meta, samplers[rows], tokens[rows])
+        more, h = _guess(
+            model, kv_cache, batch, input_ids, meta, samplers[rows], tokens[rows],
+            num_guesses, max_context_len,
+        )  # fmt: skip
         offset = sum(len(x) for x in hidden)  # (the rows of the hidden states of all passes)
         heads += [head._replace(row=head.row + offset) for head in more]
         hidden.append(h)
@@ -99,12 +104,14 @@ def draft_after_step(
 
 
 class Head(NamedTuple):
-    """A request whose guesses go on: the position of the row that made its last guess, and
-    that row's index in the hidden states the module returned."""
+    """A request whose guesses go on: the position of the row that made its last guess,
+    that row's index in the hidden states the module returned, and how many guesses it
+    can use."""
 
     seq: Sequence
     position: int
     row: int
+    limit: int
 
 
 def _guess(
@@ -115,6 +122,8 @@ def _guess(
     meta: AttentionMetadata,
     samplers: list[Sequence],
     tokens: list[int],
+    num_guesses: int,
+    max_context_len: int,
 ) -> tuple[list[Head], torch.Tensor]:
     """The first guesses (over one forward's rows), and where each request goes on from."""
     assert meta.hidden is not None, "a forward of the model with its MTP module"
@@ -129,8 +138,13 @@ def _guess(
         num_rows = 1 + len(seq.draft) if i < meta.num_decode else 1
         kept = num_accepted(seq.draft, tokens[i : i + num_rows]) if num_rows > 1 else 0
         seq.mtp_draft = [guesses[i + kept]]
-        if not seq.prefill_only:
-            heads.append(Head(seq, positions[i + kept], i + kept))
+        num_tokens = seq.num_tokens + kept + 1  # once this step's are appended
+        limit = min(
+            num_guesses, max_context_len - num_tokens - 1,
+            seq.sampling.max_new_tokens - (seq.num_output_tokens + kept + 1) - 1,
+        )  # fmt: skip
+        if limit > 1 and not seq.prefill_only:
+            heads.append(Head(seq, positions[i + kept], i + kept, limit))
         i += num_rows
     return heads, hidden
 
@@ -151,7 +165,7 @@ def _guess_on(
     going: list[Head] = []
     for head in heads:
         seq, position = head.seq, head.position + 1
-        if position >= hold_ahead(seq, position + 1):
+        if len(seq.mtp_draft) >= head.limit or position >= hold_ahead(seq, position + 1):
             continue
         page, offset = divmod(position, page_size)
         rows.input_ids.append(seq.mtp_draft[-1])
@@ -164,5 +178,5 @@ def _guess_on(
     logits, out = model.draft(ids, hidden[index], meta, kv_cache)
     for i, (head, guess) in enumerate(zip(going, logits.argmax(dim=-1).tolist(), strict=True)):
         head.seq.mtp_draft.append(guess)
-        going[i] = Head(head.seq, head.position + 1, i)
+        going[i] = Head(head.seq, head.position + 1, i, head.limit)
     return going, out

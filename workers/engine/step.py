@@ -63,7 +63,7 @@ def run_step(engine: Engine, run_empty: bool) -> list[TokenDelta]:
         if engine.model.mtp is not None and engine.ep is not None:  # its collectives too
             draft_after_step(
                 engine.model, engine.kv.data, passes, [], [], engine.config.speculative_mtp,
-                engine.scheduler.hold_ahead, collective=True,
+                engine.max_context_len, engine.scheduler.hold_ahead, collective=True,
             )  # fmt: skip
         return []
     publish = engine.kv.allocator.enabled
@@ -79,7 +79,7 @@ def run_step(engine: Engine, run_empty: bool) -> list[TokenDelta]:
     if engine.model.mtp is not None:
         draft_after_step(
             engine.model, engine.kv.data, passes, samplers, tokens,
-            engine.config.speculative_mtp, engine.scheduler.hold_ahead,
+            engine.config.speculative_mtp, engine.max_context_len, engine.scheduler.hold_ahead,
             collective=engine.ep is not None,
         )  # fmt: skip
     engine.num_steps += 1
