@@ -410,10 +410,12 @@ def test_colocated_requests_move_to_the_instance_that_stays(launch_tiny):
         for t in threads:
             t.join(240)
         assert report["ok"] and report["removed"] == ["colocated-1"], report
-        # The one running there moved with its KV; the rest, queued there, started over (or,
-        # when one started there meanwhile, resumed from its output).
+        # The one running there moved with its KV; the rest, queued there, started over — or,
+        # when one started there meanwhile (the rank runs the next once the first has left;
+        # on a busy host all of them may have by the time the move ends), resumed from its
+        # output.
         moved = report["requests_migrated"] + report["requests_resumed"]
-        assert report["requests_migrated"] <= 1 and report["requests_retried"] >= 1, report
+        assert report["requests_migrated"] <= 1, report
         assert moved + report["requests_retried"] >= 3, report
         for i, r in enumerate(results):
             assert r.status_code == 200, r.text
