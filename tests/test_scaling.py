@@ -411,9 +411,9 @@ def test_colocated_requests_move_to_the_instance_that_stays(launch_tiny):
             t.join(240)
         assert report["ok"] and report["removed"] == ["colocated-1"], report
         # The one running there moved with its KV; the rest, queued there, started over — or,
-        # when one started there meanwhile (the rank runs the next once the first has left;
-        # on a busy host all of them may have by the time the move ends), resumed from its
-        # output.
+        # when one started there meanwhile (the rank runs the next once the first has left),
+        # resumed from its output: how many of each depends on the host's timing (CI once saw
+        # none retried).
         moved = report["requests_migrated"] + report["requests_resumed"]
         assert report["requests_migrated"] <= 1, report
         assert moved + report["requests_retried"] >= 3, report
