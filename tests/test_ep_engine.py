@@ -9,7 +9,6 @@ the ranks step in lockstep, a rank without work running an empty batch."""
 from __future__ import annotations
 
 import itertools
-import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.checkpoints import make_checkpoint
+from tests.rank_processes import rank_processes
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.messages import GenerateRequest, SamplingParams
@@ -134,30 +133,14 @@ def references(tmp_path_factory) -> dict[str, tuple[Path, dict[str, Any], dict[s
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_ep_pool_matches_single_rank_and_transformers(world, references, tmp_path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     model_dirs = [str(references[name][0]) for name in CHECKPOINTS]
     store = str(tmp_path / "store")
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, store, model_dirs, queue))
-        for r in range(world)
-    ]
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
     results: dict[tuple[str, tuple[Any, ...]], dict[str, Any]] = {}
     loads: dict[tuple[str, tuple[Any, ...]], torch.Tensor] = {}
     steps: dict[tuple[str, tuple[Any, ...]], set[int]] = {}
     num_guessed: dict[tuple[str, tuple[Any, ...]], int] = {}
     done = 0
-    try:
+    with rank_processes(_rank_main, world, world, store, model_dirs) as queue:
         while done < world:
             rank, model_dir, config, out, num_steps, load, guessed = queue.get(timeout=500)
             if model_dir == "error":
@@ -170,11 +153,6 @@ def test_ep_pool_matches_single_rank_and_transformers(world, references, tmp_pat
             steps.setdefault(key, set()).add(num_steps)
             loads[key] = loads.get(key, 0) + torch.tensor(load)
             num_guessed[key] = num_guessed.get(key, 0) + guessed
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
     by_dir = {str(path): (name, single, hf) for name, (path, single, hf) in references.items()}
     assert len(results) == len(CHECKPOINTS) * len(CONFIGS)
     for (model_dir, config), out in results.items():

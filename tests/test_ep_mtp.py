@@ -6,7 +6,6 @@ dispatch modes, with redundant experts and two-batch overlap."""
 
 from __future__ import annotations
 
-import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.rank_processes import rank_processes
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.messages import GenerateRequest, SamplingParams
@@ -102,27 +101,13 @@ def _rank_main(rank: int, store_path: str, model_dir: str, queue: Any) -> None:
 def test_an_expert_parallel_pool_guesses_with_the_mtp_module(tiny_model_dir, tmp_path):
     plain, _, _ = _single(tiny_model_dir, mtp=0)
     single_guesses = {k: _single(tiny_model_dir, mtp=k)[1] for k in {c[3] for c in CONFIGS}}
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    store = str(tmp_path / "store")
-    procs = [ctx.Process(target=_rank_main, args=(r, store, str(tiny_model_dir), queue))
-             for r in range(WORLD)]  # fmt: skip
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
     tokens: dict[Any, dict[str, list[int]]] = {}
     guesses: dict[Any, dict[str, dict[int, int]]] = {}
     steps: dict[Any, set[int]] = {}
     drafted: dict[Any, int] = {}
     done = 0
-    try:
+    store = str(tmp_path / "store")
+    with rank_processes(_rank_main, WORLD, store, str(tiny_model_dir)) as queue:
         while done < WORLD:
             rank, key, out, got, num_steps, num_drafted = queue.get(timeout=500)
             if key == "error":
@@ -134,11 +119,6 @@ def test_an_expert_parallel_pool_guesses_with_the_mtp_module(tiny_model_dir, tmp
             guesses.setdefault(key, {}).update(got)
             steps.setdefault(key, set()).add(num_steps)
             drafted[key] = drafted.get(key, 0) + num_drafted
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
     assert set(tokens) == set(CONFIGS)
     for key in CONFIGS:
         assert tokens[key] == plain, key
