@@ -37,6 +37,7 @@ class _Transfer:
         target: Any,
         first_logprob: Any = None,
         num_cached_tokens: int = 0,
+        guesses: tuple[int, ...] = (),
     ) -> None:
         time.sleep(0.0002)  # widen the window between "in flight" and "the engine knows it"
         with self.lock:
@@ -86,8 +87,13 @@ def test_targets_from_another_thread_are_used_exactly_once() -> None:
     for i, rid in enumerate(rids):  # the loop: requests finish their prefill in order
         engine.ready.append(
             SimpleNamespace(
-                rid=rid, pages=[i], token_ids=[7], first_logprob=None, num_cached_tokens=0
-            )
+                rid=rid,
+                pages=[i],
+                token_ids=[7],
+                first_logprob=None,
+                num_cached_tokens=0,
+                mtp_draft=[],
+            )  # fmt: skip
         )
         if i % 5 == 0:
             handoff.after_step(engine)  # type: ignore[arg-type]

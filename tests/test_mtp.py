@@ -182,19 +182,23 @@ def test_the_guesses_are_the_mtp_module_s_choices(num_guesses, mtp_model, refere
     _check_guesses(reference, tokens, guesses, num_guesses)
 
 
+@pytest.mark.parametrize("num_guesses", [1, 3])
 def test_a_decode_engine_guesses_from_the_module_kv_the_prefill_engine_computed(
-    mtp_model, reference
+    num_guesses, mtp_model, reference
 ):
     """Disaggregated: the prefill engine runs the module over the prompt (its last row reads
-    the first sampled token) and the pages carry the module's KV as one more layer; the
-    decode engine's guesses are then the reference's from its first step on."""
-    prefill, decode = _engine(mtp_model), _engine(mtp_model)
+    the first sampled token) and the pages carry the module's KV as one more layer; its
+    guesses after the first token go with them (`admit_received`'s `guesses`), so the decode
+    engine's first step guesses too. Every guess, the prefill's and the decode's from then
+    on, is the reference's."""
+    prefill = _engine(mtp_model, speculative_mtp=num_guesses)
+    decode = _engine(mtp_model, speculative_mtp=num_guesses)
     assert prefill.kv.data.shape[0] == prefill.model_config.num_hidden_layers + 1
     prompts = _prompts()
     for i, prompt in enumerate(prompts):
         prefill.add(GenerateRequest(f"r{i}", prompt, GREEDY), mode="prefill")
         decode.add(GenerateRequest(f"r{i}", prompt, GREEDY), mode="decode")
-    handed: dict[str, tuple[list[int], int]] = {}
+    handed: dict[str, tuple[list[int], int, list[int]]] = {}
     targets: dict[str, list[int]] = {}
     guesses: dict[str, dict[int, list[int]]] = {}
     tokens: dict[str, list[int]] = {}
@@ -202,18 +206,21 @@ def test_a_decode_engine_guesses_from_the_module_kv_the_prefill_engine_computed(
     while finished < len(prompts):
         prefill.step()
         for seq in prefill.take_handoffs():
-            handed[seq.rid] = (seq.pages, seq.token_ids[-1])
+            handed[seq.rid] = (seq.pages, seq.token_ids[-1], list(seq.mtp_draft))
         finished += sum(d.finish_reason is not None for d in decode.step())
         _record_guesses(decode, guesses)
         tokens.update({rid: list(seq.token_ids) for rid, seq in decode.requests.items()})
         for seq in decode.take_reserved():
             targets[seq.rid] = seq.pages
         for rid in [r for r in handed if r in targets]:
-            (pages, first), dst_pages = handed.pop(rid), targets.pop(rid)
+            (pages, first, sent), dst_pages = handed.pop(rid), targets.pop(rid)
             _copy_pages(prefill, pages, decode, dst_pages)
             prefill.release(rid)
-            assert decode.admit_received(rid, first) is not None
-    _check_guesses(reference, tokens, guesses)
+            assert decode.admit_received(rid, first, guesses=sent) is not None
+            assert 1 <= len(sent) <= num_guesses
+            assert decode.requests[rid].mtp_draft == sent  # the first step reads them
+            guesses.setdefault(rid, {})[decode.requests[rid].num_tokens] = sent
+    _check_guesses(reference, tokens, guesses, num_guesses)
     for engine in (prefill, decode):
         assert engine.kv.allocator.num_free == engine.kv.num_pages and not engine.requests
 
@@ -350,13 +357,16 @@ def test_mtp_settings_are_checked(tmp_path_factory, tiny_model_dir):
 
 
 def test_a_disaggregated_server_guesses_with_the_mtp_module(
-    launch_tiny, tiny_server, tiny_model_dir
+    launch_tiny, tiny_server, tiny_model_dir, agreeing, ray_session
 ):
-    """`--speculative-mtp` on the disaggregated tiny server (its prefill rank computes the
-    module's KV of the prompt, NIXL moves it with the rest): the tokens of plain decoding,
-    guesses counted in /v1/stats and `spec_verify_ct`."""
+    """`--speculative-mtp` on disaggregated servers (the prefill rank computes the module's
+    KV of the prompt and its first guesses; NIXL moves both with the rest): the tiny model
+    gives the plain server's tokens; the agreeing model takes 5 decode steps for 15 tokens
+    with 2 guesses a step, its first step on the decode rank guessing too; guesses are
+    counted in /v1/stats."""
     import httpx
 
+    from orchestrator.launcher import launch
     from tests.conftest import tiny_serve_config
     from tests.http_calls import _greedy
 
@@ -372,5 +382,16 @@ def test_a_disaggregated_server_guesses_with_the_mtp_module(
         stats = httpx.get(f"{server.url}/v1/stats", timeout=30).json()
         ranks = [r["stats"] for r in stats["ranks"] if r["stats"]]
         assert sum(s["num_spec_draft_tokens"] for s in ranks) > 0, ranks
+    finally:
+        server.stop()
+    reqs = {f"r{i}": (p, SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(prompts)}  # fmt: skip
+    plain, _, _ = _run(_engine(agreeing, speculative_mtp=0), reqs)
+    server = launch(tiny_serve_config(agreeing, engine=engine), model_dir=agreeing)
+    try:
+        got = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()
+        assert [g["output_ids"] for g in got] == list(plain.values())
+        # The first token from the prefill rank, then 3 tokens a decode step: 5 steps.
+        assert [g["meta_info"]["spec_verify_ct"] for g in got] == [5] * len(prompts)
     finally:
         server.stop()

@@ -195,9 +195,9 @@ def test_held_deltas_keep_one_logprob_per_token():
     assert end.token_ids == [1] and end.logprobs == [lp[1]]
 
 
-def test_notification_carries_the_first_tokens_logprob():
+def test_notification_carries_the_first_tokens_logprob_and_the_guesses_after_it():
     first = (-0.25, ((5, -0.25), (9, -1.5)))
-    note = Notification("done", "r1", 5, first_logprob=first)
+    note = Notification("done", "r1", 5, first_logprob=first, guesses=(7, 8, 9))
     back = Notification.decode(note.encode())
     assert back == note
     assert TokenLogprob(*first) == TokenLogprob(-0.25, ((5, -0.25), (9, -1.5)))

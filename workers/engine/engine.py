@@ -248,14 +248,17 @@ class Engine:
         first_token: int,
         first_logprob: TokenLogprob | None = None,
         num_cached_tokens: int = 0,
+        guesses: list[int] | None = None,
     ) -> TokenDelta | None:
         """The prompt's KV of `rid` is in its pages: it joins the batch with its first token
         (and that token's logprob, computed by the prefill rank, when the request asks;
-        `num_cached_tokens`: prompt tokens the prefill rank's prefix cache held)."""
+        `num_cached_tokens`: prompt tokens the prefill rank's prefix cache held; `guesses`:
+        the sender's MTP guesses after its last token, for the first step here)."""
         seq = self.requests.get(rid)
         if seq is None or seq.status is not SeqStatus.RECEIVING:
             return None  # aborted meanwhile
         seq.num_cached_tokens = num_cached_tokens
+        seq.mtp_draft = list(guesses or ())
         if seq.migrated:  # its tokens came with it: the sender's last one is ours
             if first_token != seq.token_ids[-1]:
                 return self.fail(

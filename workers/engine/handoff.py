@@ -185,7 +185,7 @@ class KVHandoff:
             self.transfer.send(
                 new_rid, pages, seq.token_ids[-1], self.timeout_s,
                 target=early[0] if early is not None else None,
-                num_cached_tokens=seq.num_cached_tokens,
+                num_cached_tokens=seq.num_cached_tokens, guesses=tuple(seq.mtp_draft),
             )  # fmt: skip
         return delta
 
@@ -200,6 +200,7 @@ class KVHandoff:
                     seq.rid, seq.pages, seq.token_ids[-1], self.timeout_s,
                     target=early[0] if early is not None else None,
                     first_logprob=seq.first_logprob, num_cached_tokens=seq.num_cached_tokens,
+                    guesses=tuple(seq.mtp_draft),
                 )  # fmt: skip
         events.extend(self.post_receives(engine))
         deltas.extend(engine.take_unplaced())
@@ -232,7 +233,7 @@ class KVHandoff:
                 delta = engine.admit_received(
                     rid, result.first_token,
                     None if first_logprob is None else TokenLogprob(*first_logprob),
-                    result.num_cached_tokens,
+                    result.num_cached_tokens, list(result.guesses),
                 )  # fmt: skip
                 if delta is not None:
                     deltas.append(delta)

@@ -143,7 +143,7 @@ def _guess(
             num_guesses, max_context_len - num_tokens - 1,
             seq.sampling.max_new_tokens - (seq.num_output_tokens + kept + 1) - 1,
         )  # fmt: skip
-        if limit > 1 and not seq.prefill_only:
+        if limit > 1:
             heads.append(Head(seq, positions[i + kept], i + kept, limit))
         i += num_rows
     return heads, hidden
@@ -160,12 +160,16 @@ def _guess_on(
     """One more guess for each request of `heads`: the module reads its last guess (at the
     position after that guess's row) and the hidden state it had there. Its KV is written
     at that position (and over later, once the position's token is known): a request goes
-    on only where it holds or can take the page (`hold_ahead`)."""
+    on only where it holds or can take the page (`hold_ahead`; a prefill-only request, whose
+    pages are about to be sent as they are, only where it holds one)."""
     rows = DecodeRows([], [], [], [])
     going: list[Head] = []
     for head in heads:
         seq, position = head.seq, head.position + 1
-        if len(seq.mtp_draft) >= head.limit or position >= hold_ahead(seq, position + 1):
+        if len(seq.mtp_draft) >= head.limit:
+            continue
+        covered = len(seq.pages) * page_size if seq.prefill_only else hold_ahead(seq, position + 1)
+        if position >= covered:
             continue
         page, offset = divmod(position, page_size)
         rows.input_ids.append(seq.mtp_draft[-1])

@@ -74,9 +74,10 @@ class KVTransferEngine(TransferStateMachine):
         target: TransferTarget | None = None,
         first_logprob: FirstLogprob | None = None,
         num_cached_tokens: int = 0,
+        guesses: tuple[int, ...] = (),
     ) -> KVSender:
         """Sending side: write `src_pages` (every layer) into the target's pages, then notify
-        the receiver with `first_token` (and `first_logprob`, `num_cached_tokens`). Without
+        the receiver with `first_token` (and `first_logprob`, `num_cached_tokens`, `guesses`). Without
         `target` the sender waits (BOOTSTRAPPING) for `set_target`. Fails (a result) if not
         done within `timeout_s`. ValueError for bad pages or an id already being sent."""
         pages = check_pages(src_pages, self.layout, f"send {transfer_id}")
@@ -84,6 +85,7 @@ class KVTransferEngine(TransferStateMachine):
         sender.target = target
         sender.first_logprob = first_logprob
         sender.num_cached_tokens = num_cached_tokens
+        sender.guesses = guesses
         with self._cv:
             self._check_open()
             if transfer_id in self._senders:

@@ -22,6 +22,7 @@ class KVSender:
     target: TransferTarget | None = None
     first_logprob: FirstLogprob | None = None
     num_cached_tokens: int = 0
+    guesses: tuple[int, ...] = ()
     state: TransferState = TransferState.BOOTSTRAPPING
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
@@ -46,6 +47,7 @@ class KVReceiver:
     first_token: int | None = None
     first_logprob: FirstLogprob | None = None
     num_cached_tokens: int = 0
+    guesses: tuple[int, ...] = ()
     started: float = field(default_factory=time.monotonic)
     _abort: str | None = field(default=None, repr=False)
     _peer_error: str | None = field(default=None, repr=False)

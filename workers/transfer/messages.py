@@ -127,8 +127,9 @@ class TransferResult:
 
     `first_token`: on the receiving side the token the completion notification carried (None
     unless ok); on the sending side the token it sent; `first_logprob` likewise, when the
-    request asked for logprobs, and `num_cached_tokens` (prompt tokens the sender's prefix
-    cache held). `num_bytes`: KV bytes moved (0 unless ok). `elapsed_s`: from
+    request asked for logprobs, `num_cached_tokens` (prompt tokens the sender's prefix
+    cache held) and `guesses` (the sender's speculative guesses after the first token, for
+    the receiver's first step; `--speculative-mtp`). `num_bytes`: KV bytes moved (0 unless ok). `elapsed_s`: from
     `send` / `expect` to the end."""
 
     transfer_id: str
@@ -140,6 +141,7 @@ class TransferResult:
     elapsed_s: float = 0.0
     first_logprob: FirstLogprob | None = None
     num_cached_tokens: int = 0
+    guesses: tuple[int, ...] = ()
 
 
 NotificationKind = Literal["start", "done", "fail", "wait"]
@@ -148,8 +150,8 @@ NotificationKind = Literal["start", "done", "fail", "wait"]
 @dataclass(frozen=True)
 class Notification:
     """Sender → receiver, keyed by transfer id: `start` (pages are about to flow), `done` (every
-    page landed; carries the first sampled token, its logprob when asked, and how many prompt
-    tokens the sender's prefix cache held), `fail` (the sender gave up; carries why), `wait`
+    page landed; carries the first sampled token, its logprob when asked, how many prompt
+    tokens the sender's prefix cache held, and the sender's guesses after that token), `fail` (the sender gave up; carries why), `wait`
     (the request is still queued or computing on the sending rank: the receive waits on)."""
 
     kind: NotificationKind
@@ -158,6 +160,7 @@ class Notification:
     error: str | None = None
     first_logprob: FirstLogprob | None = None
     num_cached_tokens: int = 0
+    guesses: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
         msg: dict[str, object] = {"pdkv": 1, "kind": self.kind, "id": self.transfer_id}
@@ -167,6 +170,8 @@ class Notification:
             msg["lp"] = [self.first_logprob[0], [list(pair) for pair in self.first_logprob[1]]]
         if self.num_cached_tokens:
             msg["cached"] = self.num_cached_tokens
+        if self.guesses:
+            msg["guesses"] = list(self.guesses)
         if self.error is not None:
             msg["error"] = self.error[:500]
         return json.dumps(msg, separators=(",", ":")).encode()
@@ -186,6 +191,7 @@ class Notification:
             return cls(
                 msg["kind"], str(msg["id"]), None if token is None else int(token),
                 msg.get("error"), first_logprob, int(msg.get("cached", 0)),
+                tuple(int(t) for t in msg.get("guesses", ())),
             )  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

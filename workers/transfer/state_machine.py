@@ -176,7 +176,7 @@ class TransferStateMachine(ABC):
                 self._note_poke(r)
         elif note.kind == "done":
             r.first_token, r.first_logprob = note.first_token, note.first_logprob
-            r.num_cached_tokens = note.num_cached_tokens
+            r.num_cached_tokens, r.guesses = note.num_cached_tokens, note.guesses
             self._finish_recv(r, None)
         elif note.kind == "fail":
             r._peer_error = note.error or "unknown error"
@@ -238,6 +238,7 @@ class TransferStateMachine(ABC):
                     s.first_token,
                     first_logprob=s.first_logprob,
                     num_cached_tokens=s.num_cached_tokens,
+                    guesses=s.guesses,
                 ),
             )
         except Exception as e:
@@ -383,7 +384,7 @@ class TransferStateMachine(ABC):
                     r.transfer_id, "recv", error is None, error,
                     None if error else r.first_token, 0 if error else num_bytes,
                     time.monotonic() - r.started, None if error else r.first_logprob,
-                    0 if error else r.num_cached_tokens,
+                    0 if error else r.num_cached_tokens, () if error else r.guesses,
                 )
             )  # fmt: skip
         self._result_ready()
