@@ -35,6 +35,7 @@ def preflight(config: ServeConfig, model_dir: Path, local: bool) -> list[str]:
     if local:
         check_host_memory(config, _host_memory_bytes())
     check_placements(config, model)
+    warnings += check_mtp(config, model, model_dir, local)
     check_listen(config.host, config.port, "--port")
     if config.grpc_port:
         if config.grpc_port == config.port:
@@ -55,6 +56,42 @@ def preflight(config: ServeConfig, model_dir: Path, local: bool) -> list[str]:
             "prompts with the tokenizer's last ids will be refused"
         )
     return warnings
+
+
+def check_mtp(config: ServeConfig, model: ModelConfig, model_dir: Path, local: bool) -> list[str]:
+    """With `--speculative-mtp`: ValueError when the checkpoint has no MTP module (its
+    config.json says none, or no tensor of its layer is in the safetensors files: their
+    headers only are read); a warning that CUDA graphs are off with it."""
+    if not config.engine.speculative_mtp:
+        return []
+    flag = f"--speculative-mtp {config.engine.speculative_mtp}"
+    if model.num_nextn_predict_layers < 1:
+        raise ValueError(
+            f"{flag}: {model_dir} has no multi-token-prediction module (num_nextn_predict_layers "
+            "is 0 in its config.json); use --speculative-ngram K, or a DeepSeek-V3/R1 checkpoint"
+        )
+    from safetensors import safe_open
+
+    prefix = f"model.layers.{model.num_hidden_layers}."
+    if not any(
+        key.startswith(prefix)
+        for path in sorted(model_dir.glob("*.safetensors"))
+        for key in safe_open(str(path), framework="pt").keys()  # noqa: SIM118 (not a dict)
+    ):
+        raise ValueError(
+            f"{flag}: {model_dir} has no multi-token-prediction module: its config.json says "
+            f"num_nextn_predict_layers {model.num_nextn_predict_layers}, but no tensor "
+            f"{prefix}* is in its safetensors files"
+        )
+    cuda = config.engine.device == "cuda"
+    if config.engine.device == "auto" and local:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda and config.engine.cuda_graph_max_batch:
+        return [f"{flag}: decode steps run without CUDA graphs (not captured with the MTP "
+                "module yet)"]  # fmt: skip
+    return []
 
 
 def check_pools(config: ServeConfig, model: ModelConfig, local: bool) -> list[str]:

@@ -109,6 +109,27 @@ def test_ipv6_addresses_are_bracketed_for_urls_and_grpc():
     assert host_port("[::1]", 2) == "[::1]:2"
 
 
+def test_a_checkpoint_without_an_mtp_module_is_refused_before_start(tiny_model_dir, tmp_path):
+    """`--speculative-mtp` reads config.json and the safetensors headers: a checkpoint whose
+    config says no module, or whose files lack its layer, is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    mtp = _config(engine=EngineConfig(speculative_mtp=2))
+    assert preflight(mtp, tiny_model_dir, local=True) == []  # (a CPU machine: no graphs to lose)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.4.")},
+              str(model / "model.safetensors"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"--speculative-mtp 2: .* no tensor model.layers.4.\*"):
+        preflight(mtp, model, local=True)
+    assert preflight(_config(), model, local=True) == []  # served without the module: fine
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ValueError, match=r"num_nextn_predict_layers is 0 in its config.json"):
+        preflight(mtp, model, local=True)
+
+
 def test_tokenizer_problems_name_the_file(tiny_model_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

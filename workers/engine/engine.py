@@ -123,6 +123,12 @@ class Engine:
         self.graphs: DecodeGraphs | None = None
         # (The MTP module's pass reads the forward's hidden states: no graphs with it yet.)
         if (
+            self.device.type == "cuda"
+            and config.cuda_graph_max_batch
+            and self.model.mtp is not None
+        ):
+            logger.warning("--speculative-mtp: decode steps run without CUDA graphs")
+        if (
             self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch
             and self.model.mtp is None
         ):  # fmt: skip
