@@ -64,24 +64,18 @@ def check_mtp(config: ServeConfig, model: ModelConfig, model_dir: Path, local: b
     headers only are read); a warning that CUDA graphs are off with it."""
     if not config.engine.speculative_mtp:
         return []
-    flag = f"--speculative-mtp {config.engine.speculative_mtp}"
-    if model.num_nextn_predict_layers < 1:
-        raise ValueError(
-            f"{flag}: {model_dir} has no multi-token-prediction module (num_nextn_predict_layers "
-            "is 0 in its config.json); use --speculative-ngram K, or a DeepSeek-V3/R1 checkpoint"
-        )
     from safetensors import safe_open
 
-    prefix = f"model.layers.{model.num_hidden_layers}."
-    if not any(
-        key.startswith(prefix)
+    flag = f"--speculative-mtp {config.engine.speculative_mtp}"
+    missing = model.mtp_missing(
+        key
         for path in sorted(model_dir.glob("*.safetensors"))
         for key in safe_open(str(path), framework="pt").keys()  # noqa: SIM118 (not a dict)
-    ):
+    )
+    if missing is not None:
         raise ValueError(
-            f"{flag}: {model_dir} has no multi-token-prediction module: its config.json says "
-            f"num_nextn_predict_layers {model.num_nextn_predict_layers}, but no tensor "
-            f"{prefix}* is in its safetensors files"
+            f"{flag}: {model_dir} has no multi-token-prediction module ({missing}); use "
+            "--speculative-ngram K, or a DeepSeek-V3/R1 checkpoint"
         )
     cuda = config.engine.device == "cuda"
     if config.engine.device == "auto" and local:

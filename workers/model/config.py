@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,19 @@ class ModelConfig:
     @property
     def softmax_scale(self) -> float:
         return self.qk_head_dim**-0.5 * self.rope.softmax_mscale
+
+    def mtp_missing(self, tensor_names: Iterable[str]) -> str | None:
+        """Why a checkpoint with this config and these tensors has no multi-token-prediction
+        module to serve (None: it has one)."""
+        if self.num_nextn_predict_layers < 1:
+            return "num_nextn_predict_layers is 0 in its config.json"
+        prefix = f"model.layers.{self.num_hidden_layers}."
+        if not any(name.startswith(prefix) for name in tensor_names):
+            return (
+                f"its config.json says num_nextn_predict_layers {self.num_nextn_predict_layers}"
+                f", but no tensor {prefix}* is in its checkpoint"
+            )
+        return None
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (

@@ -61,11 +61,12 @@ def load_model(
     load the multi-token-prediction module too (a draft model for speculative decoding)."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    if mtp and cfg.num_nextn_predict_layers < 1:
-        raise ValueError(
-            f"{model_dir} has no multi-token-prediction module (num_nextn_predict_layers is "
-            "0 in its config.json): speculative decoding with MTP needs one (DeepSeek-V3/R1)"
-        )
+    files = checkpoint_files(model_dir)
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    key_to_handle = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (not a dict)
+    missing_mtp = cfg.mtp_missing(key_to_handle) if mtp else None
+    if missing_mtp is not None:
+        raise ValueError(f"{model_dir} has no multi-token-prediction module ({missing_mtp})")
     model = DeepseekForCausalLM(cfg, max_positions, ep, mtp)
     block = cfg.quant.weight_block_size if cfg.quant else (128, 128)
     keep_fp8 = keep_fp8_experts and fp8_experts_keepable(cfg)
@@ -77,10 +78,6 @@ def load_model(
     scales = _expert_scales(model) if keep_fp8 else {}
     slots = _expert_slots(model)
     loaded: set[str] = set()
-    files = checkpoint_files(model_dir)
-
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    key_to_handle = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (not a dict)
     keys = [k for k in key_to_handle if not k.endswith(_SCALE_SUFFIX)]
     bar = tqdm(
         keys, desc=f"Loading {model_dir.name}", unit="tensor", disable=not progress, file=sys.stderr
@@ -143,13 +140,6 @@ def load_model(
         model.lm_head.data = model.model.embed_tokens.weight.data
         loaded.add("lm_head.weight")
     missing = _expected_keys(model) - loaded
-    if mtp and missing and all(k.startswith("mtp.") for k in missing):
-        raise ValueError(
-            f"{model_dir} has no multi-token-prediction module: its config.json says "
-            f"num_nextn_predict_layers {cfg.num_nextn_predict_layers}, but no tensor of layer "
-            f"{cfg.num_hidden_layers} (model.layers.{cfg.num_hidden_layers}.*) is in its "
-            "checkpoint"
-        )
     if missing:
         shown = ", ".join(sorted(_checkpoint_key(k, cfg.num_hidden_layers) for k in missing)[:8])
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {shown}")
