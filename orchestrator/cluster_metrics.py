@@ -152,6 +152,12 @@ class ClusterMetrics:
             "the wait for its prompt; divide by the ok count for the mean)",
             ["side"], registry=r,
         )  # fmt: skip
+        self.kv_transfers_ahead = Totals(
+            "pdserve_kv_transfers_written_ahead_total",
+            "Successful sends whose layers a prefill rank wrote to the decode rank as it computed "
+            "them (the rest: all layers after the prefill; see --disable-kv-write-ahead)",
+            registry=r,
+        )
         self.ranks_ready = Gauge("pdserve_ranks_ready", "Engine ranks ready to serve", registry=r)
         self.pool_utilization = Gauge(
             "pdserve_pool_utilization",
@@ -295,6 +301,7 @@ class ClusterMetrics:
                 self.kv_transfers.observe(rank, failed, side, "failed")
                 self.kv_transfer_bytes.observe(rank, moved, side)
                 self.kv_transfer_seconds.observe(rank, took, side)
+            self.kv_transfers_ahead.observe(rank, s.transfers.sent_ahead)
             self.gc_seconds.observe(rank, s.gc_seconds, rank)
             self.gc_longest.labels(rank).set(s.gc_longest_pause_s)
 

@@ -112,7 +112,7 @@ def test_a_sender_forgets_peers_it_no_longer_writes_to(engines, monkeypatch):
     """A decode rank that Ray restarted comes back as a new agent; the prefill rank's engine
     forgets the old one (and its connections) once it has been unused for
     `PEER_IDLE_FORGET_S`, when a new peer appears, and never one a transfer still uses."""
-    from workers.transfer import state_machine
+    from workers.transfer import backend
 
     src, old, new = engines(1), engines(None), engines(None)
     forgotten: list[str] = []
@@ -125,7 +125,7 @@ def test_a_sender_forgets_peers_it_no_longer_writes_to(engines, monkeypatch):
 
     transfer(old, "a")
     transfer(old, "b")  # a peer in use is not forgotten by its own use
-    monkeypatch.setattr(state_machine, "PEER_IDLE_FORGET_S", 0.0)
+    monkeypatch.setattr(backend, "PEER_IDLE_FORGET_S", 0.0)
     transfer(new, "c")
     assert forgotten == [old.name]
     transfer(new, "d")  # a known peer: no sweep

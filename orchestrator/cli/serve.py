@@ -56,6 +56,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         deepep_mode=args.deepep_mode,
         low_latency_capacity=args.low_latency_capacity,
         enable_two_batch_overlap=args.enable_two_batch_overlap,
+        kv_write_ahead=args.kv_write_ahead,
     )
     return ServeConfig(
         model=args.model,

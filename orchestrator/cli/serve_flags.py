@@ -128,6 +128,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "preempting them (they would wait, swapped out or to be recomputed); 0: off (also off with "
         "--disable-kv-migration)",
     )  # fmt: skip
+    t.add_argument(
+        "--disable-kv-write-ahead", dest="kv_write_ahead", action="store_false",
+        help="a prefill rank sends a prompt's KV once its prefill is done; by default it writes "
+        "each layer's KV to the decode rank as soon as that layer is computed (when the decode "
+        "rank's pages are known by then), so that little is left to send at the end",
+    )  # fmt: skip
     t.add_argument("--transfer-backend", default="nixl", choices=("nixl",))
     t.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     e = p.add_argument_group("engine")

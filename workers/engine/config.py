@@ -35,6 +35,10 @@ class EngineConfig:
     # (`workers.model.mtp`): this many guessed tokens a step per request (the module's guess,
     # then its guesses on its own guesses); 0: off.
     speculative_mtp: int = 0
+    # A prefill rank writes each layer's KV of a prompt it is finishing to the decode rank as
+    # soon as that layer is computed (`KVTransferEngine.write_ahead`), when the decode rank's
+    # pages are known by then; else (False, or no target yet) all layers after the prefill.
+    kv_write_ahead: bool = True
     gpu_memory_share: float = 1.0  # the rank's share of its GPU (set by the launcher)
     max_running_requests: int = 256
     # Share the KV of full pages between requests whose tokens begin alike.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from workers.engine.kv_cache import KVCache, num_kv_pages, pages_needed
 from workers.engine.kv_swap import KVSwap
 from workers.engine.messages import FinishReason, GenerateRequest, TokenDelta, TokenLogprob
 from workers.engine.rank_reports import RankInfo, RankStats
-from workers.engine.scheduler import Scheduler
+from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import SeqStatus, Sequence
 from workers.engine.speculative import Speculator
 from workers.engine.step import append_token, run_step
@@ -145,6 +146,10 @@ class Engine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.handoffs: list[Sequence] = []
+        # Prefill rank (`KVHandoff.bind`): given a step's batch, what the model calls after
+        # each layer to write that layer's KV of the prompts the step finishes ahead of their
+        # sends; None when there are none.
+        self.layer_writes: Callable[[ScheduledBatch], Callable[[int], None] | None] | None = None
         self._reserved: list[Sequence] = []
         self.idle = True  # the last step found nothing to do
         # Logits of the last step, by request id (kept for parity tests and debugging).

@@ -7,7 +7,10 @@ so nothing here blocks.
 Prefill rank: a request whose prefill is done (`Engine.take_handoffs`) is sent — its pages, all
 layers, plus the first sampled token — to the decode rank's pages named by its `TransferTarget`,
 which the router forwards (`set_target`; it may arrive before or after the prefill finishes, and
-takes effect at once, not after the step in progress). Its pages are freed when the transfer
+takes effect at once, not after the step in progress). When the target is here before the step
+that finishes the prompt, that step writes each layer's KV of the request's pages as soon as
+the layer is done (`layer_writer`, `KVTransferEngine.write_ahead`): the send after the step
+then has only the notification (and any layer computed after the step) left to write. Its pages are freed when the transfer
 reports, success or not. A request still without a target may have its transfer withdrawn and
 its pages taken back for a request whose target came (`withdraw`, called by the scheduler; see
 `workers.engine.scheduler`): it is parked until its own target comes, and fails as its transfer
@@ -34,15 +37,22 @@ arms it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from workers.engine.engine import Engine
 from workers.engine.kv_cache import pages_needed
 from workers.engine.messages import FinishReason, TokenDelta, TokenLogprob, TransferReady
 from workers.engine.rank_reports import TransferTotals
+from workers.engine.scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
 
 FAULTS = {
     # Decode rank: reserve the request's pages but never post its receive, so that the prefill
@@ -84,6 +94,7 @@ class KVHandoff:
         self._parked: dict[str, float] = {}
         # Prefill: when the receivers of requests still to compute are next told to wait on.
         self._next_keep_alive = 0.0
+        self._ahead: set[str] = set()  # prefill: written ahead by the last step (`layer_writer`)
         self.faults: Counter[str] = Counter()  # armed fault -> how many requests it hits
         self.totals = TransferTotals()  # replaced (not changed) by the loop: any thread reads it
 
@@ -93,6 +104,37 @@ class KVHandoff:
         if self.role == "prefill":
             engine.scheduler.targeted = self._targets
             engine.scheduler.withdraw = self.withdraw
+            if engine.config.kv_write_ahead and hasattr(self.transfer, "write_ahead"):
+                engine.layer_writes = self.layer_writer
+
+    def layer_writer(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        """Prefill rank, loop thread, before a step: what the model calls after each layer
+        (`Engine.layer_writes`) to write that layer's KV of the prompts the step finishes and
+        whose targets are here; None when there are none. On CUDA each layer's writes wait
+        for an event recorded after the layer."""
+        with self._lock:
+            writes = [
+                (seq.rid, list(seq.pages), self._targets[seq.rid][0])
+                for seq, num in batch.prefills
+                if seq.prefill_only and num == seq.num_pending and seq.rid in self._targets
+            ]  # fmt: skip
+        if not writes:
+            return None
+        self._ahead.update(rid for rid, _, _ in writes)
+        on_cuda = self.transfer.kv.is_cuda
+
+        def after_layer(layer: int) -> None:
+            ready = None
+            if on_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+            for rid, pages, target in writes:
+                try:
+                    self.transfer.write_ahead(rid, pages, layer, target, ready)
+                except ValueError as e:  # best effort: its send writes every layer
+                    logger.debug("request %s: layer %d not written ahead: %s", rid, layer, e)
+
+        return after_layer
 
     def withdraw(self, rid: str) -> bool:
         """Prefill rank, loop thread: take back the transfer of handed-off `rid` if it has no
@@ -193,6 +235,7 @@ class KVHandoff:
         deltas: list[TokenDelta] = []
         events: list[TransferReady] = []
         for seq in engine.take_handoffs():
+            self._ahead.discard(seq.rid)
             with self._lock:
                 self._in_flight.add(seq.rid)
                 early = self._targets.pop(seq.rid, None)
@@ -202,6 +245,9 @@ class KVHandoff:
                     first_logprob=seq.first_logprob, num_cached_tokens=seq.num_cached_tokens,
                     guesses=tuple(seq.mtp_draft),
                 )  # fmt: skip
+        for rid in self._ahead:  # written ahead, yet not handed off: ended otherwise
+            self.transfer.drop_ahead(rid)
+        self._ahead.clear()
         events.extend(self.post_receives(engine))
         deltas.extend(engine.take_unplaced())
         for rid, new_rid in list(self._to_migrate.items()):
@@ -218,8 +264,9 @@ class KVHandoff:
             # An abort (this side's, or the peer's that failed it) is no transfer failure.
             if not (aborted or "aborted:" in (result.error or "")):
                 self.totals = self.totals.add(
-                    result.role, result.ok, result.num_bytes, result.elapsed_s
-                )
+                    result.role, result.ok, result.num_bytes, result.elapsed_s,
+                    ahead=result.layers_ahead > 0,
+                )  # fmt: skip
             if result.role == "send":  # a prefill rank's, or a decode rank's migration
                 engine.release(rid)
                 if not result.ok and not aborted:

@@ -50,9 +50,13 @@ class TransferTotals:
     receive_failed: int = 0
     received_bytes: int = 0
     receive_seconds: float = 0.0
+    sent_ahead: int = 0  # of the sent ones, those with layers written as the prefill computed them
 
-    def add(self, role: str, ok: bool, num_bytes: int, elapsed_s: float) -> TransferTotals:
-        """These totals with one more ended transfer (`role`: "send" or "recv")."""
+    def add(
+        self, role: str, ok: bool, num_bytes: int, elapsed_s: float, ahead: bool = False
+    ) -> TransferTotals:
+        """These totals with one more ended transfer (`role`: "send" or "recv"; `ahead`: a
+        send with layers written ahead)."""
         done, failed, moved, took = TRANSFER_FIELDS["send" if role == "send" else "receive"]
         if not ok:
             return replace(self, **{failed: getattr(self, failed) + 1})
@@ -63,6 +67,7 @@ class TransferTotals:
                 moved: getattr(self, moved) + num_bytes,
                 took: getattr(self, took) + elapsed_s,
             },
+            sent_ahead=self.sent_ahead + (role == "send" and ahead),
         )
 
 

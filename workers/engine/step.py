@@ -40,12 +40,14 @@ def run_step(engine: Engine, run_empty: bool) -> list[TokenDelta]:
     engine.idle = batch.is_empty and not reserved
     if batch.is_empty and not run_empty:
         return []
+    # A prefill rank writes the KV of prompts this step finishes layer by layer as it goes.
+    after_layer = engine.layer_writes(batch) if engine.layer_writes is not None else None
     if engine.two_batch_overlap:
         half_a, half_b = split_batch(batch)
         ids_a, meta_a, samplers_a = prepare_inputs(half_a, engine.kv.page_size, engine.device)
         ids_b, meta_b, samplers_b = prepare_inputs(half_b, engine.kv.page_size, engine.device)
         logits_a, logits_b = engine.model.forward_two(
-            ((ids_a, meta_a), (ids_b, meta_b)), engine.kv.data
+            ((ids_a, meta_a), (ids_b, meta_b)), engine.kv.data, after_layer
         )
         logits, samplers = torch.cat((logits_a, logits_b)), samplers_a + samplers_b
         passes = [ForwardPass(half_a, ids_a, meta_a, len(samplers_a)),
@@ -56,7 +58,7 @@ def run_step(engine: Engine, run_empty: bool) -> list[TokenDelta]:
         logits, samplers = _replay_decode(engine, batch)
     else:
         input_ids, meta, samplers = prepare_inputs(batch, engine.kv.page_size, engine.device)
-        logits = engine.model(input_ids, meta, engine.kv.data)
+        logits = engine.model(input_ids, meta, engine.kv.data, after_layer)
         take_prompt_scores(batch, meta)
         passes = [ForwardPass(batch, input_ids, meta, len(samplers))]
     if batch.is_empty:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -154,8 +156,11 @@ class DeepseekForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # [num_layers, num_slots, kv_lora + rope]
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Logits `[S, vocab]` (float32) for the rows `meta.logits_indices`."""
+        """Logits `[S, vocab]` (float32) for the rows `meta.logits_indices`. `after_layer(i)`
+        is called once layer `i` has written its KV of the batch (on CUDA: once that work is
+        queued on the current stream)."""
         x = self.model.embed_tokens(input_ids)
         layers = self._decode_layers(meta, kv_cache)
         if layers is not None:
@@ -165,10 +170,15 @@ class DeepseekForCausalLM(nn.Module):
                 x, meta.positions, meta.out_slots, main_kv, meta.block_table, meta.seq_lens,
                 meta.page_size, load,
             )  # fmt: skip
+            if after_layer is not None:  # (decode rows only: written all at once)
+                for i in range(len(self.model.layers)):
+                    after_layer(i)
             return self._logits(x, meta)
         cos_sin = self.rope.lookup(meta.positions)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, meta, self.rope, cos_sin, kv_cache[i])
+            if after_layer is not None:
+                after_layer(i)
         return self._logits(x, meta)
 
     def forward_two(
@@ -177,6 +187,7 @@ class DeepseekForCausalLM(nn.Module):
             tuple[torch.Tensor, AttentionMetadata], tuple[torch.Tensor, AttentionMetadata]
         ],
         kv_cache: torch.Tensor,
+        after_layer: Callable[[int], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two-batch overlap: the logits of two micro-batches `(input_ids, meta)`, computed
         together so that one's expert all-to-all is in flight while the other computes:
@@ -184,7 +195,8 @@ class DeepseekForCausalLM(nn.Module):
             attention A → dispatch A → attention B → dispatch B →
             experts A → combine A → experts B → combine B → (A, B) += MoE outputs
 
-        Layers without expert parallelism run the micro-batches one after the other."""
+        Layers without expert parallelism run the micro-batches one after the other.
+        `after_layer(i)`: as in `forward`, once layer `i` is done for both."""
         (ids_a, meta_a), (ids_b, meta_b) = batches
         xa, xb = self.model.embed_tokens(ids_a), self.model.embed_tokens(ids_b)
         cs_a, cs_b = self.rope.lookup(meta_a.positions), self.rope.lookup(meta_b.positions)
@@ -193,16 +205,18 @@ class DeepseekForCausalLM(nn.Module):
             if not isinstance(layer.mlp, EPMoE):
                 xa = layer(xa, meta_a, self.rope, cs_a, kv_cache[i])
                 xb = layer(xb, meta_b, self.rope, cs_b, kv_cache[i])
-                continue
-            moe, norm = layer.mlp, layer.post_attention_layernorm
-            xa = layer.attention(xa, meta_a, self.rope, cs_a, kv_cache[i])
-            stage_a = moe.dispatch(norm(xa))
-            xb = layer.attention(xb, meta_b, self.rope, cs_b, kv_cache[i])
-            stage_b = moe.dispatch(norm(xb))
-            stage_a = moe.run_experts(stage_a)
-            stage_b = moe.run_experts(stage_b)
-            xa = xa + moe.finish(stage_a)
-            xb = xb + moe.finish(stage_b)
+            else:
+                moe, norm = layer.mlp, layer.post_attention_layernorm
+                xa = layer.attention(xa, meta_a, self.rope, cs_a, kv_cache[i])
+                stage_a = moe.dispatch(norm(xa))
+                xb = layer.attention(xb, meta_b, self.rope, cs_b, kv_cache[i])
+                stage_b = moe.dispatch(norm(xb))
+                stage_a = moe.run_experts(stage_a)
+                stage_b = moe.run_experts(stage_b)
+                xa = xa + moe.finish(stage_a)
+                xb = xb + moe.finish(stage_b)
+            if after_layer is not None:
+                after_layer(i)
         return self._logits(xa, meta_a), self._logits(xb, meta_b)
 
     def _logits(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

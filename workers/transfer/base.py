@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
+from workers.transfer.ahead import AheadWrites
 from workers.transfer.handles import KVReceiver, KVSender
 from workers.transfer.messages import FirstLogprob, TransferResult, TransferState, TransferTarget
 from workers.transfer.pages import check_pages
@@ -76,8 +78,9 @@ class KVTransferEngine(TransferStateMachine):
         num_cached_tokens: int = 0,
         guesses: tuple[int, ...] = (),
     ) -> KVSender:
-        """Sending side: write `src_pages` (every layer) into the target's pages, then notify
-        the receiver with `first_token` (and `first_logprob`, `num_cached_tokens`, `guesses`). Without
+        """Sending side: write `src_pages` (every layer, but those written ahead: `write_ahead`)
+        into the target's pages, then notify the receiver with `first_token` (and
+        `first_logprob`, `num_cached_tokens`, `guesses`). Without
         `target` the sender waits (BOOTSTRAPPING) for `set_target`. Fails (a result) if not
         done within `timeout_s`. ValueError for bad pages or an id already being sent."""
         pages = check_pages(src_pages, self.layout, f"send {transfer_id}")
@@ -90,9 +93,50 @@ class KVTransferEngine(TransferStateMachine):
             self._check_open()
             if transfer_id in self._senders:
                 raise ValueError(f"transfer {transfer_id!r} is already being sent")
+            ahead = self._ahead.pop(transfer_id, None)
+            if ahead is not None and not ahead.dropped:
+                sender._ahead = ahead
+            elif ahead is not None:  # still stopping: the state machine reaps it
+                self._ahead[transfer_id] = ahead
             self._senders[transfer_id] = sender
             self._waker.wake()
         return sender
+
+    def write_ahead(
+        self,
+        transfer_id: str,
+        src_pages: list[int],
+        layer: int,
+        target: TransferTarget,
+        ready: Any = None,
+    ) -> None:
+        """Sending side, before `send`: layer `layer` of `src_pages` holds its final KV (once
+        `ready`, a CUDA event, has completed): write it to `target` now. The `send` of
+        `transfer_id` that follows (with the same pages and target) then writes only the
+        layers not written ahead; without one, call `drop_ahead`. Best effort: writes ahead
+        that fail only make the send write every layer (see `workers.transfer.ahead`).
+        ValueError for bad pages, a layer outside the pool, or an id already being sent."""
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer} is outside the pool's {self.layout.num_layers}")
+        with self._cv:
+            self._check_open()
+            if transfer_id in self._senders:
+                raise ValueError(f"transfer {transfer_id!r} is already being sent")
+            ahead = self._ahead.get(transfer_id)
+            if ahead is None or ahead.dropped:
+                pages = check_pages(src_pages, self.layout, f"write ahead {transfer_id}")
+                ahead = self._ahead[transfer_id] = AheadWrites(transfer_id, pages, target)
+            ahead.ready.append((layer, ready))
+            self._waker.wake()
+
+    def drop_ahead(self, transfer_id: str) -> None:
+        """Sending side: no `send` follows the writes ahead of `transfer_id` (its request
+        ended otherwise); they stop. A no-op when there are none."""
+        with self._cv:
+            ahead = self._ahead.get(transfer_id)
+            if ahead is not None:
+                ahead.dropped = True
+                self._waker.wake()
 
     def set_target(self, transfer_id: str, target: TransferTarget) -> None:
         """Where a sender posted without a target writes to. Ignored for an unknown or finished

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.transfer.ahead import AheadWrites
 from workers.transfer.messages import FirstLogprob, TransferState, TransferTarget
 
 
@@ -26,8 +27,10 @@ class KVSender:
     state: TransferState = TransferState.BOOTSTRAPPING
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
+    layers_ahead: int = 0  # layers its writes ahead had landed (`write_ahead`), once it wrote
     _abort: str | None = field(default=None, repr=False)
     _handle: Any = field(default=None, repr=False)
+    _ahead: AheadWrites | None = field(default=None, repr=False)  # adopted, until settled
     _attempts: int = field(default=0, repr=False)
     _retry_at: float = field(default=0.0, repr=False)
     _cancel_failed_at: float | None = field(default=None, repr=False)

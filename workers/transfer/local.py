@@ -22,9 +22,14 @@ class _Write:
     """A write that lands `latency_s` after it was posted, unless cancelled before."""
 
     def __init__(
-        self, peer: LocalTransferEngine, runs: list[PageRun], done: Notification, at: float
+        self,
+        peer: LocalTransferEngine,
+        runs: list[PageRun],
+        done: Notification | None,
+        layers: tuple[int, ...] | None,
+        at: float,
     ):
-        self.peer, self.runs, self.done, self.at = peer, runs, done, at
+        self.peer, self.runs, self.done, self.layers, self.at = peer, runs, done, layers, at
         self.landed = False
 
 
@@ -67,8 +72,15 @@ class LocalTransferEngine(KVTransferEngine):
     def _connect(self, peer: AgentInfo) -> None:
         self._peer(peer)
 
-    def _start_write(self, peer: AgentInfo, runs: list[PageRun], done: Notification) -> Any:
-        write = _Write(self._peer(peer), runs, done, time.monotonic() + self.write_latency_s)
+    def _start_write(
+        self,
+        peer: AgentInfo,
+        runs: list[PageRun],
+        done: Notification | None,
+        layers: tuple[int, ...] | None = None,
+    ) -> Any:
+        at = time.monotonic() + self.write_latency_s
+        write = _Write(self._peer(peer), runs, done, layers, at)
         self._check(write)
         return write
 
@@ -76,9 +88,15 @@ class LocalTransferEngine(KVTransferEngine):
         write: _Write = handle
         if not write.landed and time.monotonic() >= write.at:
             ps = self.layout.page_size
-            for src, dst, n in write.runs:
-                write.peer.kv[:, dst * ps : (dst + n) * ps] = self.kv[:, src * ps : (src + n) * ps]
-            write.peer._deliver(write.done.encode())
+            layers = [slice(None)] if write.layers is None else write.layers
+            for layer in layers:
+                src_kv, dst_kv = self.kv[layer], write.peer.kv[layer]
+                for src, dst, n in write.runs:
+                    dst_kv[..., dst * ps : (dst + n) * ps, :] = src_kv[
+                        ..., src * ps : (src + n) * ps, :
+                    ]
+            if write.done is not None:
+                write.peer._deliver(write.done.encode())
             write.landed = True
         return write.landed
 

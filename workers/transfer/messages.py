@@ -130,7 +130,8 @@ class TransferResult:
     request asked for logprobs, `num_cached_tokens` (prompt tokens the sender's prefix
     cache held) and `guesses` (the sender's speculative guesses after the first token, for
     the receiver's first step; `--speculative-mtp`). `num_bytes`: KV bytes moved (0 unless ok). `elapsed_s`: from
-    `send` / `expect` to the end."""
+    `send` / `expect` to the end. `layers_ahead`: on the sending side, how many layers were
+    written ahead of the send as the prefill computed them (`write_ahead`; 0 unless ok)."""
 
     transfer_id: str
     role: Literal["send", "recv"]
@@ -142,6 +143,7 @@ class TransferResult:
     first_logprob: FirstLogprob | None = None
     num_cached_tokens: int = 0
     guesses: tuple[int, ...] = ()
+    layers_ahead: int = 0
 
 
 NotificationKind = Literal["start", "done", "fail", "wait"]

@@ -3,7 +3,10 @@ TCP or shared memory otherwise), from CPU (DRAM) or CUDA (VRAM) pools alike.
 
 One NIXL agent per rank registers the whole pool once. A transfer is one WRITE of page-granular
 descriptors (one per run of consecutive pages and layer) with the completion notification
-attached, so the receiver sees it only after every page has landed.
+attached, so the receiver sees it only after every page has landed; layers written ahead
+(`write_ahead`) are WRITEs of their own, without a notification, each of which ends with a
+flush of the endpoint (NIXL's UCX backend), so that once all of them report done the
+notification that follows them finds their pages landed.
 
 NIXL's own progress thread is off: it spins a whole core per agent even when idle. The engine's
 thread drives UCX instead (every `_check` and `_notifications` call progresses the worker), at
@@ -93,17 +96,27 @@ class NixlTransferEngine(KVTransferEngine):
             self._agent.add_remote_agent(peer.metadata)
             self._peers.add(peer.name)
 
-    def _start_write(self, peer: AgentInfo, runs: list[PageRun], done: Notification) -> Any:
+    def _start_write(
+        self,
+        peer: AgentInfo,
+        runs: list[PageRun],
+        done: Notification | None,
+        layers: tuple[int, ...] | None = None,
+    ) -> Any:
         table = np.array(runs, dtype=np.int64)  # [num_runs, 3]: src page, dst page, count
         src_first, dst_first, counts = table[:, 0], table[:, 1], table[:, 2]
-        local = run_descriptors(self.layout, self.kv.data_ptr(), self._device_id, src_first, counts)
-        remote = run_descriptors(peer.layout, peer.base_addr, peer.device_id, dst_first, counts)
+        local = run_descriptors(
+            self.layout, self.kv.data_ptr(), self._device_id, src_first, counts, layers
+        )
+        remote = run_descriptors(
+            peer.layout, peer.base_addr, peer.device_id, dst_first, counts, layers
+        )
         handle = self._agent.initialize_xfer(
             "WRITE",
             self._agent.get_xfer_descs(local, self._mem_type),
             self._agent.get_xfer_descs(remote, "VRAM" if peer.layout.is_cuda else "DRAM"),
             peer.name,
-            done.encode(),
+            b"" if done is None else done.encode(),
         )
         if self._agent.transfer(handle) == "ERR":
             with contextlib.suppress(Exception):

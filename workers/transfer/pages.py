@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from workers.transfer.messages import KVLayout
+from workers.transfer.messages import KVLayout, TransferTarget
 
 
 class PageRun(NamedTuple):
@@ -46,16 +46,48 @@ def check_pages(pages: list[int] | tuple[int, ...], layout: KVLayout, what: str)
 
 
 def run_descriptors(
-    layout: KVLayout, base_addr: int, device_id: int, first_pages: np.ndarray, num_pages: np.ndarray
+    layout: KVLayout,
+    base_addr: int,
+    device_id: int,
+    first_pages: np.ndarray,
+    num_pages: np.ndarray,
+    layers: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    """`[num_layers * num_runs, 3]` uint64 rows `(address, bytes, device_id)`, layer-major: run
+    """`[len(layers) * num_runs, 3]` uint64 rows `(address, bytes, device_id)`, layer-major: run
     `r` of layer `l` starts at `base_addr + l * layer_bytes + first_pages[r] * page_bytes` and
-    spans `num_pages[r]` pages. Both sides of a transfer list their runs in the same order."""
+    spans `num_pages[r]` pages. `layers`: which layers, in order (None: all). Both sides of a
+    transfer list their runs in the same order."""
     page_bytes, layer_bytes = layout.page_bytes, layout.layer_bytes
-    layers = np.arange(layout.num_layers, dtype=np.uint64)[:, None]
-    addr = base_addr + layers * layer_bytes + first_pages.astype(np.uint64)[None, :] * page_bytes
+    which = range(layout.num_layers) if layers is None else layers
+    rows = np.asarray(which, dtype=np.uint64)[:, None]
+    addr = base_addr + rows * layer_bytes + first_pages.astype(np.uint64)[None, :] * page_bytes
     out = np.empty((addr.size, 3), dtype=np.uint64)
     out[:, 0] = addr.reshape(-1)
-    out[:, 1] = np.tile(num_pages.astype(np.uint64) * page_bytes, layout.num_layers)
+    out[:, 1] = np.tile(num_pages.astype(np.uint64) * page_bytes, len(which))
     out[:, 2] = device_id
     return out
+
+
+def refusal(
+    layout: KVLayout,
+    backend: str,
+    name: str,
+    transfer_id: str,
+    src_pages: tuple[int, ...],
+    target: TransferTarget,
+) -> str | None:
+    """Why the sender `name` (its pool's `layout`, its `backend`) cannot write `src_pages` of
+    `transfer_id` to `target`; None when it can."""
+    peer = target.agent
+    if target.transfer_id != transfer_id:
+        return f"the target is for transfer {target.transfer_id!r}, not {transfer_id!r}"
+    if peer.backend != backend:
+        return f"{peer.name} uses the {peer.backend} transfer backend, this rank {backend}"
+    mismatch = layout.mismatch(peer.layout)
+    if mismatch:
+        return f"{mismatch} (here {name}, there {peer.name})"
+    sent = len(src_pages) - target.skip_pages
+    if not 0 <= target.skip_pages < len(src_pages) or len(target.dst_pages) != sent:
+        held = f" ({target.skip_pages} of them held by the receiver)" if target.skip_pages else ""
+        return f"{len(src_pages)} source pages but {len(target.dst_pages)} destination pages{held}"
+    return None

@@ -1,8 +1,9 @@
 """`TransferStateMachine`: the half of a `KVTransferEngine` that runs on the engine's thread.
 
 It holds every transfer in flight and advances each sender and receiver through the states
-described in `workers.transfer.base` (whose API only records intent), calling the backend hooks
-declared here; every backend shares it.
+described in `workers.transfer.base` (whose API only records intent), and the layers written
+ahead of a send (`workers.transfer.ahead`), calling the backend hooks declared in
+`workers.transfer.backend`; every backend shares it.
 """
 
 from __future__ import annotations
@@ -10,37 +11,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from workers.transfer.ahead import AheadWrites
+from workers.transfer.backend import TransferBackend
 from workers.transfer.handles import KVReceiver, KVSender
 from workers.transfer.messages import (
-    AgentInfo,
     KVLayout,
     Notification,
     TransferResult,
     TransferState,
     TransferTarget,
 )
-from workers.transfer.pages import PageRun, page_runs
+from workers.transfer.pages import page_runs, refusal
 from workers.transfer.wake import PENDING_POLL_MAX_S, Waker, poll_interval
 
 logger = logging.getLogger(__name__)
 
 CONNECT_ATTEMPTS = 3  # connecting to the peer and posting the write, before the sender fails
 CONNECT_BACKOFF_S = 0.05  # doubled after each failed attempt
-# A peer not written to for this long is forgotten when a new one appears (`_reach`).
-PEER_IDLE_FORGET_S = 600.0
 CANCEL_GRACE_S = 5.0  # an aborted write that cannot be cancelled is waited for this long
 POKE_MISSES = 16  # writes started in a row without a poke: pokes do not get through
 
 
-class TransferStateMachine(ABC):
-    """The transfers in flight of one rank's engine, the thread that advances them, and the
-    hooks a backend implements for it (`KVTransferEngine` adds the caller's API)."""
+class TransferStateMachine(TransferBackend):
+    """The transfers in flight of one rank's engine and the thread that advances them
+    (`KVTransferEngine` adds the caller's API)."""
 
     backend: ClassVar[str]
 
@@ -57,9 +56,8 @@ class TransferStateMachine(ABC):
         self._receivers: dict[str, KVReceiver] = {}
         self._results: list[TransferResult] = []
         self._keep_alives: list[TransferTarget] = []  # receivers to tell `wait` (keep_alive)
-        # When each peer (agent name) was last written to or told something (the engine's
-        # thread only): peers unused for PEER_IDLE_FORGET_S are forgotten (`_reach`).
-        self._peer_used: dict[str, float] = {}
+        self._ahead: dict[str, AheadWrites] = {}  # layers written before their send
+        self._peer_used: dict[str, float] = {}  # the engine's thread only
         self._moves = 0  # progress seen by the engine's thread (notes, writes posted, ends)
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -71,45 +69,6 @@ class TransferStateMachine(ABC):
         """Backends call this at the end of their constructor."""
         self._thread = threading.Thread(target=self._run, name=f"kv-{self.name}", daemon=True)
         self._thread.start()
-
-    # ---- backend hooks (called on the engine's thread only) ---------------------------------
-
-    @abstractmethod
-    def info(self) -> AgentInfo:
-        """This rank's description for peers (picklable)."""
-
-    @abstractmethod
-    def _connect(self, peer: AgentInfo) -> None:
-        """Make `peer` reachable (idempotent); raise on failure (retried)."""
-
-    @abstractmethod
-    def _start_write(self, peer: AgentInfo, runs: list[PageRun], done: Notification) -> Any:
-        """Post the write of `runs` (every layer) into `peer`'s pool, which notifies `done`
-        once every page has landed; return a handle for `_check` / `_cancel`. Raise on failure
-        (retried)."""
-
-    @abstractmethod
-    def _check(self, handle: Any) -> bool:
-        """Whether the write finished; raise if it failed."""
-
-    @abstractmethod
-    def _cancel(self, handle: Any) -> bool:
-        """Cancel (if still running) and release the write; False if it could not be."""
-
-    @abstractmethod
-    def _notify(self, peer: AgentInfo, note: Notification) -> None:
-        """Send `note` to a connected peer; raise on failure."""
-
-    @abstractmethod
-    def _notifications(self) -> list[bytes]:
-        """Notifications that arrived since the last call (also drives the backend's progress,
-        which a receiver may need for incoming data)."""
-
-    def _forget(self, peer_name: str) -> None:  # noqa: B027 (optional hook)
-        """Drop the connection to a peer that failed, so that a later transfer reconnects."""
-
-    def _shutdown(self) -> None:  # noqa: B027 (optional hook)
-        """Release the backend (the driving thread has stopped)."""
 
     # ---- the engine's thread -----------------------------------------------------------------
 
@@ -130,6 +89,9 @@ class TransferStateMachine(ABC):
                 quiet = 0  # an API call (a new transfer, a target, an abort) or a poke
         for s in list(self._senders.values()):
             self._fail_send(s, "the transfer engine was closed", cancel_grace=False)
+        for a in list(self._ahead.values()):
+            a.dropped = True
+            self._advance_ahead(a)
         for r in list(self._receivers.values()):
             self._finish_recv(r, "the transfer engine was closed")
 
@@ -148,6 +110,9 @@ class TransferStateMachine(ABC):
             senders = list(self._senders.values())
             receivers = list(self._receivers.values())
             keep_alives, self._keep_alives = self._keep_alives, []
+            aheads = [*self._ahead.values(), *(s._ahead for s in senders if s._ahead)]
+        for a in aheads:
+            self._advance_ahead(a)
         for target in keep_alives:
             try:
                 self._reach(target.agent)
@@ -222,25 +187,30 @@ class TransferStateMachine(ABC):
         target = s.target
         if s.state is TransferState.BOOTSTRAPPING:
             s.state = TransferState.WAITING
-            error = self._refusal(s, target)
+            error = refusal(
+                self.layout, self.backend, self.name, s.transfer_id, s.src_pages, target
+            )
             if error:
                 return self._fail_send(s, error)
+        layers: tuple[int, ...] | None = None  # all
+        if s._ahead is not None:  # layers written ahead: once they landed, the others
+            if not s._ahead.settled:
+                return None
+            layers = s._ahead.layers_left(self.layout.num_layers, s.src_pages, target)
+            s.layers_ahead = self.layout.num_layers - len(layers)
+            s._ahead = None
         runs = page_runs(s.src_pages[target.skip_pages :], target.dst_pages)
+        done = Notification(
+            "done", s.transfer_id, s.first_token, first_logprob=s.first_logprob,
+            num_cached_tokens=s.num_cached_tokens, guesses=s.guesses,
+        )  # fmt: skip
         try:
             self._reach(target.agent)
+            if layers == ():  # every layer has landed: the notification alone
+                self._notify(target.agent, done)
+                return self._finish_send(s, None)
             self._notify(target.agent, Notification("start", s.transfer_id))
-            s._handle = self._start_write(
-                target.agent,
-                runs,
-                Notification(
-                    "done",
-                    s.transfer_id,
-                    s.first_token,
-                    first_logprob=s.first_logprob,
-                    num_cached_tokens=s.num_cached_tokens,
-                    guesses=s.guesses,
-                ),
-            )
+            s._handle = self._start_write(target.agent, runs, done, layers)
         except Exception as e:
             s._attempts += 1
             self._forget_if_unused(target.agent.name, s)
@@ -272,66 +242,61 @@ class TransferStateMachine(ABC):
             self._fail_send(s, f"timed out writing to {s.target.agent.name}")
         return None
 
-    def _refusal(self, s: KVSender, target: TransferTarget) -> str | None:
-        peer = target.agent
-        if target.transfer_id != s.transfer_id:
-            return f"the target is for transfer {target.transfer_id!r}, not {s.transfer_id!r}"
-        if peer.backend != self.backend:
-            return f"{peer.name} uses the {peer.backend} transfer backend, this rank {self.backend}"
-        mismatch = self.layout.mismatch(peer.layout)
-        if mismatch:
-            return f"{mismatch} (here {self.name}, there {peer.name})"
-        sent = len(s.src_pages) - target.skip_pages
-        if not 0 <= target.skip_pages < len(s.src_pages) or len(target.dst_pages) != sent:
-            held = (
-                f" ({target.skip_pages} of them held by the receiver)" if target.skip_pages else ""
-            )
-            return (
-                f"{len(s.src_pages)} source pages but {len(target.dst_pages)} destination "
-                f"pages{held}"
-            )
-        return None
-
-    def _reach(self, peer: AgentInfo) -> None:
-        """`_connect` to `peer`, noting the use. A peer not seen before first makes the engine
-        forget the peers unused for `PEER_IDLE_FORGET_S`: a decode rank that Ray restarted
-        comes back as a new agent, and its old one would otherwise stay loaded (with its
-        sockets) for good. A peer forgotten while merely idle is connected again on its next
-        use (every target carries its metadata)."""
-        now = time.monotonic()
-        if peer.name not in self._peer_used:
-            self._forget_idle_peers(now)
-        self._connect(peer)
-        self._peer_used[peer.name] = now
-
-    def _forget_idle_peers(self, now: float) -> None:
+    def _advance_ahead(self, a: AheadWrites) -> None:
+        """Post the layers of `a` that are ready, reap its writes that ended; a failure gives
+        the writes ahead up (the send then writes every layer), as does `dropped`."""
+        peer = a.target.agent
         with self._cv:
-            in_use = {s.target.agent.name for s in self._senders.values() if s.target is not None}
-        for name, used in list(self._peer_used.items()):
-            if now - used > PEER_IDLE_FORGET_S and name not in in_use:
-                del self._peer_used[name]
-                try:
-                    self._forget(name)
-                except Exception:
-                    logger.debug("forgetting %s failed", name, exc_info=True)
-
-    def _forget_if_unused(self, peer_name: str, failed: KVSender) -> None:
-        with self._cv:
-            in_use = any(
-                o is not failed and o.target is not None and o.target.agent.name == peer_name
-                and o.state is TransferState.TRANSFERRING
-                for o in self._senders.values()
-            )  # fmt: skip
-        if not in_use:
-            self._peer_used.pop(peer_name, None)
+            layers = a.take_ready() if a.failed is None and not a.dropped else ()
+            if a.failed is not None or a.dropped:
+                a.ready.clear()
+        if layers:
             try:
-                self._forget(peer_name)
-            except Exception:
-                logger.debug("forgetting %s failed", peer_name, exc_info=True)
+                if not a.started:
+                    error = refusal(
+                        self.layout, self.backend, self.name, a.transfer_id, a.src_pages, a.target
+                    )
+                    if error:
+                        raise ValueError(error)
+                    self._reach(peer)
+                    self._notify(peer, Notification("start", a.transfer_id))
+                    self._waker.poke(peer.poke)
+                    a.started = True
+                runs = page_runs(a.src_pages[a.target.skip_pages :], a.target.dst_pages)
+                a.handles.append(self._start_write(peer, runs, None, layers))
+                a.posted.extend(layers)
+                self._moves += 1
+            except Exception as e:
+                self._give_up(a, f"writing layers {layers} ahead to {peer.name}: {e}")
+        for handle in list(a.handles):
+            try:
+                ended = self._check(handle)
+            except Exception as e:
+                self._give_up(a, f"a write ahead to {peer.name} failed: {e}")
+                ended = True
+            if ended or a.failed is not None or a.dropped:
+                a.handles.remove(handle)
+                try:
+                    self._cancel(handle)  # releases an ended write, stops one in flight
+                except Exception:
+                    logger.debug("releasing a write ahead of %s failed", a.transfer_id)
+        if a.dropped and a.settled:
+            with self._cv:
+                if self._ahead.get(a.transfer_id) is a:
+                    del self._ahead[a.transfer_id]
+
+    def _give_up(self, a: AheadWrites, why: str) -> None:
+        if a.failed is None:
+            a.failed = why
+            logger.info("KV transfer %s: %s; its send writes every layer", a.transfer_id, why)
 
     def _fail_send(self, s: KVSender, error: str, cancel_grace: bool = True) -> None:
         """Fail `s`; a write in flight is cancelled first. One that cannot be cancelled keeps
         the source pages (no result yet) until it stops or `CANCEL_GRACE_S` passes."""
+        if s._ahead is not None:
+            s._ahead.dropped = True
+            self._advance_ahead(s._ahead)
+            s._ahead = None
         if s._handle is not None:
             cancelled = False
             try:
@@ -362,6 +327,7 @@ class TransferStateMachine(ABC):
         result = TransferResult(
             s.transfer_id, "send", error is None, error, s.first_token,
             0 if error else num_bytes, time.monotonic() - s.started,
+            layers_ahead=0 if error else s.layers_ahead,
         )  # fmt: skip
         with self._cv:
             if self._senders.get(s.transfer_id) is not s:

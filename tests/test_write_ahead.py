@@ -1,0 +1,154 @@
+"""A prefill rank writes each layer's KV of the prompts a step finishes to the decode rank as
+soon as that layer is computed (`KVHandoff.layer_writer`, `KVTransferEngine.write_ahead`).
+Real engines, hand-offs and in-process transfer engines; the router's part is played by
+`tests.test_kv_pressure._Router`."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint
+from tests.test_kv_pressure import PAGE, _expected, _Router
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.handoff import KVHandoff
+from workers.engine.messages import GenerateRequest, SamplingParams, TokenDelta
+from workers.transfer.local import LocalTransferEngine
+
+pytestmark = pytest.mark.timeout(120)
+
+_names = itertools.count()
+
+
+class _Checked(LocalTransferEngine):
+    """Notes, at each `write_ahead`, the layer's KV of the request's pages as it is then, to
+    check that it was final (the same as when the request was sent)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: dict[tuple[str, int], torch.Tensor] = {}
+        self.final: dict[str, tuple[int, ...]] = {}  # rid -> pages at its send
+
+    def write_ahead(self, transfer_id, src_pages, layer, target, ready=None) -> None:
+        rows = torch.cat([self.kv[layer, p * PAGE : (p + 1) * PAGE] for p in src_pages])
+        self.seen[(transfer_id, layer)] = rows.clone()
+        super().write_ahead(transfer_id, src_pages, layer, target, ready)
+
+    def send(self, transfer_id, src_pages, *args, **kwargs):
+        for (rid, layer), rows in self.seen.items():
+            if rid == transfer_id:
+                now = torch.cat([self.kv[layer, p * PAGE : (p + 1) * PAGE] for p in src_pages])
+                assert torch.equal(rows, now), f"{rid}: layer {layer} changed after it was written"
+        self.final[transfer_id] = tuple(src_pages)
+        return super().send(transfer_id, src_pages, *args, **kwargs)
+
+
+class _Rank:
+    def __init__(self, path, role: str, write_ahead: bool, budget: int):
+        config = EngineConfig(
+            page_size=PAGE, kv_capacity_tokens=2048, chunked_prefill_size=budget,
+            kv_write_ahead=write_ahead,
+        )  # fmt: skip
+        self.role = role
+        self.engine = Engine(path, config, progress=False)
+        self.transfer = _Checked(f"ahead-{next(_names)}", self.engine.kv.data, PAGE)
+        self.handoff = KVHandoff(role, self.transfer, 30.0, quarantine_s=0.05)
+        self.handoff.bind(self.engine)
+
+    def add(self, rid: str, prompt: list[int], sampling: SamplingParams) -> None:
+        self.engine.add(GenerateRequest(rid, prompt, sampling), mode=self.role)
+
+    def step(self) -> tuple[list[TokenDelta], list]:
+        events = []
+        if self.role == "decode":
+            self.engine.reserve_kv()
+            events += self.handoff.post_receives(self.engine)
+        deltas = self.engine.step()
+        more, late = self.handoff.after_step(self.engine)
+        return deltas + more, events + late
+
+    def close(self) -> None:
+        self.handoff.close()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("ahead"))
+
+
+def _run(ckpt, write_ahead: bool, prompts: dict[str, list[int]], sampling: SamplingParams):
+    prefill = _Rank(ckpt.path, "prefill", write_ahead, budget=48)
+    decode = _Rank(ckpt.path, "decode", write_ahead, budget=2048)
+    router = _Router()
+    try:
+        for rid, prompt in prompts.items():  # the decode rank first: targets come early
+            decode.add(rid, prompt, sampling)
+            prefill.add(rid, prompt, sampling)
+            router.prefill_of[rid] = prefill
+        router.run([decode, prefill], set(prompts))
+        deadline = time.monotonic() + 5
+        while prefill.transfer._ahead or prefill.handoff.busy or decode.handoff.busy:
+            assert time.monotonic() < deadline, "writes ahead or transfers left behind"
+            for rank in (prefill, decode):
+                rank.step()
+            time.sleep(0.01)
+        for rank in (prefill, decode):
+            assert not rank.engine.requests
+            assert rank.engine.kv.allocator.num_free == rank.engine.kv.num_pages
+        return router, prefill.handoff.totals, prefill.transfer
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_layers_written_ahead_give_the_same_tokens_as_sending_after_the_prefill(ckpt):
+    rng = random.Random(3)
+    prompts = {f"r{i}": [rng.randrange(3, 256) for _ in range(n)]
+               for i, n in enumerate((5, 17, 40, 48, 61, 100, 130, 9))}  # fmt: skip
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = _expected(ckpt.path, prompts, greedy)
+    router, totals, transfer = _run(ckpt, True, prompts, greedy)
+    assert not router.errors and router.tokens == expected
+    assert totals.sent == len(prompts)
+    # Every prompt's target was here before its last chunk (the decode rank steps first).
+    assert totals.sent_ahead == len(prompts), totals
+    layers = {layer for _, layer in transfer.seen}
+    assert layers == set(range(transfer.layout.num_layers))
+    router, totals, transfer = _run(ckpt, False, prompts, greedy)
+    assert not router.errors and router.tokens == expected
+    assert totals.sent == len(prompts) and totals.sent_ahead == 0 and not transfer.seen
+
+
+def test_writes_ahead_of_a_request_not_handed_off_are_dropped(ckpt):
+    """The step's requests are handed off right after it; one that is not (it ended
+    otherwise) has its writes ahead stopped and forgotten."""
+    engine = Engine(ckpt.path, EngineConfig(page_size=PAGE, kv_capacity_tokens=256), progress=False)
+    dst = LocalTransferEngine(f"ahead-{next(_names)}", torch.zeros_like(engine.kv.data), PAGE)
+    src = LocalTransferEngine(f"ahead-{next(_names)}", engine.kv.data, PAGE, write_latency_s=30)
+    handoff = KVHandoff("prefill", src, 30.0)
+    handoff.bind(engine)
+    try:
+        assert engine.layer_writes == handoff.layer_writer
+        target = dst.expect("x", [0, 1], timeout_s=30).target
+        handoff.set_target("x", target)
+        seq = SimpleNamespace(rid="x", pages=[2, 3], prefill_only=True, num_pending=8)
+        after_layer = handoff.layer_writer(SimpleNamespace(prefills=[(seq, 8)]))
+        assert after_layer is not None
+        assert handoff.layer_writer(SimpleNamespace(prefills=[(seq, 4)])) is None  # not last
+        after_layer(0)
+        assert src._ahead["x"].ready or src._ahead["x"].handles
+        handoff.after_step(engine)
+        deadline = time.monotonic() + 5
+        while src._ahead:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert src.poll() == []
+    finally:
+        handoff.close()
+        dst.close()
