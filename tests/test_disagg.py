@@ -95,6 +95,10 @@ def test_disaggregated_matches_colocated_with_64_concurrent_streams(launch_tiny,
             assert _metric(url, "pdserve_kv_transfers_total", side=side, outcome="ok") == num
             assert _metric(url, "pdserve_kv_transfers_total", side=side, outcome="failed") == 0
             assert _metric(url, "pdserve_kv_transfer_seconds_total", side=side) > 0
+        # Prompts whose targets came before their last prefill step went layer by layer
+        # (the queue of 64 makes sure some did); the tokens are compared below.
+        ahead = _metric(url, "pdserve_kv_transfers_written_ahead_total")
+        assert 0 < ahead <= num, ahead
         moved = _metric(url, "pdserve_kv_transfer_bytes_total", side="send")
         assert moved > 0 and moved == _metric(
             url, "pdserve_kv_transfer_bytes_total", side="receive"

@@ -116,10 +116,12 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
     from workers.engine.rank_reports import RankStats, TransferTotals
 
     sender = TransferTotals().add("send", True, 1000, 0.5).add("send", False, 0, 9.0)
-    sender = sender.add("send", True, 24, 0.25)
+    sender = sender.add("send", True, 24, 0.25, ahead=True)
     assert (sender.sent, sender.send_failed, sender.sent_bytes, sender.send_seconds) == (
         2, 1, 1024, 0.75,
     )  # fmt: skip
+    assert sender.sent_ahead == 1
+    assert TransferTotals().add("send", False, 0, 1.0, ahead=True).sent_ahead == 0
     assert sender.received == sender.receive_failed == sender.received_bytes == 0
     receiver = TransferTotals().add("recv", True, 1024, 2.0).add("recv", False, 0, 1.0)
 
@@ -145,6 +147,7 @@ def test_transfer_totals_and_preemptions_reach_the_metrics_summed_over_ranks():
     assert samples[("pdserve_prefix_cache_host_pages", ())] == 3
     assert samples[("pdserve_spec_draft_tokens_total", ())] == 12
     assert samples[("pdserve_spec_accepted_tokens_total", ())] == 3
+    assert samples[("pdserve_kv_transfers_written_ahead_total", ())] == 2
     t, b, sec = (
         "pdserve_kv_transfers_total",
         "pdserve_kv_transfer_bytes_total",

@@ -152,3 +152,24 @@ def test_writes_ahead_of_a_request_not_handed_off_are_dropped(ckpt):
     finally:
         handoff.close()
         dst.close()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-batch", "two-batch-overlap"])
+def test_the_model_calls_after_layer_once_each_layer_has_written_its_kv(ckpt, overlap):
+    engine = Engine(ckpt.path, EngineConfig(page_size=PAGE, kv_capacity_tokens=256), progress=False)
+    engine.two_batch_overlap = overlap  # (its forward runs without expert parallelism too)
+    kv = engine.kv.data
+    calls: list[tuple[int, torch.Tensor]] = []
+    engine.layer_writes = lambda batch: lambda layer: calls.append((layer, kv.clone()))
+    rng = random.Random(5)
+    greedy = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    for rid, n in (("a", 21), ("b", 9)):
+        prompt = [rng.randrange(3, 256) for _ in range(n)]
+        engine.add(GenerateRequest(rid, prompt, greedy))
+    engine.step()
+    num_layers = len(engine.model.model.layers)
+    assert [layer for layer, _ in calls] == list(range(num_layers))
+    for layer, seen in calls:
+        assert torch.equal(seen[layer], kv[layer]), f"layer {layer} was not final at its call"
+        if layer + 1 < num_layers:
+            assert not torch.equal(seen[layer + 1], kv[layer + 1]), f"layer {layer + 1} early"
