@@ -82,6 +82,10 @@ case "$step" in
     ;;
   kv)
     "$PY" benchmarks/kv_transfer.py --device cuda --reps 10 2>&1 | tee -a "$log"
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_transfer.py \
+      tests/test_transfer_ahead.py 2>&1 | tee -a "$log"
+    "$PY" benchmarks/kv_write_ahead.py --device cuda --dtype bfloat16 --hidden 2048 \
+      --layers 27 --input-len 1024 4096 --reps 5 2>&1 | tee -a "$log"
     ;;
   serve)
     # The built-in tiny model measures the serving machinery (HTTP, Ray, NIXL between two

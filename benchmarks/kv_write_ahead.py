@@ -2,6 +2,7 @@
 prefill: the time from the end of a prompt's prefill to the decode rank holding its KV.
 
     .venv/bin/python benchmarks/kv_write_ahead.py [--input-len 512 2048] [--layers 27]
+        [--device cuda --dtype bfloat16 --hidden 2048]   # on a GPU (two actors share it)
 
 Two Ray actors — a prefill rank and a decode rank, each a real `Engine` with its `KVHandoff`
 and NIXL transfer engine, as in `pdserve serve` — and a random model with a large KV for its
@@ -33,7 +34,7 @@ PAGE = 16
 
 
 def write_checkpoint(path: Path, args: argparse.Namespace) -> int:
-    """A random model of `args`' shape; its KV bytes per token."""
+    """A random model of `args`' shape; its KV bytes per token in `args.dtype`."""
     cfg = tiny_config(1024, 0, 1)
     cfg.update(
         hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
@@ -43,11 +44,13 @@ def write_checkpoint(path: Path, args: argparse.Namespace) -> int:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
     save_file(_weights(cfg), str(path / "model.safetensors"), metadata={"format": "pt"})
-    return args.layers * (512 + 64) * 4
+    return args.layers * (512 + 64) * getattr(torch, args.dtype).itemsize
 
 
 class Rank:
-    def __init__(self, model_dir: str, role: str, write_ahead: bool, capacity: int):
+    def __init__(
+        self, model_dir: str, role: str, write_ahead: bool, capacity: int, device: str, dtype: str
+    ):
         from workers.engine.config import EngineConfig
         from workers.engine.engine import Engine
         from workers.engine.handoff import KVHandoff
@@ -57,6 +60,7 @@ class Rank:
         config = EngineConfig(
             page_size=PAGE, kv_capacity_tokens=capacity, kv_write_ahead=write_ahead,
             enable_prefix_caching=False, chunked_prefill_size=8192, num_threads=1,
+            device=device, dtype=dtype, cuda_graph_max_batch=0,
         )  # fmt: skip
         self.engine = Engine(model_dir, config, progress=False)
         name = f"ahead-{role}-{time.time_ns()}"
@@ -112,22 +116,28 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=27)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="kv-ahead-"))
     per_token = write_checkpoint(tmp / "model", args)
     capacity = max(args.input_len) + 2 * PAGE
-    actor = ray.remote(num_cpus=0)(Rank)
+    # Four actors (two rank pairs) share the GPU.
+    actor = ray.remote(num_cpus=0, num_gpus=0.25 if args.device == "cuda" else 0)(Rank)
+    model = str(tmp / "model")
     ranks = {
-        ahead: (
-            actor.remote(str(tmp / "model"), "prefill", ahead, capacity),  # type: ignore[attr-defined]
-            actor.remote(str(tmp / "model"), "decode", ahead, capacity),  # type: ignore[attr-defined]
+        ahead: tuple(
+            actor.remote(model, role, ahead, capacity, args.device, args.dtype)  # type: ignore[attr-defined]
+            for role in ("prefill", "decode")
         )
         for ahead in (True, False)
     }
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
-        f"model: {args.layers} layers, hidden {args.hidden}, KV {per_token / 1024:.1f} KiB per "
-        f"token; CPU, NIXL (UCX) between two processes; medians of {args.reps}"
+        f"model: {args.layers} layers, hidden {args.hidden}, {args.dtype}, KV "
+        f"{per_token / 1024:.1f} KiB per token; {device}, NIXL (UCX) between two processes; "
+        f"medians of {args.reps}"
     )
     print(
         f"{'tokens':>7} {'KV MiB':>7} {'mode':>12} {'prefill ms':>11} {'tail ms':>8} {'sum ms':>8}"

@@ -141,8 +141,8 @@ def test_an_aborted_send_stops_its_writes_ahead(engines):
 
 
 class _Rank:
-    def __init__(self, seed: int | None):
-        self.kv = _pool(seed, dim=512)
+    def __init__(self, seed: int | None, device: str = "cpu"):
+        self.kv = _pool(seed, dim=512).to(device)
         self.engine = create_transfer_engine(
             "nixl", f"ahead-{seed}-{uuid.uuid4().hex[:8]}", self.kv, PAGE
         )
@@ -153,6 +153,15 @@ class _Rank:
     def write_ahead(self, tid: str, pages: list[int], layers: list[int], target) -> None:
         for layer in layers:
             self.engine.write_ahead(tid, pages, layer, target)
+
+    def write_ahead_after_kernel(self, tid: str, pages: list[int], target) -> None:
+        """Layer 0 is rewritten by GPU work queued behind a long kernel; its write ahead
+        waits for the event recorded after that work."""
+        torch.cuda._sleep(200_000_000)  # a few hundred ms of GPU time
+        self.kv[0].fill_(7.0)
+        ready = torch.cuda.Event()
+        ready.record()
+        self.engine.write_ahead(tid, pages, 0, target, ready)
 
     def fill(self, layer: int, pages: list[int], value: float) -> None:
         for p in pages:
@@ -165,7 +174,7 @@ class _Rank:
         return _drain(self.engine, n=n, timeout_s=15)
 
     def pages(self, pages: list[int]) -> torch.Tensor:
-        return _pages(self.kv, pages)
+        return _pages(self.kv.cpu(), pages)
 
     def close(self) -> None:
         self.engine.close()
@@ -193,6 +202,31 @@ def test_nixl_layers_written_ahead_land_and_are_not_written_again(ray_session):
         assert sent.ok and received.ok and received.first_token == 9
         assert sent.layers_ahead == 2
         assert torch.equal(ray.get(dst.pages.remote(DST)), want)
+    finally:
+        ray.get([src.close.remote(), dst.close.remote()])
+        for a in (src, dst):
+            ray.kill(a)
+
+
+@pytest.mark.gpu
+@nixl_only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(120)
+def test_nixl_cuda_layer_written_ahead_waits_for_its_event(ray_session):
+    import ray
+
+    cls = ray.remote(num_cpus=0, num_gpus=0.5)(_Rank)
+    src, dst = cls.remote(1, "cuda"), cls.remote(None, "cuda")  # type: ignore[attr-defined]
+    try:
+        target = ray.get(dst.expect.remote("t", DST))
+        ray.get(src.write_ahead_after_kernel.remote("t", SRC, target))
+        ray.get(src.send.remote("t", SRC, 9, target))
+        (sent,) = ray.get(src.results.remote(1))
+        (received,) = ray.get(dst.results.remote(1))
+        assert sent.ok and received.ok and sent.layers_ahead == 1
+        got = ray.get(dst.pages.remote(DST))
+        assert bool((got[0] == 7.0).all()), "the layer went before the work that wrote it"
+        assert torch.equal(got, ray.get(src.pages.remote(SRC)))
     finally:
         ray.get([src.close.remote(), dst.close.remote()])
         for a in (src, dst):
