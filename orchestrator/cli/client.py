@@ -380,4 +380,6 @@ def _transfers(t: dict[str, Any]) -> str:
     if not (sent or received or failed):
         return "-"
     moved = (t.get("sent_bytes", 0) + t.get("received_bytes", 0)) / 1e6
-    return f"{sent} / {received} ({failed}), {moved:.1f} MB"
+    ahead = t.get("sent_ahead", 0)
+    layered = f", {ahead} ahead" if ahead else ""
+    return f"{sent} / {received} ({failed}), {moved:.1f} MB{layered}"
