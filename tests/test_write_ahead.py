@@ -15,10 +15,11 @@ import torch
 
 from tests.checkpoints import make_checkpoint
 from tests.test_kv_pressure import PAGE, _expected, _Router
+from tests.test_kv_pressure import _Rank as PressureRank
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.handoff import KVHandoff
-from workers.engine.messages import GenerateRequest, SamplingParams, TokenDelta
+from workers.engine.messages import GenerateRequest, SamplingParams
 from workers.transfer.local import LocalTransferEngine
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,7 +50,9 @@ class _Checked(LocalTransferEngine):
         return super().send(transfer_id, src_pages, *args, **kwargs)
 
 
-class _Rank:
+class _Rank(PressureRank):
+    """`test_kv_pressure`'s rank, with write-ahead on or off and a checking transfer engine."""
+
     def __init__(self, path, role: str, write_ahead: bool, budget: int):
         config = EngineConfig(
             page_size=PAGE, kv_capacity_tokens=2048, chunked_prefill_size=budget,
@@ -60,21 +63,6 @@ class _Rank:
         self.transfer = _Checked(f"ahead-{next(_names)}", self.engine.kv.data, PAGE)
         self.handoff = KVHandoff(role, self.transfer, 30.0, quarantine_s=0.05)
         self.handoff.bind(self.engine)
-
-    def add(self, rid: str, prompt: list[int], sampling: SamplingParams) -> None:
-        self.engine.add(GenerateRequest(rid, prompt, sampling), mode=self.role)
-
-    def step(self) -> tuple[list[TokenDelta], list]:
-        events = []
-        if self.role == "decode":
-            self.engine.reserve_kv()
-            events += self.handoff.post_receives(self.engine)
-        deltas = self.engine.step()
-        more, late = self.handoff.after_step(self.engine)
-        return deltas + more, events + late
-
-    def close(self) -> None:
-        self.handoff.close()
 
 
 @pytest.fixture(scope="module")
