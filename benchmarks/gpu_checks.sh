@@ -57,7 +57,7 @@ case "$step" in
   tests)
     "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_cuda_graph.py \
       tests/test_fused_moe_kernel.py tests/test_mla_decode_kernel.py tests/test_kernel_engine.py \
-      tests/test_gpu_sampling.py tests/test_speculative.py \
+      tests/test_gpu_sampling.py tests/test_speculative.py tests/test_mtp.py \
       2>&1 | tee -a "$log"
     ;;
   decode)

@@ -35,7 +35,7 @@ def preflight(config: ServeConfig, model_dir: Path, local: bool) -> list[str]:
     if local:
         check_host_memory(config, _host_memory_bytes())
     check_placements(config, model)
-    warnings += check_mtp(config, model, model_dir, local)
+    check_mtp(config, model, model_dir)
     check_listen(config.host, config.port, "--port")
     if config.grpc_port:
         if config.grpc_port == config.port:
@@ -58,12 +58,12 @@ def preflight(config: ServeConfig, model_dir: Path, local: bool) -> list[str]:
     return warnings
 
 
-def check_mtp(config: ServeConfig, model: ModelConfig, model_dir: Path, local: bool) -> list[str]:
+def check_mtp(config: ServeConfig, model: ModelConfig, model_dir: Path) -> None:
     """With `--speculative-mtp`: ValueError when the checkpoint has no MTP module (its
     config.json says none, or no tensor of its layer is in the safetensors files: their
-    headers only are read); a warning that CUDA graphs are off with it."""
+    headers only are read)."""
     if not config.engine.speculative_mtp:
-        return []
+        return
     from safetensors import safe_open
 
     flag = f"--speculative-mtp {config.engine.speculative_mtp}"
@@ -77,15 +77,6 @@ def check_mtp(config: ServeConfig, model: ModelConfig, model_dir: Path, local: b
             f"{flag}: {model_dir} has no multi-token-prediction module ({missing}); use "
             "--speculative-ngram K, or a DeepSeek-V3/R1 checkpoint"
         )
-    cuda = config.engine.device == "cuda"
-    if config.engine.device == "auto" and local:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    if cuda and config.engine.cuda_graph_max_batch:
-        return [f"{flag}: decode steps run without CUDA graphs (not captured with the MTP "
-                "module yet)"]  # fmt: skip
-    return []
 
 
 def check_pools(config: ServeConfig, model: ModelConfig, local: bool) -> list[str]:

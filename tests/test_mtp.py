@@ -324,6 +324,73 @@ def test_mtp_guesses_give_the_tokens_of_plain_decoding(
         assert stats.num_spec_accepted_tokens < stats.num_spec_draft_tokens / 4
 
 
+def _recording(engine: Engine) -> list[dict[str, list[int]]]:
+    """Every request's guesses after each step of `engine`, from now on."""
+    drafts: list[dict[str, list[int]]] = []
+    step = engine.step
+
+    def recorded(*a: Any, **kw: Any) -> Any:
+        out = step(*a, **kw)
+        drafts.append({r: list(q.mtp_draft) for r, q in engine.requests.items()})
+        return out
+
+    engine.step = recorded  # type: ignore[method-assign]
+    return drafts
+
+
+@pytest.mark.parametrize(("model", "num_guesses"), [("tiny", 1), ("agreeing", 2)])
+def test_mtp_guesses_through_the_decode_graphs_static_buffers_match_eager(
+    model, num_guesses, tiny_model_dir, agreeing
+):
+    """Decode steps through `DecodeGraphs` (its static-buffer path, run eagerly on CPU as
+    on CUDA it is captured): the module reads the graph's hidden states and inputs, and
+    every request gets the tokens and the guesses of the eager engine."""
+    from workers.engine.cuda_graph import DecodeGraphs
+    from workers.engine.kv_cache import pages_needed
+
+    path = tiny_model_dir if model == "tiny" else agreeing
+    reqs = _requests()
+
+    eager = _engine(path, speculative_mtp=num_guesses, chunked_prefill_size=64)
+    want_drafts = _recording(eager)
+    want, _, want_steps = _run(eager, reqs)
+    engine = _engine(path, speculative_mtp=num_guesses, chunked_prefill_size=64)
+    drafts = _recording(engine)
+    graphs = DecodeGraphs(
+        engine.model, engine.kv, 32, pages_needed(engine.max_context_len, engine.kv.page_size),
+        engine.expert_load, capture=False,
+    )  # fmt: skip
+    engine.graphs = graphs
+    rows: list[int] = []
+    real_run = graphs.run
+    graphs.run = lambda *a: rows.append(len(a[0])) or real_run(*a)  # type: ignore[method-assign]
+    got, _, steps = _run(engine, reqs)
+    assert len(rows) >= 10 and max(rows) > len(reqs), rows  # decode steps, with guess rows
+    assert got == want and steps == want_steps
+    assert drafts == want_drafts  # the module's guesses, step by step
+    ours, theirs = engine.stats(), eager.stats()
+    assert ours.num_spec_draft_tokens == theirs.num_spec_draft_tokens > 0
+    assert ours.num_spec_accepted_tokens == theirs.num_spec_accepted_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mtp_guesses_through_captured_cuda_graphs_match_eager(tiny_model_dir):
+    reqs = _requests()
+    kw = {"speculative_mtp": 2, "chunked_prefill_size": 64, "device": "cuda"}
+    eager = _engine(tiny_model_dir, cuda_graph_max_batch=0, **kw)
+    want_drafts = _recording(eager)
+    want, _, _ = _run(eager, reqs)
+    engine = _engine(tiny_model_dir, cuda_graph_max_batch=32, **kw)
+    assert engine.graphs is not None and engine.graphs.hidden, "graphs captured with hidden"
+    drafts = _recording(engine)
+    got, _, _ = _run(engine, reqs)
+    assert got == want
+    same = sum(a == b for a, b in zip(drafts, want_drafts, strict=False))
+    assert same >= 0.95 * len(want_drafts), (same, len(want_drafts))
+    assert engine.stats().num_spec_draft_tokens > 0
+
+
 def test_guesses_stop_at_the_context_and_the_length_limit(agreeing):
     """Guesses on guesses never go past a request's `max_new_tokens` or the context length
     (their rows would sit past the rotary table): requests that end there, with guesses that

@@ -7,6 +7,10 @@ buffers, and the graph replays the whole model step (no host synchronization ins
 write their KV to the cache's scratch slot and have context length 0, so attention gives them
 zeros and no request's KV is touched. Expert-load counting skips them (`ExpertLoad.valid_rows`).
 
+With the MTP module (`--speculative-mtp`) the graph also keeps the final hidden states of its
+rows (`hidden`), which the module's pass after the step reads (`last_pass`); that pass runs
+eagerly over the graph's static inputs.
+
 Graphs need every op of the step to be capturable: the Triton decode-attention and fused-MoE
 kernels are, and so are the torch fallbacks used on CPU, where `capture=False` runs the very
 same static-buffer path eagerly (that is how the CPU tests check the padding and staging logic).
@@ -79,6 +83,8 @@ class DecodeGraphs:
         self._staged_table = host((n, max_pages), torch.int32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # with an MTP module: each graph's rows'
+        self._last: tuple[int, torch.Tensor | None] = (0, None)  # (rows, hidden) of `run`
 
     def can_run(self, num_decode: int, num_prefill: int, max_pages: int) -> bool:
         return num_prefill == 0 and 0 < num_decode <= self.max_batch and max_pages <= self.max_pages
@@ -110,9 +116,12 @@ class DecodeGraphs:
         finally:
             self.expert_load.valid_rows = None
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the first `bs` rows, and their final hidden states with an MTP module."""
+        meta = self._meta(bs)
         with self._masked_load(bs):
-            return self.model(self.input_ids[:bs], self._meta(bs), self.kv.data)
+            logits = self.model(self.input_ids[:bs], meta, self.kv.data)
+        return logits, meta.hidden
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -131,7 +140,9 @@ class DecodeGraphs:
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self._forward(bs)
+                self.outputs[bs], hidden = self._forward(bs)
+            if hidden is not None:
+                self.hidden[bs] = hidden
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
@@ -175,6 +186,27 @@ class DecodeGraphs:
         self.block_table[:n].copy_(table[:n], non_blocking=True)
         if bs in self.graphs:
             self.graphs[bs].replay()
+            self._last = (n, self.hidden.get(bs))
             return self.outputs[bs][:n]
         with torch.inference_mode():
-            return self._forward(bs)[:n]
+            logits, hidden = self._forward(bs)
+        self._last = (n, hidden)
+        return logits[:n]
+
+    def last_pass(self) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The last `run`'s rows as the MTP module reads them: their token ids and layout,
+        views of the static buffers (valid until the next `run`), with `hidden` set."""
+        n, hidden = self._last
+        assert hidden is not None, "a run of a model with its MTP module"
+        meta = AttentionMetadata(
+            positions=self.positions[:n],
+            out_slots=self.out_slots[:n],
+            num_decode=n,
+            block_table=self.block_table[:n],
+            seq_lens=self.seq_lens[:n],
+            page_size=self.kv.page_size,
+            prefills=[],
+            logits_indices=self.logits_indices[:n],
+        )
+        meta.hidden = hidden[:n]
+        return self.input_ids[:n], meta

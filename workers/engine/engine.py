@@ -122,17 +122,7 @@ class Engine:
             self.scheduler.speculate = self.speculator.guess
             self.scheduler.speculate_max_running = config.speculative_max_running
         self.graphs: DecodeGraphs | None = None
-        # (The MTP module's pass reads the forward's hidden states: no graphs with it yet.)
-        if (
-            self.device.type == "cuda"
-            and config.cuda_graph_max_batch
-            and self.model.mtp is not None
-        ):
-            logger.warning("--speculative-mtp: decode steps run without CUDA graphs")
-        if (
-            self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch
-            and self.model.mtp is None
-        ):  # fmt: skip
+        if self.device.type == "cuda" and ep is None and config.cuda_graph_max_batch:
             self.graphs = DecodeGraphs(
                 self.model,
                 self.kv,
