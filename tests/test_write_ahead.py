@@ -70,16 +70,18 @@ def ckpt(tmp_path_factory):
     return make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("ahead"))
 
 
-def _run(ckpt, write_ahead: bool, prompts: dict[str, list[int]], sampling: SamplingParams):
+def _run(ckpt, write_ahead: bool, rounds: list[dict[str, list[int]]], sampling: SamplingParams):
+    """Each round's prompts at once, the rounds one after the other."""
     prefill = _Rank(ckpt.path, "prefill", write_ahead, budget=48)
     decode = _Rank(ckpt.path, "decode", write_ahead, budget=2048)
     router = _Router()
     try:
-        for rid, prompt in prompts.items():  # the decode rank first: targets come early
-            decode.add(rid, prompt, sampling)
-            prefill.add(rid, prompt, sampling)
-            router.prefill_of[rid] = prefill
-        router.run([decode, prefill], set(prompts))
+        for prompts in rounds:
+            for rid, prompt in prompts.items():  # the decode rank first: targets come early
+                decode.add(rid, prompt, sampling)
+                prefill.add(rid, prompt, sampling)
+                router.prefill_of[rid] = prefill
+            router.run([decode, prefill], set(prompts))
         deadline = time.monotonic() + 5
         while prefill.transfer._ahead or prefill.handoff.busy or decode.handoff.busy:
             assert time.monotonic() < deadline, "writes ahead or transfers left behind"
@@ -89,28 +91,35 @@ def _run(ckpt, write_ahead: bool, prompts: dict[str, list[int]], sampling: Sampl
         for rank in (prefill, decode):
             assert not rank.engine.requests
             assert rank.engine.kv.allocator.num_free == rank.engine.kv.num_pages
-        return router, prefill.handoff.totals, prefill.transfer
+        reused = decode.engine.scheduler.num_reused_tokens
+        return router, prefill.handoff.totals, prefill.transfer, reused
     finally:
         prefill.close()
         decode.close()
 
 
 def test_layers_written_ahead_give_the_same_tokens_as_sending_after_the_prefill(ckpt):
+    """Long prompts chunked, short ones batched; a second round starts with the first's
+    prompts (cached on both sides: the decode rank holds their first pages, which are not
+    sent)."""
     rng = random.Random(3)
-    prompts = {f"r{i}": [rng.randrange(3, 256) for _ in range(n)]
-               for i, n in enumerate((5, 17, 40, 48, 61, 100, 130, 9))}  # fmt: skip
+    first = {f"r{i}": [rng.randrange(3, 256) for _ in range(n)]
+             for i, n in enumerate((5, 17, 40, 48, 61, 100, 130, 9))}  # fmt: skip
+    second = {f"s{rid}": first[rid][:n] + [rng.randrange(3, 256) for _ in range(23)]
+              for rid, n in (("r3", 48), ("r5", 90), ("r6", 130))}  # fmt: skip
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
-    expected = _expected(ckpt.path, prompts, greedy)
-    router, totals, transfer = _run(ckpt, True, prompts, greedy)
+    expected = _expected(ckpt.path, first | second, greedy)
+    num = len(first) + len(second)
+    router, totals, transfer, reused = _run(ckpt, True, [first, second], greedy)
     assert not router.errors and router.tokens == expected
-    assert totals.sent == len(prompts)
+    assert totals.sent == num and reused > 0
     # Every prompt's target was here before its last chunk (the decode rank steps first).
-    assert totals.sent_ahead == len(prompts), totals
+    assert totals.sent_ahead == num, totals
     layers = {layer for _, layer in transfer.seen}
     assert layers == set(range(transfer.layout.num_layers))
-    router, totals, transfer = _run(ckpt, False, prompts, greedy)
+    router, totals, transfer, reused = _run(ckpt, False, [first, second], greedy)
     assert not router.errors and router.tokens == expected
-    assert totals.sent == len(prompts) and totals.sent_ahead == 0 and not transfer.seen
+    assert totals.sent == num and totals.sent_ahead == 0 and not transfer.seen
 
 
 def test_writes_ahead_of_a_request_not_handed_off_are_dropped(ckpt):
