@@ -110,8 +110,13 @@ def test_dropped_writes_ahead_are_forgotten_and_bad_calls_refused(engines):
     src, dst = engines(1, latency_s=0.05), engines()
     target = dst.expect("t", DST, timeout_s=5).target
     src.write_ahead("t", SRC, 0, target)
+    _until(lambda: bool(src._ahead["t"].handles))  # in flight (latency 50 ms)
     src.drop_ahead("t")
-    _until(lambda: not src._ahead)
+    src.write_ahead("t", SRC, 1, target)  # the same id again: a new entry; the old one stops
+    assert not src._ahead["t"].dropped and src._ahead["t"].posted == []
+    _until(lambda: not src._dropped)
+    src.drop_ahead("t")
+    _until(lambda: not src._ahead and not src._dropped)
     assert src.poll() == []  # no send: no result
     with pytest.raises(ValueError, match="outside"):
         src.write_ahead("t", SRC, 3, target)

@@ -27,36 +27,56 @@ pytestmark = pytest.mark.timeout(120)
 _names = itertools.count()
 
 
+def _rows(kv: torch.Tensor, pages) -> torch.Tensor:
+    """The KV of `pages`, every layer: `[layers, len(pages) * PAGE, dim]`."""
+    return torch.cat([kv[:, p * PAGE : (p + 1) * PAGE] for p in pages], dim=1)
+
+
 class _Checked(LocalTransferEngine):
-    """Notes, at each `write_ahead`, the layer's KV of the request's pages as it is then, to
-    check that it was final (the same as when the request was sent)."""
+    """Sending side: notes, at each `write_ahead`, the layer's KV of the request's pages as
+    it is then, to check that it was final (the same as when the request was sent), and at
+    each send the KV it is to deliver. Receiving side: the KV that arrived."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seen: dict[tuple[str, int], torch.Tensor] = {}
-        self.final: dict[str, tuple[int, ...]] = {}  # rid -> pages at its send
+        self.sent: dict[str, torch.Tensor] = {}  # rid -> its pages' KV past the skipped ones
+        self.received: dict[str, torch.Tensor] = {}
+        self._dst: dict[str, list[int]] = {}
 
     def write_ahead(self, transfer_id, src_pages, layer, target, ready=None) -> None:
-        rows = torch.cat([self.kv[layer, p * PAGE : (p + 1) * PAGE] for p in src_pages])
-        self.seen[(transfer_id, layer)] = rows.clone()
+        self.seen[(transfer_id, layer)] = _rows(self.kv, src_pages)[layer].clone()
         super().write_ahead(transfer_id, src_pages, layer, target, ready)
 
     def send(self, transfer_id, src_pages, *args, **kwargs):
+        now = _rows(self.kv, src_pages)
         for (rid, layer), rows in self.seen.items():
             if rid == transfer_id:
-                now = torch.cat([self.kv[layer, p * PAGE : (p + 1) * PAGE] for p in src_pages])
-                assert torch.equal(rows, now), f"{rid}: layer {layer} changed after it was written"
-        self.final[transfer_id] = tuple(src_pages)
+                assert torch.equal(rows, now[layer]), f"{rid}: layer {layer} changed after"
+        target = kwargs.get("target")
+        skip = target.skip_pages if target is not None else 0
+        self.sent[transfer_id] = _rows(self.kv, src_pages[skip:]).clone()
         return super().send(transfer_id, src_pages, *args, **kwargs)
+
+    def expect(self, transfer_id, dst_pages, *args, **kwargs):
+        self._dst[transfer_id] = list(dst_pages)
+        return super().expect(transfer_id, dst_pages, *args, **kwargs)
+
+    def poll(self):
+        out = super().poll()
+        for r in out:
+            if r.role == "recv" and r.ok:
+                self.received[r.transfer_id] = _rows(self.kv, self._dst[r.transfer_id]).clone()
+        return out
 
 
 class _Rank(PressureRank):
     """`test_kv_pressure`'s rank, with write-ahead on or off and a checking transfer engine."""
 
-    def __init__(self, path, role: str, write_ahead: bool, budget: int):
+    def __init__(self, path, role: str, write_ahead: bool, budget: int, **config_kw):
         config = EngineConfig(
             page_size=PAGE, kv_capacity_tokens=2048, chunked_prefill_size=budget,
-            kv_write_ahead=write_ahead,
+            kv_write_ahead=write_ahead, **config_kw,
         )  # fmt: skip
         self.role = role
         self.engine = Engine(path, config, progress=False)
@@ -70,10 +90,14 @@ def ckpt(tmp_path_factory):
     return make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("ahead"))
 
 
-def _run(ckpt, write_ahead: bool, rounds: list[dict[str, list[int]]], sampling: SamplingParams):
-    """Each round's prompts at once, the rounds one after the other."""
-    prefill = _Rank(ckpt.path, "prefill", write_ahead, budget=48)
-    decode = _Rank(ckpt.path, "decode", write_ahead, budget=2048)
+def _run(
+    path, write_ahead: bool, rounds: list[dict[str, list[int]]], sampling: SamplingParams, **kw
+):
+    """Each round's prompts at once, the rounds one after the other; the router, the
+    prefill rank's transfer totals, both transfer engines and the decode rank's reused
+    prompt tokens."""
+    prefill = _Rank(path, "prefill", write_ahead, budget=48, **kw)
+    decode = _Rank(path, "decode", write_ahead, budget=2048, **kw)
     router = _Router()
     try:
         for prompts in rounds:
@@ -83,7 +107,8 @@ def _run(ckpt, write_ahead: bool, rounds: list[dict[str, list[int]]], sampling: 
                 router.prefill_of[rid] = prefill
             router.run([decode, prefill], set(prompts))
         deadline = time.monotonic() + 5
-        while prefill.transfer._ahead or prefill.handoff.busy or decode.handoff.busy:
+        left = prefill.transfer
+        while left._ahead or left._dropped or prefill.handoff.busy or decode.handoff.busy:
             assert time.monotonic() < deadline, "writes ahead or transfers left behind"
             for rank in (prefill, decode):
                 rank.step()
@@ -92,7 +117,7 @@ def _run(ckpt, write_ahead: bool, rounds: list[dict[str, list[int]]], sampling: 
             assert not rank.engine.requests
             assert rank.engine.kv.allocator.num_free == rank.engine.kv.num_pages
         reused = decode.engine.scheduler.num_reused_tokens
-        return router, prefill.handoff.totals, prefill.transfer, reused
+        return router, prefill.handoff.totals, (prefill.transfer, decode.transfer), reused
     finally:
         prefill.close()
         decode.close()
@@ -110,16 +135,35 @@ def test_layers_written_ahead_give_the_same_tokens_as_sending_after_the_prefill(
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     expected = _expected(ckpt.path, first | second, greedy)
     num = len(first) + len(second)
-    router, totals, transfer, reused = _run(ckpt, True, [first, second], greedy)
+    router, totals, (transfer, received), reused = _run(ckpt.path, True, [first, second], greedy)
     assert not router.errors and router.tokens == expected
     assert totals.sent == num and reused > 0
+    for rid, kv in transfer.sent.items():
+        assert torch.equal(received.received[rid], kv), rid
     # Every prompt's target was here before its last chunk (the decode rank steps first).
     assert totals.sent_ahead == num, totals
     layers = {layer for _, layer in transfer.seen}
     assert layers == set(range(transfer.layout.num_layers))
-    router, totals, transfer, reused = _run(ckpt, False, [first, second], greedy)
+    router, totals, (transfer, _), reused = _run(ckpt.path, False, [first, second], greedy)
     assert not router.errors and router.tokens == expected
     assert totals.sent == num and totals.sent_ahead == 0 and not transfer.seen
+
+
+def test_the_mtp_module_s_kv_computed_after_the_step_is_sent_with_it(tiny_model_dir):
+    """With `--speculative-mtp` the cache has one more layer, which the module writes after
+    the step's forward: the send writes it (and the decode rank has every layer)."""
+    rng = random.Random(4)
+    prompts = {f"m{i}": [rng.randrange(3, 900) for _ in range(n)] for i, n in enumerate((7, 70))}
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    router, totals, (sender, receiver), _ = _run(
+        tiny_model_dir, True, [prompts], greedy, speculative_mtp=1
+    )
+    assert not router.errors and totals.sent_ahead == len(prompts)
+    mtp_layer = sender.layout.num_layers - 1
+    assert {layer for _, layer in sender.seen} == set(range(mtp_layer))  # not the module's
+    for rid, kv in sender.sent.items():
+        assert kv[mtp_layer].abs().sum() > 0
+        assert torch.equal(receiver.received[rid], kv), rid
 
 
 def test_writes_ahead_of_a_request_not_handed_off_are_dropped(ckpt):
@@ -142,7 +186,7 @@ def test_writes_ahead_of_a_request_not_handed_off_are_dropped(ckpt):
         assert src._ahead["x"].ready or src._ahead["x"].handles
         handoff.after_step(engine)
         deadline = time.monotonic() + 5
-        while src._ahead:
+        while src._ahead or src._dropped:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert src.poll() == []

@@ -93,11 +93,7 @@ class KVTransferEngine(TransferStateMachine):
             self._check_open()
             if transfer_id in self._senders:
                 raise ValueError(f"transfer {transfer_id!r} is already being sent")
-            ahead = self._ahead.pop(transfer_id, None)
-            if ahead is not None and not ahead.dropped:
-                sender._ahead = ahead
-            elif ahead is not None:  # still stopping: the state machine reaps it
-                self._ahead[transfer_id] = ahead
+            sender._ahead = self._ahead.pop(transfer_id, None)
             self._senders[transfer_id] = sender
             self._waker.wake()
         return sender
@@ -123,7 +119,7 @@ class KVTransferEngine(TransferStateMachine):
             if transfer_id in self._senders:
                 raise ValueError(f"transfer {transfer_id!r} is already being sent")
             ahead = self._ahead.get(transfer_id)
-            if ahead is None or ahead.dropped:
+            if ahead is None:
                 pages = check_pages(src_pages, self.layout, f"write ahead {transfer_id}")
                 ahead = self._ahead[transfer_id] = AheadWrites(transfer_id, pages, target)
             ahead.ready.append((layer, ready))
@@ -133,9 +129,10 @@ class KVTransferEngine(TransferStateMachine):
         """Sending side: no `send` follows the writes ahead of `transfer_id` (its request
         ended otherwise); they stop. A no-op when there are none."""
         with self._cv:
-            ahead = self._ahead.get(transfer_id)
-            if ahead is not None:
+            ahead = self._ahead.pop(transfer_id, None)
+            if ahead is not None:  # the engine's thread stops its writes, then forgets it
                 ahead.dropped = True
+                self._dropped.append(ahead)
                 self._waker.wake()
 
     def set_target(self, transfer_id: str, target: TransferTarget) -> None:

@@ -57,6 +57,7 @@ class TransferStateMachine(TransferBackend):
         self._results: list[TransferResult] = []
         self._keep_alives: list[TransferTarget] = []  # receivers to tell `wait` (keep_alive)
         self._ahead: dict[str, AheadWrites] = {}  # layers written before their send
+        self._dropped: list[AheadWrites] = []  # writes ahead with no send, still stopping
         self._peer_used: dict[str, float] = {}  # the engine's thread only
         self._moves = 0  # progress seen by the engine's thread (notes, writes posted, ends)
         self._closed = False
@@ -89,7 +90,7 @@ class TransferStateMachine(TransferBackend):
                 quiet = 0  # an API call (a new transfer, a target, an abort) or a poke
         for s in list(self._senders.values()):
             self._fail_send(s, "the transfer engine was closed", cancel_grace=False)
-        for a in list(self._ahead.values()):
+        for a in [*self._ahead.values(), *self._dropped]:
             a.dropped = True
             self._advance_ahead(a)
         for r in list(self._receivers.values()):
@@ -110,7 +111,8 @@ class TransferStateMachine(TransferBackend):
             senders = list(self._senders.values())
             receivers = list(self._receivers.values())
             keep_alives, self._keep_alives = self._keep_alives, []
-            aheads = [*self._ahead.values(), *(s._ahead for s in senders if s._ahead)]
+            aheads = [*self._ahead.values(), *self._dropped]
+            aheads += [s._ahead for s in senders if s._ahead is not None]
         for a in aheads:
             self._advance_ahead(a)
         for target in keep_alives:
@@ -282,8 +284,8 @@ class TransferStateMachine(TransferBackend):
                     logger.debug("releasing a write ahead of %s failed", a.transfer_id)
         if a.dropped and a.settled:
             with self._cv:
-                if self._ahead.get(a.transfer_id) is a:
-                    del self._ahead[a.transfer_id]
+                if a in self._dropped:
+                    self._dropped.remove(a)
 
     def _give_up(self, a: AheadWrites, why: str) -> None:
         if a.failed is None:
