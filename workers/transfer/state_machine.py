@@ -99,7 +99,11 @@ class TransferStateMachine(TransferBackend):
     def _poll_interval(self, quiet: int) -> float:
         handles: list[KVSender | KVReceiver] = [*self._senders.values(), *self._receivers.values()]
         transferring = any(h.state is TransferState.TRANSFERRING for h in handles)
-        return poll_interval(len(handles), transferring, quiet, self._poked)
+        # Writes ahead in flight, or layers waiting for their CUDA events: poll as fast.
+        aheads = [*self._ahead.values(), *self._dropped]
+        aheads += [s._ahead for s in self._senders.values() if s._ahead is not None]
+        transferring = transferring or any(not a.settled for a in aheads)
+        return poll_interval(len(handles) + len(aheads), transferring, quiet, self._poked)
 
     def _tick(self) -> None:
         for data in self._notifications():
