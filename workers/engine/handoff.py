@@ -10,11 +10,12 @@ which the router forwards (`set_target`; it may arrive before or after the prefi
 takes effect at once, not after the step in progress). When the target is here before the step
 that finishes the prompt, that step writes each layer's KV of the request's pages as soon as
 the layer is done (`layer_writer`, `KVTransferEngine.write_ahead`): the send after the step
-then has only the notification (and any layer computed after the step) left to write. Its pages are freed when the transfer
-reports, success or not. A request still without a target may have its transfer withdrawn and
-its pages taken back for a request whose target came (`withdraw`, called by the scheduler; see
-`workers.engine.scheduler`): it is parked until its own target comes, and fails as its transfer
-would have if that is not within the transfer timeout of its hand-off.
+then has only the notification (and any layer computed after the step) left to write. Its
+pages are freed when the transfer reports, success or not. A request still without a target
+may have its transfer withdrawn and its pages taken back for a request whose target came
+(`withdraw`, called by the scheduler; see `workers.engine.scheduler`): it is parked until its
+own target comes, and fails as its transfer would have if that is not within the transfer
+timeout of its hand-off.
 
 Decode rank: a request that got pages (`Engine.take_reserved`) posts a receive
 (`post_receives`, before each step as well as after it, so that the target reaches the prefill
@@ -131,7 +132,7 @@ class KVHandoff:
             for rid, pages, target in writes:
                 try:
                     self.transfer.write_ahead(rid, pages, layer, target, ready)
-                except ValueError as e:  # best effort: its send writes every layer
+                except (ValueError, RuntimeError) as e:  # best effort: the send writes all
                     logger.debug("request %s: layer %d not written ahead: %s", rid, layer, e)
 
         return after_layer
