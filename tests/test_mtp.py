@@ -23,7 +23,7 @@ import torch
 
 from tests.checkpoints import agreeing_mtp_checkpoint, make_checkpoint
 from tests.test_disagg_engine import _copy_pages
-from tests.test_speculative import GUESSING, _run
+from tests.test_speculative import GUESSING, _run, static_graphs
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.messages import GenerateRequest, SamplingParams
@@ -345,9 +345,6 @@ def test_mtp_guesses_through_the_decode_graphs_static_buffers_match_eager(
     """Decode steps through `DecodeGraphs` (its static-buffer path, run eagerly on CPU as
     on CUDA it is captured): the module reads the graph's hidden states and inputs, and
     every request gets the tokens and the guesses of the eager engine."""
-    from workers.engine.cuda_graph import DecodeGraphs
-    from workers.engine.kv_cache import pages_needed
-
     path = tiny_model_dir if model == "tiny" else agreeing
     reqs = _requests()
 
@@ -356,14 +353,7 @@ def test_mtp_guesses_through_the_decode_graphs_static_buffers_match_eager(
     want, _, want_steps = _run(eager, reqs)
     engine = _engine(path, speculative_mtp=num_guesses, chunked_prefill_size=64)
     drafts = _recording(engine)
-    graphs = DecodeGraphs(
-        engine.model, engine.kv, 32, pages_needed(engine.max_context_len, engine.kv.page_size),
-        engine.expert_load, capture=False,
-    )  # fmt: skip
-    engine.graphs = graphs
-    rows: list[int] = []
-    real_run = graphs.run
-    graphs.run = lambda *a: rows.append(len(a[0])) or real_run(*a)  # type: ignore[method-assign]
+    rows = static_graphs(engine)
     got, _, steps = _run(engine, reqs)
     assert len(rows) >= 10 and max(rows) > len(reqs), rows  # decode steps, with guess rows
     assert got == want and steps == want_steps

@@ -484,23 +484,31 @@ def test_a_server_that_guesses_answers_as_one_that_does_not(
         server.stop()
 
 
-def test_guess_rows_go_through_the_static_decode_buffers(ckpt_path):
-    """Decode steps with guess rows through `DecodeGraphs`' static buffers (eagerly on CPU,
-    as CUDA replays them): the tokens of an eager engine that does not guess."""
+def static_graphs(engine: Engine, max_batch: int = 32) -> list[int]:
+    """Give `engine` `DecodeGraphs` on their static-buffer path (run eagerly: how the CPU
+    checks what CUDA captures); the rows of each decode step that went through them."""
     from workers.engine.cuda_graph import DecodeGraphs
     from workers.engine.kv_cache import pages_needed
 
-    reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(_prompts())}
-    plain, _, _ = _run(_engine(ckpt_path), reqs)
-    engine = _engine(ckpt_path, speculative_ngram=4)
     graphs = DecodeGraphs(
-        engine.model, engine.kv, 32, pages_needed(engine.max_context_len, engine.kv.page_size),
-        engine.expert_load, capture=False,
+        engine.model, engine.kv, max_batch,
+        pages_needed(engine.max_context_len, engine.kv.page_size), engine.expert_load,
+        capture=False,
     )  # fmt: skip
     engine.graphs = graphs
     rows: list[int] = []
     real_run = graphs.run
     graphs.run = lambda *a: rows.append(len(a[0])) or real_run(*a)  # type: ignore[method-assign]
+    return rows
+
+
+def test_guess_rows_go_through_the_static_decode_buffers(ckpt_path):
+    """Decode steps with guess rows through `DecodeGraphs`' static buffers (eagerly on CPU,
+    as CUDA replays them): the tokens of an eager engine that does not guess."""
+    reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(_prompts())}
+    plain, _, _ = _run(_engine(ckpt_path), reqs)
+    engine = _engine(ckpt_path, speculative_ngram=4)
+    rows = static_graphs(engine)
     got, _, _ = _run(engine, reqs)
     assert got == plain
     assert rows and max(rows) > len(reqs)  # some steps read more rows than requests

@@ -198,15 +198,6 @@ class DecodeGraphs:
         views of the static buffers (valid until the next `run`), with `hidden` set."""
         n, hidden = self._last
         assert hidden is not None, "a run of a model with its MTP module"
-        meta = AttentionMetadata(
-            positions=self.positions[:n],
-            out_slots=self.out_slots[:n],
-            num_decode=n,
-            block_table=self.block_table[:n],
-            seq_lens=self.seq_lens[:n],
-            page_size=self.kv.page_size,
-            prefills=[],
-            logits_indices=self.logits_indices[:n],
-        )
+        meta = self._meta(n)
         meta.hidden = hidden[:n]
         return self.input_ids[:n], meta
