@@ -8,6 +8,7 @@ failing: `test_disagg_faults.py`.)"""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import shutil
 import time
@@ -95,10 +96,10 @@ def test_disaggregated_matches_colocated_with_64_concurrent_streams(launch_tiny,
             assert _metric(url, "pdserve_kv_transfers_total", side=side, outcome="ok") == num
             assert _metric(url, "pdserve_kv_transfers_total", side=side, outcome="failed") == 0
             assert _metric(url, "pdserve_kv_transfer_seconds_total", side=side) > 0
-        # Prompts whose targets came before their last prefill step went layer by layer
-        # (the queue of 64 makes sure some did); the tokens are compared below.
-        ahead = _metric(url, "pdserve_kv_transfers_written_ahead_total")
-        assert 0 < ahead <= num, ahead
+        # Prompts whose targets came before their last prefill step went layer by layer (how
+        # many depends on timing here: the decode rank's KV holds a third of the burst; see
+        # the test below); the tokens are compared below.
+        assert _metric(url, "pdserve_kv_transfers_written_ahead_total") <= num
         moved = _metric(url, "pdserve_kv_transfer_bytes_total", side="send")
         assert moved > 0 and moved == _metric(
             url, "pdserve_kv_transfer_bytes_total", side="receive"
@@ -113,6 +114,29 @@ def test_disaggregated_matches_colocated_with_64_concurrent_streams(launch_tiny,
     assert all(len(o) == 24 for o in got)
     mismatched = [i for i in range(len(prompts)) if got[i] != want[i]]
     assert not mismatched, f"requests {mismatched} differ between topologies"
+
+
+def test_a_prompt_in_chunks_goes_to_the_decode_rank_layer_by_layer(launch_tiny, tiny_server):
+    """A prompt of several chunks: its decode pages are reserved while its first chunk
+    computes, so its last chunk writes each layer's KV as it goes (over NIXL); its tokens
+    are those of the shared server, which sends after the prefill in one chunk."""
+    from tests.conftest import tiny_serve_config
+    from workers.model.tiny import ensure_tiny_checkpoint
+
+    engine = tiny_serve_config(ensure_tiny_checkpoint()).engine
+    server = launch_tiny(engine=dataclasses.replace(engine, chunked_prefill_size=128))
+    try:
+        rng = random.Random(11)
+        for n in (300, 700):
+            prompt = [rng.randrange(3, 1000) for _ in range(n)]
+            r = _generate(server.url, prompt, 8)
+            assert r.status_code == 200, r.text
+            assert r.json()["output_ids"] == _generate(tiny_server, prompt, 8).json()["output_ids"]
+        _wait_all_pages_free(server.url)
+        assert _metric(server.url, "pdserve_kv_transfers_total", side="send", outcome="ok") == 2
+        assert _metric(server.url, "pdserve_kv_transfers_written_ahead_total") == 2
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("name", ["v3_fp8", "v2_group_limited"])

@@ -106,6 +106,47 @@ def test_other_pages_or_a_failed_write_ahead_make_the_send_write_every_layer(eng
 
 
 @pytest.mark.timeout(15)
+def test_the_layers_of_several_transfers_to_one_peer_go_as_one_write(engines, monkeypatch):
+    """A step finishing several prompts: their layers ready at once share a write per peer,
+    and a transfer dropped meanwhile does not stop the others' (its pages land too: its
+    receive fails, its pages are quarantined)."""
+    src, dst = engines(1, latency_s=0.05), engines()
+    other = engines()
+    pages = {"a": ([3, 5], [10, 2]), "b": ([6, 7], [11, 4]), "c": ([8], [12]), "d": ([9], [0])}
+    targets = {tid: (other if tid == "d" else dst).expect(tid, d, timeout_s=5).target
+               for tid, (_, d) in pages.items()}  # fmt: skip
+    writes: list[tuple[str, int]] = []
+    real = src._start_write
+
+    def counted(peer, runs, done, layers=None):
+        if done is None:
+            writes.append((peer.name, len(runs)))
+        return real(peer, runs, done, layers)
+
+    monkeypatch.setattr(src, "_start_write", counted)
+    event = _Event()  # holds layer 0 of every transfer until all are queued
+    for tid, (src_pages, _) in pages.items():
+        src.write_ahead(tid, src_pages, 0, targets[tid], ready=event)
+    event.done = True
+    _until(lambda: len(writes) == 2)
+    assert sorted(writes) == sorted([(dst.name, 5), (other.name, 1)]), writes  # runs
+    shared = src._ahead["a"].handles[0]
+    assert shared is src._ahead["b"].handles[0] is src._ahead["c"].handles[0]
+    src.drop_ahead("c")
+    for tid in "abd":
+        for layer in (1, 2):
+            src.write_ahead(tid, pages[tid][0], layer, targets[tid])
+        src.send(tid, pages[tid][0], first_token=5, timeout_s=5, target=targets[tid])
+    res = _drain(src, dst, other, n=6)
+    assert all(r.ok for r in res) and {r.layers_ahead for r in res if r.role == "send"} == {3}
+    for tid in "abd":
+        peer = other if tid == "d" else dst
+        assert torch.equal(_pages(peer.kv, pages[tid][1]), _pages(src.kv, pages[tid][0]))
+    _until(lambda: not src._ahead and not src._dropped)
+    dst.abort("c")
+
+
+@pytest.mark.timeout(15)
 def test_dropped_writes_ahead_are_forgotten_and_bad_calls_refused(engines):
     src, dst = engines(1, latency_s=0.05), engines()
     target = dst.expect("t", DST, timeout_s=5).target

@@ -10,6 +10,10 @@ notification — or, when every layer went ahead, sends the notification alone. 
 the end of the prefill to the receiver's notification then no longer grows with the size of
 the KV.
 
+The layers that are ready at one turn of the engine's thread, for every transfer to one peer,
+go as one backend write (`SharedWrite`): a step that finishes many prompts costs a write per
+layer and peer, not per layer and prompt.
+
 Writing ahead only ever saves work: a write ahead that cannot be posted or fails, a target or
 page list that changed by the time of the send, all make the send write every layer itself
 (after the writes ahead have stopped). A late landing of one of them writes the bytes the
@@ -18,10 +22,25 @@ send writes too: a layer is written ahead only once its KV is final.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from workers.transfer.messages import TransferTarget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class SharedWrite:
+    """One backend write carrying layers of the pages of one or more transfers to one peer;
+    each of their `AheadWrites.handles` holds it until it has ended (or they stopped), and
+    the last one to let go releases it."""
+
+    handle: Any
+    users: int
+    ended: bool = False
+    error: str | None = None
 
 
 @dataclass(eq=False)
@@ -35,10 +54,16 @@ class AheadWrites:
     # Layers computed, not yet posted: (layer, a CUDA event to wait for, or None), in order.
     ready: list[tuple[int, Any]] = field(default_factory=list)
     posted: list[int] = field(default_factory=list)  # layers whose writes were posted
-    handles: list[Any] = field(default_factory=list)  # writes posted and not yet ended
+    handles: list[SharedWrite] = field(default_factory=list)  # posted, not yet ended
     started: bool = False  # the receiver was told the transfer started
     failed: str | None = None  # why the writes ahead were given up (the send writes all)
     dropped: bool = False  # no send follows (`drop_ahead`): stop and forget them
+
+    def give_up(self, why: str) -> None:
+        """Stop writing ahead (the first reason is kept and logged): the send writes all."""
+        if self.failed is None:
+            self.failed = why
+            logger.info("KV transfer %s: %s; its send writes every layer", self.transfer_id, why)
 
     def take_ready(self) -> tuple[int, ...]:
         """The layers at the head of `ready` whose computation has finished (no event, or

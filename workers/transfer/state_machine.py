@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from workers.transfer.ahead import AheadWrites
+from workers.transfer.ahead import AheadWrites, SharedWrite
 from workers.transfer.backend import TransferBackend
 from workers.transfer.handles import KVReceiver, KVSender
 from workers.transfer.messages import (
@@ -90,9 +90,10 @@ class TransferStateMachine(TransferBackend):
                 quiet = 0  # an API call (a new transfer, a target, an abort) or a poke
         for s in list(self._senders.values()):
             self._fail_send(s, "the transfer engine was closed", cancel_grace=False)
-        for a in [*self._ahead.values(), *self._dropped]:
+        left = [*self._ahead.values(), *self._dropped]
+        for a in left:
             a.dropped = True
-            self._advance_ahead(a)
+        self._advance_aheads(left)
         for r in list(self._receivers.values()):
             self._finish_recv(r, "the transfer engine was closed")
 
@@ -117,8 +118,7 @@ class TransferStateMachine(TransferBackend):
             keep_alives, self._keep_alives = self._keep_alives, []
             aheads = [*self._ahead.values(), *self._dropped]
             aheads += [s._ahead for s in senders if s._ahead is not None]
-        for a in aheads:
-            self._advance_ahead(a)
+        self._advance_aheads(aheads)
         for target in keep_alives:
             try:
                 self._reach(target.agent)
@@ -248,42 +248,76 @@ class TransferStateMachine(TransferBackend):
             self._fail_send(s, f"timed out writing to {s.target.agent.name}")
         return None
 
-    def _advance_ahead(self, a: AheadWrites) -> None:
-        """Post the layers of `a` that are ready, reap its writes that ended; a failure gives
-        the writes ahead up (the send then writes every layer), as does `dropped`."""
-        peer = a.target.agent
-        with self._cv:
-            layers = a.take_ready() if a.failed is None and not a.dropped else ()
-            if a.failed is not None or a.dropped:
-                a.ready.clear()
-        if layers:
+    def _advance_aheads(self, aheads: list[AheadWrites]) -> None:
+        """Post the layers of `aheads` that are ready — one write per peer and set of layers,
+        for all the transfers that have them — and reap their writes that ended. A failure
+        gives a transfer's writes ahead up (its send then writes every layer), as does
+        `dropped`."""
+        groups: dict[tuple[str, tuple[int, ...]], list[AheadWrites]] = {}
+        for a in aheads:
+            with self._cv:
+                layers = a.take_ready() if a.failed is None and not a.dropped else ()
+                if a.failed is not None or a.dropped:
+                    a.ready.clear()
+            if layers and self._start_ahead(a):
+                groups.setdefault((a.target.agent.name, layers), []).append(a)
+        for (name, layers), group in groups.items():
+            runs = [run for a in group for run in page_runs(
+                a.src_pages[a.target.skip_pages :], a.target.dst_pages
+            )]  # fmt: skip
             try:
-                if not a.started:
-                    error = refusal(
-                        self.layout, self.backend, self.name, a.transfer_id, a.src_pages, a.target
-                    )
-                    if error:
-                        raise ValueError(error)
-                    self._reach(peer)
-                    self._notify(peer, Notification("start", a.transfer_id))
-                    self._waker.poke(peer.poke)
-                    a.started = True
-                runs = page_runs(a.src_pages[a.target.skip_pages :], a.target.dst_pages)
-                a.handles.append(self._start_write(peer, runs, None, layers))
+                write = SharedWrite(self._start_write(group[0].target.agent, runs, None, layers),
+                                    users=len(group))  # fmt: skip
+            except Exception as e:
+                for a in group:
+                    a.give_up(f"writing layers {layers} ahead to {name}: {e}")
+                continue
+            for a in group:
+                a.handles.append(write)
                 a.posted.extend(layers)
-                self._moves += 1
-            except Exception as e:
-                self._give_up(a, f"writing layers {layers} ahead to {peer.name}: {e}")
-        for handle in list(a.handles):
-            try:
-                ended = self._check(handle)
-            except Exception as e:
-                self._give_up(a, f"a write ahead to {peer.name} failed: {e}")
-                ended = True
-            if ended or a.failed is not None or a.dropped:
-                a.handles.remove(handle)
+            self._moves += 1
+        for a in aheads:
+            self._reap_ahead(a)
+
+    def _start_ahead(self, a: AheadWrites) -> bool:
+        """Before `a`'s first write: check the target and tell the receiver the transfer
+        started (it then drives its backend at the active rate); whether `a` may write."""
+        if a.started:
+            return True
+        peer = a.target.agent
+        try:
+            error = refusal(
+                self.layout, self.backend, self.name, a.transfer_id, a.src_pages, a.target
+            )
+            if error:
+                raise ValueError(error)
+            self._reach(peer)
+            self._notify(peer, Notification("start", a.transfer_id))
+            self._waker.poke(peer.poke)
+        except Exception as e:
+            a.give_up(f"starting to write ahead to {peer.name}: {e}")
+            return False
+        a.started = True
+        return True
+
+    def _reap_ahead(self, a: AheadWrites) -> None:
+        """Let go of `a`'s writes that ended (all of them once it failed or was dropped: the
+        last user of a write releases it, stopping it if it is still in flight)."""
+        for write in list(a.handles):
+            if not write.ended and write.error is None:
                 try:
-                    self._cancel(handle)  # releases an ended write, stops one in flight
+                    write.ended = self._check(write.handle)
+                except Exception as e:
+                    write.error = f"a write ahead to {a.target.agent.name} failed: {e}"
+            if write.error is not None:
+                a.give_up(write.error)
+            if not (write.ended or a.failed is not None or a.dropped):
+                continue
+            a.handles.remove(write)
+            write.users -= 1
+            if write.users == 0:
+                try:
+                    self._cancel(write.handle)  # releases an ended write, stops one in flight
                 except Exception:
                     logger.debug("releasing a write ahead of %s failed", a.transfer_id)
         if a.dropped and a.settled:
@@ -291,17 +325,12 @@ class TransferStateMachine(TransferBackend):
                 if a in self._dropped:
                     self._dropped.remove(a)
 
-    def _give_up(self, a: AheadWrites, why: str) -> None:
-        if a.failed is None:
-            a.failed = why
-            logger.info("KV transfer %s: %s; its send writes every layer", a.transfer_id, why)
-
     def _fail_send(self, s: KVSender, error: str, cancel_grace: bool = True) -> None:
         """Fail `s`; a write in flight is cancelled first. One that cannot be cancelled keeps
         the source pages (no result yet) until it stops or `CANCEL_GRACE_S` passes."""
         if s._ahead is not None:
             s._ahead.dropped = True
-            self._advance_ahead(s._ahead)
+            self._advance_aheads([s._ahead])
             s._ahead = None
         if s._handle is not None:
             cancelled = False
