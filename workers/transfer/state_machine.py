@@ -262,16 +262,16 @@ class TransferStateMachine(TransferBackend):
             if layers and self._start_ahead(a):
                 groups.setdefault((a.target.agent.name, layers), []).append(a)
         for (name, layers), group in groups.items():
-            runs = [run for a in group for run in page_runs(
-                a.src_pages[a.target.skip_pages :], a.target.dst_pages
-            )]  # fmt: skip
+            runs = []
+            for a in group:
+                runs += page_runs(a.src_pages[a.target.skip_pages :], a.target.dst_pages)
             try:
-                write = SharedWrite(self._start_write(group[0].target.agent, runs, None, layers),
-                                    users=len(group))  # fmt: skip
+                handle = self._start_write(group[0].target.agent, runs, None, layers)
             except Exception as e:
                 for a in group:
                     a.give_up(f"writing layers {layers} ahead to {name}: {e}")
                 continue
+            write = SharedWrite(handle, users=len(group))
             for a in group:
                 a.handles.append(write)
                 a.posted.extend(layers)
