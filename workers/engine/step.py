@@ -56,8 +56,8 @@ def run_step(engine: Engine, run_empty: bool) -> list[TokenDelta]:
         take_prompt_scores(half_b, meta_b)
     elif _graph_fits(engine, batch):
         logits, samplers = _replay_decode(engine, batch)
-        if engine.model.mtp is not None:  # the module reads the graph's rows
-            ids, meta = engine.graphs.last_pass()  # type: ignore[union-attr]
+        if engine.model.mtp is not None and engine.graphs is not None:  # the graph's rows
+            ids, meta = engine.graphs.last_pass()
             passes = [ForwardPass(batch, ids, meta, len(samplers))]
     else:
         input_ids, meta, samplers = prepare_inputs(batch, engine.kv.page_size, engine.device)

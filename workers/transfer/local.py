@@ -88,13 +88,11 @@ class LocalTransferEngine(KVTransferEngine):
         write: _Write = handle
         if not write.landed and time.monotonic() >= write.at:
             ps = self.layout.page_size
-            layers = [slice(None)] if write.layers is None else write.layers
+            layers = range(self.layout.num_layers) if write.layers is None else write.layers
             for layer in layers:
                 src_kv, dst_kv = self.kv[layer], write.peer.kv[layer]
                 for src, dst, n in write.runs:
-                    dst_kv[..., dst * ps : (dst + n) * ps, :] = src_kv[
-                        ..., src * ps : (src + n) * ps, :
-                    ]
+                    dst_kv[dst * ps : (dst + n) * ps] = src_kv[src * ps : (src + n) * ps]
             if write.done is not None:
                 write.peer._deliver(write.done.encode())
             write.landed = True
