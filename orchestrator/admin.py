@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from orchestrator.auth import bearer, same_secret
+from orchestrator.front import primary_only
 from orchestrator.pools import PoolSet
 from orchestrator.request_fields import RequestError
 from orchestrator.scaling import ScaleError, ScaleInProgress, ServerStopping, drain_seconds
@@ -55,7 +56,9 @@ def check_token(request: Request, token: str | None) -> None:
         raise RequestError("wrong admin token", None, 403, "permission_error")
 
 
-def _no_service() -> RequestError:
+def _no_service(front: str | None) -> RequestError:
+    if front is not None:
+        return RequestError(primary_only(front), None, 409, "conflict")
     return RequestError(
         "no expert-parallel pool to rebalance (pools of one rank hold every expert; start "
         "with --prefill-dp/--decode-dp/--dp > 1)", None, 409, "conflict",
@@ -69,12 +72,16 @@ def add_admin_routes(
     router: Any = None,
     pools: PoolSet | None = None,
     drain_timeout_s: float = 600.0,
+    front: str | None = None,
 ) -> None:
     """`eplb`: the `EPLBService` actor handle, or None when no pool is expert-parallel;
     `router`: the `Router` (cache flush, scaling); `pools`: the pool instances the server
-    started (None: it was given its ranks, and cannot scale them)."""
+    started (None: it was given its ranks, and cannot scale them); `front`: the deployment
+    this server is a front router of (`orchestrator.front`)."""
 
     def _pools() -> PoolSet:
+        if front is not None:
+            raise RequestError(primary_only(front), None, 409, "conflict")
         if pools is None or router is None:
             raise RequestError(
                 "this server was given its ranks and does not start or stop pool instances",
@@ -142,7 +149,7 @@ def add_admin_routes(
         if placements is not None and not isinstance(placements, dict):
             raise RequestError("placements must map pool names to phy2log lists", "placements")
         if eplb is None:
-            raise _no_service()
+            raise _no_service(front)
         try:
             reports = await eplb.rebalance.remote(pools, False, placements)
         except Exception as e:
@@ -161,7 +168,7 @@ def add_admin_routes(
     async def experts(request: Request) -> JSONResponse:
         check_token(request, token)
         if eplb is None:
-            raise _no_service()
+            raise _no_service(front)
         try:
             pools = await asyncio.wait_for(eplb.experts.remote(), 60)
         except Exception as e:

@@ -5,6 +5,7 @@ all read from their sources when `/metrics` is scraped (`orchestrator.ops_routes
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -255,6 +256,12 @@ class ClusterMetrics:
             "Seconds spent in Python's garbage collector, per process (router, rank-N)",
             ["process"], registry=r,
         )  # fmt: skip
+        self.router_cpu = Totals(
+            "pdserve_router_cpu_seconds_total",
+            "CPU seconds of this router's process, all its threads (near one a second: the "
+            "router is the limit; add front routers, --front)",
+            registry=r,
+        )  # fmt: skip
         self.gc_longest = Gauge(
             "pdserve_gc_longest_pause_seconds",
             "The longest garbage collection pause so far, per process (router, rank-N)",
@@ -281,6 +288,7 @@ class ClusterMetrics:
         self.prefix_host_pages.set(sum(s.num_host_cached_pages for s in live))
         router = gc_pauses.PROCESS
         self.gc_seconds.observe("router", router.seconds, "router")
+        self.router_cpu.observe("router", time.process_time())
         self.gc_longest.labels("router").set(router.longest_s)
         for i, s in [*enumerate(stats), *(final or {}).items()]:
             if s is None:

@@ -54,6 +54,9 @@ class ServeConfig:
     # taken over by the next `serve` of the same name; None: they go with the process.
     deployment: str | None = None
     keep_pools: bool = False  # a graceful stop leaves the deployment's pools running
+    # One more router for this deployment, beside the one that started it
+    # (`orchestrator.front`); None: this router starts (or takes over) its pools.
+    front: str | None = None
     # Autoscaling (`orchestrator.autoscale`): up to this many instances of a role, by load; the
     # starting count is the minimum. None: that role is not autoscaled.
     max_prefill_instances: int | None = None
@@ -302,6 +305,17 @@ class ServeConfig:
                     "--deployment needs --address: a Ray that this process starts ends with it, "
                     "and its pools with it (start one with `ray start --head` or `ray up`)"
                 )
+        if self.front is not None:
+            from orchestrator.deployment import check_name
+
+            check_name(self.front, "--front")
+            if self.deployment is not None:
+                raise ValueError(
+                    "--front NAME serves deployment NAME beside its router; --deployment starts "
+                    "(or takes over) one: give one of them"
+                )
+            if self.starts_local_ray:
+                raise ValueError("--front needs --address: the cluster where the deployment runs")
         if self.keep_pools and self.deployment is None:
             raise ValueError("--keep-pools needs --deployment (pools of no name cannot be found "
                              "again)")  # fmt: skip

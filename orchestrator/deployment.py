@@ -52,10 +52,10 @@ class DeploymentError(RuntimeError):
     """A deployment cannot be served or removed as asked (the message says why and what to do)."""
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, flag: str = "--deployment") -> str:
     if not _NAME.fullmatch(name):
         raise ValueError(
-            f"--deployment {name!r}: 1 to 63 letters, digits, '_', '.' or '-', starting with a "
+            f"{flag} {name!r}: 1 to 63 letters, digits, '_', '.' or '-', starting with a "
             "letter or digit"
         )
     return name
@@ -88,6 +88,12 @@ class InstanceRecord:
     num_ranks: int
     bundle: dict[str, float]
     selector: dict[str, str] | None = None
+    draining: bool = False  # being scaled down: front routers send it nothing new
+
+    @property
+    def name(self) -> str:
+        """Its pool instance's name (`orchestrator.placement.PoolSpec.name`)."""
+        return f"{self.role}-{self.instance}"
 
 
 @dataclass

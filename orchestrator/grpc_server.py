@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator.auth import api_key_refusal, bearer, same_secret
 from orchestrator.config import ServeConfig, host_port
+from orchestrator.front import primary_only
 from orchestrator.grpc_messages import (
     call_authorization,
     generate_body,
@@ -195,6 +196,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         assert token is not None and given is not None
         if not same_secret(given, token):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
+        if experts and self.config.front is not None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, primary_only(self.config.front)
+            )
         if experts and self.eplb is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "no expert-parallel pool to rebalance"
@@ -202,6 +207,10 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def _pool_set(self, context: grpc.aio.ServicerContext) -> PoolSet:
         await self._admin(context, experts=False)
+        if self.config.front is not None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, primary_only(self.config.front)
+            )
         if self.pools is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -275,9 +275,11 @@ def launch(
     ranks: list[Any] | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> LocalServer:
-    """Start the pool instances (unless `ranks` are given), wait for them, and serve HTTP on
-    `config.host:config.port` (port 0: a free one) from a background thread. `ray.init` must
-    have run."""
+    """Start the pool instances (unless `ranks` are given, or with `config.front` the
+    deployment's are served), wait for them, and serve HTTP on `config.host:config.port`
+    (port 0: a free one) from a background thread. `ray.init` must have run."""
+    if config.front is not None:
+        return _launch_front(config, model_dir, progress)
     model_dir = model_dir or resolve_model_dir(config)
     pools, taken_over = start_pools(model_dir, config) if ranks is None else (None, False)
     given = list(ranks) if ranks is not None else []
@@ -326,3 +328,52 @@ def launch(
         raise
     grpc_port = app.state.grpc_server.port if app.state.grpc_server is not None else None
     return LocalServer(http.url, model_dir, router, http, pools, given, eplb, grpc_port)
+
+
+def _launch_front(
+    config: ServeConfig, model_dir: Path | None, progress: Callable[[float], None] | None
+) -> LocalServer:
+    """A front router of deployment `config.front` (`orchestrator.front`): its serving
+    instances' ranks, found by name, then HTTP; the ranks are not ours to stop."""
+    from orchestrator import front
+
+    assert config.front is not None
+    record = front.load_record(config.front)
+    model_dir = model_dir or front.model_dir_of(config, record)
+    watch_known: dict[str, list[int]] = {}
+    ranks: list[Any] = []
+    for inst in front.serving_instances(record):
+        handles = front.instance_ranks(record, inst)
+        if handles is None:
+            logger.warning("front router: %s is not there yet; taken on once it is", inst.name)
+            continue
+        watch_known[inst.name] = list(range(len(ranks), len(ranks) + len(handles)))
+        ranks += handles
+    if not ranks:
+        raise dep.DeploymentError(
+            f"--front {config.front}: the deployment has no pool instance serving now"
+        )
+    wait_ranks_ready(ranks, config.ready_timeout_s, progress)
+    router = Router(
+        ranks,
+        Tokenizer.from_dir(model_dir),
+        model_name=config.model_name(model_dir),
+        stream_silence_s=config.stream_silence_s,
+        request_timeout_s=config.request_timeout_s,
+        restart_wait_s=config.rank_restart_wait_s,
+        max_queued_requests=config.max_queued_requests,
+        tag=front.new_tag(),
+    )
+    watch = front.FrontWatch(router, config.front, watch_known)
+    app = create_app(router, config, front=watch)
+    http = ServerThread(
+        app, config.host, config.port, config.log_level, config.access_log, config.tls
+    )
+    http.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not router.is_ready:
+        time.sleep(0.01)
+    logger.warning("front router %s of deployment %s: %d pool instance(s) (%s)", router.tag,
+                   config.front, len(watch_known), ", ".join(watch_known))  # fmt: skip
+    grpc_port = app.state.grpc_server.port if app.state.grpc_server is not None else None
+    return LocalServer(http.url, model_dir, router, http, None, ranks, None, grpc_port)

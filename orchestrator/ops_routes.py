@@ -28,6 +28,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
     """`eplb`: the EPLB service actor, whose stats `/metrics` adds when there is one; `pools`:
     the `PoolSet` of the server's pool instances (None: it was given its ranks)."""
     router, config, metrics = ctx.router, ctx.config, ctx.metrics
+    front = config.front
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -94,6 +95,8 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             "pools": pools.describe(router.requests_on) if pools is not None else None,
             # `--deployment`: the name its pools run under (they outlive this router)
             "deployment": pools.deployment if pools is not None else None,
+            # `--front`: the deployment this router serves beside its primary, and its tag
+            "front": {"deployment": front, "tag": router.tag} if front is not None else None,
         }
 
     @app.post("/abort_request")

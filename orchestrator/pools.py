@@ -97,7 +97,7 @@ class PoolSet:
         self._recorded = False  # written once: a record gone since was removed on purpose
         self._removed_logged = False
 
-    def _record(self) -> None:
+    def record(self) -> None:
         """Write the deployment's record (with `--deployment`) after its instances changed:
         a router that dies now leaves nothing the next one does not know of."""
         if self.deployment is None:
@@ -111,6 +111,7 @@ class PoolSet:
                         i.spec.role, i.spec.instance, i.spec.num_ranks, dict(i.spec.bundle),
                         i.placement.selector if i.placement is not None
                         else self.selectors.get(i.spec.role),
+                        i.state == "draining",
                     )
                     for i in self.instances  # those still waiting for a place too: their
                 ]  # placement group exists, named, from the moment it is asked for  # fmt: skip
@@ -147,7 +148,7 @@ class PoolSet:
         pools = cls(model_dir, config, [PoolInstance(spec, None) for spec in specs], {})
         # Recorded before anything is placed: a router that dies while the placement groups
         # wait or the ranks start leaves nothing the next one (or `pdserve down`) misses.
-        pools._record()
+        pools.record()
         try:
             placements, pools.selectors = place_pools(
                 specs, config.placement_timeout_s, fixed_cluster=starts_local_ray(config),
@@ -158,7 +159,7 @@ class PoolSet:
             raise
         for instance, placement in zip(pools.instances, placements, strict=True):
             instance.placement = placement
-        pools._record()
+        pools.record()
         try:
             offset = 0
             for instance in pools.instances:
@@ -217,13 +218,13 @@ class PoolSet:
             fresh = PoolInstance(spec, placement, state="serving")
             with pools._lock:
                 pools.instances.append(fresh)
-            pools._record()
+            pools.record()
             pools._start_ranks(fresh)
         offset = 0
         for instance in pools.instances:
             instance.indices = list(range(offset, offset + len(instance.ranks)))
             offset += len(instance.ranks)
-        pools._record()
+        pools.record()
         return pools
 
     @property
@@ -275,7 +276,7 @@ class PoolSet:
             if not keep:
                 self.instances = []
         if keep:
-            self._record()
+            self.record()
             logger.warning("deployment %s: its pools keep running for the next `pdserve serve "
                            "--deployment %s` (`pdserve down` removes them)", self.deployment,
                            self.deployment)  # fmt: skip
@@ -337,13 +338,13 @@ class PoolSet:
             if self.stopped:
                 raise RuntimeError("the server is shutting down")
             self.instances.append(instance)
-        self._record()  # before its placement group exists (named, detached: it must be found)
+        self.record()  # before its placement group exists (named, detached: it must be found)
         try:
             (instance.placement,) = reserve_groups(
                 [spec], self.selectors, self.config.placement_timeout_s, cancelled,
                 deployment=self.deployment,
             )  # fmt: skip
-            self._record()
+            self.record()
             if self.stopped:  # the server's shutdown did not see the placement
                 raise RuntimeError("the server is shutting down")
             self._start_ranks(instance)
@@ -358,7 +359,7 @@ class PoolSet:
         with self._lock:
             if instance in self.instances:
                 self.instances.remove(instance)
-        self._record()
+        self.record()
 
     # ---- scaling (`orchestrator.scaling`) -------------------------------------------------
 

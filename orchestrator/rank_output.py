@@ -36,7 +36,8 @@ async def read_output(
     reader, writer = await asyncio.open_connection(address.host, address.port)
     error: BaseException = ConnectionError("its output stream ended")
     try:
-        writer.write(address.token.encode() + b"\n")
+        tag = f" {ranks.tag}" if ranks.tag else ""
+        writer.write(f"{address.token}{tag}\n".encode())
         ranks.attach_stream(index, writer)
         while True:
             # The rank sends at least a heartbeat every HEARTBEAT_S.

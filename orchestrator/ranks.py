@@ -44,8 +44,10 @@ def prefix_key(input_ids: Sequence[int]) -> bytes | None:
 
 
 class RankTable:
-    def __init__(self, handles: Sequence[Any]):
-        """`handles`: `EngineWorker` actor handles, indexed by rank."""
+    def __init__(self, handles: Sequence[Any], tag: str = ""):
+        """`handles`: `EngineWorker` actor handles, indexed by rank; `tag`: the router's, sent
+        when it connects to a rank's stream (see `workers.engine.delta_stream`)."""
+        self.tag = tag
         self.handles = list(handles)
         self.infos: list[RankInfo | None] = [None] * len(handles)  # set once a rank is ready
         self.errors: list[str | None] = [None] * len(handles)  # set while a rank is dead

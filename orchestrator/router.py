@@ -49,12 +49,16 @@ class Router:
         request_timeout_s: float | None = None,
         max_queued_requests: int | None = None,
         restart_wait_s: float = 0.0,
+        tag: str = "",
     ):
         """`ranks`: `EngineWorker` actor handles; the router reads each one's output stream (it
-        must be its only reader) and, on `close(shutdown_ranks=True)`, shuts them down."""
+        must be its only reader of that tag) and, on `close(shutdown_ranks=True)`, shuts them
+        down. `tag`: a front router's (`orchestrator.front`), "" for a deployment's primary
+        router (or the only one)."""
         if not ranks:
             raise ValueError("a router needs at least one rank")
-        self.ranks = RankTable(ranks)
+        self.tag = tag
+        self.ranks = RankTable(ranks, tag)
         self.tokenizer = tokenizer
         self.model_name = model_name
         # A rank's stream silent this long (no output, no heartbeat) counts as a failed rank.
@@ -280,9 +284,11 @@ class Router:
         return run_request(self, input_ids, sampling, stop, rid, timeout_s, stream, slot)
 
     def next_attempt_id(self, client_rid: str) -> str:
-        """A new attempt id for the client's request `client_rid`."""
+        """A new attempt id for the client's request `client_rid`; a front router's ends in
+        its tag (`workers.engine.messages.router_of`: the ranks send its output to it)."""
         self._num_attempts += 1
-        return f"{client_rid}#{self._num_attempts}"
+        rid = f"{client_rid}#{self._num_attempts}"
+        return f"{rid}@{self.tag}" if self.tag else rid
 
     def wake_waiting(self) -> None:
         """A rank's state changed (or the server stops): the requests waiting for a rank look

@@ -263,6 +263,20 @@ async def bring_up(
     pools.num_started[spec.role] += 1
 
 
+async def _drain_fronts(
+    pools: PoolSet, router: Any, instance: PoolInstance, deadline: float
+) -> None:
+    """Wait until `deadline` for the requests of a deployment's front routers on `instance`
+    to end (this router's own have): its ranks count them (`RankStats`). What is left when
+    the instance goes resumes elsewhere, as its front router sees the ranks fail."""
+    while not (pools.stopping or pools.stopped) and time.monotonic() < deadline:
+        stats = await router.ranks.stats_of(instance.indices)
+        if all(s is None or s.num_running + s.num_waiting + s.num_in_transfer == 0
+               for s in stats):  # fmt: skip
+            return
+        await asyncio.sleep(0.25)
+
+
 def _eplb_handle(pools: PoolSet, instance: PoolInstance) -> Any:
     from eplb.service import PoolHandle
     from workers.model.config import ModelConfig
@@ -285,6 +299,7 @@ async def take_down(
     instance.state = "draining"
     logger.info("scaling: draining %s", instance.name)
     router.close_ranks(instance.indices)
+    await asyncio.to_thread(pools.record)  # front routers (`orchestrator.front`) see it too
     if eplb is not None and instance.spec.num_ranks > 1:
         try:  # first: no rebalance starts on it while it drains
             await eplb.remove_pool.remote(instance.name)
@@ -297,6 +312,8 @@ async def take_down(
         if time.monotonic() - began >= drain_timeout_s:
             break
         await asyncio.sleep(0.05)
+    if pools.deployment is not None:  # front routers' requests run there too
+        await _drain_fronts(pools, router, instance, began + drain_timeout_s)
     moved_before = router.moves.moved_off(instance.indices)
     if (
         migrate and pools.config.kv_migration and router.moves.can_move_from(instance.indices)

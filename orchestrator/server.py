@@ -70,12 +70,14 @@ def create_app(
     eplb: Any = None,
     pools: Any = None,
     expert_groups: int = 1,
+    front: Any = None,
 ) -> FastAPI:
     """The app serving `router`. With `manage_router`, the app's lifespan starts the router on
     the server's event loop and closes it at shutdown (without shutting the ranks down).
     `eplb`: the EPLB service actor (admin routes, /metrics; resynced after a restart by an
     `EplbWatch`, `expert_groups` being the model's expert groups); `pools`: the `PoolSet` of
-    the pool instances the server started (admin scaling)."""
+    the pool instances the server started (admin scaling); `front`: a front router's
+    `FrontWatch` (`orchestrator.front`), run while the app serves."""
     config = config or ServeConfig()
     metrics = Metrics(log_requests=config.log_requests)
     if config.log_requests:
@@ -95,6 +97,8 @@ def create_app(
         try:
             yield
         finally:
+            if front is not None:
+                await front.stop()
             if app.state.autoscaler is not None:
                 await app.state.autoscaler.stop()
             if app.state.eplb_watch is not None:
@@ -114,6 +118,8 @@ def create_app(
         # Structured output checks each constraint with xgrammar, whose import (torch,
         # transformers) takes seconds: done now, off the event loop, not on the first request.
         threading.Thread(target=xgrammar_available, name="import-xgrammar", daemon=True).start()
+        if front is not None:
+            front.start()
         if pools is not None and config.replace_dead_instances:
             pools.watch_dead_ranks(router, eplb)
         if eplb is not None:
@@ -245,7 +251,9 @@ def create_app(
 
     add_openai_routes(app, ctx)
     add_ops_routes(app, ctx, eplb, pools)
-    add_admin_routes(app, eplb, config.admin_token, router, pools, config.scale_drain_s)
+    add_admin_routes(
+        app, eplb, config.admin_token, router, pools, config.scale_drain_s, config.front
+    )
     return app
 
 

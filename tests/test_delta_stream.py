@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from workers.engine.delta_stream import FRAME_HEADER, HEARTBEAT_S, DeltaStream
-from workers.engine.messages import FinishReason, TokenDelta
+from workers.engine.messages import FinishReason, TokenDelta, router_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,7 +25,7 @@ class Output:
         self.items: queue.Queue[list[TokenDelta]] = queue.Queue()
         self.stuck = threading.Event()  # set: `take` never returns (a rank that hangs)
 
-    def take(self, timeout_s: float) -> list[TokenDelta]:
+    def take(self, timeout_s: float, router: str = "") -> list[TokenDelta]:
         if self.stuck.is_set():
             time.sleep(3600)
         try:
@@ -34,9 +34,10 @@ class Output:
             return []
 
 
-def _connect(stream: DeltaStream, token: str | None = None) -> socket.socket:
+def _connect(stream: DeltaStream, token: str | None = None, tag: str = "") -> socket.socket:
     conn = socket.create_connection((stream.address.host, stream.address.port), timeout=10)
-    conn.sendall((token if token is not None else stream.address.token).encode() + b"\n")
+    token = token if token is not None else stream.address.token
+    conn.sendall(token.encode() + (b" " + tag.encode() if tag else b"") + b"\n")
     return conn
 
 
@@ -91,6 +92,84 @@ def test_a_wrong_token_is_refused_and_the_next_router_is_served():
         assert received == [TokenDelta("a", [8]), TokenDelta("a", [9])]
     finally:
         stream.close()
+
+
+class RoutedOutput:
+    """What a rank's `_take_output` does with several routers: each takes its own requests'
+    output (`router_of`)."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, queue.Queue[list[TokenDelta]]] = {}
+        self.lock = threading.Lock()
+
+    def _queue(self, router: str) -> queue.Queue[list[TokenDelta]]:
+        with self.lock:
+            return self.queues.setdefault(router, queue.Queue())
+
+    def put(self, items: list[TokenDelta]) -> None:
+        by_router: dict[str, list[TokenDelta]] = {}
+        for item in items:
+            by_router.setdefault(router_of(item.rid), []).append(item)
+        for router, mine in by_router.items():
+            self._queue(router).put(mine)
+
+    def take(self, timeout_s: float, router: str = "") -> list[TokenDelta]:
+        try:
+            return self._queue(router).get(timeout=timeout_s)
+        except queue.Empty:
+            return []
+
+
+def _frame_with_items(conn: socket.socket) -> list[TokenDelta]:
+    for _ in range(10):  # past heartbeats
+        items = _read_frame(conn)
+        if items:
+            return items
+    raise AssertionError("only heartbeats")
+
+
+def test_several_routers_each_get_their_own_requests_output():
+    """The primary router and a front router (tagged) connected at once: each request's
+    output goes to the router whose tag its id carries; a front router's connection that
+    ends is reported (the rank then aborts its requests), one that connects again under the
+    same tag replaces the first, and a malformed tag is refused."""
+    out = RoutedOutput()
+    events: queue.Queue[tuple[str, bool]] = queue.Queue()
+    stream = DeltaStream(out.take, "127.0.0.1", on_router=lambda r, up: events.put((r, up)))
+    try:
+        primary = _connect(stream)
+        front = _connect(stream, tag="ab12")
+        assert {events.get(timeout=10), events.get(timeout=10)} == {("", True), ("ab12", True)}
+        out.put([TokenDelta("x#1", [1]), TokenDelta("y#2@ab12", [2]), TokenDelta("z", [3])])
+        assert _frame_with_items(primary) == [TokenDelta("x#1", [1]), TokenDelta("z", [3])]
+        assert _frame_with_items(front) == [TokenDelta("y#2@ab12", [2])]
+        again = _connect(stream, tag="ab12")  # replaces `front`
+        assert events.get(timeout=10) == ("ab12", True)
+        with pytest.raises((EOFError, ConnectionResetError)):
+            for _ in range(5):
+                _read_frame(front)
+        out.put([TokenDelta("y#2@ab12", [4])])
+        assert _frame_with_items(again) == [TokenDelta("y#2@ab12", [4])]
+        assert events.empty()  # replaced, not gone
+        again.close()
+        assert events.get(timeout=10) == ("ab12", False)
+        out.put([TokenDelta("x#1", [5])])  # the primary is served on
+        assert _frame_with_items(primary) == [TokenDelta("x#1", [5])]
+        bad = _connect(stream, tag="not-hex!")
+        with pytest.raises((EOFError, ConnectionResetError)):
+            _read_frame(bad)
+        assert sorted(stream.routers) == [""]
+    finally:
+        stream.close()
+
+
+def test_router_of_reads_the_tag_a_front_router_puts_in_its_ids():
+    assert router_of("client#3@ab12") == "ab12"
+    assert router_of("client#3") == ""
+    assert router_of("user@example.com#3") == ""  # a client id may hold '@'
+    assert router_of("a#b@c#3") == ""
+    assert router_of("a#b@c") == ""  # not `#N@TAG`
+    assert router_of("r1") == ""
 
 
 def test_close_ends_the_router_connection():
@@ -180,7 +259,7 @@ def test_commands_reach_the_rank_in_order_and_nothing_else_is_built(tmp_path):
 
     received: queue.Queue[list[object]] = queue.Queue()
     out = Output()
-    stream = DeltaStream(out.take, "127.0.0.1", received.put)
+    stream = DeltaStream(out.take, "127.0.0.1", lambda frame, router: received.put(frame))
     marker = "/tmp/pdserve-delta-stream-exploit"
     if os.path.exists(marker):
         os.remove(marker)
@@ -217,7 +296,7 @@ def test_the_router_sends_its_commands_on_the_stream():
     commands: list[tuple[object, ...]] = []
     out = Output()
 
-    def on_commands(frame: list[tuple[object, ...]]) -> None:
+    def on_commands(frame: list[tuple[object, ...]], router: str) -> None:
         for command in frame:
             commands.append(command)
             if command[0] == "add":

@@ -29,11 +29,16 @@ pytestmark = pytest.mark.timeout(300)
 class _Serve:
     """A `pdserve serve` process; `url` once it serves."""
 
-    def __init__(self, gcs: str, model_dir: Any, name: str, *extra: str):
+    def __init__(
+        self, gcs: str, model_dir: Any, name: str, *extra: str, pools: tuple[str, ...] = ()
+    ):
+        """`name`: the deployment it starts or takes over ("": none, e.g. a front router);
+        `pools`: its pool flags (by default one colocated rank)."""
+        deployment = ["--deployment", name] if name else []
         cmd = [
             sys.executable, "-m", "orchestrator.cli", "serve", "--model", str(model_dir),
-            "--address", gcs, "--port", "0", "--colocated", "--kv-capacity-tokens", "32768",
-            "--deployment", name, "--drain-timeout", "0", *extra,
+            "--address", gcs, "--port", "0", *(pools or ("--colocated",)),
+            "--kv-capacity-tokens", "32768", *deployment, "--drain-timeout", "0", *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)  # fmt: skip

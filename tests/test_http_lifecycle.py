@@ -44,6 +44,7 @@ def test_health_models_and_metrics(tiny_server, info):
         "pdserve_kv_pages_used",
         "pdserve_kv_pages_free",
         'pdserve_gc_seconds_total{process="router"}',
+        "pdserve_router_cpu_seconds_total",
         'pdserve_gc_seconds_total{process="rank-0"}',
         'pdserve_gc_longest_pause_seconds{process="rank-0"}',
     ):

@@ -304,6 +304,10 @@ def cmd_status(args: argparse.Namespace) -> int:
           "since start")  # fmt: skip
     if data.get("deployment"):
         print(f"deployment {data['deployment']} (its pools outlive this router)")
+    if data.get("front"):
+        front = data["front"]
+        print(f"front router {front['tag']} of deployment {front['deployment']} (its primary "
+              "router scales the pools)")  # fmt: skip
     starting = [p["name"] for p in data.get("pools") or [] if p.get("state") == "starting"]
     if starting:
         print(f"starting (pdserve scale): {', '.join(starting)}")

@@ -107,6 +107,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         kv_pressure_interval_s=args.kv_pressure_interval,
         deployment=args.deployment,
         keep_pools=args.keep_pools,
+        front=args.front,
         sse_keepalive_s=args.sse_keepalive,
         drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
@@ -166,7 +167,8 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
     # A deployment's detached placement groups are found by name within a namespace.
     from orchestrator.deployment import NAMESPACE
 
-    namespace = NAMESPACE if config.deployment is not None else None
+    named = config.deployment is not None or config.front is not None
+    namespace = NAMESPACE if named else None
     try:
         return ray.init(
             address=address, num_cpus=num_cpus, logging_level=logging.WARNING,
@@ -182,6 +184,7 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
+    from orchestrator.deployment import DeploymentError
     from orchestrator.launcher import launch, local_ray_cpus, resolve_model_dir
     from orchestrator.pool_instance import RankStartError, starts_local_ray
     from orchestrator.preflight import preflight
@@ -192,26 +195,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say(f"error: {e}")
         return 2
     log_to_stderr(config.log_level)
-    say(f"topology: {config.topology}")
-    for role, most in config.autoscale_bounds().items():
-        start = {"prefill": config.prefill_instances, "decode": config.decode_instances}
-        if most == start.get(role, 1):
-            say(f"warning: {role} starts with its maximum of {most} instance(s): the "
-                "autoscaler has nothing to add")  # fmt: skip
-        else:
-            say(f"autoscaling {role} instances between {start.get(role, 1)} and {most}")
-    if config.checkpoint is not None and config.checkpoint.is_hub_repo:
-        say(f"model: {config.model} from the Hugging Face Hub (or its cache)")
     local = starts_local_ray(config)
-    try:
-        model_dir = resolve_model_dir(config)
-        warnings = preflight(config, model_dir, local)
-    except (ValueError, OSError) as e:
-        say(f"error: {e}")
-        return 2
-    say(f"model: {model_dir}")
-    for line in warnings:
-        say(f"warning: {line}")
+    model_dir = None
+    if config.front is not None:  # the deployment's record says what it serves
+        say(f"front router of deployment {config.front}")
+    else:
+        say(f"topology: {config.topology}")
+        for role, most in config.autoscale_bounds().items():
+            start = {"prefill": config.prefill_instances, "decode": config.decode_instances}
+            if most == start.get(role, 1):
+                say(f"warning: {role} starts with its maximum of {most} instance(s): the "
+                    "autoscaler has nothing to add")  # fmt: skip
+            else:
+                say(f"autoscaling {role} instances between {start.get(role, 1)} and {most}")
+        if config.checkpoint is not None and config.checkpoint.is_hub_repo:
+            say(f"model: {config.model} from the Hugging Face Hub (or its cache)")
+        try:
+            model_dir = resolve_model_dir(config)
+            warnings = preflight(config, model_dir, local)
+        except (ValueError, OSError) as e:
+            say(f"error: {e}")
+            return 2
+        say(f"model: {model_dir}")
+        for line in warnings:
+            say(f"warning: {line}")
     mutual_tls = config.tls is not None and config.tls.client_cas is not None
     if config.api_key is None and not mutual_tls and not _is_loopback(config.host):
         say(f"warning: listening on {config.host} without --api-key: anyone who reaches the "
@@ -249,9 +256,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     server = None
     try:
-        if config.engine.device == "cuda" and not ray.cluster_resources().get("GPU"):
+        if config.front is not None:
+            from orchestrator import front
+
+            try:
+                model_dir = front.model_dir_of(config, front.load_record(config.front))
+            except (DeploymentError, ValueError, OSError) as e:
+                say(f"error: {e}")
+                return 2
+            say(f"model: {model_dir}")
+        elif config.engine.device == "cuda" and not ray.cluster_resources().get("GPU"):
             say("error: --device cuda: the Ray cluster has no GPUs")
             return 2
+        assert model_dir is not None
         say(f"loading {config.model_name(model_dir)} ...")
         server = launch(
             config,

@@ -100,6 +100,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "unless --keep-pools; `pdserve down --deployment NAME` removes them",
     )  # fmt: skip
     t.add_argument(
+        "--front", metavar="NAME",
+        help="with --address: serve deployment NAME as one more router beside the one that "
+        "started it (--deployment NAME), sharing the per-token work of HTTP, tokenizing and "
+        "streaming; it follows that router's scaling and takes no pool flags. Admin commands "
+        "that change the pools go to that router",
+    )  # fmt: skip
+    t.add_argument(
         "--keep-pools", action="store_true",
         help="with --deployment: a graceful stop (SIGTERM, Ctrl-C) leaves the pools running "
         "for the next `pdserve serve --deployment NAME` (a router upgrade without reloading "

@@ -11,7 +11,8 @@ Protocol (both ends in this repository; nothing else speaks it):
 
 - The rank listens on its node's address (`DeltaStream.address`: host, port and a random
   token, handed to the router through the `stream_address` actor call); the router connects
-  and sends the token and a newline. A connection without the right token is closed.
+  and sends the token, its tag after a space when it is a front router (see below), and a
+  newline. A connection without the right token is closed.
 - Both ends then send frames: an 8-byte little-endian length, then a pickled list.
   - Rank → router: `TokenDelta | TransferReady | AddsTaken` items, the rank's output since the
     previous frame; an empty list every `HEARTBEAT_S` while there is nothing to send, so the
@@ -22,10 +23,14 @@ Protocol (both ends in this repository; nothing else speaks it):
     an abort sent after its add cannot overtake it. The rank unpickles them with an
     unpickler that builds only the message classes and plain containers (`_CommandUnpickler`):
     even a peer that has the token cannot make it run anything.
-- One router at a time. When its connection breaks the rank waits for the next (the router
-  treats a broken stream as a failed rank, as it did a failed poll, and asks for the address
-  again once the rank answers `ready`); what it had taken for the broken one goes first to
-  the next.
+- Several routers at once: the deployment's primary router (no tag) and its front routers
+  (`pdserve serve --front NAME`), each tagged. A request's output goes to the router whose
+  tag its id carries (`messages.router_of`), an `AddsTaken` to the router that sent the add.
+  When a router's connection breaks the rank waits for the next: what it had taken for the
+  primary goes first to its next connection (the router treats a broken stream as a failed
+  rank, as it did a failed poll, and asks for the address again once the rank answers
+  `ready`); a front router's requests are aborted (`on_router`), as that router has given
+  them up. A router that connects again replaces its earlier connection.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import io
 import logging
 import pickle
+import re
 import secrets
 import socket
 import struct
@@ -119,36 +125,59 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
+ROUTER_TAG = re.compile(r"[0-9a-f]{1,32}")  # a front router's tag (`messages.router_of`)
+MAX_HANDSHAKE = 128  # bytes: the token, a space and a tag, a newline
+
+
 class DeltaStream:
     def __init__(
         self,
-        take: Callable[[float], list[Any]],
+        take: Callable[[float, str], list[Any]],
         host: str,
-        on_commands: Callable[[list[Any]], None] | None = None,
+        on_commands: Callable[[list[Any], str], None] | None = None,
+        on_router: Callable[[str, bool], None] | None = None,
     ):
-        """`take(timeout_s)`: the rank's new output, waiting up to `timeout_s` when there is
-        none (the rank's only consumer of it while the stream runs). `on_commands`: called
-        with each command frame the router sends, in order, on the stream's reading thread.
-        Starts listening on `host` at once; a daemon thread serves one router connection at
-        a time."""
+        """`take(timeout_s, router)`: the rank's new output for `router` (its tag, "" for the
+        primary router), waiting up to `timeout_s` when there is none (that router's
+        connection is its only consumer). `on_commands(commands, router)`: called with each
+        command frame a router sends, in order, on that connection's reading thread.
+        `on_router(router, connected)`: a router's connection began or ended. Starts
+        listening on `host` at once; a daemon thread accepts routers, a thread each serves
+        them."""
         self._take = take
         self._on_commands = on_commands
+        self._on_router = on_router
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._server = socket.create_server((host, 0), family=family)
         self._server.settimeout(HEARTBEAT_S)  # so that `close` is noticed while idle
         self.address = StreamAddress(host, self._server.getsockname()[1], secrets.token_hex(16))
         self._closed = threading.Event()
-        self._pending: list[Any] = []  # taken, not delivered: the next connection's first frame
+        self._lock = threading.Lock()
+        self._connections: dict[str, socket.socket] = {}  # router tag -> its connection
+        self._threads: list[threading.Thread] = []
+        # Per router: taken and not delivered, its next connection's first frame; and the lock
+        # its connection takes and sends under, so that a connection that replaces another
+        # sends only after what the other took (in order).
+        self._pending: dict[str, list[Any]] = {}
+        self._send_locks: dict[str, threading.Lock] = {}
         self._thread = threading.Thread(target=self._serve, name="delta-stream", daemon=True)
         self._thread.start()
 
+    @property
+    def routers(self) -> list[str]:
+        """The tags of the routers connected now ("" for the primary)."""
+        with self._lock:
+            return list(self._connections)
+
     def close(self) -> None:
-        """Stop serving (the router sees the connection end); idempotent."""
+        """Stop serving (every router sees its connection end); idempotent."""
         self._closed.set()
         with contextlib.suppress(OSError):
             self._server.close()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=2 * HEARTBEAT_S)
+            for thread in list(self._threads):
+                thread.join(timeout=2 * HEARTBEAT_S)
 
     def _serve(self) -> None:
         while not self._closed.is_set():
@@ -158,39 +187,73 @@ class DeltaStream:
                 continue
             except OSError:
                 return  # closed
-            with conn:
-                if self._handshake(conn):
-                    broken = threading.Event()
-                    reader = threading.Thread(
-                        target=self._read_commands, args=(conn, broken),
-                        name="delta-stream-commands", daemon=True,
-                    )  # fmt: skip
-                    reader.start()
-                    self._send_until_broken(conn, broken)
-                    with contextlib.suppress(OSError):
-                        conn.shutdown(socket.SHUT_RDWR)  # ends the reader's recv
-                    reader.join(timeout=2 * HEARTBEAT_S)
+            tag = self._handshake(conn)
+            if tag is None:
+                conn.close()
+                continue
+            thread = threading.Thread(
+                target=self._serve_router, args=(conn, tag),
+                name=f"delta-stream-{tag or 'primary'}", daemon=True,
+            )  # fmt: skip
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            thread.start()
 
-    def _handshake(self, conn: socket.socket) -> bool:
+    def _serve_router(self, conn: socket.socket, tag: str) -> None:
+        """One router's connection, until it breaks. A router that connects again (the same
+        tag) replaces its earlier connection."""
+        with self._lock:
+            earlier = self._connections.get(tag)
+            self._connections[tag] = conn
+        if earlier is not None:
+            with contextlib.suppress(OSError):
+                earlier.shutdown(socket.SHUT_RDWR)
+        if self._on_router is not None:
+            self._on_router(tag, True)
+        with conn:
+            broken = threading.Event()
+            reader = threading.Thread(
+                target=self._read_commands, args=(conn, tag, broken),
+                name="delta-stream-commands", daemon=True,
+            )  # fmt: skip
+            reader.start()
+            self._send_until_broken(conn, tag, broken)
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # ends the reader's recv
+            reader.join(timeout=2 * HEARTBEAT_S)
+        with self._lock:
+            replaced = self._connections.get(tag) is not conn
+            if not replaced:
+                del self._connections[tag]
+        if not replaced and self._on_router is not None:
+            self._on_router(tag, False)
+
+    def _handshake(self, conn: socket.socket) -> str | None:
+        """The connecting router's tag ("" for the primary), or None when it is refused."""
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
-        expected = self.address.token.encode() + b"\n"
         received = b""
         try:
-            while len(received) < len(expected) and not received.endswith(b"\n"):
-                chunk = conn.recv(len(expected) - len(received))
+            # A byte at a time: the router's first commands may follow in the same segment.
+            while len(received) < MAX_HANDSHAKE and not received.endswith(b"\n"):
+                chunk = conn.recv(1)
                 if not chunk:
                     break
                 received += chunk
         except OSError:
-            return False
-        if not secrets.compare_digest(received, expected):
+            return None
+        token, _, tag = received.rstrip(b"\n").partition(b" ")
+        if not received.endswith(b"\n") or not secrets.compare_digest(
+            token, self.address.token.encode()
+        ):
             logger.warning("output stream: a connection without the rank's token was refused")
-            return False
+            return None
+        if tag and not ROUTER_TAG.fullmatch(tag.decode("ascii", "replace")):
+            logger.warning("output stream: a router with a malformed tag was refused")
+            return None
         conn.settimeout(None)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return True
+        return tag.decode()
 
-    def _read_commands(self, conn: socket.socket, broken: threading.Event) -> None:
+    def _read_commands(self, conn: socket.socket, tag: str, broken: threading.Event) -> None:
         """Hand each command frame to `on_commands` until the connection ends (then `broken`
         is set) or a frame is not one (then the connection is dropped)."""
         try:
@@ -200,7 +263,7 @@ class DeltaStream:
                     raise ValueError(f"a command frame of {size} bytes")
                 commands = decode_commands(_recv_exactly(conn, size))
                 if self._on_commands is not None:
-                    self._on_commands(commands)
+                    self._on_commands(commands, tag)
         except (OSError, ConnectionError):
             pass
         except (pickle.UnpicklingError, ValueError, EOFError) as e:
@@ -210,23 +273,31 @@ class DeltaStream:
         finally:
             broken.set()
 
-    def _send_until_broken(self, conn: socket.socket, broken: threading.Event) -> None:
+    def _send_until_broken(self, conn: socket.socket, tag: str, broken: threading.Event) -> None:
+        with self._lock:
+            send_lock = self._send_locks.setdefault(tag, threading.Lock())
         last_sent = time.monotonic()
         while not self._closed.is_set():
-            items = self._pending + self._take(HEARTBEAT_S)
-            self._pending = []
-            now = time.monotonic()
-            if not items and now - last_sent < HEARTBEAT_S and not broken.is_set():
-                continue  # woken for something else: nothing to send yet
-            try:
-                if broken.is_set() or _peer_closed(conn):
-                    raise ConnectionResetError("the router closed the stream")
-                conn.sendall(encode_frame(items))
-            except OSError:
-                # Kept for the next router (which ignores what it no longer waits for).
-                self._pending = items
-                return
-            last_sent = now
+            with send_lock:
+                replaced = self._connections.get(tag) is not conn
+                if replaced:
+                    return
+                items = self._pending.pop(tag, []) + self._take(HEARTBEAT_S, tag)
+                now = time.monotonic()
+                if not items and now - last_sent < HEARTBEAT_S and not broken.is_set():
+                    continue  # woken for something else: nothing to send yet
+                try:
+                    if broken.is_set() or _peer_closed(conn):
+                        raise ConnectionResetError("the router closed the stream")
+                    conn.sendall(encode_frame(items))
+                except OSError:
+                    # Kept for the router's next connection (which ignores what it no longer
+                    # waits for) — the primary's always, a front router's when it connected
+                    # again; otherwise a front router's requests end with its connection.
+                    if not tag or self._connections.get(tag) is not conn:
+                        self._pending[tag] = items
+                    return
+                last_sent = now
 
 
 def _peer_closed(conn: socket.socket) -> bool:

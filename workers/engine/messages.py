@@ -301,6 +301,18 @@ class AddsTaken:
     refusals: list[str | None]
     error: str | None = None
     rid: str = ""  # the output stream routes items by request: this one is the router's own
+    router: str = ""  # the tag of the router that sent the add ("": the primary)
+
+
+def router_of(rid: str) -> str:
+    """The tag of the router whose request `rid` is ("" for the primary router): a front
+    router's attempt ids end in `#N@TAG` (`orchestrator.router.Router.next_attempt_id`), the
+    primary's in `#N`; ids not made by a router (tests, tools) are the primary's."""
+    head, sep, last = rid.rpartition("#")
+    if not sep:
+        return ""
+    number, at, tag = last.partition("@")
+    return tag if at and number.isdigit() else ""
 
 
 def short_error(e: BaseException) -> str:

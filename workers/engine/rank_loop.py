@@ -19,7 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from workers.engine.inbox import apply_inbox
-from workers.engine.messages import TokenDelta, TransferReady
+from workers.engine.messages import TokenDelta, TransferReady, router_of
 from workers.engine.rank_reports import RankStats
 from workers.engine.rank_setup import group_poll_s
 
@@ -159,11 +159,17 @@ def _publish(
     deltas = worker._stream.take(deltas, stepped)
     with worker._lock:
         worker._stats = stats
-        worker._events.extend(events)
+        gone = worker._gone_routers  # front routers whose connection broke: nobody reads it
+        for e in events:
+            if (router := router_of(e.rid)) not in gone:
+                worker._events.setdefault(router, []).append(e)
         for d in deltas:
-            prev = worker._outbox.get(d.rid)
+            if (router := router_of(d.rid)) in gone:
+                continue
+            outbox = worker._outbox.setdefault(router, {})
+            prev = outbox.get(d.rid)
             if prev is not None:
                 d.prepend(prev)
-            worker._outbox[d.rid] = d
+            outbox[d.rid] = d
         if deltas or events:
             worker._lock.notify_all()

@@ -56,6 +56,7 @@ from workers.engine.messages import (
     StreamBuffer,
     TokenDelta,
     TransferReady,
+    router_of,
 )
 from workers.engine.rank_eplb import RankEplb
 from workers.engine.rank_loop import run_loop
@@ -127,9 +128,12 @@ class EngineWorker(RankOperations):
         self._info = rank_info(self.engine, role, instance, pool, migrates)
         self._lock = threading.Condition()
         self._inbox: deque[Message] = deque()  # see `workers.engine.inbox`
-        self._outbox: dict[str, TokenDelta] = {}
+        # Output not sent yet, per router (its tag, "" for the primary): deltas merged per
+        # request, and events; front routers whose connection broke get none.
+        self._outbox: dict[str, dict[str, TokenDelta]] = {}
         self._stream = StreamBuffer(config.stream_interval)  # used by the loop thread only
-        self._events: list[TransferReady | AddsTaken] = []
+        self._events: dict[str, list[TransferReady | AddsTaken]] = {}
+        self._gone_routers: set[str] = set()
         self._stats = self.engine.stats()
         self._stopped = False
         self._delta_stream: DeltaStream | None = None  # started by the first `stream_address`
@@ -220,22 +224,25 @@ class EngineWorker(RankOperations):
         with self._lock:
             if self._delta_stream is None:
                 host = self._info.node or "127.0.0.1"
-                self._delta_stream = DeltaStream(self._take_output, host, self._on_commands)
+                self._delta_stream = DeltaStream(
+                    self._take_output, host, self._on_commands, self._on_router
+                )
             return self._delta_stream.address
 
-    def _on_commands(self, commands: list[Any]) -> None:
-        """The router's commands from the output stream (its reading thread), in order: each
-        the actor call of the same name; an `add`'s answer goes out on the stream."""
+    def _on_commands(self, commands: list[Any], router: str = "") -> None:
+        """A router's commands from the output stream (its reading thread), in order: each
+        the actor call of the same name; an `add`'s answer goes out on the stream, to
+        `router` (its tag)."""
         for command in commands:
             kind = command[0]
             if kind == "add":
                 _, seq, reqs = command
                 try:
-                    answer = AddsTaken(seq, self.add_requests(reqs))
+                    answer = AddsTaken(seq, self.add_requests(reqs), router=router)
                 except Exception as e:
-                    answer = AddsTaken(seq, [], error=f"{type(e).__name__}: {e}")
+                    answer = AddsTaken(seq, [], error=f"{type(e).__name__}: {e}", router=router)
                 with self._lock:
-                    self._events.append(answer)
+                    self._events.setdefault(router, []).append(answer)
                     self._lock.notify_all()
                 continue
             try:  # a command that fails is logged; the stream (and the rank) go on
@@ -250,18 +257,45 @@ class EngineWorker(RankOperations):
             except Exception:
                 logger.exception("the router's %s command failed", kind)
 
-    def _take_output(self, timeout_s: float) -> list[TokenDelta | TransferReady | AddsTaken]:
-        """The output since the last call, waiting up to `timeout_s` for some (the delta
-        stream's thread is its only caller)."""
+    def _on_router(self, router: str, connected: bool) -> None:
+        """A router's output stream began or ended. A front router whose stream ended gave its
+        requests here up (it treats a broken stream as a failed rank): they are aborted, and
+        their output dropped, until it connects again."""
+        if not router:
+            return  # the primary: what it does not read waits for its next connection
         with self._lock:
-            if not self._outbox and not self._events and not self._stopped:
+            if connected:
+                self._gone_routers.discard(router)
+                return
+            self._gone_routers.add(router)
+            self._outbox.pop(router, None)
+            self._events.pop(router, None)
+        threading.Thread(
+            target=self._abort_router, args=(router,), name="abort-router", daemon=True
+        ).start()
+
+    def _abort_router(self, router: str) -> None:
+        try:
+            num = self.abort_all(router)
+        except Exception as e:  # the rank is stopping, or its loop failed: nothing to abort
+            logger.debug("aborting the requests of router %s: %s", router, e)
+            return
+        if num:
+            logger.warning("router %s went away: aborted its %d request(s) here", router, num)
+
+    def _take_output(
+        self, timeout_s: float, router: str = ""
+    ) -> list[TokenDelta | TransferReady | AddsTaken]:
+        """The output for `router` (its tag) since the last call, waiting up to `timeout_s`
+        for some (that router's stream is its only caller)."""
+        with self._lock:
+            idle = not self._outbox.get(router) and not self._events.get(router)
+            if idle and not self._stopped:
                 self._lock.wait(timeout_s)
             out: list[TokenDelta | TransferReady | AddsTaken] = [
-                *self._events,
-                *self._outbox.values(),
+                *self._events.pop(router, ()),
+                *self._outbox.pop(router, {}).values(),
             ]
-            self._outbox.clear()
-            self._events = []
         return out
 
     # Polled by every /metrics and /v1/stats call: without task events, Ray's GCS keeps no
@@ -275,10 +309,12 @@ class EngineWorker(RankOperations):
             transfers=transfers,
         )  # fmt: skip
 
-    def abort_all(self) -> int:
-        """Abort every request this rank holds (a new router took the deployment over: the
-        old one's clients are gone); how many."""
-        rids = self._call_in_loop(lambda: list(self.engine.requests))
+    def abort_all(self, router: str = "") -> int:
+        """Abort every request this rank holds for `router` (its tag; "": the primary — a new
+        router took the deployment over, the old one's clients are gone); how many."""
+        rids = self._call_in_loop(
+            lambda: [rid for rid in self.engine.requests if router_of(rid) == router]
+        )
         for rid in rids:
             self.abort(rid)
         return len(rids)

@@ -1,0 +1,199 @@
+"""`pdserve serve --front NAME`: one more router for deployment NAME, beside the one that
+started it.
+
+A router process does the per-token work of every request it serves — HTTP or gRPC,
+tokenizing, detokenizing, stop strings, SSE — about 0.06 s of CPU per 1,000 streamed output
+tokens (docs/benchmarks.md): one process serves some 15k output tokens/s, a few decode
+instances' worth. Front routers share that work: each serves its own clients (behind a load
+balancer, or DNS) on the same pool instances. The deployment's **primary** router (`pdserve
+serve --deployment NAME`) alone starts, scales, replaces and rebalances the instances; a
+front router follows what it does through the deployment's record in the GCS
+(`orchestrator.deployment`), re-read every `REFRESH_S`:
+
+- an instance the record gains is taken on once its ranks are ready;
+- one marked draining (being scaled down) gets no new request, and its requests run on;
+- one the record loses is forgotten (what still ran there resumes elsewhere, as after a
+  rank failure).
+
+Each front router has a tag of its own (random, `new_tag`), which it sends when it connects
+to a rank's output stream and puts at the end of its requests' ids on the ranks (`Router.
+next_attempt_id`): a rank sends each request's output to the router whose request it is
+(`workers.engine.delta_stream`). When a front router's connection to a rank breaks, the rank
+aborts that router's requests — the router has given them up, as it would after any rank
+failure — so a front router that dies leaves no work behind; the primary's take-over aborts
+only the primary's own.
+
+Each router balances its own requests over the ranks from what it sent them
+(`orchestrator.policy`); the routers do not share their counts, so that balance is per
+router (with the traffic spread evenly over the routers, the ranks' load is even too).
+Admin commands that change the pools (scale, rebalance) go to the primary; a front router
+answers them with 409 naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator import deployment as dep
+
+if TYPE_CHECKING:
+    from orchestrator.config import ServeConfig
+    from orchestrator.router import Router
+
+logger = logging.getLogger(__name__)
+
+REFRESH_S = 2.0  # how often a front router reads the deployment's record
+READY_PROBE_S = 2.0  # how long one look waits for a new instance's ranks to answer `ready`
+
+
+def new_tag() -> str:
+    """A front router's tag: 8 hex digits (`workers.engine.delta_stream.ROUTER_TAG`)."""
+    return secrets.token_hex(4)
+
+
+def primary_only(name: str) -> str:
+    """What a front router answers an admin command that changes the pools."""
+    return (
+        f"this is a front router of deployment {name} (--front): send commands that change "
+        f"its pools to its primary router (`pdserve serve --deployment {name}`)"
+    )
+
+
+def load_record(name: str) -> dep.DeploymentRecord:
+    """Deployment `name`'s record, checked for this installation; DeploymentError naming what
+    to do otherwise."""
+    record = dep.load(name)
+    if record is None:
+        raise dep.DeploymentError(
+            f"--front {name}: no deployment {name!r} in this Ray cluster (start it with "
+            f"`pdserve serve --address ... --deployment {name}`; `pdserve down --address "
+            "auto` lists the deployments)"
+        )
+    if record.code != dep.code_fingerprint():
+        raise dep.DeploymentError(
+            f"--front {name}: the deployment's ranks run other pdserve code than this "
+            f"installation ({record.code}, this is {dep.code_fingerprint()}): run the front "
+            "router from the installation that serves it"
+        )
+    return record
+
+
+def model_dir_of(config: ServeConfig, record: dep.DeploymentRecord) -> Path:
+    """The checkpoint a front router tokenizes with: `--model` when given (the same model, as
+    found on this machine), else where the deployment's record says its model is."""
+    recorded = Path(record.settings["model"])
+    if config.model is None:
+        if not (recorded / "config.json").is_file():
+            raise dep.DeploymentError(
+                f"--front {record.name}: the deployment serves {recorded}, which this machine "
+                "does not have: pass --model (the same checkpoint, or its Hub id)"
+            )
+        return recorded
+    from orchestrator.launcher import resolve_model_dir
+
+    given = resolve_model_dir(config)
+    if (recorded / "config.json").is_file() and given.resolve() != recorded.resolve():
+        raise dep.DeploymentError(
+            f"--front {record.name}: the deployment serves {recorded}, not {given}: leave "
+            "--model out, or give the same checkpoint"
+        )
+    return given
+
+
+def instance_ranks(record: dep.DeploymentRecord, inst: dep.InstanceRecord) -> list[Any] | None:
+    """The rank actors of `inst`, by name; None while one is missing (being started or
+    replaced)."""
+    import ray
+
+    try:
+        return [
+            ray.get_actor(dep.rank_name(record.name, inst.name, i), namespace=dep.NAMESPACE)
+            for i in range(inst.num_ranks)
+        ]
+    except ValueError:
+        return None
+
+
+def serving_instances(record: dep.DeploymentRecord) -> list[dep.InstanceRecord]:
+    """The instances a front router sends requests to: not draining."""
+    return [i for i in record.instances if not i.draining]
+
+
+@dataclass
+class FrontWatch:
+    """Keeps a front router's ranks in step with the deployment's record (see the module
+    doc). Runs on the router's event loop."""
+
+    router: Router
+    name: str
+    # Instance name -> the router's indices of its ranks.
+    known: dict[str, list[int]] = field(default_factory=dict)
+    refresh_s: float = REFRESH_S
+    gone_logged: bool = False
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="front-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the GCS is unreachable for a moment: look again
+                logger.warning("front router: reading deployment %s failed: %s", self.name, e)
+
+    async def sync(self) -> None:
+        """One look at the record: take on new instances, close draining ones, forget removed
+        ones."""
+        record = await asyncio.to_thread(dep.load, self.name)
+        if record is None:
+            if not self.gone_logged:
+                logger.error("front router: deployment %s is gone (removed by `pdserve down`, "
+                             "or its router stopped); nothing left to serve", self.name)  # fmt: skip
+                self.gone_logged = True
+            instances: list[dep.InstanceRecord] = []
+        else:
+            self.gone_logged = False
+            instances = record.instances
+        present = {i.name: i for i in instances}
+        for name in [n for n in self.known if n not in present]:
+            indices = self.known.pop(name)
+            logger.info("front router: %s left the deployment", name)
+            await self.router.remove_ranks(indices, f"pool instance {name} was removed")
+        for name, inst in present.items():
+            if name in self.known:
+                if inst.draining and not set(self.known[name]) <= self.router.ranks.closed:
+                    logger.info("front router: %s drains; no new request goes there", name)
+                    self.router.close_ranks(self.known[name])
+                continue
+            if inst.draining or record is None:
+                continue
+            handles = await asyncio.to_thread(instance_ranks, record, inst)
+            if handles is None or not await _all_ready(handles):
+                continue  # starting: next look
+            self.known[name] = await self.router.add_ranks(handles)
+            logger.info("front router: took on %s (ranks %s)", name, self.known[name])
+            self.router.wake_waiting()
+
+
+async def _all_ready(handles: list[Any]) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in handles)), READY_PROBE_S)
+    except Exception:
+        return False
+    return True
