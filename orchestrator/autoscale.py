@@ -2,8 +2,9 @@
 
 Each role whose maximum is above its starting count is watched; the starting count is its
 minimum. Every `SAMPLE_S` the router samples each role's utilization from its own accounting
-(exact and current: what it sent each rank, not stats polled from the ranks), over the ranks
-of its serving instances:
+(exact and current: what it sent each rank, not stats polled from the ranks) — with
+`--deployment`, raised to what each rank reports holding (`with_reported`), which counts the
+requests of the deployment's front routers too — over the ranks of its serving instances:
 
 - decode and colocated: the KV tokens reserved (prompt + `max_new_tokens` of every request the
   ranks hold or queue) over the ranks' KV capacity — above 1 when requests wait for room;
@@ -32,9 +33,10 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from orchestrator.policy import RankLoad
 from orchestrator.pools import PoolSet
 from orchestrator.scaling import ScaleInProgress
 
@@ -92,6 +94,24 @@ def decide(
     if count > minimum and longer and max(longer) < cfg.target * DOWN_FRACTION:
         return -1
     return 0
+
+
+def with_reported(loads: Sequence[RankLoad], stats: Sequence[Any]) -> list[RankLoad]:
+    """`loads` (this router's accounting) raised to what each rank reports holding (`stats`,
+    `RankStats` or None per rank): a deployment's front routers (`orchestrator.front`) send
+    the ranks requests that this router does not count."""
+    out = []
+    for load, st in zip(loads, stats, strict=True):
+        if st is not None:
+            load = replace(
+                load,
+                num_reserved_tokens=max(load.num_reserved_tokens, st.num_reserved_tokens),
+                num_queued_prefill_tokens=max(
+                    load.num_queued_prefill_tokens, st.num_unstarted_prompt_tokens
+                ),
+            )
+        out.append(load)
+    return out
 
 
 def utilization(loads: Sequence[Any], role: str, prefill_step_tokens: int) -> float | None:
@@ -176,6 +196,8 @@ class Autoscaler:
             if self.router.draining or self.pools.stopped:
                 return
             loads = self.router.ranks.loads()
+            if self.pools.deployment is not None:  # it may have front routers
+                loads = with_reported(loads, await self.router.ranks.stats())
             now = time.monotonic()
             for role in self.minimum:
                 self.last[role] = utilization(loads, role, self.prefill_step_tokens)

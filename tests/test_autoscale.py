@@ -20,6 +20,7 @@ from orchestrator.autoscale import (
     RoleWindow,
     decide,
     utilization,
+    with_reported,
 )
 from orchestrator.config import ServeConfig
 from orchestrator.policy import RankLoad
@@ -79,6 +80,26 @@ def test_utilization_of_each_role_from_the_router_accounting():
     assert utilization(loads, "prefill", prefill_step_tokens=1000) == pytest.approx(1.0)
     assert utilization(loads, "decode", prefill_step_tokens=1000) == pytest.approx(0.25)
     assert utilization(loads, "colocated", prefill_step_tokens=1000) is None
+
+
+def test_the_ranks_reports_raise_the_accounting_to_what_front_routers_sent():
+    from workers.engine.rank_reports import RankStats
+
+    def held(reserved: int, unstarted: int) -> RankStats:
+        return RankStats(0, 0, 0, 0, 0, 0, num_reserved_tokens=reserved,
+                         num_unstarted_prompt_tokens=unstarted)  # fmt: skip
+
+    loads = [
+        RankLoad("prefill", True, 1000, num_queued_prefill_tokens=500),
+        RankLoad("decode", True, 1000, num_reserved_tokens=300),
+        RankLoad("decode", True, 1000, num_reserved_tokens=700),
+    ]
+    # Front routers' requests on the first two ranks; the third answered no stats.
+    raised = with_reported(loads, [held(0, 2500), held(900, 0), None])
+    assert utilization(raised, "prefill", prefill_step_tokens=1000) == pytest.approx(1.25)
+    assert utilization(raised, "decode", prefill_step_tokens=1000) == pytest.approx(0.8)
+    # What the router counts and the rank has not reported yet still counts.
+    assert with_reported(loads, [held(0, 100), held(200, 0), None]) == loads
 
 
 @pytest.mark.parametrize(

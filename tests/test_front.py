@@ -158,6 +158,9 @@ def test_a_front_router_serves_the_deployment_beside_its_router(ray_session, tin
         before = _generated(url)
         long_front = _Streams(front_url, 3)
         long_front.wait_started()
+        # The ranks report holding them (the primary's autoscaler counts them so).
+        held = max(r["stats"]["num_reserved_tokens"] for r in _stats(url))
+        assert held >= 3 * 4000, held
         kept = _Streams(url, 2, max_new_tokens=200)
         front.stop(signal.SIGKILL)
         kept_results = kept.join()

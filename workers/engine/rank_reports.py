@@ -104,6 +104,10 @@ class RankStats:
     num_spec_draft_tokens: int = 0
     num_spec_accepted_tokens: int = 0
     transfers: TransferTotals = TransferTotals()
+    # The requests it holds, whichever router sent them (`EngineWorker.stats` counts them):
+    # prompt + max_new_tokens of each, and the prompt tokens of those without output yet.
+    num_reserved_tokens: int = 0
+    num_unstarted_prompt_tokens: int = 0
     # The process's garbage collector since the rank started (`workers.gc_pauses`).
     gc_seconds: float = 0.0
     gc_longest_pause_s: float = 0.0

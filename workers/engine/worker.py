@@ -304,9 +304,16 @@ class EngineWorker(RankOperations):
     def stats(self) -> RankStats:
         gc = gc_pauses.PROCESS
         transfers = self.handoff.totals if self.handoff is not None else TransferTotals()
+        # Every router's requests (a deployment's autoscaler counts its front routers' too);
+        # a copy of the table, taken at once under the GIL while the loop may change it.
+        held = list(self.engine.requests.values())
         return dataclasses.replace(
             self._stats, gc_seconds=gc.seconds, gc_longest_pause_s=gc.longest_s,
             transfers=transfers,
+            num_reserved_tokens=sum(s.num_prompt_tokens + s.sampling.max_new_tokens
+                                    for s in held),
+            num_unstarted_prompt_tokens=sum(s.num_prompt_tokens for s in held
+                                            if len(s.token_ids) == s.num_prompt_tokens),
         )  # fmt: skip
 
     def abort_all(self, router: str = "") -> int:
