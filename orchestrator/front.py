@@ -36,6 +36,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +125,40 @@ def instance_ranks(record: dep.DeploymentRecord, inst: dep.InstanceRecord) -> li
 def serving_instances(record: dep.DeploymentRecord) -> list[dep.InstanceRecord]:
     """The instances a front router sends requests to: not draining."""
     return [i for i in record.instances if not i.draining]
+
+
+def first_ranks(
+    name: str, timeout_s: float, progress: Callable[[float], None] | None = None
+) -> tuple[dict[str, list[int]], list[Any]]:
+    """The ranks of deployment `name`'s serving instances whose actors exist (by instance
+    name: their indices in the list), waiting up to `timeout_s` for one to exist (a primary
+    starting its pools right now); `progress(elapsed_s)` every ~5 s meanwhile. Those not
+    there yet are taken on later (`FrontWatch`). DeploymentError when none came."""
+    began = last_said = time.monotonic()
+    while True:
+        record = load_record(name)
+        known: dict[str, list[int]] = {}
+        ranks: list[Any] = []
+        for inst in serving_instances(record):
+            handles = instance_ranks(record, inst)
+            if handles is not None:
+                known[inst.name] = list(range(len(ranks), len(ranks) + len(handles)))
+                ranks += handles
+        if ranks:
+            missing = [i.name for i in serving_instances(record) if i.name not in known]
+            if missing:
+                logger.warning("front router: %s not there yet; taken on once there",
+                               ", ".join(missing))  # fmt: skip
+            return known, ranks
+        now = time.monotonic()
+        if now - began > timeout_s:
+            raise dep.DeploymentError(
+                f"--front {name}: the deployment has had no pool instance for {timeout_s:.0f} s"
+            )
+        if progress is not None and now - last_said >= 5:
+            progress(now - began)
+            last_said = now
+        time.sleep(REFRESH_S)
 
 
 @dataclass

@@ -340,19 +340,7 @@ def _launch_front(
     assert config.front is not None
     record = front.load_record(config.front)
     model_dir = model_dir or front.model_dir_of(config, record)
-    watch_known: dict[str, list[int]] = {}
-    ranks: list[Any] = []
-    for inst in front.serving_instances(record):
-        handles = front.instance_ranks(record, inst)
-        if handles is None:
-            logger.warning("front router: %s is not there yet; taken on once it is", inst.name)
-            continue
-        watch_known[inst.name] = list(range(len(ranks), len(ranks) + len(handles)))
-        ranks += handles
-    if not ranks:
-        raise dep.DeploymentError(
-            f"--front {config.front}: the deployment has no pool instance serving now"
-        )
+    watch_known, ranks = front.first_ranks(config.front, config.ready_timeout_s, progress)
     wait_ranks_ready(ranks, config.ready_timeout_s, progress)
     router = Router(
         ranks,

@@ -227,6 +227,17 @@ def test_front_router_refusals(ray_session, tiny_model_dir):
     import ray
 
     gcs = ray.get_runtime_context().gcs_address
+    from orchestrator import deployment as dep
+    from orchestrator.front import first_ranks
+
+    name = f"e-{uuid.uuid4().hex[:8]}"  # recorded, its actors not there (yet)
+    instance = dep.InstanceRecord("colocated", 0, 1, {"CPU": 1.0})
+    dep.save(dep.DeploymentRecord(name, dep.code_fingerprint(), {}, [instance]))
+    try:
+        with pytest.raises(dep.DeploymentError, match="has had no pool instance for 0 s"):
+            first_ranks(name, 0.1)
+    finally:
+        dep.delete(name)
     missing = _Serve(gcs, tiny_model_dir, "", "--front", "nobody-here", pools=POOLS)
     assert missing.proc.wait(120) == 2, missing.log
     assert "no deployment 'nobody-here' in this Ray cluster" in missing.log, missing.log
