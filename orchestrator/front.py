@@ -10,7 +10,7 @@ serve --deployment NAME`) alone starts, scales, replaces and rebalances the inst
 front router follows what it does through the deployment's record in the GCS
 (`orchestrator.deployment`), re-read every `REFRESH_S`:
 
-- an instance the record gains is taken on once its ranks are ready;
+- an instance the record gains is taken on the moment its ranks are ready;
 - one marked draining (being scaled down) gets no new request, and its requests run on;
 - one the record loses is forgotten (what still ran there resumes elsewhere, as after a
   rank failure).
@@ -50,8 +50,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REFRESH_S = 2.0  # how often a front router reads the deployment's record
-READY_PROBE_S = 2.0  # how long one look waits for a new instance's ranks to answer `ready`
+REFRESH_S = 1.0  # how often a front router reads the deployment's record
 
 
 def new_tag() -> str:
@@ -172,16 +171,22 @@ class FrontWatch:
     known: dict[str, list[int]] = field(default_factory=dict)
     refresh_s: float = REFRESH_S
     gone_logged: bool = False
+    # Instances found and not ready yet: each waits for its ranks' `ready` in a task of its
+    # own and is taken on the moment they answer — when the primary replaces an instance it
+    # drains the old one as soon as the new one is ready, and a poll would leave a gap.
+    pending: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="front-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self.pending.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await task
 
     async def _run(self) -> None:
         while True:
@@ -194,8 +199,8 @@ class FrontWatch:
                 logger.warning("front router: reading deployment %s failed: %s", self.name, e)
 
     async def sync(self) -> None:
-        """One look at the record: take on new instances, close draining ones, forget removed
-        ones."""
+        """One look at the record: take on new instances (once ready), close draining ones,
+        forget removed ones."""
         record = await asyncio.to_thread(dep.load, self.name)
         if record is None:
             if not self.gone_logged:
@@ -207,6 +212,8 @@ class FrontWatch:
             self.gone_logged = False
             instances = record.instances
         present = {i.name: i for i in instances}
+        for name in [n for n in self.pending if n not in present or present[n].draining]:
+            self.pending.pop(name).cancel()
         for name in [n for n in self.known if n not in present]:
             indices = self.known.pop(name)
             logger.info("front router: %s left the deployment", name)
@@ -217,19 +224,26 @@ class FrontWatch:
                     logger.info("front router: %s drains; no new request goes there", name)
                     self.router.close_ranks(self.known[name])
                 continue
-            if inst.draining or record is None:
+            if inst.draining or record is None or name in self.pending:
                 continue
             handles = await asyncio.to_thread(instance_ranks, record, inst)
-            if handles is None or not await _all_ready(handles):
-                continue  # starting: next look
+            if handles is not None:  # else its actors are still to be made: next look
+                self.pending[name] = asyncio.get_running_loop().create_task(
+                    self._take_on(name, handles), name=f"front-take-on-{name}"
+                )
+
+    async def _take_on(self, name: str, handles: list[Any]) -> None:
+        """Take instance `name` on once its ranks are ready."""
+        try:
+            await asyncio.gather(*(h.ready.remote() for h in handles))
             self.known[name] = await self.router.add_ranks(handles)
-            logger.info("front router: took on %s (ranks %s)", name, self.known[name])
-            self.router.wake_waiting()
-
-
-async def _all_ready(handles: list[Any]) -> bool:
-    try:
-        await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in handles)), READY_PROBE_S)
-    except Exception:
-        return False
-    return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # it failed to start (the primary replaces it): next look
+            logger.warning("front router: %s did not come up: %s", name, e)
+            return
+        finally:
+            if self.pending.get(name) is asyncio.current_task():
+                del self.pending[name]
+        logger.info("front router: took on %s (ranks %s)", name, self.known[name])
+        self.router.wake_waiting()
