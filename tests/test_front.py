@@ -241,3 +241,41 @@ def test_front_router_refusals(ray_session, tiny_model_dir):
     missing = _Serve(gcs, tiny_model_dir, "", "--front", "nobody-here", pools=POOLS)
     assert missing.proc.wait(120) == 2, missing.log
     assert "no deployment 'nobody-here' in this Ray cluster" in missing.log, missing.log
+
+
+def test_mixed_traffic_on_both_routers_while_the_primary_churns(ray_session, tiny_model_dir):
+    """`benchmarks/soak.py` against the primary (taking a decode instance out at once every
+    third admin turn, the last one replaced) and against a front router at the same time:
+    every answer on both as asked — the front router follows the replacements without a gap
+    — and nothing held on any rank afterwards."""
+    import subprocess
+    import sys
+
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    churn = ("--decode-instances", "2", "--kv-capacity-tokens", "16384")
+    primary = _Serve(gcs, tiny_model_dir, name, "--admin-token", TOKEN, *churn, pools=POOLS)
+    front = None
+    try:
+        url = primary.wait_serving()
+        front = _Serve(gcs, tiny_model_dir, "", "--front", name, pools=POOLS)
+        front_url = front.wait_serving()
+        soak = [sys.executable, "benchmarks/soak.py", "--duration", "30", "--concurrency", "4"]
+        runs = [
+            subprocess.Popen([*soak, "--url", url, "--admin-token", TOKEN, "--admin-every", "2",
+                              "--churn", "decode"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True),
+            subprocess.Popen([*soak, "--url", front_url, "--seed", "1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True),
+        ]  # fmt: skip
+        outs = [run.communicate(timeout=240)[0] for run in runs]
+        assert "/admin/scale" in outs[0], outs[0]
+        for run, out in zip(runs, outs, strict=True):
+            assert run.returncode == 0 and "0 unexpected answer(s), 0 leak(s)" in out, out
+    finally:
+        for s in (front, primary):
+            if s is not None and s.proc.poll() is None:
+                s.stop(signal.SIGKILL)
+        _down(gcs, "--deployment", name, "--force")
