@@ -311,8 +311,8 @@ class ServeConfig:
             check_name(self.front, "--front")
             if self.deployment is not None:
                 raise ValueError(
-                    "--front NAME serves deployment NAME beside its router; --deployment starts "
-                    "(or takes over) one: give one of them"
+                    f"--front {self.front} serves that deployment beside its router; --deployment "
+                    f"{self.deployment} starts (or takes over) another: give one of them"
                 )
             if self.starts_local_ray:
                 raise ValueError("--front needs --address: the cluster where the deployment runs")

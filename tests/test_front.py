@@ -221,7 +221,16 @@ def test_front_router_refusals(ray_session, tiny_model_dir):
     with pytest.raises(ValueError, match="--front needs --address"):
         ServeConfig(front="d1")
     with pytest.raises(ValueError, match="give one of them"):
-        ServeConfig(front="d1", deployment="d1", ray_address="auto")
+        ServeConfig(front="d1", deployment="d2", ray_address="auto")
+    # A front router may read its deployment's serve file, which names the deployment.
+    from orchestrator.cli import build_parser
+    from orchestrator.cli.serve import serve_config
+
+    args = build_parser().parse_args(
+        ["serve", "--address", "auto", "--front", "d1", "--deployment", "d1", "--keep-pools"]
+    )
+    config = serve_config(args)
+    assert config.front == "d1" and config.deployment is None and not config.keep_pools
     with pytest.raises(ValueError, match="--front 'a/b': 1 to 63 letters"):
         ServeConfig(front="a/b", ray_address="auto")
     import ray

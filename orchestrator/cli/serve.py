@@ -105,8 +105,12 @@ def serve_config(args: argparse.Namespace) -> Any:
         replace_dead_instances=args.replace_dead_instances,
         kv_migration=args.kv_migration,
         kv_pressure_interval_s=args.kv_pressure_interval,
-        deployment=args.deployment,
-        keep_pools=args.keep_pools,
+        # A front router may read its deployment's serve file (`--config`), which names the
+        # deployment: that name is the one it serves, not one it starts.
+        deployment=None
+        if args.front is not None and args.deployment == args.front
+        else args.deployment,
+        keep_pools=args.keep_pools and args.front is None,
         front=args.front,
         sse_keepalive_s=args.sse_keepalive,
         drain_timeout_s=args.drain_timeout,
