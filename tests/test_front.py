@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -152,6 +154,13 @@ def test_a_front_router_serves_the_deployment_beside_its_router(ray_session, tin
         _refused_over_grpc(front.log.split("gRPC (pdserve.v1) on ")[1].split()[0])
         stats = httpx.get(f"{front_url}/v1/stats", timeout=10).json()
         assert stats["front"]["deployment"] == name and stats["deployment"] is None, stats
+        status = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "status", "--url", front_url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert f"front router {stats['front']['tag']} of deployment {name}" in status.stdout, (
+            status.stdout + status.stderr
+        )
 
         # A front router that dies: its requests end on the ranks (pages freed), the
         # primary's run on.
@@ -257,9 +266,6 @@ def test_mixed_traffic_on_both_routers_while_the_primary_churns(ray_session, tin
     third admin turn, the last one replaced) and against a front router at the same time:
     every answer on both as asked — the front router follows the replacements without a gap
     — and nothing held on any rank afterwards."""
-    import subprocess
-    import sys
-
     import ray
 
     gcs = ray.get_runtime_context().gcs_address
