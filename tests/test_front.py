@@ -200,6 +200,9 @@ def test_a_front_router_serves_the_deployment_beside_its_router(ray_session, tin
         _wait("the front router forgot the instance", lambda: len(_stats(again_url)) == 2)
         assert [_greedy(again_url, i) for i in range(4)] == want
         _wait("nothing left on the ranks", lambda: _idle(url))
+        # A front router's graceful stop leaves the pools to their primary.
+        assert again.stop() == 0, again.log
+        assert [_greedy(url, i) for i in range(2)] == want[:2]
     finally:
         for s in (front, again, primary, primary2):
             if s is not None and s.proc.poll() is None:
