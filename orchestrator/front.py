@@ -129,10 +129,10 @@ def serving_instances(record: dep.DeploymentRecord) -> list[dep.InstanceRecord]:
 def first_ranks(
     name: str, timeout_s: float, progress: Callable[[float], None] | None = None
 ) -> tuple[dict[str, list[int]], list[Any]]:
-    """The ranks of deployment `name`'s serving instances whose actors exist (by instance
-    name: their indices in the list), waiting up to `timeout_s` for one to exist (a primary
-    starting its pools right now); `progress(elapsed_s)` every ~5 s meanwhile. Those not
-    there yet are taken on later (`FrontWatch`). DeploymentError when none came."""
+    """The ranks of deployment `name`'s serving instances that are ready (by instance name:
+    their indices in the list), waiting up to `timeout_s` for one to be (a primary starting
+    its pools right now); `progress(elapsed_s)` every ~5 s meanwhile. Those still starting
+    are taken on later (`FrontWatch`). DeploymentError when none came."""
     began = last_said = time.monotonic()
     while True:
         record = load_record(name)
@@ -140,24 +140,41 @@ def first_ranks(
         ranks: list[Any] = []
         for inst in serving_instances(record):
             handles = instance_ranks(record, inst)
-            if handles is not None:
+            if handles is not None and _ready_now(handles):
                 known[inst.name] = list(range(len(ranks), len(ranks) + len(handles)))
                 ranks += handles
         if ranks:
-            missing = [i.name for i in serving_instances(record) if i.name not in known]
-            if missing:
-                logger.warning("front router: %s not there yet; taken on once there",
-                               ", ".join(missing))  # fmt: skip
+            later = [i.name for i in serving_instances(record) if i.name not in known]
+            if later:
+                logger.warning("front router: %s still starting; taken on once ready",
+                               ", ".join(later))  # fmt: skip
             return known, ranks
         now = time.monotonic()
         if now - began > timeout_s:
             raise dep.DeploymentError(
-                f"--front {name}: the deployment has had no pool instance for {timeout_s:.0f} s"
+                f"--front {name}: the deployment has had no pool instance ready for "
+                f"{timeout_s:.0f} s"
             )
         if progress is not None and now - last_said >= 5:
             progress(now - began)
             last_said = now
         time.sleep(REFRESH_S)
+
+
+def _ready_now(handles: list[Any], wait_s: float = 1.0) -> bool:
+    """Whether every rank in `handles` answers `ready` within `wait_s` (False too when one
+    failed to start)."""
+    import ray
+
+    refs = [h.ready.remote() for h in handles]
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    if pending:
+        return False
+    try:
+        ray.get(done)
+    except Exception:
+        return False
+    return True
 
 
 @dataclass

@@ -255,7 +255,7 @@ def test_front_router_refusals(ray_session, tiny_model_dir):
     instance = dep.InstanceRecord("colocated", 0, 1, {"CPU": 1.0})
     dep.save(dep.DeploymentRecord(name, dep.code_fingerprint(), {}, [instance]))
     try:
-        with pytest.raises(dep.DeploymentError, match="has had no pool instance for 0 s"):
+        with pytest.raises(dep.DeploymentError, match="has had no pool instance ready for 0 s"):
             first_ranks(name, 0.1)
     finally:
         dep.delete(name)
