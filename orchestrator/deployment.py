@@ -106,6 +106,9 @@ class DeploymentRecord:
     instances: list[InstanceRecord] = field(default_factory=list)
     next: dict[str, int] = field(default_factory=dict)  # each role's next instance number
     selectors: dict[str, dict[str, str]] = field(default_factory=dict)  # per role
+    # Its router replaces an instance whose rank is dead for good (front routers' requests
+    # then wait for the new one: `orchestrator.front`).
+    replaces: bool = True
 
     def to_json(self) -> str:
         return json.dumps({"format": RECORD_FORMAT, **dataclasses.asdict(self)})
@@ -238,6 +241,38 @@ class Lease:
             except Exception as e:
                 logger.debug("releasing the lease of %s: %s", self.name, e)
             self.handle = None
+
+
+def front_lease(name: str, tag: str) -> Any:
+    """The named actor a front router of deployment `name` holds while it serves (not
+    detached: it dies with the router's process), by which `pdserve down` sees it
+    (`live_fronts`). The caller keeps the handle: Ray ends the actor with its last one."""
+    import ray
+
+    holder = f"front router {tag} (pdserve serve pid {os.getpid()} on {socket.gethostname()})"
+    return (
+        ray.remote(_RouterLease)
+        .options(name=f"{name}/front-{tag}", namespace=NAMESPACE, num_cpus=0)
+        .remote(holder)
+    )
+
+
+def live_fronts(name: str) -> list[str]:
+    """The front routers serving deployment `name` now (their leases' holders)."""
+    import ray
+    from ray.util import list_named_actors
+
+    prefix = f"{name}/front-"
+    holders = []
+    for actor in list_named_actors(all_namespaces=True):
+        if actor.get("namespace") != NAMESPACE or not actor["name"].startswith(prefix):
+            continue
+        try:
+            lease = ray.get_actor(actor["name"], namespace=NAMESPACE)
+            holders.append(str(ray.get(lease.who.remote(), timeout=5)))
+        except Exception:  # it died meanwhile
+            continue
+    return holders
 
 
 def tear_down(name: str) -> list[str]:

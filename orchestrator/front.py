@@ -23,6 +23,13 @@ aborts that router's requests — the router has given them up, as it would afte
 failure — so a front router that dies leaves no work behind; the primary's take-over aborts
 only the primary's own.
 
+A rank dead for good is replaced by the primary (when the record says it replaces them):
+the front router's requests that lost it wait for the new instance (`Router.num_replacing`),
+as the primary's do. A rank that goes silent is failed but not killed — the silence may be
+the front router's own stall, and the ranks are the primary's to restart. While it serves, a
+front router holds a named actor (`deployment.front_lease`), so that `pdserve down` refuses
+a deployment it serves.
+
 Each router balances its own requests over the ranks from what it sent them
 (`orchestrator.policy`); the routers do not share their counts, so that balance is per
 router (with the traffic spread evenly over the routers, the ranks' load is even too).
@@ -59,10 +66,10 @@ def new_tag() -> str:
 
 
 def primary_only(name: str) -> str:
-    """What a front router answers an admin command that changes the pools."""
+    """What a front router answers an admin command about the pools or experts."""
     return (
-        f"this is a front router of deployment {name} (--front): send commands that change "
-        f"its pools to its primary router (`pdserve serve --deployment {name}`)"
+        f"this is a front router of deployment {name} (--front): its primary router "
+        f"(`pdserve serve --deployment {name}`) answers commands about its pools and experts"
     )
 
 
@@ -192,10 +199,29 @@ class FrontWatch:
     # own and is taken on the moment they answer — when the primary replaces an instance it
     # drains the old one as soon as the new one is ready, and a poll would leave a gap.
     pending: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # Instances with a rank dead for good that the primary replaces (the record says it
+    # does), by role: requests that lost a rank wait for the new instance, as the primary's
+    # own do (`Router.num_replacing`), until one of the role is taken on.
+    replacing: dict[str, set[str]] = field(default_factory=dict)
+    replaces: bool = True
+    lease: Any = None  # `deployment.front_lease`, held while it serves
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self.router.on_rank_gone = self._rank_gone
         self._task = asyncio.get_running_loop().create_task(self._run(), name="front-watch")
+
+    def _rank_gone(self, index: int) -> None:
+        """A rank is dead for good: its instance is about to be replaced by the primary."""
+        name = next((n for n, indices in self.known.items() if index in indices), None)
+        if name is None or not self.replaces:
+            return
+        self.replacing.setdefault(name.rsplit("-", 1)[0], set()).add(name)
+        self._count_replacing()
+
+    def _count_replacing(self) -> None:
+        self.router.num_replacing = sum(len(names) for names in self.replacing.values())
+        self.router.wake_waiting()
 
     async def stop(self) -> None:
         tasks = [t for t in (self._task, *self.pending.values()) if t is not None]
@@ -204,6 +230,12 @@ class FrontWatch:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.lease is not None:
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.kill(self.lease)
+            self.lease = None
 
     async def _run(self) -> None:
         while True:
@@ -228,6 +260,10 @@ class FrontWatch:
         else:
             self.gone_logged = False
             instances = record.instances
+            self.replaces = record.replaces
+        if (record is None or not self.replaces) and self.replacing:
+            self.replacing.clear()  # nothing will replace them
+            self._count_replacing()
         present = {i.name: i for i in instances}
         for name in [n for n in self.pending if n not in present or present[n].draining]:
             self.pending.pop(name).cancel()
@@ -263,4 +299,5 @@ class FrontWatch:
             if self.pending.get(name) is asyncio.current_task():
                 del self.pending[name]
         logger.info("front router: took on %s (ranks %s)", name, self.known[name])
-        self.router.wake_waiting()
+        self.replacing.pop(name.rsplit("-", 1)[0], None)  # its role is back
+        self._count_replacing()

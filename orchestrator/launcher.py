@@ -353,6 +353,7 @@ def _launch_front(
         tag=front.new_tag(),
     )
     watch = front.FrontWatch(router, config.front, watch_known)
+    watch.lease = dep.front_lease(config.front, router.tag)  # `pdserve down` sees this router
     app = create_app(router, config, front=watch)
     http = ServerThread(
         app, config.host, config.port, config.log_level, config.access_log, config.tls

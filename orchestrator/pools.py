@@ -117,7 +117,7 @@ class PoolSet:
                 ]  # placement group exists, named, from the moment it is asked for  # fmt: skip
             record = dep.DeploymentRecord(
                 self.deployment, dep.code_fingerprint(), self._settings, instances,
-                dict(self.next_number), dict(self.selectors),
+                dict(self.next_number), dict(self.selectors), self.config.replace_dead_instances,
             )  # fmt: skip
             try:
                 dep.save(record)

@@ -64,7 +64,7 @@ async def watch_rank(router: Router, index: int) -> None:
                 router.num_rank_failures += 1
                 logger.error("%s", message)
                 router.fail_requests(index, message)
-            if isinstance(e, RankSilent):
+            if isinstance(e, RankSilent) and router.kills_stuck_ranks:
                 # Alive but stuck: it would hold its expert-parallel peers in their
                 # collectives until those time out, and never come back by itself. Ray
                 # starts it afresh (and its peers, whose collectives then fail at once).

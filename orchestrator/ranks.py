@@ -127,8 +127,9 @@ class RankTable:
         infos = [i for i in self.infos if i is not None]
         if not self.all_loaded:
             raise RouterNotReady("the model is still loading")
-        if not infos:  # every rank removed: their instance is being replaced
-            raise RouterNotReady("no engine rank is up (a pool instance is being replaced)")
+        if not infos:  # every rank removed: their instance is being replaced (or gone)
+            raise RouterNotReady("no engine rank is up (a pool instance is being replaced, or "
+                                 "the deployment was removed)")  # fmt: skip
         return Limits(
             vocab_size=min(i.vocab_size for i in infos),
             max_context_len=min(i.max_context_len for i in infos),

@@ -68,6 +68,10 @@ class Router:
         # on, waits for a rank to come back (Ray restarts it) and resumes there; 0: it ends.
         self.restart_wait_s = restart_wait_s
         self.num_waited = 0  # requests that waited for a rank to come back
+        # Kill a rank whose stream goes silent (stuck), for Ray to restart it. A front router
+        # (`orchestrator.front`) does not: its own stall would look the same, and the ranks
+        # are the primary's to restart.
+        self.kills_stuck_ranks = not tag
         # The requests waiting for a rank now, by the client's id: their job, and the event
         # that wakes them (a rank's state changed, the client aborted, the server stops).
         self.waiting: dict[str, tuple[Job, asyncio.Event]] = {}
@@ -132,9 +136,14 @@ class Router:
 
     @property
     def is_ready(self) -> bool:
-        """True when every rank has loaded its model, none has died, and the server is not
-        draining."""
-        return self.ranks.all_loaded and not any(self.ranks.errors) and not self.draining
+        """True when every rank has loaded its model, none has died, there is one, and the
+        server is not draining."""
+        return (
+            self.ranks.all_loaded
+            and bool(self.ranks.present)
+            and not any(self.ranks.errors)
+            and not self.draining
+        )
 
     @property
     def is_serving(self) -> bool:

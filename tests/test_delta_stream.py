@@ -186,12 +186,16 @@ def test_close_ends_the_router_connection():
         _connect(stream)  # nobody listens any more
 
 
-def test_the_router_fails_a_rank_whose_stream_goes_silent():
+@pytest.mark.parametrize("tag", ["", "ab12"])
+def test_the_router_fails_a_rank_whose_stream_goes_silent(tag, monkeypatch):
     """The router reads a rank's stream (a real `DeltaStream` here, behind a fake actor
     handle): its tokens reach the request; a stream that stops sending, heartbeats too (a hung
-    rank, a lost node), fails the rank and its requests after `stream_silence_s`."""
+    rank, a lost node), fails the rank and its requests after `stream_silence_s`. The primary
+    router then kills the rank for Ray to restart; a front router (tagged) does not — its own
+    stall would look the same, and the ranks are shared."""
     import asyncio
 
+    import orchestrator.rank_watch
     from orchestrator.router import Router
     from workers.engine.messages import SamplingParams
     from workers.engine.rank_reports import RankInfo
@@ -215,7 +219,7 @@ def test_the_router_fails_a_rank_whose_stream_goes_silent():
             return "".join(f"<{i}>" for i in ids)
 
     async def run() -> None:
-        router = Router([Handle()], tokenizer=Tok(), model_name="m", stream_silence_s=2.5)  # type: ignore[arg-type]
+        router = Router([Handle()], tokenizer=Tok(), model_name="m", stream_silence_s=2.5, tag=tag)  # type: ignore[arg-type]
         router.restart_poll_s = 60  # keep a failed rank failed for the test
         await router.start()
         await router.wait_ready(10)
@@ -230,8 +234,13 @@ def test_the_router_fails_a_rank_whose_stream_goes_silent():
         assert following.finish_reason == "error"
         assert "no output or heartbeat for 2.5 s" in (following.error or "")
         assert router.rank_errors[0] is not None and not router.is_ready
+        assert killed == ([] if tag else [True])
         await router.close()
 
+    killed: list[bool] = []
+    monkeypatch.setattr(
+        orchestrator.rank_watch.ray, "kill", lambda h, no_restart: killed.append(True)
+    )
     try:
         asyncio.run(run())
     finally:

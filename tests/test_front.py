@@ -271,6 +271,8 @@ def test_mixed_traffic_on_both_routers_while_the_primary_churns(ray_session, tin
     — and nothing held on any rank afterwards."""
     import ray
 
+    from orchestrator.deployment import NAMESPACE
+
     gcs = ray.get_runtime_context().gcs_address
     name = f"s-{uuid.uuid4().hex[:8]}"
     churn = ("--decode-instances", "2", "--kv-capacity-tokens", "16384")
@@ -292,6 +294,35 @@ def test_mixed_traffic_on_both_routers_while_the_primary_churns(ray_session, tin
         assert "/admin/scale" in outs[0], outs[0]
         for run, out in zip(runs, outs, strict=True):
             assert run.returncode == 0 and "0 unexpected answer(s), 0 leak(s)" in out, out
+
+        # Decode ranks dead for good: the primary replaces their instances, and the front
+        # router's requests wait for the new ones and go on there, as the primary's do.
+        streams = _Streams(front_url, 2, max_new_tokens=400)
+        streams.wait_started()
+        pools = httpx.get(f"{url}/admin/pools", headers=AUTH, timeout=30).json()["pools"]
+        for p in pools:
+            if p["role"] == "decode" and p["state"] == "serving":
+                rank = ray.get_actor(f"{name}/{p['name']}/rank-0", namespace=NAMESPACE)
+                ray.kill(rank, no_restart=True)
+        results = streams.join()
+        assert all(r is not None and len(r) == 400 for r in results), (results, front.log)
+
+        # Front routers keep a deployment whose primary is gone from `pdserve down`; once it
+        # is removed anyway, a front router says so on /health.
+        primary.stop(signal.SIGKILL)
+        refused = _down(gcs, "--deployment", name)
+        assert refused.returncode == 1 and "served by front router" in refused.stderr, refused
+        assert _down(gcs, "--deployment", name, "--force").returncode == 0
+        _wait("the front router reports nothing to serve",
+              lambda: httpx.get(f"{front_url}/health", timeout=10).status_code == 503)  # fmt: skip
+
+        def says_removed() -> bool:
+            r = httpx.post(f"{front_url}/generate", json=_body(0), timeout=30)
+            assert r.status_code == 503, r.text
+            return "deployment was removed" in r.text
+
+        _wait("the front router forgot the removed deployment's instances", says_removed)
+        assert "deployment " + name + " is gone" in front.log, front.log
     finally:
         for s in (front, primary):
             if s is not None and s.proc.poll() is None:

@@ -65,6 +65,12 @@ def cmd_down(args: argparse.Namespace) -> int:
             except dep.DeploymentError as e:
                 _say(f"error: {e} (or pass --force)")
                 return 1
+            fronts = dep.live_fronts(args.deployment)
+            if fronts:
+                lease.release()
+                _say(f"error: deployment {args.deployment!r} is served by {', '.join(fronts)}: "
+                     "stop them first (SIGTERM), or pass --force")  # fmt: skip
+                return 1
         try:
             removed = dep.tear_down(args.deployment)
         except dep.DeploymentError as e:
