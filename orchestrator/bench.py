@@ -61,6 +61,9 @@ class BenchConfig:
     ca_cert: str | None = None  # for an https:// URL: trust this CA (default: the system's)
     client_cert: str | None = None  # presented to a server that wants one (mutual TLS)
     client_key: str | None = None  # its key, when not in the client_cert file
+    # More routers of the same deployment (`pdserve serve --front`): the requests go to
+    # `url` and these in turn; the ranks' counts are read from `url`.
+    more_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "concurrency"):
@@ -272,12 +275,15 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
 
         texts = await prompt_texts(session, cfg.url, prompts) if cfg.api == "chat" else None
 
+        routed = [cfg, *(replace(cfg, url=u) for u in cfg.more_urls)]
+
         async def gated(ids: list[int], index: int) -> RequestResult:
+            to = routed[index % len(routed)]
             async with gate:
                 if cfg.api == "generate":
-                    return await _one(session, cfg, ids, index)
+                    return await _one(session, to, ids, index)
                 text = texts[index] if texts is not None else None
-                return await one_openai(session, cfg, ids, index, text)
+                return await one_openai(session, to, ids, index, text)
 
         before = await server_counts(session, cfg.url)
         start = time.perf_counter()

@@ -9,6 +9,7 @@ are refused by a front router with a 409 naming the primary."""
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -55,6 +56,15 @@ def _wait(what: str, check: Any, timeout_s: float = 60) -> None:
         time.sleep(0.2)
 
 
+def _generate_calls(url: str) -> float:
+    """The /generate calls a router answered with 200 (its `/metrics`)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for line in text.splitlines():
+        if line.startswith('pdserve_requests_total{route="/generate",status="200"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _generated(url: str) -> int:
     return sum(r["stats"]["num_generated_tokens"] for r in _stats(url))
 
@@ -84,8 +94,6 @@ class _Streams:
             t.start()
 
     def _run(self, url: str, i: int, max_new_tokens: int) -> None:
-        import json
-
         ids: list[int] = []
         said = False
         with (
@@ -144,6 +152,18 @@ def test_a_front_router_serves_the_deployment_beside_its_router(ray_session, tin
         mine = _Streams(url, 4, max_new_tokens=24)
         theirs = _Streams(front_url, 4, max_new_tokens=24)
         assert mine.join() == want and theirs.join() == want
+
+        # `pdserve bench` over both routers: the requests go to each in turn.
+        served = _generate_calls(front_url)
+        bench = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "bench", "--url", url, "--url",
+             front_url, "--num-prompts", "8", "--input-len", "8", "--output-len", "4",
+             "--concurrency", "4", "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert bench.returncode == 0, bench.stdout + bench.stderr
+        assert json.loads(bench.stdout)["num_requests"] == 8, bench.stdout
+        assert _generate_calls(front_url) - served == 4
 
         # Admin commands that change the pools belong to the primary.
         r = httpx.post(f"{front_url}/admin/scale", json={"decode": 2}, headers=AUTH)

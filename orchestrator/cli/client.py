@@ -175,7 +175,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="load-test a running server (random-token prompts)")
-    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument(
+        "--url", action="append",
+        help="the server (default http://127.0.0.1:30000); given again, more routers of the "
+        "same deployment (pdserve serve --front), which the requests go to in turn",
+    )  # fmt: skip
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -215,11 +219,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from orchestrator.bench import BenchConfig, run_bench
 
-    problem = url_problem(args.url)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    url = args.url.rstrip("/")
+    urls = [u.rstrip("/") for u in args.url or ["http://127.0.0.1:30000"]]
+    for u in urls:
+        problem = url_problem(u)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+    url = urls[0]
     constraint = None
     if args.regex:
         constraint = ("regex", args.regex)
@@ -250,6 +256,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ca_cert=args.ca_cert,
             client_cert=args.client_cert,
             client_key=args.client_key,
+            more_urls=tuple(urls[1:]),
         )
         result = asyncio.run(run_bench(cfg))
     except (aiohttp.ClientConnectionError, TimeoutError) as e:  # OSErrors: caught first
