@@ -234,6 +234,34 @@ class LocalServer:
             kill_actors([self.eplb])
 
 
+def _router(config: ServeConfig, ranks: list[Any], model_dir: Path, tag: str = "") -> Router:
+    return Router(
+        ranks,
+        Tokenizer.from_dir(model_dir),
+        model_name=config.model_name(model_dir),
+        stream_silence_s=config.stream_silence_s,
+        request_timeout_s=config.request_timeout_s,
+        restart_wait_s=config.rank_restart_wait_s,
+        max_queued_requests=config.max_queued_requests,
+        tag=tag,
+    )
+
+
+def _serve_app(app: FastAPI, config: ServeConfig, router: Router) -> ServerThread:
+    """Serve `app` on its thread; return once it listens and its router (and gRPC API)
+    serve, or after 30 s."""
+    http = ServerThread(
+        app, config.host, config.port, config.log_level, config.access_log, config.tls
+    )
+    http.start()
+    deadline = time.monotonic() + 30
+    grpc = app.state.grpc_server
+    while time.monotonic() < deadline and not (router.is_ready and (grpc is None or grpc.serving)):
+        time.sleep(0.01)  # the router's own ready() calls return at once now (and the
+        # gRPC health service follows it within 0.25 s)
+    return http
+
+
 def start_pools(model_dir: Path, config: ServeConfig) -> tuple[PoolSet, bool]:
     """The server's pool instances, started — or with `--deployment`, taken over when the
     cluster holds that deployment already (`orchestrator.deployment`): then also True. Raises
@@ -296,28 +324,10 @@ def launch(
                            len(pools.instances), ", ".join(i.name for i in pools.instances),
                            left)  # fmt: skip
         eplb = start_eplb(ranks, infos, model_dir, config)
-        router = Router(
-            ranks,
-            Tokenizer.from_dir(model_dir),
-            model_name=config.model_name(model_dir),
-            stream_silence_s=config.stream_silence_s,
-            request_timeout_s=config.request_timeout_s,
-            restart_wait_s=config.rank_restart_wait_s,
-            max_queued_requests=config.max_queued_requests,
-        )
+        router = _router(config, ranks, model_dir)
         groups = ModelConfig.from_dir(model_dir).n_group if eplb is not None else 1
         app = create_app(router, config, eplb=eplb, pools=pools, expert_groups=groups)
-        http = ServerThread(
-            app, config.host, config.port, config.log_level, config.access_log, config.tls
-        )
-        http.start()
-        deadline = time.monotonic() + 30
-        grpc = app.state.grpc_server
-        while time.monotonic() < deadline and not (
-            router.is_ready and (grpc is None or grpc.serving)
-        ):
-            time.sleep(0.01)  # the router's own ready() calls return at once now (and the
-            # gRPC health service follows it within 0.25 s)
+        http = _serve_app(app, config, router)
     except BaseException:
         if pools is not None:
             if taken_over:  # a router that failed to start does not take the deployment down
@@ -342,26 +352,11 @@ def _launch_front(
     model_dir = model_dir or front.model_dir_of(config, record)
     watch_known, ranks = front.first_ranks(config.front, config.ready_timeout_s, progress)
     wait_ranks_ready(ranks, config.ready_timeout_s, progress)
-    router = Router(
-        ranks,
-        Tokenizer.from_dir(model_dir),
-        model_name=config.model_name(model_dir),
-        stream_silence_s=config.stream_silence_s,
-        request_timeout_s=config.request_timeout_s,
-        restart_wait_s=config.rank_restart_wait_s,
-        max_queued_requests=config.max_queued_requests,
-        tag=front.new_tag(),
-    )
+    router = _router(config, ranks, model_dir, tag=front.new_tag())
     watch = front.FrontWatch(router, config.front, watch_known)
     watch.lease = dep.front_lease(config.front, router.tag)  # `pdserve down` sees this router
     app = create_app(router, config, front=watch)
-    http = ServerThread(
-        app, config.host, config.port, config.log_level, config.access_log, config.tls
-    )
-    http.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not router.is_ready:
-        time.sleep(0.01)
+    http = _serve_app(app, config, router)
     logger.warning("front router %s of deployment %s: %d pool instance(s) (%s)", router.tag,
                    config.front, len(watch_known), ", ".join(watch_known))  # fmt: skip
     grpc_port = app.state.grpc_server.port if app.state.grpc_server is not None else None
