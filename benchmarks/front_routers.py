@@ -81,9 +81,13 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--address", help="a running Ray cluster's (default: a Ray of its own)")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"] or ["--prefill-dp", "1", "--decode-dp", "1"]
-    ray.init(logging_level="ERROR", num_cpus=max(16, os.cpu_count() or 1))
+    if args.address:
+        ray.init(address=args.address, logging_level="ERROR")
+    else:
+        ray.init(logging_level="ERROR", num_cpus=max(16, os.cpu_count() or 1))
     gcs = ray.get_runtime_context().gcs_address
     name = f"bench-{uuid.uuid4().hex[:6]}"
     procs: list[subprocess.Popen[str]] = []

@@ -77,3 +77,17 @@ def test_prefix_tiers_benchmark_reports_what_the_cache_found(tiny_server) -> Non
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(tiny_server)]
     assert [r[1] for r in rows] == ["1", "2"], out
     assert float(rows[1][2]) >= 0.8, out  # 48 of 52 tokens a prompt: 3 of its 16-token pages
+
+
+def test_front_routers_benchmark_prints_both_rows(ray_session) -> None:
+    """`benchmarks/front_routers.py` on this session's Ray: one router against a primary and
+    a front router, both rows printed with each router's CPU per 1k tokens."""
+    import ray
+
+    out = _run(
+        "benchmarks/front_routers.py", "--address", ray.get_runtime_context().gcs_address,
+        "--num-prompts", "8", "--input-len", "8", "--output-len", "4", "--concurrency", "4",
+        "--rounds", "1",
+    )  # fmt: skip
+    assert "primary alone" in out and "primary + front, half each" in out, out
+    assert "failed" not in out, out
