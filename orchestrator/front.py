@@ -216,7 +216,7 @@ class FrontWatch:
         name = next((n for n, indices in self.known.items() if index in indices), None)
         if name is None or not self.replaces:
             return
-        self.replacing.setdefault(name.rsplit("-", 1)[0], set()).add(name)
+        self.replacing.setdefault(_role(name), set()).add(name)
         self._count_replacing()
 
     def _count_replacing(self) -> None:
@@ -299,5 +299,10 @@ class FrontWatch:
             if self.pending.get(name) is asyncio.current_task():
                 del self.pending[name]
         logger.info("front router: took on %s (ranks %s)", name, self.known[name])
-        self.replacing.pop(name.rsplit("-", 1)[0], None)  # its role is back
+        self.replacing.pop(_role(name), None)  # its role is back
         self._count_replacing()
+
+
+def _role(instance: str) -> str:
+    """The role of a pool instance, from its name (`InstanceRecord.name`: ROLE-N)."""
+    return instance.rsplit("-", 1)[0]

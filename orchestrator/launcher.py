@@ -348,10 +348,10 @@ def _launch_front(
     from orchestrator import front
 
     assert config.front is not None
-    record = front.load_record(config.front)
-    model_dir = model_dir or front.model_dir_of(config, record)
+    if model_dir is None:
+        model_dir = front.model_dir_of(config, front.load_record(config.front))
+    # Ready ones only: those still starting are taken on by the watch.
     watch_known, ranks = front.first_ranks(config.front, config.ready_timeout_s, progress)
-    wait_ranks_ready(ranks, config.ready_timeout_s, progress)
     router = _router(config, ranks, model_dir, tag=front.new_tag())
     watch = front.FrontWatch(router, config.front, watch_known)
     watch.lease = dep.front_lease(config.front, router.tag)  # `pdserve down` sees this router
