@@ -299,7 +299,8 @@ async def take_down(
     instance.state = "draining"
     logger.info("scaling: draining %s", instance.name)
     router.close_ranks(instance.indices)
-    await asyncio.to_thread(pools.record)  # front routers (`orchestrator.front`) see it too
+    if pools.deployment is not None:  # front routers (`orchestrator.front`) see it too
+        await asyncio.to_thread(pools.record)
     if eplb is not None and instance.spec.num_ranks > 1:
         try:  # first: no rebalance starts on it while it drains
             await eplb.remove_pool.remote(instance.name)
