@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.http_calls import _rank
+from tests.watchdog import pytest_runtest_protocol  # noqa: F401 (a hook: ends a hung run)
 
 if not torch.cuda.is_available():
     # The Triton kernels' CPU tests run under the interpreter, which must be chosen before

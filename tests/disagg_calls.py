@@ -29,6 +29,15 @@ def _generate(url: str, prompt: list[int], n: int, timeout_s: float = 60) -> htt
     return httpx.post(f"{url}/generate", json=body, timeout=timeout_s)
 
 
+def _greedy_outputs(url: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """The greedy output ids of `prompts`, run together in one batch `/generate` call (one at
+    a time would take minutes on an expert-parallel pool: a step per token each)."""
+    body = {"input_ids": prompts, "sampling_params": _greedy(n)}
+    r = httpx.post(f"{url}/generate", json=body, timeout=240)
+    assert r.status_code == 200, r.text
+    return [out["output_ids"] for out in r.json()]
+
+
 async def _generate_async(
     client: httpx.AsyncClient, url: str, prompt: list[int], n: int
 ) -> tuple[int, str]:

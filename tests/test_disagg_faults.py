@@ -21,6 +21,7 @@ from tests.disagg_calls import (
     _generate,
     _generate_async,
     _greedy,
+    _greedy_outputs,
     _metric,
     _wait_all_pages_free,
 )
@@ -57,7 +58,7 @@ def test_a_dead_rank_s_requests_wait_for_its_restart_or_fail(victim, wait, launc
         handle = server.ranks[roles.index(victim)]
         rng = random.Random(9)
         prompts = [[rng.randrange(1024) for _ in range(rng.randint(200, 600))] for _ in range(12)]
-        want = [_generate(server.url, p, 200).json()["output_ids"] for p in prompts] if wait else []
+        want = _greedy_outputs(server.url, prompts, 200) if wait else []
 
         async def run() -> list[dict[str, Any] | BaseException]:
             async def one(client: httpx.AsyncClient, p: list[int]) -> dict[str, Any]:
@@ -320,7 +321,7 @@ def test_expert_parallel_pool_recovers_from_a_dead_rank(launch_tiny):
     try:
         rng = random.Random(4)
         prompts = [[rng.randrange(1024) for _ in range(rng.randint(100, 300))] for _ in range(8)]
-        want = [_generate(server.url, p, 300).json()["output_ids"] for p in prompts]
+        want = _greedy_outputs(server.url, prompts, 300)
 
         async def run() -> list[tuple[int, str]]:
             async with httpx.AsyncClient(timeout=120) as client:
@@ -448,7 +449,7 @@ def test_requests_on_a_pool_that_loses_a_rank_resume_on_another_instance(launch_
     try:
         rng = random.Random(12)
         prompts = [[rng.randrange(1024) for _ in range(rng.randint(20, 120))] for _ in range(8)]
-        want = [_generate(server.url, p, 400).json()["output_ids"] for p in prompts]
+        want = _greedy_outputs(server.url, prompts, 400)
         ranks = httpx.get(f"{server.url}/v1/stats").json()["ranks"]
         pool = [r["rank"] for r in ranks
                 if r["info"]["role"] == "decode" and r["info"]["instance"] == 0]  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.disagg_calls import _greedy, _metric, _wait_all_pages_free
+from tests.disagg_calls import _greedy, _greedy_outputs, _metric, _wait_all_pages_free
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -101,13 +101,13 @@ def test_an_instance_with_a_rank_dead_for_good_is_replaced_and_its_requests_resu
     import ray
 
     from orchestrator import replacement
-    from tests.disagg_calls import _generate, _generate_async
+    from tests.disagg_calls import _generate_async
 
     server = launch_tiny()
     try:
         url = server.url
         prompts = [list(range(3 + i, 60 + 7 * i)) for i in range(4)]
-        want = [_generate(url, p, 300).json()["output_ids"] for p in prompts]
+        want = _greedy_outputs(url, prompts, 300)
         monkeypatch.setattr(replacement, "REPLACE_RETRY_S", 0.5)
         assert server.pools is not None
         real_start = server.pools.start_instance
@@ -159,13 +159,13 @@ def test_an_expert_parallel_instance_with_a_rank_dead_for_good_is_replaced(launc
 
     import ray
 
-    from tests.disagg_calls import _generate, _generate_async
+    from tests.disagg_calls import _generate_async
 
     server = launch_tiny(colocated=True, num_ranks=2)
     try:
         url = server.url
         prompts = [list(range(5 + i, 50 + 9 * i)) for i in range(6)]
-        want = [_generate(url, p, 300).json()["output_ids"] for p in prompts]
+        want = _greedy_outputs(url, prompts, 300)
 
         async def run() -> list[tuple[int, str]]:
             async with httpx.AsyncClient(timeout=180) as client:

@@ -413,10 +413,11 @@ def test_colocated_requests_move_to_the_instance_that_stays(launch_tiny):
         # The one running there moved with its KV; the rest, queued there, started over — or,
         # when one started there meanwhile (the rank runs the next once the first has left),
         # resumed from its output: how many of each depends on the host's timing (CI once saw
-        # none retried).
+        # none retried). One of the three seen there may also have ended before the drain
+        # began (CI saw that too); two would need 300 decode steps between the look and the drain.
         moved = report["requests_migrated"] + report["requests_resumed"]
         assert report["requests_migrated"] <= 1, report
-        assert moved + report["requests_retried"] >= 3, report
+        assert moved + report["requests_retried"] >= 2, report
         for i, r in enumerate(results):
             assert r.status_code == 200, r.text
             assert r.json()["meta_info"]["finish_reason"]["type"] == "length", r.text
