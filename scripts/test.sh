@@ -3,4 +3,4 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-exec python -m pytest -q --timeout=600 "$@"
+exec python -m pytest -q --timeout=300 "$@"

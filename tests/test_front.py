@@ -302,7 +302,7 @@ def test_mixed_traffic_on_both_routers_while_the_primary_churns(ray_session, tin
         url = primary.wait_serving()
         front = _Serve(gcs, tiny_model_dir, "", "--front", name, pools=POOLS)
         front_url = front.wait_serving()
-        soak = [sys.executable, "benchmarks/soak.py", "--duration", "30", "--concurrency", "4"]
+        soak = [sys.executable, "benchmarks/soak.py", "--duration", "20", "--concurrency", "4"]
         runs = [
             subprocess.Popen([*soak, "--url", url, "--admin-token", TOKEN, "--admin-every", "2",
                               "--churn", "decode"], stdout=subprocess.PIPE,
