@@ -89,7 +89,7 @@ def test_a_rank_that_cannot_meet_its_pool_says_so_within_the_formation_timeout(r
     started = time.monotonic()
     with pytest.raises(PoolFormationError, match="rank 1 of 2 could not form"):
         join_pool("unused", config, "colocated", PoolMember(1, 2, alone), cpu)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 120  # (2 s, and Ray calls on a loaded host)
     with socket.socket() as s:  # a port nobody listens on: rank 0's store, gone with it
         s.bind(("127.0.0.1", 0))
         dead = ("127.0.0.1", s.getsockname()[1])
@@ -102,7 +102,7 @@ def test_a_rank_that_cannot_meet_its_pool_says_so_within_the_formation_timeout(r
     started = time.monotonic()
     with pytest.raises(PoolFormationError, match="could not form"):
         join_pool("unused", config, "colocated", PoolMember(1, 2, alone), cpu)
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 120
     # One round, one address: the later join's (the actor may run the two in either order).
     first, second = ray.get([orphan, replaced])
     assert first == second and first in (gone, dead)
