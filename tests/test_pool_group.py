@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch.distributed as dist
@@ -97,13 +98,29 @@ def test_a_rank_that_cannot_meet_its_pool_says_so_within_the_formation_timeout(r
     # starts with the next join, which a dead rank 0 joined first and then once more.
     assert ray.get(alone.join.remote(0, dead)) == dead
     gone = ("127.0.0.1", 1)
+    # An async actor may run one caller's calls in any order: each join is seen in the open
+    # round before the next is made (else rank 1 could end the round before the restart
+    # joined it, and the restart would wait in a new round for good: CI hung so).
     orphan = alone.join.remote(0, gone)  # a rank 0 that died while it waited
+    _wait_open_round(alone, ([0], gone))
     replaced = alone.join.remote(0, dead)  # its restart joins the same, still open round
+    _wait_open_round(alone, ([0], dead))
     started = time.monotonic()
     with pytest.raises(PoolFormationError, match="could not form"):
         join_pool("unused", config, "colocated", PoolMember(1, 2, alone), cpu)
     assert time.monotonic() - started < 120
-    # One round, one address: the later join's (the actor may run the two in either order).
-    first, second = ray.get([orphan, replaced])
-    assert first == second and first in (gone, dead)
+    # One round, one address: the later join's.
+    assert ray.get([orphan, replaced], timeout=60) == [dead, dead]
+    assert ray.get(alone.open_round.remote()) == ([], None)
     ray.kill(alone)
+
+
+def _wait_open_round(rendezvous: Any, want: tuple[list[int], tuple[str, int] | None]) -> None:
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + 60
+    while (seen := ray.get(rendezvous.open_round.remote(), timeout=60)) != want:
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.02)

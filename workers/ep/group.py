@@ -147,6 +147,13 @@ class Rendezvous:
         self._all_joined = asyncio.Event()
         self._result: list[tuple[str, int]] = []
 
+    def open_round(self) -> tuple[list[int], tuple[str, int] | None]:
+        """The ranks that joined the round still open, and rank 0's address in it (for
+        diagnostics; an ended round counts as none joined)."""
+        if self._all_joined.is_set():
+            return [], None
+        return sorted(self._joined), self._master
+
     async def join(self, rank: int, address: tuple[str, int] | None) -> tuple[str, int]:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside a group of {self.world_size}")
