@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ def test_never_runs():
 
 @pytest.mark.timeout(120)
 def test_a_teardown_that_hangs_past_the_timeout_ends_the_run_and_says_where(tmp_path: Path):
-    (tmp_path / "test_hung.py").write_text(textwrap.dedent(HUNG))
+    (tmp_path / "test_hung.py").write_text(HUNG)
     root = Path(__file__).resolve().parent.parent
     # Without the watchdog, this run hangs for good: the alarm fired during the call.
     done = subprocess.run(
