@@ -67,8 +67,11 @@ FAULTS = {
 }
 # Faults armed on the rank itself (`workers.engine.worker`), any role: its next `add_request`
 # fails (an internal error, not a refusal of the request); its next engine step fails (the rank
-# ends its requests with the error and exits, and Ray restarts it).
-RANK_FAULTS = {"fail_add", "fail_step"}
+# ends its requests with the error and exits, and Ray restarts it); each of its next `count`
+# steps with requests takes `SLOW_STEP_S` longer (a model slower than the tiny one, for tests
+# that race a watch against the decode).
+RANK_FAULTS = {"fail_add", "fail_step", "slow_step"}
+SLOW_STEP_S = 0.01
 FAULTS |= RANK_FAULTS
 
 

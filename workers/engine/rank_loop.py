@@ -18,6 +18,7 @@ import traceback
 from collections import deque
 from typing import TYPE_CHECKING
 
+from workers.engine.handoff import SLOW_STEP_S
 from workers.engine.inbox import apply_inbox
 from workers.engine.messages import TokenDelta, TransferReady, router_of
 from workers.engine.rank_reports import RankStats
@@ -64,6 +65,13 @@ def run_loop(worker: EngineWorker, mode: str) -> None:
                 and (engine.has_work or any(kind == "add" for kind, _ in inbox))
                 and worker._take_fault("fail_step")
             )
+            slow_step = (
+                worker._faults["slow_step"] > 0
+                and (engine.has_work or any(kind == "add" for kind, _ in inbox))
+                and worker._take_fault("slow_step")
+            )
+        if slow_step:
+            time.sleep(SLOW_STEP_S)
         deltas = apply_inbox(inbox, engine, handoff, mode)
         events: list[TransferReady] = []
         if handoff is not None and handoff.role != "prefill":
