@@ -89,6 +89,8 @@ class InstanceRecord:
     bundle: dict[str, float]
     selector: dict[str, str] | None = None
     draining: bool = False  # being scaled down: front routers send it nothing new
+    # ... and its drain timeout ended: front routers move their requests off it with their KV
+    moving: bool = False
 
     @property
     def name(self) -> str:
@@ -118,7 +120,11 @@ class DeploymentRecord:
         raw = json.loads(text)
         if raw.pop("format", None) != RECORD_FORMAT:
             raise DeploymentError(f"the deployment record is not {RECORD_FORMAT}")
-        raw["instances"] = [InstanceRecord(**i) for i in raw["instances"]]
+        # (Fields a newer router added are left out: a router of an older version reads on.)
+        known = {f.name for f in dataclasses.fields(InstanceRecord)}
+        raw["instances"] = [
+            InstanceRecord(**{k: v for k, v in i.items() if k in known}) for i in raw["instances"]
+        ]
         return cls(**raw)
 
 

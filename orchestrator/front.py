@@ -12,6 +12,8 @@ front router follows what it does through the deployment's record in the GCS
 
 - an instance the record gains is taken on the moment its ranks are ready;
 - one marked draining (being scaled down) gets no new request, and its requests run on;
+- one marked moving (its drain timeout ended) has the requests still there move to other
+  instances with their KV (`KVMoves.move_off`), as the primary moves its own;
 - one the record loses is forgotten (what still ran there resumes elsewhere, as after a
   rank failure).
 
@@ -204,6 +206,8 @@ class FrontWatch:
     # own do (`Router.num_replacing`), until one of the role is taken on.
     replacing: dict[str, set[str]] = field(default_factory=dict)
     replaces: bool = True
+    # Instances marked moving whose requests this router moves off (`KVMoves.move_off`).
+    moving: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     lease: Any = None  # `deployment.front_lease`, held while it serves
     _task: asyncio.Task[None] | None = None
 
@@ -224,7 +228,9 @@ class FrontWatch:
         self.router.wake_waiting()
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self.pending.values()) if t is not None]
+        tasks = [
+            t for t in (self._task, *self.pending.values(), *self.moving.values()) if t is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -249,7 +255,7 @@ class FrontWatch:
 
     async def sync(self) -> None:
         """One look at the record: take on new instances (once ready), close draining ones,
-        forget removed ones."""
+        move requests off those marked moving, forget removed ones."""
         record = await asyncio.to_thread(dep.load, self.name)
         if record is None:
             if not self.gone_logged:
@@ -268,6 +274,8 @@ class FrontWatch:
         for name in [n for n in self.pending if n not in present or present[n].draining]:
             self.pending.pop(name).cancel()
         for name in [n for n in self.known if n not in present]:
+            if name in self.moving:
+                self.moving.pop(name).cancel()
             indices = self.known.pop(name)
             logger.info("front router: %s left the deployment", name)
             await self.router.remove_ranks(indices, f"pool instance {name} was removed")
@@ -276,6 +284,11 @@ class FrontWatch:
                 if inst.draining and not set(self.known[name]) <= self.router.ranks.closed:
                     logger.info("front router: %s drains; no new request goes there", name)
                     self.router.close_ranks(self.known[name])
+                if inst.moving and name not in self.moving and record is not None:
+                    timeout_s = float(record.settings.get("transfer_timeout_s", 30.0))
+                    self.moving[name] = asyncio.get_running_loop().create_task(
+                        self._move_off(name, timeout_s), name=f"front-move-off-{name}"
+                    )
                 continue
             if inst.draining or record is None or name in self.pending:
                 continue
@@ -284,6 +297,25 @@ class FrontWatch:
                 self.pending[name] = asyncio.get_running_loop().create_task(
                     self._take_on(name, handles), name=f"front-take-on-{name}"
                 )
+
+    async def _move_off(self, name: str, timeout_s: float) -> None:
+        """Move this router's requests off instance `name` (scaled down, its drain timeout
+        over) with their KV, as the primary moves its own (`scaling.take_down`)."""
+        from orchestrator.scaling import MIGRATION_SLACK_S
+
+        indices, moves = self.known.get(name), self.router.moves
+        if not indices:
+            return
+        before = moves.moved_off(indices)
+        await moves.move_off(indices, timeout_s + MIGRATION_SLACK_S)
+        after = moves.moved_off(indices)
+        if after != before:
+            logger.info(
+                "front router: %d request(s) of %s moved to other instances with their KV"
+                "%s", after[0] - before[0], name,
+                f" ({after[1] - before[1]} failed to and resumed from their output)"
+                if after[1] > before[1] else "",
+            )  # fmt: skip
 
     async def _take_on(self, name: str, handles: list[Any]) -> None:
         """Take instance `name` on once its ranks are ready."""

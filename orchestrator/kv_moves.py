@@ -15,7 +15,9 @@ Everything here runs on the router's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -171,6 +173,23 @@ class KVMoves:
                 excess -= req.num_tokens
                 room -= _held(req)
         return self._hand_off(asked)
+
+    async def move_off(
+        self, ranks: Sequence[int], timeout_s: float, stopped: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Move the requests on `ranks` (a pool instance scaled down) off with their KV
+        (`move_from`, those there now) and wait until each has been taken on by its next rank
+        (or failed and resumed from its output), for up to `timeout_s` or until `stopped()`.
+        Nothing when no rank can take them (`can_move_from`)."""
+        if not self.can_move_from(ranks):
+            return
+        until = time.monotonic() + timeout_s
+        candidates = self.candidates(ranks)
+        while not stopped():
+            self.move_from(ranks, candidates)
+            if not self.pending(ranks) or time.monotonic() >= until:
+                return
+            await asyncio.sleep(0.02)
 
     def movable_requests(self, ranks: Iterable[int]) -> list[Movable]:
         """The requests on `ranks` that may move with their KV (`movable`) to relieve their

@@ -150,6 +150,9 @@ class PoolInstance:
     rendezvous: Any = None  # its pool group's meeting point, when it has several ranks
     indices: list[int] = field(default_factory=list)  # the router's indices of its ranks
     state: str = "starting"  # starting | serving | draining
+    # Draining, and its drain timeout ended: the routers move what still runs there to other
+    # instances (front routers read it in the deployment's record).
+    moving: bool = False
 
     @property
     def name(self) -> str:

@@ -111,7 +111,7 @@ class PoolSet:
                         i.spec.role, i.spec.instance, i.spec.num_ranks, dict(i.spec.bundle),
                         i.placement.selector if i.placement is not None
                         else self.selectors.get(i.spec.role),
-                        i.state == "draining",
+                        i.state == "draining", i.moving,
                     )
                     for i in self.instances  # those still waiting for a place too: their
                 ]  # placement group exists, named, from the moment it is asked for  # fmt: skip

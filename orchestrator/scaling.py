@@ -18,9 +18,11 @@
   default `--scale-drain-timeout`), and those still running then move to another instance:
   those decoding on a decode instance with their KV (`orchestrator.kv_moves`, unless
   `--disable-kv-migration`), the others resuming there from their output (one with no token
-  yet starts again; see `Router.generate`). Then the router takes its ranks' last stats and
-  forgets them, and its actors, rendezvous and placement group go. After a scale-up, requests
-  decoding on the busy instances move to the new ones with their KV (`KVMoves.balance`).
+  yet starts again; see `Router.generate`). Front routers' requests move too: the instance is
+  marked `moving` in the deployment's record, and each moves its own (`orchestrator.front`).
+  Then the router takes its ranks' last stats and forgets them, and its actors, rendezvous
+  and placement group go. After a scale-up, requests decoding on the busy instances move to
+  the new ones with their KV (`KVMoves.balance`).
 
 One scale runs at a time (`PoolSet.scaling`, a replacement included); every role keeps at least
 one instance, an autoscaled one stays within its bounds (`PoolSet.bounds`).
@@ -37,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from orchestrator.front import REFRESH_S as FRONT_REFRESH_S
 from orchestrator.placement import PoolSpec
 from orchestrator.pool_instance import PoolInstance
 
@@ -265,16 +268,20 @@ async def bring_up(
 
 async def _drain_fronts(
     pools: PoolSet, router: Any, instance: PoolInstance, deadline: float
-) -> None:
+) -> bool:
     """Wait until `deadline` for the requests of a deployment's front routers on `instance`
-    to end (this router's own have): its ranks count them (`RankStats`). What is left when
-    the instance goes resumes elsewhere, as its front router sees the ranks fail."""
-    while not (pools.stopping or pools.stopped) and time.monotonic() < deadline:
+    to end or move (this router's own have): its ranks count them (`RankStats`); whether
+    none is left. What is left when the instance goes resumes elsewhere, as its front router
+    sees the ranks fail."""
+    while not (pools.stopping or pools.stopped):
         stats = await router.ranks.stats_of(instance.indices)
         if all(s is None or s.num_running + s.num_waiting + s.num_in_transfer == 0
                for s in stats):  # fmt: skip
-            return
+            return True
+        if time.monotonic() >= deadline:
+            return False
         await asyncio.sleep(0.25)
+    return False
 
 
 def _eplb_handle(pools: PoolSet, instance: PoolInstance) -> Any:
@@ -313,24 +320,28 @@ async def take_down(
         if time.monotonic() - began >= drain_timeout_s:
             break
         await asyncio.sleep(0.05)
-    if pools.deployment is not None:  # front routers' requests run there too
-        await _drain_fronts(pools, router, instance, began + drain_timeout_s)
+    fronts_left = False  # front routers' requests still run there
+    if pools.deployment is not None:
+        fronts_left = not await _drain_fronts(pools, router, instance, began + drain_timeout_s)
     moved_before = router.moves.moved_off(instance.indices)
     if (
         migrate and pools.config.kv_migration and router.moves.can_move_from(instance.indices)
     ):  # fmt: skip
+        if fronts_left:  # they move theirs too, once they read the mark
+            instance.moving = True
+            await asyncio.to_thread(pools.record)
         # Each request leaves at its rank's next step and its KV moves as from a prefill
         # rank; one whose prompt a prefill rank computes for this instance is asked once
         # its first token came from here. Bounded by the transfer timeout: what is left
         # then resumes from its output (a failed move too), or starts again elsewhere (one
         # queued here).
-        until = time.monotonic() + pools.config.transfer_timeout_s + MIGRATION_SLACK_S
-        candidates = router.moves.candidates(instance.indices)
-        while not (pools.stopping or pools.stopped):
-            router.moves.move_from(instance.indices, candidates)
-            if not router.moves.pending(instance.indices) or time.monotonic() >= until:
-                break
-            await asyncio.sleep(0.02)
+        timeout_s = pools.config.transfer_timeout_s + MIGRATION_SLACK_S
+        until = time.monotonic() + timeout_s
+        await router.moves.move_off(
+            instance.indices, timeout_s, lambda: pools.stopping or pools.stopped
+        )
+        if fronts_left:  # a front router reads the record every `front.REFRESH_S`
+            await _drain_fronts(pools, router, instance, until + 2 * FRONT_REFRESH_S)
     moved_after = router.moves.moved_off(instance.indices)
     # Moved with their KV (it arrived); those whose move failed resumed from their output.
     migrated = moved_after[0] - moved_before[0]

@@ -221,3 +221,18 @@ def test_a_deployment_needs_a_cluster_of_its_own():
     with pytest.raises(ValueError, match="--keep-pools needs --deployment"):
         ServeConfig(keep_pools=True)
     assert json.loads(json.dumps(ServeConfig(deployment="d1", ray_address="auto").deployment))
+
+
+def test_a_record_reads_back_and_leaves_out_what_a_newer_router_added():
+    from orchestrator import deployment as dep
+
+    instance = dep.InstanceRecord("decode", 3, 2, {"CPU": 1.0}, None, True, True)
+    record = dep.DeploymentRecord("d1", "c0de", {"transfer_timeout_s": 5.0}, [instance])
+    assert dep.DeploymentRecord.from_json(record.to_json()) == record
+    raw = json.loads(record.to_json())
+    raw["instances"][0]["added_later"] = 1
+    again = dep.DeploymentRecord.from_json(json.dumps(raw))
+    assert again.instances == [instance] and again.instances[0].moving
+    raw["format"] = "something-else"
+    with pytest.raises(dep.DeploymentError, match="is not"):
+        dep.DeploymentRecord.from_json(json.dumps(raw))

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.timeout(420)
 TOKEN = "front-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 POOLS = ("--prefill-dp", "1", "--decode-dp", "1")
+MOVED = 2000  # tokens of the requests a scale-down moves: they run for seconds still
 
 
 def _body(i: int, max_new_tokens: int = 24, stream: bool = False) -> dict[str, Any]:
@@ -215,9 +216,24 @@ def test_a_front_router_serves_the_deployment_beside_its_router(ray_session, tin
         assert r.status_code == 200 and r.json()["ok"], r.text
         _wait("the front router took on the new instance", lambda: len(_stats(again_url)) == 3)
         assert [_greedy(again_url, i) for i in range(4)] == want
-        r = httpx.post(f"{url}/admin/scale", json={"decode": 1}, headers=AUTH, timeout=300)
+        # A scale-down moves the front router's requests still on the instance that goes
+        # to the one that stays with their KV, as the primary's own: the same tokens.
+        before = httpx.get(f"{again_url}/v1/stats", timeout=10).json()
+        moving = _Streams(again_url, 4, max_new_tokens=MOVED)
+        moving.wait_started()
+        r = httpx.post(f"{url}/admin/scale", json={"decode": 1, "drain_timeout_s": 0},
+                       headers=AUTH, timeout=300)  # fmt: skip
         assert r.status_code == 200 and r.json()["ok"], r.text
         _wait("the front router forgot the instance", lambda: len(_stats(again_url)) == 2)
+        moved = moving.join()
+        after = httpx.get(f"{again_url}/v1/stats", timeout=10).json()
+        assert after["num_migrated"] - before["num_migrated"] >= 1, (after, again.log)
+        assert after["num_resumed"] == before["num_resumed"], (after, again.log)
+        assert "moved to other instances with their KV" in again.log, again.log
+        batch = {"input_ids": [_body(i)["input_ids"] for i in range(4)],
+                 "sampling_params": _body(0, MOVED)["sampling_params"]}  # fmt: skip
+        r = httpx.post(f"{url}/generate", json=batch, timeout=300)
+        assert moved == [o["output_ids"] for o in r.json()]
         assert [_greedy(again_url, i) for i in range(4)] == want
         _wait("nothing left on the ranks", lambda: _idle(url))
         # A front router's graceful stop leaves the pools to their primary.
