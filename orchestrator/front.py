@@ -32,9 +32,8 @@ the front router's own stall, and the ranks are the primary's to restart. While 
 front router holds a named actor (`deployment.front_lease`), so that `pdserve down` refuses
 a deployment it serves.
 
-Each router balances its own requests over the ranks from what it sent them
-(`orchestrator.policy`); the routers do not share their counts, so that balance is per
-router (with the traffic spread evenly over the routers, the ranks' load is even too).
+Each router picks ranks from what it sent them and what the other routers' requests held
+there at the last look (`orchestrator.peer_load`, every half second).
 Admin commands that change the pools (scale, rebalance) go to the primary; a front router
 answers them with 409 naming it.
 """

@@ -76,6 +76,17 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
             entry["draining"] = i in router.ranks.closed  # its pool instance is scaled down
             entry["info"] = asdict(info) if info is not None else None
             entry["stats"] = {**asdict(st), "num_pages_used": st.num_pages_used} if st else None
+            # This router's view for its picks: its own requests, and the other routers'
+            # (a deployment's, at the last look: `orchestrator.peer_load`).
+            peer = router.ranks.peer_load[i]
+            entry["load"] = {
+                "reserved_tokens": router.ranks.reserved_tokens[i],
+                "queued_prefill_tokens": router.ranks.queued_prefill_tokens[i],
+                "running": router.ranks.running[i],
+                "peer_reserved_tokens": peer.reserved_tokens,
+                "peer_unstarted_prompt_tokens": peer.unstarted_prompt_tokens,
+                "peer_requests": peer.requests,
+            }
             ranks.append(entry)
         return {
             "model": router.model_name,

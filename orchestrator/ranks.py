@@ -4,7 +4,9 @@ once it is connected, by actor call before (a new request's wait for its ranks t
 `orchestrator.request_sides`).
 
 The load counters are the router's own bookkeeping of what it sent
-(`orchestrator.routed.RoutedRequest`s move through `admit` → `prompt_done` → `release`);
+(`orchestrator.routed.RoutedRequest`s move through `admit` → `prompt_done` → `release`), plus,
+in a deployment with front routers, what the other routers' requests held on each rank when
+it was last asked (`peer_load`, kept by `orchestrator.peer_load.PeerLoadWatch`);
 `orchestrator.policy.pick_ranks` decides from them. Everything here runs on the router's event
 loop.
 """
@@ -23,7 +25,7 @@ from orchestrator.routed import Limits, RoutedRequest, RouterNotReady
 from workers.engine.delta_stream import encode_frame
 from workers.engine.messages import AddsTaken, GenerateRequest, short_error
 from workers.engine.prefix_cache import page_key
-from workers.engine.rank_reports import RankInfo, RankStats
+from workers.engine.rank_reports import RankInfo, RankStats, RouterLoad
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class RankTable:
         self.reserved_tokens = [0] * len(handles)
         self.queued_prefill_tokens = [0] * len(handles)
         self.running = [0] * len(handles)
+        # What the deployment's other routers' requests held on each rank at the last look.
+        self.peer_load = [RouterLoad()] * len(handles)
         self.num_add_calls = 0  # add frames or calls (each carries one or more adds)
         # Each rank's output stream, once connected: commands go on it (`send_command`).
         self.streams: list[asyncio.StreamWriter | None] = [None] * len(handles)
@@ -97,6 +101,7 @@ class RankTable:
             column += [0] * len(handles)
         self.errors += [None] * len(handles)
         self.streams += [None] * len(handles)
+        self.peer_load += [RouterLoad()] * len(handles)
         return list(range(start, len(self.handles)))
 
     def remove(self, ranks: Sequence[int]) -> None:
@@ -107,6 +112,7 @@ class RankTable:
             self.removed.add(rank)
             self.infos[rank] = None
             self.errors[rank] = None
+            self.peer_load[rank] = RouterLoad()
 
     @property
     def present(self) -> list[int]:
@@ -164,11 +170,12 @@ class RankTable:
                 and i not in self.closed
                 and (info.role, info.instance) not in broken,
                 kv_capacity_tokens=info.kv_capacity_tokens if info is not None else 0,
-                num_queued_prefill_tokens=self.queued_prefill_tokens[i],
-                num_reserved_tokens=self.reserved_tokens[i],
-                num_running=self.running[i],
+                num_queued_prefill_tokens=self.queued_prefill_tokens[i]
+                + peer.unstarted_prompt_tokens,
+                num_reserved_tokens=self.reserved_tokens[i] + peer.reserved_tokens,
+                num_running=self.running[i] + peer.requests,
             )
-            for i, info in enumerate(self.infos)
+            for i, (info, peer) in enumerate(zip(self.infos, self.peer_load, strict=True))
         ]
 
     def pick(self, avoid: frozenset[int] = frozenset(), input_ids: Sequence[int] = ()) -> Pick:

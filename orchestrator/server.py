@@ -35,6 +35,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.openai_routes import OPENAI_ROUTES, add_openai_routes
 from orchestrator.ops_routes import OPS_ROUTES, add_ops_routes
 from orchestrator.outputs import Output
+from orchestrator.peer_load import PeerLoadWatch
 from orchestrator.protocol import (
     GenerateCall,
     GenerateResult,
@@ -105,6 +106,8 @@ def create_app(
                 await app.state.eplb_watch.stop()
             if app.state.kv_relief is not None:
                 await app.state.kv_relief.stop()
+            if app.state.peer_load is not None:
+                await app.state.peer_load.stop()
             if app.state.grpc_server is not None:
                 await app.state.grpc_server.stop()
             if manage_router:
@@ -125,6 +128,9 @@ def create_app(
         if eplb is not None:
             app.state.eplb_watch = EplbWatch(eplb, router, expert_groups)
             app.state.eplb_watch.start()
+        if front is not None or config.deployment is not None:  # other routers may serve
+            app.state.peer_load = PeerLoadWatch(router.ranks)
+            app.state.peer_load.start()
         if config.kv_migration and config.kv_pressure_interval_s > 0:
             app.state.kv_relief = KVReliefWatch(
                 router, config.kv_pressure_interval_s,
@@ -157,6 +163,7 @@ def create_app(
     app.state.autoscaler = None
     app.state.eplb_watch = None
     app.state.kv_relief = None
+    app.state.peer_load = None
     app.state.startup_error = None
     app.state.metrics = metrics
     if config.api_key is not None:  # inside CountRequests: refusals are counted too

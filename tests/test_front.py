@@ -216,6 +216,19 @@ def test_a_front_router_serves_the_deployment_beside_its_router(ray_session, tin
         assert r.status_code == 200 and r.json()["ok"], r.text
         _wait("the front router took on the new instance", lambda: len(_stats(again_url)) == 3)
         assert [_greedy(again_url, i) for i in range(4)] == want
+        # Each router counts the other's requests when it picks a rank
+        # (`orchestrator.peer_load`): a stream through the front router, then one through the
+        # primary, decode on different ranks (by its own counts alone, the primary would
+        # pick the same one, the first).
+        first = _Streams(again_url, 1, max_new_tokens=MOVED)
+        first.wait_started()
+        _wait("the primary counted the front router's request",
+              lambda: any(r["load"]["peer_requests"] for r in _stats(url)))  # fmt: skip
+        second = _Streams(url, 1, max_new_tokens=MOVED)
+        second.wait_started()
+        decoding = [r["stats"]["num_running"] for r in _stats(url) if r["info"]["role"] == "decode"]
+        assert decoding == [1, 1], _stats(url)
+        assert first.join() == second.join() and first.results[0] is not None
         # A scale-down moves the front router's requests still on the instance that goes
         # to the one that stays with their KV, as the primary's own: the same tokens.
         before = httpx.get(f"{again_url}/v1/stats", timeout=10).json()

@@ -1,14 +1,39 @@
 """What an engine rank reports about itself rather than about a request: `RankInfo` once it is
 ready (the `ready` actor call: its model, limits and KV capacity, its role and place), and
 `RankStats` when polled (`stats`: its queue, pages, prefix cache, preemptions, guesses and
-garbage collector so far, with `TransferTotals`, a disaggregated rank's KV transfers). Small
-frozen dataclasses returned by actor calls; the router's metrics read them
-(`orchestrator.cluster_metrics`).
+garbage collector so far, with `TransferTotals`, a disaggregated rank's KV transfers), and
+`RouterLoad`, what each router's requests hold on it (`load_by_router`: a deployment's routers
+count each other's load, `orchestrator.peer_load`). Small frozen dataclasses returned by actor
+calls; the router's metrics read them (`orchestrator.cluster_metrics`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+from workers.engine.messages import router_of
+
+
+class RouterLoad(NamedTuple):
+    """What one router's requests (or all) hold on a rank."""
+
+    reserved_tokens: int = 0  # prompt + max_new_tokens of each
+    unstarted_prompt_tokens: int = 0  # the prompt tokens of those without output yet
+    requests: int = 0
+
+
+def loads_by_router(held: Iterable[Any]) -> dict[str, RouterLoad]:
+    """The load of the requests `held` (an engine's `Sequence`s) by their router's tag
+    (`messages.router_of`; "" for the primary)."""
+    out: dict[str, list[int]] = {}
+    for s in held:
+        load = out.setdefault(router_of(s.rid), [0, 0, 0])
+        load[0] += s.num_prompt_tokens + s.sampling.max_new_tokens
+        load[1] += s.num_prompt_tokens if len(s.token_ids) == s.num_prompt_tokens else 0
+        load[2] += 1
+    return {tag: RouterLoad(*load) for tag, load in out.items()}
 
 
 @dataclass(frozen=True)

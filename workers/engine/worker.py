@@ -21,7 +21,8 @@ Actor contract:
 - `migrate([(rid, new_rid), ...])`: decode rank (or colocated, started with `migration`);
   hand these requests off to other ranks of its role with their KV (see
   `KVHandoff.migrate_out`).
-- `stats() -> RankStats`; `shutdown()`.
+- `stats() -> RankStats`; `load_by_router() -> {tag: RouterLoad}` (a deployment's routers
+  count each other's requests); `shutdown()`.
 - `inject_fault(kind, count)`: for fault tests; refused unless the rank was started with
   `allow_fault_injection` (see `workers.engine.handoff.FAULTS`).
 - `expert_load()`, `expert_placement()`, `eplb_load/prepare/execute/abort`: expert rebalance,
@@ -61,7 +62,13 @@ from workers.engine.messages import (
 from workers.engine.rank_eplb import RankEplb
 from workers.engine.rank_loop import run_loop
 from workers.engine.rank_operations import RankOperations
-from workers.engine.rank_reports import RankInfo, RankStats, TransferTotals
+from workers.engine.rank_reports import (
+    RankInfo,
+    RankStats,
+    RouterLoad,
+    TransferTotals,
+    loads_by_router,
+)
 from workers.engine.rank_setup import (
     PoolFormationError,
     join_pool,
@@ -306,15 +313,22 @@ class EngineWorker(RankOperations):
         transfers = self.handoff.totals if self.handoff is not None else TransferTotals()
         # Every router's requests (a deployment's autoscaler counts its front routers' too);
         # a copy of the table, taken at once under the GIL while the loop may change it.
-        held = list(self.engine.requests.values())
+        loads = loads_by_router(list(self.engine.requests.values())).values()
         return dataclasses.replace(
-            self._stats, gc_seconds=gc.seconds, gc_longest_pause_s=gc.longest_s,
+            self._stats,
+            gc_seconds=gc.seconds,
+            gc_longest_pause_s=gc.longest_s,
             transfers=transfers,
-            num_reserved_tokens=sum(s.num_prompt_tokens + s.sampling.max_new_tokens
-                                    for s in held),
-            num_unstarted_prompt_tokens=sum(s.num_prompt_tokens for s in held
-                                            if len(s.token_ids) == s.num_prompt_tokens),
-        )  # fmt: skip
+            num_reserved_tokens=sum(load.reserved_tokens for load in loads),
+            num_unstarted_prompt_tokens=sum(load.unstarted_prompt_tokens for load in loads),
+        )
+
+    # Polled by a deployment's routers every `orchestrator.peer_load.PEER_LOAD_S`.
+    @ray.method(enable_task_events=False)
+    def load_by_router(self) -> dict[str, RouterLoad]:
+        """What each router's requests hold here, by its tag ("" for the primary): a router
+        adds the others' to its own accounting when it picks ranks."""
+        return loads_by_router(list(self.engine.requests.values()))
 
     def abort_all(self, router: str = "") -> int:
         """Abort every request this rank holds for `router` (its tag; "": the primary — a new

@@ -1,0 +1,88 @@
+"""`PeerLoadWatch`: what a deployment's other routers hold on each rank, for this router's picks.
+
+A router picks ranks from its own accounting of what it sent them (`orchestrator.policy`):
+exact and current, but blind to the requests of the deployment's other routers (its primary
+and front routers, `orchestrator.front`). With the clients spread evenly over the routers that
+evens out; with uneven traffic (a load balancer's skew, one client with long requests, one
+router taking more streams), each router would fill the same ranks first. So a router that
+serves a deployment asks every rank, every `PEER_LOAD_S`, what each router's requests hold there
+(`EngineWorker.load_by_router`, by router tag) and adds the other routers' share to its own
+counts (`RankTable.peer_load`): the load is current for its own requests and at most
+`PEER_LOAD_S` old for the others'. A decode rank's unstarted prompts (waiting for a prefill
+rank) count in its reservations only, as in the router's own accounting.
+
+A rank that does not answer keeps its last figures (it is not picked while it is down); a
+rank whose pool instance goes loses them (`RankTable.remove`). Runs on the router's event
+loop, in a primary with `--deployment` and in every front router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from orchestrator.ranks import RankTable
+from workers.engine.rank_reports import RouterLoad
+
+logger = logging.getLogger(__name__)
+
+PEER_LOAD_S = 0.5  # how often a router asks the ranks for the other routers' load
+
+
+def peer_share(by_router: dict[str, RouterLoad], tag: str, role: str) -> RouterLoad:
+    """The load on a rank of `role` of the routers other than the one tagged `tag`."""
+    others = [load for t, load in by_router.items() if t != tag]
+    unstarted = 0 if role == "decode" else sum(load.unstarted_prompt_tokens for load in others)
+    return RouterLoad(
+        sum(load.reserved_tokens for load in others),
+        unstarted,
+        sum(load.requests for load in others),
+    )
+
+
+class PeerLoadWatch:
+    def __init__(self, ranks: RankTable, interval_s: float = PEER_LOAD_S):
+        self.ranks = ranks
+        self.interval_s = interval_s
+        self.num_looks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="peer-load")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def look(self) -> None:
+        """Ask the live ranks once and keep the other routers' share of what they hold."""
+        table = self.ranks
+        live = [i for i in table.present if table.is_live(i)]
+        answers = await asyncio.gather(*(self._ask(table.handles[i]) for i in live))
+        for i, by_router in zip(live, answers, strict=True):
+            info = table.infos[i]
+            if by_router is not None and info is not None and i not in table.removed:
+                table.peer_load[i] = peer_share(by_router, table.tag, info.role)
+        self.num_looks += 1
+
+    @staticmethod
+    async def _ask(handle: Any) -> dict[str, RouterLoad] | None:
+        try:
+            loads: dict[str, RouterLoad] = await asyncio.wait_for(handle.load_by_router.remote(), 5)
+            return loads
+        except Exception:  # down, or restarting: it keeps its last figures
+            return None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.look()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # not expected: say so, look again
+                logger.warning("asking the ranks for the other routers' load failed: %s", e)
