@@ -11,10 +11,11 @@ each request, what the request may come to hold in KV), and running requests.
 - A request moving with its KV (its decode or colocated instance is scaled down, or another
   joined) goes to the rank of that role with the most free KV tokens, as a new one would
   (`pick_receiver`).
-- Prefix affinity: the rank that computed the last prompt beginning like this one (its prefix
-  cache likely holds that beginning) computes this one too, while it is within `slack_tokens`
-  of the best choice above (queued prompt tokens for a prefill rank, free KV tokens for a
-  colocated one); otherwise the best choice.
+- Prefix affinity: prompts that begin alike prefer one rank to compute them (its prefix cache
+  then holds that beginning: `orchestrator.ranks.preferred_rank`, the same in every router of
+  a deployment), which takes one while it is within `slack_tokens` of the best choice above
+  (queued prompt tokens for a prefill rank, free KV tokens for a colocated one); otherwise
+  the best choice.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from orchestrator.policy import Affinity, Pick, RankLoad, pick_ranks, pick_receiver
@@ -30,7 +31,6 @@ from workers.engine.rank_reports import RankInfo, RankStats, RouterLoad
 logger = logging.getLogger(__name__)
 
 AFFINITY_TOKENS = 64  # prompts that begin with the same this many tokens go to the same rank
-MAX_AFFINITY_KEYS = 65536
 # An expert-parallel pool that got no request for this long may be asleep (its idle ranks
 # join its lockstep agreement only every few hundred ms): its other ranks are woken with the
 # first request after it (`EngineWorker.wake`).
@@ -43,6 +43,25 @@ def prefix_key(input_ids: Sequence[int]) -> bytes | None:
     if len(input_ids) <= AFFINITY_TOKENS:
         return None
     return page_key(b"", input_ids[:AFFINITY_TOKENS])
+
+
+def rank_name(info: RankInfo) -> str:
+    """A rank's name, the same in every router of a deployment (their indices differ)."""
+    return f"{info.role}-{info.instance}/{info.pool_rank}"
+
+
+def preferred_rank(key: bytes, names: Mapping[int, str]) -> int | None:
+    """The rank (of `names`: index -> `rank_name`) that prompts with affinity key `key`
+    prefer: the highest hash of the key with its name (rendezvous hashing). Every router
+    prefers the same rank for a key, whatever its indices, and a rank that joins or leaves
+    changes the preference of only the keys it wins or held. None when `names` is empty."""
+    if not names:
+        return None
+
+    def score(i: int) -> bytes:
+        return hashlib.blake2b(key + names[i].encode(), digest_size=8).digest()
+
+    return max(names, key=score)
 
 
 class RankTable:
@@ -79,9 +98,6 @@ class RankTable:
         # Add frames sent on a stream and not answered yet: rank -> seq -> their futures.
         self._unanswered: dict[int, dict[int, list[asyncio.Future[None]]]] = {}
         self.num_pool_wakes = 0  # `wake` calls to the other ranks of a quiet pool
-        # Prefix affinity: the key of a prompt's first AFFINITY_TOKENS -> the rank that last
-        # computed such a prompt (whose prefix cache likely holds them), oldest first.
-        self._affinity: OrderedDict[bytes, int] = OrderedDict()
         self._pool_last_add: dict[tuple[str, int], float] = {}  # (role, instance) -> time
         # Adds waiting for this event-loop pass to end, per rank (see `add`).
         self._adds: dict[int, list[tuple[GenerateRequest, asyncio.Future[None]]]] = {}
@@ -183,17 +199,21 @@ class RankTable:
         affinity for `input_ids`; ranks in `avoid` are not picked. RouterNotReady when no live
         rank (pair) can take it."""
         key = prefix_key(input_ids)
+        loads = self.loads()
         affinity = None
-        if key is not None and key in self._affinity:
-            affinity = Affinity(self._affinity[key], slack_tokens=len(input_ids))
-        pick = pick_ranks(self.loads(), avoid, affinity)
+        if key is not None:
+            computes = "prefill" if any(load.role == "prefill" for load in loads) else "colocated"
+            names = {
+                i: rank_name(info)
+                for i, (info, load) in enumerate(zip(self.infos, loads, strict=True))
+                if info is not None and load.alive and load.role == computes and i not in avoid
+            }  # fmt: skip
+            preferred = preferred_rank(key, names)
+            if preferred is not None:
+                affinity = Affinity(preferred, slack_tokens=len(input_ids))
+        pick = pick_ranks(loads, avoid, affinity)
         if pick is None:
             raise RouterNotReady(self.dead_message())
-        if key is not None:
-            self._affinity[key] = pick.rank if pick.prefill_rank is None else pick.prefill_rank
-            self._affinity.move_to_end(key)
-            if len(self._affinity) > MAX_AFFINITY_KEYS:
-                self._affinity.popitem(last=False)
         return pick
 
     def pick_receiver(

@@ -75,26 +75,44 @@ def test_prefix_affinity_wins_while_within_its_slack():
 def test_router_sends_prompts_that_begin_alike_to_the_same_prefill_rank():
     from orchestrator.ranks import AFFINITY_TOKENS, RankTable
 
-    ranks = RankTable([object()] * 3)
-    ranks.infos = [_info("prefill"), _info("prefill"), _info("decode")]
-    system_a = list(range(AFFINITY_TOKENS))
-    system_b = list(range(1, AFFINITY_TOKENS + 1))
-    ranks.queued_prefill_tokens = [0, 0, 0]
-    assert ranks.pick(input_ids=system_a + [7]).prefill_rank == 0  # a tie: the lower index
-    ranks.queued_prefill_tokens = [70, 0, 0]
-    assert ranks.pick(input_ids=system_b + [7]).prefill_rank == 1  # the idle one
-    # Equal loads now, so without affinity both would go to rank 0.
-    ranks.queued_prefill_tokens = [0, 0, 0]
-    assert ranks.pick(input_ids=system_b + [8, 9]).prefill_rank == 1
+    def table(order: list[tuple[str, int]]) -> RankTable:
+        ranks = RankTable([object()] * len(order))
+        ranks.infos = [
+            RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role=role, instance=n)
+            for role, n in order
+        ]  # fmt: skip
+        return ranks
+
+    ranks = table([("prefill", 0), ("prefill", 1), ("decode", 0)])
+    # Beginnings that prefer each prefill rank (the preference is a hash: found, not chosen).
+    systems = [list(range(k, k + AFFINITY_TOKENS)) for k in range(40)]
+    prefers = [ranks.pick(input_ids=system + [7]).prefill_rank for system in systems]
+    system_a, system_b = systems[prefers.index(0)], systems[prefers.index(1)]
+    # The same rank whatever follows the beginning, whichever rank is less loaded.
+    ranks.queued_prefill_tokens = [60, 0, 0]
     assert ranks.pick(input_ids=system_a + [8, 9]).prefill_rank == 0
-    # Beyond one prompt's worth of queued tokens the affinity gives way (and moves).
+    ranks.queued_prefill_tokens = [0, 60, 0]
+    assert ranks.pick(input_ids=system_b + [8, 9]).prefill_rank == 1
+    # Beyond one prompt's worth of queued tokens the affinity gives way, and comes back.
     ranks.queued_prefill_tokens = [0, 200, 0]
     assert ranks.pick(input_ids=system_b + [5]).prefill_rank == 0
     ranks.queued_prefill_tokens = [0, 0, 0]
-    assert ranks.pick(input_ids=system_b + [6]).prefill_rank == 0
-    # Short prompts carry no affinity.
+    assert ranks.pick(input_ids=system_b + [6]).prefill_rank == 1
+    # A retry that avoids the preferred rank goes to the next one.
+    assert ranks.pick(frozenset({1}), input_ids=system_b + [6]).prefill_rank == 0
+    # Short prompts carry no affinity: the least loaded.
     ranks.queued_prefill_tokens = [10, 0, 0]
     assert ranks.pick(input_ids=system_a[:-1]).prefill_rank == 1
+    # Another router of the deployment, its ranks in another order, prefers the same ranks.
+    other = table([("decode", 0), ("prefill", 1), ("prefill", 0)])
+    names = {0: 2, 1: 1}  # this table's index -> the other's, of each prefill rank
+    for system, rank in zip(systems, prefers, strict=True):
+        assert other.pick(input_ids=system + [3]).prefill_rank == names[rank]
+    # A third prefill rank takes over only the beginnings it prefers; the rest stay.
+    more = table([("prefill", 0), ("prefill", 1), ("decode", 0), ("prefill", 2)])
+    now = [more.pick(input_ids=system + [7]).prefill_rank for system in systems]
+    assert all(n in (3, p) for n, p in zip(now, prefers, strict=True)), (now, prefers)
+    assert 0 < now.count(3) < len(systems), now
 
 
 def test_colocated_pool_picks_most_free_kv():
