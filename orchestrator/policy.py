@@ -13,9 +13,10 @@ each request, what the request may come to hold in KV), and running requests.
   (`pick_receiver`).
 - Prefix affinity: prompts that begin alike prefer one rank to compute them (its prefix cache
   then holds that beginning: `orchestrator.ranks.preferred_rank`, the same in every router of
-  a deployment), which takes one while it is within `slack_tokens` of the best choice above
-  (queued prompt tokens for a prefill rank, free KV tokens for a colocated one); otherwise
-  the best choice.
+  a deployment), and one decode rank (whose prefix cache then holds the beginning's KV, which
+  needs no transfer), each taking one while it is within `slack_tokens` of the best choice
+  above (queued prompt tokens for a prefill rank, free KV tokens for a decode or colocated
+  one); otherwise the best choice.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ class RankLoad:
 
 
 class Affinity(NamedTuple):
-    """Prefer `rank` to compute the prompt while its load is within `slack_tokens` of the
-    best rank's."""
+    """Prefer `rank` to compute the prompt, and `decode_rank` to generate (disaggregated),
+    each while its load is within `slack_tokens` of the best rank's of its role."""
 
-    rank: int
+    rank: int | None
     slack_tokens: int
+    decode_rank: int | None = None
 
 
 class Pick(NamedTuple):
@@ -57,23 +59,21 @@ def pick_ranks(
 ) -> Pick | None:
     """The ranks for a new request, or None when no live rank (outside `avoid`) can take it.
     Disaggregated when any rank is a prefill or decode rank: then it needs one live of each.
-    `affinity` may pick the rank that computes the prompt (prefill or colocated)."""
+    `affinity` may pick the rank that computes the prompt (prefill or colocated) and the
+    decode rank."""
     live = [i for i, load in enumerate(loads) if load.alive and i not in avoid]
+    slack = affinity.slack_tokens if affinity is not None else 0
 
     def best(
-        role: str, key: Callable[[int], tuple[int, int, int]], computes: bool = False
+        role: str, key: Callable[[int], tuple[int, int, int]], preferred: int | None
     ) -> int | None:
         candidates = [i for i in live if loads[i].role == role]
         if not candidates:
             return None
         top = min(candidates, key=key)
-        near = (
-            computes
-            and affinity is not None
-            and affinity.rank in candidates
-            and key(affinity.rank)[0] <= key(top)[0] + affinity.slack_tokens
-        )
-        return affinity.rank if near and affinity is not None else top
+        if preferred in candidates and key(preferred)[0] <= key(top)[0] + slack:
+            return preferred
+        return top
 
     def prefill_key(i: int) -> tuple[int, int, int]:
         return (loads[i].num_queued_prefill_tokens, loads[i].num_running, i)
@@ -82,12 +82,12 @@ def pick_ranks(
         return (-loads[i].free_kv_tokens, loads[i].num_running, i)
 
     if any(load.role in ("prefill", "decode") for load in loads):
-        prefill = best("prefill", prefill_key, computes=True)
-        decode = best("decode", decode_key)
+        prefill = best("prefill", prefill_key, affinity.rank if affinity else None)
+        decode = best("decode", decode_key, affinity.decode_rank if affinity else None)
         if prefill is None or decode is None:
             return None
         return Pick(decode, prefill)
-    rank = best("colocated", decode_key, computes=True)
+    rank = best("colocated", decode_key, affinity.rank if affinity else None)
     return None if rank is None else Pick(rank, None)
 
 

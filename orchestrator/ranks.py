@@ -202,15 +202,18 @@ class RankTable:
         loads = self.loads()
         affinity = None
         if key is not None:
-            computes = "prefill" if any(load.role == "prefill" for load in loads) else "colocated"
-            names = {
-                i: rank_name(info)
-                for i, (info, load) in enumerate(zip(self.infos, loads, strict=True))
-                if info is not None and load.alive and load.role == computes and i not in avoid
-            }  # fmt: skip
-            preferred = preferred_rank(key, names)
-            if preferred is not None:
-                affinity = Affinity(preferred, slack_tokens=len(input_ids))
+
+            def preferred(role: str) -> int | None:
+                return preferred_rank(key, {
+                    i: rank_name(info)
+                    for i, (info, load) in enumerate(zip(self.infos, loads, strict=True))
+                    if info is not None and load.alive and load.role == role and i not in avoid
+                })  # fmt: skip
+
+            if any(load.role == "prefill" for load in loads):
+                affinity = Affinity(preferred("prefill"), len(input_ids), preferred("decode"))
+            else:
+                affinity = Affinity(preferred("colocated"), len(input_ids))
         pick = pick_ranks(loads, avoid, affinity)
         if pick is None:
             raise RouterNotReady(self.dead_message())

@@ -70,6 +70,13 @@ def test_prefix_affinity_wins_while_within_its_slack():
     colocated = [RankLoad("colocated", True, 1000, num_reserved_tokens=r) for r in (500, 100)]
     assert pick_ranks(colocated, affinity=Affinity(0, 400)) == Pick(0, None)
     assert pick_ranks(colocated, affinity=Affinity(0, 399)) == Pick(1, None)
+    # Disaggregated: a decode rank too, within `slack_tokens` of the most free KV.
+    two = [_p(0), RankLoad("decode", True, 1000, num_reserved_tokens=300), _d(0)]
+    assert pick_ranks(two) == Pick(2, 0)
+    assert pick_ranks(two, affinity=Affinity(None, 300, decode_rank=1)) == Pick(1, 0)
+    assert pick_ranks(two, affinity=Affinity(None, 299, decode_rank=1)) == Pick(2, 0)
+    assert pick_ranks(two, frozenset({1}), Affinity(None, 10**6, decode_rank=1)) == Pick(2, 0)
+    assert pick_ranks(two, affinity=Affinity(None, 10**6, decode_rank=0)) == Pick(2, 0)
 
 
 def test_router_sends_prompts_that_begin_alike_to_the_same_prefill_rank():
@@ -100,6 +107,16 @@ def test_router_sends_prompts_that_begin_alike_to_the_same_prefill_rank():
     assert ranks.pick(input_ids=system_b + [6]).prefill_rank == 1
     # A retry that avoids the preferred rank goes to the next one.
     assert ranks.pick(frozenset({1}), input_ids=system_b + [6]).prefill_rank == 0
+    # Decode ranks too: prompts that begin alike prefer one, whose prefix cache then holds
+    # the beginning's KV (not sent again), while its free KV is within a prompt's worth.
+    disagg = table([("prefill", 0), ("decode", 0), ("decode", 1)])
+    chosen = [disagg.pick(input_ids=system + [7]).rank for system in systems]
+    assert set(chosen) == {1, 2}, chosen
+    for system, rank in zip(systems[:8], chosen, strict=False):
+        disagg.reserved_tokens = [0, 60, 0] if rank == 1 else [0, 0, 60]
+        assert disagg.pick(input_ids=system + [8, 9]).rank == rank
+        disagg.reserved_tokens = [0, 200, 0] if rank == 1 else [0, 0, 200]
+        assert disagg.pick(input_ids=system + [8, 9]).rank == 3 - rank
     # Short prompts carry no affinity: the least loaded.
     ranks.queued_prefill_tokens = [10, 0, 0]
     assert ranks.pick(input_ids=system_a[:-1]).prefill_rank == 1
