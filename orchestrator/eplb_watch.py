@@ -14,12 +14,11 @@ start again from zero (the metrics keep their totals).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-from workers.engine.messages import short_error
+from orchestrator.periodic import Periodic
 from workers.engine.rank_reports import RankInfo
 
 logger = logging.getLogger(__name__)
@@ -44,8 +43,13 @@ def expert_pools(
     ]
 
 
-class EplbWatch:
-    """Resyncs the EPLB service with the router's pools after each restart (module doc)."""
+class EplbWatch(Periodic):
+    """Resyncs the EPLB service with the router's pools after each restart (module doc).
+    One that does not answer (restarting, or gone for good) is looked at again later."""
+
+    task_name = "eplb-watch"
+    failure = "the EPLB service does not answer"
+    look_at_start = True
 
     def __init__(
         self, eplb: Any, router: Any, num_groups: int, interval_s: float = WATCH_INTERVAL_S
@@ -55,43 +59,22 @@ class EplbWatch:
         self.num_groups = num_groups
         self.interval_s = interval_s
         self.num_restarts = 0  # restarts seen and resynced
-        self._task: asyncio.Task[None] | None = None
+        self._seen: str | None = None  # the service's incarnation at the last look
 
     def pools_now(self) -> list[Any]:
         """The expert-parallel pools the router serves now (not those draining or gone)."""
         ranks = self.router.ranks
         return expert_pools(ranks.handles, ranks.infos, self.num_groups, ranks.closed)
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="eplb-watch")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        seen: str | None = None
-        failing = False  # the last look failed (logged once, until it answers again)
-        while True:
-            try:
-                incarnation = await asyncio.wait_for(self.eplb.incarnation.remote(), 30)
-                if seen is not None and incarnation != seen:
-                    pools = self.pools_now()
-                    await asyncio.wait_for(self.eplb.sync_pools.remote(pools), 120)
-                    await asyncio.wait_for(self.eplb.start.remote(), 30)
-                    self.num_restarts += 1
-                    logger.warning(
-                        "the EPLB service was restarted; it serves the %d expert-parallel "
-                        "pool(s) again (%s)", len(pools), ", ".join(p.name for p in pools),
-                    )  # fmt: skip
-                seen = incarnation
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # restarting, or gone for good: look again later
-                if not failing:
-                    logger.warning("the EPLB service does not answer: %s", short_error(e))
-                failing = True
-            await asyncio.sleep(self.interval_s)
+    async def look(self) -> None:
+        incarnation = await asyncio.wait_for(self.eplb.incarnation.remote(), 30)
+        if self._seen is not None and incarnation != self._seen:
+            pools = self.pools_now()
+            await asyncio.wait_for(self.eplb.sync_pools.remote(pools), 120)
+            await asyncio.wait_for(self.eplb.start.remote(), 30)
+            self.num_restarts += 1
+            logger.warning(
+                "the EPLB service was restarted; it serves the %d expert-parallel "
+                "pool(s) again (%s)", len(pools), ", ".join(p.name for p in pools),
+            )  # fmt: skip
+        self._seen = incarnation

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import deployment as dep
+from orchestrator.periodic import Periodic
 
 if TYPE_CHECKING:
     from orchestrator.config import ServeConfig
@@ -186,7 +187,7 @@ def _ready_now(handles: list[Any], wait_s: float = 1.0) -> bool:
 
 
 @dataclass
-class FrontWatch:
+class FrontWatch(Periodic):
     """Keeps a front router's ranks in step with the deployment's record (see the module
     doc). Runs on the router's event loop."""
 
@@ -194,7 +195,7 @@ class FrontWatch:
     name: str
     # Instance name -> the router's indices of its ranks.
     known: dict[str, list[int]] = field(default_factory=dict)
-    refresh_s: float = REFRESH_S
+    interval_s: float = REFRESH_S
     gone_logged: bool = False
     # Instances found and not ready yet: each waits for its ranks' `ready` in a task of its
     # own and is taken on the moment they answer — when the primary replaces an instance it
@@ -208,11 +209,14 @@ class FrontWatch:
     # Instances marked moving whose requests this router moves off (`KVMoves.move_off`).
     moving: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     lease: Any = None  # `deployment.front_lease`, held while it serves
-    _task: asyncio.Task[None] | None = None
+    task_name = "front-watch"
+
+    def __post_init__(self) -> None:
+        self.failure = f"front router: reading deployment {self.name} failed"
 
     def start(self) -> None:
         self.router.on_rank_gone = self._rank_gone
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="front-watch")
+        super().start()
 
     def _rank_gone(self, index: int) -> None:
         """A rank is dead for good: its instance is about to be replaced by the primary."""
@@ -227,9 +231,8 @@ class FrontWatch:
         self.router.wake_waiting()
 
     async def stop(self) -> None:
-        tasks = [
-            t for t in (self._task, *self.pending.values(), *self.moving.values()) if t is not None
-        ]
+        await super().stop()
+        tasks = [*self.pending.values(), *self.moving.values()]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -242,15 +245,8 @@ class FrontWatch:
                 ray.kill(self.lease)
             self.lease = None
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            try:
-                await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the GCS is unreachable for a moment: look again
-                logger.warning("front router: reading deployment %s failed: %s", self.name, e)
+    async def look(self) -> None:  # (the GCS unreachable for a moment: the next look)
+        await self.sync()
 
     async def sync(self) -> None:
         """One look at the record: take on new instances (once ready), close draining ones,

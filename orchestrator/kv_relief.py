@@ -36,13 +36,11 @@ no pages for it after all refuses it at once, and it resumes from its output the
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
-from workers.engine.messages import short_error
+from orchestrator.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +127,15 @@ def plan_relief(rooms: Mapping[int, RankRoom], movable: Iterable[Movable]) -> di
     return plan
 
 
-class KVReliefWatch:
+class KVReliefWatch(Periodic):
     """Looks at the generating ranks' KV every `interval_s` and moves requests off pressed
     ranks (module doc); not while `busy()` (a scale runs: it moves requests itself) or moves
-    are under way."""
+    are under way. A look that fails (a rank going down meanwhile) is logged; the next one
+    comes as usual."""
+
+    task_name = "kv-relief"
+    failure = "KV pressure look failed"
+    failure_traceback = True
 
     def __init__(self, router: Any, interval_s: float, busy: Callable[[], bool] = lambda: False):
         self.router = router
@@ -144,16 +147,6 @@ class KVReliefWatch:
         self._used: dict[int, int] = {}
         self._preemptions: dict[int, int] = {}
         self._took_at: dict[int, int] = {}  # the look at which each rank last took moves
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-relief")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def look(self) -> int:
         """One look: the requests asked to move."""
@@ -195,17 +188,3 @@ class KVReliefWatch:
             for planned in plan.values():
                 self._took_at.update((m.to, self.num_looks) for m in planned)
         return num
-
-    async def _run(self) -> None:
-        failing = False  # the last look failed (logged once, until one works again)
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.look()
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a rank going down meanwhile: look again later
-                if not failing:
-                    logger.warning("KV pressure look failed: %s", short_error(e), exc_info=True)
-                failing = True

@@ -19,14 +19,11 @@ loop, in a primary with `--deployment` and in every front router.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from typing import Any
 
+from orchestrator.periodic import Periodic
 from orchestrator.ranks import RankTable
 from workers.engine.rank_reports import RouterLoad
-
-logger = logging.getLogger(__name__)
 
 PEER_LOAD_S = 0.5  # how often a router asks the ranks for the other routers' load
 
@@ -42,21 +39,15 @@ def peer_share(by_router: dict[str, RouterLoad], tag: str, role: str) -> RouterL
     )
 
 
-class PeerLoadWatch:
+class PeerLoadWatch(Periodic):
+    task_name = "peer-load"
+    failure = "asking the ranks for the other routers' load failed"
+    failure_traceback = True  # (`_ask` takes a rank's failure: not expected)
+
     def __init__(self, ranks: RankTable, interval_s: float = PEER_LOAD_S):
         self.ranks = ranks
         self.interval_s = interval_s
         self.num_looks = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="peer-load")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def look(self) -> None:
         """Ask the live ranks once and keep the other routers' share of what they hold."""
@@ -76,13 +67,3 @@ class PeerLoadWatch:
             return loads
         except Exception:  # down, or restarting: it keeps its last figures
             return None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.look()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # not expected: say so, look again
-                logger.warning("asking the ranks for the other routers' load failed: %s", e)
