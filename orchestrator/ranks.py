@@ -45,23 +45,32 @@ def prefix_key(input_ids: Sequence[int]) -> bytes | None:
     return page_key(b"", input_ids[:AFFINITY_TOKENS])
 
 
-def rank_name(info: RankInfo) -> str:
-    """A rank's name, the same in every router of a deployment (their indices differ)."""
-    return f"{info.role}-{info.instance}/{info.pool_rank}"
+_MASK64 = (1 << 64) - 1
 
 
-def preferred_rank(key: bytes, names: Mapping[int, str]) -> int | None:
-    """The rank (of `names`: index -> `rank_name`) that prompts with affinity key `key`
-    prefer: the highest hash of the key with its name (rendezvous hashing). Every router
+def rank_seed(info: RankInfo) -> int:
+    """A 64-bit hash of a rank's name (`role-instance/pool_rank`), the same in every router of
+    a deployment (their indices differ)."""
+    name = f"{info.role}-{info.instance}/{info.pool_rank}".encode()
+    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer: a bijection of 64-bit ints that scatters every input bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def preferred_rank(key: bytes, seeds: Mapping[int, int]) -> int | None:
+    """The rank (of `seeds`: index -> `rank_seed`) that prompts with affinity key `key`
+    prefer: the highest hash of the key with its seed (rendezvous hashing). Every router
     prefers the same rank for a key, whatever its indices, and a rank that joins or leaves
-    changes the preference of only the keys it wins or held. None when `names` is empty."""
-    if not names:
+    changes the preference of only the keys it wins or held. None when `seeds` is empty."""
+    if not seeds:
         return None
-
-    def score(i: int) -> bytes:
-        return hashlib.blake2b(key + names[i].encode(), digest_size=8).digest()
-
-    return max(names, key=score)
+    k = int.from_bytes(key[:8], "little")
+    return max(seeds, key=lambda i: _mix64(k ^ seeds[i]))
 
 
 class RankTable:
@@ -98,6 +107,7 @@ class RankTable:
         # Add frames sent on a stream and not answered yet: rank -> seq -> their futures.
         self._unanswered: dict[int, dict[int, list[asyncio.Future[None]]]] = {}
         self.num_pool_wakes = 0  # `wake` calls to the other ranks of a quiet pool
+        self._seeds: dict[int, tuple[RankInfo, int]] = {}  # `_seed`'s
         self._pool_last_add: dict[tuple[str, int], float] = {}  # (role, instance) -> time
         # Adds waiting for this event-loop pass to end, per rank (see `add`).
         self._adds: dict[int, list[tuple[GenerateRequest, asyncio.Future[None]]]] = {}
@@ -205,7 +215,7 @@ class RankTable:
 
             def preferred(role: str) -> int | None:
                 return preferred_rank(key, {
-                    i: rank_name(info)
+                    i: self._seed(i, info)
                     for i, (info, load) in enumerate(zip(self.infos, loads, strict=True))
                     if info is not None and load.alive and load.role == role and i not in avoid
                 })  # fmt: skip
@@ -218,6 +228,13 @@ class RankTable:
         if pick is None:
             raise RouterNotReady(self.dead_message())
         return pick
+
+    def _seed(self, rank: int, info: RankInfo) -> int:
+        """`rank_seed(info)` of `rank`, kept while its info is the same."""
+        kept = self._seeds.get(rank)
+        if kept is None or kept[0] is not info:
+            kept = self._seeds[rank] = (info, rank_seed(info))
+        return kept[1]
 
     def pick_receiver(
         self, avoid: frozenset[int] = frozenset(), role: str = "decode"

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.ranks import AFFINITY_TOKENS, preferred_rank, prefix_key, rank_name
+from orchestrator.ranks import AFFINITY_TOKENS, preferred_rank, prefix_key, rank_seed
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.timeout(240)
 def _preferred(infos: list[Any], role: str, ids: list[int]) -> int | None:
     key = prefix_key(ids)
     assert key is not None
-    names = {i: rank_name(info) for i, info in enumerate(infos) if info.role == role}
-    return preferred_rank(key, names)
+    seeds = {i: rank_seed(info) for i, info in enumerate(infos) if info.role == role}
+    return preferred_rank(key, seeds)
 
 
 def test_prompts_that_begin_alike_go_to_the_ranks_their_beginning_prefers(launch_tiny):
