@@ -113,19 +113,27 @@ class DeploymentRecord:
     replaces: bool = True
 
     def to_json(self) -> str:
-        return json.dumps({"format": RECORD_FORMAT, **dataclasses.asdict(self)})
+        raw = dataclasses.asdict(self)
+        for instance in raw["instances"]:
+            if not instance["moving"]:  # (added later: a router of an older version reads on)
+                del instance["moving"]
+        return json.dumps({"format": RECORD_FORMAT, **raw})
 
     @classmethod
     def from_json(cls, text: str) -> DeploymentRecord:
         raw = json.loads(text)
         if raw.pop("format", None) != RECORD_FORMAT:
             raise DeploymentError(f"the deployment record is not {RECORD_FORMAT}")
-        # (Fields a newer router added are left out: a router of an older version reads on.)
-        known = {f.name for f in dataclasses.fields(InstanceRecord)}
-        raw["instances"] = [
-            InstanceRecord(**{k: v for k, v in i.items() if k in known}) for i in raw["instances"]
-        ]
+        # Fields a newer router added are left out: a router of this version reads on.
+        raw = _known(cls, raw)
+        raw["instances"] = [InstanceRecord(**_known(InstanceRecord, i)) for i in raw["instances"]]
         return cls(**raw)
+
+
+def _known(cls: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `raw` that are fields of dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
 
 
 def settings_of(config: Any, model_dir: Path) -> dict[str, Any]:

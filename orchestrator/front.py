@@ -208,6 +208,7 @@ class FrontWatch(Periodic):
     replaces: bool = True
     # Instances marked moving whose requests this router moves off (`KVMoves.move_off`).
     moving: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    migrate: bool = True  # its requests move with their KV (not `--disable-kv-migration`)
     lease: Any = None  # `deployment.front_lease`, held while it serves
     task_name = "front-watch"
 
@@ -279,7 +280,7 @@ class FrontWatch(Periodic):
                 if inst.draining and not set(self.known[name]) <= self.router.ranks.closed:
                     logger.info("front router: %s drains; no new request goes there", name)
                     self.router.close_ranks(self.known[name])
-                if inst.moving and name not in self.moving and record is not None:
+                if inst.moving and self.migrate and name not in self.moving and record is not None:
                     timeout_s = float(record.settings.get("transfer_timeout_s", 30.0))
                     self.moving[name] = asyncio.get_running_loop().create_task(
                         self._move_off(name, timeout_s), name=f"front-move-off-{name}"
@@ -302,7 +303,12 @@ class FrontWatch(Periodic):
         if not indices:
             return
         before = moves.moved_off(indices)
-        await moves.move_off(indices, timeout_s + MIGRATION_SLACK_S)
+        try:
+            await moves.move_off(indices, timeout_s + MIGRATION_SLACK_S)
+        except Exception as e:  # not expected: what is left resumes once the instance goes
+            logger.warning("front router: moving requests off %s failed: %s", name, e,
+                           exc_info=True)  # fmt: skip
+            return
         after = moves.moved_off(indices)
         if after != before:
             logger.info(

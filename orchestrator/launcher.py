@@ -353,7 +353,7 @@ def _launch_front(
     # Ready ones only: those still starting are taken on by the watch.
     watch_known, ranks = front.first_ranks(config.front, config.ready_timeout_s, progress)
     router = _router(config, ranks, model_dir, tag=front.new_tag())
-    watch = front.FrontWatch(router, config.front, watch_known)
+    watch = front.FrontWatch(router, config.front, watch_known, migrate=config.kv_migration)
     watch.lease = dep.front_lease(config.front, router.tag)  # `pdserve down` sees this router
     app = create_app(router, config, front=watch)
     http = _serve_app(app, config, router)

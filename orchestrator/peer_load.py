@@ -29,14 +29,29 @@ PEER_LOAD_S = 0.5  # how often a router asks the ranks for the other routers' lo
 
 
 def peer_share(by_router: dict[str, RouterLoad], tag: str, role: str) -> RouterLoad:
-    """The load on a rank of `role` of the routers other than the one tagged `tag`."""
+    """The load on a rank of `role` of the routers other than the one tagged `tag`, in the
+    router's own terms: reservations on generating ranks only, unstarted prompts on ranks
+    that compute prompts only."""
     others = [load for t, load in by_router.items() if t != tag]
+    reserved = 0 if role == "prefill" else sum(load.reserved_tokens for load in others)
     unstarted = 0 if role == "decode" else sum(load.unstarted_prompt_tokens for load in others)
     return RouterLoad(
-        sum(load.reserved_tokens for load in others),
+        reserved,
         unstarted,
         sum(load.requests for load in others),
+        sum(load.transfers for load in others),
     )
+
+
+async def ask(handle: Any, timeout_s: float = 5.0) -> dict[str, RouterLoad] | None:
+    """A rank's `load_by_router`; None when it does not answer within `timeout_s`."""
+    try:
+        loads: dict[str, RouterLoad] = await asyncio.wait_for(
+            handle.load_by_router.remote(), timeout_s
+        )
+        return loads
+    except Exception:  # down, or restarting
+        return None
 
 
 class PeerLoadWatch(Periodic):
@@ -50,20 +65,16 @@ class PeerLoadWatch(Periodic):
         self.num_looks = 0
 
     async def look(self) -> None:
-        """Ask the live ranks once and keep the other routers' share of what they hold."""
+        """Ask the live ranks once and keep the other routers' share of what they hold, each
+        rank's as it answers (one that hangs holds up no other's); one that does not answer
+        keeps its last figures."""
         table = self.ranks
-        live = [i for i in table.present if table.is_live(i)]
-        answers = await asyncio.gather(*(self._ask(table.handles[i]) for i in live))
-        for i, by_router in zip(live, answers, strict=True):
+
+        async def one(i: int) -> None:
+            by_router = await ask(table.handles[i])
             info = table.infos[i]
             if by_router is not None and info is not None and i not in table.removed:
                 table.peer_load[i] = peer_share(by_router, table.tag, info.role)
-        self.num_looks += 1
 
-    @staticmethod
-    async def _ask(handle: Any) -> dict[str, RouterLoad] | None:
-        try:
-            loads: dict[str, RouterLoad] = await asyncio.wait_for(handle.load_by_router.remote(), 5)
-            return loads
-        except Exception:  # down, or restarting: it keeps its last figures
-            return None
+        await asyncio.gather(*(one(i) for i in table.present if table.is_live(i)))
+        self.num_looks += 1

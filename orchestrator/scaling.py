@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from orchestrator.front import REFRESH_S as FRONT_REFRESH_S
+from orchestrator.peer_load import ask, peer_share
 from orchestrator.placement import PoolSpec
 from orchestrator.pool_instance import PoolInstance
 
@@ -270,13 +271,20 @@ async def _drain_fronts(
     pools: PoolSet, router: Any, instance: PoolInstance, deadline: float
 ) -> bool:
     """Wait until `deadline` for the requests of a deployment's front routers on `instance`
-    to end or move (this router's own have): its ranks count them (`RankStats`); whether
-    none is left. What is left when the instance goes resumes elsewhere, as its front router
-    sees the ranks fail."""
+    to end or move: its ranks count them by router (`load_by_router`, their KV transfers in
+    flight too; a rank that does not answer counts none); whether none is left. What is
+    left when the instance goes resumes elsewhere, as its front router sees the ranks fail."""
+
+    async def left(i: int) -> int:
+        by_router = await ask(router.ranks.handles[i])
+        if by_router is None:
+            return 0
+        theirs = peer_share(by_router, router.ranks.tag, "colocated")
+        return theirs.requests + theirs.transfers
+
     while not (pools.stopping or pools.stopped):
-        stats = await router.ranks.stats_of(instance.indices)
-        if all(s is None or s.num_running + s.num_waiting + s.num_in_transfer == 0
-               for s in stats):  # fmt: skip
+        live = [i for i in instance.indices if router.ranks.is_live(i)]
+        if sum(await asyncio.gather(*(left(i) for i in live))) == 0:
             return True
         if time.monotonic() >= deadline:
             return False

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(420)
 TOKEN = "front-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 POOLS = ("--prefill-dp", "1", "--decode-dp", "1")
-MOVED = 2000  # tokens of the requests a scale-down moves: they run for seconds still
+MOVED = 4000  # tokens of the requests a scale-down moves: they run for ~10 s, it moves in ~2
 
 
 def _body(i: int, max_new_tokens: int = 24, stream: bool = False) -> dict[str, Any]:

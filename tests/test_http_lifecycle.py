@@ -129,12 +129,16 @@ def test_a_failing_rank_ends_its_requests_and_is_restarted(launch_tiny):
         r = httpx.post(f"{url}/generate", json=body, timeout=60)
         assert r.status_code == 200, r.text
         # Slow steps (for tests that race a watch against the decode): each takes 10 ms more.
-        ray.get(rank.inject_fault.remote("slow_step", 50))
-        slow = {**body, "sampling_params": {"max_new_tokens": 50, "ignore_eos": True}}
-        began = time.monotonic()
-        r = httpx.post(f"{url}/generate", json=slow, timeout=60)
-        assert r.status_code == 200 and len(r.json()["output_ids"]) == 50, r.text
-        assert time.monotonic() - began >= 50 * 0.01
+        long = {**body, "sampling_params": {"max_new_tokens": 50, "ignore_eos": True}}
+        took = []
+        for slow in (False, True):
+            if slow:
+                ray.get(rank.inject_fault.remote("slow_step", 50))
+            began = time.monotonic()
+            r = httpx.post(f"{url}/generate", json=long, timeout=60)
+            assert r.status_code == 200 and len(r.json()["output_ids"]) == 50, r.text
+            took.append(time.monotonic() - began)
+        assert took[1] - took[0] >= 0.3, took  # 0.5 s of sleeps
         # A step fails: its requests end with the error, the rank exits and Ray restarts it.
         pid = ray.get(rank.ready.remote()).pid
         ray.get(rank.inject_fault.remote("fail_step", 1))

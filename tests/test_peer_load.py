@@ -36,14 +36,21 @@ def test_a_rank_reports_what_each_routers_requests_hold():
         "f00dcafe": RouterLoad(7 + 30 + 9 + 40, 7, 2),
     }
     assert loads_by_router([]) == {}
+    # KV transfers in flight count by the router their id names.
+    assert loads_by_router(held[:1], ["x#4@f00dcafe", "y#5", "z#6@f00dcafe"]) == {
+        "": RouterLoad(110, 10, 1, 1), "f00dcafe": RouterLoad(0, 0, 0, 2),
+    }  # fmt: skip
 
 
 def test_a_router_takes_the_other_routers_share():
-    by_router = {"": RouterLoad(100, 10, 2), "aa": RouterLoad(40, 4, 1), "bb": RouterLoad(7, 0, 1)}
-    assert peer_share(by_router, "", "colocated") == RouterLoad(47, 4, 2)
-    assert peer_share(by_router, "aa", "prefill") == RouterLoad(107, 10, 3)
-    # A decode rank's prompts wait for a prefill rank: they count as its reservations only.
-    assert peer_share(by_router, "aa", "decode") == RouterLoad(107, 0, 3)
+    by_router = {
+        "": RouterLoad(100, 10, 2, 1), "aa": RouterLoad(40, 4, 1), "bb": RouterLoad(7, 0, 1, 2),
+    }  # fmt: skip
+    assert peer_share(by_router, "", "colocated") == RouterLoad(47, 4, 2, 2)
+    # As the router counts its own: a decode rank's prompts wait for a prefill rank (they
+    # count as its reservations only), and a prefill rank holds no reservation.
+    assert peer_share(by_router, "aa", "decode") == RouterLoad(107, 0, 3, 3)
+    assert peer_share(by_router, "aa", "prefill") == RouterLoad(0, 10, 3, 3)
     assert peer_share({"aa": RouterLoad(5, 5, 1)}, "aa", "decode") == RouterLoad()
 
 

@@ -80,7 +80,7 @@ def test_prefix_affinity_wins_while_within_its_slack():
 
 
 def test_router_sends_prompts_that_begin_alike_to_the_same_prefill_rank():
-    from orchestrator.ranks import AFFINITY_TOKENS, RankTable
+    from orchestrator.ranks import AFFINITY_TOKENS, RankTable, preferred_rank, prefix_key, rank_seed
 
     def table(order: list[tuple[str, int]]) -> RankTable:
         ranks = RankTable([object()] * len(order))
@@ -105,8 +105,22 @@ def test_router_sends_prompts_that_begin_alike_to_the_same_prefill_rank():
     assert ranks.pick(input_ids=system_b + [5]).prefill_rank == 0
     ranks.queued_prefill_tokens = [0, 0, 0]
     assert ranks.pick(input_ids=system_b + [6]).prefill_rank == 1
-    # A retry that avoids the preferred rank goes to the next one.
-    assert ranks.pick(frozenset({1}), input_ids=system_b + [6]).prefill_rank == 0
+    # A retry that avoids the preferred rank goes to the next one preferred (of three: not
+    # the first left, which a pick without affinity would give).
+    three = table([("prefill", 0), ("prefill", 1), ("prefill", 2), ("decode", 0)])
+    seeds = {i: rank_seed(info) for i, info in enumerate(three.infos[:3])}
+    for system in systems:
+        key = prefix_key(system + [6])
+        assert key is not None
+        top = preferred_rank(key, seeds)
+        assert three.pick(input_ids=system + [6]).prefill_rank == top
+        rest = {i: seed for i, seed in seeds.items() if i != top}
+        second = preferred_rank(key, rest)
+        if second != min(rest):
+            assert three.pick(frozenset({top}), input_ids=system + [6]).prefill_rank == second
+            break
+    else:
+        raise AssertionError("no beginning whose second choice is not the first rank left")
     # Decode ranks too: prompts that begin alike prefer one, whose prefix cache then holds
     # the beginning's KV (not sent again), while its free KV is within a prompt's worth.
     disagg = table([("prefill", 0), ("decode", 0), ("decode", 1)])

@@ -169,6 +169,11 @@ class KVHandoff:
         self.faults[kind] -= 1
         return True
 
+    def in_flight(self) -> list[str]:
+        """The ids of the transfers in flight (sending or receiving)."""
+        with self._lock:
+            return list(self._in_flight)
+
     @property
     def busy(self) -> bool:
         """Whether transfers are in flight or pages in quarantine."""

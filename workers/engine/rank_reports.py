@@ -22,17 +22,22 @@ class RouterLoad(NamedTuple):
     reserved_tokens: int = 0  # prompt + max_new_tokens of each
     unstarted_prompt_tokens: int = 0  # the prompt tokens of those without output yet
     requests: int = 0
+    # KV transfers in flight (a prompt's or a moving request's KV being sent, or received):
+    # a request that left the rank's batch may still be sending its pages.
+    transfers: int = 0
 
 
-def loads_by_router(held: Iterable[Any]) -> dict[str, RouterLoad]:
-    """The load of the requests `held` (an engine's `Sequence`s) by their router's tag
-    (`messages.router_of`; "" for the primary)."""
+def loads_by_router(held: Iterable[Any], transfers: Iterable[str] = ()) -> dict[str, RouterLoad]:
+    """The load of the requests `held` (an engine's `Sequence`s) and of the KV transfers in
+    flight (their ids) by their router's tag (`messages.router_of`; "" for the primary)."""
     out: dict[str, list[int]] = {}
     for s in held:
-        load = out.setdefault(router_of(s.rid), [0, 0, 0])
+        load = out.setdefault(router_of(s.rid), [0, 0, 0, 0])
         load[0] += s.num_prompt_tokens + s.sampling.max_new_tokens
         load[1] += s.num_prompt_tokens if len(s.token_ids) == s.num_prompt_tokens else 0
         load[2] += 1
+    for rid in transfers:
+        out.setdefault(router_of(rid), [0, 0, 0, 0])[3] += 1
     return {tag: RouterLoad(*load) for tag, load in out.items()}
 
 

@@ -328,7 +328,8 @@ class EngineWorker(RankOperations):
     def load_by_router(self) -> dict[str, RouterLoad]:
         """What each router's requests hold here, by its tag ("" for the primary): a router
         adds the others' to its own accounting when it picks ranks."""
-        return loads_by_router(list(self.engine.requests.values()))
+        transfers = self.handoff.in_flight() if self.handoff is not None else []
+        return loads_by_router(list(self.engine.requests.values()), transfers)
 
     def abort_all(self, router: str = "") -> int:
         """Abort every request this rank holds for `router` (its tag; "": the primary — a new
