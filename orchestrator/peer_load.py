@@ -28,11 +28,16 @@ from workers.engine.rank_reports import RouterLoad
 PEER_LOAD_S = 0.5  # how often a router asks the ranks for the other routers' load
 
 
+def others_of(by_router: dict[str, RouterLoad], tag: str) -> list[RouterLoad]:
+    """What the routers other than the one tagged `tag` hold on a rank (`load_by_router`)."""
+    return [load for t, load in by_router.items() if t != tag]
+
+
 def peer_share(by_router: dict[str, RouterLoad], tag: str, role: str) -> RouterLoad:
     """The load on a rank of `role` of the routers other than the one tagged `tag`, in the
     router's own terms: reservations on generating ranks only, unstarted prompts on ranks
     that compute prompts only."""
-    others = [load for t, load in by_router.items() if t != tag]
+    others = others_of(by_router, tag)
     reserved = 0 if role == "prefill" else sum(load.reserved_tokens for load in others)
     unstarted = 0 if role == "decode" else sum(load.unstarted_prompt_tokens for load in others)
     return RouterLoad(
@@ -57,7 +62,7 @@ async def ask(handle: Any, timeout_s: float = 5.0) -> dict[str, RouterLoad] | No
 class PeerLoadWatch(Periodic):
     task_name = "peer-load"
     failure = "asking the ranks for the other routers' load failed"
-    failure_traceback = True  # (`_ask` takes a rank's failure: not expected)
+    failure_traceback = True  # (`ask` takes a rank's failure: not expected)
 
     def __init__(self, ranks: RankTable, interval_s: float = PEER_LOAD_S):
         self.ranks = ranks

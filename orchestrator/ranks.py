@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 from collections import Counter
@@ -51,7 +52,12 @@ _MASK64 = (1 << 64) - 1
 def rank_seed(info: RankInfo) -> int:
     """A 64-bit hash of a rank's name (`role-instance/pool_rank`), the same in every router of
     a deployment (their indices differ)."""
-    name = f"{info.role}-{info.instance}/{info.pool_rank}".encode()
+    return _name_seed(info.role, info.instance, info.pool_rank)
+
+
+@functools.lru_cache(maxsize=65536)
+def _name_seed(role: str, instance: int, pool_rank: int) -> int:
+    name = f"{role}-{instance}/{pool_rank}".encode()
     return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
 
 
@@ -107,7 +113,6 @@ class RankTable:
         # Add frames sent on a stream and not answered yet: rank -> seq -> their futures.
         self._unanswered: dict[int, dict[int, list[asyncio.Future[None]]]] = {}
         self.num_pool_wakes = 0  # `wake` calls to the other ranks of a quiet pool
-        self._seeds: dict[int, tuple[RankInfo, int]] = {}  # `_seed`'s
         self._pool_last_add: dict[tuple[str, int], float] = {}  # (role, instance) -> time
         # Adds waiting for this event-loop pass to end, per rank (see `add`).
         self._adds: dict[int, list[tuple[GenerateRequest, asyncio.Future[None]]]] = {}
@@ -215,7 +220,7 @@ class RankTable:
 
             def preferred(role: str) -> int | None:
                 return preferred_rank(key, {
-                    i: self._seed(i, info)
+                    i: rank_seed(info)
                     for i, (info, load) in enumerate(zip(self.infos, loads, strict=True))
                     if info is not None and load.alive and load.role == role and i not in avoid
                 })  # fmt: skip
@@ -228,13 +233,6 @@ class RankTable:
         if pick is None:
             raise RouterNotReady(self.dead_message())
         return pick
-
-    def _seed(self, rank: int, info: RankInfo) -> int:
-        """`rank_seed(info)` of `rank`, kept while its info is the same."""
-        kept = self._seeds.get(rank)
-        if kept is None or kept[0] is not info:
-            kept = self._seeds[rank] = (info, rank_seed(info))
-        return kept[1]
 
     def pick_receiver(
         self, avoid: frozenset[int] = frozenset(), role: str = "decode"

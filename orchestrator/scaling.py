@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from orchestrator.front import REFRESH_S as FRONT_REFRESH_S
-from orchestrator.peer_load import ask, peer_share
+from orchestrator.peer_load import ask, others_of
 from orchestrator.placement import PoolSpec
 from orchestrator.pool_instance import PoolInstance
 
@@ -277,10 +277,8 @@ async def _drain_fronts(
 
     async def left(i: int) -> int:
         by_router = await ask(router.ranks.handles[i])
-        if by_router is None:
-            return 0
-        theirs = peer_share(by_router, router.ranks.tag, "colocated")
-        return theirs.requests + theirs.transfers
+        theirs = others_of(by_router, router.ranks.tag) if by_router is not None else []
+        return sum(load.requests + load.transfers for load in theirs)
 
     while not (pools.stopping or pools.stopped):
         live = [i for i in instance.indices if router.ranks.is_live(i)]

@@ -59,17 +59,14 @@ def run_loop(worker: EngineWorker, mode: str) -> None:
             worker._transfer_results = worker._woken = False
             early_targets = worker._num_early_targets
             inbox, worker._inbox = worker._inbox, deque()
-            # The next step with requests fails (not a wake-up with nothing to do).
-            fail_step = (
-                worker._faults["fail_step"] > 0  # (armed only by tests: no scan otherwise)
+            # The next step with requests fails, or is slow (not a wake-up with nothing to do).
+            faulty = (
+                (worker._faults["fail_step"] > 0 or worker._faults["slow_step"] > 0)
+                # (armed only by tests: no scan otherwise)
                 and (engine.has_work or any(kind == "add" for kind, _ in inbox))
-                and worker._take_fault("fail_step")
             )
-            slow_step = (
-                worker._faults["slow_step"] > 0
-                and (engine.has_work or any(kind == "add" for kind, _ in inbox))
-                and worker._take_fault("slow_step")
-            )
+            fail_step = faulty and worker._take_fault("fail_step")
+            slow_step = faulty and worker._take_fault("slow_step")
         if slow_step:
             time.sleep(SLOW_STEP_S)
         deltas = apply_inbox(inbox, engine, handoff, mode)
