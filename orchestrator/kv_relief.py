@@ -22,6 +22,10 @@ generating ranks' stats every `--kv-pressure-interval` seconds, and `plan_relief
   the request stays: a move should not press its receiver, and a rank that took moved
   requests in the last `COOLDOWN_LOOKS` looks hands none off (its growth then is partly theirs),
   so that nothing moves back and forth;
+- with other routers (front routers, `orchestrator.front`), each moves only its own requests
+  and frees its share of what a pressed rank wants (its part of the KV reserved there, from
+  `RankTable.peer_load`), so that together they free it once; a rank that took requests any
+  router moved (`RankStats.num_moved_in` grew) counts as having taken moves;
 - nothing moves while the role is short of KV as a whole (its ranks' free KV less than what
   they want together): moves would only pass the pressure from rank to rank, and the ranks
   preempt as they would without them (more ranks help then, not moves).
@@ -61,6 +65,10 @@ class RankRoom(NamedTuple):
     growth_tokens: int = 0  # how much more of its KV is in use than at the last look (>= 0)
     preempted: bool = False  # it preempted a request since the last look
     took_moves: bool = False  # it took moved requests in the last `COOLDOWN_LOOKS` looks
+    # This router's part of what it must free when pressed: with other routers (front
+    # routers), each frees its share of the shortfall (by the KV reserved there) with its own
+    # requests, so that together they free it once, not once each.
+    share: float = 1.0
 
     @property
     def floor_tokens(self) -> float:
@@ -110,8 +118,10 @@ def plan_relief(rooms: Mapping[int, RankRoom], movable: Iterable[Movable]) -> di
             on.setdefault(m.rank, []).append(m)
     plan: dict[int, list[Move]] = {}
     for i in sorted(pressed, key=lambda i: (free[i] / max(1, rooms[i].capacity_tokens), i)):
+        room = rooms[i]
+        enough = free[i] + room.share * (room.wanted_tokens - free[i])
         for m in sorted(on.get(i, ()), key=lambda m: (-m.held_tokens, m.rid)):
-            if free[i] >= rooms[i].wanted_tokens:
+            if free[i] >= enough:
                 break
             need = m.held_tokens + m.remaining_tokens
             takers = [
@@ -146,7 +156,10 @@ class KVReliefWatch(Periodic):
         # growth), and its preemptions so far.
         self._used: dict[int, int] = {}
         self._preemptions: dict[int, int] = {}
-        self._took_at: dict[int, int] = {}  # the look at which each rank last took moves
+        # The look at which each rank last took moves (any router's: `RankStats.num_moved_in`),
+        # and the requests it took so far.
+        self._took_at: dict[int, int] = {}
+        self._moved_in: dict[int, int] = {}
 
     async def look(self) -> int:
         """One look: the requests asked to move."""
@@ -159,6 +172,7 @@ class KVReliefWatch(Periodic):
         stats = await router.ranks.stats_of(ranks)
         self.num_looks += 1
         rooms: dict[int, RankRoom] = {}
+        table = router.ranks
         for i, st in zip(ranks, stats, strict=True):
             info = router.infos[i]
             if st is None or info is None:
@@ -167,9 +181,14 @@ class KVReliefWatch(Periodic):
             used = info.kv_capacity_tokens - free
             growth = max(0, used - self._used.get(i, used))
             preempted = st.num_preemptions > self._preemptions.get(i, st.num_preemptions)
+            if st.num_moved_in > self._moved_in.get(i, st.num_moved_in):
+                self._took_at[i] = self.num_looks  # another router moved requests there
             self._used[i], self._preemptions[i] = used, st.num_preemptions
+            self._moved_in[i] = st.num_moved_in
             took = self.num_looks - self._took_at.get(i, -COOLDOWN_LOOKS) < COOLDOWN_LOOKS
-            rooms[i] = RankRoom(info.kv_capacity_tokens, free, growth, preempted, took)
+            own, peers = table.reserved_tokens[i], table.peer_load[i].reserved_tokens
+            share = own / (own + peers) if peers > 0 else 1.0
+            rooms[i] = RankRoom(info.kv_capacity_tokens, free, growth, preempted, took, share)
         if self.busy() or moves.under_way():  # (it began while the stats came)
             self._used.clear()
             return 0

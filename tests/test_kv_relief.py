@@ -173,3 +173,101 @@ def test_relieve_asks_the_planned_moves_and_the_next_attempt_takes_the_planned_r
         assert moves.receiver(0, frozenset({0}), planned=None) == 1
 
     asyncio.run(run())
+
+
+def test_with_other_routers_each_frees_its_share_so_that_together_they_free_it_once():
+    # Rank 0: 30 free, 250 wanted. Two routers hold half its KV each, the same requests' sizes.
+    def of(router: str) -> list[Movable]:
+        return [Movable(f"{router}{k}", 0, held, 400) for k, held in enumerate((120, 100, 80))]
+
+    big = _room(4000, cap=4000)
+    alone = plan_relief({0: _room(30), 1: big}, of("a"))
+    assert alone == {0: [Move("a0", 1), Move("a1", 1)]}  # 250 free: what it wants
+    # With the other router's half: each frees half of the 220 missing, 120 is one move each;
+    # together they free 240 (without the share they would free 440).
+    half = RankRoom(CAP, 30, share=0.5)
+    assert plan_relief({0: half, 1: big}, of("a")) == {0: [Move("a0", 1)]}
+    assert plan_relief({0: half, 1: big}, of("b")) == {0: [Move("b0", 1)]}
+    # A router with a tenth of the rank's KV still moves one of its requests.
+    assert plan_relief({0: RankRoom(CAP, 30, share=0.1), 1: big}, of("a")) == {0: [Move("a0", 1)]}
+
+
+class _StatsHandle(_Handle):
+    """... and its `stats`."""
+
+    def __init__(self, calls: list[Any], stats: Any):
+        super().__init__(calls)
+        self.stats = self
+        self.now = stats
+
+    def remote(self, *moves: Any) -> Any:  # (`stats.remote()` or `migrate.remote(moves)`)
+        if not moves:
+
+            async def stats() -> Any:
+                return self.now
+
+            return stats()
+        return super().remote(*moves)
+
+
+def test_the_watch_sees_other_routers_moves_and_frees_its_share():
+    """A rank that took another router's moves (its `num_moved_in` grew) hands none off for
+    `COOLDOWN_LOOKS` looks; a pressed rank whose KV another router's requests share is asked
+    to free this router's part only."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from orchestrator.kv_moves import KVMoves
+    from orchestrator.kv_relief import COOLDOWN_LOOKS, KVReliefWatch
+    from orchestrator.ranks import RankTable
+    from orchestrator.routed import RoutedRequest
+    from workers.engine.rank_reports import RankInfo, RankStats, RouterLoad
+
+    pages = CAP // 16
+
+    def stats(free_pages: int, moved_in: int = 0) -> RankStats:
+        return RankStats(0, 0, pages, free_pages, 0, 0, num_moved_in=moved_in)
+
+    async def run() -> None:
+        calls: list[Any] = []
+        handles = [_StatsHandle(calls, stats(pages)) for _ in range(2)]
+        table = RankTable(handles)
+        for i in range(2):
+            table.infos[i] = RankInfo("m", "deepseek_v3", 1000, 4096, (0,), CAP, 16, pages,
+                                      role="decode", instance=i, migrates=True)  # fmt: skip
+        reqs = {
+            f"r{k}#1": RoutedRequest(f"r{k}#1", 0, 300, 40, num_output_tokens=160 - 20 * k,
+                                     client_rid=f"r{k}", num_input_tokens=40)
+            for k in range(3)
+        }  # fmt: skip
+        for req in reqs.values():
+            table.admit(req)
+        router = SimpleNamespace(
+            ranks=table, infos=table.infos, draining=False,
+            moves=KVMoves(table, reqs, lambda client: f"{client}#2"),
+        )  # fmt: skip
+        watch = KVReliefWatch(router, 1.0)
+        assert await watch.look() == 0  # the first look: nothing pressed
+        # Rank 0 has 2 pages free (32 tokens: under its 50-token floor), rank 1 plenty; but
+        # rank 0 just took a request another router moved there.
+        handles[0].now = stats(2, moved_in=1)
+        for _ in range(COOLDOWN_LOOKS):
+            assert await watch.look() == 0
+        assert calls == []
+        # Then it is pressed; another router reserved as much there as this one (900 tokens):
+        # this router frees half of the 218 tokens missing, one request (200 held) of three.
+        table.peer_load[0] = RouterLoad(reserved_tokens=900, requests=3)
+        assert await watch.look() == 1
+        await asyncio.sleep(0)
+        assert calls == [[("r0#1", "r0#2")]] and reqs["r0#1"].move_to == 1
+        # Alone there, it would have freed all of it: two moves.
+        table.peer_load[0] = RouterLoad()
+        reqs["r0#1"].migrating = False
+        watch2 = KVReliefWatch(router, 1.0)
+        handles[0].now = replace(handles[0].now, num_moved_in=0)
+        calls.clear()
+        assert await watch2.look() == 2
+        await asyncio.sleep(0)
+        assert calls == [[("r0#1", "r0#2"), ("r1#1", "r1#2")]]
+
+    asyncio.run(run())

@@ -422,6 +422,9 @@ def test_a_decode_rank_whose_kv_runs_out_hands_requests_to_one_with_room(
         if interval_s:
             assert stats["num_kv_pressure_moves"] >= 1 and stats["num_migrated"] >= 1, stats
             assert preempted == 0 and stats["num_resumed"] == 0, stats
+            # The rank that took them counts them (other routers' watches read it).
+            moved_in = [r["stats"]["num_moved_in"] for r in stats["ranks"]]
+            assert moved_in[pressed] == 0 and sum(moved_in) == stats["num_migrated"], stats
             assert _metric(url, "pdserve_kv_pressure_moves_total") >= 1
         else:
             assert stats["num_kv_pressure_moves"] == 0 and stats["num_migrated"] == 0, stats

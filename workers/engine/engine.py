@@ -135,6 +135,7 @@ class Engine:
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self.num_moved_in = 0  # requests that came with their KV from another rank of its role
         self.handoffs: list[Sequence] = []
         # Prefill rank (`KVHandoff.bind`): given a step's batch, what the model calls after
         # each layer to write that layer's KV of the prompts the step finishes ahead of their
@@ -208,6 +209,7 @@ class Engine:
         self.idle = False
         if mode == "decode":
             self.scheduler.expect_kv(seq)
+            self.num_moved_in += req.migrated
         else:
             self.scheduler.add(seq)
 
@@ -369,6 +371,7 @@ class Engine:
             num_swapped_tokens=swap.num_tokens if swap is not None else 0,
             num_spec_draft_tokens=spec.num_guessed_tokens if spec is not None else 0,
             num_spec_accepted_tokens=spec.num_accepted_tokens if spec is not None else 0,
+            num_moved_in=self.num_moved_in,
         )
 
     def take_expert_load(self) -> torch.Tensor | None:

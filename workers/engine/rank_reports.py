@@ -133,6 +133,9 @@ class RankStats:
     # Speculative decoding: tokens guessed so far, and of those the ones the model confirmed.
     num_spec_draft_tokens: int = 0
     num_spec_accepted_tokens: int = 0
+    # Requests that came with their KV from another rank of its role (a scale-down, KV relief:
+    # whichever router moved them), counted as each is announced to wait for its KV.
+    num_moved_in: int = 0
     transfers: TransferTotals = TransferTotals()
     # The requests it holds, whichever router sent them (`EngineWorker.stats` counts them):
     # prompt + max_new_tokens of each, and the prompt tokens of those without output yet.
