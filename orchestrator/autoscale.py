@@ -33,7 +33,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.policy import RankLoad
@@ -103,8 +103,7 @@ def with_reported(loads: Sequence[RankLoad], stats: Sequence[Any]) -> list[RankL
     out = []
     for load, st in zip(loads, stats, strict=True):
         if st is not None:
-            load = replace(
-                load,
+            load = load._replace(
                 num_reserved_tokens=max(load.num_reserved_tokens, st.num_reserved_tokens),
                 num_queued_prefill_tokens=max(
                     load.num_queued_prefill_tokens, st.num_unstarted_prompt_tokens

@@ -22,12 +22,10 @@ each request, what the request may come to hold in KV), and running requests.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class RankLoad:
+class RankLoad(NamedTuple):  # (a tuple: a table of hundreds of ranks builds one per rank per pick)
     role: str  # colocated | prefill | decode
     alive: bool
     kv_capacity_tokens: int

@@ -61,22 +61,21 @@ def _name_seed(role: str, instance: int, pool_rank: int) -> int:
     return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
 
 
-def _mix64(x: int) -> int:
-    """SplitMix64's finalizer: a bijection of 64-bit ints that scatters every input bit."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def preferred_rank(key: bytes, seeds: Mapping[int, int]) -> int | None:
     """The rank (of `seeds`: index -> `rank_seed`) that prompts with affinity key `key`
     prefer: the highest hash of the key with its seed (rendezvous hashing). Every router
     prefers the same rank for a key, whatever its indices, and a rank that joins or leaves
     changes the preference of only the keys it wins or held. None when `seeds` is empty."""
-    if not seeds:
-        return None
     k = int.from_bytes(key[:8], "little")
-    return max(seeds, key=lambda i: _mix64(k ^ seeds[i]))
+    best, top = None, -1
+    for i, seed in seeds.items():  # SplitMix64's finalizer of key ^ seed (inline: every rank)
+        x = k ^ seed
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+        if x > top:
+            best, top = i, x
+    return best
 
 
 class RankTable:
@@ -193,21 +192,22 @@ class RankTable:
             if info is not None and error is not None and info.pool_size > 1
             and i not in self.removed
         }  # fmt: skip
+        closed = self.closed
         return [
             RankLoad(
-                role=info.role if info is not None else "",
-                alive=info is not None
-                and self.is_live(i)
-                and i not in self.closed
+                info.role if info is not None else "",
+                info is not None and error is None and i not in closed
                 and (info.role, info.instance) not in broken,
-                kv_capacity_tokens=info.kv_capacity_tokens if info is not None else 0,
-                num_queued_prefill_tokens=self.queued_prefill_tokens[i]
-                + peer.unstarted_prompt_tokens,
-                num_reserved_tokens=self.reserved_tokens[i] + peer.reserved_tokens,
-                num_running=self.running[i] + peer.requests,
+                info.kv_capacity_tokens if info is not None else 0,
+                queued + peer.unstarted_prompt_tokens,
+                reserved + peer.reserved_tokens,
+                running + peer.requests,
             )
-            for i, (info, peer) in enumerate(zip(self.infos, self.peer_load, strict=True))
-        ]
+            for i, (info, error, peer, queued, reserved, running) in enumerate(zip(
+                self.infos, self.errors, self.peer_load, self.queued_prefill_tokens,
+                self.reserved_tokens, self.running, strict=True,
+            ))
+        ]  # fmt: skip
 
     def pick(self, avoid: frozenset[int] = frozenset(), input_ids: Sequence[int] = ()) -> Pick:
         """The ranks for a new request (`orchestrator.policy.pick_ranks`), with prefix
@@ -217,18 +217,17 @@ class RankTable:
         loads = self.loads()
         affinity = None
         if key is not None:
-
-            def preferred(role: str) -> int | None:
-                return preferred_rank(key, {
-                    i: rank_seed(info)
-                    for i, (info, load) in enumerate(zip(self.infos, loads, strict=True))
-                    if info is not None and load.alive and load.role == role and i not in avoid
-                })  # fmt: skip
-
+            seeds: dict[str, dict[int, int]] = {}  # by role
+            for i, (info, load) in enumerate(zip(self.infos, loads, strict=True)):
+                if info is not None and load.alive and i not in avoid:
+                    seeds.setdefault(load.role, {})[i] = rank_seed(info)
             if any(load.role == "prefill" for load in loads):
-                affinity = Affinity(preferred("prefill"), len(input_ids), preferred("decode"))
+                affinity = Affinity(
+                    preferred_rank(key, seeds.get("prefill", {})), len(input_ids),
+                    preferred_rank(key, seeds.get("decode", {})),
+                )  # fmt: skip
             else:
-                affinity = Affinity(preferred("colocated"), len(input_ids))
+                affinity = Affinity(preferred_rank(key, seeds.get("colocated", {})), len(input_ids))
         pick = pick_ranks(loads, avoid, affinity)
         if pick is None:
             raise RouterNotReady(self.dead_message())
