@@ -72,6 +72,8 @@ def dispatch(
             if req.prefill_rank is not None:
                 targets.setdefault(req.prefill_rank, []).append((item.rid, item.target))
             continue
+        if index != req.rank and index != req.prefill_rank:
+            continue  # its former prefill rank's, late: it decodes on without that rank
         if item.resumable and req.lost is None:
             req.lost = (index, item.error or f"engine rank {index} failed")
             if item.moved_to and index == req.rank:  # handed off: its KV waits there

@@ -112,6 +112,9 @@ async def run_request(
                 failure = f"the rank it was to move to with its KV refused it: {e}"
             if failure is None:
                 return
+            if used and used[-1].aborted:  # by the client meanwhile: it is not tried again
+                yield ended(job, "abort", None)
+                return
             if moved is not None:
                 if router.moves.receiver(moved[0], frozenset({moved[0]})) is not None:
                     avoid = frozenset({moved[0]})

@@ -437,3 +437,60 @@ def test_a_request_in_the_grace_after_a_failed_transfer_is_in_flight_and_can_be_
         assert router.num_in_flight == 0
 
     asyncio.run(run())
+
+
+def test_an_abort_while_the_rank_takes_the_request_is_final_if_the_add_then_fails():
+    """The client aborts while the rank has not answered the add yet, and the add then fails
+    (the rank died): the request ends as aborted, not tried on another rank. (Found by an
+    audit: it went on on another rank, and the abort had said found.)"""
+
+    async def run() -> None:
+        router, added = _router(2)
+        unanswered: list[asyncio.Future[Any]] = []
+
+        class Unanswered:
+            def remote(self, reqs: list[GenerateRequest]) -> asyncio.Future[Any]:
+                added.extend((0, r) for r in reqs)
+                unanswered.append(asyncio.get_running_loop().create_future())
+                return unanswered[-1]
+
+        router.ranks.handles[0].add_requests = Unanswered()
+        router.ranks.reserved_tokens[1] = 1000  # the first pick is rank 0
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=50, temperature=0.0),
+                              rid="r")  # fmt: skip
+        pending, (rank, _) = await _next(gen, added, 0)
+        assert rank == 0
+        abort = asyncio.ensure_future(router.abort("r"))
+        await asyncio.sleep(0.01)
+        unanswered[0].set_exception(RuntimeError("the actor died"))
+        out = await pending
+        assert out.finish_reason == "abort" and await abort
+        assert [out async for out in gen] == []
+        assert len(added) == 1 and router.num_retries == 0 and not router.num_in_flight
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+def test_a_late_word_from_the_prefill_rank_does_not_end_a_request_that_decodes(resumable: bool):
+    """Once its decode rank sent the first token, the request no longer depends on its
+    prefill rank: a late failure from that rank (a send that timed out after the KV arrived,
+    the rank exiting with the request still listed) changes nothing. (Found by an audit: it
+    ended the request with an error, or moved it.)"""
+
+    async def run() -> None:
+        router, added = _one_pair()  # rank 0 decodes, rank 1 computes prompts
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=3, temperature=0.0),
+                              rid="r")  # fmt: skip
+        pending, (_, req) = await _next(gen, added, 0)
+        router.take_frame(0, [TokenDelta(req.rid, [5], None, None, 3, 1)])
+        assert (await pending).token_ids == [5]
+        late = TokenDelta(req.rid, [], FinishReason.ERROR, "KV transfer timed out", 3, 0,
+                          resumable=resumable)  # fmt: skip
+        router.take_frame(1, [late])
+        router.take_frame(0, [TokenDelta(req.rid, [6, 7], FinishReason.LENGTH, None, 3, 3)])
+        outs = [out async for out in gen]
+        assert [(o.token_ids, o.finish_reason) for o in outs] == [([6, 7], "length")], outs
+        assert len(added) == 2 and router.num_resumed == 0 and not router.num_in_flight
+
+    asyncio.run(run())
