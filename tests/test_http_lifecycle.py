@@ -139,27 +139,29 @@ def test_a_failing_rank_ends_its_requests_and_is_restarted(launch_tiny):
             assert r.status_code == 200 and len(r.json()["output_ids"]) == 50, r.text
             took.append(time.monotonic() - began)
         assert took[1] - took[0] >= 0.3, took  # 0.5 s of sleeps
-        # A step fails: its requests end with the error, the rank exits and Ray restarts it.
-        pid = ray.get(rank.ready.remote()).pid
-        ray.get(rank.inject_fault.remote("fail_step", 1))
-        r = httpx.post(f"{url}/generate", json=body, timeout=60)
-        assert r.status_code >= 500, r.text
-        assert "engine step failed" in r.json()["error"]["message"], r.text
-        deadline = time.monotonic() + 90
-        while True:
-            health = httpx.get(f"{url}/health").status_code
-            if health == 200 and server.router.rank_errors == [None]:
-                info = server.router.infos[0]
-                if info is not None and info.pid != pid:
-                    break
-            assert time.monotonic() < deadline, "the failed rank was not restarted"
-            time.sleep(0.3)
-        r = httpx.post(f"{url}/generate", json=body, timeout=60)
-        assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
+        # A step fails, or the loop around the steps (here: once it took the request in):
+        # its requests end with the error, the rank exits and Ray restarts it.
+        for fault, said in (("fail_step", "engine step failed"), ("fail_loop", "loop failed")):
+            pid = ray.get(rank.ready.remote()).pid
+            ray.get(rank.inject_fault.remote(fault, 1))
+            r = httpx.post(f"{url}/generate", json=body, timeout=60)
+            assert r.status_code >= 500, r.text
+            assert said in r.json()["error"]["message"], r.text
+            deadline = time.monotonic() + 90
+            while True:
+                health = httpx.get(f"{url}/health").status_code
+                if health == 200 and server.router.rank_errors == [None]:
+                    info = server.router.infos[0]
+                    if info is not None and info.pid != pid:
+                        break
+                assert time.monotonic() < deadline, f"the rank was not restarted after {fault}"
+                time.sleep(0.3)
+            r = httpx.post(f"{url}/generate", json=body, timeout=60)
+            assert r.status_code == 200 and len(r.json()["output_ids"]) == 8, r.text
         _wait_idle(url)
         metrics = httpx.get(f"{url}/metrics").text
-        assert "pdserve_rank_failures_total 1.0" in metrics
-        assert 'pdserve_request_finish_total{reason="error"} 1.0' in metrics
+        assert "pdserve_rank_failures_total 2.0" in metrics
+        assert 'pdserve_request_finish_total{reason="error"} 2.0' in metrics
     finally:
         server.stop()
 

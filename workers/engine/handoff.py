@@ -70,7 +70,7 @@ FAULTS = {
 # ends its requests with the error and exits, and Ray restarts it); each of its next `count`
 # steps with requests takes `SLOW_STEP_S` longer (a model slower than the tiny one, for tests
 # that race a watch against the decode).
-RANK_FAULTS = {"fail_add", "fail_step", "slow_step"}
+RANK_FAULTS = {"fail_add", "fail_step", "fail_loop", "slow_step"}
 SLOW_STEP_S = 0.01
 FAULTS |= RANK_FAULTS
 

@@ -29,10 +29,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("workers.engine.worker")
 
+_LOOP_FAULTS = ("fail_step", "slow_step", "fail_loop")  # (`handoff.RANK_FAULTS` the loop takes)
+
 
 def run_loop(worker: EngineWorker, mode: str) -> None:
     """Serve until the rank stops (or exits the process); `mode`: how the rank adds a request
-    (`Engine.add`)."""
+    (`Engine.add`). Whatever fails in the loop, not only a step (the inbox, posting receives,
+    a hand-off), ends its requests and the process as a failed step does: a loop thread that
+    died quietly would leave a rank that the router still sees alive (its stream's heartbeat
+    goes on) and whose requests hang."""
+    try:
+        _serve(worker, mode)
+    except Exception as e:
+        if worker.group is not None:
+            _leave_broken_pool(worker, e)
+        else:
+            logger.error("engine loop failed:\n%s", traceback.format_exc())
+            _exit_for_restart(worker, f"engine loop failed: {type(e).__name__}: {e}")
+
+
+def _serve(worker: EngineWorker, mode: str) -> None:
     engine, handoff, group = worker.engine, worker.handoff, worker.group
     last_busy = 0.0
     early_targets = 0
@@ -59,17 +75,21 @@ def run_loop(worker: EngineWorker, mode: str) -> None:
             worker._transfer_results = worker._woken = False
             early_targets = worker._num_early_targets
             inbox, worker._inbox = worker._inbox, deque()
-            # The next step with requests fails, or is slow (not a wake-up with nothing to do).
+            # The next step with requests fails, or is slow, or the loop fails before it (not
+            # a wake-up with nothing to do).
             faulty = (
-                (worker._faults["fail_step"] > 0 or worker._faults["slow_step"] > 0)
+                any(worker._faults[kind] > 0 for kind in _LOOP_FAULTS)
                 # (armed only by tests: no scan otherwise)
                 and (engine.has_work or any(kind == "add" for kind, _ in inbox))
             )
             fail_step = faulty and worker._take_fault("fail_step")
             slow_step = faulty and worker._take_fault("slow_step")
+            fail_loop = faulty and worker._take_fault("fail_loop")
         if slow_step:
             time.sleep(SLOW_STEP_S)
         deltas = apply_inbox(inbox, engine, handoff, mode)
+        if fail_loop:
+            raise RuntimeError("injected fault fail_loop")
         events: list[TransferReady] = []
         if handoff is not None and handoff.role != "prefill":
             # Receives first: their targets go out while this step computes.
@@ -142,12 +162,15 @@ def _exit_for_restart(
     (`max_restarts`), which loads the model afresh. `resumable`: the requests did not
     cause the failure (a peer's), so the router may resume them elsewhere."""
     worker._error = message
-    ended = worker.engine.abort_all(message)
-    for delta in ended:
-        delta.resumable = resumable
-    deltas = [*(deltas or []), *ended]
-    _publish(worker, deltas, events or [], worker.engine.stats())
-    time.sleep(2.0)  # the router's stream reader picks the errors up
+    try:
+        ended = worker.engine.abort_all(message)
+        for delta in ended:
+            delta.resumable = resumable
+        deltas = [*(deltas or []), *ended]
+        _publish(worker, deltas, events or [], worker.engine.stats())
+        time.sleep(2.0)  # the router's stream reader picks the errors up
+    except Exception:  # its state too broken to say so: the router sees the process go
+        logger.error("ending the requests failed:\n%s", traceback.format_exc())
     logger.error("engine rank exits to be restarted: %s", message)
     os._exit(1)
 
