@@ -186,6 +186,17 @@ def test_a_parked_request_without_a_target_fails_at_its_transfer_timeout(ckpt):
         prefill.add("y", prompts["y"], greedy)
         router.prefill_of["y"] = prefill
         started = time.monotonic()
+        _, events = decode.step()  # y's pages: its target goes to the prefill rank
+        for ready in events:
+            prefill.handoff.set_target(ready.rid, ready.target)
+        for _ in range(50):
+            if prefill.engine.scheduler.num_parked:
+                break
+            prefill.step()
+        # Parked: an idle rank's loop wakes for x's deadline (it sleeps no longer than that).
+        assert prefill.engine.scheduler.num_parked == 1
+        wait_s = prefill.handoff.wait_s(time.monotonic())
+        assert wait_s is not None and wait_s <= 1.0, wait_s
         router.run([prefill, decode], {"x", "y"})
         assert set(router.errors) == {"x"}
         assert "timed out waiting for the receiving rank's pages" in router.errors["x"]

@@ -181,11 +181,14 @@ class KVHandoff:
 
     def wait_s(self, now: float) -> float | None:
         """How long the loop may sleep before `after_step` has work without being woken: until
-        the first quarantine ends or the next keep-alive is due (None: until woken). Transfer
-        results wake the loop through the transfer engine's `on_result`."""
+        the first quarantine ends, the next keep-alive is due or a parked request's transfer
+        deadline passes (None: until woken). Transfer results wake the loop through the
+        transfer engine's `on_result`."""
         due = [self._quarantine[0][0]] if self._quarantine else []
         if self._targets:
             due.append(self._next_keep_alive)
+        if self._parked:  # (it fails then, even on a rank with nothing else to do)
+            due.append(min(self._parked.values()))
         return max(0.0, min(due) - now) if due else None
 
     def set_target(self, rid: str, target: Any) -> bool:
