@@ -67,6 +67,11 @@ def dispatch(
             continue
         req = requests.get(item.rid)
         if req is None:
+            if isinstance(item, TokenDelta) and item.moved_to:
+                # Handed off with its KV as its attempt ended (the client left, a timeout):
+                # no attempt takes that KV, which the rank would hold until the transfer's
+                # timeout.
+                ranks.send_command(index, ("abort", item.moved_to))
             continue
         if isinstance(item, TransferReady):
             if req.prefill_rank is not None:

@@ -494,3 +494,31 @@ def test_a_late_word_from_the_prefill_rank_does_not_end_a_request_that_decodes(r
         assert len(added) == 2 and router.num_resumed == 0 and not router.num_in_flight
 
     asyncio.run(run())
+
+
+def test_a_move_that_comes_after_its_request_ended_frees_the_kv_it_holds():
+    """The rank hands the request off with its KV (asked to move it) just as its client
+    leaves: no attempt takes that KV, so the router tells the rank to let it go at once, not
+    after the transfer's timeout. (Found by an audit.)"""
+
+    async def run() -> None:
+        router, added = _router(2)
+        aborted: list[tuple[int, str]] = []
+        for i, rank in enumerate(router.ranks.handles):
+            rank.abort = _Rank._call(lambda rid, i=i: aborted.append((i, rid)))
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=50, temperature=0.0),
+                              rid="r")  # fmt: skip
+        pending, (rank, req) = await _next(gen, added, 0)
+        router.take_frame(rank, [TokenDelta(req.rid, [5], None, None, 3, 1)])
+        assert (await pending).token_ids == [5]
+        await gen.aclose()  # the client leaves
+        await asyncio.sleep(0.01)
+        assert aborted == [(rank, req.rid)]  # (the rank had handed it off already)
+        moved = TokenDelta(req.rid, [], FinishReason.ERROR, "moved", 3, 1, resumable=True,
+                           moved_to="r#2")  # fmt: skip
+        router.take_frame(rank, [moved])
+        await asyncio.sleep(0.01)
+        assert aborted == [(rank, req.rid), (rank, "r#2")]
+        assert len(added) == 1 and not router.num_in_flight
+
+    asyncio.run(run())
