@@ -115,6 +115,8 @@ async def run_request(
             if used and used[-1].aborted:  # by the client meanwhile: it is not tried again
                 yield ended(job, "abort", None)
                 return
+            if router.closing:  # the router reads no rank's output any more
+                break
             if moved is not None:
                 if router.moves.receiver(moved[0], frozenset({moved[0]})) is not None:
                     avoid = frozenset({moved[0]})

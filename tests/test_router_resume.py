@@ -522,3 +522,26 @@ def test_a_move_that_comes_after_its_request_ended_frees_the_kv_it_holds():
         assert len(added) == 1 and not router.num_in_flight
 
     asyncio.run(run())
+
+
+def test_a_request_the_shutdown_ends_is_not_tried_again():
+    """The router stops (`end_all`) with a disaggregated request before its first token —
+    which a failure would send to another pair: it ends with the shutdown's error instead of
+    going to ranks whose output no one reads any more. (Found by an audit.)"""
+
+    async def run() -> None:
+        router, added = _router(4)
+        decode = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="decode")
+        prefill = RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256, role="prefill")
+        router.ranks.infos = [decode, prefill, decode, prefill]
+        gen = router.generate([1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0.0),
+                              rid="r")  # fmt: skip
+        pending, _ = await _next(gen, added, 0)
+        await asyncio.sleep(0.01)
+        router.end_all("the server is shutting down")
+        out = await pending
+        assert out.finish_reason == "error" and out.error == "the server is shutting down"
+        assert [out async for out in gen] == []
+        assert len(added) == 2 and router.num_retries == 0 and not router.num_in_flight
+
+    asyncio.run(run())
