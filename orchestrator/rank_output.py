@@ -30,10 +30,16 @@ async def read_output(
     ranks: RankTable, index: int, silence_s: float, on_frame: Callable[[list[Item]], None]
 ) -> None:
     """Receive the output of rank `index`, one `on_frame` call per frame, until its stream
-    breaks or stays silent for `silence_s` (raised: the rank is gone). While connected, the
-    router's commands to the rank go on the same connection (`RankTable.send_command`)."""
-    address: StreamAddress = await ranks.handles[index].stream_address.remote()
-    reader, writer = await asyncio.open_connection(address.host, address.port)
+    breaks, does not connect or stays silent for `silence_s` (raised: the rank is gone).
+    While connected, the router's commands to the rank go on the same connection
+    (`RankTable.send_command`)."""
+    try:
+        # (Bounded: requests may be on the rank already, waiting for this stream.)
+        async with asyncio.timeout(silence_s):
+            address: StreamAddress = await ranks.handles[index].stream_address.remote()
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+    except TimeoutError:
+        raise RankSilent(f"its output stream did not connect in {silence_s:g} s") from None
     error: BaseException = ConnectionError("its output stream ended")
     try:
         tag = f" {ranks.tag}" if ranks.tag else ""

@@ -368,3 +368,44 @@ def test_the_router_sends_its_commands_on_the_stream():
         mine = [kind for kind, of in kinds if of == rid]
         assert mine[0] == "add" and mine.count("add") == 1 and "abort" in mine[1:], kinds
     assert "add_requests" not in calls and "abort" not in calls, calls
+
+
+def test_the_router_fails_a_rank_whose_stream_does_not_connect(monkeypatch):
+    """A rank that reports ready but does not give its stream's address (stuck between the
+    two calls) fails after `stream_silence_s`, as a silent stream does: the requests it may
+    hold by then do not wait for it. (Found by an audit: the connection had no bound.)"""
+    import asyncio
+    import threading
+
+    import orchestrator.rank_watch
+    from orchestrator.router import Router
+    from workers.engine.rank_reports import RankInfo
+
+    release = threading.Event()
+
+    class Call:
+        def __init__(self, fn):
+            self.remote = lambda *args: asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    class Handle:
+        ready = Call(lambda: RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256))
+        stream_address = Call(lambda: release.wait(30))
+
+    async def run() -> None:
+        router = Router([Handle()], tokenizer=None, model_name="m", stream_silence_s=1.0)  # type: ignore[arg-type]
+        router.restart_poll_s = 60  # keep a failed rank failed for the test
+        await router.start()
+        for _ in range(100):
+            if router.rank_errors[0] is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert "did not connect in 1 s" in (router.rank_errors[0] or ""), router.rank_errors
+        assert killed == [True]  # stuck: Ray starts it afresh
+        release.set()
+        await router.close()
+
+    killed: list[bool] = []
+    monkeypatch.setattr(
+        orchestrator.rank_watch.ray, "kill", lambda h, no_restart: killed.append(True)
+    )
+    asyncio.run(run())
