@@ -249,7 +249,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--low-latency-capacity",
         type=int,
         default=128,
-        help="low_latency mode: rows per expert slot and source rank in one exchange",
+        help="low_latency mode: rows per expert slot and source rank in one exchange (with "
+        "DeepEP also the most tokens a decode rank computes in one step)",
     )
     x.add_argument(
         "--eplb-interval-s",

@@ -48,6 +48,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def step_token_budget(config: EngineConfig, ep: EPContext | None) -> int:
+    """The most tokens one step computes: `--chunked-prefill-size`, within what the
+    expert-parallel dispatcher takes per call (DeepEP's low-latency mode: its capacity)."""
+    limit = ep.dispatcher.max_tokens_per_call if ep is not None else None
+    if limit is None or limit >= config.chunked_prefill_size:
+        return config.chunked_prefill_size
+    logger.info(
+        "steps of at most %d tokens (--low-latency-capacity: DeepEP's low-latency buffers), "
+        "not %d (--chunked-prefill-size)", limit, config.chunked_prefill_size,
+    )  # fmt: skip
+    return limit
+
+
 class Engine:
     """With `ep` the engine is one rank of an expert-parallel pool: it holds only its expert
     slots, and every `step` is a collective over the pool (see `step`)."""
@@ -111,7 +124,7 @@ class Engine:
             self.kv.allocator,
             config.page_size,
             config.max_running_requests,
-            config.chunked_prefill_size,
+            step_token_budget(config, ep),
         )
         if config.kv_swap_space > 0:
             swap_tokens = int(config.kv_swap_space * (1 << 30)) // per_token

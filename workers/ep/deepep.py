@@ -67,6 +67,10 @@ class DeepEPDispatcher(Dispatcher):
         self.capacity_per_expert = capacity_per_expert
         Buffer = deep_ep.Buffer
         if mode == "low_latency":
+            # Its buffers hold `capacity_per_expert` tokens per rank and call, no more: the
+            # engine keeps each step within that (a step over it would fail on this rank
+            # while its peers wait inside the kernel).
+            self.max_tokens_per_call = capacity_per_expert
             num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(
                 capacity_per_expert, hidden_size, self.num_ranks, self.num_physical
             )

@@ -91,6 +91,10 @@ class Dispatcher(ABC):
     """
 
     layout: Layout
+    # The most token rows one call may dispatch on a rank (None: any number). An engine using
+    # the dispatcher keeps its steps within it (`Engine`: the scheduler's token budget), so
+    # that no rank ever fails a call its peers are already waiting in.
+    max_tokens_per_call: int | None = None
 
     def __init__(self, group: dist.ProcessGroup | None, num_local_slots: int):
         if num_local_slots < 1:
