@@ -20,7 +20,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -364,10 +364,10 @@ class PoolSet:
     # ---- scaling (`orchestrator.scaling`) -------------------------------------------------
 
     def plan(
-        self, counts: Mapping[str, int], remove: Sequence[str]
+        self, counts: Mapping[str, int], remove: Sequence[str], gone: Collection[int] = ()
     ) -> tuple[list[PoolSpec], list[PoolInstance]]:
         """The instances to start and to remove (`orchestrator.scaling.plan`)."""
-        return scaling.plan(self, counts, remove)
+        return scaling.plan(self, counts, remove, gone)
 
     async def scale(
         self,

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -98,11 +98,22 @@ class ScaleReport:
         return not self.failed
 
 
+def _is_dead(instance: PoolInstance, gone: Collection[int]) -> bool:
+    """Whether `instance` has a rank that is dead for good (`RankTable.gone`): it serves no
+    more (until it is replaced, when replacement is on)."""
+    return any(i in gone for i in instance.indices)
+
+
 def plan(
-    pools: PoolSet, counts: Mapping[str, int], remove: Sequence[str]
+    pools: PoolSet,
+    counts: Mapping[str, int],
+    remove: Sequence[str],
+    gone: Collection[int] = frozenset(),
 ) -> tuple[list[PoolSpec], list[PoolInstance]]:
     """The instances to start and to remove for `counts` (instances per role) after
-    removing the instances named in `remove`. ScaleError when it cannot be done."""
+    removing the instances named in `remove`; of the others, those with a rank dead for good
+    (`gone`: the router's indices) go first, then the newest. ScaleError when it cannot be
+    done."""
     for role, n in counts.items():
         if role not in pools.shapes:
             roles = ", ".join(sorted(pools.shapes))
@@ -134,8 +145,8 @@ def plan(
                    if i.spec.role == role and i.state == "serving" and i not in leaving]  # fmt: skip
         low = pools.bounds.get(role, (1, MAX_INSTANCES))[0]  # autoscaled: its minimum
         want = counts.get(role, max(len(staying), low))
-        newest_first = sorted(staying, key=lambda i: -i.spec.instance)
-        leaving += newest_first[: max(0, len(staying) - want)]
+        dead_then_newest = sorted(staying, key=lambda i: (not _is_dead(i, gone), -i.spec.instance))
+        leaving += dead_then_newest[: max(0, len(staying) - want)]
         first = pools.next_number[role]
         start += [PoolSpec(role, first + k, num_ranks, bundle)
                   for k in range(max(0, want - len(staying)))]  # fmt: skip
@@ -162,7 +173,7 @@ async def scale(
     began = time.monotonic()
     report = ScaleReport()
     try:
-        start, leaving = plan(pools, counts, remove)
+        start, leaving = plan(pools, counts, remove, router.ranks.gone)
         problem = await asyncio.to_thread(pools.room_for, start)
         if problem:
             raise ScaleError(f"cannot scale up: {problem}", start[0].role)
@@ -182,7 +193,7 @@ async def scale(
                 report.failed.append({"pool": spec.name, "error": str(result)})
             else:
                 report.started.append(spec.name)
-        leaving = _keep_one_per_role(pools, leaving, report)
+        leaving = _keep_one_per_role(pools, leaving, report, router.ranks.gone)
         moved = await asyncio.gather(
             *(take_down(pools, router, eplb, i, drain_timeout_s) for i in leaving)
         )
@@ -228,15 +239,19 @@ async def _balance(pools: PoolSet, router: Any) -> Moved:
 
 
 def _keep_one_per_role(
-    pools: PoolSet, leaving: list[PoolInstance], report: ScaleReport
+    pools: PoolSet, leaving: list[PoolInstance], report: ScaleReport, gone: Collection[int]
 ) -> list[PoolInstance]:
-    """`leaving`, less what would leave a role with no serving instance (its replacement
-    did not start): those stay, reported as failed."""
+    """`leaving`, less what would leave a role with no serving instance that is alive (its
+    replacement did not start; `gone`: ranks dead for good): those stay, reported as
+    failed. A dead instance always goes."""
     out = []
     for instance in leaving:
         role = instance.spec.role
-        if any(i.spec.role == role and i.state == "serving" and i not in leaving
-               for i in pools.instances):  # fmt: skip
+        if _is_dead(instance, gone) or any(
+            i.spec.role == role and i.state == "serving" and i not in leaving
+            and not _is_dead(i, gone)
+            for i in pools.instances
+        ):  # fmt: skip
             out.append(instance)
         else:
             report.failed.append(
