@@ -176,13 +176,21 @@ class PoolSet:
     def take_over(cls, model_dir: Path, config: ServeConfig, record: Any) -> PoolSet:
         """The instances of the deployment in `record` (`orchestrator.deployment`), found by
         name; one whose actors or placement group are gone is released and a new instance of
-        its role started in its place (not waiting for its model)."""
+        its role started in its place (not waiting for its model). One that was being scaled
+        down (the router before stopped in the middle) is removed: its scale-down ends here,
+        unless it is all its role has left."""
         from ray.util.placement_group import get_placement_group
 
         found: list[PoolInstance] = []
         broken: list[PoolInstance] = []
+        staying = {i.role for i in record.instances if not i.draining}
         for inst in record.instances:
             spec = PoolSpec(inst.role, inst.instance, inst.num_ranks, dict(inst.bundle))
+            if inst.draining and inst.role in staying:
+                logger.warning("deployment %s: %s was being scaled down when its router "
+                               "stopped; removing it", record.name, spec.name)  # fmt: skip
+                dep.remove_instance(record.name, spec)
+                continue
             instance = PoolInstance(spec, None, state="serving")
             try:
                 group = get_placement_group(group_name(record.name, spec))

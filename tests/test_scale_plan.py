@@ -4,6 +4,7 @@ keeps a live one from being the last of it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -46,3 +47,47 @@ def test_no_role_is_left_without_a_live_instance():
     assert report.failed == [{"pool": "decode-1", "error": "kept: its replacement did not start"}]
     assert scaling._keep_one_per_role(pools, [d0, d1], scaling.ScaleReport(), gone={0}) == [d0]
     assert scaling._keep_one_per_role(pools, [d1], scaling.ScaleReport(), gone=set()) == [d1]
+
+
+def test_a_take_over_ends_the_scale_down_the_router_before_stopped_in(monkeypatch):
+    """The deployment's record names an instance being scaled down (its router stopped in the
+    middle): the router that takes over removes it rather than serve it again. (Found by an
+    audit: it was kept as serving and the record's mark dropped.)"""
+    import sys
+
+    import ray
+    import ray.util.placement_group  # noqa: F401  (the module: its function has its name)
+
+    from orchestrator import deployment as dep
+    from orchestrator.config import ServeConfig
+    from orchestrator.pools import PoolSet
+
+    saved: dict[str, Any] = {}
+    removed: list[str] = []
+    monkeypatch.setattr(dep, "save", lambda record: saved.__setitem__("record", record))
+    monkeypatch.setattr(dep, "load", lambda name: saved.get("record"))
+    monkeypatch.setattr(dep, "code_fingerprint", lambda: "code")
+    monkeypatch.setattr(dep, "settings_of", lambda config, model_dir: {})
+    monkeypatch.setattr(dep, "remove_instance",
+                        lambda name, spec: removed.append(spec.name) or [])  # fmt: skip
+    placement_groups = sys.modules["ray.util.placement_group"]
+    monkeypatch.setattr(placement_groups, "get_placement_group", lambda name: f"group {name}")
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace=None: f"actor {name}")
+
+    def instance(role: str, number: int, draining: bool = False) -> Any:
+        return dep.InstanceRecord(role, number, 1, BUNDLE, draining=draining, moving=draining)
+
+    record = dep.DeploymentRecord("d", "code", {}, [
+        instance("decode", 0), instance("decode", 1, draining=True), instance("prefill", 0),
+        instance("prefill", 1, draining=True),
+    ], {"decode": 2, "prefill": 2}, {})  # fmt: skip
+    # A role whose only instance drains keeps it (a scale-down never leaves a role empty).
+    record.instances[2].draining = True
+    pools = PoolSet.take_over(Path("/no-model"), ServeConfig(deployment="d", ray_address="127.0.0.1:1"), record)
+    assert removed == ["decode-1"]
+    assert [(i.name, i.state) for i in pools.instances] == [
+        ("decode-0", "serving"), ("prefill-0", "serving"), ("prefill-1", "serving")
+    ]
+    assert [(i.name, i.draining) for i in saved["record"].instances] == [
+        ("decode-0", False), ("prefill-0", False), ("prefill-1", False)
+    ]
