@@ -111,12 +111,18 @@ class DeploymentRecord:
     # Its router replaces an instance whose rank is dead for good (front routers' requests
     # then wait for the new one: `orchestrator.front`).
     replaces: bool = True
+    # The instances it is replacing now (dead for good; they leave the record before their
+    # replacement joins it): front routers' requests wait for those, not for one scaled down.
+    replacing: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
+        # (Added later, left out when unset: a router of an older version reads on.)
         for instance in raw["instances"]:
-            if not instance["moving"]:  # (added later: a router of an older version reads on)
+            if not instance["moving"]:
                 del instance["moving"]
+        if not raw["replacing"]:
+            del raw["replacing"]
         return json.dumps({"format": RECORD_FORMAT, **raw})
 
     @classmethod

@@ -267,6 +267,15 @@ class FrontWatch(Periodic):
             self.replacing.clear()  # nothing will replace them
             self._count_replacing()
         present = {i.name: i for i in instances}
+        if record is not None and self.replacing:
+            # A dead instance that left the record and is not being replaced was scaled
+            # down: nothing waits for it.
+            waited = set(present) | set(record.replacing)
+            for role in list(self.replacing):
+                self.replacing[role] &= waited
+                if not self.replacing[role]:
+                    del self.replacing[role]
+            self._count_replacing()
         for name in [n for n in self.pending if n not in present or present[n].draining]:
             self.pending.pop(name).cancel()
         for name in [n for n in self.known if n not in present]:

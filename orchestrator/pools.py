@@ -118,6 +118,7 @@ class PoolSet:
             record = dep.DeploymentRecord(
                 self.deployment, dep.code_fingerprint(), self._settings, instances,
                 dict(self.next_number), dict(self.selectors), self.config.replace_dead_instances,
+                sorted(self.replacing),
             )  # fmt: skip
             try:
                 dep.save(record)

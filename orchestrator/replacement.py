@@ -14,6 +14,7 @@ change like a scale (`orchestrator.scaling`: `take_down`, `bring_up`), one at a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ async def _replace(pools: PoolSet, router: Any, eplb: Any, dead: PoolInstance) -
     """Take `dead` down and start instances of its role until it has its count again."""
     role = dead.spec.role
     try:
+        await asyncio.to_thread(pools.record)  # (front routers' requests wait for it)
         while pools.scaling:  # one change at a time (a scale, the autoscaler, another)
             if pools.stopped or pools.stopping or router.draining:
                 return
@@ -95,3 +97,5 @@ async def _replace(pools: PoolSet, router: Any, eplb: Any, dead: PoolInstance) -
         pools.replacing.pop(dead.name, None)
         router.num_replacing -= 1
         router.wake_waiting()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(pools.record)

@@ -83,11 +83,79 @@ def test_a_take_over_ends_the_scale_down_the_router_before_stopped_in(monkeypatc
     ], {"decode": 2, "prefill": 2}, {})  # fmt: skip
     # A role whose only instance drains keeps it (a scale-down never leaves a role empty).
     record.instances[2].draining = True
-    pools = PoolSet.take_over(Path("/no-model"), ServeConfig(deployment="d", ray_address="127.0.0.1:1"), record)
+    pools = PoolSet.take_over(
+        Path("/no-model"), ServeConfig(deployment="d", ray_address="127.0.0.1:1"), record
+    )
     assert removed == ["decode-1"]
     assert [(i.name, i.state) for i in pools.instances] == [
-        ("decode-0", "serving"), ("prefill-0", "serving"), ("prefill-1", "serving")
+        ("decode-0", "serving"),
+        ("prefill-0", "serving"),
+        ("prefill-1", "serving"),
     ]
     assert [(i.name, i.draining) for i in saved["record"].instances] == [
-        ("decode-0", False), ("prefill-0", False), ("prefill-1", False)
+        ("decode-0", False),
+        ("prefill-0", False),
+        ("prefill-1", False),
     ]
+
+
+def test_a_front_router_waits_for_a_replaced_instance_not_for_one_scaled_down(monkeypatch):
+    """A front router sees a rank die for good before the record says why: requests that lost
+    it wait (`num_replacing`) while the primary replaces its instance (the record's
+    `replacing`), and stop waiting once the record shows it was scaled down instead. (Found by
+    an audit: the count stayed up after a scale-down, and requests waited 120 s for nothing.)"""
+    import asyncio
+
+    from orchestrator import deployment as dep
+    from orchestrator.front import FrontWatch
+
+    class Router:
+        num_replacing = 0
+
+        def __init__(self) -> None:
+            self.ranks = SimpleNamespace(closed=set())
+            self.removed: list[list[int]] = []
+
+        def wake_waiting(self) -> None:
+            pass
+
+        async def remove_ranks(self, indices: list[int], why: str) -> None:
+            self.removed.append(indices)
+
+    def record(names: list[str], replacing: list[str]) -> dep.DeploymentRecord:
+        instances = [dep.InstanceRecord("decode", int(n[-1]), 1, BUNDLE) for n in names]
+        return dep.DeploymentRecord("d", "code", {}, instances, replacing=replacing)
+
+    async def run() -> None:
+        router = Router()
+        watch = FrontWatch(router, "d", {"decode-0": [0], "decode-1": [1]})  # type: ignore[arg-type]
+        now = {"record": record(["decode-0", "decode-1"], [])}
+        monkeypatch.setattr(dep, "load", lambda name: now["record"])
+        monkeypatch.setattr("orchestrator.front.instance_ranks", lambda rec, inst: None)
+        # Replaced: the dead instance leaves the record, named as being replaced.
+        watch._rank_gone(1)
+        assert router.num_replacing == 1
+        now["record"] = record(["decode-0"], ["decode-1"])
+        await watch.sync()
+        assert router.num_replacing == 1 and router.removed == [[1]]
+        # Scaled down: its actors killed, then the record without it and not replacing it.
+        watch._rank_gone(0)
+        assert router.num_replacing == 2
+        now["record"] = record([], ["decode-1"])
+        await watch.sync()
+        assert router.num_replacing == 1 and watch.replacing == {"decode": {"decode-1"}}
+        now["record"] = record([], [])
+        await watch.sync()
+        assert router.num_replacing == 0 and watch.replacing == {}
+
+    asyncio.run(run())
+
+
+def test_records_without_replacing_read_both_ways():
+    from orchestrator import deployment as dep
+
+    plain = dep.DeploymentRecord("d", "code", {}, [])
+    assert "replacing" not in plain.to_json()  # a router of an older version reads on
+    assert dep.DeploymentRecord.from_json(plain.to_json()).replacing == []
+    named = dep.DeploymentRecord("d", "code", {}, [], replacing=["decode-1"])
+    assert dep.DeploymentRecord.from_json(named.to_json()).replacing == ["decode-1"]
