@@ -1,7 +1,8 @@
 """Autoscaling: the router adds and removes pool instances by their load (`--max-*-instances`).
 
-Each role whose maximum is above its starting count is watched; the starting count is its
-minimum. Every `SAMPLE_S` the router samples each role's utilization from its own accounting
+Each role whose maximum is above its starting count is watched; the starting count
+(`--prefill-instances`, `--decode-instances`; one colocated) is its minimum, also for a router
+that takes a deployment over after earlier scales. Every `SAMPLE_S` the router samples each role's utilization from its own accounting
 (exact and current: what it sent each rank, not stats polled from the ranks) — with
 `--deployment`, raised to what each rank reports holding (`with_reported`), which counts the
 requests of the deployment's front routers too — over the ranks of its serving instances:
@@ -19,7 +20,8 @@ last `down_after_s` loses its newest instance (drained first, as `pdserve scale`
 below its minimum. A role's samples start again after it scaled, so each decision sees only the
 capacity it then has; a scale that fails (no room in the cluster within
 `--placement-timeout`) is tried again after `RETRY_S`. A manual scale meanwhile is left alone
-(the autoscaler waits for it); its counts then count as the current ones, within the bounds.
+(the autoscaler waits for it); its counts then count as the current ones, within the bounds,
+and the samples start again, as after a replacement.
 
 `decide` is the policy, a pure function; `Autoscaler` runs it on the router's event loop.
 """
@@ -53,6 +55,9 @@ class AutoscaleConfig:
     target: float = 0.8
     up_after_s: float = 30.0
     down_after_s: float = 300.0
+    # The instances per role the server was started with: the minimum (a router that takes
+    # a deployment over finds more after earlier scales; they do not raise it).
+    min_instances: Mapping[str, int] | None = None
 
 
 @dataclass
@@ -140,7 +145,9 @@ class Autoscaler:
     ):
         counts = pools.counts()
         self.pools, self.router, self.eplb, self.cfg = pools, router, eplb, cfg
-        self.minimum = dict(counts)
+        least = cfg.min_instances or {}
+        self.minimum = {role: max(1, min(n, least.get(role, n))) for role, n in counts.items()}
+        self._counts = counts  # at the last sample: samples start again when they change
         self.maximum = {role: max(counts[role], cfg.max_instances.get(role, 0)) for role in counts}
         self.prefill_step_tokens = prefill_step_tokens
         self.drain_timeout_s = drain_timeout_s
@@ -202,13 +209,18 @@ class Autoscaler:
                 self.last[role] = utilization(loads, role, self.prefill_step_tokens)
             if self.pools.scaling or (self._scaling and not self._scaling.done()):
                 continue  # a scale (its own or an admin's) runs: the load will change
+            counts = self.pools.counts()
+            if counts != self._counts:  # an admin's scale or a replacement: judge afresh
+                self._counts = counts
+                for w in self.windows.values():
+                    w.samples.clear()
             for role in self.roles:
                 u = self.last[role]
                 if u is None:
                     continue
                 window = self.windows[role]
                 window.add(now, u, keep_s)
-                count = self.pools.counts()[role]
+                count = counts[role]
                 # Prompts back up on the prefill ranks while the decode side has no room for
                 # them: more prefill would not help then.
                 decode = self.last.get("decode")

@@ -126,9 +126,13 @@ class ServeConfig:
                      ("decode", self.max_decode_instances)]  # fmt: skip
         return {role: n for role, n in pairs if n is not None}
 
+    def start_counts(self) -> dict[str, int]:
+        """The instances per role it starts with (the autoscaler's minimum)."""
+        return {"colocated": 1, "prefill": self.prefill_instances,
+                "decode": self.decode_instances}  # fmt: skip
+
     def _check_autoscale(self) -> None:
-        start = {"colocated": 1, "prefill": self.prefill_instances,
-                 "decode": self.decode_instances}  # fmt: skip
+        start = self.start_counts()
         flags = {"colocated": "--max-instances", "prefill": "--max-prefill-instances",
                  "decode": "--max-decode-instances"}  # fmt: skip
         other = (

@@ -145,6 +145,7 @@ def create_app(
                 AutoscaleConfig(
                     config.autoscale_bounds(), config.autoscale_target,
                     config.autoscale_up_after_s, config.autoscale_down_after_s,
+                    config.start_counts(),
                 ),
                 config.engine.chunked_prefill_size, config.scale_drain_s,
             )  # fmt: skip

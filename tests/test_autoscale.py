@@ -234,3 +234,65 @@ def test_a_burst_shorter_than_half_the_window_does_not_scale_up():
     assert decide(burst, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 0
     held = _window([0.0] * 5 + [0.9] * 7)  # over half the window at the target
     assert decide(held, now=11.0, count=1, minimum=1, maximum=4, cfg=CFG) == 1
+
+
+class _Pools:
+    """A `PoolSet` as the autoscaler reads it."""
+
+    def __init__(self, counts: dict[str, int]):
+        self.now = dict(counts)
+        self.bounds: dict[str, tuple[int, int]] = {}
+        self.scaling = self.stopped = False
+        self.deployment = None
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.now)
+
+
+def test_the_minimum_is_the_count_the_server_started_with_after_a_take_over():
+    """A router that takes over a deployment autoscaled to 3 decode instances (it started with
+    1): the minimum stays 1, so that it may scale back down. (Found by an audit: it became 3,
+    and with 4 found the role was no longer autoscaled at all.)"""
+    from orchestrator.autoscale import Autoscaler
+
+    cfg = AutoscaleConfig({"decode": 4}, min_instances=ServeConfig().start_counts())
+    for found in (3, 4):
+        pools = _Pools({"prefill": 1, "decode": found})
+        scaler = Autoscaler(pools, None, None, cfg, 2048, 30.0)  # type: ignore[arg-type]
+        assert scaler.minimum == {"prefill": 1, "decode": 1} and scaler.roles == ["decode"]
+        assert pools.bounds == {"decode": (1, 4)}
+    # Without the starting counts (or below them), what it found.
+    scaler = Autoscaler(_Pools({"decode": 2}), None, None, CFG, 2048, 30.0)  # type: ignore[arg-type]
+    assert scaler.minimum == {"decode": 2}
+
+
+def test_the_samples_start_again_when_the_counts_change_by_another_hand(monkeypatch):
+    """An admin's scale (or a replacement) changes a role's count: the samples taken at the
+    old capacity are dropped, so that the next decision sees only the new one. (Found by an
+    audit: a scale from 2 to 4 was followed by a fifth instance on the old samples.)"""
+    import orchestrator.autoscale as autoscale
+
+    monkeypatch.setattr(autoscale, "SAMPLE_S", 0.01)
+    pools = _Pools({"decode": 2})
+    load = RankLoad("decode", True, 1000, num_reserved_tokens=900)  # utilization 0.9
+    router = type(
+        "R", (), {"draining": False, "ranks": type("T", (), {"loads": lambda self: [load]})()}
+    )()
+    slow = AutoscaleConfig({"decode": 8}, up_after_s=3600.0, down_after_s=3600.0)
+    scaler = autoscale.Autoscaler(pools, router, None, slow, 2048, 30.0)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        scaler.start()
+        window = scaler.windows["decode"]
+        for _ in range(200):
+            if len(window.samples) >= 5:
+                break
+            await asyncio.sleep(0.01)
+        assert len(window.samples) >= 5
+        pools.now = {"decode": 4}
+        changed = time.monotonic()
+        await asyncio.sleep(0.1)
+        assert window.samples and window.samples[0][0] >= changed  # afresh
+        await scaler.stop()
+
+    asyncio.run(run())
