@@ -85,6 +85,9 @@ class PoolSet:
         self._lock = threading.Lock()  # `instances`, changed on the loop and in start threads
         self.released_at = -math.inf  # when an instance was last scaled down
         self.num_replaced = dict.fromkeys((i.spec.role for i in instances), 0)  # dead ones
+        # Scales that changed each role's instances (a replacement under way stops then: the
+        # scale set the role's count).
+        self.num_scales = dict.fromkeys((i.spec.role for i in instances), 0)
         self.replacing: dict[str, asyncio.Task[None]] = {}  # by the dead instance's name
         # `--deployment`: its name (the instances are detached and recorded in the GCS, see
         # `orchestrator.deployment`), whether a stop leaves them running, and the lease of

@@ -43,8 +43,6 @@ def watch_dead_ranks(pools: PoolSet, router: Any, eplb: Any) -> None:
                          if index in i.indices and i.state == "serving"), None)  # fmt: skip
         if instance is None or instance.name in pools.replacing or pools.stopped:
             return
-        if pools.deployment_removed():
-            return
         router.num_replacing += 1  # now: requests waiting for a rank wait for this one
         task = asyncio.ensure_future(_replace(pools, router, eplb, instance))
         pools.replacing[instance.name] = task
@@ -56,11 +54,17 @@ async def _replace(pools: PoolSet, router: Any, eplb: Any, dead: PoolInstance) -
     """Take `dead` down and start instances of its role until it has its count again."""
     role = dead.spec.role
     try:
+        if await asyncio.to_thread(pools.deployment_removed):  # (a GCS call)
+            return
         await asyncio.to_thread(pools.record)  # (front routers' requests wait for it)
         while pools.scaling:  # one change at a time (a scale, the autoscaler, another)
             if pools.stopped or pools.stopping or router.draining:
                 return
             await asyncio.sleep(0.2)
+        if dead not in pools.instances:
+            logger.warning("pool instance %s, whose rank is dead for good, was scaled down "
+                           "meanwhile; not replacing it", dead.name)  # fmt: skip
+            return
         want = pools.counts()[role]
         logger.error("pool instance %s has a rank that is dead for good; replacing it",
                      dead.name)  # fmt: skip
@@ -69,6 +73,7 @@ async def _replace(pools: PoolSet, router: Any, eplb: Any, dead: PoolInstance) -
             await take_down(pools, router, eplb, dead, 0.0, migrate=False)
         finally:
             pools.scaling = False
+        scales = pools.num_scales[role]
         delay = REPLACE_RETRY_S
         while pools.counts()[role] < want:
             if pools.stopped or pools.stopping or router.draining:
@@ -76,6 +81,10 @@ async def _replace(pools: PoolSet, router: Any, eplb: Any, dead: PoolInstance) -
             if pools.scaling:
                 await asyncio.sleep(0.2)
                 continue
+            if pools.num_scales[role] != scales:
+                logger.warning("replacing %s: a scale set the count of %s meanwhile; the "
+                               "replacement stops", dead.name, role)  # fmt: skip
+                return
             spec = PoolSpec(role, pools.next_number[role], *pools.shapes[role])
             pools.next_number[role] += 1
             pools.scaling = True

@@ -198,6 +198,8 @@ async def scale(
             *(take_down(pools, router, eplb, i, drain_timeout_s) for i in leaving)
         )
         report.removed = [i.name for i in leaving]
+        for role in {spec.role for spec in start} | {i.spec.role for i in leaving}:
+            pools.num_scales[role] += 1
         report.requests_migrated = sum(m.migrated for m in moved)
         report.requests_resumed = sum(m.resumed for m in moved)
         if pools.config.kv_migration and any(
@@ -276,7 +278,7 @@ async def bring_up(
         if instance.indices:
             await router.remove_ranks(instance.indices, f"{spec.name} failed to start")
         await asyncio.to_thread(instance.release)
-        pools.forget(instance)
+        await asyncio.to_thread(pools.forget, instance)  # (the record: a GCS call)
         raise
     instance.state = "serving"
     pools.num_started[spec.role] += 1
@@ -382,7 +384,8 @@ async def take_down(
         instance.indices, f"pool instance {instance.name} was removed (scaled down)"
     )
     await asyncio.to_thread(instance.release)
-    pools.forget(instance)  # after: a router that dies meanwhile leaves it recorded
+    # After: a router that dies meanwhile leaves it recorded. (The record: a GCS call.)
+    await asyncio.to_thread(pools.forget, instance)
     pools.released_at = time.monotonic()
     pools.num_removed[instance.spec.role] += 1
     return Moved(migrated, resumed, retried)

@@ -159,3 +159,76 @@ def test_records_without_replacing_read_both_ways():
     assert dep.DeploymentRecord.from_json(plain.to_json()).replacing == []
     named = dep.DeploymentRecord("d", "code", {}, [], replacing=["decode-1"])
     assert dep.DeploymentRecord.from_json(named.to_json()).replacing == ["decode-1"]
+
+
+class _ReplacingPools:
+    """A `PoolSet` as a replacement uses it."""
+
+    def __init__(self, *instances: PoolInstance):
+        self.instances = list(instances)
+        self.shapes = {"decode": (1, BUNDLE)}
+        self.next_number = {"decode": len(instances)}
+        self.num_scales = {"decode": 0}
+        self.num_replaced = {"decode": 0}
+        self.replacing: dict[str, Any] = {}
+        self.scaling = self.stopped = self.stopping = False
+        self.records = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"decode": sum(i.state == "serving" for i in self.instances)}
+
+    def deployment_removed(self) -> bool:
+        return False
+
+    def record(self) -> None:
+        self.records += 1
+
+
+def _replacing_router() -> Any:
+    return SimpleNamespace(draining=False, num_replacing=1, wake_waiting=lambda: None)
+
+
+def test_a_replacement_leaves_alone_what_a_scale_changed_meanwhile(monkeypatch):
+    """A dead instance that a scale removed while the replacement waited for it is not taken
+    down again; a replacement that keeps failing to start stops once a scale set the role's
+    count meanwhile, rather than start instances back up to the count it began with. (Found
+    by an audit.)"""
+    import asyncio
+
+    from orchestrator import replacement
+
+    taken_down: list[str] = []
+    started: list[str] = []
+
+    async def take_down(pools: Any, router: Any, eplb: Any, instance: Any, *args: Any,
+                        **kw: Any) -> None:  # fmt: skip
+        taken_down.append(instance.name)
+        pools.instances.remove(instance)
+
+    async def bring_up(pools: Any, router: Any, eplb: Any, spec: Any, threads: Any) -> None:
+        started.append(spec.name)
+        pools.num_scales["decode"] += 1  # meanwhile, an admin scaled decode down to 1
+        raise RuntimeError("no room")
+
+    monkeypatch.setattr(replacement, "take_down", take_down)
+    monkeypatch.setattr(replacement, "bring_up", bring_up)
+    monkeypatch.setattr(replacement, "REPLACE_RETRY_S", 0.01)
+
+    async def run() -> None:
+        # Scaled down while the replacement waited for that scale.
+        d0, d1 = _instance(0, 0), _instance(1, 1)
+        pools = _ReplacingPools(d0, d1)
+        pools.scaling = True
+        task = asyncio.ensure_future(replacement._replace(pools, _replacing_router(), None, d0))
+        await asyncio.sleep(0.05)
+        pools.instances.remove(d0)
+        pools.scaling = False
+        await asyncio.wait_for(task, 5)
+        assert taken_down == [] and started == []
+        # A failed start, then a scale: no second start.
+        pools = _ReplacingPools(_instance(0, 0), _instance(1, 1))
+        dead = pools.instances[0]
+        await asyncio.wait_for(replacement._replace(pools, _replacing_router(), None, dead), 5)
+        assert taken_down == ["decode-0"] and started == ["decode-2"]
+
+    asyncio.run(run())
