@@ -38,7 +38,7 @@ from orchestrator.protocol import parse_generate, prepare_call
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import RouterNotReady
 from orchestrator.router import Router
-from orchestrator.sampling_request import choice_params
+from orchestrator.sampling_request import choice_params, parse_off_loop
 from orchestrator.scaling import ScaleError, ScaleInProgress, ServerStopping, drain_seconds
 from orchestrator.streaming import interleave
 from orchestrator.tracing import trace_headers
@@ -75,7 +75,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         await self._check_api_key(context)
         arrival = time.perf_counter()
         try:
-            call = parse_generate(generate_body(request))
+            call = await parse_off_loop(parse_generate, generate_body(request))
             if call.is_batch or len(call.calls) != 1:
                 raise RequestError("text: one prompt per call", "text")
             ids, sampling = prepare_call(

@@ -32,7 +32,7 @@ from orchestrator.protocol import check_prompt_len
 from orchestrator.reasoning import after_reasoning, opens_reasoning
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import RouterNotReady
-from orchestrator.sampling_request import choice_params, resolve_sampling
+from orchestrator.sampling_request import choice_params, parse_off_loop, resolve_sampling
 from orchestrator.streaming import (
     SSE_DONE,
     EventStream,
@@ -74,7 +74,10 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
     router, config = ctx.router, ctx.config
     arrival = time.perf_counter()
     raw = await read_json(request, config.max_request_body_bytes)
-    req = parse_chat(raw, ctx.tool_format, ctx.marker_ids) if chat else parse_completion(raw)
+    req = await (
+        parse_off_loop(parse_chat, raw, ctx.tool_format, ctx.marker_ids) if chat
+        else parse_off_loop(parse_completion, raw)
+    )  # fmt: skip
     # (ids, text) of each prompt; text only for an echo.
     prompts: list[tuple[list[int], str]] = []
     spec = ChatOutputSpec()  # how a chat's answer is read (completions: as it is)

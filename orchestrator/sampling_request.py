@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.request_fields import Fields, RequestError, type_name
 from orchestrator.routed import Limits
@@ -160,6 +162,8 @@ def read_logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
+T = TypeVar("T")
+
 CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 # Structured output fields by name, as SGLang's `/generate` takes them, and the constraint kind
 # each makes; the OpenAI routes take vLLM's `guided_*` names too (`guided_choice`: one of a
@@ -264,10 +268,58 @@ def check_output_constraint(f: Fields, key: str, constraint: OutputConstraint) -
     """`constraint` when it is valid; a 400 naming `key` otherwise."""
     try:
         check_constraint(constraint)
-    except ValueError as e:
-        message = str(e).removeprefix(f"{constraint.kind}: ")
+    except (ValueError, RecursionError) as e:
+        message = (
+            "nested too deeply" if isinstance(e, RecursionError)
+            else str(e).removeprefix(f"{constraint.kind}: ")
+        )  # fmt: skip
         raise f.fail(key, f"invalid {constraint.kind.replace('_', ' ')}: {message}") from None
     return constraint
+
+
+# Where a request body may hold structured output (`/generate`'s `sampling_params`, one or a
+# list, and the OpenAI routes' top level): such a body is read off the router's event loop.
+_CONSTRAINT_KEYS = frozenset(
+    (*CONSTRAINT_FIELDS, *VLLM_CONSTRAINTS, "response_format", "tools", "tool_choice")
+)
+# A structured output's grammar that takes longer than this to check (xgrammar: some schemas
+# take minutes — very wide or very deep ones) is refused; the check goes on in its thread.
+CHECK_TIMEOUT_S = 10.0
+_checks = ThreadPoolExecutor(2, "pdserve-constraint-check")
+
+
+def mentions_constraint(raw: Any) -> bool:
+    """Whether request body `raw` (parsed JSON) asks for structured output or tools."""
+    if not isinstance(raw, dict):
+        return False
+    params = raw.get("sampling_params")
+    return any(
+        isinstance(part, dict) and not _CONSTRAINT_KEYS.isdisjoint(part)
+        for part in (raw, *(params if isinstance(params, list) else [params]))
+    )
+
+
+async def parse_off_loop(parse: Callable[..., T], raw: Any, *args: Any) -> T:
+    """`parse(raw, *args)`: in a thread of its own when `raw` asks for structured output (its
+    grammar's check may take long, and the event loop serves every other request and reads
+    the ranks' streams meanwhile), a 400 when that takes over `CHECK_TIMEOUT_S`; inline
+    otherwise."""
+    if not mentions_constraint(raw):
+        return parse(raw, *args)
+    future = asyncio.wrap_future(_checks.submit(parse, raw, *args))
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), CHECK_TIMEOUT_S)
+    except TimeoutError:
+        future.add_done_callback(_retrieve)
+        raise RequestError(
+            f"structured output: its grammar took over {CHECK_TIMEOUT_S:g} s to check; "
+            "simplify it (fewer properties or alternatives, less nesting)", "body",
+        ) from None  # fmt: skip
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # (read: not logged as never retrieved)
 
 
 def read_n(f: Fields, key: str = "n") -> int:

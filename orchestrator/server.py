@@ -45,7 +45,7 @@ from orchestrator.protocol import (
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import Overloaded, RouterNotReady
 from orchestrator.router import Router
-from orchestrator.sampling_request import choice_params
+from orchestrator.sampling_request import choice_params, parse_off_loop
 from orchestrator.streaming import (
     SSE_DONE,
     ClientDisconnected,
@@ -204,7 +204,8 @@ def create_app(
     @app.post("/generate")
     async def generate(request: Request) -> Response:
         arrival = time.perf_counter()
-        body = parse_generate(await read_json(request, config.max_request_body_bytes))
+        raw = await read_json(request, config.max_request_body_bytes)
+        body = await parse_off_loop(parse_generate, raw)
         # One request per prompt and choice, prompt-major (as SGLang lists them).
         jobs = [
             (ids, choice_params(sampling, j), c.sampling.stop)

@@ -199,15 +199,17 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise RequestError("body: the request body is empty; send a JSON object", "body")
     try:
         obj = json.loads(body)
+        # Rare: look for one that is not half of a pair.
+        where = _lone_surrogate(obj, "") if _SURROGATE_ESCAPE.search(body) else None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"body: the request body is not valid JSON ({e})", "body") from None
-    if _SURROGATE_ESCAPE.search(body):  # rare: look for one that is not half of a pair
-        where = _lone_surrogate(obj, "")
-        if where is not None:
-            raise RequestError(
-                f"{where or 'body'}: holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape "
-                "that is not half of a pair), which is not text", where or "body",
-            )  # fmt: skip
+    except RecursionError:
+        raise RequestError("body: the request body is nested too deeply", "body") from None
+    if where is not None:
+        raise RequestError(
+            f"{where or 'body'}: holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape "
+            "that is not half of a pair), which is not text", where or "body",
+        )  # fmt: skip
     return obj
 
 

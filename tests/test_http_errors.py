@@ -4,6 +4,7 @@ answered 400 naming the field, a body over the limit 413, and a client that disc
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -182,6 +183,15 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         (G, {"text": "hi", "sampling_params": {"json_schema": {"allOf": [{"type": "string"},
                                                                          {"type": "integer"}]}}},
          "json_schema", "allOf"),
+        # Nested deeper than is taken (found by an audit: a 500, or a router frozen for a
+        # minute): the body itself, a schema as text and as an object, a regex.
+        (G, b'{"text": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body", "deeply"),
+        (G, {"text": "hi", "sampling_params": {"json_schema": _deep_schema(900)}},
+         "json_schema", "nested"),
+        (C, {"prompt": "hi", "guided_json": json.loads(_deep_schema(70))}, "guided_json",
+         "nested"),
+        (G, {"text": "hi", "sampling_params": {"regex": "(" * 80 + "a" + ")" * 80}}, "regex",
+         "nested"),
         # A /generate batch is capped as a completions one is.
         (G, {"text": ["a"] * 257, "sampling_params": {"max_new_tokens": 1}}, "text", "256"),
         (G, {"text": ["a"] * 20, "sampling_params": {"n": 16}}, "text", "256"),
@@ -192,6 +202,11 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         body = {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": room}}
         cases.append((G, body, "max_new_tokens", "KV cache"))
     return cases
+
+
+def _deep_schema(depth: int) -> str:
+    """A JSON schema of arrays of arrays, `depth` deep."""
+    return '{"type": "array", "items": ' * depth + '{"type": "object"}' + "}" * depth
 
 
 def _greedy_ids(c: httpx.Client) -> list[int]:
@@ -268,3 +283,32 @@ def test_non_stream_disconnect_aborts_and_frees_pages(tiny_server, info):
         httpx.post(f"{tiny_server}/generate", json=body, timeout=0.3)
     after = _wait_idle(tiny_server)
     assert after["num_generated_tokens"] - before["num_generated_tokens"] < max_new
+
+
+@pytest.mark.timeout(60)
+def test_a_grammar_that_takes_too_long_to_check_is_refused_while_the_router_serves_on(
+    tiny_server, monkeypatch
+):
+    """A JSON schema whose grammar takes long to check (a wide one here) is checked off the
+    router's event loop and refused past `CHECK_TIMEOUT_S`; meanwhile the router answers.
+    (Found by an audit: the check ran on the loop, and a schema that took a minute to check
+    stalled the router until it took its ranks' silence for a hang and killed them.)"""
+    import threading
+
+    import orchestrator.sampling_request as sampling_request
+
+    monkeypatch.setattr(sampling_request, "CHECK_TIMEOUT_S", 0.05)
+    # ~1 s to check here (xgrammar's time grows faster than the properties).
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1300)}}
+    answers: list[httpx.Response] = []
+    call = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{tiny_server}/generate", timeout=60,
+        json={"text": "hi", "sampling_params": {"max_new_tokens": 2, "json_schema": wide}},
+    )))  # fmt: skip
+    call.start()
+    health = [httpx.get(f"{tiny_server}/health", timeout=30) for _ in range(5)]
+    call.join(60)
+    assert all(r.status_code == 200 for r in health)
+    r = answers[0]
+    assert r.status_code == 400 and "took over 0.05 s to check" in r.json()["error"]["message"]
+    assert httpx.get(f"{tiny_server}/health").status_code == 200
