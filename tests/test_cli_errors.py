@@ -146,6 +146,39 @@ def test_a_url_without_its_scheme_says_use_http(command, capsys):
     assert "use http://127.0.0.1:30000" in _one_line(capsys)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", HTTP_COMMANDS)
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://[::1", "http://h:30555 x"])
+def test_a_url_that_is_no_address_is_one_line(command, url, capsys):
+    """(Found by an audit: a traceback from the HTTP client.)"""
+    assert main(_argv(command, url)) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: --url {url}: not an address"), line
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["scale", "--token", "t", "--decode", "1", "--drain-timeout", "nan"],
+        ["scale", "--token", "t", "--decode", "1", "--drain-timeout", "-1"],
+        ["scale", "--token", "t", "--timeout", "inf"],
+        ["rebalance", "--token", "t", "--timeout", "0"],
+        ["generate", "--prompt", "hi", "--max-new-tokens", "99999999999"],
+        ["generate", "--prompt", "hi", "--max-new-tokens", "-1"],
+        ["generate", "--prompt", "hi", "--temperature", "nan"],
+        ["bench", "--temperature", "inf"],
+    ],
+)  # fmt: skip
+def test_numbers_out_of_range_are_usage_errors(argv, capsys):
+    """(Found by an audit: tracebacks from the JSON encoder, httpx and protobuf.)"""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and "Traceback" not in err, err
+
+
 GRPC_COMMANDS = {
     "generate": ["generate", "--prompt", "hi"],
     "rebalance": ["rebalance", "--token", "t", "--timeout", "10"],
@@ -189,3 +222,11 @@ def test_bench_counts_each_rank_process_from_where_it_stood():
     after = {(0, 100): counts(80, 30), (1, 201): counts(120, 60), (2, 300): counts(5, 1)}
     ran = counts_during(before, after)
     assert ran["spec_draft_tokens"] == 30 + 120 + 5 and ran["spec_accepted_tokens"] == 10 + 60 + 1
+
+
+@pytest.mark.timeout(60)
+def test_down_against_an_address_where_no_ray_answers_is_one_line(closed_port, capsys):
+    """(Found by an audit: Ray's retries until killed.)"""
+    assert main(["down", "--address", f"127.0.0.1:{closed_port}"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert f"127.0.0.1:{closed_port}: no Ray cluster answers there" in line, line

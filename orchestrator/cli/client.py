@@ -16,6 +16,8 @@ from orchestrator.cli.common import (
     add_connection_args,
     auth_headers,
     cannot_reach,
+    count,
+    finite,
     grpc_address_problem,
     grpc_channel,
     grpc_error,
@@ -34,8 +36,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream one completion from a running server")
     p.add_argument("--url", default="http://127.0.0.1:30000")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=count, default=64)
+    p.add_argument("--temperature", type=finite, default=0.0)
     p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
     p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
     add_connection_args(p)
@@ -190,11 +192,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="every prompt begins with the same this many random tokens (a system prompt)",
     )  # fmt: skip
     p.add_argument(
-        "--temperature", type=float, default=0.0,
+        "--temperature", type=finite, default=0.0,
         help="sample every request at this temperature (default 0: greedy); seeded per "
         "request from --seed",
     )  # fmt: skip
-    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus")
+    p.add_argument("--top-p", type=finite, default=1.0, help="with --temperature: nucleus")
     p.add_argument(
         "--api", choices=["generate", "completions", "chat"], default="generate",
         help="the route: /generate (default), /v1/completions (the same token ids), "
@@ -219,12 +221,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from orchestrator.bench import BenchConfig, run_bench
 
-    urls = [u.rstrip("/") for u in args.url or ["http://127.0.0.1:30000"]]
-    for u in urls:
+    given = args.url or ["http://127.0.0.1:30000"]
+    for u in given:
         problem = url_problem(u)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+    urls = [u.rstrip("/") for u in given]
     url = urls[0]
     constraint = None
     if args.regex:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import ssl
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,13 +49,46 @@ def add_connection_args(p: argparse.ArgumentParser, api_key: bool = True) -> Non
     )  # fmt: skip
 
 
+def finite(text: str) -> float:
+    """An argparse type: a finite number (not nan, not inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a time in seconds, > 0."""
+    value = finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    """An argparse type: a time in seconds, >= 0."""
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type: a count of tokens, requests, ... in [1, 2**31 - 1] (what the
+    APIs' fields hold)."""
+    value = int(text)
+    if not 1 <= value < 1 << 31:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 2147483647], got {text!r}")
+    return value
+
+
 def add_admin_args(p: argparse.ArgumentParser, timeout_s: float) -> None:
     """What the admin commands (`rebalance`, `scale`) share: where the server is, its admin
     token, and how long to wait."""
     p.add_argument("--url", default="http://127.0.0.1:30000")
     p.add_argument("--token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"), help="admin token")
     p.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC API instead of HTTP")
-    p.add_argument("--timeout", type=float, default=timeout_s, help="seconds to wait")
+    p.add_argument("--timeout", type=seconds, default=timeout_s, help="seconds to wait")
     add_connection_args(p, api_key=False)
 
 
@@ -147,6 +182,16 @@ def url_problem(url: str) -> str | None:
         return f"--url {url} has no scheme: use http://{url} (https:// for a server with TLS)"
     if scheme not in ("http", "https") or not rest:
         return f"--url {url}: use http://HOST:PORT (https:// for a server with TLS)"
+    import httpx
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not one)
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as e:
+        return f"--url {url}: not an address ({e}); use http://HOST:PORT"
+    if not parts.hostname:
+        return f"--url {url}: no host; use http://HOST:PORT"
     return None
 
 

@@ -35,7 +35,13 @@ def cmd_down(args: argparse.Namespace) -> int:
     import ray
 
     from orchestrator import deployment as dep
+    from orchestrator.cli.serve import check_ray_address
 
+    try:
+        check_ray_address(args.address)
+    except (ConnectionError, ValueError) as e:
+        _say(f"error: {e}")
+        return 2
     try:
         ray.init(address=args.address, logging_level=logging.WARNING, namespace=dep.NAMESPACE)
     except (ConnectionError, ValueError) as e:

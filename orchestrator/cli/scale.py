@@ -20,6 +20,7 @@ from orchestrator.cli.common import (
     print_table,
     quiet_grpc,
     response_error,
+    seconds_or_zero,
     tls_context,
 )
 
@@ -40,7 +41,7 @@ def add_scale(sub: argparse._SubParsersAction) -> None:
         "(or as its role's last instance) a new one replaces it, started first",
     )  # fmt: skip
     p.add_argument(
-        "--drain-timeout", type=float, metavar="S",
+        "--drain-timeout", type=seconds_or_zero, metavar="S",
         help="how long a removed instance's requests may run on (default: the server's "
         "--scale-drain-timeout, 60 s); those still running then move to another instance "
         "with their KV (those decoding), else resuming from their output (0: at once)",

@@ -142,6 +142,24 @@ def log_to_stderr(level: str) -> None:
         log.propagate = False
 
 
+def check_ray_address(address: str) -> None:
+    """ConnectionError (or ValueError) naming `address` (a HOST:PORT `--address`) when no Ray
+    cluster answers there: at once, rather than after Ray's retries."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 5):
+            pass
+    except ValueError:
+        raise ValueError(f"--address {address}: expected HOST:PORT, 'auto' or ray://...") from None
+    except OSError as e:
+        raise ConnectionError(
+            f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start "
+            "one with `ray start --head` (or `ray up`), or leave --address out"
+        ) from None
+
+
 def join_ray(config: Any, num_cpus: int | None) -> Any:
     """`ray.init`: a Ray of its own, or the cluster `--address` names. ConnectionError (or
     ValueError) naming the address when there is none to join, rather than Ray's retries."""
@@ -150,20 +168,8 @@ def join_ray(config: Any, num_cpus: int | None) -> Any:
     from orchestrator.pool_instance import starts_local_ray
 
     address = config.ray_address
-    if address and address != "auto" and "://" not in address:
-        host, _, port = address.rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 5):
-                pass
-        except ValueError:
-            raise ValueError(
-                f"--address {address}: expected HOST:PORT, 'auto' or ray://..."
-            ) from None
-        except OSError as e:
-            raise ConnectionError(
-                f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start "
-                "one with `ray start --head` (or `ray up`), or leave --address out"
-            ) from None
+    if address:
+        check_ray_address(address)
     # A Ray of this process's own dies with it: when a signal to the whole process group
     # (systemd, `timeout`, Ctrl-C in some shells) ends its GCS too, waiting a minute for the
     # GCS to come back (Ray's default) only delays the exit.
