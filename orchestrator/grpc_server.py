@@ -82,6 +82,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 self.router, self.config, call.calls[0], call.logprob_start_len
             )
             peer = peer_host(context.peer())
+            self.limiter.check_call(call.n)
             slots = self.router.admit(call.n)
             trace = trace_headers(dict(context.invocation_metadata() or ()))
             streams = [

@@ -24,6 +24,16 @@ class ClientLimiter:
         self.max_per_client = max_per_client
         self.in_flight: Counter[str] = Counter()
 
+    def check_call(self, num_outputs: int) -> None:
+        """A 400 for a call of more outputs (choices, prompts of a batch) than a client may
+        have in flight at all: it would be refused however long the client waited."""
+        if self.max_per_client is not None and num_outputs > self.max_per_client:
+            raise RequestError(
+                f"this call asks for {num_outputs} outputs (choices times prompts), more than "
+                f"the {self.max_per_client} requests a client may have in flight at once "
+                "(--max-concurrent-requests-per-client): ask for fewer in one call", "n",
+            )  # fmt: skip
+
     def acquire(self, client: str) -> None:
         if self.max_per_client is not None and self.in_flight[client] >= self.max_per_client:
             raise RequestError(

@@ -119,6 +119,7 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
         jobs += [(ids, choice_params(sampling, i), echo) for i in range(req.candidates)]
     token_text = router.tokenizer.token_text if req.sampling.logprobs else None
     builder = ResponseBuilder(chat, req.model or router.model_name, token_text)
+    ctx.limiter.check_call(len(jobs))
     slots = router.admit(len(jobs))
     trace = trace_headers(request.headers)
     streams = [

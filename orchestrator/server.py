@@ -215,6 +215,7 @@ def create_app(
         ]
         rids = [body.rid or uuid.uuid4().hex for _ in jobs]
         token_text = router.tokenizer.token_text if body.logprob_text else None
+        ctx.limiter.check_call(len(jobs))
         slots = router.admit(len(jobs))
         trace = trace_headers(request.headers)
 

@@ -81,6 +81,27 @@ def test_server_limits(launch_tiny):
         r = httpx.post(f"{server.url}/generate", json={"input_ids": [5, 6, 7],
                        "sampling_params": {"max_new_tokens": 2}}, timeout=30)  # fmt: skip
         assert r.status_code == 200, r.text
+        # A call of more outputs than a client may have in flight at all is a 400, not a 429
+        # to retry (found by an audit); one of as many is served.
+        calls = [
+            ("/generate", {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2,
+                                                                        "n": 3}}),
+            ("/generate", {"text": ["a", "b", "c"], "sampling_params": {"max_new_tokens": 2}}),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "n": 3}),
+        ]  # fmt: skip
+        for route, call in calls:
+            r = httpx.post(f"{server.url}{route}", json=call, timeout=30)
+            assert r.status_code == 400, r.text
+            assert "more than the 2 requests a client may" in r.json()["error"]["message"]
+        two = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2, "n": 2}}
+        assert httpx.post(f"{server.url}/generate", json=two, timeout=30).status_code == 200
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            request = pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                         sampling=pb.SamplingParams(max_new_tokens=2, n=3))  # fmt: skip
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request, timeout=30))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         server.stop()
 
