@@ -108,9 +108,11 @@ class RankEplb:
 
     def abort(self) -> None:
         """Drop whatever is loaded, staged or armed; the placement stays as it is (unless the
-        pool already executed it)."""
-        self._disarm(self._swap)
+        pool already executed it). Under the phase lock throughout: an execute arming
+        meanwhile would otherwise stay armed with nothing prepared, and fire with the next
+        rebalance's (found by an audit)."""
         with self._phase_lock:
+            self._disarm(self._swap)
             if self.rebalancer is not None:
                 self.rebalancer.abort()
 
