@@ -9,7 +9,8 @@ A failure in any phase (a rank dies, a file is missing, a rank does not arm in t
 rebalance on every rank of the pool: the old placement stays.
 
 Triggers: `rebalance()` (the admin command) and, with `interval_s`, a periodic one that is
-skipped while the window's balancedness is at least `min_balancedness`.
+skipped while the window's balancedness is at least `min_balancedness` (the window is halved
+then: older load fades, each interval by half).
 """
 
 from __future__ import annotations
@@ -148,10 +149,11 @@ class EPLBService:
         other pools are not held up by it."""
         for state in list(self.pools.values()):  # pools may come and go meanwhile (scaling)
             try:
-                loads = await self._gather(state, "expert_load")
                 # From the ranks each time: a pool whose ranks restarted is back at its
-                # initial placement.
+                # initial placement. (First: the loads are taken from the ranks, and would
+                # be lost if this failed after them.)
                 phy2log = await state.handle.ranks[0].expert_placement.remote()
+                loads = await self._gather(state, "expert_load")
             except Exception as e:
                 state.down = short_error(e)
                 continue
@@ -270,10 +272,18 @@ class EPLBService:
                 return report
             if only_if_unbalanced and before >= self.min_balancedness:
                 report.skipped = f"balancedness {before:.3f} >= {self.min_balancedness}"
+                # Halved at each such look: the recent load weighs most, so a shift in it
+                # shows within an interval or two, not diluted by hours of a balanced past.
+                if s.window is not None:
+                    s.window = s.window // 2
                 return report
-            new = rebalance_experts_incremental(
-                window, s.phy2log, s.handle.num_groups, s.handle.num_nodes, len(ranks)
-            ).phy2log
+            # In a thread: for V3's 58 layers and a large pool it takes seconds, during which
+            # the service still answers (its stats for /metrics, the router's health look).
+            planned = await asyncio.to_thread(
+                rebalance_experts_incremental,
+                window, s.phy2log, s.handle.num_groups, s.handle.num_nodes, len(ranks),
+            )  # fmt: skip
+            new = planned.phy2log
         after = self._balancedness(window, new, len(ranks))
         report.balancedness_after = after if after is not None else 0.0
         moe = window.sum(dim=1) > 0

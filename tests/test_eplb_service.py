@@ -417,3 +417,52 @@ def test_the_watch_resyncs_a_new_incarnation_with_the_pools_of_now():
         assert pool.name == "decode-0" and pool.ranks == ["d0a", "d0b"] and pool.num_groups == 4
 
     asyncio.run(run())
+
+
+def test_a_balanced_window_fades_and_no_load_is_taken_from_a_pool_that_does_not_answer():
+    """Unit (found by an audit): a periodic look that finds the pool balanced enough halves
+    the window, so that a later shift in the load is not diluted by a long balanced past; a
+    pool whose placement cannot be read keeps the loads its ranks recorded for next time."""
+    import torch
+
+    from eplb.service import EPLBService, PoolHandle
+
+    class Call:
+        def __init__(self, fn: Any):
+            self.fn = fn
+
+        def remote(self, *args: Any) -> Any:
+            async def done() -> Any:
+                return self.fn(*args)
+
+            return done()
+
+    taken: list[int] = []
+
+    class Rank:
+        def __init__(self, i: int):
+            self.expert_load = Call(lambda: taken.append(i) or torch.ones(2, 4, dtype=torch.int64))
+            self.expert_placement = Call(lambda: torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]))
+
+    ranks = [Rank(0), Rank(1)]
+    service = EPLBService([PoolHandle("decode-0", ranks)], interval_s=1.0, min_balancedness=0.9)
+    state = service.pools["decode-0"]
+
+    async def run() -> None:
+        await service.collect()
+        assert state.window is not None and state.window.tolist() == [[2] * 4] * 2
+        service.pools["decode-0"].window = torch.full((2, 4), 10, dtype=torch.int64)
+        report = await service._rebalance_pool(state, True, None)
+        assert report.skipped.startswith("balancedness 1.000")
+        assert state.window.tolist() == [[5] * 4] * 2
+
+        # The placement does not come: the ranks' loads stay with them.
+        def down() -> Any:
+            raise RuntimeError("restarting")
+
+        ranks[0].expert_placement = Call(down)
+        taken.clear()
+        await service.collect()
+        assert state.down and taken == []
+
+    asyncio.run(run())
