@@ -52,9 +52,18 @@ def best_choices(choices: Sequence[Choice], candidates: int, n: int) -> list[Cho
 class ResponseBuilder:
     """Builds the response object (or the stream chunks) of one OpenAI request."""
 
-    def __init__(self, chat: bool, model: str, token_text: Callable[[int], str] | None = None):
+    def __init__(
+        self,
+        chat: bool,
+        model: str,
+        token_text: Callable[[int], str] | None = None,
+        hidden_ids: frozenset[int] = frozenset(),
+    ):
+        """`hidden_ids`: tokens the text leaves out (special ones, `Tokenizer.hidden_ids`):
+        they take no room in `text_offset`."""
         self.chat = chat
         self.model = model
+        self.hidden_ids = hidden_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         # Set when the request asked for logprobs: a token id's text, as they show it.
@@ -90,9 +99,9 @@ class ResponseBuilder:
         tokens = [text(t) for t, _ in pairs]
         offsets = []
         offset = self._text_offsets.get(index, 0)
-        for s in tokens:
+        for (token, _), s in zip(pairs, tokens, strict=True):
             offsets.append(offset)
-            offset += len(s)
+            offset += 0 if token in self.hidden_ids else len(s)
         self._text_offsets[index] = offset
         top = [None if lp is None else {text(i): finite(v) for i, v in lp.top} for _, lp in pairs]
         return {

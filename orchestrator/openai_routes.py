@@ -118,7 +118,9 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
             sampling = replace(sampling, logprobs=True)
         jobs += [(ids, choice_params(sampling, i), echo) for i in range(req.candidates)]
     token_text = router.tokenizer.token_text if req.sampling.logprobs else None
-    builder = ResponseBuilder(chat, req.model or router.model_name, token_text)
+    builder = ResponseBuilder(
+        chat, req.model or router.model_name, token_text, router.tokenizer.hidden_ids
+    )
     ctx.limiter.check_call(len(jobs))
     slots = router.admit(len(jobs))
     trace = trace_headers(request.headers)

@@ -95,7 +95,9 @@ class Tokenizer:
         added = tokenizer.get_added_tokens_decoder()
         special = {i for i, t in added.items() if t.special}
         markers = {i for i, t in added.items() if t.content in MARKERS}
-        self._skipped_ids = frozenset(special - markers) if special & markers else None
+        # The tokens decoded text leaves out (BOS, EOS, ...; not the markers).
+        self.hidden_ids = frozenset(special - markers)
+        self._skipped_ids = self.hidden_ids if special & markers else None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:

@@ -181,4 +181,12 @@ def test_prompt_logprobs_and_echo(tiny_server, tiny_model_dir):
         text_only = c.post("/v1/completions", json={**completion, "logprobs": None}).json()
         assert text_only["choices"][0]["text"] == whole["text"]
         assert text_only["choices"][0]["logprobs"] is None
+        # A text prompt: its BOS is not in the echoed text and takes no room in the offsets;
+        # each token's text is at its offset (found by an audit: the offsets counted BOS).
+        worded = {**completion, "prompt": "hello there, world"}
+        whole = c.post("/v1/completions", json=worded).json()["choices"][0]
+        text, lp = whole["text"], whole["logprobs"]
+        assert text.startswith("hello there, world") and lp["text_offset"][:2] == [0, 0]
+        for token, offset in list(zip(lp["tokens"], lp["text_offset"], strict=True))[1:]:
+            assert text[offset:].startswith(token), (token, offset, text)
     _wait_idle(tiny_server)
