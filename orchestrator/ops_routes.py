@@ -30,7 +30,7 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
     router, config, metrics = ctx.router, ctx.config, ctx.metrics
     front = config.front
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: some load balancers probe so)
     async def health() -> JSONResponse:
         if router.is_ready:
             return JSONResponse({"status": "ok"})

@@ -23,6 +23,7 @@ from tests.http_calls import _client, _greedy, _long_body, _rank, _wait_idle
 def test_health_models_and_metrics(tiny_server, info):
     with _client(tiny_server) as c:
         assert c.get("/health").status_code == 200
+        assert c.head("/health").status_code == 200  # (some load balancers probe so)
         models = c.get("/v1/models").json()
         assert models["object"] == "list" and models["data"][0]["id"]
         assert models["data"][0]["max_model_len"] == info["max_context_len"]
