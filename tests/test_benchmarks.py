@@ -91,3 +91,13 @@ def test_front_routers_benchmark_prints_both_rows(ray_session) -> None:
     )  # fmt: skip
     assert "primary alone" in out and "primary + front, half each" in out, out
     assert "failed" not in out, out
+
+
+def test_pick_benchmark_prints_its_three_rows() -> None:
+    out = _run("benchmarks/pick.py", "--ranks", "8", "--picks", "10")
+    rows = [line for line in out.splitlines() if line.endswith(" ms")]
+    assert [r.split(":")[0] for r in rows] == [
+        "pick, no affinity",
+        "pick, with affinity",
+        "loads()",
+    ]
