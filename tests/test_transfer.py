@@ -303,6 +303,44 @@ def test_local_abort_from_either_side(engines):
 
 
 @pytest.mark.timeout(10)
+def test_a_sender_aborted_before_its_first_look_tells_its_receiver(engines):
+    """It had its target but its thread had not looked at it yet (bootstrapping): the
+    receiver is told at once, not left holding its pages until its timeout. (Found by an
+    audit.)"""
+    src, dst = engines(1), engines()
+    receiver = dst.expect("t", [1], timeout_s=60)
+    with src._cv:  # the engine's thread looks at the send only after the abort
+        src.send("t", [2], 9, timeout_s=60, target=receiver.target)
+        src.abort("t", "client gone")
+    res = {r.role: r for r in _drain(src, dst, n=2)}
+    assert res["send"].error == "aborted: client gone"
+    assert "the sending rank failed: aborted: client gone" in (res["recv"].error or "")
+
+
+@pytest.mark.timeout(10)
+def test_a_write_that_stops_late_is_released_once(engines):
+    """The first cancel of an aborted write fails (it is in flight), a later one succeeds:
+    the write's handle is released once, not again as the send fails. (Found by an
+    audit.)"""
+    src, dst = engines(1, latency_s=30), engines()
+    released: list[object] = []
+    cancel = src._cancel
+
+    def flaky(handle: object) -> bool:
+        released.append(handle)
+        return len(released) > 1 and cancel(handle)  # the first try: still in flight
+
+    src._cancel = flaky  # type: ignore[method-assign]
+    receiver = dst.expect("t", [1], timeout_s=60)
+    src.send("t", [2], 9, timeout_s=60, target=receiver.target)
+    time.sleep(0.05)
+    src.abort("t", "client gone")
+    res = {r.role: r for r in _drain(src, dst, n=2)}
+    assert res["send"].error == "aborted: client gone"
+    assert len(released) == 2 and released[0] is released[1]
+
+
+@pytest.mark.timeout(10)
 def test_local_layout_mismatch_and_bad_requests_are_refused(engines):
     src, wide = engines(1), engines(dim=16)
     receiver = wide.expect("m", [0], timeout_s=5)

@@ -240,7 +240,10 @@ class TransferStateMachine(TransferBackend):
             self._forget_if_unused(s.target.agent.name, s)
             return self._fail_send(s, f"the write to {s.target.agent.name} failed: {e}")
         if s._cancel_failed_at is not None:  # an abort is waiting for the write to stop
-            if self._cancel(s._handle) or now > s._cancel_failed_at + CANCEL_GRACE_S:
+            stopped = self._cancel(s._handle)
+            if stopped:
+                s._handle = None  # released: `_fail_send` must not release it again
+            if stopped or now > s._cancel_failed_at + CANCEL_GRACE_S:
                 self._fail_send(s, s.error or "aborted", cancel_grace=False)
         elif s._abort is not None:
             self._fail_send(s, f"aborted: {s._abort}")
@@ -342,7 +345,7 @@ class TransferStateMachine(TransferBackend):
                 s.error, s._cancel_failed_at = error, time.monotonic()
                 return
             s._handle = None
-        if s.target is not None and s.state is not TransferState.BOOTSTRAPPING:
+        if s.target is not None:  # (bootstrapping too: the target came, nothing was written)
             try:  # best effort: the receiver would otherwise wait for its timeout
                 self._reach(s.target.agent)
                 self._notify(s.target.agent, Notification("fail", s.transfer_id, error=error))
