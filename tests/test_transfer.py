@@ -8,6 +8,7 @@ import gc
 import itertools
 import time
 import uuid
+from typing import Any
 
 import pytest
 import torch
@@ -132,6 +133,32 @@ def test_a_sender_forgets_peers_it_no_longer_writes_to(engines, monkeypatch):
     assert forgotten == [old.name]
     transfer(old, "e")  # a forgotten peer is reached again on its next use
     assert forgotten == [old.name, new.name]
+
+
+@pytest.mark.timeout(10)
+def test_a_failed_post_keeps_a_peer_that_writes_ahead_still_use(engines, monkeypatch):
+    """One transfer's write to a peer cannot be posted while another's writes ahead to that
+    peer are in flight: the peer (its connection) is kept for them. (Found by an audit: it
+    was forgotten, tearing those writes down.)"""
+    src, dst = engines(1, latency_s=0.5), engines()
+    forgotten: list[str] = []
+    monkeypatch.setattr(src, "_forget", forgotten.append)
+    start_write = src._start_write
+
+    def refused(peer: Any, runs: Any, done: Any, layers: Any = None) -> Any:
+        if done is not None:  # a send's own write (writes ahead carry no notification)
+            raise RuntimeError("post refused")
+        return start_write(peer, runs, done, layers)
+
+    monkeypatch.setattr(src, "_start_write", refused)
+    ahead = dst.expect("ahead", [1], timeout_s=5)
+    failing = dst.expect("failing", [2], timeout_s=5)
+    src.write_ahead("ahead", [3], 0, ahead.target)
+    time.sleep(0.05)  # its write is in flight
+    src.send("failing", [5], 9, timeout_s=5, target=failing.target)
+    time.sleep(0.2)
+    assert forgotten == []
+    src.drop_ahead("ahead")
 
 
 @pytest.mark.timeout(10)

@@ -11,6 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any
 
+from workers.transfer.ahead import AheadWrites
 from workers.transfer.handles import KVSender
 from workers.transfer.messages import AgentInfo, Notification, TransferState
 from workers.transfer.pages import PageRun
@@ -26,6 +27,8 @@ class TransferBackend(ABC):
 
     _cv: threading.Condition
     _senders: dict[str, KVSender]
+    _ahead: dict[str, AheadWrites]  # writes ahead of their send
+    _dropped: list[AheadWrites]  # writes ahead with no send, still stopping
     # When each peer (agent name) was last written to or told something: peers unused for
     # PEER_IDLE_FORGET_S are forgotten (`_reach`).
     _peer_used: dict[str, float]
@@ -99,11 +102,19 @@ class TransferBackend(ABC):
                     logger.debug("forgetting %s failed", name, exc_info=True)
 
     def _forget_if_unused(self, peer_name: str, failed: KVSender) -> None:
+        """Forget peer `peer_name` after `failed`'s write to it failed, unless another
+        transfer writes to it now: a send, or writes ahead (their own, or adopted by a send
+        waiting for them to land; found by an audit: forgetting the peer tore those down)."""
         with self._cv:
+            aheads = [*self._ahead.values(), *self._dropped]
+            aheads += [o._ahead for o in self._senders.values() if o._ahead is not None]
             in_use = any(
                 o is not failed and o.target is not None and o.target.agent.name == peer_name
                 and o.state is TransferState.TRANSFERRING
                 for o in self._senders.values()
+            ) or any(
+                a.handles and a.target.agent.name == peer_name and a is not failed._ahead
+                for a in aheads
             )  # fmt: skip
         if not in_use:
             self._peer_used.pop(peer_name, None)
