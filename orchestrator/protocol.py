@@ -66,14 +66,29 @@ def parse_generate(body: Any) -> GenerateBody:
     f = Fields(body)
     if f.has("text") and f.has("input_ids"):
         raise RequestError("text, input_ids: give one of them, not both", "text")
-    sp = Fields(body.get("sampling_params") or {}, "sampling_params.")
-    for key in sp.obj:
-        if key not in _SGLANG_KNOWN:
-            raise sp.fail(key, "unknown sampling parameter")
-    for key, allowed in _SGLANG_NEUTRAL.items():
-        sp.neutral(key, *allowed)
-    sampling = replace(read_sampling(sp, "max_new_tokens"), priority=read_priority(f))
-    n = read_n(sp)
+    given = body.get("sampling_params") if isinstance(body, dict) else None
+    # One for every prompt, or (SGLang's batch form) a list of one per prompt.
+    per_prompt = isinstance(given, list)
+    params: list[Any] = given if isinstance(given, list) else [given or {}]
+    if per_prompt and not params:
+        raise RequestError("sampling_params: an empty list; give one per prompt", "sampling_params")
+    priority = read_priority(f)
+    samplings: list[SamplingRequest] = []
+    ns: list[int] = []
+    for i, obj in enumerate(params):
+        sp = Fields(obj, f"sampling_params[{i}]." if per_prompt else "sampling_params.")
+        for key in sp.obj:
+            if key not in _SGLANG_KNOWN:
+                raise sp.fail(key, "unknown sampling parameter")
+        for key, allowed in _SGLANG_NEUTRAL.items():
+            sp.neutral(key, *allowed)
+        samplings.append(replace(read_sampling(sp, "max_new_tokens"), priority=priority))
+        ns.append(read_n(sp))
+    if len(set(ns)) > 1:
+        raise RequestError(
+            f"sampling_params: n must be the same for every prompt, got {ns}", "sampling_params"
+        )
+    n = ns[0]
     start = -1
     if f.get_bool("return_logprob"):
         start = f.get_int("logprob_start_len", -1) or 0
@@ -81,12 +96,14 @@ def parse_generate(body: Any) -> GenerateBody:
             raise f.fail(
                 "logprob_start_len", f"must be -1 (no prompt logprobs) or >= 0, got {start}"
             )
-        sampling = replace(
-            sampling, logprobs=True, top_logprobs=read_top_logprobs(f, "top_logprobs_num"),
-            prompt_logprobs=start >= 0,
-        )  # fmt: skip
+        top = read_top_logprobs(f, "top_logprobs_num")
+        samplings = [
+            replace(s, logprobs=True, top_logprobs=top, prompt_logprobs=start >= 0)
+            for s in samplings
+        ]
     elif read_top_logprobs(f, "top_logprobs_num"):
         raise f.fail("top_logprobs_num", "needs return_logprob: true")
+    sampling = samplings[0]
     stream = f.get_bool("stream")
     rid = f.get_str("rid")
     text = body.get("text")
@@ -112,6 +129,13 @@ def parse_generate(body: Any) -> GenerateBody:
             calls, is_batch = [GenerateCall(None, x, sampling) for x in batch], True
         else:
             calls = [GenerateCall(None, f.token_ids("input_ids"), sampling)]
+    if per_prompt:
+        if len(samplings) != len(calls):
+            raise RequestError(
+                f"sampling_params: {len(samplings)} given for {len(calls)} prompt(s); give one "
+                "per prompt (or one object for all)", "sampling_params",
+            )  # fmt: skip
+        calls = [replace(c, sampling=s) for c, s in zip(calls, samplings, strict=True)]
     if is_batch and stream:
         raise RequestError(
             "stream: a batch of prompts cannot stream; send them one by one", "stream"

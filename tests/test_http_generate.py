@@ -39,6 +39,16 @@ def test_generate_text_and_input_ids(tiny_server):
         )
         assert batch.status_code == 200 and len(batch.json()) == 2
         assert batch.json()[0]["output_ids"] == ids.json()["output_ids"]
+        # SGLang's batch form: one sampling_params per prompt (found by an audit: a 400).
+        each = c.post("/generate", json={
+            "input_ids": [[3, 4, 5, 6], [7, 8]], "sampling_params": [_greedy(5), _greedy(2)],
+        })  # fmt: skip
+        assert each.status_code == 200, each.text
+        assert [len(o["output_ids"]) for o in each.json()] == [5, 2]
+        assert each.json()[0]["output_ids"] == ids.json()["output_ids"]
+        short = c.post("/generate", json={"input_ids": [[3, 4], [7, 8]],
+                                          "sampling_params": [_greedy(5)]})  # fmt: skip
+        assert short.status_code == 400 and "one per prompt" in short.json()["error"]["message"]
 
 
 @pytest.mark.timeout(120)
