@@ -17,6 +17,7 @@ from orchestrator.autoscale import utilization
 from orchestrator.http_context import HttpContext
 from orchestrator.openai_request import parse_chat
 from orchestrator.request_fields import Fields, RequestError
+from orchestrator.sampling_request import parse_off_loop
 from orchestrator.streaming import read_json
 from orchestrator.tokenizer import ChatTemplateError
 from orchestrator.tools import chat_prompt
@@ -125,9 +126,12 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
         `chat_template_kwargs`) → token ids."""
         body = await read_json(request, config.max_request_body_bytes)
         f = Fields(body)
+        if f.has("messages") and f.has("prompt"):
+            raise RequestError("prompt, messages: give one of them, not both", "prompt")
         if f.has("messages"):
             keys = ("messages", "tools", "chat_template_kwargs")
-            chat = parse_chat({k: body.get(k) for k in keys})
+            # (Off the loop: `tools` make a grammar, whose check may take long.)
+            chat = await parse_off_loop(parse_chat, {k: body.get(k) for k in keys})
             assert chat.messages is not None
             try:
                 text = chat_prompt(

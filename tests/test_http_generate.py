@@ -195,6 +195,10 @@ def test_tokenize_detokenize_and_abort_request(tiny_server):
                                         "sampling_params": _greedy(1)}).json()  # fmt: skip
         assert gen["meta_info"]["prompt_tokens"] == chat["count"]
         assert c.post("/tokenize", json={"text": "x"}).status_code == 400
+        both = c.post(
+            "/tokenize", json={"prompt": "x", "messages": [{"role": "user", "content": "Hi"}]}
+        )
+        assert both.status_code == 400 and "not both" in both.json()["error"]["message"]
         bad = c.post("/detokenize", json={"tokens": [10**9]})
         assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
 
