@@ -60,7 +60,9 @@ class ResponseBuilder:
         hidden_ids: frozenset[int] = frozenset(),
     ):
         """`hidden_ids`: tokens the text leaves out (special ones, `Tokenizer.hidden_ids`):
-        they take no room in `text_offset`."""
+        they take no room in `text_offset` (the BOS before an echoed prompt, an EOS drawn).
+        Not right for a special token written into an echoed text prompt, whose text holds
+        it: the offsets after it are short by its length."""
         self.chat = chat
         self.model = model
         self.hidden_ids = hidden_ids

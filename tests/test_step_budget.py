@@ -70,3 +70,39 @@ def test_every_row_of_a_step_is_within_the_budget_guesses_and_chunks_too(tiny_mo
     assert max(rows) <= 8 < max(free_rows), (rows, free_rows)
     assert guessed > 0  # guesses rode along within the budget
     assert limited == unlimited
+
+
+def test_decode_rows_over_the_budget_take_turns(tiny_model_dir):
+    """Eight requests decode on a rank whose steps take four rows: each gets a token at least
+    every other step, and the tokens are those of an engine without the limit. (Found by an
+    audit: the first four took every step until they ended; the others got nothing.)"""
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5 + i, 9, 3] for i in range(8)]
+
+    def run(budget: int | None) -> tuple[dict[str, list[int]], int]:
+        config = EngineConfig(page_size=4, kv_capacity_tokens=1024, device="cpu",
+                              chunked_prefill_size=64)  # fmt: skip
+        engine = Engine(tiny_model_dir, config, progress=False)
+        for i, prompt in enumerate(prompts):
+            engine.add(GenerateRequest(f"r{i}", prompt, sampling))
+        out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+        for d in engine.step():  # every prompt in one step
+            out[d.rid] += d.token_ids
+        if budget is not None:
+            engine.scheduler.token_budget = step_token_budget(config, _ep(budget))
+        waited = dict.fromkeys(out, 0)  # steps since each request's last token
+        longest = 0
+        while engine.has_work:
+            got = set()
+            for d in engine.step():
+                out[d.rid] += d.token_ids
+                got.add(d.rid)
+            for rid in waited:
+                waited[rid] = 0 if rid in got or len(out[rid]) == 12 else waited[rid] + 1
+                longest = max(longest, waited[rid])
+        return out, longest
+
+    unlimited, _ = run(None)
+    limited, longest = run(4)
+    assert limited == unlimited
+    assert longest <= 1, longest

@@ -91,10 +91,10 @@ def check_constraint(constraint: OutputConstraint) -> None:
     request with it); raise ValueError naming its kind when it is not valid, or when no
     output can match it (`root ::= root`, the regex `[^\\s\\S]`): such a request would only
     fail at its first token."""
-    depth = _nesting(constraint.spec)
+    depth = _nesting(constraint)
     if depth > MAX_NESTING:  # (xgrammar's parse takes time cubic in it, and recurses in C++)
         raise ValueError(
-            f"{constraint.kind}: nested {depth} brackets deep, more than the {MAX_NESTING} taken"
+            f"{constraint.kind}: nested {depth} levels deep, more than the {MAX_NESTING} taken"
         )
     grammar = _build(_xgrammar().Grammar, _PARSE, constraint)
     if constraint.kind == "json_schema" and _has_all_of(json.loads(constraint.spec)):
@@ -106,22 +106,63 @@ def check_constraint(constraint: OutputConstraint) -> None:
         raise ValueError(f"{constraint.kind}: no output can match it (its language is empty)")
 
 
-# The deepest nesting of brackets (`[]{}()`, quoted ones too) a constraint may have: a JSON
-# schema 64 levels deep (arrays of arrays; objects' `properties` take two a level) is checked
-# in about 20 ms, 300 levels in seconds.
+# The deepest nesting a constraint may have: of a JSON schema's (or structural tag's) objects
+# and arrays, and of the groups of a regular expression (its `pattern`s too) or an EBNF
+# grammar. A JSON schema 64 levels deep (arrays of arrays; objects' `properties` take two a
+# level) is checked in about 20 ms, 300 levels in seconds.
 MAX_NESTING = 64
-_BRACKETS = re.compile(r"[\[\]{}()]")
 
 
-def _nesting(text: str) -> int:
-    """How deep brackets nest in `text` (unbalanced closing ones are not counted)."""
+def _nesting(constraint: OutputConstraint) -> int:
+    """How deep `constraint` nests (see `MAX_NESTING`); RecursionError for JSON nested past
+    Python's own limit."""
+    if constraint.kind == "regex":
+        return _group_depth(constraint.spec)
+    if constraint.kind == "ebnf":
+        return _group_depth(constraint.spec, quoted=True)
+    try:
+        parsed = json.loads(constraint.spec or "{}")
+    except json.JSONDecodeError:
+        return 0  # not JSON: xgrammar says what is wrong with it
+    most, stack = 0, [(parsed, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+        elif isinstance(value, str):  # a `pattern` is a regex; other strings nest nothing
+            depth += _group_depth(value)
+        most = max(most, depth)
+    return most
+
+
+def _group_depth(text: str, quoted: bool = False) -> int:
+    """How deep `(...)` groups nest in a regex (or, `quoted`, an EBNF grammar: its
+    "literals" skipped): escaped characters and `[...]` classes hold none; a group left open
+    counts until the text ends."""
     depth = most = 0
-    for match in _BRACKETS.finditer(text):
-        if match.group() in "([{":
+    i, n = 0, len(text)
+    in_class = in_quote = False
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_quote:
+            in_quote = c != '"'
+        elif in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == '"' and quoted:
+            in_quote = True
+        elif c == "(":
             depth += 1
             most = max(most, depth)
-        elif depth:
+        elif c == ")" and depth:
             depth -= 1
+        i += 1
     return most
 
 

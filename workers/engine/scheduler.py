@@ -70,6 +70,7 @@ class Scheduler:
         # to follow a decoding request's pending one (`workers.engine.speculative`); None: off.
         self.speculate: Callable[[Sequence, int], list[int]] | None = None
         self.speculate_max_running = 0  # no guesses while more run (0: however many)
+        self._turn = 0  # where the decode rows' turns start (more than the budget: `schedule`)
         self.num_reused_tokens = 0  # decode side: prompt tokens whose pages were not sent
         # Decode side: requests moving here with their KV that found no free pages (the
         # engine fails them: `Engine.take_unplaced`).
@@ -188,7 +189,17 @@ class Scheduler:
         scheduled: set[str] = set()
         cap = self.speculate_max_running
         guessing = self.speculate is not None and not (cap and len(self.running) > cap)
-        for seq in sorted(self.running, key=_decodes_first):
+        order = sorted(self.running, key=_decodes_first)
+        num_decoding = sum(1 for seq in order if not _decodes_first(seq)[0])
+        if num_decoding > budget:
+            # More decode rows than a step takes (a decode rank's requests are not capped by
+            # `max_running`; DeepEP's low-latency budget is small): they take turns, or the
+            # ones after the first `budget` would get no token until those ended (found by
+            # an audit).
+            turn = self._turn % num_decoding
+            order = order[turn:num_decoding] + order[:turn] + order[num_decoding:]
+            self._turn += budget
+        for seq in order:
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
