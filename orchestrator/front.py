@@ -267,15 +267,6 @@ class FrontWatch(Periodic):
             self.replacing.clear()  # nothing will replace them
             self._count_replacing()
         present = {i.name: i for i in instances}
-        if record is not None and self.replacing:
-            # A dead instance that left the record and is not being replaced was scaled
-            # down: nothing waits for it.
-            waited = set(present) | set(record.replacing)
-            for role in list(self.replacing):
-                self.replacing[role] &= waited
-                if not self.replacing[role]:
-                    del self.replacing[role]
-            self._count_replacing()
         for name in [n for n in self.pending if n not in present or present[n].draining]:
             self.pending.pop(name).cancel()
         for name in [n for n in self.known if n not in present]:
@@ -302,6 +293,18 @@ class FrontWatch(Periodic):
                 self.pending[name] = asyncio.get_running_loop().create_task(
                     self._take_on(name, handles), name=f"front-take-on-{name}"
                 )
+        if record is not None and self.replacing:
+            # A dead instance that left the record and is not being replaced was scaled
+            # down: nothing waits for it — unless an instance of its role is being taken on
+            # (the replacement, done: `_take_on` ends the wait once its ranks are added).
+            waited = set(present) | set(record.replacing)
+            taking_on = {_role(n) for n in self.pending}
+            for role in list(self.replacing):
+                if role not in taking_on:
+                    self.replacing[role] &= waited
+                    if not self.replacing[role]:
+                        del self.replacing[role]
+            self._count_replacing()
 
     async def _move_off(self, name: str, timeout_s: float) -> None:
         """Move this router's requests off instance `name` (scaled down, its drain timeout

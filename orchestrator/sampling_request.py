@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from orchestrator.request_fields import Fields, RequestError, type_name
-from orchestrator.routed import Limits
+from orchestrator.routed import Limits, Overloaded
 from workers.engine.grammar import check_constraint
 from workers.engine.messages import (
     MAX_LOGIT_BIAS,
@@ -306,11 +306,17 @@ async def parse_off_loop(parse: Callable[..., T], raw: Any, *args: Any) -> T:
     otherwise."""
     if not mentions_constraint(raw):
         return parse(raw, *args)
-    future = asyncio.wrap_future(_checks.submit(parse, raw, *args))
+    task = _checks.submit(parse, raw, *args)
+    future = asyncio.wrap_future(task)
     try:
         return await asyncio.wait_for(asyncio.shield(future), CHECK_TIMEOUT_S)
     except TimeoutError:
         future.add_done_callback(_retrieve)
+        if task.cancel():  # still queued behind others' checks: not this one's fault
+            raise Overloaded(
+                "overloaded: structured-output checks of other requests take all the time; "
+                "retry later"
+            ) from None
         raise RequestError(
             f"structured output: its grammar took over {CHECK_TIMEOUT_S:g} s to check; "
             "simplify it (fewer properties or alternatives, less nesting)", "body",

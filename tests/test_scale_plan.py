@@ -147,6 +147,18 @@ def test_a_front_router_waits_for_a_replaced_instance_not_for_one_scaled_down(mo
         now["record"] = record([], [])
         await watch.sync()
         assert router.num_replacing == 0 and watch.replacing == {}
+        # Replaced, done: the record shows the new instance and no longer the replacement;
+        # requests wait on until the new instance's ranks are taken on.
+        watch.known["decode-0"] = [0]  # (known again for this case)
+        watch._rank_gone(0)
+        assert router.num_replacing == 1
+        loading = asyncio.get_running_loop().create_future()
+        handle = SimpleNamespace(ready=SimpleNamespace(remote=lambda: loading))
+        monkeypatch.setattr("orchestrator.front.instance_ranks", lambda rec, inst: [handle])
+        now["record"] = record(["decode-2"], [])
+        await watch.sync()
+        assert router.num_replacing == 1 and "decode-2" in watch.pending
+        watch.pending.pop("decode-2").cancel()
 
     asyncio.run(run())
 

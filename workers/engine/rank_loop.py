@@ -41,6 +41,9 @@ def run_loop(worker: EngineWorker, mode: str) -> None:
     try:
         _serve(worker, mode)
     except Exception as e:
+        if worker._stopped:  # the rank is stopping anyway (a peer of its pool left first)
+            logger.warning("engine loop failed while stopping: %s", e)
+            return
         if worker.group is not None:
             _leave_broken_pool(worker, e)
         else:
