@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from orchestrator.grpc_messages import (
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.pools import PoolSet
-from orchestrator.protocol import parse_generate, prepare_call
+from orchestrator.protocol import parse_generate, prepare_call, tokenize_long
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import RouterNotReady
 from orchestrator.router import Router
@@ -76,6 +77,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         arrival = time.perf_counter()
         try:
             call = await parse_off_loop(parse_generate, generate_body(request))
+            call = replace(call, calls=await tokenize_long(self.router, call.calls))
             if call.is_batch or len(call.calls) != 1:
                 raise RequestError("text: one prompt per call", "text")
             ids, sampling = prepare_call(

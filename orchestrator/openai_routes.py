@@ -28,7 +28,7 @@ from orchestrator.openai_response import (
     openai_finish_reason,
 )
 from orchestrator.outputs import Output
-from orchestrator.protocol import check_prompt_len
+from orchestrator.protocol import check_prompt_len, encode_off_loop
 from orchestrator.reasoning import after_reasoning, opens_reasoning
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import RouterNotReady
@@ -101,10 +101,10 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
             req = replace(
                 req, sampling=replace(req.sampling, constraint=after_reasoning(constraint))
             )
-        prompts.append((router.tokenizer.encode(text, add_special_tokens=False), text))
+        prompts.append((await encode_off_loop(router.tokenizer, text, False), text))
     for p in req.prompts:
         if isinstance(p, str):
-            prompts.append((router.tokenizer.encode(p), p))
+            prompts.append((await encode_off_loop(router.tokenizer, p), p))
         else:
             prompts.append((p, router.tokenizer.decode(p) if req.echo else ""))
     jobs = []  # (ids, sampling, echo) per choice, prompt-major

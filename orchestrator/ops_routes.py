@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from orchestrator.autoscale import utilization
 from orchestrator.http_context import HttpContext
 from orchestrator.openai_request import parse_chat
+from orchestrator.protocol import encode_off_loop
 from orchestrator.request_fields import Fields, RequestError
 from orchestrator.sampling_request import parse_off_loop
 from orchestrator.streaming import read_json
@@ -140,12 +141,14 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
                 )  # fmt: skip
             except ChatTemplateError as e:
                 raise RequestError(f"messages: {e}", "messages") from None
-            ids = router.tokenizer.encode(text, add_special_tokens=False)
+            ids = await encode_off_loop(router.tokenizer, text, False)
         else:
             prompt = f.get_str("prompt")
             if prompt is None:
                 raise RequestError("prompt: a prompt (or messages) is required", "prompt")
-            ids = router.tokenizer.encode(prompt, f.get_bool("add_special_tokens", True))
+            ids = await encode_off_loop(
+                router.tokenizer, prompt, f.get_bool("add_special_tokens", True)
+            )
         limits = router.limits
         return JSONResponse(
             {"tokens": ids, "count": len(ids), "max_model_len": limits.max_context_len}

@@ -3,6 +3,7 @@ preparation of a call (shared by HTTP and gRPC)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -273,6 +274,29 @@ class GenerateResult:
 def finite(x: float) -> float | None:
     """`x`, or None for NaN and infinities (JSON has no such numbers)."""
     return x if math.isfinite(x) else None
+
+
+# A prompt text longer than this is tokenized in a thread: a few MB take the tokenizer seconds,
+# during which the event loop would serve no other request nor read the ranks' streams.
+LONG_TEXT_CHARS = 1 << 16
+
+
+async def encode_off_loop(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """`tokenizer.encode(text, add_special_tokens)`, in a thread for a long `text`."""
+    if len(text) <= LONG_TEXT_CHARS:
+        return list(tokenizer.encode(text, add_special_tokens))
+    return list(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens))
+
+
+async def tokenize_long(router: Router, calls: list[GenerateCall]) -> list[GenerateCall]:
+    """`calls`, those with a long text given its token ids (`encode_off_loop`); the text
+    stays, so that errors still name it."""
+    out = []
+    for call in calls:
+        if call.input_ids is None and call.text is not None and len(call.text) > LONG_TEXT_CHARS:
+            call = replace(call, input_ids=await encode_off_loop(router.tokenizer, call.text))
+        out.append(call)
+    return out
 
 
 def prepare_call(

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,6 +42,7 @@ from orchestrator.protocol import (
     GenerateResult,
     parse_generate,
     prepare_call,
+    tokenize_long,
 )
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import Overloaded, RouterNotReady
@@ -206,6 +208,7 @@ def create_app(
         arrival = time.perf_counter()
         raw = await read_json(request, config.max_request_body_bytes)
         body = await parse_off_loop(parse_generate, raw)
+        body = replace(body, calls=await tokenize_long(router, body.calls))
         # One request per prompt and choice, prompt-major (as SGLang lists them).
         jobs = [
             (ids, choice_params(sampling, j), c.sampling.stop)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import grpc
 import httpx
@@ -56,6 +57,33 @@ def test_server_limits(launch_tiny):
         body = {"input_ids": list(range(5, 65)), "sampling_params": {"max_new_tokens": 2}}
         r = httpx.post(f"{server.url}/generate", json=body, timeout=30)
         assert r.status_code == 400 and "--max-prompt-tokens" in r.json()["error"]["message"]
+        # A long text is tokenized off the router's event loop (found by an audit: a 7 MB
+        # prompt held the loop 9 s), a short one on it; the limit holds for both.
+        import threading
+
+        tokenizer = server.router.tokenizer
+        encode, threads = tokenizer.encode, []
+
+        def recorded(*args: Any, **kw: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return encode(*args, **kw)
+
+        tokenizer.encode = recorded
+        try:
+            for route, key in (("/generate", "text"), ("/v1/completions", "prompt")):
+                ran: list[list[str]] = []
+                for text in ("hello " * 40, "hello " * 12_000):
+                    call = {key: text, "max_tokens": 2} if key == "prompt" else {key: text}
+                    threads.clear()
+                    r = httpx.post(f"{server.url}{route}", json=call, timeout=60)
+                    assert r.status_code == 400, r.text
+                    assert "--max-prompt-tokens" in r.json()["error"]["message"]
+                    ran.append(list(threads))
+                (short,), (long,) = ran  # each tokenized once
+                loop_thread = next(t for t in threading.enumerate() if t.name == short)
+                assert long != short and loop_thread.is_alive(), (route, ran)
+        finally:
+            tokenizer.encode = encode
 
         async def streams() -> list[int]:
             slow = {"input_ids": list(range(5, 40)), "stream": True,
