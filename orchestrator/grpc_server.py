@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,11 @@ from orchestrator.grpc_messages import (
 from orchestrator.limits import ClientLimiter
 from orchestrator.metrics import Metrics
 from orchestrator.pools import PoolSet
-from orchestrator.protocol import parse_generate, prepare_call, tokenize_long
+from orchestrator.protocol import prepare_call, read_generate
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import RouterNotReady
 from orchestrator.router import Router
-from orchestrator.sampling_request import choice_params, parse_off_loop
+from orchestrator.sampling_request import choice_params
 from orchestrator.scaling import ScaleError, ScaleInProgress, ServerStopping, drain_seconds
 from orchestrator.streaming import interleave
 from orchestrator.tracing import trace_headers
@@ -76,8 +75,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         await self._check_api_key(context)
         arrival = time.perf_counter()
         try:
-            call = await parse_off_loop(parse_generate, generate_body(request))
-            call = replace(call, calls=await tokenize_long(self.router, call.calls))
+            call = await read_generate(self.router, generate_body(request))
             if call.is_batch or len(call.calls) != 1:
                 raise RequestError("text: one prompt per call", "text")
             ids, sampling = prepare_call(

@@ -16,6 +16,7 @@ from orchestrator.sampling_request import (
     CONSTRAINT_FIELDS,
     MAX_BATCH_REQUESTS,
     SamplingRequest,
+    parse_off_loop,
     read_n,
     read_priority,
     read_sampling,
@@ -288,23 +289,26 @@ async def encode_off_loop(tokenizer: Any, text: str, add_special_tokens: bool = 
     return list(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens))
 
 
-async def tokenize_long(router: Router, calls: list[GenerateCall]) -> list[GenerateCall]:
-    """`calls`, those with a long text given its token ids (`encode_off_loop`); the text
-    stays, so that errors still name it."""
-    out = []
-    for call in calls:
-        if call.input_ids is None and call.text is not None and len(call.text) > LONG_TEXT_CHARS:
+async def read_generate(router: Router, raw: Any) -> GenerateBody:
+    """`parse_generate(raw)` off the event loop where it checks a structured output's grammar
+    (`parse_off_loop`), each text prompt given its token ids (`encode_off_loop`: in a thread
+    for a long one); the text stays, so that errors still name it."""
+    body = await parse_off_loop(parse_generate, raw)
+    calls = []
+    for call in body.calls:
+        if call.input_ids is None and call.text is not None:
             call = replace(call, input_ids=await encode_off_loop(router.tokenizer, call.text))
-        out.append(call)
-    return out
+        calls.append(call)
+    return replace(body, calls=calls)
 
 
 def prepare_call(
     router: Router, config: ServeConfig, call: GenerateCall, logprob_start_len: int = -1
 ) -> tuple[list[int], SamplingParams]:
-    """A parsed generate call's prompt ids and resolved sampling; RequestError when it does
-    not fit (HTTP and gRPC share this)."""
-    ids = call.input_ids if call.input_ids is not None else router.tokenizer.encode(call.text or "")
+    """A call of `read_generate`'s (its prompt tokenized): its prompt ids and resolved
+    sampling; RequestError when it does not fit (HTTP and gRPC share this)."""
+    ids = call.input_ids
+    assert ids is not None, "read_generate tokenizes every prompt"
     check_prompt_len(ids, config, call.prompt_field)
     if logprob_start_len >= len(ids):
         raise RequestError(

@@ -96,9 +96,6 @@ async def run_request(
                         moved = (last.rank, last.moved_to)
                 if used[-1].lost is not None:  # ended without a word: its rank was lost
                     failure = used[-1].lost[1]
-                    if used[-1].aborted:  # by the client, while its last tokens went out
-                        yield ended(job, "abort", None)
-                        return
             except RankUnreachable as e:
                 # A rank died while taking the request: nothing ran there.
                 failure, unreachable = str(e), e
@@ -112,7 +109,8 @@ async def run_request(
                 failure = f"the rank it was to move to with its KV refused it: {e}"
             if failure is None:
                 return
-            if used and used[-1].aborted:  # by the client meanwhile: it is not tried again
+            if used and used[-1].aborted:  # by the client meanwhile (while its last tokens
+                # went out, or its rank took it): it is not tried again
                 yield ended(job, "abort", None)
                 return
             if router.closing:  # the router reads no rank's output any more

@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,14 +39,13 @@ from orchestrator.peer_load import PeerLoadWatch
 from orchestrator.protocol import (
     GenerateCall,
     GenerateResult,
-    parse_generate,
     prepare_call,
-    tokenize_long,
+    read_generate,
 )
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import Overloaded, RouterNotReady
 from orchestrator.router import Router
-from orchestrator.sampling_request import choice_params, parse_off_loop
+from orchestrator.sampling_request import choice_params
 from orchestrator.streaming import (
     SSE_DONE,
     ClientDisconnected,
@@ -207,8 +205,7 @@ def create_app(
     async def generate(request: Request) -> Response:
         arrival = time.perf_counter()
         raw = await read_json(request, config.max_request_body_bytes)
-        body = await parse_off_loop(parse_generate, raw)
-        body = replace(body, calls=await tokenize_long(router, body.calls))
+        body = await read_generate(router, raw)
         # One request per prompt and choice, prompt-major (as SGLang lists them).
         jobs = [
             (ids, choice_params(sampling, j), c.sampling.stop)

@@ -18,7 +18,7 @@ import traceback
 from collections import deque
 from typing import TYPE_CHECKING
 
-from workers.engine.handoff import SLOW_STEP_S
+from workers.engine.handoff import RANK_FAULTS, SLOW_STEP_S
 from workers.engine.inbox import apply_inbox
 from workers.engine.messages import TokenDelta, TransferReady, router_of
 from workers.engine.rank_reports import RankStats
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("workers.engine.worker")
 
-_LOOP_FAULTS = ("fail_step", "slow_step", "fail_loop")  # (`handoff.RANK_FAULTS` the loop takes)
+_LOOP_FAULTS = tuple(RANK_FAULTS - {"fail_add"})  # (the rank's faults the loop takes)
 
 
 def run_loop(worker: EngineWorker, mode: str) -> None:

@@ -190,7 +190,9 @@ class Scheduler:
         cap = self.speculate_max_running
         guessing = self.speculate is not None and not (cap and len(self.running) > cap)
         order = sorted(self.running, key=_decodes_first)
-        num_decoding = sum(1 for seq in order if not _decodes_first(seq)[0])
+        num_decoding = (
+            sum(1 for seq in order if not _decodes_first(seq)[0]) if len(order) > budget else 0
+        )  # (counted only when it may matter: this runs every step)
         if num_decoding > budget:
             # More decode rows than a step takes (a decode rank's requests are not capped by
             # `max_running`; DeepEP's low-latency budget is small): they take turns, or the
