@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.jobs import Job
 from orchestrator.outputs import Output, to_output
-from orchestrator.request_sides import abort_after, accepted_or_first
+from orchestrator.request_sides import abort_sides, accepted_or_first
 from orchestrator.routed import RankUnreachable, RoutedRequest
 from workers.engine.messages import FinishReason, GenerateRequest, TokenDelta
 
@@ -160,5 +160,5 @@ async def run_attempt(
         router.attempt_of.pop(client_rid, None)
         router.ranks.release(req)
         if not finished:
-            for side, ref in req.adds:
-                router.ranks.spawn(abort_after(router.ranks, side, ref, rid))
+            for abort in abort_sides(router.ranks, req):
+                router.ranks.spawn(abort)

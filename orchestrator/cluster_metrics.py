@@ -79,6 +79,12 @@ class ClusterMetrics:
         self.pages_cached = Gauge(
             "pdserve_kv_pages_cached", "Free KV pages that still hold a cached prefix", registry=r
         )
+        self.pages_held = Gauge(
+            "pdserve_kv_pages_held",
+            "KV pages in use by no request: failed receives' pages held until their sending rank "
+            "cannot write them any more",
+            registry=r,
+        )
         self.prefix_queried = Totals(
             "pdserve_prefix_cache_queried_tokens_total",
             "Prompt tokens looked up in the ranks' prefix caches", registry=r,
@@ -284,6 +290,7 @@ class ClusterMetrics:
         self.pages_used.set(sum(s.num_pages_used for s in live))
         self.pages_free.set(sum(s.num_pages_free for s in live))
         self.pages_cached.set(sum(s.num_pages_cached for s in live))
+        self.pages_held.set(sum(s.num_pages_held for s in live))
         self.kv_swapped_tokens.set(sum(s.num_swapped_tokens for s in live))
         self.prefix_host_pages.set(sum(s.num_host_cached_pages for s in live))
         router = gc_pauses.PROCESS

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchestrator.ranks import RankTable
-from orchestrator.request_sides import abort_after
+from orchestrator.request_sides import abort_sides
 from orchestrator.routed import RoutedRequest
 from workers.engine.delta_stream import StreamAddress, read_frame
 from workers.engine.messages import AddsTaken, TokenDelta, TransferReady
@@ -80,8 +80,9 @@ def dispatch(
                 ranks.send_command(index, ("abort", item.moved_to))
             continue
         if isinstance(item, TransferReady):
-            if req.prefill_rank is not None:
+            if req.prefill_rank is not None and not req.targets_closed:
                 targets.setdefault(req.prefill_rank, []).append((item.rid, item.target))
+                req.target_sent = True
             continue
         if index != req.rank and index != req.prefill_rank:
             continue  # its former prefill rank's, late: it decodes on without that rank
@@ -91,9 +92,8 @@ def dispatch(
                 req.moved_to = item.moved_to
         if index == req.prefill_rank and item.finish_reason is not None:
             # The prefill side failed: the decode side waits for KV that won't come.
-            for rank, add_ref in req.adds:
-                if rank == req.rank:
-                    ranks.spawn(abort_after(ranks, rank, add_ref, item.rid))
+            for abort in abort_sides(ranks, req, only=req.rank):
+                ranks.spawn(abort)
         elif index == req.rank and (item.token_ids or item.kv_arrived):
             if req.moved_from is not None and req.prefill_rank is not None:  # its KV arrived
                 ranks.moved_off[req.moved_from] += 1

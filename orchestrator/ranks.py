@@ -351,7 +351,7 @@ class RankTable:
         if writer is None:
             handle, kind = self.handles[rank], command[0]
             if kind == "abort":
-                self.spawn(handle.abort.remote(command[1]))
+                self.spawn(handle.abort.remote(*command[1:]))
             elif kind == "targets":
                 self.spawn(handle.set_transfer_targets.remote(command[1]))
             elif kind == "wake":

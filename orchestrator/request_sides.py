@@ -1,6 +1,7 @@
 """A disaggregated request has two sides, its prefill and its decode rank, and reaches each by
 an add of its own (`RankTable.add`): `accepted_or_first` waits for both to take it (or for its
-first output, whichever is first); `abort_after` aborts one side once its add got there."""
+first output, whichever is first); `abort_after` aborts one side once its add got there,
+`abort_sides` every side of a request."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 from typing import Any
 
 from orchestrator.ranks import RankTable
-from orchestrator.routed import RankUnreachable
+from orchestrator.routed import RankUnreachable, RoutedRequest
 from workers.engine.messages import TokenDelta, short_error
 
 logger = logging.getLogger(__name__)
@@ -63,14 +64,33 @@ async def accepted_or_first(
     return early
 
 
-async def abort_after(ranks: RankTable, rank: int, add_ref: Any, rid: str) -> None:
+async def abort_after(
+    ranks: RankTable, rank: int, add_ref: Any, rid: str, sender_idle: bool = False
+) -> None:
     """Abort `rid` on `rank` once its add (`add_ref`) reached it: sent by actor call, adds
     leave in batches and calls to a threaded actor may run out of order, so an abort sent
     earlier could miss the request there (on the rank's stream the order holds anyway).
-    Errors are ignored (a dead rank holds nothing)."""
+    `sender_idle`: `rank` receives the request's KV and its sender never had the target (see
+    `abort_sides`). Errors are ignored (a dead rank holds nothing)."""
     await asyncio.wait([add_ref])  # settled either way (a refused add: the abort is a no-op)
+    command = ("abort", rid, True) if sender_idle else ("abort", rid)
     with contextlib.suppress(Exception):
-        ranks.send_command(rank, ("abort", rid))
+        ranks.send_command(rank, command)
+
+
+def abort_sides(ranks: RankTable, req: RoutedRequest, only: int | None = None) -> list[Any]:
+    """Abort `req` on each of its sides (`only`: on that rank only), each once its add got
+    there: the coroutines, for the caller to spawn or await. No target goes to its sending
+    side from now on, so its receiving side is told whether the sender ever had one: when it
+    did not, the receive's pages are free at once (`KVHandoff.abort`) instead of being held
+    until the sender is known to write no more."""
+    req.targets_closed = True
+    receiving = req.rank if req.prefill_rank is not None else None
+    return [
+        abort_after(ranks, rank, ref, req.rid, rank == receiving and not req.target_sent)
+        for rank, ref in req.adds
+        if only is None or rank == only
+    ]
 
 
 def _log_late_refusal(task: asyncio.Future[None]) -> None:

@@ -70,6 +70,11 @@ class RoutedRequest:
     move_to: int | None = None  # the rank a move off a pressed rank was planned to
     num_input_tokens: int = 0  # the client's prompt (without output it resumes from)
     client_rid: str = ""  # the client's id for the request
+    # Its receiving side's target went to the side that sends the KV (`dispatch`); once its
+    # sides are told to abort (`abort_sides`) no target goes any more, so a receive whose
+    # target never went may free its pages at once.
+    target_sent: bool = False
+    targets_closed: bool = False
     # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the
     # prompt is done.
     pair: tuple[int, int | None] = field(init=False)

@@ -26,7 +26,7 @@ from orchestrator.rank_output import dispatch
 from orchestrator.rank_watch import watch_rank
 from orchestrator.ranks import RankTable
 from orchestrator.request_run import run_request
-from orchestrator.request_sides import abort_after
+from orchestrator.request_sides import abort_sides
 from orchestrator.routed import Limits, Overloaded, RoutedRequest, RouterNotReady
 from orchestrator.tokenizer import Tokenizer
 from workers.engine.messages import (
@@ -340,12 +340,11 @@ class Router:
         req = self.attempts.get(self.attempt_of.get(rid, ""))
         if req is None:
             return False
-        rid = req.rid
         req.aborted = True
         # After each side's add: an abort that overtook its add would miss the request there
         # (adds leave in batches; a threaded actor may run calls out of order), leaving that
         # side to wait for its transfer to time out — and the request to be retried.
-        await asyncio.gather(*(abort_after(self.ranks, r, ref, rid) for r, ref in req.adds))
+        await asyncio.gather(*abort_sides(self.ranks, req))
         return True
 
     async def flush_prefix_cache(self) -> int:

@@ -54,6 +54,9 @@ class _Transfer:
     def poll(self) -> list[Any]:
         return []
 
+    def poll_released(self) -> list[str]:
+        return []
+
 
 class _Engine:
     def __init__(self) -> None:
@@ -182,7 +185,7 @@ def test_aborted_transfers_are_not_counted_as_failed():
             out, results[:] = list(results), []
             return out
 
-        def abort(self, rid: str, reason: str = "aborted") -> None:
+        def abort(self, rid: str, reason: str = "aborted", sender_idle: bool = False) -> None:
             pass
 
     class Engine(_Engine):

@@ -18,7 +18,8 @@ Protocol (both ends in this repository; nothing else speaks it):
     previous frame; an empty list every `HEARTBEAT_S` while there is nothing to send, so the
     router can tell a silent rank from a dead one.
   - Router → rank: commands, in order (`COMMANDS`): `("add", seq, [GenerateRequest])`
-    (answered by an `AddsTaken(seq, ...)` item), `("abort", rid)`, `("targets", [(rid,
+    (answered by an `AddsTaken(seq, ...)` item), `("abort", rid)` (or `("abort", rid,
+    True)`: the request's receive may free its pages at once, see `KVHandoff.abort`), `("targets", [(rid,
     TransferTarget)])`, `("migrate", [(rid, new_rid)])`, `("wake",)`. One connection carries them in the order they were sent:
     an abort sent after its add cannot overtake it. The rank unpickles them with an
     unpickler that builds only the message classes and plain containers (`_CommandUnpickler`):

@@ -334,6 +334,17 @@ class Engine:
         self.idle = False  # freed pages may let waiting requests in
         return token_delta(seq, [], FinishReason.ABORT)
 
+    def detach(self, rid: str) -> list[int]:
+        """End `rid` without a delta and keep its pages allocated: the caller frees them with
+        `free_pages` once nothing writes them any more (a receive's sender may still)."""
+        seq = self.requests.pop(rid, None)
+        return [] if seq is None else self.scheduler.remove(seq, keep_pages=True)
+
+    def free_pages(self, pages: list[int]) -> None:
+        """Free pages kept by `detach`."""
+        self.kv.allocator.free(pages)
+        self.idle = False  # freed pages may let waiting requests in
+
     def abort_all(self, error: str) -> list[TokenDelta]:
         out = []
         for rid in list(self.requests):

@@ -30,7 +30,12 @@ target the router forwards — and the receiving rank admits it without a new to
 (`GenerateRequest.migrated`); one with no free pages for it refuses it at once.
 
 Pages written by a peer are never reused while that peer may still write them: an aborted or
-failed receive keeps its pages for `quarantine_s` before they are freed.
+failed receive ends its request at once but keeps its pages (`Engine.detach`) until the
+transfer engine releases them — the sender said it stopped, or the router said the sender
+never had the target (`abort(..., sender_idle=True)`), or the sender has been silent too
+long to be still writing — and then for `quarantine_s` more (bytes still on the wire) before
+they are freed. A prefill rank therefore tells the receiver (`give_up`) whenever it drops a
+request that holds a target without sending it: aborted, its target stale, the rank closing.
 
 `faults` lets fault tests make a decode rank misbehave on purpose (see `FAULTS`); serving never
 arms it.
@@ -89,7 +94,11 @@ class KVHandoff:
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()  # transfers started and not yet reported
         self._aborted: set[str] = set()  # in flight, aborted: report ABORT, not an error
-        self._quarantine: list[tuple[float, str]] = []  # (free after, rid)
+        # Decode: failed receives' pages until the transfer engine releases them (rid ->
+        # pages), then until the quarantine ends: (free after, rid, pages).
+        self._held: dict[str, list[int]] = {}
+        self._quarantine: list[tuple[float, str, list[int]]] = []
+        self._num_held_pages = 0
         self._withheld: set[str] = set()  # decode: receives withheld by an injected fault
         # Requests asked to migrate while not decoding (rid -> new rid): they go once they
         # decode again.
@@ -176,8 +185,18 @@ class KVHandoff:
 
     @property
     def busy(self) -> bool:
-        """Whether transfers are in flight or pages in quarantine."""
-        return bool(self._in_flight or self._quarantine)
+        """Whether transfers are in flight or pages held or in quarantine."""
+        return bool(self._in_flight or self._held or self._quarantine)
+
+    @property
+    def num_held_pages(self) -> int:
+        """Pages of failed receives not free yet (their senders may still write them); kept
+        by the loop, read from any thread."""
+        return self._num_held_pages
+
+    def _count_held(self) -> None:
+        held = sum(len(pages) for pages in self._held.values())
+        self._num_held_pages = held + sum(len(pages) for _, _, pages in self._quarantine)
 
     def wait_s(self, now: float) -> float | None:
         """How long the loop may sleep before `after_step` has work without being woken: until
@@ -201,18 +220,24 @@ class KVHandoff:
             self._targets[rid] = (target, time.monotonic())
             return True
 
-    def abort(self, engine: Engine, rid: str) -> TokenDelta | None:
-        """Abort `rid`; a request with a transfer in flight ends when the transfer reports."""
+    def abort(self, engine: Engine, rid: str, sender_idle: bool = False) -> TokenDelta | None:
+        """Abort `rid`; a request with a transfer in flight ends when the transfer reports.
+        `sender_idle` (a receiving rank): the router never gave this request's target to its
+        sender, so the pages of its receive may be freed without waiting for the sender."""
         with self._lock:
-            self._targets.pop(rid, None)
+            early = self._targets.pop(rid, None)
+        if early is not None:  # its receiver waits for KV that will not come: tell it
+            self.transfer.give_up(rid, early[0], "aborted on the sending rank")
         self._withheld.discard(rid)
         self._parked.pop(rid, None)
         self._to_migrate.pop(rid, None)
-        if any(r == rid for _, r in self._quarantine):
-            return None  # already ended; its pages are freed when the quarantine ends
+        if rid in self._held:  # ended; its pages wait for the transfer engine's release
+            if sender_idle:
+                self.transfer.abort(rid, "aborted", sender_idle=True)
+            return None
         if rid in self._in_flight:
             self._aborted.add(rid)
-            self.transfer.abort(rid, "aborted")
+            self.transfer.abort(rid, "aborted", sender_idle=sender_idle)
             return None
         return engine.abort(rid)
 
@@ -267,6 +292,7 @@ class KVHandoff:
                 del self._to_migrate[rid]
             elif (delta := self.migrate_out(engine, rid, new_rid)) is not None:
                 deltas.append(delta)
+        released = self.transfer.poll_released()  # (first: each after its result)
         for result in self.transfer.poll():
             rid = result.transfer_id
             with self._lock:
@@ -297,28 +323,38 @@ class KVHandoff:
                 if delta is not None:
                     deltas.append(delta)
             else:
-                self._quarantine.append((time.monotonic() + self.quarantine_s, rid))
+                moving = engine.requests.get(rid)
+                if moving is None:
+                    continue  # (ended otherwise: its pages were freed then)
+                # It ends now; its pages wait until the sender cannot write them any more.
+                self._held[rid] = engine.detach(rid)
                 if aborted:
                     deltas.append(TokenDelta(rid, [], FinishReason.ABORT))
                 else:
-                    moving = engine.requests.get(rid)
-                    sender = "rank it moved from" if moving and moving.migrated else "prefill rank"
+                    sender = "rank it moved from" if moving.migrated else "prefill rank"
                     error = f"KV transfer from the {sender} failed: {result.error}"
                     deltas.append(TokenDelta.failure(rid, error))
         now = time.monotonic()
+        for rid in released:
+            pages = self._held.pop(rid, None)
+            if pages is not None:
+                self._quarantine.append((now + self.quarantine_s, rid, pages))
         if self._parked:
             deltas.extend(self._expire_parked(engine, now))
         if self._targets and now >= self._next_keep_alive:
             self._keep_receivers_waiting(engine, now)
         while self._quarantine and self._quarantine[0][0] <= now:
-            engine.abort(self._quarantine.pop(0)[1])
+            engine.free_pages(self._quarantine.pop(0)[2])
+        self._count_held()
         with self._lock:  # a target for a request that ended (or never came) here
             stale = [
-                rid for rid, (_, t) in self._targets.items()
+                (rid, target) for rid, (target, t) in self._targets.items()
                 if now - t > 2 * self.timeout_s and rid not in engine.requests
             ]  # fmt: skip
-            for rid in stale:
+            for rid, _ in stale:
                 del self._targets[rid]
+        for rid, target in stale:
+            self.transfer.give_up(rid, target, "no such request on the sending rank")
         return deltas, events
 
     def _keep_receivers_waiting(self, engine: Engine, now: float) -> None:
@@ -371,4 +407,8 @@ class KVHandoff:
         return events
 
     def close(self) -> None:
+        with self._lock:
+            targets, self._targets = self._targets, {}
+        for rid, (target, _) in targets.items():
+            self.transfer.give_up(rid, target, "the sending rank stopped")
         self.transfer.close()

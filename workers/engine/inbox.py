@@ -2,7 +2,7 @@
 worker's lock, applied by the loop between engine steps, in the order they came.
 
     ("add", GenerateRequest)       queue a request (refused: an error delta for it)
-    ("abort", rid)                 end a request (its transfer first, when one is in flight)
+    ("abort", (rid, sender_idle))  end a request (its transfer first, when one is in flight)
     ("migrate", [(rid, new_rid)])  hand decoding requests off with their KV (decode, colocated)
     ("fault", (kind, count))       arm a fault on the KV hand-off (fault tests only)
     ("call", (fn, Future))         run `fn` on the loop thread, its result into the future
@@ -58,7 +58,8 @@ def apply_inbox(
                 if delta is not None:
                     deltas.append(delta)
         elif kind == "abort":
-            delta = handoff.abort(engine, payload) if handoff else engine.abort(payload)
+            rid, sender_idle = payload
+            delta = handoff.abort(engine, rid, sender_idle) if handoff else engine.abort(rid)
             if delta is not None:
                 deltas.append(delta)
         else:

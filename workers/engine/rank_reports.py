@@ -136,6 +136,9 @@ class RankStats:
     # Requests that came with their KV from another rank of its role (a scale-down, KV relief:
     # whichever router moved them), counted as each is announced to wait for its KV.
     num_moved_in: int = 0
+    # Decode side: pages of failed receives, held (in use, by no request) until their sender
+    # cannot write them any more (`KVHandoff`).
+    num_pages_held: int = 0
     transfers: TransferTotals = TransferTotals()
     # The requests it holds, whichever router sent them (`EngineWorker.stats` counts them):
     # prompt + max_new_tokens of each, and the prompt tokens of those without output yet.

@@ -93,8 +93,9 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         _enqueue(self.waiting, seq)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a request out (finished or aborted), whatever its state, and free its pages."""
+    def remove(self, seq: Sequence, keep_pages: bool = False) -> list[int]:
+        """Take a request out (finished or aborted), whatever its state, and free its pages
+        (`keep_pages`: return them still allocated, for the caller to free later)."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
@@ -105,8 +106,11 @@ class Scheduler:
             self.awaiting_kv.remove(seq)
         elif seq.status is SeqStatus.HANDOFF:
             del self.handed_off[seq.rid]
-        self.allocator.free(seq.release_pages())
+        pages = seq.release_pages()
+        if not keep_pages:
+            self.allocator.free(pages)
         seq.status = SeqStatus.FINISHED
+        return pages
 
     # ---- disaggregation: the prefill side hands pages off, the decode side receives them --------
 

@@ -193,9 +193,11 @@ class EngineWorker(RankOperations):
             self._lock.notify_all()
         return refusals
 
-    def abort(self, rid: str) -> None:
+    def abort(self, rid: str, sender_idle: bool = False) -> None:
+        """`sender_idle` (a receiving rank): the router never gave the request's target to
+        its sender, so its receive's pages are free without waiting for the sender."""
         with self._lock:
-            self._inbox.append(("abort", rid))
+            self._inbox.append(("abort", (rid, sender_idle)))
             self._lock.notify_all()
 
     def wake(self) -> None:
@@ -254,7 +256,7 @@ class EngineWorker(RankOperations):
                 continue
             try:  # a command that fails is logged; the stream (and the rank) go on
                 if kind == "abort":
-                    self.abort(command[1])
+                    self.abort(command[1], *command[2:3])
                 elif kind == "targets":
                     self.set_transfer_targets(command[1])
                 elif kind == "migrate":
@@ -319,6 +321,7 @@ class EngineWorker(RankOperations):
             gc_seconds=gc.seconds,
             gc_longest_pause_s=gc.longest_s,
             transfers=transfers,
+            num_pages_held=self.handoff.num_held_pages if self.handoff is not None else 0,
             num_reserved_tokens=sum(load.reserved_tokens for load in loads),
             num_unstarted_prompt_tokens=sum(load.unstarted_prompt_tokens for load in loads),
         )

@@ -14,8 +14,12 @@ Page ownership (the caller allocates and frees pages; the engine never does):
 - sender: `src_pages` must stay untouched until the transfer's `TransferResult` comes out of
   `poll`, success or not; then the caller frees them.
 - receiver: `dst_pages` hold the request's KV once its result is ok. After a failed receive the
-  peer may still be writing them for a moment (an abort cannot stop a remote write): keep them
-  out of use for a grace period before reuse.
+  sender may still be writing them (an abort here cannot stop a remote write): the engine holds
+  them until the sender says it stopped (`fail`, `done`) or has been silent longer than it
+  could still write (the receive's timeout + `CANCEL_GRACE_S` + `HOLD_MARGIN_S` from its last
+  word), then `poll_released` names the receive. Reuse them after that (and a short grace for
+  bytes still on the wire). A sending side that ends a request holding a target without a send
+  calls `give_up`, so that its receiver is told at once.
 
 Every transfer reports exactly one `TransferResult` per side — on success, timeout (no target,
 no completion within `timeout_s`), abort, a layout mismatch, a dead peer, or `close` — except a
@@ -127,13 +131,27 @@ class KVTransferEngine(TransferStateMachine):
 
     def drop_ahead(self, transfer_id: str) -> None:
         """Sending side: no `send` follows the writes ahead of `transfer_id` (its request
-        ended otherwise); they stop. A no-op when there are none."""
+        ended otherwise); they stop, and then its receiver is told (`give_up`). A no-op when
+        there are none."""
         with self._cv:
             ahead = self._ahead.pop(transfer_id, None)
             if ahead is not None:  # the engine's thread stops its writes, then forgets it
                 ahead.dropped = True
                 self._dropped.append(ahead)
+                self._give_ups.append((transfer_id, ahead.target, "its request ended"))
                 self._waker.wake()
+
+    def give_up(self, transfer_id: str, target: TransferTarget, why: str) -> None:
+        """Sending side: no `send` of `transfer_id` to `target` follows (its request ended
+        here, or was never handed off): tell the receiver `fail` with `why` once nothing of it
+        is being written (writes ahead stop first; a send in flight is aborted instead, and
+        tells it itself), so that it frees its pages at once rather than after the sender's
+        silence. Best effort; a no-op once the engine is closed."""
+        with self._cv:
+            if self._closed:
+                return
+            self._give_ups.append((transfer_id, target, why))
+            self._waker.wake()
 
     def set_target(self, transfer_id: str, target: TransferTarget) -> None:
         """Where a sender posted without a target writes to. Ignored for an unknown or finished
@@ -169,14 +187,31 @@ class KVTransferEngine(TransferStateMachine):
             self._waker.wake()
         return sender
 
-    def abort(self, transfer_id: str, reason: str = "aborted") -> None:
+    def abort(self, transfer_id: str, reason: str = "aborted", sender_idle: bool = False) -> None:
         """Either side; idempotent, and a no-op for an unknown or finished transfer. The
-        transfer then fails (a sender also tells its receiver)."""
+        transfer then fails (a sender also tells its receiver). `sender_idle` (receiving
+        side): the caller knows the sender never had this receive's target and never will, so
+        nothing is being written into its pages: they are released without waiting for the
+        sender (also when the receive has failed already)."""
         with self._cv:
             for handle in (self._senders.get(transfer_id), self._receivers.get(transfer_id)):
                 if handle is not None and handle._abort is None:
                     handle._abort = reason
+            receiver = self._receivers.get(transfer_id)
+            if sender_idle and receiver is not None:
+                receiver._sender_quiet = True
+            elif sender_idle and transfer_id in self._held:
+                self._release(transfer_id)
+                self._moves += 1
             self._waker.wake()
+
+    def poll_released(self) -> list[str]:
+        """Failed receives whose pages are free again since the last call (see the module
+        docstring): each comes after its failed result, from `poll` (call this one first,
+        then `poll`, to see every result before its release)."""
+        with self._cv:
+            out, self._released = self._released, []
+        return out
 
     def poll(self) -> list[TransferResult]:
         """Transfers of either side that finished since the last call."""
@@ -188,6 +223,12 @@ class KVTransferEngine(TransferStateMachine):
     def num_in_flight(self) -> int:
         with self._cv:
             return len(self._senders) + len(self._receivers)
+
+    @property
+    def num_held(self) -> int:
+        """Failed receives whose pages are held for their senders."""
+        with self._cv:
+            return len(self._held)
 
     def close(self) -> None:
         """Fail every transfer still in flight (their results stay pollable), stop the thread

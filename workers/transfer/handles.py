@@ -52,5 +52,9 @@ class KVReceiver:
     num_cached_tokens: int = 0
     guesses: tuple[int, ...] = ()
     started: float = field(default_factory=time.monotonic)
+    heard: float = field(default_factory=time.monotonic)  # the sender's last word (or the post)
     _abort: str | None = field(default=None, repr=False)
     _peer_error: str | None = field(default=None, repr=False)
+    # The sender writes no more into `target` (it said `done` or `fail`, or the caller knows it
+    # never had the target): a failed receive's pages are free again at once.
+    _sender_quiet: bool = field(default=False, repr=False)

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 CONNECT_ATTEMPTS = 3  # connecting to the peer and posting the write, before the sender fails
 CONNECT_BACKOFF_S = 0.05  # doubled after each failed attempt
 CANCEL_GRACE_S = 5.0  # an aborted write that cannot be cancelled is waited for this long
+# A failed receive's pages are held until its sender's word that it stopped (`fail`, `done`),
+# or until the sender has been silent for the receive's timeout, plus `CANCEL_GRACE_S`, plus
+# this: the longest a live sender may still be writing after its last word.
+HOLD_MARGIN_S = 1.0
 POKE_MISSES = 16  # writes started in a row without a poke: pokes do not get through
 
 
@@ -58,6 +62,14 @@ class TransferStateMachine(TransferBackend):
         self._keep_alives: list[TransferTarget] = []  # receivers to tell `wait` (keep_alive)
         self._ahead: dict[str, AheadWrites] = {}  # layers written before their send
         self._dropped: list[AheadWrites] = []  # writes ahead with no send, still stopping
+        # Failed receives whose sender may still write their pages: id -> (the sender's last
+        # word, how long after it the pages are held); `_released`: ids whose pages are free
+        # again, for `poll_released`.
+        self._held: dict[str, tuple[float, float]] = {}
+        self._released: list[str] = []
+        # Sending side: transfers whose receivers are to be told `fail` once nothing of them is
+        # being written any more (`give_up`): (id, target, why).
+        self._give_ups: list[tuple[str, TransferTarget, str]] = []
         self._peer_used: dict[str, float] = {}  # the engine's thread only
         self._moves = 0  # progress seen by the engine's thread (notes, writes posted, ends)
         self._closed = False
@@ -94,6 +106,7 @@ class TransferStateMachine(TransferBackend):
         for a in left:
             a.dropped = True
         self._advance_aheads(left)
+        self._tell_given_up(force=True)
         for r in list(self._receivers.values()):
             self._finish_recv(r, "the transfer engine was closed")
 
@@ -119,6 +132,8 @@ class TransferStateMachine(TransferBackend):
             aheads = [*self._ahead.values(), *self._dropped]
             aheads += [s._ahead for s in senders if s._ahead is not None]
         self._advance_aheads(aheads)
+        self._tell_given_up()
+        self._expire_held(now)
         for target in keep_alives:
             try:
                 self._reach(target.agent)
@@ -136,21 +151,88 @@ class TransferStateMachine(TransferBackend):
 
     def _on_notification(self, note: Notification) -> None:
         self._moves += 1
+        now = time.monotonic()
         with self._cv:
             r = self._receivers.get(note.transfer_id)
-        if r is None:  # a receive that already ended (timed out, aborted): nothing to do
-            logger.debug("KV transfer engine %s: stray notification %s", self.name, note)
+            held = self._held.get(note.transfer_id)
+            if r is None and held is not None:  # a failed receive whose sender may write
+                if note.kind in ("start", "wait"):  # it still may: hold on from now
+                    self._held[note.transfer_id] = (now, held[1])
+                else:  # `done` or `fail`: it stopped writing
+                    self._release(note.transfer_id)
+        if r is None:
+            if held is None:  # a receive that ended and was released: nothing to do
+                logger.debug("KV transfer engine %s: stray notification %s", self.name, note)
+            elif note.kind in ("done", "fail"):
+                self._result_ready()
         elif note.kind in ("start", "wait"):  # the sender is alive: a full timeout from now
-            r.deadline = max(r.deadline, time.monotonic() + r.timeout_s)
+            r.heard = now
+            r.deadline = max(r.deadline, now + r.timeout_s)
             if note.kind == "start" and r.state is TransferState.WAITING:
                 r.state = TransferState.TRANSFERRING
                 self._note_poke(r)
         elif note.kind == "done":
             r.first_token, r.first_logprob = note.first_token, note.first_logprob
             r.num_cached_tokens, r.guesses = note.num_cached_tokens, note.guesses
+            r._sender_quiet = True
             self._finish_recv(r, None)
         elif note.kind == "fail":
             r._peer_error = note.error or "unknown error"
+            r._sender_quiet = True
+
+    def _release(self, transfer_id: str) -> None:
+        """(Under `_cv`.) The pages of failed receive `transfer_id` are free again."""
+        del self._held[transfer_id]
+        self._released.append(transfer_id)
+
+    def _expire_held(self, now: float) -> None:
+        """Release the failed receives whose senders have been silent too long to be still
+        writing (a sending rank that died or was cut off never says it stopped)."""
+        with self._cv:
+            late = [
+                (i, now - heard) for i, (heard, hold) in self._held.items() if now - heard > hold
+            ]
+            for transfer_id, _ in late:
+                self._release(transfer_id)
+        for transfer_id, silent in late:
+            logger.info(
+                "KV transfer engine %s: receive %s: no word from its sender for %.0f s; its "
+                "pages are reused", self.name, transfer_id, silent,
+            )  # fmt: skip
+        if late:
+            self._result_ready()
+
+    def _tell_given_up(self, force: bool = False) -> None:
+        """Tell the receivers of the transfers given up (`give_up`) that no more of their KV
+        comes, once nothing of them is being written (their sends fail and say so themselves);
+        `force`: now, whatever is in flight (the engine is closing)."""
+        with self._cv:
+            if not self._give_ups:
+                return
+            writing = {a.transfer_id for a in self._dropped if not a.settled}
+            writing.update(self._ahead)
+            pending, tell = [], []
+            for item in self._give_ups:
+                transfer_id = item[0]
+                sender = self._senders.get(transfer_id)
+                if sender is not None and not force:  # its send fails and tells the receiver
+                    if sender._abort is None:
+                        sender._abort = item[2]
+                elif transfer_id in writing and not force:
+                    ahead = self._ahead.pop(transfer_id, None)
+                    if ahead is not None:
+                        ahead.dropped = True
+                        self._dropped.append(ahead)
+                    pending.append(item)
+                else:
+                    tell.append(item)
+            self._give_ups = pending
+        for transfer_id, target, why in tell:
+            try:  # best effort: the receiver otherwise holds its pages until its sender is silent
+                self._reach(target.agent)
+                self._notify(target.agent, Notification("fail", transfer_id, error=why))
+            except Exception:
+                logger.debug("telling %s that %s ended failed", target.agent.name, transfer_id)
 
     def _note_poke(self, r: KVReceiver) -> None:
         """A write into `r` started: whether a poke came since `r` was posted. After
@@ -381,6 +463,12 @@ class TransferStateMachine(TransferBackend):
         with self._cv:
             if self._receivers.pop(r.transfer_id, None) is not r:
                 return
+            if error is not None:  # its pages: free now, or once the sender cannot write them
+                if r._sender_quiet or self._closed:
+                    self._released.append(r.transfer_id)
+                else:
+                    hold = r.timeout_s + CANCEL_GRACE_S + HOLD_MARGIN_S
+                    self._held[r.transfer_id] = (r.heard, hold)
             r.error = error
             r.state = TransferState.FAILED if error else TransferState.SUCCESS
             self._results.append(

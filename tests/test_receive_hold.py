@@ -1,0 +1,250 @@
+"""A failed receive's pages are not reused while its sender may still write them: the transfer
+engine holds them until the sender says it stopped (`fail`, `done`), the caller says the sender
+never had the target, or the sender has been silent longer than it could still write; the
+decode side's hand-off keeps them allocated until then. (An audit found the receiver freeing
+them after a fixed 2 s while a sender, told of the abort only later, still wrote.)"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+import torch
+
+import workers.transfer.state_machine as state_machine
+from tests.checkpoints import make_checkpoint
+from tests.test_kv_pressure import _Rank
+from workers.engine.messages import FinishReason, SamplingParams
+from workers.transfer import TransferState
+from workers.transfer.local import LocalTransferEngine
+
+pytestmark = pytest.mark.timeout(60)
+
+PAGE = 4
+_ids = itertools.count()
+
+
+def _pool(seed: int | None) -> torch.Tensor:
+    if seed is None:
+        return torch.zeros(2, 16 * PAGE, 8)
+    return torch.randn(2, 16 * PAGE, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def engines():
+    made: list[LocalTransferEngine] = []
+
+    def make(seed: int | None = None, latency_s: float = 0.0) -> LocalTransferEngine:
+        made.append(LocalTransferEngine(f"hold-{next(_ids)}", _pool(seed), PAGE, latency_s))
+        return made[-1]
+
+    yield make
+    for e in made:
+        e.close()
+
+
+def _released(engine: LocalTransferEngine, within_s: float) -> list[str]:
+    """What `poll_released` names within `within_s` (all of it, waiting out the time)."""
+    out: list[str] = []
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        out += engine.poll_released()
+        time.sleep(0.01)
+    return out
+
+
+def _result(engine: LocalTransferEngine, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = engine.poll()
+        if out:
+            (r,) = out
+            return r
+        time.sleep(0.005)
+    raise AssertionError(f"no result within {timeout_s} s")
+
+
+def test_an_aborted_receive_is_held_while_its_sender_writes_then_released_by_its_fail(engines):
+    src, dst = engines(1, latency_s=30), engines()
+    receiver = dst.expect("h", [1, 2], timeout_s=60)
+    src.send("h", [3, 4], 9, timeout_s=60, target=receiver.target)
+    deadline = time.monotonic() + 5
+    while receiver.state is not TransferState.TRANSFERRING:  # the write is in flight
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    dst.abort("h", "client gone")
+    r = _result(dst)
+    assert not r.ok and r.error == "aborted: client gone"
+    assert _released(dst, 0.5) == [] and dst.num_held == 1  # the sender may still write
+    src.abort("h", "aborted on the sending rank")  # it cancels its write, then says `fail`
+    assert _released(dst, 1.0) == ["h"] and dst.num_held == 0
+    assert not _result(src).ok
+
+
+def test_a_receive_failed_by_its_sender_is_released_with_its_result(engines):
+    src, dst = engines(1), engines()
+    receiver = dst.expect("f", [1], timeout_s=60)
+    src.give_up("f", receiver.target, "its request ended")
+    r = _result(dst)
+    assert "the sending rank failed: its request ended" in (r.error or "")
+    assert dst.poll_released() == ["f"]
+
+
+def test_the_router_s_word_that_the_sender_never_had_the_target_releases_at_once(engines):
+    dst = engines()
+    dst.expect("a", [1], timeout_s=60)
+    dst.abort("a", "aborted", sender_idle=True)  # before the receive ended
+    _result(dst)
+    assert dst.poll_released() == ["a"]
+
+    dst.expect("b", [2], timeout_s=60)
+    dst.abort("b", "aborted")
+    _result(dst)
+    assert _released(dst, 0.2) == []
+    dst.abort("b", "aborted", sender_idle=True)  # after it ended: still releases it
+    assert _released(dst, 0.2) == ["b"]
+
+
+def test_a_silent_sender_s_receive_is_released_after_the_hold_and_words_extend_it(
+    engines, monkeypatch
+):
+    monkeypatch.setattr(state_machine, "CANCEL_GRACE_S", 0.2)
+    monkeypatch.setattr(state_machine, "HOLD_MARGIN_S", 0.1)
+    src, dst = engines(1), engines()
+    receiver = dst.expect("s", [1], timeout_s=0.5)
+    dst.abort("s")
+    _result(dst)
+    t0 = time.monotonic()
+    # The sender (still computing the prompt) says it is alive: the hold runs from then on.
+    for _ in range(3):
+        time.sleep(0.4)
+        src.keep_alive([receiver.target])
+    assert _released(dst, 0.3) == []
+    released = _released(dst, 1.5)
+    assert released == ["s"], released
+    assert time.monotonic() - t0 > 1.2 + 0.8  # 3 x 0.4 s of words, then 0.5 + 0.2 + 0.1 s
+
+
+def test_give_up_stops_writes_ahead_before_telling_the_receiver(engines):
+    src, dst = engines(1, latency_s=30), engines()
+    receiver = dst.expect("w", [1, 2], timeout_s=60)
+    src.write_ahead("w", [3, 4], 0, receiver.target)
+    deadline = time.monotonic() + 5
+    while receiver.state is not TransferState.TRANSFERRING:  # the write ahead started
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    src.give_up("w", receiver.target, "aborted on the sending rank")
+    r = _result(dst)
+    assert "aborted on the sending rank" in (r.error or "")
+    assert dst.poll_released() == ["w"]
+    assert not src._ahead and not src._dropped and not src._give_ups
+
+    receiver = dst.expect("d", [5], timeout_s=60)
+    src.write_ahead("d", [6], 0, receiver.target)
+    src.drop_ahead("d")  # no send follows: the receiver is told too
+    r = _result(dst)
+    assert "its request ended" in (r.error or "")
+    assert dst.poll_released() == ["d"]
+
+
+# ---- the hand-off: a decode rank keeps the pages, a prefill rank tells the receiver ---------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint("v3_qlora_groups", tmp_path_factory.mktemp("hold"))
+
+
+def _until(what, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (value := what()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+    return value
+
+
+@pytest.mark.parametrize("sender_idle", [False, True])
+def test_an_aborted_decode_request_ends_at_once_and_its_pages_wait_for_the_sender(
+    ckpt, sender_idle
+):
+    """The decode side is aborted while its prompt still waits on the prefill rank (which
+    has the target, or never got it): the request ends at once; its pages stay allocated
+    until the prefill rank applies the abort and tells it (or, when the router says the
+    sender never had the target, at once), then the quarantine."""
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
+    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
+    try:
+        prompt = list(range(3, 40))
+        decode.add("r", prompt, sampling)
+        _, events = decode.step()
+        (ready,) = events
+        if not sender_idle:  # the router forwarded it; the prefill rank has not computed yet
+            assert prefill.handoff.set_target("r", ready.target)
+        prefill.add("r", prompt, sampling)
+        used = decode.pages_in_use()
+        assert used == 10
+
+        assert decode.handoff.abort(decode.engine, "r", sender_idle) is None
+        deltas = _until(lambda: decode.step()[0])
+        assert [(d.rid, d.finish_reason) for d in deltas] == [("r", FinishReason.ABORT)]
+        assert "r" not in decode.engine.requests
+        if not sender_idle:
+            time.sleep(0.3)
+            decode.step()
+            assert decode.pages_in_use() == used  # the prefill rank may still write them
+            assert decode.handoff.num_held_pages == used
+            prefill.handoff.abort(prefill.engine, "r")  # tells the receiver
+        _until(lambda: (decode.step(), decode.pages_in_use() == 0)[1])
+        assert decode.handoff.num_held_pages == 0 and not decode.handoff.busy
+    finally:
+        prefill.close()
+        decode.close()
+
+
+# ---- the router: whether the sender ever had the target -------------------------------------
+
+
+def test_the_router_tells_a_receiving_side_whether_its_target_ever_went_out():
+    """`abort_sides` says `sender_idle` to the receiving (decode) side only when the target
+    never went to the prefill side; after it, a late target is no longer forwarded (so the
+    word stays true)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from orchestrator.rank_output import dispatch
+    from orchestrator.request_sides import abort_sides
+    from orchestrator.routed import RoutedRequest
+    from workers.engine.messages import TransferReady
+
+    async def run() -> list[tuple[int, tuple]]:
+        sent: list[tuple[int, tuple]] = []
+        tasks = []
+        ranks = SimpleNamespace(
+            send_command=lambda rank, command: sent.append((rank, command)),
+            spawn=lambda coro: tasks.append(asyncio.ensure_future(coro)),
+        )
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        forwarded = RoutedRequest("a", rank=1, num_tokens=8, num_prompt_tokens=4, prefill_rank=0)
+        waiting = RoutedRequest("b", rank=1, num_tokens=8, num_prompt_tokens=4, prefill_rank=0)
+        colocated = RoutedRequest("c", rank=2, num_tokens=8, num_prompt_tokens=4)
+        for req in (forwarded, waiting, colocated):
+            req.adds = [(req.rank, done)] + ([(0, done)] if req.prefill_rank is not None else [])
+        requests = {r.rid: r for r in (forwarded, waiting, colocated)}
+        dispatch(ranks, requests, 1, [TransferReady("a", "target-a")])  # type: ignore[arg-type]
+        assert sent == [(0, ("targets", [("a", "target-a")]))] and forwarded.target_sent
+        sent.clear()
+        for req in (forwarded, waiting, colocated):
+            await asyncio.gather(*abort_sides(ranks, req))  # type: ignore[arg-type]
+        # A target that comes after the abort: not forwarded.
+        dispatch(ranks, requests, 1, [TransferReady("b", "target-b")])  # type: ignore[arg-type]
+        await asyncio.gather(*tasks)
+        return sent
+
+    assert asyncio.run(run()) == [
+        (1, ("abort", "a")), (0, ("abort", "a")),
+        (1, ("abort", "b", True)), (0, ("abort", "b")),
+        (2, ("abort", "c")),
+    ]  # fmt: skip
