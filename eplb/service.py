@@ -8,6 +8,11 @@ boundary, every rank together). Serving goes on through load and prepare; execut
 A failure in any phase (a rank dies, a file is missing, a rank does not arm in time) aborts the
 rebalance on every rank of the pool: the old placement stays.
 
+A rebalance that would stage more expert weights on a rank than `max_staging_bytes` goes in
+rounds of whole layers (`staging_rounds`), each through the three phases with a pause of its
+own: every layer's placement is complete by itself, so a pool between two rounds (or left
+there by a failure) serves with some layers placed anew and the others as before.
+
 Triggers: `rebalance()` (the admin command) and, with `interval_s`, a periodic one that is
 skipped while the window's balancedness is at least `min_balancedness` (the window is halved
 then: older load fades, each interval by half).
@@ -56,9 +61,10 @@ class PoolReport:
     balancedness_after: float = 0.0
     num_experts_moved: int = 0  # slots whose expert changed, over all layers
     num_bytes_moved: int = 0  # expert weights read from disk and copied
-    load_s: float = 0.0  # each phase: the slowest rank
+    num_rounds: int = 0  # rounds of layers done (`staging_rounds`), each with its own pause
+    load_s: float = 0.0  # each phase: the slowest rank, summed over the rounds
     prepare_s: float = 0.0
-    execute_s: float = 0.0  # the pause
+    execute_s: float = 0.0  # the longest pause
     window_tokens: int = 0  # routed (token, expert) pairs in the window
 
 
@@ -75,6 +81,7 @@ class _PoolState:
     num_experts_moved: int = 0
     last_pause_s: float = 0.0
     down: str | None = None  # why the last collection failed (a rank dead or restarting)
+    slot_bytes: int | None = None  # staging bytes of one moved expert (asked once)
 
 
 class EPLBService:
@@ -84,8 +91,12 @@ class EPLBService:
         interval_s: float | None = None,
         min_balancedness: float = 0.95,
         phase_timeout_s: float = 120.0,
+        max_staging_bytes: int | None = None,
     ):
+        """`max_staging_bytes`: the most expert weights one rank stages for a round of a
+        rebalance (None: no limit, one round)."""
         self.pools = {p.name: _PoolState(p) for p in pools}
+        self.max_staging_bytes = max_staging_bytes
         self._removed: dict[str, _PoolState] = {}  # pools scaled down, for their counters
         self.interval_s = interval_s
         self.min_balancedness = min_balancedness
@@ -290,20 +301,36 @@ class EPLBService:
         if not bool(moe.any()):
             moe = torch.ones_like(moe)
         report.num_experts_moved = int(num_moves(s.phy2log[moe], new[moe]))
-        try:
-            loaded = await self._gather(s, "eplb_load", new)
-            report.load_s = max(r.seconds for r in loaded)
-            report.num_bytes_moved = sum(r.num_bytes for r in loaded)
-            prepared = await self._gather(s, "eplb_prepare")
-            report.prepare_s = max(r.seconds for r in prepared)
-            executed = await self._gather(s, "eplb_execute", self.phase_timeout_s, settle=False)
-            report.execute_s = max(r.seconds for r in executed)
-        except Exception as e:
-            report.ok, report.error = False, short_error(e)
-            await self._abort(s)
-            logger.warning("rebalance of %s rolled back: %s", name, report.error)
-            return report
-        s.phy2log = new
+        rounds = staging_rounds(
+            s.phy2log, new, len(ranks), await self._moves_per_round(s), name=name
+        )
+        for i, layers in enumerate(rounds):
+            step = s.phy2log.clone()
+            step[layers] = new[layers]
+            try:
+                loaded = await self._gather(s, "eplb_load", step)
+                report.load_s += max(r.seconds for r in loaded)
+                report.num_bytes_moved += sum(r.num_bytes for r in loaded)
+                prepared = await self._gather(s, "eplb_prepare")
+                report.prepare_s += max(r.seconds for r in prepared)
+                executed = await self._gather(
+                    s, "eplb_execute", self.phase_timeout_s, settle=False
+                )
+                report.execute_s = max(report.execute_s, *(r.seconds for r in executed))
+            except Exception as e:
+                report.ok, report.error = False, short_error(e)
+                if i:
+                    report.error += f" (after {i} of {len(rounds)} rounds: those layers moved)"
+                await self._abort(s)
+                logger.warning("rebalance of %s rolled back: %s", name, report.error)
+                return report
+            s.phy2log = step  # (a later round's failure keeps this one)
+            report.num_rounds += 1
+            if len(rounds) > 1:
+                logger.info(
+                    "rebalance of %s: round %d of %d done (layers %d-%d)",
+                    name, i + 1, len(rounds), layers[0], layers[-1],
+                )  # fmt: skip
         s.window = None  # a new window for the new placement
         s.num_rebalances += 1
         s.num_experts_moved += report.num_experts_moved
@@ -314,6 +341,21 @@ class EPLBService:
             report.num_experts_moved, report.execute_s * 1000,
         )  # fmt: skip
         return report
+
+    async def _moves_per_round(self, s: _PoolState) -> int | None:
+        """How many experts one rank may stage in a round (None: no limit): from
+        `max_staging_bytes` and the pool's bytes per expert (asked of its first rank once;
+        a rank that does not say means no limit)."""
+        if self.max_staging_bytes is None:
+            return None
+        if s.slot_bytes is None:
+            try:
+                ref = s.handle.ranks[0].eplb_slot_bytes.remote()
+                s.slot_bytes = int(await asyncio.wait_for(ref, self.phase_timeout_s))
+            except Exception as e:
+                logger.warning("%s: expert size unknown (%s): one round", s.handle.name, e)
+                return None
+        return max(1, self.max_staging_bytes // s.slot_bytes) if s.slot_bytes > 0 else None
 
     async def _gather(
         self, s: _PoolState, method: str, *args: Any, settle: bool = True
@@ -361,6 +403,36 @@ class EPLBService:
             }
             for name, s in self.pools.items()
         }
+
+
+def staging_rounds(
+    old: torch.Tensor, new: torch.Tensor, num_ranks: int, max_moves: int | None, name: str = ""
+) -> list[list[int]]:
+    """The layers whose placement changes from `old` to `new` (`[layers, slots]`), in rounds
+    of consecutive changed layers such that no rank stages more than `max_moves` experts in a
+    round (None: one round). A layer is never split: one that alone moves more experts on a
+    rank than that goes in a round by itself (logged)."""
+    per_rank = (old != new).reshape(old.shape[0], num_ranks, -1).sum(dim=2)  # [layers, ranks]
+    changed = [layer for layer in range(old.shape[0]) if bool(per_rank[layer].any())]
+    if max_moves is None:
+        return [changed] if changed else []
+    rounds: list[list[int]] = []
+    load = torch.zeros(num_ranks, dtype=per_rank.dtype)
+    for layer in changed:
+        moves = per_rank[layer]
+        if int(moves.max()) > max_moves:
+            logger.warning(
+                "rebalance of %s: layer %d alone moves %d experts on one rank, over the %d a "
+                "round may stage (--eplb-max-staging-gib): it goes in a round by itself",
+                name, layer, int(moves.max()), max_moves,
+            )  # fmt: skip
+        if rounds and int((load + moves).max()) <= max_moves:
+            rounds[-1].append(layer)
+            load += moves
+        else:
+            rounds.append([layer])
+            load = moves.clone()
+    return rounds
 
 
 def _or_nan(value: float | None) -> float:

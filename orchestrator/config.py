@@ -77,6 +77,9 @@ class ServeConfig:
     ssl_ca_certs: str | None = None
     eplb_interval_s: float | None = None  # periodic expert rebalancing; None: on command only
     eplb_min_balancedness: float = 0.95  # a periodic rebalance is skipped above this
+    # The most expert weights a rank stages for one round of a rebalance (GiB); a rebalance
+    # that moves more goes in rounds of whole layers, each with its own short pause.
+    eplb_max_staging_gib: float = 2.0
     init_expert_placement: str | None = None  # JSON file of saved placements (`--dump`)
     transfer_backend: str = "nixl"
     transfer_timeout_s: float = 30.0  # a KV transfer (or its handshake) that takes longer fails
@@ -254,6 +257,10 @@ class ServeConfig:
         if not 0.0 < self.eplb_min_balancedness <= 1.0:
             raise ValueError(
                 f"--eplb-min-balancedness must be in (0, 1], got {self.eplb_min_balancedness}"
+            )
+        if not 0.0 < self.eplb_max_staging_gib < math.inf:
+            raise ValueError(
+                f"--eplb-max-staging-gib must be a positive number, got {self.eplb_max_staging_gib}"
             )
         if (
             self.init_expert_placement is not None

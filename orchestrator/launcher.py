@@ -66,7 +66,10 @@ def start_eplb(ranks: list[Any], infos: list[Any], model_dir: Path, config: Serv
     service: Any = (
         ray.remote(EPLBService)
         .options(num_cpus=0, max_concurrency=8, max_restarts=-1, scheduling_strategy=here)
-        .remote(handles, config.eplb_interval_s, config.eplb_min_balancedness)
+        .remote(
+            handles, config.eplb_interval_s, config.eplb_min_balancedness,
+            max_staging_bytes=int(config.eplb_max_staging_gib * (1 << 30)),
+        )  # fmt: skip
     )
     ray.get(service.start.remote())
     return service

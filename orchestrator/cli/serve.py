@@ -79,6 +79,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         ssl_ca_certs=args.ssl_ca_certs,
         eplb_interval_s=args.eplb_interval_s,
         eplb_min_balancedness=args.eplb_min_balancedness,
+        eplb_max_staging_gib=args.eplb_max_staging_gib,
         init_expert_placement=args.init_expert_placement,
         decode_instances=args.decode_instances,
         placement_timeout_s=args.placement_timeout,

@@ -264,6 +264,14 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="a periodic rebalance is skipped while balancedness is at least this",
     )
     x.add_argument(
+        "--eplb-max-staging-gib",
+        type=float,
+        default=2.0,
+        metavar="GIB",
+        help="the most expert weights a rank stages in GPU memory for one round of a "
+        "rebalance; one that moves more goes in rounds of whole layers, each its own pause",
+    )
+    x.add_argument(
         "--init-expert-placement",
         metavar="FILE",
         help="start from a saved placement (`pdserve rebalance --dump FILE`)",

@@ -46,6 +46,10 @@ class RankEplb:
         """The pool's current `phy2log: [layers, slots]` (None outside an EP pool)."""
         return None if self.engine.ep is None else self.engine.ep.placement.phy2log.clone()
 
+    def slot_bytes(self) -> int:
+        """Bytes one moved expert takes in staging on this rank (0 outside an EP pool)."""
+        return 0 if self.rebalancer is None else self.rebalancer.slot_bytes
+
     def arm_fault(self, kind: str, count: int) -> None:
         """Arm `count` of the `eplb_*` fault `kind` (already checked against `FAULTS`)."""
         with self._phase_lock:

@@ -70,6 +70,11 @@ class RankOperations:
         """The pool's current `phy2log: [layers, slots]` (None outside an EP pool)."""
         return self.eplb.expert_placement()
 
+    def eplb_slot_bytes(self) -> int:
+        """Bytes one moved expert takes in staging here (the EPLB service sizes its rounds
+        by it)."""
+        return self.eplb.slot_bytes()
+
     def eplb_load(self, phy2log: Any) -> PhaseReport:
         return self.eplb.load(phy2log)
 

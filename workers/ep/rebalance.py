@@ -24,6 +24,9 @@ from workers.ep.placement import ExpertPlacement
 from workers.model.loader import ExpertReader
 from workers.model.model import DeepseekForCausalLM
 
+# GPU memory left free when staging experts (for the steps that run meanwhile).
+STAGING_SPARE_BYTES = 1 << 30
+
 
 @dataclass(frozen=True)
 class SlotMove:
@@ -69,6 +72,14 @@ class RankRebalancer:
     def stage(self) -> str:
         return self._stage
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one moved expert takes in staging (its w13 and w2 in the slots' dtype)."""
+        if not self._layers:
+            return 0
+        experts = next(iter(self._layers.values())).experts
+        return experts.w13[0].nbytes + experts.w2[0].nbytes
+
     def moves_for(self, placement: ExpertPlacement) -> list[SlotMove]:
         """This rank's slots whose logical expert differs under `placement` (MoE layers)."""
         moves = []
@@ -112,6 +123,15 @@ class RankRebalancer:
         plan = self._require("loaded")
         device = self.device
         if device.type == "cuda":
+            need = sum(a.nbytes + b.nbytes for a, b in plan.host)
+            free, _ = torch.cuda.mem_get_info(device)
+            if need + STAGING_SPARE_BYTES > free:  # refuse, rather than fail serving's memory
+                gib = 1 << 30
+                raise RuntimeError(
+                    f"staging {len(plan.moves)} experts takes {need / gib:.2f} GiB but "
+                    f"{free / gib:.2f} GiB of GPU memory is free (keeping "
+                    f"{STAGING_SPARE_BYTES / gib:.1f} GiB spare): lower --eplb-max-staging-gib"
+                )
             stream = torch.cuda.Stream(device)
             with torch.cuda.stream(stream):
                 plan.staged = [
