@@ -313,9 +313,7 @@ class EPLBService:
                 report.num_bytes_moved += sum(r.num_bytes for r in loaded)
                 prepared = await self._gather(s, "eplb_prepare")
                 report.prepare_s += max(r.seconds for r in prepared)
-                executed = await self._gather(
-                    s, "eplb_execute", self.phase_timeout_s, settle=False
-                )
+                executed = await self._gather(s, "eplb_execute", self.phase_timeout_s, settle=False)
                 report.execute_s = max(report.execute_s, *(r.seconds for r in executed))
             except Exception as e:
                 report.ok, report.error = False, short_error(e)

@@ -67,7 +67,9 @@ def start_eplb(ranks: list[Any], infos: list[Any], model_dir: Path, config: Serv
         ray.remote(EPLBService)
         .options(num_cpus=0, max_concurrency=8, max_restarts=-1, scheduling_strategy=here)
         .remote(
-            handles, config.eplb_interval_s, config.eplb_min_balancedness,
+            handles,
+            config.eplb_interval_s,
+            config.eplb_min_balancedness,
             max_staging_bytes=int(config.eplb_max_staging_gib * (1 << 30)),
         )  # fmt: skip
     )
