@@ -71,7 +71,7 @@ def start_eplb(ranks: list[Any], infos: list[Any], model_dir: Path, config: Serv
             config.eplb_interval_s,
             config.eplb_min_balancedness,
             max_staging_bytes=int(config.eplb_max_staging_gib * (1 << 30)),
-        )  # fmt: skip
+        )
     )
     ray.get(service.start.remote())
     return service
