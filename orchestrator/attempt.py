@@ -69,6 +69,8 @@ async def run_attempt(
         num_input_tokens=len(input_ids),
     )
     req.downs_at_start = {r: router.ranks.num_downs[r] for r in req.pair if r is not None}
+    if prefill_rank is not None and (sender := router.ranks.infos[prefill_rank]) is not None:
+        req.sender_pid = sender.pid
     used.append(req)
     router.attempts[rid] = req
     router.attempt_of[client_rid] = rid
@@ -158,7 +160,7 @@ async def run_attempt(
             timer.cancel()
         router.attempts.pop(rid, None)
         router.attempt_of.pop(client_rid, None)
-        router.ranks.release(req)
         if not finished:
             for abort in abort_sides(router.ranks, req):
                 router.ranks.spawn(abort)
+        router.ranks.release(req)

@@ -44,10 +44,12 @@ async def watch_rank(router: Router, index: int) -> None:
     handle, ranks = router.ranks.handles[index], router.ranks
     while True:
         try:
-            ranks.infos[index] = await handle.ready.remote()
+            before = ranks.infos[index]
+            ranks.infos[index] = info = await handle.ready.remote()
             if ranks.errors[index] is not None:
                 logger.warning("engine rank %d is back", index)
             ranks.errors[index] = None
+            ranks.release_orphans(index, before is not None and info.pid != before.pid)
             router.wake_waiting()
             if ranks.all_loaded:
                 assert router.ready_decided is not None
@@ -79,6 +81,7 @@ async def watch_rank(router: Router, index: int) -> None:
                 ranks.errors[index] = f"{message} (dead for good: Ray does not restart it)"
                 logger.error("engine rank %d is dead for good (Ray does not restart it)",
                              index)  # fmt: skip
+                ranks.release_orphans(index, process_gone=True)
                 if router.on_rank_gone is not None:
                     router.on_rank_gone(index)
                 router.wake_waiting()

@@ -90,6 +90,10 @@ class RankTable:
         # will not restart them: killed for good, or their constructor failed).
         self.num_downs = [0] * len(handles)
         self.gone: set[int] = set()
+        # Receives (receiving rank, rid) of requests aborted while their sending rank was down:
+        # once that rank is back as a new process (or gone for good), nothing that had their
+        # targets can write any more, and their receivers are told (`release_orphans`).
+        self.orphans: dict[int, list[tuple[int, str]]] = {}
         # Requests whose KV moved off each rank to another and arrived there (their first
         # token came from the new rank: `rank_output.dispatch`).
         self.moved_off: Counter[int] = Counter()
@@ -364,6 +368,16 @@ class RankTable:
         if command[0] != "add" and self._adds.get(rank):
             self._send_adds(rank)
         writer.write(encode_frame([command]))
+
+    def release_orphans(self, rank: int, process_gone: bool) -> None:
+        """`rank` is back (or gone for good): when its process that had the targets is gone
+        (`process_gone`), tell the receiving ranks of its orphaned receives that nothing
+        writes their pages any more; either way forget them (a process that lived on tells
+        its receivers itself as it applies the aborts)."""
+        for receiving, rid in self.orphans.pop(rank, []) if process_gone else ():
+            with contextlib.suppress(Exception):
+                self.send_command(receiving, ("abort", rid, True))
+        self.orphans.pop(rank, None)
 
     def adds_taken(self, rank: int, answer: AddsTaken) -> None:
         """A rank's answer to an add frame: settle each request's future."""

@@ -85,9 +85,21 @@ def abort_sides(ranks: RankTable, req: RoutedRequest, only: int | None = None) -
     did not, the receive's pages are free at once (`KVHandoff.abort`) instead of being held
     until the sender is known to write no more."""
     req.targets_closed = True
-    receiving = req.rank if req.prefill_rank is not None else None
+    # (`pair`, not `prefill_rank`: that is cleared once the prompt is done, or the attempt
+    # released, while a receive may still be waiting.)
+    sender = req.pair[1]
+    idle = not req.target_sent
+    if sender is not None and not idle:
+        info = ranks.infos[sender]
+        if sender in ranks.gone:
+            idle = True  # its actor is dead for good
+        elif ranks.errors[sender] is not None:  # down: told once its restart is seen
+            ranks.orphans.setdefault(sender, []).append((req.rank, req.rid))
+        elif info is not None and req.sender_pid not in (None, info.pid):
+            idle = True  # restarted since: the process that had the target is gone
+    receiving = req.rank if sender is not None else None
     return [
-        abort_after(ranks, rank, ref, req.rid, rank == receiving and not req.target_sent)
+        abort_after(ranks, rank, ref, req.rid, rank == receiving and idle)
         for rank, ref in req.adds
         if only is None or rank == only
     ]

@@ -75,6 +75,7 @@ class RoutedRequest:
     # target never went may free its pages at once.
     target_sent: bool = False
     targets_closed: bool = False
+    sender_pid: int | None = None  # the process of the side that sends the KV, at the start
     # The ranks it was sent to, (rank, prefill_rank): `prefill_rank` is cleared once the
     # prompt is done.
     pair: tuple[int, int | None] = field(init=False)

@@ -54,6 +54,15 @@ def _released(engine: LocalTransferEngine, within_s: float) -> list[str]:
     return out
 
 
+def _released_at(engine: LocalTransferEngine, timeout_s: float) -> float:
+    """When `poll_released` first names something (fails after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while not engine.poll_released():
+        assert time.monotonic() < deadline, f"nothing released within {timeout_s} s"
+        time.sleep(0.005)
+    return time.monotonic()
+
+
 def _result(engine: LocalTransferEngine, timeout_s: float = 5.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -80,6 +89,48 @@ def test_an_aborted_receive_is_held_while_its_sender_writes_then_released_by_its
     src.abort("h", "aborted on the sending rank")  # it cancels its write, then says `fail`
     assert _released(dst, 1.0) == ["h"] and dst.num_held == 0
     assert not _result(src).ok
+
+
+def test_a_held_receive_is_released_when_its_sender_s_write_lands(engines):
+    """The sender was not told of the abort: its write lands, then its `done` releases."""
+    src, dst = engines(1, latency_s=0.6), engines()
+    receiver = dst.expect("l", [1], timeout_s=60)
+    src.send("l", [3], 9, timeout_s=60, target=receiver.target)
+    deadline = time.monotonic() + 5
+    while receiver.state is not TransferState.TRANSFERRING:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    dst.abort("l", "client gone")
+    assert not _result(dst).ok
+    assert _released(dst, 0.2) == []
+    _released_at(dst, 5)
+    landed = dst.kv[:, PAGE : 2 * PAGE].clone()
+    assert torch.equal(landed, src.kv[:, 3 * PAGE : 4 * PAGE])  # it had landed before
+    assert _result(src).ok
+
+
+def test_a_write_ahead_shared_with_another_transfer_holds_the_given_up_one(engines):
+    """Two transfers' layers go in one write (`SharedWrite`); one is given up while the
+    write is in flight: it cannot be stopped for the other, so the given-up receiver is
+    told only once the write has landed — its pages change no more after the release.
+    (Found by an audit: the receiver was told at once, and the write landed after.)"""
+    src, dst = engines(1, latency_s=1.0), engines()
+    ra, rb = dst.expect("a", [1], timeout_s=60), dst.expect("b", [2], timeout_s=60)
+    with src._cv:  # both layers ready at the same turn of the engine's thread: one write
+        src.write_ahead("a", [3], 0, ra.target)
+        src.write_ahead("b", [4], 0, rb.target)
+    deadline = time.monotonic() + 5
+    while not src._ahead["a"].handles:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert [w.users for w in src._ahead["a"].handles] == [2]
+    src.give_up("a", ra.target, "aborted on the sending rank")
+    assert _released(dst, 0.4) == [] and not dst.poll()  # still in flight: not told yet
+    _released_at(dst, 5)
+    at_release = dst.kv[0, PAGE : 2 * PAGE].clone()
+    assert torch.equal(at_release, src.kv[0, 3 * PAGE : 4 * PAGE])  # landed before
+    assert "aborted on the sending rank" in (_result(dst).error or "")
+    src.drop_ahead("b")
 
 
 def test_a_receive_failed_by_its_sender_is_released_with_its_result(engines):
@@ -115,15 +166,13 @@ def test_a_silent_sender_s_receive_is_released_after_the_hold_and_words_extend_i
     receiver = dst.expect("s", [1], timeout_s=0.5)
     dst.abort("s")
     _result(dst)
-    t0 = time.monotonic()
     # The sender (still computing the prompt) says it is alive: the hold runs from then on.
     for _ in range(3):
         time.sleep(0.4)
         src.keep_alive([receiver.target])
-    assert _released(dst, 0.3) == []
-    released = _released(dst, 1.5)
-    assert released == ["s"], released
-    assert time.monotonic() - t0 > 1.2 + 0.8  # 3 x 0.4 s of words, then 0.5 + 0.2 + 0.1 s
+    told = time.monotonic()
+    held_for = _released_at(dst, 5) - told
+    assert 0.7 <= held_for < 1.5, held_for  # 0.5 + 0.2 + 0.1 s after the last word
 
 
 def test_give_up_stops_writes_ahead_before_telling_the_receiver(engines):
@@ -206,14 +255,16 @@ def test_an_aborted_decode_request_ends_at_once_and_its_pages_wait_for_the_sende
 # ---- the router: whether the sender ever had the target -------------------------------------
 
 
-def test_the_router_tells_a_receiving_side_whether_its_target_ever_went_out():
-    """`abort_sides` says `sender_idle` to the receiving (decode) side only when the target
-    never went to the prefill side; after it, a late target is no longer forwarded (so the
-    word stays true)."""
+def test_the_router_tells_a_receiving_side_whether_its_sender_can_still_write():
+    """`abort_sides` says `sender_idle` to the receiving (decode) side when the target never
+    went to the sending side (after it, a late target is no longer forwarded, so the word
+    stays true), or when the sending rank's process that had it is gone: restarted since, or
+    — when the abort comes while that rank is down — once it is back as a new process."""
     import asyncio
     from types import SimpleNamespace
 
     from orchestrator.rank_output import dispatch
+    from orchestrator.ranks import RankTable
     from orchestrator.request_sides import abort_sides
     from orchestrator.routed import RoutedRequest
     from workers.engine.messages import TransferReady
@@ -221,30 +272,93 @@ def test_the_router_tells_a_receiving_side_whether_its_target_ever_went_out():
     async def run() -> list[tuple[int, tuple]]:
         sent: list[tuple[int, tuple]] = []
         tasks = []
-        ranks = SimpleNamespace(
-            send_command=lambda rank, command: sent.append((rank, command)),
-            spawn=lambda coro: tasks.append(asyncio.ensure_future(coro)),
-        )
+        ranks = RankTable([object()] * 3)
+        ranks.send_command = lambda rank, command: sent.append((rank, command))  # type: ignore[method-assign]
+        ranks.spawn = lambda coro: tasks.append(asyncio.ensure_future(coro))  # type: ignore[method-assign]
+        ranks.infos[0] = SimpleNamespace(pid=100)  # type: ignore[call-overload]
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
-        forwarded = RoutedRequest("a", rank=1, num_tokens=8, num_prompt_tokens=4, prefill_rank=0)
-        waiting = RoutedRequest("b", rank=1, num_tokens=8, num_prompt_tokens=4, prefill_rank=0)
-        colocated = RoutedRequest("c", rank=2, num_tokens=8, num_prompt_tokens=4)
-        for req in (forwarded, waiting, colocated):
-            req.adds = [(req.rank, done)] + ([(0, done)] if req.prefill_rank is not None else [])
-        requests = {r.rid: r for r in (forwarded, waiting, colocated)}
-        dispatch(ranks, requests, 1, [TransferReady("a", "target-a")])  # type: ignore[arg-type]
-        assert sent == [(0, ("targets", [("a", "target-a")]))] and forwarded.target_sent
+
+        def request(rid: str, prefill_rank: int | None = 0) -> RoutedRequest:
+            rank = 1 if prefill_rank is not None else 2
+            req = RoutedRequest(rid, rank, 8, 4, prefill_rank, sender_pid=100)
+            req.adds = [(rank, done)] + ([(0, done)] if prefill_rank is not None else [])
+            return req
+
+        reqs = {r.rid: r for r in map(request, "abde")} | {"c": request("c", None)}
+        ready = [TransferReady(rid, f"target-{rid}") for rid in "ade"]
+        dispatch(ranks, reqs, 1, ready)  # type: ignore[arg-type]
+        assert sent == [(0, ("targets", [(rid, f"target-{rid}") for rid in "ade"]))]
         sent.clear()
-        for req in (forwarded, waiting, colocated):
-            await asyncio.gather(*abort_sides(ranks, req))  # type: ignore[arg-type]
+        reqs["b"].prefill_rank = None  # (what releasing the attempt does: the word holds)
+        for rid in "abc":
+            await asyncio.gather(*abort_sides(ranks, reqs[rid]))
         # A target that comes after the abort: not forwarded.
-        dispatch(ranks, requests, 1, [TransferReady("b", "target-b")])  # type: ignore[arg-type]
+        dispatch(ranks, reqs, 1, [TransferReady("b", "target-b")])  # type: ignore[arg-type]
         await asyncio.gather(*tasks)
+        ranks.errors[0] = "engine rank 0 failed"  # down: its process may live on
+        await asyncio.gather(*abort_sides(ranks, reqs["e"]))
+        ranks.release_orphans(0, process_gone=True)  # back, as a new process
+        ranks.errors[0], ranks.infos[0] = None, SimpleNamespace(pid=200)  # type: ignore[call-overload]
+        await asyncio.gather(*abort_sides(ranks, reqs["d"]))  # its sender restarted since
+        assert not ranks.orphans
         return sent
 
     assert asyncio.run(run()) == [
         (1, ("abort", "a")), (0, ("abort", "a")),
         (1, ("abort", "b", True)), (0, ("abort", "b")),
         (2, ("abort", "c")),
+        (1, ("abort", "e")), (0, ("abort", "e")), (1, ("abort", "e", True)),
+        (1, ("abort", "d", True)), (0, ("abort", "d")),
     ]  # fmt: skip
+
+
+def test_an_abort_after_the_kv_arrived_frees_the_pages_at_once(ckpt):
+    """The receive ended ok on the transfer engine's thread, and the abort reached the rank
+    before its loop saw that result: nothing writes those pages any more, so they are freed
+    at once. (Found by an audit: they were held for a release that never came.)"""
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
+    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
+    try:
+        prompt = list(range(3, 40))
+        decode.add("r", prompt, sampling)
+        (ready,) = decode.step()[1]
+        prefill.add("r", prompt, sampling)
+        prefill.handoff.set_target("r", ready.target)
+        _until(lambda: (prefill.step(), not prefill.handoff.busy)[1])  # sent
+        _until(lambda: decode.handoff.transfer._results)  # arrived, not yet seen by the loop
+        assert decode.handoff.abort(decode.engine, "r") is None
+        deltas, _ = decode.step()
+        assert [(d.rid, d.finish_reason) for d in deltas] == [("r", FinishReason.ABORT)]
+        assert decode.pages_in_use() == 0 and not decode.handoff.busy
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_prefill_rank_that_stalled_past_the_timeout_does_not_write(ckpt):
+    """Its loop did not tell the receiver to wait on for longer than the transfer timeout:
+    the receiver may have given its pages up, so the prompt fails without a write and the
+    receiver is told."""
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
+    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
+    try:
+        prompt = list(range(3, 40))
+        decode.add("r", prompt, sampling)
+        (ready,) = decode.step()[1]
+        prefill.add("r", prompt, sampling)
+        prefill.handoff.set_target("r", ready.target)
+        target, since, _ = prefill.handoff._targets["r"]
+        prefill.handoff._targets["r"] = (target, since, time.monotonic() - 31)  # the stall
+        deltas = _until(lambda: prefill.step()[0])
+        assert [d.rid for d in deltas] == ["r"] and "did not tell it to wait" in deltas[0].error
+        assert prefill.pages_in_use() == 0
+        deltas = _until(lambda: decode.step()[0])
+        assert "its prompt took too long" in (deltas[0].error or "")
+        _until(lambda: (decode.step(), decode.pages_in_use() == 0)[1])
+        assert torch.count_nonzero(decode.engine.kv.data) == 0  # nothing was written
+    finally:
+        prefill.close()
+        decode.close()

@@ -90,7 +90,9 @@ class KVHandoff:
         self.quarantine_s = quarantine_s
         # Prefill: targets that came before the hand-off, with when they came; `_lock` orders
         # `set_target` (any thread) against the loop's sends.
-        self._targets: dict[str, tuple[Any, float]] = {}
+        # Each with the time this rank last told its receiver the KV is still to come (the
+        # target's arrival, then each keep-alive).
+        self._targets: dict[str, tuple[Any, float, float]] = {}
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()  # transfers started and not yet reported
         self._aborted: set[str] = set()  # in flight, aborted: report ABORT, not an error
@@ -125,11 +127,14 @@ class KVHandoff:
         (`Engine.layer_writes`) to write that layer's KV of the prompts the step finishes and
         whose targets are here; None when there are none. On CUDA each layer's writes wait
         for an event recorded after the layer."""
+        now = time.monotonic()
         with self._lock:
             writes = [
                 (seq.rid, list(seq.pages), self._targets[seq.rid][0])
                 for seq, num in batch.prefills
                 if seq.prefill_only and num == seq.num_pending and seq.rid in self._targets
+                # (one whose receiver may be about to give up: its send decides)
+                and now - self._targets[seq.rid][2] < self.timeout_s / 2
             ]  # fmt: skip
         if not writes:
             return None
@@ -217,7 +222,8 @@ class KVHandoff:
             if rid in self._in_flight:
                 self.transfer.set_target(rid, target)
                 return False
-            self._targets[rid] = (target, time.monotonic())
+            now = time.monotonic()
+            self._targets[rid] = (target, now, now)
             return True
 
     def abort(self, engine: Engine, rid: str, sender_idle: bool = False) -> TokenDelta | None:
@@ -274,8 +280,13 @@ class KVHandoff:
         for seq in engine.take_handoffs():
             self._ahead.discard(seq.rid)
             with self._lock:
-                self._in_flight.add(seq.rid)
                 early = self._targets.pop(seq.rid, None)
+                if early is not None and time.monotonic() - early[2] > self.timeout_s:
+                    # Not told to wait on for longer than its timeout (this rank's loop
+                    # stalled): its receiver may have given its pages up; write nothing.
+                    deltas.append(self._expired(engine, seq.rid, early[0]))
+                    continue
+                self._in_flight.add(seq.rid)
                 self.transfer.send(
                     seq.rid, seq.pages, seq.token_ids[-1], self.timeout_s,
                     target=early[0] if early is not None else None,
@@ -313,7 +324,11 @@ class KVHandoff:
                             rid, f"KV transfer to the decode rank failed: {result.error}"
                         )
                     )
-            elif result.ok and not aborted:
+            elif result.ok and aborted:  # its KV came: nothing writes its pages any more
+                delta = engine.abort(rid)
+                if delta is not None:
+                    deltas.append(delta)
+            elif result.ok:
                 first_logprob = result.first_logprob
                 delta = engine.admit_received(
                     rid, result.first_token,
@@ -326,8 +341,13 @@ class KVHandoff:
                 moving = engine.requests.get(rid)
                 if moving is None:
                     continue  # (ended otherwise: its pages were freed then)
-                # It ends now; its pages wait until the sender cannot write them any more.
-                self._held[rid] = engine.detach(rid)
+                # It ends now; the pages the sender writes wait until it cannot any more (those
+                # its prefix cache had, and those for its output, are free at once).
+                reused = moving.num_reused_pages
+                sent = pages_needed(moving.num_sent_tokens, engine.kv.page_size)
+                pages = engine.detach(rid)
+                engine.free_pages(pages[:reused] + pages[sent:])
+                self._held[rid] = pages[reused:sent]
                 if aborted:
                     deltas.append(TokenDelta(rid, [], FinishReason.ABORT))
                 else:
@@ -336,9 +356,9 @@ class KVHandoff:
                     deltas.append(TokenDelta.failure(rid, error))
         now = time.monotonic()
         for rid in released:
-            pages = self._held.pop(rid, None)
-            if pages is not None:
-                self._quarantine.append((now + self.quarantine_s, rid, pages))
+            held = self._held.pop(rid, None)
+            if held is not None:
+                self._quarantine.append((now + self.quarantine_s, rid, held))
         if self._parked:
             deltas.extend(self._expire_parked(engine, now))
         if self._targets and now >= self._next_keep_alive:
@@ -348,7 +368,7 @@ class KVHandoff:
         self._count_held()
         with self._lock:  # a target for a request that ended (or never came) here
             stale = [
-                (rid, target) for rid, (target, t) in self._targets.items()
+                (rid, target) for rid, (target, t, _) in self._targets.items()
                 if now - t > 2 * self.timeout_s and rid not in engine.requests
             ]  # fmt: skip
             for rid, _ in stale:
@@ -365,11 +385,27 @@ class KVHandoff:
         self._next_keep_alive = now + self.timeout_s / 6
         with self._lock:
             waiting = [
-                target for rid, (target, since) in self._targets.items()
+                (rid, target, since) for rid, (target, since, _) in self._targets.items()
                 if now - since >= self.timeout_s / 3 and rid in engine.requests
             ]  # fmt: skip
+            for rid, target, since in waiting:
+                self._targets[rid] = (target, since, now)
         if waiting:
-            self.transfer.keep_alive(waiting)
+            self.transfer.keep_alive([target for _, target, _ in waiting])
+
+    def _expired(self, engine: Engine, rid: str, target: Any) -> TokenDelta:
+        """Prefill rank: handed-off `rid`'s receiver was not told to wait on for longer than
+        the transfer timeout: fail it without writing (its receiver is told, in case it
+        still waits)."""
+        engine.release(rid)
+        self.transfer.give_up(rid, target, "its prompt took too long on the sending rank")
+        logger.warning("request %s: no word to its decode rank for over %g s (this rank's loop "
+                       "stalled?); not sending its KV", rid, self.timeout_s)  # fmt: skip
+        return TokenDelta.failure(
+            rid,
+            "KV transfer to the decode rank failed: the prefill rank did not tell it to wait "
+            f"for over {self.timeout_s:g} s (--transfer-timeout)",
+        )
 
     def _expire_parked(self, engine: Engine, now: float) -> list[TokenDelta]:
         """Parked requests: those whose target came compute again (the scheduler admits
@@ -409,6 +445,6 @@ class KVHandoff:
     def close(self) -> None:
         with self._lock:
             targets, self._targets = self._targets, {}
-        for rid, (target, _) in targets.items():
+        for rid, (target, _, _) in targets.items():
             self.transfer.give_up(rid, target, "the sending rank stopped")
         self.transfer.close()

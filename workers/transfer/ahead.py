@@ -35,12 +35,18 @@ logger = logging.getLogger(__name__)
 class SharedWrite:
     """One backend write carrying layers of the pages of one or more transfers to one peer;
     each of their `AheadWrites.handles` holds it until it has ended (or they stopped), and
-    the last one to let go releases it."""
+    the last one to let go releases it.
+
+    `stopped`: it writes no more (it ended, failed, or a cancel stopped it); `abandoned`: a
+    cancel could not stop it within `CANCEL_GRACE_S` (it may still land)."""
 
     handle: Any
     users: int
     ended: bool = False
     error: str | None = None
+    stopped: bool = False
+    abandoned: bool = False
+    cancel_failed_at: float | None = None
 
 
 @dataclass(eq=False)
@@ -58,6 +64,10 @@ class AheadWrites:
     started: bool = False  # the receiver was told the transfer started
     failed: str | None = None  # why the writes ahead were given up (the send writes all)
     dropped: bool = False  # no send follows (`drop_ahead`): stop and forget them
+    # Writes let go of (given up, dropped) that may still be writing into the target: a
+    # write shared with transfers that go on, or one a cancel has not stopped yet.
+    lingering: list[SharedWrite] = field(default_factory=list)
+    abandoned: bool = False  # one of them could not be stopped: it may land at any time
 
     def give_up(self, why: str) -> None:
         """Stop writing ahead (the first reason is kept and logged): the send writes all."""
@@ -77,8 +87,8 @@ class AheadWrites:
 
     @property
     def settled(self) -> bool:
-        """Nothing left to post and no write in flight."""
-        return not self.ready and not self.handles
+        """Nothing left to post and no write in flight into the target (but one abandoned)."""
+        return not self.ready and not self.handles and not self.lingering
 
     def layers_left(
         self, num_layers: int, src_pages: tuple[int, ...], target: TransferTarget

@@ -65,7 +65,7 @@ class KVTransferEngine(TransferStateMachine):
         receiver = KVReceiver(transfer_id, target, time.monotonic() + timeout_s, timeout_s)
         with self._cv:
             self._check_open()
-            if transfer_id in self._receivers:
+            if transfer_id in self._receivers or transfer_id in self._held:
                 raise ValueError(f"transfer {transfer_id!r} is already being received")
             self._receivers[transfer_id] = receiver
             self._waker.wake()

@@ -70,6 +70,7 @@ class TransferStateMachine(TransferBackend):
         # Sending side: transfers whose receivers are to be told `fail` once nothing of them is
         # being written any more (`give_up`): (id, target, why).
         self._give_ups: list[tuple[str, TransferTarget, str]] = []
+        self._silent: set[str] = set()  # given up with a write that could not be stopped
         self._peer_used: dict[str, float] = {}  # the engine's thread only
         self._moves = 0  # progress seen by the engine's thread (notes, writes posted, ends)
         self._closed = False
@@ -106,7 +107,7 @@ class TransferStateMachine(TransferBackend):
         for a in left:
             a.dropped = True
         self._advance_aheads(left)
-        self._tell_given_up(force=True)
+        self._tell_given_up(closing=True)
         for r in list(self._receivers.values()):
             self._finish_recv(r, "the transfer engine was closed")
 
@@ -202,10 +203,11 @@ class TransferStateMachine(TransferBackend):
         if late:
             self._result_ready()
 
-    def _tell_given_up(self, force: bool = False) -> None:
+    def _tell_given_up(self, closing: bool = False) -> None:
         """Tell the receivers of the transfers given up (`give_up`) that no more of their KV
         comes, once nothing of them is being written (their sends fail and say so themselves);
-        `force`: now, whatever is in flight (the engine is closing)."""
+        never one whose write could not be stopped (`_silent`). `closing`: the engine is
+        closing: those still writing are not told."""
         with self._cv:
             if not self._give_ups:
                 return
@@ -215,16 +217,19 @@ class TransferStateMachine(TransferBackend):
             for item in self._give_ups:
                 transfer_id = item[0]
                 sender = self._senders.get(transfer_id)
-                if sender is not None and not force:  # its send fails and tells the receiver
+                if transfer_id in self._silent:
+                    self._silent.discard(transfer_id)
+                elif sender is not None and not closing:  # its send fails and tells
                     if sender._abort is None:
                         sender._abort = item[2]
-                elif transfer_id in writing and not force:
+                elif transfer_id in writing:
                     ahead = self._ahead.pop(transfer_id, None)
                     if ahead is not None:
                         ahead.dropped = True
                         self._dropped.append(ahead)
-                    pending.append(item)
-                else:
+                    if not closing:
+                        pending.append(item)
+                elif sender is None:
                     tell.append(item)
             self._give_ups = pending
         for transfer_id, target, why in tell:
@@ -387,13 +392,12 @@ class TransferStateMachine(TransferBackend):
 
     def _reap_ahead(self, a: AheadWrites) -> None:
         """Let go of `a`'s writes that ended (all of them once it failed or was dropped: the
-        last user of a write releases it, stopping it if it is still in flight)."""
+        last user of a write releases it, stopping it if it is still in flight). A write let
+        go of in flight (shared with transfers that go on, or not stopped by its cancel yet)
+        lingers on `a` until it has stopped, or is abandoned."""
+        peer = a.target.agent.name
         for write in list(a.handles):
-            if not write.ended and write.error is None:
-                try:
-                    write.ended = self._check(write.handle)
-                except Exception as e:
-                    write.error = f"a write ahead to {a.target.agent.name} failed: {e}"
+            self._look_at(write, peer)
             if write.error is not None:
                 a.give_up(write.error)
             if not (write.ended or a.failed is not None or a.dropped):
@@ -401,22 +405,76 @@ class TransferStateMachine(TransferBackend):
             a.handles.remove(write)
             write.users -= 1
             if write.users == 0:
-                try:
-                    self._cancel(write.handle)  # releases an ended write, stops one in flight
-                except Exception:
-                    logger.debug("releasing a write ahead of %s failed", a.transfer_id)
+                self._stop_write(write, a.transfer_id)
+            if not write.stopped:
+                a.lingering.append(write)
+        for write in list(a.lingering):
+            if not (write.stopped or write.abandoned):
+                if write.users > 0 or write.cancel_failed_at is not None:  # (not released)
+                    self._look_at(write, peer)
+                if write.users == 0 and not write.stopped:
+                    self._stop_write(write, a.transfer_id)  # a cancel that failed may work now
+            if write.abandoned:
+                a.abandoned = True
+            if write.stopped or write.abandoned:
+                a.lingering.remove(write)
         if a.dropped and a.settled:
             with self._cv:
                 if a in self._dropped:
                     self._dropped.remove(a)
+                if a.abandoned:  # its receiver is not told it stopped: it did not
+                    self._silent.add(a.transfer_id)
+
+    def _look_at(self, write: SharedWrite, peer: str) -> None:
+        """Whether `write` (not released) has ended or failed: it writes no more."""
+        if write.stopped or write.ended or write.error is not None:
+            return
+        try:
+            write.ended = self._check(write.handle)
+        except Exception as e:
+            write.error = f"a write ahead to {peer} failed: {e}"
+        write.stopped = write.ended or write.error is not None
+
+    def _stop_write(self, write: SharedWrite, transfer_id: str) -> None:
+        """`write` has no user left: release it (ended) or cancel it (in flight). One whose
+        cancel fails is tried again at each turn until `CANCEL_GRACE_S` has passed, then
+        abandoned (it may still land)."""
+        try:
+            cancelled = self._cancel(write.handle)
+        except Exception:
+            logger.debug("releasing a write ahead of %s failed", transfer_id, exc_info=True)
+            cancelled = False
+        if cancelled or write.stopped:
+            write.stopped = True
+            return
+        now = time.monotonic()
+        if write.cancel_failed_at is None:
+            write.cancel_failed_at = now
+        elif now > write.cancel_failed_at + CANCEL_GRACE_S:
+            write.abandoned = True
+            logger.warning(
+                "KV transfer engine %s: a write ahead of %s could not be stopped in %g s; its "
+                "receiver is not told it stopped", self.name, transfer_id, CANCEL_GRACE_S,
+            )  # fmt: skip
 
     def _fail_send(self, s: KVSender, error: str, cancel_grace: bool = True) -> None:
         """Fail `s`; a write in flight is cancelled first. One that cannot be cancelled keeps
-        the source pages (no result yet) until it stops or `CANCEL_GRACE_S` passes."""
+        the source pages (no result yet) until it stops or `CANCEL_GRACE_S` passes. The
+        receiver is told `fail` — its pages are free again — once nothing of `s` writes into
+        them any more (its writes ahead may linger: then once they stopped); never when a
+        write could not be stopped (it waits out the sender's silence instead)."""
+        tell = s.target is not None  # (bootstrapping too: the target came, nothing written)
+        later = False  # told once the writes ahead stopped
         if s._ahead is not None:
-            s._ahead.dropped = True
-            self._advance_aheads([s._ahead])
-            s._ahead = None
+            ahead, s._ahead = s._ahead, None
+            ahead.dropped = True
+            self._advance_aheads([ahead])
+            if ahead.abandoned:
+                tell = False
+            elif not ahead.settled:
+                later = True
+                with self._cv:
+                    self._dropped.append(ahead)
         if s._handle is not None:
             cancelled = False
             try:
@@ -427,7 +485,13 @@ class TransferStateMachine(TransferBackend):
                 s.error, s._cancel_failed_at = error, time.monotonic()
                 return
             s._handle = None
-        if s.target is not None:  # (bootstrapping too: the target came, nothing was written)
+            tell = tell and cancelled
+        if tell and later:
+            assert s.target is not None
+            with self._cv:
+                self._give_ups.append((s.transfer_id, s.target, error))
+        elif tell:
+            assert s.target is not None
             try:  # best effort: the receiver would otherwise wait for its timeout
                 self._reach(s.target.agent)
                 self._notify(s.target.agent, Notification("fail", s.transfer_id, error=error))
