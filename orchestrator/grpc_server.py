@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -50,6 +51,53 @@ logger = logging.getLogger(__name__)
 SERVICE = "pdserve.v1.Generation"
 
 
+class Undecodable:
+    """A request whose bytes are not its message (bad UTF-8 in a string, a truncated field):
+    the method refuses it with INVALID_ARGUMENT once the caller is authorized (gRPC's own
+    deserializer would end the call with UNKNOWN and a traceback in the log)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _tolerant(message: Any) -> Any:
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as e:
+            return Undecodable(str(e))
+
+    return parse
+
+
+def add_generation_service(servicer: Any, server: grpc.aio.Server) -> None:
+    """`pb_grpc.add_GenerationServicer_to_server`, with deserializers that hand an
+    undecodable request to the method as `Undecodable` rather than fail the call."""
+    service = pb.DESCRIPTOR.services_by_name["Generation"]
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )  # fmt: skip
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {request.error}"
+        )
+
+
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(
         self,
@@ -73,6 +121,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         await self._check_api_key(context)
+        await refuse_undecodable(request, context)
         arrival = time.perf_counter()
         try:
             call = await read_generate(self.router, generate_body(request))
@@ -175,6 +224,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
         await self._check_api_key(context)
+        await refuse_undecodable(request, context)
         if not request.rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rid: required")
         return pb.AbortResponse(found=await self.router.abort(request.rid))
@@ -228,6 +278,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.PoolsRequest, context: grpc.aio.ServicerContext
     ) -> pb.PoolsResponse:
         pools = await self._pool_set(context)
+        await refuse_undecodable(request, context)
         scaled = self.autoscaler.describe() if self.autoscaler is not None else {}
         return pb.PoolsResponse(
             pools=self._instances(), scaling=pools.scaling,
@@ -244,6 +295,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScaleResponse:
         pools = await self._pool_set(context)
+        await refuse_undecodable(request, context)
         try:
             drain_s = drain_seconds(
                 request.drain_timeout_s if request.HasField("drain_timeout_s") else None,
@@ -271,6 +323,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.RebalanceResponse:
         await self._admin(context)
+        await refuse_undecodable(request, context)
         try:
             reports = await self.eplb.rebalance.remote(list(request.pools) or None)
         except Exception as e:
@@ -297,6 +350,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.ExpertStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExpertStatsResponse:
         await self._admin(context)
+        await refuse_undecodable(request, context)
         pools = await self.eplb.experts.remote()
         return pb.ExpertStatsResponse(
             pools=[
@@ -330,7 +384,7 @@ class GrpcServer:
         # No SO_REUSEPORT (gRPC's default on Linux): with it a second server bound to a port in
         # use starts without error and the two split the connections between them.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GenerationServicer_to_server(
+        add_generation_service(
             GenerationService(router, config, eplb, limiter, metrics, pools, autoscaler),
             self.server,
         )

@@ -38,6 +38,11 @@ class HttpContext:
         self.limiter = limiter
 
     @functools.cached_property
+    def model_names(self) -> frozenset[str]:
+        """The `model` an OpenAI request may name: the served name, and `--model` as given."""
+        return frozenset(n for n in (self.router.model_name, self.config.model) if n)
+
+    @functools.cached_property
     def tool_format(self) -> ToolCallFormat:
         """How the served model writes tool calls."""
         if self.config.tool_call_parser != "auto":

@@ -4,6 +4,7 @@ streamed) and `GET /v1/models`. Bodies are read by `orchestrator.openai_request`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator
@@ -28,7 +29,7 @@ from orchestrator.openai_response import (
     openai_finish_reason,
 )
 from orchestrator.outputs import Output
-from orchestrator.protocol import check_prompt_len, encode_off_loop
+from orchestrator.protocol import check_prompt_len, encode_all_off_loop, encode_off_loop
 from orchestrator.reasoning import after_reasoning, opens_reasoning
 from orchestrator.request_fields import RequestError
 from orchestrator.routed import RouterNotReady
@@ -78,13 +79,18 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
         parse_off_loop(parse_chat, raw, ctx.tool_format, ctx.marker_ids) if chat
         else parse_off_loop(parse_completion, raw)
     )  # fmt: skip
+    if req.model and req.model not in ctx.model_names:
+        raise RequestError(
+            f"model: the model `{req.model[:200]}` does not exist; this server serves "
+            f"`{router.model_name}`", "model", 404, "not_found_error", code="model_not_found",
+        )  # fmt: skip
     # (ids, text) of each prompt; text only for an echo.
     prompts: list[tuple[list[int], str]] = []
     spec = ChatOutputSpec()  # how a chat's answer is read (completions: as it is)
     if req.messages is not None:
-        try:
-            text = chat_prompt(
-                router.tokenizer, req.messages, req.tools, ctx.tool_format,
+        try:  # (in a thread: a template over megabytes of messages takes a while)
+            text = await asyncio.to_thread(
+                chat_prompt, router.tokenizer, req.messages, req.tools, ctx.tool_format,
                 extra=req.template_kwargs,
             )  # fmt: skip
         except ChatTemplateError as e:
@@ -102,9 +108,11 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
                 req, sampling=replace(req.sampling, constraint=after_reasoning(constraint))
             )
         prompts.append((await encode_off_loop(router.tokenizer, text, False), text))
+    texts = [p for p in req.prompts if isinstance(p, str)]
+    encoded = iter(await encode_all_off_loop(router.tokenizer, texts))
     for p in req.prompts:
         if isinstance(p, str):
-            prompts.append((await encode_off_loop(router.tokenizer, p), p))
+            prompts.append((next(encoded), p))
         else:
             prompts.append((p, router.tokenizer.decode(p) if req.echo else ""))
     jobs = []  # (ids, sampling, echo) per choice, prompt-major
@@ -118,9 +126,7 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
             sampling = replace(sampling, logprobs=True)
         jobs += [(ids, choice_params(sampling, i), echo) for i in range(req.candidates)]
     token_text = router.tokenizer.token_text if req.sampling.logprobs else None
-    builder = ResponseBuilder(
-        chat, req.model or router.model_name, token_text, router.tokenizer.hidden_ids
-    )
+    builder = ResponseBuilder(chat, router.model_name, token_text, router.tokenizer.hidden_ids)
     ctx.limiter.check_call(len(jobs))
     slots = router.admit(len(jobs))
     trace = trace_headers(request.headers)

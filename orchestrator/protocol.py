@@ -284,9 +284,22 @@ LONG_TEXT_CHARS = 1 << 16
 
 async def encode_off_loop(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
     """`tokenizer.encode(text, add_special_tokens)`, in a thread for a long `text`."""
-    if len(text) <= LONG_TEXT_CHARS:
-        return list(tokenizer.encode(text, add_special_tokens))
-    return list(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens))
+    (ids,) = await encode_all_off_loop(tokenizer, [text], add_special_tokens)
+    return ids
+
+
+async def encode_all_off_loop(
+    tokenizer: Any, texts: list[str], add_special_tokens: bool = True
+) -> list[list[int]]:
+    """Each of `texts` encoded; in one thread when together they are long (a batch of many
+    prompts each just under the limit would hold the loop as long as one long one)."""
+
+    def encode() -> list[list[int]]:
+        return [list(tokenizer.encode(text, add_special_tokens)) for text in texts]
+
+    if sum(map(len, texts)) <= LONG_TEXT_CHARS:
+        return encode()
+    return await asyncio.to_thread(encode)
 
 
 async def read_generate(router: Router, raw: Any) -> GenerateBody:
@@ -294,11 +307,12 @@ async def read_generate(router: Router, raw: Any) -> GenerateBody:
     (`parse_off_loop`), each text prompt given its token ids (`encode_off_loop`: in a thread
     for a long one); the text stays, so that errors still name it."""
     body = await parse_off_loop(parse_generate, raw)
-    calls = []
-    for call in body.calls:
-        if call.input_ids is None and call.text is not None:
-            call = replace(call, input_ids=await encode_off_loop(router.tokenizer, call.text))
-        calls.append(call)
+    texts = [c.text for c in body.calls if c.input_ids is None and c.text is not None]
+    encoded = iter(await encode_all_off_loop(router.tokenizer, texts))
+    calls = [
+        replace(c, input_ids=next(encoded)) if c.input_ids is None and c.text is not None else c
+        for c in body.calls
+    ]
     return replace(body, calls=calls)
 
 

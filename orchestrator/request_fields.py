@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 MAX_STOP_STRINGS = 16
+# The router looks for each in the text at every token: a long one costs that on its loop.
+MAX_STOP_STRING_CHARS = 4096
 
 
 class RequestError(Exception):
@@ -106,6 +108,8 @@ class Fields:
             raise self.fail(key, "stop strings must not be empty")
         if len(items) > MAX_STOP_STRINGS:
             raise self.fail(key, f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in items):
+            raise self.fail(key, f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
         return tuple(items)
 
     def token_ids(self, key: str) -> list[int] | None:

@@ -23,6 +23,8 @@ from workers.engine.messages import (
 
 MAX_SEED = 2**63 - 1
 MAX_CHOICES = 16  # `n`: completions of one prompt per call
+# Each is checked against every token generated (on the rank, in its step's loop).
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,11 @@ def read_sampling(
     seed = f.get_int("seed")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise f.fail("seed", f"must be in [0, 2**63 - 1], got {seed}")
-    stop_ids = f.token_ids("stop_token_ids") or []
+    stop_ids = list(dict.fromkeys(f.token_ids("stop_token_ids") or []))  # (repeats: once)
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise f.fail(
+            "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids, got {len(stop_ids)}"
+        )
     min_p = f.get_float("min_p", 0.0)
     if not 0.0 <= min_p <= 1.0:
         raise f.fail("min_p", f"must be in [0, 1], got {min_p:g}")
@@ -149,11 +155,15 @@ def read_logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
     if len(raw) > MAX_LOGIT_BIAS:
         raise f.fail("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens, got {len(raw)}")
     out = []
+    seen: dict[int, str] = {}
     for key, bias in raw.items():
         try:
             token = int(key)
         except (TypeError, ValueError):
             raise f.fail("logit_bias", f"{key!r} is not a token id") from None
+        if token in seen:  # ("5" and "05": their biases would add up past the range)
+            raise f.fail("logit_bias", f"{seen[token]!r} and {key!r} name the same token {token}")
+        seen[token] = key
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
             raise f.fail("logit_bias", f"the bias of {key} must be a number, got {bias!r}")
         if not -100 <= bias <= 100:
@@ -364,14 +374,19 @@ def resolve_sampling(
     """Check the prompt against the model and the KV cache; fill in the default length."""
     if not input_ids:
         raise RequestError(f"{prompt_field}: the prompt is empty", prompt_field)
+    room = min(limits.max_context_len, limits.kv_capacity_tokens) - len(input_ids)
+    # (Before looking at each token: a prompt of millions is refused at once.)
+    if req.max_new_tokens is None and room < 1:
+        raise _too_long(input_ids, 1, limits, prompt_field)
+    if req.max_new_tokens is not None and req.max_new_tokens > room:
+        raise _too_long(input_ids, req.max_new_tokens, limits, req.max_new_tokens_field)
     vocab = limits.vocab_size
-    for i, t in enumerate(input_ids):
-        if not 0 <= t < vocab:
-            raise RequestError(
-                f"{prompt_field}: token id {t} at position {i} is outside the vocabulary "
-                f"[0, {vocab})",
-                prompt_field,
-            )
+    if min(input_ids) < 0 or max(input_ids) >= vocab:
+        i, t = next((i, t) for i, t in enumerate(input_ids) if not 0 <= t < vocab)
+        raise RequestError(
+            f"{prompt_field}: token id {t} at position {i} is outside the vocabulary [0, {vocab})",
+            prompt_field,
+        )
     for t in req.stop_token_ids:
         if not 0 <= t < vocab:
             name = req.stop_token_ids_field
@@ -380,16 +395,10 @@ def resolve_sampling(
         if not 0 <= t < vocab:
             name = req.logit_bias_field
             raise RequestError(f"{name}: token id {t} is outside the vocabulary [0, {vocab})", name)
-    room = min(limits.max_context_len, limits.kv_capacity_tokens) - len(input_ids)
-    name = req.max_new_tokens_field
     if req.max_new_tokens is None:
-        if room < 1:
-            raise _too_long(input_ids, 1, limits, prompt_field)
         max_new = min(default_max_new_tokens, room)
     else:
         max_new = req.max_new_tokens
-        if max_new > room:
-            raise _too_long(input_ids, max_new, limits, name)
     if req.min_new_tokens > max_new:
         name = req.min_new_tokens_field
         raise RequestError(

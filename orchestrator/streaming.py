@@ -201,7 +201,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         obj = json.loads(body)
         # Rare: look for one that is not half of a pair.
         where = _lone_surrogate(obj, "") if _SURROGATE_ESCAPE.search(body) else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # (not JSON, not UTF-8, an integer of over 4300 digits)
         raise RequestError(f"body: the request body is not valid JSON ({e})", "body") from None
     except RecursionError:
         raise RequestError("body: the request body is nested too deeply", "body") from None

@@ -185,20 +185,24 @@ class Tokenizer:
         self,
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
-        **extra: Any,
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
-        """The prompt text for `messages` (and `extra`, such as `tools`); encode it with
+        """The prompt text for `messages` (and the template variables `extra`, such as `tools`,
+        whatever their names); encode it with
         `add_special_tokens=False` (the template writes BOS itself). Raises ChatTemplateError when the model has no template
         or the template rejects the messages."""
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         try:
+            # (One mapping: a variable named like a keyword of `render` is still a variable.)
             return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                **extra,
+                {
+                    **(extra or {}),
+                    "messages": list(messages),
+                    "add_generation_prompt": add_generation_prompt,
+                    "bos_token": self.bos_token or "",
+                    "eos_token": self.eos_token or "",
+                }
             )
         except ChatTemplateError:
             raise

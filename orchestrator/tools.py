@@ -221,4 +221,4 @@ def chat_prompt(
             extra["tools"] = [t.openai() for t in tools.tools]
         else:
             messages = with_tool_prompt(messages, tool_prompt(tools.tools, fmt, tools.parallel))
-    return tokenizer.apply_chat_template(messages, add_generation_prompt, **extra)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt, extra)

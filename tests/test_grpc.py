@@ -209,6 +209,21 @@ def test_errors_map_to_status_codes(stub, request_, code, words):
     assert words in err.value.details()
 
 
+def test_an_undecodable_request_is_invalid_argument_not_unknown(server):
+    """Bytes that are not a `GenerateRequest` (a string field of invalid UTF-8): found by an
+    audit to end with UNKNOWN and a traceback in the server's log."""
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        generate = channel.unary_stream(
+            "/pdserve.v1.Generation/Generate",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(generate(b"\x12\x01\xff", timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "not a valid message" in (err.value.details() or "")
+
+
 def test_cancelled_call_and_deadline_free_the_pages(server, stub):
     call = stub.Generate(_request(list(range(3, 200)), 1500), timeout=60)
     first = next(call)

@@ -192,6 +192,12 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
          "nested"),
         (G, {"text": "hi", "sampling_params": {"regex": "(" * 80 + "a" + ")" * 80}}, "regex",
          "nested"),
+        # Limits an audit found missing: each costs the rank or the router per token.
+        (C, {"prompt": "hi", "stop_token_ids": list(range(300))}, "stop_token_ids", "256"),
+        (C, {"prompt": "hi", "stop": ["x" * 5000]}, "stop", "4096"),
+        (C, {"prompt": "hi", "logit_bias": {"5": 100, "05": 100}}, "logit_bias", "same token"),
+        # An integer Python will not read (over 4300 digits): not a 500.
+        (G, b'{"text": "hi", "x": 1' + b"1" * 5000 + b"}", "body", "JSON"),
         # A /generate batch is capped as a completions one is.
         (G, {"text": ["a"] * 257, "sampling_params": {"max_new_tokens": 1}}, "text", "256"),
         (G, {"text": ["a"] * 20, "sampling_params": {"n": 16}}, "text", "256"),

@@ -1,0 +1,44 @@
+"""Edges of the OpenAI routes an audit found: the `model` a request names, template variables
+named like Python's own, duplicate stop token ids."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+def _served(url: str) -> str:
+    return str(httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"])
+
+
+def test_an_unknown_model_is_404_and_replies_name_the_served_one(tiny_server):
+    served = _served(tiny_server)
+    body = {"prompt": "hi", "max_tokens": 2, "model": "gpt-4"}
+    r = httpx.post(f"{tiny_server}{C}", json=body, timeout=30)
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "gpt-4" in error["message"] and served in error["message"]
+    for model in (served, "", None):  # the served name, or none
+        body = {"prompt": "hi", "max_tokens": 2, "model": model}
+        r = httpx.post(f"{tiny_server}{C}", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == served, r.text
+
+
+def test_template_variables_named_like_keywords_are_just_variables(tiny_server):
+    body = {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "chat_template_kwargs": {"self": 1, "extra": 2},
+    }  # fmt: skip
+    r = httpx.post(f"{tiny_server}{CHAT}", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_repeated_stop_token_ids_count_once(tiny_server):
+    body = {"prompt": "hi", "max_tokens": 2, "stop_token_ids": [7] * 1000}
+    r = httpx.post(f"{tiny_server}{C}", json=body, timeout=30)
+    assert r.status_code == 200, r.text
