@@ -34,7 +34,22 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
+    # vLLM's: the output's text as pdserve always writes it.
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "include_stop_str_in_output": (False,),
 }
+# Fields that would change the output and that pdserve does not take: refused, not ignored.
+_REFUSED = {
+    "functions": "the legacy function calling is not supported; give tools",
+    "function_call": "the legacy function calling is not supported; give tool_choice",
+    "chat_template": "a request cannot set the chat template; the model's is used",
+    "continue_final_message": "continuing the last message is not supported",
+    "logits_processors": "not supported",
+}
+# vLLM's `structured_outputs` keys, as the constraint fields they stand for.
+_STRUCTURED_OUTPUTS = {"json": "json_schema", "regex": "regex", "grammar": "ebnf",
+                       "choice": "choice", "structural_tag": "structural_tag"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class CompletionBody:
     # as `reasoning_content` (SGLang's `separate_reasoning`).
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     separate_reasoning: bool = True
+    add_generation_prompt: bool = True  # chat: the template opens the assistant's turn
     # Completions: candidates drawn per prompt, of which the `n` with the highest mean
     # logprob per output token come back (OpenAI's `best_of`; `n` when not given).
     best_of: int = 1
@@ -90,20 +106,50 @@ class _Common(NamedTuple):
 def _common(f: Fields, max_tokens_key: str) -> _Common:
     for key, allowed in _NEUTRAL.items():
         f.neutral(key, *allowed)
+    for key, why in _REFUSED.items():
+        if f.obj.get(key) not in (None, False):
+            raise f.fail(key, why)
     sampling = read_sampling(f, max_tokens_key, "min_tokens")  # min_tokens: vLLM's name
     sampling = replace(sampling, priority=read_priority(f))
-    given = [c for c in (read_response_format(f), read_constraint(f, VLLM_CONSTRAINTS)) if c]
+    given = [
+        c for c in (
+            read_response_format(f), read_constraint(f, VLLM_CONSTRAINTS),
+            read_structured_outputs(f),
+        ) if c
+    ]  # fmt: skip
     if (given and sampling.constraint is not None) or len(given) > 1:
-        keys = [k for k in ("response_format", *CONSTRAINT_FIELDS, *VLLM_CONSTRAINTS) if f.has(k)]
+        keys = [
+            k for k in ("response_format", "structured_outputs", *CONSTRAINT_FIELDS,
+                        *VLLM_CONSTRAINTS)
+            if f.has(k)
+        ]  # fmt: skip
         raise f.fail(keys[1], f"give one of {', '.join(keys)}, not several")
     if given:
         sampling = replace(sampling, constraint=given[0])
     stream = f.get_bool("stream")
     include_usage = False
     if f.has("stream_options"):
+        if not stream:
+            raise f.fail("stream_options", "only with stream: true")
         opts = Fields(f.obj["stream_options"], "stream_options.")
         include_usage = opts.get_bool("include_usage")
     return _Common(sampling, stream, include_usage, read_n(f))
+
+
+def read_structured_outputs(f: Fields) -> OutputConstraint | None:
+    """vLLM's `structured_outputs`: `{"json": schema}`, `{"regex": ...}`, `{"grammar": ...}`,
+    `{"choice": [...]}`, `{"structural_tag": ...}` or `{"json_object": true}`: one of them."""
+    if not f.has("structured_outputs"):
+        return None
+    so = Fields(f.obj["structured_outputs"], "structured_outputs.")
+    unknown = sorted(set(so.obj) - {*_STRUCTURED_OUTPUTS, "json_object"})
+    if unknown:
+        raise so.fail(unknown[0], "not supported")
+    if so.get_bool("json_object"):
+        if any(so.obj.get(k) is not None for k in _STRUCTURED_OUTPUTS):
+            raise so.fail("json_object", "give one kind of structured output, not several")
+        return OutputConstraint("json_object")
+    return read_constraint(so, _STRUCTURED_OUTPUTS)
 
 
 def read_response_format(f: Fields) -> OutputConstraint | None:
@@ -225,6 +271,7 @@ def parse_chat(
         model, [], messages, sampling, stream, include_usage, n, tools=tools,
         template_kwargs=read_template_kwargs(f),
         separate_reasoning=f.get_bool("separate_reasoning", True),
+        add_generation_prompt=f.get_bool("add_generation_prompt", True),
     )  # fmt: skip
 
 

@@ -91,7 +91,7 @@ async def _openai(ctx: HttpContext, request: Request, chat: bool) -> Response:
         try:  # (in a thread: a template over megabytes of messages takes a while)
             text = await asyncio.to_thread(
                 chat_prompt, router.tokenizer, req.messages, req.tools, ctx.tool_format,
-                extra=req.template_kwargs,
+                req.add_generation_prompt, req.template_kwargs,
             )  # fmt: skip
         except ChatTemplateError as e:
             raise RequestError(f"messages: {e}", "messages") from None

@@ -28,11 +28,18 @@ from workers.engine.messages import SamplingParams, TokenLogprob
 if TYPE_CHECKING:
     from orchestrator.config import ServeConfig
 
+MAX_RID_CHARS = 256
 _SGLANG_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
     "no_stop_trim": (False,),
 }
+# SGLang `/generate` fields that would change the output and that pdserve does not take:
+# refused when set, not ignored.
+_SGLANG_REFUSED = (
+    "image_data", "audio_data", "video_data", "input_embeds", "lora_path",
+    "return_hidden_states", "custom_logit_processor",
+)  # fmt: skip
 _SGLANG_KNOWN = {
     "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_p", "min_new_tokens", "frequency_penalty", "presence_penalty",
@@ -74,6 +81,9 @@ def parse_generate(body: Any) -> GenerateBody:
     params: list[Any] = given if isinstance(given, list) else [given or {}]
     if per_prompt and not params:
         raise RequestError("sampling_params: an empty list; give one per prompt", "sampling_params")
+    for key in _SGLANG_REFUSED:
+        if body.get(key) not in (None, False, [], ""):
+            raise f.fail(key, "not supported")
     priority = read_priority(f)
     samplings: list[SamplingRequest] = []
     ns: list[int] = []
@@ -108,6 +118,8 @@ def parse_generate(body: Any) -> GenerateBody:
     sampling = samplings[0]
     stream = f.get_bool("stream")
     rid = f.get_str("rid")
+    if rid is not None and len(rid) > MAX_RID_CHARS:  # (it is in every streamed chunk)
+        raise f.fail("rid", f"at most {MAX_RID_CHARS} characters, got {len(rid)}")
     text = body.get("text")
     ids = body.get("input_ids")
     if text is None and ids is None:

@@ -42,3 +42,21 @@ def test_repeated_stop_token_ids_count_once(tiny_server):
     body = {"prompt": "hi", "max_tokens": 2, "stop_token_ids": [7] * 1000}
     r = httpx.post(f"{tiny_server}{C}", json=body, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_vllm_structured_outputs_hold_the_output(tiny_server):
+    body = {"prompt": "hi", "max_tokens": 8, "structured_outputs": {"choice": ["yes", "no"]}}
+    r = httpx.post(f"{tiny_server}{C}", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] in ("yes", "no")
+
+
+def test_add_generation_prompt_false_leaves_the_assistant_turn_unopened(tiny_server):
+    messages = [{"role": "user", "content": "hi"}]
+    prompts = []
+    for opened in (True, False):
+        body = {"messages": messages, "max_tokens": 1, "add_generation_prompt": opened}
+        r = httpx.post(f"{tiny_server}{CHAT}", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        prompts.append(r.json()["usage"]["prompt_tokens"])
+    assert prompts[0] > prompts[1], prompts
