@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from orchestrator.jobs import Job
 from orchestrator.outputs import Output, to_output
 from orchestrator.request_sides import abort_sides, accepted_or_first
-from orchestrator.routed import RankUnreachable, RoutedRequest
+from orchestrator.routed import DuplicateRequest, RankUnreachable, RoutedRequest
 from workers.engine.messages import FinishReason, GenerateRequest, TokenDelta
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ async def run_attempt(
             assert prefill_rank is not None
             rank, prefill_rank = prefill_rank, None
         if client_rid in router.attempt_of:
-            raise ValueError(f"rid: request {client_rid!r} is already running")
+            raise DuplicateRequest(f"rid: request {client_rid!r} is already running")
         rid = router.next_attempt_id(client_rid)
     req = RoutedRequest(
         rid,

@@ -37,7 +37,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.pools import PoolSet
 from orchestrator.protocol import prepare_call, read_generate
 from orchestrator.request_fields import RequestError
-from orchestrator.routed import RouterNotReady
+from orchestrator.routed import DuplicateRequest, RouterNotReady
 from orchestrator.router import Router
 from orchestrator.sampling_request import choice_params
 from orchestrator.scaling import ScaleError, ScaleInProgress, ServerStopping, drain_seconds
@@ -208,7 +208,9 @@ class GenerationService(pb_grpc.GenerationServicer):
                         if finished == len(streams):
                             return
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            duplicate = isinstance(e, DuplicateRequest)
+            code = grpc.StatusCode.ALREADY_EXISTS if duplicate else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(e))
         except RouterNotReady as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 

@@ -18,6 +18,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.outputs import Output
 from orchestrator.reasoning import template_reasons
 from orchestrator.request_fields import RequestError
+from orchestrator.routed import DuplicateRequest
 from orchestrator.router import QueueSlot, Router
 from orchestrator.tool_parser import FORMATS, MARKERS, ToolCallFormat, detect_format
 from workers.engine.messages import SamplingParams
@@ -99,8 +100,11 @@ def error_status(out: Output) -> RequestError:
 
 
 def refused(e: ValueError, default_param: str) -> RequestError:
-    """A rank's refusal ("field: problem") as a 400 naming that field."""
+    """A rank's refusal ("field: problem") as a 400 naming that field; a duplicate `rid`
+    is a 409."""
     message = str(e)
+    if isinstance(e, DuplicateRequest):
+        return RequestError(message, "rid", 409, "conflict_error", code="duplicate_request")
     head = message.split(":", 1)[0]
     return RequestError(message, head if head.isidentifier() else default_param)
 

@@ -19,7 +19,7 @@ from orchestrator.attempt import run_attempt
 from orchestrator.detokenizer import IncrementalDetokenizer
 from orchestrator.jobs import Job, QueueSlot, ended
 from orchestrator.outputs import Output
-from orchestrator.routed import RankUnreachable, RoutedRequest
+from orchestrator.routed import DuplicateRequest, RankUnreachable, RoutedRequest
 from workers.engine.messages import SamplingParams
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ async def run_request(
     rid = rid or uuid.uuid4().hex
     if rid in router.attempt_of or rid in router.waiting or rid in router.between:
         slot.release()
-        raise ValueError(f"rid: request {rid!r} is already running")
+        raise DuplicateRequest(f"rid: request {rid!r} is already running")
     timeout_s = timeout_s if timeout_s is not None else router.request_timeout_s
     now = asyncio.get_running_loop().time()
     job = Job(

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from workers.engine.messages import TokenDelta, short_error
 
 
+class DuplicateRequest(ValueError):
+    """A request named by the `rid` of one still running (HTTP 409, gRPC ALREADY_EXISTS)."""
+
+
 class RouterNotReady(RuntimeError):
     """No rank can take the request (still loading, or dead)."""
 

@@ -60,3 +60,20 @@ def test_add_generation_prompt_false_leaves_the_assistant_turn_unopened(tiny_ser
         assert r.status_code == 200, r.text
         prompts.append(r.json()["usage"]["prompt_tokens"])
     assert prompts[0] > prompts[1], prompts
+
+
+def test_a_rid_that_is_running_is_a_409(tiny_server):
+    body = {"text": "hi", "rid": "twice", "stream": True,
+            "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}  # fmt: skip
+    with (
+        httpx.Client(base_url=tiny_server, timeout=60) as c,
+        c.stream("POST", "/generate", json=body) as first,
+    ):
+        lines = first.iter_lines()
+        while not next(lines).startswith("data: {"):  # (a keep-alive may come first)
+            pass
+        r = c.post("/generate", json={**body, "stream": False})  # the first is running
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert error["code"] == "duplicate_request" and error["param"] == "rid"
+        assert c.post("/abort_request", json={"rid": "twice"}).status_code == 200
