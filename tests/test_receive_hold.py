@@ -313,52 +313,49 @@ def test_the_router_tells_a_receiving_side_whether_its_sender_can_still_write():
     ]  # fmt: skip
 
 
-def test_an_abort_after_the_kv_arrived_frees_the_pages_at_once(ckpt):
+@pytest.fixture
+def pair(ckpt):
+    """A prefill and a decode rank with request "r" on both, its decode pages reserved and
+    its target given to the prefill rank, which has not computed it yet."""
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
+    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
+    try:
+        prompt = list(range(3, 40))
+        decode.add("r", prompt, sampling)
+        (ready,) = decode.step()[1]
+        prefill.add("r", prompt, sampling)
+        prefill.handoff.set_target("r", ready.target)
+        yield prefill, decode
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_an_abort_after_the_kv_arrived_frees_the_pages_at_once(pair):
     """The receive ended ok on the transfer engine's thread, and the abort reached the rank
     before its loop saw that result: nothing writes those pages any more, so they are freed
     at once. (Found by an audit: they were held for a release that never came.)"""
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
-    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
-    try:
-        prompt = list(range(3, 40))
-        decode.add("r", prompt, sampling)
-        (ready,) = decode.step()[1]
-        prefill.add("r", prompt, sampling)
-        prefill.handoff.set_target("r", ready.target)
-        _until(lambda: (prefill.step(), not prefill.handoff.busy)[1])  # sent
-        _until(lambda: decode.handoff.transfer._results)  # arrived, not yet seen by the loop
-        assert decode.handoff.abort(decode.engine, "r") is None
-        deltas, _ = decode.step()
-        assert [(d.rid, d.finish_reason) for d in deltas] == [("r", FinishReason.ABORT)]
-        assert decode.pages_in_use() == 0 and not decode.handoff.busy
-    finally:
-        prefill.close()
-        decode.close()
+    prefill, decode = pair
+    _until(lambda: (prefill.step(), not prefill.handoff.busy)[1])  # sent
+    _until(lambda: decode.handoff.transfer._results)  # arrived, not yet seen by the loop
+    assert decode.handoff.abort(decode.engine, "r") is None
+    deltas, _ = decode.step()
+    assert [(d.rid, d.finish_reason) for d in deltas] == [("r", FinishReason.ABORT)]
+    assert decode.pages_in_use() == 0 and not decode.handoff.busy
 
 
-def test_a_prefill_rank_that_stalled_past_the_timeout_does_not_write(ckpt):
+def test_a_prefill_rank_that_stalled_past_the_timeout_does_not_write(pair):
     """Its loop did not tell the receiver to wait on for longer than the transfer timeout:
     the receiver may have given its pages up, so the prompt fails without a write and the
     receiver is told."""
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
-    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
-    try:
-        prompt = list(range(3, 40))
-        decode.add("r", prompt, sampling)
-        (ready,) = decode.step()[1]
-        prefill.add("r", prompt, sampling)
-        prefill.handoff.set_target("r", ready.target)
-        target, since, _ = prefill.handoff._targets["r"]
-        prefill.handoff._targets["r"] = (target, since, time.monotonic() - 31)  # the stall
-        deltas = _until(lambda: prefill.step()[0])
-        assert [d.rid for d in deltas] == ["r"] and "did not tell it to wait" in deltas[0].error
-        assert prefill.pages_in_use() == 0
-        deltas = _until(lambda: decode.step()[0])
-        assert "its prompt took too long" in (deltas[0].error or "")
-        _until(lambda: (decode.step(), decode.pages_in_use() == 0)[1])
-        assert torch.count_nonzero(decode.engine.kv.data) == 0  # nothing was written
-    finally:
-        prefill.close()
-        decode.close()
+    prefill, decode = pair
+    target, since, _ = prefill.handoff._targets["r"]
+    prefill.handoff._targets["r"] = (target, since, time.monotonic() - 31)  # the stall
+    deltas = _until(lambda: prefill.step()[0])
+    assert [d.rid for d in deltas] == ["r"] and "did not tell it to wait" in deltas[0].error
+    assert prefill.pages_in_use() == 0
+    deltas = _until(lambda: decode.step()[0])
+    assert "its prompt took too long" in (deltas[0].error or "")
+    _until(lambda: (decode.step(), decode.pages_in_use() == 0)[1])
+    assert torch.count_nonzero(decode.engine.kv.data) == 0  # nothing was written
