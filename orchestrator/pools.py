@@ -187,14 +187,9 @@ class PoolSet:
 
         found: list[PoolInstance] = []
         broken: list[PoolInstance] = []
-        staying = {i.role for i in record.instances if not i.draining}
+        draining: list[PoolInstance] = []  # found, being scaled down when the router stopped
         for inst in record.instances:
             spec = PoolSpec(inst.role, inst.instance, inst.num_ranks, dict(inst.bundle))
-            if inst.draining and inst.role in staying:
-                logger.warning("deployment %s: %s was being scaled down when its router "
-                               "stopped; removing it", record.name, spec.name)  # fmt: skip
-                dep.remove_instance(record.name, spec)
-                continue
             instance = PoolInstance(spec, None, state="serving")
             try:
                 group = get_placement_group(group_name(record.name, spec))
@@ -206,11 +201,44 @@ class PoolSet:
                     name = dep.rendezvous_name(record.name, spec.name)
                     instance.rendezvous = ray.get_actor(name, namespace=dep.NAMESPACE)
             except ValueError as e:
+                if inst.draining:  # (it was going anyway)
+                    logger.warning("deployment %s: %s, being scaled down, is incomplete (%s); "
+                                   "removing it", record.name, spec.name, e)  # fmt: skip
+                    dep.remove_instance(record.name, spec)
+                    continue
                 logger.warning("deployment %s: %s is incomplete (%s); starting another in its "
                                "place", record.name, spec.name, e)  # fmt: skip
                 broken.append(instance)
                 continue
+            (draining if inst.draining else found).append(instance)
+        # A scale-down ends here, but not by removing the last working instance of a role:
+        # one whose role's other instances turned out broken serves on (it is warm).
+        working = {i.spec.role for i in found}
+        for instance in draining:
+            if instance.spec.role in working:
+                logger.warning("deployment %s: %s was being scaled down when its router "
+                               "stopped; removing it", record.name, instance.spec.name)  # fmt: skip
+                dep.remove_instance(record.name, instance.spec)
+                continue
+            logger.warning("deployment %s: %s was being scaled down, but its role has no other "
+                           "working instance; it serves on", record.name, instance.spec.name)  # fmt: skip
             found.append(instance)
+            working.add(instance.spec.role)
+            # It stands for one of the role's broken instances, which is then not replaced.
+            stood_for = next((b for b in broken if b.spec.role == instance.spec.role), None)
+            if stood_for is not None:
+                broken.remove(stood_for)
+                dep.remove_instance(record.name, stood_for.spec)
+        # Every role of the topology needs an instance: one with none left (its last died and
+        # its replacement had not started when the router stopped) gets a new one.
+        missing = [
+            spec for spec in pool_specs(config, ray.cluster_resources().get("GPU", 0))
+            if spec.role not in {i.spec.role for i in found + broken}
+        ]  # fmt: skip
+        for spec in {s.role: s for s in missing}.values():
+            logger.warning("deployment %s: no %s instance is left; starting one", record.name,
+                           spec.role)  # fmt: skip
+            broken.append(PoolInstance(spec, None, state="serving"))
         if not found and not broken:
             raise dep.DeploymentError(
                 f"deployment {record.name!r} holds no pool instance: remove it with `pdserve "

@@ -94,6 +94,7 @@ class RankTable:
         # once that rank is back as a new process (or gone for good), nothing that had their
         # targets can write any more, and their receivers are told (`release_orphans`).
         self.orphans: dict[int, list[tuple[int, str]]] = {}
+        self.exited: set[int] = set()  # removed ranks whose processes were ended (scaled down)
         # Requests whose KV moved off each rank to another and arrived there (their first
         # token came from the new rank: `rank_output.dispatch`).
         self.moved_off: Counter[int] = Counter()
@@ -368,6 +369,13 @@ class RankTable:
         if command[0] != "add" and self._adds.get(rank):
             self._send_adds(rank)
         writer.write(encode_frame([command]))
+
+    def ranks_exited(self, ranks: Sequence[int]) -> None:
+        """The processes of removed `ranks` were ended (their instance was scaled down):
+        nothing of theirs writes KV any more."""
+        for rank in ranks:
+            self.exited.add(rank)
+            self.release_orphans(rank, process_gone=True)
 
     def release_orphans(self, rank: int, process_gone: bool) -> None:
         """`rank` is back (or gone for good): when its process that had the targets is gone

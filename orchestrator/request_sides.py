@@ -91,9 +91,10 @@ def abort_sides(ranks: RankTable, req: RoutedRequest, only: int | None = None) -
     idle = not req.target_sent
     if sender is not None and not idle:
         info = ranks.infos[sender]
-        if sender in ranks.gone:
-            idle = True  # its actor is dead for good
-        elif ranks.errors[sender] is not None:  # down: told once its restart is seen
+        if sender in ranks.gone or sender in ranks.exited:
+            idle = True  # its actor is dead for good, or ended (scaled down)
+        elif ranks.errors[sender] is not None or sender in ranks.removed:
+            # Down, or scaled down: told once its restart is seen, or its process ended.
             ranks.orphans.setdefault(sender, []).append((req.rank, req.rid))
         elif info is not None and req.sender_pid not in (None, info.pid):
             idle = True  # restarted since: the process that had the target is gone

@@ -384,6 +384,7 @@ async def take_down(
         instance.indices, f"pool instance {instance.name} was removed (scaled down)"
     )
     await asyncio.to_thread(instance.release)
+    router.ranks.ranks_exited(instance.indices)  # their receivers' pages are free now
     # After: a router that dies meanwhile leaves it recorded. (The record: a GCS call.)
     await asyncio.to_thread(pools.forget, instance)
     pools.released_at = time.monotonic()

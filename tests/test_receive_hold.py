@@ -359,3 +359,30 @@ def test_a_prefill_rank_that_stalled_past_the_timeout_does_not_write(pair):
     assert "its prompt took too long" in (deltas[0].error or "")
     _until(lambda: (decode.step(), decode.pages_in_use() == 0)[1])
     assert torch.count_nonzero(decode.engine.kv.data) == 0  # nothing was written
+
+
+def test_a_scaled_down_sender_s_receivers_are_told_once_its_process_ended():
+    import asyncio
+
+    from orchestrator.ranks import RankTable
+    from orchestrator.request_sides import abort_sides
+    from orchestrator.routed import RoutedRequest
+
+    async def run() -> list[tuple[int, tuple]]:
+        sent: list[tuple[int, tuple]] = []
+        ranks = RankTable([object()] * 2)
+        ranks.send_command = lambda rank, command: sent.append((rank, command))  # type: ignore[method-assign]
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        reqs = [RoutedRequest(rid, 1, 8, 4, 0, target_sent=True) for rid in ("a", "b")]
+        for req in reqs:
+            req.adds = [(1, done)]
+        ranks.remove([0])  # scaled down: its process still runs until released
+        await asyncio.gather(*abort_sides(ranks, reqs[0]))
+        ranks.ranks_exited([0])
+        await asyncio.gather(*abort_sides(ranks, reqs[1]))  # after: idle at once
+        return sent
+
+    assert asyncio.run(run()) == [
+        (1, ("abort", "a")), (1, ("abort", "a", True)), (1, ("abort", "b", True)),
+    ]  # fmt: skip
