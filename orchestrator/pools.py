@@ -231,10 +231,12 @@ class PoolSet:
                 dep.remove_instance(record.name, stood_for.spec)
         # Every role of the topology needs an instance: one with none left (its last died and
         # its replacement had not started when the router stopped) gets a new one.
-        missing = [
-            spec for spec in pool_specs(config, ray.cluster_resources().get("GPU", 0))
-            if spec.role not in {i.spec.role for i in found + broken}
-        ]  # fmt: skip
+        have = {i.spec.role for i in found + broken}
+        roles = {"colocated"} if config.colocated else {"prefill", "decode"}
+        missing = []
+        if roles - have:
+            specs = pool_specs(config, ray.cluster_resources().get("GPU", 0))
+            missing = [spec for spec in specs if spec.role not in have]
         for spec in {s.role: s for s in missing}.values():
             logger.warning("deployment %s: no %s instance is left; starting one", record.name,
                            spec.role)  # fmt: skip

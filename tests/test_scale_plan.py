@@ -81,21 +81,19 @@ def test_a_take_over_ends_the_scale_down_the_router_before_stopped_in(monkeypatc
         instance("decode", 0), instance("decode", 1, draining=True), instance("prefill", 0),
         instance("prefill", 1, draining=True),
     ], {"decode": 2, "prefill": 2}, {})  # fmt: skip
-    # A role whose only instance drains keeps it (a scale-down never leaves a role empty).
+    # A role whose every instance drains keeps one (a scale-down never leaves a role empty).
     record.instances[2].draining = True
     pools = PoolSet.take_over(
         Path("/no-model"), ServeConfig(deployment="d", ray_address="127.0.0.1:1"), record
     )
-    assert removed == ["decode-1"]
+    assert removed == ["decode-1", "prefill-1"]
     assert [(i.name, i.state) for i in pools.instances] == [
         ("decode-0", "serving"),
         ("prefill-0", "serving"),
-        ("prefill-1", "serving"),
     ]
     assert [(i.name, i.draining) for i in saved["record"].instances] == [
         ("decode-0", False),
         ("prefill-0", False),
-        ("prefill-1", False),
     ]
 
 
