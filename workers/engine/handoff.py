@@ -102,6 +102,7 @@ class KVHandoff:
         self._quarantine: list[tuple[float, str, list[int]]] = []
         self._num_held_pages = 0
         self._withheld: set[str] = set()  # decode: receives withheld by an injected fault
+        self._failed: list[TokenDelta] = []  # decode: receives that could not be posted
         # Requests asked to migrate while not decoding (rid -> new rid): they go once they
         # decode again.
         self._to_migrate: dict[str, str] = {}
@@ -279,6 +280,7 @@ class KVHandoff:
         events: list[TransferReady] = []
         for seq in engine.take_handoffs():
             self._ahead.discard(seq.rid)
+            self._parked.pop(seq.rid, None)  # (computed again: its new send has its deadline)
             with self._lock:
                 early = self._targets.pop(seq.rid, None)
                 if early is not None and time.monotonic() - early[2] > self.timeout_s:
@@ -298,6 +300,8 @@ class KVHandoff:
         self._ahead.clear()
         events.extend(self.post_receives(engine))
         deltas.extend(engine.take_unplaced())
+        deltas.extend(self._failed)
+        self._failed.clear()
         for rid, new_rid in list(self._to_migrate.items()):
             if rid not in engine.requests:  # ended meanwhile
                 del self._to_migrate[rid]
@@ -412,7 +416,7 @@ class KVHandoff:
         them); those past their transfer's deadline without one fail as that transfer would."""
         deltas = []
         for rid, deadline in list(self._parked.items()):
-            if rid in self._targets or rid not in engine.requests:
+            if rid in self._targets or rid in self._in_flight or rid not in engine.requests:
                 del self._parked[rid]
             elif now > deadline:
                 del self._parked[rid]
@@ -436,9 +440,16 @@ class KVHandoff:
             self._in_flight.add(seq.rid)
             reused = seq.num_reused_pages  # held here already: not sent again
             sent = pages_needed(seq.num_sent_tokens, engine.kv.page_size)
-            receiver = self.transfer.expect(
-                seq.rid, seq.pages[reused:sent], self.timeout_s, skip_pages=reused
-            )
+            try:
+                receiver = self.transfer.expect(
+                    seq.rid, seq.pages[reused:sent], self.timeout_s, skip_pages=reused
+                )
+            except ValueError as e:  # (an id still held from an earlier receive: that one)
+                self._in_flight.discard(seq.rid)
+                delta = engine.fail(seq.rid, f"KV transfer: {e}")
+                if delta is not None:
+                    self._failed.append(delta)
+                continue
             events.append(TransferReady(seq.rid, receiver.target))
         return events
 
