@@ -205,6 +205,12 @@ class Scheduler:
             turn = self._turn % num_decoding
             order = order[turn:num_decoding] + order[:turn] + order[num_decoding:]
             self._turn += budget
+        # Guesses take only what is left once every decode of the step has its token: the
+        # first decodes' guesses took it all, step after step, and the others waited (found by
+        # an audit).
+        decodes_after = 0
+        if guessing:
+            decodes_after = num_decoding or sum(1 for s in order if not _decodes_first(s)[0])
         for seq in order:
             if budget == 0:
                 break
@@ -213,9 +219,12 @@ class Scheduler:
             pending = len(seq.token_ids) - seq.num_computed
             num = pending if pending < budget else budget
             decoding = pending == 1 and seq.num_computed > 0  # `is_decoding`, inlined
-            if decoding and guessing and budget > 1:
-                seq.draft = self._guess(seq, budget - 1)
-                num += len(seq.draft)
+            if decoding and guessing:
+                decodes_after -= 1
+                spare = budget - 1 - min(decodes_after, budget - 1)
+                if spare > 0:
+                    seq.draft = self._guess(seq, spare)
+                    num += len(seq.draft)
             if not self._reserve(seq, num, scheduled):
                 continue  # it was preempted itself
             scheduled.add(seq.rid)

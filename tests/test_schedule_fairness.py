@@ -1,0 +1,51 @@
+"""The scheduler's fairness under a small step budget (an audit's findings): speculative
+guesses take only what is left once every decode of the step has its token — the first
+decodes' guesses took the whole budget, step after step, and the rest got nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from workers.engine.kv_cache import PageAllocator
+from workers.engine.messages import SamplingParams
+from workers.engine.prefix_cache import CachingAllocator
+from workers.engine.scheduler import ScheduledBatch, Scheduler
+from workers.engine.sequence import Sequence
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _step(batch: ScheduledBatch) -> None:
+    """What a step does to the scheduled requests' state: their tokens computed (the guesses
+    all rejected), a new token drawn where a prompt ends."""
+    for seq in batch.decodes:
+        seq.num_computed += 1
+        seq.draft = []
+    for seq, num in batch.prefills:
+        seq.num_computed += num
+    for seq in [*batch.decodes, *(s for s, _ in batch.prefills)]:
+        if seq.num_computed == len(seq.token_ids):
+            seq.token_ids.append(7)
+
+
+@pytest.mark.parametrize(("num_requests", "budget"), [(40, 64), (16, 20), (64, 64)])
+def test_guesses_leave_every_decode_its_token(num_requests, budget):
+    page = 16
+    scheduler = Scheduler(CachingAllocator(PageAllocator(4096), page, enabled=False), page,
+                          max_running=256, token_budget=1000)  # fmt: skip
+    scheduler.speculate = lambda seq, limit: [5] * min(limit, 3)  # always 3 guesses
+    sampling = SamplingParams(max_new_tokens=1000)
+    for i in range(num_requests):
+        scheduler.add(Sequence(f"r{i}", [1, 2, 3, 4], sampling, i))
+    _step(scheduler.schedule())  # every prompt at once: all decode from now on
+    scheduler.token_budget = budget
+    served: Counter[str] = Counter()
+    for _ in range(30):
+        batch = scheduler.schedule()
+        rows = len(batch.decodes) + sum(len(seq.draft) for seq in batch.decodes)
+        assert rows <= budget
+        served.update(seq.rid for seq in batch.decodes)
+        _step(batch)
+    assert all(served[f"r{i}"] == 30 for i in range(num_requests)), served
