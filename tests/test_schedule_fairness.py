@@ -49,3 +49,29 @@ def test_guesses_leave_every_decode_its_token(num_requests, budget):
         served.update(seq.rid for seq in batch.decodes)
         _step(batch)
     assert all(served[f"r{i}"] == 30 for i in range(num_requests)), served
+
+
+def test_a_more_important_prompt_preempts_a_less_important_decode_not_itself():
+    """L (priority 10) decodes; H (priority 0) comes later with a prompt that needs L's
+    pages: L is preempted, also though it was already in the step's batch — H used to
+    preempt itself step after step (decodes are scheduled first), its chunk computed and
+    thrown away each time, until L ended. The preempted one is not admitted back in the
+    same step."""
+    page = 4
+    allocator = CachingAllocator(PageAllocator(8), page, enabled=False)
+    scheduler = Scheduler(allocator, page, max_running=8, token_budget=8)
+    low = Sequence("L", list(range(1, 16)), SamplingParams(max_new_tokens=10, priority=10), 0)
+    scheduler.add(low)
+    for _ in range(2):
+        _step(scheduler.schedule())
+    assert low.is_decoding
+    high = Sequence("H", list(range(1, 25)), SamplingParams(max_new_tokens=4, priority=0), 1)
+    scheduler.add(high)
+    for _ in range(4):
+        batch = scheduler.schedule()
+        assert sum(n for _, n in batch.prefills) + len(batch.decodes) <= 8
+        _step(batch)
+        if high.is_decoding:
+            break
+    assert high.is_decoding and high.num_preemptions == 0
+    assert low.num_preemptions >= 1

@@ -48,6 +48,18 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return len(self.decodes) + sum(n for _, n in self.prefills)
 
+    def remove(self, seq: Sequence) -> int:
+        """Take `seq` out of the batch (it was preempted): the tokens it had."""
+        for i, s in enumerate(self.decodes):
+            if s is seq:
+                del self.decodes[i]
+                return 1 + len(seq.draft)
+        for i, (s, num) in enumerate(self.prefills):
+            if s is seq:
+                del self.prefills[i]
+                return num
+        return 0
+
 
 class Scheduler:
     def __init__(
@@ -190,7 +202,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.token_budget
-        scheduled: set[str] = set()
+        preempted: set[str] = set()  # this step: not admitted back in the same step
         cap = self.speculate_max_running
         guessing = self.speculate is not None and not (cap and len(self.running) > cap)
         order = sorted(self.running, key=_decodes_first)
@@ -225,9 +237,10 @@ class Scheduler:
                 if spare > 0:
                     seq.draft = self._guess(seq, spare)
                     num += len(seq.draft)
-            if not self._reserve(seq, num, scheduled):
+            fits, refund = self._reserve(seq, num, batch, preempted)
+            budget += refund  # (a less important request's tokens, taken out of the batch)
+            if not fits:
                 continue  # it was preempted itself
-            scheduled.add(seq.rid)
             budget -= num
             if decoding:
                 batch.decodes.append(seq)
@@ -238,6 +251,8 @@ class Scheduler:
         for seq in self._admission_order() if self.waiting and room else ():
             if budget == 0 or len(self.running) >= self.max_running:
                 break
+            if seq.rid in preempted:
+                continue
             swapped = self.swap is not None and self.swap.holds(seq)
             found = self._take_cached_prefix(seq) if not seq.pages and not swapped else None
             cached = seq.num_computed if found is not None else 0
@@ -320,22 +335,30 @@ class Scheduler:
             seq.add_pages(self.allocator.allocate(need))
         return len(seq.pages) * self.page_size
 
-    def _reserve(self, seq: Sequence, num: int, scheduled: set[str]) -> bool:
-        """Pages for `num` more tokens of `seq`, preempting the newest request not yet in this
-        step's batch (possibly `seq` itself) until they fit."""
+    def _reserve(
+        self, seq: Sequence, num: int, batch: ScheduledBatch, preempted: set[str]
+    ) -> tuple[bool, int]:
+        """Pages for `num` more tokens of `seq`, preempting the least important running
+        request (the newest of the lowest priority; possibly `seq` itself) until they fit —
+        also one already in this step's batch, which then leaves it (decodes are scheduled
+        first: an older or more important request's prompt preempted itself rather than a
+        newer decode, step after step; found by an audit). Whether `seq` fits, and the
+        tokens of the batch's requests preempted (given back to the budget)."""
         need = pages_needed(seq.num_computed + num, self.page_size) - len(seq.pages)
         if need <= 0:  # the common decode step: the token fits the last page
-            return True
+            return True, 0
         if seq.rid in self.targeted:
             self._reclaim(need)  # the pages of requests without a target go first
+        refund = 0
         while not self.allocator.can_allocate(need):
-            candidates = [s for s in self.running if s.rid not in scheduled]
-            victim = max(candidates, key=lambda s: (s.sampling.priority, s.arrival))
+            victim = max(self.running, key=lambda s: (s.sampling.priority, s.arrival))
+            refund += batch.remove(victim)
             self._preempt(victim)
+            preempted.add(victim.rid)
             if victim is seq:
-                return False
+                return False, refund
         seq.add_pages(self.allocator.allocate(need))
-        return True
+        return True, refund
 
     def _guess(self, seq: Sequence, limit: int) -> list[int]:
         """The tokens guessed to follow `seq`'s pending one, at most `limit`. Guesses take new
