@@ -212,7 +212,7 @@ def test_the_router_fails_a_rank_whose_stream_goes_silent(tag, monkeypatch):
         ready = Call(lambda: RankInfo("m", "deepseek_v3", 1024, 4096, (1,), 4096, 16, 256))
         stream_address = Call(lambda: stream.address)
         add_requests = Call(lambda reqs: added.extend(reqs) or [None] * len(reqs))
-        abort = Call(lambda rid: None)
+        abort = Call(lambda rid, sender_idle=False: None)
 
     class Tok:
         def decode(self, ids: object, skip_special_tokens: bool = True) -> str:

@@ -425,7 +425,7 @@ def test_a_client_gone_while_the_adds_are_in_flight_still_aborts_both_sides():
     class Rank:
         def __init__(self, index: int):
             self.add_requests = Call(self.add)
-            self.abort = Call(lambda rid: self.record(index, rid))
+            self.abort = Call(lambda rid, sender_idle=False: self.record(index, rid))
 
         def add(self, reqs: list[object]) -> asyncio.Future[object]:
             future = asyncio.get_running_loop().create_future()

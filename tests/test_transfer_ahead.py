@@ -137,13 +137,17 @@ def test_the_layers_of_several_transfers_to_one_peer_go_as_one_write(engines, mo
         for layer in (1, 2):
             src.write_ahead(tid, pages[tid][0], layer, targets[tid])
         src.send(tid, pages[tid][0], first_token=5, timeout_s=5, target=targets[tid])
-    res = _drain(src, dst, other, n=6)
-    assert all(r.ok for r in res) and {r.layers_ahead for r in res if r.role == "send"} == {3}
+    # ... and c's receiver is told, once the shared write has landed (`drop_ahead`).
+    res = _drain(src, dst, other, n=7)
+    (dropped,) = [r for r in res if r.transfer_id == "c"]
+    assert dropped.role == "recv" and "its request ended" in (dropped.error or "")
+    rest = [r for r in res if r.transfer_id != "c"]
+    assert all(r.ok for r in rest) and {r.layers_ahead for r in rest if r.role == "send"} == {3}
     for tid in "abd":
         peer = other if tid == "d" else dst
         assert torch.equal(_pages(peer.kv, pages[tid][1]), _pages(src.kv, pages[tid][0]))
     _until(lambda: not src._ahead and not src._dropped)
-    dst.abort("c")
+    assert dst.poll_released() == ["c"]
 
 
 @pytest.mark.timeout(15)
