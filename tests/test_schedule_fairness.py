@@ -75,3 +75,39 @@ def test_a_more_important_prompt_preempts_a_less_important_decode_not_itself():
             break
     assert high.is_decoding and high.num_preemptions == 0
     assert low.num_preemptions >= 1
+
+
+def test_preempted_requests_resume_oldest_first_before_newer_arrivals_take_their_pages():
+    """A decode rank under a steady inflow of requests whose KV arrives: pages that free up
+    go first to the oldest request preempted here, not to the newest arrival, and preempted
+    requests resume oldest first (they resumed newest first, and the oldest waited on while
+    arrivals took every page)."""
+    page = 4
+    allocator = CachingAllocator(PageAllocator(16), page, enabled=False)
+    scheduler = Scheduler(allocator, page, max_running=64, token_budget=64)
+    sampling = SamplingParams(max_new_tokens=12)
+    arrivals = iter(range(10_000))
+    preempted_at: dict[str, int] = {}
+    waited: list[int] = []
+    finished = 0
+    for step in range(300):
+        if step % 2 == 0:  # a little more than the rank can serve
+            i = next(arrivals)
+            scheduler.expect_kv(Sequence(f"r{i}", [1] * 7, sampling, i))
+        for seq in scheduler.reserve_kv():  # its KV comes at once
+            scheduler.admit_received(seq)
+            seq.token_ids.append(7)
+        order = [seq.arrival for seq in scheduler.waiting]
+        assert order == sorted(order)  # oldest first
+        _step(scheduler.schedule())
+        for seq in list(scheduler.running):
+            if seq.num_output_tokens >= 12:
+                scheduler.remove(seq)
+                finished += 1
+                if seq.rid in preempted_at:
+                    waited.append(step - preempted_at[seq.rid])
+        for seq in scheduler.waiting:
+            preempted_at.setdefault(seq.rid, step)
+    oldest = max(300 - preempted_at[seq.rid] for seq in scheduler.waiting)
+    assert finished > 50 and waited, (finished, waited)
+    assert max(waited) < 120 and oldest < 120  # (they were 200+: the oldest never resumed)

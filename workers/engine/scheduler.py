@@ -162,6 +162,21 @@ class Scheduler:
         seq.status = SeqStatus.AWAITING_KV
         _enqueue(self.awaiting_kv, seq)
 
+    def _owed(self, seq: Sequence) -> int:
+        """Pages a request arriving with its KV leaves free for the first waiting request when
+        that one came earlier (or matters more): one preempted here resumes before newer
+        arrivals take the pages it needs (they took every page freed, and it waited on;
+        found by an audit)."""
+        head = self.waiting[0] if self.waiting else None
+        if head is None or (head.sampling.priority, head.arrival) > (
+            seq.sampling.priority, seq.arrival,
+        ):  # fmt: skip
+            return 0
+        tokens = head.num_tokens if self.swap is not None and self.swap.holds(head) else (
+            head.num_computed + min(head.num_pending, self.token_budget)
+        )  # fmt: skip
+        return max(0, pages_needed(tokens, self.page_size) - len(head.pages))
+
     def reserve_kv(self) -> list[Sequence]:
         """Give pages to queued decode-side requests in order, all or nothing each, while they
         fit; they become RECEIVING. A request starts with the published pages that hold the
@@ -173,7 +188,7 @@ class Scheduler:
             # The page with the last token sent always comes from the sender.
             prefix = self.allocator.match(seq.token_ids, seq.num_sent_tokens - 1, record=False)
             need = pages_needed(seq.num_tokens, self.page_size) - len(prefix.pages)
-            if not self.allocator.can_allocate(need):
+            if not self.allocator.can_allocate(need + (0 if seq.migrated else self._owed(seq))):
                 self.allocator.free(prefix.pages)
                 if not seq.migrated:
                     break
@@ -397,13 +412,18 @@ def _decodes_first(seq: Sequence) -> tuple[bool, int]:
 
 def _enqueue(queue: deque[Sequence], seq: Sequence, first: bool = False) -> None:
     """Put `seq` in `queue` (kept in priority order) after every request of its priority, or
-    with `first` before them (a preempted request resumes before those that came later)."""
+    with `first` (a preempted request) by its arrival among them: before those that came
+    later, after the earlier ones (preempted too), so that the oldest resumes first — not the
+    last preempted, which left older ones waiting behind each newer one (found by an audit)."""
     priority = seq.sampling.priority
     if not first and (not queue or queue[-1].sampling.priority <= priority):
         queue.append(seq)  # the common case: every priority the same
         return
+    key = (priority, seq.arrival)
     for i, other in enumerate(queue):
-        if other.sampling.priority > priority or (first and other.sampling.priority == priority):
+        if other.sampling.priority > priority or (
+            first and (other.sampling.priority, other.arrival) > key
+        ):
             queue.insert(i, seq)
             return
     queue.append(seq)
