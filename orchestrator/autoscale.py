@@ -146,7 +146,8 @@ class Autoscaler:
         counts = pools.counts()
         self.pools, self.router, self.eplb, self.cfg = pools, router, eplb, cfg
         least = cfg.min_instances or {}
-        self.minimum = {role: max(1, min(n, least.get(role, n))) for role, n in counts.items()}
+        # (Not lowered to what a take-over found: the deployment's own minimum stays.)
+        self.minimum = {role: max(1, least.get(role, n)) for role, n in counts.items()}
         self._counts = counts  # at the last sample: samples start again when they change
         self.maximum = {role: max(counts[role], cfg.max_instances.get(role, 0)) for role in counts}
         self.prefill_step_tokens = prefill_step_tokens

@@ -159,6 +159,7 @@ class PoolSet:
                 deployment=config.deployment,
             )  # fmt: skip
         except BaseException:
+            pools.keep_on_exit = False  # (a start that failed leaves nothing for the next)
             pools.shutdown()
             raise
         for instance, placement in zip(pools.instances, placements, strict=True):
@@ -172,6 +173,7 @@ class PoolSet:
                 instance.state = "serving"
                 offset += len(instance.ranks)
         except BaseException:
+            pools.keep_on_exit = False
             pools.shutdown()
             raise
         return pools

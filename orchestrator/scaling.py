@@ -194,10 +194,20 @@ async def scale(
             else:
                 report.started.append(spec.name)
         leaving = _keep_one_per_role(pools, leaving, report, router.ranks.gone)
-        moved = await asyncio.gather(
-            *(take_down(pools, router, eplb, i, drain_timeout_s) for i in leaving)
+        # Every take-down ends before the scale does (one that fails must not let another
+        # scale start while the others still drain).
+        ended = await asyncio.gather(
+            *(take_down(pools, router, eplb, i, drain_timeout_s) for i in leaving),
+            return_exceptions=True,
         )
-        report.removed = [i.name for i in leaving]
+        moved = [m for m in ended if isinstance(m, Moved)]
+        for instance, outcome in zip(leaving, ended, strict=True):
+            if isinstance(outcome, BaseException):
+                logger.error("scaling: %s was not removed cleanly: %s", instance.name, outcome)
+                report.failed.append({"pool": instance.name, "error": str(outcome)})
+        report.removed = [
+            i.name for i, m in zip(leaving, ended, strict=True) if isinstance(m, Moved)
+        ]
         for role in {spec.role for spec in start} | {i.spec.role for i in leaving}:
             pools.num_scales[role] += 1
         report.requests_migrated = sum(m.migrated for m in moved)

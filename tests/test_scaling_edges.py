@@ -1,0 +1,57 @@
+"""Scaling edges an audit found: a take-down that fails must not end the scale while the
+others still drain (a second scale could then overlap them), and the autoscaler's minimum is
+the deployment's, not what a take-over happened to find."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from orchestrator import scaling
+from orchestrator.autoscale import AutoscaleConfig, Autoscaler
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_failed_take_down_is_reported_and_the_scale_waits_for_the_others(monkeypatch):
+    a = SimpleNamespace(name="decode-1", spec=SimpleNamespace(role="decode"))
+    b = SimpleNamespace(name="decode-2", spec=SimpleNamespace(role="decode"))
+    monkeypatch.setattr(scaling, "plan", lambda pools, counts, remove, gone: ([], [a, b]))
+    monkeypatch.setattr(scaling, "_keep_one_per_role", lambda pools, leaving, report, gone: leaving)
+    pools = SimpleNamespace(
+        stopped=False, scaling=False, next_number={}, num_scales={"decode": 0},
+        room_for=lambda start: None, config=SimpleNamespace(kv_migration=False),
+    )  # fmt: skip
+    router = SimpleNamespace(draining=False, ranks=SimpleNamespace(gone=set()))
+    ended: list[str] = []
+
+    async def take_down(pools: Any, router: Any, eplb: Any, inst: Any, drain_s: float) -> Any:
+        if inst is a:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("its actor did not answer")
+        await asyncio.sleep(0.2)
+        ended.append(inst.name)
+        return scaling.Moved(2, 1, 0)
+
+    monkeypatch.setattr(scaling, "take_down", take_down)
+
+    async def run() -> Any:
+        report = await scaling.scale(pools, router, None, {"decode": 1}, [], 0.0)  # type: ignore[arg-type]
+        assert ended == ["decode-2"] and not pools.scaling  # (it waited for the other)
+        return report
+
+    report = asyncio.run(run())
+    assert report.removed == ["decode-2"] and report.requests_migrated == 2
+    assert report.failed == [{"pool": "decode-1", "error": "its actor did not answer"}]
+
+
+def test_the_autoscaler_minimum_is_the_deployment_s_not_what_a_take_over_found():
+    pools = SimpleNamespace(counts=lambda: {"prefill": 1, "decode": 1}, bounds={})
+    cfg = AutoscaleConfig(max_instances={"prefill": 4, "decode": 4},
+                          min_instances={"prefill": 1, "decode": 2})  # fmt: skip
+    scaler = Autoscaler(pools, None, None, cfg, 2048, 0.0)  # type: ignore[arg-type]
+    assert scaler.minimum == {"prefill": 1, "decode": 2}
+    assert pools.bounds["decode"] == (2, 4)  # a manual scale keeps to it too
