@@ -292,6 +292,11 @@ async def bring_up(
         raise
     instance.state = "serving"
     pools.num_started[spec.role] += 1
+    # A rank that died for good while it started was not replaced then (`replacement.gone`
+    # looks at serving instances only): now.
+    dead = [i for i in instance.indices if i in router.ranks.gone]
+    if dead and getattr(router, "on_rank_gone", None) is not None:
+        router.on_rank_gone(dead[0])
 
 
 async def _drain_fronts(

@@ -55,3 +55,33 @@ def test_the_autoscaler_minimum_is_the_deployment_s_not_what_a_take_over_found()
     scaler = Autoscaler(pools, None, None, cfg, 2048, 0.0)  # type: ignore[arg-type]
     assert scaler.minimum == {"prefill": 1, "decode": 2}
     assert pools.bounds["decode"] == (2, 4)  # a manual scale keeps to it too
+
+
+def test_a_rank_that_died_while_its_instance_started_is_replaced_once_it_serves():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.placement import PoolSpec
+    from orchestrator.pool_instance import PoolInstance
+
+    spec = PoolSpec("decode", 3, 1, {"CPU": 1.0})
+    instance = PoolInstance(spec, None)
+    pools = SimpleNamespace(
+        stopped=False, stopping=False, num_started={"decode": 0},
+        start_instance=lambda spec, cancelled: instance,
+    )  # fmt: skip
+    told: list[int] = []
+
+    async def add_ranks(ranks: Any) -> list[int]:
+        return [5]
+
+    router = SimpleNamespace(
+        draining=False, add_ranks=add_ranks, ranks=SimpleNamespace(gone={5}),
+        on_rank_gone=told.append,
+    )  # fmt: skip
+
+    async def run() -> None:
+        with ThreadPoolExecutor(1) as threads:
+            await scaling.bring_up(pools, router, None, spec, threads)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert instance.state == "serving" and told == [5]
