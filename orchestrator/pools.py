@@ -100,9 +100,10 @@ class PoolSet:
         self._recorded = False  # written once: a record gone since was removed on purpose
         self._removed_logged = False
 
-    def record(self) -> None:
+    def record(self, strict: bool = False) -> None:
         """Write the deployment's record (with `--deployment`) after its instances changed:
-        a router that dies now leaves nothing the next one does not know of."""
+        a router that dies now leaves nothing the next one does not know of. `strict`: a save
+        that fails raises (before something detached is made that only the record names)."""
         if self.deployment is None:
             return
         with self._record_lock:  # one writer at a time: the last write has the last state
@@ -128,6 +129,8 @@ class PoolSet:
                 self._recorded = True
             except Exception as e:  # the GCS is unreachable: serving goes on
                 logger.error("deployment %s: its record was not saved: %s", self.deployment, e)
+                if strict:
+                    raise RuntimeError(f"the deployment's record could not be saved: {e}") from e
 
     def deployment_removed(self) -> bool:
         """Whether the deployment's record is gone (`pdserve down --force` while this router
@@ -382,7 +385,11 @@ class PoolSet:
             if self.stopped:
                 raise RuntimeError("the server is shutting down")
             self.instances.append(instance)
-        self.record()  # before its placement group exists (named, detached: it must be found)
+        try:  # before its placement group exists (named, detached: it must be found)
+            self.record(strict=True)
+        except RuntimeError:
+            self.forget(instance)
+            raise
         try:
             (instance.placement,) = reserve_groups(
                 [spec], self.selectors, self.config.placement_timeout_s, cancelled,

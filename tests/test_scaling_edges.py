@@ -85,3 +85,30 @@ def test_a_rank_that_died_while_its_instance_started_is_replaced_once_it_serves(
 
     asyncio.run(run())
     assert instance.state == "serving" and told == [5]
+
+
+def test_an_instance_is_not_placed_when_the_record_naming_it_cannot_be_saved(monkeypatch):
+    """Its placement group and actors are detached: only the record lets a later router or
+    `pdserve down` find them (an audit found a failed save ignored and the group made)."""
+    from pathlib import Path
+
+    from orchestrator import deployment as dep
+    from orchestrator import pools as pools_module
+    from orchestrator.config import ServeConfig
+    from orchestrator.placement import PoolSpec
+    from orchestrator.pools import PoolSet
+
+    def unreachable(record: Any) -> None:
+        raise ConnectionError("the GCS is unreachable")
+
+    placed: list[Any] = []
+    monkeypatch.setattr(dep, "save", unreachable)
+    monkeypatch.setattr(dep, "load", lambda name: None)
+    monkeypatch.setattr(dep, "code_fingerprint", lambda: "code")
+    monkeypatch.setattr(dep, "settings_of", lambda config, model_dir: {})
+    monkeypatch.setattr(pools_module, "reserve_groups", lambda *a, **k: placed.append(a) or [])
+    config = ServeConfig(deployment="d", ray_address="127.0.0.1:1")
+    pools = PoolSet(Path("/no-model"), config, [], {})
+    with pytest.raises(RuntimeError, match="could not be saved"):
+        pools.start_instance(PoolSpec("decode", 1, 1, {"CPU": 1.0}), lambda: False)
+    assert not placed and not pools.instances
