@@ -71,6 +71,14 @@ class EplbWatch(Periodic):
         if self._seen is not None and incarnation != self._seen:
             pools = self.pools_now()
             await asyncio.wait_for(self.eplb.sync_pools.remote(pools), 120)
+            # A scale that added or removed a pool while that call was on its way told the
+            # service first, and the call undid it: sync again until the pools hold still.
+            for _ in range(10):
+                now = self.pools_now()
+                if [p.name for p in now] == [p.name for p in pools]:
+                    break
+                pools = now
+                await asyncio.wait_for(self.eplb.sync_pools.remote(pools), 120)
             await asyncio.wait_for(self.eplb.start.remote(), 30)
             self.num_restarts += 1
             logger.warning(

@@ -112,3 +112,37 @@ def test_an_instance_is_not_placed_when_the_record_naming_it_cannot_be_saved(mon
     with pytest.raises(RuntimeError, match="could not be saved"):
         pools.start_instance(PoolSpec("decode", 1, 1, {"CPU": 1.0}), lambda: False)
     assert not placed and not pools.instances
+
+
+def test_the_eplb_watch_syncs_again_when_a_scale_changed_the_pools_during_its_sync():
+    from orchestrator.eplb_watch import EplbWatch
+
+    pools_seen: list[list[str]] = []
+    now = [["decode-0"]]
+
+    class Watch(EplbWatch):
+        def pools_now(self) -> list[Any]:
+            return [SimpleNamespace(name=n) for n in now[0]]
+
+    def call(fn: Any) -> Any:
+        async def run(*args: Any) -> Any:
+            return fn(*args)
+
+        return SimpleNamespace(remote=run)
+
+    def sync(pools: list[Any]) -> None:
+        pools_seen.append([p.name for p in pools])
+        now[0] = ["decode-0", "decode-1"]  # a scale-up lands while the sync is on its way
+
+    answers = iter(["a", "b"])
+    service = SimpleNamespace(
+        incarnation=call(lambda: next(answers)), sync_pools=call(sync), start=call(lambda: None)
+    )
+    watch = Watch(service, None, num_groups=1)
+
+    async def run() -> None:
+        await watch.look()
+        await watch.look()  # a new incarnation: resynced
+
+    asyncio.run(run())
+    assert pools_seen == [["decode-0"], ["decode-0", "decode-1"]]
