@@ -300,7 +300,6 @@ class EPLBService:
         moe = window.sum(dim=1) > 0
         if not bool(moe.any()):
             moe = torch.ones_like(moe)
-        report.num_experts_moved = int(num_moves(s.phy2log[moe], new[moe]))
         rounds = staging_rounds(
             s.phy2log, new, len(ranks), await self._moves_per_round(s), name=name
         )
@@ -317,11 +316,20 @@ class EPLBService:
                 report.execute_s = max(report.execute_s, *(r.seconds for r in executed))
             except Exception as e:
                 report.ok, report.error = False, short_error(e)
-                if i:
-                    report.error += f" (after {i} of {len(rounds)} rounds: those layers moved)"
                 await self._abort(s)
-                logger.warning("rebalance of %s rolled back: %s", name, report.error)
+                if not i:
+                    logger.warning("rebalance of %s rolled back: %s", name, report.error)
+                    return report
+                # The rounds done stay: the report and the counters say what moved.
+                report.error += f" (after {i} of {len(rounds)} rounds: those layers moved)"
+                after = self._balancedness(window, s.phy2log, len(ranks))
+                report.balancedness_after = after if after is not None else 0.0
+                s.num_rebalances += 1
+                s.num_experts_moved += report.num_experts_moved
+                s.last_pause_s = report.execute_s
+                logger.warning("rebalance of %s stopped: %s", name, report.error)
                 return report
+            report.num_experts_moved += int(num_moves(s.phy2log[moe], step[moe]))
             s.phy2log = step  # (a later round's failure keeps this one)
             report.num_rounds += 1
             if len(rounds) > 1:

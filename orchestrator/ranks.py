@@ -93,7 +93,7 @@ class RankTable:
         # Receives (receiving rank, rid) of requests aborted while their sending rank was down:
         # once that rank is back as a new process (or gone for good), nothing that had their
         # targets can write any more, and their receivers are told (`release_orphans`).
-        self.orphans: dict[int, list[tuple[int, str]]] = {}
+        self.orphans: dict[int, set[tuple[int, str]]] = {}
         self.exited: set[int] = set()  # removed ranks whose processes were ended (scaled down)
         # Requests whose KV moved off each rank to another and arrived there (their first
         # token came from the new rank: `rank_output.dispatch`).
@@ -382,7 +382,7 @@ class RankTable:
         (`process_gone`), tell the receiving ranks of its orphaned receives that nothing
         writes their pages any more; either way forget them (a process that lived on tells
         its receivers itself as it applies the aborts)."""
-        for receiving, rid in self.orphans.pop(rank, []) if process_gone else ():
+        for receiving, rid in sorted(self.orphans.pop(rank, ())) if process_gone else ():
             with contextlib.suppress(Exception):
                 self.send_command(receiving, ("abort", rid, True))
         self.orphans.pop(rank, None)

@@ -88,14 +88,16 @@ def abort_sides(ranks: RankTable, req: RoutedRequest, only: int | None = None) -
     # (`pair`, not `prefill_rank`: that is cleared once the prompt is done, or the attempt
     # released, while a receive may still be waiting.)
     sender = req.pair[1]
-    idle = not req.target_sent
+    idle = not req.target_sent or any(
+        rank == sender and _refused(ref) for rank, ref in req.adds
+    )  # (a sending rank that refused the request never computes it: it writes nothing)
     if sender is not None and not idle:
         info = ranks.infos[sender]
         if sender in ranks.gone or sender in ranks.exited:
             idle = True  # its actor is dead for good, or ended (scaled down)
         elif ranks.errors[sender] is not None or sender in ranks.removed:
             # Down, or scaled down: told once its restart is seen, or its process ended.
-            ranks.orphans.setdefault(sender, []).append((req.rank, req.rid))
+            ranks.orphans.setdefault(sender, set()).add((req.rank, req.rid))
         elif info is not None and req.sender_pid not in (None, info.pid):
             idle = True  # restarted since: the process that had the target is gone
     receiving = req.rank if sender is not None else None
@@ -104,6 +106,11 @@ def abort_sides(ranks: RankTable, req: RoutedRequest, only: int | None = None) -
         for rank, ref in req.adds
         if only is None or rank == only
     ]
+
+
+def _refused(add: Any) -> bool:
+    """Whether the add (future) ended with the rank's refusal."""
+    return bool(add.done() and not add.cancelled() and isinstance(add.exception(), ValueError))
 
 
 def _log_late_refusal(task: asyncio.Future[None]) -> None:

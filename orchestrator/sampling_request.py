@@ -290,7 +290,14 @@ def check_output_constraint(f: Fields, key: str, constraint: OutputConstraint) -
 # Where a request body may hold structured output (`/generate`'s `sampling_params`, one or a
 # list, and the OpenAI routes' top level): such a body is read off the router's event loop.
 _CONSTRAINT_KEYS = frozenset(
-    (*CONSTRAINT_FIELDS, *VLLM_CONSTRAINTS, "response_format", "tools", "tool_choice")
+    (
+        *CONSTRAINT_FIELDS,
+        *VLLM_CONSTRAINTS,
+        "response_format",
+        "tools",
+        "tool_choice",
+        "structured_outputs",
+    )
 )
 # A structured output's grammar that takes longer than this to check (xgrammar: some schemas
 # take minutes — very wide or very deep ones) is refused; the check goes on in its thread.

@@ -205,6 +205,8 @@ async def scale(
             if isinstance(outcome, BaseException):
                 logger.error("scaling: %s was not removed cleanly: %s", instance.name, outcome)
                 report.failed.append({"pool": instance.name, "error": str(outcome)})
+                for i in instance.indices:  # (not known to have ended: receivers wait it out)
+                    router.ranks.release_orphans(i, process_gone=False)
         report.removed = [
             i.name for i, m in zip(leaving, ended, strict=True) if isinstance(m, Moved)
         ]

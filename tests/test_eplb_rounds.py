@@ -123,3 +123,7 @@ def test_a_failed_round_keeps_the_rounds_before_it():
     kept = service.pools["decode-0"].phy2log
     assert kept.tolist() == ranks[1].placement.tolist()  # what the pool now serves with
     assert kept[0].tolist() == new[0].tolist() and kept[2].tolist() == [0, 1, 2, 3]
+    # What moved is counted: layer 0's four slots, not the plan's eight.
+    state = service.pools["decode-0"]
+    assert report["num_experts_moved"] == 4 and state.num_experts_moved == 4
+    assert state.num_rebalances == 1 and report["balancedness_after"] > 0

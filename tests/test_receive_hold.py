@@ -386,3 +386,26 @@ def test_a_scaled_down_sender_s_receivers_are_told_once_its_process_ended():
     assert asyncio.run(run()) == [
         (1, ("abort", "a")), (1, ("abort", "a", True)), (1, ("abort", "b", True)),
     ]  # fmt: skip
+
+
+def test_a_request_its_sending_rank_refused_frees_its_receive_at_once():
+    import asyncio
+
+    from orchestrator.ranks import RankTable
+    from orchestrator.request_sides import abort_sides
+    from orchestrator.routed import RoutedRequest
+
+    async def run() -> list[tuple[int, tuple]]:
+        sent: list[tuple[int, tuple]] = []
+        ranks = RankTable([object()] * 2)
+        ranks.send_command = lambda rank, command: sent.append((rank, command))  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        taken, refused = loop.create_future(), loop.create_future()
+        taken.set_result(None)
+        refused.set_exception(ValueError("input_ids: too long"))
+        req = RoutedRequest("r", 1, 8, 4, 0, target_sent=True)
+        req.adds = [(1, taken), (0, refused)]
+        await asyncio.gather(*abort_sides(ranks, req))
+        return sent
+
+    assert asyncio.run(run()) == [(1, ("abort", "r", True)), (0, ("abort", "r"))]

@@ -17,15 +17,19 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_a_failed_take_down_is_reported_and_the_scale_waits_for_the_others(monkeypatch):
-    a = SimpleNamespace(name="decode-1", spec=SimpleNamespace(role="decode"))
-    b = SimpleNamespace(name="decode-2", spec=SimpleNamespace(role="decode"))
+    a = SimpleNamespace(name="decode-1", spec=SimpleNamespace(role="decode"), indices=[3])
+    b = SimpleNamespace(name="decode-2", spec=SimpleNamespace(role="decode"), indices=[4])
     monkeypatch.setattr(scaling, "plan", lambda pools, counts, remove, gone: ([], [a, b]))
     monkeypatch.setattr(scaling, "_keep_one_per_role", lambda pools, leaving, report, gone: leaving)
     pools = SimpleNamespace(
         stopped=False, scaling=False, next_number={}, num_scales={"decode": 0},
         room_for=lambda start: None, config=SimpleNamespace(kv_migration=False),
     )  # fmt: skip
-    router = SimpleNamespace(draining=False, ranks=SimpleNamespace(gone=set()))
+    forgotten: list[tuple[int, bool]] = []
+    ranks = SimpleNamespace(
+        gone=set(), release_orphans=lambda i, process_gone: forgotten.append((i, process_gone))
+    )
+    router = SimpleNamespace(draining=False, ranks=ranks)
     ended: list[str] = []
 
     async def take_down(pools: Any, router: Any, eplb: Any, inst: Any, drain_s: float) -> Any:
@@ -46,6 +50,7 @@ def test_a_failed_take_down_is_reported_and_the_scale_waits_for_the_others(monke
     report = asyncio.run(run())
     assert report.removed == ["decode-2"] and report.requests_migrated == 2
     assert report.failed == [{"pool": "decode-1", "error": "its actor did not answer"}]
+    assert forgotten == [(3, False)]  # its orphaned receives forgotten (they wait it out)
 
 
 def test_the_autoscaler_minimum_is_the_deployment_s_not_what_a_take_over_found():

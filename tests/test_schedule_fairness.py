@@ -111,3 +111,32 @@ def test_preempted_requests_resume_oldest_first_before_newer_arrivals_take_their
     oldest = max(300 - preempted_at[seq.rid] for seq in scheduler.waiting)
     assert finished > 50 and waited, (finished, waited)
     assert max(waited) < 120 and oldest < 120  # (they were 200+: the oldest never resumed)
+
+
+def test_an_arrival_with_kv_leaves_the_older_waiting_request_its_pages():
+    page = 4
+    scheduler = Scheduler(CachingAllocator(PageAllocator(4), page, enabled=False), page,
+                          max_running=8, token_budget=64)  # fmt: skip
+    sampling = SamplingParams(max_new_tokens=4)
+    older = Sequence("older", list(range(1, 13)), sampling, 0)  # 3 pages, waiting
+    scheduler.add(older)
+    newer = Sequence("newer", list(range(1, 8)), sampling, 1)  # 2 pages, its KV arriving
+    scheduler.expect_kv(newer)
+    assert scheduler.reserve_kv() == []  # 2 + 3 > 4: it waits
+    batch = scheduler.schedule()
+    assert [seq.rid for seq, _ in batch.prefills] == ["older"]
+
+
+def test_an_arrival_is_not_held_for_a_waiting_request_the_batch_has_no_place_for():
+    page = 4
+    scheduler = Scheduler(CachingAllocator(PageAllocator(4), page, enabled=False), page,
+                          max_running=1, token_budget=64)  # fmt: skip
+    sampling = SamplingParams(max_new_tokens=4)
+    running = Sequence("running", [1, 2, 3], sampling, 0)
+    scheduler.add(running)
+    _step(scheduler.schedule())  # running: 1 page, the batch full (max_running 1)
+    waiting = Sequence("waiting", list(range(1, 9)), sampling, 1)  # 2 pages, no place
+    scheduler.add(waiting)
+    newer = Sequence("newer", list(range(1, 8)), sampling, 2)  # 2 pages, its KV arriving
+    scheduler.expect_kv(newer)
+    assert [seq.rid for seq in scheduler.reserve_kv()] == ["newer"]  # not held back

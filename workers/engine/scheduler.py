@@ -172,6 +172,8 @@ class Scheduler:
             seq.sampling.priority, seq.arrival,
         ):  # fmt: skip
             return 0
+        if len(self.running) >= self.max_running or head.kept_first is not None:
+            return 0  # it waits for a place in the batch, or its target: not for pages
         tokens = head.num_tokens if self.swap is not None and self.swap.holds(head) else (
             head.num_computed + min(head.num_pending, self.token_budget)
         )  # fmt: skip
@@ -267,7 +269,7 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.max_running:
                 break
             if seq.rid in preempted:
-                continue
+                break  # (not newer ones into the pages it gave up)
             swapped = self.swap is not None and self.swap.holds(seq)
             found = self._take_cached_prefix(seq) if not seq.pages and not swapped else None
             cached = seq.num_computed if found is not None else 0

@@ -422,7 +422,9 @@ class TransferStateMachine(TransferBackend):
             with self._cv:
                 if a in self._dropped:
                     self._dropped.remove(a)
-                if a.abandoned:  # its receiver is not told it stopped: it did not
+                # Its receiver is not told it stopped (it did not): the give-up waiting for it
+                # is dropped.
+                if a.abandoned and any(g[0] == a.transfer_id for g in self._give_ups):
                     self._silent.add(a.transfer_id)
 
     def _look_at(self, write: SharedWrite, peer: str) -> None:
