@@ -77,3 +77,11 @@ def test_a_rid_that_is_running_is_a_409(tiny_server):
         error = r.json()["error"]
         assert error["code"] == "duplicate_request" and error["param"] == "rid"
         assert c.post("/abort_request", json={"rid": "twice"}).status_code == 200
+
+
+def test_structured_outputs_are_checked_off_the_loop():
+    """(Found by a review: the new field was checked inline, on the router's loop.)"""
+    from orchestrator.sampling_request import mentions_constraint
+
+    assert mentions_constraint({"prompt": "x", "structured_outputs": {"regex": "a"}})
+    assert not mentions_constraint({"prompt": "x"})
