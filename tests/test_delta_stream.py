@@ -409,3 +409,33 @@ def test_the_router_fails_a_rank_whose_stream_does_not_connect(monkeypatch):
         orchestrator.rank_watch.ray, "kill", lambda h, no_restart: killed.append(True)
     )
     asyncio.run(run())
+
+
+def test_a_command_frame_cannot_reach_a_class_through_a_dotted_name(tmp_path):
+    """The unpickler follows dotted names, and the message modules import others: a name
+    like `torch.<...>.subprocess.Popen` under one of them reached `subprocess.Popen`, and a
+    frame ran a program on the rank (found by an audit). Only a class the module defines,
+    by its plain name, is built."""
+    import pickle
+
+    from workers.engine.delta_stream import decode_commands
+    from workers.engine.messages import GenerateRequest, SamplingParams
+
+    def short(text: str) -> bytes:
+        raw = text.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw
+
+    marker = tmp_path / "ran"
+    path = "torch._strobelight.cli_function_profiler.subprocess.Popen"
+    body = (
+        b"\x80\x04]" + short("wake") + short("workers.transfer.messages") + short(path)
+        + b"\x93]" + short("touch") + b"a" + short(str(marker)) + b"a\x85R\x86a."
+    )  # fmt: skip
+    with pytest.raises(pickle.UnpicklingError, match="may not hold"):
+        decode_commands(body)
+    assert not marker.exists()
+    # A class imported into a message module, by its plain name: refused too.
+    with pytest.raises(pickle.UnpicklingError, match="may not hold"):
+        decode_commands(b"\x80\x04]" + short("workers.engine.messages") + short("Any") + b"\x93a.")
+    request = GenerateRequest("r", [1, 2], SamplingParams())  # real commands still pass
+    assert decode_commands(pickle.dumps([("add", 1, [request])]))[0][2][0] == request

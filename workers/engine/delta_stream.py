@@ -90,9 +90,12 @@ class _CommandUnpickler(pickle.Unpickler):
     )  # fmt: skip
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in self._MODULES and not name.startswith("_"):
+        # Only a class defined in one of those modules, by its plain name: the unpickler
+        # follows dotted names, and those modules import others (found by an audit:
+        # "torch.<...>.subprocess.Popen" under workers.transfer.messages ran a program).
+        if module in self._MODULES and name.isidentifier() and not name.startswith("_"):
             cls = super().find_class(module, name)
-            if isinstance(cls, type):
+            if isinstance(cls, type) and cls.__module__ == module:
                 return cls
         elif (
             module == "builtins"
