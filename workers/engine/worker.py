@@ -180,17 +180,23 @@ class EngineWorker(RankOperations):
         with self._lock:
             if self._take_fault("fail_add"):
                 raise RuntimeError("injected fault fail_add: the rank could not take the request")
-            for req in reqs:
-                # Validation reads only immutable engine state; the rid check races harmlessly
-                # with the loop (a duplicate rid is refused again when the loop admits it).
-                try:
-                    self.engine.validate(req)
-                except ValueError as e:
-                    refusals.append(str(e))
-                    continue
-                self._inbox.append(("add", req))
-                refusals.append(None)
-            self._lock.notify_all()
+        # Outside the lock: a constraint's grammar may take seconds to compile, and a long
+        # prompt's ids are each checked; the loop (and the output, and the commands) must not
+        # wait for that (found by an audit). Validation reads only immutable engine state; the
+        # rid check races harmlessly with the loop (a duplicate is refused again at admission).
+        taken = []
+        for req in reqs:
+            try:
+                self.engine.validate(req)
+            except ValueError as e:
+                refusals.append(str(e))
+                continue
+            taken.append(("add", req))
+            refusals.append(None)
+        if taken:
+            with self._lock:
+                self._inbox.extend(taken)
+                self._lock.notify_all()
         return refusals
 
     def abort(self, rid: str, sender_idle: bool = False) -> None:
