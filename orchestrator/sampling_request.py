@@ -23,8 +23,9 @@ from workers.engine.messages import (
 
 MAX_SEED = 2**63 - 1
 MAX_CHOICES = 16  # `n`: completions of one prompt per call
-# Each is checked against every token generated (on the rank, in its step's loop).
-MAX_STOP_TOKEN_IDS = 256
+# (The rank looks each token up in a set of them; the list crosses to the rank with each
+# request, and a minimum length bans them at every step.)
+MAX_STOP_TOKEN_IDS = 2048
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ def _bad_cases(info: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
         (G, {"text": "hi", "sampling_params": {"regex": "(" * 80 + "a" + ")" * 80}}, "regex",
          "nested"),
         # Limits an audit found missing: each costs the rank or the router per token.
-        (C, {"prompt": "hi", "stop_token_ids": list(range(300))}, "stop_token_ids", "256"),
+        (C, {"prompt": "hi", "stop_token_ids": list(range(2100))}, "stop_token_ids", "2048"),
         (C, {"prompt": "hi", "stop": ["x" * 5000]}, "stop", "4096"),
         (C, {"prompt": "hi", "logit_bias": {"5": 100, "05": 100}}, "logit_bias", "same token"),
         (G, {"text": "hi", "rid": "r" * 300}, "rid", "256"),

@@ -8,6 +8,7 @@ rank reports about itself (`RankInfo`, `RankStats`) is `workers.engine.rank_repo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
@@ -87,6 +88,11 @@ class SamplingParams:
         """Whether the logits may change before sampling (penalties, a minimum length, a
         logit bias)."""
         return self.penalizes or self.min_new_tokens > 0 or bool(self.logit_bias)
+
+    @functools.cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        """`stop_token_ids` for looking each generated token up (up to thousands of them)."""
+        return frozenset(self.stop_token_ids)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the offending field."""

@@ -79,7 +79,7 @@ def finish_reason(
     `max_new_tokens` or the context length; None while it goes on."""
     sp = seq.sampling
     if (
-        token in sp.stop_token_ids
+        token in sp.stop_token_set
         or (not sp.ignore_eos and token in eos_token_ids)
         or (seq.matcher is not None and seq.matcher.terminated)
     ):
