@@ -45,8 +45,16 @@ def add_ops_routes(app: FastAPI, ctx: HttpContext, eplb: Any = None, pools: Any 
         status = {"status": "failed", "detail": errors} if errors else {"status": "loading"}
         return JSONResponse(status, status_code=503)
 
+    # One scrape at a time: counts read by an earlier scrape and applied after a later one's
+    # would look like a rank that restarted, and the totals would jump (found by an audit).
+    scraping = asyncio.Lock()
+
     @app.get("/metrics")
     async def prometheus() -> Response:
+        async with scraping:
+            return await _scrape()
+
+    async def _scrape() -> Response:
         metrics.cluster.set_rank_stats(await router.stats(), router.ranks.final_stats)
         loads, step = router.ranks.loads(), config.engine.chunked_prefill_size
         roles = {load.role for load in loads if load.role}
