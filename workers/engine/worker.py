@@ -196,6 +196,10 @@ class EngineWorker(RankOperations):
         if taken:
             with self._lock:
                 self._inbox.extend(taken)
+                # A front router sending requests is back, if its stream is not yet: their
+                # output waits for it rather than being dropped (found by an audit).
+                for _, req in taken:
+                    self._gone_routers.discard(router_of(req.rid))
                 self._lock.notify_all()
         return refusals
 
