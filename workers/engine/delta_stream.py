@@ -22,8 +22,9 @@ Protocol (both ends in this repository; nothing else speaks it):
     True)`: the request's receive may free its pages at once, see `KVHandoff.abort`), `("targets", [(rid,
     TransferTarget)])`, `("migrate", [(rid, new_rid)])`, `("wake",)`. One connection carries them in the order they were sent:
     an abort sent after its add cannot overtake it. The rank unpickles them with an
-    unpickler that builds only the message classes and plain containers (`_CommandUnpickler`):
-    even a peer that has the token cannot make it run anything.
+    unpickler that builds only the classes the message modules define (by plain name) and plain
+    containers (`_CommandUnpickler`): even a peer that has the token cannot make it run
+    anything.
 - Several routers at once: the deployment's primary router (no tag) and its front routers
   (`pdserve serve --front NAME`), each tagged. A request's output goes to the router whose
   tag its id carries (`messages.router_of`), an `AddsTaken` to the router that sent the add.
