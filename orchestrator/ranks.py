@@ -382,10 +382,10 @@ class RankTable:
         (`process_gone`), tell the receiving ranks of its orphaned receives that nothing
         writes their pages any more; either way forget them (a process that lived on tells
         its receivers itself as it applies the aborts)."""
-        for receiving, rid in sorted(self.orphans.pop(rank, ())) if process_gone else ():
+        orphans = self.orphans.pop(rank, set())
+        for receiving, rid in sorted(orphans) if process_gone else ():
             with contextlib.suppress(Exception):
                 self.send_command(receiving, ("abort", rid, True))
-        self.orphans.pop(rank, None)
 
     def adds_taken(self, rank: int, answer: AddsTaken) -> None:
         """A rank's answer to an add frame: settle each request's future."""

@@ -6,8 +6,10 @@ them after a fixed 2 s while a sender, told of the abort only later, still wrote
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -213,6 +215,26 @@ def _until(what, timeout_s: float = 10.0):
     return value
 
 
+@contextlib.contextmanager
+def _ranks(ckpt, with_target: bool) -> Iterator[tuple[_Rank, _Rank]]:
+    """A prefill and a decode rank with request "r" on both, its decode pages reserved;
+    `with_target`: its target given to the prefill rank (which has not computed it yet)."""
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
+    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
+    try:
+        prompt = list(range(3, 40))
+        decode.add("r", prompt, sampling)
+        (ready,) = decode.step()[1]
+        prefill.add("r", prompt, sampling)
+        if with_target:
+            assert prefill.handoff.set_target("r", ready.target)
+        yield prefill, decode
+    finally:
+        prefill.close()
+        decode.close()
+
+
 @pytest.mark.parametrize("sender_idle", [False, True])
 def test_an_aborted_decode_request_ends_at_once_and_its_pages_wait_for_the_sender(
     ckpt, sender_idle
@@ -221,17 +243,9 @@ def test_an_aborted_decode_request_ends_at_once_and_its_pages_wait_for_the_sende
     has the target, or never got it): the request ends at once; its pages stay allocated
     until the prefill rank applies the abort and tells it (or, when the router says the
     sender never had the target, at once), then the quarantine."""
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
-    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
-    try:
-        prompt = list(range(3, 40))
-        decode.add("r", prompt, sampling)
-        _, events = decode.step()
-        (ready,) = events
-        if not sender_idle:  # the router forwarded it; the prefill rank has not computed yet
-            assert prefill.handoff.set_target("r", ready.target)
-        prefill.add("r", prompt, sampling)
+    # Without `sender_idle` the router forwarded the target; the prefill rank has not
+    # computed the prompt yet.
+    with _ranks(ckpt, with_target=not sender_idle) as (prefill, decode):
         used = decode.pages_in_use()
         assert used == 10
 
@@ -247,9 +261,6 @@ def test_an_aborted_decode_request_ends_at_once_and_its_pages_wait_for_the_sende
             prefill.handoff.abort(prefill.engine, "r")  # tells the receiver
         _until(lambda: (decode.step(), decode.pages_in_use() == 0)[1])
         assert decode.handoff.num_held_pages == 0 and not decode.handoff.busy
-    finally:
-        prefill.close()
-        decode.close()
 
 
 # ---- the router: whether the sender ever had the target -------------------------------------
@@ -317,19 +328,8 @@ def test_the_router_tells_a_receiving_side_whether_its_sender_can_still_write():
 def pair(ckpt):
     """A prefill and a decode rank with request "r" on both, its decode pages reserved and
     its target given to the prefill rank, which has not computed it yet."""
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-    prefill = _Rank(ckpt.path, "prefill", 512, timeout_s=30)
-    decode = _Rank(ckpt.path, "decode", 512, timeout_s=30)
-    try:
-        prompt = list(range(3, 40))
-        decode.add("r", prompt, sampling)
-        (ready,) = decode.step()[1]
-        prefill.add("r", prompt, sampling)
-        prefill.handoff.set_target("r", ready.target)
-        yield prefill, decode
-    finally:
-        prefill.close()
-        decode.close()
+    with _ranks(ckpt, with_target=True) as ranks:
+        yield ranks
 
 
 def test_an_abort_after_the_kv_arrived_frees_the_pages_at_once(pair):

@@ -224,7 +224,9 @@ class Scheduler:
         guessing = self.speculate is not None and not (cap and len(self.running) > cap)
         order = sorted(self.running, key=_decodes_first)
         num_decoding = (
-            sum(1 for seq in order if not _decodes_first(seq)[0]) if len(order) > budget else 0
+            sum(1 for seq in order if not _decodes_first(seq)[0])
+            if guessing or len(order) > budget
+            else 0
         )  # (counted only when it may matter: this runs every step)
         if num_decoding > budget:
             # More decode rows than a step takes (a decode rank's requests are not capped by
@@ -237,9 +239,7 @@ class Scheduler:
         # Guesses take only what is left once every decode of the step has its token: the
         # first decodes' guesses took it all, step after step, and the others waited (found by
         # an audit).
-        decodes_after = 0
-        if guessing:
-            decodes_after = num_decoding or sum(1 for s in order if not _decodes_first(s)[0])
+        decodes_after = num_decoding
         for seq in order:
             if budget == 0:
                 break
@@ -250,7 +250,7 @@ class Scheduler:
             decoding = pending == 1 and seq.num_computed > 0  # `is_decoding`, inlined
             if decoding and guessing:
                 decodes_after -= 1
-                spare = budget - 1 - min(decodes_after, budget - 1)
+                spare = budget - 1 - decodes_after
                 if spare > 0:
                     seq.draft = self._guess(seq, spare)
                     num += len(seq.draft)
